@@ -1,0 +1,1 @@
+"""HaloD: owns the route table of an Orbited cluster (see docs/architecture.md)."""

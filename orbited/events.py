@@ -1,0 +1,143 @@
+"""The event request protocol carried inside SP REQ bodies (sans-I/O).
+
+Request:  {"id": "<event id>", "to": [[user, session, location], ...], "data": <JSON>}
+Reply:    {"id": ..., "ok": true, "results": [{"status": ..., "seq": n}, ...]}
+          {"id": ..., "ok": false, "error": {"code": ..., "message": ...}}
+The full specification, with every status and error code, is docs/protocol.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+
+from orbited.keys import ConnectionKey, KeyError_
+
+MAX_EVENT_ID = 128
+
+DELIVERED = "delivered"  # written to an attached transport
+QUEUED = "queued"  # kept in the mailbox until the browser (re)connects
+NO_CONNECTION = "no_connection"  # no mailbox for that key on this node
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    max_recipients: int = 10_000
+    max_payload: int = 64 * 1024  # bytes of the encoded "data"
+
+
+class RequestError(Exception):
+    def __init__(self, code: str, message: str, event_id: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.event_id = event_id
+
+
+@dataclass(frozen=True)
+class EventRequest:
+    event_id: str
+    recipients: tuple[ConnectionKey, ...]
+    payload: bytes  # "data" encoded once as compact UTF-8 JSON
+    digest: bytes  # identifies a resend: same id, recipients and data
+
+
+@dataclass(frozen=True)
+class PingRequest:
+    event_id: str | None
+
+
+def _encode(obj: object) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def _no_constants(name: str) -> object:
+    raise ValueError(f"{name} is not JSON")
+
+
+def parse_request(body: bytes, limits: RequestLimits) -> EventRequest | PingRequest:
+    try:
+        doc = json.loads(body, parse_constant=_no_constants)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise RequestError("bad_json", f"request is not UTF-8 JSON: {e}") from None
+    except RecursionError:
+        raise RequestError("bad_json", "request JSON is nested too deeply") from None
+    if not isinstance(doc, dict):
+        raise RequestError("bad_request", "request must be a JSON object")
+    event_id = doc.get("id")
+    if event_id is not None and (
+        not isinstance(event_id, str) or not 0 < len(event_id) <= MAX_EVENT_ID
+    ):
+        raise RequestError("bad_request", f"id must be a string of 1-{MAX_EVENT_ID} characters")
+    op = doc.get("op", "event")
+    if op == "ping":
+        return PingRequest(event_id)
+    if op != "event":
+        raise RequestError("unknown_op", f"unknown op {op!r}", event_id)
+    if event_id is None:
+        raise RequestError("bad_request", "an event needs an id (used to ignore resends)")
+    unknown = doc.keys() - {"id", "op", "to", "data"}
+    if unknown:
+        raise RequestError("bad_request", f"unknown fields: {sorted(unknown)}", event_id)
+    to = doc.get("to")
+    if not isinstance(to, list) or not to:
+        raise RequestError("bad_request", "to must be a non-empty array of keys", event_id)
+    if len(to) > limits.max_recipients:
+        raise RequestError(
+            "too_many_recipients",
+            f"{len(to)} recipients; the limit is {limits.max_recipients}",
+            event_id,
+        )
+    if "data" not in doc:
+        raise RequestError("bad_request", "an event needs data", event_id)
+    try:
+        recipients = tuple(ConnectionKey.from_json(k) for k in to)
+    except KeyError_ as e:
+        raise RequestError("bad_key", str(e), event_id) from None
+    try:
+        payload = _encode(doc["data"])
+        addressed = _encode([event_id, to])
+    except UnicodeEncodeError:
+        raise RequestError(
+            "bad_json", "strings must not contain lone surrogates", event_id
+        ) from None
+    if len(payload) > limits.max_payload:
+        raise RequestError(
+            "payload_too_large",
+            f"data is {len(payload)} bytes encoded; the limit is {limits.max_payload}",
+            event_id,
+        )
+    digest = hashlib.blake2b(addressed + b"\0" + payload, digest_size=16).digest()
+    return EventRequest(event_id, recipients, payload, digest)
+
+
+def result(status: str, seq: int | None = None, dropped: int = 0) -> dict[str, object]:
+    entry: dict[str, object] = {"status": status}
+    if seq is not None:
+        entry["seq"] = seq
+    if dropped:
+        entry["dropped"] = dropped
+    return entry
+
+
+def _encode_reply(obj: object) -> bytes:
+    # ASCII-escaped, so an id with lone surrogates still yields a valid reply.
+    return json.dumps(obj, separators=(",", ":")).encode("ascii")
+
+
+def ok_reply(event_id: str, results: list[dict[str, object]], duplicate: bool = False) -> bytes:
+    reply: dict[str, object] = {"id": event_id, "ok": True, "results": results}
+    if duplicate:
+        reply["duplicate"] = True
+    return _encode_reply(reply)
+
+
+def error_reply(error: RequestError) -> bytes:
+    return _encode_reply(
+        {
+            "id": error.event_id,
+            "ok": False,
+            "error": {"code": error.code, "message": error.message},
+        }
+    )

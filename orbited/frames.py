@@ -1,0 +1,35 @@
+"""Browser frames: the JSON objects every transport carries (docs/protocol.md, "Frames").
+
+Event payloads arrive already encoded (once per event), so an event frame is built by
+splicing bytes instead of encoding the payload again for every recipient.
+"""
+
+from __future__ import annotations
+
+import json
+
+PING = b'{"type":"ping"}'
+
+
+def _encode(obj: object) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def event(seq: int, payload: bytes) -> bytes:
+    return b'{"type":"event","seq":%d,"data":%s}' % (seq, payload)
+
+
+def hello(stream: str, keepalive: float, reset: bool) -> bytes:
+    return _encode({"type": "hello", "stream": stream, "keepalive": keepalive, "reset": reset})
+
+
+def gap(first: int, last: int) -> bytes:
+    return b'{"type":"gap","from":%d,"to":%d}' % (first, last)
+
+
+def reconnect(reason: str) -> bytes:
+    return _encode({"type": "reconnect", "reason": reason})
+
+
+def error(code: str, message: str) -> bytes:
+    return _encode({"type": "error", "code": code, "message": message})

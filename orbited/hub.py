@@ -1,0 +1,214 @@
+"""The node core: mailboxes by connection key, attached transports, linger, dispatch.
+
+Transports attach a Sink for a key; the web app's event requests (decoded by
+orbited.events) are appended to each recipient's mailbox and written to the attached
+sink if there is one. Time comes from an injected IReactorTime so tests drive it with
+twisted.internet.task.Clock; no sockets here.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Protocol
+
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+
+from orbited import events, frames
+from orbited.keys import ConnectionKey
+from orbited.mailbox import Mailbox, MailboxLimits, Position
+
+
+class Sink(Protocol):
+    """A transport attached to one key (a WebSocket, a pending long-poll, ...)."""
+
+    last_write: float
+
+    def deliver(self, frames: list[bytes]) -> bool:
+        """Write frames to the browser; False if this transport cannot take them now."""
+
+    def replaced(self) -> None:
+        """A newer connection for the same key took over: close without reconnecting."""
+
+    def reconnect(self, reason: str) -> None:
+        """Tell the browser to reconnect (node shutting down, route moved) and close."""
+
+
+@dataclass(frozen=True)
+class HubConfig:
+    mailbox: MailboxLimits = MailboxLimits()
+    requests: events.RequestLimits = events.RequestLimits()
+    linger: float = 30.0  # seconds a key's mailbox outlives its last transport
+    keepalive: float = 25.0  # seconds of silence before a transport gets a ping frame
+    dedup_window: float = 300.0  # seconds a request is remembered to ignore resends
+    dedup_max: int = 100_000  # requests remembered at most
+
+
+class _Slot:
+    __slots__ = ("mailbox", "sink", "linger_call")
+
+    def __init__(self, mailbox: Mailbox) -> None:
+        self.mailbox = mailbox
+        self.sink: Sink | None = None
+        self.linger_call: IDelayedCall | None = None
+
+
+class Hub:
+    log = Logger()
+
+    def __init__(self, clock: IReactorTime, config: HubConfig, epoch: str | None = None) -> None:
+        self.clock = clock
+        self.config = config
+        self.epoch = epoch or secrets.token_urlsafe(6)
+        self._streams = 0
+        self._slots: dict[ConnectionKey, _Slot] = {}
+        self._recent: OrderedDict[bytes, tuple[float, list[dict[str, object]]]] = OrderedDict()
+        self.stats = {
+            "events": 0,
+            "delivered": 0,
+            "queued": 0,
+            "no_connection": 0,
+            "duplicates": 0,
+            "bad_requests": 0,
+        }
+
+    # -- browser side -------------------------------------------------------------------
+
+    def attach(self, key: ConnectionKey, sink: Sink, after: Position | None) -> Mailbox:
+        """Attach ``sink`` as the key's transport and send it what it has not seen yet."""
+        slot = self._slots.get(key)
+        if slot is None:
+            self._streams += 1
+            mailbox = Mailbox(f"{self.epoch}.{self._streams:x}", self.config.mailbox)
+            slot = self._slots[key] = _Slot(mailbox)
+        else:
+            if slot.linger_call is not None:
+                slot.linger_call.cancel()
+                slot.linger_call = None
+            previous, slot.sink = slot.sink, None
+            if previous is not None and previous is not sink:
+                previous.replaced()
+        mailbox = slot.mailbox
+        replay = mailbox.replay(after)
+        out = [frames.hello(mailbox.stream, self.config.keepalive, replay.reset)]
+        if replay.gap is not None:
+            out.append(frames.gap(*replay.gap))
+        out.extend(frames.event(seq, payload) for seq, payload in replay.events)
+        slot.sink = sink
+        if sink.deliver(out) and replay.events:
+            mailbox.mark_delivered(replay.events[-1][0])
+        return mailbox
+
+    def detach(self, key: ConnectionKey, sink: Sink) -> None:
+        slot = self._slots.get(key)
+        if slot is None or slot.sink is not sink:
+            return
+        slot.sink = None
+        slot.linger_call = self.clock.callLater(self.config.linger, self._expire, key, slot)
+
+    def _expire(self, key: ConnectionKey, slot: _Slot) -> None:
+        slot.linger_call = None
+        if self._slots.get(key) is slot and slot.sink is None:
+            del self._slots[key]
+            if len(slot.mailbox) > slot.mailbox.acked:
+                self.log.info("mailbox {key} expired", key=key)
+
+    def ack(self, key: ConnectionKey, seq: int) -> None:
+        slot = self._slots.get(key)
+        if slot is not None:
+            slot.mailbox.ack(seq)
+
+    def is_attached(self, key: ConnectionKey, sink: Sink) -> bool:
+        slot = self._slots.get(key)
+        return slot is not None and slot.sink is sink
+
+    def mailbox(self, key: ConnectionKey) -> Mailbox | None:
+        slot = self._slots.get(key)
+        return None if slot is None else slot.mailbox
+
+    @property
+    def connections(self) -> int:
+        return len(self._slots)
+
+    @property
+    def attached(self) -> int:
+        return sum(1 for slot in self._slots.values() if slot.sink is not None)
+
+    def keepalive_tick(self) -> None:
+        """Ping every transport that has been silent for the keepalive interval."""
+        deadline = self.clock.seconds() - self.config.keepalive
+        for slot in list(self._slots.values()):
+            sink = slot.sink
+            if sink is not None and sink.last_write <= deadline:
+                sink.deliver([frames.PING])
+
+    def shutdown(self, reason: str) -> None:
+        """Tell every browser to reconnect; the node is going away."""
+        for slot in list(self._slots.values()):
+            sink, slot.sink = slot.sink, None
+            if slot.linger_call is not None:
+                slot.linger_call.cancel()
+                slot.linger_call = None
+            if sink is not None:
+                sink.reconnect(reason)
+        self._slots.clear()
+
+    # -- web-app side -------------------------------------------------------------------
+
+    def handle_request(self, body: bytes) -> bytes:
+        """One SP request body in, one reply body out (docs/protocol.md)."""
+        try:
+            request = events.parse_request(body, self.config.requests)
+        except events.RequestError as e:
+            self.stats["bad_requests"] += 1
+            return events.error_reply(e)
+        if isinstance(request, events.PingRequest):
+            return events.ok_reply(request.event_id or "", [])
+        results, duplicate = self.dispatch(request)
+        return events.ok_reply(request.event_id, results, duplicate)
+
+    def dispatch(self, request: events.EventRequest) -> tuple[list[dict[str, object]], bool]:
+        """Deliver one event; a resend of a remembered request returns the first results."""
+        now = self.clock.seconds()
+        self._forget_old(now)
+        remembered = self._recent.get(request.digest)
+        if remembered is not None:
+            self.stats["duplicates"] += 1
+            return remembered[1], True
+        self.stats["events"] += 1
+        results: list[dict[str, object]] = []
+        seen: dict[ConnectionKey, dict[str, object]] = {}
+        for key in request.recipients:
+            entry = seen.get(key)
+            if entry is None:
+                entry = seen[key] = self._deliver(key, request.payload)
+            results.append(entry)
+        self._recent[request.digest] = (now + self.config.dedup_window, results)
+        if len(self._recent) > self.config.dedup_max:
+            self._recent.popitem(last=False)
+        return results, False
+
+    def _deliver(self, key: ConnectionKey, payload: bytes) -> dict[str, object]:
+        slot = self._slots.get(key)
+        if slot is None:
+            self.stats["no_connection"] += 1
+            return events.result(events.NO_CONNECTION)
+        mailbox = slot.mailbox
+        seq, dropped = mailbox.append(payload)
+        sink = slot.sink
+        if sink is not None and sink.deliver([frames.event(seq, payload)]):
+            mailbox.mark_delivered(seq)
+            self.stats["delivered"] += 1
+            return events.result(events.DELIVERED, seq, dropped)
+        self.stats["queued"] += 1
+        return events.result(events.QUEUED, seq, dropped)
+
+    def _forget_old(self, now: float) -> None:
+        recent = self._recent
+        while recent:
+            digest, (expires, _) = next(iter(recent.items()))
+            if expires > now:
+                break
+            del recent[digest]

@@ -1,0 +1,138 @@
+"""Per-connection mailboxes (sans-I/O): sequence numbers, the resume buffer, limits.
+
+Every event for a connection key gets the next sequence number of that key's mailbox.
+The mailbox keeps recent events until the browser acknowledges them (or the limits evict
+them) so a reconnecting browser resumes from its last seen position with no gap and no
+duplicate. Each mailbox has a *stream* id, unique per node epoch and mailbox incarnation,
+so a position from a lost mailbox can never be mistaken for one in a new mailbox.
+See docs/protocol.md, "Mailboxes and resume".
+"""
+
+from __future__ import annotations
+
+import re
+from collections import deque
+from dataclasses import dataclass
+from typing import NamedTuple
+
+_POSITION = re.compile(r"^([A-Za-z0-9_-]{1,64}\.[0-9a-z]{1,16}):([0-9]{1,15})$")
+
+
+class PositionError(ValueError):
+    pass
+
+
+class Position(NamedTuple):
+    """Where a browser is: the last sequence number it saw in a stream."""
+
+    stream: str
+    seq: int
+
+    @classmethod
+    def parse(cls, text: str) -> Position:
+        match = _POSITION.match(text)
+        if match is None:
+            raise PositionError("position must look like <stream>:<seq>, e.g. aZ3x_Q.1f:42")
+        return cls(match.group(1), int(match.group(2)))
+
+    def __str__(self) -> str:
+        return f"{self.stream}:{self.seq}"
+
+
+@dataclass(frozen=True)
+class MailboxLimits:
+    max_events: int = 1000  # buffered events per key
+    max_bytes: int = 1024 * 1024  # buffered payload bytes per key
+
+    def __post_init__(self) -> None:
+        if self.max_events < 1 or self.max_bytes < 1:
+            raise ValueError("mailbox limits must be positive")
+
+
+class Appended(NamedTuple):
+    seq: int
+    dropped: int  # undelivered events evicted to make room for this one
+
+
+class Replay(NamedTuple):
+    events: list[tuple[int, bytes]]
+    gap: tuple[int, int] | None  # first and last seq the browser can no longer get
+    reset: bool  # the browser's stream is gone: everything before this stream is unknown
+
+
+class Mailbox:
+    """One key's ordered event buffer. Payloads are encoded JSON bytes, stored as given."""
+
+    __slots__ = ("stream", "limits", "next_seq", "acked", "delivered", "_events", "_bytes")
+
+    def __init__(self, stream: str, limits: MailboxLimits) -> None:
+        self.stream = stream
+        self.limits = limits
+        self.next_seq = 1
+        self.acked = 0  # highest seq the browser confirmed it has
+        self.delivered = 0  # highest seq written to a transport
+        self._events: deque[tuple[int, bytes]] = deque()
+        self._bytes = 0
+
+    def __len__(self) -> int:
+        return len(self._events)
+
+    @property
+    def buffered_bytes(self) -> int:
+        return self._bytes
+
+    @property
+    def last_seq(self) -> int:
+        return self.next_seq - 1
+
+    def append(self, payload: bytes) -> Appended:
+        if len(payload) > self.limits.max_bytes:
+            raise ValueError("payload larger than the mailbox byte limit")
+        seq = self.next_seq
+        self.next_seq += 1
+        events = self._events
+        events.append((seq, payload))
+        self._bytes += len(payload)
+        dropped = 0
+        while len(events) > self.limits.max_events or self._bytes > self.limits.max_bytes:
+            old_seq, old = events.popleft()
+            self._bytes -= len(old)
+            if old_seq > self.delivered:
+                dropped += 1
+        return Appended(seq, dropped)
+
+    def mark_delivered(self, seq: int) -> None:
+        if seq > self.delivered:
+            self.delivered = seq
+
+    def ack(self, seq: int) -> None:
+        """The browser has everything up to ``seq``: those events need not be kept."""
+        seq = min(seq, self.last_seq)
+        if seq <= self.acked:
+            return
+        self.acked = seq
+        events = self._events
+        while events and events[0][0] <= seq:
+            _, old = events.popleft()
+            self._bytes -= len(old)
+
+    def replay(self, after: Position | None) -> Replay:
+        """Events a browser resuming from ``after`` has not seen, oldest first.
+
+        ``after`` None is a fresh connection: it gets what was never acknowledged.
+        A position in another stream (node restarted, mailbox expired) or beyond what this
+        stream has sent is a reset: the browser gets everything still buffered.
+        """
+        reset = False
+        if after is None:
+            since = self.acked
+        elif after.stream != self.stream or after.seq > self.last_seq:
+            reset = True
+            since = 0
+        else:
+            since = after.seq
+            self.ack(since)
+        first_available = self._events[0][0] if self._events else self.next_seq
+        gap = (since + 1, first_available - 1) if since + 1 < first_available else None
+        events = [e for e in self._events if e[0] > since]
+        return Replay(events, gap, reset)

@@ -1,0 +1,86 @@
+"""One Orbited node as a twisted.application service: SP listener, browser site, keepalive.
+
+Stopping the service (SIGTERM, Ctrl-C) tells every attached browser to reconnect before
+the listeners close.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from twisted.application import internet, service
+from twisted.internet import task
+from twisted.internet.interfaces import IListeningPort, IReactorCore, IReactorTCP, IReactorTime
+from twisted.logger import Logger
+
+from orbited.config import NodeConfig, parse_host_port, parse_sp_address
+from orbited.hub import Hub
+from orbited.sp.rep import RepFactory
+from orbited.tokens import load_secret
+from orbited.transports.common import BrowserAuth
+from orbited.web import browser_site
+
+
+class NodeService(service.MultiService):
+    log = Logger()
+
+    def __init__(self, config: NodeConfig, reactor: IReactorTCP | None = None) -> None:
+        super().__init__()
+        if reactor is None:
+            from twisted.internet import reactor as _reactor
+
+            reactor = _reactor
+        self.config = config
+        self.reactor = reactor
+        clock: IReactorTime = reactor  # type: ignore[assignment]
+        secret = load_secret(Path(config.secret_file), create=config.create_secret)
+        self.hub = Hub(clock, config.hub_config())
+        self.rep_factory = RepFactory(self.hub.handle_request, config.rep_limits(), clock)
+        self.site = browser_site(
+            self.hub, BrowserAuth(secret, config.token_leeway), config.cors_origins, config.name
+        )
+        sp_host, sp_port = parse_sp_address(config.sp)
+        http_host, http_port = parse_host_port(config.http)
+        self.sp_server = internet.TCPServer(
+            sp_port, self.rep_factory, interface=sp_host, reactor=reactor
+        )
+        self.http_server = internet.TCPServer(
+            http_port, self.site, interface=http_host, reactor=reactor
+        )
+        self.sp_server.setServiceParent(self)
+        self.http_server.setServiceParent(self)
+        keepalive = internet.TimerService(config.keepalive / 2, self.hub.keepalive_tick)
+        keepalive.clock = clock
+        keepalive.setServiceParent(self)
+
+    def startService(self) -> None:  # noqa: N802
+        super().startService()
+        self.log.info(
+            "node {name} epoch {epoch}: browsers on http://{http}/orbited/, web apps on {sp}",
+            name=self.config.name,
+            epoch=self.hub.epoch,
+            http=self._address(self.http_server),
+            sp="tcp://" + self._address(self.sp_server),
+        )
+
+    def stopService(self):  # noqa: ANN201, N802
+        self.hub.shutdown("shutdown")
+        # Give the reconnect frames and close handshakes a moment to leave.
+        reactor: IReactorCore = self.reactor  # type: ignore[assignment]
+        return task.deferLater(reactor, 0.2, lambda: None).addCallback(
+            lambda _: super(NodeService, self).stopService()
+        )
+
+    @staticmethod
+    def _address(server: internet.TCPServer) -> str:
+        port: IListeningPort = server._port  # type: ignore[attr-defined]
+        host = port.getHost()
+        return f"{host.host}:{host.port}"
+
+    @property
+    def http_address(self) -> str:
+        return self._address(self.http_server)
+
+    @property
+    def sp_address(self) -> str:
+        return "tcp://" + self._address(self.sp_server)

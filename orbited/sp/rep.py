@@ -1,0 +1,160 @@
+"""Twisted REP server: moves bytes between TCP and the sans-I/O SP cores.
+
+Each request's payload goes to a handler returning the reply payload (or a Deferred of
+it); replies are written in whatever order they complete, each prefixed with its request's
+backtrace. Protocol errors close the connection, as nng does (docs/sp.md, "Errors").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from orbited.sp.reqrep import MAX_HOPS, TooManyHops, split_backtrace
+from orbited.sp.wire import REP, REQ, SPConnection, SPProtocolError, encode_message_parts
+
+RequestHandler = Callable[[bytes], "bytes | defer.Deferred[bytes]"]
+
+
+@dataclass(frozen=True)
+class RepLimits:
+    max_message: int = 1024 * 1024  # bytes per request; larger closes the connection
+    header_timeout: float = 10.0  # seconds a peer has to send its SP header (nng: 10 s)
+    max_hops: int = MAX_HOPS
+    max_inflight: int = 1024  # unanswered requests per connection before we stop reading
+
+
+class RepProtocol(Protocol):
+    log = Logger()
+    factory: RepFactory | None = None
+
+    def __init__(self, handler: RequestHandler, limits: RepLimits, clock: IReactorTime) -> None:
+        self._handler = handler
+        self._limits = limits
+        self._clock = clock
+        self._sp = SPConnection(REP, REQ, limits.max_message)
+        self._header_timer: IDelayedCall | None = None
+        self._inflight = 0
+        self._paused = False
+        self.closed = False
+        self.dropped_requests = 0
+
+    def connectionMade(self) -> None:
+        if self.factory is not None:
+            self.factory.connections.add(self)
+        setnodelay = getattr(self.transport, "setTcpNoDelay", None)
+        if setnodelay is not None:
+            setnodelay(True)
+        self.transport.write(self._sp.initial_bytes())
+        self._header_timer = self._clock.callLater(self._limits.header_timeout, self._no_header)
+
+    def _no_header(self) -> None:
+        self._header_timer = None
+        self._close(f"no SP header within {self._limits.header_timeout:g}s")
+
+    def _close(self, reason: str) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.log.warn(
+            "SP connection from {peer} closed: {reason}", peer=self._peer(), reason=reason
+        )
+        self.transport.loseConnection()
+
+    def _peer(self) -> str:
+        try:
+            peer = self.transport.getPeer()
+            return f"{peer.host}:{peer.port}"
+        except Exception:
+            return "?"
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.closed:
+            return
+        try:
+            bodies = self._sp.receive(data)
+        except SPProtocolError as e:
+            self._close(str(e))
+            return
+        if self._header_timer is not None and self._sp.header_received:
+            self._header_timer.cancel()
+            self._header_timer = None
+        replies: list[bytes] = []
+        for body in bodies:
+            try:
+                backtrace, payload = split_backtrace(body, self._limits.max_hops)
+            except TooManyHops:
+                self.dropped_requests += 1
+                self.log.debug("dropped request with too many hops")
+                continue
+            except SPProtocolError as e:
+                self._close(str(e))
+                break
+            try:
+                result = self._handler(payload)
+            except Exception:
+                self.log.failure("request handler raised; dropping request")
+                continue
+            if isinstance(result, defer.Deferred):
+                self._track(backtrace, result)
+            else:
+                replies += encode_message_parts([backtrace, result])
+        if replies and not self.closed:
+            # One write per dataReceived: replies to pipelined requests leave together.
+            self.transport.writeSequence(replies)
+
+    def _track(self, backtrace: bytes, d: defer.Deferred[bytes]) -> None:
+        self._inflight += 1
+        if self._inflight >= self._limits.max_inflight and not self._paused:
+            self._paused = True
+            self.transport.pauseProducing()
+        d.addCallbacks(self._reply_later, self._handler_failed, callbackArgs=(backtrace,))
+
+    def _reply_later(self, reply: bytes, backtrace: bytes) -> None:
+        self._done_one()
+        if not self.closed:
+            self.transport.writeSequence(encode_message_parts([backtrace, reply]))
+
+    def _handler_failed(self, failure: Failure) -> None:
+        self._done_one()
+        self.log.failure("request handler failed; dropping request", failure)
+
+    def _done_one(self) -> None:
+        self._inflight -= 1
+        if self._paused and self._inflight < self._limits.max_inflight and not self.closed:
+            self._paused = False
+            self.transport.resumeProducing()
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        self.closed = True
+        if self.factory is not None:
+            self.factory.connections.discard(self)
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+
+class RepFactory(Factory):
+    def __init__(
+        self,
+        handler: RequestHandler,
+        limits: RepLimits | None = None,
+        clock: IReactorTime | None = None,
+    ) -> None:
+        if clock is None:
+            from twisted.internet import reactor as clock  # type: ignore[assignment]
+        self.handler = handler
+        self.limits = limits or RepLimits()
+        self.clock = clock
+        self.connections: set[RepProtocol] = set()
+
+    def buildProtocol(self, addr: object) -> RepProtocol:
+        proto = RepProtocol(self.handler, self.limits, self.clock)
+        proto.factory = self
+        return proto

@@ -1,0 +1,109 @@
+"""Browser tokens: JWT HS256 signed by the web app with the secret it shares with nodes.
+
+Claims (docs/protocol.md, "Tokens"): ``sub`` user, ``sid`` session, ``loc`` location,
+``aud`` "orbited", ``iat`` and a required ``exp``. Verification returns the ConnectionKey
+the token proves, or raises TokenError with a stable code.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import stat
+import time
+from pathlib import Path
+
+import jwt
+
+from orbited.keys import ConnectionKey, KeyError_
+
+AUDIENCE = "orbited"
+ALGORITHM = "HS256"
+MIN_SECRET_BYTES = 32
+DEFAULT_TTL = 3600
+
+
+class TokenError(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def issue_token(
+    secret: bytes, key: ConnectionKey, ttl: float = DEFAULT_TTL, now: float | None = None
+) -> str:
+    """The token a web app hands to the browser for connection ``key``."""
+    check_secret(secret)
+    issued = int(time.time() if now is None else now)
+    claims = {
+        "sub": key.user,
+        "sid": key.session,
+        "loc": key.location,
+        "aud": AUDIENCE,
+        "iat": issued,
+        "exp": issued + int(ttl),
+    }
+    return jwt.encode(claims, secret, algorithm=ALGORITHM)
+
+
+def verify_token(
+    secret: bytes, token: str, leeway: float = 30.0, now: float | None = None
+) -> ConnectionKey:
+    if not token:
+        raise TokenError("token_missing", "no token given")
+    if len(token) > 4096:
+        raise TokenError("token_malformed", "token longer than 4096 characters")
+    options = {"require": ["exp", "sub", "aud"]}
+    try:
+        if now is None:
+            claims = jwt.decode(
+                token,
+                secret,
+                algorithms=[ALGORITHM],
+                audience=AUDIENCE,
+                leeway=leeway,
+                options=options,
+            )
+        else:
+            # PyJWT reads the wall clock itself; check expiry by hand for an injected clock.
+            claims = jwt.decode(
+                token,
+                secret,
+                algorithms=[ALGORITHM],
+                audience=AUDIENCE,
+                options={**options, "verify_exp": False, "verify_iat": False},
+            )
+            if claims["exp"] + leeway < now:
+                raise jwt.ExpiredSignatureError("Signature has expired")
+    except jwt.ExpiredSignatureError:
+        raise TokenError("token_expired", "token has expired") from None
+    except jwt.InvalidSignatureError:
+        raise TokenError("token_invalid", "token signature does not verify") from None
+    except jwt.DecodeError as e:
+        raise TokenError("token_malformed", f"token is not a valid JWT: {e}") from None
+    except jwt.InvalidTokenError as e:
+        raise TokenError("token_invalid", f"token rejected: {e}") from None
+    try:
+        return ConnectionKey.from_json(
+            [claims["sub"], claims.get("sid", ""), claims.get("loc", "")]
+        )
+    except KeyError_ as e:
+        raise TokenError("token_invalid", f"token claims are not a connection key: {e}") from None
+
+
+def check_secret(secret: bytes) -> None:
+    if len(secret) < MIN_SECRET_BYTES:
+        raise ValueError(f"the shared secret must be at least {MIN_SECRET_BYTES} bytes")
+
+
+def load_secret(path: Path, create: bool = False) -> bytes:
+    """Read the shared secret (surrounding whitespace ignored); optionally create one."""
+    if create and not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, stat.S_IRUSR | stat.S_IWUSR)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_urlsafe(48) + "\n")
+    secret = path.read_bytes().strip()
+    check_secret(secret)
+    return secret

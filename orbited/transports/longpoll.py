@@ -1,0 +1,166 @@
+"""XHR long-poll transport (twisted.web): each GET returns a JSON array of frames.
+
+URL: /orbited/poll?token=...&last=<stream>:<seq>&timeout=<seconds>. The request is
+held until an event arrives or ``timeout`` passes (then it returns just the hello frame,
+which doubles as the keepalive). ``last`` acknowledges everything up to it.
+See docs/protocol.md, "Long-poll".
+"""
+
+from __future__ import annotations
+
+import json
+
+from twisted.internet.interfaces import IDelayedCall
+from twisted.web import resource, server
+from twisted.web.http import Request
+
+from orbited import frames
+from orbited.hub import Hub
+from orbited.keys import ConnectionKey
+from orbited.transports.common import (
+    BrowserAuth,
+    BrowserRequestError,
+    authenticate,
+    origin_allowed,
+    single_param,
+)
+
+DEFAULT_TIMEOUT = 25.0
+MAX_TIMEOUT = 120.0
+
+
+def _decoded_args(request: Request) -> dict[str, list[str]]:
+    try:
+        return {
+            k.decode("utf-8"): [v.decode("utf-8") for v in vs] for k, vs in request.args.items()
+        }
+    except UnicodeDecodeError:
+        raise BrowserRequestError(400, "bad_request", "query is not UTF-8") from None
+
+
+def send_json_error(request: Request, error: BrowserRequestError) -> bytes:
+    request.setResponseCode(error.status)
+    request.setHeader(b"content-type", b"application/json")
+    return json.dumps({"error": {"code": error.code, "message": error.message}}).encode()
+
+
+class _PendingPoll:
+    """The Sink for one held poll request: frames are batched for one reactor turn."""
+
+    def __init__(self, hub: Hub, key: ConnectionKey, request: Request) -> None:
+        self.hub = hub
+        self.key = key
+        self.request = request
+        self.frames: list[bytes] = []
+        self.holding = False
+        self.finished = False
+        self.last_write = hub.clock.seconds()
+        self._timer: IDelayedCall | None = None
+        self._flush_call: IDelayedCall | None = None
+
+    def hold(self, timeout: float) -> None:
+        self.holding = True
+        self._timer = self.hub.clock.callLater(timeout, self.flush)
+
+    def deliver(self, out: list[bytes]) -> bool:
+        if self.finished:
+            return False
+        self.frames.extend(out)
+        if self.holding and self._flush_call is None:
+            # Batch whatever else arrives in this reactor turn into the same response.
+            self._flush_call = self.hub.clock.callLater(0, self.flush)
+        return True
+
+    def flush(self) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        self._cancel_timers()
+        self.hub.detach(self.key, self)
+        self.request.write(b"[" + b",".join(self.frames) + b"]")
+        self.request.finish()
+
+    def replaced(self) -> None:
+        # A newer poll for the same key: answer this one with what it has.
+        self.flush()
+
+    def reconnect(self, reason: str) -> None:
+        self.frames.append(frames.reconnect(reason))
+        self.flush()
+
+    def gone(self, _reason: object) -> None:
+        """The browser closed the request before we answered."""
+        if not self.finished:
+            self.finished = True
+            self._cancel_timers()
+            self.hub.detach(self.key, self)
+
+    def _cancel_timers(self) -> None:
+        for call in (self._timer, self._flush_call):
+            if call is not None and call.active():
+                call.cancel()
+        self._timer = self._flush_call = None
+
+
+class LongPollResource(resource.Resource):
+    isLeaf = True
+
+    def __init__(self, hub: Hub, auth: BrowserAuth, cors_origins: list[str]) -> None:
+        super().__init__()
+        self.hub = hub
+        self.auth = auth
+        self.cors_origins = cors_origins
+
+    def _cors(self, request: Request) -> None:
+        origin = request.getHeader(b"origin")
+        host = request.getHeader(b"host")
+        if origin is None:
+            return
+        if not origin_allowed(origin, host, self.cors_origins):
+            raise BrowserRequestError(403, "origin_not_allowed", f"origin {origin} not allowed")
+        request.setHeader(b"access-control-allow-origin", origin.encode())
+        request.setHeader(b"vary", b"Origin")
+
+    def render_OPTIONS(self, request: Request) -> bytes:  # noqa: N802
+        try:
+            self._cors(request)
+        except BrowserRequestError as e:
+            return send_json_error(request, e)
+        request.setHeader(b"access-control-allow-methods", b"GET")
+        request.setHeader(b"access-control-max-age", b"600")
+        request.setResponseCode(204)
+        return b""
+
+    def render_GET(self, request: Request) -> bytes | int:  # noqa: N802
+        request.setHeader(b"cache-control", b"no-store")
+        try:
+            self._cors(request)
+            params = _decoded_args(request)
+            attach = authenticate(self.auth, params)
+            timeout = self._timeout(params)
+        except BrowserRequestError as e:
+            return send_json_error(request, e)
+        request.setHeader(b"content-type", b"application/json")
+        poll = _PendingPoll(self.hub, attach.key, request)
+        self.hub.attach(attach.key, poll, attach.after)
+        if len(poll.frames) > 1 or timeout == 0:
+            poll.flush()  # more than the hello frame: answer at once
+        else:
+            request.notifyFinish().addErrback(poll.gone)
+            poll.hold(timeout)
+        return server.NOT_DONE_YET
+
+    @staticmethod
+    def _timeout(params: dict[str, list[str]]) -> float:
+        text = single_param(params, "timeout")
+        if text is None:
+            return DEFAULT_TIMEOUT
+        try:
+            value = float(text)
+        except ValueError:
+            value = -1.0
+        if not 0 <= value <= MAX_TIMEOUT:  # also rejects nan
+            raise BrowserRequestError(
+                400, "bad_timeout", f"timeout must be a number of seconds from 0 to {MAX_TIMEOUT:g}"
+            )
+        return value

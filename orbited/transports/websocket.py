@@ -1,0 +1,127 @@
+"""WebSocket transport (autobahn): one text message per frame, acks from the browser.
+
+URL: /orbited/ws?token=...&last=<stream>:<seq>. The browser may send
+{"type": "ack", "seq": n} so the node can free what it has seen. Close codes are in
+docs/protocol.md, "Errors".
+"""
+
+from __future__ import annotations
+
+import json
+
+from autobahn.twisted.resource import WebSocketResource
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
+from twisted.logger import Logger
+
+from orbited import frames
+from orbited.hub import Hub
+from orbited.transports.common import (
+    Attach,
+    BrowserAuth,
+    BrowserRequestError,
+    authenticate,
+    origin_allowed,
+)
+
+CLOSE_RECONNECT = 4000  # reconnect now (route moved); the client should come back
+CLOSE_REPLACED = 4001  # a newer connection took this key; do not reconnect
+CLOSE_BAD_FRAME = 4400  # the browser sent something that is not a valid frame
+CLOSE_SERVICE_RESTART = 1012  # node shutting down; reconnect with backoff
+MAX_CLIENT_MESSAGE = 4096
+
+
+class BrowserWebSocket(WebSocketServerProtocol):
+    log = Logger()
+    factory: BrowserWebSocketFactory
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._attach: Attach | None = None
+        self._error: BrowserRequestError | None = None
+        self.last_write = 0.0
+
+    def onConnect(self, request: ConnectionRequest) -> None:
+        factory = self.factory
+        if not origin_allowed(request.headers.get("origin"), request.host, factory.cors_origins):
+            raise ConnectionDeny(403, "origin not allowed")
+        try:
+            self._attach = authenticate(factory.auth, request.params)
+        except BrowserRequestError as e:
+            # Accept, then close with a code the page's script can read (an HTTP refusal
+            # of the upgrade is invisible to it).
+            self._error = e
+
+    def onOpen(self) -> None:
+        if self._error is not None:
+            self.sendClose(self._error.close_code, self._error.close_reason)
+            return
+        assert self._attach is not None
+        self.factory.hub.attach(self._attach.key, self, self._attach.after)
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:  # noqa: N803
+        if self._attach is None:
+            return
+        if isBinary:
+            self.sendClose(CLOSE_BAD_FRAME, "bad_frame: binary messages are not accepted")
+            return
+        try:
+            message = json.loads(payload)
+            if message.get("type") != "ack":
+                raise ValueError("unknown frame type")
+            seq = message["seq"]
+            if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
+                raise ValueError("seq must be a non-negative integer")
+        except (ValueError, KeyError, AttributeError, RecursionError):
+            self.sendClose(CLOSE_BAD_FRAME, 'bad_frame: expected {"type":"ack","seq":n}')
+            return
+        self.factory.hub.ack(self._attach.key, seq)
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:  # noqa: N803
+        if self._attach is not None:
+            self.factory.hub.detach(self._attach.key, self)
+
+    # -- Sink ---------------------------------------------------------------------------
+
+    def deliver(self, out: list[bytes]) -> bool:
+        if self.state != self.STATE_OPEN:
+            return False
+        for frame in out:
+            self.sendMessage(frame)
+        self.last_write = self.factory.hub.clock.seconds()
+        return True
+
+    def replaced(self) -> None:
+        self.sendClose(CLOSE_REPLACED, "replaced: a newer connection took this key")
+
+    def reconnect(self, reason: str) -> None:
+        if self.state == self.STATE_OPEN:
+            self.sendMessage(frames.reconnect(reason))
+            code = CLOSE_SERVICE_RESTART if reason == "shutdown" else CLOSE_RECONNECT
+            self.sendClose(code, f"reconnect: {reason}"[:123])
+
+
+class BrowserWebSocketFactory(WebSocketServerFactory):
+    protocol = BrowserWebSocket
+
+    def __init__(self, hub: Hub, auth: BrowserAuth, cors_origins: list[str]) -> None:
+        super().__init__()
+        self.hub = hub
+        self.auth = auth
+        self.cors_origins = cors_origins
+        keepalive = hub.config.keepalive
+        self.setProtocolOptions(
+            maxFramePayloadSize=MAX_CLIENT_MESSAGE,
+            maxMessagePayloadSize=MAX_CLIENT_MESSAGE,
+            autoPingInterval=keepalive,
+            autoPingTimeout=keepalive,
+            openHandshakeTimeout=10,
+            closeHandshakeTimeout=5,
+            tcpNoDelay=True,
+        )
+
+
+def websocket_resource(hub: Hub, auth: BrowserAuth, cors_origins: list[str]) -> WebSocketResource:
+    factory = BrowserWebSocketFactory(hub, auth, cors_origins)
+    factory.startFactory()
+    return WebSocketResource(factory)
