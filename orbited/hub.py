@@ -152,7 +152,10 @@ class Hub:
                 slot.linger_call.cancel()
                 slot.linger_call = None
             if sink is not None:
-                sink.reconnect(reason)
+                try:
+                    sink.reconnect(reason)
+                except Exception:
+                    self.log.failure("telling a browser to reconnect failed")
         self._slots.clear()
 
     # -- web-app side -------------------------------------------------------------------
@@ -166,7 +169,12 @@ class Hub:
             return events.error_reply(e)
         if isinstance(request, events.PingRequest):
             return events.ok_reply(request.event_id or "", [])
-        results, duplicate = self.dispatch(request)
+        try:
+            results, duplicate = self.dispatch(request)
+        except Exception:
+            self.log.failure("dispatch of {event_id} failed", event_id=request.event_id)
+            error = events.RequestError("internal_error", "the node failed", request.event_id)
+            return events.error_reply(error)
         return events.ok_reply(request.event_id, results, duplicate)
 
     def dispatch(self, request: events.EventRequest) -> tuple[list[dict[str, object]], bool]:

@@ -141,6 +141,8 @@ class RepProtocol(Protocol):
 
 
 class RepFactory(Factory):
+    noisy = False
+
     def __init__(
         self,
         handler: RequestHandler,

@@ -112,8 +112,8 @@ class LongPollResource(resource.Resource):
         self.cors_origins = cors_origins
 
     def _cors(self, request: Request) -> None:
-        origin = request.getHeader(b"origin")
-        host = request.getHeader(b"host")
+        origin = request.getHeader("origin")
+        host = request.getHeader("host")
         if origin is None:
             return
         if not origin_allowed(origin, host, self.cors_origins):

@@ -24,10 +24,9 @@ from orbited.transports.common import (
     origin_allowed,
 )
 
-CLOSE_RECONNECT = 4000  # reconnect now (route moved); the client should come back
+CLOSE_RECONNECT = 4000  # reconnect (node shutting down, route moved); reason says why
 CLOSE_REPLACED = 4001  # a newer connection took this key; do not reconnect
 CLOSE_BAD_FRAME = 4400  # the browser sent something that is not a valid frame
-CLOSE_SERVICE_RESTART = 1012  # node shutting down; reconnect with backoff
 MAX_CLIENT_MESSAGE = 4096
 
 
@@ -97,8 +96,7 @@ class BrowserWebSocket(WebSocketServerProtocol):
     def reconnect(self, reason: str) -> None:
         if self.state == self.STATE_OPEN:
             self.sendMessage(frames.reconnect(reason))
-            code = CLOSE_SERVICE_RESTART if reason == "shutdown" else CLOSE_RECONNECT
-            self.sendClose(code, f"reconnect: {reason}"[:123])
+            self.sendClose(CLOSE_RECONNECT, f"reconnect: {reason}"[:123])
 
 
 class BrowserWebSocketFactory(WebSocketServerFactory):

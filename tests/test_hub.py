@@ -1,0 +1,214 @@
+"""Node core with a fake clock and recording sinks (no sockets)."""
+
+import json
+
+from twisted.internet.task import Clock
+
+from orbited.events import RequestLimits
+from orbited.hub import Hub, HubConfig
+from orbited.keys import ConnectionKey
+from orbited.mailbox import MailboxLimits, Position
+
+ALICE = ConnectionKey("alice", "s1", "/chat")
+BOB = ConnectionKey("bob", "s2", "/chat")
+
+
+class RecordingSink:
+    def __init__(self, accept: bool = True) -> None:
+        self.frames: list[dict] = []
+        self.accept = accept
+        self.last_write = 0.0
+        self.was_replaced = False
+        self.reconnect_reason: str | None = None
+
+    def deliver(self, out):
+        if not self.accept:
+            return False
+        self.frames += [json.loads(f) for f in out]
+        return True
+
+    def replaced(self):
+        self.was_replaced = True
+
+    def reconnect(self, reason):
+        self.reconnect_reason = reason
+
+    def events(self):
+        return [(f["seq"], f["data"]) for f in self.frames if f["type"] == "event"]
+
+
+def make_hub(**config) -> tuple[Hub, Clock]:
+    clock = Clock()
+    return Hub(clock, HubConfig(**config), epoch="ep"), clock
+
+
+def send(hub, event_id, keys, data):
+    body = json.dumps({"id": event_id, "to": [list(k) for k in keys], "data": data})
+    return json.loads(hub.handle_request(body.encode()))
+
+
+def test_attach_sends_hello_with_stream():
+    hub, _ = make_hub(keepalive=10)
+    sink = RecordingSink()
+    hub.attach(ALICE, sink, None)
+    assert sink.frames == [{"type": "hello", "stream": "ep.1", "keepalive": 10, "reset": False}]
+
+
+def test_statuses_per_recipient_in_request_order():
+    hub, _ = make_hub()
+    sink = RecordingSink()
+    hub.attach(ALICE, sink, None)
+    hub.attach(BOB, RecordingSink(), None)
+    hub.detach(BOB, hub._slots[BOB].sink)
+    reply = send(hub, "e1", [BOB, ConnectionKey("carol", "", ""), ALICE], {"m": 1})
+    assert reply == {
+        "id": "e1",
+        "ok": True,
+        "results": [
+            {"status": "queued", "seq": 1},
+            {"status": "no_connection"},
+            {"status": "delivered", "seq": 1},
+        ],
+    }
+    assert sink.events() == [(1, {"m": 1})]
+
+
+def test_resent_request_is_not_delivered_twice():
+    hub, clock = make_hub(dedup_window=60)
+    sink = RecordingSink()
+    hub.attach(ALICE, sink, None)
+    first = send(hub, "e1", [ALICE], "x")
+    again = send(hub, "e1", [ALICE], "x")
+    assert again == {**first, "duplicate": True}
+    assert sink.events() == [(1, "x")]
+    assert hub.stats["duplicates"] == 1
+    clock.advance(61)  # outside the window a resend is a new event
+    assert send(hub, "e1", [ALICE], "x")["results"] == [{"status": "delivered", "seq": 2}]
+
+
+def test_dedup_memory_is_bounded():
+    hub, _ = make_hub(dedup_max=10)
+    hub.attach(ALICE, RecordingSink(), None)
+    for i in range(50):
+        send(hub, f"e{i}", [ALICE], i)
+    assert len(hub._recent) == 10
+
+
+def test_same_key_twice_in_one_request_is_delivered_once():
+    hub, _ = make_hub()
+    sink = RecordingSink()
+    hub.attach(ALICE, sink, None)
+    reply = send(hub, "e1", [ALICE, ALICE], 1)
+    assert reply["results"][0] == reply["results"][1] == {"status": "delivered", "seq": 1}
+    assert sink.events() == [(1, 1)]
+
+
+def test_reconnect_with_position_resumes_without_gap_or_duplicate():
+    hub, _ = make_hub()
+    first = RecordingSink()
+    hub.attach(ALICE, first, None)
+    for i in range(3):
+        send(hub, f"a{i}", [ALICE], i)
+    hub.detach(ALICE, first)
+    for i in range(3, 6):
+        assert send(hub, f"a{i}", [ALICE], i)["results"][0]["status"] == "queued"
+    second = RecordingSink()
+    hub.attach(ALICE, second, Position("ep.1", first.events()[-1][0]))
+    assert second.events() == [(4, 3), (5, 4), (6, 5)]
+    assert first.events() + second.events() == [(i + 1, i) for i in range(6)]
+
+
+def test_linger_expiry_forgets_the_key():
+    hub, clock = make_hub(linger=30)
+    sink = RecordingSink()
+    hub.attach(ALICE, sink, None)
+    hub.detach(ALICE, sink)
+    clock.advance(29)
+    assert send(hub, "e1", [ALICE], 1)["results"][0]["status"] == "queued"
+    clock.advance(2)
+    assert send(hub, "e2", [ALICE], 1)["results"][0]["status"] == "no_connection"
+    later = RecordingSink()
+    hub.attach(ALICE, later, Position("ep.1", 0))
+    assert later.frames[0]["stream"] == "ep.2" and later.frames[0]["reset"]
+
+
+def test_reattach_within_linger_cancels_expiry():
+    hub, clock = make_hub(linger=30)
+    sink = RecordingSink()
+    hub.attach(ALICE, sink, None)
+    hub.detach(ALICE, sink)
+    clock.advance(20)
+    hub.attach(ALICE, RecordingSink(), None)
+    clock.advance(100)
+    assert hub.mailbox(ALICE) is not None
+
+
+def test_newer_connection_replaces_older():
+    hub, _ = make_hub()
+    old, new = RecordingSink(), RecordingSink()
+    hub.attach(ALICE, old, None)
+    hub.attach(ALICE, new, None)
+    assert old.was_replaced
+    hub.detach(ALICE, old)  # the old transport closing later changes nothing
+    assert hub.is_attached(ALICE, new)
+    send(hub, "e", [ALICE], 1)
+    assert new.events() == [(1, 1)] and old.events() == []
+
+
+def test_overflow_tells_web_app_and_browser():
+    hub, _ = make_hub(mailbox=MailboxLimits(max_events=2))
+    sink = RecordingSink()
+    hub.attach(ALICE, sink, None)
+    hub.detach(ALICE, sink)
+    results = [send(hub, f"e{i}", [ALICE], i)["results"][0] for i in range(4)]
+    assert results[2] == {"status": "queued", "seq": 3, "dropped": 1}
+    back = RecordingSink()
+    hub.attach(ALICE, back, Position("ep.1", 0))
+    assert back.frames[1] == {"type": "gap", "from": 1, "to": 2}
+    assert back.events() == [(3, 2), (4, 3)]
+
+
+def test_sink_that_cannot_take_frames_leaves_them_queued():
+    hub, _ = make_hub()
+    sink = RecordingSink(accept=False)
+    hub.attach(ALICE, sink, None)
+    assert send(hub, "e", [ALICE], 1)["results"][0]["status"] == "queued"
+
+
+def test_keepalive_pings_only_idle_sinks():
+    hub, clock = make_hub(keepalive=10)
+    idle, busy = RecordingSink(), RecordingSink()
+    hub.attach(ALICE, idle, None)
+    hub.attach(BOB, busy, None)
+    clock.advance(10)
+    busy.last_write = clock.seconds()
+    hub.keepalive_tick()
+    assert idle.frames[-1] == {"type": "ping"}
+    assert busy.frames[-1]["type"] == "hello"
+
+
+def test_shutdown_asks_every_browser_to_reconnect():
+    hub, clock = make_hub()
+    a, b = RecordingSink(), RecordingSink()
+    hub.attach(ALICE, a, None)
+    hub.attach(BOB, b, None)
+    hub.shutdown("shutdown")
+    assert a.reconnect_reason == b.reconnect_reason == "shutdown"
+    assert hub.connections == 0 and clock.getDelayedCalls() == []
+
+
+def test_bad_requests_get_error_replies():
+    hub, _ = make_hub(requests=RequestLimits(max_recipients=1))
+    reply = json.loads(hub.handle_request(b'{"id":"e","to":[["a","",""],["b","",""]],"data":1}'))
+    assert reply["ok"] is False and reply["error"]["code"] == "too_many_recipients"
+    assert reply["id"] == "e"
+    assert json.loads(hub.handle_request(b"\x00garbage"))["error"]["code"] == "bad_json"
+
+
+def test_ping_request():
+    hub, _ = make_hub()
+    assert json.loads(hub.handle_request(b'{"op":"ping","id":"p"}')) == {
+        "id": "p",
+        "ok": True,
+        "results": [],
+    }

@@ -1,0 +1,142 @@
+"""The Twisted REP shell on an in-memory transport with a fake clock."""
+
+from twisted.internet import defer
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+
+from orbited.sp import wire
+from orbited.sp.rep import RepFactory, RepLimits
+
+REQ_HEADER = wire.encode_header(wire.REQ)
+
+
+class TCPStringTransport(StringTransport):
+    nodelay = False
+
+    def setTcpNoDelay(self, enabled):  # noqa: N802
+        self.nodelay = enabled
+
+
+def connect(handler, **limits):
+    clock = Clock()
+    factory = RepFactory(handler, RepLimits(**limits), clock)
+    proto = factory.buildProtocol(None)
+    transport = TCPStringTransport()
+    proto.makeConnection(transport)
+    return proto, transport, clock, factory
+
+
+def request(req_id: int, payload: bytes, hops: bytes = b"") -> bytes:
+    return wire.encode_message(hops + req_id.to_bytes(4, "big") + payload)
+
+
+def replies(data: bytes) -> list[bytes]:
+    conn = wire.SPConnection(wire.REQ, wire.REP)
+    return conn.receive(data)
+
+
+def test_sends_header_and_sets_nodelay():
+    proto, transport, _, factory = connect(lambda p: p)
+    assert transport.value() == wire.encode_header(wire.REP)
+    assert transport.nodelay
+    assert proto in factory.connections
+
+
+def test_pipelined_requests_are_answered_with_their_backtraces():
+    proto, transport, _, _ = connect(lambda p: b"ok:" + p)
+    hops = bytes.fromhex("000000070000abcd")
+    proto.dataReceived(REQ_HEADER + request(0x80000001, b"a") + request(0x80000042, b"b", hops))
+    assert replies(transport.value()) == [
+        bytes.fromhex("80000001") + b"ok:a",
+        hops + bytes.fromhex("80000042") + b"ok:b",
+    ]
+
+
+def test_deferred_replies_leave_in_completion_order():
+    pending: list[defer.Deferred] = []
+
+    def handler(payload):
+        d = defer.Deferred()
+        pending.append(d)
+        return d
+
+    proto, transport, _, _ = connect(handler)
+    proto.dataReceived(REQ_HEADER + request(0x80000001, b"1") + request(0x80000002, b"2"))
+    pending[1].callback(b"second")
+    pending[0].callback(b"first")
+    assert replies(transport.value()) == [
+        bytes.fromhex("80000002") + b"second",
+        bytes.fromhex("80000001") + b"first",
+    ]
+
+
+def test_too_many_inflight_pauses_reading_until_answers_leave():
+    pending: list[defer.Deferred] = []
+
+    def handler(payload):
+        d = defer.Deferred()
+        pending.append(d)
+        return d
+
+    proto, transport, _, _ = connect(handler, max_inflight=2)
+    proto.dataReceived(REQ_HEADER + request(0x80000001, b"") + request(0x80000002, b""))
+    assert transport.producerState == "paused"
+    pending[0].callback(b"")
+    assert transport.producerState == "producing"
+
+
+def test_oversize_message_closes_connection():
+    proto, transport, _, _ = connect(lambda p: p, max_message=16)
+    proto.dataReceived(REQ_HEADER + (17).to_bytes(8, "big"))
+    assert transport.disconnecting
+
+
+def test_wrong_peer_protocol_closes_connection():
+    proto, transport, _, _ = connect(lambda p: p)
+    proto.dataReceived(wire.encode_header(wire.PAIR_V0))
+    assert transport.disconnecting
+
+
+def test_body_without_request_id_closes_connection():
+    calls = []
+    proto, transport, _, _ = connect(calls.append)
+    proto.dataReceived(REQ_HEADER + wire.encode_message(b"\x00\x00\x00\x01"))
+    assert transport.disconnecting
+    assert calls == []
+
+
+def test_too_many_hops_is_dropped_and_connection_kept():
+    proto, transport, _, _ = connect(lambda p: p)
+    deep = bytes.fromhex("00000001") * 9
+    proto.dataReceived(REQ_HEADER + request(0x80000001, b"x", deep) + request(0x80000002, b"y"))
+    assert replies(transport.value()) == [bytes.fromhex("80000002") + b"y"]
+    assert not transport.disconnecting
+    assert proto.dropped_requests == 1
+
+
+def test_missing_header_times_out():
+    proto, transport, clock, _ = connect(lambda p: p, header_timeout=10)
+    clock.advance(9.9)
+    assert not transport.disconnecting
+    clock.advance(0.2)
+    assert transport.disconnecting
+
+
+def test_header_cancels_timeout():
+    proto, transport, clock, _ = connect(lambda p: p, header_timeout=10)
+    proto.dataReceived(REQ_HEADER)
+    clock.advance(60)
+    assert not transport.disconnecting
+    assert clock.getDelayedCalls() == []
+
+
+def test_handler_exception_drops_request_but_keeps_connection():
+    def handler(payload):
+        if payload == b"boom":
+            raise RuntimeError("bug")
+        return payload
+
+    proto, transport, _, _ = connect(handler)
+    proto.dataReceived(REQ_HEADER + request(0x80000001, b"boom") + request(0x80000002, b"ok"))
+    assert replies(transport.value()) == [bytes.fromhex("80000002") + b"ok"]
+    assert not transport.disconnecting

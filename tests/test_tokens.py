@@ -1,0 +1,72 @@
+"""Browser tokens (docs/protocol.md, "Tokens")."""
+
+import time
+
+import jwt
+import pytest
+
+from orbited.keys import ConnectionKey
+from orbited.tokens import TokenError, issue_token, load_secret, verify_token
+
+SECRET = b"s" * 32
+KEY = ConnectionKey("alice", "s1", "/chat")
+
+
+def test_round_trip():
+    assert verify_token(SECRET, issue_token(SECRET, KEY, ttl=60)) == KEY
+
+
+def code_of(token: str, **kw) -> str:
+    with pytest.raises(TokenError) as info:
+        verify_token(SECRET, token, **kw)
+    return info.value.code
+
+
+def test_expired_token():
+    token = issue_token(SECRET, KEY, ttl=60, now=1000)
+    assert verify_token(SECRET, token, now=1050) == KEY
+    assert code_of(token, now=1100) == "token_expired"
+    assert code_of(issue_token(SECRET, KEY, ttl=1, now=time.time() - 100)) == "token_expired"
+
+
+def test_forged_token():
+    forged = issue_token(b"x" * 32, KEY)
+    assert code_of(forged) == "token_invalid"
+
+
+def test_tampered_claims():
+    header, _, sig = issue_token(SECRET, KEY).split(".")
+    other = issue_token(SECRET, ConnectionKey("mallory", "s1", "/chat")).split(".")[1]
+    assert code_of(f"{header}.{other}.{sig}") == "token_invalid"
+
+
+@pytest.mark.parametrize("token", ["", "abc", "a.b.c", "x" * 5000])
+def test_malformed(token):
+    assert code_of(token) in {"token_missing", "token_malformed"}
+
+
+def test_alg_none_and_other_algorithms_refused():
+    claims = {"sub": "alice", "aud": "orbited", "exp": time.time() + 60}
+    assert code_of(jwt.encode(claims, None, algorithm="none")) in {
+        "token_invalid",
+        "token_malformed",
+    }
+    assert code_of(jwt.encode(claims, SECRET * 2, algorithm="HS512")) == "token_invalid"
+
+
+def test_missing_expiry_or_audience_refused():
+    assert code_of(jwt.encode({"sub": "a", "aud": "orbited"}, SECRET)) == "token_invalid"
+    assert code_of(jwt.encode({"sub": "a", "exp": time.time() + 60}, SECRET)) == "token_invalid"
+
+
+def test_short_secret_refused():
+    with pytest.raises(ValueError):
+        issue_token(b"short", KEY)
+
+
+def test_secret_file_created_private(tmp_path):
+    path = tmp_path / "dir" / "secret"
+    secret = load_secret(path, create=True)
+    assert len(secret) >= 32
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert load_secret(path) == secret
