@@ -1,0 +1,1 @@
+"""Benchmarks: each scenario starts its own servers on loopback and prints figures."""
