@@ -48,9 +48,25 @@ class Server:
         if kind == "orbited":
             secret = tmp / "secret"
             secret.write_bytes(SECRET)
-            cmd = [sys.executable, "-m", "orbited.cli", "node", "--http", "127.0.0.1:0",
-                   "--sp", "tcp://127.0.0.1:0", "--secret-file", str(secret),
-                   "--keepalive", "600", "--log-level", "warn", "--ready-file", str(ready)]
+            cmd = [
+                sys.executable,
+                *os.environ.get("BENCH_PY_ARGS", "").split(),
+                "-m",
+                "orbited.cli",
+                "node",
+                "--http",
+                "127.0.0.1:0",
+                "--sp",
+                "tcp://127.0.0.1:0",
+                "--secret-file",
+                str(secret),
+                "--keepalive",
+                "600",
+                "--log-level",
+                "warn",
+                "--ready-file",
+                str(ready),
+            ]
         else:
             cmd = [sys.executable, "-m", "bench.raw_server", str(ready)]
         self.proc = subprocess.Popen(cmd)
@@ -84,9 +100,14 @@ class Clients:
                 continue
             path = tmp / f"urls-{i}.json"
             path.write_text(json.dumps(chunk))
-            self.procs.append(subprocess.Popen(
-                [sys.executable, "-m", "bench.ws_clients", str(path)],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True))
+            self.procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "bench.ws_clients", str(path)],
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    text=True,
+                )
+            )
         self.connected = sum(int(p.stdout.readline().split()[1]) for p in self.procs)
 
     def finish(self) -> dict:
@@ -107,8 +128,9 @@ class Clients:
         return {"counts": counts, "latencies": latencies, "errors": errors}
 
 
-def drive(sp: str, users: list[str], total: int, batch: int, inflight: int,
-          rate: float | None, phase: str) -> tuple[float, int]:
+def drive(
+    sp: str, users: list[str], total: int, batch: int, inflight: int, rate: float | None, phase: str
+) -> tuple[float, int]:
     """Send events of ``batch`` recipients each until ``total`` deliveries were asked for.
     Returns (seconds from first send to last reply, deliveries the node reported)."""
     requests = total // batch
@@ -119,6 +141,7 @@ def drive(sp: str, users: list[str], total: int, batch: int, inflight: int,
     start = time.monotonic()
 
     with pynng.Req0(dial=sp, send_timeout=30_000, recv_timeout=30_000) as sock:
+
         def worker() -> None:
             ctx = sock.new_context()
             while True:
@@ -164,8 +187,9 @@ def run_once(kind: str, args: argparse.Namespace, tmp: Path) -> dict:
         time.sleep(0.5)
         rss1 = rss_kb(server.pid)
         cpu0 = cpu_seconds(server.pid)
-        seconds, delivered = drive(server.sp, users, args.events, args.batch, args.inflight,
-                                   None, "tput")
+        seconds, delivered = drive(
+            server.sp, users, args.events, args.batch, args.inflight, None, "tput"
+        )
         cpu = cpu_seconds(server.pid) - cpu0
         rate = args.events / seconds
         lat_rate = max(1.0, rate * args.latency_load / args.batch)  # requests/s
@@ -215,8 +239,10 @@ def main(argv: list[str] | None = None) -> int:
         return statistics.median(r[field] for r in runs if r["server"] == kind)
 
     fields = ["deliveries_per_s", "cpu_us_per_delivery", "p50_ms", "p99_ms", "rss_per_conn_kb"]
-    print(f"\ndispatch: {args.clients} WebSocket clients, {args.events} deliveries, "
-          f"{args.batch} recipients/request, {args.reps} rep(s), medians")
+    print(
+        f"\ndispatch: {args.clients} WebSocket clients, {args.events} deliveries, "
+        f"{args.batch} recipients/request, {args.reps} rep(s), medians"
+    )
     print(f"{'figure':<22}{'orbited':>12}{'raw':>12}{'orbited/raw':>14}")
     for field in fields:
         o, r = med("orbited", field), med("raw", field)
@@ -225,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in lost:
         print(f"note: {r['server']} clients received {r['received']} of {r['expected']}")
     if args.json:
-        args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)},
-                                         "runs": runs}, indent=1))
+        args.json.write_text(
+            json.dumps({"args": vars(args) | {"json": str(args.json)}, "runs": runs}, indent=1)
+        )
     return 0

@@ -48,8 +48,14 @@ def main(ready_file: str) -> None:
     ws_port = reactor.listenTCP(0, ws, interface="127.0.0.1")
     sp_port = reactor.listenTCP(0, RepFactory(handle), interface="127.0.0.1")
     with open(ready_file, "w") as f:
-        json.dump({"http": f"127.0.0.1:{ws_port.getHost().port}",
-                   "sp": f"tcp://127.0.0.1:{sp_port.getHost().port}", "pid": os.getpid()}, f)
+        json.dump(
+            {
+                "http": f"127.0.0.1:{ws_port.getHost().port}",
+                "sp": f"tcp://127.0.0.1:{sp_port.getHost().port}",
+                "pid": os.getpid(),
+            },
+            f,
+        )
     reactor.run()
 
 

@@ -65,15 +65,19 @@ async def main(path: str) -> None:
     remaining = [len(urls)]
     tasks = []
     for i in range(0, len(urls), 200):  # connect in waves, not all at once
-        tasks += [asyncio.create_task(hold(u, stats, connected, remaining)) for u in urls[i : i + 200]]
+        tasks += [
+            asyncio.create_task(hold(u, stats, connected, remaining)) for u in urls[i : i + 200]
+        ]
         await asyncio.sleep(0.05)
     await connected.wait()
     print(f"ready {len(urls) - stats.errors}", flush=True)
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
     for task in tasks:
         task.cancel()
-    print(json.dumps({"counts": stats.counts, "latencies": stats.latencies,
-                      "errors": stats.errors}), flush=True)
+    print(
+        json.dumps({"counts": stats.counts, "latencies": stats.latencies, "errors": stats.errors}),
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -360,3 +360,14 @@ def test_token_cli_issues_tokens_the_node_accepts(shared_node: NodeProcess):
     ).strip()
     status, frames = shared_node.poll(f"token={token}&timeout=0")
     assert status == 200 and frames[0]["type"] == "hello"
+
+
+@pytest.mark.parametrize("size", [10, 125, 126, 200, 65_000])
+def test_frames_of_every_length_class_reach_the_browser(shared_node: NodeProcess, size: int):
+    node = shared_node
+    with node.ws(node.token(f"len-{size}")) as ws:
+        ws.recv(timeout=5)
+        with node.req() as req:
+            reply = send_event(req, f"len-{size}", [[f"len-{size}", "s", "/t"]], "x" * size)
+        assert reply["results"][0]["status"] == "delivered"
+        assert events_of(frames_until(ws, 1)) == [(1, "x" * size)]

@@ -8,7 +8,10 @@ docs/protocol.md, "Errors".
 from __future__ import annotations
 
 import json
+import struct
+from pprint import pformat
 
+import autobahn.websocket.protocol as _autobahn_protocol
 from autobahn.twisted.resource import WebSocketResource
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
@@ -30,12 +33,49 @@ CLOSE_BAD_FRAME = 4400  # the browser sent something that is not a valid frame
 MAX_CLIENT_MESSAGE = 4096
 
 
+def text_frame_header(length: int) -> bytes:
+    """RFC 6455 header of an unmasked, unfragmented text frame (server to client)."""
+    if length < 126:
+        return bytes((0x81, length))
+    if length < 65536:
+        return struct.pack(">BBH", 0x81, 126, length)
+    return struct.pack(">BBQ", 0x81, 127, length)
+
+
+class _NoDebugLogger(Logger):
+    """autobahn logs at debug level on every send; skip those calls outright (they cost
+    more than the send) while keeping its warnings and errors."""
+
+    def debug(self, format: str | None = None, **kwargs: object) -> None:  # noqa: A002
+        pass
+
+
+class _LazyPformat:
+    """pformat that runs only if the log line is actually written."""
+
+    __slots__ = ("obj",)
+
+    def __init__(self, obj: object) -> None:
+        self.obj = obj
+
+    def __str__(self) -> str:
+        return pformat(self.obj)
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self), spec)
+
+
+# autobahn pretty-prints its whole option table at debug level for every new connection,
+# whether or not debug logging is on: most of the cost of accepting a connection.
+_autobahn_protocol.pformat = _LazyPformat  # type: ignore[attr-defined]
+
+
 class BrowserWebSocket(WebSocketServerProtocol):
-    log = Logger()
     factory: BrowserWebSocketFactory
 
     def __init__(self) -> None:
         super().__init__()
+        self.log = _NoDebugLogger(f"{__name__}.BrowserWebSocket", source=self)
         self._attach: Attach | None = None
         self._error: BrowserRequestError | None = None
         self.last_write = 0.0
@@ -85,8 +125,16 @@ class BrowserWebSocket(WebSocketServerProtocol):
     def deliver(self, out: list[bytes]) -> bool:
         if self.state != self.STATE_OPEN:
             return False
-        for frame in out:
-            self.sendMessage(frame)
+        if self.send_queue or self._perMessageCompress is not None:
+            for frame in out:
+                self.sendMessage(frame)
+        else:
+            # Frame here and write once: autobahn's sendMessage costs more per message
+            # than the write itself, and several frames then leave in one write.
+            data: list[bytes] = []
+            for frame in out:
+                data += (text_frame_header(len(frame)), frame)
+            self.transport.writeSequence(data)
         self.last_write = self.factory.hub.clock.seconds()
         return True
 
