@@ -1,0 +1,53 @@
+"""Node configuration: TOML file, flag overrides, validation (docs/operations.md)."""
+
+import pytest
+
+from orbited.cli import main
+from orbited.config import ConfigError, NodeConfig
+
+
+def test_file_then_flags(tmp_path):
+    path = tmp_path / "node.toml"
+    path.write_text('[node]\nname = "n1"\nlinger = 12\ncors_origins = ["https://a.test"]\n')
+    config = NodeConfig.load(path, {"linger": 3.0, "http": None})
+    assert (config.name, config.linger, config.http) == ("n1", 3.0, "127.0.0.1:8000")
+    assert config.cors_origins == ["https://a.test"]
+    assert config.hub_config().linger == 3.0
+
+
+def test_defaults_bind_loopback():
+    config = NodeConfig.load(None, {})
+    assert config.http.startswith("127.0.0.1:") and config.sp.startswith("tcp://127.0.0.1:")
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"bogus": 1}, "unknown config keys: bogus"),
+        ({"http": "nohost"}, "not host:port"),
+        ({"sp": "ipc:///tmp/x"}, "tcp://host:port"),
+        ({"max_payload": 10, "mailbox_bytes": 5}, "max_payload"),
+        ({"linger": 0}, "linger must be positive"),
+        ({"log_level": "loud"}, "log_level"),
+    ],
+)
+def test_invalid_config_is_refused(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        NodeConfig.load(None, overrides)
+
+
+def test_bad_toml_is_a_clear_error(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text("[node\n")
+    with pytest.raises(ConfigError, match="cannot read config"):
+        NodeConfig.load(path, {})
+
+
+def test_cli_reports_config_errors(capsys):
+    assert main(["node", "--http", "nohost"]) == 2
+    assert "not host:port" in capsys.readouterr().err
+
+
+def test_cli_token_needs_a_secret(tmp_path, capsys):
+    assert main(["token", "--secret-file", str(tmp_path / "missing"), "--user", "a"]) == 2
+    assert "orbited token:" in capsys.readouterr().err
