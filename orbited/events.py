@@ -49,7 +49,8 @@ class PingRequest:
 
 
 def _encode(obj: object) -> bytes:
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    # allow_nan=False: 1e999 parses to inf, which browsers' JSON.parse would reject.
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
 
 
 def _no_constants(name: str) -> object:
@@ -58,8 +59,9 @@ def _no_constants(name: str) -> object:
 
 def parse_request(body: bytes, limits: RequestLimits) -> EventRequest | PingRequest:
     try:
-        doc = json.loads(body, parse_constant=_no_constants)
-    except (UnicodeDecodeError, ValueError) as e:
+        # Decode first: json.loads on bytes would also accept UTF-16/32 and a BOM.
+        doc = json.loads(body.decode("utf-8"), parse_constant=_no_constants)
+    except ValueError as e:
         raise RequestError("bad_json", f"request is not UTF-8 JSON: {e}") from None
     except RecursionError:
         raise RequestError("bad_json", "request JSON is nested too deeply") from None
@@ -102,6 +104,8 @@ def parse_request(body: bytes, limits: RequestLimits) -> EventRequest | PingRequ
         raise RequestError(
             "bad_json", "strings must not contain lone surrogates", event_id
         ) from None
+    except ValueError:
+        raise RequestError("bad_json", "numbers must be finite", event_id) from None
     if len(payload) > limits.max_payload:
         raise RequestError(
             "payload_too_large",
@@ -112,13 +116,15 @@ def parse_request(body: bytes, limits: RequestLimits) -> EventRequest | PingRequ
     return EventRequest(event_id, recipients, payload, digest)
 
 
-def result(status: str, seq: int | None = None, dropped: int = 0) -> dict[str, object]:
-    entry: dict[str, object] = {"status": status}
-    if seq is not None:
-        entry["seq"] = seq
+# Per-recipient results are built as bytes: a reply may list 10 000 of them, and the
+# dedup memory keeps replies, so no dict per recipient is ever kept.
+NO_CONNECTION_RESULT = b'{"status":"no_connection"}'
+
+
+def result(status: str, seq: int, dropped: int = 0) -> bytes:
     if dropped:
-        entry["dropped"] = dropped
-    return entry
+        return b'{"status":"%s","seq":%d,"dropped":%d}' % (status.encode(), seq, dropped)
+    return b'{"status":"%s","seq":%d}' % (status.encode(), seq)
 
 
 def _encode_reply(obj: object) -> bytes:
@@ -126,11 +132,13 @@ def _encode_reply(obj: object) -> bytes:
     return json.dumps(obj, separators=(",", ":")).encode("ascii")
 
 
-def ok_reply(event_id: str, results: list[dict[str, object]], duplicate: bool = False) -> bytes:
-    reply: dict[str, object] = {"id": event_id, "ok": True, "results": results}
-    if duplicate:
-        reply["duplicate"] = True
-    return _encode_reply(reply)
+def ok_reply(event_id: str | None, results: list[bytes]) -> bytes:
+    return b'{"id":%s,"ok":true,"results":[%s]}' % (_encode_reply(event_id), b",".join(results))
+
+
+def mark_duplicate(reply: bytes) -> bytes:
+    """The remembered reply of a request, as answered to a resend of it."""
+    return reply[:-1] + b',"duplicate":true}'
 
 
 def error_reply(error: RequestError) -> bytes:

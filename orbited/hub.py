@@ -25,6 +25,7 @@ class Sink(Protocol):
     """A transport attached to one key (a WebSocket, a pending long-poll, ...)."""
 
     last_write: float
+    wants_pings: bool  # streaming transports do; a held long-poll ends by its own timeout
 
     def deliver(self, frames: list[bytes]) -> bool:
         """Write frames to the browser; False if this transport cannot take them now."""
@@ -44,6 +45,7 @@ class HubConfig:
     keepalive: float = 25.0  # seconds of silence before a transport gets a ping frame
     dedup_window: float = 300.0  # seconds a request is remembered to ignore resends
     dedup_max: int = 100_000  # requests remembered at most
+    dedup_max_bytes: int = 64 * 1024 * 1024  # bytes of remembered replies at most
 
 
 class _Slot:
@@ -64,7 +66,9 @@ class Hub:
         self.epoch = epoch or secrets.token_urlsafe(6)
         self._streams = 0
         self._slots: dict[ConnectionKey, _Slot] = {}
-        self._recent: OrderedDict[bytes, tuple[float, list[dict[str, object]]]] = OrderedDict()
+        self._recent: OrderedDict[bytes, tuple[float, bytes]] = OrderedDict()
+        self._recent_bytes = 0
+        self.stopped = False
         self.stats = {
             "events": 0,
             "delivered": 0,
@@ -76,8 +80,14 @@ class Hub:
 
     # -- browser side -------------------------------------------------------------------
 
-    def attach(self, key: ConnectionKey, sink: Sink, after: Position | None) -> Mailbox:
-        """Attach ``sink`` as the key's transport and send it what it has not seen yet."""
+    def attach(self, key: ConnectionKey, sink: Sink, after: Position | None) -> Mailbox | None:
+        """Attach ``sink`` as the key's transport and send it what it has not seen yet.
+
+        Returns None when the node is shutting down (the sink was told to reconnect).
+        """
+        if self.stopped:
+            sink.reconnect("shutdown")
+            return None
         slot = self._slots.get(key)
         if slot is None:
             self._streams += 1
@@ -141,11 +151,12 @@ class Hub:
         deadline = self.clock.seconds() - self.config.keepalive
         for slot in list(self._slots.values()):
             sink = slot.sink
-            if sink is not None and sink.last_write <= deadline:
+            if sink is not None and sink.wants_pings and sink.last_write <= deadline:
                 sink.deliver([frames.PING])
 
     def shutdown(self, reason: str) -> None:
         """Tell every browser to reconnect; the node is going away."""
+        self.stopped = True
         for slot in list(self._slots.values()):
             sink, slot.sink = slot.sink, None
             if slot.linger_call is not None:
@@ -168,41 +179,40 @@ class Hub:
             self.stats["bad_requests"] += 1
             return events.error_reply(e)
         if isinstance(request, events.PingRequest):
-            return events.ok_reply(request.event_id or "", [])
+            return events.ok_reply(request.event_id, [])
         try:
-            results, duplicate = self.dispatch(request)
+            return self.dispatch(request)
         except Exception:
             self.log.failure("dispatch of {event_id} failed", event_id=request.event_id)
             error = events.RequestError("internal_error", "the node failed", request.event_id)
             return events.error_reply(error)
-        return events.ok_reply(request.event_id, results, duplicate)
 
-    def dispatch(self, request: events.EventRequest) -> tuple[list[dict[str, object]], bool]:
-        """Deliver one event; a resend of a remembered request returns the first results."""
+    def dispatch(self, request: events.EventRequest) -> bytes:
+        """Deliver one event and return the reply; a resend of a remembered request gets
+        the first reply again, marked as a duplicate, and delivers nothing."""
         now = self.clock.seconds()
         self._forget_old(now)
         remembered = self._recent.get(request.digest)
         if remembered is not None:
             self.stats["duplicates"] += 1
-            return remembered[1], True
+            return events.mark_duplicate(remembered[1])
         self.stats["events"] += 1
-        results: list[dict[str, object]] = []
-        seen: dict[ConnectionKey, dict[str, object]] = {}
+        results: list[bytes] = []
+        seen: dict[ConnectionKey, bytes] = {}
         for key in request.recipients:
             entry = seen.get(key)
             if entry is None:
                 entry = seen[key] = self._deliver(key, request.payload)
             results.append(entry)
-        self._recent[request.digest] = (now + self.config.dedup_window, results)
-        if len(self._recent) > self.config.dedup_max:
-            self._recent.popitem(last=False)
-        return results, False
+        reply = events.ok_reply(request.event_id, results)
+        self._remember(request.digest, now + self.config.dedup_window, reply)
+        return reply
 
-    def _deliver(self, key: ConnectionKey, payload: bytes) -> dict[str, object]:
+    def _deliver(self, key: ConnectionKey, payload: bytes) -> bytes:
         slot = self._slots.get(key)
         if slot is None:
             self.stats["no_connection"] += 1
-            return events.result(events.NO_CONNECTION)
+            return events.NO_CONNECTION_RESULT
         mailbox = slot.mailbox
         seq, dropped = mailbox.append(payload)
         sink = slot.sink
@@ -213,10 +223,20 @@ class Hub:
         self.stats["queued"] += 1
         return events.result(events.QUEUED, seq, dropped)
 
+    def _remember(self, digest: bytes, expires: float, reply: bytes) -> None:
+        recent = self._recent
+        recent[digest] = (expires, reply)
+        self._recent_bytes += len(reply)
+        config = self.config
+        while len(recent) > config.dedup_max or self._recent_bytes > config.dedup_max_bytes:
+            _, (_, old) = recent.popitem(last=False)
+            self._recent_bytes -= len(old)
+
     def _forget_old(self, now: float) -> None:
         recent = self._recent
         while recent:
-            digest, (expires, _) = next(iter(recent.items()))
+            digest, (expires, reply) = next(iter(recent.items()))
             if expires > now:
                 break
             del recent[digest]
+            self._recent_bytes -= len(reply)

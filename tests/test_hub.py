@@ -14,6 +14,8 @@ BOB = ConnectionKey("bob", "s2", "/chat")
 
 
 class RecordingSink:
+    wants_pings = True
+
     def __init__(self, accept: bool = True) -> None:
         self.frames: list[dict] = []
         self.accept = accept
@@ -86,12 +88,16 @@ def test_resent_request_is_not_delivered_twice():
     assert send(hub, "e1", [ALICE], "x")["results"] == [{"status": "delivered", "seq": 2}]
 
 
-def test_dedup_memory_is_bounded():
+def test_dedup_memory_is_bounded_by_count_and_bytes():
     hub, _ = make_hub(dedup_max=10)
     hub.attach(ALICE, RecordingSink(), None)
     for i in range(50):
         send(hub, f"e{i}", [ALICE], i)
     assert len(hub._recent) == 10
+    hub, _ = make_hub(dedup_max_bytes=1000)
+    for i in range(50):
+        send(hub, f"e{i}", [BOB] * 10, i)  # ~280-byte replies
+    assert hub._recent_bytes <= 1000 and len(hub._recent) == 3
 
 
 def test_same_key_twice_in_one_request_is_delivered_once():

@@ -371,3 +371,38 @@ def test_frames_of_every_length_class_reach_the_browser(shared_node: NodeProcess
             reply = send_event(req, f"len-{size}", [[f"len-{size}", "s", "/t"]], "x" * size)
         assert reply["results"][0]["status"] == "delivered"
         assert events_of(frames_until(ws, 1)) == [(1, "x" * size)]
+
+
+def test_web_app_that_never_reads_replies_is_not_buffered_without_bound(
+    shared_node: NodeProcess,
+):
+    """Each request gets a ~130 KB reply; a client that never reads them must see the node
+    stop reading its requests (backpressure) instead of the node buffering replies."""
+    body = json.dumps({"id": "big", "to": [["absent", "", ""]] * 5000, "data": 1}).encode()
+    sock = raw_sp(shared_node)
+    sock.sendall(wire.encode_header(wire.REQ))
+    sock.setblocking(False)
+    sent, request_id, deadline = 0, 0x80000000, time.monotonic() + 20
+    limit = 256 * 1024 * 1024
+    while sent < limit and time.monotonic() < deadline:
+        message = wire.encode_message(request_id.to_bytes(4, "big") + body)
+        request_id += 1
+        try:
+            view = memoryview(message)
+            while view:
+                n = sock.send(view)
+                sent += n
+                view = view[n:]
+        except BlockingIOError:
+            time.sleep(0.5)  # give the node every chance to read more
+            try:
+                sock.send(b"")
+                n = sock.send(view)
+                sent += n
+                continue
+            except BlockingIOError:
+                break
+    sock.close()
+    assert sent < 64 * 1024 * 1024, f"node kept reading: {sent} bytes accepted"
+    with shared_node.req() as req:
+        assert send_event(req, "after-flood", [["x", "", ""]], 1)["ok"]

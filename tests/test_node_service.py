@@ -25,8 +25,9 @@ def pynng_request(address: str, body: dict) -> dict:
 def test_service_dispatches_and_stops_cleanly(tmp_path):
     secret = tmp_path / "secret"
     secret.write_bytes(SECRET)
-    config = NodeConfig(http="127.0.0.1:0", sp="tcp://127.0.0.1:0", secret_file=str(secret),
-                        create_secret=False)
+    config = NodeConfig(
+        http="127.0.0.1:0", sp="tcp://127.0.0.1:0", secret_file=str(secret), create_secret=False
+    )
     node = NodeService(config, reactor)
     node.startService()
     try:

@@ -140,3 +140,12 @@ def test_handler_exception_drops_request_but_keeps_connection():
     proto.dataReceived(REQ_HEADER + request(0x80000001, b"boom") + request(0x80000002, b"ok"))
     assert replies(transport.value()) == [bytes.fromhex("80000002") + b"ok"]
     assert not transport.disconnecting
+
+
+def test_full_send_buffer_stops_reading_requests():
+    proto, transport, _, _ = connect(lambda p: p)
+    assert transport.producer is proto  # registered as streaming producer
+    proto.pauseProducing()  # what the transport does when its send buffer is full
+    assert transport.producerState == "paused"
+    proto.resumeProducing()
+    assert transport.producerState == "producing"

@@ -32,10 +32,14 @@ def test_body_without_request_id_is_a_protocol_error(body):
 
 
 def test_more_than_max_hops_is_dropped_not_fatal():
-    hops = bytes.fromhex("00000001") * 8
-    assert split_backtrace(hops + bytes.fromhex("80000001"))[1] == b""
+    # nng 1.11 answers up to 8 words (7 hops + the request id) and drops longer ones,
+    # including 8 hop words with no id yet, without closing the connection.
+    hop = bytes.fromhex("00000001")
+    assert split_backtrace(hop * 7 + bytes.fromhex("80000001"))[1] == b""
     with pytest.raises(TooManyHops):
-        split_backtrace(hops + bytes.fromhex("00000001") + bytes.fromhex("80000001"))
+        split_backtrace(hop * 8 + bytes.fromhex("80000001"))
+    with pytest.raises(TooManyHops):
+        split_backtrace(hop * 8)
 
 
 def test_request_ids_follow_nng():

@@ -3,6 +3,10 @@
 Each request's payload goes to a handler returning the reply payload (or a Deferred of
 it); replies are written in whatever order they complete, each prefixed with its request's
 backtrace. Protocol errors close the connection, as nng does (docs/sp.md, "Errors").
+
+Backpressure: the protocol registers itself as the transport's streaming producer, so
+when a web app stops reading replies and our send buffer fills, we stop reading its
+requests; likewise while too many requests are unanswered.
 """
 
 from __future__ import annotations
@@ -11,10 +15,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from twisted.internet import defer
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from orbited.sp.reqrep import MAX_HOPS, TooManyHops, split_backtrace
 from orbited.sp.wire import REP, REQ, SPConnection, SPProtocolError, encode_message_parts
@@ -30,6 +35,7 @@ class RepLimits:
     max_inflight: int = 1024  # unanswered requests per connection before we stop reading
 
 
+@implementer(IPushProducer)
 class RepProtocol(Protocol):
     log = Logger()
     factory: RepFactory | None = None
@@ -41,7 +47,8 @@ class RepProtocol(Protocol):
         self._sp = SPConnection(REP, REQ, limits.max_message)
         self._header_timer: IDelayedCall | None = None
         self._inflight = 0
-        self._paused = False
+        self._writes_blocked = False
+        self._reading_paused = False
         self.closed = False
         self.dropped_requests = 0
 
@@ -51,6 +58,7 @@ class RepProtocol(Protocol):
         setnodelay = getattr(self.transport, "setTcpNoDelay", None)
         if setnodelay is not None:
             setnodelay(True)
+        self.transport.registerProducer(self, True)
         self.transport.write(self._sp.initial_bytes())
         self._header_timer = self._clock.callLater(self._limits.header_timeout, self._no_header)
 
@@ -65,7 +73,9 @@ class RepProtocol(Protocol):
         self.log.warn(
             "SP connection from {peer} closed: {reason}", peer=self._peer(), reason=reason
         )
-        self.transport.loseConnection()
+        # Abort: a peer breaking the protocol gets no more bytes, and buffered replies it
+        # may never read do not keep the connection alive.
+        self.transport.abortConnection()
 
     def _peer(self) -> str:
         try:
@@ -111,25 +121,42 @@ class RepProtocol(Protocol):
 
     def _track(self, backtrace: bytes, d: defer.Deferred[bytes]) -> None:
         self._inflight += 1
-        if self._inflight >= self._limits.max_inflight and not self._paused:
-            self._paused = True
-            self.transport.pauseProducing()
+        self._update_reading()
         d.addCallbacks(self._reply_later, self._handler_failed, callbackArgs=(backtrace,))
 
     def _reply_later(self, reply: bytes, backtrace: bytes) -> None:
-        self._done_one()
+        self._inflight -= 1
         if not self.closed:
             self.transport.writeSequence(encode_message_parts([backtrace, reply]))
+            self._update_reading()
 
     def _handler_failed(self, failure: Failure) -> None:
-        self._done_one()
-        self.log.failure("request handler failed; dropping request", failure)
-
-    def _done_one(self) -> None:
         self._inflight -= 1
-        if self._paused and self._inflight < self._limits.max_inflight and not self.closed:
-            self._paused = False
-            self.transport.resumeProducing()
+        self.log.failure("request handler failed; dropping request", failure)
+        self._update_reading()
+
+    def _update_reading(self) -> None:
+        if self.closed:
+            return
+        pause = self._writes_blocked or self._inflight >= self._limits.max_inflight
+        if pause != self._reading_paused:
+            self._reading_paused = pause
+            if pause:
+                self.transport.pauseProducing()
+            else:
+                self.transport.resumeProducing()
+
+    # IPushProducer: the transport calls these when its send buffer fills and drains.
+    def pauseProducing(self) -> None:  # noqa: N802
+        self._writes_blocked = True
+        self._update_reading()
+
+    def resumeProducing(self) -> None:  # noqa: N802
+        self._writes_blocked = False
+        self._update_reading()
+
+    def stopProducing(self) -> None:  # noqa: N802
+        self.closed = True
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         self.closed = True

@@ -12,7 +12,7 @@ import struct
 
 from orbited.sp.wire import SPProtocolError
 
-MAX_HOPS = 8  # nng's default ttl-max: deeper backtraces are dropped, not answered
+MAX_HOPS = 8  # nng's default ttl-max, in words: longer backtraces are dropped, not answered
 _WORD = struct.Struct(">I")
 _END_OF_BACKTRACE = 0x80
 
@@ -24,19 +24,23 @@ class TooManyHops(Exception):
 def split_backtrace(body: bytes, max_hops: int = MAX_HOPS) -> tuple[bytes, bytes]:
     """Return (backtrace, payload). The backtrace ends with the word whose MSB is set.
 
-    Raises SPProtocolError when the body ends before such a word (nng closes the
-    connection) and TooManyHops when more than ``max_hops`` words precede the payload.
+    Mirrors nng's REP: a backtrace of more than ``max_hops`` words (request id included)
+    raises TooManyHops (nng drops the request, keeps the connection); a body that ends
+    before the MSB-set word raises SPProtocolError (nng closes the connection).
     """
     pos = 0
     length = len(body)
-    while pos + 4 <= length:
+    words = 0
+    while True:
+        words += 1
+        if words > max_hops:
+            raise TooManyHops(f"backtrace longer than {max_hops} words")
+        if pos + 4 > length:
+            raise SPProtocolError("request has no request id (body ends before an MSB-set word)")
         last = body[pos] & _END_OF_BACKTRACE
         pos += 4
         if last:
             return body[:pos], body[pos:]
-        if pos // 4 > max_hops:
-            raise TooManyHops(f"backtrace longer than {max_hops} hops")
-    raise SPProtocolError("request has no request id (backtrace ends without an MSB-set word)")
 
 
 def request_id(backtrace: bytes) -> int:

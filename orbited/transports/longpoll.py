@@ -38,6 +38,11 @@ def _decoded_args(request: Request) -> dict[str, list[str]]:
         raise BrowserRequestError(400, "bad_request", "query is not UTF-8") from None
 
 
+def _header(request: Request, name: bytes) -> str | None:
+    value = request.getHeader(name)
+    return None if value is None else value.decode("utf-8")
+
+
 def send_json_error(request: Request, error: BrowserRequestError) -> bytes:
     request.setResponseCode(error.status)
     request.setHeader(b"content-type", b"application/json")
@@ -46,6 +51,8 @@ def send_json_error(request: Request, error: BrowserRequestError) -> bytes:
 
 class _PendingPoll:
     """The Sink for one held poll request: frames are batched for one reactor turn."""
+
+    wants_pings = False
 
     def __init__(self, hub: Hub, key: ConnectionKey, request: Request) -> None:
         self.hub = hub
@@ -112,8 +119,11 @@ class LongPollResource(resource.Resource):
         self.cors_origins = cors_origins
 
     def _cors(self, request: Request) -> None:
-        origin = request.getHeader("origin")
-        host = request.getHeader("host")
+        try:
+            origin = _header(request, b"origin")
+            host = _header(request, b"host")
+        except UnicodeDecodeError:
+            raise BrowserRequestError(400, "bad_request", "Origin or Host is not UTF-8") from None
         if origin is None:
             return
         if not origin_allowed(origin, host, self.cors_origins):

@@ -72,6 +72,7 @@ _autobahn_protocol.pformat = _LazyPformat  # type: ignore[attr-defined]
 
 class BrowserWebSocket(WebSocketServerProtocol):
     factory: BrowserWebSocketFactory
+    wants_pings = True
 
     def __init__(self) -> None:
         super().__init__()
