@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import MISSING, fields
 from pathlib import Path
 
 from orbited import __version__
@@ -23,35 +24,31 @@ SUBCOMMANDS = ("node", "token")
 
 
 def _node_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="orbited node", description="Run an Orbited node.")
+    p = argparse.ArgumentParser(
+        prog="orbited node",
+        description="Run an Orbited node. Every flag is also a key of the config file's "
+        "[node] table (docs/operations.md); flags win.",
+    )
     p.add_argument("--config", type=Path, help="TOML file with a [node] table")
-    p.add_argument("--name", help="node name shown in logs and health (default orbited)")
-    p.add_argument("--http", help="browser listener host:port (default 127.0.0.1:8000)")
-    p.add_argument("--sp", help="SP REP listener tcp://host:port (default tcp://127.0.0.1:9000)")
-    p.add_argument("--secret-file", help="shared secret file (default ./orbited.secret)")
-    p.add_argument(
-        "--no-create-secret",
-        dest="create_secret",
-        action="store_const",
-        const=False,
-        help="fail instead of creating a missing secret file",
-    )
-    p.add_argument(
-        "--cors-origin",
-        dest="cors_origins",
-        action="append",
-        metavar="ORIGIN",
-        help="allow browser pages from ORIGIN (repeatable; * allows any)",
-    )
-    p.add_argument("--linger", type=float, help="seconds a mailbox outlives its connection")
-    p.add_argument("--keepalive", type=float, help="seconds of silence before a ping frame")
-    p.add_argument("--mailbox-events", type=int, help="events kept per connection key")
-    p.add_argument("--mailbox-bytes", type=int, help="payload bytes kept per connection key")
-    p.add_argument("--max-payload", type=int, help="largest event data, bytes of JSON")
-    p.add_argument("--max-recipients", type=int, help="recipients per event request")
-    p.add_argument("--sp-max-message", type=int, help="largest SP message; larger closes")
-    p.add_argument("--log-level", choices=["debug", "info", "warn", "error"])
     p.add_argument("--ready-file", type=Path, help="write the bound addresses here as JSON")
+    for f in fields(NodeConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not MISSING else []
+        helptext = f"{f.metadata['help']} (default: {default!r})"
+        if isinstance(default, bool):
+            p.add_argument(
+                f"--no-{f.name.replace('_', '-')}",
+                dest=f.name,
+                action="store_const",
+                const=False,
+                help=f"do not {helptext}",
+            )
+        elif isinstance(default, list):
+            p.add_argument(flag.removesuffix("s"), dest=f.name, action="append", help=helptext)
+        elif f.name == "log_level":
+            p.add_argument(flag, choices=["debug", "info", "warn", "error"], help=helptext)
+        else:
+            p.add_argument(flag, type=type(default), help=helptext)
     return p
 
 

@@ -6,7 +6,7 @@ Every key and default is listed in docs/operations.md ("Node configuration").
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
 from orbited.events import RequestLimits
@@ -19,27 +19,36 @@ class ConfigError(ValueError):
     pass
 
 
+def _opt(default: object, help: str) -> object:  # noqa: A002
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class NodeConfig:
-    name: str = "orbited"
-    http: str = "127.0.0.1:8000"  # browser-facing HTTP/WebSocket listener
-    sp: str = "tcp://127.0.0.1:9000"  # SP REP listener for web apps
-    secret_file: str = "orbited.secret"  # shared with web apps; created if missing
-    create_secret: bool = True
-    cors_origins: list[str] = field(default_factory=list)
-    token_leeway: float = 30.0
-    linger: float = 30.0
-    keepalive: float = 25.0
-    mailbox_events: int = 1000
-    mailbox_bytes: int = 1024 * 1024
-    max_payload: int = 64 * 1024
-    max_recipients: int = 10_000
-    dedup_window: float = 300.0
-    dedup_max: int = 100_000
-    sp_max_message: int = 4 * 1024 * 1024
-    sp_header_timeout: float = 10.0
-    sp_max_inflight: int = 1024
-    log_level: str = "info"
+    """Each field is a TOML key and a flag (--field-name); the help is the flag's help."""
+
+    name: str = _opt("orbited", "node name in logs and /orbited/health")
+    http: str = _opt("127.0.0.1:8000", "browser listener host:port")
+    sp: str = _opt("tcp://127.0.0.1:9000", "SP REP listener for web apps, tcp://host:port")
+    secret_file: str = _opt("orbited.secret", "token secret shared with web apps")
+    create_secret: bool = _opt(True, "create a random secret file if it is missing")
+    cors_origins: list[str] = _opt([], "page origin allowed cross-origin (repeat; * = any)")
+    token_leeway: float = _opt(30.0, "seconds of clock skew allowed on token expiry")
+    linger: float = _opt(30.0, "seconds a mailbox outlives its last connection")
+    keepalive: float = _opt(25.0, "seconds of silence before a ping frame")
+    mailbox_events: int = _opt(1000, "events kept per connection key")
+    mailbox_bytes: int = _opt(1024 * 1024, "payload bytes kept per connection key")
+    max_payload: int = _opt(64 * 1024, "largest event data, bytes of encoded JSON")
+    max_recipients: int = _opt(10_000, "recipients per event request")
+    dedup_window: float = _opt(300.0, "seconds a request is remembered to ignore resends")
+    dedup_max: int = _opt(100_000, "requests remembered at most")
+    dedup_max_bytes: int = _opt(64 * 1024 * 1024, "bytes of remembered replies at most")
+    sp_max_message: int = _opt(4 * 1024 * 1024, "largest SP message; larger closes")
+    sp_header_timeout: float = _opt(10.0, "seconds a web app has to send its SP header")
+    sp_max_inflight: int = _opt(1024, "unanswered requests per SP connection")
+    log_level: str = _opt("info", "debug, info, warn or error")
 
     @classmethod
     def load(cls, path: Path | None, overrides: dict[str, object]) -> NodeConfig:
@@ -60,13 +69,33 @@ class NodeConfig:
         return config
 
     def validate(self) -> None:
+        for f in fields(self):
+            value, default = getattr(self, f.name), f.default
+            expected = type(default) if default is not MISSING else list
+            ok = isinstance(value, expected) or (expected is float and isinstance(value, int))
+            if not ok or isinstance(value, bool) != (expected is bool):
+                raise ConfigError(f"{f.name} must be of type {expected.__name__}")
+        if not all(isinstance(origin, str) for origin in self.cors_origins):
+            raise ConfigError("cors_origins must be a list of strings")
         parse_host_port(self.http)
         parse_sp_address(self.sp)
         if self.max_payload > self.mailbox_bytes:
             raise ConfigError("max_payload must not exceed mailbox_bytes")
         if self.max_payload + 1024 > self.sp_max_message:
             raise ConfigError("sp_max_message must leave room for max_payload plus headers")
-        for name in ("linger", "keepalive", "sp_header_timeout", "dedup_window"):
+        for name in (
+            "linger",
+            "keepalive",
+            "sp_header_timeout",
+            "dedup_window",
+            "mailbox_events",
+            "mailbox_bytes",
+            "max_payload",
+            "max_recipients",
+            "dedup_max",
+            "dedup_max_bytes",
+            "sp_max_inflight",
+        ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive")
         if self.log_level not in ("debug", "info", "warn", "error"):
@@ -80,6 +109,7 @@ class NodeConfig:
             keepalive=self.keepalive,
             dedup_window=self.dedup_window,
             dedup_max=self.dedup_max,
+            dedup_max_bytes=self.dedup_max_bytes,
         )
 
     def rep_limits(self) -> RepLimits:

@@ -29,6 +29,11 @@ def test_defaults_bind_loopback():
         ({"max_payload": 10, "mailbox_bytes": 5}, "max_payload"),
         ({"linger": 0}, "linger must be positive"),
         ({"log_level": "loud"}, "log_level"),
+        ({"linger": "soon"}, "linger must be of type float"),
+        ({"create_secret": 1}, "create_secret must be of type bool"),
+        ({"mailbox_events": True}, "mailbox_events must be of type int"),
+        ({"cors_origins": [1]}, "cors_origins must be a list of strings"),
+        ({"dedup_max": 0}, "dedup_max must be positive"),
     ],
 )
 def test_invalid_config_is_refused(overrides, message):
@@ -41,6 +46,28 @@ def test_bad_toml_is_a_clear_error(tmp_path):
     path.write_text("[node\n")
     with pytest.raises(ConfigError, match="cannot read config"):
         NodeConfig.load(path, {})
+
+
+def test_every_config_key_is_a_flag(tmp_path, capsys):
+    from orbited.cli import _node_parser
+
+    args = _node_parser().parse_args(
+        [
+            "--dedup-max-bytes",
+            "5",
+            "--sp-max-inflight",
+            "3",
+            "--cors-origin",
+            "a",
+            "--cors-origin",
+            "b",
+            "--no-create-secret",
+            "--token-leeway",
+            "1.5",
+        ]
+    )
+    assert (args.dedup_max_bytes, args.sp_max_inflight, args.cors_origins) == (5, 3, ["a", "b"])
+    assert args.create_secret is False and args.token_leeway == 1.5
 
 
 def test_cli_reports_config_errors(capsys):
