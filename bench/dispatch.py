@@ -114,6 +114,7 @@ class Clients:
         counts: dict[str, int] = {}
         latencies: dict[str, list[float]] = {}
         errors = 0
+        kinds: dict[str, int] = {}
         for p in self.procs:
             p.stdin.write("stop\n")
             p.stdin.flush()
@@ -121,11 +122,13 @@ class Clients:
             result = json.loads(p.stdout.readline())
             p.wait(10)
             errors += result["errors"]
+            for kind, n in result["error_kinds"].items():
+                kinds[kind] = kinds.get(kind, 0) + n
             for phase, n in result["counts"].items():
                 counts[phase] = counts.get(phase, 0) + n
             for phase, samples in result["latencies"].items():
                 latencies.setdefault(phase, []).extend(samples)
-        return {"counts": counts, "latencies": latencies, "errors": errors}
+        return {"counts": counts, "latencies": latencies, "errors": errors, "error_kinds": kinds}
 
 
 def drive(
@@ -210,6 +213,7 @@ def run_once(kind: str, args: argparse.Namespace, tmp: Path) -> dict:
             "p50_ms": percentile(lat, 0.50) * 1e3,
             "p99_ms": percentile(lat, 0.99) * 1e3,
             "client_errors": result["errors"],
+            "client_error_kinds": result["error_kinds"],
         }
     finally:
         server.stop()

@@ -26,6 +26,7 @@ class Stats:
         self.latencies: dict[str, list[float]] = {}
         self.seen: dict[str, int] = {}
         self.errors = 0
+        self.error_kinds: dict[str, int] = {}
 
     def record(self, phase: str, latency: float) -> None:
         n = self.seen[phase] = self.seen.get(phase, 0) + 1
@@ -51,8 +52,10 @@ async def hold(url: str, stats: Stats, connected: asyncio.Event, remaining: list
                     continue
                 data = json.loads(message)["data"]
                 stats.record(data["ph"], now - data["t"])
-    except Exception:
+    except Exception as e:
         stats.errors += 1
+        kind = f"{type(e).__name__}: {e}"[:80]
+        stats.error_kinds[kind] = stats.error_kinds.get(kind, 0) + 1
         remaining[0] -= 1
         if remaining[0] == 0:
             connected.set()
@@ -75,7 +78,14 @@ async def main(path: str) -> None:
     for task in tasks:
         task.cancel()
     print(
-        json.dumps({"counts": stats.counts, "latencies": stats.latencies, "errors": stats.errors}),
+        json.dumps(
+            {
+                "counts": stats.counts,
+                "latencies": stats.latencies,
+                "errors": stats.errors,
+                "error_kinds": stats.error_kinds,
+            }
+        ),
         flush=True,
     )
 

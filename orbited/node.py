@@ -42,10 +42,10 @@ class NodeService(service.MultiService):
         sp_host, sp_port = parse_sp_address(config.sp)
         http_host, http_port = parse_host_port(config.http)
         self.sp_server = internet.TCPServer(
-            sp_port, self.rep_factory, interface=sp_host, reactor=reactor
+            sp_port, self.rep_factory, backlog=config.backlog, interface=sp_host, reactor=reactor
         )
         self.http_server = internet.TCPServer(
-            http_port, self.site, interface=http_host, reactor=reactor
+            http_port, self.site, backlog=config.backlog, interface=http_host, reactor=reactor
         )
         self.sp_server.setServiceParent(self)
         self.http_server.setServiceParent(self)
