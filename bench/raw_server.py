@@ -22,6 +22,8 @@ connections: dict[str, WebSocketServerProtocol] = {}
 
 
 class RawProtocol(WebSocketServerProtocol):
+    user: str | None = None  # set once the handshake request is read
+
     def onConnect(self, request):  # noqa: ANN001, ANN201, N802
         self.user = request.params["u"][0]
 
@@ -45,7 +47,7 @@ def handle(payload: bytes) -> bytes:
 def main(ready_file: str) -> None:
     ws = WebSocketServerFactory()
     ws.protocol = RawProtocol
-    ws_port = reactor.listenTCP(0, ws, interface="127.0.0.1")
+    ws_port = reactor.listenTCP(0, ws, backlog=1024, interface="127.0.0.1")  # as Orbited
     sp_port = reactor.listenTCP(0, RepFactory(handle), interface="127.0.0.1")
     with open(ready_file, "w") as f:
         json.dump(

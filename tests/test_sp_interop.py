@@ -1,0 +1,93 @@
+"""Our REP against nng's own REP (pynng Rep0), fed the same raw bytes: same outcome.
+
+Outcomes: "answered" (reply with the same backtrace), "dropped" (no reply, connection
+kept), "closed" (connection closed). See docs/sp.md, "Errors and limits".
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+
+import pynng
+import pytest
+
+from orbited.sp import wire
+from tests.conftest import NodeProcess
+
+pytestmark = pytest.mark.slow
+
+HOP = bytes.fromhex("00000001")
+ID = bytes.fromhex("80000007")
+PING = b'{"op":"ping"}'
+
+
+def nng_rep_echo(address: str) -> pynng.Rep0:
+    rep = pynng.Rep0(listen=address, recv_timeout=100)
+
+    def serve() -> None:
+        while True:
+            try:
+                msg = rep.recv_msg()
+            except pynng.Timeout:
+                continue
+            except pynng.NNGException:
+                return
+            try:
+                rep.send(b'{"ok":true}' if msg.bytes else b"")
+            except pynng.NNGException:
+                return
+
+    threading.Thread(target=serve, daemon=True).start()
+    return rep
+
+
+def outcome(address: str, body: bytes) -> tuple[str, bytes]:
+    host, port = address.removeprefix("tcp://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=1.0) as sock:
+        sock.sendall(wire.encode_header(wire.REQ))
+        assert sock.recv(8) == wire.encode_header(wire.REP)
+        sock.sendall(wire.encode_message(body))
+        conn = wire.SPConnection(wire.REQ, wire.REP)
+        conn.receive(wire.encode_header(wire.REP))
+        try:
+            data = sock.recv(65536)
+        except TimeoutError:
+            return "dropped", b""
+        except ConnectionResetError:
+            return "closed", b""
+        if not data:
+            return "closed", b""
+        (reply,) = conn.receive(data)
+        return "answered", reply
+
+
+CASES = {
+    "direct": ID + PING,
+    "7 hops": HOP * 7 + ID + PING,
+    "8 hops (9 words)": HOP * 8 + ID + PING,
+    "8 hop words, no id": HOP * 8,
+    "no id": HOP * 2,
+    "partial word": ID[:2],
+}
+
+
+@pytest.fixture(scope="module")
+def nng_address():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    address = f"tcp://127.0.0.1:{port}"
+    rep = nng_rep_echo(address)
+    yield address
+    rep.close()
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_same_outcome_as_nng(name: str, nng_address: str, shared_node: NodeProcess):
+    theirs = outcome(nng_address, CASES[name])
+    ours = outcome(shared_node.sp, CASES[name])
+    assert ours[0] == theirs[0], f"{name}: nng {theirs[0]}, orbited {ours[0]}"
+    if ours[0] == "answered":
+        backtrace = CASES[name][: CASES[name].index(ID) + 4]
+        assert theirs[1].startswith(backtrace) and ours[1].startswith(backtrace)
