@@ -35,6 +35,18 @@ def replies(data: bytes) -> list[bytes]:
     return conn.receive(data)
 
 
+def deferred_handler():
+    """A handler whose replies the test completes by hand, in any order."""
+    pending: list[defer.Deferred] = []
+
+    def handler(payload):
+        d = defer.Deferred()
+        pending.append(d)
+        return d
+
+    return handler, pending
+
+
 def test_sends_header_and_sets_nodelay():
     proto, transport, _, factory = connect(lambda p: p)
     assert transport.value() == wire.encode_header(wire.REP)
@@ -53,13 +65,7 @@ def test_pipelined_requests_are_answered_with_their_backtraces():
 
 
 def test_deferred_replies_leave_in_completion_order():
-    pending: list[defer.Deferred] = []
-
-    def handler(payload):
-        d = defer.Deferred()
-        pending.append(d)
-        return d
-
+    handler, pending = deferred_handler()
     proto, transport, _, _ = connect(handler)
     proto.dataReceived(REQ_HEADER + request(0x80000001, b"1") + request(0x80000002, b"2"))
     pending[1].callback(b"second")
@@ -71,13 +77,7 @@ def test_deferred_replies_leave_in_completion_order():
 
 
 def test_too_many_inflight_pauses_reading_until_answers_leave():
-    pending: list[defer.Deferred] = []
-
-    def handler(payload):
-        d = defer.Deferred()
-        pending.append(d)
-        return d
-
+    handler, pending = deferred_handler()
     proto, transport, _, _ = connect(handler, max_inflight=2)
     proto.dataReceived(REQ_HEADER + request(0x80000001, b"") + request(0x80000002, b""))
     assert transport.producerState == "paused"
