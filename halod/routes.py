@@ -1,0 +1,180 @@
+"""HaloD's route table (sans-I/O): the 2007 algorithm exactly, plus spares.
+
+Routes 1..N map to active node ids 1..M; each id is served by one machine (a registered
+node, by name). Adding a node follows the seed's steps (docs/halod.md, "Adding a node");
+losing one hands its id and routes to a spare, or, with no spare, to the machine with the
+highest id, whose own routes go back by the reverse of the add. Under this policy the
+table (id → routes) always equals the canonical table for M nodes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cache
+from typing import NamedTuple
+
+DEFAULT_ROUTES = 24
+
+
+class Move(NamedTuple):
+    """Route ``route`` now reaches ``new`` (a machine name) instead of ``old``."""
+
+    route: int
+    old: str | None
+    new: str | None
+
+
+class RouteTableError(ValueError):
+    pass
+
+
+def add_node(table: dict[int, list[int]], routes: int) -> dict[int, list[int]]:
+    """The seed's add: a new node id M+1 takes floor(N/(M+1)) routes. Pure.
+
+    ``table`` maps node id → ascending route ids; returns the new table.
+    """
+    new_id = max(table, default=0) + 1
+    if new_id > routes:
+        raise RouteTableError(f"{routes} routes cannot serve more than {routes} active nodes")
+    if not table:
+        return {1: list(range(1, routes + 1))}
+    result = {node: list(held) for node, held in table.items()}
+    order = sorted(result, key=lambda node: (-len(result[node]), node))
+    quota = routes // new_id
+    taken: list[int] = []
+    i = 0
+    while len(taken) < quota:
+        donor = result[order[i % len(order)]]
+        taken.append(donor.pop())  # the donor's highest route id
+        i += 1
+    result[new_id] = sorted(taken)
+    return result
+
+
+@cache
+def _progression(routes: int, nodes: int) -> tuple[tuple[tuple[int, ...], ...], ...]:
+    if nodes == 0:
+        return ()
+    previous = _progression(routes, nodes - 1)
+    table = {i + 1: list(held) for i, held in enumerate(previous[-1])} if previous else {}
+    step = add_node(table, routes)
+    return (*previous, tuple(tuple(step[i]) for i in sorted(step)))
+
+
+def canonical(routes: int, nodes: int) -> dict[int, list[int]]:
+    """The table built by adding ``nodes`` nodes one by one."""
+    if nodes == 0:
+        return {}
+    return {i + 1: list(held) for i, held in enumerate(_progression(routes, nodes)[-1])}
+
+
+@dataclass
+class Change:
+    """What one membership event did: the node's role and the routes that moved."""
+
+    name: str
+    role: str  # "active", "spare" or "gone"
+    node_id: int | None
+    moves: list[Move] = field(default_factory=list)
+
+
+class RouteTable:
+    """Membership and routes of one cluster. Every change returns the moved routes."""
+
+    def __init__(self, routes: int = DEFAULT_ROUTES, spares_wanted: int = 1) -> None:
+        if routes < 1:
+            raise RouteTableError("a cluster needs at least one route")
+        self.routes = routes
+        self.spares_wanted = spares_wanted
+        self._table: dict[int, list[int]] = {}  # node id -> ascending routes
+        self._machine: dict[int, str] = {}  # node id -> name
+        self.spares: list[str] = []  # oldest first
+
+    # -- queries ------------------------------------------------------------------------
+
+    def table(self) -> dict[int, list[int]]:
+        return {node: list(held) for node, held in sorted(self._table.items())}
+
+    def machines(self) -> dict[int, str]:
+        return dict(sorted(self._machine.items()))
+
+    def owner(self, route: int) -> str | None:
+        for node, held in self._table.items():
+            if route in held:
+                return self._machine[node]
+        return None
+
+    def owners(self) -> dict[int, str]:
+        """route → machine name, for every route."""
+        return {r: self._machine[n] for n, held in self._table.items() for r in held}
+
+    def node_id(self, name: str) -> int | None:
+        for node, machine in self._machine.items():
+            if machine == name:
+                return node
+        return None
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.spares or self.node_id(name) is not None
+
+    # -- changes ------------------------------------------------------------------------
+
+    def join(self, name: str) -> Change:
+        """A node registered: activate it, or keep it as a spare."""
+        if name in self:
+            raise RouteTableError(f"node {name!r} is already registered")
+        active = len(self._table)
+        if active and (active >= self.routes or len(self.spares) < self.spares_wanted):
+            self.spares.append(name)
+            return Change(name, "spare", None)
+        before = self.owners()
+        self._table = add_node(self._table, self.routes)
+        new_id = max(self._table)
+        self._machine[new_id] = name
+        return Change(name, "active", new_id, self._moves(before))
+
+    def leave(self, name: str) -> Change:
+        """A node failed or was removed: its routes go to a spare, or the seed's
+        replacement happens (the highest id takes over, its routes go back)."""
+        if name in self.spares:
+            self.spares.remove(name)
+            return Change(name, "gone", None)
+        failed = self.node_id(name)
+        if failed is None:
+            raise RouteTableError(f"node {name!r} is not registered")
+        before = self.owners()
+        if self.spares:
+            self._machine[failed] = self.spares.pop(0)
+        else:
+            highest = max(self._table)
+            if failed != highest:
+                self._machine[failed] = self._machine[highest]
+            del self._machine[highest]
+            # The reverse of the add: the table becomes the canonical one for M-1 nodes,
+            # which returns node M's routes to the nodes they came from.
+            self._table = canonical(self.routes, highest - 1)
+        return Change(name, "gone", failed, self._moves(before))
+
+    def _moves(self, before: dict[int, str]) -> list[Move]:
+        after = self.owners()
+        return [
+            Move(r, before.get(r), after.get(r))
+            for r in range(1, self.routes + 1)
+            if before.get(r) != after.get(r)
+        ]
+
+
+def format_ranges(routes: list[int]) -> str:
+    """[1, 2, 3, 5, 7, 8] → "1-3,5,7-8" """
+    parts: list[str] = []
+    start = prev = None
+    for r in routes:
+        if prev is not None and r == prev + 1:
+            prev = r
+            continue
+        if start is not None:
+            parts.append(f"{start}-{prev}" if prev != start else f"{start}")
+        start = prev = r
+    if start is not None:
+        parts.append(f"{start}-{prev}" if prev != start else f"{start}")
+    return ",".join(parts)

@@ -1,0 +1,39 @@
+"""``halod plan``: text, JSON and SVG views of the canonical progression."""
+
+import json
+import xml.etree.ElementTree as ET
+
+from halod.cli import main
+from tests.test_halod_routes import NOTE_24
+
+
+def test_text_is_the_note_progression(capsys):
+    assert main(["plan", "--routes", "24", "--nodes", "8"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(": ", 1)[1] for line in lines] == NOTE_24
+    assert lines[0].startswith("1 node ") and lines[1].startswith("2 nodes")
+
+
+def test_json_lists_one_mapping_per_node_count(capsys):
+    assert main(["plan", "--routes", "24", "--nodes", "3", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan[2] == {
+        "1": list(range(1, 9)),
+        "2": list(range(13, 21)),
+        "3": [9, 10, 11, 12, 21, 22, 23, 24],
+    }
+    assert [len(step) for step in plan] == [1, 2, 3]
+
+
+def test_svg_draws_every_route_of_every_row(tmp_path, capsys):
+    path = tmp_path / "plan.svg"
+    assert main(["plan", "--routes", "24", "--nodes", "8", "--svg", str(path)]) == 0
+    root = ET.fromstring(path.read_text())
+    rects = root.findall("{http://www.w3.org/2000/svg}rect")
+    assert len(rects) == 24 * 8
+    assert rects[0].find("{http://www.w3.org/2000/svg}title").text == "route 1: node 1"
+
+
+def test_bad_arguments(capsys):
+    assert main(["plan", "--routes", "4", "--nodes", "5"]) == 2
+    assert "--nodes must be from 1 to --routes" in capsys.readouterr().err
