@@ -48,6 +48,7 @@ class NodeConfig:
     sp_max_message: int = _opt(4 * 1024 * 1024, "largest SP message; larger closes")
     sp_header_timeout: float = _opt(10.0, "seconds a web app has to send its SP header")
     sp_max_inflight: int = _opt(1024, "unanswered requests per SP connection")
+    iframe_max_bytes: int = _opt(1024 * 1024, "bytes per iframe response, then reconnect")
     backlog: int = _opt(1024, "listen backlog of both listeners (connect bursts)")
     log_level: str = _opt("info", "debug, info, warn or error")
 

@@ -37,7 +37,11 @@ class NodeService(service.MultiService):
         self.hub = Hub(clock, config.hub_config())
         self.rep_factory = RepFactory(self.hub.handle_request, config.rep_limits(), clock)
         self.site = browser_site(
-            self.hub, BrowserAuth(secret, config.token_leeway), config.cors_origins, config.name
+            self.hub,
+            BrowserAuth(secret, config.token_leeway),
+            config.cors_origins,
+            config.name,
+            config.iframe_max_bytes,
         )
         sp_host, sp_port = parse_sp_address(config.sp)
         http_host, http_port = parse_host_port(config.http)

@@ -10,6 +10,7 @@ from orbited import __version__
 from orbited.hub import Hub
 from orbited.transports.common import BrowserAuth
 from orbited.transports.longpoll import LongPollResource
+from orbited.transports.streaming import IframeResource, SSEResource
 from orbited.transports.websocket import websocket_resource
 
 
@@ -29,10 +30,14 @@ class HealthResource(resource.Resource):
         ).encode()
 
 
-def browser_site(hub: Hub, auth: BrowserAuth, cors_origins: list[str], name: str) -> server.Site:
+def browser_site(
+    hub: Hub, auth: BrowserAuth, cors_origins: list[str], name: str, iframe_max_bytes: int
+) -> server.Site:
     orbited = resource.Resource()
     orbited.putChild(b"ws", websocket_resource(hub, auth, cors_origins))
     orbited.putChild(b"poll", LongPollResource(hub, auth, cors_origins))
+    orbited.putChild(b"sse", SSEResource(hub, auth, cors_origins))
+    orbited.putChild(b"iframe", IframeResource(hub, auth, cors_origins, iframe_max_bytes))
     orbited.putChild(b"health", HealthResource(hub, name))
     root = resource.Resource()
     root.putChild(b"orbited", orbited)

@@ -8,8 +8,6 @@ See docs/protocol.md, "Long-poll".
 
 from __future__ import annotations
 
-import json
-
 from twisted.internet.interfaces import IDelayedCall
 from twisted.web import resource, server
 from twisted.web.http import Request
@@ -21,32 +19,12 @@ from orbited.transports.common import (
     BrowserAuth,
     BrowserRequestError,
     authenticate,
-    origin_allowed,
     single_param,
 )
+from orbited.transports.http import apply_cors, decoded_args, send_json_error
 
 DEFAULT_TIMEOUT = 25.0
 MAX_TIMEOUT = 120.0
-
-
-def _decoded_args(request: Request) -> dict[str, list[str]]:
-    try:
-        return {
-            k.decode("utf-8"): [v.decode("utf-8") for v in vs] for k, vs in request.args.items()
-        }
-    except UnicodeDecodeError:
-        raise BrowserRequestError(400, "bad_request", "query is not UTF-8") from None
-
-
-def _header(request: Request, name: bytes) -> str | None:
-    value = request.getHeader(name)
-    return None if value is None else value.decode("utf-8")
-
-
-def send_json_error(request: Request, error: BrowserRequestError) -> bytes:
-    request.setResponseCode(error.status)
-    request.setHeader(b"content-type", b"application/json")
-    return json.dumps({"error": {"code": error.code, "message": error.message}}).encode()
 
 
 class _PendingPoll:
@@ -118,22 +96,9 @@ class LongPollResource(resource.Resource):
         self.auth = auth
         self.cors_origins = cors_origins
 
-    def _cors(self, request: Request) -> None:
-        try:
-            origin = _header(request, b"origin")
-            host = _header(request, b"host")
-        except UnicodeDecodeError:
-            raise BrowserRequestError(400, "bad_request", "Origin or Host is not UTF-8") from None
-        if origin is None:
-            return
-        if not origin_allowed(origin, host, self.cors_origins):
-            raise BrowserRequestError(403, "origin_not_allowed", f"origin {origin} not allowed")
-        request.setHeader(b"access-control-allow-origin", origin.encode())
-        request.setHeader(b"vary", b"Origin")
-
     def render_OPTIONS(self, request: Request) -> bytes:  # noqa: N802
         try:
-            self._cors(request)
+            apply_cors(request, self.cors_origins)
         except BrowserRequestError as e:
             return send_json_error(request, e)
         request.setHeader(b"access-control-allow-methods", b"GET")
@@ -144,8 +109,8 @@ class LongPollResource(resource.Resource):
     def render_GET(self, request: Request) -> bytes | int:  # noqa: N802
         request.setHeader(b"cache-control", b"no-store")
         try:
-            self._cors(request)
-            params = _decoded_args(request)
+            apply_cors(request, self.cors_origins)
+            params = decoded_args(request)
             attach = authenticate(self.auth, params)
             timeout = self._timeout(params)
         except BrowserRequestError as e:

@@ -1,0 +1,164 @@
+"""SSE and iframe streaming against a real node (docs/protocol.md, "SSE", "iframe")."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import re
+
+import pytest
+
+from tests.conftest import NodeProcess, send_event
+
+pytestmark = pytest.mark.slow
+
+NASTY = {"text": "</script><script>alert(1)</script> \"q\" 'q' é ✓ \u2028 <!-- &amp;"}
+
+
+class Lines:
+    """Decoded (de-chunked) body of a streaming response, read line by line."""
+
+    def __init__(self, response: http.client.HTTPResponse) -> None:
+        self.response = response
+        self.buffer = b""
+
+    def readline(self) -> bytes:
+        while b"\n" not in self.buffer:
+            chunk = self.response.read1(65536)
+            if not chunk:
+                line, self.buffer = self.buffer, b""
+                return line
+            self.buffer += chunk
+        line, _, self.buffer = self.buffer.partition(b"\n")
+        return line + b"\n"
+
+    def rest(self) -> bytes:
+        data = self.buffer + self.response.read()
+        self.buffer = b""
+        return data
+
+
+def open_stream(node: NodeProcess, path: str, headers: dict[str, str] | None = None):
+    host, port = node.http.rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=5)
+    conn.request("GET", path, headers=headers or {})
+    response = conn.getresponse()
+    response.lines = Lines(response)
+    return conn, response
+
+
+def sse_frames(response, count: int) -> list[tuple[str | None, dict]]:
+    """Read ``count`` SSE messages as (id, frame)."""
+    out, event_id, data = [], None, None
+    while len(out) < count:
+        line = response.lines.readline().decode("utf-8").rstrip("\n")
+        if line.startswith("id: "):
+            event_id = line[4:]
+        elif line.startswith("data: "):
+            data = json.loads(line[6:])
+        elif line == "" and data is not None:
+            out.append((event_id, data))
+            event_id = data = None
+    return out
+
+
+def test_sse_delivers_and_resumes_with_last_event_id(node: NodeProcess):
+    token = node.token("sse")
+    to = [["sse", "s", "/t"]]
+    conn, response = open_stream(node, f"/orbited/sse?token={token}")
+    assert response.status == 200
+    assert response.getheader("content-type") == "text/event-stream; charset=utf-8"
+    [(_, hello)] = sse_frames(response, 1)
+    assert hello["type"] == "hello"
+    with node.req() as req:
+        send_event(req, "s1", to, NASTY)
+        send_event(req, "s2", to, 2)
+        got = sse_frames(response, 2)
+        assert got == [
+            (f"{hello['stream']}:1", {"type": "event", "seq": 1, "data": NASTY}),
+            (f"{hello['stream']}:2", {"type": "event", "seq": 2, "data": 2}),
+        ]
+        conn.close()
+        replies = [send_event(req, f"s{i}", to, i) for i in (3, 4)]
+    assert [r["results"][0]["status"] for r in replies] == ["queued", "queued"]
+    conn, response = open_stream(node, f"/orbited/sse?token={token}", {"Last-Event-ID": got[-1][0]})
+    frames = [f for _, f in sse_frames(response, 3)]
+    assert frames[0]["type"] == "hello" and not frames[0]["reset"]
+    assert [(f["seq"], f["data"]) for f in frames[1:]] == [(3, 3), (4, 4)]
+    conn.close()
+
+
+def test_sse_bad_last_event_id(shared_node: NodeProcess):
+    conn, response = open_stream(
+        shared_node, f"/orbited/sse?token={shared_node.token('x')}", {"Last-Event-ID": "zz"}
+    )
+    assert response.status == 400
+    assert json.loads(response.read())["error"]["code"] == "bad_position"
+
+
+SCRIPT = re.compile(rb"<script>f\((.*?)\)</script>\n")
+
+
+def iframe_frames(response, count: int) -> list[dict]:
+    out: list[dict] = []
+    buffer = b""
+    while len(out) < count:
+        buffer += response.lines.readline()
+        for match in SCRIPT.finditer(buffer):
+            literal = match.group(1)
+            assert b"<" not in literal and b">" not in literal and b"&" not in literal
+            out.append(json.loads(json.loads(literal)))
+        buffer = SCRIPT.sub(b"", buffer)
+    return out
+
+
+def test_iframe_streams_escaped_frames_to_the_parent_origin(node: NodeProcess):
+    origin = f"http://{node.http}"
+    token = node.token("frame")
+    conn, response = open_stream(node, f"/orbited/iframe?token={token}&origin={origin}")
+    assert response.status == 200
+    assert response.getheader("content-security-policy") == f"frame-ancestors {origin}"
+    head = response.lines.readline() + response.lines.readline()
+    assert b"parent.postMessage(s,t)" in head and json.dumps(origin).encode() in head
+    assert len(head) > 2048  # prelude so browsers render incrementally
+    assert iframe_frames(response, 1)[0]["type"] == "hello"
+    with node.req() as req:
+        send_event(req, "f1", [["frame", "s", "/t"]], NASTY)
+    assert iframe_frames(response, 1) == [{"type": "event", "seq": 1, "data": NASTY}]
+    conn.close()
+
+
+def test_iframe_ends_with_reconnect_after_its_byte_cap(tmp_path):
+    node = NodeProcess(tmp_path, "--iframe-max-bytes", "3000").start()
+    try:
+        origin = f"http://{node.http}"
+        conn, response = open_stream(
+            node, f"/orbited/iframe?token={node.token('cap')}&origin={origin}"
+        )
+        response.lines.readline()
+        response.lines.readline()
+        with node.req() as req:
+            for i in range(5):
+                send_event(req, f"c{i}", [["cap", "s", "/t"]], "x" * 300)
+        rest = response.lines.rest()  # the node ends the response itself
+        frames = [json.loads(json.loads(m)) for m in SCRIPT.findall(rest)]
+        assert frames[-1] == {"type": "reconnect", "reason": "response size limit"}
+        seqs = [f["seq"] for f in frames if f["type"] == "event"]
+        assert seqs and seqs == list(range(1, len(seqs) + 1)) and len(seqs) < 5
+        conn.close()
+        # The page reconnects from its position and gets the rest, nothing twice.
+        _, polled = node.poll(
+            f"token={node.token('cap')}&last={frames[0]['stream']}:{seqs[-1]}&timeout=0"
+        )
+        assert [f["seq"] for f in polled if f["type"] == "event"] == list(range(len(seqs) + 1, 6))
+    finally:
+        node.stop()
+
+
+@pytest.mark.parametrize("origin", ["", "http://evil.test"])
+def test_iframe_needs_an_allowed_parent_origin(shared_node: NodeProcess, origin: str):
+    conn, response = open_stream(
+        shared_node, f"/orbited/iframe?token={shared_node.token('o')}&origin={origin}"
+    )
+    assert response.status == 403
+    assert json.loads(response.read())["error"]["code"] == "origin_not_allowed"
