@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
+import sys
+from pathlib import Path
 
 from twisted.web import resource, server
 
@@ -30,6 +33,44 @@ class HealthResource(resource.Resource):
         ).encode()
 
 
+_EXPORT = re.compile(r"^export (const|function|class) (\w+)", re.MULTILINE)
+
+
+def client_source() -> str:
+    """js/orbited.js from the source tree, or from where the package installed it."""
+    for candidate in (
+        Path(__file__).resolve().parent.parent / "js" / "orbited.js",
+        Path(sys.prefix) / "share" / "orbited" / "js" / "orbited.js",
+    ):
+        if candidate.is_file():
+            return candidate.read_text(encoding="utf-8")
+    raise FileNotFoundError("js/orbited.js not found")
+
+
+def classic_script(module: str) -> str:
+    """The ES module as a classic script defining window.Orbited (one <script> tag)."""
+    names = _EXPORT.findall(module)
+    body = _EXPORT.sub(r"\1 \2", module)
+    exports = ", ".join(name for _, name in names)
+    return f"(function () {{\n{body}\nwindow.Orbited = {{ {exports} }};\n}})();\n"
+
+
+class ClientScriptResource(resource.Resource):
+    """The JS client at a stable URL; public code, so any origin may load it."""
+
+    isLeaf = True
+
+    def __init__(self, source: str, module: bool) -> None:
+        super().__init__()
+        self.body = (source if module else classic_script(source)).encode("utf-8")
+
+    def render_GET(self, request: server.Request) -> bytes:  # noqa: N802
+        request.setHeader(b"content-type", b"text/javascript; charset=utf-8")
+        request.setHeader(b"access-control-allow-origin", b"*")
+        request.setHeader(b"cache-control", b"public, max-age=300")
+        return self.body
+
+
 def browser_site(
     hub: Hub, auth: BrowserAuth, cors_origins: list[str], name: str, iframe_max_bytes: int
 ) -> server.Site:
@@ -39,6 +80,9 @@ def browser_site(
     orbited.putChild(b"sse", SSEResource(hub, auth, cors_origins))
     orbited.putChild(b"iframe", IframeResource(hub, auth, cors_origins, iframe_max_bytes))
     orbited.putChild(b"health", HealthResource(hub, name))
+    source = client_source()
+    orbited.putChild(b"client.js", ClientScriptResource(source, module=False))
+    orbited.putChild(b"client.mjs", ClientScriptResource(source, module=True))
     root = resource.Resource()
     root.putChild(b"orbited", orbited)
     site = server.Site(root)

@@ -1,0 +1,330 @@
+// Orbited browser client: connect with a token, pick the best transport and fall back,
+// reconnect with exponential backoff and jitter, resume from the last seen position so
+// no event is lost or delivered twice. Payloads are parsed with JSON.parse, never
+// evaluated. Protocol: docs/protocol.md; API: docs/client.md.
+//
+// This file is an ES module (served as /orbited/client.mjs); the node also serves it as a
+// classic script (/orbited/client.js) that defines window.Orbited.
+
+export const TRANSPORTS = ["websocket", "sse", "longpoll", "iframe"];
+
+// Close codes after which reconnecting cannot help (docs/protocol.md, "Errors").
+const FATAL_CLOSE = { 4001: "replaced", 4400: "bad_request", 4403: "forbidden" };
+
+/** Delay before reconnect attempt `attempt` (0-based): exponential, capped, "equal jitter". */
+export function backoffDelay(attempt, { base = 500, max = 30000, random = Math.random } = {}) {
+  const ceiling = Math.min(max, base * 2 ** Math.min(attempt, 30));
+  return ceiling / 2 + random() * (ceiling / 2);
+}
+
+/** Resume bookkeeping: which events are new, and the position to resume from. */
+export class Resume {
+  constructor() {
+    this.stream = null;
+    this.seq = 0;
+  }
+
+  /** The `last` parameter for the next connection, or null for a fresh one. */
+  position() {
+    return this.stream === null ? null : `${this.stream}:${this.seq}`;
+  }
+
+  /** Digest one frame; returns {kind, data?} where kind is what the client should do. */
+  handle(frame) {
+    switch (frame.type) {
+      case "hello": {
+        const reset = frame.reset || (this.stream !== null && frame.stream !== this.stream);
+        if (frame.stream !== this.stream) {
+          this.stream = frame.stream;
+          this.seq = 0;
+        }
+        return { kind: "hello", reset, keepalive: frame.keepalive };
+      }
+      case "event":
+        if (frame.seq <= this.seq) return { kind: "duplicate" };
+        this.seq = frame.seq;
+        return { kind: "message", data: frame.data, seq: frame.seq };
+      case "gap":
+        return { kind: "gap", from: frame.from, to: frame.to };
+      case "reconnect":
+        return { kind: "reconnect", reason: frame.reason };
+      case "ping":
+        return { kind: "ping" };
+      default:
+        return { kind: "ignore" }; // unknown frame types are for newer clients
+    }
+  }
+}
+
+/** Build a transport URL on the node. */
+export function transportUrl(base, path, params) {
+  const url = new URL(`/orbited/${path}`, base);
+  for (const [k, v] of Object.entries(params)) if (v !== null && v !== undefined) url.searchParams.set(k, v);
+  return url.toString();
+}
+
+// -- transports: each calls sink.frame(obj), sink.up(), sink.down(reason, fatal) -------
+
+function websocketTransport(base, params, sink) {
+  const url = transportUrl(base.replace(/^http/, "ws"), "ws", params);
+  const ws = new WebSocket(url);
+  let acked = 0;
+  let pending = 0;
+  const ackTimer = setInterval(() => flushAck(), 1000);
+  function flushAck() {
+    if (pending > acked && ws.readyState === WebSocket.OPEN) {
+      ws.send(JSON.stringify({ type: "ack", seq: pending }));
+      acked = pending;
+    }
+  }
+  ws.onopen = () => sink.up();
+  ws.onmessage = (e) => {
+    const frame = JSON.parse(e.data);
+    sink.frame(frame);
+    if (frame.type === "event") {
+      pending = frame.seq;
+      if (pending - acked >= 50) flushAck();
+    }
+  };
+  ws.onclose = (e) => {
+    clearInterval(ackTimer);
+    const fatal = FATAL_CLOSE[e.code] || (e.code === 4401 ? "token" : null);
+    sink.down(`websocket closed ${e.code} ${e.reason}`, fatal);
+  };
+  return { close: () => { clearInterval(ackTimer); ws.onclose = null; ws.close(); } };
+}
+
+function sseTransport(base, params, sink) {
+  const source = new EventSource(transportUrl(base, "sse", params));
+  source.onopen = () => sink.up();
+  source.onmessage = (e) => sink.frame(JSON.parse(e.data));
+  // EventSource would reconnect on its own; we do it ourselves for backoff and fallback.
+  source.onerror = () => { source.close(); sink.down("sse error", null); };
+  return { close: () => source.close() };
+}
+
+function longpollTransport(base, params, sink) {
+  let stopped = false;
+  let controller = null;
+  let last = params.last;
+  let first = true;
+  (async () => {
+    while (!stopped) {
+      controller = new AbortController();
+      let response;
+      try {
+        response = await fetch(transportUrl(base, "poll", { ...params, last, timeout: first ? 0 : 25 }),
+                               { signal: controller.signal, cache: "no-store" });
+      } catch (err) {
+        if (!stopped) sink.down(`poll failed: ${err}`, null);
+        return;
+      }
+      if (!response.ok) {
+        let code = "";
+        try { code = (await response.json()).error.code; } catch (_) { /* not JSON */ }
+        if (!stopped) sink.down(`poll HTTP ${response.status} ${code}`, response.status === 401 ? "token" : (response.status >= 500 ? null : code || "http"));
+        return;
+      }
+      let frames;
+      try { frames = await response.json(); } catch (err) { if (!stopped) sink.down("poll body", null); return; }
+      if (stopped) return;
+      if (first) { sink.up(); first = false; }
+      for (const frame of frames) {
+        if (stopped) return;
+        sink.frame(frame);
+      }
+      last = sink.position();
+    }
+  })();
+  return { close: () => { stopped = true; if (controller) controller.abort(); } };
+}
+
+function iframeTransport(base, params, sink) {
+  const nodeOrigin = new URL(base).origin;
+  const frame = document.createElement("iframe");
+  frame.style.display = "none";
+  frame.src = transportUrl(base, "iframe", { ...params, origin: window.location.origin });
+  let up = false;
+  const onMessage = (e) => {
+    if (e.source !== frame.contentWindow || e.origin !== nodeOrigin || typeof e.data !== "string") return;
+    if (!up) { up = true; sink.up(); }
+    sink.frame(JSON.parse(e.data));
+  };
+  // The document ends (byte cap, node shutdown, error page): reconnect.
+  const onLoad = () => { cleanup(); sink.down("iframe document ended", null); };
+  function cleanup() {
+    window.removeEventListener("message", onMessage);
+    frame.removeEventListener("load", onLoad);
+    frame.remove();
+  }
+  window.addEventListener("message", onMessage);
+  frame.addEventListener("load", onLoad);
+  document.body.appendChild(frame);
+  return { close: cleanup };
+}
+
+const FACTORIES = { websocket: websocketTransport, sse: sseTransport, longpoll: longpollTransport, iframe: iframeTransport };
+
+/**
+ * new OrbitedClient("https://push.example.com", { token, transports, onMessage, onState })
+ * token: a string, or a function returning a string or a Promise of one (called again
+ * after a token error). States: "connecting", "open", "reconnecting", "closed".
+ */
+export class OrbitedClient {
+  constructor(base, options = {}) {
+    this.base = base;
+    this.options = options;
+    this.transports = options.transports || TRANSPORTS;
+    this.factories = options.factories || FACTORIES;
+    this.resume = new Resume();
+    this.state = "closed";
+    this.transport = null;
+    this.attempt = 0;
+    this.index = 0;
+    this.listeners = { message: [], state: [], gap: [], reset: [] };
+    if (options.onMessage) this.on("message", options.onMessage);
+    if (options.onState) this.on("state", options.onState);
+    this._current = null;
+    this._timer = null;
+    this._watchdog = null;
+    this._keepalive = 25;
+    this._token = null;
+  }
+
+  on(name, fn) { this.listeners[name].push(fn); return this; }
+
+  _emit(name, ...args) { for (const fn of this.listeners[name]) fn(...args); }
+
+  _setState(state, detail) {
+    if (this.state === state) return;
+    this.state = state;
+    this._emit("state", state, { transport: this.transport, detail });
+  }
+
+  /** The position to resume from ("<stream>:<seq>"), e.g. to keep in sessionStorage. */
+  get position() { return this.resume.position(); }
+
+  connect() {
+    if (this.state !== "closed") return this;
+    this._setState("connecting");
+    this._open();
+    return this;
+  }
+
+  close() {
+    clearTimeout(this._timer);
+    clearTimeout(this._watchdog);
+    if (this._current) this._current.close();
+    this._current = null;
+    this._setState("closed");
+  }
+
+  async _getToken(refresh) {
+    const token = this.options.token;
+    if (typeof token === "function") {
+      if (refresh || this._token === null) this._token = await token();
+      return this._token;
+    }
+    return token;
+  }
+
+  async _open(refreshToken = false) {
+    const name = this.transports[this.index % this.transports.length];
+    this.transport = name;
+    let token;
+    try {
+      token = await this._getToken(refreshToken);
+    } catch (err) {
+      this._retry(`token: ${err}`, false);
+      return;
+    }
+    if (this.state === "closed") return;
+    let gotHello = false;
+    const client = this;
+    const generation = {};
+    this._generation = generation;
+    const sink = {
+      up() {},
+      position: () => client.resume.position(),
+      frame(frame) {
+        if (client._generation !== generation) return;
+        client._feed();
+        const r = client.resume.handle(frame);
+        switch (r.kind) {
+          case "hello":
+            gotHello = true;
+            client.attempt = 0;
+            client._keepalive = r.keepalive || 25;
+            client._feed();
+            if (r.reset) client._emit("reset");
+            client._setState("open");
+            break;
+          case "message":
+            client._emit("message", r.data, { seq: r.seq, transport: client.transport });
+            break;
+          case "gap":
+            client._emit("gap", r.from, r.to);
+            break;
+          case "reconnect":
+            client._drop(`reconnect: ${r.reason}`, null, true);
+            break;
+          default:
+        }
+      },
+      down(reason, fatal) {
+        if (client._generation !== generation) return;
+        client._drop(reason, fatal, gotHello);
+      },
+    };
+    const params = { token, last: this.resume.position() };
+    try {
+      this._current = this.factories[name](this.base, params, sink);
+    } catch (err) {
+      sink.down(`cannot start ${name}: ${err}`, null);
+      return;
+    }
+    this._feed(10000); // time to get the hello frame
+  }
+
+  // The watchdog: no frame for 2x keepalive (or no hello in time) means the link is dead.
+  _feed(ms) {
+    clearTimeout(this._watchdog);
+    if (this.state === "closed") return;
+    this._watchdog = setTimeout(() => this._drop("timeout", null, this.state === "open"),
+                                ms || this._keepalive * 2000);
+  }
+
+  _drop(reason, fatal, worked) {
+    this._generation = null;
+    clearTimeout(this._watchdog);
+    if (this._current) { const c = this._current; this._current = null; c.close(); }
+    if (this.state === "closed") return;
+    if (fatal === "token" && typeof this.options.token === "function" && !this._tokenRetried) {
+      this._tokenRetried = true;
+      this._setState("reconnecting", reason);
+      this._timer = setTimeout(() => this._open(true), backoffDelay(0, this.options));
+      return;
+    }
+    if (fatal) {
+      this._setState("closed", reason);
+      return;
+    }
+    this._tokenRetried = false;
+    this._retry(reason, worked);
+  }
+
+  _retry(reason, worked) {
+    // A transport that never got as far as hello is skipped: the next one is tried at once.
+    if (!worked) {
+      this.index += 1;
+      if (this.index % this.transports.length !== 0) {
+        this._setState("reconnecting", reason);
+        this._timer = setTimeout(() => this._open(), 0);
+        return;
+      }
+    }
+    const delay = backoffDelay(this.attempt++, this.options);
+    this._setState("reconnecting", reason);
+    this._timer = setTimeout(() => this._open(), delay);
+  }
+}

@@ -1,0 +1,139 @@
+// Unit tests for the client's pure logic, run with Node's built-in test runner:
+//   node --test js/test/
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { backoffDelay, OrbitedClient, Resume, transportUrl } from "../orbited.js";
+
+test("backoff grows exponentially, is capped, and jitters within [ceiling/2, ceiling]", () => {
+  const low = (a) => backoffDelay(a, { base: 100, max: 5000, random: () => 0 });
+  const high = (a) => backoffDelay(a, { base: 100, max: 5000, random: () => 1 });
+  assert.deepEqual([0, 1, 2, 3].map(high), [100, 200, 400, 800]);
+  assert.deepEqual([0, 1, 2, 3].map(low), [50, 100, 200, 400]);
+  assert.equal(high(20), 5000);
+  assert.equal(high(1000), 5000);
+  const seen = new Set(Array.from({ length: 50 }, () => backoffDelay(3, { base: 100 })));
+  assert.ok(seen.size > 40, "random jitter spreads retries");
+});
+
+test("resume delivers each event once, in order, and tracks the position", () => {
+  const r = new Resume();
+  assert.equal(r.position(), null);
+  assert.equal(r.handle({ type: "hello", stream: "ep.1", reset: false }).kind, "hello");
+  assert.deepEqual(r.handle({ type: "event", seq: 1, data: "a" }), { kind: "message", data: "a", seq: 1 });
+  assert.equal(r.handle({ type: "event", seq: 2, data: "b" }).kind, "message");
+  assert.equal(r.position(), "ep.1:2");
+  // A reconnect that replays already-seen events (e.g. unacknowledged) delivers them once.
+  assert.equal(r.handle({ type: "hello", stream: "ep.1", reset: false }).reset, false);
+  assert.equal(r.handle({ type: "event", seq: 2, data: "b" }).kind, "duplicate");
+  assert.equal(r.handle({ type: "event", seq: 3, data: "c" }).kind, "message");
+});
+
+test("a new stream is a reset and restarts sequence numbers", () => {
+  const r = new Resume();
+  r.handle({ type: "hello", stream: "ep.1", reset: false });
+  r.handle({ type: "event", seq: 5, data: 5 });
+  const hello = r.handle({ type: "hello", stream: "other.1", reset: true });
+  assert.equal(hello.reset, true);
+  assert.equal(r.handle({ type: "event", seq: 1, data: "new" }).kind, "message");
+  assert.equal(r.position(), "other.1:1");
+});
+
+test("gap, reconnect, ping and unknown frames", () => {
+  const r = new Resume();
+  assert.deepEqual(r.handle({ type: "gap", from: 3, to: 7 }), { kind: "gap", from: 3, to: 7 });
+  assert.equal(r.handle({ type: "reconnect", reason: "x" }).kind, "reconnect");
+  assert.equal(r.handle({ type: "ping" }).kind, "ping");
+  assert.equal(r.handle({ type: "future-frame" }).kind, "ignore");
+});
+
+test("transport URLs carry token and position, skip empty params", () => {
+  assert.equal(transportUrl("http://n:8000", "poll", { token: "a b", last: null }),
+               "http://n:8000/orbited/poll?token=a+b");
+  assert.equal(transportUrl("ws://n:8000/", "ws", { token: "t", last: "e.1:3" }),
+               "ws://n:8000/orbited/ws?token=t&last=e.1%3A3");
+});
+
+// A fake transport the test drives by hand.
+function fakeFactories(log) {
+  const make = (name) => (base, params, sink) => {
+    const t = { name, params, sink, closed: false, close() { this.closed = true; } };
+    log.push(t);
+    return t;
+  };
+  return { websocket: make("websocket"), sse: make("sse"), longpoll: make("longpoll"), iframe: make("iframe") };
+}
+
+const tick = () => new Promise((resolve) => setTimeout(resolve, 5));
+
+test("falls back to the next transport when one fails before hello", async () => {
+  const log = [];
+  const states = [];
+  const client = new OrbitedClient("http://n", { token: "t", factories: fakeFactories(log), base: 1, max: 2,
+                                                  onState: (s) => states.push(s) });
+  client.connect();
+  await tick();
+  log[0].sink.down("blocked", null);
+  await tick();
+  assert.equal(log[1].name, "sse");
+  log[1].sink.frame({ type: "hello", stream: "e.1", reset: false, keepalive: 25 });
+  assert.equal(client.state, "open");
+  assert.equal(client.transport, "sse");
+  client.close();
+  assert.deepEqual(states, ["connecting", "reconnecting", "open", "closed"]);
+});
+
+test("reconnects the working transport with its position after a drop, no duplicates", async () => {
+  const log = [];
+  const got = [];
+  const client = new OrbitedClient("http://n", { token: "t", factories: fakeFactories(log), base: 1, max: 2,
+                                                  onMessage: (d) => got.push(d) });
+  client.connect();
+  await tick();
+  const first = log[0];
+  first.sink.frame({ type: "hello", stream: "e.1", reset: false, keepalive: 25 });
+  first.sink.frame({ type: "event", seq: 1, data: "a" });
+  first.sink.frame({ type: "event", seq: 2, data: "b" });
+  first.sink.down("reset by peer", null);
+  await tick();
+  const second = log[1];
+  assert.equal(second.name, "websocket");
+  assert.equal(second.params.last, "e.1:2");
+  second.sink.frame({ type: "hello", stream: "e.1", reset: false, keepalive: 25 });
+  second.sink.frame({ type: "event", seq: 2, data: "b" });
+  second.sink.frame({ type: "event", seq: 3, data: "c" });
+  first.sink.frame({ type: "event", seq: 9, data: "stale" }); // from the dead transport
+  assert.deepEqual(got, ["a", "b", "c"]);
+  client.close();
+});
+
+test("a reconnect frame reconnects; a 'replaced' close does not", async () => {
+  const log = [];
+  const client = new OrbitedClient("http://n", { token: "t", factories: fakeFactories(log), base: 1, max: 2 });
+  client.connect();
+  await tick();
+  log[0].sink.frame({ type: "hello", stream: "e.1", reset: false });
+  log[0].sink.frame({ type: "reconnect", reason: "route moved" });
+  assert.ok(log[0].closed);
+  await tick();
+  assert.equal(log.length, 2);
+  log[1].sink.frame({ type: "hello", stream: "e.1", reset: false });
+  log[1].sink.down("websocket closed 4001", "replaced");
+  await tick();
+  assert.equal(client.state, "closed");
+  assert.equal(log.length, 2);
+});
+
+test("a token error fetches a new token once", async () => {
+  const log = [];
+  let issued = 0;
+  const client = new OrbitedClient("http://n", { token: async () => `tok${++issued}`, factories: fakeFactories(log), base: 1, max: 2 });
+  client.connect();
+  await tick();
+  assert.equal(log[0].params.token, "tok1");
+  log[0].sink.down("expired", "token");
+  await tick();
+  assert.equal(log[1].params.token, "tok2");
+  log[1].sink.down("expired", "token");
+  await tick();
+  assert.equal(client.state, "closed");
+});

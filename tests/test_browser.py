@@ -1,0 +1,267 @@
+"""The JS client in real headless Chromium, cross-origin, against a real node.
+
+The page is served from its own origin; the browser reaches the node through a TCP proxy
+the test controls, so it can cut connections (FIN or RST) and refuse WebSocket upgrades
+like a hostile middlebox. Events are dispatched over SP with pynng.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import NodeProcess, send_event
+
+pytestmark = pytest.mark.slow
+
+CHROMIUM = shutil.which("chromium")
+playwright = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
+if CHROMIUM is None:  # pragma: no cover - CI installs it (./dev test, as root)
+    pytest.skip("Debian chromium is not installed", allow_module_level=True)
+
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic",
+]  # fmt: skip
+NASTY = {"text": "</script><script>window.pwned=1</script> \"q\" 'q' é ✓ \u2028 <!-- &amp;"}
+
+PAGE = """<!DOCTYPE html><html><head><meta charset="utf-8">
+<script src="{node}/orbited/client.js"></script></head><body><script>
+window.received = []; window.states = [];
+const q = new URLSearchParams(location.search);
+window.client = new Orbited.OrbitedClient("{node}", {{
+  token: q.get("token"), transports: q.get("transports").split(","), base: 100, max: 800,
+  onMessage: (data, info) => window.received.push([info.seq, data, info.transport]),
+  onState: (state, info) => window.states.push([state, info.transport]),
+}}).connect();
+</script></body></html>"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Proxy:
+    """Loopback TCP proxy: cut() all connections with FIN or RST; optionally refuse
+    WebSocket upgrades (as some corporate proxies do)."""
+
+    def __init__(self, upstream: str) -> None:
+        host, port = upstream.rsplit(":", 1)
+        self.upstream = (host, int(port))
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
+        self.block_websocket = False
+        self.sockets: list[socket.socket] = []
+        self.lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _serve(self, client: socket.socket) -> None:
+        head = b""
+        try:
+            while b"\r\n\r\n" not in head:
+                chunk = client.recv(65536)
+                if not chunk:
+                    client.close()
+                    return
+                head += chunk
+            if self.block_websocket and b"upgrade: websocket" in head.lower():
+                client.sendall(b"HTTP/1.1 403 Forbidden\r\ncontent-length: 0\r\n\r\n")
+                client.close()
+                return
+            server = socket.create_connection(self.upstream)
+        except OSError:
+            client.close()
+            return
+        with self.lock:
+            self.sockets += [client, server]
+        server.sendall(head)
+        threading.Thread(target=self._pump, args=(server, client), daemon=True).start()
+        self._pump(client, server)
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def cut(self, reset: bool) -> None:
+        with self.lock:
+            sockets, self.sockets = self.sockets, []
+        for s in sockets:
+            try:
+                if reset:
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
+                else:
+                    s.shutdown(socket.SHUT_RDWR)
+                s.close()
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self.listener.close()
+        self.cut(reset=True)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    tmp = tmp_path_factory.mktemp("browser")
+    page_port = free_port()
+    page_origin = f"http://127.0.0.1:{page_port}"
+    http_port = free_port()
+    node = NodeProcess(tmp, "--cors-origin", page_origin, "--keepalive", "5", "--linger", "30")
+    node.start(http=f"127.0.0.1:{http_port}")
+    proxy = Proxy(node.http)
+    site = tmp / "site"
+    site.mkdir()
+    (site / "index.html").write_text(PAGE.format(node=f"http://{proxy.address}"))
+    server = subprocess.Popen(
+        [sys.executable, "-m", "http.server", str(page_port), "--bind", "127.0.0.1",
+         "--directory", str(site)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", page_port), timeout=1).close()
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield {"node": node, "proxy": proxy, "browser": browser, "page_origin": page_origin}
+        browser.close()
+    server.terminate()
+    proxy.close()
+    node.stop()
+
+
+def open_page(cluster: dict, user: str, transports: str):
+    context = cluster["browser"].new_context()
+    page = context.new_page()
+    token = cluster["node"].token(user)
+    page.goto(f"{cluster['page_origin']}/index.html?token={token}&transports={transports}",
+              wait_until="domcontentloaded")  # a forever iframe never finishes "load"
+    page.wait_for_function("window.states.some(s => s[0] === 'open')", timeout=15000)
+    return context, page
+
+
+def received(page) -> list:
+    return page.evaluate("window.received")
+
+
+def wait_received(page, count: int, timeout: float = 15) -> list:
+    page.wait_for_function(f"window.received.length >= {count}", timeout=timeout * 1000)
+    return received(page)
+
+
+def dispatch(node: NodeProcess, user: str, start: int, count: int, data=None) -> list[str]:
+    statuses = []
+    with node.req() as req:
+        for i in range(start, start + count):
+            reply = send_event(req, f"{user}-{i}", [[user, "s", "/t"]],
+                               data if data is not None else i)  # fmt: skip
+            statuses.append(reply["results"][0]["status"])
+    return statuses
+
+
+@pytest.mark.parametrize("transport", ["websocket", "sse", "longpoll", "iframe"])
+def test_each_transport_survives_cuts_without_loss_or_duplicates(cluster: dict, transport: str):
+    node, proxy = cluster["node"], cluster["proxy"]
+    user = f"b-{transport}"
+    context, page = open_page(cluster, user, transport)
+    try:
+        assert page.evaluate("window.client.transport") == transport
+        dispatch(node, user, 0, 1, NASTY)
+        assert wait_received(page, 1)[0][1] == NASTY
+        assert page.evaluate("window.pwned") is None
+        n = 1
+        for reset in (False, True):
+            dispatch(node, user, n, 3)
+            wait_received(page, n + 3)
+            proxy.cut(reset=reset)
+            statuses = dispatch(node, user, n + 3, 3)  # while the page reconnects
+            assert set(statuses) <= {"queued", "delivered"}
+            n += 6
+            got = wait_received(page, n)
+            time.sleep(0.3)
+            got = received(page)
+            assert [seq for seq, _, _ in got] == list(range(1, n + 1)), got
+            assert [data for _, data, _ in got][1:] == list(range(1, n))
+        states = page.evaluate("window.states")
+        assert ["reconnecting", transport] in states and states[-1] == ["open", transport]
+    finally:
+        context.close()
+
+
+def test_falls_back_when_websocket_is_blocked(cluster: dict):
+    node, proxy = cluster["node"], cluster["proxy"]
+    proxy.block_websocket = True
+    try:
+        context, page = open_page(cluster, "b-fallback", "websocket,sse,longpoll,iframe")
+        assert page.evaluate("window.client.transport") == "sse"
+        dispatch(node, "b-fallback", 0, 2)
+        assert [d for _, d, t in wait_received(page, 2)] == [0, 1]
+        context.close()
+    finally:
+        proxy.block_websocket = False
+
+
+def test_client_reconnects_after_node_restart(cluster: dict):
+    node = cluster["node"]
+    context, page = open_page(cluster, "b-restart", "websocket")
+    try:
+        dispatch(node, "b-restart", 0, 2)
+        wait_received(page, 2)
+        node.stop()
+        node.start(http=node.http)
+        page.wait_for_function(
+            "window.states.filter(s => s[0] === 'open').length >= 2", timeout=20000
+        )
+        # The new node has a new mailbox (a reset); new events arrive, old ones not again.
+        dispatch(node, "b-restart", 2, 2)
+        got = wait_received(page, 4)
+        time.sleep(0.3)
+        assert [d for _, d, _ in received(page)] == [0, 1, 2, 3]
+        assert [s for s, _, _ in got][2:] == [1, 2]
+    finally:
+        context.close()
+
+
+def test_client_script_is_served_as_module_and_classic(cluster: dict):
+    import urllib.request
+
+    base = f"http://{cluster['proxy'].address}/orbited"
+    with urllib.request.urlopen(f"{base}/client.mjs") as r:
+        module = r.read().decode()
+        assert r.headers["content-type"].startswith("text/javascript")
+    with urllib.request.urlopen(f"{base}/client.js") as r:
+        classic = r.read().decode()
+    assert "export class OrbitedClient" in module
+    assert "export " not in classic and "window.Orbited = {" in classic
