@@ -14,7 +14,6 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -166,8 +165,10 @@ def open_page(cluster: dict, user: str, transports: str):
     context = cluster["browser"].new_context()
     page = context.new_page()
     token = cluster["node"].token(user)
-    page.goto(f"{cluster['page_origin']}/index.html?token={token}&transports={transports}",
-              wait_until="domcontentloaded")  # a forever iframe never finishes "load"
+    page.goto(
+        f"{cluster['page_origin']}/index.html?token={token}&transports={transports}",
+        wait_until="domcontentloaded",
+    )  # a forever iframe never finishes "load"
     page.wait_for_function("window.states.some(s => s[0] === 'open')", timeout=15000)
     return context, page
 
