@@ -56,6 +56,25 @@ export class Resume {
   }
 }
 
+/**
+ * The route (1..routes) of a connection key [user, session, location] (docs/hashing.md):
+ * SHA-256 over each part as u32 big-endian UTF-8 length + UTF-8 bytes; the first 8 bytes
+ * of the digest as an unsigned big-endian integer, mod routes, plus 1. Async (WebCrypto).
+ */
+export async function routeOf(key, routes = 24) {
+  const parts = key.map((part) => new TextEncoder().encode(part));
+  const bytes = new Uint8Array(parts.reduce((n, p) => n + 4 + p.length, 0));
+  const view = new DataView(bytes.buffer);
+  let offset = 0;
+  for (const part of parts) {
+    view.setUint32(offset, part.length);
+    bytes.set(part, offset + 4);
+    offset += 4 + part.length;
+  }
+  const digest = new DataView(await crypto.subtle.digest("SHA-256", bytes));
+  return Number(digest.getBigUint64(0) % BigInt(routes)) + 1;
+}
+
 /** Build a transport URL on the node. */
 export function transportUrl(base, path, params) {
   const url = new URL(`/orbited/${path}`, base);
