@@ -117,6 +117,7 @@ def node_command(args: argparse.Namespace) -> int:
             ready = {
                 "http": node.http_address,
                 "sp": node.sp_address,
+                "publish": node.publish_address,
                 "pid": os.getpid(),
                 "epoch": node.hub.epoch,
             }

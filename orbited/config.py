@@ -48,6 +48,8 @@ class NodeConfig:
     sp_max_message: int = _opt(4 * 1024 * 1024, "largest SP message; larger closes")
     sp_header_timeout: float = _opt(10.0, "seconds a web app has to send its SP header")
     sp_max_inflight: int = _opt(1024, "unanswered requests per SP connection")
+    publish_http: str = _opt("", "HTTP publish API host:port (empty = off)")
+    publish_key_file: str = _opt("", "file holding the publish API key (needed with publish_http)")
     iframe_max_bytes: int = _opt(1024 * 1024, "bytes per iframe response, then reconnect")
     backlog: int = _opt(1024, "listen backlog of both listeners (connect bursts)")
     log_level: str = _opt("info", "debug, info, warn or error")
@@ -80,6 +82,10 @@ class NodeConfig:
         if not all(isinstance(origin, str) for origin in self.cors_origins):
             raise ConfigError("cors_origins must be a list of strings")
         parse_host_port(self.http)
+        if self.publish_http:
+            parse_host_port(self.publish_http)
+            if not self.publish_key_file:
+                raise ConfigError("publish_http needs publish_key_file")
         parse_sp_address(self.sp)
         if self.max_payload > self.mailbox_bytes:
             raise ConfigError("max_payload must not exceed mailbox_bytes")

@@ -173,19 +173,23 @@ class Hub:
 
     def handle_request(self, body: bytes) -> bytes:
         """One SP request body in, one reply body out (docs/protocol.md)."""
+        return self.handle(body)[1]
+
+    def handle(self, body: bytes) -> tuple[bool, bytes]:
+        """Like handle_request, also saying whether the reply is a success."""
         try:
             request = events.parse_request(body, self.config.requests)
         except events.RequestError as e:
             self.stats["bad_requests"] += 1
-            return events.error_reply(e)
+            return False, events.error_reply(e)
         if isinstance(request, events.PingRequest):
-            return events.ok_reply(request.event_id, [])
+            return True, events.ok_reply(request.event_id, [])
         try:
-            return self.dispatch(request)
+            return True, self.dispatch(request)
         except Exception:
             self.log.failure("dispatch of {event_id} failed", event_id=request.event_id)
             error = events.RequestError("internal_error", "the node failed", request.event_id)
-            return events.error_reply(error)
+            return False, events.error_reply(error)
 
     def dispatch(self, request: events.EventRequest) -> bytes:
         """Deliver one event and return the reply; a resend of a remembered request gets

@@ -15,6 +15,7 @@ from twisted.logger import Logger
 
 from orbited.config import NodeConfig, parse_host_port, parse_sp_address
 from orbited.hub import Hub
+from orbited.publish import publish_site
 from orbited.sp.rep import RepFactory
 from orbited.tokens import load_secret
 from orbited.transports.common import BrowserAuth
@@ -53,6 +54,17 @@ class NodeService(service.MultiService):
         )
         self.sp_server.setServiceParent(self)
         self.http_server.setServiceParent(self)
+        self.publish_server: internet.TCPServer | None = None
+        if config.publish_http:
+            api_key = load_secret(Path(config.publish_key_file))
+            publish_host, publish_port = parse_host_port(config.publish_http)
+            self.publish_server = internet.TCPServer(
+                publish_port,
+                publish_site(self.hub, api_key, config.sp_max_message),
+                interface=publish_host,
+                reactor=reactor,
+            )
+            self.publish_server.setServiceParent(self)
         keepalive = internet.TimerService(config.keepalive / 2, self.hub.keepalive_tick)
         keepalive.clock = clock
         keepalive.setServiceParent(self)
@@ -84,6 +96,10 @@ class NodeService(service.MultiService):
     @property
     def http_address(self) -> str:
         return self._address(self.http_server)
+
+    @property
+    def publish_address(self) -> str | None:
+        return self._address(self.publish_server) if self.publish_server else None
 
     @property
     def sp_address(self) -> str:

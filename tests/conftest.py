@@ -51,6 +51,7 @@ class NodeProcess:
             time.sleep(0.02)
         ready = json.loads(self.ready_file.read_text())
         self.http, self.sp, self.epoch = ready["http"], ready["sp"], ready["epoch"]
+        self.publish = ready.get("publish")
         return self
 
     def stop(self, sig: int = signal.SIGTERM) -> int:

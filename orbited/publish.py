@@ -1,0 +1,65 @@
+"""HTTP publish API: the SP event request over HTTP, for languages without nng.
+
+POST /orbited/publish with ``Authorization: Bearer <API key>`` and the event request JSON
+as body; the answer is the same reply JSON (docs/protocol.md, "HTTP publish API"). Off by
+default; when enabled it binds 127.0.0.1 unless configured otherwise.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+
+from twisted.web import resource, server
+from twisted.web.http import Request
+
+from orbited.hub import Hub
+
+
+def _error(request: Request, status: int, code: str, message: str) -> bytes:
+    request.setResponseCode(status)
+    request.setHeader(b"content-type", b"application/json")
+    return json.dumps(
+        {"id": None, "ok": False, "error": {"code": code, "message": message}}
+    ).encode()
+
+
+class PublishResource(resource.Resource):
+    isLeaf = True
+
+    def __init__(self, hub: Hub, api_key: bytes, max_body: int) -> None:
+        super().__init__()
+        self.hub = hub
+        self.api_key = api_key
+        self.max_body = max_body
+
+    def render_POST(self, request: Request) -> bytes:  # noqa: N802
+        auth = request.getHeader(b"authorization") or b""
+        scheme, _, key = auth.partition(b" ")
+        if scheme.lower() != b"bearer" or not hmac.compare_digest(key.strip(), self.api_key):
+            request.setHeader(b"www-authenticate", b'Bearer realm="orbited"')
+            return _error(request, 401, "unauthorized", "missing or wrong API key")
+        # twisted.web spools large bodies to a temporary file, not to memory.
+        body = request.content.read(self.max_body + 1)
+        if len(body) > self.max_body:
+            return _error(request, 413, "body_too_large", f"body over {self.max_body} bytes")
+        ok, reply = self.hub.handle(body)
+        request.setHeader(b"content-type", b"application/json")
+        if not ok:
+            request.setResponseCode(400)
+        return reply
+
+    def render_GET(self, request: Request) -> bytes:  # noqa: N802
+        request.setHeader(b"allow", b"POST")
+        return _error(request, 405, "method_not_allowed", "POST an event request")
+
+
+def publish_site(hub: Hub, api_key: bytes, max_body: int) -> server.Site:
+    orbited = resource.Resource()
+    orbited.putChild(b"publish", PublishResource(hub, api_key, max_body))
+    root = resource.Resource()
+    root.putChild(b"orbited", orbited)
+    site = server.Site(root)
+    site.displayTracebacks = False
+    site.noisy = False
+    return site
