@@ -33,7 +33,7 @@ class HealthResource(resource.Resource):
         ).encode()
 
 
-_EXPORT = re.compile(r"^export (const|function|class) (\w+)", re.MULTILINE)
+_EXPORT = re.compile(r"^export ((?:async )?function|const|class) (\w+)", re.MULTILINE)
 
 
 def client_source() -> str:

@@ -266,3 +266,17 @@ def test_client_script_is_served_as_module_and_classic(cluster: dict):
         classic = r.read().decode()
     assert "export class OrbitedClient" in module
     assert "export " not in classic and "window.Orbited = {" in classic
+    for name in ("OrbitedClient", "Resume", "backoffDelay", "routeOf", "TRANSPORTS"):
+        assert name in classic.rsplit("window.Orbited = {", 1)[1]
+
+
+def test_browser_computes_routes_like_the_vectors(cluster: dict):
+    from tests.test_hashing import VECTORS
+
+    context, page = open_page(cluster, "b-hash", "longpoll")
+    try:
+        for vector in VECTORS[:5]:
+            got = page.evaluate("([k]) => Orbited.routeOf(k, 24)", [vector["key"]])
+            assert got == vector["routes"]["24"]
+    finally:
+        context.close()
