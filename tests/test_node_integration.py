@@ -155,7 +155,9 @@ def test_websocket_resume_gets_every_missed_event_once_in_order(node: NodeProces
         ws.close()
         time.sleep(0.2)
         replies = [send_event(req, f"r{i}", to, i) for i in range(3, 8)]
-    assert [r["results"][0]["status"] for r in replies] == ["queued"] * 5
+    # "delivered" if the node had not yet seen the close: those are replayed anyway,
+    # since this client never acknowledged them.
+    assert {r["results"][0]["status"] for r in replies} <= {"queued", "delivered"}
     ws = node.ws(token, last=f"{hello['stream']}:{first[-1][0]}")
     frames = frames_until(ws, 5)
     assert frames[0] == {**hello, "reset": False}

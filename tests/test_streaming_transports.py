@@ -80,7 +80,9 @@ def test_sse_delivers_and_resumes_with_last_event_id(node: NodeProcess):
         ]
         conn.close()
         replies = [send_event(req, f"s{i}", to, i) for i in (3, 4)]
-    assert [r["results"][0]["status"] for r in replies] == ["queued", "queued"]
+    # "delivered" if the node had not yet seen the close: those are replayed anyway,
+    # since this client never acknowledged them.
+    assert {r["results"][0]["status"] for r in replies} <= {"queued", "delivered"}
     conn, response = open_stream(node, f"/orbited/sse?token={token}", {"Last-Event-ID": got[-1][0]})
     frames = [f for _, f in sse_frames(response, 3)]
     assert frames[0]["type"] == "hello" and not frames[0]["reset"]
