@@ -42,24 +42,31 @@ def nng_rep_echo(address: str) -> pynng.Rep0:
     return rep
 
 
+FOLLOW_UP = bytes.fromhex("80000008")
+
+
 def outcome(address: str, body: bytes) -> tuple[str, bytes]:
+    """Send ``body``, then a valid request; the first reply tells whether ``body`` was
+    answered or dropped (both REPs answer in order here), no reply that it closed."""
     host, port = address.removeprefix("tcp://").rsplit(":", 1)
-    with socket.create_connection((host, int(port)), timeout=1.0) as sock:
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
         sock.sendall(wire.encode_header(wire.REQ))
         assert sock.recv(8) == wire.encode_header(wire.REP)
-        sock.sendall(wire.encode_message(body))
+        sock.sendall(wire.encode_message(body) + wire.encode_message(FOLLOW_UP + PING))
         conn = wire.SPConnection(wire.REQ, wire.REP)
         conn.receive(wire.encode_header(wire.REP))
-        try:
-            data = sock.recv(65536)
-        except TimeoutError:
+        replies: list[bytes] = []
+        while not replies:
+            try:
+                data = sock.recv(65536)
+            except ConnectionResetError:
+                data = b""
+            if not data:
+                return "closed", b""
+            replies = conn.receive(data)
+        if replies[0].startswith(FOLLOW_UP):
             return "dropped", b""
-        except ConnectionResetError:
-            return "closed", b""
-        if not data:
-            return "closed", b""
-        (reply,) = conn.receive(data)
-        return "answered", reply
+        return "answered", replies[0]
 
 
 CASES = {
