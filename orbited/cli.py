@@ -118,6 +118,7 @@ def node_command(args: argparse.Namespace) -> int:
                 "http": node.http_address,
                 "sp": node.sp_address,
                 "publish": node.publish_address,
+                "orbit": node.orbit_address,
                 "pid": os.getpid(),
                 "epoch": node.hub.epoch,
             }

@@ -50,6 +50,7 @@ class NodeConfig:
     sp_max_inflight: int = _opt(1024, "unanswered requests per SP connection")
     publish_http: str = _opt("", "HTTP publish API host:port (empty = off)")
     publish_key_file: str = _opt("", "file holding the publish API key (needed with publish_http)")
+    orbit_legacy: str = _opt("", "2007 Orbit 1.0 protocol listener host:port (empty = off)")
     iframe_max_bytes: int = _opt(1024 * 1024, "bytes per iframe response, then reconnect")
     backlog: int = _opt(1024, "listen backlog of both listeners (connect bursts)")
     log_level: str = _opt("info", "debug, info, warn or error")
@@ -82,6 +83,8 @@ class NodeConfig:
         if not all(isinstance(origin, str) for origin in self.cors_origins):
             raise ConfigError("cors_origins must be a list of strings")
         parse_host_port(self.http)
+        if self.orbit_legacy:
+            parse_host_port(self.orbit_legacy)
         if self.publish_http:
             parse_host_port(self.publish_http)
             if not self.publish_key_file:

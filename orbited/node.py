@@ -15,6 +15,7 @@ from twisted.logger import Logger
 
 from orbited.config import NodeConfig, parse_host_port, parse_sp_address
 from orbited.hub import Hub
+from orbited.legacy.orbit import OrbitFactory
 from orbited.publish import publish_site
 from orbited.sp.rep import RepFactory
 from orbited.tokens import load_secret
@@ -65,6 +66,13 @@ class NodeService(service.MultiService):
                 reactor=reactor,
             )
             self.publish_server.setServiceParent(self)
+        self.orbit_server: internet.TCPServer | None = None
+        if config.orbit_legacy:
+            orbit_host, orbit_port = parse_host_port(config.orbit_legacy)
+            self.orbit_server = internet.TCPServer(
+                orbit_port, OrbitFactory(self.hub), interface=orbit_host, reactor=reactor
+            )
+            self.orbit_server.setServiceParent(self)
         keepalive = internet.TimerService(config.keepalive / 2, self.hub.keepalive_tick)
         keepalive.clock = clock
         keepalive.setServiceParent(self)
@@ -100,6 +108,10 @@ class NodeService(service.MultiService):
     @property
     def publish_address(self) -> str | None:
         return self._address(self.publish_server) if self.publish_server else None
+
+    @property
+    def orbit_address(self) -> str | None:
+        return self._address(self.orbit_server) if self.orbit_server else None
 
     @property
     def sp_address(self) -> str:

@@ -52,6 +52,7 @@ class NodeProcess:
         ready = json.loads(self.ready_file.read_text())
         self.http, self.sp, self.epoch = ready["http"], ready["sp"], ready["epoch"]
         self.publish = ready.get("publish")
+        self.orbit = ready.get("orbit")
         return self
 
     def stop(self, sig: int = signal.SIGTERM) -> int:

@@ -1,0 +1,1 @@
+"""Compatibility with the 2007-era Orbited protocols."""

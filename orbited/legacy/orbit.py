@@ -1,0 +1,200 @@
+"""The 2007 Orbit 1.0 protocol (web app → node), so old pyorbited apps keep working.
+
+Sans-I/O parser plus a thin Twisted listener (off by default). Both spellings are
+accepted (docs/legacy.md):
+
+    Orbit 1.0            Orbit/1.0
+    Event                Action: Event
+    id: 7                Id: 7
+    recipient: alice, 0, /chat        Recipient: (michael, 123, /event)
+    length: 16           Length: 16
+    <blank line><length bytes of body>
+
+Each request becomes one event request to the hub; the reply is the original format,
+``Success`` + id, or ``Failure`` + id, msg and the recipients that could not be reached.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from dataclasses import dataclass
+
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+
+from orbited.events import NO_CONNECTION, RequestLimits
+from orbited.hub import Hub
+from orbited.keys import ConnectionKey, KeyError_
+
+MAX_HEADER_BYTES = 64 * 1024
+
+
+class OrbitError(Exception):
+    def __init__(self, message: str, event_id: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.event_id = event_id
+
+
+@dataclass(frozen=True)
+class OrbitRequest:
+    event_id: str
+    recipients: tuple[ConnectionKey, ...]
+    body: bytes
+
+
+def parse_recipient(value: str) -> ConnectionKey:
+    value = value.strip()
+    if value.startswith("(") and value.endswith(")"):
+        value = value[1:-1]
+    parts = [p.strip() for p in value.split(",", 2)]
+    if len(parts) != 3:
+        raise OrbitError(f"recipient must be 'user, session, location': {value!r}")
+    try:
+        return ConnectionKey.from_json(parts)
+    except KeyError_ as e:
+        raise OrbitError(f"bad recipient: {e}") from None
+
+
+class OrbitParser:
+    """Bytes in, complete requests out; OrbitError on malformed input (fatal: the
+    connection's framing is lost)."""
+
+    def __init__(self, limits: RequestLimits) -> None:
+        self.limits = limits
+        self._buffer = bytearray()
+        self._pending: tuple[str, tuple[ConnectionKey, ...], int] | None = None
+
+    def feed(self, data: bytes) -> list[OrbitRequest]:
+        self._buffer += data
+        out: list[OrbitRequest] = []
+        while True:
+            if self._pending is None:
+                end = self._buffer.find(b"\r\n\r\n")
+                if end < 0:
+                    if len(self._buffer) > MAX_HEADER_BYTES:
+                        raise OrbitError("request header too long")
+                    return out
+                head = bytes(self._buffer[:end])
+                del self._buffer[: end + 4]
+                self._pending = self._parse_head(head)
+            event_id, recipients, length = self._pending
+            if len(self._buffer) < length:
+                return out
+            body = bytes(self._buffer[:length])
+            del self._buffer[:length]
+            self._pending = None
+            out.append(OrbitRequest(event_id, recipients, body))
+
+    def _parse_head(self, head: bytes) -> tuple[str, tuple[ConnectionKey, ...], int]:
+        try:
+            lines = head.decode("utf-8").split("\r\n")
+        except UnicodeDecodeError:
+            raise OrbitError("request header is not UTF-8") from None
+        if lines[0].strip() not in ("Orbit 1.0", "Orbit/1.0"):
+            raise OrbitError(f"expected 'Orbit 1.0', got {lines[0][:40]!r}")
+        action = None
+        event_id = None
+        length = None
+        recipients: list[ConnectionKey] = []
+        for line in lines[1:]:
+            if ":" not in line:
+                action = line.strip()
+                continue
+            name, _, value = line.partition(":")
+            name, value = name.strip().lower(), value.strip()
+            if name == "action":
+                action = value
+            elif name == "id":
+                event_id = value
+            elif name == "recipient":
+                recipients.append(parse_recipient(value))
+            elif name == "length":
+                if not value.isdigit():
+                    raise OrbitError(f"length must be a number: {value!r}", event_id)
+                length = int(value)
+        if action is None or action.lower() != "event":
+            raise OrbitError(f"unsupported action {action!r}", event_id)
+        if not event_id:
+            raise OrbitError("missing id")
+        if length is None:
+            raise OrbitError("missing length", event_id)
+        if length > self.limits.max_payload:
+            raise OrbitError(f"length over {self.limits.max_payload}", event_id)
+        if not recipients:
+            raise OrbitError("no recipient", event_id)
+        if len(recipients) > self.limits.max_recipients:
+            raise OrbitError(f"more than {self.limits.max_recipients} recipients", event_id)
+        return event_id, tuple(recipients), length
+
+
+def _clean(text: str) -> str:
+    return text.replace("\r", " ").replace("\n", " ")
+
+
+def success(event_id: str) -> bytes:
+    return f"Success\r\nid: {_clean(event_id)}\r\n\r\n".encode()
+
+
+def failure(event_id: str | None, message: str, recipients: list[ConnectionKey] = ()) -> bytes:
+    lines = ["Failure", f"id: {_clean(event_id or '')}", f"msg: {_clean(message)}"]
+    lines += [f"recipient: ({_clean(k.user)}, {_clean(k.session)}, {_clean(k.location)})"
+              for k in recipients]  # fmt: skip
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def body_to_data(body: bytes) -> object:
+    """pyorbited JSON-encoded bodies by default: JSON stays JSON; anything else is text."""
+    text = body.decode("utf-8", "replace")
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+class OrbitProtocol(Protocol):
+    log = Logger()
+    _serials = itertools.count(1)
+
+    def __init__(self, hub: Hub) -> None:
+        self.hub = hub
+        self.parser = OrbitParser(hub.config.requests)
+        # Orbit ids are only unique per connection: scope them so dedup never merges
+        # two connections' events.
+        self.scope = f"orbit{next(self._serials)}"
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        try:
+            requests = self.parser.feed(data)
+        except OrbitError as e:
+            self.transport.write(failure(e.event_id, e.message))
+            self.transport.loseConnection()
+            return
+        self.transport.writeSequence([self._dispatch(r) for r in requests])
+
+    def _dispatch(self, request: OrbitRequest) -> bytes:
+        body = json.dumps(
+            {"id": f"{self.scope}:{request.event_id}"[:128],
+             "to": [list(k) for k in request.recipients], "data": body_to_data(request.body)},
+            ensure_ascii=False,
+        ).encode()  # fmt: skip
+        ok, reply = self.hub.handle(body)
+        if not ok:
+            return failure(request.event_id, json.loads(reply)["error"]["message"])
+        results = json.loads(reply)["results"]
+        missing = [k for k, r in zip(request.recipients, results, strict=True)
+                   if r["status"] == NO_CONNECTION]  # fmt: skip
+        if missing:
+            return failure(request.event_id, "Failed to reach one or more recipients", missing)
+        return success(request.event_id)
+
+
+class OrbitFactory(Factory):
+    noisy = False
+
+    def __init__(self, hub: Hub) -> None:
+        self.hub = hub
+
+    def buildProtocol(self, addr: object) -> OrbitProtocol:  # noqa: N802
+        return OrbitProtocol(self.hub)

@@ -1,0 +1,110 @@
+"""The 2007 Orbit 1.0 protocol: parser (sans-I/O) and a real node's legacy listener."""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import pytest
+
+from orbited.events import RequestLimits
+from orbited.legacy.orbit import OrbitError, OrbitParser
+from tests.conftest import NodeProcess
+
+MODERN = (
+    b"Orbit 1.0\r\nEvent\r\nid: 7\r\nrecipient: alice, 0, /cherrychat\r\n"
+    b'recipient: bob, 0, /cherrychat\r\nlength: 17\r\n\r\n"<b>hi</b> there"'
+)
+DOCS_2007 = (
+    b"Orbit/1.0\r\nAction: Event\r\nId: 8\r\nRecipient: (alice, 0, /cherrychat)\r\n"
+    b"Length: 5\r\n\r\nhello"
+)
+
+
+def test_parser_reads_both_spellings_split_anywhere():
+    parser = OrbitParser(RequestLimits())
+    stream = MODERN + DOCS_2007
+    requests = []
+    for i in range(len(stream)):
+        requests += parser.feed(stream[i : i + 1])
+    assert [(r.event_id, len(r.recipients), r.body) for r in requests] == [
+        ("7", 2, b'"<b>hi</b> there"'),
+        ("8", 1, b"hello"),
+    ]
+    assert requests[1].recipients[0] == ("alice", "0", "/cherrychat")
+
+
+@pytest.mark.parametrize(
+    "head, message",
+    [
+        (b"GET / HTTP/1.1\r\n\r\n", "expected 'Orbit 1.0'"),
+        (b"Orbit 1.0\r\nSubscribe\r\nid: 1\r\nlength: 0\r\n\r\n", "unsupported action"),
+        (b"Orbit 1.0\r\nEvent\r\nrecipient: a, 0, /x\r\nlength: 0\r\n\r\n", "missing id"),
+        (b"Orbit 1.0\r\nEvent\r\nid: 1\r\nrecipient: a, 0, /x\r\n\r\n", "missing length"),
+        (b"Orbit 1.0\r\nEvent\r\nid: 1\r\nlength: 0\r\n\r\n", "no recipient"),
+        (b"Orbit 1.0\r\nEvent\r\nid: 1\r\nrecipient: a\r\nlength: 0\r\n\r\n", "recipient"),
+        (b"Orbit 1.0\r\nEvent\r\nid: 1\r\nrecipient: a,0,/\r\nlength: x\r\n\r\n", "number"),
+        (
+            b"Orbit 1.0\r\nEvent\r\nid: 1\r\nrecipient: a,0,/\r\nlength: 99999999\r\n\r\n",
+            "length over",
+        ),
+    ],
+)
+def test_malformed_requests_are_clear_errors(head, message):
+    with pytest.raises(OrbitError, match=message):
+        OrbitParser(RequestLimits()).feed(head)
+
+
+def test_endless_header_is_refused():
+    with pytest.raises(OrbitError, match="too long"):
+        OrbitParser(RequestLimits()).feed(b"Orbit 1.0\r\n" + b"x" * 70_000)
+
+
+@pytest.fixture(scope="module")
+def orbit_node(tmp_path_factory: pytest.TempPathFactory):
+    node = NodeProcess(tmp_path_factory.mktemp("orbit"), "--orbit-legacy", "127.0.0.1:0")
+    node.start()
+    yield node
+    node.stop()
+
+
+def orbit_socket(node: NodeProcess) -> socket.socket:
+    host, port = node.orbit.rsplit(":", 1)
+    return socket.create_connection((host, int(port)), timeout=5)
+
+
+def read_replies(sock: socket.socket, count: int) -> list[bytes]:
+    data = b""
+    while data.count(b"\r\n\r\n") < count:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return [r + b"\r\n\r\n" for r in data.split(b"\r\n\r\n")[:count]]
+
+
+@pytest.mark.slow
+def test_2007_requests_pipelined_get_the_original_replies(orbit_node: NodeProcess):
+    node = orbit_node
+    with node.ws(node.token("alice", "0", "/cherrychat")) as ws:
+        ws.recv(timeout=5)
+        sock = orbit_socket(node)
+        sock.sendall(MODERN + DOCS_2007)  # pipelined, both spellings
+        replies = read_replies(sock, 2)
+        assert replies == [
+            b"Failure\r\nid: 7\r\nmsg: Failed to reach one or more recipients\r\n"
+            b"recipient: (bob, 0, /cherrychat)\r\n\r\n",
+            b"Success\r\nid: 8\r\n\r\n",
+        ]
+        got = [json.loads(ws.recv(timeout=5))["data"] for _ in range(2)]
+        assert got == ["<b>hi</b> there", "hello"]  # JSON bodies stay JSON, text is text
+        sock.close()
+
+
+@pytest.mark.slow
+def test_malformed_orbit_request_gets_failure_and_close(orbit_node: NodeProcess):
+    sock = orbit_socket(orbit_node)
+    sock.sendall(b"HELLO\r\n\r\n")
+    reply = read_replies(sock, 1)[0]
+    assert reply.startswith(b"Failure\r\nid: \r\nmsg: expected 'Orbit 1.0'")
+    assert sock.recv(10) == b""
