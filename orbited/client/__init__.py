@@ -1,0 +1,10 @@
+"""Web-app side: find a key's node by hashing and send it events (docs/client-python.md).
+
+from orbited.client import BlockingClient, Cluster, Node
+"""
+
+from orbited.client.blocking import BlockingClient, DispatchError
+from orbited.client.cluster import Cluster, HaloDCluster, Node
+from orbited.tokens import issue_token
+
+__all__ = ["BlockingClient", "Cluster", "DispatchError", "HaloDCluster", "Node", "issue_token"]

@@ -1,0 +1,151 @@
+"""Blocking web-app client: send events to connection keys anywhere in a cluster.
+
+For WSGI apps and scripts. Recipients of one event are grouped by route (docs/hashing.md)
+and one SP REQ request goes per route, all pipelined before any reply is read. Our REQ
+follows nng's semantics (random start id with the MSB set, replies matched by id); on a
+connection loss or time-out the same requests (same event id, so the node ignores a
+duplicate) are resent on a new connection, ``retries`` times with backoff.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from orbited.client.cluster import Cluster
+from orbited.keys import ConnectionKey
+from orbited.sp import wire
+from orbited.sp.reqrep import RequestIds
+
+
+class DispatchError(Exception):
+    """A route could not be reached within the retry policy."""
+
+
+@dataclass
+class _Connection:
+    address: tuple[str, int]
+    timeout: float
+    sock: socket.socket | None = None
+    sp: wire.SPConnection = field(default_factory=lambda: wire.SPConnection(wire.REQ, wire.REP))
+
+    def open(self) -> socket.socket:
+        if self.sock is None:
+            sock = socket.create_connection(self.address, timeout=self.timeout)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.sendall(wire.encode_header(wire.REQ))
+            self.sp = wire.SPConnection(wire.REQ, wire.REP, max_message=64 * 1024 * 1024)
+            self.sock = sock
+        return self.sock
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+
+class BlockingClient:
+    def __init__(
+        self,
+        cluster: Cluster,
+        timeout: float = 5.0,
+        retries: int = 3,
+        backoff: float = 0.2,
+    ) -> None:
+        self.cluster = cluster
+        self.timeout = timeout
+        self.retries = retries
+        self.backoff = backoff
+        self._ids = RequestIds()
+        self._connections: dict[tuple[str, int], _Connection] = {}
+
+    def close(self) -> None:
+        for conn in self._connections.values():
+            conn.close()
+        self._connections.clear()
+
+    def __enter__(self) -> BlockingClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def send(
+        self, to: Iterable[ConnectionKey | tuple[str, str, str] | list[str]], data: object,
+        event_id: str | None = None,
+    ) -> dict[ConnectionKey, dict]:  # fmt: skip
+        """Deliver ``data`` to every key; returns each key's result (docs/protocol.md).
+
+        A route that cannot be reached gives its keys ``{"status": "error", ...}``.
+        """
+        event_id = event_id or uuid.uuid4().hex
+        keys = [ConnectionKey(*k) for k in to]
+        by_route: dict[int, list[ConnectionKey]] = {}
+        for key in dict.fromkeys(keys):
+            by_route.setdefault(self.cluster.route_of(key), []).append(key)
+        # One request per route, grouped by the address that serves it.
+        pending: dict[tuple[str, int], dict[int, tuple[bytes, list[ConnectionKey]]]] = {}
+        for route, route_keys in by_route.items():
+            body = json.dumps(
+                {"id": event_id, "to": [list(k) for k in route_keys], "data": data},
+                separators=(",", ":"), ensure_ascii=False,
+            ).encode()  # fmt: skip
+            request_id = self._ids.next()
+            pending.setdefault(self.cluster.sp_address(route), {})[request_id] = (body, route_keys)
+        results: dict[ConnectionKey, dict] = {}
+        for address, requests in pending.items():
+            results.update(self._exchange(address, requests))
+        return {k: results[k] for k in keys}
+
+    def _exchange(
+        self, address: tuple[str, int], requests: dict[int, tuple[bytes, list[ConnectionKey]]]
+    ) -> dict[ConnectionKey, dict]:
+        conn = self._connections.setdefault(address, _Connection(address, self.timeout))
+        results: dict[ConnectionKey, dict] = {}
+        waiting = dict(requests)
+        last_error: Exception | None = None
+        for attempt in range(self.retries + 1):
+            if not waiting:
+                break
+            if attempt:
+                time.sleep(self.backoff * 2 ** (attempt - 1))
+            try:
+                sock = conn.open()
+                sock.sendall(b"".join(
+                    wire.encode_message(RequestIds.encode(rid) + body)
+                    for rid, (body, _) in waiting.items()
+                ))  # fmt: skip
+                deadline = time.monotonic() + self.timeout
+                while waiting:
+                    sock.settimeout(max(0.01, deadline - time.monotonic()))
+                    data = sock.recv(65536)
+                    if not data:
+                        raise ConnectionError("node closed the connection")
+                    for reply in conn.sp.receive(data):
+                        if len(reply) < 4:
+                            raise ConnectionError("reply shorter than a request id")
+                        rid = int.from_bytes(reply[:4], "big")
+                        entry = waiting.pop(rid, None)
+                        if entry is None:
+                            continue  # a late reply to an earlier attempt: nng drops it too
+                        results.update(self._results(reply[4:], entry[1]))
+            except (OSError, wire.SPProtocolError) as e:
+                last_error = e
+                conn.close()
+        for _, route_keys in waiting.values():
+            for key in route_keys:
+                results[key] = {"status": "error", "error": f"{address}: {last_error}"}
+        return results
+
+    @staticmethod
+    def _results(payload: bytes, keys: list[ConnectionKey]) -> dict[ConnectionKey, dict]:
+        reply = json.loads(payload)
+        if not reply.get("ok"):
+            error = reply.get("error", {})
+            return {k: {"status": "error", "error": error.get("message"),
+                        "code": error.get("code")} for k in keys}  # fmt: skip
+        return dict(zip(keys, reply["results"], strict=True))
