@@ -14,6 +14,7 @@ from twisted.web import resource, server
 from twisted.web.http import Request
 
 from orbited.hub import Hub
+from orbited.transports.http import orbited_site
 
 
 def _error(request: Request, status: int, code: str, message: str) -> bytes:
@@ -55,11 +56,4 @@ class PublishResource(resource.Resource):
 
 
 def publish_site(hub: Hub, api_key: bytes, max_body: int) -> server.Site:
-    orbited = resource.Resource()
-    orbited.putChild(b"publish", PublishResource(hub, api_key, max_body))
-    root = resource.Resource()
-    root.putChild(b"orbited", orbited)
-    site = server.Site(root)
-    site.displayTracebacks = False
-    site.noisy = False
-    return site
+    return orbited_site({b"publish": PublishResource(hub, api_key, max_body)})

@@ -12,6 +12,7 @@ from twisted.web import resource, server
 from orbited import __version__
 from orbited.hub import Hub
 from orbited.transports.common import BrowserAuth
+from orbited.transports.http import orbited_site
 from orbited.transports.longpoll import LongPollResource
 from orbited.transports.streaming import IframeResource, SSEResource
 from orbited.transports.websocket import websocket_resource
@@ -74,18 +75,15 @@ class ClientScriptResource(resource.Resource):
 def browser_site(
     hub: Hub, auth: BrowserAuth, cors_origins: list[str], name: str, iframe_max_bytes: int
 ) -> server.Site:
-    orbited = resource.Resource()
-    orbited.putChild(b"ws", websocket_resource(hub, auth, cors_origins))
-    orbited.putChild(b"poll", LongPollResource(hub, auth, cors_origins))
-    orbited.putChild(b"sse", SSEResource(hub, auth, cors_origins))
-    orbited.putChild(b"iframe", IframeResource(hub, auth, cors_origins, iframe_max_bytes))
-    orbited.putChild(b"health", HealthResource(hub, name))
     source = client_source()
-    orbited.putChild(b"client.js", ClientScriptResource(source, module=False))
-    orbited.putChild(b"client.mjs", ClientScriptResource(source, module=True))
-    root = resource.Resource()
-    root.putChild(b"orbited", orbited)
-    site = server.Site(root)
-    site.displayTracebacks = False
-    site.noisy = False
-    return site
+    return orbited_site(
+        {
+            b"ws": websocket_resource(hub, auth, cors_origins),
+            b"poll": LongPollResource(hub, auth, cors_origins),
+            b"sse": SSEResource(hub, auth, cors_origins),
+            b"iframe": IframeResource(hub, auth, cors_origins, iframe_max_bytes),
+            b"health": HealthResource(hub, name),
+            b"client.js": ClientScriptResource(source, module=False),
+            b"client.mjs": ClientScriptResource(source, module=True),
+        }
+    )

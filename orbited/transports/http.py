@@ -4,10 +4,46 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
+from twisted.web import resource, server
 from twisted.web.http import Request
 
+from orbited.keys import ConnectionKey
 from orbited.transports.common import BrowserRequestError, origin_allowed
+
+if TYPE_CHECKING:
+    from orbited.hub import Hub
+
+
+class HTTPSink:
+    """What every HTTP transport's Sink shares: one request attached to one key, detached
+    when the response ends or the browser goes away (docs/architecture.md)."""
+
+    wants_pings = True
+
+    def __init__(self, hub: Hub, key: ConnectionKey, request: Request) -> None:
+        self.hub = hub
+        self.key = key
+        self.request = request
+        self.finished = False
+        self.last_write = hub.clock.seconds()
+        request.notifyFinish().addBoth(self._gone)
+
+    def _end(self) -> bool:
+        """Mark finished and detach; False if that already happened."""
+        if self.finished:
+            return False
+        self.finished = True
+        self._stop_timers()
+        self.hub.detach(self.key, self)
+        return True
+
+    def _stop_timers(self) -> None:
+        pass
+
+    def _gone(self, _: object) -> None:
+        self._end()  # the browser closed the request first, or we finished it
 
 
 def decoded_args(request: Request) -> dict[str, list[str]]:
@@ -37,6 +73,19 @@ def apply_cors(request: Request, allowed: Sequence[str]) -> None:
         raise BrowserRequestError(403, "origin_not_allowed", f"origin {origin} not allowed")
     request.setHeader(b"access-control-allow-origin", origin.encode())
     request.setHeader(b"vary", b"Origin")
+
+
+def orbited_site(children: dict[bytes, resource.Resource]) -> server.Site:
+    """A Site serving ``children`` under /orbited/."""
+    orbited = resource.Resource()
+    for name, child in children.items():
+        orbited.putChild(name, child)
+    root = resource.Resource()
+    root.putChild(b"orbited", orbited)
+    site = server.Site(root)
+    site.displayTracebacks = False
+    site.noisy = False
+    return site
 
 
 def send_json_error(request: Request, error: BrowserRequestError) -> bytes:

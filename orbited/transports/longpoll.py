@@ -21,25 +21,21 @@ from orbited.transports.common import (
     authenticate,
     single_param,
 )
-from orbited.transports.http import apply_cors, decoded_args, send_json_error
+from orbited.transports.http import HTTPSink, apply_cors, decoded_args, send_json_error
 
 DEFAULT_TIMEOUT = 25.0
 MAX_TIMEOUT = 120.0
 
 
-class _PendingPoll:
+class _PendingPoll(HTTPSink):
     """The Sink for one held poll request: frames are batched for one reactor turn."""
 
-    wants_pings = False
+    wants_pings = False  # a held poll ends by its own timeout
 
     def __init__(self, hub: Hub, key: ConnectionKey, request: Request) -> None:
-        self.hub = hub
-        self.key = key
-        self.request = request
+        super().__init__(hub, key, request)
         self.frames: list[bytes] = []
         self.holding = False
-        self.finished = False
-        self.last_write = hub.clock.seconds()
         self._timer: IDelayedCall | None = None
         self._flush_call: IDelayedCall | None = None
 
@@ -57,11 +53,8 @@ class _PendingPoll:
         return True
 
     def flush(self) -> None:
-        if self.finished:
+        if not self._end():
             return
-        self.finished = True
-        self._cancel_timers()
-        self.hub.detach(self.key, self)
         self.request.write(b"[" + b",".join(self.frames) + b"]")
         self.request.finish()
 
@@ -73,14 +66,7 @@ class _PendingPoll:
         self.frames.append(frames.reconnect(reason))
         self.flush()
 
-    def gone(self, _reason: object) -> None:
-        """The browser closed the request before we answered."""
-        if not self.finished:
-            self.finished = True
-            self._cancel_timers()
-            self.hub.detach(self.key, self)
-
-    def _cancel_timers(self) -> None:
+    def _stop_timers(self) -> None:
         for call in (self._timer, self._flush_call):
             if call is not None and call.active():
                 call.cancel()
@@ -121,7 +107,6 @@ class LongPollResource(resource.Resource):
         if len(poll.frames) > 1 or timeout == 0:
             poll.flush()  # more than the hello frame: answer at once
         else:
-            request.notifyFinish().addErrback(poll.gone)
             poll.hold(timeout)
         return server.NOT_DONE_YET
 

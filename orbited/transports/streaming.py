@@ -31,27 +31,25 @@ from orbited.transports.common import (
     origin_allowed,
     single_param,
 )
-from orbited.transports.http import apply_cors, decoded_args, header, send_json_error
+from orbited.transports.http import (
+    HTTPSink,
+    apply_cors,
+    decoded_args,
+    header,
+    send_json_error,
+)
 
 _EVENT_SEQ = re.compile(rb'^\{"type":"event","seq":(\d+),')
 IFRAME_PRELUDE_BYTES = 2048  # browsers render a streamed document only after ~1 KB
-DEFAULT_IFRAME_MAX_BYTES = 1024 * 1024
 
 
-class _Stream:
+class _Stream(HTTPSink):
     """Sink for one held streaming response."""
 
-    wants_pings = True
-
     def __init__(self, hub: Hub, key: ConnectionKey, request: Request) -> None:
-        self.hub = hub
-        self.key = key
-        self.request = request
-        self.finished = False
-        self.last_write = hub.clock.seconds()
+        super().__init__(hub, key, request)
         self.written = 0
         self.stream = ""
-        request.notifyFinish().addBoth(self._gone)
 
     def encode(self, frame: bytes) -> bytes:
         raise NotImplementedError
@@ -74,15 +72,8 @@ class _Stream:
             self.finish()
 
     def finish(self) -> None:
-        if not self.finished:
-            self.finished = True
-            self.hub.detach(self.key, self)
+        if self._end():
             self.request.finish()
-
-    def _gone(self, _: object) -> None:
-        if not self.finished:
-            self.finished = True
-            self.hub.detach(self.key, self)
 
 
 class _SSEStream(_Stream):
