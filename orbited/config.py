@@ -50,6 +50,10 @@ class NodeConfig:
     sp_max_inflight: int = _opt(1024, "unanswered requests per SP connection")
     publish_http: str = _opt("", "HTTP publish API host:port (empty = off)")
     publish_key_file: str = _opt("", "file holding the publish API key (needed with publish_http)")
+    presence_url: str = _opt("", "webhook URL for signon/signoff notices (empty = off)")
+    presence_queue: int = _opt(10_000, "presence notices queued at most (oldest dropped)")
+    presence_timeout: float = _opt(5.0, "seconds per presence webhook request")
+    presence_retries: int = _opt(5, "attempts per presence batch before it is dropped")
     orbit_legacy: str = _opt("", "2007 Orbit 1.0 protocol listener host:port (empty = off)")
     iframe_max_bytes: int = _opt(1024 * 1024, "bytes per iframe response, then reconnect")
     backlog: int = _opt(1024, "listen backlog of both listeners (connect bursts)")
@@ -83,6 +87,8 @@ class NodeConfig:
         if not all(isinstance(origin, str) for origin in self.cors_origins):
             raise ConfigError("cors_origins must be a list of strings")
         parse_host_port(self.http)
+        if self.presence_url and not self.presence_url.startswith(("http://", "https://")):
+            raise ConfigError("presence_url must be an http:// or https:// URL")
         if self.orbit_legacy:
             parse_host_port(self.orbit_legacy)
         if self.publish_http:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import secrets
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -69,6 +70,8 @@ class Hub:
         self._recent: OrderedDict[bytes, tuple[float, bytes]] = OrderedDict()
         self._recent_bytes = 0
         self.stopped = False
+        # Called with ("signon" | "signoff", key): a key's mailbox created / expired.
+        self.presence: Callable[[str, ConnectionKey], None] | None = None
         self.stats = {
             "events": 0,
             "delivered": 0,
@@ -93,6 +96,8 @@ class Hub:
             self._streams += 1
             mailbox = Mailbox(f"{self.epoch}.{self._streams:x}", self.config.mailbox)
             slot = self._slots[key] = _Slot(mailbox)
+            if self.presence is not None:
+                self.presence("signon", key)
         else:
             if slot.linger_call is not None:
                 slot.linger_call.cancel()
@@ -122,6 +127,8 @@ class Hub:
         slot.linger_call = None
         if self._slots.get(key) is slot and slot.sink is None:
             del self._slots[key]
+            if self.presence is not None:
+                self.presence("signoff", key)
             if len(slot.mailbox) > slot.mailbox.acked:
                 self.log.info("mailbox {key} expired", key=key)
 

@@ -16,6 +16,7 @@ from twisted.logger import Logger
 from orbited.config import NodeConfig, parse_host_port, parse_sp_address
 from orbited.hub import Hub
 from orbited.legacy.orbit import OrbitFactory
+from orbited.presence import PresenceConfig, PresenceNotifier
 from orbited.publish import publish_site
 from orbited.sp.rep import RepFactory
 from orbited.tokens import load_secret
@@ -37,6 +38,16 @@ class NodeService(service.MultiService):
         clock: IReactorTime = reactor  # type: ignore[assignment]
         secret = load_secret(Path(config.secret_file), create=config.create_secret)
         self.hub = Hub(clock, config.hub_config())
+        self.presence: PresenceNotifier | None = None
+        if config.presence_url:
+            presence = PresenceConfig(
+                config.presence_url,
+                max_queue=config.presence_queue,
+                timeout=config.presence_timeout,
+                retries=config.presence_retries,
+            )
+            self.presence = PresenceNotifier(presence, secret, config.name, clock)
+            self.hub.presence = self.presence.notify
         self.rep_factory = RepFactory(self.hub.handle_request, config.rep_limits(), clock)
         self.site = browser_site(
             self.hub,
