@@ -1,0 +1,153 @@
+"""Twisted web-app client (Deferred-based): the same behaviour as the blocking client.
+
+One persistent SP REQ connection per node address, many requests in flight on it
+(replies matched by request id), one request per route of an event; a request that times
+out or loses its connection is resent on a new connection with the same event id,
+``retries`` times with backoff (docs/client-python.md).
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterable
+
+from twisted.internet import defer, task
+from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.interfaces import IReactorTCP
+from twisted.internet.protocol import Factory, Protocol
+from twisted.python.failure import Failure
+
+from orbited.client.cluster import Cluster
+from orbited.keys import ConnectionKey
+from orbited.sp import wire
+from orbited.sp.reqrep import RequestIds
+
+
+class _ReqProtocol(Protocol):
+    def __init__(self) -> None:
+        self.sp = wire.SPConnection(wire.REQ, wire.REP, max_message=64 * 1024 * 1024)
+        self.waiting: dict[int, defer.Deferred[bytes]] = {}
+        self.lost = False
+
+    def connectionMade(self) -> None:  # noqa: N802
+        self.transport.setTcpNoDelay(True)
+        self.transport.write(wire.encode_header(wire.REQ))
+
+    def request(self, request_id: int, body: bytes) -> defer.Deferred[bytes]:
+        d: defer.Deferred[bytes] = defer.Deferred(lambda _: self.waiting.pop(request_id, None))
+        self.waiting[request_id] = d
+        self.transport.write(wire.encode_message(RequestIds.encode(request_id) + body))
+        return d
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        try:
+            replies = self.sp.receive(data)
+        except wire.SPProtocolError:
+            self.transport.abortConnection()
+            return
+        for reply in replies:
+            if len(reply) < 4:
+                self.transport.abortConnection()  # as nng's REQ does
+                return
+            d = self.waiting.pop(int.from_bytes(reply[:4], "big"), None)
+            if d is not None:  # unknown ids (late replies) are dropped, like nng
+                d.callback(reply[4:])
+
+    def connectionLost(self, reason: Failure = None) -> None:  # noqa: N802
+        self.lost = True
+        waiting, self.waiting = self.waiting, {}
+        for d in waiting.values():
+            d.errback(ConnectionError("connection to the node lost"))
+
+
+class TwistedClient:
+    def __init__(
+        self,
+        cluster: Cluster,
+        reactor: IReactorTCP | None = None,
+        timeout: float = 5.0,
+        retries: int = 3,
+        backoff: float = 0.2,
+    ) -> None:
+        if reactor is None:
+            from twisted.internet import reactor as _reactor
+
+            reactor = _reactor
+        self.cluster = cluster
+        self.reactor = reactor
+        self.timeout = timeout
+        self.retries = retries
+        self.backoff = backoff
+        self._ids = RequestIds()
+        self._connections: dict[tuple[str, int], _ReqProtocol] = {}
+
+    def close(self) -> None:
+        for proto in self._connections.values():
+            proto.transport.loseConnection()
+        self._connections.clear()
+
+    @defer.inlineCallbacks
+    def _protocol(self, address: tuple[str, int]):  # noqa: ANN202
+        proto = self._connections.get(address)
+        if proto is None or proto.lost:
+            endpoint = TCP4ClientEndpoint(self.reactor, *address, timeout=self.timeout)
+            proto = yield endpoint.connect(Factory.forProtocol(_ReqProtocol))
+            self._connections[address] = proto
+        return proto
+
+    @defer.inlineCallbacks
+    def _request(self, address: tuple[str, int], body: bytes):  # noqa: ANN202
+        last_error: Exception | None = None
+        for attempt in range(self.retries + 1):
+            if attempt:
+                yield task.deferLater(self.reactor, self.backoff * 2 ** (attempt - 1))
+            proto = None
+            try:
+                proto = yield self._protocol(address)
+                d = proto.request(self._ids.next(), body)
+                d.addTimeout(self.timeout, self.reactor)
+                reply = yield d
+                return json.loads(reply)
+            except Exception as e:  # connect failure, lost connection, time-out
+                last_error = e
+                if proto is not None and not proto.lost:
+                    proto.transport.abortConnection()  # a hung node: start afresh
+        return {
+            "ok": False,
+            "error": {"code": "unreachable", "message": f"{address}: {last_error!r}"},
+        }
+
+    @defer.inlineCallbacks
+    def send(  # noqa: ANN201 (inlineCallbacks: the caller gets a Deferred of the dict)
+        self,
+        to: Iterable[ConnectionKey | tuple[str, str, str] | list[str]],
+        data: object,
+        event_id: str | None = None,
+    ):
+        """Deferred firing with {key: result} (docs/protocol.md); never errbacks for an
+        unreachable node: its keys get {"status": "error", ...}."""
+        event_id = event_id or uuid.uuid4().hex
+        keys = [ConnectionKey(*k) for k in to]
+        by_route: dict[int, list[ConnectionKey]] = {}
+        for key in dict.fromkeys(keys):
+            by_route.setdefault(self.cluster.route_of(key), []).append(key)
+        routes = list(by_route.items())
+        replies = yield defer.gatherResults([
+            self._request(
+                self.cluster.sp_address(route),
+                json.dumps({"id": event_id, "to": [list(k) for k in route_keys], "data": data},
+                           separators=(",", ":"), ensure_ascii=False).encode(),
+            )
+            for route, route_keys in routes
+        ])  # fmt: skip
+        results: dict[ConnectionKey, dict] = {}
+        for (_, route_keys), reply in zip(routes, replies, strict=True):
+            if reply.get("ok"):
+                results.update(zip(route_keys, reply["results"], strict=True))
+            else:
+                error = reply.get("error", {})
+                for key in route_keys:
+                    results[key] = {"status": "error", "code": error.get("code"),
+                                    "error": error.get("message")}  # fmt: skip
+        return {k: results[k] for k in keys}
