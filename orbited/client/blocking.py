@@ -22,8 +22,22 @@ from orbited.sp import wire
 from orbited.sp.reqrep import RequestIds
 
 
-class DispatchError(Exception):
-    """A route could not be reached within the retry policy."""
+def event_body(event_id: str, keys: list[ConnectionKey], data: object) -> bytes:
+    """The SP event request for one route's keys (docs/protocol.md)."""
+    return json.dumps(
+        {"id": event_id, "to": [list(k) for k in keys], "data": data},
+        separators=(",", ":"),
+        ensure_ascii=False,
+    ).encode()
+
+
+def results_for(reply: dict, keys: list[ConnectionKey]) -> dict[ConnectionKey, dict]:
+    """Each key's result from a node's reply; an error reply becomes an error per key."""
+    if not reply.get("ok"):
+        error = reply.get("error", {})
+        return {k: {"status": "error", "code": error.get("code"), "error": error.get("message")}
+                for k in keys}  # fmt: skip
+    return dict(zip(keys, reply["results"], strict=True))
 
 
 @dataclass
@@ -84,16 +98,10 @@ class BlockingClient:
         """
         event_id = event_id or uuid.uuid4().hex
         keys = [ConnectionKey(*k) for k in to]
-        by_route: dict[int, list[ConnectionKey]] = {}
-        for key in dict.fromkeys(keys):
-            by_route.setdefault(self.cluster.route_of(key), []).append(key)
         # One request per route, grouped by the address that serves it.
         pending: dict[tuple[str, int], dict[int, tuple[bytes, list[ConnectionKey]]]] = {}
-        for route, route_keys in by_route.items():
-            body = json.dumps(
-                {"id": event_id, "to": [list(k) for k in route_keys], "data": data},
-                separators=(",", ":"), ensure_ascii=False,
-            ).encode()  # fmt: skip
+        for route, route_keys in self.cluster.group_by_route(keys).items():
+            body = event_body(event_id, route_keys, data)
             request_id = self._ids.next()
             pending.setdefault(self.cluster.sp_address(route), {})[request_id] = (body, route_keys)
         results: dict[ConnectionKey, dict] = {}
@@ -132,7 +140,7 @@ class BlockingClient:
                         entry = waiting.pop(rid, None)
                         if entry is None:
                             continue  # a late reply to an earlier attempt: nng drops it too
-                        results.update(self._results(reply[4:], entry[1]))
+                        results.update(results_for(json.loads(reply[4:]), entry[1]))
             except (OSError, wire.SPProtocolError) as e:
                 last_error = e
                 conn.close()
@@ -140,12 +148,3 @@ class BlockingClient:
             for key in route_keys:
                 results[key] = {"status": "error", "error": f"{address}: {last_error}"}
         return results
-
-    @staticmethod
-    def _results(payload: bytes, keys: list[ConnectionKey]) -> dict[ConnectionKey, dict]:
-        reply = json.loads(payload)
-        if not reply.get("ok"):
-            error = reply.get("error", {})
-            return {k: {"status": "error", "error": error.get("message"),
-                        "code": error.get("code")} for k in keys}  # fmt: skip
-        return dict(zip(keys, reply["results"], strict=True))

@@ -32,6 +32,13 @@ class Cluster:
     def route_of(self, key: ConnectionKey) -> int:
         return route_of(key, self.routes)
 
+    def group_by_route(self, keys: list[ConnectionKey]) -> dict[int, list[ConnectionKey]]:
+        """Distinct keys by route, in first-seen order: one request goes per route."""
+        by_route: dict[int, list[ConnectionKey]] = {}
+        for key in dict.fromkeys(keys):
+            by_route.setdefault(self.route_of(key), []).append(key)
+        return by_route
+
     def node(self, route: int) -> Node:
         return self.nodes[self._owner[route - 1]]
 

@@ -18,6 +18,7 @@ from twisted.internet.interfaces import IReactorTCP
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 
+from orbited.client.blocking import event_body, results_for
 from orbited.client.cluster import Cluster
 from orbited.keys import ConnectionKey
 from orbited.sp import wire
@@ -129,25 +130,12 @@ class TwistedClient:
         unreachable node: its keys get {"status": "error", ...}."""
         event_id = event_id or uuid.uuid4().hex
         keys = [ConnectionKey(*k) for k in to]
-        by_route: dict[int, list[ConnectionKey]] = {}
-        for key in dict.fromkeys(keys):
-            by_route.setdefault(self.cluster.route_of(key), []).append(key)
-        routes = list(by_route.items())
+        routes = list(self.cluster.group_by_route(keys).items())
         replies = yield defer.gatherResults([
-            self._request(
-                self.cluster.sp_address(route),
-                json.dumps({"id": event_id, "to": [list(k) for k in route_keys], "data": data},
-                           separators=(",", ":"), ensure_ascii=False).encode(),
-            )
+            self._request(self.cluster.sp_address(route), event_body(event_id, route_keys, data))
             for route, route_keys in routes
         ])  # fmt: skip
         results: dict[ConnectionKey, dict] = {}
         for (_, route_keys), reply in zip(routes, replies, strict=True):
-            if reply.get("ok"):
-                results.update(zip(route_keys, reply["results"], strict=True))
-            else:
-                error = reply.get("error", {})
-                for key in route_keys:
-                    results[key] = {"status": "error", "code": error.get("code"),
-                                    "error": error.get("message")}  # fmt: skip
+            results.update(results_for(reply, route_keys))
         return {k: results[k] for k in keys}

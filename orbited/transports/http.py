@@ -10,7 +10,7 @@ from twisted.web import resource, server
 from twisted.web.http import Request
 
 from orbited.keys import ConnectionKey
-from orbited.transports.common import BrowserRequestError, origin_allowed
+from orbited.transports.common import BrowserAuth, BrowserRequestError, origin_allowed
 
 if TYPE_CHECKING:
     from orbited.hub import Hub
@@ -73,6 +73,18 @@ def apply_cors(request: Request, allowed: Sequence[str]) -> None:
         raise BrowserRequestError(403, "origin_not_allowed", f"origin {origin} not allowed")
     request.setHeader(b"access-control-allow-origin", origin.encode())
     request.setHeader(b"vary", b"Origin")
+
+
+class BrowserResource(resource.Resource):
+    """A browser transport's resource: the hub, token check and CORS allow-list."""
+
+    isLeaf = True
+
+    def __init__(self, hub: Hub, auth: BrowserAuth, cors_origins: list[str]) -> None:
+        super().__init__()
+        self.hub = hub
+        self.auth = auth
+        self.cors_origins = cors_origins
 
 
 def orbited_site(children: dict[bytes, resource.Resource]) -> server.Site:

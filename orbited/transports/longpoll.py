@@ -9,19 +9,24 @@ See docs/protocol.md, "Long-poll".
 from __future__ import annotations
 
 from twisted.internet.interfaces import IDelayedCall
-from twisted.web import resource, server
+from twisted.web import server
 from twisted.web.http import Request
 
 from orbited import frames
 from orbited.hub import Hub
 from orbited.keys import ConnectionKey
 from orbited.transports.common import (
-    BrowserAuth,
     BrowserRequestError,
     authenticate,
     single_param,
 )
-from orbited.transports.http import HTTPSink, apply_cors, decoded_args, send_json_error
+from orbited.transports.http import (
+    BrowserResource,
+    HTTPSink,
+    apply_cors,
+    decoded_args,
+    send_json_error,
+)
 
 DEFAULT_TIMEOUT = 25.0
 MAX_TIMEOUT = 120.0
@@ -73,15 +78,7 @@ class _PendingPoll(HTTPSink):
         self._timer = self._flush_call = None
 
 
-class LongPollResource(resource.Resource):
-    isLeaf = True
-
-    def __init__(self, hub: Hub, auth: BrowserAuth, cors_origins: list[str]) -> None:
-        super().__init__()
-        self.hub = hub
-        self.auth = auth
-        self.cors_origins = cors_origins
-
+class LongPollResource(BrowserResource):
     def render_OPTIONS(self, request: Request) -> bytes:  # noqa: N802
         try:
             apply_cors(request, self.cors_origins)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import re
 
-from twisted.web import resource, server
+from twisted.web import server
 from twisted.web.http import Request
 
 from orbited import frames
@@ -32,6 +32,7 @@ from orbited.transports.common import (
     single_param,
 )
 from orbited.transports.http import (
+    BrowserResource,
     HTTPSink,
     apply_cors,
     decoded_args,
@@ -121,15 +122,7 @@ def _iframe_head(origin: str) -> bytes:
     )
 
 
-class _StreamingResource(resource.Resource):
-    isLeaf = True
-
-    def __init__(self, hub: Hub, auth: BrowserAuth, cors_origins: list[str]) -> None:
-        super().__init__()
-        self.hub = hub
-        self.auth = auth
-        self.cors_origins = cors_origins
-
+class _StreamingResource(BrowserResource):
     def start(self, request: Request, params: dict[str, list[str]], key: ConnectionKey) -> _Stream:
         raise NotImplementedError
 
