@@ -94,17 +94,19 @@ class PresenceNotifier:
                               url=self.config.url, n=len(batch))  # fmt: skip
         self._sending = False
 
-    @defer.inlineCallbacks
-    def _post(self, body: bytes):  # noqa: ANN202
+    def _post(self, body: bytes) -> defer.Deferred[bool]:
+        """POST one batch; fires True on a 2xx answer, False on anything else. The time-out
+        covers the whole exchange, body included, so a stalled receiver cannot wedge us."""
         headers = Headers({b"content-type": [b"application/json"],
                            SIGNATURE_HEADER: [sign(self.secret, body).encode()]})  # fmt: skip
-        try:
-            d = self._agent.request(b"POST", self.config.url.encode(), headers,
-                                    FileBodyProducer(BytesIO(body)))  # fmt: skip
-            d.addTimeout(self.config.timeout, self.reactor)
-            response = yield d
-            yield readBody(response)
-        except Exception as e:
-            self.log.debug("presence POST failed: {e}", e=e)
-            return False
-        return 200 <= response.code < 300
+        d = self._agent.request(b"POST", self.config.url.encode(), headers,
+                                FileBodyProducer(BytesIO(body)))  # fmt: skip
+        d.addCallback(lambda response: readBody(response).addCallback(
+            lambda _: 200 <= response.code < 300))  # fmt: skip
+        d.addTimeout(self.config.timeout, self.reactor)
+        d.addErrback(self._failed)
+        return d
+
+    def _failed(self, failure: object) -> bool:
+        self.log.debug("presence POST failed: {f}", f=failure)
+        return False

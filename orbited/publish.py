@@ -50,9 +50,11 @@ class PublishResource(resource.Resource):
             request.setResponseCode(400)
         return reply
 
-    def render_GET(self, request: Request) -> bytes:  # noqa: N802
-        request.setHeader(b"allow", b"POST")
-        return _error(request, 405, "method_not_allowed", "POST an event request")
+    def render(self, request: Request) -> bytes:
+        if request.method != b"POST":
+            request.setHeader(b"allow", b"POST")
+            return _error(request, 405, "method_not_allowed", "POST an event request")
+        return self.render_POST(request)
 
 
 def publish_site(hub: Hub, api_key: bytes, max_body: int) -> server.Site:

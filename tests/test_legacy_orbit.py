@@ -55,9 +55,17 @@ def test_malformed_requests_are_clear_errors(head, message):
         OrbitParser(RequestLimits()).feed(head)
 
 
-def test_endless_header_is_refused():
+@pytest.mark.parametrize("ending", [b"", b"\r\n\r\n"])
+def test_endless_header_is_refused(ending):
     with pytest.raises(OrbitError, match="too long"):
-        OrbitParser(RequestLimits()).feed(b"Orbit 1.0\r\n" + b"x" * 70_000)
+        OrbitParser(RequestLimits()).feed(b"Orbit 1.0\r\n" + b"x" * 100_000 + ending)
+
+
+@pytest.mark.parametrize("length", ["\u00b2", "1" * 5000, "-1", "1e3"])
+def test_odd_lengths_are_clear_errors(length):
+    head = f"Orbit 1.0\r\nEvent\r\nid: 1\r\nrecipient: a, 0, /x\r\nlength: {length}\r\n\r\n"
+    with pytest.raises(OrbitError, match="length must be a number"):
+        OrbitParser(RequestLimits()).feed(head.encode())
 
 
 @pytest.fixture(scope="module")
@@ -99,6 +107,20 @@ def test_2007_requests_pipelined_get_the_original_replies(orbit_node: NodeProces
         got = [json.loads(ws.recv(timeout=5))["data"] for _ in range(2)]
         assert got == ["<b>hi</b> there", "hello"]  # JSON bodies stay JSON, text is text
         sock.close()
+
+
+@pytest.mark.slow
+def test_good_requests_before_a_bad_one_are_answered(orbit_node: NodeProcess):
+    nested = b"[" * 5000 + b"]" * 5000  # valid bytes, too deep for a JSON parser: kept as text
+    good = (b"Orbit 1.0\r\nEvent\r\nid: 1\r\nrecipient: nobody, 0, /x\r\nlength: %d\r\n\r\n"
+            % len(nested)) + nested  # fmt: skip
+    bad = b"Orbit 1.0\r\nEvent\r\nid: 2\r\nrecipient: a, 0, /x\r\nlength: \xc2\xb2\r\n\r\n"
+    sock = orbit_socket(orbit_node)
+    sock.sendall(good + bad)
+    first, second = read_replies(sock, 2)
+    assert first.startswith(b"Failure\r\nid: 1\r\nmsg: Failed to reach one or more recipients")
+    assert second.startswith(b"Failure\r\nid: 2\r\nmsg: length must be a number")
+    assert sock.recv(10) == b""
 
 
 @pytest.mark.slow

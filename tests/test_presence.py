@@ -81,6 +81,54 @@ def test_signon_and_signoff_once_per_key_without_flapping(tmp_path):
         receiver.close()
 
 
+def test_a_stalled_receiver_times_out_and_later_notices_still_arrive(tmp_path):
+    """The receiver answers the first POST with headers and half a body, then stalls."""
+    import socket as socketlib
+
+    listener = socketlib.create_server(("127.0.0.1", 0))
+    got: list[dict] = []
+
+    def serve():
+        first = True
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += conn.recv(65536)
+            head, _, body = data.partition(b"\r\n\r\n")
+            length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                              if line.lower().startswith(b"content-length")))  # fmt: skip
+            while len(body) < length:
+                body += conn.recv(65536)
+            if first:
+                first = False
+                conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nabc")
+                continue  # never finish this response
+            got.extend(json.loads(body)["events"])
+            conn.sendall(b"HTTP/1.1 204 No Content\r\n\r\n")
+            conn.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}/hook"
+    node = NodeProcess(tmp_path, "--presence-url", url, "--presence-timeout", "1",
+                       "--linger", "30").start()  # fmt: skip
+    try:
+        ws = node.ws(node.token("stall"))
+        ws.recv(timeout=5)
+        wait_for(lambda: [e["key"][0] for e in got] == ["stall"], timeout=15)  # retried
+        ws2 = node.ws(node.token("later"))
+        ws2.recv(timeout=5)
+        wait_for(lambda: [e["key"][0] for e in got] == ["stall", "later"], timeout=15)
+        ws.close()
+        ws2.close()
+    finally:
+        node.stop()
+        listener.close()
+
+
 def test_down_receiver_does_not_block_dispatch(tmp_path):
     node = NodeProcess(tmp_path, "--presence-url", "http://127.0.0.1:9/hook",
                        "--presence-timeout", "2").start()  # fmt: skip

@@ -34,6 +34,8 @@ def post(node: NodeProcess, body: bytes, key: str | None = API_KEY, method: str 
         f"http://{node.publish}/orbited/publish", data=body if method == "POST" else None,
         headers=headers, method=method,
     )  # fmt: skip
+    if method not in ("POST", "GET"):
+        request.data = body
     try:
         with urllib.request.urlopen(request, timeout=10) as r:
             return r.status, json.loads(r.read())
@@ -65,8 +67,9 @@ def test_bad_requests_and_oversize_bodies(publishing_node: NodeProcess):
     assert status == 400 and reply["error"]["code"] == "bad_json"
     status, reply = post(publishing_node, b"x" * 300_000)
     assert status == 413 and reply["error"]["code"] == "body_too_large"
-    status, reply = post(publishing_node, b"", method="GET")
-    assert status == 405
+    for method in ("GET", "PUT", "DELETE"):
+        status, reply = post(publishing_node, b"", method=method)
+        assert status == 405 and reply["error"]["code"] == "method_not_allowed"
 
 
 def test_publish_port_is_off_by_default(shared_node: NodeProcess):

@@ -90,6 +90,19 @@ def test_sse_delivers_and_resumes_with_last_event_id(node: NodeProcess):
     conn.close()
 
 
+def test_sse_last_event_id_wins_over_last(shared_node: NodeProcess):
+    token = shared_node.token("sse-pref")
+    _, frames = shared_node.poll(f"token={token}&timeout=0")
+    stream = frames[0]["stream"]
+    conn, response = open_stream(
+        shared_node, f"/orbited/sse?token={token}&last=garbage", {"Last-Event-ID": f"{stream}:0"}
+    )
+    assert response.status == 200
+    [(_, hello)] = sse_frames(response, 1)
+    assert hello["stream"] == stream and hello["reset"] is False
+    conn.close()
+
+
 def test_sse_bad_last_event_id(shared_node: NodeProcess):
     conn, response = open_stream(
         shared_node, f"/orbited/sse?token={shared_node.token('x')}", {"Last-Event-ID": "zz"}
@@ -157,8 +170,13 @@ def test_iframe_ends_with_reconnect_after_its_byte_cap(tmp_path):
         node.stop()
 
 
-@pytest.mark.parametrize("origin", ["", "http://evil.test"])
+@pytest.mark.parametrize(
+    "origin", ["", "http://evil.test", "ORIGIN/ https://evil.test", "ORIGIN https://evil.test"]
+)
 def test_iframe_needs_an_allowed_parent_origin(shared_node: NodeProcess, origin: str):
+    from urllib.parse import quote
+
+    origin = quote(origin.replace("ORIGIN", f"http://{shared_node.http}"), safe=":/")
     conn, response = open_stream(
         shared_node, f"/orbited/iframe?token={shared_node.token('o')}&origin={origin}"
     )

@@ -82,20 +82,36 @@ class TwistedClient:
         self.backoff = backoff
         self._ids = RequestIds()
         self._connections: dict[tuple[str, int], _ReqProtocol] = {}
+        self._connecting: dict[tuple[str, int], list[defer.Deferred[_ReqProtocol]]] = {}
 
     def close(self) -> None:
         for proto in self._connections.values():
             proto.transport.loseConnection()
         self._connections.clear()
 
-    @defer.inlineCallbacks
-    def _protocol(self, address: tuple[str, int]):  # noqa: ANN202
+    def _protocol(self, address: tuple[str, int]) -> defer.Deferred[_ReqProtocol]:
+        """The connection to ``address``; concurrent callers share one connect."""
         proto = self._connections.get(address)
-        if proto is None or proto.lost:
-            endpoint = TCP4ClientEndpoint(self.reactor, *address, timeout=self.timeout)
-            proto = yield endpoint.connect(Factory.forProtocol(_ReqProtocol))
-            self._connections[address] = proto
-        return proto
+        if proto is not None and not proto.lost:
+            return defer.succeed(proto)
+        waiter: defer.Deferred[_ReqProtocol] = defer.Deferred()
+        if address in self._connecting:
+            self._connecting[address].append(waiter)
+            return waiter
+        self._connecting[address] = [waiter]
+
+        def done(result: _ReqProtocol | Failure) -> None:
+            if isinstance(result, _ReqProtocol):
+                self._connections[address] = result
+            for w in self._connecting.pop(address):
+                if isinstance(result, Failure):
+                    w.errback(result)
+                else:
+                    w.callback(result)
+
+        endpoint = TCP4ClientEndpoint(self.reactor, *address, timeout=self.timeout)
+        endpoint.connect(Factory.forProtocol(_ReqProtocol)).addBoth(done)
+        return waiter
 
     @defer.inlineCallbacks
     def _request(self, address: tuple[str, int], body: bytes):  # noqa: ANN202

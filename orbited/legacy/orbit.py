@@ -65,13 +65,15 @@ class OrbitParser:
         self.limits = limits
         self._buffer = bytearray()
         self._pending: tuple[str, tuple[ConnectionKey, ...], int] | None = None
+        self.complete: list[OrbitRequest] = []
 
     def feed(self, data: bytes) -> list[OrbitRequest]:
+        """Complete requests; on OrbitError those before the bad one are in ``complete``."""
         self._buffer += data
-        out: list[OrbitRequest] = []
+        out = self.complete = []
         while True:
             if self._pending is None:
-                end = self._buffer.find(b"\r\n\r\n")
+                end = self._buffer.find(b"\r\n\r\n", 0, MAX_HEADER_BYTES + 4)
                 if end < 0:
                     if len(self._buffer) > MAX_HEADER_BYTES:
                         raise OrbitError("request header too long")
@@ -111,8 +113,8 @@ class OrbitParser:
             elif name == "recipient":
                 recipients.append(parse_recipient(value))
             elif name == "length":
-                if not value.isdigit():
-                    raise OrbitError(f"length must be a number: {value!r}", event_id)
+                if not (value.isascii() and value.isdigit() and len(value) <= 9):
+                    raise OrbitError(f"length must be a number: {value[:20]!r}", event_id)
                 length = int(value)
         if action is None or action.lower() != "event":
             raise OrbitError(f"unsupported action {action!r}", event_id)
@@ -149,7 +151,7 @@ def body_to_data(body: bytes) -> object:
     text = body.decode("utf-8", "replace")
     try:
         return json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         return text
 
 
@@ -168,10 +170,20 @@ class OrbitProtocol(Protocol):
         try:
             requests = self.parser.feed(data)
         except OrbitError as e:
-            self.transport.write(failure(e.event_id, e.message))
+            error: OrbitError | None = e
+            requests = self.parser.complete  # the good requests before the bad one
+        else:
+            error = None
+        for request in requests:
+            try:
+                reply = self._dispatch(request)
+            except Exception:
+                self.log.failure("Orbit request {id} failed", id=request.event_id)
+                reply = failure(request.event_id, "the node failed")
+            self.transport.write(reply)
+        if error is not None:
+            self.transport.write(failure(error.event_id, error.message))
             self.transport.loseConnection()
-            return
-        self.transport.writeSequence([self._dispatch(r) for r in requests])
 
     def _dispatch(self, request: OrbitRequest) -> bytes:
         body = json.dumps(

@@ -41,6 +41,9 @@ from orbited.transports.http import (
 )
 
 _EVENT_SEQ = re.compile(rb'^\{"type":"event","seq":(\d+),')
+_ORIGIN = re.compile(
+    r"^https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?$|^https?://\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?$"
+)
 IFRAME_PRELUDE_BYTES = 2048  # browsers render a streamed document only after ~1 KB
 
 
@@ -134,8 +137,11 @@ class _StreamingResource(BrowserResource):
         try:
             apply_cors(request, self.cors_origins)
             params = decoded_args(request)
+            after = self.position(request, params)
+            if after is not None:
+                params.pop("last", None)  # Last-Event-ID, the newer position, wins
             attach = authenticate(self.auth, params)
-            after = self.position(request, params) or attach.after
+            after = after or attach.after
             stream = self.start(request, params, attach.key)
         except BrowserRequestError as e:
             return send_json_error(request, e)
@@ -169,7 +175,11 @@ class IframeResource(_StreamingResource):
 
     def start(self, request: Request, params: dict[str, list[str]], key: ConnectionKey) -> _Stream:
         origin = single_param(params, "origin")
-        if not origin or not origin_allowed(origin, header(request, b"host"), self.cors_origins):
+        if (
+            not origin
+            or not _ORIGIN.match(origin)
+            or not origin_allowed(origin, header(request, b"host"), self.cors_origins)
+        ):
             raise BrowserRequestError(
                 403, "origin_not_allowed", "origin must name an allowed parent page origin"
             )
