@@ -19,9 +19,14 @@ export function backoffDelay(attempt, { base = 500, max = 30000, random = Math.r
 
 /** Resume bookkeeping: which events are new, and the position to resume from. */
 export class Resume {
-  constructor() {
+  constructor(position = null) {
     this.stream = null;
     this.seq = 0;
+    const match = typeof position === "string" && /^(.+):(\d+)$/.exec(position);
+    if (match) {
+      this.stream = match[1];
+      this.seq = Number(match[2]);
+    }
   }
 
   /** The `last` parameter for the next connection, or null for a fresh one. */
@@ -34,7 +39,7 @@ export class Resume {
     switch (frame.type) {
       case "hello": {
         const reset = frame.reset || (this.stream !== null && frame.stream !== this.stream);
-        if (frame.stream !== this.stream) {
+        if (reset || frame.stream !== this.stream) {
           this.stream = frame.stream;
           this.seq = 0;
         }
@@ -50,6 +55,8 @@ export class Resume {
         return { kind: "reconnect", reason: frame.reason };
       case "ping":
         return { kind: "ping" };
+      case "replaced":
+        return { kind: "replaced" };
       default:
         return { kind: "ignore" }; // unknown frame types are for newer clients
     }
@@ -96,7 +103,6 @@ function websocketTransport(base, params, sink) {
       acked = pending;
     }
   }
-  ws.onopen = () => sink.up();
   ws.onmessage = (e) => {
     const frame = JSON.parse(e.data);
     sink.frame(frame);
@@ -113,12 +119,26 @@ function websocketTransport(base, params, sink) {
   return { close: () => { clearInterval(ackTimer); ws.onclose = null; ws.close(); } };
 }
 
+// EventSource and iframes cannot show an HTTP status: after a failure before any frame,
+// ask the long-poll URL (timeout=0) whether the token is the problem.
+async function probeFatal(base, params) {
+  try {
+    const response = await fetch(transportUrl(base, "poll", { ...params, timeout: 0 }), { cache: "no-store" });
+    if (response.status === 401) return "token";
+    if (response.status === 400 || response.status === 403) return `http ${response.status}`;
+  } catch (_) { /* unreachable: not fatal */ }
+  return null;
+}
+
 function sseTransport(base, params, sink) {
   const source = new EventSource(transportUrl(base, "sse", params));
-  source.onopen = () => sink.up();
-  source.onmessage = (e) => sink.frame(JSON.parse(e.data));
+  let framed = false;
+  source.onmessage = (e) => { framed = true; sink.frame(JSON.parse(e.data)); };
   // EventSource would reconnect on its own; we do it ourselves for backoff and fallback.
-  source.onerror = () => { source.close(); sink.down("sse error", null); };
+  source.onerror = async () => {
+    source.close();
+    sink.down("sse error", framed ? null : await probeFatal(base, params));
+  };
   return { close: () => source.close() };
 }
 
@@ -147,7 +167,7 @@ function longpollTransport(base, params, sink) {
       let frames;
       try { frames = await response.json(); } catch (err) { if (!stopped) sink.down("poll body", null); return; }
       if (stopped) return;
-      if (first) { sink.up(); first = false; }
+      first = false;
       for (const frame of frames) {
         if (stopped) return;
         sink.frame(frame);
@@ -166,11 +186,14 @@ function iframeTransport(base, params, sink) {
   let up = false;
   const onMessage = (e) => {
     if (e.source !== frame.contentWindow || e.origin !== nodeOrigin || typeof e.data !== "string") return;
-    if (!up) { up = true; sink.up(); }
+    up = true;
     sink.frame(JSON.parse(e.data));
   };
   // The document ends (byte cap, node shutdown, error page): reconnect.
-  const onLoad = () => { cleanup(); sink.down("iframe document ended", null); };
+  const onLoad = async () => {
+    cleanup();
+    sink.down("iframe document ended", up ? null : await probeFatal(base, params));
+  };
   function cleanup() {
     window.removeEventListener("message", onMessage);
     frame.removeEventListener("load", onLoad);
@@ -178,7 +201,7 @@ function iframeTransport(base, params, sink) {
   }
   window.addEventListener("message", onMessage);
   frame.addEventListener("load", onLoad);
-  document.body.appendChild(frame);
+  (document.body || document.documentElement).appendChild(frame);
   return { close: cleanup };
 }
 
@@ -195,7 +218,7 @@ export class OrbitedClient {
     this.options = options;
     this.transports = options.transports || TRANSPORTS;
     this.factories = options.factories || FACTORIES;
-    this.resume = new Resume();
+    this.resume = new Resume(options.position);
     this.state = "closed";
     this.transport = null;
     this.attempt = 0;
@@ -212,7 +235,11 @@ export class OrbitedClient {
 
   on(name, fn) { this.listeners[name].push(fn); return this; }
 
-  _emit(name, ...args) { for (const fn of this.listeners[name]) fn(...args); }
+  _emit(name, ...args) {
+    for (const fn of this.listeners[name]) {
+      try { fn(...args); } catch (err) { console.error("orbited: listener failed", err); }
+    }
+  }
 
   _setState(state, detail) {
     if (this.state === state) return;
@@ -231,6 +258,8 @@ export class OrbitedClient {
   }
 
   close() {
+    this._generation = null;
+    this._opening = null;
     clearTimeout(this._timer);
     clearTimeout(this._watchdog);
     if (this._current) this._current.close();
@@ -250,14 +279,19 @@ export class OrbitedClient {
   async _open(refreshToken = false) {
     const name = this.transports[this.index % this.transports.length];
     this.transport = name;
+    const opening = {};
+    this._opening = opening;
     let token;
     try {
       token = await this._getToken(refreshToken);
     } catch (err) {
-      this._retry(`token: ${err}`, false);
+      if (this._opening !== opening || this.state === "closed") return;
+      // The web app could not give a token: try again later, on the same transport.
+      this._setState("reconnecting", `token: ${err}`);
+      this._timer = setTimeout(() => this._open(true), backoffDelay(this.attempt++, this.options));
       return;
     }
-    if (this.state === "closed") return;
+    if (this._opening !== opening || this.state === "closed") return; // closed or superseded
     let gotHello = false;
     const client = this;
     const generation = {};
@@ -273,6 +307,9 @@ export class OrbitedClient {
           case "hello":
             gotHello = true;
             client.attempt = 0;
+            client._failures = 0;
+            client._tokenRetried = false;
+            client._established = true;
             client._keepalive = r.keepalive || 25;
             client._feed();
             if (r.reset) client._emit("reset");
@@ -286,6 +323,9 @@ export class OrbitedClient {
             break;
           case "reconnect":
             client._drop(`reconnect: ${r.reason}`, null, true);
+            break;
+          case "replaced":
+            client._drop("replaced: a newer connection took this key", "replaced", true);
             break;
           default:
         }
@@ -328,13 +368,15 @@ export class OrbitedClient {
       this._setState("closed", reason);
       return;
     }
-    this._tokenRetried = false;
     this._retry(reason, worked);
   }
 
   _retry(reason, worked) {
     // A transport that never got as far as hello is skipped: the next one is tried at once.
-    if (!worked) {
+    // Once one has worked, it is kept through a few failed attempts (the node may just be
+    // restarting) before falling back again.
+    this._failures = worked ? 0 : (this._failures || 0) + 1;
+    if (!worked && !(this._established && this._failures <= 3)) {
       this.index += 1;
       if (this.index % this.transports.length !== 0) {
         this._setState("reconnecting", reason);

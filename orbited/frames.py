@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 
 PING = b'{"type":"ping"}'
+REPLACED = b'{"type":"replaced"}'  # a newer connection took this key: do not reconnect
 
 
 def _encode(obj: object) -> bytes:

@@ -137,3 +137,70 @@ test("a token error fetches a new token once", async () => {
   await tick();
   assert.equal(client.state, "closed");
 });
+
+test("a replaced frame ends the client without reconnecting", async () => {
+  const log = [];
+  const client = new OrbitedClient("http://n", { token: "t", factories: fakeFactories(log), base: 1, max: 2 });
+  client.connect();
+  await tick();
+  log[0].sink.frame({ type: "hello", stream: "e.1", reset: false });
+  log[0].sink.frame({ type: "replaced" });
+  await tick();
+  assert.equal(client.state, "closed");
+  assert.equal(log.length, 1);
+});
+
+test("a reset hello on the same stream restarts sequence numbers; a given position resumes", () => {
+  const r = new Resume("e.1:7");
+  assert.equal(r.position(), "e.1:7");
+  r.handle({ type: "hello", stream: "e.1", reset: true });
+  assert.equal(r.handle({ type: "event", seq: 1, data: "x" }).kind, "message");
+});
+
+test("close() during a token fetch does not bring the client back", async () => {
+  const log = [];
+  let reject;
+  const client = new OrbitedClient("http://n", {
+    token: () => new Promise((_, r) => { reject = r; }), factories: fakeFactories(log), base: 1, max: 2,
+  });
+  client.connect();
+  client.close();
+  reject(new Error("no token"));
+  await tick();
+  assert.equal(client.state, "closed");
+  assert.equal(log.length, 0);
+});
+
+test("token refresh works again after each successful hello", async () => {
+  const log = [];
+  let issued = 0;
+  const client = new OrbitedClient("http://n", { token: async () => `tok${++issued}`, factories: fakeFactories(log), base: 1, max: 2 });
+  client.connect();
+  for (let round = 0; round < 3; round++) {
+    await tick();
+    const t = log[log.length - 1];
+    t.sink.frame({ type: "hello", stream: "e.1", reset: false });
+    t.sink.down("expired", "token");
+  }
+  await tick();
+  assert.equal(client.state, "reconnecting");
+  assert.deepEqual(log.map((t) => t.params.token), ["tok1", "tok2", "tok3", "tok4"]);
+  client.close();
+});
+
+test("a transport that worked is kept through a few failed reconnects", async () => {
+  const log = [];
+  const client = new OrbitedClient("http://n", { token: "t", factories: fakeFactories(log), base: 1, max: 2 });
+  client.connect();
+  await tick();
+  log[0].sink.frame({ type: "hello", stream: "e.1", reset: false });
+  try {
+    for (let i = 0; i < 5; i++) {  // one drop after hello, then four failed attempts
+      log[log.length - 1].sink.down("node down", null);
+      await tick();
+    }
+    assert.deepEqual(log.map((t) => t.name), [...Array(5).fill("websocket"), "sse"]);
+  } finally {
+    client.close();
+  }
+});

@@ -64,7 +64,8 @@ class _PendingPoll(HTTPSink):
         self.request.finish()
 
     def replaced(self) -> None:
-        # A newer poll for the same key: answer this one with what it has.
+        # A newer poll for the same key: answer this one, telling it to stop polling.
+        self.frames.append(frames.REPLACED)
         self.flush()
 
     def reconnect(self, reason: str) -> None:

@@ -68,7 +68,9 @@ class _Stream(HTTPSink):
         return True
 
     def replaced(self) -> None:
-        self.finish()
+        if not self.finished:
+            self.request.write(self.encode(frames.REPLACED))
+            self.finish()
 
     def reconnect(self, reason: str) -> None:
         if not self.finished:

@@ -140,7 +140,9 @@ class BrowserWebSocket(WebSocketServerProtocol):
         return True
 
     def replaced(self) -> None:
-        self.sendClose(CLOSE_REPLACED, "replaced: a newer connection took this key")
+        if self.state == self.STATE_OPEN:
+            self.sendMessage(frames.REPLACED)
+            self.sendClose(CLOSE_REPLACED, "replaced: a newer connection took this key")
 
     def reconnect(self, reason: str) -> None:
         if self.state == self.STATE_OPEN:
