@@ -130,3 +130,21 @@ def test_malformed_orbit_request_gets_failure_and_close(orbit_node: NodeProcess)
     reply = read_replies(sock, 1)[0]
     assert reply.startswith(b"Failure\r\nid: \r\nmsg: expected 'Orbit 1.0'")
     assert sock.recv(10) == b""
+
+
+def test_full_send_buffer_stops_reading_requests():
+    """Same backpressure as the SP port: the transport pausing us pauses reading."""
+    from twisted.internet.task import Clock
+    from twisted.internet.testing import StringTransport
+
+    from orbited.hub import Hub, HubConfig
+    from orbited.legacy.orbit import OrbitFactory
+
+    proto = OrbitFactory(Hub(Clock(), HubConfig())).buildProtocol(None)
+    transport = StringTransport()
+    proto.makeConnection(transport)
+    assert transport.producer is proto
+    proto.pauseProducing()
+    assert transport.producerState == "paused"
+    proto.resumeProducing()
+    assert transport.producerState == "producing"

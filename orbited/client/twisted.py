@@ -83,8 +83,10 @@ class TwistedClient:
         self._ids = RequestIds()
         self._connections: dict[tuple[str, int], _ReqProtocol] = {}
         self._connecting: dict[tuple[str, int], list[defer.Deferred[_ReqProtocol]]] = {}
+        self._closed = False
 
     def close(self) -> None:
+        self._closed = True  # requests in flight give up instead of reconnecting
         for proto in self._connections.values():
             proto.transport.loseConnection()
         self._connections.clear()
@@ -119,6 +121,9 @@ class TwistedClient:
         for attempt in range(self.retries + 1):
             if attempt:
                 yield task.deferLater(self.reactor, self.backoff * 2 ** (attempt - 1))
+            if self._closed:
+                last_error = ConnectionError("client closed")
+                break
             proto = None
             try:
                 proto = yield self._protocol(address)

@@ -20,8 +20,10 @@ import itertools
 import json
 from dataclasses import dataclass
 
+from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from orbited.events import NO_CONNECTION, RequestLimits
 from orbited.hub import Hub
@@ -155,6 +157,7 @@ def body_to_data(body: bytes) -> object:
         return text
 
 
+@implementer(IPushProducer)
 class OrbitProtocol(Protocol):
     log = Logger()
     _serials = itertools.count(1)
@@ -165,6 +168,19 @@ class OrbitProtocol(Protocol):
         # Orbit ids are only unique per connection: scope them so dedup never merges
         # two connections' events.
         self.scope = f"orbit{next(self._serials)}"
+
+    def connectionMade(self) -> None:  # noqa: N802
+        # A web app that does not read its replies makes us stop reading its requests.
+        self.transport.registerProducer(self, True)
+
+    def pauseProducing(self) -> None:  # noqa: N802
+        self.transport.pauseProducing()
+
+    def resumeProducing(self) -> None:  # noqa: N802
+        self.transport.resumeProducing()
+
+    def stopProducing(self) -> None:  # noqa: N802
+        pass
 
     def dataReceived(self, data: bytes) -> None:  # noqa: N802
         try:
