@@ -98,12 +98,6 @@ class RouteTable:
     def machines(self) -> dict[int, str]:
         return dict(sorted(self._machine.items()))
 
-    def owner(self, route: int) -> str | None:
-        for node, held in self._table.items():
-            if route in held:
-                return self._machine[node]
-        return None
-
     def owners(self) -> dict[int, str]:
         """route → machine name, for every route."""
         return {r: self._machine[n] for n, held in self._table.items() for r in held}

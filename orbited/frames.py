@@ -30,7 +30,3 @@ def gap(first: int, last: int) -> bytes:
 
 def reconnect(reason: str) -> bytes:
     return _encode({"type": "reconnect", "reason": reason})
-
-
-def error(code: str, message: str) -> bytes:
-    return _encode({"type": "error", "code": code, "message": message})

@@ -149,10 +149,6 @@ class Hub:
     def connections(self) -> int:
         return len(self._slots)
 
-    @property
-    def attached(self) -> int:
-        return sum(1 for slot in self._slots.values() if slot.sink is not None)
-
     def keepalive_tick(self) -> None:
         """Ping every transport that has been silent for the keepalive interval."""
         deadline = self.clock.seconds() - self.config.keepalive

@@ -68,18 +68,19 @@ class _Stream(HTTPSink):
         return True
 
     def replaced(self) -> None:
-        if not self.finished:
-            self.request.write(self.encode(frames.REPLACED))
-            self.finish()
+        self.finish(frames.REPLACED)
 
     def reconnect(self, reason: str) -> None:
-        if not self.finished:
-            self.request.write(self.encode(frames.reconnect(reason)))
-            self.finish()
+        self.finish(frames.reconnect(reason))
 
-    def finish(self) -> None:
-        if self._end():
-            self.request.finish()
+    def finish(self, last_frame: bytes | None = None) -> None:
+        """End the response, after ``last_frame`` if given (written even past a cap)."""
+        if self.finished:
+            return
+        if last_frame is not None:
+            self.request.write(self.encode(last_frame))
+        self._end()
+        self.request.finish()
 
 
 class _SSEStream(_Stream):
