@@ -1,9 +1,11 @@
 """The ``halod`` command.
 
-    halod plan --routes N --nodes M [--json] [--svg FILE]
+    halod [run] [--config FILE] [--control tcp://HOST:PORT] ...   the daemon
+    halod status [--url http://HOST:PORT]                          nodes as a table
+    halod plan --routes N --nodes M [--json] [--svg FILE]          the canonical table
 
-prints the canonical route table for 1..M nodes (docs/halod.md). The daemon itself (node
-registration, heartbeats, failover, the data plane) is not part of this release yet.
+Flags of ``halod run`` are the keys of the config file's [halod] table
+(docs/operations.md, "HaloD configuration"); docs/halod.md explains the table.
 """
 
 from __future__ import annotations
@@ -12,9 +14,16 @@ import argparse
 import html
 import json
 import sys
+import urllib.error
+import urllib.request
 from pathlib import Path
 
+from halod.config import HaloDConfig
 from halod.routes import DEFAULT_ROUTES, RouteTableError, canonical, format_ranges
+from orbited.config import ConfigError
+from orbited.daemon import run_service
+
+SUBCOMMANDS = ("run", "plan", "status")
 
 # Colour-blind-safe palette (Okabe–Ito), repeated for larger clusters.
 PALETTE = ["#E69F00", "#56B4E9", "#009E73", "#F0E442", "#0072B2", "#D55E00", "#CC79A7",
@@ -64,15 +73,51 @@ def plan_svg(routes: int, nodes: int) -> str:
     return "\n".join(out)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="halod", description="HaloD route table tools.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    plan = sub.add_parser("plan", help="print the canonical route table for 1..M nodes")
+def _plan_parser() -> argparse.ArgumentParser:
+    plan = argparse.ArgumentParser(
+        prog="halod plan", description="Print the canonical route table for 1..M nodes."
+    )
     plan.add_argument("--routes", type=int, default=DEFAULT_ROUTES, help="N (default 24)")
     plan.add_argument("--nodes", type=int, required=True, help="M")
     plan.add_argument("--json", action="store_true", help="a JSON list instead of text")
     plan.add_argument("--svg", type=Path, help="also write a picture of the progression")
-    args = parser.parse_args(argv)
+    return plan
+
+
+def _run_parser() -> argparse.ArgumentParser:
+    run = argparse.ArgumentParser(
+        prog="halod run",
+        description="Run the HaloD daemon. Every flag is also a key of the config file's "
+        "[halod] table (docs/operations.md); flags win.",
+    )
+    run.add_argument("--config", type=Path, help="TOML file with a [halod] table")
+    run.add_argument("--ready-file", type=Path, help="write the bound addresses here as JSON")
+    HaloDConfig.add_flags(run)
+    return run
+
+
+def _status_parser() -> argparse.ArgumentParser:
+    status = argparse.ArgumentParser(
+        prog="halod status", description="Show HaloD's nodes as a table."
+    )
+    status.add_argument("--url", default="http://127.0.0.1:7601", help="HaloD's status_http")
+    status.add_argument("--json", action="store_true", help="print the raw JSON")
+    return status
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    command = argv[0] if argv and argv[0] in SUBCOMMANDS else "run"
+    if argv and argv[0] in SUBCOMMANDS:
+        argv = argv[1:]
+    if command == "plan":
+        return plan_command(_plan_parser().parse_args(argv))
+    if command == "status":
+        return status_command(_status_parser().parse_args(argv))
+    return run_command(_run_parser().parse_args(argv))
+
+
+def plan_command(args: argparse.Namespace) -> int:
     if not 1 <= args.nodes <= args.routes:
         print(f"halod plan: --nodes must be from 1 to --routes ({args.routes})", file=sys.stderr)
         return 2
@@ -87,6 +132,65 @@ def main(argv: list[str] | None = None) -> int:
         print(f"halod plan: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def status_table(status: dict) -> str:
+    """Nodes as a fixed-width table, active ones by id, then spares, then failed."""
+    rows = [("ID", "NAME", "STATE", "ROUTES", "CONNS", "HEARTBEAT", "BROWSER", "SP")]
+    for node in status["nodes"]:
+        if node["connected"]:
+            beat = f"{node['last_heartbeat_age']:.1f}s ago"
+        else:
+            beat = f"lost {node['disconnected_for']:.1f}s"
+        rows.append((
+            str(node["id"] or "-"), node["name"], node["state"], node["ranges"] or "-",
+            str(node["connections"]), beat, node["browser"], node["sp"],
+        ))  # fmt: skip
+    for failed in status["failed"]:
+        rows.append(("-", failed["name"], "failed", "-", "-", failed["why"], "-", "-"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+             for row in rows]  # fmt: skip
+    head = (
+        f"{status['routes']} routes, policy {status['policy']}, "
+        f"{status['spares_wanted']} spare(s) wanted, failovers {status['failovers']}, "
+        f"table version {status['table_version']}"
+    )
+    return "\n".join([head, *lines])
+
+
+def status_command(args: argparse.Namespace) -> int:
+    url = args.url.rstrip("/") + "/status"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            status = json.load(response)
+    except (OSError, ValueError, urllib.error.URLError) as e:
+        print(f"halod status: cannot read {url}: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(status, indent=1) if args.json else status_table(status))
+    return 0
+
+
+def run_command(args: argparse.Namespace) -> int:
+    overrides = {k: v for k, v in vars(args).items() if k not in ("config", "ready_file")}
+    try:
+        config = HaloDConfig.load(args.config, overrides)
+    except (ConfigError, TypeError) as e:
+        print(f"halod: {e}", file=sys.stderr)
+        return 2
+    from twisted.internet import reactor
+
+    from halod.server import HaloDService
+    from orbited.logs import start_logging
+
+    start_logging(config.log_level)
+    try:
+        daemon = HaloDService(config, reactor)
+    except (OSError, ValueError) as e:
+        print(f"halod: {e}", file=sys.stderr)
+        return 2
+    ready = lambda: {"control": daemon.control_address, "status": daemon.status_address}  # noqa: E731
+    return run_service("halod", daemon, ready, args.ready_file)
 
 
 if __name__ == "__main__":

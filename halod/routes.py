@@ -3,8 +3,12 @@
 Routes 1..N map to active node ids 1..M; each id is served by one machine (a registered
 node, by name). Adding a node follows the seed's steps (docs/halod.md, "Adding a node");
 losing one hands its id and routes to a spare, or, with no spare, to the machine with the
-highest id, whose own routes go back by the reverse of the add. Under this policy the
-table (id → routes) always equals the canonical table for M nodes.
+highest id, whose own routes go back by the reverse of the add. Under this policy (SEED)
+the table (id → routes) always equals the canonical table for M nodes.
+
+The MINIMAL policy differs only when an active node fails with no spare: its routes alone
+move, one by one to the least-loaded active node, and its id stays free until a new node
+takes it (docs/halod.md, "Failover policies").
 """
 
 from __future__ import annotations
@@ -14,6 +18,9 @@ from functools import cache
 from typing import NamedTuple
 
 DEFAULT_ROUTES = 24
+SEED = "seed"
+MINIMAL = "minimal"
+POLICIES = (SEED, MINIMAL)
 
 
 class Move(NamedTuple):
@@ -28,19 +35,26 @@ class RouteTableError(ValueError):
     pass
 
 
-def add_node(table: dict[int, list[int]], routes: int) -> dict[int, list[int]]:
+def add_node(
+    table: dict[int, list[int]], routes: int, new_id: int | None = None
+) -> dict[int, list[int]]:
     """The seed's add: a new node id M+1 takes floor(N/(M+1)) routes. Pure.
 
-    ``table`` maps node id → ascending route ids; returns the new table.
+    ``table`` maps node id → ascending route ids; returns the new table. ``new_id`` is
+    M+1 unless given (the minimal policy reuses a freed id); the quota counts nodes.
     """
-    new_id = max(table, default=0) + 1
-    if new_id > routes:
+    if new_id is None:
+        new_id = max(table, default=0) + 1
+    if new_id in table or new_id < 1:
+        raise RouteTableError(f"node id {new_id} is taken or invalid")
+    nodes = len(table) + 1
+    if nodes > routes:
         raise RouteTableError(f"{routes} routes cannot serve more than {routes} active nodes")
     if not table:
-        return {1: list(range(1, routes + 1))}
+        return {new_id: list(range(1, routes + 1))}
     result = {node: list(held) for node, held in table.items()}
     order = sorted(result, key=lambda node: (-len(result[node]), node))
-    quota = routes // new_id
+    quota = routes // nodes
     taken: list[int] = []
     i = 0
     while len(taken) < quota:
@@ -81,11 +95,18 @@ class Change:
 class RouteTable:
     """Membership and routes of one cluster. Every change returns the moved routes."""
 
-    def __init__(self, routes: int = DEFAULT_ROUTES, spares_wanted: int = 1) -> None:
+    def __init__(
+        self, routes: int = DEFAULT_ROUTES, spares_wanted: int = 1, policy: str = SEED
+    ) -> None:
         if routes < 1:
             raise RouteTableError("a cluster needs at least one route")
+        if policy not in POLICIES:
+            raise RouteTableError(f"policy must be one of {', '.join(POLICIES)}")
+        if spares_wanted < 0:
+            raise RouteTableError("spares_wanted must not be negative")
         self.routes = routes
         self.spares_wanted = spares_wanted
+        self.policy = policy
         self._table: dict[int, list[int]] = {}  # node id -> ascending routes
         self._machine: dict[int, str] = {}  # node id -> name
         self.spares: list[str] = []  # oldest first
@@ -122,8 +143,10 @@ class RouteTable:
             self.spares.append(name)
             return Change(name, "spare", None)
         before = self.owners()
-        self._table = add_node(self._table, self.routes)
-        new_id = max(self._table)
+        new_id = max(self._table, default=0) + 1
+        if self.policy == MINIMAL:  # the lowest free id: ids stay within 1..N
+            new_id = next(i for i in range(1, active + 2) if i not in self._table)
+        self._table = add_node(self._table, self.routes, new_id)
         self._machine[new_id] = name
         return Change(name, "active", new_id, self._moves(before))
 
@@ -139,6 +162,16 @@ class RouteTable:
         before = self.owners()
         if self.spares:
             self._machine[failed] = self.spares.pop(0)
+        elif self.policy == MINIMAL:
+            del self._machine[failed]
+            orphans = self._table.pop(failed)
+            for route in orphans:
+                if not self._table:
+                    break
+                target = min(self._table, key=lambda node: (len(self._table[node]), node))
+                self._table[target].append(route)
+            for held in self._table.values():
+                held.sort()
         else:
             highest = max(self._table)
             if failed != highest:
@@ -148,6 +181,42 @@ class RouteTable:
             # which returns node M's routes to the nodes they came from.
             self._table = canonical(self.routes, highest - 1)
         return Change(name, "gone", failed, self._moves(before))
+
+    # -- persistence --------------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, object]:
+        """Everything needed to rebuild this table exactly (JSON-ready)."""
+        return {
+            "routes": self.routes,
+            "policy": self.policy,
+            "spares_wanted": self.spares_wanted,
+            "nodes": {str(n): {"name": self._machine[n], "routes": self._table[n]}
+                      for n in sorted(self._table)},  # fmt: skip
+            "spares": list(self.spares),
+        }
+
+    @classmethod
+    def restore(cls, snapshot: dict, spares_wanted: int | None = None) -> RouteTable:
+        """Rebuild a table from ``snapshot()``; raise RouteTableError if it is not a valid
+        table (a route without exactly one owner, a name twice, ...)."""
+        try:
+            table = cls(int(snapshot["routes"]), int(snapshot["spares_wanted"]),
+                        str(snapshot["policy"]))  # fmt: skip
+            if spares_wanted is not None:
+                table.spares_wanted = spares_wanted
+            for node, entry in snapshot["nodes"].items():
+                table._table[int(node)] = sorted(int(r) for r in entry["routes"])
+                table._machine[int(node)] = str(entry["name"])
+            table.spares = [str(name) for name in snapshot["spares"]]
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise RouteTableError(f"not a route table snapshot: {e!r}") from None
+        held = sorted(r for routes in table._table.values() for r in routes)
+        if held != (list(range(1, table.routes + 1)) if table._table else []):
+            raise RouteTableError("snapshot: every route needs exactly one owner")
+        names = list(table._machine.values()) + table.spares
+        if len(set(names)) != len(names) or any(not routes for routes in table._table.values()):
+            raise RouteTableError("snapshot: a name twice or an active node without routes")
+        return table
 
     def _moves(self, before: dict[int, str]) -> list[Move]:
         after = self.owners()

@@ -9,14 +9,12 @@ Flags are documented in docs/operations.md; ``orbited node --help`` lists them.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
-from dataclasses import MISSING, fields
 from pathlib import Path
 
 from orbited import __version__
 from orbited.config import ConfigError, NodeConfig
+from orbited.daemon import run_service
 from orbited.keys import ConnectionKey, KeyError_
 from orbited.tokens import DEFAULT_TTL, issue_token, load_secret
 
@@ -31,24 +29,7 @@ def _node_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--config", type=Path, help="TOML file with a [node] table")
     p.add_argument("--ready-file", type=Path, help="write the bound addresses here as JSON")
-    for f in fields(NodeConfig):
-        flag = "--" + f.name.replace("_", "-")
-        default = f.default if f.default is not MISSING else []
-        helptext = f"{f.metadata['help']} (default: {default!r})"
-        if isinstance(default, bool):
-            p.add_argument(
-                f"--no-{f.name.replace('_', '-')}",
-                dest=f.name,
-                action="store_const",
-                const=False,
-                help=f"do not {helptext}",
-            )
-        elif isinstance(default, list):
-            p.add_argument(flag.removesuffix("s"), dest=f.name, action="append", help=helptext)
-        elif f.name == "log_level":
-            p.add_argument(flag, choices=["debug", "info", "warn", "error"], help=helptext)
-        else:
-            p.add_argument(flag, type=type(default), help=helptext)
+    NodeConfig.add_flags(p)
     return p
 
 
@@ -104,35 +85,17 @@ def node_command(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as e:
         print(f"orbited: {e}", file=sys.stderr)
         return 2
-    failed: list[BaseException] = []
 
-    def start() -> None:
-        try:
-            node.startService()
-        except Exception as e:  # e.g. address in use
-            failed.append(e)
-            reactor.stop()
-            return
-        if args.ready_file is not None:
-            ready = {
-                "http": node.http_address,
-                "sp": node.sp_address,
-                "publish": node.publish_address,
-                "orbit": node.orbit_address,
-                "pid": os.getpid(),
-                "epoch": node.hub.epoch,
-            }
-            tmp = args.ready_file.with_suffix(".tmp")
-            tmp.write_text(json.dumps(ready))
-            tmp.replace(args.ready_file)
+    def ready() -> dict[str, object]:
+        return {
+            "http": node.http_address,
+            "sp": node.sp_address,
+            "publish": node.publish_address,
+            "orbit": node.orbit_address,
+            "epoch": node.hub.epoch,
+        }
 
-    reactor.callWhenRunning(start)
-    reactor.addSystemEventTrigger("before", "shutdown", node.stopService)
-    reactor.run()
-    if failed:
-        print(f"orbited: cannot start: {failed[0]}", file=sys.stderr)
-        return 1
-    return 0
+    return run_service("orbited", node, ready, args.ready_file)
 
 
 if __name__ == "__main__":

@@ -5,9 +5,11 @@ Every key and default is listed in docs/operations.md ("Node configuration").
 
 from __future__ import annotations
 
+import argparse
 import tomllib
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
+from typing import ClassVar, TypeVar
 
 from orbited.events import RequestLimits
 from orbited.hub import HubConfig
@@ -25,9 +27,84 @@ def _opt(default: object, help: str) -> object:  # noqa: A002
     return field(default=default, metadata={"help": help})
 
 
+C = TypeVar("C", bound="ConfigBase")
+
+
+class ConfigBase:
+    """A dataclass whose fields are the keys of one TOML table (``section``) and flags.
+
+    Each field is a TOML key and a flag (--field-name); its help is the flag's help.
+    """
+
+    section: ClassVar[str]
+
+    @classmethod
+    def load(cls: type[C], path: Path | None, overrides: dict[str, object]) -> C:
+        values: dict[str, object] = {}
+        if path is not None:
+            try:
+                doc = tomllib.loads(path.read_text())
+            except (OSError, tomllib.TOMLDecodeError) as e:
+                raise ConfigError(f"cannot read config {path}: {e}") from None
+            values.update(doc.get(cls.section, {}))
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+        unknown = values.keys() - known
+        if unknown:
+            raise ConfigError(f"unknown config keys: {', '.join(sorted(unknown))}")
+        config = cls(**values)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        """Types first (TOML and flags both end here); subclasses add their rules."""
+        for f in fields(self):  # type: ignore[arg-type]
+            value, default = getattr(self, f.name), f.default
+            expected = type(default) if default is not MISSING else list
+            ok = isinstance(value, expected) or (expected is float and isinstance(value, int))
+            if not ok or isinstance(value, bool) != (expected is bool):
+                raise ConfigError(f"{f.name} must be of type {expected.__name__}")
+            if expected is list and not all(isinstance(v, str) for v in value):
+                raise ConfigError(f"{f.name} must be a list of strings")
+
+    def require_positive(self, *names: str) -> None:
+        for name in names:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive")
+
+    @classmethod
+    def add_flags(cls, parser: argparse.ArgumentParser) -> None:
+        """One flag per field: --no-x for booleans, repeated --x for lists."""
+        for f in fields(cls):  # type: ignore[arg-type]
+            flag = "--" + f.name.replace("_", "-")
+            default = f.default if f.default is not MISSING else []
+            helptext = f"{f.metadata['help']} (default: {default!r})"
+            if isinstance(default, bool):
+                parser.add_argument(
+                    f"--no-{f.name.replace('_', '-')}",
+                    dest=f.name,
+                    action="store_const",
+                    const=False,
+                    help=f"do not {helptext}",
+                )
+            elif isinstance(default, list):
+                parser.add_argument(
+                    flag.removesuffix("s"), dest=f.name, action="append", help=helptext
+                )
+            elif f.name == "log_level":
+                parser.add_argument(flag, choices=LOG_LEVELS, help=helptext)
+            else:
+                parser.add_argument(flag, type=type(default), help=helptext)
+
+
+LOG_LEVELS = ["debug", "info", "warn", "error"]
+
+
 @dataclass
-class NodeConfig:
-    """Each field is a TOML key and a flag (--field-name); the help is the flag's help."""
+class NodeConfig(ConfigBase):
+    """The [node] table."""
+
+    section: ClassVar[str] = "node"
 
     name: str = _opt("orbited", "node name in logs and /orbited/health")
     http: str = _opt("127.0.0.1:8000", "browser listener host:port")
@@ -57,35 +134,16 @@ class NodeConfig:
     orbit_legacy: str = _opt("", "2007 Orbit 1.0 protocol listener host:port (empty = off)")
     iframe_max_bytes: int = _opt(1024 * 1024, "bytes per iframe response, then reconnect")
     backlog: int = _opt(1024, "listen backlog of both listeners (connect bursts)")
+    halod: str = _opt("", "HaloD control address tcp://host:port (empty = standalone)")
+    halod_secret_file: str = _opt("", "file holding HaloD's cluster secret (if it has one)")
+    routes: int = _opt(24, "routes in the cluster (HaloD's value wins when connected)")
+    advertise_http: str = _opt("", "browser address HaloD forwards to (default: --http)")
+    advertise_sp: str = _opt("", "SP address HaloD forwards to (default: --sp)")
+    capacity: int = _opt(100_000, "connections this node is sized for (reported to HaloD)")
     log_level: str = _opt("info", "debug, info, warn or error")
 
-    @classmethod
-    def load(cls, path: Path | None, overrides: dict[str, object]) -> NodeConfig:
-        values: dict[str, object] = {}
-        if path is not None:
-            try:
-                doc = tomllib.loads(path.read_text())
-            except (OSError, tomllib.TOMLDecodeError) as e:
-                raise ConfigError(f"cannot read config {path}: {e}") from None
-            values.update(doc.get("node", {}))
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        known = {f.name for f in fields(cls)}
-        unknown = values.keys() - known
-        if unknown:
-            raise ConfigError(f"unknown config keys: {', '.join(sorted(unknown))}")
-        config = cls(**values)  # type: ignore[arg-type]
-        config.validate()
-        return config
-
     def validate(self) -> None:
-        for f in fields(self):
-            value, default = getattr(self, f.name), f.default
-            expected = type(default) if default is not MISSING else list
-            ok = isinstance(value, expected) or (expected is float and isinstance(value, int))
-            if not ok or isinstance(value, bool) != (expected is bool):
-                raise ConfigError(f"{f.name} must be of type {expected.__name__}")
-        if not all(isinstance(origin, str) for origin in self.cors_origins):
-            raise ConfigError("cors_origins must be a list of strings")
+        super().validate()
         parse_host_port(self.http)
         if self.presence_url and not self.presence_url.startswith(("http://", "https://")):
             raise ConfigError("presence_url must be an http:// or https:// URL")
@@ -115,11 +173,19 @@ class NodeConfig:
         ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive")
-        if self.log_level not in ("debug", "info", "warn", "error"):
+        if self.halod:
+            parse_sp_address(self.halod)
+        if self.advertise_http:
+            parse_host_port(self.advertise_http)
+        if self.advertise_sp:
+            parse_sp_address(self.advertise_sp)
+        self.require_positive("routes", "capacity")
+        if self.log_level not in LOG_LEVELS:
             raise ConfigError("log_level is one of debug, info, warn, error")
 
     def hub_config(self) -> HubConfig:
         return HubConfig(
+            routes=self.routes,
             mailbox=MailboxLimits(self.mailbox_events, self.mailbox_bytes),
             requests=RequestLimits(self.max_recipients, self.max_payload),
             linger=self.linger,

@@ -19,6 +19,7 @@ MAX_EVENT_ID = 128
 DELIVERED = "delivered"  # written to an attached transport
 QUEUED = "queued"  # kept in the mailbox until the browser (re)connects
 NO_CONNECTION = "no_connection"  # no mailbox for that key on this node
+MOVED = "moved"  # the key's route is not served here (HaloD moved it); nothing stored
 
 
 @dataclass(frozen=True)
@@ -125,6 +126,13 @@ def result(status: str, seq: int, dropped: int = 0) -> bytes:
     if dropped:
         return b'{"status":"%s","seq":%d,"dropped":%d}' % (status.encode(), seq, dropped)
     return b'{"status":"%s","seq":%d}' % (status.encode(), seq)
+
+
+def moved_result(route: int, to: str | None) -> bytes:
+    """The key's route is not this node's: ``to`` is the new owner's SP address if known."""
+    if to is None:
+        return b'{"status":"moved","route":%d}' % route
+    return b'{"status":"moved","route":%d,"to":%s}' % (route, _encode_reply(to))
 
 
 def _encode_reply(obj: object) -> bytes:

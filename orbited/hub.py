@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import secrets
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -18,6 +18,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from orbited import events, frames
+from orbited.hashing import DEFAULT_ROUTES, route_of
 from orbited.keys import ConnectionKey
 from orbited.mailbox import Mailbox, MailboxLimits, Position
 
@@ -47,13 +48,15 @@ class HubConfig:
     dedup_window: float = 300.0  # seconds a request is remembered to ignore resends
     dedup_max: int = 100_000  # requests remembered at most
     dedup_max_bytes: int = 64 * 1024 * 1024  # bytes of remembered replies at most
+    routes: int = DEFAULT_ROUTES  # N of the cluster's hashing (docs/hashing.md)
 
 
 class _Slot:
-    __slots__ = ("mailbox", "sink", "linger_call")
+    __slots__ = ("mailbox", "sink", "linger_call", "route")
 
-    def __init__(self, mailbox: Mailbox) -> None:
+    def __init__(self, mailbox: Mailbox, route: int) -> None:
         self.mailbox = mailbox
+        self.route = route
         self.sink: Sink | None = None
         self.linger_call: IDelayedCall | None = None
 
@@ -70,6 +73,11 @@ class Hub:
         self._recent: OrderedDict[bytes, tuple[float, bytes]] = OrderedDict()
         self._recent_bytes = 0
         self.stopped = False
+        # Routes this node serves: None when standalone (every route); with HaloD, what it
+        # assigned (nothing until it has). moved_to: new owners' SP addresses, for replies.
+        self.routes = config.routes
+        self.owned: frozenset[int] | None = None
+        self.moved_to: dict[int, str | None] = {}
         # Called with ("signon" | "signoff", key): a key's mailbox created / expired.
         self.presence: Callable[[str, ConnectionKey], None] | None = None
         self.stats = {
@@ -79,6 +87,7 @@ class Hub:
             "no_connection": 0,
             "duplicates": 0,
             "bad_requests": 0,
+            "moved": 0,
         }
 
     # -- browser side -------------------------------------------------------------------
@@ -93,9 +102,16 @@ class Hub:
             return None
         slot = self._slots.get(key)
         if slot is None:
+            route = route_of(key, self.routes)
+            if self.owned is not None and route not in self.owned:
+                # Not ours (any more): the browser retries and HaloD's port for the route
+                # now leads to the owner.
+                self.stats["moved"] += 1
+                sink.reconnect("route_moved")
+                return None
             self._streams += 1
             mailbox = Mailbox(f"{self.epoch}.{self._streams:x}", self.config.mailbox)
-            slot = self._slots[key] = _Slot(mailbox)
+            slot = self._slots[key] = _Slot(mailbox, route)
             if self.presence is not None:
                 self.presence("signon", key)
         else:
@@ -156,6 +172,56 @@ class Hub:
             sink = slot.sink
             if sink is not None and sink.wants_pings and sink.last_write <= deadline:
                 sink.deliver([frames.PING])
+
+    # -- routes (HaloD) -------------------------------------------------------------------
+
+    def assign(self, routes: Iterable[int], total: int | None = None) -> int:
+        """HaloD's assignment: serve exactly ``routes`` of ``total``. Browsers of keys on
+        routes no longer served are told to reconnect and their mailboxes dropped.
+        Returns how many keys were evicted."""
+        new = frozenset(routes)
+        if total is not None and total != self.routes:
+            self.routes = total
+            for key, slot in self._slots.items():
+                slot.route = route_of(key, total)
+            self.owned = None  # every slot is checked against the new assignment
+        previous = frozenset(range(1, self.routes + 1)) if self.owned is None else self.owned
+        self.owned = new
+        for route in new:
+            self.moved_to.pop(route, None)
+        lost = previous - new
+        return self._evict(lost)
+
+    def route_moved(self, moves: dict[int, str | None]) -> int:
+        """'route moved': these routes now reach another node (SP address, if known)."""
+        self.moved_to.update(moves)
+        owned = frozenset(range(1, self.routes + 1)) if self.owned is None else self.owned
+        self.owned = owned - moves.keys()
+        return self._evict(frozenset(moves))
+
+    def _evict(self, routes: frozenset[int]) -> int:
+        if not routes:
+            return 0
+        evicted = 0
+        for key, slot in list(self._slots.items()):
+            if slot.route not in routes:
+                continue
+            del self._slots[key]
+            evicted += 1
+            if slot.linger_call is not None:
+                slot.linger_call.cancel()
+                slot.linger_call = None
+            sink, slot.sink = slot.sink, None
+            if sink is not None:
+                try:
+                    sink.reconnect("route_moved")
+                except Exception:
+                    self.log.failure("telling a browser to reconnect failed")
+            if self.presence is not None:
+                self.presence("signoff", key)
+        if evicted:
+            self.log.info("{n} keys of moved routes told to reconnect", n=evicted)
+        return evicted
 
     def shutdown(self, reason: str) -> None:
         """Tell every browser to reconnect; the node is going away."""
@@ -218,6 +284,11 @@ class Hub:
     def _deliver(self, key: ConnectionKey, payload: bytes) -> bytes:
         slot = self._slots.get(key)
         if slot is None:
+            if self.owned is not None:
+                route = route_of(key, self.routes)
+                if route not in self.owned:
+                    self.stats["moved"] += 1
+                    return events.moved_result(route, self.moved_to.get(route))
             self.stats["no_connection"] += 1
             return events.NO_CONNECTION_RESULT
         mailbox = slot.mailbox

@@ -14,6 +14,7 @@ from twisted.internet.interfaces import IListeningPort, IReactorCore, IReactorTC
 from twisted.logger import Logger
 
 from orbited.config import NodeConfig, parse_host_port, parse_sp_address
+from orbited.control import HaloDLink
 from orbited.hub import Hub
 from orbited.legacy.orbit import OrbitFactory
 from orbited.presence import PresenceConfig, PresenceNotifier
@@ -87,6 +88,23 @@ class NodeService(service.MultiService):
         keepalive = internet.TimerService(config.keepalive / 2, self.hub.keepalive_tick)
         keepalive.clock = clock
         keepalive.setServiceParent(self)
+        self.halod_link: HaloDLink | None = None
+        if config.halod:
+            halod_secret = None
+            if config.halod_secret_file:
+                halod_secret = load_secret(Path(config.halod_secret_file)).decode("latin-1")
+            self.halod_link = HaloDLink(
+                self.hub, config.name, config.halod, self._advertised, config.capacity,
+                reactor, halod_secret,
+            )  # fmt: skip
+            self.halod_link.setServiceParent(self)  # after the listeners: addresses known
+
+    def _advertised(self) -> tuple[str, str]:
+        """The addresses HaloD forwards browsers and web apps to."""
+        return (
+            self.config.advertise_http or self.http_address,
+            self.config.advertise_sp or self.sp_address,
+        )
 
     def startService(self) -> None:  # noqa: N802
         super().startService()
@@ -99,6 +117,8 @@ class NodeService(service.MultiService):
         )
 
     def stopService(self):  # noqa: ANN201, N802
+        if self.halod_link is not None:
+            self.halod_link.leave()
         self.hub.shutdown("shutdown")
         # Give the reconnect frames and close handshakes a moment to leave.
         reactor: IReactorCore = self.reactor  # type: ignore[assignment]

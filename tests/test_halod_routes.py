@@ -4,7 +4,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from halod.routes import RouteTable, RouteTableError, add_node, canonical, format_ranges
+from halod.routes import (
+    MINIMAL,
+    RouteTable,
+    RouteTableError,
+    add_node,
+    canonical,
+    format_ranges,
+)
 
 # shared/reference/halod-original.md, corrected for the note's copying slip (21 for 22).
 NOTE_24 = [
@@ -107,7 +114,17 @@ def test_any_join_fail_sequence_keeps_the_table_canonical(routes, spares, ops):
             if change.role == "active" and len(t.machines()) > 1:
                 assert len(moved) == routes // len(t.machines())  # the seed's quota, no more
         else:
-            t.leave(members[pick % len(members)])
+            name = members[pick % len(members)]
+            node, before, had_spare = t.node_id(name), t.table(), bool(t.spares)
+            change = t.leave(name)
+            if node is not None:  # an active node: as few moves as the policy implies
+                expected = len(before[node])
+                highest = max(before)
+                if not had_spare and node != highest:
+                    # M's routes go back, except those returning to id f (now M's machine)
+                    after = canonical(routes, highest - 1)
+                    expected += len([r for r in before[highest] if r not in after[node]])
+                assert len(change.moves) == expected
         table = t.table()
         held = sorted(r for rs in table.values() for r in rs)
         assert held == (list(range(1, routes + 1)) if table else [])  # one owner per route
@@ -116,6 +133,66 @@ def test_any_join_fail_sequence_keeps_the_table_canonical(routes, spares, ops):
         assert min(counts, default=1) >= 1
         assert table == canonical(routes, len(table))
         assert sorted(table) == list(range(1, len(table) + 1))
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.integers(min_value=1, max_value=4096),
+    st.integers(min_value=0, max_value=2),
+    st.lists(st.tuples(st.booleans(), st.integers(min_value=0, max_value=30)), max_size=40),
+)
+def test_minimal_policy_moves_only_the_failed_nodes_routes(routes, spares, ops):
+    t = RouteTable(routes, spares_wanted=spares, policy=MINIMAL)
+    counter = 0
+    for join, pick in ops:
+        members = [n for n in t.machines().values()] + t.spares
+        if join or not members:
+            counter += 1
+            change = t.join(f"x{counter}")
+            if change.role == "active" and len(t.machines()) > 1:
+                assert len(change.moves) == routes // len(t.machines())
+        else:
+            name = members[pick % len(members)]
+            node, before = t.node_id(name), t.table()
+            change = t.leave(name)
+            if node is not None:
+                assert sorted(m.route for m in change.moves) == before[node]
+                assert all(m.old == name for m in change.moves)
+        table = t.table()
+        held = sorted(r for rs in table.values() for r in rs)
+        assert held == (list(range(1, routes + 1)) if table else [])
+        counts = [len(rs) for rs in table.values()]
+        assert not counts or max(counts) - min(counts) <= 1
+        assert min(counts, default=1) >= 1
+        assert all(1 <= node <= routes for node in table)
+        assert RouteTable.restore(t.snapshot()).snapshot() == t.snapshot()
+
+
+def test_minimal_policy_without_spare_spreads_the_failed_routes():
+    t = RouteTable(24, spares_wanted=0, policy=MINIMAL)
+    for n in names(4):
+        t.join(n)
+    before = t.owners()
+    change = t.leave("n2")
+    assert sorted(m.route for m in change.moves) == [r for r, n in before.items() if n == "n2"]
+    assert sorted(len(rs) for rs in t.table().values()) == [8, 8, 8]
+    assert 2 not in t.table()
+    assert t.join("n5").node_id == 2  # the freed id is reused
+
+
+def test_snapshot_round_trip_and_bad_snapshots():
+    t = RouteTable(24)
+    for n in names(4):
+        t.join(n)
+    snap = t.snapshot()
+    again = RouteTable.restore(snap)
+    assert again.table() == t.table() and again.machines() == t.machines()
+    assert again.spares == t.spares
+    broken = {**snap, "nodes": {**snap["nodes"], "1": {"name": "n1", "routes": [1]}}}
+    with pytest.raises(RouteTableError):
+        RouteTable.restore(broken)
+    with pytest.raises(RouteTableError):
+        RouteTable.restore({"routes": "x"})
 
 
 def test_format_ranges():

@@ -218,3 +218,66 @@ def test_ping_request():
         "ok": True,
         "results": [],
     }
+
+
+# -- routes assigned by HaloD (docs/halod-protocol.md, "On the node") -------------------
+
+
+def keys_on_routes(routes, total=24, count=2):
+    """Connection keys whose route (docs/hashing.md) is in ``routes``."""
+    from orbited.hashing import route_of
+
+    found, i = [], 0
+    while len(found) < count:
+        key = ConnectionKey(f"user{i}", "s", "/")
+        if route_of(key, total) in routes:
+            found.append(key)
+        i += 1
+    return found
+
+
+def test_assignment_evicts_keys_of_lost_routes_only():
+    hub, clock = make_hub()
+    signals = []
+    hub.presence = lambda kind, key: signals.append((kind, key))
+    hub.assign(range(1, 25))
+    keep, lose = keys_on_routes(range(1, 13))[0], keys_on_routes(range(13, 25))[0]
+    lingering = keys_on_routes(range(13, 25), count=2)[1]
+    sinks = {k: RecordingSink() for k in (keep, lose, lingering)}
+    for key, sink in sinks.items():
+        hub.attach(key, sink, None)
+    hub.detach(lingering, sinks[lingering])
+    assert hub.assign(range(1, 13)) == 2
+    assert sinks[lose].reconnect_reason == "route_moved"
+    assert sinks[keep].reconnect_reason is None and hub.mailbox(keep) is not None
+    assert hub.mailbox(lose) is None and hub.mailbox(lingering) is None
+    assert ("signoff", lose) in signals and ("signoff", lingering) in signals
+    clock.advance(60)  # the cancelled linger does not fire twice
+    assert signals.count(("signoff", lingering)) == 1
+
+
+def test_keys_of_routes_not_served_are_refused_and_reported_moved():
+    hub, _ = make_hub()
+    hub.assign([1, 2, 3])
+    other = keys_on_routes(range(4, 25))[0]
+    sink = RecordingSink()
+    assert hub.attach(other, sink, None) is None
+    assert sink.reconnect_reason == "route_moved" and sink.frames == []
+    reply = send(hub, "e1", [other], "x")
+    from orbited.hashing import route_of
+
+    assert reply["results"] == [{"status": "moved", "route": route_of(other)}]
+    hub.route_moved({1: "tcp://127.0.0.9:9000"})
+    moved = keys_on_routes([1])[0]
+    assert send(hub, "e2", [moved], "x")["results"] == [
+        {"status": "moved", "route": 1, "to": "tcp://127.0.0.9:9000"}
+    ]
+    assert hub.owned == frozenset({2, 3})
+    hub.assign([1, 2, 3])  # back again: served, no longer reported moved
+    assert send(hub, "e3", [moved], "x")["results"] == [{"status": "no_connection"}]
+
+
+def test_standalone_hub_serves_every_route():
+    hub, _ = make_hub()
+    key = keys_on_routes([24])[0]
+    assert hub.owned is None and hub.attach(key, RecordingSink(), None) is not None

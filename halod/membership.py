@@ -1,0 +1,248 @@
+"""Who is in the cluster and whether they are alive (sans-I/O).
+
+Owns node records (addresses, capacity, liveness), registration rules, heartbeat and grace
+deadlines, and turning route-table changes into messages for the nodes concerned. Time is
+passed in; nothing here touches a socket or a timer (halod.server does). Rules:
+docs/halod-protocol.md.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+from halod import protocol as p
+from halod.routes import Change, RouteTable, RouteTableError
+
+MAX_FAILED_SHOWN = 256  # failed nodes remembered for status pages
+
+
+@dataclass(frozen=True)
+class Timing:
+    heartbeat_interval: float = 1.0  # seconds between a node's heartbeats
+    missed_heartbeats: int = 3  # k: a connected node silent for k intervals has failed
+    grace: float = 5.0  # seconds a disconnected node has to come back and keep its routes
+
+
+@dataclass
+class NodeRecord:
+    name: str
+    browser: str
+    sp: str
+    capacity: int
+    connected: bool = False
+    last_heartbeat: float = 0.0
+    disconnected_at: float | None = None
+    connections: int = 0
+
+    def address(self) -> dict[str, str]:
+        return {"name": self.name, "browser": self.browser, "sp": self.sp}
+
+
+@dataclass(frozen=True)
+class Send:
+    """Deliver ``message`` to the connected node ``name``."""
+
+    name: str
+    message: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Drop:
+    """Send ``name`` an error and close its control connection."""
+
+    name: str
+    code: str
+    message: str
+
+
+@dataclass
+class Effects:
+    sends: list[Send] = field(default_factory=list)
+    drops: list[Drop] = field(default_factory=list)
+    changes: list[Change] = field(default_factory=list)  # table changes: persist, log
+
+    def extend(self, other: Effects) -> None:
+        self.sends += other.sends
+        self.drops += other.drops
+        self.changes += other.changes
+
+
+class Membership:
+    def __init__(self, table: RouteTable, timing: Timing, secret: str | None = None) -> None:
+        self.table = table
+        self.timing = timing
+        self.secret = secret
+        self.nodes: dict[str, NodeRecord] = {}
+        self.failed: OrderedDict[str, tuple[float, str]] = OrderedDict()  # name → (when, why)
+        self.failovers = 0
+
+    # -- node messages ------------------------------------------------------------------
+
+    def register(self, msg: dict[str, Any], now: float) -> Effects:
+        """A validated ``register``. Raises ControlError (nothing changed) to refuse it."""
+        if self.secret is not None and not hmac.compare_digest(
+            str(msg.get("secret", "")).encode(), self.secret.encode()
+        ):
+            raise p.ControlError(p.UNAUTHORIZED, "wrong or missing cluster secret")
+        name, claim = msg["name"], msg.get("node_id")
+        record = self.nodes.get(name)
+        held = self.table.node_id(name)
+        if record is not None and record.connected:
+            raise p.ControlError(p.DUPLICATE_NAME, f"a node named {name!r} is connected")
+        if record is not None:  # back within the grace period: keeps its id and routes
+            if claim is not None and claim != held:
+                raise p.ControlError(p.ID_MISMATCH, f"{name!r} holds id {held}, not {claim}")
+        elif claim is not None:
+            owner = self.table.machines().get(claim)
+            if owner is not None:
+                raise p.ControlError(p.ID_CLAIMED, f"node id {claim} belongs to {owner!r}")
+            raise p.ControlError(p.ID_CLAIMED, f"{name!r} no longer holds node id {claim}")
+        effects = Effects()
+        if record is None:
+            record = self.nodes[name] = NodeRecord(name, msg["browser"], msg["sp"], 0)
+            self.failed.pop(name, None)
+            change = self.table.join(name)
+            effects.changes.append(change)
+        elif (record.browser, record.sp) != (msg["browser"], msg["sp"]):
+            effects.changes.append(Change(name, "readdressed", held))
+        record.browser, record.sp, record.capacity = msg["browser"], msg["sp"], msg["capacity"]
+        record.connected, record.disconnected_at, record.last_heartbeat = True, None, now
+        effects.sends.append(Send(name, self._state(name, p.WELCOME)))
+        for change in effects.changes:
+            effects.sends += self._notices(change, skip=name)
+        return effects
+
+    def heartbeat(self, name: str, msg: dict[str, Any], now: float) -> Effects:
+        record = self.nodes[name]
+        record.last_heartbeat = now
+        record.connections = msg.get("connections", record.connections)
+        return Effects(sends=[Send(name, {"type": p.HEARTBEAT_ACK, "seq": msg["seq"]})])
+
+    def disconnected(self, name: str, now: float) -> None:
+        record = self.nodes.get(name)
+        if record is not None and record.connected:
+            record.connected, record.disconnected_at = False, now
+
+    def leave(self, name: str, now: float, why: str = "left") -> Effects:
+        """The node is gone for good (said so, or failed): hand its routes over now."""
+        record = self.nodes.pop(name, None)
+        if record is None:
+            return Effects()
+        self.failed[name] = (now, why)
+        while len(self.failed) > MAX_FAILED_SHOWN:
+            self.failed.popitem(last=False)
+        change = self.table.leave(name)
+        if change.moves:
+            self.failovers += 1
+        effects = Effects(changes=[change], sends=self._notices(change, skip=name))
+        if record.connected and why != "left":
+            effects.drops.append(Drop(name, p.FAILED, f"declared failed: {why}"))
+        return effects
+
+    def tick(self, now: float) -> Effects:
+        """Fail nodes past their deadline; call at least every heartbeat interval."""
+        timing = self.timing
+        silent_after = timing.missed_heartbeats * timing.heartbeat_interval
+        effects = Effects()
+        for record in list(self.nodes.values()):
+            if record.connected and now - record.last_heartbeat > silent_after:
+                why = f"no heartbeat for {now - record.last_heartbeat:.1f}s"
+            elif not record.connected and now - (record.disconnected_at or now) > timing.grace:
+                why = f"disconnected for more than {timing.grace:g}s"
+            else:
+                continue
+            effects.extend(self.leave(record.name, now, why))
+        return effects
+
+    # -- messages to nodes --------------------------------------------------------------
+
+    def _state(self, name: str, kind: str) -> dict[str, Any]:
+        node_id = self.table.node_id(name)
+        routes = self.table.table().get(node_id, []) if node_id is not None else []
+        message: dict[str, Any] = {
+            "type": kind,
+            "node_id": node_id,
+            "role": "active" if node_id is not None else "spare",
+            "routes": routes,
+        }
+        if kind == p.WELCOME:
+            message.update(
+                total_routes=self.table.routes,
+                heartbeat_interval=self.timing.heartbeat_interval,
+                missed_heartbeats=self.timing.missed_heartbeats,
+            )
+        return message
+
+    def _notices(self, change: Change, skip: str) -> list[Send]:
+        """'route moved' to each former owner, then the new assignment of every member
+        whose routes or role changed."""
+        moved: dict[str, list[dict[str, Any]]] = {}
+        touched: dict[str, None] = {}
+        for move in change.moves:
+            target = self.nodes.get(move.new) if move.new is not None else None
+            entry = {"route": move.route, **(target.address() if target else {"name": None})}
+            if move.old is not None:
+                moved.setdefault(move.old, []).append(entry)
+                touched[move.old] = None
+            if move.new is not None:
+                touched[move.new] = None
+        if change.role in ("active", "spare"):
+            touched[change.name] = None
+        sends = [
+            Send(old, {"type": p.ROUTE_MOVED, "moves": entries})
+            for old, entries in moved.items()
+            if old in self.nodes and old != skip
+        ]
+        sends += [
+            Send(name, self._state(name, p.ASSIGN))
+            for name in touched
+            if name in self.nodes and name != skip
+        ]
+        return sends
+
+    # -- views and persistence ----------------------------------------------------------
+
+    def state_of(self, name: str) -> str:
+        if name in self.nodes:
+            return "active" if self.table.node_id(name) is not None else "spare"
+        return "failed"
+
+    def owners(self) -> dict[int, NodeRecord]:
+        return {route: self.nodes[name] for route, name in self.table.owners().items()}
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "table": self.table.snapshot(),
+            "nodes": {
+                name: {"browser": r.browser, "sp": r.sp, "capacity": r.capacity}
+                for name, r in self.nodes.items()
+            },
+            "failovers": self.failovers,
+        }
+
+    @classmethod
+    def restore(
+        cls, snapshot: dict[str, Any], timing: Timing, now: float, spares_wanted: int,
+        secret: str | None = None,
+    ) -> Membership:  # fmt: skip
+        """Rebuild after a restart: every node counts as disconnected since ``now``, so
+        each has the grace period to reconnect and keep its routes."""
+        table = RouteTable.restore(snapshot["table"], spares_wanted)
+        members = set(table.machines().values()) | set(table.spares)
+        try:
+            nodes = {
+                name: NodeRecord(name, str(entry["browser"]), str(entry["sp"]),
+                                 int(entry["capacity"]), disconnected_at=now)  # fmt: skip
+                for name, entry in snapshot["nodes"].items()
+            }
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise RouteTableError(f"not a membership snapshot: {e!r}") from None
+        if set(nodes) != members:
+            raise RouteTableError("snapshot: node records do not match the table")
+        membership = cls(table, timing, secret)
+        membership.nodes = nodes
+        membership.failovers = int(snapshot.get("failovers", 0))
+        return membership

@@ -1,0 +1,130 @@
+"""HaloD's control protocol, sans-I/O: JSON messages over SP PAIR v0 (docs/halod-protocol.md).
+
+Owns the message vocabulary, its encoding and the validation of everything a peer sends;
+both ends (halod.server and orbited.control) use it. Framing is orbited.sp.wire's.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from orbited.sp.wire import PAIR_V0
+
+CONTROL_PROTOCOL = PAIR_V0  # both ends speak pair0: one peer, messages both ways
+VERSION = 1
+MAX_MESSAGE = 1024 * 1024  # an `assign` for 4096 routes is ≈ 25 KB
+
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,63}")
+_ADDRESS = re.compile(r"[\x21-\x7e]{1,256}")  # printable ASCII, no spaces
+
+# Node → HaloD
+REGISTER = "register"
+HEARTBEAT = "heartbeat"
+LEAVE = "leave"
+# HaloD → node
+WELCOME = "welcome"
+ASSIGN = "assign"
+ROUTE_MOVED = "route_moved"
+HEARTBEAT_ACK = "heartbeat_ack"
+ERROR = "error"
+
+FROM_NODE = (REGISTER, HEARTBEAT, LEAVE)
+FROM_HALOD = (WELCOME, ASSIGN, ROUTE_MOVED, HEARTBEAT_ACK, ERROR)
+
+# Error codes HaloD sends before closing (docs/halod-protocol.md, "Errors").
+BAD_MESSAGE = "bad_message"
+UNSUPPORTED_VERSION = "unsupported_version"
+UNAUTHORIZED = "unauthorized"
+DUPLICATE_NAME = "duplicate_name"
+ID_MISMATCH = "id_mismatch"
+ID_CLAIMED = "id_claimed"
+NOT_REGISTERED = "not_registered"
+FAILED = "failed"
+SHUTDOWN = "shutdown"
+
+
+class ControlError(Exception):
+    """A message HaloD refuses; ``code`` goes back to the node in an ``error`` message."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def encode(message: dict[str, Any]) -> bytes:
+    return json.dumps(message, separators=(",", ":"), allow_nan=False).encode()
+
+
+def _int(msg: dict[str, Any], field: str, low: int, high: int, optional: bool = False) -> None:
+    value = msg.get(field)
+    if value is None and optional:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise ControlError(BAD_MESSAGE, f"{field} must be an integer in {low}..{high}")
+
+
+def _str(msg: dict[str, Any], field: str, pattern: re.Pattern[str], optional: bool = False) -> None:
+    value = msg.get(field)
+    if value is None and optional:
+        return
+    if not isinstance(value, str) or not pattern.fullmatch(value):
+        raise ControlError(BAD_MESSAGE, f"{field} is missing or malformed")
+
+
+def decode(body: bytes, allowed: tuple[str, ...]) -> dict[str, Any]:
+    """Parse and validate one message whose ``type`` is in ``allowed``."""
+    try:
+        msg = json.loads(body)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise ControlError(BAD_MESSAGE, "not a JSON message") from None
+    if not isinstance(msg, dict):
+        raise ControlError(BAD_MESSAGE, "a message is a JSON object")
+    kind = msg.get("type")
+    if kind not in allowed:
+        raise ControlError(BAD_MESSAGE, f"unexpected message type {str(kind)[:40]!r}")
+    if kind == REGISTER:
+        _int(msg, "version", 0, 2**31)
+        if msg["version"] != VERSION:
+            raise ControlError(UNSUPPORTED_VERSION, f"this HaloD speaks version {VERSION}")
+        _str(msg, "name", NAME)
+        _str(msg, "browser", _ADDRESS)
+        _str(msg, "sp", _ADDRESS)
+        _int(msg, "capacity", 0, 2**40)
+        _int(msg, "node_id", 1, 2**31, optional=True)
+        if "secret" in msg and not isinstance(msg["secret"], str):
+            raise ControlError(BAD_MESSAGE, "secret must be a string")
+    elif kind in (HEARTBEAT, HEARTBEAT_ACK):
+        _int(msg, "seq", 0, 2**62)
+        _int(msg, "connections", 0, 2**40, optional=True)
+    elif kind in (WELCOME, ASSIGN):
+        _int(msg, "node_id", 1, 2**31, optional=True)
+        if msg.get("role") not in ("active", "spare"):
+            raise ControlError(BAD_MESSAGE, "role is active or spare")
+        routes = msg.get("routes")
+        if not isinstance(routes, list) or not all(
+            isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in routes
+        ):
+            raise ControlError(BAD_MESSAGE, "routes must be a list of route ids")
+        if kind == WELCOME:
+            _int(msg, "total_routes", 1, 2**31)
+            interval = msg.get("heartbeat_interval")
+            if not isinstance(interval, int | float) or not 0 < interval <= 3600:
+                raise ControlError(BAD_MESSAGE, "heartbeat_interval must be positive seconds")
+            _int(msg, "missed_heartbeats", 1, 1000)
+    elif kind == ROUTE_MOVED:
+        moves = msg.get("moves")
+        if not isinstance(moves, list) or not all(
+            isinstance(m, dict) and isinstance(m.get("route"), int) for m in moves
+        ):
+            raise ControlError(BAD_MESSAGE, "moves must be a list of {route, to, sp, browser}")
+    elif kind == ERROR:
+        if not isinstance(msg.get("code"), str) or not isinstance(msg.get("message"), str):
+            raise ControlError(BAD_MESSAGE, "an error has a code and a message")
+    return msg
+
+
+def error(code: str, message: str) -> dict[str, Any]:
+    return {"type": ERROR, "code": code, "message": message}

@@ -1,0 +1,421 @@
+"""The HaloD daemon's Twisted shell: control connections, deadlines, persistence, status.
+
+Moves control messages between TCP (SP pair0 framing, orbited.sp.wire) and the sans-I/O
+membership core, runs the deadline tick, saves the table before any node hears of a
+change, and serves /status, /routes and /metrics over HTTP.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from twisted.application import internet, service
+from twisted.internet.interfaces import IDelayedCall, IReactorTCP, IReactorTime
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.resource import Resource
+from twisted.web.server import Request, Site
+
+from halod import protocol as p
+from halod.config import HaloDConfig
+from halod.membership import Effects, Membership
+from halod.routes import Change, RouteTable, format_ranges
+from halod.store import Store
+from orbited.config import parse_host_port, parse_sp_address
+from orbited.sp.wire import SPConnection, SPProtocolError, encode_message
+from orbited.tokens import load_secret
+
+ChangeListener = Callable[[Change, Membership], None]
+
+
+class ControlProtocol(Protocol):
+    """One node's control connection. Registration must arrive within the header timeout."""
+
+    log = Logger()
+
+    def __init__(self, halod: HaloD) -> None:
+        self.halod = halod
+        self.name: str | None = None
+        self.closed = False
+        max_message = halod.config.control_max_message
+        self._sp = SPConnection(p.CONTROL_PROTOCOL, p.CONTROL_PROTOCOL, max_message)
+        self._register_timer: IDelayedCall | None = None
+
+    def connectionMade(self) -> None:  # noqa: N802
+        setnodelay = getattr(self.transport, "setTcpNoDelay", None)
+        if setnodelay is not None:
+            setnodelay(True)
+        self.transport.write(self._sp.initial_bytes())
+        self._register_timer = self.halod.clock.callLater(
+            self.halod.config.control_header_timeout, self._no_register
+        )
+
+    def _no_register(self) -> None:
+        self._register_timer = None
+        if self.name is None:
+            self.refuse(p.NOT_REGISTERED, "no register message in time")
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        if self.closed:
+            return
+        try:
+            bodies = self._sp.receive(data)
+        except SPProtocolError as e:
+            self.log.warn("control connection from {peer} closed: {e}", peer=self.peer, e=e)
+            self.closed = True
+            self.transport.abortConnection()
+            return
+        for body in bodies:
+            if self.closed:
+                return
+            self.halod.received(self, body)
+
+    def registered(self, name: str) -> None:
+        self.name = name
+        if self._register_timer is not None:
+            self._register_timer.cancel()
+            self._register_timer = None
+
+    def send(self, message: dict[str, Any]) -> None:
+        if not self.closed:
+            self.transport.write(encode_message(p.encode(message)))
+
+    def refuse(self, code: str, message: str) -> None:
+        """Send an error and close once it is written."""
+        if self.closed:
+            return
+        self.log.warn(
+            "control connection {who} refused: {code}: {message}",
+            who=self.name or self.peer, code=code, message=message,
+        )  # fmt: skip
+        self.send(p.error(code, message))
+        self.closed = True
+        self.transport.loseConnection()
+
+    @property
+    def peer(self) -> str:
+        peer = self.transport.getPeer()
+        return f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}"
+
+    def connectionLost(self, reason: Failure = None) -> None:  # noqa: N802
+        self.closed = True
+        if self._register_timer is not None:
+            self._register_timer.cancel()
+            self._register_timer = None
+        self.halod.lost(self)
+
+
+class HaloD:
+    """Membership + persistence + the connections to nodes, by name."""
+
+    log = Logger()
+
+    def __init__(self, config: HaloDConfig, clock: IReactorTime) -> None:
+        self.config = config
+        self.clock = clock
+        self.started = time.time()
+        self.store = Store(Path(config.db))
+        secret = None
+        if config.secret_file:
+            secret = load_secret(Path(config.secret_file)).decode("latin-1")
+        saved = self.store.load()
+        if saved is None:
+            table = RouteTable(config.routes, config.spares, config.policy)
+            self.membership = Membership(table, config.timing(), secret)
+            self.store.save(self.membership.snapshot())
+        else:
+            self.membership = Membership.restore(
+                saved, config.timing(), clock.seconds(), config.spares, secret
+            )
+            if self.membership.table.routes != config.routes:
+                raise ValueError(
+                    f"{config.db} holds a table of {self.membership.table.routes} routes, "
+                    f"not {config.routes}: routes are fixed for the life of a cluster"
+                )
+            self.membership.table.policy = config.policy
+            self.log.info(
+                "restored the route table of {db} ({nodes} nodes); they have {grace}s to "
+                "reconnect", db=config.db, nodes=len(self.membership.nodes), grace=config.grace,
+            )  # fmt: skip
+        self.connections: dict[str, ControlProtocol] = {}
+        self.listeners: list[ChangeListener] = []
+        self.stats = {"messages": 0, "refused": 0, "persist_errors": 0, "changes": 0}
+
+    # -- from control connections --------------------------------------------------------
+
+    def received(self, conn: ControlProtocol, body: bytes) -> None:
+        self.stats["messages"] += 1
+        now = self.clock.seconds()
+        try:
+            msg = p.decode(body, p.FROM_NODE)
+            kind = msg["type"]
+            if conn.name is None:
+                if kind != p.REGISTER:
+                    raise p.ControlError(p.NOT_REGISTERED, "the first message is register")
+                effects = self.membership.register(msg, now)
+                conn.registered(msg["name"])
+                self.connections[msg["name"]] = conn
+                self.log.info(
+                    "node {name} registered (browser {browser}, sp {sp})",
+                    name=msg["name"], browser=msg["browser"], sp=msg["sp"],
+                )  # fmt: skip
+            elif kind == p.HEARTBEAT:
+                effects = self.membership.heartbeat(conn.name, msg, now)
+            elif kind == p.LEAVE:
+                effects = self.membership.leave(conn.name, now, "left")
+                self.connections.pop(conn.name, None)
+                conn.closed = True
+                conn.transport.loseConnection()
+            else:
+                raise p.ControlError(p.BAD_MESSAGE, "already registered")
+        except p.ControlError as e:
+            self.stats["refused"] += 1
+            conn.refuse(e.code, e.message)
+            return
+        self.apply(effects)
+
+    def lost(self, conn: ControlProtocol) -> None:
+        name = conn.name
+        if name is not None and self.connections.get(name) is conn:
+            del self.connections[name]
+            self.membership.disconnected(name, self.clock.seconds())
+            self.log.info(
+                "node {name} disconnected; failover after {grace}s without it",
+                name=name, grace=self.config.grace,
+            )  # fmt: skip
+
+    def tick(self) -> None:
+        self.apply(self.membership.tick(self.clock.seconds()))
+
+    # -- effects -------------------------------------------------------------------------
+
+    def apply(self, effects: Effects) -> None:
+        if effects.changes:
+            self.stats["changes"] += len(effects.changes)
+            try:
+                self.store.save(self.membership.snapshot())
+            except Exception:
+                self.stats["persist_errors"] += 1
+                self.log.failure("saving the route table to {db} failed", db=self.config.db)
+            for change in effects.changes:
+                self._log_change(change)
+                for listener in self.listeners:
+                    try:
+                        listener(change, self.membership)
+                    except Exception:
+                        self.log.failure("route change listener failed")
+        for drop in effects.drops:
+            conn = self.connections.pop(drop.name, None)
+            if conn is not None:
+                conn.refuse(drop.code, drop.message)
+        for send in effects.sends:
+            conn = self.connections.get(send.name)
+            if conn is not None:
+                conn.send(send.message)
+
+    def _log_change(self, change: Change) -> None:
+        if change.role == "gone":
+            why = self.membership.failed.get(change.name, (0, "left"))[1]
+            self.log.warn(
+                "node {name} (id {id}) removed: {why}; {n} routes moved",
+                name=change.name, id=change.node_id, why=why, n=len(change.moves),
+            )  # fmt: skip
+        else:
+            self.log.info(
+                "node {name} is {role} (id {id}); {n} routes moved",
+                name=change.name, role=change.role, id=change.node_id, n=len(change.moves),
+            )  # fmt: skip
+
+    def shutdown(self) -> None:
+        self.store.close()
+
+    # -- views ---------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        now = self.clock.seconds()
+        m = self.membership
+        table = m.table.table()
+        ids = {name: node for node, name in m.table.machines().items()}
+        nodes = []
+        for name, record in sorted(m.nodes.items(), key=lambda i: (ids.get(i[0], 1 << 40), i[0])):
+            node_id = ids.get(name)
+            routes = table.get(node_id, []) if node_id is not None else []
+            nodes.append({
+                "name": name,
+                "id": node_id,
+                "state": m.state_of(name),
+                "connected": record.connected,
+                "routes": routes,
+                "ranges": format_ranges(routes),
+                "browser": record.browser,
+                "sp": record.sp,
+                "capacity": record.capacity,
+                "connections": record.connections,
+                "last_heartbeat_age": round(now - record.last_heartbeat, 3)
+                if record.connected else None,
+                "disconnected_for": round(now - record.disconnected_at, 3)
+                if record.disconnected_at is not None else None,
+            })  # fmt: skip
+        return {
+            "routes": m.table.routes,
+            "policy": m.table.policy,
+            "spares_wanted": m.table.spares_wanted,
+            "heartbeat_interval": m.timing.heartbeat_interval,
+            "missed_heartbeats": m.timing.missed_heartbeats,
+            "grace": m.timing.grace,
+            "table_version": self.store.version,
+            "failovers": m.failovers,
+            "uptime": round(time.time() - self.started, 1),
+            "nodes": nodes,
+            "failed": [{"name": n, "at": at, "why": why} for n, (at, why) in m.failed.items()],
+        }
+
+    def routes_view(self) -> dict[str, Any]:
+        owners = self.membership.owners()
+        return {
+            "routes": self.membership.table.routes,
+            "version": self.store.version,
+            "owners": {
+                str(r): owners[r].address() if r in owners else None
+                for r in range(1, self.membership.table.routes + 1)
+            },
+        }
+
+    def metrics(self) -> str:
+        m = self.membership
+        states = {"active": 0, "spare": 0}
+        for name in m.nodes:
+            states[m.state_of(name)] += 1
+        lines = [
+            "# HELP halod_nodes Registered nodes by state.",
+            "# TYPE halod_nodes gauge",
+            *(f'halod_nodes{{state="{s}"}} {n}' for s, n in states.items()),
+            "# HELP halod_nodes_connected Nodes with a live control connection.",
+            "# TYPE halod_nodes_connected gauge",
+            f"halod_nodes_connected {len(self.connections)}",
+            "# HELP halod_routes Routes in the table.",
+            "# TYPE halod_routes gauge",
+            f"halod_routes {m.table.routes}",
+            "# HELP halod_routes_unowned Routes without an active node.",
+            "# TYPE halod_routes_unowned gauge",
+            f"halod_routes_unowned {m.table.routes - len(m.table.owners())}",
+            "# HELP halod_failovers_total Node removals that moved routes.",
+            "# TYPE halod_failovers_total counter",
+            f"halod_failovers_total {m.failovers}",
+            "# HELP halod_table_changes_total Route table changes saved.",
+            "# TYPE halod_table_changes_total counter",
+            f"halod_table_changes_total {self.stats['changes']}",
+            "# HELP halod_persist_errors_total Failed saves of the route table.",
+            "# TYPE halod_persist_errors_total counter",
+            f"halod_persist_errors_total {self.stats['persist_errors']}",
+            "# HELP halod_control_messages_total Control messages received from nodes.",
+            "# TYPE halod_control_messages_total counter",
+            f"halod_control_messages_total {self.stats['messages']}",
+            "# HELP halod_control_refused_total Control messages or connections refused.",
+            "# TYPE halod_control_refused_total counter",
+            f"halod_control_refused_total {self.stats['refused']}",
+            "# HELP halod_node_connections Browser connections each node reports.",
+            "# TYPE halod_node_connections gauge",
+            *(f'halod_node_connections{{node="{name}"}} {r.connections}'
+              for name, r in sorted(m.nodes.items())),  # fmt: skip
+        ]
+        return "\n".join(lines) + "\n"
+
+
+class ControlFactory(Factory):
+    def __init__(self, halod: HaloD) -> None:
+        self.halod = halod
+
+    def buildProtocol(self, addr: object) -> ControlProtocol:  # noqa: N802
+        return ControlProtocol(self.halod)
+
+
+class _View(Resource):
+    isLeaf = True
+
+    def __init__(self, render: Callable[[], tuple[str, bytes]]) -> None:
+        super().__init__()
+        self._render = render
+
+    def render_GET(self, request: Request) -> bytes:  # noqa: N802
+        content_type, body = self._render()
+        request.setHeader(b"content-type", content_type.encode())
+        request.setHeader(b"cache-control", b"no-store")
+        return body
+
+
+def status_site(halod: HaloD) -> Site:
+    def as_json(view: Callable[[], Any]) -> Callable[[], tuple[str, bytes]]:
+        return lambda: ("application/json", json.dumps(view(), indent=1).encode())
+
+    root = Resource()
+    root.putChild(b"status", _View(as_json(halod.status)))
+    root.putChild(b"routes", _View(as_json(halod.routes_view)))
+    root.putChild(
+        b"metrics",
+        _View(lambda: ("text/plain; version=0.0.4", halod.metrics().encode())),
+    )
+    site = _QuietSite(root)
+    site.displayTracebacks = False
+    site.noisy = False
+    return site
+
+
+class _QuietSite(Site):
+    def log(self, request: Request) -> None:
+        """No access log: monitoring polls these pages every few seconds."""
+
+
+class HaloDService(service.MultiService):
+    log = Logger()
+
+    def __init__(self, config: HaloDConfig, reactor: IReactorTCP | None = None) -> None:
+        super().__init__()
+        if reactor is None:
+            from twisted.internet import reactor as _reactor
+
+            reactor = _reactor
+        clock: IReactorTime = reactor  # type: ignore[assignment]
+        self.config = config
+        self.halod = HaloD(config, clock)
+        host, port = parse_sp_address(config.control)
+        self.control_server = internet.TCPServer(
+            port, ControlFactory(self.halod), backlog=1024, interface=host, reactor=reactor
+        )
+        self.control_server.setServiceParent(self)
+        self.status_server: internet.TCPServer | None = None
+        if config.status_http:
+            host, port = parse_host_port(config.status_http)
+            self.status_server = internet.TCPServer(
+                port, status_site(self.halod), interface=host, reactor=reactor
+            )
+            self.status_server.setServiceParent(self)
+        # Deadlines are checked a few times per heartbeat interval: detection takes at
+        # most grace (or k intervals) plus one tick.
+        period = max(0.02, min(config.heartbeat_interval, config.grace) / 4)
+        ticker = internet.TimerService(period, self.halod.tick)
+        ticker.clock = clock
+        ticker.setServiceParent(self)
+
+    @staticmethod
+    def _address(server: internet.TCPServer) -> str:
+        host = server._port.getHost()  # type: ignore[attr-defined]
+        return f"{host.host}:{host.port}"
+
+    @property
+    def control_address(self) -> str:
+        return "tcp://" + self._address(self.control_server)
+
+    @property
+    def status_address(self) -> str | None:
+        return self._address(self.status_server) if self.status_server else None
+
+    def stopService(self):  # noqa: ANN201, N802
+        result = super().stopService()
+        self.halod.shutdown()
+        return result

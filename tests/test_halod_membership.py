@@ -1,0 +1,163 @@
+"""HaloD's membership core with explicit times (no reactor): registration rules,
+heartbeat and grace deadlines, the messages nodes get, restore after a restart."""
+
+import pytest
+
+from halod import protocol as p
+from halod.membership import Drop, Membership, Timing
+from halod.routes import MINIMAL, RouteTable, canonical
+
+TIMING = Timing(heartbeat_interval=1.0, missed_heartbeats=3, grace=5.0)
+
+
+def reg(name, **extra):
+    msg = {"type": "register", "version": 1, "name": name, "browser": f"{name}:80",
+           "sp": f"tcp://{name}:90", "capacity": 10}  # fmt: skip
+    msg.update(extra)
+    return p.decode(p.encode(msg), p.FROM_NODE)
+
+
+def cluster(n, spares=0, policy="seed", secret=None):
+    m = Membership(RouteTable(24, spares, policy), TIMING, secret)
+    for i in range(1, n + 1):
+        m.register(reg(f"n{i}"), now=0.0)
+    return m
+
+
+def beat(m, now):
+    for record in m.nodes.values():
+        if record.connected:
+            m.heartbeat(record.name, {"seq": 1}, now)
+
+
+def sent(effects, name, kind):
+    return [s.message for s in effects.sends if s.name == name and s.message["type"] == kind]
+
+
+def test_welcome_carries_role_routes_and_timing():
+    m = Membership(RouteTable(24, 1), TIMING)
+    first = m.register(reg("a"), 0.0)
+    (welcome,) = sent(first, "a", "welcome")
+    assert welcome["role"] == "active" and welcome["routes"] == list(range(1, 25))
+    assert welcome["total_routes"] == 24 and welcome["heartbeat_interval"] == 1.0
+    assert welcome["missed_heartbeats"] == 3
+    (spare,) = sent(m.register(reg("b"), 0.0), "b", "welcome")
+    assert spare["role"] == "spare" and spare["routes"] == [] and spare["node_id"] is None
+
+
+def test_join_sends_route_moved_with_the_new_owners_addresses_then_assign():
+    m = cluster(1)
+    effects = m.register(reg("n2"), 1.0)
+    (moved,) = sent(effects, "n1", "route_moved")
+    assert [e["route"] for e in moved["moves"]] == list(range(13, 25))
+    assert moved["moves"][0] == {"route": 13, "name": "n2", "browser": "n2:80", "sp": "tcp://n2:90"}
+    (assign,) = sent(effects, "n1", "assign")
+    assert assign["routes"] == list(range(1, 13))
+    assert [s.name for s in effects.sends].index("n1") < len(effects.sends)  # n1 told
+    assert sent(effects, "n2", "welcome")[0]["routes"] == list(range(13, 25))
+
+
+def test_reconnect_within_grace_keeps_routes_and_later_fails_over_to_the_spare():
+    m = cluster(3, spares=1)  # n1 active, n2 spare, n3 active
+    table = m.table.table()
+    beat(m, 10.0)
+    m.disconnected("n3", now=10.0)
+    beat(m, 14.9)
+    assert m.tick(14.9).changes == []
+    back = m.register(reg("n3", node_id=2), 15.0)
+    assert back.changes == [] and m.table.table() == table
+    assert sent(back, "n3", "welcome")[0]["routes"] == table[2]
+    m.disconnected("n3", now=20.0)
+    beat(m, 25.0)
+    effects = m.tick(25.1)
+    assert [c.name for c in effects.changes] == ["n3"]
+    assert m.table.machines() == {1: "n1", 2: "n2"} and m.table.table() == table
+    assert sent(effects, "n2", "assign")[0]["routes"] == table[2]
+    assert m.state_of("n3") == "failed"
+
+
+def test_missed_heartbeats_fail_a_connected_node_and_drop_its_connection():
+    m = cluster(2)
+    for t in (1.0, 2.0):
+        m.heartbeat("n1", {"seq": 1}, t)
+        m.heartbeat("n2", {"seq": 1}, t)
+    m.heartbeat("n1", {"seq": 2}, 4.5)
+    assert m.tick(5.0).changes == []  # n2 silent 3.0 s: not more than k × interval yet
+    effects = m.tick(5.1)
+    assert effects.drops == [Drop("n2", p.FAILED, effects.drops[0].message)]
+    assert m.table.table() == canonical(24, 1)
+    assert sent(effects, "n1", "assign")[0]["routes"] == list(range(1, 25))
+
+
+def test_without_spare_the_seed_replacement_happens():
+    m = cluster(3)
+    effects = m.leave("n1", 1.0, "test")
+    assert m.table.machines() == {1: "n3", 2: "n2"} and m.table.table() == canonical(24, 2)
+    moved = sent(effects, "n3", "route_moved")[0]["moves"]
+    assert {e["route"] for e in moved} == {21, 22, 23, 24}  # its former routes go back
+    assert sent(effects, "n3", "assign")[0]["routes"] == list(range(1, 13))
+
+
+def test_minimal_policy_moves_only_the_failed_routes():
+    m = cluster(3, policy=MINIMAL)
+    before = m.table.owners()
+    effects = m.leave("n2", 1.0, "test")
+    lost = {r for r, n in before.items() if n == "n2"}
+    assert {mv.route for c in effects.changes for mv in c.moves} == lost
+    assert not any(s.message["type"] == "route_moved" for s in effects.sends)
+
+
+@pytest.mark.parametrize(
+    ("message", "code"),
+    [
+        (reg("n1"), p.DUPLICATE_NAME),  # n1 is connected
+        (reg("n9", node_id=1), p.ID_CLAIMED),  # id 1 is n1's
+        (reg("n9", node_id=7), p.ID_CLAIMED),  # no such id any more
+    ],
+)
+def test_refused_registrations_change_nothing(message, code):
+    m = cluster(2)
+    snapshot = m.snapshot()
+    with pytest.raises(p.ControlError) as e:
+        m.register(message, 1.0)
+    assert e.value.code == code and m.snapshot() == snapshot
+
+
+def test_a_reconnecting_node_cannot_claim_another_id():
+    m = cluster(2)
+    m.disconnected("n2", 1.0)
+    with pytest.raises(p.ControlError) as e:
+        m.register(reg("n2", node_id=1), 2.0)
+    assert e.value.code == p.ID_MISMATCH and m.table.node_id("n2") == 2
+
+
+def test_cluster_secret():
+    m = cluster(0, secret="s3cret")
+    with pytest.raises(p.ControlError) as e:
+        m.register(reg("a", secret="wrong"), 0.0)
+    assert e.value.code == p.UNAUTHORIZED and m.nodes == {}
+    m.register(reg("a", secret="s3cret"), 0.0)
+    assert m.state_of("a") == "active"
+
+
+def test_restore_gives_every_node_the_grace_period_and_keeps_the_table():
+    m = cluster(4, spares=1)
+    m.register(reg("n2b"), 0.0)
+    snap = m.snapshot()
+    again = Membership.restore(snap, TIMING, now=100.0, spares_wanted=1)
+    assert again.table.table() == m.table.table() and again.snapshot() == snap
+    assert not any(r.connected for r in again.nodes.values())
+    assert again.tick(104.0).changes == []
+    again.register(reg("n1", node_id=1), 104.0)
+    beat(again, 105.0)
+    failed = again.tick(105.5)
+    assert {c.name for c in failed.changes} == set(m.nodes) - {"n1"}
+    assert again.table.machines() == {1: "n1"}
+
+
+def test_changed_addresses_are_saved_on_reregistration():
+    m = cluster(1)
+    m.disconnected("n1", 1.0)
+    effects = m.register(reg("n1", browser="elsewhere:81"), 2.0)
+    assert [c.role for c in effects.changes] == ["readdressed"]
+    assert m.snapshot()["nodes"]["n1"]["browser"] == "elsewhere:81"
