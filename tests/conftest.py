@@ -9,13 +9,14 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import pynng
 import pytest
 from websockets.sync.client import ClientConnection, connect
 
+from orbited.hashing import route_of
 from orbited.keys import ConnectionKey
 from orbited.tokens import issue_token
 
@@ -93,6 +94,90 @@ class NodeProcess:
                 return r.status, json.loads(r.read())
         except urllib.error.HTTPError as e:
             return e.code, json.loads(e.read() or b"null")
+
+
+class HaloDProcess:
+    """A ``halod run`` subprocess with its own SQLite file; restartable on the same ports."""
+
+    def __init__(self, tmp: Path, *flags: str) -> None:
+        self.tmp = tmp
+        self.db = tmp / "halod.sqlite3"
+        self.ready_file = tmp / "halod-ready.json"
+        self.log_file = tmp / "halod.log"
+        self.flags = flags
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.control = "tcp://127.0.0.1:0"
+        self.status_http = "127.0.0.1:0"
+
+    def start(self) -> HaloDProcess:
+        self.ready_file.unlink(missing_ok=True)
+        cmd = [
+            sys.executable, "-m", "halod.cli", "run", "--db", str(self.db),
+            "--control", self.control, "--status-http", self.status_http,
+            "--ready-file", str(self.ready_file), *self.flags,
+        ]  # fmt: skip
+        self.proc = subprocess.Popen(cmd, stdout=self.log_file.open("ab"), stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 15
+        while not self.ready_file.exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"halod did not start:\n{self.log_file.read_text()}")
+            time.sleep(0.02)
+        ready = json.loads(self.ready_file.read_text())
+        self.control, self.status_http = ready["control"], ready["status"]
+        return self
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait(5)
+
+    def get(self, page: str) -> dict:
+        with urllib.request.urlopen(f"http://{self.status_http}/{page}", timeout=5) as r:
+            return json.loads(r.read())
+
+    def nodes(self) -> dict[str, dict]:
+        return {n["name"]: n for n in self.get("status")["nodes"]}
+
+    def owners(self) -> dict[int, str | None]:
+        owners = self.get("routes")["owners"]
+        return {int(r): (o["name"] if o else None) for r, o in owners.items()}
+
+    def node(self, tmp: Path, name: str, *flags: str) -> NodeProcess:
+        """Start a node named ``name`` registered with this HaloD; wait until it is in."""
+        folder = tmp / name
+        folder.mkdir(exist_ok=True)
+        proc = NodeProcess(folder, "--name", name, "--halod", self.control, *flags)
+        host = f"127.0.0.{len(list(tmp.iterdir())) + 1}"
+        proc.start(http=f"{host}:0", sp=f"tcp://{host}:0")
+        wait_for(lambda: self.nodes().get(name, {}).get("connected"), f"{name} registered")
+        return proc
+
+
+def wait_for(predicate: Callable[[], object], what: str, timeout: float = 10.0) -> float:
+    """Poll ``predicate`` every 20 ms; return the seconds it took to become true."""
+    start = time.monotonic()
+    while not predicate():
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+    return time.monotonic() - start
+
+
+def keys_on_routes(routes: Iterable[int], count: int = 1, total: int = 24,
+                   prefix: str = "user") -> list[ConnectionKey]:  # fmt: skip
+    """The first ``count`` connection keys whose route (docs/hashing.md) is in ``routes``."""
+    wanted, found, i = set(routes), [], 0
+    while len(found) < count:
+        key = ConnectionKey(f"{prefix}{i}", "s", "/t")
+        if route_of(key, total) in wanted:
+            found.append(key)
+        i += 1
+    return found
 
 
 def send_event(req: pynng.Req0, event_id: str, to: list[list[str]], data: object) -> dict:

@@ -37,3 +37,36 @@ def test_svg_draws_every_route_of_every_row(tmp_path, capsys):
 def test_bad_arguments(capsys):
     assert main(["plan", "--routes", "4", "--nodes", "5"]) == 2
     assert "--nodes must be from 1 to --routes" in capsys.readouterr().err
+
+
+def test_run_refuses_bad_configuration(tmp_path):
+    import subprocess
+    import sys
+
+    for flags, message in (
+        (["--policy", "random"], "policy is one of seed, minimal"),
+        (["--grace", "0"], "grace must be positive"),
+        (["--control", "127.0.0.1:7600"], "must look like tcp://host:port"),
+    ):
+        done = subprocess.run(
+            [sys.executable, "-m", "halod.cli", "run", "--db", str(tmp_path / "x.db"), *flags],
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        assert done.returncode == 2 and message in done.stderr
+
+
+def test_restart_with_another_route_count_is_refused(tmp_path):
+    import subprocess
+    import sys
+
+    from halod.membership import Membership, Timing
+    from halod.routes import RouteTable
+    from halod.store import Store
+
+    Store(tmp_path / "h.db").save(Membership(RouteTable(24), Timing()).snapshot())
+    done = subprocess.run(
+        [sys.executable, "-m", "halod.cli", "run", "--db", str(tmp_path / "h.db"),
+         "--routes", "48", "--control", "tcp://127.0.0.1:0", "--status-http", ""],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert done.returncode == 2 and "routes are fixed for the life of a cluster" in done.stderr
