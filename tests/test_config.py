@@ -78,3 +78,16 @@ def test_cli_reports_config_errors(capsys):
 def test_cli_token_needs_a_secret(tmp_path, capsys):
     assert main(["token", "--secret-file", str(tmp_path / "missing"), "--user", "a"]) == 2
     assert "orbited token:" in capsys.readouterr().err
+
+
+def test_every_config_key_is_documented():
+    from dataclasses import fields
+    from pathlib import Path
+
+    from halod.config import HaloDConfig
+    from orbited.config import NodeConfig
+
+    text = (Path(__file__).parent.parent / "docs" / "operations.md").read_text()
+    for cls in (NodeConfig, HaloDConfig):
+        missing = [f.name for f in fields(cls) if f"| `{f.name}` |" not in text]
+        assert missing == [], f"{cls.__name__} keys not in docs/operations.md: {missing}"
