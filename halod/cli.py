@@ -11,7 +11,6 @@ Flags of ``halod run`` are the keys of the config file's [halod] table
 from __future__ import annotations
 
 import argparse
-import html
 import json
 import sys
 import urllib.error
@@ -20,15 +19,11 @@ from pathlib import Path
 
 from halod.config import HaloDConfig
 from halod.routes import DEFAULT_ROUTES, RouteTableError, canonical, format_ranges
+from halod.svg import table_svg
 from orbited.config import ConfigError
 from orbited.daemon import run_service
 
 SUBCOMMANDS = ("run", "plan", "status")
-
-# Colour-blind-safe palette (Okabe–Ito), repeated for larger clusters.
-PALETTE = ["#E69F00", "#56B4E9", "#009E73", "#F0E442", "#0072B2", "#D55E00", "#CC79A7",
-           "#999999"]  # fmt: skip
-
 
 def plan_text(routes: int, nodes: int) -> str:
     width = len(str(nodes))
@@ -49,28 +44,9 @@ def plan_json(routes: int, nodes: int) -> list[dict[str, list[int]]]:
 
 def plan_svg(routes: int, nodes: int) -> str:
     """Rows: node count 1..M; columns: routes 1..N; colour: the owning node id."""
-    cell = max(4, min(24, 960 // routes))
-    left, top = 70, 30
-    width, height = left + routes * cell + 10, top + nodes * cell + 10
-    out = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-        f'font-family="sans-serif" font-size="11">',
-        f"<title>{html.escape(f'HaloD route table, {routes} routes, 1-{nodes} nodes')}</title>",
-        f'<text x="{left}" y="14">routes 1..{routes} →</text>',
-    ]
-    for m in range(1, nodes + 1):
-        y = top + (m - 1) * cell
-        out.append(f'<text x="4" y="{y + cell - 3}">{m} node{"s" if m > 1 else ""}</text>')
-        for node, held in canonical(routes, m).items():
-            colour = PALETTE[(node - 1) % len(PALETTE)]
-            for r in held:
-                x = left + (r - 1) * cell
-                out.append(
-                    f'<rect x="{x}" y="{y}" width="{cell}" height="{cell}" fill="{colour}" '
-                    f'stroke="#fff" stroke-width="0.5"><title>route {r}: node {node}</title></rect>'
-                )
-    out.append("</svg>")
-    return "\n".join(out)
+    rows = [(f"{m} node{'s' if m > 1 else ''}", canonical(routes, m), {})
+            for m in range(1, nodes + 1)]  # fmt: skip
+    return table_svg(routes, f"HaloD route table, {routes} routes, 1-{nodes} nodes", rows)
 
 
 def _plan_parser() -> argparse.ArgumentParser:

@@ -24,8 +24,9 @@ from twisted.web.server import Request, Site
 from halod import protocol as p
 from halod.config import HaloDConfig
 from halod.membership import Effects, Membership
-from halod.routes import Change, RouteTable, format_ranges
+from halod.routes import Change, RouteTable, canonical, format_ranges
 from halod.store import Store
+from halod.svg import table_svg
 from orbited.config import parse_host_port, parse_sp_address
 from orbited.sp.wire import SPConnection, SPProtocolError, encode_message
 from orbited.tokens import load_secret
@@ -286,6 +287,15 @@ class HaloD:
             },
         }
 
+    def table_svg(self) -> str:
+        """The live table, above the canonical one for as many active nodes."""
+        table, names = self.membership.table.table(), self.membership.table.machines()
+        routes = self.membership.table.routes
+        rows = [("now", table, names)]
+        if table:
+            rows.append((f"plan {len(table)}", canonical(routes, len(table)), {}))
+        return table_svg(routes, f"HaloD route table, {routes} routes", rows)
+
     def metrics(self) -> str:
         m = self.membership
         states = {"active": 0, "spare": 0}
@@ -356,6 +366,7 @@ def status_site(halod: HaloD) -> Site:
     root = Resource()
     root.putChild(b"status", _View(as_json(halod.status)))
     root.putChild(b"routes", _View(as_json(halod.routes_view)))
+    root.putChild(b"table.svg", _View(lambda: ("image/svg+xml", halod.table_svg().encode())))
     root.putChild(
         b"metrics",
         _View(lambda: ("text/plain; version=0.0.4", halod.metrics().encode())),
