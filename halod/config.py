@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+from halod.dataplane import Ports
 from halod.membership import Timing
 from halod.routes import POLICIES
 from orbited.config import (
@@ -18,6 +19,8 @@ from orbited.config import (
     parse_host_port,
     parse_sp_address,
 )
+
+DATAPLANES = ("proxy", "none")
 
 
 @dataclass
@@ -38,6 +41,11 @@ class HaloDConfig(ConfigBase):
     secret_file: str = _opt("", "cluster secret nodes must present (empty = none)")
     control_max_message: int = _opt(1024 * 1024, "largest control message; larger closes")
     control_header_timeout: float = _opt(10.0, "seconds a node has to send SP header+register")
+    dataplane: str = _opt("proxy", "route ports: proxy (built-in), or none")
+    dataplane_host: str = _opt("127.0.0.1", "address the 2×N route ports listen on")
+    browser_port_base: int = _opt(8100, "route r's browser port is this + r - 1")
+    sp_port_base: int = _opt(9100, "route r's web-app (SP) port is this + r - 1")
+    move_close_delay: float = _opt(1.0, "seconds before connections of a moved route are cut")
     log_level: str = _opt("info", "debug, info, warn or error")
 
     def validate(self) -> None:
@@ -53,8 +61,24 @@ class HaloDConfig(ConfigBase):
             raise ConfigError("spares must not be negative")
         if self.policy not in POLICIES:
             raise ConfigError(f"policy is one of {', '.join(POLICIES)}")
+        if self.dataplane not in DATAPLANES:
+            raise ConfigError(f"dataplane is one of {', '.join(DATAPLANES)}")
+        if self.dataplane != "none":
+            ranges = []
+            for name in ("browser_port_base", "sp_port_base"):
+                base = getattr(self, name)
+                if not 1 <= base or base + self.routes - 1 > 65535:
+                    raise ConfigError(f"{name} + routes must stay within ports 1..65535")
+                ranges.append(range(base, base + self.routes))
+            if set(ranges[0]) & set(ranges[1]):
+                raise ConfigError("browser and SP route port ranges overlap")
+        if self.move_close_delay < 0:
+            raise ConfigError("move_close_delay must not be negative")
         if self.log_level not in LOG_LEVELS:
             raise ConfigError("log_level is one of debug, info, warn, error")
+
+    def ports(self) -> Ports:
+        return Ports(self.dataplane_host, self.browser_port_base, self.sp_port_base, self.routes)
 
     def timing(self) -> Timing:
         return Timing(self.heartbeat_interval, self.missed_heartbeats, self.grace)

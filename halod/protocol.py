@@ -10,6 +10,7 @@ import json
 import re
 from typing import Any
 
+from orbited.config import ConfigError, parse_host_port, parse_sp_address
 from orbited.sp.wire import PAIR_V0
 
 CONTROL_PROTOCOL = PAIR_V0  # both ends speak pair0: one peer, messages both ways
@@ -92,6 +93,11 @@ def decode(body: bytes, allowed: tuple[str, ...]) -> dict[str, Any]:
         _str(msg, "name", NAME)
         _str(msg, "browser", _ADDRESS)
         _str(msg, "sp", _ADDRESS)
+        try:  # the data plane forwards to these
+            parse_host_port(msg["browser"])
+            parse_sp_address(msg["sp"])
+        except ConfigError as e:
+            raise ControlError(BAD_MESSAGE, str(e)) from None
         _int(msg, "capacity", 0, 2**40)
         _int(msg, "node_id", 1, 2**31, optional=True)
         if "secret" in msg and not isinstance(msg["secret"], str):

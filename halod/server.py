@@ -23,6 +23,8 @@ from twisted.web.server import Request, Site
 
 from halod import protocol as p
 from halod.config import HaloDConfig
+from halod.dataplane import Owner
+from halod.dataplane.proxy import ProxyDataPlane
 from halod.membership import Effects, Membership
 from halod.routes import Change, RouteTable, canonical, format_ranges
 from halod.store import Store
@@ -145,6 +147,7 @@ class HaloD:
             )  # fmt: skip
         self.connections: dict[str, ControlProtocol] = {}
         self.listeners: list[ChangeListener] = []
+        self.dataplane: ProxyDataPlane | None = None
         self.stats = {"messages": 0, "refused": 0, "persist_errors": 0, "changes": 0}
 
     # -- from control connections --------------------------------------------------------
@@ -274,6 +277,7 @@ class HaloD:
             "uptime": round(time.time() - self.started, 1),
             "nodes": nodes,
             "failed": [{"name": n, "at": at, "why": why} for n, (at, why) in m.failed.items()],
+            "dataplane": self.dataplane.stats() if self.dataplane is not None else None,
         }
 
     def routes_view(self) -> dict[str, Any]:
@@ -334,6 +338,20 @@ class HaloD:
             *(f'halod_node_connections{{node="{name}"}} {r.connections}'
               for name, r in sorted(m.nodes.items())),  # fmt: skip
         ]
+        if self.dataplane is not None:
+            stats = self.dataplane.stats()
+            lines += [
+                "# HELP halod_route_connections Open connections through each route port.",
+                "# TYPE halod_route_connections gauge",
+                *(f'halod_route_connections{{route="{r}",side="{side}"}} {n}'
+                  for r, sides in stats["routes"].items() for side, n in sides.items()),
+                "# HELP halod_dataplane_cut_total Connections closed because their route moved.",
+                "# TYPE halod_dataplane_cut_total counter",
+                f"halod_dataplane_cut_total {stats['cut']}",
+                "# HELP halod_dataplane_refused_total Connections to a route without an owner.",
+                "# TYPE halod_dataplane_refused_total counter",
+                f"halod_dataplane_refused_total {stats['refused']}",
+            ]  # fmt: skip
         return "\n".join(lines) + "\n"
 
 
@@ -382,6 +400,18 @@ class _QuietSite(Site):
         """No access log: monitoring polls these pages every few seconds."""
 
 
+def owners_of(membership: Membership) -> dict[int, Owner | None]:
+    """route → where the data plane sends its traffic."""
+    records = membership.owners()
+    owners: dict[int, Owner | None] = {}
+    for route in range(1, membership.table.routes + 1):
+        record = records.get(route)
+        owners[route] = None if record is None else Owner(
+            record.name, parse_host_port(record.browser), parse_sp_address(record.sp)
+        )
+    return owners
+
+
 class HaloDService(service.MultiService):
     log = Logger()
 
@@ -406,6 +436,11 @@ class HaloDService(service.MultiService):
                 port, status_site(self.halod), interface=host, reactor=reactor
             )
             self.status_server.setServiceParent(self)
+        self.dataplane: ProxyDataPlane | None = None
+        if config.dataplane == "proxy":
+            self.dataplane = ProxyDataPlane(config.ports(), reactor, config.move_close_delay)
+            self.halod.listeners.append(lambda change, m: self.dataplane.apply(owners_of(m)))
+            self.halod.dataplane = self.dataplane
         # Deadlines are checked a few times per heartbeat interval: detection takes at
         # most grace (or k intervals) plus one tick.
         period = max(0.02, min(config.heartbeat_interval, config.grace) / 4)
@@ -426,7 +461,14 @@ class HaloDService(service.MultiService):
     def status_address(self) -> str | None:
         return self._address(self.status_server) if self.status_server else None
 
+    def startService(self) -> None:  # noqa: N802
+        if self.dataplane is not None:  # restored routes are reachable before nodes return
+            self.dataplane.start(owners_of(self.halod.membership))
+        super().startService()
+
     def stopService(self):  # noqa: ANN201, N802
         result = super().stopService()
+        if self.dataplane is not None:
+            self.dataplane.stop()
         self.halod.shutdown()
         return result

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -99,8 +100,18 @@ class NodeProcess:
 class HaloDProcess:
     """A ``halod run`` subprocess with its own SQLite file; restartable on the same ports."""
 
-    def __init__(self, tmp: Path, *flags: str) -> None:
+    def __init__(self, tmp: Path, *flags: str, routes: int = 24, proxy: bool = False) -> None:
         self.tmp = tmp
+        self.routes = routes
+        self.browser_base = self.sp_base = 0
+        if proxy:  # the built-in data plane on 2×N free ports
+            self.browser_base = free_port_block(routes)
+            self.sp_base = free_port_block(routes, avoid=self.browser_base)
+            flags = (*flags, "--browser-port-base", str(self.browser_base),
+                     "--sp-port-base", str(self.sp_base))  # fmt: skip
+        else:
+            flags = (*flags, "--dataplane", "none")
+        flags = (*flags, "--routes", str(routes))
         self.db = tmp / "halod.sqlite3"
         self.ready_file = tmp / "halod-ready.json"
         self.log_file = tmp / "halod.log"
@@ -156,6 +167,29 @@ class HaloDProcess:
         proc.start(http=f"{host}:0", sp=f"tcp://{host}:0")
         wait_for(lambda: self.nodes().get(name, {}).get("connected"), f"{name} registered")
         return proc
+
+
+def free_port_block(count: int, avoid: int = 0) -> int:
+    """A base port b such that b..b+count-1 can all be bound on 127.0.0.1 right now."""
+    import random
+
+    for _ in range(200):
+        base = random.randrange(20000, 60000 - count)
+        if avoid and abs(base - avoid) < 2 * count:
+            continue
+        held: list[socket.socket] = []
+        try:
+            for port in range(base, base + count):
+                s = socket.socket()
+                held.append(s)
+                s.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in held:
+                s.close()
+    raise RuntimeError("no free block of ports")
 
 
 def wait_for(predicate: Callable[[], object], what: str, timeout: float = 10.0) -> float:
