@@ -4,7 +4,9 @@ For WSGI apps and scripts. Recipients of one event are grouped by route (docs/ha
 and one SP REQ request goes per route, all pipelined before any reply is read. Our REQ
 follows nng's semantics (random start id with the MSB set, replies matched by id); on a
 connection loss or time-out the same requests (same event id, so the node ignores a
-duplicate) are resent on a new connection, ``retries`` times with backoff.
+duplicate) are resent on a new connection, ``retries`` times with backoff. Keys a node
+answers ``moved`` for (HaloD moved their route) are resent through the route's port, which
+now leads to the new owner, when the cluster is a HaloDCluster.
 """
 
 from __future__ import annotations
@@ -38,6 +40,13 @@ def results_for(reply: dict, keys: list[ConnectionKey]) -> dict[ConnectionKey, d
         return {k: {"status": "error", "code": error.get("code"), "error": error.get("message")}
                 for k in keys}  # fmt: skip
     return dict(zip(keys, reply["results"], strict=True))
+
+
+def moved_keys(cluster: Cluster, results: dict[ConnectionKey, dict]) -> list[ConnectionKey]:
+    """Keys worth resending: answered ``moved`` by a node behind a port that follows moves."""
+    if not cluster.follows_moves:
+        return []
+    return [k for k, result in results.items() if result.get("status") == "moved"]
 
 
 @dataclass
@@ -98,6 +107,18 @@ class BlockingClient:
         """
         event_id = event_id or uuid.uuid4().hex
         keys = [ConnectionKey(*k) for k in to]
+        results = self._send_once(keys, data, event_id)
+        for attempt in range(self.retries):
+            moved = moved_keys(self.cluster, results)
+            if not moved:
+                break
+            time.sleep(self.backoff * 2**attempt)  # the data plane follows within moments
+            results.update(self._send_once(moved, data, event_id))
+        return {k: results[k] for k in keys}
+
+    def _send_once(
+        self, keys: list[ConnectionKey], data: object, event_id: str
+    ) -> dict[ConnectionKey, dict]:
         # One request per route, grouped by the address that serves it.
         pending: dict[tuple[str, int], dict[int, tuple[bytes, list[ConnectionKey]]]] = {}
         for route, route_keys in self.cluster.group_by_route(keys).items():
@@ -107,7 +128,7 @@ class BlockingClient:
         results: dict[ConnectionKey, dict] = {}
         for address, requests in pending.items():
             results.update(self._exchange(address, requests))
-        return {k: results[k] for k in keys}
+        return results
 
     def _exchange(
         self, address: tuple[str, int], requests: dict[int, tuple[bytes, list[ConnectionKey]]]

@@ -22,6 +22,8 @@ class Node:
 
 
 class Cluster:
+    follows_moves = False  # a node's address is fixed: a `moved` answer is final
+
     def __init__(self, nodes: list[Node], routes: int = DEFAULT_ROUTES) -> None:
         if not 1 <= len(nodes) <= routes:
             raise ValueError(f"a static cluster has 1 to {routes} nodes")
@@ -61,6 +63,8 @@ class Cluster:
 
 class HaloDCluster(Cluster):
     """Route r is reached at ``sp_port_base + r - 1`` and ``browser_port_base + r - 1``."""
+
+    follows_moves = True  # HaloD's route ports lead to the current owner
 
     def __init__(
         self, host: str, sp_port_base: int, browser_port_base: int,

@@ -18,7 +18,7 @@ from twisted.internet.interfaces import IReactorTCP
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 
-from orbited.client.blocking import event_body, results_for
+from orbited.client.blocking import event_body, moved_keys, results_for
 from orbited.client.cluster import Cluster
 from orbited.keys import ConnectionKey
 from orbited.sp import wire
@@ -151,6 +151,17 @@ class TwistedClient:
         unreachable node: its keys get {"status": "error", ...}."""
         event_id = event_id or uuid.uuid4().hex
         keys = [ConnectionKey(*k) for k in to]
+        results = yield self._send_once(keys, data, event_id)
+        for attempt in range(self.retries):
+            moved = moved_keys(self.cluster, results)
+            if not moved or self._closed:
+                break
+            yield task.deferLater(self.reactor, self.backoff * 2**attempt)
+            results.update((yield self._send_once(moved, data, event_id)))
+        return {k: results[k] for k in keys}
+
+    @defer.inlineCallbacks
+    def _send_once(self, keys: list[ConnectionKey], data: object, event_id: str):  # noqa: ANN202
         routes = list(self.cluster.group_by_route(keys).items())
         replies = yield defer.gatherResults([
             self._request(self.cluster.sp_address(route), event_body(event_id, route_keys, data))
@@ -159,4 +170,4 @@ class TwistedClient:
         results: dict[ConnectionKey, dict] = {}
         for (_, route_keys), reply in zip(routes, replies, strict=True):
             results.update(results_for(reply, route_keys))
-        return {k: results[k] for k in keys}
+        return results
