@@ -14,6 +14,7 @@ import argparse
 import json
 import sys
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from halod.svg import table_svg
 from orbited.config import ConfigError
 from orbited.daemon import run_service
 
-SUBCOMMANDS = ("run", "plan", "status")
+SUBCOMMANDS = ("run", "plan", "status", "drain", "undrain")
 
 def plan_text(routes: int, nodes: int) -> str:
     width = len(str(nodes))
@@ -90,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
         return plan_command(_plan_parser().parse_args(argv))
     if command == "status":
         return status_command(_status_parser().parse_args(argv))
+    if command in ("drain", "undrain"):
+        return operator_command(command, _operator_parser(command).parse_args(argv))
     return run_command(_run_parser().parse_args(argv))
 
 
@@ -133,6 +136,33 @@ def status_table(status: dict) -> str:
         f"table version {status['table_version']}"
     )
     return "\n".join([head, *lines])
+
+
+def _operator_parser(command: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=f"halod {command}",
+        description="Move a node's routes away now, keeping it registered (drain), or "
+        "return it to service (undrain).",
+    )
+    parser.add_argument("name", help="the node's name")
+    parser.add_argument("--url", default="http://127.0.0.1:7601", help="HaloD's status_http")
+    return parser
+
+
+def operator_command(command: str, args: argparse.Namespace) -> int:
+    name = urllib.parse.quote(args.name, safe="")
+    url = f"{args.url.rstrip('/')}/nodes/{name}/{command}"
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, method="POST"), timeout=5) as r:
+            answer = json.load(r)
+    except urllib.error.HTTPError as e:
+        print(f"halod {command}: {json.load(e).get('error', e)}", file=sys.stderr)
+        return 1
+    except (OSError, ValueError) as e:
+        print(f"halod {command}: cannot reach {url}: {e}", file=sys.stderr)
+        return 1
+    print(f"{answer['name']}: {answer['state']}")
+    return 0
 
 
 def status_command(args: argparse.Namespace) -> int:

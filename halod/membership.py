@@ -77,6 +77,7 @@ class Membership:
         self.secret = secret
         self.nodes: dict[str, NodeRecord] = {}
         self.failed: OrderedDict[str, tuple[float, str]] = OrderedDict()  # name → (when, why)
+        self.drained: set[str] = set()  # registered, holding no routes, never promoted
         self.failovers = 0
 
     # -- node messages ------------------------------------------------------------------
@@ -134,13 +135,39 @@ class Membership:
         self.failed[name] = (now, why)
         while len(self.failed) > MAX_FAILED_SHOWN:
             self.failed.popitem(last=False)
-        change = self.table.leave(name)
-        if change.moves:
-            self.failovers += 1
-        effects = Effects(changes=[change], sends=self._notices(change, skip=name))
+        if name in self.drained:  # it holds nothing: no table change
+            self.drained.discard(name)
+            effects = Effects(changes=[Change(name, "gone", None)])
+        else:
+            change = self.table.leave(name)
+            if change.moves:
+                self.failovers += 1
+            effects = Effects(changes=[change], sends=self._notices(change, skip=name))
         if record.connected and why != "left":
             effects.drops.append(Drop(name, p.FAILED, f"declared failed: {why}"))
         return effects
+
+    def drain(self, name: str) -> Effects:
+        """An operator takes ``name`` out of service: its routes move now (to a spare, or
+        per the policy) while it stays connected, so it can hand over and be stopped."""
+        if name not in self.nodes or name in self.drained:
+            raise p.ControlError(p.NOT_REGISTERED, f"{name!r} is not an active or spare node")
+        if self.table.node_id(name) is not None and len(self.table.table()) == 1:
+            if not self.table.spares:
+                raise p.ControlError(p.BAD_MESSAGE, "cannot drain the last active node")
+        change = self.table.leave(name)
+        self.drained.add(name)
+        effects = Effects(changes=[change], sends=self._notices(change, skip=""))
+        if not any(s.name == name and s.message["type"] == p.ASSIGN for s in effects.sends):
+            effects.sends.append(Send(name, self._state(name, p.ASSIGN)))  # it was a spare
+        return effects
+
+    def undrain(self, name: str) -> Effects:
+        if name not in self.drained:
+            raise p.ControlError(p.NOT_REGISTERED, f"{name!r} is not drained")
+        self.drained.discard(name)
+        change = self.table.join(name)
+        return Effects(changes=[change], sends=self._notices(change, skip=""))
 
     def tick(self, now: float) -> Effects:
         """Fail nodes past their deadline; call at least every heartbeat interval."""
@@ -165,7 +192,7 @@ class Membership:
         message: dict[str, Any] = {
             "type": kind,
             "node_id": node_id,
-            "role": "active" if node_id is not None else "spare",
+            "role": self.state_of(name),
             "routes": routes,
         }
         if kind == p.WELCOME:
@@ -206,6 +233,8 @@ class Membership:
     # -- views and persistence ----------------------------------------------------------
 
     def state_of(self, name: str) -> str:
+        if name in self.drained:
+            return "drained"
         if name in self.nodes:
             return "active" if self.table.node_id(name) is not None else "spare"
         return "failed"
@@ -221,6 +250,7 @@ class Membership:
                 for name, r in self.nodes.items()
             },
             "failovers": self.failovers,
+            "drained": sorted(self.drained),
         }
 
     @classmethod
@@ -231,7 +261,8 @@ class Membership:
         """Rebuild after a restart: every node counts as disconnected since ``now``, so
         each has the grace period to reconnect and keep its routes."""
         table = RouteTable.restore(snapshot["table"], spares_wanted)
-        members = set(table.machines().values()) | set(table.spares)
+        drained = set(snapshot.get("drained", []))
+        members = set(table.machines().values()) | set(table.spares) | drained
         try:
             nodes = {
                 name: NodeRecord(name, str(entry["browser"]), str(entry["sp"]),
@@ -244,5 +275,6 @@ class Membership:
             raise RouteTableError("snapshot: node records do not match the table")
         membership = cls(table, timing, secret)
         membership.nodes = nodes
+        membership.drained = drained
         membership.failovers = int(snapshot.get("failovers", 0))
         return membership

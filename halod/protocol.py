@@ -107,8 +107,8 @@ def decode(body: bytes, allowed: tuple[str, ...]) -> dict[str, Any]:
         _int(msg, "connections", 0, 2**40, optional=True)
     elif kind in (WELCOME, ASSIGN):
         _int(msg, "node_id", 1, 2**31, optional=True)
-        if msg.get("role") not in ("active", "spare"):
-            raise ControlError(BAD_MESSAGE, "role is active or spare")
+        if msg.get("role") not in ("active", "spare", "drained"):
+            raise ControlError(BAD_MESSAGE, "role is active, spare or drained")
         routes = msg.get("routes")
         if not isinstance(routes, list) or not all(
             isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in routes

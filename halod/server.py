@@ -196,6 +196,14 @@ class HaloD:
     def tick(self) -> None:
         self.apply(self.membership.tick(self.clock.seconds()))
 
+    def operator(self, action: str, name: str) -> str:
+        """``drain`` or ``undrain`` a node; returns its new state (ControlError if refused)."""
+        m = self.membership
+        effects = m.drain(name) if action == "drain" else m.undrain(name)
+        self.log.info("operator: {action} {name}", action=action, name=name)
+        self.apply(effects)
+        return self.membership.state_of(name)
+
     # -- effects -------------------------------------------------------------------------
 
     def apply(self, effects: Effects) -> None:
@@ -302,7 +310,7 @@ class HaloD:
 
     def metrics(self) -> str:
         m = self.membership
-        states = {"active": 0, "spare": 0}
+        states = {"active": 0, "spare": 0, "drained": 0}
         for name in m.nodes:
             states[m.state_of(name)] += 1
         lines = [
@@ -377,6 +385,29 @@ class _View(Resource):
         return body
 
 
+class _Operator(Resource):
+    """POST /nodes/<name>/drain | /nodes/<name>/undrain (docs/halod.md, "Draining")."""
+
+    isLeaf = True
+
+    def __init__(self, halod: HaloD) -> None:
+        super().__init__()
+        self.halod = halod
+
+    def render_POST(self, request: Request) -> bytes:  # noqa: N802
+        request.setHeader(b"content-type", b"application/json")
+        parts = [part.decode("utf-8", "replace") for part in request.postpath]
+        if len(parts) != 2 or parts[1] not in ("drain", "undrain"):
+            request.setResponseCode(404)
+            return b'{"error": "POST /nodes/<name>/drain or /nodes/<name>/undrain"}'
+        try:
+            state = self.halod.operator(parts[1], parts[0])
+        except p.ControlError as e:
+            request.setResponseCode(409)
+            return json.dumps({"error": e.message}).encode()
+        return json.dumps({"name": parts[0], "state": state}).encode()
+
+
 def status_site(halod: HaloD) -> Site:
     def as_json(view: Callable[[], Any]) -> Callable[[], tuple[str, bytes]]:
         return lambda: ("application/json", json.dumps(view(), indent=1).encode())
@@ -384,6 +415,7 @@ def status_site(halod: HaloD) -> Site:
     root = Resource()
     root.putChild(b"status", _View(as_json(halod.status)))
     root.putChild(b"routes", _View(as_json(halod.routes_view)))
+    root.putChild(b"nodes", _Operator(halod))
     root.putChild(b"table.svg", _View(lambda: ("image/svg+xml", halod.table_svg().encode())))
     root.putChild(
         b"metrics",

@@ -40,6 +40,7 @@ class Store:
     def save(self, snapshot: dict[str, Any]) -> None:
         table = snapshot["table"]
         node_ids = {entry["name"]: int(n) for n, entry in table["nodes"].items()}
+        drained = set(snapshot.get("drained", []))
         self.version += 1
         db = self._db
         db.execute("BEGIN IMMEDIATE")
@@ -52,7 +53,8 @@ class Store:
             db.executemany(
                 "INSERT INTO nodes VALUES (?, ?, ?, ?, ?, ?)",
                 [
-                    (name, node_ids.get(name), "active" if name in node_ids else "spare",
+                    (name, node_ids.get(name), "active" if name in node_ids
+                     else "drained" if name in drained else "spare",
                      r["browser"], r["sp"], r["capacity"])  # fmt: skip
                     for name, r in snapshot["nodes"].items()
                 ],

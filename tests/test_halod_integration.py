@@ -231,3 +231,29 @@ def urllib_text(url):
 
     with urllib.request.urlopen(url, timeout=5) as r:
         return r.read().decode()
+
+
+def halod_cli(halod, *args):
+    return subprocess.run(
+        [sys.executable, "-m", "halod.cli", *args, "--url", f"http://{halod.status_http}"],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+
+
+def test_operator_drains_and_undrains_a_node(tmp_path, procs):
+    halod = start_halod(tmp_path, procs, "--spares", "1")
+    nodes = start_nodes(halod, tmp_path, procs, ["a", "s"])
+    routes = routes_of(halod, "a")
+    key = keys_on_routes(routes)[0]
+    ws = nodes["a"].ws(nodes["a"].token(key.user))
+    assert next_frame(ws)["type"] == "hello"
+
+    done = halod_cli(halod, "drain", "a")
+    assert done.returncode == 0 and done.stdout.strip() == "a: drained"
+    assert next_frame(ws) == {"type": "reconnect", "reason": "route_moved"}
+    assert routes_of(halod, "s") == routes and halod.nodes()["a"]["state"] == "drained"
+    assert event_results(nodes["a"], key, "d1")["status"] == "moved"
+    refused = halod_cli(halod, "drain", "a")
+    assert refused.returncode == 1 and "not an active or spare node" in refused.stderr
+    assert halod_cli(halod, "undrain", "a").stdout.strip() == "a: spare"
+    assert halod_cli(halod, "drain", "nobody").returncode == 1

@@ -161,3 +161,31 @@ def test_changed_addresses_are_saved_on_reregistration():
     effects = m.register(reg("n1", browser="elsewhere:81"), 2.0)
     assert [c.role for c in effects.changes] == ["readdressed"]
     assert m.snapshot()["nodes"]["n1"]["browser"] == "elsewhere:81"
+
+
+def test_drain_moves_routes_keeps_the_node_and_undrain_returns_it():
+    m = cluster(3, spares=1)  # n1, n3 active; n2 spare
+    routes_n3 = m.table.table()[2]
+    effects = m.drain("n3")
+    assert m.state_of("n3") == "drained" and m.state_of("n2") == "active"
+    assert sent(effects, "n2", "assign")[0]["routes"] == routes_n3
+    assert [e["route"] for e in sent(effects, "n3", "route_moved")[0]["moves"]] == routes_n3
+    assert sent(effects, "n3", "assign") == [
+        {"type": "assign", "node_id": None, "role": "drained", "routes": []}
+    ]
+    snap = m.snapshot()
+    again = Membership.restore(snap, TIMING, now=0.0, spares_wanted=1)
+    assert again.state_of("n3") == "drained"
+    with pytest.raises(p.ControlError):
+        m.drain("n3")
+    m.undrain("n3")
+    assert m.state_of("n3") == "spare"  # the spare slot was free again
+    m.leave("n2", 1.0, "test")
+    assert m.state_of("n3") == "active"
+
+
+def test_the_last_active_node_cannot_be_drained_without_a_spare():
+    m = cluster(1)
+    with pytest.raises(p.ControlError):
+        m.drain("n1")
+    assert m.state_of("n1") == "active"
