@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-SCENARIOS = {"dispatch": "bench.dispatch"}
+SCENARIOS = {"dispatch": "bench.dispatch", "control": "bench.control"}
 
 
 def main() -> int:

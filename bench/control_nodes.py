@@ -75,6 +75,7 @@ class Sim:
         self.registering = 0
         self.events: list[dict[str, Any]] = []
         self.unexpected: dict[str, int] = {}  # "closed" / error codes at non-victims
+        self.first_unexpected: float | None = None  # when the first of those happened
         self.stdin_buf = b""
         self.running = True
         self.reset()
@@ -161,8 +162,14 @@ class Sim:
             return
         self.event(node, "closed", why=why)
         if not node.victim:
-            self.unexpected["closed"] = self.unexpected.get("closed", 0) + 1
+            key = "dropped while registering" if node.state == "registering" else "closed"
+            self.count_unexpected(key)
         self.close(node)
+
+    def count_unexpected(self, key: str) -> None:
+        self.unexpected[key] = self.unexpected.get(key, 0) + 1
+        if self.first_unexpected is None:
+            self.first_unexpected = time.monotonic()
 
     def event(self, node: Node, kind: str, **fields: Any) -> None:
         self.events.append({"t": time.monotonic(), "name": node.name, "type": kind, **fields})
@@ -237,7 +244,7 @@ class Sim:
             code = msg.get("code", "?")
             self.event(node, "error", code=code)
             if not node.victim:
-                self.unexpected[code] = self.unexpected.get(code, 0) + 1
+                self.count_unexpected(code)
         else:
             self.event(node, str(kind))
 
@@ -293,7 +300,7 @@ class Sim:
                 self.connect(node)
             except OSError as e:
                 self.event(node, "connect_failed", why=str(e))
-                self.unexpected["connect_failed"] = self.unexpected.get("connect_failed", 0) + 1
+                self.count_unexpected("connect_failed")
                 continue
             if self.join_rate > 0:
                 self.next_join = max(self.next_join + 1 / self.join_rate, now - 0.05)
@@ -317,6 +324,7 @@ class Sim:
                 "waiting": len(self.to_join) + self.registering,
                 "roles": roles,
                 "unexpected": self.unexpected,
+                "first_unexpected": self.first_unexpected,
             }
         if op == "mark":
             self.reset()

@@ -58,9 +58,7 @@ def main(ready_file: str, interval: str = "0.1") -> None:
     port = reactor.listenTCP(0, factory, backlog=1024, interface="127.0.0.1")  # as HaloD
     tmp = ready_file + ".tmp"
     with open(tmp, "w") as f:
-        json.dump(
-            {"control": f"tcp://127.0.0.1:{port.getHost().port}", "pid": os.getpid()}, f
-        )
+        json.dump({"control": f"tcp://127.0.0.1:{port.getHost().port}", "pid": os.getpid()}, f)
     os.replace(tmp, ready_file)
     reactor.run()
 
