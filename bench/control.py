@@ -437,6 +437,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # SIGTERM ends the run like Ctrl-C does: the finally clauses stop every child.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started ignoring it
     results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         if args.keep:
