@@ -116,11 +116,14 @@ class Membership:
             effects.sends += self._notices(change, skip=name)
         return effects
 
-    def heartbeat(self, name: str, msg: dict[str, Any], now: float) -> Effects:
-        record = self.nodes[name]
+    def heartbeat(self, name: str, msg: dict[str, Any], now: float) -> bool:
+        """Note a heartbeat; False if ``name`` is no longer a member (it was just failed)."""
+        record = self.nodes.get(name)
+        if record is None:
+            return False
         record.last_heartbeat = now
         record.connections = msg.get("connections", record.connections)
-        return Effects(sends=[Send(name, {"type": p.HEARTBEAT_ACK, "seq": msg["seq"]})])
+        return True
 
     def disconnected(self, name: str, now: float) -> None:
         record = self.nodes.get(name)
@@ -188,7 +191,7 @@ class Membership:
 
     def _state(self, name: str, kind: str) -> dict[str, Any]:
         node_id = self.table.node_id(name)
-        routes = self.table.table().get(node_id, []) if node_id is not None else []
+        routes = self.table.routes_of(node_id) if node_id is not None else []
         message: dict[str, Any] = {
             "type": kind,
             "node_id": node_id,

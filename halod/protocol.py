@@ -55,8 +55,16 @@ class ControlError(Exception):
         self.message = message
 
 
+_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)  # built once
+
+
 def encode(message: dict[str, Any]) -> bytes:
-    return json.dumps(message, separators=(",", ":"), allow_nan=False).encode()
+    return _ENCODER.encode(message).encode()
+
+
+def heartbeat_ack(seq: int) -> bytes:
+    """The most frequent message, preformatted (equal to encode() of it)."""
+    return b'{"type":"heartbeat_ack","seq":%d}' % seq
 
 
 def _int(msg: dict[str, Any], field: str, low: int, high: int, optional: bool = False) -> None:

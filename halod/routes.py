@@ -14,7 +14,6 @@ takes it (docs/halod.md, "Failover policies").
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import cache
 from typing import NamedTuple
 
 DEFAULT_ROUTES = 24
@@ -35,6 +34,28 @@ class RouteTableError(ValueError):
     pass
 
 
+def _donor_order(table: dict[int, list[int]]) -> list[int]:
+    """Nodes by routes held, descending, then id ascending (the seed's step 3)."""
+    counts = {node: len(held) for node, held in table.items()}
+    high, low = max(counts.values()), min(counts.values())
+    ids = sorted(table)
+    if high - low <= 1:  # balanced, as every table HaloD builds: no sort by key needed
+        return [n for n in ids if counts[n] == high] + [n for n in ids if counts[n] != high]
+    return sorted(ids, key=lambda node: -counts[node])
+
+
+def _take(table: dict[int, list[int]], quota: int) -> list[int]:
+    """Move ``quota`` routes out of ``table`` (in place): each listed node's highest route
+    in turn, wrapping around (steps 4-5). Returns them ascending."""
+    order = _donor_order(table)
+    taken: list[int] = []
+    i = 0
+    while len(taken) < quota:
+        taken.append(table[order[i % len(order)]].pop())  # the donor's highest route id
+        i += 1
+    return sorted(taken)
+
+
 def add_node(
     table: dict[int, list[int]], routes: int, new_id: int | None = None
 ) -> dict[int, list[int]]:
@@ -53,33 +74,53 @@ def add_node(
     if not table:
         return {new_id: list(range(1, routes + 1))}
     result = {node: list(held) for node, held in table.items()}
-    order = sorted(result, key=lambda node: (-len(result[node]), node))
-    quota = routes // nodes
-    taken: list[int] = []
-    i = 0
-    while len(taken) < quota:
-        donor = result[order[i % len(order)]]
-        taken.append(donor.pop())  # the donor's highest route id
-        i += 1
-    result[new_id] = sorted(taken)
+    result[new_id] = _take(result, routes // nodes)
     return result
 
 
-@cache
-def _progression(routes: int, nodes: int) -> tuple[tuple[tuple[int, ...], ...], ...]:
-    if nodes == 0:
-        return ()
-    previous = _progression(routes, nodes - 1)
-    table = {i + 1: list(held) for i, held in enumerate(previous[-1])} if previous else {}
-    step = add_node(table, routes)
-    return (*previous, tuple(tuple(step[i]) for i in sorted(step)))
+class _Progression:
+    """The canonical tables for one N, kept as what each added node took (≈ N·ln M route
+    ids in all), grown on demand; a table for any M is rebuilt from them in O(N ln M)."""
+
+    def __init__(self, routes: int) -> None:
+        self.routes = routes
+        self.running: dict[int, list[int]] = {}  # the table for len(taken) - 1 nodes
+        self.taken: list[list[int]] = [[]]  # taken[m]: the routes node m got when added
+
+    def table(self, nodes: int) -> dict[int, list[int]]:
+        if nodes > self.routes:
+            raise RouteTableError(
+                f"{self.routes} routes cannot serve more than {self.routes} active nodes"
+            )
+        while len(self.taken) <= nodes:
+            m = len(self.taken)
+            if m == 1:
+                got = list(range(1, self.routes + 1))
+            else:
+                got = _take(self.running, self.routes // m)
+            self.running[m] = list(got)
+            self.taken.append(got)
+        owner = [0] * (self.routes + 1)
+        for m in range(1, nodes + 1):
+            for route in self.taken[m]:
+                owner[route] = m
+        table: dict[int, list[int]] = {m: [] for m in range(1, nodes + 1)}
+        for route in range(1, self.routes + 1):
+            table[owner[route]].append(route)
+        return table
+
+
+_progressions: dict[int, _Progression] = {}
 
 
 def canonical(routes: int, nodes: int) -> dict[int, list[int]]:
     """The table built by adding ``nodes`` nodes one by one."""
     if nodes == 0:
         return {}
-    return {i + 1: list(held) for i, held in enumerate(_progression(routes, nodes)[-1])}
+    progression = _progressions.get(routes)
+    if progression is None:
+        progression = _progressions[routes] = _Progression(routes)
+    return progression.table(nodes)
 
 
 @dataclass
@@ -128,6 +169,10 @@ class RouteTable:
             if machine == name:
                 return node
         return None
+
+    def routes_of(self, node_id: int) -> list[int]:
+        """A copy of one node's routes (cheaper than table() for one node)."""
+        return list(self._table.get(node_id, ()))
 
     def __contains__(self, name: str) -> bool:
         return name in self.spares or self.node_id(name) is not None

@@ -85,8 +85,11 @@ class ControlProtocol(Protocol):
             self._register_timer = None
 
     def send(self, message: dict[str, Any]) -> None:
+        self.send_bytes(p.encode(message))
+
+    def send_bytes(self, body: bytes) -> None:
         if not self.closed:
-            self.transport.write(encode_message(p.encode(message)))
+            self.transport.write(encode_message(body))
 
     def refuse(self, code: str, message: str) -> None:
         """Send an error and close once it is written."""
@@ -145,6 +148,9 @@ class HaloD:
                 "restored the route table of {db} ({nodes} nodes); they have {grace}s to "
                 "reconnect", db=config.db, nodes=len(self.membership.nodes), grace=config.grace,
             )  # fmt: skip
+        # Build the canonical progression now (≈ 2 s for N = 4096) rather than inside the
+        # first failover, where it would stall heartbeats.
+        canonical(config.routes, config.routes)
         self.connections: dict[str, ControlProtocol] = {}
         self.listeners: list[ChangeListener] = []
         self.dataplane: ProxyDataPlane | None = None
@@ -154,6 +160,13 @@ class HaloD:
 
     def received(self, conn: ControlProtocol, body: bytes) -> None:
         self.stats["messages"] += 1
+        try:
+            self._received(conn, body)
+        except Exception:  # a bug must not take HaloD down: drop this connection only
+            self.log.failure("handling a control message from {who} failed", who=conn.name)
+            conn.refuse("internal_error", "HaloD failed on this message")
+
+    def _received(self, conn: ControlProtocol, body: bytes) -> None:
         now = self.clock.seconds()
         try:
             msg = p.decode(body, p.FROM_NODE)
@@ -168,8 +181,10 @@ class HaloD:
                     "node {name} registered (browser {browser}, sp {sp})",
                     name=msg["name"], browser=msg["browser"], sp=msg["sp"],
                 )  # fmt: skip
-            elif kind == p.HEARTBEAT:
-                effects = self.membership.heartbeat(conn.name, msg, now)
+            elif kind == p.HEARTBEAT:  # the hot path: no Effects, a preformatted ack
+                if self.membership.heartbeat(conn.name, msg, now):
+                    conn.send_bytes(p.heartbeat_ack(msg["seq"]))
+                return
             elif kind == p.LEAVE:
                 effects = self.membership.leave(conn.name, now, "left")
                 self.connections.pop(conn.name, None)
@@ -194,7 +209,10 @@ class HaloD:
             )  # fmt: skip
 
     def tick(self) -> None:
-        self.apply(self.membership.tick(self.clock.seconds()))
+        try:
+            self.apply(self.membership.tick(self.clock.seconds()))
+        except Exception:  # keep the timer alive: the next tick retries
+            self.log.failure("deadline check failed")
 
     def operator(self, action: str, name: str) -> str:
         """``drain`` or ``undrain`` a node; returns its new state (ControlError if refused)."""

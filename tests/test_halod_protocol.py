@@ -46,3 +46,7 @@ def test_halod_messages_are_checked_on_the_node_side_too():
         p.decode(b'{"type": "assign", "role": "active", "routes": [0]}', p.FROM_HALOD)
     ok = {"type": "assign", "role": "active", "node_id": 1, "routes": [1, 2]}
     assert p.decode(p.encode(ok), p.FROM_HALOD) == ok
+
+
+def test_preformatted_ack_is_the_encoded_message():
+    assert p.heartbeat_ack(42) == p.encode({"type": "heartbeat_ack", "seq": 42})

@@ -198,3 +198,22 @@ def test_snapshot_round_trip_and_bad_snapshots():
 def test_format_ranges():
     assert format_ranges([1, 2, 3, 5, 7, 8]) == "1-3,5,7-8"
     assert format_ranges([4]) == "4" and format_ranges([]) == ""
+
+
+def test_seed_failover_in_a_large_cluster():
+    """Regression: the canonical table was built recursively (RecursionError past ≈ 500
+    nodes, found by `python -m bench control`)."""
+    t = RouteTable(4096, spares_wanted=0)
+    for n in names(1500):
+        t.join(n)
+    change = t.leave("n1")
+    assert t.table() == canonical(4096, 1499)
+    assert t.machines()[1] == "n1500"
+    assert len(change.moves) >= len(canonical(4096, 1500)[1])
+
+
+def test_canonical_equals_adding_one_by_one():
+    table: dict[int, list[int]] = {}
+    for m in range(1, 301):
+        table = add_node(table, 300)
+        assert canonical(300, m) == table
