@@ -21,8 +21,7 @@ from pathlib import Path
 from halod.config import HaloDConfig
 from halod.routes import DEFAULT_ROUTES, RouteTableError, canonical, format_ranges
 from halod.svg import table_svg
-from orbited.config import ConfigError
-from orbited.daemon import run_service
+from orbited.daemon import run_configured
 
 SUBCOMMANDS = ("run", "plan", "status", "drain", "undrain")
 
@@ -178,26 +177,15 @@ def status_command(args: argparse.Namespace) -> int:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    overrides = {k: v for k, v in vars(args).items() if k not in ("config", "ready_file")}
-    try:
-        config = HaloDConfig.load(args.config, overrides)
-    except (ConfigError, TypeError) as e:
-        print(f"halod: {e}", file=sys.stderr)
-        return 2
-    from twisted.internet import reactor
+    def build(config: HaloDConfig, reactor: object):  # noqa: ANN202
+        from halod.server import HaloDService
 
-    from halod.server import HaloDService
-    from orbited.logs import start_logging
+        return HaloDService(config, reactor)  # type: ignore[arg-type]
 
-    start_logging(config.log_level)
-    try:
-        daemon = HaloDService(config, reactor)
-    except (OSError, ValueError) as e:
-        print(f"halod: {e}", file=sys.stderr)
-        return 2
-    ready = lambda: {"control": daemon.control_address, "status": daemon.status_address}  # noqa: E731
-    return run_service("halod", daemon, ready, args.ready_file)
+    def ready(daemon) -> dict[str, object]:  # noqa: ANN001
+        return {"control": daemon.control_address, "status": daemon.status_address}
 
+    return run_configured("halod", HaloDConfig, args, build, ready)
 
 if __name__ == "__main__":
     sys.exit(main())

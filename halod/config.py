@@ -12,7 +12,6 @@ from halod.dataplane import Ports
 from halod.membership import Timing
 from halod.routes import POLICIES
 from orbited.config import (
-    LOG_LEVELS,
     ConfigBase,
     ConfigError,
     _opt,
@@ -74,8 +73,6 @@ class HaloDConfig(ConfigBase):
                 raise ConfigError("browser and SP route port ranges overlap")
         if self.move_close_delay < 0:
             raise ConfigError("move_close_delay must not be negative")
-        if self.log_level not in LOG_LEVELS:
-            raise ConfigError("log_level is one of debug, info, warn, error")
 
     def ports(self) -> Ports:
         return Ports(self.dataplane_host, self.browser_port_base, self.sp_port_base, self.routes)

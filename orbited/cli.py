@@ -13,8 +13,8 @@ import sys
 from pathlib import Path
 
 from orbited import __version__
-from orbited.config import ConfigError, NodeConfig
-from orbited.daemon import run_service
+from orbited.config import NodeConfig
+from orbited.daemon import run_configured
 from orbited.keys import ConnectionKey, KeyError_
 from orbited.tokens import DEFAULT_TTL, issue_token, load_secret
 
@@ -68,25 +68,12 @@ def token_command(args: argparse.Namespace) -> int:
 
 
 def node_command(args: argparse.Namespace) -> int:
-    overrides = {k: v for k, v in vars(args).items() if k not in ("config", "ready_file")}
-    try:
-        config = NodeConfig.load(args.config, overrides)
-    except (ConfigError, TypeError) as e:
-        print(f"orbited: {e}", file=sys.stderr)
-        return 2
-    from twisted.internet import reactor
+    def build(config: NodeConfig, reactor: object):  # noqa: ANN202
+        from orbited.node import NodeService
 
-    from orbited.logs import start_logging
-    from orbited.node import NodeService
+        return NodeService(config, reactor)  # type: ignore[arg-type]
 
-    start_logging(config.log_level)
-    try:
-        node = NodeService(config, reactor)
-    except (OSError, ValueError) as e:
-        print(f"orbited: {e}", file=sys.stderr)
-        return 2
-
-    def ready() -> dict[str, object]:
+    def ready(node) -> dict[str, object]:  # noqa: ANN001
         return {
             "http": node.http_address,
             "sp": node.sp_address,
@@ -95,8 +82,7 @@ def node_command(args: argparse.Namespace) -> int:
             "epoch": node.hub.epoch,
         }
 
-    return run_service("orbited", node, ready, args.ready_file)
-
+    return run_configured("orbited", NodeConfig, args, build, ready)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -28,6 +28,7 @@ def _opt(default: object, help: str) -> object:  # noqa: A002
 
 
 C = TypeVar("C", bound="ConfigBase")
+LOG_LEVELS = ["debug", "info", "warn", "error"]
 
 
 class ConfigBase:
@@ -66,6 +67,8 @@ class ConfigBase:
                 raise ConfigError(f"{f.name} must be of type {expected.__name__}")
             if expected is list and not all(isinstance(v, str) for v in value):
                 raise ConfigError(f"{f.name} must be a list of strings")
+        if getattr(self, "log_level", LOG_LEVELS[1]) not in LOG_LEVELS:
+            raise ConfigError("log_level is one of debug, info, warn, error")
 
     def require_positive(self, *names: str) -> None:
         for name in names:
@@ -96,8 +99,6 @@ class ConfigBase:
             else:
                 parser.add_argument(flag, type=type(default), help=helptext)
 
-
-LOG_LEVELS = ["debug", "info", "warn", "error"]
 
 
 @dataclass
@@ -180,8 +181,6 @@ class NodeConfig(ConfigBase):
         if self.advertise_sp:
             parse_sp_address(self.advertise_sp)
         self.require_positive("routes", "capacity")
-        if self.log_level not in LOG_LEVELS:
-            raise ConfigError("log_level is one of debug, info, warn, error")
 
     def hub_config(self) -> HubConfig:
         return HubConfig(

@@ -208,34 +208,30 @@ class Hub:
                 continue
             del self._slots[key]
             evicted += 1
-            if slot.linger_call is not None:
-                slot.linger_call.cancel()
-                slot.linger_call = None
-            sink, slot.sink = slot.sink, None
-            if sink is not None:
-                try:
-                    sink.reconnect("route_moved")
-                except Exception:
-                    self.log.failure("telling a browser to reconnect failed")
+            self._release(slot, "route_moved")
             if self.presence is not None:
                 self.presence("signoff", key)
         if evicted:
             self.log.info("{n} keys of moved routes told to reconnect", n=evicted)
         return evicted
 
+    def _release(self, slot: _Slot, reason: str) -> None:
+        """End a slot's linger and tell its browser, if attached, to reconnect."""
+        if slot.linger_call is not None:
+            slot.linger_call.cancel()
+            slot.linger_call = None
+        sink, slot.sink = slot.sink, None
+        if sink is not None:
+            try:
+                sink.reconnect(reason)
+            except Exception:
+                self.log.failure("telling a browser to reconnect failed")
+
     def shutdown(self, reason: str) -> None:
         """Tell every browser to reconnect; the node is going away."""
         self.stopped = True
         for slot in list(self._slots.values()):
-            sink, slot.sink = slot.sink, None
-            if slot.linger_call is not None:
-                slot.linger_call.cancel()
-                slot.linger_call = None
-            if sink is not None:
-                try:
-                    sink.reconnect(reason)
-                except Exception:
-                    self.log.failure("telling a browser to reconnect failed")
+            self._release(slot, reason)
         self._slots.clear()
 
     # -- web-app side -------------------------------------------------------------------

@@ -24,38 +24,24 @@ from orbited.tokens import issue_token
 SECRET = b"test-secret-0123456789-abcdefghijklmnopqrstuvwxyz"
 
 
-class NodeProcess:
-    """An ``orbited node`` subprocess on loopback ports it picks itself (port 0)."""
+class DaemonProcess:
+    """A daemon subprocess that writes a ready file (its bound addresses) once listening."""
 
-    def __init__(self, tmp: Path, *flags: str) -> None:
-        self.tmp = tmp
-        self.secret_file = tmp / "secret"
-        self.secret_file.write_bytes(SECRET)
-        self.ready_file = tmp / f"ready-{time.monotonic_ns()}.json"
-        self.log_file = tmp / "node.log"
-        self.flags = flags
-        self.proc: subprocess.Popen[bytes] | None = None
+    proc: subprocess.Popen[bytes] | None = None
+    ready_file: Path
+    log_file: Path
 
-    def start(self, http: str = "127.0.0.1:0", sp: str = "tcp://127.0.0.1:0") -> NodeProcess:
+    def spawn(self, cmd: list[str]) -> dict:
+        """Start ``cmd`` (its output appended to the log file); return the ready file."""
         self.ready_file.unlink(missing_ok=True)
         log = self.log_file.open("ab")
-        cmd = [
-            sys.executable, "-m", "orbited.cli", "node",
-            "--http", http, "--sp", sp,
-            "--secret-file", str(self.secret_file), "--no-create-secret",
-            "--ready-file", str(self.ready_file), *self.flags,
-        ]  # fmt: skip
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 15
         while not self.ready_file.exists():
             if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"node did not start:\n{self.log_file.read_text()}")
+                raise RuntimeError(f"{cmd[2]} did not start:\n{self.log_file.read_text()}")
             time.sleep(0.02)
-        ready = json.loads(self.ready_file.read_text())
-        self.http, self.sp, self.epoch = ready["http"], ready["sp"], ready["epoch"]
-        self.publish = ready.get("publish")
-        self.orbit = ready.get("orbit")
-        return self
+        return json.loads(self.ready_file.read_text())
 
     def stop(self, sig: int = signal.SIGTERM) -> int:
         assert self.proc is not None
@@ -69,6 +55,30 @@ class NodeProcess:
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
+
+
+class NodeProcess(DaemonProcess):
+    """An ``orbited node`` subprocess on loopback ports it picks itself (port 0)."""
+
+    def __init__(self, tmp: Path, *flags: str) -> None:
+        self.tmp = tmp
+        self.secret_file = tmp / "secret"
+        self.secret_file.write_bytes(SECRET)
+        self.ready_file = tmp / f"ready-{time.monotonic_ns()}.json"
+        self.log_file = tmp / "node.log"
+        self.flags = flags
+
+    def start(self, http: str = "127.0.0.1:0", sp: str = "tcp://127.0.0.1:0") -> NodeProcess:
+        ready = self.spawn([
+            sys.executable, "-m", "orbited.cli", "node",
+            "--http", http, "--sp", sp,
+            "--secret-file", str(self.secret_file), "--no-create-secret",
+            "--ready-file", str(self.ready_file), *self.flags,
+        ])  # fmt: skip
+        self.http, self.sp, self.epoch = ready["http"], ready["sp"], ready["epoch"]
+        self.publish = ready.get("publish")
+        self.orbit = ready.get("orbit")
+        return self
 
     # -- clients -----------------------------------------------------------------------
 
@@ -97,7 +107,7 @@ class NodeProcess:
             return e.code, json.loads(e.read() or b"null")
 
 
-class HaloDProcess:
+class HaloDProcess(DaemonProcess):
     """A ``halod run`` subprocess with its own SQLite file; restartable on the same ports."""
 
     def __init__(self, tmp: Path, *flags: str, routes: int = 24, proxy: bool = False) -> None:
@@ -116,36 +126,18 @@ class HaloDProcess:
         self.ready_file = tmp / "halod-ready.json"
         self.log_file = tmp / "halod.log"
         self.flags = flags
-        self.proc: subprocess.Popen[bytes] | None = None
         self.control = "tcp://127.0.0.1:0"
         self.status_http = "127.0.0.1:0"
 
     def start(self) -> HaloDProcess:
-        self.ready_file.unlink(missing_ok=True)
-        cmd = [
+        """Start (or restart, on the same ports and database)."""
+        ready = self.spawn([
             sys.executable, "-m", "halod.cli", "run", "--db", str(self.db),
             "--control", self.control, "--status-http", self.status_http,
             "--ready-file", str(self.ready_file), *self.flags,
-        ]  # fmt: skip
-        self.proc = subprocess.Popen(cmd, stdout=self.log_file.open("ab"), stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 15
-        while not self.ready_file.exists():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"halod did not start:\n{self.log_file.read_text()}")
-            time.sleep(0.02)
-        ready = json.loads(self.ready_file.read_text())
+        ])  # fmt: skip
         self.control, self.status_http = ready["control"], ready["status"]
         return self
-
-    def stop(self, sig: int = signal.SIGTERM) -> int:
-        assert self.proc is not None
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        try:
-            return self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait(5)
 
     def get(self, page: str) -> dict:
         with urllib.request.urlopen(f"http://{self.status_http}/{page}", timeout=5) as r:

@@ -93,12 +93,25 @@ def test_beyond_n_active_nodes_new_nodes_are_spares():
     assert [t.join(n).role for n in names(5)] == ["active"] * 3 + ["spare"] * 2
 
 
-@settings(max_examples=150, deadline=None)
-@given(
-    st.integers(min_value=1, max_value=4096),
-    st.integers(min_value=0, max_value=2),
-    st.lists(st.tuples(st.booleans(), st.integers(min_value=0, max_value=30)), max_size=40),
-)
+# Hypothesis: N routes, spares wanted, and (join?, which member leaves) operations.
+def join_fail_sequences(test):
+    return settings(max_examples=150, deadline=None)(given(
+        st.integers(min_value=1, max_value=4096),
+        st.integers(min_value=0, max_value=2),
+        st.lists(st.tuples(st.booleans(), st.integers(min_value=0, max_value=30)), max_size=40),
+    )(test))  # fmt: skip
+
+
+def assert_balanced(table: dict[int, list[int]], routes: int) -> None:
+    """Every route has one owner; active nodes hold ≥ 1 route and differ by ≤ 1."""
+    held = sorted(r for rs in table.values() for r in rs)
+    assert held == (list(range(1, routes + 1)) if table else [])
+    counts = [len(rs) for rs in table.values()]
+    assert not counts or max(counts) - min(counts) <= 1
+    assert min(counts, default=1) >= 1
+
+
+@join_fail_sequences
 def test_any_join_fail_sequence_keeps_the_table_canonical(routes, spares, ops):
     t = RouteTable(routes, spares_wanted=spares)
     counter = 0
@@ -126,21 +139,12 @@ def test_any_join_fail_sequence_keeps_the_table_canonical(routes, spares, ops):
                     expected += len([r for r in before[highest] if r not in after[node]])
                 assert len(change.moves) == expected
         table = t.table()
-        held = sorted(r for rs in table.values() for r in rs)
-        assert held == (list(range(1, routes + 1)) if table else [])  # one owner per route
-        counts = [len(rs) for rs in table.values()]
-        assert not counts or max(counts) - min(counts) <= 1
-        assert min(counts, default=1) >= 1
+        assert_balanced(table, routes)
         assert table == canonical(routes, len(table))
         assert sorted(table) == list(range(1, len(table) + 1))
 
 
-@settings(max_examples=150, deadline=None)
-@given(
-    st.integers(min_value=1, max_value=4096),
-    st.integers(min_value=0, max_value=2),
-    st.lists(st.tuples(st.booleans(), st.integers(min_value=0, max_value=30)), max_size=40),
-)
+@join_fail_sequences
 def test_minimal_policy_moves_only_the_failed_nodes_routes(routes, spares, ops):
     t = RouteTable(routes, spares_wanted=spares, policy=MINIMAL)
     counter = 0
@@ -159,11 +163,7 @@ def test_minimal_policy_moves_only_the_failed_nodes_routes(routes, spares, ops):
                 assert sorted(m.route for m in change.moves) == before[node]
                 assert all(m.old == name for m in change.moves)
         table = t.table()
-        held = sorted(r for rs in table.values() for r in rs)
-        assert held == (list(range(1, routes + 1)) if table else [])
-        counts = [len(rs) for rs in table.values()]
-        assert not counts or max(counts) - min(counts) <= 1
-        assert min(counts, default=1) >= 1
+        assert_balanced(table, routes)
         assert all(1 <= node <= routes for node in table)
         assert RouteTable.restore(t.snapshot()).snapshot() == t.snapshot()
 

@@ -8,6 +8,7 @@ from orbited.events import RequestLimits
 from orbited.hub import Hub, HubConfig
 from orbited.keys import ConnectionKey
 from orbited.mailbox import MailboxLimits, Position
+from tests.conftest import keys_on_routes
 
 ALICE = ConnectionKey("alice", "s1", "/chat")
 BOB = ConnectionKey("bob", "s2", "/chat")
@@ -221,19 +222,6 @@ def test_ping_request():
 
 
 # -- routes assigned by HaloD (docs/halod-protocol.md, "On the node") -------------------
-
-
-def keys_on_routes(routes, total=24, count=2):
-    """Connection keys whose route (docs/hashing.md) is in ``routes``."""
-    from orbited.hashing import route_of
-
-    found, i = [], 0
-    while len(found) < count:
-        key = ConnectionKey(f"user{i}", "s", "/")
-        if route_of(key, total) in routes:
-            found.append(key)
-        i += 1
-    return found
 
 
 def test_assignment_evicts_keys_of_lost_routes_only():
