@@ -19,7 +19,7 @@ from orbited.config import (
     parse_sp_address,
 )
 
-DATAPLANES = ("proxy", "none")
+DATAPLANES = ("proxy", "haproxy", "nftables", "none")
 
 
 @dataclass

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from twisted.application import internet, service
+from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IReactorTCP, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
@@ -21,10 +22,10 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
+from halod import dataplane
 from halod import protocol as p
 from halod.config import HaloDConfig
-from halod.dataplane import Owner
-from halod.dataplane.proxy import ProxyDataPlane
+from halod.dataplane import DataPlane, Owner
 from halod.membership import Effects, Membership
 from halod.routes import Change, RouteTable, canonical, format_ranges
 from halod.store import Store
@@ -153,7 +154,7 @@ class HaloD:
         canonical(config.routes, config.routes)
         self.connections: dict[str, ControlProtocol] = {}
         self.listeners: list[ChangeListener] = []
-        self.dataplane: ProxyDataPlane | None = None
+        self.dataplane: DataPlane | None = None
         self.stats = {"messages": 0, "refused": 0, "persist_errors": 0, "changes": 0}
 
     # -- from control connections --------------------------------------------------------
@@ -361,8 +362,10 @@ class HaloD:
             f"halod_control_refused_total {self.stats['refused']}",
             "# HELP halod_node_connections Browser connections each node reports.",
             "# TYPE halod_node_connections gauge",
-            *(f'halod_node_connections{{node="{name}"}} {r.connections}'
-              for name, r in sorted(m.nodes.items())),  # fmt: skip
+            *(
+                f'halod_node_connections{{node="{name}"}} {r.connections}'
+                for name, r in sorted(m.nodes.items())
+            ),  # fmt: skip
         ]
         if self.dataplane is not None:
             stats = self.dataplane.stats()
@@ -456,8 +459,10 @@ def owners_of(membership: Membership) -> dict[int, Owner | None]:
     owners: dict[int, Owner | None] = {}
     for route in range(1, membership.table.routes + 1):
         record = records.get(route)
-        owners[route] = None if record is None else Owner(
-            record.name, parse_host_port(record.browser), parse_sp_address(record.sp)
+        owners[route] = (
+            None
+            if record is None
+            else Owner(record.name, parse_host_port(record.browser), parse_sp_address(record.sp))
         )
     return owners
 
@@ -486,11 +491,11 @@ class HaloDService(service.MultiService):
                 port, status_site(self.halod), interface=host, reactor=reactor
             )
             self.status_server.setServiceParent(self)
-        self.dataplane: ProxyDataPlane | None = None
-        if config.dataplane == "proxy":
-            self.dataplane = ProxyDataPlane(config.ports(), reactor, config.move_close_delay)
-            self.halod.listeners.append(lambda change, m: self.dataplane.apply(owners_of(m)))
-            self.halod.dataplane = self.dataplane
+        self.dataplane = dataplane.build(config, reactor)
+        if self.dataplane is not None:
+            plane = self.dataplane
+            self.halod.listeners.append(lambda change, m: plane.apply(owners_of(m)))
+            self.halod.dataplane = plane
         # Deadlines are checked a few times per heartbeat interval: detection takes at
         # most grace (or k intervals) plus one tick.
         period = max(0.02, min(config.heartbeat_interval, config.grace) / 4)
@@ -517,8 +522,9 @@ class HaloDService(service.MultiService):
         super().startService()
 
     def stopService(self):  # noqa: ANN201, N802
-        result = super().stopService()
+        result = defer.maybeDeferred(super().stopService)
         if self.dataplane is not None:
-            self.dataplane.stop()
+            stopped = defer.maybeDeferred(self.dataplane.stop)
+            result = defer.gatherResults([result, stopped], consumeErrors=True)
         self.halod.shutdown()
         return result

@@ -9,7 +9,10 @@ connections follow it at once; connections of a route whose owner changed are cu
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from halod.config import HaloDConfig
 
 
 @dataclass(frozen=True)
@@ -48,3 +51,15 @@ class DataPlane(Protocol):
 
     def stats(self) -> dict[str, Any]:
         """Per-route connection counts and totals, for /status and /metrics."""
+
+
+def build(config: HaloDConfig, reactor: Any) -> DataPlane | None:
+    """The back-end ``config.dataplane`` names (None for ``none``); imported lazily so a
+    back-end's system dependencies are only needed when it is chosen."""
+    if config.dataplane == "proxy":
+        from halod.dataplane.proxy import ProxyDataPlane
+
+        return ProxyDataPlane(config.ports(), reactor, config.move_close_delay)
+    if config.dataplane == "none":
+        return None
+    raise ValueError(f"unknown data plane {config.dataplane!r}")
