@@ -30,12 +30,13 @@ class DaemonProcess:
     proc: subprocess.Popen[bytes] | None = None
     ready_file: Path
     log_file: Path
+    prefix: tuple[str, ...] = ()  # e.g. ("ip", "netns", "exec", NAME) to run inside a netns
 
     def spawn(self, cmd: list[str]) -> dict:
         """Start ``cmd`` (its output appended to the log file); return the ready file."""
         self.ready_file.unlink(missing_ok=True)
         log = self.log_file.open("ab")
-        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen([*self.prefix, *cmd], stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 15
         while not self.ready_file.exists():
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -110,17 +111,19 @@ class NodeProcess(DaemonProcess):
 class HaloDProcess(DaemonProcess):
     """A ``halod run`` subprocess with its own SQLite file; restartable on the same ports."""
 
-    def __init__(self, tmp: Path, *flags: str, routes: int = 24, proxy: bool = False) -> None:
+    def __init__(
+        self, tmp: Path, *flags: str, routes: int = 24, proxy: bool = False, dataplane: str = ""
+    ) -> None:
         self.tmp = tmp
         self.routes = routes
         self.browser_base = self.sp_base = 0
-        if proxy:  # the built-in data plane on 2×N free ports
+        dataplane = dataplane or ("proxy" if proxy else "none")
+        if dataplane != "none":  # a data plane on 2×N free ports
             self.browser_base = free_port_block(routes)
             self.sp_base = free_port_block(routes, avoid=self.browser_base)
             flags = (*flags, "--browser-port-base", str(self.browser_base),
                      "--sp-port-base", str(self.sp_base))  # fmt: skip
-        else:
-            flags = (*flags, "--dataplane", "none")
+        flags = (*flags, "--dataplane", dataplane)
         flags = (*flags, "--routes", str(routes))
         self.db = tmp / "halod.sqlite3"
         self.ready_file = tmp / "halod-ready.json"
