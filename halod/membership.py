@@ -111,9 +111,13 @@ class Membership:
             effects.changes.append(Change(name, "readdressed", held))
         record.browser, record.sp, record.capacity = msg["browser"], msg["sp"], msg["capacity"]
         record.connected, record.disconnected_at, record.last_heartbeat = True, None, now
-        effects.sends.append(Send(name, self._state(name, p.WELCOME)))
+        notices: list[Send] = []
+        incoming: set[int] = set()
         for change in effects.changes:
-            effects.sends += self._notices(change, skip=name)
+            notices += self._notices(change, skip=name)
+            incoming |= self._incoming(change, name)
+        effects.sends.append(Send(name, self._state(name, p.WELCOME, incoming)))
+        effects.sends += notices
         return effects
 
     def heartbeat(self, name: str, msg: dict[str, Any], now: float) -> bool:
@@ -189,7 +193,7 @@ class Membership:
 
     # -- messages to nodes --------------------------------------------------------------
 
-    def _state(self, name: str, kind: str) -> dict[str, Any]:
+    def _state(self, name: str, kind: str, incoming: set[int] | None = None) -> dict[str, Any]:
         node_id = self.table.node_id(name)
         routes = self.table.routes_of(node_id) if node_id is not None else []
         message: dict[str, Any] = {
@@ -198,6 +202,8 @@ class Membership:
             "role": self.state_of(name),
             "routes": routes,
         }
+        if incoming:
+            message["incoming"] = sorted(incoming)
         if kind == p.WELCOME:
             message.update(
                 total_routes=self.table.routes,
@@ -206,14 +212,27 @@ class Membership:
             )
         return message
 
+    def _handoff(self, old: str | None, new: str | None) -> bool:
+        """A move between two live nodes: the old owner hands its mailboxes over."""
+        if old is None or new is None:
+            return False
+        a, b = self.nodes.get(old), self.nodes.get(new)
+        return a is not None and b is not None and a.connected and b.connected
+
+    def _incoming(self, change: Change, name: str) -> set[int]:
+        return {m.route for m in change.moves if m.new == name and self._handoff(m.old, m.new)}
+
     def _notices(self, change: Change, skip: str) -> list[Send]:
         """'route moved' to each former owner, then the new assignment of every member
-        whose routes or role changed."""
+        whose routes or role changed. Moves between live nodes carry a hand-off: the old
+        owner sends its mailboxes, the new one holds the routes until they arrive."""
         moved: dict[str, list[dict[str, Any]]] = {}
         touched: dict[str, None] = {}
         for move in change.moves:
             target = self.nodes.get(move.new) if move.new is not None else None
             entry = {"route": move.route, **(target.address() if target else {"name": None})}
+            if self._handoff(move.old, move.new):
+                entry["handoff"] = True
             if move.old is not None:
                 moved.setdefault(move.old, []).append(entry)
                 touched[move.old] = None
@@ -227,7 +246,7 @@ class Membership:
             if old in self.nodes and old != skip
         ]
         sends += [
-            Send(name, self._state(name, p.ASSIGN))
+            Send(name, self._state(name, p.ASSIGN, self._incoming(change, name)))
             for name in touched
             if name in self.nodes and name != skip
         ]
@@ -268,8 +287,13 @@ class Membership:
         members = set(table.machines().values()) | set(table.spares) | drained
         try:
             nodes = {
-                name: NodeRecord(name, str(entry["browser"]), str(entry["sp"]),
-                                 int(entry["capacity"]), disconnected_at=now)  # fmt: skip
+                name: NodeRecord(
+                    name,
+                    str(entry["browser"]),
+                    str(entry["sp"]),
+                    int(entry["capacity"]),
+                    disconnected_at=now,
+                )  # fmt: skip
                 for name, entry in snapshot["nodes"].items()
             }
         except (KeyError, TypeError, ValueError, AttributeError) as e:

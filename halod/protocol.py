@@ -30,9 +30,12 @@ ASSIGN = "assign"
 ROUTE_MOVED = "route_moved"
 HEARTBEAT_ACK = "heartbeat_ack"
 ERROR = "error"
+# Both ways: an old owner's mailboxes for the new owner, relayed by HaloD
+HANDOFF = "handoff"
 
-FROM_NODE = (REGISTER, HEARTBEAT, LEAVE)
-FROM_HALOD = (WELCOME, ASSIGN, ROUTE_MOVED, HEARTBEAT_ACK, ERROR)
+FROM_NODE = (REGISTER, HEARTBEAT, LEAVE, HANDOFF)
+FROM_HALOD = (WELCOME, ASSIGN, ROUTE_MOVED, HEARTBEAT_ACK, ERROR, HANDOFF)
+HANDOFF_CHUNK = 256 * 1024  # bytes of events per hand-off message, well under MAX_MESSAGE
 
 # Error codes HaloD sends before closing (docs/halod-protocol.md, "Errors").
 BAD_MESSAGE = "bad_message"
@@ -65,6 +68,16 @@ def encode(message: dict[str, Any]) -> bytes:
 def heartbeat_ack(seq: int) -> bytes:
     """The most frequent message, preformatted (equal to encode() of it)."""
     return b'{"type":"heartbeat_ack","seq":%d}' % seq
+
+
+def _route_list(msg: dict[str, Any], field: str, optional: bool = False) -> None:
+    routes = msg.get(field)
+    if routes is None and optional:
+        return
+    if not isinstance(routes, list) or not all(
+        isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in routes
+    ):
+        raise ControlError(BAD_MESSAGE, f"{field} must be a list of route ids")
 
 
 def _int(msg: dict[str, Any], field: str, low: int, high: int, optional: bool = False) -> None:
@@ -117,11 +130,8 @@ def decode(body: bytes, allowed: tuple[str, ...]) -> dict[str, Any]:
         _int(msg, "node_id", 1, 2**31, optional=True)
         if msg.get("role") not in ("active", "spare", "drained"):
             raise ControlError(BAD_MESSAGE, "role is active, spare or drained")
-        routes = msg.get("routes")
-        if not isinstance(routes, list) or not all(
-            isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in routes
-        ):
-            raise ControlError(BAD_MESSAGE, "routes must be a list of route ids")
+        _route_list(msg, "routes")
+        _route_list(msg, "incoming", optional=True)
         if kind == WELCOME:
             _int(msg, "total_routes", 1, 2**31)
             interval = msg.get("heartbeat_interval")
@@ -134,6 +144,12 @@ def decode(body: bytes, allowed: tuple[str, ...]) -> dict[str, Any]:
             isinstance(m, dict) and isinstance(m.get("route"), int) for m in moves
         ):
             raise ControlError(BAD_MESSAGE, "moves must be a list of {route, to, sp, browser}")
+    elif kind == HANDOFF:
+        _str(msg, "to", NAME)
+        _route_list(msg, "done")
+        mailboxes = msg.get("mailboxes")
+        if not isinstance(mailboxes, list) or not all(isinstance(m, dict) for m in mailboxes):
+            raise ControlError(BAD_MESSAGE, "mailboxes must be a list of objects")
     elif kind == ERROR:
         if not isinstance(msg.get("code"), str) or not isinstance(msg.get("message"), str):
             raise ControlError(BAD_MESSAGE, "an error has a code and a message")
@@ -142,3 +158,40 @@ def decode(body: bytes, allowed: tuple[str, ...]) -> dict[str, Any]:
 
 def error(code: str, message: str) -> dict[str, Any]:
     return {"type": ERROR, "code": code, "message": message}
+
+
+def handoff_messages(
+    to: str, done: list[int], entries: list[dict[str, Any]], chunk: int = HANDOFF_CHUNK
+) -> list[dict[str, Any]]:
+    """An old owner's exported mailboxes (orbited.hub.export_entry) as ``handoff``
+    messages of about ``chunk`` bytes of events each; a large mailbox is split across
+    messages (same key and stream, later events). The last message names the ``done``
+    routes (docs/halod-protocol.md, "Hand-off")."""
+    messages: list[dict[str, Any]] = []
+    batch: list[dict[str, Any]] = []
+    size = 0
+
+    def flush() -> None:
+        nonlocal batch, size
+        messages.append({"type": HANDOFF, "to": to, "done": [], "mailboxes": batch})
+        batch, size = [], 0
+
+    for entry in entries:
+        events = entry["events"]
+        part: list[list[Any]] = []
+        for event in events:
+            cost = len(event[1]) + 16
+            if part and size + cost > chunk:
+                batch.append({**entry, "events": part})
+                flush()
+                part = []
+            part.append(event)
+            size += cost
+        batch.append({**entry, "events": part})
+        size += 128
+        if size > chunk:
+            flush()
+    if batch or not messages:
+        flush()
+    messages[-1]["done"] = sorted(done)
+    return messages

@@ -155,7 +155,10 @@ class HaloD:
         self.connections: dict[str, ControlProtocol] = {}
         self.listeners: list[ChangeListener] = []
         self.dataplane: DataPlane | None = None
-        self.stats = {"messages": 0, "refused": 0, "persist_errors": 0, "changes": 0}
+        self.stats = {
+            "messages": 0, "refused": 0, "persist_errors": 0, "changes": 0,
+            "handoffs_relayed": 0, "handoffs_dropped": 0,
+        }  # fmt: skip
 
     # -- from control connections --------------------------------------------------------
 
@@ -185,6 +188,18 @@ class HaloD:
             elif kind == p.HEARTBEAT:  # the hot path: no Effects, a preformatted ack
                 if self.membership.heartbeat(conn.name, msg, now):
                     conn.send_bytes(p.heartbeat_ack(msg["seq"]))
+                return
+            elif kind == p.HANDOFF:  # relayed as is: nodes never talk to each other
+                target = self.connections.get(msg["to"])
+                if target is None or target.closed:
+                    self.stats["handoffs_dropped"] += 1
+                    self.log.warn(
+                        "hand-off from {src} to {dst} dropped: {dst} is not connected",
+                        src=conn.name, dst=msg["to"],
+                    )  # fmt: skip
+                else:
+                    self.stats["handoffs_relayed"] += 1
+                    target.send_bytes(body)
                 return
             elif kind == p.LEAVE:
                 effects = self.membership.leave(conn.name, now, "left")
@@ -354,6 +369,10 @@ class HaloD:
             "# HELP halod_persist_errors_total Failed saves of the route table.",
             "# TYPE halod_persist_errors_total counter",
             f"halod_persist_errors_total {self.stats['persist_errors']}",
+            "# HELP halod_handoffs_total Hand-off messages between nodes, by outcome.",
+            "# TYPE halod_handoffs_total counter",
+            f'halod_handoffs_total{{outcome="relayed"}} {self.stats["handoffs_relayed"]}',
+            f'halod_handoffs_total{{outcome="dropped"}} {self.stats["handoffs_dropped"]}',
             "# HELP halod_control_messages_total Control messages received from nodes.",
             "# TYPE halod_control_messages_total counter",
             f"halod_control_messages_total {self.stats['messages']}",

@@ -100,7 +100,6 @@ class ConfigBase:
                 parser.add_argument(flag, type=type(default), help=helptext)
 
 
-
 @dataclass
 class NodeConfig(ConfigBase):
     """The [node] table."""
@@ -120,6 +119,7 @@ class NodeConfig(ConfigBase):
     mailbox_bytes: int = _opt(1024 * 1024, "payload bytes kept per connection key")
     max_payload: int = _opt(64 * 1024, "largest event data, bytes of encoded JSON")
     max_recipients: int = _opt(10_000, "recipients per event request")
+    max_ack_wait: float = _opt(60.0, "largest wait a request in the acknowledged mode may ask")
     dedup_window: float = _opt(300.0, "seconds a request is remembered to ignore resends")
     dedup_max: int = _opt(100_000, "requests remembered at most")
     dedup_max_bytes: int = _opt(64 * 1024 * 1024, "bytes of remembered replies at most")
@@ -141,6 +141,7 @@ class NodeConfig(ConfigBase):
     advertise_http: str = _opt("", "browser address HaloD forwards to (default: --http)")
     advertise_sp: str = _opt("", "SP address HaloD forwards to (default: --sp)")
     capacity: int = _opt(100_000, "connections this node is sized for (reported to HaloD)")
+    handoff_timeout: float = _opt(5.0, "seconds a route moved here waits for its mailboxes")
     log_level: str = _opt("info", "debug, info, warn or error")
 
     def validate(self) -> None:
@@ -162,6 +163,8 @@ class NodeConfig(ConfigBase):
         for name in (
             "linger",
             "keepalive",
+            "max_ack_wait",
+            "handoff_timeout",
             "sp_header_timeout",
             "dedup_window",
             "mailbox_events",
@@ -186,7 +189,8 @@ class NodeConfig(ConfigBase):
         return HubConfig(
             routes=self.routes,
             mailbox=MailboxLimits(self.mailbox_events, self.mailbox_bytes),
-            requests=RequestLimits(self.max_recipients, self.max_payload),
+            requests=RequestLimits(self.max_recipients, self.max_payload, self.max_ack_wait),
+            handoff_timeout=self.handoff_timeout,
             linger=self.linger,
             keepalive=self.keepalive,
             dedup_window=self.dedup_window,

@@ -29,6 +29,16 @@ from orbited.sp.wire import SPConnection, SPProtocolError, encode_message
 _ROUTES_GONE = (p.FAILED, p.ID_CLAIMED, p.ID_MISMATCH)
 
 
+def _fitting(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Leave out events too large for one control message (only possible when
+    max_payload is raised near p.MAX_MESSAGE): the browser then sees a gap."""
+    limit = p.MAX_MESSAGE // 2
+    for entry in entries:
+        if any(len(event[1]) > limit for event in entry["events"]):
+            entry["events"] = [e for e in entry["events"] if len(e[1]) <= limit]
+    return entries
+
+
 class LinkProtocol(Protocol):
     log = Logger()
 
@@ -71,14 +81,39 @@ class LinkProtocol(Protocol):
         elif kind == p.ASSIGN:
             link.assigned(msg)
         elif kind == p.ROUTE_MOVED:
-            moves = {int(m["route"]): m.get("sp") for m in msg["moves"]}
-            evicted = link.hub.route_moved(moves)
-            self.log.info(
-                "HaloD moved routes {routes} away; {n} keys told to reconnect",
-                routes=sorted(moves), n=evicted,
-            )  # fmt: skip
+            self._routes_moved(msg["moves"])
+        elif kind == p.HANDOFF:
+            n = link.hub.handoff_received(msg["mailboxes"], msg["done"])
+            if msg["done"]:
+                self.log.info("hand-off of routes {routes} complete", routes=msg["done"])
+            elif n:
+                self.log.debug("{n} mailboxes handed over", n=n)
         elif kind == p.ERROR:
             link.refused(msg["code"], msg["message"])
+
+    def _routes_moved(self, entries: list[dict[str, Any]]) -> None:
+        """Evict the moved routes' keys; for moves to a live node, send their mailboxes
+        (through HaloD) in the same reactor turn, so no event accepted here is left out."""
+        hub = self.link.hub
+        moves = {int(m["route"]): m.get("sp") for m in entries}
+        targets: dict[str, list[int]] = {}
+        for m in entries:
+            if m.get("handoff") and isinstance(m.get("name"), str):
+                targets.setdefault(m["name"], []).append(int(m["route"]))
+        exports: list[dict[str, Any]] = []
+        evicted = hub.route_moved(moves, [r for rs in targets.values() for r in rs], exports)
+        for to, routes in targets.items():
+            mine = [e for e in exports if e["route"] in set(routes)]
+            for message in p.handoff_messages(to, routes, _fitting(mine)):
+                self.send(message)
+            self.log.info(
+                "routes {routes} moved to {to}: {n} mailboxes handed over",
+                routes=routes, to=to, n=len(mine),
+            )  # fmt: skip
+        self.log.info(
+            "HaloD moved routes {routes} away; {n} keys told to reconnect",
+            routes=sorted(moves), n=evicted,
+        )  # fmt: skip
 
     def _start_heartbeats(self) -> None:
         if self._heartbeat is not None and self._heartbeat.running:
@@ -152,7 +187,7 @@ class HaloDLink(service.MultiService):
 
     def assigned(self, msg: dict[str, Any], total: int | None = None) -> None:
         self.node_id, self.role = msg.get("node_id"), msg["role"]
-        evicted = self.hub.assign(msg["routes"], total)
+        evicted = self.hub.assign(msg["routes"], total, msg.get("incoming", ()))
         self.log.info(
             "HaloD: {role} node {id}, {n} routes; {evicted} keys told to reconnect",
             role=self.role, id=self.node_id, n=len(msg["routes"]), evicted=evicted,

@@ -20,12 +20,15 @@ DELIVERED = "delivered"  # written to an attached transport
 QUEUED = "queued"  # kept in the mailbox until the browser (re)connects
 NO_CONNECTION = "no_connection"  # no mailbox for that key on this node
 MOVED = "moved"  # the key's route is not served here (HaloD moved it); nothing stored
+ACKED = "acked"  # acknowledged mode: the browser confirmed it has the event
+UNACKED = "unacked"  # acknowledged mode: in the mailbox, not confirmed within the wait
 
 
 @dataclass(frozen=True)
 class RequestLimits:
     max_recipients: int = 10_000
     max_payload: int = 64 * 1024  # bytes of the encoded "data"
+    max_ack_wait: float = 60.0  # seconds a request in the acknowledged mode may wait
 
 
 class RequestError(Exception):
@@ -42,6 +45,7 @@ class EventRequest:
     recipients: tuple[ConnectionKey, ...]
     payload: bytes  # "data" encoded once as compact UTF-8 JSON
     digest: bytes  # identifies a resend: same id, recipients and data
+    ack: float | None = None  # acknowledged mode: reply once browsers confirm, or after this
 
 
 @dataclass(frozen=True)
@@ -80,7 +84,7 @@ def parse_request(body: bytes, limits: RequestLimits) -> EventRequest | PingRequ
         raise RequestError("unknown_op", f"unknown op {op!r}", event_id)
     if event_id is None:
         raise RequestError("bad_request", "an event needs an id (used to ignore resends)")
-    unknown = doc.keys() - {"id", "op", "to", "data"}
+    unknown = doc.keys() - {"id", "op", "to", "data", "ack"}
     if unknown:
         raise RequestError("bad_request", f"unknown fields: {sorted(unknown)}", event_id)
     to = doc.get("to")
@@ -113,8 +117,16 @@ def parse_request(body: bytes, limits: RequestLimits) -> EventRequest | PingRequ
             f"data is {len(payload)} bytes encoded; the limit is {limits.max_payload}",
             event_id,
         )
+    ack = doc.get("ack")
+    if ack is not None and (
+        not isinstance(ack, int | float) or isinstance(ack, bool)
+        or not 0 < ack <= limits.max_ack_wait
+    ):  # fmt: skip
+        raise RequestError(
+            "bad_request", f"ack is seconds to wait, 0 < ack <= {limits.max_ack_wait:g}", event_id
+        )
     digest = hashlib.blake2b(addressed + b"\0" + payload, digest_size=16).digest()
-    return EventRequest(event_id, recipients, payload, digest)
+    return EventRequest(event_id, recipients, payload, digest, None if ack is None else float(ack))
 
 
 # Per-recipient results are built as bytes: a reply may list 10 000 of them, and the

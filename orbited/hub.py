@@ -2,8 +2,11 @@
 
 Transports attach a Sink for a key; the web app's event requests (decoded by
 orbited.events) are appended to each recipient's mailbox and written to the attached
-sink if there is one. Time comes from an injected IReactorTime so tests drive it with
-twisted.internet.task.Clock; no sockets here.
+sink if there is one. Also owns the two waits that make delivery lossless
+(docs/protocol.md): requests in the acknowledged mode are answered once the browser
+acknowledged, and routes HaloD moves here from a live node are held until the old
+owner's mailboxes arrive (the hand-off). Time comes from an injected IReactorTime so
+tests drive it with twisted.internet.task.Clock; no sockets here.
 """
 
 from __future__ import annotations
@@ -12,15 +15,16 @@ import secrets
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
+from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from orbited import events, frames
 from orbited.hashing import DEFAULT_ROUTES, route_of
-from orbited.keys import ConnectionKey
-from orbited.mailbox import Mailbox, MailboxLimits, Position
+from orbited.keys import ConnectionKey, KeyError_
+from orbited.mailbox import _POSITION, Mailbox, MailboxLimits, Position
 
 
 class Sink(Protocol):
@@ -49,16 +53,56 @@ class HubConfig:
     dedup_max: int = 100_000  # requests remembered at most
     dedup_max_bytes: int = 64 * 1024 * 1024  # bytes of remembered replies at most
     routes: int = DEFAULT_ROUTES  # N of the cluster's hashing (docs/hashing.md)
+    handoff_timeout: float = 5.0  # seconds a moved route waits for the old owner's mailboxes
+
+
+class _AckWait:
+    """A request in the acknowledged mode waiting for the browser to confirm ``seq``."""
+
+    __slots__ = ("seq", "deferred", "timer")
+
+    def __init__(self, seq: int, deferred: defer.Deferred[bytes]) -> None:
+        self.seq = seq
+        self.deferred = deferred
+        self.timer: IDelayedCall | None = None
+
+    def resolve(self, result: bytes) -> None:
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        self.timer = None
+        if not self.deferred.called:
+            self.deferred.callback(result)
 
 
 class _Slot:
-    __slots__ = ("mailbox", "sink", "linger_call", "route")
+    __slots__ = ("mailbox", "sink", "linger_call", "route", "waits")
 
     def __init__(self, mailbox: Mailbox, route: int) -> None:
         self.mailbox = mailbox
         self.route = route
         self.sink: Sink | None = None
         self.linger_call: IDelayedCall | None = None
+        self.waits: list[_AckWait] | None = None  # oldest first; None when none
+
+
+class _HeldAttach:
+    __slots__ = ("key", "sink", "after", "gone")
+
+    def __init__(self, key: ConnectionKey, sink: Sink, after: Position | None) -> None:
+        self.key, self.sink, self.after = key, sink, after
+        self.gone = False  # the transport closed while it waited
+
+
+class _Incoming:
+    """A route HaloD moved here from a live node: deliveries and attaches for its keys
+    wait (each in arrival order) until the old owner's mailboxes arrive or time out."""
+
+    __slots__ = ("deliveries", "attaches", "timer")
+
+    def __init__(self, timer: IDelayedCall) -> None:
+        self.timer = timer
+        self.deliveries: list[Callable[[], Any]] = []
+        self.attaches: list[_HeldAttach] = []
 
 
 class Hub:
@@ -80,6 +124,8 @@ class Hub:
         self.moved_to: dict[int, str | None] = {}
         # Called with ("signon" | "signoff", key): a key's mailbox created / expired.
         self.presence: Callable[[str, ConnectionKey], None] | None = None
+        self._incoming: dict[int, _Incoming] = {}
+        self._inflight: dict[bytes, list[defer.Deferred[bytes]]] = {}
         self.stats = {
             "events": 0,
             "delivered": 0,
@@ -88,6 +134,11 @@ class Hub:
             "duplicates": 0,
             "bad_requests": 0,
             "moved": 0,
+            "acked": 0,
+            "unacked": 0,
+            "handoff_in": 0,
+            "handoff_out": 0,
+            "handoff_timeouts": 0,
         }
 
     # -- browser side -------------------------------------------------------------------
@@ -108,6 +159,10 @@ class Hub:
                 # now leads to the owner.
                 self.stats["moved"] += 1
                 sink.reconnect("route_moved")
+                return None
+            incoming = self._incoming.get(route)
+            if incoming is not None:  # its mailbox may be on the way: resume from it
+                incoming.attaches.append(_HeldAttach(key, sink, after))
                 return None
             self._streams += 1
             mailbox = Mailbox(f"{self.epoch}.{self._streams:x}", self.config.mailbox)
@@ -130,11 +185,17 @@ class Hub:
         slot.sink = sink
         if sink.deliver(out) and replay.events:
             mailbox.mark_delivered(replay.events[-1][0])
+        if slot.waits is not None and after is not None:
+            self._acked(slot)
         return mailbox
 
     def detach(self, key: ConnectionKey, sink: Sink) -> None:
         slot = self._slots.get(key)
         if slot is None or slot.sink is not sink:
+            for incoming in self._incoming.values():
+                for held in incoming.attaches:
+                    if held.sink is sink:  # closed while its route was held
+                        held.gone = True
             return
         slot.sink = None
         slot.linger_call = self.clock.callLater(self.config.linger, self._expire, key, slot)
@@ -143,6 +204,7 @@ class Hub:
         slot.linger_call = None
         if self._slots.get(key) is slot and slot.sink is None:
             del self._slots[key]
+            self._end_waits(slot, lambda wait: events.result(events.UNACKED, wait.seq))
             if self.presence is not None:
                 self.presence("signoff", key)
             if len(slot.mailbox) > slot.mailbox.acked:
@@ -152,6 +214,38 @@ class Hub:
         slot = self._slots.get(key)
         if slot is not None:
             slot.mailbox.ack(seq)
+            if slot.waits is not None:
+                self._acked(slot)
+
+    def _acked(self, slot: _Slot) -> None:
+        """Answer the acknowledged-mode requests the browser has now confirmed."""
+        waits, acked = slot.waits, slot.mailbox.acked
+        assert waits is not None
+        done = 0
+        for wait in waits:
+            if wait.seq > acked:
+                break
+            done += 1
+            self.stats["acked"] += 1
+            wait.resolve(events.result(events.ACKED, wait.seq))
+        del waits[:done]
+        if not waits:
+            slot.waits = None
+
+    def _ack_timeout(self, slot: _Slot, wait: _AckWait) -> None:
+        wait.timer = None
+        if slot.waits is not None and wait in slot.waits:
+            slot.waits.remove(wait)
+            if not slot.waits:
+                slot.waits = None
+        self.stats["unacked"] += 1
+        wait.resolve(events.result(events.UNACKED, wait.seq))
+
+    def _end_waits(self, slot: _Slot, outcome: Callable[[_AckWait], bytes]) -> None:
+        waits, slot.waits = slot.waits, None
+        for wait in waits or ():
+            self.stats["unacked"] += 1
+            wait.resolve(outcome(wait))
 
     def is_attached(self, key: ConnectionKey, sink: Sink) -> bool:
         slot = self._slots.get(key)
@@ -175,10 +269,13 @@ class Hub:
 
     # -- routes (HaloD) -------------------------------------------------------------------
 
-    def assign(self, routes: Iterable[int], total: int | None = None) -> int:
+    def assign(
+        self, routes: Iterable[int], total: int | None = None, incoming: Iterable[int] = ()
+    ) -> int:
         """HaloD's assignment: serve exactly ``routes`` of ``total``. Browsers of keys on
         routes no longer served are told to reconnect and their mailboxes dropped.
-        Returns how many keys were evicted."""
+        ``incoming`` routes come from a live node that hands their mailboxes over: their
+        keys wait for it (``handoff_timeout`` at most). Returns how many keys were evicted."""
         new = frozenset(routes)
         if total is not None and total != self.routes:
             self.routes = total
@@ -190,30 +287,113 @@ class Hub:
         for route in new:
             self.moved_to.pop(route, None)
         lost = previous - new
+        for route in lost:
+            self._complete(route, timed_out=False)
+        for route in (new - previous) & frozenset(incoming):
+            if route not in self._incoming:
+                timer = self.clock.callLater(
+                    self.config.handoff_timeout, self._complete, route, True
+                )
+                self._incoming[route] = _Incoming(timer)
         return self._evict(lost)
 
-    def route_moved(self, moves: dict[int, str | None]) -> int:
-        """'route moved': these routes now reach another node (SP address, if known)."""
+    def route_moved(
+        self, moves: dict[int, str | None], handoff: Iterable[int] = (),
+        exports: list[dict[str, Any]] | None = None,
+    ) -> int:  # fmt: skip
+        """'route moved': these routes now reach another node (SP address, if known).
+        The mailboxes of ``handoff`` routes are appended to ``exports`` (the new owner
+        resumes them) instead of being dropped."""
         self.moved_to.update(moves)
         owned = frozenset(range(1, self.routes + 1)) if self.owned is None else self.owned
         self.owned = owned - moves.keys()
-        return self._evict(frozenset(moves))
+        return self._evict(frozenset(moves), frozenset(handoff), exports)
 
-    def _evict(self, routes: frozenset[int]) -> int:
+    def _evict(
+        self, routes: frozenset[int], handoff: frozenset[int] = frozenset(),
+        exports: list[dict[str, Any]] | None = None,
+    ) -> int:  # fmt: skip
         if not routes:
             return 0
         evicted = 0
         for key, slot in list(self._slots.items()):
-            if slot.route not in routes:
+            route = slot.route
+            if route not in routes:
                 continue
             del self._slots[key]
             evicted += 1
+            handed = exports is not None and route in handoff
+            if handed:
+                assert exports is not None
+                exports.append(export_entry(key, slot.mailbox, route))
+                self.stats["handoff_out"] += 1
+                # The new owner has the events; what was not confirmed stays unconfirmed.
+                self._end_waits(slot, lambda wait: events.result(events.UNACKED, wait.seq))
+            else:  # the events are gone with the mailbox: the web app should resend
+                to = self.moved_to.get(route)
+                self._end_waits(slot, lambda wait, r=route, t=to: events.moved_result(r, t))
             self._release(slot, "route_moved")
-            if self.presence is not None:
-                self.presence("signoff", key)
+            if not handed and self.presence is not None:
+                self.presence("signoff", key)  # handed over keys stay online, elsewhere
         if evicted:
             self.log.info("{n} keys of moved routes told to reconnect", n=evicted)
         return evicted
+
+    def handoff_received(self, entries: list[dict[str, Any]], done: Iterable[int]) -> int:
+        """Mailboxes from a moved route's old owner (docs/halod-protocol.md, "Hand-off"),
+        then the routes whose hand-off is complete. Returns how many were installed."""
+        installed = 0
+        for entry in entries:
+            try:
+                key, route, mailbox = self._import_entry(entry)
+            except (KeyError, TypeError, ValueError, KeyError_) as e:
+                self.log.warn("ignoring a malformed hand-off entry: {e}", e=e)
+                continue
+            slot = self._slots.get(key)
+            if slot is not None:  # a continuation of a large mailbox, or a late arrival
+                have = slot.mailbox
+                if route in self._incoming and have.stream == mailbox.stream:
+                    slot.mailbox = Mailbox.restored(
+                        have.stream, self.config.mailbox, max(have.next_seq, mailbox.next_seq),
+                        max(have.acked, mailbox.acked), have.export() + mailbox.export(),
+                    )  # fmt: skip
+                continue
+            if route not in self._incoming:
+                continue  # timed out, or not moved here: keep what this node has
+            slot = self._slots[key] = _Slot(mailbox, route)
+            slot.linger_call = self.clock.callLater(self.config.linger, self._expire, key, slot)
+            installed += 1
+            self.stats["handoff_in"] += 1
+        for route in done:
+            self._complete(route, timed_out=False)
+        return installed
+
+    def _import_entry(self, entry: dict[str, Any]) -> tuple[ConnectionKey, int, Mailbox]:
+        key = ConnectionKey.from_json(entry["key"])
+        route = route_of(key, self.routes)
+        stream, next_seq, acked = entry["stream"], entry["next_seq"], entry["acked"]
+        if not isinstance(stream, str) or not _POSITION.match(f"{stream}:0"):
+            raise ValueError("bad stream id")
+        if not all(isinstance(n, int) and n >= 0 for n in (next_seq, acked)):
+            raise ValueError("bad sequence numbers")
+        pairs = [(int(seq), payload.encode()) for seq, payload in entry["events"]]
+        return key, route, Mailbox.restored(stream, self.config.mailbox, next_seq, acked, pairs)
+
+    def _complete(self, route: int, timed_out: bool) -> None:
+        """A held route is ready: run its deliveries, then its attaches, in order."""
+        incoming = self._incoming.pop(route, None)
+        if incoming is None:
+            return
+        if timed_out:
+            self.stats["handoff_timeouts"] += 1
+            self.log.warn("no hand-off for route {route} in time; serving it afresh", route=route)
+        elif incoming.timer.active():
+            incoming.timer.cancel()
+        for deliver in incoming.deliveries:
+            deliver()
+        for held in incoming.attaches:
+            if not held.gone:
+                self.attach(held.key, held.sink, held.after)
 
     def _release(self, slot: _Slot, reason: str) -> None:
         """End a slot's linger and tell its browser, if attached, to reconnect."""
@@ -230,17 +410,27 @@ class Hub:
     def shutdown(self, reason: str) -> None:
         """Tell every browser to reconnect; the node is going away."""
         self.stopped = True
+        for route in list(self._incoming):
+            self._complete(route, timed_out=False)
         for slot in list(self._slots.values()):
+            if self.owned is not None:  # in a cluster the route's next owner takes a resend
+                self._end_waits(slot, lambda wait, r=slot.route: events.moved_result(r, None))
+            else:
+                self._end_waits(slot, lambda wait: events.result(events.UNACKED, wait.seq))
             self._release(slot, reason)
         self._slots.clear()
 
     # -- web-app side -------------------------------------------------------------------
 
-    def handle_request(self, body: bytes) -> bytes:
-        """One SP request body in, one reply body out (docs/protocol.md)."""
-        return self.handle(body)[1]
+    def handle_request(self, body: bytes) -> bytes | defer.Deferred[bytes]:
+        """One SP request body in, one reply body out (docs/protocol.md); a Deferred
+        when the reply waits (acknowledged mode, or a route being handed over)."""
+        out = self.handle(body)
+        if isinstance(out, defer.Deferred):
+            return out.addCallback(lambda answer: answer[1])
+        return out[1]
 
-    def handle(self, body: bytes) -> tuple[bool, bytes]:
+    def handle(self, body: bytes) -> tuple[bool, bytes] | defer.Deferred[tuple[bool, bytes]]:
         """Like handle_request, also saying whether the reply is a success."""
         try:
             request = events.parse_request(body, self.config.requests)
@@ -250,34 +440,74 @@ class Hub:
         if isinstance(request, events.PingRequest):
             return True, events.ok_reply(request.event_id, [])
         try:
-            return True, self.dispatch(request)
+            reply = self.dispatch(request)
         except Exception:
-            self.log.failure("dispatch of {event_id} failed", event_id=request.event_id)
-            error = events.RequestError("internal_error", "the node failed", request.event_id)
-            return False, events.error_reply(error)
+            return False, self._failed(request)
+        if isinstance(reply, defer.Deferred):
+            return reply.addCallbacks(
+                lambda answer: (True, answer),
+                lambda failure: (False, self._failed(request, failure)),
+            )
+        return True, reply
 
-    def dispatch(self, request: events.EventRequest) -> bytes:
+    def _failed(self, request: events.EventRequest, failure: Any = None) -> bytes:
+        self.log.failure("dispatch of {event_id} failed", failure, event_id=request.event_id)
+        error = events.RequestError("internal_error", "the node failed", request.event_id)
+        return events.error_reply(error)
+
+    def dispatch(self, request: events.EventRequest) -> bytes | defer.Deferred[bytes]:
         """Deliver one event and return the reply; a resend of a remembered request gets
         the first reply again, marked as a duplicate, and delivers nothing."""
         now = self.clock.seconds()
         self._forget_old(now)
-        remembered = self._recent.get(request.digest)
+        digest = request.digest
+        remembered = self._recent.get(digest)
         if remembered is not None:
             self.stats["duplicates"] += 1
             return events.mark_duplicate(remembered[1])
+        waiting_resends = self._inflight.get(digest)
+        if waiting_resends is not None:  # the first one's reply is not ready yet
+            self.stats["duplicates"] += 1
+            resend: defer.Deferred[bytes] = defer.Deferred()
+            waiting_resends.append(resend)
+            return resend
         self.stats["events"] += 1
-        results: list[bytes] = []
-        seen: dict[ConnectionKey, bytes] = {}
+        results: list[bytes | defer.Deferred[bytes]] = []
+        seen: dict[ConnectionKey, bytes | defer.Deferred[bytes]] = {}
+        waits = False
         for key in request.recipients:
             entry = seen.get(key)
             if entry is None:
-                entry = seen[key] = self._deliver(key, request.payload)
+                entry = seen[key] = self._deliver(key, request.payload, request.ack)
+                waits = waits or not isinstance(entry, bytes)
             results.append(entry)
-        reply = events.ok_reply(request.event_id, results)
-        self._remember(request.digest, now + self.config.dedup_window, reply)
-        return reply
+        if not waits:
+            reply = events.ok_reply(request.event_id, results)  # type: ignore[arg-type]
+            self._remember(digest, now + self.config.dedup_window, reply)
+            return reply
+        self._inflight[digest] = []
+        gathered = defer.gatherResults(
+            [r if isinstance(r, defer.Deferred) else defer.succeed(r) for r in results],
+            consumeErrors=True,
+        )
 
-    def _deliver(self, key: ConnectionKey, payload: bytes) -> bytes:
+        def answered(parts: list[bytes]) -> bytes:
+            reply = events.ok_reply(request.event_id, parts)
+            self._remember(digest, self.clock.seconds() + self.config.dedup_window, reply)
+            for resend in self._inflight.pop(digest, ()):
+                resend.callback(events.mark_duplicate(reply))
+            return reply
+
+        def failed(failure: Any) -> Any:
+            for resend in self._inflight.pop(digest, ()):
+                resend.errback(failure)
+            return failure
+
+        return gathered.addCallbacks(answered, failed)
+
+    def _deliver(
+        self, key: ConnectionKey, payload: bytes, ack: float | None = None
+    ) -> bytes | defer.Deferred[bytes]:
         slot = self._slots.get(key)
         if slot is None:
             if self.owned is not None:
@@ -285,6 +515,15 @@ class Hub:
                 if route not in self.owned:
                     self.stats["moved"] += 1
                     return events.moved_result(route, self.moved_to.get(route))
+                incoming = self._incoming.get(route)
+                if incoming is not None:  # after the old owner's mailbox, in order
+                    later: defer.Deferred[bytes] = defer.Deferred()
+                    incoming.deliveries.append(
+                        lambda: defer.maybeDeferred(self._deliver, key, payload, ack).chainDeferred(
+                            later
+                        )
+                    )
+                    return later
             self.stats["no_connection"] += 1
             return events.NO_CONNECTION_RESULT
         mailbox = slot.mailbox
@@ -293,9 +532,18 @@ class Hub:
         if sink is not None and sink.deliver([frames.event(seq, payload)]):
             mailbox.mark_delivered(seq)
             self.stats["delivered"] += 1
-            return events.result(events.DELIVERED, seq, dropped)
-        self.stats["queued"] += 1
-        return events.result(events.QUEUED, seq, dropped)
+            status = events.DELIVERED
+        else:
+            self.stats["queued"] += 1
+            status = events.QUEUED
+        if ack is None:
+            return events.result(status, seq, dropped)
+        wait = _AckWait(seq, defer.Deferred())
+        wait.timer = self.clock.callLater(ack, self._ack_timeout, slot, wait)
+        if slot.waits is None:
+            slot.waits = []
+        slot.waits.append(wait)
+        return wait.deferred
 
     def _remember(self, digest: bytes, expires: float, reply: bytes) -> None:
         recent = self._recent
@@ -314,3 +562,16 @@ class Hub:
                 break
             del recent[digest]
             self._recent_bytes -= len(reply)
+
+
+def export_entry(key: ConnectionKey, mailbox: Mailbox, route: int) -> dict[str, Any]:
+    """A mailbox as the hand-off message carries it (docs/halod-protocol.md, "Hand-off"):
+    payloads are JSON text already, so they travel as strings."""
+    return {
+        "key": key.to_json(),
+        "route": route,
+        "stream": mailbox.stream,
+        "next_seq": mailbox.next_seq,
+        "acked": mailbox.acked,
+        "events": [[seq, payload.decode()] for seq, payload in mailbox.export()],
+    }

@@ -74,6 +74,30 @@ class Mailbox:
         self._events: deque[tuple[int, bytes]] = deque()
         self._bytes = 0
 
+    @classmethod
+    def restored(
+        cls, stream: str, limits: MailboxLimits, next_seq: int, acked: int,
+        events: list[tuple[int, bytes]],
+    ) -> Mailbox:  # fmt: skip
+        """A mailbox handed over by another node (a planned route move): same stream and
+        sequence numbers, so a browser's position stays valid. Events beyond this node's
+        limits are evicted oldest first, as append would."""
+        mailbox = cls(stream, limits)
+        mailbox.next_seq = next_seq
+        mailbox.acked = mailbox.delivered = min(acked, next_seq - 1)
+        kept = [(seq, payload) for seq, payload in events if acked < seq < next_seq]
+        kept.sort()
+        size = sum(len(payload) for _, payload in kept)
+        while kept and (len(kept) > limits.max_events or size > limits.max_bytes):
+            size -= len(kept.pop(0)[1])
+        mailbox._events.extend(kept)
+        mailbox._bytes = size
+        return mailbox
+
+    def export(self) -> list[tuple[int, bytes]]:
+        """The buffered events not yet acknowledged, oldest first (for a hand-over)."""
+        return [event for event in self._events if event[0] > self.acked]
+
     def __len__(self) -> int:
         return len(self._events)
 

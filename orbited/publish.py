@@ -10,6 +10,7 @@ from __future__ import annotations
 import hmac
 import json
 
+from twisted.internet import defer
 from twisted.web import resource, server
 from twisted.web.http import Request
 
@@ -44,8 +45,21 @@ class PublishResource(resource.Resource):
         body = request.content.read(self.max_body + 1)
         if len(body) > self.max_body:
             return _error(request, 413, "body_too_large", f"body over {self.max_body} bytes")
-        ok, reply = self.hub.handle(body)
+        answer = self.hub.handle(body)
         request.setHeader(b"content-type", b"application/json")
+        if not isinstance(answer, defer.Deferred):
+            return self._answer(request, *answer)
+
+        def later(result: tuple[bool, bytes]) -> None:
+            if not request.finished and request.channel is not None:
+                request.write(self._answer(request, *result))
+                request.finish()
+
+        answer.addCallback(later)
+        return server.NOT_DONE_YET  # type: ignore[return-value]
+
+    @staticmethod
+    def _answer(request: Request, ok: bool, reply: bytes) -> bytes:
         if not ok:
             request.setResponseCode(400)
         return reply

@@ -50,11 +50,33 @@ def test_join_sends_route_moved_with_the_new_owners_addresses_then_assign():
     effects = m.register(reg("n2"), 1.0)
     (moved,) = sent(effects, "n1", "route_moved")
     assert [e["route"] for e in moved["moves"]] == list(range(13, 25))
-    assert moved["moves"][0] == {"route": 13, "name": "n2", "browser": "n2:80", "sp": "tcp://n2:90"}
+    assert moved["moves"][0] == {
+        "route": 13, "name": "n2", "browser": "n2:80", "sp": "tcp://n2:90", "handoff": True
+    }  # fmt: skip
     (assign,) = sent(effects, "n1", "assign")
-    assert assign["routes"] == list(range(1, 13))
+    assert assign["routes"] == list(range(1, 13)) and "incoming" not in assign
     assert [s.name for s in effects.sends].index("n1") < len(effects.sends)  # n1 told
-    assert sent(effects, "n2", "welcome")[0]["routes"] == list(range(13, 25))
+    (welcome,) = sent(effects, "n2", "welcome")
+    # both live: n1 hands the mailboxes of 13..24 over and n2 holds them until then
+    assert welcome["routes"] == welcome["incoming"] == list(range(13, 25))
+
+
+def test_hand_off_only_between_live_nodes():
+    m = cluster(3, spares=1)  # n1 active, n2 spare, n3 active
+    drained = m.drain("n1")
+    (moved,) = sent(drained, "n1", "route_moved")
+    assert all(e["handoff"] for e in moved["moves"])
+    (assign,) = sent(drained, "n2", "assign")
+    assert assign["incoming"] == assign["routes"] == m.table.routes_of(1)
+    crashed = set(m.table.routes_of(m.table.node_id("n3")))
+    beat(m, 10.0)
+    m.disconnected("n3", now=10.0)  # a crash: nothing to hand over, nothing to wait for
+    beat(m, 15.9)
+    effects = m.tick(16.0)
+    assert {mv.route for c in effects.changes for mv in c.moves} >= crashed
+    assert not sent(effects, "n3", "route_moved")
+    incoming = [set(a.get("incoming", ())) for a in sent(effects, "n2", "assign")]
+    assert incoming and not any(routes & crashed for routes in incoming)
 
 
 def test_reconnect_within_grace_keeps_routes_and_later_fails_over_to_the_spare():

@@ -269,3 +269,184 @@ def test_standalone_hub_serves_every_route():
     hub, _ = make_hub()
     key = keys_on_routes([24])[0]
     assert hub.owned is None and hub.attach(key, RecordingSink(), None) is not None
+
+
+# -- acknowledged mode (docs/protocol.md, "Acknowledged mode") ---------------------------
+
+
+def send_acked(hub, event_id, keys, data, ack=5):
+    body = json.dumps({"id": event_id, "to": [list(k) for k in keys], "data": data, "ack": ack})
+    return hub.handle_request(body.encode())
+
+
+def answer(d):
+    got = []
+    d.addCallback(lambda r: got.append(json.loads(r)))
+    return got
+
+
+def test_acknowledged_mode_replies_once_the_browser_confirms():
+    hub, clock = make_hub()
+    sink = RecordingSink()
+    hub.attach(ALICE, sink, None)
+    hub.attach(BOB, RecordingSink(), None)
+    got = answer(send_acked(hub, "e1", [ALICE, BOB, ConnectionKey("nobody", "", "")], 1))
+    assert got == [] and sink.events() == [(1, 1)]
+    hub.ack(ALICE, 1)
+    assert got == []  # bob has not confirmed yet
+    stream = hub.mailbox(BOB).stream
+    hub.attach(BOB, RecordingSink(), Position(stream, 1))  # resuming past 1 confirms it
+    assert got[0]["results"] == [
+        {"status": "acked", "seq": 1},
+        {"status": "acked", "seq": 1},
+        {"status": "no_connection"},
+    ]
+
+
+def test_acknowledged_mode_times_out_as_unacked_and_resends_wait_for_the_first_reply():
+    hub, clock = make_hub()
+    hub.attach(ALICE, RecordingSink(), None)
+    first = answer(send_acked(hub, "e1", [ALICE], 1, ack=2))
+    again = answer(send_acked(hub, "e1", [ALICE], 1, ack=2))  # a resend while it waits
+    clock.advance(2)
+    assert first[0]["results"] == [{"status": "unacked", "seq": 1}]
+    assert again[0]["duplicate"] is True and again[0]["results"] == first[0]["results"]
+    assert len(hub.mailbox(ALICE)) == 1  # delivered once
+
+
+def test_acknowledged_mode_limits():
+    hub, _ = make_hub(requests=RequestLimits(max_ack_wait=10))
+    for bad in (0, -1, 11, True, "5"):
+        reply = json.loads(send_acked(hub, "e", [ALICE], 1, ack=bad))
+        assert reply["ok"] is False and reply["error"]["code"] == "bad_request"
+
+
+def test_unconfirmed_events_of_a_moved_route_answer_moved_unless_handed_over():
+    hub, _ = make_hub(routes=4)
+    hub.assign([1, 2, 3, 4], 4)
+    (a,) = keys_on_routes([1], 1, 4)
+    (b,) = keys_on_routes([2], 1, 4)
+    hub.attach(a, RecordingSink(), None)
+    hub.attach(b, RecordingSink(), None)
+    got_a = answer(send_acked(hub, "ea", [a], 1))
+    got_b = answer(send_acked(hub, "eb", [b], 1))
+    exports: list = []
+    hub.route_moved({1: "tcp://n2:1", 2: "tcp://n2:1"}, handoff=[2], exports=exports)
+    assert got_a[0]["results"] == [{"status": "moved", "route": 1, "to": "tcp://n2:1"}]
+    assert got_b[0]["results"] == [{"status": "unacked", "seq": 1}]  # n2 has it
+    assert [e["key"] for e in exports] == [list(b)]
+
+
+# -- hand-off of a moved route's mailboxes (docs/halod-protocol.md, "Hand-off") ----------
+
+
+def test_hand_off_resumes_the_same_stream_on_the_new_owner_in_order():
+    old, _ = make_hub(routes=4)
+    new, clock = make_hub(routes=4)
+    old.assign([1, 2, 3, 4], 4)
+    new.assign([], 4)
+    key, other = keys_on_routes([3], 2, 4)
+    browser = RecordingSink()
+    old.attach(key, browser, None)
+    old.attach(other, RecordingSink(), None)
+    for n in range(1, 4):
+        send(old, f"e{n}", [key, other], n)
+    old.ack(key, 1)
+    # HaloD: route 3 moves old → new, both alive
+    new.assign([3], incoming=[3])
+    exports: list = []
+    old.route_moved({3: "tcp://new:1"}, handoff=[3], exports=exports)
+    assert browser.reconnect_reason == "route_moved"
+    assert send(old, "e4", [key], 4)["results"][0]["status"] == "moved"
+    # the web app's resend and the browser's reconnect reach the new owner first: both wait
+    pending = new.handle_request(json.dumps({"id": "e4", "to": [list(key)], "data": 4}).encode())
+    resumed = RecordingSink()
+    stream = old_stream = exports[0]["stream"]
+    assert new.attach(key, resumed, Position(stream, 2)) is None and resumed.frames == []
+    got = answer(pending)
+    assert got == []
+    new.handoff_received(exports, done=[3])
+    assert got[0]["results"] == [{"status": "delivered", "seq": 4}] or got[0]["results"] == [
+        {"status": "queued", "seq": 4}
+    ]
+    assert resumed.frames[0] == {"type": "hello", "stream": old_stream, "keepalive": 25.0,
+                                 "reset": False}  # fmt: skip
+    assert resumed.events() == [(3, 3), (4, 4)]  # nothing lost, nothing twice
+    assert new.stats["handoff_in"] == 2 and old.stats["handoff_out"] == 2
+
+
+def test_presence_is_continuous_across_a_hand_off():
+    old, _ = make_hub(routes=4)
+    new, clock = make_hub(routes=4, linger=5)
+    notices: list = []
+    old.presence = new.presence = lambda kind, k: notices.append(kind)
+    old.assign([1, 2, 3, 4], 4)
+    (key,) = keys_on_routes([2], 1, 4)
+    old.attach(key, RecordingSink(), None)
+    new.assign([], 4)  # a node in a cluster starts with nothing (orbited.control)
+    new.assign([2], 4, incoming=[2])
+    exports: list = []
+    old.route_moved({2: None}, handoff=[2], exports=exports)
+    new.handoff_received(exports, done=[2])
+    assert notices == ["signon"]  # no signoff/signon flicker for a planned move
+    clock.advance(5)  # the browser never came back
+    assert notices == ["signon", "signoff"]
+
+
+def test_a_held_route_is_served_afresh_after_the_hand_off_timeout():
+    new, clock = make_hub(routes=4, handoff_timeout=3)
+    new.assign([], 4)
+    new.assign([1], 4, incoming=[1])
+    (key,) = keys_on_routes([1], 1, 4)
+    browser = RecordingSink()
+    assert new.attach(key, browser, Position("gone.1", 7)) is None
+    gone = RecordingSink()
+    new.attach(key, gone, None)
+    new.detach(key, gone)  # closed while it waited: must not be attached later
+    clock.advance(3)
+    assert new.stats["handoff_timeouts"] == 1
+    assert browser.frames[0]["reset"] is True and not gone.frames
+    late = [{"key": list(key), "route": 1, "stream": "old.1", "next_seq": 5, "acked": 0,
+             "events": [[4, "4"]]}]  # fmt: skip
+    assert new.handoff_received(late, done=[1]) == 0  # too late: the fresh mailbox stays
+    assert new.mailbox(key).stream == "ep.1"
+
+
+def test_malformed_hand_off_entries_are_skipped():
+    new, _ = make_hub(routes=4)
+    new.assign([], 4)
+    new.assign([1], 4, incoming=[1])
+    (key,) = keys_on_routes([1], 1, 4)
+    bad = [{"key": "x"}, {"key": list(key), "stream": "no spaces allowed", "next_seq": 1,
+            "acked": 0, "events": []}, {"key": list(key), "stream": "a.1", "next_seq": -1,
+            "acked": 0, "events": []}]  # fmt: skip
+    assert new.handoff_received(bad, done=[1]) == 0
+    assert new.mailbox(key) is None
+
+
+def test_hand_off_messages_split_large_mailboxes_and_name_the_done_routes():
+    from halod import protocol as p
+
+    entries = [{"key": ["u", "", ""], "route": 1, "stream": "a.1", "next_seq": 101,
+                "acked": 0, "events": [[n, "x" * 1000] for n in range(1, 101)]},
+               {"key": ["v", "", ""], "route": 2, "stream": "a.2", "next_seq": 2,
+                "acked": 0, "events": [[1, "1"]]}]  # fmt: skip
+    messages = p.handoff_messages("n2", [2, 1], entries, chunk=10_000)
+    assert len(messages) > 5 and messages[-1]["done"] == [1, 2]
+    assert all(not m["done"] for m in messages[:-1])
+    for m in messages:
+        assert len(p.encode(m)) < 20_000
+        p.decode(p.encode(m), p.FROM_HALOD)
+    seqs = [e[0] for m in messages for b in m["mailboxes"] if b["key"] == ["u", "", ""]
+            for e in b["events"]]  # fmt: skip
+    assert seqs == list(range(1, 101))
+    new, _ = make_hub(routes=4)
+    keys = [ConnectionKey("u", "", ""), ConnectionKey("v", "", "")]
+    from orbited.hashing import route_of
+
+    routes = sorted({route_of(k, 4) for k in keys})
+    new.assign([], 4)
+    new.assign(routes, 4, incoming=routes)
+    for m in messages:
+        new.handoff_received(m["mailboxes"], m["done"] and routes)
+    assert len(new.mailbox(keys[0])) == 100 and len(new.mailbox(keys[1])) == 1

@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import itertools
 import json
+from collections import deque
 from dataclasses import dataclass
 
+from twisted.internet import defer
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
@@ -168,6 +170,9 @@ class OrbitProtocol(Protocol):
         # Orbit ids are only unique per connection: scope them so dedup never merges
         # two connections' events.
         self.scope = f"orbit{next(self._serials)}"
+        # Replies go out in request order; one may wait (a route being handed over).
+        self._replies: deque[list[bytes | None]] = deque()
+        self._close_when_flushed = False
 
     def connectionMade(self) -> None:  # noqa: N802
         # A web app that does not read its replies makes us stop reading its requests.
@@ -196,18 +201,39 @@ class OrbitProtocol(Protocol):
             except Exception:
                 self.log.failure("Orbit request {id} failed", id=request.event_id)
                 reply = failure(request.event_id, "the node failed")
-            self.transport.write(reply)
+            self._reply(reply)
         if error is not None:
-            self.transport.write(failure(error.event_id, error.message))
+            self._reply(failure(error.event_id, error.message))
+            self._close_when_flushed = True
+            self._flush()
+
+    def _reply(self, reply: bytes | defer.Deferred[bytes]) -> None:
+        if isinstance(reply, bytes) and not self._replies:
+            self.transport.write(reply)
+            return
+        cell: list[bytes | None] = [reply if isinstance(reply, bytes) else None]
+        self._replies.append(cell)
+        if isinstance(reply, defer.Deferred):
+            reply.addCallback(lambda answer: (cell.__setitem__(0, answer), self._flush()))
+
+    def _flush(self) -> None:
+        while self._replies and self._replies[0][0] is not None:
+            self.transport.write(self._replies.popleft()[0])  # type: ignore[arg-type]
+        if self._close_when_flushed and not self._replies:
             self.transport.loseConnection()
 
-    def _dispatch(self, request: OrbitRequest) -> bytes:
+    def _dispatch(self, request: OrbitRequest) -> bytes | defer.Deferred[bytes]:
         body = json.dumps(
             {"id": f"{self.scope}:{request.event_id}"[:128],
              "to": [list(k) for k in request.recipients], "data": body_to_data(request.body)},
             ensure_ascii=False,
         ).encode()  # fmt: skip
-        ok, reply = self.hub.handle(body)
+        answer = self.hub.handle(body)
+        if isinstance(answer, defer.Deferred):
+            return answer.addCallback(lambda a: self._orbit_reply(request, *a))
+        return self._orbit_reply(request, *answer)
+
+    def _orbit_reply(self, request: OrbitRequest, ok: bool, reply: bytes) -> bytes:
         if not ok:
             return failure(request.event_id, json.loads(reply)["error"]["message"])
         results = json.loads(reply)["results"]
