@@ -130,16 +130,52 @@ async function probeFatal(base, params) {
   return null;
 }
 
+// SSE and iframe streams have no way back: acknowledge by POST /orbited/ack, every
+// second or every 50 events, so the node frees memory and acknowledged-mode sends finish.
+function httpAcker(base, params) {
+  let acked = 0;
+  let pending = 0;
+  let stream = null;
+  const flush = () => {
+    if (pending <= acked) return;
+    const seq = pending;
+    acked = seq;
+    // no-cors: a simple POST whose answer is never read, so it needs no CORS set-up
+    fetch(transportUrl(base, "ack", { token: params.token, seq }),
+          { method: "POST", mode: "no-cors", cache: "no-store", keepalive: true })
+      .catch(() => { /* the next resume acknowledges too */ });
+  };
+  const timer = setInterval(flush, 1000);
+  return {
+    frame(frame) {
+      if (frame.type === "hello") {
+        if (frame.stream !== stream) { stream = frame.stream; acked = pending = 0; }
+      } else if (frame.type === "event") {
+        pending = frame.seq;
+        if (pending - acked >= 50) flush();
+      }
+    },
+    stop() { clearInterval(timer); },
+  };
+}
+
 function sseTransport(base, params, sink) {
   const source = new EventSource(transportUrl(base, "sse", params));
+  const acker = httpAcker(base, params);
   let framed = false;
-  source.onmessage = (e) => { framed = true; sink.frame(JSON.parse(e.data)); };
+  source.onmessage = (e) => {
+    framed = true;
+    const frame = JSON.parse(e.data);
+    sink.frame(frame);
+    acker.frame(frame);
+  };
   // EventSource would reconnect on its own; we do it ourselves for backoff and fallback.
   source.onerror = async () => {
     source.close();
+    acker.stop();
     sink.down("sse error", framed ? null : await probeFatal(base, params));
   };
-  return { close: () => source.close() };
+  return { close: () => { acker.stop(); source.close(); } };
 }
 
 function longpollTransport(base, params, sink) {
@@ -187,14 +223,18 @@ function iframeTransport(base, params, sink) {
   const onMessage = (e) => {
     if (e.source !== frame.contentWindow || e.origin !== nodeOrigin || typeof e.data !== "string") return;
     up = true;
-    sink.frame(JSON.parse(e.data));
+    const parsed = JSON.parse(e.data);
+    sink.frame(parsed);
+    acker.frame(parsed);
   };
   // The document ends (byte cap, node shutdown, error page): reconnect.
   const onLoad = async () => {
     cleanup();
     sink.down("iframe document ended", up ? null : await probeFatal(base, params));
   };
+  const acker = httpAcker(base, params);
   function cleanup() {
+    acker.stop();
     window.removeEventListener("message", onMessage);
     frame.removeEventListener("load", onLoad);
     frame.remove();

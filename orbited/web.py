@@ -11,6 +11,7 @@ from twisted.web import resource, server
 
 from orbited import __version__
 from orbited.hub import Hub
+from orbited.transports.ack import AckResource
 from orbited.transports.common import BrowserAuth
 from orbited.transports.http import orbited_site
 from orbited.transports.longpoll import LongPollResource
@@ -82,6 +83,7 @@ def browser_site(
             b"poll": LongPollResource(hub, auth, cors_origins),
             b"sse": SSEResource(hub, auth, cors_origins),
             b"iframe": IframeResource(hub, auth, cors_origins, iframe_max_bytes),
+            b"ack": AckResource(hub, auth, cors_origins),
             b"health": HealthResource(hub, name),
             b"client.js": ClientScriptResource(source, module=False),
             b"client.mjs": ClientScriptResource(source, module=True),

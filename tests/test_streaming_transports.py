@@ -6,6 +6,7 @@ import http.client
 import json
 import re
 
+import pynng
 import pytest
 
 from tests.conftest import NodeProcess, send_event
@@ -182,3 +183,41 @@ def test_iframe_needs_an_allowed_parent_origin(shared_node: NodeProcess, origin:
     )
     assert response.status == 403
     assert json.loads(response.read())["error"]["code"] == "origin_not_allowed"
+
+
+def post_ack(node: NodeProcess, query: str) -> tuple[int, bytes]:
+    host, port = node.http.rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=5)
+    conn.request("POST", f"/orbited/ack?{query}")
+    response = conn.getresponse()
+    body = response.read()
+    conn.close()
+    return response.status, body
+
+
+def test_sse_acknowledges_by_post_and_acknowledged_mode_replies_then(shared_node: NodeProcess):
+    node = shared_node
+    token = node.token("sse-ack")
+    to = [["sse-ack", "s", "/t"]]
+    conn, response = open_stream(node, f"/orbited/sse?token={token}")
+    sse_frames(response, 1)
+    with node.req() as req:
+        req.send(json.dumps({"id": "a1", "to": to, "data": 1, "ack": 10}).encode())
+        [(_, event)] = sse_frames(response, 1)
+        assert event["seq"] == 1
+        with pytest.raises(pynng.TryAgain):  # no reply before the browser confirms
+            req.recv_msg(block=False)
+        assert post_ack(node, f"token={token}&seq=1") == (204, b"")
+        reply = json.loads(req.recv_msg().bytes)
+    assert reply["results"] == [{"status": "acked", "seq": 1}]
+    conn.close()
+    for query, status, code in [
+        (f"token={token}&seq=0", 400, "bad_seq"),
+        (f"token={token}&seq=%C2%B2", 400, "bad_seq"),  # a Unicode digit
+        (f"token={token}", 400, "bad_seq"),
+        ("token=forged&seq=1", 401, None),
+    ]:
+        got, body = post_ack(node, query)
+        assert got == status, query
+        if code:
+            assert json.loads(body)["error"]["code"] == code
