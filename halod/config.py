@@ -5,6 +5,8 @@ Every key and default is listed in docs/operations.md ("HaloD configuration").
 
 from __future__ import annotations
 
+import ipaddress
+import re
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -45,6 +47,11 @@ class HaloDConfig(ConfigBase):
     browser_port_base: int = _opt(8100, "route r's browser port is this + r - 1")
     sp_port_base: int = _opt(9100, "route r's web-app (SP) port is this + r - 1")
     move_close_delay: float = _opt(1.0, "seconds before connections of a moved route are cut")
+    nft_table: str = _opt("halod", "the nftables data plane's table (unique per host)")
+    nft_keep_on_stop: bool = _opt(True, "leave the nftables table in place when HaloD stops")
+    nft_source_nat: str = _opt("none", "nftables: none, or masquerade DNATed flows")
+    nft_stats_interval: float = _opt(5.0, "nftables: seconds between conntrack polls (0 = off)")
+    nft_conntrack: str = _opt("conntrack", "nftables: the conntrack tool (name or path)")
     log_level: str = _opt("info", "debug, info, warn or error")
 
     def validate(self) -> None:
@@ -73,6 +80,22 @@ class HaloDConfig(ConfigBase):
                 raise ConfigError("browser and SP route port ranges overlap")
         if self.move_close_delay < 0:
             raise ConfigError("move_close_delay must not be negative")
+        if self.dataplane == "nftables":
+            self._validate_nftables()
+
+    def _validate_nftables(self) -> None:
+        try:  # the kernel matches `ip daddr`: a literal address, not a name or 0.0.0.0
+            vip = ipaddress.IPv4Address(self.dataplane_host)
+        except ValueError:
+            raise ConfigError("dataplane nftables needs an IPv4 dataplane_host") from None
+        if vip.is_unspecified:
+            raise ConfigError("dataplane nftables needs a specific dataplane_host, not 0.0.0.0")
+        if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]{0,31}", self.nft_table):
+            raise ConfigError("nft_table is a letter then letters, digits or _ (≤ 32)")
+        if self.nft_source_nat not in ("none", "masquerade"):
+            raise ConfigError("nft_source_nat is none or masquerade")
+        if self.nft_stats_interval < 0:
+            raise ConfigError("nft_stats_interval must not be negative")
 
     def ports(self) -> Ports:
         return Ports(self.dataplane_host, self.browser_port_base, self.sp_port_base, self.routes)

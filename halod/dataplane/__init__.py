@@ -60,6 +60,10 @@ def build(config: HaloDConfig, reactor: Any) -> DataPlane | None:
         from halod.dataplane.proxy import ProxyDataPlane
 
         return ProxyDataPlane(config.ports(), reactor, config.move_close_delay)
+    if config.dataplane == "nftables":
+        from halod.dataplane.nftables import NftablesDataPlane
+
+        return NftablesDataPlane(config, reactor)
     if config.dataplane == "none":
         return None
     raise ValueError(f"unknown data plane {config.dataplane!r}")
