@@ -90,7 +90,7 @@ def test_ruleset_text_replaces_the_table_in_one_script():
     assert "masquerade" not in text
     empty = ruleset_text(Settings("t2", PORTS, masquerade=True), {})
     assert "elements" not in empty
-    assert "ct original ip daddr 127.0.0.100 ct status dnat masquerade" in empty
+    assert 'oifname != "lo" ct original ip daddr 127.0.0.100 ct status dnat masquerade' in empty
 
 
 def test_transaction_text_touches_only_changed_elements():
@@ -172,10 +172,13 @@ class FakeNft:
     def __init__(self) -> None:
         self.commands: list[str] = []
         self.fail: str | None = None
+        self.listed: str | None = None  # `nft -j list map` output, None: no table
 
     def run(self, commands: str, as_json: bool = False) -> str:
         if commands.startswith("list"):
-            raise NftError("Error: No such file or directory")
+            if self.listed is None:
+                raise NftError("Error: No such file or directory")
+            return self.listed
         self.commands.append(commands)
         if self.fail and self.fail in commands:
             raise NftError("Error: Could not process rule: No such file or directory")
@@ -271,6 +274,22 @@ def test_shell_rebuilds_the_table_when_a_transaction_fails_and_waits_for_cuts_on
     assert nft.commands[-2:] == ["delete table ip halod", "<closed>"]
     plane.apply({1: N1})  # after stop: ignored
     assert nft.commands[-1] == "<closed>"
+
+
+def test_shell_start_cuts_what_changed_while_halod_was_away():
+    plane, nft, reactor = shell()
+    nft.listed = json.dumps({"nftables": [{"map": {"name": "routes", "elem": [
+        [8100, {"concat": ["127.0.0.2", 8000]}],  # as restored: kept
+        [8101, {"concat": ["127.0.0.2", 8000]}],  # now n2's
+        [8102, {"concat": ["127.0.0.2", 8000]}],  # now unowned
+    ]}}]})  # fmt: skip
+    plane.start({1: N1, 2: N2, 3: None})
+    assert "8101 : 127.0.0.3 . 8000" in nft.commands[0]
+    reactor.advance(1.5)
+    [(proto, args, stdin)] = reactor.spawned
+    assert stdin.decode() == conntrack_cut_batch(
+        "127.0.0.100", {8101: N1.browser, 8102: N1.browser}
+    )
 
 
 def test_shell_logs_instead_of_raising_when_nft_keeps_failing():
@@ -508,7 +527,9 @@ def test_route_ports_follow_the_table_in_the_kernel(tmp_path, ns, procs):
 
 
 def test_restart_keeps_the_table_and_established_connections(tmp_path, ns, procs):
-    halod = NsHaloD(ns, tmp_path, "--spares", "0", "--move-close-delay", "0.3").start()
+    # With masquerade on, which must leave loopback traffic alone.
+    halod = NsHaloD(ns, tmp_path, "--spares", "0", "--move-close-delay", "0.3",
+                    "--nft-source-nat", "masquerade").start()  # fmt: skip
     procs.append(halod)
     n1 = halod.node_in_ns(tmp_path, "n1", "127.0.0.2")
     procs.append(n1)

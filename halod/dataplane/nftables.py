@@ -162,7 +162,9 @@ def ruleset_text(settings: Settings, elems: Elements) -> str:
         lines += [
             "    chain postrouting {",
             "        type nat hook postrouting priority srcnat; policy accept;",
-            f"        ct original ip daddr {vip} ct status dnat masquerade",
+            # Not on lo: local nodes answer locally anyway, and masquerading loopback
+            # traffic breaks it (the connection times out).
+            f'        oifname != "lo" ct original ip daddr {vip} ct status dnat masquerade',
             "    }",
         ]
     lines.append("}")
@@ -527,7 +529,10 @@ class NftablesDataPlane:
             done.callback(None)
             return
         batch = conntrack_cut_batch(self.ports.host, doomed)
-        d = self._run([self.conntrack, "-R", "/dev/stdin"], batch.encode())
+        try:
+            d = self._run([self.conntrack, "-R", "/dev/stdin"], batch.encode())
+        except OSError as e:
+            d = defer.fail(e)
 
         def counted(result: tuple[str, str, int]) -> None:
             out, err, code = result
@@ -568,7 +573,12 @@ class NftablesDataPlane:
         except (NftError, ValueError) as e:
             self.log.debug("cannot read the refused counter: {error}", error=e)
         argv = [self.conntrack, "-L", "-p", "tcp", "--orig-dst", self.ports.host]
-        d = self._run(argv)
+        try:
+            d = self._run(argv)
+        except OSError as e:  # cannot fork (EMFILE, ENOMEM): try again next interval
+            self._polling = False
+            self.log.warn("conntrack poll failed: {error}", error=e)
+            return None
 
         def parse(result: tuple[str, str, int]) -> defer.Deferred[Counter[int]]:
             out, err, code = result
