@@ -75,14 +75,17 @@ class _AckWait:
 
 
 class _Slot:
-    __slots__ = ("mailbox", "sink", "linger_call", "route", "waits")
+    __slots__ = ("mailbox", "sink", "linger_call", "route", "waits", "online")
 
-    def __init__(self, mailbox: Mailbox, route: int) -> None:
+    def __init__(self, mailbox: Mailbox, route: int, online: bool = True) -> None:
         self.mailbox = mailbox
         self.route = route
         self.sink: Sink | None = None
         self.linger_call: IDelayedCall | None = None
         self.waits: list[_AckWait] | None = None  # oldest first; None when none
+        # Presence said signon. False for a mailbox an acknowledged-mode event created
+        # before any browser came: the browser's first attach signs it on.
+        self.online = online
 
 
 class _HeldAttach:
@@ -164,15 +167,15 @@ class Hub:
             if incoming is not None:  # its mailbox may be on the way: resume from it
                 incoming.attaches.append(_HeldAttach(key, sink, after))
                 return None
-            self._streams += 1
-            mailbox = Mailbox(f"{self.epoch}.{self._streams:x}", self.config.mailbox)
-            slot = self._slots[key] = _Slot(mailbox, route)
-            if self.presence is not None:
-                self.presence("signon", key)
+            slot = self._new_slot(key, route, online=True)
         else:
             if slot.linger_call is not None:
                 slot.linger_call.cancel()
                 slot.linger_call = None
+            if not slot.online:
+                slot.online = True
+                if self.presence is not None:
+                    self.presence("signon", key)
             previous, slot.sink = slot.sink, None
             if previous is not None and previous is not sink:
                 previous.replaced()
@@ -188,6 +191,14 @@ class Hub:
         if slot.waits is not None and after is not None:
             self._acked(slot)
         return mailbox
+
+    def _new_slot(self, key: ConnectionKey, route: int, online: bool) -> _Slot:
+        self._streams += 1
+        mailbox = Mailbox(f"{self.epoch}.{self._streams:x}", self.config.mailbox)
+        slot = self._slots[key] = _Slot(mailbox, route, online)
+        if online and self.presence is not None:
+            self.presence("signon", key)
+        return slot
 
     def detach(self, key: ConnectionKey, sink: Sink) -> None:
         slot = self._slots.get(key)
@@ -205,7 +216,7 @@ class Hub:
         if self._slots.get(key) is slot and slot.sink is None:
             del self._slots[key]
             self._end_waits(slot, lambda wait: events.result(events.UNACKED, wait.seq))
-            if self.presence is not None:
+            if slot.online and self.presence is not None:
                 self.presence("signoff", key)
             if len(slot.mailbox) > slot.mailbox.acked:
                 self.log.info("mailbox {key} expired", key=key)
@@ -325,7 +336,7 @@ class Hub:
             handed = exports is not None and route in handoff
             if handed:
                 assert exports is not None
-                exports.append(export_entry(key, slot.mailbox, route))
+                exports.append(export_entry(key, slot.mailbox, route, slot.online))
                 self.stats["handoff_out"] += 1
                 # The new owner has the events; what was not confirmed stays unconfirmed.
                 self._end_waits(slot, lambda wait: events.result(events.UNACKED, wait.seq))
@@ -333,7 +344,7 @@ class Hub:
                 to = self.moved_to.get(route)
                 self._end_waits(slot, lambda wait, r=route, t=to: events.moved_result(r, t))
             self._release(slot, "route_moved")
-            if not handed and self.presence is not None:
+            if not handed and slot.online and self.presence is not None:
                 self.presence("signoff", key)  # handed over keys stay online, elsewhere
         if evicted:
             self.log.info("{n} keys of moved routes told to reconnect", n=evicted)
@@ -360,7 +371,7 @@ class Hub:
                 continue
             if route not in self._incoming:
                 continue  # timed out, or not moved here: keep what this node has
-            slot = self._slots[key] = _Slot(mailbox, route)
+            slot = self._slots[key] = _Slot(mailbox, route, entry.get("online") is not False)
             slot.linger_call = self.clock.callLater(self.config.linger, self._expire, key, slot)
             installed += 1
             self.stats["handoff_in"] += 1
@@ -524,8 +535,13 @@ class Hub:
                         )
                     )
                     return later
-            self.stats["no_connection"] += 1
-            return events.NO_CONNECTION_RESULT
+            if ack is None:
+                self.stats["no_connection"] += 1
+                return events.NO_CONNECTION_RESULT
+            # Acknowledged mode: keep it for the browser (e.g. one reconnecting after its
+            # node crashed and this one took the route over); `unacked` if none comes.
+            slot = self._new_slot(key, route_of(key, self.routes), online=False)
+            slot.linger_call = self.clock.callLater(self.config.linger, self._expire, key, slot)
         mailbox = slot.mailbox
         seq, dropped = mailbox.append(payload)
         sink = slot.sink
@@ -564,7 +580,9 @@ class Hub:
             self._recent_bytes -= len(reply)
 
 
-def export_entry(key: ConnectionKey, mailbox: Mailbox, route: int) -> dict[str, Any]:
+def export_entry(
+    key: ConnectionKey, mailbox: Mailbox, route: int, online: bool = True
+) -> dict[str, Any]:
     """A mailbox as the hand-off message carries it (docs/halod-protocol.md, "Hand-off"):
     payloads are JSON text already, so they travel as strings."""
     return {
@@ -574,4 +592,5 @@ def export_entry(key: ConnectionKey, mailbox: Mailbox, route: int) -> dict[str, 
         "next_seq": mailbox.next_seq,
         "acked": mailbox.acked,
         "events": [[seq, payload.decode()] for seq, payload in mailbox.export()],
+        "online": online,
     }

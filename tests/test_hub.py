@@ -296,11 +296,28 @@ def test_acknowledged_mode_replies_once_the_browser_confirms():
     assert got == []  # bob has not confirmed yet
     stream = hub.mailbox(BOB).stream
     hub.attach(BOB, RecordingSink(), Position(stream, 1))  # resuming past 1 confirms it
+    assert got == []  # nobody's browser has not come: the event waits in a new mailbox
+    clock.advance(5)
     assert got[0]["results"] == [
-        {"status": "acked", "seq": 1},
-        {"status": "acked", "seq": 1},
-        {"status": "no_connection"},
-    ]
+        {"status": "acked", "seq": 1}, {"status": "acked", "seq": 1},
+        {"status": "unacked", "seq": 1},
+    ]  # fmt: skip
+
+
+def test_acknowledged_mode_keeps_events_for_a_browser_not_yet_connected():
+    hub, clock = make_hub(linger=10)
+    notices: list = []
+    hub.presence = lambda kind, key: notices.append((kind, key.user))
+    got = answer(send_acked(hub, "e1", [ALICE, BOB], 1))
+    assert notices == []  # nobody is online yet
+    sink = RecordingSink()
+    hub.attach(ALICE, sink, None)  # e.g. back from a crashed node, on the route's new owner
+    assert notices == [("signon", "alice")] and sink.events() == [(1, 1)]
+    hub.ack(ALICE, 1)
+    clock.advance(10)  # bob never came: his mailbox expires without a signoff
+    assert notices == [("signon", "alice")]
+    assert got[0]["results"] == [{"status": "acked", "seq": 1}, {"status": "unacked", "seq": 1}]
+    assert hub.mailbox(BOB) is None
 
 
 def test_acknowledged_mode_times_out_as_unacked_and_resends_wait_for_the_first_reply():
