@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import sys
 
-SCENARIOS = {"dispatch": "bench.dispatch", "control": "bench.control"}
+SCENARIOS = {
+    "dispatch": "bench.dispatch",
+    "control": "bench.control",
+}
+# Load-tool pieces (bench/README.md, "Simulated browsers"), runnable the same way.
+SCENARIOS |= {
+    "browsers": "bench.browsers",
+    "sender": "bench.sender",
+    "chaos_report": "bench.chaos_report",
+}
 
 
 def main() -> int:

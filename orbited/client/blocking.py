@@ -24,10 +24,16 @@ from orbited.sp import wire
 from orbited.sp.reqrep import RequestIds
 
 
-def event_body(event_id: str, keys: list[ConnectionKey], data: object) -> bytes:
-    """The SP event request for one route's keys (docs/protocol.md)."""
+def event_body(
+    event_id: str, keys: list[ConnectionKey], data: object, ack: float | None = None
+) -> bytes:
+    """The SP event request for one route's keys (docs/protocol.md); ``ack``: seconds the
+    node may wait for the browser's acknowledgement before answering (acknowledged mode)."""
+    request = {"id": event_id, "to": [list(k) for k in keys], "data": data}
+    if ack is not None:
+        request["ack"] = ack
     return json.dumps(
-        {"id": event_id, "to": [list(k) for k in keys], "data": data},
+        request,
         separators=(",", ":"),
         ensure_ascii=False,
     ).encode()

@@ -146,25 +146,28 @@ class TwistedClient:
         to: Iterable[ConnectionKey | tuple[str, str, str] | list[str]],
         data: object,
         event_id: str | None = None,
+        ack: float | None = None,
     ):
         """Deferred firing with {key: result} (docs/protocol.md); never errbacks for an
         unreachable node: its keys get {"status": "error", ...}."""
         event_id = event_id or uuid.uuid4().hex
         keys = [ConnectionKey(*k) for k in to]
-        results = yield self._send_once(keys, data, event_id)
+        results = yield self._send_once(keys, data, event_id, ack)
         for attempt in range(self.retries):
             moved = moved_keys(self.cluster, results)
             if not moved or self._closed:
                 break
             yield task.deferLater(self.reactor, self.backoff * 2**attempt)
-            results.update((yield self._send_once(moved, data, event_id)))
+            results.update((yield self._send_once(moved, data, event_id, ack)))
         return {k: results[k] for k in keys}
 
     @defer.inlineCallbacks
-    def _send_once(self, keys: list[ConnectionKey], data: object, event_id: str):  # noqa: ANN202
+    def _send_once(self, keys: list[ConnectionKey], data: object, event_id: str,
+                   ack: float | None = None):  # noqa: ANN202  # fmt: skip
         routes = list(self.cluster.group_by_route(keys).items())
         replies = yield defer.gatherResults([
-            self._request(self.cluster.sp_address(route), event_body(event_id, route_keys, data))
+            self._request(self.cluster.sp_address(route),
+                          event_body(event_id, route_keys, data, ack))
             for route, route_keys in routes
         ])  # fmt: skip
         results: dict[ConnectionKey, dict] = {}

@@ -1,0 +1,944 @@
+"""Simulated browsers: many Orbited page clients per process, on asyncio, with bookkeeping.
+
+Owns the browser side of the end-to-end chaos test, the data-plane failover benchmark and
+the soak test. Each simulated browser behaves like js/orbited.js (docs/client.md) on one
+forced transport — ``ws`` (WebSocket), ``poll`` (XHR long-poll), ``sse`` or ``iframe`` —
+connects with a token for its connection key, remembers its position (stream + seq),
+acknowledges (WebSocket ``ack`` every second or 50 events; long-poll through ``last``;
+SSE/iframe through ``POST /orbited/ack`` when the node has it), and on a ``reconnect``
+frame, close, EOF, reset, refusal or silence reconnects with the client's backoff
+(equal jitter, [c/2, c] with c = min(max, base·2^attempt)) and resumes with ``last``.
+
+Every event the web app sends (bench/sender.py) is ``{"n": int, "t": send wall time,
+"k": key id or "*"}``; each browser records which n it received (arrival order, run
+length encoded), duplicates (an n its app layer saw twice), out-of-order arrivals,
+resets, gaps, reconnects and outages ``[lost_at, receiving_again_at, reconnected_at]``
+(wall times; None while not yet). On SIGTERM/SIGINT or after ``--duration`` the process
+writes a JSON report (bench/chaos_report.py analyses it) and exits.
+
+    python -m bench.browsers --secret-file S --url http://127.0.0.1:8000 \\
+        --prefix b --count 250 [--offset 0] [--transports ws=2,poll=1,sse=1] \\
+        [--duration 60] --report out.json [--ready-file ready.json] [--progress 5]
+    python -m bench.browsers ... --halod-browser-base 127.0.0.1:30000 --routes 24
+
+Keys are ``(f"{prefix}{i}", "s", "/bench")`` for i in [offset, offset + count) (or the
+``--keys-file`` JSON list of [user, session, location]); the transport of key i is fixed
+by i and the ratio, so several processes given disjoint slices make one consistent fleet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode, urlsplit
+
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
+
+from bench.chaos_report import ArrivalRanges, spread
+from orbited.hashing import DEFAULT_ROUTES, route_of
+from orbited.keys import ConnectionKey
+from orbited.tokens import issue_token, load_secret
+
+TRANSPORTS = ("ws", "poll", "sse", "iframe")
+DEFAULT_LOCATION = "/bench"
+LATENCY_SAMPLES = 20_000  # per transport and process: enough for a p99
+BROADCAST = "*"  # the sender's "k" when one request carries many keys (bench/sender.py)
+
+
+# -- keys, transports, URLs: shared with bench/sender.py ---------------------------------
+
+
+def make_keys(prefix: str, count: int, offset: int = 0) -> list[ConnectionKey]:
+    """The deterministic key list sender and browsers agree on without sharing a file."""
+    return [
+        ConnectionKey(f"{prefix}{i}", "s", DEFAULT_LOCATION) for i in range(offset, offset + count)
+    ]
+
+
+def read_keys(path: Path) -> list[ConnectionKey]:
+    """Keys from a JSON file: a list of [user, session, location]."""
+    return [ConnectionKey(*k) for k in json.loads(Path(path).read_text())]
+
+
+def key_id(key: ConnectionKey) -> str:
+    """The key's name in payloads and reports (unique per key)."""
+    return ":".join(key)
+
+
+def transport_pattern(spec: str) -> list[str]:
+    """``"ws=2,poll=1,sse=1"`` → ``["ws", "ws", "poll", "sse"]``; key i gets pattern[i % len]."""
+    pattern: list[str] = []
+    for part in spec.split(","):
+        name, _, weight = part.strip().partition("=")
+        if name not in TRANSPORTS:
+            raise ValueError(f"unknown transport {name!r} (one of {', '.join(TRANSPORTS)})")
+        pattern += [name] * int(weight or 1)
+    if not pattern:
+        raise ValueError("no transport given")
+    return pattern
+
+
+def single_node_urls(base: str) -> Callable[[ConnectionKey], str]:
+    """Every key to one node's browser listener, ``http://host:port``."""
+    base = base.rstrip("/")
+    return lambda key: base
+
+
+def halod_urls(browser_base: str, routes: int = DEFAULT_ROUTES) -> Callable[[ConnectionKey], str]:
+    """Each key to its HaloD route port: browser_port_base + route − 1 (docs/halod.md)."""
+    host, _, port = browser_base.rpartition(":")
+    base_port = int(port)
+    return lambda key: f"http://{host}:{base_port + route_of(key, routes) - 1}"
+
+
+def backoff_delay(
+    attempt: int, base: float, cap: float, rand: Callable[[], float] = random.random
+) -> float:
+    """js/orbited.js backoffDelay: a random delay in [c/2, c], c = min(cap, base·2^attempt)."""
+    ceiling = min(cap, base * 2 ** min(attempt, 30))
+    return ceiling / 2 + rand() * ceiling / 2
+
+
+# -- a minimal HTTP/1.1 client on asyncio streams ----------------------------------------
+
+
+class HTTPError(Exception):
+    def __init__(self, status: int, code: str) -> None:
+        super().__init__(f"HTTP {status} {code}")
+        self.status = status
+        self.code = code
+
+
+class HTTPConnection:
+    """One keep-alive HTTP/1.1 connection: enough for /orbited/poll, /sse, /iframe, /ack
+    (Content-Length, chunked or until-EOF bodies). No TLS, no redirects."""
+
+    def __init__(self, host: str, port: int, connect_timeout: float) -> None:
+        self.host, self.port = host, port
+        self.connect_timeout = connect_timeout
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+        self.reusable = False
+
+    async def request(
+        self, method: str, target: str, headers: dict[str, str] | None = None, timeout: float = 30.0
+    ) -> tuple[int, dict[str, str]]:
+        """Send a request; return (status, lower-cased headers). Reads no body."""
+        if self.writer is not None and self.reusable:
+            try:
+                return await self._request(method, target, headers, timeout)
+            except (ConnectionError, asyncio.IncompleteReadError):
+                # The server closed the idle keep-alive connection: a browser's fetch
+                # retries on a fresh one without telling the page, and so do we.
+                self.close()
+        return await self._request(method, target, headers, timeout)
+
+    async def _request(self, method: str, target: str, headers: dict[str, str] | None,
+                       timeout: float) -> tuple[int, dict[str, str]]:  # fmt: skip
+        if self.writer is None or not self.reusable:
+            self.close()
+            self.reader, self.writer = await asyncio.wait_for(
+                asyncio.open_connection(self.host, self.port, limit=1 << 20),
+                self.connect_timeout,
+            )
+        lines = [f"{method} {target} HTTP/1.1", f"Host: {self.host}:{self.port}"]
+        lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
+        if method == "POST":
+            lines.append("Content-Length: 0")
+        assert self.writer is not None and self.reader is not None
+        self.reusable = False  # until this response has been read to its end
+        self.writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+        head = await asyncio.wait_for(self.reader.readuntil(b"\r\n\r\n"), timeout)
+        status_line, *header_lines = head.decode("latin-1").split("\r\n")
+        version, status, *_ = status_line.split(" ", 2)
+        response_headers: dict[str, str] = {}
+        for line in header_lines:
+            if line:
+                name, _, value = line.partition(":")
+                response_headers[name.strip().lower()] = value.strip()
+        self._keep = (
+            version == "HTTP/1.1" and response_headers.get("connection", "").lower() != "close"
+        )
+        return int(status), response_headers
+
+    async def body(self, headers: dict[str, str], timeout: float) -> bytes:
+        return b"".join([chunk async for chunk in self.chunks(headers, timeout)])
+
+    async def chunks(
+        self, headers: dict[str, str], timeout: float | Callable[[], float]
+    ) -> AsyncIterator[bytes]:
+        """The response body as it arrives; ``timeout`` bounds each wait (a watchdog; a
+        callable is re-read per wait, so it can grow once hello gave the keepalive)."""
+        assert self.reader is not None
+        reader = self.reader
+        bound = timeout if callable(timeout) else lambda: timeout
+        if headers.get("transfer-encoding", "").lower() == "chunked":
+            while True:
+                size_line = await asyncio.wait_for(reader.readline(), bound())
+                if not size_line.endswith(b"\n"):
+                    raise ConnectionError("EOF inside a chunked body")
+                size = int(size_line.split(b";", 1)[0].strip() or b"0", 16)
+                if size == 0:
+                    while (await asyncio.wait_for(reader.readline(), bound())).strip():
+                        pass  # trailers
+                    break
+                yield await asyncio.wait_for(reader.readexactly(size), bound())
+                await asyncio.wait_for(reader.readexactly(2), bound())
+        elif "content-length" in headers:
+            remaining = int(headers["content-length"])
+            while remaining:
+                data = await asyncio.wait_for(reader.read(min(remaining, 65536)), bound())
+                if not data:
+                    raise ConnectionError("EOF inside a body")
+                remaining -= len(data)
+                yield data
+        else:
+            self._keep = False
+            while data := await asyncio.wait_for(reader.read(65536), bound()):
+                yield data
+        self.reusable = self._keep
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.transport.abort()  # no lingering FIN handshakes for thousands of these
+        self.reader = self.writer = None
+        self.reusable = False
+
+
+async def error_code(conn: HTTPConnection, status: int, headers: dict[str, str]) -> HTTPError:
+    """The node's JSON error body as an exception (docs/protocol.md, "Errors")."""
+    code = ""
+    try:
+        code = json.loads(await conn.body(headers, 5.0))["error"]["code"]
+    except Exception:  # noqa: BLE001 - not JSON, or the body did not come: the status will do
+        pass
+    return HTTPError(status, code)
+
+
+# -- one simulated browser ---------------------------------------------------------------
+
+
+@dataclass
+class Options:
+    backoff_base: float = 0.2  # s; the first delay is in [base/2, base]
+    backoff_max: float = 2.0
+    ack_interval: float = 1.0  # WebSocket and SSE/iframe acks, as js/orbited.js
+    ack_every: int = 50
+    poll_timeout: float = 25.0
+    hello_timeout: float = 10.0  # no hello in time: drop and reconnect (js: 10 s)
+    connect_timeout: float = 5.0
+    token_ttl: float = 7 * 24 * 3600.0  # soak runs outlast the default hour
+    http_ack: bool = True  # POST /orbited/ack for SSE/iframe while the node has it
+
+
+class Fatal(Exception):
+    """Reconnecting cannot help (replaced, bad request): the browser stops, as the JS does."""
+
+
+class TokenRefused(Exception):
+    pass
+
+
+@dataclass
+class Shared:
+    """Per-process state the browsers share."""
+
+    secret: bytes
+    options: Options
+    http_ack: bool = True  # turned off by the first 404 from /orbited/ack
+    latencies: dict[str, list[float]] = field(default_factory=dict)
+    latency_seen: dict[str, int] = field(default_factory=dict)
+    events: int = 0
+
+    def latency(self, transport: str, value: float) -> None:
+        n = self.latency_seen[transport] = self.latency_seen.get(transport, 0) + 1
+        samples = self.latencies.setdefault(transport, [])
+        if len(samples) < LATENCY_SAMPLES:
+            samples.append(value)
+        elif (j := random.randrange(n)) < LATENCY_SAMPLES:  # reservoir: a uniform sample
+            samples[j] = value
+
+
+class Browser:
+    def __init__(self, key: ConnectionKey, transport: str, base_url: str, shared: Shared) -> None:
+        if transport not in TRANSPORTS:
+            raise ValueError(f"unknown transport {transport!r}")
+        self.key = key
+        self.id = key_id(key)
+        self.transport = transport
+        self.base_url = base_url
+        self.shared = shared
+        self.opts = shared.options
+        self.token = issue_token(shared.secret, key, self.opts.token_ttl)
+        # resume state (js Resume)
+        self.stream: str | None = None
+        self.seq = 0
+        self.keepalive = 25.0
+        # bookkeeping
+        self.arrivals = ArrivalRanges()
+        self._seen = bytearray()  # bit n set: n was received (dups without a set of ints)
+        self.max_n = 0
+        self.dups = 0
+        self.dup_sample: list[int] = []
+        self.out_of_order = 0
+        self.replayed = 0  # dropped by the resume filter (seq not above the position)
+        self.foreign = 0  # events whose "k" names another key
+        self.resets = 0
+        self.gaps: list[list[int]] = []
+        self.reconnects = 0
+        self.connects = 0
+        self.outages: list[list[float | None]] = []
+        self.errors: Counter[str] = Counter()
+        self.fatal: str | None = None
+        self.ready = asyncio.Event()
+        self.stopping = False
+        self._in_outage = False
+        self._attempt = 0
+        self._hello_this_session = False
+
+    # -- frames ------------------------------------------------------------------------
+
+    def on_frame(self, frame: dict[str, Any]) -> str | None:
+        """Digest one frame; returns "reconnect" when the session must end, else None."""
+        kind = frame.get("type")
+        if kind == "event":
+            seq = frame.get("seq", 0)
+            if seq <= self.seq:
+                self.replayed += 1  # a replay of what we have: dropped, as the JS does
+                return None
+            self.seq = seq
+            self._event(frame.get("data"))
+        elif kind == "hello":
+            stream = frame.get("stream")
+            reset = bool(frame.get("reset")) or (self.stream is not None and stream != self.stream)
+            if reset or stream != self.stream:
+                self.stream, self.seq = stream, 0
+            self.resets += reset
+            self.keepalive = float(frame.get("keepalive") or 25)
+            self._attempt = 0
+            if not self._hello_this_session:
+                self._hello_this_session = True
+                self.connects += 1
+                if self._in_outage and self.outages[-1][2] is None:
+                    self.outages[-1][2] = time.time()
+                self.ready.set()
+        elif kind == "gap":
+            self.gaps.append([frame.get("from", 0), frame.get("to", 0)])
+        elif kind == "reconnect":
+            self.errors[f"reconnect: {frame.get('reason')}"] += 1
+            return "reconnect"
+        elif kind == "replaced":
+            raise Fatal("replaced")
+        return None  # ping and unknown frames: nothing to do
+
+    def _event(self, data: object) -> None:
+        now = time.time()
+        if not isinstance(data, dict) or not isinstance(data.get("n"), int):
+            self.errors["event without n"] += 1
+            return
+        n: int = data["n"]
+        if self._in_outage:
+            self.outages[-1][1] = now
+            self._in_outage = False
+        k = data.get("k")
+        if k is not None and k != self.id and k != BROADCAST:
+            self.foreign += 1
+        byte, bit = divmod(n, 8)
+        if byte >= len(self._seen):
+            self._seen.extend(bytes(max(byte + 1 - len(self._seen), len(self._seen))))
+        if self._seen[byte] >> bit & 1:
+            self.dups += 1
+            if len(self.dup_sample) < 20:
+                self.dup_sample.append(n)
+            return
+        self._seen[byte] |= 1 << bit
+        if n < self.max_n:
+            self.out_of_order += 1
+        self.max_n = max(self.max_n, n)
+        self.arrivals.add(n)
+        self.shared.events += 1
+        if isinstance(data.get("t"), int | float):
+            self.shared.latency(self.transport, now - data["t"])
+
+    def position(self) -> str | None:
+        return None if self.stream is None else f"{self.stream}:{self.seq}"
+
+    def _lost(self) -> None:
+        """The link broke: an outage starts unless one is running (or we never had one)."""
+        if self.connects and not self._in_outage:
+            self.outages.append([time.time(), None, None])
+            self._in_outage = True
+
+    def _watchdog(self) -> float:
+        # js: no hello within 10 s, or silence for 2 × keepalive, means the link is dead.
+        return 2 * self.keepalive + 1 if self._hello_this_session else self.opts.hello_timeout
+
+    # -- the reconnect loop ------------------------------------------------------------
+
+    async def run(self) -> None:
+        session = {"ws": self._ws, "poll": self._poll, "sse": self._stream, "iframe": self._stream}
+        token_retried = False
+        while not self.stopping:
+            self._hello_this_session = False
+            try:
+                reason = await session[self.transport]()
+            except Fatal as e:
+                self.fatal = str(e)
+                self.ready.set()  # counted, so a fleet's readiness does not wait forever
+                return
+            except TokenRefused as e:
+                if token_retried:
+                    self.fatal = f"token: {e}"
+                    self.ready.set()
+                    return
+                token_retried = True  # js: one fresh token per failure streak
+                self.token = issue_token(self.shared.secret, self.key, self.opts.token_ttl)
+                reason = f"token: {e}"
+            except (
+                OSError,
+                EOFError,
+                TimeoutError,
+                WebSocketException,
+                HTTPError,
+                ValueError,
+            ) as e:
+                reason = _describe(e)
+            except Exception as e:  # noqa: BLE001 - a bug here must show in the report, not kill
+                reason = f"bug: {_describe(e)}"
+            if self.stopping:
+                return
+            if self._hello_this_session:
+                token_retried = False
+            self.errors[reason] += 1
+            self._lost()
+            delay = backoff_delay(self._attempt, self.opts.backoff_base, self.opts.backoff_max)
+            self._attempt += 1
+            self.reconnects += 1
+            await asyncio.sleep(delay)
+
+    def _params(self, **extra: object) -> str:
+        params: dict[str, object] = {"token": self.token}
+        if (last := self.position()) is not None:
+            params["last"] = last
+        params.update(extra)
+        return urlencode(params)
+
+    def _address(self) -> tuple[str, int]:
+        parts = urlsplit(self.base_url)
+        return parts.hostname or "127.0.0.1", parts.port or 80
+
+    # -- WebSocket ---------------------------------------------------------------------
+
+    async def _ws(self) -> str:
+        url = self.base_url.replace("http", "ws", 1) + "/orbited/ws?" + self._params()
+        try:
+            ws = await connect(
+                url,
+                open_timeout=self.opts.connect_timeout,
+                ping_interval=None,
+                close_timeout=1,
+                max_queue=None,
+                compression=None,
+                user_agent_header=None,
+            )
+        except InvalidStatus as e:
+            status = e.response.status_code
+            if status == 401:
+                raise TokenRefused(str(status)) from None
+            if status in (400, 403):
+                raise Fatal(f"http {status}") from None
+            raise
+        acked = [0]
+        acker = asyncio.create_task(self._ws_acker(ws, acked))
+        try:
+            while True:
+                message = await asyncio.wait_for(ws.recv(), self._watchdog())
+                frame = json.loads(message)
+                if self.on_frame(frame) == "reconnect":
+                    return "reconnect frame"
+                if frame.get("type") == "event" and self.seq - acked[0] >= self.opts.ack_every:
+                    acked[0] = self.seq
+                    await ws.send(json.dumps({"type": "ack", "seq": self.seq}))
+        except ConnectionClosed as e:
+            code = e.rcvd.code if e.rcvd is not None else None
+            if code == 4001:
+                raise Fatal("replaced") from None
+            if code == 4401:
+                raise TokenRefused(e.rcvd.reason if e.rcvd else "") from None
+            if code == 4400:
+                raise Fatal(f"closed 4400 {e.rcvd.reason if e.rcvd else ''}") from None
+            return f"ws closed {code}"
+        finally:
+            acker.cancel()
+            ws.transport.abort()  # the node is done with us, or we with it: no handshake
+
+    async def _ws_acker(self, ws: ClientConnection, acked: list[int]) -> None:
+        while True:
+            await asyncio.sleep(self.opts.ack_interval)
+            if self.seq > acked[0]:
+                acked[0] = self.seq
+                try:
+                    await ws.send(json.dumps({"type": "ack", "seq": self.seq}))
+                except ConnectionClosed:
+                    return
+
+    # -- long-poll ---------------------------------------------------------------------
+
+    async def _poll(self) -> str:
+        conn = HTTPConnection(*self._address(), self.opts.connect_timeout)
+        first = True
+        try:
+            while True:
+                # js: the first poll of a session answers at once (timeout=0) with hello.
+                timeout = 0 if first else self.opts.poll_timeout
+                target = "/orbited/poll?" + self._params(timeout=f"{timeout:g}")
+                limit = timeout + self.opts.hello_timeout
+                status, headers = await conn.request("GET", target, timeout=limit)
+                if status != 200:
+                    raise _http_failure(await error_code(conn, status, headers))
+                frames = json.loads(await conn.body(headers, limit))
+                first = False
+                for frame in frames:
+                    if self.on_frame(frame) == "reconnect":
+                        return "reconnect frame"
+        finally:
+            conn.close()
+
+    # -- SSE and iframe ----------------------------------------------------------------
+
+    async def _stream(self) -> str:
+        conn = HTTPConnection(*self._address(), self.opts.connect_timeout)
+        acker: asyncio.Task[None] | None = None
+        try:
+            if self.transport == "sse":
+                target = "/orbited/sse?" + self._params()
+                headers = {"Accept": "text/event-stream"}
+            else:  # the node's own origin is always allowed (same-origin)
+                origin = self.base_url.rstrip("/")
+                target = "/orbited/iframe?" + self._params(origin=origin)
+                headers = {}
+            status, response = await conn.request("GET", target, headers, self.opts.hello_timeout)
+            if status != 200:
+                raise _http_failure(await error_code(conn, status, response))
+            if self.opts.http_ack and self.shared.http_ack:
+                acker = asyncio.create_task(self._http_acker())
+            parse = _SSEParser() if self.transport == "sse" else _IframeParser()
+            async for chunk in conn.chunks(response, self._watchdog):
+                for frame in parse.feed(chunk):
+                    if self.on_frame(frame) == "reconnect":
+                        return "reconnect frame"
+            return f"{self.transport} stream ended"
+        finally:
+            if acker is not None:
+                acker.cancel()
+            conn.close()
+
+    async def _http_acker(self) -> None:
+        """SSE/iframe have no way back: ack over POST /orbited/ack (204) once a second."""
+        conn = HTTPConnection(*self._address(), self.opts.connect_timeout)
+        acked = 0
+        try:
+            while self.shared.http_ack:
+                await asyncio.sleep(self.opts.ack_interval)
+                if self.seq <= acked:
+                    continue
+                seq = self.seq
+                try:
+                    target = "/orbited/ack?" + urlencode({"token": self.token, "seq": seq})
+                    status, headers = await conn.request("POST", target, timeout=5.0)
+                    await conn.body(headers, 5.0)
+                except (OSError, EOFError, TimeoutError, ValueError):
+                    conn.close()
+                    continue  # the stream's own failure handling will notice a dead node
+                if status == 404:
+                    self.shared.http_ack = False  # no endpoint on this node: rely on resume
+                elif status < 300:
+                    acked = seq
+                else:
+                    self.errors[f"ack HTTP {status}"] += 1
+        finally:
+            conn.close()
+
+    # -- report ------------------------------------------------------------------------
+
+    def report(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "key": list(self.key),
+            "transport": self.transport,
+            "url": self.base_url,
+            "received": self.arrivals.runs,
+            "count": self.arrivals.count,
+            "max_n": self.max_n,
+            "dups": self.dups,
+            "dup_sample": self.dup_sample,
+            "out_of_order": self.out_of_order,
+            "replayed": self.replayed,
+            "foreign": self.foreign,
+            "resets": self.resets,
+            "gaps": self.gaps,
+            "reconnects": self.reconnects,
+            "connects": self.connects,
+            "outages": self.outages,
+            "fatal": self.fatal,
+            "position": self.position(),
+            "errors": dict(self.errors),
+        }
+
+
+def _http_failure(error: HTTPError) -> Exception:
+    if error.status == 401:
+        return TokenRefused(error.code)
+    if error.status in (400, 403, 404):
+        return Fatal(str(error))
+    return error  # 5xx, proxies: retry with backoff
+
+
+def _describe(e: BaseException) -> str:
+    if isinstance(e, TimeoutError):
+        return "timeout"
+    if isinstance(e, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(e, ConnectionResetError):
+        return "connection reset"
+    if isinstance(e, asyncio.IncompleteReadError):
+        return "EOF"
+    return f"{type(e).__name__}: {e}"[:80]
+
+
+class _SSEParser:
+    """text/event-stream: ``data:`` lines up to a blank line make one frame."""
+
+    def __init__(self) -> None:
+        self.buffer = b""
+        self.data: list[bytes] = []
+
+    def feed(self, chunk: bytes) -> list[dict[str, Any]]:
+        self.buffer += chunk
+        *lines, self.buffer = self.buffer.split(b"\n")
+        frames = []
+        for line in lines:
+            line = line.rstrip(b"\r")
+            if not line:
+                if self.data:
+                    frames.append(json.loads(b"\n".join(self.data)))
+                    self.data = []
+            elif line.startswith(b"data:"):
+                value = line[5:]
+                self.data.append(value[1:] if value.startswith(b" ") else value)
+            # comments (":") and id: lines need nothing: the position comes from seq
+        return frames
+
+
+class _IframeParser:
+    """The forever-frame document: each frame is ``<script>f("<JSON as a JS string>")</script>``."""
+
+    PREFIX, SUFFIX = b"<script>f(", b")</script>"
+
+    def __init__(self) -> None:
+        self.buffer = b""
+
+    def feed(self, chunk: bytes) -> list[dict[str, Any]]:
+        self.buffer += chunk
+        *lines, self.buffer = self.buffer.split(b"\n")
+        return [
+            json.loads(json.loads(line[len(self.PREFIX) : -len(self.SUFFIX)]))
+            for line in lines
+            if line.startswith(self.PREFIX) and line.endswith(self.SUFFIX)
+        ]
+
+
+# -- a fleet of browsers in this process -------------------------------------------------
+
+
+class Fleet:
+    def __init__(self, browsers: Sequence[Browser], shared: Shared) -> None:
+        self.browsers = list(browsers)
+        self.shared = shared
+        self.started = time.time()
+        self.loop_lag: list[float] = []
+
+    @classmethod
+    def build(
+        cls,
+        keys: Sequence[ConnectionKey],
+        indices: Sequence[int],
+        pattern: Sequence[str],
+        url_for: Callable[[ConnectionKey], str],
+        secret: bytes,
+        options: Options | None = None,
+    ) -> Fleet:
+        """Browsers for ``keys``; key j's transport is pattern[indices[j] % len(pattern)]."""
+        shared = Shared(secret, options or Options())
+        shared.http_ack = shared.options.http_ack
+        browsers = [
+            Browser(k, pattern[i % len(pattern)], url_for(k), shared)
+            for k, i in zip(keys, indices, strict=True)
+        ]
+        return cls(browsers, shared)
+
+    async def run(
+        self,
+        stop: asyncio.Event,
+        ready_file: Path | None = None,
+        ramp: float = 500.0,
+        progress: float = 0.0,
+    ) -> None:
+        """Connect everyone (``ramp`` per second), run until ``stop`` is set, then stop."""
+        tasks: list[asyncio.Task[None]] = []
+        helpers = [asyncio.create_task(self._measure_lag())]
+        if ready_file is not None:
+            helpers.append(asyncio.create_task(self._write_ready(ready_file)))
+        if progress > 0:
+            helpers.append(asyncio.create_task(self._progress(progress)))
+        for i, browser in enumerate(self.browsers):
+            if stop.is_set():
+                break
+            tasks.append(asyncio.create_task(browser.run()))
+            if ramp > 0 and i % 50 == 49:  # connect in waves: no SYN flood on the node
+                await asyncio.sleep(50 / ramp)
+        await stop.wait()
+        for browser in self.browsers:
+            browser.stopping = True
+        for t in tasks + helpers:
+            t.cancel()
+        await asyncio.wait(tasks + helpers, timeout=5)
+
+    async def _write_ready(self, path: Path) -> None:
+        await asyncio.gather(*(b.ready.wait() for b in self.browsers))
+        info = {
+            "pid": os.getpid(),
+            "browsers": len(self.browsers),
+            "connected": sum(1 for b in self.browsers if b.connects),
+            "fatal": sum(1 for b in self.browsers if b.fatal),
+            "seconds": time.time() - self.started,
+        }
+        tmp = Path(f"{path}.tmp")
+        tmp.write_text(json.dumps(info))
+        tmp.replace(path)  # atomically: a reader never sees half a file
+
+    async def _measure_lag(self) -> None:
+        """How late the loop wakes up: if this grows, the clients are the bottleneck."""
+        loop = asyncio.get_running_loop()
+        while True:
+            before = loop.time()
+            await asyncio.sleep(0.1)
+            self.loop_lag.append(loop.time() - before - 0.1)
+            if len(self.loop_lag) > 100_000:
+                del self.loop_lag[:50_000]
+
+    async def _progress(self, every: float) -> None:
+        while True:
+            await asyncio.sleep(every)
+            b = self.browsers
+            print(
+                f"browsers[{os.getpid()}] t={time.time() - self.started:.0f}s "
+                f"ready={sum(1 for x in b if x.connects)}/{len(b)} events={self.shared.events} "
+                f"dups={sum(x.dups for x in b)} reconnects={sum(x.reconnects for x in b)} "
+                f"in_outage={sum(1 for x in b if x._in_outage)} "
+                f"lag_max={max(self.loop_lag[-50:], default=0) * 1000:.0f}ms",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    def report(self) -> dict[str, Any]:
+        clients = [b.report() for b in self.browsers]
+        totals: dict[str, dict[str, int]] = {}
+        for c in clients:
+            t = totals.setdefault(c["transport"], Counter())  # type: ignore[arg-type]
+            t["clients"] += 1
+            for field_name in ("count", "dups", "out_of_order", "resets", "reconnects", "foreign"):
+                t[field_name] += c[field_name]
+            t["gaps"] += len(c["gaps"])
+            t["fatal"] += c["fatal"] is not None
+        return {
+            "pid": os.getpid(),
+            "started": self.started,
+            "ended": time.time(),
+            "cpu_seconds": time.process_time(),
+            "options": asdict(self.shared.options),
+            "http_ack": self.shared.http_ack,
+            "loop_lag": spread(self.loop_lag),
+            "latency": {t: spread(v) for t, v in self.shared.latencies.items()},
+            "totals": {t: dict(v) for t, v in totals.items()},
+            "clients": clients,
+        }
+
+
+# -- processes ---------------------------------------------------------------------------
+
+
+def write_json(path: Path, value: object) -> None:
+    tmp = Path(f"{path}.tmp")
+    tmp.write_text(json.dumps(value, separators=(",", ":")))
+    tmp.replace(path)
+
+
+class BrowserProcesses:
+    """For tests and benchmarks: ``procs`` subprocesses sharing ``count`` keys.
+
+    ``args`` are the common CLI flags (--secret-file, --url or --halod-browser-base,
+    --prefix, --transports, ...); each process gets its --offset/--count slice, its own
+    ready and report file in ``folder``."""
+
+    def __init__(
+        self, folder: Path, count: int, procs: int, args: Sequence[str], offset: int = 0
+    ) -> None:
+        self.folder = Path(folder)
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.ready_files: list[Path] = []
+        self.report_files: list[Path] = []
+        per = -(-count // procs)
+        for i in range(procs):
+            start = offset + i * per
+            n = min(per, offset + count - start)
+            if n <= 0:
+                break
+            ready, report = self.folder / f"browsers-{i}.ready", self.folder / f"browsers-{i}.json"
+            ready.unlink(missing_ok=True)
+            report.unlink(missing_ok=True)
+            self.ready_files.append(ready)
+            self.report_files.append(report)
+            log = (self.folder / f"browsers-{i}.log").open("ab")
+            self.procs.append(
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "bench.browsers",
+                        *args,
+                        "--offset",
+                        str(start),
+                        "--count",
+                        str(n),
+                        "--ready-file",
+                        str(ready),
+                        "--report",
+                        str(report),
+                    ],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
+            )
+
+    def wait_ready(self, timeout: float = 30.0) -> list[dict]:
+        deadline = time.monotonic() + timeout
+        while not all(f.exists() for f in self.ready_files):
+            dead = [p for p in self.procs if p.poll() is not None]
+            if dead or time.monotonic() > deadline:
+                self.kill()
+                raise RuntimeError(f"browsers not ready: {self.logs()}")
+            time.sleep(0.05)
+        return [json.loads(f.read_text()) for f in self.ready_files]
+
+    def stop(self, timeout: float = 20.0) -> list[dict]:
+        """SIGTERM everyone; return their reports (one per process)."""
+        for p in self.procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in self.procs:
+            try:
+                p.wait(timeout)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(5)
+        missing = [f for f in self.report_files if not f.exists()]
+        if missing:
+            raise RuntimeError(f"no report in {missing}: {self.logs()}")
+        return [json.loads(f.read_text()) for f in self.report_files]
+
+    def kill(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(5)
+
+    def logs(self) -> str:
+        return "\n".join(f.read_text()[-3000:] for f in sorted(self.folder.glob("browsers-*.log")))
+
+    @staticmethod
+    def clients(reports: Sequence[dict]) -> list[dict]:
+        return [c for r in reports for c in r["clients"]]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m bench.browsers",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--url", help="one node's browser listener, http://host:port")
+    where.add_argument(
+        "--halod-browser-base",
+        metavar="HOST:PORT",
+        help="HaloD's browser port for route 1 (route r at +r-1)",
+    )
+    p.add_argument("--routes", type=int, default=DEFAULT_ROUTES, help="HaloD's route count")
+    p.add_argument("--secret-file", type=Path, required=True)
+    p.add_argument("--prefix", default="b", help="keys are (PREFIX<i>, 's', '/bench')")
+    p.add_argument("--count", type=int, default=250, help="browsers in this process")
+    p.add_argument("--offset", type=int, default=0, help="index of this process's first key")
+    p.add_argument("--keys-file", type=Path, help="JSON [[user, session, location], ...] instead")
+    p.add_argument("--transports", default="ws", help="ratio, e.g. ws=2,poll=1,sse=1,iframe=0")
+    p.add_argument("--duration", type=float, default=0, help="seconds; 0 = until SIGTERM")
+    p.add_argument("--report", type=Path, required=True)
+    p.add_argument("--ready-file", type=Path, help="written once every browser had its hello")
+    p.add_argument("--progress", type=float, default=0, help="a counter line to stderr every S")
+    p.add_argument("--ramp", type=float, default=500, help="new connections per second")
+    p.add_argument("--backoff-base", type=float, default=0.2)
+    p.add_argument("--backoff-max", type=float, default=2.0)
+    p.add_argument("--poll-timeout", type=float, default=25.0)
+    p.add_argument("--no-http-ack", action="store_true", help="SSE/iframe: never POST acks")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.keys_file:
+        everyone = read_keys(args.keys_file)
+        keys = everyone[args.offset : args.offset + args.count]
+    else:
+        keys = make_keys(args.prefix, args.count, args.offset)
+    url_for = (
+        single_node_urls(args.url) if args.url else halod_urls(args.halod_browser_base, args.routes)
+    )
+    options = Options(
+        backoff_base=args.backoff_base,
+        backoff_max=args.backoff_max,
+        poll_timeout=args.poll_timeout,
+        http_ack=not args.no_http_ack,
+    )
+    pattern = [t for t in transport_pattern(args.transports)]
+    indices = range(args.offset, args.offset + len(keys))
+    fleet = Fleet.build(keys, indices, pattern, url_for, load_secret(args.secret_file), options)
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        if args.duration > 0:
+            loop.call_later(args.duration, stop.set)
+        await fleet.run(stop, args.ready_file, args.ramp, args.progress)
+
+    asyncio.run(run())
+    write_json(args.report, fleet.report())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
