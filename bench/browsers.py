@@ -325,7 +325,7 @@ class Browser:
             stream = frame.get("stream")
             reset = bool(frame.get("reset")) or (self.stream is not None and stream != self.stream)
             if reset or stream != self.stream:
-                self.stream, self.seq = stream, 0
+                self.stream, self.seq = stream, int(frame.get("seq") or 0)
             self.resets += reset
             self.keepalive = float(frame.get("keepalive") or 25)
             self._attempt = 0

@@ -41,7 +41,7 @@ export class Resume {
         const reset = frame.reset || (this.stream !== null && frame.stream !== this.stream);
         if (reset || frame.stream !== this.stream) {
           this.stream = frame.stream;
-          this.seq = 0;
+          this.seq = frame.seq || 0; // a fresh page starts after what was acknowledged
         }
         return { kind: "hello", reset, keepalive: frame.keepalive };
       }

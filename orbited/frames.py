@@ -20,8 +20,12 @@ def event(seq: int, payload: bytes) -> bytes:
     return b'{"type":"event","seq":%d,"data":%s}' % (seq, payload)
 
 
-def hello(stream: str, keepalive: float, reset: bool) -> bytes:
-    return _encode({"type": "hello", "stream": stream, "keepalive": keepalive, "reset": reset})
+def hello(stream: str, keepalive: float, reset: bool, seq: int = 0) -> bytes:
+    """``seq``: the position in ``stream`` the events that follow start after (a fresh
+    connection starts after what was acknowledged, not at 0: no false gap)."""
+    return _encode(
+        {"type": "hello", "stream": stream, "keepalive": keepalive, "reset": reset, "seq": seq}
+    )
 
 
 def gap(first: int, last: int) -> bytes:

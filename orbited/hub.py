@@ -181,7 +181,7 @@ class Hub:
                 previous.replaced()
         mailbox = slot.mailbox
         replay = mailbox.replay(after)
-        out = [frames.hello(mailbox.stream, self.config.keepalive, replay.reset)]
+        out = [frames.hello(mailbox.stream, self.config.keepalive, replay.reset, replay.since)]
         if replay.gap is not None:
             out.append(frames.gap(*replay.gap))
         out.extend(frames.event(seq, payload) for seq, payload in replay.events)

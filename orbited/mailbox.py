@@ -58,6 +58,7 @@ class Replay(NamedTuple):
     events: list[tuple[int, bytes]]
     gap: tuple[int, int] | None  # first and last seq the browser can no longer get
     reset: bool  # the browser's stream is gone: everything before this stream is unknown
+    since: int  # the events follow this seq (what the browser has, or was acknowledged)
 
 
 class Mailbox:
@@ -159,4 +160,4 @@ class Mailbox:
         first_available = self._events[0][0] if self._events else self.next_seq
         gap = (since + 1, first_available - 1) if since + 1 < first_available else None
         events = [e for e in self._events if e[0] > since]
-        return Replay(events, gap, reset)
+        return Replay(events, gap, reset, since)

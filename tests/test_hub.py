@@ -54,7 +54,9 @@ def test_attach_sends_hello_with_stream():
     hub, _ = make_hub(keepalive=10)
     sink = RecordingSink()
     hub.attach(ALICE, sink, None)
-    assert sink.frames == [{"type": "hello", "stream": "ep.1", "keepalive": 10, "reset": False}]
+    assert sink.frames == [
+        {"type": "hello", "stream": "ep.1", "keepalive": 10, "reset": False, "seq": 0}
+    ]
 
 
 def test_statuses_per_recipient_in_request_order():
@@ -386,7 +388,7 @@ def test_hand_off_resumes_the_same_stream_on_the_new_owner_in_order():
     assert got[0]["results"] == [{"status": "delivered", "seq": 4}] or got[0]["results"] == [
         {"status": "queued", "seq": 4}
     ]
-    assert resumed.frames[0] == {"type": "hello", "stream": old_stream, "keepalive": 25.0,
+    assert resumed.frames[0] == {"type": "hello", "stream": old_stream, "keepalive": 25.0, "seq": 2,
                                  "reset": False}  # fmt: skip
     assert resumed.events() == [(3, 3), (4, 4)]  # nothing lost, nothing twice
     assert new.stats["handoff_in"] == 2 and old.stats["handoff_out"] == 2
@@ -467,3 +469,20 @@ def test_hand_off_messages_split_large_mailboxes_and_name_the_done_routes():
     for m in messages:
         new.handoff_received(m["mailboxes"], m["done"] and routes)
     assert len(new.mailbox(keys[0])) == 100 and len(new.mailbox(keys[1])) == 1
+
+
+def test_a_fresh_connection_starts_after_what_was_acknowledged():
+    hub, _ = make_hub()
+    first = RecordingSink()
+    hub.attach(ALICE, first, None)
+    for n in (1, 2, 3):
+        send(hub, f"e{n}", [ALICE], n)
+    hub.ack(ALICE, 3)
+    hub.detach(ALICE, first)
+    page = RecordingSink()  # a reloaded page: no position
+    hub.attach(ALICE, page, None)
+    assert page.frames[0]["seq"] == 3 and page.events() == []
+    hub.detach(ALICE, page)
+    again = RecordingSink()  # it polls on from stream:3, as the hello said: no gap
+    hub.attach(ALICE, again, Position(page.frames[0]["stream"], 3))
+    assert [f["type"] for f in again.frames] == ["hello"]
