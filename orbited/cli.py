@@ -2,6 +2,7 @@
 
     orbited [node] [--config FILE] [--http HOST:PORT] [--sp tcp://HOST:PORT] ...
     orbited token --user U [--session S] [--location L] [--ttl SECONDS]
+    orbited cluster [--port 8080] [--free-ports] ...   HaloD, nodes and cherrychat locally
 
 Flags are documented in docs/operations.md; ``orbited node --help`` lists them.
 """
@@ -18,7 +19,7 @@ from orbited.daemon import run_configured
 from orbited.keys import ConnectionKey, KeyError_
 from orbited.tokens import DEFAULT_TTL, issue_token, load_secret
 
-SUBCOMMANDS = ("node", "token")
+SUBCOMMANDS = ("node", "token", "cluster")
 
 
 def _node_parser() -> argparse.ArgumentParser:
@@ -53,6 +54,10 @@ def main(argv: list[str] | None = None) -> int:
         argv = argv[1:]
     if command == "token":
         return token_command(_token_parser().parse_args(argv))
+    if command == "cluster":
+        from orbited.cluster import cluster_command
+
+        return cluster_command(argv)
     return node_command(_node_parser().parse_args(argv))
 
 
@@ -83,6 +88,7 @@ def node_command(args: argparse.Namespace) -> int:
         }
 
     return run_configured("orbited", NodeConfig, args, build, ready)
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,0 +1,362 @@
+"""cherrychat's web app (klein): login, rooms, messages, tokens and the presence webhook.
+
+Owns the HTTP API the page uses and every push to browsers. The flow of a message:
+page → ``POST /rooms/<room>/messages`` → stored in SQLite (it gets its id) → one
+``TwistedClient.send`` to the connection keys of every member of the room, which the
+client groups per route and sends through HaloD's route ports → each member's node →
+each member's page. The page de-duplicates by id and, whenever its connection comes back,
+asks ``GET /rooms/<room>/messages?after=<id>`` for anything it missed (a node crash loses
+that node's mailboxes; the app's own history does not).
+
+Identity: the session cookie is a random id the app stored at login; the nickname always
+comes from that, never from the request. Browsers get Orbited tokens only from ``/token``.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from collections import Counter
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from klein import Klein
+from twisted.internet import defer, task
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.web.client import Agent, readBody
+from twisted.web.iweb import IRequest
+from twisted.web.static import File
+
+from cherrychat import rules
+from cherrychat.store import NickTaken, Store
+from orbited.client.cluster import Cluster
+from orbited.keys import ConnectionKey
+from orbited.presence import SIGNATURE_HEADER, sign
+from orbited.tokens import issue_token
+from orbited.web import client_source
+
+LOCATION = "/cherrychat"  # every key of this app: (nick, "", LOCATION)
+COOKIE = b"cherrychat"
+TOKEN_TTL = 3600
+MAX_BODY = 16 * 1024  # a message is at most 1000 characters; JSON of that fits easily
+MAX_WEBHOOK_BODY = 1024 * 1024
+STATIC = Path(__file__).resolve().parent / "static"
+
+
+def key_of(nick: str) -> ConnectionKey:
+    """One connection key per nickname: a second tab of the same user replaces the first
+    (the node sends it ``replaced``), so pushes never need to know about tabs."""
+    return ConnectionKey(nick, "", LOCATION)
+
+
+class HTTPError(Exception):
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class ChatApp:
+    app = Klein()
+    log = Logger()
+
+    def __init__(
+        self, store: Store, secret: bytes, cluster: Cluster, client: Any,
+        reactor: IReactorTime, halod_status: str = "",
+    ) -> None:  # fmt: skip
+        """``client`` sends events: an ``orbited.client.twisted.TwistedClient`` (or a fake
+        with the same ``send(keys, data)`` returning a Deferred of {key: result})."""
+        self.store = store
+        self.secret = secret
+        self.cluster = cluster
+        self.client = client
+        self.reactor = reactor
+        self.halod_status = halod_status.rstrip("/")
+        self.pushes: Counter[str] = Counter()  # result statuses, for /healthz
+        self.client_js = client_source().encode()
+        self.index = (STATIC / "index.html").read_bytes()
+        self._sweeper: task.LoopingCall | None = None
+
+    # -- life cycle --------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self.halod_status:
+            self._sweeper = task.LoopingCall(self.sweep_failed_nodes)
+            self._sweeper.clock = self.reactor
+            self._sweeper.start(2.0, now=False)
+
+    def stop(self) -> None:
+        if self._sweeper is not None and self._sweeper.running:
+            self._sweeper.stop()
+        self.client.close()
+
+    # -- helpers -----------------------------------------------------------------------
+
+    @app.handle_errors(HTTPError)
+    def _http_error(self, request: IRequest, failure: Any) -> bytes:
+        error = failure.value
+        request.setResponseCode(error.code)
+        return self._json(request, {"error": error.message})
+
+    @app.handle_errors(rules.InvalidInput)
+    def _invalid(self, request: IRequest, failure: Any) -> bytes:
+        request.setResponseCode(400)
+        return self._json(request, {"error": str(failure.value)})
+
+    @staticmethod
+    def _json(request: IRequest, value: object) -> bytes:
+        request.setHeader(b"content-type", b"application/json")
+        request.setHeader(b"cache-control", b"no-store")
+        return json.dumps(value).encode()
+
+    @staticmethod
+    def _body(request: IRequest) -> dict[str, Any]:
+        """The JSON object a page POSTed. Requiring application/json also makes any
+        cross-site form post fail (it would need a CORS preflight nobody answers)."""
+        content_type = (request.getHeader(b"content-type") or b"").split(b";")[0].strip()
+        if content_type != b"application/json":
+            raise HTTPError(415, "send application/json")
+        raw = request.content.read(MAX_BODY + 1)
+        if len(raw) > MAX_BODY:
+            raise HTTPError(413, "request body too large")
+        try:
+            body = json.loads(raw or b"{}")
+        except ValueError:
+            raise HTTPError(400, "the body is not JSON") from None
+        if not isinstance(body, dict):
+            raise HTTPError(400, "the body must be a JSON object")
+        return body
+
+    def _nick(self, request: IRequest) -> str:
+        sid = request.getCookie(COOKIE)
+        nick = self.store.session(sid.decode("ascii", "replace") if sid else None)
+        if nick is None:
+            raise HTTPError(401, "log in first")
+        return nick
+
+    def _member(self, request: IRequest, room: str) -> tuple[str, str]:
+        nick = self._nick(request)
+        room = rules.room(room)
+        if not self.store.is_member(room, nick):
+            raise HTTPError(403, f"join {room} first")
+        return nick, room
+
+    # -- pushing -----------------------------------------------------------------------
+
+    def push(self, room: str, data: dict[str, Any], also: Iterable[str] = ()) -> defer.Deferred:
+        """Send ``data`` to every member of ``room`` (and ``also``): one event, grouped
+        per route by the client. Never fails: results are counted and problems logged."""
+        nicks = list(dict.fromkeys([*self.store.member_nicks(room), *also]))
+        if not nicks:
+            return defer.succeed({})
+        d = self.client.send([key_of(n) for n in nicks], data)
+        d.addCallback(self._pushed, room, data.get("type"))
+        d.addErrback(lambda f: self.log.failure("push to {room} failed", f, room=room))
+        return d
+
+    def _pushed(self, results: dict[ConnectionKey, dict], room: str, kind: object) -> dict:
+        for key, result in results.items():
+            status = result.get("status", "?")
+            self.pushes[status] += 1
+            if status in ("error", "moved"):
+                # The page catches up from history when it reconnects; nothing is lost.
+                self.log.warn("push {kind} to {room}: {user} {status} {result}", kind=kind,
+                              room=room, user=key.user, status=status, result=result)  # fmt: skip
+        return results
+
+    def push_members(self, rooms: Iterable[str]) -> None:
+        for room in rooms:
+            self.push(room, {"type": "members", "room": room, "members": self.store.members(room)})
+
+    # -- pages -------------------------------------------------------------------------
+
+    @app.route("/", methods=["GET"])
+    def page(self, request: IRequest) -> bytes:
+        request.setHeader(b"content-type", b"text/html; charset=utf-8")
+        request.setHeader(b"cache-control", b"no-store")
+        # Defence in depth: even if some text slipped into the DOM as HTML, no inline
+        # script or handler would run. Pages may reach only the nodes' route ports.
+        host = getattr(self.cluster, "host", "127.0.0.1")
+        request.setHeader(
+            b"content-security-policy",
+            (f"default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:;"
+             f" connect-src 'self' http://{host}:* ws://{host}:*; frame-src http://{host}:*;"
+             " object-src 'none'; base-uri 'none'; form-action 'self'").encode(),
+        )  # fmt: skip
+        request.setHeader(b"x-content-type-options", b"nosniff")
+        request.setHeader(b"referrer-policy", b"no-referrer")
+        return self.index
+
+    @app.route("/static/", branch=True)
+    def static(self, request: IRequest) -> File:
+        request.setHeader(b"x-content-type-options", b"nosniff")
+        return File(str(STATIC))
+
+    @app.route("/orbited-client.mjs", methods=["GET"])
+    def client_module(self, request: IRequest) -> bytes:
+        """The JS client from this origin, so the page loads even while a node is down."""
+        request.setHeader(b"content-type", b"text/javascript; charset=utf-8")
+        return self.client_js
+
+    @app.route("/healthz", methods=["GET"])
+    def health(self, request: IRequest) -> bytes:
+        online = self.store.online()
+        return self._json(request, {
+            "ok": True, "rooms": len(self.store.rooms()), "online": len(online),
+            "pushes": dict(self.pushes),
+        })  # fmt: skip
+
+    # -- session -----------------------------------------------------------------------
+
+    @app.route("/login", methods=["POST"])
+    def login(self, request: IRequest) -> bytes:
+        nick = rules.nickname(self._body(request).get("nick"))
+        try:
+            sid = self.store.login(nick)
+        except NickTaken:
+            raise HTTPError(409, "that nickname is in use by someone online") from None
+        request.addCookie(COOKIE, sid.encode(), path=b"/", httpOnly=True, sameSite="strict")
+        self.log.info("{nick!r} logged in", nick=nick)
+        return self._json(request, self._me(nick))
+
+    @app.route("/logout", methods=["POST"])
+    def logout(self, request: IRequest) -> bytes:
+        self._body(request)
+        sid = request.getCookie(COOKIE)
+        if sid:
+            self.store.logout(sid.decode("ascii", "replace"))
+        request.addCookie(COOKIE, b"", path=b"/", max_age=0, httpOnly=True, sameSite="strict")
+        return self._json(request, {"ok": True})
+
+    @app.route("/me", methods=["GET"])
+    def me(self, request: IRequest) -> bytes:
+        return self._json(request, self._me(self._nick(request)))
+
+    def _me(self, nick: str) -> dict[str, Any]:
+        key = key_of(nick)
+        route = self.cluster.route_of(key)
+        return {"nick": nick, "key": key.to_json(), "route": route,
+                "orbited": self.cluster.browser_base(key),
+                "rooms": self.store.rooms_of(nick)}  # fmt: skip
+
+    @app.route("/token", methods=["GET"])
+    def token(self, request: IRequest) -> bytes:
+        """A fresh Orbited token for the logged-in user's key; the JS client calls this
+        again when its token expires."""
+        nick = self._nick(request)
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        request.setHeader(b"cache-control", b"no-store")
+        return issue_token(self.secret, key_of(nick), TOKEN_TTL).encode()
+
+    # -- rooms -------------------------------------------------------------------------
+
+    @app.route("/rooms", methods=["GET"])
+    def rooms(self, request: IRequest) -> bytes:
+        return self._json(request, {"rooms": self.store.rooms(self._nick(request))})
+
+    @app.route("/rooms/<room>/join", methods=["POST"])
+    def join(self, request: IRequest, room: str) -> bytes:
+        self._body(request)
+        nick = self._nick(request)
+        room = rules.room(room)
+        if self.store.join(room, nick):
+            self.push(
+                room,
+                {"type": "message", **self.store.add_message(room, nick, "joined", kind="join")},
+            )
+            self.push_members([room])
+        return self._json(request, self._room_view(room))
+
+    @app.route("/rooms/<room>/leave", methods=["POST"])
+    def leave(self, request: IRequest, room: str) -> bytes:
+        self._body(request)
+        nick = self._nick(request)
+        room = rules.room(room)
+        if self.store.leave(room, nick):
+            self.push(
+                room,
+                {"type": "message", **self.store.add_message(room, nick, "left", kind="leave")},
+            )
+            self.push_members([room])
+        return self._json(request, {"room": room, "left": True})
+
+    @app.route("/rooms/<room>", methods=["GET"])
+    def room_view(self, request: IRequest, room: str) -> bytes:
+        _, room = self._member(request, room)
+        return self._json(request, self._room_view(room))
+
+    def _room_view(self, room: str) -> dict[str, Any]:
+        return {"room": room, "members": self.store.members(room),
+                "messages": self.store.recent(room)}  # fmt: skip
+
+    @app.route("/rooms/<room>/messages", methods=["GET"])
+    def messages(self, request: IRequest, room: str) -> bytes:
+        _, room = self._member(request, room)
+        raw = (request.args.get(b"after") or [b"0"])[0]
+        if not raw.isdigit() or len(raw) > 18:
+            raise HTTPError(400, "after must be a message id")
+        found = self.store.messages(room, after=int(raw))
+        return self._json(request, {"room": room, "messages": found,
+                                    "members": self.store.members(room)})  # fmt: skip
+
+    @app.route("/rooms/<room>/messages", methods=["POST"])
+    def post(self, request: IRequest, room: str) -> bytes:
+        body = self._body(request)
+        nick, room = self._member(request, room)
+        text = rules.message(body.get("text"))
+        message = self.store.add_message(room, nick, text)
+        # Not waited for: the sender's page shows the message from this answer, and a
+        # member whose node is down catches up from history when it reconnects.
+        self.push(room, {"type": "message", **message})
+        request.setResponseCode(201)
+        return self._json(request, message)
+
+    # -- presence ----------------------------------------------------------------------
+
+    @app.route("/orbited/presence", methods=["POST"])
+    def presence(self, request: IRequest) -> bytes:
+        """Signed signon/signoff batches from the nodes (docs/protocol.md)."""
+        body = request.content.read(MAX_WEBHOOK_BODY + 1)
+        given = (request.getHeader(SIGNATURE_HEADER) or b"").decode("ascii", "replace")
+        if len(body) > MAX_WEBHOOK_BODY or not hmac.compare_digest(given, sign(self.secret, body)):
+            raise HTTPError(403, "bad signature")
+        try:
+            batch = json.loads(body)
+            node = str(batch["node"])
+            events = [(e["type"], e["key"], int(e["serial"])) for e in batch["events"]]
+        except (ValueError, KeyError, TypeError):
+            raise HTTPError(400, "not a presence batch") from None
+        ours = [
+            (kind, key[0], serial)
+            for kind, key, serial in events
+            if isinstance(key, list) and len(key) == 3 and key[1:] == ["", LOCATION]
+        ]
+        changed = self.store.apply_presence(node, ours)
+        self._presence_changed(changed)
+        request.setResponseCode(204)
+        return b""
+
+    def _presence_changed(self, nicks: set[str]) -> None:
+        rooms = sorted({room for nick in nicks for room in self.store.rooms_of(nick)})
+        self.push_members(rooms)
+
+    @defer.inlineCallbacks
+    def sweep_failed_nodes(self):  # noqa: ANN201
+        """Users of a node that died never get a signoff. Once HaloD has failed the node
+        over (it is no longer in HaloD's node list) they count as offline, unless they
+        have already signed on elsewhere (the spare that took their route)."""
+        try:
+            response = yield Agent(self.reactor).request(  # type: ignore[arg-type]
+                b"GET", f"{self.halod_status}/status".encode()
+            )
+            status = json.loads((yield readBody(response)))
+        except Exception as e:  # HaloD down or restarting: try again next time
+            self.log.debug("HaloD status unavailable: {e}", e=e)
+            return
+        known = {n["name"] for n in status.get("nodes", [])}
+        gone = set(self.store.online().values()) - known
+        if gone:
+            self.log.info("nodes {gone} left HaloD: their users are offline", gone=sorted(gone))
+            self._presence_changed(self.store.drop_nodes(gone))

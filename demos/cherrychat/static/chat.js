@@ -1,0 +1,349 @@
+// cherrychat's page: login, rooms, messages and the Orbited connection.
+//
+// Every piece of user text goes into the DOM with textContent, never as HTML. Messages
+// arrive pushed by the web app through Orbited and are numbered 1, 2, 3, … per room, so
+// the page de-duplicates by id and knows `upTo`, the id below which it has them all. When
+// a message arrives past a hole, and each time the connection (re)opens, it asks the web
+// app for everything after `upTo` (a node that died lost its mailboxes; the app did not).
+import { OrbitedClient } from "/orbited-client.mjs";
+
+const $ = (id) => document.getElementById(id);
+
+const chat = {
+  me: null,            // {nick, key, route, orbited, rooms}
+  client: null,        // the OrbitedClient
+  rooms: new Map(),    // name -> {joined, members, messages: Map(id -> message), upTo, unread, count}
+  current: null,       // the room on screen
+  connection: { state: "closed", transport: null, detail: null },
+  states: [],          // every connection state change, for the curious (and the tests)
+  resyncs: 0,
+};
+window.chat = chat;
+
+async function api(method, path, body) {
+  const options = { method, cache: "no-store", credentials: "same-origin", headers: {} };
+  if (method !== "GET") {
+    options.headers["content-type"] = "application/json";
+    options.body = JSON.stringify(body || {});
+  }
+  const response = await fetch(path, options);
+  let data = null;
+  try { data = await response.json(); } catch (_) { /* empty body */ }
+  if (!response.ok) {
+    const error = new Error((data && data.error) || `HTTP ${response.status}`);
+    error.status = response.status;
+    throw error;
+  }
+  return data;
+}
+
+function room(name) {
+  if (!chat.rooms.has(name)) {
+    chat.rooms.set(name, { joined: false, members: [], messages: new Map(), upTo: null, unread: 0, count: 0 });
+  }
+  return chat.rooms.get(name);
+}
+
+// -- rendering ----------------------------------------------------------------------
+
+function showError(id, error) { $(id).textContent = error ? String(error.message || error) : ""; }
+
+function renderConnection() {
+  const { state, transport, detail } = chat.connection;
+  $("connection").className = `state-${state}`;
+  $("conn-state").textContent = state;
+  $("conn-transport").textContent = transport ? `via ${transport}` : "";
+  $("conn-route").textContent = chat.me ? `route ${chat.me.route}` : "";
+  $("connection").title = detail ? `last problem: ${detail}` : "connection to Orbited";
+}
+
+function renderRooms() {
+  const list = $("rooms");
+  list.replaceChildren();
+  for (const [name, r] of [...chat.rooms.entries()].sort()) {
+    const li = document.createElement("li");
+    li.dataset.room = name;
+    li.className = `${r.joined ? "joined" : ""} ${name === chat.current ? "current" : ""}`;
+    const label = document.createElement("span");
+    label.textContent = name;
+    li.append(label);
+    const side = document.createElement("span");
+    if (r.unread) {
+      side.className = "badge";
+      side.textContent = String(r.unread);
+    } else {
+      side.className = "count";
+      side.textContent = String(r.joined ? r.members.length : r.count);
+    }
+    li.append(side);
+    li.addEventListener("click", () => openRoom(name).catch((e) => showError("chat-error", e)));
+    list.append(li);
+  }
+}
+
+function messageItem(message) {
+  const li = document.createElement("li");
+  li.dataset.id = String(message.id);
+  li.className = message.kind;
+  const time = document.createElement("span");
+  time.className = "time";
+  time.textContent = new Date(message.time * 1000).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
+  const nick = document.createElement("span");
+  nick.className = "nick";
+  nick.textContent = message.nick;
+  const text = document.createElement("span");
+  text.className = "text";
+  text.textContent = message.text;
+  li.append(time, nick, text);
+  return li;
+}
+
+function renderMessages() {
+  const list = $("messages");
+  const r = chat.current && chat.rooms.get(chat.current);
+  list.replaceChildren(...(r ? [...r.messages.values()].sort((a, b) => a.id - b.id).map(messageItem) : []));
+  list.scrollTop = list.scrollHeight;
+}
+
+function renderMembers() {
+  const list = $("members");
+  const r = chat.current && chat.rooms.get(chat.current);
+  list.replaceChildren();
+  for (const member of r ? r.members : []) {
+    const li = document.createElement("li");
+    li.className = member.online ? "online" : "offline";
+    li.dataset.nick = member.nick;
+    li.textContent = member.nick + (member.nick === chat.me.nick ? " (you)" : "");
+    list.append(li);
+  }
+}
+
+function renderRoom() {
+  const r = chat.current && chat.rooms.get(chat.current);
+  $("room-title").textContent = r ? `# ${chat.current}` : "Choose a room";
+  $("leave").hidden = !r;
+  $("send-form").hidden = !r;
+  renderMessages();
+  renderMembers();
+  renderRooms();
+}
+
+// -- state changes ------------------------------------------------------------------
+
+// upTo: every message of the room after the history we loaded and up to this id is here.
+function advance(r) {
+  if (r.upTo === null) return;
+  while (r.messages.has(r.upTo + 1)) r.upTo += 1;
+}
+
+function addMessage(message) {
+  const r = chat.rooms.get(message.room);
+  if (!r || !r.joined || r.messages.has(message.id)) return; // left, or seen already
+  r.messages.set(message.id, message);
+  advance(r);
+  if (r.upTo !== null && message.id > r.upTo) scheduleCatchUp(message.room); // a hole
+  if (message.room !== chat.current) {
+    r.unread += 1;
+    renderRooms();
+    return;
+  }
+  // In id order even when a catch-up fills in below messages already shown.
+  const list = $("messages");
+  const item = messageItem(message);
+  const after = [...list.children].find((li) => Number(li.dataset.id) > message.id);
+  const atBottom = list.scrollHeight - list.scrollTop - list.clientHeight < 40;
+  list.insertBefore(item, after || null);
+  if (atBottom) list.scrollTop = list.scrollHeight;
+}
+
+function setMembers(name, members) {
+  const r = chat.rooms.get(name);
+  if (!r || !r.joined) return;
+  r.members = members;
+  if (name === chat.current) renderMembers();
+  renderRooms();
+}
+
+// The recent history of a room (ids k..m, no holes): where `upTo` starts.
+function applyRoomView(view) {
+  const r = room(view.room);
+  r.joined = true;
+  if (r.upTo === null) r.upTo = view.messages.length ? view.messages[0].id - 1 : 0;
+  for (const message of view.messages) addMessage(message);
+  advance(r); // pushes that came before this view are already in `messages`
+  if ([...r.messages.keys()].some((id) => id > r.upTo)) scheduleCatchUp(view.room);
+  setMembers(view.room, view.members);
+}
+
+async function openRoom(name) {
+  showError("chat-error", null);
+  const r = room(name);
+  if (!r.joined) applyRoomView(await api("POST", `/rooms/${encodeURIComponent(name)}/join`));
+  chat.current = name;
+  r.unread = 0;
+  renderRoom();
+  $("text").focus();
+}
+
+async function leaveRoom() {
+  const name = chat.current;
+  if (!name) return;
+  await api("POST", `/rooms/${encodeURIComponent(name)}/leave`);
+  const r = room(name);
+  Object.assign(r, { joined: false, members: [], messages: new Map(), upTo: null, unread: 0 });
+  chat.current = null;
+  renderRoom();
+  refreshRooms();
+}
+
+async function refreshRooms() {
+  const { rooms } = await api("GET", "/rooms");
+  for (const info of rooms) {
+    const r = room(info.name);
+    r.count = info.members;
+  }
+  renderRooms();
+}
+
+// Anything the push stream may have missed: after a reconnect (a new stream, or a gap)
+// and when a hole shows, ask the web app for the messages after `upTo`.
+async function catchUp(name) {
+  const r = chat.rooms.get(name);
+  if (!r || !r.joined) return;
+  for (;;) {
+    // Nothing loaded yet: the recent history is enough; otherwise everything after upTo.
+    const path = r.upTo === null ? "" : `/messages?after=${r.upTo}`;
+    let view;
+    try {
+      view = await api("GET", `/rooms/${encodeURIComponent(name)}${path}`);
+    } catch (error) {
+      if (error.status === 403) { r.joined = false; renderRooms(); return; }
+      // The web app is unreachable for a moment: try again, or messages stay missing.
+      setTimeout(() => catchUp(name), 1000);
+      return;
+    }
+    if (path) {
+      for (const message of view.messages) addMessage(message);
+      setMembers(name, view.members);
+    } else {
+      applyRoomView(view);
+    }
+    if (!path || view.messages.length < 500) return;
+  }
+}
+
+// Pushes of messages posted at the same moment may arrive out of order: give the missing
+// one a moment before asking the web app.
+const pendingCatchUps = new Set();
+function scheduleCatchUp(name) {
+  if (pendingCatchUps.has(name)) return;
+  pendingCatchUps.add(name);
+  setTimeout(() => {
+    pendingCatchUps.delete(name);
+    const r = chat.rooms.get(name);
+    if (r && r.upTo !== null && [...r.messages.keys()].some((id) => id > r.upTo)) catchUp(name);
+  }, 300);
+}
+
+function resyncAll() {
+  chat.resyncs += 1;
+  for (const [name, r] of chat.rooms) if (r.joined) catchUp(name);
+  refreshRooms().catch(() => {});
+}
+
+function onPush(data) {
+  if (data.type === "message") addMessage(data);
+  else if (data.type === "members") setMembers(data.room, data.members);
+}
+
+function connect() {
+  chat.client = new OrbitedClient(chat.me.orbited, {
+    token: async () => {
+      const response = await fetch("/token", { cache: "no-store", credentials: "same-origin" });
+      if (!response.ok) throw new Error(`token: HTTP ${response.status}`);
+      return response.text();
+    },
+    base: 500, max: 8000,
+    onMessage: onPush,
+    onState: (state, info) => {
+      chat.connection = { state, transport: info.transport, detail: info.detail || null };
+      chat.states.push([state, info.transport, info.detail || null]);
+      renderConnection();
+      if (state === "open") resyncAll();
+    },
+  });
+  chat.client.on("gap", resyncAll);
+  chat.client.connect();
+}
+
+// -- views --------------------------------------------------------------------------
+
+function showLogin() {
+  $("chat-view").hidden = true;
+  $("whoami").hidden = true;
+  $("login-view").hidden = false;
+  $("nick").focus();
+}
+
+async function startChat(me) {
+  chat.me = me;
+  $("login-view").hidden = true;
+  $("chat-view").hidden = false;
+  $("whoami").hidden = false;
+  $("me").textContent = me.nick;
+  for (const name of me.rooms) room(name).joined = true; // joined on an earlier visit
+  renderConnection();
+  connect();
+  await Promise.all([refreshRooms(), ...me.rooms.map(catchUp)]);
+  const first = me.rooms[0];
+  if (first) await openRoom(first);
+  else renderRoom();
+}
+
+$("login-form").addEventListener("submit", async (e) => {
+  e.preventDefault();
+  showError("login-error", null);
+  try {
+    await startChat(await api("POST", "/login", { nick: $("nick").value }));
+  } catch (error) {
+    showError("login-error", error);
+  }
+});
+
+$("logout").addEventListener("click", async () => {
+  await api("POST", "/logout").catch(() => {});
+  if (chat.client) chat.client.close();
+  location.reload();
+});
+
+$("leave").addEventListener("click", () => leaveRoom().catch((e) => showError("chat-error", e)));
+
+$("new-room-form").addEventListener("submit", async (e) => {
+  e.preventDefault();
+  try {
+    await openRoom($("new-room").value.trim().toLowerCase());
+    $("new-room").value = "";
+  } catch (error) {
+    showError("chat-error", error);
+  }
+});
+
+$("send-form").addEventListener("submit", async (e) => {
+  e.preventDefault();
+  const input = $("text");
+  if (!chat.current || !input.value.trim()) return;
+  showError("chat-error", null);
+  try {
+    addMessage(await api("POST", `/rooms/${encodeURIComponent(chat.current)}/messages`, { text: input.value }));
+    input.value = "";
+  } catch (error) {
+    showError("chat-error", error);
+  }
+});
+
+window.addEventListener("pagehide", () => chat.client && chat.client.close());
+
+api("GET", "/me").then(startChat, (error) => {
+  if (error.status === 401) showLogin();
+  else showError("login-error", error);
+});

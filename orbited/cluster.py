@@ -1,0 +1,461 @@
+"""``orbited cluster``: the whole system on one machine, for trying it and for tests.
+
+Owns starting real child processes — HaloD with its built-in proxy data plane, two
+Orbited nodes and a spare on their own loopback addresses (127.0.0.2, .3, .4), and the
+cherrychat demo web app — with a generated shared secret in a state directory, waiting
+until each is ready, showing a live status line, and stopping every one of them on
+Ctrl-C or SIGTERM. The same ``LocalCluster`` class is what tests/test_cherrychat.py runs.
+
+Each child runs in its own process group (a terminal's Ctrl-C reaches only us, and we
+stop the children in order) and, on Linux, dies with us if we are killed outright.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from orbited.tokens import load_secret
+
+DEMOS = Path(__file__).resolve().parent.parent / "demos"
+ROUTES = 24
+
+
+@dataclass
+class ClusterConfig:
+    state_dir: Path = Path(".orbited-cluster")
+    app: str = "127.0.0.1:8080"  # cherrychat; the URL to open
+    halod_control: str = "tcp://127.0.0.1:7600"
+    halod_status: str = "127.0.0.1:7601"
+    browser_port_base: int = 8100
+    sp_port_base: int = 9100
+    nodes: int = 2  # active nodes
+    spares: int = 1
+    free_ports: bool = False  # every listener on a free port (tests; or when defaults are taken)
+    heartbeat_interval: float = 1.0
+    missed_heartbeats: int = 3
+    grace: float = 5.0
+    linger: float = 30.0
+    keepalive: float = 25.0
+    fresh: bool = False  # forget the chat's rooms and messages too
+    log_level: str = "info"
+    extra_node_flags: list[str] = field(default_factory=list)
+
+
+class ClusterError(RuntimeError):
+    pass
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the forked child
+    """Ask Linux to SIGTERM this child when the cluster process dies, even by SIGKILL."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+class Child:
+    """One child process with a log file and (for daemons) a ready file."""
+
+    def __init__(self, name: str, cmd: list[str], state: Path,
+                 env: dict[str, str] | None = None) -> None:  # fmt: skip
+        self.name = name
+        self.cmd = cmd
+        self.log_file = state / "logs" / f"{name}.log"
+        self.ready_file = state / f"{name}.ready.json"
+        self.env = env
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.ready: dict[str, Any] = {}
+        self.reaped = False
+
+    def spawn(self) -> None:
+        self.ready_file.unlink(missing_ok=True)
+        self.log_file.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_file.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [*self.cmd, "--ready-file", str(self.ready_file)],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                env=self.env, start_new_session=True, preexec_fn=_die_with_parent,
+            )  # fmt: skip
+
+    def wait_ready(self, deadline: float) -> dict[str, Any]:
+        while not self.ready_file.exists():
+            if not self.alive():
+                raise ClusterError(f"{self.name} exited while starting:\n{self.log_tail()}")
+            if time.monotonic() > deadline:
+                raise ClusterError(f"{self.name} did not start in time:\n{self.log_tail()}")
+            time.sleep(0.02)
+        self.ready = json.loads(self.ready_file.read_text())
+        return self.ready
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    def log_tail(self, lines: int = 15) -> str:
+        try:
+            text = self.log_file.read_text(errors="replace").splitlines()
+        except OSError:
+            return ""
+        return "\n".join(f"  {self.name}| {line}" for line in text[-lines:])
+
+    def signal(self, sig: int) -> None:
+        """Signal the child's whole process group (anything it started goes too)."""
+        if self.proc is None or self.reaped:
+            return  # its process group id may belong to someone else by now
+        try:
+            os.killpg(self.proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def reap(self, deadline: float, force: Callable[[], bool] = lambda: False) -> int | None:
+        """Wait for the child until ``deadline`` (or until ``force()``), then SIGKILL its
+        group and wait for it."""
+        if self.proc is None:
+            return None
+        while self.proc.poll() is None and time.monotonic() < deadline and not force():
+            time.sleep(0.02)
+        if self.proc.poll() is None:
+            self.signal(signal.SIGKILL)
+            self.proc.wait()
+        self.signal(signal.SIGKILL)  # a grandchild left in the group
+        self.reaped = True
+        return self.proc.returncode
+
+
+def free_port_block(count: int, avoid: range = range(0)) -> int:
+    """A base port b such that b..b+count-1 can all be bound on 127.0.0.1 right now."""
+    for _ in range(200):
+        base = random.randrange(20000, 60000 - count)
+        if set(range(base, base + count)) & set(avoid):
+            continue
+        held: list[socket.socket] = []
+        try:
+            for port in range(base, base + count):
+                s = socket.socket()
+                held.append(s)
+                s.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in held:
+                s.close()
+    raise ClusterError("no free block of ports")
+
+
+def http_json(url: str, timeout: float = 1.0) -> Any:
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        return json.loads(response.read())
+
+
+class LocalCluster:
+    """HaloD, the nodes (``nodes`` active + ``spares``) and cherrychat as child processes."""
+
+    def __init__(self, config: ClusterConfig) -> None:
+        self.config = config
+        self.state = config.state_dir.resolve()
+        self.children: dict[str, Child] = {}  # in start order
+        self.started = time.monotonic()
+        self.url = ""
+        self.halod_status = ""
+        self._force = False
+
+    # -- starting ----------------------------------------------------------------------
+
+    def start(self, timeout: float = 45.0) -> None:
+        """Start everything; on any failure stop what was started and raise ClusterError."""
+        if not (DEMOS / "cherrychat" / "__main__.py").is_file():
+            raise ClusterError(f"cherrychat not found in {DEMOS}: run from a source checkout")
+        deadline = time.monotonic() + timeout
+        try:
+            self._start(deadline)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self, deadline: float) -> None:
+        c = self.config
+        self.state.mkdir(parents=True, exist_ok=True)
+        secret_file = self.state / "secret"
+        load_secret(secret_file, create=True)
+        # Every node starts empty, so a table from an earlier run would only make HaloD wait
+        # out the grace period for nodes that are not coming back: start from scratch.
+        for name in ("halod.sqlite3", "halod.sqlite3-wal", "halod.sqlite3-shm"):
+            (self.state / name).unlink(missing_ok=True)
+        if c.fresh:
+            for name in ("cherrychat.sqlite3", "cherrychat.sqlite3-wal", "cherrychat.sqlite3-shm"):
+                (self.state / name).unlink(missing_ok=True)
+        browser_base, sp_base = c.browser_port_base, c.sp_port_base
+        control, status, app = c.halod_control, c.halod_status, c.app
+        if c.free_ports:
+            browser_base = free_port_block(ROUTES)
+            sp_base = free_port_block(ROUTES, avoid=range(browser_base, browser_base + ROUTES))
+            control, status = "tcp://127.0.0.1:0", "127.0.0.1:0"
+            app = f"{app.rpartition(':')[0]}:0"
+        py = sys.executable
+        halod = self._child("halod", [
+            py, "-m", "halod.cli", "run", "--db", str(self.state / "halod.sqlite3"),
+            "--control", control, "--status-http", status, "--routes", str(ROUTES),
+            "--spares", str(c.spares), "--dataplane", "proxy", "--dataplane-host", "127.0.0.1",
+            "--browser-port-base", str(browser_base), "--sp-port-base", str(sp_base),
+            "--heartbeat-interval", str(c.heartbeat_interval),
+            "--missed-heartbeats", str(c.missed_heartbeats), "--grace", str(c.grace),
+            "--secret-file", str(secret_file), "--log-level", c.log_level,
+        ])  # fmt: skip
+        halod.spawn()
+        ready = halod.wait_ready(deadline)
+        self.halod_status = f"http://{ready['status']}"
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+            [str(DEMOS), *filter(None, [os.environ.get("PYTHONPATH")])])}  # fmt: skip
+        chat = self._child("cherrychat", [
+            py, "-m", "cherrychat", "--http", app, "--db", str(self.state / "cherrychat.sqlite3"),
+            "--secret-file", str(secret_file), "--halod-host", "127.0.0.1",
+            "--browser-port-base", str(browser_base), "--sp-port-base", str(sp_base),
+            "--routes", str(ROUTES), "--halod-status", self.halod_status,
+            "--fresh-presence", "--log-level", c.log_level,
+        ], env=env)  # fmt: skip
+        chat.spawn()
+        app_address = chat.wait_ready(deadline)["http"]
+        host, port = app_address.rsplit(":", 1)
+        self.url = f"http://{host}:{port}/"
+        origins = [f"http://{host}:{port}", f"http://localhost:{port}"]
+        for i in range(1, c.nodes + c.spares + 1):
+            name = f"n{i}"
+            ip = f"127.0.0.{i + 1}"
+            http, sp = (f"{ip}:0", f"tcp://{ip}:0") if c.free_ports else (
+                f"{ip}:8001", f"tcp://{ip}:9001")  # fmt: skip
+            node = self._child(name, [
+                py, "-m", "orbited.cli", "node", "--name", name, "--http", http, "--sp", sp,
+                "--halod", ready["control"], "--halod-secret-file", str(secret_file),
+                "--secret-file", str(secret_file), "--no-create-secret",
+                "--presence-url", f"http://{host}:{port}/orbited/presence",
+                "--linger", str(c.linger), "--keepalive", str(c.keepalive),
+                *(arg for origin in origins for arg in ("--cors-origin", origin)),
+                "--log-level", c.log_level, *c.extra_node_flags,
+            ])  # fmt: skip
+            node.spawn()
+            node.wait_ready(deadline)
+            # One at a time, so n1..nN become the active nodes and the last the spare.
+            self._wait(lambda n=name: self.halod_nodes().get(n, {}).get("connected"),
+                       f"{name} to register with HaloD", deadline)  # fmt: skip
+        self._write_state()
+
+    def _child(self, name: str, cmd: list[str], env: dict[str, str] | None = None) -> Child:
+        child = Child(name, cmd, self.state, env)
+        self.children[name] = child
+        return child
+
+    def _wait(self, predicate: Callable[[], object], what: str, deadline: float) -> None:
+        while True:
+            try:
+                if predicate():
+                    return
+            except OSError:
+                pass
+            for child in self.children.values():
+                if not child.alive():
+                    raise ClusterError(f"{child.name} exited:\n{child.log_tail()}")
+            if time.monotonic() > deadline:
+                raise ClusterError(f"timed out waiting for {what}")
+            time.sleep(0.05)
+
+    def _write_state(self) -> None:
+        """cluster.json: what is running where, for scripts and tests."""
+        info = {
+            "url": self.url,
+            "halod_status": self.halod_status,
+            "pids": {name: child.pid for name, child in self.children.items()},
+            "ready": {name: child.ready for name, child in self.children.items()},
+        }
+        (self.state / "cluster.json").write_text(json.dumps(info, indent=1))
+
+    # -- watching ----------------------------------------------------------------------
+
+    def halod_nodes(self) -> dict[str, dict[str, Any]]:
+        return {n["name"]: n for n in http_json(f"{self.halod_status}/status")["nodes"]}
+
+    def status_line(self) -> str:
+        """One line: each node's state, routes and connections; users online; deaths."""
+        parts = [f"up {time.monotonic() - self.started:.0f}s"]
+        try:
+            status = http_json(f"{self.halod_status}/status", timeout=0.5)
+            for n in status["nodes"]:
+                if n["state"] == "active":
+                    where = f"routes {n['ranges']}, {n['connections']} conn"
+                    if not n["connected"]:
+                        where += f", lost {n['disconnected_for'] or 0:.0f}s"
+                    parts.append(f"{n['name']} active ({where})")
+                else:
+                    parts.append(f"{n['name']} {n['state']}")
+            if status["failovers"]:
+                parts.append(f"failovers {status['failovers']}")
+        except (OSError, ValueError, KeyError):
+            parts.append("HaloD not answering")
+        try:
+            health = http_json(f"{self.url}healthz", timeout=0.5)
+            parts.append(f"{health['online']} online")
+        except (OSError, ValueError, KeyError):
+            parts.append("cherrychat not answering")
+        dead = [f"{c.name} exited ({c.proc.returncode})" for c in self.children.values()
+                if c.proc is not None and c.proc.poll() is not None]  # fmt: skip
+        return " · ".join(parts + dead)
+
+    # -- stopping ----------------------------------------------------------------------
+
+    def force(self) -> None:
+        """Stop waiting for children to exit politely (a second Ctrl-C)."""
+        self._force = True
+
+    def stop(self, timeout: float = 8.0) -> None:
+        """The web app first (no new pushes), then HaloD (so it moves no routes while the
+        nodes go), then all nodes at once; each gets SIGTERM, then SIGKILL at the end of
+        ``timeout``. Children that already died are just reaped."""
+        deadline = time.monotonic() + timeout
+        order = [self.children.get("cherrychat"), self.children.get("halod")]
+        for step in [[c] for c in order if c] + [
+            [c for n, c in self.children.items() if n not in ("cherrychat", "halod")]
+        ]:  # fmt: skip
+            for child in step:
+                child.signal(signal.SIGTERM)
+            for child in step:
+                child.reap(deadline, lambda: self._force)
+
+    def __enter__(self) -> LocalCluster:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+# -- the command -------------------------------------------------------------------------
+
+
+def parser() -> argparse.ArgumentParser:
+    d = ClusterConfig()
+    p = argparse.ArgumentParser(
+        prog="orbited cluster",
+        description="Run HaloD, two Orbited nodes, a spare and the cherrychat demo on this "
+        "machine (loopback only) until Ctrl-C. See docs/tutorial.md.",
+    )
+    p.add_argument(
+        "--state-dir",
+        type=Path,
+        default=d.state_dir,
+        help=f"secret, databases and logs (default: {d.state_dir})",
+    )
+    p.add_argument(
+        "--port",
+        type=int,
+        default=int(d.app.rsplit(":", 1)[1]),
+        help="cherrychat's port on 127.0.0.1 (default: 8080)",
+    )
+    p.add_argument(
+        "--free-ports",
+        action="store_true",
+        help="put every listener on a free port instead of the defaults",
+    )
+    p.add_argument("--fresh", action="store_true", help="forget the chat's rooms and messages")
+    p.add_argument(
+        "--heartbeat-interval",
+        type=float,
+        default=d.heartbeat_interval,
+        help="seconds between node heartbeats to HaloD (default: 1)",
+    )
+    p.add_argument(
+        "--missed-heartbeats",
+        type=int,
+        default=d.missed_heartbeats,
+        help="silent heartbeats before HaloD fails a node (default: 3)",
+    )
+    p.add_argument(
+        "--grace",
+        type=float,
+        default=d.grace,
+        help="seconds a disconnected node keeps its routes (default: 5)",
+    )
+    p.add_argument(
+        "--linger",
+        type=float,
+        default=d.linger,
+        help="seconds a browser's mailbox outlives its connection (default: 30)",
+    )
+    p.add_argument(
+        "--keepalive",
+        type=float,
+        default=d.keepalive,
+        help="seconds of silence before nodes ping browsers (default: 25)",
+    )
+    p.add_argument("--log-level", default=d.log_level, choices=["debug", "info", "warn", "error"])
+    p.add_argument("--no-status", action="store_true", help="no live status line")
+    return p
+
+
+def cluster_command(argv: list[str]) -> int:
+    args = parser().parse_args(argv)
+    config = ClusterConfig(
+        state_dir=args.state_dir, app=f"127.0.0.1:{args.port}", free_ports=args.free_ports,
+        fresh=args.fresh, heartbeat_interval=args.heartbeat_interval,
+        missed_heartbeats=args.missed_heartbeats, grace=args.grace, linger=args.linger,
+        keepalive=args.keepalive, log_level=args.log_level,
+    )  # fmt: skip
+    cluster = LocalCluster(config)
+    tty = sys.stdout.isatty()
+
+    def on_signal(signum: int, frame: object) -> None:
+        if cluster._force or getattr(on_signal, "stopping", False):
+            cluster.force()  # a second Ctrl-C: no more waiting
+            return
+        on_signal.stopping = True  # type: ignore[attr-defined]
+        raise KeyboardInterrupt
+
+    # Set explicitly: a shell may have started us with SIGINT ignored (background jobs).
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    print(f"orbited cluster: starting HaloD, {config.nodes} nodes, {config.spares} spare and "
+          f"cherrychat (logs in {cluster.state}/logs)", flush=True)  # fmt: skip
+    try:
+        cluster.start()
+        print(f"\ncherrychat is ready: open {cluster.url}\n"
+              f"HaloD status: {cluster.halod_status}/status  (picture: "
+              f"{cluster.halod_status}/table.svg)\nCtrl-C stops everything.\n",
+              flush=True)  # fmt: skip
+        last = ""
+        while True:
+            line = cluster.status_line()
+            if args.no_status:
+                pass
+            elif tty:
+                print(f"\r\x1b[K{line}", end="", flush=True)
+            elif line.split(" · ", 1)[-1] != last:  # not a terminal: only changes
+                print(line, flush=True)
+                last = line.split(" · ", 1)[-1]
+            time.sleep(1.0)
+    except KeyboardInterrupt:
+        if tty:
+            print()
+        print("orbited cluster: stopping", flush=True)
+        cluster.stop()
+        print("orbited cluster: stopped", flush=True)
+        return 0
+    except ClusterError as e:
+        print(f"orbited cluster: {e}", file=sys.stderr, flush=True)
+        return 1
