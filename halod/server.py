@@ -33,6 +33,7 @@ from halod.svg import table_svg
 from orbited.config import parse_host_port, parse_sp_address
 from orbited.sp.wire import SPConnection, SPProtocolError, encode_message
 from orbited.tokens import load_secret
+from orbited.transports.http import QuietSite
 
 ChangeListener = Callable[[Change, Membership], None]
 
@@ -265,7 +266,11 @@ class HaloD:
                 conn.send(send.message)
 
     def _log_change(self, change: Change) -> None:
-        if change.role == "gone":
+        if change.role == "gone" and change.name in self.membership.drained:
+            self.log.info(
+                "node {name} drained; {n} routes moved", name=change.name, n=len(change.moves)
+            )
+        elif change.role == "gone":
             why = self.membership.failed.get(change.name, (0, "left"))[1]
             self.log.warn(
                 "node {name} (id {id}) removed: {why}; {n} routes moved",
@@ -461,15 +466,10 @@ def status_site(halod: HaloD) -> Site:
         b"metrics",
         _View(lambda: ("text/plain; version=0.0.4", halod.metrics().encode())),
     )
-    site = _QuietSite(root)
+    site = QuietSite(root)  # monitoring polls these pages every few seconds
     site.displayTracebacks = False
     site.noisy = False
     return site
-
-
-class _QuietSite(Site):
-    def log(self, request: Request) -> None:
-        """No access log: monitoring polls these pages every few seconds."""
 
 
 def owners_of(membership: Membership) -> dict[int, Owner | None]:

@@ -221,3 +221,5 @@ def test_sse_acknowledges_by_post_and_acknowledged_mode_replies_then(shared_node
         assert got == status, query
         if code:
             assert json.loads(body)["error"]["code"] == code
+    # No access log: tokens never reach the node's log.
+    assert token not in node.log_file.read_text()

@@ -87,6 +87,14 @@ class BrowserResource(resource.Resource):
         self.cors_origins = cors_origins
 
 
+class QuietSite(server.Site):
+    """A Site without an access log: a line per long-poll, ack and WebSocket upgrade
+    costs CPU at push-server rates and would write every browser's token to the log."""
+
+    def log(self, request: Request) -> None:
+        pass
+
+
 def orbited_site(children: dict[bytes, resource.Resource]) -> server.Site:
     """A Site serving ``children`` under /orbited/."""
     orbited = resource.Resource()
@@ -94,7 +102,7 @@ def orbited_site(children: dict[bytes, resource.Resource]) -> server.Site:
         orbited.putChild(name, child)
     root = resource.Resource()
     root.putChild(b"orbited", orbited)
-    site = server.Site(root)
+    site = QuietSite(root)
     site.displayTracebacks = False
     site.noisy = False
     return site
