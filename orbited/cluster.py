@@ -51,7 +51,7 @@ class ClusterConfig:
     keepalive: float = 25.0
     fresh: bool = False  # forget the chat's rooms and messages too
     log_level: str = "info"
-    extra_node_flags: list[str] = field(default_factory=list)
+    cors_origins: list[str] = field(default_factory=list)  # pages of your own apps
 
 
 class ClusterError(RuntimeError):
@@ -236,7 +236,7 @@ class LocalCluster:
         app_address = chat.wait_ready(deadline)["http"]
         host, port = app_address.rsplit(":", 1)
         self.url = f"http://{host}:{port}/"
-        origins = [f"http://{host}:{port}", f"http://localhost:{port}"]
+        origins = [f"http://{host}:{port}", f"http://localhost:{port}", *c.cors_origins]
         for i in range(1, c.nodes + c.spares + 1):
             name = f"n{i}"
             ip = f"127.0.0.{i + 1}"
@@ -249,7 +249,7 @@ class LocalCluster:
                 "--presence-url", f"http://{host}:{port}/orbited/presence",
                 "--linger", str(c.linger), "--keepalive", str(c.keepalive),
                 *(arg for origin in origins for arg in ("--cors-origin", origin)),
-                "--log-level", c.log_level, *c.extra_node_flags,
+                "--log-level", c.log_level,
             ])  # fmt: skip
             node.spawn()
             node.wait_ready(deadline)
@@ -404,6 +404,13 @@ def parser() -> argparse.ArgumentParser:
         default=d.keepalive,
         help="seconds of silence before nodes ping browsers (default: 25)",
     )
+    p.add_argument(
+        "--cors-origin",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="also let pages from ORIGIN use the nodes (repeat), e.g. your own app",
+    )
     p.add_argument("--log-level", default=d.log_level, choices=["debug", "info", "warn", "error"])
     p.add_argument("--no-status", action="store_true", help="no live status line")
     return p
@@ -415,7 +422,7 @@ def cluster_command(argv: list[str]) -> int:
         state_dir=args.state_dir, app=f"127.0.0.1:{args.port}", free_ports=args.free_ports,
         fresh=args.fresh, heartbeat_interval=args.heartbeat_interval,
         missed_heartbeats=args.missed_heartbeats, grace=args.grace, linger=args.linger,
-        keepalive=args.keepalive, log_level=args.log_level,
+        keepalive=args.keepalive, log_level=args.log_level, cors_origins=args.cors_origin,
     )  # fmt: skip
     cluster = LocalCluster(config)
     tty = sys.stdout.isatty()
