@@ -8,6 +8,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar
 
 from halod.dataplane import Ports
@@ -47,6 +48,14 @@ class HaloDConfig(ConfigBase):
     browser_port_base: int = _opt(8100, "route r's browser port is this + r - 1")
     sp_port_base: int = _opt(9100, "route r's web-app (SP) port is this + r - 1")
     move_close_delay: float = _opt(1.0, "seconds before connections of a moved route are cut")
+    haproxy_dir: str = _opt("", "HAProxy's cfg, sockets, pidfile (empty: haproxy/ beside db)")
+    haproxy_bin: str = _opt("haproxy", "the HAProxy executable (PATH, then /usr/sbin)")
+    haproxy_manage: bool = _opt(True, "start HAProxy when none answers on haproxy_dir's socket")
+    haproxy_on_exit: str = _opt("keep", "keep HAProxy serving when HaloD stops, or stop it")
+    haproxy_maxconn: int = _opt(8000, "HAProxy maxconn (needs about 2× as many fds)")
+    haproxy_nbthread: int = _opt(0, "HAProxy threads (0: one per CPU)")
+    haproxy_timeout: float = _opt(3600.0, "HAProxy client/server/tunnel idle timeout, seconds")
+    haproxy_stats_interval: float = _opt(2.0, "seconds between HAProxy show stat polls")
     nft_table: str = _opt("halod", "the nftables data plane's table (unique per host)")
     nft_keep_on_stop: bool = _opt(True, "leave the nftables table in place when HaloD stops")
     nft_source_nat: str = _opt("none", "nftables: none, or masquerade DNATed flows")
@@ -80,6 +89,8 @@ class HaloDConfig(ConfigBase):
                 raise ConfigError("browser and SP route port ranges overlap")
         if self.move_close_delay < 0:
             raise ConfigError("move_close_delay must not be negative")
+        if self.dataplane == "haproxy":
+            self._validate_haproxy()
         if self.dataplane == "nftables":
             self._validate_nftables()
 
@@ -96,6 +107,21 @@ class HaloDConfig(ConfigBase):
             raise ConfigError("nft_source_nat is none or masquerade")
         if self.nft_stats_interval < 0:
             raise ConfigError("nft_stats_interval must not be negative")
+
+    def _validate_haproxy(self) -> None:
+        self.require_positive("haproxy_maxconn", "haproxy_timeout", "haproxy_stats_interval")
+        if self.haproxy_nbthread < 0:
+            raise ConfigError("haproxy_nbthread must not be negative")
+        if self.haproxy_on_exit not in ("keep", "stop"):
+            raise ConfigError("haproxy_on_exit is keep or stop")
+        # UNIX socket paths are limited to 107 bytes (sun_path).
+        if len(str(self.haproxy_directory() / "master.sock").encode()) > 107:
+            raise ConfigError("haproxy_dir is too long a path for its UNIX sockets")
+
+    def haproxy_directory(self) -> Path:
+        """Beside the database by default: HaloD's state stays together (and each test's
+        HaloD gets its own HAProxy)."""
+        return Path(self.haproxy_dir or Path(self.db).parent / "haproxy").absolute()
 
     def ports(self) -> Ports:
         return Ports(self.dataplane_host, self.browser_port_base, self.sp_port_base, self.routes)

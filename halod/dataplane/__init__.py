@@ -64,6 +64,10 @@ def build(config: HaloDConfig, reactor: Any) -> DataPlane | None:
         from halod.dataplane.nftables import NftablesDataPlane
 
         return NftablesDataPlane(config, reactor)
+    if config.dataplane == "haproxy":
+        from halod.dataplane.haproxy import HAProxyDataPlane
+
+        return HAProxyDataPlane.from_config(config, reactor)
     if config.dataplane == "none":
         return None
     raise ValueError(f"unknown data plane {config.dataplane!r}")
