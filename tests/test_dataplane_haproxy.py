@@ -422,3 +422,28 @@ def test_haproxy_failing_to_start_is_reported_and_retried(cluster, tmp_path):
     assert cluster.plane()["haproxy"]["state"] == "failed" and halod.alive()
     hog.close()
     cluster.wait_synced()  # a retry (backoff 1, 2, 4 s) starts it
+
+
+@slow
+@needs_haproxy
+def test_a_changed_layout_reloads_haproxy_keeping_connections(cluster):
+    halod = cluster.start("--spares", "0", "--grace", "5", "--heartbeat-interval", "0.2")
+    n1 = cluster.node("n1")
+    pid = cluster.pid()
+    hx = HaloDCluster("127.0.0.1", halod.sp_base, halod.browser_base)
+    key = keys_on_routes([4])[0]
+    ws = connect(hx.browser_url(key, SECRET), open_timeout=5, legacy=True)
+    assert hello_from(ws) == n1.epoch
+
+    halod.stop(signal.SIGKILL)
+    halod.flags = (*halod.flags, "--haproxy-maxconn", "7000")  # a new layout
+    halod.start()
+    cluster.wait_synced()
+    assert "HAProxy reloaded with a new layout" in halod.log_file.read_text()
+    assert cluster.pid() == pid and "maxconn 7000" in (cluster.hx / "haproxy.cfg").read_text()
+    # The old worker keeps the WebSocket; the new one takes new connections.
+    with pynng.Req0(dial=f"tcp://127.0.0.1:{halod.sp_base + 4 - 1}", recv_timeout=5000) as req:
+        req.send(json.dumps({"id": "a", "to": [list(key)], "data": 1}).encode())
+        assert json.loads(req.recv())["results"][0]["status"] == "delivered"
+    assert json.loads(ws.recv(timeout=5))["data"] == 1
+    ws.close()
