@@ -105,30 +105,32 @@ class BlockingClient:
 
     def send(
         self, to: Iterable[ConnectionKey | tuple[str, str, str] | list[str]], data: object,
-        event_id: str | None = None,
+        event_id: str | None = None, ack: float | None = None,
     ) -> dict[ConnectionKey, dict]:  # fmt: skip
         """Deliver ``data`` to every key; returns each key's result (docs/protocol.md).
 
         A route that cannot be reached gives its keys ``{"status": "error", ...}``.
+        ``ack``: the acknowledged mode — each node answers once the browsers confirmed
+        (``acked``) or after ``ack`` seconds (``unacked``); keep ``timeout`` above it.
         """
         event_id = event_id or uuid.uuid4().hex
         keys = [ConnectionKey(*k) for k in to]
-        results = self._send_once(keys, data, event_id)
+        results = self._send_once(keys, data, event_id, ack)
         for attempt in range(self.retries):
             moved = moved_keys(self.cluster, results)
             if not moved:
                 break
             time.sleep(self.backoff * 2**attempt)  # the data plane follows within moments
-            results.update(self._send_once(moved, data, event_id))
+            results.update(self._send_once(moved, data, event_id, ack))
         return {k: results[k] for k in keys}
 
     def _send_once(
-        self, keys: list[ConnectionKey], data: object, event_id: str
+        self, keys: list[ConnectionKey], data: object, event_id: str, ack: float | None = None
     ) -> dict[ConnectionKey, dict]:
         # One request per route, grouped by the address that serves it.
         pending: dict[tuple[str, int], dict[int, tuple[bytes, list[ConnectionKey]]]] = {}
         for route, route_keys in self.cluster.group_by_route(keys).items():
-            body = event_body(event_id, route_keys, data)
+            body = event_body(event_id, route_keys, data, ack)
             request_id = self._ids.next()
             pending.setdefault(self.cluster.sp_address(route), {})[request_id] = (body, route_keys)
         results: dict[ConnectionKey, dict] = {}
