@@ -85,3 +85,23 @@ def test_a_dead_node_is_retried_and_a_resend_is_not_delivered_twice(three_nodes)
     with pytest.raises(TimeoutError):
         ws.recv(timeout=0.5)
     ws.close()
+
+
+def test_acknowledged_mode_answers_when_the_browser_confirms(node: NodeProcess):
+    import threading
+
+    cluster = Cluster([Node(node.sp, f"http://{node.http}")])
+    key = ConnectionKey("acker", "s", "/t")
+    ws = node.ws(node.token(key.user, key.session, key.location))
+    ws.recv(timeout=5)
+    results: list[dict] = []
+    with BlockingClient(cluster, timeout=10) as client:
+        sender = threading.Thread(target=lambda: results.append(client.send([key], 1, ack=8)))
+        sender.start()
+        event = json.loads(ws.recv(timeout=5))
+        time.sleep(0.3)
+        assert results == []  # still waiting for the browser
+        ws.send(json.dumps({"type": "ack", "seq": event["seq"]}))
+        sender.join(5)
+    assert results == [{key: {"status": "acked", "seq": 1}}]
+    ws.close()
