@@ -7,6 +7,7 @@ import sys
 SCENARIOS = {
     "dispatch": "bench.dispatch",
     "control": "bench.control",
+    "dataplane": "bench.dataplane",
 }
 # Load-tool pieces (bench/README.md, "Simulated browsers"), runnable the same way.
 SCENARIOS |= {
