@@ -465,4 +465,7 @@ def cluster_command(argv: list[str]) -> int:
         return 0
     except ClusterError as e:
         print(f"orbited cluster: {e}", file=sys.stderr, flush=True)
+        if "already in use" in str(e):
+            print("orbited cluster: is another one running? Or try --port N or --free-ports",
+                  file=sys.stderr)  # fmt: skip
         return 1
