@@ -176,15 +176,25 @@ class Membership:
         change = self.table.join(name)
         return Effects(changes=[change], sends=self._notices(change, skip=""))
 
-    def tick(self, now: float) -> Effects:
-        """Fail nodes past their deadline; call at least every heartbeat interval."""
+    def tick(self, now: float, heartbeats_current: bool = True) -> Effects:
+        """Fail nodes past their deadline; call at least every heartbeat interval.
+        ``heartbeats_current`` False: the caller was itself stalled, so heartbeats may be
+        waiting unread — only disconnection deadlines are applied this time."""
         timing = self.timing
         silent_after = timing.missed_heartbeats * timing.heartbeat_interval
         effects = Effects()
         for record in list(self.nodes.values()):
-            if record.connected and now - record.last_heartbeat > silent_after:
+            if (
+                record.connected
+                and heartbeats_current
+                and now - record.last_heartbeat > silent_after
+            ):
                 why = f"no heartbeat for {now - record.last_heartbeat:.1f}s"
-            elif not record.connected and now - (record.disconnected_at or now) > timing.grace:
+            elif (
+                not record.connected
+                and record.disconnected_at is not None  # 0.0 is a time (a test clock)
+                and now - record.disconnected_at > timing.grace
+            ):
                 why = f"disconnected for more than {timing.grace:g}s"
             else:
                 continue

@@ -48,6 +48,7 @@ class LinkProtocol(Protocol):
         self._heartbeat: task.LoopingCall | None = None
         self._seq = 0
         self._last_ack = 0.0
+        self._last_beat = 0.0
         self._missed_allowed = 3
         self.interval = 1.0
 
@@ -118,14 +119,19 @@ class LinkProtocol(Protocol):
     def _start_heartbeats(self) -> None:
         if self._heartbeat is not None and self._heartbeat.running:
             self._heartbeat.stop()
-        self._last_ack = self.link.clock.seconds()
+        self._last_ack = self._last_beat = self.link.clock.seconds()
         self._heartbeat = task.LoopingCall(self._beat)
         self._heartbeat.clock = self.link.clock
         self._heartbeat.start(self.interval, now=False)
 
     def _beat(self) -> None:
-        silent = self.link.clock.seconds() - self._last_ack
-        if silent > self._missed_allowed * self.interval:
+        now = self.link.clock.seconds()
+        silent = now - self._last_ack
+        # A beat a whole interval late means this node's reactor was busy: acks may sit
+        # unread, so HaloD is not blamed this time.
+        late = now - self._last_beat > 2 * self.interval
+        self._last_beat = now
+        if silent > self._missed_allowed * self.interval and not late:
             self.log.warn("HaloD silent for {s:.1f}s; reconnecting", s=silent)
             self.transport.abortConnection()
             return

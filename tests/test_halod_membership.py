@@ -211,3 +211,13 @@ def test_the_last_active_node_cannot_be_drained_without_a_spare():
     with pytest.raises(p.ControlError):
         m.drain("n1")
     assert m.state_of("n1") == "active"
+
+
+def test_a_stalled_halod_does_not_fail_nodes_for_silence():
+    m = cluster(2)
+    beat(m, 0.0)
+    m.disconnected("n2", now=0.0)
+    effects = m.tick(10.0, heartbeats_current=False)  # HaloD itself was busy for 10 s
+    assert [c.name for c in effects.changes] == ["n2"]  # the disconnected one still fails
+    assert "n1" in m.nodes  # its heartbeats may be sitting unread: not failed
+    assert [c.name for c in m.tick(10.0).changes] == ["n1"]
