@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -437,6 +438,7 @@ def cluster_command(argv: list[str]) -> int:
     # Set explicitly: a shell may have started us with SIGINT ignored (background jobs).
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGHUP, on_signal)  # the terminal went away
     print(f"orbited cluster: starting HaloD, {config.nodes} nodes, {config.spares} spare and "
           f"cherrychat (logs in {cluster.state}/logs)", flush=True)  # fmt: skip
     try:
@@ -450,8 +452,9 @@ def cluster_command(argv: list[str]) -> int:
             line = cluster.status_line()
             if args.no_status:
                 pass
-            elif tty:
-                print(f"\r\x1b[K{line}", end="", flush=True)
+            elif tty:  # in place; cut to the width, as a wrapped line would not be erased
+                width = shutil.get_terminal_size().columns - 1
+                print(f"\r\x1b[K{line[:width]}", end="", flush=True)
             elif line.split(" · ", 1)[-1] != last:  # not a terminal: only changes
                 print(line, flush=True)
                 last = line.split(" · ", 1)[-1]
