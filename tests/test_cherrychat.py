@@ -177,6 +177,8 @@ class Browserless:
 def test_api_issues_tokens_and_refuses_bad_input_with_400(cluster):
     user = Browserless(cluster)
     assert user.call("GET", "/me")[0] == 401
+    assert user.call("GET", "/static/chat.js")[0] == 200
+    assert user.call("GET", "/static/index.html")[0] == 404  # only the page's own files
     assert user.call("GET", "/token")[0] == 401
     assert user.call("POST", "/login", {"nick": "x" * 33}) == (
         400, {"error": "a nickname has at most 32 characters"})  # fmt: skip

@@ -27,7 +27,6 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web.client import Agent, readBody
 from twisted.web.iweb import IRequest
-from twisted.web.static import File
 
 from cherrychat import rules
 from cherrychat.store import NickTaken, Store
@@ -43,6 +42,7 @@ TOKEN_TTL = 3600
 MAX_BODY = 16 * 1024  # a message is at most 1000 characters; JSON of that fits easily
 MAX_WEBHOOK_BODY = 1024 * 1024
 STATIC = Path(__file__).resolve().parent / "static"
+STATIC_TYPES = {"chat.js": "text/javascript; charset=utf-8", "chat.css": "text/css; charset=utf-8"}
 
 
 def key_of(nick: str) -> ConnectionKey:
@@ -189,10 +189,14 @@ class ChatApp:
         request.setHeader(b"referrer-policy", b"no-referrer")
         return self.index
 
-    @app.route("/static/", branch=True)
-    def static(self, request: IRequest) -> File:
+    @app.route("/static/<name>", methods=["GET"])
+    def static(self, request: IRequest, name: str) -> bytes:
+        if name not in STATIC_TYPES:
+            raise HTTPError(404, "no such file")
+        request.setHeader(b"content-type", STATIC_TYPES[name].encode())
         request.setHeader(b"x-content-type-options", b"nosniff")
-        return File(str(STATIC))
+        request.setHeader(b"cache-control", b"no-cache")
+        return (STATIC / name).read_bytes()
 
     @app.route("/orbited-client.mjs", methods=["GET"])
     def client_module(self, request: IRequest) -> bytes:
