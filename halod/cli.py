@@ -25,6 +25,7 @@ from orbited.daemon import run_configured
 
 SUBCOMMANDS = ("run", "plan", "status", "drain", "undrain")
 
+
 def plan_text(routes: int, nodes: int) -> str:
     width = len(str(nodes))
     lines = []
@@ -186,6 +187,7 @@ def run_command(args: argparse.Namespace) -> int:
         return {"control": daemon.control_address, "status": daemon.status_address}
 
     return run_configured("halod", HaloDConfig, args, build, ready)
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -235,8 +235,10 @@ class RouteTable:
             "routes": self.routes,
             "policy": self.policy,
             "spares_wanted": self.spares_wanted,
-            "nodes": {str(n): {"name": self._machine[n], "routes": self._table[n]}
-                      for n in sorted(self._table)},  # fmt: skip
+            "nodes": {
+                str(n): {"name": self._machine[n], "routes": self._table[n]}
+                for n in sorted(self._table)
+            },  # fmt: skip
             "spares": list(self.spares),
         }
 

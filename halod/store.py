@@ -53,9 +53,14 @@ class Store:
             db.executemany(
                 "INSERT INTO nodes VALUES (?, ?, ?, ?, ?, ?)",
                 [
-                    (name, node_ids.get(name), "active" if name in node_ids
-                     else "drained" if name in drained else "spare",
-                     r["browser"], r["sp"], r["capacity"])  # fmt: skip
+                    (
+                        name,
+                        node_ids.get(name),
+                        "active" if name in node_ids else "drained" if name in drained else "spare",
+                        r["browser"],
+                        r["sp"],
+                        r["capacity"],
+                    )  # fmt: skip
                     for name, r in snapshot["nodes"].items()
                 ],
             )
