@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlencode
 
 import pytest
 from twisted.internet.error import ProcessDone
@@ -38,18 +39,21 @@ from halod.dataplane.nftables import (
     NftError,
     Settings,
     connection_counts,
-    conntrack_cut_batch,
-    count_deleted,
     counter_from_json,
+    cut_from_json,
+    cut_text,
     elements,
     elements_from_json,
     has_cap_net_admin,
     moved,
+    pinned_flows,
     ruleset_text,
     transaction_text,
+    uncut_text,
 )
 from orbited.client import HaloDCluster
 from orbited.config import ConfigError
+from orbited.tokens import issue_token
 from tests.conftest import SECRET, HaloDProcess, NodeProcess, keys_on_routes, wait_for
 
 T = TypeVar("T")
@@ -88,6 +92,17 @@ def test_ruleset_text_replaces_the_table_in_one_script():
     assert "type nat hook prerouting priority dstnat" in text
     assert "type nat hook output priority -100" in text
     assert "masquerade" not in text
+    # Flows pinned to a cut (port, old owner) pair: the client's packets get a reset, on
+    # every filter hook (remote clients to local or remote nodes, local clients).
+    reset = ("ct original ip daddr 127.0.0.100 ct direction original meta l4proto tcp "
+             "ct original proto-dst . ct reply ip saddr . ct reply proto-src @cut "
+             "tcp flags & rst == 0 reject with tcp reset")  # fmt: skip
+    assert text.count(reset) == 3
+    for hook in ("input", "forward", "output"):
+        assert f"type filter hook {hook} priority filter; policy accept;" in text
+    assert "type inet_service . ipv4_addr . inet_service\n    }" in text  # an empty set
+    kept = ruleset_text(Settings("halod", PORTS), {}, [(8101, "127.0.0.2", 8000)])
+    assert "elements = { 8101 . 127.0.0.2 . 8000 }" in kept
     empty = ruleset_text(Settings("t2", PORTS, masquerade=True), {})
     assert "elements" not in empty
     assert 'oifname != "lo" ct original ip daddr 127.0.0.100 ct status dnat masquerade' in empty
@@ -103,18 +118,22 @@ def test_transaction_text_touches_only_changed_elements():
         "9101 : 127.0.0.3 . 9000, 9103 : 127.0.0.3 . 9000 }",
     ]
     assert transaction_text("halod", new, dict(new)) == ""
+    # A route back with an owner whose flows were cut: its pair leaves the cut set at once.
+    back = transaction_text("halod", new, old, [(8101, "127.0.0.2", 8000)])
+    assert back.splitlines()[-1] == "delete element ip halod cut { 8101 . 127.0.0.2 . 8000 }"
     # Flows to cut: those pinned to the old owner of each changed port.
     assert moved(old, new) == {8101: N1.browser, 8102: N1.browser, 9101: N1.sp, 9102: N1.sp}
 
 
-def test_conntrack_text():
-    batch = conntrack_cut_batch("127.0.0.100", {9101: N1.sp, 8101: N1.browser})
-    assert batch.splitlines() == [
-        "-D -p tcp --orig-dst 127.0.0.100 --orig-port-dst 8101 "
-        "--reply-src 127.0.0.2 --reply-port-src 8000",
-        "-D -p tcp --orig-dst 127.0.0.100 --orig-port-dst 9101 "
-        "--reply-src 127.0.0.2 --reply-port-src 9000",
-    ]
+def test_cut_and_conntrack_text():
+    pairs = [(9101, "127.0.0.2", 9000), (8101, "127.0.0.2", 8000)]
+    assert cut_text("halod", pairs) == (
+        "add element ip halod cut { 8101 . 127.0.0.2 . 8000, 9101 . 127.0.0.2 . 9000 }\n"
+    )
+    assert uncut_text("halod", pairs[:1]) == (
+        "delete element ip halod cut { 9101 . 127.0.0.2 . 9000 }\n"
+    )
+    assert cut_text("halod", []) == uncut_text("halod", []) == ""
     listing = (
         "tcp      6 431999 ESTABLISHED src=127.0.0.1 dst=127.0.0.100 sport=5 dport=8101 "
         "src=127.0.0.2 dst=127.0.0.1 sport=8000 dport=5 [ASSURED] mark=0 use=1\n"
@@ -126,7 +145,8 @@ def test_conntrack_text():
         "src=127.0.0.100 dst=127.0.0.1 sport=8102 dport=8 mark=0 use=1\n"
     )
     assert connection_counts(listing) == {8101: 2}
-    assert count_deleted(listing) == 2
+    # Which (port, owner) pairs open flows are pinned to: what the cut set must keep.
+    assert pinned_flows(listing) == {(8101, "127.0.0.2", 8000)}
 
 
 def test_nft_json_parsing():
@@ -140,6 +160,10 @@ def test_nft_json_parsing():
     assert elements_from_json(listed) == {8100: N1.browser, 9100: N1.sp}
     counter = '{"nftables": [{"counter": {"name": "refused", "packets": 3, "bytes": 180}}]}'
     assert counter_from_json(counter) == 3
+    cut = json.dumps({"nftables": [{"set": {"name": "cut", "elem": [
+        {"concat": [9100, "127.0.0.3", 9000]}, {"concat": [8100, "127.0.0.2", 8000]},
+    ]}}]})  # fmt: skip
+    assert cut_from_json(cut) == {(9100, "127.0.0.3", 9000), (8100, "127.0.0.2", 8000)}
 
 
 def test_cap_net_admin_from_proc_status():
@@ -237,26 +261,48 @@ def test_shell_applies_changes_and_cuts_moved_routes_after_the_delay():
     plane.apply({1: N1, 2: N2, 3: None, 4: None})  # no change, no transaction
     assert len(nft.commands) == 2
     reactor.advance(1.4)
-    assert reactor.spawned == []
+    assert len(nft.commands) == 2
     reactor.advance(0.2)
-    [(proto, args, stdin)] = reactor.spawned
-    assert args == ["/bin/true", "-R", "/dev/stdin"]
-    assert stdin.decode() == conntrack_cut_batch("127.0.0.100", {8101: N1.browser,
-                                                                  9101: N1.sp})  # fmt: skip
-    finish(proto, "tcp 6 431999 ESTABLISHED src=1 dst=2 sport=3 dport=8101 src=2\n")
-    assert plane.stats()["cut"] == 1
+    # The cut is one nft transaction (the cut set), no conntrack run: the flows' entries
+    # and NAT bindings stay, only the client's packets on them are answered with a reset.
+    assert nft.commands[-1] == cut_text("halod", [(8101, *N1.browser), (9101, *N1.sp)])
+    assert reactor.spawned == []
+    assert plane.stats()["cut"] == 2 and plane.stats()["cut_pairs"] == 2
     assert plane.stats()["routes"]["2"] == {"browser": 0, "sp": 0}
 
 
-def test_shell_skips_a_cut_when_the_route_moved_back():
+def test_shell_skips_a_cut_when_the_route_moved_back_and_uncuts_a_returning_owner():
     plane, nft, reactor = shell()
     plane.start({1: N1})
     plane.apply({1: N2})
     plane.apply({1: N1})  # back within the delay: its flows go to the owner again
     reactor.advance(2)
-    [(proto, args, stdin)] = reactor.spawned  # only the n2 flows of the second move
-    assert "--reply-src 127.0.0.3" in stdin.decode()
-    assert "127.0.0.2" not in stdin.decode()
+    assert nft.commands[-1] == cut_text("halod", [(8100, *N2.browser), (9100, *N2.sp)])
+    plane.apply({1: N2})  # back with n2 for good: its pairs leave the set in the same batch
+    assert nft.commands[-1].splitlines()[-1] == (
+        "delete element ip halod cut { 8100 . 127.0.0.3 . 8000, 9100 . 127.0.0.3 . 9000 }"
+    )
+    assert plane.stats()["cut_pairs"] == 0
+    reactor.advance(2)
+    assert nft.commands[-1] == cut_text("halod", [(8100, *N1.browser), (9100, *N1.sp)])
+    assert plane.stats()["cut"] == 4
+
+
+def test_shell_prunes_cut_pairs_no_flow_is_pinned_to():
+    plane, nft, reactor = shell()
+    plane.start({1: N1, 2: N1})
+    plane.apply({1: N2, 2: N2})
+    reactor.advance(1.5)
+    assert plane.stats()["cut_pairs"] == 4
+    plane._prune(reactor.seconds() - 1, set())  # a listing from before the cut: no say
+    assert plane.stats()["cut_pairs"] == 4
+    reactor.advance(1)
+    plane._prune(reactor.seconds(), {(8100, *N1.browser)})  # one flow still pinned
+    assert nft.commands[-1] == (
+        "delete element ip halod cut { 8101 . 127.0.0.2 . 8000, "
+        "9100 . 127.0.0.2 . 9000, 9101 . 127.0.0.2 . 9000 }\n"
+    )
+    assert list(plane.cut_pairs) == [(8100, *N1.browser)]
 
 
 def test_shell_rebuilds_the_table_when_a_transaction_fails_and_waits_for_cuts_on_stop():
@@ -266,30 +312,36 @@ def test_shell_rebuilds_the_table_when_a_transaction_fails_and_waits_for_cuts_on
     plane.apply({1: N2})
     assert nft.commands[-1].startswith("add table ip halod\ndelete table ip halod\n")
     assert "elements = { 8100 : 127.0.0.3 . 8000, 9100 : 127.0.0.3 . 9000 }" in nft.commands[-1]
+    nft.fail = None
     stopped = plane.stop()
     assert not stopped.called  # the scheduled cut runs first
     reactor.advance(1.5)
-    finish(reactor.spawned[0][0])
     assert stopped.called
-    assert nft.commands[-2:] == ["delete table ip halod", "<closed>"]
+    assert nft.commands[-3:] == [cut_text("halod", [(8100, *N1.browser), (9100, *N1.sp)]),
+                                 "delete table ip halod", "<closed>"]  # fmt: skip
     plane.apply({1: N1})  # after stop: ignored
     assert nft.commands[-1] == "<closed>"
 
 
-def test_shell_start_cuts_what_changed_while_halod_was_away():
+def test_shell_start_keeps_cuts_and_cuts_what_changed_while_halod_was_away():
     plane, nft, reactor = shell()
-    nft.listed = json.dumps({"nftables": [{"map": {"name": "routes", "elem": [
-        [8100, {"concat": ["127.0.0.2", 8000]}],  # as restored: kept
-        [8101, {"concat": ["127.0.0.2", 8000]}],  # now n2's
-        [8102, {"concat": ["127.0.0.2", 8000]}],  # now unowned
-    ]}}]})  # fmt: skip
+    nft.listed = json.dumps({"nftables": [
+        {"map": {"name": "routes", "elem": [
+            [8100, {"concat": ["127.0.0.2", 8000]}],  # as restored: kept
+            [8101, {"concat": ["127.0.0.2", 8000]}],  # now n2's
+            [8102, {"concat": ["127.0.0.2", 8000]}],  # now unowned
+        ]}},
+        {"set": {"name": "cut", "elem": [
+            {"concat": [8103, "127.0.0.3", 8000]},  # cut by the previous HaloD: stays cut
+            {"concat": [8101, "127.0.0.3", 8000]},  # n2 owns 8101 again: no longer cut
+        ]}},
+    ]})  # fmt: skip
     plane.start({1: N1, 2: N2, 3: None})
     assert "8101 : 127.0.0.3 . 8000" in nft.commands[0]
+    assert "elements = { 8103 . 127.0.0.3 . 8000 }" in nft.commands[0]
     reactor.advance(1.5)
-    [(proto, args, stdin)] = reactor.spawned
-    assert stdin.decode() == conntrack_cut_batch(
-        "127.0.0.100", {8101: N1.browser, 8102: N1.browser}
-    )
+    assert nft.commands[-1] == cut_text("halod", [(8101, *N1.browser), (8102, *N1.browser)])
+    assert plane.stats()["cut_pairs"] == 3
 
 
 def test_shell_logs_instead_of_raising_when_nft_keeps_failing():
@@ -524,6 +576,92 @@ def test_route_ports_follow_the_table_in_the_kernel(tmp_path, ns, procs):
         conn.close()
     ws.close()
     ws2.close()
+
+
+class Listener:
+    """An SSE stream through a route's browser port, made inside the namespace: a client
+    that only listens, as SSE and iframe browsers do (it sends nothing after its request)."""
+
+    def __init__(self, ns: Netns, port: int, key: Any) -> None:
+        self.ns = ns
+        query = urlencode({"token": issue_token(SECRET, key, 600)})
+
+        def open_stream() -> socket.socket:
+            sock = socket.create_connection((VIP, port), 5)
+            sock.sendall(f"GET /orbited/sse?{query} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            sock.settimeout(5)
+            data = b""
+            while b'"type":"hello"' not in data:
+                chunk = sock.recv(65536)
+                assert chunk, "EOF before hello"
+                data += chunk
+            return sock
+
+        self.sock = ns.call(open_stream)
+
+    def until_closed(self, timeout: float) -> tuple[bytes, str]:
+        """What arrives until the connection ends: (data, "eof" / "reset" / "silent")."""
+
+        def read() -> tuple[bytes, str]:
+            data, deadline = b"", time.monotonic() + timeout
+            while True:
+                self.sock.settimeout(max(0.01, deadline - time.monotonic()))
+                try:
+                    chunk = self.sock.recv(65536)
+                except TimeoutError:
+                    return data, "silent"
+                except ConnectionResetError:
+                    return data, "reset"
+                if not chunk:
+                    return data, "eof"
+                data += chunk
+
+        return self.ns.call(read)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_a_cut_does_not_strand_a_listening_client_of_a_slow_old_owner(tmp_path, ns, procs):
+    """The old owner acts on route_moved only after move_close_delay (a busy node): the cut
+    must still let its reconnect frame reach a client that only listens, and must reset
+    the client. (Deleting the flow's conntrack entry left such clients on a dead
+    connection, silently: the old owner's writes were no longer un-NATed, the client's
+    kernel reset them towards the node, and the client heard nothing.)"""
+    timing = ("--grace", "10", "--heartbeat-interval", "1", "--missed-heartbeats", "20")
+    halod = NsHaloD(ns, tmp_path, "--spares", "0", *timing, "--move-close-delay", "0.3").start()
+    procs.append(halod)
+    n1 = halod.node_in_ns(tmp_path, "n1", "127.0.0.2")
+    procs.append(n1)
+    wait_for(lambda: len(halod.kernel_map()) == 48, "48 map elements")
+    moving_key, staying_key = keys_on_routes([20])[0], keys_on_routes([5])[0]
+    moving_port = halod.browser_base + 19
+    moving = Listener(ns, moving_port, moving_key)
+    staying = Listener(ns, halod.browser_base + 4, staying_key)
+    poller = Http(ns, moving_port)  # a client that sends: reset on its next request
+    assert poller.health() == "n1"
+
+    assert n1.proc is not None
+    n1.proc.send_signal(signal.SIGSTOP)  # n1 will read route_moved late
+    try:
+        n2 = halod.node_in_ns(tmp_path, "n2", "127.0.0.3")  # takes routes 13-24
+        procs.append(n2)
+        wait_for(lambda: halod.kernel_map()[moving_port][0] == "127.0.0.3", "the move")
+        wait_for(lambda: halod.get("status")["dataplane"]["cut"] >= 2, "the cut")
+    finally:
+        n1.proc.send_signal(signal.SIGCONT)
+
+    data, end = moving.until_closed(5)
+    assert b'{"type":"reconnect","reason":"route_moved"}' in data, (data, end)
+    assert end in ("eof", "reset")
+    with pytest.raises(ConnectionError):
+        poller.health()
+    # The unmoved route's stream lives on; the moved key reaches n2 through the same port.
+    assert staying.until_closed(0.5) == (b"", "silent")
+    again, fresh = Listener(ns, moving_port, moving_key), Http(ns, moving_port)
+    assert fresh.health() == "n2"
+    for conn in (moving, staying, poller, again, fresh):
+        conn.close()
 
 
 def test_restart_keeps_the_table_and_established_connections(tmp_path, ns, procs):

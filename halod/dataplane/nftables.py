@@ -6,27 +6,45 @@ namespace and nothing else::
     table ip halod {
         counter refused { }                      # new connections to unowned routes
         map routes { type inet_service : ipv4_addr . inet_service; elements = {...} }
+        set cut { type inet_service . ipv4_addr . inet_service; elements = {...} }
         chain prerouting { nat hook, priority dstnat: traffic from other hosts
             ip daddr VIP dnat ip to tcp dport map @routes
             ip daddr VIP tcp dport { route port ranges } counter name "refused" }
         chain output { the same at priority -100: traffic from this host }
         chain postrouting { only with nft_source_nat = masquerade }
+        chain cut_input, cut_forward, cut_output { filter hooks: a client's packet on a
+            flow whose route port . owner is in @cut gets a TCP reset }
     }
 
 A route change is one atomic transaction that deletes and adds only the changed map
 elements: new connections follow at once, established ones stay pinned to the old owner by
-their conntrack entry. ``move_close_delay`` seconds later the flows of each moved route
-that still go to its old owner are deleted from conntrack (``conntrack -D``), so each end
-gets a RST on its next packet and the client reconnects through the new mapping.
+their conntrack entry. ``move_close_delay`` seconds later each moved route's (VIP port, old
+owner) pair is added to the ``cut`` set: from then on every packet a client sends on a flow
+still pinned to the old owner is answered with a TCP reset, while the old owner's packets
+still reach the client, NATed as before. So a client that only listens (SSE, iframe) still
+gets the ``reconnect`` frame of an old owner that was slow to act on the move, and its ACK
+of it (or of the next keepalive) gets the reset; a client that sends (a web app, a poll)
+gets the reset on its next request. The flows' conntrack entries are left alone:
+
+- deleting them (``conntrack -D``, this back-end's first cut) strands a listening client
+  silently: the old owner's later packets are no longer un-NATed, the client's kernel
+  answers them with a reset to the node, and the client waits on a dead connection (its
+  events go to a mailbox elsewhere) until its watchdog fires;
+- marking them (``conntrack -U --mark``) is a dump-and-update per flow from user space
+  that fails part-way under load (EPROTO, ENOBUFS), leaving flows uncut.
+
+A pair leaves the set when its route maps to that owner again (same transaction as the
+map change) or once conntrack shows no open flow pinned to it (the counts poll).
 
 Because the forwarding state lives in the kernel, HaloD being down (or SIGKILLed) does not
 cut anything: on start the table is replaced in one transaction with the restored owners
-(conntrack keeps existing flows' NAT bindings) and ``stop`` leaves it in place unless
-``nft_keep_on_stop`` is off.
+and the cut pairs it held (conntrack keeps existing flows' NAT bindings) and ``stop``
+leaves it in place unless ``nft_keep_on_stop`` is off.
 
 The sans-I/O part (owners → elements → nft text, conntrack text → counts) is plain
 functions; :class:`NftablesDataPlane` is the Twisted shell around libnftables (ctypes) and
-the ``conntrack`` tool. docs/operations.md, "nftables back-end", is the operator's view.
+the ``conntrack`` tool (counts). docs/operations.md, "nftables back-end", is the operator's
+view.
 """
 
 from __future__ import annotations
@@ -38,7 +56,7 @@ import os
 import re
 import shutil
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -55,6 +73,7 @@ if TYPE_CHECKING:
 
 BROWSER, SP = "browser", "sp"
 MAP = "routes"
+CUT = "cut"
 REFUSED = "refused"
 CAP_NET_ADMIN = 12
 LIBNFTABLES = "libnftables.so.1"
@@ -63,6 +82,7 @@ PROCESS_TIMEOUT = 30.0  # a conntrack run that takes longer is killed
 
 Target = tuple[str, int]  # (owner ip, owner port) a route port is DNATed to
 Elements = dict[int, Target]  # route port → target: the kernel map's contents
+Pinned = tuple[int, str, int]  # (route port, old owner ip, old owner port): a cut set element
 
 
 # -- sans-I/O: owners → map elements → nft text ----------------------------------------
@@ -117,14 +137,19 @@ def _element(port: int, target: Target) -> str:
     return f"{port} : {target[0]} . {target[1]}"
 
 
+def _pinned(key: Pinned) -> str:
+    return f"{key[0]} . {key[1]} . {key[2]}"
+
+
 def _port_ranges(ports: Ports) -> str:
     last = ports.routes - 1
     return (f"{ports.browser_base}-{ports.browser_base + last}, "
             f"{ports.sp_base}-{ports.sp_base + last}")  # fmt: skip
 
 
-def ruleset_text(settings: Settings, elems: Elements) -> str:
-    """One transaction that (re)creates the whole table with ``elems``.
+def ruleset_text(settings: Settings, elems: Elements, cut: Iterable[Pinned] = ()) -> str:
+    """One transaction that (re)creates the whole table with ``elems`` and the ``cut``
+    pairs.
 
     ``add table`` + ``delete table`` first makes the replace work whether or not the
     table exists. Replacing rules does not touch conntrack, so established flows keep
@@ -134,6 +159,11 @@ def ruleset_text(settings: Settings, elems: Elements) -> str:
     vip = ports.host
     dnat = f"ip daddr {vip} dnat ip to tcp dport map @{MAP}"
     refused = f'ip daddr {vip} tcp dport {{ {_port_ranges(ports)} }} counter name "{REFUSED}"'
+    # A client's packets (the original direction) on a flow pinned to a cut pair get a
+    # reset; its own resets pass, so the old owner hears of the close too.
+    reset = (f"ct original ip daddr {vip} ct direction original meta l4proto tcp "
+             f"ct original proto-dst . ct reply ip saddr . ct reply proto-src @{CUT} "
+             "tcp flags & rst == 0 reject with tcp reset")  # fmt: skip
     lines = [
         f"add table ip {table}",
         f"delete table ip {table}",
@@ -147,6 +177,13 @@ def ruleset_text(settings: Settings, elems: Elements) -> str:
         lines.append(f"        elements = {{ {body} }}")
     lines += [
         "    }",
+        f"    set {CUT} {{",
+        "        type inet_service . ipv4_addr . inet_service",
+    ]
+    if cut:
+        lines.append(f"        elements = {{ {', '.join(_pinned(k) for k in sorted(cut))} }}")
+    lines += [
+        "    }",
         "    chain prerouting {",  # traffic from other hosts
         "        type nat hook prerouting priority dstnat; policy accept;",
         f"        {dnat}",
@@ -158,6 +195,13 @@ def ruleset_text(settings: Settings, elems: Elements) -> str:
         f"        {refused}",
         "    }",
     ]
+    for hook in ("input", "forward", "output"):  # local nodes, remote nodes, local clients
+        lines += [
+            f"    chain cut_{hook} {{",
+            f"        type filter hook {hook} priority filter; policy accept;",
+            f"        {reset}",
+            "    }",
+        ]
     if settings.masquerade:
         lines += [
             "    chain postrouting {",
@@ -171,10 +215,13 @@ def ruleset_text(settings: Settings, elems: Elements) -> str:
     return "\n".join(lines) + "\n"
 
 
-def transaction_text(table: str, old: Elements, new: Elements) -> str:
+def transaction_text(table: str, old: Elements, new: Elements,
+                     uncut: Iterable[Pinned] = ()) -> str:  # fmt: skip
     """One transaction turning map ``old`` into ``new``, touching only changed elements
-    ("" when nothing changed). A changed element is deleted and re-added in the same
-    batch, so no new connection ever sees the route unmapped."""
+    ("" when nothing changed), and taking the ``uncut`` pairs out of the cut set (routes
+    back with an owner whose flows were cut: they are its own again). A changed element is
+    deleted and re-added in the same batch, so no new connection ever sees the route
+    unmapped."""
     gone = sorted(p for p in old if new.get(p) != old[p])
     added = sorted(p for p in new if old.get(p) != new[p])
     lines = []
@@ -183,7 +230,26 @@ def transaction_text(table: str, old: Elements, new: Elements) -> str:
     if added:
         body = ", ".join(_element(p, new[p]) for p in added)
         lines.append(f"add element ip {table} {MAP} {{ {body} }}")
+    if uncut:
+        body = ", ".join(_pinned(k) for k in sorted(uncut))
+        lines.append(f"delete element ip {table} {CUT} {{ {body} }}")
     return "".join(line + "\n" for line in lines)
+
+
+def cut_text(table: str, pairs: Iterable[Pinned]) -> str:
+    """Add ``pairs`` to the cut set ("" for none); adding one already there is no error."""
+    pairs = sorted(pairs)
+    if not pairs:
+        return ""
+    return f"add element ip {table} {CUT} {{ {', '.join(_pinned(k) for k in pairs)} }}\n"
+
+
+def uncut_text(table: str, pairs: Iterable[Pinned]) -> str:
+    """Take ``pairs`` out of the cut set ("" for none)."""
+    pairs = sorted(pairs)
+    if not pairs:
+        return ""
+    return f"delete element ip {table} {CUT} {{ {', '.join(_pinned(k) for k in pairs)} }}\n"
 
 
 def moved(old: Elements, new: Elements) -> dict[int, Target]:
@@ -204,6 +270,18 @@ def elements_from_json(text: str) -> Elements:
     return result
 
 
+def cut_from_json(text: str) -> set[Pinned]:
+    """The cut set's elements from ``nft -j list set`` output (kept across a restart)."""
+    result: set[Pinned] = set()
+    for item in json.loads(text).get("nftables", []):
+        for elem in item.get("set", {}).get("elem", []):
+            if isinstance(elem, dict) and "elem" in elem:  # an element with options
+                elem = elem["elem"].get("val")
+            port, address, target_port = elem["concat"]
+            result.add((int(port), str(address), int(target_port)))
+    return result
+
+
 def counter_from_json(text: str) -> int:
     for item in json.loads(text).get("nftables", []):
         if "counter" in item:
@@ -214,26 +292,21 @@ def counter_from_json(text: str) -> int:
 # -- sans-I/O: conntrack ------------------------------------------------------------------
 
 _DPORT = re.compile(r"\bdport=(\d+)")
+_REPLY_SOURCE = re.compile(r"\bsrc=(\S+) dst=\S+ sport=(\d+)")
 CLOSED_STATES = frozenset({"TIME_WAIT", "CLOSE"})
 
 
-def conntrack_cut_batch(vip: str, doomed: Mapping[int, Target]) -> str:
-    """``conntrack -R`` input deleting the flows to VIP:port that go to the old target.
-
-    Matching the reply source (the old owner) spares connections the new owner accepted
-    since the move; several routes share a node's port, so the VIP port is matched too.
-    """
-    return "".join(
-        f"-D -p tcp --orig-dst {vip} --orig-port-dst {port}"
-        f" --reply-src {address} --reply-port-src {target_port}\n"
-        for port, (address, target_port) in sorted(doomed.items())
-    )
-
-
-def count_deleted(output: str) -> int:
-    """Open flows ``conntrack -D``/``-R`` printed as deleted (one line each on stdout);
-    entries of connections already over (TIME_WAIT) go too but are not counted."""
-    return sum(_open_dport(line) is not None for line in output.splitlines())
+def pinned_flows(listing: str) -> set[Pinned]:
+    """(VIP port, owner ip, owner port) of the open flows in ``conntrack -L -p tcp``
+    output: which cut pairs still have flows pinned to them."""
+    result: set[Pinned] = set()
+    for line in listing.splitlines():
+        port = _open_dport(line)
+        sources = _REPLY_SOURCE.findall(line)
+        if port is not None and len(sources) >= 2:
+            address, target_port = sources[1]  # the reply direction's source: the owner
+            result.add((port, address, int(target_port)))
+    return result
 
 
 def _open_dport(line: str) -> int | None:
@@ -402,6 +475,7 @@ class NftablesDataPlane:
         self.conntrack = conntrack
         self.nft = nft if nft is not None else Nft()
         self.elements: Elements = {}  # what the kernel map holds (as far as we know)
+        self.cut_pairs: dict[Pinned, float] = {}  # the kernel cut set → when it was added
         self.counts: Counter[int] = Counter()
         self.refused = 0
         self.cut = 0
@@ -417,18 +491,24 @@ class NftablesDataPlane:
     def start(self, owners: dict[int, Owner | None]) -> None:
         """Replace the table with ``owners`` in one transaction. Raises (HaloD does not
         start) if the kernel refuses: without its data plane HaloD would be useless."""
+        table = self.settings.table
         try:
-            previous = elements_from_json(
-                self.nft.run(f"list map ip {self.settings.table} {MAP}", as_json=True)
-            )
+            previous = elements_from_json(self.nft.run(f"list map ip {table} {MAP}", as_json=True))
         except (NftError, ValueError, KeyError, TypeError):
             previous = {}  # no table yet (first start) or not ours to diff with
+        try:  # flows a previous HaloD cut stay cut
+            kept = cut_from_json(self.nft.run(f"list set ip {table} {CUT}", as_json=True))
+        except (NftError, ValueError, KeyError, TypeError):
+            kept = set()  # no table yet, or one from before the cut set
         new = self._elements(owners)
+        kept = {k for k in kept if new.get(k[0]) != (k[1], k[2])}  # unless owners again
         try:
-            self.nft.run(ruleset_text(self.settings, new))
+            self.nft.run(ruleset_text(self.settings, new, kept))
         except NftError as e:
-            raise NftError(f"cannot install nftables table {self.settings.table}: {e}") from None
+            raise NftError(f"cannot install nftables table {table}: {e}") from None
         self.elements = new
+        now = self.reactor.seconds()
+        self.cut_pairs = dict.fromkeys(kept, now)
         self.log.info(
             "nftables data plane: table ip {table}, {vip} ports {b}+ and {s}+ → {n} mapped",
             table=self.settings.table, vip=self.ports.host, b=self.ports.browser_base,
@@ -449,7 +529,9 @@ class NftablesDataPlane:
         if self._stopped:
             return
         new = self._elements(owners)
-        text = transaction_text(self.settings.table, self.elements, new)
+        # Cut pairs of routes back with that owner: its flows are the owner's again.
+        uncut = [k for k in self.cut_pairs if new.get(k[0]) == (k[1], k[2])]
+        text = transaction_text(self.settings.table, self.elements, new, uncut)
         if not text:
             return
         try:
@@ -458,12 +540,15 @@ class NftablesDataPlane:
             # Our view of the map and the kernel's differ (someone edited the table or
             # deleted it): rebuild it whole, still one transaction.
             self.log.warn("nftables update failed ({error}); replacing the table", error=e)
+            kept = [k for k in self.cut_pairs if k not in uncut]
             try:
-                self.nft.run(ruleset_text(self.settings, new))
+                self.nft.run(ruleset_text(self.settings, new, kept))
             except NftError as e2:
                 self.errors += 1
                 self.log.error("nftables data plane NOT updated: {error}", error=e2)
                 return
+        for key in uncut:
+            del self.cut_pairs[key]
         doomed = moved(self.elements, new)
         self.elements = new
         self._schedule_cut(doomed)
@@ -501,6 +586,7 @@ class NftablesDataPlane:
             "connections": sum(sum(v.values()) for v in routes.values()),
             "refused": self.refused,
             "cut": self.cut,
+            "cut_pairs": len(self.cut_pairs),
             "errors": self.errors,
             "counts_fresh": self.polled,
         }
@@ -522,30 +608,25 @@ class NftablesDataPlane:
         done.addBoth(lambda result: (self._pending.pop(call, None), result)[1])
 
     def _cut(self, doomed: dict[int, Target], done: defer.Deferred[None]) -> None:
+        """Add the moved routes' (port, old owner) pairs to the cut set: from now on the
+        clients of flows still pinned to the old owner get a reset on their next packet."""
         # A route that moved back to the same target since is left alone: its flows go
         # to the current owner.
-        doomed = {p: t for p, t in doomed.items() if self.elements.get(p) != t}
-        if not doomed:
-            done.callback(None)
-            return
-        batch = conntrack_cut_batch(self.ports.host, doomed)
-        try:
-            d = self._run([self.conntrack, "-R", "/dev/stdin"], batch.encode())
-        except OSError as e:
-            d = defer.fail(e)
-
-        def counted(result: tuple[str, str, int]) -> None:
-            out, err, code = result
-            self.cut += count_deleted(out)
-            if code != 0:
+        pairs = [(p, t[0], t[1]) for p, t in sorted(doomed.items()) if self.elements.get(p) != t]
+        text = cut_text(self.settings.table, pairs)
+        if text:
+            try:
+                self.nft.run(text)
+            except NftError as e:
                 self.errors += 1
-                self.log.error("conntrack cut failed ({code}): {err}", code=code, err=err)
-
-        def failed(f: Failure) -> None:
-            self.errors += 1
-            self.log.failure("conntrack cut failed", f)
-
-        d.addCallbacks(counted, failed).chainDeferred(done)
+                self.log.error("nftables cut failed: {error}", error=e)
+            else:
+                now = self.reactor.seconds()
+                for key in pairs:
+                    if key not in self.cut_pairs:
+                        self.cut += 1
+                    self.cut_pairs[key] = now
+        done.callback(None)
 
     def _run(self, argv: list[str], stdin: bytes = b"") -> defer.Deferred[tuple[str, str, int]]:
         """Run a tool without blocking the reactor; killed after PROCESS_TIMEOUT."""
@@ -573,6 +654,7 @@ class NftablesDataPlane:
         except (NftError, ValueError) as e:
             self.log.debug("cannot read the refused counter: {error}", error=e)
         argv = [self.conntrack, "-L", "-p", "tcp", "--orig-dst", self.ports.host]
+        started = self.reactor.seconds()
         try:
             d = self._run(argv)
         except OSError as e:  # cannot fork (EMFILE, ENOMEM): try again next interval
@@ -580,17 +662,18 @@ class NftablesDataPlane:
             self.log.warn("conntrack poll failed: {error}", error=e)
             return None
 
-        def parse(result: tuple[str, str, int]) -> defer.Deferred[Counter[int]]:
+        def parse(result: tuple[str, str, int]) -> defer.Deferred[Listing]:
             out, err, code = result
             if code != 0:
                 raise RuntimeError(f"conntrack -L exited {code}: {err.strip()}")
             return threads.deferToThreadPool(
-                self.reactor, self.reactor.getThreadPool(), connection_counts, out
+                self.reactor, self.reactor.getThreadPool(), _parse_listing, out
             )
 
-        def store(counts: Counter[int]) -> None:
-            self.counts = counts
+        def store(listing: Listing) -> None:
+            self.counts, pinned = listing
             self.polled = True
+            self._prune(started, pinned)
 
         def failed(f: Failure) -> None:
             self.polled = False
@@ -601,6 +684,31 @@ class NftablesDataPlane:
 
         d.addCallback(parse).addCallbacks(store, failed).addBoth(done)
         return None  # the LoopingCall does not wait: a slow poll just skips a beat
+
+    def _prune(self, listed_at: float, pinned: set[Pinned]) -> None:
+        """Take out of the cut set the pairs (cut before the listing began) that no open
+        flow is pinned to any more: no new flow can be (new flows go to the route's current
+        owner; a route back with its old owner leaves the set in ``apply``)."""
+        if self._stopped:
+            return
+        stale = [k for k, t in self.cut_pairs.items() if t < listed_at and k not in pinned]
+        text = uncut_text(self.settings.table, stale)
+        if not text:
+            return
+        try:
+            self.nft.run(text)
+        except NftError as e:
+            self.log.warn("cannot prune the nftables cut set: {error}", error=e)
+            return
+        for key in stale:
+            del self.cut_pairs[key]
+
+
+Listing = tuple[Counter[int], set[Pinned]]
+
+
+def _parse_listing(listing: str) -> Listing:
+    return connection_counts(listing), pinned_flows(listing)
 
 
 def _kill(process: Any) -> None:
