@@ -555,9 +555,12 @@ class Browser:
                 await asyncio.sleep(self.opts.ack_interval)
                 if self.seq <= acked:
                     continue
-                seq = self.seq
+                seq, stream = self.seq, self.stream
+                if stream is None:
+                    continue
                 try:
-                    target = "/orbited/ack?" + urlencode({"token": self.token, "seq": seq})
+                    last = f"{stream}:{seq}"  # the stream, so a stale ack confirms nothing new
+                    target = "/orbited/ack?" + urlencode({"token": self.token, "last": last})
                     status, headers = await conn.request("POST", target, timeout=5.0)
                     await conn.body(headers, 5.0)
                 except (OSError, EOFError, TimeoutError, ValueError):

@@ -140,8 +140,9 @@ function httpAcker(base, params) {
     if (pending <= acked) return;
     const seq = pending;
     acked = seq;
+    // the stream too: an ack that arrives after a reconnect must not confirm a new stream
     // no-cors: a simple POST whose answer is never read, so it needs no CORS set-up
-    fetch(transportUrl(base, "ack", { token: params.token, seq }),
+    fetch(transportUrl(base, "ack", { token: params.token, last: `${stream}:${seq}` }),
           { method: "POST", mode: "no-cors", cache: "no-store", keepalive: true })
       .catch(() => { /* the next resume acknowledges too */ });
   };

@@ -221,9 +221,11 @@ class Hub:
             if len(slot.mailbox) > slot.mailbox.acked:
                 self.log.info("mailbox {key} expired", key=key)
 
-    def ack(self, key: ConnectionKey, seq: int) -> None:
+    def ack(self, key: ConnectionKey, seq: int, stream: str | None = None) -> None:
+        """The browser has everything up to ``seq`` (of ``stream``, when the ack comes on
+        its own request: an ack for a stream that is gone must not confirm a new one)."""
         slot = self._slots.get(key)
-        if slot is not None:
+        if slot is not None and (stream is None or stream == slot.mailbox.stream):
             slot.mailbox.ack(seq)
             if slot.waits is not None:
                 self._acked(slot)

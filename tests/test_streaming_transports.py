@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import json
 import re
+import time
 
 import pynng
 import pytest
@@ -200,22 +201,27 @@ def test_sse_acknowledges_by_post_and_acknowledged_mode_replies_then(shared_node
     token = node.token("sse-ack")
     to = [["sse-ack", "s", "/t"]]
     conn, response = open_stream(node, f"/orbited/sse?token={token}")
-    sse_frames(response, 1)
+    [(_, hello)] = sse_frames(response, 1)
     with node.req() as req:
         req.send(json.dumps({"id": "a1", "to": to, "data": 1, "ack": 10}).encode())
         [(_, event)] = sse_frames(response, 1)
         assert event["seq"] == 1
         with pytest.raises(pynng.TryAgain):  # no reply before the browser confirms
             req.recv_msg(block=False)
-        assert post_ack(node, f"token={token}&seq=1") == (204, b"")
+        assert post_ack(node, f"token={token}&last=gone.1:1") == (204, b"")  # a stale stream
+        with pytest.raises(pynng.TryAgain):  # ... confirms nothing
+            time.sleep(0.2)
+            req.recv_msg(block=False)
+        stream = hello["stream"]
+        assert post_ack(node, f"token={token}&last={stream}:1") == (204, b"")
         reply = json.loads(req.recv_msg().bytes)
     assert reply["results"] == [{"status": "acked", "seq": 1}]
     conn.close()
     for query, status, code in [
-        (f"token={token}&seq=0", 400, "bad_seq"),
-        (f"token={token}&seq=%C2%B2", 400, "bad_seq"),  # a Unicode digit
-        (f"token={token}", 400, "bad_seq"),
-        ("token=forged&seq=1", 401, None),
+        (f"token={token}&last={stream}:x", 400, "bad_position"),
+        (f"token={token}&last={stream}:%C2%B2", 400, "bad_position"),  # a Unicode digit
+        (f"token={token}", 400, "bad_position"),
+        (f"token=forged&last={stream}:1", 401, None),
     ]:
         got, body = post_ack(node, query)
         assert got == status, query

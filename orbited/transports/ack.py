@@ -1,18 +1,18 @@
 """Acknowledgements for the transports without a way back (SSE, iframe streaming).
 
-``POST /orbited/ack?token=T&seq=N`` confirms every event up to N of the token's key, as a
-WebSocket ``ack`` frame or a long-poll ``last`` does (docs/protocol.md, "Acknowledgements"):
-the node frees them early, and requests in the acknowledged mode get their reply.
+``POST /orbited/ack?token=T&last=S:N`` confirms every event up to N of stream S of the
+token's key, as a WebSocket ``ack`` frame or a long-poll ``last`` does (docs/protocol.md):
+the node frees them early, and requests in the acknowledged mode get their reply. The
+stream is required: a late ack from a stream that is gone must not confirm events of a
+new mailbox (e.g. one waiting on a route's new owner after a crash).
 """
 
 from __future__ import annotations
 
 from twisted.web.http import Request
 
-from orbited.transports.common import BrowserRequestError, authenticate, single_param
+from orbited.transports.common import BrowserRequestError, authenticate
 from orbited.transports.http import BrowserResource, apply_cors, decoded_args, send_json_error
-
-MAX_SEQ = 10**15  # positions have at most 15 digits (orbited.mailbox)
 
 
 class AckResource(BrowserResource):
@@ -31,12 +31,11 @@ class AckResource(BrowserResource):
         try:
             apply_cors(request, self.cors_origins)
             params = decoded_args(request)
-            attach = authenticate(self.auth, params)
-            seq = single_param(params, "seq") or ""
-            if not (seq.isascii() and seq.isdigit() and 0 < int(seq) < MAX_SEQ):
-                raise BrowserRequestError(400, "bad_seq", "seq must be a positive integer")
+            attach = authenticate(self.auth, params)  # parses last=<stream>:<seq> too
+            if attach.after is None:
+                raise BrowserRequestError(400, "bad_position", "last=<stream>:<seq> is required")
         except BrowserRequestError as e:
             return send_json_error(request, e)
-        self.hub.ack(attach.key, int(seq))
+        self.hub.ack(attach.key, attach.after.seq, attach.after.stream)
         request.setResponseCode(204)
         return b""
