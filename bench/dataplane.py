@@ -45,7 +45,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -54,6 +53,8 @@ import time
 import uuid
 from pathlib import Path
 from typing import Any
+
+from orbited.cluster import free_port_block
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 SBIN = os.environ.get("PATH", "") + ":/usr/sbin:/sbin"
@@ -162,25 +163,12 @@ def wait_ready(env: Env, proc: subprocess.Popen, ready: Path, log: str, timeout:
     return json.loads(ready.read_text())
 
 
-def free_ports(env: Env, count: int, start: int) -> int:
-    """A base b with b..b+count-1 free. In our own namespace every port is free; on the
-    host's loopback try bases until all bind."""
+def free_ports(env: Env, count: int, start: int, avoid: range = range(0)) -> int:
+    """A base b with b..b+count-1 free (not overlapping ``avoid``). In our own namespace
+    every port is free; on the host's loopback a block that binds now."""
     if env.name:
         return start
-    for base in range(start, 60000 - count, 97):
-        held = []
-        try:
-            for port in range(base, base + count):
-                s = socket.socket()
-                held.append(s)
-                s.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in held:
-                s.close()
-    raise RuntimeError("no free block of ports")
+    return free_port_block(count, avoid)
 
 
 def netns_possible() -> str | None:
@@ -219,7 +207,12 @@ class HaloD:
         self.env, self.backend, self.routes = env, backend, routes
         self.host = VIP if backend == "nftables" else "127.0.0.1"
         self.browser_base = free_ports(env, routes, 20000 + 1000 * BACKENDS.index(backend))
-        self.sp_base = free_ports(env, routes, self.browser_base + routes + 200)
+        self.sp_base = free_ports(
+            env,
+            routes,
+            self.browser_base + routes + 200,
+            avoid=range(self.browser_base, self.browser_base + routes),
+        )
         ready = env.tmp / f"halod-{tag}.ready"
         self.log_name = f"halod-{tag}.log"
         extra: list[str] = []

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ import pynng
 import pytest
 from websockets.sync.client import ClientConnection, connect
 
+from orbited.cluster import free_port_block
 from orbited.hashing import route_of
 from orbited.keys import ConnectionKey
 from orbited.tokens import issue_token
@@ -120,7 +120,9 @@ class HaloDProcess(DaemonProcess):
         dataplane = dataplane or ("proxy" if proxy else "none")
         if dataplane != "none":  # a data plane on 2×N free ports
             self.browser_base = free_port_block(routes)
-            self.sp_base = free_port_block(routes, avoid=self.browser_base)
+            self.sp_base = free_port_block(
+                routes, avoid=range(self.browser_base, self.browser_base + routes)
+            )
             flags = (*flags, "--browser-port-base", str(self.browser_base),
                      "--sp-port-base", str(self.sp_base))  # fmt: skip
         flags = (*flags, "--dataplane", dataplane)
@@ -162,29 +164,6 @@ class HaloDProcess(DaemonProcess):
         proc.start(http=f"{host}:0", sp=f"tcp://{host}:0")
         wait_for(lambda: self.nodes().get(name, {}).get("connected"), f"{name} registered")
         return proc
-
-
-def free_port_block(count: int, avoid: int = 0) -> int:
-    """A base port b such that b..b+count-1 can all be bound on 127.0.0.1 right now."""
-    import random
-
-    for _ in range(200):
-        base = random.randrange(20000, 60000 - count)
-        if avoid and abs(base - avoid) < 2 * count:
-            continue
-        held: list[socket.socket] = []
-        try:
-            for port in range(base, base + count):
-                s = socket.socket()
-                held.append(s)
-                s.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in held:
-                s.close()
-    raise RuntimeError("no free block of ports")
 
 
 def wait_for(predicate: Callable[[], object], what: str, timeout: float = 10.0) -> float:

@@ -17,14 +17,7 @@ from orbited.transports.http import BrowserResource, apply_cors, decoded_args, s
 
 class AckResource(BrowserResource):
     def render_OPTIONS(self, request: Request) -> bytes:  # noqa: N802
-        try:
-            apply_cors(request, self.cors_origins)
-        except BrowserRequestError as e:
-            return send_json_error(request, e)
-        request.setHeader(b"access-control-allow-methods", b"POST")
-        request.setHeader(b"access-control-max-age", b"600")
-        request.setResponseCode(204)
-        return b""
+        return self.preflight(request, b"POST")
 
     def render_POST(self, request: Request) -> bytes:  # noqa: N802
         request.setHeader(b"cache-control", b"no-store")

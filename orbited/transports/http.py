@@ -86,6 +86,17 @@ class BrowserResource(resource.Resource):
         self.auth = auth
         self.cors_origins = cors_origins
 
+    def preflight(self, request: Request, methods: bytes) -> bytes:
+        """Answer a CORS preflight for ``methods`` (transports that fetch() call this)."""
+        try:
+            apply_cors(request, self.cors_origins)
+        except BrowserRequestError as e:
+            return send_json_error(request, e)
+        request.setHeader(b"access-control-allow-methods", methods)
+        request.setHeader(b"access-control-max-age", b"600")
+        request.setResponseCode(204)
+        return b""
+
 
 class QuietSite(server.Site):
     """A Site without an access log: a line per long-poll, ack and WebSocket upgrade

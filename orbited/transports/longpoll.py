@@ -81,14 +81,7 @@ class _PendingPoll(HTTPSink):
 
 class LongPollResource(BrowserResource):
     def render_OPTIONS(self, request: Request) -> bytes:  # noqa: N802
-        try:
-            apply_cors(request, self.cors_origins)
-        except BrowserRequestError as e:
-            return send_json_error(request, e)
-        request.setHeader(b"access-control-allow-methods", b"GET")
-        request.setHeader(b"access-control-max-age", b"600")
-        request.setResponseCode(204)
-        return b""
+        return self.preflight(request, b"GET")
 
     def render_GET(self, request: Request) -> bytes | int:  # noqa: N802
         request.setHeader(b"cache-control", b"no-store")
