@@ -400,7 +400,9 @@ def test_a_dead_haproxy_is_restarted_and_stopped_with_halod(cluster):
     first = cluster.pid()
     for pid in haproxy_processes(cluster.hx):
         os.kill(pid, signal.SIGKILL)
-    wait_for(lambda: (cluster.hx / "haproxy.pid").exists() and cluster.pid() != first
+    wait_for(lambda: (cluster.hx / "haproxy.pid").exists()
+             and (cluster.hx / "haproxy.pid").read_text().strip()  # HAProxy writes it late
+             and cluster.pid() != first
              and cluster.plane()["haproxy"]["state"] == "running", "a new HAProxy", 20)  # fmt: skip
     cluster.wait_synced()
     with connect(hx.browser_url(key, SECRET), open_timeout=5, legacy=True) as ws:
