@@ -455,6 +455,11 @@ class _Operator(Resource):
 
     def render_POST(self, request: Request) -> bytes:  # noqa: N802
         request.setHeader(b"content-type", b"application/json")
+        if _from_web_page(request):
+            # A page the operator visits could otherwise drain nodes: a body-less POST
+            # needs no CORS preflight, and DNS rebinding reaches a loopback port too.
+            request.setResponseCode(403)
+            return b'{"error": "operator requests are refused from web pages (Origin sent)"}'
         parts = [part.decode("utf-8", "replace") for part in request.postpath]
         if len(parts) != 2 or parts[1] not in ("drain", "undrain"):
             request.setResponseCode(404)
@@ -465,6 +470,15 @@ class _Operator(Resource):
             request.setResponseCode(409)
             return json.dumps({"error": e.message}).encode()
         return json.dumps({"name": parts[0], "state": state}).encode()
+
+
+def _from_web_page(request: Request) -> bool:
+    """Browsers send Origin (or Sec-Fetch-Site) with every POST; the halod CLI and scripts
+    do not (docs/security.md, "HaloD status port")."""
+    if request.getHeader(b"origin") is not None:
+        return True
+    site = request.getHeader(b"sec-fetch-site")
+    return site is not None and site != b"none"
 
 
 def status_site(halod: HaloD) -> Site:

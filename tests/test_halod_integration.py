@@ -9,6 +9,8 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 
 import pynng
 import pytest
@@ -257,3 +259,14 @@ def test_operator_drains_and_undrains_a_node(tmp_path, procs):
     assert refused.returncode == 1 and "not an active or spare node" in refused.stderr
     assert halod_cli(halod, "undrain", "a").stdout.strip() == "a: spare"
     assert halod_cli(halod, "drain", "nobody").returncode == 1
+
+    # From a web page (a cross-site form, or DNS rebinding to the loopback port) the same
+    # POST is refused: the browser always names the page's origin.
+    for header in ({"Origin": "https://evil.example"}, {"Sec-Fetch-Site": "cross-site"}):
+        request = urllib.request.Request(
+            f"http://{halod.status_http}/nodes/a/drain", method="POST", headers=header
+        )
+        with pytest.raises(urllib.error.HTTPError) as refused_page:
+            urllib.request.urlopen(request, timeout=5)
+        assert refused_page.value.code == 403
+    assert halod.nodes()["a"]["state"] == "spare"
