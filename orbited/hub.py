@@ -272,6 +272,22 @@ class Hub:
     def connections(self) -> int:
         return len(self._slots)
 
+    def gauges(self) -> dict[str, int]:
+        """Sizes of the per-key and per-request state (/orbited/health): what a soak
+        watches for growth (bench/README.md, "soak")."""
+        waits = sum(len(s.waits) for s in self._slots.values() if s.waits)
+        return {
+            "mailboxes": len(self._slots),
+            "attached": sum(1 for s in self._slots.values() if s.sink is not None),
+            "lingering": sum(1 for s in self._slots.values() if s.linger_call is not None),
+            "queued_events": sum(len(s.mailbox) for s in self._slots.values()),
+            "ack_waits": waits,
+            "dedup_entries": len(self._recent),
+            "dedup_bytes": self._recent_bytes,
+            "inflight_requests": len(self._inflight),
+            "incoming_routes": len(self._incoming),
+        }
+
     def keepalive_tick(self) -> None:
         """Ping every transport that has been silent for the keepalive interval."""
         deadline = self.clock.seconds() - self.config.keepalive

@@ -31,7 +31,14 @@ class HealthResource(resource.Resource):
         request.setHeader(b"content-type", b"application/json")
         request.setHeader(b"cache-control", b"no-store")
         return json.dumps(
-            {"ok": True, "node": self.name, "epoch": self.hub.epoch, "version": __version__}
+            {
+                "ok": True,
+                "node": self.name,
+                "epoch": self.hub.epoch,
+                "version": __version__,
+                "gauges": self.hub.gauges(),
+                "stats": self.hub.stats,
+            }
         ).encode()
 
 
