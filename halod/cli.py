@@ -186,7 +186,9 @@ def run_command(args: argparse.Namespace) -> int:
     def ready(daemon) -> dict[str, object]:  # noqa: ANN001
         return {"control": daemon.control_address, "status": daemon.status_address}
 
-    return run_configured("halod", HaloDConfig, args, build, ready)
+    from orbited.exposure import halod_warnings
+
+    return run_configured("halod", HaloDConfig, args, build, ready, halod_warnings)
 
 
 if __name__ == "__main__":

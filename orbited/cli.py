@@ -87,7 +87,9 @@ def node_command(args: argparse.Namespace) -> int:
             "epoch": node.hub.epoch,
         }
 
-    return run_configured("orbited", NodeConfig, args, build, ready)
+    from orbited.exposure import node_warnings
+
+    return run_configured("orbited", NodeConfig, args, build, ready, node_warnings)
 
 
 if __name__ == "__main__":

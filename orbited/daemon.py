@@ -26,9 +26,11 @@ S = TypeVar("S", bound=IService)
 def run_configured(
     prog: str, config_class: type[C], args: argparse.Namespace,
     build: Callable[[C, Any], S], ready: Callable[[S], dict[str, object]],
+    audit: Callable[[C], list[str]] | None = None,
 ) -> int:  # fmt: skip
     """Load ``config_class`` from ``--config`` and the flags in ``args``, build the service
-    with ``build(config, reactor)`` and run it; ``ready(service)`` fills the ready file."""
+    with ``build(config, reactor)`` and run it; ``ready(service)`` fills the ready file;
+    each line ``audit(config)`` returns is logged as a warning (orbited.exposure)."""
     overrides = {k: v for k, v in vars(args).items() if k not in ("config", "ready_file")}
     try:
         config = config_class.load(args.config, overrides)
@@ -40,6 +42,11 @@ def run_configured(
     from orbited.logs import start_logging
 
     start_logging(config.log_level)  # type: ignore[attr-defined]
+    if audit is not None:
+        from twisted.logger import Logger
+
+        for warning in audit(config):
+            Logger(namespace=prog).warn("exposed: {warning}", warning=warning)
     try:
         service = build(config, reactor)
     except (OSError, ValueError) as e:
