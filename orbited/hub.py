@@ -54,6 +54,12 @@ class HubConfig:
     dedup_max_bytes: int = 64 * 1024 * 1024  # bytes of remembered replies at most
     routes: int = DEFAULT_ROUTES  # N of the cluster's hashing (docs/hashing.md)
     handoff_timeout: float = 5.0  # seconds a moved route waits for the old owner's mailboxes
+    # Payload bytes in all mailboxes together; an event that would pass it is refused
+    # for that recipient with status "full" (docs/protocol.md) instead of being stored.
+    mailbox_total_bytes: int = 512 * 1024 * 1024
+
+
+FULL_RESULT = b'{"status":"full"}'  # the node's mailboxes hold mailbox_total_bytes
 
 
 class _AckWait:
@@ -75,7 +81,7 @@ class _AckWait:
 
 
 class _Slot:
-    __slots__ = ("mailbox", "sink", "linger_call", "route", "waits", "online")
+    __slots__ = ("mailbox", "sink", "linger_call", "route", "waits", "online", "counted")
 
     def __init__(self, mailbox: Mailbox, route: int, online: bool = True) -> None:
         self.mailbox = mailbox
@@ -86,6 +92,7 @@ class _Slot:
         # Presence said signon. False for a mailbox an acknowledged-mode event created
         # before any browser came: the browser's first attach signs it on.
         self.online = online
+        self.counted = 0  # this mailbox's bytes as last added to Hub.mailbox_bytes
 
 
 class _HeldAttach:
@@ -129,6 +136,9 @@ class Hub:
         self.presence: Callable[[str, ConnectionKey], None] | None = None
         self._incoming: dict[int, _Incoming] = {}
         self._inflight: dict[bytes, list[defer.Deferred[bytes]]] = {}
+        # Payload bytes of all mailboxes (the node-wide cap, mailbox_total_bytes); each
+        # slot's share is recounted after the hub changes its mailbox (_recount).
+        self.mailbox_bytes = 0
         self.stats = {
             "events": 0,
             "delivered": 0,
@@ -142,6 +152,7 @@ class Hub:
             "handoff_in": 0,
             "handoff_out": 0,
             "handoff_timeouts": 0,
+            "full": 0,
         }
 
     # -- browser side -------------------------------------------------------------------
@@ -181,6 +192,7 @@ class Hub:
                 previous.replaced()
         mailbox = slot.mailbox
         replay = mailbox.replay(after)
+        self._recount(slot)
         out = [frames.hello(mailbox.stream, self.config.keepalive, replay.reset, replay.since)]
         if replay.gap is not None:
             out.append(frames.gap(*replay.gap))
@@ -200,6 +212,16 @@ class Hub:
             self.presence("signon", key)
         return slot
 
+    def _recount(self, slot: _Slot) -> None:
+        size = slot.mailbox.buffered_bytes
+        self.mailbox_bytes += size - slot.counted
+        slot.counted = size
+
+    def _forget(self, slot: _Slot) -> None:
+        """A slot left ``_slots``: its bytes no longer count."""
+        self.mailbox_bytes -= slot.counted
+        slot.counted = 0
+
     def detach(self, key: ConnectionKey, sink: Sink) -> None:
         slot = self._slots.get(key)
         if slot is None or slot.sink is not sink:
@@ -215,6 +237,7 @@ class Hub:
         slot.linger_call = None
         if self._slots.get(key) is slot and slot.sink is None:
             del self._slots[key]
+            self._forget(slot)
             self._end_waits(slot, lambda wait: events.result(events.UNACKED, wait.seq))
             if slot.online and self.presence is not None:
                 self.presence("signoff", key)
@@ -227,6 +250,7 @@ class Hub:
         slot = self._slots.get(key)
         if slot is not None and (stream is None or stream == slot.mailbox.stream):
             slot.mailbox.ack(seq)
+            self._recount(slot)
             if slot.waits is not None:
                 self._acked(slot)
 
@@ -284,6 +308,7 @@ class Hub:
             "ack_waits": waits,
             "dedup_entries": len(self._recent),
             "dedup_bytes": self._recent_bytes,
+            "mailbox_bytes": self.mailbox_bytes,
             "inflight_requests": len(self._inflight),
             "incoming_routes": len(self._incoming),
         }
@@ -350,6 +375,7 @@ class Hub:
             if route not in routes:
                 continue
             del self._slots[key]
+            self._forget(slot)
             evicted += 1
             handed = exports is not None and route in handoff
             if handed:
@@ -386,10 +412,12 @@ class Hub:
                         have.stream, self.config.mailbox, max(have.next_seq, mailbox.next_seq),
                         max(have.acked, mailbox.acked), have.export() + mailbox.export(),
                     )  # fmt: skip
+                    self._recount(slot)
                 continue
             if route not in self._incoming:
                 continue  # timed out, or not moved here: keep what this node has
             slot = self._slots[key] = _Slot(mailbox, route, entry.get("online") is not False)
+            self._recount(slot)  # counted even past the cap: refusing it would lose events
             slot.linger_call = self.clock.callLater(self.config.linger, self._expire, key, slot)
             installed += 1
             self.stats["handoff_in"] += 1
@@ -448,6 +476,7 @@ class Hub:
                 self._end_waits(slot, lambda wait: events.result(events.UNACKED, wait.seq))
             self._release(slot, reason)
         self._slots.clear()
+        self.mailbox_bytes = 0
 
     # -- web-app side -------------------------------------------------------------------
 
@@ -556,12 +585,17 @@ class Hub:
             if ack is None:
                 self.stats["no_connection"] += 1
                 return events.NO_CONNECTION_RESULT
+            if self._full(payload):
+                return FULL_RESULT
             # Acknowledged mode: keep it for the browser (e.g. one reconnecting after its
             # node crashed and this one took the route over); `unacked` if none comes.
             slot = self._new_slot(key, route_of(key, self.routes), online=False)
             slot.linger_call = self.clock.callLater(self.config.linger, self._expire, key, slot)
+        if self._full(payload):
+            return FULL_RESULT
         mailbox = slot.mailbox
         seq, dropped = mailbox.append(payload)
+        self._recount(slot)
         sink = slot.sink
         if sink is not None and sink.deliver([frames.event(seq, payload)]):
             mailbox.mark_delivered(seq)
@@ -578,6 +612,15 @@ class Hub:
             slot.waits = []
         slot.waits.append(wait)
         return wait.deferred
+
+    def _full(self, payload: bytes) -> bool:
+        """Would ``payload`` take the node's mailboxes past mailbox_total_bytes? Then it is
+        refused (status "full"), not stored: the web app sees it and may resend later;
+        evicting other keys' events to make room would lose them silently."""
+        if self.mailbox_bytes + len(payload) <= self.config.mailbox_total_bytes:
+            return False
+        self.stats["full"] += 1
+        return True
 
     def _remember(self, digest: bytes, expires: float, reply: bytes) -> None:
         recent = self._recent
