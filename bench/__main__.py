@@ -8,6 +8,7 @@ SCENARIOS = {
     "dispatch": "bench.dispatch",
     "control": "bench.control",
     "dataplane": "bench.dataplane",
+    "soak": "bench.soak",
 }
 # Load-tool pieces (bench/README.md, "Simulated browsers"), runnable the same way.
 SCENARIOS |= {
