@@ -1,0 +1,872 @@
+"""Every server of the side-by-side benchmarks: start, stop, sample, subscribe, publish.
+
+Owns launching Orbited (one node; or two nodes behind HaloD), the raw Twisted/autobahn
+baseline (bench/raw_server.py), Nchan (nginx + libnginx-mod-nchan) and Pushpin (condure,
+zurl, pushpin-proxy, pushpin-handler and the GRIP backend bench/grip_backend.py) on
+loopback, each in a temporary directory of its own, and the publish side of each: how a
+publisher process sends a batch of distinct events to individual clients.
+
+Interface (stable; scenarios build on it)::
+
+    server = make_server("nchan", workdir)      # SERVERS: orbited, orbited2, raw, nchan,
+    with server:                                # nchan2, pushpin; start() on enter, stop()
+        server.transports                       # subset of ("ws", "sse", "poll")
+        server.url("c17", "sse")                # subscribe URL of client "c17"
+        server.flavour                          # wire dialect: orbited | raw | nchan | pushpin
+        server.pids()                           # top pids; usage() adds their descendants
+        usage(server.pids())                    # Usage(cpu_s, rss_kb, processes)
+        spec = server.publish_spec("sse")       # JSON-able, for another process:
+    pub = make_publisher(spec)                  # in the publisher process (asyncio)
+    await pub.publish([("c17", '{"t":1.5}'), ...])  # → Published(ok, failed)
+    await pub.close()
+    server.settings                             # every non-default setting, documented
+    exit_on_signals()                           # SIGTERM/SIGHUP stop servers like Ctrl-C
+
+- ``start()`` waits until the server really answers (ready file, or a subscribe/publish
+  round trip on its ports) and raises ``PeerError`` with its log tail otherwise.
+- ``stop()`` ends the whole process tree it started (each child leads its own process
+  group; SIGTERM, then SIGKILL after 5 s; PR_SET_PDEATHSIG so that children die with us
+  even when we are SIGKILLed), also on Ctrl-C (context manager) and at exit (atexit).
+- Clients are named by strings ``[A-Za-z0-9_]``; the client's key / channel is that name:
+  Orbited ``(name, "b", "/bench")``, Nchan channel ``name``, Pushpin channel ``name``.
+- An event's data is a JSON text (str); every server delivers it unchanged (Orbited
+  inside its ``event`` frame, the raw baseline inside ``{"type":"event","data":…}``).
+
+Fairness (bench/README.md, "dispatch", lists all of these): Orbited is one process = one
+core, so ``nchan`` runs ``worker_processes 1`` and ``orbited2`` (two nodes) compares with
+``nchan2`` (2 workers); Pushpin is several processes by design and is measured whole.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from orbited.hashing import route_of
+from orbited.keys import ConnectionKey
+from orbited.sp import wire
+from orbited.sp.reqrep import RequestIds
+from orbited.tokens import issue_token
+
+SECRET = b"bench-secret-bench-secret-bench-secret!"
+SESSION, LOCATION = "b", "/bench"
+RAW_OK = b'{"ok":true}'  # bench/raw_server.py's reply
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
+NCHAN_MODULE = "/usr/lib/nginx/modules/ngx_nchan_module.so"
+PUSHPIN = shutil.which("pushpin") or "/usr/bin/pushpin"
+FD_LIMIT = 20_000  # this box's hard limit per process (shared/reference/python-stack.md)
+
+
+class PeerError(RuntimeError):
+    pass
+
+
+def available(name: str) -> bool:
+    """Whether the binaries a server needs are installed (tests skip the others)."""
+    if name.startswith("nchan"):
+        return os.path.exists(NGINX) and os.path.exists(NCHAN_MODULE)
+    if name == "pushpin":
+        return all(shutil.which(b) for b in ("pushpin", "condure", "zurl", "pushpin-handler"))
+    return True
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+# -- CPU and memory of a process tree ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Usage:
+    cpu_s: float  # utime+stime of the live processes (and their reaped children)
+    rss_kb: int
+    processes: int
+
+
+def _children() -> dict[int, list[int]]:
+    tree: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        tree.setdefault(ppid, []).append(int(entry))
+    return tree
+
+
+def descendants(pids: list[int]) -> list[int]:
+    """``pids`` and every process below them."""
+    tree = _children()
+    out, todo = [], list(pids)
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo += tree.get(pid, [])
+    return out
+
+
+def usage(pids: list[int]) -> Usage:
+    """CPU seconds (utime+stime+cutime+cstime) and RSS of ``pids`` and their descendants."""
+    cpu, rss, n = 0.0, 0, 0
+    for pid in descendants(pids):
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            continue  # gone in between
+        cpu += sum(int(f) for f in fields[11:15]) / CLK_TCK
+        for line in status.splitlines():
+            if line.startswith("VmRSS:"):
+                rss += int(line.split()[1])
+        n += 1
+    return Usage(cpu, rss, n)
+
+
+# -- children ------------------------------------------------------------------------------
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the forked child
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+_LIVE: set[Server] = set()
+
+
+@atexit.register
+def _stop_all() -> None:
+    for server in list(_LIVE):
+        server.stop()
+
+
+def exit_on_signals() -> None:
+    """SIGTERM/SIGHUP raise SystemExit in the main thread, so ``with`` blocks and atexit
+    stop every server (Ctrl-C already raises KeyboardInterrupt)."""
+
+    def handler(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, handler)
+
+
+class Child:
+    """A process in its own process group, output to a log file."""
+
+    def __init__(self, name: str, cmd: list[str], log: Path, env: dict | None = None) -> None:
+        self.name, self.log = name, log
+        with log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                env=env, start_new_session=True, preexec_fn=_die_with_parent,
+            )  # fmt: skip
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def tail(self, lines: int = 20) -> str:
+        try:
+            text = self.log.read_text(errors="replace").splitlines()[-lines:]
+        except OSError:
+            text = []
+        return "\n".join(f"  {self.name}| {line}" for line in text)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """SIGTERM the process group, SIGKILL what is left after ``timeout``."""
+        pgid = self.proc.pid
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+        # workers of a stopped master (nginx) or a runner's services can outlive it briefly
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(pgid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.05)
+        else:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pgid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout)
+
+
+def _wait(predicate: Any, what: str, children: list[Child], timeout: float) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            result = predicate()
+            if result:
+                return result
+        for child in children:
+            if not child.alive():
+                raise PeerError(f"{child.name} exited while starting:\n{child.tail()}")
+        if time.monotonic() > deadline:
+            tails = "\n".join(c.tail() for c in children)
+            raise PeerError(f"timed out waiting for {what}\n{tails}")
+        time.sleep(0.05)
+
+
+def _read_json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+# -- servers -------------------------------------------------------------------------------
+
+
+class Server:
+    """One server under test; subclasses fill in start/url/publish_spec."""
+
+    name = ""
+    flavour = ""
+    transports: tuple[str, ...] = ("ws", "sse", "poll")
+    settings: dict[str, str] = {}  # non-default settings, name → value and why
+
+    def __init__(self, workdir: Path) -> None:
+        self.dir = Path(workdir) / self.name
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.children: list[Child] = []
+
+    def __enter__(self) -> Server:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def spawn(self, name: str, cmd: list[str], env: dict | None = None) -> Child:
+        _LIVE.add(self)
+        child = Child(name, cmd, self.dir / f"{name}.log", env)
+        self.children.append(child)
+        return child
+
+    def start(self, timeout: float = 30.0) -> None:
+        try:
+            self._start(timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self, timeout: float) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        for child in reversed(self.children):
+            child.stop()
+        self.children = []
+        _LIVE.discard(self)
+
+    def pids(self) -> list[int]:
+        """The server's own processes (not the GRIP backend: the web app, as for Orbited)."""
+        return [c.proc.pid for c in self.children if c.alive()]
+
+    def url(self, client: str, transport: str) -> str:
+        raise NotImplementedError
+
+    def publish_spec(self, transport: str) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+def _py(*args: str) -> list[str]:
+    return [sys.executable, *os.environ.get("BENCH_PY_ARGS", "").split(), *args]
+
+
+class Orbited(Server):
+    """One ``orbited node`` (one process, one core)."""
+
+    name, flavour = "orbited", "orbited"
+    settings = {
+        "--keepalive 600": "no ping frames during a run",
+        "--log-level warn": "no per-connection info lines",
+    }
+
+    def _node(self, tag: str, extra: list[str]) -> Child:
+        secret = self.dir / "secret"
+        secret.write_bytes(SECRET)
+        ready = self.dir / f"{tag}.ready"
+        ready.unlink(missing_ok=True)
+        return self.spawn(tag, _py(
+            "-m", "orbited.cli", "node", "--name", tag, "--http", "127.0.0.1:0",
+            "--sp", "tcp://127.0.0.1:0", "--secret-file", str(secret), "--keepalive", "600",
+            "--log-level", "warn", "--ready-file", str(ready), *extra,
+        ))  # fmt: skip
+
+    def _start(self, timeout: float) -> None:
+        node = self._node("node", [])
+        info = _wait(lambda: _read_json(self.dir / "node.ready"), "the node", [node], timeout)
+        self.http, self.sp = info["http"], info["sp"]
+
+    def _http_of(self, client: str) -> str:
+        return self.http
+
+    def url(self, client: str, transport: str) -> str:
+        token = issue_token(SECRET, ConnectionKey(client, SESSION, LOCATION), ttl=7 * 86400)
+        scheme = "ws" if transport == "ws" else "http"
+        return f"{scheme}://{self._http_of(client)}/orbited/{transport}?token={token}"
+
+    def publish_spec(self, transport: str) -> dict[str, Any]:
+        return {"kind": "orbited", "routes": 1, "sp": {"1": self.sp}}
+
+
+class OrbitedHaloD(Orbited):
+    """Two nodes behind HaloD (``--dataplane none``: browsers and web apps reach a route's
+    owner directly, as with an external data plane; HaloD's built-in proxy would put a
+    third Python process in the data path)."""
+
+    name = "orbited2"
+    routes = 24
+    settings = Orbited.settings | {
+        "halod --dataplane none --spares 0 --routes 24": "no proxy hop; both nodes active",
+    }
+
+    def _start(self, timeout: float) -> None:
+        ready = self.dir / "halod.ready"
+        ready.unlink(missing_ok=True)
+        halod = self.spawn("halod", _py(
+            "-m", "halod.cli", "run", "--db", str(self.dir / "halod.sqlite3"),
+            "--control", "tcp://127.0.0.1:0", "--status-http", "127.0.0.1:0",
+            "--routes", str(self.routes), "--spares", "0", "--dataplane", "none",
+            "--log-level", "warn", "--ready-file", str(ready),
+        ))  # fmt: skip
+        for name in ("halod.sqlite3", "halod.sqlite3-wal", "halod.sqlite3-shm"):
+            (self.dir / name).unlink(missing_ok=True)
+        info = _wait(lambda: _read_json(ready), "HaloD", [halod], timeout)
+        status = f"http://{info['status']}/routes"
+        nodes = [halod]
+        for tag in ("n1", "n2"):
+            nodes.append(self._node(tag, ["--halod", info["control"]]))
+            _wait(lambda t=tag: _read_json(self.dir / f"{t}.ready"), tag, nodes, timeout)
+
+        def table() -> dict | None:
+            with urllib.request.urlopen(status, timeout=2) as r:
+                owners = json.loads(r.read())["owners"]
+            names = {o["name"] for o in owners.values() if o}
+            return owners if names == {"n1", "n2"} and all(owners.values()) else None
+
+        owners = _wait(table, "HaloD to give routes to both nodes", nodes, timeout)
+        self.owners = {int(r): (o["browser"], o["sp"]) for r, o in owners.items()}
+
+    def pids(self) -> list[int]:
+        # HaloD is off the data path (no data plane): only the two nodes are measured
+        return [c.proc.pid for c in self.children if c.alive() and c.name != "halod"]
+
+    def _http_of(self, client: str) -> str:
+        browser = self.owners[route_of(ConnectionKey(client, SESSION, LOCATION), self.routes)][0]
+        return browser.split("://", 1)[-1]
+
+    def publish_spec(self, transport: str) -> dict[str, Any]:
+        return {
+            "kind": "orbited",
+            "routes": self.routes,
+            "sp": {str(r): sp for r, (_, sp) in self.owners.items()},
+        }
+
+
+class Raw(Server):
+    """bench/raw_server.py: the same SP REP code and autobahn, none of Orbited's work."""
+
+    name, flavour, transports = "raw", "raw", ("ws",)
+
+    def _start(self, timeout: float) -> None:
+        ready = self.dir / "raw.ready"
+        ready.unlink(missing_ok=True)
+        child = self.spawn("raw", _py("-m", "bench.raw_server", str(ready)))
+        info = _wait(lambda: _read_json(ready), "the raw server", [child], timeout)
+        self.http, self.sp = info["http"], info["sp"]
+
+    def url(self, client: str, transport: str) -> str:
+        return f"ws://{self.http}/?u={client}"
+
+    def publish_spec(self, transport: str) -> dict[str, Any]:
+        return {"kind": "orbited", "routes": 1, "sp": {"1": self.sp}}
+
+
+NCHAN_CONF = """\
+load_module {module};
+worker_processes {workers};
+worker_rlimit_nofile {fds};
+pid {dir}/nginx.pid;
+error_log {dir}/error.log warn;
+events {{ worker_connections {conns}; multi_accept on; }}
+http {{
+  access_log off;
+  client_body_temp_path {dir}/tmp/body;
+  proxy_temp_path {dir}/tmp/proxy;
+  fastcgi_temp_path {dir}/tmp/fastcgi;
+  uwsgi_temp_path {dir}/tmp/uwsgi;
+  scgi_temp_path {dir}/tmp/scgi;
+  keepalive_requests 1000000;
+  keepalive_timeout 600s;
+  nchan_shared_memory_size {shm};
+  server {{
+    listen 127.0.0.1:{port} backlog=4096;
+    location ~ ^/pub/(\\w+)$ {{
+      nchan_publisher; nchan_channel_id $1;
+      nchan_message_buffer_length 50; nchan_message_timeout 5m;
+    }}
+    location ~ ^/sub/(\\w+)$ {{
+      nchan_subscriber; nchan_channel_id $1;
+      nchan_subscriber_first_message newest; nchan_websocket_ping_interval 600;
+    }}
+    location = /nchan_stub_status {{ nchan_stub_status; }}
+  }}
+}}
+"""
+
+
+class Nchan(Server):
+    """nginx + Nchan, ``worker_processes 1`` (one core, as one Orbited node)."""
+
+    name, flavour, workers = "nchan", "nchan", 1
+    settings = {
+        "worker_processes 1 (nchan) / 2 (nchan2)": "one core per Orbited node",
+        "worker_rlimit_nofile 20000, worker_connections 19500": "10 000+ clients",
+        "listen backlog=4096, multi_accept on": "connect bursts",
+        "keepalive_requests 1000000, keepalive_timeout 600s": "publishers keep connections",
+        "nchan_shared_memory_size 256M": "10 000 channels with buffered messages",
+        "nchan_message_buffer_length 50, nchan_message_timeout 5m": "peers.md's settings",
+        "nchan_subscriber_first_message newest": "peers.md's setting",
+        "nchan_websocket_ping_interval 600": "no pings during a run (as Orbited)",
+        "access_log off, error_log warn": "no per-request log writes",
+    }
+
+    def _start(self, timeout: float) -> None:
+        (self.dir / "tmp").mkdir(exist_ok=True)
+        self.port = free_port()
+        conf = self.dir / "nginx.conf"
+        conf.write_text(NCHAN_CONF.format(
+            module=NCHAN_MODULE, workers=self.workers, fds=FD_LIMIT, conns=FD_LIMIT - 500,
+            dir=self.dir, shm="256M", port=self.port,
+        ))  # fmt: skip
+        child = self.spawn("nginx", [NGINX, "-c", str(conf), "-p", f"{self.dir}/",
+                                     "-g", "daemon off;"])  # fmt: skip
+        base = f"http://127.0.0.1:{self.port}"
+        _wait(lambda: urllib.request.urlopen(f"{base}/nchan_stub_status", timeout=1).status
+              == 200, "nginx", [child], timeout)  # fmt: skip
+        _wait(lambda: len(descendants([child.proc.pid])) > self.workers, "workers", [child], 10)
+
+    def url(self, client: str, transport: str) -> str:
+        scheme = "ws" if transport == "ws" else "http"
+        return f"{scheme}://127.0.0.1:{self.port}/sub/{client}"
+
+    def publish_spec(self, transport: str) -> dict[str, Any]:
+        return {"kind": "nchan", "address": ["127.0.0.1", self.port]}
+
+
+class Nchan2(Nchan):
+    name, workers = "nchan2", 2
+
+
+PUSHPIN_CONF = """\
+[global]
+include={{libdir}}/internal.conf
+rundir={dir}/run
+ipc_prefix=bench-
+port_offset=0
+stats_connection_ttl=120
+[runner]
+services=condure,zurl,pushpin-proxy,pushpin-handler
+http_port=127.0.0.1:{http_port}
+logdir={dir}/log
+log_level=2
+client_buffer_size=8192
+client_maxconn={maxconn}
+condure_bin=condure
+zurl_bin=zurl
+[proxy]
+routesfile={dir}/routes
+debug=false
+auto_cross_origin=false
+sig_iss=pushpin
+sig_key=changeme
+updates_check=off
+zurl_out_specs=ipc://{{rundir}}/{{ipc_prefix}}zurl-in
+zurl_out_stream_specs=ipc://{{rundir}}/{{ipc_prefix}}zurl-in-stream
+zurl_in_specs=ipc://{{rundir}}/{{ipc_prefix}}zurl-out
+[handler]
+push_in_spec=tcp://127.0.0.1:{push_in}
+push_in_sub_specs=tcp://127.0.0.1:{push_sub}
+push_in_sub_connect=false
+push_in_http_addr=127.0.0.1
+push_in_http_port={push_http}
+push_in_http_max_headers_size=10000
+push_in_http_max_body_size={max_body}
+stats_spec=ipc://{{rundir}}/{{ipc_prefix}}stats
+command_spec=tcp://127.0.0.1:{command}
+message_rate={message_rate}
+message_hwm={message_hwm}
+message_wait=5000
+id_cache_ttl=60
+connection_subscription_max=20
+subscription_linger=60
+stats_subscription_ttl=60
+stats_report_interval=10
+stats_format=tnetstring
+"""
+
+
+class Pushpin(Server):
+    """Pushpin's runner (condure, zurl, pushpin-proxy, pushpin-handler) in front of
+    bench/grip_backend.py. WebSocket is WebSocket-over-HTTP (``over_http`` route). No
+    long-poll: a held GRIP response has no buffer between polls (events are lost)."""
+
+    name, flavour, transports = "pushpin", "pushpin", ("ws", "sse")
+    message_rate = 1_000_000
+    message_hwm = 1_000_000
+    max_body = 4_000_000
+    settings = {
+        "services=condure,zurl,pushpin-proxy,pushpin-handler": "zurl is needed to proxy",
+        "client_maxconn=50000": "10 000+ clients (the Debian default config's value)",
+        f"message_rate={message_rate}, message_hwm={message_hwm}": (
+            "defaults 2500/s and 25000 drop silently above them"
+        ),
+        f"push_in_http_max_body_size={max_body}": "many items per POST /publish/",
+        "routes: * 127.0.0.1:<backend>,over_http": "WebSocket-over-HTTP to the GRIP backend",
+    }
+
+    def _start(self, timeout: float) -> None:
+        backend_ready = self.dir / "grip.ready"
+        backend_ready.unlink(missing_ok=True)
+        backend = self.spawn("grip_backend", _py("-m", "bench.grip_backend", "127.0.0.1:0",
+                                                 str(backend_ready)))  # fmt: skip
+        info = _wait(lambda: _read_json(backend_ready), "the GRIP backend", [backend], timeout)
+        self.backend_pid = info["pid"]
+        (self.dir / "run").mkdir(exist_ok=True)
+        (self.dir / "log").mkdir(exist_ok=True)
+        (self.dir / "routes").write_text(f"* 127.0.0.1:{info['port']},over_http\n")
+        self.http_port, self.push_http = free_port(), free_port()
+        conf = self.dir / "pushpin.conf"
+        conf.write_text(PUSHPIN_CONF.format(
+            dir=self.dir, http_port=self.http_port, maxconn=50_000, push_in=free_port(),
+            push_sub=free_port(), push_http=self.push_http, command=free_port(),
+            max_body=self.max_body, message_rate=self.message_rate,
+            message_hwm=self.message_hwm,
+        ))  # fmt: skip
+        runner = self.spawn("pushpin", [PUSHPIN, "--config", str(conf), "--merge-output"])
+        children = [backend, runner]
+        # ready = a held stream through the proxy receives a published message
+        _wait(lambda: self._round_trip(), "Pushpin to proxy and publish", children, timeout)
+
+    def _round_trip(self) -> bool:
+        with socket.create_connection(("127.0.0.1", self.http_port), timeout=2) as s:
+            s.sendall(b"GET /sse/ready_probe HTTP/1.1\r\nHost: x\r\n\r\n")
+            head = s.recv(65536)
+            if b" 200 " not in head.split(b"\r\n", 1)[0]:
+                return False
+            body = json.dumps({"items": [{"channel": "ready_probe", "formats": {
+                "http-stream": {"content": "data: probe\n\n"}}}]}).encode()  # fmt: skip
+            req = urllib.request.Request(
+                f"http://127.0.0.1:{self.push_http}/publish/",
+                data=body,
+                method="POST",
+                headers={"Content-Type": "application/json"},
+            )
+            end = time.monotonic() + 2
+            got = head
+            while b"probe" not in got and time.monotonic() < end:
+                urllib.request.urlopen(req, timeout=2).read()
+                s.settimeout(0.3)
+                with contextlib.suppress(TimeoutError):
+                    got += s.recv(65536)
+            return b"probe" in got
+
+    def pids(self) -> list[int]:
+        return [c.proc.pid for c in self.children if c.alive() and c.name != "grip_backend"]
+
+    def url(self, client: str, transport: str) -> str:
+        if transport == "ws":
+            return f"ws://127.0.0.1:{self.http_port}/ws/{client}"
+        return f"http://127.0.0.1:{self.http_port}/{transport}/{client}"
+
+    def publish_spec(self, transport: str) -> dict[str, Any]:
+        return {"kind": "pushpin", "address": ["127.0.0.1", self.push_http],
+                "transport": transport}  # fmt: skip
+
+
+SERVERS: dict[str, type[Server]] = {
+    cls.name: cls for cls in (Orbited, OrbitedHaloD, Raw, Nchan, Nchan2, Pushpin)
+}
+
+
+def make_server(name: str, workdir: Path) -> Server:
+    if name not in SERVERS:
+        raise PeerError(f"unknown server {name!r} (one of {', '.join(SERVERS)})")
+    return SERVERS[name](workdir)
+
+
+# -- publishers (run in the publisher processes, on asyncio) -------------------------------
+
+
+@dataclass
+class Published:
+    ok: int = 0  # accepted for a connected client (Orbited: "delivered"; Nchan: 201)
+    failed: int = 0  # refused, no subscriber, or the connection failed
+
+
+class Publisher:
+    async def publish(self, events: list[tuple[str, str]]) -> Published:
+        """Send each (client, data JSON) as a distinct event to that client alone."""
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        pass
+
+
+class _SPReq:
+    """One SP REQ connection with many requests in flight (replies matched by id)."""
+
+    def __init__(self, address: str, window: int) -> None:
+        host, port = address.removeprefix("tcp://").rsplit(":", 1)
+        self.address = (host, int(port))
+        self.window = asyncio.Semaphore(window)
+        self.ids = RequestIds()
+        self.waiting: dict[int, asyncio.Future[bytes]] = {}
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def open(self) -> None:
+        reader, self.writer = await asyncio.open_connection(*self.address)
+        self.writer.write(wire.encode_header(wire.REQ))
+        self.reader_task = asyncio.create_task(self._read(reader))
+
+    async def _read(self, reader: asyncio.StreamReader) -> None:
+        sp = wire.SPConnection(wire.REQ, wire.REP, max_message=64 << 20)
+        try:
+            while data := await reader.read(1 << 18):
+                for reply in sp.receive(data):
+                    fut = self.waiting.pop(int.from_bytes(reply[:4], "big"), None)
+                    if fut is not None and not fut.done():
+                        fut.set_result(reply[4:])
+        finally:
+            for fut in self.waiting.values():
+                if not fut.done():
+                    fut.set_exception(ConnectionError("SP connection lost"))
+
+    async def send_all(self, bodies: list[bytes]) -> list[bytes]:
+        """Write every body in one go (as the window allows), then await the replies."""
+        if self.writer is None:
+            await self.open()
+        assert self.writer is not None
+        loop = asyncio.get_running_loop()
+        futures, chunk = [], []
+        for body in bodies:
+            if self.window.locked():  # window full: flush what we have, wait for room
+                self.writer.write(b"".join(chunk))
+                chunk = []
+            await self.window.acquire()
+            request_id = self.ids.next()
+            fut = self.waiting[request_id] = loop.create_future()
+            fut.add_done_callback(lambda _: self.window.release())
+            futures.append(fut)
+            chunk.append(wire.encode_message(RequestIds.encode(request_id) + body))
+        self.writer.write(b"".join(chunk))
+        return list(await asyncio.gather(*futures, return_exceptions=True))
+
+    async def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.reader_task.cancel()
+
+
+class OrbitedPublisher(Publisher):
+    """SP REQ to each route's node; one connection per node, a batch's requests for a
+    node written together (batching per route), one event per request (1:1)."""
+
+    def __init__(self, spec: dict[str, Any], window: int = 1000) -> None:
+        self.routes = spec["routes"]
+        self.conns = {addr: _SPReq(addr, window) for addr in set(spec["sp"].values())}
+        self.by_route = {int(r): self.conns[a] for r, a in spec["sp"].items()}
+        self.n = 0
+        self.prefix = f"p{os.getpid()}-"
+
+    def _conn(self, client: str) -> _SPReq:
+        if self.routes == 1:
+            return self.by_route[1]
+        return self.by_route[route_of(ConnectionKey(client, SESSION, LOCATION), self.routes)]
+
+    async def publish(self, events: list[tuple[str, str]]) -> Published:
+        groups: dict[_SPReq, list[bytes]] = {}
+        for client, data in events:
+            self.n += 1
+            body = f'{{"id":"{self.prefix}{self.n}","to":[["{client}","{SESSION}","{LOCATION}"]],"data":{data}}}'  # noqa: E501
+            groups.setdefault(self._conn(client), []).append(body.encode())
+        out = Published()
+        replies = await asyncio.gather(*(c.send_all(b) for c, b in groups.items()))
+        for group in replies:
+            for reply in group:
+                if isinstance(reply, bytes) and (b'"seq"' in reply or reply == RAW_OK):
+                    out.ok += 1
+                else:
+                    out.failed += 1
+        return out
+
+    async def close(self) -> None:
+        for conn in self.conns.values():
+            await conn.close()
+
+
+class _HTTPPipe:
+    """One keep-alive HTTP/1.1 connection with pipelined requests (Content-Length or
+    chunked responses); reconnects when the server closes it."""
+
+    def __init__(self, address: tuple[str, int], pipeline: bool = True) -> None:
+        self.address = address
+        self.pipeline = pipeline
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+        self.lock = asyncio.Lock()
+
+    async def exchange(self, requests: list[bytes]) -> list[int]:
+        """Send the requests (back to back when pipelining); return their status codes
+        (0 = no answer)."""
+        async with self.lock:
+            statuses: list[int] = []
+            try:
+                if self.pipeline:
+                    reader, writer = await self._connection()
+                    writer.write(b"".join(requests))
+                    for _ in requests:
+                        statuses.append(await self._response(reader))
+                else:  # Pushpin's publish endpoint reads a pipelined request as body
+                    for request in requests:
+                        reader, writer = await self._connection()
+                        writer.write(request)
+                        statuses.append(await self._response(reader))
+            except (ConnectionError, asyncio.IncompleteReadError, ValueError):
+                self._drop()
+            return statuses + [0] * (len(requests) - len(statuses))
+
+    async def _connection(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        if self.reader is None or self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(*self.address)
+        return self.reader, self.writer
+
+    def _drop(self) -> None:
+        if self.writer is not None:
+            self.writer.transport.abort()
+        self.reader = self.writer = None
+
+    async def _response(self, reader: asyncio.StreamReader) -> int:
+        head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
+        status_line, _, rest = head.partition("\r\n")
+        headers = {}
+        for line in rest.split("\r\n"):
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        if headers.get("transfer-encoding", "").lower() == "chunked":
+            while size := int((await reader.readline()).split(b";")[0].strip() or b"0", 16):
+                await reader.readexactly(size + 2)
+            await reader.readline()
+        else:
+            await reader.readexactly(int(headers.get("content-length", "0")))
+        if headers.get("connection", "").lower() == "close":
+            self._drop()  # Pushpin's publish endpoint closes after every answer
+        return int(status_line.split(" ", 2)[1])
+
+    async def close(self) -> None:
+        self._drop()
+
+
+class NchanPublisher(Publisher):
+    """``POST /pub/<client>`` per event, pipelined over ``connections`` keep-alive
+    connections (Nchan has no batch publish)."""
+
+    def __init__(self, spec: dict[str, Any], connections: int = 8) -> None:
+        host, port = spec["address"]
+        self.host = f"{host}:{port}"
+        self.pipes = [_HTTPPipe((host, port)) for _ in range(connections)]
+
+    async def publish(self, events: list[tuple[str, str]]) -> Published:
+        requests = [
+            (f"POST /pub/{client} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: "
+             f"application/json\r\nContent-Length: {len(data)}\r\n\r\n{data}").encode()
+            for client, data in events  # data is ASCII JSON (len = bytes)
+        ]  # fmt: skip
+        n = len(self.pipes)
+        results = await asyncio.gather(*(p.exchange(requests[i::n]) for i, p in
+                                         enumerate(self.pipes) if requests[i::n]))  # fmt: skip
+        statuses = [s for r in results for s in r]
+        ok = sum(1 for s in statuses if s == 201)  # 202 = no subscriber on that channel
+        return Published(ok, len(statuses) - ok)
+
+    async def close(self) -> None:
+        for p in self.pipes:
+            await p.close()
+
+
+class PushpinPublisher(Publisher):
+    """``POST /publish/`` with up to ``per_request`` items, on a few keep-alive
+    connections. Pushpin answers before delivering (and drops silently over its limits),
+    so ``ok`` only means accepted."""
+
+    def __init__(self, spec: dict[str, Any], connections: int = 8, per_request: int = 500) -> None:
+        host, port = spec["address"]
+        self.host = f"{host}:{port}"
+        self.transport = spec["transport"]
+        self.per_request = per_request
+        self.pipes = [_HTTPPipe((host, port), pipeline=False) for _ in range(connections)]
+
+    def _item(self, client: str, data: str) -> dict[str, Any]:
+        if self.transport == "ws":
+            return {"channel": client, "formats": {"ws-message": {"content": data}}}
+        return {"channel": client, "formats": {"http-stream": {"content": f"data: {data}\n\n"}}}
+
+    async def publish(self, events: list[tuple[str, str]]) -> Published:
+        step = self.per_request
+        bodies = [
+            json.dumps({"items": [self._item(c, d) for c, d in events[i : i + step]]})
+            for i in range(0, len(events), step)
+        ]
+        sizes = [min(step, len(events) - i) for i in range(0, len(events), step)]
+        requests = [
+            (f"POST /publish/ HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json"
+             f"\r\nContent-Length: {len(b)}\r\n\r\n{b}").encode()
+            for b in bodies
+        ]  # fmt: skip
+        n = len(self.pipes)
+        results = await asyncio.gather(*(p.exchange(requests[i::n]) for i, p in
+                                         enumerate(self.pipes) if requests[i::n]))  # fmt: skip
+        out = Published()
+        for i in range(n):
+            if not requests[i::n]:
+                continue
+            for status, size in zip(results.pop(0), sizes[i::n], strict=True):
+                if status == 200:
+                    out.ok += size
+                else:
+                    out.failed += size
+        return out
+
+    async def close(self) -> None:
+        for p in self.pipes:
+            await p.close()
+
+
+def make_publisher(spec: dict[str, Any]) -> Publisher:
+    kinds = {"orbited": OrbitedPublisher, "nchan": NchanPublisher, "pushpin": PushpinPublisher}
+    return kinds[spec["kind"]](spec)
