@@ -78,4 +78,8 @@ def origin_allowed(origin: str | None, host: str | None, allowed: Sequence[str])
         return True
     if host is None or origin == "null":
         return False
-    return urlsplit(origin).netloc.lower() == host.lower()
+    try:
+        netloc = urlsplit(origin).netloc
+    except ValueError:  # e.g. "http://[": not a URL, so not our origin (found by fuzzing)
+        return False
+    return netloc.lower() == host.lower()
