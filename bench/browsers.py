@@ -308,6 +308,10 @@ class Browser:
         self._in_outage = False
         self._attempt = 0
         self._hello_this_session = False
+        # churn mode (Churn): sessions begun per transport, how each one ended
+        self.sessions: Counter[str] = Counter()
+        self.resumed = 0  # sessions begun with a position (last=)
+        self.churn: Counter[str] = Counter()
 
     # -- frames ------------------------------------------------------------------------
 
@@ -599,6 +603,9 @@ class Browser:
             "fatal": self.fatal,
             "position": self.position(),
             "errors": dict(self.errors),
+            "sessions": dict(self.sessions),
+            "resumed": self.resumed,
+            "churn": dict(self.churn),
         }
 
 
@@ -664,15 +671,127 @@ class _IframeParser:
         ]
 
 
+# -- churn (the soak test) ---------------------------------------------------------------
+
+
+@dataclass
+class Churn:
+    """Each browser's page lives a random time (exponential, mean ``life`` s), then:
+
+    - ``switch``: reconnects at once on another transport, resuming with ``last``;
+    - ``away``: goes away for uniform [away_min, away_max] s (its mailbox lingers and,
+      past the node's linger, expires: the return gets ``hello.reset``), then resumes,
+      maybe on another transport;
+    - ``new``: a brand-new key (``(user, "x<pid>.<n>", location)``, never seen before and
+      never sent to by the web app) lives one page life, then the browser goes back to
+      its own key, resuming: per-key state on the node that is never deleted shows up.
+
+    Weights choose between the three."""
+
+    life: float = 45.0
+    switch: float = 2.0
+    away: float = 1.0
+    new: float = 1.0
+    away_min: float = 5.0
+    away_max: float = 60.0
+    seed: int | None = None
+
+    @classmethod
+    def parse(cls, spec: str) -> Churn:
+        """``"life=45,switch=2,away=1,new=1,away_min=5,away_max=60"`` (any subset)."""
+        churn = cls()
+        for part in filter(None, (x.strip() for x in spec.split(","))):
+            name, _, value = part.partition("=")
+            if name not in cls.__dataclass_fields__ or not value:
+                raise ValueError(f"bad churn option {part!r}")
+            setattr(churn, name, int(value) if name == "seed" else float(value))
+        if churn.life <= 0 or churn.away_max < churn.away_min:
+            raise ValueError("churn: life > 0 and away_min <= away_max")
+        if (
+            min(churn.switch, churn.away, churn.new) < 0
+            or churn.switch + churn.away + churn.new <= 0
+        ):
+            raise ValueError("churn: weights must be >= 0, one of them > 0")
+        return churn
+
+
+@dataclass
+class ChurnStats:
+    fresh_keys: int = 0
+    fresh_connects: int = 0
+    fresh_fatal: int = 0
+    fresh_sessions: Counter[str] = field(default_factory=Counter)
+
+
+async def churn_slot(
+    browser: Browser,
+    transports: Sequence[str],
+    url_for: Callable[[ConnectionKey], str],
+    churn: Churn,
+    stats: ChurnStats,
+    rng: random.Random,
+) -> None:
+    """Run ``browser`` under ``churn`` until cancelled (see Churn)."""
+    current = browser
+    fresh_serial = 0
+    while True:
+        current.sessions[current.transport] += 1
+        current.resumed += current.position() is not None
+        task = asyncio.create_task(current.run())
+        try:
+            await asyncio.wait([task], timeout=rng.expovariate(1 / churn.life))
+        finally:
+            if not task.done():
+                task.cancel()
+                await asyncio.wait([task])
+        if current is not browser:  # a fresh key's one life is over: back to our own
+            stats.fresh_connects += current.connects
+            stats.fresh_fatal += current.fatal is not None
+            current = browser
+            current.transport = rng.choice(transports)
+            current.churn["back"] += 1
+            continue
+        if browser.fatal is not None:  # replaced or refused: a new page load, same key
+            browser.churn["fatal"] += 1
+            browser.fatal = None
+            browser.stream, browser.seq = None, 0
+        others = [t for t in transports if t != browser.transport] or list(transports)
+        action = rng.choices(("switch", "away", "new"), (churn.switch, churn.away, churn.new))[0]
+        browser.churn[action] += 1
+        if action == "switch":
+            browser.transport = rng.choice(others)
+        elif action == "away":
+            await asyncio.sleep(rng.uniform(churn.away_min, churn.away_max))
+            browser.transport = rng.choice(transports)
+        else:
+            fresh_serial += 1
+            user, _, location = browser.key
+            key = ConnectionKey(user, f"x{os.getpid()}.{fresh_serial}", location)
+            current = Browser(key, rng.choice(transports), url_for(key), browser.shared)
+            stats.fresh_keys += 1
+            stats.fresh_sessions[current.transport] += 1
+
+
 # -- a fleet of browsers in this process -------------------------------------------------
 
 
 class Fleet:
-    def __init__(self, browsers: Sequence[Browser], shared: Shared) -> None:
+    def __init__(
+        self,
+        browsers: Sequence[Browser],
+        shared: Shared,
+        churn: Churn | None = None,
+        transports: Sequence[str] = TRANSPORTS,
+        url_for: Callable[[ConnectionKey], str] | None = None,
+    ) -> None:
         self.browsers = list(browsers)
         self.shared = shared
         self.started = time.time()
         self.loop_lag: list[float] = []
+        self.churn = churn
+        self.churn_stats = ChurnStats()
+        self.transports = list(dict.fromkeys(transports))
+        self.url_for = url_for
 
     @classmethod
     def build(
@@ -683,15 +802,17 @@ class Fleet:
         url_for: Callable[[ConnectionKey], str],
         secret: bytes,
         options: Options | None = None,
+        churn: Churn | None = None,
     ) -> Fleet:
-        """Browsers for ``keys``; key j's transport is pattern[indices[j] % len(pattern)]."""
+        """Browsers for ``keys``; key j's transport is pattern[indices[j] % len(pattern)]
+        (at first: with ``churn`` a browser moves through every transport of ``pattern``)."""
         shared = Shared(secret, options or Options())
         shared.http_ack = shared.options.http_ack
         browsers = [
             Browser(k, pattern[i % len(pattern)], url_for(k), shared)
             for k, i in zip(keys, indices, strict=True)
         ]
-        return cls(browsers, shared)
+        return cls(browsers, shared, churn, pattern, url_for)
 
     async def run(
         self,
@@ -710,7 +831,14 @@ class Fleet:
         for i, browser in enumerate(self.browsers):
             if stop.is_set():
                 break
-            tasks.append(asyncio.create_task(browser.run()))
+            if self.churn is None:
+                tasks.append(asyncio.create_task(browser.run()))
+            else:
+                assert self.url_for is not None
+                seed = None if self.churn.seed is None else self.churn.seed * 1_000_003 + i
+                driver = churn_slot(browser, self.transports, self.url_for, self.churn,
+                                    self.churn_stats, random.Random(seed))  # fmt: skip
+                tasks.append(asyncio.create_task(driver))
             if ramp > 0 and i % 50 == 49:  # connect in waves: no SYN flood on the node
                 await asyncio.sleep(50 / ramp)
         await stop.wait()
@@ -752,6 +880,7 @@ class Fleet:
                 f"ready={sum(1 for x in b if x.connects)}/{len(b)} events={self.shared.events} "
                 f"dups={sum(x.dups for x in b)} reconnects={sum(x.reconnects for x in b)} "
                 f"in_outage={sum(1 for x in b if x._in_outage)} "
+                f"sessions={sum(sum(x.sessions.values()) for x in b)} "
                 f"lag_max={max(self.loop_lag[-50:], default=0) * 1000:.0f}ms",
                 file=sys.stderr,
                 flush=True,
@@ -777,7 +906,27 @@ class Fleet:
             "loop_lag": spread(self.loop_lag),
             "latency": {t: spread(v) for t, v in self.shared.latencies.items()},
             "totals": {t: dict(v) for t, v in totals.items()},
+            "churn": None if self.churn is None else self._churn_report(clients),
             "clients": clients,
+        }
+
+    def _churn_report(self, clients: list[dict[str, Any]]) -> dict[str, Any]:
+        sessions: Counter[str] = Counter()
+        actions: Counter[str] = Counter()
+        for c in clients:
+            sessions.update(c["sessions"])
+            actions.update(c["churn"])
+        fresh = self.churn_stats
+        return {
+            "options": asdict(self.churn) if self.churn else None,
+            "sessions": dict(sessions),  # own keys, by transport
+            "resumed": sum(c["resumed"] for c in clients),
+            "connects": sum(c["connects"] for c in clients),
+            "actions": dict(actions),
+            "fresh_keys": fresh.fresh_keys,
+            "fresh_sessions": dict(fresh.fresh_sessions),
+            "fresh_connects": fresh.fresh_connects,
+            "fresh_fatal": fresh.fresh_fatal,
         }
 
 
@@ -906,6 +1055,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--backoff-max", type=float, default=2.0)
     p.add_argument("--poll-timeout", type=float, default=25.0)
     p.add_argument("--no-http-ack", action="store_true", help="SSE/iframe: never POST acks")
+    p.add_argument("--churn", metavar="SPEC", help="churn mode, e.g. life=45,switch=2,away=1,"
+                   "new=1,away_min=5,away_max=60 (class Churn); '' = the defaults")  # fmt: skip
     return p.parse_args(argv)
 
 
@@ -927,7 +1078,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     pattern = [t for t in transport_pattern(args.transports)]
     indices = range(args.offset, args.offset + len(keys))
-    fleet = Fleet.build(keys, indices, pattern, url_for, load_secret(args.secret_file), options)
+    churn = None if args.churn is None else Churn.parse(args.churn)
+    fleet = Fleet.build(
+        keys, indices, pattern, url_for, load_secret(args.secret_file), options, churn
+    )
 
     async def run() -> None:
         stop = asyncio.Event()
