@@ -15,6 +15,7 @@ from orbited.events import RequestLimits
 from orbited.hub import HubConfig
 from orbited.mailbox import MailboxLimits
 from orbited.sp.rep import RepLimits
+from orbited.transports.limits import BrowserLimitsConfig
 
 
 class ConfigError(ValueError):
@@ -117,6 +118,9 @@ class NodeConfig(ConfigBase):
     keepalive: float = _opt(25.0, "seconds of silence before a ping frame")
     mailbox_events: int = _opt(1000, "events kept per connection key")
     mailbox_bytes: int = _opt(1024 * 1024, "payload bytes kept per connection key")
+    mailbox_total_bytes: int = _opt(
+        512 * 1024 * 1024, "payload bytes kept in all mailboxes together (then status full)"
+    )
     max_payload: int = _opt(64 * 1024, "largest event data, bytes of encoded JSON")
     max_recipients: int = _opt(10_000, "recipients per event request")
     max_ack_wait: float = _opt(60.0, "largest wait a request in the acknowledged mode may ask")
@@ -126,6 +130,13 @@ class NodeConfig(ConfigBase):
     sp_max_message: int = _opt(4 * 1024 * 1024, "largest SP message; larger closes")
     sp_header_timeout: float = _opt(10.0, "seconds a web app has to send its SP header")
     sp_max_inflight: int = _opt(1024, "unanswered requests per SP connection")
+    sp_max_connections: int = _opt(1000, "SP (web-app) connections at once; more are closed")
+    max_connections: int = _opt(15_000, "browser connections at once (then 503 / close 4503)")
+    max_sockets: int = _opt(0, "open sockets on the browser port (0 = fd limit less 1024)")
+    connect_rate: float = _opt(2000.0, "new browser connections per second (0 = no limit)")
+    connect_burst: int = _opt(10_000, "new browser connections at once above connect_rate")
+    max_pending_polls: int = _opt(10_000, "held long-polls at once (then 503)")
+    max_write_queue: int = _opt(1024 * 1024, "unsent bytes per browser stream, then closed")
     publish_http: str = _opt("", "HTTP publish API host:port (empty = off)")
     publish_key_file: str = _opt("", "file holding the publish API key (needed with publish_http)")
     presence_url: str = _opt("", "webhook URL for signon/signoff notices (empty = off)")
@@ -174,9 +185,22 @@ class NodeConfig(ConfigBase):
             "dedup_max",
             "dedup_max_bytes",
             "sp_max_inflight",
+            "sp_max_connections",
+            "max_connections",
+            "max_pending_polls",
+            "max_write_queue",
+            "connect_burst",
         ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive")
+        if self.connect_rate < 0 or self.max_sockets < 0:
+            raise ConfigError("connect_rate and max_sockets must not be negative")
+        if self.max_sockets and self.max_sockets <= self.max_connections:
+            raise ConfigError("max_sockets must exceed max_connections (or be 0 = automatic)")
+        if self.mailbox_total_bytes < self.mailbox_bytes:
+            raise ConfigError("mailbox_total_bytes must be at least mailbox_bytes")
+        if self.max_write_queue < 64 * 1024:
+            raise ConfigError("max_write_queue must be at least 65536")
         if self.halod:
             parse_sp_address(self.halod)
         if self.advertise_http:
@@ -196,6 +220,16 @@ class NodeConfig(ConfigBase):
             dedup_window=self.dedup_window,
             dedup_max=self.dedup_max,
             dedup_max_bytes=self.dedup_max_bytes,
+            mailbox_total_bytes=self.mailbox_total_bytes,
+        )
+
+    def browser_limits(self) -> BrowserLimitsConfig:
+        return BrowserLimitsConfig(
+            max_connections=self.max_connections,
+            connect_rate=self.connect_rate,
+            connect_burst=self.connect_burst,
+            max_pending_polls=self.max_pending_polls,
+            max_write_queue=self.max_write_queue,
         )
 
     def rep_limits(self) -> RepLimits:
@@ -203,6 +237,7 @@ class NodeConfig(ConfigBase):
             max_message=self.sp_max_message,
             header_timeout=self.sp_header_timeout,
             max_inflight=self.sp_max_inflight,
+            max_connections=self.sp_max_connections,
         )
 
 

@@ -22,6 +22,8 @@ from orbited.publish import publish_site
 from orbited.sp.rep import RepFactory
 from orbited.tokens import load_secret
 from orbited.transports.common import BrowserAuth
+from orbited.transports.gate import GatedTCPServer, SocketGate, default_max_sockets, raise_fd_limit
+from orbited.transports.limits import BrowserLimits
 from orbited.web import browser_site
 
 
@@ -50,21 +52,27 @@ class NodeService(service.MultiService):
             self.presence = PresenceNotifier(presence, secret, config.name, clock)
             self.hub.presence = self.presence.notify
         self.rep_factory = RepFactory(self.hub.handle_request, config.rep_limits(), clock)
+        self.browser_limits = BrowserLimits(config.browser_limits(), clock)
+        self.fd_limit = raise_fd_limit()
+        self.socket_gate = SocketGate(config.max_sockets or default_max_sockets(self.fd_limit))
         self.site = browser_site(
             self.hub,
             BrowserAuth(secret, config.token_leeway),
             config.cors_origins,
             config.name,
             config.iframe_max_bytes,
+            self.browser_limits,
+            self.limit_counters,
         )
         sp_host, sp_port = parse_sp_address(config.sp)
         http_host, http_port = parse_host_port(config.http)
         self.sp_server = internet.TCPServer(
             sp_port, self.rep_factory, backlog=config.backlog, interface=sp_host, reactor=reactor
         )
-        self.http_server = internet.TCPServer(
-            http_port, self.site, backlog=config.backlog, interface=http_host, reactor=reactor
-        )
+        self.http_server = GatedTCPServer(
+            self.socket_gate, http_port, self.site, backlog=config.backlog,
+            interface=http_host, reactor=reactor,
+        )  # fmt: skip
         self.sp_server.setServiceParent(self)
         self.http_server.setServiceParent(self)
         self.publish_server: internet.TCPServer | None = None
@@ -99,6 +107,19 @@ class NodeService(service.MultiService):
             )  # fmt: skip
             self.halod_link.setServiceParent(self)  # after the listeners: addresses known
 
+    def limit_counters(self) -> dict[str, int]:
+        """The limits' gauges and refusal counters, for /orbited/health."""
+        gate = self.socket_gate
+        return {
+            **self.browser_limits.snapshot(),
+            "sockets": gate.open,
+            "max_sockets": gate.max_sockets,
+            "refused_sockets": gate.refused,
+            **self.rep_factory.stats(),
+            "mailbox_bytes": self.hub.mailbox_bytes,
+            "full": self.hub.stats["full"],
+        }
+
     def _advertised(self) -> tuple[str, str]:
         """The addresses HaloD forwards browsers and web apps to."""
         return (
@@ -108,6 +129,14 @@ class NodeService(service.MultiService):
 
     def startService(self) -> None:  # noqa: N802
         super().startService()
+        if self.config.max_connections >= self.socket_gate.max_sockets:
+            self.log.warn(
+                "max_connections ({c}) is not below the socket cap ({s}, fd limit {fd}): "
+                "browsers past the cap get a closed socket, not a 503",
+                c=self.config.max_connections,
+                s=self.socket_gate.max_sockets,
+                fd=self.fd_limit,
+            )
         self.log.info(
             "node {name} epoch {epoch}: browsers on http://{http}/orbited/, web apps on {sp}",
             name=self.config.name,

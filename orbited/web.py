@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from twisted.web import resource, server
@@ -14,6 +15,7 @@ from orbited.hub import Hub
 from orbited.transports.ack import AckResource
 from orbited.transports.common import BrowserAuth
 from orbited.transports.http import orbited_site
+from orbited.transports.limits import BrowserLimits, BrowserLimitsConfig
 from orbited.transports.longpoll import LongPollResource
 from orbited.transports.streaming import IframeResource, SSEResource
 from orbited.transports.websocket import websocket_resource
@@ -22,10 +24,13 @@ from orbited.transports.websocket import websocket_resource
 class HealthResource(resource.Resource):
     isLeaf = True
 
-    def __init__(self, hub: Hub, name: str) -> None:
+    def __init__(
+        self, hub: Hub, name: str, limits: Callable[[], dict[str, int]] | None = None
+    ) -> None:
         super().__init__()
         self.hub = hub
         self.name = name
+        self.limits = limits  # the node's limit counters (docs/operations.md, "Limits")
 
     def render_GET(self, request: server.Request) -> bytes:  # noqa: N802
         request.setHeader(b"content-type", b"application/json")
@@ -38,6 +43,7 @@ class HealthResource(resource.Resource):
                 "version": __version__,
                 "gauges": self.hub.gauges(),
                 "stats": self.hub.stats,
+                "limits": self.limits() if self.limits is not None else {},
             }
         ).encode()
 
@@ -81,17 +87,22 @@ class ClientScriptResource(resource.Resource):
 
 
 def browser_site(
-    hub: Hub, auth: BrowserAuth, cors_origins: list[str], name: str, iframe_max_bytes: int
-) -> server.Site:
+    hub: Hub, auth: BrowserAuth, cors_origins: list[str], name: str, iframe_max_bytes: int,
+    limits: BrowserLimits | None = None,
+    counters: Callable[[], dict[str, int]] | None = None,
+) -> server.Site:  # fmt: skip
+    """``limits`` is shared by every browser transport; ``counters`` is what /health
+    shows under "limits" (default: ``limits``' own counters)."""
     source = client_source()
+    limits = limits or BrowserLimits(BrowserLimitsConfig(), hub.clock)
     return orbited_site(
         {
-            b"ws": websocket_resource(hub, auth, cors_origins),
-            b"poll": LongPollResource(hub, auth, cors_origins),
-            b"sse": SSEResource(hub, auth, cors_origins),
-            b"iframe": IframeResource(hub, auth, cors_origins, iframe_max_bytes),
-            b"ack": AckResource(hub, auth, cors_origins),
-            b"health": HealthResource(hub, name),
+            b"ws": websocket_resource(hub, auth, cors_origins, limits),
+            b"poll": LongPollResource(hub, auth, cors_origins, limits),
+            b"sse": SSEResource(hub, auth, cors_origins, limits),
+            b"iframe": IframeResource(hub, auth, cors_origins, iframe_max_bytes, limits),
+            b"ack": AckResource(hub, auth, cors_origins, limits),
+            b"health": HealthResource(hub, name, counters or limits.snapshot),
             b"client.js": ClientScriptResource(source, module=False),
             b"client.mjs": ClientScriptResource(source, module=True),
         }

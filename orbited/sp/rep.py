@@ -33,6 +33,7 @@ class RepLimits:
     header_timeout: float = 10.0  # seconds a peer has to send its SP header (nng: 10 s)
     max_hops: int = MAX_HOPS
     max_inflight: int = 1024  # unanswered requests per connection before we stop reading
+    max_connections: int = 1000  # connections at once; a new one past it is closed at once
 
 
 @implementer(IPushProducer)
@@ -51,6 +52,22 @@ class RepProtocol(Protocol):
         self._reading_paused = False
         self.closed = False
         self.dropped_requests = 0
+
+    @property
+    def inflight(self) -> int:
+        return self._inflight
+
+    @property
+    def reading_paused(self) -> bool:
+        return self._reading_paused
+
+    def unsent(self) -> int:
+        """Reply bytes written and not yet taken by the kernel."""
+        transport = self.transport
+        try:
+            return len(transport.dataBuffer) - transport.offset + transport._tempDataLen  # type: ignore[union-attr]
+        except AttributeError:
+            return 0
 
     def connectionMade(self) -> None:
         if self.factory is not None:
@@ -168,6 +185,7 @@ class RepProtocol(Protocol):
 
 
 class RepFactory(Factory):
+    log = Logger()
     noisy = False
 
     def __init__(
@@ -182,8 +200,30 @@ class RepFactory(Factory):
         self.limits = limits or RepLimits()
         self.clock = clock
         self.connections: set[RepProtocol] = set()
+        self.refused = 0
 
-    def buildProtocol(self, addr: object) -> RepProtocol:
+    def buildProtocol(self, addr: object) -> RepProtocol | None:  # noqa: N802
+        if len(self.connections) >= self.limits.max_connections:
+            # None: the port closes the socket at once. nng dialers retry (with backoff),
+            # so a web app gets in as soon as another connection goes.
+            self.refused += 1
+            self.log.warn(
+                "SP connection from {peer} closed: sp_max_connections ({n}) reached",
+                peer=getattr(addr, "host", "?"),
+                n=self.limits.max_connections,
+            )
+            return None
         proto = RepProtocol(self.handler, self.limits, self.clock)
         proto.factory = self
         return proto
+
+    def stats(self) -> dict[str, int]:
+        """For /orbited/health: connections, refusals, and those whose reading is paused
+        (backpressure: too many requests in flight, or replies not read)."""
+        return {
+            "sp_connections": len(self.connections),
+            "sp_refused": self.refused,
+            "sp_paused": sum(1 for c in self.connections if c.reading_paused),
+            "sp_inflight": sum(c.inflight for c in self.connections),
+            "sp_unsent_bytes": sum(c.unsent() for c in self.connections),
+        }

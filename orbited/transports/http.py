@@ -11,6 +11,7 @@ from twisted.web.http import Request
 
 from orbited.keys import ConnectionKey
 from orbited.transports.common import BrowserAuth, BrowserRequestError, origin_allowed
+from orbited.transports.limits import BrowserLimits, BrowserLimitsConfig, Overloaded
 
 if TYPE_CHECKING:
     from orbited.hub import Hub
@@ -18,16 +19,22 @@ if TYPE_CHECKING:
 
 class HTTPSink:
     """What every HTTP transport's Sink shares: one request attached to one key, detached
-    when the response ends or the browser goes away (docs/architecture.md)."""
+    when the response ends or the browser goes away (docs/architecture.md). It counts
+    as one of the node's browser connections (``limits``) while it lasts."""
 
     wants_pings = True
+    is_poll = False  # counts against max_pending_polls too
 
-    def __init__(self, hub: Hub, key: ConnectionKey, request: Request) -> None:
+    def __init__(
+        self, hub: Hub, key: ConnectionKey, request: Request, limits: BrowserLimits
+    ) -> None:
         self.hub = hub
         self.key = key
         self.request = request
+        self.limits = limits
         self.finished = False
         self.last_write = hub.clock.seconds()
+        limits.opened(self.is_poll)
         request.notifyFinish().addBoth(self._gone)
 
     def _end(self) -> bool:
@@ -35,6 +42,7 @@ class HTTPSink:
         if self.finished:
             return False
         self.finished = True
+        self.limits.closed(self.is_poll)
         self._stop_timers()
         self.hub.detach(self.key, self)
         return True
@@ -80,11 +88,18 @@ class BrowserResource(resource.Resource):
 
     isLeaf = True
 
-    def __init__(self, hub: Hub, auth: BrowserAuth, cors_origins: list[str]) -> None:
+    def __init__(
+        self,
+        hub: Hub,
+        auth: BrowserAuth,
+        cors_origins: list[str],
+        limits: BrowserLimits | None = None,
+    ) -> None:
         super().__init__()
         self.hub = hub
         self.auth = auth
         self.cors_origins = cors_origins
+        self.limits = limits or BrowserLimits(BrowserLimitsConfig(), hub.clock)
 
     def preflight(self, request: Request, methods: bytes) -> bytes:
         """Answer a CORS preflight for ``methods`` (transports that fetch() call this)."""
@@ -122,4 +137,6 @@ def orbited_site(children: dict[bytes, resource.Resource]) -> server.Site:
 def send_json_error(request: Request, error: BrowserRequestError) -> bytes:
     request.setResponseCode(error.status)
     request.setHeader(b"content-type", b"application/json")
+    if isinstance(error, Overloaded):
+        request.setHeader(b"retry-after", str(error.retry_after).encode())
     return json.dumps({"error": {"code": error.code, "message": error.message}}).encode()

@@ -27,6 +27,7 @@ from orbited.transports.http import (
     decoded_args,
     send_json_error,
 )
+from orbited.transports.limits import BrowserLimits
 
 DEFAULT_TIMEOUT = 25.0
 MAX_TIMEOUT = 120.0
@@ -36,9 +37,12 @@ class _PendingPoll(HTTPSink):
     """The Sink for one held poll request: frames are batched for one reactor turn."""
 
     wants_pings = False  # a held poll ends by its own timeout
+    is_poll = True
 
-    def __init__(self, hub: Hub, key: ConnectionKey, request: Request) -> None:
-        super().__init__(hub, key, request)
+    def __init__(
+        self, hub: Hub, key: ConnectionKey, request: Request, limits: BrowserLimits
+    ) -> None:
+        super().__init__(hub, key, request, limits)
         self.frames: list[bytes] = []
         self.holding = False
         self._timer: IDelayedCall | None = None
@@ -87,13 +91,14 @@ class LongPollResource(BrowserResource):
         request.setHeader(b"cache-control", b"no-store")
         try:
             apply_cors(request, self.cors_origins)
+            self.limits.check(poll=True)  # before any work: 503 when overloaded
             params = decoded_args(request)
             attach = authenticate(self.auth, params)
             timeout = self._timeout(params)
         except BrowserRequestError as e:
             return send_json_error(request, e)
         request.setHeader(b"content-type", b"application/json")
-        poll = _PendingPoll(self.hub, attach.key, request)
+        poll = _PendingPoll(self.hub, attach.key, request, self.limits)
         self.hub.attach(attach.key, poll, attach.after)
         if len(poll.frames) > 1 or timeout == 0:
             poll.flush()  # more than the hello frame: answer at once

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import re
 
+from twisted.logger import Logger
 from twisted.web import server
 from twisted.web.http import Request
 
@@ -39,6 +40,7 @@ from orbited.transports.http import (
     header,
     send_json_error,
 )
+from orbited.transports.limits import BrowserLimits, WriteQueueWatch, unsent_bytes
 
 _EVENT_SEQ = re.compile(rb'^\{"type":"event","seq":(\d+),')
 _ORIGIN = re.compile(
@@ -48,12 +50,37 @@ IFRAME_PRELUDE_BYTES = 2048  # browsers render a streamed document only after ~1
 
 
 class _Stream(HTTPSink):
-    """Sink for one held streaming response."""
+    """Sink for one held streaming response. A browser that does not read it fast enough
+    (``max_write_queue`` unsent bytes) loses the connection at once: nothing more can be
+    said to it in order, and the buffered bytes are freed; it resumes from its position
+    (docs/protocol.md, "Errors")."""
 
-    def __init__(self, hub: Hub, key: ConnectionKey, request: Request) -> None:
-        super().__init__(hub, key, request)
+    log = Logger()
+
+    def __init__(
+        self, hub: Hub, key: ConnectionKey, request: Request, limits: BrowserLimits
+    ) -> None:
+        super().__init__(hub, key, request, limits)
         self.written = 0
         self.stream = ""
+        self.watch = WriteQueueWatch(
+            limits.config.max_write_queue, hub.clock, self._unsent, self._slow
+        )
+
+    def _unsent(self) -> int | None:
+        transport = self.request.channel.transport if self.request.channel else None
+        return None if transport is None else unsent_bytes(transport)
+
+    def _slow(self, unsent: int) -> None:
+        self.limits.slow()
+        self.log.info("closing a slow {kind} reader: {n} bytes unsent", kind=self.kind, n=unsent)
+        if self._end():
+            transport = self.request.channel.transport if self.request.channel else None
+            if transport is not None:
+                transport.abortConnection()
+
+    def _stop_timers(self) -> None:
+        self.watch.stop()
 
     def encode(self, frame: bytes) -> bytes:
         raise NotImplementedError
@@ -65,7 +92,7 @@ class _Stream(HTTPSink):
         self.request.write(chunk)
         self.written += len(chunk)
         self.last_write = self.hub.clock.seconds()
-        return True
+        return not self.watch.wrote()
 
     def replaced(self) -> None:
         self.finish(frames.REPLACED)
@@ -84,6 +111,8 @@ class _Stream(HTTPSink):
 
 
 class _SSEStream(_Stream):
+    kind = "SSE"
+
     def encode(self, frame: bytes) -> bytes:
         match = _EVENT_SEQ.match(frame)
         if match is not None:
@@ -103,8 +132,17 @@ def script_literal(frame: bytes) -> bytes:
 
 
 class _IframeStream(_Stream):
-    def __init__(self, hub: Hub, key: ConnectionKey, request: Request, max_bytes: int) -> None:
-        super().__init__(hub, key, request)
+    kind = "iframe"
+
+    def __init__(
+        self,
+        hub: Hub,
+        key: ConnectionKey,
+        request: Request,
+        limits: BrowserLimits,
+        max_bytes: int,
+    ) -> None:
+        super().__init__(hub, key, request, limits)
         self.max_bytes = max_bytes
 
     def encode(self, frame: bytes) -> bytes:
@@ -139,6 +177,7 @@ class _StreamingResource(BrowserResource):
         request.setHeader(b"cache-control", b"no-store")
         try:
             apply_cors(request, self.cors_origins)
+            self.limits.check()  # before any work: 503 when overloaded
             params = decoded_args(request)
             after = self.position(request, params)
             if after is not None:
@@ -166,14 +205,19 @@ class SSEResource(_StreamingResource):
         request.setHeader(b"content-type", b"text/event-stream; charset=utf-8")
         request.setHeader(b"x-accel-buffering", b"no")  # nginx: do not buffer the stream
         request.write(b": orbited\n\n")  # headers leave now; EventSource opens
-        return _SSEStream(self.hub, key, request)
+        return _SSEStream(self.hub, key, request, self.limits)
 
 
 class IframeResource(_StreamingResource):
     def __init__(
-        self, hub: Hub, auth: BrowserAuth, cors_origins: list[str], max_bytes: int
+        self,
+        hub: Hub,
+        auth: BrowserAuth,
+        cors_origins: list[str],
+        max_bytes: int,
+        limits: BrowserLimits | None = None,
     ) -> None:
-        super().__init__(hub, auth, cors_origins)
+        super().__init__(hub, auth, cors_origins, limits)
         self.max_bytes = max_bytes
 
     def start(self, request: Request, params: dict[str, list[str]], key: ConnectionKey) -> _Stream:
@@ -191,6 +235,6 @@ class IframeResource(_StreamingResource):
         request.setHeader(b"content-security-policy", f"frame-ancestors {origin}".encode())
         head = _iframe_head(origin)
         request.write(head)
-        stream = _IframeStream(self.hub, key, request, self.max_bytes)
+        stream = _IframeStream(self.hub, key, request, self.limits, self.max_bytes)
         stream.written = len(head)  # the cap is on the whole document
         return stream

@@ -26,9 +26,16 @@ from orbited.transports.common import (
     authenticate,
     origin_allowed,
 )
+from orbited.transports.limits import (
+    BrowserLimits,
+    BrowserLimitsConfig,
+    WriteQueueWatch,
+    unsent_bytes,
+)
 
 CLOSE_RECONNECT = 4000  # reconnect (node shutting down, route moved); reason says why
 CLOSE_REPLACED = 4001  # a newer connection took this key; do not reconnect
+CLOSE_SLOW = 4002  # a reader too slow for max_write_queue; reconnect and resume
 CLOSE_BAD_FRAME = 4400  # the browser sent something that is not a valid frame
 MAX_CLIENT_MESSAGE = 4096
 
@@ -79,6 +86,8 @@ class BrowserWebSocket(WebSocketServerProtocol):
         self.log = _NoDebugLogger(f"{__name__}.BrowserWebSocket", source=self)
         self._attach: Attach | None = None
         self._error: BrowserRequestError | None = None
+        self._counted = False  # one of the node's browser connections (limits)
+        self._watch: WriteQueueWatch | None = None
         self.last_write = 0.0
 
     def onConnect(self, request: ConnectionRequest) -> None:
@@ -86,6 +95,7 @@ class BrowserWebSocket(WebSocketServerProtocol):
         if not origin_allowed(request.headers.get("origin"), request.host, factory.cors_origins):
             raise ConnectionDeny(403, "origin not allowed")
         try:
+            factory.limits.check()  # before the token: an overloaded node does no more work
             self._attach = authenticate(factory.auth, request.params)
         except BrowserRequestError as e:
             # Accept, then close with a code the page's script can read (an HTTP refusal
@@ -97,7 +107,23 @@ class BrowserWebSocket(WebSocketServerProtocol):
             self.sendClose(self._error.close_code, self._error.close_reason)
             return
         assert self._attach is not None
-        self.factory.hub.attach(self._attach.key, self, self._attach.after)
+        factory = self.factory
+        factory.limits.opened()
+        self._counted = True
+        self._watch = WriteQueueWatch(
+            factory.limits.config.max_write_queue,
+            factory.hub.clock,
+            lambda: unsent_bytes(self.transport),
+            self._slow,
+        )
+        factory.hub.attach(self._attach.key, self, self._attach.after)
+
+    def _slow(self, unsent: int) -> None:
+        self.factory.limits.slow()
+        self.log.info("closing a slow WebSocket reader: {n} bytes unsent", n=unsent)
+        # The close frame waits behind the unsent bytes; closeHandshakeTimeout drops the
+        # connection (and frees them) if the browser does not read that far in time.
+        self.sendClose(CLOSE_SLOW, f"slow: {unsent} bytes unsent, over max_write_queue")
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:  # noqa: N803
         if self._attach is None:
@@ -118,6 +144,11 @@ class BrowserWebSocket(WebSocketServerProtocol):
         self.factory.hub.ack(self._attach.key, seq)
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:  # noqa: N803
+        if self._watch is not None:
+            self._watch.stop()
+        if self._counted:
+            self._counted = False
+            self.factory.limits.closed()
         if self._attach is not None:
             self.factory.hub.detach(self._attach.key, self)
 
@@ -137,7 +168,7 @@ class BrowserWebSocket(WebSocketServerProtocol):
                 data += (text_frame_header(len(frame)), frame)
             self.transport.writeSequence(data)
         self.last_write = self.factory.hub.clock.seconds()
-        return True
+        return self._watch is None or not self._watch.wrote()
 
     def replaced(self) -> None:
         if self.state == self.STATE_OPEN:
@@ -153,11 +184,18 @@ class BrowserWebSocket(WebSocketServerProtocol):
 class BrowserWebSocketFactory(WebSocketServerFactory):
     protocol = BrowserWebSocket
 
-    def __init__(self, hub: Hub, auth: BrowserAuth, cors_origins: list[str]) -> None:
+    def __init__(
+        self,
+        hub: Hub,
+        auth: BrowserAuth,
+        cors_origins: list[str],
+        limits: BrowserLimits | None = None,
+    ) -> None:
         super().__init__()
         self.hub = hub
         self.auth = auth
         self.cors_origins = cors_origins
+        self.limits = limits or BrowserLimits(BrowserLimitsConfig(), hub.clock)
         keepalive = hub.config.keepalive
         self.setProtocolOptions(
             maxFramePayloadSize=MAX_CLIENT_MESSAGE,
@@ -170,7 +208,9 @@ class BrowserWebSocketFactory(WebSocketServerFactory):
         )
 
 
-def websocket_resource(hub: Hub, auth: BrowserAuth, cors_origins: list[str]) -> WebSocketResource:
-    factory = BrowserWebSocketFactory(hub, auth, cors_origins)
+def websocket_resource(
+    hub: Hub, auth: BrowserAuth, cors_origins: list[str], limits: BrowserLimits | None = None
+) -> WebSocketResource:
+    factory = BrowserWebSocketFactory(hub, auth, cors_origins, limits)
     factory.startFactory()
     return WebSocketResource(factory)
