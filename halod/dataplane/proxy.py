@@ -26,6 +26,13 @@ class _Client(portforward.ProxyClient):
     noisy = False
 
     def connectionMade(self) -> None:  # noqa: N802
+        if self.peer is None or self.peer.gone:
+            # The accepted side closed while we were connecting to the node: portforward
+            # would wire us to a dead transport and keep this connection open forever
+            # (an fd here and a connection at the node, per browser that gave up early).
+            self.peer = None
+            self.transport.loseConnection()
+            return
         setnodelay = getattr(self.transport, "setTcpNoDelay", None)
         if setnodelay is not None:
             setnodelay(True)
@@ -43,6 +50,7 @@ class _Server(portforward.ProxyServer):
     noisy = False
     clientProtocolFactory = _ClientFactory
     factory: RouteFactory
+    gone = False  # connectionLost ran
 
     def connectionMade(self) -> None:  # noqa: N802
         target = self.factory.target()
@@ -62,6 +70,7 @@ class _Server(portforward.ProxyServer):
         self.reactor.connectTCP(host, port, client, timeout=5)
 
     def connectionLost(self, reason: object = None) -> None:  # noqa: N802
+        self.gone = True
         self.factory.connections.discard(self)
         super().connectionLost(reason)
 
