@@ -11,6 +11,7 @@ requests; likewise while too many requests are unanswered.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -48,6 +49,8 @@ class RepProtocol(Protocol):
         self._sp = SPConnection(REP, REQ, limits.max_message)
         self._header_timer: IDelayedCall | None = None
         self._inflight = 0
+        self._held: deque[bytes] = deque()  # received, waiting for an in-flight slot
+        self._running = False
         self._writes_blocked = False
         self._reading_paused = False
         self.closed = False
@@ -112,8 +115,24 @@ class RepProtocol(Protocol):
         if self._header_timer is not None and self._sp.header_received:
             self._header_timer.cancel()
             self._header_timer = None
+        self._held.extend(bodies)
+        self._run_held()
+
+    def _run_held(self) -> None:
+        """Handle received requests while fewer than max_inflight are unanswered; the rest
+        wait here (one read's worth at most: reading is paused meanwhile)."""
+        self._running = True
+        try:
+            self._handle_held()
+        finally:
+            self._running = False
+        self._update_reading()
+
+    def _handle_held(self) -> None:
+        held = self._held
         replies: list[bytes] = []
-        for body in bodies:
+        while held and not self.closed and self._inflight < self._limits.max_inflight:
+            body = held.popleft()
             try:
                 backtrace, payload = split_backtrace(body, self._limits.max_hops)
             except TooManyHops:
@@ -133,7 +152,7 @@ class RepProtocol(Protocol):
             else:
                 replies += encode_message_parts([backtrace, result])
         if replies and not self.closed:
-            # One write per dataReceived: replies to pipelined requests leave together.
+            # One write per read: replies to pipelined requests leave together.
             self.transport.writeSequence(replies)
 
     def _track(self, backtrace: bytes, d: defer.Deferred[bytes]) -> None:
@@ -145,17 +164,26 @@ class RepProtocol(Protocol):
         self._inflight -= 1
         if not self.closed:
             self.transport.writeSequence(encode_message_parts([backtrace, reply]))
+            self._after_reply()
+
+    def _after_reply(self) -> None:
+        if self._held and not self._running:  # (a reply inside _run_held: it goes on)
+            self._run_held()
+        else:
             self._update_reading()
 
     def _handler_failed(self, failure: Failure) -> None:
         self._inflight -= 1
         self.log.failure("request handler failed; dropping request", failure)
-        self._update_reading()
+        if not self.closed:
+            self._after_reply()
 
     def _update_reading(self) -> None:
         if self.closed:
             return
-        pause = self._writes_blocked or self._inflight >= self._limits.max_inflight
+        pause = (
+            self._writes_blocked or self._inflight >= self._limits.max_inflight or bool(self._held)
+        )
         if pause != self._reading_paused:
             self._reading_paused = pause
             if pause:
