@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import http.client
 import json
+import re
 import select
 import socket
 import struct
 import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -193,8 +195,19 @@ def health(node: NodeProcess) -> dict:
         return json.loads(r.read())["limits"]
 
 
-def limited_node(tmp_path: Path, *flags: str) -> NodeProcess:
-    return NodeProcess(tmp_path, "--linger", "30", *flags).start()
+@pytest.fixture
+def limited_node(tmp_path: Path) -> Iterator[Callable[..., NodeProcess]]:
+    """Start a node with extra flags; stopped after the test, whatever happened."""
+    started: list[NodeProcess] = []
+
+    def start(*flags: str) -> NodeProcess:
+        node = NodeProcess(tmp_path, "--linger", "30", *flags).start()
+        started.append(node)
+        return node
+
+    yield start
+    for node in started:
+        node.stop()
 
 
 def get(node: NodeProcess, path: str) -> tuple[int, dict[str, str], bytes]:
@@ -225,59 +238,53 @@ def assert_overloaded(status: int, headers: dict[str, str], body: bytes, what: s
 
 
 @pytest.mark.slow
-def test_max_connections_503_and_4503_while_the_others_keep_working(tmp_path: Path):
-    node = limited_node(tmp_path, "--max-connections", "2")
-    try:
-        first, second = node.ws(node.token("a")), node.ws(node.token("b"))
-        hello = json.loads(first.recv(timeout=5))
-        json.loads(second.recv(timeout=5))
-        code, reason = ws_close_code(node, node.token("c"))
-        assert code == 4503 and reason.startswith("overloaded: node at max_connections")
-        assert_overloaded(*get(node, f"/orbited/poll?token={node.token('d')}&timeout=0"),
-                          "max_connections")  # fmt: skip
-        assert_overloaded(*get(node, f"/orbited/sse?token={node.token('e')}"), "max_connections")
-        # The connections inside the limit still work.
-        with node.req() as req:
-            reply = send_event(req, "m1", [["a", "s", "/t"]], "still here")
-        assert reply["results"] == [{"status": "delivered", "seq": 1}]
-        assert json.loads(first.recv(timeout=5)) == {
-            "type": "event",
-            "seq": 1,
-            "data": "still here",
-        }
-        assert hello["type"] == "hello"
-        counters = health(node)
-        assert counters["connections"] == 2 and counters["refused_connections"] == 3
-        second.close()
-        wait_for(lambda: health(node)["connections"] == 1, "the closed WebSocket to count out")
-        third = node.ws(node.token("c"))
-        assert json.loads(third.recv(timeout=5))["type"] == "hello"
-        third.close()
-        first.close()
-    finally:
-        node.stop()
+def test_max_connections_503_and_4503_while_the_others_keep_working(limited_node):
+    node = limited_node("--max-connections", "2")
+    first, second = node.ws(node.token("a")), node.ws(node.token("b"))
+    hello = json.loads(first.recv(timeout=5))
+    json.loads(second.recv(timeout=5))
+    code, reason = ws_close_code(node, node.token("c"))
+    assert code == 4503 and reason.startswith("overloaded: node at max_connections")
+    assert_overloaded(*get(node, f"/orbited/poll?token={node.token('d')}&timeout=0"),
+                      "max_connections")  # fmt: skip
+    assert_overloaded(*get(node, f"/orbited/sse?token={node.token('e')}"), "max_connections")
+    # The connections inside the limit still work.
+    with node.req() as req:
+        reply = send_event(req, "m1", [["a", "s", "/t"]], "still here")
+    assert reply["results"] == [{"status": "delivered", "seq": 1}]
+    assert json.loads(first.recv(timeout=5)) == {
+        "type": "event",
+        "seq": 1,
+        "data": "still here",
+    }
+    assert hello["type"] == "hello"
+    counters = health(node)
+    assert counters["connections"] == 2 and counters["refused_connections"] == 3
+    second.close()
+    wait_for(lambda: health(node)["connections"] == 1, "the closed WebSocket to count out")
+    third = node.ws(node.token("c"))
+    assert json.loads(third.recv(timeout=5))["type"] == "hello"
+    third.close()
+    first.close()
 
 
 @pytest.mark.slow
-def test_connect_rate_refuses_then_admits_again(tmp_path: Path):
-    node = limited_node(tmp_path, "--connect-rate", "1", "--connect-burst", "3")
-    try:
-        token = node.token("rate")
-        path = f"/orbited/poll?token={token}&timeout=0"
-        statuses = [get(node, path)[0] for _ in range(3)]
-        assert statuses == [200, 200, 200]
-        status, headers, body = get(node, path)
-        assert_overloaded(status, headers, body, "connect_rate")
-        assert ws_close_code(node, token)[0] == 4503
-        wait_for(lambda: get(node, path)[0] == 200, "a token to come back", timeout=15)
-        assert health(node)["refused_rate"] >= 2
-    finally:
-        node.stop()
+def test_connect_rate_refuses_then_admits_again(limited_node):
+    node = limited_node("--connect-rate", "1", "--connect-burst", "3")
+    token = node.token("rate")
+    path = f"/orbited/poll?token={token}&timeout=0"
+    statuses = [get(node, path)[0] for _ in range(3)]
+    assert statuses == [200, 200, 200]
+    status, headers, body = get(node, path)
+    assert_overloaded(status, headers, body, "connect_rate")
+    assert ws_close_code(node, token)[0] == 4503
+    wait_for(lambda: get(node, path)[0] == 200, "a token to come back", timeout=15)
+    assert health(node)["refused_rate"] >= 2
 
 
 @pytest.mark.slow
-def test_max_pending_polls(tmp_path: Path):
-    node = limited_node(tmp_path, "--max-pending-polls", "2")
+def test_max_pending_polls(limited_node):
+    node = limited_node("--max-pending-polls", "2")
     host, port = node.http.rsplit(":", 1)
     held = []
     try:
@@ -301,12 +308,11 @@ def test_max_pending_polls(tmp_path: Path):
     finally:
         for conn in held:
             conn.close()
-        node.stop()
 
 
 @pytest.mark.slow
-def test_max_sockets_closes_at_once_past_the_cap(tmp_path: Path):
-    node = limited_node(tmp_path, "--max-connections", "2", "--max-sockets", "4")
+def test_max_sockets_closes_at_once_past_the_cap(limited_node):
+    node = limited_node("--max-connections", "2", "--max-sockets", "4")
     host, port = node.http.rsplit(":", 1)
     idle = [socket.create_connection((host, int(port)), timeout=5) for _ in range(4)]
     try:
@@ -318,7 +324,6 @@ def test_max_sockets_closes_at_once_past_the_cap(tmp_path: Path):
     finally:
         for s in idle:
             s.close()
-        node.stop()
 
 
 def _closed_at_once(host: str, port: int) -> bool:
@@ -375,8 +380,8 @@ def sp_reply(s: socket.socket) -> tuple[int, dict]:
 
 
 @pytest.mark.slow
-def test_sp_max_connections_closes_new_ones_and_nng_gets_in_later(tmp_path: Path):
-    node = limited_node(tmp_path, "--sp-max-connections", "2")
+def test_sp_max_connections_closes_new_ones_and_nng_gets_in_later(limited_node):
+    node = limited_node("--sp-max-connections", "2")
     hogs = [sp_socket(node), sp_socket(node)]
     try:
         with pytest.raises((EOFError, ConnectionResetError)):
@@ -392,12 +397,11 @@ def test_sp_max_connections_closes_new_ones_and_nng_gets_in_later(tmp_path: Path
     finally:
         for s in hogs:
             s.close()
-        node.stop()
 
 
 @pytest.mark.slow
-def test_sp_peer_that_never_reads_is_paused_and_memory_stays_bounded(tmp_path: Path):
-    node = limited_node(tmp_path)
+def test_sp_peer_that_never_reads_is_paused_and_memory_stays_bounded(limited_node):
+    node = limited_node()
     s = sp_socket(node, rcvbuf=4096)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
     # Pings: ~12 MB of requests and of replies, more than the kernel buffers on the way
@@ -444,12 +448,11 @@ def test_sp_peer_that_never_reads_is_paused_and_memory_stays_bounded(tmp_path: P
         assert health(node)["sp_paused"] == 0
     finally:
         s.close()
-        node.stop()
 
 
 @pytest.mark.slow
-def test_sp_max_inflight_pauses_reading_until_replies_complete(tmp_path: Path):
-    node = limited_node(tmp_path, "--sp-max-inflight", "4")
+def test_sp_max_inflight_pauses_reading_until_replies_complete(limited_node):
+    node = limited_node("--sp-max-inflight", "4")
     token = node.token("ackme")
     status, _, body = get(node, f"/orbited/poll?token={token}&timeout=0")
     stream = json.loads(body)[0]["stream"]
@@ -475,4 +478,166 @@ def test_sp_max_inflight_pauses_reading_until_replies_complete(tmp_path: Path):
         assert sorted(dict(sp_reply(s) for _ in range(2))) == [4, 5]
     finally:
         s.close()
-        node.stop()
+
+
+# -- slow consumers ----------------------------------------------------------------------
+
+
+def tiny_reader(node: NodeProcess, request: bytes) -> socket.socket:
+    """A socket with a tiny receive buffer that sends ``request`` and reads nothing yet."""
+    host, port = node.http.rsplit(":", 1)
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.settimeout(10)
+    s.connect((host, int(port)))
+    s.sendall(request)
+    return s
+
+
+def read_all(s: socket.socket) -> bytes:
+    """Everything until the node closes (or resets) the connection."""
+    data = b""
+    try:
+        while chunk := s.recv(1 << 16):
+            data += chunk
+    except ConnectionResetError:
+        pass
+    return data
+
+
+def flood_until_slow(node: NodeProcess, user: str, size: int, limit: int = 3000) -> int:
+    """Send events of ``size`` bytes to ``user`` until the node closed it as slow; the count."""
+    data = "x" * size
+    with node.req() as req:
+        for n in range(1, limit + 1):
+            send_event(req, f"{user}-{n}", [[user, "s", "/t"]], data)
+            if n % 20 == 0 and health(node)["slow_closes"] >= 1:
+                return n
+    raise AssertionError(f"not closed as slow after {limit} events")
+
+
+def ws_frames(data: bytes) -> tuple[list[bytes], tuple[int, str] | None]:
+    """Server-to-client frames (unmasked): complete text messages, and the close frame."""
+    messages, close, i = [], None, 0
+    while i + 2 <= len(data):
+        opcode, length, i = data[i] & 0x0F, data[i + 1] & 0x7F, i + 2
+        if length == 126:
+            length, i = struct.unpack(">H", data[i : i + 2])[0], i + 2
+        elif length == 127:
+            length, i = struct.unpack(">Q", data[i : i + 8])[0], i + 8
+        if i + length > len(data):
+            break  # cut off
+        payload, i = data[i : i + length], i + length
+        if opcode == 1:
+            messages.append(payload)
+        elif opcode == 8:
+            close = (struct.unpack(">H", payload[:2])[0], payload[2:].decode())
+    return messages, close
+
+
+def resume_ws(node: NodeProcess, token: str, last: str, upto: int) -> list[dict]:
+    ws = node.ws(token, last=last)
+    frames = [json.loads(ws.recv(timeout=10))]
+    while frames[-1].get("seq", 0) < upto or frames[-1]["type"] != "event":
+        frames.append(json.loads(ws.recv(timeout=10)))
+    ws.close()
+    return frames
+
+
+SLOW_FLAGS = ("--max-write-queue", "65536", "--mailbox-events", "10000",
+              "--mailbox-bytes", "67108864")  # fmt: skip
+
+
+@pytest.mark.slow
+def test_slow_websocket_is_closed_4002_and_resumes_without_loss(limited_node):
+    node = limited_node(*SLOW_FLAGS)
+    token = node.token("slowws")
+    s = tiny_reader(node, (
+        f"GET /orbited/ws?token={token} HTTP/1.1\r\nHost: {node.http}\r\n"
+        "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    ).encode())  # fmt: skip
+    try:
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += s.recv(1)
+        assert head.startswith(b"HTTP/1.1 101")
+        sent = flood_until_slow(node, "slowws", 2000)
+        messages, close = ws_frames(read_all(s))  # the browser catches up, then sees 4002
+    finally:
+        s.close()
+    assert close is not None and close[0] == 4002 and close[1].startswith("slow: ")
+    frames = [json.loads(m) for m in messages]
+    hello, events = frames[0], [f for f in frames[1:] if f["type"] == "event"]
+    seen = [f["seq"] for f in events]
+    assert seen == list(range(1, len(seen) + 1)) and len(seen) < sent
+    # It reconnects from the last event it read: every missed one comes, in order, once.
+    resumed = resume_ws(node, token, f"{hello['stream']}:{seen[-1]}", sent)
+    assert resumed[0]["type"] == "hello" and resumed[0]["reset"] is False
+    assert [f["seq"] for f in resumed[1:]] == list(range(seen[-1] + 1, sent + 1))
+    counters = health(node)
+    assert counters["slow_closes"] == 1 and counters["connections"] == 0
+
+
+@pytest.mark.slow
+def test_slow_websocket_with_overflowing_mailbox_gets_a_gap(limited_node):
+    node = limited_node("--max-write-queue", "65536", "--mailbox-events", "50")
+    token = node.token("gappy")
+    s = tiny_reader(node, (
+        f"GET /orbited/ws?token={token} HTTP/1.1\r\nHost: {node.http}\r\n"
+        "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    ).encode())  # fmt: skip
+    try:
+        sent = flood_until_slow(node, "gappy", 2000)
+        sent += 200  # more while it is away: the mailbox keeps only the last 50
+        with node.req() as req:
+            for n in range(200):
+                send_event(req, f"more-{n}", [["gappy", "s", "/t"]], n)
+        head, _, rest = read_all(s).partition(b"\r\n\r\n")
+    finally:
+        s.close()
+    messages, close = ws_frames(rest)
+    assert close is not None and close[0] == 4002
+    frames = [json.loads(m) for m in messages]
+    seen = [f["seq"] for f in frames if f["type"] == "event"]
+    resumed = resume_ws(node, token, f"{frames[0]['stream']}:{seen[-1]}", sent)
+    # Never silent: what the mailbox could not keep is announced as a gap.
+    gap = resumed[1]
+    assert gap["type"] == "gap" and gap["from"] == seen[-1] + 1
+    assert [f["seq"] for f in resumed[2:]] == list(range(gap["to"] + 1, sent + 1))
+    assert sent - gap["to"] == 50
+
+
+@pytest.mark.slow
+def test_slow_sse_reader_is_cut_and_resumes_with_last_event_id(limited_node):
+    node = limited_node(*SLOW_FLAGS)
+    token = node.token("slowsse")
+    s = tiny_reader(node, f"GET /orbited/sse?token={token} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    try:
+        sent = flood_until_slow(node, "slowsse", 2000)
+        data = read_all(s)
+    finally:
+        s.close()
+    # What arrived before the cut: complete "id: ..." messages (chunked encoding aside).
+    ids = re.findall(rb"id: ([^\r\n]+)\ndata: \{\"type\":\"event\",\"seq\":(\d+)", data)
+    seqs = [int(seq) for _, seq in ids]
+    assert seqs == list(range(1, len(seqs) + 1)) and len(seqs) < sent
+    last = ids[-1][0].decode() if ids else None
+    host, port = node.http.rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    headers = {"Last-Event-ID": last} if last else {}
+    conn.request("GET", f"/orbited/sse?token={token}", headers=headers)
+    response = conn.getresponse()
+    assert response.status == 200
+    got: list[int] = []
+    buffer = b""
+    while not got or got[-1] < sent:
+        buffer += response.read1(1 << 16)
+        *lines, buffer = buffer.split(b"\n")
+        for line in lines:
+            if line.startswith(b'data: {"type":"event"'):
+                got.append(json.loads(line[6:])["seq"])
+    conn.close()
+    assert got == list(range(len(seqs) + 1, sent + 1))
+    assert health(node)["slow_closes"] == 1
