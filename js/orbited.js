@@ -11,6 +11,13 @@ export const TRANSPORTS = ["websocket", "sse", "longpoll", "iframe"];
 // Close codes after which reconnecting cannot help (docs/protocol.md, "Errors").
 const FATAL_CLOSE = { 4001: "replaced", 4400: "bad_request", 4403: "forbidden" };
 
+/** Why a WebSocket close code ends the client ("token": fetch a new one), or null to
+ *  reconnect with backoff and resume: 4000 reconnect, 4002 too slow a reader, 4503 node
+ *  overloaded (the backoff spreads the retries), network closes. */
+export function closeFatal(code) {
+  return FATAL_CLOSE[code] || (code === 4401 ? "token" : null);
+}
+
 /** Delay before reconnect attempt `attempt` (0-based): exponential, capped, "equal jitter". */
 export function backoffDelay(attempt, { base = 500, max = 30000, random = Math.random } = {}) {
   const ceiling = Math.min(max, base * 2 ** Math.min(attempt, 30));
@@ -113,8 +120,7 @@ function websocketTransport(base, params, sink) {
   };
   ws.onclose = (e) => {
     clearInterval(ackTimer);
-    const fatal = FATAL_CLOSE[e.code] || (e.code === 4401 ? "token" : null);
-    sink.down(`websocket closed ${e.code} ${e.reason}`, fatal);
+    sink.down(`websocket closed ${e.code} ${e.reason}`, closeFatal(e.code));
   };
   return { close: () => { clearInterval(ackTimer); ws.onclose = null; ws.close(); } };
 }

@@ -2,7 +2,7 @@
 //   node --test js/test/
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { backoffDelay, OrbitedClient, Resume, transportUrl } from "../orbited.js";
+import { backoffDelay, closeFatal, OrbitedClient, Resume, transportUrl } from "../orbited.js";
 
 test("backoff grows exponentially, is capped, and jitters within [ceiling/2, ceiling]", () => {
   const low = (a) => backoffDelay(a, { base: 100, max: 5000, random: () => 0 });
@@ -44,6 +44,13 @@ test("gap, reconnect, ping and unknown frames", () => {
   assert.equal(r.handle({ type: "reconnect", reason: "x" }).kind, "reconnect");
   assert.equal(r.handle({ type: "ping" }).kind, "ping");
   assert.equal(r.handle({ type: "future-frame" }).kind, "ignore");
+});
+
+test("close codes: slow reader (4002), overload (4503) and reconnect (4000) retry; others end", () => {
+  for (const code of [1000, 1006, 4000, 4002, 4503]) assert.equal(closeFatal(code), null, `${code}`);
+  assert.equal(closeFatal(4001), "replaced");
+  assert.equal(closeFatal(4400), "bad_request");
+  assert.equal(closeFatal(4401), "token");
 });
 
 test("transport URLs carry token and position, skip empty params", () => {
