@@ -54,6 +54,8 @@ def verify_token(
         raise TokenError("token_missing", "no token given")
     if len(token) > 4096:
         raise TokenError("token_malformed", "token longer than 4096 characters")
+    if not token.isascii():  # a JWT is base64url and dots; PyJWT would fail to encode it
+        raise TokenError("token_malformed", "token is not a valid JWT: not ASCII")
     options = {"require": ["exp", "sub", "aud"]}
     try:
         if now is None:
@@ -74,7 +76,11 @@ def verify_token(
                 audience=AUDIENCE,
                 options={**options, "verify_exp": False, "verify_iat": False},
             )
-            if claims["exp"] + leeway < now:
+            exp = claims["exp"]
+            # PyJWT checks the type only when it checks expiry itself (found by fuzzing).
+            if not isinstance(exp, int | float) or isinstance(exp, bool):
+                raise jwt.DecodeError("Expiration Time claim (exp) must be an integer.")
+            if exp + leeway < now:
                 raise jwt.ExpiredSignatureError("Signature has expired")
     except jwt.ExpiredSignatureError:
         raise TokenError("token_expired", "token has expired") from None
