@@ -15,7 +15,8 @@ from collections import deque
 from dataclasses import dataclass
 from typing import NamedTuple
 
-_POSITION = re.compile(r"^([A-Za-z0-9_-]{1,64}\.[0-9a-z]{1,16}):([0-9]{1,15})$")
+# \Z, not $: "$" also matches before a final newline, so "s.1:5\n" would pass.
+_POSITION = re.compile(r"^([A-Za-z0-9_-]{1,64}\.[0-9a-z]{1,16}):([0-9]{1,15})\Z")
 
 
 class PositionError(ValueError):
