@@ -71,8 +71,22 @@ class OrbitParser:
         self._pending: tuple[str, tuple[ConnectionKey, ...], int] | None = None
         self.complete: list[OrbitRequest] = []
 
+    @property
+    def buffered(self) -> int:
+        """Bytes held: at most MAX_HEADER_BYTES of a header or max_payload of a body."""
+        return len(self._buffer)
+
     def feed(self, data: bytes) -> list[OrbitRequest]:
-        """Complete requests; on OrbitError those before the bad one are in ``complete``."""
+        """Complete requests; on OrbitError those before the bad one are in ``complete``
+        and nothing stays buffered (the framing is lost)."""
+        try:
+            return self._feed(data)
+        except OrbitError:
+            self._buffer.clear()
+            self._pending = None
+            raise
+
+    def _feed(self, data: bytes) -> list[OrbitRequest]:
         self._buffer += data
         out = self.complete = []
         while True:
@@ -188,6 +202,8 @@ class OrbitProtocol(Protocol):
         pass
 
     def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        if self._close_when_flushed:
+            return  # after a Failure for bad input: its framing is lost, read nothing more
         try:
             requests = self.parser.feed(data)
         except OrbitError as e:

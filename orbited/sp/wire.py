@@ -79,7 +79,9 @@ class SPConnection:
     """One SP TCP connection's receive side: header first, then length-prefixed messages.
 
     ``receive(data)`` returns the complete message bodies found so far and raises
-    SPProtocolError on a bad header, wrong peer protocol or a message over ``max_message``.
+    SPProtocolError on a bad header, wrong peer protocol or a message over ``max_message``
+    (and then drops what it buffered). At most ``max_message + LENGTH_SIZE`` bytes stay
+    buffered between calls: one partial message whose announced length is within limit.
     """
 
     own_protocol: int
@@ -99,6 +101,15 @@ class SPConnection:
         return len(self._buffer)
 
     def receive(self, data: bytes) -> list[bytes]:
+        try:
+            return self._receive(data)
+        except SPProtocolError:
+            # The connection is done for: keep nothing of it (bounded even if the shell
+            # goes on feeding us).
+            self._buffer.clear()
+            raise
+
+    def _receive(self, data: bytes) -> list[bytes]:
         buf = self._buffer
         buf += data
         pos = 0
