@@ -16,6 +16,10 @@ from orbited.sp.wire import PAIR_V0
 CONTROL_PROTOCOL = PAIR_V0  # both ends speak pair0: one peer, messages both ways
 VERSION = 1
 MAX_MESSAGE = 1024 * 1024  # an `assign` for 4096 routes is ≈ 25 KB
+# Route ids and N: a node builds per-route state for N routes, so a welcome naming
+# 2**31 of them would exhaust its memory (found by fuzzing). Route ports cap N anyway.
+MAX_ROUTES = 65536
+MIN_HEARTBEAT_INTERVAL = 0.001  # seconds; below this a node's heartbeat would spin
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,63}")
 _ADDRESS = re.compile(r"[\x21-\x7e]{1,256}")  # printable ASCII, no spaces
@@ -75,7 +79,7 @@ def _route_list(msg: dict[str, Any], field: str, optional: bool = False) -> None
     if routes is None and optional:
         return
     if not isinstance(routes, list) or not all(
-        isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in routes
+        isinstance(r, int) and not isinstance(r, bool) and 1 <= r <= MAX_ROUTES for r in routes
     ):
         raise ControlError(BAD_MESSAGE, f"{field} must be a list of route ids")
 
@@ -94,6 +98,19 @@ def _str(msg: dict[str, Any], field: str, pattern: re.Pattern[str], optional: bo
         return
     if not isinstance(value, str) or not pattern.fullmatch(value):
         raise ControlError(BAD_MESSAGE, f"{field} is missing or malformed")
+
+
+def _valid_move(move: object) -> bool:
+    """One route_moved entry: the node uses route as an id, sp in replies to web apps."""
+    if not isinstance(move, dict):
+        return False
+    route = move.get("route")
+    if not isinstance(route, int) or isinstance(route, bool) or not 1 <= route <= MAX_ROUTES:
+        return False
+    strings = all(
+        move.get(f) is None or isinstance(move[f], str) for f in ("name", "browser", "sp")
+    )
+    return strings and isinstance(move.get("handoff", False), bool)
 
 
 def decode(body: bytes, allowed: tuple[str, ...]) -> dict[str, Any]:
@@ -133,17 +150,23 @@ def decode(body: bytes, allowed: tuple[str, ...]) -> dict[str, Any]:
         _route_list(msg, "routes")
         _route_list(msg, "incoming", optional=True)
         if kind == WELCOME:
-            _int(msg, "total_routes", 1, 2**31)
+            _int(msg, "total_routes", 1, MAX_ROUTES)
             interval = msg.get("heartbeat_interval")
-            if not isinstance(interval, int | float) or not 0 < interval <= 3600:
-                raise ControlError(BAD_MESSAGE, "heartbeat_interval must be positive seconds")
+            if (
+                not isinstance(interval, int | float) or isinstance(interval, bool)
+                or not MIN_HEARTBEAT_INTERVAL <= interval <= 3600
+            ):  # fmt: skip
+                raise ControlError(
+                    BAD_MESSAGE,
+                    f"heartbeat_interval must be {MIN_HEARTBEAT_INTERVAL:g} to 3600 seconds",
+                )
             _int(msg, "missed_heartbeats", 1, 1000)
     elif kind == ROUTE_MOVED:
         moves = msg.get("moves")
-        if not isinstance(moves, list) or not all(
-            isinstance(m, dict) and isinstance(m.get("route"), int) for m in moves
-        ):
-            raise ControlError(BAD_MESSAGE, "moves must be a list of {route, to, sp, browser}")
+        if not isinstance(moves, list) or not all(_valid_move(m) for m in moves):
+            raise ControlError(
+                BAD_MESSAGE, "moves must be a list of {route, name, browser, sp, handoff}"
+            )
     elif kind == HANDOFF:
         _str(msg, "to", NAME)
         _route_list(msg, "done")
