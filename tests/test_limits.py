@@ -266,6 +266,9 @@ def test_max_connections_503_and_4503_while_the_others_keep_working(limited_node
     assert json.loads(third.recv(timeout=5))["type"] == "hello"
     third.close()
     first.close()
+    # Nothing leaks: every socket and connection counted out (the health request is one).
+    wait_for(lambda: health(node)["connections"] == 0, "connections to count out")
+    wait_for(lambda: health(node)["sockets"] == 1, "sockets to count out")
 
 
 @pytest.mark.slow
