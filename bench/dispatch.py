@@ -1,9 +1,43 @@
-"""pynng → node → N WebSocket clients: throughput, latency, CPU and RSS per connection.
+"""1:1 dispatch side by side: distinct events to individual clients at increasing rates.
 
-Runs Orbited and the raw baseline (bench/raw_server.py: same SP and autobahn code, none of
-Orbited's work) in one run, interleaved, and prints figures and the Orbited/raw ratios.
-Clients live in separate processes (bench/ws_clients.py) so they are not the server's
-bottleneck; on a 2-core box they still share the machine, which the ratio cancels out.
+    python -m bench dispatch [--servers orbited,raw,nchan,pushpin,orbited2,nchan2]
+        [--transports ws,sse,poll] [--clients 10000] [--procs 4] [--pub-procs 1]
+        [--rates 2500,5000,...] [--step-seconds 4] [--latency-seconds 5] [--reps 2]
+        [--quick] [--json bench/results/dispatch.json] [--images docs/images]
+
+Per repetition, per transport, per server (order rotated each repetition, so the servers
+are interleaved): start the server (bench/peers.py), connect ``--clients`` subscribers in
+``--procs`` processes (bench/subscribers.py), then a publisher process
+(bench/publishers.py) offers distinct events, each to one client (round robin), at each
+rate of ``--rates`` for ``--step-seconds``; the ladder stops at the first *saturated*
+step: delivered/s below 90 % of offered, more than 1 % lost, or p99 latency over 1 s.
+Then ``--latency-seconds`` at 50 % of the best delivered rate for p50/p99 latency.
+
+Measured per step: delivered/s (events received in the step's window, from the
+subscribers' ¼ s receive-time histogram, first 0.5 s skipped), loss (sent − received of
+the step's events after a drain), latency p50/p99 (receive − send, ``time.time()`` on this
+box), server CPU per delivered event (utime+stime of the server's process tree over the
+window / events received in it), the clients' CPU (cores) and worst event-loop lag, and
+the publisher's CPU. RSS per connection = the tree's RSS after connecting − before.
+
+Results JSON (``--json``; default bench/results/dispatch.json, quick mode writes none):
+
+    {"meta": {"date", "host_cpus", "loadavg_before", "loadavg_after", "args", "wall_s"},
+     "runs": [{"server", "transport", "rep", "connected", "connect_failed",
+               "rss_per_conn_kb", "steps": [{"phase", "offered_per_s", "sent", "ok",
+                   "failed", "received", "lost", "delivered_per_s", "p50_ms", "p99_ms",
+                   "server_cpu_us_per_event", "server_cpu_cores", "client_cpu_cores",
+                   "client_lag_max_ms", "publisher_cpu_cores", "publisher_behind_s",
+                   "saturated"}],
+               "saturation_per_s", "saturated", "cpu_us_per_event" (at the best step),
+               "latency": {"rate_per_s", "received", "lost", "p50_ms", "p99_ms",
+                           "cdf_ms": [101 quantiles]},
+               "lost_total", "client_errors": {kind: n}, "closed_by_server"}],
+     "summary": {"<transport>": {"<server>": {figure: {"median", "min", "max"}}}},
+     "ratios": {"<transport>": {"orbited/<peer>": {figure: ratio of medians}}}}
+
+``report(results, images)`` returns the markdown section for docs/performance.md and draws
+the PNGs it links (delivered vs offered per transport; latency CDF at 50 %).
 """
 
 from __future__ import annotations
@@ -11,167 +45,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
+from typing import Any
 
-import pynng
+from bench.peers import SERVERS, available, exit_on_signals, make_server, usage
 
-from orbited.keys import ConnectionKey
-from orbited.tokens import issue_token
-
-SECRET = b"bench-secret-bench-secret-bench-secret!"
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-def rss_kb(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise RuntimeError("no VmRSS")
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
-class Server:
-    def __init__(self, kind: str, tmp: Path) -> None:
-        self.kind = kind
-        ready = tmp / f"{kind}.ready"
-        ready.unlink(missing_ok=True)
-        if kind == "orbited":
-            secret = tmp / "secret"
-            secret.write_bytes(SECRET)
-            cmd = [
-                sys.executable,
-                *os.environ.get("BENCH_PY_ARGS", "").split(),
-                "-m",
-                "orbited.cli",
-                "node",
-                "--http",
-                "127.0.0.1:0",
-                "--sp",
-                "tcp://127.0.0.1:0",
-                "--secret-file",
-                str(secret),
-                "--keepalive",
-                "600",
-                "--log-level",
-                "warn",
-                "--ready-file",
-                str(ready),
-            ]
-        else:
-            cmd = [sys.executable, "-m", "bench.raw_server", str(ready)]
-        self.proc = subprocess.Popen(cmd)
-        deadline = time.monotonic() + 20
-        while not ready.exists():
-            if time.monotonic() > deadline or self.proc.poll() is not None:
-                raise RuntimeError(f"{kind} server did not start")
-            time.sleep(0.05)
-        time.sleep(0.05)
-        info = json.loads(ready.read_text())
-        self.http, self.sp, self.pid = info["http"], info["sp"], info["pid"]
-
-    def url(self, user: str) -> str:
-        if self.kind == "orbited":
-            token = issue_token(SECRET, ConnectionKey(user, "b", "/bench"), ttl=3600)
-            return f"ws://{self.http}/orbited/ws?token={token}"
-        return f"ws://{self.http}/?u={user}"
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(10)
-
-
-class Clients:
-    def __init__(self, urls: list[str], procs: int, tmp: Path) -> None:
-        self.procs = []
-        per = -(-len(urls) // procs)
-        for i in range(procs):
-            chunk = urls[i * per : (i + 1) * per]
-            if not chunk:
-                continue
-            path = tmp / f"urls-{i}.json"
-            path.write_text(json.dumps(chunk))
-            self.procs.append(
-                subprocess.Popen(
-                    [sys.executable, "-m", "bench.ws_clients", str(path)],
-                    stdin=subprocess.PIPE,
-                    stdout=subprocess.PIPE,
-                    text=True,
-                )
-            )
-        self.connected = sum(int(p.stdout.readline().split()[1]) for p in self.procs)
-
-    def finish(self) -> dict:
-        counts: dict[str, int] = {}
-        latencies: dict[str, list[float]] = {}
-        errors = 0
-        kinds: dict[str, int] = {}
-        for p in self.procs:
-            p.stdin.write("stop\n")
-            p.stdin.flush()
-        for p in self.procs:
-            result = json.loads(p.stdout.readline())
-            p.wait(10)
-            errors += result["errors"]
-            for kind, n in result["error_kinds"].items():
-                kinds[kind] = kinds.get(kind, 0) + n
-            for phase, n in result["counts"].items():
-                counts[phase] = counts.get(phase, 0) + n
-            for phase, samples in result["latencies"].items():
-                latencies.setdefault(phase, []).extend(samples)
-        return {"counts": counts, "latencies": latencies, "errors": errors, "error_kinds": kinds}
-
-
-def drive(
-    sp: str, users: list[str], total: int, batch: int, inflight: int, rate: float | None, phase: str
-) -> tuple[float, int]:
-    """Send events of ``batch`` recipients each until ``total`` deliveries were asked for.
-    Returns (seconds from first send to last reply, deliveries the node reported)."""
-    requests = total // batch
-    next_index = [0]
-    lock = threading.Lock()
-    reported = [0]
-    interval = (1.0 / rate) if rate else 0.0
-    start = time.monotonic()
-
-    with pynng.Req0(dial=sp, send_timeout=30_000, recv_timeout=30_000) as sock:
-
-        def worker() -> None:
-            ctx = sock.new_context()
-            while True:
-                with lock:
-                    i = next_index[0]
-                    if i >= requests:
-                        break
-                    next_index[0] += 1
-                if interval:
-                    delay = start + i * interval - time.monotonic()
-                    if delay > 0:
-                        time.sleep(delay)
-                to = [[users[(i * batch + j) % len(users)], "b", "/bench"] for j in range(batch)]
-                body = {"id": f"{phase}-{i}", "to": to, "data": {"t": time.time(), "ph": phase}}
-                ctx.send(json.dumps(body).encode())
-                reply = json.loads(ctx.recv_msg().bytes)
-                ok = sum(1 for r in reply.get("results", []) if r["status"] == "delivered")
-                with lock:
-                    reported[0] += ok if "results" in reply else batch
-            ctx.close()
-
-        threads = [threading.Thread(target=worker) for _ in range(1 if rate else inflight)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    return time.monotonic() - start, reported[0]
+RESULTS = Path(__file__).resolve().parent / "results" / "dispatch.json"
+IMAGES = Path(__file__).resolve().parent.parent / "docs" / "images"
+RAW_ENVELOPE_US = 24.0  # shared/reference/python-stack.md: CPython + autobahn, C client
+FIGURES = ("saturation_per_s", "cpu_us_per_event", "p50_ms", "p99_ms", "rss_per_conn_kb")
+WARMUP = 0.5
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -181,81 +70,438 @@ def percentile(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))]
 
 
-def run_once(kind: str, args: argparse.Namespace, tmp: Path) -> dict:
-    server = Server(kind, tmp)
-    try:
-        users = [f"u{i}" for i in range(args.clients)]
-        rss0 = rss_kb(server.pid)
-        clients = Clients([server.url(u) for u in users], args.procs, tmp)
-        time.sleep(0.5)
-        rss1 = rss_kb(server.pid)
-        cpu0 = cpu_seconds(server.pid)
-        seconds, delivered = drive(
-            server.sp, users, args.events, args.batch, args.inflight, None, "tput"
+class Subscribers:
+    """``procs`` bench/subscribers.py processes holding the clients."""
+
+    def __init__(self, config: dict, urls: list[str], procs: int, tmp: Path) -> None:
+        self.procs: list[subprocess.Popen[str]] = []
+        per = -(-len(urls) // procs)
+        for i in range(procs):
+            chunk = urls[i * per : (i + 1) * per]
+            if not chunk:
+                continue
+            path = tmp / f"subs-{i}.json"
+            path.write_text(json.dumps(config | {"urls": chunk}))
+            self.procs.append(subprocess.Popen(
+                [sys.executable, "-m", "bench.subscribers", str(path)],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            ))  # fmt: skip
+        self.connected = self.failed = 0
+        for p in self.procs:
+            line = p.stdout.readline().split()  # type: ignore[union-attr]
+            if not line:
+                raise RuntimeError("a subscriber process died while connecting")
+            self.connected += int(line[1])
+            self.failed += int(line[2])
+
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs]
+
+    def stats(self, command: str = "stats") -> dict[str, Any]:
+        """Every process's report, merged."""
+        for p in self.procs:
+            p.stdin.write(command + "\n")  # type: ignore[union-attr]
+            p.stdin.flush()  # type: ignore[union-attr]
+        merged: dict[str, Any] = {"counts": {}, "latencies": {}, "buckets": {}, "errors": {},
+                                  "closed": 0, "lag": [], "cpu_s": 0.0}  # fmt: skip
+        for p in self.procs:
+            r = json.loads(p.stdout.readline())  # type: ignore[union-attr]
+            for field in ("counts", "buckets", "errors"):
+                for k, v in r[field].items():
+                    merged[field][k] = merged[field].get(k, 0) + v
+            for k, v in r["latencies"].items():
+                merged["latencies"].setdefault(k, []).extend(v)
+            merged["closed"] += r["closed"]
+            merged["lag"] += r["lag"]
+            merged["cpu_s"] += r["cpu_s"]
+        return merged
+
+    def stop(self) -> dict[str, Any]:
+        result = self.stats("stop")
+        for p in self.procs:
+            p.wait(15)
+        return result
+
+    def kill(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+class Publishers:
+    """``procs`` bench/publishers.py processes, the clients split between them."""
+
+    def __init__(self, spec: dict, clients: list[str], procs: int, tmp: Path) -> None:
+        self.procs: list[subprocess.Popen[str]] = []
+        for i in range(procs):
+            path = tmp / f"pub-{i}.json"
+            path.write_text(json.dumps({"server": spec, "clients": clients[i::procs]}))
+            self.procs.append(subprocess.Popen(
+                [sys.executable, "-m", "bench.publishers", str(path)],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            ))  # fmt: skip
+
+    def run(self, phase: str, rate: float, seconds: float) -> dict[str, Any]:
+        for p in self.procs:
+            p.stdin.write(f"run {phase} {rate / len(self.procs)} {seconds}\n")  # type: ignore[union-attr]
+            p.stdin.flush()  # type: ignore[union-attr]
+        results = [json.loads(p.stdout.readline()) for p in self.procs]  # type: ignore[union-attr]
+        out = {k: sum(r[k] for r in results) for k in ("offered", "sent", "ok", "failed", "cpu_s")}
+        out["seconds"] = max(r["seconds"] for r in results)
+        out["behind_s"] = max(r["behind_s"] for r in results)
+        return out
+
+    def stop(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.stdin.write("stop\n")  # type: ignore[union-attr]
+                p.stdin.flush()  # type: ignore[union-attr]
+        for p in self.procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
+def window_count(buckets: dict[str, int], t0: float, t1: float) -> int:
+    lo, hi = int(t0 * 4) + 1, int(t1 * 4)  # whole ¼ s buckets inside [t0, t1)
+    return sum(buckets.get(str(b), 0) for b in range(lo, hi)), (hi - lo) / 4  # type: ignore[return-value]
+
+
+def run_one(name: str, transport: str, rep: int, args: argparse.Namespace, tmp: Path) -> dict:
+    server = make_server(name, tmp / f"{name}-{transport}-{rep}")
+    subs: Subscribers | None = None
+    pubs: Publishers | None = None
+    with server:
+        try:
+            clients = [f"c{i}" for i in range(args.clients)]
+            before = usage(server.pids())
+            config = {"flavour": server.flavour, "transport": transport,
+                      "connect_rate": args.connect_rate}  # fmt: skip
+            subs = Subscribers(config, [server.url(c, transport) for c in clients],
+                               args.procs, tmp)  # fmt: skip
+            connected, failed = subs.connected, subs.failed
+            time.sleep(1.0)
+            after = usage(server.pids())
+            pubs = Publishers(server.publish_spec(transport), clients, args.pub_procs, tmp)
+            steps: list[dict] = []
+            for i, rate in enumerate(args.rates):
+                step = measure_step(server, subs, pubs, f"s{i}", rate, args)
+                steps.append(step)
+                print(f"  {name}/{transport} rep {rep}: {fmt_step(step)}", file=sys.stderr)
+                if step["saturated"]:
+                    break
+            best = max(steps, key=lambda s: s["delivered_per_s"])
+            lat_rate = max(1.0, 0.5 * best["delivered_per_s"])
+            sent = pubs.run("lat", lat_rate, args.latency_seconds)
+            time.sleep(args.drain)
+            final = subs.stop()
+            subs = None
+            lat = final["latencies"].get("lat", [])
+            received = final["counts"].get("lat", 0)
+            sent_total = sum(s["sent"] for s in steps) + sent["sent"]
+            return {
+                "server": name,
+                "transport": transport,
+                "rep": rep,
+                "connected": connected,
+                "connect_failed": failed,
+                "rss_per_conn_kb": (after.rss_kb - before.rss_kb) / max(1, connected),
+                "steps": steps,
+                "saturation_per_s": best["delivered_per_s"],
+                "saturated": any(s["saturated"] for s in steps),
+                "cpu_us_per_event": best["server_cpu_us_per_event"],
+                "latency": {
+                    "rate_per_s": lat_rate,
+                    "received": received,
+                    "lost": sent["sent"] - received,
+                    "p50_ms": percentile(lat, 0.50) * 1e3,
+                    "p99_ms": percentile(lat, 0.99) * 1e3,
+                    "cdf_ms": [percentile(lat, q / 100) * 1e3 for q in range(101)] if lat else [],
+                },
+                "p50_ms": percentile(lat, 0.50) * 1e3,
+                "p99_ms": percentile(lat, 0.99) * 1e3,
+                "lost_total": sent_total - sum(final["counts"].values()),
+                "client_errors": final["errors"],
+                "closed_by_server": final["closed"],
+            }
+        finally:
+            if pubs is not None:
+                pubs.stop()
+            if subs is not None:
+                subs.kill()
+
+
+def measure_step(server, subs: Subscribers, pubs: Publishers, phase: str,  # noqa: ANN001
+                 rate: float, args: argparse.Namespace) -> dict:  # fmt: skip
+    pids = server.pids()
+    s0, c0, t0 = usage(pids), usage(subs.pids()), time.time()
+    sent = pubs.run(phase, rate, args.step_seconds)
+    s1, c1, t1 = usage(pids), usage(subs.pids()), time.time()
+    time.sleep(args.drain)
+    stats = subs.stats()
+    in_window, window_s = window_count(stats["buckets"], t0 + WARMUP, t1)
+    all_window, all_s = window_count(stats["buckets"], t0, t1)
+    received = stats["counts"].get(phase, 0)
+    lat = stats["latencies"].get(phase, [])
+    lags = [lag for when, lag in stats["lag"] if t0 <= when <= t1]
+    step = {
+        "phase": phase,
+        "offered_per_s": rate,
+        "sent": sent["sent"],
+        "ok": sent["ok"],
+        "failed": sent["failed"],
+        "received": received,
+        "lost": sent["sent"] - received,
+        "delivered_per_s": in_window / window_s if window_s > 0 else 0.0,
+        "p50_ms": percentile(lat, 0.50) * 1e3,
+        "p99_ms": percentile(lat, 0.99) * 1e3,
+        "server_cpu_us_per_event": (s1.cpu_s - s0.cpu_s) / max(1, all_window) * 1e6,
+        "server_cpu_cores": (s1.cpu_s - s0.cpu_s) / (t1 - t0),
+        "client_cpu_cores": (c1.cpu_s - c0.cpu_s) / (t1 - t0),
+        "client_lag_max_ms": max(lags, default=0.0) * 1e3,
+        "publisher_cpu_cores": sent["cpu_s"] / sent["seconds"],
+        "publisher_behind_s": sent["behind_s"],
+    }
+    step["saturated"] = bool(
+        step["delivered_per_s"] < 0.9 * rate
+        or step["lost"] > 0.01 * max(1, step["sent"])
+        or step["p99_ms"] > 1000
+    )
+    del all_s
+    return step
+
+
+def fmt_step(s: dict) -> str:
+    return (
+        f"offered {s['offered_per_s']:.0f}/s delivered {s['delivered_per_s']:.0f}/s "
+        f"lost {s['lost']} p50 {s['p50_ms']:.1f} p99 {s['p99_ms']:.1f} ms "
+        f"cpu {s['server_cpu_us_per_event']:.1f} µs/ev server {s['server_cpu_cores']:.2f} "
+        f"clients {s['client_cpu_cores']:.2f} pub {s['publisher_cpu_cores']:.2f} cores"
+        f"{' SATURATED' if s['saturated'] else ''}"
+    )
+
+
+def summarise(runs: list[dict]) -> tuple[dict, dict]:
+    summary: dict[str, dict[str, dict]] = {}
+    for r in runs:
+        summary.setdefault(r["transport"], {}).setdefault(r["server"], {"runs": 0})
+    for transport, servers in summary.items():
+        for server, out in servers.items():
+            mine = [r for r in runs if r["transport"] == transport and r["server"] == server]
+            out["runs"] = len(mine)
+            for f in FIGURES + ("lost_total",):
+                values = [r[f] for r in mine]
+                out[f] = {"median": statistics.median(values), "min": min(values),
+                          "max": max(values)}  # fmt: skip
+    ratios: dict[str, dict[str, dict]] = {}
+    pairs = [("orbited", p) for p in ("raw", "nchan", "pushpin")]
+    pairs += [("orbited2", "orbited"), ("orbited2", "nchan2"), ("nchan2", "nchan")]
+    for transport, servers in summary.items():
+        for a, b in pairs:
+            if a in servers and b in servers:
+                ratios.setdefault(transport, {})[f"{a}/{b}"] = {
+                    f: servers[a][f]["median"] / servers[b][f]["median"]
+                    if servers[b][f]["median"] else float("nan")
+                    for f in FIGURES
+                }  # fmt: skip
+    return summary, ratios
+
+
+def table(results: dict) -> str:
+    lines = []
+    for transport, servers in results["summary"].items():
+        lines.append(
+            f"\n{transport}: median [min–max] of {max(s['runs'] for s in servers.values())} rep(s)"
         )
-        cpu = cpu_seconds(server.pid) - cpu0
-        rate = args.events / seconds
-        lat_rate = max(1.0, rate * args.latency_load / args.batch)  # requests/s
-        lat_total = int(lat_rate * args.latency_seconds) * args.batch
-        drive(server.sp, users, lat_total, args.batch, 1, lat_rate, "lat")
-        time.sleep(1.0)
-        result = clients.finish()
-        lat = result["latencies"].get("lat", [])
-        return {
-            "server": kind,
-            "connected": clients.connected,
-            "rss_per_conn_kb": (rss1 - rss0) / max(1, clients.connected),
-            "deliveries_per_s": rate,
-            "cpu_us_per_delivery": cpu / args.events * 1e6,
-            "received": result["counts"].get("tput", 0),
-            "expected": args.events,
-            "latency_rate_per_s": lat_rate * args.batch,
-            "p50_ms": percentile(lat, 0.50) * 1e3,
-            "p99_ms": percentile(lat, 0.99) * 1e3,
-            "client_errors": result["errors"],
-            "client_error_kinds": result["error_kinds"],
-        }
-    finally:
-        server.stop()
+        lines.append(f"{'server':<10}{'delivered/s':>26}{'µs CPU/ev':>12}{'p50 ms':>9}"
+                     f"{'p99 ms':>9}{'KB/conn':>9}{'lost':>8}")  # fmt: skip
+        for server, s in servers.items():
+            sat = s["saturation_per_s"]
+            lines.append(
+                f"{server:<10}{sat['median']:>10.0f} [{sat['min']:.0f}–{sat['max']:.0f}]".ljust(36)
+                + f"{s['cpu_us_per_event']['median']:>12.1f}{s['p50_ms']['median']:>9.1f}"
+                f"{s['p99_ms']['median']:>9.1f}{s['rss_per_conn_kb']['median']:>9.1f}"
+                f"{s['lost_total']['median']:>8.0f}"
+            )
+        for pair, r in results["ratios"].get(transport, {}).items():
+            lines.append(f"  {pair}: delivered/s {r['saturation_per_s']:.2f}, CPU/event "
+                         f"{r['cpu_us_per_event']:.2f}, p99 {r['p99_ms']:.2f}")  # fmt: skip
+    return "\n".join(lines)
+
+
+def fmt_range(f: dict, digits: int = 0) -> str:
+    return f"{f['median']:,.{digits}f} [{f['min']:,.{digits}f}–{f['max']:,.{digits}f}]".replace(
+        ",", " "
+    )
+
+
+def report(results: dict, images: Path) -> str:
+    """The "1:1 dispatch" markdown section of docs/performance.md; draws the PNGs it
+    links into ``images`` (docs/images/perf-dispatch-*.png)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    images.mkdir(parents=True, exist_ok=True)
+    meta, runs = results["meta"], results["runs"]
+    a = meta["args"]
+    out = [
+        "## 1:1 dispatch: distinct events to individual clients, side by side",
+        "",
+        "```",
+        ".venv/bin/python -m bench dispatch " + " ".join(meta.get("argv", [])),
+        "```",
+        "",
+        f"{a['clients']} clients in {a['procs']} subscriber processes; {a['pub_procs']} "
+        f"publisher process(es) offer distinct events, each to one client, at rising rates "
+        f"({', '.join(str(int(r)) for r in a['rates'])}/s, {a['step_seconds']} s each) until "
+        "delivered/s falls below 90 % of offered, more than 1 % is lost or p99 passes 1 s; "
+        f"then {a['latency_seconds']} s at 50 % of the best delivered rate for latency. "
+        f"Medians [min–max] of {a['reps']} interleaved repetitions, {meta['date']}, "
+        f"{meta['host_cpus']} cores shared by server, clients and publisher, load average "
+        f"before {meta['loadavg_before']}. Method and every non-default peer setting: "
+        'bench/README.md, "dispatch".',
+    ]
+    for transport, servers in results["summary"].items():
+        out += ["", f"### {transport}", "",
+                "| server | delivered/s at saturation | server CPU µs / delivered event | "
+                "p50 ms at 50 % | p99 ms at 50 % | RSS KB / connection | lost |",
+                "|---|---|---|---|---|---|---|"]  # fmt: skip
+        for server, s in servers.items():
+            out.append(
+                f"| {server} | {fmt_range(s['saturation_per_s'])} | "
+                f"{fmt_range(s['cpu_us_per_event'], 1)} | {fmt_range(s['p50_ms'], 1)} | "
+                f"{fmt_range(s['p99_ms'], 1)} | {s['rss_per_conn_kb']['median']:.1f} | "
+                f"{s['lost_total']['median']:.0f} |"
+            )
+        ratios = results["ratios"].get(transport, {})
+        if ratios:
+            out += ["", "| ratio (medians) | delivered/s | CPU / event | p99 | RSS / conn |",
+                    "|---|---|---|---|---|"]  # fmt: skip
+            for pair, r in ratios.items():
+                out.append(f"| {pair} | {r['saturation_per_s']:.2f} | "
+                           f"{r['cpu_us_per_event']:.2f} | {r['p99_ms']:.2f} | "
+                           f"{r['rss_per_conn_kb']:.2f} |")  # fmt: skip
+    ws = results["summary"].get("ws", {})
+    if "orbited" in ws:
+        o = ws["orbited"]["cpu_us_per_event"]["median"]
+        out += ["", f"Orbited's server CPU per delivered WebSocket event: {o:.1f} µs, "
+                f"{o / RAW_ENVELOPE_US:.2f}× the reference envelope ({RAW_ENVELOPE_US:.0f} µs, "
+                "shared/reference/python-stack.md, a C client on the other core)"
+                + (f" and {o / ws['raw']['cpu_us_per_event']['median']:.2f}× raw in this run."
+                   if "raw" in ws else ".")]  # fmt: skip
+    # delivered vs offered, one panel per transport
+    transports = list(results["summary"])
+    fig, axes = plt.subplots(1, len(transports), figsize=(5 * len(transports), 4), squeeze=False)
+    for ax, transport in zip(axes[0], transports, strict=True):
+        for server in results["summary"][transport]:
+            mine = [r for r in runs if r["server"] == server and r["transport"] == transport]
+            for k, r in enumerate(mine):
+                xs = [s["offered_per_s"] for s in r["steps"]]
+                ys = [s["delivered_per_s"] for s in r["steps"]]
+                ax.plot(xs, ys, marker="o", label=server if k == 0 else None,
+                        color=f"C{list(SERVERS).index(server)}", alpha=0.8)  # fmt: skip
+        top = max((s["offered_per_s"] for r in runs for s in r["steps"]), default=1)
+        ax.plot([0, top], [0, top], "k:", lw=0.8, label="offered")
+        ax.set_title(f"{transport}: delivered vs offered")
+        ax.set_xlabel("offered events/s")
+        ax.set_ylabel("delivered events/s")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(images / "perf-dispatch-rates.png", dpi=100)
+    plt.close(fig)
+    fig, axes = plt.subplots(1, len(transports), figsize=(5 * len(transports), 4), squeeze=False)
+    for ax, transport in zip(axes[0], transports, strict=True):
+        for server in results["summary"][transport]:
+            mine = [r for r in runs if r["server"] == server and r["transport"] == transport]
+            for k, r in enumerate(mine):
+                cdf = r["latency"]["cdf_ms"]
+                if cdf:
+                    ax.plot(cdf, [q / 100 for q in range(len(cdf))],
+                            color=f"C{list(SERVERS).index(server)}",
+                            label=server if k == 0 else None)  # fmt: skip
+        ax.set_xscale("log")
+        ax.set_title(f"{transport}: latency at 50 % of saturation")
+        ax.set_xlabel("ms (log)")
+        ax.set_ylabel("fraction of events")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(images / "perf-dispatch-latency.png", dpi=100)
+    plt.close(fig)
+    out += ["", "![delivered vs offered](images/perf-dispatch-rates.png)", "",
+            "![latency CDF at 50 % of saturation](images/perf-dispatch-latency.png)"]  # fmt: skip
+    return "\n".join(out) + "\n"
+
+
+QUICK = {"clients": 200, "procs": 2, "rates": [300.0, 600.0], "step_seconds": 1.5,
+         "latency_seconds": 1.0, "drain": 0.5, "reps": 1}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench dispatch", description=__doc__)
-    p.add_argument("--clients", type=int, default=1000, help="WebSocket clients (≤ 10000+)")
-    p.add_argument("--procs", type=int, default=4, help="client processes")
-    p.add_argument("--events", type=int, default=50_000, help="deliveries in the throughput phase")
-    p.add_argument("--batch", type=int, default=10, help="recipients per SP request")
-    p.add_argument("--inflight", type=int, default=16, help="pynng contexts in flight")
-    p.add_argument("--latency-load", type=float, default=0.5, help="fraction of saturation")
+    p = argparse.ArgumentParser(prog="python -m bench dispatch", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("--servers", default="orbited,raw,nchan,pushpin,orbited2,nchan2")
+    p.add_argument("--transports", default="ws,sse,poll")
+    p.add_argument("--clients", type=int, default=10_000)
+    p.add_argument("--procs", type=int, default=4, help="subscriber processes")
+    p.add_argument("--pub-procs", type=int, default=1, help="publisher processes")
+    p.add_argument("--connect-rate", type=int, default=1000, help="per subscriber process")
+    p.add_argument("--rates", default="2500,5000,10000,15000,20000,30000,40000")
+    p.add_argument("--step-seconds", type=float, default=4.0)
     p.add_argument("--latency-seconds", type=float, default=5.0)
-    p.add_argument("--reps", type=int, default=1, help="interleaved repetitions")
-    p.add_argument("--json", type=Path, help="write all results here")
+    p.add_argument("--drain", type=float, default=1.0, help="wait after each step")
+    p.add_argument("--reps", type=int, default=2)
+    p.add_argument("--quick", action="store_true", help="smoke: " + json.dumps(QUICK))
+    p.add_argument("--json", type=Path, help=f"results (default {RESULTS}; none in --quick)")
+    p.add_argument("--images", type=Path, help="also draw the report's PNGs here")
     args = p.parse_args(argv)
-
+    args.rates = [float(r) for r in args.rates.split(",")]
+    if args.quick:
+        for k, v in QUICK.items():
+            setattr(args, k, v)
+    elif args.json is None:
+        args.json = RESULTS
+    servers = [s for s in args.servers.split(",") if s]
+    for s in servers:
+        if s not in SERVERS:
+            p.error(f"unknown server {s}")
+    missing = [s for s in servers if not available(s)]
+    for s in missing:
+        print(f"note: {s} is not installed; skipped", file=sys.stderr)
+    servers = [s for s in servers if s not in missing]
+    transports = [t for t in args.transports.split(",") if t]
+    exit_on_signals()
+    started = time.monotonic()
+    meta = {
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "host_cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "loadavg_before": os.getloadavg()[0],
+        "argv": list(argv if argv is not None else sys.argv[1:]),
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+    }
     runs: list[dict] = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for _ in range(args.reps):
-            for kind in ("orbited", "raw"):
-                runs.append(run_once(kind, args, Path(tmp)))
-                print(json.dumps(runs[-1]), file=sys.stderr)
-
-    def med(kind: str, field: str) -> float:
-        return statistics.median(r[field] for r in runs if r["server"] == kind)
-
-    fields = ["deliveries_per_s", "cpu_us_per_delivery", "p50_ms", "p99_ms", "rss_per_conn_kb"]
-    print(
-        f"\ndispatch: {args.clients} WebSocket clients, {args.events} deliveries, "
-        f"{args.batch} recipients/request, {args.reps} rep(s), medians"
-    )
-    print(f"{'figure':<22}{'orbited':>12}{'raw':>12}{'orbited/raw':>14}")
-    for field in fields:
-        o, r = med("orbited", field), med("raw", field)
-        print(f"{field:<22}{o:>12.2f}{r:>12.2f}{o / r if r else float('nan'):>14.2f}")
-    lost = [r for r in runs if r["received"] != r["expected"]]
-    for r in lost:
-        print(f"note: {r['server']} clients received {r['received']} of {r['expected']}")
+    with tempfile.TemporaryDirectory(prefix="bench-dispatch-") as tmp:
+        for rep in range(args.reps):
+            for transport in transports:
+                here = [s for s in servers if transport in SERVERS[s].transports]
+                shift = rep % max(1, len(here))
+                for name in here[shift:] + here[:shift]:  # rotate: interleaved repetitions
+                    runs.append(run_one(name, transport, rep, args, Path(tmp)))
+    meta["loadavg_after"] = os.getloadavg()[0]
+    meta["wall_s"] = round(time.monotonic() - started, 1)
+    summary, ratios = summarise(runs)
+    results = {"meta": meta, "runs": runs, "summary": summary, "ratios": ratios}
+    print(table(results))
+    print(f"\nload average before {meta['loadavg_before']}, after {meta['loadavg_after']}; "
+          f"wall {meta['wall_s']} s")  # fmt: skip
     if args.json:
-        args.json.write_text(
-            json.dumps({"args": vars(args) | {"json": str(args.json)}, "runs": runs}, indent=1)
-        )
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=1) + "\n")
+    if args.images:
+        report(results, args.images)
     return 0
