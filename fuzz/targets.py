@@ -1,0 +1,726 @@
+"""The fuzz properties: one "check one input" function per parser, shared by the
+hypothesis tests (tests/test_fuzz.py) and the atheris runner (``python -m fuzz``).
+
+Every ``check_*`` function drives a real parser (sans-I/O core or Twisted shell over an
+in-memory transport with a fake clock) with one input and raises ``PropertyViolation``
+(an AssertionError) when a property breaks; any other exception escaping is itself a
+finding. Properties (docs/fuzzing.md): only the documented error type escapes, every
+rejection carries a code and a message, valid inputs round-trip, incremental parsers do
+not depend on how the stream is cut, and buffering stays under the configured limit.
+
+``TARGETS`` maps a target name to a function of raw bytes, for coverage-guided fuzzing:
+it decodes the bytes into the structured arguments with ``Reader``.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+from twisted.internet import task
+from twisted.internet.error import ConnectionDone
+from twisted.internet.testing import StringTransport
+from twisted.logger import ILogObserver, globalLogPublisher
+from twisted.python.failure import Failure
+from zope.interface import provider
+
+from halod import protocol as control
+from orbited import events
+from orbited.hub import Hub, HubConfig
+from orbited.keys import MAX_PART_BYTES, ConnectionKey, KeyError_
+from orbited.legacy.orbit import MAX_HEADER_BYTES, OrbitError, OrbitParser, OrbitProtocol
+from orbited.mailbox import Position, PositionError
+from orbited.sp import reqrep, wire
+from orbited.sp.rep import RepFactory, RepLimits
+from orbited.tokens import TokenError, issue_token, verify_token
+from orbited.transports.common import (
+    BrowserAuth,
+    BrowserRequestError,
+    authenticate,
+    origin_allowed,
+    single_param,
+)
+from orbited.transports.longpoll import MAX_TIMEOUT, LongPollResource
+
+CLOSED = Failure(ConnectionDone())
+SECRET = b"fuzz-secret-0123456789-abcdefghijklmnopqrstuvwxyz"
+NOW = 1_700_000_000.0
+
+
+class PropertyViolation(AssertionError):
+    """A fuzz property does not hold for this input."""
+
+
+def expect(condition: object, message: str) -> None:
+    if not condition:
+        raise PropertyViolation(message)
+
+
+def chunks(data: bytes, cuts: Sequence[int]) -> Iterator[bytes]:
+    """``data`` cut into pieces whose sizes cycle through ``cuts`` (≥ 1 each)."""
+    pos, i = 0, 0
+    while pos < len(data):
+        step = max(1, cuts[i % len(cuts)]) if cuts else len(data)
+        yield data[pos : pos + step]
+        pos, i = pos + step, i + 1
+
+
+@contextmanager
+def no_logged_failures() -> Iterator[list[dict[str, Any]]]:
+    """Fail if anything logs a failure (an exception a shell caught and logged) while
+    the block runs: an unhandled exception in disguise."""
+    seen: list[dict[str, Any]] = []
+
+    @provider(ILogObserver)
+    def observer(event: dict[str, Any]) -> None:
+        if "log_failure" in event:
+            seen.append(event)
+
+    globalLogPublisher.addObserver(observer)
+    try:
+        yield seen
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    if seen:
+        failure = seen[0]["log_failure"]
+        raise PropertyViolation(f"logged failure: {failure.getErrorMessage()!r}\n{failure}")
+
+
+class Reader:
+    """Turns an atheris byte string into structured arguments (deterministically)."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.pos = 0
+
+    def byte(self) -> int:
+        if self.pos >= len(self.data):
+            return 0
+        self.pos += 1
+        return self.data[self.pos - 1]
+
+    def int(self, low: int, high: int) -> int:
+        value = self.byte() | self.byte() << 8 | self.byte() << 16
+        return low + value % (high - low + 1)
+
+    def cuts(self) -> list[int]:
+        return [self.int(1, 64) for _ in range(self.int(1, 6))]
+
+    def bytes(self, max_size: int = 256) -> bytes:
+        size = self.int(0, max_size)
+        out = self.data[self.pos : self.pos + size]
+        self.pos += len(out)
+        return out
+
+    def text(self, max_size: int = 64) -> str:
+        return self.bytes(max_size).decode("utf-8", "surrogateescape")
+
+    def rest(self) -> bytes:
+        out = self.data[self.pos :]
+        self.pos = len(self.data)
+        return out
+
+
+# -- SP framing and the REQ/REP backtrace -----------------------------------------------
+
+
+def _sp_feed(stream: bytes, cuts: Sequence[int], max_message: int) -> tuple[list[bytes], bool, int]:
+    conn = wire.SPConnection(wire.REP, wire.REQ, max_message)
+    out: list[bytes] = []
+    for piece in chunks(stream, cuts):
+        try:
+            out += conn.receive(piece)
+        except wire.SPProtocolError as e:
+            expect(str(e), "SPProtocolError without a message")
+            return out, True, conn.buffered
+        # A partial header, or one partial message whose length is within the limit.
+        bound = wire.HEADER_SIZE if not conn.header_received else wire.LENGTH_SIZE + max_message
+        expect(conn.buffered < bound, f"buffered {conn.buffered} bytes, bound {bound}")
+    return out, False, conn.buffered
+
+
+def check_sp_stream(stream: bytes, cuts: Sequence[int], max_message: int = 1024) -> None:
+    """Arbitrary bytes: SPProtocolError or messages; the same for every chunking."""
+    whole, whole_failed, whole_buffered = _sp_feed(stream, [len(stream) or 1], max_message)
+    split, split_failed, split_buffered = _sp_feed(stream, cuts, max_message)
+    expect(whole_failed == split_failed, "chunking changed whether the stream is refused")
+    if not whole_failed:
+        expect(split == whole, "chunking changed the messages")
+        expect(split_buffered == whole_buffered, "chunking changed what is buffered")
+    else:
+        expect(whole == [], "a refused receive() returned messages")
+
+
+def check_sp_roundtrip(messages: Sequence[bytes], cuts: Sequence[int], max_message: int) -> None:
+    """Encoded messages parse back to themselves, or the first one over the limit is refused."""
+    stream = wire.encode_header(wire.REQ) + b"".join(wire.encode_message(m) for m in messages)
+    out, failed, buffered = _sp_feed(stream, cuts, max_message)
+    fitting = []
+    for m in messages:
+        if len(m) > max_message:
+            break
+        fitting.append(m)
+    expect(failed == (len(fitting) < len(messages)), "oversize message not refused (or vice versa)")
+    # A refused chunk returns nothing, so what came out is a prefix of what fits.
+    expect(out == fitting[: len(out)], "messages changed")
+    if not failed:
+        expect(out == list(messages) and buffered == 0, "complete stream left bytes behind")
+
+
+def check_sp_header(header: bytes, expected_peer: int) -> None:
+    try:
+        protocol = wire.parse_header(header, expected_peer)
+    except wire.SPProtocolError as e:
+        expect(str(e), "SPProtocolError without a message")
+        return
+    expect(wire.encode_header(protocol) == header, "accepted header does not round-trip")
+
+
+def check_backtrace(body: bytes, max_hops: int = reqrep.MAX_HOPS) -> None:
+    try:
+        backtrace, payload = reqrep.split_backtrace(body, max_hops)
+    except (reqrep.TooManyHops, wire.SPProtocolError) as e:
+        expect(str(e), "backtrace error without a message")
+        return
+    expect(backtrace + payload == body, "split lost bytes")
+    expect(len(backtrace) % 4 == 0 and 4 <= len(backtrace) <= 4 * max_hops, "bad length")
+    words = [backtrace[i] for i in range(0, len(backtrace), 4)]
+    expect(words[-1] & 0x80 and not any(w & 0x80 for w in words[:-1]), "MSB rule broken")
+    expect(reqrep.RequestIds.encode(reqrep.request_id(backtrace)) == backtrace[-4:], "id")
+
+
+def check_backtrace_roundtrip(hops: Sequence[int], req_id: int, payload: bytes) -> None:
+    """A REQ body built from hop ids and a request id splits back into them."""
+    trace = b"".join(reqrep.RequestIds.encode(h & 0x7FFFFFFF) for h in hops)
+    trace += reqrep.RequestIds.encode(req_id | 0x80000000)
+    max_hops = len(hops) + 1
+    expect(reqrep.split_backtrace(trace + payload, max_hops) == (trace, payload), "round-trip")
+    if hops:
+        try:
+            reqrep.split_backtrace(trace + payload, len(hops))
+        except reqrep.TooManyHops:
+            pass
+        else:
+            raise PropertyViolation("backtrace over max_hops accepted")
+
+
+# -- Event requests, connection keys, positions ----------------------------------------
+
+EVENT_ERROR_CODES = {
+    "bad_json", "bad_request", "bad_key", "unknown_op", "too_many_recipients",
+    "payload_too_large",
+}  # fmt: skip
+SMALL_LIMITS = events.RequestLimits(max_recipients=4, max_payload=64, max_ack_wait=5.0)
+
+
+def check_event_body(body: bytes) -> None:
+    """Arbitrary request bytes: a request, or a RequestError whose reply is valid JSON."""
+    for limits in (events.RequestLimits(), SMALL_LIMITS):
+        try:
+            request = events.parse_request(body, limits)
+        except events.RequestError as e:
+            expect(e.code in EVENT_ERROR_CODES and e.message, f"unclear error {e.code!r}")
+            reply = json.loads(events.error_reply(e))
+            expect(reply["ok"] is False and reply["error"]["code"] == e.code, "error reply")
+            continue
+        if isinstance(request, events.PingRequest):
+            json.loads(events.ok_reply(request.event_id, []))
+            continue
+        expect(0 < len(request.recipients) <= limits.max_recipients, "recipient limit")
+        expect(len(request.payload) <= limits.max_payload, "payload limit")
+        expect(json.loads(request.payload) == json.loads(body)["data"], "data changed")
+        expect(request.ack is None or 0 < request.ack <= limits.max_ack_wait, "ack limit")
+        again = events.parse_request(body, limits)
+        expect(again == request, "parsing is not deterministic (resend digest)")
+        results = [events.result(events.QUEUED, 1)] * len(request.recipients)
+        json.loads(events.ok_reply(request.event_id, results))
+
+
+def event_body(
+    event_id: str, keys: Sequence[Sequence[str]], data: object, ack: float | None
+) -> bytes:
+    doc: dict[str, Any] = {"id": event_id, "to": [list(k) for k in keys], "data": data}
+    if ack is not None:
+        doc["ack"] = ack
+    return json.dumps(doc, ensure_ascii=False).encode("utf-8", "surrogatepass")
+
+
+def check_event_roundtrip(
+    event_id: str, keys: Sequence[Sequence[str]], data: object, ack: float | None
+) -> None:
+    """A well-formed request parses to the same id, keys, data and ack."""
+    body = event_body(event_id, keys, data, ack)
+    try:
+        request = events.parse_request(body, events.RequestLimits())
+    except events.RequestError as e:
+        # Only the documented refusals of valid-looking input.
+        expect(e.code in ("payload_too_large", "bad_json", "bad_key", "bad_request"), e.code)
+        return
+    assert isinstance(request, events.EventRequest)
+    expect(request.event_id == event_id, "id changed")
+    expect([list(k) for k in request.recipients] == [list(k) for k in keys], "keys changed")
+    expect(json.loads(request.payload) == data, "data changed")
+    expect(request.ack == (None if ack is None else float(ack)), "ack changed")
+
+
+def check_key_json(value: object) -> None:
+    try:
+        key = ConnectionKey.from_json(value)
+    except KeyError_ as e:
+        expect(str(e), "KeyError_ without a message")
+        return
+    expect(key.to_json() == list(value), "key does not round-trip")  # type: ignore[call-overload]
+    for part in key:
+        expect(len(part.encode("utf-8", "surrogatepass")) <= MAX_PART_BYTES, "part limit")
+
+
+def check_position(text: str) -> None:
+    try:
+        position = Position.parse(text)
+    except PositionError as e:
+        expect(str(e), "PositionError without a message")
+        return
+    # Canonical up to leading zeros of the seq ("s.1:007" is seq 7).
+    stream, _, seq = text.partition(":")
+    expect(position == (stream, int(seq)) and seq.isascii() and seq.isdigit(), "changed")
+    expect(Position.parse(str(position)) == position, "does not round-trip")
+
+
+def check_position_roundtrip(stream: str, seq: int) -> None:
+    expect(Position.parse(str(Position(stream, seq))) == (stream, seq), "round-trip")
+
+
+# -- Tokens ------------------------------------------------------------------------------
+
+TOKEN_CODES = {"token_missing", "token_malformed", "token_invalid", "token_expired"}
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def signed_token(header: bytes, claims: bytes, secret: bytes = SECRET) -> str:
+    """A JWT with arbitrary header and claims bytes and a valid HS256 signature."""
+    signing_input = f"{_b64(header)}.{_b64(claims)}"
+    signature = hmac.new(secret, signing_input.encode(), hashlib.sha256).digest()
+    return f"{signing_input}.{_b64(signature)}"
+
+
+def check_token(token: str) -> None:
+    """Any string: a key or a TokenError with a documented code, with either clock."""
+    for now in (None, NOW):
+        try:
+            key = verify_token(SECRET, token, now=now)
+        except TokenError as e:
+            expect(e.code in TOKEN_CODES and e.message, f"unclear token error {e.code!r}")
+            continue
+        ConnectionKey.from_json(list(key))
+
+
+def check_token_claims(header: bytes, claims: bytes) -> None:
+    """Correctly signed but arbitrary content: what is accepted is a valid key."""
+    check_token(signed_token(header, claims))
+
+
+def check_token_roundtrip(key: ConnectionKey, ttl: int) -> None:
+    token = issue_token(SECRET, key, ttl=ttl, now=NOW)
+    expect(verify_token(SECRET, token, leeway=0, now=NOW) == key, "token does not round-trip")
+    try:
+        verify_token(SECRET, token, leeway=0, now=NOW + ttl + 1)
+    except TokenError as e:
+        expect(e.code == "token_expired", e.code)
+    else:
+        raise PropertyViolation("expired token accepted")
+    try:
+        verify_token(SECRET[::-1], token, now=NOW)
+    except TokenError as e:
+        expect(e.code == "token_invalid", e.code)
+    else:
+        raise PropertyViolation("token accepted with another secret")
+
+
+# -- The legacy Orbit 1.0 protocol -------------------------------------------------------
+
+ORBIT_LIMITS = events.RequestLimits(max_recipients=8, max_payload=512)
+
+
+def _orbit_feed(stream: bytes, cuts: Sequence[int]) -> tuple[list[Any], str | None]:
+    parser = OrbitParser(ORBIT_LIMITS)
+    out: list[Any] = []
+    bound = max(MAX_HEADER_BYTES, ORBIT_LIMITS.max_payload)
+    for piece in chunks(stream, cuts):
+        try:
+            out += parser.feed(piece)
+        except OrbitError as e:
+            expect(e.message, "OrbitError without a message")
+            return out + parser.complete, e.message
+        expect(parser.buffered <= bound, f"Orbit parser buffers {parser.buffered} bytes")
+    return out, None
+
+
+def check_orbit_stream(stream: bytes, cuts: Sequence[int]) -> None:
+    """Arbitrary bytes: requests or OrbitError; the same for every chunking."""
+    whole = _orbit_feed(stream, [len(stream) or 1])
+    split = _orbit_feed(stream, cuts)
+    expect(whole == split, f"chunking changed the outcome: {whole[1]!r} vs {split[1]!r}")
+
+
+def orbit_request(
+    event_id: str, recipients: Sequence[Sequence[str]], body: bytes, style: int
+) -> bytes:
+    """A request as pyorbited (style 0) or the 2007 docs (style 1) spell it."""
+    if style == 0:
+        head = ["Orbit 1.0", "Event", f"id: {event_id}"]
+        head += [f"recipient: {u}, {s}, {loc}" for u, s, loc in recipients]
+        head.append(f"length: {len(body)}")
+    else:
+        head = ["Orbit/1.0", "Action: Event", f"Id: {event_id}"]
+        head += [f"Recipient: ({u}, {s}, {loc})" for u, s, loc in recipients]
+        head.append(f"Length: {len(body)}")
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + body
+
+
+def check_orbit_roundtrip(requests: Sequence[tuple[str, list[list[str]], bytes, int]],
+                          cuts: Sequence[int]) -> None:  # fmt: skip
+    """Well-formed requests (ids and key parts without separators) parse back."""
+    stream = b"".join(orbit_request(*r) for r in requests)
+    out, error = _orbit_feed(stream, cuts)
+    expect(error is None, f"valid request refused: {error}")
+    got = [(r.event_id, [list(k) for k in r.recipients], r.body) for r in out]
+    expect(got == [(i, [list(k) for k in ks], b) for i, ks, b, _ in requests], "changed")
+
+
+# -- HaloD control messages --------------------------------------------------------------
+
+CONTROL_CODES = {control.BAD_MESSAGE, control.UNSUPPORTED_VERSION}
+
+
+def check_control_body(body: bytes) -> None:
+    """Arbitrary bytes to either end: a message of an allowed type, or bad_message."""
+    for allowed in (control.FROM_NODE, control.FROM_HALOD):
+        try:
+            msg = control.decode(body, allowed)
+        except control.ControlError as e:
+            expect(e.code in CONTROL_CODES and e.message, f"unclear control error {e.code!r}")
+            continue
+        expect(isinstance(msg, dict) and msg["type"] in allowed, "wrong type accepted")
+        expect(control.decode(control.encode(msg), allowed) == msg, "does not round-trip")
+
+
+# -- Twisted shells over in-memory transports --------------------------------------------
+
+
+class _TCPStringTransport(StringTransport):
+    def setTcpNoDelay(self, enabled: bool) -> None:  # noqa: N802
+        pass
+
+
+def check_rep_protocol(stream: bytes, cuts: Sequence[int], max_message: int = 256) -> None:
+    """The REP shell: replies to what parses, closes on what does not, bounded buffer."""
+    clock = task.Clock()
+    factory = RepFactory(lambda payload: payload[::-1], RepLimits(max_message=max_message), clock)
+    proto = factory.buildProtocol(None)
+    transport = _TCPStringTransport()
+    with no_logged_failures():
+        proto.makeConnection(transport)
+        for piece in chunks(stream, cuts):
+            proto.dataReceived(piece)
+            expect(proto._sp.buffered < wire.LENGTH_SIZE + max_message, "REP buffer over limit")
+            if proto.closed:
+                expect(transport.disconnecting, "closed without closing the transport")
+                break
+        clock.advance(60)  # the header timeout closes a connection that sent no header
+        expect(proto._sp.header_received or transport.disconnecting, "silent peer kept open")
+        proto.connectionLost(CLOSED)
+    expect(not factory.connections, "connection not forgotten")
+
+
+def _hub() -> Hub:
+    return Hub(task.Clock(), HubConfig(requests=ORBIT_LIMITS), epoch="fz")
+
+
+def check_orbit_protocol(stream: bytes, cuts: Sequence[int]) -> None:
+    """The Orbit listener: a reply per request, a Failure and a close on bad input."""
+    hub = _hub()
+    proto = OrbitProtocol(hub)
+    transport = StringTransport()
+    _, error = _orbit_feed(stream, [len(stream) or 1])
+    written_at_close: int | None = None
+    with no_logged_failures():
+        proto.makeConnection(transport)
+        for piece in chunks(stream, cuts):
+            # Bytes may still arrive while the close is pending: they must be ignored.
+            proto.dataReceived(piece)
+            expect(proto.parser.buffered <= max(MAX_HEADER_BYTES, 512), "Orbit buffer")
+            if transport.disconnecting and written_at_close is None:
+                written_at_close = len(transport.value())
+        proto.connectionLost(CLOSED)
+    reply = transport.value()
+    expect(transport.disconnecting == (error is not None), "close iff the stream is bad")
+    if error is not None:
+        expect(reply.endswith(b"\r\n\r\n") and b"Failure\r\n" in reply, "no Failure reply")
+        expect(len(reply) == written_at_close, "replies written after the close")
+
+
+def _halod(tmp: str) -> Any:
+    from halod.config import HaloDConfig
+    from halod.server import HaloD
+
+    return HaloD(HaloDConfig(db=str(Path(tmp) / "halod.sqlite3"), routes=4), task.Clock())
+
+
+def check_halod_control(stream: bytes, cuts: Sequence[int]) -> None:
+    """HaloD's control connection: never an internal error; bounded buffer; bad input
+    gets an ``error`` message (or an abort for broken framing) and the connection closes."""
+    from halod.server import ControlFactory
+
+    with tempfile.TemporaryDirectory() as tmp:
+        halod = _halod(tmp)
+        proto = ControlFactory(halod).buildProtocol(None)
+        transport = _TCPStringTransport()
+        limit = halod.config.control_max_message
+        with no_logged_failures():
+            proto.makeConnection(transport)
+            for piece in chunks(stream, cuts):
+                proto.dataReceived(piece)
+                expect(proto._sp.buffered < wire.LENGTH_SIZE + limit, "control buffer")
+                if proto.closed:
+                    break
+            proto.connectionLost(CLOSED)
+        halod.store.close()
+    sent = wire.SPConnection(control.CONTROL_PROTOCOL, control.CONTROL_PROTOCOL).receive(
+        transport.value()
+    )
+    for body in sent:
+        msg = control.decode(body, control.FROM_HALOD)
+        expect(msg.get("code") != "internal_error", f"HaloD failed: {msg}")
+
+
+def _node_link() -> Any:
+    from orbited.control import HaloDLink
+
+    clock = task.Clock()
+    hub = Hub(clock, HubConfig(routes=4), epoch="fz")
+    link = HaloDLink(hub, "n1", "tcp://127.0.0.1:1", lambda: ("127.0.0.1:1", "tcp://127.0.0.1:2"),
+                     1, clock)  # type: ignore[arg-type]  # fmt: skip
+    return link
+
+
+def check_node_control(stream: bytes, cuts: Sequence[int]) -> None:
+    """The node's end of the control link: whatever HaloD sends, no exception escapes."""
+    from orbited.control import LinkProtocol
+
+    proto = LinkProtocol(_node_link())
+    transport = _TCPStringTransport()
+    with no_logged_failures():
+        proto.makeConnection(transport)
+        for piece in chunks(stream, cuts):
+            proto.dataReceived(piece)
+            expect(proto._sp.buffered < wire.LENGTH_SIZE + control.MAX_MESSAGE, "buffer")
+            if transport.disconnecting:
+                break
+        proto.connectionLost(CLOSED)
+
+
+def check_node_messages(messages: Sequence[object], cuts: Sequence[int]) -> None:
+    """JSON messages (mostly of HaloD's vocabulary) to a node: handled, or refused."""
+    stream = wire.encode_header(control.CONTROL_PROTOCOL) + b"".join(
+        wire.encode_message(json.dumps(m).encode()) for m in messages
+    )
+    check_node_control(stream, cuts)
+
+
+def check_halod_messages(messages: Sequence[object], cuts: Sequence[int]) -> None:
+    """JSON messages (mostly of a node's vocabulary) to HaloD: handled, or refused."""
+    stream = wire.encode_header(control.CONTROL_PROTOCOL) + b"".join(
+        wire.encode_message(json.dumps(m).encode()) for m in messages
+    )
+    check_halod_control(stream, cuts)
+
+
+# -- Browser transports: query parameters and the twisted.web resources ------------------
+
+AUTH = BrowserAuth(SECRET)
+BROWSER_STATUSES = {400, 401}
+
+
+def valid_token(user: str = "fz") -> str:
+    return issue_token(SECRET, ConnectionKey(user, "s", "/l"))
+
+
+def check_auth_params(params: dict[str, list[str]]) -> None:
+    try:
+        attach = authenticate(AUTH, params)
+    except BrowserRequestError as e:
+        expect(e.status in BROWSER_STATUSES and e.code and e.message, f"unclear {e.code}")
+        expect(4000 <= e.close_code < 5000 and len(e.close_reason.encode()) <= 123, "close")
+        return
+    if attach.after is not None:
+        expect(str(attach.after) == single_param(params, "last"), "position changed")
+
+
+def check_origin(origin: str | None, host: str | None, allowed: list[str]) -> None:
+    expect(isinstance(origin_allowed(origin, host, allowed), bool), "not a bool")
+
+
+RESOURCES = ("poll", "sse", "iframe", "ack", "ws", "health")
+METHODS = (b"GET", b"POST", b"OPTIONS", b"HEAD")
+
+
+def http_request(
+    resource: str, method: bytes, args: dict[bytes, list[bytes]], headers: dict[bytes, bytes]
+) -> bytes:
+    query = urlencode([(k, v) for k, vs in args.items() for v in vs]).encode()
+    lines = [b"%s /orbited/%s?%s HTTP/1.1" % (method, resource.encode(), query)]
+    lines += [b"%s: %s" % (name, value) for name, value in headers.items()]
+    return b"\r\n".join(lines) + b"\r\n\r\n"
+
+
+def check_http_request(
+    resource: str, method: bytes, args: dict[bytes, list[bytes]],
+    headers: dict[bytes, bytes], cors: list[str],
+) -> None:  # fmt: skip
+    """One request to the node's real browser Site (over an in-memory transport): a 2xx,
+    possibly held open, or a 4xx with a JSON error body; never a 500 and never a logged
+    failure. Bytes a real HTTP parser could not deliver (CR, LF) are not generated."""
+    from orbited.web import browser_site
+
+    clock = task.Clock()
+    hub = Hub(clock, HubConfig(), epoch="fz")
+    site = browser_site(hub, AUTH, cors, "fz", 64 * 1024)
+    channel = site.buildProtocol(None)
+    transport = _TCPStringTransport()
+    transport.protocol = channel  # a WebSocket upgrade takes the transport over
+    with no_logged_failures():
+        channel.makeConnection(transport)
+        channel.dataReceived(http_request(resource, method, args, headers))
+        clock.advance(MAX_TIMEOUT + 1)  # a held long-poll answers by its timeout
+        response = transport.value()
+        channel.connectionLost(CLOSED)
+        clock.advance(3600)
+    head, _, body = response.partition(b"\r\n\r\n")
+    status_line, *header_lines = head.split(b"\r\n")
+    expect(status_line.startswith(b"HTTP/1.1 "), f"no response: {response[:80]!r}")
+    code = int(status_line.split()[1])
+    # 501 is twisted.web's answer to a method it does not know for a resource (OPTIONS on
+    # a transport without CORS preflight); a 500 would be a crash.
+    expect(200 <= code < 300 or 400 <= code < 500 or code == 501, f"status {code}")
+    content_type = [line.split(b":", 1)[1].strip() for line in header_lines
+                    if line.lower().startswith(b"content-type:")]  # fmt: skip
+    if code >= 400 and content_type == [b"application/json"]:
+        if method != b"HEAD":  # a HEAD response has the headers only
+            error = json.loads(body)["error"]
+            expect(error["code"] and error["message"], "error without code or message")
+    elif code >= 400:
+        # Only twisted.web's own refusals are not ours: a malformed request, an unknown
+        # method, the WebSocket upgrade required.
+        expect(code in (400, 404, 405, 426, 501) or resource == "ws", f"{code} without JSON")
+
+
+def strip_crlf(value: bytes) -> bytes:
+    return value.replace(b"\r", b"").replace(b"\n", b"")
+
+
+def check_timeout_param(text: str) -> None:
+    try:
+        value = LongPollResource._timeout({"timeout": [text]})
+    except BrowserRequestError as e:
+        expect(e.status == 400 and e.code == "bad_timeout", e.code)
+        return
+    expect(0 <= value <= MAX_TIMEOUT, f"timeout {value} accepted")
+
+
+# -- atheris adapters: raw bytes → the checks above --------------------------------------
+
+_HEADER_NAMES = (b"origin", b"host", b"last-event-id", b"x-other")
+_PARAM_NAMES = (b"token", b"last", b"timeout", b"origin", b"x")
+
+
+def _fuzz_http(data: bytes) -> None:
+    r = Reader(data)
+    resource = RESOURCES[r.byte() % len(RESOURCES)]
+    method = METHODS[r.byte() % len(METHODS)]
+    args: dict[bytes, list[bytes]] = {}
+    for _ in range(r.int(0, 4)):
+        name = _PARAM_NAMES[r.byte() % len(_PARAM_NAMES)]
+        value = valid_token().encode() if r.byte() % 3 == 0 else r.bytes(64)
+        args.setdefault(name, []).append(value)
+    headers = {_HEADER_NAMES[r.byte() % 4]: strip_crlf(r.bytes(64))
+               for _ in range(r.int(0, 3))}  # fmt: skip
+    cors = [r.text(32) for _ in range(r.int(0, 2))]
+    check_http_request(resource, method, args, headers, cors)
+
+
+def _fuzz_params(data: bytes) -> None:
+    r = Reader(data)
+    params: dict[str, list[str]] = {}
+    for _ in range(r.int(0, 4)):
+        name = ("token", "last", "x")[r.byte() % 3]
+        value = valid_token() if r.byte() % 3 == 0 else r.text(80)
+        params.setdefault(name, []).append(value)
+    check_auth_params(params)
+    check_timeout_param(r.text(24))
+    check_origin(r.text(64) or None, r.text(32) or None, [r.text(16)])
+
+
+def _fuzz_tokens(data: bytes) -> None:
+    r = Reader(data)
+    check_token(r.text(200))
+    check_token_claims(r.bytes(128), r.rest())
+
+
+def _fuzz_keys(data: bytes) -> None:
+    try:
+        value = json.loads(data)
+    except (ValueError, RecursionError):
+        value = data.decode("latin-1")
+    check_key_json(value)
+    check_position(data.decode("utf-8", "surrogateescape"))
+
+
+def _cut(check: Callable[[bytes, Sequence[int]], None]) -> Callable[[bytes], None]:
+    def target(data: bytes) -> None:
+        r = Reader(data)
+        cuts = r.cuts()
+        check(r.rest(), cuts)
+
+    return target
+
+
+def _with_header(check: Callable[[bytes, Sequence[int]], None], protocol: int
+                 ) -> Callable[[bytes], None]:  # fmt: skip
+    """Most inputs start with a valid SP header, so the fuzzer gets past it."""
+
+    def target(data: bytes) -> None:
+        r = Reader(data)
+        cuts = r.cuts()
+        prefix = wire.encode_header(protocol) if r.byte() % 4 else b""
+        check(prefix + r.rest(), cuts)
+
+    return target
+
+
+TARGETS: dict[str, Callable[[bytes], None]] = {
+    "sp_stream": _with_header(check_sp_stream, wire.REQ),
+    "sp_header": lambda d: check_sp_header(d[:8], wire.REQ),
+    "backtrace": lambda d: check_backtrace(d[1:], 1 + d[0] % 10 if d else 8),
+    "event_json": check_event_body,
+    "keys_positions": _fuzz_keys,
+    "tokens": _fuzz_tokens,
+    "orbit_parser": _cut(check_orbit_stream),
+    "orbit_protocol": _cut(check_orbit_protocol),
+    "rep_protocol": _with_header(check_rep_protocol, wire.REQ),
+    "control_json": check_control_body,
+    "halod_control": _with_header(check_halod_control, control.CONTROL_PROTOCOL),
+    "node_control": _with_header(check_node_control, control.CONTROL_PROTOCOL),
+    "http_params": _fuzz_params,
+    "http_resources": _fuzz_http,
+}
