@@ -644,3 +644,33 @@ def test_slow_sse_reader_is_cut_and_resumes_with_last_event_id(limited_node):
     conn.close()
     assert got == list(range(len(seqs) + 1, sent + 1))
     assert health(node)["slow_closes"] == 1
+
+
+# -- configuration ------------------------------------------------------------------------
+
+
+def test_limit_keys_are_flags_and_validated():
+    import argparse
+
+    from orbited.config import ConfigError, NodeConfig
+
+    parser = argparse.ArgumentParser()
+    NodeConfig.add_flags(parser)
+    flags = ["--max-connections", "5", "--connect-rate", "2.5",
+             "--max-write-queue", "65536", "--sp-max-connections", "3"]  # fmt: skip
+    args = parser.parse_args(flags)
+    config = NodeConfig.load(None, {k: v for k, v in vars(args).items() if v is not None})
+    limits = config.browser_limits()
+    assert (limits.max_connections, limits.connect_rate, limits.max_write_queue) == (5, 2.5, 65536)
+    assert config.rep_limits().max_connections == 3
+    assert config.hub_config().mailbox_total_bytes == 512 * 1024 * 1024
+    for bad, message in [
+        ({"max_connections": 0}, "max_connections must be positive"),
+        ({"connect_rate": -1.0}, "must not be negative"),
+        ({"max_sockets": 10, "max_connections": 10}, "max_sockets must exceed"),
+        ({"max_write_queue": 1000}, "at least 65536"),
+        ({"mailbox_total_bytes": 1000}, "at least mailbox_bytes"),
+        ({"sp_max_connections": 0}, "sp_max_connections must be positive"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            NodeConfig.load(None, bad)
