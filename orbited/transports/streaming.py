@@ -44,8 +44,8 @@ from orbited.transports.limits import BrowserLimits, WriteQueueWatch, unsent_byt
 
 _EVENT_SEQ = re.compile(rb'^\{"type":"event","seq":(\d+),')
 _ORIGIN = re.compile(
-    r"^https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?$|^https?://\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?$"
-)
+    r"^https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?\Z|^https?://\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?\Z"
+)  # \Z, not $: "$" let "http://h\n" through (found by fuzzing)
 IFRAME_PRELUDE_BYTES = 2048  # browsers render a streamed document only after ~1 KB
 
 
