@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,18 +21,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=0, help="stop after N inputs (0: no limit)")
     parser.add_argument("--seconds", type=int, default=0, help="stop after S seconds")
     parser.add_argument("--corpus", default=None, help="directory of seed/saved inputs")
-    parser.add_argument("libfuzzer", nargs="*", help="extra libFuzzer flags (after --)")
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    extra = argv[argv.index("--") + 1 :] if "--" in argv else []  # libFuzzer's own flags
+    args = parser.parse_args(argv[: len(argv) - len(extra) - (1 if extra else 0)])
 
     import atheris
 
     with atheris.instrument_imports(include=["orbited", "halod", "fuzz"]):
-        from fuzz.targets import TARGETS
+        from fuzz.targets import DESCRIPTIONS, SEEDS, TARGETS
 
     if args.target is None:
-        for name, target in TARGETS.items():
-            doc = (getattr(target, "__doc__", None) or "").strip().splitlines()
-            print(f"{name:16} {doc[0] if doc else ''}")
+        for name in TARGETS:
+            print(f"{name:16} {DESCRIPTIONS[name]}")
         return 0
     if args.target not in TARGETS:
         parser.error(f"unknown target {args.target!r}; run without arguments for the list")
@@ -40,8 +41,13 @@ def main(argv: list[str] | None = None) -> int:
         flags.append(f"-runs={args.runs}")
     if args.seconds:
         flags.append(f"-max_total_time={args.seconds}")
-    flags += ["-rss_limit_mb=2048", "-print_final_stats=1", *args.libfuzzer]
+    flags += ["-rss_limit_mb=2048", "-print_final_stats=1", *extra]
     if args.corpus:
+        corpus = Path(args.corpus)
+        corpus.mkdir(parents=True, exist_ok=True)
+        if not any(corpus.iterdir()):
+            for i, seed in enumerate(SEEDS.get(args.target, [])):
+                (corpus / f"seed-{i}").write_bytes(seed)
         flags.append(args.corpus)
     atheris.Setup(flags, TARGETS[args.target])
     atheris.Fuzz()

@@ -584,13 +584,12 @@ def http_request(
     return b"\r\n".join(lines) + b"\r\n\r\n"
 
 
-def check_http_request(
+def http_exchange(
     resource: str, method: bytes, args: dict[bytes, list[bytes]],
     headers: dict[bytes, bytes], cors: list[str],
-) -> None:  # fmt: skip
-    """One request to the node's real browser Site (over an in-memory transport): a 2xx,
-    possibly held open, or a 4xx with a JSON error body; never a 500 and never a logged
-    failure. Bytes a real HTTP parser could not deliver (CR, LF) are not generated."""
+) -> bytes:  # fmt: skip
+    """The raw response of the node's real browser Site (over an in-memory transport,
+    fake clock) to one request; fails on any logged failure."""
     from orbited.web import browser_site
 
     clock = task.Clock()
@@ -606,6 +605,17 @@ def check_http_request(
         response = transport.value()
         channel.connectionLost(CLOSED)
         clock.advance(3600)
+    return response
+
+
+def check_http_request(
+    resource: str, method: bytes, args: dict[bytes, list[bytes]],
+    headers: dict[bytes, bytes], cors: list[str],
+) -> None:  # fmt: skip
+    """One request: a 2xx, possibly held open, or a 4xx with a JSON error body; never a
+    500 and never a logged failure. Bytes a real HTTP parser could not deliver (CR, LF)
+    are not generated."""
+    response = http_exchange(resource, method, args, headers, cors)
     head, _, body = response.partition(b"\r\n\r\n")
     status_line, *header_lines = head.split(b"\r\n")
     expect(status_line.startswith(b"HTTP/1.1 "), f"no response: {response[:80]!r}")
@@ -707,6 +717,59 @@ def _with_header(check: Callable[[bytes, Sequence[int]], None], protocol: int
 
     return target
 
+
+DESCRIPTIONS = {
+    "sp_stream": "SPConnection: any bytes (mostly after a valid header), any chunking",
+    "sp_header": "parse_header: 8 bytes round-trip or SPProtocolError",
+    "backtrace": "split_backtrace: any REQ body, max_hops 1..10",
+    "event_json": "parse_request: any SP request body, default and small limits",
+    "keys_positions": "ConnectionKey.from_json on any JSON; Position.parse on any text",
+    "tokens": "verify_token: any string; correctly signed arbitrary header/claims",
+    "orbit_parser": "OrbitParser: any bytes, any chunking, bounded buffer",
+    "orbit_protocol": "OrbitProtocol over StringTransport with a real Hub",
+    "rep_protocol": "RepProtocol over StringTransport with task.Clock",
+    "control_json": "halod.protocol.decode: any body, both directions",
+    "halod_control": "HaloD's ControlProtocol with a real HaloD (no internal_error)",
+    "node_control": "the node's LinkProtocol with a real Hub",
+    "http_params": "authenticate/single_param, long-poll timeout, origin_allowed",
+    "http_resources": "the node's browser Site: one HTTP request, never a 500",
+}
+
+_VALID_EVENT = b'{"id":"e1","to":[["alice","s1","/chat"]],"data":{"text":"hi"},"ack":5}'
+_ORBIT = orbit_request("7", [["alice", "0", "/chat"]], b'"hi"', 0)
+_REGISTER = {"type": "register", "version": 1, "name": "n1", "browser": "127.0.0.1:8001",
+             "sp": "tcp://127.0.0.1:9001", "capacity": 10}  # fmt: skip
+_WELCOME = {"type": "welcome", "role": "active", "routes": [1, 2], "total_routes": 4,
+            "heartbeat_interval": 1, "missed_heartbeats": 3}  # fmt: skip
+
+
+def _control_seed(*messages: dict[str, Any]) -> bytes:
+    # Reader: 1 cut of 64 bytes, then a byte that keeps the SP header.
+    return (
+        b"\x00\x00\x00"
+        + b"\x3f\x00\x00"
+        + b"\x01"
+        + b"".join(wire.encode_message(control.encode(m)) for m in messages)
+    )
+
+
+# Starting inputs for coverage-guided runs (written into an empty --corpus directory).
+SEEDS: dict[str, list[bytes]] = {
+    "sp_stream": [b"\x00" * 7 + wire.encode_message(b"\x80\x00\x00\x01hello")],
+    "sp_header": [wire.encode_header(wire.REQ)],
+    "backtrace": [b"\x08\x00\x00\x00\x01\x80\x00\x00\x02payload"],
+    "event_json": [_VALID_EVENT, b'{"op":"ping","id":"p"}'],
+    "keys_positions": [b'["alice","s1","/chat"]', b"aZ3x_Q.1f:42"],
+    "tokens": [bytes([len(valid_token()), 0, 0]) + valid_token().encode()],
+    "orbit_parser": [b"\x00\x00\x00\x3f\x00\x00" + _ORBIT],
+    "orbit_protocol": [b"\x00\x00\x00\x3f\x00\x00" + _ORBIT],
+    "rep_protocol": [b"\x00" * 7 + wire.encode_message(b"\x80\x00\x00\x01hello")],
+    "control_json": [control.encode(_REGISTER), control.encode(_WELCOME)],
+    "halod_control": [_control_seed(_REGISTER, {"type": "heartbeat", "seq": 1})],
+    "node_control": [_control_seed(_WELCOME, {"type": "heartbeat_ack", "seq": 1})],
+    "http_params": [b"\x00\x01\x00\x00\x00"],
+    "http_resources": [b"\x00\x00\x01\x00\x00\x00\x00"],
+}
 
 TARGETS: dict[str, Callable[[bytes], None]] = {
     "sp_stream": _with_header(check_sp_stream, wire.REQ),

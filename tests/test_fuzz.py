@@ -448,6 +448,21 @@ def test_http_resources(resource, method, args, headers, cors):
     t.check_http_request(resource, method, args, headers, cors)
 
 
+def test_iframe_origin_with_a_final_newline_is_refused():
+    # The origin pattern ended in "$", which also matches before a final "\n".
+    args = {b"token": [t.valid_token().encode()], b"origin": [b"http://127.0.0.1:8000\n"]}
+    response = t.http_exchange("iframe", b"GET", args, {b"host": b"127.0.0.1:8000"}, [])
+    assert response.startswith(b"HTTP/1.1 403 ")
+    args[b"origin"] = [b"http://127.0.0.1:8000"]
+    response = t.http_exchange("iframe", b"GET", args, {b"host": b"127.0.0.1:8000"}, [])
+    assert response.startswith(b"HTTP/1.1 200 ")
+
+
+def test_head_on_ack_is_405_not_500():
+    response = t.http_exchange("ack", b"HEAD", {}, {}, [])
+    assert response.startswith(b"HTTP/1.1 405 ")
+
+
 # -- The atheris targets, smoke-tested on a few raw inputs ---------------------------------
 
 
@@ -455,3 +470,10 @@ def test_http_resources(resource, method, args, headers, cors):
 @given(st.sampled_from(sorted(t.TARGETS)), st.binary(max_size=300))
 def test_atheris_targets_accept_any_bytes(name, data):
     t.TARGETS[name](data)
+
+
+def test_every_atheris_target_is_described_and_its_seeds_pass():
+    assert set(t.DESCRIPTIONS) == set(t.TARGETS) == set(t.SEEDS)
+    for name, seeds in t.SEEDS.items():
+        for seed in seeds:
+            t.TARGETS[name](seed)
