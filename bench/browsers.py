@@ -744,6 +744,7 @@ async def churn_slot(
             if not task.done():
                 task.cancel()
                 await asyncio.wait([task])
+        browser.ready.set()  # a first life without a hello (too short): ready all the same
         if current is not browser:  # a fresh key's one life is over: back to our own
             stats.fresh_connects += current.connects
             stats.fresh_fatal += current.fatal is not None
