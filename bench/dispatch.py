@@ -32,7 +32,8 @@ Results JSON (``--json``; default bench/results/dispatch.json, quick mode writes
                "saturation_per_s", "saturated", "cpu_us_per_event" (at the best step),
                "latency": {"rate_per_s", "received", "lost", "p50_ms", "p99_ms",
                            "cdf_ms": [101 quantiles]},
-               "lost_total", "client_errors": {kind: n}, "closed_by_server"}],
+               "lost_total", "client_errors": {kind: n}, "closed_by_server",
+               "pids" (every process of the run: all are gone when the bench ends)}],
      "summary": {"<transport>": {"<server>": {figure: {"median", "min", "max"}}}},
      "ratios": {"<transport>": {"orbited/<peer>": {figure: ratio of medians}}}}
 
@@ -54,7 +55,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.peers import SERVERS, available, exit_on_signals, make_server, usage
+from bench.peers import SERVERS, available, descendants, exit_on_signals, make_server, usage
 
 RESULTS = Path(__file__).resolve().parent / "results" / "dispatch.json"
 IMAGES = Path(__file__).resolve().parent.parent / "docs" / "images"
@@ -165,9 +166,10 @@ class Publishers:
                 p.wait()
 
 
-def window_count(buckets: dict[str, int], t0: float, t1: float) -> int:
-    lo, hi = int(t0 * 4) + 1, int(t1 * 4)  # whole ¼ s buckets inside [t0, t1)
-    return sum(buckets.get(str(b), 0) for b in range(lo, hi)), (hi - lo) / 4  # type: ignore[return-value]
+def window_count(buckets: dict[str, int], t0: float, t1: float) -> tuple[int, float]:
+    """Events received in the whole ¼ s buckets inside [t0, t1), and their seconds."""
+    lo, hi = int(t0 * 4) + 1, int(t1 * 4)
+    return sum(buckets.get(str(b), 0) for b in range(lo, hi)), (hi - lo) / 4
 
 
 def run_one(name: str, transport: str, rep: int, args: argparse.Namespace, tmp: Path) -> dict:
@@ -186,6 +188,7 @@ def run_one(name: str, transport: str, rep: int, args: argparse.Namespace, tmp: 
             time.sleep(1.0)
             after = usage(server.pids())
             pubs = Publishers(server.publish_spec(transport), clients, args.pub_procs, tmp)
+            seen = descendants(server.pids()) + subs.pids() + [p.pid for p in pubs.procs]
             steps: list[dict] = []
             for i, rate in enumerate(args.rates):
                 step = measure_step(server, subs, pubs, f"s{i}", rate, args)
@@ -226,6 +229,7 @@ def run_one(name: str, transport: str, rep: int, args: argparse.Namespace, tmp: 
                 "lost_total": sent_total - sum(final["counts"].values()),
                 "client_errors": final["errors"],
                 "closed_by_server": final["closed"],
+                "pids": sorted(set(seen + descendants(server.pids()))),
             }
         finally:
             if pubs is not None:
@@ -242,8 +246,15 @@ def measure_step(server, subs: Subscribers, pubs: Publishers, phase: str,  # noq
     s1, c1, t1 = usage(pids), usage(subs.pids()), time.time()
     time.sleep(args.drain)
     stats = subs.stats()
-    in_window, window_s = window_count(stats["buckets"], t0 + WARMUP, t1)
-    all_window, all_s = window_count(stats["buckets"], t0, t1)
+    # The window ends when the step's deliveries do (a backlog drains after t1 at the
+    # server's own pace): delivered/s is then the server's rate, not a stall's artefact.
+    last = max(
+        (int(k) for k, v in stats["buckets"].items() if v and int(k) < (t1 + args.drain) * 4),
+        default=0,
+    )
+    end = max(t1, (last + 1) / 4)
+    in_window, window_s = window_count(stats["buckets"], t0 + WARMUP, end)
+    all_window, _ = window_count(stats["buckets"], t0, t1)
     received = stats["counts"].get(phase, 0)
     lat = stats["latencies"].get(phase, [])
     lags = [lag for when, lag in stats["lag"] if t0 <= when <= t1]
@@ -270,7 +281,6 @@ def measure_step(server, subs: Subscribers, pubs: Publishers, phase: str,  # noq
         or step["lost"] > 0.01 * max(1, step["sent"])
         or step["p99_ms"] > 1000
     )
-    del all_s
     return step
 
 
@@ -458,6 +468,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="smoke: " + json.dumps(QUICK))
     p.add_argument("--json", type=Path, help=f"results (default {RESULTS}; none in --quick)")
     p.add_argument("--images", type=Path, help="also draw the report's PNGs here")
+    p.add_argument("--workdir", type=Path, help="parent of the temporary directory")
     args = p.parse_args(argv)
     args.rates = [float(r) for r in args.rates.split(",")]
     if args.quick:
@@ -485,7 +496,7 @@ def main(argv: list[str] | None = None) -> int:
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
     }
     runs: list[dict] = []
-    with tempfile.TemporaryDirectory(prefix="bench-dispatch-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="bench-dispatch-", dir=args.workdir) as tmp:
         for rep in range(args.reps):
             for transport in transports:
                 here = [s for s in servers if transport in SERVERS[s].transports]

@@ -49,6 +49,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from dataclasses import dataclass
@@ -486,7 +487,7 @@ class Nchan2(Nchan):
 PUSHPIN_CONF = """\
 [global]
 include={{libdir}}/internal.conf
-rundir={dir}/run
+rundir={rundir}
 ipc_prefix=bench-
 port_offset=0
 stats_connection_ttl=120
@@ -557,13 +558,15 @@ class Pushpin(Server):
                                                  str(backend_ready)))  # fmt: skip
         info = _wait(lambda: _read_json(backend_ready), "the GRIP backend", [backend], timeout)
         self.backend_pid = info["pid"]
-        (self.dir / "run").mkdir(exist_ok=True)
+        # ZeroMQ ipc:// paths must fit a Unix socket address (108 bytes): a short rundir
+        self.rundir = Path(tempfile.mkdtemp(prefix="pp-", dir="/tmp"))
         (self.dir / "log").mkdir(exist_ok=True)
         (self.dir / "routes").write_text(f"* 127.0.0.1:{info['port']},over_http\n")
         self.http_port, self.push_http = free_port(), free_port()
         conf = self.dir / "pushpin.conf"
         conf.write_text(PUSHPIN_CONF.format(
-            dir=self.dir, http_port=self.http_port, maxconn=50_000, push_in=free_port(),
+            dir=self.dir, rundir=self.rundir, http_port=self.http_port, maxconn=50_000,
+            push_in=free_port(),
             push_sub=free_port(), push_http=self.push_http, command=free_port(),
             max_body=self.max_body, message_rate=self.message_rate,
             message_hwm=self.message_hwm,
@@ -595,6 +598,12 @@ class Pushpin(Server):
                 with contextlib.suppress(TimeoutError):
                     got += s.recv(65536)
             return b"probe" in got
+
+    def stop(self) -> None:
+        super().stop()
+        if getattr(self, "rundir", None) is not None:
+            shutil.rmtree(self.rundir, ignore_errors=True)
+            self.rundir = None
 
     def pids(self) -> list[int]:
         return [c.proc.pid for c in self.children if c.alive() and c.name != "grip_backend"]
