@@ -353,7 +353,7 @@ def fmt(value: Any, spec: str = ".1f") -> str:
     return format(value, spec)
 
 
-def report(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
+def print_report(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
     by = {(r["server"], r["nodes"]): r for r in results}
     print(
         f"\ncontrol: {args.routes} routes, {args.spares} spare, heartbeat every "
@@ -431,7 +431,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--servers", default="halod,raw", help="which servers to run")
     p.add_argument("--json", type=Path, help="write all results here")
     p.add_argument("--keep", type=Path, help="keep server logs and databases in this directory")
+    p.add_argument("--quick", action="store_true", help="smoke: 64 nodes, 1 s window, 1 victim")
     args = p.parse_args(argv)
+    if args.quick:
+        args.nodes, args.window, args.victims, args.settle = "64", 1.0, 1, 0.5
     args.nodes = [int(n) for n in args.nodes.split(",") if n]
     servers = [s for s in args.servers.split(",") if s]
 
@@ -439,7 +442,10 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started ignoring it
     results: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory() as tmp:
+    from bench.report import LoadSampler, machine
+
+    started, facts = time.strftime("%Y-%m-%d %H:%M:%S"), machine()
+    with LoadSampler() as load, tempfile.TemporaryDirectory() as tmp:
         if args.keep:
             args.keep.mkdir(parents=True, exist_ok=True)
             tmp = str(args.keep)
@@ -448,9 +454,99 @@ def main(argv: list[str] | None = None) -> int:
                 results.append(run_once(kind, size, args, Path(tmp)))
                 brief = {k: v for k, v in results[-1].items() if k != "detection"}
                 print(json.dumps(brief), file=sys.stderr)
-    report(results, args)
+    print_report(results, args)
     if args.json:
         args.json.write_text(
-            json.dumps({"args": vars(args), "runs": results}, indent=1, default=str)
-        )
+            json.dumps({"args": vars(args), "machine": facts, "started": started,
+                        "loadavg": load.summary(), "runs": results}, indent=1, default=str)
+        )  # fmt: skip
     return 0
+
+
+# -- report (docs/performance.md, python -m bench report) ------------------------------------
+
+STEADY_ROWS = (
+    ("nodes up", "joined", "d"),
+    ("joins/s", "joins_per_s", ".0f"),
+    ("server CPU in the join phase per join", "join_cpu_ms_per_join", ".1f", " ms"),
+    ("heartbeats/s acked", "heartbeats_acked_per_s", ".0f"),
+    ("server CPU", "cpu_pct", ".1f", " %"),
+    ("server CPU per heartbeat", "cpu_us_per_heartbeat", ".1f", " µs"),
+    ("ack round trip p50", "rtt_p50_ms", ".2f", " ms"),
+    ("ack round trip p99", "rtt_p99_ms", ".1f", " ms"),
+    ("simulator CPU (all processes)", "sim_cpu_pct", ".0f", " %"),
+    ("simulator max lateness", "sim_max_late_ms", ".0f", " ms"),
+)
+
+
+def report(results: dict[str, Any], images: Path) -> str:
+    """Markdown section from ``--json`` results: HaloD vs raw per size, detection, a plot."""
+    from bench.report import machine_line, pyplot
+
+    a, runs = results["args"], results["runs"]
+    by = {(r["server"], r["nodes"]): r for r in runs}
+    sizes = sorted({r["nodes"] for r in runs})
+    out = [
+        "```",
+        f"python -m bench run control    # --nodes {','.join(map(str, sizes))} "
+        f"--procs {a['procs']} --window {a['window']} --victims {a['victims']}",
+        "```",
+        "",
+        machine_line(results),
+        "",
+        f"HaloD `--routes {a['routes']} --spares {a['spares']} --heartbeat-interval "
+        f"{a['interval']} --missed-heartbeats {a['missed']} --grace {a['grace']} --dataplane "
+        f"{a['dataplane']}`, fresh for each size; `raw` = bench/control_raw_server.py.",
+        "",
+    ]
+    head = "| figure |" + "".join(f" {n} HaloD | raw | HaloD/raw |" for n in sizes)
+    out += [head, "|---|" + "---|---|---|" * len(sizes)]
+    for label, field, spec, *unit in STEADY_ROWS:
+        cells = [label]
+        for n in sizes:
+            h, r = by.get(("halod", n), {}), by.get(("raw", n), {})
+            hv, rv = h.get(field), r.get(field)
+            u = unit[0] if unit else ""
+            cells += [fmt(hv, spec) + (u if hv is not None else ""),
+                      fmt(rv, spec) + (u if rv is not None else ""),
+                      fmt(hv / rv, ".2f") if hv is not None and rv else ""]  # fmt: skip
+        out.append("| " + " | ".join(cells) + " |")
+    det = [(n, by[("halod", n)]) for n in sizes if "crash_p50_s" in by.get(("halod", n), {})]
+    if det:
+        out += ["", "Detection (HaloD), latency from the failure to `assign`s covering the "
+                "victim's routes:", "",
+                "| failure | bound |" + "".join(f" {n} p50 | max | max / bound |" for n, _ in det),
+                "|---|---|" + "---|---|---|" * len(det)]  # fmt: skip
+        for mode in ("crash", "hang"):
+            bound = det[0][1][f"{mode}_bound_s"]
+            cells = [mode, f"{bound:g} s"]
+            for _, h in det:
+                p50, mx = h[f"{mode}_p50_s"], h[f"{mode}_max_s"]
+                cells += [fmt(p50, ".3f") + " s", fmt(mx, ".3f") + " s",
+                          fmt(mx / bound if mx is not None else None, ".2f")]  # fmt: skip
+            out.append("| " + " | ".join(cells) + " |")
+    notes = []
+    for r in runs:
+        if r["joined"] != r["nodes"]:
+            notes.append(f"only {r['joined']} of {r['nodes']} nodes joined {r['server']}")
+        ff = r.get("false_failures_total", r.get("false_failures"))
+        if ff:
+            notes.append(f"{r['server']} at {r['nodes']}: non-victim failures {ff}")
+    if notes:
+        out += ["", "Notes from the run:", *[f"- {n}" for n in notes]]
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    for server in ("halod", "raw"):
+        xs = [n for n in sizes if (server, n) in by]
+        ax.plot(xs, [by[(server, n)]["cpu_us_per_heartbeat"] for n in xs], marker="o",
+                label=server)  # fmt: skip
+    ax.set_xlabel("simulated nodes (10 Hz heartbeats)")
+    ax.set_ylabel("server CPU µs per heartbeat")
+    ax.set_ylim(bottom=0)
+    ax.legend()
+    ax.set_title("Control plane: CPU per heartbeat, HaloD vs bare transport", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(images / "perf-control-heartbeat.png", dpi=110)
+    plt.close(fig)
+    out += ["", "![control plane CPU per heartbeat](images/perf-control-heartbeat.png)"]
+    return "\n".join(out)

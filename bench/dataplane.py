@@ -548,11 +548,50 @@ def main(argv: list[str] | None = None) -> int:
             result["failover"] = dataplane_failover.run(tmp, fo_backends, use_netns, args)
             dataplane_failover.print_failover(result["failover"])
     result["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    result["machine"]["loadavg_at_end"] = os.getloadavg()
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
+        if args.json.exists() and not args.quick:
+            result = merge_previous(json.loads(args.json.read_text()), result)
         args.json.write_text(json.dumps(result, indent=1, default=str) + "\n")
         print(f"\nwrote {args.json}", file=sys.stderr)
     return 0
+
+
+def merge_previous(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """A partial rerun (``--skip forwarding``, ``--failover-paths X``) updates the recorded
+    results instead of discarding the rest: parts not rerun, and failover runs of other
+    back-ends, are kept from ``old``, marked with the run they came from."""
+    merged = dict(new)
+    if "forwarding" not in new and "forwarding" in old:
+        # the page describes the full run; partial reruns are listed with their arguments
+        merged["args"], merged["machine"] = old["args"], old["machine"]
+        merged["started"] = old.get("started")
+        merged["reruns"] = old.get("reruns", []) + [
+            {"args": new["args"], "machine": new["machine"], "started": new.get("started")}
+        ]
+    if "forwarding" not in new and "forwarding" in old:
+        merged["forwarding"] = old["forwarding"] | {
+            "from_run": old["forwarding"].get("from_run", old.get("started"))
+        }
+    if "failover" in old and "failover" in new:
+        fresh = {r["backend"] for r in new["failover"]["runs"]}
+        kept = [
+            r | {"from_run": r.get("from_run", old.get("started"))}
+            for r in old["failover"]["runs"]
+            if r["backend"] not in fresh
+        ]
+        ran = [r | {"from_run": new.get("started")} for r in new["failover"]["runs"]]
+        merged["failover"] = new["failover"] | {"runs": kept + ran}
+    elif "failover" not in new and "failover" in old:
+        merged["failover"] = old["failover"]
+    rerun = {r["backend"] for r in new.get("failover", {}).get("runs", [])}
+    # A note about a failover that was just rerun describes the old run: drop it.
+    notes = [
+        n for n in old.get("notes", []) if not any(n.startswith(f"failover {b}") for b in rerun)
+    ]
+    merged["notes"] = notes + new.get("notes", [])
+    return merged
 
 
 def machine() -> dict[str, Any]:
@@ -568,3 +607,129 @@ def machine() -> dict[str, Any]:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# -- report (docs/performance.md, python -m bench report) ------------------------------------
+
+UNITS = {"bulk": ("bulk MB/s", "halod_cpu_per_gb_s", "s/GB"),
+         "conn": ("new conn/s", "halod_cpu_per_op_us", "µs/conn"),
+         "rr": ("req/s", "halod_cpu_per_op_us", "µs/req")}  # fmt: skip
+
+
+def report(results: dict[str, Any], images: Path) -> str:
+    """Markdown section from bench/results/dataplane.json: forwarding ratios, failover per
+    back-end, and their plots."""
+    from bench.report import machine_line, med_range, num, pyplot
+
+    a = results["args"]
+    out = [
+        "```",
+        f"python -m bench run dataplane    # --paths {a['paths']} --rounds {a['rounds']} "
+        f"--seconds {a['seconds']} --clients {a['clients']}",
+        "```",
+        "",
+        machine_line(results),
+    ]
+    for rerun in results.get("reruns", []):
+        ra, load = rerun["args"], rerun["machine"].get("loadavg_at_start", [0])[0]
+        parts = "failover" if "forwarding" in ra.get("skip", "") else "forwarding and failover"
+        which = ra.get("failover_paths") or ra["paths"]
+        out += ["", f"Rerun {rerun['started']}: {parts} for `{which}` (1-min load average at"
+                f" its start {load:.1f}); its rows say so."]  # fmt: skip
+    if results.get("skipped"):
+        out += ["", "Skipped: " + "; ".join(f"{k} ({v})" for k, v in results["skipped"].items())]
+    fwd = results.get("forwarding")
+    plt = pyplot()
+    if fwd:
+        when = fwd.get("from_run")
+        also = f" (forwarding measured in the run of {when})" if when else ""
+        out += ["", f"Forwarding cost, {a['rounds']} rounds × {a['seconds']} s per load and "
+                "path, each ratio to `direct` in its round; median [min–max] over rounds"
+                f"{also}:", ""]  # fmt: skip
+        out += ["| path | bulk MB/s | ratio | conn/s | ratio | req/s | ratio | HaloD CPU "
+                "per GB / conn / req |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for path in fwd["paths"]:
+            cells = [path]
+            cpu = []
+            for load in LOADS:
+                f = fwd["summary"][load].get(path)
+                if not f:
+                    cells += ["—", "—"]
+                    continue
+                cells += [num(f["value"]["median"]), med_range(f["ratio"], 2)]
+                if f.get("halod_cpu"):
+                    cpu.append(num(f["halod_cpu"]["median"]) + " " + UNITS[load][2])
+            cells.append(" / ".join(cpu) if cpu else "—")
+            out.append("| " + " | ".join(cells) + " |")
+        fig, ax = plt.subplots(figsize=(6.5, 3.2))
+        paths = [p for p in fwd["paths"] if p != "direct"]
+        width = 0.8 / max(1, len(paths))
+        for i, path in enumerate(paths):
+            meds, lo, hi = [], [], []
+            for load in LOADS:
+                r = fwd["summary"][load][path]["ratio"]
+                meds.append(r["median"])
+                lo.append(r["median"] - r["min"])
+                hi.append(r["max"] - r["median"])
+            xs = [j + i * width for j in range(len(LOADS))]
+            ax.bar(xs, meds, width, yerr=[lo, hi], capsize=3, label=path)
+        ax.axhline(1.0, color="grey", linestyle=":")
+        ax.set_xticks([j + width * (len(paths) - 1) / 2 for j in range(len(LOADS))],
+                      [UNITS[load][0] for load in LOADS])  # fmt: skip
+        ax.set_ylabel("throughput / direct")
+        ax.set_title("Data plane forwarding cost (median, min–max over rounds)", fontsize=9)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(images / "perf-dataplane-forwarding.png", dpi=110)
+        plt.close(fig)
+        out += ["", "![forwarding cost](images/perf-dataplane-forwarding.png)"]
+    fo = results.get("failover")
+    if fo and fo.get("runs"):
+        s = fo["runs"][0].get("settings", {})
+        out += ["", f"Failover: SIGKILL of 1 of 2 active nodes (+1 spare), {a['clients']} "
+                f"browsers (ws:poll:sse 2:1:1), grace {s.get('grace_s')} s, heartbeat "
+                f"{s.get('heartbeat_interval_s')} s × {s.get('missed_heartbeats')}; seconds "
+                "from the kill:", "",
+                "| path | affected | never again | HaloD failover | reconnected p50 / max "
+                "| receiving again p50 | p99 | max | lost events | run |",
+                "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+
+        def sec(v: float | None) -> str:
+            return "—" if v is None else f"{v:.2f}"
+
+        order = {b: i for i, b in enumerate(BACKENDS)}
+        runs = sorted(fo["runs"], key=lambda r: order.get(r["backend"], 9))
+        for r in runs:
+            if "error" in r:
+                out.append(f"| {r['backend']} | error: {r['error'][:80]} |" + " |" * 8)
+                continue
+            rec, con = r["recovery_s"], r["reconnect_s"]
+            when = r.get("from_run") or results.get("started", "")
+            out.append(
+                f"| {r['backend']} | {r['affected']} | {r['never_recovered']} "
+                f"| {sec(r['detected_s'])} | {sec(con['p50'])} / {sec(con['max'])} "
+                f"| {sec(rec['p50'])} | {sec(rec['p99'])} | {sec(rec['max'])} "
+                f"| {r['lost_events']} | {when} |"
+            )
+            extra = r.get("failovers_before_kill", 0) or r.get("extra_failovers_after_kill", 0)
+            if extra:
+                out.append(f"| ↳ {r['backend']}: {r.get('failovers_before_kill', 0)} false "
+                           f"failovers before the kill, {r.get('extra_failovers_after_kill', 0)}"
+                           " after it |" + " |" * 9)  # fmt: skip
+        fig, ax = plt.subplots(figsize=(6, 3))
+        done = [r for r in runs if "error" not in r and r["recovery_s"]["p50"] is not None]
+        for i, r in enumerate(done):
+            rec = r["recovery_s"]
+            ax.barh(i, rec["max"], color="#c8d6e8")
+            ax.barh(i, rec["p50"], color="#4c72b0")
+            ax.plot([r["detected_s"]] * 2, [i - 0.4, i + 0.4], color="black")
+        ax.set_yticks(range(len(done)), [r["backend"] for r in done])
+        ax.set_xlabel("s from SIGKILL (bar: p50 / max receiving again; line: HaloD failover)")
+        ax.set_title("Failover under 1000 browsers, per data plane", fontsize=9)
+        fig.tight_layout()
+        fig.savefig(images / "perf-dataplane-failover.png", dpi=110)
+        plt.close(fig)
+        out += ["", "![failover per data plane](images/perf-dataplane-failover.png)"]
+    if results.get("notes"):
+        out += ["", "Notes recorded with the results:", *[f"- {n}" for n in results["notes"]]]
+    return "\n".join(out)

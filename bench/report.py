@@ -1,0 +1,220 @@
+"""Results → docs/performance.md: the generated sections, and helpers every scenario shares.
+
+    python -m bench report [--results DIR] [--doc FILE] [--images DIR]
+
+Owns the report side of the harness: each scenario module exposes
+``report(results: dict, images: Path) -> str`` returning its markdown section and drawing
+its PNGs (matplotlib, Agg) as ``images/perf-<scenario>-*.png``; this module loads
+``<results>/<scenario>.json`` and replaces the text between ``<!-- BEGIN bench:NAME -->``
+and ``<!-- END bench:NAME -->`` in the page, leaving the hand-written text around the
+markers alone. A scenario without results (or without ``report``) keeps its old section.
+
+Shared helpers: machine facts and load-average sampling recorded into every result, and
+median/[min–max] formatting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import json
+import os
+import re
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+DOC = ROOT / "docs" / "performance.md"
+IMAGES = ROOT / "docs" / "images"
+# Section order in the page and in `python -m bench all`.
+SECTIONS = ("dispatch", "idle", "storm", "dataplane", "control")
+
+
+# -- machine facts ----------------------------------------------------------------------------
+
+
+def machine() -> dict[str, Any]:
+    model = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    mem_kb = 0
+    with contextlib.suppress(OSError):
+        mem_kb = int(Path("/proc/meminfo").read_text().split()[1])
+    return {"cpus": os.cpu_count(), "cpu_model": model, "kernel": os.uname().release,
+            "python": sys.version.split()[0], "mem_gb": round(mem_kb / 2**20, 1),
+            "loadavg_at_start": os.getloadavg()}  # fmt: skip
+
+
+class LoadSampler:
+    """Samples the 1-minute load average every ``period`` s while a scenario runs (other
+    engineers share the box: a loaded run must say so)."""
+
+    def __init__(self, period: float = 5.0) -> None:
+        self.period = period
+        self.samples: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while True:
+            self.samples.append(os.getloadavg()[0])
+            if self._stop.wait(self.period):
+                return
+
+    def __enter__(self) -> LoadSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def summary(self) -> dict[str, float]:
+        s = self.samples or [os.getloadavg()[0]]
+        return {"min": min(s), "median": statistics.median(s), "max": max(s)}
+
+
+# -- figures ----------------------------------------------------------------------------------
+
+
+def spread(values: list[float]) -> dict[str, float] | None:
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
+    return {"median": statistics.median(values), "min": min(values), "max": max(values),
+            "n": len(values)}  # fmt: skip
+
+
+def num(v: float | None, digits: int = 3) -> str:
+    """A figure for a table: integers with thin thousands separators from 100 up, one
+    decimal from 10, two below (``digits`` is accepted for call sites, unused)."""
+    if v is None or v != v:
+        return "—"
+    if abs(v) >= 100:
+        return f"{v:,.0f}".replace(",", " ")
+    if abs(v) >= 10:
+        return f"{v:.1f}"
+    return f"{v:.2f}"
+
+
+def med_range(s: dict[str, float] | None, digits: int = 3, unit: str = "") -> str:
+    """``median [min–max]`` (the range only when there is more than one sample)."""
+    if not s:
+        return "—"
+    text = num(s["median"], digits) + unit
+    if s.get("n", 2) > 1 and s["min"] != s["max"]:
+        text += f" [{num(s['min'], digits)}–{num(s['max'], digits)}]"
+    return text
+
+
+def ratio(a: float | None, b: float | None) -> str:
+    if a is None or b is None or not b:
+        return "—"
+    return f"{a / b:.2f}"
+
+
+def machine_line(results: dict[str, Any]) -> str:
+    m = results.get("machine", {})
+    load = results.get("loadavg") or {}
+    text = (
+        f"Machine: {m.get('cpus', '?')} vCPU ({m.get('cpu_model', '?')}), kernel "
+        f"{m.get('kernel', '?')}, Python {m.get('python', '?')}"
+    )
+    if load:
+        text += (
+            f"; 1-min load average during the run {load['min']:.1f}–{load['max']:.1f} "
+            f"(median {load['median']:.1f})"
+        )
+    if not load and m.get("loadavg_at_start"):
+        text += f"; 1-min load average at the start {m['loadavg_at_start'][0]:.1f}"
+    when = results.get("started")
+    if when:
+        text += f"; run {when}"
+    return text + "."
+
+
+def pyplot():  # type: ignore[no-untyped-def]
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+# -- the page ---------------------------------------------------------------------------------
+
+
+def results_file(results_dir: Path, name: str) -> Path | None:
+    path = results_dir / f"{name}.json"
+    if path.exists():
+        return path
+    if name == "dispatch":  # recorded before the harness had one name per scenario
+        older = sorted(results_dir.glob("dispatch*.json"), key=lambda p: p.stat().st_mtime)
+        return older[-1] if older else None
+    return None
+
+
+def replace_section(text: str, name: str, body: str) -> str:
+    begin, end = f"<!-- BEGIN bench:{name} -->", f"<!-- END bench:{name} -->"
+    block = f"{begin}\n{body.strip()}\n{end}"
+    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
+    if pattern.search(text):
+        return pattern.sub(lambda _: block, text, count=1)
+    return text.rstrip() + f"\n\n{block}\n"
+
+
+def render(results_dir: Path = RESULTS, doc: Path = DOC, images: Path = IMAGES,
+           only: list[str] | None = None) -> dict[str, str]:  # fmt: skip
+    """Rewrite every section that has results; returns {scenario: 'ok' | why not}."""
+    images.mkdir(parents=True, exist_ok=True)
+    text = doc.read_text()
+    status: dict[str, str] = {}
+    for name in only or SECTIONS:
+        path = results_file(results_dir, name)
+        if path is None:
+            status[name] = "no results"
+            continue
+        try:
+            module = importlib.import_module(f"bench.{name}")
+        except ImportError as e:
+            status[name] = f"no module: {e}"
+            continue
+        if not hasattr(module, "report"):
+            status[name] = "no report()"
+            continue
+        section = module.report(json.loads(path.read_text()), images)
+        text = replace_section(text, name, section)
+        status[name] = "ok"
+    doc.write_text(text)
+    return status
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench report", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("--results", type=Path, default=RESULTS)
+    p.add_argument("--doc", type=Path, default=DOC)
+    p.add_argument("--images", type=Path, default=IMAGES)
+    p.add_argument("--only", help="comma-separated scenarios (default: all)")
+    args = p.parse_args(argv)
+    started = time.monotonic()
+    only = args.only.split(",") if args.only else None
+    status = render(args.results, args.doc, args.images, only)
+    for name, what in status.items():
+        print(f"{name:<10} {what}")
+    print(f"wrote {args.doc} in {time.monotonic() - started:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
