@@ -88,12 +88,14 @@ class Subscribers:
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
             ))  # fmt: skip
         self.connected = self.failed = 0
-        for p in self.procs:
-            line = p.stdout.readline().split()  # type: ignore[union-attr]
+        self.failed_urls: set[int] = set()
+        for i, p in enumerate(self.procs):
+            line = p.stdout.readline().split(maxsplit=3)  # type: ignore[union-attr]
             if not line:
                 raise RuntimeError("a subscriber process died while connecting")
             self.connected += int(line[1])
             self.failed += int(line[2])
+            self.failed_urls |= {i * per + k for k in json.loads(line[3])}
 
     def pids(self) -> list[int]:
         return [p.pid for p in self.procs]
@@ -180,13 +182,15 @@ def run_one(name: str, transport: str, rep: int, args: argparse.Namespace, tmp: 
         try:
             clients = [f"c{i}" for i in range(args.clients)]
             before = usage(server.pids())
-            config = {"flavour": server.flavour, "transport": transport,
-                      "connect_rate": args.connect_rate}  # fmt: skip
+            rate = min(args.connect_rate, server.connect_rate // args.procs)
+            config = {"flavour": server.flavour, "transport": transport, "connect_rate": rate}
             subs = Subscribers(config, [server.url(c, transport) for c in clients],
                                args.procs, tmp)  # fmt: skip
             connected, failed = subs.connected, subs.failed
             time.sleep(1.0)
             after = usage(server.pids())
+            # events only for clients that connected: a failed connect is not a loss
+            clients = [c for i, c in enumerate(clients) if i not in subs.failed_urls]
             pubs = Publishers(server.publish_spec(transport), clients, args.pub_procs, tmp)
             seen = descendants(server.pids()) + subs.pids() + [p.pid for p in pubs.procs]
             steps: list[dict] = []

@@ -14,6 +14,7 @@ Interface (stable; scenarios build on it)::
         server.url("c17", "sse")                # subscribe URL of client "c17"
         server.flavour                          # wire dialect: orbited | raw | nchan | pushpin
         server.pids()                           # top pids; usage() adds their descendants
+        server.connect_rate                     # connects/s it takes (Pushpin: 400)
         usage(server.pids())                    # Usage(cpu_s, rss_kb, processes)
         spec = server.publish_spec("sse")       # JSON-able, for another process:
     pub = make_publisher(spec)                  # in the publisher process (asyncio)
@@ -247,6 +248,7 @@ class Server:
     name = ""
     flavour = ""
     transports: tuple[str, ...] = ("ws", "sse", "poll")
+    connect_rate = 4000  # new connections/s the server takes without refusing (all clients)
     settings: dict[str, str] = {}  # non-default settings, name → value and why
 
     def __init__(self, workdir: Path) -> None:
@@ -538,6 +540,7 @@ class Pushpin(Server):
     long-poll: a held GRIP response has no buffer between polls (events are lost)."""
 
     name, flavour, transports = "pushpin", "pushpin", ("ws", "sse")
+    connect_rate = 400  # shared/reference/peers.md: bursts over ≈ 400/s get 502s from zurl
     message_rate = 1_000_000
     message_hwm = 1_000_000
     max_body = 4_000_000

@@ -10,8 +10,10 @@ bottleneck, and each process reports its CPU and event-loop lag so that can be c
     python -m bench.subscribers CONFIG.json
 
 CONFIG: ``{"flavour": "orbited"|"raw"|"nchan"|"pushpin", "transport": "ws"|"sse"|"poll",
-"urls": [...], "connect_rate": 1000}``. Prints ``ready <connected> <failed>`` once every
-subscriber connected (or failed), then obeys stdin lines:
+"urls": [...], "connect_rate": 1000}``. Connects at most ``connect_rate`` per second,
+retrying a failed connect 3 times (0.5–4 s apart). Prints ``ready <connected> <failed>
+<JSON list of the failed URLs' indices>`` once every subscriber connected or gave up (the
+driver sends nothing to those), then obeys stdin lines:
 
 - ``stats``: print one JSON line (below) and go on;
 - ``stop``: print the JSON line, close everything and exit.
@@ -321,29 +323,33 @@ async def main(path: str) -> None:
     stats = Stats()
     loop = asyncio.get_running_loop()
     rate = config.get("connect_rate", 1000)
-    subs: list[Subscriber] = []
     monitor = asyncio.create_task(lag_monitor(stats))
 
-    async def connect(url: str) -> None:
-        sub = Subscriber(url, config["flavour"], config["transport"], stats)
-        subs.append(sub)
-        try:
-            await asyncio.wait_for(
-                loop.create_connection(lambda: sub, sub.host, sub.port), timeout=60
-            )
-            await asyncio.wait_for(asyncio.shield(sub.opened), timeout=60)
-        except (OSError, TimeoutError) as e:
-            stats.error(f"connect: {type(e).__name__}: {e}"[:80])
+    async def connect(url: str) -> Subscriber | None:
+        """Connect, retrying a refused or reset connect (a real client reconnects too)."""
+        for attempt in range(4):
+            if attempt:
+                await asyncio.sleep(0.5 * attempt + random.random())
+            sub = Subscriber(url, config["flavour"], config["transport"], stats)
+            try:
+                await asyncio.wait_for(
+                    loop.create_connection(lambda s=sub: s, sub.host, sub.port), timeout=60
+                )
+                if await asyncio.wait_for(asyncio.shield(sub.opened), timeout=60):
+                    return sub
+            except (OSError, TimeoutError) as e:
+                stats.error(f"connect: {type(e).__name__}: {e}"[:80])
             sub._close()
+        return None
 
     tasks = []
     wave = max(1, rate // 20)
     for i in range(0, len(config["urls"]), wave):  # connect in waves of 50 ms, not at once
         tasks += [asyncio.create_task(connect(u)) for u in config["urls"][i : i + wave]]
         await asyncio.sleep(0.05)
-    await asyncio.gather(*tasks)
-    ok = sum(1 for s in subs if s.opened.done() and not s.opened.cancelled() and s.opened.result())
-    print(f"ready {ok} {len(subs) - ok}", flush=True)
+    subs = list(await asyncio.gather(*tasks))
+    failed = [i for i, sub in enumerate(subs) if sub is None]
+    print(f"ready {len(subs) - len(failed)} {len(failed)} {json.dumps(failed)}", flush=True)
     reader = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
     while line := (await reader.readline()).decode().strip():
@@ -352,7 +358,8 @@ async def main(path: str) -> None:
             break
     monitor.cancel()
     for sub in subs:
-        sub._close()
+        if sub is not None:
+            sub._close()
 
 
 if __name__ == "__main__":
