@@ -18,10 +18,8 @@ import base64
 import hashlib
 import hmac
 import json
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
@@ -470,11 +468,12 @@ def check_orbit_protocol(stream: bytes, cuts: Sequence[int]) -> None:
         expect(len(reply) == written_at_close, "replies written after the close")
 
 
-def _halod(tmp: str) -> Any:
+def _halod() -> Any:
     from halod.config import HaloDConfig
     from halod.server import HaloD
 
-    return HaloD(HaloDConfig(db=str(Path(tmp) / "halod.sqlite3"), routes=4), task.Clock())
+    # An in-memory SQLite store: the same code path, without a file per input.
+    return HaloD(HaloDConfig(db=":memory:", routes=4), task.Clock())
 
 
 def check_halod_control(stream: bytes, cuts: Sequence[int]) -> None:
@@ -482,20 +481,20 @@ def check_halod_control(stream: bytes, cuts: Sequence[int]) -> None:
     gets an ``error`` message (or an abort for broken framing) and the connection closes."""
     from halod.server import ControlFactory
 
-    with tempfile.TemporaryDirectory() as tmp:
-        halod = _halod(tmp)
-        proto = ControlFactory(halod).buildProtocol(None)
-        transport = _TCPStringTransport()
-        limit = halod.config.control_max_message
-        with no_logged_failures():
-            proto.makeConnection(transport)
-            for piece in chunks(stream, cuts):
-                proto.dataReceived(piece)
-                expect(proto._sp.buffered < wire.LENGTH_SIZE + limit, "control buffer")
-                if proto.closed:
-                    break
-            proto.connectionLost(CLOSED)
-        halod.store.close()
+    halod = _halod()
+    proto = ControlFactory(halod).buildProtocol(None)
+    transport = _TCPStringTransport()
+    limit = halod.config.control_max_message
+    with no_logged_failures():
+        proto.makeConnection(transport)
+        for piece in chunks(stream, cuts):
+            proto.dataReceived(piece)
+            expect(proto._sp.buffered < wire.LENGTH_SIZE + limit, "control buffer")
+            if proto.closed:
+                break
+        halod.clock.advance(60)  # the register timeout refuses a silent connection
+        proto.connectionLost(CLOSED)
+    halod.store.close()
     sent = wire.SPConnection(control.CONTROL_PROTOCOL, control.CONTROL_PROTOCOL).receive(
         transport.value()
     )
@@ -518,7 +517,8 @@ def check_node_control(stream: bytes, cuts: Sequence[int]) -> None:
     """The node's end of the control link: whatever HaloD sends, no exception escapes."""
     from orbited.control import LinkProtocol
 
-    proto = LinkProtocol(_node_link())
+    link = _node_link()
+    proto = LinkProtocol(link)
     transport = _TCPStringTransport()
     with no_logged_failures():
         proto.makeConnection(transport)
@@ -527,6 +527,7 @@ def check_node_control(stream: bytes, cuts: Sequence[int]) -> None:
             expect(proto._sp.buffered < wire.LENGTH_SIZE + control.MAX_MESSAGE, "buffer")
             if transport.disconnecting:
                 break
+        link.clock.advance(10)  # heartbeats at the interval a welcome named, and timeouts
         proto.connectionLost(CLOSED)
 
 
