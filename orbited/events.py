@@ -53,19 +53,27 @@ class PingRequest:
     event_id: str | None
 
 
+# One encoder and one decoder for every request: json.dumps/loads with options build a
+# new JSONEncoder/JSONDecoder per call, a measurable share of a one-recipient event.
+# allow_nan=False: 1e999 parses to inf, which browsers' JSON.parse would reject.
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
 def _encode(obj: object) -> bytes:
-    # allow_nan=False: 1e999 parses to inf, which browsers' JSON.parse would reject.
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+    return _ENCODER.encode(obj).encode()
 
 
 def _no_constants(name: str) -> object:
     raise ValueError(f"{name} is not JSON")
 
 
+_DECODER = json.JSONDecoder(parse_constant=_no_constants)
+
+
 def parse_request(body: bytes, limits: RequestLimits) -> EventRequest | PingRequest:
     try:
         # Decode first: json.loads on bytes would also accept UTF-16/32 and a BOM.
-        doc = json.loads(body.decode("utf-8"), parse_constant=_no_constants)
+        doc = _DECODER.decode(body.decode("utf-8"))
     except ValueError as e:
         raise RequestError("bad_json", f"request is not UTF-8 JSON: {e}") from None
     except RecursionError:
@@ -147,9 +155,12 @@ def moved_result(route: int, to: str | None) -> bytes:
     return b'{"status":"moved","route":%d,"to":%s}' % (route, _encode_reply(to))
 
 
+_REPLY_ENCODER = json.JSONEncoder(separators=(",", ":"))
+
+
 def _encode_reply(obj: object) -> bytes:
     # ASCII-escaped, so an id with lone surrogates still yields a valid reply.
-    return json.dumps(obj, separators=(",", ":")).encode("ascii")
+    return _REPLY_ENCODER.encode(obj).encode("ascii")
 
 
 def ok_reply(event_id: str | None, results: list[bytes]) -> bytes:

@@ -22,6 +22,15 @@ class ConnectionKey(NamedTuple):
 
     @classmethod
     def from_json(cls, value: object) -> ConnectionKey:
+        # Fast path (every recipient of every event): three short strings, user not empty.
+        # 64 characters are at most 256 bytes of UTF-8, so no encoding is needed to check.
+        if type(value) is list and len(value) == 3:
+            user, session, location = value
+            if (
+                type(user) is str and type(session) is str and type(location) is str
+                and 0 < len(user) <= 64 and len(session) <= 64 and len(location) <= 64
+            ):  # fmt: skip
+                return tuple.__new__(cls, (user, session, location))
         if not isinstance(value, list | tuple) or len(value) != 3:
             raise KeyError_("a connection key is an array [user, session, location]")
         for name, part in zip(cls._fields, value, strict=True):
