@@ -473,6 +473,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, help=f"results (default {RESULTS}; none in --quick)")
     p.add_argument("--images", type=Path, help="also draw the report's PNGs here")
     p.add_argument("--workdir", type=Path, help="parent of the temporary directory")
+    p.add_argument("--pair-transports", default="ws",
+                   help="transports the two-process servers (orbited2, nchan2) run on")  # fmt: skip
     args = p.parse_args(argv)
     args.rates = [float(r) for r in args.rates.split(",")]
     if args.quick:
@@ -503,7 +505,10 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-dispatch-", dir=args.workdir) as tmp:
         for rep in range(args.reps):
             for transport in transports:
-                here = [s for s in servers if transport in SERVERS[s].transports]
+                here = [
+                    s for s in servers if transport in SERVERS[s].transports
+                    and (not s.endswith("2") or transport in args.pair_transports.split(","))
+                ]  # fmt: skip
                 shift = rep % max(1, len(here))
                 for name in here[shift:] + here[:shift]:  # rotate: interleaved repetitions
                     runs.append(run_one(name, transport, rep, args, Path(tmp)))
