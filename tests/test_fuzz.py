@@ -477,3 +477,18 @@ def test_every_atheris_target_is_described_and_its_seeds_pass():
     for name, seeds in t.SEEDS.items():
         for seed in seeds:
             t.TARGETS[name](seed)
+
+
+def test_orbit_long_ids_with_a_common_prefix_stay_two_events():
+    # The scoped id was cut at 128 characters: the second request was a "resend".
+    from twisted.internet.testing import StringTransport
+
+    from orbited.legacy.orbit import OrbitProtocol
+
+    hub = t._hub()
+    proto = OrbitProtocol(hub)
+    proto.makeConnection(StringTransport())
+    for last in "12":
+        proto.dataReceived(t.orbit_request("x" * 200 + last, [["u", "s", "/l"]], b"1", 0))
+    assert hub.stats["duplicates"] == 0
+    assert hub.stats["events"] == 2
