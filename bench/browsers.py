@@ -741,9 +741,13 @@ async def churn_slot(
         try:
             await asyncio.wait([task], timeout=rng.expovariate(1 / churn.life))
         finally:
-            if not task.done():
+            # Until it is done: a cancel can be swallowed (asyncio.wait_for's race in 3.11)
+            # and the session would go on, holding this slot (and the fleet's stop) for ever.
+            current.stopping = True
+            while not task.done():
                 task.cancel()
-                await asyncio.wait([task])
+                await asyncio.wait([task], timeout=1.0)
+        current.stopping = False
         browser.ready.set()  # a first life without a hello (too short): ready all the same
         if current is not browser:  # a fresh key's one life is over: back to our own
             stats.fresh_connects += current.connects

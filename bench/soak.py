@@ -57,7 +57,29 @@ def proc_sample(pid: int) -> dict[str, Any] | None:
         threads = len(os.listdir(f"/proc/{pid}/task"))
     except (OSError, IndexError, ValueError):
         return None
-    return {"rss": rss_pages * PAGE, "fds": fds, "threads": threads}
+    return {"rss": rss_pages * PAGE, "fds": fds, "threads": threads} | rss_split(pid)
+
+
+def rss_split(pid: int) -> dict[str, int]:
+    """Resident bytes in the brk heap (glibc malloc's main arena) and in anonymous maps
+    (pymalloc's arenas, large mallocs): where a growth is, when there is one."""
+    heap = anon = 0
+    name = ""
+    try:
+        with open(f"/proc/{pid}/smaps") as f:
+            for line in f:
+                if line[0] in "0123456789abcdef" and "-" in line.split(" ", 1)[0]:
+                    parts = line.split()
+                    name = parts[5] if len(parts) > 5 else ""
+                elif line.startswith("Rss:"):
+                    kb = int(line.split()[1])
+                    if name == "[heap]":
+                        heap += kb
+                    elif name == "":
+                        anon += kb
+    except (OSError, ValueError, IndexError):
+        return {}
+    return {"rss_heap": heap * 1024, "rss_anon": anon * 1024}
 
 
 def get_json(url: str) -> dict[str, Any]:
@@ -112,6 +134,19 @@ def growth(samples: list[dict[str, Any]], name: str, warmup: float) -> dict[str,
         "growth_mb_per_h": None if slope is None else slope / 2**20,
         "growth_pct_per_h": None if slope is None or not at_warmup else 100 * slope / at_warmup,
         "end_vs_warmup_pct": None if not at_warmup else 100 * (series[-1][1] / at_warmup - 1),
+        **{
+            f"{part}_growth_mb_per_h": (lambda sl: None if sl is None else sl / 2**20)(
+                slope_per_hour(
+                    [
+                        (s["t"], s["procs"][name][f"rss_{part}"])
+                        for s in samples
+                        if s["t"] >= warmup
+                        and (s["procs"].get(name) or {}).get(f"rss_{part}") is not None
+                    ]
+                )
+            )
+            for part in ("heap", "anon")
+        },  # fmt: skip
         "fds_warmup": next((v for t, v in fds if t >= warmup), None),
         "fds_end": fds[-1][1],
         "fds_max": max(v for _, v in fds),
@@ -138,10 +173,11 @@ class Soak:
         env, args = self.env, self.args
         self.secret = env.tmp / "secret"
         self.secret.write_bytes(os.urandom(48).hex().encode())
-        # Failure detection lenient (10 s of silence): this is no failover test, and a
-        # busy shared box must not fail healthy nodes (a false failover is still counted).
+        # Failure detection lenient (--missed s of silence): this is no failover test, and
+        # a busy shared box must not fail healthy nodes (a false failover is still counted).
+        missed = str(args.missed)
         self.halod = HaloD(env, args.dataplane, ROUTES, "soak", "--spares", "1",
-                           "--missed-heartbeats", "10", "--grace", "10")  # fmt: skip
+                           "--missed-heartbeats", missed, "--grace", missed)  # fmt: skip
         self.pids["halod"], self.kinds["halod"] = self.halod.pid, "halod"
         for i, name in enumerate(("n1", "n2", "n3")):
             host = f"127.0.0.{i + 2}"
@@ -407,6 +443,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--ack-timeout", type=float, default=5.0)
     p.add_argument("--churn", default="life=45,switch=2,away=1,new=1,away_min=5,away_max=60",
                    help="bench/browsers.py --churn")  # fmt: skip
+    p.add_argument("--missed", type=int, default=20,
+                   help="HaloD's missed heartbeats (1 s each) and grace (s)")  # fmt: skip
     p.add_argument("--linger", type=float, help="the nodes' linger (default: theirs, 30 s)")
     p.add_argument("--quick", action="store_true",
                    help="smoke: 45 s, 200 clients, 2 processes, 4 s lives, 3 s linger")  # fmt: skip
