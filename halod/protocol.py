@@ -113,10 +113,16 @@ def _valid_move(move: object) -> bool:
     return strings and isinstance(move.get("handoff", False), bool)
 
 
+def _no_constant(name: str) -> object:
+    raise ValueError(f"{name} is not JSON")
+
+
 def decode(body: bytes, allowed: tuple[str, ...]) -> dict[str, Any]:
     """Parse and validate one message whose ``type`` is in ``allowed``."""
     try:
-        msg = json.loads(body)
+        # UTF-8 only, and no NaN/Infinity: what encode() can send back (a relayed or
+        # re-encoded message must stay JSON; found by fuzzing).
+        msg = json.loads(body.decode("utf-8"), parse_constant=_no_constant)
     except (UnicodeDecodeError, ValueError, RecursionError):
         raise ControlError(BAD_MESSAGE, "not a JSON message") from None
     if not isinstance(msg, dict):

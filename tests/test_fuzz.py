@@ -354,6 +354,8 @@ halod_messages = st.one_of(
     node_messages.map(lambda m: json.dumps(m).encode()),
     halod_messages.map(lambda m: json.dumps(m).encode()),
 ))  # fmt: skip
+@example(b'{"type":"handoff","to":"n","done":[],"mailboxes":[{"a":Infinity}]}')  # not JSON
+@example('{"type":"leave"}'.encode("utf-16"))
 def test_control_message_any_body(body):
     t.check_control_body(body)
 
