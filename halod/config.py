@@ -13,6 +13,7 @@ from typing import ClassVar
 
 from halod.dataplane import Ports
 from halod.membership import Timing
+from halod.protocol import MAX_ROUTES
 from halod.routes import POLICIES
 from orbited.config import (
     ConfigBase,
@@ -72,6 +73,8 @@ class HaloDConfig(ConfigBase):
             "routes", "heartbeat_interval", "missed_heartbeats", "grace",
             "control_max_message", "control_header_timeout",
         )  # fmt: skip
+        if self.routes > MAX_ROUTES:  # nodes refuse a welcome with more (halod-protocol.md)
+            raise ConfigError(f"routes must be at most {MAX_ROUTES}")
         if self.spares < 0:
             raise ConfigError("spares must not be negative")
         if self.policy not in POLICIES:

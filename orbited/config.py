@@ -243,7 +243,7 @@ class NodeConfig(ConfigBase):
 
 def parse_host_port(text: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+    if not sep or not (port.isascii() and port.isdigit()) or not 0 <= int(port) < 65536:
         raise ConfigError(f"address {text!r} is not host:port")
     return (host.strip("[]") or "127.0.0.1"), int(port)
 

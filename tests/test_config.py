@@ -25,6 +25,7 @@ def test_defaults_bind_loopback():
     [
         ({"bogus": 1}, "unknown config keys: bogus"),
         ({"http": "nohost"}, "not host:port"),
+        ({"http": "127.0.0.1:²"}, "not host:port"),  # a digit to isdigit(), not to int()
         ({"sp": "ipc:///tmp/x"}, "tcp://host:port"),
         ({"max_payload": 10, "mailbox_bytes": 5}, "max_payload"),
         ({"linger": 0}, "linger must be positive"),

@@ -47,6 +47,7 @@ def test_run_refuses_bad_configuration(tmp_path):
         (["--policy", "random"], "policy is one of seed, minimal"),
         (["--grace", "0"], "grace must be positive"),
         (["--control", "127.0.0.1:7600"], "must look like tcp://host:port"),
+        (["--routes", "65537", "--dataplane", "none"], "routes must be at most 65536"),
     ):
         done = subprocess.run(
             [sys.executable, "-m", "halod.cli", "run", "--db", str(tmp_path / "x.db"), *flags],
