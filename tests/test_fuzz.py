@@ -396,6 +396,7 @@ param_values = st.one_of(
 @FUZZ
 @given(st.dictionaries(st.sampled_from(["token", "last", "x"]),
                        st.lists(param_values, max_size=3), max_size=3))  # fmt: skip
+@example({"token": [t.valid_token()], "last": ["0.0:00"]})  # leading zeros normalise
 def test_authenticate_params(params):
     t.check_auth_params(params)
 

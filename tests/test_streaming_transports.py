@@ -6,6 +6,7 @@ import http.client
 import json
 import re
 import time
+import urllib.request
 
 import pynng
 import pytest
@@ -90,6 +91,21 @@ def test_sse_delivers_and_resumes_with_last_event_id(node: NodeProcess):
     assert frames[0]["type"] == "hello" and not frames[0]["reset"]
     assert [(f["seq"], f["data"]) for f in frames[1:]] == [(3, 3), (4, 4)]
     conn.close()
+
+
+@pytest.mark.parametrize(
+    "path", ["/orbited/sse", "/orbited/poll", "/orbited/iframe", "/orbited/ack"]
+)
+def test_head_is_refused_without_attaching(shared_node: NodeProcess, path: str):
+    host, port = shared_node.http.rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=5)
+    token = shared_node.token("head-user")
+    conn.request("HEAD", f"{path}?token={token}&timeout=0&origin=http://{shared_node.http}")
+    response = conn.getresponse()
+    assert response.status == 405 and b"HEAD" not in (response.getheader("allow") or "").encode()
+    conn.close()
+    health = json.loads(urllib.request.urlopen(f"http://{shared_node.http}/orbited/health").read())
+    assert health["gauges"]["attached"] == 0
 
 
 def test_sse_last_event_id_wins_over_last(shared_node: NodeProcess):

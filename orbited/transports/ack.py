@@ -9,7 +9,6 @@ new mailbox (e.g. one waiting on a route's new owner after a crash).
 
 from __future__ import annotations
 
-from twisted.web.error import UnsupportedMethod
 from twisted.web.http import Request
 
 from orbited.transports.common import BrowserRequestError, authenticate
@@ -19,11 +18,6 @@ from orbited.transports.http import BrowserResource, apply_cors, decoded_args, s
 class AckResource(BrowserResource):
     def render_OPTIONS(self, request: Request) -> bytes:  # noqa: N802
         return self.preflight(request, b"POST")
-
-    def render_HEAD(self, request: Request) -> bytes:  # noqa: N802
-        # Resource's default HEAD calls render_GET, which this resource has not: that was
-        # a 500 (found by fuzzing). twisted.web answers UnsupportedMethod with a 405.
-        raise UnsupportedMethod([b"OPTIONS", b"POST"])
 
     def render_POST(self, request: Request) -> bytes:  # noqa: N802
         request.setHeader(b"cache-control", b"no-store")

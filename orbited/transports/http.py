@@ -101,6 +101,19 @@ class BrowserResource(resource.Resource):
         self.cors_origins = cors_origins
         self.limits = limits or BrowserLimits(BrowserLimitsConfig(), hub.clock)
 
+    def render_HEAD(self, request: Request) -> bytes:  # noqa: N802
+        # twisted.web answers HEAD with render_GET: that would attach a transport (or hold
+        # a poll) for a response nobody reads, and where there is no GET it was a 500.
+        # (Raising UnsupportedMethod would not do: twisted.web then fakes HEAD with GET.)
+        allowed = [
+            name.removeprefix("render_").encode()
+            for name in dir(self)
+            if name.startswith("render_") and name != "render_HEAD"
+        ]
+        request.setHeader(b"allow", b", ".join(sorted(allowed)))
+        error = BrowserRequestError(405, "method_not_allowed", "HEAD is not supported")
+        return send_json_error(request, error)
+
     def preflight(self, request: Request, methods: bytes) -> bytes:
         """Answer a CORS preflight for ``methods`` (transports that fetch() call this)."""
         try:
