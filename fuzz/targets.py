@@ -31,7 +31,7 @@ from twisted.python.failure import Failure
 from zope.interface import provider
 
 from halod import protocol as control
-from orbited import events
+from orbited import events, frames
 from orbited.hub import Hub, HubConfig
 from orbited.keys import MAX_PART_BYTES, ConnectionKey, KeyError_
 from orbited.legacy.orbit import MAX_HEADER_BYTES, OrbitError, OrbitParser, OrbitProtocol
@@ -47,6 +47,7 @@ from orbited.transports.common import (
     single_param,
 )
 from orbited.transports.longpoll import MAX_TIMEOUT, LongPollResource
+from orbited.transports.streaming import script_literal
 
 CLOSED = Failure(ConnectionDone())
 SECRET = b"fuzz-secret-0123456789-abcdefghijklmnopqrstuvwxyz"
@@ -652,6 +653,26 @@ def check_timeout_param(text: str) -> None:
     expect(0 <= value <= MAX_TIMEOUT, f"timeout {value} accepted")
 
 
+def check_frame_encodings(data: object) -> None:
+    """An event carrying any JSON ``data`` can neither split an SSE line nor leave the
+    iframe's <script> block or string literal, and the page gets the frame back intact
+    (docs/protocol.md, "SSE" and "iframe streaming"; docs/security.md)."""
+    body = json.dumps({"id": "e", "to": [["u", "s", "/l"]], "data": data}).encode()
+    try:
+        request = events.parse_request(body, events.RequestLimits(max_payload=1 << 20))
+    except events.RequestError:
+        return  # e.g. too deep: refused before it reaches a browser
+    assert isinstance(request, events.EventRequest)
+    frame = frames.event(1, request.payload)
+    expect(json.loads(frame)["data"] == json.loads(request.payload), "frame changed data")
+    expect(b"\n" not in frame and b"\r" not in frame, "a raw line break in a frame (SSE)")
+    literal = script_literal(frame)
+    expect(literal.isascii(), "non-ASCII in the iframe literal")
+    for unsafe in (b"<", b">", b"&"):
+        expect(unsafe not in literal, f"{unsafe!r} in the iframe literal")
+    expect(json.loads(literal) == frame.decode(), "the iframe literal is not the frame")
+
+
 # -- atheris adapters: raw bytes → the checks above --------------------------------------
 
 _HEADER_NAMES = (b"origin", b"host", b"last-event-id", b"x-other")
@@ -700,6 +721,14 @@ def _fuzz_keys(data: bytes) -> None:
     check_position(data.decode("utf-8", "surrogateescape"))
 
 
+def _fuzz_frames(data: bytes) -> None:
+    try:
+        value = json.loads(data)
+    except (ValueError, RecursionError):
+        value = data.decode("utf-8", "replace")
+    check_frame_encodings(value)
+
+
 def _cut(check: Callable[[bytes, Sequence[int]], None]) -> Callable[[bytes], None]:
     def target(data: bytes) -> None:
         r = Reader(data)
@@ -737,6 +766,7 @@ DESCRIPTIONS = {
     "node_control": "the node's LinkProtocol with a real Hub",
     "http_params": "authenticate/single_param, long-poll timeout, origin_allowed",
     "http_resources": "the node's browser Site: one HTTP request, never a 500",
+    "frame_encodings": "any event data through SSE and iframe framing: no escape, intact",
 }
 
 _VALID_EVENT = b'{"id":"e1","to":[["alice","s1","/chat"]],"data":{"text":"hi"},"ack":5}'
@@ -773,6 +803,7 @@ SEEDS: dict[str, list[bytes]] = {
     "node_control": [_control_seed(_WELCOME, {"type": "heartbeat_ack", "seq": 1})],
     "http_params": [b"\x00\x01\x00\x00\x00"],
     "http_resources": [b"\x00\x00\x01\x00\x00\x00\x00"],
+    "frame_encodings": [b'{"text":"</script><script>alert(1)</script>\\u2028"}'],
 }
 
 TARGETS: dict[str, Callable[[bytes], None]] = {
@@ -790,4 +821,5 @@ TARGETS: dict[str, Callable[[bytes], None]] = {
     "node_control": _with_header(check_node_control, control.CONTROL_PROTOCOL),
     "http_params": _fuzz_params,
     "http_resources": _fuzz_http,
+    "frame_encodings": _fuzz_frames,
 }

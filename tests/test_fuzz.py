@@ -495,3 +495,10 @@ def test_orbit_long_ids_with_a_common_prefix_stay_two_events():
         proto.dataReceived(t.orbit_request("x" * 200 + last, [["u", "s", "/l"]], b"1", 0))
     assert hub.stats["duplicates"] == 0
     assert hub.stats["events"] == 2
+
+
+@FUZZ
+@given(json_values)
+@example({"text": "</script><script>alert(1)</script>\u2028\u2029<!--\r\n"})
+def test_frame_encodings(data):
+    t.check_frame_encodings(data)
