@@ -70,3 +70,33 @@ def test_secret_file_created_private(tmp_path):
     assert len(secret) >= 32
     assert path.stat().st_mode & 0o777 == 0o600
     assert load_secret(path) == secret
+
+
+def test_verified_token_cache_still_checks_expiry_secret_and_signature():
+    """A token verified once is answered from the cache (long-polls present it on every
+    poll), but expiry is checked again, another secret misses the cache, and a token
+    that differs by a byte is verified afresh."""
+    from orbited import tokens
+
+    token = issue_token(SECRET, KEY, ttl=60, now=5000)
+    assert verify_token(SECRET, token, now=5010) == KEY
+    assert (SECRET, token) in tokens._verified
+    assert verify_token(SECRET, token, now=5050) == KEY  # from the cache
+    assert code_of(token, now=5100) == "token_expired"  # leeway 30 s past exp 5060
+    with pytest.raises(TokenError) as info:
+        verify_token(b"y" * 32, token, now=5010)
+    assert info.value.code == "token_invalid"
+    header, claims, sig = token.split(".")
+    flipped = sig[:-2] + ("A" if sig[-2] != "A" else "B") + sig[-1]
+    assert code_of(f"{header}.{claims}.{flipped}", now=5010) == "token_invalid"
+
+
+def test_verified_token_cache_is_bounded(monkeypatch):
+    from orbited import tokens
+
+    monkeypatch.setattr(tokens, "VERIFIED_CACHE_SIZE", 3)
+    issued = [issue_token(SECRET, ConnectionKey(f"u{i}", "", ""), ttl=60) for i in range(5)]
+    for token in issued:
+        verify_token(SECRET, token)
+    assert len(tokens._verified) <= 3
+    assert (SECRET, issued[-1]) in tokens._verified and (SECRET, issued[0]) not in tokens._verified
