@@ -16,9 +16,10 @@ Then ``--latency-seconds`` at 50 % of the best delivered rate for p50/p99 latenc
 Measured per step: delivered/s (events received in the step's window, from the
 subscribers' ¼ s receive-time histogram, first 0.5 s skipped), loss (sent − received of
 the step's events after a drain), latency p50/p99 (receive − send, ``time.time()`` on this
-box), server CPU per delivered event (utime+stime of the server's process tree over the
-window / events received in it), the clients' CPU (cores) and worst event-loop lag, and
-the publisher's CPU. RSS per connection = the tree's RSS after connecting − before.
+box), server CPU per delivered event (utime+stime of the server's process tree from the
+step's start to the end of its drain / events received in that time), the clients' CPU
+(cores) and worst event-loop lag, and the publisher's CPU. RSS per connection = the
+tree's RSS after connecting − before.
 
 Results JSON (``--json``; default bench/results/dispatch.json, quick mode writes none):
 
@@ -256,6 +257,7 @@ def measure_step(server, subs: Subscribers, pubs: Publishers, phase: str,  # noq
     sent = pubs.run(phase, rate, args.step_seconds)
     s1, c1, t1 = usage(pids), usage(subs.pids()), time.time()
     time.sleep(args.drain)
+    s2, t2 = usage(pids), time.time()
     stats = subs.stats()
     # The window ends when the step's deliveries do (a backlog drains after t1 at the
     # server's own pace): delivered/s is then the server's rate, not a stall's artefact.
@@ -265,7 +267,9 @@ def measure_step(server, subs: Subscribers, pubs: Publishers, phase: str,  # noq
     )
     end = max(t1, (last + 1) / 4)
     in_window, window_s = window_count(stats["buckets"], t0 + WARMUP, end)
-    all_window, _ = window_count(stats["buckets"], t0, t1)
+    # CPU per event: from the step's start to the end of the drain (a server that
+    # delivers late does the work then), over every event received in that time.
+    all_window, _ = window_count(stats["buckets"], t0, t2)
     received = stats["counts"].get(phase, 0)
     lat = stats["latencies"].get(phase, [])
     lags = [lag for when, lag in stats["lag"] if t0 <= when <= t1]
@@ -280,7 +284,7 @@ def measure_step(server, subs: Subscribers, pubs: Publishers, phase: str,  # noq
         "delivered_per_s": in_window / window_s if window_s > 0 else 0.0,
         "p50_ms": percentile(lat, 0.50) * 1e3,
         "p99_ms": percentile(lat, 0.99) * 1e3,
-        "server_cpu_us_per_event": (s1.cpu_s - s0.cpu_s) / max(1, all_window) * 1e6,
+        "server_cpu_us_per_event": (s2.cpu_s - s0.cpu_s) / max(1, all_window) * 1e6,
         "server_cpu_cores": (s1.cpu_s - s0.cpu_s) / (t1 - t0),
         "client_cpu_cores": (c1.cpu_s - c0.cpu_s) / (t1 - t0),
         "client_lag_max_ms": max(lags, default=0.0) * 1e3,

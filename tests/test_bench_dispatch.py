@@ -38,7 +38,8 @@ def test_quick_dispatch(server: str, tmp_path: Path) -> None:
     transports = SERVERS[server].transports
     done = subprocess.run(
         [sys.executable, "-m", "bench", "dispatch", "--quick", "--servers", server,
-         "--transports", ",".join(transports), "--json", str(out),
+         "--transports", ",".join(transports), "--pair-transports", ",".join(transports),
+         "--json", str(out),
          "--workdir", str(tmp_path)],
         cwd=ROOT, capture_output=True, text=True, timeout=150,
     )  # fmt: skip
