@@ -461,44 +461,39 @@ def report(results: dict, images: Path) -> str:
                 + (f" and {o / ws['raw']['cpu_us_per_event']['median']:.2f}× raw in this run."
                    if "raw" in ws else ".")]  # fmt: skip
     out += ["", NOTES.strip()]
-    # delivered vs offered, one panel per transport
     transports = list(results["summary"])
-    fig, axes = plt.subplots(1, len(transports), figsize=(5 * len(transports), 4), squeeze=False)
-    for ax, transport in zip(axes[0], transports, strict=True):
-        for server in results["summary"][transport]:
-            mine = [r for r in runs if r["server"] == server and r["transport"] == transport]
-            for k, r in enumerate(mine):
-                xs = [s["offered_per_s"] for s in r["steps"]]
-                ys = [s["delivered_per_s"] for s in r["steps"]]
-                ax.plot(xs, ys, marker="o", label=server if k == 0 else None,
-                        color=f"C{list(SERVERS).index(server)}", alpha=0.8)  # fmt: skip
-        top = max((s["offered_per_s"] for r in runs for s in r["steps"]), default=1)
-        ax.plot([0, top], [0, top], "k:", lw=0.8, label="offered")
-        ax.set_title(f"{transport}: delivered vs offered")
-        ax.set_xlabel("offered events/s")
-        ax.set_ylabel("delivered events/s")
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(images / "perf-dispatch-rates.png", dpi=100)
-    plt.close(fig)
-    fig, axes = plt.subplots(1, len(transports), figsize=(5 * len(transports), 4), squeeze=False)
-    for ax, transport in zip(axes[0], transports, strict=True):
-        for server in results["summary"][transport]:
-            mine = [r for r in runs if r["server"] == server and r["transport"] == transport]
-            for k, r in enumerate(mine):
-                cdf = r["latency"]["cdf_ms"]
-                if cdf:
-                    ax.plot(cdf, [q / 100 for q in range(len(cdf))],
-                            color=f"C{list(SERVERS).index(server)}",
-                            label=server if k == 0 else None)  # fmt: skip
-        ax.set_xscale("log")
-        ax.set_title(f"{transport}: latency at 50 % of saturation")
-        ax.set_xlabel("ms (log)")
-        ax.set_ylabel("fraction of events")
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(images / "perf-dispatch-latency.png", dpi=100)
-    plt.close(fig)
+
+    def panels(name: str, title: str, xlabel: str, ylabel: str, draw: Any) -> None:
+        """One panel per transport, one colour per server, every repetition a line."""
+        fig, axes = plt.subplots(1, len(transports), figsize=(5 * len(transports), 4),
+                                 squeeze=False)  # fmt: skip
+        for ax, transport in zip(axes[0], transports, strict=True):
+            for server in results["summary"][transport]:
+                mine = [r for r in runs if r["server"] == server and r["transport"] == transport]
+                for k, r in enumerate(mine):
+                    draw(ax, r, {"color": f"C{list(SERVERS).index(server)}",
+                                 "label": server if k == 0 else None})  # fmt: skip
+            ax.set_title(f"{transport}: {title}")
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(ylabel)
+            if name == "rates":
+                top = max((s["offered_per_s"] for r in runs for s in r["steps"]), default=1)
+                ax.plot([0, top], [0, top], "k:", lw=0.8, label="offered")
+            else:
+                ax.set_xscale("log")
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(images / f"perf-dispatch-{name}.png", dpi=100)
+        plt.close(fig)
+
+    panels("rates", "delivered vs offered", "offered events/s", "delivered events/s",
+           lambda ax, r, style: ax.plot([s["offered_per_s"] for s in r["steps"]],
+                                        [s["delivered_per_s"] for s in r["steps"]],
+                                        marker="o", alpha=0.8, **style))  # fmt: skip
+    panels("latency", "latency at 50 % of saturation", "ms (log)", "fraction of events",
+           lambda ax, r, style: r["latency"]["cdf_ms"] and ax.plot(
+               r["latency"]["cdf_ms"], [q / 100 for q in range(len(r["latency"]["cdf_ms"]))],
+               **style))  # fmt: skip
     out += ["", "![delivered vs offered](images/perf-dispatch-rates.png)", "",
             "![latency CDF at 50 % of saturation](images/perf-dispatch-latency.png)"]  # fmt: skip
     return "\n".join(out) + "\n"
