@@ -91,7 +91,8 @@ def run_all(argv: list[str]) -> int:
         for name in status:
             status[name]["report"] = rendered.get(name, "not in the page")
     print(json.dumps(status, indent=1))
-    return 0 if all(s["rc"] == 0 for s in status.values()) else 1
+    failed = [n for n, s in status.items() if s["rc"] != 0 or "failed" in str(s.get("report"))]
+    return 1 if failed else 0
 
 
 def usage() -> int:

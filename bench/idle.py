@@ -326,6 +326,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fd-limit", type=int, default=20_000, help="per server process, here")
     p.add_argument("--quick", action="store_true", help="smoke: 200 and 400 connections, 1 rep")
     p.add_argument("--json", type=Path, help=f"results (default {RESULTS}; --quick: none)")
+    p.add_argument("--merge", action="store_true",
+                   help="replace only these servers' passes in an existing --json")  # fmt: skip
     args = p.parse_args(argv)
     if args.quick:
         args.sizes, args.reps, args.procs = "200,400", 1, 2
@@ -363,6 +365,8 @@ def main(argv: list[str] | None = None) -> int:
                     result["runs"].append(run)
     result["loadavg"] = load.summary()
     result["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    if args.merge and args.json and args.json.exists():
+        result = merge(json.loads(args.json.read_text()), result, servers)
     result["summary"] = summarize(result["runs"], args.fd_limit)
     print(text_table(result))
     if args.json:
@@ -370,6 +374,25 @@ def main(argv: list[str] | None = None) -> int:
         args.json.write_text(json.dumps(result, indent=1) + "\n")
         print(f"wrote {args.json}", file=sys.stderr)
     return 0
+
+
+def merge(old: dict[str, Any], new: dict[str, Any], servers: list[str]) -> dict[str, Any]:
+    """``--merge``: the rerun servers' passes replace theirs in ``old``; the rest, and the
+    run's description, stay; the rerun is listed under ``reruns`` (not interleaved with
+    the others: the page says so)."""
+    merged = dict(old)
+    kept = [r for r in old["runs"] if r["server"] not in servers]
+    merged["runs"] = kept + [r | {"from_run": new["started"]} for r in new["runs"]]
+    merged["reruns"] = old.get("reruns", []) + [
+        {
+            "servers": servers,
+            "started": new["started"],
+            "loadavg": new["loadavg"],
+            "args": new["args"],
+        }  # fmt: skip
+    ]
+    merged["skipped"] = {k: v for k, v in old.get("skipped", {}).items() if k not in servers}
+    return merged
 
 
 def text_table(result: dict[str, Any]) -> str:
@@ -391,7 +414,7 @@ def text_table(result: dict[str, Any]) -> str:
 def report(results: dict[str, Any], images: Path) -> str:
     from bench.report import machine_line
 
-    summary = results["summary"]
+    summary = results["summary"] = summarize(results["runs"], results["args"]["fd_limit"])
     sizes = [int(s) for s in results["args"]["sizes"].split(",")]
     reps = results["args"]["reps"]
     servers = [s for s in SERVERS if s in summary]
@@ -404,13 +427,18 @@ def report(results: dict[str, Any], images: Path) -> str:
         machine_line(results),
         "",
     ]
+    for rerun in results.get("reruns", []):
+        load = rerun["loadavg"]
+        out += [f"Rerun {rerun['started']} (load average {load['min']:.1f}–{load['max']:.1f}): "
+                f"{', '.join(rerun['servers'])} alone, replacing its passes of the main run "
+                "(not interleaved with the others).", ""]  # fmt: skip
     if results.get("skipped"):
         out += [
             "Not run: " + "; ".join(f"{k} ({v})" for k, v in results["skipped"].items()) + ".",
             "",
         ]
     head = "| server | transport | connections | held | server memory per connection (PSS) "
-    head += "| RSS | before the event | kernel, both ends | per GB | at the fd limit |"
+    head += "| RSS | before the event | kernel slab Δ² | per GB | at the fd limit³ |"
     if "orbited" in summary and len(servers) > 1:
         head += " Orbited / this |"
     out += [head, "|" + "---|" * head.count("|")[:-1] if False else ""]
@@ -436,7 +464,7 @@ def report(results: dict[str, Any], images: Path) -> str:
                     o = summary["orbited"].get(transport, {}).get(str(size), {})
                     om = (o.get("per_conn_kb") or {}).get("median")
                     pm = (row.get("per_conn_kb") or {}).get("median")
-                    cells.append(ratio(om, pm))
+                    cells.append("—" if server == "orbited" else ratio(om, pm))
                 out.append("| " + " | ".join(cells) + " |")
     errors = [
         f"{r['server']} {r['transport']} rep {r['rep']}: {r['error']}"
@@ -453,9 +481,16 @@ def report(results: dict[str, Any], images: Path) -> str:
     if errors or short:
         out += ["", "Incomplete passes (their figures are per connection actually held):"]
         out += [f"- {e}" for e in errors + short]
-    out += ["", f"Medians [min–max] of {reps} interleaved repetition(s); "
-            "`per GB` = connections per GB of server memory at the median; "
-            "`at the fd limit` = memory of one process holding 20 000 connections."]  # fmt: skip
+    fd = f"{results['args'].get('fd_limit', 20_000):,}".replace(",", " ")
+    out += ["", f"Medians [min–max] of {reps} interleaved repetition(s). `Orbited / this` "
+            "is Orbited's memory per connection over the peer's at the same size and "
+            "transport (< 1: Orbited needs less). `per GB` = connections per GB of server "
+            "memory at the median. ² growth of the kernel's slab per connection (socket "
+            "structures of both loopback ends, epoll items): machine-wide, so other "
+            "processes' churn on this shared box is in it — indicative only, sometimes "
+            "negative; TCP buffer pages (/proc/net/sockstat) stayed ≈ 0 for idle "
+            f"connections. ³ memory of the server holding {fd} connections (the fd limit "
+            "of one process here), extrapolated linearly from the median."]  # fmt: skip
     img = plot(results, images)
     if img:
         out += ["", f"![idle memory per connection](images/{img})"]
@@ -468,7 +503,8 @@ def plot(results: dict[str, Any], images: Path) -> str | None:
         return None
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 3.6))
-    labels, meds, lows, highs = [], [], [], []
+    labels, meds, lows, highs, colours = [], [], [], [], []
+    palette = {"orbited": "#4c72b0", "nchan": "#dd8452", "pushpin": "#55a868"}
     for server in SERVERS:
         for transport, by_size in summary.get(server, {}).items():
             for size, row in sorted(by_size.items(), key=lambda kv: int(kv[0])):
@@ -479,7 +515,8 @@ def plot(results: dict[str, Any], images: Path) -> str | None:
                 meds.append(s["median"])
                 lows.append(s["median"] - s["min"])
                 highs.append(s["max"] - s["median"])
-    ax.bar(range(len(meds)), meds, yerr=[lows, highs], capsize=3, color="#4c72b0")
+                colours.append(palette.get(server, "grey"))
+    ax.bar(range(len(meds)), meds, yerr=[lows, highs], capsize=3, color=colours)
     ax.set_xticks(range(len(meds)), labels, fontsize=7)
     ax.set_ylabel("KB per held connection (PSS)")
     ax.set_title("Idle capacity: server memory per connection (median, min–max)")

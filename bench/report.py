@@ -156,12 +156,7 @@ def pyplot():  # type: ignore[no-untyped-def]
 
 def results_file(results_dir: Path, name: str) -> Path | None:
     path = results_dir / f"{name}.json"
-    if path.exists():
-        return path
-    if name == "dispatch":  # recorded before the harness had one name per scenario
-        older = sorted(results_dir.glob("dispatch*.json"), key=lambda p: p.stat().st_mtime)
-        return older[-1] if older else None
-    return None
+    return path if path.exists() else None
 
 
 def replace_section(text: str, name: str, body: str) -> str:
@@ -192,7 +187,11 @@ def render(results_dir: Path = RESULTS, doc: Path = DOC, images: Path = IMAGES,
         if not hasattr(module, "report"):
             status[name] = "no report()"
             continue
-        section = module.report(json.loads(path.read_text()), images)
+        try:
+            section = module.report(json.loads(path.read_text()), images)
+        except Exception as e:  # noqa: BLE001 - one bad file must not cost the other sections
+            status[name] = f"report() failed, section kept: {type(e).__name__}: {e}"
+            continue
         text = replace_section(text, name, section)
         status[name] = "ok"
     doc.write_text(text)

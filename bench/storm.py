@@ -1,4 +1,4 @@
-"""Connect storm: new subscriber connections per second with zero errors, Orbited beside
+"""Connect storm: new subscriber connections per second kept up with, Orbited beside
 Nchan and Pushpin.
 
     python -m bench storm [--servers orbited,nchan,pushpin] [--transports ws,sse]
@@ -19,8 +19,9 @@ connection is a new client: its own Orbited key (so a mailbox is made for it) or
 Per step: achieved connections/s (ok / time to the last answer), errors by kind (HTTP
 5xx/4xx, refused, reset, timeout after ``--timeout`` s, client cap), connect → head
 latency p50/p99, server CPU per connection, client CPU and the clients' worst launch lag
-(> 50 ms: the clients, not the server, were late). The ramp stops after the first step
-with more than 10 % errors. The figure: the highest offered rate with zero errors.
+(> 250 ms: the clients, not the server, were late). The ramp stops after the first step
+with more than 10 % errors. The figure: the highest offered rate kept up with — zero
+errors and at least 95 % of it achieved — at that step and every step below it.
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ from bench.report import LoadSampler, machine, med_range, pyplot, spread
 
 RESULTS = Path(__file__).parent / "results" / "storm.json"
 SERVERS = ("orbited", "nchan", "pushpin")
-LATE = 0.05  # s: a launch this late means the load processes were the bottleneck
+LATE = 0.25  # s: a launch this late means the load processes were the bottleneck
+KEPT_UP = 0.95  # a step is kept up with when this share of the offered rate was achieved
 
 
 def pct(values: list[float], q: float) -> float | None:
@@ -103,6 +105,10 @@ def one_pass(name: str, transport: str, rates: list[int], args: argparse.Namespa
     return result
 
 
+def kept_up(step: dict[str, Any]) -> bool:
+    return step["error_count"] == 0 and step["achieved"] >= KEPT_UP * step["rate"]
+
+
 def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     summary: dict[str, Any] = {}
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
@@ -126,18 +132,19 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
                 "server_cpu_us_per_conn": spread([s["server_cpu_us_per_conn"] for s in got]),
                 "client_late": any(s["launch_lag_max_s"] > LATE for s in got),
             }
-        # Per run: the highest rate of its ramp with no error (every lower step clean too).
+        # Per run: the highest rate of its ramp kept up with — no error and ≥ 95 % of the
+        # offered rate achieved — with every lower step kept up with too.
         best = []
         for r in rs:
             top = 0
             for s in r["steps"]:
-                if s["error_count"]:
+                if not kept_up(s):
                     break
                 top = s["rate"]
             best.append(top)
         summary.setdefault(server, {})[transport] = {
             "steps": steps,
-            "zero_error_rate": spread(best),
+            "kept_up_rate": spread(best),
         }
     return summary
 
@@ -200,10 +207,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def text_table(result: dict[str, Any]) -> str:
-    lines = ["storm: highest offered new connections/s with zero errors, median [min–max]"]
+    lines = [
+        "storm: highest offered new connections/s kept up with (no error, ≥ 95 % "
+        "achieved), median [min–max]"
+    ]
     for server, by_t in result["summary"].items():
         for transport, row in by_t.items():
-            lines.append(f"{server:<8} {transport:<4} {med_range(row['zero_error_rate'])}/s")
+            lines.append(f"{server:<8} {transport:<4} {med_range(row['kept_up_rate'])}/s")
     return "\n".join(lines)
 
 
@@ -214,7 +224,7 @@ def report(results: dict[str, Any], images: Path) -> str:
     from bench.report import machine_line
 
     a = results["args"]
-    summary = results["summary"]
+    summary = results["summary"] = summarize(results["runs"])  # today's definitions
     servers = [s for s in SERVERS if s in summary]
     out = [
         "```",
@@ -229,7 +239,7 @@ def report(results: dict[str, Any], images: Path) -> str:
         out += ["Not run: " + "; ".join(f"{k} ({v})" for k, v in results["skipped"].items())
                 + ".", ""]  # fmt: skip
     transports = a["transports"].split(",")
-    head = "| server | " + " | ".join(f"{t}: zero-error rate" for t in transports)
+    head = "| server | " + " | ".join(f"{t}: highest rate kept up with" for t in transports)
     if "orbited" in summary and len(servers) > 1:
         head += " | " + " | ".join(f"{t}: Orbited / this" for t in transports)
     out += [head + " |", "|" + "---|" * (head.count("|"))]
@@ -237,11 +247,14 @@ def report(results: dict[str, Any], images: Path) -> str:
         cells = [server]
         for t in transports:
             row = summary[server].get(t)
-            cells.append(med_range(row["zero_error_rate"], unit="/s") if row else "—")
+            cells.append(med_range(row["kept_up_rate"], unit="/s") if row else "—")
         if "orbited" in summary and len(servers) > 1:
             for t in transports:
-                o = (summary["orbited"].get(t) or {}).get("zero_error_rate") or {}
-                s = (summary[server].get(t) or {}).get("zero_error_rate") or {}
+                if server == "orbited":
+                    cells.append("—")
+                    continue
+                o = (summary["orbited"].get(t) or {}).get("kept_up_rate") or {}
+                s = (summary[server].get(t) or {}).get("kept_up_rate") or {}
                 om, sm = o.get("median"), s.get("median")
                 cells.append(f"{om / sm:.2f}" if om is not None and sm else "—")
         out.append("| " + " | ".join(cells) + " |")
@@ -266,9 +279,11 @@ def report(results: dict[str, Any], images: Path) -> str:
         "",
         f"Each step offers the rate for {a['seconds']} s, open-loop, from {a['procs']} load "
         "processes; a connection is connect → subscribe → response head → close; every "
-        "connection is a new client (Orbited key / channel). ¹ the load processes started "
-        f"some connections more than {LATE * 1000:.0f} ms late (the clients, not the server, "
-        "limited that step). A ramp stops after a step with more than 10 % errors.",
+        "connection is a new client (Orbited key / channel). `Orbited / this` > 1: Orbited "
+        "keeps up with a higher rate than the peer. ¹ the load processes started some "
+        f"connections more than {LATE * 1000:.0f} ms late (the clients, on a loaded box, "
+        "limited that step as much as the server). A ramp stops after a step with more "
+        "than 10 % errors.",
     ]
     errors = [f"- {r['server']} {r['transport']} rep {r['rep']}: {r['error']}"
               for r in results["runs"] if r.get("error")]  # fmt: skip

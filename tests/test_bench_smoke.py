@@ -106,3 +106,35 @@ def test_all_quick_then_report(tmp_path: Path) -> None:
     assert again.returncode == 0, again.stderr[-3000:]
     assert doc.read_text() == page
     assert {p.name for p in images.glob("perf-*.png")} == pngs
+
+
+def test_idle_merge_replaces_only_the_rerun_servers() -> None:
+    from bench import idle
+
+    old = {"started": "t0", "args": {"sizes": "5"}, "skipped": {"nchan": "x"},
+           "runs": [{"server": "orbited", "n": 1}, {"server": "nchan", "n": 2}]}  # fmt: skip
+    new = {"started": "t1", "loadavg": {"min": 1, "median": 1, "max": 1}, "args": {},
+           "runs": [{"server": "nchan", "n": 3}]}  # fmt: skip
+    merged = idle.merge(old, new, ["nchan"])
+    assert merged["runs"] == [{"server": "orbited", "n": 1},
+                              {"server": "nchan", "n": 3, "from_run": "t1"}]  # fmt: skip
+    assert merged["started"] == "t0" and merged["reruns"][0]["servers"] == ["nchan"]
+    assert merged["skipped"] == {}
+
+
+def test_storm_kept_up_needs_no_error_and_the_offered_rate() -> None:
+    from bench import storm
+
+    def step(rate: int, achieved: float, errors: int = 0) -> dict:
+        return {"rate": rate, "achieved": achieved, "error_count": errors,
+                "errors": {"timeout": errors} if errors else {}, "p50_ms": 1.0,
+                "p99_ms": 2.0, "server_cpu_us_per_conn": 5.0, "launch_lag_max_s": 0.0}  # fmt: skip
+
+    runs = [
+        {"server": "s", "transport": "ws", "steps": [step(100, 100), step(200, 150)]},
+        {"server": "s", "transport": "ws", "steps": [step(100, 99), step(200, 199, 1)]},
+        {"server": "s", "transport": "ws", "steps": [step(100, 100), step(200, 200)]},
+    ]
+    summary = storm.summarize(runs)["s"]["ws"]
+    assert summary["kept_up_rate"] == {"median": 100, "min": 100, "max": 200, "n": 3}
+    assert summary["steps"]["200"]["error_kinds"] == {"timeout": 1}
