@@ -434,6 +434,33 @@ def table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def markdown(result: dict[str, Any]) -> str:
+    """The table for docs/performance.md: per server process, RSS and its growth."""
+
+    def f(v: Any, spec: str = ".1f") -> str:
+        return "—" if v is None else format(v, spec)
+
+    st = result["settings"]
+    rows = [
+        f"`{result['command']}` — {result['elapsed_s'] / 60:.0f} min, warm-up "
+        f"{result['warmup_s'] / 60:.0f} min, {st['clients']} browsers, data plane "
+        f"{st['dataplane']}",
+        "",
+        "| process | RSS after warm-up | RSS at end | max | growth/h (least squares) "
+        "| growth/h % of warm-up | end vs warm-up | fds warm-up → end |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, g in result["processes"].items():
+        rows.append(
+            f"| {name} | {f(g.get('rss_warmup_mb'))} MB | {f(g.get('rss_end_mb'))} MB "
+            f"| {f(g.get('rss_max_mb'))} MB | {f(g.get('growth_mb_per_h'), '+.2f')} MB "
+            f"| {f(g.get('growth_pct_per_h'), '+.1f')} % "
+            f"| {f(g.get('end_vs_warmup_pct'), '+.1f')} % "
+            f"| {f(g.get('fds_warmup'), 'd')} → {f(g.get('fds_end'), 'd')} |"
+        )
+    return "\n".join(rows)
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench soak", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
@@ -494,6 +521,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         soak.probe.close()
         env.close()
+    result["table_md"] = markdown(result)
     out = args.json or (None if args.quick else RESULTS)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
