@@ -611,7 +611,7 @@ if __name__ == "__main__":
 
 # -- report (docs/performance.md, python -m bench report) ------------------------------------
 
-UNITS = {"bulk": ("bulk MB/s", "halod_cpu_per_gb_s", "s/GB"),
+REPORT_UNITS = {"bulk": ("bulk MB/s", "halod_cpu_per_gb_s", "s/GB"),
          "conn": ("new conn/s", "halod_cpu_per_op_us", "µs/conn"),
          "rr": ("req/s", "halod_cpu_per_op_us", "µs/req")}  # fmt: skip
 
@@ -658,7 +658,7 @@ def report(results: dict[str, Any], images: Path) -> str:
                     continue
                 cells += [num(f["value"]["median"]), med_range(f["ratio"], 2)]
                 if f.get("halod_cpu"):
-                    cpu.append(num(f["halod_cpu"]["median"]) + " " + UNITS[load][2])
+                    cpu.append(num(f["halod_cpu"]["median"]) + " " + REPORT_UNITS[load][2])
             cells.append(" / ".join(cpu) if cpu else "—")
             out.append("| " + " | ".join(cells) + " |")
         fig, ax = plt.subplots(figsize=(6.5, 3.2))
@@ -675,7 +675,7 @@ def report(results: dict[str, Any], images: Path) -> str:
             ax.bar(xs, meds, width, yerr=[lo, hi], capsize=3, label=path)
         ax.axhline(1.0, color="grey", linestyle=":")
         ax.set_xticks([j + width * (len(paths) - 1) / 2 for j in range(len(LOADS))],
-                      [UNITS[load][0] for load in LOADS])  # fmt: skip
+                      [REPORT_UNITS[load][0] for load in LOADS])  # fmt: skip
         ax.set_ylabel("throughput / direct")
         ax.set_title("Data plane forwarding cost (median, min–max over rounds)", fontsize=9)
         ax.legend(fontsize=8)
