@@ -368,6 +368,19 @@ def fmt_range(f: dict, digits: int = 0) -> str:
     )
 
 
+def reproduce(argv: list[str]) -> list[str]:
+    """The run's arguments without where it wrote (the default places are the published)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in ("--json", "--images", "--workdir"):
+            skip = True
+        elif not arg.startswith(("--json=", "--images=", "--workdir=")):
+            out.append(arg)
+    return out
+
+
 NOTES = """
 Reading these figures:
 - **The box, not a core.** Server, 4 subscriber processes and the publisher share 2 cores
@@ -415,7 +428,7 @@ def report(results: dict, images: Path) -> str:
         "## 1:1 dispatch: distinct events to individual clients, side by side",
         "",
         "```",
-        ".venv/bin/python -m bench dispatch " + " ".join(meta.get("argv", [])),
+        ".venv/bin/python -m bench dispatch " + " ".join(reproduce(meta.get("argv", []))),
         "```",
         "",
         f"{a['clients']} clients in {a['procs']} subscriber processes; {a['pub_procs']} "
