@@ -276,11 +276,17 @@ def test_connect_rate_refuses_then_admits_again(limited_node):
     node = limited_node("--connect-rate", "1", "--connect-burst", "3")
     token = node.token("rate")
     path = f"/orbited/poll?token={token}&timeout=0"
-    statuses = [get(node, path)[0] for _ in range(3)]
+    first_poll = get(node, path)
+    statuses = [first_poll[0]] + [get(node, path)[0] for _ in range(2)]
     assert statuses == [200, 200, 200]
     status, headers, body = get(node, path)
     assert_overloaded(status, headers, body, "connect_rate")
     assert ws_close_code(node, token)[0] == 4503
+    # A session's next polls (from its position) are not new connections: they go on.
+    _, _, body = first_poll
+    position = f"{json.loads(body)[0]['stream']}:0"
+    for _ in range(3):
+        assert get(node, f"{path}&last={position}")[0] == 200
     wait_for(lambda: get(node, path)[0] == 200, "a token to come back", timeout=15)
     assert health(node)["refused_rate"] >= 2
 

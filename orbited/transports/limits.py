@@ -29,7 +29,7 @@ class Overloaded(BrowserRequestError):
 @dataclass(frozen=True)
 class BrowserLimitsConfig:
     max_connections: int = 15_000  # WebSockets + SSE/iframe streams + open polls
-    connect_rate: float = 2000.0  # new browser requests per second, sustained (0 = off)
+    connect_rate: float = 2000.0  # new browser connections per second, sustained (0 = off)
     connect_burst: int = 10_000  # ... and at once
     max_pending_polls: int = 10_000  # held long-polls
     max_write_queue: int = 1024 * 1024  # unsent bytes per streaming connection
@@ -82,8 +82,10 @@ class BrowserLimits:
             "slow_closes": 0,  # max_write_queue
         }
 
-    def check(self, poll: bool = False) -> None:
-        """May a new browser request go on? Raises Overloaded if not."""
+    def check(self, poll: bool = False, new: bool = True) -> None:
+        """May a new browser request go on? Raises Overloaded if not. A poll that goes on
+        from a position (``new`` False) takes no connect_rate token: a session's polls
+        follow each other as fast as events come, and are not a connect storm."""
         config = self.config
         if self.connections >= config.max_connections:
             self.stats["refused_connections"] += 1
@@ -91,7 +93,7 @@ class BrowserLimits:
         if poll and self.pending_polls >= config.max_pending_polls:
             self.stats["refused_polls"] += 1
             raise Overloaded(f"node at max_pending_polls ({config.max_pending_polls})", 5)
-        if not self.bucket.take():
+        if new and not self.bucket.take():
             self.stats["refused_rate"] += 1
             raise Overloaded("node over connect_rate", self.bucket.wait())
 

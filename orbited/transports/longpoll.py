@@ -91,7 +91,9 @@ class LongPollResource(BrowserResource):
         request.setHeader(b"cache-control", b"no-store")
         try:
             apply_cors(request, self.cors_origins)
-            self.limits.check(poll=True)  # before any work: 503 when overloaded
+            # Before any work: 503 when overloaded; a poll resuming from `last` goes on
+            # a session and takes no connect_rate token.
+            self.limits.check(poll=True, new=not request.args.get(b"last"))
             params = decoded_args(request)
             attach = authenticate(self.auth, params)
             timeout = self._timeout(params)
