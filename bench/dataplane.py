@@ -54,6 +54,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from bench.report import machine as report_machine
 from orbited.cluster import free_port_block
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -522,7 +523,7 @@ def main(argv: list[str] | None = None) -> int:
             backends.append(backend)
     result: dict[str, Any] = {
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "machine": machine(),
+        "machine": report_machine(),
         "netns": use_netns,
         "skipped": skipped,
         "started": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -592,17 +593,6 @@ def merge_previous(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     ]
     merged["notes"] = notes + new.get("notes", [])
     return merged
-
-
-def machine() -> dict[str, Any]:
-    model = ""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    return {"cpus": os.cpu_count(), "cpu_model": model, "kernel": os.uname().release,
-            "python": sys.version.split()[0], "loadavg_at_start": os.getloadavg()}  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -30,13 +30,12 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from bench.report import LoadSampler, machine, med_range, num, pyplot, ratio, spread
+from bench.report import interleaved, med_range, num, pyplot, ratio, spread, write_results
 
 RESULTS = Path(__file__).parent / "results" / "idle.json"
 MARK = "idlemark"
@@ -334,45 +333,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.json is None and not args.quick:
         args.json = RESULTS
     sizes = [int(s) for s in args.sizes.split(",")]
-    transports = args.transports.split(",")
-    servers, skipped = [], {}
-    for name in args.servers.split(","):
-        why = available(name)
-        if why:
-            skipped[name] = why
-            print(f"note: {name} skipped: {why}", file=sys.stderr)
-        else:
-            servers.append(name)
-    result: dict[str, Any] = {
-        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "machine": machine(),
-        "skipped": skipped,
-        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "runs": [],
-    }
-    with LoadSampler() as load, tempfile.TemporaryDirectory() as tmpdir:
-        for rep in range(args.reps):
-            order = servers[rep % len(servers) :] + servers[: rep % len(servers)]
-            for name in order:
-                for transport in transports:
-                    try:
-                        run = one_pass(name, transport, sizes, args.procs, Path(tmpdir), rep,
-                                       args.connect_rate)  # fmt: skip
-                    except Exception as e:  # noqa: BLE001 - one failed pass is a result too
-                        run = {"server": name, "transport": transport, "rep": rep,
-                               "error": f"{type(e).__name__}: {e}", "sizes": []}  # fmt: skip
-                        print(f"error: {name} {transport}: {run['error']}", file=sys.stderr)
-                    result["runs"].append(run)
-    result["loadavg"] = load.summary()
-    result["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
+
+    def one(name: str, transport: str, rep: int, tmp: Path) -> dict[str, Any]:
+        return one_pass(name, transport, sizes, args.procs, tmp, rep, args.connect_rate)
+
+    result = interleaved(args, available, args.transports.split(","), one, "sizes")
+    servers = result.pop("servers")
     if args.merge and args.json and args.json.exists():
         result = merge(json.loads(args.json.read_text()), result, servers)
     result["summary"] = summarize(result["runs"], args.fd_limit)
     print(text_table(result))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=1) + "\n")
-        print(f"wrote {args.json}", file=sys.stderr)
+    write_results(result, args.json)
     return 0
 
 

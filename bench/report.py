@@ -23,8 +23,10 @@ import os
 import re
 import statistics
 import sys
+import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +54,55 @@ def machine() -> dict[str, Any]:
     return {"cpus": os.cpu_count(), "cpu_model": model, "kernel": os.uname().release,
             "python": sys.version.split()[0], "mem_gb": round(mem_kb / 2**20, 1),
             "loadavg_at_start": os.getloadavg()}  # fmt: skip
+
+
+def interleaved(
+    args: Any, available: Callable[[str], str | None], transports: list[str],
+    one_pass: Callable[[str, str, int, Path], dict[str, Any]], empty: str,
+) -> dict[str, Any]:  # fmt: skip
+    """The side-by-side loop the peer scenarios share: the servers of ``args.servers``
+    that are ``available`` (else skipped, with why), ``args.reps`` repetitions with the
+    server order rotated each time, every transport per server; a pass that raises is
+    recorded as an error (with ``empty``: [] under that key). Machine facts, start and end
+    times and the load average during the run go into the result."""
+    servers, skipped = [], {}
+    for name in args.servers.split(","):
+        why = available(name)
+        if why:
+            skipped[name] = why
+            print(f"note: {name} skipped: {why}", file=sys.stderr)
+        else:
+            servers.append(name)
+    result: dict[str, Any] = {
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "machine": machine(),
+        "skipped": skipped,
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "runs": [],
+    }
+    with LoadSampler() as load, tempfile.TemporaryDirectory() as tmpdir:
+        for rep in range(args.reps):
+            order = servers[rep % len(servers) :] + servers[: rep % len(servers)]
+            for name in order:
+                for transport in transports:
+                    try:
+                        run = one_pass(name, transport, rep, Path(tmpdir))
+                    except Exception as e:  # noqa: BLE001 - one failed pass is a result too
+                        run = {"server": name, "transport": transport, "rep": rep,
+                               "error": f"{type(e).__name__}: {e}", empty: []}  # fmt: skip
+                        print(f"error: {name} {transport}: {run['error']}", file=sys.stderr)
+                    result["runs"].append(run)
+    result["loadavg"] = load.summary()
+    result["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    result["servers"] = servers
+    return result
+
+
+def write_results(result: dict[str, Any], path: Path | None) -> None:
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=1) + "\n")
+        print(f"wrote {path}", file=sys.stderr)
 
 
 class LoadSampler:

@@ -29,13 +29,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from bench.idle import Loaders, Server, available
-from bench.report import LoadSampler, machine, med_range, pyplot, spread
+from bench.report import interleaved, med_range, pyplot, spread, write_results
 
 RESULTS = Path(__file__).parent / "results" / "storm.json"
 SERVERS = ("orbited", "nchan", "pushpin")
@@ -168,41 +167,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.json is None and not args.quick:
         args.json = RESULTS
     rates = [int(r) for r in args.rates.split(",")]
-    servers, skipped = [], {}
-    for name in args.servers.split(","):
-        why = available(name)
-        if why:
-            skipped[name] = why
-            print(f"note: {name} skipped: {why}", file=sys.stderr)
-        else:
-            servers.append(name)
-    result: dict[str, Any] = {
-        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "machine": machine(),
-        "skipped": skipped,
-        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "runs": [],
-    }
-    with LoadSampler() as load, tempfile.TemporaryDirectory() as tmpdir:
-        for rep in range(args.reps):
-            order = servers[rep % len(servers) :] + servers[: rep % len(servers)]
-            for name in order:
-                for transport in args.transports.split(","):
-                    try:
-                        run = one_pass(name, transport, rates, args, Path(tmpdir), rep)
-                    except Exception as e:  # noqa: BLE001 - one failed pass is a result too
-                        run = {"server": name, "transport": transport, "rep": rep,
-                               "error": f"{type(e).__name__}: {e}", "steps": []}  # fmt: skip
-                        print(f"error: {name} {transport}: {run['error']}", file=sys.stderr)
-                    result["runs"].append(run)
-    result["loadavg"] = load.summary()
-    result["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
+
+    def one(name: str, transport: str, rep: int, tmp: Path) -> dict[str, Any]:
+        return one_pass(name, transport, rates, args, tmp, rep)
+
+    result = interleaved(args, available, args.transports.split(","), one, "steps")
+    del result["servers"]
     result["summary"] = summarize(result["runs"])
     print(text_table(result))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=1) + "\n")
-        print(f"wrote {args.json}", file=sys.stderr)
+    write_results(result, args.json)
     return 0
 
 
