@@ -207,9 +207,7 @@ class Child:
         # workers of a stopped master (nginx) or a runner's services can outlive it briefly
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            try:
-                os.killpg(pgid, 0)
-            except ProcessLookupError:
+            if not _group_running(pgid):
                 break
             time.sleep(0.05)
         else:
@@ -217,6 +215,17 @@ class Child:
                 os.killpg(pgid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(timeout)
+
+
+def _group_running(pgid: int) -> bool:
+    """Whether a process of group ``pgid`` is still running: zombies (orphaned workers
+    that this container's init has not reaped yet) answer kill(0) but do not count."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                return True
+    return False
 
 
 def _wait(predicate: Any, what: str, children: list[Child], timeout: float) -> Any:

@@ -7,17 +7,19 @@ like a hostile middlebox. Events are dispatched over SP with pynng.
 
 from __future__ import annotations
 
+import json
 import shutil
 import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 
 import pytest
 
-from tests.conftest import NodeProcess, send_event
+from tests.conftest import NodeProcess, send_event, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -192,6 +194,11 @@ def dispatch(node: NodeProcess, user: str, start: int, count: int, data=None) ->
     return statuses
 
 
+def pending_polls(node: NodeProcess) -> int:
+    with urllib.request.urlopen(f"http://{node.http}/orbited/health", timeout=5) as r:
+        return json.load(r)["limits"]["pending_polls"]
+
+
 @pytest.mark.parametrize("transport", ["websocket", "sse", "longpoll", "iframe"])
 def test_each_transport_survives_cuts_without_loss_or_duplicates(cluster: dict, transport: str):
     node, proxy = cluster["node"], cluster["proxy"]
@@ -206,6 +213,10 @@ def test_each_transport_survives_cuts_without_loss_or_duplicates(cluster: dict, 
         for reset in (False, True):
             dispatch(node, user, n, 3)
             wait_received(page, n + 3)
+            if transport == "longpoll":
+                # Cut a held poll, not the moment between two polls (which the page would
+                # never notice: its next poll opens a new connection).
+                wait_for(lambda: pending_polls(node) >= 1, "the next poll to be held")
             proxy.cut(reset=reset)
             statuses = dispatch(node, user, n + 3, 3)  # while the page reconnects
             assert set(statuses) <= {"queued", "delivered"}
