@@ -38,8 +38,9 @@ from pathlib import Path
 from typing import Any
 
 from bench.chaos_report import analyse
-from bench.dataplane import Env, HaloD, machine, netns_possible, wait_ready
+from bench.dataplane import Env, HaloD, netns_possible, wait_ready
 from bench.dataplane_failover import Probe
+from bench.report import machine
 
 RESULTS = Path(__file__).parent / "results" / "soak.json"
 ROUTES = 24
@@ -525,7 +526,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.json or (None if args.quick else RESULTS)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=1, default=str) + "\n")
+        out.write_text(json.dumps(result, separators=(",", ":"), default=str) + "\n")
         print(f"soak: results in {out}")
     print(table(result))
     return 1 if result["died"] else 0
