@@ -36,6 +36,8 @@ DOC = ROOT / "docs" / "performance.md"
 IMAGES = ROOT / "docs" / "images"
 # Section order in the page and in `python -m bench all`.
 SECTIONS = ("dispatch", "idle", "storm", "dataplane", "control")
+# Sections `report` also renders, whose scenario `all` runs only when asked (an hour).
+REPORT_ONLY = ("soak",)
 
 
 # -- machine facts ----------------------------------------------------------------------------
@@ -225,7 +227,7 @@ def render(results_dir: Path = RESULTS, doc: Path = DOC, images: Path = IMAGES,
     images.mkdir(parents=True, exist_ok=True)
     text = doc.read_text()
     status: dict[str, str] = {}
-    for name in only or SECTIONS:
+    for name in only or (*SECTIONS, *REPORT_ONLY):
         path = results_file(results_dir, name)
         if path is None:
             status[name] = "no results"

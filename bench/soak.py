@@ -462,6 +462,47 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
+def report(result: dict[str, Any], images: Path) -> str:
+    """docs/performance.md's soak section (bench/report.py): the RSS table, churn and event
+    figures, and RSS over time per server process (images/perf-soak-rss.png)."""
+    from bench.report import machine_line, pyplot
+
+    churn, ev = result["churn"], result["events"]
+    by_t = ", ".join(f"{t} {n:,}" for t, n in sorted(churn["sessions_by_transport"].items()))
+    statuses = ", ".join(f"{k} {v:,}" for k, v in ev["sender_statuses"].items())
+    out = [
+        machine_line(result),
+        "",
+        markdown(result),
+        "",
+        f"Churn: {churn['connects']:,} browser sessions ({by_t}); {churn['resumed']:,} "
+        f"resumed with `last`, {churn['switch']:,} transport switches, {churn['away']:,} "
+        f"away past the linger, {churn['new']:,} brand-new keys. Web-app replies: "
+        f"{statuses}. Duplicated events {ev['duplicated']:,}, gaps {ev['gaps']:,}, HaloD "
+        f"failovers {result['halod_failovers']:g}, processes died: "
+        f"{', '.join(result['died']) or 'none'}.",
+        "",
+        "![RSS over the soak](images/perf-soak-rss.png)",
+    ]
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4))
+    servers = [n for n in result["processes"]]
+    for name in servers:
+        points = [(x["t"] / 60, x["procs"][name]["rss"] / 2**20)
+                  for x in result["samples"] if name in x["procs"]]  # fmt: skip
+        ax.plot([t for t, _ in points], [r for _, r in points], label=name)
+    ax.axvline(result["warmup_s"] / 60, color="grey", linestyle=":", label="end of warm-up")
+    ax.set_xlabel("minutes")
+    ax.set_ylabel("RSS, MB")
+    ax.set_ylim(bottom=0)
+    ax.set_title("Soak: RSS of HaloD and the nodes under churn")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(images / "perf-soak-rss.png", dpi=100)
+    plt.close(fig)
+    return "\n".join(out)
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench soak", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
