@@ -165,13 +165,16 @@ def _stop_all() -> None:
 
 def exit_on_signals() -> None:
     """SIGTERM/SIGHUP raise SystemExit in the main thread, so ``with`` blocks and atexit
-    stop every server (Ctrl-C already raises KeyboardInterrupt)."""
+    stop every server; SIGINT raises KeyboardInterrupt even where it was inherited ignored."""
 
     def handler(signum: int, frame: object) -> None:
         raise SystemExit(128 + signum)
 
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, handler)
+    # A process started in the background by a non-interactive shell inherits SIGINT
+    # ignored (POSIX), and Python then installs no KeyboardInterrupt: restore it.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 class Child:
