@@ -54,7 +54,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from bench.report import machine as report_machine
+from bench.report import results_header, select_available
 from orbited.cluster import free_port_block
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -506,27 +506,18 @@ def main(argv: list[str] | None = None) -> int:
 
     nft_why = netns_possible()
     use_netns = args.netns == "yes" or (args.netns == "auto" and nft_why is None)
-    skipped: dict[str, str] = {}
-    backends = []
-    for backend in filter(None, args.paths.split(",")):
-        why = None
+
+    def why_not(backend: str) -> str | None:
         if backend == "nftables":
-            why = nft_why or (None if use_netns else "--netns no")
-        elif backend == "haproxy":
-            why = haproxy_possible()
-        elif backend not in BACKENDS:
-            why = "unknown back-end"
-        if why:
-            skipped[backend] = why
-            print(f"note: {backend} skipped: {why}", file=sys.stderr)
-        else:
-            backends.append(backend)
+            return nft_why or (None if use_netns else "--netns no")
+        if backend == "haproxy":
+            return haproxy_possible()
+        return None if backend in BACKENDS else "unknown back-end"
+
+    backends, skipped = select_available(args.paths.split(","), why_not)
     result: dict[str, Any] = {
-        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "machine": report_machine(),
+        **results_header(args, skipped),
         "netns": use_netns,
-        "skipped": skipped,
-        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir)

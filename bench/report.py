@@ -58,6 +58,31 @@ def machine() -> dict[str, Any]:
             "loadavg_at_start": os.getloadavg()}  # fmt: skip
 
 
+def select_available(
+    names: list[str], why_not: Callable[[str], str | None]
+) -> tuple[list[str], dict[str, str]]:
+    """The ``names`` that can run here, and why each of the others cannot (printed)."""
+    chosen, skipped = [], {}
+    for name in filter(None, names):
+        why = why_not(name)
+        if why:
+            skipped[name] = why
+            print(f"note: {name} skipped: {why}", file=sys.stderr)
+        else:
+            chosen.append(name)
+    return chosen, skipped
+
+
+def results_header(args: Any, skipped: dict[str, str]) -> dict[str, Any]:
+    """What every result file opens with: the arguments, the machine, what was skipped."""
+    return {
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "machine": machine(),
+        "skipped": skipped,
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+
+
 def interleaved(
     args: Any, available: Callable[[str], str | None], transports: list[str],
     one_pass: Callable[[str, str, int, Path], dict[str, Any]], empty: str,
@@ -67,21 +92,8 @@ def interleaved(
     server order rotated each time, every transport per server; a pass that raises is
     recorded as an error (with ``empty``: [] under that key). Machine facts, start and end
     times and the load average during the run go into the result."""
-    servers, skipped = [], {}
-    for name in args.servers.split(","):
-        why = available(name)
-        if why:
-            skipped[name] = why
-            print(f"note: {name} skipped: {why}", file=sys.stderr)
-        else:
-            servers.append(name)
-    result: dict[str, Any] = {
-        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "machine": machine(),
-        "skipped": skipped,
-        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "runs": [],
-    }
+    servers, skipped = select_available(args.servers.split(","), available)
+    result = results_header(args, skipped) | {"runs": []}
     with LoadSampler() as load, tempfile.TemporaryDirectory() as tmpdir:
         for rep in range(args.reps):
             order = servers[rep % len(servers) :] + servers[: rep % len(servers)]
