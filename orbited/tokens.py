@@ -51,24 +51,41 @@ def issue_token(
 # Verified tokens: a long-poll browser presents the same token on every poll, and the
 # JWT decode and HMAC were two thirds of a poll's cost. Only successful verifications are
 # kept, keyed by secret and token; expiry, the one check that can change with time, is
-# checked again on every hit. Least recently used entries go first.
+# checked again on every hit. An entry not used for VERIFIED_IDLE seconds is dropped (a
+# poll comes back well within that), so the cache holds the tokens in use, not every
+# page's token of the last hours: at ≈ 800 bytes an entry, a full cache of stale tokens
+# was the one thing growing in the 3 000-browser soak. Least recently used go first.
 VERIFIED_CACHE_SIZE = 32_768
-_verified: OrderedDict[tuple[bytes, str], tuple[ConnectionKey, float]] = OrderedDict()
+VERIFIED_IDLE = 120.0
+_verified: OrderedDict[tuple[bytes, str], tuple[ConnectionKey, float, float]] = OrderedDict()
+_monotonic = time.monotonic  # a module attribute, so tests can move it
+
+
+def verified_before(secret: bytes, token: str) -> bool:
+    """Whether ``token`` verified under ``secret`` recently (a lookup, no crypto; its
+    expiry is not checked here: ``verify_token`` does that on use)."""
+    return (secret, token) in _verified
 
 
 def verify_token(
     secret: bytes, token: str, leeway: float = 30.0, now: float | None = None
 ) -> ConnectionKey:
+    used = _monotonic()
     hit = _verified.get((secret, token))
     if hit is not None:
-        key, exp = hit
+        key, exp, _ = hit
         if exp + leeway < (time.time() if now is None else now):
             raise TokenError("token_expired", "token has expired")
+        _verified[(secret, token)] = (key, exp, used)
         _verified.move_to_end((secret, token))
         return key
     key, exp = _verify(secret, token, leeway, now)
-    _verified[(secret, token)] = (key, exp)
-    while len(_verified) > VERIFIED_CACHE_SIZE:
+    _verified[(secret, token)] = (key, exp, used)
+    # Oldest use first: drop the idle ones, then any beyond the size.
+    while _verified and (
+        len(_verified) > VERIFIED_CACHE_SIZE
+        or next(iter(_verified.values()))[2] < used - VERIFIED_IDLE
+    ):
         _verified.popitem(last=False)
     return key
 

@@ -292,6 +292,23 @@ def test_connect_rate_refuses_then_admits_again(limited_node):
 
 
 @pytest.mark.slow
+def test_only_a_real_resume_is_exempt_from_connect_rate(limited_node):
+    # One token per 1000 s: the first poll takes it, so every later charge is refused.
+    node = limited_node("--connect-rate", "0.001", "--connect-burst", "1")
+    token = node.token("resume")
+    status, _, body = get(node, f"/orbited/poll?token={token}&timeout=0")
+    assert status == 200
+    path = f"/orbited/poll?token={token}&timeout=0&last={json.loads(body)[0]['stream']}:0"
+    assert get(node, path)[0] == 200  # goes on from its position: exempt
+    # A garbage `last`, or a valid one with a token never seen (no crypto before the
+    # check), is charged like a new connection, so a flood cannot claim the exemption.
+    unseen = path.replace(token, node.token("unseen"))
+    for forged in (path.replace(":0", "zz"), unseen, f"{path}&last=1:0"):
+        assert_overloaded(*get(node, forged), "connect_rate")
+    assert health(node)["refused_rate"] == 3
+
+
+@pytest.mark.slow
 def test_max_pending_polls(limited_node):
     node = limited_node("--max-pending-polls", "2")
     host, port = node.http.rsplit(":", 1)

@@ -100,3 +100,23 @@ def test_verified_token_cache_is_bounded(monkeypatch):
         verify_token(SECRET, token)
     assert len(tokens._verified) <= 3
     assert (SECRET, issued[-1]) in tokens._verified and (SECRET, issued[0]) not in tokens._verified
+
+
+def test_verified_token_cache_forgets_tokens_not_used_for_a_while(monkeypatch):
+    """The cache holds the tokens in use (a long-poll's, presented every poll), not every
+    page's token since start: one idle for VERIFIED_IDLE is dropped at the next insert."""
+    from orbited import tokens
+
+    clock = [1000.0]
+    monkeypatch.setattr(tokens, "_monotonic", lambda: clock[0])
+    monkeypatch.setattr(tokens, "_verified", type(tokens._verified)())
+    polling, gone, fresh = (
+        issue_token(SECRET, ConnectionKey(f"u{i}", "", ""), ttl=3600) for i in range(3)
+    )
+    verify_token(SECRET, polling)
+    verify_token(SECRET, gone)
+    for _ in range(4):  # the polling page comes back every 40 s; the other never does
+        clock[0] += 40
+        verify_token(SECRET, polling)
+    verify_token(SECRET, fresh)  # 160 s after `gone` was last used
+    assert list(tokens._verified) == [(SECRET, polling), (SECRET, fresh)]

@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 
 from orbited.keys import ConnectionKey
 from orbited.mailbox import Position, PositionError
-from orbited.tokens import TokenError, verify_token
+from orbited.tokens import TokenError, verified_before, verify_token
 
 
 class BrowserRequestError(Exception):
@@ -68,6 +68,21 @@ def authenticate(auth: BrowserAuth, params: Mapping[str, Sequence[str]]) -> Atta
         except PositionError as e:
             raise BrowserRequestError(400, "bad_position", str(e)) from None
     return Attach(key, after)
+
+
+def resumes_session(auth: BrowserAuth, args: Mapping[bytes, Sequence[bytes]]) -> bool:
+    """Does this raw request go on from a session's position: one ``last`` that parses,
+    with a token that verified before (no crypto, so it can be asked before any work)?
+    Only such a request is exempt from connect_rate: a forged or garbage ``last``, or an
+    unseen token, is charged like any new connection (docs/operations.md, "Limits")."""
+    last, token = args.get(b"last"), args.get(b"token")
+    if not last or not token or len(last) != 1 or len(token) != 1:
+        return False
+    try:
+        Position.parse(last[0].decode("ascii"))
+        return verified_before(auth.secret, token[0].decode("ascii"))
+    except (UnicodeDecodeError, PositionError):
+        return False
 
 
 def origin_allowed(origin: str | None, host: str | None, allowed: Sequence[str]) -> bool:

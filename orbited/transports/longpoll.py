@@ -18,6 +18,7 @@ from orbited.keys import ConnectionKey
 from orbited.transports.common import (
     BrowserRequestError,
     authenticate,
+    resumes_session,
     single_param,
 )
 from orbited.transports.http import (
@@ -91,9 +92,9 @@ class LongPollResource(BrowserResource):
         request.setHeader(b"cache-control", b"no-store")
         try:
             apply_cors(request, self.cors_origins)
-            # Before any work: 503 when overloaded; a poll resuming from `last` goes on
-            # a session and takes no connect_rate token.
-            self.limits.check(poll=True, new=not request.args.get(b"last"))
+            # Before any work: 503 when overloaded; a poll resuming a session (a `last`
+            # that parses, a token seen before) takes no connect_rate token.
+            self.limits.check(poll=True, new=not resumes_session(self.auth, request.args))
             params = decoded_args(request)
             attach = authenticate(self.auth, params)
             timeout = self._timeout(params)
