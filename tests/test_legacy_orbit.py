@@ -8,6 +8,7 @@ import socket
 import pytest
 
 from orbited.events import RequestLimits
+from orbited.keys import ConnectionKey
 from orbited.legacy.orbit import OrbitError, OrbitParser
 from tests.conftest import NodeProcess
 
@@ -130,6 +131,45 @@ def test_malformed_orbit_request_gets_failure_and_close(orbit_node: NodeProcess)
     reply = read_replies(sock, 1)[0]
     assert reply.startswith(b"Failure\r\nid: \r\nmsg: expected 'Orbit 1.0'")
     assert sock.recv(10) == b""
+
+
+def test_recipients_moved_or_full_are_failures_not_success():
+    """`Success` only when the event is stored for every recipient: a route moved away or
+    the node's mailboxes full are listed like a recipient with no connection."""
+    from twisted.internet.task import Clock
+    from twisted.internet.testing import StringTransport
+
+    from orbited.hub import Hub, HubConfig
+    from orbited.legacy.orbit import OrbitFactory
+    from tests.conftest import keys_on_routes
+
+    class Sink:
+        def deliver(self, out: list[bytes]) -> bool:
+            return True
+
+    hub = Hub(Clock(), HubConfig(mailbox_total_bytes=64), epoch="ep")
+    here, away = keys_on_routes([1]) + keys_on_routes([2])
+    hub.assign([1])
+    hub.attach(here, Sink(), None)
+    proto = OrbitFactory(hub).buildProtocol(None)
+    transport = StringTransport()
+    proto.makeConnection(transport)
+
+    def orbit(event_id: str, body: bytes, *keys: ConnectionKey) -> bytes:
+        transport.clear()
+        lines = [b"Orbit 1.0", b"Event", b"id: " + event_id.encode()]
+        lines += [f"recipient: {k.user}, {k.session}, {k.location}".encode() for k in keys]
+        proto.dataReceived(b"\r\n".join(lines) + b"\r\nlength: %d\r\n\r\n" % len(body) + body)
+        return transport.value()
+
+    assert orbit("1", b'"small"', here) == b"Success\r\nid: 1\r\n\r\n"
+    moved = orbit("2", b'"small"', here, away)
+    assert moved.startswith(b"Failure\r\nid: 2\r\n")
+    assert moved.endswith(b"recipient: (%s, s, /t)\r\n\r\n" % away.user.encode())
+    assert b"(%s," % here.user.encode() not in moved  # stored for the one served here
+    full = orbit("3", b'"' + b"x" * 100 + b'"', here)
+    assert full.startswith(b"Failure\r\nid: 3\r\n")
+    assert b"recipient: (%s, s, /t)" % here.user.encode() in full
 
 
 def test_full_send_buffer_stops_reading_requests():

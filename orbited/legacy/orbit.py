@@ -28,7 +28,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from orbited.events import MAX_EVENT_ID, NO_CONNECTION, RequestLimits
+from orbited.events import ACKED, DELIVERED, MAX_EVENT_ID, QUEUED, UNACKED, RequestLimits
 from orbited.hub import Hub
 from orbited.keys import ConnectionKey, KeyError_
 
@@ -158,6 +158,9 @@ def success(event_id: str) -> bytes:
     return f"Success\r\nid: {_clean(event_id)}\r\n\r\n".encode()
 
 
+STORED = frozenset({DELIVERED, QUEUED, ACKED, UNACKED})  # statuses a `Success` stands for
+
+
 def failure(event_id: str | None, message: str, recipients: list[ConnectionKey] = ()) -> bytes:
     lines = ["Failure", f"id: {_clean(event_id or '')}", f"msg: {_clean(message)}"]
     lines += [f"recipient: ({_clean(k.user)}, {_clean(k.session)}, {_clean(k.location)})"
@@ -263,8 +266,10 @@ class OrbitProtocol(Protocol):
         if not ok:
             return failure(request.event_id, json.loads(reply)["error"]["message"])
         results = json.loads(reply)["results"]
+        # Every recipient the event did not reach or stay for: no connection, its route
+        # moved to another node, or the node's mailboxes full (docs/legacy.md, "Replies").
         missing = [k for k, r in zip(request.recipients, results, strict=True)
-                   if r["status"] == NO_CONNECTION]  # fmt: skip
+                   if r["status"] not in STORED]  # fmt: skip
         if missing:
             return failure(request.event_id, "Failed to reach one or more recipients", missing)
         return success(request.event_id)
