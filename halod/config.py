@@ -34,6 +34,9 @@ class HaloDConfig(ConfigBase):
 
     control: str = _opt("tcp://127.0.0.1:7600", "control listener for nodes (SP pair0)")
     status_http: str = _opt("127.0.0.1:7601", "status JSON and /metrics host:port (empty = off)")
+    status_hosts: list[str] = _opt(
+        [], "host name the status port answers to besides IP literals and localhost (repeat)"
+    )
     routes: int = _opt(24, "N, the number of routes (fixed for the life of a cluster)")
     spares: int = _opt(1, "failover nodes kept in commission when possible")
     policy: str = _opt("seed", "failover without a spare: seed (2007 note) or minimal")
@@ -44,7 +47,7 @@ class HaloDConfig(ConfigBase):
     secret_file: str = _opt("", "cluster secret nodes must present (empty = none)")
     control_max_message: int = _opt(1024 * 1024, "largest control message; larger closes")
     control_header_timeout: float = _opt(10.0, "seconds a node has to send SP header+register")
-    dataplane: str = _opt("proxy", "route ports: proxy (built-in), or none")
+    dataplane: str = _opt("proxy", "route ports: proxy (built-in), haproxy, nftables, or none")
     dataplane_host: str = _opt("127.0.0.1", "address the 2×N route ports listen on")
     browser_port_base: int = _opt(8100, "route r's browser port is this + r - 1")
     sp_port_base: int = _opt(9100, "route r's web-app (SP) port is this + r - 1")

@@ -7,6 +7,7 @@ change, and serves /status, /routes and /metrics over HTTP.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import time
 from collections.abc import Callable
@@ -474,14 +475,59 @@ class _Operator(Resource):
 
 def _from_web_page(request: Request) -> bool:
     """Browsers send Origin (or Sec-Fetch-Site) with every POST; the halod CLI and scripts
-    do not (docs/security.md, "HaloD status port")."""
+    do not (docs/security.md, "What HaloD trusts from nodes")."""
     if request.getHeader(b"origin") is not None:
         return True
     site = request.getHeader(b"sec-fetch-site")
     return site is not None and site != b"none"
 
 
-def status_site(halod: HaloD) -> Site:
+def host_allowed(host: bytes | None, names: frozenset[str]) -> bool:
+    """May a request with this ``Host`` header read or drive the status port? An IP
+    literal, ``localhost`` or a name in ``status_hosts``: a DNS-rebinding page reaches
+    the port under its own host name, which is none of these (docs/security.md)."""
+    if host is None:
+        return True  # HTTP/1.0 tools; every browser sends Host
+    try:
+        text = host.decode("ascii").strip().lower()
+    except UnicodeDecodeError:
+        return False
+    if text.startswith("["):  # [IPv6]:port
+        name = text[1 : text.find("]")] if "]" in text else ""
+    else:
+        name = text.rsplit(":", 1)[0] if text.count(":") == 1 else text
+    name = name.rstrip(".")
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        return name == "localhost" or name in names
+
+
+class _WrongHost(Resource):
+    isLeaf = True
+
+    def render(self, request: Request) -> bytes:
+        request.setResponseCode(403)
+        request.setHeader(b"content-type", b"application/json")
+        return json.dumps({"error": "Host not allowed: use an IP address or localhost, or "
+                                    "add the name to status_hosts"}).encode()  # fmt: skip
+
+
+class _StatusSite(QuietSite):
+    """The status port's Site: requests under a foreign Host name are refused."""
+
+    def __init__(self, root: Resource, names: frozenset[str]) -> None:
+        super().__init__(root)
+        self.names = names
+
+    def getResourceFor(self, request: Request) -> Resource:  # noqa: N802
+        if not host_allowed(request.getHeader(b"host"), self.names):
+            return _WrongHost()
+        return super().getResourceFor(request)
+
+
+def status_site(halod: HaloD, hosts: list[str] | tuple[str, ...] = ()) -> Site:
     def as_json(view: Callable[[], Any]) -> Callable[[], tuple[str, bytes]]:
         return lambda: ("application/json", json.dumps(view(), indent=1).encode())
 
@@ -494,7 +540,8 @@ def status_site(halod: HaloD) -> Site:
         b"metrics",
         _View(lambda: ("text/plain; version=0.0.4", halod.metrics().encode())),
     )
-    site = QuietSite(root)  # monitoring polls these pages every few seconds
+    # Quiet: monitoring polls these pages every few seconds.
+    site = _StatusSite(root, frozenset(h.strip().lower().rstrip(".") for h in hosts))
     site.displayTracebacks = False
     site.noisy = False
     return site
@@ -535,7 +582,7 @@ class HaloDService(service.MultiService):
         if config.status_http:
             host, port = parse_host_port(config.status_http)
             self.status_server = internet.TCPServer(
-                port, status_site(self.halod), interface=host, reactor=reactor
+                port, status_site(self.halod, config.status_hosts), interface=host, reactor=reactor
             )
             self.status_server.setServiceParent(self)
         self.dataplane = dataplane.build(config, reactor)

@@ -70,6 +70,12 @@ def halod_warnings(config: HaloDConfig) -> list[str]:
                 f"control port {config.control} is not on loopback: the cluster secret "
                 "travels in clear (keep the control network private)"
             )
+    if config.dataplane != "none" and not is_loopback(config.dataplane_host):
+        warnings.append(
+            f"route ports listen on {config.dataplane_host}: the SP route ports "
+            f"({config.sp_port_base}+) have no authentication, so whoever reaches them can "
+            "send events to any browser (firewall them to the web apps)"
+        )
     if config.status_http and not is_loopback(parse_host_port(config.status_http)[0]):
         warnings.append(
             f"status port {config.status_http} is not on loopback and has no "

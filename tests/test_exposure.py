@@ -46,6 +46,9 @@ def test_halod_ports_beyond_loopback_are_named():
     status = halod_warnings(HaloDConfig(status_http="0.0.0.0:7601"))
     assert len(status) == 1 and "drain nodes" in status[0]
     assert halod_warnings(HaloDConfig(status_http="")) == []
+    routes = halod_warnings(HaloDConfig(dataplane_host="0.0.0.0"))
+    assert len(routes) == 1 and "SP route ports (9100+)" in routes[0]
+    assert halod_warnings(HaloDConfig(dataplane_host="0.0.0.0", dataplane="none")) == []
 
 
 def test_a_running_node_logs_its_warnings(tmp_path):

@@ -269,4 +269,14 @@ def test_operator_drains_and_undrains_a_node(tmp_path, procs):
         with pytest.raises(urllib.error.HTTPError) as refused_page:
             urllib.request.urlopen(request, timeout=5)
         assert refused_page.value.code == 403
+    # A DNS-rebinding page names the port by its own host: refused, GET included.
+    for method, path in (("GET", "/status"), ("POST", "/nodes/a/drain")):
+        request = urllib.request.Request(
+            f"http://{halod.status_http}{path}", method=method,
+            headers={"Host": "rebind.evil.example"},
+        )  # fmt: skip
+        with pytest.raises(urllib.error.HTTPError) as wrong_host:
+            urllib.request.urlopen(request, timeout=5)
+        assert wrong_host.value.code == 403
+        assert b"status_hosts" in wrong_host.value.read()
     assert halod.nodes()["a"]["state"] == "spare"

@@ -125,8 +125,9 @@ class Settings:
     def command(self, binary: str) -> list[str]:
         """Master-worker (-W) daemon (-D): the launcher exits 0 once HAProxy listens, or
         non-zero with the reason on stderr; the master sits in its own session, so HaloD
-        can die or restart without taking the route ports down."""
-        return [binary, "-W", "-D", "-S", str(self.master_socket),
+        can die or restart without taking the route ports down. The master CLI socket
+        is mode 600, like the admin socket: it can reload and stop HAProxy."""
+        return [binary, "-W", "-D", "-S", f"{self.master_socket},mode,600",
                 "-f", str(self.config_file), "-p", str(self.pid_file)]  # fmt: skip
 
 
