@@ -12,10 +12,18 @@ export const TRANSPORTS = ["websocket", "sse", "longpoll", "iframe"];
 const FATAL_CLOSE = { 4001: "replaced", 4400: "bad_request", 4403: "forbidden" };
 
 /** Why a WebSocket close code ends the client ("token": fetch a new one), or null to
- *  reconnect with backoff and resume: 4000 reconnect, 4002 too slow a reader, 4503 node
- *  overloaded (the backoff spreads the retries), network closes. */
+ *  reconnect with backoff and resume: 4000 reconnect, 4002 too slow a reader, network
+ *  closes. 4503 is "overloaded": not an end, but no transport fallback either — the same
+ *  transport is tried again after the backoff (every transport would be refused alike). */
 export function closeFatal(code) {
+  if (code === 4503) return "overloaded";
   return FATAL_CLOSE[code] || (code === 4401 ? "token" : null);
+}
+
+/** Seconds of an HTTP response's Retry-After (delta-seconds form), 0 if none or odd. */
+export function retryAfter(response) {
+  const value = Number.parseInt(response.headers.get("retry-after") || "", 10);
+  return Number.isFinite(value) && value > 0 ? value : 0;
 }
 
 /** Delay before reconnect attempt `attempt` (0-based): exponential, capped, "equal jitter". */
@@ -126,14 +134,16 @@ function websocketTransport(base, params, sink) {
 }
 
 // EventSource and iframes cannot show an HTTP status: after a failure before any frame,
-// ask the long-poll URL (timeout=0) whether the token is the problem.
+// ask the long-poll URL (timeout=0) whether the token is the problem, or the node is
+// overloaded. Answers [fatal, retryAfter seconds].
 async function probeFatal(base, params) {
   try {
     const response = await fetch(transportUrl(base, "poll", { ...params, timeout: 0 }), { cache: "no-store" });
-    if (response.status === 401) return "token";
-    if (response.status === 400 || response.status === 403) return `http ${response.status}`;
+    if (response.status === 401) return ["token", 0];
+    if (response.status === 400 || response.status === 403) return [`http ${response.status}`, 0];
+    if (response.status === 503) return ["overloaded", retryAfter(response)];
   } catch (_) { /* unreachable: not fatal */ }
-  return null;
+  return [null, 0];
 }
 
 // SSE and iframe streams have no way back: acknowledge by POST /orbited/ack, every
@@ -180,7 +190,7 @@ function sseTransport(base, params, sink) {
   source.onerror = async () => {
     source.close();
     acker.stop();
-    sink.down("sse error", framed ? null : await probeFatal(base, params));
+    sink.down("sse error", ...(framed ? [null, 0] : await probeFatal(base, params)));
   };
   return { close: () => { acker.stop(); source.close(); } };
 }
@@ -204,7 +214,9 @@ function longpollTransport(base, params, sink) {
       if (!response.ok) {
         let code = "";
         try { code = (await response.json()).error.code; } catch (_) { /* not JSON */ }
-        if (!stopped) sink.down(`poll HTTP ${response.status} ${code}`, response.status === 401 ? "token" : (response.status >= 500 ? null : code || "http"));
+        const status = response.status;
+        const fatal = status === 401 ? "token" : status === 503 ? "overloaded" : status >= 500 ? null : code || "http";
+        if (!stopped) sink.down(`poll HTTP ${status} ${code}`, fatal, retryAfter(response));
         return;
       }
       let frames;
@@ -237,7 +249,7 @@ function iframeTransport(base, params, sink) {
   // The document ends (byte cap, node shutdown, error page): reconnect.
   const onLoad = async () => {
     cleanup();
-    sink.down("iframe document ended", up ? null : await probeFatal(base, params));
+    sink.down("iframe document ended", ...(up ? [null, 0] : await probeFatal(base, params)));
   };
   const acker = httpAcker(base, params);
   function cleanup() {
@@ -377,9 +389,9 @@ export class OrbitedClient {
           default:
         }
       },
-      down(reason, fatal) {
+      down(reason, fatal, retryAfterSeconds = 0) {
         if (client._generation !== generation) return;
-        client._drop(reason, fatal, gotHello);
+        client._drop(reason, fatal, gotHello, retryAfterSeconds);
       },
     };
     const params = { token, last: this.resume.position() };
@@ -400,11 +412,20 @@ export class OrbitedClient {
                                 ms || this._keepalive * 2000);
   }
 
-  _drop(reason, fatal, worked) {
+  _drop(reason, fatal, worked, retryAfterSeconds = 0) {
     this._generation = null;
     clearTimeout(this._watchdog);
     if (this._current) { const c = this._current; this._current = null; c.close(); }
     if (this.state === "closed") return;
+    if (fatal === "overloaded") {
+      // The node refuses new connections for now (503 / 4503): another transport would
+      // be refused too, so keep this one and wait the backoff, at least Retry-After
+      // (capped at 5 minutes), so that a crowd of clients does not hammer it.
+      const wait = Math.min(retryAfterSeconds, 300) * 1000;
+      this._setState("reconnecting", reason);
+      this._timer = setTimeout(() => this._open(), Math.max(backoffDelay(this.attempt++, this.options), wait));
+      return;
+    }
     if (fatal === "token" && typeof this.options.token === "function" && !this._tokenRetried) {
       this._tokenRetried = true;
       this._setState("reconnecting", reason);

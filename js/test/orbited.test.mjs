@@ -2,7 +2,7 @@
 //   node --test js/test/
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { backoffDelay, closeFatal, OrbitedClient, Resume, transportUrl } from "../orbited.js";
+import { backoffDelay, closeFatal, OrbitedClient, Resume, retryAfter, transportUrl } from "../orbited.js";
 
 test("backoff grows exponentially, is capped, and jitters within [ceiling/2, ceiling]", () => {
   const low = (a) => backoffDelay(a, { base: 100, max: 5000, random: () => 0 });
@@ -46,8 +46,9 @@ test("gap, reconnect, ping and unknown frames", () => {
   assert.equal(r.handle({ type: "future-frame" }).kind, "ignore");
 });
 
-test("close codes: slow reader (4002), overload (4503) and reconnect (4000) retry; others end", () => {
-  for (const code of [1000, 1006, 4000, 4002, 4503]) assert.equal(closeFatal(code), null, `${code}`);
+test("close codes: slow reader (4002) and reconnect (4000) retry; overload (4503) waits; others end", () => {
+  for (const code of [1000, 1006, 4000, 4002]) assert.equal(closeFatal(code), null, `${code}`);
+  assert.equal(closeFatal(4503), "overloaded");
   assert.equal(closeFatal(4001), "replaced");
   assert.equal(closeFatal(4400), "bad_request");
   assert.equal(closeFatal(4401), "token");
@@ -210,4 +211,36 @@ test("a transport that worked is kept through a few failed reconnects", async ()
   } finally {
     client.close();
   }
+});
+
+test("an overloaded node is retried on the same transport after max(backoff, Retry-After)", async () => {
+  const log = [];
+  const states = [];
+  const client = new OrbitedClient("http://n", { token: "t", factories: fakeFactories(log), base: 1, max: 2,
+                                                  random: () => 0, onState: (s, d) => states.push([s, d.detail]) });
+  client.connect();
+  await tick();
+  // Before any hello: no fallback to the next transport (it would be refused too).
+  log[0].sink.down("websocket closed 4503 overloaded", "overloaded");
+  await tick();
+  assert.deepEqual(log.map((t) => t.name), ["websocket", "websocket"]);
+  assert.equal(client.state, "reconnecting");
+  // A long-poll's 503 with Retry-After: 1 waits a whole second, above the 1-2 ms backoff.
+  log[1].sink.down("poll HTTP 503 overloaded", "overloaded", 1);
+  await tick();
+  assert.equal(log.length, 2, "waits for Retry-After");
+  await new Promise((resolve) => setTimeout(resolve, 1100));
+  assert.equal(log.length, 3);
+  assert.equal(log[2].name, "websocket");
+  log[2].sink.frame({ type: "hello", stream: "e.1", reset: false });
+  assert.equal(client.state, "open");
+  client.close();
+});
+
+test("retryAfter reads delta-seconds and ignores the rest", () => {
+  const response = (value) => ({ headers: { get: () => value } });
+  assert.equal(retryAfter(response("5")), 5);
+  assert.equal(retryAfter(response(null)), 0);
+  assert.equal(retryAfter(response("Wed, 21 Oct 2015 07:28:00 GMT")), 0);
+  assert.equal(retryAfter(response("-3")), 0);
 });

@@ -81,6 +81,8 @@ def apply_cors(request: Request, allowed: Sequence[str]) -> None:
         raise BrowserRequestError(403, "origin_not_allowed", f"origin {origin} not allowed")
     request.setHeader(b"access-control-allow-origin", origin.encode())
     request.setHeader(b"vary", b"Origin")
+    # A page may read a 503's Retry-After only if exposed (not a CORS-safelisted header).
+    request.setHeader(b"access-control-expose-headers", b"Retry-After")
 
 
 class BrowserResource(resource.Resource):
