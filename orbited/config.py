@@ -132,7 +132,9 @@ class NodeConfig(ConfigBase):
     sp_max_inflight: int = _opt(1024, "unanswered requests per SP connection")
     sp_max_connections: int = _opt(1000, "SP (web-app) connections at once; more are closed")
     max_connections: int = _opt(15_000, "browser connections at once (then 503 / close 4503)")
-    max_sockets: int = _opt(0, "open sockets on the browser port (0 = fd limit less 1024)")
+    max_sockets: int = _opt(
+        0, "open sockets on the browser port (0 = fd limit less min(1024, limit/4), ≥ 64)"
+    )
     connect_rate: float = _opt(2000.0, "new browser connections per second (0 = no limit)")
     connect_burst: int = _opt(10_000, "new browser connections at once above connect_rate")
     max_pending_polls: int = _opt(10_000, "held long-polls at once (then 503)")
