@@ -156,7 +156,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
             time.sleep(0.05)
     with playwright.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield {"node": node, "proxy": proxy, "browser": browser, "page_origin": page_origin}
+        yield {"node": node, "proxy": proxy, "browser": browser, "page_origin": page_origin,
+               "site": site, "tmp": tmp}  # fmt: skip
         browser.close()
     server.terminate()
     proxy.close()
@@ -264,6 +265,41 @@ def test_client_reconnects_after_node_restart(cluster: dict):
         assert [s for s, _, _ in got][2:] == [1, 2]
     finally:
         context.close()
+
+
+def health_limits(node: NodeProcess) -> dict:
+    with urllib.request.urlopen(f"http://{node.http}/orbited/health", timeout=5) as r:
+        return json.load(r)["limits"]
+
+
+def test_an_overloaded_node_is_retried_after_retry_after_on_the_same_transport(cluster: dict):
+    """A 503 is not a transport failure: the client neither tries the other transports at
+    once (each would be refused too) nor comes back before the cross-origin page can read
+    the answer's Retry-After (5 s at max_connections)."""
+    (workdir := cluster["tmp"] / "overloaded").mkdir()
+    node = NodeProcess(workdir, "--cors-origin", cluster["page_origin"],
+                       "--max-connections", "1").start()  # fmt: skip
+    (cluster["site"] / "overloaded.html").write_text(PAGE.format(node=f"http://{node.http}"))
+    context = cluster["browser"].new_context()
+    try:
+        holder = node.ws(node.token("holder"))  # takes the one connection
+        assert json.loads(holder.recv(timeout=5))["type"] == "hello"
+        page = context.new_page()
+        page.goto(f"{cluster['page_origin']}/overloaded.html?token={node.token('b-busy')}"
+                  "&transports=longpoll,websocket,sse", wait_until="domcontentloaded")  # fmt: skip
+        wait_for(lambda: health_limits(node)["refused_connections"] >= 1, "the first 503")
+        time.sleep(3)  # backoff here is 50-100 ms: without Retry-After it would be back
+        assert health_limits(node)["refused_connections"] == 1
+        holder.close()
+        page.wait_for_function("window.states.some(s => s[0] === 'open')", timeout=15000)
+        states = page.evaluate("window.states")
+        assert {t for _, t in states[1:]} == {"longpoll"}, states  # after "connecting"
+        with node.req() as req:
+            send_event(req, "busy-1", [["b-busy", "s", "/t"]], "after")
+        assert [d for _, d, _ in wait_received(page, 1)] == ["after"]
+    finally:
+        context.close()
+        node.stop()
 
 
 def test_client_script_is_served_as_module_and_classic(cluster: dict):
