@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 
-PING = b'{"type":"ping"}'
 REPLACED = b'{"type":"replaced"}'  # a newer connection took this key: do not reconnect
 
 
@@ -20,12 +19,20 @@ def event(seq: int, payload: bytes) -> bytes:
     return b'{"type":"event","seq":%d,"data":%s}' % (seq, payload)
 
 
-def hello(stream: str, keepalive: float, reset: bool, seq: int = 0) -> bytes:
+def hello(stream: str, keepalive: float, reset: bool, seq: int = 0, spread: float = 0.0) -> bytes:
     """``seq``: the position in ``stream`` the events that follow start after (a fresh
-    connection starts after what was acknowledged, not at 0: no false gap)."""
+    connection starts after what was acknowledged, not at 0: no false gap). ``spread``:
+    seconds over which the browser should spread its first reconnect if it loses this
+    node (docs/protocol.md, "Frames")."""
     return _encode(
-        {"type": "hello", "stream": stream, "keepalive": keepalive, "reset": reset, "seq": seq}
-    )
+        {"type": "hello", "stream": stream, "keepalive": keepalive, "reset": reset, "seq": seq,
+         "spread": spread}
+    )  # fmt: skip
+
+
+def ping(spread: float) -> bytes:
+    """A keepalive frame, refreshing the reconnect ``spread`` hint of hello."""
+    return b'{"type":"ping","spread":%s}' % _encode(spread)
 
 
 def gap(first: int, last: int) -> bytes:

@@ -11,6 +11,7 @@ tests drive it with twisted.internet.task.Clock; no sockets here.
 
 from __future__ import annotations
 
+import math
 import secrets
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
@@ -57,7 +58,16 @@ class HubConfig:
     # Payload bytes in all mailboxes together; an event that would pass it is refused
     # for that recipient with status "full" (docs/protocol.md) instead of being stored.
     mailbox_total_bytes: int = 512 * 1024 * 1024
+    # New browser connections per second a node is expected to take when a node's
+    # browsers all come back at once (a crash, a drain): the browsers spread their first
+    # reconnect over mailboxes / reconnect_rate seconds (the `spread` hint in hello and
+    # ping frames, docs/protocol.md). Below the ≈ 600 WebSocket connects/s a node took in
+    # the storm bench (docs/performance.md), so a spare that gets them all keeps up.
+    # 0 = no hint spreading (spread 0).
+    reconnect_rate: float = 500.0
 
+
+SPREAD_MAX = 30.0  # seconds: the spread hint's bound, however many browsers a node has
 
 FULL_RESULT = b'{"status":"full"}'  # the node's mailboxes hold mailbox_total_bytes
 
@@ -193,7 +203,11 @@ class Hub:
         mailbox = slot.mailbox
         replay = mailbox.replay(after)
         self._recount(slot)
-        out = [frames.hello(mailbox.stream, self.config.keepalive, replay.reset, replay.since)]
+        out = [
+            frames.hello(
+                mailbox.stream, self.config.keepalive, replay.reset, replay.since, self.spread()
+            )
+        ]
         if replay.gap is not None:
             out.append(frames.gap(*replay.gap))
         out.extend(frames.event(seq, payload) for seq, payload in replay.events)
@@ -313,13 +327,25 @@ class Hub:
             "incoming_routes": len(self._incoming),
         }
 
+    def spread(self) -> float:
+        """Seconds over which this node's browsers should spread their first reconnect
+        when they lose it: mailboxes (attached and lingering browsers) / reconnect_rate,
+        rounded up to the millisecond, at most SPREAD_MAX (docs/protocol.md, "Frames")."""
+        rate = self.config.reconnect_rate
+        if rate <= 0:
+            return 0.0
+        ms = math.ceil(len(self._slots) * 1000 / rate - 1e-9)
+        return min(SPREAD_MAX, ms / 1000)
+
     def keepalive_tick(self) -> None:
-        """Ping every transport that has been silent for the keepalive interval."""
+        """Ping every transport that has been silent for the keepalive interval; the ping
+        carries the current spread hint (one frame built per tick)."""
         deadline = self.clock.seconds() - self.config.keepalive
+        ping = frames.ping(self.spread())
         for slot in list(self._slots.values()):
             sink = slot.sink
             if sink is not None and sink.wants_pings and sink.last_write <= deadline:
-                sink.deliver([frames.PING])
+                sink.deliver([ping])
 
     # -- routes (HaloD) -------------------------------------------------------------------
 

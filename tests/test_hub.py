@@ -5,7 +5,7 @@ import json
 from twisted.internet.task import Clock
 
 from orbited.events import RequestLimits
-from orbited.hub import Hub, HubConfig
+from orbited.hub import SPREAD_MAX, Hub, HubConfig
 from orbited.keys import ConnectionKey
 from orbited.mailbox import MailboxLimits, Position
 from tests.conftest import keys_on_routes
@@ -55,8 +55,9 @@ def test_attach_sends_hello_with_stream():
     sink = RecordingSink()
     hub.attach(ALICE, sink, None)
     assert sink.frames == [
-        {"type": "hello", "stream": "ep.1", "keepalive": 10, "reset": False, "seq": 0}
-    ]
+        {"type": "hello", "stream": "ep.1", "keepalive": 10, "reset": False, "seq": 0,
+         "spread": 0.002}  # 1 mailbox at the default reconnect_rate, 500/s
+    ]  # fmt: skip
 
 
 def test_statuses_per_recipient_in_request_order():
@@ -192,8 +193,45 @@ def test_keepalive_pings_only_idle_sinks():
     clock.advance(10)
     busy.last_write = clock.seconds()
     hub.keepalive_tick()
-    assert idle.frames[-1] == {"type": "ping"}
+    assert idle.frames[-1] == {"type": "ping", "spread": 0.004}  # 2 mailboxes at 500/s
     assert busy.frames[-1]["type"] == "hello"
+
+
+def test_the_reconnect_spread_hint_follows_the_node_s_browsers():
+    """The window browsers spread their first reconnect over (docs/protocol.md, "Frames"):
+    mailboxes / reconnect_rate seconds, rounded up to the millisecond, at most
+    SPREAD_MAX; sent in each hello and refreshed in each ping."""
+    hub, clock = make_hub(reconnect_rate=400.0, keepalive=10)
+    first = RecordingSink()
+    hub.attach(ALICE, first, None)
+    assert first.frames[0]["spread"] == 0.003  # 1 / 400 s = 2.5 ms, rounded up
+    for i in range(999):
+        hub.attach(ConnectionKey(f"u{i}", "", ""), RecordingSink(accept=False), None)
+    later = RecordingSink()
+    hub.attach(BOB, later, None)
+    assert later.frames[0]["spread"] == 2.503  # 1001 / 400 s, rounded up
+    # The first browser learns the node's size at the next ping; lingering mailboxes count
+    # (their browsers come back too).
+    clock.advance(10)
+    hub.keepalive_tick()
+    assert first.frames[-1] == {"type": "ping", "spread": 2.503}
+    hub.detach(BOB, later)
+    hub.keepalive_tick()
+    assert first.frames[-1] == {"type": "ping", "spread": 2.503}
+    # Bounded: a huge node does not send its browsers away for minutes.
+    big, _ = make_hub(reconnect_rate=1.0)
+    for i in range(40):
+        big.attach(ConnectionKey(f"u{i}", "", ""), RecordingSink(accept=False), None)
+    sink = RecordingSink()
+    big.attach(ALICE, sink, None)
+    assert sink.frames[0]["spread"] == SPREAD_MAX == 30.0
+
+
+def test_the_spread_hint_is_zero_without_a_reconnect_rate():
+    hub, _ = make_hub(reconnect_rate=0.0)
+    sink = RecordingSink()
+    hub.attach(ALICE, sink, None)
+    assert sink.frames[0]["spread"] == 0
 
 
 def test_shutdown_asks_every_browser_to_reconnect():
@@ -388,8 +426,9 @@ def test_hand_off_resumes_the_same_stream_on_the_new_owner_in_order():
     assert got[0]["results"] == [{"status": "delivered", "seq": 4}] or got[0]["results"] == [
         {"status": "queued", "seq": 4}
     ]
+    # spread: 2 mailboxes at 500/s
     assert resumed.frames[0] == {"type": "hello", "stream": old_stream, "keepalive": 25.0, "seq": 2,
-                                 "reset": False}  # fmt: skip
+                                 "reset": False, "spread": 0.004}  # fmt: skip
     assert resumed.events() == [(3, 3), (4, 4)]  # nothing lost, nothing twice
     assert new.stats["handoff_in"] == 2 and old.stats["handoff_out"] == 2
 
