@@ -138,6 +138,7 @@ class Child:
             self.proc.wait()
         self.signal(signal.SIGKILL)  # a grandchild left in the group
         self.reaped = True
+        self.ready_file.unlink(missing_ok=True)  # it holds the pid too
         return self.proc.returncode
 
 
@@ -179,6 +180,7 @@ class LocalCluster:
         self.url = ""
         self.halod_status = ""
         self._force = False
+        self._state_text: str | None = None  # what cluster.json holds, once written
 
     # -- starting ----------------------------------------------------------------------
 
@@ -279,15 +281,41 @@ class LocalCluster:
                 raise ClusterError(f"timed out waiting for {what}")
             time.sleep(0.05)
 
-    def _write_state(self) -> None:
-        """cluster.json: what is running where, for scripts and tests."""
-        info = {
+    @property
+    def state_file(self) -> Path:
+        return self.state / "cluster.json"
+
+    def state_info(self) -> dict[str, Any]:
+        """What cluster.json says: the processes running now (``pids``), those that
+        exited and their exit status (``exited``), and each one's ready file."""
+        running = {n: c for n, c in self.children.items() if c.alive()}
+        return {
             "url": self.url,
             "halod_status": self.halod_status,
-            "pids": {name: child.pid for name, child in self.children.items()},
+            "pids": {name: child.pid for name, child in running.items()},
+            "exited": {
+                name: child.proc.returncode
+                for name, child in self.children.items()
+                if name not in running and child.proc is not None
+            },
             "ready": {name: child.ready for name, child in self.children.items()},
         }
-        (self.state / "cluster.json").write_text(json.dumps(info, indent=1))
+
+    def _write_state(self) -> None:
+        """cluster.json: what is running where, for scripts and tests; written atomically,
+        and again when a child exits (``refresh_state``), removed when the cluster stops."""
+        text = json.dumps(self.state_info(), indent=1)
+        if text == self._state_text:
+            return
+        tmp = self.state_file.with_suffix(".tmp")
+        tmp.write_text(text)
+        tmp.replace(self.state_file)
+        self._state_text = text
+
+    def refresh_state(self) -> None:
+        """Rewrite cluster.json if a child has exited since it was written."""
+        if self._state_text is not None:
+            self._write_state()
 
     # -- watching ----------------------------------------------------------------------
 
@@ -339,6 +367,9 @@ class LocalCluster:
                 child.signal(signal.SIGTERM)
             for child in step:
                 child.reap(deadline, lambda: self._force)
+        # Nothing that names a pid outlives the processes (pids get reused).
+        self.state_file.unlink(missing_ok=True)
+        self._state_text = None
 
     def __enter__(self) -> LocalCluster:
         self.start()
@@ -450,6 +481,7 @@ def cluster_command(argv: list[str]) -> int:
               flush=True)  # fmt: skip
         last = ""
         while True:
+            cluster.refresh_state()
             line = cluster.status_line()
             if args.no_status:
                 pass
