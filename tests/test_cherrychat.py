@@ -133,13 +133,17 @@ def test_store_presence_rules(tmp_path):
 # -- the cluster ------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-    config = ClusterConfig(
-        state_dir=tmp_path_factory.mktemp("cluster"), free_ports=True, fresh=True,
+def chat_cluster_config(state_dir: Path) -> ClusterConfig:
+    """Free ports, a fresh state, heartbeats short enough to fail a node over in ~1 s."""
+    return ClusterConfig(
+        state_dir=state_dir, free_ports=True, fresh=True,
         heartbeat_interval=0.25, missed_heartbeats=3, grace=1.0, keepalive=5.0,
     )  # fmt: skip
-    with LocalCluster(config) as running:
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    with LocalCluster(chat_cluster_config(tmp_path_factory.mktemp("cluster"))) as running:
         yield running
 
 

@@ -27,6 +27,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web.client import Agent, readBody
 from twisted.web.iweb import IRequest
+from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from cherrychat import rules
 from cherrychat.store import NickTaken, Store
@@ -99,6 +100,16 @@ class ChatApp:
         error = failure.value
         request.setResponseCode(error.code)
         return self._json(request, {"error": error.message})
+
+    @app.handle_errors(HTTPException)
+    def _routing_error(self, request: IRequest, failure: Any) -> bytes:
+        """No route for this path (404) or not for this method (405): JSON like the rest."""
+        error = failure.value
+        request.setResponseCode(error.code or 500)
+        if isinstance(error, MethodNotAllowed) and error.valid_methods:
+            request.setHeader(b"allow", ", ".join(sorted(error.valid_methods)).encode())
+        message = {404: "no such page", 405: "method not allowed"}.get(error.code or 0)
+        return self._json(request, {"error": message or str(error.description)})
 
     @app.handle_errors(rules.InvalidInput)
     def _invalid(self, request: IRequest, failure: Any) -> bytes:
@@ -231,7 +242,10 @@ class ChatApp:
         sid = request.getCookie(COOKIE)
         if sid:
             self.store.logout(sid.decode("ascii", "replace"))
-        request.addCookie(COOKIE, b"", path=b"/", max_age=0, httpOnly=True, sameSite="strict")
+        # Attribute values are strings (Twisted refuses an int Max-Age with a TypeError).
+        request.addCookie(COOKIE, b"", path=b"/", max_age=b"0",
+                          expires=b"Thu, 01 Jan 1970 00:00:00 GMT", httpOnly=True,
+                          sameSite="strict")  # fmt: skip
         return self._json(request, {"ok": True})
 
     @app.route("/me", methods=["GET"])
@@ -278,13 +292,14 @@ class ChatApp:
         self._body(request)
         nick = self._nick(request)
         room = rules.room(room)
-        if self.store.leave(room, nick):
+        left = self.store.leave(room, nick)
+        if left:
             self.push(
                 room,
                 {"type": "message", **self.store.add_message(room, nick, "left", kind="leave")},
             )
             self.push_members([room])
-        return self._json(request, {"room": room, "left": True})
+        return self._json(request, {"room": room, "left": left})
 
     @app.route("/rooms/<room>", methods=["GET"])
     def room_view(self, request: IRequest, room: str) -> bytes:
@@ -323,14 +338,16 @@ class ChatApp:
     def presence(self, request: IRequest) -> bytes:
         """Signed signon/signoff batches from the nodes (docs/protocol.md)."""
         body = request.content.read(MAX_WEBHOOK_BODY + 1)
+        if len(body) > MAX_WEBHOOK_BODY:
+            raise HTTPError(413, "request body too large")
         given = (request.getHeader(SIGNATURE_HEADER) or b"").decode("ascii", "replace")
-        if len(body) > MAX_WEBHOOK_BODY or not hmac.compare_digest(given, sign(self.secret, body)):
+        if not hmac.compare_digest(given, sign(self.secret, body)):
             raise HTTPError(403, "bad signature")
         try:
             batch = json.loads(body)
             node = str(batch["node"])
             events = [(e["type"], e["key"], int(e["serial"])) for e in batch["events"]]
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, AttributeError):
             raise HTTPError(400, "not a presence batch") from None
         ours = [
             (kind, key[0], serial)
