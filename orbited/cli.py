@@ -1,16 +1,24 @@
-"""The ``orbited`` command: run a node in the foreground, or issue a browser token.
+"""The ``orbited`` command: run a node in the foreground, issue a browser token, run a
+local cluster.
 
     orbited [node] [--config FILE] [--http HOST:PORT] [--sp tcp://HOST:PORT] ...
     orbited token --user U [--session S] [--location L] [--ttl SECONDS]
     orbited cluster [--port 8080] [--free-ports] ...   HaloD, nodes and cherrychat locally
 
-Flags are documented in docs/operations.md; ``orbited node --help`` lists them.
+``orbited --help`` lists the commands, ``orbited COMMAND --help`` a command's flags
+(docs/operations.md). :func:`run_commands` is the dispatcher both ``orbited`` and
+``halod`` use: a default command for bare flags, and an unknown command is an error
+(exit 2) with a suggestion.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import sys
+import textwrap
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from orbited import __version__
@@ -19,7 +27,84 @@ from orbited.daemon import run_configured
 from orbited.keys import ConnectionKey, KeyError_
 from orbited.tokens import DEFAULT_TTL, issue_token, load_secret
 
-SUBCOMMANDS = ("node", "token", "cluster")
+
+@dataclass(frozen=True)
+class Command:
+    """One subcommand: its name, a one-line summary for the program's --help, and what
+    runs it with the arguments after its name (argparse's --help and errors included)."""
+
+    name: str
+    summary: str
+    run: Callable[[list[str]], int]
+
+
+def program_help(prog: str, description: str, commands: Sequence[Command], default: str) -> str:
+    width = max(len(c.name) for c in commands)
+    footer = (
+        f"Without a command, {prog} runs `{prog} {default}` with the flags given "
+        f"(`{prog} --x` is `{prog} {default} --x`). `{prog} COMMAND --help` (or "
+        f"`{prog} help COMMAND`) shows a command's flags."
+    )
+    lines = [
+        f"usage: {prog} [COMMAND] [ARGS ...]",
+        "",
+        textwrap.fill(description, 79),
+        "",
+        "commands:",
+        *(f"  {c.name.ljust(width)}  {c.summary}" for c in commands),
+        "",
+        textwrap.fill(footer, 79),
+    ]
+    return "\n".join(lines)
+
+
+def unknown_command(prog: str, word: str, commands: Sequence[Command]) -> str:
+    """The error for a word that is not a command: a suggestion when one is close."""
+    names = [c.name for c in commands]
+    message = f"{prog}: unknown command {word!r}"
+    close = difflib.get_close_matches(word, names, n=1, cutoff=0.6)
+    if close:
+        message += f" (did you mean {close[0]!r}?)"
+    return f"{message}\ncommands: {', '.join(names)}; `{prog} --help` explains them"
+
+
+def run_commands(
+    prog: str, description: str, commands: Sequence[Command], default: str,
+    argv: list[str], version: str | None = None,
+) -> int:  # fmt: skip
+    """Dispatch ``argv`` to a command.
+
+    - ``--help``, ``-h``, ``help``: the program's help (its commands), exit 0;
+      ``help COMMAND`` is ``COMMAND --help``;
+    - ``--version`` / ``version`` (when ``version`` is given): ``PROG VERSION``;
+    - a first word that names a command runs it with the rest;
+    - no arguments, or a flag first: the ``default`` command with all of ``argv``
+      (so ``PROG --flag`` keeps working as ``PROG DEFAULT --flag``);
+    - any other first word is an unknown command: a message on stderr, with the
+      closest command when one is close, and exit 2 — never the default's help."""
+    by_name = {c.name: c for c in commands}
+    first = argv[0] if argv else None
+    if first in ("--help", "-h", "help") and not (first == "help" and argv[1:]):
+        print(program_help(prog, description, commands, default))
+        return 0
+    if first == "help":
+        name = argv[1]
+        if name not in by_name:
+            print(unknown_command(prog, name, commands), file=sys.stderr)
+            return 2
+        try:
+            return by_name[name].run(["--help"])
+        except SystemExit as e:  # argparse's --help exits
+            return e.code if isinstance(e.code, int) else 0
+    if version is not None and first in ("--version", "version"):
+        print(f"{prog} {version}")
+        return 0
+    if first is None or first.startswith("-"):
+        return by_name[default].run(argv)
+    if first not in by_name:
+        print(unknown_command(prog, first, commands), file=sys.stderr)
+        return 2
+    return by_name[first].run(argv[1:])
 
 
 def _node_parser() -> argparse.ArgumentParser:
@@ -44,21 +129,30 @@ def _token_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _cluster(argv: list[str]) -> int:
+    from orbited.cluster import cluster_command
+
+    return cluster_command(argv)
+
+
+COMMANDS = (
+    Command("node", "run an Orbited node in the foreground (the default)",
+            lambda argv: node_command(_node_parser().parse_args(argv))),
+    Command("token", "issue a browser token for a connection key",
+            lambda argv: token_command(_token_parser().parse_args(argv))),
+    Command("cluster", "run HaloD, two nodes, a spare and the cherrychat demo here "
+            "(./dev run)", _cluster),
+)  # fmt: skip
+SUBCOMMANDS = tuple(c.name for c in COMMANDS)
+DESCRIPTION = (
+    "Orbited: server push (Comet) on Twisted. Web apps send events to connection keys "
+    "over SP (nng); nodes write them to browsers (docs/operations.md)."
+)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] in (["--version"], ["version"]):
-        print(f"orbited {__version__}")
-        return 0
-    command = argv[0] if argv and argv[0] in SUBCOMMANDS else "node"
-    if argv and argv[0] in SUBCOMMANDS:
-        argv = argv[1:]
-    if command == "token":
-        return token_command(_token_parser().parse_args(argv))
-    if command == "cluster":
-        from orbited.cluster import cluster_command
-
-        return cluster_command(argv)
-    return node_command(_node_parser().parse_args(argv))
+    return run_commands("orbited", DESCRIPTION, COMMANDS, "node", argv, __version__)
 
 
 def token_command(args: argparse.Namespace) -> int:

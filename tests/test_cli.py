@@ -1,0 +1,104 @@
+"""The ``orbited`` command line: commands listed in --help, unknown commands refused with a
+suggestion, and ``orbited --flags`` (no command) still running a node as README shows."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from orbited.cli import main
+from tests.conftest import SECRET
+
+COMMANDS = ("node", "token", "cluster")
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "orbited.cli", *args], capture_output=True,
+                          text=True, timeout=30)  # fmt: skip
+
+
+@pytest.mark.parametrize("flag", ["--help", "-h", "help"])
+def test_help_lists_every_command(flag, capsys):
+    assert main([flag]) == 0
+    out = capsys.readouterr().out
+    commands = out.split("commands:", 1)[1]
+    listed = [line.split()[0] for line in commands.splitlines() if line.startswith("  ")]
+    assert listed == list(COMMANDS)
+    assert "orbited COMMAND --help" in out
+
+
+def test_help_of_a_command_is_that_commands_help(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["token", "--help"])
+    assert exit_.value.code == 0
+    assert "usage: orbited token" in capsys.readouterr().out
+    assert main(["help", "cluster"]) == 0
+    assert "usage: orbited cluster" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv, suggestion",
+    [
+        (["trace", "--help"], None),
+        (["tokn", "--user", "a"], "token"),
+        (["nodes"], "node"),
+        (["clustre"], "cluster"),
+        (["help", "tokne"], "token"),
+    ],
+)
+def test_an_unknown_command_is_an_error_with_a_suggestion(argv, suggestion, capsys):
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    bad = argv[1] if argv[0] == "help" else argv[0]
+    assert f"orbited: unknown command {bad!r}" in captured.err
+    if suggestion:
+        assert f"did you mean {suggestion!r}?" in captured.err
+    else:
+        assert "did you mean" not in captured.err
+    assert "commands: " + ", ".join(COMMANDS) in captured.err
+
+
+def test_unknown_command_as_a_real_process_exits_2_without_the_nodes_help():
+    done = run("trace", "--help")
+    assert done.returncode == 2
+    assert "unknown command 'trace'" in done.stderr
+    assert "--max-payload" not in done.stdout + done.stderr  # not the node's help
+
+
+def test_version(capsys):
+    from orbited import __version__
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out == f"orbited {__version__}\n"
+
+
+@pytest.mark.slow
+def test_flags_without_a_command_still_run_a_node(tmp_path: Path):
+    """README: ``orbited --name n1 --halod ... --http ...`` (no command) is ``orbited node``."""
+    secret = tmp_path / "secret"
+    secret.write_bytes(SECRET)
+    ready = tmp_path / "ready.json"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "orbited.cli", "--name", "n1", "--http", "127.0.0.1:0",
+         "--sp", "tcp://127.0.0.1:0", "--secret-file", str(secret), "--no-create-secret",
+         "--ready-file", str(ready)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        from tests.conftest import wait_for
+
+        wait_for(lambda: ready.exists() or proc.poll() is not None, "the node", timeout=15)
+        assert proc.poll() is None
+        import urllib.request
+
+        http = json.loads(ready.read_text())["http"]
+        with urllib.request.urlopen(f"http://{http}/orbited/health", timeout=5) as r:
+            assert json.loads(r.read())["node"] == "n1"
+    finally:
+        proc.terminate()
+        proc.wait(10)
