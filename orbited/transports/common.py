@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from urllib.parse import urlsplit
 
 from orbited.keys import ConnectionKey
@@ -85,16 +86,78 @@ def resumes_session(auth: BrowserAuth, args: Mapping[bytes, Sequence[bytes]]) ->
         return False
 
 
-def origin_allowed(origin: str | None, host: str | None, allowed: Sequence[str]) -> bool:
-    """Same-origin and non-browser (no Origin) requests pass; others need the allow-list."""
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+@dataclass(frozen=True)
+class Origin:
+    """An origin as RFC 6454 compares them: scheme, host (lower case) and port (the
+    scheme's default port filled in). ``http://app.example`` and ``http://app.example:80``
+    are the same origin; ``http://app.example:8000`` is another one."""
+
+    scheme: str
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str) -> Origin | None:
+        """A serialised origin (``https://app.example:8443``, as browsers send in
+        ``Origin``), or None if ``text`` is not one: another scheme, a path, user info,
+        a bad port, whitespace or control characters."""
+        if not text.isascii() or not text.isprintable() or " " in text:
+            return None  # urlsplit would quietly drop tabs and newlines
+        try:
+            url = urlsplit(text)
+            port = url.port
+        except ValueError:  # e.g. "http://[" or a port over 65535 (found by fuzzing)
+            return None
+        if (
+            url.scheme not in DEFAULT_PORTS
+            or not url.hostname
+            or "@" in url.netloc
+            or url.path
+            or url.query
+            or url.fragment
+            or text.endswith(("?", "#", ":"))
+        ):
+            return None
+        return cls(url.scheme, url.hostname, DEFAULT_PORTS[url.scheme] if port is None else port)
+
+
+def request_scheme(secure: bool, forwarded_proto: str | None) -> str:
+    """The scheme the browser used to reach the node: ``https`` over TLS, else what the
+    nearest proxy says in ``X-Forwarded-Proto`` (its last value; a TLS terminator in front
+    of the node sets it), else ``http``. A page cannot make its browser send this header
+    on a WebSocket, EventSource or iframe request, nor on a cross-origin fetch without a
+    preflight the node does not grant, so it cannot use it to pass as same-origin."""
+    if secure:
+        return "https"
+    if forwarded_proto:
+        proto = forwarded_proto.rsplit(",", 1)[-1].strip().lower()
+        if proto in DEFAULT_PORTS:
+            return proto
+    return "http"
+
+
+@lru_cache(maxsize=64)
+def _allowed_origins(allowed: tuple[str, ...]) -> frozenset[Origin]:
+    return frozenset(o for o in map(Origin.parse, allowed) if o is not None)
+
+
+def origin_allowed(
+    origin: str | None, host: str | None, allowed: Sequence[str], scheme: str = "http"
+) -> bool:
+    """May a page of ``origin`` use this node? Requests without ``Origin`` (non-browser
+    clients) pass; so does a page of the node's own origin — ``scheme`` (request_scheme),
+    and host and port of the request's ``Host`` header, compared as RFC 6454 origins —
+    and one in the allow-list (``*``: any). Every transport asks this one function."""
     if origin is None:
         return True
     if "*" in allowed or origin in allowed:
         return True
-    if host is None or origin == "null":
+    page = Origin.parse(origin)
+    if page is None:
         return False
-    try:
-        netloc = urlsplit(origin).netloc
-    except ValueError:  # e.g. "http://[": not a URL, so not our origin (found by fuzzing)
-        return False
-    return netloc.lower() == host.lower()
+    if page in _allowed_origins(tuple(allowed)):
+        return True
+    return host is not None and page == Origin.parse(f"{scheme}://{host}")

@@ -10,7 +10,12 @@ from twisted.web import resource, server
 from twisted.web.http import Request
 
 from orbited.keys import ConnectionKey
-from orbited.transports.common import BrowserAuth, BrowserRequestError, origin_allowed
+from orbited.transports.common import (
+    BrowserAuth,
+    BrowserRequestError,
+    origin_allowed,
+    request_scheme,
+)
 from orbited.transports.limits import BrowserLimits, BrowserLimitsConfig, Overloaded
 
 if TYPE_CHECKING:
@@ -68,16 +73,26 @@ def header(request: Request, name: bytes) -> str | None:
     return None if value is None else value.decode("utf-8")
 
 
+def page_allowed(request: Request, origin: str | None, allowed: Sequence[str]) -> bool:
+    """origin_allowed for a page of ``origin`` and this request (its Host header and the
+    scheme it came by): the one same-origin rule of every transport."""
+    try:
+        host = header(request, b"host")
+        scheme = request_scheme(request.isSecure(), header(request, b"x-forwarded-proto"))
+    except UnicodeDecodeError:
+        raise BrowserRequestError(400, "bad_request", "a header is not UTF-8") from None
+    return origin_allowed(origin, host, allowed, scheme)
+
+
 def apply_cors(request: Request, allowed: Sequence[str]) -> None:
     """Refuse a cross-origin request from an origin not allowed; allow the others."""
     try:
         origin = header(request, b"origin")
-        host = header(request, b"host")
     except UnicodeDecodeError:
-        raise BrowserRequestError(400, "bad_request", "Origin or Host is not UTF-8") from None
+        raise BrowserRequestError(400, "bad_request", "Origin is not UTF-8") from None
     if origin is None:
         return
-    if not origin_allowed(origin, host, allowed):
+    if not page_allowed(request, origin, allowed):
         raise BrowserRequestError(403, "origin_not_allowed", f"origin {origin} not allowed")
     request.setHeader(b"access-control-allow-origin", origin.encode())
     request.setHeader(b"vary", b"Origin")

@@ -29,7 +29,6 @@ from orbited.transports.common import (
     BrowserAuth,
     BrowserRequestError,
     authenticate,
-    origin_allowed,
     single_param,
 )
 from orbited.transports.http import (
@@ -37,7 +36,7 @@ from orbited.transports.http import (
     HTTPSink,
     apply_cors,
     decoded_args,
-    header,
+    page_allowed,
     send_json_error,
 )
 from orbited.transports.limits import BrowserLimits, WriteQueueWatch, unsent_bytes
@@ -225,7 +224,7 @@ class IframeResource(_StreamingResource):
         if (
             not origin
             or not _ORIGIN.match(origin)
-            or not origin_allowed(origin, header(request, b"host"), self.cors_origins)
+            or not page_allowed(request, origin, self.cors_origins)
         ):
             raise BrowserRequestError(
                 403, "origin_not_allowed", "origin must name an allowed parent page origin"

@@ -15,6 +15,7 @@ import autobahn.websocket.protocol as _autobahn_protocol
 from autobahn.twisted.resource import WebSocketResource
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
+from twisted.internet.interfaces import ISSLTransport
 from twisted.logger import Logger
 
 from orbited import frames
@@ -25,6 +26,7 @@ from orbited.transports.common import (
     BrowserRequestError,
     authenticate,
     origin_allowed,
+    request_scheme,
 )
 from orbited.transports.limits import (
     BrowserLimits,
@@ -92,7 +94,13 @@ class BrowserWebSocket(WebSocketServerProtocol):
 
     def onConnect(self, request: ConnectionRequest) -> None:
         factory = self.factory
-        if not origin_allowed(request.headers.get("origin"), request.host, factory.cors_origins):
+        # request.host has no port: compare with the Host header, as the HTTP transports do.
+        headers = request.headers
+        scheme = request_scheme(
+            ISSLTransport.providedBy(self.transport), headers.get("x-forwarded-proto")
+        )
+        if not origin_allowed(headers.get("origin"), headers.get("host"), factory.cors_origins,
+                              scheme):  # fmt: skip
             raise ConnectionDeny(403, "origin not allowed")
         try:
             factory.limits.check()  # before the token: an overloaded node does no more work
