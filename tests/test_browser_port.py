@@ -1,6 +1,7 @@
-"""The browser port's edges: same-origin on any port.
+"""The browser port's edges: same-origin on any port, oversized WebSocket messages and
+protocol violations.
 
-docs/protocol.md, "Cross-origin pages".
+docs/protocol.md, "Cross-origin pages", "WebSocket" and "Errors (browser side)".
 """
 
 from __future__ import annotations
@@ -9,15 +10,19 @@ import base64
 import http.client
 import json
 import os
+import shutil
 import socket
+import struct
 from collections.abc import Iterator
 from urllib.parse import quote
 
 import pytest
-from websockets.exceptions import InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from orbited.transports.common import origin_allowed
 from tests.conftest import NodeProcess
+
+pytestmark = pytest.mark.slow
 
 # -- the same-origin rule (sans-I/O) ------------------------------------------------------
 
@@ -131,6 +136,37 @@ def position(node: NodeProcess, token: str) -> str:
     return f"{frames[0]['stream']}:{frames[0]['seq']}"
 
 
+CHROMIUM = shutil.which("chromium")
+BIG_MESSAGE_PAGE = """async (token) => await new Promise((resolve) => {
+  const ws = new WebSocket(`ws://${location.host}/orbited/ws?token=${token}`);
+  const seen = [];
+  ws.onmessage = (e) => {
+    seen.push(JSON.parse(e.data).type);
+    if (seen.length === 1) ws.send("x".repeat(5000));
+  };
+  ws.onclose = (e) => resolve({code: e.code, reason: e.reason, seen});
+})"""
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian chromium is not installed")
+def test_chromium_same_origin_page_sees_close_1009_for_a_big_message(port_node: NodeProcess):
+    """Real Chromium, on a page of the node's own origin (a port that is not 80): the
+    WebSocket opens (same-origin), and a message over 4 KiB gets close 1009, not 1006."""
+    playwright = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
+    from tests.test_browser import CHROMIUM_ARGS
+
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            page.goto(f"http://{port_node.http}/orbited/health")
+            result = page.evaluate(BIG_MESSAGE_PAGE, port_node.token("chromium-big"))
+        finally:
+            browser.close()
+    assert result["seen"] == ["hello"]
+    assert result["code"] == 1009, result
+
+
 def raw_websocket(node: NodeProcess, token: str, extra: str = "", host: str = "") -> socket.socket:
     """A WebSocket opened by hand, to send what no client library would."""
     address, port = node.http.rsplit(":", 1)
@@ -225,3 +261,92 @@ def test_a_tls_terminating_proxy_says_https_with_x_forwarded_proto(port_node: No
     assert status == 403
     raw_websocket(node, token, "Origin: https://push.example\r\nX-Forwarded-Proto: https",
                   host="push.example").close()  # fmt: skip
+
+
+# -- item: WebSocket messages over the limit and other protocol violations --------------
+
+
+def test_a_websocket_message_over_4_kib_gets_close_1009(port_node: NodeProcess):
+    ws = port_node.ws(port_node.token("big"))
+    assert json.loads(ws.recv(timeout=5))["type"] == "hello"
+    ws.send("x" * 4097)
+    with pytest.raises(ConnectionClosed) as info:
+        while True:
+            ws.recv(timeout=5)
+    assert info.value.rcvd is not None, "the node dropped the connection without a close"
+    assert info.value.rcvd.code == 1009
+
+
+def test_a_websocket_message_of_exactly_4_kib_is_read(port_node: NodeProcess):
+    ws = port_node.ws(port_node.token("edge"))
+    assert json.loads(ws.recv(timeout=5))["type"] == "hello"
+    ws.send(json.dumps({"type": "ack", "seq": 0}).ljust(4096))  # JSON allows the spaces
+    ws.send('{"type":"nope"}')
+    with pytest.raises(ConnectionClosed) as info:
+        while True:
+            ws.recv(timeout=5)
+    assert info.value.rcvd is not None and info.value.rcvd.code == 4400
+
+
+def client_frame(opcode: int, payload: bytes, masked: bool = True, fin: bool = True,
+                 rsv: int = 0) -> bytes:  # fmt: skip
+    first = (0x80 if fin else 0) | rsv << 4 | opcode
+    length = len(payload)
+    if length < 126:
+        head = struct.pack(">BB", first, (0x80 if masked else 0) | length)
+    else:
+        head = struct.pack(">BBH", first, (0x80 if masked else 0) | 126, length)
+    if not masked:
+        return head + payload
+    mask = os.urandom(4)
+    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+def close_code_after(s: socket.socket, data: bytes) -> int | None:
+    """Send ``data``, read frames until a close frame (its code) or the end (None)."""
+    s.sendall(data)
+    buffer = b""
+    try:
+        while True:
+            while len(buffer) >= 2:
+                length = buffer[1] & 0x7F
+                start = 2
+                if length == 126:
+                    if len(buffer) < 4:
+                        break
+                    length, start = struct.unpack(">H", buffer[2:4])[0], 4
+                if len(buffer) < start + length:
+                    break
+                opcode, payload = buffer[0] & 0x0F, buffer[start:start + length]
+                buffer = buffer[start + length:]
+                if opcode == 0x8:
+                    return struct.unpack(">H", payload[:2])[0] if len(payload) >= 2 else 1005
+            chunk = s.recv(65536)
+            if not chunk:
+                return None
+            buffer += chunk
+    except (ConnectionResetError, TimeoutError):
+        return None
+    finally:
+        s.close()
+
+
+@pytest.mark.parametrize(
+    ("frame", "code"),
+    [
+        (client_frame(0x1, b"x" * 5000), 1009),  # over the message limit
+        (client_frame(0x1, b"x" * 3000, fin=False) + client_frame(0x0, b"x" * 3000), 1009),
+        (client_frame(0x1, b'{"type":"ack","seq":1}', masked=False), 1002),  # unmasked
+        (client_frame(0x1, b"x", rsv=4), 1002),  # a reserved bit, no extension agreed
+        (client_frame(0x3, b"x"), 1002),  # a reserved opcode
+        (client_frame(0x9, b"x" * 126), 1002),  # a control frame over 125 bytes
+        (client_frame(0x0, b"x"), 1002),  # a continuation with nothing to continue
+        (client_frame(0x1, b"\xff\xfe"), 1007),  # text that is not UTF-8
+    ],
+    ids=["too-big", "too-big-fragmented", "unmasked", "rsv", "opcode", "long-ping",
+         "stray-continuation", "not-utf8"],  # fmt: skip
+)
+def test_websocket_protocol_violations_close_with_a_code(port_node: NodeProcess, frame: bytes,
+                                                        code: int):  # fmt: skip
+    s = raw_websocket(port_node, port_node.token("violation"))
+    assert close_code_after(s, frame) == code

@@ -39,7 +39,7 @@ CLOSE_RECONNECT = 4000  # reconnect (node shutting down, route moved); reason sa
 CLOSE_REPLACED = 4001  # a newer connection took this key; do not reconnect
 CLOSE_SLOW = 4002  # a reader too slow for max_write_queue; reconnect and resume
 CLOSE_BAD_FRAME = 4400  # the browser sent something that is not a valid frame
-MAX_CLIENT_MESSAGE = 4096
+MAX_CLIENT_MESSAGE = 4096  # bytes per message from the browser (acks are ~25)
 
 
 def text_frame_header(length: int) -> bytes:
@@ -208,6 +208,12 @@ class BrowserWebSocketFactory(WebSocketServerFactory):
         self.setProtocolOptions(
             maxFramePayloadSize=MAX_CLIENT_MESSAGE,
             maxMessagePayloadSize=MAX_CLIENT_MESSAGE,
+            # Fail a connection with a close frame, not by dropping the TCP connection
+            # (autobahn's default): the browser then sees 1009 for a message over
+            # MAX_CLIENT_MESSAGE, 1002 for a protocol violation, 1007 for text that is
+            # not UTF-8 (docs/protocol.md, "WebSocket"), not a bare 1006.
+            # closeHandshakeTimeout bounds the wait for the browser's close.
+            failByDrop=False,
             autoPingInterval=keepalive,
             autoPingTimeout=keepalive,
             openHandshakeTimeout=10,
