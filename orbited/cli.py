@@ -166,24 +166,26 @@ def token_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def node_ready(node) -> dict[str, object]:  # noqa: ANN001
+    """What a running node's ready file holds (besides its pid)."""
+    return {
+        "http": node.http_address,
+        "sp": node.sp_address,
+        "publish": node.publish_address,
+        "orbit": node.orbit_address,
+        "epoch": node.hub.epoch,
+    }
+
+
 def node_command(args: argparse.Namespace) -> int:
     def build(config: NodeConfig, reactor: object):  # noqa: ANN202
         from orbited.node import NodeService
 
         return NodeService(config, reactor)  # type: ignore[arg-type]
 
-    def ready(node) -> dict[str, object]:  # noqa: ANN001
-        return {
-            "http": node.http_address,
-            "sp": node.sp_address,
-            "publish": node.publish_address,
-            "orbit": node.orbit_address,
-            "epoch": node.hub.epoch,
-        }
-
     from orbited.exposure import node_warnings
 
-    return run_configured("orbited", NodeConfig, args, build, ready, node_warnings)
+    return run_configured("orbited", NodeConfig, args, build, node_ready, node_warnings)
 
 
 if __name__ == "__main__":

@@ -15,12 +15,50 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from twisted.application.service import IService
+from twisted.application.service import IService, Service
 
 from orbited.config import ConfigBase, ConfigError
 
 C = TypeVar("C", bound=ConfigBase)
 S = TypeVar("S", bound=IService)
+
+
+def load_config(config_class: type[C], args: argparse.Namespace) -> C:
+    """``config_class`` from ``args.config`` (a TOML file or None) overridden by the other
+    flags in ``args`` (those left None are not given). Raises ConfigError."""
+    overrides = {k: v for k, v in vars(args).items() if k not in ("config", "ready_file")}
+    try:
+        return config_class.load(args.config, overrides)
+    except TypeError as e:
+        raise ConfigError(str(e)) from None
+
+
+def log_audit(prog: str, lines: list[str]) -> None:
+    """Each line of a start-up audit (orbited.exposure) as a warning."""
+    from twisted.logger import Logger
+
+    for warning in lines:
+        Logger(namespace=prog).warn("exposed: {warning}", warning=warning)
+
+
+def write_ready_file(path: Path, info: dict[str, object]) -> None:
+    """The bound addresses and our pid as JSON, written atomically."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({**info, "pid": os.getpid()}))
+    tmp.replace(path)
+
+
+class ReadyFileService(Service):
+    """Writes the ready file when started: give it to the same parent after the service
+    it describes, so that one is listening by then (twistd plugins use it)."""
+
+    def __init__(self, path: Path, ready: Callable[[], dict[str, object]]) -> None:
+        self.path = path
+        self.ready = ready
+
+    def startService(self) -> None:  # noqa: N802
+        super().startService()
+        write_ready_file(self.path, self.ready())
 
 
 def run_configured(
@@ -31,10 +69,9 @@ def run_configured(
     """Load ``config_class`` from ``--config`` and the flags in ``args``, build the service
     with ``build(config, reactor)`` and run it; ``ready(service)`` fills the ready file;
     each line ``audit(config)`` returns is logged as a warning (orbited.exposure)."""
-    overrides = {k: v for k, v in vars(args).items() if k not in ("config", "ready_file")}
     try:
-        config = config_class.load(args.config, overrides)
-    except (ConfigError, TypeError) as e:
+        config = load_config(config_class, args)
+    except ConfigError as e:
         print(f"{prog}: {e}", file=sys.stderr)
         return 2
     from twisted.internet import reactor
@@ -43,10 +80,7 @@ def run_configured(
 
     start_logging(config.log_level)  # type: ignore[attr-defined]
     if audit is not None:
-        from twisted.logger import Logger
-
-        for warning in audit(config):
-            Logger(namespace=prog).warn("exposed: {warning}", warning=warning)
+        log_audit(prog, audit(config))
     try:
         service = build(config, reactor)
     except (OSError, ValueError) as e:
@@ -71,9 +105,7 @@ def run_service(
             reactor.stop()
             return
         if ready_file is not None:
-            tmp = ready_file.with_suffix(".tmp")
-            tmp.write_text(json.dumps({**ready(), "pid": os.getpid()}))
-            tmp.replace(ready_file)
+            write_ready_file(ready_file, ready())
 
     reactor.callWhenRunning(start)
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
