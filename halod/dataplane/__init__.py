@@ -59,7 +59,7 @@ def build(config: HaloDConfig, reactor: Any) -> DataPlane | None:
     if config.dataplane == "proxy":
         from halod.dataplane.proxy import ProxyDataPlane
 
-        return ProxyDataPlane(config.ports(), reactor, config.move_close_delay)
+        return ProxyDataPlane.from_config(config, reactor)
     if config.dataplane == "nftables":
         from halod.dataplane.nftables import NftablesDataPlane
 
