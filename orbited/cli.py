@@ -4,6 +4,7 @@ local cluster.
     orbited [node] [--config FILE] [--http HOST:PORT] [--sp tcp://HOST:PORT] ...
     orbited token --user U [--session S] [--location L] [--ttl SECONDS]
     orbited cluster [--port 8080] [--free-ports] ...   HaloD, nodes and cherrychat locally
+    orbited whereis --user U --session S --location L | --key JSON | --route R
 
 ``orbited --help`` lists the commands, ``orbited COMMAND --help`` a command's flags
 (docs/operations.md). :func:`run_commands` is the dispatcher both ``orbited`` and
@@ -129,6 +130,12 @@ def _token_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _whereis(argv: list[str]) -> int:
+    from orbited.whereis import whereis_command
+
+    return whereis_command(argv)
+
+
 def _cluster(argv: list[str]) -> int:
     from orbited.cluster import cluster_command
 
@@ -142,6 +149,8 @@ COMMANDS = (
             lambda argv: token_command(_token_parser().parse_args(argv))),
     Command("cluster", "run HaloD, two nodes, a spare and the cherrychat demo here "
             "(./dev run)", _cluster),
+    Command("whereis", "which node (and pid) serves a connection key or route now",
+            _whereis),
 )  # fmt: skip
 SUBCOMMANDS = tuple(c.name for c in COMMANDS)
 DESCRIPTION = (

@@ -13,7 +13,7 @@ import pytest
 from orbited.cli import main
 from tests.conftest import SECRET
 
-COMMANDS = ("node", "token", "cluster")
+COMMANDS = ("node", "token", "cluster", "whereis")
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:
