@@ -336,3 +336,15 @@ def test_a_restart_with_other_route_ports_replaces_the_worker(tmp_path, procs):
         keys_on_routes([5])[0], SECRET), open_timeout=5, legacy=True)  # fmt: skip
     assert json.loads(ws.recv(timeout=5))["type"] == "hello"
     ws.close()
+
+
+def test_a_route_port_in_use_stops_halods_start_with_the_reason(tmp_path, procs):
+    halod = HaloDProcess(tmp_path, proxy=True)
+    procs.append(halod)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", halod.sp_base + 3))
+        taken.listen()
+        with pytest.raises(RuntimeError, match="cannot open the route ports"):
+            halod.start()
+    assert halod.proc.wait(10) == 1
+    wait_for(lambda: worker_pid(halod) is None, "the worker to exit")
