@@ -348,3 +348,19 @@ def test_a_route_port_in_use_stops_halods_start_with_the_reason(tmp_path, procs)
             halod.start()
     assert halod.proc.wait(10) == 1
     wait_for(lambda: worker_pid(halod) is None, "the worker to exit")
+
+
+def test_a_hung_worker_is_replaced(tmp_path, procs):
+    halod, n1, cluster = proxy_cluster(tmp_path, procs)
+    hung = worker_pid(halod)
+    os.kill(hung, signal.SIGSTOP)  # it holds the ports but forwards nothing, says nothing
+    try:
+        wait_for(lambda: worker_pid(halod) not in (None, hung), "a new worker", timeout=25)
+    finally:
+        if Path(f"/proc/{hung}").exists():
+            os.kill(hung, signal.SIGKILL)
+    wait_for(lambda: worker_info(halod)["state"] == "running", "the new worker running")
+    assert "silent for" in halod.log_file.read_text()
+    ws = browser(cluster, keys_on_routes([9])[0])
+    assert json.loads(ws.recv(timeout=5))["type"] == "hello"
+    ws.close()

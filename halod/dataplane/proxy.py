@@ -238,27 +238,33 @@ class ProxyDataPlane:
                 self._control.transport.loseConnection()
             self.state = "stopped"
             return defer.succeed(None)
-        pid = self.pid or (self._process.pid if self._process is not None else None)
-        pid = pid or self._pid_file()
-        if pid is None or not is_worker(pid, self.socket_path):
+        # Every worker this HaloD knows of: the one it talks to, one it started (perhaps
+        # not answering yet), the one named by the pid file.
+        spawned = self._process.pid if self._process is not None else None
+        candidates = {self.pid, spawned, self._pid_file(), self._replacing}
+        pids = {pid for pid in candidates if pid is not None and is_worker(pid, self.socket_path)}
+        if not pids:
             self.state = "stopped"
             return defer.succeed(None)
-        if self._control is not None and self._hello:
-            self._control.send(pp.Stop())
-        else:
-            os.kill(pid, signal.SIGTERM)
+        for pid in pids:
+            if self._control is not None and self._hello and pid == self.pid:
+                self._control.send(pp.Stop())
+            else:
+                os.kill(pid, signal.SIGTERM)
         started = self.reactor.seconds()
         stopped: defer.Deferred[None] = defer.Deferred()
 
         def check() -> None:
             self._reap()
-            if not is_worker(pid, self.socket_path):
+            alive = [pid for pid in pids if is_worker(pid, self.socket_path)]
+            if not alive:
                 poll.stop()
                 self.state = "stopped"
                 stopped.callback(None)
             elif self.reactor.seconds() - started > STOP_TIMEOUT:
-                self.log.warn("proxy worker {pid} did not stop: SIGKILL", pid=pid)
-                self._kill(pid)
+                for pid in alive:
+                    self.log.warn("proxy worker {pid} did not stop: SIGKILL", pid=pid)
+                    self._kill(pid)
 
         poll = task.LoopingCall(check)
         poll.clock = self.reactor
