@@ -346,6 +346,168 @@ def check_token_roundtrip(key: ConnectionKey, ttl: int) -> None:
         raise PropertyViolation("token accepted with another secret")
 
 
+# -- Token claims: types, sizes and encodings ---------------------------------------------
+
+TOKEN_HEADER = b'{"alg":"HS256","typ":"JWT"}'
+TOKEN_LEEWAY = 30.0
+NUMERIC_DATES = ("exp", "iat", "nbf")
+KEY_CLAIMS = {"sub": "user", "sid": "session", "loc": "location"}
+CLAIM_NAMES = ("sub", "sid", "loc", "aud", "exp", "iat", "nbf", "iss", "jti", "x")
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate
+        return False
+    return True
+
+
+def strict_json(value: object) -> bool:
+    """No lone surrogate in any string or name, no NaN or infinity, anywhere."""
+    if isinstance(value, str):
+        return _utf8(value)
+    if isinstance(value, float):
+        return value == value and value not in (float("inf"), float("-inf"))
+    if isinstance(value, list):
+        return all(strict_json(v) for v in value)
+    if isinstance(value, dict):
+        return all(_utf8(k) and strict_json(v) for k, v in value.items())
+    return True
+
+
+def claim_well_formed(name: str, value: object) -> bool:
+    """The documented type, size and encoding of one claim (docs/protocol.md, "Tokens"),
+    written apart from orbited.tokens so that the two can disagree."""
+    if name in NUMERIC_DATES:  # a number, not a bool, 0 to 2^53 - 1
+        return type(value) in (int, float) and 0 <= value <= 2**53 - 1  # type: ignore[operator]
+    if name in KEY_CLAIMS:
+        if type(value) is not str or not _utf8(value):
+            return False
+        return (1 if name == "sub" else 0) <= len(value.encode()) <= MAX_PART_BYTES
+    if name == "aud":
+        items = [value] if type(value) is str else value
+        return type(items) is list and all(type(a) is str for a in items)
+    if name in ("iss", "jti"):
+        return type(value) is str
+    return True  # other claims: any (strict) JSON
+
+
+def encode_claims(claims: dict[str, object], duplicate: bool, raw: bool) -> bytes:
+    """JSON with lone surrogates as \\u escapes (or, ``raw``, as invalid UTF-8 bytes),
+    non-finite floats as NaN/Infinity, and optionally the first member written twice."""
+    pairs = list(claims.items())
+    if duplicate and pairs:
+        pairs.append(pairs[0])
+    text = "{" + ",".join(f"{json.dumps(k, ensure_ascii=not raw)}:"
+                          f"{json.dumps(v, ensure_ascii=not raw)}" for k, v in pairs) + "}"
+    return text.encode("utf-8", "surrogatepass")
+
+
+def expected_token_outcome(claims: dict[str, object], now: float) -> ConnectionKey | str:
+    """What docs/protocol.md says a correctly signed token with these (well-formed) claims
+    gets at time ``now``: its key, or the code."""
+    aud = claims.get("aud")
+    audiences = [aud] if isinstance(aud, str) else aud or []
+    if any(name not in claims for name in ("sub", "aud", "exp")) or "orbited" not in audiences:
+        return "token_invalid"
+    if any(name in claims and claims[name] > now + TOKEN_LEEWAY  # type: ignore[operator]
+           for name in ("nbf", "iat")):  # fmt: skip
+        return "token_invalid"
+    if claims["exp"] + TOKEN_LEEWAY < now:  # type: ignore[operator]
+        return "token_expired"
+    return ConnectionKey(claims["sub"], claims.get("sid", ""), claims.get("loc", ""))  # type: ignore[arg-type]
+
+
+def _token_outcome(token: str, now: float | None) -> ConnectionKey | str:
+    try:
+        return verify_token(SECRET, token, leeway=TOKEN_LEEWAY, now=now)
+    except TokenError as e:
+        expect(e.code in TOKEN_CODES and e.message and e.message.isascii(), f"unclear {e.code}")
+        return e.code
+
+
+def check_token_claim_types(claims: dict[str, object], duplicate: bool = False,
+                            raw: bool = False) -> None:  # fmt: skip
+    """A correctly signed token whose claims have any types, sizes and encodings: a claim
+    of the wrong type, size or encoding, or claims that are not strict JSON, are
+    token_malformed with either clock; otherwise the documented outcome. Either way the
+    same outcome on every use (the first use fills the verified-token cache)."""
+    from orbited import tokens
+
+    payload = encode_claims(claims, duplicate, raw)
+    token = signed_token(TOKEN_HEADER, payload)
+    tokens._verified.pop((SECRET, token), None)  # an earlier input may have cached it
+    try:  # what a JSON reader sees: "\\ud800\\udc00" escapes are one character
+        claims = json.loads(payload.decode("utf-8"))
+        utf8 = True
+    except UnicodeDecodeError:  # raw lone surrogates
+        utf8 = False
+    well_formed = (
+        utf8
+        and len(token) <= tokens.MAX_TOKEN_CHARS
+        and not (duplicate and claims)
+        and strict_json(claims)
+        and all(claim_well_formed(name, value) for name, value in claims.items())
+    )
+    # The injected clock (NOW, in the past) first, then the wall clock: time goes forward.
+    for now in (NOW, None):
+        first = _token_outcome(token, now)
+        expect(_token_outcome(token, now) == first, "another outcome on a second use")
+        if not well_formed:
+            expect(first == "token_malformed", f"bad claims gave {first!r}")
+        elif now is not None:
+            expected = expected_token_outcome(claims, now)
+            expect(first == expected, f"gave {first!r}, the docs say {expected!r}")
+        else:
+            expect(first != "token_malformed", "well-formed claims refused as malformed")
+
+
+def claim_value(r: Reader) -> object:
+    """One claim value of a kind chosen by the input: the types, sizes and encodings a
+    buggy web app or a forger could write."""
+    kind = r.byte() % 16
+    if kind == 0:  # within 97 days of NOW, either way
+        return int(NOW) + r.int(0, 2**24 - 1) - 2**23
+    if kind == 1:
+        return 2**53 - 1 + r.int(0, 2) - 1  # at and around the bound
+    if kind == 2:
+        return -r.int(1, 10**6)
+    if kind == 3:
+        return NOW + (r.int(0, 2**24 - 1) - 2**23) / 7
+    if kind == 4:
+        return bool(r.byte() % 2)
+    if kind == 5:
+        return None
+    if kind == 6:
+        return str(r.int(0, 4 * 10**9))  # a numeric string
+    if kind == 7:
+        return r.text(24)  # may hold lone surrogates (surrogateescape)
+    if kind == 8:
+        return "é" * r.int(125, 131)  # around 256 bytes of UTF-8
+    if kind == 9:
+        return "\ud800"[: r.int(0, 1)] + chr(0xD800 + r.int(0, 0x7FF)) + r.text(8)
+    if kind == 10:
+        return [claim_value(r) for _ in range(r.int(0, 3))]
+    if kind == 11:
+        return {r.text(8): claim_value(r) for _ in range(r.int(0, 2))}
+    if kind == 12:
+        return "orbited"
+    if kind == 13:
+        return ["orbited", r.text(8)][: r.int(1, 2)]
+    if kind == 14:
+        return (float("inf"), float("nan"), 1e300, 10**400)[r.byte() % 4]
+    return r.int(-(2**31), 2**31) * 10**20 + r.int(0, 9)  # a huge integer
+
+
+def _fuzz_token_claims(data: bytes) -> None:
+    r = Reader(data)
+    flags = r.byte()
+    claims = {CLAIM_NAMES[r.byte() % len(CLAIM_NAMES)]: claim_value(r)
+              for _ in range(r.int(0, 8))}  # fmt: skip
+    check_token_claim_types(claims, bool(flags & 1), bool(flags & 2))
+
+
 # -- The legacy Orbit 1.0 protocol -------------------------------------------------------
 
 ORBIT_LIMITS = events.RequestLimits(max_recipients=8, max_payload=512)
@@ -758,6 +920,7 @@ DESCRIPTIONS = {
     "event_json": "parse_request: any SP request body, default and small limits",
     "keys_positions": "ConnectionKey.from_json on any JSON; Position.parse on any text",
     "tokens": "verify_token: any string; correctly signed arbitrary header/claims",
+    "token_claims": "verify_token: signed claims of any type, size, encoding; docs' outcome",
     "orbit_parser": "OrbitParser: any bytes, any chunking, bounded buffer",
     "orbit_protocol": "OrbitProtocol over StringTransport with a real Hub",
     "rep_protocol": "RepProtocol over StringTransport with task.Clock",
@@ -795,6 +958,8 @@ SEEDS: dict[str, list[bytes]] = {
     "event_json": [_VALID_EVENT, b'{"op":"ping","id":"p"}'],
     "keys_positions": [b'["alice","s1","/chat"]', b"aZ3x_Q.1f:42"],
     "tokens": [bytes([len(valid_token()), 0, 0]) + valid_token().encode()],
+    # flags 0; 3 claims: sub "orbited", aud "orbited", exp NOW + 2**23 - 1 (kind 0)
+    "token_claims": [b"\x00\x03\x00\x00\x00\x0c\x03\x0c\x04\x00\xff\xff\xff"],
     "orbit_parser": [b"\x00\x00\x00\x3f\x00\x00" + _ORBIT],
     "orbit_protocol": [b"\x00\x00\x00\x3f\x00\x00" + _ORBIT],
     "rep_protocol": [b"\x00" * 7 + wire.encode_message(b"\x80\x00\x00\x01hello")],
@@ -813,6 +978,7 @@ TARGETS: dict[str, Callable[[bytes], None]] = {
     "event_json": check_event_body,
     "keys_positions": _fuzz_keys,
     "tokens": _fuzz_tokens,
+    "token_claims": _fuzz_token_claims,
     "orbit_parser": _cut(check_orbit_stream),
     "orbit_protocol": _cut(check_orbit_protocol),
     "rep_protocol": _with_header(check_rep_protocol, wire.REQ),

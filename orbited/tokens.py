@@ -7,6 +7,7 @@ the token proves, or raises TokenError with a stable code.
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import stat
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import jwt
 
-from orbited.keys import ConnectionKey, KeyError_
+from orbited.keys import MAX_PART_BYTES, ConnectionKey
 
 AUDIENCE = "orbited"
 ALGORITHM = "HS256"
@@ -70,16 +71,22 @@ def verified_before(secret: bytes, token: str) -> bool:
 def verify_token(
     secret: bytes, token: str, leeway: float = 30.0, now: float | None = None
 ) -> ConnectionKey:
+    """The key ``token`` proves, or TokenError. ``now`` (seconds since the epoch) is the
+    wall clock unless given; either way the same checks run (docs/protocol.md, "Tokens")."""
+    if now is None:
+        now = time.time()
     used = _monotonic()
     hit = _verified.get((secret, token))
     if hit is not None:
         key, exp, _ = hit
-        if exp + leeway < (time.time() if now is None else now):
+        if exp + leeway < now:
             raise TokenError("token_expired", "token has expired")
         _verified[(secret, token)] = (key, exp, used)
         _verified.move_to_end((secret, token))
         return key
-    key, exp = _verify(secret, token, leeway, now)
+    claims = _verified_claims(secret, token)
+    key, exp = _check_claims(claims, leeway, now)
+    # Only a token that passed every check is kept: exp is a finite float here.
     _verified[(secret, token)] = (key, exp, used)
     # Oldest use first: drop the idle ones, then any beyond the size.
     while _verified and (
@@ -90,54 +97,122 @@ def verify_token(
     return key
 
 
-def _verify(
-    secret: bytes, token: str, leeway: float, now: float | None
-) -> tuple[ConnectionKey, float]:
+MAX_TOKEN_CHARS = 4096
+# NumericDate claims (exp, iat, nbf): JSON numbers from 0 to 2^53 - 1, the integers every
+# JSON parser (JavaScript's included) reads exactly; a float beyond cannot be compared
+# with the clock without overflow (10**400 + 30.0 raises).
+MAX_NUMERIC_DATE = 2**53 - 1
+_JWS = jwt.PyJWS()
+
+
+def _verified_claims(secret: bytes, token: str) -> dict[str, object]:
+    """The claims of a token whose signature verifies: structure and signature only."""
     if not token:
         raise TokenError("token_missing", "no token given")
-    if len(token) > 4096:
-        raise TokenError("token_malformed", "token longer than 4096 characters")
+    if len(token) > MAX_TOKEN_CHARS:
+        raise TokenError("token_malformed", f"token longer than {MAX_TOKEN_CHARS} characters")
     if not token.isascii():  # a JWT is base64url and dots; PyJWT would fail to encode it
         raise TokenError("token_malformed", "token is not a valid JWT: not ASCII")
-    options = {"require": ["exp", "sub", "aud"]}
     try:
-        if now is None:
-            claims = jwt.decode(
-                token,
-                secret,
-                algorithms=[ALGORITHM],
-                audience=AUDIENCE,
-                leeway=leeway,
-                options=options,
-            )
-        else:
-            # PyJWT reads the wall clock itself; check expiry by hand for an injected clock.
-            claims = jwt.decode(
-                token,
-                secret,
-                algorithms=[ALGORITHM],
-                audience=AUDIENCE,
-                options={**options, "verify_exp": False, "verify_iat": False},
-            )
-            exp = claims["exp"]
-            # PyJWT checks the type only when it checks expiry itself (found by fuzzing).
-            if not isinstance(exp, int | float) or isinstance(exp, bool):
-                raise jwt.DecodeError("Expiration Time claim (exp) must be an integer.")
-            if exp + leeway < now:
-                raise jwt.ExpiredSignatureError("Signature has expired")
-    except jwt.ExpiredSignatureError:
-        raise TokenError("token_expired", "token has expired") from None
-    except jwt.InvalidSignatureError:
+        payload = _JWS.decode_complete(token, secret, algorithms=[ALGORITHM])["payload"]
+    except jwt.InvalidSignatureError:  # (a DecodeError subclass: first)
         raise TokenError("token_invalid", "token signature does not verify") from None
-    except jwt.DecodeError as e:
-        raise TokenError("token_malformed", f"token is not a valid JWT: {e}") from None
-    except jwt.InvalidTokenError as e:
-        raise TokenError("token_invalid", f"token rejected: {e}") from None
+    except jwt.DecodeError:
+        raise TokenError("token_malformed", "token is not a valid JWT") from None
+    except jwt.InvalidTokenError:
+        raise TokenError("token_invalid", f"token rejected: only {ALGORITHM} is accepted") from None
+    return _parse_claims(payload)
+
+
+def _no_constants(name: str) -> object:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    doc = dict(pairs)
+    if len(doc) != len(pairs):  # RFC 7519 section 4: reject, or take the last; we reject
+        raise ValueError("duplicate member name")
+    return doc
+
+
+_CLAIMS_DECODER = json.JSONDecoder(parse_constant=_no_constants, object_pairs_hook=_no_duplicates)
+_STRICT_ENCODER = json.JSONEncoder(ensure_ascii=False, check_circular=False)
+
+
+def _parse_claims(payload: bytes) -> dict[str, object]:
+    """Strict JSON: UTF-8 (no BOM), no NaN/Infinity, no duplicate names, no lone
+    surrogates (they cannot be written back as UTF-8), an object."""
     try:
-        key = ConnectionKey.from_json([claims["sub"], claims.get("sid", ""), claims.get("loc", "")])
-        return key, claims["exp"]
-    except KeyError_ as e:
-        raise TokenError("token_invalid", f"token claims are not a connection key: {e}") from None
+        claims = _CLAIMS_DECODER.decode(payload.decode("utf-8"))
+        _STRICT_ENCODER.encode(claims).encode("utf-8")
+    except (ValueError, RecursionError):  # (UnicodeError is a ValueError)
+        raise TokenError("token_malformed", "token claims are not strict UTF-8 JSON") from None
+    if not isinstance(claims, dict):
+        raise TokenError("token_malformed", "token claims are not a JSON object")
+    return claims
+
+
+def _malformed(name: str, expected: str) -> TokenError:
+    # The claim's name only, never its value: messages reach the browser.
+    return TokenError("token_malformed", f"token claim {name} must be {expected}")
+
+
+def _numeric_date(claims: dict[str, object], name: str) -> float | None:
+    value = claims.get(name, ...)
+    if value is ...:
+        return None
+    if (
+        type(value) not in (int, float)  # bool is an int subclass: refused here
+        or not 0 <= value <= MAX_NUMERIC_DATE  # also refuses NaN and infinities
+    ):
+        raise _malformed(name, f"a number of seconds from 0 to {MAX_NUMERIC_DATE}")
+    return float(value)
+
+
+def _string(claims: dict[str, object], name: str, min_bytes: int, max_bytes: int) -> str | None:
+    value = claims.get(name, ...)
+    if value is ...:
+        return None
+    # Lone surrogates were refused with the JSON: every str here encodes as UTF-8.
+    if type(value) is not str or not min_bytes <= len(value.encode()) <= max_bytes:
+        raise _malformed(name, f"a string of {min_bytes}-{max_bytes} bytes of UTF-8")
+    return value
+
+
+def _check_claims(
+    claims: dict[str, object], leeway: float, now: float
+) -> tuple[ConnectionKey, float]:
+    """The one claim check, for every caller: types, sizes and encodings first
+    (token_malformed), then presence, audience, nbf and iat (token_invalid), then
+    expiry (token_expired)."""
+    exp = _numeric_date(claims, "exp")
+    iat = _numeric_date(claims, "iat")
+    nbf = _numeric_date(claims, "nbf")
+    sub = _string(claims, "sub", 1, MAX_PART_BYTES)
+    sid = _string(claims, "sid", 0, MAX_PART_BYTES)
+    loc = _string(claims, "loc", 0, MAX_PART_BYTES)
+    _string(claims, "iss", 0, MAX_TOKEN_CHARS)
+    _string(claims, "jti", 0, MAX_TOKEN_CHARS)
+    aud = claims.get("aud", ...)
+    audiences = [aud] if type(aud) is str else aud
+    if aud is not ... and (
+        type(audiences) is not list or any(type(a) is not str for a in audiences)
+    ):
+        raise _malformed("aud", "a string or an array of strings")
+    missing = [name for name, value in (("sub", sub), ("aud", aud), ("exp", exp))
+               if value is None or value is ...]  # fmt: skip
+    if missing:
+        raise TokenError("token_invalid", f"token lacks required claims: {', '.join(missing)}")
+    if AUDIENCE not in audiences:  # type: ignore[operator]
+        raise TokenError("token_invalid", f"token audience is not {AUDIENCE!r}")
+    if nbf is not None and nbf > now + leeway:
+        raise TokenError("token_invalid", "token is not valid yet (nbf)")
+    if iat is not None and iat > now + leeway:
+        raise TokenError("token_invalid", "token is issued in the future (iat)")
+    assert exp is not None and sub is not None
+    if exp + leeway < now:
+        raise TokenError("token_expired", "token has expired")
+    return ConnectionKey(sub, sid or "", loc or ""), exp
 
 
 def check_secret(secret: bytes) -> None:

@@ -243,6 +243,45 @@ def test_token_round_trip(key, ttl):
     t.check_token_roundtrip(ConnectionKey(*key), ttl)
 
 
+# Claims of every type, size and encoding (docs/protocol.md, "Tokens"), the documented
+# outcome checked for each (fuzz.targets.check_token_claim_types).
+around_now = st.integers(int(t.NOW) - 10**7, int(t.NOW) + 10**7)
+claim_values = st.one_of(
+    around_now,
+    around_now.map(lambda n: n + 0.25),
+    st.integers(),
+    st.integers(2**53 - 3, 2**53 + 3),
+    st.floats(),
+    st.booleans(),
+    st.none(),
+    around_now.map(str),
+    text,
+    st.text(min_size=125, max_size=131).map(lambda s: "é" * len(s)),
+    st.text(min_size=250, max_size=262),
+    st.just("orbited"),
+    st.lists(st.one_of(st.just("orbited"), text, st.integers()), max_size=3),
+    json_values,
+)
+typed_claims = st.dictionaries(st.sampled_from(t.CLAIM_NAMES), claim_values, max_size=8)
+well_typed_claims = st.fixed_dictionaries(
+    {"sub": st.text(min_size=1, max_size=8), "aud": st.just("orbited"), "exp": around_now},
+    optional={"sid": text, "loc": text, "iat": around_now, "nbf": around_now},
+)
+
+
+@FUZZ
+@given(st.one_of(typed_claims, well_typed_claims), st.booleans(), st.booleans())
+@example({"sub": "a", "aud": "orbited", "exp": "1893456000"}, False, False)  # cached, then 500
+@example({"sub": "a", "aud": "orbited", "exp": True}, False, False)  # was token_expired
+@example({"sub": 7, "aud": "orbited", "exp": 1893456000}, False, False)  # was token_invalid
+@example({"sub": "a", "aud": "orbited", "exp": 1893456000, "iat": "1"}, False, False)
+@example({"sub": "a", "aud": "orbited", "exp": 10**400}, False, False)  # OverflowError
+@example({"sub": "\ud800", "aud": "orbited", "exp": 1893456000}, False, False)
+@example({"sub": "a", "aud": "orbited", "exp": 1893456000}, True, False)  # duplicate sub
+def test_token_claims_types_sizes_encodings(claims, duplicate, raw):
+    t.check_token_claim_types(claims, duplicate, raw)
+
+
 # -- Legacy Orbit 1.0 --------------------------------------------------------------------
 
 orbit_ids = st.text(st.characters(codec="utf-8", exclude_characters="\r\n"), max_size=20)
