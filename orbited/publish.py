@@ -11,23 +11,22 @@ import hmac
 import json
 
 from twisted.internet import defer
-from twisted.web import resource, server
+from twisted.web import server
 from twisted.web.http import Request
 
 from orbited.hub import Hub
-from orbited.transports.http import orbited_site
+from orbited.transports.http import JSONResource, orbited_site, send_error
 
 
-def _error(request: Request, status: int, code: str, message: str) -> bytes:
-    request.setResponseCode(status)
-    request.setHeader(b"content-type", b"application/json")
+def error_reply(code: str, message: str) -> bytes:
+    """The publish listener's error body: an event reply with ``"id": null``."""
     return json.dumps(
         {"id": None, "ok": False, "error": {"code": code, "message": message}}
     ).encode()
 
 
-class PublishResource(resource.Resource):
-    isLeaf = True
+class PublishResource(JSONResource):
+    """POST only: other methods get 405 with ``Allow: POST`` (JSONResource)."""
 
     def __init__(self, hub: Hub, api_key: bytes, max_body: int) -> None:
         super().__init__()
@@ -40,11 +39,11 @@ class PublishResource(resource.Resource):
         scheme, _, key = auth.partition(b" ")
         if scheme.lower() != b"bearer" or not hmac.compare_digest(key.strip(), self.api_key):
             request.setHeader(b"www-authenticate", b'Bearer realm="orbited"')
-            return _error(request, 401, "unauthorized", "missing or wrong API key")
+            return send_error(request, 401, "unauthorized", "missing or wrong API key")
         # twisted.web spools large bodies to a temporary file, not to memory.
         body = request.content.read(self.max_body + 1)
         if len(body) > self.max_body:
-            return _error(request, 413, "body_too_large", f"body over {self.max_body} bytes")
+            return send_error(request, 413, "body_too_large", f"body over {self.max_body} bytes")
         answer = self.hub.handle(body)
         request.setHeader(b"content-type", b"application/json")
         if not isinstance(answer, defer.Deferred):
@@ -64,12 +63,6 @@ class PublishResource(resource.Resource):
             request.setResponseCode(400)
         return reply
 
-    def render(self, request: Request) -> bytes:
-        if request.method != b"POST":
-            request.setHeader(b"allow", b"POST")
-            return _error(request, 405, "method_not_allowed", "POST an event request")
-        return self.render_POST(request)
-
 
 def publish_site(hub: Hub, api_key: bytes, max_body: int) -> server.Site:
-    return orbited_site({b"publish": PublishResource(hub, api_key, max_body)})
+    return orbited_site({b"publish": PublishResource(hub, api_key, max_body)}, error_reply)

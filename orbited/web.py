@@ -8,22 +8,20 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from twisted.web import resource, server
+from twisted.web import server
 
 from orbited import __version__
 from orbited.hub import Hub
 from orbited.transports.ack import AckResource
 from orbited.transports.common import BrowserAuth
-from orbited.transports.http import orbited_site
+from orbited.transports.http import JSONResource, orbited_site
 from orbited.transports.limits import BrowserLimits, BrowserLimitsConfig
 from orbited.transports.longpoll import LongPollResource
 from orbited.transports.streaming import IframeResource, SSEResource
 from orbited.transports.websocket import websocket_resource
 
 
-class HealthResource(resource.Resource):
-    isLeaf = True
-
+class HealthResource(JSONResource):
     def __init__(
         self, hub: Hub, name: str, limits: Callable[[], dict[str, int]] | None = None
     ) -> None:
@@ -70,10 +68,8 @@ def classic_script(module: str) -> str:
     return f"(function () {{\n{body}\nwindow.Orbited = {{ {exports} }};\n}})();\n"
 
 
-class ClientScriptResource(resource.Resource):
+class ClientScriptResource(JSONResource):
     """The JS client at a stable URL; public code, so any origin may load it."""
-
-    isLeaf = True
 
     def __init__(self, source: str, module: bool) -> None:
         super().__init__()

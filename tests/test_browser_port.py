@@ -1,5 +1,5 @@
 """The browser port's edges: same-origin on any port, oversized WebSocket messages and
-protocol violations.
+protocol violations, unsupported methods, unknown paths and oversized request heads.
 
 docs/protocol.md, "Cross-origin pages", "WebSocket" and "Errors (browser side)".
 """
@@ -100,16 +100,19 @@ def request(node: NodeProcess, method: str, path: str, headers: dict[str, str] |
 
 
 def raw_exchange(node: NodeProcess, data: bytes) -> bytes:
-    """Send raw bytes, read until the node closes (or stops sending)."""
+    """Send raw bytes; read one response (to its Content-Length, or until the node
+    closes the connection)."""
     host, port = node.http.rsplit(":", 1)
     with socket.create_connection((host, int(port)), timeout=5) as s:
         s.sendall(data)
         out = b""
-        try:
-            while chunk := s.recv(65536):
-                out += chunk
-        except (ConnectionResetError, TimeoutError):
-            pass
+        while chunk := s.recv(65536):
+            out += chunk
+            head, sep, body = out.partition(b"\r\n\r\n")
+            length = [int(line.split(b":")[1]) for line in head.lower().split(b"\r\n")
+                      if line.startswith(b"content-length:")]  # fmt: skip
+            if sep and length and len(body) >= length[0]:
+                break
         return out
 
 
@@ -317,8 +320,8 @@ def close_code_after(s: socket.socket, data: bytes) -> int | None:
                     length, start = struct.unpack(">H", buffer[2:4])[0], 4
                 if len(buffer) < start + length:
                     break
-                opcode, payload = buffer[0] & 0x0F, buffer[start:start + length]
-                buffer = buffer[start + length:]
+                opcode, payload = buffer[0] & 0x0F, buffer[start : start + length]
+                buffer = buffer[start + length :]
                 if opcode == 0x8:
                     return struct.unpack(">H", payload[:2])[0] if len(payload) >= 2 else 1005
             chunk = s.recv(65536)
@@ -343,10 +346,153 @@ def close_code_after(s: socket.socket, data: bytes) -> int | None:
         (client_frame(0x0, b"x"), 1002),  # a continuation with nothing to continue
         (client_frame(0x1, b"\xff\xfe"), 1007),  # text that is not UTF-8
     ],
-    ids=["too-big", "too-big-fragmented", "unmasked", "rsv", "opcode", "long-ping",
-         "stray-continuation", "not-utf8"],  # fmt: skip
+    ids=[
+        "too-big",
+        "too-big-fragmented",
+        "unmasked",
+        "rsv",
+        "opcode",
+        "long-ping",
+        "stray-continuation",
+        "not-utf8",
+    ],  # fmt: skip
 )
 def test_websocket_protocol_violations_close_with_a_code(port_node: NodeProcess, frame: bytes,
                                                         code: int):  # fmt: skip
     s = raw_websocket(port_node, port_node.token("violation"))
     assert close_code_after(s, frame) == code
+
+
+# -- item: methods, unknown paths and request heads the node will not read ---------------
+
+ALLOWED = {
+    "ws": "GET",
+    "poll": "GET, OPTIONS",
+    "sse": "GET",
+    "iframe": "GET",
+    "ack": "OPTIONS, POST",
+    "health": "GET, HEAD",
+    "client.js": "GET, HEAD",
+    "client.mjs": "GET, HEAD",
+}
+
+
+@pytest.mark.parametrize(
+    ("path", "method"),
+    [(path, method) for path in sorted(ALLOWED)
+     for method in ("PUT", "PATCH", "DELETE", "FOO", "POST", "GET", "OPTIONS", "HEAD")
+     if method not in ALLOWED[path].split(", ")],
+)  # fmt: skip
+def test_unsupported_methods_get_405_with_allow_and_a_json_body(
+    port_node: NodeProcess, path: str, method: str
+):
+    status, headers, body = request(port_node, method, f"/orbited/{path}")
+    assert status == 405, body
+    assert headers["allow"] == ALLOWED[path]
+    if method != "HEAD":  # a HEAD response has no body
+        assert json_error(headers, body) == "method_not_allowed"
+    else:
+        assert headers["content-type"] == "application/json"
+
+
+@pytest.mark.parametrize("method", ["GET", "POST", "PUT", "OPTIONS"])
+@pytest.mark.parametrize("path", ["/", "/orbited", "/orbited/", "/orbited/nothere",
+                                  "/orbited/poll/x", "/favicon.ico"])  # fmt: skip
+def test_unknown_paths_get_404_with_a_json_body(port_node: NodeProcess, path: str, method: str):
+    status, headers, body = request(port_node, method, path)
+    assert status == 404, body
+    assert json_error(headers, body) == "not_found"
+
+
+def test_a_get_without_upgrade_on_the_websocket_url_gets_426(port_node: NodeProcess):
+    status, headers, body = request(port_node, "GET", "/orbited/ws?token=x")
+    assert status == 426
+    assert headers["upgrade"].lower() == "websocket"
+    assert headers["sec-websocket-version"] == "13"
+    assert json_error(headers, body) == "upgrade_required"
+
+
+HANDSHAKE = {
+    "Host": "h", "Upgrade": "websocket", "Connection": "keep-alive, Upgrade",
+    "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==", "Sec-WebSocket-Version": "13",
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("change", "status", "code"),
+    [
+        ({"Sec-WebSocket-Version": "8"}, 426, "upgrade_required"),
+        ({"Sec-WebSocket-Key": "c2hvcnQ="}, 400, "bad_request"),  # not 16 bytes
+        ({"Sec-WebSocket-Key": None}, 400, "bad_request"),
+        ({"Connection": "keep-alive"}, 400, "bad_request"),
+        ({"Host": None}, 400, "bad_request"),
+    ],
+    ids=["version", "short-key", "no-key", "no-connection-upgrade", "no-host"],
+)
+def test_a_bad_websocket_handshake_gets_a_json_error(port_node: NodeProcess, change: dict,
+                                                     status: int, code: str):  # fmt: skip
+    headers = {k: v for k, v in {**HANDSHAKE, **change}.items() if v is not None}
+    head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    raw = raw_exchange(port_node, f"GET /orbited/ws?token=x HTTP/1.1\r\n{head}\r\n".encode())
+    got, response_headers, body = parse_response(raw)
+    assert got == status and json_error(response_headers, body) == code
+    if status == 426:
+        assert response_headers["sec-websocket-version"] == "13"
+        assert response_headers["upgrade"] == "websocket"
+
+
+def test_a_refused_websocket_origin_gets_a_json_403(port_node: NodeProcess):
+    raw = raw_exchange(
+        port_node,
+        f"GET /orbited/ws?token=x HTTP/1.1\r\nHost: {port_node.http}\r\n"
+        "Origin: http://evil.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n".encode(),
+    )
+    status, headers, body = parse_response(raw)
+    assert status == 403 and json_error(headers, body) == "origin_not_allowed"
+
+
+def test_a_request_line_over_16_kib_gets_414(port_node: NodeProcess):
+    raw = raw_exchange(
+        port_node, b"GET /orbited/poll?x=" + b"a" * 20000 + b" HTTP/1.1\r\nHost: h\r\n\r\n"
+    )
+    status, headers, body = parse_response(raw)
+    assert status == 414 and json_error(headers, body) == "uri_too_long"
+
+
+def test_a_request_line_of_16_kib_is_read(port_node: NodeProcess):
+    line = b"GET /orbited/poll?x=" + b"a" * 16000
+    line += b"a" * (16384 - len(line) - len(b" HTTP/1.1")) + b" HTTP/1.1"
+    assert len(line) == 16384
+    raw = raw_exchange(port_node, line + b"\r\nConnection: close\r\n\r\n")
+    status, headers, body = parse_response(raw)
+    assert status == 401 and json_error(headers, body) == "token_missing"
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"X-Big: " + b"a" * 20000 + b"\r\n",  # one header line over 16 KiB
+        b"".join(b"X-%d: %s\r\n" % (i, b"a" * 1000) for i in range(20)),  # 20 KiB in all
+        b"".join(b"X-%d: a\r\n" % i for i in range(600)),  # too many header lines
+    ],
+    ids=["long-line", "large-head", "many-headers"],
+)
+def test_headers_over_the_limits_get_431(port_node: NodeProcess, head: bytes):
+    raw = raw_exchange(port_node, b"GET /orbited/health HTTP/1.1\r\nHost: h\r\n" + head + b"\r\n")
+    status, headers, body = parse_response(raw)
+    assert status == 431 and json_error(headers, body) == "headers_too_large"
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"GET /orbited/health\r\n\r\n",
+        b"GET /orbited/health HTTP/1.1\r\nNo colon\r\n\r\n",
+        b"GET /orbited/health HTTP/1.1\r\nContent-Length: x\r\n\r\n",
+    ],  # fmt: skip
+    ids=["no-version", "bad-header", "bad-length"],
+)
+def test_malformed_requests_get_400_with_a_json_body(port_node: NodeProcess, data: bytes):
+    status, headers, body = parse_response(raw_exchange(port_node, data))
+    assert status == 400 and json_error(headers, body) == "bad_request"

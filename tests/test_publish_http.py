@@ -74,3 +74,44 @@ def test_bad_requests_and_oversize_bodies(publishing_node: NodeProcess):
 
 def test_publish_port_is_off_by_default(shared_node: NodeProcess):
     assert shared_node.publish is None
+
+
+def publish_raw(node: NodeProcess, data: bytes) -> tuple[int, dict[str, str], dict]:
+    import socket
+
+    host, port = node.publish.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=5) as s:
+        s.sendall(data)
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+    head, _, body = out.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (x.partition(":") for x in lines)}
+    return int(status_line.split()[1]), headers, json.loads(body)
+
+
+@pytest.mark.parametrize(
+    ("data", "status", "code"),
+    [
+        (b"GET /orbited/nothere HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n", 404,
+         "not_found"),
+        (b"POST /orbited/publish/x HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n", 404,
+         "not_found"),
+        (b"PATCH /orbited/publish HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n", 405,
+         "method_not_allowed"),
+        (b"POST /orbited/publish?" + b"a" * 17000 + b" HTTP/1.1\r\n\r\n", 414, "uri_too_long"),
+        (b"POST /orbited/publish HTTP/1.1\r\nX: " + b"a" * 17000 + b"\r\n\r\n", 431,
+         "headers_too_large"),
+        (b"POST /orbited/publish\r\n\r\n", 400, "bad_request"),
+    ],
+    ids=["unknown-path", "below-publish", "patch", "long-line", "long-header", "malformed"],
+)  # fmt: skip
+def test_every_error_of_the_publish_listener_is_a_json_reply(
+    publishing_node: NodeProcess, data: bytes, status: int, code: str
+):
+    got, headers, reply = publish_raw(publishing_node, data)
+    assert got == status and headers["content-type"] == "application/json"
+    assert reply["id"] is None and reply["ok"] is False and reply["error"]["code"] == code
+    if status == 405:
+        assert headers["allow"] == "POST"

@@ -7,6 +7,8 @@ docs/protocol.md, "Errors".
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import struct
 from pprint import pformat
@@ -14,20 +16,14 @@ from pprint import pformat
 import autobahn.websocket.protocol as _autobahn_protocol
 from autobahn.twisted.resource import WebSocketResource
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
-from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
-from twisted.internet.interfaces import ISSLTransport
+from autobahn.websocket.types import ConnectionRequest
 from twisted.logger import Logger
+from twisted.web.http import Request
 
 from orbited import frames
 from orbited.hub import Hub
-from orbited.transports.common import (
-    Attach,
-    BrowserAuth,
-    BrowserRequestError,
-    authenticate,
-    origin_allowed,
-    request_scheme,
-)
+from orbited.transports.common import Attach, BrowserAuth, BrowserRequestError, authenticate
+from orbited.transports.http import JSONResource, apply_cors, send_json_error
 from orbited.transports.limits import (
     BrowserLimits,
     BrowserLimitsConfig,
@@ -39,6 +35,7 @@ CLOSE_RECONNECT = 4000  # reconnect (node shutting down, route moved); reason sa
 CLOSE_REPLACED = 4001  # a newer connection took this key; do not reconnect
 CLOSE_SLOW = 4002  # a reader too slow for max_write_queue; reconnect and resume
 CLOSE_BAD_FRAME = 4400  # the browser sent something that is not a valid frame
+WEBSOCKET_VERSION = b"13"  # RFC 6455; what every browser sends
 MAX_CLIENT_MESSAGE = 4096  # bytes per message from the browser (acks are ~25)
 
 
@@ -93,15 +90,9 @@ class BrowserWebSocket(WebSocketServerProtocol):
         self.last_write = 0.0
 
     def onConnect(self, request: ConnectionRequest) -> None:
+        # The origin and the handshake's headers were checked before the upgrade
+        # (WebSocketEntry), with the same rule as every other transport.
         factory = self.factory
-        # request.host has no port: compare with the Host header, as the HTTP transports do.
-        headers = request.headers
-        scheme = request_scheme(
-            ISSLTransport.providedBy(self.transport), headers.get("x-forwarded-proto")
-        )
-        if not origin_allowed(headers.get("origin"), headers.get("host"), factory.cors_origins,
-                              scheme):  # fmt: skip
-            raise ConnectionDeny(403, "origin not allowed")
         try:
             factory.limits.check()  # before the token: an overloaded node does no more work
             self._attach = authenticate(factory.auth, request.params)
@@ -222,9 +213,57 @@ class BrowserWebSocketFactory(WebSocketServerFactory):
         )
 
 
+def _tokens(value: bytes | None) -> list[bytes]:
+    return [t.strip().lower() for t in (value or b"").split(b",")]
+
+
+class WebSocketEntry(JSONResource):
+    """/orbited/ws: checks what autobahn would refuse with a bare HTTP status — the page's
+    origin, then the upgrade request itself — and answers it with the JSON error body
+    (docs/protocol.md, "Errors (browser side)"); a valid upgrade goes to autobahn."""
+
+    head_allowed = False
+
+    def __init__(self, factory: BrowserWebSocketFactory) -> None:
+        super().__init__()
+        self.factory = factory
+        self.upgrade = WebSocketResource(factory)
+
+    def render_GET(self, request: Request) -> bytes | int:  # noqa: N802
+        try:
+            apply_cors(request, self.factory.cors_origins)
+            self._check_handshake(request)
+        except BrowserRequestError as e:
+            return send_json_error(request, e)
+        return self.upgrade.render(request)
+
+    @staticmethod
+    def _check_handshake(request: Request) -> None:
+        upgrade = b"websocket" in _tokens(request.getHeader(b"upgrade"))
+        if not upgrade or request.getHeader(b"sec-websocket-version") != WEBSOCKET_VERSION:
+            request.setHeader(b"upgrade", b"websocket")
+            request.setHeader(b"connection", b"Upgrade")
+            request.setHeader(b"sec-websocket-version", WEBSOCKET_VERSION)
+            message = "this URL is a WebSocket" if not upgrade else "WebSocket version must be 13"
+            raise BrowserRequestError(426, "upgrade_required", message)
+        try:
+            key_ok = len(base64.b64decode(request.getHeader(b"sec-websocket-key") or b"x",
+                                          validate=True)) == 16  # fmt: skip
+        except binascii.Error:
+            key_ok = False
+        if (
+            not key_ok
+            or b"upgrade" not in _tokens(request.getHeader(b"connection"))
+            or not request.getHeader(b"host")
+        ):
+            raise BrowserRequestError(
+                400, "bad_request", "not a WebSocket handshake (RFC 6455, section 4.1)"
+            )
+
+
 def websocket_resource(
     hub: Hub, auth: BrowserAuth, cors_origins: list[str], limits: BrowserLimits | None = None
-) -> WebSocketResource:
+) -> WebSocketEntry:
     factory = BrowserWebSocketFactory(hub, auth, cors_origins, limits)
     factory.startFactory()
-    return WebSocketResource(factory)
+    return WebSocketEntry(factory)
