@@ -34,7 +34,7 @@ DEMOS = Path(__file__).resolve().parent.parent / "demos"
 sys.path.insert(0, str(DEMOS))
 
 from cherrychat import rules  # noqa: E402
-from cherrychat.store import NickTaken, Store  # noqa: E402
+from cherrychat.store import TAB_WAIT, NickTaken, Presence, Store, Tab  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -95,39 +95,133 @@ def test_store_rooms_members_messages_survive_a_restart(tmp_path):
     assert rooms["lobby"]["joined"] is False
 
 
+def on(node_serial: int, kind: str, tab: Tab) -> Presence:
+    return Presence(kind, tab, node_serial)
+
+
 def test_store_sessions_and_nickname_ownership(tmp_path):
     store = Store(tmp_path / "chat.sqlite3")
     sid = store.login("alice")
-    assert store.session(sid) == "alice" and store.session("forged") is None
-    store.apply_presence("n1", [("signon", "alice", 1)])
+    alice = store.session(sid)
+    assert alice.nick == "alice" and alice.tag and store.session("forged") is None
+    tab = Tab("alice", alice.tag, "tab-0001")
+    store.open_tab(alice, tab.tab, "page-0001")
+    assert not store.is_online("alice")  # registered, not yet on a node: login still free
+    assert store.apply_presence("n1", [on(1, "signon", tab)]) == {"alice"}
     with pytest.raises(NickTaken):  # alice is online: nobody else may take the name
         store.login("alice")
-    store.apply_presence("n1", [("signoff", "alice", 2)])
+    store.apply_presence("n1", [on(2, "signoff", tab)])
     sid2 = store.login("alice")  # offline: the name passes to the new session
-    assert store.session(sid) is None and store.session(sid2) == "alice"
-    store.logout(sid2)
-    assert store.session(sid2) is None
+    assert store.session(sid) is None and store.session(sid2).nick == "alice"
+    assert store.session(sid2).tag != alice.tag
+    # A late signon for a key of the ended session does not bring alice back.
+    assert store.apply_presence("n1", [on(3, "signon", tab)]) == set()
+    assert store.logout(sid2) == [] and store.session(sid2) is None
+
+
+def test_store_a_user_is_online_while_any_tab_is(tmp_path):
+    store = Store(tmp_path / "chat.sqlite3")
+    store.join("lobby", "bob")
+    bob = store.session(store.login("bob"))
+    one, two = Tab("bob", bob.tag, "tab-one-1"), Tab("bob", bob.tag, "tab-two-2")
+    assert store.open_tab(bob, one.tab, "page-one-1") is False  # not on a node yet
+    store.open_tab(bob, two.tab, "page-two-1")
+    assert store.tabs_of(["bob"]) == [one, two]  # pushes go to both at once
+    assert store.apply_presence("n1", [on(1, "signon", one), on(2, "signon", two)]) == {"bob"}
+    assert store.online() == {"bob": 2}
+    assert store.members("lobby") == [{"nick": "bob", "online": True}]
+    # Tab two says goodbye: bob is still online (tab one), and gets pushes only there.
+    assert store.close_tab(bob, two.tab, "page-two-1") is False
+    assert store.online() == {"bob": 1} and store.tabs_of(["bob"]) == [one]
+    # Tab two reloads: its goodbye came first, then its next page load; the node's
+    # mailbox lingered, so there is no new signon, and the tab counts again.
+    store.open_tab(bob, two.tab, "page-two-2")
+    assert store.online() == {"bob": 2}
+    # A goodbye from an earlier load of the tab (reordered) is ignored.
+    assert store.close_tab(bob, two.tab, "page-two-1") is False and store.online() == {"bob": 2}
+    # Both tabs close: offline at once, the nickname free before the nodes' signoffs.
+    store.close_tab(bob, two.tab, "page-two-2")
+    assert store.close_tab(bob, one.tab, "page-one-1") is True
+    assert not store.is_online("bob") and store.members("lobby")[0]["online"] is False
+    assert store.apply_presence("n1", [on(3, "signoff", one), on(4, "signoff", two)]) == set()
+    assert store.tabs_of(["bob"]) == []
+
+
+def test_store_logout_ends_every_tab_at_once(tmp_path):
+    store = Store(tmp_path / "chat.sqlite3")
+    sid = store.login("carol")
+    carol = store.session(sid)
+    tabs = [Tab("carol", carol.tag, f"tab-{i}-xxxx") for i in range(2)]
+    for i, tab in enumerate(tabs):
+        store.open_tab(carol, tab.tab, f"page-{i}-xxxx")
+        store.apply_presence("n1", [on(i + 1, "signon", tab)])
+    assert store.is_online("carol")
+    assert store.logout(sid) == tabs  # to tell them
+    assert not store.is_online("carol") and store.tabs_of(["carol"]) == []
+    store.login("carol")  # the name is free at once
 
 
 def test_store_presence_rules(tmp_path):
     store = Store(tmp_path / "chat.sqlite3")
     store.join("lobby", "a")
     store.join("lobby", "b")
-    assert store.apply_presence("n1", [("signon", "a", 1), ("signon", "b", 2)]) == {"a", "b"}
+    sa, sb = store.session(store.login("a")), store.session(store.login("b"))
+    a, b = Tab("a", sa.tag, "tab-aaaa"), Tab("b", sb.tag, "tab-bbbb")
+    store.open_tab(sa, a.tab, "page-aaaa")
+    store.open_tab(sb, b.tab, "page-bbbb")
+    assert store.apply_presence("n1", [on(1, "signon", a), on(2, "signon", b)]) == {"a", "b"}
     assert store.members("lobby") == [{"nick": "a", "online": True},
                                       {"nick": "b", "online": True}]  # fmt: skip
     # n1 died; a's route went to n3, which signs a on before anything else is heard.
-    assert store.apply_presence("n3", [("signon", "a", 1)]) == set()
-    assert store.apply_presence("n1", [("signoff", "a", 3)]) == set()  # stale: a is on n3
-    assert store.online() == {"a": "n3", "b": "n1"}
-    # n1 restarted: its serials start again, so everyone it had is gone.
-    assert store.apply_presence("n1", [("signon", "c", 1)]) == {"b", "c"}
-    assert store.online() == {"a": "n3", "c": "n1"}
+    assert store.apply_presence("n3", [on(1, "signon", a)]) == set()
+    assert store.apply_presence("n1", [on(3, "signoff", a)]) == set()  # stale: a is on n3
+    assert store.nodes() == {"n1", "n3"}
+    # n1 restarted: its serials start again, so every tab it had is off it.
+    assert store.apply_presence("n1", [on(1, "signon", Tab("c", "nope", "tab-cccc"))]) == {"b"}
+    assert store.online() == {"a": 1}  # c has no session: its signon does not count
     assert store.drop_nodes(["n3"]) == {"a"}
     assert store.members("lobby") == [{"nick": "a", "online": False},
                                       {"nick": "b", "online": False}]  # fmt: skip
+    assert [t.nick for t in store.tabs_of(["a", "b"])] == ["a", "b"]  # reconnecting: kept
+    assert store.apply_presence("n2", [on(1, "signon", a)]) == {"a"}  # back, on the spare
     store.clear_presence()
-    assert store.online() == {}
+    assert store.online() == {} and store.tabs_of(["a", "b"]) == []
+
+
+def test_store_forgets_tabs_that_never_reach_a_node(tmp_path):
+    store = Store(tmp_path / "chat.sqlite3")
+    d = store.session(store.login("d"))
+    store.open_tab(d, "tab-gone-1", "page-gone-1", now=1000.0)
+    store.open_tab(d, "tab-live-1", "page-live-1", now=1000.0 + TAB_WAIT + 1)
+    assert store.tabs_of(["d"]) == [Tab("d", d.tag, "tab-live-1")]
+
+
+def test_store_migrates_a_version_0_database(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "old.sqlite3"
+    old = sqlite3.connect(path)
+    old.executescript("""
+        CREATE TABLE sessions (sid TEXT PRIMARY KEY, nick TEXT NOT NULL UNIQUE, created REAL);
+        CREATE TABLE rooms (name TEXT PRIMARY KEY, created REAL NOT NULL);
+        CREATE TABLE members (room TEXT NOT NULL REFERENCES rooms(name), nick TEXT NOT NULL,
+            joined REAL NOT NULL, PRIMARY KEY (room, nick));
+        CREATE TABLE messages (room TEXT NOT NULL, id INTEGER NOT NULL, nick TEXT NOT NULL,
+            kind TEXT NOT NULL, text TEXT NOT NULL, time REAL NOT NULL, PRIMARY KEY (room, id));
+        CREATE TABLE presence (nick TEXT PRIMARY KEY, node TEXT NOT NULL, since REAL NOT NULL);
+        INSERT INTO sessions VALUES ('old-sid', 'alice', 0);
+        INSERT INTO rooms VALUES ('lobby', 0);
+        INSERT INTO members VALUES ('lobby', 'alice', 0);
+        INSERT INTO messages VALUES ('lobby', 1, 'alice', 'text', 'kept', 0);
+        INSERT INTO presence VALUES ('alice', 'n1', 0);
+    """)  # fmt: skip
+    old.commit()
+    old.close()
+    store = Store(path)
+    assert store.session("old-sid") is None  # logins start afresh
+    assert store.member_nicks("lobby") == ["alice"]
+    assert [m["text"] for m in store.messages("lobby")] == ["kept"]
+    store.login("alice")  # nobody is online any more
 
 
 # -- the cluster ------------------------------------------------------------------------
@@ -188,11 +282,16 @@ def test_api_issues_tokens_and_refuses_bad_input_with_400(cluster):
         400, {"error": "a nickname has at most 32 characters"})  # fmt: skip
     assert user.call("POST", "/login", {"nick": "api"}, content_type="text/plain")[0] == 415
     status, me = user.call("POST", "/login", {"nick": "api"})
-    assert status == 200 and me["key"] == ["api", "", "/cherrychat"]
-    assert me["orbited"] == f"http://127.0.0.1:{cluster_browser_base(cluster) + me['route'] - 1}"
-    status, token = user.call("GET", "/token")
+    assert status == 200 and me == {"nick": "api", "rooms": []}
+    status, tab = user.call("POST", "/tabs", {"tab": "tab-0001", "page": "page-0001"})
+    assert status == 200 and tab["key"][0] == "api" and tab["key"][2] == "/cherrychat/tab-0001"
+    assert tab["orbited"] == f"http://127.0.0.1:{cluster_browser_base(cluster) + tab['route'] - 1}"
+    assert tab["route"] == route_of(ConnectionKey(*tab["key"]), 24)
     secret = (cluster.state / "secret").read_bytes().strip()
-    assert status == 200 and verify_token(secret, token) == ConnectionKey("api", "", "/cherrychat")
+    assert verify_token(secret, tab["token"]) == ConnectionKey(*tab["key"])
+    status, token = user.call("GET", "/token?tab=tab-0001")
+    assert status == 200 and verify_token(secret, token) == ConnectionKey(*tab["key"])
+    assert user.call("GET", "/token?tab=x")[0] == 400
     assert user.call("POST", "/rooms/python/messages", {"text": "hi"}) == (
         403, {"error": "join python first"})  # fmt: skip
     assert user.call("POST", "/rooms/Bad%20Room!/join", {})[0] == 400
@@ -219,7 +318,12 @@ def test_presence_webhook_needs_the_signature(cluster):
         {
             "node": "nx",
             "events": [
-                {"type": "signon", "key": ["hooked", "", "/cherrychat"], "serial": 1, "time": 0}
+                {
+                    "type": "signon",
+                    "key": ["hooked", "t", "/cherrychat/tab-0001"],
+                    "serial": 1,
+                    "time": 0,
+                }
             ],
         }
     ).encode()
@@ -257,32 +361,36 @@ def browser(cluster) -> Iterator[object]:
         b.close()
 
 
-def owner_of(cluster: LocalCluster, nick: str) -> str:
-    route = route_of(ConnectionKey(nick, "", "/cherrychat"), 24)
+def owner_of(cluster: LocalCluster, page) -> str:
+    """The node serving the route of ``page``'s connection key (one key per tab)."""
+    route = page.evaluate("window.chat.tab.route")
     owners = json.loads(urllib.request.urlopen(f"{cluster.halod_status}/routes").read())["owners"]
     return owners[str(route)]["name"]
 
 
-def nick_on(cluster: LocalCluster, prefix: str, node: str | None = None,
-            not_node: str | None = None) -> str:  # fmt: skip
-    for i in range(200):
-        nick = f"{prefix}{i}"
-        owner = owner_of(cluster, nick)
-        if (node is None or owner == node) and owner != not_node:
-            return nick
-    raise AssertionError("no nickname found")
-
-
-def log_in(browser, cluster: LocalCluster, nick: str):
+def log_in(browser, cluster: LocalCluster, nick: str, page=None):
     # bypass_csp: Playwright's string predicates are eval'd, which the page's CSP forbids;
     # it also makes the markup test show that escaping alone keeps scripts out.
-    context = browser.new_context(bypass_csp=True)
-    page = context.new_page()
-    page.goto(cluster.url)
+    if page is None:
+        page = browser.new_context(bypass_csp=True).new_page()
+        page.goto(cluster.url)
     page.fill("#nick", nick)
     page.click("#login-form button")
     page.wait_for_function("window.chat.connection.state === 'open'", timeout=20000)
     return page
+
+
+def log_in_off(browser, cluster: LocalCluster, nick: str, node: str):
+    """``nick`` logged in with a key whose route is not on ``node``: each login is a new
+    session, so a new key (and route) for the tab."""
+    page = log_in(browser, cluster, nick)
+    for _ in range(30):
+        if owner_of(cluster, page) != node:
+            return page
+        page.click("#logout")
+        page.wait_for_selector("#login-view:not([hidden])")
+        log_in(browser, cluster, nick, page)
+    raise AssertionError(f"every login of {nick} hashed to {node}")
 
 
 def open_room(page, room: str) -> None:
@@ -332,9 +440,9 @@ def wait_members(page, expected: dict[str, str], timeout: float = 20) -> None:
 def test_two_users_chat_leave_and_survive_a_node_kill(cluster, browser):
     actives = [n for n, info in cluster.halod_nodes().items() if info["state"] == "active"]
     assert len(actives) == 2
-    alice = nick_on(cluster, "alice", node=actives[0])
-    bob = nick_on(cluster, "bob", node=actives[1])  # users hashed across both nodes
-    a, b = log_in(browser, cluster, alice), log_in(browser, cluster, bob)
+    alice, bob = "alice", "bob"
+    a = log_in(browser, cluster, alice)
+    b = log_in_off(browser, cluster, bob, owner_of(cluster, a))  # on both nodes
     try:
         open_room(a, "lobby")
         open_room(b, "lobby")
@@ -353,7 +461,7 @@ def test_two_users_chat_leave_and_survive_a_node_kill(cluster, browser):
         wait_members(a, {alice: "online", bob: "online"})
 
         # The node serving bob dies; bob's route goes to the spare after HaloD's grace.
-        victim = owner_of(cluster, bob)
+        victim = owner_of(cluster, b)
         cluster.children[victim].proc.send_signal(signal.SIGKILL)
         b.wait_for_function("window.chat.connection.state !== 'open'", timeout=10000)
         during = [f"while down {i}" for i in range(3)]
@@ -363,7 +471,7 @@ def test_two_users_chat_leave_and_survive_a_node_kill(cluster, browser):
         wait_text(a, "bob typing while reconnecting")
 
         b.wait_for_function("window.chat.connection.state === 'open'", timeout=30000)
-        assert owner_of(cluster, bob) != victim
+        assert owner_of(cluster, b) != victim
         for text in during:
             wait_text(b, text)
         say(a, "after failover")

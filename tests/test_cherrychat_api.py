@@ -12,8 +12,11 @@ from collections.abc import Iterator
 
 import pytest
 
-from orbited.cluster import LocalCluster
+from orbited.cluster import LocalCluster, http_json
+from orbited.hashing import route_of
+from orbited.keys import ConnectionKey
 from orbited.presence import sign
+from orbited.tokens import verify_token
 from tests.test_cherrychat import Browserless, chat_cluster_config, rules
 
 pytestmark = pytest.mark.slow
@@ -115,18 +118,17 @@ def test_logout_ends_the_session_and_clears_the_cookie(cluster):
 
 def test_me_token_and_rooms_need_a_session(cluster):
     anonymous = Browserless(cluster)
-    for path in ("/me", "/token", "/rooms", "/rooms/lobby", "/rooms/lobby/messages"):
+    for path in ("/me", "/token?tab=tab-0001", "/rooms", "/rooms/lobby", "/rooms/lobby/messages"):
         assert anonymous.call("GET", path) == (401, {"error": "log in first"}), path
-    for path in ("/rooms/lobby/join", "/rooms/lobby/leave", "/rooms/lobby/messages"):
-        assert anonymous.call("POST", path, {"text": "x"}) == (401, {"error": "log in first"})
+    for path in ("/rooms/lobby/join", "/rooms/lobby/leave", "/rooms/lobby/messages", "/tabs",
+                 "/tabs/tab-0001/close"):  # fmt: skip
+        body = {"text": "x", "tab": "tab-0001", "page": "page-0001"}
+        assert anonymous.call("POST", path, body) == (401, {"error": "log in first"}), path
     forged = raw(cluster, "GET", "/me", headers={"cookie": "cherrychat=forged"})
     assert error(forged[0], forged[2]) == (401, "log in first")
 
     user = logged_in(cluster, "ep-me")
-    status, me = user.call("GET", "/me")
-    assert status == 200 and me["nick"] == "ep-me"
-    status, token = user.call("GET", "/token")
-    assert status == 200 and token.count(".") == 2
+    assert user.call("GET", "/me") == (200, {"nick": "ep-me", "rooms": []})
     status, rooms = user.call("GET", "/rooms")
     names = {r["name"]: r for r in rooms["rooms"]}
     assert status == 200 and {"lobby", "python", "twisted"} <= set(names)
@@ -196,3 +198,38 @@ def test_presence_webhook_answers(cluster):
     for garbage in (b"[]", b"{}", b"not json", b'{"node": "n", "events": [{"type": "x"}]}'):
         assert error(*post(garbage)) == (400, "not a presence batch"), garbage
     assert error(*post(b"x" * (1024 * 1024 + 1))) == (413, "request body too large")
+
+
+def test_tabs_tokens_and_goodbyes(cluster):
+    secret = (cluster.state / "secret").read_bytes().strip()
+    user = logged_in(cluster, "ep-tabs")
+    status, tab = user.call("POST", "/tabs", {"tab": "tab-0001", "page": "page-0001"})
+    assert status == 200 and tab["tab"] == "tab-0001"
+    key = ConnectionKey(*tab["key"])
+    assert key.user == "ep-tabs" and key.location == "/cherrychat/tab-0001" and key.session
+    assert tab["route"] == route_of(key, 24) and tab["orbited"].startswith("http://127.0.0.1:")
+    assert verify_token(secret, tab["token"]) == key
+    _, again = user.call("POST", "/tabs", {"tab": "tab-0001", "page": "page-0002"})  # reload
+    assert again["key"] == tab["key"]
+    _, second = user.call("POST", "/tabs", {"tab": "tab-0002", "page": "page-0003"})
+    assert second["key"][:2] == tab["key"][:2] and second["key"] != tab["key"]
+    status, token = user.call("GET", "/token?tab=tab-0002")
+    assert status == 200 and verify_token(secret, token) == ConnectionKey(*second["key"])
+    rule = "a tab id is 8 to 64 of A-Z, a-z, 0-9, '_' and '-'"
+    for bad in ("", "short", "x" * 65, "tab/0001", "tab%200001"):
+        assert user.call("GET", f"/token?tab={bad}") == (400, {"error": rule}), bad
+        assert user.call("POST", "/tabs", {"tab": bad, "page": "page-0001"}) == (
+            400, {"error": rule})  # fmt: skip
+    assert user.call("GET", "/token") == (400, {"error": rule})
+    assert user.call("POST", "/tabs", {"tab": "tab-0001"}) == (
+        400, {"error": "a page id is 8 to 64 of A-Z, a-z, 0-9, '_' and '-'"})  # fmt: skip
+    assert user.call("POST", "/tabs/tab-0001/close", {"page": "page-0002"}) == (204, None)
+    assert user.call("POST", "/tabs/tab-0001/close", {"page": "page-0002"}) == (204, None)
+    assert user.call("POST", "/tabs/no-such-tab/close", {"page": "page-0002"}) == (204, None)
+    assert user.call("POST", "/tabs/tab-0001/close", {})[0] == 400
+    assert user.call("POST", "/tabs/x/close", {"page": "page-0002"}) == (400, {"error": rule})
+
+
+def test_health_counts_users_and_tabs_online(cluster):
+    health = http_json(f"{cluster.url}healthz")
+    assert isinstance(health["tabs"], int) and health["tabs"] >= health["online"]

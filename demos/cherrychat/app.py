@@ -9,7 +9,13 @@ asks ``GET /rooms/<room>/messages?after=<id>`` for anything it missed (a node cr
 that node's mailboxes; the app's own history does not).
 
 Identity: the session cookie is a random id the app stored at login; the nickname always
-comes from that, never from the request. Browsers get Orbited tokens only from ``/token``.
+comes from that, never from the request. Browsers get Orbited tokens only from ``/tabs``
+and ``/token``, for their own keys.
+
+Tabs: each tab of a user has its own connection key ``(nick, session tag,
+"/cherrychat/<tab id>")`` (one key per tab: a node lets one connection hold a key, so two
+tabs sharing one would replace each other). Pushes go to every open tab of each
+recipient (cherrychat/store.py says when a tab counts as open and a user as online).
 """
 
 from __future__ import annotations
@@ -30,26 +36,38 @@ from twisted.web.iweb import IRequest
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from cherrychat import rules
-from cherrychat.store import NickTaken, Store
+from cherrychat.store import NickTaken, Presence, Session, Store, Tab
 from orbited.client.cluster import Cluster
 from orbited.keys import ConnectionKey
 from orbited.presence import SIGNATURE_HEADER, sign
 from orbited.tokens import issue_token
 from orbited.web import client_source
 
-LOCATION = "/cherrychat"  # every key of this app: (nick, "", LOCATION)
+LOCATION = "/cherrychat"  # every key of this app: (nick, session tag, LOCATION/<tab id>)
 COOKIE = b"cherrychat"
 TOKEN_TTL = 3600
 MAX_BODY = 16 * 1024  # a message is at most 1000 characters; JSON of that fits easily
 MAX_WEBHOOK_BODY = 1024 * 1024
 STATIC = Path(__file__).resolve().parent / "static"
 STATIC_TYPES = {"chat.js": "text/javascript; charset=utf-8", "chat.css": "text/css; charset=utf-8"}
+# A tab that says goodbye frees its user's nickname at once, but the member lists hear of
+# it this much later, and only if the user is still offline: a reload comes back sooner.
+CLOSE_GRACE = 2.0
 
 
-def key_of(nick: str) -> ConnectionKey:
-    """One connection key per nickname: a second tab of the same user replaces the first
-    (the node sends it ``replaced``), so pushes never need to know about tabs."""
-    return ConnectionKey(nick, "", LOCATION)
+def key_of(tab: Tab) -> ConnectionKey:
+    return ConnectionKey(tab.nick, tab.tag, f"{LOCATION}/{tab.tab}")
+
+
+def tab_of(key: object) -> Tab | None:
+    """The tab a webhook's key names, or None if the key is not one of this app's."""
+    if not (isinstance(key, list) and len(key) == 3 and all(isinstance(p, str) for p in key)):
+        return None
+    user, tag, location = key
+    folder, _, tab = location.rpartition("/")
+    if folder != LOCATION or not rules.is_tab_id(tab):
+        return None
+    return Tab(user, tag, tab)
 
 
 class HTTPError(Exception):
@@ -79,6 +97,7 @@ class ChatApp:
         self.client_js = client_source().encode()
         self.index = (STATIC / "index.html").read_bytes()
         self._sweeper: task.LoopingCall | None = None
+        self._later: set[Any] = set()  # delayed member-list pushes (IDelayedCall)
 
     # -- life cycle --------------------------------------------------------------------
 
@@ -91,6 +110,9 @@ class ChatApp:
     def stop(self) -> None:
         if self._sweeper is not None and self._sweeper.running:
             self._sweeper.stop()
+        for call in self._later:
+            if call.active():
+                call.cancel()
         self.client.close()
 
     # -- helpers -----------------------------------------------------------------------
@@ -140,12 +162,15 @@ class ChatApp:
             raise HTTPError(400, "the body must be a JSON object")
         return body
 
-    def _nick(self, request: IRequest) -> str:
+    def _session(self, request: IRequest) -> Session:
         sid = request.getCookie(COOKIE)
-        nick = self.store.session(sid.decode("ascii", "replace") if sid else None)
-        if nick is None:
+        session = self.store.session(sid.decode("ascii", "replace") if sid else None)
+        if session is None:
             raise HTTPError(401, "log in first")
-        return nick
+        return session
+
+    def _nick(self, request: IRequest) -> str:
+        return self._session(request).nick
 
     def _member(self, request: IRequest, room: str) -> tuple[str, str]:
         nick = self._nick(request)
@@ -157,12 +182,16 @@ class ChatApp:
     # -- pushing -----------------------------------------------------------------------
 
     def push(self, room: str, data: dict[str, Any], also: Iterable[str] = ()) -> defer.Deferred:
-        """Send ``data`` to every member of ``room`` (and ``also``): one event, grouped
-        per route by the client. Never fails: results are counted and problems logged."""
+        """Send ``data`` to every open tab of every member of ``room`` (and ``also``):
+        one event, grouped per route by the client. Never fails: results are counted and
+        problems logged."""
         nicks = list(dict.fromkeys([*self.store.member_nicks(room), *also]))
-        if not nicks:
+        return self.push_tabs(self.store.tabs_of(nicks), data, room)
+
+    def push_tabs(self, tabs: list[Tab], data: dict[str, Any], room: str = "") -> defer.Deferred:
+        if not tabs:
             return defer.succeed({})
-        d = self.client.send([key_of(n) for n in nicks], data)
+        d = self.client.send([key_of(t) for t in tabs], data)
         d.addCallback(self._pushed, room, data.get("type"))
         d.addErrback(lambda f: self.log.failure("push to {room} failed", f, room=room))
         return d
@@ -220,7 +249,7 @@ class ChatApp:
         online = self.store.online()
         return self._json(request, {
             "ok": True, "rooms": len(self.store.rooms()), "online": len(online),
-            "pushes": dict(self.pushes),
+            "tabs": sum(online.values()), "pushes": dict(self.pushes),
         })  # fmt: skip
 
     # -- session -----------------------------------------------------------------------
@@ -238,10 +267,18 @@ class ChatApp:
 
     @app.route("/logout", methods=["POST"])
     def logout(self, request: IRequest) -> bytes:
+        """End the session at once: the nickname is free, the user offline in every member
+        list, and the session's other tabs are told (they show the login)."""
         self._body(request)
         sid = request.getCookie(COOKIE)
-        if sid:
-            self.store.logout(sid.decode("ascii", "replace"))
+        session = self.store.session(sid.decode("ascii", "replace") if sid else None)
+        if session is not None:
+            was_online = self.store.is_online(session.nick)
+            tabs = self.store.logout(sid.decode("ascii", "replace"))
+            self.push_tabs(tabs, {"type": "logged_out"})
+            if was_online:
+                self._presence_changed({session.nick})
+            self.log.info("{nick!r} logged out", nick=session.nick)
         # Attribute values are strings (Twisted refuses an int Max-Age with a TypeError).
         request.addCookie(COOKIE, b"", path=b"/", max_age=b"0",
                           expires=b"Thu, 01 Jan 1970 00:00:00 GMT", httpOnly=True,
@@ -253,20 +290,55 @@ class ChatApp:
         return self._json(request, self._me(self._nick(request)))
 
     def _me(self, nick: str) -> dict[str, Any]:
-        key = key_of(nick)
-        route = self.cluster.route_of(key)
-        return {"nick": nick, "key": key.to_json(), "route": route,
-                "orbited": self.cluster.browser_base(key),
-                "rooms": self.store.rooms_of(nick)}  # fmt: skip
+        return {"nick": nick, "rooms": self.store.rooms_of(nick)}
+
+    # -- tabs --------------------------------------------------------------------------
+
+    @app.route("/tabs", methods=["POST"])
+    def open_tab(self, request: IRequest) -> bytes:
+        """A page (one load of a tab) starts: from now on its tab gets the user's pushes.
+        Answers the tab's key, its route, where to connect and a token for it."""
+        body = self._body(request)
+        session = self._session(request)
+        tab = Tab(session.nick, session.tag, rules.tab_id(body.get("tab")))
+        if self.store.open_tab(session, tab.tab, rules.tab_id(body.get("page"), "page id")):
+            self._presence_changed({session.nick})
+        key = key_of(tab)
+        return self._json(request, {
+            "tab": tab.tab, "key": key.to_json(), "route": self.cluster.route_of(key),
+            "orbited": self.cluster.browser_base(key),
+            "token": issue_token(self.secret, key, TOKEN_TTL),
+        })  # fmt: skip
+
+    @app.route("/tabs/<tab>/close", methods=["POST"])
+    def close_tab(self, request: IRequest, tab: str) -> bytes:
+        """The page's goodbye (``pagehide``: closed, reloaded or left). If that was the
+        user's last open tab, the nickname is free at once; member lists are told after
+        CLOSE_GRACE seconds, by when a reloading page is back."""
+        body = self._body(request)
+        session = self._session(request)
+        page = rules.tab_id(body.get("page"), "page id")
+        if self.store.close_tab(session, rules.tab_id(tab), page):
+            call = self.reactor.callLater(CLOSE_GRACE, self._still_offline, session.nick)
+            self._later.add(call)
+        request.setResponseCode(204)
+        return b""
+
+    def _still_offline(self, nick: str) -> None:
+        self._later = {c for c in self._later if c.active()}
+        if not self.store.is_online(nick):
+            self._presence_changed({nick})
 
     @app.route("/token", methods=["GET"])
     def token(self, request: IRequest) -> bytes:
-        """A fresh Orbited token for the logged-in user's key; the JS client calls this
-        again when its token expires."""
-        nick = self._nick(request)
+        """A fresh Orbited token for one of the user's tabs (``?tab=<id>``); the JS
+        client calls this again when its token expires."""
+        session = self._session(request)
+        raw = (request.args.get(b"tab") or [b""])[0].decode("utf-8", "replace")
+        tab = Tab(session.nick, session.tag, rules.tab_id(raw))
         request.setHeader(b"content-type", b"text/plain; charset=utf-8")
         request.setHeader(b"cache-control", b"no-store")
-        return issue_token(self.secret, key_of(nick), TOKEN_TTL).encode()
+        return issue_token(self.secret, key_of(tab), TOKEN_TTL).encode()
 
     # -- rooms -------------------------------------------------------------------------
 
@@ -350,9 +422,9 @@ class ChatApp:
         except (ValueError, KeyError, TypeError, AttributeError):
             raise HTTPError(400, "not a presence batch") from None
         ours = [
-            (kind, key[0], serial)
+            Presence(kind, tab, serial)
             for kind, key, serial in events
-            if isinstance(key, list) and len(key) == 3 and key[1:] == ["", LOCATION]
+            if (tab := tab_of(key)) is not None and kind in ("signon", "signoff")
         ]
         changed = self.store.apply_presence(node, ours)
         self._presence_changed(changed)
@@ -377,7 +449,7 @@ class ChatApp:
             self.log.debug("HaloD status unavailable: {e}", e=e)
             return
         known = {n["name"] for n in status.get("nodes", [])}
-        gone = set(self.store.online().values()) - known
+        gone = self.store.nodes() - known
         if gone:
             self.log.info("nodes {gone} left HaloD: their users are offline", gone=sorted(gone))
             self._presence_changed(self.store.drop_nodes(gone))

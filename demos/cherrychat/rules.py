@@ -15,6 +15,7 @@ NICK_MAX = 32
 ROOM_MAX = 24
 MESSAGE_MAX = 1000  # characters; the node's 64 KiB payload limit is far above this
 ROOM_RE = re.compile(r"[a-z0-9][a-z0-9-]*")
+TAB_RE = re.compile(r"[A-Za-z0-9_-]{8,64}")  # a page's own random id (crypto.randomUUID)
 # Unicode categories refused in nicknames and messages: controls, format characters
 # (zero-width, bidi overrides), line/paragraph separators, unassigned and private use.
 _FORBIDDEN = {"Cc", "Cf", "Zl", "Zp", "Cn", "Co", "Cs"}
@@ -64,3 +65,14 @@ def message(value: object) -> str:
     if any(unicodedata.category(c) in _FORBIDDEN and c not in "\n\t\u200d" for c in text):
         raise InvalidInput("the message contains control or invisible characters")
     return text
+
+
+def is_tab_id(value: object) -> bool:
+    return isinstance(value, str) and TAB_RE.fullmatch(value) is not None
+
+
+def tab_id(value: object, what: str = "tab id") -> str:
+    """A tab's (or page load's) id, chosen by the page: part of its connection key."""
+    if not is_tab_id(value):
+        raise InvalidInput(f"a {what} is 8 to 64 of A-Z, a-z, 0-9, '_' and '-'")
+    return value  # type: ignore[return-value]

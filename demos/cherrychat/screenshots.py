@@ -60,8 +60,9 @@ def main() -> int:
                 page.click("#rooms li[data-room='lobby']")
                 page.wait_for_selector("#rooms li.current[data-room='lobby']")
             alice.wait_for_selector("#members li.online[data-nick='carol']")
-            say(alice, "Hi carol! I'm on route 22, served by one node.")
-            reply = "Route 5 here, on the other one. Same room, no pub/sub needed."
+            route = alice.evaluate("window.chat.tab.route")  # each tab has its own key
+            say(alice, f"Hi carol! My tab is on route {route}, served by one node.")
+            reply = "Mine hashes to another route. Same room, no pub/sub needed."
             say(carol, reply)
             say(alice, "<b>Markup</b> stays text: <script>alert(1)</script>")
             alice.wait_for_selector(f"#messages li.text .text:text-is({reply!r})")
@@ -70,7 +71,7 @@ def main() -> int:
 
             # Kill the node serving alice: the spare takes its routes, alice reconnects.
             victim = next(n for n, info in cluster.halod_nodes().items()
-                          if 22 in info["routes"])  # fmt: skip
+                          if route in info["routes"])  # fmt: skip
             cluster.children[victim].proc.send_signal(signal.SIGKILL)
             alice.wait_for_selector("#connection.state-reconnecting")
             alice.wait_for_selector("#connection.state-open", timeout=30000)

@@ -5,7 +5,13 @@ state, kept here so that a web-app restart keeps rooms, members and history. Mes
 numbered 1, 2, 3, … within each room, so a page sees a hole when it misses one (its node
 died, a push failed) and asks for ``messages(room, after=<last id before the hole>)``.
 
-Presence (who is online, on which node) is also here, fed by the nodes' signed webhooks.
+Tabs and presence: every tab of a logged-in user has its own connection key
+``(nick, session tag, "/cherrychat/<tab>")`` (a second tab must not replace the first), so
+the app pushes to every open tab of each recipient. A tab is registered by its page
+(``open_tab``), on a node once that node's signed webhook says ``signon``, and gone at the
+``signoff`` (the node's linger after its connection closed), at the page's goodbye
+(``close_tab``, sent on ``pagehide``) or at logout. A user is **online** while any of
+their tabs is open and on a node; only an online user's nickname is taken.
 Calls are synchronous: each is one small local transaction (well under a millisecond),
 cheaper than handing it to a thread.
 """
@@ -16,16 +22,20 @@ import secrets
 import sqlite3
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 DEFAULT_ROOMS = ("lobby", "python", "twisted")
 HISTORY = 50  # messages a page gets when it joins or opens a room
 MAX_FETCH = 500  # messages per catch-up request; the page asks again if it got this many
+TAB_WAIT = 120.0  # seconds a tab not on any node is kept (it may be connecting or failing over)
+SCHEMA_VERSION = 1
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS sessions (
-    sid TEXT PRIMARY KEY, nick TEXT NOT NULL UNIQUE, created REAL NOT NULL);
+    sid TEXT PRIMARY KEY, nick TEXT NOT NULL UNIQUE, tag TEXT NOT NULL UNIQUE,
+    created REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS rooms (name TEXT PRIMARY KEY, created REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS members (
     room TEXT NOT NULL REFERENCES rooms(name), nick TEXT NOT NULL, joined REAL NOT NULL,
@@ -34,10 +44,42 @@ CREATE INDEX IF NOT EXISTS members_by_nick ON members (nick);
 CREATE TABLE IF NOT EXISTS messages (
     room TEXT NOT NULL, id INTEGER NOT NULL, nick TEXT NOT NULL,
     kind TEXT NOT NULL, text TEXT NOT NULL, time REAL NOT NULL, PRIMARY KEY (room, id));
-CREATE TABLE IF NOT EXISTS presence (
-    nick TEXT PRIMARY KEY, node TEXT NOT NULL, since REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS tabs (
+    tag TEXT NOT NULL, tab TEXT NOT NULL, nick TEXT NOT NULL, page TEXT NOT NULL,
+    node TEXT, closed INTEGER NOT NULL DEFAULT 0, seen REAL NOT NULL, PRIMARY KEY (tag, tab));
+CREATE INDEX IF NOT EXISTS tabs_by_nick ON tabs (nick);
 CREATE TABLE IF NOT EXISTS node_serials (node TEXT PRIMARY KEY, serial INTEGER NOT NULL);
 """
+# Before version 1 presence was one row per nickname and sessions had no tag: both are
+# short-lived (a login, who is connected now), so they are dropped and users log in again.
+MIGRATE_TO_1 = """
+DROP TABLE IF EXISTS presence; DROP TABLE IF EXISTS sessions; DROP TABLE IF EXISTS node_serials;
+"""
+ONLINE = "node IS NOT NULL AND closed = 0"  # a tab that counts: open, and on a node
+
+
+@dataclass(frozen=True)
+class Session:
+    nick: str
+    tag: str  # public: the session part of the user's connection keys
+
+
+@dataclass(frozen=True)
+class Tab:
+    """One open page: its connection key is (nick, tag, "/cherrychat/" + tab)."""
+
+    nick: str
+    tag: str
+    tab: str
+
+
+@dataclass(frozen=True)
+class Presence:
+    """One notice of a node's webhook about a key of this app."""
+
+    kind: str  # "signon" or "signoff"
+    tab: Tab
+    serial: int
 
 
 class NickTaken(Exception):
@@ -50,7 +92,11 @@ class Store:
         self.db.row_factory = sqlite3.Row
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA foreign_keys=ON")
+        (version,) = self.db.execute("PRAGMA user_version").fetchone()
+        if version < 1:
+            self.db.executescript(MIGRATE_TO_1)
         self.db.executescript(SCHEMA)
+        self.db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         for name in DEFAULT_ROOMS:
             self.db.execute("INSERT OR IGNORE INTO rooms VALUES (?, ?)", (name, time.time()))
 
@@ -61,24 +107,76 @@ class Store:
 
     def login(self, nick: str) -> str:
         """A new session id (the cookie) for ``nick``. A nickname whose owner is online is
-        taken; one whose owner is offline passes to the new session (with its rooms)."""
+        taken; one whose owner is offline passes to the new session (with its rooms), and
+        the old session ends."""
         with self._txn():
             if self.is_online(nick):
                 raise NickTaken(nick)
-            sid = secrets.token_urlsafe(32)
+            sid, tag = secrets.token_urlsafe(32), secrets.token_urlsafe(9)
+            self.db.execute("DELETE FROM tabs WHERE nick = ?", (nick,))
             self.db.execute("DELETE FROM sessions WHERE nick = ?", (nick,))
-            self.db.execute("INSERT INTO sessions VALUES (?, ?, ?)", (sid, nick, time.time()))
+            self.db.execute("INSERT INTO sessions VALUES (?, ?, ?, ?)",
+                            (sid, nick, tag, time.time()))  # fmt: skip
             return sid
 
-    def session(self, sid: str | None) -> str | None:
-        """The nickname of session ``sid``, or None."""
+    def session(self, sid: str | None) -> Session | None:
+        """The session whose cookie is ``sid``, or None."""
         if not sid:
             return None
-        row = self.db.execute("SELECT nick FROM sessions WHERE sid = ?", (sid,)).fetchone()
-        return row["nick"] if row else None
+        row = self.db.execute("SELECT nick, tag FROM sessions WHERE sid = ?", (sid,)).fetchone()
+        return Session(row["nick"], row["tag"]) if row else None
 
-    def logout(self, sid: str) -> None:
-        self.db.execute("DELETE FROM sessions WHERE sid = ?", (sid,))
+    def logout(self, sid: str) -> list[Tab]:
+        """End session ``sid`` at once: its user is offline and the nickname free (the
+        nodes' signoffs for its keys, a linger later, are ignored). Returns the tabs it had,
+        so they can be told."""
+        with self._txn():
+            session = self.session(sid)
+            if session is None:
+                return []
+            tabs = self._tabs("tag = ?", (session.tag,))
+            self.db.execute("DELETE FROM tabs WHERE tag = ?", (session.tag,))
+            self.db.execute("DELETE FROM sessions WHERE sid = ?", (sid,))
+            return tabs
+
+    # -- tabs --------------------------------------------------------------------------
+
+    def open_tab(self, session: Session, tab: str, page: str, now: float | None = None) -> bool:
+        """The page ``page`` (one load of tab ``tab``) opened: it gets pushes from now on.
+        Reopening (a reload) keeps what the node said. True if its user came online."""
+        now = time.time() if now is None else now
+        with self._txn():
+            was = self.is_online(session.nick)
+            self.db.execute("DELETE FROM tabs WHERE node IS NULL AND seen < ?", (now - TAB_WAIT,))
+            self.db.execute(
+                "INSERT INTO tabs (tag, tab, nick, page, node, closed, seen) "
+                "VALUES (?, ?, ?, ?, NULL, 0, ?) ON CONFLICT (tag, tab) DO UPDATE SET "
+                "page = excluded.page, closed = 0, seen = excluded.seen",
+                (session.tag, tab, session.nick, page, now),
+            )
+            return not was and self.is_online(session.nick)
+
+    def close_tab(self, session: Session, tab: str, page: str) -> bool:
+        """Page ``page`` of tab ``tab`` said goodbye (closed, reloading, navigating away);
+        a goodbye from an earlier load of the tab than the current one is ignored. True if
+        its user went offline."""
+        with self._txn():
+            was = self.is_online(session.nick)
+            self.db.execute("UPDATE tabs SET closed = 1 WHERE tag = ? AND tab = ? AND page = ?",
+                            (session.tag, tab, page))  # fmt: skip
+            return was and not self.is_online(session.nick)
+
+    def tabs_of(self, nicks: Iterable[str]) -> list[Tab]:
+        """Every open tab of these users: where their pushes go."""
+        wanted = list(nicks)
+        marks = ",".join("?" * len(wanted))
+        return self._tabs(f"closed = 0 AND nick IN ({marks})", wanted) if wanted else []
+
+    def _tabs(self, where: str, args: Iterable[object]) -> list[Tab]:
+        rows = self.db.execute(
+            f"SELECT nick, tag, tab FROM tabs WHERE {where} ORDER BY nick, tag, tab", tuple(args)
+        )
+        return [Tab(r["nick"], r["tag"], r["tab"]) for r in rows]
 
     # -- rooms and members -------------------------------------------------------------
 
@@ -121,9 +219,8 @@ class Store:
     def members(self, room: str) -> list[dict[str, Any]]:
         """The room's members, online ones first, each with its online flag."""
         rows = self.db.execute(
-            "SELECT m.nick, p.nick IS NOT NULL AS online FROM members m "
-            "LEFT JOIN presence p ON p.nick = m.nick WHERE m.room = ? "
-            "ORDER BY online DESC, m.nick",
+            "SELECT m.nick, EXISTS (SELECT 1 FROM tabs t WHERE t.nick = m.nick AND "
+            f"{ONLINE}) AS online FROM members m WHERE m.room = ? ORDER BY online DESC, m.nick",
             (room,),
         )
         return [{"nick": r["nick"], "online": bool(r["online"])} for r in rows]
@@ -162,64 +259,72 @@ class Store:
     # -- presence ----------------------------------------------------------------------
 
     def is_online(self, nick: str) -> bool:
-        row = self.db.execute("SELECT 1 FROM presence WHERE nick = ?", (nick,)).fetchone()
-        return row is not None
+        row = self.db.execute(f"SELECT 1 FROM tabs WHERE nick = ? AND {ONLINE}", (nick,))
+        return row.fetchone() is not None
 
-    def online(self) -> dict[str, str]:
-        return {r["nick"]: r["node"] for r in self.db.execute("SELECT nick, node FROM presence")}
+    def online(self) -> dict[str, int]:
+        """Users online, each with the number of their tabs that count."""
+        rows = self.db.execute(f"SELECT nick, COUNT(*) AS n FROM tabs WHERE {ONLINE} GROUP BY nick")
+        return {r["nick"]: r["n"] for r in rows}
 
-    def apply_presence(self, node: str, events: Iterable[tuple[str, str, int]]) -> set[str]:
-        """Apply one webhook batch from ``node``: (type, nick, serial) in serial order.
-        Returns the nicknames whose online state changed.
+    def nodes(self) -> set[str]:
+        """The nodes that have tabs on them."""
+        rows = self.db.execute("SELECT DISTINCT node FROM tabs WHERE node IS NOT NULL")
+        return {r["node"] for r in rows}
+
+    def apply_presence(self, node: str, events: Iterable[Presence]) -> set[str]:
+        """Apply one webhook batch from ``node``, in serial order. Returns the nicknames
+        whose online state changed.
 
         A serial lower than the last one seen from ``node`` means the node restarted and
-        lost its mailboxes without signoffs (docs/protocol.md): everyone it had is gone.
-        A signoff only counts from the node the nick last signed on to, because after a
-        failover the spare's signon can arrive before the old node's signoff would have."""
-        changed: set[str] = set()
+        lost its mailboxes without signoffs (docs/protocol.md): every tab it had is off it.
+        A signoff only counts from the node the tab last signed on to, because after a
+        failover the spare's signon can arrive before the old node's signoff would have.
+        A signon counts only for a live session of that user (not after its logout)."""
         with self._txn():
+            before = self.online()
             row = self.db.execute(
                 "SELECT serial FROM node_serials WHERE node = ?", (node,)
             ).fetchone()
             last = row["serial"] if row else 0
-            for kind, nick, serial in events:
-                if serial <= last:
-                    changed |= self._drop_node(node)
-                last = serial
-                if kind == "signon":
-                    before = self.db.execute(
-                        "SELECT node FROM presence WHERE nick = ?", (nick,)
-                    ).fetchone()
-                    self.db.execute("INSERT OR REPLACE INTO presence VALUES (?, ?, ?)",
-                                    (nick, node, time.time()))  # fmt: skip
-                    if before is None:
-                        changed.add(nick)
-                elif kind == "signoff":
-                    cursor = self.db.execute(
-                        "DELETE FROM presence WHERE nick = ? AND node = ?", (nick, node)
-                    )
-                    if cursor.rowcount:
-                        changed.add(nick)
+            for event in events:
+                if event.serial <= last:
+                    self._drop_node(node)
+                last = event.serial
+                tab = event.tab
+                if event.kind == "signon":
+                    live = self.db.execute("SELECT 1 FROM sessions WHERE tag = ? AND nick = ?",
+                                           (tab.tag, tab.nick)).fetchone()  # fmt: skip
+                    if live:  # a new connection: the tab is open (again), on this node
+                        self.db.execute(
+                            "INSERT INTO tabs (tag, tab, nick, page, node, closed, seen) "
+                            "VALUES (?, ?, ?, '', ?, 0, ?) ON CONFLICT (tag, tab) DO UPDATE "
+                            "SET node = excluded.node, seen = excluded.seen",
+                            (tab.tag, tab.tab, tab.nick, node, time.time()),
+                        )
+                elif event.kind == "signoff":
+                    self.db.execute("DELETE FROM tabs WHERE tag = ? AND tab = ? AND node = ?",
+                                    (tab.tag, tab.tab, node))  # fmt: skip
             self.db.execute("INSERT OR REPLACE INTO node_serials VALUES (?, ?)", (node, last))
-        return changed
+            return _changed(before, self.online())
 
     def drop_nodes(self, nodes: Iterable[str]) -> set[str]:
-        """Forget everyone on ``nodes`` (HaloD says they failed); returns those nicks."""
-        changed: set[str] = set()
+        """Tabs on ``nodes`` (HaloD says they failed) are on no node until they sign on
+        elsewhere; returns the nicknames that went offline."""
         with self._txn():
+            before = self.online()
             for node in nodes:
-                changed |= self._drop_node(node)
-        return changed
+                self._drop_node(node)
+            return _changed(before, self.online())
 
-    def _drop_node(self, node: str) -> set[str]:
-        rows = self.db.execute("SELECT nick FROM presence WHERE node = ?", (node,)).fetchall()
-        self.db.execute("DELETE FROM presence WHERE node = ?", (node,))
+    def _drop_node(self, node: str) -> None:
+        self.db.execute("UPDATE tabs SET node = NULL, seen = ? WHERE node = ?", (time.time(), node))
         self.db.execute("DELETE FROM node_serials WHERE node = ?", (node,))
-        return {r["nick"] for r in rows}
 
     def clear_presence(self) -> None:
-        """Forget who was online: the nodes were (re)started and have no one yet."""
-        self.db.executescript("DELETE FROM presence; DELETE FROM node_serials;")
+        """Forget every tab: the nodes were (re)started and have no one yet (pages that
+        are still open sign on again when they reconnect)."""
+        self.db.executescript("DELETE FROM tabs; DELETE FROM node_serials;")
 
     # ----------------------------------------------------------------------------------
 
@@ -242,3 +347,7 @@ class _Transaction:
     def __exit__(self, kind: object, *rest: object) -> None:
         if self.outer:
             self.db.execute("ROLLBACK" if kind else "COMMIT")
+
+
+def _changed(before: dict[str, int], after: dict[str, int]) -> set[str]:
+    return set(before) ^ set(after)

@@ -5,13 +5,21 @@
 // the page de-duplicates by id and knows `upTo`, the id below which it has them all. When
 // a message arrives past a hole, and each time the connection (re)opens, it asks the web
 // app for everything after `upTo` (a node that died lost its mailboxes; the app did not).
+//
+// Each tab has its own connection key, named by a tab id kept in sessionStorage (so a
+// reload resumes the same key); each load of the page also has a page id, so the app can
+// tell a reloading tab's goodbye from its next hello.
 import { OrbitedClient } from "/orbited-client.mjs";
 
 const $ = (id) => document.getElementById(id);
 
 const chat = {
-  me: null,            // {nick, key, route, orbited, rooms}
+  me: null,            // {nick, rooms}
+  tab: null,           // this tab: {tab, key, route, orbited, token} from POST /tabs
+  page: crypto.randomUUID(), // this load of the page
   client: null,        // the OrbitedClient
+  closing: false,      // we close the connection ourselves (logout, leaving the page)
+  retabs: 0,           // new tab ids taken after a "replaced" (a duplicated tab)
   rooms: new Map(),    // name -> {joined, members, messages: Map(id -> message), upTo, unread, count}
   current: null,       // the room on screen
   connection: { state: "closed", transport: null, detail: null },
@@ -50,11 +58,18 @@ function showError(id, error) { $(id).textContent = error ? String(error.message
 
 function renderConnection() {
   const { state, transport, detail } = chat.connection;
+  // Closed while we did not close it ourselves: the client gave up for good.
+  const dead = state === "closed" && chat.client !== null && !chat.closing;
   $("connection").className = `state-${state}`;
-  $("conn-state").textContent = state;
+  $("conn-state").textContent = dead ? "disconnected" : state;
   $("conn-transport").textContent = transport ? `via ${transport}` : "";
-  $("conn-route").textContent = chat.me ? `route ${chat.me.route}` : "";
+  $("conn-route").textContent = chat.tab ? `route ${chat.tab.route}` : "";
   $("connection").title = detail ? `last problem: ${detail}` : "connection to Orbited";
+  $("conn-banner").hidden = !dead;
+  $("conn-reason").textContent = dead
+    ? `Disconnected for good (${detail || "closed"}): new messages will not arrive.` : "";
+  $("text").disabled = dead;
+  $("send-form").querySelector("button").disabled = dead;
 }
 
 function renderRooms() {
@@ -254,26 +269,68 @@ function resyncAll() {
 function onPush(data) {
   if (data.type === "message") addMessage(data);
   else if (data.type === "members") setMembers(data.room, data.members);
+  else if (data.type === "logged_out") endSession("You logged out in another tab.");
+}
+
+// -- this tab's connection ----------------------------------------------------------
+
+function tabId(fresh) {
+  let id = sessionStorage.getItem("cherrychat.tab");
+  if (!id || fresh) {
+    id = crypto.randomUUID();
+    sessionStorage.setItem("cherrychat.tab", id);
+  }
+  return id;
+}
+
+// Tell the app this page is here (again): it pushes to this tab from now on.
+async function registerTab(fresh) {
+  chat.tab = await api("POST", "/tabs", { tab: tabId(fresh), page: chat.page });
+  return chat.tab;
+}
+
+// The session is over (logged out in another tab, or expired): back to the login.
+function endSession(notice) {
+  if (chat.closing) return;
+  chat.closing = true;
+  if (chat.client) chat.client.close();
+  sessionStorage.setItem("cherrychat.notice", notice);
+  location.reload();
 }
 
 function connect() {
-  chat.client = new OrbitedClient(chat.me.orbited, {
+  let first = chat.tab.token;
+  const client = new OrbitedClient(chat.tab.orbited, {
     token: async () => {
-      const response = await fetch("/token", { cache: "no-store", credentials: "same-origin" });
+      if (first) { const token = first; first = null; return token; }
+      const tab = encodeURIComponent(chat.tab.tab);
+      const response = await fetch(`/token?tab=${tab}`, { cache: "no-store", credentials: "same-origin" });
+      if (response.status === 401) endSession("Your session has ended: log in again.");
       if (!response.ok) throw new Error(`token: HTTP ${response.status}`);
       return response.text();
     },
     base: 500, max: 8000,
     onMessage: onPush,
     onState: (state, info) => {
+      if (chat.client !== client) return; // an earlier connection of this tab
       chat.connection = { state, transport: info.transport, detail: info.detail || null };
       chat.states.push([state, info.transport, info.detail || null]);
+      if (state === "closed" && !chat.closing && String(info.detail).startsWith("replaced") && chat.retabs < 3) {
+        // Another tab has our key: a duplicated tab copies sessionStorage, tab id included.
+        chat.retabs += 1;
+        registerTab(true).then(connect, (e) => showError("chat-error", e));
+        return;
+      }
       renderConnection();
-      if (state === "open") resyncAll();
+      if (state === "open") {
+        registerTab(false).catch(() => {}); // e.g. after its node's mailboxes were lost
+        resyncAll();
+      }
     },
   });
-  chat.client.on("gap", resyncAll);
-  chat.client.connect();
+  chat.client = client;
+  client.on("gap", resyncAll);
+  client.connect();
 }
 
 // -- views --------------------------------------------------------------------------
@@ -282,11 +339,15 @@ function showLogin() {
   $("chat-view").hidden = true;
   $("whoami").hidden = true;
   $("login-view").hidden = false;
+  const notice = sessionStorage.getItem("cherrychat.notice");
+  sessionStorage.removeItem("cherrychat.notice");
+  if (notice) showError("login-error", notice);
   $("nick").focus();
 }
 
 async function startChat(me) {
   chat.me = me;
+  await registerTab(false);
   $("login-view").hidden = true;
   $("chat-view").hidden = false;
   $("whoami").hidden = false;
@@ -311,10 +372,13 @@ $("login-form").addEventListener("submit", async (e) => {
 });
 
 $("logout").addEventListener("click", async () => {
-  await api("POST", "/logout").catch(() => {});
+  chat.closing = true;
   if (chat.client) chat.client.close();
+  await api("POST", "/logout").catch(() => {});
   location.reload();
 });
+
+$("reload").addEventListener("click", () => location.reload());
 
 $("leave").addEventListener("click", () => leaveRoom().catch((e) => showError("chat-error", e)));
 
@@ -341,7 +405,20 @@ $("send-form").addEventListener("submit", async (e) => {
   }
 });
 
-window.addEventListener("pagehide", () => chat.client && chat.client.close());
+// Leaving the page (closing the tab, reloading, navigating away): close the connection
+// and say goodbye, so that a closed last tab frees the nickname at once instead of after
+// the node's linger. keepalive lets the request outlive the page.
+window.addEventListener("pagehide", () => {
+  if (!chat.tab) return;
+  chat.closing = true;
+  if (chat.client) chat.client.close();
+  fetch(`/tabs/${encodeURIComponent(chat.tab.tab)}/close`, {
+    method: "POST", keepalive: true, credentials: "same-origin",
+    headers: { "content-type": "application/json" }, body: JSON.stringify({ page: chat.page }),
+  }).catch(() => {});
+});
+// Back from the back/forward cache: the connection was closed; start afresh.
+window.addEventListener("pageshow", (e) => { if (e.persisted) location.reload(); });
 
 api("GET", "/me").then(startChat, (error) => {
   if (error.status === 401) showLogin();
