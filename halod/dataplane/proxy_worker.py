@@ -425,7 +425,7 @@ def _start_logging() -> None:
 
     def no_port_lines(event: dict[str, Any]) -> PredicateResult:
         text = " ".join(str(m) for m in event.get("message", ()))
-        if " starting on " in text or text.startswith("(TCP Port") or "Port Closed" in text:
+        if " starting on " in text or (text.startswith("(") and text.endswith(" Closed)")):
             return PredicateResult.no
         return PredicateResult.maybe
 
