@@ -496,3 +496,30 @@ def test_headers_over_the_limits_get_431(port_node: NodeProcess, head: bytes):
 def test_malformed_requests_get_400_with_a_json_body(port_node: NodeProcess, data: bytes):
     status, headers, body = parse_response(raw_exchange(port_node, data))
     assert status == 400 and json_error(headers, body) == "bad_request"
+
+
+def test_a_bug_in_a_resource_is_a_json_500():
+    """twisted.web answers an exception in a resource with an HTML page; the node's site
+    with the JSON error body (docs/protocol.md, "Errors")."""
+    from twisted.internet.testing import StringTransport
+    from twisted.logger import globalLogPublisher
+
+    from orbited.transports.http import JSONResource, orbited_site
+
+    class Broken(JSONResource):
+        def render_GET(self, request):  # noqa: N802
+            raise RuntimeError("a bug")
+
+    site = orbited_site({b"broken": Broken()})
+    channel = site.buildProtocol(None)
+    transport = StringTransport()
+    logged: list[dict] = []
+    globalLogPublisher.addObserver(logged.append)
+    try:
+        channel.makeConnection(transport)
+        channel.dataReceived(b"GET /orbited/broken HTTP/1.1\r\nHost: h\r\n\r\n")
+    finally:
+        globalLogPublisher.removeObserver(logged.append)
+    status, headers, body = parse_response(transport.value())
+    assert status == 500 and json_error(headers, body) == "internal_error"
+    assert any("log_failure" in event for event in logged)  # still logged

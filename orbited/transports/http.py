@@ -315,11 +315,27 @@ class OrbitedChannel(http.HTTPChannel):
         super().connectionLost(reason)
 
 
+class OrbitedRequest(server.Request):
+    """A request whose failure (a bug: an exception in a resource) is answered 500 with
+    the JSON error body ``internal_error``, not twisted.web's HTML page."""
+
+    def processingFailed(self, reason: Any) -> Any:  # noqa: N802
+        self._log.failure("", failure=reason)
+        body = getattr(self.site, "error_body", error_json)("internal_error", "a bug in the node")
+        self.setResponseCode(500)
+        self.setHeader(b"content-type", b"application/json")
+        self.setHeader(b"content-length", b"%d" % len(body))
+        self.write(body)
+        self.finish()
+        return reason
+
+
 class OrbitedSite(QuietSite):
     """The Site of a node's HTTP listeners: JSON errors everywhere (``error_body``), the
     request-head limits of ``head_limits``."""
 
     protocol = OrbitedChannel  # type: ignore[assignment]
+    requestFactory = OrbitedRequest
 
     def __init__(
         self,
