@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -208,3 +210,21 @@ def shared_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProces
     proc.start()
     yield proc
     proc.stop()
+
+
+@pytest.fixture(autouse=True)
+def no_proxy_worker_outlives_its_test(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """The built-in proxy's worker outlives a SIGKILLed HaloD by design (docs/halod.md, "The
+    built-in proxy"); a test that ends with HaloD killed must not leave one forwarding (and
+    holding ports) for the rest of the session: any worker whose pid file lies under this
+    session's temporary directories is ended after each test."""
+    yield
+    for pid_file in tmp_path_factory.getbasetemp().glob("**/proxy/worker.pid"):
+        try:
+            pid = int(pid_file.read_text().strip())
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except (OSError, ValueError):
+            continue
+        if b"proxy_worker" in cmdline:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
