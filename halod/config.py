@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from halod.dataplane import Ports
+from halod.liveness import ProbeSettings
 from halod.membership import Timing
 from halod.protocol import MAX_ROUTES
 from halod.routes import POLICIES
@@ -43,6 +44,15 @@ class HaloDConfig(ConfigBase):
     heartbeat_interval: float = _opt(1.0, "seconds between a node's heartbeats")
     missed_heartbeats: int = _opt(3, "k: silent for k intervals = failed")
     grace: float = _opt(5.0, "seconds a disconnected node has to reconnect and keep routes")
+    probe: bool = _opt(
+        ProbeSettings.enabled, "probe a lost node's ports (so a dead one fails over at once)"
+    )
+    probe_timeout: float = _opt(
+        ProbeSettings.timeout, "seconds a probe connect may take (then: no answer)"
+    )
+    probe_interval: float = _opt(
+        ProbeSettings.interval, "seconds between probes of a node that still answers"
+    )
     db: str = _opt("halod.sqlite3", "SQLite file the table is saved to on every change")
     secret_file: str = _opt("", "cluster secret nodes must present (empty = none)")
     control_max_message: int = _opt(1024 * 1024, "largest control message; larger closes")
@@ -74,7 +84,7 @@ class HaloDConfig(ConfigBase):
             parse_host_port(self.status_http)
         self.require_positive(
             "routes", "heartbeat_interval", "missed_heartbeats", "grace",
-            "control_max_message", "control_header_timeout",
+            "probe_timeout", "probe_interval", "control_max_message", "control_header_timeout",
         )  # fmt: skip
         if self.routes > MAX_ROUTES:  # nodes refuse a welcome with more (halod-protocol.md)
             raise ConfigError(f"routes must be at most {MAX_ROUTES}")
@@ -133,4 +143,5 @@ class HaloDConfig(ConfigBase):
         return Ports(self.dataplane_host, self.browser_port_base, self.sp_port_base, self.routes)
 
     def timing(self) -> Timing:
-        return Timing(self.heartbeat_interval, self.missed_heartbeats, self.grace)
+        probe = ProbeSettings(self.probe, self.probe_timeout, self.probe_interval)
+        return Timing(self.heartbeat_interval, self.missed_heartbeats, self.grace, probe)

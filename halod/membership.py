@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from halod import protocol as p
+from halod.liveness import Cause, Finding, Outcome, Prober, ProbeRequest, ProbeSettings, Verdict
 from halod.routes import Change, RouteTable, RouteTableError
 
 MAX_FAILED_SHOWN = 256  # failed nodes remembered for status pages
@@ -24,6 +25,7 @@ class Timing:
     heartbeat_interval: float = 1.0  # seconds between a node's heartbeats
     missed_heartbeats: int = 3  # k: a connected node silent for k intervals has failed
     grace: float = 5.0  # seconds a disconnected node has to come back and keep its routes
+    probe: ProbeSettings = ProbeSettings()  # telling a dead node from a control-link blip
 
 
 @dataclass
@@ -63,11 +65,15 @@ class Effects:
     sends: list[Send] = field(default_factory=list)
     drops: list[Drop] = field(default_factory=list)
     changes: list[Change] = field(default_factory=list)  # table changes: persist, log
+    probes: list[ProbeRequest] = field(default_factory=list)  # connects to start
+    findings: list[Finding] = field(default_factory=list)  # probe verdicts: log
 
     def extend(self, other: Effects) -> None:
         self.sends += other.sends
         self.drops += other.drops
         self.changes += other.changes
+        self.probes += other.probes
+        self.findings += other.findings
 
 
 class Membership:
@@ -79,6 +85,7 @@ class Membership:
         self.failed: OrderedDict[str, tuple[float, str]] = OrderedDict()  # name → (when, why)
         self.drained: set[str] = set()  # registered, holding no routes, never promoted
         self.failovers = 0
+        self.prober = Prober(timing.probe)
 
     # -- node messages ------------------------------------------------------------------
 
@@ -111,6 +118,7 @@ class Membership:
             effects.changes.append(Change(name, "readdressed", held))
         record.browser, record.sp, record.capacity = msg["browser"], msg["sp"], msg["capacity"]
         record.connected, record.disconnected_at, record.last_heartbeat = True, None, now
+        self.prober.clear(name)  # probes still in flight are for a connection now gone
         notices: list[Send] = []
         incoming: set[int] = set()
         for change in effects.changes:
@@ -127,18 +135,57 @@ class Membership:
             return False
         record.last_heartbeat = now
         record.connections = msg.get("connections", record.connections)
+        if self.prober.cause(name) is Cause.SILENT:  # it was only late
+            self.prober.clear(name)
         return True
 
-    def disconnected(self, name: str, now: float) -> None:
+    def disconnected(self, name: str, now: float) -> Effects:
+        """Its control connection closed: probe its ports now (docs/halod.md, "Detecting
+        a dead node"); ``grace`` applies while it answers."""
         record = self.nodes.get(name)
-        if record is not None and record.connected:
-            record.connected, record.disconnected_at = False, now
+        if record is None or not record.connected:
+            return Effects()
+        record.connected, record.disconnected_at = False, now
+        return Effects(probes=self.prober.suspect(name, Cause.DISCONNECTED, _ports(record), now))
+
+    def probed(self, name: str, probe_id: int, port: str, outcome: Outcome, now: float
+               ) -> Effects:  # fmt: skip
+        """One port's probe outcome (halod.probe)."""
+        return self._found(self.prober.result(name, probe_id, port, outcome, now), now)
+
+    def probe_due(self) -> float | None:
+        """When ``probe_tick`` should next run (sooner than the deadline tick)."""
+        return self.prober.next_due()
+
+    def probe_tick(self, now: float, timeouts: bool = True) -> Effects:
+        """Time out probes and start the next ones (``tick`` does this too)."""
+        effects = Effects()
+        requests, findings = self.prober.tick(now, timeouts=timeouts)
+        effects.probes += requests
+        for finding in findings:
+            effects.extend(self._found(finding, now))
+        return effects
+
+    def _found(self, finding: Finding | None, now: float) -> Effects:
+        if finding is None:
+            return Effects()
+        if not finding.fail:
+            return Effects(findings=[finding])
+        if finding.cause is Cause.DISCONNECTED:
+            why = f"disconnected, {finding.describe()}"
+        else:
+            silent = now - self.nodes[finding.name].last_heartbeat
+            why = f"no heartbeat for {silent:.1f}s, {finding.describe()}"
+        effects = Effects(findings=[finding])
+        effects.extend(self.leave(finding.name, now, why))
+        return effects
 
     def leave(self, name: str, now: float, why: str = "left") -> Effects:
         """The node is gone for good (said so, or failed): hand its routes over now."""
         record = self.nodes.pop(name, None)
         if record is None:
             return Effects()
+        self.prober.clear(name)
         self.failed[name] = (now, why)
         while len(self.failed) > MAX_FAILED_SHOWN:
             self.failed.popitem(last=False)
@@ -177,19 +224,27 @@ class Membership:
         return Effects(changes=[change], sends=self._notices(change, skip=""))
 
     def tick(self, now: float, heartbeats_current: bool = True) -> Effects:
-        """Fail nodes past their deadline; call at least every heartbeat interval.
-        ``heartbeats_current`` False: the caller was itself stalled, so heartbeats may be
-        waiting unread — only disconnection deadlines are applied this time."""
+        """Fail nodes past their deadline, time out and repeat probes; call at least every
+        heartbeat interval. ``heartbeats_current`` False: the caller was itself stalled,
+        so heartbeats and probe answers may be waiting unread — only disconnection
+        deadlines are applied this time."""
         timing = self.timing
         silent_after = timing.missed_heartbeats * timing.heartbeat_interval
-        effects = Effects()
+        probing = self.prober.settings.enabled
+        effects = self.probe_tick(now, timeouts=heartbeats_current)
         for record in list(self.nodes.values()):
-            if (
-                record.connected
-                and heartbeats_current
-                and now - record.last_heartbeat > silent_after
-            ):
-                why = f"no heartbeat for {now - record.last_heartbeat:.1f}s"
+            if record.name not in self.nodes:  # failed by a finding above
+                continue
+            silent = now - record.last_heartbeat
+            if record.connected and heartbeats_current and silent > silent_after:
+                if probing and silent <= silent_after + timing.grace:
+                    # Late heartbeats (a busy node) must not fail it: probe first.
+                    if self.prober.cause(record.name) is not Cause.SILENT:
+                        effects.probes += self.prober.suspect(
+                            record.name, Cause.SILENT, _ports(record), now
+                        )
+                    continue
+                why = f"no heartbeat for {silent:.1f}s"
             elif (
                 not record.connected
                 and record.disconnected_at is not None  # 0.0 is a time (a test clock)
@@ -198,6 +253,8 @@ class Membership:
                 why = f"disconnected for more than {timing.grace:g}s"
             else:
                 continue
+            if self.prober.last_verdict(record.name) is Verdict.ALIVE:
+                why += " (its ports still answered)"
             effects.extend(self.leave(record.name, now, why))
         return effects
 
@@ -271,6 +328,14 @@ class Membership:
             return "active" if self.table.node_id(name) is not None else "spare"
         return "failed"
 
+    def suspicion(self, name: str) -> dict[str, str | None] | None:
+        """For status pages: why ``name`` is suspected and the last probe's verdict."""
+        cause = self.prober.cause(name)
+        if cause is None:
+            return None
+        last = self.prober.last_verdict(name)
+        return {"cause": cause.value, "probe": None if last is None else last.value}
+
     def owners(self) -> dict[int, NodeRecord]:
         return {route: self.nodes[name] for route, name in self.table.owners().items()}
 
@@ -315,3 +380,8 @@ class Membership:
         membership.drained = drained
         membership.failovers = int(snapshot.get("failovers", 0))
         return membership
+
+
+def _ports(record: NodeRecord) -> dict[str, str]:
+    """The addresses a probe connects to: the node's browser and SP listeners."""
+    return {"browser": record.browser, "sp": record.sp.removeprefix("tcp://")}

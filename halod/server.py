@@ -27,7 +27,9 @@ from halod import dataplane
 from halod import protocol as p
 from halod.config import HaloDConfig
 from halod.dataplane import DataPlane, Owner
+from halod.liveness import Cause, Finding, Outcome, ProbeRequest, Verdict
 from halod.membership import Effects, Membership
+from halod.probe import probe
 from halod.routes import Change, RouteTable, canonical, format_ranges
 from halod.store import Store
 from halod.svg import table_svg
@@ -37,6 +39,7 @@ from orbited.tokens import load_secret
 from orbited.transports.http import QuietSite
 
 ChangeListener = Callable[[Change, Membership], None]
+Probe = Callable[[ProbeRequest], "defer.Deferred[Outcome]"]
 
 
 class ControlProtocol(Protocol):
@@ -124,9 +127,14 @@ class HaloD:
 
     log = Logger()
 
-    def __init__(self, config: HaloDConfig, clock: IReactorTime) -> None:
+    def __init__(self, config: HaloDConfig, clock: IReactorTime, prober: Probe | None = None
+                 ) -> None:  # fmt: skip
         self.config = config
         self.clock = clock
+        # Connects to a suspected node's port (halod.probe); tests pass their own.
+        self.probe: Probe = prober or (
+            lambda request: probe(clock, request.address, request.timeout)  # type: ignore[arg-type]
+        )
         self.started = time.time()
         self.store = Store(Path(config.db))
         secret = None
@@ -160,10 +168,12 @@ class HaloD:
         self.stats = {
             "messages": 0, "refused": 0, "persist_errors": 0, "changes": 0,
             "handoffs_relayed": 0, "handoffs_dropped": 0, "stalls": 0,
+            "probes": 0, "probes_alive": 0, "probes_dead": 0, "probes_unknown": 0,
         }  # fmt: skip
         timing = config.timing()
         self.tick_period = max(0.02, min(timing.heartbeat_interval, timing.grace) / 4)
         self._last_tick: float | None = None
+        self._probe_timer: IDelayedCall | None = None  # probes run on their own times
 
     # -- from control connections --------------------------------------------------------
 
@@ -223,11 +233,26 @@ class HaloD:
         name = conn.name
         if name is not None and self.connections.get(name) is conn:
             del self.connections[name]
-            self.membership.disconnected(name, self.clock.seconds())
-            self.log.info(
-                "node {name} disconnected; failover after {grace}s without it",
-                name=name, grace=self.config.grace,
-            )  # fmt: skip
+            effects = self.membership.disconnected(name, self.clock.seconds())
+            grace = self.config.grace
+            what = (
+                f"probing its ports (dead: failover now; answering: {grace:g}s grace)"
+                if effects.probes
+                else f"failover after {grace:g}s without it"
+            )
+            self.log.info("node {name} disconnected; {what}", name=name, what=what)
+            self.apply(effects)
+
+    def _probe(self, request: ProbeRequest) -> None:
+        def done(outcome: Outcome) -> None:
+            now = self.clock.seconds()
+            self.apply(self.membership.probed(
+                request.name, request.probe_id, request.port, outcome, now
+            ))  # fmt: skip
+
+        d = defer.maybeDeferred(self.probe, request)
+        d.addCallback(done)
+        d.addErrback(lambda f: self.log.failure("probe of {name} failed", f, name=request.name))
 
     def tick(self) -> None:
         now = self.clock.seconds()
@@ -276,6 +301,61 @@ class HaloD:
             conn = self.connections.get(send.name)
             if conn is not None:
                 conn.send(send.message)
+        for finding in effects.findings:
+            self._log_finding(finding)
+        for request in effects.probes:
+            self.stats["probes"] += 1
+            self._probe(request)
+        self._schedule_probes()
+
+    def _schedule_probes(self) -> None:
+        """Wake up when the next probe times out or is due: the second probe of a node
+        comes FIRST_GAP (50 ms) after the first, sooner than the deadline tick."""
+        due = self.membership.probe_due()
+        timer = self._probe_timer
+        if timer is not None and timer.active():
+            if due is not None and timer.getTime() == max(due, self.clock.seconds()):
+                return
+            timer.cancel()
+        self._probe_timer = None
+        if due is not None:
+            now = self.clock.seconds()
+            at = max(due, now)
+            self._probe_timer = self.clock.callLater(at - now, self._probe_tick, at)
+
+    def _probe_tick(self, at: float) -> None:
+        self._probe_timer = None
+        now = self.clock.seconds()
+        # Woken a whole tick period late: this reactor was busy and answers may sit
+        # unread, so no probe times out this time (the next wake-up, at once, does).
+        late = now - at > self.tick_period
+        try:
+            self.apply(self.membership.probe_tick(now, timeouts=not late))
+        except Exception:
+            self.log.failure("probing failed")
+            self._schedule_probes()
+
+    def _log_finding(self, finding: Finding) -> None:
+        self.stats[f"probes_{finding.verdict.value}"] += 1
+        if finding.fail or not finding.changed:
+            return  # a failure is logged with its change
+        if finding.verdict is Verdict.ALIVE:
+            deadline = (
+                f"it has {self.config.grace:g}s to reconnect"
+                if finding.cause is Cause.DISCONNECTED
+                else f"failed if still silent {self.config.grace:g}s more"
+            )
+            self.log.info(
+                "node {name} is {cause} but answers ({probe}): {deadline}",
+                name=finding.name, cause=finding.cause.value, probe=finding.describe(),
+                deadline=deadline,
+            )  # fmt: skip
+        else:
+            self.log.warn(
+                "node {name} is {cause} and does not answer ({probe}); it has {grace:g}s "
+                "to reconnect", name=finding.name, cause=finding.cause.value,
+                probe=finding.describe(), grace=self.config.grace,
+            )  # fmt: skip
 
     def _log_change(self, change: Change) -> None:
         if change.role == "gone" and change.name in self.membership.drained:
@@ -295,6 +375,9 @@ class HaloD:
             )  # fmt: skip
 
     def shutdown(self) -> None:
+        if self._probe_timer is not None and self._probe_timer.active():
+            self._probe_timer.cancel()
+        self._probe_timer = None
         self.store.close()
 
     # -- views ---------------------------------------------------------------------------
@@ -323,6 +406,7 @@ class HaloD:
                 if record.connected else None,
                 "disconnected_for": round(now - record.disconnected_at, 3)
                 if record.disconnected_at is not None else None,
+                "suspected": m.suspicion(name),
             })  # fmt: skip
         return {
             "routes": m.table.routes,
@@ -393,6 +477,10 @@ class HaloD:
             "# HELP halod_stalls_total Deadline checks that came a period late (HaloD busy).",
             "# TYPE halod_stalls_total counter",
             f"halod_stalls_total {self.stats['stalls']}",
+            "# HELP halod_probes_total Probes of suspected nodes' ports, by verdict.",
+            "# TYPE halod_probes_total counter",
+            *(f'halod_probes_total{{verdict="{v}"}} {self.stats["probes_" + v]}'
+              for v in ("alive", "dead", "unknown")),  # fmt: skip
             "# HELP halod_control_messages_total Control messages received from nodes.",
             "# TYPE halod_control_messages_total counter",
             f"halod_control_messages_total {self.stats['messages']}",

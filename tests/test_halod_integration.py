@@ -62,7 +62,7 @@ def event_results(node, key, event_id):
         return send_event(req, event_id, [list(key)], {"n": event_id})["results"][0]
 
 
-def test_spare_takes_over_a_killed_node_within_grace_plus_a_heartbeat(tmp_path, procs):
+def test_spare_takes_over_a_killed_node(tmp_path, procs):
     halod = start_halod(tmp_path, procs, "--spares", "1")
     nodes = start_nodes(halod, tmp_path, procs, ["n1", "n2", "n3", "n4"])
     states = {name: n["state"] for name, n in halod.nodes().items()}
@@ -74,9 +74,8 @@ def test_spare_takes_over_a_killed_node_within_grace_plus_a_heartbeat(tmp_path, 
     key = keys_on_routes(lost)[0]
     assert event_results(nodes["n2"], key, "before")["status"] == "moved"  # a spare serves none
 
-    nodes["n3"].stop(signal.SIGKILL)
-    took = wait_for(lambda: routes_of(halod, "n2") == lost, "n2 to take n3's routes")
-    assert GRACE - 0.1 <= took <= GRACE + HEARTBEAT + 0.5
+    nodes["n3"].stop(signal.SIGKILL)  # its ports refuse: no grace (test_halod_detection.py)
+    wait_for(lambda: routes_of(halod, "n2") == lost, "n2 to take n3's routes")
     assert halod.nodes()["n2"]["state"] == "active" and halod.nodes()["n2"]["id"] == 2
     assert halod.get("status")["failed"][0]["name"] == "n3"
     # The spare now serves the route: it accepts the key instead of reporting it moved.

@@ -4,10 +4,12 @@ heartbeat and grace deadlines, the messages nodes get, restore after a restart."
 import pytest
 
 from halod import protocol as p
+from halod.liveness import ProbeSettings
 from halod.membership import Drop, Membership, Timing
 from halod.routes import MINIMAL, RouteTable, canonical
 
 TIMING = Timing(heartbeat_interval=1.0, missed_heartbeats=3, grace=5.0)
+NO_PROBES = Timing(1.0, 3, 5.0, ProbeSettings(enabled=False))
 
 
 def reg(name, **extra):
@@ -99,7 +101,11 @@ def test_reconnect_within_grace_keeps_routes_and_later_fails_over_to_the_spare()
 
 
 def test_missed_heartbeats_fail_a_connected_node_and_drop_its_connection():
-    m = cluster(2)
+    # Without probes (probe = false) silence alone decides; with them, see
+    # tests/test_halod_liveness.py.
+    m = Membership(RouteTable(24, 0), NO_PROBES)
+    for name in ("n1", "n2"):
+        m.register(reg(name), now=0.0)
     for t in (1.0, 2.0):
         m.heartbeat("n1", {"seq": 1}, t)
         m.heartbeat("n2", {"seq": 1}, t)
