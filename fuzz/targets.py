@@ -220,18 +220,28 @@ EVENT_ERROR_CODES = {
 SMALL_LIMITS = events.RequestLimits(max_recipients=4, max_payload=64, max_ack_wait=5.0)
 
 
+def strict_reply(reply: bytes) -> Any:
+    """A reply as a strict decoder reads it: ASCII JSON with no lone surrogate escape
+    (a browser or Go would refuse it), no NaN/Infinity."""
+    expect(reply.isascii(), "reply is not ASCII")
+    doc = json.loads(reply, parse_constant=lambda c: expect(False, f"{c} in reply"))
+    expect(strict_json(doc), "reply echoes a lone surrogate")
+    return doc
+
+
 def check_event_body(body: bytes) -> None:
-    """Arbitrary request bytes: a request, or a RequestError whose reply is valid JSON."""
+    """Arbitrary request bytes: a request, or a RequestError whose reply is strict JSON."""
     for limits in (events.RequestLimits(), SMALL_LIMITS):
         try:
             request = events.parse_request(body, limits)
         except events.RequestError as e:
             expect(e.code in EVENT_ERROR_CODES and e.message, f"unclear error {e.code!r}")
-            reply = json.loads(events.error_reply(e))
+            reply = strict_reply(events.error_reply(e))
             expect(reply["ok"] is False and reply["error"]["code"] == e.code, "error reply")
+            expect(len(e.message) <= 200, "error message quotes too much of the request")
             continue
         if isinstance(request, events.PingRequest):
-            json.loads(events.ok_reply(request.event_id, []))
+            strict_reply(events.ok_reply(request.event_id, []))
             continue
         expect(0 < len(request.recipients) <= limits.max_recipients, "recipient limit")
         expect(len(request.payload) <= limits.max_payload, "payload limit")
@@ -240,7 +250,7 @@ def check_event_body(body: bytes) -> None:
         again = events.parse_request(body, limits)
         expect(again == request, "parsing is not deterministic (resend digest)")
         results = [events.result(events.QUEUED, 1)] * len(request.recipients)
-        json.loads(events.ok_reply(request.event_id, results))
+        strict_reply(events.ok_reply(request.event_id, results))
 
 
 def event_body(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 
 from orbited.keys import ConnectionKey, KeyError_
@@ -68,12 +69,39 @@ def _no_constants(name: str) -> object:
 
 
 _DECODER = json.JSONDecoder(parse_constant=_no_constants)
+_STRICT_CHECK = json.JSONEncoder(ensure_ascii=False, allow_nan=False, check_circular=False)
+# What can make a decoded document not JSON, though the text is strict UTF-8 with no
+# NaN/Infinity: a \uD800-\uDFFF escape (a lone surrogate, unless it is half of a pair)
+# and a number too large for a double (1e999, 309 digits: Python reads inf). Only when
+# one may be there is the whole document checked.
+_SUSPECT = re.compile(r"\\u[dD][89a-fA-F]|[eE]\+?\d{3}|\d{309}")
+
+
+def loads_strict(text: str) -> object:
+    """JSON as browsers and strict decoders read it: no NaN/Infinity, no number beyond
+    the double range, no lone surrogate anywhere (not a Unicode character: a reply
+    echoing one is refused by strict decoders). ValueError or RecursionError otherwise."""
+    doc = _DECODER.decode(text)
+    if _SUSPECT.search(text):
+        try:
+            _STRICT_CHECK.encode(doc).encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("strings must not contain lone surrogates") from None
+        except ValueError:
+            raise ValueError("numbers must be finite") from None
+    return doc
+
+
+def _quote(value: object) -> str:
+    """A bounded excerpt of request content for an error message."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def parse_request(body: bytes, limits: RequestLimits) -> EventRequest | PingRequest:
     try:
         # Decode first: json.loads on bytes would also accept UTF-16/32 and a BOM.
-        doc = _DECODER.decode(body.decode("utf-8"))
+        doc = loads_strict(body.decode("utf-8"))
     except ValueError as e:
         raise RequestError("bad_json", f"request is not UTF-8 JSON: {e}") from None
     except RecursionError:
@@ -87,14 +115,19 @@ def parse_request(body: bytes, limits: RequestLimits) -> EventRequest | PingRequ
         raise RequestError("bad_request", f"id must be a string of 1-{MAX_EVENT_ID} characters")
     op = doc.get("op", "event")
     if op == "ping":
+        unknown = doc.keys() - {"id", "op"}
+        if unknown:
+            raise RequestError(
+                "bad_request", f"unknown fields in a ping: {_quote(sorted(unknown))}", event_id
+            )
         return PingRequest(event_id)
     if op != "event":
-        raise RequestError("unknown_op", f"unknown op {op!r}", event_id)
+        raise RequestError("unknown_op", f"unknown op {_quote(op)}", event_id)
     if event_id is None:
         raise RequestError("bad_request", "an event needs an id (used to ignore resends)")
     unknown = doc.keys() - {"id", "op", "to", "data", "ack"}
     if unknown:
-        raise RequestError("bad_request", f"unknown fields: {sorted(unknown)}", event_id)
+        raise RequestError("bad_request", f"unknown fields: {_quote(sorted(unknown))}", event_id)
     to = doc.get("to")
     if not isinstance(to, list) or not to:
         raise RequestError("bad_request", "to must be a non-empty array of keys", event_id)
@@ -110,15 +143,9 @@ def parse_request(body: bytes, limits: RequestLimits) -> EventRequest | PingRequ
         recipients = tuple(ConnectionKey.from_json(k) for k in to)
     except KeyError_ as e:
         raise RequestError("bad_key", str(e), event_id) from None
-    try:
-        payload = _encode(doc["data"])
-        addressed = _encode([event_id, to])
-    except UnicodeEncodeError:
-        raise RequestError(
-            "bad_json", "strings must not contain lone surrogates", event_id
-        ) from None
-    except ValueError:
-        raise RequestError("bad_json", "numbers must be finite", event_id) from None
+    # No lone surrogate, no infinity: refused with the JSON, so this encodes.
+    payload = _encode(doc["data"])
+    addressed = _encode([event_id, to])
     if len(payload) > limits.max_payload:
         raise RequestError(
             "payload_too_large",

@@ -105,3 +105,110 @@ def test_any_json_data_round_trips(data):
         assert e.code in ("payload_too_large", "bad_json")
         return
     assert json.loads(req.payload) == data
+
+
+# -- Lone surrogates are never echoed; pings take no other field -------------------------
+
+from orbited.events import error_reply, ok_reply  # noqa: E402
+
+
+def strict_loads(reply: bytes) -> object:
+    """What a strict JSON decoder (a browser's TextDecoder + JSON.parse, Go, Rust serde)
+    does: a lone surrogate escape is not a Unicode character."""
+    doc = json.loads(reply.decode("utf-8"))
+    json.dumps(doc, ensure_ascii=False).encode("utf-8")  # raises on a lone surrogate
+    return doc
+
+
+def reply_to(body: bytes) -> bytes:
+    try:
+        request = parse_request(body, LIMITS)
+    except RequestError as e:
+        return error_reply(e)
+    return ok_reply(request.event_id, [])
+
+
+LONE = "\\ud800"  # as written in JSON: a high surrogate with no low one
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"op":"ping","id":"%s"}' % LONE.encode(),
+        b'{"op":"ping","id":"x%sy"}' % b"\\udfff",
+        b'{"op":"nope","id":"%s"}' % LONE.encode(),
+        b'{"op":"%s","id":"e"}' % LONE.encode(),
+        b'{"id":"%s","to":[["u","",""]],"data":1,"extra":2}' % LONE.encode(),
+        b'{"id":"e","to":[["u","",""]],"data":1,"%s":2}' % LONE.encode(),
+        b'{"id":"%s","to":[["","",""]],"data":1}' % LONE.encode(),
+        b'{"id":"%s","to":[["u","",""]]}' % LONE.encode(),
+        b'{"id":"e","to":[["%s","",""]],"data":1}' % LONE.encode(),
+    ],
+)
+def test_lone_surrogates_anywhere_are_bad_json_and_never_echoed(body):
+    with pytest.raises(RequestError) as info:
+        parse_request(body, LIMITS)
+    assert info.value.code == "bad_json" and info.value.event_id is None
+    reply = strict_loads(error_reply(info.value))
+    assert reply["id"] is None and reply["error"]["code"] == "bad_json"
+
+
+def test_a_surrogate_pair_is_a_character_not_an_error():
+    ping = parse_request(b'{"op":"ping","id":"\\ud83d\\ude00"}', LIMITS)
+    assert ping == PingRequest("\U0001f600")
+    assert strict_loads(ok_reply(ping.event_id, []))["id"] == "\U0001f600"
+
+
+# Hypothesis leaves surrogates out of text by default: mix them in.
+def texts(max_size: int) -> st.SearchStrategy[str]:
+    surrogates = st.characters(categories=["Cs"], max_codepoint=0xDBFF)  # never a pair
+    return st.lists(st.characters() | surrogates, max_size=max_size).map("".join)
+
+
+request_docs = st.tuples(
+    st.fixed_dictionaries({}, optional={
+        "id": texts(6),
+        "op": st.sampled_from(["ping", "event", "x"]) | texts(3),
+        "to": st.lists(st.lists(texts(3), min_size=3, max_size=3), max_size=2),
+        "data": texts(4),
+    }),
+    st.dictionaries(texts(3), texts(3), max_size=1),
+).map(lambda d: json.dumps({**d[1], **d[0]}).encode())  # fmt: skip
+
+
+@given(st.one_of(st.binary(max_size=200), request_docs))
+def test_every_reply_is_strict_json(body):
+    strict_loads(reply_to(body))
+
+
+@pytest.mark.parametrize(
+    "doc",
+    [
+        {"op": "ping", "extra": 1},
+        {"op": "ping", "id": "p", "to": [["u", "", ""]]},
+        {"op": "ping", "data": None},
+        {"op": "ping", "ack": 5},
+    ],
+)
+def test_a_ping_with_any_other_field_is_refused_like_an_event(doc):
+    with pytest.raises(RequestError) as info:
+        parse(doc)
+    assert info.value.code == "bad_request" and "unknown fields" in info.value.message
+    assert info.value.event_id == doc.get("id")
+
+
+def test_error_messages_quote_at_most_a_bounded_part_of_the_request():
+    big = "x" * 100_000
+    for doc in [{"id": "e", "op": big}, {"id": "e", "op": [big]},
+                {"id": "e", "to": [["u", "", ""]], "data": 1, big: 1}]:  # fmt: skip
+        with pytest.raises(RequestError) as info:
+            parse_request(json.dumps(doc).encode(), RequestLimits())
+        assert len(info.value.message) < 200
+
+
+@pytest.mark.parametrize("number", [b"1e999", b"-1E+400", b"1" * 310 + b".0"])
+def test_a_number_beyond_the_double_range_is_bad_json_with_a_null_id(number):
+    with pytest.raises(RequestError) as info:
+        parse_request(b'{"id":"e","to":[["u","",""]],"data":[%s]}' % number, LIMITS)
+    assert info.value.code == "bad_json" and info.value.event_id is None
+    assert parse_request(b'{"id":"e","to":[["u","",""]],"data":[1e308]}', LIMITS).payload

@@ -110,7 +110,9 @@ def test_rep_protocol_closes_on_an_oversize_length_at_once():
 
 # -- Event requests ----------------------------------------------------------------------
 
-text = st.text(max_size=12)  # includes lone surrogates
+# Hypothesis leaves surrogates out of text: mix in high ones, which never make a pair.
+lone_surrogates = st.characters(categories=["Cs"], max_codepoint=0xDBFF)
+text = st.lists(st.characters() | lone_surrogates, max_size=12).map("".join)
 json_scalars = st.none() | st.booleans() | st.integers() | st.floats() | text
 json_values = st.recursive(
     json_scalars,
@@ -151,6 +153,8 @@ def encode_doc(doc: object, ascii_only: bool) -> bytes:
 ))  # fmt: skip
 @example(b'{"id":"e","to":[["u","",""]],"data":1e999}')
 @example(b'{"id":"\\ud800","to":[["u","",""]],"data":1}')
+@example(b'{"op":"ping","id":"\\ud800"}')  # the id was echoed: strict decoders refuse it
+@example(b'{"op":"nope","id":"\\udfff"}')
 @example(b'\xef\xbb\xbf{"op":"ping"}')
 def test_event_request_any_body(body):
     t.check_event_body(body)

@@ -188,3 +188,37 @@ def test_full_send_buffer_stops_reading_requests():
     assert transport.producerState == "paused"
     proto.resumeProducing()
     assert transport.producerState == "producing"
+
+
+@pytest.mark.parametrize(
+    "body", [b'"\\ud800"', b'{"a":"x\\udfff"}', b"NaN", b"[1e999]", b"-Infinity"]
+)
+def test_a_body_that_is_not_strict_json_is_delivered_as_text(body):
+    """Lone surrogates, NaN and infinities are not JSON (docs/protocol.md): such a body
+    is text like any other non-JSON body, never a "the node failed" and a traceback."""
+    from twisted.internet.task import Clock
+    from twisted.internet.testing import StringTransport
+
+    from fuzz.targets import no_logged_failures
+    from orbited.hub import Hub, HubConfig
+    from orbited.legacy.orbit import OrbitFactory
+
+    got: list[bytes] = []
+
+    class Sink:
+        def deliver(self, out: list[bytes]) -> bool:
+            got.extend(out)
+            return True
+
+    hub = Hub(Clock(), HubConfig(), epoch="ep")
+    key = ConnectionKey("alice", "0", "/chat")
+    hub.attach(key, Sink(), None)
+    got.clear()
+    proto = OrbitFactory(hub).buildProtocol(None)
+    transport = StringTransport()
+    with no_logged_failures():
+        proto.makeConnection(transport)
+        proto.dataReceived(b"Orbit 1.0\r\nEvent\r\nid: 1\r\nrecipient: alice, 0, /chat\r\n"
+                           b"length: %d\r\n\r\n%s" % (len(body), body))  # fmt: skip
+    assert transport.value() == b"Success\r\nid: 1\r\n\r\n"
+    assert [json.loads(frame)["data"] for frame in got] == [body.decode()]

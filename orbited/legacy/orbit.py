@@ -28,7 +28,15 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from orbited.events import ACKED, DELIVERED, MAX_EVENT_ID, QUEUED, UNACKED, RequestLimits
+from orbited.events import (
+    ACKED,
+    DELIVERED,
+    MAX_EVENT_ID,
+    QUEUED,
+    UNACKED,
+    RequestLimits,
+    loads_strict,
+)
 from orbited.hub import Hub
 from orbited.keys import ConnectionKey, KeyError_
 
@@ -169,10 +177,12 @@ def failure(event_id: str | None, message: str, recipients: list[ConnectionKey] 
 
 
 def body_to_data(body: bytes) -> object:
-    """pyorbited JSON-encoded bodies by default: JSON stays JSON; anything else is text."""
+    """pyorbited JSON-encoded bodies by default: JSON stays JSON; anything else is text,
+    including what Python's json would take but is not JSON: NaN, Infinity, 1e999 and
+    lone surrogates (docs/legacy.md)."""
     text = body.decode("utf-8", "replace")
     try:
-        return json.loads(text)
+        return loads_strict(text)
     except (ValueError, RecursionError):
         return text
 
