@@ -85,7 +85,7 @@ def test_store_rooms_members_messages_survive_a_restart(tmp_path):
     store.close()
 
     store = Store(tmp_path / "chat.sqlite3")  # the web app restarted
-    assert store.member_nicks("python") == ["alice"]
+    assert store.member_idents("python") == ["alice"]
     assert store.rooms_of("alice") == ["new-room", "python"]
     assert [m["text"] for m in store.messages("python")] == ["hi", "hello"]
     assert [m["text"] for m in store.messages("python", after=first["id"])] == ["hello"]
@@ -182,7 +182,7 @@ def test_store_presence_rules(tmp_path):
     assert store.drop_nodes(["n3"]) == {"a"}
     assert store.members("lobby") == [{"nick": "a", "online": False},
                                       {"nick": "b", "online": False}]  # fmt: skip
-    assert [t.nick for t in store.tabs_of(["a", "b"])] == ["a", "b"]  # reconnecting: kept
+    assert [t.ident for t in store.tabs_of(["a", "b"])] == ["a", "b"]  # reconnecting: kept
     assert store.apply_presence("n2", [on(1, "signon", a)]) == {"a"}  # back, on the spare
     store.clear_presence()
     assert store.online() == {} and store.tabs_of(["a", "b"]) == []
@@ -194,6 +194,25 @@ def test_store_forgets_tabs_that_never_reach_a_node(tmp_path):
     store.open_tab(d, "tab-gone-1", "page-gone-1", now=1000.0)
     store.open_tab(d, "tab-live-1", "page-live-1", now=1000.0 + TAB_WAIT + 1)
     assert store.tabs_of(["d"]) == [Tab("d", d.tag, "tab-live-1")]
+
+
+def test_nicknames_differing_in_case_are_one_user(tmp_path):
+    assert rules.identity("Alice") == rules.identity("ALICE") == "alice"
+    assert rules.identity("Zoë") == rules.identity("ZOË") and rules.identity("Straße") == "strasse"
+    store = Store(tmp_path / "chat.sqlite3")
+    alice = store.session(store.login("Alice"))
+    assert (alice.nick, alice.ident) == ("Alice", "alice")  # shown as typed
+    store.join("lobby", alice.ident)
+    store.open_tab(alice, "tab-alice", "page-alice")
+    store.apply_presence("n1", [on(1, "signon", Tab(alice.ident, alice.tag, "tab-alice"))])
+    assert store.members("lobby") == [{"nick": "Alice", "online": True}]
+    with pytest.raises(NickTaken):
+        store.login("alice")  # the same user, and she is online
+    store.apply_presence("n1", [on(2, "signoff", Tab(alice.ident, alice.tag, "tab-alice"))])
+    again = store.session(store.login("ALICE"))
+    assert (again.nick, again.ident) == ("ALICE", "alice")
+    assert store.rooms_of(again.ident) == ["lobby"]  # her rooms, whatever the case
+    assert store.members("lobby") == [{"nick": "ALICE", "online": False}]
 
 
 def test_store_migrates_a_version_0_database(tmp_path):
@@ -212,6 +231,7 @@ def test_store_migrates_a_version_0_database(tmp_path):
         INSERT INTO sessions VALUES ('old-sid', 'alice', 0);
         INSERT INTO rooms VALUES ('lobby', 0);
         INSERT INTO members VALUES ('lobby', 'alice', 0);
+        INSERT INTO members VALUES ('lobby', 'Alice', 1);
         INSERT INTO messages VALUES ('lobby', 1, 'alice', 'text', 'kept', 0);
         INSERT INTO presence VALUES ('alice', 'n1', 0);
     """)  # fmt: skip
@@ -219,7 +239,8 @@ def test_store_migrates_a_version_0_database(tmp_path):
     old.close()
     store = Store(path)
     assert store.session("old-sid") is None  # logins start afresh
-    assert store.member_nicks("lobby") == ["alice"]
+    assert store.member_idents("lobby") == ["alice"]
+    assert store.members("lobby") == [{"nick": "alice", "online": False}]
     assert [m["text"] for m in store.messages("lobby")] == ["kept"]
     store.login("alice")  # nobody is online any more
 

@@ -233,3 +233,26 @@ def test_tabs_tokens_and_goodbyes(cluster):
 def test_health_counts_users_and_tabs_online(cluster):
     health = http_json(f"{cluster.url}healthz")
     assert isinstance(health["tabs"], int) and health["tabs"] >= health["online"]
+
+
+def test_nicknames_are_one_user_whatever_their_case(cluster):
+    secret = (cluster.state / "secret").read_bytes().strip()
+    alice = logged_in(cluster, "CaseAlice")
+    _, tab = alice.call("POST", "/tabs", {"tab": "tab-case", "page": "page-case"})
+    assert tab["key"][0] == "casealice"  # the identity is the key's user
+    alice.call("POST", "/rooms/case-room/join", {})
+    body = json.dumps({"node": "case-node", "events": [
+        {"type": "signon", "key": tab["key"], "serial": 1, "time": 0}]}).encode()  # fmt: skip
+    status, _, _ = raw(cluster, "POST", "/orbited/presence", body,
+                       {"x-orbited-signature": sign(secret, body)})  # fmt: skip
+    assert status == 204
+    assert Browserless(cluster).call("POST", "/login", {"nick": "casealice"}) == (
+        409, {"error": "that nickname is in use by someone online"})  # fmt: skip
+    _, view = alice.call("GET", "/rooms/case-room")
+    assert view["members"] == [{"nick": "CaseAlice", "online": True}]
+    status, posted = alice.call("POST", "/rooms/case-room/messages", {"text": "hi"})
+    assert status == 201 and posted["nick"] == "CaseAlice"  # shown as typed
+    assert alice.call("POST", "/logout", {})[0] == 200
+    other = Browserless(cluster)
+    status, me = other.call("POST", "/login", {"nick": "CASEALICE"})
+    assert status == 200 and me == {"nick": "CASEALICE", "rooms": ["case-room"]}

@@ -182,3 +182,97 @@ def test_a_reload_keeps_the_user_online_without_a_flap(cluster, browser):
     finally:
         page.context.close()
         watcher.context.close()
+
+
+# -- item: reload, read state, the Send box, room names ------------------------------------
+
+
+def badges(page) -> dict[str, str]:
+    """Each room's side number: an unread badge ("3") or nothing."""
+    return page.eval_on_selector_all(
+        "#rooms li", "es => Object.fromEntries(es.map(e => [e.dataset.room,"
+        " e.querySelector('.badge') ? e.querySelector('.badge').textContent : '']))",
+    )  # fmt: skip
+
+
+def current_room(page) -> str | None:
+    return page.evaluate("window.chat.current")
+
+
+def test_a_reload_reopens_the_room_you_were_in_and_keeps_what_you_read(cluster, browser):
+    reader = log_in(browser, cluster, "reader")
+    writer = log_in(browser, cluster, "writer")
+    try:
+        for room in ("aa-read", "zz-read"):
+            join(writer, room)
+            join(reader, room)
+        say(writer, "in zz while reader is there")
+        wait_text(reader, "in zz while reader is there")
+        join(writer, "aa-read")
+        say(writer, "unread in aa")
+        reader.wait_for_function("window.chat.rooms.get('aa-read').unread === 1")
+        assert badges(reader)["aa-read"] == "1"
+        reader.click("#rooms li[data-room='aa-read']")  # read it
+        reader.wait_for_selector("#rooms li.current[data-room='aa-read']")
+        wait_text(reader, "unread in aa")
+        reader.click("#rooms li[data-room='zz-read']")  # and back
+        reader.wait_for_selector("#rooms li.current[data-room='zz-read']")
+
+        reader.reload()
+        reader.wait_for_function("window.chat.connection.state === 'open'", timeout=20000)
+        reader.wait_for_selector("#rooms li.current")
+        wait_text(reader, "in zz while reader is there")
+        assert current_room(reader) == "zz-read"  # not the first joined room (aa-read)
+        assert badges(reader) == {**badges(reader), "aa-read": "", "zz-read": ""}  # all read
+
+        join(writer, "aa-read")
+        say(writer, "new after the reload")
+        reader.wait_for_function("window.chat.rooms.get('aa-read').unread === 1")
+        assert badges(reader)["aa-read"] == "1"  # only what came since
+    finally:
+        reader.context.close()
+        writer.context.close()
+
+
+def test_the_send_box_shows_only_in_a_room(cluster, browser):
+    page = log_in(browser, cluster, "roomless")
+    try:
+        assert current_room(page) is None
+        assert not page.is_visible("#send-form") and not page.is_visible("#leave")
+        join(page, "send-box")
+        assert page.is_visible("#send-form")
+        page.click("#leave")
+        page.wait_for_function("window.chat.current === null")
+        assert not page.is_visible("#send-form")
+    finally:
+        page.context.close()
+
+
+def test_room_names_with_capitals_and_bad_names(cluster, browser):
+    page = log_in(browser, cluster, "namer")
+    try:
+        page.fill("#new-room", "Mixed-Case")
+        page.click("#new-room-form button")  # room names are lower case: it opens mixed-case
+        page.wait_for_selector("#rooms li.current[data-room='mixed-case']")
+        assert page.text_content("#room-title") == "# mixed-case"
+        for bad in ("no spaces", "-dash-first", "ü-room"):
+            page.fill("#new-room", bad)
+            page.click("#new-room-form button")
+            page.wait_for_function("document.querySelector('#chat-error').textContent !== ''")
+            assert page.text_content("#chat-error") == rules_room_message()
+            assert page.input_value("#new-room") == bad  # kept, to correct it
+            assert current_room(page) == "mixed-case"  # no phantom room, nothing else changed
+            assert bad not in badges(page) and bad.lower() not in badges(page)
+            page.evaluate("document.querySelector('#chat-error').textContent = ''")
+    finally:
+        page.context.close()
+
+
+def rules_room_message() -> str:
+    from tests.test_cherrychat import rules
+
+    try:
+        rules.room("-x")
+    except rules.InvalidInput as e:
+        return str(e)
+    raise AssertionError("-x is a valid room name")

@@ -12,7 +12,10 @@ Identity: the session cookie is a random id the app stored at login; the nicknam
 comes from that, never from the request. Browsers get Orbited tokens only from ``/tabs``
 and ``/token``, for their own keys.
 
-Tabs: each tab of a user has its own connection key ``(nick, session tag,
+Users: a nickname's identity (``rules.identity``, case-folded) is the user, so "Alice"
+and "alice" are one; the nickname is shown as typed at the latest login.
+
+Tabs: each tab of a user has its own connection key ``(identity, session tag,
 "/cherrychat/<tab id>")`` (one key per tab: a node lets one connection hold a key, so two
 tabs sharing one would replace each other). Pushes go to every open tab of each
 recipient (cherrychat/store.py says when a tab counts as open and a user as online).
@@ -43,7 +46,7 @@ from orbited.presence import SIGNATURE_HEADER, sign
 from orbited.tokens import issue_token
 from orbited.web import client_source
 
-LOCATION = "/cherrychat"  # every key of this app: (nick, session tag, LOCATION/<tab id>)
+LOCATION = "/cherrychat"  # every key of this app: (identity, session tag, LOCATION/<tab id>)
 COOKIE = b"cherrychat"
 TOKEN_TTL = 3600
 MAX_BODY = 16 * 1024  # a message is at most 1000 characters; JSON of that fits easily
@@ -56,7 +59,7 @@ CLOSE_GRACE = 2.0
 
 
 def key_of(tab: Tab) -> ConnectionKey:
-    return ConnectionKey(tab.nick, tab.tag, f"{LOCATION}/{tab.tab}")
+    return ConnectionKey(tab.ident, tab.tag, f"{LOCATION}/{tab.tab}")
 
 
 def tab_of(key: object) -> Tab | None:
@@ -169,15 +172,12 @@ class ChatApp:
             raise HTTPError(401, "log in first")
         return session
 
-    def _nick(self, request: IRequest) -> str:
-        return self._session(request).nick
-
-    def _member(self, request: IRequest, room: str) -> tuple[str, str]:
-        nick = self._nick(request)
+    def _member(self, request: IRequest, room: str) -> tuple[Session, str]:
+        session = self._session(request)
         room = rules.room(room)
-        if not self.store.is_member(room, nick):
+        if not self.store.is_member(room, session.ident):
             raise HTTPError(403, f"join {room} first")
-        return nick, room
+        return session, room
 
     # -- pushing -----------------------------------------------------------------------
 
@@ -185,8 +185,8 @@ class ChatApp:
         """Send ``data`` to every open tab of every member of ``room`` (and ``also``):
         one event, grouped per route by the client. Never fails: results are counted and
         problems logged."""
-        nicks = list(dict.fromkeys([*self.store.member_nicks(room), *also]))
-        return self.push_tabs(self.store.tabs_of(nicks), data, room)
+        users = list(dict.fromkeys([*self.store.member_idents(room), *also]))
+        return self.push_tabs(self.store.tabs_of(users), data, room)
 
     def push_tabs(self, tabs: list[Tab], data: dict[str, Any], room: str = "") -> defer.Deferred:
         if not tabs:
@@ -263,7 +263,7 @@ class ChatApp:
             raise HTTPError(409, "that nickname is in use by someone online") from None
         request.addCookie(COOKIE, sid.encode(), path=b"/", httpOnly=True, sameSite="strict")
         self.log.info("{nick!r} logged in", nick=nick)
-        return self._json(request, self._me(nick))
+        return self._json(request, self._me(self.store.session(sid)))  # type: ignore[arg-type]
 
     @app.route("/logout", methods=["POST"])
     def logout(self, request: IRequest) -> bytes:
@@ -273,11 +273,11 @@ class ChatApp:
         sid = request.getCookie(COOKIE)
         session = self.store.session(sid.decode("ascii", "replace") if sid else None)
         if session is not None:
-            was_online = self.store.is_online(session.nick)
+            was_online = self.store.is_online(session.ident)
             tabs = self.store.logout(sid.decode("ascii", "replace"))
             self.push_tabs(tabs, {"type": "logged_out"})
             if was_online:
-                self._presence_changed({session.nick})
+                self._presence_changed({session.ident})
             self.log.info("{nick!r} logged out", nick=session.nick)
         # Attribute values are strings (Twisted refuses an int Max-Age with a TypeError).
         request.addCookie(COOKIE, b"", path=b"/", max_age=b"0",
@@ -287,10 +287,10 @@ class ChatApp:
 
     @app.route("/me", methods=["GET"])
     def me(self, request: IRequest) -> bytes:
-        return self._json(request, self._me(self._nick(request)))
+        return self._json(request, self._me(self._session(request)))
 
-    def _me(self, nick: str) -> dict[str, Any]:
-        return {"nick": nick, "rooms": self.store.rooms_of(nick)}
+    def _me(self, session: Session) -> dict[str, Any]:
+        return {"nick": session.nick, "rooms": self.store.rooms_of(session.ident)}
 
     # -- tabs --------------------------------------------------------------------------
 
@@ -300,9 +300,9 @@ class ChatApp:
         Answers the tab's key, its route, where to connect and a token for it."""
         body = self._body(request)
         session = self._session(request)
-        tab = Tab(session.nick, session.tag, rules.tab_id(body.get("tab")))
+        tab = Tab(session.ident, session.tag, rules.tab_id(body.get("tab")))
         if self.store.open_tab(session, tab.tab, rules.tab_id(body.get("page"), "page id")):
-            self._presence_changed({session.nick})
+            self._presence_changed({session.ident})
         key = key_of(tab)
         return self._json(request, {
             "tab": tab.tab, "key": key.to_json(), "route": self.cluster.route_of(key),
@@ -319,15 +319,15 @@ class ChatApp:
         session = self._session(request)
         page = rules.tab_id(body.get("page"), "page id")
         if self.store.close_tab(session, rules.tab_id(tab), page):
-            call = self.reactor.callLater(CLOSE_GRACE, self._still_offline, session.nick)
+            call = self.reactor.callLater(CLOSE_GRACE, self._still_offline, session.ident)
             self._later.add(call)
         request.setResponseCode(204)
         return b""
 
-    def _still_offline(self, nick: str) -> None:
+    def _still_offline(self, ident: str) -> None:
         self._later = {c for c in self._later if c.active()}
-        if not self.store.is_online(nick):
-            self._presence_changed({nick})
+        if not self.store.is_online(ident):
+            self._presence_changed({ident})
 
     @app.route("/token", methods=["GET"])
     def token(self, request: IRequest) -> bytes:
@@ -335,7 +335,7 @@ class ChatApp:
         client calls this again when its token expires."""
         session = self._session(request)
         raw = (request.args.get(b"tab") or [b""])[0].decode("utf-8", "replace")
-        tab = Tab(session.nick, session.tag, rules.tab_id(raw))
+        tab = Tab(session.ident, session.tag, rules.tab_id(raw))
         request.setHeader(b"content-type", b"text/plain; charset=utf-8")
         request.setHeader(b"cache-control", b"no-store")
         return issue_token(self.secret, key_of(tab), TOKEN_TTL).encode()
@@ -344,32 +344,28 @@ class ChatApp:
 
     @app.route("/rooms", methods=["GET"])
     def rooms(self, request: IRequest) -> bytes:
-        return self._json(request, {"rooms": self.store.rooms(self._nick(request))})
+        return self._json(request, {"rooms": self.store.rooms(self._session(request).ident)})
 
     @app.route("/rooms/<room>/join", methods=["POST"])
     def join(self, request: IRequest, room: str) -> bytes:
         self._body(request)
-        nick = self._nick(request)
+        session = self._session(request)
         room = rules.room(room)
-        if self.store.join(room, nick):
-            self.push(
-                room,
-                {"type": "message", **self.store.add_message(room, nick, "joined", kind="join")},
-            )
+        if self.store.join(room, session.ident):
+            message = self.store.add_message(room, session.nick, "joined", kind="join")
+            self.push(room, {"type": "message", **message})
             self.push_members([room])
         return self._json(request, self._room_view(room))
 
     @app.route("/rooms/<room>/leave", methods=["POST"])
     def leave(self, request: IRequest, room: str) -> bytes:
         self._body(request)
-        nick = self._nick(request)
+        session = self._session(request)
         room = rules.room(room)
-        left = self.store.leave(room, nick)
+        left = self.store.leave(room, session.ident)
         if left:
-            self.push(
-                room,
-                {"type": "message", **self.store.add_message(room, nick, "left", kind="leave")},
-            )
+            message = self.store.add_message(room, session.nick, "left", kind="leave")
+            self.push(room, {"type": "message", **message})
             self.push_members([room])
         return self._json(request, {"room": room, "left": left})
 
@@ -395,9 +391,9 @@ class ChatApp:
     @app.route("/rooms/<room>/messages", methods=["POST"])
     def post(self, request: IRequest, room: str) -> bytes:
         body = self._body(request)
-        nick, room = self._member(request, room)
+        session, room = self._member(request, room)
         text = rules.message(body.get("text"))
-        message = self.store.add_message(room, nick, text)
+        message = self.store.add_message(room, session.nick, text)
         # Not waited for: the sender's page shows the message from this answer, and a
         # member whose node is down catches up from history when it reconnects.
         self.push(room, {"type": "message", **message})
@@ -431,8 +427,8 @@ class ChatApp:
         request.setResponseCode(204)
         return b""
 
-    def _presence_changed(self, nicks: set[str]) -> None:
-        rooms = sorted({room for nick in nicks for room in self.store.rooms_of(nick)})
+    def _presence_changed(self, users: set[str]) -> None:
+        rooms = sorted({room for ident in users for room in self.store.rooms_of(ident)})
         self.push_members(rooms)
 
     @defer.inlineCallbacks

@@ -4,6 +4,7 @@ Pure functions, no I/O: each returns the cleaned value or raises InvalidInput wi
 message the page shows as is (HTTP 400). Nicknames may contain any printable character,
 ``<`` included (the page renders every user string as text), but no control, format or
 line-separator characters, which could spoof other users' names or break the layout.
+Nicknames are case-insensitive: ``identity`` is the user a nickname names.
 """
 
 from __future__ import annotations
@@ -45,11 +46,18 @@ def nickname(value: object) -> str:
     return nick
 
 
+def identity(nick: str) -> str:
+    """Who a nickname names: "Alice", "alice" and "ALICE" are one user (Unicode case
+    folding, so "Straße" is "strasse"); the page shows the nickname as typed."""
+    return unicodedata.normalize("NFC", nick.casefold())
+
+
 def room(value: object) -> str:
     name = _text(value, "room name").lower()
     if not 1 <= len(name) <= ROOM_MAX or not ROOM_RE.fullmatch(name):
         raise InvalidInput(
-            f"a room name is 1 to {ROOM_MAX} of a-z, 0-9 and '-', starting with a letter or digit"
+            f"a room name is 1 to {ROOM_MAX} letters a-z, digits 0-9 and '-', starting with a"
+            " letter or digit (capitals become lower case)"
         )
     return name
 

@@ -26,28 +26,33 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cherrychat.rules import identity
+
 DEFAULT_ROOMS = ("lobby", "python", "twisted")
 HISTORY = 50  # messages a page gets when it joins or opens a room
 MAX_FETCH = 500  # messages per catch-up request; the page asks again if it got this many
 TAB_WAIT = 120.0  # seconds a tab not on any node is kept (it may be connecting or failing over)
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
+# A user is their nickname's identity (rules.identity: case-folded, so "Alice" and "alice"
+# are one user); ``users.nick`` is how they typed it at their latest login, as shown.
 SCHEMA = """
+CREATE TABLE IF NOT EXISTS users (ident TEXT PRIMARY KEY, nick TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS sessions (
-    sid TEXT PRIMARY KEY, nick TEXT NOT NULL UNIQUE, tag TEXT NOT NULL UNIQUE,
+    sid TEXT PRIMARY KEY, ident TEXT NOT NULL UNIQUE, tag TEXT NOT NULL UNIQUE,
     created REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS rooms (name TEXT PRIMARY KEY, created REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS members (
-    room TEXT NOT NULL REFERENCES rooms(name), nick TEXT NOT NULL, joined REAL NOT NULL,
-    PRIMARY KEY (room, nick));
-CREATE INDEX IF NOT EXISTS members_by_nick ON members (nick);
+    room TEXT NOT NULL REFERENCES rooms(name), ident TEXT NOT NULL, joined REAL NOT NULL,
+    PRIMARY KEY (room, ident));
+CREATE INDEX IF NOT EXISTS members_by_ident ON members (ident);
 CREATE TABLE IF NOT EXISTS messages (
     room TEXT NOT NULL, id INTEGER NOT NULL, nick TEXT NOT NULL,
     kind TEXT NOT NULL, text TEXT NOT NULL, time REAL NOT NULL, PRIMARY KEY (room, id));
 CREATE TABLE IF NOT EXISTS tabs (
-    tag TEXT NOT NULL, tab TEXT NOT NULL, nick TEXT NOT NULL, page TEXT NOT NULL,
+    tag TEXT NOT NULL, tab TEXT NOT NULL, ident TEXT NOT NULL, page TEXT NOT NULL,
     node TEXT, closed INTEGER NOT NULL DEFAULT 0, seen REAL NOT NULL, PRIMARY KEY (tag, tab));
-CREATE INDEX IF NOT EXISTS tabs_by_nick ON tabs (nick);
+CREATE INDEX IF NOT EXISTS tabs_by_ident ON tabs (ident);
 CREATE TABLE IF NOT EXISTS node_serials (node TEXT PRIMARY KEY, serial INTEGER NOT NULL);
 """
 # Before version 1 presence was one row per nickname and sessions had no tag: both are
@@ -55,20 +60,34 @@ CREATE TABLE IF NOT EXISTS node_serials (node TEXT PRIMARY KEY, serial INTEGER N
 MIGRATE_TO_1 = """
 DROP TABLE IF EXISTS presence; DROP TABLE IF EXISTS sessions; DROP TABLE IF EXISTS node_serials;
 """
+# Version 2 names users by identity: members are re-keyed (two spellings of one nickname
+# in a room become one member), short-lived sessions and tabs start afresh.
+MIGRATE_TO_2 = """
+DROP TABLE IF EXISTS sessions; DROP TABLE IF EXISTS tabs;
+CREATE TABLE IF NOT EXISTS users (ident TEXT PRIMARY KEY, nick TEXT NOT NULL);
+INSERT OR IGNORE INTO users SELECT identity(nick), nick FROM members ORDER BY joined;
+CREATE TABLE members_v2 (
+    room TEXT NOT NULL REFERENCES rooms(name), ident TEXT NOT NULL, joined REAL NOT NULL,
+    PRIMARY KEY (room, ident));
+INSERT OR IGNORE INTO members_v2 SELECT room, identity(nick), joined FROM members ORDER BY joined;
+DROP TABLE members;
+ALTER TABLE members_v2 RENAME TO members;
+"""
 ONLINE = "node IS NOT NULL AND closed = 0"  # a tab that counts: open, and on a node
 
 
 @dataclass(frozen=True)
 class Session:
-    nick: str
+    nick: str  # as typed at login, for display
+    ident: str  # the user: rules.identity(nick)
     tag: str  # public: the session part of the user's connection keys
 
 
 @dataclass(frozen=True)
 class Tab:
-    """One open page: its connection key is (nick, tag, "/cherrychat/" + tab)."""
+    """One open page: its connection key is (ident, tag, "/cherrychat/" + tab)."""
 
-    nick: str
+    ident: str
     tag: str
     tab: str
 
@@ -92,9 +111,13 @@ class Store:
         self.db.row_factory = sqlite3.Row
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA foreign_keys=ON")
+        self.db.create_function("identity", 1, identity, deterministic=True)
         (version,) = self.db.execute("PRAGMA user_version").fetchone()
         if version < 1:
             self.db.executescript(MIGRATE_TO_1)
+        if version < 2 and self.db.execute("SELECT 1 FROM pragma_table_info('members') "
+                                           "WHERE name = 'nick'").fetchone():  # fmt: skip
+            self.db.executescript(MIGRATE_TO_2)
         self.db.executescript(SCHEMA)
         self.db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         for name in DEFAULT_ROOMS:
@@ -107,24 +130,30 @@ class Store:
 
     def login(self, nick: str) -> str:
         """A new session id (the cookie) for ``nick``. A nickname whose owner is online is
-        taken; one whose owner is offline passes to the new session (with its rooms), and
-        the old session ends."""
+        taken, in any spelling of its case; one whose owner is offline passes to the new
+        session (with its rooms, shown as typed now), and the old session ends."""
+        ident = identity(nick)
         with self._txn():
-            if self.is_online(nick):
+            if self.is_online(ident):
                 raise NickTaken(nick)
             sid, tag = secrets.token_urlsafe(32), secrets.token_urlsafe(9)
-            self.db.execute("DELETE FROM tabs WHERE nick = ?", (nick,))
-            self.db.execute("DELETE FROM sessions WHERE nick = ?", (nick,))
+            self.db.execute("DELETE FROM tabs WHERE ident = ?", (ident,))
+            self.db.execute("DELETE FROM sessions WHERE ident = ?", (ident,))
+            self.db.execute("INSERT OR REPLACE INTO users VALUES (?, ?)", (ident, nick))
             self.db.execute("INSERT INTO sessions VALUES (?, ?, ?, ?)",
-                            (sid, nick, tag, time.time()))  # fmt: skip
+                            (sid, ident, tag, time.time()))  # fmt: skip
             return sid
 
     def session(self, sid: str | None) -> Session | None:
         """The session whose cookie is ``sid``, or None."""
         if not sid:
             return None
-        row = self.db.execute("SELECT nick, tag FROM sessions WHERE sid = ?", (sid,)).fetchone()
-        return Session(row["nick"], row["tag"]) if row else None
+        row = self.db.execute(
+            "SELECT u.nick, s.ident, s.tag FROM sessions s JOIN users u ON u.ident = s.ident "
+            "WHERE s.sid = ?",
+            (sid,),
+        ).fetchone()
+        return Session(row["nick"], row["ident"], row["tag"]) if row else None
 
     def logout(self, sid: str) -> list[Tab]:
         """End session ``sid`` at once: its user is offline and the nickname free (the
@@ -146,81 +175,82 @@ class Store:
         Reopening (a reload) keeps what the node said. True if its user came online."""
         now = time.time() if now is None else now
         with self._txn():
-            was = self.is_online(session.nick)
+            was = self.is_online(session.ident)
             self.db.execute("DELETE FROM tabs WHERE node IS NULL AND seen < ?", (now - TAB_WAIT,))
             self.db.execute(
-                "INSERT INTO tabs (tag, tab, nick, page, node, closed, seen) "
+                "INSERT INTO tabs (tag, tab, ident, page, node, closed, seen) "
                 "VALUES (?, ?, ?, ?, NULL, 0, ?) ON CONFLICT (tag, tab) DO UPDATE SET "
                 "page = excluded.page, closed = 0, seen = excluded.seen",
-                (session.tag, tab, session.nick, page, now),
+                (session.tag, tab, session.ident, page, now),
             )
-            return not was and self.is_online(session.nick)
+            return not was and self.is_online(session.ident)
 
     def close_tab(self, session: Session, tab: str, page: str) -> bool:
         """Page ``page`` of tab ``tab`` said goodbye (closed, reloading, navigating away);
         a goodbye from an earlier load of the tab than the current one is ignored. True if
         its user went offline."""
         with self._txn():
-            was = self.is_online(session.nick)
+            was = self.is_online(session.ident)
             self.db.execute("UPDATE tabs SET closed = 1 WHERE tag = ? AND tab = ? AND page = ?",
                             (session.tag, tab, page))  # fmt: skip
-            return was and not self.is_online(session.nick)
+            return was and not self.is_online(session.ident)
 
-    def tabs_of(self, nicks: Iterable[str]) -> list[Tab]:
+    def tabs_of(self, idents: Iterable[str]) -> list[Tab]:
         """Every open tab of these users: where their pushes go."""
-        wanted = list(nicks)
+        wanted = list(idents)
         marks = ",".join("?" * len(wanted))
-        return self._tabs(f"closed = 0 AND nick IN ({marks})", wanted) if wanted else []
+        return self._tabs(f"closed = 0 AND ident IN ({marks})", wanted) if wanted else []
 
     def _tabs(self, where: str, args: Iterable[object]) -> list[Tab]:
         rows = self.db.execute(
-            f"SELECT nick, tag, tab FROM tabs WHERE {where} ORDER BY nick, tag, tab", tuple(args)
+            f"SELECT ident, tag, tab FROM tabs WHERE {where} ORDER BY ident, tag, tab", tuple(args)
         )
-        return [Tab(r["nick"], r["tag"], r["tab"]) for r in rows]
+        return [Tab(r["ident"], r["tag"], r["tab"]) for r in rows]
 
     # -- rooms and members -------------------------------------------------------------
 
-    def rooms(self, nick: str | None = None) -> list[dict[str, Any]]:
+    def rooms(self, ident: str | None = None) -> list[dict[str, Any]]:
         rows = self.db.execute(
-            "SELECT r.name, COUNT(m.nick) AS members, SUM(m.nick = ?) AS joined "
+            "SELECT r.name, COUNT(m.ident) AS members, SUM(m.ident = ?) AS joined "
             "FROM rooms r LEFT JOIN members m ON m.room = r.name GROUP BY r.name ORDER BY r.name",
-            (nick,),
+            (ident,),
         )
         return [{"name": r["name"], "members": r["members"], "joined": bool(r["joined"])}
                 for r in rows]  # fmt: skip
 
-    def join(self, room: str, nick: str) -> bool:
-        """Add ``nick`` to ``room`` (created if new); False if already a member."""
+    def join(self, room: str, ident: str) -> bool:
+        """Add user ``ident`` to ``room`` (created if new); False if already a member."""
         with self._txn():
             self.db.execute("INSERT OR IGNORE INTO rooms VALUES (?, ?)", (room, time.time()))
             cursor = self.db.execute(
-                "INSERT OR IGNORE INTO members VALUES (?, ?, ?)", (room, nick, time.time())
+                "INSERT OR IGNORE INTO members VALUES (?, ?, ?)", (room, ident, time.time())
             )
             return cursor.rowcount == 1
 
-    def leave(self, room: str, nick: str) -> bool:
-        cursor = self.db.execute("DELETE FROM members WHERE room = ? AND nick = ?", (room, nick))
+    def leave(self, room: str, ident: str) -> bool:
+        cursor = self.db.execute("DELETE FROM members WHERE room = ? AND ident = ?", (room, ident))
         return cursor.rowcount == 1
 
-    def is_member(self, room: str, nick: str) -> bool:
+    def is_member(self, room: str, ident: str) -> bool:
         row = self.db.execute(
-            "SELECT 1 FROM members WHERE room = ? AND nick = ?", (room, nick)
+            "SELECT 1 FROM members WHERE room = ? AND ident = ?", (room, ident)
         ).fetchone()
         return row is not None
 
-    def rooms_of(self, nick: str) -> list[str]:
-        rows = self.db.execute("SELECT room FROM members WHERE nick = ? ORDER BY room", (nick,))
+    def rooms_of(self, ident: str) -> list[str]:
+        rows = self.db.execute("SELECT room FROM members WHERE ident = ? ORDER BY room", (ident,))
         return [r["room"] for r in rows]
 
-    def member_nicks(self, room: str) -> list[str]:
-        rows = self.db.execute("SELECT nick FROM members WHERE room = ? ORDER BY nick", (room,))
-        return [r["nick"] for r in rows]
+    def member_idents(self, room: str) -> list[str]:
+        rows = self.db.execute("SELECT ident FROM members WHERE room = ? ORDER BY ident", (room,))
+        return [r["ident"] for r in rows]
 
     def members(self, room: str) -> list[dict[str, Any]]:
-        """The room's members, online ones first, each with its online flag."""
+        """The room's members as shown (each user's latest spelling), online ones first."""
         rows = self.db.execute(
-            "SELECT m.nick, EXISTS (SELECT 1 FROM tabs t WHERE t.nick = m.nick AND "
-            f"{ONLINE}) AS online FROM members m WHERE m.room = ? ORDER BY online DESC, m.nick",
+            "SELECT COALESCE(u.nick, m.ident) AS nick, EXISTS (SELECT 1 FROM tabs t WHERE "
+            f"t.ident = m.ident AND {ONLINE}) AS online FROM members m "
+            "LEFT JOIN users u ON u.ident = m.ident WHERE m.room = ? ORDER BY online DESC, m.ident",
             (room,),
         )
         return [{"nick": r["nick"], "online": bool(r["online"])} for r in rows]
@@ -258,14 +288,16 @@ class Store:
 
     # -- presence ----------------------------------------------------------------------
 
-    def is_online(self, nick: str) -> bool:
-        row = self.db.execute(f"SELECT 1 FROM tabs WHERE nick = ? AND {ONLINE}", (nick,))
+    def is_online(self, ident: str) -> bool:
+        row = self.db.execute(f"SELECT 1 FROM tabs WHERE ident = ? AND {ONLINE}", (ident,))
         return row.fetchone() is not None
 
     def online(self) -> dict[str, int]:
-        """Users online, each with the number of their tabs that count."""
-        rows = self.db.execute(f"SELECT nick, COUNT(*) AS n FROM tabs WHERE {ONLINE} GROUP BY nick")
-        return {r["nick"]: r["n"] for r in rows}
+        """Users (identities) online, each with the number of their tabs that count."""
+        rows = self.db.execute(
+            f"SELECT ident, COUNT(*) AS n FROM tabs WHERE {ONLINE} GROUP BY ident"
+        )
+        return {r["ident"]: r["n"] for r in rows}
 
     def nodes(self) -> set[str]:
         """The nodes that have tabs on them."""
@@ -273,8 +305,8 @@ class Store:
         return {r["node"] for r in rows}
 
     def apply_presence(self, node: str, events: Iterable[Presence]) -> set[str]:
-        """Apply one webhook batch from ``node``, in serial order. Returns the nicknames
-        whose online state changed.
+        """Apply one webhook batch from ``node``, in serial order. Returns the users
+        (identities) whose online state changed.
 
         A serial lower than the last one seen from ``node`` means the node restarted and
         lost its mailboxes without signoffs (docs/protocol.md): every tab it had is off it.
@@ -293,14 +325,14 @@ class Store:
                 last = event.serial
                 tab = event.tab
                 if event.kind == "signon":
-                    live = self.db.execute("SELECT 1 FROM sessions WHERE tag = ? AND nick = ?",
-                                           (tab.tag, tab.nick)).fetchone()  # fmt: skip
+                    live = self.db.execute("SELECT 1 FROM sessions WHERE tag = ? AND ident = ?",
+                                           (tab.tag, tab.ident)).fetchone()  # fmt: skip
                     if live:  # a new connection: the tab is open (again), on this node
                         self.db.execute(
-                            "INSERT INTO tabs (tag, tab, nick, page, node, closed, seen) "
+                            "INSERT INTO tabs (tag, tab, ident, page, node, closed, seen) "
                             "VALUES (?, ?, ?, '', ?, 0, ?) ON CONFLICT (tag, tab) DO UPDATE "
                             "SET node = excluded.node, seen = excluded.seen",
-                            (tab.tag, tab.tab, tab.nick, node, time.time()),
+                            (tab.tag, tab.tab, tab.ident, node, time.time()),
                         )
                 elif event.kind == "signoff":
                     self.db.execute("DELETE FROM tabs WHERE tag = ? AND tab = ? AND node = ?",
@@ -310,7 +342,7 @@ class Store:
 
     def drop_nodes(self, nodes: Iterable[str]) -> set[str]:
         """Tabs on ``nodes`` (HaloD says they failed) are on no node until they sign on
-        elsewhere; returns the nicknames that went offline."""
+        elsewhere; returns the users (identities) that went offline."""
         with self._txn():
             before = self.online()
             for node in nodes:

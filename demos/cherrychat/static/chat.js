@@ -6,6 +6,10 @@
 // a message arrives past a hole, and each time the connection (re)opens, it asks the web
 // app for everything after `upTo` (a node that died lost its mailboxes; the app did not).
 //
+// What the user has read is kept per user and room in localStorage (the highest message
+// id seen), so a reload or another tab does not count seen history as unread; the room on
+// screen is kept per tab in sessionStorage, so a reload reopens it.
+//
 // Each tab has its own connection key, named by a tab id kept in sessionStorage (so a
 // reload resumes the same key); each load of the page also has a page id, so the app can
 // tell a reloading tab's goodbye from its next hello.
@@ -76,6 +80,7 @@ function renderRooms() {
   const list = $("rooms");
   list.replaceChildren();
   for (const [name, r] of [...chat.rooms.entries()].sort()) {
+    r.unread = unreadOf(name, r);
     const li = document.createElement("li");
     li.dataset.room = name;
     li.className = `${r.joined ? "joined" : ""} ${name === chat.current ? "current" : ""}`;
@@ -158,10 +163,10 @@ function addMessage(message) {
   advance(r);
   if (r.upTo !== null && message.id > r.upTo) scheduleCatchUp(message.room); // a hole
   if (message.room !== chat.current) {
-    r.unread += 1;
-    renderRooms();
+    renderRooms(); // its unread count
     return;
   }
+  markRead(message.room);
   // In id order even when a catch-up fills in below messages already shown.
   const list = $("messages");
   const item = messageItem(message);
@@ -179,11 +184,41 @@ function setMembers(name, members) {
   renderRooms();
 }
 
+// -- read state: per user and room, the highest message id seen (localStorage) -------
+
+function readKey() { return `cherrychat.read.${chat.tab ? chat.tab.key[0] : ""}`; }
+
+function readMarks() {
+  try { return JSON.parse(localStorage.getItem(readKey())) || {}; } catch (_) { return {}; }
+}
+
+function setRead(name, id) {
+  const marks = readMarks();
+  if (name in marks && marks[name] >= id) return;
+  marks[name] = id;
+  localStorage.setItem(readKey(), JSON.stringify(marks));
+}
+
+function markRead(name) {
+  const r = chat.rooms.get(name);
+  if (r) setRead(name, Math.max(0, ...r.messages.keys()));
+}
+
+// Messages of others after what this user has read, in any tab.
+function unreadOf(name, r) {
+  if (!r.joined || name === chat.current) return 0;
+  const seen = readMarks()[name];
+  if (seen === undefined) return 0;
+  return [...r.messages.values()].filter((m) => m.id > seen && m.nick !== chat.me.nick).length;
+}
+
 // The recent history of a room (ids k..m, no holes): where `upTo` starts.
 function applyRoomView(view) {
   const r = room(view.room);
   r.joined = true;
   if (r.upTo === null) r.upTo = view.messages.length ? view.messages[0].id - 1 : 0;
+  // First time in this room (in this browser): its history counts as read.
+  if (!(view.room in readMarks())) setRead(view.room, Math.max(0, ...view.messages.map((m) => m.id)));
   for (const message of view.messages) addMessage(message);
   advance(r); // pushes that came before this view are already in `messages`
   if ([...r.messages.keys()].some((id) => id > r.upTo)) scheduleCatchUp(view.room);
@@ -192,10 +227,16 @@ function applyRoomView(view) {
 
 async function openRoom(name) {
   showError("chat-error", null);
-  const r = room(name);
-  if (!r.joined) applyRoomView(await api("POST", `/rooms/${encodeURIComponent(name)}/join`));
+  const known = chat.rooms.get(name);
+  if (!known || !known.joined) {
+    // Only a room the app accepted gets into the list (not a name it refused).
+    const view = await api("POST", `/rooms/${encodeURIComponent(name)}/join`);
+    applyRoomView(view);
+    name = view.room;
+  }
   chat.current = name;
-  r.unread = 0;
+  sessionStorage.setItem("cherrychat.room", name);
+  markRead(name);
   renderRoom();
   $("text").focus();
 }
@@ -207,6 +248,7 @@ async function leaveRoom() {
   const r = room(name);
   Object.assign(r, { joined: false, members: [], messages: new Map(), upTo: null, unread: 0 });
   chat.current = null;
+  sessionStorage.setItem("cherrychat.room", "");
   renderRoom();
   refreshRooms();
 }
@@ -356,8 +398,11 @@ async function startChat(me) {
   renderConnection();
   connect();
   await Promise.all([refreshRooms(), ...me.rooms.map(catchUp)]);
-  const first = me.rooms[0];
-  if (first) await openRoom(first);
+  // The room this tab had open before a reload (none, if it had none); a new tab opens
+  // the first joined room.
+  const saved = sessionStorage.getItem("cherrychat.room");
+  const start = saved === null ? me.rooms[0] : me.rooms.find((name) => name === saved);
+  if (start) await openRoom(start);
   else renderRoom();
 }
 
@@ -373,6 +418,7 @@ $("login-form").addEventListener("submit", async (e) => {
 
 $("logout").addEventListener("click", async () => {
   chat.closing = true;
+  sessionStorage.removeItem("cherrychat.room");
   if (chat.client) chat.client.close();
   await api("POST", "/logout").catch(() => {});
   location.reload();
@@ -384,8 +430,10 @@ $("leave").addEventListener("click", () => leaveRoom().catch((e) => showError("c
 
 $("new-room-form").addEventListener("submit", async (e) => {
   e.preventDefault();
+  const name = $("new-room").value.trim().toLowerCase(); // room names are lower case
+  if (!name) { showError("chat-error", "type a room name"); return; }
   try {
-    await openRoom($("new-room").value.trim().toLowerCase());
+    await openRoom(name);
     $("new-room").value = "";
   } catch (error) {
     showError("chat-error", error);
@@ -417,6 +465,8 @@ window.addEventListener("pagehide", () => {
     headers: { "content-type": "application/json" }, body: JSON.stringify({ page: chat.page }),
   }).catch(() => {});
 });
+// Read in another tab: fewer unread here.
+window.addEventListener("storage", (e) => { if (e.key === readKey()) renderRooms(); });
 // Back from the back/forward cache: the connection was closed; start afresh.
 window.addEventListener("pageshow", (e) => { if (e.persisted) location.reload(); });
 
