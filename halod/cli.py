@@ -115,7 +115,8 @@ def plan_command(args: argparse.Namespace) -> int:
 
 def status_table(status: dict) -> str:
     """Nodes as a fixed-width table, active ones by id, then spares, then failed."""
-    rows = [("ID", "NAME", "STATE", "ROUTES", "CONNS", "HEARTBEAT", "BROWSER", "SP")]
+    rows = [("ID", "NAME", "STATE", "ROUTES", "CONNS", "MAILBOXES", "HEARTBEAT", "BROWSER",
+             "SP")]  # fmt: skip
     for node in status["nodes"]:
         if node["connected"]:
             beat = f"{node['last_heartbeat_age']:.1f}s ago"
@@ -123,10 +124,11 @@ def status_table(status: dict) -> str:
             beat = f"lost {node['disconnected_for']:.1f}s"
         rows.append((
             str(node["id"] or "-"), node["name"], node["state"], node["ranges"] or "-",
-            str(node["connections"]), beat, node["browser"], node["sp"],
+            str(node["connections"]), _count(node.get("mailboxes")), beat, node["browser"],
+            node["sp"],
         ))  # fmt: skip
     for failed in status["failed"]:
-        rows.append(("-", failed["name"], "failed", "-", "-", failed["why"], "-", "-"))
+        rows.append(("-", failed["name"], "failed", "-", "-", "-", failed["why"], "-", "-"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
              for row in rows]  # fmt: skip
@@ -136,6 +138,10 @@ def status_table(status: dict) -> str:
         f"table version {status['table_version']}"
     )
     return "\n".join([head, *lines])
+
+
+def _count(value: int | None) -> str:
+    return "-" if value is None else str(value)
 
 
 def _operator_parser(command: str) -> argparse.ArgumentParser:

@@ -37,7 +37,8 @@ class NodeRecord:
     connected: bool = False
     last_heartbeat: float = 0.0
     disconnected_at: float | None = None
-    connections: int = 0
+    connections: int = 0  # browsers connected now (heartbeat `connections`)
+    mailboxes: int | None = None  # keys with a mailbox, lingering ones too (None: not sent)
 
     def address(self) -> dict[str, str]:
         return {"name": self.name, "browser": self.browser, "sp": self.sp}
@@ -135,6 +136,7 @@ class Membership:
             return False
         record.last_heartbeat = now
         record.connections = msg.get("connections", record.connections)
+        record.mailboxes = msg.get("mailboxes", record.mailboxes)
         if self.prober.cause(name) is Cause.SILENT:  # it was only late
             self.prober.clear(name)
         return True

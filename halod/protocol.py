@@ -149,6 +149,7 @@ def decode(body: bytes, allowed: tuple[str, ...]) -> dict[str, Any]:
     elif kind in (HEARTBEAT, HEARTBEAT_ACK):
         _int(msg, "seq", 0, 2**62)
         _int(msg, "connections", 0, 2**40, optional=True)
+        _int(msg, "mailboxes", 0, 2**40, optional=True)
     elif kind in (WELCOME, ASSIGN):
         _int(msg, "node_id", 1, 2**31, optional=True)
         if msg.get("role") not in ("active", "spare", "drained"):

@@ -29,6 +29,7 @@ from halod.config import HaloDConfig
 from halod.dataplane import DataPlane, Owner
 from halod.liveness import Cause, Finding, Outcome, ProbeRequest, Verdict
 from halod.membership import Effects, Membership
+from halod.page import CSP, status_html, wants_html
 from halod.probe import probe
 from halod.routes import Change, RouteTable, canonical, format_ranges
 from halod.store import Store
@@ -402,6 +403,7 @@ class HaloD:
                 "sp": record.sp,
                 "capacity": record.capacity,
                 "connections": record.connections,
+                "mailboxes": record.mailboxes,
                 "last_heartbeat_age": round(now - record.last_heartbeat, 3)
                 if record.connected else None,
                 "disconnected_for": round(now - record.disconnected_at, 3)
@@ -487,11 +489,17 @@ class HaloD:
             "# HELP halod_control_refused_total Control messages or connections refused.",
             "# TYPE halod_control_refused_total counter",
             f"halod_control_refused_total {self.stats['refused']}",
-            "# HELP halod_node_connections Browser connections each node reports.",
+            "# HELP halod_node_connections Browsers connected to each node now.",
             "# TYPE halod_node_connections gauge",
             *(
                 f'halod_node_connections{{node="{name}"}} {r.connections}'
                 for name, r in sorted(m.nodes.items())
+            ),  # fmt: skip
+            "# HELP halod_node_mailboxes Keys with a mailbox on each node (lingering ones too).",
+            "# TYPE halod_node_mailboxes gauge",
+            *(
+                f'halod_node_mailboxes{{node="{name}"}} {r.mailboxes}'
+                for name, r in sorted(m.nodes.items()) if r.mailboxes is not None
             ),  # fmt: skip
         ]
         if self.dataplane is not None:
@@ -530,7 +538,33 @@ class _View(Resource):
         content_type, body = self._render()
         request.setHeader(b"content-type", content_type.encode())
         request.setHeader(b"cache-control", b"no-store")
+        request.setHeader(b"x-content-type-options", b"nosniff")
         return body
+
+
+class _Status(Resource):
+    """GET /status: JSON for machines, HTML for a browser (docs/halod-protocol.md)."""
+
+    isLeaf = True
+
+    def __init__(self, halod: HaloD) -> None:
+        super().__init__()
+        self.halod = halod
+
+    def render_GET(self, request: Request) -> bytes:  # noqa: N802
+        fmt = request.args.get(b"format", [b""])[0].decode("ascii", "replace") or None
+        accept = request.getHeader(b"accept")
+        status = self.halod.status()
+        request.setHeader(b"vary", b"Accept")
+        request.setHeader(b"cache-control", b"no-store")
+        request.setHeader(b"x-content-type-options", b"nosniff")
+        if wants_html(accept.decode("latin-1") if accept else None, fmt):
+            request.setHeader(b"content-type", b"text/html; charset=utf-8")
+            request.setHeader(b"content-security-policy", CSP.encode())
+            request.setHeader(b"referrer-policy", b"no-referrer")
+            return status_html(status).encode()
+        request.setHeader(b"content-type", b"application/json")
+        return json.dumps(status, indent=1).encode()
 
 
 class _Operator(Resource):
@@ -620,7 +654,7 @@ def status_site(halod: HaloD, hosts: list[str] | tuple[str, ...] = ()) -> Site:
         return lambda: ("application/json", json.dumps(view(), indent=1).encode())
 
     root = Resource()
-    root.putChild(b"status", _View(as_json(halod.status)))
+    root.putChild(b"status", _Status(halod))
     root.putChild(b"routes", _View(as_json(halod.routes_view)))
     root.putChild(b"nodes", _Operator(halod))
     root.putChild(b"table.svg", _View(lambda: ("image/svg+xml", halod.table_svg().encode())))

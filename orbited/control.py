@@ -136,7 +136,11 @@ class LinkProtocol(Protocol):
             self.transport.abortConnection()
             return
         self._seq += 1
-        self.send({"type": p.HEARTBEAT, "seq": self._seq, "connections": self.link.hub.connections})
+        # Live connections and mailboxes apart: a drained node is done when its browsers
+        # are gone, though their mailboxes linger (docs/halod.md, "Draining").
+        gauges = self.link.hub.gauges()
+        self.send({"type": p.HEARTBEAT, "seq": self._seq, "connections": gauges["attached"],
+                   "mailboxes": gauges["mailboxes"]})  # fmt: skip
 
     def connectionLost(self, reason: Failure = None) -> None:  # noqa: N802
         if self._heartbeat is not None and self._heartbeat.running:
