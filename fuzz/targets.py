@@ -608,6 +608,12 @@ def check_rep_protocol(stream: bytes, cuts: Sequence[int], max_message: int = 25
             if proto.closed:
                 expect(transport.disconnecting, "closed without closing the transport")
                 break
+        if len(cuts) % 2 and not proto.closed:  # half the inputs end with a FIN
+            written = len(transport.value())
+            proto.readConnectionLost()
+            # Every reply of this handler is written at once: nothing left, so it closes.
+            expect(transport.disconnecting and not transport.disconnected, "FIN: no close")
+            expect(len(transport.value()) == written, "written after the FIN")
         clock.advance(60)  # the header timeout closes a connection that sent no header
         expect(proto._sp.header_received or transport.disconnecting, "silent peer kept open")
         proto.connectionLost(CLOSED)
@@ -623,7 +629,8 @@ def check_orbit_protocol(stream: bytes, cuts: Sequence[int]) -> None:
     hub = _hub()
     proto = OrbitProtocol(hub)
     transport = StringTransport()
-    _, error = _orbit_feed(stream, [len(stream) or 1])
+    requests, error = _orbit_feed(stream, [len(stream) or 1])
+    fin = bool(len(cuts) % 2)  # half the inputs end with a FIN (half-close)
     written_at_close: int | None = None
     with no_logged_failures():
         proto.makeConnection(transport)
@@ -633,9 +640,13 @@ def check_orbit_protocol(stream: bytes, cuts: Sequence[int]) -> None:
             expect(proto.parser.buffered <= max(MAX_HEADER_BYTES, 512), "Orbit buffer")
             if transport.disconnecting and written_at_close is None:
                 written_at_close = len(transport.value())
+        if fin:
+            proto.readConnectionLost()
         proto.connectionLost(CLOSED)
     reply = transport.value()
-    expect(transport.disconnecting == (error is not None), "close iff the stream is bad")
+    expect(transport.disconnecting == (error is not None or fin), "close iff bad or FIN")
+    if fin and error is None:  # every request sent in full is answered before the close
+        expect(reply.count(b"\r\n\r\n") == len(requests), "a request lost at the FIN")
     if error is not None:
         expect(reply.endswith(b"\r\n\r\n") and b"Failure\r\n" in reply, "no Failure reply")
         expect(len(reply) == written_at_close, "replies written after the close")

@@ -222,3 +222,63 @@ def test_a_body_that_is_not_strict_json_is_delivered_as_text(body):
                            b"length: %d\r\n\r\n%s" % (len(body), body))  # fmt: skip
     assert transport.value() == b"Success\r\nid: 1\r\n\r\n"
     assert [json.loads(frame)["data"] for frame in got] == [body.decode()]
+
+
+@pytest.mark.slow
+def test_a_request_followed_by_fin_is_answered_and_delivered_once(orbit_node: NodeProcess):
+    """A client that sends its request and half-closes (shutdown(SHUT_WR)) gets its reply
+    before the node closes, 20 times of 20; each event is delivered once. (It got no reply,
+    though the event was delivered: a client that resends delivered it twice.)"""
+    node = orbit_node
+    with node.ws(node.token("finn", "0", "/fin")) as ws:
+        ws.recv(timeout=5)
+        replies = []
+        for i in range(20):
+            body = b'"fin %d"' % i
+            sock = orbit_socket(node)
+            sock.sendall(b"Orbit 1.0\r\nEvent\r\nid: %d\r\nrecipient: finn, 0, /fin\r\n"
+                         b"length: %d\r\n\r\n%s" % (i, len(body), body))  # fmt: skip
+            sock.shutdown(socket.SHUT_WR)
+            data = b""
+            while chunk := sock.recv(65536):
+                data += chunk
+            sock.close()
+            replies.append(data)
+        assert replies == [b"Success\r\nid: %d\r\n\r\n" % i for i in range(20)]
+        got = [json.loads(ws.recv(timeout=5))["data"] for _ in range(20)]
+        assert got == [f"fin {i}" for i in range(20)]
+
+
+def test_half_close_answers_pending_replies_then_closes():
+    """The listener supports half-close: after the FIN, replies still waiting (a route
+    being handed over) are written, then the connection is closed (not aborted)."""
+    from twisted.internet import defer
+    from twisted.internet.interfaces import IHalfCloseableProtocol
+    from twisted.internet.task import Clock
+    from twisted.internet.testing import StringTransport
+
+    from orbited.hub import Hub, HubConfig
+    from orbited.legacy.orbit import OrbitFactory
+
+    hub = Hub(Clock(), HubConfig(), epoch="ep")
+    waiting: list[defer.Deferred] = []
+
+    def handle(body: bytes):
+        d = defer.Deferred()
+        waiting.append(d)
+        return d
+
+    hub.handle = handle  # type: ignore[method-assign]
+    proto = OrbitFactory(hub).buildProtocol(None)
+    assert IHalfCloseableProtocol.providedBy(proto)
+    transport = StringTransport()
+    proto.makeConnection(transport)
+    request = b'Orbit 1.0\r\nEvent\r\nid: %d\r\nrecipient: a, 0, /x\r\nlength: 2\r\n\r\n""'
+    proto.dataReceived(request % 1 + request % 2 + request[:20])  # and a partial third
+    proto.readConnectionLost()
+    assert not transport.disconnecting
+    waiting[1].callback((True, b'{"id":"x","ok":true,"results":[{"status":"queued","seq":1}]}'))
+    assert transport.value() == b"" and not transport.disconnecting  # in request order
+    waiting[0].callback((True, b'{"id":"x","ok":true,"results":[{"status":"queued","seq":1}]}'))
+    assert transport.value() == b"Success\r\nid: 1\r\n\r\nSuccess\r\nid: 2\r\n\r\n"
+    assert transport.disconnecting

@@ -149,3 +149,60 @@ def test_full_send_buffer_stops_reading_requests():
     assert transport.producerState == "paused"
     proto.resumeProducing()
     assert transport.producerState == "producing"
+
+
+# -- Half-close: a request followed by FIN (docs/sp.md, "Half-close") --------------------
+
+
+def test_half_close_is_supported_so_twisted_does_not_close_at_the_fin():
+    from twisted.internet.interfaces import IHalfCloseableProtocol
+
+    proto, *_ = connect(lambda p: b"ok")
+    assert IHalfCloseableProtocol.providedBy(proto)
+
+
+def test_replies_pending_at_the_fin_are_written_then_the_connection_closes():
+    handler, pending = deferred_handler()
+    proto, transport, _, _ = connect(handler)
+    proto.dataReceived(REQ_HEADER + request(0x80000001, b"a") + request(0x80000002, b"b"))
+    proto.readConnectionLost()
+    assert not transport.disconnecting  # two replies still to come
+    pending[1].callback(b"B")
+    assert not transport.disconnecting
+    pending[0].callback(b"A")
+    assert replies(transport.value()) == [b"\x80\x00\x00\x02B", b"\x80\x00\x00\x01A"]
+    assert transport.disconnecting  # loseConnection: what was written is sent first
+    assert not transport.disconnected  # (not aborted)
+
+
+def test_fin_after_answered_requests_closes_at_once():
+    proto, transport, _, _ = connect(lambda p: b"ok:" + p)
+    proto.dataReceived(REQ_HEADER + request(0x80000001, b"a"))
+    proto.readConnectionLost()
+    assert replies(transport.value()) == [b"\x80\x00\x00\x01ok:a"]
+    assert transport.disconnecting
+
+
+def test_requests_held_over_max_inflight_at_the_fin_are_still_answered():
+    handler, pending = deferred_handler()
+    proto, transport, _, _ = connect(handler, max_inflight=1)
+    proto.dataReceived(REQ_HEADER + b"".join(request(0x80000001 + i, b"%d" % i)
+                                             for i in range(3)))  # fmt: skip
+    proto.readConnectionLost()
+    for i in range(3):
+        assert not transport.disconnecting
+        pending[i].callback(b"r%d" % i)
+    assert [r[4:] for r in replies(transport.value())] == [b"r0", b"r1", b"r2"]
+    assert transport.disconnecting
+
+
+def test_fin_mid_message_or_before_the_header_closes():
+    proto, transport, _, _ = connect(lambda p: b"ok")
+    proto.dataReceived(REQ_HEADER + request(0x80000001, b"abc")[:-1])
+    proto.readConnectionLost()
+    assert transport.disconnecting and transport.value() == wire.encode_header(wire.REP)
+    proto, transport, clock, _ = connect(lambda p: b"ok")
+    proto.readConnectionLost()
+    assert transport.disconnecting
+    proto.connectionLost(None)
+    assert not clock.getDelayedCalls()  # the header timer is gone

@@ -98,3 +98,53 @@ def test_same_outcome_as_nng(name: str, nng_address: str, shared_node: NodeProce
     if ours[0] == "answered":
         backtrace = CASES[name][: CASES[name].index(ID) + 4]
         assert theirs[1].startswith(backtrace) and ours[1].startswith(backtrace)
+
+
+# -- A request followed by FIN (half-close): docs/sp.md, "Half-close" -----------------------
+
+
+def request_then_fin(address: str, body: bytes) -> bytes:
+    """Header and one request, then shutdown(SHUT_WR); everything read until the close."""
+    host, port = address.removeprefix("tcp://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(wire.encode_header(wire.REQ) + wire.encode_message(body))
+        sock.shutdown(socket.SHUT_WR)
+        data = b""
+        while True:
+            try:
+                chunk = sock.recv(65536)
+            except ConnectionResetError:
+                break
+            if not chunk:
+                break
+            data += chunk
+    return data
+
+
+def test_a_request_followed_by_fin_is_answered_every_time(shared_node: NodeProcess):
+    """20 of 20, then the node closes (it had answered none or some: it closed the
+    connection when reading hit the FIN, before the reply left)."""
+    answered = 0
+    for i in range(20):
+        req_id = (0x80000100 + i).to_bytes(4, "big")
+        data = request_then_fin(shared_node.sp, req_id + b'{"op":"ping","id":"fin%d"}' % i)
+        conn = wire.SPConnection(wire.REQ, wire.REP)
+        replies = conn.receive(data)
+        if replies == [req_id + b'{"id":"fin%d","ok":true,"results":[]}' % i]:
+            answered += 1
+    assert answered == 20
+
+
+def test_pipelined_requests_then_fin_all_answered(shared_node: NodeProcess):
+    bodies = [(0x80000200 + i).to_bytes(4, "big") + b'{"op":"ping","id":"p%d"}' % i
+              for i in range(50)]  # fmt: skip
+    host, port = shared_node.sp.removeprefix("tcp://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(wire.encode_header(wire.REQ)
+                     + b"".join(wire.encode_message(b) for b in bodies))  # fmt: skip
+        sock.shutdown(socket.SHUT_WR)
+        conn = wire.SPConnection(wire.REQ, wire.REP)
+        replies: list[bytes] = []
+        while chunk := sock.recv(65536):
+            replies += conn.receive(chunk)
+    assert [r[:4] for r in replies] == [b[:4] for b in bodies]

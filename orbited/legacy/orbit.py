@@ -23,7 +23,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from twisted.internet import defer
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -187,7 +187,7 @@ def body_to_data(body: bytes) -> object:
         return text
 
 
-@implementer(IPushProducer)
+@implementer(IPushProducer, IHalfCloseableProtocol)
 class OrbitProtocol(Protocol):
     log = Logger()
     _serials = itertools.count(1)
@@ -214,6 +214,17 @@ class OrbitProtocol(Protocol):
 
     def stopProducing(self) -> None:  # noqa: N802
         pass
+
+    # IHalfCloseableProtocol: without it Twisted closes the socket as soon as reading sees
+    # the FIN, and a client that sends its request and half-closes lost its reply.
+    def readConnectionLost(self) -> None:  # noqa: N802
+        """The client sent FIN: answer the requests it sent in full (a partial one is
+        dropped), then close."""
+        self._close_when_flushed = True
+        self._flush()
+
+    def writeConnectionLost(self) -> None:  # noqa: N802
+        self.transport.loseConnection()
 
     def dataReceived(self, data: bytes) -> None:  # noqa: N802
         if self._close_when_flushed:

@@ -4,6 +4,10 @@ Each request's payload goes to a handler returning the reply payload (or a Defer
 it); replies are written in whatever order they complete, each prefixed with its request's
 backtrace. Protocol errors close the connection, as nng does (docs/sp.md, "Errors").
 
+Half-close: a peer that sends its requests and then FIN (shutdown(SHUT_WR)) gets every
+reply before the connection is closed (IHalfCloseableProtocol: without it Twisted closes
+the socket as soon as reading sees the FIN, dropping replies not yet written).
+
 Backpressure: the protocol registers itself as the transport's streaming producer, so
 when a web app stops reading replies and our send buffer fills, we stop reading its
 requests; likewise while too many requests are unanswered.
@@ -16,7 +20,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from twisted.internet import defer
-from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IHalfCloseableProtocol,
+    IPushProducer,
+    IReactorTime,
+)
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -37,7 +46,7 @@ class RepLimits:
     max_connections: int = 1000  # connections at once; a new one past it is closed at once
 
 
-@implementer(IPushProducer)
+@implementer(IPushProducer, IHalfCloseableProtocol)
 class RepProtocol(Protocol):
     log = Logger()
     factory: RepFactory | None = None
@@ -53,6 +62,7 @@ class RepProtocol(Protocol):
         self._running = False
         self._writes_blocked = False
         self._reading_paused = False
+        self._input_done = False  # the peer sent FIN: answer what it sent, then close
         self.closed = False
         self.dropped_requests = 0
 
@@ -127,6 +137,26 @@ class RepProtocol(Protocol):
         finally:
             self._running = False
         self._update_reading()
+        self._close_if_answered()
+
+    # IHalfCloseableProtocol
+    def readConnectionLost(self) -> None:  # noqa: N802
+        """The peer sent FIN: it sends nothing more but may still read. Requests received
+        in full are answered; a partial message or header is dropped."""
+        self._input_done = True
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+        self._close_if_answered()
+
+    def writeConnectionLost(self) -> None:  # noqa: N802
+        self.transport.loseConnection()
+
+    def _close_if_answered(self) -> None:
+        if self._input_done and not self.closed and not self._held and not self._inflight:
+            self.closed = True
+            # loseConnection, not abort: the replies written are sent before the close.
+            self.transport.loseConnection()
 
     def _handle_held(self) -> None:
         held = self._held
@@ -171,6 +201,8 @@ class RepProtocol(Protocol):
             self._run_held()
         else:
             self._update_reading()
+            if not self._running:
+                self._close_if_answered()
 
     def _handler_failed(self, failure: Failure) -> None:
         self._inflight -= 1
@@ -179,7 +211,7 @@ class RepProtocol(Protocol):
             self._after_reply()
 
     def _update_reading(self) -> None:
-        if self.closed:
+        if self.closed or self._input_done:  # (resuming would read the FIN again)
             return
         pause = (
             self._writes_blocked or self._inflight >= self._limits.max_inflight or bool(self._held)
