@@ -101,5 +101,6 @@ def browser_site(
             b"health": HealthResource(hub, name, counters or limits.snapshot),
             b"client.js": ClientScriptResource(source, module=False),
             b"client.mjs": ClientScriptResource(source, module=True),
-        }
+        },
+        head_limits=limits.config,
     )

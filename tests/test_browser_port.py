@@ -523,3 +523,43 @@ def test_a_bug_in_a_resource_is_a_json_500():
     status, headers, body = parse_response(transport.value())
     assert status == 500 and json_error(headers, body) == "internal_error"
     assert any("log_failure" in event for event in logged)  # still logged
+
+
+@pytest.mark.parametrize(
+    ("data", "status"),
+    [
+        (b"GET /orbited/x?" + b"a" * 90 + b" HTTP/1.1\r\n\r\n", 404),
+        (b"GET /orbited/x?" + b"a" * 110 + b" HTTP/1.1\r\n\r\n", 414),
+        (b"GET /orbited/x HTTP/1.1\r\nA: " + b"a" * 60 + b"\r\n\r\n", 404),
+        (b"GET /orbited/x HTTP/1.1\r\nA: " + b"a" * 40 + b"\r\nB: " + b"a" * 40 + b"\r\n\r\n",
+         431),
+        (b"GET /orbited/x HTTP/1.1\r\nA: a\r\nB: b\r\nC: c\r\n\r\n", 431),
+    ],
+    ids=["line-fits", "line-too-long", "headers-fit", "headers-too-long", "too-many"],
+)  # fmt: skip
+def test_the_head_limits_come_from_the_browser_limits(data: bytes, status: int):
+    """BrowserLimitsConfig holds the defaults of the documented limits; a site and the
+    WebSocket factory use the values they are given."""
+    from twisted.internet import task
+    from twisted.internet.testing import StringTransport
+
+    from orbited.hub import Hub, HubConfig
+    from orbited.transports.common import BrowserAuth
+    from orbited.transports.limits import BrowserLimits, BrowserLimitsConfig
+    from orbited.transports.websocket import BrowserWebSocketFactory
+    from orbited.web import browser_site
+
+    config = BrowserLimitsConfig(
+        max_request_line=120, max_header_bytes=70, max_headers=2, max_client_message=10
+    )
+    clock = task.Clock()
+    hub = Hub(clock, HubConfig(), epoch="t")
+    limits = BrowserLimits(config, clock)
+    auth = BrowserAuth(b"x" * 32)
+    channel = browser_site(hub, auth, [], "t", 1 << 20, limits).buildProtocol(None)
+    transport = StringTransport()
+    channel.makeConnection(transport)
+    channel.dataReceived(data)
+    assert parse_response(transport.value())[0] == status
+    factory = BrowserWebSocketFactory(hub, auth, [], limits)
+    assert factory.maxMessagePayloadSize == factory.maxFramePayloadSize == 10

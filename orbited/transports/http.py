@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.interfaces import IDelayedCall
@@ -209,15 +208,6 @@ class QuietSite(server.Site):
         pass
 
 
-@dataclass(frozen=True)
-class HeadLimits:
-    """How much request head a node reads (docs/protocol.md, "Errors (browser side)")."""
-
-    max_request_line: int = 16 * 1024  # bytes of "GET /orbited/...?... HTTP/1.1"; then 414
-    max_header_bytes: int = 16 * 1024  # bytes of all header lines together; then 431
-    max_headers: int = 100  # header lines; then 431
-
-
 class OrbitedChannel(http.HTTPChannel):
     """twisted.web's HTTP/1.1 parser, answering a request head it will not read with a
     status and the site's JSON error body instead of closing without a word (a request
@@ -235,7 +225,7 @@ class OrbitedChannel(http.HTTPChannel):
     _header_bytes = 0
 
     def connectionMade(self) -> None:  # noqa: N802
-        limits: HeadLimits = getattr(self.site, "head_limits", HeadLimits())
+        limits: BrowserLimitsConfig = getattr(self.site, "head_limits", BrowserLimitsConfig())
         self.limits = limits
         self.MAX_LENGTH = max(limits.max_request_line, limits.max_header_bytes)
         self.maxHeaders = limits.max_headers
@@ -341,7 +331,7 @@ class OrbitedSite(QuietSite):
         self,
         root: resource.Resource,
         error_body: Callable[[str, str], bytes] = error_json,
-        head_limits: HeadLimits = HeadLimits(),  # noqa: B008 - frozen
+        head_limits: BrowserLimitsConfig = BrowserLimitsConfig(),  # noqa: B008 - frozen
     ) -> None:
         super().__init__(root)
         self.error_body = error_body
@@ -351,14 +341,16 @@ class OrbitedSite(QuietSite):
 def orbited_site(
     children: dict[bytes, resource.Resource],
     error_body: Callable[[str, str], bytes] = error_json,
+    head_limits: BrowserLimitsConfig = BrowserLimitsConfig(),  # noqa: B008 - frozen
 ) -> server.Site:
-    """A Site serving ``children`` under /orbited/; every other path is 404 JSON."""
+    """A Site serving ``children`` under /orbited/; every other path is 404 JSON.
+    ``head_limits``: its max_request_line, max_header_bytes and max_headers apply."""
     orbited = JSONDirectory()
     for name, child in children.items():
         orbited.putChild(name, child)
     root = JSONDirectory()
     root.putChild(b"orbited", orbited)
-    site = OrbitedSite(root, error_body)
+    site = OrbitedSite(root, error_body, head_limits)
     site.displayTracebacks = False
     site.noisy = False
     return site

@@ -33,6 +33,11 @@ class BrowserLimitsConfig:
     connect_burst: int = 10_000  # ... and at once
     max_pending_polls: int = 10_000  # held long-polls
     max_write_queue: int = 1024 * 1024  # unsent bytes per streaming connection
+    # What the node reads from a browser (docs/protocol.md, "Errors (browser side)"):
+    max_client_message: int = 4096  # bytes per WebSocket message (acks are ~25); close 1009
+    max_request_line: int = 16 * 1024  # bytes of "GET /orbited/...?... HTTP/1.1"; then 414
+    max_header_bytes: int = 16 * 1024  # bytes of all header lines together; then 431
+    max_headers: int = 100  # header lines; then 431
 
 
 class TokenBucket:

@@ -36,7 +36,6 @@ CLOSE_REPLACED = 4001  # a newer connection took this key; do not reconnect
 CLOSE_SLOW = 4002  # a reader too slow for max_write_queue; reconnect and resume
 CLOSE_BAD_FRAME = 4400  # the browser sent something that is not a valid frame
 WEBSOCKET_VERSION = b"13"  # RFC 6455; what every browser sends
-MAX_CLIENT_MESSAGE = 4096  # bytes per message from the browser (acks are ~25)
 
 
 def text_frame_header(length: int) -> bytes:
@@ -197,11 +196,11 @@ class BrowserWebSocketFactory(WebSocketServerFactory):
         self.limits = limits or BrowserLimits(BrowserLimitsConfig(), hub.clock)
         keepalive = hub.config.keepalive
         self.setProtocolOptions(
-            maxFramePayloadSize=MAX_CLIENT_MESSAGE,
-            maxMessagePayloadSize=MAX_CLIENT_MESSAGE,
+            maxFramePayloadSize=self.limits.config.max_client_message,
+            maxMessagePayloadSize=self.limits.config.max_client_message,
             # Fail a connection with a close frame, not by dropping the TCP connection
             # (autobahn's default): the browser then sees 1009 for a message over
-            # MAX_CLIENT_MESSAGE, 1002 for a protocol violation, 1007 for text that is
+            # max_client_message, 1002 for a protocol violation, 1007 for text that is
             # not UTF-8 (docs/protocol.md, "WebSocket"), not a bare 1006.
             # closeHandshakeTimeout bounds the wait for the browser's close.
             failByDrop=False,
