@@ -1,12 +1,12 @@
 """Blocking web-app client: send events to connection keys anywhere in a cluster.
 
 For WSGI apps and scripts. Recipients of one event are grouped by route (docs/hashing.md)
-and one SP REQ request goes per route, all pipelined before any reply is read. Our REQ
-follows nng's semantics (random start id with the MSB set, replies matched by id); on a
-connection loss or time-out the same requests (same event id, so the node ignores a
-duplicate) are resent on a new connection, ``retries`` times with backoff. Keys a node
-answers ``moved`` for (HaloD moved their route) are resent through the route's port, which
-now leads to the new owner, when the cluster is a HaloDCluster.
+and one SP REQ request goes per route, all of an address's pipelined before any reply is
+read. Our REQ follows nng's semantics (random start id with the MSB set, replies matched
+by id). On a connection loss or time-out — and, with a HaloDCluster, on a ``moved`` answer
+(HaloD gave the route to another node; the route port now leads there) — the connection
+is closed and the unanswered requests (same event id, so a node ignores a duplicate) are
+resent in their order on a new one, as RetryPolicy says (orbited/client/retry.py).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from orbited.client.cluster import Cluster
+from orbited.client.retry import RetryPolicy
 from orbited.keys import ConnectionKey
 from orbited.sp import wire
 from orbited.sp.reqrep import RequestIds
@@ -56,6 +57,41 @@ def moved_keys(cluster: Cluster, results: dict[ConnectionKey, dict]) -> list[Con
 
 
 @dataclass
+class Request:
+    """One route's share of an event: resent, for the keys not yet answered, until every
+    key has a result or the retry policy gives up."""
+
+    event_id: str
+    keys: list[ConnectionKey]  # still to be answered
+    data: object
+    ack: float | None
+    started: float  # monotonic time of the first attempt
+    resends: int = 0
+    results: dict[ConnectionKey, dict] = field(default_factory=dict)
+
+    def body(self) -> bytes:
+        return event_body(self.event_id, self.keys, self.data, self.ack)
+
+    def answer(self, reply: dict, cluster: Cluster) -> bool:
+        """Record a node's reply; True if some keys were answered ``moved`` and must be
+        resent through the route port (they stay in ``keys``)."""
+        results = results_for(reply, self.keys)
+        self.results.update(results)
+        self.keys = moved_keys(cluster, results)
+        return bool(self.keys)
+
+    def give_up(self, error: str | None, code: str | None = None) -> None:
+        """No more resends: the keys still unanswered get ``error`` (None: they keep the
+        last answer, ``moved``)."""
+        if error is not None:
+            result = {"status": "error", "error": error}
+            if code is not None:
+                result["code"] = code
+            self.results.update((k, dict(result)) for k in self.keys)
+        self.keys = []
+
+
+@dataclass
 class _Connection:
     address: tuple[str, int]
     timeout: float
@@ -82,13 +118,17 @@ class BlockingClient:
         self,
         cluster: Cluster,
         timeout: float = 5.0,
-        retries: int = 3,
-        backoff: float = 0.2,
+        retries: int | None = None,
+        backoff: float = RetryPolicy.backoff,
+        *,
+        retry_budget: float = RetryPolicy.budget,
+        max_backoff: float = RetryPolicy.max_backoff,
     ) -> None:
+        """``timeout``: seconds to wait for a reply on one connection; resends follow
+        RetryPolicy(retry_budget, backoff, max_backoff, retries) (docs/client-python.md)."""
         self.cluster = cluster
         self.timeout = timeout
-        self.retries = retries
-        self.backoff = backoff
+        self.policy = RetryPolicy(retry_budget, backoff, max_backoff, retries)
         self._ids = RequestIds()
         self._connections: dict[tuple[str, int], _Connection] = {}
 
@@ -109,71 +149,85 @@ class BlockingClient:
     ) -> dict[ConnectionKey, dict]:  # fmt: skip
         """Deliver ``data`` to every key; returns each key's result (docs/protocol.md).
 
-        A route that cannot be reached gives its keys ``{"status": "error", ...}``.
-        ``ack``: the acknowledged mode — each node answers once the browsers confirmed
-        (``acked``) or after ``ack`` seconds (``unacked``); keep ``timeout`` above it.
+        A route that cannot be reached within the retry budget gives its keys
+        ``{"status": "error", ...}``. ``ack``: the acknowledged mode — each node answers
+        once the browsers confirmed (``acked``) or after ``ack`` seconds (``unacked``);
+        keep ``timeout`` above it.
         """
         event_id = event_id or uuid.uuid4().hex
         keys = [ConnectionKey(*k) for k in to]
-        results = self._send_once(keys, data, event_id, ack)
-        for attempt in range(self.retries):
-            moved = moved_keys(self.cluster, results)
-            if not moved:
-                break
-            time.sleep(self.backoff * 2**attempt)  # the data plane follows within moments
-            results.update(self._send_once(moved, data, event_id, ack))
-        return {k: results[k] for k in keys}
-
-    def _send_once(
-        self, keys: list[ConnectionKey], data: object, event_id: str, ack: float | None = None
-    ) -> dict[ConnectionKey, dict]:
         # One request per route, grouped by the address that serves it.
-        pending: dict[tuple[str, int], dict[int, tuple[bytes, list[ConnectionKey]]]] = {}
+        pending: dict[tuple[str, int], list[Request]] = {}
         for route, route_keys in self.cluster.group_by_route(keys).items():
-            body = event_body(event_id, route_keys, data, ack)
-            request_id = self._ids.next()
-            pending.setdefault(self.cluster.sp_address(route), {})[request_id] = (body, route_keys)
+            pending.setdefault(self.cluster.sp_address(route), []).append(
+                Request(event_id, route_keys, data, ack, 0.0)
+            )
         results: dict[ConnectionKey, dict] = {}
         for address, requests in pending.items():
-            results.update(self._exchange(address, requests))
-        return results
+            self._exchange(address, requests)
+            for request in requests:
+                results.update(request.results)
+        return {k: results[k] for k in keys}
 
-    def _exchange(
-        self, address: tuple[str, int], requests: dict[int, tuple[bytes, list[ConnectionKey]]]
-    ) -> dict[ConnectionKey, dict]:
+    def _exchange(self, address: tuple[str, int], requests: list[Request]) -> None:
+        """Send ``requests`` over the connection to ``address`` until each is answered or
+        given up; in order, so a key's events reach its node in the order sent."""
         conn = self._connections.setdefault(address, _Connection(address, self.timeout))
-        results: dict[ConnectionKey, dict] = {}
-        waiting = dict(requests)
-        last_error: Exception | None = None
-        for attempt in range(self.retries + 1):
-            if not waiting:
-                break
-            if attempt:
-                time.sleep(self.backoff * 2 ** (attempt - 1))
+        started = time.monotonic()
+        for request in requests:
+            request.started = started
+        failures = 0
+        while True:
+            todo = [r for r in requests if r.keys]
+            if not todo:
+                return
             try:
-                sock = conn.open()
-                sock.sendall(b"".join(
-                    wire.encode_message(RequestIds.encode(rid) + body)
-                    for rid, (body, _) in waiting.items()
-                ))  # fmt: skip
-                deadline = time.monotonic() + self.timeout
-                while waiting:
-                    sock.settimeout(max(0.01, deadline - time.monotonic()))
-                    data = sock.recv(65536)
-                    if not data:
-                        raise ConnectionError("node closed the connection")
-                    for reply in conn.sp.receive(data):
-                        if len(reply) < 4:
-                            raise ConnectionError("reply shorter than a request id")
-                        rid = int.from_bytes(reply[:4], "big")
-                        entry = waiting.pop(rid, None)
-                        if entry is None:
-                            continue  # a late reply to an earlier attempt: nng drops it too
-                        results.update(results_for(json.loads(reply[4:]), entry[1]))
+                self._attempt(conn, todo)
+                failures = 0
+                continue  # every reply read; moved keys, if any, go again at once
+            except _Moved:
+                failures += 1
+                error = None  # given up: the keys keep their `moved` answer
             except (OSError, wire.SPProtocolError) as e:
-                last_error = e
-                conn.close()
-        for _, route_keys in waiting.values():
-            for key in route_keys:
-                results[key] = {"status": "error", "error": f"{address}: {last_error}"}
-        return results
+                failures += 1
+                error = f"{address}: {e}"
+            conn.close()
+            pause = self.policy.pause(failures)
+            resend_at = time.monotonic() + pause
+            for request in todo:
+                if self.policy.allows(request.started, request.resends, resend_at):
+                    request.resends += 1
+                else:
+                    request.give_up(error)
+            if pause and any(r.keys for r in requests):
+                time.sleep(pause)
+
+    def _attempt(self, conn: _Connection, todo: list[Request]) -> None:
+        """One round on one connection: write every request, read every reply. Raises
+        _Moved (after reading what was already there) when a reply said ``moved``: the
+        connection leads to a node that no longer owns the route."""
+        sock = conn.open()
+        waiting: dict[int, Request] = {self._ids.next(): r for r in todo}
+        sock.sendall(b"".join(
+            wire.encode_message(RequestIds.encode(rid) + r.body()) for rid, r in waiting.items()
+        ))  # fmt: skip
+        moved = False
+        deadline = time.monotonic() + self.timeout
+        while waiting and not moved:
+            sock.settimeout(max(0.01, deadline - time.monotonic()))
+            data = sock.recv(65536)
+            if not data:
+                raise ConnectionError("node closed the connection")
+            for reply in conn.sp.receive(data):
+                if len(reply) < 4:
+                    raise ConnectionError("reply shorter than a request id")
+                request = waiting.pop(int.from_bytes(reply[:4], "big"), None)
+                if request is None:
+                    continue  # a late reply to an earlier attempt: nng drops it too
+                moved |= request.answer(json.loads(reply[4:]), self.cluster)
+        if moved:
+            raise _Moved
+
+
+class _Moved(Exception):
+    """A node answered ``moved`` over this connection: dial the route port again."""

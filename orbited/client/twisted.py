@@ -1,9 +1,12 @@
 """Twisted web-app client (Deferred-based): the same behaviour as the blocking client.
 
-One persistent SP REQ connection per node address, many requests in flight on it
-(replies matched by request id), one request per route of an event; a request that times
-out or loses its connection is resent on a new connection with the same event id,
-``retries`` times with backoff (docs/client-python.md).
+One persistent SP REQ connection per node address (per route with a HaloDCluster), many
+requests in flight on it (replies matched by request id), one request per route of an
+event. A connection loss, a time-out or (HaloDCluster) a ``moved`` answer closes the
+connection; every request still unanswered on it is resent with the same event id, in the
+order it was first sent, on a new connection, as RetryPolicy says (orbited/client/retry.py,
+docs/client-python.md). Requests made meanwhile queue behind them: a later event to a key
+never overtakes an earlier one being resent.
 """
 
 from __future__ import annotations
@@ -11,35 +14,38 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
 
-from twisted.internet import defer, task
+from twisted.internet import defer
 from twisted.internet.endpoints import TCP4ClientEndpoint
-from twisted.internet.interfaces import IReactorTCP
+from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 
-from orbited.client.blocking import event_body, moved_keys, results_for
+from orbited.client.blocking import Request
 from orbited.client.cluster import Cluster
+from orbited.client.retry import RetryPolicy
 from orbited.keys import ConnectionKey
 from orbited.sp import wire
 from orbited.sp.reqrep import RequestIds
 
+Address = tuple[str, int]
+
 
 class _ReqProtocol(Protocol):
-    def __init__(self) -> None:
+    """Bytes in and out for one connection; what they mean is its _Channel's business."""
+
+    def __init__(self, channel: _Channel) -> None:
+        self.channel: _Channel | None = channel  # None once the channel gave up on it
         self.sp = wire.SPConnection(wire.REQ, wire.REP, max_message=64 * 1024 * 1024)
-        self.waiting: dict[int, defer.Deferred[bytes]] = {}
-        self.lost = False
 
     def connectionMade(self) -> None:  # noqa: N802
         self.transport.setTcpNoDelay(True)
         self.transport.write(wire.encode_header(wire.REQ))
 
-    def request(self, request_id: int, body: bytes) -> defer.Deferred[bytes]:
-        d: defer.Deferred[bytes] = defer.Deferred(lambda _: self.waiting.pop(request_id, None))
-        self.waiting[request_id] = d
+    def request(self, request_id: int, body: bytes) -> None:
         self.transport.write(wire.encode_message(RequestIds.encode(request_id) + body))
-        return d
 
     def dataReceived(self, data: bytes) -> None:  # noqa: N802
         try:
@@ -48,29 +54,175 @@ class _ReqProtocol(Protocol):
             self.transport.abortConnection()
             return
         for reply in replies:
+            if self.channel is None:
+                return
             if len(reply) < 4:
                 self.transport.abortConnection()  # as nng's REQ does
                 return
-            d = self.waiting.pop(int.from_bytes(reply[:4], "big"), None)
-            if d is not None:  # unknown ids (late replies) are dropped, like nng
-                d.callback(reply[4:])
+            try:
+                answer = json.loads(reply[4:])
+            except ValueError:
+                self.transport.abortConnection()
+                return
+            self.channel.reply(self, int.from_bytes(reply[:4], "big"), answer)
 
     def connectionLost(self, reason: Failure = None) -> None:  # noqa: N802
-        self.lost = True
-        waiting, self.waiting = self.waiting, {}
-        for d in waiting.values():
-            d.errback(ConnectionError("connection to the node lost"))
+        if self.channel is not None:
+            self.channel.failed(self, "connection to the node lost")
+
+
+@dataclass
+class _Pending:
+    request: Request
+    done: defer.Deferred[None] = field(default_factory=defer.Deferred)
+    timer: IDelayedCall | None = None
+
+
+class _Channel:
+    """The requests for one address, in the order they were made, and the connection
+    they go over. Every unanswered request has been written on the current connection,
+    in order; when it fails they are all written again, in order, on the next."""
+
+    def __init__(self, client: TwistedClient, address: Address) -> None:
+        self.client = client
+        self.address = address
+        self.queue: list[_Pending] = []  # unanswered, oldest first
+        self.in_flight: dict[int, _Pending] = {}  # request id on self.proto → request
+        self.proto: _ReqProtocol | None = None
+        self.connecting = False
+        self.retry: IDelayedCall | None = None
+        self.failures = 0  # in a row, without a useful reply
+
+    def submit(self, request: Request) -> defer.Deferred[None]:
+        pending = _Pending(request)
+        if self.client.closed:
+            self._give_up(pending, "client closed")
+            return pending.done
+        self.queue.append(pending)
+        if self.proto is not None:
+            self._write(pending)
+        elif not self.connecting and self.retry is None:
+            self._connect()
+        return pending.done
+
+    def _connect(self) -> None:
+        self.retry = None
+        self.connecting = True
+        endpoint = TCP4ClientEndpoint(self.client.reactor, *self.address,
+                                      timeout=self.client.timeout)  # fmt: skip
+        d = endpoint.connect(Factory.forProtocol(lambda: _ReqProtocol(self)))
+        d.addCallbacks(self._connected, self._connect_failed)
+
+    def _connected(self, proto: _ReqProtocol) -> None:
+        self.connecting = False
+        if self.client.closed:
+            proto.channel = None
+            proto.transport.loseConnection()
+            self._resend_or_give_up("client closed")
+            return
+        self.proto = proto
+        for pending in list(self.queue):
+            self._write(pending)
+
+    def _connect_failed(self, failure: Failure) -> None:
+        self.connecting = False
+        self.failures += 1
+        self._resend_or_give_up(f"{self.address}: {failure.getErrorMessage()}")
+
+    def _write(self, pending: _Pending) -> None:
+        assert self.proto is not None
+        request_id = self.client.ids.next()
+        self.in_flight[request_id] = pending
+        pending.timer = self.client.reactor.callLater(
+            self.client.timeout, self.failed, self.proto, f"no reply in {self.client.timeout}s"
+        )  # fmt: skip
+        self.proto.request(request_id, pending.request.body())
+
+    def reply(self, proto: _ReqProtocol, request_id: int, answer: dict[str, Any]) -> None:
+        if proto is not self.proto:
+            return
+        pending = self.in_flight.pop(request_id, None)
+        if pending is None:
+            return  # a late reply to an earlier attempt: nng drops it too
+        self._stop_timer(pending)
+        if pending.request.answer(answer, self.client.cluster):
+            # `moved`: this connection leads to the route's old node. Dial again now.
+            self.failed(proto, None)
+            return
+        self.failures = 0
+        self.queue.remove(pending)
+        pending.done.callback(None)
+
+    def failed(self, proto: _ReqProtocol, error: str | None) -> None:
+        """``proto`` lost its connection, timed out or answered ``moved`` (error None):
+        drop it and resend every unanswered request, in order, on a new connection."""
+        if proto is not self.proto:
+            return
+        self.proto = None
+        proto.channel = None
+        if proto.transport.connected:
+            proto.transport.abortConnection()
+        for pending in self.in_flight.values():
+            self._stop_timer(pending)
+        self.in_flight.clear()
+        self.failures += 1
+        self._resend_or_give_up(f"{self.address}: {error}" if error else None)
+
+    def _resend_or_give_up(self, error: str | None) -> None:
+        policy = self.client.policy
+        pause = policy.pause(self.failures)
+        at = self.client.reactor.seconds() + pause
+        for pending in list(self.queue):
+            request = pending.request
+            if self.client.closed:
+                self._give_up(pending, "client closed")
+            elif policy.allows(request.started, request.resends, at):
+                request.resends += 1
+            else:
+                self._give_up(pending, error)
+        if not self.queue:
+            return
+        if pause:
+            self.retry = self.client.reactor.callLater(pause, self._connect)
+        else:
+            self._connect()
+
+    def _give_up(self, pending: _Pending, error: str | None) -> None:
+        pending.request.give_up(error, "unreachable")
+        if pending in self.queue:
+            self.queue.remove(pending)
+        pending.done.callback(None)
+
+    @staticmethod
+    def _stop_timer(pending: _Pending) -> None:
+        if pending.timer is not None and pending.timer.active():
+            pending.timer.cancel()
+        pending.timer = None
+
+    def close(self) -> None:
+        if self.retry is not None and self.retry.active():
+            self.retry.cancel()
+            self.retry = None
+            self._resend_or_give_up("client closed")
+        if self.proto is not None:
+            self.proto.transport.loseConnection()  # connectionLost gives the rest up
 
 
 class TwistedClient:
     def __init__(
         self,
         cluster: Cluster,
-        reactor: IReactorTCP | None = None,
+        reactor: Any = None,
         timeout: float = 5.0,
-        retries: int = 3,
-        backoff: float = 0.2,
+        retries: int | None = None,
+        backoff: float = RetryPolicy.backoff,
+        *,
+        retry_budget: float = RetryPolicy.budget,
+        max_backoff: float = RetryPolicy.max_backoff,
     ) -> None:
+        """``reactor``: IReactorTCP and IReactorTime; ``timeout``: seconds to wait for a
+        reply on one connection; resends follow RetryPolicy(retry_budget, backoff,
+        max_backoff, retries) (docs/client-python.md)."""
         if reactor is None:
             from twisted.internet import reactor as _reactor
 
@@ -78,67 +230,17 @@ class TwistedClient:
         self.cluster = cluster
         self.reactor = reactor
         self.timeout = timeout
-        self.retries = retries
-        self.backoff = backoff
-        self._ids = RequestIds()
-        self._connections: dict[tuple[str, int], _ReqProtocol] = {}
-        self._connecting: dict[tuple[str, int], list[defer.Deferred[_ReqProtocol]]] = {}
-        self._closed = False
+        self.policy = RetryPolicy(retry_budget, backoff, max_backoff, retries)
+        self.ids = RequestIds()
+        self.closed = False
+        self._channels: dict[Address, _Channel] = {}
 
     def close(self) -> None:
-        self._closed = True  # requests in flight give up instead of reconnecting
-        for proto in self._connections.values():
-            proto.transport.loseConnection()
-        self._connections.clear()
-
-    def _protocol(self, address: tuple[str, int]) -> defer.Deferred[_ReqProtocol]:
-        """The connection to ``address``; concurrent callers share one connect."""
-        proto = self._connections.get(address)
-        if proto is not None and not proto.lost:
-            return defer.succeed(proto)
-        waiter: defer.Deferred[_ReqProtocol] = defer.Deferred()
-        if address in self._connecting:
-            self._connecting[address].append(waiter)
-            return waiter
-        self._connecting[address] = [waiter]
-
-        def done(result: _ReqProtocol | Failure) -> None:
-            if isinstance(result, _ReqProtocol):
-                self._connections[address] = result
-            for w in self._connecting.pop(address):
-                if isinstance(result, Failure):
-                    w.errback(result)
-                else:
-                    w.callback(result)
-
-        endpoint = TCP4ClientEndpoint(self.reactor, *address, timeout=self.timeout)
-        endpoint.connect(Factory.forProtocol(_ReqProtocol)).addBoth(done)
-        return waiter
-
-    @defer.inlineCallbacks
-    def _request(self, address: tuple[str, int], body: bytes):  # noqa: ANN202
-        last_error: Exception | None = None
-        for attempt in range(self.retries + 1):
-            if attempt:
-                yield task.deferLater(self.reactor, self.backoff * 2 ** (attempt - 1))
-            if self._closed:
-                last_error = ConnectionError("client closed")
-                break
-            proto = None
-            try:
-                proto = yield self._protocol(address)
-                d = proto.request(self._ids.next(), body)
-                d.addTimeout(self.timeout, self.reactor)
-                reply = yield d
-                return json.loads(reply)
-            except Exception as e:  # connect failure, lost connection, time-out
-                last_error = e
-                if proto is not None and not proto.lost:
-                    proto.transport.abortConnection()  # a hung node: start afresh
-        return {
-            "ok": False,
-            "error": {"code": "unreachable", "message": f"{address}: {last_error!r}"},
-        }
+        """Close every connection; requests still unanswered get their ``error``."""
+        self.closed = True
+        for channel in self._channels.values():
+            channel.close()
+        self._channels.clear()
 
     @defer.inlineCallbacks
     def send(  # noqa: ANN201 (inlineCallbacks: the caller gets a Deferred of the dict)
@@ -149,28 +251,23 @@ class TwistedClient:
         ack: float | None = None,
     ):
         """Deferred firing with {key: result} (docs/protocol.md); never errbacks for an
-        unreachable node: its keys get {"status": "error", ...}."""
+        unreachable node: its keys get {"status": "error", "code": "unreachable", ...}."""
         event_id = event_id or uuid.uuid4().hex
         keys = [ConnectionKey(*k) for k in to]
-        results = yield self._send_once(keys, data, event_id, ack)
-        for attempt in range(self.retries):
-            moved = moved_keys(self.cluster, results)
-            if not moved or self._closed:
-                break
-            yield task.deferLater(self.reactor, self.backoff * 2**attempt)
-            results.update((yield self._send_once(moved, data, event_id, ack)))
+        now = self.reactor.seconds()
+        requests = [
+            (self.cluster.sp_address(route), Request(event_id, route_keys, data, ack, now))
+            for route, route_keys in self.cluster.group_by_route(keys).items()
+        ]
+        yield defer.gatherResults([self._channel(address).submit(request)
+                                   for address, request in requests])  # fmt: skip
+        results: dict[ConnectionKey, dict] = {}
+        for _, request in requests:
+            results.update(request.results)
         return {k: results[k] for k in keys}
 
-    @defer.inlineCallbacks
-    def _send_once(self, keys: list[ConnectionKey], data: object, event_id: str,
-                   ack: float | None = None):  # noqa: ANN202  # fmt: skip
-        routes = list(self.cluster.group_by_route(keys).items())
-        replies = yield defer.gatherResults([
-            self._request(self.cluster.sp_address(route),
-                          event_body(event_id, route_keys, data, ack))
-            for route, route_keys in routes
-        ])  # fmt: skip
-        results: dict[ConnectionKey, dict] = {}
-        for (_, route_keys), reply in zip(routes, replies, strict=True):
-            results.update(results_for(reply, route_keys))
-        return results
+    def _channel(self, address: Address) -> _Channel:
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = self._channels[address] = _Channel(self, address)
+        return channel
