@@ -122,7 +122,8 @@ def test_a_connection_closed_for_good_says_so_and_disables_send(cluster, browser
         banner = page.locator("#conn-banner")
         banner.wait_for(state="visible")
         assert "disconnected" in banner.text_content().lower()
-        assert "token" in banner.text_content()  # the reason, not only in a tooltip
+        reason = page.evaluate("window.chat.connection.detail")
+        assert reason and reason in banner.text_content()  # the reason, not only in a tooltip
         assert page.is_disabled("#text") and page.is_disabled("#send-form button")
         assert page.text_content("#conn-state") == "disconnected"
     finally:
@@ -140,27 +141,65 @@ def wait_taken(cluster: LocalCluster, nick: str) -> None:
 def test_logging_out_frees_the_nickname_at_once_and_ends_the_other_tabs(cluster, browser):
     page = log_in(browser, cluster, "leaver")
     other_tab = another_tab(page)
+    watcher = log_in(browser, cluster, "leave-watcher")
     try:
+        for p in (page, watcher):
+            join(p, "leaving")
+        wait_members(watcher, {"leaver": "online", "leave-watcher": "online"})
         wait_taken(cluster, "leaver")
         page.click("#logout")
         page.wait_for_selector("#login-view:not([hidden])")
         assert login_status(cluster, "leaver") == 200  # at once, not after the linger (30 s)
+        wait_members(watcher, {"leave-watcher": "online", "leaver": "offline"}, timeout=5)
         # The session's other tab is told and shows the login, its connection closed.
         other_tab.wait_for_selector("#login-view:not([hidden])")
         assert "logged out" in other_tab.text_content("#login-error")
         assert other_tab.evaluate("window.chat.connection.state") == "closed"
     finally:
         page.context.close()
+        watcher.context.close()
 
 
 def test_closing_the_tab_frees_the_nickname(cluster, browser):
     page = log_in(browser, cluster, "closer")
-    wait_taken(cluster, "closer")
-    page.close()
-    page.context.close()
-    # The page says goodbye as it goes (pagehide): free well before the linger (30 s).
-    took = wait_for(lambda: login_status(cluster, "closer") == 200, "closer to be free", 10)
-    assert took < 10
+    watcher = log_in(browser, cluster, "close-watcher")
+    try:
+        for p in (page, watcher):
+            join(p, "closing")
+        wait_members(watcher, {"closer": "online", "close-watcher": "online"})
+        wait_taken(cluster, "closer")
+        page.close()
+        page.context.close()
+        # The page says goodbye as it goes (pagehide): well before the linger (30 s) the
+        # nickname is free and the member list says so.
+        wait_for(lambda: login_status(cluster, "closer") == 200, "closer to be free", 10)
+        wait_members(watcher, {"close-watcher": "online", "closer": "offline"}, timeout=10)
+    finally:
+        watcher.context.close()
+
+
+def test_a_duplicated_tab_takes_a_key_of_its_own(cluster, browser):
+    first = log_in(browser, cluster, "duplicator")
+    other = log_in(browser, cluster, "dup-watcher")
+    try:
+        # "Duplicate tab" copies sessionStorage, and with it the tab id (so the key).
+        tab_id = first.evaluate("sessionStorage.getItem('cherrychat.tab')")
+        second = first.context.new_page()
+        second.add_init_script(f"sessionStorage.setItem('cherrychat.tab', {tab_id!r})")
+        second.goto(cluster.url)
+        second.wait_for_function("window.chat.connection.state === 'open'", timeout=20000)
+        assert second.evaluate("window.chat.tab.tab") == tab_id
+        # The first tab was replaced by the node, took a new tab id and connected again.
+        first.wait_for_function("window.chat.tab.tab !== " + repr(tab_id), timeout=20000)
+        first.wait_for_function("window.chat.connection.state === 'open'", timeout=20000)
+        for page in (first, second, other):
+            join(page, "dups")
+        say(other, "to the original and the duplicate")
+        wait_text(first, "to the original and the duplicate")
+        wait_text(second, "to the original and the duplicate")
+    finally:
+        first.context.close()
+        other.context.close()
 
 
 def test_a_reload_keeps_the_user_online_without_a_flap(cluster, browser):
