@@ -132,12 +132,15 @@ def status_table(status: dict) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
              for row in rows]  # fmt: skip
+    spares = status.get("spares")
     head = (
         f"{status['routes']} routes, policy {status['policy']}, "
-        f"{status['spares_wanted']} spare(s) wanted, failovers {status['failovers']}, "
-        f"table version {status['table_version']}"
+        f"{status['spares_wanted']} spare(s) wanted, "
+        + ("" if spares is None else f"{spares} available, ")
+        + f"failovers {status['failovers']}, table version {status['table_version']}"
     )
-    return "\n".join([head, *lines])
+    warnings = [f"WARNING: {w}" for w in status.get("warnings", [])]
+    return "\n".join([head, *lines, *warnings])
 
 
 def _count(value: int | None) -> str:

@@ -61,6 +61,14 @@ class Drop:
     message: str
 
 
+@dataclass(frozen=True)
+class Notice:
+    """A line for the operator's log (``level``: "info" or "warn")."""
+
+    level: str
+    text: str
+
+
 @dataclass
 class Effects:
     sends: list[Send] = field(default_factory=list)
@@ -68,6 +76,7 @@ class Effects:
     changes: list[Change] = field(default_factory=list)  # table changes: persist, log
     probes: list[ProbeRequest] = field(default_factory=list)  # connects to start
     findings: list[Finding] = field(default_factory=list)  # probe verdicts: log
+    notices: list[Notice] = field(default_factory=list)  # log lines (the spare situation)
 
     def extend(self, other: Effects) -> None:
         self.sends += other.sends
@@ -75,6 +84,7 @@ class Effects:
         self.changes += other.changes
         self.probes += other.probes
         self.findings += other.findings
+        self.notices += other.notices
 
 
 class Membership:
@@ -113,8 +123,10 @@ class Membership:
         if record is None:
             record = self.nodes[name] = NodeRecord(name, msg["browser"], msg["sp"], 0)
             self.failed.pop(name, None)
+            spares = len(self.table.spares)
             change = self.table.join(name)
             effects.changes.append(change)
+            effects.notices += self._spare_notices(spares, change)
         elif (record.browser, record.sp) != (msg["browser"], msg["sp"]):
             effects.changes.append(Change(name, "readdressed", held))
         record.browser, record.sp, record.capacity = msg["browser"], msg["sp"], msg["capacity"]
@@ -195,10 +207,12 @@ class Membership:
             self.drained.discard(name)
             effects = Effects(changes=[Change(name, "gone", None)])
         else:
+            spares = len(self.table.spares)
             change = self.table.leave(name)
             if change.moves:
                 self.failovers += 1
             effects = Effects(changes=[change], sends=self._notices(change, skip=name))
+            effects.notices += self._spare_notices(spares, change)
         if record.connected and why != "left":
             effects.drops.append(Drop(name, p.FAILED, f"declared failed: {why}"))
         return effects
@@ -211,9 +225,11 @@ class Membership:
         if self.table.node_id(name) is not None and len(self.table.table()) == 1:
             if not self.table.spares:
                 raise p.ControlError(p.BAD_MESSAGE, "cannot drain the last active node")
+        spares = len(self.table.spares)
         change = self.table.leave(name)
         self.drained.add(name)
         effects = Effects(changes=[change], sends=self._notices(change, skip=""))
+        effects.notices += self._spare_notices(spares, change, drained=True)
         if not any(s.name == name and s.message["type"] == p.ASSIGN for s in effects.sends):
             effects.sends.append(Send(name, self._state(name, p.ASSIGN)))  # it was a spare
         return effects
@@ -222,8 +238,11 @@ class Membership:
         if name not in self.drained:
             raise p.ControlError(p.NOT_REGISTERED, f"{name!r} is not drained")
         self.drained.discard(name)
+        spares = len(self.table.spares)
         change = self.table.join(name)
-        return Effects(changes=[change], sends=self._notices(change, skip=""))
+        effects = Effects(changes=[change], sends=self._notices(change, skip=""))
+        effects.notices += self._spare_notices(spares, change)
+        return effects
 
     def tick(self, now: float, heartbeats_current: bool = True) -> Effects:
         """Fail nodes past their deadline, time out and repeat probes; call at least every
@@ -259,6 +278,43 @@ class Membership:
                 why += " (its ports still answered)"
             effects.extend(self.leave(record.name, now, why))
         return effects
+
+    # -- the spare situation -----------------------------------------------------------
+
+    def _next_failure(self) -> str:
+        return f"the next failure moves routes between live nodes (policy {self.table.policy})"
+
+    def warnings(self) -> list[str]:
+        """What an operator should know now (status pages): no spare though one is wanted."""
+        wanted = self.table.spares_wanted
+        if wanted and not self.table.spares:
+            return [f"no spare left ({wanted} wanted): {self._next_failure()}"]
+        return []
+
+    def _spare_notices(self, before: int, change: Change, drained: bool = False
+                       ) -> list[Notice]:  # fmt: skip
+        """Log lines for a change of the spare count: the last spare used up (or gone),
+        a failover that found none, a spare available again. Only when spares are wanted."""
+        if not self.table.spares_wanted:
+            return []
+        after = len(self.table.spares)
+        failover = change.role == "gone" and change.node_id is not None
+        if failover and before == 0:
+            what = "drain" if drained else "failover"
+            return [Notice("warn", f"{what} of {change.name} found no spare: its routes moved "
+                                   f"between live nodes (policy {self.table.policy})")]
+        if before and not after:
+            if failover:
+                taker = self.table.machines().get(change.node_id, "?")
+                how = f"{taker} took over from {change.name}"
+            elif change.role == "gone":
+                how = f"spare {change.name} {'was drained' if drained else 'is gone'}"
+            else:
+                how = f"{change.name} became {change.role}"
+            return [Notice("warn", f"no spare left: {how}; {self._next_failure()}")]
+        if after and not before:
+            return [Notice("info", f"a spare is available again: {', '.join(self.table.spares)}")]
+        return []
 
     # -- messages to nodes --------------------------------------------------------------
 

@@ -304,6 +304,10 @@ class HaloD:
                 conn.send(send.message)
         for finding in effects.findings:
             self._log_finding(finding)
+        for notice in effects.notices:
+            (self.log.warn if notice.level == "warn" else self.log.info)(
+                "{text}", text=notice.text
+            )
         for request in effects.probes:
             self.stats["probes"] += 1
             self._probe(request)
@@ -414,6 +418,8 @@ class HaloD:
             "routes": m.table.routes,
             "policy": m.table.policy,
             "spares_wanted": m.table.spares_wanted,
+            "spares": len(m.table.spares),
+            "warnings": m.warnings(),
             "heartbeat_interval": m.timing.heartbeat_interval,
             "missed_heartbeats": m.timing.missed_heartbeats,
             "grace": m.timing.grace,
@@ -457,6 +463,12 @@ class HaloD:
             "# HELP halod_nodes_connected Nodes with a live control connection.",
             "# TYPE halod_nodes_connected gauge",
             f"halod_nodes_connected {len(self.connections)}",
+            "# HELP halod_spares_wanted Spare nodes HaloD keeps when it can (spares).",
+            "# TYPE halod_spares_wanted gauge",
+            f"halod_spares_wanted {m.table.spares_wanted}",
+            "# HELP halod_spares_missing Spares wanted but not there: alert when above 0.",
+            "# TYPE halod_spares_missing gauge",
+            f"halod_spares_missing {max(0, m.table.spares_wanted - len(m.table.spares))}",
             "# HELP halod_routes Routes in the table.",
             "# TYPE halod_routes gauge",
             f"halod_routes {m.table.routes}",

@@ -91,10 +91,20 @@ def test_spare_takes_over_a_killed_node(tmp_path, procs):
         [sys.executable, "-m", "halod.cli", "status", "--url", f"http://{halod.status_http}"],
         capture_output=True, text=True, check=True,
     ).stdout.splitlines()  # fmt: skip
-    assert out[0].startswith("24 routes, policy seed, 1 spare(s) wanted, failovers 1")
-    rows = [line.split()[:4] for line in out[2:]]
+    assert out[0].startswith("24 routes, policy seed, 1 spare(s) wanted, 0 available, "
+                             "failovers 1")  # fmt: skip
+    rows = [line.split()[:4] for line in out[2:-1]]
     assert rows == [["1", "n1", "active", "1-8"], ["2", "n2", "active", "13-20"],
                     ["3", "n4", "active", "9-12,21-24"], ["-", "n3", "failed", "-"]]  # fmt: skip
+    # The spare is used up: the status line, the JSON, a metric and the log say so.
+    warning = "no spare left (1 wanted): the next failure moves routes between live nodes " \
+              "(policy seed)"  # fmt: skip
+    assert out[-1] == f"WARNING: {warning}"
+    status = halod.get("status")
+    assert (status["spares"], status["warnings"]) == (0, [warning])
+    assert "halod_spares_missing 1" in urllib_text(f"http://{halod.status_http}/metrics")
+    log = halod.log_file.read_text()
+    assert log.count("no spare left: n2 took over from n3;") == 1
 
 
 def test_a_stopped_node_hands_its_routes_over_at_once(tmp_path, procs):

@@ -227,3 +227,33 @@ def test_a_stalled_halod_does_not_fail_nodes_for_silence():
     assert [c.name for c in effects.changes] == ["n2"]  # the disconnected one still fails
     assert "n1" in m.nodes  # its heartbeats may be sitting unread: not failed
     assert [c.name for c in m.tick(10.0).changes] == ["n1"]
+
+
+def notices(effects):
+    return [(n.level, n.text) for n in effects.notices]
+
+
+def test_a_warning_when_the_last_spare_is_used_and_when_a_failover_finds_none():
+    m = cluster(0, spares=1)
+    for name in ("n1", "s", "n3", "n4"):  # n1, n3 active; s spare; n4 active
+        m.register(reg(name), now=0.0)
+    assert m.table.spares == ["s"] and m.warnings() == []
+    took = m.leave("n3", 1.0, "test")
+    assert notices(took) == [("warn", "no spare left: s took over from n3; the next failure "
+                                      "moves routes between live nodes (policy seed)")]
+    assert m.warnings() == ["no spare left (1 wanted): the next failure moves routes between "
+                            "live nodes (policy seed)"]  # fmt: skip
+    found_none = m.leave("n1", 2.0, "test")
+    assert notices(found_none) == [("warn", "failover of n1 found no spare: its routes moved "
+                                            "between live nodes (policy seed)")]  # fmt: skip
+    back = m.register(reg("n5"), 3.0)  # becomes the spare
+    assert notices(back) == [("info", "a spare is available again: n5")]
+    assert m.warnings() == []
+    assert notices(m.leave("n5", 4.0, "test")) == [  # the spare itself failed
+        ("warn", "no spare left: spare n5 is gone; the next failure moves routes between "
+                 "live nodes (policy seed)")]  # fmt: skip
+
+
+def test_no_spare_warnings_when_none_is_wanted():
+    m = cluster(3, spares=0)
+    assert notices(m.leave("n1", 1.0, "test")) == [] and m.warnings() == []
