@@ -28,6 +28,7 @@ SCENARIOS = {
     "storm": "bench.storm",
     "control": "bench.control",
     "dataplane": "bench.dataplane",
+    "failover": "bench.failover",
     "soak": "bench.soak",
 }
 # Load-tool pieces (bench/README.md, "Simulated browsers"), runnable the same way.
@@ -37,7 +38,7 @@ TOOLS = {
     "chaos_report": "bench.chaos_report",
 }
 # `all`, in this order: the page's order; the soak (an hour) only when asked for.
-ORDER = ("dispatch", "idle", "storm", "dataplane", "control")
+ORDER = ("dispatch", "idle", "storm", "dataplane", "failover", "control")
 QUICK_RESULTS = Path("/tmp/orbited-bench-quick")
 
 

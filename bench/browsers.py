@@ -37,7 +37,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -56,6 +56,7 @@ TRANSPORTS = ("ws", "poll", "sse", "iframe")
 DEFAULT_LOCATION = "/bench"
 LATENCY_SAMPLES = 20_000  # per transport and process: enough for a p99
 BROADCAST = "*"  # the sender's "k" when one request carries many keys (bench/sender.py)
+SLOW_SAMPLES = 300  # per browser: the last long gaps and late events (ring buffers)
 
 
 # -- keys, transports, URLs: shared with bench/sender.py ---------------------------------
@@ -242,6 +243,9 @@ class Options:
     connect_timeout: float = 5.0
     token_ttl: float = 7 * 24 * 3600.0  # soak runs outlast the default hour
     http_ack: bool = True  # POST /orbited/ack for SSE/iframe while the node has it
+    # Silences and late events worth keeping for the failover bench (bench/failover.py):
+    # two arrivals further apart than this, or an event this late after its send time.
+    slow_after: float = 0.15
 
 
 class Fatal(Exception):
@@ -301,6 +305,11 @@ class Browser:
         self.reconnects = 0
         self.connects = 0
         self.outages: list[list[float | None]] = []
+        self.last_event_at: float | None = None
+        # [previous arrival, arrival] further apart than slow_after; [send time, latency]
+        # of events later than slow_after. The last ones: an incident is near the end.
+        self.long_gaps: deque[list[float]] = deque(maxlen=SLOW_SAMPLES)
+        self.late: deque[list[float]] = deque(maxlen=SLOW_SAMPLES)
         self.errors: Counter[str] = Counter()
         self.fatal: str | None = None
         self.ready = asyncio.Event()
@@ -354,6 +363,10 @@ class Browser:
             self.errors["event without n"] += 1
             return
         n: int = data["n"]
+        slow = self.opts.slow_after
+        if self.last_event_at is not None and now - self.last_event_at > slow:
+            self.long_gaps.append([self.last_event_at, now])
+        self.last_event_at = now
         if self._in_outage:
             self.outages[-1][1] = now
             self._in_outage = False
@@ -376,6 +389,8 @@ class Browser:
         self.shared.events += 1
         if isinstance(data.get("t"), int | float):
             self.shared.latency(self.transport, now - data["t"])
+            if now - data["t"] > slow:
+                self.late.append([data["t"], now - data["t"]])
 
     def position(self) -> str | None:
         return None if self.stream is None else f"{self.stream}:{self.seq}"
@@ -600,6 +615,8 @@ class Browser:
             "reconnects": self.reconnects,
             "connects": self.connects,
             "outages": self.outages,
+            "long_gaps": list(self.long_gaps),
+            "late": list(self.late),
             "fatal": self.fatal,
             "position": self.position(),
             "errors": dict(self.errors),

@@ -222,16 +222,23 @@ class HaloD:
             # flow): off, so that the figures are the forwarding's alone.
             extra = ["--dataplane-host", VIP, "--nft-table", f"bench{tag.replace('-', '')}",
                      "--nft-stats-interval", "0", "--no-nft-keep-on-stop"]  # fmt: skip
-        self.proc = env.py(
+        self.ready = ready
+        self.argv = [
             "halod.cli", "run",
             "--control", "tcp://127.0.0.1:0", "--status-http", "127.0.0.1:0",
             "--db", str(env.tmp / f"halod-{tag}.sqlite3"),
             "--routes", str(routes), "--dataplane", backend,
             "--browser-port-base", str(self.browser_base), "--sp-port-base", str(self.sp_base),
             "--ready-file", str(ready), "--log-level", "info", *extra, *flags,
-            log=self.log_name,
-        )  # fmt: skip
-        info = wait_ready(env, self.proc, ready, self.log_name)
+        ]  # fmt: skip
+        self.start()
+
+    def start(self) -> None:
+        """Start (or, after a kill, restart) HaloD with the same arguments: the same state
+        file and route ports; pass fixed --control/--status-http flags to keep those too."""
+        self.ready.unlink(missing_ok=True)
+        self.proc = self.env.py(*self.argv, log=self.log_name)
+        info = wait_ready(self.env, self.proc, self.ready, self.log_name)
         self.control, self.status, self.pid = info["control"], info["status"], info["pid"]
 
     def cpu(self) -> float:
