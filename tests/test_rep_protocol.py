@@ -206,3 +206,11 @@ def test_fin_mid_message_or_before_the_header_closes():
     assert transport.disconnecting
     proto.connectionLost(None)
     assert not clock.getDelayedCalls()  # the header timer is gone
+
+
+def test_a_connection_closed_after_its_fin_frees_its_slot_at_once():
+    proto, transport, _, factory = connect(lambda p: b"ok", max_connections=1)
+    proto.dataReceived(REQ_HEADER + request(0x80000001, b"a"))
+    assert factory.buildProtocol(None) is None  # the one slot is taken
+    proto.readConnectionLost()
+    assert factory.buildProtocol(None) is not None

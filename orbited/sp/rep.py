@@ -155,6 +155,8 @@ class RepProtocol(Protocol):
     def _close_if_answered(self) -> None:
         if self._input_done and not self.closed and not self._held and not self._inflight:
             self.closed = True
+            if self.factory is not None:  # its slot is free now (sp_max_connections)
+                self.factory.connections.discard(self)
             # loseConnection, not abort: the replies written are sent before the close.
             self.transport.loseConnection()
 
