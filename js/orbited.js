@@ -1,5 +1,6 @@
 // Orbited browser client: connect with a token, pick the best transport and fall back,
-// reconnect with exponential backoff and jitter, resume from the last seen position so
+// reconnect (quickly once after losing a connection that worked, spread by the node's
+// hint, then with exponential backoff and jitter), resume from the last seen position so
 // no event is lost or delivered twice. Payloads are parsed with JSON.parse, never
 // evaluated. Protocol: docs/protocol.md; API: docs/client.md.
 //
@@ -32,6 +33,26 @@ export function backoffDelay(attempt, { base = 500, max = 30000, random = Math.r
   return ceiling / 2 + random() * (ceiling / 2);
 }
 
+// Reconnecting after losing a connection that worked (docs/client.md, "What it does on
+// trouble"): HaloD moves a dead node's routes within ≈ 100 ms, so the first retry comes
+// FIRST_RETRY ms + a random part of the node's spread hint (DEFAULT_SPREAD ms without
+// one) and lands on the new owner; a connection shorter than STABLE ms gets that only if
+// the one before it did not (a node that drops browsers at once gets the backoff pace).
+export const FIRST_RETRY = 100;
+export const DEFAULT_SPREAD = 150;
+export const STABLE = 1000;
+
+/** The spread hint of a hello or ping frame (seconds) in ms, at most `max`; null if the
+ *  frame has none or it is not a number ≥ 0. */
+export function spreadHint(value, max = 30000) {
+  return typeof value === "number" && Number.isFinite(value) && value >= 0 ? Math.min(value * 1000, max) : null;
+}
+
+/** Delay before the first reconnect after losing a connection that worked. */
+export function firstRetryDelay(spread, { firstRetry = FIRST_RETRY, random = Math.random } = {}) {
+  return firstRetry + random() * spread;
+}
+
 /** Resume bookkeeping: which events are new, and the position to resume from. */
 export class Resume {
   constructor(position = null) {
@@ -58,7 +79,7 @@ export class Resume {
           this.stream = frame.stream;
           this.seq = frame.seq || 0; // a fresh page starts after what was acknowledged
         }
-        return { kind: "hello", reset, keepalive: frame.keepalive };
+        return { kind: "hello", reset, keepalive: frame.keepalive, spread: frame.spread };
       }
       case "event":
         if (frame.seq <= this.seq) return { kind: "duplicate" };
@@ -69,7 +90,7 @@ export class Resume {
       case "reconnect":
         return { kind: "reconnect", reason: frame.reason };
       case "ping":
-        return { kind: "ping" };
+        return { kind: "ping", spread: frame.spread };
       case "replaced":
         return { kind: "replaced" };
       default:
@@ -290,6 +311,9 @@ export class OrbitedClient {
     this._watchdog = null;
     this._keepalive = 25;
     this._token = null;
+    this._spread = null; // the node's spread hint in ms (hello, ping), null: none
+    this._helloAt = null; // when the current connection got its first hello
+    this._shortQuick = false; // the last quick reconnect followed a connection < STABLE
   }
 
   on(name, fn) { this.listeners[name].push(fn); return this; }
@@ -338,6 +362,7 @@ export class OrbitedClient {
   async _open(refreshToken = false) {
     const name = this.transports[this.index % this.transports.length];
     this.transport = name;
+    this._helloAt = null;
     const opening = {};
     this._opening = opening;
     let token;
@@ -365,6 +390,8 @@ export class OrbitedClient {
         switch (r.kind) {
           case "hello":
             gotHello = true;
+            if (client._helloAt === null) client._helloAt = Date.now();
+            client._spread = spreadHint(r.spread, client._max());
             client.attempt = 0;
             client._failures = 0;
             client._tokenRetried = false;
@@ -381,8 +408,16 @@ export class OrbitedClient {
             client._emit("gap", r.from, r.to);
             break;
           case "reconnect":
-            client._drop(`reconnect: ${r.reason}`, null, true);
+            // After hello a planned move (route moved, node stopping): come back at once,
+            // spread by the hint. Before hello (a node that does not own the key's route
+            // any more, or is stopping): this attempt failed, back off on this transport.
+            client._drop(`reconnect: ${r.reason}`, null, true, 0, gotHello);
             break;
+          case "ping": {
+            const spread = spreadHint(r.spread, client._max());
+            if (spread !== null) client._spread = spread;
+            break;
+          }
           case "replaced":
             client._drop("replaced: a newer connection took this key", "replaced", true);
             break;
@@ -412,7 +447,9 @@ export class OrbitedClient {
                                 ms || this._keepalive * 2000);
   }
 
-  _drop(reason, fatal, worked, retryAfterSeconds = 0) {
+  _max() { return this.options.max ?? 30000; }
+
+  _drop(reason, fatal, worked, retryAfterSeconds = 0, planned = false) {
     this._generation = null;
     clearTimeout(this._watchdog);
     if (this._current) { const c = this._current; this._current = null; c.close(); }
@@ -436,10 +473,25 @@ export class OrbitedClient {
       this._setState("closed", reason);
       return;
     }
-    this._retry(reason, worked);
+    this._retry(reason, worked, planned);
   }
 
-  _retry(reason, worked) {
+  /** May the reconnect after losing the current connection be quick (first retry,
+   *  planned move)? Only if it got hello, and lasted STABLE ms or followed one that did. */
+  _quick() {
+    if (this._helloAt === null) return false;
+    if (Date.now() - this._helloAt >= STABLE) {
+      this._shortQuick = false;
+      return true;
+    }
+    if (this._shortQuick) return false;
+    this._shortQuick = true;
+    return true;
+  }
+
+  _retry(reason, worked, planned = false) {
+    const quick = worked && this._quick();
+    this._helloAt = null;
     // A transport that never got as far as hello is skipped: the next one is tried at once.
     // Once one has worked, it is kept through a few failed attempts (the node may just be
     // restarting) before falling back again.
@@ -452,7 +504,14 @@ export class OrbitedClient {
         return;
       }
     }
-    const delay = backoffDelay(this.attempt++, this.options);
+    // Quick: the first retry after a loss (or at once after a planned move) does not
+    // count as a backoff attempt; if it fails, the backoff starts from its first delay.
+    const spread = this._spread ?? Math.min(this.options.spread ?? DEFAULT_SPREAD, this._max());
+    const random = this.options.random || Math.random;
+    let delay;
+    if (quick && planned) delay = random() * spread;
+    else if (quick) delay = firstRetryDelay(spread, { firstRetry: this.options.firstRetry ?? FIRST_RETRY, random });
+    else delay = backoffDelay(this.attempt++, this.options);
     this._setState("reconnecting", reason);
     this._timer = setTimeout(() => this._open(), delay);
   }

@@ -327,3 +327,134 @@ def test_browser_computes_routes_like_the_vectors(cluster: dict):
             assert got == vector["routes"]["24"]
     finally:
         context.close()
+
+
+# -- reconnect schedule (docs/client.md, "What it does on trouble") ----------------------
+
+# base 4000: the old schedule's first attempt came 2-4 s after a loss; the quick first
+# retry comes 100 ms + a random part of the node's spread hint (a few ms for these nodes).
+RECONNECT_PAGE = """<!DOCTYPE html><html><head><meta charset="utf-8">
+<script src="{node}/orbited/client.js"></script></head><body><script>
+window.received = []; window.states = []; window.attempts = [];
+const q = new URLSearchParams(location.search);
+const client = window.client = new Orbited.OrbitedClient("{node}", {{
+  token: q.get("token"), transports: q.get("transports").split(","), base: 4000, max: 8000,
+  onMessage: (data, info) => window.received.push([info.seq, data, info.transport]),
+  onState: (state, info) => window.states.push([state, info.transport, performance.now()]),
+}});
+// Every attempt (transport start), with its time: the client's own factories, wrapped.
+client.factories = Object.fromEntries(Object.entries(client.factories).map(([name, make]) =>
+  [name, (...a) => {{ window.attempts.push([name, performance.now()]); return make(...a); }}]));
+client.connect();
+</script></body></html>"""
+OLD_FIRST_ATTEMPT_MS = 2000  # backoffDelay(0) with base 4000: at least base / 2
+
+
+class SwitchProxy(Proxy):
+    """A Proxy whose upstream can change (HaloD moved the route to another node) and that
+    can refuse connections (the route has not moved yet: its node is dead)."""
+
+    refuse = False
+
+    def _serve(self, client: socket.socket) -> None:
+        if self.refuse:
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
+            client.close()  # RST, as a dead node's port answers
+            return
+        super()._serve(client)
+
+    def cut(self, reset: bool = True) -> None:
+        """Reset every connection now (a killed node's kernel answers RST): shutting the
+        read side first wakes the pump thread blocked in recv, which holds the socket
+        open (Proxy.cut takes effect only when the next bytes arrive)."""
+        with self.lock:
+            sockets, self.sockets = self.sockets, []
+        for s in sockets:
+            try:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
+                s.shutdown(socket.SHUT_RD)
+                s.close()
+            except OSError:
+                pass
+
+
+@pytest.fixture(scope="module")
+def two_nodes(cluster: dict) -> Iterator[dict]:
+    (workdir := cluster["tmp"] / "spare").mkdir()
+    spare = NodeProcess(workdir, "--cors-origin", cluster["page_origin"], "--keepalive", "5")
+    spare.start()
+    proxy = SwitchProxy(cluster["node"].http)
+    (cluster["site"] / "reconnect.html").write_text(
+        RECONNECT_PAGE.format(node=f"http://{proxy.address}")
+    )
+    yield {"old": cluster["node"], "spare": spare, "proxy": proxy}
+    proxy.close()
+    spare.stop()
+
+
+def host_port(address: str) -> tuple[str, int]:
+    host, port = address.rsplit(":", 1)
+    return host, int(port)
+
+
+def attempts_and_drops(page) -> tuple[list, list]:
+    attempts = page.evaluate("window.attempts")
+    states = page.evaluate("window.states")
+    return attempts, [at for state, _, at in states if state == "reconnecting"]
+
+
+@pytest.mark.parametrize("transport", ["websocket", "sse", "longpoll", "iframe"])
+def test_a_lost_connection_is_retried_quickly_then_with_the_old_backoff(
+    cluster: dict, two_nodes: dict, transport: str
+):
+    """The node dies after hello (its connections reset). 1: the route has already moved
+    (the proxy now leads to the spare): one attempt, before the old backoff's first, lands
+    there. 2: the route has not moved yet (refused): that quick attempt fails and the
+    next comes at the old backoff's pace, on the same transport."""
+    old, spare, proxy = two_nodes["old"], two_nodes["spare"], two_nodes["proxy"]
+    user = f"q-{transport}"
+    context = cluster["browser"].new_context()
+    try:
+        page = context.new_page()
+        page.goto(f"{cluster['page_origin']}/reconnect.html?token={old.token(user)}"
+                  f"&transports={transport}", wait_until="domcontentloaded")  # fmt: skip
+        page.wait_for_function("window.states.some(s => s[0] === 'open')", timeout=15000)
+        dispatch(old, user, 0, 1)
+        wait_received(page, 1)
+        time.sleep(1.2)  # a connection that worked for a while (client STABLE, 1 s)
+
+        # 1. The route has moved to the spare before the browser comes back.
+        if transport == "longpoll":
+            wait_for(lambda: pending_polls(old) >= 1, "the next poll to be held")
+        proxy.upstream = host_port(spare.http)
+        proxy.cut(reset=True)
+        page.wait_for_function("window.states.filter(s => s[0] === 'open').length >= 2",
+                               timeout=15000)  # fmt: skip
+        attempts, drops = attempts_and_drops(page)
+        assert [name for name, _ in attempts] == [transport, transport], attempts
+        quick = attempts[1][1] - drops[0]
+        assert 100 <= quick < OLD_FIRST_ATTEMPT_MS, (quick, attempts, drops)
+        # It landed on the new owner: the spare has a mailbox for the key (no_connection if not).
+        assert dispatch(spare, user, 1, 1)[0] in {"delivered", "queued"}
+        assert [d for _, d, _ in wait_received(page, 2)] == [0, 1]
+        time.sleep(1.2)
+
+        # 2. The node dies and its route has not moved yet: the quick attempt fails.
+        if transport == "longpoll":
+            wait_for(lambda: pending_polls(spare) >= 1, "the next poll to be held")
+        proxy.refuse = True
+        proxy.cut(reset=True)
+        page.wait_for_function("window.attempts.length >= 3", timeout=15000)
+        time.sleep(0.5)  # let it fail
+        proxy.upstream = host_port(old.http)
+        proxy.refuse = False
+        page.wait_for_function("window.states.filter(s => s[0] === 'open').length >= 3",
+                               timeout=15000)  # fmt: skip
+        attempts, drops = attempts_and_drops(page)
+        assert [name for name, _ in attempts] == [transport] * 4, attempts
+        assert 100 <= attempts[2][1] - drops[1] < OLD_FIRST_ATTEMPT_MS, (attempts, drops)
+        assert attempts[3][1] - attempts[2][1] >= OLD_FIRST_ATTEMPT_MS, (attempts, drops)
+        dispatch(old, user, 2, 1)
+        assert [d for _, d, _ in wait_received(page, 3)] == [0, 1, 2]
+    finally:
+        context.close()

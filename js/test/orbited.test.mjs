@@ -90,11 +90,12 @@ test("falls back to the next transport when one fails before hello", async () =>
   assert.deepEqual(states, ["connecting", "reconnecting", "open", "closed"]);
 });
 
+// firstRetry: 0 and max: 2 keep the quick first retry (reconnect.test.mjs) within a tick.
 test("reconnects the working transport with its position after a drop, no duplicates", async () => {
   const log = [];
   const got = [];
   const client = new OrbitedClient("http://n", { token: "t", factories: fakeFactories(log), base: 1, max: 2,
-                                                  onMessage: (d) => got.push(d) });
+                                                  firstRetry: 0, onMessage: (d) => got.push(d) });
   client.connect();
   await tick();
   const first = log[0];
@@ -198,7 +199,8 @@ test("token refresh works again after each successful hello", async () => {
 
 test("a transport that worked is kept through a few failed reconnects", async () => {
   const log = [];
-  const client = new OrbitedClient("http://n", { token: "t", factories: fakeFactories(log), base: 1, max: 2 });
+  const client = new OrbitedClient("http://n", { token: "t", factories: fakeFactories(log), base: 1, max: 2,
+                                                  firstRetry: 0 });
   client.connect();
   await tick();
   log[0].sink.frame({ type: "hello", stream: "e.1", reset: false });
