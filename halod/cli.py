@@ -3,9 +3,12 @@
     halod [run] [--config FILE] [--control tcp://HOST:PORT] ...   the daemon
     halod status [--url http://HOST:PORT]                          nodes as a table
     halod plan --routes N --nodes M [--json] [--svg FILE]          the canonical table
+    halod drain NAME | halod undrain NAME                          operator actions
 
-Flags of ``halod run`` are the keys of the config file's [halod] table
-(docs/operations.md, "HaloD configuration"); docs/halod.md explains the table.
+``halod --help`` lists the commands; an unknown command is an error (exit 2) with a
+suggestion, as for ``orbited`` (one dispatcher: orbited.cli.run_commands). Flags of
+``halod run`` are the keys of the config file's [halod] table (docs/operations.md,
+"HaloD configuration"); docs/halod.md explains the table.
 """
 
 from __future__ import annotations
@@ -21,9 +24,9 @@ from pathlib import Path
 from halod.config import HaloDConfig
 from halod.routes import DEFAULT_ROUTES, RouteTableError, canonical, format_ranges
 from halod.svg import table_svg
+from orbited import __version__
+from orbited.cli import Command, run_commands
 from orbited.daemon import run_configured
-
-SUBCOMMANDS = ("run", "plan", "status", "drain", "undrain")
 
 
 def plan_text(routes: int, nodes: int) -> str:
@@ -82,18 +85,29 @@ def _status_parser() -> argparse.ArgumentParser:
     return status
 
 
+COMMANDS = (
+    Command("run", "run the HaloD daemon in the foreground (the default)",
+            lambda argv: run_command(_run_parser().parse_args(argv))),
+    Command("status", "show the nodes, their routes and connections as a table",
+            lambda argv: status_command(_status_parser().parse_args(argv))),
+    Command("plan", "print the canonical route table for 1..M nodes (text, JSON, SVG)",
+            lambda argv: plan_command(_plan_parser().parse_args(argv))),
+    Command("drain", "move a node's routes away now, keeping it registered",
+            lambda argv: operator_command("drain", _operator_parser("drain").parse_args(argv))),
+    Command("undrain", "return a drained node to service",
+            lambda argv: operator_command("undrain",
+                                          _operator_parser("undrain").parse_args(argv))),
+)  # fmt: skip
+SUBCOMMANDS = tuple(c.name for c in COMMANDS)
+DESCRIPTION = (
+    "HaloD: the route table of an Orbited cluster. Nodes register over the control port; "
+    "HaloD moves routes when nodes join, fail or are drained (docs/halod.md)."
+)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    command = argv[0] if argv and argv[0] in SUBCOMMANDS else "run"
-    if argv and argv[0] in SUBCOMMANDS:
-        argv = argv[1:]
-    if command == "plan":
-        return plan_command(_plan_parser().parse_args(argv))
-    if command == "status":
-        return status_command(_status_parser().parse_args(argv))
-    if command in ("drain", "undrain"):
-        return operator_command(command, _operator_parser(command).parse_args(argv))
-    return run_command(_run_parser().parse_args(argv))
+    return run_commands("halod", DESCRIPTION, COMMANDS, "run", argv, __version__)
 
 
 def plan_command(args: argparse.Namespace) -> int:

@@ -71,3 +71,71 @@ def test_restart_with_another_route_count_is_refused(tmp_path):
         capture_output=True, text=True, timeout=30,
     )  # fmt: skip
     assert done.returncode == 2 and "routes are fixed for the life of a cluster" in done.stderr
+
+
+# -- commands: listed in --help, a typo is an error with a suggestion (as `orbited`) --------
+
+HALOD_COMMANDS = ("run", "status", "plan", "drain", "undrain")
+
+
+def halod(*args, **kwargs):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "halod.cli", *args], capture_output=True,
+                          text=True, timeout=30, **kwargs)  # fmt: skip
+
+
+def test_help_lists_every_command(capsys):
+    for flag in ("--help", "-h", "help"):
+        assert main([flag]) == 0
+        out = capsys.readouterr().out
+        commands = out.split("commands:", 1)[1]
+        listed = [line.split()[0] for line in commands.splitlines() if line.startswith("  ")]
+        assert listed == list(HALOD_COMMANDS)
+        assert "halod COMMAND --help" in out
+    assert main(["help", "plan"]) == 0
+    assert "usage: halod plan" in capsys.readouterr().out
+
+
+def test_an_unknown_command_is_an_error_with_a_suggestion(capsys):
+    for argv, suggestion in ((["stauts"], "status"), (["plna", "--nodes", "2"], "plan"),
+                             (["drian", "n1"], "drain"), (["frobnicate"], None)):  # fmt: skip
+        assert main(argv) == 2
+        captured = capsys.readouterr()
+        assert captured.out == ""
+        assert f"halod: unknown command {argv[0]!r}" in captured.err
+        if suggestion:
+            assert f"did you mean {suggestion!r}?" in captured.err
+        else:
+            assert "did you mean" not in captured.err
+        assert "commands: " + ", ".join(HALOD_COMMANDS) in captured.err
+
+
+def test_unknown_command_in_a_real_process_exits_2_without_run_help():
+    done = halod("trace", "--help")
+    assert done.returncode == 2 and "unknown command 'trace'" in done.stderr
+    assert "--heartbeat-interval" not in done.stdout + done.stderr
+
+
+def test_flags_without_a_command_still_run_halod(tmp_path):
+    import json
+    import subprocess
+    import sys
+    import time
+
+    ready = tmp_path / "ready.json"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "halod.cli", "--db", str(tmp_path / "h.db"), "--control",
+         "tcp://127.0.0.1:0", "--status-http", "127.0.0.1:0", "--dataplane", "none",
+         "--ready-file", str(ready)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 20
+        while not ready.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert proc.poll() is None and json.loads(ready.read_text())["control"]
+    finally:
+        proc.terminate()
+        proc.wait(10)
