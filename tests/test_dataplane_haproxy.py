@@ -13,6 +13,7 @@ import os
 import signal
 import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pynng
@@ -58,6 +59,8 @@ def test_config_holds_the_table_and_the_layout():
     assert "    maxconn 5000" in cfg and "nbthread" not in cfg
     assert "    stats socket /run/h/admin.sock mode 600 level admin expose-fd listeners" in cfg
     assert "    noreuseport" in cfg and "    timeout tunnel 3600s" in cfg
+    # A refused connect is retried every 100 ms on whichever slot is enabled by then.
+    assert "    timeout connect 100ms\n    retries 20\n    option redispatch 1\n" in cfg
     assert f"    setenv HALOD_LAYOUT {settings().layout()}" in cfg
     # route 1's browser port leads to n1's browser address through slot a; b is idle.
     assert ("listen r1_browser\n    bind 127.0.0.1:8100\n"
@@ -73,6 +76,9 @@ def test_layout_changes_with_the_ports_not_the_owners():
     assert base.layout() == settings().layout()
     assert base.layout() != settings(routes=3).layout()
     assert base.layout() != Settings(base.ports, base.directory, maxconn=6000).layout()
+    assert base.layout() != Settings(base.ports, base.directory, retries=5).layout()
+    with pytest.raises(ValueError, match="haproxy_connect_timeout"):
+        Settings(base.ports, base.directory, connect_timeout=0)
     assert "nbthread 2" in render_config(
         Settings(base.ports, base.directory, nbthread=2), SlotTable(proxy_names(2))
     )
@@ -449,3 +455,54 @@ def test_a_changed_layout_reloads_haproxy_keeping_connections(cluster):
         assert json.loads(req.recv())["results"][0]["status"] == "delivered"
     assert json.loads(ws.recv(timeout=5))["data"] == 1
     ws.close()
+
+
+def health_via(port: int) -> tuple[float, str | None]:
+    """GET /orbited/health through a route port: (seconds it took, the answering node's
+    name, or None when the connection was closed without an answer)."""
+    began = time.monotonic()
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(b"GET /orbited/health HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+            reply = b""
+            while chunk := s.recv(65536):
+                reply += chunk
+    except OSError:
+        reply = b""
+    head, _, body = reply.partition(b"\r\n\r\n")
+    name = json.loads(body)["node"] if head.startswith(b"HTTP/1.") and body else None
+    return time.monotonic() - began, name
+
+
+@slow
+@needs_haproxy
+def test_connections_to_a_killed_owner_wait_for_the_new_one_not_three_seconds(cluster):
+    # While HaloD has not yet moved a dead node's routes, HAProxy's connect to it is
+    # refused. It must retry often enough, and on the slot HaloD enables, that such a
+    # connection reaches the new owner once the route moves — not be held through
+    # HAProxy's default retries (3 × 1 s turn-around) and then closed.
+    halod = cluster.start("--spares", "0", "--grace", "0.5", "--heartbeat-interval", "0.1")
+    n1 = cluster.node("n1")
+    cluster.node("n2")
+    route = next(r for r, owner in halod.owners().items() if owner == "n1")
+    port = halod.browser_base + route - 1
+    assert health_via(port)[1] == "n1"
+    n1.stop(signal.SIGKILL)
+    attempts = []
+    with ThreadPoolExecutor(64) as pool:
+        for _ in range(10):  # a burst while HaloD is still finding out
+            attempts.append(pool.submit(health_via, port))
+            time.sleep(0.01)
+        moved_at = None
+        deadline = time.monotonic() + 15
+        while moved_at is None or time.monotonic() < moved_at + 0.3:
+            attempts.append(pool.submit(health_via, port))
+            if moved_at is None and halod.owners()[route] == "n2":
+                moved_at = time.monotonic()
+            assert time.monotonic() < deadline, "the route never moved"
+            time.sleep(0.05)
+        results = [a.result() for a in attempts]
+    # Every connection, including those made while the route still named the dead node,
+    # is answered by the new owner; none is held anywhere near HAProxy's 3 s.
+    assert [name for _, name in results] == ["n2"] * len(results), results
+    assert max(seconds for seconds, _ in results) < 2.5, results

@@ -13,7 +13,9 @@ once while the old slot keeps its sessions; ``move_close_delay`` later,
 ``shutdown sessions server`` on the old slot cuts exactly the connections made before
 the move. A proxy per route (not one per node behind a map) is what makes that cut
 precise: a node's other routes are untouched. A route without an owner has both slots
-in maintenance: HAProxy accepts and closes at once.
+in maintenance: HAProxy accepts and closes at once. A connect refused by a dead owner is
+retried every ``connect_timeout`` on whichever slot is enabled by then (``option
+redispatch 1``), so a connection made before HaloD moves the route reaches the new owner.
 
 Sans-I/O core: ``Settings``/``render_config`` (owners → cfg text), ``SlotTable`` (the
 slots' state; ``plan`` turns a new route → owner map into runtime commands), ``parse_stat``
@@ -58,7 +60,7 @@ Addr = tuple[str, int]
 PARKED: Addr = ("127.0.0.1", 9)
 # Bump when render_config's output changes shape: a running HAProxy with another layout
 # is reloaded with the new cfg.
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2
 LAYOUT_ENV = "HALOD_LAYOUT"
 # Commands per admin-socket line: HAProxy reads a CLI line into one buffer (16 kB).
 LINE_LIMIT = 8000
@@ -99,6 +101,19 @@ class Settings:
     maxconn: int = 8000
     nbthread: int = 0  # 0: HAProxy's default (one per CPU)
     timeout: float = 3600.0
+    # A connect to a node that fails is retried `retries` times, `connect_timeout` apart
+    # (HAProxy waits min(1 s, timeout connect) after a refusal), each time on the slot
+    # that is enabled then (option redispatch 1): a connection arriving while its route
+    # still names a dead node is held until HaloD moves the route, then reaches the new
+    # owner; it is closed only after about retries × connect_timeout.
+    connect_timeout: float = 0.1
+    retries: int = 20
+
+    def __post_init__(self) -> None:
+        if not self.connect_timeout > 0:
+            raise ValueError("haproxy_connect_timeout must be positive")
+        if self.retries < 0:
+            raise ValueError("haproxy_retries must not be negative")
 
     @property
     def config_file(self) -> Path:
@@ -278,7 +293,10 @@ def render_config(settings: Settings, table: SlotTable) -> str:
         "    mode tcp",
         f"    maxconn {s.maxconn}",
         "    option tcpka",
-        "    timeout connect 5s",
+        f"    timeout connect {max(1, round(s.connect_timeout * 1000))}ms",
+        f"    retries {s.retries}",
+        # Every retry picks the enabled slot again: after a move, the new owner's.
+        "    option redispatch 1",
         # Comet streams are idle between events for long stretches.
         f"    timeout client {t}",
         f"    timeout server {t}",
