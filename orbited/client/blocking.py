@@ -183,8 +183,8 @@ class BlockingClient:
                 return
             try:
                 self._attempt(conn, todo)
-                failures = 0
-                continue  # every reply read; moved keys, if any, go again at once
+                failures = 0  # every request answered
+                continue
             except _Moved:
                 failures += 1
                 error = None  # given up: the keys keep their `moved` answer
@@ -224,7 +224,11 @@ class BlockingClient:
                 request = waiting.pop(int.from_bytes(reply[:4], "big"), None)
                 if request is None:
                     continue  # a late reply to an earlier attempt: nng drops it too
-                moved |= request.answer(json.loads(reply[4:]), self.cluster)
+                try:
+                    answer = json.loads(reply[4:])
+                except ValueError as e:
+                    raise ConnectionError(f"reply is not JSON: {e}") from None
+                moved |= request.answer(answer, self.cluster)
         if moved:
             raise _Moved
 
