@@ -4,6 +4,7 @@ install and from a wheel, run as real processes under twistd, and fed real traff
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -121,9 +122,17 @@ def test_twistd_runs_halod_and_a_node_that_carries_an_event(tmp_path):
 def test_a_wheel_installs_the_dropins_into_twisted_plugins(tmp_path):
     """A normal (non-editable) install: the wheel carries twisted/plugins/*.py (and no
     dropin.cache); installed into a directory of its own, twistd finds them there."""
+    # Built from a copy: a build in the checkout would leave build/ behind (and share it).
+    source = tmp_path / "source"
+    skip = shutil.ignore_patterns("__pycache__", "*.egg-info")
+    for name in ("orbited", "halod", "twisted", "js"):
+        shutil.copytree(ROOT / name, source / name, ignore=skip)
+    for name in ("setup.cfg", "pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    (source / "twisted/plugins/dropin.cache").write_bytes(b"a cache Twisted wrote here")
     build = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(ROOT)],
-        capture_output=True, text=True, timeout=300,
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path),
+         str(source)], capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert build.returncode == 0, build.stderr
     (wheel,) = tmp_path.glob("orbited-*.whl")
