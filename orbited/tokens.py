@@ -119,8 +119,10 @@ def _verified_claims(secret: bytes, token: str) -> dict[str, object]:
         raise TokenError("token_invalid", "token signature does not verify") from None
     except jwt.DecodeError:
         raise TokenError("token_malformed", "token is not a valid JWT") from None
-    except jwt.InvalidTokenError:
+    except jwt.InvalidAlgorithmError:
         raise TokenError("token_invalid", f"token rejected: only {ALGORITHM} is accepted") from None
+    except jwt.InvalidTokenError:  # kid not a string, crit, b64
+        raise TokenError("token_malformed", "token header is not valid") from None
     return _parse_claims(payload)
 
 

@@ -261,6 +261,19 @@ def test_missing_claims_wrong_audience_and_future_tokens_are_invalid(fresh_cache
     assert code_of(signed(claims(exp=now - 3600)), **clock) == "token_expired"
 
 
+def test_a_header_with_a_bad_kid_or_crit_is_malformed_a_wrong_alg_invalid(fresh_cache):
+    def with_header(header: dict) -> str:
+        token = signed(claims())
+        head = base64.urlsafe_b64encode(json.dumps(header).encode()).rstrip(b"=").decode()
+        return head + token[token.index("."):]
+
+    assert code_of(with_header({"alg": "HS256", "kid": 5})) == "token_malformed"
+    assert code_of(with_header({"alg": "HS256", "crit": ["exp"]})) == "token_malformed"
+    assert code_of(with_header({"alg": "HS256", "crit": 1})) == "token_malformed"
+    assert code_of(with_header({"alg": 5})) == "token_invalid"
+    assert code_of(with_header({"typ": "JWT"})) == "token_invalid"  # no alg
+
+
 def test_signature_is_checked_before_the_claims(fresh_cache):
     assert code_of(signed(claims(exp="soon"), b"f" * 32)) == "token_invalid"
     assert code_of(signed(b"not json", b"f" * 32)) == "token_invalid"
