@@ -11,6 +11,7 @@ daemonizing, the pid file, logging (``--logfile``, ``--syslog``) and the reactor
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -35,8 +36,6 @@ class ConfiguredOptions(usage.Options):
         self.config_class = config_class
 
     def parseOptions(self, options: list[str] | None = None) -> None:  # noqa: N802
-        import sys
-
         from orbited.daemon import load_config
 
         parser = self.make_parser()
@@ -77,9 +76,7 @@ class ServiceMaker:
             return service
         top = MultiService()
         service.setServiceParent(top)
-        ReadyFileService(options["ready_file"], lambda: self._ready(service)).setServiceParent(
-            top
-        )
+        ReadyFileService(options["ready_file"], lambda: self._ready(service)).setServiceParent(top)
         return top
 
 
@@ -90,19 +87,19 @@ def _node_options() -> ConfiguredOptions:
     return ConfiguredOptions("twistd orbited", _node_parser, NodeConfig)
 
 
-def _build_node(config: Any) -> IService:  # noqa: ANN401
+def _build_node(config: Any) -> IService:
     from orbited.node import NodeService
 
     return NodeService(config)
 
 
-def _node_ready(node: Any) -> dict[str, object]:  # noqa: ANN401
+def _node_ready(node: Any) -> dict[str, object]:
     from orbited.cli import node_ready
 
     return node_ready(node)
 
 
-def _node_audit(config: Any) -> list[str]:  # noqa: ANN401
+def _node_audit(config: Any) -> list[str]:
     from orbited.exposure import node_warnings
 
     return node_warnings(config)
@@ -115,17 +112,17 @@ def _halod_options() -> ConfiguredOptions:
     return ConfiguredOptions("twistd halod", _run_parser, HaloDConfig)
 
 
-def _build_halod(config: Any) -> IService:  # noqa: ANN401
+def _build_halod(config: Any) -> IService:
     from halod.server import HaloDService
 
     return HaloDService(config)
 
 
-def _halod_ready(daemon: Any) -> dict[str, object]:  # noqa: ANN401
+def _halod_ready(daemon: Any) -> dict[str, object]:
     return {"control": daemon.control_address, "status": daemon.status_address}
 
 
-def _halod_audit(config: Any) -> list[str]:  # noqa: ANN401
+def _halod_audit(config: Any) -> list[str]:
     from orbited.exposure import halod_warnings
 
     return halod_warnings(config)

@@ -84,14 +84,18 @@ def parser() -> argparse.ArgumentParser:
         "hashes all three parts (docs/hashing.md): give the whole key, or the route.",
     )
     p.add_argument("--user", help="the key's user")
-    p.add_argument("--session", help="the key's session (\"\" for none)")
-    p.add_argument("--location", help="the key's location (\"\" for none)")
+    p.add_argument("--session", help='the key\'s session ("" for none)')
+    p.add_argument("--location", help='the key\'s location ("" for none)')
     p.add_argument("--key", help='the key as JSON, e.g. \'["alice", "", "/cherrychat"]\'')
     p.add_argument("--route", type=int, help="a route number instead of a key")
     p.add_argument("--url", help="HaloD's status_http (default: the cluster's in --state-dir, "
                    f"else {DEFAULT_STATUS})")  # fmt: skip
-    p.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR,
-                   help=f"an `orbited cluster`'s state directory (default: {DEFAULT_STATE_DIR})")
+    p.add_argument(
+        "--state-dir",
+        type=Path,
+        default=DEFAULT_STATE_DIR,
+        help=f"an `orbited cluster`'s state directory (default: {DEFAULT_STATE_DIR})",
+    )
     out = p.add_mutually_exclusive_group()
     out.add_argument("--pid", action="store_true", help="print only the serving node's pid")
     out.add_argument("--json", action="store_true", help="print the placement as JSON")
@@ -114,7 +118,7 @@ def _key(args: argparse.Namespace) -> ConnectionKey | None:
     if not all(given):
         raise ValueError(
             "a key's route hashes user, session and location together (docs/hashing.md), "
-            "so give all three (--session \"\" / --location \"\" when empty), or --route"
+            'so give all three (--session "" / --location "" when empty), or --route'
         )
     try:
         return ConnectionKey.from_json(list(parts))
