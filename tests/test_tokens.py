@@ -288,8 +288,13 @@ def test_bad_claims_never_echo_the_token_in_the_message(fresh_cache):
 
 
 @pytest.mark.slow
-def test_a_string_exp_token_is_refused_with_401_on_every_poll(tmp_path):
+def test_a_string_exp_token_is_refused_with_401_on_every_use_and_transport(tmp_path):
     """End to end (the defect answered HTTP 500 from the second use on)."""
+    import urllib.error
+    import urllib.request
+
+    from websockets.exceptions import ConnectionClosed, InvalidStatus
+
     from tests.conftest import SECRET as NODE_SECRET
     from tests.conftest import NodeProcess
 
@@ -299,5 +304,21 @@ def test_a_string_exp_token_is_refused_with_401_on_every_poll(tmp_path):
         for _ in range(3):
             status, body = node.poll(f"token={token}")
             assert status == 401 and body["error"]["code"] == "token_malformed"
+        for method, path in [("GET", "sse"), ("GET", "iframe"), ("POST", "ack")]:
+            url = f"http://{node.http}/orbited/{path}?token={token}&origin=http://x&last=s:1"
+            for _ in range(2):
+                with pytest.raises(urllib.error.HTTPError) as info:
+                    urllib.request.urlopen(urllib.request.Request(url, method=method), timeout=10)
+                assert info.value.code == 401, path
+                assert json.loads(info.value.read())["error"]["code"] == "token_malformed"
+        for _ in range(2):
+            try:
+                with node.ws(token) as ws:
+                    ws.recv(timeout=5)
+                raise AssertionError("the WebSocket stayed open")
+            except ConnectionClosed as e:
+                assert e.rcvd.code == 4401 and e.rcvd.reason.startswith("token_malformed")
+            except InvalidStatus as e:  # (refused at the handshake)
+                assert e.response.status_code == 401
     finally:
         node.stop()
