@@ -282,3 +282,16 @@ def test_half_close_answers_pending_replies_then_closes():
     waiting[0].callback((True, b'{"id":"x","ok":true,"results":[{"status":"queued","seq":1}]}'))
     assert transport.value() == b"Success\r\nid: 1\r\n\r\nSuccess\r\nid: 2\r\n\r\n"
     assert transport.disconnecting
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"Orbit 1.0\r\n" + b"E" * 60_000 + b"\r\nid: 1\r\nlength: 1",
+        b"Orbit 1.0\r\nEvent\r\nid: 1\r\nrecipient: " + b"x" * 60_000 + b"\r\nlength: 1",
+    ],
+)
+def test_failure_messages_quote_a_bounded_part_of_the_request(head):
+    with pytest.raises(OrbitError) as info:
+        OrbitParser(RequestLimits()).feed(head + b"\r\n\r\n")
+    assert len(info.value.message) < 200

@@ -63,7 +63,7 @@ def parse_recipient(value: str) -> ConnectionKey:
         value = value[1:-1]
     parts = [p.strip() for p in value.split(",", 2)]
     if len(parts) != 3:
-        raise OrbitError(f"recipient must be 'user, session, location': {value!r}")
+        raise OrbitError(f"recipient must be 'user, session, location': {value[:40]!r}")
     try:
         return ConnectionKey.from_json(parts)
     except KeyError_ as e:
@@ -143,8 +143,10 @@ class OrbitParser:
                 if not (value.isascii() and value.isdigit() and len(value) <= 9):
                     raise OrbitError(f"length must be a number: {value[:20]!r}", event_id)
                 length = int(value)
-        if action is None or action.lower() != "event":
-            raise OrbitError(f"unsupported action {action!r}", event_id)
+        if action is None:
+            raise OrbitError("missing action (Event)", event_id)
+        if action.lower() != "event":
+            raise OrbitError(f"unsupported action {action[:40]!r}", event_id)
         if not event_id:
             raise OrbitError("missing id")
         if length is None:
