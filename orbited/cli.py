@@ -21,12 +21,30 @@ import textwrap
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 from orbited import __version__
 from orbited.config import NodeConfig
 from orbited.daemon import run_configured
 from orbited.keys import ConnectionKey, KeyError_
 from orbited.tokens import DEFAULT_TTL, issue_token, load_secret
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser whose "unrecognized arguments" error names the closest flag
+    (``--nmae`` → did you mean --name?). Every command's parser is one."""
+
+    def error(self, message: str) -> NoReturn:
+        if message.startswith("unrecognized arguments: "):
+            flags = [f for f in self._option_string_actions if f.startswith("--")]
+            hints = []
+            for word in message.removeprefix("unrecognized arguments: ").split():
+                if word.startswith("--"):
+                    close = difflib.get_close_matches(word.split("=", 1)[0], flags, n=1)
+                    hints += [f"{word.split('=', 1)[0]}: did you mean {c}?" for c in close]
+            if hints:
+                message += " (" + "; ".join(hints) + ")"
+        super().error(message)
 
 
 @dataclass(frozen=True)
@@ -109,7 +127,7 @@ def run_commands(
 
 
 def _node_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="orbited node",
         description="Run an Orbited node. Every flag is also a key of the config file's "
         "[node] table (docs/operations.md); flags win.",
@@ -121,7 +139,7 @@ def _node_parser() -> argparse.ArgumentParser:
 
 
 def _token_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="orbited token", description="Issue a browser token.")
+    p = ArgumentParser(prog="orbited token", description="Issue a browser token.")
     p.add_argument("--secret-file", default="orbited.secret", type=Path)
     p.add_argument("--user", required=True)
     p.add_argument("--session", default="")

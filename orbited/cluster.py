@@ -384,7 +384,9 @@ class LocalCluster:
 
 def parser() -> argparse.ArgumentParser:
     d = ClusterConfig()
-    p = argparse.ArgumentParser(
+    from orbited.cli import ArgumentParser
+
+    p = ArgumentParser(
         prog="orbited cluster",
         description="Run HaloD, two Orbited nodes, a spare and the cherrychat demo on this "
         "machine (loopback only) until Ctrl-C. See docs/tutorial.md.",

@@ -77,7 +77,9 @@ def cluster_pids(state_dir: Path) -> tuple[dict[str, int], str | None]:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    from orbited.cli import ArgumentParser
+
+    p = ArgumentParser(
         prog="orbited whereis",
         description="Which node serves a connection key (or a route) now, from HaloD's "
         "status; with the pid when an `orbited cluster` runs in --state-dir. A key's route "

@@ -102,3 +102,21 @@ def test_flags_without_a_command_still_run_a_node(tmp_path: Path):
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+@pytest.mark.parametrize(
+    "argv, suggestion",
+    [
+        (["node", "--nmae", "n1"], "--name"),
+        (["--max-paylod=5"], "--max-payload"),
+        (["token", "--user", "a", "--sesion", "s"], "--session"),
+        (["cluster", "--fre-ports"], "--free-ports"),
+        (["whereis", "--rute", "3"], "--route"),
+    ],
+)
+def test_a_mistyped_flag_is_an_error_naming_the_closest_flag(argv, suggestion, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "unrecognized arguments" in err and f"did you mean {suggestion}?" in err
