@@ -458,3 +458,47 @@ def test_a_lost_connection_is_retried_quickly_then_with_the_old_backoff(
         assert [d for _, d, _ in wait_received(page, 3)] == [0, 1, 2]
     finally:
         context.close()
+
+
+@pytest.mark.parametrize("transport", ["websocket", "sse", "longpoll", "iframe"])
+def test_a_planned_move_reconnects_at_once(cluster: dict, two_nodes: dict, transport: str):
+    """A node stopping (SIGTERM) sends `reconnect` frames after hello: the client comes
+    back at once (a random part of the node's spread hint, not 100 ms + it, nor the
+    backoff). Over WebSocket, the route having moved, that one attempt lands on the spare.
+    The HTTP transports' attempt may not: Chrome sends it over a keep-alive connection it
+    still holds to the stopping node (an L4 proxy or data plane routes per TCP
+    connection), which refuses it, and the backoff's next attempt lands."""
+    spare = two_nodes["spare"]
+    (workdir := cluster["tmp"] / f"planned-{transport}").mkdir()
+    node = NodeProcess(workdir, "--cors-origin", cluster["page_origin"], "--keepalive", "5")
+    node.start()
+    proxy = SwitchProxy(node.http)
+    page_name = f"planned-{transport}.html"
+    (cluster["site"] / page_name).write_text(RECONNECT_PAGE.format(node=f"http://{proxy.address}"))
+    user = f"p-{transport}"
+    context = cluster["browser"].new_context()
+    try:
+        page = context.new_page()
+        page.goto(f"{cluster['page_origin']}/{page_name}?token={node.token(user)}"
+                  f"&transports={transport}", wait_until="domcontentloaded")  # fmt: skip
+        page.wait_for_function("window.states.some(s => s[0] === 'open')", timeout=15000)
+        dispatch(node, user, 0, 1)
+        wait_received(page, 1)
+        time.sleep(1.2)
+        if transport == "longpoll":
+            wait_for(lambda: pending_polls(node) >= 1, "the next poll to be held")
+        proxy.upstream = host_port(spare.http)  # the route has moved; the node then stops
+        node.stop()
+        page.wait_for_function("window.states.filter(s => s[0] === 'open').length >= 2",
+                               timeout=15000)  # fmt: skip
+        attempts, drops = attempts_and_drops(page)
+        assert {name for name, _ in attempts} == {transport}, attempts
+        if transport == "websocket":
+            assert len(attempts) == 2, attempts
+        assert attempts[1][1] - drops[0] < OLD_FIRST_ATTEMPT_MS, (attempts, drops)
+        assert dispatch(spare, user, 1, 1)[0] in {"delivered", "queued"}  # landed there
+        assert [d for _, d, _ in wait_received(page, 2)] == [0, 1]
+    finally:
+        context.close()
+        proxy.close()
+        node.stop()
