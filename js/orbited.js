@@ -34,10 +34,11 @@ export function backoffDelay(attempt, { base = 500, max = 30000, random = Math.r
 }
 
 // Reconnecting after losing a connection that worked (docs/client.md, "What it does on
-// trouble"): HaloD moves a dead node's routes within ≈ 100 ms, so the first retry comes
-// FIRST_RETRY ms + a random part of the node's spread hint (DEFAULT_SPREAD ms without
-// one) and lands on the new owner; a connection shorter than STABLE ms gets that only if
-// the one before it did not (a node that drops browsers at once gets the backoff pace).
+// trouble"): HaloD moves a dead node's routes once its probe finds the node's ports
+// refusing (≈ 100 ms is the aim), so the first retry comes FIRST_RETRY ms + a random part
+// of the node's spread hint (DEFAULT_SPREAD ms without one) to land on the new owner; a
+// connection lost less than STABLE ms after its hello gets that only if the previous one
+// lasted longer (a node that drops browsers at once gets them back at the backoff pace).
 export const FIRST_RETRY = 100;
 export const DEFAULT_SPREAD = 150;
 export const STABLE = 1000;
