@@ -248,6 +248,9 @@ def run_case(env: Env, backend: str, name: str, args: argparse.Namespace) -> dic
             c.halod.start()
             t_end_incident = time.time()
         marks = [len(env.log(f"browsers-{i}.log", tail=10**9)) for i in range(len(c.browsers))]
+        # A cut browser notices at once (a close) or when a route move's cut comes
+        # (move_close_delay, 1 s): only "nobody in an outage" after that means recovered.
+        time.sleep(1.5)
         recovered_at = wait_recovered(env, marks, time.monotonic() + args.settle)
         time.sleep(args.after)  # reconnects' first events, and events after HaloD's return
         owners_after = c.owners()

@@ -47,6 +47,7 @@ from typing import Any
 from bench.browsers import BROADCAST, key_id, make_keys, read_keys, write_json
 from bench.chaos_report import ACCEPTED_STATUSES, RangeSet, spread
 from orbited.client.cluster import Cluster, HaloDCluster, Node
+from orbited.client.retry import RetryPolicy
 from orbited.hashing import DEFAULT_ROUTES
 from orbited.keys import ConnectionKey
 
@@ -270,8 +271,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--per-key", action="store_true", help="one request per key, k = key id")
     p.add_argument("--ack-timeout", type=float, help="acknowledged mode: request field ack=S")
     p.add_argument("--timeout", type=float, default=5.0, help="client time-out per request")
-    p.add_argument("--retries", type=int, default=3, help="client library retries")
-    p.add_argument("--backoff", type=float, default=0.2, help="client library backoff")
+    p.add_argument(
+        "--retries",
+        type=int,
+        default=None,
+        help="cap on the client library's resends (default: its retry budget)",
+    )
+    p.add_argument(
+        "--backoff", type=float, default=RetryPolicy.backoff, help="client library backoff"
+    )
+    p.add_argument(
+        "--retry-budget",
+        type=float,
+        default=RetryPolicy.budget,
+        help="client library: s after its first attempt a request is resent",
+    )
     p.add_argument("--resend", type=int, default=0, help="our own resends of failed routes")
     p.add_argument("--resend-delay", type=float, default=0.5)
     p.add_argument("--drain", type=float, default=0, help="s to await replies at the end")
@@ -309,11 +323,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.ack_timeout is not None:  # the node may hold the reply that long
         timeout = max(timeout, args.ack_timeout + 2)
     client = TwistedClient(cluster, reactor, timeout=timeout, retries=args.retries,
-                           backoff=args.backoff)  # fmt: skip
+                           backoff=args.backoff, retry_budget=args.retry_budget)  # fmt: skip
     sender = Sender(client, cluster, keys, reactor, args.interval / 1000, args.per_key,
                     args.ack_timeout, args.resend, args.resend_delay)  # fmt: skip
     # Long enough for every reply, resend and client retry of the last round by default.
-    drain = args.drain or (timeout * (args.retries + 1) + args.resend * args.resend_delay + 2)
+    drain = args.drain or (max(timeout, args.retry_budget) + timeout
+                           + args.resend * args.resend_delay + 2)  # fmt: skip
     state = {"stopping": False}
 
     def tick() -> None:

@@ -33,7 +33,11 @@ def dev_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
                            fresh=True)  # fmt: skip
     defaults = ClusterConfig()
     assert (config.grace, config.heartbeat_interval, config.spares, config.keepalive) == (
-        defaults.grace, defaults.heartbeat_interval, defaults.spares, defaults.keepalive)
+        defaults.grace,
+        defaults.heartbeat_interval,
+        defaults.spares,
+        defaults.keepalive,
+    )
     with LocalCluster(config) as running:
         yield running
 

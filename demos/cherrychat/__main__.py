@@ -54,7 +54,7 @@ class ChatService(service.Service):
             store.clear_presence()
         cluster = HaloDCluster(args.halod_host, args.sp_port_base, args.browser_port_base,
                                routes=args.routes)  # fmt: skip
-        client = TwistedClient(cluster, reactor, timeout=5.0, retries=3)  # type: ignore[arg-type]
+        client = TwistedClient(cluster, reactor, timeout=5.0)  # type: ignore[arg-type]
         self.chat = ChatApp(store, secret, cluster, client, reactor, args.halod_status)  # type: ignore[arg-type]
         site = Site(self.chat.app.resource())
         if args.log_level != "debug":
