@@ -155,6 +155,10 @@ class NodeConfig(ConfigBase):
     advertise_sp: str = _opt("", "SP address HaloD forwards to (default: --sp)")
     capacity: int = _opt(100_000, "connections this node is sized for (reported to HaloD)")
     handoff_timeout: float = _opt(5.0, "seconds a route moved here waits for its mailboxes")
+    reconnect_rate: float = _opt(
+        HubConfig.reconnect_rate,
+        "new connections/s a node takes: browsers spread reconnects over mailboxes/rate s",
+    )
     log_level: str = _opt("info", "debug, info, warn or error")
 
     def validate(self) -> None:
@@ -195,6 +199,8 @@ class NodeConfig(ConfigBase):
         ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive")
+        if self.reconnect_rate < 0:
+            raise ConfigError("reconnect_rate must not be negative")
         if self.connect_rate < 0 or self.max_sockets < 0:
             raise ConfigError("connect_rate and max_sockets must not be negative")
         if self.max_sockets and self.max_sockets <= self.max_connections:
@@ -223,6 +229,7 @@ class NodeConfig(ConfigBase):
             dedup_max=self.dedup_max,
             dedup_max_bytes=self.dedup_max_bytes,
             mailbox_total_bytes=self.mailbox_total_bytes,
+            reconnect_rate=self.reconnect_rate,
         )
 
     def browser_limits(self) -> BrowserLimitsConfig:

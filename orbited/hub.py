@@ -61,10 +61,12 @@ class HubConfig:
     # New browser connections per second a node is expected to take when a node's
     # browsers all come back at once (a crash, a drain): the browsers spread their first
     # reconnect over mailboxes / reconnect_rate seconds (the `spread` hint in hello and
-    # ping frames, docs/protocol.md). Below the ≈ 600 WebSocket connects/s a node took in
-    # the storm bench (docs/performance.md), so a spare that gets them all keeps up.
-    # 0 = no hint spreading (spread 0).
-    reconnect_rate: float = 500.0
+    # ping frames, docs/protocol.md). A node accepts ≈ 600 WebSocket and ≈ 1 600 SSE
+    # connects/s (docs/performance.md), a mix ≈ 1 000/s; at 1 000/s the ~500 browsers of
+    # a node spread over 0.5 s, so they all receive again within the failover target
+    # (p99 < 1 s), and 10 000 over 10 s. The node's `reconnect_rate` config key
+    # (docs/operations.md) sets it; this is its default. 0 = no hint spreading (spread 0).
+    reconnect_rate: float = 1000.0
 
 
 SPREAD_MAX = 30.0  # seconds: the spread hint's bound, however many browsers a node has

@@ -92,3 +92,18 @@ def test_every_config_key_is_documented():
     for cls in (NodeConfig, HaloDConfig):
         missing = [f.name for f in fields(cls) if f"| `{f.name}` |" not in text]
         assert missing == [], f"{cls.__name__} keys not in docs/operations.md: {missing}"
+
+
+def test_reconnect_rate_is_a_config_key_passed_to_the_hub():
+    """The spread hint's rate (docs/protocol.md, "The reconnect spread hint"): a flag and
+    TOML key, ≥ 0 (0 = no spreading), its default the hub's own."""
+    from orbited.cli import _node_parser
+    from orbited.hub import HubConfig
+
+    assert NodeConfig.load(None, {}).hub_config().reconnect_rate == HubConfig().reconnect_rate
+    args = _node_parser().parse_args(["--reconnect-rate", "250"])
+    config = NodeConfig.load(None, {"reconnect_rate": args.reconnect_rate})
+    assert config.hub_config().reconnect_rate == 250.0
+    assert NodeConfig.load(None, {"reconnect_rate": 0}).hub_config().reconnect_rate == 0
+    with pytest.raises(ConfigError, match="reconnect_rate must not be negative"):
+        NodeConfig.load(None, {"reconnect_rate": -1.0})
