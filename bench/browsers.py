@@ -105,6 +105,19 @@ def halod_urls(browser_base: str, routes: int = DEFAULT_ROUTES) -> Callable[[Con
     return lambda key: f"http://{host}:{base_port + route_of(key, routes) - 1}"
 
 
+# js/orbited.js FIRST_RETRY, DEFAULT_SPREAD and STABLE (docs/client.md), in seconds.
+FIRST_RETRY = 0.1
+DEFAULT_SPREAD = 0.15
+STABLE = 1.0
+
+
+def spread_hint(value: object, cap: float) -> float | None:
+    """js spreadHint: a hello or ping frame's spread (s), at most ``cap``; None if absent."""
+    if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0:
+        return min(float(value), cap)
+    return None
+
+
 def backoff_delay(
     attempt: int, base: float, cap: float, rand: Callable[[], float] = random.random
 ) -> float:
@@ -317,6 +330,11 @@ class Browser:
         self._in_outage = False
         self._attempt = 0
         self._hello_this_session = False
+        # js: the node's reconnect spread hint (s), when this connection's hello came, and
+        # whether the last quick reconnect followed a connection shorter than STABLE.
+        self.spread: float | None = None
+        self._hello_at: float | None = None
+        self._short_quick = False
         # churn mode (Churn): sessions begun per transport, how each one ended
         self.sessions: Counter[str] = Counter()
         self.resumed = 0  # sessions begun with a position (last=)
@@ -342,6 +360,9 @@ class Browser:
             self.resets += reset
             self.keepalive = float(frame.get("keepalive") or 25)
             self._attempt = 0
+            self.spread = spread_hint(frame.get("spread"), self.opts.backoff_max)
+            if self._hello_at is None:
+                self._hello_at = time.monotonic()
             if not self._hello_this_session:
                 self._hello_this_session = True
                 self.connects += 1
@@ -355,7 +376,11 @@ class Browser:
             return "reconnect"
         elif kind == "replaced":
             raise Fatal("replaced")
-        return None  # ping and unknown frames: nothing to do
+        elif kind == "ping":
+            spread = spread_hint(frame.get("spread"), self.opts.backoff_max)
+            if spread is not None:
+                self.spread = spread
+        return None  # unknown frames: nothing to do
 
     def _event(self, data: object) -> None:
         now = time.time()
@@ -443,10 +468,40 @@ class Browser:
                 token_retried = False
             self.errors[reason] += 1
             self._lost()
-            delay = backoff_delay(self._attempt, self.opts.backoff_base, self.opts.backoff_max)
-            self._attempt += 1
+            delay = self._retry_delay(worked=self._hello_this_session,
+                                      planned=reason == "reconnect frame")  # fmt: skip
             self.reconnects += 1
             await asyncio.sleep(delay)
+
+    def _quick(self) -> bool:
+        """js _quick: a quick reconnect only after hello, and after a connection that
+        lasted STABLE or followed one that did."""
+        if self._hello_at is None:
+            return False
+        if time.monotonic() - self._hello_at >= STABLE:
+            self._short_quick = False
+            return True
+        if self._short_quick:
+            return False
+        self._short_quick = True
+        return True
+
+    def _retry_delay(self, worked: bool, planned: bool) -> float:
+        """js _retry: after losing a connection that worked, the first retry comes
+        FIRST_RETRY + random × spread (at once, random × spread, after a ``reconnect``
+        frame) and does not count as a backoff attempt; otherwise the backoff."""
+        quick = worked and self._quick()
+        self._hello_at = None
+        spread = (
+            self.spread if self.spread is not None else min(DEFAULT_SPREAD, self.opts.backoff_max)
+        )
+        if quick and planned:
+            return random.random() * spread
+        if quick:
+            return FIRST_RETRY + random.random() * spread
+        delay = backoff_delay(self._attempt, self.opts.backoff_base, self.opts.backoff_max)
+        self._attempt += 1
+        return delay
 
     def _params(self, **extra: object) -> str:
         params: dict[str, object] = {"token": self.token}

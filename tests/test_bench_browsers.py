@@ -12,7 +12,10 @@ import time
 import pytest
 
 from bench.browsers import (
+    Browser,
     BrowserProcesses,
+    Options,
+    Shared,
     _IframeParser,
     _SSEParser,
     backoff_delay,
@@ -130,6 +133,25 @@ def test_backoff_mirrors_the_js_client():
     assert backoff_delay(0, 0.2, 2.0, lambda: 1.0) == 0.2
     assert backoff_delay(3, 0.2, 2.0, lambda: 1.0) == pytest.approx(1.6)
     assert backoff_delay(10, 0.2, 2.0, lambda: 0.0) == 1.0  # capped: [cap/2, cap]
+
+
+def test_reconnect_schedule_mirrors_the_js_client(monkeypatch):
+    """js/orbited.js _retry (docs/client.md): after a connection that worked, one quick
+    retry (0.1 s + random × the node's spread; random × spread after a reconnect frame)
+    that is no backoff attempt; a second loss right after goes to the backoff."""
+    monkeypatch.setattr(random, "random", lambda: 1.0)
+    (key,) = make_keys("q", 1)
+    b = Browser(key, "ws", "http://127.0.0.1:1", Shared(b"s" * 32, Options()))
+    b.on_frame({"type": "hello", "stream": "x", "keepalive": 25, "seq": 0, "spread": 0.4})
+    b._hello_at -= 5  # a connection that lasted 5 s
+    assert b._retry_delay(worked=True, planned=False) == pytest.approx(0.5)  # 0.1 + 0.4
+    assert 0.1 <= b._retry_delay(worked=False, planned=False) <= 0.2  # backoff attempt 0
+    b.on_frame({"type": "hello", "stream": "x", "keepalive": 25, "seq": 0})
+    b.on_frame({"type": "ping", "spread": 0.25})
+    assert b._retry_delay(worked=True, planned=True) == pytest.approx(0.25)  # a planned move
+    b.on_frame({"type": "hello", "stream": "x", "keepalive": 25, "seq": 0})
+    # lost < STABLE after its hello, right after a short one: the backoff pace
+    assert 0.1 <= b._retry_delay(worked=True, planned=False) <= 0.2  # not 0.1 + 0.25
 
 
 def test_transport_pattern_and_keys():
