@@ -139,6 +139,16 @@ class NodeConfig(ConfigBase):
     connect_burst: int = _opt(10_000, "new browser connections at once above connect_rate")
     max_pending_polls: int = _opt(10_000, "held long-polls at once (then 503)")
     max_write_queue: int = _opt(1024 * 1024, "unsent bytes per browser stream, then closed")
+    max_client_message: int = _opt(
+        BrowserLimitsConfig.max_client_message, "bytes per WebSocket message from a browser (1009)"
+    )
+    max_request_line: int = _opt(
+        BrowserLimitsConfig.max_request_line, "bytes of an HTTP request line (then 414)"
+    )
+    max_header_bytes: int = _opt(
+        BrowserLimitsConfig.max_header_bytes, "bytes of a request's header lines (then 431)"
+    )
+    max_headers: int = _opt(BrowserLimitsConfig.max_headers, "header lines per request (431)")
     publish_http: str = _opt("", "HTTP publish API host:port (empty = off)")
     publish_key_file: str = _opt("", "file holding the publish API key (needed with publish_http)")
     presence_url: str = _opt("", "webhook URL for signon/signoff notices (empty = off)")
@@ -196,6 +206,10 @@ class NodeConfig(ConfigBase):
             "max_pending_polls",
             "max_write_queue",
             "connect_burst",
+            "max_client_message",
+            "max_request_line",
+            "max_header_bytes",
+            "max_headers",
         ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive")
@@ -239,6 +253,10 @@ class NodeConfig(ConfigBase):
             connect_burst=self.connect_burst,
             max_pending_polls=self.max_pending_polls,
             max_write_queue=self.max_write_queue,
+            max_client_message=self.max_client_message,
+            max_request_line=self.max_request_line,
+            max_header_bytes=self.max_header_bytes,
+            max_headers=self.max_headers,
         )
 
     def rep_limits(self) -> RepLimits:

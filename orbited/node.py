@@ -81,7 +81,7 @@ class NodeService(service.MultiService):
             publish_host, publish_port = parse_host_port(config.publish_http)
             self.publish_server = internet.TCPServer(
                 publish_port,
-                publish_site(self.hub, api_key, config.sp_max_message),
+                publish_site(self.hub, api_key, config.sp_max_message, self.browser_limits.config),
                 interface=publish_host,
                 reactor=reactor,
             )

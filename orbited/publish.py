@@ -16,6 +16,7 @@ from twisted.web.http import Request
 
 from orbited.hub import Hub
 from orbited.transports.http import JSONResource, orbited_site, send_error
+from orbited.transports.limits import BrowserLimitsConfig
 
 
 def error_reply(code: str, message: str) -> bytes:
@@ -64,5 +65,13 @@ class PublishResource(JSONResource):
         return reply
 
 
-def publish_site(hub: Hub, api_key: bytes, max_body: int) -> server.Site:
-    return orbited_site({b"publish": PublishResource(hub, api_key, max_body)}, error_reply)
+def publish_site(
+    hub: Hub,
+    api_key: bytes,
+    max_body: int,
+    head_limits: BrowserLimitsConfig = BrowserLimitsConfig(),  # noqa: B008 - frozen
+) -> server.Site:
+    """``head_limits``: the browser port's request-head limits apply here too."""
+    return orbited_site(
+        {b"publish": PublishResource(hub, api_key, max_body)}, error_reply, head_limits
+    )

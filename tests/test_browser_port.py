@@ -14,6 +14,8 @@ import shutil
 import socket
 import struct
 from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
 from urllib.parse import quote
 
 import pytest
@@ -563,3 +565,42 @@ def test_the_head_limits_come_from_the_browser_limits(data: bytes, status: int):
     assert parse_response(transport.value())[0] == status
     factory = BrowserWebSocketFactory(hub, auth, [], limits)
     assert factory.maxMessagePayloadSize == factory.maxFramePayloadSize == 10
+
+
+# -- item: the browser limits are config keys ---------------------------------------------
+
+
+def test_the_browser_limits_are_config_keys_on_the_browser_and_publish_ports(tmp_path: Path):
+    """max_client_message and max_request_line (docs/operations.md, "Limits") set on a
+    real node apply at the new size: close 1009 past 100 bytes, 414 past 1024 bytes,
+    on the publish_http listener too."""
+    key_file = tmp_path / "publish.key"
+    key_file.write_bytes(b"k" * 40)
+    node = NodeProcess(
+        tmp_path, "--max-client-message", "100", "--max-request-line", "1024",
+        "--publish-http", "127.0.0.1:0", "--publish-key-file", str(key_file),
+    ).start()  # fmt: skip
+    try:
+        ws = node.ws(node.token("small"))
+        assert json.loads(ws.recv(timeout=5))["type"] == "hello"
+        ws.send(json.dumps({"type": "ack", "seq": 0}).ljust(100))  # at the limit: read
+        ws.send("x" * 101)
+        with pytest.raises(ConnectionClosed) as info:
+            while True:
+                ws.recv(timeout=5)
+        assert info.value.rcvd is not None and info.value.rcvd.code == 1009
+
+        def line(length: int) -> bytes:
+            start = b"GET /orbited/poll?x="
+            return start + b"a" * (length - len(start) - len(b" HTTP/1.1")) + b" HTTP/1.1"
+
+        raw = raw_exchange(node, line(1024) + b"\r\nConnection: close\r\n\r\n")
+        assert parse_response(raw)[0] == 401  # token_missing: the line was read
+        status, headers, body = parse_response(raw_exchange(node, line(1025) + b"\r\n\r\n"))
+        assert status == 414 and json_error(headers, body) == "uri_too_long"
+
+        publish = SimpleNamespace(http=node.publish)  # raw_exchange reads .http
+        status, headers, body = parse_response(raw_exchange(publish, line(1025) + b"\r\n\r\n"))
+        assert status == 414 and json.loads(body)["error"]["code"] == "uri_too_long"
+    finally:
+        node.stop()

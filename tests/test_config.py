@@ -35,6 +35,10 @@ def test_defaults_bind_loopback():
         ({"mailbox_events": True}, "mailbox_events must be of type int"),
         ({"cors_origins": [1]}, "cors_origins must be a list of strings"),
         ({"dedup_max": 0}, "dedup_max must be positive"),
+        ({"max_client_message": 0}, "max_client_message must be positive"),
+        ({"max_request_line": -1}, "max_request_line must be positive"),
+        ({"max_header_bytes": 0}, "max_header_bytes must be positive"),
+        ({"max_headers": 0}, "max_headers must be positive"),
     ],
 )
 def test_invalid_config_is_refused(overrides, message):
