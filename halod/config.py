@@ -62,6 +62,9 @@ class HaloDConfig(ConfigBase):
     browser_port_base: int = _opt(8100, "route r's browser port is this + r - 1")
     sp_port_base: int = _opt(9100, "route r's web-app (SP) port is this + r - 1")
     move_close_delay: float = _opt(1.0, "seconds before connections of a moved route are cut")
+    proxy_on_exit: str = _opt(
+        "keep", "proxy: keep the worker forwarding when HaloD stops, or stop it"
+    )
     haproxy_dir: str = _opt("", "HAProxy's cfg, sockets, pidfile (empty: haproxy/ beside db)")
     haproxy_bin: str = _opt("haproxy", "the HAProxy executable (PATH, then /usr/sbin)")
     haproxy_manage: bool = _opt(True, "start HAProxy when none answers on haproxy_dir's socket")
@@ -105,6 +108,8 @@ class HaloDConfig(ConfigBase):
                 raise ConfigError("browser and SP route port ranges overlap")
         if self.move_close_delay < 0:
             raise ConfigError("move_close_delay must not be negative")
+        if self.proxy_on_exit not in ("keep", "stop"):
+            raise ConfigError("proxy_on_exit is keep or stop")
         if self.dataplane == "haproxy":
             self._validate_haproxy()
         if self.dataplane == "nftables":

@@ -13,6 +13,7 @@ stop the children in order) and, on Linux, dies with us if we are killed outrigh
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -142,11 +143,33 @@ class Child:
         return self.proc.returncode
 
 
+EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+
+
+def listen_port_range() -> tuple[int, int]:
+    """[low, high): where ``free_port_block`` looks: 20000 up to the ephemeral range, or
+    above it, if either leaves at least 2000 ports; else 20000..60000."""
+    try:
+        first, last = map(int, EPHEMERAL_RANGE.read_text().split())
+    except (OSError, ValueError):
+        return 20000, 60000
+    if first - 20000 >= 2000:
+        return 20000, first
+    if 65536 - (last + 1) >= 2000:
+        return last + 1, 65536
+    return 20000, 60000
+
+
 def free_port_block(count: int, avoid: range = range(0)) -> int:
     """A base port b such that b..b+count-1 can all be bound on 127.0.0.1 right now and do
-    not overlap ``avoid`` (a block picked but not bound yet). Tests and bench use it too."""
+    not overlap ``avoid`` (a block picked but not bound yet). Tests and bench use it too.
+
+    The block lies outside the kernel's ephemeral port range when it can: a port of that
+    range is free one moment and the local end of some outgoing connection the next, and
+    then the block cannot be listened on ("Address already in use")."""
+    low, high = listen_port_range()
     for _ in range(200):
-        base = random.randrange(20000, 60000 - count)
+        base = random.randrange(low, high - count)
         if base < avoid.stop and avoid.start < base + count:
             continue
         held: list[socket.socket] = []
@@ -162,6 +185,19 @@ def free_port_block(count: int, avoid: range = range(0)) -> int:
             for s in held:
                 s.close()
     raise ClusterError("no free block of ports")
+
+
+def proxy_worker_pid(state: Path) -> int | None:
+    """The pid in ``state/proxy/worker.pid`` if that process is a live proxy worker (the
+    pid file may be stale and its number reused)."""
+    try:
+        pid = int((state / "proxy" / "worker.pid").read_text().strip())
+        if b"proxy_worker" not in Path(f"/proc/{pid}/cmdline").read_bytes():
+            return None
+        status = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, ValueError, IndexError):
+        return None
+    return None if status == "Z" else pid
 
 
 def http_json(url: str, timeout: float = 1.0) -> Any:
@@ -219,6 +255,7 @@ class LocalCluster:
             py, "-m", "halod.cli", "run", "--db", str(self.state / "halod.sqlite3"),
             "--control", control, "--status-http", status, "--routes", str(ROUTES),
             "--spares", str(c.spares), "--dataplane", "proxy", "--dataplane-host", "127.0.0.1",
+            "--proxy-on-exit", "stop",  # nothing outlives the cluster (also: _stop_proxy_worker)
             "--browser-port-base", str(browser_base), "--sp-port-base", str(sp_base),
             "--heartbeat-interval", str(c.heartbeat_interval),
             "--missed-heartbeats", str(c.missed_heartbeats), "--grace", str(c.grace),
@@ -367,9 +404,27 @@ class LocalCluster:
                 child.signal(signal.SIGTERM)
             for child in step:
                 child.reap(deadline, lambda: self._force)
+            if step and step[0].name == "halod":
+                self._stop_proxy_worker(deadline)
         # Nothing that names a pid outlives the processes (pids get reused).
         self.state_file.unlink(missing_ok=True)
         self._state_text = None
+
+    def _stop_proxy_worker(self, deadline: float) -> None:
+        """HaloD stops its proxy worker on SIGTERM (``--proxy-on-exit stop``), but a HaloD
+        that was SIGKILLed (or crashed) leaves it forwarding by design (docs/halod.md, "The
+        built-in proxy"): end the worker named by ``proxy/worker.pid`` if it still runs."""
+        pid = proxy_worker_pid(self.state)
+        if pid is None:
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGTERM)
+        while proxy_worker_pid(self.state) == pid:
+            if time.monotonic() > deadline or self._force:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
+                return
+            time.sleep(0.02)
 
     def __enter__(self) -> LocalCluster:
         self.start()

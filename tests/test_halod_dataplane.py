@@ -31,8 +31,9 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture
 def procs():
-    """Processes to stop after the test: a running HaloD with SIGTERM (a clean stop ends
-    its proxy worker: checked), the rest with SIGKILL; no proxy worker is left behind."""
+    """Processes to stop after the test: a running HaloD with SIGTERM (a clean stop of one
+    with ``--proxy-on-exit stop`` ends its proxy worker: checked), the rest with SIGKILL; no
+    proxy worker is left behind."""
     started = []
     yield started
     outlived = []
@@ -41,11 +42,19 @@ def procs():
         if proc.alive():
             proc.stop(signal.SIGTERM if clean else signal.SIGKILL)
         pid = worker_pid(proc) if isinstance(proc, HaloDProcess) else None
-        if pid is not None:  # a test that killed HaloD last: its worker forwards on
+        if pid is not None:  # HaloD killed last, or proxy_on_exit = keep: it forwards on
             os.kill(pid, signal.SIGKILL)
-            if clean:
+            if clean and stops_its_worker(proc):
                 outlived.append(pid)
     assert not outlived, "a proxy worker outlived its HaloD's clean stop"
+
+
+STOP = ("--proxy-on-exit", "stop")  # the default, keep, leaves the worker forwarding
+
+
+def stops_its_worker(halod: HaloDProcess) -> bool:
+    flags = list(halod.flags)
+    return "--proxy-on-exit" in flags and flags[flags.index("--proxy-on-exit") + 1] == "stop"
 
 
 def worker_pid(halod: HaloDProcess) -> int | None:
@@ -66,7 +75,7 @@ def browser(cluster, key):
 
 def test_route_ports_follow_the_table(tmp_path, procs):
     halod = HaloDProcess(tmp_path, "--spares", "0", "--grace", "1", "--heartbeat-interval",
-                         "0.2", "--move-close-delay", "1.5", proxy=True).start()  # fmt: skip
+                         "0.2", "--move-close-delay", "1.5", *STOP, proxy=True).start()  # fmt: skip
     procs.append(halod)
     # No node yet: a route port accepts and closes.
     with socket.create_connection(("127.0.0.1", halod.browser_base), timeout=5) as s:
@@ -104,7 +113,7 @@ def test_route_ports_follow_the_table(tmp_path, procs):
 
 def test_moved_route_connections_are_cut_even_if_the_old_node_is_silent(tmp_path, procs):
     halod = HaloDProcess(tmp_path, "--spares", "1", "--grace", "0.5", "--heartbeat-interval",
-                         "0.1", "--move-close-delay", "0.2", proxy=True).start()  # fmt: skip
+                         "0.1", "--move-close-delay", "0.2", *STOP, proxy=True).start()  # fmt: skip
     procs.append(halod)
     n1 = halod.node(tmp_path, "n1")
     spare = halod.node(tmp_path, "spare")
@@ -188,10 +197,10 @@ class HeldPoll:
         self.pool.shutdown()
 
 
-def proxy_cluster(tmp_path, procs, *flags):  # noqa: ANN001, ANN201
+def proxy_cluster(tmp_path, procs, *flags, on_exit="stop"):  # noqa: ANN001, ANN201
     halod = HaloDProcess(tmp_path, "--spares", "0", "--grace", "4", "--heartbeat-interval",
-                         "0.2", "--move-close-delay", "0.5", *flags,
-                         proxy=True).start()  # fmt: skip
+                         "0.2", "--move-close-delay", "0.5", "--proxy-on-exit", on_exit,
+                         *flags, proxy=True).start()  # fmt: skip
     procs.append(halod)
     n1 = halod.node(tmp_path, "n1")
     procs.append(n1)
@@ -265,6 +274,36 @@ def test_connections_survive_kill_9_and_restart_of_halod_and_moves_still_cut(tmp
     app.close()
 
 
+def test_by_default_a_stopped_halod_leaves_the_worker_forwarding_and_a_restart_reattaches(
+    tmp_path, procs
+):
+    halod, n1, cluster = proxy_cluster(tmp_path, procs, on_exit="keep")
+    worker = worker_pid(halod)
+    assert worker is not None
+    key = keys_on_routes([7])[0]
+    ws = browser(cluster, key)
+    assert json.loads(ws.recv(timeout=5))["type"] == "hello"
+    app = RawReq(halod.sp_base + 6)
+    assert app.send(key, 1)["results"][0]["status"] == "delivered"
+    assert json.loads(ws.recv(timeout=5))["data"] == 1
+
+    assert halod.stop(signal.SIGTERM) == 0  # a clean stop: the worker forwards on
+    assert "forwards on" in halod.log_file.read_text()
+    assert worker_pid(halod) == worker
+    assert app.send(key, 2)["results"][0]["status"] == "delivered"  # the same connections
+    assert json.loads(ws.recv(timeout=5))["data"] == 2
+
+    halod.start()  # re-attaches: nothing was cut
+    info = worker_info(halod)
+    assert info["pid"] == worker and info["attached"] and info["state"] == "running"
+    wait_for(lambda: halod.nodes().get("n1", {}).get("connected"), "n1 back")
+    assert app.send(key, 3)["results"][0]["status"] == "delivered"
+    assert json.loads(ws.recv(timeout=5))["data"] == 3
+    assert halod.get("status")["dataplane"]["cut"] == 0
+    app.close()
+    ws.close()
+
+
 def test_a_stopped_halod_stalls_no_traffic_and_its_worker_is_kept(tmp_path, procs):
     halod, n1, cluster = proxy_cluster(tmp_path, procs)
     worker = worker_pid(halod)
@@ -321,7 +360,7 @@ def test_a_restart_with_other_route_ports_replaces_the_worker(tmp_path, procs):
     halod, n1, cluster = proxy_cluster(tmp_path, procs)
     old = worker_pid(halod)
     halod.stop(signal.SIGKILL)
-    moved = HaloDProcess(tmp_path, "--spares", "0", "--grace", "4", proxy=True)  # new ports
+    moved = HaloDProcess(tmp_path, "--spares", "0", "--grace", "4", *STOP, proxy=True)  # new ports
     moved.control = halod.control  # where n1 looks for HaloD
     procs.append(moved)
     moved.start()

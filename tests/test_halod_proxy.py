@@ -270,3 +270,17 @@ def test_halod_replaces_a_worker_with_another_layout(tmp_path: Path) -> None:
     conn.dataReceived(frame(pp.Hello(4242, other, True, 5)))
     assert received(transport) == [pp.Stop()] and transport.disconnecting
     assert plane._replacing == 4242 and plane.state != "running"
+
+
+def test_proxy_on_exit_is_a_checked_key_that_keeps_the_worker_by_default(tmp_path: Path) -> None:
+    from halod.config import HaloDConfig
+    from orbited.config import ConfigError
+
+    db = str(tmp_path / "h.db")
+    config = HaloDConfig.load(None, {"db": db})
+    assert config.proxy_on_exit == "keep"  # a HaloD restart cuts nothing (docs/halod.md)
+    assert not ProxyDataPlane.from_config(config, MemoryReactorClock()).stop_on_exit
+    stop = HaloDConfig.load(None, {"db": db, "proxy_on_exit": "stop"})
+    assert ProxyDataPlane.from_config(stop, MemoryReactorClock()).stop_on_exit
+    with pytest.raises(ConfigError, match="proxy_on_exit is keep or stop"):
+        HaloDConfig.load(None, {"db": db, "proxy_on_exit": "later"})

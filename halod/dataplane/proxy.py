@@ -205,9 +205,8 @@ class ProxyDataPlane:
         if len(str(directory / "worker.sock").encode()) > SUN_PATH_MAX:
             raise ValueError(f"{directory}/worker.sock is too long for a UNIX socket path "
                              f"({SUN_PATH_MAX} bytes): put db in a shorter directory")  # fmt: skip
-        on_exit = getattr(config, "proxy_on_exit", "stop")
         return cls(config.ports(), reactor, config.move_close_delay, directory=directory,
-                   stop_on_exit=on_exit == "stop")  # fmt: skip
+                   stop_on_exit=config.proxy_on_exit == "stop")  # fmt: skip
 
     # -- DataPlane ----------------------------------------------------------------------------
 
