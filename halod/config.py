@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from halod.dataplane import Ports
+from halod.dataplane.haproxy import Settings as HAProxySettings
 from halod.liveness import ProbeSettings
 from halod.membership import Timing
 from halod.protocol import MAX_ROUTES
@@ -69,9 +70,19 @@ class HaloDConfig(ConfigBase):
     haproxy_bin: str = _opt("haproxy", "the HAProxy executable (PATH, then /usr/sbin)")
     haproxy_manage: bool = _opt(True, "start HAProxy when none answers on haproxy_dir's socket")
     haproxy_on_exit: str = _opt("keep", "keep HAProxy serving when HaloD stops, or stop it")
-    haproxy_maxconn: int = _opt(8000, "HAProxy maxconn (needs about 2× as many fds)")
-    haproxy_nbthread: int = _opt(0, "HAProxy threads (0: one per CPU)")
-    haproxy_timeout: float = _opt(3600.0, "HAProxy client/server/tunnel idle timeout, seconds")
+    haproxy_maxconn: int = _opt(
+        HAProxySettings.maxconn, "HAProxy maxconn (needs about 2× as many fds)"
+    )
+    haproxy_nbthread: int = _opt(HAProxySettings.nbthread, "HAProxy threads (0: one per CPU)")
+    haproxy_timeout: float = _opt(
+        HAProxySettings.timeout, "HAProxy client/server/tunnel idle timeout, seconds"
+    )
+    haproxy_connect_timeout: float = _opt(
+        HAProxySettings.connect_timeout, "seconds HAProxy waits for a node's connect, per try"
+    )
+    haproxy_retries: int = _opt(
+        HAProxySettings.retries, "HAProxy connect retries (on the route's owner at that time)"
+    )
     haproxy_stats_interval: float = _opt(2.0, "seconds between HAProxy show stat polls")
     nft_table: str = _opt("halod", "the nftables data plane's table (unique per host)")
     nft_keep_on_stop: bool = _opt(True, "leave the nftables table in place when HaloD stops")
@@ -130,9 +141,14 @@ class HaloDConfig(ConfigBase):
             raise ConfigError("nft_stats_interval must not be negative")
 
     def _validate_haproxy(self) -> None:
-        self.require_positive("haproxy_maxconn", "haproxy_timeout", "haproxy_stats_interval")
+        self.require_positive(
+            "haproxy_maxconn", "haproxy_timeout", "haproxy_stats_interval",
+            "haproxy_connect_timeout",
+        )  # fmt: skip
         if self.haproxy_nbthread < 0:
             raise ConfigError("haproxy_nbthread must not be negative")
+        if self.haproxy_retries < 0:
+            raise ConfigError("haproxy_retries must not be negative")
         if self.haproxy_on_exit not in ("keep", "stop"):
             raise ConfigError("haproxy_on_exit is keep or stop")
         # UNIX socket paths are limited to 107 bytes (sun_path).

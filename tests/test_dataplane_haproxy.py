@@ -25,6 +25,7 @@ from halod.dataplane import Owner, Ports
 from halod.dataplane.haproxy import (
     PARKED,
     Counter,
+    HAProxyDataPlane,
     Settings,
     SlotTable,
     batches,
@@ -197,6 +198,22 @@ def test_haproxy_config_keys_are_checked(tmp_path):
         ({"haproxy_maxconn": 0}, "haproxy_maxconn must be positive"),
         ({"haproxy_nbthread": -1}, "haproxy_nbthread"),
         ({"haproxy_dir": "/" + "d" * 120}, "too long"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            HaloDConfig.load(None, {**base, **bad})
+
+
+def test_connect_timeout_and_retries_are_config_keys_rendered_into_the_cfg(tmp_path):
+    base = {"dataplane": "haproxy", "haproxy_dir": str(tmp_path)}
+    default = HAProxyDataPlane.from_config(HaloDConfig.load(None, base), None).settings
+    assert (default.connect_timeout, default.retries) == (0.1, 20)
+    config = HaloDConfig.load(None, {**base, "haproxy_connect_timeout": 0.25, "haproxy_retries": 8})
+    plane = HAProxyDataPlane.from_config(config, None)
+    cfg = render_config(plane.settings, SlotTable.of(targets_of({1: N1}, plane.ports.routes)))
+    assert "    timeout connect 250ms\n    retries 8\n    option redispatch 1\n" in cfg
+    for bad, message in [
+        ({"haproxy_connect_timeout": 0}, "haproxy_connect_timeout must be positive"),
+        ({"haproxy_retries": -1}, "haproxy_retries must not be negative"),
     ]:
         with pytest.raises(ConfigError, match=message):
             HaloDConfig.load(None, {**base, **bad})

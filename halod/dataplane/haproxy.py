@@ -559,6 +559,7 @@ class HAProxyDataPlane:
         settings = Settings(
             config.ports(), config.haproxy_directory(), config.haproxy_maxconn,
             config.haproxy_nbthread, config.haproxy_timeout,
+            connect_timeout=config.haproxy_connect_timeout, retries=config.haproxy_retries,
         )  # fmt: skip
         return cls(
             settings, reactor, config.move_close_delay, binary=config.haproxy_bin,
