@@ -528,6 +528,13 @@ class HaloD:
                 "# TYPE halod_dataplane_refused_total counter",
                 f"halod_dataplane_refused_total {stats['refused']}",
             ]  # fmt: skip
+            if "worker" in stats:  # the built-in proxy (docs/halod.md, "The built-in proxy")
+                lines += [
+                    "# HELP halod_dataplane_worker_restarts_total Proxy workers lost and "
+                    "replaced.",
+                    "# TYPE halod_dataplane_worker_restarts_total counter",
+                    f"halod_dataplane_worker_restarts_total {stats['worker']['restarts']}",
+                ]
         return "\n".join(lines) + "\n"
 
 

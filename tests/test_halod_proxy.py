@@ -284,3 +284,20 @@ def test_proxy_on_exit_is_a_checked_key_that_keeps_the_worker_by_default(tmp_pat
     assert ProxyDataPlane.from_config(stop, MemoryReactorClock()).stop_on_exit
     with pytest.raises(ConfigError, match="proxy_on_exit is keep or stop"):
         HaloDConfig.load(None, {"db": db, "proxy_on_exit": "later"})
+
+
+def test_metrics_export_the_workers_replaced(tmp_path: Path) -> None:
+    from twisted.internet import task
+
+    from halod.config import HaloDConfig
+    from halod.server import HaloD
+
+    halod = HaloD(HaloDConfig(db=str(tmp_path / "h.db"), dataplane="none"), task.Clock())
+    assert "halod_dataplane_worker_restarts_total" not in halod.metrics()  # no worker
+    plane = ProxyDataPlane(PORTS, MemoryReactorClock(), directory=tmp_path / "proxy")
+    halod.dataplane = plane
+    plane.restarts = 3  # what stats()["worker"]["restarts"] reports
+    lines = halod.metrics().splitlines()
+    assert "# TYPE halod_dataplane_worker_restarts_total counter" in lines
+    assert any(line.startswith("# HELP halod_dataplane_worker_restarts_total ") for line in lines)
+    assert "halod_dataplane_worker_restarts_total 3" in lines
