@@ -149,6 +149,8 @@ class NodeService(service.MultiService):
         if self.halod_link is not None:
             self.halod_link.leave()
         self.hub.shutdown("shutdown")
+        # Then no keep-alive connection to this node is left for a browser's next request.
+        self.site.close_idle_connections()
         # Give the reconnect frames and close handshakes a moment to leave.
         reactor: IReactorCore = self.reactor  # type: ignore[assignment]
         return task.deferLater(reactor, 0.2, lambda: None).addCallback(

@@ -604,3 +604,45 @@ def test_the_browser_limits_are_config_keys_on_the_browser_and_publish_ports(tmp
         assert status == 414 and json.loads(body)["error"]["code"] == "uri_too_long"
     finally:
         node.stop()
+
+
+# -- item: after reconnect frames, no keep-alive connection to a stopping node -----------
+
+
+def test_shutdown_closes_held_and_idle_keep_alive_connections():
+    """Node shutdown (NodeService.stopService: hub.shutdown, then the site's
+    close_idle_connections): a held poll is answered with the reconnect frame and
+    `Connection: close` and its connection closed; an idle keep-alive connection is
+    closed too, so the browser's next request cannot reuse one to the stopping node."""
+    from twisted.internet import task
+    from twisted.internet.testing import StringTransport
+
+    from orbited.hub import Hub, HubConfig
+    from orbited.keys import ConnectionKey
+    from orbited.tokens import issue_token
+    from orbited.transports.common import BrowserAuth
+    from orbited.web import browser_site
+
+    secret = b"s" * 32
+    clock = task.Clock()
+    hub = Hub(clock, HubConfig(), epoch="t")
+    site = browser_site(hub, BrowserAuth(secret), [], "t", 1 << 20)
+
+    def request(path: str) -> tuple[object, StringTransport]:
+        channel = site.buildProtocol(None)
+        transport = StringTransport()
+        channel.makeConnection(transport)
+        channel.dataReceived(f"GET {path} HTTP/1.1\r\nHost: h\r\n\r\n".encode())
+        return channel, transport
+
+    _, idle = request("/orbited/health")
+    assert parse_response(idle.value())[0] == 200 and not idle.disconnecting  # keep-alive
+    token = issue_token(secret, ConnectionKey("u", "s", "/t"), 60)
+    _, held = request(f"/orbited/poll?token={token}&timeout=20")
+    assert held.value() == b""  # held
+    hub.shutdown("shutdown")
+    site.close_idle_connections()  # type: ignore[attr-defined]
+    assert idle.disconnecting
+    raw = held.value()
+    assert b'"reason":"shutdown"' in raw and held.disconnecting, raw
+    assert parse_response(raw)[1]["connection"] == "close"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import json
 import re
+import socket
 import time
 import urllib.request
 
@@ -245,3 +246,57 @@ def test_sse_acknowledges_by_post_and_acknowledged_mode_replies_then(shared_node
             assert json.loads(body)["error"]["code"] == code
     # No access log: tokens never reach the node's log.
     assert token not in node.log_file.read_text()
+
+
+# -- a response carrying a reconnect frame ends its connection ----------------------------
+
+
+def raw_get(node: NodeProcess, path: str) -> socket.socket:
+    """An HTTP/1.1 request on a keep-alive connection, as a browser sends it."""
+    host, port = node.http.rsplit(":", 1)
+    sock = socket.create_connection((host, int(port)), timeout=5)
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {node.http}\r\n\r\n".encode())
+    return sock
+
+
+def read_until_closed(sock: socket.socket, seconds: float = 3.0) -> bytes:
+    """What the node sends until it closes the connection; fails if it keeps it open."""
+    sock.settimeout(seconds)
+    out = b""
+    try:
+        while chunk := sock.recv(65536):
+            out += chunk
+    except TimeoutError:
+        pytest.fail(f"the node kept the connection open after: {out[-200:]!r}")
+    finally:
+        sock.close()
+    return out
+
+
+def test_a_reconnect_frame_ends_the_connection_not_only_the_response(tmp_path):
+    """After a `reconnect` frame a browser's next request must go over a new TCP
+    connection: one it reuses may be pinned (by an L4 data plane) to a node that no
+    longer serves the route. So the node closes the connection after the frame, and a
+    response whose headers are still unsent says `Connection: close`."""
+    node = NodeProcess(tmp_path, "--iframe-max-bytes", "3000").start()
+    try:
+        origin = f"http://{node.http}"
+        iframe = raw_get(node, f"/orbited/iframe?token={node.token('cap')}&origin={origin}")
+        iframe.recv(1)  # the response has begun
+        with node.req() as req:
+            for i in range(5):
+                send_event(req, f"c{i}", [["cap", "s", "/t"]], "x" * 300)
+        out = read_until_closed(iframe)
+        assert b"response size limit" in out and out.endswith(b"0\r\n\r\n"), out[-200:]
+
+        poll = raw_get(node, f"/orbited/poll?token={node.token('lp')}&timeout=20")
+        sse = raw_get(node, f"/orbited/sse?token={node.token('sse')}")
+        assert sse.recv(1)
+        time.sleep(0.3)  # both held
+        node.stop()
+        out = read_until_closed(poll)
+        head, _, body = out.partition(b"\r\n\r\n")
+        assert b'"reason":"shutdown"' in body and b"\r\nconnection: close" in head.lower(), out
+        assert b'"reason":"shutdown"' in read_until_closed(sse)
+    finally:
+        node.stop()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import weakref
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -55,6 +56,19 @@ class HTTPSink:
 
     def _stop_timers(self) -> None:
         pass
+
+    def close_connection(self) -> None:
+        """End the TCP connection with this response, not only the response: after a
+        ``reconnect`` frame the browser's next request must open a new connection, for
+        one it reused could be pinned (an L4 data plane routes per TCP connection) to a
+        node that no longer serves the route. Says ``Connection: close`` if the
+        response's headers are still unsent; twisted.web closes a channel that is not
+        ``persistent`` once its response is finished."""
+        if not self.request.startedWriting:
+            self.request.setHeader(b"connection", b"close")
+        channel = self.request.channel
+        if channel is not None:
+            channel.persistent = False
 
     def _gone(self, _: object) -> None:
         self._end()  # the browser closed the request first, or we finished it
@@ -225,6 +239,9 @@ class OrbitedChannel(http.HTTPChannel):
     _header_bytes = 0
 
     def connectionMade(self) -> None:  # noqa: N802
+        channels = getattr(self.site, "channels", None)
+        if channels is not None:
+            channels.add(self)
         limits: BrowserLimitsConfig = getattr(self.site, "head_limits", BrowserLimitsConfig())
         self.limits = limits
         self.MAX_LENGTH = max(limits.max_request_line, limits.max_header_bytes)
@@ -336,6 +353,19 @@ class OrbitedSite(QuietSite):
         super().__init__(root)
         self.error_body = error_body
         self.head_limits = head_limits
+        # Open HTTP connections, for close_idle_connections. Weak: one a WebSocket took
+        # over (autobahn) never hears connectionLost.
+        self.channels: weakref.WeakSet[OrbitedChannel] = weakref.WeakSet()
+
+    def close_idle_connections(self) -> None:
+        """Close every keep-alive connection with no request in progress (node shutdown,
+        after the reconnect frames: a browser must not send its next request over one)."""
+        for channel in list(self.channels):
+            transport = channel.transport
+            if transport is None or getattr(transport, "disconnecting", False):
+                continue  # taken over by a WebSocket, or closing already
+            if not channel.requests and not channel._refused:
+                channel.loseConnection()
 
 
 def orbited_site(

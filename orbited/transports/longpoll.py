@@ -74,7 +74,10 @@ class _PendingPoll(HTTPSink):
         self.flush()
 
     def reconnect(self, reason: str) -> None:
+        if self.finished:
+            return
         self.frames.append(frames.reconnect(reason))
+        self.close_connection()
         self.flush()
 
     def _stop_timers(self) -> None:

@@ -97,6 +97,8 @@ class _Stream(HTTPSink):
         self.finish(frames.REPLACED)
 
     def reconnect(self, reason: str) -> None:
+        if not self.finished:
+            self.close_connection()
         self.finish(frames.reconnect(reason))
 
     def finish(self, last_frame: bytes | None = None) -> None:
