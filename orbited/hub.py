@@ -136,6 +136,7 @@ class Hub:
         self.epoch = epoch or secrets.token_urlsafe(6)
         self._streams = 0
         self._slots: dict[ConnectionKey, _Slot] = {}
+        self._attached = 0  # slots with a sink, kept by _set_sink (see ``attached``)
         self._recent: OrderedDict[bytes, tuple[float, bytes]] = OrderedDict()
         self._recent_bytes = 0
         self.stopped = False
@@ -199,7 +200,7 @@ class Hub:
                 slot.online = True
                 if self.presence is not None:
                     self.presence("signon", key)
-            previous, slot.sink = slot.sink, None
+            previous = self._set_sink(slot, None)
             if previous is not None and previous is not sink:
                 previous.replaced()
         mailbox = slot.mailbox
@@ -213,7 +214,7 @@ class Hub:
         if replay.gap is not None:
             out.append(frames.gap(*replay.gap))
         out.extend(frames.event(seq, payload) for seq, payload in replay.events)
-        slot.sink = sink
+        self._set_sink(slot, sink)
         if sink.deliver(out) and replay.events:
             mailbox.mark_delivered(replay.events[-1][0])
         if slot.waits is not None and after is not None:
@@ -233,6 +234,13 @@ class Hub:
         self.mailbox_bytes += size - slot.counted
         slot.counted = size
 
+    def _set_sink(self, slot: _Slot, sink: Sink | None) -> Sink | None:
+        """Every change of a slot's transport goes here (it keeps ``attached``);
+        returns the one it replaces."""
+        previous, slot.sink = slot.sink, sink
+        self._attached += (sink is not None) - (previous is not None)
+        return previous
+
     def _forget(self, slot: _Slot) -> None:
         """A slot left ``_slots``: its bytes no longer count."""
         self.mailbox_bytes -= slot.counted
@@ -246,7 +254,7 @@ class Hub:
                     if held.sink is sink:  # closed while its route was held
                         held.gone = True
             return
-        slot.sink = None
+        self._set_sink(slot, None)
         slot.linger_call = self.clock.callLater(self.config.linger, self._expire, key, slot)
 
     def _expire(self, key: ConnectionKey, slot: _Slot) -> None:
@@ -311,6 +319,12 @@ class Hub:
     @property
     def connections(self) -> int:
         return len(self._slots)
+
+    @property
+    def attached(self) -> int:
+        """Keys with a browser transport attached now, in constant time (the control
+        heartbeat's live connections); gauges() scans for the same number."""
+        return self._attached
 
     def gauges(self) -> dict[str, int]:
         """Sizes of the per-key and per-request state (/orbited/health): what a soak
@@ -485,7 +499,7 @@ class Hub:
         if slot.linger_call is not None:
             slot.linger_call.cancel()
             slot.linger_call = None
-        sink, slot.sink = slot.sink, None
+        sink = self._set_sink(slot, None)
         if sink is not None:
             try:
                 sink.reconnect(reason)

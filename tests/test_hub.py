@@ -5,6 +5,7 @@ import json
 from twisted.internet.task import Clock
 
 from orbited.events import RequestLimits
+from orbited.hashing import route_of
 from orbited.hub import SPREAD_MAX, Hub, HubConfig
 from orbited.keys import ConnectionKey
 from orbited.mailbox import MailboxLimits, Position
@@ -525,3 +526,37 @@ def test_a_fresh_connection_starts_after_what_was_acknowledged():
     again = RecordingSink()  # it polls on from stream:3, as the hello said: no gap
     hub.attach(ALICE, again, Position(page.frames[0]["stream"], 3))
     assert [f["type"] for f in again.frames] == ["hello"]
+
+
+def test_the_attached_count_is_kept_not_scanned():
+    """Hub.attached (what the control heartbeat reports as live connections) follows
+    every way a browser comes and goes, and equals the scanning gauge."""
+    hub, clock = make_hub(linger=5, routes=4)
+
+    def check(expected: int) -> None:
+        assert hub.attached == hub.gauges()["attached"] == expected
+
+    keys = [ConnectionKey(f"u{i}", "s", "/t") for i in range(8)]
+    sinks = [RecordingSink() for _ in keys]
+    for key, sink in zip(keys, sinks, strict=True):
+        hub.attach(key, sink, None)
+    check(8)
+    newer = RecordingSink()
+    hub.attach(keys[0], newer, None)  # replaces: still one per key
+    check(8)
+    hub.detach(keys[0], sinks[0])  # the replaced one going away changes nothing
+    check(8)
+    hub.detach(keys[0], newer)
+    hub.detach(keys[1], sinks[1])
+    hub.detach(keys[1], sinks[1])  # twice: once counted
+    check(6)
+    hub.attach(keys[1], sinks[1], None)  # back within linger
+    check(7)
+    clock.advance(6)  # keys[0]'s linger ends
+    check(7)
+    moved = {route_of(key, 4) for key in keys[2:]}
+    hub.route_moved({route: None for route in moved})
+    expected = sum(1 for key in keys[1:2] if route_of(key, 4) not in moved)
+    check(expected)
+    hub.shutdown("shutdown")
+    check(0)
