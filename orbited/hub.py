@@ -326,6 +326,11 @@ class Hub:
         heartbeat's live connections); gauges() scans for the same number."""
         return self._attached
 
+    @property
+    def mailboxes(self) -> int:
+        """Keys with a mailbox (attached, lingering, waiting for a browser)."""
+        return len(self._slots)
+
     def gauges(self) -> dict[str, int]:
         """Sizes of the per-key and per-request state (/orbited/health): what a soak
         watches for growth (bench/README.md, "soak")."""

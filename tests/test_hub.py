@@ -535,6 +535,7 @@ def test_the_attached_count_is_kept_not_scanned():
 
     def check(expected: int) -> None:
         assert hub.attached == hub.gauges()["attached"] == expected
+        assert hub.mailboxes == hub.gauges()["mailboxes"]
 
     keys = [ConnectionKey(f"u{i}", "s", "/t") for i in range(8)]
     sinks = [RecordingSink() for _ in keys]
