@@ -646,3 +646,30 @@ def test_shutdown_closes_held_and_idle_keep_alive_connections():
     raw = held.value()
     assert b'"reason":"shutdown"' in raw and held.disconnecting, raw
     assert parse_response(raw)[1]["connection"] == "close"
+
+
+def test_a_poll_refused_with_a_reconnect_frame_leaves_no_timer():
+    """A poll the hub answers at once with `reconnect` (node stopping, route not owned)
+    is finished: it must not also be held for its timeout (a timer keeping the request
+    alive for 25 s per refused poll in a reconnect storm)."""
+    from twisted.internet import task
+    from twisted.internet.testing import StringTransport
+
+    from orbited.hub import Hub, HubConfig
+    from orbited.keys import ConnectionKey
+    from orbited.tokens import issue_token
+    from orbited.transports.common import BrowserAuth
+    from orbited.web import browser_site
+
+    secret = b"s" * 32
+    clock = task.Clock()
+    hub = Hub(clock, HubConfig(), epoch="t")
+    site = browser_site(hub, BrowserAuth(secret), [], "t", 1 << 20)
+    hub.shutdown("shutdown")
+    channel = site.buildProtocol(None)
+    transport = StringTransport()
+    channel.makeConnection(transport)
+    token = issue_token(secret, ConnectionKey("u", "s", "/t"), 60)
+    channel.dataReceived(f"GET /orbited/poll?token={token}&timeout=20 HTTP/1.1\r\n\r\n".encode())
+    assert b'"reason":"shutdown"' in transport.value()
+    assert clock.getDelayedCalls() == []

@@ -50,6 +50,8 @@ class _PendingPoll(HTTPSink):
         self._flush_call: IDelayedCall | None = None
 
     def hold(self, timeout: float) -> None:
+        if self.finished:  # answered already (a reconnect frame from attach)
+            return
         self.holding = True
         self._timer = self.hub.clock.callLater(timeout, self.flush)
 
