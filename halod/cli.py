@@ -179,7 +179,14 @@ def operator_command(command: str, args: argparse.Namespace) -> int:
         with urllib.request.urlopen(urllib.request.Request(url, method="POST"), timeout=5) as r:
             answer = json.load(r)
     except urllib.error.HTTPError as e:
-        print(f"halod {command}: {json.load(e).get('error', e)}", file=sys.stderr)
+        # The status port's JSON error body: {"error": {"code", "message"}}.
+        try:
+            body = json.load(e)
+        except ValueError:
+            body = None
+        error = body.get("error") if isinstance(body, dict) else None
+        message = error.get("message", e) if isinstance(error, dict) else (error or e)
+        print(f"halod {command}: {message}", file=sys.stderr)
         return 1
     except (OSError, ValueError) as e:
         print(f"halod {command}: cannot reach {url}: {e}", file=sys.stderr)

@@ -37,7 +37,7 @@ from halod.svg import table_svg
 from orbited.config import parse_host_port, parse_sp_address
 from orbited.sp.wire import SPConnection, SPProtocolError, encode_message
 from orbited.tokens import load_secret
-from orbited.transports.http import QuietSite
+from orbited.transports.http import JSONDirectory, JSONResource, OrbitedSite, send_error
 
 ChangeListener = Callable[[Change, Membership], None]
 Probe = Callable[[ProbeRequest], "defer.Deferred[Outcome]"]
@@ -546,8 +546,8 @@ class ControlFactory(Factory):
         return ControlProtocol(self.halod)
 
 
-class _View(Resource):
-    isLeaf = True
+class _View(JSONResource):
+    """A GET (or HEAD) page; other methods get 405, paths below it 404 (JSON errors)."""
 
     def __init__(self, render: Callable[[], tuple[str, bytes]]) -> None:
         super().__init__()
@@ -561,10 +561,8 @@ class _View(Resource):
         return body
 
 
-class _Status(Resource):
+class _Status(JSONResource):
     """GET /status: JSON for machines, HTML for a browser (docs/halod-protocol.md)."""
-
-    isLeaf = True
 
     def __init__(self, halod: HaloD) -> None:
         super().__init__()
@@ -587,7 +585,8 @@ class _Status(Resource):
 
 
 class _Operator(Resource):
-    """POST /nodes/<name>/drain | /nodes/<name>/undrain (docs/halod.md, "Draining")."""
+    """POST /nodes/<name>/drain | /nodes/<name>/undrain (docs/halod.md, "Draining"); any
+    other path below /nodes is 404, another method 405 (JSON errors)."""
 
     isLeaf = True
 
@@ -595,22 +594,26 @@ class _Operator(Resource):
         super().__init__()
         self.halod = halod
 
-    def render_POST(self, request: Request) -> bytes:  # noqa: N802
-        request.setHeader(b"content-type", b"application/json")
+    def render(self, request: Request) -> bytes:
+        parts = [part.decode("utf-8", "replace") for part in request.postpath]
+        if len(parts) != 2 or parts[1] not in ("drain", "undrain"):
+            return send_error(
+                request, 404, "not_found", "POST /nodes/<name>/drain or /nodes/<name>/undrain"
+            )
+        if request.method != b"POST":
+            request.setHeader(b"allow", b"POST")
+            method = request.method.decode("ascii", "replace")[:32]
+            return send_error(request, 405, "method_not_allowed", f"{method} is not supported here")
         if _from_web_page(request):
             # A page the operator visits could otherwise drain nodes: a body-less POST
             # needs no CORS preflight, and DNS rebinding reaches a loopback port too.
-            request.setResponseCode(403)
-            return b'{"error": "operator requests are refused from web pages (Origin sent)"}'
-        parts = [part.decode("utf-8", "replace") for part in request.postpath]
-        if len(parts) != 2 or parts[1] not in ("drain", "undrain"):
-            request.setResponseCode(404)
-            return b'{"error": "POST /nodes/<name>/drain or /nodes/<name>/undrain"}'
+            message = "operator requests are refused from web pages (Origin sent)"
+            return send_error(request, 403, "cross_site", message)
         try:
             state = self.halod.operator(parts[1], parts[0])
         except p.ControlError as e:
-            request.setResponseCode(409)
-            return json.dumps({"error": e.message}).encode()
+            return send_error(request, 409, e.code, e.message)
+        request.setHeader(b"content-type", b"application/json")
         return json.dumps({"name": parts[0], "state": state}).encode()
 
 
@@ -649,14 +652,15 @@ class _WrongHost(Resource):
     isLeaf = True
 
     def render(self, request: Request) -> bytes:
-        request.setResponseCode(403)
-        request.setHeader(b"content-type", b"application/json")
-        return json.dumps({"error": "Host not allowed: use an IP address or localhost, or "
-                                    "add the name to status_hosts"}).encode()  # fmt: skip
+        return send_error(request, 403, "host_not_allowed", "Host not allowed: use an IP "
+                          "address or localhost, or add the name to status_hosts")  # fmt: skip
 
 
-class _StatusSite(QuietSite):
-    """The status port's Site: requests under a foreign Host name are refused."""
+class _StatusSite(OrbitedSite):
+    """The status port's Site: requests under a foreign Host name are refused; every error
+    (unknown path or method, a malformed or oversized request head, a bug) is answered
+    with the JSON error body ``{"error": {"code", "message"}}`` as on a node's browser
+    port, never with twisted.web's HTML pages."""
 
     def __init__(self, root: Resource, names: frozenset[str]) -> None:
         super().__init__(root)
@@ -672,7 +676,7 @@ def status_site(halod: HaloD, hosts: list[str] | tuple[str, ...] = ()) -> Site:
     def as_json(view: Callable[[], Any]) -> Callable[[], tuple[str, bytes]]:
         return lambda: ("application/json", json.dumps(view(), indent=1).encode())
 
-    root = Resource()
+    root = JSONDirectory()  # any other path: 404
     root.putChild(b"status", _Status(halod))
     root.putChild(b"routes", _View(as_json(halod.routes_view)))
     root.putChild(b"nodes", _Operator(halod))

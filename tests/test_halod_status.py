@@ -200,3 +200,73 @@ def test_the_status_page_renders_in_chromium(tmp_path, procs):
                 assert {n["name"] for n in json.loads(raw.text())["nodes"]} == {"n1", "evil"}
             finally:
                 browser.close()
+
+
+def raw_http(address: str, data: bytes) -> tuple[int, dict[str, str], bytes]:
+    """Send ``data`` to the status port; the status, headers and body of the answer."""
+    import socket
+
+    host, port = address.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=5) as s:
+        s.sendall(data)
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            chunk = s.recv(65536)
+            assert chunk, answer
+            answer += chunk
+        head, body = answer.split(b"\r\n\r\n", 1)
+        lines = head.decode("latin-1").split("\r\n")
+        headers = dict(line.split(": ", 1) for line in lines[1:])
+        headers = {k.lower(): v for k, v in headers.items()}
+        while not data.startswith(b"HEAD") and len(body) < int(headers.get("content-length", "0")):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            body += chunk
+    return int(lines[0].split()[1]), headers, body
+
+
+def test_the_status_port_answers_what_it_does_not_serve_with_json_errors(tmp_path, procs):
+    """Unknown paths 404, unsupported methods 405 with Allow, a malformed request 400: the
+    JSON error body {"error": {"code", "message"}}, never twisted.web's HTML pages."""
+    halod = HaloDProcess(tmp_path).start()
+    procs.append(halod)
+    cases = [
+        (b"GET /nope HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", 404, "not_found", None),
+        (b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", 404, "not_found", None),
+        (b"GET /status/more HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", 404, "not_found", None),
+        (b"POST /status HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\n\r\n", 405,
+         "method_not_allowed", "GET, HEAD"),
+        (b"PUT /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\n\r\n", 405,
+         "method_not_allowed", "GET, HEAD"),
+        (b"BREW /routes HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", 405, "method_not_allowed",
+         "GET, HEAD"),
+        (b"GET /nodes/a/drain HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", 405,
+         "method_not_allowed", "POST"),
+        (b"POST /nodes/a/explode HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\n\r\n",
+         404, "not_found", None),
+        (b"POST /nodes/nobody/drain HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\n\r\n",
+         409, "not_registered", None),
+        (b"GET /status HTTP/1.1\r\nHost: rebind.example\r\n\r\n", 403, "host_not_allowed",
+         None),
+        (b"POST /nodes/a/drain HTTP/1.1\r\nHost: 127.0.0.1\r\nOrigin: https://x.example\r\n"
+         b"Content-Length: 0\r\n\r\n", 403, "cross_site", None),
+        (b"GARBAGE\r\n\r\n", 400, "bad_request", None),
+        (b"GET /status HTTP/1.1\r\nHost: 127.0.0.1\r\nno colon here\r\n\r\n", 400,
+         "bad_request", None),
+        (b"GET /" + b"x" * 17000 + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", 414,
+         "uri_too_long", None),
+        (b"GET /status HTTP/1.1\r\nHost: 127.0.0.1\r\n" + b"X-A: b\r\n" * 101 + b"\r\n",
+         431, "headers_too_large", None),
+    ]  # fmt: skip
+    for request, status, code, allow in cases:
+        got, headers, body = raw_http(halod.status_http, request)
+        assert got == status, (request, got, body)
+        assert headers["content-type"] == "application/json", request
+        error = json.loads(body)["error"]
+        assert error["code"] == code and isinstance(error["message"], str), (request, error)
+        assert headers.get("allow") == allow, request
+    # What it serves is unchanged.
+    assert raw_http(halod.status_http, b"HEAD /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")[
+        0
+    ] == 200
