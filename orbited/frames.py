@@ -15,8 +15,18 @@ def _encode(obj: object) -> bytes:
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
-def event(seq: int, payload: bytes) -> bytes:
-    return b'{"type":"event","seq":%d,"data":%s}' % (seq, payload)
+def event_id(text: str) -> bytes:
+    """An event request's id as the event frames carry it: encoded once per request and
+    shared by every recipient's mailbox entry (docs/protocol.md, "Frames")."""
+    return _encode(text)
+
+
+def event(seq: int, payload: bytes, eid: bytes | None = None) -> bytes:
+    """``eid``: the request's id from event_id(); None (an event handed over by a node of
+    the previous version) leaves it out. ``seq`` stays first: the SSE transport reads it."""
+    if eid is None:
+        return b'{"type":"event","seq":%d,"data":%s}' % (seq, payload)
+    return b'{"type":"event","seq":%d,"id":%s,"data":%s}' % (seq, eid, payload)
 
 
 def hello(stream: str, keepalive: float, reset: bool, seq: int = 0, spread: float = 0.0) -> bytes:

@@ -11,6 +11,7 @@ tests drive it with twisted.internet.task.Clock; no sockets here.
 
 from __future__ import annotations
 
+import json
 import math
 import secrets
 from collections import OrderedDict
@@ -25,7 +26,7 @@ from twisted.logger import Logger
 from orbited import events, frames
 from orbited.hashing import DEFAULT_ROUTES, route_of
 from orbited.keys import ConnectionKey, KeyError_
-from orbited.mailbox import _POSITION, Mailbox, MailboxLimits, Position
+from orbited.mailbox import _POSITION, Entry, Mailbox, MailboxLimits, Position
 
 
 class Sink(Protocol):
@@ -213,7 +214,7 @@ class Hub:
         ]
         if replay.gap is not None:
             out.append(frames.gap(*replay.gap))
-        out.extend(frames.event(seq, payload) for seq, payload in replay.events)
+        out.extend(frames.event(seq, payload, eid) for seq, payload, eid in replay.events)
         self._set_sink(slot, sink)
         if sink.deliver(out) and replay.events:
             mailbox.mark_delivered(replay.events[-1][0])
@@ -480,8 +481,10 @@ class Hub:
             raise ValueError("bad stream id")
         if not all(isinstance(n, int) and n >= 0 for n in (next_seq, acked)):
             raise ValueError("bad sequence numbers")
-        pairs = [(int(seq), payload.encode()) for seq, payload in entry["events"]]
-        return key, route, Mailbox.restored(stream, self.config.mailbox, next_seq, acked, pairs)
+        imported = [_import_event(event) for event in entry["events"]]
+        return key, route, Mailbox.restored(
+            stream, self.config.mailbox, next_seq, acked, imported
+        )  # fmt: skip
 
     def _complete(self, route: int, timed_out: bool) -> None:
         """A held route is ready: run its deliveries, then its attaches, in order."""
@@ -580,10 +583,11 @@ class Hub:
         results: list[bytes | defer.Deferred[bytes]] = []
         seen: dict[ConnectionKey, bytes | defer.Deferred[bytes]] = {}
         waits = False
+        eid = frames.event_id(request.event_id)  # once per request, shared by the mailboxes
         for key in request.recipients:
             entry = seen.get(key)
             if entry is None:
-                entry = seen[key] = self._deliver(key, request.payload, request.ack)
+                entry = seen[key] = self._deliver(key, request.payload, request.ack, eid)
                 waits = waits or not isinstance(entry, bytes)
             results.append(entry)
         if not waits:
@@ -611,8 +615,9 @@ class Hub:
         return gathered.addCallbacks(answered, failed)
 
     def _deliver(
-        self, key: ConnectionKey, payload: bytes, ack: float | None = None
-    ) -> bytes | defer.Deferred[bytes]:
+        self, key: ConnectionKey, payload: bytes, ack: float | None = None,
+        eid: bytes | None = None,
+    ) -> bytes | defer.Deferred[bytes]:  # fmt: skip
         slot = self._slots.get(key)
         if slot is None:
             if self.owned is not None:
@@ -624,9 +629,9 @@ class Hub:
                 if incoming is not None:  # after the old owner's mailbox, in order
                     later: defer.Deferred[bytes] = defer.Deferred()
                     incoming.deliveries.append(
-                        lambda: defer.maybeDeferred(self._deliver, key, payload, ack).chainDeferred(
-                            later
-                        )
+                        lambda: defer.maybeDeferred(
+                            self._deliver, key, payload, ack, eid
+                        ).chainDeferred(later)
                     )
                     return later
             if ack is None:
@@ -641,10 +646,10 @@ class Hub:
         if self._full(payload):
             return FULL_RESULT
         mailbox = slot.mailbox
-        seq, dropped = mailbox.append(payload)
+        seq, dropped = mailbox.append(payload, eid)
         self._recount(slot)
         sink = slot.sink
-        if sink is not None and sink.deliver([frames.event(seq, payload)]):
+        if sink is not None and sink.deliver([frames.event(seq, payload, eid)]):
             mailbox.mark_delivered(seq)
             self.stats["delivered"] += 1
             status = events.DELIVERED
@@ -692,13 +697,33 @@ def export_entry(
     key: ConnectionKey, mailbox: Mailbox, route: int, online: bool = True
 ) -> dict[str, Any]:
     """A mailbox as the hand-off message carries it (docs/halod-protocol.md, "Hand-off"):
-    payloads are JSON text already, so they travel as strings."""
+    payloads are JSON text already, so they travel as strings; an event is
+    ``[seq, payload, id]`` (``[seq, payload]`` when it has no id)."""
     return {
         "key": key.to_json(),
         "route": route,
         "stream": mailbox.stream,
         "next_seq": mailbox.next_seq,
         "acked": mailbox.acked,
-        "events": [[seq, payload.decode()] for seq, payload in mailbox.export()],
+        "events": [
+            [seq, payload.decode()] if eid is None else [seq, payload.decode(), json.loads(eid)]
+            for seq, payload, eid in mailbox.export()
+        ],
         "online": online,
     }
+
+
+def _import_event(event: list[Any]) -> Entry:
+    """A hand-off event, ``[seq, payload, id]`` or, from a node of the previous version,
+    ``[seq, payload]`` (no id: its frames go out without one)."""
+    if not isinstance(event, list) or len(event) not in (2, 3):
+        raise ValueError("an event must be [seq, payload] or [seq, payload, id]")
+    seq, payload = int(event[0]), event[1]
+    if not isinstance(payload, str):
+        raise ValueError("an event's payload must be a string")
+    if len(event) == 2:
+        return seq, payload.encode(), None
+    eid = event[2]
+    if not isinstance(eid, str) or not 0 < len(eid) <= events.MAX_EVENT_ID:
+        raise ValueError(f"an event id must be a string of 1-{events.MAX_EVENT_ID} characters")
+    return seq, payload.encode(), frames.event_id(eid)

@@ -55,15 +55,22 @@ class Appended(NamedTuple):
     dropped: int  # undelivered events evicted to make room for this one
 
 
+# One buffered event: (seq, payload, id). ``id`` is the event request's id as encoded JSON
+# (b'"evt-1"'), one bytes object per request shared by all its recipients' mailboxes, or
+# None for an event without one (handed over by a node of the previous version).
+Entry = tuple[int, bytes, bytes | None]
+
+
 class Replay(NamedTuple):
-    events: list[tuple[int, bytes]]
+    events: list[Entry]
     gap: tuple[int, int] | None  # first and last seq the browser can no longer get
     reset: bool  # the browser's stream is gone: everything before this stream is unknown
     since: int  # the events follow this seq (what the browser has, or was acknowledged)
 
 
 class Mailbox:
-    """One key's ordered event buffer. Payloads are encoded JSON bytes, stored as given."""
+    """One key's ordered event buffer. Payloads and ids are encoded JSON bytes, stored as
+    given (not copied: a broadcast's recipients share them)."""
 
     __slots__ = ("stream", "limits", "next_seq", "acked", "delivered", "_events", "_bytes")
 
@@ -73,13 +80,13 @@ class Mailbox:
         self.next_seq = 1
         self.acked = 0  # highest seq the browser confirmed it has
         self.delivered = 0  # highest seq written to a transport
-        self._events: deque[tuple[int, bytes]] = deque()
+        self._events: deque[Entry] = deque()
         self._bytes = 0
 
     @classmethod
     def restored(
         cls, stream: str, limits: MailboxLimits, next_seq: int, acked: int,
-        events: list[tuple[int, bytes]],
+        events: list[Entry],
     ) -> Mailbox:  # fmt: skip
         """A mailbox handed over by another node (a planned route move): same stream and
         sequence numbers, so a browser's position stays valid. Events beyond this node's
@@ -87,16 +94,16 @@ class Mailbox:
         mailbox = cls(stream, limits)
         mailbox.next_seq = next_seq
         mailbox.acked = mailbox.delivered = min(acked, next_seq - 1)
-        kept = [(seq, payload) for seq, payload in events if acked < seq < next_seq]
-        kept.sort()
-        size = sum(len(payload) for _, payload in kept)
+        kept = [event for event in events if acked < event[0] < next_seq]
+        kept.sort(key=lambda event: event[0])
+        size = sum(len(event[1]) for event in kept)
         while kept and (len(kept) > limits.max_events or size > limits.max_bytes):
             size -= len(kept.pop(0)[1])
         mailbox._events.extend(kept)
         mailbox._bytes = size
         return mailbox
 
-    def export(self) -> list[tuple[int, bytes]]:
+    def export(self) -> list[Entry]:
         """The buffered events not yet acknowledged, oldest first (for a hand-over)."""
         return [event for event in self._events if event[0] > self.acked]
 
@@ -111,17 +118,18 @@ class Mailbox:
     def last_seq(self) -> int:
         return self.next_seq - 1
 
-    def append(self, payload: bytes) -> Appended:
+    def append(self, payload: bytes, event_id: bytes | None = None) -> Appended:
+        """``event_id``: the request's id, encoded JSON (frames.event_id)."""
         if len(payload) > self.limits.max_bytes:
             raise ValueError("payload larger than the mailbox byte limit")
         seq = self.next_seq
         self.next_seq += 1
         events = self._events
-        events.append((seq, payload))
+        events.append((seq, payload, event_id))
         self._bytes += len(payload)
         dropped = 0
         while len(events) > self.limits.max_events or self._bytes > self.limits.max_bytes:
-            old_seq, old = events.popleft()
+            old_seq, old, _ = events.popleft()
             self._bytes -= len(old)
             if old_seq > self.delivered:
                 dropped += 1
@@ -139,7 +147,7 @@ class Mailbox:
         self.acked = seq
         events = self._events
         while events and events[0][0] <= seq:
-            _, old = events.popleft()
+            _, old, _ = events.popleft()
             self._bytes -= len(old)
 
     def replay(self, after: Position | None) -> Replay:

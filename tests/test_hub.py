@@ -561,3 +561,66 @@ def test_the_attached_count_is_kept_not_scanned():
     check(expected)
     hub.shutdown("shutdown")
     check(0)
+
+
+# -- event ids in frames: the page drops a resend it already has (docs/protocol.md) -------
+
+
+def test_event_frames_carry_the_request_id_shared_by_all_recipients():
+    hub, _ = make_hub()
+    a, b = RecordingSink(), RecordingSink()
+    hub.attach(ALICE, a, None)
+    hub.attach(BOB, b, None)
+    send(hub, 'evt-ü"1', [ALICE, BOB], {"n": 1})
+    for sink in (a, b):
+        assert sink.frames[-1] == {"type": "event", "seq": 1, "id": 'evt-ü"1', "data": {"n": 1}}
+    # encoded once per request: both mailboxes hold the same bytes object
+    ida, idb = hub.mailbox(ALICE).export()[0][2], hub.mailbox(BOB).export()[0][2]
+    assert ida is idb and json.loads(ida) == 'evt-ü"1'
+    # a replay (fresh connection) carries the id too
+    again = RecordingSink()
+    hub.attach(ALICE, again, None)
+    assert again.frames[-1]["id"] == 'evt-ü"1'
+
+
+def test_a_queued_acknowledged_event_replays_with_its_id():
+    hub, _ = make_hub()
+    hub.handle_request(json.dumps({"id": "e7", "to": [list(ALICE)], "data": 7, "ack": 5}).encode())
+    sink = RecordingSink()
+    hub.attach(ALICE, sink, None)
+    assert sink.frames[-1] == {"type": "event", "seq": 1, "id": "e7", "data": 7}
+
+
+def test_hand_off_carries_event_ids_and_accepts_the_old_two_element_form():
+    old, _ = make_hub(routes=4)
+    new, _ = make_hub(routes=4)
+    old.assign([1, 2, 3, 4], 4)
+    new.assign([], 4)
+    key, other = keys_on_routes([3], 2, 4)
+    old.attach(key, RecordingSink(), None)
+    send(old, "e1", [key], 1)
+    new.assign([3], 4, incoming=[3])
+    exports: list = []
+    old.route_moved({3: None}, handoff=[3], exports=exports)
+    assert exports[0]["events"] == [[1, "1", "e1"]]
+    # a node of the previous version sends [seq, payload]: its events come without an id
+    exports.append({"key": list(other), "route": 3, "stream": "old.2", "next_seq": 2,
+                    "acked": 0, "events": [[1, "2"]]})  # fmt: skip
+    assert new.handoff_received(exports, done=[3]) == 2
+    mine, theirs = RecordingSink(), RecordingSink()
+    new.attach(key, mine, None)
+    new.attach(other, theirs, None)
+    assert mine.frames[-1] == {"type": "event", "seq": 1, "id": "e1", "data": 1}
+    assert theirs.frames[-1] == {"type": "event", "seq": 1, "data": 2}
+
+
+def test_hand_off_entries_with_a_bad_event_id_are_skipped():
+    new, _ = make_hub(routes=4)
+    new.assign([], 4)
+    new.assign([1], 4, incoming=[1])
+    (key,) = keys_on_routes([1], 1, 4)
+    for bad_id in (7, "", "x" * 129, None):
+        entry = {"key": list(key), "route": 1, "stream": "a.1", "next_seq": 2, "acked": 0,
+                 "events": [[1, "1", bad_id]]}  # fmt: skip
+        assert new.handoff_received([entry], done=[]) == 0
+    assert new.mailbox(key) is None

@@ -22,7 +22,7 @@ def test_resume_from_position_returns_only_unseen_events():
     for i in range(5):
         m.append(b"%d" % i)
     replay = m.replay(Position("ep0.1", 2))
-    assert [seq for seq, _ in replay.events] == [3, 4, 5]
+    assert [e[0] for e in replay.events] == [3, 4, 5]
     assert replay.gap is None and not replay.reset
     assert m.acked == 2 and len(m) == 3  # resuming acknowledges what came before
 
@@ -32,7 +32,7 @@ def test_fresh_connection_gets_everything_unacknowledged():
     for _ in range(3):
         m.append(b"e")
     m.ack(1)
-    assert [s for s, _ in m.replay(None).events] == [2, 3]
+    assert [e[0] for e in m.replay(None).events] == [2, 3]
 
 
 def test_event_limit_evicts_oldest_and_reports_undelivered_drops():
@@ -44,7 +44,7 @@ def test_event_limit_evicts_oldest_and_reports_undelivered_drops():
     assert m.append(b"e").dropped == 1  # evicts 2, never delivered
     replay = m.replay(Position("ep0.1", 0))
     assert replay.gap == (1, 2)
-    assert [s for s, _ in replay.events] == [3, 4, 5]
+    assert [e[0] for e in replay.events] == [3, 4, 5]
 
 
 def test_byte_limit_evicts_oldest():
@@ -62,7 +62,7 @@ def test_unknown_stream_is_a_reset_with_everything_buffered():
     m.append(b"a")
     replay = m.replay(Position("other.1", 7))
     assert replay.reset and replay.gap is None
-    assert [s for s, _ in replay.events] == [1]
+    assert [e[0] for e in replay.events] == [1]
 
 
 def test_position_from_the_future_is_a_reset():
@@ -120,7 +120,21 @@ def test_browser_resuming_sees_every_event_once_in_order_or_a_gap(ops):
                 replay = m.replay(last)
                 if replay.gap:
                     told_missing.update(range(replay.gap[0], replay.gap[1] + 1))
-                seen.extend(s for s, _ in replay.events)
+                seen.extend(e[0] for e in replay.events)
     assert seen == sorted(set(seen))
     if connected:
         assert set(seen) | told_missing >= set(range(1, m.last_seq + 1))
+
+
+# -- event ids (docs/protocol.md, "Frames": the page drops a resend it already has) -------
+
+
+def test_events_keep_their_request_id_through_replay_export_and_restore():
+    m = box()
+    eid = b'"evt-1"'
+    m.append(b'{"n":1}', eid)
+    m.append(b'{"n":2}')  # an event without an id (e.g. restored from an older node)
+    assert m.replay(None).events == [(1, b'{"n":1}', eid), (2, b'{"n":2}', None)]
+    assert m.export() == [(1, b'{"n":1}', eid), (2, b'{"n":2}', None)]
+    restored = Mailbox.restored("ep0.1", MailboxLimits(), 3, 0, m.export())
+    assert restored.replay(None).events[0][2] is eid  # the same bytes, not a copy

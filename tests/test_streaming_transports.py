@@ -79,8 +79,9 @@ def test_sse_delivers_and_resumes_with_last_event_id(node: NodeProcess):
         send_event(req, "s2", to, 2)
         got = sse_frames(response, 2)
         assert got == [
-            (f"{hello['stream']}:1", {"type": "event", "seq": 1, "data": NASTY}),
-            (f"{hello['stream']}:2", {"type": "event", "seq": 2, "data": 2}),
+            # the SSE id is the position; the frame's id is the event request's id
+            (f"{hello['stream']}:1", {"type": "event", "seq": 1, "id": "s1", "data": NASTY}),
+            (f"{hello['stream']}:2", {"type": "event", "seq": 2, "id": "s2", "data": 2}),
         ]
         conn.close()
         replies = [send_event(req, f"s{i}", to, i) for i in (3, 4)]
@@ -158,7 +159,7 @@ def test_iframe_streams_escaped_frames_to_the_parent_origin(node: NodeProcess):
     assert iframe_frames(response, 1)[0]["type"] == "hello"
     with node.req() as req:
         send_event(req, "f1", [["frame", "s", "/t"]], NASTY)
-    assert iframe_frames(response, 1) == [{"type": "event", "seq": 1, "data": NASTY}]
+    assert iframe_frames(response, 1) == [{"type": "event", "seq": 1, "id": "f1", "data": NASTY}]
     conn.close()
 
 
