@@ -54,11 +54,19 @@ export function firstRetryDelay(spread, { firstRetry = FIRST_RETRY, random = Mat
   return firstRetry + random() * spread;
 }
 
-/** Resume bookkeeping: which events are new, and the position to resume from. */
+/** How many delivered event ids a client remembers to drop resends (docs/client.md). */
+export const DEDUP_WINDOW = 1024;
+
+/** Resume bookkeeping: which events are new, and the position to resume from. Also the
+ *  ids of the last `window` events delivered, for the whole page's life (memory only):
+ *  after a node crash the web app resends what was not acknowledged to the route's new
+ *  owner, on a new stream, and an event seen before is dropped instead of delivered twice. */
 export class Resume {
-  constructor(position = null) {
+  constructor(position = null, { window = DEDUP_WINDOW } = {}) {
     this.stream = null;
     this.seq = 0;
+    this.window = window;
+    this.ids = new Set(); // insertion order: the oldest first
     const match = typeof position === "string" && /^(.+):(\d+)$/.exec(position);
     if (match) {
       this.stream = match[1];
@@ -82,10 +90,18 @@ export class Resume {
         }
         return { kind: "hello", reset, keepalive: frame.keepalive, spread: frame.spread };
       }
-      case "event":
+      case "event": {
         if (frame.seq <= this.seq) return { kind: "duplicate" };
-        this.seq = frame.seq;
-        return { kind: "message", data: frame.data, seq: frame.seq };
+        this.seq = frame.seq; // a dropped resend advances the position too: it gets acked
+        const id = frame.id;
+        if (typeof id !== "string" || this.window <= 0) {
+          return { kind: "message", data: frame.data, seq: frame.seq }; // older node: no id
+        }
+        if (this.ids.has(id)) return { kind: "duplicate", seq: frame.seq, id };
+        this.ids.add(id);
+        if (this.ids.size > this.window) this.ids.delete(this.ids.values().next().value);
+        return { kind: "message", data: frame.data, seq: frame.seq, id };
+      }
       case "gap":
         return { kind: "gap", from: frame.from, to: frame.to };
       case "reconnect":
@@ -299,7 +315,7 @@ export class OrbitedClient {
     this.options = options;
     this.transports = options.transports || TRANSPORTS;
     this.factories = options.factories || FACTORIES;
-    this.resume = new Resume(options.position);
+    this.resume = new Resume(options.position, { window: options.dedupWindow ?? DEDUP_WINDOW });
     this.state = "closed";
     this.transport = null;
     this.attempt = 0;
@@ -403,7 +419,7 @@ export class OrbitedClient {
             client._setState("open");
             break;
           case "message":
-            client._emit("message", r.data, { seq: r.seq, transport: client.transport });
+            client._emit("message", r.data, { seq: r.seq, id: r.id, transport: client.transport });
             break;
           case "gap":
             client._emit("gap", r.from, r.to);

@@ -246,3 +246,64 @@ test("retryAfter reads delta-seconds and ignores the rest", () => {
   assert.equal(retryAfter(response("Wed, 21 Oct 2015 07:28:00 GMT")), 0);
   assert.equal(retryAfter(response("-3")), 0);
 });
+
+test("an event id already delivered is dropped after a reset, still advancing the position", () => {
+  const r = new Resume(null, { window: 1024 });
+  r.handle({ type: "hello", stream: "dead.1", reset: false });
+  assert.deepEqual(r.handle({ type: "event", seq: 1, id: "e1", data: 1 }),
+                   { kind: "message", data: 1, seq: 1, id: "e1" });
+  r.handle({ type: "event", seq: 2, id: "e2", data: 2 });
+  // The node died before the ack; the web app resent e1, e2 to the new owner.
+  assert.equal(r.handle({ type: "hello", stream: "new.1", reset: true }).reset, true);
+  assert.deepEqual(r.handle({ type: "event", seq: 1, id: "e1", data: 1 }), { kind: "duplicate", seq: 1, id: "e1" });
+  assert.equal(r.handle({ type: "event", seq: 2, id: "e2", data: 2 }).kind, "duplicate");
+  assert.equal(r.position(), "new.1:2"); // so the next resume (and ack) covers them
+  assert.equal(r.handle({ type: "event", seq: 3, id: "e3", data: 3 }).kind, "message");
+  // An event without an id (a node of the previous version) is always delivered.
+  assert.equal(r.handle({ type: "event", seq: 4, data: 4 }).kind, "message");
+});
+
+test("the window of remembered ids is bounded", () => {
+  const r = new Resume(null, { window: 3 });
+  r.handle({ type: "hello", stream: "a.1", reset: false });
+  for (let i = 1; i <= 4; i++) r.handle({ type: "event", seq: i, id: `e${i}`, data: i });
+  assert.equal(r.ids.size, 3);
+  r.handle({ type: "hello", stream: "b.1", reset: true });
+  assert.equal(r.handle({ type: "event", seq: 1, id: "e1", data: 1 }).kind, "message"); // forgotten
+  assert.equal(r.handle({ type: "event", seq: 2, id: "e4", data: 4 }).kind, "duplicate");
+  assert.equal(new Resume().window, 1024); // the default
+});
+
+test("a dropped duplicate is still acknowledged over the WebSocket", async () => {
+  const sockets = [];
+  class FakeWebSocket {
+    static OPEN = 1;
+    constructor(url) { this.url = url; this.readyState = 1; this.sent = []; sockets.push(this); }
+    send(text) { this.sent.push(JSON.parse(text)); }
+    close() { this.readyState = 3; }
+    feed(frame) { this.onmessage({ data: JSON.stringify(frame) }); }
+  }
+  const saved = globalThis.WebSocket;
+  globalThis.WebSocket = FakeWebSocket;
+  const got = [];
+  const client = new OrbitedClient("http://n", { token: "t", transports: ["websocket"], firstRetry: 0, base: 1, max: 2,
+                                                  dedupWindow: 100, onMessage: (d) => got.push(d) });
+  try {
+    client.connect();
+    await tick();
+    const first = sockets[0];
+    first.feed({ type: "hello", stream: "dead.1", reset: false, keepalive: 25 });
+    first.feed({ type: "event", seq: 1, id: "e1", data: 1 });
+    first.onclose({ code: 1006, reason: "" }); // killed before the ack went out
+    await new Promise((resolve) => setTimeout(resolve, 50));
+    const second = sockets[1];
+    second.feed({ type: "hello", stream: "new.1", reset: true, keepalive: 25 });
+    for (let seq = 1; seq <= 50; seq++) second.feed({ type: "event", seq, id: `e${seq}`, data: seq });
+    assert.deepEqual(got, Array.from({ length: 50 }, (_, i) => i + 1)); // 1 once, from the first
+    assert.deepEqual(second.sent, [{ type: "ack", seq: 50 }]); // the resent e1 is acknowledged too
+    assert.equal(client.position, "new.1:50");
+  } finally {
+    client.close();
+    globalThis.WebSocket = saved;
+  }
+});
