@@ -256,6 +256,7 @@ class Options:
     connect_timeout: float = 5.0
     token_ttl: float = 7 * 24 * 3600.0  # soak runs outlast the default hour
     http_ack: bool = True  # POST /orbited/ack for SSE/iframe while the node has it
+    dedup_window: int = 1024  # delivered event ids remembered to drop resends (js: 1024)
     # Silences and late events worth keeping for the failover bench (bench/failover.py):
     # two arrivals further apart than this, or an event this late after its send time.
     slow_after: float = 0.15
@@ -312,6 +313,10 @@ class Browser:
         self.dup_sample: list[int] = []
         self.out_of_order = 0
         self.replayed = 0  # dropped by the resume filter (seq not above the position)
+        # js Resume: ids of the last dedup_window events delivered; a resend after a node
+        # crash (new stream, same id) is dropped and counted here, not in dups.
+        self._ids: dict[str, None] = {}
+        self.dup_dropped = 0
         self.foreign = 0  # events whose "k" names another key
         self.resets = 0
         self.gaps: list[list[int]] = []
@@ -350,7 +355,15 @@ class Browser:
             if seq <= self.seq:
                 self.replayed += 1  # a replay of what we have: dropped, as the JS does
                 return None
-            self.seq = seq
+            self.seq = seq  # a dropped resend advances the position too: it gets acked
+            eid = frame.get("id")
+            if isinstance(eid, str) and self.opts.dedup_window > 0:
+                if eid in self._ids:
+                    self.dup_dropped += 1
+                    return None
+                self._ids[eid] = None
+                if len(self._ids) > self.opts.dedup_window:
+                    del self._ids[next(iter(self._ids))]
             self._event(frame.get("data"))
         elif kind == "hello":
             stream = frame.get("stream")
@@ -661,6 +674,7 @@ class Browser:
             "count": self.arrivals.count,
             "max_n": self.max_n,
             "dups": self.dups,
+            "dup_dropped": self.dup_dropped,
             "dup_sample": self.dup_sample,
             "out_of_order": self.out_of_order,
             "replayed": self.replayed,
@@ -969,7 +983,8 @@ class Fleet:
         for c in clients:
             t = totals.setdefault(c["transport"], Counter())  # type: ignore[arg-type]
             t["clients"] += 1
-            for field_name in ("count", "dups", "out_of_order", "resets", "reconnects", "foreign"):
+            for field_name in ("count", "dups", "dup_dropped", "out_of_order", "resets",
+                               "reconnects", "foreign"):  # fmt: skip
                 t[field_name] += c[field_name]
             t["gaps"] += len(c["gaps"])
             t["fatal"] += c["fatal"] is not None

@@ -299,3 +299,22 @@ def test_acknowledged_mode_every_transport_acks(tmp_path):
     summary = analyse(accepted, BrowserProcesses.clients(reports), sent["round_times"])["summary"]
     assert summary["accepted"] == 20 * sent["rounds"]
     assert summary["lost"] == 0 and summary["duplicated"] == 0
+
+
+def test_a_resent_event_id_is_dropped_as_the_js_client_does():
+    # A node crash: the web app resends events 1-2 to the new owner, on a new stream.
+    opts = Options(dedup_window=2)
+    b = Browser(make_keys("d", 1)[0], "ws", "http://127.0.0.1:1", Shared(b"s" * 32, opts))
+    b.on_frame({"type": "hello", "stream": "dead.1", "keepalive": 25, "seq": 0})
+    for n in (1, 2):
+        b.on_frame({"type": "event", "seq": n, "id": f"e{n}", "data": {"n": n}})
+    b.on_frame({"type": "hello", "stream": "new.1", "keepalive": 25, "seq": 0, "reset": True})
+    for n in (1, 2, 3):
+        b.on_frame({"type": "event", "seq": n, "id": f"e{n}", "data": {"n": n}})
+    report = b.report()
+    assert (report["count"], report["dups"], report["dup_dropped"]) == (3, 0, 2)
+    assert report["position"] == "new.1:3"  # dropped resends are acknowledged too
+    # the window is bounded (2 ids: e2, e3); an event without an id always reaches the app
+    b.on_frame({"type": "event", "seq": 4, "id": "e1", "data": {"n": 1}})
+    b.on_frame({"type": "event", "seq": 5, "data": {"n": 3}})
+    assert (b.dups, b.dup_dropped) == (2, 2)
