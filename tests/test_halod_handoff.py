@@ -21,9 +21,9 @@ pytestmark = pytest.mark.slow
 def procs():
     started = []
     yield started
-    for proc in reversed(started):
+    for proc in reversed(started):  # HaloD (--proxy-on-exit stop) ends its proxy worker
         if proc.proc is not None and proc.proc.poll() is None:
-            proc.stop(signal.SIGKILL)
+            proc.stop(signal.SIGTERM if isinstance(proc, HaloDProcess) else signal.SIGKILL)
 
 
 def open_ws(cluster: HaloDCluster, key, last: str | None = None) -> ClientConnection:
@@ -37,7 +37,8 @@ def frames(ws: ClientConnection, count: int) -> list[dict]:
 
 def test_join_and_drain_hand_mailboxes_over(tmp_path, procs):
     halod = HaloDProcess(tmp_path, "--spares", "0", "--grace", "2", "--heartbeat-interval",
-                         "0.2", "--move-close-delay", "0.5", proxy=True).start()  # fmt: skip
+                         "0.2", "--move-close-delay", "0.5", "--proxy-on-exit", "stop",
+                         proxy=True).start()  # fmt: skip
     procs.append(halod)
     n1 = halod.node(tmp_path, "n1")
     procs.append(n1)
