@@ -295,3 +295,45 @@ def test_failure_messages_quote_a_bounded_part_of_the_request(head):
     with pytest.raises(OrbitError) as info:
         OrbitParser(RequestLimits()).feed(head + b"\r\n\r\n")
     assert len(info.value.message) < 200
+
+
+def test_orbit_events_reach_the_page_with_ids_no_other_node_process_reuses(monkeypatch):
+    """Event frames carry the event id and pages drop an id they already delivered
+    (docs/protocol.md, "Frames"): the id an Orbit request gets must differ between node
+    processes, or a page that moved from one node (or a restarted one) to another would
+    drop a new event as a repeat."""
+    import itertools
+
+    from twisted.internet.task import Clock
+    from twisted.internet.testing import StringTransport
+
+    from orbited.hub import Hub, HubConfig
+    from orbited.legacy.orbit import OrbitFactory, OrbitProtocol
+
+    key = ConnectionKey("alice", "0", "/chat")
+
+    class Sink:
+        def __init__(self) -> None:
+            self.frames: list[dict] = []
+
+        def deliver(self, out: list[bytes]) -> bool:
+            self.frames += [json.loads(f) for f in out]
+            return True
+
+    def frame_ids(epoch: str) -> list[str]:
+        monkeypatch.setattr(OrbitProtocol, "_serials", itertools.count(1))  # a new process
+        hub = Hub(Clock(), HubConfig(), epoch=epoch)
+        sink = Sink()
+        hub.attach(key, sink, None)
+        ids = []
+        for _ in range(2):  # two web-app connections, both sending their Orbit id 1
+            proto = OrbitFactory(hub).buildProtocol(None)
+            proto.makeConnection(StringTransport())
+            proto.dataReceived(b"Orbit 1.0\r\nEvent\r\nid: 1\r\nrecipient: alice, 0, /chat\r\n"
+                               b"length: 2\r\n\r\nhi")  # fmt: skip
+            ids.append(sink.frames[-1]["id"])
+        assert sink.frames[-1]["data"] == "hi"
+        return ids
+
+    first, restarted = frame_ids("nodeA"), frame_ids("nodeB")
+    assert len(set(first + restarted)) == 4, (first, restarted)

@@ -198,8 +198,10 @@ class OrbitProtocol(Protocol):
         self.hub = hub
         self.parser = OrbitParser(hub.config.requests)
         # Orbit ids are only unique per connection: scope them so dedup never merges
-        # two connections' events.
-        self.scope = f"orbit{next(self._serials)}"
+        # two connections' events. The node's epoch too: the scoped id is the event
+        # frames' id, and a page drops an id it already delivered (docs/protocol.md,
+        # "Frames"), so another node process must never hand out the same one.
+        self.scope = f"orbit.{hub.epoch}.{next(self._serials)}"
         # Replies go out in request order; one may wait (a route being handed over).
         self._replies: deque[list[bytes | None]] = deque()
         self._close_when_flushed = False
