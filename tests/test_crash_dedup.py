@@ -8,13 +8,14 @@ from __future__ import annotations
 import json
 import signal
 import threading
+import time
 
 import pytest
 from websockets.sync.client import connect
 
 from bench.browsers import Browser, Options, Shared
 from orbited.client import BlockingClient, HaloDCluster
-from tests.conftest import SECRET, HaloDProcess, keys_on_routes, wait_for
+from tests.conftest import SECRET, HaloDProcess, keys_on_routes, send_event, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -79,3 +80,54 @@ def test_a_resend_after_a_node_crash_reaches_the_page_once(tmp_path, procs):
     report = page.report()
     assert (report["count"], report["dups"], report["dup_dropped"]) == (5, 0, 5)
     ws.close()
+
+
+def test_the_js_client_in_chromium_drops_resends_after_a_node_crash(chromium_cluster):
+    """The same with the real JS client in headless Chromium (tests/test_browser.py's page):
+    the node is SIGKILLed and restarted (a new stream: a reset), the web app resends the
+    events the page had read, in the acknowledged mode; the page's onMessage sees each
+    once, and its acks still confirm the dropped resends."""
+    from tests.test_browser import open_page, received, wait_received
+
+    node = chromium_cluster["node"]
+    to = [["crash-js", "s", "/t"]]
+    context, page = open_page(chromium_cluster, "crash-js", "websocket")
+    try:
+        with node.req() as req:
+            for n in range(5):
+                assert send_event(req, f"js-{n}", to, n)["results"][0]["status"] == "delivered"
+        wait_received(page, 5)
+        node.stop(signal.SIGKILL)
+        node.start(http=node.http)
+        replies: dict[int, dict] = {}
+
+        def resend(n: int) -> None:  # the web app's resend: same id, to, data
+            with node.req(recv_timeout=20_000) as req:
+                req.send(json.dumps({"id": f"js-{n}", "to": to, "data": n, "ack": 15}).encode())
+                replies[n] = json.loads(req.recv_msg().bytes)["results"][0]
+
+        senders = [threading.Thread(target=resend, args=(n,)) for n in range(5)]
+        for t in senders:
+            t.start()
+        for t in senders:
+            t.join(timeout=25)
+        # the page confirmed the resends it dropped (the JS acks within a second)
+        assert {n: r["status"] for n, r in replies.items()} == {n: "acked" for n in range(5)}
+        with node.req() as req:
+            send_event(req, "js-5", to, 5)
+        wait_received(page, 6)
+        time.sleep(0.3)
+        assert [d for _, d, _ in received(page)] == [0, 1, 2, 3, 4, 5]
+        assert page.evaluate("window.client.position").endswith(":6")  # 5 resends + 1 new
+    finally:
+        context.close()
+
+
+@pytest.fixture(scope="module")
+def chromium_cluster(tmp_path_factory):
+    pytest.importorskip("playwright.sync_api")
+    from tests import test_browser
+
+    if test_browser.CHROMIUM is None:  # pragma: no cover
+        pytest.skip("Debian chromium is not installed")
+    yield from test_browser.cluster.__wrapped__(tmp_path_factory)
