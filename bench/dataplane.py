@@ -144,6 +144,12 @@ class Env:
         for proc in reversed(self.procs):
             if proc.poll() is None:
                 proc.terminate()
+        # A proxy worker whose HaloD was SIGKILLed (not our child any more: detached)
+        for pid_file in self.tmp.glob("proxy/worker.pid"):
+            with contextlib.suppress(OSError, ValueError):
+                pid = int(pid_file.read_text())
+                if b"proxy_worker" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    os.kill(pid, signal.SIGTERM)
         for proc in reversed(self.procs):
             try:
                 proc.wait(10)
@@ -222,6 +228,10 @@ class HaloD:
             # flow): off, so that the figures are the forwarding's alone.
             extra = ["--dataplane-host", VIP, "--nft-table", f"bench{tag.replace('-', '')}",
                      "--nft-stats-interval", "0", "--no-nft-keep-on-stop"]  # fmt: skip
+        elif backend == "proxy":
+            # The worker outlives a killed HaloD (a restart re-attaches to it); the bench's
+            # clean stop at the end ends it too.
+            extra = ["--proxy-on-exit", "stop"]
         self.ready = ready
         self.argv = [
             "halod.cli", "run",

@@ -212,14 +212,32 @@ def shared_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProces
     proc.stop()
 
 
+def _halod_databases() -> set[Path]:
+    """The --db directories of the HaloD processes running now."""
+    found = set()
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        with contextlib.suppress(OSError):
+            argv = cmdline.read_bytes().split(b"\0")
+            if b"halod.cli" in argv and b"--db" in argv:
+                found.add(Path(argv[argv.index(b"--db") + 1].decode()).parent.absolute())
+    return found
+
+
 @pytest.fixture(autouse=True)
-def no_proxy_worker_outlives_its_test(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+def no_orphaned_proxy_worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """The built-in proxy's worker outlives a SIGKILLed HaloD by design (docs/halod.md, "The
-    built-in proxy"); a test that ends with HaloD killed must not leave one forwarding (and
-    holding ports) for the rest of the session: any worker whose pid file lies under this
-    session's temporary directories is ended after each test."""
+    built-in proxy"); a test that ends with its HaloD killed must not leave one forwarding
+    (and holding ports) for the rest of the session. After each test, a worker under this
+    session's temporary directories whose HaloD (same state directory) no longer runs is
+    ended; a module-scoped cluster's worker, whose HaloD still runs, is left alone."""
     yield
-    for pid_file in tmp_path_factory.getbasetemp().glob("**/proxy/worker.pid"):
+    workers = list(tmp_path_factory.getbasetemp().glob("**/proxy/worker.pid"))
+    if not workers:
+        return
+    alive = _halod_databases()
+    for pid_file in workers:
+        if pid_file.parent.parent.absolute() in alive:
+            continue
         try:
             pid = int(pid_file.read_text().strip())
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
