@@ -138,6 +138,7 @@ class HaloD:
         )
         self.started = time.time()
         self.store = Store(Path(config.db))
+        self.stopping = False  # shutdown() ran: control messages are ignored
         secret = None
         if config.secret_file:
             secret = load_secret(Path(config.secret_file)).decode("latin-1")
@@ -179,6 +180,8 @@ class HaloD:
     # -- from control connections --------------------------------------------------------
 
     def received(self, conn: ControlProtocol, body: bytes) -> None:
+        if self.stopping:  # nodes stopping with us: the saved table stays as it was
+            return
         self.stats["messages"] += 1
         try:
             self._received(conn, body)
@@ -232,6 +235,8 @@ class HaloD:
 
     def lost(self, conn: ControlProtocol) -> None:
         name = conn.name
+        if self.stopping:
+            return
         if name is not None and self.connections.get(name) is conn:
             del self.connections[name]
             effects = self.membership.disconnected(name, self.clock.seconds())
@@ -380,6 +385,9 @@ class HaloD:
             )  # fmt: skip
 
     def shutdown(self) -> None:
+        """Stop acting on nodes (their leave messages and closed connections during our own
+        stop change nothing) and close the store."""
+        self.stopping = True
         if self._probe_timer is not None and self._probe_timer.active():
             self._probe_timer.cancel()
         self._probe_timer = None

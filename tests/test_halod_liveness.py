@@ -443,3 +443,33 @@ def test_probe_outcomes_of_real_sockets():
 )
 def test_connect_errors_map_to_outcomes(exception, outcome):
     assert outcome_of(Failure(exception)) is outcome
+
+
+def test_nothing_changes_the_table_once_halod_is_stopping(tmp_path: Path):
+    """At SIGTERM nodes often stop too: their leave messages and closed connections reach
+    a HaloD whose store is closed. It must not act on them (each used to log a critical
+    'saving the route table failed' with a traceback) and the saved table stays as it was."""
+    clock = task.Clock()
+    halod = HaloD(HaloDConfig(db=str(tmp_path / "h.db"), dataplane="none"), clock,
+                  prober=lambda request: defer.Deferred())  # fmt: skip
+    n1, n2 = Node(halod, "n1"), Node(halod, "n2")
+    saved = halod.store.load()
+    errors: list[dict] = []
+    from twisted.logger import globalLogPublisher
+
+    def observe(event: dict) -> None:
+        if event.get("log_level") is not None and event["log_level"].name in ("error", "critical"):
+            errors.append(event)
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        halod.shutdown()
+        n1.send({"type": "leave"})
+        n2.proto.connectionLost(Failure(error.ConnectionLost()))
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    assert errors == []
+    assert set(halod.membership.nodes) == {"n1", "n2"}  # nothing acted on after shutdown
+    from halod.store import Store
+
+    assert Store(tmp_path / "h.db").load() == saved
