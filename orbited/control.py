@@ -138,9 +138,10 @@ class LinkProtocol(Protocol):
         self._seq += 1
         # Live connections and mailboxes apart: a drained node is done when its browsers
         # are gone, though their mailboxes linger (docs/halod.md, "Draining").
-        gauges = self.link.hub.gauges()
-        self.send({"type": p.HEARTBEAT, "seq": self._seq, "connections": gauges["attached"],
-                   "mailboxes": gauges["mailboxes"]})  # fmt: skip
+        # Both are counters (gauges() scans every key: ≈ 22 ms at 100 000 keys, per beat).
+        hub = self.link.hub
+        self.send({"type": p.HEARTBEAT, "seq": self._seq, "connections": hub.attached,
+                   "mailboxes": hub.mailboxes})  # fmt: skip
 
     def connectionLost(self, reason: Failure = None) -> None:  # noqa: N802
         if self._heartbeat is not None and self._heartbeat.running:
