@@ -255,6 +255,7 @@ def test_max_connections_503_and_4503_while_the_others_keep_working(limited_node
     assert json.loads(first.recv(timeout=5)) == {
         "type": "event",
         "seq": 1,
+        "id": "m1",
         "data": "still here",
     }
     assert hello["type"] == "hello"
@@ -589,6 +590,12 @@ def test_slow_websocket_is_closed_4002_and_resumes_without_loss(limited_node):
             head += s.recv(1)
         assert head.startswith(b"HTTP/1.1 101")
         sent = flood_until_slow(node, "slowws", 2000)
+        # Events after the close wait in the mailbox (the slow close may come with the
+        # flood's last event: these make sure some are left for the resume).
+        with node.req() as req:
+            for n in range(sent + 1, sent + 6):
+                send_event(req, f"slowws-{n}", [["slowws", "s", "/t"]], "after")
+        sent += 5
         messages, close = ws_frames(read_all(s))  # the browser catches up, then sees 4002
     finally:
         s.close()

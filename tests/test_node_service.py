@@ -42,7 +42,7 @@ def test_service_dispatches_and_stops_cleanly(tmp_path):
         assert reply["results"] == [{"status": "queued", "seq": 1}]
         response = yield agent.request(b"GET", base + f"&last={stream}:0".encode())
         frames = json.loads((yield readBody(response)))
-        assert frames[1] == {"type": "event", "seq": 1, "data": 7}
+        assert frames[1] == {"type": "event", "seq": 1, "id": "svc-1", "data": 7}
         health = yield agent.request(b"GET", f"http://{node.http_address}/orbited/health".encode())
         assert json.loads((yield readBody(health)))["epoch"] == node.hub.epoch
     finally:

@@ -102,7 +102,7 @@ def test_twistd_runs_halod_and_a_node_that_carries_an_event(tmp_path):
             reply = send_event(req, "tw-1", [list(key)], {"text": "hi"})
         assert reply["results"] == [{"status": "queued", "seq": 1}]
         with urllib.request.urlopen(f"{poll}&last={stream}:0", timeout=5) as r:
-            assert json.loads(r.read())[1] == {"type": "event", "seq": 1,
+            assert json.loads(r.read())[1] == {"type": "event", "seq": 1, "id": "tw-1",
                                                 "data": {"text": "hi"}}  # fmt: skip
         assert status()["tw1"]["ranges"] == "1-24"  # HaloD gave it every route
         # twistd stops the service, then exits by the same signal (Twisted's convention).
