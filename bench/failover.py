@@ -214,8 +214,15 @@ class Cluster:
         self.probe.close()
 
 
+def event_latency(fleets: list[dict[str, Any]]) -> dict[str, float | None]:
+    """The worst transport's p50 and p99 event latency (send → arrival) of the fleets."""
+    spreads = [v for f in fleets for v in (f.get("latency") or {}).values() if v]
+    return {q: max((v[q] for v in spreads), default=None) for q in ("p50", "p99")}
+
+
 def run_case(env: Env, backend: str, name: str, args: argparse.Namespace) -> dict[str, Any]:
     case = CASES[name]
+    load_at_start = os.getloadavg()[0]
     c = Cluster(env, backend, case, args)
     try:
         for i in range(case.nodes):
@@ -320,6 +327,11 @@ def run_case(env: Env, backend: str, name: str, args: argparse.Namespace) -> dic
         "webapp_errors_all": errors(None),
         "webapp_status_counts": sent.get("status_counts"),
         "browser_loop_lag_max_s": max((f["loop_lag"] or {}).get("max") or 0 for f in fleets),
+        # Send → arrival of every event over the whole case (worst transport): above 0.2 s
+        # at the median the box itself is saturated and no failure figure can be below it.
+        "event_latency_s": event_latency(fleets),
+        "loadavg_at_start": load_at_start,
+        "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     if name == "halod":
         result[case.metric] = result["late_max_s"]
@@ -401,35 +413,58 @@ CASE_LABEL = {"kill": "p99", "kill-nospare": "p99", "drain": "silence",
 
 
 def report(results: dict[str, Any], images: Path) -> str:
-    """docs/performance.md's generated failover section (a table per run)."""
+    """docs/performance.md's generated failover section: a table per browser count."""
     del images
-    runs = results["runs"]
+    sizes = sorted({r["clients"] for r in results["runs"] if "clients" in r}, reverse=True)
     lines = [
-        f"Run {results.get('finished', '?')}: {results['args']['clients']} browsers "
-        "(WebSocket : SSE : long-poll = 2 : 1 : 1), a web app sending every key a numbered "
-        "event every 100 ms in the acknowledged mode, on "
-        f"{results['machine']['cpus']} cores (load average "
-        f"{', '.join(f'{x:.1f}' for x in results['machine']['loadavg_at_start'])} at the start). "
-        "Seconds from the incident.",
+        f"Machine: {results['machine']['cpus']} cores; run {results.get('finished', '?')}. "
+        "A web app sends every key a numbered event every 100 ms in the acknowledged mode; "
+        "browsers are WebSocket : SSE : long-poll = 2 : 1 : 1. Seconds from the incident; "
+        "*latency* is send → arrival of every event over the whole case (p50 / p99, worst "
+        "transport): where it is above the target, the box was saturated before anything "
+        "failed.",
         "",
-        "| data plane | case | routes moved | moved at | recovery p50 | p99 | longest silence "
-        "| latest event | cut | lost | dup | reordered | web-app errors | target | |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in runs:
-        if "error" in r:
-            lines.append(f"| {r['backend']} | {r['case']} | error: {r['error'][:120]} "
-                         "| | | | | | | | | | | | |")  # fmt: skip
-            continue
-        target = f"{CASE_LABEL[r['case']]} < {r['target']['below_s']:g} s"
-        lines.append(
-            f"| {r['backend']} | {r['case']} | {len(r['moved_routes'])} | {fmt(r['detected_s'])} "
-            f"| {fmt(r['recovery_p50_s'])} | {fmt(r['recovery_p99_s'])} "
-            f"| {fmt(r['silence_max_s'])} | {fmt(r['late_max_s'])} | {r['connections_cut']} "
-            f"| {r['lost']} | {r['duplicated']} | {r['reordered']} | {r['webapp_errors_moved']} "
-            f"| {target} | {'met' if r['passed'] else '**missed**'} |"
-        )
-    return "\n".join(lines) + "\n"
+    for size in sizes:
+        lines += [
+            f"**{size} browsers**",
+            "",
+            "| data plane | case | routes moved | moved at | recovery p50 | p99 | longest silence "
+            "| latest event | latency p50 / p99 | cut | lost | dup | reordered | web-app errors "
+            "| load | target | |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in results["runs"]:
+            if r.get("clients", size) != size:
+                continue
+            if "error" in r:
+                lines.append(f"| {r['backend']} | {r['case']} | error: {r['error'][:120]} "
+                             "|" + " |" * 14)  # fmt: skip
+                continue
+            target = f"{CASE_LABEL[r['case']]} < {r['target']['below_s']:g} s"
+            lat = r.get("event_latency_s") or {}
+            load = r.get("loadavg_at_start")
+            lines.append(
+                f"| {r['backend']} | {r['case']} | {len(r['moved_routes'])} "
+                f"| {fmt(r['detected_s'])} | {fmt(r['recovery_p50_s'])} "
+                f"| {fmt(r['recovery_p99_s'])} | {fmt(r['silence_max_s'])} "
+                f"| {fmt(r['late_max_s'])} | {fmt(lat.get('p50'))} / {fmt(lat.get('p99'))} "
+                f"| {r['connections_cut']} | {r['lost']} | {r['duplicated']} | {r['reordered']} "
+                f"| {r['webapp_errors_moved']} | {fmt(load, '.1f')} | {target} "
+                f"| {'met' if r['passed'] else '**missed**'} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def merge(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """``--merge``: keep the recorded runs this run did not redo (another browser count,
+    back-end or case), so the page can show several sizes measured at different times."""
+    redone = {(r.get("clients"), r["backend"], r["case"]) for r in new["runs"]}
+    kept = [
+        r for r in old.get("runs", []) if (r.get("clients"), r["backend"], r["case"]) not in redone
+    ]
+    return {**new, "runs": kept + new["runs"]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -453,6 +488,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="smoke: 60 browsers, 2 processes")
     p.add_argument("--json", type=Path, help=f"results (default {RESULTS}; --quick: none)")
     p.add_argument("--keep", type=Path, help="keep logs in this directory")
+    p.add_argument("--merge", action="store_true",
+                   help="keep the recorded runs of other sizes, back-ends and cases")  # fmt: skip
     args = p.parse_args(argv)
     if args.quick:
         args.clients = min(args.clients, 60)
@@ -490,6 +527,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\ntargets missed: {', '.join(missed)}" if missed else "\nevery target met")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
+        if args.merge and args.json.exists():
+            result = merge(json.loads(args.json.read_text()), result)
         args.json.write_text(json.dumps(result, indent=1, default=str) + "\n")
         print(f"wrote {args.json}", file=sys.stderr)
     return 0
