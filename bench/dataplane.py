@@ -192,6 +192,25 @@ def netns_possible() -> str | None:
     return None
 
 
+def available_backends(
+    names: list[str], netns: str
+) -> tuple[list[str], dict[str, str], bool]:
+    """The back-ends of ``names`` that can run here, why each other cannot, and whether
+    to run in a namespace of our own (``netns``: auto, yes or no; nftables needs one)."""
+    nft_why = netns_possible()
+    use_netns = netns == "yes" or (netns == "auto" and nft_why is None)
+
+    def why_not(backend: str) -> str | None:
+        if backend == "nftables":
+            return nft_why or (None if use_netns else "--netns no")
+        if backend == "haproxy":
+            return haproxy_possible()
+        return None if backend in BACKENDS else "unknown back-end"
+
+    chosen, skipped = select_available(names, why_not)
+    return chosen, skipped, use_netns
+
+
 def haproxy_possible() -> str | None:
     if not Path("/usr/sbin/haproxy").exists() and shutil.which("haproxy", path=SBIN) is None:
         return "haproxy not installed"
@@ -521,17 +540,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
-    nft_why = netns_possible()
-    use_netns = args.netns == "yes" or (args.netns == "auto" and nft_why is None)
-
-    def why_not(backend: str) -> str | None:
-        if backend == "nftables":
-            return nft_why or (None if use_netns else "--netns no")
-        if backend == "haproxy":
-            return haproxy_possible()
-        return None if backend in BACKENDS else "unknown back-end"
-
-    backends, skipped = select_available(args.paths.split(","), why_not)
+    backends, skipped, use_netns = available_backends(args.paths.split(","), args.netns)
     result: dict[str, Any] = {
         **results_header(args, skipped),
         "netns": use_netns,

@@ -48,12 +48,11 @@ from pathlib import Path
 from typing import Any
 
 from bench.chaos_report import analyse, expand, percentile
-from bench.dataplane import Env, HaloD, fmt, free_ports, haproxy_possible, netns_possible
+from bench.dataplane import BACKENDS, Env, HaloD, available_backends, fmt, free_ports
 from bench.dataplane_failover import Node, Probe, get_json, wait_recovered
-from bench.report import results_header, select_available
+from bench.report import results_header
 
 ROUTES = 24
-BACKENDS = ("proxy", "haproxy", "nftables")
 RESULTS = Path(__file__).parent / "results" / "failover.json"
 NOT_ACCEPTED_ERRORS = frozenset({"error", "unreachable"})
 
@@ -503,17 +502,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown case(s) {', '.join(unknown)}; choose from {', '.join(CASES)}")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    nft_why = netns_possible()
-    use_netns = args.netns == "yes" or (args.netns == "auto" and nft_why is None)
-
-    def why_not(backend: str) -> str | None:
-        if backend == "nftables":
-            return nft_why or (None if use_netns else "--netns no")
-        if backend == "haproxy":
-            return haproxy_possible()
-        return None if backend in BACKENDS else "unknown back-end"
-
-    backends, skipped = select_available(args.backends.split(","), why_not)
+    backends, skipped, use_netns = available_backends(args.backends.split(","), args.netns)
     result: dict[str, Any] = {**results_header(args, skipped), "netns": use_netns}
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir)

@@ -22,13 +22,16 @@ from pathlib import Path
 import pytest
 
 from orbited.cluster import ClusterConfig, LocalCluster
+from tests import test_cherrychat
 from tests.test_cherrychat import log_in, log_in_off, open_room, owner_of, say
+
+browser = test_cherrychat.browser  # Chromium, module-scoped, on this module's cluster
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def dev_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     config = ClusterConfig(state_dir=tmp_path_factory.mktemp("devrun"), free_ports=True,
                            fresh=True)  # fmt: skip
     defaults = ClusterConfig()
@@ -42,17 +45,6 @@ def dev_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
         yield running
 
 
-@pytest.fixture(scope="module")
-def browser(dev_run) -> Iterator[object]:
-    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
-    from tests.test_browser import CHROMIUM, CHROMIUM_ARGS  # skips without Debian chromium
-
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield b
-        b.close()
-
-
 def whereis_pid(cluster: LocalCluster, route: int) -> int:
     done = subprocess.run(
         [sys.executable, "-m", "orbited.cli", "whereis", "--route", str(route), "--pid",
@@ -64,8 +56,7 @@ def whereis_pid(cluster: LocalCluster, route: int) -> int:
 
 
 @pytest.mark.slow
-def test_killing_the_users_node_costs_the_page_under_a_second(dev_run, browser):
-    cluster = dev_run
+def test_killing_the_users_node_costs_the_page_under_a_second(cluster, browser):
     a = log_in(browser, cluster, "alice")
     b = log_in_off(browser, cluster, "bob", owner_of(cluster, a))  # bob on the other node
     try:
