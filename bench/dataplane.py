@@ -144,12 +144,14 @@ class Env:
         for proc in reversed(self.procs):
             if proc.poll() is None:
                 proc.terminate()
-        # A proxy worker whose HaloD was SIGKILLed (not our child any more: detached)
-        for pid_file in self.tmp.glob("proxy/worker.pid"):
-            with contextlib.suppress(OSError, ValueError):
-                pid = int(pid_file.read_text())
-                if b"proxy_worker" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                    os.kill(pid, signal.SIGTERM)
+        # A proxy worker or HAProxy a SIGKILLed HaloD left (detached: not our children)
+        for pid_file, name in (("proxy/worker.pid", b"proxy_worker"),
+                               ("haproxy/haproxy.pid", b"haproxy")):  # fmt: skip
+            for path in self.tmp.glob(pid_file):
+                with contextlib.suppress(OSError, ValueError):
+                    pid = int(path.read_text().split()[0])
+                    if name in Path(f"/proc/{pid}/cmdline").read_bytes():
+                        os.kill(pid, signal.SIGTERM)
         for proc in reversed(self.procs):
             try:
                 proc.wait(10)
@@ -251,6 +253,8 @@ class HaloD:
             # The worker outlives a killed HaloD (a restart re-attaches to it); the bench's
             # clean stop at the end ends it too.
             extra = ["--proxy-on-exit", "stop"]
+        elif backend == "haproxy":  # likewise HAProxy
+            extra = ["--haproxy-on-exit", "stop"]
         self.ready = ready
         self.argv = [
             "halod.cli", "run",
