@@ -310,12 +310,7 @@ class ProxyDataPlane:
                     hello = pp.decode(_recv_message(sock), self.ports.routes)
                     if not isinstance(hello, pp.Hello):
                         raise pp.ProtocolError("the worker did not say hello")
-                    if hello.version != pp.VERSION or hello.layout != self.layout:
-                        self.log.warn(
-                            "proxy worker {pid} has another port layout or protocol version "
-                            "({layout}, v{version}): replacing it",
-                            pid=hello.pid, layout=hello.layout, version=hello.version,
-                        )  # fmt: skip
+                    if self._incompatible(hello):
                         if hello.version == pp.VERSION:
                             _send_message(sock, pp.Stop())
                         else:
@@ -555,16 +550,23 @@ class ProxyDataPlane:
                           type=type(message).__name__)  # fmt: skip
             conn.transport.abortConnection()
 
+    def _incompatible(self, hello: pp.Hello) -> bool:
+        """A worker of another port layout or protocol version (logged) must be replaced:
+        told to stop when it speaks our version, killed otherwise."""
+        if hello.version == pp.VERSION and hello.layout == self.layout:
+            return False
+        self.log.warn(
+            "proxy worker {pid} has another port layout or protocol version "
+            "({layout}, v{version}): replacing it",
+            pid=hello.pid, layout=hello.layout, version=hello.version,
+        )  # fmt: skip
+        return True
+
     def _on_hello(self, conn: _Control, hello: pp.Hello) -> None:
         if self._hello:
             conn.transport.abortConnection()
             return
-        if hello.version != pp.VERSION or hello.layout != self.layout:
-            self.log.warn(
-                "proxy worker {pid} has another port layout or protocol version "
-                "({layout}, v{version}): replacing it",
-                pid=hello.pid, layout=hello.layout, version=hello.version,
-            )  # fmt: skip
+        if self._incompatible(hello):
             if hello.version == pp.VERSION:
                 conn.send(pp.Stop())
             self._replace(hello.pid, kill=hello.version != pp.VERSION)
