@@ -60,7 +60,7 @@ from bench.peers import SERVERS, available, descendants, exit_on_signals, make_s
 
 RESULTS = Path(__file__).resolve().parent / "results" / "dispatch.json"
 IMAGES = Path(__file__).resolve().parent.parent / "docs" / "images"
-RAW_ENVELOPE_US = 24.0  # shared/reference/python-stack.md: CPython + autobahn, C client
+RAW_ENVELOPE_US = 24.0  # CPython + autobahn broadcasting on one core, a C client on the other
 FIGURES = (
     "saturation_per_s",
     "cpu_us_per_event",  # at the best step
@@ -400,7 +400,8 @@ Reading these figures:
   (verified tokens are remembered; expiry is still checked each time).
 - **Long-poll** answers each event with a whole HTTP response and the client asks again
   (twisted.web parses a request per event); it is the fallback transport, 5–10× the CPU
-  of streaming as in shared/reference/python-stack.md. Nchan's long-poll is C.
+  of streaming (a reference measurement of CPython + twisted.web: 128 µs per delivery,
+  5–6× streaming). Nchan's long-poll is C.
 - **Pushpin** delivers in bursts: one subscriber receiving 100 events/s sees them 30–250
   ms late in batches, and 10 000 subscribers saw p50 in seconds at the lowest rate, so
   its ladder stops at the first step; zurl answered some connects with 502 even at
@@ -470,7 +471,8 @@ def report(results: dict, images: Path) -> str:
         o = ws["orbited"]["cpu_us_per_event"]["median"]
         out += ["", f"Orbited's server CPU per delivered WebSocket event: {o:.1f} µs, "
                 f"{o / RAW_ENVELOPE_US:.2f}× the reference envelope ({RAW_ENVELOPE_US:.0f} µs, "
-                "shared/reference/python-stack.md, a C client on the other core)"
+                "CPython + autobahn broadcasting on one core, a C client on the other, "
+                "measured on a 2-vCPU Debian 12 machine like this one)"
                 + (f" and {o / ws['raw']['cpu_us_per_event']['median']:.2f}× raw in this run."
                    if "raw" in ws else ".")]  # fmt: skip
     out += ["", NOTES.strip()]

@@ -70,7 +70,7 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 NCHAN_MODULE = "/usr/lib/nginx/modules/ngx_nchan_module.so"
 PUSHPIN = shutil.which("pushpin") or "/usr/bin/pushpin"
-FD_LIMIT = 20_000  # this box's hard limit per process (shared/reference/python-stack.md)
+FD_LIMIT = 20_000  # this box's hard limit per process (ulimit -Hn)
 
 
 class PeerError(RuntimeError):
@@ -555,7 +555,7 @@ class Pushpin(Server):
     long-poll: a held GRIP response has no buffer between polls (events are lost)."""
 
     name, flavour, transports = "pushpin", "pushpin", ("ws", "sse")
-    connect_rate = 400  # shared/reference/peers.md: bursts over ≈ 400/s get 502s from zurl
+    connect_rate = 400  # bursts over ≈ 400/s get 502s from zurl (seen here)
     message_rate = 1_000_000
     message_hwm = 1_000_000
     max_body = 4_000_000

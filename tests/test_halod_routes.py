@@ -13,7 +13,7 @@ from halod.routes import (
     format_ranges,
 )
 
-# shared/reference/halod-original.md, corrected for the note's copying slip (21 for 22).
+# the 2007 HaloD design note (docs/halod.md), corrected for the note's copying slip (21 for 22).
 NOTE_24 = [
     "1-24",
     "1-12 || 13-24",

@@ -92,7 +92,7 @@ def test_many_inflight_requests_from_nng_contexts_on_one_connection(shared_node:
 
 class ReplyDroppingProxy:
     """TCP proxy between nng and the node that swallows the first reply, so nng's REQ
-    times out and resends the identical request (shared/reference/sp-wire.md)."""
+    times out and resends the identical request (docs/sp.md)."""
 
     def __init__(self, upstream: str) -> None:
         host, port = upstream.removeprefix("tcp://").rsplit(":", 1)

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from orbited.sp import wire
 from orbited.sp.wire import SPConnection, SPProtocolError
 
-# Byte dumps taken from nng 1.11.0 (shared/reference/sp-wire.md).
+# Byte dumps taken from nng 1.11.0 on the wire (pynng, captured on loopback).
 PYNNG_REP0_HEADER = bytes.fromhex("0053500000310000")
 PYNNG_REQ0_HEADER = bytes.fromhex("0053500000300000")
 

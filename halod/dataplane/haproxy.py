@@ -6,7 +6,7 @@ so a HaloD restart keeps established connections), and every route change, sent 
 HAProxy's admin socket at runtime: HAProxy is never reloaded for a route change.
 
 Layout: one ``listen r<route>_<side>`` proxy per route port, each with two server slots,
-``a`` and ``b`` (the "two-slot technique" of ../shared/reference/dataplane.md). The slot
+``a`` and ``b`` (a "two-slot technique"). The slot
 holding the owner is enabled, the other is in maintenance. A move puts the new owner
 into the idle slot, enables it and disables the old one, so new connections follow at
 once while the old slot keeps its sessions; ``move_close_delay`` later,

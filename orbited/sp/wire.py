@@ -1,7 +1,7 @@
 """SP over TCP (the nanomsg/nng TCP mapping) as a sans-I/O state machine.
 
 Owns the 8-byte connection header and the u64 big-endian length framing, and nothing
-else: no sockets, no timers. See docs/sp.md and ../shared/reference/sp-wire.md.
+else: no sockets, no timers. See docs/sp.md.
 
     header  = 00 'S' 'P' 00 | proto u16 BE | 00 00      (proto = protocol << 4 | role)
     message = u64 BE length | body
