@@ -48,9 +48,9 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
 
 from bench.chaos_report import ArrivalRanges, spread
-from orbited.hashing import DEFAULT_ROUTES, route_of
-from orbited.keys import ConnectionKey
-from orbited.tokens import issue_token, load_secret
+from orbited.core.hashing import DEFAULT_ROUTES, route_of
+from orbited.core.keys import ConnectionKey
+from orbited.core.tokens import issue_token, load_secret
 
 TRANSPORTS = ("ws", "poll", "sse", "iframe")
 DEFAULT_LOCATION = "/bench"

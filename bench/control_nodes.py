@@ -2,7 +2,7 @@
 
     python -m bench.control_nodes CONTROL_ADDRESS NAME [NAME ...]
 
-Speaks the control protocol (halod/protocol.py) over SP pair0 framing (orbited/sp/wire.py)
+Speaks the control protocol (orbited/core/control.py) over SP pair0 framing (orbited/sp/wire.py)
 with plain non-blocking sockets and one selectors loop, so thousands of nodes at 10 Hz fit
 in a process or two. Each node registers, then heartbeats at the interval its ``welcome``
 names, on a fixed schedule with a random phase (due times advance by exactly one interval,

@@ -194,9 +194,7 @@ def netns_possible() -> str | None:
     return None
 
 
-def available_backends(
-    names: list[str], netns: str
-) -> tuple[list[str], dict[str, str], bool]:
+def available_backends(names: list[str], netns: str) -> tuple[list[str], dict[str, str], bool]:
     """The back-ends of ``names`` that can run here, why each other cannot, and whether
     to run in a namespace of our own (``netns``: auto, yes or no; nftables needs one)."""
     nft_why = netns_possible()

@@ -57,11 +57,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from orbited.hashing import route_of
-from orbited.keys import ConnectionKey
+from orbited.core.hashing import route_of
+from orbited.core.keys import ConnectionKey
+from orbited.core.tokens import issue_token
 from orbited.sp import wire
 from orbited.sp.reqrep import RequestIds
-from orbited.tokens import issue_token
 
 SECRET = b"bench-secret-bench-secret-bench-secret!"
 SESSION, LOCATION = "b", "/bench"

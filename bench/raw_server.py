@@ -16,7 +16,7 @@ import sys
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from twisted.internet import reactor
 
-from orbited.sp.rep import RepFactory
+from orbited.node.rep import RepFactory
 
 connections: dict[str, WebSocketServerProtocol] = {}
 

@@ -48,8 +48,8 @@ from bench.browsers import BROADCAST, key_id, make_keys, read_keys, write_json
 from bench.chaos_report import ACCEPTED_STATUSES, RangeSet, spread
 from orbited.client.cluster import Cluster, HaloDCluster, Node
 from orbited.client.retry import RetryPolicy
-from orbited.hashing import DEFAULT_ROUTES
-from orbited.keys import ConnectionKey
+from orbited.core.hashing import DEFAULT_ROUTES
+from orbited.core.keys import ConnectionKey
 
 RESENDABLE = frozenset({"error", "unreachable", "moved"})
 LATENCY_SAMPLES = 20_000

@@ -1,5 +1,5 @@
 """The fuzz properties: one "check one input" function per parser, shared by the
-hypothesis tests (tests/test_fuzz.py) and the atheris runner (``python -m fuzz``).
+hypothesis tests (tests/integration/test_fuzz.py) and the atheris runner (``python -m fuzz``).
 
 Every ``check_*`` function drives a real parser (sans-I/O core or Twisted shell over an
 in-memory transport with a fake clock) with one input and raises ``PropertyViolation``
@@ -30,24 +30,24 @@ from twisted.logger import ILogObserver, globalLogPublisher
 from twisted.python.failure import Failure
 from zope.interface import provider
 
-from halod import protocol as control
-from orbited import events, frames
-from orbited.hub import Hub, HubConfig
-from orbited.keys import MAX_PART_BYTES, ConnectionKey, KeyError_
-from orbited.legacy.orbit import MAX_HEADER_BYTES, OrbitError, OrbitParser, OrbitProtocol
-from orbited.mailbox import Position, PositionError
-from orbited.sp import reqrep, wire
-from orbited.sp.rep import RepFactory, RepLimits
-from orbited.tokens import TokenError, issue_token, verify_token
-from orbited.transports.common import (
+from orbited.core import control
+from orbited.core.keys import MAX_PART_BYTES, ConnectionKey, KeyError_
+from orbited.core.tokens import TokenError, issue_token, verify_token
+from orbited.node import events, frames
+from orbited.node.hub import Hub, HubConfig
+from orbited.node.legacy.orbit import MAX_HEADER_BYTES, OrbitError, OrbitParser, OrbitProtocol
+from orbited.node.mailbox import Position, PositionError
+from orbited.node.rep import RepFactory, RepLimits
+from orbited.node.transports.common import (
     BrowserAuth,
     BrowserRequestError,
     authenticate,
     origin_allowed,
     single_param,
 )
-from orbited.transports.longpoll import MAX_TIMEOUT, LongPollResource
-from orbited.transports.streaming import script_literal
+from orbited.node.transports.longpoll import MAX_TIMEOUT, LongPollResource
+from orbited.node.transports.streaming import script_literal
+from orbited.sp import reqrep, wire
 
 CLOSED = Failure(ConnectionDone())
 SECRET = b"fuzz-secret-0123456789-abcdefghijklmnopqrstuvwxyz"
@@ -388,7 +388,7 @@ def strict_json(value: object) -> bool:
 
 def claim_well_formed(name: str, value: object) -> bool:
     """The documented type, size and encoding of one claim (docs/protocol.md, "Tokens"),
-    written apart from orbited.tokens so that the two can disagree."""
+    written apart from orbited.core.tokens so that the two can disagree."""
     if name in NUMERIC_DATES:  # a number, not a bool, 0 to 2^53 - 1
         return type(value) in (int, float) and 0 <= value <= 2**53 - 1  # type: ignore[operator]
     if name in KEY_CLAIMS:
@@ -409,8 +409,14 @@ def encode_claims(claims: dict[str, object], duplicate: bool, raw: bool) -> byte
     pairs = list(claims.items())
     if duplicate and pairs:
         pairs.append(pairs[0])
-    text = "{" + ",".join(f"{json.dumps(k, ensure_ascii=not raw)}:"
-                          f"{json.dumps(v, ensure_ascii=not raw)}" for k, v in pairs) + "}"
+    text = (
+        "{"
+        + ",".join(
+            f"{json.dumps(k, ensure_ascii=not raw)}:{json.dumps(v, ensure_ascii=not raw)}"
+            for k, v in pairs
+        )
+        + "}"
+    )
     return text.encode("utf-8", "surrogatepass")
 
 
@@ -443,7 +449,7 @@ def check_token_claim_types(claims: dict[str, object], duplicate: bool = False,
     of the wrong type, size or encoding, or claims that are not strict JSON, are
     token_malformed with either clock; otherwise the documented outcome. Either way the
     same outcome on every use (the first use fills the verified-token cache)."""
-    from orbited import tokens
+    from orbited.core import tokens
 
     payload = encode_claims(claims, duplicate, raw)
     token = signed_token(TOKEN_HEADER, payload)
@@ -688,7 +694,7 @@ def check_halod_control(stream: bytes, cuts: Sequence[int]) -> None:
 
 
 def _node_link() -> Any:
-    from orbited.control import HaloDLink
+    from orbited.node.link import HaloDLink
 
     clock = task.Clock()
     hub = Hub(clock, HubConfig(routes=4), epoch="fz")
@@ -699,7 +705,7 @@ def _node_link() -> Any:
 
 def check_node_control(stream: bytes, cuts: Sequence[int]) -> None:
     """The node's end of the control link: whatever HaloD sends, no exception escapes."""
-    from orbited.control import LinkProtocol
+    from orbited.node.link import LinkProtocol
 
     link = _node_link()
     proto = LinkProtocol(link)
@@ -778,7 +784,7 @@ def http_exchange(
 ) -> bytes:  # fmt: skip
     """The raw response of the node's real browser Site (over an in-memory transport,
     fake clock) to one request; fails on any logged failure."""
-    from orbited.web import browser_site
+    from orbited.node.web import browser_site
 
     clock = task.Clock()
     hub = Hub(clock, HubConfig(), epoch="fz")
@@ -943,7 +949,7 @@ DESCRIPTIONS = {
     "orbit_parser": "OrbitParser: any bytes, any chunking, bounded buffer",
     "orbit_protocol": "OrbitProtocol over StringTransport with a real Hub",
     "rep_protocol": "RepProtocol over StringTransport with task.Clock",
-    "control_json": "halod.protocol.decode: any body, both directions",
+    "control_json": "orbited.core.control.decode: any body, both directions",
     "halod_control": "HaloD's ControlProtocol with a real HaloD (no internal_error)",
     "node_control": "the node's LinkProtocol with a real Hub",
     "http_params": "authenticate/single_param, long-poll timeout, origin_allowed",

@@ -6,7 +6,7 @@
     halod drain NAME | halod undrain NAME                          operator actions
 
 ``halod --help`` lists the commands; an unknown command is an error (exit 2) with a
-suggestion, as for ``orbited`` (one dispatcher: orbited.cli.run_commands). Flags of
+suggestion, as for ``orbited`` (one dispatcher: orbited.runtime.commands.run_commands). Flags of
 ``halod run`` are the keys of the config file's [halod] table (docs/operations.md,
 "HaloD configuration"); docs/halod.md explains the table.
 """
@@ -22,11 +22,11 @@ import urllib.request
 from pathlib import Path
 
 from halod.config import HaloDConfig
-from halod.routes import DEFAULT_ROUTES, RouteTableError, canonical, format_ranges
 from halod.svg import table_svg
 from orbited import __version__
-from orbited.cli import Command, run_commands
-from orbited.daemon import run_configured
+from orbited.core.routes import DEFAULT_ROUTES, RouteTableError, canonical, format_ranges
+from orbited.runtime.commands import Command, run_commands
+from orbited.runtime.daemon import run_configured
 
 
 def plan_text(routes: int, nodes: int) -> str:
@@ -216,7 +216,7 @@ def run_command(args: argparse.Namespace) -> int:
     def ready(daemon) -> dict[str, object]:  # noqa: ANN001
         return {"control": daemon.control_address, "status": daemon.status_address}
 
-    from orbited.exposure import halod_warnings
+    from halod.exposure import halod_warnings
 
     return run_configured("halod", HaloDConfig, args, build, ready, halod_warnings)
 

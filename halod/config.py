@@ -11,19 +11,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from halod.dataplane import Ports
+from halod.dataplane.base import Ports
 from halod.dataplane.haproxy import Settings as HAProxySettings
 from halod.liveness import ProbeSettings
 from halod.membership import Timing
-from halod.protocol import MAX_ROUTES
-from halod.routes import POLICIES
-from orbited.config import (
-    ConfigBase,
-    ConfigError,
-    _opt,
-    parse_host_port,
-    parse_sp_address,
-)
+from orbited.core.control import MAX_ROUTES
+from orbited.core.routes import POLICIES
+from orbited.core.settings import ConfigBase, ConfigError, opt, parse_host_port, parse_sp_address
 
 DATAPLANES = ("proxy", "haproxy", "nftables", "none")
 
@@ -34,62 +28,62 @@ class HaloDConfig(ConfigBase):
 
     section: ClassVar[str] = "halod"
 
-    control: str = _opt("tcp://127.0.0.1:7600", "control listener for nodes (SP pair0)")
-    status_http: str = _opt("127.0.0.1:7601", "status JSON and /metrics host:port (empty = off)")
-    status_hosts: list[str] = _opt(
+    control: str = opt("tcp://127.0.0.1:7600", "control listener for nodes (SP pair0)")
+    status_http: str = opt("127.0.0.1:7601", "status JSON and /metrics host:port (empty = off)")
+    status_hosts: list[str] = opt(
         [], "host name the status port answers to besides IP literals and localhost (repeat)"
     )
-    routes: int = _opt(24, "N, the number of routes (fixed for the life of a cluster)")
-    spares: int = _opt(1, "failover nodes kept in commission when possible")
-    policy: str = _opt("seed", "failover without a spare: seed (2007 note) or minimal")
-    heartbeat_interval: float = _opt(1.0, "seconds between a node's heartbeats")
-    missed_heartbeats: int = _opt(3, "k: silent for k intervals = failed")
-    grace: float = _opt(5.0, "seconds a disconnected node has to reconnect and keep routes")
-    probe: bool = _opt(
+    routes: int = opt(24, "N, the number of routes (fixed for the life of a cluster)")
+    spares: int = opt(1, "failover nodes kept in commission when possible")
+    policy: str = opt("seed", "failover without a spare: seed (2007 note) or minimal")
+    heartbeat_interval: float = opt(1.0, "seconds between a node's heartbeats")
+    missed_heartbeats: int = opt(3, "k: silent for k intervals = failed")
+    grace: float = opt(5.0, "seconds a disconnected node has to reconnect and keep routes")
+    probe: bool = opt(
         ProbeSettings.enabled, "probe a lost node's ports (so a dead one fails over at once)"
     )
-    probe_timeout: float = _opt(
+    probe_timeout: float = opt(
         ProbeSettings.timeout, "seconds a probe connect may take (then: no answer)"
     )
-    probe_interval: float = _opt(
+    probe_interval: float = opt(
         ProbeSettings.interval, "seconds between probes of a node that still answers"
     )
-    db: str = _opt("halod.sqlite3", "SQLite file the table is saved to on every change")
-    secret_file: str = _opt("", "cluster secret nodes must present (empty = none)")
-    control_max_message: int = _opt(1024 * 1024, "largest control message; larger closes")
-    control_header_timeout: float = _opt(10.0, "seconds a node has to send SP header+register")
-    dataplane: str = _opt("proxy", "route ports: proxy (built-in), haproxy, nftables, or none")
-    dataplane_host: str = _opt("127.0.0.1", "address the 2×N route ports listen on")
-    browser_port_base: int = _opt(8100, "route r's browser port is this + r - 1")
-    sp_port_base: int = _opt(9100, "route r's web-app (SP) port is this + r - 1")
-    move_close_delay: float = _opt(1.0, "seconds before connections of a moved route are cut")
-    proxy_on_exit: str = _opt(
+    db: str = opt("halod.sqlite3", "SQLite file the table is saved to on every change")
+    secret_file: str = opt("", "cluster secret nodes must present (empty = none)")
+    control_max_message: int = opt(1024 * 1024, "largest control message; larger closes")
+    control_header_timeout: float = opt(10.0, "seconds a node has to send SP header+register")
+    dataplane: str = opt("proxy", "route ports: proxy (built-in), haproxy, nftables, or none")
+    dataplane_host: str = opt("127.0.0.1", "address the 2×N route ports listen on")
+    browser_port_base: int = opt(8100, "route r's browser port is this + r - 1")
+    sp_port_base: int = opt(9100, "route r's web-app (SP) port is this + r - 1")
+    move_close_delay: float = opt(1.0, "seconds before connections of a moved route are cut")
+    proxy_on_exit: str = opt(
         "keep", "proxy: keep the worker forwarding when HaloD stops, or stop it"
     )
-    haproxy_dir: str = _opt("", "HAProxy's cfg, sockets, pidfile (empty: haproxy/ beside db)")
-    haproxy_bin: str = _opt("haproxy", "the HAProxy executable (PATH, then /usr/sbin)")
-    haproxy_manage: bool = _opt(True, "start HAProxy when none answers on haproxy_dir's socket")
-    haproxy_on_exit: str = _opt("keep", "keep HAProxy serving when HaloD stops, or stop it")
-    haproxy_maxconn: int = _opt(
+    haproxy_dir: str = opt("", "HAProxy's cfg, sockets, pidfile (empty: haproxy/ beside db)")
+    haproxy_bin: str = opt("haproxy", "the HAProxy executable (PATH, then /usr/sbin)")
+    haproxy_manage: bool = opt(True, "start HAProxy when none answers on haproxy_dir's socket")
+    haproxy_on_exit: str = opt("keep", "keep HAProxy serving when HaloD stops, or stop it")
+    haproxy_maxconn: int = opt(
         HAProxySettings.maxconn, "HAProxy maxconn (needs about 2× as many fds)"
     )
-    haproxy_nbthread: int = _opt(HAProxySettings.nbthread, "HAProxy threads (0: one per CPU)")
-    haproxy_timeout: float = _opt(
+    haproxy_nbthread: int = opt(HAProxySettings.nbthread, "HAProxy threads (0: one per CPU)")
+    haproxy_timeout: float = opt(
         HAProxySettings.timeout, "HAProxy client/server/tunnel idle timeout, seconds"
     )
-    haproxy_connect_timeout: float = _opt(
+    haproxy_connect_timeout: float = opt(
         HAProxySettings.connect_timeout, "seconds HAProxy waits for a node's connect, per try"
     )
-    haproxy_retries: int = _opt(
+    haproxy_retries: int = opt(
         HAProxySettings.retries, "HAProxy connect retries (on the route's owner at that time)"
     )
-    haproxy_stats_interval: float = _opt(2.0, "seconds between HAProxy show stat polls")
-    nft_table: str = _opt("halod", "the nftables data plane's table (unique per host)")
-    nft_keep_on_stop: bool = _opt(True, "leave the nftables table in place when HaloD stops")
-    nft_source_nat: str = _opt("none", "nftables: none, or masquerade DNATed flows")
-    nft_stats_interval: float = _opt(5.0, "nftables: seconds between conntrack polls (0 = off)")
-    nft_conntrack: str = _opt("conntrack", "nftables: the conntrack tool (name or path)")
-    log_level: str = _opt("info", "debug, info, warn or error")
+    haproxy_stats_interval: float = opt(2.0, "seconds between HAProxy show stat polls")
+    nft_table: str = opt("halod", "the nftables data plane's table (unique per host)")
+    nft_keep_on_stop: bool = opt(True, "leave the nftables table in place when HaloD stops")
+    nft_source_nat: str = opt("none", "nftables: none, or masquerade DNATed flows")
+    nft_stats_interval: float = opt(5.0, "nftables: seconds between conntrack polls (0 = off)")
+    nft_conntrack: str = opt("conntrack", "nftables: the conntrack tool (name or path)")
+    log_level: str = opt("info", "debug, info, warn or error")
 
     def validate(self) -> None:
         super().validate()

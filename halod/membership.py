@@ -13,9 +13,9 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
-from halod import protocol as p
 from halod.liveness import Cause, Finding, Outcome, Prober, ProbeRequest, ProbeSettings, Verdict
-from halod.routes import Change, RouteTable, RouteTableError
+from orbited.core import control as p
+from orbited.core.routes import Change, RouteTable, RouteTableError
 
 MAX_FAILED_SHOWN = 256  # failed nodes remembered for status pages
 
@@ -301,8 +301,13 @@ class Membership:
         failover = change.role == "gone" and change.node_id is not None
         if failover and before == 0:
             what = "drain" if drained else "failover"
-            return [Notice("warn", f"{what} of {change.name} found no spare: its routes moved "
-                                   f"between live nodes (policy {self.table.policy})")]
+            return [
+                Notice(
+                    "warn",
+                    f"{what} of {change.name} found no spare: its routes moved "
+                    f"between live nodes (policy {self.table.policy})",
+                )
+            ]
         if before and not after:
             if failover:
                 taker = self.table.machines().get(change.node_id, "?")

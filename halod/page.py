@@ -134,8 +134,8 @@ def status_html(status: dict[str, Any]) -> str:
         for failed in reversed(status["failed"]):  # the latest first
             when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(failed["at"]))
             out.append(
-                f'<tr><td>{_e(failed["name"])}</td><td>{_e(when)}</td>'
-                f'<td>{_e(failed["why"])}</td></tr>'
+                f"<tr><td>{_e(failed['name'])}</td><td>{_e(when)}</td>"
+                f"<td>{_e(failed['why'])}</td></tr>"
             )
         out.append("</tbody></table></div>")
     out += [

@@ -20,7 +20,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 
 from halod.liveness import Outcome
-from orbited.config import ConfigError, parse_host_port
+from orbited.core.settings import ConfigError, parse_host_port
 
 _UNREACHABLE = frozenset(
     getattr(errno, name)

@@ -24,20 +24,21 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
 from halod import dataplane
-from halod import protocol as p
 from halod.config import HaloDConfig
-from halod.dataplane import DataPlane, Owner
+from halod.dataplane.base import DataPlane, Owner
 from halod.liveness import Cause, Finding, Outcome, ProbeRequest, Verdict
 from halod.membership import Effects, Membership
 from halod.page import CSP, status_html, wants_html
 from halod.probe import probe
-from halod.routes import Change, RouteTable, canonical, format_ranges
 from halod.store import Store
 from halod.svg import table_svg
-from orbited.config import parse_host_port, parse_sp_address
+from orbited.core import control as p
+from orbited.core.routes import Change, RouteTable, canonical, format_ranges
+from orbited.core.settings import parse_host_port, parse_sp_address
+from orbited.core.tokens import load_secret
+from orbited.runtime.twisted_compat import listening_port
+from orbited.runtime.web import JSONDirectory, JSONResource, OrbitedSite, send_error
 from orbited.sp.wire import SPConnection, SPProtocolError, encode_message
-from orbited.tokens import load_secret
-from orbited.transports.http import JSONDirectory, JSONResource, OrbitedSite, send_error
 
 ChangeListener = Callable[[Change, Membership], None]
 Probe = Callable[[ProbeRequest], "defer.Deferred[Outcome]"]
@@ -310,9 +311,7 @@ class HaloD:
         for finding in effects.findings:
             self._log_finding(finding)
         for notice in effects.notices:
-            (self.log.warn if notice.level == "warn" else self.log.info)(
-                "{text}", text=notice.text
-            )
+            (self.log.warn if notice.level == "warn" else self.log.info)("{text}", text=notice.text)
         for request in effects.probes:
             self.stats["probes"] += 1
             self._probe(request)
@@ -501,8 +500,10 @@ class HaloD:
             f"halod_stalls_total {self.stats['stalls']}",
             "# HELP halod_probes_total Probes of suspected nodes' ports, by verdict.",
             "# TYPE halod_probes_total counter",
-            *(f'halod_probes_total{{verdict="{v}"}} {self.stats["probes_" + v]}'
-              for v in ("alive", "dead", "unknown")),  # fmt: skip
+            *(
+                f'halod_probes_total{{verdict="{v}"}} {self.stats["probes_" + v]}'
+                for v in ("alive", "dead", "unknown")
+            ),  # fmt: skip
             "# HELP halod_control_messages_total Control messages received from nodes.",
             "# TYPE halod_control_messages_total counter",
             f"halod_control_messages_total {self.stats['messages']}",
@@ -519,7 +520,8 @@ class HaloD:
             "# TYPE halod_node_mailboxes gauge",
             *(
                 f'halod_node_mailboxes{{node="{name}"}} {r.mailboxes}'
-                for name, r in sorted(m.nodes.items()) if r.mailboxes is not None
+                for name, r in sorted(m.nodes.items())
+                if r.mailboxes is not None
             ),  # fmt: skip
         ]
         if self.dataplane is not None:
@@ -538,8 +540,7 @@ class HaloD:
             ]  # fmt: skip
             if "worker" in stats:  # the built-in proxy (docs/halod.md, "The built-in proxy")
                 lines += [
-                    "# HELP halod_dataplane_worker_restarts_total Proxy workers lost and "
-                    "replaced.",
+                    "# HELP halod_dataplane_worker_restarts_total Proxy workers lost and replaced.",
                     "# TYPE halod_dataplane_worker_restarts_total counter",
                     f"halod_dataplane_worker_restarts_total {stats['worker']['restarts']}",
                 ]
@@ -751,7 +752,7 @@ class HaloDService(service.MultiService):
 
     @staticmethod
     def _address(server: internet.TCPServer) -> str:
-        host = server._port.getHost()  # type: ignore[attr-defined]
+        host = listening_port(server).getHost()
         return f"{host.host}:{host.port}"
 
     @property

@@ -26,8 +26,10 @@ def table_svg(routes: int, title: str, rows: list[Row]) -> str:
         names.update(known)
         held = sum(len(r) for r in table.values())
         unowned = unowned or held < routes
-    entries = [(PALETTE[(i - 1) % len(PALETTE)], f"node {i}" + (f" ({names[i]})" if i in names
-                                                               else "")) for i in sorted(ids)]
+    entries = [
+        (PALETTE[(i - 1) % len(PALETTE)], f"node {i}" + (f" ({names[i]})" if i in names else ""))
+        for i in sorted(ids)
+    ]
     if unowned:
         entries.append(("#fff", "no owner"))
     # Legend: entries in columns of a fixed width, as many per line as fit the grid.

@@ -4,7 +4,8 @@ Owns starting real child processes — HaloD with its built-in proxy data plane,
 Orbited nodes and a spare on their own loopback addresses (127.0.0.2, .3, .4), and the
 cherrychat demo web app — with a generated shared secret in a state directory, waiting
 until each is ready, showing a live status line, and stopping every one of them on
-Ctrl-C or SIGTERM. The same ``LocalCluster`` class is what tests/test_cherrychat.py runs.
+Ctrl-C or SIGTERM. The same ``LocalCluster`` class is what
+tests/integration/test_cherrychat.py runs.
 
 Each child runs in its own process group (a terminal's Ctrl-C reaches only us, and we
 stop the children in order) and, on Linux, dies with us if we are killed outright.
@@ -29,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from orbited.tokens import load_secret
+from orbited.core.tokens import load_secret
 
 DEMOS = Path(__file__).resolve().parent.parent / "demos"
 ROUTES = 24
@@ -439,7 +440,7 @@ class LocalCluster:
 
 def parser() -> argparse.ArgumentParser:
     d = ClusterConfig()
-    from orbited.cli import ArgumentParser
+    from orbited.runtime.commands import ArgumentParser
 
     p = ArgumentParser(
         prog="orbited cluster",

@@ -20,7 +20,7 @@ from twisted.plugin import IPlugin
 from twisted.python import usage
 from zope.interface import implementer
 
-from orbited.config import ConfigBase, ConfigError
+from orbited.core.settings import ConfigBase, ConfigError
 
 
 class ConfiguredOptions(usage.Options):
@@ -36,7 +36,7 @@ class ConfiguredOptions(usage.Options):
         self.config_class = config_class
 
     def parseOptions(self, options: list[str] | None = None) -> None:  # noqa: N802
-        from orbited.daemon import load_config
+        from orbited.runtime.daemon import load_config
 
         parser = self.make_parser()
         parser.prog = self.prog
@@ -65,8 +65,8 @@ class ServiceMaker:
         self._audit = audit
 
     def makeService(self, options: ConfiguredOptions) -> IService:  # noqa: N802
-        from orbited.daemon import ReadyFileService, log_audit
-        from orbited.logs import quiet_factories
+        from orbited.runtime.daemon import ReadyFileService, log_audit
+        from orbited.runtime.logs import quiet_factories
 
         quiet_factories()
         config = options["config"]
@@ -82,13 +82,13 @@ class ServiceMaker:
 
 def _node_options() -> ConfiguredOptions:
     from orbited.cli import _node_parser
-    from orbited.config import NodeConfig
+    from orbited.node.config import NodeConfig
 
     return ConfiguredOptions("twistd orbited", _node_parser, NodeConfig)
 
 
 def _build_node(config: Any) -> IService:
-    from orbited.node import NodeService
+    from orbited.node.service import NodeService
 
     return NodeService(config)
 
@@ -100,7 +100,7 @@ def _node_ready(node: Any) -> dict[str, object]:
 
 
 def _node_audit(config: Any) -> list[str]:
-    from orbited.exposure import node_warnings
+    from orbited.node.exposure import node_warnings
 
     return node_warnings(config)
 
@@ -123,7 +123,7 @@ def _halod_ready(daemon: Any) -> dict[str, object]:
 
 
 def _halod_audit(config: Any) -> list[str]:
-    from orbited.exposure import halod_warnings
+    from halod.exposure import halod_warnings
 
     return halod_warnings(config)
 

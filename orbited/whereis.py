@@ -20,8 +20,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from orbited.hashing import route_of
-from orbited.keys import ConnectionKey, KeyError_
+from orbited.core.hashing import route_of
+from orbited.core.keys import ConnectionKey, KeyError_
 
 DEFAULT_STATUS = "http://127.0.0.1:7601"
 DEFAULT_STATE_DIR = Path(".orbited-cluster")
@@ -77,7 +77,7 @@ def cluster_pids(state_dir: Path) -> tuple[dict[str, int], str | None]:
 
 
 def parser() -> argparse.ArgumentParser:
-    from orbited.cli import ArgumentParser
+    from orbited.runtime.commands import ArgumentParser
 
     p = ArgumentParser(
         prog="orbited whereis",

@@ -19,9 +19,9 @@ import pytest
 from websockets.sync.client import ClientConnection, connect
 
 from orbited.cluster import free_port_block
-from orbited.hashing import route_of
-from orbited.keys import ConnectionKey
-from orbited.tokens import issue_token
+from orbited.core.hashing import route_of
+from orbited.core.keys import ConnectionKey
+from orbited.core.tokens import issue_token
 
 SECRET = b"test-secret-0123456789-abcdefghijklmnopqrstuvwxyz"
 

@@ -14,8 +14,8 @@ from pathlib import Path
 from twisted.application import internet, service
 from twisted.web.server import Site
 
-from orbited.config import ConfigError, parse_host_port
-from orbited.hashing import DEFAULT_ROUTES
+from orbited.core.hashing import DEFAULT_ROUTES
+from orbited.core.settings import ConfigError, parse_host_port
 
 
 def parser() -> argparse.ArgumentParser:
@@ -45,7 +45,7 @@ class ChatService(service.Service):
         from cherrychat.store import Store
         from orbited.client.cluster import HaloDCluster
         from orbited.client.twisted import TwistedClient
-        from orbited.tokens import load_secret
+        from orbited.core.tokens import load_secret
 
         host, port = parse_host_port(args.http)
         secret = load_secret(args.secret_file)
@@ -82,8 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     from twisted.internet import reactor
 
-    from orbited.daemon import run_service
-    from orbited.logs import start_logging
+    from orbited.runtime.daemon import run_service
+    from orbited.runtime.logs import start_logging
 
     start_logging(args.log_level)
     try:

@@ -41,10 +41,10 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed
 from cherrychat import rules
 from cherrychat.store import NickTaken, Presence, Session, Store, Tab
 from orbited.client.cluster import Cluster
-from orbited.keys import ConnectionKey
-from orbited.presence import SIGNATURE_HEADER, sign
-from orbited.tokens import issue_token
-from orbited.web import client_source
+from orbited.core.keys import ConnectionKey
+from orbited.core.tokens import issue_token
+from orbited.node.presence import SIGNATURE_HEADER, sign
+from orbited.node.web import client_source
 
 LOCATION = "/cherrychat"  # every key of this app: (identity, session tag, LOCATION/<tab id>)
 COOKIE = b"cherrychat"

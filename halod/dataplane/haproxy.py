@@ -48,7 +48,7 @@ from twisted.internet.protocol import ClientFactory, ProcessProtocol, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from halod.dataplane import Owner, Ports
+from halod.dataplane.base import Owner, Ports
 
 if TYPE_CHECKING:
     from halod.config import HaloDConfig

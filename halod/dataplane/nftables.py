@@ -65,8 +65,8 @@ from twisted.internet.error import ProcessDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from halod.dataplane import Owner, Ports
-from orbited.config import ConfigError
+from halod.dataplane.base import Owner, Ports
+from orbited.core.settings import ConfigError
 
 if TYPE_CHECKING:
     from halod.config import HaloDConfig

@@ -51,8 +51,8 @@ from twisted.protocols import basic
 from twisted.python.failure import Failure
 
 import halod
-from halod.dataplane import Owner, Ports
 from halod.dataplane import proxy_protocol as pp
+from halod.dataplane.base import Owner, Ports
 
 if TYPE_CHECKING:
     from halod.config import HaloDConfig

@@ -21,7 +21,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from halod.dataplane import Owner, Ports
+from halod.dataplane.base import Owner, Ports
 
 VERSION = 1
 # Largest control message either end accepts: a table for MAX_ROUTES (4096) routes with

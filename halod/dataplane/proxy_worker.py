@@ -41,8 +41,8 @@ from twisted.logger import Logger
 from twisted.protocols import basic, portforward
 from zope.interface import implementer
 
-from halod.dataplane import Owner, Ports
 from halod.dataplane import proxy_protocol as pp
+from halod.dataplane.base import Owner, Ports
 
 BROWSER, SP = "browser", "sp"
 STATS_INTERVAL = 0.25  # seconds between pushes of changed counts
@@ -419,7 +419,7 @@ def _start_logging() -> None:
         textFileLogObserver,
     )
 
-    from orbited.logs import quiet_factories
+    from orbited.runtime.logs import quiet_factories
 
     quiet_factories()
 

@@ -5,6 +5,6 @@ from orbited.client import BlockingClient, Cluster, Node
 
 from orbited.client.blocking import BlockingClient
 from orbited.client.cluster import Cluster, HaloDCluster, Node
-from orbited.tokens import issue_token
+from orbited.core.tokens import issue_token
 
 __all__ = ["BlockingClient", "Cluster", "HaloDCluster", "Node", "issue_token"]

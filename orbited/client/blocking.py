@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from orbited.client.cluster import Cluster
 from orbited.client.retry import RetryPolicy
-from orbited.keys import ConnectionKey
+from orbited.core.keys import ConnectionKey
 from orbited.sp import wire
 from orbited.sp.reqrep import RequestIds
 

@@ -9,10 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from urllib.parse import urlencode
 
-from orbited.config import parse_host_port, parse_sp_address
-from orbited.hashing import DEFAULT_ROUTES, route_of, static_node
-from orbited.keys import ConnectionKey
-from orbited.tokens import DEFAULT_TTL, issue_token
+from orbited.core.hashing import DEFAULT_ROUTES, route_of, static_node
+from orbited.core.keys import ConnectionKey
+from orbited.core.settings import parse_host_port, parse_sp_address
+from orbited.core.tokens import DEFAULT_TTL, issue_token
 
 
 @dataclass(frozen=True)

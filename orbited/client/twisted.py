@@ -26,7 +26,7 @@ from twisted.python.failure import Failure
 from orbited.client.blocking import Request
 from orbited.client.cluster import Cluster
 from orbited.client.retry import RetryPolicy
-from orbited.keys import ConnectionKey
+from orbited.core.keys import ConnectionKey
 from orbited.sp import wire
 from orbited.sp.reqrep import RequestIds
 

@@ -1,0 +1,120 @@
+"""Settings shared by the node, HaloD and the web-app clients: the config base (a
+dataclass whose fields are one TOML table's keys and the command's flags), the address
+parsers and the loopback test. No Twisted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import tomllib
+from dataclasses import MISSING, field, fields
+from pathlib import Path
+from typing import ClassVar, TypeVar
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def opt(default: object, help: str) -> object:  # noqa: A002
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+C = TypeVar("C", bound="ConfigBase")
+
+
+LOG_LEVELS = ["debug", "info", "warn", "error"]
+
+
+class ConfigBase:
+    """A dataclass whose fields are the keys of one TOML table (``section``) and flags.
+
+    Each field is a TOML key and a flag (--field-name); its help is the flag's help.
+    """
+
+    section: ClassVar[str]
+
+    @classmethod
+    def load(cls: type[C], path: Path | None, overrides: dict[str, object]) -> C:
+        values: dict[str, object] = {}
+        if path is not None:
+            try:
+                doc = tomllib.loads(path.read_text())
+            except (OSError, tomllib.TOMLDecodeError) as e:
+                raise ConfigError(f"cannot read config {path}: {e}") from None
+            values.update(doc.get(cls.section, {}))
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+        unknown = values.keys() - known
+        if unknown:
+            raise ConfigError(f"unknown config keys: {', '.join(sorted(unknown))}")
+        config = cls(**values)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        """Types first (TOML and flags both end here); subclasses add their rules."""
+        for f in fields(self):  # type: ignore[arg-type]
+            value, default = getattr(self, f.name), f.default
+            expected = type(default) if default is not MISSING else list
+            ok = isinstance(value, expected) or (expected is float and isinstance(value, int))
+            if not ok or isinstance(value, bool) != (expected is bool):
+                raise ConfigError(f"{f.name} must be of type {expected.__name__}")
+            if expected is list and not all(isinstance(v, str) for v in value):
+                raise ConfigError(f"{f.name} must be a list of strings")
+        if getattr(self, "log_level", LOG_LEVELS[1]) not in LOG_LEVELS:
+            raise ConfigError("log_level is one of debug, info, warn, error")
+
+    def require_positive(self, *names: str) -> None:
+        for name in names:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive")
+
+    @classmethod
+    def add_flags(cls, parser: argparse.ArgumentParser) -> None:
+        """One flag per field: --no-x for booleans, repeated --x for lists."""
+        for f in fields(cls):  # type: ignore[arg-type]
+            flag = "--" + f.name.replace("_", "-")
+            default = f.default if f.default is not MISSING else []
+            helptext = f"{f.metadata['help']} (default: {default!r})"
+            if isinstance(default, bool):
+                parser.add_argument(
+                    f"--no-{f.name.replace('_', '-')}",
+                    dest=f.name,
+                    action="store_const",
+                    const=False,
+                    help=f"do not {helptext}",
+                )
+            elif isinstance(default, list):
+                parser.add_argument(
+                    flag.removesuffix("s"), dest=f.name, action="append", help=helptext
+                )
+            elif f.name == "log_level":
+                parser.add_argument(flag, choices=LOG_LEVELS, help=helptext)
+            else:
+                parser.add_argument(flag, type=type(default), help=helptext)
+
+
+def parse_host_port(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not (port.isascii() and port.isdigit()) or not 0 <= int(port) < 65536:
+        raise ConfigError(f"address {text!r} is not host:port")
+    return (host.strip("[]") or "127.0.0.1"), int(port)
+
+
+def parse_sp_address(text: str) -> tuple[str, int]:
+    if not text.startswith("tcp://"):
+        raise ConfigError(f"SP address {text!r} must look like tcp://host:port")
+    return parse_host_port(text.removeprefix("tcp://"))
+
+
+def is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name other than localhost: assume it is reachable

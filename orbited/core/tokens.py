@@ -1,0 +1,234 @@
+"""Browser tokens: JWT HS256 signed by the web app with the secret it shares with nodes.
+
+Claims (docs/protocol.md, "Tokens"): ``sub`` user, ``sid`` session, ``loc`` location,
+``aud`` "orbited", ``iat`` and a required ``exp``. Verification returns the ConnectionKey
+the token proves, or raises TokenError with a stable code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import stat
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+import jwt
+
+from orbited.core.keys import MAX_PART_BYTES, ConnectionKey
+
+AUDIENCE = "orbited"
+ALGORITHM = "HS256"
+MIN_SECRET_BYTES = 32
+DEFAULT_TTL = 3600
+
+
+class TokenError(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def issue_token(
+    secret: bytes, key: ConnectionKey, ttl: float = DEFAULT_TTL, now: float | None = None
+) -> str:
+    """The token a web app hands to the browser for connection ``key``."""
+    check_secret(secret)
+    issued = int(time.time() if now is None else now)
+    claims = {
+        "sub": key.user,
+        "sid": key.session,
+        "loc": key.location,
+        "aud": AUDIENCE,
+        "iat": issued,
+        "exp": issued + int(ttl),
+    }
+    return jwt.encode(claims, secret, algorithm=ALGORITHM)
+
+
+# Verified tokens: a long-poll browser presents the same token on every poll, and the
+# JWT decode and HMAC were two thirds of a poll's cost. Only successful verifications are
+# kept, keyed by secret and token; expiry, the one check that can change with time, is
+# checked again on every hit. An entry not used for VERIFIED_IDLE seconds is dropped (a
+# poll comes back well within that), so the cache holds the tokens in use, not every
+# page's token of the last hours: at ≈ 800 bytes an entry, a full cache of stale tokens
+# was the one thing growing in the 3 000-browser soak. Least recently used go first.
+VERIFIED_CACHE_SIZE = 32_768
+VERIFIED_IDLE = 120.0
+_verified: OrderedDict[tuple[bytes, str], tuple[ConnectionKey, float, float]] = OrderedDict()
+_monotonic = time.monotonic  # a module attribute, so tests can move it
+
+
+def verified_before(secret: bytes, token: str) -> bool:
+    """Whether ``token`` verified under ``secret`` recently (a lookup, no crypto; its
+    expiry is not checked here: ``verify_token`` does that on use)."""
+    return (secret, token) in _verified
+
+
+def verify_token(
+    secret: bytes, token: str, leeway: float = 30.0, now: float | None = None
+) -> ConnectionKey:
+    """The key ``token`` proves, or TokenError. ``now`` (seconds since the epoch) is the
+    wall clock unless given; either way the same checks run (docs/protocol.md, "Tokens")."""
+    if now is None:
+        now = time.time()
+    used = _monotonic()
+    hit = _verified.get((secret, token))
+    if hit is not None:
+        key, exp, _ = hit
+        if exp + leeway < now:
+            raise TokenError("token_expired", "token has expired")
+        _verified[(secret, token)] = (key, exp, used)
+        _verified.move_to_end((secret, token))
+        return key
+    claims = _verified_claims(secret, token)
+    key, exp = _check_claims(claims, leeway, now)
+    # Only a token that passed every check is kept: exp is a finite float here.
+    _verified[(secret, token)] = (key, exp, used)
+    # Oldest use first: drop the idle ones, then any beyond the size.
+    while _verified and (
+        len(_verified) > VERIFIED_CACHE_SIZE
+        or next(iter(_verified.values()))[2] < used - VERIFIED_IDLE
+    ):
+        _verified.popitem(last=False)
+    return key
+
+
+MAX_TOKEN_CHARS = 4096
+# NumericDate claims (exp, iat, nbf): JSON numbers from 0 to 2^53 - 1, the integers every
+# JSON parser (JavaScript's included) reads exactly; a float beyond cannot be compared
+# with the clock without overflow (10**400 + 30.0 raises).
+MAX_NUMERIC_DATE = 2**53 - 1
+_JWS = jwt.PyJWS()
+
+
+def _verified_claims(secret: bytes, token: str) -> dict[str, object]:
+    """The claims of a token whose signature verifies: structure and signature only."""
+    if not token:
+        raise TokenError("token_missing", "no token given")
+    if len(token) > MAX_TOKEN_CHARS:
+        raise TokenError("token_malformed", f"token longer than {MAX_TOKEN_CHARS} characters")
+    if not token.isascii():  # a JWT is base64url and dots; PyJWT would fail to encode it
+        raise TokenError("token_malformed", "token is not a valid JWT: not ASCII")
+    try:
+        payload = _JWS.decode_complete(token, secret, algorithms=[ALGORITHM])["payload"]
+    except jwt.InvalidSignatureError:  # (a DecodeError subclass: first)
+        raise TokenError("token_invalid", "token signature does not verify") from None
+    except jwt.DecodeError:
+        raise TokenError("token_malformed", "token is not a valid JWT") from None
+    except jwt.InvalidAlgorithmError:
+        raise TokenError("token_invalid", f"token rejected: only {ALGORITHM} is accepted") from None
+    except jwt.InvalidTokenError:  # kid not a string, crit, b64
+        raise TokenError("token_malformed", "token header is not valid") from None
+    return _parse_claims(payload)
+
+
+def _no_constants(name: str) -> object:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    doc = dict(pairs)
+    if len(doc) != len(pairs):  # RFC 7519 section 4: reject, or take the last; we reject
+        raise ValueError("duplicate member name")
+    return doc
+
+
+_CLAIMS_DECODER = json.JSONDecoder(parse_constant=_no_constants, object_pairs_hook=_no_duplicates)
+_STRICT_ENCODER = json.JSONEncoder(ensure_ascii=False, check_circular=False)
+
+
+def _parse_claims(payload: bytes) -> dict[str, object]:
+    """Strict JSON: UTF-8 (no BOM), no NaN/Infinity, no duplicate names, no lone
+    surrogates (they cannot be written back as UTF-8), an object."""
+    try:
+        claims = _CLAIMS_DECODER.decode(payload.decode("utf-8"))
+        _STRICT_ENCODER.encode(claims).encode("utf-8")
+    except (ValueError, RecursionError):  # (UnicodeError is a ValueError)
+        raise TokenError("token_malformed", "token claims are not strict UTF-8 JSON") from None
+    if not isinstance(claims, dict):
+        raise TokenError("token_malformed", "token claims are not a JSON object")
+    return claims
+
+
+def _malformed(name: str, expected: str) -> TokenError:
+    # The claim's name only, never its value: messages reach the browser.
+    return TokenError("token_malformed", f"token claim {name} must be {expected}")
+
+
+def _numeric_date(claims: dict[str, object], name: str) -> float | None:
+    value = claims.get(name, ...)
+    if value is ...:
+        return None
+    if (
+        type(value) not in (int, float)  # bool is an int subclass: refused here
+        or not 0 <= value <= MAX_NUMERIC_DATE  # also refuses NaN and infinities
+    ):
+        raise _malformed(name, f"a number of seconds from 0 to {MAX_NUMERIC_DATE}")
+    return float(value)
+
+
+def _string(claims: dict[str, object], name: str, min_bytes: int, max_bytes: int) -> str | None:
+    value = claims.get(name, ...)
+    if value is ...:
+        return None
+    # Lone surrogates were refused with the JSON: every str here encodes as UTF-8.
+    if type(value) is not str or not min_bytes <= len(value.encode()) <= max_bytes:
+        raise _malformed(name, f"a string of {min_bytes}-{max_bytes} bytes of UTF-8")
+    return value
+
+
+def _check_claims(
+    claims: dict[str, object], leeway: float, now: float
+) -> tuple[ConnectionKey, float]:
+    """The one claim check, for every caller: types, sizes and encodings first
+    (token_malformed), then presence, audience, nbf and iat (token_invalid), then
+    expiry (token_expired)."""
+    exp = _numeric_date(claims, "exp")
+    iat = _numeric_date(claims, "iat")
+    nbf = _numeric_date(claims, "nbf")
+    sub = _string(claims, "sub", 1, MAX_PART_BYTES)
+    sid = _string(claims, "sid", 0, MAX_PART_BYTES)
+    loc = _string(claims, "loc", 0, MAX_PART_BYTES)
+    _string(claims, "iss", 0, MAX_TOKEN_CHARS)
+    _string(claims, "jti", 0, MAX_TOKEN_CHARS)
+    aud = claims.get("aud", ...)
+    audiences = [aud] if type(aud) is str else aud
+    if aud is not ... and (
+        type(audiences) is not list or any(type(a) is not str for a in audiences)
+    ):
+        raise _malformed("aud", "a string or an array of strings")
+    missing = [name for name, value in (("sub", sub), ("aud", aud), ("exp", exp))
+               if value is None or value is ...]  # fmt: skip
+    if missing:
+        raise TokenError("token_invalid", f"token lacks required claims: {', '.join(missing)}")
+    if AUDIENCE not in audiences:  # type: ignore[operator]
+        raise TokenError("token_invalid", f"token audience is not {AUDIENCE!r}")
+    if nbf is not None and nbf > now + leeway:
+        raise TokenError("token_invalid", "token is not valid yet (nbf)")
+    if iat is not None and iat > now + leeway:
+        raise TokenError("token_invalid", "token is issued in the future (iat)")
+    assert exp is not None and sub is not None
+    if exp + leeway < now:
+        raise TokenError("token_expired", "token has expired")
+    return ConnectionKey(sub, sid or "", loc or ""), exp
+
+
+def check_secret(secret: bytes) -> None:
+    if len(secret) < MIN_SECRET_BYTES:
+        raise ValueError(f"the shared secret must be at least {MIN_SECRET_BYTES} bytes")
+
+
+def load_secret(path: Path, create: bool = False) -> bytes:
+    """Read the shared secret (surrounding whitespace ignored); optionally create one."""
+    if create and not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, stat.S_IRUSR | stat.S_IWUSR)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_urlsafe(48) + "\n")
+    secret = path.read_bytes().strip()
+    check_secret(secret)
+    return secret

@@ -1,0 +1,209 @@
+"""The event request protocol carried inside SP REQ bodies (sans-I/O).
+
+Request:  {"id": "<event id>", "to": [[user, session, location], ...], "data": <JSON>}
+Reply:    {"id": ..., "ok": true, "results": [{"status": ..., "seq": n}, ...]}
+          {"id": ..., "ok": false, "error": {"code": ..., "message": ...}}
+The full specification, with every status and error code, is docs/protocol.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+
+from orbited.core.keys import ConnectionKey, KeyError_
+
+MAX_EVENT_ID = 128
+
+DELIVERED = "delivered"  # written to an attached transport
+QUEUED = "queued"  # kept in the mailbox until the browser (re)connects
+NO_CONNECTION = "no_connection"  # no mailbox for that key on this node
+MOVED = "moved"  # the key's route is not served here (HaloD moved it); nothing stored
+ACKED = "acked"  # acknowledged mode: the browser confirmed it has the event
+UNACKED = "unacked"  # acknowledged mode: in the mailbox, not confirmed within the wait
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    max_recipients: int = 10_000
+    max_payload: int = 64 * 1024  # bytes of the encoded "data"
+    max_ack_wait: float = 60.0  # seconds a request in the acknowledged mode may wait
+
+
+class RequestError(Exception):
+    def __init__(self, code: str, message: str, event_id: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.event_id = event_id
+
+
+@dataclass(frozen=True)
+class EventRequest:
+    event_id: str
+    recipients: tuple[ConnectionKey, ...]
+    payload: bytes  # "data" encoded once as compact UTF-8 JSON
+    digest: bytes  # identifies a resend: same id, recipients and data
+    ack: float | None = None  # acknowledged mode: reply once browsers confirm, or after this
+
+
+@dataclass(frozen=True)
+class PingRequest:
+    event_id: str | None
+
+
+# One encoder and one decoder for every request: json.dumps/loads with options build a
+# new JSONEncoder/JSONDecoder per call, a measurable share of a one-recipient event.
+# allow_nan=False: 1e999 parses to inf, which browsers' JSON.parse would reject.
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def _encode(obj: object) -> bytes:
+    return _ENCODER.encode(obj).encode()
+
+
+def _no_constants(name: str) -> object:
+    raise ValueError(f"{name} is not JSON")
+
+
+_DECODER = json.JSONDecoder(parse_constant=_no_constants)
+_STRICT_CHECK = json.JSONEncoder(ensure_ascii=False, allow_nan=False, check_circular=False)
+# What can make a decoded document not JSON, though the text is strict UTF-8 with no
+# NaN/Infinity: a \uD800-\uDFFF escape (a lone surrogate, unless it is half of a pair)
+# and a number too large for a double (1e999, 309 digits: Python reads inf). Only when
+# one may be there is the whole document checked.
+_SUSPECT = re.compile(r"\\u[dD][89a-fA-F]|[eE]\+?\d{3}|\d{309}")
+
+
+def loads_strict(text: str) -> object:
+    """JSON as browsers and strict decoders read it: no NaN/Infinity, no number beyond
+    the double range, no lone surrogate anywhere (not a Unicode character: a reply
+    echoing one is refused by strict decoders). ValueError or RecursionError otherwise."""
+    doc = _DECODER.decode(text)
+    if _SUSPECT.search(text):
+        try:
+            _STRICT_CHECK.encode(doc).encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("strings must not contain lone surrogates") from None
+        except ValueError:
+            raise ValueError("numbers must be finite") from None
+    return doc
+
+
+def _quote(value: object) -> str:
+    """A bounded excerpt of request content for an error message."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def parse_request(body: bytes, limits: RequestLimits) -> EventRequest | PingRequest:
+    try:
+        # Decode first: json.loads on bytes would also accept UTF-16/32 and a BOM.
+        doc = loads_strict(body.decode("utf-8"))
+    except ValueError as e:
+        raise RequestError("bad_json", f"request is not UTF-8 JSON: {e}") from None
+    except RecursionError:
+        raise RequestError("bad_json", "request JSON is nested too deeply") from None
+    if not isinstance(doc, dict):
+        raise RequestError("bad_request", "request must be a JSON object")
+    event_id = doc.get("id")
+    if event_id is not None and (
+        not isinstance(event_id, str) or not 0 < len(event_id) <= MAX_EVENT_ID
+    ):
+        raise RequestError("bad_request", f"id must be a string of 1-{MAX_EVENT_ID} characters")
+    op = doc.get("op", "event")
+    if op == "ping":
+        unknown = doc.keys() - {"id", "op"}
+        if unknown:
+            raise RequestError(
+                "bad_request", f"unknown fields in a ping: {_quote(sorted(unknown))}", event_id
+            )
+        return PingRequest(event_id)
+    if op != "event":
+        raise RequestError("unknown_op", f"unknown op {_quote(op)}", event_id)
+    if event_id is None:
+        raise RequestError("bad_request", "an event needs an id (used to ignore resends)")
+    unknown = doc.keys() - {"id", "op", "to", "data", "ack"}
+    if unknown:
+        raise RequestError("bad_request", f"unknown fields: {_quote(sorted(unknown))}", event_id)
+    to = doc.get("to")
+    if not isinstance(to, list) or not to:
+        raise RequestError("bad_request", "to must be a non-empty array of keys", event_id)
+    if len(to) > limits.max_recipients:
+        raise RequestError(
+            "too_many_recipients",
+            f"{len(to)} recipients; the limit is {limits.max_recipients}",
+            event_id,
+        )
+    if "data" not in doc:
+        raise RequestError("bad_request", "an event needs data", event_id)
+    try:
+        recipients = tuple(ConnectionKey.from_json(k) for k in to)
+    except KeyError_ as e:
+        raise RequestError("bad_key", str(e), event_id) from None
+    # No lone surrogate, no infinity: refused with the JSON, so this encodes.
+    payload = _encode(doc["data"])
+    addressed = _encode([event_id, to])
+    if len(payload) > limits.max_payload:
+        raise RequestError(
+            "payload_too_large",
+            f"data is {len(payload)} bytes encoded; the limit is {limits.max_payload}",
+            event_id,
+        )
+    ack = doc.get("ack")
+    if ack is not None and (
+        not isinstance(ack, int | float) or isinstance(ack, bool)
+        or not 0 < ack <= limits.max_ack_wait
+    ):  # fmt: skip
+        raise RequestError(
+            "bad_request", f"ack is seconds to wait, 0 < ack <= {limits.max_ack_wait:g}", event_id
+        )
+    digest = hashlib.blake2b(addressed + b"\0" + payload, digest_size=16).digest()
+    return EventRequest(event_id, recipients, payload, digest, None if ack is None else float(ack))
+
+
+# Per-recipient results are built as bytes: a reply may list 10 000 of them, and the
+# dedup memory keeps replies, so no dict per recipient is ever kept.
+NO_CONNECTION_RESULT = b'{"status":"no_connection"}'
+
+
+def result(status: str, seq: int, dropped: int = 0) -> bytes:
+    if dropped:
+        return b'{"status":"%s","seq":%d,"dropped":%d}' % (status.encode(), seq, dropped)
+    return b'{"status":"%s","seq":%d}' % (status.encode(), seq)
+
+
+def moved_result(route: int, to: str | None) -> bytes:
+    """The key's route is not this node's: ``to`` is the new owner's SP address if known."""
+    if to is None:
+        return b'{"status":"moved","route":%d}' % route
+    return b'{"status":"moved","route":%d,"to":%s}' % (route, _encode_reply(to))
+
+
+_REPLY_ENCODER = json.JSONEncoder(separators=(",", ":"))
+
+
+def _encode_reply(obj: object) -> bytes:
+    # ASCII-escaped, so an id with lone surrogates still yields a valid reply.
+    return _REPLY_ENCODER.encode(obj).encode("ascii")
+
+
+def ok_reply(event_id: str | None, results: list[bytes]) -> bytes:
+    return b'{"id":%s,"ok":true,"results":[%s]}' % (_encode_reply(event_id), b",".join(results))
+
+
+def mark_duplicate(reply: bytes) -> bytes:
+    """The remembered reply of a request, as answered to a resend of it."""
+    return reply[:-1] + b',"duplicate":true}'
+
+
+def error_reply(error: RequestError) -> bytes:
+    return _encode_reply(
+        {
+            "id": error.event_id,
+            "ok": False,
+            "error": {"code": error.code, "message": error.message},
+        }
+    )

@@ -1,0 +1,288 @@
+"""Twisted REP server: moves bytes between TCP and the sans-I/O SP cores.
+
+Each request's payload goes to a handler returning the reply payload (or a Deferred of
+it); replies are written in whatever order they complete, each prefixed with its request's
+backtrace. Protocol errors close the connection, as nng does (docs/sp.md, "Errors").
+
+Half-close: a peer that sends its requests and then FIN (shutdown(SHUT_WR)) gets every
+reply before the connection is closed (IHalfCloseableProtocol: without it Twisted closes
+the socket as soon as reading sees the FIN, dropping replies not yet written).
+
+Backpressure: the protocol registers itself as the transport's streaming producer, so
+when a web app stops reading replies and our send buffer fills, we stop reading its
+requests; likewise while too many requests are unanswered.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from twisted.internet import defer
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IHalfCloseableProtocol,
+    IPushProducer,
+    IReactorTime,
+)
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from orbited.runtime.twisted_compat import unsent_bytes
+from orbited.sp.reqrep import MAX_HOPS, TooManyHops, split_backtrace
+from orbited.sp.wire import REP, REQ, SPConnection, SPProtocolError, encode_message_parts
+
+RequestHandler = Callable[[bytes], "bytes | defer.Deferred[bytes]"]
+
+
+@dataclass(frozen=True)
+class RepLimits:
+    max_message: int = 1024 * 1024  # bytes per request; larger closes the connection
+    header_timeout: float = 10.0  # seconds a peer has to send its SP header (nng: 10 s)
+    max_hops: int = MAX_HOPS
+    max_inflight: int = 1024  # unanswered requests per connection before we stop reading
+    max_connections: int = 1000  # connections at once; a new one past it is closed at once
+
+
+@implementer(IPushProducer, IHalfCloseableProtocol)
+class RepProtocol(Protocol):
+    log = Logger()
+    factory: RepFactory | None = None
+
+    def __init__(self, handler: RequestHandler, limits: RepLimits, clock: IReactorTime) -> None:
+        self._handler = handler
+        self._limits = limits
+        self._clock = clock
+        self._sp = SPConnection(REP, REQ, limits.max_message)
+        self._header_timer: IDelayedCall | None = None
+        self._inflight = 0
+        self._held: deque[bytes] = deque()  # received, waiting for an in-flight slot
+        self._running = False
+        self._writes_blocked = False
+        self._reading_paused = False
+        self._input_done = False  # the peer sent FIN: answer what it sent, then close
+        self.closed = False
+        self.dropped_requests = 0
+
+    @property
+    def inflight(self) -> int:
+        return self._inflight
+
+    @property
+    def reading_paused(self) -> bool:
+        return self._reading_paused
+
+    def unsent(self) -> int:
+        """Reply bytes written and not yet taken by the kernel."""
+        return unsent_bytes(self.transport) or 0
+
+    def connectionMade(self) -> None:
+        if self.factory is not None:
+            self.factory.connections.add(self)
+        setnodelay = getattr(self.transport, "setTcpNoDelay", None)
+        if setnodelay is not None:
+            setnodelay(True)
+        self.transport.registerProducer(self, True)
+        self.transport.write(self._sp.initial_bytes())
+        self._header_timer = self._clock.callLater(self._limits.header_timeout, self._no_header)
+
+    def _no_header(self) -> None:
+        self._header_timer = None
+        self._close(f"no SP header within {self._limits.header_timeout:g}s")
+
+    def _close(self, reason: str) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.log.warn(
+            "SP connection from {peer} closed: {reason}", peer=self._peer(), reason=reason
+        )
+        # Abort: a peer breaking the protocol gets no more bytes, and buffered replies it
+        # may never read do not keep the connection alive.
+        self.transport.abortConnection()
+
+    def _peer(self) -> str:
+        try:
+            peer = self.transport.getPeer()
+            return f"{peer.host}:{peer.port}"
+        except Exception:
+            return "?"
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.closed:
+            return
+        try:
+            bodies = self._sp.receive(data)
+        except SPProtocolError as e:
+            self._close(str(e))
+            return
+        if self._header_timer is not None and self._sp.header_received:
+            self._header_timer.cancel()
+            self._header_timer = None
+        self._held.extend(bodies)
+        self._run_held()
+
+    def _run_held(self) -> None:
+        """Handle received requests while fewer than max_inflight are unanswered; the rest
+        wait here (one read's worth at most: reading is paused meanwhile)."""
+        self._running = True
+        try:
+            self._handle_held()
+        finally:
+            self._running = False
+        self._update_reading()
+        self._close_if_answered()
+
+    # IHalfCloseableProtocol
+    def readConnectionLost(self) -> None:  # noqa: N802
+        """The peer sent FIN: it sends nothing more but may still read. Requests received
+        in full are answered; a partial message or header is dropped."""
+        self._input_done = True
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+        self._close_if_answered()
+
+    def writeConnectionLost(self) -> None:  # noqa: N802
+        self.transport.loseConnection()
+
+    def _close_if_answered(self) -> None:
+        if self._input_done and not self.closed and not self._held and not self._inflight:
+            self.closed = True
+            if self.factory is not None:  # its slot is free now (sp_max_connections)
+                self.factory.connections.discard(self)
+            # loseConnection, not abort: the replies written are sent before the close.
+            self.transport.loseConnection()
+
+    def _handle_held(self) -> None:
+        held = self._held
+        replies: list[bytes] = []
+        while held and not self.closed and self._inflight < self._limits.max_inflight:
+            body = held.popleft()
+            try:
+                backtrace, payload = split_backtrace(body, self._limits.max_hops)
+            except TooManyHops:
+                self.dropped_requests += 1
+                self.log.debug("dropped request with too many hops")
+                continue
+            except SPProtocolError as e:
+                self._close(str(e))
+                break
+            try:
+                result = self._handler(payload)
+            except Exception:
+                self.log.failure("request handler raised; dropping request")
+                continue
+            if isinstance(result, defer.Deferred):
+                self._track(backtrace, result)
+            else:
+                replies += encode_message_parts([backtrace, result])
+        if replies and not self.closed:
+            # One write per read: replies to pipelined requests leave together.
+            self.transport.writeSequence(replies)
+
+    def _track(self, backtrace: bytes, d: defer.Deferred[bytes]) -> None:
+        self._inflight += 1
+        self._update_reading()
+        d.addCallbacks(self._reply_later, self._handler_failed, callbackArgs=(backtrace,))
+
+    def _reply_later(self, reply: bytes, backtrace: bytes) -> None:
+        self._inflight -= 1
+        if not self.closed:
+            self.transport.writeSequence(encode_message_parts([backtrace, reply]))
+            self._after_reply()
+
+    def _after_reply(self) -> None:
+        if self._held and not self._running:  # (a reply inside _run_held: it goes on)
+            self._run_held()
+        else:
+            self._update_reading()
+            if not self._running:
+                self._close_if_answered()
+
+    def _handler_failed(self, failure: Failure) -> None:
+        self._inflight -= 1
+        self.log.failure("request handler failed; dropping request", failure)
+        if not self.closed:
+            self._after_reply()
+
+    def _update_reading(self) -> None:
+        if self.closed or self._input_done:  # (resuming would read the FIN again)
+            return
+        pause = (
+            self._writes_blocked or self._inflight >= self._limits.max_inflight or bool(self._held)
+        )
+        if pause != self._reading_paused:
+            self._reading_paused = pause
+            if pause:
+                self.transport.pauseProducing()
+            else:
+                self.transport.resumeProducing()
+
+    # IPushProducer: the transport calls these when its send buffer fills and drains.
+    def pauseProducing(self) -> None:  # noqa: N802
+        self._writes_blocked = True
+        self._update_reading()
+
+    def resumeProducing(self) -> None:  # noqa: N802
+        self._writes_blocked = False
+        self._update_reading()
+
+    def stopProducing(self) -> None:  # noqa: N802
+        self.closed = True
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        self.closed = True
+        if self.factory is not None:
+            self.factory.connections.discard(self)
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+
+class RepFactory(Factory):
+    log = Logger()
+    noisy = False
+
+    def __init__(
+        self,
+        handler: RequestHandler,
+        limits: RepLimits | None = None,
+        clock: IReactorTime | None = None,
+    ) -> None:
+        if clock is None:
+            from twisted.internet import reactor as clock  # type: ignore[assignment]
+        self.handler = handler
+        self.limits = limits or RepLimits()
+        self.clock = clock
+        self.connections: set[RepProtocol] = set()
+        self.refused = 0
+
+    def buildProtocol(self, addr: object) -> RepProtocol | None:  # noqa: N802
+        if len(self.connections) >= self.limits.max_connections:
+            # None: the port closes the socket at once. nng dialers retry (with backoff),
+            # so a web app gets in as soon as another connection goes.
+            self.refused += 1
+            self.log.warn(
+                "SP connection from {peer} closed: sp_max_connections ({n}) reached",
+                peer=getattr(addr, "host", "?"),
+                n=self.limits.max_connections,
+            )
+            return None
+        proto = RepProtocol(self.handler, self.limits, self.clock)
+        proto.factory = self
+        return proto
+
+    def stats(self) -> dict[str, int]:
+        """For /orbited/health: connections, refusals, and those whose reading is paused
+        (backpressure: too many requests in flight, or replies not read)."""
+        return {
+            "sp_connections": len(self.connections),
+            "sp_refused": self.refused,
+            "sp_paused": sum(1 for c in self.connections if c.reading_paused),
+            "sp_inflight": sum(c.inflight for c in self.connections),
+            "sp_unsent_bytes": sum(c.unsent() for c in self.connections),
+        }

@@ -1,0 +1,186 @@
+"""One Orbited node as a twisted.application service: SP listener, browser site, keepalive.
+
+Stopping the service (SIGTERM, Ctrl-C) tells every attached browser to reconnect before
+the listeners close.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from twisted.application import internet, service
+from twisted.internet import task
+from twisted.internet.interfaces import IReactorCore, IReactorTCP, IReactorTime
+from twisted.logger import Logger
+
+from orbited.core.settings import parse_host_port, parse_sp_address
+from orbited.core.tokens import load_secret
+from orbited.node.config import NodeConfig
+from orbited.node.hub import Hub
+from orbited.node.legacy.orbit import OrbitFactory
+from orbited.node.link import HaloDLink
+from orbited.node.presence import PresenceConfig, PresenceNotifier
+from orbited.node.publish import publish_site
+from orbited.node.rep import RepFactory
+from orbited.node.transports.common import BrowserAuth
+from orbited.node.transports.gate import (
+    GatedTCPServer,
+    SocketGate,
+    default_max_sockets,
+    raise_fd_limit,
+)
+from orbited.node.transports.limits import BrowserLimits
+from orbited.node.web import browser_site
+from orbited.runtime.twisted_compat import listening_port
+
+
+class NodeService(service.MultiService):
+    log = Logger()
+
+    def __init__(self, config: NodeConfig, reactor: IReactorTCP | None = None) -> None:
+        super().__init__()
+        if reactor is None:
+            from twisted.internet import reactor as _reactor
+
+            reactor = _reactor
+        self.config = config
+        self.reactor = reactor
+        clock: IReactorTime = reactor  # type: ignore[assignment]
+        secret = load_secret(Path(config.secret_file), create=config.create_secret)
+        self.hub = Hub(clock, config.hub_config())
+        self.presence: PresenceNotifier | None = None
+        if config.presence_url:
+            presence = PresenceConfig(
+                config.presence_url,
+                max_queue=config.presence_queue,
+                timeout=config.presence_timeout,
+                retries=config.presence_retries,
+            )
+            self.presence = PresenceNotifier(presence, secret, config.name, clock)
+            self.hub.presence = self.presence.notify
+        self.rep_factory = RepFactory(self.hub.handle_request, config.rep_limits(), clock)
+        self.browser_limits = BrowserLimits(config.browser_limits(), clock)
+        self.fd_limit = raise_fd_limit()
+        self.socket_gate = SocketGate(config.max_sockets or default_max_sockets(self.fd_limit))
+        self.site = browser_site(
+            self.hub,
+            BrowserAuth(secret, config.token_leeway),
+            config.cors_origins,
+            config.name,
+            config.iframe_max_bytes,
+            self.browser_limits,
+            self.limit_counters,
+        )
+        sp_host, sp_port = parse_sp_address(config.sp)
+        http_host, http_port = parse_host_port(config.http)
+        self.sp_server = internet.TCPServer(
+            sp_port, self.rep_factory, backlog=config.backlog, interface=sp_host, reactor=reactor
+        )
+        self.http_server = GatedTCPServer(
+            self.socket_gate, http_port, self.site, backlog=config.backlog,
+            interface=http_host, reactor=reactor,
+        )  # fmt: skip
+        self.sp_server.setServiceParent(self)
+        self.http_server.setServiceParent(self)
+        self.publish_server: internet.TCPServer | None = None
+        if config.publish_http:
+            api_key = load_secret(Path(config.publish_key_file))
+            publish_host, publish_port = parse_host_port(config.publish_http)
+            self.publish_server = internet.TCPServer(
+                publish_port,
+                publish_site(self.hub, api_key, config.sp_max_message, self.browser_limits.config),
+                interface=publish_host,
+                reactor=reactor,
+            )
+            self.publish_server.setServiceParent(self)
+        self.orbit_server: internet.TCPServer | None = None
+        if config.orbit_legacy:
+            orbit_host, orbit_port = parse_host_port(config.orbit_legacy)
+            self.orbit_server = internet.TCPServer(
+                orbit_port, OrbitFactory(self.hub), interface=orbit_host, reactor=reactor
+            )
+            self.orbit_server.setServiceParent(self)
+        keepalive = internet.TimerService(config.keepalive / 2, self.hub.keepalive_tick)
+        keepalive.clock = clock
+        keepalive.setServiceParent(self)
+        self.halod_link: HaloDLink | None = None
+        if config.halod:
+            halod_secret = None
+            if config.halod_secret_file:
+                halod_secret = load_secret(Path(config.halod_secret_file)).decode("latin-1")
+            self.halod_link = HaloDLink(
+                self.hub, config.name, config.halod, self._advertised, config.capacity,
+                reactor, halod_secret,
+            )  # fmt: skip
+            self.halod_link.setServiceParent(self)  # after the listeners: addresses known
+
+    def limit_counters(self) -> dict[str, int]:
+        """The limits' gauges and refusal counters, for /orbited/health."""
+        gate = self.socket_gate
+        return {
+            **self.browser_limits.snapshot(),
+            "sockets": gate.open,
+            "max_sockets": gate.max_sockets,
+            "refused_sockets": gate.refused,
+            **self.rep_factory.stats(),
+            "mailbox_bytes": self.hub.mailbox_bytes,
+            "full": self.hub.stats["full"],
+        }
+
+    def _advertised(self) -> tuple[str, str]:
+        """The addresses HaloD forwards browsers and web apps to."""
+        return (
+            self.config.advertise_http or self.http_address,
+            self.config.advertise_sp or self.sp_address,
+        )
+
+    def startService(self) -> None:  # noqa: N802
+        super().startService()
+        if self.config.max_connections >= self.socket_gate.max_sockets:
+            self.log.warn(
+                "max_connections ({c}) is not below the socket cap ({s}, fd limit {fd}): "
+                "browsers past the cap get a closed socket, not a 503",
+                c=self.config.max_connections,
+                s=self.socket_gate.max_sockets,
+                fd=self.fd_limit,
+            )
+        self.log.info(
+            "node {name} epoch {epoch}: browsers on http://{http}/orbited/, web apps on {sp}",
+            name=self.config.name,
+            epoch=self.hub.epoch,
+            http=self._address(self.http_server),
+            sp="tcp://" + self._address(self.sp_server),
+        )
+
+    def stopService(self):  # noqa: ANN201, N802
+        if self.halod_link is not None:
+            self.halod_link.leave()
+        self.hub.shutdown("shutdown")
+        # Then no keep-alive connection to this node is left for a browser's next request.
+        self.site.close_idle_connections()
+        # Give the reconnect frames and close handshakes a moment to leave.
+        reactor: IReactorCore = self.reactor  # type: ignore[assignment]
+        return task.deferLater(reactor, 0.2, lambda: None).addCallback(
+            lambda _: super(NodeService, self).stopService()
+        )
+
+    @staticmethod
+    def _address(server: internet.TCPServer) -> str:
+        host = listening_port(server).getHost()
+        return f"{host.host}:{host.port}"
+
+    @property
+    def http_address(self) -> str:
+        return self._address(self.http_server)
+
+    @property
+    def publish_address(self) -> str | None:
+        return self._address(self.publish_server) if self.publish_server else None
+
+    @property
+    def orbit_address(self) -> str | None:
+        return self._address(self.orbit_server) if self.orbit_server else None
+
+    @property
+    def sp_address(self) -> str:
+        return "tcp://" + self._address(self.sp_server)

@@ -1,0 +1,163 @@
+"""What every browser transport checks first: origin, token and resume position.
+
+Errors carry both the HTTP status (for transports that answer over HTTP) and the
+WebSocket close code (4000 + that status) documented in docs/protocol.md, "Errors".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from urllib.parse import urlsplit
+
+from orbited.core.keys import ConnectionKey
+from orbited.core.tokens import TokenError, verified_before, verify_token
+from orbited.node.mailbox import Position, PositionError
+
+
+class BrowserRequestError(Exception):
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+    @property
+    def close_code(self) -> int:
+        return 4000 + self.status
+
+    @property
+    def close_reason(self) -> str:
+        # A close reason may be at most 123 bytes of UTF-8.
+        return f"{self.code}: {self.message}".encode()[:123].decode("utf-8", "ignore")
+
+
+@dataclass(frozen=True)
+class BrowserAuth:
+    secret: bytes
+    token_leeway: float = 30.0
+
+
+@dataclass(frozen=True)
+class Attach:
+    key: ConnectionKey
+    after: Position | None
+
+
+def single_param(params: Mapping[str, Sequence[str]], name: str) -> str | None:
+    values = params.get(name)
+    if not values:
+        return None
+    if len(values) > 1:
+        raise BrowserRequestError(400, "bad_request", f"parameter {name} given more than once")
+    return values[0]
+
+
+def authenticate(auth: BrowserAuth, params: Mapping[str, Sequence[str]]) -> Attach:
+    """Check ``token`` and ``last`` query parameters (already decoded to str)."""
+    token = single_param(params, "token")
+    try:
+        key = verify_token(auth.secret, token or "", auth.token_leeway)
+    except TokenError as e:
+        raise BrowserRequestError(401, e.code, e.message) from None
+    last = single_param(params, "last")
+    after = None
+    if last:
+        try:
+            after = Position.parse(last)
+        except PositionError as e:
+            raise BrowserRequestError(400, "bad_position", str(e)) from None
+    return Attach(key, after)
+
+
+def resumes_session(auth: BrowserAuth, args: Mapping[bytes, Sequence[bytes]]) -> bool:
+    """Does this raw request go on from a session's position: one ``last`` that parses,
+    with a token that verified before (no crypto, so it can be asked before any work)?
+    Only such a request is exempt from connect_rate: a forged or garbage ``last``, or an
+    unseen token, is charged like any new connection (docs/operations.md, "Limits")."""
+    last, token = args.get(b"last"), args.get(b"token")
+    if not last or not token or len(last) != 1 or len(token) != 1:
+        return False
+    try:
+        Position.parse(last[0].decode("ascii"))
+        return verified_before(auth.secret, token[0].decode("ascii"))
+    except (UnicodeDecodeError, PositionError):
+        return False
+
+
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+@dataclass(frozen=True)
+class Origin:
+    """An origin as RFC 6454 compares them: scheme, host (lower case) and port (the
+    scheme's default port filled in). ``http://app.example`` and ``http://app.example:80``
+    are the same origin; ``http://app.example:8000`` is another one."""
+
+    scheme: str
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str) -> Origin | None:
+        """A serialised origin (``https://app.example:8443``, as browsers send in
+        ``Origin``), or None if ``text`` is not one: another scheme, a path, user info,
+        a bad port, whitespace or control characters."""
+        if not text.isascii() or not text.isprintable() or " " in text:
+            return None  # urlsplit would quietly drop tabs and newlines
+        try:
+            url = urlsplit(text)
+            port = url.port
+        except ValueError:  # e.g. "http://[" or a port over 65535 (found by fuzzing)
+            return None
+        if (
+            url.scheme not in DEFAULT_PORTS
+            or not url.hostname
+            or "@" in url.netloc
+            or url.path
+            or url.query
+            or url.fragment
+            or text.endswith(("?", "#", ":"))
+        ):
+            return None
+        return cls(url.scheme, url.hostname, DEFAULT_PORTS[url.scheme] if port is None else port)
+
+
+def request_scheme(secure: bool, forwarded_proto: str | None) -> str:
+    """The scheme the browser used to reach the node: ``https`` over TLS, else what the
+    nearest proxy says in ``X-Forwarded-Proto`` (its last value; a TLS terminator in front
+    of the node sets it), else ``http``. A page cannot make its browser send this header
+    on a WebSocket, EventSource or iframe request, nor on a cross-origin fetch without a
+    preflight the node does not grant, so it cannot use it to pass as same-origin."""
+    if secure:
+        return "https"
+    if forwarded_proto:
+        proto = forwarded_proto.rsplit(",", 1)[-1].strip().lower()
+        if proto in DEFAULT_PORTS:
+            return proto
+    return "http"
+
+
+@lru_cache(maxsize=64)
+def _allowed_origins(allowed: tuple[str, ...]) -> frozenset[Origin]:
+    return frozenset(o for o in map(Origin.parse, allowed) if o is not None)
+
+
+def origin_allowed(
+    origin: str | None, host: str | None, allowed: Sequence[str], scheme: str = "http"
+) -> bool:
+    """May a page of ``origin`` use this node? Requests without ``Origin`` (non-browser
+    clients) pass; so does a page of the node's own origin — ``scheme`` (request_scheme),
+    and host and port of the request's ``Host`` header, compared as RFC 6454 origins —
+    and one in the allow-list (``*``: any). Every transport asks this one function."""
+    if origin is None:
+        return True
+    if "*" in allowed or origin in allowed:
+        return True
+    page = Origin.parse(origin)
+    if page is None:
+        return False
+    if page in _allowed_origins(tuple(allowed)):
+        return True
+    return host is not None and page == Origin.parse(f"{scheme}://{host}")

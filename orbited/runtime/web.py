@@ -1,0 +1,246 @@
+"""twisted.web pieces both daemons' HTTP listeners share: JSON errors everywhere (never
+twisted.web's HTML pages), a leaf resource answering 405/404 as documented, a Site with
+no access log, and an HTTP channel enforcing request-head limits (414/431/400 with a JSON
+body)."""
+
+from __future__ import annotations
+
+import json
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.internet.interfaces import IDelayedCall
+from twisted.web import http, resource, server
+from twisted.web.http import Request
+
+
+@dataclass(frozen=True)
+class HeadLimits:
+    """Request-head limits of an HTTP listener (docs/operations.md: the node's keys of the
+    same names; HaloD's status port uses these defaults)."""
+
+    max_request_line: int = 16 * 1024  # bytes of "GET /orbited/...?... HTTP/1.1"; then 414
+    max_header_bytes: int = 16 * 1024  # bytes of all header lines together; then 431
+    max_headers: int = 100  # header lines; then 431
+
+
+def error_json(code: str, message: str) -> bytes:
+    """The browser port's error body (docs/protocol.md, "Errors (browser side)")."""
+    return json.dumps({"error": {"code": code, "message": message}}).encode()
+
+
+def send_error(request: Request, status: int, code: str, message: str) -> bytes:
+    """Answer ``status`` with the JSON error body of the request's site."""
+    request.setResponseCode(status)
+    request.setHeader(b"content-type", b"application/json")
+    body = getattr(getattr(request, "site", None), "error_body", error_json)
+    return body(code, message)
+
+
+class JSONResource(resource.Resource):
+    """A leaf resource that answers what it does not serve with the documented JSON error,
+    never twisted.web's HTML pages: any method without a ``render_<METHOD>`` — also
+    PUT, PATCH and methods twisted.web does not know, which it would answer 501 — gets
+    405 with ``Allow``; a path below it (``/orbited/poll/x``) gets 404."""
+
+    isLeaf = True
+    head_allowed = True  # HEAD is GET without the body (twisted.web drops the body)
+    _allowed: list[str] | None = None
+
+    def allowed_methods(self) -> list[str]:
+        if self._allowed is None:
+            names = {n.removeprefix("render_") for n in dir(self) if n.startswith("render_")}
+            names.discard("HEAD")
+            if self.head_allowed and "GET" in names:
+                names.add("HEAD")
+            self._allowed = sorted(names)
+        return self._allowed
+
+    def render(self, request: Request) -> bytes | int:
+        if request.postpath:
+            return send_error(request, 404, "not_found", "no such resource")
+        method = request.method.decode("ascii", "replace")  # a token: ASCII
+        allowed = self.allowed_methods()
+        if method not in allowed:
+            request.setHeader(b"allow", ", ".join(allowed).encode())
+            return send_error(
+                request, 405, "method_not_allowed", f"{method[:32]} is not supported here"
+            )
+        if method == "HEAD" and not hasattr(self, "render_HEAD"):
+            method = "GET"
+        return getattr(self, f"render_{method}")(request)
+
+
+class NotFoundResource(resource.Resource):
+    """404 with the JSON error body, for any method and any path below."""
+
+    isLeaf = True
+
+    def render(self, request: Request) -> bytes:
+        return send_error(request, 404, "not_found", "no such resource")
+
+
+class JSONDirectory(resource.Resource):
+    """A resource with children; any other name below it, and itself, are 404 JSON."""
+
+    def getChild(self, path: bytes, request: Request) -> resource.Resource:  # noqa: N802
+        return NotFoundResource()
+
+    def render(self, request: Request) -> bytes:
+        return send_error(request, 404, "not_found", "no such resource")
+
+
+class QuietSite(server.Site):
+    """A Site without an access log: a line per long-poll, ack and WebSocket upgrade
+    costs CPU at push-server rates and would write every browser's token to the log."""
+
+    def log(self, request: Request) -> None:
+        pass
+
+
+class OrbitedChannel(http.HTTPChannel):
+    """twisted.web's HTTP/1.1 parser, answering a request head it will not read with a
+    status and the site's JSON error body instead of closing without a word (a request
+    line over MAX_LENGTH) or a bare "400 Bad Request" (anything else): 414 for a request
+    line over ``max_request_line``, 431 for headers over ``max_header_bytes`` or
+    ``max_headers``, 400 ``bad_request`` for a head it cannot parse. The connection is
+    then closed: its write side at once, the rest after DRAIN_SECONDS in which what the
+    client still sends is read and dropped (closing with unread data would reset the
+    connection, and the client might lose the answer)."""
+
+    DRAIN_SECONDS = 2.0
+    site: Any = None
+    _refused = False
+    _drain: IDelayedCall | None = None
+    _header_bytes = 0
+
+    def connectionMade(self) -> None:  # noqa: N802
+        channels = getattr(self.site, "channels", None)
+        if channels is not None:
+            channels.add(self)
+        limits: HeadLimits = getattr(self.site, "head_limits", HeadLimits())
+        self.limits = limits
+        self.MAX_LENGTH = max(limits.max_request_line, limits.max_header_bytes)
+        self.maxHeaders = limits.max_headers
+        # Our own count (lineReceived) enforces max_header_bytes; Twisted's total never
+        # fires first.
+        self.totalHeadersSize = limits.max_request_line + limits.max_header_bytes
+        super().connectionMade()
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        if not self._refused:
+            super().dataReceived(data)
+
+    def lineReceived(self, line: bytes) -> None:  # noqa: N802
+        if self._refused:
+            return
+        # _receivedHeaderSize (an HTTPChannel ivar its docstring documents) counts the
+        # head's lines so far and is 0 before a request line.
+        if self._receivedHeaderSize == 0:
+            if len(line) > self.limits.max_request_line:
+                self._refuse(414, "URI Too Long", "uri_too_long", "request line too long")
+                return
+            self._header_bytes = 0
+        else:
+            self._header_bytes += len(line)
+            if self._header_bytes > self.limits.max_header_bytes:
+                self._refuse_headers()
+                return
+        super().lineReceived(line)
+
+    def lineLengthExceeded(self, line: bytes) -> None:  # noqa: N802
+        # LineReceiver's hook for a line over MAX_LENGTH (Twisted just closes).
+        if self._receivedHeaderSize == 0:
+            self._refuse(414, "URI Too Long", "uri_too_long", "request line too long")
+        else:
+            self._refuse_headers()
+
+    def _respondToBadRequestAndDisconnect(self) -> None:  # noqa: N802
+        # Private in Twisted, but its only hook for a request it cannot parse: every such
+        # path (bad request line or header, too many headers, bad Content-Length or
+        # chunking) calls it to write a bare "400 Bad Request". There is no public way to
+        # answer those with a JSON body and the right status, so it is overridden here
+        # (checked against Twisted 26.10; tests/node/test_browser_port.py covers each case).
+        if self._receivedHeaderCount > self.maxHeaders:
+            self._refuse_headers()
+        else:
+            self._refuse(400, "Bad Request", "bad_request", "malformed HTTP request")
+
+    def _refuse_headers(self) -> None:
+        limits = self.limits
+        message = (
+            f"request headers over {limits.max_header_bytes} bytes or {limits.max_headers} lines"
+        )
+        self._refuse(431, "Request Header Fields Too Large", "headers_too_large", message)
+
+    def _refuse(self, status: int, phrase: str, code: str, message: str) -> None:
+        if self._refused or self.transport is None:
+            return
+        self._refused = True
+        self.setTimeout(None)
+        body = getattr(self.site, "error_body", error_json)(code, message)
+        self.transport.write(
+            b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+            b"Connection: close\r\n\r\n%s" % (status, phrase.encode(), len(body), body)
+        )
+        half_close = getattr(self.transport, "loseWriteConnection", None)
+        if half_close is None:
+            self.transport.loseConnection()
+            return
+        half_close()
+        abort = getattr(self.transport, "abortConnection", self.transport.loseConnection)
+        self._drain = self.callLater(self.DRAIN_SECONDS, abort)
+
+    def connectionLost(self, reason: object) -> None:  # noqa: N802
+        if self._drain is not None and self._drain.active():
+            self._drain.cancel()
+        self._drain = None
+        super().connectionLost(reason)
+
+
+class OrbitedRequest(server.Request):
+    """A request whose failure (a bug: an exception in a resource) is answered 500 with
+    the JSON error body ``internal_error``, not twisted.web's HTML page."""
+
+    def processingFailed(self, reason: Any) -> Any:  # noqa: N802
+        self._log.failure("", failure=reason)
+        body = getattr(self.site, "error_body", error_json)("internal_error", "a bug in the node")
+        self.setResponseCode(500)
+        self.setHeader(b"content-type", b"application/json")
+        self.setHeader(b"content-length", b"%d" % len(body))
+        self.write(body)
+        self.finish()
+        return reason
+
+
+class OrbitedSite(QuietSite):
+    """The Site of a node's HTTP listeners: JSON errors everywhere (``error_body``), the
+    request-head limits of ``head_limits``."""
+
+    protocol = OrbitedChannel  # type: ignore[assignment]
+    requestFactory = OrbitedRequest
+
+    def __init__(
+        self,
+        root: resource.Resource,
+        error_body: Callable[[str, str], bytes] = error_json,
+        head_limits: HeadLimits = HeadLimits(),  # noqa: B008 - frozen
+    ) -> None:
+        super().__init__(root)
+        self.error_body = error_body
+        self.head_limits = head_limits
+        # Open HTTP connections, for close_idle_connections. Weak: one a WebSocket took
+        # over (autobahn) never hears connectionLost.
+        self.channels: weakref.WeakSet[OrbitedChannel] = weakref.WeakSet()
+
+    def close_idle_connections(self) -> None:
+        """Close every keep-alive connection with no request in progress (node shutdown,
+        after the reconnect frames: a browser must not send its next request over one)."""
+        for channel in list(self.channels):
+            transport = channel.transport
+            if transport is None or getattr(transport, "disconnecting", False):
+                continue  # taken over by a WebSocket, or closing already
+            if not channel.requests and not channel._refused:
+                channel.loseConnection()

@@ -1,0 +1,209 @@
+"""The blocking web-app client against a real 3-node static cluster, and through HaloD's
+route ports while routes move and nodes die."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from collections.abc import Iterator
+
+import pytest
+from websockets.sync.client import ClientConnection, connect
+
+from orbited.client import BlockingClient, Cluster, HaloDCluster, Node
+from orbited.core.hashing import route_of, static_node
+from orbited.core.keys import ConnectionKey
+from tests.conftest import (
+    SECRET,
+    DaemonProcess,
+    HaloDProcess,
+    NodeProcess,
+    keys_on_routes,
+    wait_for,
+)
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def three_nodes(tmp_path) -> Iterator[list[NodeProcess]]:
+    nodes = []
+    for i in range(3):
+        (tmp_path / str(i)).mkdir()
+        nodes.append(NodeProcess(tmp_path / str(i), "--linger", "30").start())
+    yield nodes
+    for n in nodes:
+        n.stop()
+
+
+def cluster_of(nodes: list[NodeProcess]) -> Cluster:
+    return Cluster([Node(n.sp, f"http://{n.http}") for n in nodes])
+
+
+def keys_on_every_node(count: int = 12) -> list[ConnectionKey]:
+    keys = [ConnectionKey(f"user{i}", "s", "/t") for i in range(count)]
+    assert {static_node(route_of(k), 3) for k in keys} == {0, 1, 2}
+    return keys
+
+
+def test_each_event_lands_on_the_node_its_hash_names(three_nodes):
+    cluster = cluster_of(three_nodes)
+    keys = keys_on_every_node()
+    sockets = {}
+    for key in keys:
+        # Browsers connect where the hash says (as the JS client would be told).
+        url = cluster.browser_url(key, SECRET)
+        node = three_nodes[static_node(route_of(key), 3)]
+        assert url.startswith(f"ws://{node.http}/orbited/ws?token=")
+        ws = node.ws(node.token(key.user, key.session, key.location))
+        ws.recv(timeout=5)
+        sockets[key] = ws
+    with BlockingClient(cluster) as client:
+        results = client.send(keys, {"n": 1}, event_id="fan-1")
+        assert all(r == {"status": "delivered", "seq": 1} for r in results.values()), results
+        for ws in sockets.values():
+            assert json.loads(ws.recv(timeout=5))["data"] == {"n": 1}
+        # A key connected nowhere: its node answers no_connection.
+        lone = ConnectionKey("nobody", "", "")
+        assert client.send([lone], 1)[lone] == {"status": "no_connection"}
+    for ws in sockets.values():
+        ws.close()
+
+
+def test_a_dead_node_is_retried_and_a_resend_is_not_delivered_twice(three_nodes):
+    cluster = cluster_of(three_nodes)
+    key = keys_on_every_node()[0]
+    index = static_node(route_of(key), 3)
+    node = three_nodes[index]
+    ws = node.ws(node.token(key.user, key.session, key.location))
+    ws.recv(timeout=5)
+    with BlockingClient(cluster, timeout=1.0, retries=2, backoff=0.1) as client:
+        assert client.send([key], "first", event_id="e1")[key]["status"] == "delivered"
+        ws.close()
+        node.stop()
+        started = time.monotonic()
+        result = client.send([key], "lost", event_id="e2")[key]
+        assert result["status"] == "error" and time.monotonic() - started < 5
+        node.start(http=node.http, sp=node.sp)
+        ws = node.ws(node.token(key.user, key.session, key.location))
+        ws.recv(timeout=5)
+        assert client.send([key], "again", event_id="e3")[key]["status"] == "delivered"
+        # The same event sent again (as a retry would) is answered, not delivered twice.
+        assert client.send([key], "again", event_id="e3")[key]["status"] == "delivered"
+    assert json.loads(ws.recv(timeout=5))["data"] == "again"
+    with pytest.raises(TimeoutError):
+        ws.recv(timeout=0.5)
+    ws.close()
+
+
+def test_acknowledged_mode_answers_when_the_browser_confirms(node: NodeProcess):
+    import threading
+
+    cluster = Cluster([Node(node.sp, f"http://{node.http}")])
+    key = ConnectionKey("acker", "s", "/t")
+    ws = node.ws(node.token(key.user, key.session, key.location))
+    ws.recv(timeout=5)
+    results: list[dict] = []
+    with BlockingClient(cluster, timeout=10) as client:
+        sender = threading.Thread(target=lambda: results.append(client.send([key], 1, ack=8)))
+        sender.start()
+        event = json.loads(ws.recv(timeout=5))
+        time.sleep(0.3)
+        assert results == []  # still waiting for the browser
+        ws.send(json.dumps({"type": "ack", "seq": event["seq"]}))
+        sender.join(5)
+    assert results == [{key: {"status": "acked", "seq": 1}}]
+    ws.close()
+
+
+# -- through HaloD's route ports (the built-in proxy data plane) ---------------------------
+
+
+@pytest.fixture
+def procs() -> Iterator[list[DaemonProcess]]:
+    """Processes to stop after the test: HaloD with SIGTERM (its proxy worker ends with
+    it), nodes with SIGKILL."""
+    started: list[DaemonProcess] = []
+    yield started
+    for proc in reversed(started):
+        if proc.alive():
+            proc.stop(signal.SIGTERM if isinstance(proc, HaloDProcess) else signal.SIGKILL)
+
+
+def halod_with_proxy(tmp_path, procs, *flags: str) -> tuple[HaloDProcess, HaloDCluster]:
+    halod = HaloDProcess(tmp_path, "--spares", "0", "--heartbeat-interval", "0.2", *flags,
+                         proxy=True).start()  # fmt: skip
+    procs.append(halod)
+    return halod, HaloDCluster("127.0.0.1", halod.sp_base, halod.browser_base)
+
+
+def start_node(halod: HaloDProcess, tmp_path, procs, name: str) -> NodeProcess:
+    node = halod.node(tmp_path, name)
+    procs.append(node)
+    return node
+
+
+def browser(cluster: HaloDCluster, key: ConnectionKey) -> tuple[ClientConnection, str]:
+    """A WebSocket through the key's route port, and the epoch of the node it reached."""
+    ws = connect(cluster.browser_url(key, SECRET), open_timeout=5, legacy=True)
+    hello = json.loads(ws.recv(timeout=5))
+    assert hello["type"] == "hello"
+    return ws, hello["stream"].split(".")[0]
+
+
+def test_a_moved_reply_redials_the_route_at_once(tmp_path, procs):
+    # The old node's connection stays open for move_close_delay (30 s here): resending
+    # over it only gets `moved` again. The client must dial the route port afresh at once
+    # (no backoff: 3 s here would show), which leads to the new owner.
+    halod, hx = halod_with_proxy(tmp_path, procs, "--grace", "1", "--move-close-delay", "30")
+    start_node(halod, tmp_path, procs, "n1")
+    key = keys_on_routes([20])[0]  # n2 will take routes 13-24
+    with BlockingClient(hx, backoff=3.0) as app:
+        assert app.send([key], 0)[key] == {"status": "no_connection"}  # pooled, to n1
+        n2 = start_node(halod, tmp_path, procs, "n2")
+        wait_for(lambda: halod.owners()[20] == "n2", "route 20 moved to n2")
+        ws, epoch = browser(hx, key)
+        assert epoch == n2.epoch
+        began = time.monotonic()
+        results = [app.send([key], i)[key] for i in range(1, 6)]
+        assert time.monotonic() - began < 2.5, "a moved reply was answered with a backoff"
+    assert [r["status"] for r in results] == ["delivered"] * 5, results
+    assert [json.loads(ws.recv(timeout=5))["data"] for _ in range(5)] == [1, 2, 3, 4, 5]
+    ws.close()
+
+
+def test_sends_through_a_crash_reach_the_new_owner_in_order(tmp_path, procs):
+    # A node is killed while the web app sends to keys on its routes: no send returns
+    # `error` (the retry budget spans HaloD's failover), and the browsers, reconnected to
+    # the new owner, receive what it accepted in the order it was sent.
+    halod, hx = halod_with_proxy(tmp_path, procs, "--grace", "0.5")
+    n1 = start_node(halod, tmp_path, procs, "n1")
+    n2 = start_node(halod, tmp_path, procs, "n2")
+    owned = [r for r, o in halod.owners().items() if o == "n1"][:3]
+    keys = keys_on_routes(owned, count=6)
+    results: dict[ConnectionKey, list[tuple[int, dict]]] = {k: [] for k in keys}
+    browsers: dict[ConnectionKey, ClientConnection] = {}
+    with BlockingClient(hx, timeout=2.0) as app:
+        for i in range(400):
+            if i == 20:
+                n1.stop(signal.SIGKILL)
+            if i > 20 and not browsers and halod.owners()[owned[0]] == "n2":
+                for key in keys:  # the pages reconnect, through the same route ports
+                    browsers[key], epoch = browser(hx, key)
+                    assert epoch == n2.epoch
+            for key, result in app.send(keys, i).items():
+                results[key].append((i, result))
+            if browsers and i >= 60:
+                break
+            time.sleep(0.01)
+    assert browsers, "the routes never moved"
+    for key in keys:
+        statuses = {r["status"] for _, r in results[key]}
+        assert statuses <= {"delivered", "no_connection"}, results[key]
+        delivered = [i for i, r in results[key] if r["status"] == "delivered"]
+        received = []
+        while len(received) < len(delivered):
+            received.append(json.loads(browsers[key].recv(timeout=5))["data"])
+        assert received == delivered
+        browsers[key].close()

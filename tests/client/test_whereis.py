@@ -1,0 +1,114 @@
+"""``orbited whereis``: the node (and pid) serving a key or route, from HaloD's status and
+cluster.json — checked against a real local cluster, before and after a node is killed
+the way docs/tutorial.md kills one."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from orbited.cli import main
+from orbited.cluster import ClusterConfig, LocalCluster
+from orbited.core.hashing import route_of
+from orbited.core.keys import ConnectionKey
+from orbited.whereis import Placement, locate
+from tests.conftest import wait_for
+
+STATUS = {  # the shape of HaloD's /status (docs/halod.md), two active nodes and a spare
+    "routes": 24,
+    "nodes": [
+        {"name": "n1", "state": "active", "routes": list(range(1, 13)),
+         "browser": "127.0.0.2:8001", "sp": "tcp://127.0.0.2:9001"},
+        {"name": "n3", "state": "active", "routes": list(range(13, 25)),
+         "browser": "127.0.0.4:8001", "sp": "tcp://127.0.0.4:9001"},
+        {"name": "n2", "state": "spare", "routes": [],
+         "browser": "127.0.0.3:8001", "sp": "tcp://127.0.0.3:9001"},
+    ],
+}  # fmt: skip
+
+
+def test_locate_names_the_active_owner_and_its_pid():
+    key = ConnectionKey("alice", "", "/cherrychat")
+    placement = locate(STATUS, 13, {"n3": 4242, "n1": 1}, key)
+    assert placement == Placement(13, 24, "n3", "active", "127.0.0.4:8001",
+                                  "tcp://127.0.0.4:9001", 4242, tuple(key))  # fmt: skip
+    assert placement.line() == (
+        'key ["alice", "", "/cherrychat"]: route 13 of 24: n3 (active, browsers '
+        "127.0.0.4:8001, web apps tcp://127.0.0.4:9001), pid 4242"
+    )
+    assert locate(STATUS, 12).node == "n1" and locate(STATUS, 12).pid is None
+
+
+def test_a_route_nobody_holds_and_a_route_out_of_range():
+    failing_over = {**STATUS, "nodes": [n for n in STATUS["nodes"] if n["name"] != "n1"]}
+    placement = locate(failing_over, 5)
+    assert placement.node is None and "no node serves it now" in placement.line()
+    with pytest.raises(ValueError, match="from 1 to 24"):
+        locate(STATUS, 25)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--user", "alice"], "hashes user, session and location together"),
+        (["--user", "alice", "--location", "/c"], "give all three"),
+        (["--key", '["alice", ""]'], "--key: a connection key is an array"),
+        (["--key", "nonsense"], "--key:"),
+        (["--route", "3", "--user", "a"], "give one of"),
+        ([], "give one of"),
+    ],
+)
+def test_incomplete_keys_are_refused_with_the_reason(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["whereis", *argv])
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_halod_not_answering_is_exit_1(tmp_path, capsys):
+    assert main(["whereis", "--route", "1", "--url", "http://127.0.0.1:9",
+                 "--state-dir", str(tmp_path)]) == 1  # fmt: skip
+    assert "cannot read HaloD's http://127.0.0.1:9/status" in capsys.readouterr().err
+
+
+def whereis(capsys, *argv: str) -> tuple[int, str]:
+    code = main(["whereis", *argv])
+    return code, capsys.readouterr().out.strip()
+
+
+@pytest.mark.slow
+def test_the_tutorials_kill_step_on_a_real_cluster(tmp_path: Path, capsys):
+    config = ClusterConfig(state_dir=tmp_path, free_ports=True, fresh=True,
+                           heartbeat_interval=0.25, grace=1.0)  # fmt: skip
+    with LocalCluster(config) as cluster:
+        key = ConnectionKey("alice", "", "/cherrychat")
+        state = ["--state-dir", str(tmp_path)]
+        code, out = whereis(capsys, "--json", "--user", "alice", "--session", "",
+                            "--location", "/cherrychat", *state)  # fmt: skip
+        assert code == 0
+        before = json.loads(out)
+        assert before["route"] == route_of(key, 24)
+        owners = {n["name"]: n for n in cluster.halod_nodes().values()}
+        assert before["route"] in owners[before["node"]]["routes"]
+        assert before["pid"] == cluster.children[before["node"]].pid
+        # --key answers as the three flags do; --route (what the page shows) gives the pid.
+        assert (
+            whereis(capsys, "--key", json.dumps(key), *state)[1]
+            == whereis(
+                capsys, "--user", "alice", "--session", "", "--location", "/cherrychat", *state
+            )[1]
+        )
+        code, pid = whereis(capsys, "--route", str(before["route"]), "--pid", *state)
+        assert (code, int(pid)) == (0, before["pid"])
+        os.kill(int(pid), signal.SIGKILL)
+        # HaloD gives the dead node's routes to the spare; whereis follows.
+        wait_for(lambda: whereis(capsys, "--json", "--route", str(before["route"]), *state)[1]
+                 .find('"node": "n2"') >= 0, "the spare to take the route", timeout=20)  # fmt: skip
+        after = json.loads(whereis(capsys, "--json", "--key", json.dumps(key), *state)[1])
+        assert after["node"] == "n2" and after["pid"] == cluster.children["n2"].pid
+        cluster.refresh_state()  # as the running `orbited cluster` does every second
+        assert before["node"] not in json.loads((tmp_path / "cluster.json").read_text())["pids"]

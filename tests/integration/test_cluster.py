@@ -1,0 +1,116 @@
+"""``orbited cluster`` (``./dev run``): what it leaves in its state directory for scripts —
+cluster.json lists live processes only, and nothing with a pid outlives the cluster."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from orbited.cluster import EPHEMERAL_RANGE, free_port_block
+from tests.conftest import wait_for
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def worker_alive(state: Path) -> int | None:
+    """The built-in proxy's worker of the cluster in ``state``, if it runs (not a zombie)."""
+    try:
+        pid = int((state / "proxy" / "worker.pid").read_text())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        status = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, ValueError):
+        return None
+    return pid if b"proxy_worker" in cmdline and status != "Z" else None
+
+
+def read_state(state: Path) -> dict | None:
+    try:
+        return json.loads((state / "cluster.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+@pytest.mark.slow
+def test_cluster_json_forgets_dead_pids_and_goes_with_the_cluster(tmp_path):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "orbited.cli", "cluster", "--state-dir", str(tmp_path),
+         "--free-ports", "--heartbeat-interval", "0.25", "--grace", "1", "--no-status"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        output: list[str] = []
+        while not any("cherrychat is ready" in line for line in output):
+            line = proc.stdout.readline()
+            assert line and time.monotonic() < deadline, "".join(output)
+            output.append(line)
+        state = read_state(tmp_path)
+        assert state is not None
+        pids = state["pids"]
+        assert set(pids) == {"halod", "cherrychat", "n1", "n2", "n3"}
+        os.kill(pids["n1"], signal.SIGKILL)
+        # A process that died is no longer listed as running (its pid may be reused).
+        wait_for(lambda: "n1" not in (read_state(tmp_path) or {"pids": {"n1": 0}})["pids"],
+                 "cluster.json to drop n1", timeout=10)  # fmt: skip
+        state = read_state(tmp_path)
+        assert state["exited"] == {"n1": -signal.SIGKILL}
+        assert state["pids"] == {k: v for k, v in pids.items() if k != "n1"}
+        assert worker_alive(tmp_path) is not None
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 0
+        # The proxy worker goes too (HaloD's default, proxy_on_exit = keep, would leave it).
+        assert worker_alive(tmp_path) is None
+        # Stopped: no file names a pid of the cluster any more.
+        assert not (tmp_path / "cluster.json").exists()
+        assert sorted(p.name for p in tmp_path.glob("*.ready.json")) == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.slow
+def test_ctrl_c_ends_the_proxy_worker_of_a_halod_that_was_killed(tmp_path):
+    """A SIGKILLed HaloD cannot stop its worker (it forwards on by design): the cluster
+    ends it itself, so ``./dev run`` leaves nothing holding the route ports."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "orbited.cli", "cluster", "--state-dir", str(tmp_path),
+         "--free-ports", "--heartbeat-interval", "0.25", "--grace", "1", "--no-status"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        output: list[str] = []
+        while not any("cherrychat is ready" in line for line in output):
+            line = proc.stdout.readline()
+            assert line and time.monotonic() < deadline, "".join(output)
+            output.append(line)
+        worker = worker_alive(tmp_path)
+        assert worker is not None
+        os.kill(read_state(tmp_path)["pids"]["halod"], signal.SIGKILL)
+        wait_for(lambda: "halod" not in (read_state(tmp_path) or {"pids": {"halod": 0}})["pids"],
+                 "cluster.json to drop halod", timeout=10)  # fmt: skip
+        assert worker_alive(tmp_path) == worker  # it outlived HaloD
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 0
+        assert worker_alive(tmp_path) is None
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_free_port_blocks_avoid_the_ephemeral_range():
+    """Outgoing connections take ephemeral ports at any moment: a block picked there could
+    be taken before the data plane listens on it (seen as "cannot open the route ports")."""
+    first, last = map(int, EPHEMERAL_RANGE.read_text().split())
+    for _ in range(50):
+        base = free_port_block(48)
+        assert base + 48 <= first or base > last

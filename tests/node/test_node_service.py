@@ -1,0 +1,52 @@
+"""The node service inside this process's reactor (pytest-twisted): wiring and shutdown."""
+
+import json
+
+import pynng
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.threads import deferToThread
+from twisted.web.client import Agent, readBody
+
+from orbited.core.keys import ConnectionKey
+from orbited.core.tokens import issue_token
+from orbited.node.config import NodeConfig
+from orbited.node.service import NodeService
+from tests.conftest import SECRET
+
+
+def pynng_request(address: str, body: dict) -> dict:
+    with pynng.Req0(dial=address, send_timeout=5000, recv_timeout=5000) as req:
+        req.send(json.dumps(body).encode())
+        return json.loads(req.recv_msg().bytes)
+
+
+@pytest_twisted.inlineCallbacks
+def test_service_dispatches_and_stops_cleanly(tmp_path):
+    secret = tmp_path / "secret"
+    secret.write_bytes(SECRET)
+    config = NodeConfig(
+        http="127.0.0.1:0", sp="tcp://127.0.0.1:0", secret_file=str(secret), create_secret=False
+    )
+    node = NodeService(config, reactor)
+    node.startService()
+    try:
+        token = issue_token(SECRET, ConnectionKey("svc", "s", "/t"), ttl=60)
+        base = f"http://{node.http_address}/orbited/poll?token={token}".encode()
+        agent = Agent(reactor)
+        hello = json.loads((yield readBody((yield agent.request(b"GET", base + b"&timeout=0")))))
+        stream = hello[0]["stream"]
+        reply = yield deferToThread(
+            pynng_request, node.sp_address, {"id": "svc-1", "to": [["svc", "s", "/t"]], "data": 7}
+        )
+        assert reply["results"] == [{"status": "queued", "seq": 1}]
+        response = yield agent.request(b"GET", base + f"&last={stream}:0".encode())
+        frames = json.loads((yield readBody(response)))
+        assert frames[1] == {"type": "event", "seq": 1, "id": "svc-1", "data": 7}
+        health = yield agent.request(b"GET", f"http://{node.http_address}/orbited/health".encode())
+        assert json.loads((yield readBody(health)))["epoch"] == node.hub.epoch
+    finally:
+        yield node.stopService()
+    assert not node.sp_server.running and not node.http_server.running
+    ours = [c for c in reactor.getDelayedCalls() if "orbited" in repr(c.func)]
+    assert ours == []
