@@ -210,7 +210,7 @@ class Watch:
 
     def _fail(self, reason: Failure) -> None:
         if self._protocol is not None and self._protocol.transport is not None:
-            self._protocol.transport.stopProducing()
+            cast(Any, self._protocol.transport).stopProducing()
         if not self.created.called:
             self.created.errback(reason)
             self.created.addErrback(lambda _: None)

@@ -7,7 +7,7 @@ create_revision with 0). The winner leads while its lease lives; the others watc
 and campaign again when it is deleted (the lease expired or was revoked).
 
 Fencing: the leader's ``Fence`` (its lease and the leader key's create revision) goes into
-every write as txn conditions (``halod.store_etcd``), so a deposed leader's write fails in
+every write as txn conditions (``halod.store.etcd``), so a deposed leader's write fails in
 etcd itself. And the leader steps down on its own when it could not renew its lease in time:
 it counts its lease as ending ``TTL`` after the *sending* of the last renewal that succeeded
 (etcd renews it on receipt, later), and stops acting ``margin`` seconds before that — so it

@@ -10,12 +10,12 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor, task
 
-from halod import store_etcd as se
 from halod.etcd import election as el
 from halod.etcd import wire
 from halod.etcd.client import EtcdClient
-from halod.store_base import CorruptTable, Persisted
-from halod.store_sqlite import SQLiteStore
+from halod.store import etcd as se
+from halod.store.base import CorruptTable, Persisted
+from halod.store.sqlite import SQLiteStore
 from tests.etcd_cluster import etcd_cluster  # noqa: F401
 
 PREFIX = "/test/halod"

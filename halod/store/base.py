@@ -1,7 +1,5 @@
 """What HaloD persists, as typed values, and the interface every store implements.
 
-(Draft location: becomes ``halod/store/base.py`` once the store is a package.)
-
 ``Persisted`` is one version of the table: the route table (owners of routes), the node
 registry, the spares, the policy and the table version. It converts exactly to and from
 ``Membership.snapshot()`` (``from_snapshot(...).snapshot() == snapshot``). Owners are in
@@ -100,7 +98,7 @@ class Persisted:
 
 
 class TableStore(Protocol):
-    """A HaloD store (SQLite: ``halod.store``; etcd: ``halod.store_etcd``).
+    """A HaloD store (``halod.store.sqlite.SQLiteStore``, ``halod.store.etcd.EtcdStore``).
 
     ``write`` makes the next version durable and fires with it; it fails with StoreError
     (etcd: ``Fenced`` when this HaloD no longer leads), and then nothing was written.

@@ -1,7 +1,6 @@
 """The etcd store: HaloD's table in etcd v3, written only by the elected leader.
 
-(Draft location: becomes ``halod/store/etcd.py``.) Keys under ``prefix`` (docs/halod.md,
-"Store: SQLite or etcd"):
+Keys under ``prefix`` (docs/halod.md, "Store: SQLite or etcd"):
 
     <prefix>/leader            the leader's name, bound to its lease (halod.etcd.election)
     <prefix>/version           {"version": N, "writer": name, "term": leader key revision}
@@ -33,7 +32,7 @@ from twisted.logger import Logger
 from halod.etcd import wire
 from halod.etcd.client import Ambiguous, EtcdClient, Watch
 from halod.etcd.election import ElectionSettings, Fence, NotLeader
-from halod.store_base import CorruptTable, Persisted, StoreError
+from halod.store.base import CorruptTable, Persisted, StoreError
 
 
 class Fenced(NotLeader, StoreError):

@@ -3,6 +3,10 @@
 Owns the on-disk layout (docs/halod.md, "Persistence"): readable tables for operators
 (``nodes``, ``routes``) plus the exact snapshot HaloD restores from, written in one
 transaction so a crash leaves either the old or the new table, never a mix.
+
+The synchronous ``load``/``save``/``close`` are what HaloD calls today; ``read``/``write``/
+``shutdown`` are the common store interface (halod.store.base.TableStore), the same
+results as already-fired Deferreds, so HaloD can drive SQLite and etcd the same way.
 """
 
 from __future__ import annotations
@@ -10,8 +14,13 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from twisted.internet.defer import Deferred, fail, succeed
+
+from halod.store.base import Persisted, StoreError
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS snapshot (id INTEGER PRIMARY KEY CHECK (id = 1), saved_at REAL,
@@ -22,7 +31,7 @@ CREATE TABLE IF NOT EXISTS routes (route INTEGER PRIMARY KEY, node_id INTEGER, n
 """
 
 
-class Store:
+class SQLiteStore:
     def __init__(self, path: Path) -> None:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -80,3 +89,29 @@ class Store:
 
     def close(self) -> None:
         self._db.close()
+
+    # -- the common interface (halod.store.base.TableStore) --------------------------------
+
+    def read(self) -> Deferred[Persisted | None]:
+        try:
+            saved = self.load()
+            table = None if saved is None else Persisted.from_snapshot(saved, self.version)
+        except StoreError as e:
+            return fail(e)
+        except Exception as e:
+            return fail(StoreError(f"reading {self.path}: {e}"))
+        return succeed(table)
+
+    def write(self, snapshot: Mapping[str, Any]) -> Deferred[Persisted]:
+        try:
+            table = Persisted.from_snapshot(snapshot, self.version + 1)
+            self.save(dict(snapshot))
+        except StoreError as e:
+            return fail(e)
+        except Exception as e:
+            return fail(StoreError(f"writing {self.path}: {e}"))
+        return succeed(table)
+
+    def shutdown(self) -> Deferred[None]:
+        self.close()
+        return succeed(None)
