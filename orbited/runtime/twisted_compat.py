@@ -9,8 +9,13 @@ production. Nothing else in orbited/ or halod/ may use a private upstream name
 
 from __future__ import annotations
 
+from pprint import pformat
+
+import autobahn.websocket.protocol as _autobahn_protocol
+from autobahn.websocket.protocol import WebSocketProtocol
 from twisted.application import internet
 from twisted.internet.interfaces import IListeningPort
+from twisted.logger import Logger
 
 
 def unsent_bytes(transport: object) -> int | None:
@@ -21,7 +26,7 @@ def unsent_bytes(transport: object) -> int | None:
     keeps ``dataBuffer`` (bytes being written), ``offset`` (how much of it went out) and
     ``_tempDataLen`` (bytes queued in ``_tempDataBuffer`` since)."""
     try:
-        return (
+        return int(
             len(transport.dataBuffer)  # type: ignore[attr-defined]
             - transport.offset  # type: ignore[attr-defined]
             + transport._tempDataLen  # type: ignore[attr-defined]
@@ -33,6 +38,62 @@ def unsent_bytes(transport: object) -> int | None:
 def listening_port(server: internet.TCPServer) -> IListeningPort:
     """The listening port of a started ``TCPServer`` service (to learn the address an
     ephemeral port got). twisted.application.internet keeps it in ``_port`` and offers no
-    public accessor."""
-    port: IListeningPort = server._port  # type: ignore[attr-defined]
+    public accessor. Raises RuntimeError if the service is not listening."""
+    port: IListeningPort | None = server._port
+    if port is None:
+        raise RuntimeError("the TCPServer service is not listening (not started)")
     return port
+
+
+# -- autobahn -------------------------------------------------------------------------
+
+
+class NoDebugLogger(Logger):
+    """A logger for an autobahn protocol instance (``protocol.log = NoDebugLogger(...)``)
+    that drops debug calls outright and keeps warnings and errors.
+
+    autobahn logs at debug level on every send, through the instance's ``log`` attribute
+    (a class attribute made by txaio); building those calls costs more than the send.
+    Replacing ``log`` on the instance relies on autobahn calling ``self.log.<level>``."""
+
+    def debug(self, format: str | None = None, **kwargs: object) -> None:  # noqa: A002
+        pass
+
+
+class _LazyPformat:
+    """pformat that runs only if the log line is actually written."""
+
+    __slots__ = ("obj",)
+
+    def __init__(self, obj: object) -> None:
+        self.obj = obj
+
+    def __str__(self) -> str:
+        return pformat(self.obj)
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self), spec)
+
+
+def lazy_autobahn_pformat() -> None:
+    """Make autobahn's option-table dump lazy (process-wide; idempotent).
+
+    On every new connection ``WebSocketProtocol._connectionMade`` logs its whole option
+    table with ``self.log.debug("...", attrs=pformat(...))``, pretty-printing it whether or
+    not debug logging is on: most of the cost of accepting a WebSocket. This replaces the
+    module-global ``pformat`` of ``autobahn.websocket.protocol`` with a lazy one. Called by
+    the node when it builds its WebSocket resource, not at import. (autobahn's
+    ``Timings.__str__`` also uses that global; the node never enables trackTimings.)"""
+    # autobahn imports pformat without re-exporting it (attr-defined), and the global is
+    # typed as pprint.pformat, which returns str (assignment): autobahn only passes the
+    # result to a log call, where the lazy object formats itself.
+    _autobahn_protocol.pformat = _LazyPformat  # type: ignore[attr-defined,assignment]
+
+
+def autobahn_send_idle(protocol: WebSocketProtocol) -> bool:
+    """True when frames written straight to ``protocol.transport`` go out exactly as
+    ``sendMessage`` would send them: nothing waits in autobahn's own send queue
+    (``send_queue``, filled by chopped or synchronous sends) and no per-message
+    compression was negotiated (``_perMessageCompress`` is None). autobahn has no public
+    query for either."""
+    return not protocol.send_queue and protocol._perMessageCompress is None

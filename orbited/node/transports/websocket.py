@@ -11,13 +11,10 @@ import base64
 import binascii
 import json
 import struct
-from pprint import pformat
 
-import autobahn.websocket.protocol as _autobahn_protocol
 from autobahn.twisted.resource import WebSocketResource
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionRequest
-from twisted.logger import Logger
 from twisted.web.http import Request
 
 from orbited.node import frames
@@ -29,7 +26,12 @@ from orbited.node.transports.limits import (
     BrowserLimitsConfig,
     WriteQueueWatch,
 )
-from orbited.runtime.twisted_compat import unsent_bytes
+from orbited.runtime.twisted_compat import (
+    NoDebugLogger,
+    autobahn_send_idle,
+    lazy_autobahn_pformat,
+    unsent_bytes,
+)
 from orbited.runtime.web import JSONResource
 
 CLOSE_RECONNECT = 4000  # reconnect (node shutting down, route moved); reason says why
@@ -48,41 +50,15 @@ def text_frame_header(length: int) -> bytes:
     return struct.pack(">BBQ", 0x81, 127, length)
 
 
-class _NoDebugLogger(Logger):
-    """autobahn logs at debug level on every send; skip those calls outright (they cost
-    more than the send) while keeping its warnings and errors."""
-
-    def debug(self, format: str | None = None, **kwargs: object) -> None:  # noqa: A002
-        pass
-
-
-class _LazyPformat:
-    """pformat that runs only if the log line is actually written."""
-
-    __slots__ = ("obj",)
-
-    def __init__(self, obj: object) -> None:
-        self.obj = obj
-
-    def __str__(self) -> str:
-        return pformat(self.obj)
-
-    def __format__(self, spec: str) -> str:
-        return format(str(self), spec)
-
-
-# autobahn pretty-prints its whole option table at debug level for every new connection,
-# whether or not debug logging is on: most of the cost of accepting a connection.
-_autobahn_protocol.pformat = _LazyPformat  # type: ignore[attr-defined]
-
-
 class BrowserWebSocket(WebSocketServerProtocol):
     factory: BrowserWebSocketFactory
     wants_pings = True
 
     def __init__(self) -> None:
         super().__init__()
-        self.log = _NoDebugLogger(f"{__name__}.BrowserWebSocket", source=self)
+        # autobahn logs at debug level on every send; skip those calls outright (they
+        # cost more than the send) while keeping its warnings and errors.
+        self.log = NoDebugLogger(f"{__name__}.BrowserWebSocket", source=self)
         self._attach: Attach | None = None
         self._error: BrowserRequestError | None = None
         self._counted = False  # one of the node's browser connections (limits)
@@ -156,7 +132,7 @@ class BrowserWebSocket(WebSocketServerProtocol):
     def deliver(self, out: list[bytes]) -> bool:
         if self.state != self.STATE_OPEN:
             return False
-        if self.send_queue or self._perMessageCompress is not None:
+        if not autobahn_send_idle(self):
             for frame in out:
                 self.sendMessage(frame)
         else:
@@ -264,6 +240,8 @@ class WebSocketEntry(JSONResource):
 def websocket_resource(
     hub: Hub, auth: BrowserAuth, cors_origins: list[str], limits: BrowserLimits | None = None
 ) -> WebSocketEntry:
+    # autobahn pretty-prints its option table on every new connection unless this is on.
+    lazy_autobahn_pformat()
     factory = BrowserWebSocketFactory(hub, auth, cors_origins, limits)
     factory.startFactory()
     return WebSocketEntry(factory)
