@@ -6,6 +6,7 @@ parsers and the loopback test. No Twisted.
 from __future__ import annotations
 
 import argparse
+import copy
 import ipaddress
 import tomllib
 from dataclasses import MISSING, field, fields
@@ -17,9 +18,36 @@ class ConfigError(ValueError):
     pass
 
 
-def opt(default: object, help: str) -> object:  # noqa: A002
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": help})
+class FieldError(ConfigError):
+    """A component config's field is out of range: ``owner``'s ``field`` ``rule``, e.g.
+    BrowserLimitsConfig's max_headers "must be positive". The node config names the key."""
+
+    def __init__(self, owner: type[object], field: str, rule: str) -> None:
+        super().__init__(f"{field} {rule}")
+        self.owner = owner
+        self.field = field
+        self.rule = rule
+
+
+def check_fields(
+    config: object, positive: tuple[str, ...] = (), nonnegative: tuple[str, ...] = ()
+) -> None:
+    """A component config's own range check (call it from ``__post_init__``)."""
+    for name in positive:
+        if getattr(config, name) <= 0:
+            raise FieldError(type(config), name, "must be positive")
+    for name in nonnegative:
+        if getattr(config, name) < 0:
+            raise FieldError(type(config), name, "must not be negative")
+
+
+T = TypeVar("T")
+
+
+def opt(default: T, help: str) -> T:  # noqa: A002
+    """A config field: its default (a list is copied per instance) and its flag's help."""
+    if isinstance(default, list):  # a fresh copy per instance
+        return field(default_factory=lambda: copy.copy(default), metadata={"help": help})
     return field(default=default, metadata={"help": help})
 
 

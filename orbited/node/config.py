@@ -1,16 +1,19 @@
 """Node configuration: a TOML file's [node] table, overridden by command-line flags.
 
-Every key and default is listed in docs/operations.md ("Node configuration").
+Every key and default is listed in docs/operations.md ("Node configuration"). A key that
+sets a component's field (``COMPONENT_KEYS``) takes its default from that component's
+config class, which also checks its own ranges: each default is defined once.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from orbited.core.settings import (
     ConfigBase,
     ConfigError,
+    FieldError,
     opt,
     parse_host_port,
     parse_sp_address,
@@ -18,8 +21,55 @@ from orbited.core.settings import (
 from orbited.node.events import RequestLimits
 from orbited.node.hub import HubConfig
 from orbited.node.mailbox import MailboxLimits
+from orbited.node.presence import PresenceConfig
 from orbited.node.rep import RepLimits
+from orbited.node.transports.common import BrowserAuth
 from orbited.node.transports.limits import BrowserLimitsConfig
+
+# Node key -> (component config class, its field). The key's default is the field's
+# default; hub_config(), rep_limits(), browser_limits() and presence_config() pass the
+# key's value on. tests/node/test_config.py checks both for every row.
+COMPONENT_KEYS: dict[str, tuple[type[Any], str]] = {
+    "linger": (HubConfig, "linger"),
+    "keepalive": (HubConfig, "keepalive"),
+    "dedup_window": (HubConfig, "dedup_window"),
+    "dedup_max": (HubConfig, "dedup_max"),
+    "dedup_max_bytes": (HubConfig, "dedup_max_bytes"),
+    "routes": (HubConfig, "routes"),
+    "handoff_timeout": (HubConfig, "handoff_timeout"),
+    "mailbox_total_bytes": (HubConfig, "mailbox_total_bytes"),
+    "reconnect_rate": (HubConfig, "reconnect_rate"),
+    "mailbox_events": (MailboxLimits, "max_events"),
+    "mailbox_bytes": (MailboxLimits, "max_bytes"),
+    "max_recipients": (RequestLimits, "max_recipients"),
+    "max_payload": (RequestLimits, "max_payload"),
+    "max_ack_wait": (RequestLimits, "max_ack_wait"),
+    "sp_max_message": (RepLimits, "max_message"),
+    "sp_header_timeout": (RepLimits, "header_timeout"),
+    "sp_max_inflight": (RepLimits, "max_inflight"),
+    "sp_max_connections": (RepLimits, "max_connections"),
+    "max_connections": (BrowserLimitsConfig, "max_connections"),
+    "connect_rate": (BrowserLimitsConfig, "connect_rate"),
+    "connect_burst": (BrowserLimitsConfig, "connect_burst"),
+    "max_pending_polls": (BrowserLimitsConfig, "max_pending_polls"),
+    "max_write_queue": (BrowserLimitsConfig, "max_write_queue"),
+    "max_client_message": (BrowserLimitsConfig, "max_client_message"),
+    "max_request_line": (BrowserLimitsConfig, "max_request_line"),
+    "max_header_bytes": (BrowserLimitsConfig, "max_header_bytes"),
+    "max_headers": (BrowserLimitsConfig, "max_headers"),
+    "presence_url": (PresenceConfig, "url"),
+    "presence_queue": (PresenceConfig, "max_queue"),
+    "presence_timeout": (PresenceConfig, "timeout"),
+    "presence_retries": (PresenceConfig, "retries"),
+    "token_leeway": (BrowserAuth, "token_leeway"),
+}
+
+# Keys of components that do not check their own ranges yet (hub, events, rep).
+_POSITIVE = (
+    "linger", "keepalive", "dedup_window", "dedup_max", "dedup_max_bytes", "routes",
+    "handoff_timeout", "max_recipients", "max_payload", "max_ack_wait",
+    "sp_max_message", "sp_header_timeout", "sp_max_inflight", "sp_max_connections",
+)  # fmt: skip
 
 
 @dataclass
@@ -34,32 +84,53 @@ class NodeConfig(ConfigBase):
     secret_file: str = opt("orbited.secret", "token secret shared with web apps")
     create_secret: bool = opt(True, "create a random secret file if it is missing")
     cors_origins: list[str] = opt([], "page origin allowed cross-origin (repeat; * = any)")
-    token_leeway: float = opt(30.0, "seconds of clock skew allowed on token expiry")
-    linger: float = opt(30.0, "seconds a mailbox outlives its last connection")
-    keepalive: float = opt(25.0, "seconds of silence before a ping frame")
-    mailbox_events: int = opt(1000, "events kept per connection key")
-    mailbox_bytes: int = opt(1024 * 1024, "payload bytes kept per connection key")
-    mailbox_total_bytes: int = opt(
-        512 * 1024 * 1024, "payload bytes kept in all mailboxes together (then status full)"
+    token_leeway: float = opt(
+        BrowserAuth.token_leeway, "seconds of clock skew allowed on token expiry"
     )
-    max_payload: int = opt(64 * 1024, "largest event data, bytes of encoded JSON")
-    max_recipients: int = opt(10_000, "recipients per event request")
-    max_ack_wait: float = opt(60.0, "largest wait a request in the acknowledged mode may ask")
-    dedup_window: float = opt(300.0, "seconds a request is remembered to ignore resends")
-    dedup_max: int = opt(100_000, "requests remembered at most")
-    dedup_max_bytes: int = opt(64 * 1024 * 1024, "bytes of remembered replies at most")
-    sp_max_message: int = opt(4 * 1024 * 1024, "largest SP message; larger closes")
-    sp_header_timeout: float = opt(10.0, "seconds a web app has to send its SP header")
-    sp_max_inflight: int = opt(1024, "unanswered requests per SP connection")
-    sp_max_connections: int = opt(1000, "SP (web-app) connections at once; more are closed")
-    max_connections: int = opt(15_000, "browser connections at once (then 503 / close 4503)")
+    linger: float = opt(HubConfig.linger, "seconds a mailbox outlives its last connection")
+    keepalive: float = opt(HubConfig.keepalive, "seconds of silence before a ping frame")
+    mailbox_events: int = opt(MailboxLimits.max_events, "events kept per connection key")
+    mailbox_bytes: int = opt(MailboxLimits.max_bytes, "payload bytes kept per connection key")
+    mailbox_total_bytes: int = opt(
+        HubConfig.mailbox_total_bytes,
+        "payload bytes kept in all mailboxes together (then status full)",
+    )
+    max_payload: int = opt(RequestLimits.max_payload, "largest event data, bytes of encoded JSON")
+    max_recipients: int = opt(RequestLimits.max_recipients, "recipients per event request")
+    max_ack_wait: float = opt(
+        RequestLimits.max_ack_wait, "largest wait a request in the acknowledged mode may ask"
+    )
+    dedup_window: float = opt(
+        HubConfig.dedup_window, "seconds a request is remembered to ignore resends"
+    )
+    dedup_max: int = opt(HubConfig.dedup_max, "requests remembered at most")
+    dedup_max_bytes: int = opt(HubConfig.dedup_max_bytes, "bytes of remembered replies at most")
+    sp_max_message: int = opt(RepLimits.max_message, "largest SP message; larger closes")
+    sp_header_timeout: float = opt(
+        RepLimits.header_timeout, "seconds a web app has to send its SP header"
+    )
+    sp_max_inflight: int = opt(RepLimits.max_inflight, "unanswered requests per SP connection")
+    sp_max_connections: int = opt(
+        RepLimits.max_connections, "SP (web-app) connections at once; more are closed"
+    )
+    max_connections: int = opt(
+        BrowserLimitsConfig.max_connections, "browser connections at once (then 503 / close 4503)"
+    )
     max_sockets: int = opt(
         0, "open sockets on the browser port (0 = fd limit less min(1024, limit/4), ≥ 64)"
     )
-    connect_rate: float = opt(2000.0, "new browser connections per second (0 = no limit)")
-    connect_burst: int = opt(10_000, "new browser connections at once above connect_rate")
-    max_pending_polls: int = opt(10_000, "held long-polls at once (then 503)")
-    max_write_queue: int = opt(1024 * 1024, "unsent bytes per browser stream, then closed")
+    connect_rate: float = opt(
+        BrowserLimitsConfig.connect_rate, "new browser connections per second (0 = no limit)"
+    )
+    connect_burst: int = opt(
+        BrowserLimitsConfig.connect_burst, "new browser connections at once above connect_rate"
+    )
+    max_pending_polls: int = opt(
+        BrowserLimitsConfig.max_pending_polls, "held long-polls at once (then 503)"
+    )
+    max_write_queue: int = opt(
+        BrowserLimitsConfig.max_write_queue, "unsent bytes per browser stream, then closed"
+    )
     max_client_message: int = opt(
         BrowserLimitsConfig.max_client_message, "bytes per WebSocket message from a browser (1009)"
     )
@@ -73,19 +144,25 @@ class NodeConfig(ConfigBase):
     publish_http: str = opt("", "HTTP publish API host:port (empty = off)")
     publish_key_file: str = opt("", "file holding the publish API key (needed with publish_http)")
     presence_url: str = opt("", "webhook URL for signon/signoff notices (empty = off)")
-    presence_queue: int = opt(10_000, "presence notices queued at most (oldest dropped)")
-    presence_timeout: float = opt(5.0, "seconds per presence webhook request")
-    presence_retries: int = opt(5, "attempts per presence batch before it is dropped")
+    presence_queue: int = opt(
+        PresenceConfig.max_queue, "presence notices queued at most (oldest dropped)"
+    )
+    presence_timeout: float = opt(PresenceConfig.timeout, "seconds per presence webhook request")
+    presence_retries: int = opt(
+        PresenceConfig.retries, "attempts per presence batch before it is dropped"
+    )
     orbit_legacy: str = opt("", "2007 Orbit 1.0 protocol listener host:port (empty = off)")
     iframe_max_bytes: int = opt(1024 * 1024, "bytes per iframe response, then reconnect")
     backlog: int = opt(1024, "listen backlog of both listeners (connect bursts)")
     halod: str = opt("", "HaloD control address tcp://host:port (empty = standalone)")
     halod_secret_file: str = opt("", "file holding HaloD's cluster secret (if it has one)")
-    routes: int = opt(24, "routes in the cluster (HaloD's value wins when connected)")
+    routes: int = opt(HubConfig.routes, "routes in the cluster (HaloD's value wins when connected)")
     advertise_http: str = opt("", "browser address HaloD forwards to (default: --http)")
     advertise_sp: str = opt("", "SP address HaloD forwards to (default: --sp)")
     capacity: int = opt(100_000, "connections this node is sized for (reported to HaloD)")
-    handoff_timeout: float = opt(5.0, "seconds a route moved here waits for its mailboxes")
+    handoff_timeout: float = opt(
+        HubConfig.handoff_timeout, "seconds a route moved here waits for its mailboxes"
+    )
     reconnect_rate: float = opt(
         HubConfig.reconnect_rate,
         "new connections/s a node takes: browsers spread reconnects over mailboxes/rate s",
@@ -104,86 +181,64 @@ class NodeConfig(ConfigBase):
             if not self.publish_key_file:
                 raise ConfigError("publish_http needs publish_key_file")
         parse_sp_address(self.sp)
+        self.require_positive(*_POSITIVE, "capacity")
+        if self.reconnect_rate < 0:
+            raise ConfigError("reconnect_rate must not be negative")
+        try:  # each component checks its own fields' ranges
+            self.hub_config()
+            self.browser_limits()
+            self.rep_limits()
+            self.presence_config()
+        except FieldError as e:
+            raise ConfigError(f"{self._key(e.owner, e.field)} {e.rule}") from None
         if self.max_payload > self.mailbox_bytes:
             raise ConfigError("max_payload must not exceed mailbox_bytes")
         if self.max_payload + 1024 > self.sp_max_message:
             raise ConfigError("sp_max_message must leave room for max_payload plus headers")
-        for name in (
-            "linger",
-            "keepalive",
-            "max_ack_wait",
-            "handoff_timeout",
-            "sp_header_timeout",
-            "dedup_window",
-            "mailbox_events",
-            "mailbox_bytes",
-            "max_payload",
-            "max_recipients",
-            "dedup_max",
-            "dedup_max_bytes",
-            "sp_max_inflight",
-            "sp_max_connections",
-            "max_connections",
-            "max_pending_polls",
-            "max_write_queue",
-            "connect_burst",
-            "max_client_message",
-            "max_request_line",
-            "max_header_bytes",
-            "max_headers",
-        ):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name} must be positive")
-        if self.reconnect_rate < 0:
-            raise ConfigError("reconnect_rate must not be negative")
-        if self.connect_rate < 0 or self.max_sockets < 0:
-            raise ConfigError("connect_rate and max_sockets must not be negative")
+        if self.max_sockets < 0:
+            raise ConfigError("max_sockets must not be negative")
         if self.max_sockets and self.max_sockets <= self.max_connections:
             raise ConfigError("max_sockets must exceed max_connections (or be 0 = automatic)")
         if self.mailbox_total_bytes < self.mailbox_bytes:
             raise ConfigError("mailbox_total_bytes must be at least mailbox_bytes")
-        if self.max_write_queue < 64 * 1024:
-            raise ConfigError("max_write_queue must be at least 65536")
         if self.halod:
             parse_sp_address(self.halod)
         if self.advertise_http:
             parse_host_port(self.advertise_http)
         if self.advertise_sp:
             parse_sp_address(self.advertise_sp)
-        self.require_positive("routes", "capacity")
+
+    @staticmethod
+    def _key(owner: type[Any], name: str) -> str:
+        """The node key that sets ``owner``'s field ``name``."""
+        for key, (cls, field_name) in COMPONENT_KEYS.items():
+            if cls is owner and field_name == name:
+                return key
+        return f"{owner.__name__}.{name}"
+
+    def _values(self, owner: type[Any]) -> dict[str, Any]:
+        """The keys' values as ``owner``'s constructor arguments."""
+        return {name: getattr(self, key)
+                for key, (cls, name) in COMPONENT_KEYS.items() if cls is owner}  # fmt: skip
 
     def hub_config(self) -> HubConfig:
         return HubConfig(
-            routes=self.routes,
-            mailbox=MailboxLimits(self.mailbox_events, self.mailbox_bytes),
-            requests=RequestLimits(self.max_recipients, self.max_payload, self.max_ack_wait),
-            handoff_timeout=self.handoff_timeout,
-            linger=self.linger,
-            keepalive=self.keepalive,
-            dedup_window=self.dedup_window,
-            dedup_max=self.dedup_max,
-            dedup_max_bytes=self.dedup_max_bytes,
-            mailbox_total_bytes=self.mailbox_total_bytes,
-            reconnect_rate=self.reconnect_rate,
+            mailbox=MailboxLimits(**self._values(MailboxLimits)),
+            requests=RequestLimits(**self._values(RequestLimits)),
+            **self._values(HubConfig),
         )
 
     def browser_limits(self) -> BrowserLimitsConfig:
-        return BrowserLimitsConfig(
-            max_connections=self.max_connections,
-            connect_rate=self.connect_rate,
-            connect_burst=self.connect_burst,
-            max_pending_polls=self.max_pending_polls,
-            max_write_queue=self.max_write_queue,
-            max_client_message=self.max_client_message,
-            max_request_line=self.max_request_line,
-            max_header_bytes=self.max_header_bytes,
-            max_headers=self.max_headers,
-        )
+        return BrowserLimitsConfig(**self._values(BrowserLimitsConfig))
 
     def rep_limits(self) -> RepLimits:
-        return RepLimits(
-            max_message=self.sp_max_message,
-            header_timeout=self.sp_header_timeout,
-            max_inflight=self.sp_max_inflight,
-            max_connections=self.sp_max_connections,
-        )
+        return RepLimits(**self._values(RepLimits))
+
+    def presence_config(self) -> PresenceConfig | None:
+        """None when presence webhooks are off (no presence_url)."""
+        if not self.presence_url:
+            return None
+        return PresenceConfig(**self._values(PresenceConfig))
+
+    def browser_auth(self, secret: bytes) -> BrowserAuth:
+        return BrowserAuth(secret, **self._values(BrowserAuth))

@@ -15,6 +15,8 @@ from collections import deque
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from orbited.core.settings import check_fields
+
 # \Z, not $: "$" also matches before a final newline, so "s.1:5\n" would pass.
 _POSITION = re.compile(r"^([A-Za-z0-9_-]{1,64}\.[0-9a-z]{1,16}):([0-9]{1,15})\Z")
 
@@ -46,8 +48,7 @@ class MailboxLimits:
     max_bytes: int = 1024 * 1024  # buffered payload bytes per key
 
     def __post_init__(self) -> None:
-        if self.max_events < 1 or self.max_bytes < 1:
-            raise ValueError("mailbox limits must be positive")
+        check_fields(self, positive=("max_events", "max_bytes"))
 
 
 class Appended(NamedTuple):

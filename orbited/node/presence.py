@@ -23,6 +23,7 @@ from twisted.web.client import Agent, FileBodyProducer, readBody
 from twisted.web.http_headers import Headers
 
 from orbited.core.keys import ConnectionKey
+from orbited.core.settings import check_fields
 
 SIGNATURE_HEADER = b"x-orbited-signature"
 
@@ -39,6 +40,9 @@ class PresenceConfig:
     timeout: float = 5.0
     retries: int = 5  # attempts per batch before it is dropped (and logged)
     backoff: float = 0.5
+
+    def __post_init__(self) -> None:
+        check_fields(self, positive=("max_queue", "batch", "timeout", "retries", "backoff"))
 
 
 class PresenceNotifier:

@@ -19,10 +19,9 @@ from orbited.node.config import NodeConfig
 from orbited.node.hub import Hub
 from orbited.node.legacy.orbit import OrbitFactory
 from orbited.node.link import HaloDLink
-from orbited.node.presence import PresenceConfig, PresenceNotifier
+from orbited.node.presence import PresenceNotifier
 from orbited.node.publish import publish_site
 from orbited.node.rep import RepFactory
-from orbited.node.transports.common import BrowserAuth
 from orbited.node.transports.gate import (
     GatedTCPServer,
     SocketGate,
@@ -49,13 +48,8 @@ class NodeService(service.MultiService):
         secret = load_secret(Path(config.secret_file), create=config.create_secret)
         self.hub = Hub(clock, config.hub_config())
         self.presence: PresenceNotifier | None = None
-        if config.presence_url:
-            presence = PresenceConfig(
-                config.presence_url,
-                max_queue=config.presence_queue,
-                timeout=config.presence_timeout,
-                retries=config.presence_retries,
-            )
+        presence = config.presence_config()
+        if presence is not None:
             self.presence = PresenceNotifier(presence, secret, config.name, clock)
             self.hub.presence = self.presence.notify
         self.rep_factory = RepFactory(self.hub.handle_request, config.rep_limits(), clock)
@@ -64,7 +58,7 @@ class NodeService(service.MultiService):
         self.socket_gate = SocketGate(config.max_sockets or default_max_sockets(self.fd_limit))
         self.site = browser_site(
             self.hub,
-            BrowserAuth(secret, config.token_leeway),
+            config.browser_auth(secret),
             config.cors_origins,
             config.name,
             config.iframe_max_bytes,

@@ -112,3 +112,156 @@ def test_reconnect_rate_is_a_config_key_passed_to_the_hub():
     assert NodeConfig.load(None, {"reconnect_rate": 0}).hub_config().reconnect_rate == 0
     with pytest.raises(ConfigError, match="reconnect_rate must not be negative"):
         NodeConfig.load(None, {"reconnect_rate": -1.0})
+
+
+# Each default defined once: a node key that sets a component's field reads that
+# component's default (orbited.node.config.COMPONENT_KEYS).
+
+
+def _default(cls, name):
+    from dataclasses import MISSING, fields
+
+    (f,) = [f for f in fields(cls) if f.name == name]
+    return f.default if f.default is not MISSING else f.default_factory()
+
+
+@pytest.mark.parametrize(
+    "key", sorted(__import__("orbited.node.config").node.config.COMPONENT_KEYS)
+)
+def test_a_component_key_defaults_to_the_components_default(key):
+    from orbited.node.config import COMPONENT_KEYS
+
+    owner, name = COMPONENT_KEYS[key]
+    if owner.__name__ == "PresenceConfig" and name == "url":
+        assert _default(NodeConfig, key) == ""  # required by PresenceConfig; "" = off
+        return
+    assert _default(NodeConfig, key) == _default(owner, name), f"{key} vs {owner.__name__}.{name}"
+
+
+def test_a_component_default_change_shows_in_the_node_config(monkeypatch):
+    """The node's default is read from the component when NodeConfig is defined: a module
+    reloaded after the component's default changes gets the new value."""
+    import importlib
+
+    import orbited.node.config as node_config
+    from orbited.node.hub import HubConfig
+
+    monkeypatch.setattr(HubConfig, "linger", 7.5)
+    try:
+        reloaded = importlib.reload(node_config)
+        assert reloaded.NodeConfig().linger == 7.5
+    finally:
+        monkeypatch.undo()
+        importlib.reload(node_config)
+    assert node_config.NodeConfig().linger == HubConfig().linger
+
+
+def test_every_component_key_reaches_its_component():
+    """Distinct non-default values for every mapped key arrive in the built components."""
+    from orbited.node.config import COMPONENT_KEYS
+
+    values = {}
+    for i, key in enumerate(sorted(COMPONENT_KEYS)):
+        default = _default(NodeConfig, key)
+        if isinstance(default, str):
+            values[key] = "http://127.0.0.1:9/hook"
+        elif isinstance(default, float):
+            values[key] = default + 0.25 + i
+        else:
+            values[key] = default + 1 + i
+    values["sp_max_message"] = 8 * 1024 * 1024  # room for max_payload plus headers
+    values["mailbox_total_bytes"] = 1 << 30  # at least mailbox_bytes
+    values["max_payload"] = 1024  # at most mailbox_bytes
+    values["routes"] = 3  # at most MAX_ROUTES
+    config = NodeConfig.load(None, values)
+    hub = config.hub_config()
+    built = {
+        "HubConfig": hub,
+        "MailboxLimits": hub.mailbox,
+        "RequestLimits": hub.requests,
+        "RepLimits": config.rep_limits(),
+        "BrowserLimitsConfig": config.browser_limits(),
+        "PresenceConfig": config.presence_config(),
+        "BrowserAuth": config.browser_auth(b"x" * 32),
+    }
+    for key, (owner, name) in COMPONENT_KEYS.items():
+        assert getattr(built[owner.__name__], name) == values[key], key
+
+
+def test_sp_max_message_default_is_the_rep_servers_and_documented():
+    """The 1 MiB / 4 MiB drift (issue 18): one default, the documented 4 MiB."""
+    from orbited.node.rep import RepLimits
+
+    assert NodeConfig().sp_max_message == RepLimits().max_message == 4 * 1024 * 1024
+    assert NodeConfig().rep_limits() == RepLimits()
+
+
+def test_presence_is_off_without_a_url_and_its_limits_are_checked():
+    assert NodeConfig().presence_config() is None
+    with pytest.raises(ConfigError, match="presence_retries must be positive"):
+        NodeConfig.load(None, {"presence_url": "http://127.0.0.1:9/", "presence_retries": 0})
+
+
+@pytest.mark.parametrize(
+    "component, args, message",
+    [
+        ("orbited.node.mailbox:MailboxLimits", {"max_events": 0}, "max_events must be positive"),
+        ("orbited.node.transports.limits:BrowserLimitsConfig", {"max_headers": 0},
+         "max_headers must be positive"),
+        ("orbited.node.transports.limits:BrowserLimitsConfig", {"connect_rate": -1.0},
+         "connect_rate must not be negative"),
+        ("orbited.node.transports.limits:BrowserLimitsConfig", {"max_write_queue": 1000},
+         "max_write_queue must be at least 65536"),
+        ("orbited.node.presence:PresenceConfig", {"url": "http://x/", "timeout": 0},
+         "timeout must be positive"),
+    ],
+)  # fmt: skip
+def test_components_check_their_own_ranges(component, args, message):
+    import importlib
+
+    module, name = component.split(":")
+    cls = getattr(importlib.import_module(module), name)
+    with pytest.raises(ValueError, match=message):
+        cls(**args)
+
+
+def _documented_defaults(section_title):
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "operations.md").read_text()
+    section = text.split(f"### {section_title}\n", 1)[1].split("\n### ", 1)[0]
+    rows = re.findall(r"^\| `([a-z_0-9]+)` \| `([^`]*)`", section, re.M)
+    return dict(rows)
+
+
+def _as_documented(value):
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return "[]" if not value else repr(value)
+    if isinstance(value, str):
+        return value or '""'
+    return value
+
+
+@pytest.mark.parametrize(
+    "section, cls", [("Node configuration", "node"), ("HaloD configuration", "halod")]
+)
+def test_documented_defaults_are_the_codes(section, cls):
+    import importlib
+    from dataclasses import fields
+
+    config_cls = NodeConfig
+    if cls == "halod":
+        config_cls = importlib.import_module("halod.config").HaloDConfig
+    documented = _documented_defaults(section)
+    wrong = []
+    for f in fields(config_cls):
+        if f.name not in documented:
+            continue  # test_every_config_key_is_documented reports it
+        doc, code = documented[f.name], _as_documented(_default(config_cls, f.name))
+        same = float(doc) == code if isinstance(code, int | float) else doc == code
+        if not same:
+            wrong.append(f"{f.name}: docs {doc}, code {code}")
+    assert wrong == []

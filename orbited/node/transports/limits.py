@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
+from orbited.core.settings import FieldError, check_fields
 from orbited.node.transports.common import BrowserRequestError
 from orbited.runtime.web import HeadLimits
 
@@ -25,6 +26,9 @@ class Overloaded(BrowserRequestError):
     def __init__(self, message: str, retry_after: float) -> None:
         super().__init__(503, "overloaded", message)
         self.retry_after = max(1, math.ceil(retry_after))
+
+
+MIN_WRITE_QUEUE = 64 * 1024  # a smaller queue would close browsers that merely resume
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,16 @@ class BrowserLimitsConfig:
     max_request_line: int = HeadLimits.max_request_line  # then 414
     max_header_bytes: int = HeadLimits.max_header_bytes  # then 431
     max_headers: int = HeadLimits.max_headers  # then 431
+
+    def __post_init__(self) -> None:
+        check_fields(
+            self,
+            positive=("max_connections", "connect_burst", "max_pending_polls", "max_write_queue",
+                      "max_client_message", "max_request_line", "max_header_bytes", "max_headers"),
+            nonnegative=("connect_rate",),
+        )  # fmt: skip
+        if self.max_write_queue < MIN_WRITE_QUEUE:
+            raise FieldError(type(self), "max_write_queue", f"must be at least {MIN_WRITE_QUEUE}")
 
 
 class TokenBucket:
