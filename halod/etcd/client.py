@@ -1,11 +1,13 @@
 """A non-blocking etcd v3 client: the JSON gateway (halod.etcd.wire) over twisted.web.client.
 
-One request at a time per call, on a persistent connection pool; on a connection failure the
-next endpoint is tried (each endpoint once per call). A request that may have reached etcd
-(the connection failed after sending) is retried only when it is idempotent (range,
-keepalive, revoke, grant); a txn then fails with :class:`Ambiguous`, and the caller, who
-knows what it wrote, reads back. Watches are streams of their own (no pool), one JSON
-message a line.
+One request at a time per call, on a persistent connection pool; on a connection failure or
+a member that cannot serve (etcd's UNAVAILABLE: no raft leader, leader changed) the next
+endpoint is tried, round after round, until the client's ``timeout`` has passed. A request
+that may have reached etcd (the connection broke after sending, or etcd answered
+UNAVAILABLE) is retried only when it is idempotent (range, keepalive, revoke; a repeated
+grant leaves at most an unused lease that expires); a txn then fails with
+:class:`Ambiguous`, and the caller, who knows what it wrote, reads back. Watches are
+streams of their own (no pool), one JSON message a line.
 """
 
 from __future__ import annotations
@@ -17,8 +19,10 @@ from typing import Any, cast
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.error import ConnectError, DNSLookupError
 from twisted.internet.protocol import Protocol, connectionDone
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web._newclient import RequestTransmissionFailed
 from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool, readBody
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer, IResponse
@@ -67,29 +71,47 @@ class EtcdClient:
 
     @inlineCallbacks
     def _call(self, path: str, body: wire.JSON, idempotent: bool = True) -> Any:
-        errors = []
-        for attempt in range(len(self.endpoints)):
+        """POST ``body``; the reply's JSON. Tries the endpoints in turn until ``timeout``
+        has passed since the call began (a short pause after each full round)."""
+        errors: list[str] = []
+        deadline = self.reactor.seconds() + self.timeout
+        attempt, pause = 0, 0.02
+        while True:
+            left = deadline - self.reactor.seconds()
+            if left <= 0:
+                raise Unavailable("; ".join(errors[-len(self.endpoints):]) or "timed out")
+            if attempt and attempt % len(self.endpoints) == 0:
+                yield deferLater(self.reactor, min(pause, left), lambda: None)
+                pause = min(pause * 2, 0.2)
             index = (self._current + attempt) % len(self.endpoints)
-            url = (self.endpoints[index] + path).encode()
-            d = self._agent.request(b"POST", url, Headers(HEADERS), _producer(body))
-            d.addTimeout(self.timeout, self.reactor)
+            attempt += 1
+            where = self.endpoints[index]
+            d = self._agent.request(b"POST", (where + path).encode(), Headers(HEADERS),
+                                    _producer(body))  # fmt: skip
+            d.addTimeout(max(left, 0.01), self.reactor)
             try:
                 response = yield d
                 data = yield readBody(response)
-            except (ConnectError, DNSLookupError) as e:
-                errors.append(f"{self.endpoints[index]}: {e}")
+            except (ConnectError, DNSLookupError, RequestTransmissionFailed) as e:
+                errors.append(f"{where}: {e!r}")  # not sent: safe to send elsewhere
                 continue
             except Exception as e:  # sent, then broken or timed out
-                errors.append(f"{self.endpoints[index]}: {e!r}")
+                errors.append(f"{where}: {e!r}")
                 if not idempotent:
                     raise Ambiguous("; ".join(errors)) from None
                 continue
-            self._current = index
             try:
-                return json.loads(data)
+                reply = json.loads(data)
             except ValueError:
                 raise wire.ProtocolError(f"{path}: not JSON: {data[:80]!r}") from None
-        raise Unavailable("; ".join(errors))
+            if isinstance(reply, dict) and reply.get("code") == wire.UNAVAILABLE:
+                # "leader changed", "no leader", "timed out": this member cannot serve now
+                errors.append(f"{where}: {reply.get('message')}")
+                if not idempotent:
+                    raise Ambiguous("; ".join(errors))
+                continue
+            self._current = index
+            return reply
 
     def range(self, key: bytes, range_end: bytes | None = None,
               revision: int = 0) -> Deferred[wire.RangeResult]:  # fmt: skip

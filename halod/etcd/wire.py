@@ -35,6 +35,7 @@ class ProtocolError(Exception):
 
 COMPACTED = 11  # gRPC OUT_OF_RANGE: "required revision has been compacted"
 NOT_FOUND = 5  # gRPC NOT_FOUND: e.g. "requested lease not found"
+UNAVAILABLE = 14  # gRPC UNAVAILABLE: "leader changed", "no leader", "request timed out"
 
 
 def b64(data: bytes) -> str:
