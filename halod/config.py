@@ -12,12 +12,20 @@ from pathlib import Path
 from typing import ClassVar
 
 from halod.dataplane.base import Ports
+from halod.dataplane.haproxy import HAProxyDataPlane
 from halod.dataplane.haproxy import Settings as HAProxySettings
 from halod.liveness import ProbeSettings
 from halod.membership import Timing
 from orbited.core.control import MAX_ROUTES
-from orbited.core.routes import POLICIES
-from orbited.core.settings import ConfigBase, ConfigError, opt, parse_host_port, parse_sp_address
+from orbited.core.routes import DEFAULT_ROUTES, POLICIES
+from orbited.core.settings import (
+    ConfigBase,
+    ConfigError,
+    FieldError,
+    opt,
+    parse_host_port,
+    parse_sp_address,
+)
 
 DATAPLANES = ("proxy", "haproxy", "nftables", "none")
 
@@ -33,12 +41,14 @@ class HaloDConfig(ConfigBase):
     status_hosts: list[str] = opt(
         [], "host name the status port answers to besides IP literals and localhost (repeat)"
     )
-    routes: int = opt(24, "N, the number of routes (fixed for the life of a cluster)")
+    routes: int = opt(DEFAULT_ROUTES, "N, the number of routes (fixed for the life of a cluster)")
     spares: int = opt(1, "failover nodes kept in commission when possible")
     policy: str = opt("seed", "failover without a spare: seed (2007 note) or minimal")
-    heartbeat_interval: float = opt(1.0, "seconds between a node's heartbeats")
-    missed_heartbeats: int = opt(3, "k: silent for k intervals = failed")
-    grace: float = opt(5.0, "seconds a disconnected node has to reconnect and keep routes")
+    heartbeat_interval: float = opt(
+        Timing.heartbeat_interval, "seconds between a node's heartbeats"
+    )
+    missed_heartbeats: int = opt(Timing.missed_heartbeats, "k: silent for k intervals = failed")
+    grace: float = opt(Timing.grace, "seconds a disconnected node has to reconnect and keep routes")
     probe: bool = opt(
         ProbeSettings.enabled, "probe a lost node's ports (so a dead one fails over at once)"
     )
@@ -77,7 +87,9 @@ class HaloDConfig(ConfigBase):
     haproxy_retries: int = opt(
         HAProxySettings.retries, "HAProxy connect retries (on the route's owner at that time)"
     )
-    haproxy_stats_interval: float = opt(2.0, "seconds between HAProxy show stat polls")
+    haproxy_stats_interval: float = opt(
+        HAProxyDataPlane.STATS_INTERVAL, "seconds between HAProxy show stat polls"
+    )
     nft_table: str = opt("halod", "the nftables data plane's table (unique per host)")
     nft_keep_on_stop: bool = opt(True, "leave the nftables table in place when HaloD stops")
     nft_source_nat: str = opt("none", "nftables: none, or masquerade DNATed flows")
@@ -135,14 +147,11 @@ class HaloDConfig(ConfigBase):
             raise ConfigError("nft_stats_interval must not be negative")
 
     def _validate_haproxy(self) -> None:
-        self.require_positive(
-            "haproxy_maxconn", "haproxy_timeout", "haproxy_stats_interval",
-            "haproxy_connect_timeout",
-        )  # fmt: skip
-        if self.haproxy_nbthread < 0:
-            raise ConfigError("haproxy_nbthread must not be negative")
-        if self.haproxy_retries < 0:
-            raise ConfigError("haproxy_retries must not be negative")
+        self.require_positive("haproxy_stats_interval")
+        try:  # the layout's ranges are HAProxy Settings' own
+            self.haproxy_settings()
+        except FieldError as e:
+            raise ConfigError(str(e)) from None
         if self.haproxy_on_exit not in ("keep", "stop"):
             raise ConfigError("haproxy_on_exit is keep or stop")
         # UNIX socket paths are limited to 107 bytes (sun_path).
@@ -156,6 +165,12 @@ class HaloDConfig(ConfigBase):
 
     def ports(self) -> Ports:
         return Ports(self.dataplane_host, self.browser_port_base, self.sp_port_base, self.routes)
+
+    def haproxy_settings(self) -> HAProxySettings:
+        return HAProxySettings(
+            self.ports(), self.haproxy_directory(), self.haproxy_maxconn, self.haproxy_nbthread,
+            self.haproxy_timeout, self.haproxy_connect_timeout, self.haproxy_retries,
+        )  # fmt: skip
 
     def timing(self) -> Timing:
         probe = ProbeSettings(self.probe, self.probe_timeout, self.probe_interval)

@@ -116,12 +116,16 @@ export class Resume {
   }
 }
 
+/** N, the cluster's route count unless HaloD says otherwise (orbited.core.routes'
+ * DEFAULT_ROUTES; tests/integration/test_js_unit.py checks they agree). */
+export const DEFAULT_ROUTES = 24;
+
 /**
  * The route (1..routes) of a connection key [user, session, location] (docs/hashing.md):
  * SHA-256 over each part as u32 big-endian UTF-8 length + UTF-8 bytes; the first 8 bytes
  * of the digest as an unsigned big-endian integer, mod routes, plus 1. Async (WebCrypto).
  */
-export async function routeOf(key, routes = 24) {
+export async function routeOf(key, routes = DEFAULT_ROUTES) {
   const parts = key.map((part) => new TextEncoder().encode(part));
   const bytes = new Uint8Array(parts.reduce((n, p) => n + 4 + p.length, 0));
   const view = new DataView(bytes.buffer);

@@ -30,10 +30,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from orbited.core.routes import DEFAULT_ROUTES
 from orbited.core.tokens import load_secret
 
 DEMOS = Path(__file__).resolve().parent.parent / "demos"
-ROUTES = 24
+ROUTES = DEFAULT_ROUTES  # the cluster HaloD runs uses the default route count
 
 
 @dataclass

@@ -49,6 +49,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from halod.dataplane.base import Owner, Ports
+from orbited.core.settings import check_fields
 
 if TYPE_CHECKING:
     from halod.config import HaloDConfig
@@ -110,10 +111,8 @@ class Settings:
     retries: int = 20
 
     def __post_init__(self) -> None:
-        if not self.connect_timeout > 0:
-            raise ValueError("haproxy_connect_timeout must be positive")
-        if self.retries < 0:
-            raise ValueError("haproxy_retries must not be negative")
+        check_fields(self, positive=("maxconn", "timeout", "connect_timeout"),
+                     nonnegative=("nbthread", "retries"), key_prefix="haproxy_")  # fmt: skip
 
     @property
     def config_file(self) -> Path:
@@ -519,11 +518,12 @@ class HAProxyDataPlane:
     """The route ports served by HAProxy; see the module docstring."""
 
     log = Logger()
+    STATS_INTERVAL = 2.0  # seconds between `show stat` polls (haproxy_stats_interval)
 
     def __init__(
         self, settings: Settings, reactor: Any, close_delay: float = 1.0, *,
         binary: str = "haproxy", manage: bool = True, stop_on_exit: bool = False,
-        stats_interval: float = 2.0,
+        stats_interval: float = STATS_INTERVAL,
     ) -> None:  # fmt: skip
         self.settings = settings
         self.ports = settings.ports
@@ -556,13 +556,8 @@ class HAProxyDataPlane:
 
     @classmethod
     def from_config(cls, config: HaloDConfig, reactor: Any) -> HAProxyDataPlane:
-        settings = Settings(
-            config.ports(), config.haproxy_directory(), config.haproxy_maxconn,
-            config.haproxy_nbthread, config.haproxy_timeout,
-            connect_timeout=config.haproxy_connect_timeout, retries=config.haproxy_retries,
-        )  # fmt: skip
         return cls(
-            settings, reactor, config.move_close_delay, binary=config.haproxy_bin,
+            config.haproxy_settings(), reactor, config.move_close_delay, binary=config.haproxy_bin,
             manage=config.haproxy_manage, stop_on_exit=config.haproxy_on_exit == "stop",
             stats_interval=config.haproxy_stats_interval,
         )  # fmt: skip

@@ -30,15 +30,19 @@ class FieldError(ConfigError):
 
 
 def check_fields(
-    config: object, positive: tuple[str, ...] = (), nonnegative: tuple[str, ...] = ()
+    config: object,
+    positive: tuple[str, ...] = (),
+    nonnegative: tuple[str, ...] = (),
+    key_prefix: str = "",
 ) -> None:
-    """A component config's own range check (call it from ``__post_init__``)."""
+    """A component config's own range check (call it from ``__post_init__``). With
+    ``key_prefix`` the error names the config key, e.g. haproxy_ + retries."""
     for name in positive:
-        if getattr(config, name) <= 0:
-            raise FieldError(type(config), name, "must be positive")
+        if not getattr(config, name) > 0:
+            raise FieldError(type(config), key_prefix + name, "must be positive")
     for name in nonnegative:
-        if getattr(config, name) < 0:
-            raise FieldError(type(config), name, "must not be negative")
+        if not getattr(config, name) >= 0:
+            raise FieldError(type(config), key_prefix + name, "must not be negative")
 
 
 T = TypeVar("T")

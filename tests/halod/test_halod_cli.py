@@ -3,6 +3,8 @@
 import json
 import xml.etree.ElementTree as ET
 
+import pytest
+
 from halod.cli import main
 from tests.core.test_halod_routes import NOTE_24
 
@@ -139,3 +141,40 @@ def test_flags_without_a_command_still_run_halod(tmp_path):
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_halod_config_defaults_are_its_components():
+    """Each default defined once: HaloD's keys read membership's Timing, the prober's
+    ProbeSettings, HAProxy's Settings and the route count of orbited.core.routes."""
+    from dataclasses import fields
+
+    from halod.config import HaloDConfig
+    from halod.dataplane.haproxy import HAProxyDataPlane, Settings
+    from halod.liveness import ProbeSettings
+    from halod.membership import Timing
+    from orbited.core.routes import DEFAULT_ROUTES
+
+    config = HaloDConfig()
+    timing = config.timing()
+    assert (timing.heartbeat_interval, timing.missed_heartbeats, timing.grace) == (
+        Timing.heartbeat_interval, Timing.missed_heartbeats, Timing.grace)  # fmt: skip
+    assert timing.probe == ProbeSettings()
+    settings = config.haproxy_settings()
+    for f in fields(Settings):
+        if f.name not in ("ports", "directory"):
+            assert getattr(settings, f.name) == f.default, f.name
+    assert config.haproxy_stats_interval == HAProxyDataPlane.STATS_INTERVAL
+    assert config.routes == DEFAULT_ROUTES
+
+
+def test_halod_haproxy_ranges_are_checked_by_haproxy_settings():
+    from halod.config import HaloDConfig
+    from orbited.core.settings import ConfigError
+
+    for bad, message in [
+        ({"haproxy_maxconn": 0}, "haproxy_maxconn must be positive"),
+        ({"haproxy_nbthread": -1}, "haproxy_nbthread must not be negative"),
+        ({"haproxy_connect_timeout": 0.0}, "haproxy_connect_timeout must be positive"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            HaloDConfig.load(None, {"dataplane": "haproxy", **bad})
