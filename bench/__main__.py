@@ -30,6 +30,7 @@ SCENARIOS = {
     "dataplane": "bench.dataplane",
     "failover": "bench.failover",
     "soak": "bench.soak",
+    "store": "bench.store",
 }
 # Load-tool pieces (bench/README.md, "Simulated browsers"), runnable the same way.
 TOOLS = {
