@@ -11,11 +11,21 @@ from __future__ import annotations
 import hmac
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any
+from enum import StrEnum
+from typing import Any, Literal
 
 from halod.liveness import Cause, Finding, Outcome, Prober, ProbeRequest, ProbeSettings, Verdict
-from orbited.core import control as p
-from orbited.core.routes import Change, RouteTable, RouteTableError
+from orbited.core.control import (
+    Assign,
+    ControlError,
+    ErrorCode,
+    Heartbeat,
+    Register,
+    RouteMove,
+    RouteMoved,
+    Welcome,
+)
+from orbited.core.routes import Change, ChangeKind, Role, RouteTable, RouteTableError
 
 MAX_FAILED_SHOWN = 256  # failed nodes remembered for status pages
 
@@ -44,12 +54,16 @@ class NodeRecord:
         return {"name": self.name, "browser": self.browser, "sp": self.sp}
 
 
+# The ``state`` of /status and the operator endpoints: a member's role, or "failed".
+NodeState = Role | Literal["failed"]
+
+
 @dataclass(frozen=True)
 class Send:
     """Deliver ``message`` to the connected node ``name``."""
 
     name: str
-    message: dict[str, Any]
+    message: Welcome | Assign | RouteMoved
 
 
 @dataclass(frozen=True)
@@ -57,15 +71,20 @@ class Drop:
     """Send ``name`` an error and close its control connection."""
 
     name: str
-    code: str
+    code: ErrorCode
     message: str
+
+
+class Level(StrEnum):
+    INFO = "info"
+    WARN = "warn"
 
 
 @dataclass(frozen=True)
 class Notice:
-    """A line for the operator's log (``level``: "info" or "warn")."""
+    """A line for the operator's log."""
 
-    level: str
+    level: Level
     text: str
 
 
@@ -100,36 +119,36 @@ class Membership:
 
     # -- node messages ------------------------------------------------------------------
 
-    def register(self, msg: dict[str, Any], now: float) -> Effects:
+    def register(self, msg: Register, now: float) -> Effects:
         """A validated ``register``. Raises ControlError (nothing changed) to refuse it."""
         if self.secret is not None and not hmac.compare_digest(
-            str(msg.get("secret", "")).encode(), self.secret.encode()
+            (msg.secret or "").encode(), self.secret.encode()
         ):
-            raise p.ControlError(p.UNAUTHORIZED, "wrong or missing cluster secret")
-        name, claim = msg["name"], msg.get("node_id")
+            raise ControlError(ErrorCode.UNAUTHORIZED, "wrong or missing cluster secret")
+        name, claim = msg.name, msg.node_id
         record = self.nodes.get(name)
         held = self.table.node_id(name)
         if record is not None and record.connected:
-            raise p.ControlError(p.DUPLICATE_NAME, f"a node named {name!r} is connected")
+            raise ControlError(ErrorCode.DUPLICATE_NAME, f"a node named {name!r} is connected")
         if record is not None:  # back within the grace period: keeps its id and routes
             if claim is not None and claim != held:
-                raise p.ControlError(p.ID_MISMATCH, f"{name!r} holds id {held}, not {claim}")
+                raise ControlError(ErrorCode.ID_MISMATCH, f"{name!r} holds id {held}, not {claim}")
         elif claim is not None:
             owner = self.table.machines().get(claim)
             if owner is not None:
-                raise p.ControlError(p.ID_CLAIMED, f"node id {claim} belongs to {owner!r}")
-            raise p.ControlError(p.ID_CLAIMED, f"{name!r} no longer holds node id {claim}")
+                raise ControlError(ErrorCode.ID_CLAIMED, f"node id {claim} belongs to {owner!r}")
+            raise ControlError(ErrorCode.ID_CLAIMED, f"{name!r} no longer holds node id {claim}")
         effects = Effects()
         if record is None:
-            record = self.nodes[name] = NodeRecord(name, msg["browser"], msg["sp"], 0)
+            record = self.nodes[name] = NodeRecord(name, msg.browser, msg.sp, 0)
             self.failed.pop(name, None)
             spares = len(self.table.spares)
             change = self.table.join(name)
             effects.changes.append(change)
             effects.notices += self._spare_notices(spares, change)
-        elif (record.browser, record.sp) != (msg["browser"], msg["sp"]):
-            effects.changes.append(Change(name, "readdressed", held))
-        record.browser, record.sp, record.capacity = msg["browser"], msg["sp"], msg["capacity"]
+        elif (record.browser, record.sp) != (msg.browser, msg.sp):
+            effects.changes.append(Change(name, ChangeKind.READDRESSED, held))
+        record.browser, record.sp, record.capacity = msg.browser, msg.sp, msg.capacity
         record.connected, record.disconnected_at, record.last_heartbeat = True, None, now
         self.prober.clear(name)  # probes still in flight are for a connection now gone
         notices: list[Send] = []
@@ -137,18 +156,20 @@ class Membership:
         for change in effects.changes:
             notices += self._notices(change, skip=name)
             incoming |= self._incoming(change, name)
-        effects.sends.append(Send(name, self._state(name, p.WELCOME, incoming)))
+        effects.sends.append(Send(name, self._welcome(name, incoming)))
         effects.sends += notices
         return effects
 
-    def heartbeat(self, name: str, msg: dict[str, Any], now: float) -> bool:
+    def heartbeat(self, name: str, msg: Heartbeat, now: float) -> bool:
         """Note a heartbeat; False if ``name`` is no longer a member (it was just failed)."""
         record = self.nodes.get(name)
         if record is None:
             return False
         record.last_heartbeat = now
-        record.connections = msg.get("connections", record.connections)
-        record.mailboxes = msg.get("mailboxes", record.mailboxes)
+        if msg.connections is not None:
+            record.connections = msg.connections
+        if msg.mailboxes is not None:
+            record.mailboxes = msg.mailboxes
         if self.prober.cause(name) is Cause.SILENT:  # it was only late
             self.prober.clear(name)
         return True
@@ -205,7 +226,7 @@ class Membership:
             self.failed.popitem(last=False)
         if name in self.drained:  # it holds nothing: no table change
             self.drained.discard(name)
-            effects = Effects(changes=[Change(name, "gone", None)])
+            effects = Effects(changes=[Change(name, ChangeKind.GONE, None)])
         else:
             spares = len(self.table.spares)
             change = self.table.leave(name)
@@ -214,29 +235,29 @@ class Membership:
             effects = Effects(changes=[change], sends=self._notices(change, skip=name))
             effects.notices += self._spare_notices(spares, change)
         if record.connected and why != "left":
-            effects.drops.append(Drop(name, p.FAILED, f"declared failed: {why}"))
+            effects.drops.append(Drop(name, ErrorCode.FAILED, f"declared failed: {why}"))
         return effects
 
     def drain(self, name: str) -> Effects:
         """An operator takes ``name`` out of service: its routes move now (to a spare, or
         per the policy) while it stays connected, so it can hand over and be stopped."""
         if name not in self.nodes or name in self.drained:
-            raise p.ControlError(p.NOT_REGISTERED, f"{name!r} is not an active or spare node")
+            raise ControlError(ErrorCode.NOT_REGISTERED, f"{name!r} is not an active or spare node")
         if self.table.node_id(name) is not None and len(self.table.table()) == 1:
             if not self.table.spares:
-                raise p.ControlError(p.BAD_MESSAGE, "cannot drain the last active node")
+                raise ControlError(ErrorCode.BAD_MESSAGE, "cannot drain the last active node")
         spares = len(self.table.spares)
         change = self.table.leave(name)
         self.drained.add(name)
         effects = Effects(changes=[change], sends=self._notices(change, skip=""))
         effects.notices += self._spare_notices(spares, change, drained=True)
-        if not any(s.name == name and s.message["type"] == p.ASSIGN for s in effects.sends):
-            effects.sends.append(Send(name, self._state(name, p.ASSIGN)))  # it was a spare
+        if not any(s.name == name and isinstance(s.message, Assign) for s in effects.sends):
+            effects.sends.append(Send(name, self._assign(name)))  # it was a spare
         return effects
 
     def undrain(self, name: str) -> Effects:
         if name not in self.drained:
-            raise p.ControlError(p.NOT_REGISTERED, f"{name!r} is not drained")
+            raise ControlError(ErrorCode.NOT_REGISTERED, f"{name!r} is not drained")
         self.drained.discard(name)
         spares = len(self.table.spares)
         change = self.table.join(name)
@@ -298,49 +319,47 @@ class Membership:
         if not self.table.spares_wanted:
             return []
         after = len(self.table.spares)
-        failover = change.role == "gone" and change.node_id is not None
+        failover = change.role is ChangeKind.GONE and change.node_id is not None
         if failover and before == 0:
             what = "drain" if drained else "failover"
             return [
                 Notice(
-                    "warn",
+                    Level.WARN,
                     f"{what} of {change.name} found no spare: its routes moved "
                     f"between live nodes (policy {self.table.policy})",
                 )
             ]
         if before and not after:
             if failover:
+                assert change.node_id is not None  # failover
                 taker = self.table.machines().get(change.node_id, "?")
                 how = f"{taker} took over from {change.name}"
-            elif change.role == "gone":
+            elif change.role is ChangeKind.GONE:
                 how = f"spare {change.name} {'was drained' if drained else 'is gone'}"
             else:
                 how = f"{change.name} became {change.role}"
-            return [Notice("warn", f"no spare left: {how}; {self._next_failure()}")]
+            return [Notice(Level.WARN, f"no spare left: {how}; {self._next_failure()}")]
         if after and not before:
-            return [Notice("info", f"a spare is available again: {', '.join(self.table.spares)}")]
+            return [
+                Notice(Level.INFO, f"a spare is available again: {', '.join(self.table.spares)}")
+            ]
         return []
 
     # -- messages to nodes --------------------------------------------------------------
 
-    def _state(self, name: str, kind: str, incoming: set[int] | None = None) -> dict[str, Any]:
+    def _assign(self, name: str, incoming: set[int] | None = None) -> Assign:
+        """``name``'s complete assignment (a registered node)."""
         node_id = self.table.node_id(name)
         routes = self.table.routes_of(node_id) if node_id is not None else []
-        message: dict[str, Any] = {
-            "type": kind,
-            "node_id": node_id,
-            "role": self.state_of(name),
-            "routes": routes,
-        }
-        if incoming:
-            message["incoming"] = sorted(incoming)
-        if kind == p.WELCOME:
-            message.update(
-                total_routes=self.table.routes,
-                heartbeat_interval=self.timing.heartbeat_interval,
-                missed_heartbeats=self.timing.missed_heartbeats,
-            )
-        return message
+        role = self.state_of(name)
+        assert isinstance(role, Role), "only members get an assignment"
+        return Assign(node_id, role, tuple(routes), tuple(sorted(incoming or ())))
+
+    def _welcome(self, name: str, incoming: set[int]) -> Welcome:
+        a = self._assign(name, incoming)
+        timing = self.timing
+        return Welcome(a.node_id, a.role, a.routes, self.table.routes,
+                       timing.heartbeat_interval, timing.missed_heartbeats, a.incoming)  # fmt: skip
 
     def _handoff(self, old: str | None, new: str | None) -> bool:
         """A move between two live nodes: the old owner hands its mailboxes over."""
@@ -356,27 +375,30 @@ class Membership:
         """'route moved' to each former owner, then the new assignment of every member
         whose routes or role changed. Moves between live nodes carry a hand-off: the old
         owner sends its mailboxes, the new one holds the routes until they arrive."""
-        moved: dict[str, list[dict[str, Any]]] = {}
+        moved: dict[str, list[RouteMove]] = {}
         touched: dict[str, None] = {}
         for move in change.moves:
             target = self.nodes.get(move.new) if move.new is not None else None
-            entry = {"route": move.route, **(target.address() if target else {"name": None})}
-            if self._handoff(move.old, move.new):
-                entry["handoff"] = True
+            handoff = self._handoff(move.old, move.new)
+            entry = (
+                RouteMove(move.route, target.name, target.browser, target.sp, handoff)
+                if target is not None
+                else RouteMove(move.route, None)
+            )
             if move.old is not None:
                 moved.setdefault(move.old, []).append(entry)
                 touched[move.old] = None
             if move.new is not None:
                 touched[move.new] = None
-        if change.role in ("active", "spare"):
+        if change.role in (ChangeKind.ACTIVE, ChangeKind.SPARE):
             touched[change.name] = None
         sends = [
-            Send(old, {"type": p.ROUTE_MOVED, "moves": entries})
+            Send(old, RouteMoved(tuple(entries)))
             for old, entries in moved.items()
             if old in self.nodes and old != skip
         ]
         sends += [
-            Send(name, self._state(name, p.ASSIGN, self._incoming(change, name)))
+            Send(name, self._assign(name, self._incoming(change, name)))
             for name in touched
             if name in self.nodes and name != skip
         ]
@@ -384,11 +406,11 @@ class Membership:
 
     # -- views and persistence ----------------------------------------------------------
 
-    def state_of(self, name: str) -> str:
+    def state_of(self, name: str) -> NodeState:
         if name in self.drained:
-            return "drained"
+            return Role.DRAINED
         if name in self.nodes:
-            return "active" if self.table.node_id(name) is not None else "spare"
+            return Role.ACTIVE if self.table.node_id(name) is not None else Role.SPARE
         return "failed"
 
     def suspicion(self, name: str) -> dict[str, str | None] | None:

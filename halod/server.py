@@ -27,13 +27,33 @@ from halod import dataplane
 from halod.config import HaloDConfig
 from halod.dataplane.base import DataPlane, Owner
 from halod.liveness import Cause, Finding, Outcome, ProbeRequest, Verdict
-from halod.membership import Effects, Membership
+from halod.membership import Effects, Level, Membership, NodeState
 from halod.page import CSP, status_html, wants_html
 from halod.probe import probe
 from halod.store import Store
 from halod.svg import table_svg
-from orbited.core import control as p
-from orbited.core.routes import Change, RouteTable, canonical, format_ranges
+from orbited.core.control import (
+    CONTROL_PROTOCOL,
+    ControlError,
+    Error,
+    ErrorCode,
+    HaloDMessage,
+    Handoff,
+    Heartbeat,
+    Leave,
+    Register,
+    decode_from_node,
+    encode,
+    encode_heartbeat_ack,
+)
+from orbited.core.routes import (
+    Change,
+    ChangeKind,
+    Policy,
+    RouteTable,
+    canonical,
+    format_ranges,
+)
 from orbited.core.settings import parse_host_port, parse_sp_address
 from orbited.core.tokens import load_secret
 from orbited.runtime.twisted_compat import listening_port
@@ -54,7 +74,7 @@ class ControlProtocol(Protocol):
         self.name: str | None = None
         self.closed = False
         max_message = halod.config.control_max_message
-        self._sp = SPConnection(p.CONTROL_PROTOCOL, p.CONTROL_PROTOCOL, max_message)
+        self._sp = SPConnection(CONTROL_PROTOCOL, CONTROL_PROTOCOL, max_message)
         self._register_timer: IDelayedCall | None = None
 
     def connectionMade(self) -> None:  # noqa: N802
@@ -69,7 +89,7 @@ class ControlProtocol(Protocol):
     def _no_register(self) -> None:
         self._register_timer = None
         if self.name is None:
-            self.refuse(p.NOT_REGISTERED, "no register message in time")
+            self.refuse(ErrorCode.NOT_REGISTERED, "no register message in time")
 
     def dataReceived(self, data: bytes) -> None:  # noqa: N802
         if self.closed:
@@ -92,14 +112,14 @@ class ControlProtocol(Protocol):
             self._register_timer.cancel()
             self._register_timer = None
 
-    def send(self, message: dict[str, Any]) -> None:
-        self.send_bytes(p.encode(message))
+    def send(self, message: HaloDMessage) -> None:
+        self.send_bytes(encode(message))
 
     def send_bytes(self, body: bytes) -> None:
         if not self.closed:
             self.transport.write(encode_message(body))
 
-    def refuse(self, code: str, message: str) -> None:
+    def refuse(self, code: ErrorCode, message: str) -> None:
         """Send an error and close once it is written."""
         if self.closed:
             return
@@ -107,7 +127,7 @@ class ControlProtocol(Protocol):
             "control connection {who} refused: {code}: {message}",
             who=self.name or self.peer, code=code, message=message,
         )  # fmt: skip
-        self.send(p.error(code, message))
+        self.send(Error(code, message))
         self.closed = True
         self.transport.loseConnection()
 
@@ -157,7 +177,7 @@ class HaloD:
                     f"{config.db} holds a table of {self.membership.table.routes} routes, "
                     f"not {config.routes}: routes are fixed for the life of a cluster"
                 )
-            self.membership.table.policy = config.policy
+            self.membership.table.policy = Policy(config.policy)
             self.log.info(
                 "restored the route table of {db} ({nodes} nodes); they have {grace}s to "
                 "reconnect", db=config.db, nodes=len(self.membership.nodes), grace=config.grace,
@@ -188,47 +208,46 @@ class HaloD:
             self._received(conn, body)
         except Exception:  # a bug must not take HaloD down: drop this connection only
             self.log.failure("handling a control message from {who} failed", who=conn.name)
-            conn.refuse("internal_error", "HaloD failed on this message")
+            conn.refuse(ErrorCode.INTERNAL_ERROR, "HaloD failed on this message")
 
     def _received(self, conn: ControlProtocol, body: bytes) -> None:
         now = self.clock.seconds()
         try:
-            msg = p.decode(body, p.FROM_NODE)
-            kind = msg["type"]
+            msg = decode_from_node(body)
             if conn.name is None:
-                if kind != p.REGISTER:
-                    raise p.ControlError(p.NOT_REGISTERED, "the first message is register")
+                if not isinstance(msg, Register):
+                    raise ControlError(ErrorCode.NOT_REGISTERED, "the first message is register")
                 effects = self.membership.register(msg, now)
-                conn.registered(msg["name"])
-                self.connections[msg["name"]] = conn
+                conn.registered(msg.name)
+                self.connections[msg.name] = conn
                 self.log.info(
                     "node {name} registered (browser {browser}, sp {sp})",
-                    name=msg["name"], browser=msg["browser"], sp=msg["sp"],
+                    name=msg.name, browser=msg.browser, sp=msg.sp,
                 )  # fmt: skip
-            elif kind == p.HEARTBEAT:  # the hot path: no Effects, a preformatted ack
+            elif isinstance(msg, Heartbeat):  # the hot path: no Effects, a preformatted ack
                 if self.membership.heartbeat(conn.name, msg, now):
-                    conn.send_bytes(p.heartbeat_ack(msg["seq"]))
+                    conn.send_bytes(encode_heartbeat_ack(msg.seq))
                 return
-            elif kind == p.HANDOFF:  # relayed as is: nodes never talk to each other
-                target = self.connections.get(msg["to"])
+            elif isinstance(msg, Handoff):  # relayed as is: nodes never talk to each other
+                target = self.connections.get(msg.to)
                 if target is None or target.closed:
                     self.stats["handoffs_dropped"] += 1
                     self.log.warn(
                         "hand-off from {src} to {dst} dropped: {dst} is not connected",
-                        src=conn.name, dst=msg["to"],
+                        src=conn.name, dst=msg.to,
                     )  # fmt: skip
                 else:
                     self.stats["handoffs_relayed"] += 1
                     target.send_bytes(body)
                 return
-            elif kind == p.LEAVE:
+            elif isinstance(msg, Leave):
                 effects = self.membership.leave(conn.name, now, "left")
                 self.connections.pop(conn.name, None)
                 conn.closed = True
                 conn.transport.loseConnection()
             else:
-                raise p.ControlError(p.BAD_MESSAGE, "already registered")
-        except p.ControlError as e:
+                raise ControlError(ErrorCode.BAD_MESSAGE, "already registered")
+        except ControlError as e:
             self.stats["refused"] += 1
             conn.refuse(e.code, e.message)
             return
@@ -275,7 +294,7 @@ class HaloD:
         except Exception:  # keep the timer alive: the next tick retries
             self.log.failure("deadline check failed")
 
-    def operator(self, action: str, name: str) -> str:
+    def operator(self, action: str, name: str) -> NodeState:
         """``drain`` or ``undrain`` a node; returns its new state (ControlError if refused)."""
         m = self.membership
         effects = m.drain(name) if action == "drain" else m.undrain(name)
@@ -311,7 +330,8 @@ class HaloD:
         for finding in effects.findings:
             self._log_finding(finding)
         for notice in effects.notices:
-            (self.log.warn if notice.level == "warn" else self.log.info)("{text}", text=notice.text)
+            log = self.log.warn if notice.level is Level.WARN else self.log.info
+            log("{text}", text=notice.text)
         for request in effects.probes:
             self.stats["probes"] += 1
             self._probe(request)
@@ -367,11 +387,11 @@ class HaloD:
             )  # fmt: skip
 
     def _log_change(self, change: Change) -> None:
-        if change.role == "gone" and change.name in self.membership.drained:
+        if change.role is ChangeKind.GONE and change.name in self.membership.drained:
             self.log.info(
                 "node {name} drained; {n} routes moved", name=change.name, n=len(change.moves)
             )
-        elif change.role == "gone":
+        elif change.role is ChangeKind.GONE:
             why = self.membership.failed.get(change.name, (0, "left"))[1]
             self.log.warn(
                 "node {name} (id {id}) removed: {why}; {n} routes moved",
@@ -620,7 +640,7 @@ class _Operator(Resource):
             return send_error(request, 403, "cross_site", message)
         try:
             state = self.halod.operator(parts[1], parts[0])
-        except p.ControlError as e:
+        except ControlError as e:
             return send_error(request, 409, e.code, e.message)
         request.setHeader(b"content-type", b"application/json")
         return json.dumps({"name": parts[0], "state": state}).encode()

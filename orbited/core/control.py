@@ -1,15 +1,22 @@
 """HaloD's control protocol, sans-I/O: JSON messages over SP PAIR v0 (docs/halod-protocol.md).
 
-Owns the message vocabulary, its encoding and the validation of everything a peer sends;
-both ends (halod.server and orbited.node.link) use it. Framing is orbited.sp.wire's.
+Owns the message vocabulary as typed values (one frozen dataclass per message ``type``),
+their encoding and the validation of everything a peer sends; both ends (halod.server and
+orbited.node.link) decode once at the edge and pass these values on. Framing is
+orbited.sp.wire's. The wire is plain JSON: ``encode`` writes the fields in a fixed order
+and leaves out optional fields that are not set, ``decode`` ignores unknown fields.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, ClassVar, TypeAlias, TypeGuard, cast
 
+from orbited.core.routes import Role
 from orbited.core.settings import ConfigError, parse_host_port, parse_sp_address
 from orbited.sp.wire import PAIR_V0
 
@@ -20,196 +27,432 @@ MAX_MESSAGE = 1024 * 1024  # an `assign` for 4096 routes is ≈ 25 KB
 # 2**31 of them would exhaust its memory (found by fuzzing). Route ports cap N anyway.
 MAX_ROUTES = 65536
 MIN_HEARTBEAT_INTERVAL = 0.001  # seconds; below this a node's heartbeat would spin
+MAX_HEARTBEAT_INTERVAL = 3600.0
+HANDOFF_CHUNK = 256 * 1024  # bytes of events per hand-off message, well under MAX_MESSAGE
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,63}")
 _ADDRESS = re.compile(r"[\x21-\x7e]{1,256}")  # printable ASCII, no spaces
 
-# Node → HaloD
-REGISTER = "register"
-HEARTBEAT = "heartbeat"
-LEAVE = "leave"
-# HaloD → node
-WELCOME = "welcome"
-ASSIGN = "assign"
-ROUTE_MOVED = "route_moved"
-HEARTBEAT_ACK = "heartbeat_ack"
-ERROR = "error"
-# Both ways: an old owner's mailboxes for the new owner, relayed by HaloD
-HANDOFF = "handoff"
+WireDict: TypeAlias = dict[str, Any]  # one JSON object as json.loads returns it
 
-FROM_NODE = (REGISTER, HEARTBEAT, LEAVE, HANDOFF)
-FROM_HALOD = (WELCOME, ASSIGN, ROUTE_MOVED, HEARTBEAT_ACK, ERROR, HANDOFF)
-HANDOFF_CHUNK = 256 * 1024  # bytes of events per hand-off message, well under MAX_MESSAGE
 
-# Error codes HaloD sends before closing (docs/halod-protocol.md, "Errors").
-BAD_MESSAGE = "bad_message"
-UNSUPPORTED_VERSION = "unsupported_version"
-UNAUTHORIZED = "unauthorized"
-DUPLICATE_NAME = "duplicate_name"
-ID_MISMATCH = "id_mismatch"
-ID_CLAIMED = "id_claimed"
-NOT_REGISTERED = "not_registered"
-FAILED = "failed"
-SHUTDOWN = "shutdown"
+class ErrorCode(StrEnum):
+    """Codes of the ``error`` message HaloD sends before closing (docs/halod-protocol.md);
+    also the 409 codes of the operator endpoints."""
+
+    BAD_MESSAGE = "bad_message"
+    UNSUPPORTED_VERSION = "unsupported_version"
+    UNAUTHORIZED = "unauthorized"
+    DUPLICATE_NAME = "duplicate_name"
+    ID_MISMATCH = "id_mismatch"
+    ID_CLAIMED = "id_claimed"
+    NOT_REGISTERED = "not_registered"
+    FAILED = "failed"
+    SHUTDOWN = "shutdown"
+    INTERNAL_ERROR = "internal_error"
 
 
 class ControlError(Exception):
-    """A message HaloD refuses; ``code`` goes back to the node in an ``error`` message."""
+    """A message refused; ``code`` goes back to the node in an ``error`` message."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: ErrorCode, message: str) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
 
 
+# -- the messages --------------------------------------------------------------------------
+# Node → HaloD: Register, Heartbeat, Leave, Handoff.
+# HaloD → node: Welcome, Assign, RouteMoved, HeartbeatAck, Error, Handoff (relayed).
+
+
+@dataclass(frozen=True)
+class Register:
+    """First message on every connection (``version`` is always VERSION on the wire)."""
+
+    TYPE: ClassVar[str] = "register"
+    name: str
+    browser: str  # host:port the data plane forwards browsers to
+    sp: str  # tcp://host:port it forwards web apps to
+    capacity: int
+    node_id: int | None = None  # the id a reconnecting node holds
+    secret: str | None = field(default=None, repr=False)  # the cluster secret
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    TYPE: ClassVar[str] = "heartbeat"
+    seq: int
+    connections: int | None = None  # browsers connected now
+    mailboxes: int | None = None  # keys with a mailbox, lingering ones too
+
+
+@dataclass(frozen=True)
+class Leave:
+    """The node is stopping: hand its routes over now."""
+
+    TYPE: ClassVar[str] = "leave"
+
+
+@dataclass(frozen=True)
+class Handoff:
+    """Mailboxes of routes moved away from the sender, for their new owner ``to``; HaloD
+    relays the message unchanged. ``mailboxes`` entries are wire objects (built and read
+    by the node's hub); ``done`` names the routes whose hand-off is complete."""
+
+    TYPE: ClassVar[str] = "handoff"
+    to: str
+    done: tuple[int, ...]
+    mailboxes: tuple[WireDict, ...]
+
+
+@dataclass(frozen=True)
+class Welcome:
+    """Answer to ``register``: the node's role, routes and HaloD's timing."""
+
+    TYPE: ClassVar[str] = "welcome"
+    node_id: int | None  # None for a spare
+    role: Role
+    routes: tuple[int, ...]  # complete and ascending
+    total_routes: int
+    heartbeat_interval: float
+    missed_heartbeats: int
+    incoming: tuple[int, ...] = ()  # routes among ``routes`` whose mailboxes are handed over
+
+
+@dataclass(frozen=True)
+class Assign:
+    """The node's complete assignment after a change."""
+
+    TYPE: ClassVar[str] = "assign"
+    node_id: int | None
+    role: Role
+    routes: tuple[int, ...]
+    incoming: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class RouteMove:
+    """One ``route_moved`` entry: ``route`` now reaches the node ``name`` (None: no node
+    has it); ``handoff``: that node is alive and waits for the route's mailboxes."""
+
+    route: int
+    name: str | None
+    browser: str | None = None
+    sp: str | None = None
+    handoff: bool = False
+
+
+@dataclass(frozen=True)
+class RouteMoved:
+    TYPE: ClassVar[str] = "route_moved"
+    moves: tuple[RouteMove, ...]
+
+
+@dataclass(frozen=True)
+class HeartbeatAck:
+    TYPE: ClassVar[str] = "heartbeat_ack"
+    seq: int
+
+
+@dataclass(frozen=True)
+class Error:
+    """A refusal; HaloD closes the connection after it. ``code`` is kept as sent (a node
+    may hear codes of a newer HaloD)."""
+
+    TYPE: ClassVar[str] = "error"
+    code: str
+    message: str
+
+
+NodeMessage: TypeAlias = Register | Heartbeat | Leave | Handoff
+HaloDMessage: TypeAlias = Welcome | Assign | RouteMoved | HeartbeatAck | Error | Handoff
+Message: TypeAlias = NodeMessage | HaloDMessage
+MessageClass: TypeAlias = (
+    type[Register] | type[Heartbeat] | type[Leave] | type[Handoff] | type[Welcome]
+    | type[Assign] | type[RouteMoved] | type[HeartbeatAck] | type[Error]
+)  # fmt: skip
+
+FROM_NODE: tuple[MessageClass, ...] = (Register, Heartbeat, Leave, Handoff)
+FROM_HALOD: tuple[MessageClass, ...] = (Welcome, Assign, RouteMoved, HeartbeatAck, Error, Handoff)
+
+
+# -- encoding ------------------------------------------------------------------------------
+
 _ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)  # built once
 
 
-def encode(message: dict[str, Any]) -> bytes:
-    return _ENCODER.encode(message).encode()
+def _move_dict(move: RouteMove) -> WireDict:
+    out: WireDict = {"route": move.route, "name": move.name}
+    if move.browser is not None:
+        out["browser"] = move.browser
+    if move.sp is not None:
+        out["sp"] = move.sp
+    if move.handoff:
+        out["handoff"] = True
+    return out
 
 
-def heartbeat_ack(seq: int) -> bytes:
-    """The most frequent message, preformatted (equal to encode() of it)."""
+def to_wire(message: Message) -> WireDict:
+    """The JSON object of ``message``, fields in the order this protocol has always sent."""
+    out: WireDict = {"type": message.TYPE}
+    match message:
+        case Register():
+            out.update(version=VERSION, name=message.name, browser=message.browser,
+                       sp=message.sp, capacity=message.capacity)  # fmt: skip
+            if message.node_id is not None:
+                out["node_id"] = message.node_id
+            if message.secret is not None:
+                out["secret"] = message.secret
+        case Heartbeat():
+            out["seq"] = message.seq
+            if message.connections is not None:
+                out["connections"] = message.connections
+            if message.mailboxes is not None:
+                out["mailboxes"] = message.mailboxes
+        case Leave():
+            pass
+        case Handoff():
+            out.update(to=message.to, done=list(message.done), mailboxes=list(message.mailboxes))
+        case Welcome() | Assign():
+            out.update(node_id=message.node_id, role=message.role.value,
+                       routes=list(message.routes))  # fmt: skip
+            if message.incoming:
+                out["incoming"] = list(message.incoming)
+            if isinstance(message, Welcome):
+                out.update(total_routes=message.total_routes,
+                           heartbeat_interval=message.heartbeat_interval,
+                           missed_heartbeats=message.missed_heartbeats)  # fmt: skip
+        case RouteMoved():
+            out["moves"] = [_move_dict(m) for m in message.moves]
+        case HeartbeatAck():
+            out["seq"] = message.seq
+        case Error():
+            out.update(code=message.code, message=message.message)
+    return out
+
+
+def encode(message: Message) -> bytes:
+    return _ENCODER.encode(to_wire(message)).encode()
+
+
+def encode_heartbeat_ack(seq: int) -> bytes:
+    """The most frequent message, preformatted (equal to encode(HeartbeatAck(seq)))."""
     return b'{"type":"heartbeat_ack","seq":%d}' % seq
 
 
-def _route_list(msg: dict[str, Any], field: str, optional: bool = False) -> None:
-    routes = msg.get(field)
+# -- decoding and validation ---------------------------------------------------------------
+
+
+def _bad(text: str) -> ControlError:
+    return ControlError(ErrorCode.BAD_MESSAGE, text)
+
+
+def _is_int(value: object) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _routes(msg: WireDict, name: str, optional: bool = False) -> tuple[int, ...]:
+    routes = msg.get(name)
     if routes is None and optional:
-        return
-    if not isinstance(routes, list) or not all(
-        isinstance(r, int) and not isinstance(r, bool) and 1 <= r <= MAX_ROUTES for r in routes
-    ):
-        raise ControlError(BAD_MESSAGE, f"{field} must be a list of route ids")
+        return ()
+    if not isinstance(routes, list) or not all(_is_int(r) and 1 <= r <= MAX_ROUTES for r in routes):
+        raise _bad(f"{name} must be a list of route ids")
+    return tuple(routes)
 
 
-def _int(msg: dict[str, Any], field: str, low: int, high: int, optional: bool = False) -> None:
-    value = msg.get(field)
-    if value is None and optional:
-        return
-    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-        raise ControlError(BAD_MESSAGE, f"{field} must be an integer in {low}..{high}")
+def _int(msg: WireDict, name: str, low: int, high: int) -> int:
+    value = msg.get(name)
+    if not _is_int(value) or not low <= value <= high:
+        raise _bad(f"{name} must be an integer in {low}..{high}")
+    return value
 
 
-def _str(msg: dict[str, Any], field: str, pattern: re.Pattern[str], optional: bool = False) -> None:
-    value = msg.get(field)
-    if value is None and optional:
-        return
+def _opt_int(msg: WireDict, name: str, low: int, high: int) -> int | None:
+    return None if msg.get(name) is None else _int(msg, name, low, high)
+
+
+def _str(msg: WireDict, name: str, pattern: re.Pattern[str]) -> str:
+    value = msg.get(name)
     if not isinstance(value, str) or not pattern.fullmatch(value):
-        raise ControlError(BAD_MESSAGE, f"{field} is missing or malformed")
+        raise _bad(f"{name} is missing or malformed")
+    return value
 
 
-def _valid_move(move: object) -> bool:
+def _role(msg: WireDict) -> Role:
+    role = msg.get("role")
+    if role not in (Role.ACTIVE, Role.SPARE, Role.DRAINED):
+        raise _bad("role is active, spare or drained")
+    return Role(role)
+
+
+def _move(entry: object) -> RouteMove:
     """One route_moved entry: the node uses route as an id, sp in replies to web apps."""
-    if not isinstance(move, dict):
-        return False
-    route = move.get("route")
-    if not isinstance(route, int) or isinstance(route, bool) or not 1 <= route <= MAX_ROUTES:
-        return False
-    strings = all(
-        move.get(f) is None or isinstance(move[f], str) for f in ("name", "browser", "sp")
+    if not isinstance(entry, dict):
+        raise ValueError("not an object")
+    route = entry.get("route")
+    if not _is_int(route) or not 1 <= route <= MAX_ROUTES:
+        raise ValueError("bad route")
+    name, browser, sp = entry.get("name"), entry.get("browser"), entry.get("sp")
+    if not all(v is None or isinstance(v, str) for v in (name, browser, sp)):
+        raise ValueError("bad address")
+    handoff = entry.get("handoff", False)
+    if not isinstance(handoff, bool):
+        raise ValueError("bad handoff")
+    return RouteMove(route, name, browser, sp, handoff)
+
+
+def _register(msg: WireDict) -> Register:
+    version = _int(msg, "version", 0, 2**31)
+    if version != VERSION:
+        raise ControlError(ErrorCode.UNSUPPORTED_VERSION, f"this HaloD speaks version {VERSION}")
+    name = _str(msg, "name", NAME)
+    browser = _str(msg, "browser", _ADDRESS)
+    sp = _str(msg, "sp", _ADDRESS)
+    try:  # the data plane forwards to these
+        parse_host_port(browser)
+        parse_sp_address(sp)
+    except ConfigError as e:
+        raise _bad(str(e)) from None
+    capacity = _int(msg, "capacity", 0, 2**40)
+    node_id = _opt_int(msg, "node_id", 1, 2**31)
+    secret = msg.get("secret")
+    if secret is not None and not isinstance(secret, str):
+        raise _bad("secret must be a string")
+    return Register(name, browser, sp, capacity, node_id, secret)
+
+
+def _heartbeat(msg: WireDict) -> Heartbeat:
+    return Heartbeat(
+        _int(msg, "seq", 0, 2**62),
+        _opt_int(msg, "connections", 0, 2**40),
+        _opt_int(msg, "mailboxes", 0, 2**40),
     )
-    return strings and isinstance(move.get("handoff", False), bool)
+
+
+def _heartbeat_ack(msg: WireDict) -> HeartbeatAck:
+    return HeartbeatAck(_int(msg, "seq", 0, 2**62))
+
+
+def _leave(msg: WireDict) -> Leave:
+    return Leave()
+
+
+def _handoff(msg: WireDict) -> Handoff:
+    to = _str(msg, "to", NAME)
+    done = _routes(msg, "done")
+    mailboxes = msg.get("mailboxes")
+    if not isinstance(mailboxes, list) or not all(isinstance(m, dict) for m in mailboxes):
+        raise _bad("mailboxes must be a list of objects")
+    return Handoff(to, done, tuple(mailboxes))
+
+
+def _assign(msg: WireDict) -> Assign:
+    node_id = _opt_int(msg, "node_id", 1, 2**31)
+    role = _role(msg)
+    return Assign(node_id, role, _routes(msg, "routes"), _routes(msg, "incoming", optional=True))
+
+
+def _welcome(msg: WireDict) -> Welcome:
+    assign = _assign(msg)
+    total = _int(msg, "total_routes", 1, MAX_ROUTES)
+    interval = msg.get("heartbeat_interval")
+    if (
+        not isinstance(interval, int | float) or isinstance(interval, bool)
+        or not MIN_HEARTBEAT_INTERVAL <= interval <= MAX_HEARTBEAT_INTERVAL
+    ):  # fmt: skip
+        raise _bad(
+            f"heartbeat_interval must be {MIN_HEARTBEAT_INTERVAL:g} to "
+            f"{MAX_HEARTBEAT_INTERVAL:g} seconds"
+        )
+    missed = _int(msg, "missed_heartbeats", 1, 1000)
+    return Welcome(assign.node_id, assign.role, assign.routes, total, float(interval), missed,
+                   assign.incoming)  # fmt: skip
+
+
+def _route_moved(msg: WireDict) -> RouteMoved:
+    moves = msg.get("moves")
+    try:
+        if not isinstance(moves, list):
+            raise ValueError("not a list")
+        return RouteMoved(tuple(_move(m) for m in moves))
+    except ValueError:
+        raise _bad("moves must be a list of {route, name, browser, sp, handoff}") from None
+
+
+def _error(msg: WireDict) -> Error:
+    code, text = msg.get("code"), msg.get("message")
+    if not isinstance(code, str) or not isinstance(text, str):
+        raise _bad("an error has a code and a message")
+    return Error(code, text)
+
+
+_PARSERS: Mapping[str, Callable[[WireDict], Message]] = {
+    Register.TYPE: _register,
+    Heartbeat.TYPE: _heartbeat,
+    Leave.TYPE: _leave,
+    Handoff.TYPE: _handoff,
+    Welcome.TYPE: _welcome,
+    Assign.TYPE: _assign,
+    RouteMoved.TYPE: _route_moved,
+    HeartbeatAck.TYPE: _heartbeat_ack,
+    Error.TYPE: _error,
+}
 
 
 def _no_constant(name: str) -> object:
     raise ValueError(f"{name} is not JSON")
 
 
-def decode(body: bytes, allowed: tuple[str, ...]) -> dict[str, Any]:
-    """Parse and validate one message whose ``type`` is in ``allowed``."""
+def decode(body: bytes, allowed: Iterable[MessageClass]) -> Message:
+    """Parse and validate one message whose class is in ``allowed`` (FROM_NODE or
+    FROM_HALOD); raise ControlError (``bad_message``, ``unsupported_version``) otherwise."""
     try:
         # UTF-8 only, and no NaN/Infinity: what encode() can send back (a relayed or
         # re-encoded message must stay JSON; found by fuzzing).
         msg = json.loads(body.decode("utf-8"), parse_constant=_no_constant)
     except (UnicodeDecodeError, ValueError, RecursionError):
-        raise ControlError(BAD_MESSAGE, "not a JSON message") from None
+        raise _bad("not a JSON message") from None
     if not isinstance(msg, dict):
-        raise ControlError(BAD_MESSAGE, "a message is a JSON object")
+        raise _bad("a message is a JSON object")
     kind = msg.get("type")
-    if kind not in allowed:
-        raise ControlError(BAD_MESSAGE, f"unexpected message type {str(kind)[:40]!r}")
-    if kind == REGISTER:
-        _int(msg, "version", 0, 2**31)
-        if msg["version"] != VERSION:
-            raise ControlError(UNSUPPORTED_VERSION, f"this HaloD speaks version {VERSION}")
-        _str(msg, "name", NAME)
-        _str(msg, "browser", _ADDRESS)
-        _str(msg, "sp", _ADDRESS)
-        try:  # the data plane forwards to these
-            parse_host_port(msg["browser"])
-            parse_sp_address(msg["sp"])
-        except ConfigError as e:
-            raise ControlError(BAD_MESSAGE, str(e)) from None
-        _int(msg, "capacity", 0, 2**40)
-        _int(msg, "node_id", 1, 2**31, optional=True)
-        if "secret" in msg and not isinstance(msg["secret"], str):
-            raise ControlError(BAD_MESSAGE, "secret must be a string")
-    elif kind in (HEARTBEAT, HEARTBEAT_ACK):
-        _int(msg, "seq", 0, 2**62)
-        _int(msg, "connections", 0, 2**40, optional=True)
-        _int(msg, "mailboxes", 0, 2**40, optional=True)
-    elif kind in (WELCOME, ASSIGN):
-        _int(msg, "node_id", 1, 2**31, optional=True)
-        if msg.get("role") not in ("active", "spare", "drained"):
-            raise ControlError(BAD_MESSAGE, "role is active, spare or drained")
-        _route_list(msg, "routes")
-        _route_list(msg, "incoming", optional=True)
-        if kind == WELCOME:
-            _int(msg, "total_routes", 1, MAX_ROUTES)
-            interval = msg.get("heartbeat_interval")
-            if (
-                not isinstance(interval, int | float) or isinstance(interval, bool)
-                or not MIN_HEARTBEAT_INTERVAL <= interval <= 3600
-            ):  # fmt: skip
-                raise ControlError(
-                    BAD_MESSAGE,
-                    f"heartbeat_interval must be {MIN_HEARTBEAT_INTERVAL:g} to 3600 seconds",
-                )
-            _int(msg, "missed_heartbeats", 1, 1000)
-    elif kind == ROUTE_MOVED:
-        moves = msg.get("moves")
-        if not isinstance(moves, list) or not all(_valid_move(m) for m in moves):
-            raise ControlError(
-                BAD_MESSAGE, "moves must be a list of {route, name, browser, sp, handoff}"
-            )
-    elif kind == HANDOFF:
-        _str(msg, "to", NAME)
-        _route_list(msg, "done")
-        mailboxes = msg.get("mailboxes")
-        if not isinstance(mailboxes, list) or not all(isinstance(m, dict) for m in mailboxes):
-            raise ControlError(BAD_MESSAGE, "mailboxes must be a list of objects")
-    elif kind == ERROR:
-        if not isinstance(msg.get("code"), str) or not isinstance(msg.get("message"), str):
-            raise ControlError(BAD_MESSAGE, "an error has a code and a message")
-    return msg
+    if not isinstance(kind, str) or kind not in {cls.TYPE for cls in allowed}:
+        raise _bad(f"unexpected message type {str(kind)[:40]!r}")
+    return _PARSERS[kind](msg)
 
 
-def error(code: str, message: str) -> dict[str, Any]:
-    return {"type": ERROR, "code": code, "message": message}
+def decode_from_node(body: bytes) -> NodeMessage:
+    """A message a node sent (HaloD's side)."""
+    return cast(NodeMessage, decode(body, FROM_NODE))
+
+
+def decode_from_halod(body: bytes) -> HaloDMessage:
+    """A message HaloD sent (the node's side)."""
+    return cast(HaloDMessage, decode(body, FROM_HALOD))
+
+
+# -- the hand-off --------------------------------------------------------------------------
 
 
 def handoff_messages(
-    to: str, done: list[int], entries: list[dict[str, Any]], chunk: int = HANDOFF_CHUNK
-) -> list[dict[str, Any]]:
+    to: str, done: Iterable[int], entries: Iterable[WireDict], chunk: int = HANDOFF_CHUNK
+) -> list[Handoff]:
     """An old owner's exported mailboxes (orbited.node.hub.export_entry) as ``handoff``
     messages of about ``chunk`` bytes of events each; a large mailbox is split across
     messages (same key and stream, later events). The last message names the ``done``
     routes (docs/halod-protocol.md, "Hand-off")."""
-    messages: list[dict[str, Any]] = []
-    batch: list[dict[str, Any]] = []
+    batches: list[list[WireDict]] = []
+    batch: list[WireDict] = []
     size = 0
 
     def flush() -> None:
         nonlocal batch, size
-        messages.append({"type": HANDOFF, "to": to, "done": [], "mailboxes": batch})
+        batches.append(batch)
         batch, size = [], 0
 
     for entry in entries:
-        events = entry["events"]
-        part: list[list[Any]] = []
-        for event in events:
+        part: list[Any] = []
+        for event in entry["events"]:
             cost = len(event[1]) + 16
             if part and size + cost > chunk:
                 batch.append({**entry, "events": part})
@@ -221,7 +464,11 @@ def handoff_messages(
         size += 128
         if size > chunk:
             flush()
-    if batch or not messages:
+    if batch or not batches:
         flush()
-    messages[-1]["done"] = sorted(done)
-    return messages
+    last = len(batches) - 1
+    finished = tuple(sorted(done))
+    return [
+        Handoff(to, finished if i == last else (), tuple(mailboxes))
+        for i, mailboxes in enumerate(batches)
+    ]

@@ -11,8 +11,9 @@ import hashlib
 import struct
 
 from orbited.core.keys import ConnectionKey
+from orbited.core.routes import DEFAULT_ROUTES, canonical
 
-DEFAULT_ROUTES = 24
+__all__ = ["DEFAULT_ROUTES", "key_bytes", "route_of", "static_node"]
 
 
 def key_bytes(key: ConnectionKey) -> bytes:
@@ -34,8 +35,6 @@ def route_of(key: ConnectionKey, routes: int = DEFAULT_ROUTES) -> int:
 def static_node(route: int, nodes: int, routes: int = DEFAULT_ROUTES) -> int:
     """Without HaloD: the index (0-based) into a static list of ``nodes`` nodes that serves
     ``route`` — the same table HaloD would build for that many nodes (docs/halod.md)."""
-    from orbited.core.routes import canonical
-
     for node_id, held in canonical(routes, nodes).items():
         if route in held:
             return node_id - 1

@@ -14,12 +14,40 @@ takes it (docs/halod.md, "Failover policies").
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from enum import StrEnum
+from typing import Any, NamedTuple
 
-DEFAULT_ROUTES = 24
-SEED = "seed"
-MINIMAL = "minimal"
-POLICIES = (SEED, MINIMAL)
+DEFAULT_ROUTES = 24  # N when nothing says otherwise: the node, HaloD, clients, the JS
+
+
+class Policy(StrEnum):
+    """How routes move when an active node fails with no spare (docs/halod.md)."""
+
+    SEED = "seed"
+    MINIMAL = "minimal"
+
+
+SEED = Policy.SEED
+MINIMAL = Policy.MINIMAL
+POLICIES = tuple(Policy)
+
+
+class Role(StrEnum):
+    """A registered node's role: the ``role`` of welcome/assign, the ``state`` on status
+    pages (docs/halod-protocol.md)."""
+
+    ACTIVE = "active"  # holds a node id and routes
+    SPARE = "spare"  # waits to take over a failed node's id
+    DRAINED = "drained"  # taken out of service by an operator: no routes, never promoted
+
+
+class ChangeKind(StrEnum):
+    """What a membership event made of its node (``Change.role``)."""
+
+    ACTIVE = "active"  # joined as an active node
+    SPARE = "spare"  # joined as a spare
+    GONE = "gone"  # left, failed or was drained: its routes moved
+    READDRESSED = "readdressed"  # came back with other addresses: the data plane follows
 
 
 class Move(NamedTuple):
@@ -128,7 +156,7 @@ class Change:
     """What one membership event did: the node's role and the routes that moved."""
 
     name: str
-    role: str  # "active", "spare" or "gone"
+    role: ChangeKind
     node_id: int | None
     moves: list[Move] = field(default_factory=list)
 
@@ -137,7 +165,7 @@ class RouteTable:
     """Membership and routes of one cluster. Every change returns the moved routes."""
 
     def __init__(
-        self, routes: int = DEFAULT_ROUTES, spares_wanted: int = 1, policy: str = SEED
+        self, routes: int = DEFAULT_ROUTES, spares_wanted: int = 1, policy: str = Policy.SEED
     ) -> None:
         if routes < 1:
             raise RouteTableError("a cluster needs at least one route")
@@ -147,7 +175,7 @@ class RouteTable:
             raise RouteTableError("spares_wanted must not be negative")
         self.routes = routes
         self.spares_wanted = spares_wanted
-        self.policy = policy
+        self.policy = Policy(policy)
         self._table: dict[int, list[int]] = {}  # node id -> ascending routes
         self._machine: dict[int, str] = {}  # node id -> name
         self.spares: list[str] = []  # oldest first
@@ -186,28 +214,28 @@ class RouteTable:
         active = len(self._table)
         if active and (active >= self.routes or len(self.spares) < self.spares_wanted):
             self.spares.append(name)
-            return Change(name, "spare", None)
+            return Change(name, ChangeKind.SPARE, None)
         before = self.owners()
         new_id = max(self._table, default=0) + 1
-        if self.policy == MINIMAL:  # the lowest free id: ids stay within 1..N
+        if self.policy is Policy.MINIMAL:  # the lowest free id: ids stay within 1..N
             new_id = next(i for i in range(1, active + 2) if i not in self._table)
         self._table = add_node(self._table, self.routes, new_id)
         self._machine[new_id] = name
-        return Change(name, "active", new_id, self._moves(before))
+        return Change(name, ChangeKind.ACTIVE, new_id, self._moves(before))
 
     def leave(self, name: str) -> Change:
         """A node failed or was removed: its routes go to a spare, or the seed's
         replacement happens (the highest id takes over, its routes go back)."""
         if name in self.spares:
             self.spares.remove(name)
-            return Change(name, "gone", None)
+            return Change(name, ChangeKind.GONE, None)
         failed = self.node_id(name)
         if failed is None:
             raise RouteTableError(f"node {name!r} is not registered")
         before = self.owners()
         if self.spares:
             self._machine[failed] = self.spares.pop(0)
-        elif self.policy == MINIMAL:
+        elif self.policy is Policy.MINIMAL:
             del self._machine[failed]
             orphans = self._table.pop(failed)
             for route in orphans:
@@ -225,7 +253,7 @@ class RouteTable:
             # The reverse of the add: the table becomes the canonical one for M-1 nodes,
             # which returns node M's routes to the nodes they came from.
             self._table = canonical(self.routes, highest - 1)
-        return Change(name, "gone", failed, self._moves(before))
+        return Change(name, ChangeKind.GONE, failed, self._moves(before))
 
     # -- persistence --------------------------------------------------------------------
 
@@ -243,7 +271,7 @@ class RouteTable:
         }
 
     @classmethod
-    def restore(cls, snapshot: dict, spares_wanted: int | None = None) -> RouteTable:
+    def restore(cls, snapshot: dict[str, Any], spares_wanted: int | None = None) -> RouteTable:
         """Rebuild a table from ``snapshot()``; raise RouteTableError if it is not a valid
         table (a route without exactly one owner, a name twice, ...)."""
         try:

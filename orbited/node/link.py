@@ -10,7 +10,7 @@ the routes it has until HaloD says otherwise.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, assert_never
 
 from twisted.application import internet, service
 from twisted.internet import task
@@ -20,19 +20,40 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from orbited.core import control as p
+from orbited.core.control import (
+    CONTROL_PROTOCOL,
+    MAX_MESSAGE,
+    Assign,
+    ControlError,
+    Error,
+    ErrorCode,
+    HaloDMessage,
+    Handoff,
+    Heartbeat,
+    HeartbeatAck,
+    Leave,
+    NodeMessage,
+    Register,
+    RouteMove,
+    RouteMoved,
+    Welcome,
+    decode_from_halod,
+    encode,
+    handoff_messages,
+)
+from orbited.core.routes import Role
 from orbited.core.settings import parse_sp_address
 from orbited.node.hub import Hub
 from orbited.sp.wire import SPConnection, SPProtocolError, encode_message
 
 # Errors after which this node holds no routes: HaloD has given them to others.
-_ROUTES_GONE = (p.FAILED, p.ID_CLAIMED, p.ID_MISMATCH)
+_ROUTES_GONE = frozenset({ErrorCode.FAILED, ErrorCode.ID_CLAIMED, ErrorCode.ID_MISMATCH})
 
 
 def _fitting(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Leave out events too large for one control message (only possible when
-    max_payload is raised near p.MAX_MESSAGE): the browser then sees a gap."""
-    limit = p.MAX_MESSAGE // 2
+    max_payload is raised near MAX_MESSAGE): the browser then sees a gap."""
+    limit = MAX_MESSAGE // 2
     for entry in entries:
         if any(len(event[1]) > limit for event in entry["events"]):
             entry["events"] = [e for e in entry["events"] if len(e[1]) <= limit]
@@ -44,7 +65,7 @@ class LinkProtocol(Protocol):
 
     def __init__(self, link: HaloDLink) -> None:
         self.link = link
-        self._sp = SPConnection(p.CONTROL_PROTOCOL, p.CONTROL_PROTOCOL, p.MAX_MESSAGE)
+        self._sp = SPConnection(CONTROL_PROTOCOL, CONTROL_PROTOCOL, MAX_MESSAGE)
         self._heartbeat: task.LoopingCall | None = None
         self._seq = 0
         self._last_ack = 0.0
@@ -59,53 +80,56 @@ class LinkProtocol(Protocol):
         self.transport.write(self._sp.initial_bytes())
         self.send(self.link.register_message())
 
-    def send(self, message: dict[str, Any]) -> None:
-        self.transport.write(encode_message(p.encode(message)))
+    def send(self, message: NodeMessage) -> None:
+        self.transport.write(encode_message(encode(message)))
 
     def dataReceived(self, data: bytes) -> None:  # noqa: N802
         try:
             for body in self._sp.receive(data):
-                self._handle(p.decode(body, p.FROM_HALOD))
-        except (SPProtocolError, p.ControlError) as e:
+                self._handle(decode_from_halod(body))
+        except (SPProtocolError, ControlError) as e:
             self.log.error("HaloD sent something unexpected ({e}); reconnecting", e=e)
             self.transport.abortConnection()
 
-    def _handle(self, msg: dict[str, Any]) -> None:
-        kind, link = msg["type"], self.link
-        if kind == p.HEARTBEAT_ACK:
-            self._last_ack = link.clock.seconds()
-        elif kind == p.WELCOME:
-            self.interval = float(msg["heartbeat_interval"])
-            self._missed_allowed = int(msg["missed_heartbeats"])
-            link.assigned(msg, total=int(msg["total_routes"]))
-            self._start_heartbeats()
-        elif kind == p.ASSIGN:
-            link.assigned(msg)
-        elif kind == p.ROUTE_MOVED:
-            self._routes_moved(msg["moves"])
-        elif kind == p.HANDOFF:
-            n = link.hub.handoff_received(msg["mailboxes"], msg["done"])
-            if msg["done"]:
-                self.log.info("hand-off of routes {routes} complete", routes=msg["done"])
-            elif n:
-                self.log.debug("{n} mailboxes handed over", n=n)
-        elif kind == p.ERROR:
-            link.refused(msg["code"], msg["message"])
+    def _handle(self, msg: HaloDMessage) -> None:
+        link = self.link
+        match msg:
+            case HeartbeatAck():
+                self._last_ack = link.clock.seconds()
+            case Welcome():
+                self.interval = msg.heartbeat_interval
+                self._missed_allowed = msg.missed_heartbeats
+                link.assigned(msg, total=msg.total_routes)
+                self._start_heartbeats()
+            case Assign():
+                link.assigned(msg)
+            case RouteMoved():
+                self._routes_moved(msg.moves)
+            case Handoff():
+                n = link.hub.handoff_received(list(msg.mailboxes), msg.done)
+                if msg.done:
+                    self.log.info("hand-off of routes {routes} complete", routes=list(msg.done))
+                elif n:
+                    self.log.debug("{n} mailboxes handed over", n=n)
+            case Error():
+                link.refused(msg.code, msg.message)
+            case _:
+                assert_never(msg)
 
-    def _routes_moved(self, entries: list[dict[str, Any]]) -> None:
+    def _routes_moved(self, entries: tuple[RouteMove, ...]) -> None:
         """Evict the moved routes' keys; for moves to a live node, send their mailboxes
         (through HaloD) in the same reactor turn, so no event accepted here is left out."""
         hub = self.link.hub
-        moves = {int(m["route"]): m.get("sp") for m in entries}
+        moves = {m.route: m.sp for m in entries}
         targets: dict[str, list[int]] = {}
         for m in entries:
-            if m.get("handoff") and isinstance(m.get("name"), str):
-                targets.setdefault(m["name"], []).append(int(m["route"]))
+            if m.handoff and m.name is not None:
+                targets.setdefault(m.name, []).append(m.route)
         exports: list[dict[str, Any]] = []
         evicted = hub.route_moved(moves, [r for rs in targets.values() for r in rs], exports)
         for to, routes in targets.items():
             mine = [e for e in exports if e["route"] in set(routes)]
-            for message in p.handoff_messages(to, routes, _fitting(mine)):
+            for message in handoff_messages(to, routes, _fitting(mine)):
                 self.send(message)
             self.log.info(
                 "routes {routes} moved to {to}: {n} mailboxes handed over",
@@ -140,8 +164,7 @@ class LinkProtocol(Protocol):
         # are gone, though their mailboxes linger (docs/halod.md, "Draining").
         # Both are counters (gauges() scans every key: ≈ 22 ms at 100 000 keys, per beat).
         hub = self.link.hub
-        self.send({"type": p.HEARTBEAT, "seq": self._seq, "connections": hub.attached,
-                   "mailboxes": hub.mailboxes})  # fmt: skip
+        self.send(Heartbeat(self._seq, hub.attached, hub.mailboxes))
 
     def connectionLost(self, reason: Failure = None) -> None:  # noqa: N802
         if self._heartbeat is not None and self._heartbeat.running:
@@ -166,7 +189,7 @@ class HaloDLink(service.MultiService):
         self.secret = secret
         self.clock: IReactorTime = reactor  # type: ignore[assignment]
         self.node_id: int | None = None
-        self.role: str | None = None
+        self.role: Role | None = None
         host, port = parse_sp_address(halod)
         factory = Factory.forProtocol(lambda: LinkProtocol(self))  # type: ignore[arg-type]
         factory.noisy = False  # it "starts" on every reconnect
@@ -180,28 +203,16 @@ class HaloDLink(service.MultiService):
         # Until HaloD says otherwise this node serves nothing (it may be a spare).
         hub.owned = frozenset()
 
-    def register_message(self) -> dict[str, Any]:
+    def register_message(self) -> Register:
         browser, sp = self.addresses()
-        message: dict[str, Any] = {
-            "type": p.REGISTER,
-            "version": p.VERSION,
-            "name": self.name,
-            "browser": browser,
-            "sp": sp,
-            "capacity": self.capacity,
-        }
-        if self.node_id is not None:
-            message["node_id"] = self.node_id
-        if self.secret is not None:
-            message["secret"] = self.secret
-        return message
+        return Register(self.name, browser, sp, self.capacity, self.node_id, self.secret)
 
-    def assigned(self, msg: dict[str, Any], total: int | None = None) -> None:
-        self.node_id, self.role = msg.get("node_id"), msg["role"]
-        evicted = self.hub.assign(msg["routes"], total, msg.get("incoming", ()))
+    def assigned(self, msg: Welcome | Assign, total: int | None = None) -> None:
+        self.node_id, self.role = msg.node_id, msg.role
+        evicted = self.hub.assign(msg.routes, total, msg.incoming)
         self.log.info(
             "HaloD: {role} node {id}, {n} routes; {evicted} keys told to reconnect",
-            role=self.role, id=self.node_id, n=len(msg["routes"]), evicted=evicted,
+            role=self.role.value, id=self.node_id, n=len(msg.routes), evicted=evicted,
         )  # fmt: skip
 
     def refused(self, code: str, message: str) -> None:
@@ -215,5 +226,5 @@ class HaloDLink(service.MultiService):
         """The node is stopping: HaloD hands its routes over at once instead of waiting
         for the grace period."""
         d = self.client.whenConnected(failAfterFailures=1)
-        d.addCallback(lambda proto: proto.send({"type": p.LEAVE}))
+        d.addCallback(lambda proto: proto.send(Leave()))
         d.addErrback(lambda _: None)

@@ -5,6 +5,7 @@ probe itself against real sockets."""
 
 from __future__ import annotations
 
+import json
 import socket
 from pathlib import Path
 
@@ -29,7 +30,20 @@ from halod.liveness import (
 from halod.membership import Membership, Timing
 from halod.probe import outcome_of, probe
 from halod.server import ControlProtocol, HaloD
-from orbited.core import control as p
+from orbited.core.control import (
+    CONTROL_PROTOCOL,
+    FROM_NODE,
+    MAX_MESSAGE,
+    Assign,
+    ErrorCode,
+    HaloDMessage,
+    Heartbeat,
+    Leave,
+    NodeMessage,
+    decode,
+    decode_from_halod,
+    encode,
+)
 from orbited.core.routes import RouteTable
 from orbited.sp.wire import SPConnection, encode_message
 
@@ -113,7 +127,7 @@ def test_disabled_probes_start_nothing():
 def reg(name, **extra):
     msg = {"type": "register", "version": 1, "name": name, "browser": f"{name}:80",
            "sp": f"tcp://{name}:90", "capacity": 10, **extra}  # fmt: skip
-    return p.decode(p.encode(msg), p.FROM_NODE)
+    return decode(json.dumps(msg).encode(), FROM_NODE)
 
 
 def cluster(timing=TIMING):
@@ -128,7 +142,7 @@ def tick(m, now, quiet=("n3",), **kwargs):
     """Every connected node but ``quiet`` heartbeats at ``now``; then the deadline check."""
     for record in list(m.nodes.values()):
         if record.connected and record.name not in quiet:
-            m.heartbeat(record.name, {"seq": 1}, now)
+            m.heartbeat(record.name, Heartbeat(1), now)
     return m.tick(now, **kwargs)
 
 
@@ -147,7 +161,7 @@ def answer(m, probes, outcomes, now):
 
 
 def assigned(effects, name):
-    return [s.message for s in effects.sends if s.name == name and s.message["type"] == "assign"]
+    return [s.message for s in effects.sends if s.name == name and isinstance(s.message, Assign)]
 
 
 def test_a_dead_node_fails_over_as_soon_as_both_ports_refuse():
@@ -160,7 +174,7 @@ def test_a_dead_node_fails_over_as_soon_as_both_ports_refuse():
     }
     failed = answer(m, effects.probes, {"browser": R, "sp": R}, now=10.01)
     assert [c.name for c in failed.changes] == ["n3"]  # 10 ms after, not after grace
-    assert assigned(failed, "s")[0]["routes"] == routes  # the spare took id 2's routes
+    assert list(assigned(failed, "s")[0].routes) == routes  # the spare took id 2's routes
     assert m.failed["n3"] == (10.01, "disconnected, probe: browser refused, sp refused")
 
 
@@ -242,28 +256,28 @@ def test_no_answer_at_all_leaves_the_decision_to_grace():
 def test_a_silent_node_that_answers_gets_grace_more_then_fails():
     m = cluster()
     for name in ("n1", "s"):
-        m.heartbeat(name, {"seq": 1}, 9.0)
-    m.heartbeat("n3", {"seq": 1}, 5.0)
+        m.heartbeat(name, Heartbeat(1), 9.0)
+    m.heartbeat("n3", Heartbeat(1), 5.0)
     effects = tick(m, 8.1)  # n3 silent 3.1 s > 3 × 1 s: probed, not failed
     assert effects.changes == [] and {r.name for r in effects.probes} == {"n3"}
     assert answer(m, effects.probes, {"browser": A, "sp": A}, 8.11).changes == []
     assert m.suspicion("n3") == {"cause": "silent", "probe": "alive"}
     for name in ("n1", "s"):
-        m.heartbeat(name, {"seq": 2}, 12.0)
+        m.heartbeat(name, Heartbeat(2), 12.0)
     assert tick(m, 12.9).changes == []  # silent 7.9 s ≤ 3 + 5
     effects = tick(m, 13.1)
     assert [c.name for c in effects.changes] == ["n3"]
-    assert [(d.name, d.code) for d in effects.drops] == [("n3", p.FAILED)]
+    assert [(d.name, d.code) for d in effects.drops] == [("n3", ErrorCode.FAILED)]
     assert m.failed["n3"][1] == "no heartbeat for 8.1s (its ports still answered)"
 
 
 def test_a_late_heartbeat_clears_the_suspicion():
     m = cluster()
     for name in ("n1", "s"):
-        m.heartbeat(name, {"seq": 1}, 9.0)
-    m.heartbeat("n3", {"seq": 1}, 5.0)
+        m.heartbeat(name, Heartbeat(1), 9.0)
+    m.heartbeat("n3", Heartbeat(1), 5.0)
     probes = tick(m, 8.1).probes
-    m.heartbeat("n3", {"seq": 2}, 8.2)  # it was only busy
+    m.heartbeat("n3", Heartbeat(2), 8.2)  # it was only busy
     assert m.suspicion("n3") is None
     assert answer(m, probes, {"browser": T, "sp": T}, 8.6).changes == []  # ignored
     assert tick(m, 8.7).probes == [] and "n3" in m.nodes
@@ -273,8 +287,8 @@ def test_a_late_heartbeat_clears_the_suspicion():
 def test_a_silent_node_that_does_not_answer_fails_at_once(outcome):
     m = cluster()
     for name in ("n1", "s"):
-        m.heartbeat(name, {"seq": 1}, 9.0)
-    m.heartbeat("n3", {"seq": 1}, 5.0)
+        m.heartbeat(name, Heartbeat(1), 9.0)
+    m.heartbeat("n3", Heartbeat(1), 5.0)
     probes = tick(m, 8.1).probes
     effects = answer(m, probes, {"browser": outcome, "sp": outcome}, 8.2)
     assert [c.name for c in effects.changes] == ["n3"] and effects.drops[0].name == "n3"
@@ -286,8 +300,8 @@ def test_a_silent_node_that_does_not_answer_fails_at_once(outcome):
 def test_a_silent_node_that_then_disconnects_is_probed_afresh():
     m = cluster()
     for name in ("n1", "s"):
-        m.heartbeat(name, {"seq": 1}, 9.0)
-    m.heartbeat("n3", {"seq": 1}, 5.0)
+        m.heartbeat(name, Heartbeat(1), 9.0)
+    m.heartbeat("n3", Heartbeat(1), 5.0)
     silent = tick(m, 8.1).probes
     closed = m.disconnected("n3", 8.2).probes
     assert {r.probe_id for r in closed}.isdisjoint({r.probe_id for r in silent})
@@ -326,17 +340,17 @@ class Node:
         self.proto = ControlProtocol(halod)
         self.transport = StringTransport()
         self.proto.makeConnection(self.transport)
-        self.sp = SPConnection(p.CONTROL_PROTOCOL, p.CONTROL_PROTOCOL, p.MAX_MESSAGE)
+        self.sp = SPConnection(CONTROL_PROTOCOL, CONTROL_PROTOCOL, MAX_MESSAGE)
         self.proto.dataReceived(self.sp.initial_bytes())
         self.send(reg(name))
 
-    def send(self, message: dict) -> None:
-        self.proto.dataReceived(encode_message(p.encode(message)))
+    def send(self, message: NodeMessage) -> None:
+        self.proto.dataReceived(encode_message(encode(message)))
 
-    def received(self) -> list[dict]:
+    def received(self) -> list[HaloDMessage]:
         data = self.transport.value()
         self.transport.clear()
-        return [p.decode(body, p.FROM_HALOD) for body in self.sp.receive(data)]
+        return [decode_from_halod(body) for body in self.sp.receive(data)]
 
 
 def test_the_shell_probes_a_lost_node_and_applies_the_verdict(tmp_path: Path):
@@ -370,7 +384,7 @@ def test_the_shell_probes_a_lost_node_and_applies_the_verdict(tmp_path: Path):
     assert spare.received() == []  # the sp port may still answer
     asked[("n3", "sp")].callback(Outcome.REFUSED)
     (assign,) = spare.received()
-    assert assign["type"] == "assign" and assign["routes"] == routes
+    assert isinstance(assign, Assign) and list(assign.routes) == routes
     assert halod.membership.state_of("n3") == "failed"
     assert halod.store.load() == halod.membership.snapshot()  # saved before nodes heard
     metrics = halod.metrics()
@@ -465,7 +479,7 @@ def test_nothing_changes_the_table_once_halod_is_stopping(tmp_path: Path):
     globalLogPublisher.addObserver(observe)
     try:
         halod.shutdown()
-        n1.send({"type": "leave"})
+        n1.send(Leave())
         n2.proto.connectionLost(Failure(error.ConnectionLost()))
     finally:
         globalLogPublisher.removeObserver(observe)
