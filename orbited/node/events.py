@@ -11,18 +11,41 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import NamedTuple
 
 from orbited.core.keys import ConnectionKey, KeyError_
 
 MAX_EVENT_ID = 128
 
-DELIVERED = "delivered"  # written to an attached transport
-QUEUED = "queued"  # kept in the mailbox until the browser (re)connects
-NO_CONNECTION = "no_connection"  # no mailbox for that key on this node
-MOVED = "moved"  # the key's route is not served here (HaloD moved it); nothing stored
-ACKED = "acked"  # acknowledged mode: the browser confirmed it has the event
-UNACKED = "unacked"  # acknowledged mode: in the mailbox, not confirmed within the wait
+
+class Status(StrEnum):
+    """A recipient's outcome in a reply's ``results`` (the value is the wire string)."""
+
+    DELIVERED = "delivered"  # written to an attached transport
+    QUEUED = "queued"  # kept in the mailbox until the browser (re)connects
+    NO_CONNECTION = "no_connection"  # no mailbox for that key on this node
+    MOVED = "moved"  # the key's route is not served here (HaloD moved it); nothing stored
+    ACKED = "acked"  # acknowledged mode: the browser confirmed it has the event
+    UNACKED = "unacked"  # acknowledged mode: in the mailbox, not confirmed within the wait
+    FULL = "full"  # the node's mailboxes hold mailbox_total_bytes: refused, not stored
+
+    @property
+    def stored(self) -> bool:
+        """Is the event in the recipient's mailbox (delivered or waiting for it)?"""
+        return self in _STORED
+
+
+_STORED = frozenset({Status.DELIVERED, Status.QUEUED, Status.ACKED, Status.UNACKED})
+
+DELIVERED = Status.DELIVERED
+QUEUED = Status.QUEUED
+NO_CONNECTION = Status.NO_CONNECTION
+MOVED = Status.MOVED
+ACKED = Status.ACKED
+UNACKED = Status.UNACKED
+FULL = Status.FULL
 
 
 @dataclass(frozen=True)
@@ -164,8 +187,116 @@ def parse_request(body: bytes, limits: RequestLimits) -> EventRequest | PingRequ
     return EventRequest(event_id, recipients, payload, digest, None if ack is None else float(ack))
 
 
-# Per-recipient results are built as bytes: a reply may list 10 000 of them, and the
-# dedup memory keeps replies, so no dict per recipient is ever kept.
+def event_request(
+    event_id: str,
+    recipients: tuple[ConnectionKey, ...],
+    data: object,
+    limits: RequestLimits,
+    ack: float | None = None,
+) -> EventRequest:
+    """An EventRequest from values a front end parsed itself (Orbit 1.0): ``data`` is
+    encoded once, with the checks parse_request makes on the same fields (RequestError).
+    ``data`` must be JSON-encodable without NaN/Infinity or lone surrogates (what
+    loads_strict returns, or a str of valid Unicode)."""
+    if not 0 < len(event_id) <= MAX_EVENT_ID:
+        raise RequestError("bad_request", f"id must be a string of 1-{MAX_EVENT_ID} characters")
+    if not recipients:
+        raise RequestError("bad_request", "to must be a non-empty array of keys", event_id)
+    if len(recipients) > limits.max_recipients:
+        raise RequestError(
+            "too_many_recipients",
+            f"{len(recipients)} recipients; the limit is {limits.max_recipients}",
+            event_id,
+        )
+    if ack is not None and not 0 < ack <= limits.max_ack_wait:
+        raise RequestError(
+            "bad_request", f"ack is seconds to wait, 0 < ack <= {limits.max_ack_wait:g}", event_id
+        )
+    try:
+        payload = _encode(data)
+    except (ValueError, UnicodeEncodeError) as e:
+        raise RequestError("bad_json", f"data is not JSON: {e}", event_id) from None
+    if len(payload) > limits.max_payload:
+        raise RequestError(
+            "payload_too_large",
+            f"data is {len(payload)} bytes encoded; the limit is {limits.max_payload}",
+            event_id,
+        )
+    addressed = _encode([event_id, [list(k) for k in recipients]])
+    digest = hashlib.blake2b(addressed + b"\0" + payload, digest_size=16).digest()
+    return EventRequest(event_id, recipients, payload, digest, ack)
+
+
+class RecipientResult(NamedTuple):
+    """One recipient's outcome (docs/protocol.md, "Replies"). ``seq``: its position in the
+    recipient's mailbox (stored statuses); ``dropped``: older events the mailbox dropped
+    to keep this one; ``route`` and ``to`` (the new owner's SP address, if known): for
+    ``moved``. A tuple: a reply may list 10 000 of them."""
+
+    status: Status
+    seq: int | None = None
+    dropped: int = 0
+    route: int | None = None
+    to: str | None = None
+
+    def encode(self) -> bytes:
+        if self.seq is not None:
+            return result(self.status, self.seq, self.dropped)
+        if self.route is not None:
+            return moved_result(self.route, self.to)
+        return b'{"status":"%s"}' % self.status.encode()
+
+
+def stored(status: Status, seq: int, dropped: int = 0) -> RecipientResult:
+    return RecipientResult(status, seq, dropped)
+
+
+def moved(route: int, to: str | None) -> RecipientResult:
+    return RecipientResult(Status.MOVED, None, 0, route, to)
+
+
+NO_CONNECTION_RECIPIENT = RecipientResult(Status.NO_CONNECTION)
+FULL_RECIPIENT = RecipientResult(Status.FULL)
+
+
+@dataclass(frozen=True)
+class DispatchResult:
+    """The outcome of one event request: a result per recipient, in request order.
+    ``duplicate``: a resend of a request answered before; ``results`` are the first
+    answer's and nothing was delivered again. ``encoded``: the reply's bytes without the
+    duplicate mark, when the hub has them already (it keeps them to answer resends)."""
+
+    event_id: str
+    results: tuple[RecipientResult, ...]
+    duplicate: bool = False
+    encoded: bytes | None = field(default=None, compare=False, repr=False)
+
+
+def encode_reply(outcome: DispatchResult) -> bytes:
+    """The SP / HTTP reply body of a dispatch (docs/protocol.md, "Replies")."""
+    reply = outcome.encoded
+    if reply is None:
+        reply = ok_reply(outcome.event_id, [r.encode() for r in outcome.results])
+    return mark_duplicate(reply) if outcome.duplicate else reply
+
+
+def decode_reply(reply: bytes) -> DispatchResult:
+    """A successful reply this module encoded (the dedup memory keeps them as bytes) back
+    into a DispatchResult; ``encoded`` is ``reply``. ValueError if it is not one."""
+    doc = json.loads(reply)
+    if not isinstance(doc, dict) or doc.get("ok") is not True:
+        raise ValueError("not a successful event reply")
+    results = tuple(
+        RecipientResult(
+            Status(r["status"]), r.get("seq"), r.get("dropped", 0), r.get("route"), r.get("to")
+        )
+        for r in doc["results"]
+    )
+    return DispatchResult(doc["id"], results, bool(doc.get("duplicate")), reply)
+
+
+# Per-recipient results are encoded as bytes directly: a reply may list 10 000 of them,
+# and the dedup memory keeps replies, so no dict per recipient is ever built or kept.
 NO_CONNECTION_RESULT = b'{"status":"no_connection"}'
 
 

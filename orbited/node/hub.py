@@ -1,22 +1,23 @@
 """The node core: mailboxes by connection key, attached transports, linger, dispatch.
 
-Transports attach a Sink for a key; the web app's event requests (decoded by
-orbited.node.events) are appended to each recipient's mailbox and written to the attached
-sink if there is one. Also owns the two waits that make delivery lossless
-(docs/protocol.md): requests in the acknowledged mode are answered once the browser
-acknowledged, and routes HaloD moves here from a live node are held until the old
-owner's mailboxes arrive (the hand-off). Time comes from an injected IReactorTime so
-tests drive it with twisted.internet.task.Clock; no sockets here.
+Transports attach a Sink for a key; the web app's event requests (orbited.node.events
+parses them into EventRequest) go to ``Hub.dispatch``, which appends the event to each
+recipient's mailbox, writes it to the attached sink if there is one, and answers a
+DispatchResult. Requests in the acknowledged mode are answered once the browser
+acknowledged (the ack waits, here). Resends are recognised by orbited.node.dedup; route
+ownership and the hand-off of mailboxes between nodes are orbited.node.handoff's
+(RouteOwnership, which Hub extends). Bytes stay at the edge: ``answer`` turns a request
+body into a reply body for the SP and HTTP front ends. Time comes from an injected
+IReactorTime so tests drive it with twisted.internet.task.Clock; no sockets here.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import secrets
-from collections import OrderedDict
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any, Protocol
 
 from twisted.internet import defer
@@ -24,9 +25,14 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from orbited.core.hashing import DEFAULT_ROUTES, route_of
-from orbited.core.keys import ConnectionKey, KeyError_
+from orbited.core.keys import ConnectionKey
 from orbited.node import events, frames
-from orbited.node.mailbox import _POSITION, Entry, Mailbox, MailboxLimits, Position
+from orbited.node.dedup import DedupLimits, DedupMemory
+from orbited.node.events import DispatchResult, RecipientResult, Status
+from orbited.node.handoff import RouteOwnership, _moved_away, export_entry
+from orbited.node.mailbox import Mailbox, MailboxLimits, Position
+
+__all__ = ["SPREAD_MAX", "Answer", "Hub", "HubConfig", "Sink", "answer", "export_entry"]
 
 
 class Sink(Protocol):
@@ -51,9 +57,9 @@ class HubConfig:
     requests: events.RequestLimits = events.RequestLimits()
     linger: float = 30.0  # seconds a key's mailbox outlives its last transport
     keepalive: float = 25.0  # seconds of silence before a transport gets a ping frame
-    dedup_window: float = 300.0  # seconds a request is remembered to ignore resends
-    dedup_max: int = 100_000  # requests remembered at most
-    dedup_max_bytes: int = 64 * 1024 * 1024  # bytes of remembered replies at most
+    dedup_window: float = DedupLimits.window  # seconds a request is remembered
+    dedup_max: int = DedupLimits.max_entries  # requests remembered at most
+    dedup_max_bytes: int = DedupLimits.max_bytes  # bytes of remembered replies at most
     routes: int = DEFAULT_ROUTES  # N of the cluster's hashing (docs/hashing.md)
     handoff_timeout: float = 5.0  # seconds a moved route waits for the old owner's mailboxes
     # Payload bytes in all mailboxes together; an event that would pass it is refused
@@ -69,6 +75,10 @@ class HubConfig:
     # (docs/operations.md) sets it; this is its default. 0 = no hint spreading (spread 0).
     reconnect_rate: float = 1000.0
 
+    @property
+    def dedup(self) -> DedupLimits:
+        return DedupLimits(self.dedup_window, self.dedup_max, self.dedup_max_bytes)
+
 
 SPREAD_MAX = 30.0  # seconds: the spread hint's bound, however many browsers a node has
 
@@ -80,12 +90,12 @@ class _AckWait:
 
     __slots__ = ("seq", "deferred", "timer")
 
-    def __init__(self, seq: int, deferred: defer.Deferred[bytes]) -> None:
+    def __init__(self, seq: int, deferred: defer.Deferred[RecipientResult]) -> None:
         self.seq = seq
         self.deferred = deferred
         self.timer: IDelayedCall | None = None
 
-    def resolve(self, result: bytes) -> None:
+    def resolve(self, result: RecipientResult) -> None:
         if self.timer is not None and self.timer.active():
             self.timer.cancel()
         self.timer = None
@@ -108,27 +118,7 @@ class _Slot:
         self.counted = 0  # this mailbox's bytes as last added to Hub.mailbox_bytes
 
 
-class _HeldAttach:
-    __slots__ = ("key", "sink", "after", "gone")
-
-    def __init__(self, key: ConnectionKey, sink: Sink, after: Position | None) -> None:
-        self.key, self.sink, self.after = key, sink, after
-        self.gone = False  # the transport closed while it waited
-
-
-class _Incoming:
-    """A route HaloD moved here from a live node: deliveries and attaches for its keys
-    wait (each in arrival order) until the old owner's mailboxes arrive or time out."""
-
-    __slots__ = ("deliveries", "attaches", "timer")
-
-    def __init__(self, timer: IDelayedCall) -> None:
-        self.timer = timer
-        self.deliveries: list[Callable[[], Any]] = []
-        self.attaches: list[_HeldAttach] = []
-
-
-class Hub:
+class Hub(RouteOwnership):
     log = Logger()
 
     def __init__(self, clock: IReactorTime, config: HubConfig, epoch: str | None = None) -> None:
@@ -138,18 +128,14 @@ class Hub:
         self._streams = 0
         self._slots: dict[ConnectionKey, _Slot] = {}
         self._attached = 0  # slots with a sink, kept by _set_sink (see ``attached``)
-        self._recent: OrderedDict[bytes, tuple[float, bytes]] = OrderedDict()
-        self._recent_bytes = 0
+        # Replies of recent requests; resends of one whose reply is pending wait for it.
+        self.dedup: DedupMemory[defer.Deferred[DispatchResult]] = DedupMemory(config.dedup)
         self.stopped = False
-        # Routes this node serves: None when standalone (every route); with HaloD, what it
-        # assigned (nothing until it has). moved_to: new owners' SP addresses, for replies.
-        self.routes = config.routes
-        self.owned: frozenset[int] | None = None
-        self.moved_to: dict[int, str | None] = {}
+        # Routes this node serves (RouteOwnership): None when standalone (every route);
+        # with HaloD, what it assigned (nothing until it has).
+        self._init_routes(config.routes)
         # Called with ("signon" | "signoff", key): a key's mailbox created / expired.
         self.presence: Callable[[str, ConnectionKey], None] | None = None
-        self._incoming: dict[int, _Incoming] = {}
-        self._inflight: dict[bytes, list[defer.Deferred[bytes]]] = {}
         # Payload bytes of all mailboxes (the node-wide cap, mailbox_total_bytes); each
         # slot's share is recounted after the hub changes its mailbox (_recount).
         self.mailbox_bytes = 0
@@ -188,10 +174,8 @@ class Hub:
                 self.stats["moved"] += 1
                 sink.reconnect("route_moved")
                 return None
-            incoming = self._incoming.get(route)
-            if incoming is not None:  # its mailbox may be on the way: resume from it
-                incoming.attaches.append(_HeldAttach(key, sink, after))
-                return None
+            if self._hold_attach(route, key, sink, after):
+                return None  # its mailbox may be on the way: resume from it
             slot = self._new_slot(key, route, online=True)
         else:
             if slot.linger_call is not None:
@@ -230,6 +214,12 @@ class Hub:
             self.presence("signon", key)
         return slot
 
+    def _install(self, key: ConnectionKey, mailbox: Mailbox, route: int, online: bool) -> None:
+        """A handed-over mailbox: kept for ``linger`` until its browser comes."""
+        slot = self._slots[key] = _Slot(mailbox, route, online)
+        self._recount(slot)  # counted even past the cap: refusing it would lose events
+        slot.linger_call = self.clock.callLater(self.config.linger, self._expire, key, slot)
+
     def _recount(self, slot: _Slot) -> None:
         size = slot.mailbox.buffered_bytes
         self.mailbox_bytes += size - slot.counted
@@ -250,10 +240,7 @@ class Hub:
     def detach(self, key: ConnectionKey, sink: Sink) -> None:
         slot = self._slots.get(key)
         if slot is None or slot.sink is not sink:
-            for incoming in self._incoming.values():
-                for held in incoming.attaches:
-                    if held.sink is sink:  # closed while its route was held
-                        held.gone = True
+            self._held_gone(sink)  # closed while its route was held, perhaps
             return
         self._set_sink(slot, None)
         slot.linger_call = self.clock.callLater(self.config.linger, self._expire, key, slot)
@@ -263,7 +250,7 @@ class Hub:
         if self._slots.get(key) is slot and slot.sink is None:
             del self._slots[key]
             self._forget(slot)
-            self._end_waits(slot, lambda wait: events.result(events.UNACKED, wait.seq))
+            self._end_waits(slot, lambda wait: events.stored(Status.UNACKED, wait.seq))
             if slot.online and self.presence is not None:
                 self.presence("signoff", key)
             if len(slot.mailbox) > slot.mailbox.acked:
@@ -289,7 +276,7 @@ class Hub:
                 break
             done += 1
             self.stats["acked"] += 1
-            wait.resolve(events.result(events.ACKED, wait.seq))
+            wait.resolve(events.stored(Status.ACKED, wait.seq))
         del waits[:done]
         if not waits:
             slot.waits = None
@@ -301,9 +288,9 @@ class Hub:
             if not slot.waits:
                 slot.waits = None
         self.stats["unacked"] += 1
-        wait.resolve(events.result(events.UNACKED, wait.seq))
+        wait.resolve(events.stored(Status.UNACKED, wait.seq))
 
-    def _end_waits(self, slot: _Slot, outcome: Callable[[_AckWait], bytes]) -> None:
+    def _end_waits(self, slot: _Slot, outcome: Callable[[_AckWait], RecipientResult]) -> None:
         waits, slot.waits = slot.waits, None
         for wait in waits or ():
             self.stats["unacked"] += 1
@@ -342,10 +329,10 @@ class Hub:
             "lingering": sum(1 for s in self._slots.values() if s.linger_call is not None),
             "queued_events": sum(len(s.mailbox) for s in self._slots.values()),
             "ack_waits": waits,
-            "dedup_entries": len(self._recent),
-            "dedup_bytes": self._recent_bytes,
+            "dedup_entries": len(self.dedup),
+            "dedup_bytes": self.dedup.size,
             "mailbox_bytes": self.mailbox_bytes,
-            "inflight_requests": len(self._inflight),
+            "inflight_requests": self.dedup.inflight,
             "incoming_routes": len(self._incoming),
         }
 
@@ -369,139 +356,6 @@ class Hub:
             if sink is not None and sink.wants_pings and sink.last_write <= deadline:
                 sink.deliver([ping])
 
-    # -- routes (HaloD) -------------------------------------------------------------------
-
-    def assign(
-        self, routes: Iterable[int], total: int | None = None, incoming: Iterable[int] = ()
-    ) -> int:
-        """HaloD's assignment: serve exactly ``routes`` of ``total``. Browsers of keys on
-        routes no longer served are told to reconnect and their mailboxes dropped.
-        ``incoming`` routes come from a live node that hands their mailboxes over: their
-        keys wait for it (``handoff_timeout`` at most). Returns how many keys were evicted."""
-        new = frozenset(routes)
-        if total is not None and total != self.routes:
-            self.routes = total
-            for key, slot in self._slots.items():
-                slot.route = route_of(key, total)
-            self.owned = None  # every slot is checked against the new assignment
-        previous = frozenset(range(1, self.routes + 1)) if self.owned is None else self.owned
-        self.owned = new
-        for route in new:
-            self.moved_to.pop(route, None)
-        lost = previous - new
-        for route in lost:
-            self._complete(route, timed_out=False)
-        for route in (new - previous) & frozenset(incoming):
-            if route not in self._incoming:
-                timer = self.clock.callLater(
-                    self.config.handoff_timeout, self._complete, route, True
-                )
-                self._incoming[route] = _Incoming(timer)
-        return self._evict(lost)
-
-    def route_moved(
-        self, moves: dict[int, str | None], handoff: Iterable[int] = (),
-        exports: list[dict[str, Any]] | None = None,
-    ) -> int:  # fmt: skip
-        """'route moved': these routes now reach another node (SP address, if known).
-        The mailboxes of ``handoff`` routes are appended to ``exports`` (the new owner
-        resumes them) instead of being dropped."""
-        self.moved_to.update(moves)
-        owned = frozenset(range(1, self.routes + 1)) if self.owned is None else self.owned
-        self.owned = owned - moves.keys()
-        return self._evict(frozenset(moves), frozenset(handoff), exports)
-
-    def _evict(
-        self, routes: frozenset[int], handoff: frozenset[int] = frozenset(),
-        exports: list[dict[str, Any]] | None = None,
-    ) -> int:  # fmt: skip
-        if not routes:
-            return 0
-        evicted = 0
-        for key, slot in list(self._slots.items()):
-            route = slot.route
-            if route not in routes:
-                continue
-            del self._slots[key]
-            self._forget(slot)
-            evicted += 1
-            handed = exports is not None and route in handoff
-            if handed:
-                assert exports is not None
-                exports.append(export_entry(key, slot.mailbox, route, slot.online))
-                self.stats["handoff_out"] += 1
-                # The new owner has the events; what was not confirmed stays unconfirmed.
-                self._end_waits(slot, lambda wait: events.result(events.UNACKED, wait.seq))
-            else:  # the events are gone with the mailbox: the web app should resend
-                to = self.moved_to.get(route)
-                self._end_waits(slot, lambda wait, r=route, t=to: events.moved_result(r, t))
-            self._release(slot, "route_moved")
-            if not handed and slot.online and self.presence is not None:
-                self.presence("signoff", key)  # handed over keys stay online, elsewhere
-        if evicted:
-            self.log.info("{n} keys of moved routes told to reconnect", n=evicted)
-        return evicted
-
-    def handoff_received(self, entries: list[dict[str, Any]], done: Iterable[int]) -> int:
-        """Mailboxes from a moved route's old owner (docs/halod-protocol.md, "Hand-off"),
-        then the routes whose hand-off is complete. Returns how many were installed."""
-        installed = 0
-        for entry in entries:
-            try:
-                key, route, mailbox = self._import_entry(entry)
-            except (KeyError, TypeError, ValueError, KeyError_) as e:
-                self.log.warn("ignoring a malformed hand-off entry: {e}", e=e)
-                continue
-            slot = self._slots.get(key)
-            if slot is not None:  # a continuation of a large mailbox, or a late arrival
-                have = slot.mailbox
-                if route in self._incoming and have.stream == mailbox.stream:
-                    slot.mailbox = Mailbox.restored(
-                        have.stream, self.config.mailbox, max(have.next_seq, mailbox.next_seq),
-                        max(have.acked, mailbox.acked), have.export() + mailbox.export(),
-                    )  # fmt: skip
-                    self._recount(slot)
-                continue
-            if route not in self._incoming:
-                continue  # timed out, or not moved here: keep what this node has
-            slot = self._slots[key] = _Slot(mailbox, route, entry.get("online") is not False)
-            self._recount(slot)  # counted even past the cap: refusing it would lose events
-            slot.linger_call = self.clock.callLater(self.config.linger, self._expire, key, slot)
-            installed += 1
-            self.stats["handoff_in"] += 1
-        for route in done:
-            self._complete(route, timed_out=False)
-        return installed
-
-    def _import_entry(self, entry: dict[str, Any]) -> tuple[ConnectionKey, int, Mailbox]:
-        key = ConnectionKey.from_json(entry["key"])
-        route = route_of(key, self.routes)
-        stream, next_seq, acked = entry["stream"], entry["next_seq"], entry["acked"]
-        if not isinstance(stream, str) or not _POSITION.match(f"{stream}:0"):
-            raise ValueError("bad stream id")
-        if not all(isinstance(n, int) and n >= 0 for n in (next_seq, acked)):
-            raise ValueError("bad sequence numbers")
-        imported = [_import_event(event) for event in entry["events"]]
-        return key, route, Mailbox.restored(
-            stream, self.config.mailbox, next_seq, acked, imported
-        )  # fmt: skip
-
-    def _complete(self, route: int, timed_out: bool) -> None:
-        """A held route is ready: run its deliveries, then its attaches, in order."""
-        incoming = self._incoming.pop(route, None)
-        if incoming is None:
-            return
-        if timed_out:
-            self.stats["handoff_timeouts"] += 1
-            self.log.warn("no hand-off for route {route} in time; serving it afresh", route=route)
-        elif incoming.timer.active():
-            incoming.timer.cancel()
-        for deliver in incoming.deliveries:
-            deliver()
-        for held in incoming.attaches:
-            if not held.gone:
-                self.attach(held.key, held.sink, held.after)
-
     def _release(self, slot: _Slot, reason: str) -> None:
         """End a slot's linger and tell its browser, if attached, to reconnect."""
         if slot.linger_call is not None:
@@ -517,13 +371,12 @@ class Hub:
     def shutdown(self, reason: str) -> None:
         """Tell every browser to reconnect; the node is going away."""
         self.stopped = True
-        for route in list(self._incoming):
-            self._complete(route, timed_out=False)
+        self._complete_all()
         for slot in list(self._slots.values()):
             if self.owned is not None:  # in a cluster the route's next owner takes a resend
-                self._end_waits(slot, lambda wait, r=slot.route: events.moved_result(r, None))
+                self._end_waits(slot, partial(_moved_away, slot.route, None))
             else:
-                self._end_waits(slot, lambda wait: events.result(events.UNACKED, wait.seq))
+                self._end_waits(slot, lambda wait: events.stored(Status.UNACKED, wait.seq))
             self._release(slot, reason)
         self._slots.clear()
         self.mailbox_bytes = 0
@@ -531,120 +384,116 @@ class Hub:
     # -- web-app side -------------------------------------------------------------------
 
     def handle_request(self, body: bytes) -> bytes | defer.Deferred[bytes]:
-        """One SP request body in, one reply body out (docs/protocol.md); a Deferred
-        when the reply waits (acknowledged mode, or a route being handed over)."""
-        out = self.handle(body)
+        """The SP front end's handler: one request body in, one reply body out
+        (``answer`` without the success flag)."""
+        out = answer(self, body)
         if isinstance(out, defer.Deferred):
-            return out.addCallback(lambda answer: answer[1])
+            return out.addCallback(lambda a: a[1])
         return out[1]
 
-    def handle(self, body: bytes) -> tuple[bool, bytes] | defer.Deferred[tuple[bool, bytes]]:
-        """Like handle_request, also saying whether the reply is a success."""
-        try:
-            request = events.parse_request(body, self.config.requests)
-        except events.RequestError as e:
-            self.stats["bad_requests"] += 1
-            return False, events.error_reply(e)
-        if isinstance(request, events.PingRequest):
-            return True, events.ok_reply(request.event_id, [])
-        try:
-            reply = self.dispatch(request)
-        except Exception:
-            return False, self._failed(request)
-        if isinstance(reply, defer.Deferred):
-            return reply.addCallbacks(
-                lambda answer: (True, answer),
-                lambda failure: (False, self._failed(request, failure)),
-            )
-        return True, reply
+    def handle(self, body: bytes) -> Answer | defer.Deferred[Answer]:
+        """``answer(self, body)``."""
+        return answer(self, body)
 
-    def _failed(self, request: events.EventRequest, failure: Any = None) -> bytes:
-        self.log.failure("dispatch of {event_id} failed", failure, event_id=request.event_id)
-        error = events.RequestError("internal_error", "the node failed", request.event_id)
-        return events.error_reply(error)
-
-    def dispatch(self, request: events.EventRequest) -> bytes | defer.Deferred[bytes]:
-        """Deliver one event and return the reply; a resend of a remembered request gets
-        the first reply again, marked as a duplicate, and delivers nothing."""
+    def dispatch(
+        self, request: events.EventRequest
+    ) -> DispatchResult | defer.Deferred[DispatchResult]:
+        """Deliver one event and say what became of it for each recipient; a Deferred
+        when the outcome waits (acknowledged mode, or a route being handed over). A resend
+        of a remembered request gets the first outcome again, marked as a duplicate, and
+        delivers nothing."""
         now = self.clock.seconds()
-        self._forget_old(now)
         digest = request.digest
-        remembered = self._recent.get(digest)
+        dedup = self.dedup
+        remembered = dedup.reply(digest, now)
         if remembered is not None:
             self.stats["duplicates"] += 1
-            return events.mark_duplicate(remembered[1])
-        waiting_resends = self._inflight.get(digest)
-        if waiting_resends is not None:  # the first one's reply is not ready yet
+            return replace(events.decode_reply(remembered), duplicate=True)
+        if dedup.pending(digest):  # the first one's outcome is not ready yet
             self.stats["duplicates"] += 1
-            resend: defer.Deferred[bytes] = defer.Deferred()
-            waiting_resends.append(resend)
+            resend: defer.Deferred[DispatchResult] = defer.Deferred()
+            dedup.wait(digest, resend)
             return resend
         self.stats["events"] += 1
-        results: list[bytes | defer.Deferred[bytes]] = []
-        seen: dict[ConnectionKey, bytes | defer.Deferred[bytes]] = {}
+        results: list[RecipientResult | defer.Deferred[RecipientResult]] = []
+        seen: dict[ConnectionKey, RecipientResult | defer.Deferred[RecipientResult]] = {}
         waits = False
         eid = frames.event_id(request.event_id)  # once per request, shared by the mailboxes
         for key in request.recipients:
             entry = seen.get(key)
             if entry is None:
                 entry = seen[key] = self._deliver(key, request.payload, request.ack, eid)
-                waits = waits or not isinstance(entry, bytes)
+                waits = waits or isinstance(entry, defer.Deferred)
             results.append(entry)
         if not waits:
-            reply = events.ok_reply(request.event_id, results)  # type: ignore[arg-type]
-            self._remember(digest, now + self.config.dedup_window, reply)
-            return reply
-        self._inflight[digest] = []
+            return self._answered(request, now, results)  # type: ignore[arg-type]
+        dedup.begin(digest)
         gathered = defer.gatherResults(
             [r if isinstance(r, defer.Deferred) else defer.succeed(r) for r in results],
             consumeErrors=True,
         )
 
-        def answered(parts: list[bytes]) -> bytes:
-            reply = events.ok_reply(request.event_id, parts)
-            self._remember(digest, self.clock.seconds() + self.config.dedup_window, reply)
-            for resend in self._inflight.pop(digest, ()):
-                resend.callback(events.mark_duplicate(reply))
-            return reply
+        def answered(parts: list[RecipientResult]) -> DispatchResult:
+            outcome = self._answered(request, self.clock.seconds(), parts)
+            resent = replace(outcome, duplicate=True)
+            for waiter in dedup.finish(digest):
+                waiter.callback(resent)
+            return outcome
 
         def failed(failure: Any) -> Any:
-            for resend in self._inflight.pop(digest, ()):
-                resend.errback(failure)
+            for waiter in dedup.finish(digest):
+                waiter.errback(failure)
             return failure
 
         return gathered.addCallbacks(answered, failed)
 
+    def _answered(
+        self, request: events.EventRequest, now: float, results: list[RecipientResult]
+    ) -> DispatchResult:
+        """The outcome of a request, encoded once: the dedup memory keeps its bytes."""
+        reply = events.ok_reply(request.event_id, [r.encode() for r in results])
+        self.dedup.remember(request.digest, reply, now)
+        return DispatchResult(request.event_id, tuple(results), False, reply)
+
     def _deliver(
         self, key: ConnectionKey, payload: bytes, ack: float | None = None,
         eid: bytes | None = None,
-    ) -> bytes | defer.Deferred[bytes]:  # fmt: skip
+    ) -> RecipientResult | defer.Deferred[RecipientResult]:  # fmt: skip
         slot = self._slots.get(key)
         if slot is None:
             if self.owned is not None:
                 route = route_of(key, self.routes)
                 if route not in self.owned:
                     self.stats["moved"] += 1
-                    return events.moved_result(route, self.moved_to.get(route))
+                    return events.moved(route, self.moved_to.get(route))
                 incoming = self._incoming.get(route)
                 if incoming is not None:  # after the old owner's mailbox, in order
-                    later: defer.Deferred[bytes] = defer.Deferred()
-                    incoming.deliveries.append(
-                        lambda: defer.maybeDeferred(
-                            self._deliver, key, payload, ack, eid
-                        ).chainDeferred(later)
-                    )
+                    later: defer.Deferred[RecipientResult] = defer.Deferred()
+
+                    def deliver_later() -> None:
+                        try:
+                            out = self._deliver(key, payload, ack, eid)
+                        except Exception:
+                            later.errback()
+                            return
+                        if isinstance(out, defer.Deferred):
+                            out.chainDeferred(later)
+                        else:
+                            later.callback(out)
+
+                    incoming.deliveries.append(deliver_later)
                     return later
             if ack is None:
                 self.stats["no_connection"] += 1
-                return events.NO_CONNECTION_RESULT
+                return events.NO_CONNECTION_RECIPIENT
             if self._full(payload):
-                return FULL_RESULT
+                return events.FULL_RECIPIENT
             # Acknowledged mode: keep it for the browser (e.g. one reconnecting after its
             # node crashed and this one took the route over); `unacked` if none comes.
             slot = self._new_slot(key, route_of(key, self.routes), online=False)
             slot.linger_call = self.clock.callLater(self.config.linger, self._expire, key, slot)
         if self._full(payload):
-            return FULL_RESULT
+            return events.FULL_RECIPIENT
         mailbox = slot.mailbox
         seq, dropped = mailbox.append(payload, eid)
         self._recount(slot)
@@ -652,12 +501,12 @@ class Hub:
         if sink is not None and sink.deliver([frames.event(seq, payload, eid)]):
             mailbox.mark_delivered(seq)
             self.stats["delivered"] += 1
-            status = events.DELIVERED
+            status = Status.DELIVERED
         else:
             self.stats["queued"] += 1
-            status = events.QUEUED
+            status = Status.QUEUED
         if ack is None:
-            return events.result(status, seq, dropped)
+            return RecipientResult(status, seq, dropped)
         wait = _AckWait(seq, defer.Deferred())
         wait.timer = self.clock.callLater(ack, self._ack_timeout, slot, wait)
         if slot.waits is None:
@@ -674,56 +523,34 @@ class Hub:
         self.stats["full"] += 1
         return True
 
-    def _remember(self, digest: bytes, expires: float, reply: bytes) -> None:
-        recent = self._recent
-        recent[digest] = (expires, reply)
-        self._recent_bytes += len(reply)
-        config = self.config
-        while len(recent) > config.dedup_max or self._recent_bytes > config.dedup_max_bytes:
-            _, (_, old) = recent.popitem(last=False)
-            self._recent_bytes -= len(old)
 
-    def _forget_old(self, now: float) -> None:
-        recent = self._recent
-        while recent:
-            digest, (expires, reply) = next(iter(recent.items()))
-            if expires > now:
-                break
-            del recent[digest]
-            self._recent_bytes -= len(reply)
+Answer = tuple[bool, bytes]  # (success, reply body): HTTP publish answers 400 on False
 
 
-def export_entry(
-    key: ConnectionKey, mailbox: Mailbox, route: int, online: bool = True
-) -> dict[str, Any]:
-    """A mailbox as the hand-off message carries it (docs/halod-protocol.md, "Hand-off"):
-    payloads are JSON text already, so they travel as strings; an event is
-    ``[seq, payload, id]`` (``[seq, payload]`` when it has no id)."""
-    return {
-        "key": key.to_json(),
-        "route": route,
-        "stream": mailbox.stream,
-        "next_seq": mailbox.next_seq,
-        "acked": mailbox.acked,
-        "events": [
-            [seq, payload.decode()] if eid is None else [seq, payload.decode(), json.loads(eid)]
-            for seq, payload, eid in mailbox.export()
-        ],
-        "online": online,
-    }
+def answer(hub: Hub, body: bytes) -> Answer | defer.Deferred[Answer]:
+    """The bytes edge of the event protocol (docs/protocol.md): parse a request body,
+    dispatch it and encode the reply, saying whether it is a success. The SP (REP) and
+    HTTP publish front ends call this; a Deferred when the reply waits."""
+    try:
+        request = events.parse_request(body, hub.config.requests)
+    except events.RequestError as e:
+        hub.stats["bad_requests"] += 1
+        return False, events.error_reply(e)
+    if isinstance(request, events.PingRequest):
+        return True, events.ok_reply(request.event_id, [])
+    try:
+        outcome = hub.dispatch(request)
+    except Exception:
+        return False, _failed(hub, request)
+    if isinstance(outcome, defer.Deferred):
+        return outcome.addCallbacks(
+            lambda done: (True, events.encode_reply(done)),
+            lambda failure: (False, _failed(hub, request, failure)),
+        )
+    return True, events.encode_reply(outcome)
 
 
-def _import_event(event: list[Any]) -> Entry:
-    """A hand-off event, ``[seq, payload, id]`` or, from a node of the previous version,
-    ``[seq, payload]`` (no id: its frames go out without one)."""
-    if not isinstance(event, list) or len(event) not in (2, 3):
-        raise ValueError("an event must be [seq, payload] or [seq, payload, id]")
-    seq, payload = int(event[0]), event[1]
-    if not isinstance(payload, str):
-        raise ValueError("an event's payload must be a string")
-    if len(event) == 2:
-        return seq, payload.encode(), None
-    eid = event[2]
-    if not isinstance(eid, str) or not 0 < len(eid) <= events.MAX_EVENT_ID:
-        raise ValueError(f"an event id must be a string of 1-{events.MAX_EVENT_ID} characters")
-    return seq, payload.encode(), frames.event_id(eid)
+def _failed(hub: Hub, request: events.EventRequest, failure: Any = None) -> bytes:
+    hub.log.failure("dispatch of {event_id} failed", failure, event_id=request.event_id)
+    error = events.RequestError("internal_error", "the node failed", request.event_id)
+    return events.error_reply(error)

@@ -14,7 +14,7 @@ from twisted.internet import defer
 from twisted.web import server
 from twisted.web.http import Request
 
-from orbited.node.hub import Hub
+from orbited.node.hub import Answer, Hub, answer
 from orbited.node.transports.http import orbited_site
 from orbited.node.transports.limits import BrowserLimitsConfig
 from orbited.runtime.web import JSONResource, send_error
@@ -46,17 +46,17 @@ class PublishResource(JSONResource):
         body = request.content.read(self.max_body + 1)
         if len(body) > self.max_body:
             return send_error(request, 413, "body_too_large", f"body over {self.max_body} bytes")
-        answer = self.hub.handle(body)
+        reply = answer(self.hub, body)  # parse, dispatch, encode (orbited.node.hub)
         request.setHeader(b"content-type", b"application/json")
-        if not isinstance(answer, defer.Deferred):
-            return self._answer(request, *answer)
+        if not isinstance(reply, defer.Deferred):
+            return self._answer(request, *reply)
 
-        def later(result: tuple[bool, bytes]) -> None:
+        def later(result: Answer) -> None:
             if not request.finished and request.channel is not None:
                 request.write(self._answer(request, *result))
                 request.finish()
 
-        answer.addCallback(later)
+        reply.addCallback(later)
         return server.NOT_DONE_YET  # type: ignore[return-value]
 
     @staticmethod

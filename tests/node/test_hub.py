@@ -98,11 +98,11 @@ def test_dedup_memory_is_bounded_by_count_and_bytes():
     hub.attach(ALICE, RecordingSink(), None)
     for i in range(50):
         send(hub, f"e{i}", [ALICE], i)
-    assert len(hub._recent) == 10
+    assert len(hub.dedup) == 10
     hub, _ = make_hub(dedup_max_bytes=1000)
     for i in range(50):
         send(hub, f"e{i}", [BOB] * 10, i)  # ~280-byte replies
-    assert hub._recent_bytes <= 1000 and len(hub._recent) == 3
+    assert hub.dedup.size <= 1000 and len(hub.dedup) == 3
 
 
 def test_same_key_twice_in_one_request_is_delivered_once():

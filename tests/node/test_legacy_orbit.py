@@ -257,18 +257,20 @@ def test_half_close_answers_pending_replies_then_closes():
     from twisted.internet.task import Clock
     from twisted.internet.testing import StringTransport
 
+    from orbited.node.events import DispatchResult, EventRequest, RecipientResult, Status
     from orbited.node.hub import Hub, HubConfig
     from orbited.node.legacy.orbit import OrbitFactory
 
     hub = Hub(Clock(), HubConfig(), epoch="ep")
     waiting: list[defer.Deferred] = []
 
-    def handle(body: bytes):
+    def dispatch(request: EventRequest):
         d = defer.Deferred()
         waiting.append(d)
         return d
 
-    hub.handle = handle  # type: ignore[method-assign]
+    hub.dispatch = dispatch  # type: ignore[method-assign]
+    queued = DispatchResult("x", (RecipientResult(Status.QUEUED, 1),))
     proto = OrbitFactory(hub).buildProtocol(None)
     assert IHalfCloseableProtocol.providedBy(proto)
     transport = StringTransport()
@@ -277,9 +279,9 @@ def test_half_close_answers_pending_replies_then_closes():
     proto.dataReceived(request % 1 + request % 2 + request[:20])  # and a partial third
     proto.readConnectionLost()
     assert not transport.disconnecting
-    waiting[1].callback((True, b'{"id":"x","ok":true,"results":[{"status":"queued","seq":1}]}'))
+    waiting[1].callback(queued)
     assert transport.value() == b"" and not transport.disconnecting  # in request order
-    waiting[0].callback((True, b'{"id":"x","ok":true,"results":[{"status":"queued","seq":1}]}'))
+    waiting[0].callback(queued)
     assert transport.value() == b"Success\r\nid: 1\r\n\r\nSuccess\r\nid: 2\r\n\r\n"
     assert transport.disconnecting
 

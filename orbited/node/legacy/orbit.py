@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import json
 from collections import deque
 from dataclasses import dataclass
 
@@ -26,18 +25,12 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from orbited.core.keys import ConnectionKey, KeyError_
-from orbited.node.events import (
-    ACKED,
-    DELIVERED,
-    MAX_EVENT_ID,
-    QUEUED,
-    UNACKED,
-    RequestLimits,
-    loads_strict,
-)
+from orbited.node import events
+from orbited.node.events import MAX_EVENT_ID, DispatchResult, RequestLimits, Status, loads_strict
 from orbited.node.hub import Hub
 
 MAX_HEADER_BYTES = 64 * 1024
@@ -168,7 +161,8 @@ def success(event_id: str) -> bytes:
     return f"Success\r\nid: {_clean(event_id)}\r\n\r\n".encode()
 
 
-STORED = frozenset({DELIVERED, QUEUED, ACKED, UNACKED})  # statuses a `Success` stands for
+# Statuses a `Success` stands for: the event is in every recipient's mailbox.
+STORED = frozenset(status for status in Status if status.stored)
 
 
 def failure(event_id: str | None, message: str, recipients: list[ConnectionKey] = ()) -> bytes:
@@ -268,15 +262,27 @@ class OrbitProtocol(Protocol):
             self.transport.loseConnection()
 
     def _dispatch(self, request: OrbitRequest) -> bytes | defer.Deferred[bytes]:
-        body = json.dumps(
-            {"id": self._scoped_id(request.event_id),
-             "to": [list(k) for k in request.recipients], "data": body_to_data(request.body)},
-            ensure_ascii=False,
-        ).encode()  # fmt: skip
-        answer = self.hub.handle(body)
-        if isinstance(answer, defer.Deferred):
-            return answer.addCallback(lambda a: self._orbit_reply(request, *a))
-        return self._orbit_reply(request, *answer)
+        """The request as an EventRequest to the hub; its per-recipient statuses make the
+        Orbit reply (no JSON in between)."""
+        try:
+            event = events.event_request(
+                self._scoped_id(request.event_id), request.recipients,
+                body_to_data(request.body), self.hub.config.requests,
+            )  # fmt: skip
+        except events.RequestError as e:
+            self.hub.stats["bad_requests"] += 1
+            return failure(request.event_id, e.message)
+        outcome = self.hub.dispatch(event)
+        if isinstance(outcome, defer.Deferred):
+            return outcome.addCallbacks(
+                lambda done: self._orbit_reply(request, done),
+                lambda f: self._node_failed(request, f),
+            )
+        return self._orbit_reply(request, outcome)
+
+    def _node_failed(self, request: OrbitRequest, reason: Failure) -> bytes:
+        self.log.failure("Orbit request {id} failed", reason, id=request.event_id)
+        return failure(request.event_id, "the node failed")
 
     def _scoped_id(self, event_id: str) -> str:
         scoped = f"{self.scope}:{event_id}"
@@ -287,14 +293,11 @@ class OrbitProtocol(Protocol):
         digest = hashlib.blake2b(event_id.encode(), digest_size=16).hexdigest()
         return f"{self.scope}:#{digest}"
 
-    def _orbit_reply(self, request: OrbitRequest, ok: bool, reply: bytes) -> bytes:
-        if not ok:
-            return failure(request.event_id, json.loads(reply)["error"]["message"])
-        results = json.loads(reply)["results"]
+    def _orbit_reply(self, request: OrbitRequest, outcome: DispatchResult) -> bytes:
         # Every recipient the event did not reach or stay for: no connection, its route
         # moved to another node, or the node's mailboxes full (docs/legacy.md, "Replies").
-        missing = [k for k, r in zip(request.recipients, results, strict=True)
-                   if r["status"] not in STORED]  # fmt: skip
+        missing = [k for k, r in zip(request.recipients, outcome.results, strict=True)
+                   if not r.status.stored]  # fmt: skip
         if missing:
             return failure(request.event_id, "Failed to reach one or more recipients", missing)
         return success(request.event_id)

@@ -1,0 +1,350 @@
+"""Route ownership and hand-off: which routes this node serves, and mailboxes moving
+between nodes when HaloD moves a route from a live node (docs/halod-protocol.md,
+"Hand-off"; docs/protocol.md).
+
+- ``MailboxExport``: one mailbox as the ``handoff`` message carries it, typed, with
+  ``to_wire`` / ``from_wire`` for its JSON form. The ``handoff`` envelope is
+  orbited.core.control's; HaloD relays its entries without reading them.
+- ``RouteOwnership``: the hub's part that follows HaloD (``assign``, ``route_moved``,
+  ``handoff_received``): keys of routes that left are evicted (their mailboxes exported
+  for a live new owner, or dropped), and routes moved here from a live node hold their
+  deliveries and attaches (``_Incoming``) until the old owner's mailboxes arrive or
+  ``handoff_timeout`` passes. orbited.node.hub.Hub is the class that uses it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+
+from orbited.core.hashing import route_of
+from orbited.core.keys import ConnectionKey, KeyError_
+from orbited.node import events, frames
+from orbited.node.mailbox import _POSITION, Entry, Mailbox, MailboxLimits, Position
+
+if TYPE_CHECKING:
+    from orbited.node.hub import HubConfig, Sink, _AckWait, _Slot
+
+
+class HandoffError(ValueError):
+    """A hand-off entry that is not a mailbox export (it is ignored and logged)."""
+
+
+@dataclass(frozen=True)
+class MailboxExport:
+    """One key's mailbox as an old owner hands it to a route's new owner.
+
+    ``events``: ``(seq, payload, id)`` with the payload as encoded JSON bytes and the id
+    as the event frames carry it (frames.event_id), or None for an event handed over by
+    a node of a version before event ids."""
+
+    key: ConnectionKey
+    route: int
+    stream: str
+    next_seq: int
+    acked: int
+    events: tuple[Entry, ...]
+    online: bool = True
+
+    @classmethod
+    def of(
+        cls, key: ConnectionKey, mailbox: Mailbox, route: int, online: bool = True
+    ) -> MailboxExport:
+        return cls(
+            key, route, mailbox.stream, mailbox.next_seq, mailbox.acked,
+            tuple(mailbox.export()), online,
+        )  # fmt: skip
+
+    def mailbox(self, limits: MailboxLimits) -> Mailbox:
+        return Mailbox.restored(self.stream, limits, self.next_seq, self.acked, list(self.events))
+
+    def to_wire(self) -> dict[str, Any]:
+        """The entry as the ``handoff`` message's ``mailboxes`` carry it: payloads are JSON
+        text already, so they travel as strings; an event is ``[seq, payload, id]``
+        (``[seq, payload]`` when it has no id)."""
+        return {
+            "key": self.key.to_json(),
+            "route": self.route,
+            "stream": self.stream,
+            "next_seq": self.next_seq,
+            "acked": self.acked,
+            "events": [
+                [seq, payload.decode()] if eid is None else [seq, payload.decode(), json.loads(eid)]
+                for seq, payload, eid in self.events
+            ],  # fmt: skip
+            "online": self.online,
+        }
+
+    @classmethod
+    def from_wire(cls, entry: object, routes: int) -> MailboxExport:
+        """An entry of a ``handoff`` message; HandoffError if it is not one. The route is
+        recomputed from the key with this node's route count (``routes``), not taken on
+        trust; a missing ``online`` (an older node) means online."""
+        try:
+            if not isinstance(entry, dict):
+                raise HandoffError("an entry must be an object")
+            key = ConnectionKey.from_json(entry["key"])
+            stream, next_seq, acked = entry["stream"], entry["next_seq"], entry["acked"]
+            if not isinstance(stream, str) or not _POSITION.match(f"{stream}:0"):
+                raise HandoffError("bad stream id")
+            if not all(
+                isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in (next_seq, acked)
+            ):
+                raise HandoffError("bad sequence numbers")
+            raw = entry["events"]
+            if not isinstance(raw, list):
+                raise HandoffError("events must be an array")
+            imported = tuple(_import_event(event) for event in raw)
+        except HandoffError:
+            raise
+        except (KeyError, TypeError, ValueError, KeyError_) as e:
+            raise HandoffError(f"malformed entry: {e!r}") from None
+        online = entry.get("online") is not False
+        return cls(key, route_of(key, routes), stream, next_seq, acked, imported, online)
+
+
+def _import_event(event: object) -> Entry:
+    """A hand-off event, ``[seq, payload, id]`` or, from a node of the previous version,
+    ``[seq, payload]`` (no id: its frames go out without one)."""
+    if not isinstance(event, list) or len(event) not in (2, 3):
+        raise HandoffError("an event must be [seq, payload] or [seq, payload, id]")
+    seq, payload = int(event[0]), event[1]
+    if not isinstance(payload, str):
+        raise HandoffError("an event's payload must be a string")
+    if len(event) == 2:
+        return seq, payload.encode(), None
+    eid = event[2]
+    if not isinstance(eid, str) or not 0 < len(eid) <= events.MAX_EVENT_ID:
+        raise HandoffError(f"an event id must be a string of 1-{events.MAX_EVENT_ID} characters")
+    return seq, payload.encode(), frames.event_id(eid)
+
+
+def export_entry(
+    key: ConnectionKey, mailbox: Mailbox, route: int, online: bool = True
+) -> dict[str, Any]:
+    """A mailbox as the hand-off message carries it (MailboxExport.to_wire)."""
+    return MailboxExport.of(key, mailbox, route, online).to_wire()
+
+
+def _moved_away(route: int, to: str | None, wait: _AckWait) -> events.RecipientResult:
+    """What an acknowledged-mode request waiting on a mailbox that left with its route
+    answers for that recipient: ``moved`` (the web app should resend)."""
+    return events.moved(route, to)
+
+
+class _HeldAttach:
+    __slots__ = ("key", "sink", "after", "gone")
+
+    def __init__(self, key: ConnectionKey, sink: Sink, after: Position | None) -> None:
+        self.key, self.sink, self.after = key, sink, after
+        self.gone = False  # the transport closed while it waited
+
+
+class _Incoming:
+    """A route HaloD moved here from a live node: deliveries and attaches for its keys
+    wait (each in arrival order) until the old owner's mailboxes arrive or time out."""
+
+    __slots__ = ("deliveries", "attaches", "timer")
+
+    def __init__(self, timer: IDelayedCall) -> None:
+        self.timer = timer
+        self.deliveries: list[Callable[[], Any]] = []
+        self.attaches: list[_HeldAttach] = []
+
+
+class RouteOwnership:
+    """The routes a hub serves, and the hand-off of its mailboxes (see the module doc).
+
+    State: ``routes`` (N of the cluster's hashing), ``owned`` (None when standalone:
+    every route; with HaloD, what it assigned), ``moved_to`` (new owners' SP addresses,
+    for replies) and the routes held for an incoming hand-off."""
+
+    log = Logger()
+
+    # Provided by orbited.node.hub.Hub:
+    clock: IReactorTime
+    config: HubConfig
+    stats: dict[str, int]
+    presence: Callable[[str, ConnectionKey], None] | None
+    _slots: dict[ConnectionKey, _Slot]
+
+    def _init_routes(self, routes: int) -> None:
+        self.routes = routes
+        self.owned: frozenset[int] | None = None
+        self.moved_to: dict[int, str | None] = {}
+        self._incoming: dict[int, _Incoming] = {}
+
+    def _serves(self, route: int) -> bool:
+        return self.owned is None or route in self.owned
+
+    # -- hub parts the hand-off uses (orbited.node.hub.Hub) --------------------------------
+
+    def attach(self, key: ConnectionKey, sink: Sink, after: Position | None) -> Mailbox | None:
+        raise NotImplementedError
+
+    def _install(self, key: ConnectionKey, mailbox: Mailbox, route: int, online: bool) -> None:
+        raise NotImplementedError
+
+    def _forget(self, slot: _Slot) -> None:
+        raise NotImplementedError
+
+    def _recount(self, slot: _Slot) -> None:
+        raise NotImplementedError
+
+    def _end_waits(
+        self, slot: _Slot, outcome: Callable[[_AckWait], events.RecipientResult]
+    ) -> None:
+        raise NotImplementedError
+
+    def _release(self, slot: _Slot, reason: str) -> None:
+        raise NotImplementedError
+
+    # -- HaloD's messages ------------------------------------------------------------------
+
+    def assign(
+        self, routes: Iterable[int], total: int | None = None, incoming: Iterable[int] = ()
+    ) -> int:
+        """HaloD's assignment: serve exactly ``routes`` of ``total``. Browsers of keys on
+        routes no longer served are told to reconnect and their mailboxes dropped.
+        ``incoming`` routes come from a live node that hands their mailboxes over: their
+        keys wait for it (``handoff_timeout`` at most). Returns how many keys were evicted."""
+        new = frozenset(routes)
+        if total is not None and total != self.routes:
+            self.routes = total
+            for key, slot in self._slots.items():
+                slot.route = route_of(key, total)
+            self.owned = None  # every slot is checked against the new assignment
+        previous = frozenset(range(1, self.routes + 1)) if self.owned is None else self.owned
+        self.owned = new
+        for route in new:
+            self.moved_to.pop(route, None)
+        lost = previous - new
+        for route in lost:
+            self._complete(route, timed_out=False)
+        for route in (new - previous) & frozenset(incoming):
+            if route not in self._incoming:
+                timer = self.clock.callLater(
+                    self.config.handoff_timeout, self._complete, route, True
+                )
+                self._incoming[route] = _Incoming(timer)
+        return self._evict(lost)
+
+    def route_moved(
+        self, moves: dict[int, str | None], handoff: Iterable[int] = (),
+        exports: list[dict[str, Any]] | None = None,
+    ) -> int:  # fmt: skip
+        """'route moved': these routes now reach another node (SP address, if known).
+        The mailboxes of ``handoff`` routes are appended to ``exports`` as wire entries
+        (MailboxExport.to_wire; the new owner resumes them) instead of being dropped."""
+        self.moved_to.update(moves)
+        owned = frozenset(range(1, self.routes + 1)) if self.owned is None else self.owned
+        self.owned = owned - moves.keys()
+        return self._evict(frozenset(moves), frozenset(handoff), exports)
+
+    def _evict(
+        self, routes: frozenset[int], handoff: frozenset[int] = frozenset(),
+        exports: list[dict[str, Any]] | None = None,
+    ) -> int:  # fmt: skip
+        if not routes:
+            return 0
+        evicted = 0
+        for key, slot in list(self._slots.items()):
+            route = slot.route
+            if route not in routes:
+                continue
+            del self._slots[key]
+            self._forget(slot)
+            evicted += 1
+            handed = exports is not None and route in handoff
+            if exports is not None and handed:
+                exports.append(MailboxExport.of(key, slot.mailbox, route, slot.online).to_wire())
+                self.stats["handoff_out"] += 1
+                # The new owner has the events; what was not confirmed stays unconfirmed.
+                self._end_waits(slot, lambda wait: events.stored(events.Status.UNACKED, wait.seq))
+            else:  # the events are gone with the mailbox: the web app should resend
+                self._end_waits(slot, partial(_moved_away, route, self.moved_to.get(route)))
+            self._release(slot, "route_moved")
+            if not handed and slot.online and self.presence is not None:
+                self.presence("signoff", key)  # handed over keys stay online, elsewhere
+        if evicted:
+            self.log.info("{n} keys of moved routes told to reconnect", n=evicted)
+        return evicted
+
+    def handoff_received(self, entries: list[Any], done: Iterable[int]) -> int:
+        """Mailboxes from a moved route's old owner (wire entries, MailboxExport.from_wire;
+        docs/halod-protocol.md, "Hand-off"), then the routes whose hand-off is complete.
+        Returns how many were installed; malformed entries are logged and skipped."""
+        installed = 0
+        for entry in entries:
+            try:
+                export = MailboxExport.from_wire(entry, self.routes)
+            except HandoffError as e:
+                self.log.warn("ignoring a malformed hand-off entry: {e}", e=e)
+                continue
+            if self._import(export):
+                installed += 1
+        for route in done:
+            self._complete(route, timed_out=False)
+        return installed
+
+    def _import(self, export: MailboxExport) -> bool:
+        key, route = export.key, export.route
+        slot = self._slots.get(key)
+        if slot is not None:  # a continuation of a large mailbox, or a late arrival
+            have = slot.mailbox
+            if route in self._incoming and have.stream == export.stream:
+                slot.mailbox = Mailbox.restored(
+                    have.stream, self.config.mailbox, max(have.next_seq, export.next_seq),
+                    max(have.acked, export.acked), have.export() + list(export.events),
+                )  # fmt: skip
+                self._recount(slot)
+            return False
+        if route not in self._incoming:
+            return False  # timed out, or not moved here: keep what this node has
+        self._install(key, export.mailbox(self.config.mailbox), route, export.online)
+        self.stats["handoff_in"] += 1
+        return True
+
+    def _hold_attach(
+        self, route: int, key: ConnectionKey, sink: Sink, after: Position | None
+    ) -> bool:
+        """Hold an attach while its route's mailboxes may be on the way; False if the
+        route is not held."""
+        incoming = self._incoming.get(route)
+        if incoming is None:
+            return False
+        incoming.attaches.append(_HeldAttach(key, sink, after))
+        return True
+
+    def _held_gone(self, sink: Sink) -> None:
+        """A transport closed: if it waits for a hand-off, do not attach it later."""
+        for incoming in self._incoming.values():
+            for held in incoming.attaches:
+                if held.sink is sink:
+                    held.gone = True
+
+    def _complete(self, route: int, timed_out: bool) -> None:
+        """A held route is ready: run its deliveries, then its attaches, in order."""
+        incoming = self._incoming.pop(route, None)
+        if incoming is None:
+            return
+        if timed_out:
+            self.stats["handoff_timeouts"] += 1
+            self.log.warn("no hand-off for route {route} in time; serving it afresh", route=route)
+        elif incoming.timer.active():
+            incoming.timer.cancel()
+        for deliver in incoming.deliveries:
+            deliver()
+        for held in incoming.attaches:
+            if not held.gone:
+                self.attach(held.key, held.sink, held.after)
+
+    def _complete_all(self) -> None:
+        for route in list(self._incoming):
+            self._complete(route, timed_out=False)
