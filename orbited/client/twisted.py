@@ -19,8 +19,8 @@ from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.endpoints import TCP4ClientEndpoint
-from twisted.internet.interfaces import IDelayedCall
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.interfaces import IDelayedCall, ITCPTransport
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
 
 from orbited.client.blocking import Request
@@ -35,6 +35,8 @@ Address = tuple[str, int]
 
 class _ReqProtocol(Protocol):
     """Bytes in and out for one connection; what they mean is its _Channel's business."""
+
+    transport: ITCPTransport  # set by makeConnection before any other call
 
     def __init__(self, channel: _Channel) -> None:
         self.channel: _Channel | None = channel  # None once the channel gave up on it
@@ -68,7 +70,7 @@ class _ReqProtocol(Protocol):
                 return
             self.channel.reply(self, int.from_bytes(reply[:4], "big"), answer)
 
-    def connectionLost(self, reason: Failure = None) -> None:  # noqa: N802
+    def connectionLost(self, reason: Failure = connectionDone) -> None:  # noqa: N802
         if self.channel is not None:
             self.channel.failed(self, "connection to the node lost")
 
@@ -162,7 +164,7 @@ class _Channel:
             return
         self.proto = None
         proto.channel = None
-        if proto.transport.connected:
+        if getattr(proto.transport, "connected", False):  # not once the connection is lost
             proto.transport.abortConnection()
         for pending in self.in_flight.values():
             self._stop_timer(pending)

@@ -13,14 +13,18 @@ import hashlib
 import hmac
 import json
 from collections import deque
+from collections.abc import Generator
 from dataclasses import dataclass
 from io import BytesIO
+from typing import Any
 
 from twisted.internet import defer, task
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.client import Agent, FileBodyProducer, readBody
 from twisted.web.http_headers import Headers
+from twisted.web.iweb import IResponse
 
 from orbited.core.keys import ConnectionKey
 from orbited.core.settings import check_fields
@@ -45,6 +49,11 @@ class PresenceConfig:
         check_fields(self, positive=("max_queue", "batch", "timeout", "retries", "backoff"))
 
 
+def _read_ok(response: IResponse) -> defer.Deferred[bool]:
+    """Read the whole answer (so the connection can be reused), then: was it a 2xx?"""
+    return readBody(response).addCallback(lambda _: 200 <= response.code < 300)
+
+
 class PresenceNotifier:
     log = Logger()
 
@@ -60,7 +69,7 @@ class PresenceNotifier:
         self.dropped = 0
         self._serial = 0
         self._sending = False
-        self._agent = Agent(reactor, connectTimeout=config.timeout)  # type: ignore[arg-type]
+        self._agent = Agent(reactor, connectTimeout=config.timeout)
 
     def notify(self, kind: str, key: ConnectionKey) -> None:
         """Queue a signon/signoff notice; returns at once."""
@@ -74,10 +83,10 @@ class PresenceNotifier:
                 self.log.warn("presence queue full: {n} notices dropped", n=self.dropped)
         if not self._sending:
             self._sending = True
-            self.reactor.callLater(0, self._send_next)  # type: ignore[attr-defined]
+            self.reactor.callLater(0, self._send_next)
 
     @defer.inlineCallbacks
-    def _send_next(self):  # noqa: ANN202
+    def _send_next(self) -> Generator[defer.Deferred[Any], Any, None]:
         while self.queue:
             # Out of the queue while in flight: an overflow drops only waiting notices,
             # and later notices never overtake this batch.
@@ -103,14 +112,13 @@ class PresenceNotifier:
         covers the whole exchange, body included, so a stalled receiver cannot wedge us."""
         headers = Headers({b"content-type": [b"application/json"],
                            SIGNATURE_HEADER: [sign(self.secret, body).encode()]})  # fmt: skip
-        d = self._agent.request(b"POST", self.config.url.encode(), headers,
-                                FileBodyProducer(BytesIO(body)))  # fmt: skip
-        d.addCallback(lambda response: readBody(response).addCallback(
-            lambda _: 200 <= response.code < 300))  # fmt: skip
-        d.addTimeout(self.config.timeout, self.reactor)
-        d.addErrback(self._failed)
-        return d
+        request = self._agent.request(b"POST", self.config.url.encode(), headers,
+                                      FileBodyProducer(BytesIO(body)))  # fmt: skip
+        answered: defer.Deferred[bool] = request.addCallback(_read_ok)
+        answered.addTimeout(self.config.timeout, self.reactor)
+        answered.addErrback(self._failed)
+        return answered
 
-    def _failed(self, failure: object) -> bool:
+    def _failed(self, failure: Failure) -> bool:
         self.log.debug("presence POST failed: {f}", f=failure)
         return False
