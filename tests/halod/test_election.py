@@ -217,3 +217,28 @@ def test_leader_cut_off_from_etcd_stops_before_another_leads(etcd_cluster):  # n
             a.fence()
     finally:
         yield shutdown([a, b])
+
+
+@pytest_twisted.inlineCallbacks
+def test_without_quorum_the_leader_steps_down(etcd_cluster):  # noqa: F811
+    """2 of 3 members killed: no lease can be renewed, so the leader stops acting before
+    its lease could end, and nobody leads."""
+    (a,) = candidates(etcd_cluster, ["a"])
+    changes = []
+    a.on_change = lambda state, fence: changes.append((reactor.seconds(), state))
+    try:
+        a.start()
+        yield a.elected
+        cut = reactor.seconds()
+        etcd_cluster.kill(1)
+        etcd_cluster.kill(2)
+        yield until(lambda: a.state is not el.State.LEADER, TTL + 1)
+        stepped = next(t for t, s in changes if s is not el.State.LEADER)
+        # the last renewal before the cut was sent at most TTL/3 before it
+        assert stepped - cut < TTL - a.candidate.settings.margin + 0.1
+        with pytest.raises(el.NotLeader):
+            a.fence()
+        yield sleep(TTL)
+        assert a.state is not el.State.LEADER
+    finally:
+        yield shutdown([a])
