@@ -9,8 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from twisted.application import internet, service
-from twisted.internet import task
-from twisted.internet.interfaces import IReactorCore, IReactorTCP, IReactorTime
+from twisted.internet import defer, task
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.interfaces import IReactorTCP, IReactorTime
 from twisted.logger import Logger
 
 from orbited.core.settings import parse_host_port, parse_sp_address
@@ -44,7 +45,9 @@ class NodeService(service.MultiService):
             reactor = _reactor
         self.config = config
         self.reactor = reactor
+        # The reactor provides both; its interfaces are typed one at a time.
         clock: IReactorTime = reactor  # type: ignore[assignment]
+        self.clock = clock
         secret = load_secret(Path(config.secret_file), create=config.create_secret)
         self.hub = Hub(clock, config.hub_config())
         self.presence: PresenceNotifier | None = None
@@ -146,21 +149,21 @@ class NodeService(service.MultiService):
             sp="tcp://" + self._address(self.sp_server),
         )
 
-    def stopService(self):  # noqa: ANN201, N802
+    def stopService(self) -> defer.Deferred[None]:  # noqa: N802
         if self.halod_link is not None:
             self.halod_link.leave()
         self.hub.shutdown("shutdown")
         # Then no keep-alive connection to this node is left for a browser's next request.
         self.site.close_idle_connections()
         # Give the reconnect frames and close handshakes a moment to leave.
-        reactor: IReactorCore = self.reactor  # type: ignore[assignment]
-        return task.deferLater(reactor, 0.2, lambda: None).addCallback(
-            lambda _: super(NodeService, self).stopService()
-        )
+        stopped: defer.Deferred[None] = task.deferLater(self.clock, 0.2, lambda: None)
+        return stopped.addCallback(lambda _: super(NodeService, self).stopService())
 
     @staticmethod
     def _address(server: internet.TCPServer) -> str:
         host = listening_port(server).getHost()
+        if not isinstance(host, IPv4Address | IPv6Address):  # a TCPServer listens on TCP
+            raise TypeError(f"not a TCP address: {host}")
         return f"{host.host}:{host.port}"
 
     @property

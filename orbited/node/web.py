@@ -19,7 +19,7 @@ from orbited.node.transports.limits import BrowserLimits, BrowserLimitsConfig
 from orbited.node.transports.longpoll import LongPollResource
 from orbited.node.transports.streaming import IframeResource, SSEResource
 from orbited.node.transports.websocket import websocket_resource
-from orbited.runtime.web import JSONResource
+from orbited.runtime.web import JSONResource, OrbitedSite
 
 
 class HealthResource(JSONResource):
@@ -87,12 +87,12 @@ def browser_site(
     hub: Hub, auth: BrowserAuth, cors_origins: list[str], name: str, iframe_max_bytes: int,
     limits: BrowserLimits | None = None,
     counters: Callable[[], dict[str, int]] | None = None,
-) -> server.Site:  # fmt: skip
+) -> OrbitedSite:  # fmt: skip
     """``limits`` is shared by every browser transport; ``counters`` is what /health
     shows under "limits" (default: ``limits``' own counters)."""
     source = client_source()
     limits = limits or BrowserLimits(BrowserLimitsConfig(), hub.clock)
-    return orbited_site(
+    site = orbited_site(
         {
             b"ws": websocket_resource(hub, auth, cors_origins, limits),
             b"poll": LongPollResource(hub, auth, cors_origins, limits),
@@ -105,3 +105,6 @@ def browser_site(
         },
         head_limits=limits.config,
     )
+    if not isinstance(site, OrbitedSite):  # what orbited_site builds; the node's shutdown
+        raise TypeError(f"orbited_site built a {type(site).__name__}")  # needs its methods
+    return site
