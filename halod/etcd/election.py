@@ -113,6 +113,13 @@ class LeaderGone:
 
 
 @dataclass(frozen=True)
+class WatchLost:
+    """The watch on the leader key ended (its member died, the stream broke)."""
+
+    now: float
+
+
+@dataclass(frozen=True)
 class Tick:
     now: float
 
@@ -122,7 +129,7 @@ class Stop:
     now: float
 
 
-Input = Start | Granted | Failed | Won | Lost | Renewed | LeaderGone | Tick | Stop
+Input = Start | Granted | Failed | Won | Lost | Renewed | LeaderGone | WatchLost | Tick | Stop
 
 # -- outputs ---------------------------------------------------------------------------
 
@@ -217,7 +224,7 @@ class Candidate:
                 return []
             if event.now >= self.expires_at - self.settings.margin:
                 # Won with a lease about to end: acting now could overlap a successor.
-                return self._regrant()
+                return self._lease_lost("won too late in the lease")
             self.state, self.holder = State.LEADER, self.name
             self.fence = Fence(self.lease, event.revision, self.name)
             return [Elected(self.fence)]
@@ -231,6 +238,14 @@ class Candidate:
                 return []
             self.state, self.holder = State.CAMPAIGNING, None
             return [Campaign(self.lease)] if self.lease else self._regrant()
+        if isinstance(event, WatchLost):
+            if self.state is not State.FOLLOWER:
+                return []
+            # Whether the leader is still there is unknown: campaign again shortly; the
+            # txn either wins or tells who leads (and a new watch starts).
+            self.state, self.holder = State.CAMPAIGNING, None
+            self.retry_at = event.now + self.settings.retry
+            return []
         if isinstance(event, Renewed):
             if not self.lease or event.lease != self.lease:
                 return []  # a reply about a lease we already gave up
@@ -451,9 +466,7 @@ class Election:
         def ended(_: object) -> None:
             if self._watch is watch:
                 self._watch = None
-                if self.candidate.state is State.FOLLOWER:  # lost the stream: look again
-                    self.candidate.state = State.CAMPAIGNING
-                    self._feed(Failed(self.reactor.seconds(), "watch ended"))
+                self._feed(WatchLost(self.reactor.seconds()))
 
         watch.done.addBoth(ended)
 

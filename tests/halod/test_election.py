@@ -87,8 +87,19 @@ def test_a_win_with_a_lease_about_to_end_is_not_taken():
     c = el.Candidate("a", S)
     c.handle(el.Start(0.0))
     c.handle(el.Granted(7, 3, 0.0))
-    assert c.handle(el.Won(11, 2.6)) == [el.GrantLease(3)]
-    assert c.state is el.State.CAMPAIGNING
+    assert c.handle(el.Won(11, 2.6)) == [el.Revoke(7), el.GrantLease(3)]
+    assert c.state is el.State.CAMPAIGNING and c.fence is None
+
+
+def test_a_follower_that_loses_its_watch_campaigns_again():
+    c = el.Candidate("b", S)
+    c.handle(el.Start(0.0))
+    c.handle(el.Granted(9, 3, 0.0))
+    c.handle(el.Lost("a", 20, 0.1))
+    assert c.handle(el.WatchLost(0.5)) == []
+    assert c.state is el.State.CAMPAIGNING and c.wake_at() == 0.75
+    assert c.handle(el.Tick(0.75)) == [el.Campaign(9)]
+    assert c.handle(el.Lost("a", 30, 0.8)) == [el.Following("a"), el.WatchLeader(31)]
 
 
 def test_failures_retry_later():
