@@ -2,11 +2,28 @@
 
 Event payloads arrive already encoded (once per event), so an event frame is built by
 splicing bytes instead of encoding the payload again for every recipient.
+
+The functions below build a frame's bytes; the hub hands frames to a transport
+(orbited.node.hub.Sink.deliver) as ``Frame`` objects, which also carry an event frame's
+position (mailbox ``stream`` and ``seq``): the SSE transport writes its ``id:`` line
+from them, not by reading the bytes again.
 """
 
 from __future__ import annotations
 
 import json
+from typing import NamedTuple
+
+
+class Frame(NamedTuple):
+    """One frame as the hub hands it to a transport. ``data``: the frame's JSON bytes,
+    exactly as the browser gets them. ``seq`` and ``stream``: an event frame's position
+    in its mailbox (``<stream>:<seq>``, docs/protocol.md, "SSE"); None for other frames."""
+
+    data: bytes
+    seq: int | None = None
+    stream: str | None = None
+
 
 REPLACED = b'{"type":"replaced"}'  # a newer connection took this key: do not reconnect
 
@@ -23,7 +40,7 @@ def event_id(text: str) -> bytes:
 
 def event(seq: int, payload: bytes, eid: bytes | None = None) -> bytes:
     """``eid``: the request's id from event_id(); None (an event handed over by a node of
-    the previous version) leaves it out. ``seq`` stays first: the SSE transport reads it."""
+    the previous version) leaves it out."""
     if eid is None:
         return b'{"type":"event","seq":%d,"data":%s}' % (seq, payload)
     return b'{"type":"event","seq":%d,"id":%s,"data":%s}' % (seq, eid, payload)

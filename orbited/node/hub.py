@@ -29,6 +29,7 @@ from orbited.core.keys import ConnectionKey
 from orbited.node import events, frames
 from orbited.node.dedup import DedupLimits, DedupMemory
 from orbited.node.events import DispatchResult, RecipientResult, Status
+from orbited.node.frames import Frame
 from orbited.node.handoff import RouteOwnership, _moved_away, export_entry
 from orbited.node.mailbox import Mailbox, MailboxLimits, Position
 
@@ -41,8 +42,9 @@ class Sink(Protocol):
     last_write: float
     wants_pings: bool  # streaming transports do; a held long-poll ends by its own timeout
 
-    def deliver(self, frames: list[bytes]) -> bool:
-        """Write frames to the browser; False if this transport cannot take them now."""
+    def deliver(self, out: list[Frame]) -> bool:
+        """Write frames (their ``data``) to the browser; False if this transport cannot
+        take them now. Event frames carry their position (``stream``, ``seq``)."""
 
     def replaced(self) -> None:
         """A newer connection for the same key took over: close without reconnecting."""
@@ -191,14 +193,17 @@ class Hub(RouteOwnership):
         mailbox = slot.mailbox
         replay = mailbox.replay(after)
         self._recount(slot)
-        out = [
-            frames.hello(
-                mailbox.stream, self.config.keepalive, replay.reset, replay.since, self.spread()
-            )
-        ]
+        stream = mailbox.stream
+        hello = frames.hello(
+            stream, self.config.keepalive, replay.reset, replay.since, self.spread()
+        )
+        out = [Frame(hello)]
         if replay.gap is not None:
-            out.append(frames.gap(*replay.gap))
-        out.extend(frames.event(seq, payload, eid) for seq, payload, eid in replay.events)
+            out.append(Frame(frames.gap(*replay.gap)))
+        out.extend(
+            Frame(frames.event(seq, payload, eid), seq, stream)
+            for seq, payload, eid in replay.events
+        )
         self._set_sink(slot, sink)
         if sink.deliver(out) and replay.events:
             mailbox.mark_delivered(replay.events[-1][0])
@@ -350,7 +355,7 @@ class Hub(RouteOwnership):
         """Ping every transport that has been silent for the keepalive interval; the ping
         carries the current spread hint (one frame built per tick)."""
         deadline = self.clock.seconds() - self.config.keepalive
-        ping = frames.ping(self.spread())
+        ping = Frame(frames.ping(self.spread()))
         for slot in list(self._slots.values()):
             sink = slot.sink
             if sink is not None and sink.wants_pings and sink.last_write <= deadline:
@@ -498,7 +503,9 @@ class Hub(RouteOwnership):
         seq, dropped = mailbox.append(payload, eid)
         self._recount(slot)
         sink = slot.sink
-        if sink is not None and sink.deliver([frames.event(seq, payload, eid)]):
+        if sink is not None and sink.deliver(
+            [Frame(frames.event(seq, payload, eid), seq, mailbox.stream)]
+        ):
             mailbox.mark_delivered(seq)
             self.stats["delivered"] += 1
             status = Status.DELIVERED

@@ -28,7 +28,7 @@ class RecordingSink:
     def deliver(self, out):
         if not self.accept:
             return False
-        self.frames += [json.loads(f) for f in out]
+        self.frames += [json.loads(f.data) for f in out]
         return True
 
     def replaced(self):

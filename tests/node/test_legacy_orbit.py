@@ -9,6 +9,7 @@ import pytest
 
 from orbited.core.keys import ConnectionKey
 from orbited.node.events import RequestLimits
+from orbited.node.frames import Frame
 from orbited.node.legacy.orbit import OrbitError, OrbitParser
 from tests.conftest import NodeProcess
 
@@ -144,7 +145,7 @@ def test_recipients_moved_or_full_are_failures_not_success():
     from tests.conftest import keys_on_routes
 
     class Sink:
-        def deliver(self, out: list[bytes]) -> bool:
+        def deliver(self, out: list[Frame]) -> bool:
             return True
 
     hub = Hub(Clock(), HubConfig(mailbox_total_bytes=64), epoch="ep")
@@ -206,8 +207,8 @@ def test_a_body_that_is_not_strict_json_is_delivered_as_text(body):
     got: list[bytes] = []
 
     class Sink:
-        def deliver(self, out: list[bytes]) -> bool:
-            got.extend(out)
+        def deliver(self, out: list[Frame]) -> bool:
+            got.extend(f.data for f in out)
             return True
 
     hub = Hub(Clock(), HubConfig(), epoch="ep")
@@ -318,8 +319,8 @@ def test_orbit_events_reach_the_page_with_ids_no_other_node_process_reuses(monke
         def __init__(self) -> None:
             self.frames: list[dict] = []
 
-        def deliver(self, out: list[bytes]) -> bool:
-            self.frames += [json.loads(f) for f in out]
+        def deliver(self, out: list[Frame]) -> bool:
+            self.frames += [json.loads(f.data) for f in out]
             return True
 
     def frame_ids(epoch: str) -> list[str]:

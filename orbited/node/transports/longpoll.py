@@ -14,6 +14,7 @@ from twisted.web.http import Request
 
 from orbited.core.keys import ConnectionKey
 from orbited.node import frames
+from orbited.node.frames import Frame
 from orbited.node.hub import Hub
 from orbited.node.transports.common import (
     BrowserRequestError,
@@ -55,10 +56,10 @@ class _PendingPoll(HTTPSink):
         self.holding = True
         self._timer = self.hub.clock.callLater(timeout, self.flush)
 
-    def deliver(self, out: list[bytes]) -> bool:
+    def deliver(self, out: list[Frame]) -> bool:
         if self.finished:
             return False
-        self.frames.extend(out)
+        self.frames.extend(frame.data for frame in out)
         if self.holding and self._flush_call is None:
             # Batch whatever else arrives in this reactor turn into the same response.
             self._flush_call = self.hub.clock.callLater(0, self.flush)

@@ -23,6 +23,7 @@ from twisted.web.http import Request
 
 from orbited.core.keys import ConnectionKey
 from orbited.node import frames
+from orbited.node.frames import Frame
 from orbited.node.hub import Hub
 from orbited.node.mailbox import Position, PositionError
 from orbited.node.transports.common import (
@@ -42,7 +43,6 @@ from orbited.node.transports.http import (
 from orbited.node.transports.limits import BrowserLimits, WriteQueueWatch
 from orbited.runtime.twisted_compat import unsent_bytes
 
-_EVENT_SEQ = re.compile(rb'^\{"type":"event","seq":(\d+),')
 _ORIGIN = re.compile(
     r"^https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?\Z|^https?://\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?\Z"
 )  # \Z, not $: "$" let "http://h\n" through (found by fuzzing)
@@ -62,7 +62,6 @@ class _Stream(HTTPSink):
     ) -> None:
         super().__init__(hub, key, request, limits)
         self.written = 0
-        self.stream = ""
         self.watch = WriteQueueWatch(
             limits.config.max_write_queue, hub.clock, self._unsent, self._slow
         )
@@ -82,10 +81,10 @@ class _Stream(HTTPSink):
     def _stop_timers(self) -> None:
         self.watch.stop()
 
-    def encode(self, frame: bytes) -> bytes:
+    def encode(self, frame: Frame) -> bytes:
         raise NotImplementedError
 
-    def deliver(self, out: list[bytes]) -> bool:
+    def deliver(self, out: list[Frame]) -> bool:
         if self.finished:
             return False
         chunk = b"".join(self.encode(frame) for frame in out)
@@ -95,14 +94,14 @@ class _Stream(HTTPSink):
         return not self.watch.wrote()
 
     def replaced(self) -> None:
-        self.finish(frames.REPLACED)
+        self.finish(Frame(frames.REPLACED))
 
     def reconnect(self, reason: str) -> None:
         if not self.finished:
             self.close_connection()
-        self.finish(frames.reconnect(reason))
+        self.finish(Frame(frames.reconnect(reason)))
 
-    def finish(self, last_frame: bytes | None = None) -> None:
+    def finish(self, last_frame: Frame | None = None) -> None:
         """End the response, after ``last_frame`` if given (written even past a cap)."""
         if self.finished:
             return
@@ -115,13 +114,13 @@ class _Stream(HTTPSink):
 class _SSEStream(_Stream):
     kind = "SSE"
 
-    def encode(self, frame: bytes) -> bytes:
-        match = _EVENT_SEQ.match(frame)
-        if match is not None:
-            return b"id: %s:%s\ndata: %s\n\n" % (self.stream.encode(), match.group(1), frame)
-        if frame.startswith(b'{"type":"hello"'):
-            self.stream = json.loads(frame)["stream"]
-        return b"data: %s\n\n" % frame
+    def encode(self, frame: Frame) -> bytes:
+        """An SSE event; an event frame's carries ``id: <stream>:<seq>`` (the position
+        EventSource sends back as Last-Event-ID)."""
+        seq, stream = frame.seq, frame.stream
+        if seq is not None and stream is not None:
+            return b"id: %s:%d\ndata: %s\n\n" % (stream.encode(), seq, frame.data)
+        return b"data: %s\n\n" % frame.data
 
 
 def script_literal(frame: bytes) -> bytes:
@@ -147,10 +146,10 @@ class _IframeStream(_Stream):
         super().__init__(hub, key, request, limits)
         self.max_bytes = max_bytes
 
-    def encode(self, frame: bytes) -> bytes:
-        return b"<script>f(%s)</script>\n" % script_literal(frame)
+    def encode(self, frame: Frame) -> bytes:
+        return b"<script>f(%s)</script>\n" % script_literal(frame.data)
 
-    def deliver(self, out: list[bytes]) -> bool:
+    def deliver(self, out: list[Frame]) -> bool:
         if not super().deliver(out):
             return False
         if self.written > self.max_bytes:

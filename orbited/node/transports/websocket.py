@@ -18,6 +18,7 @@ from autobahn.websocket.types import ConnectionRequest
 from twisted.web.http import Request
 
 from orbited.node import frames
+from orbited.node.frames import Frame
 from orbited.node.hub import Hub
 from orbited.node.transports.common import Attach, BrowserAuth, BrowserRequestError, authenticate
 from orbited.node.transports.http import apply_cors, send_json_error
@@ -129,18 +130,18 @@ class BrowserWebSocket(WebSocketServerProtocol):
 
     # -- Sink ---------------------------------------------------------------------------
 
-    def deliver(self, out: list[bytes]) -> bool:
+    def deliver(self, out: list[Frame]) -> bool:
         if self.state != self.STATE_OPEN:
             return False
         if not autobahn_send_idle(self):
             for frame in out:
-                self.sendMessage(frame)
+                self.sendMessage(frame.data)
         else:
             # Frame here and write once: autobahn's sendMessage costs more per message
             # than the write itself, and several frames then leave in one write.
             data: list[bytes] = []
             for frame in out:
-                data += (text_frame_header(len(frame)), frame)
+                data += (text_frame_header(len(frame.data)), frame.data)
             self.transport.writeSequence(data)
         self.last_write = self.factory.hub.clock.seconds()
         return self._watch is None or not self._watch.wrote()
