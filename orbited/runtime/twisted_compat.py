@@ -16,6 +16,8 @@ from autobahn.websocket.protocol import WebSocketProtocol
 from twisted.application import internet
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
+from twisted.protocols.policies import ProtocolWrapper
+from twisted.web import http
 
 
 def unsent_bytes(transport: object) -> int | None:
@@ -24,7 +26,10 @@ def unsent_bytes(transport: object) -> int | None:
 
     Twisted has no public query for it; ``twisted.internet.abstract.FileDescriptor``
     keeps ``dataBuffer`` (bytes being written), ``offset`` (how much of it went out) and
-    ``_tempDataLen`` (bytes queued in ``_tempDataBuffer`` since)."""
+    ``_tempDataLen`` (bytes queued in ``_tempDataBuffer`` since). A ProtocolWrapper (the
+    node's socket gate, TLS) is looked through to the transport it wraps."""
+    while isinstance(transport, ProtocolWrapper):
+        transport = transport.transport
     try:
         return int(
             len(transport.dataBuffer)  # type: ignore[attr-defined]
@@ -84,10 +89,9 @@ def lazy_autobahn_pformat() -> None:
     module-global ``pformat`` of ``autobahn.websocket.protocol`` with a lazy one. Called by
     the node when it builds its WebSocket resource, not at import. (autobahn's
     ``Timings.__str__`` also uses that global; the node never enables trackTimings.)"""
-    # autobahn imports pformat without re-exporting it (attr-defined), and the global is
-    # typed as pprint.pformat, which returns str (assignment): autobahn only passes the
+    # The global is typed as pprint.pformat, which returns str: autobahn only passes the
     # result to a log call, where the lazy object formats itself.
-    _autobahn_protocol.pformat = _LazyPformat  # type: ignore[attr-defined,assignment]
+    _autobahn_protocol.pformat = _LazyPformat  # type: ignore[assignment]
 
 
 def autobahn_send_idle(protocol: WebSocketProtocol) -> bool:
@@ -97,3 +101,36 @@ def autobahn_send_idle(protocol: WebSocketProtocol) -> bool:
     compression was negotiated (``_perMessageCompress`` is None). autobahn has no public
     query for either."""
     return not protocol.send_queue and protocol._perMessageCompress is None
+
+
+# -- twisted.web ----------------------------------------------------------------------
+
+
+class HookedHTTPChannel(http.HTTPChannel):
+    """twisted.web's HTTPChannel with public names for the private hook and state an HTTP
+    listener enforcing its own request-head limits needs (orbited.runtime.web)."""
+
+    def bad_request(self) -> None:
+        """Called for every request head twisted.web will not read: a bad request line or
+        header, more than ``maxHeaders`` headers, more than ``totalHeadersSize`` bytes, a
+        bad Content-Length or Transfer-Encoding. Twisted's answer (a bare "400 Bad
+        Request", then close) unless overridden.
+
+        Twisted routes all of those through ``_respondToBadRequestAndDisconnect``, its
+        only hook for them and a private one."""
+        super()._respondToBadRequestAndDisconnect()
+
+    def _respondToBadRequestAndDisconnect(self) -> None:  # noqa: N802
+        self.bad_request()
+
+    def at_request_line(self) -> bool:
+        """True while no line of the current request head has been read: the next line
+        is a request line. (``_receivedHeaderSize`` counts the head's bytes so far and is
+        reset to 0 after each request; HTTPChannel's docstring documents it.)"""
+        return self._receivedHeaderSize == 0
+
+    def header_count(self) -> int:
+        """Header lines of the current request head parsed so far
+        (``_receivedHeaderCount``, compared with ``maxHeaders``)."""
+        count: int = self._receivedHeaderCount
+        return count

@@ -12,8 +12,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet.interfaces import IDelayedCall
-from twisted.web import http, resource, server
+from twisted.internet.protocol import connectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web import resource, server
 from twisted.web.http import Request
+
+from orbited.runtime.twisted_compat import HookedHTTPChannel
 
 
 @dataclass(frozen=True)
@@ -58,7 +63,7 @@ class JSONResource(resource.Resource):
             self._allowed = sorted(names)
         return self._allowed
 
-    def render(self, request: Request) -> bytes | int:
+    def render(self, request: server.Request) -> bytes | int:
         if request.postpath:
             return send_error(request, 404, "not_found", "no such resource")
         method = request.method.decode("ascii", "replace")  # a token: ASCII
@@ -100,7 +105,7 @@ class QuietSite(server.Site):
         pass
 
 
-class OrbitedChannel(http.HTTPChannel):
+class OrbitedChannel(HookedHTTPChannel):
     """twisted.web's HTTP/1.1 parser, answering a request head it will not read with a
     status and the site's JSON error body instead of closing without a word (a request
     line over MAX_LENGTH) or a bare "400 Bad Request" (anything else): 414 for a request
@@ -136,9 +141,7 @@ class OrbitedChannel(http.HTTPChannel):
     def lineReceived(self, line: bytes) -> None:  # noqa: N802
         if self._refused:
             return
-        # _receivedHeaderSize (an HTTPChannel ivar its docstring documents) counts the
-        # head's lines so far and is 0 before a request line.
-        if self._receivedHeaderSize == 0:
+        if self.at_request_line():
             if len(line) > self.limits.max_request_line:
                 self._refuse(414, "URI Too Long", "uri_too_long", "request line too long")
                 return
@@ -152,18 +155,17 @@ class OrbitedChannel(http.HTTPChannel):
 
     def lineLengthExceeded(self, line: bytes) -> None:  # noqa: N802
         # LineReceiver's hook for a line over MAX_LENGTH (Twisted just closes).
-        if self._receivedHeaderSize == 0:
+        if self.at_request_line():
             self._refuse(414, "URI Too Long", "uri_too_long", "request line too long")
         else:
             self._refuse_headers()
 
-    def _respondToBadRequestAndDisconnect(self) -> None:  # noqa: N802
-        # Private in Twisted, but its only hook for a request it cannot parse: every such
-        # path (bad request line or header, too many headers, bad Content-Length or
-        # chunking) calls it to write a bare "400 Bad Request". There is no public way to
-        # answer those with a JSON body and the right status, so it is overridden here
-        # (checked against Twisted 26.10; tests/node/test_browser_port.py covers each case).
-        if self._receivedHeaderCount > self.maxHeaders:
+    def bad_request(self) -> None:
+        # Every request head twisted.web cannot parse (bad request line or header, too
+        # many headers, bad Content-Length or chunking) comes here instead of Twisted's
+        # bare "400 Bad Request" (tests/runtime/test_twisted_compat.py pins the hook,
+        # tests/node/test_browser_port.py covers each case).
+        if self.header_count() > self.maxHeaders:
             self._refuse_headers()
         else:
             self._refuse(400, "Bad Request", "bad_request", "malformed HTTP request")
@@ -193,7 +195,7 @@ class OrbitedChannel(http.HTTPChannel):
         abort = getattr(self.transport, "abortConnection", self.transport.loseConnection)
         self._drain = self.callLater(self.DRAIN_SECONDS, abort)
 
-    def connectionLost(self, reason: object) -> None:  # noqa: N802
+    def connectionLost(self, reason: Failure = connectionDone) -> None:  # noqa: N802
         if self._drain is not None and self._drain.active():
             self._drain.cancel()
         self._drain = None
@@ -204,8 +206,10 @@ class OrbitedRequest(server.Request):
     """A request whose failure (a bug: an exception in a resource) is answered 500 with
     the JSON error body ``internal_error``, not twisted.web's HTML page."""
 
+    failure_log = Logger()
+
     def processingFailed(self, reason: Any) -> Any:  # noqa: N802
-        self._log.failure("", failure=reason)
+        self.failure_log.failure("", failure=reason)
         body = getattr(self.site, "error_body", error_json)("internal_error", "a bug in the node")
         self.setResponseCode(500)
         self.setHeader(b"content-type", b"application/json")

@@ -15,9 +15,10 @@ import resource
 from typing import Any
 
 from twisted.application import internet
-from twisted.internet import tcp
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.interfaces import IAddress
+from twisted.internet.protocol import Factory
 from twisted.logger import Logger
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 
 FD_RESERVE = 1024  # fds left for SP connections, HaloD, presence, logs, ...
 
@@ -57,69 +58,53 @@ class SocketGate:
         return True
 
 
-class _GatedFactory:
-    """The listener's view of the real factory: buildProtocol says no past the cap (the
-    port then closes the socket at once); everything else goes to the real factory."""
+class GatedFactory(WrappingFactory):
+    """The listener's factory: wraps the real one (twisted.protocols.policies), refuses a
+    connection past the cap (buildProtocol returns None, so the port closes the socket at
+    once, before reading a byte) and counts the open ones in the gate. The count follows
+    the socket, not the protocol: a WebSocket taking the connection over from the HTTP
+    channel (autobahn swaps the wrapper's wrappedProtocol) stays counted until it closes."""
 
     log = Logger()
 
     def __init__(self, factory: Factory, gate: SocketGate) -> None:
-        self._factory = factory
-        self._gate = gate
+        super().__init__(factory)
+        self.gate = gate
         self._warned_at = -1
 
-    def buildProtocol(self, addr: Any) -> Protocol | None:  # noqa: N802
-        if not self._gate.admit():
+    # IProtocolFactory.buildProtocol may return None (the port then closes the socket);
+    # WrappingFactory's annotation says it never does.
+    def buildProtocol(  # type: ignore[override]  # noqa: N802
+        self, addr: IAddress | None
+    ) -> ProtocolWrapper | None:
+        if not self.gate.admit():
             # One line per thousand refusals: a flood must not also flood the log.
-            if self._gate.refused // 1000 != self._warned_at:
-                self._warned_at = self._gate.refused // 1000
+            if self.gate.refused // 1000 != self._warned_at:
+                self._warned_at = self.gate.refused // 1000
                 self.log.warn(
                     "browser listener at max_sockets ({n}): closing new connections "
                     "({refused} so far)",
-                    n=self._gate.max_sockets,
-                    refused=self._gate.refused,
+                    n=self.gate.max_sockets,
+                    refused=self.gate.refused,
                 )
             return None
-        return self._factory.buildProtocol(addr)
+        inner = self.wrappedFactory.buildProtocol(addr)
+        return None if inner is None else self.protocol(self, inner)
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._factory, name)
+    def registerProtocol(self, p: ProtocolWrapper) -> None:  # noqa: N802
+        super().registerProtocol(p)
+        self.gate.open += 1
 
-
-class _CountedServer(tcp.Server):
-    """A server-side TCP connection that its port's gate counts while it is open."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.server.gate.open += 1
-
-    def connectionLost(self, reason: Any) -> None:  # noqa: N802
-        self.server.gate.open -= 1
-        super().connectionLost(reason)
-
-
-class GatedPort(tcp.Port):
-    transport = _CountedServer
-
-    def __init__(self, gate: SocketGate, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.gate = gate
-        self.factory = _GatedFactory(self.factory, gate)  # type: ignore[assignment]
+    def unregisterProtocol(self, p: ProtocolWrapper) -> None:  # noqa: N802
+        super().unregisterProtocol(p)
+        self.gate.open -= 1
 
 
 class GatedTCPServer(internet.TCPServer):
-    """internet.TCPServer listening with a GatedPort (same arguments, plus the gate)."""
+    """internet.TCPServer serving ``factory`` through a GatedFactory (same arguments, plus
+    the gate first)."""
 
-    def __init__(self, gate: SocketGate, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, gate: SocketGate, port: int, factory: Factory, *args: Any,
+                 **kwargs: Any) -> None:  # fmt: skip
+        super().__init__(port, GatedFactory(factory, gate), *args, **kwargs)
         self.gate = gate
-
-    def _getPort(self) -> GatedPort:  # noqa: N802
-        from twisted.application.internet import _maybeGlobalReactor
-
-        port, factory = self.args
-        port = GatedPort(
-            self.gate, port, factory, reactor=_maybeGlobalReactor(self.reactor), **self.kwargs
-        )
-        port.startListening()
-        return port

@@ -1,0 +1,98 @@
+"""The browser listener's socket gate (orbited.node.transports.gate) on real loopback
+sockets in this process's reactor (pytest-twisted): the cap, the count following the
+socket across a protocol take-over, and nothing left counted after the sockets close."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Generator
+from typing import Any
+
+import pytest_twisted
+from twisted.internet import defer, reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import deferLater
+
+from orbited.node.transports.gate import GatedTCPServer, SocketGate
+from orbited.runtime.twisted_compat import listening_port, unsent_bytes
+
+
+class Client(Protocol):
+    def __init__(self) -> None:
+        self.lost = defer.Deferred[None]()
+        self.data = b""
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        self.data += data
+
+    def connectionLost(self, reason: Any = None) -> None:  # noqa: N802
+        self.lost.callback(None)
+
+
+class Server(Protocol):
+    instances: list[Server]
+
+    def connectionMade(self) -> None:  # noqa: N802
+        self.instances.append(self)
+        self.transport.write(b"hi")
+
+
+def _wait(predicate: Callable[[], bool], what: str) -> defer.Deferred[None]:
+    @defer.inlineCallbacks
+    def poll() -> Generator[defer.Deferred[None], None, None]:
+        for _ in range(500):
+            if predicate():
+                return
+            yield deferLater(reactor, 0.01, lambda: None)
+        raise AssertionError(f"timed out waiting for {what}")
+
+    return poll()
+
+
+@pytest_twisted.inlineCallbacks
+def test_the_gate_caps_counts_and_follows_the_socket():
+    accepted: list[Server] = []
+    factory = Factory.forProtocol(type("S", (Server,), {"instances": accepted}))
+    gate = SocketGate(2)
+    service = GatedTCPServer(gate, 0, factory, interface="127.0.0.1")
+    service.startService()
+    clients: list[Client] = []
+    try:
+        port = listening_port(service).getHost().port
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port)
+        for _ in range(2):
+            clients.append((yield connectProtocol(endpoint, Client())))
+        yield _wait(lambda: len(accepted) == 2 and gate.open == 2, "two sockets counted")
+        # The server protocol sees the gate's wrapper as its transport; it writes through
+        # it and unsent_bytes looks through it to the TCP transport.
+        assert unsent_bytes(accepted[0].transport) is not None
+        yield _wait(lambda: all(c.data == b"hi" for c in clients), "both greetings")
+
+        # Past the cap: closed at once, never given to the factory, counted as refused.
+        third = yield connectProtocol(endpoint, Client())
+        yield third.lost
+        assert third.data == b"" and len(accepted) == 2
+        assert (gate.open, gate.refused) == (2, 1)
+
+        # A protocol taking the connection over (as autobahn does from the HTTP channel:
+        # the wrapper's wrappedProtocol is replaced) leaves the socket counted until it
+        # closes.
+        wrapper = accepted[0].transport
+        taken_over = Protocol()
+        wrapper.wrappedProtocol = taken_over
+        taken_over.makeConnection(wrapper)
+        assert gate.open == 2
+        clients[0].transport.loseConnection()
+        yield clients[0].lost
+        yield _wait(lambda: gate.open == 1, "the closed socket to count out")
+
+        # Room again: a new connection is admitted.
+        clients.append((yield connectProtocol(endpoint, Client())))
+        yield _wait(lambda: gate.open == 2 and len(accepted) == 3, "the new socket")
+    finally:
+        for client in clients:
+            if client.transport is not None and client.transport.connected:
+                client.transport.loseConnection()
+                yield client.lost
+        yield service.stopService()
+    yield _wait(lambda: gate.open == 0, "every socket to count out")

@@ -1,0 +1,331 @@
+"""Each private Twisted or autobahn name orbited.runtime.twisted_compat relies on, checked
+against the installed versions: an upgrade that renames or changes one fails here, in a
+second, instead of in a node (or only in the slow real-process tests).
+
+What is pinned, and by which test:
+- ``FileDescriptor.dataBuffer`` / ``offset`` / ``_tempDataLen`` (unsent_bytes): a real
+  loopback TCP connection whose reader is paused;
+- ``internet.TCPServer._port`` (listening_port): a started TCPServer;
+- ``HTTPChannel._respondToBadRequestAndDisconnect`` / ``_receivedHeaderSize`` /
+  ``_receivedHeaderCount`` (HookedHTTPChannel): malformed heads fed to a channel;
+- autobahn's ``send_queue`` / ``_perMessageCompress`` (autobahn_send_idle), its logging
+  through the instance's ``log`` (NoDebugLogger) and its module-global ``pformat``
+  (lazy_autobahn_pformat): a WebSocket handshake on a StringTransport.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import pprint
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import autobahn.websocket.protocol as autobahn_protocol
+import pytest
+import pytest_twisted
+import txaio
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.websocket.compress import PerMessageDeflateOffer, PerMessageDeflateOfferAccept
+from twisted.application import internet
+from twisted.internet import defer, reactor
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import Clock, deferLater
+from twisted.internet.testing import StringTransport
+from twisted.logger import LogLevel, globalLogPublisher
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+from twisted.web import http
+
+from orbited.node.transports.websocket import text_frame_header
+from orbited.runtime import twisted_compat
+from orbited.runtime.twisted_compat import (
+    HookedHTTPChannel,
+    NoDebugLogger,
+    autobahn_send_idle,
+    lazy_autobahn_pformat,
+    listening_port,
+    unsent_bytes,
+)
+
+# -- unsent_bytes: FileDescriptor.dataBuffer, offset, _tempDataLen ----------------------
+
+
+class _Collect(Protocol):
+    def __init__(self) -> None:
+        self.received = 0
+        self.lost = defer.Deferred[None]()
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        self.received += len(data)
+
+    def connectionLost(self, reason: Any = None) -> None:  # noqa: N802
+        self.lost.callback(None)
+
+
+def _sleep(seconds: float) -> defer.Deferred[None]:
+    return deferLater(reactor, seconds, lambda: None)
+
+
+@pytest_twisted.inlineCallbacks
+def test_unsent_bytes_counts_what_a_real_tcp_transport_has_not_handed_to_the_kernel():
+    accepted: list[Protocol] = []
+
+    class Server(Protocol):
+        def connectionMade(self) -> None:  # noqa: N802
+            accepted.append(self)
+
+    port = reactor.listenTCP(0, Factory.forProtocol(Server), interface="127.0.0.1")
+    client = _Collect()
+    try:
+        endpoint_port = port.getHost().port
+        yield _connect(client, endpoint_port)
+        while not accepted:
+            yield _sleep(0.01)
+        server = accepted[0].transport
+        assert unsent_bytes(server) == 0  # nothing written yet
+        client.transport.pauseProducing()  # the reader stops reading: the kernel fills up
+        size = 32 * 1024 * 1024  # far more than loopback's socket buffers hold
+        server.write(b"x" * size)
+        # Written, not yet sent: all of it waits in _tempDataBuffer (_tempDataLen).
+        assert unsent_bytes(server) == size
+        yield _sleep(0.2)  # the reactor hands what the kernel takes over (dataBuffer, offset)
+        held = unsent_bytes(server)
+        assert held is not None and 0 < held < size
+        # Through a ProtocolWrapper (the node's socket gate wraps every connection).
+        wrapper = ProtocolWrapper(WrappingFactory(Factory()), Protocol())
+        wrapper.transport = server
+        assert unsent_bytes(wrapper) == held
+        client.transport.resumeProducing()
+        for _ in range(500):
+            if client.received == size:
+                break
+            yield _sleep(0.01)
+        assert client.received == size
+        assert unsent_bytes(server) == 0  # everything went out: offset caught up
+    finally:
+        if client.transport is not None:
+            client.transport.loseConnection()
+            yield client.lost
+        yield port.stopListening()
+
+
+def _connect(protocol: Protocol, port: int) -> defer.Deferred[Any]:
+    from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+
+    return connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), protocol)
+
+
+def test_unsent_bytes_is_none_for_a_transport_of_another_kind():
+    assert unsent_bytes(StringTransport()) is None
+    assert unsent_bytes(object()) is None
+
+
+# -- listening_port: internet.TCPServer._port -------------------------------------------
+
+
+def test_listening_port_is_the_port_a_started_tcpserver_listens_on():
+    service = internet.TCPServer(0, Factory.forProtocol(Protocol), interface="127.0.0.1")
+    with pytest.raises(RuntimeError, match="not listening"):
+        listening_port(service)
+    service.startService()
+    try:
+        address = listening_port(service).getHost()
+        assert address.host == "127.0.0.1" and address.port != 0
+        # It is the real listening socket: a connection to it is accepted.
+        with socket.create_connection(("127.0.0.1", address.port), timeout=5):
+            pass
+    finally:
+        service.stopService()
+
+
+# -- HookedHTTPChannel: HTTPChannel's private bad-request hook and head counters --------
+
+
+class _Recording(HookedHTTPChannel):
+    """Records the hook's calls with the state at that moment, then answers as Twisted."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[bool, int]] = []
+
+    def bad_request(self) -> None:
+        self.calls.append((self.at_request_line(), self.header_count()))
+        super().bad_request()
+
+
+@pytest.fixture
+def channel() -> Iterator[_Recording]:
+    site_channel = _Recording()
+    site_channel.requestFactory = http.Request  # type: ignore[assignment]
+    site_channel.callLater = Clock().callLater  # its timeouts: no reactor
+    site_channel.makeConnection(StringTransport())
+    yield site_channel
+
+
+def test_the_hook_is_called_for_a_malformed_request_line(channel):
+    channel.dataReceived(b"NOT A REQUEST LINE AT ALL\r\n")
+    assert len(channel.calls) == 1
+    # Not overridden further: Twisted's own answer, so the hook replaced nothing else.
+    assert channel.transport.value() == b"HTTP/1.1 400 Bad Request\r\n\r\n"
+
+
+def test_the_hook_is_called_past_max_headers_with_the_count(channel):
+    channel.maxHeaders = 2
+    channel.dataReceived(b"GET / HTTP/1.1\r\nA: 1\r\nB: 2\r\nC: 3\r\nD: 4\r\n\r\n")
+    assert channel.calls == [(False, 3)]
+
+
+def test_the_hook_is_called_for_a_bad_content_length(channel):
+    channel.dataReceived(b"POST / HTTP/1.1\r\nContent-Length: -1\r\n\r\n")
+    assert len(channel.calls) == 1 and channel.calls[0][1] == 0
+
+
+def test_the_hook_is_called_past_total_headers_size(channel):
+    channel.totalHeadersSize = 100
+    channel.dataReceived(b"GET /" + b"a" * 200 + b" HTTP/1.1\r\n")
+    assert len(channel.calls) == 1
+
+
+def test_at_request_line_and_header_count_follow_the_head(channel):
+    assert channel.at_request_line() and channel.header_count() == 0
+    channel.dataReceived(b"GET / HTTP/1.1\r\n")
+    assert not channel.at_request_line() and channel.header_count() == 0
+    channel.dataReceived(b"A: 1\r\nB: 2\r\n")
+    assert channel.header_count() == 1  # a header line is parsed when the next one starts
+    channel.dataReceived(b"\r\n")  # the request is complete: the counters start again
+    assert channel.at_request_line() and channel.header_count() == 0
+    assert channel.calls == []
+
+
+# -- autobahn ---------------------------------------------------------------------------
+
+HANDSHAKE_KEY = base64.b64encode(b"0123456789abcdef")
+
+
+def _handshake(extensions: bytes = b"") -> bytes:
+    head = (
+        b"GET /ws HTTP/1.1\r\nHost: example\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: " + HANDSHAKE_KEY + b"\r\nSec-WebSocket-Version: 13\r\n"
+    )
+    if extensions:
+        head += b"Sec-WebSocket-Extensions: " + extensions + b"\r\n"
+    return head + b"\r\n"
+
+
+class _RecordingLog:
+    """Stands in for an autobahn protocol's ``log``: records every call."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str, dict[str, Any]]] = []
+
+    def __getattr__(self, level: str) -> Any:
+        def record(format: str | None = None, **kwargs: Any) -> None:  # noqa: A002
+            self.calls.append((level, format or "", kwargs))
+
+        return record
+
+
+@pytest.fixture
+def clock() -> Iterator[Clock]:
+    """autobahn's timers (handshake timeouts, queued sends) on a Clock, via txaio."""
+    saved = txaio.config.loop
+    txaio.config.loop = Clock()
+    try:
+        yield txaio.config.loop
+    finally:
+        txaio.config.loop = saved
+
+
+def _open(log: Any = None, compress: bool = False) -> WebSocketServerProtocol:
+    factory = WebSocketServerFactory()
+    factory.protocol = WebSocketServerProtocol
+    if compress:
+        factory.setProtocolOptions(
+            perMessageCompressionAccept=lambda offers: next(
+                (PerMessageDeflateOfferAccept(o) for o in offers
+                 if isinstance(o, PerMessageDeflateOffer)), None)  # fmt: skip
+        )
+    proto = factory.buildProtocol(None)
+    if log is not None:
+        proto.log = log
+    proto.makeConnection(StringTransport())
+    proto.dataReceived(_handshake(b"permessage-deflate" if compress else b""))
+    assert proto.state == proto.STATE_OPEN
+    accept = base64.b64encode(
+        hashlib.sha1(HANDSHAKE_KEY + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest()
+    )
+    assert accept in proto.transport.value()  # the handshake was answered
+    proto.transport.clear()
+    return proto
+
+
+def test_send_idle_on_an_open_connection_and_raw_frames_match_send_message(clock):
+    proto = _open()
+    assert autobahn_send_idle(proto)
+    # The fast path writes frames itself: they must be the bytes sendMessage writes.
+    for payload in (b"", b"hello", b"x" * 200, b"y" * 70_000):
+        proto.sendMessage(payload)
+        assert proto.transport.value() == text_frame_header(len(payload)) + payload
+        proto.transport.clear()
+
+
+def test_send_idle_is_false_while_autobahn_has_queued_bytes(clock):
+    proto = _open()
+    proto.sendData(b"abc", chopsize=1)  # a chopped send: queued, one chunk per turn
+    assert proto.transport.value() == b"a"
+    assert not autobahn_send_idle(proto)  # a raw write now would overtake "bc"
+    clock.advance(1)
+    clock.advance(1)
+    assert proto.transport.value() == b"abc"
+    clock.advance(1)
+    assert autobahn_send_idle(proto)
+
+
+def test_send_idle_is_false_when_compression_was_negotiated(clock):
+    proto = _open(compress=True)
+    assert not autobahn_send_idle(proto)  # frames need compressing: sendMessage only
+
+
+def test_autobahn_logs_through_the_instance_log(clock):
+    log = _RecordingLog()
+    proto = _open(log)
+    assert any(level == "debug" for level, _, _ in log.calls)
+    # So NoDebugLogger on the instance silences them and keeps the rest.
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        quiet = NoDebugLogger("test", source=proto)
+        quiet.debug("not emitted {x}", x=1)
+        quiet.warn("emitted")
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert [e["log_level"] for e in events if e.get("log_namespace") == "test"] == [
+        LogLevel.warn
+    ]
+
+
+def test_autobahn_pformat_is_the_module_global_it_formats_its_options_with(clock):
+    # In a clean interpreter: the patch target exists and is pprint's pformat.
+    check = (
+        "import pprint, autobahn.websocket.protocol as m; "
+        "assert m.pformat is pprint.pformat, m.pformat"
+    )
+    subprocess.run([sys.executable, "-c", check], check=True)
+    saved = autobahn_protocol.pformat
+    try:
+        lazy_autobahn_pformat()
+        lazy_autobahn_pformat()  # idempotent
+        assert autobahn_protocol.pformat is twisted_compat._LazyPformat
+        log = _RecordingLog()
+        _open(log)
+        # The option table handed to the debug call is the lazy object, not a string
+        # already pretty-printed; formatted, it is what pformat gave.
+        (attrs,) = [kw["attrs"] for _, _, kw in log.calls if "attrs" in kw]
+        assert not isinstance(attrs, str)
+        text = str(attrs)
+        assert "openHandshakeTimeout" in text and text == pprint.pformat(attrs.obj)
+    finally:
+        autobahn_protocol.pformat = saved
