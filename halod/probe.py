@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+from typing import cast
 
 from twisted.internet import defer, error
 from twisted.internet.endpoints import (
@@ -15,7 +16,13 @@ from twisted.internet.endpoints import (
     TCP4ClientEndpoint,
     TCP6ClientEndpoint,
 )
-from twisted.internet.interfaces import IReactorTCP, IReactorTime, IStreamClientEndpoint
+from twisted.internet.interfaces import (
+    IProtocol,
+    IReactorTCP,
+    IReactorTime,
+    IStreamClientEndpoint,
+    ITCPTransport,
+)
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 
@@ -56,14 +63,14 @@ def probe(reactor: IReactorTCP, address: str, timeout: float) -> defer.Deferred[
         return defer.succeed(Outcome.TIMEOUT)  # nothing to learn from a bad address
     endpoint = _endpoint(reactor, host, port, timeout)
 
-    def answered(protocol: Protocol) -> Outcome:
-        protocol.transport.abortConnection()
+    def answered(protocol: IProtocol) -> Outcome:
+        assert isinstance(protocol, Protocol)
+        cast(ITCPTransport, protocol.transport).abortConnection()
         return Outcome.ANSWERED
 
-    d = endpoint.connect(Factory.forProtocol(Protocol))
-    d.addTimeout(timeout, clock)  # a slow name lookup counts too
-    d.addCallbacks(answered, outcome_of)
-    return d
+    connected = endpoint.connect(Factory.forProtocol(Protocol))
+    connected.addTimeout(timeout, clock)  # a slow name lookup counts too
+    return connected.addCallbacks(answered, outcome_of)
 
 
 def _endpoint(reactor: IReactorTCP, host: str, port: int, timeout: float

@@ -16,8 +16,9 @@ from typing import Any
 
 from twisted.application import internet, service
 from twisted.internet import defer
-from twisted.internet.interfaces import IDelayedCall, IReactorTCP, IReactorTime
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.interfaces import IDelayedCall, IReactorTCP, IReactorTime, ITCPTransport
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
@@ -68,6 +69,7 @@ class ControlProtocol(Protocol):
     """One node's control connection. Registration must arrive within the header timeout."""
 
     log = Logger()
+    transport: ITCPTransport  # set by makeConnection
 
     def __init__(self, halod: HaloD) -> None:
         self.halod = halod
@@ -136,7 +138,7 @@ class ControlProtocol(Protocol):
         peer = self.transport.getPeer()
         return f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}"
 
-    def connectionLost(self, reason: Failure = None) -> None:  # noqa: N802
+    def connectionLost(self, reason: Failure = connectionDone) -> None:  # noqa: N802
         self.closed = True
         if self._register_timer is not None:
             self._register_timer.cancel()
@@ -624,7 +626,7 @@ class _Operator(Resource):
         self.halod = halod
 
     def render(self, request: Request) -> bytes:
-        parts = [part.decode("utf-8", "replace") for part in request.postpath]
+        parts = [part.decode("utf-8", "replace") for part in request.postpath or ()]
         if len(parts) != 2 or parts[1] not in ("drain", "undrain"):
             return send_error(
                 request, 404, "not_found", "POST /nodes/<name>/drain or /nodes/<name>/undrain"
@@ -773,6 +775,7 @@ class HaloDService(service.MultiService):
     @staticmethod
     def _address(server: internet.TCPServer) -> str:
         host = listening_port(server).getHost()
+        assert isinstance(host, IPv4Address | IPv6Address), host  # a TCP listener's
         return f"{host.host}:{host.port}"
 
     @property

@@ -24,8 +24,8 @@ def table_svg(routes: int, title: str, rows: list[Row]) -> str:
     for _, table, known in rows:
         ids |= set(table)
         names.update(known)
-        held = sum(len(r) for r in table.values())
-        unowned = unowned or held < routes
+        owned = sum(len(r) for r in table.values())
+        unowned = unowned or owned < routes
     entries = [
         (PALETTE[(i - 1) % len(PALETTE)], f"node {i}" + (f" ({names[i]})" if i in names else ""))
         for i in sorted(ids)

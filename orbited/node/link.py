@@ -15,8 +15,8 @@ from typing import Any, assert_never
 from twisted.application import internet, service
 from twisted.internet import task
 from twisted.internet.endpoints import TCP4ClientEndpoint
-from twisted.internet.interfaces import IReactorTCP, IReactorTime
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.interfaces import IProtocol, IReactorTCP, IReactorTime, ITCPTransport
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -62,6 +62,7 @@ def _fitting(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 class LinkProtocol(Protocol):
     log = Logger()
+    transport: ITCPTransport  # set by makeConnection
 
     def __init__(self, link: HaloDLink) -> None:
         self.link = link
@@ -166,7 +167,7 @@ class LinkProtocol(Protocol):
         hub = self.link.hub
         self.send(Heartbeat(self._seq, hub.attached, hub.mailboxes))
 
-    def connectionLost(self, reason: Failure = None) -> None:  # noqa: N802
+    def connectionLost(self, reason: Failure = connectionDone) -> None:  # noqa: N802
         if self._heartbeat is not None and self._heartbeat.running:
             self._heartbeat.stop()
 
@@ -183,7 +184,7 @@ class HaloDLink(service.MultiService):
     ) -> None:  # fmt: skip
         super().__init__()
         self.hub = hub
-        self.name = name
+        self.node_name = name  # not the service's ``name``
         self.addresses = addresses
         self.capacity = capacity
         self.secret = secret
@@ -191,7 +192,7 @@ class HaloDLink(service.MultiService):
         self.node_id: int | None = None
         self.role: Role | None = None
         host, port = parse_sp_address(halod)
-        factory = Factory.forProtocol(lambda: LinkProtocol(self))  # type: ignore[arg-type]
+        factory = Factory.forProtocol(lambda: LinkProtocol(self))
         factory.noisy = False  # it "starts" on every reconnect
         self.client = internet.ClientService(
             TCP4ClientEndpoint(reactor, host, port, timeout=5),
@@ -205,7 +206,7 @@ class HaloDLink(service.MultiService):
 
     def register_message(self) -> Register:
         browser, sp = self.addresses()
-        return Register(self.name, browser, sp, self.capacity, self.node_id, self.secret)
+        return Register(self.node_name, browser, sp, self.capacity, self.node_id, self.secret)
 
     def assigned(self, msg: Welcome | Assign, total: int | None = None) -> None:
         self.node_id, self.role = msg.node_id, msg.role
@@ -226,5 +227,10 @@ class HaloDLink(service.MultiService):
         """The node is stopping: HaloD hands its routes over at once instead of waiting
         for the grace period."""
         d = self.client.whenConnected(failAfterFailures=1)
-        d.addCallback(lambda proto: proto.send(Leave()))
+        d.addCallback(_send_leave)
         d.addErrback(lambda _: None)
+
+
+def _send_leave(proto: IProtocol) -> None:
+    assert isinstance(proto, LinkProtocol)
+    proto.send(Leave())
