@@ -18,9 +18,13 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from enum import Enum
+from typing import Protocol as TypingProtocol
+from typing import cast
 
 from twisted.internet import defer
 from twisted.internet.interfaces import (
+    IAddress,
     IDelayedCall,
     IHalfCloseableProtocol,
     IPushProducer,
@@ -38,19 +42,47 @@ from orbited.sp.wire import REP, REQ, SPConnection, SPProtocolError, encode_mess
 RequestHandler = Callable[[bytes], "bytes | defer.Deferred[bytes]"]
 
 
+class _TCPTransport(TypingProtocol):
+    """What RepProtocol uses of its transport (a Twisted TCP connection: ITCPTransport,
+    IConsumer and IPushProducer at once, which zope interfaces cannot say in one type)."""
+
+    def write(self, data: bytes) -> None: ...
+    def writeSequence(self, data: list[bytes]) -> None: ...  # noqa: N802
+    def loseConnection(self) -> None: ...  # noqa: N802
+    def abortConnection(self) -> None: ...  # noqa: N802
+    def getPeer(self) -> object: ...  # noqa: N802
+    def registerProducer(self, producer: object, streaming: bool) -> None: ...  # noqa: N802
+    def pauseProducing(self) -> None: ...  # noqa: N802
+    def resumeProducing(self) -> None: ...  # noqa: N802
+
+
 @dataclass(frozen=True)
 class RepLimits:
-    max_message: int = 1024 * 1024  # bytes per request; larger closes the connection
+    """The REP server's limits; these defaults are the node's (NodeConfig's sp_* keys,
+    docs/operations.md, read them from here)."""
+
+    max_message: int = 4 * 1024 * 1024  # bytes per request; larger closes the connection
     header_timeout: float = 10.0  # seconds a peer has to send its SP header (nng: 10 s)
     max_hops: int = MAX_HOPS
     max_inflight: int = 1024  # unanswered requests per connection before we stop reading
     max_connections: int = 1000  # connections at once; a new one past it is closed at once
 
 
+class RepState(Enum):
+    """A REP connection's life: it reads and answers requests (OPEN); the peer sent FIN
+    and the requests it sent are being answered before the close (DRAINING); done
+    (CLOSED: closed by us or by the peer, or aborted for a protocol error)."""
+
+    OPEN = "open"
+    DRAINING = "draining"
+    CLOSED = "closed"
+
+
 @implementer(IPushProducer, IHalfCloseableProtocol)
 class RepProtocol(Protocol):
     log = Logger()
-    factory: RepFactory | None = None
+    server: RepFactory | None = None  # the factory that built it (its connection count)
+    transport: _TCPTransport  # type: ignore[assignment]  # set by makeConnection (TCP)
 
     def __init__(self, handler: RequestHandler, limits: RepLimits, clock: IReactorTime) -> None:
         self._handler = handler
@@ -60,12 +92,15 @@ class RepProtocol(Protocol):
         self._header_timer: IDelayedCall | None = None
         self._inflight = 0
         self._held: deque[bytes] = deque()  # received, waiting for an in-flight slot
-        self._running = False
-        self._writes_blocked = False
+        self._running = False  # inside _run_held (a reply there must not re-enter it)
+        self._writes_blocked = False  # the transport's send buffer is full
         self._reading_paused = False
-        self._input_done = False  # the peer sent FIN: answer what it sent, then close
-        self.closed = False
+        self.state = RepState.OPEN
         self.dropped_requests = 0
+
+    @property
+    def closed(self) -> bool:
+        return self.state is RepState.CLOSED
 
     @property
     def inflight(self) -> int:
@@ -80,8 +115,8 @@ class RepProtocol(Protocol):
         return unsent_bytes(self.transport) or 0
 
     def connectionMade(self) -> None:
-        if self.factory is not None:
-            self.factory.connections.add(self)
+        if self.server is not None:
+            self.server.connections.add(self)
         setnodelay = getattr(self.transport, "setTcpNoDelay", None)
         if setnodelay is not None:
             setnodelay(True)
@@ -96,7 +131,7 @@ class RepProtocol(Protocol):
     def _close(self, reason: str) -> None:
         if self.closed:
             return
-        self.closed = True
+        self.state = RepState.CLOSED
         self.log.warn(
             "SP connection from {peer} closed: {reason}", peer=self._peer(), reason=reason
         )
@@ -107,7 +142,7 @@ class RepProtocol(Protocol):
     def _peer(self) -> str:
         try:
             peer = self.transport.getPeer()
-            return f"{peer.host}:{peer.port}"
+            return f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}"
         except Exception:
             return "?"
 
@@ -140,7 +175,8 @@ class RepProtocol(Protocol):
     def readConnectionLost(self) -> None:  # noqa: N802
         """The peer sent FIN: it sends nothing more but may still read. Requests received
         in full are answered; a partial message or header is dropped."""
-        self._input_done = True
+        if self.state is RepState.OPEN:
+            self.state = RepState.DRAINING
         if self._header_timer is not None:
             self._header_timer.cancel()
             self._header_timer = None
@@ -150,10 +186,10 @@ class RepProtocol(Protocol):
         self.transport.loseConnection()
 
     def _close_if_answered(self) -> None:
-        if self._input_done and not self.closed and not self._held and not self._inflight:
-            self.closed = True
-            if self.factory is not None:  # its slot is free now (sp_max_connections)
-                self.factory.connections.discard(self)
+        if self.state is RepState.DRAINING and not self._held and not self._inflight:
+            self.state = RepState.CLOSED
+            if self.server is not None:  # its slot is free now (sp_max_connections)
+                self.server.connections.discard(self)
             # loseConnection, not abort: the replies written are sent before the close.
             self.transport.loseConnection()
 
@@ -210,7 +246,7 @@ class RepProtocol(Protocol):
             self._after_reply()
 
     def _update_reading(self) -> None:
-        if self.closed or self._input_done:  # (resuming would read the FIN again)
+        if self.state is not RepState.OPEN:  # (resuming would read the FIN again)
             return
         pause = (
             self._writes_blocked or self._inflight >= self._limits.max_inflight or bool(self._held)
@@ -232,18 +268,18 @@ class RepProtocol(Protocol):
         self._update_reading()
 
     def stopProducing(self) -> None:  # noqa: N802
-        self.closed = True
+        self.state = RepState.CLOSED
 
-    def connectionLost(self, reason: Failure | None = None) -> None:
-        self.closed = True
-        if self.factory is not None:
-            self.factory.connections.discard(self)
+    def connectionLost(self, reason: Failure | None = None) -> None:  # noqa: N802
+        self.state = RepState.CLOSED
+        if self.server is not None:
+            self.server.connections.discard(self)
         if self._header_timer is not None:
             self._header_timer.cancel()
             self._header_timer = None
 
 
-class RepFactory(Factory):
+class RepFactory(Factory["RepProtocol"]):
     log = Logger()
     noisy = False
 
@@ -254,14 +290,16 @@ class RepFactory(Factory):
         clock: IReactorTime | None = None,
     ) -> None:
         if clock is None:
-            from twisted.internet import reactor as clock  # type: ignore[assignment]
+            from twisted.internet import reactor
+
+            clock = cast(IReactorTime, reactor)
         self.handler = handler
         self.limits = limits or RepLimits()
-        self.clock = clock
+        self.clock: IReactorTime = clock
         self.connections: set[RepProtocol] = set()
         self.refused = 0
 
-    def buildProtocol(self, addr: object) -> RepProtocol | None:  # noqa: N802
+    def buildProtocol(self, addr: IAddress | None) -> RepProtocol | None:  # noqa: N802
         if len(self.connections) >= self.limits.max_connections:
             # None: the port closes the socket at once. nng dialers retry (with backoff),
             # so a web app gets in as soon as another connection goes.
@@ -273,7 +311,7 @@ class RepFactory(Factory):
             )
             return None
         proto = RepProtocol(self.handler, self.limits, self.clock)
-        proto.factory = self
+        proto.factory = proto.server = self
         return proto
 
     def stats(self) -> dict[str, int]:
