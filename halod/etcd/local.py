@@ -4,11 +4,13 @@
 For tests (tests/etcd_cluster.py), the benchmark (bench/store.py) and local HA runs; not
 for production, where etcd is the operator's (docs/halod.md, "Store: SQLite or etcd").
 Election timings are short (heartbeat 50 ms, election 500 ms) so the loss of a member is
-settled quickly; ``kill(i)`` SIGKILLs one member, ``stop()`` all, leaving nothing behind.
+settled quickly; ``kill(i)`` SIGKILLs one member, ``stop()`` all, leaving nothing behind;
+a member also dies with the process that started it.
 """
 
 from __future__ import annotations
 
+import ctypes
 import http.client
 import json
 import os
@@ -25,6 +27,16 @@ from typing import Any
 from halod.etcd import wire
 
 ETCD = "/usr/bin/etcd"
+
+
+def _die_with_parent() -> None:
+    """In the child: SIGKILL when the process that started it dies (Linux), so a killed
+    test run or bench leaves no etcd behind."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def free_ports(count: int) -> list[int]:
@@ -100,7 +112,7 @@ class EtcdCluster:
         ]  # fmt: skip
         log = m.log_file.open("ab")
         m.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                  start_new_session=True)  # fmt: skip
+                                  preexec_fn=_die_with_parent)  # fmt: skip
         log.close()
 
     @staticmethod
