@@ -43,7 +43,8 @@ class PublishResource(JSONResource):
             request.setHeader(b"www-authenticate", b'Bearer realm="orbited"')
             return send_error(request, 401, "unauthorized", "missing or wrong API key")
         # twisted.web spools large bodies to a temporary file, not to memory.
-        body = request.content.read(self.max_body + 1)
+        content = request.content
+        body = b"" if content is None else content.read(self.max_body + 1)
         if len(body) > self.max_body:
             return send_error(request, 413, "body_too_large", f"body over {self.max_body} bytes")
         reply = answer(self.hub, body)  # parse, dispatch, encode (orbited.node.hub)

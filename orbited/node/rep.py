@@ -42,9 +42,10 @@ from orbited.sp.wire import REP, REQ, SPConnection, SPProtocolError, encode_mess
 RequestHandler = Callable[[bytes], "bytes | defer.Deferred[bytes]"]
 
 
-class _TCPTransport(TypingProtocol):
-    """What RepProtocol uses of its transport (a Twisted TCP connection: ITCPTransport,
-    IConsumer and IPushProducer at once, which zope interfaces cannot say in one type)."""
+class TCPTransport(TypingProtocol):
+    """What the web-app protocols (RepProtocol, legacy OrbitProtocol) use of their
+    transport: a Twisted TCP connection is ITCPTransport, IConsumer and IPushProducer at
+    once, which zope interfaces cannot say in one type."""
 
     def write(self, data: bytes) -> None: ...
     def writeSequence(self, data: list[bytes]) -> None: ...  # noqa: N802
@@ -82,7 +83,7 @@ class RepState(Enum):
 class RepProtocol(Protocol):
     log = Logger()
     server: RepFactory | None = None  # the factory that built it (its connection count)
-    transport: _TCPTransport  # type: ignore[assignment]  # set by makeConnection (TCP)
+    transport: TCPTransport  # type: ignore[assignment]  # set by makeConnection (TCP)
 
     def __init__(self, handler: RequestHandler, limits: RepLimits, clock: IReactorTime) -> None:
         self._handler = handler

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from twisted.internet import defer
@@ -32,6 +33,7 @@ from orbited.core.keys import ConnectionKey, KeyError_
 from orbited.node import events
 from orbited.node.events import MAX_EVENT_ID, DispatchResult, RequestLimits, Status, loads_strict
 from orbited.node.hub import Hub
+from orbited.node.rep import TCPTransport
 
 MAX_HEADER_BYTES = 64 * 1024
 
@@ -165,7 +167,7 @@ def success(event_id: str) -> bytes:
 STORED = frozenset(status for status in Status if status.stored)
 
 
-def failure(event_id: str | None, message: str, recipients: list[ConnectionKey] = ()) -> bytes:
+def failure(event_id: str | None, message: str, recipients: Sequence[ConnectionKey] = ()) -> bytes:
     lines = ["Failure", f"id: {_clean(event_id or '')}", f"msg: {_clean(message)}"]
     lines += [f"recipient: ({_clean(k.user)}, {_clean(k.session)}, {_clean(k.location)})"
               for k in recipients]  # fmt: skip
@@ -186,6 +188,7 @@ def body_to_data(body: bytes) -> object:
 @implementer(IPushProducer, IHalfCloseableProtocol)
 class OrbitProtocol(Protocol):
     log = Logger()
+    transport: TCPTransport  # type: ignore[assignment]  # set by makeConnection (TCP)
     _serials = itertools.count(1)
 
     def __init__(self, hub: Hub) -> None:
@@ -253,11 +256,18 @@ class OrbitProtocol(Protocol):
         cell: list[bytes | None] = [reply if isinstance(reply, bytes) else None]
         self._replies.append(cell)
         if isinstance(reply, defer.Deferred):
-            reply.addCallback(lambda answer: (cell.__setitem__(0, answer), self._flush()))
+
+            def ready(answer: bytes) -> None:
+                cell[0] = answer
+                self._flush()
+
+            reply.addCallback(ready)
 
     def _flush(self) -> None:
-        while self._replies and self._replies[0][0] is not None:
-            self.transport.write(self._replies.popleft()[0])  # type: ignore[arg-type]
+        replies = self._replies
+        while replies and (ready := replies[0][0]) is not None:
+            replies.popleft()
+            self.transport.write(ready)
         if self._close_when_flushed and not self._replies:
             self.transport.loseConnection()
 

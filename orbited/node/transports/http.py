@@ -18,8 +18,16 @@ from orbited.node.transports.common import (
 from orbited.node.transports.limits import BrowserLimits, BrowserLimitsConfig, Overloaded
 
 if TYPE_CHECKING:
+    from orbited.node.frames import Frame
     from orbited.node.hub import Hub
-from orbited.runtime.web import JSONDirectory, JSONResource, OrbitedSite, error_json, send_error
+from orbited.runtime.web import (
+    HeadLimits,
+    JSONDirectory,
+    JSONResource,
+    OrbitedSite,
+    error_json,
+    send_error,
+)
 
 
 class HTTPSink:
@@ -54,6 +62,16 @@ class HTTPSink:
 
     def _stop_timers(self) -> None:
         pass
+
+    # orbited.node.hub.Sink: each transport writes frames its own way.
+    def deliver(self, out: list[Frame]) -> bool:
+        raise NotImplementedError
+
+    def replaced(self) -> None:
+        raise NotImplementedError
+
+    def reconnect(self, reason: str) -> None:
+        raise NotImplementedError
 
     def close_connection(self) -> None:
         """End the TCP connection with this response, not only the response: after a
@@ -158,7 +176,10 @@ def orbited_site(
         orbited.putChild(name, child)
     root = JSONDirectory()
     root.putChild(b"orbited", orbited)
-    site = OrbitedSite(root, error_body, head_limits)
+    head = HeadLimits(
+        head_limits.max_request_line, head_limits.max_header_bytes, head_limits.max_headers
+    )
+    site = OrbitedSite(root, error_body, head)
     site.displayTracebacks = False
     site.noisy = False
     return site

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import json
 import re
+from typing import ClassVar, cast
 
+from twisted.internet.interfaces import ITCPTransport
 from twisted.logger import Logger
 from twisted.web import server
 from twisted.web.http import Request
@@ -56,6 +58,7 @@ class _Stream(HTTPSink):
     (docs/protocol.md, "Errors")."""
 
     log = Logger()
+    kind: ClassVar[str]  # "SSE", "iframe": for the log
 
     def __init__(
         self, hub: Hub, key: ConnectionKey, request: Request, limits: BrowserLimits
@@ -75,8 +78,8 @@ class _Stream(HTTPSink):
         self.log.info("closing a slow {kind} reader: {n} bytes unsent", kind=self.kind, n=unsent)
         if self._end():
             transport = self.request.channel.transport if self.request.channel else None
-            if transport is not None:
-                transport.abortConnection()
+            if transport is not None:  # TCP (or TLS over TCP) under twisted.web
+                cast(ITCPTransport, transport).abortConnection()
 
     def _stop_timers(self) -> None:
         self.watch.stop()

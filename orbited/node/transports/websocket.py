@@ -131,7 +131,8 @@ class BrowserWebSocket(WebSocketServerProtocol):
     # -- Sink ---------------------------------------------------------------------------
 
     def deliver(self, out: list[Frame]) -> bool:
-        if self.state != self.STATE_OPEN:
+        transport = self.transport
+        if self.state != self.STATE_OPEN or transport is None:
             return False
         if not autobahn_send_idle(self):
             for frame in out:
@@ -142,7 +143,7 @@ class BrowserWebSocket(WebSocketServerProtocol):
             data: list[bytes] = []
             for frame in out:
                 data += (text_frame_header(len(frame.data)), frame.data)
-            self.transport.writeSequence(data)
+            transport.writeSequence(data)
         self.last_write = self.factory.hub.clock.seconds()
         return self._watch is None or not self._watch.wrote()
 
@@ -158,7 +159,9 @@ class BrowserWebSocket(WebSocketServerProtocol):
 
 
 class BrowserWebSocketFactory(WebSocketServerFactory):
-    protocol = BrowserWebSocket
+    # Twisted's stub wants a protocol whose ``factory`` is typed Factory[Self]; ours
+    # names this subclass (autobahn's factories are not generic), which it is at runtime.
+    protocol = BrowserWebSocket  # type: ignore[assignment]
 
     def __init__(
         self,
