@@ -16,8 +16,8 @@ import json
 from collections.abc import Callable, Sequence
 from typing import Any, cast
 
-from twisted.internet.defer import Deferred, inlineCallbacks
-from twisted.internet.error import ConnectError, DNSLookupError
+from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks
+from twisted.internet.error import ConnectError, ConnectingCancelledError, DNSLookupError
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
@@ -73,13 +73,22 @@ class EtcdClient:
     def _call(self, path: str, body: wire.JSON, idempotent: bool = True) -> Any:
         """POST ``body``; the reply's JSON. Tries the endpoints in turn until ``timeout``
         has passed since the call began (a short pause after each full round)."""
-        errors: list[str] = []
+        errors: dict[str, str] = {}  # endpoint: its most telling error
         deadline = self.reactor.seconds() + self.timeout
+
+        def failed(where: str, e: BaseException) -> None:
+            if where not in errors or not isinstance(e, CancelledError | ConnectingCancelledError):
+                errors[where] = repr(e)
+
+        def summary() -> str:
+            why = "; ".join(f"{w}: {e}" for w, e in errors.items()) or "timed out"
+            return f"no etcd endpoint answered {path} within {self.timeout} s ({why})"
+
         attempt, pause = 0, 0.02
         while True:
             left = deadline - self.reactor.seconds()
             if left <= 0:
-                raise Unavailable("; ".join(errors[-len(self.endpoints):]) or "timed out")
+                raise Unavailable(summary())
             if attempt and attempt % len(self.endpoints) == 0:
                 yield deferLater(self.reactor, min(pause, left), lambda: None)
                 pause = min(pause * 2, 0.2)
@@ -93,12 +102,12 @@ class EtcdClient:
                 response = yield d
                 data = yield readBody(response)
             except (ConnectError, DNSLookupError, RequestTransmissionFailed) as e:
-                errors.append(f"{where}: {e!r}")  # not sent: safe to send elsewhere
+                failed(where, e)  # not sent: safe to send elsewhere
                 continue
             except Exception as e:  # sent, then broken or timed out
-                errors.append(f"{where}: {e!r}")
+                failed(where, e)
                 if not idempotent:
-                    raise Ambiguous("; ".join(errors)) from None
+                    raise Ambiguous(summary()) from None
                 continue
             try:
                 reply = json.loads(data)
@@ -106,9 +115,9 @@ class EtcdClient:
                 raise wire.ProtocolError(f"{path}: not JSON: {data[:80]!r}") from None
             if isinstance(reply, dict) and reply.get("code") == wire.UNAVAILABLE:
                 # "leader changed", "no leader", "timed out": this member cannot serve now
-                errors.append(f"{where}: {reply.get('message')}")
+                errors[where] = str(reply.get("message"))
                 if not idempotent:
-                    raise Ambiguous("; ".join(errors))
+                    raise Ambiguous(summary())
                 continue
             self._current = index
             return reply

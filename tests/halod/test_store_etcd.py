@@ -12,11 +12,15 @@ from twisted.internet import reactor, task
 
 from halod.etcd import election as el
 from halod.etcd import wire
-from halod.etcd.client import EtcdClient
+from halod.etcd.client import EtcdClient, Unavailable
+from halod.etcd.local import free_ports
+from halod.membership import Membership, Timing
 from halod.store import etcd as se
 from halod.store.base import CorruptTable, Persisted
 from halod.store.sqlite import SQLiteStore
+from orbited.core.routes import RouteTable
 from tests.etcd_cluster import etcd_cluster  # noqa: F401
+from tests.halod.test_halod_membership import reg
 
 PREFIX = "/test/halod"
 TTL = 2
@@ -49,6 +53,29 @@ def test_persisted_is_exactly_the_snapshot():
     assert p.snapshot() == s
     with pytest.raises(CorruptTable):
         Persisted.from_snapshot({"table": {}}, 1)
+
+
+def test_a_real_membership_round_trips_through_etcds_keys():
+    m = Membership(RouteTable(24, 1), Timing())
+    for name in ("a", "b", "c", "d"):
+        m.register(reg(name), 0.0)
+    m.drain("d")
+    keys = se.encode(b"/p", Persisted.from_snapshot(m.snapshot(), 3), "h1", 5)
+    restored = Membership.restore(se.decode(b"/p", keys).snapshot(), Timing(), 0.0, 1)
+    assert restored.snapshot() == m.snapshot()
+    assert {r: n.name for r, n in restored.owners().items()} == \
+        {r: n.name for r, n in m.owners().items()}
+
+
+@pytest_twisted.inlineCallbacks
+def test_unreachable_etcd_is_a_clear_error():
+    closed = free_ports(2)  # nothing listens there: connections are refused
+    client = EtcdClient(reactor, [f"http://127.0.0.1:{p}" for p in closed], timeout=1.5)
+    try:
+        with pytest.raises(Unavailable, match=f"127.0.0.1:{closed[1]}.*ConnectionRefused"):
+            yield client.range(b"/x")
+    finally:
+        yield client.close()
 
 
 def test_key_layout_round_trip():
