@@ -59,6 +59,14 @@ NodeState = Role | Literal["failed"]
 
 
 @dataclass(frozen=True)
+class Suspicion:
+    """Why a node is suspected, and the verdict of its last probe (None: none yet)."""
+
+    cause: Cause
+    probe: Verdict | None
+
+
+@dataclass(frozen=True)
 class Send:
     """Deliver ``message`` to the connected node ``name``."""
 
@@ -413,13 +421,12 @@ class Membership:
             return Role.ACTIVE if self.table.node_id(name) is not None else Role.SPARE
         return "failed"
 
-    def suspicion(self, name: str) -> dict[str, str | None] | None:
+    def suspicion(self, name: str) -> Suspicion | None:
         """For status pages: why ``name`` is suspected and the last probe's verdict."""
         cause = self.prober.cause(name)
         if cause is None:
             return None
-        last = self.prober.last_verdict(name)
-        return {"cause": cause.value, "probe": None if last is None else last.value}
+        return Suspicion(cause, self.prober.last_verdict(name))
 
     def owners(self) -> dict[int, NodeRecord]:
         return {route: self.nodes[name] for route, name in self.table.owners().items()}

@@ -28,7 +28,7 @@ from halod import dataplane
 from halod.config import HaloDConfig
 from halod.dataplane.base import DataPlane, Owner
 from halod.liveness import Cause, Finding, Outcome, ProbeRequest, Verdict
-from halod.membership import Effects, Level, Membership, NodeState
+from halod.membership import Effects, Level, Membership, NodeState, Suspicion
 from halod.page import CSP, status_html, wants_html
 from halod.probe import probe
 from halod.store import Store
@@ -441,7 +441,7 @@ class HaloD:
                 if record.connected else None,
                 "disconnected_for": round(now - record.disconnected_at, 3)
                 if record.disconnected_at is not None else None,
-                "suspected": m.suspicion(name),
+                "suspected": _suspected(m.suspicion(name)),
             })  # fmt: skip
         return {
             "routes": m.table.routes,
@@ -567,6 +567,14 @@ class HaloD:
                     f"halod_dataplane_worker_restarts_total {stats['worker']['restarts']}",
                 ]
         return "\n".join(lines) + "\n"
+
+
+def _suspected(suspicion: Suspicion | None) -> dict[str, str | None] | None:
+    """/status's ``suspected``: null or ``{"cause", "probe"}`` (docs/halod.md)."""
+    if suspicion is None:
+        return None
+    probe = suspicion.probe
+    return {"cause": suspicion.cause.value, "probe": None if probe is None else probe.value}
 
 
 class ControlFactory(Factory):

@@ -27,7 +27,7 @@ from halod.liveness import (
     Verdict,
     verdict,
 )
-from halod.membership import Membership, Timing
+from halod.membership import Membership, Suspicion, Timing
 from halod.probe import outcome_of, probe
 from halod.server import ControlProtocol, HaloD
 from orbited.core.control import (
@@ -193,7 +193,7 @@ def test_a_node_that_answers_keeps_grace_and_its_routes_when_it_reconnects():
     probes = m.disconnected("n3", now=10.0).probes
     alive = answer(m, probes, {"browser": A}, now=10.01)
     assert alive.changes == [] and [f.verdict for f in alive.findings] == [Verdict.ALIVE]
-    assert m.suspicion("n3") == {"cause": "disconnected", "probe": "alive"}
+    assert m.suspicion("n3") == Suspicion(Cause.DISCONNECTED, Verdict.ALIVE)
     again = tick(m, 10.6)  # still suspected: probed again every probe_interval
     assert {r.port for r in again.probes} == {"browser", "sp"}
     back = m.register(reg("n3", node_id=2), now=11.0)  # within grace: nothing moves
@@ -249,7 +249,7 @@ def test_no_answer_at_all_leaves_the_decision_to_grace():
     m.disconnected("n3", now=10.0)
     for now in (10.6, 11.0, 12.0, 14.9):  # every probe times out: unknown
         assert tick(m, now).changes == []
-    assert m.suspicion("n3") == {"cause": "disconnected", "probe": "unknown"}
+    assert m.suspicion("n3") == Suspicion(Cause.DISCONNECTED, Verdict.UNKNOWN)
     assert [c.name for c in tick(m, 15.1).changes] == ["n3"]
 
 
@@ -261,7 +261,7 @@ def test_a_silent_node_that_answers_gets_grace_more_then_fails():
     effects = tick(m, 8.1)  # n3 silent 3.1 s > 3 × 1 s: probed, not failed
     assert effects.changes == [] and {r.name for r in effects.probes} == {"n3"}
     assert answer(m, effects.probes, {"browser": A, "sp": A}, 8.11).changes == []
-    assert m.suspicion("n3") == {"cause": "silent", "probe": "alive"}
+    assert m.suspicion("n3") == Suspicion(Cause.SILENT, Verdict.ALIVE)
     for name in ("n1", "s"):
         m.heartbeat(name, Heartbeat(2), 12.0)
     assert tick(m, 12.9).changes == []  # silent 7.9 s ≤ 3 + 5
@@ -306,7 +306,7 @@ def test_a_silent_node_that_then_disconnects_is_probed_afresh():
     closed = m.disconnected("n3", 8.2).probes
     assert {r.probe_id for r in closed}.isdisjoint({r.probe_id for r in silent})
     assert answer(m, silent, {"browser": T, "sp": T}, 8.3).changes == []  # the old probe
-    assert m.suspicion("n3") == {"cause": "disconnected", "probe": None}
+    assert m.suspicion("n3") == Suspicion(Cause.DISCONNECTED, None)
     assert [c.name for c in answer(m, closed, {"browser": R, "sp": R}, 8.3).changes] == ["n3"]
 
 
