@@ -22,7 +22,7 @@ import urllib.request
 from pathlib import Path
 
 from halod.config import HaloDConfig
-from halod.svg import table_svg
+from halod.svg import Row, table_svg
 from orbited import __version__
 from orbited.core.routes import DEFAULT_ROUTES, RouteTableError, canonical, format_ranges
 from orbited.runtime.commands import Command, run_commands
@@ -48,7 +48,7 @@ def plan_json(routes: int, nodes: int) -> list[dict[str, list[int]]]:
 
 def plan_svg(routes: int, nodes: int) -> str:
     """Rows: node count 1..M; columns: routes 1..N; colour: the owning node id."""
-    rows = [(f"{m} node{'s' if m > 1 else ''}", canonical(routes, m), {})
+    rows: list[Row] = [(f"{m} node{'s' if m > 1 else ''}", canonical(routes, m), {})
             for m in range(1, nodes + 1)]  # fmt: skip
     return table_svg(routes, f"HaloD route table, {routes} routes, 1-{nodes} nodes", rows)
 
@@ -57,7 +57,9 @@ def _plan_parser() -> argparse.ArgumentParser:
     plan = argparse.ArgumentParser(
         prog="halod plan", description="Print the canonical route table for 1..M nodes."
     )
-    plan.add_argument("--routes", type=int, default=DEFAULT_ROUTES, help="N (default 24)")
+    plan.add_argument(
+        "--routes", type=int, default=DEFAULT_ROUTES, help=f"N (default {DEFAULT_ROUTES})"
+    )
     plan.add_argument("--nodes", type=int, required=True, help="M")
     plan.add_argument("--json", action="store_true", help="a JSON list instead of text")
     plan.add_argument("--svg", type=Path, help="also write a picture of the progression")

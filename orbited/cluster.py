@@ -296,9 +296,12 @@ class LocalCluster:
             ])  # fmt: skip
             node.spawn()
             node.wait_ready(deadline)
+
             # One at a time, so n1..nN become the active nodes and the last the spare.
-            self._wait(lambda n=name: self.halod_nodes().get(n, {}).get("connected"),
-                       f"{name} to register with HaloD", deadline)  # fmt: skip
+            def registered(n: str = name) -> bool:
+                return bool(self.halod_nodes().get(n, {}).get("connected"))
+
+            self._wait(registered, f"{name} to register with HaloD", deadline)
         self._write_state()
 
     def _child(self, name: str, cmd: list[str], env: dict[str, str] | None = None) -> Child:

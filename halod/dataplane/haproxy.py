@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet import defer, task, threads
+from twisted.internet.abstract import FileDescriptor
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import ClientFactory, ProcessProtocol, Protocol
 from twisted.logger import Logger
@@ -461,6 +462,8 @@ class CLIError(Exception):
 class _CLI(Protocol):
     """One admin-socket exchange: send a line, half-close (the master socket waits for
     it), read the reply until HAProxy closes."""
+
+    transport: FileDescriptor  # a UNIX socket's: it can half-close
 
     def __init__(self, line: str, done: defer.Deferred[str]) -> None:
         self.line = line
@@ -961,7 +964,7 @@ def _resolve_names(names: set[str]) -> dict[str, str | None]:
     resolved: dict[str, str | None] = {}
     for name in names:
         try:
-            resolved[name] = socket.getaddrinfo(name, None, type=socket.SOCK_STREAM)[0][4][0]
+            resolved[name] = str(socket.getaddrinfo(name, None, type=socket.SOCK_STREAM)[0][4][0])
         except OSError:
             resolved[name] = None
     return resolved

@@ -62,6 +62,7 @@ from typing import TYPE_CHECKING, Any
 
 from twisted.internet import defer, protocol, task, threads
 from twisted.internet.error import ProcessDone
+from twisted.internet.interfaces import IProcessTransport
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -415,6 +416,8 @@ class Nft:
 
 class _Collect(protocol.ProcessProtocol):
     """Feeds stdin, collects stdout/stderr; fires (out, err, exit code)."""
+
+    transport: IProcessTransport
 
     def __init__(self, stdin: bytes) -> None:
         self.stdin = stdin

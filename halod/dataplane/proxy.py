@@ -43,9 +43,9 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from twisted.internet import defer, task
+from twisted.internet import defer, task, tcp
 from twisted.internet.interfaces import IDelayedCall
-from twisted.internet.protocol import ClientFactory
+from twisted.internet.protocol import ClientFactory, connectionDone
 from twisted.logger import Logger
 from twisted.protocols import basic
 from twisted.python.failure import Failure
@@ -113,6 +113,7 @@ class _Control(basic.Int32StringReceiver):
     """HaloD's end of the control socket."""
 
     MAX_LENGTH = pp.MAX_MESSAGE
+    transport: tcp.Connection  # a UNIX socket's (unix.Client is a tcp.BaseClient)
 
     def __init__(self, plane: ProxyDataPlane) -> None:
         self.plane = plane
@@ -120,7 +121,7 @@ class _Control(basic.Int32StringReceiver):
     def connectionMade(self) -> None:  # noqa: N802
         self.plane._connected(self)
 
-    def connectionLost(self, reason: Failure = None) -> None:  # noqa: N802
+    def connectionLost(self, reason: Failure = connectionDone) -> None:  # noqa: N802
         self.plane._lost(self)
 
     def lengthLimitExceeded(self, length: int) -> None:  # noqa: N802

@@ -224,7 +224,7 @@ def decode(data: bytes, routes: int | None = None) -> Message:
         delay = body.get("close_delay")
         if not isinstance(owners, dict):
             raise ProtocolError("table needs owners")
-        if type(delay) not in (int, float) or not 0 <= delay <= 86400:
+        if isinstance(delay, bool) or not isinstance(delay, int | float) or not 0 <= delay <= 86400:
             raise ProtocolError("table.close_delay must be 0..86400 seconds")
         table = {}
         for key, value in owners.items():

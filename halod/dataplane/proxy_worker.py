@@ -26,18 +26,19 @@ import resource
 import signal
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from twisted.internet import defer, task
+from twisted.internet import defer, task, tcp
 from twisted.internet.interfaces import (
     IDelayedCall,
     IListeningPort,
     IPushProducer,
     IReactorTCP,
     IReactorTime,
+    ITCPTransport,
 )
-from twisted.internet.protocol import Factory
-from twisted.logger import Logger
+from twisted.internet.protocol import Factory, ServerFactory
+from twisted.logger import ILogFilterPredicate, LogEvent, Logger, PredicateResult
 from twisted.protocols import basic, portforward
 from zope.interface import implementer
 
@@ -52,6 +53,8 @@ CONNECT_TIMEOUT = 5  # seconds to reach a route's owner before the browser side 
 
 class _Client(portforward.ProxyClient):
     noisy = False
+    transport: ITCPTransport
+    peer: _Server | None
 
     def connectionMade(self) -> None:  # noqa: N802
         if self.peer is None or self.peer.gone:
@@ -77,7 +80,10 @@ class _Server(portforward.ProxyServer):
 
     noisy = False
     clientProtocolFactory = _ClientFactory
-    factory: RouteFactory
+    # ProxyServer declares a ProxyFactory, for its fixed host and port; connectionMade
+    # here asks the RouteFactory for the route's owner instead.
+    factory: RouteFactory  # type: ignore[assignment]
+    peer: _Client | None
     gone = False  # connectionLost ran
 
     def connectionMade(self) -> None:  # noqa: N802
@@ -86,7 +92,7 @@ class _Server(portforward.ProxyServer):
             self.factory.forwarder.refused += 1
             self.transport.loseConnection()
             return
-        self.reactor = self.factory.forwarder.reactor
+        reactor = self.factory.forwarder.reactor
         setnodelay = getattr(self.transport, "setTcpNoDelay", None)
         if setnodelay is not None:
             setnodelay(True)
@@ -95,7 +101,7 @@ class _Server(portforward.ProxyServer):
         client = self.clientProtocolFactory()
         client.setServer(self)
         host, port = target
-        self.reactor.connectTCP(host, port, client, timeout=CONNECT_TIMEOUT)
+        reactor.connectTCP(host, port, client, timeout=CONNECT_TIMEOUT)
 
     def connectionLost(self, reason: object = None) -> None:  # noqa: N802
         self.gone = True
@@ -103,7 +109,13 @@ class _Server(portforward.ProxyServer):
         super().connectionLost(reason)
 
 
-class RouteFactory(Factory):
+if TYPE_CHECKING:  # generic only in the Twisted mypy sees; 24.7 (our lowest) is not
+    _RouteFactoryBase = ServerFactory[_Server]
+else:
+    _RouteFactoryBase = ServerFactory
+
+
+class RouteFactory(_RouteFactoryBase):
     noisy = False
     protocol = _Server
 
@@ -156,11 +168,14 @@ class Forwarder:
                     (BROWSER, self.ports.browser(route)), (SP, self.ports.sp(route))
                 ):  # fmt: skip
                     factory = self.factories[(route, side)] = RouteFactory(self, route, side)
-                    self.listening.append(
-                        self.reactor.listenTCP(
-                            port, factory, backlog=1024, interface=self.ports.host
-                        )  # fmt: skip
-                    )
+                    # Twisted declares listenTCP's factory as a bare ServerFactory, i.e.
+                    # ServerFactory[_ProtoWithFactory], which no factory of a concrete
+                    # protocol matches (not even twisted.web's Site).
+                    listening = self.reactor.listenTCP(
+                        port, factory,  # type: ignore[arg-type]
+                        backlog=1024, interface=self.ports.host,
+                    )  # fmt: skip
+                    self.listening.append(listening)
         except Exception:
             for listening in self.listening:
                 listening.stopListening()
@@ -224,6 +239,7 @@ class ControlProtocol(basic.Int32StringReceiver):
 
     MAX_LENGTH = pp.MAX_MESSAGE
     log = Logger()
+    transport: tcp.Connection  # a UNIX socket's (unix.Server is a tcp.Server)
     paused = False  # the socket's send buffer is full (HaloD is not reading): skip pushes
 
     def __init__(self, worker: Worker) -> None:
@@ -414,7 +430,6 @@ def _start_logging() -> None:
         FilteringLogObserver,
         LogLevel,
         LogLevelFilterPredicate,
-        PredicateResult,
         globalLogBeginner,
         textFileLogObserver,
     )
@@ -423,15 +438,20 @@ def _start_logging() -> None:
 
     quiet_factories()
 
-    def no_port_lines(event: dict[str, Any]) -> PredicateResult:
+    predicate = LogLevelFilterPredicate(defaultLogLevel=LogLevel.info)
+    observer = FilteringLogObserver(textFileLogObserver(sys.stderr), [predicate, _NoPortLines()])
+    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
+
+
+@implementer(ILogFilterPredicate)
+class _NoPortLines:
+    """Drops Twisted's "... starting on <port>" and "(... Closed)" lines."""
+
+    def __call__(self, event: LogEvent) -> PredicateResult:
         text = " ".join(str(m) for m in event.get("message", ()))
         if " starting on " in text or (text.startswith("(") and text.endswith(" Closed)")):
             return PredicateResult.no
         return PredicateResult.maybe
-
-    predicate = LogLevelFilterPredicate(defaultLogLevel=LogLevel.info)
-    observer = FilteringLogObserver(textFileLogObserver(sys.stderr), [predicate, no_port_lines])
-    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
 
 
 def _raise_fd_limit() -> None:
