@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import re
 import sys
 import textwrap
 from collections.abc import Callable, Sequence
@@ -19,7 +20,8 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         if message.startswith("unrecognized arguments: "):
-            flags = [f for f in self._option_string_actions if f.startswith("--")]
+            # The flags as the help lists them (argparse's table of them is private).
+            flags = sorted(set(re.findall(r"--[A-Za-z0-9][-\w]*", self.format_help())))
             hints = []
             for word in message.removeprefix("unrecognized arguments: ").split():
                 if word.startswith("--"):
