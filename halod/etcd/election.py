@@ -120,6 +120,13 @@ class WatchLost:
 
 
 @dataclass(frozen=True)
+class Deposed:
+    """etcd refused a write fenced on this candidate's term: someone else leads."""
+
+    now: float
+
+
+@dataclass(frozen=True)
 class Tick:
     now: float
 
@@ -129,7 +136,9 @@ class Stop:
     now: float
 
 
-Input = Start | Granted | Failed | Won | Lost | Renewed | LeaderGone | WatchLost | Tick | Stop
+Input = (
+    Start | Granted | Failed | Won | Lost | Renewed | LeaderGone | WatchLost | Deposed | Tick | Stop
+)
 
 # -- outputs ---------------------------------------------------------------------------
 
@@ -246,6 +255,10 @@ class Candidate:
             self.state, self.holder = State.CAMPAIGNING, None
             self.retry_at = event.now + self.settings.retry
             return []
+        if isinstance(event, Deposed):
+            if self.state is not State.LEADER:
+                return []
+            return self._lease_lost("etcd refused a write fenced on this term")
         if isinstance(event, Renewed):
             if not self.lease or event.lease != self.lease:
                 return []  # a reply about a lease we already gave up
@@ -357,6 +370,10 @@ class Election:
         d = self.client.revoke(revoke[0].lease)
         d.addErrback(lambda f: self.log.warn("revoking the lease failed: {f}", f=f.value))
         return d.addCallback(lambda _: None)
+
+    def deposed(self) -> None:
+        """A write fenced on this term was refused (halod.store.etcd.Fenced): step down."""
+        self._feed(Deposed(self.reactor.seconds()))
 
     def abandon(self) -> None:
         """Stop sending keepalives and watching without revoking (tests: a leader whose

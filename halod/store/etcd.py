@@ -179,16 +179,18 @@ class Mirror:
 
 class EtcdStore:
     """The table in etcd. ``fence`` returns the current leader's Fence (or raises
-    NotLeader); writes are conditioned on it (see the module docstring)."""
+    NotLeader); writes are conditioned on it (see the module docstring), and a refused one
+    calls ``on_fenced`` before raising Fenced."""
 
     log = Logger()
 
-    def __init__(self, client: EtcdClient, settings: EtcdSettings,
-                 fence: Callable[[], Fence]) -> None:  # fmt: skip
+    def __init__(self, client: EtcdClient, settings: EtcdSettings, fence: Callable[[], Fence],
+                 on_fenced: Callable[[], None] | None = None) -> None:  # fmt: skip
         self.client = client
         self.settings = settings
         self.prefix = settings.key_prefix
         self.fence = fence
+        self.on_fenced = on_fenced  # e.g. Election.deposed: step down at once
         self._version = 0
         self._version_mod = 0  # mod revision of <prefix>/version as last read or written
         self._known: dict[bytes, bytes] = {}
@@ -245,6 +247,8 @@ class EtcdStore:
             held = result.ranges[0].kvs if result.ranges else ()
             term = (fence.lease, fence.revision)
             if not held or (held[0].lease, held[0].create_revision) != term:
+                if self.on_fenced is not None:
+                    self.on_fenced()
                 raise Fenced(f"{fence.name} no longer leads: version {table.version} not written")
             raise Conflict(f"{version_key!r} changed since version {self._version} was read")
         return self._written(table, values, result.revision)

@@ -63,6 +63,14 @@ def test_expired_lease_reported_by_etcd_steps_down_at_once():
     assert c.state is el.State.CAMPAIGNING
 
 
+def test_a_refused_fenced_write_deposes_the_leader():
+    c = leader()
+    out = c.handle(el.Deposed(1.0))
+    assert out == [el.SteppedDown("etcd refused a write fenced on this term"), el.Revoke(7),
+                   el.GrantLease(3)]
+    assert c.state is el.State.CAMPAIGNING and c.handle(el.Deposed(1.1)) == []
+
+
 def test_stale_renewal_of_an_old_lease_is_ignored():
     c = leader()
     c.handle(el.Tick(2.5))  # step down, regrant

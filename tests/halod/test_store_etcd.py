@@ -216,13 +216,15 @@ def test_a_deposed_leaders_writes_fail_and_never_interleave(etcd_cluster):  # no
         stale = a.election.fence()
         a.election.abandon()
         a.store.fence = lambda: stale
+        fenced = []
+        a.store.on_fenced = lambda: fenced.append(True)
         yield b.election.elected
         assert (yield b.store.read()).version == 2
         for i in range(3):
             yield b.store.write(snapshot(failovers=10 + i))
             with pytest.raises(se.Fenced):
                 yield a.store.write(snapshot(failovers=100 + i))
-        assert (yield b.store.read()).failovers == 12
+        assert (yield b.store.read()).failovers == 12 and len(fenced) == 3
         # the same from etcd's history: every table version was written by the candidate
         # whose leader key (lease, term) stood at that revision, and a's writes all come
         # before b's
