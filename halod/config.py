@@ -11,12 +11,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from halod.dataplane.base import Ports
+from halod.dataplane.base import MOVE_CLOSE_DELAY, Ports
 from halod.dataplane.haproxy import HAProxyDataPlane
 from halod.dataplane.haproxy import Settings as HAProxySettings
 from halod.liveness import ProbeSettings
 from halod.membership import Timing
-from orbited.core.control import MAX_ROUTES
+from orbited.core.control import MAX_MESSAGE, MAX_ROUTES
 from orbited.core.routes import DEFAULT_ROUTES, POLICIES
 from orbited.core.settings import (
     ConfigBase,
@@ -60,13 +60,15 @@ class HaloDConfig(ConfigBase):
     )
     db: str = opt("halod.sqlite3", "SQLite file the table is saved to on every change")
     secret_file: str = opt("", "cluster secret nodes must present (empty = none)")
-    control_max_message: int = opt(1024 * 1024, "largest control message; larger closes")
+    control_max_message: int = opt(MAX_MESSAGE, "largest control message; larger closes")
     control_header_timeout: float = opt(10.0, "seconds a node has to send SP header+register")
     dataplane: str = opt("proxy", "route ports: proxy (built-in), haproxy, nftables, or none")
     dataplane_host: str = opt("127.0.0.1", "address the 2×N route ports listen on")
     browser_port_base: int = opt(8100, "route r's browser port is this + r - 1")
     sp_port_base: int = opt(9100, "route r's web-app (SP) port is this + r - 1")
-    move_close_delay: float = opt(1.0, "seconds before connections of a moved route are cut")
+    move_close_delay: float = opt(
+        MOVE_CLOSE_DELAY, "seconds before connections of a moved route are cut"
+    )
     proxy_on_exit: str = opt(
         "keep", "proxy: keep the worker forwarding when HaloD stops, or stop it"
     )

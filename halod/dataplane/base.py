@@ -6,6 +6,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+# Seconds from a route's move to the cut of its connections to the old owner: the old
+# node's own reconnect frames go first (HaloD's move_close_delay key).
+MOVE_CLOSE_DELAY = 1.0
+
 
 @dataclass(frozen=True)
 class Owner:

@@ -49,7 +49,7 @@ from twisted.internet.protocol import ClientFactory, ProcessProtocol, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from halod.dataplane.base import Owner, Ports
+from halod.dataplane.base import MOVE_CLOSE_DELAY, Owner, Ports
 from orbited.core.settings import check_fields
 
 if TYPE_CHECKING:
@@ -524,7 +524,7 @@ class HAProxyDataPlane:
     STATS_INTERVAL = 2.0  # seconds between `show stat` polls (haproxy_stats_interval)
 
     def __init__(
-        self, settings: Settings, reactor: Any, close_delay: float = 1.0, *,
+        self, settings: Settings, reactor: Any, close_delay: float = MOVE_CLOSE_DELAY, *,
         binary: str = "haproxy", manage: bool = True, stop_on_exit: bool = False,
         stats_interval: float = STATS_INTERVAL,
     ) -> None:  # fmt: skip

@@ -52,7 +52,7 @@ from twisted.python.failure import Failure
 
 import halod
 from halod.dataplane import proxy_protocol as pp
-from halod.dataplane.base import Owner, Ports
+from halod.dataplane.base import MOVE_CLOSE_DELAY, Owner, Ports
 
 if TYPE_CHECKING:
     from halod.config import HaloDConfig
@@ -160,7 +160,7 @@ class ProxyDataPlane:
     log = Logger()
 
     def __init__(
-        self, ports: Ports, reactor: Any, close_delay: float = 1.0, *,
+        self, ports: Ports, reactor: Any, close_delay: float = MOVE_CLOSE_DELAY, *,
         directory: Path, stop_on_exit: bool = True,
     ) -> None:  # fmt: skip
         self.ports = ports

@@ -178,3 +178,13 @@ def test_halod_haproxy_ranges_are_checked_by_haproxy_settings():
     ]:
         with pytest.raises(ConfigError, match=message):
             HaloDConfig.load(None, {"dataplane": "haproxy", **bad})
+
+
+def test_halod_control_and_move_defaults_are_defined_once():
+    from halod.config import HaloDConfig
+    from halod.dataplane.base import MOVE_CLOSE_DELAY
+    from orbited.core.control import MAX_MESSAGE
+
+    config = HaloDConfig()
+    assert config.control_max_message == MAX_MESSAGE  # what the node's link accepts
+    assert config.move_close_delay == MOVE_CLOSE_DELAY  # the data planes' own default
