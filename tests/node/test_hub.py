@@ -491,12 +491,12 @@ def test_hand_off_messages_split_large_mailboxes_and_name_the_done_routes():
                {"key": ["v", "", ""], "route": 2, "stream": "a.2", "next_seq": 2,
                 "acked": 0, "events": [[1, "1"]]}]  # fmt: skip
     messages = p.handoff_messages("n2", [2, 1], entries, chunk=10_000)
-    assert len(messages) > 5 and messages[-1]["done"] == [1, 2]
-    assert all(not m["done"] for m in messages[:-1])
+    assert len(messages) > 5 and list(messages[-1].done) == [1, 2]
+    assert all(not m.done for m in messages[:-1])
     for m in messages:
         assert len(p.encode(m)) < 20_000
         p.decode(p.encode(m), p.FROM_HALOD)
-    seqs = [e[0] for m in messages for b in m["mailboxes"] if b["key"] == ["u", "", ""]
+    seqs = [e[0] for m in messages for b in m.mailboxes if b["key"] == ["u", "", ""]
             for e in b["events"]]  # fmt: skip
     assert seqs == list(range(1, 101))
     new, _ = make_hub(routes=4)
@@ -507,7 +507,7 @@ def test_hand_off_messages_split_large_mailboxes_and_name_the_done_routes():
     new.assign([], 4)
     new.assign(routes, 4, incoming=routes)
     for m in messages:
-        new.handoff_received(m["mailboxes"], m["done"] and routes)
+        new.handoff_received(list(m.mailboxes), m.done and routes)
     assert len(new.mailbox(keys[0])) == 100 and len(new.mailbox(keys[1])) == 1
 
 
