@@ -30,8 +30,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from halod.config import HaloDConfig
 from orbited.core.routes import DEFAULT_ROUTES
 from orbited.core.tokens import load_secret
+from orbited.node.config import NodeConfig
 
 DEMOS = Path(__file__).resolve().parent.parent / "demos"
 ROUTES = DEFAULT_ROUTES  # the cluster HaloD runs uses the default route count
@@ -41,18 +43,19 @@ ROUTES = DEFAULT_ROUTES  # the cluster HaloD runs uses the default route count
 class ClusterConfig:
     state_dir: Path = Path(".orbited-cluster")
     app: str = "127.0.0.1:8080"  # cherrychat; the URL to open
-    halod_control: str = "tcp://127.0.0.1:7600"
-    halod_status: str = "127.0.0.1:7601"
-    browser_port_base: int = 8100
-    sp_port_base: int = 9100
+    # HaloD's and the nodes' own defaults (halod/config.py, orbited/node/config.py):
+    halod_control: str = HaloDConfig.control
+    halod_status: str = HaloDConfig.status_http
+    browser_port_base: int = HaloDConfig.browser_port_base
+    sp_port_base: int = HaloDConfig.sp_port_base
     nodes: int = 2  # active nodes
-    spares: int = 1
+    spares: int = HaloDConfig.spares
     free_ports: bool = False  # every listener on a free port (tests; or when defaults are taken)
-    heartbeat_interval: float = 1.0
-    missed_heartbeats: int = 3
-    grace: float = 5.0
-    linger: float = 30.0
-    keepalive: float = 25.0
+    heartbeat_interval: float = HaloDConfig.heartbeat_interval
+    missed_heartbeats: int = HaloDConfig.missed_heartbeats
+    grace: float = HaloDConfig.grace
+    linger: float = NodeConfig.linger
+    keepalive: float = NodeConfig.keepalive
     fresh: bool = False  # forget the chat's rooms and messages too
     log_level: str = "info"
     cors_origins: list[str] = field(default_factory=list)  # pages of your own apps
@@ -473,31 +476,31 @@ def parser() -> argparse.ArgumentParser:
         "--heartbeat-interval",
         type=float,
         default=d.heartbeat_interval,
-        help="seconds between node heartbeats to HaloD (default: 1)",
+        help=f"seconds between node heartbeats to HaloD (default: {d.heartbeat_interval:g})",
     )
     p.add_argument(
         "--missed-heartbeats",
         type=int,
         default=d.missed_heartbeats,
-        help="silent heartbeats before HaloD fails a node (default: 3)",
+        help=f"silent heartbeats before HaloD fails a node (default: {d.missed_heartbeats})",
     )
     p.add_argument(
         "--grace",
         type=float,
         default=d.grace,
-        help="seconds a disconnected node keeps its routes (default: 5)",
+        help=f"seconds a disconnected node keeps its routes (default: {d.grace:g})",
     )
     p.add_argument(
         "--linger",
         type=float,
         default=d.linger,
-        help="seconds a browser's mailbox outlives its connection (default: 30)",
+        help=f"seconds a browser's mailbox outlives its connection (default: {d.linger:g})",
     )
     p.add_argument(
         "--keepalive",
         type=float,
         default=d.keepalive,
-        help="seconds of silence before nodes ping browsers (default: 25)",
+        help=f"seconds of silence before nodes ping browsers (default: {d.keepalive:g})",
     )
     p.add_argument(
         "--cors-origin",
