@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import sys
 
-from twisted.internet.protocol import AbstractDatagramProtocol, Factory
 from twisted.logger import (
     FilteringLogObserver,
     LogLevel,
@@ -19,16 +18,8 @@ from twisted.logger import (
     textFileLogObserver,
 )
 
-
-def quiet_factories() -> None:
-    """Turn off Twisted's start/stop lines for every factory in this process.
-
-    ``noisy`` is Twisted's own switch for them (``Factory.noisy``, per class or instance);
-    setting the base classes' default here covers the factories of every library (HTTP
-    clients, autobahn, twisted.web) at once, whatever log observer is in use (ours, or
-    twistd's own), instead of one ``noisy = False`` per factory."""
-    Factory.noisy = False
-    AbstractDatagramProtocol.noisy = False
+# A process-wide setting of Twisted's classes: it lives with the other patches.
+from orbited.runtime.twisted_compat import quiet_factories as quiet_factories
 
 
 def start_logging(level: str = "info") -> None:

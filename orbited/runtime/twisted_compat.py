@@ -15,6 +15,7 @@ import autobahn.websocket.protocol as _autobahn_protocol
 from autobahn.websocket.protocol import WebSocketProtocol
 from twisted.application import internet
 from twisted.internet.interfaces import IListeningPort
+from twisted.internet.protocol import AbstractDatagramProtocol, Factory
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper
 from twisted.web import http
@@ -48,6 +49,20 @@ def listening_port(server: internet.TCPServer) -> IListeningPort:
     if port is None:
         raise RuntimeError("the TCPServer service is not listening (not started)")
     return port
+
+
+def quiet_factories() -> None:
+    """Turn off Twisted's "Starting factory" / "Stopping factory" lines for every factory
+    in this process (orbited.runtime.logs re-exports it; every process Orbited starts
+    calls it).
+
+    ``noisy`` is Twisted's own switch for them (``Factory.noisy``, per class or instance);
+    setting the base classes' default covers the factories of every library (HTTP
+    clients, autobahn, twisted.web) at once, whatever log observer is in use (ours, or
+    twistd's own), instead of one ``noisy = False`` per factory. A process-wide change
+    to Twisted's classes, hence here."""
+    Factory.noisy = False
+    AbstractDatagramProtocol.noisy = False
 
 
 # -- autobahn -------------------------------------------------------------------------

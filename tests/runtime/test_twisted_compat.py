@@ -329,3 +329,30 @@ def test_autobahn_pformat_is_the_module_global_it_formats_its_options_with(clock
         assert "openHandshakeTimeout" in text and text == pprint.pformat(attrs.obj)
     finally:
         autobahn_protocol.pformat = saved
+
+
+# -- quiet_factories: Factory.noisy, set on Twisted's base classes ----------------------
+
+
+def test_quiet_factories_turns_off_the_start_and_stop_lines(monkeypatch):
+    from twisted.internet.protocol import AbstractDatagramProtocol
+
+    # monkeypatch restores both class attributes after the test.
+    monkeypatch.setattr(Factory, "noisy", True)
+    monkeypatch.setattr(AbstractDatagramProtocol, "noisy", True)
+
+    def lines() -> list[str]:
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        try:
+            factory = Factory()
+            factory.doStart()
+            factory.doStop()
+        finally:
+            globalLogPublisher.removeObserver(events.append)
+        return [e.get("log_format", "") for e in events]
+
+    assert any("Starting factory" in line for line in lines())  # what noisy controls
+    twisted_compat.quiet_factories()
+    assert Factory.noisy is False and AbstractDatagramProtocol.noisy is False
+    assert not any("factory" in line.lower() for line in lines())
