@@ -28,6 +28,8 @@ from orbited.core.routes import DEFAULT_ROUTES, RouteTableError, canonical, form
 from orbited.runtime.commands import Command, run_commands
 from orbited.runtime.daemon import run_configured
 
+STATUS_URL = f"http://{HaloDConfig.status_http}"  # the status and operator commands' --url
+
 
 def plan_text(routes: int, nodes: int) -> str:
     width = len(str(nodes))
@@ -82,7 +84,7 @@ def _status_parser() -> argparse.ArgumentParser:
     status = argparse.ArgumentParser(
         prog="halod status", description="Show HaloD's nodes as a table."
     )
-    status.add_argument("--url", default="http://127.0.0.1:7601", help="HaloD's status_http")
+    status.add_argument("--url", default=STATUS_URL, help="HaloD's status_http")
     status.add_argument("--json", action="store_true", help="print the raw JSON")
     return status
 
@@ -170,7 +172,7 @@ def _operator_parser(command: str) -> argparse.ArgumentParser:
         "return it to service (undrain).",
     )
     parser.add_argument("name", help="the node's name")
-    parser.add_argument("--url", default="http://127.0.0.1:7601", help="HaloD's status_http")
+    parser.add_argument("--url", default=STATUS_URL, help="HaloD's status_http")
     return parser
 
 

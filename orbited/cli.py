@@ -40,11 +40,13 @@ def _node_parser() -> argparse.ArgumentParser:
 
 def _token_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="orbited token", description="Issue a browser token.")
-    p.add_argument("--secret-file", default="orbited.secret", type=Path)
+    p.add_argument("--secret-file", default=NodeConfig.secret_file, type=Path)
     p.add_argument("--user", required=True)
     p.add_argument("--session", default="")
     p.add_argument("--location", default="")
-    p.add_argument("--ttl", type=float, default=DEFAULT_TTL, help="seconds (default 3600)")
+    p.add_argument(
+        "--ttl", type=float, default=DEFAULT_TTL, help=f"seconds (default {DEFAULT_TTL:g})"
+    )
     return p
 
 

@@ -34,6 +34,7 @@ from halod.config import HaloDConfig
 from orbited.core.routes import DEFAULT_ROUTES
 from orbited.core.tokens import load_secret
 from orbited.node.config import NodeConfig
+from orbited.whereis import DEFAULT_STATE_DIR
 
 DEMOS = Path(__file__).resolve().parent.parent / "demos"
 ROUTES = DEFAULT_ROUTES  # the cluster HaloD runs uses the default route count
@@ -41,7 +42,7 @@ ROUTES = DEFAULT_ROUTES  # the cluster HaloD runs uses the default route count
 
 @dataclass
 class ClusterConfig:
-    state_dir: Path = Path(".orbited-cluster")
+    state_dir: Path = DEFAULT_STATE_DIR  # where `orbited whereis` looks
     app: str = "127.0.0.1:8080"  # cherrychat; the URL to open
     # HaloD's and the nodes' own defaults (halod/config.py, orbited/node/config.py):
     halod_control: str = HaloDConfig.control
