@@ -32,6 +32,7 @@ from zope.interface import provider
 
 from orbited.core import control
 from orbited.core.keys import MAX_PART_BYTES, ConnectionKey, KeyError_
+from orbited.core.routes import Role
 from orbited.core.tokens import TokenError, issue_token, verify_token
 from orbited.node import events, frames
 from orbited.node.hub import Hub, HubConfig
@@ -577,7 +578,7 @@ def check_orbit_roundtrip(requests: Sequence[tuple[str, list[list[str]], bytes, 
 
 # -- HaloD control messages --------------------------------------------------------------
 
-CONTROL_CODES = {control.BAD_MESSAGE, control.UNSUPPORTED_VERSION}
+CONTROL_CODES = {control.ErrorCode.BAD_MESSAGE, control.ErrorCode.UNSUPPORTED_VERSION}
 
 
 def check_control_body(body: bytes) -> None:
@@ -588,7 +589,7 @@ def check_control_body(body: bytes) -> None:
         except control.ControlError as e:
             expect(e.code in CONTROL_CODES and e.message, f"unclear control error {e.code!r}")
             continue
-        expect(isinstance(msg, dict) and msg["type"] in allowed, "wrong type accepted")
+        expect(type(msg) in allowed, "wrong type accepted")
         expect(control.decode(control.encode(msg), allowed) == msg, "does not round-trip")
 
 
@@ -690,7 +691,8 @@ def check_halod_control(stream: bytes, cuts: Sequence[int]) -> None:
     )
     for body in sent:
         msg = control.decode(body, control.FROM_HALOD)
-        expect(msg.get("code") != "internal_error", f"HaloD failed: {msg}")
+        failed = isinstance(msg, control.Error) and msg.code == control.ErrorCode.INTERNAL_ERROR
+        expect(not failed, f"HaloD failed: {msg}")
 
 
 def _node_link() -> Any:
@@ -959,13 +961,11 @@ DESCRIPTIONS = {
 
 _VALID_EVENT = b'{"id":"e1","to":[["alice","s1","/chat"]],"data":{"text":"hi"},"ack":5}'
 _ORBIT = orbit_request("7", [["alice", "0", "/chat"]], b'"hi"', 0)
-_REGISTER = {"type": "register", "version": 1, "name": "n1", "browser": "127.0.0.1:8001",
-             "sp": "tcp://127.0.0.1:9001", "capacity": 10}  # fmt: skip
-_WELCOME = {"type": "welcome", "role": "active", "routes": [1, 2], "total_routes": 4,
-            "heartbeat_interval": 1, "missed_heartbeats": 3}  # fmt: skip
+_REGISTER = control.Register("n1", "127.0.0.1:8001", "tcp://127.0.0.1:9001", 10)
+_WELCOME = control.Welcome(None, Role.ACTIVE, (1, 2), 4, 1.0, 3)
 
 
-def _control_seed(*messages: dict[str, Any]) -> bytes:
+def _control_seed(*messages: control.Message) -> bytes:
     # Reader: 1 cut of 64 bytes, then a byte that keeps the SP header.
     return (
         b"\x00\x00\x00"
@@ -989,8 +989,8 @@ SEEDS: dict[str, list[bytes]] = {
     "orbit_protocol": [b"\x00\x00\x00\x3f\x00\x00" + _ORBIT],
     "rep_protocol": [b"\x00" * 7 + wire.encode_message(b"\x80\x00\x00\x01hello")],
     "control_json": [control.encode(_REGISTER), control.encode(_WELCOME)],
-    "halod_control": [_control_seed(_REGISTER, {"type": "heartbeat", "seq": 1})],
-    "node_control": [_control_seed(_WELCOME, {"type": "heartbeat_ack", "seq": 1})],
+    "halod_control": [_control_seed(_REGISTER, control.Heartbeat(1))],
+    "node_control": [_control_seed(_WELCOME, control.HeartbeatAck(1))],
     "http_params": [b"\x00\x01\x00\x00\x00"],
     "http_resources": [b"\x00\x00\x01\x00\x00\x00\x00"],
     "frame_encodings": [b'{"text":"</script><script>alert(1)</script>\\u2028"}'],
