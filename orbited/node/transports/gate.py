@@ -67,7 +67,7 @@ class GatedFactory(WrappingFactory):
 
     log = Logger()
 
-    def __init__(self, factory: Factory, gate: SocketGate) -> None:
+    def __init__(self, factory: Factory[Any], gate: SocketGate) -> None:
         super().__init__(factory)
         self.gate = gate
         self._warned_at = -1
@@ -104,7 +104,7 @@ class GatedTCPServer(internet.TCPServer):
     """internet.TCPServer serving ``factory`` through a GatedFactory (same arguments, plus
     the gate first)."""
 
-    def __init__(self, gate: SocketGate, port: int, factory: Factory, *args: Any,
+    def __init__(self, gate: SocketGate, port: int, factory: Factory[Any], *args: Any,
                  **kwargs: Any) -> None:  # fmt: skip
         super().__init__(port, GatedFactory(factory, gate), *args, **kwargs)
         self.gate = gate
