@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import NamedTuple
 
@@ -240,11 +240,14 @@ class RecipientResult(NamedTuple):
     to: str | None = None
 
     def encode(self) -> bytes:
-        if self.seq is not None:
-            return result(self.status, self.seq, self.dropped)
-        if self.route is not None:
-            return moved_result(self.route, self.to)
-        return b'{"status":"%s"}' % self.status.encode()
+        status, seq, dropped, route, to = self
+        if seq is not None:
+            if dropped:
+                return b'{"status":"%s","seq":%d,"dropped":%d}' % (status.encode(), seq, dropped)
+            return b'{"status":"%s","seq":%d}' % (status.encode(), seq)
+        if route is not None:
+            return moved_result(route, to)
+        return b'{"status":"%s"}' % status.encode()
 
 
 def stored(status: Status, seq: int, dropped: int = 0) -> RecipientResult:
@@ -259,17 +262,18 @@ NO_CONNECTION_RECIPIENT = RecipientResult(Status.NO_CONNECTION)
 FULL_RECIPIENT = RecipientResult(Status.FULL)
 
 
-@dataclass(frozen=True)
-class DispatchResult:
+class DispatchResult(NamedTuple):
     """The outcome of one event request: a result per recipient, in request order.
     ``duplicate``: a resend of a request answered before; ``results`` are the first
     answer's and nothing was delivered again. ``encoded``: the reply's bytes without the
-    duplicate mark, when the hub has them already (it keeps them to answer resends)."""
+    duplicate mark, when the hub has them already (it keeps them to answer resends).
+    Immutable (a tuple: one is built per request, and a frozen dataclass costs twice
+    as much to build)."""
 
     event_id: str
     results: tuple[RecipientResult, ...]
     duplicate: bool = False
-    encoded: bytes | None = field(default=None, compare=False, repr=False)
+    encoded: bytes | None = None
 
 
 def encode_reply(outcome: DispatchResult) -> bytes:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import secrets
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import partial
 from typing import Any, Protocol
 
@@ -28,7 +28,7 @@ from orbited.core.hashing import DEFAULT_ROUTES, route_of
 from orbited.core.keys import ConnectionKey
 from orbited.node import events, frames
 from orbited.node.dedup import DedupLimits, DedupMemory
-from orbited.node.events import DispatchResult, RecipientResult, Status
+from orbited.node.events import DELIVERED, QUEUED, DispatchResult, RecipientResult, Status
 from orbited.node.frames import Frame
 from orbited.node.handoff import RouteOwnership, _moved_away, export_entry
 from orbited.node.mailbox import Mailbox, MailboxLimits, Position
@@ -413,7 +413,7 @@ class Hub(RouteOwnership):
         remembered = dedup.reply(digest, now)
         if remembered is not None:
             self.stats["duplicates"] += 1
-            return replace(events.decode_reply(remembered), duplicate=True)
+            return events.decode_reply(remembered)._replace(duplicate=True)
         if dedup.pending(digest):  # the first one's outcome is not ready yet
             self.stats["duplicates"] += 1
             resend: defer.Deferred[DispatchResult] = defer.Deferred()
@@ -440,7 +440,7 @@ class Hub(RouteOwnership):
 
         def answered(parts: list[RecipientResult]) -> DispatchResult:
             outcome = self._answered(request, self.clock.seconds(), parts)
-            resent = replace(outcome, duplicate=True)
+            resent = outcome._replace(duplicate=True)
             for waiter in dedup.finish(digest):
                 waiter.callback(resent)
             return outcome
@@ -508,10 +508,10 @@ class Hub(RouteOwnership):
         ):
             mailbox.mark_delivered(seq)
             self.stats["delivered"] += 1
-            status = Status.DELIVERED
+            status = DELIVERED
         else:
             self.stats["queued"] += 1
-            status = Status.QUEUED
+            status = QUEUED
         if ack is None:
             return RecipientResult(status, seq, dropped)
         wait = _AckWait(seq, defer.Deferred())
