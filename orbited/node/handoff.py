@@ -18,7 +18,7 @@ import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
@@ -30,6 +30,11 @@ from orbited.node.mailbox import _POSITION, Entry, Mailbox, MailboxLimits, Posit
 
 if TYPE_CHECKING:
     from orbited.node.hub import HubConfig, Sink, _AckWait, _Slot
+
+
+# What the hub tells presence (orbited.node.presence) about a key: its mailbox was created
+# (a browser came) or expired (it is gone). Keys handed to another node stay online there.
+PresenceChange = Literal["signon", "signoff"]
 
 
 class HandoffError(ValueError):
@@ -171,7 +176,7 @@ class RouteOwnership:
     clock: IReactorTime
     config: HubConfig
     stats: dict[str, int]
-    presence: Callable[[str, ConnectionKey], None] | None
+    presence: Callable[[PresenceChange, ConnectionKey], None] | None
     _slots: dict[ConnectionKey, _Slot]
 
     def _init_routes(self, routes: int) -> None:

@@ -30,7 +30,7 @@ from orbited.node import events, frames
 from orbited.node.dedup import DedupLimits, DedupMemory
 from orbited.node.events import DELIVERED, QUEUED, DispatchResult, RecipientResult, Status
 from orbited.node.frames import Frame
-from orbited.node.handoff import RouteOwnership, _moved_away, export_entry
+from orbited.node.handoff import PresenceChange, RouteOwnership, _moved_away, export_entry
 from orbited.node.mailbox import Mailbox, MailboxLimits, Position
 
 __all__ = ["SPREAD_MAX", "Answer", "Hub", "HubConfig", "Sink", "answer", "export_entry"]
@@ -137,7 +137,7 @@ class Hub(RouteOwnership):
         # with HaloD, what it assigned (nothing until it has).
         self._init_routes(config.routes)
         # Called with ("signon" | "signoff", key): a key's mailbox created / expired.
-        self.presence: Callable[[str, ConnectionKey], None] | None = None
+        self.presence: Callable[[PresenceChange, ConnectionKey], None] | None = None
         # Payload bytes of all mailboxes (the node-wide cap, mailbox_total_bytes); each
         # slot's share is recounted after the hub changes its mailbox (_recount).
         self.mailbox_bytes = 0
@@ -395,10 +395,6 @@ class Hub(RouteOwnership):
         if isinstance(out, defer.Deferred):
             return out.addCallback(lambda a: a[1])
         return out[1]
-
-    def handle(self, body: bytes) -> Answer | defer.Deferred[Answer]:
-        """``answer(self, body)``."""
-        return answer(self, body)
 
     def dispatch(
         self, request: events.EventRequest
