@@ -19,8 +19,8 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
+from typing import TYPE_CHECKING, cast
 from typing import Protocol as TypingProtocol
-from typing import cast
 
 from twisted.internet import defer
 from twisted.internet.interfaces import (
@@ -280,7 +280,13 @@ class RepProtocol(Protocol):
             self._header_timer = None
 
 
-class RepFactory(Factory["RepProtocol"]):
+if TYPE_CHECKING:  # generic only in the Twisted mypy sees; 24.7 (our lowest) is not
+    _RepFactoryBase = Factory["RepProtocol"]
+else:
+    _RepFactoryBase = Factory
+
+
+class RepFactory(_RepFactoryBase):
     log = Logger()
     noisy = False
 
