@@ -1,0 +1,356 @@
+"""The route address across HaloD hosts (halod/vip.py).
+
+Unit tests of the sans-I/O part (settings, keepalived.conf, what leadership writes, log
+parsing), then real keepalived in network namespaces this test creates (tests/halod/
+vip_net.py): two HaloD hosts and a client on one Ethernet segment. Killing the leader's
+HaloD, or every process of the leader's host, moves the address to the other host, and a
+browser stand-in streaming through the address reconnects through it within 3 s.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from halod.vip import (
+    KEEPALIVED,
+    Role,
+    VipFiles,
+    VipSettings,
+    VrrpState,
+    effective_priority,
+    keepalived_argv,
+    keepalived_conf,
+    track_value,
+    vrrp_state,
+)
+from orbited.core.settings import ConfigError
+from tests.halod import vip_net
+
+ROOT = Path(__file__).resolve().parents[2]
+S = VipSettings(address="10.77.0.100/24", interface="eth0", router_id=77, priority=100)
+
+# -- settings ----------------------------------------------------------------------------
+
+
+def test_defaults_validate() -> None:
+    S.validate()
+    assert effective_priority(S, Role.LEADER) == 200
+    assert effective_priority(S, Role.FOLLOWER) == 100
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        ({"address": "10.77.0.100"}, "prefix length"),
+        ({"address": "fd00::1/64"}, "IPv4"),
+        ({"address": "10.77.0.300/24"}, "IPv4"),
+        ({"address": "10.77.0.0/24"}, "network or broadcast"),
+        ({"address": "10.77.0.255/24"}, "network or broadcast"),
+        ({"interface": ""}, "vip_interface"),
+        ({"interface": "eth0 dev lo"}, "vip_interface"),
+        ({"interface": "a" * 16}, "vip_interface"),
+        ({"interface": "eth0\n}"}, "vip_interface"),
+        ({"router_id": 0}, "vip_router_id"),
+        ({"router_id": 256}, "vip_router_id"),
+        ({"router_id": True}, "vip_router_id"),
+        ({"priority": 0}, "vip_priority"),
+        ({"priority": 255}, "vip_priority"),
+        ({"priority": 200}, "vip_priority + vip_lead_boost"),
+        ({"lead_boost": 0}, "vip_lead_boost"),
+        ({"advert_int": 0}, "vip_advert_int"),
+        ({"advert_int": 41}, "vip_advert_int"),
+        ({"advert_int": 0.125}, "centiseconds"),
+        ({"state_dir": 'a"b'}, "state_dir"),
+        ({"state_dir": ""}, "state_dir"),
+        ({"stop_timeout": 0}, "stop_timeout"),
+    ],
+)
+def test_bad_settings_are_refused_by_name(change: dict[str, Any], words: str) -> None:
+    with pytest.raises(ConfigError, match=words.replace("+", r"\+")):
+        replace(S, **change).validate()
+
+
+def test_timings_follow_vrrp() -> None:
+    # RFC 5798: skew = (256 - priority) * interval / 256; master down = 3 * interval + skew
+    assert S.skew() == pytest.approx(156 * 0.5 / 256)
+    assert S.takeover_interval() == pytest.approx(1.5 + 156 * 0.5 / 256)
+
+
+# -- keepalived.conf and what leadership writes ------------------------------------------
+
+
+def test_conf_one_instance_tracking_the_leader_file(tmp_path: Path) -> None:
+    files = VipFiles(tmp_path)
+    conf = keepalived_conf(S, files)
+    assert f'file "{tmp_path}/leader"' in conf
+    assert "vrrp_instance orbited_halod_77 {" in conf
+    for line in ("state BACKUP", "interface eth0", "virtual_router_id 77", "priority 100",
+                 "advert_int 0.5", "halod_leader weight 100", "10.77.0.100/24 dev eth0",
+                 "vrrp_version 3"):  # fmt: skip
+        assert (
+            line in conf.splitlines()
+            or f"  {line}" in conf.splitlines()
+            or (f"    {line}" in conf.splitlines())
+        ), line
+    assert "nopreempt" not in conf  # the leader's higher priority must take the address
+    assert conf.count("{") == conf.count("}")
+
+
+def test_conf_carries_each_setting(tmp_path: Path) -> None:
+    s = replace(S, router_id=5, priority=20, lead_boost=30, advert_int=0.05, interface="vb")
+    conf = keepalived_conf(s, VipFiles(tmp_path))
+    assert "  advert_int 0.05\n" in conf
+    assert "  priority 20\n" in conf
+    assert "    halod_leader weight 30\n" in conf
+    assert "    10.77.0.100/24 dev vb\n" in conf
+    assert "vrrp_instance orbited_halod_5 {" in conf
+    assert "  advert_int 1\n" in keepalived_conf(replace(S, advert_int=1.0), VipFiles(tmp_path))
+
+
+def test_leader_writes_one_follower_zero() -> None:
+    assert track_value(Role.LEADER) == "1\n"
+    assert track_value(Role.FOLLOWER) == "0\n"
+    # any leader outbids any follower whose base priority is within lead_boost
+    low_leader = replace(S, priority=60)
+    high_follower = replace(S, priority=150)
+    assert effective_priority(low_leader, Role.LEADER) > effective_priority(
+        high_follower, Role.FOLLOWER)  # fmt: skip
+
+
+def test_argv_dies_with_halod_and_uses_state_dir(tmp_path: Path) -> None:
+    files = VipFiles(tmp_path)
+    argv = keepalived_argv(S, files, setpriv="/usr/bin/setpriv")
+    assert argv[:4] == ["/usr/bin/setpriv", "--pdeathsig", "TERM", "--"]
+    assert argv[4] == KEEPALIVED
+    assert "--dont-fork" in argv and "--vrrp" in argv
+    for flag, path in (("--use-file", files.conf), ("--pid", files.pid),
+                       ("--vrrp_pid", files.vrrp_pid)):  # fmt: skip
+        assert argv[argv.index(flag) + 1] == str(path)
+        assert path.parent == tmp_path
+
+
+def test_files_are_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    files = VipFiles.of(replace(S, state_dir="state/vip"))
+    assert files.track == tmp_path / "state/vip/leader"
+
+
+def test_state_lines() -> None:
+    i = S.instance
+    assert vrrp_state(f"Sun Dec  6 05:07:23 2026: ({i}) Entering MASTER STATE", i) is (
+        VrrpState.MASTER)  # fmt: skip
+    assert vrrp_state(f"x: ({i}) Entering BACKUP STATE (init)", i) is VrrpState.BACKUP
+    assert vrrp_state(f"x: ({i}) Entering FAULT STATE", i) is VrrpState.FAULT
+    assert vrrp_state("x: (other_1) Entering MASTER STATE", i) is None
+    assert vrrp_state(f"x: ({i}) Entering WEIRD STATE", i) is None
+    assert vrrp_state(f"x: ({i}) removing VIPs.", i) is None
+
+
+# -- real keepalived in network namespaces -----------------------------------------------
+
+
+def _netns_skip() -> str | None:
+    if not os.access(KEEPALIVED, os.X_OK):
+        return "keepalived is not installed (./dev test installs it as root)"
+    return vip_net.netns_usable()
+
+
+needs_netns = pytest.mark.skipif(_netns_skip() is not None, reason=str(_netns_skip()))
+
+
+class Proc:
+    """A program in a namespace; its stdout lines arrive on a queue."""
+
+    def __init__(self, popen: subprocess.Popen[str]) -> None:
+        self.popen = popen
+        self.lines: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.popen.stdout is not None
+        for line in self.popen.stdout:
+            self.lines.put(line.rstrip("\n"))
+
+    def expect(self, prefix: str, timeout: float = 15.0) -> str:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise AssertionError(f"no line starting {prefix!r} in {timeout} s") from None
+            if line.startswith(prefix):
+                return line
+            if line.startswith("error"):
+                raise AssertionError(line)
+
+
+class Host(Proc):
+    def command(self, cmd: str, timeout: float = 15.0) -> None:
+        assert self.popen.stdin is not None
+        self.popen.stdin.write(cmd + "\n")
+        self.popen.stdin.flush()
+        self.expect(f"ok {cmd}", timeout)
+
+
+class Client(Proc):
+    def events(self, timeout: float = 0.0) -> list[dict[str, Any]]:
+        out = []
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                out.append(
+                    json.loads(self.lines.get(timeout=max(0.0, deadline - time.monotonic())))
+                )
+            except queue.Empty:
+                return out
+
+    def wait_connected(self, host: str, timeout: float) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for e in self.events(0.1):
+                if e["event"] == "connected" and e["host"] == host:
+                    return e
+        raise AssertionError(f"the client did not connect to host {host} in {timeout} s")
+
+
+@pytest.fixture
+def net() -> Iterator[vip_net.Lan]:
+    with vip_net.lan() as lan:
+        yield lan
+
+
+def start_host(net: vip_net.Lan, name: str, priority: int, tmp_path: Path) -> Host:
+    argv = [
+        sys.executable,
+        "-m",
+        "tests.halod.vip_net",
+        "host",
+        name,
+        vip_net.VIP,
+        net.iface(name),
+        str(priority),
+        str(tmp_path / f"{name}-vip"),
+        str(vip_net.PORT),
+    ]
+    host = Host(net.popen(name, argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                          stderr=(tmp_path / f"{name}.err").open("w"), cwd=ROOT))  # fmt: skip
+    host.expect("ready")
+    return host
+
+
+def start_client(net: vip_net.Lan, tmp_path: Path) -> Client:
+    argv = [sys.executable, "-m", "tests.halod.vip_net", "client", vip_net.VIP.split("/")[0],
+            str(vip_net.PORT)]  # fmt: skip
+    return Client(net.popen("c", argv, stdout=subprocess.PIPE, cwd=ROOT,
+                            stderr=(tmp_path / "client.err").open("w")))  # fmt: skip
+
+
+def vip_on(net: vip_net.Lan, host: str) -> bool:
+    return vip_net.VIP in net.addresses(host)
+
+
+def wait_for(cond: Any, timeout: float, what: str) -> float:
+    start = time.monotonic()
+    while not cond():
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"{what}: not within {timeout} s")
+        time.sleep(0.02)
+    return time.monotonic() - start
+
+
+def leader_a_follower_b(net: vip_net.Lan, tmp_path: Path) -> tuple[Host, Host, Client]:
+    a = start_host(net, "a", 100, tmp_path)
+    b = start_host(net, "b", 100, tmp_path)
+    a.command("lead")
+    b.command("follow")
+    wait_for(lambda: vip_on(net, "a"), 10, "the leader's host a takes the address")
+    assert not vip_on(net, "b")
+    client = start_client(net, tmp_path)
+    client.wait_connected("a", 10)
+    return a, b, client
+
+
+def report(what: str, seconds: float) -> None:
+    print(f"\nVIP figure: {what}: {seconds:.2f} s")
+
+
+@needs_netns
+def test_leadership_moves_the_address(net: vip_net.Lan, tmp_path: Path) -> None:
+    a, b, client = leader_a_follower_b(net, tmp_path)
+    t0 = time.monotonic()
+    a.command("follow")
+    b.command("lead")
+    wait_for(lambda: vip_on(net, "b") and not vip_on(net, "a"), 5, "the address moves to b")
+    e = client.wait_connected("b", 3)
+    report("planned move, client on the new host after", e["t"] - t0)
+    # the established stream through a was cut (b's kernel has no such connection)
+    # and the client came back through the same address
+    # no flapping: a follower's keepalived leaves the address alone
+    time.sleep(1.5)
+    assert vip_on(net, "b") and not vip_on(net, "a")
+
+
+@needs_netns
+def test_halod_killed_address_moves_before_a_new_leader(net: vip_net.Lan, tmp_path: Path) -> None:
+    a, b, client = leader_a_follower_b(net, tmp_path)
+    keepalived_pid = int((tmp_path / "a-vip" / "keepalived.pid").read_text())
+    t0 = time.monotonic()
+    a.popen.kill()  # kill -9 of HaloD (here: the stand-in that runs VirtualAddress)
+    # keepalived dies with its HaloD (setpriv --pdeathsig): it releases the address...
+    wait_for(lambda: not os.path.exists(f"/proc/{keepalived_pid}"), 5, "a's keepalived exits")
+    assert not vip_on(net, "a")
+    # ...and host b takes it while its HaloD still follows (its lease has not ended yet)
+    moved = wait_for(lambda: vip_on(net, "b"), 3, "b takes the address")
+    e = client.wait_connected("b", 3)
+    report("HaloD kill -9, address on b after", moved + 0)
+    report("HaloD kill -9, client reconnected through b after", e["t"] - t0)
+    assert e["t"] - t0 < 3.0
+    b.command("lead")  # its election, a lease TTL later
+    a2 = start_host(net, "a", 100, tmp_path)  # a restarted HaloD follows: b keeps the address
+    a2.command("follow")
+    time.sleep(1.5)
+    assert vip_on(net, "b") and not vip_on(net, "a")
+
+
+@needs_netns
+def test_leader_host_dies_address_moves_within_3s(net: vip_net.Lan, tmp_path: Path) -> None:
+    a, b, client = leader_a_follower_b(net, tmp_path)
+    t0 = time.monotonic()
+    killed = net.kill_all("a")  # every process of the host, keepalived included...
+    net.run("c", ["ip", "link", "set", "pa", "down"])  # ...and its link: a powered-off host
+    assert len(killed) >= 2
+    moved = wait_for(lambda: vip_on(net, "b"), 3, "b takes the address")
+    e = client.wait_connected("b", 3)
+    report("host a dies, address on b after", moved)
+    report("host a dies, client reconnected through b after", e["t"] - t0)
+    assert e["t"] - t0 < 3.0
+    b.command("lead")
+    assert vip_on(net, "b")
+
+
+@needs_netns
+def test_keepalived_that_cannot_run_is_a_clear_error(net: vip_net.Lan, tmp_path: Path) -> None:
+    # A wrong interface name: keepalived refuses its config; lead() fails and says why.
+    argv = [sys.executable, "-m", "tests.halod.vip_net", "host", "a", vip_net.VIP, "nosuch0",
+            "100", str(tmp_path / "a-vip"), str(vip_net.PORT)]  # fmt: skip
+    host = Host(net.popen("a", argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                          stderr=(tmp_path / "a.err").open("w"), cwd=ROOT))  # fmt: skip
+    host.expect("ready")
+    assert host.popen.stdin is not None
+    host.popen.stdin.write("lead\n")
+    host.popen.stdin.flush()
+    line = host.expect("error lead", 15)
+    assert "keepalived exited" in line and "interface" in line.lower(), line
+    host.command("stop")
