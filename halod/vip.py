@@ -292,9 +292,10 @@ class _Keepalived(ProcessProtocol):
 
 class VirtualAddress:
     """This host's keepalived, driven by HaloD's leadership. ``lead()``/``follow()``
-    write the track file (and start keepalived the first time: their Deferred fires when
-    keepalived reports its first VRRP state, or fails with VipError); ``stop()`` stops
-    keepalived (it releases the address) and fires when it has exited."""
+    write the track file (and start keepalived if it is not running: their Deferred fires
+    when keepalived reports its first VRRP state, or fails with VipError); ``stop()``
+    stops keepalived (it releases the address) and fires when it has exited. Once the
+    reactor runs, keepalived starts as a follower unless told otherwise before."""
 
     log = Logger()
     RESTART_MIN = 1.0  # after keepalived died unexpectedly; doubling up to RESTART_MAX
@@ -318,6 +319,15 @@ class VirtualAddress:
         self._retry: IDelayedCall | None = None
         self._backoff = self.RESTART_MIN
         self._stopped = False
+        # From the moment the reactor runs this host takes part as a follower, so a
+        # standby is ready to take the address before its HaloD is ever told anything.
+        when_running = getattr(reactor, "callWhenRunning", None)
+        if when_running is not None:
+            when_running(self._boot)
+
+    def _boot(self) -> None:
+        if self.role is None and not self._stopped:
+            self.follow().addErrback(lambda f: None)  # logged by _fail_start
 
     @property
     def pid(self) -> int | None:

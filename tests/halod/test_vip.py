@@ -270,11 +270,17 @@ def wait_for(cond: Any, timeout: float, what: str) -> float:
     return time.monotonic() - start
 
 
-def leader_a_follower_b(net: vip_net.Lan, tmp_path: Path) -> tuple[Host, Host, Client]:
+def leader_a_follower_b(net: vip_net.Lan, tmp_path: Path, tell_b: bool = True
+                        ) -> tuple[Host, Host, Client]:  # fmt: skip
+    """a leads, b follows (``tell_b`` False: b's HaloD was told nothing yet; its
+    keepalived runs as a follower from the start anyway)."""
     a = start_host(net, "a", 100, tmp_path)
     b = start_host(net, "b", 100, tmp_path)
     a.command("lead")
-    b.command("follow")
+    if tell_b:
+        b.command("follow")
+    else:
+        wait_for(lambda: (tmp_path / "b-vip" / "vrrp.pid").exists(), 10, "b's keepalived runs")
     wait_for(lambda: vip_on(net, "a"), 10, "the leader's host a takes the address")
     assert not vip_on(net, "b")
     client = start_client(net, tmp_path)
@@ -326,7 +332,7 @@ def test_halod_killed_address_moves_before_a_new_leader(net: vip_net.Lan, tmp_pa
 
 @needs_netns
 def test_leader_host_dies_address_moves_within_3s(net: vip_net.Lan, tmp_path: Path) -> None:
-    a, b, client = leader_a_follower_b(net, tmp_path)
+    a, b, client = leader_a_follower_b(net, tmp_path, tell_b=False)
     t0 = time.monotonic()
     killed = net.kill_all("a")  # every process of the host, keepalived included...
     net.run("c", ["ip", "link", "set", "pa", "down"])  # ...and its link: a powered-off host
