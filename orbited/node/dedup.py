@@ -55,9 +55,13 @@ class DedupMemory(Generic[W]):
 
     def reply(self, digest: bytes, now: float) -> bytes | None:
         """The remembered reply of this request, if it was answered within the window."""
-        self._forget_old(now)
         remembered = self._recent.get(digest)
-        return None if remembered is None else remembered[1]
+        if remembered is None:
+            return None
+        if remembered[0] <= now:  # past the window: forget it and its elders
+            self.forget_old(now)
+            return None
+        return remembered[1]
 
     def remember(self, digest: bytes, reply: bytes, now: float) -> None:
         """Keep ``reply`` for ``window`` seconds from ``now``, dropping the oldest replies
@@ -73,7 +77,10 @@ class DedupMemory(Generic[W]):
             _, (_, dropped) = recent.popitem(last=False)
             self._bytes -= len(dropped)
 
-    def _forget_old(self, now: float) -> None:
+    def forget_old(self, now: float) -> None:
+        """Drop the replies whose window ended by ``now``. ``remember`` and ``reply`` do
+        not need it to be exact (a reply past its window is never returned); the hub calls
+        it once per batch of requests, so memory stays bounded by the window."""
         recent = self._recent
         while recent:
             digest, (expires, reply) = next(iter(recent.items()))

@@ -29,6 +29,7 @@ from orbited.core.keys import ConnectionKey
 from orbited.node import events, frames
 from orbited.node.dedup import DedupLimits, DedupMemory
 from orbited.node.events import DELIVERED, QUEUED, DispatchResult, RecipientResult, Status
+from orbited.node.flush import DeliveryBatch, Flushable
 from orbited.node.frames import Frame
 from orbited.node.handoff import PresenceChange, RouteOwnership, _moved_away, export_entry
 from orbited.node.mailbox import Mailbox, MailboxLimits, Position
@@ -43,8 +44,10 @@ class Sink(Protocol):
     wants_pings: bool  # streaming transports do; a held long-poll ends by its own timeout
 
     def deliver(self, out: list[Frame]) -> bool:
-        """Write frames (their ``data``) to the browser; False if this transport cannot
-        take them now. Event frames carry their position (``stream``, ``seq``)."""
+        """Write frames (their ``data``) to the browser, or keep them for the delivery
+        batch's flush (``Hub.enlist``, orbited.node.flush: the contract); False if this
+        transport cannot take them now. Event frames carry their position (``stream``,
+        ``seq``)."""
 
     def replaced(self) -> None:
         """A newer connection for the same key took over: close without reconnecting."""
@@ -120,6 +123,21 @@ class _Slot:
         self.counted = 0  # this mailbox's bytes as last added to Hub.mailbox_bytes
 
 
+class _BatchScope:
+    """``Hub.batch()``'s context manager (one per hub, reused: no generator per read)."""
+
+    __slots__ = ("_hub",)
+
+    def __init__(self, hub: Hub) -> None:
+        self._hub = hub
+
+    def __enter__(self) -> None:
+        self._hub.begin_batch()
+
+    def __exit__(self, *exc: object) -> None:
+        self._hub.end_batch()
+
+
 class Hub(RouteOwnership):
     log = Logger()
 
@@ -141,6 +159,9 @@ class Hub(RouteOwnership):
         # Payload bytes of all mailboxes (the node-wide cap, mailbox_total_bytes); each
         # slot's share is recounted after the hub changes its mailbox (_recount).
         self.mailbox_bytes = 0
+        # Frames for one connection coalesced per SP read (orbited.node.flush).
+        self._batch = DeliveryBatch()
+        self._scope = _BatchScope(self)
         self.stats = {
             "events": 0,
             "delivered": 0,
@@ -156,6 +177,32 @@ class Hub(RouteOwnership):
             "handoff_timeouts": 0,
             "full": 0,
         }
+
+    # -- the delivery batch (orbited.node.flush) ----------------------------------------
+
+    def batch(self) -> _BatchScope:
+        """``with hub.batch():`` around the requests of one SP read: deliveries to one
+        connection leave in one write when it ends (nestable; the SP REP server opens it).
+        Inside it the hub reads the clock once."""
+        return self._scope
+
+    def begin_batch(self) -> None:
+        if self._batch.begin(self.clock.seconds()):
+            self.dedup.forget_old(self._batch.now)
+
+    def end_batch(self) -> None:
+        self._batch.end()
+
+    def enlist(self, sink: Flushable) -> bool:
+        """For a sink's ``deliver``: True inside a batch (keep the bytes; ``flush`` comes
+        when the batch ends); False outside (write now). Call it once per batch, when
+        the sink's pending bytes go from none to some (orbited.node.flush)."""
+        return self._batch.enlist(sink)
+
+    def now(self) -> float:
+        """The clock, read once per batch."""
+        batch = self._batch
+        return batch.now if batch.open else self.clock.seconds()
 
     # -- browser side -------------------------------------------------------------------
 
@@ -403,9 +450,14 @@ class Hub(RouteOwnership):
         when the outcome waits (acknowledged mode, or a route being handed over). A resend
         of a remembered request gets the first outcome again, marked as a duplicate, and
         delivers nothing."""
-        now = self.clock.seconds()
-        digest = request.digest
         dedup = self.dedup
+        batch = self._batch
+        if batch.open:  # forget_old ran when it began
+            now = batch.now
+        else:
+            now = self.clock.seconds()
+            dedup.forget_old(now)
+        digest = request.digest
         remembered = dedup.reply(digest, now)
         if remembered is not None:
             self.stats["duplicates"] += 1

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from enum import Enum
 from typing import TYPE_CHECKING, cast
@@ -35,11 +36,13 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from orbited.runtime.twisted_compat import unsent_bytes
+from orbited.runtime.twisted_compat import unsent_bytes, writev_through
 from orbited.sp.reqrep import MAX_HOPS, TooManyHops, split_backtrace
 from orbited.sp.wire import REP, REQ, SPConnection, SPProtocolError, encode_message_parts
 
 RequestHandler = Callable[[bytes], "bytes | defer.Deferred[bytes]"]
+# Opens a delivery batch around one read's requests (Hub.batch, orbited.node.flush).
+BatchScope = Callable[[], AbstractContextManager[None]]
 
 
 class TCPTransport(TypingProtocol):
@@ -85,8 +88,15 @@ class RepProtocol(Protocol):
     server: RepFactory | None = None  # the factory that built it (its connection count)
     transport: TCPTransport  # type: ignore[assignment]  # set by makeConnection (TCP)
 
-    def __init__(self, handler: RequestHandler, limits: RepLimits, clock: IReactorTime) -> None:
+    def __init__(
+        self,
+        handler: RequestHandler,
+        limits: RepLimits,
+        clock: IReactorTime,
+        batch: BatchScope | None = None,
+    ) -> None:
         self._handler = handler
+        self._batch: BatchScope = batch or nullcontext
         self._limits = limits
         self._clock = clock
         self._sp = SPConnection(REP, REQ, limits.max_message)
@@ -195,6 +205,13 @@ class RepProtocol(Protocol):
             self.transport.loseConnection()
 
     def _handle_held(self) -> None:
+        """The requests of one read, in one delivery batch: what they deliver to one
+        browser connection leaves in one write when the batch ends, before this returns;
+        their replies in one write too."""
+        with self._batch():
+            self._handle_held_batch()
+
+    def _handle_held_batch(self) -> None:
         held = self._held
         replies: list[bytes] = []
         while held and not self.closed and self._inflight < self._limits.max_inflight:
@@ -218,8 +235,9 @@ class RepProtocol(Protocol):
             else:
                 replies += encode_message_parts([backtrace, result])
         if replies and not self.closed:
-            # One write per read: replies to pipelined requests leave together.
-            self.transport.writeSequence(replies)
+            # One write per read: replies to pipelined requests leave together, at once
+            # when the connection has nothing queued (write-through).
+            writev_through(self.transport, replies)
 
     def _track(self, backtrace: bytes, d: defer.Deferred[bytes]) -> None:
         self._inflight += 1
@@ -229,7 +247,7 @@ class RepProtocol(Protocol):
     def _reply_later(self, reply: bytes, backtrace: bytes) -> None:
         self._inflight -= 1
         if not self.closed:
-            self.transport.writeSequence(encode_message_parts([backtrace, reply]))
+            writev_through(self.transport, encode_message_parts([backtrace, reply]))
             self._after_reply()
 
     def _after_reply(self) -> None:
@@ -295,12 +313,14 @@ class RepFactory(_RepFactoryBase):
         handler: RequestHandler,
         limits: RepLimits | None = None,
         clock: IReactorTime | None = None,
+        batch: BatchScope | None = None,
     ) -> None:
         if clock is None:
             from twisted.internet import reactor
 
             clock = cast(IReactorTime, reactor)
         self.handler = handler
+        self.batch = batch  # Hub.batch: deliveries of one read coalesced per connection
         self.limits = limits or RepLimits()
         self.clock: IReactorTime = clock
         self.connections: set[RepProtocol] = set()
@@ -317,7 +337,7 @@ class RepFactory(_RepFactoryBase):
                 n=self.limits.max_connections,
             )
             return None
-        proto = RepProtocol(self.handler, self.limits, self.clock)
+        proto = RepProtocol(self.handler, self.limits, self.clock, self.batch)
         proto.factory = proto.server = self
         return proto
 

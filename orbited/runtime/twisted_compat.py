@@ -10,10 +10,12 @@ production. Nothing else in orbited/ or halod/ may use a private upstream name
 from __future__ import annotations
 
 from pprint import pformat
+from typing import Any
 
 import autobahn.websocket.protocol as _autobahn_protocol
 from autobahn.websocket.protocol import WebSocketProtocol
 from twisted.application import internet
+from twisted.internet import tcp
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import AbstractDatagramProtocol, Factory
 from twisted.logger import Logger
@@ -39,6 +41,87 @@ def unsent_bytes(transport: object) -> int | None:
         )
     except AttributeError:
         return None
+
+
+# -- write-through ----------------------------------------------------------------------
+
+_WOULD_BLOCK = (BlockingIOError, InterruptedError)
+
+
+def _socket_transport(transport: object) -> Any:
+    """The ``tcp.Connection`` under ``transport`` when bytes sent on its socket reach the
+    peer exactly as ``transport.write`` would send them, else None. A ProtocolWrapper
+    (the node's socket gate) is looked through only when it does not override ``write``:
+    TLS (``TLSMemoryBIOProtocol``) does, and its bytes must be encrypted first; so does a
+    ``tcp.Connection`` after ``startTLS`` (its ``TLS`` flag)."""
+    while isinstance(transport, ProtocolWrapper):
+        if type(transport).write is not ProtocolWrapper.write:
+            return None
+        transport = transport.transport
+    if not isinstance(transport, tcp.Connection) or transport.TLS:
+        return None  # not plain TCP: StringTransport, startTLS, a UNIX socket, ...
+    return transport
+
+
+def can_write_through(transport: object) -> bool:
+    """True if ``transport`` is a plain TCP connection (or a pass-through wrapper of one)
+    with nothing queued in user space, still open and not closing: bytes sent straight
+    on its socket now keep their order with everything written before."""
+    tcp = _socket_transport(transport)
+    return tcp is not None and _idle(tcp)
+
+
+def _idle(tcp: Any) -> bool:
+    return bool(
+        not tcp._tempDataLen
+        and tcp.offset == len(tcp.dataBuffer)
+        and tcp.connected
+        and not tcp.disconnecting
+    )
+
+
+def write_through(transport: Any, data: bytes) -> None:
+    """Write ``data`` to ``transport``, sending it on the socket at once when the
+    transport has nothing queued (no reactor turn, no EPOLLOUT arming); whatever the
+    kernel does not take (a partial write, EAGAIN) goes to ``transport.write`` and
+    leaves as usual. Any other transport (TLS, tests, after ``loseConnection``), or a
+    queued one, gets ``transport.write(data)``: the order of bytes is always kept.
+
+    Twisted's ``write`` only buffers (``_tempDataBuffer``) and sends on the next reactor
+    turn (``doWrite``); its send path is ``FileDescriptor.dataBuffer`` / ``offset`` /
+    ``_tempDataLen``, which this reads. A socket error other than EAGAIN is left to
+    Twisted: the bytes go through ``transport.write`` and its next ``doWrite`` sees the
+    error and loses the connection as it would have."""
+    tcp = _socket_transport(transport)
+    if tcp is None or not _idle(tcp):
+        transport.write(data)
+        return
+    try:
+        sent = tcp.socket.send(data)
+    except _WOULD_BLOCK:
+        sent = 0
+    except OSError:
+        sent = 0
+    if sent < len(data):
+        tcp.write(data[sent:] if sent else data)
+
+
+def writev_through(transport: Any, parts: list[bytes]) -> None:
+    """``write_through`` for several pieces in one ``sendmsg`` (a writev: no join)."""
+    tcp = _socket_transport(transport)
+    if tcp is None or not _idle(tcp):
+        transport.writeSequence(parts)
+        return
+    try:
+        sent = tcp.socket.sendmsg(parts)
+    except _WOULD_BLOCK:
+        sent = 0
+    except OSError:
+        sent = 0
+    total = sum(map(len, parts))
+    if sent < total:
+        rest = b"".join(parts)
+        tcp.write(rest[sent:] if sent else rest)
 
 
 def listening_port(server: internet.TCPServer) -> IListeningPort:

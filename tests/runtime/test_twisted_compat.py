@@ -31,7 +31,7 @@ import txaio
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.compress import PerMessageDeflateOffer, PerMessageDeflateOfferAccept
 from twisted.application import internet
-from twisted.internet import defer, reactor
+from twisted.internet import defer, reactor, threads
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import StringTransport
@@ -356,3 +356,136 @@ def test_quiet_factories_turns_off_the_start_and_stop_lines(monkeypatch):
     twisted_compat.quiet_factories()
     assert Factory.noisy is False and AbstractDatagramProtocol.noisy is False
     assert not any("factory" in line.lower() for line in lines())
+
+
+# -- write_through / writev_through: tcp.Connection's dataBuffer, offset, _tempDataLen,
+#    socket, connected, disconnecting, TLS; ProtocolWrapper.write ----------------------
+
+
+class _Accepted(Protocol):
+    def connectionMade(self) -> None:  # noqa: N802
+        self.factory.made.callback(self)  # type: ignore[attr-defined]
+
+
+@defer.inlineCallbacks
+def _pair(wrap: bool = False) -> Any:
+    """A real loopback TCP connection: (server-side transport, listening port, peer
+    socket, the tcp.Connection under it). ``wrap``: behind a pass-through
+    ProtocolWrapper, as the node's socket gate puts every browser connection."""
+    factory = Factory.forProtocol(_Accepted)
+    factory.made = defer.Deferred()  # type: ignore[attr-defined]
+    listen = WrappingFactory(factory) if wrap else factory
+    port = reactor.listenTCP(0, listen, interface="127.0.0.1")
+    peer = socket.create_connection(("127.0.0.1", port.getHost().port), timeout=5)
+    proto = yield factory.made
+    transport = proto.transport
+    tcp = transport.transport if wrap else transport
+    return transport, port, peer, tcp
+
+
+@defer.inlineCallbacks
+def _close(transport: Any, port: Any, peer: socket.socket) -> Any:
+    peer.close()
+    transport.abortConnection()
+    yield port.stopListening()
+    yield _sleep(0)
+
+
+def _recv(peer: socket.socket, n: int) -> bytes:
+    out = b""
+    while len(out) < n:
+        chunk = peer.recv(n - len(out))
+        assert chunk, "connection closed early"
+        out += chunk
+    return out
+
+
+@pytest_twisted.inlineCallbacks
+def test_tcp_connection_keeps_its_send_buffer_in_the_private_attributes_write_through_reads():
+    transport, port, peer, tcp = yield _pair()
+    try:
+        assert isinstance(tcp.dataBuffer, bytes | bytearray | memoryview)
+        assert isinstance(tcp.offset, int) and isinstance(tcp._tempDataLen, int)
+        assert tcp.TLS is False  # startTLS sets it (then write goes through the TLS layer)
+        assert isinstance(tcp.socket, socket.socket) and tcp.socket.gettimeout() == 0.0
+        assert tcp.socket is tcp.getHandle()
+        assert twisted_compat.can_write_through(transport)
+        # What write-through avoids: write() only buffers until the next reactor turn.
+        transport.write(b"abc")
+        assert tcp._tempDataLen == 3 and unsent_bytes(transport) == 3
+        assert not twisted_compat.can_write_through(transport)  # queued: keep the order
+        yield _sleep(0.05)
+        assert _recv(peer, 3) == b"abc"
+        assert twisted_compat.can_write_through(transport)
+    finally:
+        yield _close(transport, port, peer)
+
+
+@pytest.mark.parametrize("wrap", [False, True])
+@pytest_twisted.inlineCallbacks
+def test_write_through_sends_at_once_when_nothing_is_queued(wrap):
+    transport, port, peer, tcp = yield _pair(wrap)
+    try:
+        twisted_compat.write_through(transport, b"hello ")
+        twisted_compat.writev_through(transport, [b"wor", b"ld"])
+        # No reactor turn in between: the bytes are already on the wire.
+        assert unsent_bytes(transport) == 0 and tcp.dataBuffer == b""
+        assert _recv(peer, 11) == b"hello world"
+    finally:
+        yield _close(transport, port, peer)
+
+
+@pytest.mark.parametrize("vector", [False, True])
+@pytest_twisted.inlineCallbacks
+def test_a_partial_write_leaves_the_rest_to_twisted_in_order(vector):
+    transport, port, peer, tcp = yield _pair()
+    try:
+        tcp.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        big = bytes(range(256)) * 4096  # 1 MB: more than the kernel takes at once
+        if vector:
+            twisted_compat.writev_through(transport, [big[:1000], big[1000:]])
+        else:
+            twisted_compat.write_through(transport, big)
+        held = unsent_bytes(transport)
+        assert held is not None and 0 < held < len(big)  # partly sent, the rest queued
+        assert not twisted_compat.can_write_through(transport)
+        twisted_compat.write_through(transport, b"TAIL")  # must not jump the queue
+        assert unsent_bytes(transport) == held + 4
+        got = bytearray()
+        reading = threads.deferToThread(lambda: got.extend(_recv(peer, len(big) + 4)))
+        yield reading
+        assert bytes(got) == big + b"TAIL"
+    finally:
+        yield _close(transport, port, peer)
+
+
+@pytest_twisted.inlineCallbacks
+def test_no_write_through_once_the_connection_is_closing_or_tls():
+    transport, port, peer, tcp = yield _pair()
+    try:
+        tcp.TLS = True  # as startTLS leaves it: bytes must go through the TLS layer
+        assert not twisted_compat.can_write_through(transport)
+        tcp.TLS = False
+        transport.loseConnection()
+        assert tcp.disconnecting and not twisted_compat.can_write_through(transport)
+    finally:
+        yield _close(transport, port, peer)
+
+
+def test_transports_of_another_kind_get_write_and_write_sequence():
+    plain = StringTransport()
+    assert not twisted_compat.can_write_through(plain)
+    twisted_compat.write_through(plain, b"a")
+    twisted_compat.writev_through(plain, [b"b", b"c"])
+    assert plain.value() == b"abc"
+
+    class Encrypting(ProtocolWrapper):  # a wrapper that changes the bytes (like TLS)
+        def write(self, data: bytes) -> None:
+            super().write(data.upper())
+
+    wrapper = Encrypting(WrappingFactory(Factory()), Protocol())
+    wrapper.transport = StringTransport()
+    assert not twisted_compat.can_write_through(wrapper)
+    twisted_compat.write_through(wrapper, b"x")
+    assert wrapper.transport.value() == b"X"
