@@ -360,3 +360,19 @@ def test_keepalived_that_cannot_run_is_a_clear_error(net: vip_net.Lan, tmp_path:
     line = host.expect("error lead", 15)
     assert "keepalived exited" in line and "interface" in line.lower(), line
     host.command("stop")
+
+
+@needs_netns
+def test_keepalived_killed_is_restarted_and_the_leader_takes_back(
+    net: vip_net.Lan, tmp_path: Path
+) -> None:
+    a, b, client = leader_a_follower_b(net, tmp_path)
+    pid_file = tmp_path / "a-vip" / "keepalived.pid"
+    first = int(pid_file.read_text())
+    os.kill(first, 9)  # keepalived dies under a living HaloD
+    # its VRRP child goes with it (releasing the address): b holds it meanwhile
+    wait_for(lambda: vip_on(net, "b") and not vip_on(net, "a"), 5, "b covers for a")
+    # HaloD a restarts keepalived (after 1 s) as the leader: a takes the address back
+    wait_for(lambda: vip_on(net, "a") and not vip_on(net, "b"), 10, "a's keepalived is back")
+    assert int(pid_file.read_text()) != first
+    client.wait_connected("a", 5)
