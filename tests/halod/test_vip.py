@@ -306,6 +306,13 @@ def test_leadership_moves_the_address(net: vip_net.Lan, tmp_path: Path) -> None:
     # no flapping: a follower's keepalived leaves the address alone
     time.sleep(1.5)
     assert vip_on(net, "b") and not vip_on(net, "a")
+    # a clean stop of the leader's HaloD releases the address at once
+    t0 = time.monotonic()
+    b.command("stop")
+    assert not vip_on(net, "b")
+    wait_for(lambda: vip_on(net, "a"), 2, "a takes the address")
+    client.wait_connected("a", 3)
+    report("clean stop of the holder, client on the other host after", time.monotonic() - t0)
 
 
 @needs_netns
@@ -334,8 +341,10 @@ def test_halod_killed_address_moves_before_a_new_leader(net: vip_net.Lan, tmp_pa
 def test_leader_host_dies_address_moves_within_3s(net: vip_net.Lan, tmp_path: Path) -> None:
     a, b, client = leader_a_follower_b(net, tmp_path, tell_b=False)
     t0 = time.monotonic()
-    killed = net.kill_all("a")  # every process of the host, keepalived included...
-    net.run("c", ["ip", "link", "set", "pa", "down"])  # ...and its link: a powered-off host
+    # A powered-off host: its link goes dark first (no last word from keepalived gets
+    # out), then every process of the host dies, keepalived included.
+    net.run("c", ["ip", "link", "set", "pa", "down"])
+    killed = net.kill_all("a")
     assert len(killed) >= 2
     moved = wait_for(lambda: vip_on(net, "b"), 3, "b takes the address")
     e = client.wait_connected("b", 3)
