@@ -36,6 +36,15 @@ _ADDRESS = re.compile(r"[\x21-\x7e]{1,256}")  # printable ASCII, no spaces
 WireDict: TypeAlias = dict[str, Any]  # one JSON object as json.loads returns it
 
 
+def halod_addresses(text: str) -> list[str]:
+    """A node's ``halod`` setting: one control address ``tcp://host:port`` or several
+    separated by commas (HaloD on etcd); ConfigError names a malformed one."""
+    addresses = [part.strip() for part in text.split(",")]
+    for address in addresses:
+        parse_sp_address(address)
+    return addresses
+
+
 class ErrorCode(StrEnum):
     """Codes of the ``error`` message HaloD sends before closing (docs/halod-protocol.md);
     also the 409 codes of the operator endpoints."""
@@ -50,6 +59,7 @@ class ErrorCode(StrEnum):
     FAILED = "failed"
     SHUTDOWN = "shutdown"
     INTERNAL_ERROR = "internal_error"
+    NOT_LEADER = "not_leader"  # a following HaloD (store etcd): try the leader
 
 
 class ControlError(Exception):
@@ -118,6 +128,7 @@ class Welcome:
     heartbeat_interval: float
     missed_heartbeats: int
     incoming: tuple[int, ...] = ()  # routes among ``routes`` whose mailboxes are handed over
+    version: int | None = None  # the table version this assignment belongs to
 
 
 @dataclass(frozen=True)
@@ -129,6 +140,7 @@ class Assign:
     role: Role
     routes: tuple[int, ...]
     incoming: tuple[int, ...] = ()
+    version: int | None = None  # the table version this assignment belongs to
 
 
 @dataclass(frozen=True)
@@ -163,6 +175,7 @@ class Error:
     TYPE: ClassVar[str] = "error"
     code: str
     message: str
+    leader: str | None = None  # not_leader: the leading HaloD's control address, if known
 
 
 NodeMessage: TypeAlias = Register | Heartbeat | Leave | Handoff
@@ -223,12 +236,16 @@ def to_wire(message: Message) -> WireDict:
                 out.update(total_routes=message.total_routes,
                            heartbeat_interval=message.heartbeat_interval,
                            missed_heartbeats=message.missed_heartbeats)  # fmt: skip
+            if message.version is not None:
+                out["version"] = message.version
         case RouteMoved():
             out["moves"] = [_move_dict(m) for m in message.moves]
         case HeartbeatAck():
             out["seq"] = message.seq
         case Error():
             out.update(code=message.code, message=message.message)
+            if message.leader is not None:
+                out["leader"] = message.leader
     return out
 
 
@@ -350,7 +367,8 @@ def _handoff(msg: WireDict) -> Handoff:
 def _assign(msg: WireDict) -> Assign:
     node_id = _opt_int(msg, "node_id", 1, 2**31)
     role = _role(msg)
-    return Assign(node_id, role, _routes(msg, "routes"), _routes(msg, "incoming", optional=True))
+    return Assign(node_id, role, _routes(msg, "routes"), _routes(msg, "incoming", optional=True),
+                  _opt_int(msg, "version", 0, 2**62))  # fmt: skip
 
 
 def _welcome(msg: WireDict) -> Welcome:
@@ -367,7 +385,7 @@ def _welcome(msg: WireDict) -> Welcome:
         )
     missed = _int(msg, "missed_heartbeats", 1, 1000)
     return Welcome(assign.node_id, assign.role, assign.routes, total, float(interval), missed,
-                   assign.incoming)  # fmt: skip
+                   assign.incoming, assign.version)  # fmt: skip
 
 
 def _route_moved(msg: WireDict) -> RouteMoved:
@@ -384,7 +402,17 @@ def _error(msg: WireDict) -> Error:
     code, text = msg.get("code"), msg.get("message")
     if not isinstance(code, str) or not isinstance(text, str):
         raise _bad("an error has a code and a message")
-    return Error(code, text)
+    leader = msg.get("leader")
+    if leader is not None and (
+        not isinstance(leader, str) or not _ADDRESS.fullmatch(leader)
+    ):  # fmt: skip
+        raise _bad("leader must be a control address")
+    if leader is not None:
+        try:
+            parse_sp_address(leader)
+        except ConfigError:
+            raise _bad("leader must be a control address tcp://host:port") from None
+    return Error(code, text, leader)
 
 
 _PARSERS: Mapping[str, Callable[[WireDict], Message]] = {
