@@ -5,20 +5,36 @@ backoff); each connection registers the node, heartbeats at the interval HaloD n
 and hands assignments and 'route moved' notices to the hub, which tells browsers on lost
 routes to reconnect. Losing HaloD changes nothing for browsers: the node keeps serving
 the routes it has until HaloD says otherwise.
+
+Several HaloD addresses (HaloD on etcd: one leads, the others follow): each connection
+goes to the next address; a follower answers ``error not_leader`` (naming the leader's
+control address when it knows it), and the next connection goes there. An ``assign`` or
+``welcome`` older than the table version this node holds is not obeyed
+(docs/halod-protocol.md, "Several HaloD").
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import random
+from collections.abc import Callable, Sequence
 from typing import Any, assert_never
 
 from twisted.application import internet, service
 from twisted.internet import task
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint
-from twisted.internet.interfaces import IProtocol, IReactorTCP, IReactorTime, ITCPTransport
+from twisted.internet.interfaces import (
+    IProtocol,
+    IProtocolFactory,
+    IReactorTCP,
+    IReactorTime,
+    IStreamClientEndpoint,
+    ITCPTransport,
+)
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from orbited.core.control import (
     CONTROL_PROTOCOL,
@@ -39,10 +55,11 @@ from orbited.core.control import (
     Welcome,
     decode_from_halod,
     encode,
+    halod_addresses,
     handoff_messages,
 )
 from orbited.core.routes import Role
-from orbited.core.settings import parse_sp_address
+from orbited.core.settings import ConfigError, parse_sp_address
 from orbited.node.hub import Hub
 from orbited.sp.wire import SPConnection, SPProtocolError, encode_message
 
@@ -98,11 +115,17 @@ class LinkProtocol(Protocol):
             case HeartbeatAck():
                 self._last_ack = link.clock.seconds()
             case Welcome():
+                if not link.welcome_current(msg):
+                    # An older table than ours: a HaloD that no longer leads. Try the next.
+                    self.transport.abortConnection()
+                    return
                 self.interval = msg.heartbeat_interval
                 self._missed_allowed = msg.missed_heartbeats
                 link.assigned(msg, total=msg.total_routes)
                 self._start_heartbeats()
             case Assign():
+                if link.stale(msg):
+                    return
                 link.assigned(msg)
             case RouteMoved():
                 self._routes_moved(msg.moves)
@@ -113,7 +136,7 @@ class LinkProtocol(Protocol):
                 elif n:
                     self.log.debug("{n} mailboxes handed over", n=n)
             case Error():
-                link.refused(msg.code, msg.message)
+                link.refused(msg.code, msg.message, msg.leader)
             case _:
                 assert_never(msg)
 
@@ -172,15 +195,57 @@ class LinkProtocol(Protocol):
             self._heartbeat.stop()
 
 
+@implementer(IStreamClientEndpoint)
+class HaloDEndpoints:
+    """Connects to one HaloD address after another (the ``halod`` list); ``prefer`` makes
+    the next connection go to a given address (a follower's not_leader hint)."""
+
+    def __init__(self, reactor: IReactorTCP, addresses: Sequence[str], timeout: float = 5
+                 ) -> None:  # fmt: skip
+        if not addresses:
+            raise ValueError("at least one HaloD address")
+        self.reactor = reactor
+        self.addresses = [parse_sp_address(a) for a in addresses]
+        self.timeout = timeout
+        self.index = -1  # the address of the latest connection
+        self._preferred: tuple[str, int] | None = None
+
+    def prefer(self, address: str) -> bool:
+        """Connect to ``address`` next (False: not a tcp://host:port address)."""
+        try:
+            self._preferred = parse_sp_address(address)
+        except ConfigError:
+            return False
+        return True
+
+    def next(self) -> tuple[str, int]:
+        preferred, self._preferred = self._preferred, None
+        if preferred is not None:
+            if preferred in self.addresses:
+                self.index = self.addresses.index(preferred)
+            return preferred
+        self.index = (self.index + 1) % len(self.addresses)
+        return self.addresses[self.index]
+
+    def connect(self, factory: IProtocolFactory) -> Deferred[IProtocol]:
+        host, port = self.next()
+        return TCP4ClientEndpoint(self.reactor, host, port, timeout=self.timeout).connect(factory)
+
+    def __repr__(self) -> str:  # ClientService logs its endpoint
+        return "HaloD " + ", ".join(f"tcp://{h}:{p}" for h, p in self.addresses)
+
+
 class HaloDLink(service.MultiService):
     """Keeps this node registered with HaloD. ``addresses()`` gives the (browser, sp)
-    addresses HaloD should forward to, known once the listeners are bound."""
+    addresses HaloD should forward to, known once the listeners are bound. ``halod`` is
+    one control address or several (HaloD on etcd): the link finds the leader."""
 
     log = Logger()
 
     def __init__(
-        self, hub: Hub, name: str, halod: str, addresses: Callable[[], tuple[str, str]],
-        capacity: int, reactor: IReactorTCP, secret: str | None = None,
+        self, hub: Hub, name: str, halod: str | Sequence[str],
+        addresses: Callable[[], tuple[str, str]], capacity: int, reactor: IReactorTCP,
+        secret: str | None = None,
     ) -> None:  # fmt: skip
         super().__init__()
         self.hub = hub
@@ -191,13 +256,18 @@ class HaloDLink(service.MultiService):
         self.clock: IReactorTime = reactor  # type: ignore[assignment]
         self.node_id: int | None = None
         self.role: Role | None = None
-        host, port = parse_sp_address(halod)
+        self.table_version: int | None = None  # of the last welcome/assign obeyed
+        self._misses = 0  # connections in a row that found no leader (or a stale one)
+        self._stale_welcomes = 0
+        halods = halod_addresses(halod) if isinstance(halod, str) else list(halod)
+        self.endpoints = HaloDEndpoints(reactor, halods)
         factory = Factory.forProtocol(lambda: LinkProtocol(self))
         factory.noisy = False  # it "starts" on every reconnect
+        backoff = internet.backoffPolicy(initialDelay=0.2, maxDelay=2.0)
         self.client = internet.ClientService(
-            TCP4ClientEndpoint(reactor, host, port, timeout=5),
+            self.endpoints,
             factory,
-            retryPolicy=internet.backoffPolicy(initialDelay=0.2, maxDelay=2.0),
+            retryPolicy=backoff if len(halods) == 1 else self._retry_delay(backoff),
             clock=self.clock,
         )
         self.client.setServiceParent(self)
@@ -208,7 +278,51 @@ class HaloDLink(service.MultiService):
         browser, sp = self.addresses()
         return Register(self.node_name, browser, sp, self.capacity, self.node_id, self.secret)
 
+    def _retry_delay(self, backoff: Callable[[int], float]) -> Callable[[int], float]:
+        """Several HaloDs: the first round through the addresses goes fast (50–150 ms
+        apart: a new leader is found within a round), then the usual backoff."""
+        count = len(self.endpoints.addresses)
+
+        def delay(attempt: int) -> float:
+            n = max(attempt, self._misses)
+            if n <= count:
+                return 0.05 + random.random() * 0.1
+            return backoff(n - count)
+
+        return delay
+
+    def stale(self, msg: Welcome | Assign) -> bool:
+        """Older than the table this node holds: ignore it (HaloD on etcd: a message of a
+        leader already replaced)."""
+        held = self.table_version
+        if msg.version is None or held is None or msg.version >= held:
+            return False
+        self.log.warn(
+            "HaloD sent a {type} of table version {v}, older than this node's {held}: "
+            "ignored", type=msg.TYPE, v=msg.version, held=held,
+        )  # fmt: skip
+        return True
+
+    def welcome_current(self, msg: Welcome) -> bool:
+        """A welcome older than this node's table is refused once per other HaloD address
+        (the next one may lead); when every HaloD answers so, the store was reset or
+        restored from a backup: obeyed, with a warning."""
+        if not self.stale(msg):
+            self._stale_welcomes = 0
+            return True
+        self._stale_welcomes += 1
+        if self._stale_welcomes < len(self.endpoints.addresses):
+            self._misses += 1
+            return False
+        self.log.warn("every HaloD holds an older table than this node: obeying it")
+        self._stale_welcomes = 0
+        self.table_version = None
+        return True
+
     def assigned(self, msg: Welcome | Assign, total: int | None = None) -> None:
+        self._misses = 0
+        if msg.version is not None:
+            self.table_version = msg.version
         self.node_id, self.role = msg.node_id, msg.role
         evicted = self.hub.assign(msg.routes, total, msg.incoming)
         self.log.info(
@@ -216,7 +330,14 @@ class HaloDLink(service.MultiService):
             role=self.role.value, id=self.node_id, n=len(msg.routes), evicted=evicted,
         )  # fmt: skip
 
-    def refused(self, code: str, message: str) -> None:
+    def refused(self, code: str, message: str, leader: str | None = None) -> None:
+        if code == ErrorCode.NOT_LEADER:  # a following HaloD: try the leader (or the next)
+            self._misses += 1
+            if leader is not None and self.endpoints.prefer(leader):
+                self.log.info("{message}; trying {leader}", message=message, leader=leader)
+            else:
+                self.log.info("{message}; trying the next HaloD", message=message)
+            return
         self.log.error("HaloD refused this node: {code}: {message}", code=code, message=message)
         if code in _ROUTES_GONE:
             # HaloD gave our routes away; register afresh on the next connection.
