@@ -7,12 +7,13 @@ change, and serves /status, /routes and /metrics over HTTP.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import json
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.application import internet, service
 from twisted.internet import defer
@@ -27,14 +28,18 @@ from twisted.web.server import Request, Site
 from halod import dataplane
 from halod.config import HaloDConfig
 from halod.dataplane.base import DataPlane, Owner
+from halod.etcd.election import NotLeader
+from halod.ha import Leadership, Role
 from halod.liveness import Cause, Finding, Outcome, ProbeRequest, Verdict
 from halod.membership import Effects, Level, Membership, NodeState, Suspicion
 from halod.page import CSP, status_html, wants_html
 from halod.probe import probe
-from halod.store import Store
+from halod.store import Persisted, Store, StoreError
+from halod.store.etcd import Conflict, EtcdSettings
 from halod.svg import table_svg
 from orbited.core.control import (
     CONTROL_PROTOCOL,
+    Assign,
     ControlError,
     Error,
     ErrorCode,
@@ -43,6 +48,7 @@ from orbited.core.control import (
     Heartbeat,
     Leave,
     Register,
+    Welcome,
     decode_from_node,
     encode,
     encode_heartbeat_ack,
@@ -60,6 +66,9 @@ from orbited.core.tokens import load_secret
 from orbited.runtime.twisted_compat import listening_port
 from orbited.runtime.web import JSONDirectory, JSONResource, OrbitedSite, send_error
 from orbited.sp.wire import SPConnection, SPProtocolError, encode_message
+
+if TYPE_CHECKING:
+    from halod.vip import VirtualAddress
 
 ChangeListener = Callable[[Change, Membership], None]
 Probe = Callable[[ProbeRequest], "defer.Deferred[Outcome]"]
@@ -121,15 +130,16 @@ class ControlProtocol(Protocol):
         if not self.closed:
             self.transport.write(encode_message(body))
 
-    def refuse(self, code: ErrorCode, message: str) -> None:
-        """Send an error and close once it is written."""
+    def refuse(self, code: ErrorCode, message: str, leader: str | None = None) -> None:
+        """Send an error (``leader``: the not_leader hint) and close once it is written."""
         if self.closed:
             return
-        self.log.warn(
+        log = self.log.info if code is ErrorCode.NOT_LEADER else self.log.warn
+        log(
             "control connection {who} refused: {code}: {message}",
             who=self.name or self.peer, code=code, message=message,
         )  # fmt: skip
-        self.send(Error(code, message))
+        self.send(Error(code, message, leader))
         self.closed = True
         self.transport.loseConnection()
 
@@ -147,12 +157,19 @@ class ControlProtocol(Protocol):
 
 
 class HaloD:
-    """Membership + persistence + the connections to nodes, by name."""
+    """Membership + persistence + the connections to nodes, by name.
+
+    With SQLite (``ha`` None) this HaloD always acts and saves each change synchronously.
+    With etcd (``ha`` a Leadership) it acts only while it leads and its table is restored
+    from etcd (``leading``); each change is written through the fenced EtcdStore before
+    any node or the data plane hears of it: one write in flight, later changes queued
+    and written together (docs/halod.md, "High availability")."""
 
     log = Logger()
+    WRITE_RETRY = 0.1  # seconds before a change etcd did not take is sent again
 
-    def __init__(self, config: HaloDConfig, clock: IReactorTime, prober: Probe | None = None
-                 ) -> None:  # fmt: skip
+    def __init__(self, config: HaloDConfig, clock: IReactorTime, prober: Probe | None = None,
+                 ha: Leadership | None = None) -> None:  # fmt: skip
         self.config = config
         self.clock = clock
         # Connects to a suspected node's port (halod.probe); tests pass their own.
@@ -160,30 +177,27 @@ class HaloD:
             lambda request: probe(clock, request.address, request.timeout)  # type: ignore[arg-type]
         )
         self.started = time.time()
-        self.store = Store(Path(config.db))
+        self.ha = ha
+        self.vip: VirtualAddress | None = None
         self.stopping = False  # shutdown() ran: control messages are ignored
         secret = None
         if config.secret_file:
             secret = load_secret(Path(config.secret_file)).decode("latin-1")
-        saved = self.store.load()
-        if saved is None:
-            table = RouteTable(config.routes, config.spares, config.policy)
-            self.membership = Membership(table, config.timing(), secret)
-            self.store.save(self.membership.snapshot())
+        self.secret = secret
+        self.leading = ha is None  # acts on nodes (etcd: leads, table restored)
+        self.warm: Persisted | None = None  # etcd, not leading: the follower's copy
+        self._term = 0  # bumped on every change of leadership: stale callbacks see it
+        self._queue: list[Effects] = []  # effects waiting for the write in flight
+        self._writing = False
+        self._dirty = False  # write even without a change (a new table)
+        self._retry: IDelayedCall | None = None
+        self._plane_started = False
+        if ha is not None:
+            # Until this HaloD leads: an empty table, replaced by the follower's copy.
+            self.store: Store | None = None
+            self.membership = self._fresh_membership()
         else:
-            self.membership = Membership.restore(
-                saved, config.timing(), clock.seconds(), config.spares, secret
-            )
-            if self.membership.table.routes != config.routes:
-                raise ValueError(
-                    f"{config.db} holds a table of {self.membership.table.routes} routes, "
-                    f"not {config.routes}: routes are fixed for the life of a cluster"
-                )
-            self.membership.table.policy = Policy(config.policy)
-            self.log.info(
-                "restored the route table of {db} ({nodes} nodes); they have {grace}s to "
-                "reconnect", db=config.db, nodes=len(self.membership.nodes), grace=config.grace,
-            )  # fmt: skip
+            self.store = self._open_sqlite(config, clock, secret)
         # Build the canonical progression now (≈ 2 s for N = 4096) rather than inside the
         # first failover, where it would stall heartbeats.
         canonical(config.routes, config.routes)
@@ -194,11 +208,58 @@ class HaloD:
             "messages": 0, "refused": 0, "persist_errors": 0, "changes": 0,
             "handoffs_relayed": 0, "handoffs_dropped": 0, "stalls": 0,
             "probes": 0, "probes_alive": 0, "probes_dead": 0, "probes_unknown": 0,
+            "terms": 0,
         }  # fmt: skip
         timing = config.timing()
         self.tick_period = max(0.02, min(timing.heartbeat_interval, timing.grace) / 4)
         self._last_tick: float | None = None
         self._probe_timer: IDelayedCall | None = None  # probes run on their own times
+        if ha is not None:
+            ha.on_lead = self._lead
+            ha.on_follow = self._follow
+            ha.on_table = self._warm_copy
+
+    def _fresh_membership(self) -> Membership:
+        c = self.config
+        return Membership(RouteTable(c.routes, c.spares, c.policy), c.timing(), self.secret)
+
+    @property
+    def table_version(self) -> int:
+        """The version of the table this HaloD holds (a follower: its warm copy's)."""
+        if self.store is not None:
+            return self.store.version
+        assert self.ha is not None
+        if self.leading:
+            return self.ha.store.version
+        return self.warm.version if self.warm is not None else 0
+
+    def _open_sqlite(self, config: HaloDConfig, clock: IReactorTime, secret: str | None
+                     ) -> Store:  # fmt: skip
+        store = Store(Path(config.db))
+        saved = store.load()
+        if saved is None:
+            self.membership = self._fresh_membership()
+            store.save(self.membership.snapshot())
+        else:
+            self.membership = self._restored(saved, clock.seconds(), str(config.db))
+        return store
+
+    def _restored(self, saved: dict[str, Any], now: float, where: str) -> Membership:
+        """Membership from a saved snapshot; ValueError if its route count is not ours."""
+        config = self.config
+        membership = Membership.restore(saved, config.timing(), now, config.spares, self.secret)
+        if membership.table.routes != config.routes:
+            raise ValueError(
+                f"{where} holds a table of {membership.table.routes} routes, "
+                f"not {config.routes}: routes are fixed for the life of a cluster"
+            )
+        membership.table.policy = Policy(config.policy)
+        self.log.info(
+            "restored the route table of {db} ({nodes} nodes); they have {grace}s to "
+            "reconnect", db=where, nodes=len(membership.nodes), grace=config.grace,
+        )  # fmt: skip
+        return membership
+
 
     # -- from control connections --------------------------------------------------------
 
@@ -214,6 +275,19 @@ class HaloD:
 
     def _received(self, conn: ControlProtocol, body: bytes) -> None:
         now = self.clock.seconds()
+        if self.ha is not None and conn.name is None and self.leading:
+            try:  # a leader whose lease may have ended (a frozen process) welcomes nobody
+                self.ha.election.fence()
+            except NotLeader:
+                if self.leading:
+                    self._follow()
+        if not self.leading:  # a follower (store etcd): nodes go to the leader
+            self.stats["refused"] += 1
+            leader = self.ha.leader() if self.ha is not None else None
+            hint = leader.control if leader is not None and leader.name != self._name() else None
+            who = f"{leader.name} leads" if leader is not None else "no HaloD leads right now"
+            conn.refuse(ErrorCode.NOT_LEADER, f"this HaloD does not lead: {who}", hint)
+            return
         try:
             msg = decode_from_node(body)
             if conn.name is None:
@@ -257,7 +331,7 @@ class HaloD:
 
     def lost(self, conn: ControlProtocol) -> None:
         name = conn.name
-        if self.stopping:
+        if self.stopping or not self.leading:
             return
         if name is not None and self.connections.get(name) is conn:
             del self.connections[name]
@@ -272,7 +346,11 @@ class HaloD:
             self.apply(effects)
 
     def _probe(self, request: ProbeRequest) -> None:
+        term = self._term
+
         def done(outcome: Outcome) -> None:
+            if term != self._term or not self.leading:
+                return  # asked by an earlier leadership of this HaloD
             now = self.clock.seconds()
             self.apply(self.membership.probed(
                 request.name, request.probe_id, request.port, outcome, now
@@ -283,6 +361,8 @@ class HaloD:
         d.addErrback(lambda f: self.log.failure("probe of {name} failed", f, name=request.name))
 
     def tick(self) -> None:
+        if not self.leading:
+            return
         now = self.clock.seconds()
         # A tick that comes a whole period late means this reactor was busy (e.g. the
         # built-in proxy under load): heartbeats may sit unread in socket buffers, so no
@@ -298,6 +378,10 @@ class HaloD:
 
     def operator(self, action: str, name: str) -> NodeState:
         """``drain`` or ``undrain`` a node; returns its new state (ControlError if refused)."""
+        if not self.leading:
+            leader = self.ha.leader() if self.ha is not None else None
+            where = f": {leader.name} leads" if leader is not None else ""
+            raise ControlError(ErrorCode.NOT_LEADER, f"this HaloD does not lead{where}")
         m = self.membership
         effects = m.drain(name) if action == "drain" else m.undrain(name)
         self.log.info("operator: {action} {name}", action=action, name=name)
@@ -307,6 +391,13 @@ class HaloD:
     # -- effects -------------------------------------------------------------------------
 
     def apply(self, effects: Effects) -> None:
+        if self.store is None:  # etcd: written first, released once etcd has it
+            if not self.leading:
+                return
+            self.stats["changes"] += len(effects.changes)
+            self._queue.append(effects)
+            self._flush()
+            return
         if effects.changes:
             self.stats["changes"] += len(effects.changes)
             try:
@@ -314,6 +405,63 @@ class HaloD:
             except Exception:
                 self.stats["persist_errors"] += 1
                 self.log.failure("saving the route table to {db} failed", db=self.config.db)
+        self._release(effects, self.store.version)
+
+    def _flush(self) -> None:
+        """Write the table if queued effects changed it (one write in flight), then
+        release them in order; effects without a change behind none are released now."""
+        if self._writing or self._retry is not None or not self.leading:
+            return  # the write in flight (or the retry) takes what is queued now
+        if not (self._queue or self._dirty):
+            return
+        batch, self._queue = self._queue, []
+        assert self.ha is not None
+        if not self._dirty and not any(e.changes for e in batch):
+            for effects in batch:
+                self._release(effects, self.ha.store.version)
+            return
+        self._writing, self._dirty = True, False
+        term = self._term
+        store = self.ha.store
+        d = store.write(self.membership.snapshot())
+
+        def written(table: Persisted) -> None:
+            if term != self._term:
+                return  # this HaloD stepped down meanwhile: nobody hears of it
+            self._writing = False
+            for effects in batch:
+                self._release(effects, table.version)
+            self._flush()
+
+        def failed(failure: Failure) -> None:
+            if term != self._term:
+                return
+            self._writing = False
+            self.stats["persist_errors"] += 1
+            if failure.check(NotLeader, Conflict):  # Fenced is a NotLeader
+                self.log.warn("etcd refused the table change ({why}): this HaloD stops "
+                              "leading", why=failure.getErrorMessage())  # fmt: skip
+                assert self.ha is not None
+                self.ha.election.deposed()
+                if self.leading:  # known only here (e.g. a version conflict)
+                    self._follow()
+                return
+            self.log.warn("writing the table to etcd failed ({why}); retrying in {s}s",
+                          why=failure.getErrorMessage(), s=self.WRITE_RETRY)  # fmt: skip
+            self._queue[:0] = batch
+            self._retry = self.clock.callLater(self.WRITE_RETRY, self._retry_flush)
+
+        d.addCallbacks(written, failed)
+
+    def _retry_flush(self) -> None:
+        self._retry = None
+        if self.leading:
+            self._dirty = True  # the snapshot moved on; write what it is now
+            self._flush()
+
+    def _release(self, effects: Effects, version: int) -> None:
+        """Act on effects whose table change (if any) is saved as ``version``."""
+        if effects.changes:
             for change in effects.changes:
                 self._log_change(change)
                 for listener in self.listeners:
@@ -328,7 +476,10 @@ class HaloD:
         for send in effects.sends:
             conn = self.connections.get(send.name)
             if conn is not None:
-                conn.send(send.message)
+                message = send.message
+                if isinstance(message, Welcome | Assign):  # the version rides along
+                    message = dataclasses.replace(message, version=version)
+                conn.send(message)
         for finding in effects.findings:
             self._log_finding(finding)
         for notice in effects.notices:
@@ -405,14 +556,129 @@ class HaloD:
                 name=change.name, role=change.role, id=change.node_id, n=len(change.moves),
             )  # fmt: skip
 
-    def shutdown(self) -> None:
+    def shutdown(self) -> defer.Deferred[None]:
         """Stop acting on nodes (their leave messages and closed connections during our own
-        stop change nothing) and close the store."""
+        stop change nothing) and close the store (etcd: step down first, revoking the
+        lease, so a follower leads at once)."""
         self.stopping = True
         if self._probe_timer is not None and self._probe_timer.active():
             self._probe_timer.cancel()
         self._probe_timer = None
-        self.store.close()
+        if self.store is not None:
+            self.store.close()
+            return defer.succeed(None)
+        assert self.ha is not None
+        self._cancel_writes()
+        return self.ha.stop()
+
+    # -- leadership (store etcd) -----------------------------------------------------------
+
+    def _name(self) -> str:
+        return self.ha.election.candidate.name if self.ha is not None else ""
+
+    def _cancel_writes(self) -> None:
+        self._term += 1
+        self._queue.clear()
+        self._writing = self._dirty = False
+        if self._retry is not None and self._retry.active():
+            self._retry.cancel()
+        self._retry = None
+
+    def _lead(self) -> None:
+        """Elected: read the table from etcd (the leader's write path starts from it),
+        restore it, then act. Nodes are refused until then."""
+        assert self.ha is not None
+        self._cancel_writes()
+        term = self._term
+        self.log.info("{name} is elected; reading the table from etcd", name=self._name())
+
+        def restored(saved: Persisted | None) -> None:
+            if term != self._term or self.stopping or self.ha is None or not self.ha.leading:
+                return
+            now = self.clock.seconds()
+            where = f"etcd {self.ha.settings.prefix}"
+            try:
+                if saved is None:
+                    membership = self._fresh_membership()
+                    self._dirty = True  # the first leader writes the new table
+                else:
+                    membership = self._restored(saved.snapshot(), now, where)
+            except ValueError as e:  # routes differ (or a broken table): never act on it
+                self.log.critical("{name} cannot lead: {e}", name=self._name(), e=e)
+                self.ha.election.stop()
+                return
+            self.membership = membership
+            self.leading = True
+            self.stats["terms"] += 1
+            self._drive_plane()
+            if self.vip is not None:
+                self._vip_call(self.vip.lead, "take the virtual address")
+            self.log.info("{name} leads at table version {v}", name=self._name(),
+                          v=self.ha.store.version)  # fmt: skip
+            self._flush()
+
+        def failed(failure: Failure) -> None:
+            if term != self._term or self.ha is None:
+                return
+            self.log.warn("reading the table from etcd failed ({why}): stepping down",
+                          why=failure.getErrorMessage())  # fmt: skip
+            self.ha.election.deposed()
+
+        self.ha.store.read().addCallbacks(restored, failed)
+
+    def _follow(self) -> None:
+        """Lost the lead (deposed, lease not renewed, stopping): stop acting at once —
+        no write lands, no node hears another word; nodes are sent to the leader."""
+        was_leading = self.leading
+        self.leading = False
+        self._cancel_writes()
+        if self._probe_timer is not None and self._probe_timer.active():
+            self._probe_timer.cancel()
+        self._probe_timer = None
+        for conn in list(self.connections.values()):
+            conn.refuse(ErrorCode.NOT_LEADER, "this HaloD no longer leads")
+        self.connections.clear()
+        if not was_leading:
+            return
+        self.log.warn("{name} stopped leading; nodes go to the next leader", name=self._name())
+        if self.vip is not None and not self.stopping:
+            self._vip_call(self.vip.follow, "give the virtual address up")
+        if self.ha is not None and not self.stopping:
+            try:
+                self._warm_copy(self.ha.follower.table())
+            except StoreError as e:
+                self.log.error("the table in etcd is not valid: {e}", e=e)
+
+    def _warm_copy(self, table: Persisted | None) -> None:
+        """A follower's copy of the table changed: show it, and drive the data plane with
+        it, so this host forwards as the leader does."""
+        if self.leading or self.stopping or table is None:
+            return
+        try:
+            membership = Membership.restore(table.snapshot(), self.config.timing(),
+                                            self.clock.seconds(), self.config.spares,
+                                            self.secret)  # fmt: skip
+        except Exception:
+            self.log.failure("the table in etcd cannot be shown")
+            return
+        self.warm = table
+        self.membership = membership
+        self._drive_plane()
+
+    def _drive_plane(self) -> None:
+        if self.dataplane is None:
+            return
+        owners = owners_of(self.membership)
+        if self._plane_started:
+            self.dataplane.apply(owners)
+        else:
+            self._plane_started = True
+            self.dataplane.start(owners)
+
+    def _vip_call(self, call: Callable[[], defer.Deferred[None]], what: str) -> None:
+        d = defer.maybeDeferred(call)
+        d.addErrback(lambda f: self.log.error("could not {what}: {why}", what=what,
+                                              why=f.getErrorMessage()))  # fmt: skip
 
     # -- views ---------------------------------------------------------------------------
 
@@ -452,7 +718,8 @@ class HaloD:
             "heartbeat_interval": m.timing.heartbeat_interval,
             "missed_heartbeats": m.timing.missed_heartbeats,
             "grace": m.timing.grace,
-            "table_version": self.store.version,
+            "table_version": self.table_version,
+            **self._ha_status(),
             "failovers": m.failovers,
             "uptime": round(time.time() - self.started, 1),
             "nodes": nodes,
@@ -460,11 +727,34 @@ class HaloD:
             "dataplane": self.dataplane.stats() if self.dataplane is not None else None,
         }
 
+    def _ha_status(self) -> dict[str, Any]:
+        """/status's ``role``, ``leader`` and ``etcd`` (docs/halod-protocol.md)."""
+        if self.ha is None:
+            return {"role": Role.SOLO.value, "leader": None, "etcd": None}
+        role = self.ha.role
+        if role is Role.LEADER and not self.leading:
+            role = Role.CANDIDATE  # elected, table not restored yet
+        leader = self.ha.leader()
+        return {
+            "role": role.value,
+            "leader": None if leader is None else {
+                "name": leader.name, "control": leader.control, "status": leader.status,
+            },
+            "etcd": {
+                "name": self._name(),
+                "prefix": self.ha.settings.prefix,
+                "lease_ttl": self.ha.settings.lease_ttl,
+                "endpoints": [{"url": url, "healthy": healthy}
+                              for url, healthy in self.ha.health.items()],
+                "terms": self.stats["terms"],
+            },
+        }  # fmt: skip
+
     def routes_view(self) -> dict[str, Any]:
         owners = self.membership.owners()
         return {
             "routes": self.membership.table.routes,
-            "version": self.store.version,
+            "version": self.table_version,
             "owners": {
                 str(r): owners[r].address() if r in owners else None
                 for r in range(1, self.membership.table.routes + 1)
@@ -756,7 +1046,13 @@ class HaloDService(service.MultiService):
             reactor = _reactor
         clock: IReactorTime = reactor  # type: ignore[assignment]
         self.config = config
-        self.halod = HaloD(config, clock)
+        self.reactor = reactor
+        ha = None
+        if getattr(config, "store", "sqlite") == "etcd":  # TODO(config keys) direct
+            ha = Leadership(reactor, etcd_settings(config), config.etcd_name, {})
+        self.halod = HaloD(config, clock, ha=ha)
+        if getattr(config, "vip_address", ""):
+            self.halod.vip = virtual_address(config, reactor)
         host, port = parse_sp_address(config.control)
         self.control_server = internet.TCPServer(
             port, ControlFactory(self.halod), backlog=1024, interface=host, reactor=reactor
@@ -772,6 +1068,7 @@ class HaloDService(service.MultiService):
         self.dataplane = dataplane.build(config, reactor)
         if self.dataplane is not None:
             plane = self.dataplane
+            # Called once a change is saved (etcd: written), only by a HaloD that acts.
             self.halod.listeners.append(lambda change, m: plane.apply(owners_of(m)))
             self.halod.dataplane = plane
         # Deadlines are checked a few times per heartbeat interval: detection takes at
@@ -795,14 +1092,45 @@ class HaloDService(service.MultiService):
         return self._address(self.status_server) if self.status_server else None
 
     def startService(self) -> None:  # noqa: N802
-        if self.dataplane is not None:  # restored routes are reachable before nodes return
+        ha = self.halod.ha
+        if self.dataplane is not None and ha is None:
+            # Restored routes are reachable before nodes return. With etcd the data plane
+            # starts with the first table read from etcd (as follower or leader).
+            self.halod._plane_started = True
             self.dataplane.start(owners_of(self.halod.membership))
         super().startService()
+        if ha is not None:  # the control port is bound: the leader key can name it
+            control = getattr(self.config, "control_advertise", "") or self.control_address
+            info = {"control": control}
+            if self.status_address:
+                info["status"] = self.status_address
+            ha.start(getattr(self.config, "etcd_name", "") or control.removeprefix("tcp://"), info)
 
     def stopService(self):  # noqa: ANN201, N802
         result = defer.maybeDeferred(super().stopService)
         if self.dataplane is not None:
             stopped = defer.maybeDeferred(self.dataplane.stop)
             result = defer.gatherResults([result, stopped], consumeErrors=True)
-        self.halod.shutdown()
-        return result
+        parts = [result, self.halod.shutdown()]
+        if self.halod.vip is not None:
+            parts.append(defer.maybeDeferred(self.halod.vip.stop))
+        return defer.gatherResults(parts, consumeErrors=True)
+
+
+def etcd_settings(config: HaloDConfig) -> EtcdSettings:
+    """The etcd store's settings from HaloD's config keys (validated by EtcdSettings)."""
+    return EtcdSettings(
+        tuple(config.etcd_endpoints), config.etcd_prefix, config.etcd_lease_ttl,
+        config.etcd_step_down_margin, config.etcd_timeout,
+    )  # fmt: skip
+
+
+def virtual_address(config: HaloDConfig, reactor: Any) -> VirtualAddress:
+    """The route address that follows the leader (halod.vip, imported only when used)."""
+    from halod.vip import VipSettings, VirtualAddress
+
+    settings = VipSettings(
+        address=config.vip_address, interface=config.vip_interface,
+        router_id=config.vip_router_id, priority=config.vip_priority,
+    )  # fmt: skip
+    return VirtualAddress(settings, reactor)

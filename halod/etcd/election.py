@@ -328,8 +328,9 @@ class Election:
     def __init__(self, client: EtcdClient, prefix: bytes, name: str,
                  settings: ElectionSettings | None = None,
                  on_change: Callable[[State, Fence | None], None] | None = None,
-                 ) -> None:  # fmt: skip
+                 info: dict[str, str] | None = None) -> None:  # fmt: skip
         self.client = client
+        self.info = dict(info or {})  # more fields of the leader key's value (e.g. control)
         self.reactor = client.reactor
         self.key = prefix.rstrip(b"/") + b"/leader"
         self.candidate = Candidate(name, settings or ElectionSettings())
@@ -446,7 +447,7 @@ class Election:
             self.log.info("{name} follows {holder}", name=self.candidate.name, holder=out.holder)
 
     def _campaign(self, lease: int) -> None:
-        value = json.dumps({"name": self.candidate.name}).encode()
+        value = json.dumps({**self.info, "name": self.candidate.name}).encode()
         d = self.client.txn(
             [wire.Compare(self.key, wire.Target.CREATE, 0)],
             [wire.Put(self.key, value, lease)],

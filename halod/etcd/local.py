@@ -3,9 +3,9 @@
 
 For tests (tests/etcd_cluster.py), the benchmark (bench/store.py) and local HA runs; not
 for production, where etcd is the operator's (docs/halod.md, "Store: SQLite or etcd").
-Election timings are short (heartbeat 50 ms, election 500 ms) so the loss of a member is
-settled quickly; ``kill(i)`` SIGKILLs one member, ``stop()`` all, leaving nothing behind;
-a member also dies with the process that started it.
+Election timings are short (heartbeat 50 ms, election 500 ms; the HA tests pass 25/250)
+so the loss of a member is settled quickly; ``kill(i)`` SIGKILLs one member, ``stop()``
+all, leaving nothing behind; a member also dies with the process that started it.
 """
 
 from __future__ import annotations
@@ -73,8 +73,10 @@ class Member:
 class EtcdCluster:
     """``size`` members under ``base`` (data dirs ``m<i>.etcd``, logs ``m<i>.log``)."""
 
-    def __init__(self, base: Path, size: int = 3, etcd: str = ETCD) -> None:
+    def __init__(self, base: Path, size: int = 3, etcd: str = ETCD,
+                 heartbeat_ms: int = 50, election_ms: int = 500) -> None:  # fmt: skip
         self.etcd = etcd
+        self.heartbeat_ms, self.election_ms = heartbeat_ms, election_ms  # etcd's raft timing
         ports = free_ports(2 * size)
         self.token = f"orbited-local-{os.getpid()}-{ports[0]}"
         self.members = [
@@ -107,7 +109,8 @@ class EtcdCluster:
             "--initial-advertise-peer-urls", f"http://127.0.0.1:{m.peer_port}",
             "--initial-cluster", initial, "--initial-cluster-state", "new",
             "--initial-cluster-token", self.token,
-            "--heartbeat-interval", "50", "--election-timeout", "500",
+            "--heartbeat-interval", str(self.heartbeat_ms),
+            "--election-timeout", str(self.election_ms),
             "--logger", "zap", "--log-outputs", "stderr",
         ]  # fmt: skip
         log = m.log_file.open("ab")
