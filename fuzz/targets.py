@@ -254,6 +254,27 @@ def check_event_body(body: bytes) -> None:
         strict_reply(events.ok_reply(request.event_id, results))
 
 
+def check_event_orjson(body: bytes) -> None:
+    """Any request bytes: parse_request decides exactly the same with orjson (its fast
+    path) and without it (the standard library's strict path): the same EventRequest
+    (payload and digest bytes included) or the same error code and message."""
+
+    def outcome() -> object:
+        try:
+            return events.parse_request(body, SMALL_LIMITS)
+        except events.RequestError as e:
+            return (e.code, e.message, e.event_id)
+
+    fast = outcome()
+    saved = events._orjson
+    events._orjson = None
+    try:
+        slow = outcome()
+    finally:
+        events._orjson = saved
+    expect(fast == slow, f"orjson decides otherwise: {fast!r} vs {slow!r}")
+
+
 def event_body(
     event_id: str, keys: Sequence[Sequence[str]], data: object, ack: float | None
 ) -> bytes:
@@ -945,6 +966,7 @@ DESCRIPTIONS = {
     "sp_header": "parse_header: 8 bytes round-trip or SPProtocolError",
     "backtrace": "split_backtrace: any REQ body, max_hops 1..10",
     "event_json": "parse_request: any SP request body, default and small limits",
+    "event_orjson": "parse_request: the same outcome with and without orjson",
     "keys_positions": "ConnectionKey.from_json on any JSON; Position.parse on any text",
     "tokens": "verify_token: any string; correctly signed arbitrary header/claims",
     "token_claims": "verify_token: signed claims of any type, size, encoding; docs' outcome",
@@ -981,6 +1003,7 @@ SEEDS: dict[str, list[bytes]] = {
     "sp_header": [wire.encode_header(wire.REQ)],
     "backtrace": [b"\x08\x00\x00\x00\x01\x80\x00\x00\x02payload"],
     "event_json": [_VALID_EVENT, b'{"op":"ping","id":"p"}'],
+    "event_orjson": [_VALID_EVENT, b'{"id":"e","to":[["a","b","/c"]],"data":[1e-5,1e99,2e20]}'],
     "keys_positions": [b'["alice","s1","/chat"]', b"aZ3x_Q.1f:42"],
     "tokens": [bytes([len(valid_token()), 0, 0]) + valid_token().encode()],
     # flags 0; 3 claims: sub "orbited", aud "orbited", exp NOW + 2**23 - 1 (kind 0)
@@ -1001,6 +1024,7 @@ TARGETS: dict[str, Callable[[bytes], None]] = {
     "sp_header": lambda d: check_sp_header(d[:8], wire.REQ),
     "backtrace": lambda d: check_backtrace(d[1:], 1 + d[0] % 10 if d else 8),
     "event_json": check_event_body,
+    "event_orjson": check_event_orjson,
     "keys_positions": _fuzz_keys,
     "tokens": _fuzz_tokens,
     "token_claims": _fuzz_token_claims,

@@ -35,6 +35,8 @@ def _encode(obj: object) -> bytes:
 def event_id(text: str) -> bytes:
     """An event request's id as the event frames carry it: encoded once per request and
     shared by every recipient's mailbox entry (docs/protocol.md, "Frames")."""
+    if text.isascii() and text.isprintable() and '"' not in text and "\\" not in text:
+        return b'"%s"' % text.encode()  # nothing to escape: what json.dumps writes
     return _encode(text)
 
 
