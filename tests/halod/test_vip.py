@@ -250,9 +250,10 @@ def start_host(net: vip_net.Lan, name: str, priority: int, tmp_path: Path) -> Ho
     return host
 
 
-def start_client(net: vip_net.Lan, tmp_path: Path) -> Client:
+def start_client(net: vip_net.Lan, tmp_path: Path, silence: float = 0.6) -> Client:
+    """The browser stand-in; ``silence``: its watchdog (s without data = cut)."""
     argv = [sys.executable, "-m", "tests.halod.vip_net", "client", vip_net.VIP.split("/")[0],
-            str(vip_net.PORT)]  # fmt: skip
+            str(vip_net.PORT), str(silence)]  # fmt: skip
     return Client(net.popen("c", argv, stdout=subprocess.PIPE, cwd=ROOT,
                             stderr=(tmp_path / "client.err").open("w")))  # fmt: skip
 
@@ -270,8 +271,8 @@ def wait_for(cond: Any, timeout: float, what: str) -> float:
     return time.monotonic() - start
 
 
-def leader_a_follower_b(net: vip_net.Lan, tmp_path: Path, tell_b: bool = True
-                        ) -> tuple[Host, Host, Client]:  # fmt: skip
+def leader_a_follower_b(net: vip_net.Lan, tmp_path: Path, tell_b: bool = True,
+                        silence: float = 0.6) -> tuple[Host, Host, Client]:  # fmt: skip
     """a leads, b follows (``tell_b`` False: b's HaloD was told nothing yet; its
     keepalived runs as a follower from the start anyway)."""
     a = start_host(net, "a", 100, tmp_path)
@@ -283,7 +284,7 @@ def leader_a_follower_b(net: vip_net.Lan, tmp_path: Path, tell_b: bool = True
         wait_for(lambda: (tmp_path / "b-vip" / "vrrp.pid").exists(), 10, "b's keepalived runs")
     wait_for(lambda: vip_on(net, "a"), 10, "the leader's host a takes the address")
     assert not vip_on(net, "b")
-    client = start_client(net, tmp_path)
+    client = start_client(net, tmp_path, silence)
     client.wait_connected("a", 10)
     return a, b, client
 
@@ -335,6 +336,24 @@ def test_halod_killed_address_moves_before_a_new_leader(net: vip_net.Lan, tmp_pa
     a2.command("follow")
     time.sleep(1.5)
     assert vip_on(net, "b") and not vip_on(net, "a")
+
+
+@needs_netns
+def test_leader_host_processes_killed_address_moves_within_3s(
+    net: vip_net.Lan, tmp_path: Path
+) -> None:
+    # The issue's case: every process of the leader's host is SIGKILLed, its kernel lives.
+    # The client's watchdog is 30 s: it reconnects because its stream was closed (the
+    # kernel closes a killed process's sockets), not because it timed out.
+    a, b, client = leader_a_follower_b(net, tmp_path, silence=30)
+    t0 = time.monotonic()
+    killed = net.kill_all("a")
+    assert len(killed) >= 2
+    moved = wait_for(lambda: vip_on(net, "b"), 3, "b takes the address")
+    e = client.wait_connected("b", 3)
+    report("host a's processes killed, address on b after", moved)
+    report("host a's processes killed, client reconnected through b after", e["t"] - t0)
+    assert e["t"] - t0 < 3.0
 
 
 @needs_netns

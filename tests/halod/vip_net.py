@@ -13,8 +13,9 @@ Run as a program inside a namespace:
   stream on ADDRESS's IP:PORT (an HTTP response that sends ``data: NAME N`` every
   0.1 s). Commands on stdin, one a line: ``lead``, ``follow``, ``stop``; each answers
   ``ok CMD`` or ``error CMD MESSAGE`` on stdout. ``ready`` is printed once listening.
-- ``python -m tests.halod.vip_net client IP PORT``: a browser stand-in. It keeps one
-  stream open, reconnecting 50 ms after a cut (a read silent for 0.6 s counts as cut),
+- ``python -m tests.halod.vip_net client IP PORT [SILENCE]``: a browser stand-in. It
+  keeps one stream open, reconnecting 50 ms after a cut (a read silent for SILENCE s,
+  default 0.6, counts as cut: its watchdog),
   and prints one JSON line per event: ``{"t", "event": "connected", "host"}`` at the
   first data of a connection, ``{"t", "event": "cut", "reason"}``. ``t`` is
   time.monotonic(), the same clock as the test's.
@@ -213,7 +214,7 @@ def host_main(name: str, address: str, iface: str, priority: int, state_dir: str
     reactor.run()
 
 
-def client_main(ip: str, port: int) -> None:
+def client_main(ip: str, port: int, silence: float = 0.6) -> None:
     def emit(**kw: Any) -> None:
         print(json.dumps({"t": time.monotonic(), **kw}), flush=True)
 
@@ -224,7 +225,7 @@ def client_main(ip: str, port: int) -> None:
             time.sleep(0.05)
             last = f"connect: {e}"
             continue
-        s.settimeout(0.6)
+        s.settimeout(silence)
         connected = False
         buf = b""
         try:
@@ -253,6 +254,6 @@ if __name__ == "__main__":
         n, a, i, p, d, port = sys.argv[2:8]
         host_main(n, a, i, int(p), d, int(port))
     elif sys.argv[1] == "client":
-        client_main(sys.argv[2], int(sys.argv[3]))
+        client_main(sys.argv[2], int(sys.argv[3]), *map(float, sys.argv[4:5]))
     else:
         raise SystemExit(f"usage: {sys.argv[0]} host|client ...")
