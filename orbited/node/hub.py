@@ -85,6 +85,8 @@ class HubConfig:
         return DedupLimits(self.dedup_window, self.dedup_max, self.dedup_max_bytes)
 
 
+_new = tuple.__new__
+
 SPREAD_MAX = 30.0  # seconds: the spread hint's bound, however many browsers a node has
 
 FULL_RESULT = b'{"status":"full"}'  # the node's mailboxes hold mailbox_total_bytes
@@ -468,16 +470,24 @@ class Hub(RouteOwnership):
             dedup.wait(digest, resend)
             return resend
         self.stats["events"] += 1
-        results: list[RecipientResult | defer.Deferred[RecipientResult]] = []
-        seen: dict[ConnectionKey, RecipientResult | defer.Deferred[RecipientResult]] = {}
-        waits = False
         eid = frames.event_id(request.event_id)  # once per request, shared by the mailboxes
-        for key in request.recipients:
-            entry = seen.get(key)
-            if entry is None:
-                entry = seen[key] = self._deliver(key, request.payload, request.ack, eid)
-                waits = waits or isinstance(entry, defer.Deferred)
-            results.append(entry)
+        recipients = request.recipients
+        if len(recipients) == 1:  # the common case: no duplicate keys to look for
+            only = self._deliver(recipients[0], request.payload, request.ack, eid)
+            if not isinstance(only, defer.Deferred):
+                return self._answered(request, now, [only])
+            results: list[RecipientResult | defer.Deferred[RecipientResult]] = [only]
+            waits = True
+        else:
+            results = []
+            seen: dict[ConnectionKey, RecipientResult | defer.Deferred[RecipientResult]] = {}
+            waits = False
+            for key in recipients:
+                entry = seen.get(key)
+                if entry is None:
+                    entry = seen[key] = self._deliver(key, request.payload, request.ack, eid)
+                    waits = waits or isinstance(entry, defer.Deferred)
+                results.append(entry)
         if not waits:
             return self._answered(request, now, results)  # type: ignore[arg-type]
         dedup.begin(digest)
@@ -506,7 +516,7 @@ class Hub(RouteOwnership):
         """The outcome of a request, encoded once: the dedup memory keeps its bytes."""
         reply = events.ok_reply(request.event_id, [r.encode() for r in results])
         self.dedup.remember(request.digest, reply, now)
-        return DispatchResult(request.event_id, tuple(results), False, reply)
+        return _new(DispatchResult, (request.event_id, tuple(results), False, reply))
 
     def _deliver(
         self, key: ConnectionKey, payload: bytes, ack: float | None = None,
@@ -545,14 +555,16 @@ class Hub(RouteOwnership):
             # node crashed and this one took the route over); `unacked` if none comes.
             slot = self._new_slot(key, route_of(key, self.routes), online=False)
             slot.linger_call = self.clock.callLater(self.config.linger, self._expire, key, slot)
-        if self._full(payload):
+        if self.mailbox_bytes + len(payload) > self.config.mailbox_total_bytes:
+            self.stats["full"] += 1
             return events.FULL_RECIPIENT
         mailbox = slot.mailbox
         seq, dropped = mailbox.append(payload, eid)
         self._recount(slot)
         sink = slot.sink
+        # tuple.__new__: a NamedTuple's own __new__ is a Python call (per recipient).
         if sink is not None and sink.deliver(
-            [Frame(frames.event(seq, payload, eid), seq, mailbox.stream)]
+            [_new(Frame, (frames.event(seq, payload, eid), seq, mailbox.stream))]
         ):
             mailbox.mark_delivered(seq)
             self.stats["delivered"] += 1
@@ -561,7 +573,7 @@ class Hub(RouteOwnership):
             self.stats["queued"] += 1
             status = QUEUED
         if ack is None:
-            return RecipientResult(status, seq, dropped)
+            return _new(RecipientResult, (status, seq, dropped, None, None))
         wait = _AckWait(seq, defer.Deferred())
         wait.timer = self.clock.callLater(ack, self._ack_timeout, slot, wait)
         if slot.waits is None:
