@@ -141,33 +141,35 @@ class BrowserLimits:
         }
 
 
-class WriteQueueWatch:
+class QueueWatch:
     """Decides when one streaming connection's browser is too slow (``max_write_queue``).
 
     Bytes written in one reactor turn sit in the transport until the reactor next writes,
     so a fast browser may briefly show a large queue (a resume's replay, a burst): only a
-    queue still over the limit ``GRACE`` seconds later, or over ``HARD`` times it at once
-    (not counting the first write, the resume's replay, which mailbox_bytes bounds),
+    queue still over ``max_bytes`` ``GRACE`` seconds later, or over ``HARD`` times it at
+    once (not counting the first write, the resume's replay, which mailbox_bytes bounds),
     makes ``on_slow`` run, once. ``measure`` returns the unsent bytes (None: unknown).
+
+    Slotted, with ``measure``/``on_slow`` as methods: a sink subclasses it and is its own
+    watch (no closures per connection); ``WriteQueueWatch`` takes them as callables.
     """
 
+    __slots__ = ("first", "fired", "_call")
     GRACE = 1.0
     HARD = 4
+    max_bytes: int
+    clock: IReactorTime
 
-    def __init__(
-        self,
-        max_bytes: int,
-        clock: IReactorTime,
-        measure: Callable[[], int | None],
-        on_slow: Callable[[int], None],
-    ) -> None:
-        self.max_bytes = max_bytes
-        self.clock = clock
-        self.measure = measure
-        self.on_slow = on_slow
+    def __init__(self) -> None:
         self.first = True
         self.fired = False
         self._call: IDelayedCall | None = None
+
+    def measure(self) -> int | None:
+        raise NotImplementedError
+
+    def on_slow(self, unsent: int) -> None:
+        raise NotImplementedError
 
     def wrote(self) -> bool:
         """Call after each write; True if the connection was found slow (now closing)."""
@@ -175,9 +177,10 @@ class WriteQueueWatch:
         if self.fired:
             return True
         unsent = self.measure()
-        if unsent is None or unsent <= self.max_bytes:
+        max_bytes = self.max_bytes
+        if unsent is None or unsent <= max_bytes:
             return False
-        if unsent > self.HARD * self.max_bytes and not first:
+        if unsent > self.HARD * max_bytes and not first:
             self._fire(unsent)
             return True
         if self._call is None:
@@ -199,3 +202,20 @@ class WriteQueueWatch:
         if self._call is not None and self._call.active():
             self._call.cancel()
         self._call = None
+
+
+class WriteQueueWatch(QueueWatch):
+    """A QueueWatch over callables (the twisted.web transports)."""
+
+    def __init__(
+        self,
+        max_bytes: int,
+        clock: IReactorTime,
+        measure: Callable[[], int | None],
+        on_slow: Callable[[int], None],
+    ) -> None:
+        super().__init__()
+        self.max_bytes = max_bytes
+        self.clock = clock
+        self.measure = measure  # type: ignore[method-assign]
+        self.on_slow = on_slow  # type: ignore[method-assign,assignment]

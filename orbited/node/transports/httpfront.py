@@ -1,0 +1,872 @@
+"""The browser port's lean front (issue 20): one plain Twisted protocol per browser
+connection, HTTP/1.1 request heads parsed by httptools (llhttp, in C).
+
+The front serves the three hot requests itself — ``GET /orbited/ws`` (the upgrade, then
+RFC 6455 framed by orbited.node.transports.wsframe), ``GET /orbited/sse`` and
+``GET /orbited/poll`` — and keeps no twisted.web ``Request`` for them. **Every other
+request is handed, with all bytes read so far, to the twisted.web Site** (``web.py``):
+health, client.js, ack, iframe, OPTIONS, HEAD, 404/405, and also every hot request whose
+answer is an error the Site decides without side effects (a refused origin, a bad
+upgrade, a query not UTF-8 or with a repeated parameter, a bad ``timeout`` or
+``Last-Event-ID``, a request head near a limit or one llhttp refuses: 400/403/414/426/431).
+So those answers stay twisted.web's, byte for byte. Once handed off, a connection stays
+with twisted.web. The front itself answers only what needs the node's state: 503
+``overloaded`` (limits), 401 ``token_*`` and 400 ``bad_position`` (``last``).
+
+- ``HeadReader`` (sans-I/O): bytes in; ``None`` (need more), ``HANDOFF``, or a ``Head``.
+- ``plan`` (pure): a ``Head`` → a ``Plan`` (what to serve) or None (hand off).
+- ``FrontProtocol``: the thin shell; ``WSSink``, ``SSESink``, ``PollSink``: the hub's
+  sinks, slotted, written through (orbited.runtime.twisted_compat) and batched
+  (orbited.node.flush); ``BrowserFront``: the factory, with one sweep timer (1 s) for
+  WebSocket pings and pong/close timeouts and for request heads that do not come.
+
+Keep-alive: after a complete response the connection reads the next request. Pipelining
+(a request sent before the previous response is complete; browsers never do it) is not
+served: bytes arriving while a response is held (SSE, a held poll) end that response
+and close the connection (docs/protocol.md, "Errors (browser side)"); reading goes on
+while a response is held, so a browser that goes away is detached at once.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any, Final
+
+import httptools
+from twisted.internet import task
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.logger import Logger
+from twisted.protocols.policies import ProtocolWrapper
+from twisted.python.failure import Failure
+from twisted.web.http import RESPONSES, parse_qs
+
+from orbited.core.keys import ConnectionKey
+from orbited.node import frames
+from orbited.node.frames import Frame
+from orbited.node.hub import Hub
+from orbited.node.mailbox import Position, PositionError
+from orbited.node.transports import wsframe
+from orbited.node.transports.common import (
+    BrowserAuth,
+    BrowserRequestError,
+    authenticate,
+    origin_allowed,
+    request_scheme,
+    resumes_session,
+)
+from orbited.node.transports.limits import BrowserLimits, Overloaded, QueueWatch
+from orbited.node.transports.longpoll import DEFAULT_TIMEOUT, MAX_TIMEOUT
+from orbited.runtime.twisted_compat import unsent_bytes, write_through
+from orbited.runtime.web import OrbitedSite, error_json
+
+log = Logger()
+
+
+class Route(Enum):
+    WS = "ws"
+    SSE = "sse"
+    POLL = "poll"
+
+
+HOT: Final = {b"/orbited/ws": Route.WS, b"/orbited/sse": Route.SSE, b"/orbited/poll": Route.POLL}
+# Headers the front reads (lower case); the last value of a repeated one wins, as in
+# twisted.web's getHeader.
+WANTED: Final = frozenset((b"host", b"origin", b"x-forwarded-proto", b"upgrade",
+                           b"connection", b"sec-websocket-key", b"sec-websocket-version",
+                           b"last-event-id"))  # fmt: skip
+HEAD_TIMEOUT = 10.0  # seconds for a request head to arrive (autobahn's openHandshakeTimeout)
+CLOSE_TIMEOUT = 5.0  # seconds the node waits for the browser's close frame
+SWEEP = 1.0  # the sweep timer's period
+
+
+class _Handoff:
+    __slots__ = ()
+
+
+HANDOFF: Final = _Handoff()
+
+
+@dataclass(frozen=True, slots=True)
+class Head:
+    """One complete request head the front may serve (GET of a hot URL, HTTP/1.1)."""
+
+    route: Route
+    query: bytes
+    headers: dict[bytes, bytes]
+    rest: bytes  # bytes after an upgrade request's head (early WebSocket frames)
+    keep_alive: bool  # the client did not say Connection: close
+    pipelined: bool  # another request followed in the same bytes
+
+
+class HeadReader:
+    """Reads one request head with httptools. Hands off (``HANDOFF``) whatever the front
+    does not serve or whose answer twisted.web must give: another method or path, a body,
+    HTTP/1.0, a head httptools refuses, and a head larger than ``small`` bytes or with
+    more than ``max_headers`` lines (twisted.web then applies the 414/431 limits exactly).
+    ``raw``: every byte read, for the hand-off."""
+
+    __slots__ = ("parser", "small", "max_headers", "raw", "url", "headers", "count", "state",
+                 "upgrade_at", "refuse")  # fmt: skip
+
+    def __init__(self, small: int, max_headers: int) -> None:
+        self.parser = httptools.HttpRequestParser(self)
+        self.small = small
+        self.max_headers = max_headers
+        self.raw = b""
+        self.url = b""
+        self.headers: dict[bytes, bytes] = {}
+        self.count = 0
+        self.state = 0  # 0 head, 1 complete, 2 another request began
+        self.upgrade_at = -1
+        self.refuse = False  # something twisted.web must answer
+
+    # httptools callbacks
+    def on_message_begin(self) -> None:
+        if self.state:
+            self.state = 2
+
+    def on_url(self, url: bytes) -> None:
+        if self.state == 0:
+            self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self.state:
+            return
+        self.count += 1
+        name = name.lower()
+        if name in WANTED:
+            self.headers[name] = value
+
+    def on_body(self, body: bytes) -> None:
+        if self.state == 0:
+            self.refuse = True
+
+    def on_message_complete(self) -> None:
+        if self.state == 0:
+            self.state = 1
+
+    def feed(self, data: bytes) -> Head | _Handoff | None:
+        self.raw += data
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as e:
+            self.upgrade_at = len(self.raw) - len(data) + e.args[0]
+            if self.state == 0:  # llhttp completes an upgrade request's head first
+                self.state = 1
+        except httptools.HttpParserError:
+            return HANDOFF
+        if self.state == 0:
+            if len(self.raw) > self.small or self.count > self.max_headers:
+                return HANDOFF
+            return None
+        head_size = self.upgrade_at if self.upgrade_at >= 0 else len(self.raw)
+        if (
+            self.refuse
+            or self.count > self.max_headers
+            or (self.state == 1 and head_size > self.small)
+        ):
+            return HANDOFF
+        parser = self.parser
+        if parser.get_method() != b"GET" or parser.get_http_version() != "1.1":
+            return HANDOFF
+        path, _, query = self.url.partition(b"?")
+        route = HOT.get(path)
+        if route is None or b"#" in query:
+            return HANDOFF
+        rest = b""
+        if self.upgrade_at >= 0:
+            if route is not Route.WS:
+                return HANDOFF
+            rest = self.raw[self.upgrade_at :]
+        return Head(route, query, self.headers, rest, parser.should_keep_alive(), self.state == 2)
+
+
+def query_args(query: bytes) -> dict[bytes, list[bytes]]:
+    """``request.args`` exactly as twisted.web computes it (its ``parse_qs``: pairs split
+    at ``&`` and ``;``, a pair without ``=`` skipped, blank values kept), with a straight
+    path for the common query (no escapes)."""
+    if b"%" in query or b"+" in query or b";" in query:
+        result: dict[bytes, list[bytes]] = parse_qs(query, 1)
+        return result
+    args: dict[bytes, list[bytes]] = {}
+    for pair in query.split(b"&"):
+        name, eq, value = pair.partition(b"=")
+        if eq:
+            args.setdefault(name, []).append(value)
+    return args
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """What the front does with a ``Head``: its decoded query, the CORS headers of its
+    answers, and per route: ``after`` (SSE: Last-Event-ID, which wins over ``last``),
+    ``timeout`` and ``new`` (poll: not resuming a session, so charged to connect_rate),
+    ``key`` (WebSocket: Sec-WebSocket-Key)."""
+
+    head: Head
+    params: dict[str, list[str]]
+    cors: bytes
+    after: Position | None = None
+    timeout: float = DEFAULT_TIMEOUT
+    new: bool = True
+    ws_key: bytes = b""
+
+
+_SINGLE = ("token", "last", "timeout")
+
+
+def plan(head: Head, cors_origins: list[str], auth: BrowserAuth) -> Plan | None:
+    """The checks that have no side effect; None: hand the request to twisted.web, which
+    answers it as it always did (in the same order, with its own checks first)."""
+    headers = head.headers
+    try:
+        origin_raw = headers.get(b"origin")
+        cors = b""
+        if origin_raw is not None:
+            origin = origin_raw.decode("utf-8")
+            host = headers.get(b"host")
+            proto = headers.get(b"x-forwarded-proto")
+            scheme = request_scheme(False, None if proto is None else proto.decode("utf-8"))
+            if not origin_allowed(
+                origin, None if host is None else host.decode("utf-8"), cors_origins, scheme
+            ):
+                return None
+            if head.route is not Route.WS:  # autobahn's 101 never carried them
+                cors = (b"Access-Control-Allow-Origin: %s\r\nVary: Origin\r\n"
+                        b"Access-Control-Expose-Headers: Retry-After\r\n" % origin_raw)  # fmt: skip
+        args = query_args(head.query)
+        params = {k.decode("utf-8"): [v.decode("utf-8") for v in vs] for k, vs in args.items()}
+    except (UnicodeDecodeError, ValueError):
+        return None
+    if any(len(params.get(name, ())) > 1 for name in _SINGLE):
+        return None
+    route = head.route
+    if route is Route.WS:
+        try:
+            key = wsframe.check_handshake(headers)
+        except wsframe.HandshakeError:
+            return None
+        return Plan(head, params, cors, ws_key=key)
+    if route is Route.SSE:
+        lei = headers.get(b"last-event-id")
+        after = None
+        if lei:
+            try:
+                after = Position.parse(lei.decode("ascii"))
+            except (UnicodeDecodeError, PositionError):
+                return None
+            params.pop("last", None)  # Last-Event-ID, the newer position, wins
+        return Plan(head, params, cors, after=after)
+    timeout = DEFAULT_TIMEOUT
+    if "timeout" in params:
+        try:
+            timeout = float(params["timeout"][0])
+        except ValueError:
+            return None
+        if not 0 <= timeout <= MAX_TIMEOUT:  # also refuses nan
+            return None
+    return Plan(head, params, cors, timeout=timeout, new=not resumes_session(auth, args))
+
+
+def error_response(error: BrowserRequestError, cors: bytes, close: bool = False) -> bytes:
+    """The JSON error answer twisted.web gives for ``error`` (send_json_error)."""
+    body = error_json(error.code, error.message)
+    retry = b"Retry-After: %d\r\n" % error.retry_after if isinstance(error, Overloaded) else b""
+    return (
+        b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nCache-Control: no-store\r\n"
+        b"%s%sContent-Length: %d\r\n%s\r\n%s"
+        % (error.status, RESPONSES.get(error.status, b"Error"), cors, retry, len(body),
+           b"Connection: close\r\n" if close else b"", body)
+    )  # fmt: skip
+
+
+SSE_HEAD = (
+    b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream; charset=utf-8\r\n"
+    b"Cache-Control: no-store\r\nX-Accel-Buffering: no\r\n%sTransfer-Encoding: chunked\r\n\r\n"
+)
+SSE_OPEN = b": orbited\n\n"
+POLL_HEAD = (
+    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nCache-Control: no-store\r\n"
+    b"%sContent-Length: %d\r\n%s\r\n"
+)
+CLOSE_HEADER = b"Connection: close\r\n"
+
+
+class BrowserFront(Factory):
+    """The browser listener's factory (wrapped by the socket gate, gate.py). ``site``: the
+    twisted.web Site every other request is handed to."""
+
+    noisy = False
+
+    def __init__(
+        self,
+        site: OrbitedSite,
+        hub: Hub,
+        auth: BrowserAuth,
+        cors_origins: list[str],
+        limits: BrowserLimits,
+        clock: IReactorTime | None = None,
+    ) -> None:
+        self.site = site
+        self.hub = hub
+        self.auth = auth
+        self.cors_origins = cors_origins
+        self.limits = limits
+        self.clock = clock or hub.clock
+        config = limits.config
+        self.max_client_message = config.max_client_message
+        self.max_write_queue = config.max_write_queue
+        self.max_headers = config.max_headers
+        # A head at most this long cannot reach a limit; a longer one goes to twisted.web.
+        self.small = min(config.max_request_line, config.max_header_bytes)
+        self.keepalive = hub.config.keepalive
+        self.waiting: set[FrontProtocol] = set()  # no request head yet (or between requests)
+        self.websockets: set[FrontProtocol] = set()
+        self.sweeper = task.LoopingCall(self.sweep)
+        self.sweeper.clock = self.clock
+
+    def buildProtocol(self, addr: Any) -> FrontProtocol:  # noqa: N802
+        p = FrontProtocol()
+        p.front = self
+        return p
+
+    def startFactory(self) -> None:  # noqa: N802
+        if not self.sweeper.running:
+            self.sweeper.start(SWEEP, now=False)
+
+    def stopFactory(self) -> None:  # noqa: N802
+        if self.sweeper.running:
+            self.sweeper.stop()
+
+    def sweep(self) -> None:
+        """Once a second: heads that did not come in HEAD_TIMEOUT, WebSocket pings, pongs
+        not answered within keepalive, close handshakes not answered within CLOSE_TIMEOUT."""
+        now = self.clock.seconds()
+        for p in [p for p in self.waiting if p.deadline and p.deadline <= now]:
+            p.abort()
+        for p in list(self.websockets):
+            p.ws_tick(now)
+
+    def close_idle_connections(self) -> None:
+        """Close every connection with no request in progress (node shutdown), here and
+        in the Site."""
+        for p in list(self.waiting):
+            p.close()
+        self.site.close_idle_connections()
+
+
+# FrontProtocol.mode
+IDLE, HELD, WS_OPEN, WS_CLOSING, CLOSED = 0, 1, 2, 3, 4
+
+
+class FrontProtocol(Protocol):
+    __slots__ = ("front", "transport", "connected", "mode", "reader", "sink", "deadline",
+                 "frames", "ping_due", "pong_by", "close_by", "pipelined")  # fmt: skip
+
+    def __init__(self) -> None:
+        self.mode = IDLE
+        self.reader: HeadReader | None = None
+        self.sink: _Sink | None = None
+        self.deadline = 0.0  # IDLE: when the head must have come (0: none)
+        self.frames: wsframe.ClientFrames | None = None
+        self.ping_due = self.pong_by = self.close_by = 0.0
+        self.pipelined = False
+
+    front: BrowserFront
+
+    def connectionMade(self) -> None:  # noqa: N802
+        front = self.front
+        self.deadline = front.clock.seconds() + HEAD_TIMEOUT
+        front.waiting.add(self)
+
+    # -- bytes in ---------------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        mode = self.mode
+        if mode == WS_OPEN or mode == WS_CLOSING:
+            self._ws_data(data)
+        elif mode == IDLE:
+            self._head_data(data)
+        elif mode == HELD:
+            # A request while a response is held: end it, close (module docstring).
+            sink = self.sink
+            self.pipelined = True
+            if sink is not None:
+                sink.interrupt()
+            else:
+                self.close()
+
+    def _head_data(self, data: bytes) -> None:
+        front = self.front
+        reader = self.reader
+        if reader is None:
+            reader = self.reader = HeadReader(front.small, front.max_headers)
+            if not self.deadline:
+                self.deadline = front.clock.seconds() + HEAD_TIMEOUT
+                front.waiting.add(self)
+        head = reader.feed(data)
+        if head is None:
+            return
+        if isinstance(head, _Handoff):
+            self._handoff(reader.raw)
+            return
+        todo = plan(head, front.cors_origins, front.auth)
+        if todo is None:
+            self._handoff(reader.raw)
+            return
+        self.reader = None
+        self.deadline = 0.0
+        front.waiting.discard(self)
+        self.pipelined = head.pipelined
+        if head.route is Route.WS:
+            self._start_ws(todo)
+        elif head.route is Route.SSE:
+            self._start_sse(todo)
+        else:
+            self._start_poll(todo)
+
+    def _handoff(self, raw: bytes) -> None:
+        """twisted.web's Site takes this connection over, from its first byte."""
+        front = self.front
+        front.waiting.discard(self)
+        self.mode = CLOSED
+        self.reader = None
+        transport: Any = self.transport
+        channel = front.site.buildProtocol(transport.getPeer())
+        if isinstance(transport, ProtocolWrapper):  # the socket gate
+            transport.wrappedProtocol = channel
+        else:
+            transport.protocol = channel  # tcp.Connection
+        channel.makeConnection(transport)
+        channel.dataReceived(raw)
+
+    def next_request(self, close: bool) -> None:
+        """A response is complete: read the next request, or close."""
+        self.sink = None
+        if close or self.pipelined:
+            self.close()
+            return
+        self.mode = IDLE
+        self.front.waiting.add(self)
+
+    def close(self) -> None:
+        self.mode = CLOSED
+        self.front.waiting.discard(self)
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+    def abort(self) -> None:
+        self.mode = CLOSED
+        self.front.waiting.discard(self)
+        if self.transport is not None:
+            self.transport.abortConnection()  # type: ignore[attr-defined]
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:  # noqa: N802
+        self.mode = CLOSED
+        front = self.front
+        front.waiting.discard(self)
+        front.websockets.discard(self)
+        self.reader = None
+        sink = self.sink
+        if sink is not None:
+            self.sink = None
+            sink.end()
+
+    def write(self, data: bytes) -> None:
+        write_through(self.transport, data)
+
+    # -- answers --------------------------------------------------------------------
+
+    def _refuse(self, error: BrowserRequestError, cors: bytes) -> None:
+        close = self.pipelined
+        self.write(error_response(error, cors, close))
+        self.next_request(close)
+
+    def _authenticate(
+        self, todo: Plan, poll: bool = False
+    ) -> tuple[ConnectionKey, Position | None]:
+        front = self.front
+        front.limits.check(poll=poll, new=todo.new)  # before the token: no work if overloaded
+        attach = authenticate(front.auth, todo.params)
+        return attach.key, todo.after or attach.after
+
+    def _start_sse(self, todo: Plan) -> None:
+        try:
+            key, after = self._authenticate(todo)
+        except BrowserRequestError as e:
+            self._refuse(e, todo.cors)
+            return
+        self.mode = HELD
+        sink = self.sink = SSESink(self, key, SSE_HEAD % todo.cors + b"%x\r\n" % len(SSE_OPEN)
+                                   + SSE_OPEN + b"\r\n")  # fmt: skip
+        self.front.hub.attach(key, sink, after)
+        sink.send_head()
+
+    def _start_poll(self, todo: Plan) -> None:
+        try:
+            key, after = self._authenticate(todo, poll=True)
+        except BrowserRequestError as e:
+            self._refuse(e, todo.cors)
+            return
+        self.mode = HELD
+        sink = self.sink = PollSink(self, key, todo.cors)
+        self.front.hub.attach(key, sink, after)
+        if len(sink.frames) > 1 or todo.timeout == 0:
+            sink.answer()  # more than the hello frame: answer at once
+        else:
+            sink.hold(todo.timeout)
+
+    # -- WebSocket ------------------------------------------------------------------
+
+    def _start_ws(self, todo: Plan) -> None:
+        front = self.front
+        try:
+            key, after = self._authenticate(todo)
+            error = None
+        except BrowserRequestError as e:
+            # Accept, then close with a code the page's script can read (an HTTP refusal
+            # of the upgrade is invisible to it).
+            error = e
+        transport: Any = self.transport
+        transport.setTcpNoDelay(True)
+        self.mode = WS_OPEN
+        front.websockets.add(self)
+        now = front.clock.seconds()
+        self.ping_due = now + front.keepalive
+        response = wsframe.handshake_response(todo.ws_key)
+        if error is not None:
+            self.write(response)
+            self.ws_close(error.close_code, error.close_reason)
+        else:
+            sink = self.sink = WSSink(self, key, response)
+            front.hub.attach(key, sink, after)
+            sink.send_head()
+        if todo.head.rest and self.mode != CLOSED:
+            self._ws_data(todo.head.rest)
+
+    def _ws_data(self, data: bytes) -> None:
+        parser = self.frames
+        if parser is None:
+            parser = self.frames = wsframe.ClientFrames(self.front.max_client_message)
+        try:
+            messages = parser.feed(data)
+        except wsframe.WSError as e:
+            self.frames = None
+            if self.mode == WS_OPEN:
+                self.ws_close(e.code, e.reason)
+            else:
+                self.abort()
+            return
+        for m in messages:
+            op = m.opcode
+            if op == wsframe.OP_TEXT:
+                if self.mode == WS_OPEN:
+                    self._ws_text(m.payload)
+            elif op == wsframe.OP_BINARY:
+                if self.mode == WS_OPEN:
+                    self.ws_close(4400, "bad_frame: binary messages are not accepted")
+            elif op == wsframe.OP_PING:
+                if self.mode == WS_OPEN:
+                    self.write(wsframe.frame(wsframe.OP_PONG, m.payload))
+            elif op == wsframe.OP_PONG:
+                if self.pong_by:
+                    self.pong_by = 0.0
+                    self.ping_due = self.front.clock.seconds() + self.front.keepalive
+            elif op == wsframe.OP_CLOSE:
+                if self.mode == WS_OPEN:  # the browser's close: echo its code, then drop
+                    code = wsframe.close_code(m.payload)
+                    self.write(wsframe.close_frame(code) if code is not None
+                               else wsframe.frame(wsframe.OP_CLOSE, b""))  # fmt: skip
+                self.close()
+                return
+            if self.mode == CLOSED:
+                return
+
+    def _ws_text(self, payload: bytes) -> None:
+        sink = self.sink
+        try:
+            message = json.loads(payload)
+            if message.get("type") != "ack":
+                raise ValueError("unknown frame type")
+            seq = message["seq"]
+            if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
+                raise ValueError("seq must be a non-negative integer")
+        except (ValueError, KeyError, AttributeError, RecursionError):
+            self.ws_close(4400, 'bad_frame: expected {"type":"ack","seq":n}')
+            return
+        if sink is not None:
+            self.front.hub.ack(sink.key, seq)
+
+    def ws_close(self, code: int, reason: str) -> None:
+        """Start the close handshake: the browser has CLOSE_TIMEOUT to answer."""
+        if self.mode != WS_OPEN:
+            return
+        sink = self.sink
+        if sink is not None:
+            sink.flush()
+        self.mode = WS_CLOSING
+        self.write(wsframe.close_frame(code, reason))
+        # The sweep runs every SWEEP seconds: the drop comes at most CLOSE_TIMEOUT after.
+        self.close_by = self.front.clock.seconds() + CLOSE_TIMEOUT - SWEEP
+
+    def ws_tick(self, now: float) -> None:
+        mode = self.mode
+        if mode == WS_CLOSING:
+            if now >= self.close_by:
+                self.abort()
+        elif mode == WS_OPEN:
+            if self.pong_by:
+                if now >= self.pong_by:
+                    self.abort()  # not listening: no close frame (docs/protocol.md)
+            elif now >= self.ping_due:
+                self.write(wsframe.frame(wsframe.OP_PING, b""))
+                self.pong_by = now + self.front.keepalive
+
+
+class _Sink(QueueWatch):
+    """What the three sinks share: the key, the connection, the hub's Sink attributes,
+    the slow-reader watch (QueueWatch: this object is its own watch) and the bytes kept
+    for the delivery batch (orbited.node.flush)."""
+
+    __slots__ = ("proto", "key", "last_write", "finished", "pending")
+    wants_pings = True
+    is_poll = False
+
+    def __init__(self, proto: FrontProtocol, key: ConnectionKey) -> None:
+        super().__init__()
+        self.proto = proto
+        self.key = key
+        front = proto.front
+        self.last_write = front.hub.now()
+        self.finished = False
+        self.pending: list[bytes] | bytes | None = None  # head first, then batched bytes
+        front.limits.opened(self.is_poll)
+
+    # QueueWatch
+    @property
+    def max_bytes(self) -> int:  # type: ignore[override]
+        return self.proto.front.max_write_queue
+
+    @property
+    def clock(self) -> IReactorTime:  # type: ignore[override]
+        return self.proto.front.clock
+
+    def measure(self) -> int | None:
+        transport = self.proto.transport
+        return None if transport is None else unsent_bytes(transport)
+
+    def end(self) -> bool:
+        """Detach (once) and stop counting this connection."""
+        if self.finished:
+            return False
+        self.finished = True
+        self.stop()
+        front = self.proto.front
+        front.limits.closed(self.is_poll)
+        front.hub.detach(self.key, self)
+        return True
+
+    def send(self, data: bytes) -> bool:
+        """Write ``data`` now, or keep it for the batch; False if found slow."""
+        pending = self.pending
+        if isinstance(pending, list):
+            pending.append(data)
+            return not self.fired
+        if pending is None and self.proto.front.hub.enlist(self):
+            self.pending = [data]
+            return not self.fired
+        if pending is not None:  # the response head, not sent yet
+            self.pending = None
+            data = pending + data
+        self.proto.write(data)
+        return not self.wrote()
+
+    def send_head(self) -> None:
+        """After the attach: the response head (if the hello did not take it) leaves."""
+        pending = self.pending
+        if isinstance(pending, bytes):
+            self.pending = None
+            self.proto.write(pending)
+
+    def flush(self) -> None:
+        pending = self.pending
+        if not isinstance(pending, list):
+            return
+        self.pending = None
+        if self.proto.transport is None or self.proto.mode == CLOSED:
+            return
+        self.proto.write(b"".join(pending))
+        self.wrote()
+
+    def interrupt(self) -> None:
+        """Bytes came from the browser while this response is held."""
+        raise NotImplementedError
+
+    # orbited.node.hub.Sink
+    def deliver(self, out: list[Frame]) -> bool:
+        raise NotImplementedError
+
+    def replaced(self) -> None:
+        raise NotImplementedError
+
+    def reconnect(self, reason: str) -> None:
+        raise NotImplementedError
+
+
+class WSSink(_Sink):
+    __slots__ = ()
+
+    def __init__(self, proto: FrontProtocol, key: ConnectionKey, head: bytes) -> None:
+        super().__init__(proto, key)
+        self.pending = head
+
+    def deliver(self, out: list[Frame]) -> bool:
+        if self.finished or self.proto.mode != WS_OPEN:
+            return False
+        if len(out) == 1:
+            data = out[0].data
+            data = wsframe.text_header(len(data)) + data
+        else:
+            data = b"".join(wsframe.text_header(len(f.data)) + f.data for f in out)
+        self.last_write = self.proto.front.hub.now()
+        return self.send(data)
+
+    def on_slow(self, unsent: int) -> None:
+        self.proto.front.limits.slow()
+        log.info("closing a slow WebSocket reader: {n} bytes unsent", n=unsent)
+        # The close frame waits behind the unsent bytes; the close timeout drops the
+        # connection (and frees them) if the browser does not read that far in time.
+        self.proto.ws_close(4002, f"slow: {unsent} bytes unsent, over max_write_queue")
+
+    def replaced(self) -> None:
+        if self.proto.mode == WS_OPEN:
+            self.deliver([Frame(frames.REPLACED)])
+            self.proto.ws_close(4001, "replaced: a newer connection took this key")
+
+    def reconnect(self, reason: str) -> None:
+        if self.proto.mode == WS_OPEN:
+            self.deliver([Frame(frames.reconnect(reason))])
+            self.proto.ws_close(4000, f"reconnect: {reason}"[:123])
+
+
+class SSESink(_Sink):
+    __slots__ = ()
+
+    def __init__(self, proto: FrontProtocol, key: ConnectionKey, head: bytes) -> None:
+        super().__init__(proto, key)
+        self.pending = head
+
+    @staticmethod
+    def encode(frame: Frame) -> bytes:
+        seq, stream = frame.seq, frame.stream
+        if seq is not None and stream is not None:
+            return b"id: %s:%d\ndata: %s\n\n" % (stream.encode(), seq, frame.data)
+        return b"data: %s\n\n" % frame.data
+
+    def deliver(self, out: list[Frame]) -> bool:
+        if self.finished:
+            return False
+        encode = self.encode
+        chunk = b"".join([encode(f) for f in out]) if len(out) > 1 else encode(out[0])
+        self.last_write = self.proto.front.hub.now()
+        return self.send(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+
+    def on_slow(self, unsent: int) -> None:
+        self.proto.front.limits.slow()
+        log.info("closing a slow SSE reader: {n} bytes unsent", n=unsent)
+        if self.end():
+            self.proto.abort()
+
+    def finish(self, last: Frame | None, close: bool) -> None:
+        """End the response (after ``last``): the terminating chunk; then the next
+        request, or close."""
+        if self.finished:
+            return
+        self.end()
+        chunk = b"" if last is None else self.encode(last)
+        pending = self.pending
+        self.pending = None
+        if isinstance(pending, list):
+            pending = b"".join(pending)
+        data = (pending or b"") + (b"%x\r\n%s\r\n" % (len(chunk), chunk) if chunk else b"")
+        self.proto.write(data + b"0\r\n\r\n")
+        self.proto.next_request(close)
+
+    def replaced(self) -> None:
+        self.finish(Frame(frames.REPLACED), False)
+
+    def reconnect(self, reason: str) -> None:
+        self.finish(Frame(frames.reconnect(reason)), True)
+
+    def interrupt(self) -> None:
+        self.finish(None, True)
+
+
+class PollSink(_Sink):
+    """One held poll: frames collect until the answer (``answer``): at once if the
+    attach brought more than hello, else at the first delivery (a reactor turn later, so
+    what arrives in the same moment shares the response) or at ``timeout``."""
+
+    __slots__ = ("frames", "cors", "timer")
+    wants_pings = False  # a held poll ends by its own timeout
+    is_poll = True
+
+    def __init__(self, proto: FrontProtocol, key: ConnectionKey, cors: bytes) -> None:
+        super().__init__(proto, key)
+        self.frames: list[bytes] = []
+        self.cors = cors
+        self.timer: Any = None
+
+    def hold(self, timeout: float) -> None:
+        if not self.finished:
+            self.timer = self.proto.front.clock.callLater(timeout, self.answer)
+
+    def deliver(self, out: list[Frame]) -> bool:
+        if self.finished:
+            return False
+        self.frames.extend([f.data for f in out])
+        if self.timer is not None and self.pending is None:
+            # Answer when this batch ends (orbited.node.flush), or a reactor turn later.
+            if not self.proto.front.hub.enlist(self):
+                self.timer.cancel()
+                self.timer = self.proto.front.clock.callLater(0, self.answer)
+            self.pending = b""  # answer scheduled
+        return True
+
+    def flush(self) -> None:
+        self.answer()
+
+    def answer(self, close: bool = False) -> None:
+        if self.finished:
+            return
+        self.end()
+        body = b"[" + b",".join(self.frames) + b"]"
+        close = close or self.proto.pipelined
+        proto = self.proto
+        if proto.transport is not None and proto.mode != CLOSED:
+            proto.write(POLL_HEAD % (self.cors, len(body), CLOSE_HEADER if close else b"") + body)
+            proto.next_request(close)
+
+    def end(self) -> bool:
+        timer = self.timer
+        if timer is not None:
+            self.timer = None
+            if timer.active():
+                timer.cancel()
+        return super().end()
+
+    def replaced(self) -> None:
+        # A newer poll for the same key: answer this one, telling it to stop polling.
+        self.frames.append(frames.REPLACED)
+        self.answer()
+
+    def reconnect(self, reason: str) -> None:
+        if not self.finished:
+            self.frames.append(frames.reconnect(reason))
+            self.answer(close=True)
+
+    def interrupt(self) -> None:
+        self.answer(close=True)
