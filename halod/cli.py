@@ -157,6 +157,14 @@ def status_table(status: dict) -> str:
         + ("" if spares is None else f"{spares} available, ")
         + f"failovers {status['failovers']}, table version {status['table_version']}"
     )
+    role = status.get("role")
+    if role not in (None, "solo"):  # HaloD on etcd (docs/halod.md, "High availability")
+        leader = status.get("leader") or {}
+        head += f"\nthis HaloD: {role}; leader: {leader.get('name') or 'none'}"
+        etcd = status.get("etcd") or {}
+        down = [e["url"] for e in etcd.get("endpoints", []) if e.get("healthy") is False]
+        if down:
+            head += f"; etcd endpoints down: {', '.join(down)}"
     warnings = [f"WARNING: {w}" for w in status.get("warnings", [])]
     return "\n".join([head, *lines, *warnings])
 

@@ -23,7 +23,7 @@ from twisted.logger import Logger
 from twisted.web.client import Agent, readBody
 
 from halod.etcd.client import EtcdClient
-from halod.etcd.election import Election, Fence, State
+from halod.etcd.election import Election, ElectionSettings, Fence, State
 from halod.store.base import Persisted
 from halod.store.etcd import EtcdSettings, EtcdStore, Follower
 
@@ -66,6 +66,12 @@ def leader_info(value: bytes | None) -> LeaderInfo | None:
     )
 
 
+# Keepalives per lease TTL: the leader steps down when it could not renew for TTL −
+# margin − TTL/RENEWALS, so frequent renewals let it ride out an etcd leader election
+# (0.3-0.7 s) even with a 1 s lease; each is one small HTTP request.
+RENEWALS = 10
+
+
 class Leadership:
     """One HaloD's part in the election. Calls ``on_lead()`` when it leads (the store can
     write), ``on_follow()`` when it stops leading (or another leads), and
@@ -80,7 +86,9 @@ class Leadership:
         self.settings = settings
         self.name = name
         self.client = EtcdClient(reactor, settings.endpoints, settings.timeout)
-        self.election = Election(self.client, settings.key_prefix, name, settings.election(),
+        election = settings.election()
+        election = ElectionSettings(election.ttl, election.margin, election.retry, RENEWALS)
+        self.election = Election(self.client, settings.key_prefix, name, election,
                                  self._changed, info)  # fmt: skip
         self.store = EtcdStore(self.client, settings, self.election.fence,
                                on_fenced=self.election.deposed)  # fmt: skip

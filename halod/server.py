@@ -1099,6 +1099,8 @@ class HaloDService(service.MultiService):
             self.halod._plane_started = True
             self.dataplane.start(owners_of(self.halod.membership))
         super().startService()
+        if self.halod.vip is not None:  # keepalived runs from the start, as a follower
+            self.halod._vip_call(self.halod.vip.follow, "start keepalived")
         if ha is not None:  # the control port is bound: the leader key can name it
             control = getattr(self.config, "control_advertise", "") or self.control_address
             info = {"control": control}
@@ -1132,5 +1134,6 @@ def virtual_address(config: HaloDConfig, reactor: Any) -> VirtualAddress:
     settings = VipSettings(
         address=config.vip_address, interface=config.vip_interface,
         router_id=config.vip_router_id, priority=config.vip_priority,
+        state_dir=str(Path(config.db).absolute().parent / "vip"),  # HaloD's state together
     )  # fmt: skip
     return VirtualAddress(settings, reactor)

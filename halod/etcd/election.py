@@ -1,7 +1,7 @@
 """Leader election on an etcd lease: a sans-I/O state machine (:class:`Candidate`) and its
 Twisted shell (:class:`Election`).
 
-A candidate holds a lease it keeps alive (a keepalive every TTL/3) and creates
+A candidate holds a lease it keeps alive (a keepalive every TTL/3 by default) and creates
 ``<prefix>/leader`` bound to that lease only if the key is absent (a txn comparing its
 create_revision with 0). The winner leads while its lease lives; the others watch the key
 and campaign again when it is deleted (the lease expired or was revoked).
@@ -42,6 +42,7 @@ class ElectionSettings:
     ttl: int = 2  # lease TTL, seconds (etcd may raise it to its minimum)
     margin: float = 0.5  # the leader stops acting this long before its lease could end
     retry: float = 0.5  # after a failed grant/campaign, try again after this long
+    renewals: int = 3  # keepalives per TTL (HaloD sends more: halod.ha)
 
     def __post_init__(self) -> None:
         if self.ttl < 1:
@@ -53,6 +54,8 @@ class ElectionSettings:
             )
         if self.retry <= 0:
             raise ValueError(f"retry must be > 0, not {self.retry}")
+        if self.renewals < 3:
+            raise ValueError(f"renewals must be >= 3 per TTL, not {self.renewals}")
 
 
 @dataclass(frozen=True)
@@ -222,7 +225,7 @@ class Candidate:
                 return [Revoke(event.lease)]  # a late grant we no longer need
             self.lease, self.lease_ttl = event.lease, event.ttl
             self.expires_at = event.sent_at + event.ttl
-            self.keepalive_at = event.sent_at + event.ttl / 3
+            self.keepalive_at = event.sent_at + event.ttl / self.settings.renewals
             return [Campaign(self.lease)]
         if isinstance(event, Failed):
             if self.state is State.CAMPAIGNING:
@@ -279,7 +282,7 @@ class Candidate:
             self.retry_at = None
             out += [Campaign(self.lease)] if self.lease else [GrantLease(self.settings.ttl)]
         if self.lease and now >= self.keepalive_at:
-            self.keepalive_at = now + self.lease_ttl / 3
+            self.keepalive_at = now + self.lease_ttl / self.settings.renewals
             out.append(KeepAlive(self.lease))
         return out
 

@@ -263,12 +263,13 @@ class HaloDLink(service.MultiService):
         self.endpoints = HaloDEndpoints(reactor, halods)
         factory = Factory.forProtocol(lambda: LinkProtocol(self))
         factory.noisy = False  # it "starts" on every reconnect
-        backoff = internet.backoffPolicy(initialDelay=0.2, maxDelay=2.0)
+        if len(halods) == 1:
+            policy = internet.backoffPolicy(initialDelay=0.2, maxDelay=2.0)
+        else:  # a new leader appears within the lease TTL: keep looking often
+            policy = self._retry_delay(internet.backoffPolicy(
+                initialDelay=0.1, maxDelay=0.5, jitter=lambda: random.random() * 0.1))
         self.client = internet.ClientService(
-            self.endpoints,
-            factory,
-            retryPolicy=backoff if len(halods) == 1 else self._retry_delay(backoff),
-            clock=self.clock,
+            self.endpoints, factory, retryPolicy=policy, clock=self.clock
         )
         self.client.setServiceParent(self)
         # Until HaloD says otherwise this node serves nothing (it may be a spare).
@@ -280,7 +281,8 @@ class HaloDLink(service.MultiService):
 
     def _retry_delay(self, backoff: Callable[[int], float]) -> Callable[[int], float]:
         """Several HaloDs: the first round through the addresses goes fast (50–150 ms
-        apart: a new leader is found within a round), then the usual backoff."""
+        apart), then 0.1 s growing to 0.5 s (plus up to 0.1 s), so a node finds a new
+        leader within about half a second of its election."""
         count = len(self.endpoints.addresses)
 
         def delay(attempt: int) -> float:
