@@ -39,6 +39,7 @@ from orbited.node.hub import Hub, HubConfig
 from orbited.node.legacy.orbit import MAX_HEADER_BYTES, OrbitError, OrbitParser, OrbitProtocol
 from orbited.node.mailbox import Position, PositionError
 from orbited.node.rep import RepFactory, RepLimits
+from orbited.node.transports import httpfront, wsframe
 from orbited.node.transports.common import (
     BrowserAuth,
     BrowserRequestError,
@@ -939,6 +940,87 @@ def _fuzz_frames(data: bytes) -> None:
     check_frame_encodings(value)
 
 
+# -- the browser port's lean front: RFC 6455 frames in, request heads ----------------------
+
+
+WS_CODES = frozenset({1002, 1007, 1009})
+
+
+def _ws_feed(stream: bytes, cuts: Sequence[int], max_message: int) -> tuple[list[Any], int]:
+    parser = wsframe.ClientFrames(max_message)
+    out: list[Any] = []
+    try:
+        for piece in chunks(stream, cuts):
+            out += parser.feed(piece)
+            # unparsed: at most one frame's header and payload (a message's, or 125)
+            bound = max(max_message, wsframe.MAX_CONTROL) + 14
+            expect(len(parser.buf) <= bound, "wsframe buffered past the limit")
+    except wsframe.WSError as e:
+        expect(e.code in WS_CODES and e.reason, f"close code {e.code} not documented")
+        return out + e.messages, e.code
+    return out, 0
+
+
+def check_wsframe(stream: bytes, cuts: Sequence[int], max_message: int = 64) -> None:
+    """Arbitrary browser bytes: whole messages or a WSError with 1002/1007/1009; the same
+    for every chunking; text valid UTF-8, data messages within ``max_message``."""
+    messages, code = _ws_feed(stream, cuts, max_message)
+    whole, whole_code = _ws_feed(stream, [max(1, len(stream))], max_message)
+    expect(code == whole_code, "the close code depends on the chunking")
+    expect(messages == whole, "the messages depend on the chunking")
+    for m in messages:
+        if m.opcode == wsframe.OP_TEXT:
+            m.payload.decode("utf-8")
+        if m.opcode in (wsframe.OP_TEXT, wsframe.OP_BINARY):
+            expect(len(m.payload) <= max_message, "a message over max_message passed")
+        else:
+            expect(len(m.payload) <= 125, "a control frame over 125 bytes passed")
+
+
+def check_wsframe_roundtrip(payloads: Sequence[bytes], cuts: Sequence[int]) -> None:
+    """Masked, fragmented text messages come back whole (each payload split in three)."""
+    stream = b""
+    for p in payloads:
+        a, b = len(p) // 3, 2 * len(p) // 3
+        stream += (wsframe.mask_frame(wsframe.OP_TEXT, p[:a], fin=False)
+                   + wsframe.mask_frame(wsframe.OP_PING, p[:10])
+                   + wsframe.mask_frame(wsframe.OP_CONT, p[a:b], b"\xff\x00\x10\x7f", fin=False)
+                   + wsframe.mask_frame(wsframe.OP_CONT, p[b:]))  # fmt: skip
+    messages, code = _ws_feed(stream, cuts, 1 << 20)
+    expect(code == 0, "a valid stream was refused")
+    texts = [m.payload for m in messages if m.opcode == wsframe.OP_TEXT]
+    expect(texts == list(payloads), "fragmented messages did not come back whole")
+
+
+def _read_head(data: bytes, cuts: Sequence[int]) -> Any:
+    reader = httpfront.HeadReader(256, 8)
+    result = None
+    for piece in chunks(data, cuts):
+        result = reader.feed(piece)
+        if result is not None:
+            break
+    return result
+
+
+def check_httpfront(data: bytes, cuts: Sequence[int]) -> None:
+    """Any bytes on the browser port: the head reader needs more, hands off, or gives a
+    GET of a hot URL; whole and chunked agree on the outcome; the plan never raises
+    and hands off what it cannot serve."""
+    result = _read_head(data, cuts)
+    whole = _read_head(data, [max(1, len(data))])
+    if isinstance(whole, httpfront.Head) and not whole.route == httpfront.Route.WS:
+        expect(result == whole or result is httpfront.HANDOFF, "chunking changed the head")
+    if result is None or result is httpfront.HANDOFF:
+        return
+    expect(isinstance(result, httpfront.Head), "not a Head")
+    expect(result.route in httpfront.HOT.values(), "not a hot route")
+    todo = httpfront.plan(result, ["https://app.example"], BrowserAuth(SECRET))
+    if todo is not None:
+        expect(len(todo.params.get("token", ())) <= 1, "a repeated token was planned")
+        if result.route is httpfront.Route.WS:
+            expect(len(base64.b64decode(todo.ws_key)) == 16, "a bad key was accepted")
+
+
 def _cut(check: Callable[[bytes, Sequence[int]], None]) -> Callable[[bytes], None]:
     def target(data: bytes) -> None:
         r = Reader(data)
@@ -979,6 +1061,8 @@ DESCRIPTIONS = {
     "http_params": "authenticate/single_param, long-poll timeout, origin_allowed",
     "http_resources": "the node's browser Site: one HTTP request, never a 500",
     "frame_encodings": "any event data through SSE and iframe framing: no escape, intact",
+    "wsframe": "ClientFrames: any browser bytes, any chunking, 1002/1007/1009, bounded",
+    "httpfront": "HeadReader and plan: any bytes on the browser port, any chunking",
 }
 
 _VALID_EVENT = b'{"id":"e1","to":[["alice","s1","/chat"]],"data":{"text":"hi"},"ack":5}'
@@ -1017,6 +1101,10 @@ SEEDS: dict[str, list[bytes]] = {
     "http_params": [b"\x00\x01\x00\x00\x00"],
     "http_resources": [b"\x00\x00\x01\x00\x00\x00\x00"],
     "frame_encodings": [b'{"text":"</script><script>alert(1)</script>\\u2028"}'],
+    "wsframe": [
+        b"\x00\x00\x00\x3f\x00\x00" + wsframe.mask_frame(wsframe.OP_TEXT, b'{"type":"ack"}')
+    ],
+    "httpfront": [b"\x00\x00\x00\x3f\x00\x00GET /orbited/poll?token=t HTTP/1.1\r\nHost: h\r\n\r\n"],
 }
 
 TARGETS: dict[str, Callable[[bytes], None]] = {
@@ -1037,4 +1125,6 @@ TARGETS: dict[str, Callable[[bytes], None]] = {
     "http_params": _fuzz_params,
     "http_resources": _fuzz_http,
     "frame_encodings": _fuzz_frames,
+    "wsframe": _cut(check_wsframe),
+    "httpfront": _cut(check_httpfront),
 }

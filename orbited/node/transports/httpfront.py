@@ -551,15 +551,11 @@ class FrontProtocol(Protocol):
         parser = self.frames
         if parser is None:
             parser = self.frames = wsframe.ClientFrames(self.front.max_client_message)
+        error = None
         try:
             messages = parser.feed(data)
         except wsframe.WSError as e:
-            self.frames = None
-            if self.mode == WS_OPEN:
-                self.ws_close(e.code, e.reason)
-            else:
-                self.abort()
-            return
+            messages, error = e.messages, e
         for m in messages:
             op = m.opcode
             if op == wsframe.OP_TEXT:
@@ -584,6 +580,12 @@ class FrontProtocol(Protocol):
                 return
             if self.mode == CLOSED:
                 return
+        if error is not None:
+            self.frames = None
+            if self.mode == WS_OPEN:
+                self.ws_close(error.code, error.reason)
+            else:
+                self.abort()
 
     def _ws_text(self, payload: bytes) -> None:
         sink = self.sink

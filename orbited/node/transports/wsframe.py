@@ -107,11 +107,14 @@ def close_frame(code: int, reason: str = "") -> bytes:
 
 
 class WSError(Exception):
-    """The browser broke RFC 6455: answer with close ``code`` and ``reason``."""
+    """The browser broke RFC 6455: answer with close ``code`` and ``reason``, after the
+    whole ``messages`` that came before the breach (so the outcome does not depend on
+    how the bytes were cut)."""
 
     def __init__(self, code: int, reason: str) -> None:
         super().__init__(reason)
         self.code, self.reason = code, reason
+        self.messages: list[Message] = []
 
 
 class Message(NamedTuple):
@@ -138,8 +141,16 @@ class ClientFrames:
         self.frag_len = 0
 
     def feed(self, data: bytes) -> list[Message]:
-        buf = self.buf + data if self.buf else data
         out: list[Message] = []
+        try:
+            self._feed(data, out)
+        except WSError as e:
+            e.messages = out
+            raise
+        return out
+
+    def _feed(self, data: bytes, out: list[Message]) -> None:
+        buf = self.buf + data if self.buf else data
         pos = 0
         end = len(buf)
         while end - pos >= 2:
@@ -193,7 +204,6 @@ class ClientFrames:
             else:
                 self.fragments, self.frag_op, self.frag_len = [payload], op, n
         self.buf = buf[pos:] if pos < end else b""
-        return out
 
 
 def _message(op: int, payload: bytes) -> Message:
