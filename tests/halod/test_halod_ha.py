@@ -147,13 +147,14 @@ def test_a_follower_sends_nodes_to_the_leader(tmp_path: Path) -> None:
     status = halod.status()
     assert status["role"] == "follower" and status["leader"]["name"] == "h2"
     assert status["etcd"]["endpoints"] == [{"url": "http://127.0.0.1:2379", "healthy": True}]
+    assert "\nhalod_leader 0\n" in halod.metrics()
     assert not (tmp_path / "unused.db").exists()  # etcd only: no SQLite file
 
 
 def test_nodes_hear_of_a_change_only_once_etcd_has_it(tmp_path: Path) -> None:
     halod, ha = halod_on_hand_etcd(tmp_path)
     ha.lead()
-    assert halod.status()["role"] == "leader"
+    assert halod.status()["role"] == "leader" and "\nhalod_leader 1\n" in halod.metrics()
     assert len(ha.store.writes) == 1  # the new table, written first
     n1 = Node(halod, "n1")
     assert n1.received() == []  # its registration waits behind the write in flight
