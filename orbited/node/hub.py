@@ -441,9 +441,11 @@ class Hub(RouteOwnership):
         """The SP front end's handler: one request body in, one reply body out
         (``answer`` without the success flag)."""
         out = answer(self, body)
-        if isinstance(out, defer.Deferred):
-            return out.addCallback(lambda a: a[1])
-        return out[1]
+        # isinstance(x, tuple), not isinstance(x, Deferred): Deferred is an ABC (Awaitable),
+        # whose isinstance is a Python call; a builtin type's is not (per request).
+        if isinstance(out, tuple):
+            return out[1]
+        return out.addCallback(lambda a: a[1])
 
     def dispatch(
         self, request: events.EventRequest
@@ -474,7 +476,7 @@ class Hub(RouteOwnership):
         recipients = request.recipients
         if len(recipients) == 1:  # the common case: no duplicate keys to look for
             only = self._deliver(recipients[0], request.payload, request.ack, eid)
-            if not isinstance(only, defer.Deferred):
+            if isinstance(only, tuple):  # a RecipientResult, not a Deferred (see above)
                 return self._answered(request, now, [only])
             results: list[RecipientResult | defer.Deferred[RecipientResult]] = [only]
             waits = True
@@ -609,12 +611,12 @@ def answer(hub: Hub, body: bytes) -> Answer | defer.Deferred[Answer]:
         outcome = hub.dispatch(request)
     except Exception:
         return False, _failed(hub, request)
-    if isinstance(outcome, defer.Deferred):
-        return outcome.addCallbacks(
-            lambda done: (True, events.encode_reply(done)),
-            lambda failure: (False, _failed(hub, request, failure)),
-        )
-    return True, events.encode_reply(outcome)
+    if isinstance(outcome, tuple):  # a DispatchResult (Hub.handle_request: why not Deferred)
+        return True, events.encode_reply(outcome)
+    return outcome.addCallbacks(
+        lambda done: (True, events.encode_reply(done)),
+        lambda failure: (False, _failed(hub, request, failure)),
+    )
 
 
 def _failed(hub: Hub, request: events.EventRequest, failure: Any = None) -> bytes:

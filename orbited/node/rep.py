@@ -230,10 +230,10 @@ class RepProtocol(Protocol):
             except Exception:
                 self.log.failure("request handler raised; dropping request")
                 continue
-            if isinstance(result, defer.Deferred):
-                self._track(backtrace, result)
-            else:
+            if isinstance(result, bytes):  # (isinstance of Deferred, an ABC, costs more)
                 replies += encode_message_parts([backtrace, result])
+            else:
+                self._track(backtrace, result)
         if replies and not self.closed:
             # One write per read: replies to pipelined requests leave together, at once
             # when the connection has nothing queued (write-through).
