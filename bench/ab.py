@@ -1,0 +1,251 @@
+"""A/B of the node's hot path between commits, with Nchan as the yardstick, in one run.
+
+    .venv/bin/python -m bench.ab --variants before=HEAD~3,after=.,nchan \\
+        --transport ws --clients 1000 --rate 5000 --seconds 4 --reps 3 [--gc-stats] [--profile]
+
+Each variant ``NAME=REF`` runs the ``orbited`` package of REF: ``.`` is this work tree, any
+other REF a commit checked out in a temporary git worktree (removed at the end); ``nchan``
+is nginx + Nchan with one worker (bench/peers.py's settings). Per variant and repetition:
+a fresh server, ``--clients`` subscribers in this process (bench/subscribers.py), one
+publisher (SP REQ batches every 10 ms, as ``bench dispatch``; Nchan: pipelined POSTs) at
+``--rate`` events/s for ``--seconds``, each event to the next client. Printed: server CPU
+(utime+stime of its process tree) per accepted connection and per delivered event, RSS
+per connection; variants interleaved, order rotated per repetition; median [min-max].
+Every run must deliver every event (sent = received, printed per run as JSON).
+
+``--gc-stats``: each node runs under bench/nodeprof.py with ``ORBITED_GC_STATS``; with the
+clients connected it is sent SIGUSR2 and the pause of one full collection is printed
+(``full gc ms``). ``--profile``: SIGUSR1 around the connect phase and the event phase;
+profiles in ``--out``/prof-<variant>-<transport>.<pid>.<n> (``python -m bench.nodeprof
+show FILE``). Small and bounded: loopback only, a few thousand clients at most.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.peers import Nchan, NchanPublisher, Orbited, OrbitedPublisher, descendants
+from bench.subscribers import Stats, Subscriber
+
+ROOT = Path(__file__).resolve().parent.parent
+NODEPROF = Path(__file__).resolve().parent / "nodeprof.py"
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _tree(pid: int) -> list[int]:
+    return [pid, *descendants([pid])]
+
+
+def cpu(pid: int) -> float:
+    total = 0.0
+    for p in _tree(pid):
+        with open(f"/proc/{p}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / TICK
+    return total
+
+
+def rss_kb(pid: int) -> int:
+    total = 0
+    for p in _tree(pid):
+        with open(f"/proc/{p}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS"):
+                    total += int(line.split()[1])
+    return total
+
+
+async def connect_all(server: Any, transport: str, n: int, stats: Stats, rate: int,
+                      flavour: str) -> list[Subscriber]:  # fmt: skip
+    loop = asyncio.get_running_loop()
+
+    async def one(i: int) -> Subscriber | None:
+        sub = Subscriber(server.url(f"c{i}", transport), flavour, transport, stats)
+        await loop.create_connection(lambda: sub, sub.host, sub.port)
+        ok = await asyncio.wait_for(sub.opened, 30)
+        return sub if ok else None
+
+    wave = max(1, rate // 20)
+    tasks = []
+    for i in range(0, n, wave):
+        tasks += [asyncio.create_task(one(j)) for j in range(i, min(n, i + wave))]
+        await asyncio.sleep(0.05)
+    return [s for s in await asyncio.gather(*tasks) if s is not None]
+
+
+async def run_one(name: str, tree: Path | None, args: argparse.Namespace, work: Path) -> dict:
+    env = {"BENCH_PY_ARGS": str(NODEPROF)}
+    prefix = args.out / f"prof-{name}-{args.transport}"
+    gc_prefix = args.out / f"gc-{name}-{args.transport}"
+    if tree is not None:
+        env["PYTHONPATH"] = str(tree)
+    if args.profile:
+        env["ORBITED_PROFILE"] = str(prefix)
+    if args.gc_stats:
+        env["ORBITED_GC_STATS"] = str(gc_prefix)
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    d = work / f"{name}-{time.monotonic_ns()}"
+    d.mkdir()
+    nchan = tree is None
+    flavour = "nchan" if nchan else "orbited"
+    server = Nchan(d) if nchan else Orbited(d)
+    try:
+        server.start()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    pid = server.pids()[0]
+    try:
+        stats = Stats()
+        spec = server.publish_spec(args.transport)
+        pub = (NchanPublisher if nchan else OrbitedPublisher)(spec)
+        warm = await connect_all(server, args.transport, 20, stats, 1000, flavour)
+        await pub.publish([(f"c{i}", json.dumps({"t": time.time(), "ph": "w"}))
+                           for i in range(20)])  # fmt: skip
+        await asyncio.sleep(0.3)
+        for s in warm:
+            s._close()
+        await asyncio.sleep(0.3)
+        toggle = args.profile and not nchan
+        if toggle:
+            os.kill(pid, signal.SIGUSR1)
+        r0, c0 = rss_kb(pid), cpu(pid)
+        subs = await connect_all(server, args.transport, args.clients, stats,
+                                 args.connect_rate, flavour)  # fmt: skip
+        await asyncio.sleep(0.5)
+        c1, r1 = cpu(pid), rss_kb(pid)
+        if toggle:
+            os.kill(pid, signal.SIGUSR1)
+        n = len(subs)
+        out: dict[str, Any] = {"variant": name, "connected": n,
+                               "accept_us": (c1 - c0) / n * 1e6,
+                               "rss_kb_per_conn": (r1 - r0) / n}  # fmt: skip
+        if args.gc_stats and not nchan:
+            os.kill(pid, signal.SIGUSR2)
+            await asyncio.sleep(1.0)
+            with open(f"{gc_prefix}.{pid}.json") as f:
+                out["full_gc_ms"] = json.load(f)["forced_full"][-1] * 1e3
+        per_tick = max(1, args.rate // 100)
+        total = int(args.rate * args.seconds)
+        sent = i = 0
+        if toggle:
+            os.kill(pid, signal.SIGUSR1)
+        c2 = cpu(pid)
+        t0 = time.monotonic()
+        inflight: list[asyncio.Task[Any]] = []
+        while sent < total:
+            batch = []
+            for _ in range(per_tick):
+                batch.append((f"c{i % args.clients}",
+                              json.dumps({"t": time.time(), "ph": "m", "n": i})))  # fmt: skip
+                i += 1
+            sent += len(batch)
+            inflight.append(asyncio.create_task(pub.publish(batch)))
+            inflight = [t for t in inflight if not t.done()]
+            while len(inflight) > 8:
+                await asyncio.sleep(0.001)
+                inflight = [t for t in inflight if not t.done()]
+            await asyncio.sleep(max(0.0, t0 + sent / args.rate - time.monotonic()))
+        await asyncio.gather(*inflight)
+        deadline = time.monotonic() + 10
+        while stats.counts.get("m", 0) < sent and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        c3 = cpu(pid)
+        if toggle:
+            os.kill(pid, signal.SIGUSR1)
+        got = stats.counts.get("m", 0)
+        out.update(sent=sent, received=got, event_us=(c3 - c2) / max(1, got) * 1e6,
+                   errors=dict(stats.errors))  # fmt: skip
+        for s in subs:
+            s._close()
+        await pub.close()
+        return out
+    finally:
+        server.stop()
+
+
+def _worktree(ref: str, work: Path, name: str) -> Path:
+    if ref == ".":
+        return ROOT
+    path = work / f"tree-{name}"
+    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "-q", "--detach", str(path), ref],
+                   check=True)  # fmt: skip
+    return path
+
+
+async def main() -> None:
+    p = argparse.ArgumentParser(prog="python -m bench.ab", description=__doc__.split("\n")[0])
+    p.add_argument(
+        "--variants",
+        default="head=.,nchan",
+        help="NAME=REF (REF: . or a commit), or nchan; comma-separated",
+    )
+    p.add_argument("--transport", default="ws", choices=["ws", "sse", "poll"])
+    p.add_argument("--clients", type=int, default=1000)
+    p.add_argument("--connect-rate", type=int, default=1000)
+    p.add_argument("--rate", type=int, default=5000, help="events/s offered")
+    p.add_argument("--seconds", type=float, default=4.0)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--profile", action="store_true")
+    p.add_argument("--gc-stats", action="store_true")
+    p.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "orbited-ab")
+    p.add_argument("--json", type=Path)
+    args = p.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    results: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="orbited-ab-") as tmp:
+        work = Path(tmp)
+        trees: dict[str, Path | None] = {}
+        try:
+            for spec in args.variants.split(","):
+                name, _, ref = spec.partition("=")
+                trees[name] = None if name == "nchan" else _worktree(ref or ".", work, name)
+            names = list(trees)
+            for rep in range(args.reps):
+                for name in names[rep % len(names) :] + names[: rep % len(names)]:
+                    r = await run_one(name, trees[name], args, work)
+                    r["rep"] = rep
+                    print(json.dumps(r), flush=True)
+                    results.append(r)
+        finally:
+            for tree in trees.values():
+                if tree is not None and tree != ROOT:
+                    subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force",
+                                    str(tree)], check=False)  # fmt: skip
+    load = os.getloadavg()[0]
+    print(f"\n# {args.transport} clients={args.clients} rate={args.rate}/s "
+          f"{args.seconds:g}s reps={args.reps} load={load:.2f}")  # fmt: skip
+    print(f"{'variant':12} {'event µs':>22} {'accept µs':>10} {'RSS KB/conn':>12} "
+          f"{'full gc ms':>10}")  # fmt: skip
+    first = None
+    for name in trees:
+        rs = [r for r in results if r["variant"] == name]
+        ev = statistics.median(r["event_us"] for r in rs)
+        spread = f"[{min(r['event_us'] for r in rs):.1f}-{max(r['event_us'] for r in rs):.1f}]"
+        ac = statistics.median(r["accept_us"] for r in rs)
+        rss = statistics.median(r["rss_kb_per_conn"] for r in rs)
+        gcs = [r["full_gc_ms"] for r in rs if "full_gc_ms" in r]
+        gc_text = f"{statistics.median(gcs):.1f}" if gcs else "-"
+        first = first or ev
+        print(f"{name:12} {ev:7.1f} {spread:>14} {ac:10.1f} {rss:12.1f} {gc_text:>10}"
+              f"   ×{ev / first:.2f}")  # fmt: skip
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
