@@ -378,6 +378,8 @@ class FrontProtocol(Protocol):
     front: BrowserFront
 
     def connectionMade(self) -> None:  # noqa: N802
+        transport: Any = self.transport
+        transport.setTcpNoDelay(True)  # frames leave at once, not after the peer's ACK
         front = self.front
         self.deadline = front.clock.seconds() + HEAD_TIMEOUT
         front.waiting.add(self)
@@ -530,8 +532,6 @@ class FrontProtocol(Protocol):
             # Accept, then close with a code the page's script can read (an HTTP refusal
             # of the upgrade is invisible to it).
             error = e
-        transport: Any = self.transport
-        transport.setTcpNoDelay(True)
         self.mode = WS_OPEN
         front.websockets.add(self)
         now = front.clock.seconds()
