@@ -362,6 +362,21 @@ class BrowserFront(Factory):
 IDLE, HELD, WS_OPEN, WS_CLOSING, CLOSED = 0, 1, 2, 3, 4
 
 
+def _set_protocol(transport: Any, protocol: Any) -> None:
+    """Make ``protocol`` the one ``transport`` feeds (as autobahn's WebSocketResource does
+    when it takes a connection over from twisted.web)."""
+    if isinstance(transport, ProtocolWrapper):  # the socket gate
+        transport.wrappedProtocol = protocol
+    else:
+        transport.protocol = protocol  # tcp.Connection
+
+
+def _protocol_of(transport: Any) -> Any:
+    return (
+        transport.wrappedProtocol if isinstance(transport, ProtocolWrapper) else transport.protocol
+    )
+
+
 class FrontProtocol(Protocol):
     __slots__ = ("front", "transport", "connected", "mode", "reader", "sink", "deadline",
                  "frames", "ping_due", "pong_by", "close_by", "pipelined")  # fmt: skip
@@ -413,11 +428,12 @@ class FrontProtocol(Protocol):
         if head is None:
             return
         if isinstance(head, _Handoff):
-            self._handoff(reader.raw)
+            # One whole request (no more bytes, no upgrade): lend the connection for it.
+            self._handoff(reader.raw, reader.state == 1 and reader.upgrade_at < 0)
             return
         todo = plan(head, front.cors_origins, front.auth)
         if todo is None:
-            self._handoff(reader.raw)
+            self._handoff(reader.raw, not head.pipelined and head.route is not Route.WS)
             return
         self.reader = None
         self.deadline = 0.0
@@ -430,20 +446,45 @@ class FrontProtocol(Protocol):
         else:
             self._start_poll(todo)
 
-    def _handoff(self, raw: bytes) -> None:
-        """twisted.web's Site takes this connection over, from its first byte."""
+    def _handoff(self, raw: bytes, once: bool) -> None:
+        """twisted.web's Site takes this connection over, from the request's first byte.
+        ``once`` (``raw`` is exactly one whole request): the front takes the connection
+        back when that response is complete and the connection is kept alive, so a
+        browser's next request on it (a poll after client.js) is the front's again."""
         front = self.front
         front.waiting.discard(self)
         self.mode = CLOSED
         self.reader = None
         transport: Any = self.transport
         channel = front.site.buildProtocol(transport.getPeer())
-        if isinstance(transport, ProtocolWrapper):  # the socket gate
-            transport.wrappedProtocol = channel
-        else:
-            transport.protocol = channel  # tcp.Connection
+        _set_protocol(transport, channel)
         channel.makeConnection(transport)
         channel.dataReceived(raw)
+        if not once:
+            return
+        if channel.requests:  # answered later: take it back then
+            channel.requests[-1].notifyFinish().addBoth(lambda _: self._take_back(channel))
+        else:
+            self._take_back(channel)
+
+    def _take_back(self, channel: Any) -> None:
+        transport: Any = self.transport
+        if (
+            channel.requests
+            or not channel.persistent
+            or transport.disconnecting
+            or _protocol_of(transport) is not channel
+        ):
+            return  # closing, or more came (it stays twisted.web's), or a WebSocket now
+        # The channel paused reading while it answered and holds the transport as its
+        # producer: drop it (no timeout left behind) and read on, as the front.
+        channel.setTimeout(None)
+        self.front.site.channels.discard(channel)
+        transport.unregisterProducer()
+        _set_protocol(transport, self)
+        transport.resumeProducing()
+        self.mode = IDLE
+        self.front.waiting.add(self)
 
     def next_request(self, close: bool) -> None:
         """A response is complete: read the next request, or close."""
