@@ -77,7 +77,8 @@ HOT: Final = {b"/orbited/ws": Route.WS, b"/orbited/sse": Route.SSE, b"/orbited/p
 WANTED: Final = frozenset((b"host", b"origin", b"x-forwarded-proto", b"upgrade",
                            b"connection", b"sec-websocket-key", b"sec-websocket-version",
                            b"last-event-id"))  # fmt: skip
-HEAD_TIMEOUT = 10.0  # seconds for a request head to arrive (autobahn's openHandshakeTimeout)
+HEAD_TIMEOUT = 10.0  # seconds from a request's first byte to its whole head (autobahn's
+# openHandshakeTimeout); a connection between requests waits the Site's timeOut (60 s)
 CLOSE_TIMEOUT = 5.0  # seconds the node waits for the browser's close frame
 SWEEP = 1.0  # the sweep timer's period
 
@@ -323,6 +324,7 @@ class BrowserFront(Factory):
         # A head at most this long cannot reach a limit; a longer one goes to twisted.web.
         self.small = min(config.max_request_line, config.max_header_bytes)
         self.keepalive = hub.config.keepalive
+        self.idle_timeout = float(site.timeOut or 60)  # twisted.web's, for kept-alive connections
         self.waiting: set[FrontProtocol] = set()  # no request head yet (or between requests)
         self.websockets: set[FrontProtocol] = set()
         self.sweeper = task.LoopingCall(self.sweep)
@@ -345,7 +347,7 @@ class BrowserFront(Factory):
         """Once a second: heads that did not come in HEAD_TIMEOUT, WebSocket pings, pongs
         not answered within keepalive, close handshakes not answered within CLOSE_TIMEOUT."""
         now = self.clock.seconds()
-        for p in [p for p in self.waiting if p.deadline and p.deadline <= now]:
+        for p in [p for p in self.waiting if p.deadline <= now]:
             p.abort()
         for p in list(self.websockets):
             p.ws_tick(now)
@@ -385,7 +387,7 @@ class FrontProtocol(Protocol):
         self.mode = IDLE
         self.reader: HeadReader | None = None
         self.sink: _Sink | None = None
-        self.deadline = 0.0  # IDLE: when the head must have come (0: none)
+        self.deadline = 0.0  # IDLE: when the next request head must have come
         self.frames: wsframe.ClientFrames | None = None
         self.ping_due = self.pong_by = self.close_by = 0.0
         self.pipelined = False
@@ -396,7 +398,7 @@ class FrontProtocol(Protocol):
         transport: Any = self.transport
         transport.setTcpNoDelay(True)  # frames leave at once, not after the peer's ACK
         front = self.front
-        self.deadline = front.clock.seconds() + HEAD_TIMEOUT
+        self.deadline = front.clock.seconds() + front.idle_timeout
         front.waiting.add(self)
 
     # -- bytes in ---------------------------------------------------------------------
@@ -421,9 +423,7 @@ class FrontProtocol(Protocol):
         reader = self.reader
         if reader is None:
             reader = self.reader = HeadReader(front.small, front.max_headers)
-            if not self.deadline:
-                self.deadline = front.clock.seconds() + HEAD_TIMEOUT
-                front.waiting.add(self)
+            self.deadline = front.clock.seconds() + HEAD_TIMEOUT
         head = reader.feed(data)
         if head is None:
             return
@@ -483,8 +483,7 @@ class FrontProtocol(Protocol):
         transport.unregisterProducer()
         _set_protocol(transport, self)
         transport.resumeProducing()
-        self.mode = IDLE
-        self.front.waiting.add(self)
+        self.idle()
 
     def next_request(self, close: bool) -> None:
         """A response is complete: read the next request, or close."""
@@ -492,8 +491,14 @@ class FrontProtocol(Protocol):
         if close or self.pipelined:
             self.close()
             return
+        self.idle()
+
+    def idle(self) -> None:
+        """Between requests: wait for the next one at most the idle timeout."""
+        front = self.front
         self.mode = IDLE
-        self.front.waiting.add(self)
+        self.deadline = front.clock.seconds() + front.idle_timeout
+        front.waiting.add(self)
 
     def close(self) -> None:
         self.mode = CLOSED
