@@ -17,10 +17,16 @@ after VRRP's master-down interval (3 × ``advert_int`` + skew). While no HaloD l
 (etcd lost quorum), every host runs at its base priority and the address stays where it
 is, so the data plane keeps forwarding.
 
+Before keepalived starts, each host also gets the address on ``lo`` (a /32) and ARP
+settings on the interface (:class:`HostSetup`): so connections still open through a
+host's data plane after the address left it get reset at the client's next packet
+instead of hanging (see HostSetup).
+
 The sans-I/O part (:func:`keepalived_conf`, :func:`track_value`, :func:`vrrp_state`,
-:func:`keepalived_argv`) is pure and unit-tested; :class:`VirtualAddress` is the thin
-Twisted shell: it writes the track file, starts keepalived on the first ``lead()`` or
-``follow()``, restarts it if it dies, and stops it at ``stop()``. Its files live in
+:func:`keepalived_argv`, :func:`host_setup`) is pure and unit-tested;
+:class:`VirtualAddress` is the thin Twisted shell: it prepares the host, writes the
+track file, starts keepalived on the first ``lead()`` or ``follow()`` (or once the
+reactor runs), restarts it if it dies, and stops it at ``stop()``. Its files live in
 ``state_dir`` (mode 700): ``keepalived.conf``, ``leader`` (the track file),
 ``keepalived.pid``, ``vrrp.pid`` and ``keepalived.log`` (its output, fresh at each start).
 docs/halod.md, "Route address across HaloD hosts".
@@ -37,7 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from twisted.internet import defer
+from twisted.internet import defer, utils
 from twisted.internet.error import ProcessDone, ProcessExitedAlready
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import ProcessProtocol
@@ -48,6 +54,7 @@ from orbited.core.settings import ConfigError
 
 KEEPALIVED = "/usr/sbin/keepalived"
 SETPRIV = "/usr/bin/setpriv"
+IP = "/usr/sbin/ip"  # iproute2
 IFNAME = re.compile(r"[A-Za-z0-9_.-]{1,15}")
 MAX_PRIORITY = 254  # 255 is VRRP's "address owner", which never gives the address up
 
@@ -78,7 +85,7 @@ class VipSettings:
     router_id: int  # VRRP virtual router id, 1-255: the same on every HaloD host
     priority: int  # this host's base priority, 1-254: host order while nobody leads
     lead_boost: int = 100  # added to the priority while this host's HaloD leads
-    advert_int: float = 0.5  # seconds between VRRP advertisements (0.01-40)
+    advert_int: float = 0.3  # seconds between VRRP advertisements (0.01-40)
     state_dir: str = "vip"  # keepalived's config, track, pid and log files
     keepalived: str = KEEPALIVED
     start_timeout: float = 10.0  # keepalived must report a VRRP state within this
@@ -244,6 +251,30 @@ def keepalived_argv(settings: VipSettings, files: VipFiles, setpriv: str = SETPR
     ]  # fmt: skip
 
 
+@dataclass(frozen=True)
+class HostSetup:
+    """What every HaloD host needs besides keepalived (applied before keepalived starts,
+    never undone): the address also on ``lo`` as a /32, so it stays a local address when
+    keepalived moves it away — connections still open through this host's data plane
+    can then send (a packet from the address the host no longer holds reaches the
+    client, whose reply goes to the new holder and is answered with a reset: the client
+    reconnects at once instead of hanging until its watchdog) — and ARP settings on the
+    VRRP interface so a host answers ARP for the address only while it holds it there
+    (``arp_ignore`` 1) and never announces it as its ARP source (``arp_announce`` 2)."""
+
+    loopback_address: str  # e.g. "10.77.0.100/32"
+    sysctls: tuple[tuple[str, str], ...]  # (/proc/sys path, value)
+
+    def ip_argv(self, ip: str = "ip") -> list[str]:
+        return [ip, "address", "replace", self.loopback_address, "dev", "lo"]
+
+
+def host_setup(settings: VipSettings) -> HostSetup:
+    ip = ipaddress.ip_interface(settings.address).ip
+    conf = f"/proc/sys/net/ipv4/conf/{settings.interface}"
+    return HostSetup(f"{ip}/32", ((f"{conf}/arp_ignore", "1"), (f"{conf}/arp_announce", "2")))
+
+
 _STATE_LINE = re.compile(r"\((?P<instance>[^)]+)\) Entering (?P<state>[A-Z]+) STATE")
 
 
@@ -301,11 +332,13 @@ class VirtualAddress:
     RESTART_MIN = 1.0  # after keepalived died unexpectedly; doubling up to RESTART_MAX
     RESTART_MAX = 10.0
 
-    def __init__(self, settings: VipSettings, reactor: Any, *, setpriv: str = SETPRIV) -> None:
+    def __init__(self, settings: VipSettings, reactor: Any, *, setpriv: str = SETPRIV,
+                 ip: str = IP) -> None:  # fmt: skip
         settings.validate()
         self.settings = settings
         self.reactor = reactor
         self.setpriv = setpriv
+        self.ip = ip
         self.files = VipFiles.of(settings)
         self.role: Role | None = None
         self.state: VrrpState | None = None  # keepalived's last reported state
@@ -319,6 +352,7 @@ class VirtualAddress:
         self._retry: IDelayedCall | None = None
         self._backoff = self.RESTART_MIN
         self._stopped = False
+        self._preparing = False  # HostSetup under way (keepalived not spawned yet)
         # From the moment the reactor runs this host takes part as a follower, so a
         # standby is ready to take the address before its HaloD is ever told anything.
         when_running = getattr(reactor, "callWhenRunning", None)
@@ -359,7 +393,7 @@ class VirtualAddress:
             return defer.succeed(None)
         waiting: defer.Deferred[None] = defer.Deferred()
         self._ready.append(waiting)
-        if self._proc is None and self._retry is None:
+        if self._proc is None and self._retry is None and not self._preparing:
             self._start()
         return waiting
 
@@ -370,9 +404,46 @@ class VirtualAddress:
         os.replace(tmp, self.files.track)  # keepalived reads it on the rename (inotify)
 
     def _start(self) -> None:
+        """Prepare the host (HostSetup), then spawn keepalived."""
         self._retry = None
         self._started = False
         self.state = None
+        self._preparing = True
+        setup = host_setup(self.settings)
+        if not Path(setup.sysctls[0][0]).parent.is_dir():
+            self._preparing = False
+            self._fail_start(f"vip_interface {self.settings.interface} does not exist on this "
+                             "host")  # fmt: skip
+            return
+        try:
+            for path, value in setup.sysctls:
+                Path(path).write_text(value + "\n")
+        except OSError as e:
+            self._preparing = False
+            self._fail_start(f"cannot set {path} (HaloD needs CAP_NET_ADMIN): {e}")
+            return
+        d = utils.getProcessOutputAndValue(self.ip, setup.ip_argv(self.ip)[1:],
+                                           env=dict(os.environ), reactor=self.reactor)  # fmt: skip
+
+        def prepared(result: tuple[bytes, bytes, int]) -> None:
+            self._preparing = False
+            out, err, code = result
+            if self._stopped:
+                return
+            if code != 0:
+                why = (err or out).decode("utf-8", "replace").strip()
+                self._fail_start(f"cannot add {setup.loopback_address} to lo: {why}")
+                return
+            self._spawn()
+
+        def failed(f: Failure) -> None:
+            self._preparing = False
+            if not self._stopped:
+                self._fail_start(f"cannot run {self.ip}: {f.getErrorMessage()}")
+
+        d.addCallbacks(prepared, failed)
+
+    def _spawn(self) -> None:
         files = self.files
         try:
             files.directory.mkdir(mode=0o700, parents=True, exist_ok=True)

@@ -127,6 +127,15 @@ class Lan:
         out = self.run(host, ["ip", "-4", "-o", "addr", "show", "dev", self.iface(host)]).stdout
         return [line.split()[3] for line in out.splitlines()]
 
+    def state(self) -> str:
+        """For failure messages: the hosts' addresses and the client's neighbours."""
+        lines = [f"{h}: {' '.join(self.addresses(h))}" for h in HOSTS]
+        for h in HOSTS:
+            link = self.run(h, ["ip", "-br", "link", "show", "dev", self.iface(h)]).stdout
+            lines.append(f"{h} link: {link.strip()}")
+        lines.append("c neighbours: " + self.run("c", ["ip", "neigh"]).stdout.strip())
+        return "\n".join(lines)
+
     def close(self) -> None:
         for ns in self.created:
             for pid in self._ns_pids(ns):

@@ -23,8 +23,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -36,6 +34,7 @@ from bench.chaos_report import analyse
 from bench.sender import SenderProcess
 from halod.etcd.local import EtcdCluster
 from tests.conftest import NodeProcess, wait_for
+from tests.halod.vip_ha import ha_wiring_missing
 
 try:  # phase 2a's HA helpers and its etcd cluster (raft timing fit for a 1 s lease)
     from tests.integration.test_halod_ha import etcd_cluster  # noqa: F401
@@ -49,21 +48,6 @@ HALF = BROWSERS // 2
 GRACE = 3.0  # above the nodes' 2 s reconnect backoff cap
 TIMING = ("--spares", "1", "--grace", str(GRACE), "--heartbeat-interval", "0.5",
           "--missed-heartbeats", "8", "--move-close-delay", "0.5")  # fmt: skip
-
-
-def _phase_2a_missing() -> str | None:
-    """What of HaloD's etcd wiring (phase 2a) is not on this tree yet, or None."""
-    try:
-        from tests.integration import test_halod_ha  # noqa: F401
-    except ImportError as e:
-        return f"tests/integration/test_halod_ha.py (EtcdHaloD, start_nodes) is missing: {e}"
-    help_text = subprocess.run([sys.executable, "-m", "halod.cli", "run", "--help"],
-                               capture_output=True, text=True, timeout=30).stdout  # fmt: skip
-    flags = ("--store", "--etcd-endpoint", "--etcd-prefix", "--etcd-lease-ttl", "--etcd-name")
-    missing = [flag for flag in flags if flag not in help_text]
-    if missing:
-        return f"halod run has no {', '.join(missing)} yet (HaloD's etcd config keys)"
-    return None
 
 
 def figures_of(reports: dict[str, dict[str, Any]], clients: list[dict[str, Any]],
@@ -91,7 +75,7 @@ def figures_of(reports: dict[str, dict[str, Any]], clients: list[dict[str, Any]]
     return figures
 
 
-MISSING = _phase_2a_missing()
+MISSING = ha_wiring_missing()
 
 
 @pytest.mark.skipif(MISSING is not None,
