@@ -42,9 +42,10 @@ from typing import Any, TypeVar
 
 from bench.chaos_report import analyse, percentile
 from bench.dataplane import Env, HaloD, fmt, wait_ready
+from orbited.core.routes import DEFAULT_ROUTES
 
 T = TypeVar("T")
-ROUTES = 24
+ROUTES = DEFAULT_ROUTES
 CLONE_NEWNET = 0x40000000
 
 

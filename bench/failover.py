@@ -51,8 +51,9 @@ from bench.chaos_report import analyse, expand, percentile
 from bench.dataplane import BACKENDS, Env, HaloD, available_backends, fmt, free_ports
 from bench.dataplane_failover import Node, Probe, get_json, wait_recovered
 from bench.report import results_header
+from orbited.core.routes import DEFAULT_ROUTES
 
-ROUTES = 24
+ROUTES = DEFAULT_ROUTES
 RESULTS = Path(__file__).parent / "results" / "failover.json"
 NOT_ACCEPTED_ERRORS = frozenset({"error", "unreachable"})
 

@@ -59,6 +59,7 @@ from typing import Any
 
 from orbited.core.hashing import route_of
 from orbited.core.keys import ConnectionKey
+from orbited.core.routes import DEFAULT_ROUTES
 from orbited.core.tokens import issue_token
 from orbited.sp import wire
 from orbited.sp.reqrep import RequestIds
@@ -355,9 +356,11 @@ class OrbitedHaloD(Orbited):
     third Python process in the data path)."""
 
     name = "orbited2"
-    routes = 24
+    routes = DEFAULT_ROUTES
     settings = Orbited.settings | {
-        "halod --dataplane none --spares 0 --routes 24": "no proxy hop; both nodes active",
+        f"halod --dataplane none --spares 0 --routes {DEFAULT_ROUTES}": (
+            "no proxy hop; both nodes active"
+        ),
     }
 
     def _start(self, timeout: float) -> None:

@@ -41,9 +41,10 @@ from bench.chaos_report import analyse
 from bench.dataplane import Env, HaloD, netns_possible, wait_ready
 from bench.dataplane_failover import Probe
 from bench.report import machine
+from orbited.core.routes import DEFAULT_ROUTES
 
 RESULTS = Path(__file__).parent / "results" / "soak.json"
-ROUTES = 24
+ROUTES = DEFAULT_ROUTES
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
 

@@ -45,7 +45,7 @@ def split_backtrace(body: bytes, max_hops: int = MAX_HOPS) -> tuple[bytes, bytes
 
 def request_id(backtrace: bytes) -> int:
     """The request id is the last backtrace word (MSB set)."""
-    return _WORD.unpack_from(backtrace, len(backtrace) - 4)[0]
+    return int(_WORD.unpack_from(backtrace, len(backtrace) - 4)[0])
 
 
 class RequestIds:

@@ -57,7 +57,7 @@ def parse_header(header: bytes, expected_peer: int) -> int:
         raise SPProtocolError(f"not an SP header: {header.hex(' ')}")
     if header[6:8] != b"\x00\x00":
         raise SPProtocolError(f"reserved header bytes not zero: {header.hex(' ')}")
-    (protocol,) = struct.unpack(">H", header[4:6])
+    protocol = int.from_bytes(header[4:6], "big")
     if protocol != expected_peer:
         got = PROTOCOL_NAMES.get(protocol, hex(protocol))
         want = PROTOCOL_NAMES.get(expected_peer, hex(expected_peer))
