@@ -122,8 +122,13 @@ async def run(reactor: Any, args: argparse.Namespace, tmp: Path) -> dict[str, An
     (tmp / "etcd").mkdir()
     cluster.start()
     try:
-        settings = EtcdSettings(tuple(cluster.endpoints), PREFIX, args.ttl,
-                                min(0.5, args.ttl / 4), min(1.0, args.ttl / 2))
+        settings = EtcdSettings(
+            tuple(cluster.endpoints),
+            PREFIX,
+            args.ttl,
+            min(0.5, args.ttl / 4),
+            min(1.0, args.ttl / 2),
+        )
         client = EtcdClient(reactor, settings.endpoints, settings.timeout)
         leader = el.Election(client, settings.key_prefix, "bench", settings.election())
         store = EtcdStore(client, settings, leader.fence)
@@ -145,17 +150,23 @@ async def run(reactor: Any, args: argparse.Namespace, tmp: Path) -> dict[str, An
 
 
 def text(r: dict[str, Any]) -> str:
-    lines = [f"table of {r['routes']} routes on {r['nodes']} nodes; each change one write",
-             f"{'store':8} {'n':>5} {'mean ms':>9} {'median':>8} {'p99':>8} {'max':>8}"]
+    lines = [
+        f"table of {r['routes']} routes on {r['nodes']} nodes; each change one write",
+        f"{'store':8} {'n':>5} {'mean ms':>9} {'median':>8} {'p99':>8} {'max':>8}",
+    ]
     for name in ("sqlite", "etcd"):
         s = r[name]
         lines.append(f"{name:8} {s['n']:5d} {s['mean_ms']:9.2f} {s['median_ms']:8.2f} "
                      f"{s['p99_ms']:8.2f} {s['max_ms']:8.2f}")  # fmt: skip
     fr, cl = r["takeover_frozen_s"], r["takeover_clean_s"]
-    lines.append(f"take-over, lease TTL {r['ttl']} s: leader frozen (as kill -9): "
-                 f"median {statistics.median(fr):.2f} s, max {max(fr):.2f} s")
-    lines.append(f"take-over after a clean stop (lease revoked): "
-                 f"median {statistics.median(cl):.3f} s, max {max(cl):.3f} s")
+    lines.append(
+        f"take-over, lease TTL {r['ttl']} s: leader frozen (as kill -9): "
+        f"median {statistics.median(fr):.2f} s, max {max(fr):.2f} s"
+    )
+    lines.append(
+        f"take-over after a clean stop (lease revoked): "
+        f"median {statistics.median(cl):.3f} s, max {max(cl):.3f} s"
+    )
     return "\n".join(lines)
 
 

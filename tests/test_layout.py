@@ -132,15 +132,22 @@ def _import_rules(rel: str, module: str, line: int, target: str) -> Iterator[Vio
         yield bad("a", "the cores stay free of Twisted and its family")
     if within(module, "orbited.node") and within(target, "halod"):
         yield bad("b", "the node never imports HaloD")
-    if within(module, "halod") and within(target, "orbited") and not (
-        within(target, "orbited.core", "orbited.sp", "orbited.runtime")
-        or target in ("orbited", "orbited.__version__")
+    if (
+        within(module, "halod")
+        and within(target, "orbited")
+        and not (
+            within(target, "orbited.core", "orbited.sp", "orbited.runtime")
+            or target in ("orbited", "orbited.__version__")
+        )
     ):
         yield bad("b", "HaloD uses only orbited.core, sp, runtime and __version__")
     if within(module, "orbited.core", "orbited.sp", "orbited.runtime") and within(
         target, "orbited.node", "orbited.client", "halod"
     ):
         yield bad("b", "core, sp and runtime import nothing above them")
+    above_sp = within(target, "orbited") and not within(target, "orbited.sp")
+    if within(module, "orbited.sp") and above_sp:
+        yield bad("b", "sp is the bottom layer: it imports nothing else from orbited")
     if within(target, "klein"):
         yield bad("b", "klein is the demo's (the `demo` extra), not the product's")
     if (
@@ -389,9 +396,13 @@ def test_the_checker_reports_twisted_imported_by_the_core(tmp_path):
         ("halod/x.py", "import importlib\nimportlib.import_module('orbited.client')\n", "b"),
         ("orbited/runtime/x.py", "from ..node import hub\n", "b"),
         ("orbited/core/x.py", "from orbited.client.blocking import BlockingClient\n", "b"),
+        ("orbited/sp/x.py", "from orbited.core.keys import ConnectionKey\n", "b"),
         ("orbited/node/x.py", "from klein import Klein\n", "b"),
-        ("orbited/node/x.py", "from twisted.application.internet import _maybeGlobalReactor\n",
-         "c"),  # fmt: skip
+        (
+            "orbited/node/x.py",
+            "from twisted.application.internet import _maybeGlobalReactor\n",
+            "c",
+        ),  # fmt: skip
         ("halod/x.py", "def f(server):\n    return server._port\n", "c"),
         ("orbited/node/x.py", "def f(t):\n    return len(t.dataBuffer)\n", "c"),
         ("orbited/node/x.py", "def f(p):\n    return p._perMessageCompress\n", "c"),
@@ -399,15 +410,24 @@ def test_the_checker_reports_twisted_imported_by_the_core(tmp_path):
         ("orbited/node/x.py", "def f(r):\n    r._log.info('x')\n", "c"),
         ("orbited/node/x.py", "def f(r):\n    return getattr(r, '_log')\n", "c"),
         ("orbited/node/x.py", "import argparse\nargparse.ArgumentParser()._actions\n", "c"),
-        ("orbited/node/x.py", "from twisted.web.http import HTTPChannel\n"
-         "class C(HTTPChannel):\n    def _finishRequestBody(self, data):\n        pass\n",
-         "c"),  # fmt: skip
-        ("orbited/node/x.py", "from twisted.web.http import HTTPChannel\n"
-         "class C(HTTPChannel):\n    def f(self):\n        return self._transferDecoder\n",
-         "c"),  # fmt: skip
+        (
+            "orbited/node/x.py",
+            "from twisted.web.http import HTTPChannel\n"
+            "class C(HTTPChannel):\n    def _finishRequestBody(self, data):\n        pass\n",
+            "c",
+        ),  # fmt: skip
+        (
+            "orbited/node/x.py",
+            "from twisted.web.http import HTTPChannel\n"
+            "class C(HTTPChannel):\n    def f(self):\n        return self._transferDecoder\n",
+            "c",
+        ),  # fmt: skip
         ("orbited/node/x.py", "import autobahn.websocket.protocol as p\np.pformat = str\n", "c"),
-        ("orbited/node/x.py", "from twisted.web import http\nhttp.HTTPChannel.maxHeaders = 5\n",
-         "c"),  # fmt: skip
+        (
+            "orbited/node/x.py",
+            "from twisted.web import http\nhttp.HTTPChannel.maxHeaders = 5\n",
+            "c",
+        ),  # fmt: skip
     ],
 )
 def test_the_checker_reports_each_kind_of_violation(tmp_path, rel, text, rule):
@@ -422,8 +442,11 @@ def test_the_checker_reports_each_kind_of_violation(tmp_path, rel, text, rule):
         ("halod/x.py", "from orbited import __version__\nfrom orbited.core.keys import K\n"),
         ("halod/x.py", "from orbited.runtime.twisted_compat import listening_port\n"),
         ("orbited/node/x.py", "from twisted.internet import reactor\n"),
-        ("orbited/node/x.py", "class C:\n    def __init__(self):\n        self._own = 1\n"
-                              "    def f(self, other):\n        return other._own\n"),  # fmt: skip
+        (
+            "orbited/node/x.py",
+            "class C:\n    def __init__(self):\n        self._own = 1\n"
+            "    def f(self, other):\n        return other._own\n",
+        ),  # fmt: skip
         ("orbited/node/x.py", "def f(p):\n    return p.__class__, p._replace(a=1)\n"),
         ("orbited/runtime/twisted_compat.py", "def f(s):\n    return s._port, s.send_queue\n"),
     ],

@@ -86,12 +86,16 @@ class Persisted:
                 "routes": self.routes,
                 "policy": self.policy.name,
                 "spares_wanted": self.policy.spares_wanted,
-                "nodes": {str(o.node): {"name": o.name, "routes": list(o.routes)}
-                          for o in sorted(self.owners, key=lambda o: o.node)},  # fmt: skip
+                "nodes": {
+                    str(o.node): {"name": o.name, "routes": list(o.routes)}
+                    for o in sorted(self.owners, key=lambda o: o.node)
+                },  # fmt: skip
                 "spares": list(self.spares),
             },
-            "nodes": {n.name: {"browser": n.browser, "sp": n.sp, "capacity": n.capacity}
-                      for n in self.registry},  # fmt: skip
+            "nodes": {
+                n.name: {"browser": n.browser, "sp": n.sp, "capacity": n.capacity}
+                for n in self.registry
+            },  # fmt: skip
             "failovers": self.failovers,
             "drained": list(self.drained),
         }

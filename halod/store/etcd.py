@@ -64,13 +64,9 @@ class EtcdSettings:
             if url.path not in ("", "/"):
                 raise ValueError(f"etcd_endpoints: {e!r} has a path")
         if not self.prefix.startswith("/") or self.prefix.endswith("/") or "\0" in self.prefix:
-            raise ValueError(
-                f"etcd_prefix: {self.prefix!r} must start with / and not end with /"
-            )
+            raise ValueError(f"etcd_prefix: {self.prefix!r} must start with / and not end with /")
         if not 0 < self.timeout < self.lease_ttl:
-            raise ValueError(
-                f"etcd_timeout: must be > 0 and < etcd_lease_ttl, not {self.timeout}"
-            )
+            raise ValueError(f"etcd_timeout: must be > 0 and < etcd_lease_ttl, not {self.timeout}")
         self.election()  # validates lease_ttl and step_down_margin
 
     def election(self) -> ElectionSettings:
@@ -97,8 +93,9 @@ def encode(prefix: bytes, table: Persisted, writer: str = "", term: int = 0) -> 
     t = snap["table"]
     keys = {
         prefix + b"/version": dump({"version": table.version, "writer": writer, "term": term}),
-        prefix + b"/table": dump({"routes": t["routes"], "spares_wanted": t["spares_wanted"],
-                                  "nodes": t["nodes"]}),  # fmt: skip
+        prefix + b"/table": dump(
+            {"routes": t["routes"], "spares_wanted": t["spares_wanted"], "nodes": t["nodes"]}
+        ),  # fmt: skip
         prefix + b"/policy": table.policy.name.encode(),
         prefix + b"/spares": dump(t["spares"]),
         prefix + b"/meta": dump({"failovers": table.failovers, "drained": list(table.drained)}),
@@ -125,10 +122,16 @@ def decode(prefix: bytes, values: Mapping[bytes, bytes]) -> Persisted | None:
         meta = json.loads(values[prefix + b"/meta"])
         registry = prefix + b"/registry/"
         snapshot = {
-            "table": {**table, "policy": values[prefix + b"/policy"].decode(),
-                      "spares": json.loads(values[prefix + b"/spares"])},  # fmt: skip
-            "nodes": {k[len(registry):].decode(): json.loads(v)
-                      for k, v in sorted(values.items()) if k.startswith(registry)},  # fmt: skip
+            "table": {
+                **table,
+                "policy": values[prefix + b"/policy"].decode(),
+                "spares": json.loads(values[prefix + b"/spares"]),
+            },  # fmt: skip
+            "nodes": {
+                k[len(registry) :].decode(): json.loads(v)
+                for k, v in sorted(values.items())
+                if k.startswith(registry)
+            },  # fmt: skip
             "failovers": meta["failovers"],
             "drained": meta["drained"],
         }

@@ -41,8 +41,11 @@ def test_leader_steps_down_before_its_lease_can_end():
     c.handle(el.Tick(2.0))
     assert c.wake_at() == 2.5  # TTL 3 from the grant's sending, minus the margin
     out = c.handle(el.Tick(2.5))
-    assert out == [el.SteppedDown("could not renew the lease in time"), el.Revoke(7),
-                   el.GrantLease(3)]
+    assert out == [
+        el.SteppedDown("could not renew the lease in time"),
+        el.Revoke(7),
+        el.GrantLease(3),
+    ]
     assert c.state is el.State.CAMPAIGNING and c.fence is None
 
 
@@ -66,8 +69,11 @@ def test_expired_lease_reported_by_etcd_steps_down_at_once():
 def test_a_refused_fenced_write_deposes_the_leader():
     c = leader()
     out = c.handle(el.Deposed(1.0))
-    assert out == [el.SteppedDown("etcd refused a write fenced on this term"), el.Revoke(7),
-                   el.GrantLease(3)]
+    assert out == [
+        el.SteppedDown("etcd refused a write fenced on this term"),
+        el.Revoke(7),
+        el.GrantLease(3),
+    ]
     assert c.state is el.State.CAMPAIGNING and c.handle(el.Deposed(1.1)) == []
 
 
@@ -128,8 +134,7 @@ def test_stop_steps_down_and_revokes():
     assert c.handle(el.Tick(5.0)) == [] and c.handle(el.Won(3, 5.0)) == []
 
 
-@pytest.mark.parametrize("kw", [{"ttl": 0}, {"ttl": 3, "margin": 2.0}, {"margin": 0},
-                                {"retry": 0}])
+@pytest.mark.parametrize("kw", [{"ttl": 0}, {"ttl": 3, "margin": 2.0}, {"margin": 0}, {"retry": 0}])
 def test_settings_are_checked(kw):
     with pytest.raises(ValueError):
         el.ElectionSettings(**kw)

@@ -29,14 +29,27 @@ TTL = 2
 def snapshot(active=("a", "b"), spares=("c",), drained=(), routes=12, failovers=0):
     """A valid Membership.snapshot(): routes split evenly over ``active``."""
     per = routes // len(active)
-    nodes = {str(i + 1): {"name": n, "routes": list(range(i * per + 1, (i + 1) * per + 1))}
-             for i, n in enumerate(active)}
+    nodes = {
+        str(i + 1): {"name": n, "routes": list(range(i * per + 1, (i + 1) * per + 1))}
+        for i, n in enumerate(active)
+    }
     names = [*active, *spares, *drained]
     return {
-        "table": {"routes": routes, "policy": "even", "spares_wanted": 1, "nodes": nodes,
-                  "spares": list(spares)},
-        "nodes": {n: {"browser": f"127.0.0.{i + 2}:8000", "sp": f"tcp://127.0.0.{i + 2}:9000",
-                      "capacity": 1000} for i, n in enumerate(names)},
+        "table": {
+            "routes": routes,
+            "policy": "even",
+            "spares_wanted": 1,
+            "nodes": nodes,
+            "spares": list(spares),
+        },
+        "nodes": {
+            n: {
+                "browser": f"127.0.0.{i + 2}:8000",
+                "sp": f"tcp://127.0.0.{i + 2}:9000",
+                "capacity": 1000,
+            }
+            for i, n in enumerate(names)
+        },
         "failovers": failovers,
         "drained": sorted(drained),
     }
@@ -63,8 +76,9 @@ def test_a_real_membership_round_trips_through_etcds_keys():
     keys = se.encode(b"/p", Persisted.from_snapshot(m.snapshot(), 3), "h1", 5)
     restored = Membership.restore(se.decode(b"/p", keys).snapshot(), Timing(), 0.0, 1)
     assert restored.snapshot() == m.snapshot()
-    assert {r: n.name for r, n in restored.owners().items()} == \
-        {r: n.name for r, n in m.owners().items()}
+    assert {r: n.name for r, n in restored.owners().items()} == {
+        r: n.name for r, n in m.owners().items()
+    }
 
 
 @pytest_twisted.inlineCallbacks
@@ -81,8 +95,16 @@ def test_unreachable_etcd_is_a_clear_error():
 def test_key_layout_round_trip():
     p = Persisted.from_snapshot(snapshot(), 4)
     keys = se.encode(b"/p", p, "h1", 17)
-    assert sorted(keys) == [b"/p/meta", b"/p/policy", b"/p/registry/a", b"/p/registry/b",
-                            b"/p/registry/c", b"/p/spares", b"/p/table", b"/p/version"]
+    assert sorted(keys) == [
+        b"/p/meta",
+        b"/p/policy",
+        b"/p/registry/a",
+        b"/p/registry/b",
+        b"/p/registry/c",
+        b"/p/spares",
+        b"/p/table",
+        b"/p/version",
+    ]
     assert se.writer_of(keys[b"/p/version"]) == (4, "h1", 17)
     assert se.decode(b"/p", {**keys, b"/p/leader": b"{}"}) == p
     assert se.decode(b"/p", {}) is None
@@ -97,8 +119,11 @@ def test_mirror_applies_puts_and_deletes():
     first = se.encode(b"/p", Persisted.from_snapshot(snapshot(), 1))
     m.reset(wire.RangeResult(10, tuple(wire.KeyValue(k, v, 5, 5) for k, v in first.items())))
     second = se.encode(b"/p", Persisted.from_snapshot(snapshot(active=("a", "c"), spares=()), 2))
-    events = [wire.Event(wire.EventType.PUT, wire.KeyValue(k, v, 5, 11))
-              for k, v in second.items() if first.get(k) != v]
+    events = [
+        wire.Event(wire.EventType.PUT, wire.KeyValue(k, v, 5, 11))
+        for k, v in second.items()
+        if first.get(k) != v
+    ]
     events.append(wire.Event(wire.EventType.DELETE, wire.KeyValue(b"/p/registry/b", b"", 0, 11)))
     assert m.apply(wire.WatchMessage(11, events=tuple(events)))
     table = m.table()
@@ -109,12 +134,21 @@ def test_mirror_applies_puts_and_deletes():
     assert not m.apply(wire.WatchMessage(12, events=(leader,)))
 
 
-@pytest.mark.parametrize("kw", [
-    {"endpoints": ()}, {"endpoints": ("127.0.0.1:2379",)}, {"endpoints": ("http://h",)},
-    {"endpoints": ("http://h:1/v3",)}, {"prefix": "orbited"}, {"prefix": "/orbited/"},
-    {"lease_ttl": 0}, {"lease_ttl": 2, "step_down_margin": 1.5}, {"timeout": 0},
-    {"timeout": 2.0, "lease_ttl": 2},
-])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"endpoints": ()},
+        {"endpoints": ("127.0.0.1:2379",)},
+        {"endpoints": ("http://h",)},
+        {"endpoints": ("http://h:1/v3",)},
+        {"prefix": "orbited"},
+        {"prefix": "/orbited/"},
+        {"lease_ttl": 0},
+        {"lease_ttl": 2, "step_down_margin": 1.5},
+        {"timeout": 0},
+        {"timeout": 2.0, "lease_ttl": 2},
+    ],
+)
 def test_etcd_settings_are_checked(kw):
     with pytest.raises(ValueError):
         se.EtcdSettings(**kw)
@@ -148,8 +182,9 @@ class Leader:
     def __init__(self, cluster, name, endpoints=None):
         self.settings = se.EtcdSettings(tuple(endpoints or cluster.endpoints), PREFIX, TTL)
         self.client = EtcdClient(reactor, self.settings.endpoints, self.settings.timeout)
-        self.election = el.Election(self.client, self.settings.key_prefix, name,
-                                    self.settings.election())
+        self.election = el.Election(
+            self.client, self.settings.key_prefix, name, self.settings.election()
+        )
         self.store = se.EtcdStore(self.client, self.settings, self.election.fence)
 
     @pytest_twisted.inlineCallbacks
@@ -168,6 +203,7 @@ class Leader:
 @pytest.fixture(params=["sqlite", "etcd"])
 def any_store(request, tmp_path):
     if request.param == "sqlite":
+
         def make():
             return SQLiteStore(tmp_path / "halod.sqlite3"), None
     else:
@@ -178,6 +214,7 @@ def any_store(request, tmp_path):
             leader = Leader(cluster, "h1")
             yield leader.lead()
             return leader.store, leader
+
     return make
 
 
@@ -256,8 +293,11 @@ def test_killing_an_etcd_member_changes_nothing_and_followers_stay_warm(etcd_clu
         yield leader.lead()
         follower.start()
         yield follower.ready
-        changes = [snapshot(), snapshot(active=("a", "c"), spares=("b",)),
-                   snapshot(active=("a", "c"), spares=(), drained=("b",))]
+        changes = [
+            snapshot(),
+            snapshot(active=("a", "c"), spares=("b",)),
+            snapshot(active=("a", "c"), spares=(), drained=("b",)),
+        ]
         for s in changes:
             written = yield leader.store.write(s)
         yield until(lambda: follower.table() == written, 5)
