@@ -4,7 +4,7 @@ Owns the sending side of the chaos test, the data-plane failover benchmark and t
 test (the browsers are bench/browsers.py; bench/chaos_report.py compares the two). Every
 ``--interval`` ms a round n (1, 2, ...) goes out: by default one SP request per route with
 all that route's keys and data ``{"n": n, "t": send wall time, "k": "*"}``
-(``orbited.client.TwistedClient``: many requests in flight, so a slow or dead route does
+(``orbited.client.twisted.TwistedClient``: many requests in flight, so a slow or dead route does
 not hold back the others); with ``--per-key`` one request per key with ``"k": key id``.
 
 Each key's reply status per n is kept: ``delivered`` / ``queued`` / ``acked`` /

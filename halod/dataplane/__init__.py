@@ -1,5 +1,5 @@
 """HaloD's data plane: for every route r, a browser port and a web-app (SP) port that lead
-to the node owning r (docs/halod.md, "Data plane").
+to the node owning r (docs/operations.md, "Data plane").
 
 A back-end gets the full route → owner map after every table change and makes new
 connections follow it at once; connections of a route whose owner changed are cut after

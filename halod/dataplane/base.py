@@ -1,5 +1,5 @@
 """What every data-plane back-end shares: a route's owner, the route ports, and the
-back-end interface (docs/halod.md, "Data plane")."""
+back-end interface (docs/operations.md, "Data plane")."""
 
 from __future__ import annotations
 
