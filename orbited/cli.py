@@ -64,7 +64,7 @@ def _cluster(argv: list[str]) -> int:
 
 COMMANDS = (
     Command("node", "run an Orbited node in the foreground (the default)",
-            lambda argv: node_command(_node_parser().parse_args(argv))),
+            lambda argv: node_command(_node_parser().parse_args(argv), argv)),
     Command("token", "issue a browser token for a connection key",
             lambda argv: token_command(_token_parser().parse_args(argv))),
     Command("cluster", "run HaloD, two nodes, a spare and the cherrychat demo here "
@@ -106,7 +106,13 @@ def node_ready(node) -> dict[str, object]:  # noqa: ANN001
     }
 
 
-def node_command(args: argparse.Namespace) -> int:
+def node_command(args: argparse.Namespace, argv: list[str] | None = None) -> int:
+    """Run a node; with ``workers`` ≠ 1 the parent of that many (orbited.node.workers)."""
+    if args.workers not in (None, 1) or args.config is not None:
+        code = _maybe_workers(args, argv or [])
+        if code is not None:
+            return code
+
     def build(config: NodeConfig, reactor: object):  # noqa: ANN202
         from orbited.node.service import NodeService
 
@@ -114,7 +120,35 @@ def node_command(args: argparse.Namespace) -> int:
 
     from orbited.node.exposure import node_warnings
 
+    if args.name is not None:
+        from orbited.node.workers import become_worker
+
+        become_worker(args.name)  # only when started by a worker parent
     return run_configured("orbited", NodeConfig, args, build, node_ready, node_warnings)
+
+
+def _maybe_workers(args: argparse.Namespace, argv: list[str]) -> int | None:
+    """Run the worker parent when the configuration asks for workers ≠ 1; None: a node."""
+    import os
+
+    from orbited.core.settings import ConfigError
+    from orbited.node.workers import Supervisor, worker_count
+    from orbited.runtime.daemon import load_config
+
+    try:
+        config = load_config(NodeConfig, args)
+    except ConfigError as e:
+        print(f"orbited: {e}", file=sys.stderr)
+        return 2
+    if config.workers == 1:
+        return None
+    try:  # once, before the workers race to create it
+        load_secret(Path(config.secret_file), create=config.create_secret)
+    except (OSError, ValueError) as e:
+        print(f"orbited: {e}", file=sys.stderr)
+        return 2
+    count = worker_count(config.workers, os.cpu_count())
+    return Supervisor(config, argv, count, args.ready_file).run()
 
 
 if __name__ == "__main__":

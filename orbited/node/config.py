@@ -167,6 +167,9 @@ class NodeConfig(ConfigBase):
         HubConfig.reconnect_rate,
         "new connections/s a node takes: browsers spread reconnects over mailboxes/rate s",
     )
+    workers: int = opt(
+        1, "node processes, one per core, each its own HaloD member (0 = one per core)"
+    )
     log_level: str = opt("info", "debug, info, warn or error")
 
     def validate(self) -> None:
@@ -207,6 +210,14 @@ class NodeConfig(ConfigBase):
             parse_host_port(self.advertise_http)
         if self.advertise_sp:
             parse_sp_address(self.advertise_sp)
+        if self.workers < 0:
+            raise ConfigError("workers must not be negative (0 = one per core)")
+        if self.workers != 1:  # each worker's ports: the port + i rule, no collisions
+            import os
+
+            from orbited.node.workers import plan_workers, worker_count
+
+            plan_workers(self, worker_count(self.workers, os.cpu_count()))
 
     @staticmethod
     def _key(owner: type[Any], name: str) -> str:
