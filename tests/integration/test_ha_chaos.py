@@ -149,7 +149,9 @@ def test_ha_chaos(tmp_path: Path, etcd_cluster: EtcdCluster) -> None:  # noqa: F
             lambda: all(h2.owners()[r] == "s1" for r in gone), "the spare took the routes",
             GRACE + 5), 3)  # fmt: skip
         # h1, following, forwards the same table (its data plane is what browsers reach)
-        wait_for(lambda: h1.owners() == h2.owners(), "h1's warm copy has the failover")
+        measured["follower_copy_s"] = round(
+            wait_for(lambda: h1.owners() == h2.owners(), "h1's warm copy has the failover"), 3
+        )
         # plain mode: events the node took in the second before its death are lost
         windows["node_kill"] = (t - 1.0, time.time() + 4)
         time.sleep(6)
