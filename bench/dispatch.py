@@ -4,6 +4,7 @@
         [--transports ws,sse,poll] [--clients 10000] [--procs 4] [--pub-procs 1]
         [--rates 2500,5000,...] [--step-seconds 4] [--latency-seconds 5] [--reps 2]
         [--quick] [--json bench/results/dispatch.json] [--images docs/images]
+    python -m bench dispatch fanout [...]   one request to 10 000 keys (bench/fanout.py)
 
 Per repetition, per transport, per server (order rotated each repetition, so the servers
 are interleaved): start the server (bench/peers.py), connect ``--clients`` subscribers in
@@ -519,6 +520,11 @@ QUICK = {"clients": 200, "procs": 2, "rates": [300.0, 600.0], "step_seconds": 1.
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["fanout"]:  # one request to 10 000 keys (bench/fanout.py)
+        from bench import fanout
+
+        return fanout.main(argv[1:])
     p = argparse.ArgumentParser(prog="python -m bench dispatch", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--servers", default="orbited,raw,nchan,pushpin,orbited2,nchan2")

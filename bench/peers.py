@@ -1,10 +1,11 @@
 """Every server of the side-by-side benchmarks: start, stop, sample, subscribe, publish.
 
-Owns launching Orbited (one node; or two nodes behind HaloD), the raw Twisted/autobahn
-baseline (bench/raw_server.py), Nchan (nginx + libnginx-mod-nchan) and Pushpin (condure,
-zurl, pushpin-proxy, pushpin-handler and the GRIP backend bench/grip_backend.py) on
-loopback, each in a temporary directory of its own, and the publish side of each: how a
-publisher process sends a batch of distinct events to individual clients.
+Owns launching Orbited (one node; or ``orbited node --workers 2`` behind HaloD), the raw
+Twisted/autobahn baseline (bench/raw_server.py), Nchan (nginx + libnginx-mod-nchan) and
+Pushpin (condure, zurl, pushpin-proxy, pushpin-handler and the GRIP backend
+bench/grip_backend.py) on loopback, each in a temporary directory of its own, and the
+publish side of each: how a publisher process sends a batch of distinct events to
+individual clients.
 
 Interface (stable; scenarios build on it)::
 
@@ -34,7 +35,7 @@ Interface (stable; scenarios build on it)::
   inside its ``event`` frame, the raw baseline inside ``{"type":"event","data":…}``).
 
 Fairness (bench/README.md, "dispatch", lists all of these): Orbited is one process = one
-core, so ``nchan`` runs ``worker_processes 1`` and ``orbited2`` (two nodes) compares with
+core, so ``nchan`` runs ``worker_processes 1`` and ``orbited2`` (two workers) compares with
 ``nchan2`` (2 workers); Pushpin is several processes by design and is measured whole.
 """
 
@@ -351,16 +352,19 @@ class Orbited(Server):
 
 
 class OrbitedHaloD(Orbited):
-    """Two nodes behind HaloD (``--dataplane none``: browsers and web apps reach a route's
+    """``orbited node --workers 2`` behind HaloD: two node processes (one per core), each
+    its own HaloD member (``--dataplane none``: browsers and web apps reach a route's
     owner directly, as with an external data plane; HaloD's built-in proxy would put a
     third Python process in the data path)."""
 
     name = "orbited2"
     routes = DEFAULT_ROUTES
+    workers = 2
     settings = Orbited.settings | {
         f"halod --dataplane none --spares 0 --routes {DEFAULT_ROUTES}": (
-            "no proxy hop; both nodes active"
+            "no proxy hop; both workers active"
         ),
+        "orbited node --workers 2 (orbited2)": "one node process per core, as nchan2",
     }
 
     def _start(self, timeout: float) -> None:
@@ -376,22 +380,22 @@ class OrbitedHaloD(Orbited):
             (self.dir / name).unlink(missing_ok=True)
         info = _wait(lambda: _read_json(ready), "HaloD", [halod], timeout)
         status = f"http://{info['status']}/routes"
-        nodes = [halod]
-        for tag in ("n1", "n2"):
-            nodes.append(self._node(tag, ["--halod", info["control"]]))
-            _wait(lambda t=tag: _read_json(self.dir / f"{t}.ready"), tag, nodes, timeout)
+        nodes = [halod, self._node("n", ["--halod", info["control"],
+                                         "--workers", str(self.workers)])]  # fmt: skip
+        _wait(lambda: _read_json(self.dir / "n.ready"), "the workers", nodes, timeout)
+        wanted = {f"n-{i}" for i in range(self.workers)}
 
         def table() -> dict | None:
             with urllib.request.urlopen(status, timeout=2) as r:
                 owners = json.loads(r.read())["owners"]
             names = {o["name"] for o in owners.values() if o}
-            return owners if names == {"n1", "n2"} and all(owners.values()) else None
+            return owners if names == wanted and all(owners.values()) else None
 
         owners = _wait(table, "HaloD to give routes to both nodes", nodes, timeout)
         self.owners = {int(r): (o["browser"], o["sp"]) for r, o in owners.items()}
 
     def pids(self) -> list[int]:
-        # HaloD is off the data path (no data plane): only the two nodes are measured
+        # HaloD is off the data path (no data plane): the worker parent and its workers
         return [c.proc.pid for c in self.children if c.alive() and c.name != "halod"]
 
     def _http_of(self, client: str) -> str:
@@ -580,7 +584,7 @@ class Pushpin(Server):
         info = _wait(lambda: _read_json(backend_ready), "the GRIP backend", [backend], timeout)
         self.backend_pid = info["pid"]
         # ZeroMQ ipc:// paths must fit a Unix socket address (108 bytes): a short rundir
-        self.rundir = Path(tempfile.mkdtemp(prefix="pp-", dir="/tmp"))
+        self.rundir: Path | None = Path(tempfile.mkdtemp(prefix="pp-", dir="/tmp"))
         (self.dir / "log").mkdir(exist_ok=True)
         (self.dir / "routes").write_text(f"* 127.0.0.1:{info['port']},over_http\n")
         self.http_port, self.push_http = free_port(), free_port()
@@ -622,8 +626,9 @@ class Pushpin(Server):
 
     def stop(self) -> None:
         super().stop()
-        if getattr(self, "rundir", None) is not None:
-            shutil.rmtree(self.rundir, ignore_errors=True)
+        rundir = getattr(self, "rundir", None)
+        if rundir is not None:
+            shutil.rmtree(rundir, ignore_errors=True)
             self.rundir = None
 
     def pids(self) -> list[int]:
@@ -703,7 +708,8 @@ class _SPReq:
             await self.open()
         assert self.writer is not None
         loop = asyncio.get_running_loop()
-        futures, chunk = [], []
+        futures: list[asyncio.Future[Any]] = []
+        chunk: list[bytes] = []
         for body in bodies:
             if self.window.locked():  # window full: flush what we have, wait for room
                 self.writer.write(b"".join(chunk))
