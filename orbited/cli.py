@@ -2,6 +2,7 @@
 local cluster.
 
     orbited [node] [--config FILE] [--http HOST:PORT] [--sp tcp://HOST:PORT] ...
+    orbited node --workers N ...      N node processes, one per core (orbited/node/workers.py)
     orbited token --user U [--session S] [--location L] [--ttl SECONDS]
     orbited cluster [--port 8080] [--free-ports] ...   HaloD, nodes and cherrychat locally
     orbited whereis --user U --session S --location L | --key JSON | --route R
