@@ -28,7 +28,8 @@ The sans-I/O part (:func:`keepalived_conf`, :func:`track_value`, :func:`vrrp_sta
 track file, starts keepalived on the first ``lead()`` or ``follow()`` (or once the
 reactor runs), restarts it if it dies, and stops it at ``stop()``. Its files live in
 ``state_dir`` (mode 700): ``keepalived.conf``, ``leader`` (the track file),
-``keepalived.pid``, ``vrrp.pid`` and ``keepalived.log`` (its output, fresh at each start).
+``keepalived.pid``, ``vrrp.pid`` and ``keepalived.log`` (its output, emptied when HaloD
+starts).
 docs/halod.md, "Route address across HaloD hosts".
 """
 
@@ -348,6 +349,7 @@ class VirtualAddress:
         self._transport: Any = None
         self._ready: list[defer.Deferred[None]] = []  # waiting for the first state line
         self._started = False  # the running process reported a state
+        self._ever_started = False  # one did: an exit is a crash to restart from
         self._timeout: IDelayedCall | None = None
         self._retry: IDelayedCall | None = None
         self._backoff = self.RESTART_MIN
@@ -448,7 +450,8 @@ class VirtualAddress:
         try:
             files.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
             files.conf.write_text(keepalived_conf(self.settings, files))
-            log_file = files.log.open("wb")
+            # emptied when this HaloD first starts it; a restart's output follows the crash
+            log_file = files.log.open("ab" if self._ever_started else "wb")
         except OSError as e:
             self._fail_start(f"cannot write keepalived's files in {files.directory}: {e}")
             return
@@ -498,7 +501,7 @@ class VirtualAddress:
                           address=self.settings.address, state=state.value)  # fmt: skip
         self.state = state
         if not self._started:
-            self._started = True
+            self._started = self._ever_started = True
             self.error = None
             self._backoff = self.RESTART_MIN
             if self._timeout is not None and self._timeout.active():
@@ -522,10 +525,11 @@ class VirtualAddress:
         code = getattr(reason.value, "exitCode", None)
         sig = getattr(reason.value, "signal", None)
         why = f"exit {code}" if code is not None else f"signal {sig}"
-        if not self._started:  # it never came up: a config or environment error
+        if not self._started:
             self._fail_start(f"keepalived exited ({why}) before it ran: "
                              f"{' | '.join(proc.tail[-5:])}")  # fmt: skip
-            return
+            if not self._ever_started:  # never came up: a config or environment error
+                return
         self.restarts += 1
         self.error = f"keepalived exited ({why}); restarting in {self._backoff:g} s"
         self.log.critical("virtual address: {error}", error=self.error)
