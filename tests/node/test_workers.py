@@ -272,3 +272,39 @@ def test_colliding_ports_are_refused_before_anything_starts(tmp_path):
     )  # fmt: skip
     assert done.returncode == 2
     assert "port 18001 would be both orbited-0's sp and orbited-1's http" in done.stderr
+
+
+@pytest.mark.slow
+def test_a_worker_that_keeps_dying_makes_the_parent_give_up(tmp_path):
+    # Worker 1's browser port is taken, so it exits at each start; with a quick policy the
+    # parent gives up after 2 deaths in a row, stops worker 0 too and returns 1.
+    import socket
+
+    from orbited.node.workers import Supervisor
+
+    taken = socket.socket()
+    for _ in range(20):
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1] - 1
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) != 0:
+                break
+        taken.close()
+        taken = socket.socket()
+    taken.listen()
+    (tmp_path / "secret").write_bytes(SECRET)
+    config = NodeConfig(name="d", http=f"127.0.0.1:{port}", sp="tcp://127.0.0.1:0",
+                        secret_file=str(tmp_path / "secret"))  # fmt: skip
+    argv = ["--http", config.http, "--sp", config.sp, "--secret-file", config.secret_file]
+    # run() installs its own SIGTERM/SIGINT handlers: put pytest's back afterwards
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    policy = RestartPolicy(first_delay=0.1, max_delay=0.2, stable=60, max_failures=2)
+    supervisor = Supervisor(config, argv, 2, tmp_path / "ready.json", policy, stop_timeout=10)
+    try:
+        assert supervisor.run() == 1
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+        taken.close()
+    assert all(w.proc is None or w.proc.poll() is not None for w in supervisor.workers)
+    assert not (tmp_path / "ready.json").exists()  # never were all workers ready
