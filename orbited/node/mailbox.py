@@ -51,6 +51,9 @@ class MailboxLimits:
         check_fields(self, positive=("max_events", "max_bytes"))
 
 
+_new = tuple.__new__
+
+
 class Appended(NamedTuple):
     seq: int
     dropped: int  # undelivered events evicted to make room for this one
@@ -81,7 +84,9 @@ class Mailbox:
         self.next_seq = 1
         self.acked = 0  # highest seq the browser confirmed it has
         self.delivered = 0  # highest seq written to a transport
-        self._events: deque[Entry] = deque()
+        # No buffer until the first event, and none again once everything is acknowledged:
+        # an empty deque is 760 bytes, most of an idle connection's mailbox (issue 20).
+        self._events: deque[Entry] | tuple[()] = ()
         self._bytes = 0
 
     @classmethod
@@ -100,7 +105,8 @@ class Mailbox:
         size = sum(len(event[1]) for event in kept)
         while kept and (len(kept) > limits.max_events or size > limits.max_bytes):
             size -= len(kept.pop(0)[1])
-        mailbox._events.extend(kept)
+        if kept:
+            mailbox._events = deque(kept)
         mailbox._bytes = size
         return mailbox
 
@@ -126,15 +132,18 @@ class Mailbox:
         seq = self.next_seq
         self.next_seq += 1
         events = self._events
+        if not isinstance(events, deque):  # (): no buffer yet
+            events = self._events = deque()
         events.append((seq, payload, event_id))
         self._bytes += len(payload)
         dropped = 0
-        while len(events) > self.limits.max_events or self._bytes > self.limits.max_bytes:
+        limits = self.limits
+        while len(events) > limits.max_events or self._bytes > limits.max_bytes:
             old_seq, old, _ = events.popleft()
             self._bytes -= len(old)
             if old_seq > self.delivered:
                 dropped += 1
-        return Appended(seq, dropped)
+        return _new(Appended, (seq, dropped))  # (a NamedTuple's __new__ is a Python call)
 
     def mark_delivered(self, seq: int) -> None:
         if seq > self.delivered:
@@ -147,9 +156,13 @@ class Mailbox:
             return
         self.acked = seq
         events = self._events
+        if not isinstance(events, deque):  # (): nothing buffered
+            return
         while events and events[0][0] <= seq:
             _, old, _ = events.popleft()
             self._bytes -= len(old)
+        if not events:
+            self._events = ()  # free the buffer while the browser is idle
 
     def replay(self, after: Position | None) -> Replay:
         """Events a browser resuming from ``after`` has not seen, oldest first.

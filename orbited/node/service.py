@@ -16,6 +16,7 @@ from twisted.logger import Logger
 
 from orbited.core.settings import parse_host_port, parse_sp_address
 from orbited.core.tokens import load_secret
+from orbited.node import collector
 from orbited.node.config import NodeConfig
 from orbited.node.hub import Hub
 from orbited.node.legacy.orbit import OrbitFactory
@@ -29,6 +30,7 @@ from orbited.node.transports.gate import (
     default_max_sockets,
     raise_fd_limit,
 )
+from orbited.node.transports.httpfront import BrowserFront
 from orbited.node.transports.limits import BrowserLimits
 from orbited.node.web import browser_site
 from orbited.runtime.twisted_compat import listening_port
@@ -55,18 +57,27 @@ class NodeService(service.MultiService):
         if presence is not None:
             self.presence = PresenceNotifier(presence, secret, config.name, clock)
             self.hub.presence = self.presence.notify
-        self.rep_factory = RepFactory(self.hub.handle_request, config.rep_limits(), clock)
+        # The requests of one SP read form one delivery batch (orbited.node.flush).
+        self.rep_factory = RepFactory(
+            self.hub.handle_request, config.rep_limits(), clock, batch=self.hub.batch
+        )
         self.browser_limits = BrowserLimits(config.browser_limits(), clock)
         self.fd_limit = raise_fd_limit()
         self.socket_gate = SocketGate(config.max_sockets or default_max_sockets(self.fd_limit))
+        auth = config.browser_auth(secret)
         self.site = browser_site(
             self.hub,
-            config.browser_auth(secret),
+            auth,
             config.cors_origins,
             config.name,
             config.iframe_max_bytes,
             self.browser_limits,
             self.limit_counters,
+        )
+        # The browser port: the lean front serves WebSocket, SSE and long-poll itself and
+        # hands every other request to the site (orbited/node/transports/httpfront.py).
+        self.front = BrowserFront(
+            self.site, self.hub, auth, config.cors_origins, self.browser_limits, clock
         )
         sp_host, sp_port = parse_sp_address(config.sp)
         http_host, http_port = parse_host_port(config.http)
@@ -74,7 +85,7 @@ class NodeService(service.MultiService):
             sp_port, self.rep_factory, backlog=config.backlog, interface=sp_host, reactor=reactor
         )
         self.http_server = GatedTCPServer(
-            self.socket_gate, http_port, self.site, backlog=config.backlog,
+            self.socket_gate, http_port, self.front, backlog=config.backlog,
             interface=http_host, reactor=reactor,
         )  # fmt: skip
         self.sp_server.setServiceParent(self)
@@ -133,6 +144,10 @@ class NodeService(service.MultiService):
 
     def startService(self) -> None:  # noqa: N802
         super().startService()
+        # Once start-up is over (listeners up, everything imported): freeze what it
+        # allocated and raise the collector's thresholds, once per process
+        # (orbited.node.collector).
+        self.clock.callLater(0, collector.tune)
         if self.config.max_connections >= self.socket_gate.max_sockets:
             self.log.warn(
                 "max_connections ({c}) is not below the socket cap ({s}, fd limit {fd}): "
@@ -154,7 +169,7 @@ class NodeService(service.MultiService):
             self.halod_link.leave()
         self.hub.shutdown("shutdown")
         # Then no keep-alive connection to this node is left for a browser's next request.
-        self.site.close_idle_connections()
+        self.front.close_idle_connections()
         # Give the reconnect frames and close handshakes a moment to leave.
         stopped: defer.Deferred[None] = task.deferLater(self.clock, 0.2, lambda: None)
         return stopped.addCallback(lambda _: super(NodeService, self).stopService())
