@@ -16,6 +16,7 @@ from halod.dataplane.haproxy import HAProxyDataPlane
 from halod.dataplane.haproxy import Settings as HAProxySettings
 from halod.liveness import ProbeSettings
 from halod.membership import Timing
+from halod.store.etcd import EtcdSettings
 from orbited.core.control import MAX_MESSAGE, MAX_ROUTES
 from orbited.core.routes import DEFAULT_ROUTES, POLICIES
 from orbited.core.settings import (
@@ -28,6 +29,9 @@ from orbited.core.settings import (
 )
 
 DATAPLANES = ("proxy", "haproxy", "nftables", "none")
+STORES = ("sqlite", "etcd")
+# The route address's keepalived settings (halod.vip.VipSettings has no defaults for them).
+VIP_INTERFACE, VIP_ROUTER_ID, VIP_PRIORITY = "", 51, 100
 
 
 @dataclass
@@ -59,6 +63,26 @@ class HaloDConfig(ConfigBase):
         ProbeSettings.interval, "seconds between probes of a node that still answers"
     )
     db: str = opt("halod.sqlite3", "SQLite file the table is saved to on every change")
+    store: str = opt("sqlite", "where the table lives: sqlite (db) or etcd (etcd_endpoints)")
+    etcd_endpoints: list[str] = opt(
+        list(EtcdSettings.endpoints), "store etcd: an etcd member's client URL (repeat)"
+    )
+    etcd_prefix: str = opt(EtcdSettings.prefix, "store etcd: the key prefix of this table")
+    etcd_lease_ttl: int = opt(
+        EtcdSettings.lease_ttl, "store etcd: seconds of the leader's lease (the take-over time)"
+    )
+    etcd_step_down_margin: float = opt(
+        EtcdSettings.step_down_margin, "store etcd: the leader stops this long before its lease"
+    )
+    etcd_timeout: float = opt(EtcdSettings.timeout, "store etcd: seconds an etcd request may take")
+    etcd_name: str = opt("", "store etcd: this HaloD's name (empty: its control host:port)")
+    control_advertise: str = opt(
+        "", "store etcd: the control address followers send nodes to (empty: the bound one)"
+    )
+    vip_address: str = opt("", "store etcd: route address the leader's host holds (empty = off)")
+    vip_interface: str = opt(VIP_INTERFACE, "vip: the interface the address goes on")
+    vip_router_id: int = opt(VIP_ROUTER_ID, "vip: VRRP virtual router id, the same on every host")
+    vip_priority: int = opt(VIP_PRIORITY, "vip: this host's VRRP priority while nobody leads")
     secret_file: str = opt("", "cluster secret nodes must present (empty = none)")
     control_max_message: int = opt(MAX_MESSAGE, "largest control message; larger closes")
     control_header_timeout: float = opt(10.0, "seconds a node has to send SP header+register")
@@ -129,10 +153,36 @@ class HaloDConfig(ConfigBase):
             raise ConfigError("move_close_delay must not be negative")
         if self.proxy_on_exit not in ("keep", "stop"):
             raise ConfigError("proxy_on_exit is keep or stop")
+        self._validate_store()
         if self.dataplane == "haproxy":
             self._validate_haproxy()
         if self.dataplane == "nftables":
             self._validate_nftables()
+
+    def _validate_store(self) -> None:
+        if self.store not in STORES:
+            raise ConfigError(f"store is one of {', '.join(STORES)}")
+        if self.store == "etcd":
+            try:
+                self.etcd_settings()
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+            if self.control_advertise:
+                parse_sp_address(self.control_advertise)
+        if self.vip_address:
+            if self.store != "etcd":
+                raise ConfigError("vip_address needs store = \"etcd\" (the leader holds it)")
+            from halod.vip import VipSettings  # only when the route address is used
+
+            VipSettings(self.vip_address, self.vip_interface, self.vip_router_id,
+                        self.vip_priority).validate()  # fmt: skip
+
+    def etcd_settings(self) -> EtcdSettings:
+        """The etcd store's settings (ValueError names a bad key)."""
+        return EtcdSettings(
+            tuple(self.etcd_endpoints), self.etcd_prefix, self.etcd_lease_ttl,
+            self.etcd_step_down_margin, self.etcd_timeout,
+        )  # fmt: skip
 
     def _validate_nftables(self) -> None:
         try:  # the kernel matches `ip daddr`: a literal address, not a name or 0.0.0.0

@@ -98,6 +98,16 @@ def status_html(status: dict[str, Any]) -> str:
         "<h1>HaloD</h1>",
         f'<p class="summary">{" · ".join(summary)}</p>',
     ]
+    if status.get("role") not in (None, "solo"):  # HaloD on etcd (docs/halod.md)
+        leader = status.get("leader") or {}
+        etcd = status.get("etcd") or {}
+        health = ", ".join(
+            f"{_e(e['url'])} {'up' if e['healthy'] else 'down' if e['healthy'] is False else '?'}"
+            for e in etcd.get("endpoints", [])
+        )  # fmt: skip
+        out.append(f'<p class="summary">this HaloD (<b>{_e(etcd.get("name"))}</b>) is '
+                   f'<b>{_e(status["role"])}</b> · leader <b>{_e(leader.get("name") or "none")}'
+                   f'</b> · etcd {health}</p>')  # fmt: skip
     out += [f'<p class="warn">{_e(w)}</p>' for w in status.get("warnings", [])]
     out += [
         "<h2>Nodes</h2>",

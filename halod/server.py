@@ -35,7 +35,7 @@ from halod.membership import Effects, Level, Membership, NodeState, Suspicion
 from halod.page import CSP, status_html, wants_html
 from halod.probe import probe
 from halod.store import Persisted, Store, StoreError
-from halod.store.etcd import Conflict, EtcdSettings
+from halod.store.etcd import Conflict
 from halod.svg import table_svg
 from orbited.core.control import (
     CONTROL_PROTOCOL,
@@ -284,8 +284,13 @@ class HaloD:
         if not self.leading:  # a follower (store etcd): nodes go to the leader
             self.stats["refused"] += 1
             leader = self.ha.leader() if self.ha is not None else None
-            hint = leader.control if leader is not None and leader.name != self._name() else None
-            who = f"{leader.name} leads" if leader is not None else "no HaloD leads right now"
+            me = leader is not None and leader.name == self._name()
+            hint = leader.control if leader is not None and not me else None
+            who = (
+                "it is taking over (reading the table)" if me
+                else f"{leader.name} leads" if leader is not None
+                else "no HaloD leads right now"
+            )  # fmt: skip
             conn.refuse(ErrorCode.NOT_LEADER, f"this HaloD does not lead: {who}", hint)
             return
         try:
@@ -1054,10 +1059,10 @@ class HaloDService(service.MultiService):
         self.config = config
         self.reactor = reactor
         ha = None
-        if getattr(config, "store", "sqlite") == "etcd":  # TODO(config keys) direct
-            ha = Leadership(reactor, etcd_settings(config), config.etcd_name, {})
+        if config.store == "etcd":
+            ha = Leadership(reactor, config.etcd_settings(), config.etcd_name)
         self.halod = HaloD(config, clock, ha=ha)
-        if getattr(config, "vip_address", ""):
+        if config.vip_address:
             self.halod.vip = virtual_address(config, reactor)
         host, port = parse_sp_address(config.control)
         self.control_server = internet.TCPServer(
@@ -1108,11 +1113,11 @@ class HaloDService(service.MultiService):
         if self.halod.vip is not None:  # keepalived runs from the start, as a follower
             self.halod._vip_call(self.halod.vip.follow, "start keepalived")
         if ha is not None:  # the control port is bound: the leader key can name it
-            control = getattr(self.config, "control_advertise", "") or self.control_address
+            control = self.config.control_advertise or self.control_address
             info = {"control": control}
             if self.status_address:
                 info["status"] = self.status_address
-            ha.start(getattr(self.config, "etcd_name", "") or control.removeprefix("tcp://"), info)
+            ha.start(self.config.etcd_name or control.removeprefix("tcp://"), info)
 
     def stopService(self):  # noqa: ANN201, N802
         result = defer.maybeDeferred(super().stopService)
@@ -1123,14 +1128,6 @@ class HaloDService(service.MultiService):
         if self.halod.vip is not None:
             parts.append(defer.maybeDeferred(self.halod.vip.stop))
         return defer.gatherResults(parts, consumeErrors=True)
-
-
-def etcd_settings(config: HaloDConfig) -> EtcdSettings:
-    """The etcd store's settings from HaloD's config keys (validated by EtcdSettings)."""
-    return EtcdSettings(
-        tuple(config.etcd_endpoints), config.etcd_prefix, config.etcd_lease_ttl,
-        config.etcd_step_down_margin, config.etcd_timeout,
-    )  # fmt: skip
 
 
 def virtual_address(config: HaloDConfig, reactor: Any) -> VirtualAddress:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from orbited.core.control import halod_addresses
 from orbited.core.settings import (
     ConfigBase,
     ConfigError,
@@ -154,7 +155,9 @@ class NodeConfig(ConfigBase):
     orbit_legacy: str = opt("", "2007 Orbit 1.0 protocol listener host:port (empty = off)")
     iframe_max_bytes: int = opt(1024 * 1024, "bytes per iframe response, then reconnect")
     backlog: int = opt(1024, "listen backlog of both listeners (connect bursts)")
-    halod: str = opt("", "HaloD control address tcp://host:port (empty = standalone)")
+    halod: str = opt(
+        "", "HaloD control address tcp://host:port, several comma-separated (empty = standalone)"
+    )
     halod_secret_file: str = opt("", "file holding HaloD's cluster secret (if it has one)")
     routes: int = opt(HubConfig.routes, "routes in the cluster (HaloD's value wins when connected)")
     advertise_http: str = opt("", "browser address HaloD forwards to (default: --http)")
@@ -205,7 +208,7 @@ class NodeConfig(ConfigBase):
         if self.mailbox_total_bytes < self.mailbox_bytes:
             raise ConfigError("mailbox_total_bytes must be at least mailbox_bytes")
         if self.halod:
-            parse_sp_address(self.halod)
+            halod_addresses(self.halod)  # one tcp://host:port, or several (HaloD on etcd)
         if self.advertise_http:
             parse_host_port(self.advertise_http)
         if self.advertise_sp:

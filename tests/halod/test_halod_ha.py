@@ -23,6 +23,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from halod.config import HaloDConfig
 from halod.etcd.election import Fence, NotLeader
 from halod.ha import LeaderInfo, Leadership, Role
+from halod.page import status_html
 from halod.server import HaloD
 from halod.store.base import Persisted
 from halod.store.etcd import EtcdSettings, Fenced
@@ -148,6 +149,8 @@ def test_a_follower_sends_nodes_to_the_leader(tmp_path: Path) -> None:
     assert status["role"] == "follower" and status["leader"]["name"] == "h2"
     assert status["etcd"]["endpoints"] == [{"url": "http://127.0.0.1:2379", "healthy": True}]
     assert "\nhalod_leader 0\n" in halod.metrics()
+    page = status_html(status)
+    assert "is <b>follower</b> · leader <b>h2</b>" in page and "2379 up" in page
     assert not (tmp_path / "unused.db").exists()  # etcd only: no SQLite file
 
 
