@@ -7,6 +7,12 @@ until each is ready, showing a live status line, and stopping every one of them 
 Ctrl-C or SIGTERM. The same ``LocalCluster`` class is what
 tests/integration/test_cherrychat.py runs.
 
+``--ha`` runs HaloD replicated instead (docs/halod.md, "High availability"): a local
+3-member etcd cluster (halod.etcd.local.EtcdCluster, under ``<state>/etcd``), two HaloD
+on it — ``halod`` (control 7600, status 7601, route ports on 127.0.0.1) and ``halod2``
+(7610, 7611, route ports on 127.0.1.1), each driving its own built-in proxy — and the
+nodes given both control addresses. The README's command keeps the embedded default.
+
 Each child runs in its own process group (a terminal's Ctrl-C reaches only us, and we
 stop the children in order) and, on Linux, dies with us if we are killed outright.
 """
@@ -60,6 +66,7 @@ class ClusterConfig:
     fresh: bool = False  # forget the chat's rooms and messages too
     log_level: str = "info"
     cors_origins: list[str] = field(default_factory=list)  # pages of your own apps
+    ha: bool = False  # 3 etcd members and 2 HaloD on them (docs/halod.md, "High availability")
 
 
 class ClusterError(RuntimeError):
@@ -221,6 +228,8 @@ class LocalCluster:
         self.started = time.monotonic()
         self.url = ""
         self.halod_status = ""
+        self.halod_statuses: list[str] = []  # every HaloD's status URL (two with --ha)
+        self.etcd: Any = None  # halod.etcd.local.EtcdCluster with --ha
         self._force = False
         self._state_text: str | None = None  # what cluster.json holds, once written
 
@@ -257,18 +266,26 @@ class LocalCluster:
             control, status = "tcp://127.0.0.1:0", "127.0.0.1:0"
             app = f"{app.rpartition(':')[0]}:0"
         py = sys.executable
-        halod = self._child("halod", [
-            py, "-m", "halod.cli", "run", "--db", str(self.state / "halod.sqlite3"),
-            "--control", control, "--status-http", status, "--routes", str(ROUTES),
-            "--spares", str(c.spares), "--dataplane", "proxy", "--dataplane-host", "127.0.0.1",
+        common = [
+            "--routes", str(ROUTES), "--spares", str(c.spares), "--dataplane", "proxy",
             "--proxy-on-exit", "stop",  # nothing outlives the cluster (also: _stop_proxy_worker)
             "--browser-port-base", str(browser_base), "--sp-port-base", str(sp_base),
             "--heartbeat-interval", str(c.heartbeat_interval),
             "--missed-heartbeats", str(c.missed_heartbeats), "--grace", str(c.grace),
             "--secret-file", str(secret_file), "--log-level", c.log_level,
-        ])  # fmt: skip
-        halod.spawn()
-        ready = halod.wait_ready(deadline)
+        ]  # fmt: skip
+        if c.ha:
+            halod_control, ready = self._start_ha(common, control, status, deadline)
+        else:
+            halod = self._child("halod", [
+                py, "-m", "halod.cli", "run", "--db", str(self.state / "halod.sqlite3"),
+                "--control", control, "--status-http", status, "--dataplane-host", "127.0.0.1",
+                *common,
+            ])  # fmt: skip
+            halod.spawn()
+            ready = halod.wait_ready(deadline)
+            halod_control = ready["control"]
+            self.halod_statuses = [f"http://{ready['status']}"]
         self.halod_status = f"http://{ready['status']}"
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(
             [str(DEMOS), *filter(None, [os.environ.get("PYTHONPATH")])])}  # fmt: skip
@@ -291,7 +308,7 @@ class LocalCluster:
                 f"{ip}:8001", f"tcp://{ip}:9001")  # fmt: skip
             node = self._child(name, [
                 py, "-m", "orbited.cli", "node", "--name", name, "--http", http, "--sp", sp,
-                "--halod", ready["control"], "--halod-secret-file", str(secret_file),
+                "--halod", halod_control, "--halod-secret-file", str(secret_file),
                 "--secret-file", str(secret_file), "--no-create-secret",
                 "--presence-url", f"http://{host}:{port}/orbited/presence",
                 "--linger", str(c.linger), "--keepalive", str(c.keepalive),
@@ -307,6 +324,72 @@ class LocalCluster:
 
             self._wait(registered, f"{name} to register with HaloD", deadline)
         self._write_state()
+
+    # HaloD on etcd (--ha): etcd's raft timing lets a 1 s lease ride out the loss of its
+    # leader (docs/halod.md, "High availability").
+    HA_DATAPLANE_HOSTS = ("127.0.0.1", "127.0.1.1")
+    HA_ETCD = ("--etcd-prefix", "/orbited/cluster", "--etcd-lease-ttl", "1",
+               "--etcd-step-down-margin", "0.15", "--etcd-timeout", "0.5")  # fmt: skip
+
+    def _start_ha(self, common: list[str], control: str, status: str, deadline: float
+                  ) -> tuple[str, dict[str, Any]]:  # fmt: skip
+        """3 etcd members, then ``halod`` (it leads) and ``halod2``; returns the nodes'
+        ``halod`` setting (both control addresses) and the leader's ready file."""
+        from halod.etcd.local import EtcdCluster
+
+        etcd_dir = self.state / "etcd"
+        shutil.rmtree(etcd_dir, ignore_errors=True)  # a fresh table, as with SQLite
+        etcd_dir.mkdir()
+        self.etcd = EtcdCluster(etcd_dir, heartbeat_ms=25, election_ms=250)
+        try:
+            self.etcd.start(timeout=max(1.0, deadline - time.monotonic()))
+        except (OSError, RuntimeError) as e:
+            raise ClusterError(f"etcd did not start ({e}); is etcd-server installed?") from None
+        endpoints = [a for e in self.etcd.endpoints for a in ("--etcd-endpoint", e)]
+        readies = []
+        for i, host in enumerate(self.HA_DATAPLANE_HOSTS):
+            name = "halod" if i == 0 else f"halod{i + 1}"
+            folder = self.state / name
+            folder.mkdir(exist_ok=True)
+            ctl, st = control, status
+            if not control.endswith(":0"):  # the second HaloD: ports + 10
+                ctl = f"{control.rpartition(':')[0]}:{int(control.rpartition(':')[2]) + 10 * i}"
+                st = f"{status.rpartition(':')[0]}:{int(status.rpartition(':')[2]) + 10 * i}"
+            child = self._child(name, [
+                sys.executable, "-m", "halod.cli", "run", "--db", str(folder / "halod.sqlite3"),
+                "--control", ctl, "--status-http", st, "--dataplane-host", host,
+                "--store", "etcd", *endpoints, *self.HA_ETCD, "--etcd-name", name, *common,
+            ])  # fmt: skip
+            child.spawn()
+            readies.append(child.wait_ready(deadline))
+            self.halod_statuses.append(f"http://{readies[-1]['status']}")
+            url = self.halod_statuses[-1]
+            role = "leader" if i == 0 else "follower"  # the first one leads
+
+            def has_role(url: str = url, role: str = role) -> bool:
+                return bool(http_json(f"{url}/status").get("role") == role)
+
+            self._wait(has_role, f"{name} to be the {role}", deadline)
+        return ",".join(r["control"] for r in readies), readies[0]
+
+    def ha_summary(self) -> str:
+        """Where each HA part runs (printed by ``orbited cluster --ha``)."""
+        lines = [f"etcd members: {', '.join(self.etcd.endpoints)}"]
+        for url, host in zip(self.halod_statuses, self.HA_DATAPLANE_HOSTS, strict=False):
+            status = http_json(f"{url}/status")
+            lines.append(f"HaloD {status['etcd']['name']}: {status['role']}, status {url}/status, "
+                         f"route ports on {host}")  # fmt: skip
+        return "\n".join(lines)
+
+    def leader_status(self) -> str:
+        """The status URL of the HaloD that leads now (the only one without --ha)."""
+        for url in self.halod_statuses[1:]:
+            try:
+                if http_json(f"{url}/status", timeout=0.5).get("role") == "leader":
+                    return url
+            except (OSError, ValueError):
+                pass
+        return self.halod_status
 
     def _child(self, name: str, cmd: list[str], env: dict[str, str] | None = None) -> Child:
         child = Child(name, cmd, self.state, env)
@@ -338,6 +421,8 @@ class LocalCluster:
         return {
             "url": self.url,
             "halod_status": self.halod_status,
+            "halod_statuses": self.halod_statuses,
+            "etcd": self.etcd.endpoints if self.etcd is not None else [],
             "pids": {name: child.pid for name, child in running.items()},
             "exited": {
                 name: child.proc.returncode
@@ -366,13 +451,15 @@ class LocalCluster:
     # -- watching ----------------------------------------------------------------------
 
     def halod_nodes(self) -> dict[str, dict[str, Any]]:
-        return {n["name"]: n for n in http_json(f"{self.halod_status}/status")["nodes"]}
+        return {n["name"]: n for n in http_json(f"{self.leader_status()}/status")["nodes"]}
 
     def status_line(self) -> str:
         """One line: each node's state, routes and connections; users online; deaths."""
         parts = [f"up {time.monotonic() - self.started:.0f}s"]
         try:
-            status = http_json(f"{self.halod_status}/status", timeout=0.5)
+            status = http_json(f"{self.leader_status()}/status", timeout=0.5)
+            if status.get("role") not in (None, "solo"):
+                parts.append(f"HaloD leader {(status.get('leader') or {}).get('name')}")
             for n in status["nodes"]:
                 if n["state"] == "active":
                     where = f"routes {n['ranges']}, {n['connections']} conn"
@@ -405,30 +492,36 @@ class LocalCluster:
         nodes go), then all nodes at once; each gets SIGTERM, then SIGKILL at the end of
         ``timeout``. Children that already died are just reaped."""
         deadline = time.monotonic() + timeout
-        order = [self.children.get("cherrychat"), self.children.get("halod")]
-        for step in [[c] for c in order if c] + [
-            [c for n, c in self.children.items() if n not in ("cherrychat", "halod")]
-        ]:  # fmt: skip
+        halods = [c for n, c in self.children.items() if n.startswith("halod")]
+        chat = self.children.get("cherrychat")
+        for step in [[chat] if chat else [], halods, [
+            c for n, c in self.children.items() if n != "cherrychat" and c not in halods
+        ]]:  # fmt: skip
             for child in step:
                 child.signal(signal.SIGTERM)
             for child in step:
                 child.reap(deadline, lambda: self._force)
-            if step and step[0].name == "halod":
+            if step is halods:
                 self._stop_proxy_worker(deadline)
+                for halod in halods[1:] if self.etcd is None else halods:
+                    self._stop_proxy_worker(deadline, self.state / halod.name)
+        if self.etcd is not None:  # last: HaloD stepped down cleanly while it ran
+            self.etcd.stop()
         # Nothing that names a pid outlives the processes (pids get reused).
         self.state_file.unlink(missing_ok=True)
         self._state_text = None
 
-    def _stop_proxy_worker(self, deadline: float) -> None:
+    def _stop_proxy_worker(self, deadline: float, folder: Path | None = None) -> None:
         """HaloD stops its proxy worker on SIGTERM (``--proxy-on-exit stop``), but a HaloD
         that was SIGKILLed (or crashed) leaves it forwarding by design (docs/halod.md, "The
         built-in proxy"): end the worker named by ``proxy/worker.pid`` if it still runs."""
-        pid = proxy_worker_pid(self.state)
+        folder = folder or self.state
+        pid = proxy_worker_pid(folder)
         if pid is None:
             return
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, signal.SIGTERM)
-        while proxy_worker_pid(self.state) == pid:
+        while proxy_worker_pid(folder) == pid:
             if time.monotonic() > deadline or self._force:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.kill(pid, signal.SIGKILL)
@@ -473,6 +566,11 @@ def parser() -> argparse.ArgumentParser:
         help="put every listener on a free port instead of the defaults",
     )
     p.add_argument("--fresh", action="store_true", help="forget the chat's rooms and messages")
+    p.add_argument(
+        "--ha",
+        action="store_true",
+        help="HaloD replicated: 3 etcd members and 2 HaloD on them (docs/halod.md)",
+    )
     p.add_argument(
         "--heartbeat-interval",
         type=float,
@@ -522,6 +620,7 @@ def cluster_command(argv: list[str]) -> int:
         fresh=args.fresh, heartbeat_interval=args.heartbeat_interval,
         missed_heartbeats=args.missed_heartbeats, grace=args.grace, linger=args.linger,
         keepalive=args.keepalive, log_level=args.log_level, cors_origins=args.cors_origin,
+        ha=args.ha,
     )  # fmt: skip
     cluster = LocalCluster(config)
     tty = sys.stdout.isatty()
@@ -537,14 +636,17 @@ def cluster_command(argv: list[str]) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGHUP, on_signal)  # the terminal went away
-    print(f"orbited cluster: starting HaloD, {config.nodes} nodes, {config.spares} spare and "
-          f"cherrychat (logs in {cluster.state}/logs)", flush=True)  # fmt: skip
+    halods = "3 etcd members, 2 HaloD" if config.ha else "HaloD"
+    print(f"orbited cluster: starting {halods}, {config.nodes} nodes, {config.spares} spare "
+          f"and cherrychat (logs in {cluster.state}/logs)", flush=True)  # fmt: skip
     try:
         cluster.start()
         print(f"\ncherrychat is ready: open {cluster.url}\n"
               f"HaloD status: {cluster.halod_status}/status  (picture: "
-              f"{cluster.halod_status}/table.svg)\nCtrl-C stops everything.\n",
-              flush=True)  # fmt: skip
+              f"{cluster.halod_status}/table.svg)", flush=True)  # fmt: skip
+        if config.ha:
+            print(cluster.ha_summary(), flush=True)
+        print("Ctrl-C stops everything.\n", flush=True)
         last = ""
         while True:
             cluster.refresh_state()
