@@ -151,10 +151,16 @@ class Served:
 
 @pytest.fixture
 def served() -> Generator[Served, None, None]:
+    before = set(reactor.getDelayedCalls())  # type: ignore[attr-defined]
     s = Served()
     yield s
     s.port.stopListening()
     s.front.stopFactory()
+    # The hub's linger timers and held polls' timers run on the global reactor: leave
+    # none to the next test (tests/node/test_node_service.py counts them).
+    for call in set(reactor.getDelayedCalls()) - before:  # type: ignore[attr-defined]
+        if "orbited" in repr(call.func):
+            call.cancel()
 
 
 def exchange(address: tuple[str, int], data: bytes, wait: float = 1.0) -> bytes:
@@ -205,10 +211,28 @@ def test_keep_alive_then_a_handed_off_request(served):
     assert json.loads(sock_data[2][1])["ok"] is True  # /orbited/health, by twisted.web
 
 
-def _one_by_one(address: tuple[str, int], token: str) -> list[tuple[bytes, bytes]]:
+HEALTH = b"GET /orbited/health HTTP/1.1\r\nHost: h\r\n\r\n"
+
+
+@pytest_twisted.inlineCallbacks
+def test_the_front_takes_a_connection_back_after_a_handed_off_request(served):
+    token = served.token()
+    got = yield threads.deferToThread(
+        _one_by_one, served.address, token, (HEALTH, poll(token), HEALTH, poll(token))
+    )
+    assert [json.loads(body) and head.split(b" ")[1] for head, body in got] == [b"200"] * 4
+    for head, body in got[1::2]:  # the polls: the front's answer (twisted.web's is chunked)
+        assert b"Content-Length" in head and json.loads(body)[0]["type"] == "hello"
+    assert b"Server: TwistedWeb" in got[2][0]  # twisted.web's
+    assert not served.front.site.channels  # none left behind
+
+
+def _one_by_one(
+    address: tuple[str, int], token: str, requests: tuple[bytes, ...] = ()
+) -> list[tuple[bytes, bytes]]:
     sock = socket.create_connection(address, timeout=2)
     got = []
-    for request in (poll(token), poll(token), b"GET /orbited/health HTTP/1.1\r\nHost: h\r\n\r\n"):
+    for request in requests or (poll(token), poll(token), HEALTH):
         sock.sendall(request)
         data = b""
         while not responses(data):
@@ -412,4 +436,48 @@ def test_the_browsers_close_ends_the_handshake_at_once():
     clock, hub, front, p, t = clocked_websocket()
     p.dataReceived(mask_frame(OP_CLOSE, struct.pack(">H", 1001)))
     assert t.out.endswith(close_frame(1001)) and t.lost
+    front.stopFactory()
+
+
+# -- the node's browser port is the front ------------------------------------------------
+
+
+@pytest.mark.slow
+def test_the_nodes_browser_port_ends_a_held_sse_stream_on_pipelined_bytes(node):
+    """docs/protocol.md, "Errors (browser side)": a request sent while a response is held
+    ends that response and closes the connection (twisted.web queued it instead)."""
+    host, port = node.http.rsplit(":", 1)
+    sock = socket.create_connection((host, int(port)), timeout=5)
+    sock.sendall(b"GET /orbited/sse?token=%s HTTP/1.1\r\nHost: h\r\n\r\n"
+                 % node.token("pipe").encode())  # fmt: skip
+    data = b""
+    while b'"type":"hello"' not in data:
+        data += sock.recv(65536)
+    sock.sendall(b"GET /orbited/health HTTP/1.1\r\nHost: h\r\n\r\n")
+    while chunk := sock.recv(65536):
+        data += chunk
+    sock.close()
+    assert data.endswith(b"\r\n0\r\n\r\n")  # the stream's last chunk, then the close
+    assert b'"ok": true' not in data and data.count(b"HTTP/1.1 ") == 1
+
+
+def test_a_connection_waits_60_s_for_a_request_and_10_s_for_its_head():
+    clock = Clock()
+    hub = Hub(clock, HubConfig())
+    limits = BrowserLimits(BrowserLimitsConfig(), clock)
+    site = browser_site(hub, AUTH, [], "t", 1 << 20, limits)
+    front = BrowserFront(site, hub, AUTH, [], limits, clock)
+    front.startFactory()
+    idle, slow = front.buildProtocol(None), front.buildProtocol(None)
+    t_idle, t_slow = FakeTransport(), FakeTransport()
+    idle.makeConnection(t_idle)
+    slow.makeConnection(t_slow)
+    clock.advance(30)
+    slow.dataReceived(b"GET /orbited/poll?tok")  # a head begins: 10 s for the rest
+    clock.advance(9)
+    assert not t_slow.aborted
+    clock.advance(1)
+    assert t_slow.aborted and not t_idle.aborted
+    clock.advance(20)
+    assert t_idle.aborted  # twisted.web's idle timeout (60 s)
     front.stopFactory()
