@@ -29,11 +29,13 @@ class ConfiguredOptions(usage.Options):
     ``--help`` prints the command's help; a bad flag or config exits 2 with the reason."""
 
     def __init__(self, prog: str, parser: Callable[[], argparse.ArgumentParser],
-                 config_class: type[ConfigBase]) -> None:  # fmt: skip
+                 config_class: type[ConfigBase],
+                 check: Callable[[Any], None] | None = None) -> None:  # fmt: skip
         super().__init__()
         self.prog = prog
         self.make_parser = parser
         self.config_class = config_class
+        self.check = check  # raises ConfigError for what twistd cannot run
 
     def parseOptions(self, options: list[str] | None = None) -> None:  # noqa: N802
         from orbited.runtime.daemon import load_config
@@ -43,6 +45,8 @@ class ConfiguredOptions(usage.Options):
         args = parser.parse_args(sys.argv[1:] if options is None else options)
         try:
             self["config"] = load_config(self.config_class, args)
+            if self.check is not None:
+                self.check(self["config"])
         except ConfigError as e:
             parser.error(str(e))
         self["ready_file"] = args.ready_file
@@ -84,7 +88,18 @@ def _node_options() -> ConfiguredOptions:
     from orbited.cli import _node_parser
     from orbited.node.config import NodeConfig
 
-    return ConfiguredOptions("twistd orbited", _node_parser, NodeConfig)
+    return ConfiguredOptions("twistd orbited", _node_parser, NodeConfig, _one_node)
+
+
+def _one_node(config: Any) -> None:
+    """twistd runs one service per process: the worker parent of ``workers`` is
+    ``orbited node``'s (docs/operations.md, "Workers"), so any other value is refused
+    rather than silently ignored."""
+    if config.workers != 1:
+        raise ConfigError(
+            "workers: twistd orbited runs one node per process; run one twistd per core "
+            "(each with its own name and ports) or use `orbited node --workers`"
+        )
 
 
 def _build_node(config: Any) -> IService:

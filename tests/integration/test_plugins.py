@@ -63,6 +63,7 @@ def test_plugin_help_is_the_commands_help(tmp_path):
         (["orbited", "--bogus"], "unrecognized arguments: --bogus"),
         (["orbited", "--linger", "0"], "linger must be positive"),
         (["halod", "--routes", "0"], "routes"),
+        (["orbited", "--workers", "2"], "workers: twistd orbited runs one node per process"),
     ],
 )
 def test_bad_flags_are_refused_before_anything_starts(tmp_path, args, message):
