@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from orbited.core.settings import parse_host_port, parse_sp_address
+from orbited.core.control import halod_addresses
+from orbited.core.settings import is_loopback, parse_host_port, parse_sp_address
 
 if TYPE_CHECKING:
     from orbited.node.config import NodeConfig
-from orbited.core.settings import is_loopback
 
 
 def node_warnings(config: NodeConfig) -> list[str]:
@@ -35,11 +35,13 @@ def node_warnings(config: NodeConfig) -> list[str]:
             f"HTTP publish API {config.publish_http} is not on loopback: its API key "
             "travels in clear unless a TLS proxy is in front"
         )
-    if config.halod and not is_loopback(parse_sp_address(config.halod)[0]):
-        if not config.halod_secret_file:
-            warnings.append(
-                f"HaloD {config.halod} is not on loopback and no halod_secret_file is set"
-            )
+    if config.halod and not config.halod_secret_file:
+        # One address, or several separated by commas (HaloD on etcd): each is checked.
+        for address in halod_addresses(config.halod):
+            if not is_loopback(parse_sp_address(address)[0]):
+                warnings.append(
+                    f"HaloD {address} is not on loopback and no halod_secret_file is set"
+                )
     if "*" in config.cors_origins:
         warnings.append("cors_origins has '*': any web page holding a token may read its events")
     return warnings

@@ -62,3 +62,14 @@ def test_a_running_node_logs_its_warnings(tmp_path):
         if node.alive():
             node.stop(9)
     assert "exposed: cors_origins has '*'" in node.log_file.read_text()
+
+
+def test_each_of_several_halod_addresses_is_checked():
+    """``halod`` may list several control addresses (HaloD on etcd): loopback ones need
+    no secret, and a routable one among them is named alone."""
+    both_local = "tcp://127.0.0.1:7600,tcp://127.0.0.2:7610"
+    assert node_warnings(NodeConfig(halod=both_local)) == []
+    one_remote = "tcp://127.0.0.1:7600, tcp://10.0.0.9:7610"
+    assert node_warnings(NodeConfig(halod=one_remote)) == [
+        "HaloD tcp://10.0.0.9:7610 is not on loopback and no halod_secret_file is set"
+    ]
