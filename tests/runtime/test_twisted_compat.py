@@ -5,6 +5,9 @@ second, instead of in a node (or only in the slow real-process tests).
 What is pinned, and by which test:
 - ``FileDescriptor.dataBuffer`` / ``offset`` / ``_tempDataLen`` (unsent_bytes): a real
   loopback TCP connection whose reader is paused;
+- ``tcp.Connection.socket`` / ``TLS`` / ``dataBuffer`` / ``offset`` / ``_tempDataLen`` and
+  ``ProtocolWrapper.write`` (write_through, writev_through): a real loopback connection,
+  a partial write through a small send buffer, closing and TLS-flagged connections;
 - ``internet.TCPServer._port`` (listening_port): a started TCPServer;
 - ``HTTPChannel._respondToBadRequestAndDisconnect`` / ``_receivedHeaderSize`` /
   ``_receivedHeaderCount`` (HookedHTTPChannel): malformed heads fed to a channel;
