@@ -86,7 +86,7 @@ class VipSettings:
     router_id: int  # VRRP virtual router id, 1-255: the same on every HaloD host
     priority: int  # this host's base priority, 1-254: host order while nobody leads
     lead_boost: int = 100  # added to the priority while this host's HaloD leads
-    advert_int: float = 0.3  # seconds between VRRP advertisements (0.01-40)
+    advert_int: float = 0.2  # seconds between VRRP advertisements (0.01-40)
     state_dir: str = "vip"  # keepalived's config, track, pid and log files
     keepalived: str = KEEPALIVED
     start_timeout: float = 10.0  # keepalived must report a VRRP state within this

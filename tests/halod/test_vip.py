@@ -85,8 +85,8 @@ def test_bad_settings_are_refused_by_name(change: dict[str, Any], words: str) ->
 
 def test_timings_follow_vrrp() -> None:
     # RFC 5798: skew = (256 - priority) * interval / 256; master down = 3 * interval + skew
-    assert S.skew() == pytest.approx(156 * 0.3 / 256)
-    assert S.takeover_interval() == pytest.approx(0.9 + 156 * 0.3 / 256)
+    assert S.skew() == pytest.approx(156 * 0.2 / 256)
+    assert S.takeover_interval() == pytest.approx(0.6 + 156 * 0.2 / 256)
 
 
 # -- keepalived.conf and what leadership writes ------------------------------------------
@@ -98,7 +98,7 @@ def test_conf_one_instance_tracking_the_leader_file(tmp_path: Path) -> None:
     assert f'file "{tmp_path}/leader"' in conf
     assert "vrrp_instance orbited_halod_77 {" in conf
     for line in ("state BACKUP", "interface eth0", "virtual_router_id 77", "priority 100",
-                 "advert_int 0.3", "halod_leader weight 100", "10.77.0.100/24 dev eth0",
+                 "advert_int 0.2", "halod_leader weight 100", "10.77.0.100/24 dev eth0",
                  "vrrp_version 3"):  # fmt: skip
         assert (
             line in conf.splitlines()
