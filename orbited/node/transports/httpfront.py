@@ -472,6 +472,7 @@ class FrontProtocol(Protocol):
         if (
             channel.requests
             or not channel.persistent
+            or not transport.connected
             or transport.disconnecting
             or _protocol_of(transport) is not channel
         ):
