@@ -59,6 +59,8 @@ def test_the_hot_requests_are_read():
     assert head.route is Route.POLL and head.query == b"token=a&last=b"
     assert head.headers == {b"host": b"h", b"origin": b"http://h"}
     assert head.keep_alive and not head.pipelined
+    closing = read_head(b"GET /orbited/sse HTTP/1.1\r\nConnection: close\r\n\r\n")
+    assert not closing.keep_alive
     ws = read_head(UPGRADE + b"\x81\x80abcd")
     assert ws.route is Route.WS and ws.rest == b"\x81\x80abcd"
 
@@ -240,6 +242,16 @@ def _one_by_one(
         got += responses(data)
     sock.close()
     return got
+
+
+@pytest_twisted.inlineCallbacks
+def test_connection_close_from_the_browser_is_honoured(served):
+    data = yield threads.deferToThread(
+        exchange, served.address, poll(served.token(), b"Connection: close\r\n"), 2.0
+    )
+    assert not data.endswith(b"<open>")  # the node closed it
+    ((head, body),) = responses(data)
+    assert b"Connection: close" in head and json.loads(body)[0]["type"] == "hello"
 
 
 @pytest_twisted.inlineCallbacks

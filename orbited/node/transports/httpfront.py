@@ -110,7 +110,7 @@ class HeadReader:
     ``raw``: every byte read, for the hand-off."""
 
     __slots__ = ("parser", "small", "max_headers", "raw", "url", "headers", "count", "state",
-                 "upgrade_at", "refuse")  # fmt: skip
+                 "upgrade_at", "refuse", "keep_alive")  # fmt: skip
 
     def __init__(self, small: int, max_headers: int) -> None:
         self.parser = httptools.HttpRequestParser(self)
@@ -123,6 +123,7 @@ class HeadReader:
         self.state = 0  # 0 head, 1 complete, 2 another request began
         self.upgrade_at = -1
         self.refuse = False  # something twisted.web must answer
+        self.keep_alive = True
 
     # httptools callbacks
     def on_message_begin(self) -> None:
@@ -140,6 +141,10 @@ class HeadReader:
         name = name.lower()
         if name in WANTED:
             self.headers[name] = value
+
+    def on_headers_complete(self) -> None:
+        if self.state == 0:  # llhttp forgets it once the message is complete
+            self.keep_alive = self.parser.should_keep_alive()
 
     def on_body(self, body: bytes) -> None:
         if self.state == 0:
@@ -182,7 +187,7 @@ class HeadReader:
             if route is not Route.WS:
                 return HANDOFF
             rest = self.raw[self.upgrade_at :]
-        return Head(route, query, self.headers, rest, parser.should_keep_alive(), self.state == 2)
+        return Head(route, query, self.headers, rest, self.keep_alive, self.state == 2)
 
 
 def query_args(query: bytes) -> dict[bytes, list[bytes]]:
@@ -438,7 +443,7 @@ class FrontProtocol(Protocol):
         self.reader = None
         self.deadline = 0.0
         front.waiting.discard(self)
-        self.pipelined = head.pipelined
+        self.pipelined = head.pipelined or not head.keep_alive  # then close after it
         if head.route is Route.WS:
             self._start_ws(todo)
         elif head.route is Route.SSE:
