@@ -95,6 +95,7 @@ def test_a_head_read_in_pieces_is_the_same(cuts):
         b"GET /orbited/sse HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n",
         b"GET /orbited/poll?" + b"a" * 200 + b" HTTP/1.1\r\n\r\n",  # over `small`
         b"GET /orbited/poll HTTP/1.1\r\n" + b"A: b\r\n" * 5 + b"\r\n",  # over max_headers
+        b"HEAD /orbited/poll HTTP/1.1\r\n\r\nGET /orbited/poll HTTP/1.1\r\n\r\n",  # pipelined
     ],
 )
 def test_what_twisted_web_answers_is_handed_off(data):

@@ -110,7 +110,7 @@ class HeadReader:
     ``raw``: every byte read, for the hand-off."""
 
     __slots__ = ("parser", "small", "max_headers", "raw", "url", "headers", "count", "state",
-                 "upgrade_at", "refuse", "keep_alive")  # fmt: skip
+                 "upgrade_at", "refuse", "keep_alive", "get11")  # fmt: skip
 
     def __init__(self, small: int, max_headers: int) -> None:
         self.parser = httptools.HttpRequestParser(self)
@@ -124,6 +124,7 @@ class HeadReader:
         self.upgrade_at = -1
         self.refuse = False  # something twisted.web must answer
         self.keep_alive = True
+        self.get11 = False  # GET, HTTP/1.1
 
     # httptools callbacks
     def on_message_begin(self) -> None:
@@ -143,8 +144,10 @@ class HeadReader:
             self.headers[name] = value
 
     def on_headers_complete(self) -> None:
-        if self.state == 0:  # llhttp forgets it once the message is complete
-            self.keep_alive = self.parser.should_keep_alive()
+        if self.state == 0:  # llhttp forgets these when the next message begins
+            parser = self.parser
+            self.keep_alive = parser.should_keep_alive()
+            self.get11 = parser.get_method() == b"GET" and parser.get_http_version() == "1.1"
 
     def on_body(self, body: bytes) -> None:
         if self.state == 0:
@@ -175,8 +178,7 @@ class HeadReader:
             or (self.state == 1 and head_size > self.small)
         ):
             return HANDOFF
-        parser = self.parser
-        if parser.get_method() != b"GET" or parser.get_http_version() != "1.1":
+        if not self.get11:
             return HANDOFF
         path, _, query = self.url.partition(b"?")
         route = HOT.get(path)
