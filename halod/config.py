@@ -171,7 +171,7 @@ class HaloDConfig(ConfigBase):
                 parse_sp_address(self.control_advertise)
         if self.vip_address:
             if self.store != "etcd":
-                raise ConfigError("vip_address needs store = \"etcd\" (the leader holds it)")
+                raise ConfigError('vip_address needs store = "etcd" (the leader holds it)')
             from halod.vip import VipSettings  # only when the route address is used
 
             VipSettings(self.vip_address, self.vip_interface, self.vip_router_id,

@@ -260,7 +260,6 @@ class HaloD:
         )  # fmt: skip
         return membership
 
-
     # -- from control connections --------------------------------------------------------
 
     def received(self, conn: ControlProtocol, body: bytes) -> None:

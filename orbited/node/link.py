@@ -266,8 +266,11 @@ class HaloDLink(service.MultiService):
         if len(halods) == 1:
             policy = internet.backoffPolicy(initialDelay=0.2, maxDelay=2.0)
         else:  # a new leader appears within the lease TTL: keep looking often
-            policy = self._retry_delay(internet.backoffPolicy(
-                initialDelay=0.1, maxDelay=0.5, jitter=lambda: random.random() * 0.1))
+            policy = self._retry_delay(
+                internet.backoffPolicy(
+                    initialDelay=0.1, maxDelay=0.5, jitter=lambda: random.random() * 0.1
+                )
+            )
         self.client = internet.ClientService(
             self.endpoints, factory, retryPolicy=policy, clock=self.clock
         )

@@ -107,8 +107,8 @@ def plan_workers(config: NodeConfig, count: int) -> list[WorkerPlan]:
             if port == 0:
                 continue
             for (other_host, other_port), owner in taken.items():
-                same_host = host == other_host or host in WILDCARD_HOSTS or (
-                    other_host in WILDCARD_HOSTS
+                same_host = (
+                    host == other_host or host in WILDCARD_HOSTS or (other_host in WILDCARD_HOSTS)
                 )
                 if other_port == port and same_host:
                     raise ConfigError(
@@ -256,7 +256,9 @@ class Supervisor:
         worker.history = replace(worker.history, started=time.monotonic())
         env = {**os.environ, WORKER_ENV: str(os.getpid())}
         worker.proc = subprocess.Popen(
-            self.command(worker.plan, worker.ready_file), stdin=subprocess.DEVNULL, env=env,
+            self.command(worker.plan, worker.ready_file),
+            stdin=subprocess.DEVNULL,
+            env=env,
             start_new_session=True,  # a terminal's Ctrl-C reaches only the parent, which forwards
         )
         _log(f"started {worker.plan.name} (pid {worker.proc.pid})")
@@ -295,8 +297,10 @@ class Supervisor:
                     worker.history, worker.restart_at = decision.history, decision.at
                     _log(f"{worker.plan.name} exited ({rc}); restarting in "
                          f"{decision.at - now:.1f} s")  # fmt: skip
-                if worker.proc is None and worker.restart_at is not None and (
-                    now >= worker.restart_at
+                if (
+                    worker.proc is None
+                    and worker.restart_at is not None
+                    and (now >= worker.restart_at)
                 ):
                     self.spawn(worker)
                 if worker.proc is not None and not worker.ready and worker.ready_file.exists():

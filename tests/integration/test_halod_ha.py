@@ -171,8 +171,10 @@ def test_leader_killed_follower_leads_and_keeps_the_table(
     took = wait_for(h2.leads, "h2 leads", timeout=5)
     assert took < 2.0, f"take-over took {took:.2f} s"
     back = took + wait_for(lambda: connected(h2) == ids, "nodes re-registered at h2", timeout=10)
-    print(f"kill -9 of the leader: the follower leads after {took:.2f} s, "
-          f"every node registered with it after {back:.2f} s")
+    print(
+        f"kill -9 of the leader: the follower leads after {took:.2f} s, "
+        f"every node registered with it after {back:.2f} s"
+    )
     assert h2.owners() == before
     assert h2.status()["failovers"] == 0
     h1.start()  # back, on the same addresses: it follows

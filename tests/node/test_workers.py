@@ -197,8 +197,10 @@ def browser(cluster: HaloDCluster, key: ConnectionKey) -> ClientConnection:
 
 
 def both_own_routes(halod: HaloDProcess) -> bool:
-    return bool(routes_of(halod, "w-0")) and bool(routes_of(halod, "w-1")) and all(
-        halod.owners().values()
+    return (
+        bool(routes_of(halod, "w-0"))
+        and bool(routes_of(halod, "w-1"))
+        and all(halod.owners().values())
     )
 
 

@@ -248,8 +248,13 @@ def _open(log: Any = None, compress: bool = False) -> WebSocketServerProtocol:
     if compress:
         factory.setProtocolOptions(
             perMessageCompressionAccept=lambda offers: next(
-                (PerMessageDeflateOfferAccept(o) for o in offers
-                 if isinstance(o, PerMessageDeflateOffer)), None)  # fmt: skip
+                (
+                    PerMessageDeflateOfferAccept(o)
+                    for o in offers
+                    if isinstance(o, PerMessageDeflateOffer)
+                ),
+                None,
+            )  # fmt: skip
         )
     proto = factory.buildProtocol(None)
     if log is not None:
@@ -305,9 +310,7 @@ def test_autobahn_logs_through_the_instance_log(clock):
         quiet.warn("emitted")
     finally:
         globalLogPublisher.removeObserver(events.append)
-    assert [e["log_level"] for e in events if e.get("log_namespace") == "test"] == [
-        LogLevel.warn
-    ]
+    assert [e["log_level"] for e in events if e.get("log_namespace") == "test"] == [LogLevel.warn]
 
 
 def test_autobahn_pformat_is_the_module_global_it_formats_its_options_with(clock):
