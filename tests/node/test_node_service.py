@@ -28,6 +28,9 @@ def test_service_dispatches_and_stops_cleanly(tmp_path):
     config = NodeConfig(
         http="127.0.0.1:0", sp="tcp://127.0.0.1:0", secret_file=str(secret), create_secret=False
     )
+    # Timers other tests left behind (e.g. twisted.web's channel timeouts) are not this
+    # node's: only what is scheduled from here on counts.
+    earlier = set(reactor.getDelayedCalls())
     node = NodeService(config, reactor)
     node.startService()
     try:
@@ -48,5 +51,5 @@ def test_service_dispatches_and_stops_cleanly(tmp_path):
     finally:
         yield node.stopService()
     assert not node.sp_server.running and not node.http_server.running
-    ours = [c for c in reactor.getDelayedCalls() if "orbited" in repr(c.func)]
+    ours = [c for c in reactor.getDelayedCalls() if c not in earlier and "orbited" in repr(c.func)]
     assert ours == []
