@@ -63,7 +63,9 @@ class GatedFactory(WrappingFactory):
     connection past the cap (buildProtocol returns None, so the port closes the socket at
     once, before reading a byte) and counts the open ones in the gate. The count follows
     the socket, not the protocol: a WebSocket taking the connection over from the HTTP
-    channel (autobahn swaps the wrapper's wrappedProtocol) stays counted until it closes."""
+    channel (autobahn swaps the wrapper's wrappedProtocol), or twisted.web's channel one
+    from the browser front (httpfront's hand-off does the same), stays counted until it
+    closes."""
 
     log = Logger()
 
