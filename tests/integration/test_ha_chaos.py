@@ -16,6 +16,14 @@ address moves here; tests/halod/test_vip.py moves it between hosts in namespaces
 proxy worker outlives its HaloD (docs/halod.md, "The built-in proxy"), and a follower
 drives its own data plane from its warm copy of the table, so the restarted h1 forwards
 what h2 decides.
+
+Figures (printed and written to ha_chaos.json): the take-over, the node failover as the
+new leader and the follower see it, the cores each kind of process used in the 1.5 s
+after the node kill (and the whole box's, other work included), and per incident the
+browsers' recovery. ``receiving_again_s`` counts from the window's start, which opens
+1 s before the node kill (to attribute plain-mode losses); ``after_kill`` counts from the
+kill. tests/integration/test_chaos.py opens its kill window 0.5 s before the kill: its
+``receiving_again_s`` minus 0.5 s is what compares with ``after_kill`` here.
 """
 
 from __future__ import annotations
@@ -30,7 +38,7 @@ from typing import Any
 import pytest
 
 from bench.browsers import BrowserProcesses
-from bench.chaos_report import analyse
+from bench.chaos_report import analyse, spread
 from bench.sender import SenderProcess
 from halod.etcd.local import EtcdCluster
 from tests.conftest import NodeProcess, wait_for
@@ -51,14 +59,22 @@ TIMING = ("--spares", "1", "--grace", str(GRACE), "--heartbeat-interval", "0.5",
 
 
 def figures_of(reports: dict[str, dict[str, Any]], clients: list[dict[str, Any]],
-               windows: dict[str, tuple[float, float]]) -> dict[str, Any]:  # fmt: skip
+               windows: dict[str, tuple[float, float]],
+               kills: dict[str, float]) -> dict[str, Any]:  # fmt: skip
+    """Per mode: losses, duplicates and, per incident, the time until each affected
+    browser received again counted from the window's start (``receiving_again_s``, the
+    window may open before the incident to attribute losses) and from the kill itself
+    (``after_kill``: when the browsers' connections broke, reconnected, received again).
+    Compare ``after_kill`` between chaos tests: their windows open at different offsets."""
     names = list(windows)
     figures: dict[str, Any] = {}
     for mode, report in reports.items():
         accepted = {k: v["accepted"] for k, v in report["keys"].items()}
-        result = analyse(accepted, [c for c in clients if c["id"] in accepted],
-                         report["round_times"], [windows[n] for n in names])  # fmt: skip
+        mine = [c for c in clients if c["id"] in accepted]
+        result = analyse(accepted, mine, report["round_times"],
+                         [windows[n] for n in names])  # fmt: skip
         summary = result["summary"]
+        after_kill = {name: since(mine, windows[name], at) for name, at in kills.items()}
         figures[mode] = {
             "rounds": report["rounds"], "statuses": report["status_counts"],
             "accepted": summary["accepted"], "received": summary["received"],
@@ -71,8 +87,75 @@ def figures_of(reports: dict[str, dict[str, Any]], clients: list[dict[str, Any]]
                        "receiving_again_s": inc["recovery"]}
                 for name, inc in zip(names, summary["incidents"], strict=True)
             },
+            "after_kill": after_kill,
         }  # fmt: skip
     return figures
+
+
+def since(clients: list[dict[str, Any]], window: tuple[float, float],
+          at: float) -> dict[str, Any]:  # fmt: skip
+    """Seconds from ``at`` to each step of the outages that began in ``window`` (the
+    browser's link broke, it reconnected, it received again)."""
+    steps: dict[str, list[float]] = {"broke": [], "reconnected": [], "receiving_again": []}
+    for client in clients:
+        for lost_at, back, reconnected in client.get("outages", []):
+            if lost_at is None or not window[0] <= lost_at <= window[1]:
+                continue
+            for step, when in zip(steps, (lost_at, reconnected, back), strict=True):
+                if when is not None:
+                    steps[step].append(max(0.0, when - at))
+    return {step: spread(values) for step, values in steps.items()}
+
+
+def cpu_ticks(pids: dict[str, list[int]]) -> dict[str, int]:
+    """User + system clock ticks so far of each named group of processes, and of the
+    whole machine (``box``: busy ticks of all cores; ``box_all``: all ticks)."""
+    out: dict[str, int] = {}
+    for name, group in pids.items():
+        total = 0
+        for pid in group:
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+        out[name] = total
+    cpu = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    out["box_all"] = sum(cpu)
+    out["box"] = sum(cpu) - cpu[3] - cpu[4]  # minus idle and iowait
+    return out
+
+
+def cpu_share(before: dict[str, int], after: dict[str, int], seconds: float) -> dict[str, float]:
+    """Cores used by each group between two ``cpu_ticks`` (1.0 = one core busy)."""
+    hz = os.sysconf("SC_CLK_TCK")
+    share = {name: round((after[name] - before[name]) / hz / seconds, 2)
+             for name in before if not name.startswith("box")}  # fmt: skip
+    cores = os.cpu_count() or 1
+    span = max(1, after["box_all"] - before["box_all"])
+    share["box (all processes)"] = round(cores * (after["box"] - before["box"]) / span, 2)
+    return share
+
+
+def process_groups(cluster: EtcdCluster, halods: list[Any], nodes: dict[str, NodeProcess],
+                   browsers: list[BrowserProcesses],
+                   senders: list[SenderProcess]) -> dict[str, list[int]]:  # fmt: skip
+    """The pids of each kind of process in the test, for ``cpu_ticks`` (a process that
+    dies in between would count negative: leave the victim out)."""
+    workers = []
+    for h in halods:
+        try:
+            workers.append(int((h.tmp / "proxy" / "worker.pid").read_text().strip()))
+        except (OSError, ValueError):
+            pass
+    return {
+        "etcd": [m.proc.pid for m in cluster.members if m.proc is not None],
+        **{h.name: [h.proc.pid] for h in halods if h.proc is not None},
+        "proxy workers": workers,
+        "surviving nodes": [n.proc.pid for n in nodes.values() if n.proc is not None],
+        "browsers": [p.pid for group in browsers for p in group.procs],
+        "web app": [s.proc.pid for s in senders],
+    }
 
 
 MISSING = ha_wiring_missing()
@@ -91,6 +174,7 @@ def test_ha_chaos(tmp_path: Path, etcd_cluster: EtcdCluster) -> None:  # noqa: F
     browsers: list[BrowserProcesses] = []
     senders: list[SenderProcess] = []
     measured: dict[str, Any] = {}
+    kills: dict[str, float] = {}
     try:
         h1.start()
         wait_for(h1.leads, "h1 leads")
@@ -143,8 +227,12 @@ def test_ha_chaos(tmp_path: Path, etcd_cluster: EtcdCluster) -> None:  # noqa: F
 
         victim = next(n for n, s in h2.nodes().items() if s["state"] == "active")
         gone = [r for r, owner in before.items() if owner == victim]
+        survivors = {n: p for n, p in nodes.items() if n != victim}
+        groups = process_groups(etcd_cluster, halods, survivors, browsers, senders)
+        ticks = cpu_ticks(groups)
         t = time.time()  # (b) kill -9 of an active node: failover through the new leader
         nodes[victim].stop(signal.SIGKILL)
+        kills["node_kill"] = t
         measured["node_failover_s"] = round(wait_for(
             lambda: all(h2.owners()[r] == "s1" for r in gone), "the spare took the routes",
             GRACE + 5), 3)  # fmt: skip
@@ -154,7 +242,10 @@ def test_ha_chaos(tmp_path: Path, etcd_cluster: EtcdCluster) -> None:  # noqa: F
         )
         # plain mode: events the node took in the second before its death are lost
         windows["node_kill"] = (t - 1.0, time.time() + 4)
-        time.sleep(6)
+        time.sleep(max(0.0, t + 1.5 - time.time()))  # the browsers' recovery: ≈ 0.5 s
+        measured["cpu_cores_in_failover"] = cpu_share(ticks, cpu_ticks(groups),
+                                                      time.time() - t)  # fmt: skip
+        time.sleep(max(0.0, t + 6 - time.time()))
 
         after = h2.owners()
         terms = h2.status()["etcd"]["terms"]
@@ -189,7 +280,7 @@ def test_ha_chaos(tmp_path: Path, etcd_cluster: EtcdCluster) -> None:  # noqa: F
             except (OSError, ValueError):
                 pass
 
-    figures = figures_of(reports, clients, windows)
+    figures = figures_of(reports, clients, windows, kills)
     result = {"measured": measured, "windows": windows, **figures}
     print(json.dumps(result, indent=1))
     (tmp_path / "ha_chaos.json").write_text(json.dumps(result, indent=1))
