@@ -6,6 +6,7 @@ WebSocket close code (4000 + that status) documented in docs/protocol.md, "Error
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -14,6 +15,23 @@ from urllib.parse import urlsplit
 from orbited.core.keys import ConnectionKey
 from orbited.core.tokens import TokenError, verified_before, verify_token
 from orbited.node.mailbox import Position, PositionError
+
+BAD_ACK = 'bad_frame: expected {"type":"ack","seq":n}'  # close reason, with code 4400
+
+
+def parse_ack(payload: bytes) -> int:
+    """The ``seq`` of a browser's ack message ``{"type":"ack","seq":n}`` (docs/protocol.md,
+    "WebSocket"); ValueError for anything else (closed with 4400 and BAD_ACK)."""
+    try:
+        message = json.loads(payload)
+        if message.get("type") != "ack":
+            raise ValueError("unknown frame type")
+        seq = message["seq"]
+    except (ValueError, KeyError, AttributeError, RecursionError) as e:
+        raise ValueError(str(e)) from None
+    if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
+        raise ValueError("seq must be a non-negative integer")
+    return seq
 
 
 class BrowserRequestError(Exception):

@@ -29,7 +29,6 @@ while a response is held, so a browser that goes away is detached at once.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Final
@@ -50,10 +49,12 @@ from orbited.node.hub import Hub
 from orbited.node.mailbox import Position, PositionError
 from orbited.node.transports import wsframe
 from orbited.node.transports.common import (
+    BAD_ACK,
     BrowserAuth,
     BrowserRequestError,
     authenticate,
     origin_allowed,
+    parse_ack,
     request_scheme,
     resumes_session,
 )
@@ -644,14 +645,9 @@ class FrontProtocol(Protocol):
     def _ws_text(self, payload: bytes) -> None:
         sink = self.sink
         try:
-            message = json.loads(payload)
-            if message.get("type") != "ack":
-                raise ValueError("unknown frame type")
-            seq = message["seq"]
-            if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
-                raise ValueError("seq must be a non-negative integer")
-        except (ValueError, KeyError, AttributeError, RecursionError):
-            self.ws_close(4400, 'bad_frame: expected {"type":"ack","seq":n}')
+            seq = parse_ack(payload)
+        except ValueError:
+            self.ws_close(4400, BAD_ACK)
             return
         if sink is not None:
             self.front.hub.ack(sink.key, seq)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import struct
 
 from autobahn.twisted.resource import WebSocketResource
@@ -20,7 +19,14 @@ from twisted.web.http import Request
 from orbited.node import frames
 from orbited.node.frames import Frame
 from orbited.node.hub import Hub
-from orbited.node.transports.common import Attach, BrowserAuth, BrowserRequestError, authenticate
+from orbited.node.transports.common import (
+    BAD_ACK,
+    Attach,
+    BrowserAuth,
+    BrowserRequestError,
+    authenticate,
+    parse_ack,
+)
 from orbited.node.transports.http import apply_cors, send_json_error
 from orbited.node.transports.limits import (
     BrowserLimits,
@@ -108,14 +114,9 @@ class BrowserWebSocket(WebSocketServerProtocol):
             self.sendClose(CLOSE_BAD_FRAME, "bad_frame: binary messages are not accepted")
             return
         try:
-            message = json.loads(payload)
-            if message.get("type") != "ack":
-                raise ValueError("unknown frame type")
-            seq = message["seq"]
-            if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
-                raise ValueError("seq must be a non-negative integer")
-        except (ValueError, KeyError, AttributeError, RecursionError):
-            self.sendClose(CLOSE_BAD_FRAME, 'bad_frame: expected {"type":"ack","seq":n}')
+            seq = parse_ack(payload)
+        except ValueError:
+            self.sendClose(CLOSE_BAD_FRAME, BAD_ACK)
             return
         self.factory.hub.ack(self._attach.key, seq)
 
