@@ -97,6 +97,9 @@ class Leadership:
         self.on_follow: Callable[[], None] = lambda: None
         self.on_table: Callable[[Persisted | None], None] = lambda table: None
         self.leading = False
+        # A leader (another HaloD, or this one in an earlier term) was known while this
+        # HaloD ran: when it now leads, that is a change of leader, not a cold start.
+        self.seen_leader = False
         self.health: dict[str, bool | None] = dict.fromkeys(settings.endpoints)
         self._agent = cast(Any, Agent)(reactor, connectTimeout=settings.timeout)
         self._health = LoopingCall(self._poll_health)
@@ -161,12 +164,14 @@ class Leadership:
         if self.stopped:
             return
         leads = state is State.LEADER and fence is not None
+        seen = state is State.FOLLOWER or self.leading
         if leads and not self.leading:
             self.leading = True
             self.on_lead()
         elif not leads and self.leading:
             self.leading = False
             self.on_follow()
+        self.seen_leader = self.seen_leader or seen
 
     def _table(self, table: Persisted | None) -> None:
         if not self.leading and not self.stopped:

@@ -191,6 +191,20 @@ class Membership:
         record.connected, record.disconnected_at = False, now
         return Effects(probes=self.prober.suspect(name, Cause.DISCONNECTED, _ports(record), now))
 
+    def probe_restored(self, now: float) -> Effects:
+        """A new leader took over a restored table (HaloD on etcd): probe every node that
+        has not registered again, as if its control connection had just closed. A node
+        whose ports refuse was lost with (or just before) the old leader and fails over
+        now; one that answers keeps ``grace`` (docs/halod.md, "High availability").
+        Not after a cold start: nodes may still be starting then."""
+        effects = Effects()
+        for record in self.nodes.values():
+            if not record.connected and record.disconnected_at is not None:
+                effects.probes += self.prober.suspect(
+                    record.name, Cause.DISCONNECTED, _ports(record), now
+                )
+        return effects
+
     def probed(self, name: str, probe_id: int, port: str, outcome: Outcome, now: float
                ) -> Effects:  # fmt: skip
         """One port's probe outcome (halod.probe)."""

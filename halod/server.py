@@ -594,6 +594,9 @@ class HaloD:
         assert self.ha is not None
         self._cancel_writes()
         term = self._term
+        # A leader was known before: nodes that do not register again may have died with
+        # it, so they are probed; after a cold start they may still be starting: grace.
+        probe_absent = self.ha.seen_leader
         self.log.info("{name} is elected; reading the table from etcd", name=self._name())
 
         def restored(saved: Persisted | None) -> None:
@@ -620,6 +623,15 @@ class HaloD:
             self.log.info("{name} leads at table version {v}", name=self._name(),
                           v=self.ha.store.version)  # fmt: skip
             self._flush()
+            if probe_absent and saved is not None:
+                probes = self.membership.probe_restored(now)
+                if probes.probes:
+                    self.log.info(
+                        "probing the {n} nodes of the table (dead: failover now; "
+                        "answering: {grace:g}s to register)",
+                        n=len(membership.nodes), grace=self.config.grace,
+                    )  # fmt: skip
+                self.apply(probes)
 
         def failed(failure: Failure) -> None:
             if term != self._term or self.ha is None:

@@ -106,6 +106,7 @@ class HandLeadership:
         self.settings = EtcdSettings()
         self.health: dict[str, bool | None] = {"http://127.0.0.1:2379": True}
         self.leading = False
+        self.seen_leader = False  # a leader was known before it leads (not a cold start)
         self.other = LeaderInfo("h2", "tcp://127.0.0.1:7700", "127.0.0.1:7701")
         self.follower = self
         self.on_lead: Any = None
