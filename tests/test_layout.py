@@ -321,9 +321,12 @@ def test_only_twisted_compat_uses_private_upstream_names():
 
 
 def test_the_blocking_client_loads_no_twisted_autobahn_or_klein():
+    # What importing the client loads, not what the interpreter had before it: an old
+    # zope.interface (6.0, our lower bound) installs a -nspkg.pth that imports the bare
+    # `zope` namespace package into every interpreter at start-up.
     code = (
-        "import json, sys; import orbited.client.blocking; "
-        "print(json.dumps(sorted(m for m in sys.modules "
+        "import json, sys; before = set(sys.modules); import orbited.client.blocking; "
+        "print(json.dumps(sorted(m for m in set(sys.modules) - before "
         f"if m.split('.')[0] in {list(UPSTREAM)!r})))"
     )
     out = subprocess.run(
