@@ -9,8 +9,12 @@
 
 export const TRANSPORTS = ["websocket", "sse", "longpoll", "iframe"];
 
-// Close codes after which reconnecting cannot help (docs/protocol.md, "Errors").
-const FATAL_CLOSE = { 4001: "replaced", 4400: "bad_request", 4403: "forbidden" };
+// Close codes after which reconnecting cannot help (docs/protocol.md, "Errors"): 4003
+// "displaced" (the user's per-user connection limit closed this, its oldest connection)
+// and 4429 "user_limit" (the limit refused this new one) end the client like 4001.
+const FATAL_CLOSE = {
+  4001: "replaced", 4003: "displaced", 4400: "bad_request", 4403: "forbidden", 4429: "user_limit",
+};
 
 /** Why a WebSocket close code ends the client ("token": fetch a new one), or null to
  *  reconnect with backoff and resume: 4000 reconnect, 4002 too slow a reader, network
@@ -60,13 +64,18 @@ export const DEDUP_WINDOW = 1024;
 /** Resume bookkeeping: which events are new, and the position to resume from. Also the
  *  ids of the last `window` events delivered, for the whole page's life (memory only):
  *  after a node crash the web app resends what was not acknowledged to the route's new
- *  owner, on a new stream, and an event seen before is dropped instead of delivered twice. */
+ *  owner, on a new stream, and an event seen before is dropped instead of delivered twice.
+ *  And the seqs skipped without a `gap` frame: every seq between two events the page gets
+ *  was either announced lost by a `gap`, or replaced by a later latest-value event
+ *  (docs/protocol.md, "Mailboxes and resume"). */
 export class Resume {
   constructor(position = null, { window = DEDUP_WINDOW } = {}) {
     this.stream = null;
     this.seq = 0;
     this.window = window;
     this.ids = new Set(); // insertion order: the oldest first
+    this.gaps = []; // [from, to] of gap frames since the last event: not "replaced"
+    this.hash = null; // the hash version of the last hello (1 when a node does not say)
     const match = typeof position === "string" && /^(.+):(\d+)$/.exec(position);
     if (match) {
       this.stream = match[1];
@@ -79,6 +88,16 @@ export class Resume {
     return this.stream === null ? null : `${this.stream}:${this.seq}`;
   }
 
+  /** The seqs after the position and before `seq` that no gap frame announced: replaced. */
+  _skipped(seq) {
+    const skipped = [];
+    for (let s = this.seq + 1; s < seq; s++) {
+      if (!this.gaps.some(([from, to]) => from <= s && s <= to)) skipped.push(s);
+    }
+    this.gaps = [];
+    return skipped;
+  }
+
   /** Digest one frame; returns {kind, data?} where kind is what the client should do. */
   handle(frame) {
     switch (frame.type) {
@@ -88,28 +107,46 @@ export class Resume {
           this.stream = frame.stream;
           this.seq = frame.seq || 0; // a fresh page starts after what was acknowledged
         }
-        return { kind: "hello", reset, keepalive: frame.keepalive, spread: frame.spread };
+        this.gaps = [];
+        this.hash = Number.isInteger(frame.hash) ? frame.hash : 1;
+        return { kind: "hello", reset, keepalive: frame.keepalive, spread: frame.spread, hash: this.hash };
       }
       case "event": {
         if (frame.seq <= this.seq) return { kind: "duplicate" };
+        const skipped = this._skipped(frame.seq);
         this.seq = frame.seq; // a dropped resend advances the position too: it gets acked
-        const id = frame.id;
-        if (typeof id !== "string" || this.window <= 0) {
-          return { kind: "message", data: frame.data, seq: frame.seq }; // older node: no id
+        const result = { kind: "message", data: frame.data, seq: frame.seq };
+        if (typeof frame.latest === "string") {
+          result.latest = frame.latest;
+          result.replaced = Number.isInteger(frame.replaced) ? frame.replaced : 0;
         }
-        if (this.ids.has(id)) return { kind: "duplicate", seq: frame.seq, id };
+        if (skipped.length) result.skipped = skipped;
+        const id = frame.id;
+        if (typeof id !== "string" || this.window <= 0) return result; // older node: no id
+        result.id = id;
+        if (this.ids.has(id)) {
+          result.kind = "duplicate";
+          delete result.data;
+          return result;
+        }
         this.ids.add(id);
         if (this.ids.size > this.window) this.ids.delete(this.ids.values().next().value);
-        return { kind: "message", data: frame.data, seq: frame.seq, id };
+        return result;
       }
       case "gap":
+        this.gaps.push([frame.from, frame.to]);
         return { kind: "gap", from: frame.from, to: frame.to };
-      case "reconnect":
-        return { kind: "reconnect", reason: frame.reason };
+      case "reconnect": {
+        const result = { kind: "reconnect", reason: frame.reason };
+        if (Number.isInteger(frame.route)) result.route = frame.route;
+        return result;
+      }
       case "ping":
         return { kind: "ping", spread: frame.spread };
       case "replaced":
         return { kind: "replaced" };
+      case "closed":
+        return { kind: "closed", code: frame.code, reason: String(frame.reason ?? frame.code) };
       default:
         return { kind: "ignore" }; // unknown frame types are for newer clients
     }
@@ -120,23 +157,41 @@ export class Resume {
  * DEFAULT_ROUTES; tests/integration/test_js_unit.py checks they agree). */
 export const DEFAULT_ROUTES = 24;
 
-/**
- * The route (1..routes) of a connection key [user, session, location] (docs/hashing.md):
- * SHA-256 over each part as u32 big-endian UTF-8 length + UTF-8 bytes; the first 8 bytes
- * of the digest as an unsigned big-endian integer, mod routes, plus 1. Async (WebCrypto).
- */
-export async function routeOf(key, routes = DEFAULT_ROUTES) {
-  const parts = key.map((part) => new TextEncoder().encode(part));
-  const bytes = new Uint8Array(parts.reduce((n, p) => n + 4 + p.length, 0));
+/** The hash version clients use unless told otherwise (orbited.core.hashing's
+ * DEFAULT_HASH_VERSION): 2, user affinity. */
+export const HASH_VERSION = 2;
+
+/** SHA-256 over each part as u32 big-endian UTF-8 length + UTF-8 bytes; the first 8 bytes
+ * of the digest as an unsigned big-endian integer, mod routes, plus 1. */
+async function hashRoute(parts, routes) {
+  if (!Number.isInteger(routes) || routes < 1) throw new RangeError(`routes must be an integer >= 1, not ${routes}`);
+  const encoded = parts.map((part) => new TextEncoder().encode(part));
+  const bytes = new Uint8Array(encoded.reduce((n, p) => n + 4 + p.length, 0));
   const view = new DataView(bytes.buffer);
   let offset = 0;
-  for (const part of parts) {
+  for (const part of encoded) {
     view.setUint32(offset, part.length);
     bytes.set(part, offset + 4);
     offset += 4 + part.length;
   }
   const digest = new DataView(await crypto.subtle.digest("SHA-256", bytes));
   return Number(digest.getBigUint64(0) % BigInt(routes)) + 1;
+}
+
+/**
+ * The route (1..routes) of a connection key [user, session, location] (docs/hashing.md).
+ * Version 2 (the default, user affinity): the hash of the user part alone, so every key
+ * of a user has the same route. Version 1: the hash of all three parts. Async (WebCrypto).
+ */
+export async function routeOf(key, routes = DEFAULT_ROUTES, version = HASH_VERSION) {
+  if (version === 2) return hashRoute([key[0]], routes);
+  if (version === 1) return hashRoute(key, routes);
+  throw new RangeError(`hash version must be 1 or 2, not ${version}`);
+}
+
+/** The route (1..routes) of every key of `user` under hash version 2. */
+export async function routeOfUser(user, routes = DEFAULT_ROUTES) {
+  return hashRoute([user], routes);
 }
 
 /** Build a transport URL on the node. */
@@ -170,7 +225,11 @@ function websocketTransport(base, params, sink) {
   };
   ws.onclose = (e) => {
     clearInterval(ackTimer);
-    sink.down(`websocket closed ${e.code} ${e.reason}`, closeFatal(e.code));
+    const fatal = closeFatal(e.code);
+    // 4003/4429: the detail is the node's reason ("user_limit: at most 3 connections per
+    // user"), as the closed frame and HTTP 429 of the other transports give it.
+    const user = e.code === 4003 || e.code === 4429;
+    sink.down(user ? e.reason || fatal : `websocket closed ${e.code} ${e.reason}`, fatal);
   };
   return { close: () => { clearInterval(ackTimer); ws.onclose = null; ws.close(); } };
 }
@@ -182,6 +241,7 @@ async function probeFatal(base, params) {
   try {
     const response = await fetch(transportUrl(base, "poll", { ...params, timeout: 0 }), { cache: "no-store" });
     if (response.status === 401) return ["token", 0];
+    if (response.status === 429) return ["user_limit", 0];
     if (response.status === 400 || response.status === 403) return [`http ${response.status}`, 0];
     if (response.status === 503) return ["overloaded", retryAfter(response)];
   } catch (_) { /* unreachable: not fatal */ }
@@ -232,7 +292,8 @@ function sseTransport(base, params, sink) {
   source.onerror = async () => {
     source.close();
     acker.stop();
-    sink.down("sse error", ...(framed ? [null, 0] : await probeFatal(base, params)));
+    const [fatal, wait] = framed ? [null, 0] : await probeFatal(base, params);
+    sink.down(fatal === "user_limit" ? fatal : "sse error", fatal, wait);
   };
   return { close: () => { acker.stop(); source.close(); } };
 }
@@ -257,6 +318,10 @@ function longpollTransport(base, params, sink) {
         let code = "";
         try { code = (await response.json()).error.code; } catch (_) { /* not JSON */ }
         const status = response.status;
+        if (status === 429) { // the user's connection limit (docs/protocol.md, "Errors")
+          if (!stopped) sink.down("user_limit", "user_limit");
+          return;
+        }
         const fatal = status === 401 ? "token" : status === 503 ? "overloaded" : status >= 500 ? null : code || "http";
         if (!stopped) sink.down(`poll HTTP ${status} ${code}`, fatal, retryAfter(response));
         return;
@@ -291,7 +356,8 @@ function iframeTransport(base, params, sink) {
   // The document ends (byte cap, node shutdown, error page): reconnect.
   const onLoad = async () => {
     cleanup();
-    sink.down("iframe document ended", ...(up ? [null, 0] : await probeFatal(base, params)));
+    const [fatal, wait] = up ? [null, 0] : await probeFatal(base, params);
+    sink.down(fatal === "user_limit" ? fatal : "iframe document ended", fatal, wait);
   };
   const acker = httpAcker(base, params);
   function cleanup() {
@@ -310,12 +376,17 @@ const FACTORIES = { websocket: websocketTransport, sse: sseTransport, longpoll: 
 
 /**
  * new OrbitedClient("https://push.example.com", { token, transports, onMessage, onState })
- * token: a string, or a function returning a string or a Promise of one (called again
- * after a token error). States: "connecting", "open", "reconnecting", "closed".
+ * base: the node's URL, or a function returning it (or a Promise of it), called at the
+ * first connect and again after a `rehash` reconnect frame. token: a string, or a
+ * function returning a string or a Promise of one (called again after a token error).
+ * States: "connecting", "open", "reconnecting", "closed".
  */
 export class OrbitedClient {
   constructor(base, options = {}) {
-    this.base = base;
+    this._baseFn = typeof base === "function" ? base : null;
+    this.base = this._baseFn ? null : base;
+    this._relocate = null; // {route, reason} of a reconnect frame that asks for a new base
+    this.hashVersion = null; // the node's hash version, from its hello
     this.options = options;
     this.transports = options.transports || TRANSPORTS;
     this.factories = options.factories || FACTORIES;
@@ -324,7 +395,7 @@ export class OrbitedClient {
     this.transport = null;
     this.attempt = 0;
     this.index = 0;
-    this.listeners = { message: [], state: [], gap: [], reset: [] };
+    this.listeners = { message: [], state: [], gap: [], reset: [], skip: [] };
     if (options.onMessage) this.on("message", options.onMessage);
     if (options.onState) this.on("state", options.onState);
     this._current = null;
@@ -380,6 +451,20 @@ export class OrbitedClient {
     return token;
   }
 
+  /** The base URL for the next connection: after a reconnect frame with a `route`, what
+   *  options.locate(route, info) answers; at the first connect and after a `rehash`, what
+   *  the base function answers (a plain base stays). */
+  async _getBase() {
+    const where = this._relocate;
+    if (where && where.route !== undefined && typeof this.options.locate === "function") {
+      this.base = await this.options.locate(where.route, { reason: where.reason, base: this.base });
+    } else if (this._baseFn && (this.base === null || (where && where.reason === "rehash"))) {
+      this.base = await this._baseFn();
+    }
+    this._relocate = null;
+    return this.base;
+  }
+
   async _open(refreshToken = false) {
     const name = this.transports[this.index % this.transports.length];
     this.transport = name;
@@ -387,6 +472,18 @@ export class OrbitedClient {
     const opening = {};
     this._opening = opening;
     let token;
+    if (this.base === null || this._relocate) {
+      try {
+        await this._getBase();
+      } catch (err) {
+        if (this._opening !== opening || this.state === "closed") return;
+        // The web app could not say where to connect: ask again later (same transport).
+        this._setState("reconnecting", `base: ${err}`);
+        this._timer = setTimeout(() => this._open(refreshToken), backoffDelay(this.attempt++, this.options));
+        return;
+      }
+      if (this._opening !== opening || this.state === "closed") return;
+    }
     try {
       token = await this._getToken(refreshToken);
     } catch (err) {
@@ -418,12 +515,19 @@ export class OrbitedClient {
             client._tokenRetried = false;
             client._established = true;
             client._keepalive = r.keepalive || 25;
+            client.hashVersion = r.hash;
             client._feed();
             if (r.reset) client._emit("reset");
             client._setState("open");
             break;
           case "message":
-            client._emit("message", r.data, { seq: r.seq, id: r.id, transport: client.transport });
+          case "duplicate":
+            // Seqs skipped without a gap frame were replaced by a later latest-value event.
+            if (r.skipped) client._emit("skip", r.skipped, "replaced");
+            if (r.kind === "message") {
+              client._emit("message", r.data, { seq: r.seq, id: r.id, latest: r.latest, replaced: r.replaced ?? 0,
+                                                transport: client.transport });
+            }
             break;
           case "gap":
             client._emit("gap", r.from, r.to);
@@ -432,6 +536,7 @@ export class OrbitedClient {
             // After hello a planned move (route moved, node stopping): come back at once,
             // spread by the hint. Before hello (a node that does not own the key's route
             // any more, or is stopping): this attempt failed, back off on this transport.
+            if (r.route !== undefined || r.reason === "rehash") client._relocate = { route: r.route, reason: r.reason };
             client._drop(`reconnect: ${r.reason}`, null, true, 0, gotHello);
             break;
           case "ping": {
@@ -441,6 +546,10 @@ export class OrbitedClient {
           }
           case "replaced":
             client._drop("replaced: a newer connection took this key", "replaced", true);
+            break;
+          case "closed":
+            // The node ended this connection for good (4003 displaced, 4429 user_limit).
+            client._drop(r.reason, "closed", true);
             break;
           default:
         }

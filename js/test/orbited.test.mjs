@@ -52,6 +52,9 @@ test("close codes: slow reader (4002) and reconnect (4000) retry; overload (4503
   assert.equal(closeFatal(4001), "replaced");
   assert.equal(closeFatal(4400), "bad_request");
   assert.equal(closeFatal(4401), "token");
+  // The per-user connection limit (docs/protocol.md, "Errors"): never reconnect.
+  assert.equal(closeFatal(4003), "displaced");
+  assert.equal(closeFatal(4429), "user_limit");
 });
 
 test("transport URLs carry token and position, skip empty params", () => {
@@ -306,4 +309,266 @@ test("a dropped duplicate is still acknowledged over the WebSocket", async () =>
     client.close();
     globalThis.WebSocket = saved;
   }
+});
+
+// -- issue 21: user limits (closed frame, 4003/4429, HTTP 429), latest-value events (skip),
+// -- hash version and relocation after a rehash ------------------------------------------
+
+test("hello carries the node's hash version (1 when it does not say)", () => {
+  const r = new Resume();
+  assert.equal(r.handle({ type: "hello", stream: "e.1", reset: false, hash: 2 }).hash, 2);
+  assert.equal(r.handle({ type: "hello", stream: "e.1", reset: false }).hash, 1);
+});
+
+test("a tagged event carries latest and replaced; seqs skipped without a gap are replaced", () => {
+  const r = new Resume();
+  r.handle({ type: "hello", stream: "e.1", reset: false, seq: 0 });
+  assert.deepEqual(r.handle({ type: "event", seq: 1, id: "a", data: 1 }), { kind: "message", data: 1, seq: 1, id: "a" });
+  // 2..4 replaced by 5 (same tag): no gap frame, so they are skipped as replaced.
+  assert.deepEqual(r.handle({ type: "event", seq: 5, id: "b", latest: "price:AAPL", replaced: 3, data: 5 }),
+                   { kind: "message", data: 5, seq: 5, id: "b", latest: "price:AAPL", replaced: 3, skipped: [2, 3, 4] });
+  // A gap frame announces 6..7 lost; 8 was replaced: only 8 is skipped.
+  assert.deepEqual(r.handle({ type: "gap", from: 6, to: 7 }), { kind: "gap", from: 6, to: 7 });
+  const next = r.handle({ type: "event", seq: 9, id: "c", latest: "t", data: 9 });
+  assert.deepEqual(next.skipped, [8]);
+  assert.equal(next.replaced, 0); // absent on the wire: 0
+  // Everything covered by the gap: nothing skipped.
+  r.handle({ type: "gap", from: 10, to: 12 });
+  assert.equal(r.handle({ type: "event", seq: 13, data: 13 }).skipped, undefined);
+  // A gap frame only covers the hole before the next event, not later ones.
+  assert.deepEqual(r.handle({ type: "event", seq: 15, data: 15 }).skipped, [14]);
+});
+
+test("a fresh hello's seq is where skipping counts from; a reset starts over", () => {
+  const r = new Resume();
+  r.handle({ type: "hello", stream: "e.1", reset: false, seq: 4 });
+  assert.deepEqual(r.handle({ type: "event", seq: 6, data: 6 }).skipped, [5]);
+  r.handle({ type: "hello", stream: "n.1", reset: true, seq: 0 });
+  assert.equal(r.handle({ type: "event", seq: 1, data: 1 }).skipped, undefined);
+});
+
+test("onMessage gets {seq, id, latest, replaced, transport}; skip gets (seqs, 'replaced') first", async () => {
+  const log = [];
+  const seen = [];
+  const client = new OrbitedClient("http://n", { token: "t", factories: fakeFactories(log), base: 1, max: 2,
+                                                  onMessage: (data, info) => seen.push(["message", data, info]) });
+  client.on("skip", (seqs, why) => seen.push(["skip", seqs, why]));
+  client.connect();
+  await tick();
+  const sink = log[0].sink;
+  sink.frame({ type: "hello", stream: "e.1", reset: false, seq: 0, hash: 2 });
+  assert.equal(client.hashVersion, 2);
+  sink.frame({ type: "event", seq: 1, id: "x1", data: "a" });
+  sink.frame({ type: "event", seq: 4, id: "x4", latest: "room:1", replaced: 2, data: "d" });
+  assert.deepEqual(seen, [
+    ["message", "a", { seq: 1, id: "x1", latest: undefined, replaced: 0, transport: "websocket" }],
+    ["skip", [2, 3], "replaced"],
+    ["message", "d", { seq: 4, id: "x4", latest: "room:1", replaced: 2, transport: "websocket" }],
+  ]);
+  client.close();
+});
+
+test("a skipped seq before a dropped resend is still reported", async () => {
+  const log = [];
+  const skips = [];
+  const client = new OrbitedClient("http://n", { token: "t", factories: fakeFactories(log), base: 1, max: 2 });
+  client.on("skip", (seqs) => skips.push(seqs));
+  client.connect();
+  await tick();
+  const sink = log[0].sink;
+  sink.frame({ type: "hello", stream: "e.1", reset: false });
+  sink.frame({ type: "event", seq: 1, id: "same", data: 1 });
+  sink.frame({ type: "event", seq: 3, id: "same", data: 1 }); // a resend of "same", dropped
+  assert.deepEqual(skips, [[2]]);
+  client.close();
+});
+
+for (const [code, reason] of [[4429, "user_limit"], [4003, "displaced"]]) {
+  test(`a closed frame (${code} ${reason}) ends the client without reconnecting, detail = reason`, async () => {
+    const log = [];
+    const states = [];
+    const client = new OrbitedClient("http://n", { token: "t", factories: fakeFactories(log), base: 1, max: 2,
+                                                    onState: (s, info) => states.push([s, info.detail]) });
+    client.connect();
+    await tick();
+    log[0].sink.frame({ type: "hello", stream: "e.1", reset: false });
+    log[0].sink.frame({ type: "closed", code, reason });
+    await tick();
+    assert.equal(client.state, "closed");
+    assert.ok(log[0].closed);
+    assert.equal(log.length, 1);
+    assert.deepEqual(states.at(-1), ["closed", reason]);
+  });
+}
+
+test("a closed frame before hello ends the client too (no fallback to another transport)", async () => {
+  const log = [];
+  const client = new OrbitedClient("http://n", { token: "t", factories: fakeFactories(log), base: 1, max: 2 });
+  client.connect();
+  await tick();
+  log[0].sink.frame({ type: "closed", code: 4429, reason: "user_limit" });
+  await tick();
+  assert.equal(client.state, "closed");
+  assert.equal(log.length, 1);
+});
+
+/** Run `body` with globalThis.WebSocket / fetch replaced by fakes. */
+async function withGlobals(fakes, body) {
+  const saved = Object.fromEntries(Object.keys(fakes).map((k) => [k, globalThis[k]]));
+  Object.assign(globalThis, fakes);
+  try { await body(); } finally { Object.assign(globalThis, saved); }
+}
+
+class FakeSocket {
+  static OPEN = 1;
+  static made = [];
+  constructor(url) { this.url = url; this.readyState = 1; FakeSocket.made.push(this); }
+  send() {}
+  close() { this.readyState = 3; }
+}
+
+for (const [code, word] of [[4429, "user_limit"], [4003, "displaced"]]) {
+  test(`a WebSocket close ${code} ends the client; detail is the node's reason`, async () => {
+    const states = [];
+    FakeSocket.made = [];
+    await withGlobals({ WebSocket: FakeSocket }, async () => {
+      const client = new OrbitedClient("http://n", { token: "t", base: 1, max: 2,
+                                                      onState: (s, info) => states.push([s, info.detail]) });
+      client.connect();
+      await tick();
+      const ws = FakeSocket.made[0];
+      ws.onmessage({ data: JSON.stringify({ type: "hello", stream: "e.1", reset: false }) });
+      ws.onclose({ code, reason: `${word}: at most 3 connections per user` });
+      await tick();
+      assert.equal(client.state, "closed");
+      assert.equal(FakeSocket.made.length, 1, "no reconnect");
+      assert.deepEqual(states.at(-1), ["closed", `${word}: at most 3 connections per user`]);
+    });
+  });
+}
+
+test("a long-poll answered HTTP 429 user_limit ends the client with detail user_limit", async () => {
+  const urls = [];
+  const fetch = async (url) => {
+    urls.push(url);
+    return new Response(JSON.stringify({ error: { code: "user_limit", message: "at most 3 connections per user" } }),
+                        { status: 429, headers: { "content-type": "application/json" } });
+  };
+  const states = [];
+  await withGlobals({ fetch }, async () => {
+    const client = new OrbitedClient("http://n", { token: "t", transports: ["longpoll", "sse"], base: 1, max: 2,
+                                                    onState: (s, info) => states.push([s, info.detail]) });
+    client.connect();
+    await tick();
+    assert.equal(client.state, "closed");
+    assert.equal(urls.length, 1, "no retry, no fallback");
+    assert.deepEqual(states, [["connecting", undefined], ["closed", "user_limit"]]);
+  });
+});
+
+test("a long-poll answered with a closed frame stops polling", async () => {
+  let polls = 0;
+  const fetch = async () => {
+    polls += 1;
+    return new Response(JSON.stringify([{ type: "hello", stream: "e.1", reset: false },
+                                        { type: "closed", code: 4003, reason: "displaced" }]), { status: 200 });
+  };
+  await withGlobals({ fetch }, async () => {
+    const client = new OrbitedClient("http://n", { token: "t", transports: ["longpoll"], base: 1, max: 2 });
+    client.connect();
+    await tick();
+    await tick();
+    assert.equal(client.state, "closed");
+    assert.equal(polls, 1);
+  });
+});
+
+test("SSE refused before any frame asks the poll URL; 429 there ends the client (user_limit)", async () => {
+  class FakeEventSource {
+    static made = [];
+    constructor(url) { this.url = url; FakeEventSource.made.push(this); }
+    close() {}
+  }
+  const probes = [];
+  const fetch = async (url) => { probes.push(url); return new Response("{}", { status: 429 }); };
+  const states = [];
+  await withGlobals({ EventSource: FakeEventSource, fetch }, async () => {
+    const client = new OrbitedClient("http://n", { token: "t", transports: ["sse", "longpoll"], base: 1, max: 2,
+                                                    onState: (s, info) => states.push([s, info.detail]) });
+    client.connect();
+    await tick();
+    await FakeEventSource.made[0].onerror();
+    await tick();
+    assert.equal(client.state, "closed");
+    assert.equal(probes.length, 1);
+    assert.match(probes[0], /\/orbited\/poll\?.*timeout=0/);
+    assert.deepEqual(states.at(-1), ["closed", "user_limit"]);
+  });
+});
+
+test("a reconnect frame with a route asks options.locate for the next base", async () => {
+  const log = [];
+  const asked = [];
+  const client = new OrbitedClient("http://old", {
+    token: "t", factories: fakeFactories(log), base: 1, max: 2, firstRetry: 0, spread: 0,
+    locate: async (route, info) => { asked.push([route, info]); return `http://route-${route}`; },
+  });
+  client.connect();
+  await tick();
+  assert.equal(client.base, "http://old");
+  log[0].sink.frame({ type: "hello", stream: "e.1", reset: false, hash: 2 });
+  log[0].sink.frame({ type: "reconnect", reason: "rehash", route: 7 });
+  await tick();
+  assert.deepEqual(asked, [[7, { reason: "rehash", base: "http://old" }]]);
+  assert.equal(log.length, 2);
+  assert.equal(client.base, "http://route-7");
+  // A reconnect without a route keeps the base.
+  log[1].sink.frame({ type: "hello", stream: "e.1", reset: false, hash: 2 });
+  log[1].sink.frame({ type: "reconnect", reason: "node stopping" });
+  await tick();
+  assert.equal(asked.length, 1);
+  assert.equal(client.base, "http://route-7");
+  client.close();
+});
+
+test("a base function is asked at the first connect and again after a rehash", async () => {
+  const bases = [];
+  const seenBy = [];
+  const factories = Object.fromEntries(["websocket", "sse", "longpoll", "iframe"].map((name) => [name,
+    (base, params, sink) => { const t = { base, sink, close() {} }; seenBy.push(t); return t; }]));
+  let n = 0;
+  const client = new OrbitedClient(async () => { bases.push(++n); return `http://b${n}`; },
+                                   { token: "t", factories, base: 1, max: 2, firstRetry: 0, spread: 0 });
+  client.connect();
+  await tick();
+  assert.equal(seenBy[0].base, "http://b1");
+  seenBy[0].sink.frame({ type: "hello", stream: "e.1", reset: false });
+  seenBy[0].sink.frame({ type: "reconnect", reason: "route_moved", route: 3 }); // no locate: base kept
+  await tick();
+  assert.equal(seenBy[1].base, "http://b1");
+  seenBy[1].sink.frame({ type: "hello", stream: "e.1", reset: false });
+  seenBy[1].sink.frame({ type: "reconnect", reason: "rehash" });
+  await tick();
+  assert.equal(seenBy[2].base, "http://b2");
+  assert.deepEqual(bases, [1, 2]);
+  client.close();
+});
+
+test("a failing locate is asked again after the backoff", async () => {
+  const log = [];
+  let calls = 0;
+  const client = new OrbitedClient("http://old", {
+    token: "t", factories: fakeFactories(log), base: 1, max: 2, firstRetry: 0, spread: 0,
+    locate: async (route) => { calls += 1; if (calls === 1) throw new Error("down"); return `http://r${route}`; },
+  });
+  client.connect();
+  await tick();
+  log[0].sink.frame({ type: "hello", stream: "e.1", reset: false });
+  log[0].sink.frame({ type: "reconnect", reason: "rehash", route: 2 });
+  await tick();
+  await tick();
+  assert.equal(calls, 2);
+  assert.equal(client.base, "http://r2");
+  assert.equal(log.length, 2);
+  client.close();
 });
