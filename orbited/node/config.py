@@ -26,6 +26,7 @@ from orbited.node.presence import PresenceConfig
 from orbited.node.rep import RepLimits
 from orbited.node.transports.common import BrowserAuth
 from orbited.node.transports.limits import BrowserLimitsConfig
+from orbited.node.users import UserLimits
 
 # Node key -> (component config class, its field). The key's default is the field's
 # default; hub_config(), rep_limits(), browser_limits() and presence_config() pass the
@@ -40,6 +41,12 @@ COMPONENT_KEYS: dict[str, tuple[type[Any], str]] = {
     "handoff_timeout": (HubConfig, "handoff_timeout"),
     "mailbox_total_bytes": (HubConfig, "mailbox_total_bytes"),
     "reconnect_rate": (HubConfig, "reconnect_rate"),
+    "hash_version": (HubConfig, "hash_version"),
+    "user_max_connections": (UserLimits, "max_connections"),
+    "user_limit_policy": (UserLimits, "policy"),
+    "user_rate": (UserLimits, "rate"),
+    "user_burst": (UserLimits, "burst"),
+    "user_hold": (UserLimits, "hold"),
     "mailbox_events": (MailboxLimits, "max_events"),
     "mailbox_bytes": (MailboxLimits, "max_bytes"),
     "max_recipients": (RequestLimits, "max_recipients"),
@@ -170,6 +177,31 @@ class NodeConfig(ConfigBase):
         HubConfig.reconnect_rate,
         "new connections/s a node takes: browsers spread reconnects over mailboxes/rate s",
     )
+    hash_version: int = opt(
+        HubConfig.hash_version, "route hash version, 1 or 2 (HaloD's wins when connected)"
+    )
+    user_max_connections: int = opt(
+        UserLimits.max_connections, "attached browser connections per user (0 = no limit)"
+    )
+    user_limit_policy: str = opt(
+        UserLimits.policy, "past user_max_connections: refuse (4429) or close_oldest (4003)"
+    )
+    user_rate: float = opt(UserLimits.rate, "event requests per second per user (0 = no limit)")
+    user_burst: int = opt(UserLimits.burst, "event requests per user at once above user_rate")
+    user_hold: float = opt(
+        UserLimits.hold, "seconds a wildcard event (offline/ack) waits for a user's tab (0 = off)"
+    )
+    # The offline hook (docs/protocol.md, "Offline webhooks"); orbited.node.service builds
+    # the watcher and its webhook queue from these.
+    offline_url: str = opt("", "webhook URL for needs_push/cancel notices (empty = off)")
+    offline_after: float = opt(30.0, "seconds unacknowledged before needs_push (offline: true)")
+    max_offline_after: float = opt(86400.0, "the largest offline wait a request may ask")
+    offline_queue: int = opt(10000, "offline notices queued at most (oldest dropped)")
+    offline_batch: int = opt(100, "offline notices per webhook request at most")
+    offline_retries: int = opt(5, "attempts per offline batch before it is dropped")
+    offline_backoff: float = opt(0.5, "seconds before the first retry of an offline batch")
+    offline_timeout: float = opt(5.0, "seconds per offline webhook request")
+    offline_watches: int = opt(100000, "events watched for the offline hook at most")
     workers: int = opt(
         1, "node processes, one per core, each its own HaloD member (0 = one per core)"
     )
@@ -180,6 +212,18 @@ class NodeConfig(ConfigBase):
         parse_host_port(self.http)
         if self.presence_url and not self.presence_url.startswith(("http://", "https://")):
             raise ConfigError("presence_url must be an http:// or https:// URL")
+        if self.offline_url and not self.offline_url.startswith(("http://", "https://")):
+            raise ConfigError("offline_url must be an http:// or https:// URL")
+        if self.hash_version not in (1, 2):
+            raise ConfigError("hash_version must be 1 or 2 (docs/hashing.md)")
+        self.require_positive(
+            "offline_after", "max_offline_after", "offline_queue", "offline_batch",
+            "offline_retries", "offline_timeout", "offline_watches",
+        )  # fmt: skip
+        if not self.offline_backoff >= 0:
+            raise ConfigError("offline_backoff must not be negative")
+        if self.offline_after > self.max_offline_after:
+            raise ConfigError("offline_after must not exceed max_offline_after")
         if self.orbit_legacy:
             parse_host_port(self.orbit_legacy)
         if self.publish_http:
@@ -239,6 +283,7 @@ class NodeConfig(ConfigBase):
         return HubConfig(
             mailbox=MailboxLimits(**self._values(MailboxLimits)),
             requests=RequestLimits(**self._values(RequestLimits)),
+            users=UserLimits(**self._values(UserLimits)),
             **self._values(HubConfig),
         )
 

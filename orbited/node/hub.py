@@ -33,6 +33,7 @@ from orbited.node.flush import DeliveryBatch, Flushable
 from orbited.node.frames import Frame
 from orbited.node.handoff import PresenceChange, RouteOwnership, _moved_away, export_entry
 from orbited.node.mailbox import Mailbox, MailboxLimits, Position
+from orbited.node.users import UserLimits
 
 __all__ = ["SPREAD_MAX", "Answer", "Hub", "HubConfig", "Sink", "answer", "export_entry"]
 
@@ -79,6 +80,11 @@ class HubConfig:
     # (p99 < 1 s), and 10 000 over 10 s. The node's `reconnect_rate` config key
     # (docs/operations.md) sets it; this is its default. 0 = no hint spreading (spread 0).
     reconnect_rate: float = 1000.0
+    # Per-user limits and holds (orbited.node.users; docs/operations.md, "Limits").
+    users: UserLimits = UserLimits()
+    # The route hash version (docs/hashing.md): 2 hashes the user part only, so all of a
+    # user's keys share one owner. HaloD's table's version wins when connected.
+    hash_version: int = 2
 
     @property
     def dedup(self) -> DedupLimits:
@@ -561,7 +567,7 @@ class Hub(RouteOwnership):
             self.stats["full"] += 1
             return events.FULL_RECIPIENT
         mailbox = slot.mailbox
-        seq, dropped = mailbox.append(payload, eid)
+        seq, dropped, _, _ = mailbox.append(payload, eid)
         self._recount(slot)
         sink = slot.sink
         # tuple.__new__: a NamedTuple's own __new__ is a Python call (per recipient).

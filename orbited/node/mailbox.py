@@ -11,6 +11,7 @@ See docs/protocol.md, "Mailboxes and resume".
 from __future__ import annotations
 
 import re
+from bisect import bisect_left
 from collections import deque
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -57,12 +58,22 @@ _new = tuple.__new__
 class Appended(NamedTuple):
     seq: int
     dropped: int  # undelivered events evicted to make room for this one
+    replaced: int = 0  # latest-value: events of its tag this one superseded (cumulative)
+    superseded: int | None = None  # the seq this one replaced in the mailbox, if any
 
 
 # One buffered event: (seq, payload, id). ``id`` is the event request's id as encoded JSON
 # (b'"evt-1"'), one bytes object per request shared by all its recipients' mailboxes, or
 # None for an event without one (handed over by a node of the previous version).
 Entry = tuple[int, bytes, bytes | None]
+
+# A buffered latest-value event's tag: (seq, tag, replaced). ``tag`` is the request's
+# ``latest`` as encoded JSON (like ids); ``replaced`` counts the events it superseded.
+TagEntry = tuple[int, bytes, int]
+
+
+def _seq(entry: Entry) -> int:
+    return entry[0]
 
 
 class Replay(NamedTuple):
@@ -76,7 +87,10 @@ class Mailbox:
     """One key's ordered event buffer. Payloads and ids are encoded JSON bytes, stored as
     given (not copied: a broadcast's recipients share them)."""
 
-    __slots__ = ("stream", "limits", "next_seq", "acked", "delivered", "_events", "_bytes")
+    __slots__ = (
+        "stream", "limits", "next_seq", "acked", "delivered", "evicted", "_events", "_bytes",
+        "_tags", "_tag_of",
+    )  # fmt: skip
 
     def __init__(self, stream: str, limits: MailboxLimits) -> None:
         self.stream = stream
@@ -84,35 +98,89 @@ class Mailbox:
         self.next_seq = 1
         self.acked = 0  # highest seq the browser confirmed it has
         self.delivered = 0  # highest seq written to a transport
+        # Highest seq the limits removed (not an acknowledged or a replaced one): a
+        # browser resuming before it has a gap (docs/protocol.md, "Mailboxes and resume").
+        self.evicted = 0
         # No buffer until the first event, and none again once everything is acknowledged:
         # an empty deque is 760 bytes, most of an idle connection's mailbox (issue 20).
         self._events: deque[Entry] | tuple[()] = ()
         self._bytes = 0
+        # Latest-value events (docs/protocol.md, "Latest-value events"), None until the
+        # first: tag -> (seq of its buffered event, replaced count); seq -> tag.
+        self._tags: dict[bytes, tuple[int, int]] | None = None
+        self._tag_of: dict[int, bytes] | None = None
 
     @classmethod
     def restored(
         cls, stream: str, limits: MailboxLimits, next_seq: int, acked: int,
-        events: list[Entry],
+        events: list[Entry], evicted: int | None = None, tags: list[TagEntry] | tuple[()] = (),
     ) -> Mailbox:  # fmt: skip
         """A mailbox handed over by another node (a planned route move): same stream and
         sequence numbers, so a browser's position stays valid. Events beyond this node's
-        limits are evicted oldest first, as append would."""
+        limits are evicted oldest first, as append would. ``evicted``: the old owner's
+        (None from a node without it: every seq before the first event counts as
+        evicted, so a resume there reports a gap). ``tags``: the latest-value tags of
+        ``events`` (``export_tags``)."""
         mailbox = cls(stream, limits)
         mailbox.next_seq = next_seq
         mailbox.acked = mailbox.delivered = min(acked, next_seq - 1)
         kept = [event for event in events if acked < event[0] < next_seq]
-        kept.sort(key=lambda event: event[0])
+        kept.sort(key=_seq)
+        if evicted is None:
+            evicted = (kept[0][0] if kept else next_seq) - 1
         size = sum(len(event[1]) for event in kept)
         while kept and (len(kept) > limits.max_events or size > limits.max_bytes):
-            size -= len(kept.pop(0)[1])
+            old = kept.pop(0)
+            size -= len(old[1])
+            evicted = max(evicted, old[0])
+        mailbox.evicted = min(evicted, next_seq - 1)
         if kept:
             mailbox._events = deque(kept)
+            present = {event[0] for event in kept}
+            for seq, tag, replaced in tags:
+                if seq in present:
+                    mailbox._set_tag(tag, seq, replaced)
         mailbox._bytes = size
         return mailbox
 
     def export(self) -> list[Entry]:
         """The buffered events not yet acknowledged, oldest first (for a hand-over)."""
         return [event for event in self._events if event[0] > self.acked]
+
+    def export_tags(self) -> list[TagEntry]:
+        """The latest-value tags of ``export()``'s events: (seq, tag, replaced)."""
+        tag_of, tags = self._tag_of, self._tags
+        if not tag_of or tags is None:
+            return []
+        return sorted((seq, tag, tags[tag][1]) for seq, tag in tag_of.items() if seq > self.acked)
+
+    def tag(self, seq: int) -> tuple[bytes, int] | None:
+        """A buffered event's latest-value tag and replaced count; None if untagged."""
+        tag_of = self._tag_of
+        if tag_of is None:
+            return None
+        tag = tag_of.get(seq)
+        if tag is None:
+            return None
+        assert self._tags is not None
+        return tag, self._tags[tag][1]
+
+    def _set_tag(self, tag: bytes, seq: int, replaced: int) -> None:
+        if self._tags is None or self._tag_of is None:
+            self._tags, self._tag_of = {}, {}
+        self._tags[tag] = (seq, replaced)
+        self._tag_of[seq] = tag
+
+    def _untag(self, seq: int) -> None:
+        """``seq`` left the buffer (acknowledged, evicted): forget its tag."""
+        tag_of, tags = self._tag_of, self._tags
+        if tag_of is None or tags is None:
+            return
+        tag = tag_of.pop(seq, None)
+        if tag is not None and tags.get(tag, (0, 0))[0] == seq:
+            del tags[tag]
+        if not tag_of:
+            self._tags = self._tag_of = None
 
     def __len__(self) -> int:
         return len(self._events)
@@ -125,8 +193,13 @@ class Mailbox:
     def last_seq(self) -> int:
         return self.next_seq - 1
 
-    def append(self, payload: bytes, event_id: bytes | None = None) -> Appended:
-        """``event_id``: the request's id, encoded JSON (frames.event_id)."""
+    def append(
+        self, payload: bytes, event_id: bytes | None = None, tag: bytes | None = None
+    ) -> Appended:
+        """``event_id``: the request's id, encoded JSON (frames.event_id). ``tag``: a
+        latest-value event's tag (encoded JSON too): the unacknowledged event of the same
+        tag still buffered, if any, is removed (``superseded``); the new one gets the next
+        seq as always."""
         if len(payload) > self.limits.max_bytes:
             raise ValueError("payload larger than the mailbox byte limit")
         seq = self.next_seq
@@ -134,16 +207,33 @@ class Mailbox:
         events = self._events
         if not isinstance(events, deque):  # (): no buffer yet
             events = self._events = deque()
+        replaced = 0
+        superseded = None
+        if tag is not None:
+            old = None if self._tags is None else self._tags.get(tag)
+            if old is not None and old[0] > self.acked:
+                superseded = old[0]
+                replaced = old[1] + 1
+                at = bisect_left(events, superseded, key=_seq)
+                if at < len(events) and events[at][0] == superseded:
+                    self._bytes -= len(events[at][1])
+                    del events[at]
+                self._untag(superseded)
+            self._set_tag(tag, seq, replaced)
         events.append((seq, payload, event_id))
         self._bytes += len(payload)
         dropped = 0
         limits = self.limits
         while len(events) > limits.max_events or self._bytes > limits.max_bytes:
-            old_seq, old, _ = events.popleft()
-            self._bytes -= len(old)
+            old_seq, old_payload, _ = events.popleft()
+            self._bytes -= len(old_payload)
+            self.evicted = old_seq
+            if self._tag_of is not None:
+                self._untag(old_seq)
             if old_seq > self.delivered:
                 dropped += 1
-        return _new(Appended, (seq, dropped))  # (a NamedTuple's __new__ is a Python call)
+        # (tuple.__new__: a NamedTuple's own __new__ is a Python call)
+        return _new(Appended, (seq, dropped, replaced, superseded))
 
     def mark_delivered(self, seq: int) -> None:
         if seq > self.delivered:
@@ -158,9 +248,12 @@ class Mailbox:
         events = self._events
         if not isinstance(events, deque):  # (): nothing buffered
             return
+        tagged = self._tag_of is not None
         while events and events[0][0] <= seq:
-            _, old, _ = events.popleft()
+            old_seq, old, _ = events.popleft()
             self._bytes -= len(old)
+            if tagged:
+                self._untag(old_seq)
         if not events:
             self._events = ()  # free the buffer while the browser is idle
 
@@ -180,7 +273,10 @@ class Mailbox:
         else:
             since = after.seq
             self.ack(since)
-        first_available = self._events[0][0] if self._events else self.next_seq
-        gap = (since + 1, first_available - 1) if since + 1 < first_available else None
+        # Seqs the limits evicted, or acknowledged ones a reset browser never saw, are a
+        # gap; seqs replaced by a later latest-value event are not (the event that
+        # replaced them follows, with its tag).
+        gap_end = max(self.evicted, self.acked)
+        gap = (since + 1, gap_end) if since < gap_end else None
         events = [e for e in self._events if e[0] > since]
         return Replay(events, gap, reset, since)

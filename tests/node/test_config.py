@@ -40,6 +40,23 @@ def test_defaults_bind_loopback():
         ({"max_request_line": -1}, "max_request_line must be positive"),
         ({"max_header_bytes": 0}, "max_header_bytes must be positive"),
         ({"max_headers": 0}, "max_headers must be positive"),
+        ({"hash_version": 3}, "hash_version must be 1 or 2"),
+        ({"hash_version": 0}, "hash_version must be 1 or 2"),
+        ({"user_max_connections": -1}, "user_max_connections must not be negative"),
+        ({"user_limit_policy": "newest"}, "user_limit_policy must be refuse or close_oldest"),
+        ({"user_rate": -1.0}, "user_rate must not be negative"),
+        ({"user_burst": 0, "user_rate": 5.0}, "user_burst must be at least 1"),
+        ({"user_burst": 0}, "user_burst must be at least 1"),
+        ({"user_hold": -1.0}, "user_hold must not be negative"),
+        ({"offline_url": "ftp://x/"}, "offline_url must be an http"),
+        ({"offline_after": 0.0}, "offline_after must be positive"),
+        ({"offline_after": 100.0, "max_offline_after": 50.0}, "offline_after must not exceed"),
+        ({"offline_queue": 0}, "offline_queue must be positive"),
+        ({"offline_batch": 0}, "offline_batch must be positive"),
+        ({"offline_retries": 0}, "offline_retries must be positive"),
+        ({"offline_timeout": 0.0}, "offline_timeout must be positive"),
+        ({"offline_watches": 0}, "offline_watches must be positive"),
+        ({"offline_backoff": -0.5}, "offline_backoff must not be negative"),
     ],
 )
 def test_invalid_config_is_refused(overrides, message):
@@ -173,12 +190,15 @@ def test_every_component_key_reaches_its_component():
     values["mailbox_total_bytes"] = 1 << 30  # at least mailbox_bytes
     values["max_payload"] = 1024  # at most mailbox_bytes
     values["routes"] = 3  # at most MAX_ROUTES
+    values["hash_version"] = 1  # 1 or 2; the default is 2
+    values["user_limit_policy"] = "close_oldest"  # one of two; the default is refuse
     config = NodeConfig.load(None, values)
     hub = config.hub_config()
     built = {
         "HubConfig": hub,
         "MailboxLimits": hub.mailbox,
         "RequestLimits": hub.requests,
+        "UserLimits": hub.users,
         "RepLimits": config.rep_limits(),
         "BrowserLimitsConfig": config.browser_limits(),
         "PresenceConfig": config.presence_config(),
@@ -265,3 +285,16 @@ def test_documented_defaults_are_the_codes(section, cls):
         if not same:
             wrong.append(f"{f.name}: docs {doc}, code {code}")
     assert wrong == []
+
+
+def test_user_limits_reach_the_hub_and_zero_means_no_limit():
+    config = NodeConfig.load(
+        None, {"user_max_connections": 3, "user_limit_policy": "close_oldest",
+               "user_rate": 2.5, "user_burst": 4, "user_hold": 0.0},
+    )  # fmt: skip
+    users = config.hub_config().users
+    assert (users.max_connections, users.policy, users.rate, users.burst, users.hold) == (
+        3, "close_oldest", 2.5, 4, 0.0)  # fmt: skip
+    default = NodeConfig.load(None, {}).hub_config()
+    assert default.users.max_connections == 0 and default.users.rate == 0
+    assert default.hash_version == 2
