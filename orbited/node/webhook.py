@@ -49,10 +49,12 @@ class WebhookConfig:
     batch: int = 100  # notices per POST
     timeout: float = 5.0  # seconds per POST, the whole exchange
     retries: int = 5  # attempts per batch before it is dropped (and logged)
-    backoff: float = 0.5  # seconds before the 2nd attempt, doubling after each failure
+    backoff: float = 0.5  # seconds before the 2nd attempt, doubling after each failure (0 ok)
 
     def __post_init__(self) -> None:
-        check_fields(self, positive=("max_queue", "batch", "timeout", "retries", "backoff"))
+        check_fields(
+            self, positive=("max_queue", "batch", "timeout", "retries"), nonnegative=("backoff",)
+        )
 
 
 class Notice:

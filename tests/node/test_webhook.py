@@ -161,7 +161,19 @@ def test_signature_is_hex_hmac_sha256_of_the_body():
     assert sign(SECRET, body) == "sha256=" + hmac.new(SECRET, body, hashlib.sha256).hexdigest()
 
 
-@pytest.mark.parametrize("field", ["max_queue", "batch", "timeout", "retries", "backoff"])
-def test_config_fields_must_be_positive(field):
+@pytest.mark.parametrize(
+    ("field", "bad"),
+    [("max_queue", 0), ("batch", 0), ("timeout", 0), ("retries", 0), ("backoff", -0.1)],
+)
+def test_config_fields_out_of_range_are_refused(field, bad):
     with pytest.raises(FieldError):
-        WebhookConfig("http://x/", **{field: 0})  # type: ignore[arg-type]
+        WebhookConfig("http://x/", **{field: bad})
+
+
+def test_no_backoff_retries_at_once():
+    receiver = Receiver(False, True)
+    queue, clock = make(receiver, backoff=0)
+    queue.push({"type": "a"})
+    clock.advance(0)
+    clock.advance(0)
+    assert receiver.times == [0, 0] and queue.sent == 1
