@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, ClassVar, TypeAlias, TypeGuard, cast
 
+from orbited.core.hashing import HASH_VERSIONS
 from orbited.core.routes import Role
 from orbited.core.settings import ConfigError, parse_host_port, parse_sp_address
 from orbited.sp.wire import PAIR_V0
@@ -60,6 +61,9 @@ class ErrorCode(StrEnum):
     SHUTDOWN = "shutdown"
     INTERNAL_ERROR = "internal_error"
     NOT_LEADER = "not_leader"  # a following HaloD (store etcd): try the leader
+    UNSUPPORTED_HASH = "unsupported_hash"  # the node's hashes lack the table's version
+    REHASH_UNSUPPORTED = "rehash_unsupported"  # POST /rehash: a member lacks the version
+    REHASH_IN_PROGRESS = "rehash_in_progress"  # POST /rehash: one is running
 
 
 class ControlError(Exception):
@@ -73,7 +77,7 @@ class ControlError(Exception):
 
 # -- the messages --------------------------------------------------------------------------
 # Node → HaloD: Register, Heartbeat, Leave, Handoff.
-# HaloD → node: Welcome, Assign, RouteMoved, HeartbeatAck, Error, Handoff (relayed).
+# HaloD → node: Welcome, Assign, RouteMoved, Rehash, HeartbeatAck, Error, Handoff (relayed).
 
 
 @dataclass(frozen=True)
@@ -87,6 +91,7 @@ class Register:
     capacity: int
     node_id: int | None = None  # the id a reconnecting node holds
     secret: str | None = field(default=None, repr=False)  # the cluster secret
+    hashes: tuple[int, ...] | None = None  # hash versions the node speaks; None: (1,)
 
 
 @dataclass(frozen=True)
@@ -114,6 +119,7 @@ class Handoff:
     to: str
     done: tuple[int, ...]
     mailboxes: tuple[WireDict, ...]
+    users: tuple[WireDict, ...] = ()  # per-user state (offline holds and watches)
 
 
 @dataclass(frozen=True)
@@ -129,6 +135,7 @@ class Welcome:
     missed_heartbeats: int
     incoming: tuple[int, ...] = ()  # routes among ``routes`` whose mailboxes are handed over
     version: int | None = None  # the table version this assignment belongs to
+    hash_version: int = 1  # the cluster's hash version (docs/hashing.md); absent: 1
 
 
 @dataclass(frozen=True)
@@ -141,6 +148,7 @@ class Assign:
     routes: tuple[int, ...]
     incoming: tuple[int, ...] = ()
     version: int | None = None  # the table version this assignment belongs to
+    hash_version: int = 1  # the cluster's hash version (docs/hashing.md); absent: 1
 
 
 @dataclass(frozen=True)
@@ -162,6 +170,19 @@ class RouteMoved:
 
 
 @dataclass(frozen=True)
+class Rehash:
+    """The cluster's hash version changed (docs/hashing.md, "Moving a cluster from version
+    1 to 2"): every route's owner, all of them, in the new ``version`` of the table (the
+    route table itself is unchanged). Every node exchanges the mailboxes whose route
+    changed with every other; ``handoff`` in ``owners`` is not used."""
+
+    TYPE: ClassVar[str] = "rehash"
+    hash_version: int
+    version: int
+    owners: tuple[RouteMove, ...]
+
+
+@dataclass(frozen=True)
 class HeartbeatAck:
     TYPE: ClassVar[str] = "heartbeat_ack"
     seq: int
@@ -179,15 +200,17 @@ class Error:
 
 
 NodeMessage: TypeAlias = Register | Heartbeat | Leave | Handoff
-HaloDMessage: TypeAlias = Welcome | Assign | RouteMoved | HeartbeatAck | Error | Handoff
+HaloDMessage: TypeAlias = Welcome | Assign | RouteMoved | Rehash | HeartbeatAck | Error | Handoff
 Message: TypeAlias = NodeMessage | HaloDMessage
 MessageClass: TypeAlias = (
     type[Register] | type[Heartbeat] | type[Leave] | type[Handoff] | type[Welcome]
-    | type[Assign] | type[RouteMoved] | type[HeartbeatAck] | type[Error]
+    | type[Assign] | type[RouteMoved] | type[Rehash] | type[HeartbeatAck] | type[Error]
 )  # fmt: skip
 
 FROM_NODE: tuple[MessageClass, ...] = (Register, Heartbeat, Leave, Handoff)
-FROM_HALOD: tuple[MessageClass, ...] = (Welcome, Assign, RouteMoved, HeartbeatAck, Error, Handoff)
+FROM_HALOD: tuple[MessageClass, ...] = (
+    Welcome, Assign, RouteMoved, Rehash, HeartbeatAck, Error, Handoff
+)  # fmt: skip
 
 
 # -- encoding ------------------------------------------------------------------------------
@@ -217,6 +240,8 @@ def to_wire(message: Message) -> WireDict:
                 out["node_id"] = message.node_id
             if message.secret is not None:
                 out["secret"] = message.secret
+            if message.hashes is not None:
+                out["hashes"] = list(message.hashes)
         case Heartbeat():
             out["seq"] = message.seq
             if message.connections is not None:
@@ -227,6 +252,8 @@ def to_wire(message: Message) -> WireDict:
             pass
         case Handoff():
             out.update(to=message.to, done=list(message.done), mailboxes=list(message.mailboxes))
+            if message.users:
+                out["users"] = list(message.users)
         case Welcome() | Assign():
             out.update(node_id=message.node_id, role=message.role.value,
                        routes=list(message.routes))  # fmt: skip
@@ -238,8 +265,13 @@ def to_wire(message: Message) -> WireDict:
                            missed_heartbeats=message.missed_heartbeats)  # fmt: skip
             if message.version is not None:
                 out["version"] = message.version
+            if message.hash_version != 1:  # absent means 1: the wire of older HaloDs
+                out["hash_version"] = message.hash_version
         case RouteMoved():
             out["moves"] = [_move_dict(m) for m in message.moves]
+        case Rehash():
+            out.update(hash_version=message.hash_version, version=message.version,
+                       owners=[_move_dict(m) for m in message.owners])  # fmt: skip
         case HeartbeatAck():
             out["seq"] = message.seq
         case Error():
@@ -336,7 +368,14 @@ def _register(msg: WireDict) -> Register:
     secret = msg.get("secret")
     if secret is not None and not isinstance(secret, str):
         raise _bad("secret must be a string")
-    return Register(name, browser, sp, capacity, node_id, secret)
+    hashes = msg.get("hashes")
+    if hashes is not None and (
+        not isinstance(hashes, list) or not 0 < len(hashes) <= 16
+        or not all(_is_int(v) and 1 <= v <= 2**31 for v in hashes)
+    ):  # fmt: skip
+        raise _bad("hashes must be a list of hash versions")
+    return Register(name, browser, sp, capacity, node_id, secret,
+                    None if hashes is None else tuple(hashes))  # fmt: skip
 
 
 def _heartbeat(msg: WireDict) -> Heartbeat:
@@ -361,14 +400,26 @@ def _handoff(msg: WireDict) -> Handoff:
     mailboxes = msg.get("mailboxes")
     if not isinstance(mailboxes, list) or not all(isinstance(m, dict) for m in mailboxes):
         raise _bad("mailboxes must be a list of objects")
-    return Handoff(to, done, tuple(mailboxes))
+    users = msg.get("users", [])
+    if not isinstance(users, list) or not all(isinstance(u, dict) for u in users):
+        raise _bad("users must be a list of objects")
+    return Handoff(to, done, tuple(mailboxes), tuple(users))
+
+
+def _hash_version(msg: WireDict, optional: bool = True) -> int:
+    value = msg.get("hash_version")
+    if value is None and optional:
+        return 1  # an older HaloD: its tables are all version 1
+    if not _is_int(value) or value not in HASH_VERSIONS:
+        raise _bad(f"hash_version must be one of {', '.join(map(str, HASH_VERSIONS))}")
+    return value
 
 
 def _assign(msg: WireDict) -> Assign:
     node_id = _opt_int(msg, "node_id", 1, 2**31)
     role = _role(msg)
     return Assign(node_id, role, _routes(msg, "routes"), _routes(msg, "incoming", optional=True),
-                  _opt_int(msg, "version", 0, 2**62))  # fmt: skip
+                  _opt_int(msg, "version", 0, 2**62), _hash_version(msg))  # fmt: skip
 
 
 def _welcome(msg: WireDict) -> Welcome:
@@ -385,7 +436,7 @@ def _welcome(msg: WireDict) -> Welcome:
         )
     missed = _int(msg, "missed_heartbeats", 1, 1000)
     return Welcome(assign.node_id, assign.role, assign.routes, total, float(interval), missed,
-                   assign.incoming, assign.version)  # fmt: skip
+                   assign.incoming, assign.version, assign.hash_version)  # fmt: skip
 
 
 def _route_moved(msg: WireDict) -> RouteMoved:
@@ -396,6 +447,21 @@ def _route_moved(msg: WireDict) -> RouteMoved:
         return RouteMoved(tuple(_move(m) for m in moves))
     except ValueError:
         raise _bad("moves must be a list of {route, name, browser, sp, handoff}") from None
+
+
+def _rehash(msg: WireDict) -> Rehash:
+    hash_version = _hash_version(msg, optional=False)
+    version = _int(msg, "version", 0, 2**62)
+    owners = msg.get("owners")
+    try:
+        if not isinstance(owners, list) or len(owners) > MAX_ROUTES:
+            raise ValueError("not a list")
+        moves = tuple(_move(m) for m in owners)
+    except ValueError:
+        raise _bad("owners must be a list of {route, name, browser, sp}") from None
+    if len({m.route for m in moves}) != len(moves):
+        raise _bad("owners names a route twice")
+    return Rehash(hash_version, version, moves)
 
 
 def _error(msg: WireDict) -> Error:
@@ -423,6 +489,7 @@ _PARSERS: Mapping[str, Callable[[WireDict], Message]] = {
     Welcome.TYPE: _welcome,
     Assign.TYPE: _assign,
     RouteMoved.TYPE: _route_moved,
+    Rehash.TYPE: _rehash,
     HeartbeatAck.TYPE: _heartbeat_ack,
     Error.TYPE: _error,
 }
@@ -463,12 +530,14 @@ def decode_from_halod(body: bytes) -> HaloDMessage:
 
 
 def handoff_messages(
-    to: str, done: Iterable[int], entries: Iterable[WireDict], chunk: int = HANDOFF_CHUNK
-) -> list[Handoff]:
+    to: str, done: Iterable[int], entries: Iterable[WireDict], chunk: int = HANDOFF_CHUNK,
+    users: Iterable[WireDict] = (),
+) -> list[Handoff]:  # fmt: skip
     """An old owner's exported mailboxes (orbited.node.hub.export_entry) as ``handoff``
     messages of about ``chunk`` bytes of events each; a large mailbox is split across
     messages (same key and stream, later events). The last message names the ``done``
-    routes (docs/halod-protocol.md, "Hand-off")."""
+    routes and carries the per-user entries ``users`` (docs/halod-protocol.md,
+    "Hand-off")."""
     batches: list[list[WireDict]] = []
     batch: list[WireDict] = []
     size = 0
@@ -496,7 +565,10 @@ def handoff_messages(
         flush()
     last = len(batches) - 1
     finished = tuple(sorted(done))
+    per_user = tuple(users)
     return [
-        Handoff(to, finished if i == last else (), tuple(mailboxes))
+        Handoff(
+            to, finished if i == last else (), tuple(mailboxes), per_user if i == last else ()
+        )  # fmt: skip
         for i, mailboxes in enumerate(batches)
     ]

@@ -1,6 +1,8 @@
 """The event request protocol carried inside SP REQ bodies (sans-I/O).
 
 Request:  {"id": "<event id>", "to": [[user, session, location], ...], "data": <JSON>}
+          optional: "ack", "latest", "offline", "hash"; a recipient may be a wildcard
+          [user, "*", "*"] or [user, session, "*"] (orbited.core.keys.Selector)
 Reply:    {"id": ..., "ok": true, "results": [{"status": ..., "seq": n}, ...]}
           {"id": ..., "ok": false, "error": {"code": ..., "message": ...}}
 The full specification, with every status and error code, is docs/protocol.md.
@@ -16,9 +18,12 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, NamedTuple
 
-from orbited.core.keys import ConnectionKey, KeyError_
+from orbited.core.hashing import WILDCARDS_NEED_V2
+from orbited.core.keys import ConnectionKey, KeyError_, Recipient, Selector, parse_recipient
+from orbited.node.frames import event_id as _json_text
 
 MAX_EVENT_ID = 128
+MAX_LATEST = 128  # characters of a latest-value tag
 
 
 class Status(StrEnum):
@@ -31,6 +36,9 @@ class Status(StrEnum):
     ACKED = "acked"  # acknowledged mode: the browser confirmed it has the event
     UNACKED = "unacked"  # acknowledged mode: in the mailbox, not confirmed within the wait
     FULL = "full"  # the node's mailboxes hold mailbox_total_bytes: refused, not stored
+    MATCHED = "matched"  # a wildcard reached keys: ``keys`` holds each one's result
+    LIMITED = "limited"  # the user's dispatch rate is exceeded: not stored, retry_after
+    REPLACED = "replaced"  # acknowledged mode: superseded by a newer latest-value event
 
     @property
     def stored(self) -> bool:
@@ -47,6 +55,9 @@ MOVED = Status.MOVED
 ACKED = Status.ACKED
 UNACKED = Status.UNACKED
 FULL = Status.FULL
+MATCHED = Status.MATCHED
+LIMITED = Status.LIMITED
+REPLACED = Status.REPLACED
 
 
 @dataclass(frozen=True)
@@ -54,14 +65,22 @@ class RequestLimits:
     max_recipients: int = 10_000
     max_payload: int = 64 * 1024  # bytes of the encoded "data"
     max_ack_wait: float = 60.0  # seconds a request in the acknowledged mode may wait
+    offline_after: float = 30.0  # what "offline": true means, in seconds
+    max_offline_after: float = 86_400.0  # the largest "offline" a request may give
 
 
 class RequestError(Exception):
-    def __init__(self, code: str, message: str, event_id: str | None = None) -> None:
+    """A refused request. ``hash``: for ``hash_version_mismatch``, the node's hash
+    version, which the error reply carries so clients switch."""
+
+    def __init__(
+        self, code: str, message: str, event_id: str | None = None, hash: int | None = None
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.event_id = event_id
+        self.hash = hash
 
 
 class EventRequest(NamedTuple):
@@ -69,10 +88,13 @@ class EventRequest(NamedTuple):
     frozen dataclass costs three times as much to build)."""
 
     event_id: str
-    recipients: tuple[ConnectionKey, ...]
+    recipients: tuple[Recipient, ...]  # keys, and Selectors for wildcards
     payload: bytes  # "data" encoded once as compact UTF-8 JSON
-    digest: bytes  # identifies a resend: same id, recipients and data
+    digest: bytes  # identifies a resend: same id, recipients, data, latest and offline
     ack: float | None = None  # acknowledged mode: reply once browsers confirm, or after this
+    latest: bytes | None = None  # the latest-value tag, JSON-encoded once (like frames.event_id)
+    offline: float | None = None  # offline hook: seconds ("offline": true: offline_after)
+    hash: int | None = None  # the hash version the client routed with, if it said
 
 
 @dataclass(frozen=True)
@@ -178,24 +200,38 @@ def _quote(value: object) -> str:
 
 
 _EVENT_FIELDS = frozenset(("id", "to", "data"))
+_EVENT_FIELDS_H = frozenset(("id", "to", "data", "hash"))
+_REQUEST_FIELDS = frozenset(("id", "op", "to", "data", "ack", "latest", "offline", "hash"))
 _new = tuple.__new__  # a NamedTuple's own __new__ is a Python call
-_from_json = ConnectionKey.from_json
+_parse_recipient = parse_recipient
 _blake2b = hashlib.blake2b
 
 
 def parse_request(body: bytes, limits: RequestLimits) -> EventRequest | PingRequest:
     doc = _load(body)
-    # The common request, an event with exactly id, to and data, all valid, on one
-    # straight path; anything else (pings, the acknowledged mode, every error) takes the
-    # general path below, so each error keeps its message and precedence.
-    if type(doc) is dict and len(doc) == 3 and doc.keys() <= _EVENT_FIELDS:
+    # The common request, an event with exactly id, to and data (and the hash version
+    # clients send), all valid, on one straight path; anything else (pings, the
+    # acknowledged mode, every error) takes the general path below, so each error keeps
+    # its message and precedence.
+    if type(doc) is dict:
+        n = len(doc)
+        if n == 3:
+            if not doc.keys() <= _EVENT_FIELDS:
+                return _parse_general(doc, limits)
+            hash_ = None
+        elif n == 4 and doc.keys() <= _EVENT_FIELDS_H:
+            hash_ = doc["hash"]
+            if type(hash_) is not int or hash_ < 1:
+                return _parse_general(doc, limits)
+        else:
+            return _parse_general(doc, limits)
         event_id, to = doc["id"], doc["to"]
         if (
             type(event_id) is str and 0 < len(event_id) <= MAX_EVENT_ID
             and type(to) is list and 0 < len(to) <= limits.max_recipients
         ):  # fmt: skip
             try:
-                recipients = tuple([_from_json(k) for k in to])
+                recipients = tuple([_parse_recipient(k) for k in to])
             except KeyError_:
                 pass
             else:
@@ -203,7 +239,10 @@ def parse_request(body: bytes, limits: RequestLimits) -> EventRequest | PingRequ
                 if len(payload) <= limits.max_payload:
                     addressed = _encode_fast([event_id, to])
                     digest = _blake2b(addressed + b"\0" + payload, digest_size=16).digest()
-                    return _new(EventRequest, (event_id, recipients, payload, digest, None))
+                    return _new(
+                        EventRequest,
+                        (event_id, recipients, payload, digest, None, None, None, hash_),
+                    )
     return _parse_general(doc, limits)
 
 
@@ -227,7 +266,7 @@ def _parse_general(doc: object, limits: RequestLimits) -> EventRequest | PingReq
         raise RequestError("unknown_op", f"unknown op {_quote(op)}", event_id)
     if event_id is None:
         raise RequestError("bad_request", "an event needs an id (used to ignore resends)")
-    unknown = doc.keys() - {"id", "op", "to", "data", "ack"}
+    unknown = doc.keys() - _REQUEST_FIELDS
     if unknown:
         raise RequestError("bad_request", f"unknown fields: {_quote(sorted(unknown))}", event_id)
     to = doc.get("to")
@@ -242,12 +281,11 @@ def _parse_general(doc: object, limits: RequestLimits) -> EventRequest | PingReq
     if "data" not in doc:
         raise RequestError("bad_request", "an event needs data", event_id)
     try:
-        recipients = tuple([_from_json(k) for k in to])
+        recipients = tuple([_parse_recipient(k) for k in to])
     except KeyError_ as e:
         raise RequestError("bad_key", str(e), event_id) from None
     # No lone surrogate, no infinity: refused with the JSON, so this encodes.
     payload = _encode_fast(doc["data"])
-    addressed = _encode_fast([event_id, to])
     if len(payload) > limits.max_payload:
         raise RequestError(
             "payload_too_large",
@@ -262,8 +300,72 @@ def _parse_general(doc: object, limits: RequestLimits) -> EventRequest | PingReq
         raise RequestError(
             "bad_request", f"ack is seconds to wait, 0 < ack <= {limits.max_ack_wait:g}", event_id
         )
+    tag = doc.get("latest")
+    latest = None
+    if "latest" in doc:
+        if type(tag) is not str or not 0 < len(tag) <= MAX_LATEST:
+            raise RequestError(
+                "bad_request", f"latest must be a string of 1-{MAX_LATEST} characters", event_id
+            )
+        latest = _json_text(tag)
+    raw_offline = doc.get("offline")
+    offline = None
+    if "offline" in doc:
+        offline = _offline(raw_offline, limits, event_id)
+    hash_ = doc.get("hash")
+    if "hash" in doc and (type(hash_) is not int or hash_ < 1):
+        raise RequestError(
+            "bad_request", "hash is the hash version the client routed with (1 or 2)", event_id
+        )
+    if latest is None and offline is None:
+        addressed = _encode_fast([event_id, to])
+    else:  # a resend with another tag or offline wait is another request
+        addressed = _encode_fast([event_id, to, tag, raw_offline])
     digest = hashlib.blake2b(addressed + b"\0" + payload, digest_size=16).digest()
-    return EventRequest(event_id, recipients, payload, digest, None if ack is None else float(ack))
+    return EventRequest(
+        event_id, recipients, payload, digest, None if ack is None else float(ack),
+        latest, offline, hash_,
+    )  # fmt: skip
+
+
+def _offline(value: object, limits: RequestLimits, event_id: str | None) -> float:
+    """An "offline" field: true (the node's offline_after) or seconds in (0, max]."""
+    if value is True:
+        return float(limits.offline_after)
+    if (
+        isinstance(value, int | float) and not isinstance(value, bool)
+        and 0 < value <= limits.max_offline_after
+    ):  # fmt: skip
+        return float(value)
+    raise RequestError(
+        "bad_request",
+        "offline is true or seconds to wait for an acknowledgement, "
+        f"0 < offline <= {limits.max_offline_after:g}",
+        event_id,
+    )
+
+
+def check_node(request: EventRequest, hash_version: int, offline_hook: bool = True) -> None:
+    """The checks of a parsed request that depend on the node, not on the request alone
+    (docs/protocol.md, "Errors"): RequestError ``hash_version_mismatch`` (carrying the
+    node's ``hash``) when the request's ``hash`` is not the node's or a wildcard reaches
+    a node running hash version 1; ``bad_request`` for ``offline`` on a node without an
+    offline hook. Cheap when nothing applies: a plain request on a version 2 node with
+    no ``offline`` costs two comparisons."""
+    client = request.hash
+    if client is not None and client != hash_version:
+        raise RequestError(
+            "hash_version_mismatch",
+            f"this node routes with hash_version {hash_version}; the request used {client}",
+            request.event_id,
+            hash_version,
+        )
+    if hash_version == 1 and any(type(r) is Selector for r in request.recipients):
+        raise RequestError(
+            "hash_version_mismatch", WILDCARDS_NEED_V2, request.event_id, hash_version
+        )
+    if request.offline is not None and not offline_hook:
+        raise RequestError("bad_request", "offline hook not configured", request.event_id)
 
 
 def event_request(
@@ -306,20 +408,42 @@ def event_request(
     return EventRequest(event_id, recipients, payload, digest, ack)
 
 
+KeyResult = tuple[ConnectionKey, "RecipientResult"]
+
+
 class RecipientResult(NamedTuple):
     """One recipient's outcome (docs/protocol.md, "Replies"). ``seq``: its position in the
-    recipient's mailbox (stored statuses); ``dropped``: older events the mailbox dropped
-    to keep this one; ``route`` and ``to`` (the new owner's SP address, if known): for
-    ``moved``. A tuple: a reply may list 10 000 of them."""
+    recipient's mailbox (stored statuses, and ``replaced``); ``dropped``: older events
+    the mailbox dropped to keep this one; ``route``, ``to`` (the new owner's SP address,
+    if known) and ``hash`` (the node's hash version): for ``moved``. ``keys``: a
+    wildcard's result per key it reached (``matched``; ``()`` with ``no_connection``);
+    ``retry_after``: seconds, for ``limited``; ``replaced``: how many events of the
+    event's latest-value tag it superseded; ``by``: for ``replaced``, the seq of the
+    event that superseded it; ``held``: a wildcard's event kept for the user's next
+    connection. A tuple: a reply may list 10 000 of them."""
 
     status: Status
     seq: int | None = None
     dropped: int = 0
     route: int | None = None
     to: str | None = None
+    keys: tuple[KeyResult, ...] | None = None
+    retry_after: float | None = None
+    replaced: int = 0
+    by: int | None = None
+    held: bool = False
+    hash: int | None = None
 
     def encode(self) -> bytes:
-        status, seq, dropped, route, to = self
+        if len(self) == 11:
+            status, seq, dropped, route, to, keys, retry_after, replaced, by, held, hash_ = self
+            if (
+                replaced or by is not None or keys is not None or retry_after is not None
+                or held or hash_ is not None
+            ):  # fmt: skip
+                return _encode_result(self)
+        else:  # 5: what a caller of the previous release built with tuple.__new__
+            status, seq, dropped, route, to = self[:5]
         if seq is not None:
             if dropped:
                 return b'{"status":"%s","seq":%d,"dropped":%d}' % (status.encode(), seq, dropped)
@@ -329,16 +453,72 @@ class RecipientResult(NamedTuple):
         return b'{"status":"%s"}' % status.encode()
 
 
-def stored(status: Status, seq: int, dropped: int = 0) -> RecipientResult:
-    return RecipientResult(status, seq, dropped)
+def _encode_result(r: RecipientResult) -> bytes:
+    """Any result, fields in the documented order (docs/protocol.md, "Replies")."""
+    status, seq, dropped, route, to, keys, retry_after, replaced, by, held, hash_ = r
+    out = [b'"status":"%s"' % status.encode()]
+    if seq is not None:
+        out.append(b'"seq":%d' % seq)
+    if dropped:
+        out.append(b'"dropped":%d' % dropped)
+    if replaced:
+        out.append(b'"replaced":%d' % replaced)
+    if by is not None:
+        out.append(b'"by":%d' % by)
+    if route is not None:
+        out.append(b'"route":%d' % route)
+    if to is not None:
+        out.append(b'"to":%s' % _encode_reply(to))
+    if hash_ is not None:
+        out.append(b'"hash":%d' % hash_)
+    if retry_after is not None:
+        out.append(b'"retry_after":%s' % _encode_reply(retry_after))
+    if keys is not None:
+        out.append(
+            b'"keys":[%s]'
+            % b",".join(
+                b'{"key":%s,%s' % (_encode_reply(list(key)), result.encode()[1:])
+                for key, result in keys
+            )
+        )
+    if held:
+        out.append(b'"held":true')
+    return b"{%s}" % b",".join(out)
 
 
-def moved(route: int, to: str | None) -> RecipientResult:
-    return RecipientResult(Status.MOVED, None, 0, route, to)
+def stored(status: Status, seq: int, dropped: int = 0, replaced: int = 0) -> RecipientResult:
+    return RecipientResult(status, seq, dropped, replaced=replaced)
+
+
+def moved(route: int, to: str | None, hash: int | None = None) -> RecipientResult:
+    return RecipientResult(Status.MOVED, None, 0, route, to, hash=hash)
+
+
+def matched(keys: tuple[KeyResult, ...]) -> RecipientResult:
+    """A wildcard's result: each key it reached with that key's own result. No key:
+    ``no_connection`` with ``"keys": []`` (``held``: kept for the user's next tab)."""
+    if keys:
+        return RecipientResult(Status.MATCHED, keys=keys)
+    return NO_KEYS
+
+
+def held() -> RecipientResult:
+    return HELD
+
+
+def limited(retry_after: float) -> RecipientResult:
+    return RecipientResult(Status.LIMITED, retry_after=retry_after)
+
+
+def superseded(seq: int, by: int) -> RecipientResult:
+    """Acknowledged mode: the event at ``seq`` was replaced by the event at ``by``."""
+    return RecipientResult(Status.REPLACED, seq, by=by)
 
 
 NO_CONNECTION_RECIPIENT = RecipientResult(Status.NO_CONNECTION)
 FULL_RECIPIENT = RecipientResult(Status.FULL)
+NO_KEYS = RecipientResult(Status.NO_CONNECTION, keys=())  # a wildcard that reached no key
+HELD = RecipientResult(Status.NO_CONNECTION, keys=(), held=True)
 
 
 class DispatchResult(NamedTuple):
@@ -369,13 +549,18 @@ def decode_reply(reply: bytes) -> DispatchResult:
     doc = json.loads(reply)
     if not isinstance(doc, dict) or doc.get("ok") is not True:
         raise ValueError("not a successful event reply")
-    results = tuple(
-        RecipientResult(
-            Status(r["status"]), r.get("seq"), r.get("dropped", 0), r.get("route"), r.get("to")
-        )
-        for r in doc["results"]
-    )
+    results = tuple(_result(r) for r in doc["results"])
     return DispatchResult(doc["id"], results, bool(doc.get("duplicate")), reply)
+
+
+def _result(r: dict[str, Any]) -> RecipientResult:
+    keys = r.get("keys")
+    return RecipientResult(
+        Status(r["status"]), r.get("seq"), r.get("dropped", 0), r.get("route"), r.get("to"),
+        None if keys is None else tuple((ConnectionKey(*k["key"]), _result(k)) for k in keys),
+        r.get("retry_after"), r.get("replaced", 0), r.get("by"), r.get("held", False),
+        r.get("hash"),
+    )  # fmt: skip
 
 
 # Per-recipient results are encoded as bytes directly: a reply may list 10 000 of them,
@@ -389,8 +574,11 @@ def result(status: str, seq: int, dropped: int = 0) -> bytes:
     return b'{"status":"%s","seq":%d}' % (status.encode(), seq)
 
 
-def moved_result(route: int, to: str | None) -> bytes:
-    """The key's route is not this node's: ``to`` is the new owner's SP address if known."""
+def moved_result(route: int, to: str | None, hash: int | None = None) -> bytes:
+    """The key's route is not this node's: ``to`` is the new owner's SP address if known;
+    ``hash`` the node's hash version (every node of this release sends it)."""
+    if hash is not None:
+        return RecipientResult(Status.MOVED, None, 0, route, to, hash=hash).encode()
     if to is None:
         return b'{"status":"moved","route":%d}' % route
     return b'{"status":"moved","route":%d,"to":%s}' % (route, _encode_reply(to))
@@ -424,10 +612,7 @@ def mark_duplicate(reply: bytes) -> bytes:
 
 
 def error_reply(error: RequestError) -> bytes:
-    return _encode_reply(
-        {
-            "id": error.event_id,
-            "ok": False,
-            "error": {"code": error.code, "message": error.message},
-        }
-    )
+    detail: dict[str, object] = {"code": error.code, "message": error.message}
+    if error.hash is not None:
+        detail["hash"] = error.hash
+    return _encode_reply({"id": error.event_id, "ok": False, "error": detail})

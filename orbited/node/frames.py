@@ -40,23 +40,43 @@ def event_id(text: str) -> bytes:
     return _encode(text)
 
 
-def event(seq: int, payload: bytes, eid: bytes | None = None) -> bytes:
+def event(
+    seq: int, payload: bytes, eid: bytes | None = None, tag: bytes | None = None,
+    replaced: int = 0,
+) -> bytes:  # fmt: skip
     """``eid``: the request's id from event_id(); None (an event handed over by a node of
-    the previous version) leaves it out."""
-    if eid is None:
-        return b'{"type":"event","seq":%d,"data":%s}' % (seq, payload)
-    return b'{"type":"event","seq":%d,"id":%s,"data":%s}' % (seq, eid, payload)
+    the previous version) leaves it out. ``tag``: a latest-value event's tag, encoded
+    once like ``eid`` (event_id() of the text); ``replaced``: how many events of that
+    tag this one superseded, left out when 0 (docs/protocol.md, "Latest-value events")."""
+    if tag is None:
+        if eid is None:
+            return b'{"type":"event","seq":%d,"data":%s}' % (seq, payload)
+        return b'{"type":"event","seq":%d,"id":%s,"data":%s}' % (seq, eid, payload)
+    head = b'{"type":"event","seq":%d' % seq
+    if eid is not None:
+        head += b',"id":%s' % eid
+    head += b',"latest":%s' % tag
+    if replaced:
+        head += b',"replaced":%d' % replaced
+    return head + b',"data":%s}' % payload
 
 
-def hello(stream: str, keepalive: float, reset: bool, seq: int = 0, spread: float = 0.0) -> bytes:
+def hello(
+    stream: str, keepalive: float, reset: bool, seq: int = 0, spread: float = 0.0,
+    hash: int | None = None,
+) -> bytes:  # fmt: skip
     """``seq``: the position in ``stream`` the events that follow start after (a fresh
     connection starts after what was acknowledged, not at 0: no false gap). ``spread``:
     seconds over which the browser should spread its first reconnect if it loses this
-    node (docs/protocol.md, "Frames")."""
-    return _encode(
-        {"type": "hello", "stream": stream, "keepalive": keepalive, "reset": reset, "seq": seq,
-         "spread": spread}
-    )  # fmt: skip
+    node. ``hash``: the node's hash version (docs/hashing.md), which a node of this
+    release always gives; None leaves it out (docs/protocol.md, "Frames")."""
+    frame: dict[str, object] = {
+        "type": "hello", "stream": stream, "keepalive": keepalive, "reset": reset, "seq": seq,
+        "spread": spread,
+    }  # fmt: skip
+    if hash is not None:
+        frame["hash"] = hash
+    return _encode(frame)
 
 
 def ping(spread: float) -> bytes:
@@ -68,5 +88,19 @@ def gap(first: int, last: int) -> bytes:
     return b'{"type":"gap","from":%d,"to":%d}' % (first, last)
 
 
-def reconnect(reason: str) -> bytes:
-    return _encode({"type": "reconnect", "reason": reason})
+def reconnect(reason: str, route: int | None = None) -> bytes:
+    """``route``: with reason ``rehash`` or ``route_moved``, the key's route now, so the
+    browser can find its port (docs/protocol.md, "Frames")."""
+    if route is None:
+        return _encode({"type": "reconnect", "reason": reason})
+    return _encode({"type": "reconnect", "reason": reason, "route": route})
+
+
+def closed(code: int, reason: str) -> bytes:
+    """The end of an HTTP transport for good (the WebSocket close ``code`` as a frame):
+    4429 ``user_limit``, 4003 ``displaced``. The browser does not reconnect."""
+    return _encode({"type": "closed", "code": code, "reason": reason})
+
+
+USER_LIMIT = 4429  # close code: the user has user_max_connections already (refuse policy)
+DISPLACED = 4003  # close code: closed for a newer connection of the user (close_oldest)

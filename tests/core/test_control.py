@@ -19,6 +19,7 @@ from orbited.core.control import (
     HeartbeatAck,
     Leave,
     Register,
+    Rehash,
     RouteMove,
     RouteMoved,
     Welcome,
@@ -40,6 +41,8 @@ NODE_MESSAGES = [
     Heartbeat(9, connections=4, mailboxes=7),
     Leave(),
     Handoff("n2", (13,), ({"key": ["a", "", ""], "route": 13, "events": [[1, "7", "x"]]},)),
+    Register("n-1.a", "127.0.0.1:80", "tcp://127.0.0.1:90", 5, hashes=(1, 2)),
+    Handoff("n2", (13,), (), ({"user": "alice", "holds": [], "watches": []},)),
 ]
 HALOD_MESSAGES = [
     Welcome(2, Role.ACTIVE, (13, 14), 24, 1.0, 3),
@@ -58,6 +61,20 @@ HALOD_MESSAGES = [
     Error(ErrorCode.DUPLICATE_NAME, "a node named 'n2' is connected"),
     Error("a_newer_code", "from a newer HaloD"),
     Handoff("n2", (), ()),
+    Welcome(1, Role.ACTIVE, (1, 2), 2, 1.0, 3, version=4, hash_version=2),
+    Assign(1, Role.ACTIVE, (1,), version=5, hash_version=2),
+    Assign(1, Role.ACTIVE, (1,), hash_version=1),
+    Rehash(
+        2,
+        7,
+        (
+            RouteMove(1, "n1", "127.0.0.1:8001", "tcp://127.0.0.1:9001"),
+            RouteMove(2, "n2", "127.0.0.2:8001", "tcp://127.0.0.2:9001"),
+            RouteMove(3, None),
+        ),
+    ),  # fmt: skip
+    Rehash(1, 8, ()),
+    Error(ErrorCode.UNSUPPORTED_HASH, "the cluster runs hash_version 2; this node speaks 1"),
 ]
 
 
@@ -128,7 +145,8 @@ def _doc_examples() -> list[dict]:
 def test_the_docs_examples_decode():
     examples = _doc_examples()
     assert {e["type"] for e in examples} >= {
-        "register", "route_moved", "assign", "welcome", "heartbeat", "heartbeat_ack", "handoff"
+        "register", "route_moved", "assign", "welcome", "heartbeat", "heartbeat_ack", "handoff",
+        "rehash",
     }  # fmt: skip
     for example in examples:
         body = json.dumps(example).encode()
@@ -224,6 +242,98 @@ def test_bad_messages_are_refused_with_a_code(body, code):
 def test_halod_messages_are_checked_on_the_node_side_too(body):
     with pytest.raises(ControlError) as e:
         decode(body, FROM_HALOD)
+    assert e.value.code is ErrorCode.BAD_MESSAGE
+
+
+def test_hash_version_fields_on_the_wire():
+    """Absent means version 1 (an older node or HaloD), so the old wire is unchanged;
+    a version 2 cluster says so in welcome and assign."""
+    assert b"hash" not in encode(Welcome(None, Role.SPARE, (), 24, 1.0, 3))
+    assert b"hash" not in encode(Register("n", "a:1", "tcp://a:1", 1))
+    assert encode(Assign(1, Role.ACTIVE, (1,), hash_version=2)) == (
+        b'{"type":"assign","node_id":1,"role":"active","routes":[1],"hash_version":2}'
+    )
+    assert encode(Register("n", "a:1", "tcp://a:1", 1, hashes=(1, 2))).endswith(
+        b'"capacity":1,"hashes":[1,2]}'
+    )
+    old = decode_from_halod(b'{"type":"assign","node_id":1,"role":"active","routes":[1]}')
+    assert isinstance(old, Assign) and old.hash_version == 1
+    old_node = decode_from_node(
+        b'{"type":"register","version":1,"name":"n","browser":"a:1","sp":"tcp://a:1","capacity":1}'
+    )
+    assert isinstance(old_node, Register) and old_node.hashes is None
+    # A newer node may speak versions this HaloD does not know: kept as sent.
+    newer = decode_from_node(
+        b'{"type":"register","version":1,"name":"n","browser":"a:1","sp":"tcp://a:1",'
+        b'"capacity":1,"hashes":[1,2,3]}'
+    )
+    assert isinstance(newer, Register) and newer.hashes == (1, 2, 3)
+
+
+def test_rehash_on_the_wire():
+    message = Rehash(2, 9, (RouteMove(1, "node-1", "h:1", "tcp://h:2"),))
+    assert encode(message) == (
+        b'{"type":"rehash","hash_version":2,"version":9,'
+        b'"owners":[{"route":1,"name":"node-1","browser":"h:1","sp":"tcp://h:2"}]}'
+    )
+    assert Rehash in FROM_HALOD and Rehash not in FROM_NODE
+    with pytest.raises(ControlError) as e:
+        decode_from_node(encode(message))  # a node never sends it
+    assert e.value.code is ErrorCode.BAD_MESSAGE
+
+
+def test_users_travel_in_the_last_hand_off_message():
+    entries = [{"key": ["u", "", ""], "route": 1, "stream": "a.1", "next_seq": 11,
+                "acked": 0, "events": [[n, "x" * 1000] for n in range(1, 11)]}]  # fmt: skip
+    users = [{"user": "u", "holds": [], "watches": []}]
+    messages = handoff_messages("n2", [1], entries, chunk=3000, users=users)
+    assert len(messages) > 1
+    assert messages[-1].users == tuple(users) and all(not m.users for m in messages[:-1])
+    assert b'"users"' not in encode(messages[0])
+    assert decode_from_halod(encode(messages[-1])) == messages[-1]
+
+
+def test_new_error_codes_are_the_wire_strings():
+    assert ErrorCode.UNSUPPORTED_HASH == "unsupported_hash"
+    assert ErrorCode.REHASH_UNSUPPORTED == "rehash_unsupported"
+    assert ErrorCode.REHASH_IN_PROGRESS == "rehash_in_progress"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"type":"assign","role":"active","routes":[],"hash_version":3}',
+        b'{"type":"assign","role":"active","routes":[],"hash_version":true}',
+        b'{"type":"assign","role":"active","routes":[],"hash_version":"2"}',
+        b'{"type":"welcome","role":"active","routes":[],"total_routes":4,'
+        b'"heartbeat_interval":1,"missed_heartbeats":3,"hash_version":0}',
+        b'{"type":"rehash","version":1,"owners":[]}',
+        b'{"type":"rehash","hash_version":2,"owners":[]}',
+        b'{"type":"rehash","hash_version":5,"version":1,"owners":[]}',
+        b'{"type":"rehash","hash_version":2,"version":1,"owners":{}}',
+        b'{"type":"rehash","hash_version":2,"version":1,"owners":[{"route":0,"name":"n"}]}',
+        b'{"type":"rehash","hash_version":2,"version":1,'
+        b'"owners":[{"route":1,"name":"n"},{"route":1,"name":"m"}]}',
+        b'{"type":"handoff","to":"n2","done":[],"mailboxes":[],"users":[1]}',
+        b'{"type":"handoff","to":"n2","done":[],"mailboxes":[],"users":{}}',
+    ],
+)
+def test_hash_fields_are_checked(body):
+    with pytest.raises(ControlError) as e:
+        decode(body, FROM_HALOD)
+    assert e.value.code is ErrorCode.BAD_MESSAGE
+
+
+@pytest.mark.parametrize(
+    "hashes", [b"[]", b"[0]", b"[true]", b'["2"]', b"2", b"[" + b"1," * 16 + b"1]"]
+)
+def test_register_hashes_are_checked(hashes):
+    body = (
+        b'{"type":"register","version":1,"name":"n","browser":"a:1","sp":"tcp://a:1",'
+        b'"capacity":1,"hashes":%s}' % hashes
+    )
+    with pytest.raises(ControlError) as e:
+        decode_from_node(body)
     assert e.value.code is ErrorCode.BAD_MESSAGE
 
 
