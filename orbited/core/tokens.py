@@ -20,7 +20,7 @@ from pathlib import Path
 
 import jwt
 
-from orbited.core.keys import MAX_PART_BYTES, ConnectionKey
+from orbited.core.keys import MAX_PART_BYTES, WILDCARD, ConnectionKey
 
 AUDIENCE = "orbited"
 ALGORITHM = "HS256"
@@ -38,8 +38,12 @@ class TokenError(Exception):
 def issue_token(
     secret: bytes, key: ConnectionKey, ttl: float = DEFAULT_TTL, now: float | None = None
 ) -> str:
-    """The token a web app hands to the browser for connection ``key``."""
+    """The token a web app hands to the browser for connection ``key``. ValueError if a
+    part of ``key`` is ``"*"``: reserved as the wildcard of event requests."""
     check_secret(secret)
+    reserved = _wildcard_claim(key)
+    if reserved is not None:
+        raise ValueError(f'{reserved} must not be "{WILDCARD}"')
     issued = int(time.time() if now is None else now)
     claims = {
         "sub": key.user,
@@ -277,9 +281,20 @@ def _check_claims(
     if iat is not None and iat > now + leeway:
         raise TokenError("token_invalid", "token is issued in the future (iat)")
     assert exp is not None and sub is not None
+    key = ConnectionKey(sub, sid or "", loc or "")
+    reserved = _wildcard_claim(key)
+    if reserved is not None:  # "*" addresses every session or location of the user
+        raise TokenError("token_invalid", f'{reserved} must not be "{WILDCARD}"')
     if exp + leeway < now:
         raise TokenError("token_expired", "token has expired")
-    return ConnectionKey(sub, sid or "", loc or ""), exp
+    return key, exp
+
+
+def _wildcard_claim(key: ConnectionKey) -> str | None:
+    """The claim of ``key`` that is the reserved wildcard ``"*"``, if one is."""
+    if WILDCARD in key:
+        return ("sub", "sid", "loc")[key.index(WILDCARD)]
+    return None
 
 
 def check_secret(secret: bytes) -> None:

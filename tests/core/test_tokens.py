@@ -324,3 +324,36 @@ def test_a_string_exp_token_is_refused_with_401_on_every_use_and_transport(tmp_p
                 assert e.response.status_code == 401
     finally:
         node.stop()
+
+
+# -- "*" is reserved: the wildcard of event requests (docs/protocol.md, "Tokens") --------
+
+
+@pytest.mark.parametrize(
+    "key, claim",
+    [
+        (ConnectionKey("alice", "*", "/chat"), "sid"),
+        (ConnectionKey("alice", "s1", "*"), "loc"),
+        (ConnectionKey("alice", "*", "*"), "sid"),
+        (ConnectionKey("*", "s1", "/chat"), "sub"),
+    ],
+)
+def test_issuing_a_token_with_a_wildcard_part_raises(key, claim):
+    with pytest.raises(ValueError, match=f'{claim} must not be "\\*"'):
+        issue_token(SECRET, key)
+
+
+@pytest.mark.parametrize("claim", ["sub", "sid", "loc"])
+def test_a_token_with_a_wildcard_part_is_invalid(fresh_cache, claim):
+    with pytest.raises(TokenError) as info:
+        verify_token(SECRET, signed(claims(**{claim: "*"})))
+    assert info.value.code == "token_invalid"
+    assert info.value.message == f'{claim} must not be "*"'
+    assert not fresh_cache  # never cached
+
+
+@pytest.mark.parametrize("part", ["s*", "**", "* ", ""])
+def test_only_the_whole_string_star_is_reserved(fresh_cache, part):
+    key = ConnectionKey("alice", part, part)
+    assert verify_token(SECRET, issue_token(SECRET, key)) == key
+    assert verify_token(SECRET, signed(claims(sid=part, loc=part))) == key
