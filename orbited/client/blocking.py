@@ -1,12 +1,15 @@
-"""Blocking web-app client: send events to connection keys anywhere in a cluster.
+"""Blocking web-app client: send events to connection keys and users anywhere in a cluster.
 
-For WSGI apps and scripts. Recipients of one event are grouped by route (docs/hashing.md)
-and one SP REQ request goes per route, all of an address's pipelined before any reply is
-read. Our REQ follows nng's semantics (random start id with the MSB set, replies matched
-by id). On a connection loss or time-out — and, with a HaloDCluster, on a ``moved`` answer
-(HaloD gave the route to another node; the route port now leads there) — the connection
-is closed and the unanswered requests (same event id, so a node ignores a duplicate) are
-resent in their order on a new one, as RetryPolicy says (orbited/client/retry.py).
+For WSGI apps and scripts. Recipients of one event — keys, and selectors of a user's or a
+session's every connection — are grouped by route (docs/hashing.md) and one SP REQ request
+goes per route, all of an address's pipelined before any reply is read. Our REQ follows
+nng's semantics (random start id with the MSB set, replies matched by id). On a connection
+loss or time-out — and, with a HaloDCluster, on a ``moved`` answer (HaloD gave the route
+to another node; the route port now leads there) — the connection is closed and the
+unanswered requests (same event id, so a node ignores a duplicate) are resent in their
+order on a new one, as RetryPolicy says (orbited/client/retry.py). A cluster that follows
+the hash version (HaloDCluster's ``"auto"``) switches when a node names another one, and
+the recipients of that answer are grouped again and resent at once.
 """
 
 from __future__ import annotations
@@ -17,22 +20,44 @@ import time
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
-from orbited.client.cluster import Cluster
+from orbited.client.cluster import Cluster, Recipient, RecipientLike, WildcardNeedsV2, recipient
 from orbited.client.retry import RetryPolicy
-from orbited.core.keys import ConnectionKey
+from orbited.core.keys import ConnectionKey, Selector
 from orbited.sp import wire
 from orbited.sp.reqrep import RequestIds
 
+# Rounds of grouping again after the hash version changed during one call: a rehash needs
+# one; a second covers a rehash and its roll-back crossing one call.
+MAX_REGROUPS = 2
+Address = tuple[str, int]
+
+
+def _wire(target: Recipient) -> list[str]:
+    return target.to_json() if isinstance(target, Selector) else list(target)
+
 
 def event_body(
-    event_id: str, keys: list[ConnectionKey], data: object, ack: float | None = None
-) -> bytes:
-    """The SP event request for one route's keys (docs/protocol.md); ``ack``: seconds the
-    node may wait for the browser's acknowledgement before answering (acknowledged mode)."""
-    request = {"id": event_id, "to": [list(k) for k in keys], "data": data}
+    event_id: str, keys: Iterable[Recipient], data: object, ack: float | None = None, *,
+    latest: str | None = None, offline: bool | float | None = None,
+    hash_version: int | None = None,
+) -> bytes:  # fmt: skip
+    """The SP event request for one route's recipients (docs/protocol.md). ``ack``:
+    seconds the node may wait for the browser's acknowledgement before answering
+    (acknowledged mode); ``latest``: the coalescing tag of a latest-value event;
+    ``offline``: ``True`` or seconds, the offline hook; ``hash_version``: the version the
+    routes were computed with (the node answers ``hash_version_mismatch`` if it differs).
+    Fields left None are not sent."""
+    request: dict[str, Any] = {"id": event_id, "to": [_wire(k) for k in keys], "data": data}
     if ack is not None:
         request["ack"] = ack
+    if latest is not None:
+        request["latest"] = latest
+    if offline is not None:
+        request["offline"] = offline
+    if hash_version is not None:
+        request["hash"] = hash_version
     return json.dumps(
         request,
         separators=(",", ":"),
@@ -40,55 +65,141 @@ def event_body(
     ).encode()
 
 
-def results_for(reply: dict, keys: list[ConnectionKey]) -> dict[ConnectionKey, dict]:
-    """Each key's result from a node's reply; an error reply becomes an error per key."""
+def recipient_result(result: dict) -> dict:
+    """One entry of a reply's ``results`` as the clients return it: a wildcard's
+    ``"keys"`` list of ``{"key": [...], "status": ...}`` becomes a dict ConnectionKey →
+    that key's result (without ``"key"``). Anything else is returned as it came."""
+    keys = result.get("keys")
+    if not isinstance(keys, list):
+        return result
+    try:
+        by_key = {ConnectionKey(*e["key"]): {f: v for f, v in e.items() if f != "key"}
+                  for e in keys}  # fmt: skip
+    except (TypeError, KeyError):
+        return result  # not the documented form: keep it as the node sent it
+    return {**result, "keys": by_key}
+
+
+def results_for(reply: dict, keys: list[Recipient]) -> dict[Recipient, dict]:
+    """Each recipient's result from a node's reply; an error reply becomes an error per
+    recipient (``code``, ``error`` and, for ``hash_version_mismatch``, the node's
+    ``hash``)."""
     if not reply.get("ok"):
-        error = reply.get("error", {})
-        return {k: {"status": "error", "code": error.get("code"), "error": error.get("message")}
-                for k in keys}  # fmt: skip
-    return dict(zip(keys, reply["results"], strict=True))
+        error = reply.get("error") or {}
+        result = {"status": "error", "code": error.get("code"), "error": error.get("message")}
+        if "hash" in error:
+            result["hash"] = error["hash"]
+        return {k: dict(result) for k in keys}
+    return {k: recipient_result(r) for k, r in zip(keys, reply["results"], strict=True)}
 
 
-def moved_keys(cluster: Cluster, results: dict[ConnectionKey, dict]) -> list[ConnectionKey]:
-    """Keys worth resending: answered ``moved`` by a node behind a port that follows moves."""
+def moved_keys(cluster: Cluster, results: dict[Recipient, dict]) -> list[Recipient]:
+    """Recipients worth resending: answered ``moved`` by a node behind a port that follows
+    moves."""
     if not cluster.follows_moves:
         return []
     return [k for k, result in results.items() if result.get("status") == "moved"]
 
 
+def unroutable(target: Recipient) -> dict:
+    """The result of a selector under hash version 1 (never sent: its keys may be on any
+    route)."""
+    return {"status": "error", "code": WildcardNeedsV2.code, "error": str(WildcardNeedsV2())}
+
+
 @dataclass
 class Request:
-    """One route's share of an event: resent, for the keys not yet answered, until every
-    key has a result or the retry policy gives up."""
+    """One route's share of an event: resent, for the recipients not yet answered, until
+    every one has a result or the retry policy gives up."""
 
     event_id: str
-    keys: list[ConnectionKey]  # still to be answered
+    keys: list[Recipient]  # still to be answered
     data: object
     ack: float | None
     started: float  # monotonic time of the first attempt
+    latest: str | None = None
+    offline: bool | float | None = None
+    hash_version: int | None = None  # the version its routes were computed with
     resends: int = 0
-    results: dict[ConnectionKey, dict] = field(default_factory=dict)
+    results: dict[Recipient, dict] = field(default_factory=dict)
+    # Answered under another hash version than the routes were computed with, which the
+    # cluster now follows: to be grouped again and sent to their new routes.
+    regroup: list[Recipient] = field(default_factory=list)
 
     def body(self) -> bytes:
-        return event_body(self.event_id, self.keys, self.data, self.ack)
+        return event_body(self.event_id, self.keys, self.data, self.ack, latest=self.latest,
+                          offline=self.offline, hash_version=self.hash_version)  # fmt: skip
 
     def answer(self, reply: dict, cluster: Cluster) -> bool:
-        """Record a node's reply; True if some keys were answered ``moved`` and must be
-        resent through the route port (they stay in ``keys``)."""
+        """Record a node's reply; True if some recipients were answered ``moved`` and must
+        be resent through the same route port (they stay in ``keys``). Recipients answered
+        under a hash version the cluster now follows instead go to ``regroup``."""
         results = results_for(reply, self.keys)
         self.results.update(results)
-        self.keys = moved_keys(cluster, results)
-        return bool(self.keys)
+        if not reply.get("ok"):
+            error = reply.get("error") or {}
+            if error.get("code") == "hash_version_mismatch" and self._switched(
+                cluster, error.get("hash")
+            ):
+                self.regroup.extend(self.keys)
+            self.keys = []
+            return False
+        again: list[Recipient] = []
+        for target, result in results.items():
+            if result.get("status") != "moved":
+                continue
+            if "hash" in result and self._switched(cluster, result["hash"]):
+                self.regroup.append(target)
+            elif cluster.follows_moves:
+                again.append(target)
+        self.keys = again
+        return bool(again)
+
+    def _switched(self, cluster: Cluster, version: object) -> bool:
+        """The node named ``version``: is the cluster's version (after following it) not
+        the one this request's routes were computed with?"""
+        cluster.follow_hash(version)
+        return cluster.hash_version != self.hash_version
 
     def give_up(self, error: str | None, code: str | None = None) -> None:
-        """No more resends: the keys still unanswered get ``error`` (None: they keep the
-        last answer, ``moved``)."""
+        """No more resends: the recipients still unanswered get ``error`` (None: they keep
+        the last answer, ``moved``)."""
         if error is not None:
             result = {"status": "error", "error": error}
             if code is not None:
                 result["code"] = code
             self.results.update((k, dict(result)) for k in self.keys)
         self.keys = []
+
+
+@dataclass(frozen=True)
+class Event:
+    """What one ``send`` call sends: the same for every route and every round."""
+
+    event_id: str
+    data: object
+    ack: float | None = None
+    latest: str | None = None
+    offline: bool | float | None = None
+
+    def requests(
+        self, cluster: Cluster, targets: list[Recipient], started: float
+    ) -> tuple[list[tuple[Address, Request]], dict[Recipient, dict]]:
+        """One request per route of ``targets`` under the cluster's current hash version,
+        with its address; and the results of recipients that cannot be routed (a selector
+        under version 1)."""
+        refused: dict[Recipient, dict] = {
+            t: unroutable(t) for t in targets
+            if isinstance(t, Selector) and cluster.hash_version < 2
+        }  # fmt: skip
+        routable = [t for t in targets if t not in refused]
+        return [
+            (cluster.sp_address(route), Request(
+                self.event_id, route_targets, self.data, self.ack, started, latest=self.latest,
+                offline=self.offline, hash_version=cluster.hash_version,
+            ))
+            for route, route_targets in cluster.group_by_route(routable).items()
+        ], refused  # fmt: skip
 
 
 @dataclass
@@ -144,30 +255,40 @@ class BlockingClient:
         self.close()
 
     def send(
-        self, to: Iterable[ConnectionKey | tuple[str, str, str] | list[str]], data: object,
-        event_id: str | None = None, ack: float | None = None,
-    ) -> dict[ConnectionKey, dict]:  # fmt: skip
-        """Deliver ``data`` to every key; returns each key's result (docs/protocol.md).
+        self, to: Iterable[RecipientLike], data: object, event_id: str | None = None,
+        ack: float | None = None, *, latest: str | None = None,
+        offline: bool | float | None = None,
+    ) -> dict[Recipient, dict]:  # fmt: skip
+        """Deliver ``data`` to every recipient; returns each one's result (docs/protocol.md).
 
-        A route that cannot be reached within the retry budget gives its keys
-        ``{"status": "error", ...}``. ``ack``: the acknowledged mode — each node answers
-        once the browsers confirmed (``acked``) or after ``ack`` seconds (``unacked``);
-        keep ``timeout`` above it.
+        A recipient is a ConnectionKey, a Selector, or its JSON form (``["alice", "*",
+        "*"]``: every connection of alice; ``["alice", "s1", "*"]``: those of session
+        s1). A selector's result is ``{"status": "matched", "keys": {key: result}}`` (or
+        ``no_connection`` with ``"keys": {}``). A route that cannot be reached within the
+        retry budget gives its recipients ``{"status": "error", ...}``. ``ack``: the
+        acknowledged mode — each node answers once the browsers confirmed (``acked``) or
+        after ``ack`` seconds (``unacked``); keep ``timeout`` above it. ``latest``: a
+        latest-value tag; ``offline``: the offline hook (``True`` or seconds).
         """
-        event_id = event_id or uuid.uuid4().hex
-        keys = [ConnectionKey(*k) for k in to]
-        # One request per route, grouped by the address that serves it.
-        pending: dict[tuple[str, int], list[Request]] = {}
-        for route, route_keys in self.cluster.group_by_route(keys).items():
-            pending.setdefault(self.cluster.sp_address(route), []).append(
-                Request(event_id, route_keys, data, ack, 0.0)
-            )
-        results: dict[ConnectionKey, dict] = {}
-        for address, requests in pending.items():
-            self._exchange(address, requests)
-            for request in requests:
+        event = Event(event_id or uuid.uuid4().hex, data, ack, latest, offline)
+        targets = [recipient(t) for t in to]
+        results: dict[Recipient, dict] = {}
+        todo = list(dict.fromkeys(targets))
+        for _ in range(1 + MAX_REGROUPS):
+            planned, refused = event.requests(self.cluster, todo, 0.0)
+            results.update(refused)
+            pending: dict[Address, list[Request]] = {}
+            for address, request in planned:
+                pending.setdefault(address, []).append(request)
+            for address, requests in pending.items():
+                self._exchange(address, requests)
+            todo = []
+            for _, request in planned:
                 results.update(request.results)
-        return {k: results[k] for k in keys}
+                todo += request.regroup
+            if not todo:
+                break
+        return {t: results[t] for t in targets}
 
     def _exchange(self, address: tuple[str, int], requests: list[Request]) -> None:
         """Send ``requests`` over the connection to ``address`` until each is answered or

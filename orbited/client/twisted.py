@@ -6,7 +6,9 @@ event. A connection loss, a time-out or (HaloDCluster) a ``moved`` answer closes
 connection; every request still unanswered on it is resent with the same event id, in the
 order it was first sent, on a new connection, as RetryPolicy says (orbited/client/retry.py,
 docs/client-python.md). Requests made meanwhile queue behind them: a later event to a key
-never overtakes an earlier one being resent.
+never overtakes an earlier one being resent. Recipients answered under another hash version
+(a rehash, with HaloDCluster's ``"auto"``) are grouped again and sent once their round is
+answered.
 """
 
 from __future__ import annotations
@@ -23,10 +25,9 @@ from twisted.internet.interfaces import IDelayedCall, ITCPTransport
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
 
-from orbited.client.blocking import Request
-from orbited.client.cluster import Cluster
+from orbited.client.blocking import MAX_REGROUPS, Event, Request
+from orbited.client.cluster import Cluster, Recipient, RecipientLike, recipient
 from orbited.client.retry import RetryPolicy
-from orbited.core.keys import ConnectionKey
 from orbited.sp import wire
 from orbited.sp.reqrep import RequestIds
 
@@ -249,26 +250,33 @@ class TwistedClient:
     @defer.inlineCallbacks
     def send(  # noqa: ANN201 (inlineCallbacks: the caller gets a Deferred of the dict)
         self,
-        to: Iterable[ConnectionKey | tuple[str, str, str] | list[str]],
+        to: Iterable[RecipientLike],
         data: object,
         event_id: str | None = None,
         ack: float | None = None,
+        *,
+        latest: str | None = None,
+        offline: bool | float | None = None,
     ):
-        """Deferred firing with {key: result} (docs/protocol.md); never errbacks for an
-        unreachable node: its keys get {"status": "error", "code": "unreachable", ...}."""
-        event_id = event_id or uuid.uuid4().hex
-        keys = [ConnectionKey(*k) for k in to]
-        now = self.reactor.seconds()
-        requests = [
-            (self.cluster.sp_address(route), Request(event_id, route_keys, data, ack, now))
-            for route, route_keys in self.cluster.group_by_route(keys).items()
-        ]
-        yield defer.gatherResults([self._channel(address).submit(request)
-                                   for address, request in requests])  # fmt: skip
-        results: dict[ConnectionKey, dict] = {}
-        for _, request in requests:
-            results.update(request.results)
-        return {k: results[k] for k in keys}
+        """Deferred firing with {recipient: result} (docs/protocol.md; recipients and
+        options as BlockingClient.send); never errbacks for an unreachable node: its
+        recipients get {"status": "error", "code": "unreachable", ...}."""
+        event = Event(event_id or uuid.uuid4().hex, data, ack, latest, offline)
+        targets = [recipient(t) for t in to]
+        results: dict[Recipient, dict] = {}
+        todo = list(dict.fromkeys(targets))
+        for _ in range(1 + MAX_REGROUPS):
+            planned, refused = event.requests(self.cluster, todo, self.reactor.seconds())
+            results.update(refused)
+            yield defer.gatherResults([self._channel(address).submit(request)
+                                       for address, request in planned])  # fmt: skip
+            todo = []
+            for _, request in planned:
+                results.update(request.results)
+                todo += request.regroup
+            if not todo:
+                break
+        return {t: results[t] for t in targets}
 
     def _channel(self, address: Address) -> _Channel:
         channel = self._channels.get(address)

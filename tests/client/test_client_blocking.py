@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import pytest
 from websockets.sync.client import ClientConnection, connect
 
-from orbited.client import BlockingClient, Cluster, HaloDCluster, Node
+from orbited.client import BlockingClient, Cluster, HaloDCluster, Node, Selector
 from orbited.core.hashing import route_of, static_node
 from orbited.core.keys import ConnectionKey
 from tests.conftest import (
@@ -115,6 +115,86 @@ def test_acknowledged_mode_answers_when_the_browser_confirms(node: NodeProcess):
         sender.join(5)
     assert results == [{key: {"status": "acked", "seq": 1}}]
     ws.close()
+
+
+# -- users and sessions (hash version 2) -----------------------------------------------------
+
+TABS = [ConnectionKey("alice", "s1", "/t1"), ConnectionKey("alice", "s1", "/t2"),
+        ConnectionKey("alice", "s2", "/d1")]  # fmt: skip
+
+
+def open_tabs(
+    node: NodeProcess, keys: list[ConnectionKey]
+) -> dict[ConnectionKey, ClientConnection]:
+    sockets = {}
+    for key in keys:
+        sockets[key] = node.ws(node.token(key.user, key.session, key.location))
+        assert json.loads(sockets[key].recv(timeout=5))["type"] == "hello"
+    return sockets
+
+
+def events_of(ws: ClientConnection, wait: float = 0.3) -> list[dict]:
+    """Every frame ``ws`` has received until nothing comes for ``wait`` seconds."""
+    frames = []
+    while True:
+        try:
+            frames.append(json.loads(ws.recv(timeout=wait)))
+        except TimeoutError:
+            return [f for f in frames if f["type"] == "event"]
+
+
+def test_a_user_event_reaches_each_tab_once_and_says_which(node: NodeProcess):
+    cluster = Cluster([Node(node.sp, f"http://{node.http}")])
+    sockets = open_tabs(node, TABS)
+    every_alice = Selector("alice", None)
+    with BlockingClient(cluster) as client:
+        # Alice as a user, and one of her keys listed too: that tab gets it once.
+        results = client.send([["alice", "*", "*"], TABS[0]], {"n": 1}, event_id="user-1")
+        assert results == {
+            every_alice: {"status": "matched",
+                          "keys": {k: {"status": "delivered", "seq": 1} for k in TABS}},
+            TABS[0]: {"status": "delivered", "seq": 1},
+        }  # fmt: skip
+        for ws in sockets.values():
+            assert [e["data"] for e in events_of(ws)] == [{"n": 1}]
+        # One session: its two tabs, not the other device; a latest-value tag on the frame.
+        results = client.send([Selector("alice", "s1")], "typing", latest="typing:alice")
+        assert set(results[Selector("alice", "s1")]["keys"]) == {TABS[0], TABS[1]}
+        for key, ws in sockets.items():
+            got = events_of(ws)
+            if key.session == "s1":
+                assert [(e["data"], e["seq"], e.get("latest")) for e in got] == [
+                    ("typing", 2, "typing:alice")]  # fmt: skip
+            else:
+                assert got == []
+        nobody = client.send([["nobody", "*", "*"]], 3)
+        assert nobody == {Selector("nobody", None): {"status": "no_connection", "keys": {}}}
+        with pytest.raises(ValueError, match="wildcard"):
+            client.send([["alice", "*", "/t1"]], 4)  # refused before anything is sent
+    for ws in sockets.values():
+        ws.close()
+
+
+def test_a_static_cluster_on_another_hash_version_is_told_so(tmp_path):
+    (tmp_path / "v1").mkdir()
+    node = NodeProcess(tmp_path / "v1", "--hash-version", "1").start()
+    try:
+        key = ConnectionKey("alice", "s1", "/t1")
+        ws = node.ws(node.token(*key))
+        ws.recv(timeout=5)
+        with BlockingClient(Cluster([Node(node.sp, f"http://{node.http}")])) as client:
+            result = client.send([key], 1)[key]  # this client routes with version 2
+            assert (result["status"], result["code"], result["hash"]) == (
+                "error", "hash_version_mismatch", 1)  # fmt: skip
+        v1 = Cluster([Node(node.sp, f"http://{node.http}")], hash_version=1)
+        with BlockingClient(v1) as client:
+            assert client.send([key], 2)[key] == {"status": "delivered", "seq": 1}
+            refused = client.send([Selector("alice", None)], 3)[Selector("alice", None)]
+            assert refused["code"] == "hash_version_mismatch"  # never sent under version 1
+        assert [e["data"] for e in events_of(ws)] == [2]
+        ws.close()
+    finally:
+        node.stop()
 
 
 # -- through HaloD's route ports (the built-in proxy data plane) ---------------------------

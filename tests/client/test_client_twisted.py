@@ -10,14 +10,17 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor, task
 
-from orbited.client import Cluster, Node
+from orbited.client import Cluster, Node, Selector
 from orbited.client.twisted import TwistedClient
 from orbited.core.hashing import route_of, static_node
 from orbited.core.keys import ConnectionKey
 from tests.client.test_client_blocking import (  # noqa: F401
+    TABS,
     browser,
+    events_of,
     halod_with_proxy,
     keys_on_every_node,
+    open_tabs,
     procs,
     start_node,
     three_nodes,
@@ -53,6 +56,25 @@ def test_events_land_where_the_hash_says(three_nodes):  # noqa: F811
         assert json.loads(ws.recv(timeout=5))["data"] == {"via": "twisted"}
         with pytest.raises(TimeoutError):
             ws.recv(timeout=0.2)  # the resend was not delivered twice
+        ws.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_user_event_reaches_each_tab_once(node):
+    sockets = open_tabs(node, TABS)
+    client = TwistedClient(cluster_of([node]), reactor, timeout=2)
+    try:
+        results = yield client.send([["alice", "*", "*"]], "hi", offline=None, latest=None)
+        assert results == {
+            Selector("alice", None): {
+                "status": "matched",
+                "keys": {k: {"status": "delivered", "seq": 1} for k in TABS},
+            }
+        }
+    finally:
+        client.close()
+    for ws in sockets.values():
+        assert [e["data"] for e in events_of(ws)] == ["hi"]
         ws.close()
 
 
