@@ -31,6 +31,7 @@ SCENARIOS = {
     "failover": "bench.failover",
     "soak": "bench.soak",
     "store": "bench.store",
+    "user": "bench.usercost",
 }
 # Load-tool pieces (bench/README.md, "Simulated browsers"), runnable the same way.
 TOOLS = {
