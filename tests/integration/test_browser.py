@@ -318,13 +318,30 @@ def test_client_script_is_served_as_module_and_classic(cluster: dict):
 
 
 def test_browser_computes_routes_like_the_vectors(cluster: dict):
-    from tests.core.test_hashing import VECTORS
+    """Chromium's WebCrypto gives the published routes of both hash versions; version 2
+    (the user part only) is the default."""
+    from pathlib import Path
 
+    published = json.loads(
+        (Path(__file__).resolve().parents[2] / "docs" / "hashing-vectors.json").read_text()
+    )
     context, page = open_page(cluster, "b-hash", "longpoll")
     try:
-        for vector in VECTORS[:5]:
-            got = page.evaluate("([k]) => Orbited.routeOf(k, 24)", [vector["key"]])
+        for vector in published["vectors"][:5]:
+            got = page.evaluate("([k]) => Orbited.routeOf(k, 24, 1)", [vector["key"]])
             assert got == vector["routes"]["24"]
+        v2 = published["v2"]["vectors"]
+        assert len(v2) >= 20
+        for vector in v2:
+            for key in vector["keys"]:
+                got = page.evaluate(
+                    "([k]) => Promise.all([Orbited.routeOf(k, 24), Orbited.routeOf(k, 1024, 2)])",
+                    [key],
+                )
+                assert got == [vector["routes"]["24"], vector["routes"]["1024"]], key
+            user = page.evaluate("([u]) => Orbited.routeOfUser(u, 24)", [vector["user"]])
+            assert user == vector["routes"]["24"]
+        assert page.evaluate("() => Orbited.HASH_VERSION") == 2
     finally:
         context.close()
 
