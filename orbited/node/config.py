@@ -52,6 +52,8 @@ COMPONENT_KEYS: dict[str, tuple[type[Any], str]] = {
     "max_recipients": (RequestLimits, "max_recipients"),
     "max_payload": (RequestLimits, "max_payload"),
     "max_ack_wait": (RequestLimits, "max_ack_wait"),
+    "offline_after": (RequestLimits, "offline_after"),
+    "max_offline_after": (RequestLimits, "max_offline_after"),
     "sp_max_message": (RepLimits, "max_message"),
     "sp_header_timeout": (RepLimits, "header_timeout"),
     "sp_max_inflight": (RepLimits, "max_inflight"),
@@ -194,8 +196,12 @@ class NodeConfig(ConfigBase):
     # The offline hook (docs/protocol.md, "Offline webhooks"); orbited.node.service builds
     # the watcher and its webhook queue from these.
     offline_url: str = opt("", "webhook URL for needs_push/cancel notices (empty = off)")
-    offline_after: float = opt(30.0, "seconds unacknowledged before needs_push (offline: true)")
-    max_offline_after: float = opt(86400.0, "the largest offline wait a request may ask")
+    offline_after: float = opt(
+        RequestLimits.offline_after, "seconds unacknowledged before needs_push (offline: true)"
+    )
+    max_offline_after: float = opt(
+        RequestLimits.max_offline_after, "the largest offline wait a request may ask"
+    )
     offline_queue: int = opt(10000, "offline notices queued at most (oldest dropped)")
     offline_batch: int = opt(100, "offline notices per webhook request at most")
     offline_retries: int = opt(5, "attempts per offline batch before it is dropped")

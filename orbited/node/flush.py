@@ -7,7 +7,9 @@ batching keeps the bytes of its frames and *enlists* itself once; when the outer
 batch ends, every enlisted sink is flushed once, in the order they enlisted: one write
 (one ``send`` system call, write-through) per connection however many events it got in
 that read. Outside a batch (a browser's attach and its replay, keepalive pings, a
-hand-off, an ack releasing a wait) nothing is deferred: sinks write at once.
+hand-off, an ack releasing a wait) nothing is deferred: sinks write at once. A
+wildcard's keys (``["alice", "*", "*"]``) are ordinary deliveries: each of a user's tabs
+enlists once and is flushed once per read, however many user events the read held.
 
 The batch ends before the REP server's read handler returns, so before the reactor runs
 anything else: no timer, no ``callLater(0)``, no other connection's read can come

@@ -23,10 +23,10 @@ from typing import TYPE_CHECKING, Any, Literal
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
-from orbited.core.hashing import route_of
+from orbited.core.hashing import DEFAULT_HASH_VERSION, route_of
 from orbited.core.keys import ConnectionKey, KeyError_
 from orbited.node import events, frames
-from orbited.node.mailbox import _POSITION, Entry, Mailbox, MailboxLimits, Position
+from orbited.node.mailbox import _POSITION, Entry, Mailbox, MailboxLimits, Position, TagEntry
 
 if TYPE_CHECKING:
     from orbited.node.hub import HubConfig, Sink, _AckWait, _Slot
@@ -47,7 +47,9 @@ class MailboxExport:
 
     ``events``: ``(seq, payload, id)`` with the payload as encoded JSON bytes and the id
     as the event frames carry it (frames.event_id), or None for an event handed over by
-    a node of a version before event ids."""
+    a node of a version before event ids. ``evicted``: the highest seq the old owner's
+    limits removed (None from a node without it); ``tags``: the latest-value tags of
+    ``events``, ``(seq, tag, replaced)`` with the tag as encoded JSON."""
 
     key: ConnectionKey
     route: int
@@ -56,6 +58,8 @@ class MailboxExport:
     acked: int
     events: tuple[Entry, ...]
     online: bool = True
+    evicted: int | None = None
+    tags: tuple[TagEntry, ...] = ()
 
     @classmethod
     def of(
@@ -63,34 +67,52 @@ class MailboxExport:
     ) -> MailboxExport:
         return cls(
             key, route, mailbox.stream, mailbox.next_seq, mailbox.acked,
-            tuple(mailbox.export()), online,
+            tuple(mailbox.export()), online, mailbox.evicted, tuple(mailbox.export_tags()),
         )  # fmt: skip
 
     def mailbox(self, limits: MailboxLimits) -> Mailbox:
-        return Mailbox.restored(self.stream, limits, self.next_seq, self.acked, list(self.events))
+        return Mailbox.restored(
+            self.stream, limits, self.next_seq, self.acked, list(self.events), self.evicted,
+            list(self.tags),
+        )  # fmt: skip
 
     def to_wire(self) -> dict[str, Any]:
         """The entry as the ``handoff`` message's ``mailboxes`` carry it: payloads are JSON
         text already, so they travel as strings; an event is ``[seq, payload, id]``
-        (``[seq, payload]`` when it has no id)."""
-        return {
+        (``[seq, payload]`` when it has no id), a latest-value event ``[seq, payload, id,
+        tag, replaced]`` (id null when it has none)."""
+        tags = {seq: (tag, replaced) for seq, tag, replaced in self.tags}
+        wire: list[list[Any]] = []
+        for seq, payload, eid in self.events:
+            tagged = tags.get(seq)
+            if tagged is not None:
+                wire.append([seq, payload.decode(), None if eid is None else json.loads(eid),
+                             json.loads(tagged[0]), tagged[1]])  # fmt: skip
+            elif eid is None:
+                wire.append([seq, payload.decode()])
+            else:
+                wire.append([seq, payload.decode(), json.loads(eid)])
+        out: dict[str, Any] = {
             "key": self.key.to_json(),
             "route": self.route,
             "stream": self.stream,
             "next_seq": self.next_seq,
             "acked": self.acked,
-            "events": [
-                [seq, payload.decode()] if eid is None else [seq, payload.decode(), json.loads(eid)]
-                for seq, payload, eid in self.events
-            ],  # fmt: skip
+            "events": wire,
             "online": self.online,
         }
+        if self.evicted is not None:
+            out["evicted"] = self.evicted
+        return out
 
     @classmethod
-    def from_wire(cls, entry: object, routes: int) -> MailboxExport:
+    def from_wire(
+        cls, entry: object, routes: int, hash_version: int = DEFAULT_HASH_VERSION
+    ) -> MailboxExport:
         """An entry of a ``handoff`` message; HandoffError if it is not one. The route is
-        recomputed from the key with this node's route count (``routes``), not taken on
-        trust; a missing ``online`` (an older node) means online."""
+        recomputed from the key with this node's route count (``routes``) and hash
+        version, not taken on trust; a missing ``online`` (an older node) means online, a
+        missing ``evicted`` is None (every seq before the first event is then a gap)."""
         try:
             if not isinstance(entry, dict):
                 raise HandoffError("an entry must be an object")
@@ -105,26 +127,48 @@ class MailboxExport:
             raw = entry["events"]
             if not isinstance(raw, list):
                 raise HandoffError("events must be an array")
-            imported = tuple(_import_event(event) for event in raw)
+            tags: list[TagEntry] = []
+            imported = tuple(_import_event(event, tags) for event in raw)
+            evicted = entry.get("evicted")
+            if evicted is not None and (
+                not isinstance(evicted, int) or isinstance(evicted, bool) or evicted < 0
+            ):
+                raise HandoffError("evicted must be a sequence number")
         except HandoffError:
             raise
         except (KeyError, TypeError, ValueError, KeyError_) as e:
             raise HandoffError(f"malformed entry: {e!r}") from None
         online = entry.get("online") is not False
-        return cls(key, route_of(key, routes), stream, next_seq, acked, imported, online)
+        route = route_of(key, routes, hash_version)
+        return cls(key, route, stream, next_seq, acked, imported, online, evicted, tuple(tags))
 
 
-def _import_event(event: object) -> Entry:
-    """A hand-off event, ``[seq, payload, id]`` or, from a node of the previous version,
-    ``[seq, payload]`` (no id: its frames go out without one)."""
-    if not isinstance(event, list) or len(event) not in (2, 3):
-        raise HandoffError("an event must be [seq, payload] or [seq, payload, id]")
-    seq, payload = int(event[0]), event[1]
+def _import_event(event: object, tags: list[TagEntry]) -> Entry:
+    """A hand-off event, ``[seq, payload, id]``, ``[seq, payload, id, tag, replaced]`` (a
+    latest-value event; its tag goes to ``tags``) or, from a node of the previous
+    version, ``[seq, payload]`` (no id: its frames go out without one)."""
+    if not isinstance(event, list) or len(event) not in (2, 3, 5):
+        raise HandoffError(
+            "an event must be [seq, payload], [seq, payload, id] or [seq, payload, id, tag, "
+            "replaced]"
+        )
+    seq, payload = event[0], event[1]
+    if not isinstance(seq, int) or isinstance(seq, bool) or seq < 1:
+        raise HandoffError("an event's seq must be a positive integer")
     if not isinstance(payload, str):
         raise HandoffError("an event's payload must be a string")
     if len(event) == 2:
         return seq, payload.encode(), None
     eid = event[2]
+    if len(event) == 5:
+        tag, replaced = event[3], event[4]
+        if not isinstance(tag, str) or not 0 < len(tag) <= events.MAX_LATEST:
+            raise HandoffError(f"a tag must be a string of 1-{events.MAX_LATEST} characters")
+        if not isinstance(replaced, int) or isinstance(replaced, bool) or replaced < 0:
+            raise HandoffError("replaced must be a count")
+        tags.append((seq, frames.event_id(tag), replaced))
+        if eid is None:
+            return seq, payload.encode(), None
     if not isinstance(eid, str) or not 0 < len(eid) <= events.MAX_EVENT_ID:
         raise HandoffError(f"an event id must be a string of 1-{events.MAX_EVENT_ID} characters")
     return seq, payload.encode(), frames.event_id(eid)
@@ -137,10 +181,12 @@ def export_entry(
     return MailboxExport.of(key, mailbox, route, online).to_wire()
 
 
-def _moved_away(route: int, to: str | None, wait: _AckWait) -> events.RecipientResult:
+def _moved_away(
+    route: int, to: str | None, hash_version: int, wait: _AckWait
+) -> events.RecipientResult:
     """What an acknowledged-mode request waiting on a mailbox that left with its route
     answers for that recipient: ``moved`` (the web app should resend)."""
-    return events.moved(route, to)
+    return events.moved(route, to, hash_version)
 
 
 class _HeldAttach:
@@ -155,12 +201,14 @@ class _Incoming:
     """A route HaloD moved here from a live node: deliveries and attaches for its keys
     wait (each in arrival order) until the old owner's mailboxes arrive or time out."""
 
-    __slots__ = ("deliveries", "attaches", "timer")
+    __slots__ = ("deliveries", "attaches", "timer", "expect")
 
-    def __init__(self, timer: IDelayedCall) -> None:
+    def __init__(self, timer: IDelayedCall, expect: set[str] | None = None) -> None:
         self.timer = timer
         self.deliveries: list[Callable[[], Any]] = []
         self.attaches: list[_HeldAttach] = []
+        # A rehash: the peers (names) whose ``done`` it waits for; None: the first done.
+        self.expect = expect
 
 
 class RouteOwnership:
@@ -179,8 +227,9 @@ class RouteOwnership:
     presence: Callable[[PresenceChange, ConnectionKey], None] | None
     _slots: dict[ConnectionKey, _Slot]
 
-    def _init_routes(self, routes: int) -> None:
+    def _init_routes(self, routes: int, hash_version: int = DEFAULT_HASH_VERSION) -> None:
         self.routes = routes
+        self.hash_version = hash_version  # docs/hashing.md; HaloD's table's wins
         self.owned: frozenset[int] | None = None
         self.moved_to: dict[int, str | None] = {}
         self._incoming: dict[int, _Incoming] = {}
@@ -207,7 +256,10 @@ class RouteOwnership:
     ) -> None:
         raise NotImplementedError
 
-    def _release(self, slot: _Slot, reason: str) -> None:
+    def _release(self, slot: _Slot, reason: str, route: int | None = None) -> None:
+        raise NotImplementedError
+
+    def _unindex(self, key: ConnectionKey, slot: _Slot) -> None:
         raise NotImplementedError
 
     # -- HaloD's messages ------------------------------------------------------------------
@@ -223,7 +275,7 @@ class RouteOwnership:
         if total is not None and total != self.routes:
             self.routes = total
             for key, slot in self._slots.items():
-                slot.route = route_of(key, total)
+                slot.route = route_of(key, total, self.hash_version)
             self.owned = None  # every slot is checked against the new assignment
         previous = frozenset(range(1, self.routes + 1)) if self.owned is None else self.owned
         self.owned = new
@@ -265,6 +317,7 @@ class RouteOwnership:
                 continue
             del self._slots[key]
             self._forget(slot)
+            self._unindex(key, slot)
             evicted += 1
             handed = exports is not None and route in handoff
             if exports is not None and handed:
@@ -273,7 +326,9 @@ class RouteOwnership:
                 # The new owner has the events; what was not confirmed stays unconfirmed.
                 self._end_waits(slot, lambda wait: events.stored(events.Status.UNACKED, wait.seq))
             else:  # the events are gone with the mailbox: the web app should resend
-                self._end_waits(slot, partial(_moved_away, route, self.moved_to.get(route)))
+                self._end_waits(
+                    slot, partial(_moved_away, route, self.moved_to.get(route), self.hash_version)
+                )
             self._release(slot, "route_moved")
             if not handed and slot.online and self.presence is not None:
                 self.presence("signoff", key)  # handed over keys stay online, elsewhere
@@ -281,22 +336,103 @@ class RouteOwnership:
             self.log.info("{n} keys of moved routes told to reconnect", n=evicted)
         return evicted
 
-    def handoff_received(self, entries: list[Any], done: Iterable[int]) -> int:
+    def handoff_received(
+        self, entries: list[Any], done: Iterable[int], sender: str | None = None
+    ) -> int:
         """Mailboxes from a moved route's old owner (wire entries, MailboxExport.from_wire;
         docs/halod-protocol.md, "Hand-off"), then the routes whose hand-off is complete.
+        ``sender``: the sending node's name; a route held for a rehash completes when
+        every peer it expects has sent ``done`` (or, without a name, on the first).
         Returns how many were installed; malformed entries are logged and skipped."""
         installed = 0
         for entry in entries:
             try:
-                export = MailboxExport.from_wire(entry, self.routes)
+                export = MailboxExport.from_wire(entry, self.routes, self.hash_version)
             except HandoffError as e:
                 self.log.warn("ignoring a malformed hand-off entry: {e}", e=e)
                 continue
             if self._import(export):
                 installed += 1
         for route in done:
+            incoming = self._incoming.get(route)
+            if incoming is not None and incoming.expect is not None and sender is not None:
+                incoming.expect.discard(sender)
+                if incoming.expect:
+                    continue
             self._complete(route, timed_out=False)
         return installed
+
+    # -- the hash version (docs/hashing.md, "Moving a cluster from version 1 to 2") ---------
+
+    def set_hash_version(self, version: int) -> None:
+        """The cluster's hash version (HaloD's welcome/assign; link.py): every slot's
+        route follows it. A change without ``rehash`` (a node joining a cluster of the
+        other version) recomputes routes; the assignment that follows evicts what is not
+        served here."""
+        if version == self.hash_version:
+            return
+        self.hash_version = version
+        for key, slot in self._slots.items():
+            slot.route = route_of(key, self.routes, version)
+
+    def rehash(
+        self, version: int, owners: Iterable[Any], me: str | None = None
+    ) -> dict[str, list[dict[str, Any]]]:
+        """HaloD's ``rehash``: the cluster now hashes with ``version``; ``owners`` is every
+        route's owner (control.RouteMove: ``route``, ``name``, ``sp``). This node keeps
+        serving its routes. Keys whose route under the new version is another node's are
+        evicted (their browsers told ``reconnect`` with reason ``rehash`` and the route)
+        and exported, grouped by the owner's name: the return value, with an entry (maybe
+        empty) for every other owner, each to be sent with ``done`` = that owner's
+        routes. Every served route is held (as for a hand-off) until every peer has sent
+        its ``done`` (handoff_received with ``sender``) or ``handoff_timeout``."""
+        owner_of: dict[int, str | None] = {}
+        sp_of: dict[int, str | None] = {}
+        for move in owners:
+            owner_of[move.route] = move.name
+            sp_of[move.route] = move.sp
+        self.hash_version = version
+        owned = frozenset(range(1, self.routes + 1)) if self.owned is None else self.owned
+        if me is None:  # this node's name: the owner of its routes
+            me = next((owner_of[r] for r in owned if owner_of.get(r) is not None), None)
+        peers = {name for name in owner_of.values() if name is not None and name != me}
+        out: dict[str, list[dict[str, Any]]] = {name: [] for name in peers}
+        for route, name in owner_of.items():
+            if route not in owned and name != me:
+                self.moved_to[route] = sp_of.get(route)
+        moved = 0
+        for key, slot in list(self._slots.items()):
+            route = slot.route = route_of(key, self.routes, version)
+            if route in owned:
+                continue
+            name = owner_of.get(route)
+            del self._slots[key]
+            self._forget(slot)
+            self._unindex(key, slot)
+            moved += 1
+            if name is not None and name in out:
+                out[name].append(MailboxExport.of(key, slot.mailbox, route, slot.online).to_wire())
+                self.stats["handoff_out"] += 1
+                self._end_waits(slot, lambda wait: events.stored(events.Status.UNACKED, wait.seq))
+            else:
+                self._end_waits(
+                    slot, partial(_moved_away, route, self.moved_to.get(route), version)
+                )
+                if slot.online and self.presence is not None:
+                    self.presence("signoff", key)
+            self._release(slot, "rehash", route)
+        if peers:
+            for route in owned:
+                if route not in self._incoming:
+                    timer = self.clock.callLater(
+                        self.config.handoff_timeout, self._complete, route, True
+                    )
+                    self._incoming[route] = _Incoming(timer, set(peers))
+                else:
+                    self._incoming[route].expect = set(peers)
+        if moved:
+            self.log.info("rehash to version {v}: {n} keys moved", v=version, n=moved)
+        return out
 
     def _import(self, export: MailboxExport) -> bool:
         key, route = export.key, export.route

@@ -24,8 +24,8 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
-from orbited.core.hashing import DEFAULT_ROUTES, route_of
-from orbited.core.keys import ConnectionKey
+from orbited.core.hashing import DEFAULT_HASH_VERSION, DEFAULT_ROUTES, route_of, route_of_user
+from orbited.core.keys import ConnectionKey, Selector
 from orbited.node import events, frames
 from orbited.node.dedup import DedupLimits, DedupMemory
 from orbited.node.events import DELIVERED, QUEUED, DispatchResult, RecipientResult, Status
@@ -33,7 +33,7 @@ from orbited.node.flush import DeliveryBatch, Flushable
 from orbited.node.frames import Frame
 from orbited.node.handoff import PresenceChange, RouteOwnership, _moved_away, export_entry
 from orbited.node.mailbox import Mailbox, MailboxLimits, Position
-from orbited.node.users import UserLimits
+from orbited.node.users import NullWatcher, UserEntry, UserHold, UserLimits, gcra_take
 
 __all__ = ["SPREAD_MAX", "Answer", "Hub", "HubConfig", "Sink", "answer", "export_entry"]
 
@@ -53,8 +53,16 @@ class Sink(Protocol):
     def replaced(self) -> None:
         """A newer connection for the same key took over: close without reconnecting."""
 
-    def reconnect(self, reason: str) -> None:
-        """Tell the browser to reconnect (node shutting down, route moved) and close."""
+    def reconnect(self, reason: str, route: int | None = None) -> None:
+        """Tell the browser to reconnect (node shutting down, route moved, rehash) and
+        close; ``route``: the key's route now, after a rehash (frames.reconnect)."""
+
+    def closed(self, code: int, reason: str) -> None:
+        """End the transport for good, the browser must not reconnect: ``code`` 4429
+        ``user_limit`` (the user's connection limit, refuse policy) or 4003 ``displaced``
+        (close_oldest). WebSocket: close ``code``; HTTP transports: 429 before anything
+        was written, else the ``frames.closed`` frame (docs/protocol.md, "Per-user
+        limits")."""
 
 
 @dataclass(frozen=True)
@@ -84,7 +92,7 @@ class HubConfig:
     users: UserLimits = UserLimits()
     # The route hash version (docs/hashing.md): 2 hashes the user part only, so all of a
     # user's keys share one owner. HaloD's table's version wins when connected.
-    hash_version: int = 2
+    hash_version: int = DEFAULT_HASH_VERSION
 
     @property
     def dedup(self) -> DedupLimits:
@@ -92,21 +100,31 @@ class HubConfig:
 
 
 _new = tuple.__new__
+# A plain stored result's fields after (status, seq, dropped): RecipientResult's defaults.
+_PLAIN_TAIL = RecipientResult(Status.QUEUED)[3:]
 
 SPREAD_MAX = 30.0  # seconds: the spread hint's bound, however many browsers a node has
 
 FULL_RESULT = b'{"status":"full"}'  # the node's mailboxes hold mailbox_total_bytes
 
+# Seconds after a transport left during which an attach of the same key counts as a
+# long-poll cycle (or a quick reconnect): never refused by user_max_connections, and
+# counted as attached when another key of the user asks.
+CYCLE_GRACE = 2.0
+
 
 class _AckWait:
     """A request in the acknowledged mode waiting for the browser to confirm ``seq``."""
 
-    __slots__ = ("seq", "deferred", "timer")
+    __slots__ = ("seq", "deferred", "timer", "replaced")
 
-    def __init__(self, seq: int, deferred: defer.Deferred[RecipientResult]) -> None:
+    def __init__(
+        self, seq: int, deferred: defer.Deferred[RecipientResult], replaced: int = 0
+    ) -> None:
         self.seq = seq
         self.deferred = deferred
         self.timer: IDelayedCall | None = None
+        self.replaced = replaced  # latest-value: events its event superseded (the reply says)
 
     def resolve(self, result: RecipientResult) -> None:
         if self.timer is not None and self.timer.active():
@@ -117,11 +135,18 @@ class _AckWait:
 
 
 class _Slot:
-    __slots__ = ("mailbox", "sink", "linger_call", "route", "waits", "online", "counted")
+    __slots__ = (
+        "mailbox", "sink", "linger_call", "route", "waits", "online", "counted", "entry", "left",
+    )  # fmt: skip
 
-    def __init__(self, mailbox: Mailbox, route: int, online: bool = True) -> None:
+    def __init__(
+        self, mailbox: Mailbox, route: int, online: bool = True, entry: UserEntry | None = None
+    ) -> None:
         self.mailbox = mailbox
         self.route = route
+        # Its user's entry in Hub._users (set by Hub._index; _set_sink keeps its count).
+        self.entry = entry
+        self.left = -math.inf  # hub clock when its last transport left (CYCLE_GRACE)
         self.sink: Sink | None = None
         self.linger_call: IDelayedCall | None = None
         self.waits: list[_AckWait] | None = None  # oldest first; None when none
@@ -156,14 +181,22 @@ class Hub(RouteOwnership):
         self._streams = 0
         self._slots: dict[ConnectionKey, _Slot] = {}
         self._attached = 0  # slots with a sink, kept by _set_sink (see ``attached``)
+        # Users with a mailbox or a hold here (orbited.node.users), kept in step with
+        # _slots by _index / _unindex, the only places that change either.
+        self._users: dict[str, UserEntry] = {}
+        self._rate = config.users.rate  # per-user dispatch rate; 0 = off (one test per request)
         # Replies of recent requests; resends of one whose reply is pending wait for it.
         self.dedup: DedupMemory[defer.Deferred[DispatchResult]] = DedupMemory(config.dedup)
         self.stopped = False
         # Routes this node serves (RouteOwnership): None when standalone (every route);
         # with HaloD, what it assigned (nothing until it has).
-        self._init_routes(config.routes)
+        self._init_routes(config.routes, config.hash_version)
         # Called with ("signon" | "signoff", key): a key's mailbox created / expired.
         self.presence: Callable[[PresenceChange, ConnectionKey], None] | None = None
+        # The offline hook (orbited.node.offline.OfflineWatcher when offline_url is set):
+        # told of every watched event's fate. NullWatcher: off (a request asking for it
+        # is refused, events.check_node).
+        self.offline: Any = NullWatcher()
         # Payload bytes of all mailboxes (the node-wide cap, mailbox_total_bytes); each
         # slot's share is recounted after the hub changes its mailbox (_recount).
         self.mailbox_bytes = 0
@@ -184,6 +217,11 @@ class Hub(RouteOwnership):
             "handoff_out": 0,
             "handoff_timeouts": 0,
             "full": 0,
+            "limited": 0,
+            "replaced": 0,
+            "held": 0,
+            "user_refused": 0,
+            "user_displaced": 0,
         }
 
     # -- the delivery batch (orbited.node.flush) ----------------------------------------
@@ -217,14 +255,15 @@ class Hub(RouteOwnership):
     def attach(self, key: ConnectionKey, sink: Sink, after: Position | None) -> Mailbox | None:
         """Attach ``sink`` as the key's transport and send it what it has not seen yet.
 
-        Returns None when the node is shutting down (the sink was told to reconnect).
+        Returns None when the node is shutting down (the sink was told to reconnect),
+        and when the user's connection limit refuses it (``sink.closed(4429, ...)``).
         """
         if self.stopped:
             sink.reconnect("shutdown")
             return None
         slot = self._slots.get(key)
         if slot is None:
-            route = route_of(key, self.routes)
+            route = route_of(key, self.routes, self.hash_version)
             if self.owned is not None and route not in self.owned:
                 # Not ours (any more): the browser retries and HaloD's port for the route
                 # now leads to the owner.
@@ -233,8 +272,12 @@ class Hub(RouteOwnership):
                 return None
             if self._hold_attach(route, key, sink, after):
                 return None  # its mailbox may be on the way: resume from it
+            if not self._admit(key, None, sink):
+                return None
             slot = self._new_slot(key, route, online=True)
         else:
+            if slot.sink is None and not self._admit(key, slot, sink):
+                return None
             if slot.linger_call is not None:
                 slot.linger_call.cancel()
                 slot.linger_call = None
@@ -246,30 +289,178 @@ class Hub(RouteOwnership):
             if previous is not None and previous is not sink:
                 previous.replaced()
         mailbox = slot.mailbox
+        acked = mailbox.acked
         replay = mailbox.replay(after)
         self._recount(slot)
         stream = mailbox.stream
         hello = frames.hello(
-            stream, self.config.keepalive, replay.reset, replay.since, self.spread()
-        )
+            stream, self.config.keepalive, replay.reset, replay.since, self.spread(),
+            self.hash_version,
+        )  # fmt: skip
         out = [Frame(hello)]
         if replay.gap is not None:
             out.append(Frame(frames.gap(*replay.gap)))
-        out.extend(
-            Frame(frames.event(seq, payload, eid), seq, stream)
-            for seq, payload, eid in replay.events
-        )
+        if mailbox._tag_of is None:
+            out.extend(
+                Frame(frames.event(seq, payload, eid), seq, stream)
+                for seq, payload, eid in replay.events
+            )
+        else:
+            out.extend(
+                Frame(_event_frame(mailbox, seq, payload, eid), seq, stream)
+                for seq, payload, eid in replay.events
+            )
         self._set_sink(slot, sink)
+        entry = slot.entry
+        if entry is not None:  # attach order: the user's oldest connection comes first
+            entry.keys[key] = entry.keys.pop(key)
         if sink.deliver(out) and replay.events:
             mailbox.mark_delivered(replay.events[-1][0])
+        if mailbox.acked > acked:  # the resume position acknowledged events
+            self.offline.acked(key, mailbox.acked)
         if slot.waits is not None and after is not None:
             self._acked(slot)
         return mailbox
+
+    # -- per-user limits (orbited.node.users; docs/protocol.md, "Per-user limits") --------
+
+    def admits(self, key: ConnectionKey) -> bool:
+        """Would an attach of ``key`` now pass the user's connection limit? False only
+        under the ``refuse`` policy when the user has ``user_max_connections`` attached
+        and ``key`` is not one of them: HTTP transports answer 429 before starting a
+        response. ``attach`` stays the authority."""
+        limits = self.config.users
+        cap = limits.max_connections
+        if not cap or limits.policy != "refuse":
+            return True
+        entry = self._users.get(key[0])
+        if entry is None:
+            return True
+        slot = entry.keys.get(key)
+        if slot is not None and (slot.sink is not None or self._cycling(slot)):
+            return True
+        return self._in_use(entry) < cap
+
+    def _cycling(self, slot: _Slot) -> bool:
+        """Did the slot's transport leave within CYCLE_GRACE (a long-poll between polls)?"""
+        return slot.sink is None and self.now() - slot.left < CYCLE_GRACE
+
+    def _in_use(self, entry: UserEntry) -> int:
+        """The user's connections for the limit: attached, plus long-polls between polls."""
+        used = entry.attached
+        if len(entry.keys) > used:
+            now = self.now()
+            used += sum(
+                1 for s in entry.keys.values() if s.sink is None and now - s.left < CYCLE_GRACE
+            )
+        return used
+
+    def _admit(self, key: ConnectionKey, slot: _Slot | None, sink: Sink) -> bool:
+        """The connection limit for an attach that is new for the user (``slot`` absent
+        or without a transport): refuse it (False, ``sink.closed(4429)``) or close the
+        user's oldest connection (close_oldest) to make room."""
+        limits = self.config.users
+        cap = limits.max_connections
+        if not cap:
+            return True
+        entry = self._users.get(key[0])
+        if entry is None or (slot is not None and self._cycling(slot)):
+            return True
+        if self._in_use(entry) < cap:
+            return True
+        if limits.policy == "refuse":
+            self.stats["user_refused"] += 1
+            self._close(sink, frames.USER_LIMIT, "user_limit")
+            return False
+        while self._in_use(entry) >= cap:
+            oldest = entry.oldest_attached()
+            if oldest is None:  # only long-polls between polls: they count, nothing to close
+                break
+            self._displace(*oldest)
+        return True
+
+    def _displace(self, key: ConnectionKey, slot: _Slot) -> None:
+        """close_oldest: end the key's transport for good (4003) and drop its mailbox at
+        once (its browser will not come back for it)."""
+        self.stats["user_displaced"] += 1
+        sink = self._set_sink(slot, None)
+        if slot.linger_call is not None:
+            slot.linger_call.cancel()
+            slot.linger_call = None
+        if sink is not None:
+            self._close(sink, frames.DISPLACED, "displaced")
+        self._expire(key, slot)
+
+    def _close(self, sink: Sink, code: int, reason: str) -> None:
+        try:
+            sink.closed(code, reason)
+        except Exception:
+            self.log.failure("closing a browser transport ({reason}) failed", reason=reason)
+
+    def _rate_limited(
+        self, recipients: tuple[ConnectionKey | Selector, ...]
+    ) -> dict[str, RecipientResult]:
+        """The per-user dispatch rate (user_rate): each user of the request with a mailbox
+        or hold here takes one request from its budget; the users over it, with their
+        ``limited`` result (every recipient of theirs in the request gets it)."""
+        limits = self.config.users
+        now = self.now()
+        seen: set[str] = set()
+        over: dict[str, RecipientResult] = {}
+        for recipient in recipients:
+            user = recipient[0]
+            if user in seen:
+                continue
+            seen.add(user)
+            entry = self._users.get(user)
+            if entry is None:  # nothing here to deliver to: nothing to limit
+                continue
+            allowed, tat, retry_after = gcra_take(entry.tat, now, limits.rate, limits.burst)
+            if allowed:
+                entry.tat = tat
+            else:
+                self.stats["limited"] += 1
+                over[user] = events.limited(math.ceil(retry_after * 1000) / 1000)
+        return over
+
+    # -- the per-user index ----------------------------------------------------------------
+
+    def _index(self, key: ConnectionKey, slot: _Slot) -> UserEntry:
+        """A slot entered _slots: index it under its user (and give it the user's holds)."""
+        entry = self._users.get(key[0])
+        if entry is None:
+            entry = self._users[key[0]] = UserEntry()
+        entry.keys[key] = slot
+        slot.entry = entry
+        if slot.sink is not None:
+            entry.attached += 1
+        if entry.holds:
+            self._take_holds(key, slot, entry)
+        return entry
+
+    def _unindex(self, key: ConnectionKey, slot: _Slot) -> None:
+        """A slot left _slots (expired, evicted, displaced)."""
+        entry = slot.entry
+        if entry is None:
+            return
+        if entry.keys.get(key) is slot:
+            del entry.keys[key]
+            if slot.sink is not None:
+                entry.attached -= 1
+        slot.entry = None
+        if not entry.keys and not entry.holds and self._users.get(key[0]) is entry:
+            del self._users[key[0]]
+
+    def user_keys(self, user: str) -> list[ConnectionKey]:
+        """The user's keys with a mailbox here, in attach order (oldest first)."""
+        entry = self._users.get(user)
+        return [] if entry is None else list(entry.keys)
 
     def _new_slot(self, key: ConnectionKey, route: int, online: bool) -> _Slot:
         self._streams += 1
         mailbox = Mailbox(f"{self.epoch}.{self._streams:x}", self.config.mailbox)
         slot = self._slots[key] = _Slot(mailbox, route, online)
+        self._index(key, slot)
         if online and self.presence is not None:
             self.presence("signon", key)
         return slot
@@ -277,6 +468,7 @@ class Hub(RouteOwnership):
     def _install(self, key: ConnectionKey, mailbox: Mailbox, route: int, online: bool) -> None:
         """A handed-over mailbox: kept for ``linger`` until its browser comes."""
         slot = self._slots[key] = _Slot(mailbox, route, online)
+        self._index(key, slot)
         self._recount(slot)  # counted even past the cap: refusing it would lose events
         slot.linger_call = self.clock.callLater(self.config.linger, self._expire, key, slot)
 
@@ -286,10 +478,15 @@ class Hub(RouteOwnership):
         slot.counted = size
 
     def _set_sink(self, slot: _Slot, sink: Sink | None) -> Sink | None:
-        """Every change of a slot's transport goes here (it keeps ``attached``);
-        returns the one it replaces."""
+        """Every change of a slot's transport goes here (it keeps ``attached`` and the
+        user's count); returns the one it replaces."""
         previous, slot.sink = slot.sink, sink
-        self._attached += (sink is not None) - (previous is not None)
+        change = (sink is not None) - (previous is not None)
+        if change:
+            self._attached += change
+            entry = slot.entry
+            if entry is not None:
+                entry.attached += change
         return previous
 
     def _forget(self, slot: _Slot) -> None:
@@ -303,6 +500,7 @@ class Hub(RouteOwnership):
             self._held_gone(sink)  # closed while its route was held, perhaps
             return
         self._set_sink(slot, None)
+        slot.left = self.now()
         slot.linger_call = self.clock.callLater(self.config.linger, self._expire, key, slot)
 
     def _expire(self, key: ConnectionKey, slot: _Slot) -> None:
@@ -310,19 +508,25 @@ class Hub(RouteOwnership):
         if self._slots.get(key) is slot and slot.sink is None:
             del self._slots[key]
             self._forget(slot)
+            self._unindex(key, slot)
             self._end_waits(slot, lambda wait: events.stored(Status.UNACKED, wait.seq))
             if slot.online and self.presence is not None:
                 self.presence("signoff", key)
             if len(slot.mailbox) > slot.mailbox.acked:
                 self.log.info("mailbox {key} expired", key=key)
+            self.offline.expired(key)
 
     def ack(self, key: ConnectionKey, seq: int, stream: str | None = None) -> None:
         """The browser has everything up to ``seq`` (of ``stream``, when the ack comes on
         its own request: an ack for a stream that is gone must not confirm a new one)."""
         slot = self._slots.get(key)
         if slot is not None and (stream is None or stream == slot.mailbox.stream):
-            slot.mailbox.ack(seq)
-            self._recount(slot)
+            mailbox = slot.mailbox
+            acked = mailbox.acked
+            mailbox.ack(seq)
+            if mailbox.acked > acked:
+                self._recount(slot)
+                self.offline.acked(key, mailbox.acked)
             if slot.waits is not None:
                 self._acked(slot)
 
@@ -336,7 +540,7 @@ class Hub(RouteOwnership):
                 break
             done += 1
             self.stats["acked"] += 1
-            wait.resolve(events.stored(Status.ACKED, wait.seq))
+            wait.resolve(events.stored(Status.ACKED, wait.seq, 0, wait.replaced))
         del waits[:done]
         if not waits:
             slot.waits = None
@@ -348,7 +552,7 @@ class Hub(RouteOwnership):
             if not slot.waits:
                 slot.waits = None
         self.stats["unacked"] += 1
-        wait.resolve(events.stored(Status.UNACKED, wait.seq))
+        wait.resolve(events.stored(Status.UNACKED, wait.seq, 0, wait.replaced))
 
     def _end_waits(self, slot: _Slot, outcome: Callable[[_AckWait], RecipientResult]) -> None:
         waits, slot.waits = slot.waits, None
@@ -394,6 +598,8 @@ class Hub(RouteOwnership):
             "mailbox_bytes": self.mailbox_bytes,
             "inflight_requests": self.dedup.inflight,
             "incoming_routes": len(self._incoming),
+            "users": len(self._users),
+            "user_holds": sum(len(e.holds) for e in self._users.values() if e.holds),
         }
 
     def spread(self) -> float:
@@ -416,15 +622,19 @@ class Hub(RouteOwnership):
             if sink is not None and sink.wants_pings and sink.last_write <= deadline:
                 sink.deliver([ping])
 
-    def _release(self, slot: _Slot, reason: str) -> None:
-        """End a slot's linger and tell its browser, if attached, to reconnect."""
+    def _release(self, slot: _Slot, reason: str, route: int | None = None) -> None:
+        """End a slot's linger and tell its browser, if attached, to reconnect (with the
+        key's ``route`` now, after a rehash)."""
         if slot.linger_call is not None:
             slot.linger_call.cancel()
             slot.linger_call = None
         sink = self._set_sink(slot, None)
         if sink is not None:
             try:
-                sink.reconnect(reason)
+                if route is None:
+                    sink.reconnect(reason)
+                else:
+                    sink.reconnect(reason, route)
             except Exception:
                 self.log.failure("telling a browser to reconnect failed")
 
@@ -434,11 +644,15 @@ class Hub(RouteOwnership):
         self._complete_all()
         for slot in list(self._slots.values()):
             if self.owned is not None:  # in a cluster the route's next owner takes a resend
-                self._end_waits(slot, partial(_moved_away, slot.route, None))
+                self._end_waits(slot, partial(_moved_away, slot.route, None, self.hash_version))
             else:
                 self._end_waits(slot, lambda wait: events.stored(Status.UNACKED, wait.seq))
             self._release(slot, reason)
         self._slots.clear()
+        for entry in self._users.values():
+            for hold in entry.holds or ():
+                self._end_hold(hold)
+        self._users.clear()
         self.mailbox_bytes = 0
 
     # -- web-app side -------------------------------------------------------------------
@@ -480,8 +694,20 @@ class Hub(RouteOwnership):
         self.stats["events"] += 1
         eid = frames.event_id(request.event_id)  # once per request, shared by the mailboxes
         recipients = request.recipients
-        if len(recipients) == 1:  # the common case: no duplicate keys to look for
-            only = self._deliver(recipients[0], request.payload, request.ack, eid)
+        tag, offline = request.latest, request.offline
+        if len(recipients) == 1 and not self._rate:  # the common case: no duplicates
+            recipient = recipients[0]
+            only: RecipientResult | defer.Deferred[RecipientResult]
+            if type(recipient) is Selector:
+                only = self._deliver_selector(
+                    recipient, request.payload, request.ack, eid, tag, offline, {},
+                    request.event_id,
+                )  # fmt: skip
+            else:
+                only = self._deliver(
+                    recipient,  # type: ignore[arg-type]
+                    request.payload, request.ack, eid, tag, offline,
+                )  # fmt: skip
             if isinstance(only, tuple):  # a RecipientResult, not a Deferred (see above)
                 return self._answered(request, now, [only])
             results: list[RecipientResult | defer.Deferred[RecipientResult]] = [only]
@@ -489,12 +715,24 @@ class Hub(RouteOwnership):
         else:
             results = []
             seen: dict[ConnectionKey, RecipientResult | defer.Deferred[RecipientResult]] = {}
+            over = self._rate_limited(recipients) if self._rate else None
             waits = False
-            for key in recipients:
-                entry = seen.get(key)
-                if entry is None:
-                    entry = seen[key] = self._deliver(key, request.payload, request.ack, eid)
-                    waits = waits or isinstance(entry, defer.Deferred)
+            payload, ack = request.payload, request.ack
+            for recipient in recipients:
+                if over and recipient[0] in over:
+                    results.append(over[recipient[0]])
+                    continue
+                entry: RecipientResult | defer.Deferred[RecipientResult] | None
+                if type(recipient) is Selector:
+                    entry = self._deliver_selector(
+                        recipient, payload, ack, eid, tag, offline, seen, request.event_id
+                    )
+                else:
+                    key: ConnectionKey = recipient  # type: ignore[assignment]
+                    entry = seen.get(key)
+                    if entry is None:
+                        entry = seen[key] = self._deliver(key, payload, ack, eid, tag, offline)
+                waits = waits or isinstance(entry, defer.Deferred)
                 results.append(entry)
         if not waits:
             return self._answered(request, now, results)  # type: ignore[arg-type]
@@ -528,66 +766,261 @@ class Hub(RouteOwnership):
 
     def _deliver(
         self, key: ConnectionKey, payload: bytes, ack: float | None = None,
-        eid: bytes | None = None,
+        eid: bytes | None = None, tag: bytes | None = None, offline: float | None = None,
     ) -> RecipientResult | defer.Deferred[RecipientResult]:  # fmt: skip
         slot = self._slots.get(key)
+        created = False
         if slot is None:
             if self.owned is not None:
-                route = route_of(key, self.routes)
+                route = route_of(key, self.routes, self.hash_version)
                 if route not in self.owned:
                     self.stats["moved"] += 1
-                    return events.moved(route, self.moved_to.get(route))
+                    return events.moved(route, self.moved_to.get(route), self.hash_version)
                 incoming = self._incoming.get(route)
                 if incoming is not None:  # after the old owner's mailbox, in order
-                    later: defer.Deferred[RecipientResult] = defer.Deferred()
-
-                    def deliver_later() -> None:
-                        try:
-                            out = self._deliver(key, payload, ack, eid)
-                        except Exception:
-                            later.errback()
-                            return
-                        if isinstance(out, defer.Deferred):
-                            out.chainDeferred(later)
-                        else:
-                            later.callback(out)
-
-                    incoming.deliveries.append(deliver_later)
-                    return later
-            if ack is None:
+                    return self._later(
+                        incoming, partial(self._deliver, key, payload, ack, eid, tag, offline)
+                    )
+            if ack is None and offline is None:
                 self.stats["no_connection"] += 1
                 return events.NO_CONNECTION_RECIPIENT
             if self._full(payload):
                 return events.FULL_RECIPIENT
-            # Acknowledged mode: keep it for the browser (e.g. one reconnecting after its
-            # node crashed and this one took the route over); `unacked` if none comes.
-            slot = self._new_slot(key, route_of(key, self.routes), online=False)
+            # Acknowledged mode (or the offline hook): keep it for the browser (e.g. one
+            # reconnecting after its node crashed and this one took the route over);
+            # `unacked` if none comes.
+            slot = self._new_slot(key, route_of(key, self.routes, self.hash_version), False)
             slot.linger_call = self.clock.callLater(self.config.linger, self._expire, key, slot)
+            created = True
         if self.mailbox_bytes + len(payload) > self.config.mailbox_total_bytes:
             self.stats["full"] += 1
             return events.FULL_RECIPIENT
         mailbox = slot.mailbox
-        seq, dropped, _, _ = mailbox.append(payload, eid)
+        if tag is None:
+            seq, dropped, replaced, _ = mailbox.append(payload, eid)
+            frame = frames.event(seq, payload, eid)
+        else:
+            seq, dropped, replaced, superseded = mailbox.append(payload, eid, tag)
+            frame = frames.event(seq, payload, eid, tag, replaced)
+            if superseded is not None:
+                self._superseded(key, slot, superseded, seq, eid)
         self._recount(slot)
         sink = slot.sink
         # tuple.__new__: a NamedTuple's own __new__ is a Python call (per recipient).
-        if sink is not None and sink.deliver(
-            [_new(Frame, (frames.event(seq, payload, eid), seq, mailbox.stream))]
-        ):
+        if sink is not None and sink.deliver([_new(Frame, (frame, seq, mailbox.stream))]):
             mailbox.mark_delivered(seq)
             self.stats["delivered"] += 1
             status = DELIVERED
         else:
             self.stats["queued"] += 1
             status = QUEUED
+        if offline is not None and eid is not None:
+            if created:  # no mailbox until now: no browser to wait for
+                self.offline.no_connection(key, eid, [(key, seq)])
+            else:
+                self.offline.watch(key, eid, offline, [(key, seq)])
         if ack is None:
-            return _new(RecipientResult, (status, seq, dropped, None, None))
-        wait = _AckWait(seq, defer.Deferred())
+            if replaced:
+                return events.stored(status, seq, dropped, replaced)
+            return _new(RecipientResult, (status, seq, dropped, *_PLAIN_TAIL))
+        wait = _AckWait(seq, defer.Deferred(), replaced)
         wait.timer = self.clock.callLater(ack, self._ack_timeout, slot, wait)
         if slot.waits is None:
             slot.waits = []
         slot.waits.append(wait)
         return wait.deferred
+
+    def _later(
+        self,
+        incoming: Any,
+        deliver: Callable[[], RecipientResult | defer.Deferred[RecipientResult]],
+    ) -> defer.Deferred[RecipientResult]:
+        """A delivery to a route held for an incoming hand-off: run after it, in order."""
+        later: defer.Deferred[RecipientResult] = defer.Deferred()
+
+        def deliver_later() -> None:
+            try:
+                out = deliver()
+            except Exception:
+                later.errback()
+                return
+            if isinstance(out, defer.Deferred):
+                out.chainDeferred(later)
+            else:
+                later.callback(out)
+
+        incoming.deliveries.append(deliver_later)
+        return later
+
+    def _superseded(
+        self, key: ConnectionKey, slot: _Slot, old: int, new: int, eid: bytes | None
+    ) -> None:
+        """Latest-value: the event at ``old`` left the key's mailbox for the one at
+        ``new``; an acknowledged-mode request waiting on it is answered ``replaced``."""
+        self.stats["replaced"] += 1
+        waits = slot.waits
+        if waits is not None:
+            for wait in waits:
+                if wait.seq == old:
+                    waits.remove(wait)
+                    if not waits:
+                        slot.waits = None
+                    wait.resolve(events.superseded(old, new))
+                    break
+        if eid is not None:
+            self.offline.moved(key, old, new, eid)
+
+    def _deliver_selector(
+        self, selector: Selector, payload: bytes, ack: float | None, eid: bytes,
+        tag: bytes | None, offline: float | None,
+        seen: dict[ConnectionKey, RecipientResult | defer.Deferred[RecipientResult]],
+        event_id: str,
+    ) -> RecipientResult | defer.Deferred[RecipientResult]:  # fmt: skip
+        """A wildcard: the event goes to each of the user's (or session's) keys here, once
+        per key in the request (``seen``); the result lists each key's (``matched``)."""
+        user = selector.user
+        if self.owned is not None:
+            route = route_of_user(user, self.routes)
+            if route not in self.owned:
+                self.stats["moved"] += 1
+                return events.moved(route, self.moved_to.get(route), self.hash_version)
+            incoming = self._incoming.get(route)
+            if incoming is not None:
+                return self._later(
+                    incoming,
+                    partial(self._deliver_selector, selector, payload, ack, eid, tag, offline,
+                            seen, event_id),
+                )  # fmt: skip
+        entry = self._users.get(user)
+        # A snapshot: deliveries do not change the index, but an ack-wait callback might.
+        matches = [] if entry is None else [k for k in entry.keys if selector.matches(k)]
+        if not matches:
+            return self._no_match(selector, payload, ack, eid, tag, offline, event_id)
+        parts: list[RecipientResult | defer.Deferred[RecipientResult]] = []
+        reached: list[tuple[ConnectionKey, int]] = []
+        waits = False
+        for key in matches:
+            part = seen.get(key)
+            if part is None:
+                part = seen[key] = self._deliver(key, payload, ack, eid, tag, None)
+            assert part is not None
+            if isinstance(part, defer.Deferred):
+                waits = True
+                slot = self._slots.get(key)
+                if slot is not None and offline is not None:
+                    reached.append((key, slot.mailbox.last_seq))
+            elif offline is not None and part.status.stored and part.seq is not None:
+                reached.append((key, part.seq))
+            parts.append(part)
+        if offline is not None and reached:
+            self.offline.watch(selector, eid, offline, reached)
+        if not waits:
+            return events.matched(tuple(zip(matches, parts, strict=True)))  # type: ignore[arg-type]
+        gathered = defer.gatherResults(
+            [p if isinstance(p, defer.Deferred) else defer.succeed(p) for p in parts],
+            consumeErrors=True,
+        )
+        return gathered.addCallback(
+            lambda done: events.matched(tuple(zip(matches, done, strict=True)))
+        )
+
+    # -- user holds (docs/protocol.md, "Addressing a user or a session") -------------------
+
+    def _no_match(
+        self, selector: Selector, payload: bytes, ack: float | None, eid: bytes,
+        tag: bytes | None, offline: float | None, event_id: str,
+    ) -> RecipientResult | defer.Deferred[RecipientResult]:  # fmt: skip
+        """A wildcard that reached no key: ``no_connection`` with ``keys: []``; with
+        ``offline`` or ``ack`` (and user_hold on) the event is held for the user's next
+        matching mailbox (``held``)."""
+        hold_for = self.config.users.hold
+        if (ack is None and offline is None) or not hold_for:
+            self.stats["no_connection"] += 1
+            if offline is not None:
+                self.offline.no_connection(selector, eid, [])
+            return events.NO_KEYS
+        entry = self._users.get(selector.user)
+        if entry is not None and entry.holds and len(entry.holds) >= self.config.mailbox.max_events:
+            self.stats["full"] += 1
+            return events.FULL_RECIPIENT
+        if self._full(payload):
+            return events.FULL_RECIPIENT
+        if entry is None:
+            entry = self._users[selector.user] = UserEntry()
+        now = self.now()
+        hold = UserHold(selector, event_id, eid, payload, tag, now + hold_for)
+        if entry.holds is None:
+            entry.holds = []
+        entry.holds.append(hold)
+        self.mailbox_bytes += len(payload)
+        self.stats["held"] += 1
+        hold.timer = self.clock.callLater(hold_for, self._hold_expired, selector.user, hold)
+        if offline is not None:
+            hold.watch = self.offline.no_connection(selector, eid, [])
+        if ack is None:
+            return events.HELD
+        answer: defer.Deferred[RecipientResult] = defer.Deferred()
+        hold.answer = answer
+        hold.ack_until = now + ack
+        hold.ack_timer = self.clock.callLater(ack, self._hold_unanswered, hold)
+        return answer
+
+    def _take_holds(self, key: ConnectionKey, slot: _Slot, entry: UserEntry) -> None:
+        """A new mailbox of a user with held wildcard events: the matching ones go in
+        first, in order (the browser gets them in its hello batch)."""
+        now = self.now()
+        for hold in list(entry.holds or ()):
+            if hold.until <= now or not hold.selector.matches(key):
+                continue
+            mailbox = slot.mailbox
+            seq, _, _, superseded = mailbox.append(hold.payload, hold.eid, hold.tag)
+            if superseded is not None:
+                self._superseded(key, slot, superseded, seq, hold.eid)
+            self._recount(slot)
+            hold.reached += 1
+            if hold.watch is not None:
+                self.offline.add_key(hold.watch, key, seq)
+            answer = hold.answer
+            if answer is not None and not answer.called:
+                wait = _AckWait(seq, defer.Deferred())
+                wait.timer = self.clock.callLater(
+                    max(0.0, hold.ack_until - now), self._ack_timeout, slot, wait
+                )
+                if slot.waits is None:
+                    slot.waits = []
+                slot.waits.append(wait)
+                wait.deferred.addCallback(partial(_answer_hold, answer, key))
+
+    def _hold_unanswered(self, hold: UserHold) -> None:
+        """An acknowledged-mode hold's wait ended with no key reached: ``held``."""
+        hold.ack_timer = None
+        answer = hold.answer
+        if answer is not None and not answer.called and not hold.reached:
+            self.stats["unacked"] += 1
+            answer.callback(events.HELD)
+
+    def _hold_expired(self, user: str, hold: UserHold) -> None:
+        hold.timer = None
+        entry = self._users.get(user)
+        if entry is not None and entry.holds and hold in entry.holds:
+            entry.holds.remove(hold)
+            if not entry.holds:
+                entry.holds = None
+            if not entry.keys and not entry.holds:
+                del self._users[user]
+        self._end_hold(hold)
+
+    def _end_hold(self, hold: UserHold) -> None:
+        self.mailbox_bytes -= len(hold.payload)
+        for timer in (hold.timer, hold.ack_timer):
+            if timer is not None and timer.active():
+                timer.cancel()
+        hold.timer = hold.ack_timer = None
+        if hold.watch is not None and not hold.reached:
+            self.offline.dropped(hold.watch)
+        answer = hold.answer
+        if answer is not None and not answer.called and not hold.reached:
+            answer.callback(events.HELD)
 
     def _full(self, payload: bytes) -> bool:
         """Would ``payload`` take the node's mailboxes past mailbox_total_bytes? Then it is
@@ -597,6 +1030,23 @@ class Hub(RouteOwnership):
             return False
         self.stats["full"] += 1
         return True
+
+
+def _answer_hold(
+    answer: defer.Deferred[RecipientResult], key: ConnectionKey, result: RecipientResult
+) -> RecipientResult:
+    """The first key a held acknowledged-mode event reached answers the request."""
+    if not answer.called:
+        answer.callback(events.matched(((key, result),)))
+    return result
+
+
+def _event_frame(mailbox: Mailbox, seq: int, payload: bytes, eid: bytes | None) -> bytes:
+    """A buffered event's frame, with its latest-value tag if it has one."""
+    tagged = mailbox.tag(seq)
+    if tagged is None:
+        return frames.event(seq, payload, eid)
+    return frames.event(seq, payload, eid, tagged[0], tagged[1])
 
 
 Answer = tuple[bool, bytes]  # (success, reply body): HTTP publish answers 400 on False
@@ -613,6 +1063,12 @@ def answer(hub: Hub, body: bytes) -> Answer | defer.Deferred[Answer]:
         return False, events.error_reply(e)
     if isinstance(request, events.PingRequest):
         return True, events.ok_reply(request.event_id, [])
+    if request.hash is not None or request.offline is not None or hub.hash_version == 1:
+        try:
+            events.check_node(request, hub.hash_version, not isinstance(hub.offline, NullWatcher))
+        except events.RequestError as e:
+            hub.stats["bad_requests"] += 1
+            return False, events.error_reply(e)
     try:
         outcome = hub.dispatch(request)
     except Exception:

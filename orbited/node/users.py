@@ -22,11 +22,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from orbited.core.keys import ConnectionKey
+from orbited.core.keys import ConnectionKey, Selector
 from orbited.core.settings import FieldError, check_fields
+from orbited.node.frames import DISPLACED, USER_LIMIT  # the close codes (4003, 4429)
 
 if TYPE_CHECKING:
     from twisted.internet import defer
+    from twisted.internet.interfaces import IDelayedCall
 
     from orbited.node.hub import _Slot
 
@@ -41,8 +43,6 @@ __all__ = [
     "gcra_take",
 ]
 
-USER_LIMIT = 4429  # close code: the user has user_max_connections (refuse policy)
-DISPLACED = 4003  # close code: a newer connection of the user took this one's place
 POLICIES = ("refuse", "close_oldest")
 
 
@@ -71,21 +71,28 @@ class UserHold:
     """A wildcard event for a user with no matching key (``offline`` or ``ack``): kept
     until ``until`` and appended to each matching mailbox created meanwhile."""
 
-    __slots__ = ("selector", "event_id", "eid", "payload", "tag", "until", "watch", "waits")
+    __slots__ = (
+        "selector", "event_id", "eid", "payload", "tag", "until", "timer", "watch", "answer",
+        "ack_until", "ack_timer", "reached",
+    )  # fmt: skip
 
     def __init__(
-        self, selector: Any, event_id: str, eid: bytes, payload: bytes, tag: bytes | None,
+        self, selector: Selector, event_id: str, eid: bytes, payload: bytes, tag: bytes | None,
         until: float,
     ) -> None:  # fmt: skip
-        self.selector = selector  # orbited.core.keys.Selector
+        self.selector = selector
         self.event_id = event_id
-        self.eid = eid
+        self.eid = eid  # encoded once, like a mailbox entry's
         self.payload = payload
         self.tag = tag
-        self.until = until  # hub clock
-        self.watch: object | None = None  # the offline watcher's Watch, if any
-        # Acknowledged mode: the request's gathered answer waits on the keys reached.
-        self.waits: list[defer.Deferred[Any]] | None = None
+        self.until = until  # hub clock: when it is dropped
+        self.timer: IDelayedCall | None = None  # the drop
+        self.watch: Any = None  # the offline watcher's Watch, if any
+        self.reached = 0  # mailboxes it went into
+        # Acknowledged mode: the request's answer, its deadline and timer.
+        self.answer: defer.Deferred[Any] | None = None
+        self.ack_until = 0.0
+        self.ack_timer: IDelayedCall | None = None
 
 
 class UserEntry:

@@ -55,6 +55,7 @@ def request(event_id: str, keys: list[ConnectionKey], data: object, **extra: obj
 def test_the_wire_strings_of_the_statuses_are_unchanged():
     assert [s.value for s in Status] == [
         "delivered", "queued", "no_connection", "moved", "acked", "unacked", "full",
+        "matched", "limited", "replaced",
     ]  # fmt: skip
     assert {s for s in Status if s.stored} == {
         Status.DELIVERED, Status.QUEUED, Status.ACKED, Status.UNACKED,
@@ -119,9 +120,9 @@ def test_a_key_of_a_moved_route_is_answered_moved_with_the_new_owner():
     hub.route_moved({1: "tcp://n2:9000"})
     outcome = hub.dispatch(request("e1", [key], 1))
     assert isinstance(outcome, DispatchResult)
-    assert outcome.results == (RecipientResult(Status.MOVED, route=1, to="tcp://n2:9000"),)
+    assert outcome.results == (RecipientResult(Status.MOVED, route=1, to="tcp://n2:9000", hash=2),)
     assert events.encode_reply(outcome).endswith(
-        b'[{"status":"moved","route":1,"to":"tcp://n2:9000"}]}'
+        b'[{"status":"moved","route":1,"to":"tcp://n2:9000","hash":2}]}'
     )
 
 

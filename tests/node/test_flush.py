@@ -197,3 +197,28 @@ def test_the_rep_server_batches_the_requests_of_one_read():
     assert [statuses(r[4:]) for r in replies] == [["delivered"]] * 3
     proto.dataReceived(request(0x80000009, body("e9", ALICE, 9)))  # the next read
     assert [f["data"] for f in sink.writes[-1]] == [9]
+
+
+def test_user_events_in_one_read_leave_in_one_write_per_tab():
+    """A wildcard's keys are ordinary deliveries: two user-addressed events in one batch
+    reach each of the user's three tabs in one write, in order."""
+    hub, _ = make_hub()
+    tabs = {ConnectionKey("alice", "s", f"/t{i}"): BatchingSink(hub) for i in range(3)}
+    for key, sink in tabs.items():
+        hub.attach(key, sink, None)
+    flushes = {key: 0 for key in tabs}
+    for key, sink in tabs.items():
+        original = sink.flush
+
+        def counted(key=key, original=original) -> None:
+            flushes[key] += 1
+            original()
+
+        sink.flush = counted  # type: ignore[method-assign]
+    user = ["alice", "*", "*"]
+    with hub.batch():
+        for i in range(2):
+            hub.handle_request(json.dumps({"id": f"u{i}", "to": [user], "data": i}).encode())
+    assert flushes == {key: 1 for key in tabs}
+    for sink in tabs.values():
+        assert [[(f["seq"], f["data"]) for f in w] for w in sink.writes[1:]] == [[(1, 0), (2, 1)]]

@@ -33,7 +33,7 @@ def test_an_export_is_the_documented_json_entry():
     wire = MailboxExport.of(KEY, filled_mailbox(), route, online=False).to_wire()
     assert json.dumps(wire, separators=(",", ":")) == (
         '{"key":["u","s","/l"],"route":ROUTE,"stream":"ep.1","next_seq":4,"acked":1,'
-        '"events":[[2,"\\"two\\""],[3,"3","e3"]],"online":false}'
+        '"events":[[2,"\\"two\\""],[3,"3","e3"]],"online":false,"evicted":0}'
     ).replace("ROUTE", str(route))
 
 
@@ -99,3 +99,105 @@ def test_the_hub_installs_good_entries_and_skips_bad_ones():
     mailbox = hub.mailbox(KEY)
     assert mailbox is not None and mailbox.stream == "ep.1" and mailbox.next_seq == 4
     assert hub.stats["handoff_in"] == 1
+
+
+# -- rehash (docs/hashing.md, "Moving a cluster from version 1 to 2") -----------------------
+
+
+class _Tab:
+    wants_pings = True
+    last_write = 0.0
+
+    def __init__(self) -> None:
+        self.frames: list[dict] = []
+        self.told: tuple | None = None
+
+    def deliver(self, out):
+        self.frames += [json.loads(f.data) for f in out]
+        return True
+
+    def replaced(self):
+        pass
+
+    def reconnect(self, reason, route=None):
+        self.told = (reason, route)
+
+    def closed(self, code, reason):
+        pass
+
+
+def _owners(table: dict[int, str]) -> list:
+    from orbited.core.control import RouteMove
+
+    return [RouteMove(r, name, f"b-{name}", f"tcp://{name}:1") for r, name in table.items()]
+
+
+def test_rehash_exports_the_keys_whose_new_route_is_a_peers_and_holds_its_own_routes():
+    from orbited.node.events import parse_request
+
+    clock = Clock()
+    hub = Hub(clock, HubConfig(routes=4, hash_version=1, handoff_timeout=5), epoch="ep")
+    hub.assign([1, 2], 4)
+    keys = [
+        ConnectionKey(f"u{i}", "s", "/t") for i in range(40)
+        if route_of(ConnectionKey(f"u{i}", "s", "/t"), 4, 1) in (1, 2)
+    ][:12]  # fmt: skip
+    tabs = {k: _Tab() for k in keys}
+    for k, tab in tabs.items():
+        hub.attach(k, tab, None)
+        body = json.dumps({"id": f"e-{k.user}", "to": [list(k)], "data": 1}).encode()
+        hub.dispatch(parse_request(body, hub.config.requests))
+    owners = _owners({1: "n1", 2: "n1", 3: "n2", 4: "n3"})
+    out = hub.rehash(2, owners, me="n1")
+    assert hub.hash_version == 2 and set(out) == {"n2", "n3"}
+    leaving = {k for k in keys if route_of(k, 4, 2) in (3, 4)}
+    staying = set(keys) - leaving
+    assert leaving and staying  # the fixture covers both
+    sent = {tuple(e["key"]): name for name, entries in out.items() for e in entries}
+    assert set(sent) == {tuple(k) for k in leaving}
+    for k in leaving:
+        assert sent[tuple(k)] == {3: "n2", 4: "n3"}[route_of(k, 4, 2)]
+        assert tabs[k].told == ("rehash", route_of(k, 4, 2))
+        assert k not in hub._slots and hub.user_keys(k.user) == []
+    for k in staying:
+        assert tabs[k].told is None and hub._slots[k].route == route_of(k, 4, 2)
+    # Its own routes wait for every peer's ``done`` (mailboxes may come from both).
+    waiting = []
+    newcomer = next(
+        ConnectionKey(f"w{i}", "s", "/t") for i in range(100)
+        if route_of(ConnectionKey(f"w{i}", "s", "/t"), 4, 2) == 1
+    )  # fmt: skip
+    reply = hub.handle_request(
+        json.dumps({"id": "late", "to": [list(newcomer)], "data": 2, "ack": 9}).encode()
+    )
+    reply.addCallback(waiting.append)  # type: ignore[union-attr]
+    peer = Hub(Clock(), HubConfig(routes=4, hash_version=1), epoch="p2")
+    peer.assign([3, 4], 4)
+    peer.attach(newcomer, _Tab(), None)
+    peer_out = peer.rehash(2, owners, me="n2")
+    hub.handoff_received(peer_out["n1"], done=[1, 2], sender="n2")
+    assert 1 in hub._incoming and waiting == []  # n3 has not said done
+    hub.handoff_received([], done=[1, 2], sender="n3")
+    assert 1 not in hub._incoming
+    assert newcomer in hub._slots and hub._slots[newcomer].mailbox.stream.startswith("p2.")
+    hub.ack(newcomer, 1)
+    assert json.loads(waiting[0])["results"][0]["status"] == "acked"
+
+
+def test_rehash_routes_held_are_served_afresh_after_the_timeout():
+    clock = Clock()
+    hub = Hub(clock, HubConfig(routes=2, hash_version=1, handoff_timeout=5), epoch="ep")
+    hub.assign([1], 2)
+    hub.rehash(2, _owners({1: "n1", 2: "n2"}), me="n1")
+    assert 1 in hub._incoming
+    clock.advance(5)
+    assert hub._incoming == {} and hub.stats["handoff_timeouts"] == 1
+
+
+def test_set_hash_version_recomputes_every_route():
+    hub = Hub(Clock(), HubConfig(routes=24, hash_version=1), epoch="ep")
+    k = ConnectionKey("alice", "s9", "/x")
+    hub.attach(k, _Tab(), None)
+    assert hub._slots[k].route == route_of(k, 24, 1)
+    hub.set_hash_version(2)
+    assert hub._slots[k].route == route_of(k, 24, 2) and hub.hash_version == 2

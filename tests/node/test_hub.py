@@ -57,7 +57,7 @@ def test_attach_sends_hello_with_stream():
     hub.attach(ALICE, sink, None)
     assert sink.frames == [
         {"type": "hello", "stream": "ep.1", "keepalive": 10, "reset": False, "seq": 0,
-         "spread": 0.001}  # 1 mailbox at the default reconnect_rate, 1000/s
+         "spread": 0.001, "hash": 2}  # 1 mailbox at the default reconnect_rate, 1000/s
     ]  # fmt: skip
 
 
@@ -295,11 +295,11 @@ def test_keys_of_routes_not_served_are_refused_and_reported_moved():
     reply = send(hub, "e1", [other], "x")
     from orbited.core.hashing import route_of
 
-    assert reply["results"] == [{"status": "moved", "route": route_of(other)}]
+    assert reply["results"] == [{"status": "moved", "route": route_of(other), "hash": 2}]
     hub.route_moved({1: "tcp://127.0.0.9:9000"})
     moved = keys_on_routes([1])[0]
     assert send(hub, "e2", [moved], "x")["results"] == [
-        {"status": "moved", "route": 1, "to": "tcp://127.0.0.9:9000"}
+        {"status": "moved", "route": 1, "to": "tcp://127.0.0.9:9000", "hash": 2}
     ]
     assert hub.owned == frozenset({2, 3})
     hub.assign([1, 2, 3])  # back again: served, no longer reported moved
@@ -390,7 +390,7 @@ def test_unconfirmed_events_of_a_moved_route_answer_moved_unless_handed_over():
     got_b = answer(send_acked(hub, "eb", [b], 1))
     exports: list = []
     hub.route_moved({1: "tcp://n2:1", 2: "tcp://n2:1"}, handoff=[2], exports=exports)
-    assert got_a[0]["results"] == [{"status": "moved", "route": 1, "to": "tcp://n2:1"}]
+    assert got_a[0]["results"] == [{"status": "moved", "route": 1, "to": "tcp://n2:1", "hash": 2}]
     assert got_b[0]["results"] == [{"status": "unacked", "seq": 1}]  # n2 has it
     assert [e["key"] for e in exports] == [list(b)]
 
@@ -429,7 +429,7 @@ def test_hand_off_resumes_the_same_stream_on_the_new_owner_in_order():
     ]
     # spread: 2 mailboxes at 1000/s
     assert resumed.frames[0] == {"type": "hello", "stream": old_stream, "keepalive": 25.0, "seq": 2,
-                                 "reset": False, "spread": 0.002}  # fmt: skip
+                                 "reset": False, "spread": 0.002, "hash": 2}  # fmt: skip
     assert resumed.events() == [(3, 3), (4, 4)]  # nothing lost, nothing twice
     assert new.stats["handoff_in"] == 2 and old.stats["handoff_out"] == 2
 
