@@ -100,9 +100,6 @@ class HubConfig:
 
 
 _new = tuple.__new__
-# A plain stored result's fields after (status, seq, dropped): RecipientResult's defaults.
-_PLAIN_TAIL = RecipientResult(Status.QUEUED)[3:]
-
 SPREAD_MAX = 30.0  # seconds: the spread hint's bound, however many browsers a node has
 
 FULL_RESULT = b'{"status":"full"}'  # the node's mailboxes hold mailbox_total_bytes
@@ -822,7 +819,12 @@ class Hub(RouteOwnership):
         if ack is None:
             if replaced:
                 return events.stored(status, seq, dropped, replaced)
-            return _new(RecipientResult, (status, seq, dropped, *_PLAIN_TAIL))
+            # RecipientResult's defaults after dropped, spelled out (a tuple of constants);
+            # tests/node/test_dispatch.py compares the result with RecipientResult(...).
+            return _new(
+                RecipientResult,
+                (status, seq, dropped, None, None, None, None, 0, None, False, None),
+            )
         wait = _AckWait(seq, defer.Deferred(), replaced)
         wait.timer = self.clock.callLater(ack, self._ack_timeout, slot, wait)
         if slot.waits is None:
