@@ -15,6 +15,10 @@ Definitions (per client, i.e. per connection key):
   send time falls in (``round_times``), or to "outside" — losses outside every incident
   are the interesting bug;
 - **duplicated**: n values the browser's app layer saw more than once;
+- **user-addressed events** (``bench/sender.py --users``: one ``[user, "*", "*"]`` per
+  user): each key's accepted n are those the wildcard's ``matched`` reply gave that key
+  an accepted status (``selector_statuses``), so lost and duplicated are per key, as for
+  single-key events;
 - **recovery** (per incident window ``(start, end)``): a client is affected when one of
   its outages began inside the window; its recovery is the time from ``start`` to the
   first event it received afterwards (``None``: never received again).
@@ -36,6 +40,9 @@ Window = tuple[float, float]
 
 # Statuses that mean "the node took the event for this key": it must reach the browser.
 ACCEPTED_STATUSES = frozenset({"delivered", "queued", "acked", "unacked"})
+# A wildcard recipient's key the `matched` reply did not list (docs/protocol.md,
+# "Addressing a user or a session"): the node had no mailbox for it, nothing is owed.
+UNMATCHED = "unmatched"
 
 
 # -- ranges ------------------------------------------------------------------------------
@@ -115,6 +122,42 @@ class RangeSet:
 
     def ranges(self) -> Ranges:
         return [[lo, h] for lo, h in zip(self._lo, self._hi, strict=True)]
+
+
+# -- user-addressed events ---------------------------------------------------------------
+
+
+def key_results(result: Mapping[str, Any]) -> dict[tuple[str, ...], Mapping[str, Any]]:
+    """A wildcard recipient's result per connection key it reached (``"matched"``), as
+    the node sends it (``"keys": [{"key": [u, s, l], "status": ...}, ...]``) or as the
+    Python clients give it (``"keys": {ConnectionKey: {...}}``); {} when it reached none."""
+    keys = result.get("keys") or ()
+    if isinstance(keys, Mapping):
+        return {tuple(k): v for k, v in keys.items()}
+    return {tuple(entry["key"]): {f: v for f, v in entry.items() if f != "key"}
+            for entry in keys}  # fmt: skip
+
+
+def selector_statuses(
+    result: Mapping[str, Any], keys: Iterable[Sequence[str]]
+) -> dict[tuple[str, ...], str]:
+    """Each of a user's ``keys`` with the status a wildcard's ``result`` gives it: its own
+    entry when the node matched it, ``UNMATCHED`` when the node matched others but not
+    it, and the wildcard's own status (``no_connection``, ``limited``, ``moved``, an
+    error...) when the node matched none. Only ACCEPTED_STATUSES are owed to a browser:
+    the per-key accounting of single-key events applies to user-addressed ones as is."""
+    status = str(result.get("status", "error"))
+    reached = key_results(result) if status == "matched" else {}
+    out: dict[tuple[str, ...], str] = {}
+    for key in keys:
+        key = tuple(key)
+        if status != "matched":
+            out[key] = status
+        elif key in reached:
+            out[key] = str(reached[key].get("status", "error"))
+        else:
+            out[key] = UNMATCHED
+    return out
 
 
 # -- statistics --------------------------------------------------------------------------

@@ -5,7 +5,13 @@ test (the browsers are bench/browsers.py; bench/chaos_report.py compares the two
 ``--interval`` ms a round n (1, 2, ...) goes out: by default one SP request per route with
 all that route's keys and data ``{"n": n, "t": send wall time, "k": "*"}``
 (``orbited.client.twisted.TwistedClient``: many requests in flight, so a slow or dead route does
-not hold back the others); with ``--per-key`` one request per key with ``"k": key id``.
+not hold back the others); with ``--per-key`` one request per key with ``"k": key id``;
+with ``--users`` one request per route addressing each of that route's users as a whole,
+``[user, "*", "*"]`` (docs/protocol.md, "Addressing a user or a session"; hash version 2
+puts a user's keys on one route), and ``"k": "*"``: every key of the user gets the round.
+A user's keys are recorded one by one from the ``matched`` reply
+(bench/chaos_report.py, ``selector_statuses``): a key the node did not reach is
+``unmatched`` (not accepted), so the per-key accounting is that of single-key events.
 
 Each key's reply status per n is kept: ``delivered`` / ``queued`` / ``acked`` /
 ``unacked`` count as *accepted* (the node took the event: the browser must get it; an
@@ -45,13 +51,14 @@ from pathlib import Path
 from typing import Any
 
 from bench.browsers import BROADCAST, key_id, make_keys, read_keys, write_json
-from bench.chaos_report import ACCEPTED_STATUSES, RangeSet, spread
+from bench.chaos_report import ACCEPTED_STATUSES, RangeSet, selector_statuses, spread
 from orbited.client.cluster import Cluster, HaloDCluster, Node
 from orbited.client.retry import RetryPolicy
 from orbited.core.hashing import DEFAULT_ROUTES
-from orbited.core.keys import ConnectionKey
+from orbited.core.keys import ConnectionKey, Selector
 
 RESENDABLE = frozenset({"error", "unreachable", "moved"})
+Target = ConnectionKey | Selector  # a key, or (--users) a whole user
 LATENCY_SAMPLES = 20_000
 
 
@@ -87,6 +94,7 @@ class Sender:
         ack: float | None = None,
         resend: int = 0,
         resend_delay: float = 0.5,
+        users: bool = False,
     ) -> None:
         self.client = client
         self.reactor = reactor
@@ -97,7 +105,12 @@ class Sender:
         self.resend_delay = resend_delay
         self.run_id = uuid.uuid4().hex[:12]
         self.records = {key_id(k): _KeyRecord(k, cluster.route_of(k)) for k in keys}
-        self.groups = list(cluster.group_by_route(list(keys)).values())
+        self.users = users
+        self.keys_of: dict[str, list[ConnectionKey]] = {}  # user -> its keys (--users)
+        for k in keys:
+            self.keys_of.setdefault(k.user, []).append(k)
+        targets: list[Target] = [Selector(u, None) for u in self.keys_of] if users else [*keys]
+        self.groups = list(cluster.group_by_route(targets).values())
         self.round_times: list[float] = []
         self.status_counts: Counter[str] = Counter()
         self.requests = 0
@@ -122,7 +135,7 @@ class Sender:
                 self._send(keys, data, f"{self.run_id}-{n}", n)
 
     def _send(
-        self, keys: list[ConnectionKey], data: dict, event_id: str, n: int, attempt: int = 0
+        self, keys: list[Target], data: dict, event_id: str, n: int, attempt: int = 0
     ) -> None:
         self.in_flight += 1
         self.requests += 1
@@ -132,12 +145,12 @@ class Sender:
         d.addErrback(self._failed, keys, n)
 
     def _replied(
-        self, results: dict, keys: list[ConnectionKey], data: dict, event_id: str, n: int,
+        self, results: dict, keys: list[Target], data: dict, event_id: str, n: int,
         attempt: int, started: float,
     ) -> None:  # fmt: skip
         self.in_flight -= 1
         self._latency(time.monotonic() - started)
-        again: list[ConnectionKey] = []
+        again: list[Target] = []
         for key, result in results.items():
             status = classify(result)
             if status in RESENDABLE and attempt < self.resend:
@@ -145,7 +158,12 @@ class Sender:
                 continue
             if status in ("error", "unreachable") and len(self.error_sample) < 20:
                 self.error_sample.append(f"n={n} {result}"[:200])
-            self._record(key, n, status)
+            if isinstance(key, Selector):
+                statuses = selector_statuses(result, self.keys_of[key.user])
+                for user_key, key_status in statuses.items():
+                    self._record(ConnectionKey(*user_key), n, key_status)
+            else:
+                self._record(key, n, status)
         if again:
             # Same id, same data, same keys (a whole route failed together), so a node
             # that did take it the first time answers with its first reply.
@@ -154,13 +172,17 @@ class Sender:
                 self.resend_delay, self._send, again, data, event_id, n, attempt + 1
             )
 
-    def _failed(self, failure: Any, keys: list[ConnectionKey], n: int) -> None:
+    def _failed(self, failure: Any, keys: list[Target], n: int) -> None:
         # TwistedClient never errbacks for a dead node; this is a bug worth seeing.
         self.in_flight -= 1
         if len(self.error_sample) < 20:
             self.error_sample.append(f"n={n} errback {failure.getErrorMessage()}"[:200])
         for key in keys:
-            self._record(key, n, "error")
+            if isinstance(key, Selector):
+                for user_key in self.keys_of[key.user]:
+                    self._record(user_key, n, "error")
+            else:
+                self._record(key, n, "error")
 
     def _record(self, key: ConnectionKey, n: int, status: str) -> None:
         record = self.records[key_id(key)]
@@ -184,6 +206,7 @@ class Sender:
             "interval": self.interval,
             "ack": self.ack,
             "per_key": self.per_key,
+            "users": self.users,
             "rounds": len(self.round_times),
             "round_times": self.round_times,
             "keys": {
@@ -269,6 +292,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--duration", type=float, default=0, help="seconds of sending")
     p.add_argument("--rounds", type=int, default=0, help="stop after this many rounds")
     p.add_argument("--per-key", action="store_true", help="one request per key, k = key id")
+    p.add_argument("--users", action="store_true",
+                   help='one [user, "*", "*"] per user, by route (hash version 2)')  # fmt: skip
     p.add_argument("--ack-timeout", type=float, help="acknowledged mode: request field ack=S")
     p.add_argument("--timeout", type=float, default=5.0, help="client time-out per request")
     p.add_argument(
@@ -299,6 +324,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.per_key and args.users:
+        print("sender: --per-key and --users exclude each other", file=sys.stderr)
+        return 2
     deadline = time.monotonic() + args.wait_timeout
     while not all(f.exists() for f in args.wait_for):
         if time.monotonic() > deadline:
@@ -325,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     client = TwistedClient(cluster, reactor, timeout=timeout, retries=args.retries,
                            backoff=args.backoff, retry_budget=args.retry_budget)  # fmt: skip
     sender = Sender(client, cluster, keys, reactor, args.interval / 1000, args.per_key,
-                    args.ack_timeout, args.resend, args.resend_delay)  # fmt: skip
+                    args.ack_timeout, args.resend, args.resend_delay, args.users)  # fmt: skip
     # Long enough for every reply, resend and client retry of the last round by default.
     drain = args.drain or (max(timeout, args.retry_budget) + timeout
                            + args.resend * args.resend_delay + 2)  # fmt: skip
