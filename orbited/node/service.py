@@ -21,6 +21,7 @@ from orbited.node.config import NodeConfig
 from orbited.node.hub import Hub
 from orbited.node.legacy.orbit import OrbitFactory
 from orbited.node.link import HaloDLink
+from orbited.node.offline import OfflineConfig, OfflineWatcher
 from orbited.node.presence import PresenceNotifier
 from orbited.node.publish import publish_site
 from orbited.node.rep import RepFactory
@@ -33,7 +34,24 @@ from orbited.node.transports.gate import (
 from orbited.node.transports.httpfront import BrowserFront
 from orbited.node.transports.limits import BrowserLimits
 from orbited.node.web import browser_site
+from orbited.node.webhook import WebhookQueue
 from orbited.runtime.twisted_compat import listening_port
+
+
+def offline_config(config: NodeConfig) -> OfflineConfig | None:
+    """The offline webhook's settings from the node's offline_* keys; None when
+    offline_url is empty (the hook is off)."""
+    if not config.offline_url:
+        return None
+    return OfflineConfig(
+        url=config.offline_url,
+        max_queue=config.offline_queue,
+        batch=config.offline_batch,
+        timeout=config.offline_timeout,
+        retries=config.offline_retries,
+        backoff=config.offline_backoff,
+        watches=config.offline_watches,
+    )
 
 
 class NodeService(service.MultiService):
@@ -57,6 +75,17 @@ class NodeService(service.MultiService):
         if presence is not None:
             self.presence = PresenceNotifier(presence, secret, config.name, clock)
             self.hub.presence = self.presence.notify
+        # The offline hook (docs/protocol.md, "Offline webhooks"): without offline_url the
+        # hub keeps its no-op watcher and refuses requests with "offline".
+        self.offline: OfflineWatcher | None = None
+        self.offline_queue: WebhookQueue | None = None
+        offline = offline_config(config)
+        if offline is not None:
+            self.offline_queue = WebhookQueue(offline, secret, config.name, clock, "offline")
+            self.offline = OfflineWatcher(
+                self.offline_queue, clock, offline.watches, self.hub.stats
+            )
+            self.hub.offline = self.offline
         # The requests of one SP read form one delivery batch (orbited.node.flush).
         self.rep_factory = RepFactory(
             self.hub.handle_request, config.rep_limits(), clock, batch=self.hub.batch
@@ -133,6 +162,18 @@ class NodeService(service.MultiService):
             **self.rep_factory.stats(),
             "mailbox_bytes": self.hub.mailbox_bytes,
             "full": self.hub.stats["full"],
+            **self._offline_counters(),
+        }
+
+    def _offline_counters(self) -> dict[str, int]:
+        """The offline hook's gauges and losses (none when it is off)."""
+        if self.offline is None or self.offline_queue is None:
+            return {}
+        return {
+            "offline_watches": len(self.offline),
+            "offline_queue": self.offline_queue.waiting,
+            "offline_sent": self.offline_queue.sent,
+            "offline_dropped": self.offline_queue.dropped,
         }
 
     def _advertised(self) -> tuple[str, str]:
