@@ -31,7 +31,14 @@ from twisted.python.failure import Failure
 from zope.interface import provider
 
 from orbited.core import control
-from orbited.core.keys import MAX_PART_BYTES, ConnectionKey, KeyError_
+from orbited.core.keys import (
+    MAX_PART_BYTES,
+    WILDCARD,
+    ConnectionKey,
+    KeyError_,
+    Selector,
+    parse_recipient,
+)
 from orbited.core.routes import Role
 from orbited.core.tokens import TokenError, issue_token, verify_token
 from orbited.node import events, frames
@@ -219,7 +226,11 @@ EVENT_ERROR_CODES = {
     "bad_json", "bad_request", "bad_key", "unknown_op", "too_many_recipients",
     "payload_too_large",
 }  # fmt: skip
-SMALL_LIMITS = events.RequestLimits(max_recipients=4, max_payload=64, max_ack_wait=5.0)
+SMALL_LIMITS = events.RequestLimits(
+    max_recipients=4, max_payload=64, max_ack_wait=5.0, offline_after=2.0, max_offline_after=9.0
+)
+# check_node's codes: what depends on the node's hash version and offline hook.
+NODE_ERROR_CODES = {"hash_version_mismatch", "bad_request"}
 
 
 def strict_reply(reply: bytes) -> Any:
@@ -245,14 +256,68 @@ def check_event_body(body: bytes) -> None:
         if isinstance(request, events.PingRequest):
             strict_reply(events.ok_reply(request.event_id, []))
             continue
+        doc = json.loads(body)
         expect(0 < len(request.recipients) <= limits.max_recipients, "recipient limit")
         expect(len(request.payload) <= limits.max_payload, "payload limit")
-        expect(json.loads(request.payload) == json.loads(body)["data"], "data changed")
+        expect(json.loads(request.payload) == doc["data"], "data changed")
         expect(request.ack is None or 0 < request.ack <= limits.max_ack_wait, "ack limit")
+        check_request_fields(request, doc, limits)
         again = events.parse_request(body, limits)
         expect(again == request, "parsing is not deterministic (resend digest)")
-        results = [events.result(events.QUEUED, 1)] * len(request.recipients)
-        strict_reply(events.ok_reply(request.event_id, results))
+        results = [recipient_result(r) for r in request.recipients]
+        reply = strict_reply(events.ok_reply(request.event_id, [r.encode() for r in results]))
+        expect(events.decode_reply(events.ok_reply(request.event_id, [r.encode() for r in results]))
+               .results == tuple(results), "reply does not decode back")  # fmt: skip
+        expect(len(reply["results"]) == len(request.recipients), "one result per recipient")
+        check_node_checks(request)
+
+
+def check_request_fields(
+    request: events.EventRequest, doc: dict[str, Any], limits: events.RequestLimits
+) -> None:
+    """The parsed recipients, latest, offline and hash are what docs/protocol.md allows."""
+    for parsed, given in zip(request.recipients, doc["to"], strict=True):
+        expect(parsed.to_json() == given, "recipient does not round-trip")
+        expect((type(parsed) is Selector) == (given[2] == WILDCARD), "wildcard misread")
+        expect(given[0] != WILDCARD, "a wildcard user accepted")
+    tag = request.latest
+    text = None if tag is None else json.loads(tag)
+    expect(text is None or (isinstance(text, str) and 0 < len(text) <= events.MAX_LATEST), "tag")
+    expect((tag is None) == ("latest" not in doc), "latest dropped or invented")
+    offline = request.offline
+    expect(offline is None or 0 < offline <= limits.max_offline_after, "offline limit")
+    expect((offline is None) == ("offline" not in doc), "offline dropped or invented")
+    expect(request.hash is None or (type(request.hash) is int and request.hash >= 1), "hash")
+
+
+def recipient_result(recipient: object) -> events.RecipientResult:
+    """A plausible result for ``recipient``: a wildcard's lists a key of the user."""
+    if type(recipient) is Selector:
+        key = ConnectionKey(recipient.user, recipient.session or "", "/")
+        return events.matched(((key, events.stored(events.QUEUED, 1, replaced=1)),))
+    return events.stored(events.QUEUED, 1)
+
+
+def check_node_checks(request: events.EventRequest) -> None:
+    """check_node on a version 1 and a version 2 node: passes or a documented error
+    whose reply carries the node's hash version for hash_version_mismatch."""
+    wildcards = any(type(r) is Selector for r in request.recipients)
+    for version, hook in ((1, True), (2, False), (2, True)):
+        try:
+            events.check_node(request, version, hook)
+        except events.RequestError as e:
+            expect(e.code in NODE_ERROR_CODES and e.message, f"unclear node error {e.code!r}")
+            reply = strict_reply(events.error_reply(e))
+            if e.code == "hash_version_mismatch":
+                expect(reply["error"]["hash"] == version, "mismatch without the node's hash")
+                expect(request.hash not in (None, version) or (version == 1 and wildcards),
+                       "mismatch for a matching request")  # fmt: skip
+            else:
+                expect(not hook and request.offline is not None, "offline refused with a hook")
+            continue
+        expect(request.hash in (None, version), "a hash mismatch passed")
+        expect(not (version == 1 and wildcards), "a wildcard passed a version 1 node")
+        expect(hook or request.offline is None, "offline passed without a hook")
 
 
 def check_event_orjson(body: bytes) -> None:
@@ -277,30 +342,53 @@ def check_event_orjson(body: bytes) -> None:
 
 
 def event_body(
-    event_id: str, keys: Sequence[Sequence[str]], data: object, ack: float | None
-) -> bytes:
+    event_id: str, keys: Sequence[Sequence[str]], data: object, ack: float | None,
+    extra: dict[str, Any] | None = None,
+) -> bytes:  # fmt: skip
     doc: dict[str, Any] = {"id": event_id, "to": [list(k) for k in keys], "data": data}
     if ack is not None:
         doc["ack"] = ack
+    doc.update(extra or {})
     return json.dumps(doc, ensure_ascii=False).encode("utf-8", "surrogatepass")
 
 
+def wildcard_error(key: Sequence[str]) -> bool:
+    """Is ``key`` (three strings, user not empty) a bad wildcard form (bad_key)?"""
+    user, session, location = key
+    return user == WILDCARD or (session == WILDCARD and location != WILDCARD)
+
+
 def check_event_roundtrip(
-    event_id: str, keys: Sequence[Sequence[str]], data: object, ack: float | None
-) -> None:
-    """A well-formed request parses to the same id, keys, data and ack."""
-    body = event_body(event_id, keys, data, ack)
+    event_id: str, keys: Sequence[Sequence[str]], data: object, ack: float | None,
+    latest: str | None = None, offline: bool | float | None = None, hash_: int | None = None,
+) -> None:  # fmt: skip
+    """A well-formed request parses to the same id, recipients (keys and wildcards),
+    data, ack, latest, offline and hash."""
+    extra: dict[str, Any] = {}
+    for name, value in (("latest", latest), ("offline", offline), ("hash", hash_)):
+        if value is not None:
+            extra[name] = value
+    body = event_body(event_id, keys, data, ack, extra)
     try:
         request = events.parse_request(body, events.RequestLimits())
     except events.RequestError as e:
         # Only the documented refusals of valid-looking input.
         expect(e.code in ("payload_too_large", "bad_json", "bad_key", "bad_request"), e.code)
+        if e.code == "bad_key":
+            expect(any(wildcard_error(k) for k in keys), "a valid recipient refused")
         return
     assert isinstance(request, events.EventRequest)
+    expect(not any(wildcard_error(k) for k in keys), "a bad wildcard form accepted")
     expect(request.event_id == event_id, "id changed")
-    expect([list(k) for k in request.recipients] == [list(k) for k in keys], "keys changed")
+    expect([r.to_json() for r in request.recipients] == [list(k) for k in keys], "keys changed")
+    for recipient, key in zip(request.recipients, keys, strict=True):
+        expect((type(recipient) is Selector) == (key[2] == WILDCARD), "wildcard misread")
     expect(json.loads(request.payload) == data, "data changed")
     expect(request.ack == (None if ack is None else float(ack)), "ack changed")
+    expect(request.latest == (None if latest is None else frames.event_id(latest)), "latest")
+    expected_offline = None if offline is None else 30.0 if offline is True else float(offline)
+    expect(request.offline == expected_offline, "offline changed")
+    expect(request.hash == hash_, "hash changed")
 
 
 def check_key_json(value: object) -> None:
@@ -311,6 +399,25 @@ def check_key_json(value: object) -> None:
         return
     expect(key.to_json() == list(value), "key does not round-trip")  # type: ignore[call-overload]
     for part in key:
+        expect(len(part.encode("utf-8", "surrogatepass")) <= MAX_PART_BYTES, "part limit")
+
+
+def check_recipient_json(value: object) -> None:
+    """Any JSON value as an event recipient: a key, a wildcard (Selector) or bad_key."""
+    try:
+        recipient = parse_recipient(value)
+    except KeyError_ as e:
+        expect(str(e), "KeyError_ without a message")
+        return
+    expect(isinstance(value, list) and len(value) == 3, "not a 3-element array accepted")
+    assert isinstance(value, list)
+    expect(recipient.to_json() == value, "recipient does not round-trip")
+    expect(value[0] != WILDCARD, "a wildcard user accepted")
+    if type(recipient) is Selector:
+        expect(value[2] == WILDCARD, "a selector without a wildcard location")
+    else:
+        expect(WILDCARD not in value, "a key with a wildcard part")
+    for part in value:
         expect(len(part.encode("utf-8", "surrogatepass")) <= MAX_PART_BYTES, "part limit")
 
 
@@ -363,6 +470,14 @@ def check_token_claims(header: bytes, claims: bytes) -> None:
 
 
 def check_token_roundtrip(key: ConnectionKey, ttl: int) -> None:
+    if WILDCARD in key:  # reserved: the wildcard of event requests
+        try:
+            issue_token(SECRET, key, ttl=ttl, now=NOW)
+        except ValueError as e:
+            expect('must not be "*"' in str(e), str(e))
+        else:
+            raise PropertyViolation('a token issued with a "*" part')
+        return
     token = issue_token(SECRET, key, ttl=ttl, now=NOW)
     expect(verify_token(SECRET, token, leeway=0, now=NOW) == key, "token does not round-trip")
     try:
@@ -453,6 +568,8 @@ def expected_token_outcome(claims: dict[str, object], now: float) -> ConnectionK
     if any(name in claims and claims[name] > now + TOKEN_LEEWAY  # type: ignore[operator]
            for name in ("nbf", "iat")):  # fmt: skip
         return "token_invalid"
+    if any(claims.get(name) == WILDCARD for name in KEY_CLAIMS):
+        return "token_invalid"  # "*" is reserved (docs/protocol.md, "Connection keys")
     if claims["exp"] + TOKEN_LEEWAY < now:  # type: ignore[operator]
         return "token_expired"
     return ConnectionKey(claims["sub"], claims.get("sid", ""), claims.get("loc", ""))  # type: ignore[arg-type]
@@ -864,18 +981,25 @@ def check_timeout_param(text: str) -> None:
     expect(0 <= value <= MAX_TIMEOUT, f"timeout {value} accepted")
 
 
-def check_frame_encodings(data: object) -> None:
-    """An event carrying any JSON ``data`` can neither split an SSE line nor leave the
-    iframe's <script> block or string literal, and the page gets the frame back intact
-    (docs/protocol.md, "SSE" and "iframe streaming"; docs/security.md)."""
-    body = json.dumps({"id": "e", "to": [["u", "s", "/l"]], "data": data}).encode()
+def check_frame_encodings(data: object, tag: str | None = None) -> None:
+    """An event carrying any JSON ``data`` (and any latest-value ``tag``) can neither
+    split an SSE line nor leave the iframe's <script> block or string literal, and the
+    page gets the frame back intact (docs/protocol.md, "SSE" and "iframe streaming";
+    docs/security.md)."""
+    doc: dict[str, Any] = {"id": "e", "to": [["u", "s", "/l"]], "data": data}
+    if tag is not None:
+        doc["latest"] = tag
+    body = json.dumps(doc).encode()
     try:
         request = events.parse_request(body, events.RequestLimits(max_payload=1 << 20))
     except events.RequestError:
         return  # e.g. too deep: refused before it reaches a browser
     assert isinstance(request, events.EventRequest)
-    frame = frames.event(1, request.payload)
-    expect(json.loads(frame)["data"] == json.loads(request.payload), "frame changed data")
+    frame = frames.event(1, request.payload, frames.event_id("e"), request.latest, 2)
+    parsed = json.loads(frame)
+    expect(parsed["data"] == json.loads(request.payload), "frame changed data")
+    if tag is not None:
+        expect(parsed["latest"] == tag and parsed["replaced"] == 2, "frame changed the tag")
     expect(b"\n" not in frame and b"\r" not in frame, "a raw line break in a frame (SSE)")
     literal = script_literal(frame)
     expect(literal.isascii(), "non-ASCII in the iframe literal")
@@ -929,6 +1053,7 @@ def _fuzz_keys(data: bytes) -> None:
     except (ValueError, RecursionError):
         value = data.decode("latin-1")
     check_key_json(value)
+    check_recipient_json(value)
     check_position(data.decode("utf-8", "surrogateescape"))
 
 
@@ -938,6 +1063,8 @@ def _fuzz_frames(data: bytes) -> None:
     except (ValueError, RecursionError):
         value = data.decode("utf-8", "replace")
     check_frame_encodings(value)
+    if isinstance(value, str):
+        check_frame_encodings(None, value)
 
 
 # -- the browser port's lean front: RFC 6455 frames in, request heads ----------------------
@@ -1093,7 +1220,12 @@ SEEDS: dict[str, list[bytes]] = {
     "sp_stream": [b"\x00" * 7 + wire.encode_message(b"\x80\x00\x00\x01hello")],
     "sp_header": [wire.encode_header(wire.REQ)],
     "backtrace": [b"\x08\x00\x00\x00\x01\x80\x00\x00\x02payload"],
-    "event_json": [_VALID_EVENT, b'{"op":"ping","id":"p"}'],
+    "event_json": [
+        _VALID_EVENT,
+        b'{"op":"ping","id":"p"}',
+        b'{"id":"m","to":[["a","*","*"],["b","s","*"],["c","s","/l"]],"data":1,"hash":2,'
+        b'"latest":"room:42","offline":true,"ack":3}',
+    ],
     "event_orjson": [_VALID_EVENT, b'{"id":"e","to":[["a","b","/c"]],"data":[1e-5,1e99,2e20]}'],
     "keys_positions": [b'["alice","s1","/chat"]', b"aZ3x_Q.1f:42"],
     "tokens": [bytes([len(valid_token()), 0, 0]) + valid_token().encode()],

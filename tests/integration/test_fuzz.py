@@ -119,11 +119,15 @@ json_values = st.recursive(
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(text, inner, max_size=3),
     max_leaves=12,
 )
+# Parts that are the wildcard, look like it, or are ordinary (docs/protocol.md,
+# "Addressing a user or a session").
+wildcard_parts = st.sampled_from(["*", "*", "", "s*", "**", " *", "u"])
 key_like = st.one_of(
     st.lists(text, min_size=3, max_size=3),
     st.lists(json_values, max_size=4),
     json_values,
     st.lists(st.text(min_size=250, max_size=260), min_size=3, max_size=3),
+    st.lists(wildcard_parts | text, min_size=3, max_size=4),
 )
 event_docs = st.fixed_dictionaries(
     {},
@@ -133,6 +137,9 @@ event_docs = st.fixed_dictionaries(
         "to": st.one_of(st.lists(key_like, max_size=6), json_values),
         "data": json_values,
         "ack": st.one_of(st.floats(), st.integers(-5, 100), json_values),
+        "latest": st.one_of(text, st.text(min_size=126, max_size=130), json_values),
+        "offline": st.one_of(st.just(True), st.floats(), st.integers(-1, 10), json_values),
+        "hash": st.one_of(st.integers(-1, 3), json_values),
         "extra": json_values,
     },
 )
@@ -156,6 +163,8 @@ def encode_doc(doc: object, ascii_only: bool) -> bytes:
 @example(b'{"op":"ping","id":"\\ud800"}')  # the id was echoed: strict decoders refuse it
 @example(b'{"op":"nope","id":"\\udfff"}')
 @example(b'\xef\xbb\xbf{"op":"ping"}')
+@example(b'{"id":"e","to":[["u","*","*"],["u","*","/x"]],"data":1,"hash":1}')
+@example(b'{"id":"e","to":[["u","s","*"]],"data":1,"latest":"t","offline":true,"hash":1}')
 def test_event_request_any_body(body):
     t.check_event_body(body)
 
@@ -163,19 +172,31 @@ def test_event_request_any_body(body):
 @FUZZ
 @given(
     st.text(min_size=1, max_size=128),
-    st.lists(st.lists(st.text(max_size=20), min_size=3, max_size=3).filter(lambda k: k[0]),
+    st.lists(st.lists(wildcard_parts | st.text(max_size=20), min_size=3,
+                      max_size=3).filter(lambda k: k[0]),
              min_size=1, max_size=5),
     json_values,
     st.none() | st.floats(0.001, 60) | st.integers(1, 60),
+    st.none() | st.text(min_size=1, max_size=128),
+    st.none() | st.just(True) | st.floats(0.001, 86400) | st.integers(1, 86400),
+    st.none() | st.integers(1, 5),
 )  # fmt: skip
-def test_event_request_round_trip(event_id, keys, data, ack):
-    t.check_event_roundtrip(event_id, keys, data, ack)
+@example("e", [["u", "*", "/x"]], 1, None, None, None, None)
+@example("e", [["*", "*", "*"]], 1, None, None, None, None)
+@example("e", [["u", "", "*"], ["u", "*", "*"], ["u", "s", "/l"]], 1, 5, "t", True, 2)
+def test_event_request_round_trip(event_id, keys, data, ack, latest, offline, hash_):
+    t.check_event_roundtrip(event_id, keys, data, ack, latest, offline, hash_)
 
 
 @FUZZ
 @given(key_like)
+@example(["u", "*", "*"])
+@example(["u", "*", "/l"])
+@example(["*", "s", "/l"])
+@example(["u", "s*", "*"])
 def test_connection_key_json(value):
     t.check_key_json(value)
+    t.check_recipient_json(value)
 
 
 positions = st.one_of(
@@ -203,9 +224,9 @@ def test_position_round_trip(stream, seq):
 claims = st.fixed_dictionaries(
     {},
     optional={
-        "sub": st.one_of(text, json_values),
-        "sid": st.one_of(text, json_values),
-        "loc": st.one_of(text, json_values),
+        "sub": st.one_of(text, json_values, wildcard_parts),
+        "sid": st.one_of(text, json_values, wildcard_parts),
+        "loc": st.one_of(text, json_values, wildcard_parts),
         "aud": st.one_of(st.just("orbited"), st.just(["orbited"]), json_values),
         "exp": st.one_of(st.integers(0, 2 * 10**9), st.floats(), json_values),
         "iat": st.one_of(st.integers(), json_values),
@@ -241,8 +262,9 @@ def test_token_signed_arbitrary_claims(header, claims):
 
 
 @FUZZ
-@given(st.lists(st.text(max_size=30), min_size=3, max_size=3).filter(lambda k: k[0]),
-       st.integers(1, 10**6))  # fmt: skip
+@given(st.lists(wildcard_parts | st.text(max_size=30), min_size=3, max_size=3)
+       .filter(lambda k: k[0]), st.integers(1, 10**6))  # fmt: skip
+@example(["alice", "*", "/chat"], 60)
 def test_token_round_trip(key, ttl):
     t.check_token_roundtrip(ConnectionKey(*key), ttl)
 
@@ -263,13 +285,19 @@ claim_values = st.one_of(
     st.text(min_size=125, max_size=131).map(lambda s: "é" * len(s)),
     st.text(min_size=250, max_size=262),
     st.just("orbited"),
+    st.just("*"),  # reserved in sub, sid and loc
     st.lists(st.one_of(st.just("orbited"), text, st.integers()), max_size=3),
     json_values,
 )
 typed_claims = st.dictionaries(st.sampled_from(t.CLAIM_NAMES), claim_values, max_size=8)
 well_typed_claims = st.fixed_dictionaries(
     {"sub": st.text(min_size=1, max_size=8), "aud": st.just("orbited"), "exp": around_now},
-    optional={"sid": text, "loc": text, "iat": around_now, "nbf": around_now},
+    optional={
+        "sid": text | wildcard_parts,
+        "loc": text | wildcard_parts,
+        "iat": around_now,
+        "nbf": around_now,
+    },
 )
 
 
@@ -353,16 +381,25 @@ mailbox_entries = st.one_of(
     ),
     json_values,
 )  # fmt: skip
+user_entries = st.one_of(
+    st.fixed_dictionaries({"user": st.one_of(st.just("u"), text),
+                           "holds": json_values, "watches": json_values}),
+    json_values,
+)  # fmt: skip
+hash_versions = st.one_of(st.sampled_from([1, 2]), st.integers(-1, 4), json_values)
 node_messages = st.one_of(
     st.fixed_dictionaries({"type": st.just("register"), "version": st.sampled_from([1, 2]),
                            "name": st.sampled_from(["n1", "n2", "bad name"]),
                            "browser": addresses, "sp": addresses,
                            "capacity": st.integers(-1, 10)},
-                          optional={"node_id": json_values, "secret": json_values}),
+                          optional={"node_id": json_values, "secret": json_values,
+                                    "hashes": st.one_of(st.just([1, 2]), json_values)}),
     st.fixed_dictionaries({"type": st.just("heartbeat"), "seq": st.integers(-1, 2**63)},
                           optional={"connections": json_values}),
     st.fixed_dictionaries({"type": st.just("handoff"), "to": st.sampled_from(["n1", "n2"]),
-                           "done": routes, "mailboxes": st.lists(mailbox_entries, max_size=3)}),
+                           "done": routes, "mailboxes": st.lists(mailbox_entries, max_size=3)},
+                          optional={"users": st.one_of(st.lists(user_entries, max_size=2),
+                                                       json_values)}),
     st.just({"type": "leave"}),
     st.dictionaries(text, json_values, max_size=4),
     json_values,
@@ -375,7 +412,8 @@ halod_messages = st.one_of(
                            "routes": routes, "total_routes": st.integers(0, 6),
                            "heartbeat_interval": st.one_of(st.floats(), st.integers(-1, 5)),
                            "missed_heartbeats": st.integers(0, 5)},
-                          optional={"node_id": json_values, "incoming": routes}),
+                          optional={"node_id": json_values, "incoming": routes,
+                                    "hash_version": hash_versions}),
     st.fixed_dictionaries({"type": st.just("route_moved"),
                            "moves": st.lists(st.fixed_dictionaries(
                                {"route": st.one_of(st.integers(-1, 6), json_values)},
@@ -384,6 +422,14 @@ halod_messages = st.one_of(
                                          "handoff": json_values}), max_size=3)}),
     st.fixed_dictionaries({"type": st.just("handoff"), "to": st.just("n1"), "done": routes,
                            "mailboxes": st.lists(mailbox_entries, max_size=3)}),
+    st.fixed_dictionaries({"type": st.just("rehash"), "hash_version": hash_versions,
+                           "version": st.one_of(st.integers(-1, 9), json_values),
+                           "owners": st.one_of(st.lists(st.fixed_dictionaries(
+                               {"route": st.one_of(st.integers(-1, 6), json_values)},
+                               optional={"name": st.one_of(st.sampled_from(["n1", "n2"]),
+                                                           json_values),
+                                         "sp": json_values, "browser": json_values}),
+                               max_size=4), json_values)}),
     st.fixed_dictionaries({"type": st.just("heartbeat_ack"), "seq": st.integers(-1, 9)}),
     st.fixed_dictionaries({"type": st.just("error"), "code": json_values,
                            "message": json_values}),
