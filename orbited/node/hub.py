@@ -324,8 +324,9 @@ class Hub(RouteOwnership):
     def admits(self, key: ConnectionKey) -> bool:
         """Would an attach of ``key`` now pass the user's connection limit? False only
         under the ``refuse`` policy when the user has ``user_max_connections`` attached
-        and ``key`` is not one of them: HTTP transports answer 429 before starting a
-        response. ``attach`` stays the authority."""
+        and ``key`` is not one of them: transports refuse it (HTTP 429 before starting a
+        response, or close 4429), and it is counted as refused (``user_refused``).
+        ``attach`` stays the authority."""
         limits = self.config.users
         cap = limits.max_connections
         if not cap or limits.policy != "refuse":
@@ -336,7 +337,10 @@ class Hub(RouteOwnership):
         slot = entry.keys.get(key)
         if slot is not None and (slot.sink is not None or self._cycling(slot)):
             return True
-        return self._in_use(entry) < cap
+        if self._in_use(entry) < cap:
+            return True
+        self.stats["user_refused"] += 1
+        return False
 
     def _cycling(self, slot: _Slot) -> bool:
         """Did the slot's transport leave within CYCLE_GRACE (a long-poll between polls)?"""
@@ -813,9 +817,9 @@ class Hub(RouteOwnership):
             status = QUEUED
         if offline is not None and eid is not None:
             if created:  # no mailbox until now: no browser to wait for
-                self.offline.no_connection(key, eid, [(key, seq)])
+                self.offline.no_connection(key, eid, [(key, seq)], stream=mailbox.stream)
             else:
-                self.offline.watch(key, eid, offline, [(key, seq)])
+                self.offline.watch(key, eid, offline, [(key, seq)], stream=mailbox.stream)
         if ack is None:
             if replaced:
                 return events.stored(status, seq, dropped, replaced)
@@ -958,7 +962,7 @@ class Hub(RouteOwnership):
         self.stats["held"] += 1
         hold.timer = self.clock.callLater(hold_for, self._hold_expired, selector.user, hold)
         if offline is not None:
-            hold.watch = self.offline.no_connection(selector, eid, [])
+            hold.watch = self.offline.no_connection(selector, eid, [], held=True)
         if ack is None:
             return events.HELD
         answer: defer.Deferred[RecipientResult] = defer.Deferred()

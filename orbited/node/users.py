@@ -133,13 +133,16 @@ class NullWatcher:
     calls these (docs: /work/helpers/NOTES21.md lists when); orbited.node.offline's
     OfflineWatcher has the same methods."""
 
-    def watch(self, target: Any, eid: bytes, after: float,
-              keys: list[tuple[ConnectionKey, int]]) -> Any:  # fmt: skip
+    def watch(
+        self, target: Any, eid: bytes, after: float, keys: list[tuple[ConnectionKey, int]],
+        stream: str | None = None,
+    ) -> Any:  # fmt: skip
         return None
 
     def no_connection(
-        self, target: Any, eid: bytes, keys: Iterable[tuple[ConnectionKey, int]] = ()
-    ) -> Any:
+        self, target: Any, eid: bytes, keys: Iterable[tuple[ConnectionKey, int]] = (),
+        stream: str | None = None, held: bool = False,
+    ) -> Any:  # fmt: skip
         return None
 
     def add_key(self, watch: Any, key: ConnectionKey, seq: int) -> None:

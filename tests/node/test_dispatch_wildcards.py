@@ -48,12 +48,12 @@ class Watcher:
     def __init__(self) -> None:
         self.calls: list[tuple] = []
 
-    def watch(self, target, eid, after, keys):
-        self.calls.append(("watch", target, eid, after, list(keys)))
+    def watch(self, target, eid, after, keys, stream=None):
+        self.calls.append(("watch", target, eid, after, list(keys), stream))
         return "w"
 
-    def no_connection(self, target, eid, keys=()):
-        self.calls.append(("no_connection", target, eid, list(keys)))
+    def no_connection(self, target, eid, keys=(), stream=None, held=False):
+        self.calls.append(("no_connection", target, eid, list(keys), stream, held))
         return "nc"
 
     def add_key(self, watch, key, seq):
@@ -305,7 +305,7 @@ def test_offline_hook_call_points_for_wildcards_and_keys():
     send(hub, "e1", [ALL], offline=7)
     eid = b'"e1"'
     assert watcher.calls == [("watch", Selector("alice", None), eid, 7.0,
-                              [(A1, 1), (A2, 1), (A3, 1)])]  # fmt: skip
+                              [(A1, 1), (A2, 1), (A3, 1)], None)]  # fmt: skip
     watcher.calls.clear()
     hub.ack(A1, 1)
     assert watcher.calls == [("acked", A1, 1)]
@@ -315,7 +315,7 @@ def test_offline_hook_call_points_for_wildcards_and_keys():
     carol = ConnectionKey("carol", "s", "/x")
     hub.attach(carol, Sink(), None)
     assert watcher.calls == [
-        ("no_connection", Selector("carol", None), b'"e2"', []),
+        ("no_connection", Selector("carol", None), b'"e2"', [], None, True),
         ("add_key", "nc", carol, 1),
     ]
     watcher.calls.clear()
@@ -323,7 +323,11 @@ def test_offline_hook_call_points_for_wildcards_and_keys():
     assert send(hub, "e3", [list(dave)], offline=True)["results"] == [
         {"status": "queued", "seq": 1}
     ]  # an exact key with no mailbox: kept for it, pushed at once
-    assert watcher.calls == [("no_connection", dave, b'"e3"', [(dave, 1)])]
+    stream = hub.mailbox(dave).stream
+    assert watcher.calls == [("no_connection", dave, b'"e3"', [(dave, 1)], stream, False)]
+    watcher.calls.clear()
+    send(hub, "e4", [list(dave)], offline=3)  # it has a mailbox now: watched
+    assert watcher.calls == [("watch", dave, b'"e4"', 3.0, [(dave, 2)], stream)]
     watcher.calls.clear()
     clock.advance(hub.config.linger)
     assert ("expired", dave) in watcher.calls

@@ -201,7 +201,7 @@ def test_refuse_closes_the_new_connection_with_4429_and_creates_nothing():
     assert hub.attach(c, third, None) is None
     assert third.closed_with == (4429, "user_limit") and third.frames == []
     assert c not in hub._slots and ("signon", c) not in presence
-    assert hub.stats["user_refused"] == 1
+    assert hub.stats["user_refused"] == 2  # the transports' pre-check counts too
     bob = Sink()
     assert hub.attach(key("bob"), bob, None) is not None  # other users are not affected
 
