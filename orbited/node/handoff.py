@@ -262,6 +262,12 @@ class RouteOwnership:
     def _unindex(self, key: ConnectionKey, slot: _Slot) -> None:
         raise NotImplementedError
 
+    def export_users(self, routes: frozenset[int]) -> list[dict[str, Any]]:
+        raise NotImplementedError
+
+    def import_users(self, entries: Iterable[Any]) -> int:
+        raise NotImplementedError
+
     # -- HaloD's messages ------------------------------------------------------------------
 
     def assign(
@@ -294,14 +300,18 @@ class RouteOwnership:
 
     def route_moved(
         self, moves: dict[int, str | None], handoff: Iterable[int] = (),
-        exports: list[dict[str, Any]] | None = None,
+        exports: list[dict[str, Any]] | None = None, users: list[dict[str, Any]] | None = None,
     ) -> int:  # fmt: skip
         """'route moved': these routes now reach another node (SP address, if known).
         The mailboxes of ``handoff`` routes are appended to ``exports`` as wire entries
-        (MailboxExport.to_wire; the new owner resumes them) instead of being dropped."""
+        (MailboxExport.to_wire; the new owner resumes them) instead of being dropped;
+        their per-user state (held wildcard events, offline watches: ``export_users``) to
+        ``users``, each entry with its ``route`` (the ``handoff`` message's ``users``)."""
         self.moved_to.update(moves)
         owned = frozenset(range(1, self.routes + 1)) if self.owned is None else self.owned
         self.owned = owned - moves.keys()
+        if users is not None and exports is not None:
+            users.extend(self.export_users(frozenset(moves) & frozenset(handoff)))
         return self._evict(frozenset(moves), frozenset(handoff), exports)
 
     def _evict(
@@ -337,13 +347,16 @@ class RouteOwnership:
         return evicted
 
     def handoff_received(
-        self, entries: list[Any], done: Iterable[int], sender: str | None = None
-    ) -> int:
+        self, entries: list[Any], done: Iterable[int], sender: str | None = None,
+        users: Iterable[Any] = (),
+    ) -> int:  # fmt: skip
         """Mailboxes from a moved route's old owner (wire entries, MailboxExport.from_wire;
         docs/halod-protocol.md, "Hand-off"), then the routes whose hand-off is complete.
         ``sender``: the sending node's name; a route held for a rehash completes when
         every peer it expects has sent ``done`` (or, without a name, on the first).
-        Returns how many were installed; malformed entries are logged and skipped."""
+        ``users``: the message's per-user entries (``import_users``), taken after the
+        mailboxes. Returns how many mailboxes were installed; malformed entries are
+        logged and skipped."""
         installed = 0
         for entry in entries:
             try:
@@ -353,6 +366,8 @@ class RouteOwnership:
                 continue
             if self._import(export):
                 installed += 1
+        if users:
+            self.import_users(users)
         for route in done:
             incoming = self._incoming.get(route)
             if incoming is not None and incoming.expect is not None and sender is not None:
@@ -376,8 +391,9 @@ class RouteOwnership:
             slot.route = route_of(key, self.routes, version)
 
     def rehash(
-        self, version: int, owners: Iterable[Any], me: str | None = None
-    ) -> dict[str, list[dict[str, Any]]]:
+        self, version: int, owners: Iterable[Any], me: str | None = None,
+        users: dict[str, list[dict[str, Any]]] | None = None,
+    ) -> dict[str, list[dict[str, Any]]]:  # fmt: skip
         """HaloD's ``rehash``: the cluster now hashes with ``version``; ``owners`` is every
         route's owner (control.RouteMove: ``route``, ``name``, ``sp``). This node keeps
         serving its routes. Keys whose route under the new version is another node's are
@@ -385,7 +401,8 @@ class RouteOwnership:
         and exported, grouped by the owner's name: the return value, with an entry (maybe
         empty) for every other owner, each to be sent with ``done`` = that owner's
         routes. Every served route is held (as for a hand-off) until every peer has sent
-        its ``done`` (handoff_received with ``sender``) or ``handoff_timeout``."""
+        its ``done`` (handoff_received with ``sender``) or ``handoff_timeout``. ``users``:
+        filled with the per-user entries (``export_users``) for each owner, by name."""
         owner_of: dict[int, str | None] = {}
         sp_of: dict[int, str | None] = {}
         for move in owners:
@@ -400,6 +417,11 @@ class RouteOwnership:
         for route, name in owner_of.items():
             if route not in owned and name != me:
                 self.moved_to[route] = sp_of.get(route)
+        if users is not None:
+            for user_entry in self.export_users(frozenset(owner_of) - owned):
+                name = owner_of.get(user_entry["route"])
+                if name is not None and name in out:
+                    users.setdefault(name, []).append(user_entry)
         moved = 0
         for key, slot in list(self._slots.items()):
             route = slot.route = route_of(key, self.routes, version)

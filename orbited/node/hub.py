@@ -13,9 +13,10 @@ IReactorTime so tests drive it with twisted.internet.task.Clock; no sockets here
 
 from __future__ import annotations
 
+import json
 import math
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Protocol
@@ -25,7 +26,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from orbited.core.hashing import DEFAULT_HASH_VERSION, DEFAULT_ROUTES, route_of, route_of_user
-from orbited.core.keys import ConnectionKey, Selector
+from orbited.core.keys import ConnectionKey, KeyError_, Selector, parse_recipient
 from orbited.node import events, frames
 from orbited.node.dedup import DedupLimits, DedupMemory
 from orbited.node.events import DELIVERED, QUEUED, DispatchResult, RecipientResult, Status
@@ -1016,6 +1017,103 @@ class Hub(RouteOwnership):
                 del self._users[user]
         self._end_hold(hold)
 
+    # -- per-user state in a hand-off (docs/halod-protocol.md, "Hand-off": ``users``) -----
+
+    def export_users(self, routes: frozenset[int]) -> list[dict[str, Any]]:
+        """The held wildcard events and offline watches of recipients whose route is in
+        ``routes``, removed here, as the ``handoff`` message's ``users`` entries: one per
+        (user, route), ``{"user", "route", "holds": [...], "watches": [...]}``. A moved
+        hold's acknowledged-mode request is answered ``held`` (as if it timed out)."""
+        if not routes:
+            return []
+        total, version = self.routes, self.hash_version
+        groups: dict[tuple[str, int], dict[str, Any]] = {}
+
+        def group(user: str, route: int) -> dict[str, Any]:
+            found = groups.get((user, route))
+            if found is None:
+                found = groups[(user, route)] = {
+                    "user": user, "route": route, "holds": [], "watches": [],
+                }  # fmt: skip
+            return found
+
+        def route_of_target(target: ConnectionKey | Selector) -> int:
+            if type(target) is Selector:
+                return route_of_user(target.user, total)
+            return route_of(target, total, version)  # type: ignore[arg-type]
+
+        for watch in self.offline.export(lambda target: route_of_target(target) in routes):
+            group(watch.target[0], route_of_target(watch.target))["watches"].append(watch.to_wire())
+        now = self.now()
+        for user, entry in list(self._users.items()):
+            holds = entry.holds
+            if not holds:
+                continue
+            route = route_of_user(user, total)
+            if route not in routes:
+                continue
+            entry.holds = None
+            for hold in holds:
+                left = hold.until - now
+                if left > 0:
+                    group(user, route)["holds"].append({
+                        "selector": hold.selector.to_json(),
+                        "id": hold.event_id,
+                        "data": hold.payload.decode(),
+                        "latest": None if hold.tag is None else json.loads(hold.tag),
+                        "left": left,
+                        "reached": hold.reached,
+                    })  # fmt: skip
+                hold.watch = None  # exported above with the watches
+                self._end_hold(hold)
+            if not entry.keys:
+                del self._users[user]
+        return list(groups.values())
+
+    def import_users(self, entries: Iterable[Any]) -> int:
+        """A ``handoff`` message's ``users`` entries (``export_users``): holds go on for
+        the time they had left, and their user's next matching mailboxes; watches are
+        restored into the offline watcher. Malformed entries are logged and skipped.
+        Returns how many holds were taken."""
+        taken = 0
+        now = self.now()
+        for raw in entries:
+            try:
+                holds, watches = _import_user(raw)
+            except (ValueError, TypeError, KeyError, KeyError_) as e:
+                self.log.warn("ignoring a malformed hand-off user entry: {e}", e=e)
+                continue
+            restored: dict[tuple[Any, bytes], Any] = {}
+            if watches and not isinstance(self.offline, NullWatcher):
+                from orbited.node.offline import WatchExport
+
+                try:
+                    exported = [WatchExport.from_wire(w) for w in watches]
+                except ValueError as e:
+                    self.log.warn("ignoring malformed hand-off watches: {e}", e=e)
+                    exported = []
+                for export, watch in zip(
+                    exported, self.offline.restore(exported), strict=True
+                ):  # fmt: skip
+                    restored[(export.target, export.eid)] = watch
+            for selector, event_id, payload, tag, left, reached in holds:
+                if self._full(payload):
+                    continue
+                entry = self._users.get(selector.user)
+                if entry is None:
+                    entry = self._users[selector.user] = UserEntry()
+                eid = frames.event_id(event_id)
+                hold = UserHold(selector, event_id, eid, payload, tag, now + left)
+                hold.reached = reached
+                hold.watch = restored.get((selector, eid))
+                if entry.holds is None:
+                    entry.holds = []
+                entry.holds.append(hold)
+                self.mailbox_bytes += len(payload)
+                hold.timer = self.clock.callLater(left, self._hold_expired, selector.user, hold)
+                taken += 1
+        return taken
+
     def _end_hold(self, hold: UserHold) -> None:
         self.mailbox_bytes -= len(hold.payload)
         for timer in (hold.timer, hold.ack_timer):
@@ -1036,6 +1134,42 @@ class Hub(RouteOwnership):
             return False
         self.stats["full"] += 1
         return True
+
+
+def _import_user(
+    entry: Any,
+) -> tuple[list[tuple[Selector, str, bytes, bytes | None, float, int]], list[Any]]:
+    """A hand-off ``users`` entry's holds, checked, and its watches (as wire objects)."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("user"), str):
+        raise ValueError("a user entry is an object with a user")
+    user = entry["user"]
+    raw_holds, watches = entry.get("holds", []), entry.get("watches", [])
+    if not isinstance(raw_holds, list) or not isinstance(watches, list):
+        raise ValueError("holds and watches must be arrays")
+    holds = []
+    for h in raw_holds:
+        if not isinstance(h, dict):
+            raise ValueError("a hold is an object")
+        selector = parse_recipient(h["selector"])
+        if type(selector) is not Selector or selector.user != user:
+            raise ValueError("a hold's selector must be a wildcard of its user")
+        event_id, data, tag, left = h["id"], h["data"], h.get("latest"), h["left"]
+        if not isinstance(event_id, str) or not 0 < len(event_id) <= events.MAX_EVENT_ID:
+            raise ValueError("a hold's id must be a string of 1-128 characters")
+        if not isinstance(data, str):
+            raise ValueError("a hold's data must be JSON text")
+        if tag is not None and (not isinstance(tag, str) or not 0 < len(tag) <= events.MAX_LATEST):
+            raise ValueError("a hold's latest must be null or a string of 1-128 characters")
+        if isinstance(left, bool) or not isinstance(left, int | float) or not 0 < left < 1e9:
+            raise ValueError("a hold's left must be a positive number of seconds")
+        reached = h.get("reached", 0)
+        if isinstance(reached, bool) or not isinstance(reached, int) or reached < 0:
+            raise ValueError("a hold's reached must be a count")
+        holds.append((
+            selector, event_id, data.encode(), None if tag is None else frames.event_id(tag),
+            float(left), reached,
+        ))  # fmt: skip
+    return holds, watches
 
 
 def _answer_hold(

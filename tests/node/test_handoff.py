@@ -201,3 +201,111 @@ def test_set_hash_version_recomputes_every_route():
     assert hub._slots[k].route == route_of(k, 24, 1)
     hub.set_hash_version(2)
     assert hub._slots[k].route == route_of(k, 24, 2) and hub.hash_version == 2
+
+
+# -- per-user state in a hand-off: held wildcard events and offline watches ---------------
+
+
+class _Queue:
+    """The webhook queue the offline watcher pushes notices to (no HTTP here)."""
+
+    def __init__(self) -> None:
+        self.pushed: list[dict] = []
+
+    def push(self, fields):
+        self.pushed.append(dict(fields))
+        return object()
+
+    def cancel(self, notice) -> bool:
+        return False  # already sent
+
+
+def _offline_hub(name: str, clock: Clock) -> tuple[Hub, _Queue]:
+    from orbited.node.offline import OfflineWatcher
+
+    hub = Hub(clock, HubConfig(routes=2), epoch=name)
+    queue = _Queue()
+    hub.offline = OfflineWatcher(queue, clock)
+    return hub, queue
+
+
+def test_holds_and_watches_travel_with_the_hand_off_and_a_tab_there_cancels():
+    from orbited.core.hashing import route_of_user
+
+    clock = Clock()
+    old, old_queue = _offline_hub("old", clock)
+    new, new_queue = _offline_hub("new", clock)
+    route = route_of_user("carol", 2)
+    old.assign([1, 2], 2)
+    new.assign([r for r in (1, 2) if r != route], 2)
+    body = {"id": "m-7", "to": [["carol", "*", "*"]], "data": {"t": 1}, "offline": 5,
+            "latest": "typing"}  # fmt: skip
+    reply = json.loads(old.handle_request(json.dumps(body).encode()))  # type: ignore[arg-type]
+    assert reply["results"] == [{"status": "no_connection", "keys": [], "held": True}]
+    assert [n["type"] for n in old_queue.pushed] == ["needs_push"]
+    clock.advance(4)
+    new.assign([1, 2], 2, incoming=[route])
+    exports: list = []
+    users: list = []
+    old.route_moved({route: "tcp://new:1"}, handoff=[route], exports=exports, users=users)
+    assert old.gauges()["user_holds"] == 0 and old.mailbox_bytes == 0
+    assert len(users) == 1 and users[0]["user"] == "carol" and users[0]["route"] == route
+    (hold,) = users[0]["holds"]
+    assert hold["selector"] == ["carol", "*", "*"] and hold["id"] == "m-7"
+    assert hold["data"] == '{"t":1}' and hold["latest"] == "typing" and hold["left"] == 26.0
+    assert [w["left"] for w in users[0]["watches"]] == [None]  # pushed already
+    new.handoff_received(exports, done=[route], users=json.loads(json.dumps(users)))
+    assert new.gauges()["user_holds"] == 1
+    tab = _Tab()
+    carol = ConnectionKey("carol", "s", "/t")
+    new.attach(carol, tab, None)
+    event = [f for f in tab.frames if f["type"] == "event"]
+    assert event == [{"type": "event", "seq": 1, "id": "m-7", "latest": "typing",
+                      "data": {"t": 1}}]  # fmt: skip
+    new.ack(carol, 1)
+    assert [(n["type"], n["id"]) for n in new_queue.pushed] == [("cancel", "m-7")]
+    clock.advance(26)
+    assert new.gauges()["user_holds"] == 0 and new.gauges()["users"] == 1
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        "x",
+        {"holds": []},
+        {"user": "carol", "holds": "no"},
+        {
+            "user": "carol",
+            "holds": [{"selector": ["carol", "s", "/t"], "id": "m", "data": "1", "left": 3}],
+        },  # fmt: skip
+        {
+            "user": "carol",
+            "holds": [{"selector": ["dave", "*", "*"], "id": "m", "data": "1", "left": 3}],
+        },  # fmt: skip
+        {
+            "user": "carol",
+            "holds": [{"selector": ["carol", "*", "*"], "id": "", "data": "1", "left": 3}],
+        },  # fmt: skip
+        {
+            "user": "carol",
+            "holds": [{"selector": ["carol", "*", "*"], "id": "m", "data": 1, "left": 3}],
+        },  # fmt: skip
+        {
+            "user": "carol",
+            "holds": [{"selector": ["carol", "*", "*"], "id": "m", "data": "1", "left": -1}],
+        },  # fmt: skip
+        {
+            "user": "carol",
+            "holds": [
+                {"selector": ["carol", "*", "*"], "id": "m", "data": "1", "left": 3, "latest": ""}
+            ],
+        },  # fmt: skip
+    ],
+)
+def test_a_malformed_user_entry_is_skipped(entry):
+    hub = Hub(Clock(), HubConfig(), epoch="ep")
+    assert hub.import_users([entry]) == 0
+    assert hub.gauges()["user_holds"] == 0
+    good = {"user": "carol", "holds": [{"selector": ["carol", "*", "*"], "id": "m",
+                                        "data": "1", "left": 3}]}  # fmt: skip
+    assert hub.import_users([entry, good]) == 1
