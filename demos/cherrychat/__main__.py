@@ -32,6 +32,13 @@ def parser() -> argparse.ArgumentParser:
                    help="HaloD's status URL, to see users of failed nodes go offline")  # fmt: skip
     p.add_argument("--fresh-presence", action="store_true",
                    help="forget who was online (the nodes are starting afresh)")  # fmt: skip
+    p.add_argument("--offline-hook", action="store_true",
+                   help="the nodes' offline_url is this app's /orbited/offline: ask them for "
+                        "offline notices of chat messages")  # fmt: skip
+    p.add_argument("--offline-after", type=float, default=10.0,
+                   help="seconds a message may stay unacknowledged before a notice")  # fmt: skip
+    p.add_argument("--user-max-connections", type=int, default=0,
+                   help="the nodes' user_max_connections (0: none), shown to users")  # fmt: skip
     p.add_argument("--ready-file", type=Path, help="write the bound address here as JSON")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warn", "error"])
     return p
@@ -55,7 +62,13 @@ class ChatService(service.Service):
         cluster = HaloDCluster(args.halod_host, args.sp_port_base, args.browser_port_base,
                                routes=args.routes)  # fmt: skip
         client = TwistedClient(cluster, reactor, timeout=5.0)  # type: ignore[arg-type]
-        self.chat = ChatApp(store, secret, cluster, client, reactor, args.halod_status)  # type: ignore[arg-type]
+        if args.offline_after <= 0 or args.user_max_connections < 0:
+            raise ValueError("--offline-after must be positive, --user-max-connections >= 0")
+        self.chat = ChatApp(
+            store, secret, cluster, client, reactor, args.halod_status,  # type: ignore[arg-type]
+            offline_hook=args.offline_hook, offline_after=args.offline_after,
+            max_tabs=args.user_max_connections,
+        )  # fmt: skip
         site = Site(self.chat.app.resource())
         if args.log_level != "debug":
             site.log = lambda request: None  # type: ignore[method-assign]  # no access log

@@ -2,11 +2,20 @@
 
 Owns the HTTP API the page uses and every push to browsers. The flow of a message:
 page → ``POST /rooms/<room>/messages`` → stored in SQLite (it gets its id) → one
-``TwistedClient.send`` to the connection keys of every member of the room, which the
-client groups per route and sends through HaloD's route ports → each member's node →
-each member's page. The page de-duplicates by id and, whenever its connection comes back,
+``TwistedClient.send`` addressed to every member of the room as a user (``[member, "*",
+"*"]``: every tab of theirs), which the client groups per route and sends through HaloD's
+route ports → each member's node (hash version 2: all of a user's tabs are on one node) →
+each of their tabs. The page de-duplicates by id and, whenever its connection comes back,
 asks ``GET /rooms/<room>/messages?after=<id>`` for anything it missed (a node crash loses
 that node's mailboxes; the app's own history does not).
+
+Latest-value events (docs/protocol.md): member lists go with ``latest="members:<room>"``
+and typing states with ``latest="typing:<room>:<user>"``, so a slow or reconnecting tab
+gets only the newest of each, not a backlog. With ``offline_hook``, chat messages ask for
+the node's offline hook: a member with no tab, or whose tabs have not acknowledged the
+message within ``offline_after`` seconds, is reported to ``POST /orbited/offline``; the app
+logs "would push" (it has no mobile push) and shows it under the message, and a later
+``cancel`` (a tab acknowledged it) too.
 
 Identity: the session cookie is a random id the app stored at login; the nickname always
 comes from that, never from the request. Browsers get Orbited tokens only from ``/tabs``
@@ -17,15 +26,18 @@ and "alice" are one; the nickname is shown as typed at the latest login.
 
 Tabs: each tab of a user has its own connection key ``(identity, session tag,
 "/cherrychat/<tab id>")`` (one key per tab: a node lets one connection hold a key, so two
-tabs sharing one would replace each other). Pushes go to every open tab of each
-recipient (cherrychat/store.py says when a tab counts as open and a user as online).
+tabs sharing one would replace each other), with its own mailbox and resume. Pushes are
+addressed to users (or, for a logout, to one session: ``[user, tag, "*"]``), so the node
+reaches every tab it has; the app does not list tabs to send (cherrychat/store.py says
+when a tab counts as open and a user as online, for the member lists). The nodes may limit
+the tabs per user (``user_max_connections``): the page says so when its tab is refused.
 """
 
 from __future__ import annotations
 
 import hmac
 import json
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -41,7 +53,7 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed
 from cherrychat import rules
 from cherrychat.store import NickTaken, Presence, Session, Store, Tab
 from orbited.client.cluster import Cluster
-from orbited.core.keys import ConnectionKey
+from orbited.core.keys import ConnectionKey, Selector
 from orbited.core.tokens import issue_token
 from orbited.node.presence import SIGNATURE_HEADER, sign
 from orbited.node.web import client_source
@@ -56,6 +68,28 @@ STATIC_TYPES = {"chat.js": "text/javascript; charset=utf-8", "chat.css": "text/c
 # A tab that says goodbye frees its user's nickname at once, but the member lists hear of
 # it this much later, and only if the user is still offline: a reload comes back sooner.
 CLOSE_GRACE = 2.0
+OFFLINE_AFTER = 10.0  # seconds a message may stay unacknowledged before "would push"
+MAX_OFFLINE_LOG = 200  # offline notices kept for /healthz and the tests
+
+
+def message_event_id(room: str, number: int) -> str:
+    """The event id of a room's message: the same on a resend, and the offline hook's
+    notices name it, so they map back to the message."""
+    return f"m.{room}.{number}"
+
+
+def message_of(event_id: object) -> tuple[str, int] | None:
+    """(room, message id) of a message's event id, or None."""
+    if not isinstance(event_id, str):
+        return None
+    kind, _, rest = event_id.partition(".")
+    room, _, number = rest.rpartition(".")
+    if kind != "m" or not number.isdigit() or len(number) > 18:
+        return None
+    try:
+        return rules.room(room), int(number)
+    except rules.InvalidInput:
+        return None
 
 
 def key_of(tab: Tab) -> ConnectionKey:
@@ -86,10 +120,14 @@ class ChatApp:
 
     def __init__(
         self, store: Store, secret: bytes, cluster: Cluster, client: Any,
-        reactor: IReactorTime, halod_status: str = "",
+        reactor: IReactorTime, halod_status: str = "", *, offline_hook: bool = False,
+        offline_after: float = OFFLINE_AFTER, max_tabs: int = 0,
     ) -> None:  # fmt: skip
         """``client`` sends events: an ``orbited.client.twisted.TwistedClient`` (or a fake
-        with the same ``send(keys, data)`` returning a Deferred of {key: result})."""
+        with the same ``send(recipients, data, event_id, latest=, offline=)`` returning a
+        Deferred of {recipient: result}). ``offline_hook``: the nodes post offline notices
+        to ``/orbited/offline`` (their ``offline_url``), so messages ask for them.
+        ``max_tabs``: the nodes' ``user_max_connections`` (0: no limit), for the page."""
         self.store = store
         self.secret = secret
         self.cluster = cluster
@@ -97,6 +135,11 @@ class ChatApp:
         self.reactor = reactor
         self.halod_status = halod_status.rstrip("/")
         self.pushes: Counter[str] = Counter()  # result statuses, for /healthz
+        self.offline_hook = offline_hook
+        self.offline_after = offline_after
+        self.max_tabs = max_tabs
+        self.offline_log: deque[dict[str, Any]] = deque(maxlen=MAX_OFFLINE_LOG)
+        self.offline_counts: Counter[str] = Counter()  # needs_push / cancel, for /healthz
         self.client_js = client_source().encode()
         self.index = (STATIC / "index.html").read_bytes()
         self._sweeper: task.LoopingCall | None = None
@@ -181,34 +224,73 @@ class ChatApp:
 
     # -- pushing -----------------------------------------------------------------------
 
-    def push(self, room: str, data: dict[str, Any], also: Iterable[str] = ()) -> defer.Deferred:
-        """Send ``data`` to every open tab of every member of ``room`` (and ``also``):
-        one event, grouped per route by the client. Never fails: results are counted and
-        problems logged."""
-        users = list(dict.fromkeys([*self.store.member_idents(room), *also]))
-        return self.push_tabs(self.store.tabs_of(users), data, room)
+    def push(
+        self, room: str, data: dict[str, Any], also: Iterable[str] = (), *,
+        event_id: str | None = None, latest: str | None = None, offline: bool = False,
+        skip: str | None = None,
+    ) -> defer.Deferred:  # fmt: skip
+        """Send ``data`` to every tab of every member of ``room`` (and ``also``; not
+        ``skip``): one event, one wildcard recipient per user, grouped per route by the
+        client. Never fails: results are counted and problems logged."""
+        users = [u for u in dict.fromkeys([*self.store.member_idents(room), *also]) if u != skip]
+        targets = [Selector(u, None) for u in users]
+        return self.send(targets, data, room, event_id=event_id, latest=latest, offline=offline)
 
-    def push_tabs(self, tabs: list[Tab], data: dict[str, Any], room: str = "") -> defer.Deferred:
-        if not tabs:
+    def send(
+        self, targets: list[Selector], data: dict[str, Any], room: str = "", *,
+        event_id: str | None = None, latest: str | None = None, offline: bool = False,
+    ) -> defer.Deferred:  # fmt: skip
+        if not targets:
             return defer.succeed({})
-        d = self.client.send([key_of(t) for t in tabs], data)
-        d.addCallback(self._pushed, room, data.get("type"))
+        options: dict[str, Any] = {}
+        if latest is not None:
+            options["latest"] = latest
+        if offline and self.offline_hook:
+            options["offline"] = self.offline_after
+        d = self.client.send(targets, data, event_id, **options)
+        d.addCallback(self._pushed, room, data, event_id, options)
         d.addErrback(lambda f: self.log.failure("push to {room} failed", f, room=room))
         return d
 
-    def _pushed(self, results: dict[ConnectionKey, dict], room: str, kind: object) -> dict:
-        for key, result in results.items():
+    def _pushed(
+        self, results: dict[Any, dict], room: str, data: dict[str, Any],
+        event_id: str | None, options: dict[str, Any],
+    ) -> dict | defer.Deferred:  # fmt: skip
+        kind = data.get("type")
+        if "offline" in options and any(_unhooked(r) for r in results.values()):
+            # The nodes have no offline_url: stop asking, and send this one without it.
+            self.log.warn("the nodes refuse offline notices ({result}): pushing without them",
+                          result=next(r for r in results.values() if _unhooked(r)))  # fmt: skip
+            self.offline_hook = False
+            options = {k: v for k, v in options.items() if k != "offline"}
+            d = self.client.send(list(results), data, event_id, **options)
+            d.addCallback(self._pushed, room, data, event_id, options)
+            return d
+        for target, result in results.items():
             status = result.get("status", "?")
-            self.pushes[status] += 1
-            if status in ("error", "moved"):
+            reached = result.get("keys")
+            if status == "matched" and isinstance(reached, dict):
+                for one in reached.values():  # each tab reached
+                    self.pushes[one.get("status", "?")] += 1
+            else:
+                self.pushes[status] += 1
+            if status in ("error", "moved", "limited"):
                 # The page catches up from history when it reconnects; nothing is lost.
                 self.log.warn("push {kind} to {room}: {user} {status} {result}", kind=kind,
-                              room=room, user=key.user, status=status, result=result)  # fmt: skip
+                              room=room, user=target[0], status=status, result=result)  # fmt: skip
         return results
 
     def push_members(self, rooms: Iterable[str]) -> None:
         for room in rooms:
-            self.push(room, {"type": "members", "room": room, "members": self.store.members(room)})
+            self.push(room, {"type": "members", "room": room, "members": self.store.members(room)},
+                      latest=f"members:{room}")  # fmt: skip
+
+    def push_message(self, message: dict[str, Any]) -> defer.Deferred:
+        """A stored message to its room's members, with its own event id; with the offline
+        hook, members who do not get it on a tab are reported."""
+        room = message["room"]
+        return self.push(room, {"type": "message", **message}, offline=True,
+                         event_id=message_event_id(room, message["id"]))  # fmt: skip
 
     # -- pages -------------------------------------------------------------------------
 
@@ -250,6 +332,7 @@ class ChatApp:
         return self._json(request, {
             "ok": True, "rooms": len(self.store.rooms()), "online": len(online),
             "tabs": sum(online.values()), "pushes": dict(self.pushes),
+            "offline": dict(self.offline_counts),
         })  # fmt: skip
 
     # -- session -----------------------------------------------------------------------
@@ -274,8 +357,9 @@ class ChatApp:
         session = self.store.session(sid.decode("ascii", "replace") if sid else None)
         if session is not None:
             was_online = self.store.is_online(session.ident)
-            tabs = self.store.logout(sid.decode("ascii", "replace"))
-            self.push_tabs(tabs, {"type": "logged_out"})
+            self.store.logout(sid.decode("ascii", "replace"))
+            # Every tab of this session (not another login of the same user).
+            self.send([Selector(session.ident, session.tag)], {"type": "logged_out"})
             if was_online:
                 self._presence_changed({session.ident})
             self.log.info("{nick!r} logged out", nick=session.nick)
@@ -290,7 +374,8 @@ class ChatApp:
         return self._json(request, self._me(self._session(request)))
 
     def _me(self, session: Session) -> dict[str, Any]:
-        return {"nick": session.nick, "rooms": self.store.rooms_of(session.ident)}
+        return {"nick": session.nick, "rooms": self.store.rooms_of(session.ident),
+                "max_tabs": self.max_tabs}  # fmt: skip
 
     # -- tabs --------------------------------------------------------------------------
 
@@ -306,7 +391,7 @@ class ChatApp:
         key = key_of(tab)
         return self._json(request, {
             "tab": tab.tab, "key": key.to_json(), "route": self.cluster.route_of(key),
-            "orbited": self.cluster.browser_base(key),
+            "hash": self.cluster.hash_version, "orbited": self.cluster.browser_base(key),
             "token": issue_token(self.secret, key, TOKEN_TTL),
         })  # fmt: skip
 
@@ -353,7 +438,7 @@ class ChatApp:
         room = rules.room(room)
         if self.store.join(room, session.ident):
             message = self.store.add_message(room, session.nick, "joined", kind="join")
-            self.push(room, {"type": "message", **message})
+            self.push_message(message)
             self.push_members([room])
         return self._json(request, self._room_view(room))
 
@@ -365,7 +450,7 @@ class ChatApp:
         left = self.store.leave(room, session.ident)
         if left:
             message = self.store.add_message(room, session.nick, "left", kind="leave")
-            self.push(room, {"type": "message", **message})
+            self.push_message(message)
             self.push_members([room])
         return self._json(request, {"room": room, "left": left})
 
@@ -396,9 +481,24 @@ class ChatApp:
         message = self.store.add_message(room, session.nick, text)
         # Not waited for: the sender's page shows the message from this answer, and a
         # member whose node is down catches up from history when it reconnects.
-        self.push(room, {"type": "message", **message})
+        self.push_message(message)
         request.setResponseCode(201)
         return self._json(request, message)
+
+    @app.route("/rooms/<room>/typing", methods=["POST"])
+    def typing(self, request: IRequest, room: str) -> bytes:
+        """The user is (``{"typing": true}``) or stopped (false) typing in ``room``: the
+        other members' tabs are told, as a latest-value event per (room, user), so a tab
+        that is behind gets only the newest state."""
+        body = self._body(request)
+        session, room = self._member(request, room)
+        state = body.get("typing")
+        if not isinstance(state, bool):
+            raise HTTPError(400, "typing must be true or false")
+        self.push(room, {"type": "typing", "room": room, "nick": session.nick, "typing": state},
+                  latest=f"typing:{room}:{session.ident}", skip=session.ident)  # fmt: skip
+        request.setResponseCode(204)
+        return b""
 
     # -- presence ----------------------------------------------------------------------
 
@@ -427,6 +527,44 @@ class ChatApp:
         request.setResponseCode(204)
         return b""
 
+    @app.route("/orbited/offline", methods=["POST"])
+    def offline(self, request: IRequest) -> bytes:
+        """Signed offline notices from the nodes (docs/protocol.md, "Offline webhooks"):
+        ``needs_push`` (a member did not get a message on any tab) and ``cancel`` (a tab
+        acknowledged it after all). The demo has no mobile push: it logs what it would
+        send and tells the room, which shows it under the message."""
+        body = request.content.read(MAX_WEBHOOK_BODY + 1)
+        if len(body) > MAX_WEBHOOK_BODY:
+            raise HTTPError(413, "request body too large")
+        given = (request.getHeader(SIGNATURE_HEADER) or b"").decode("ascii", "replace")
+        if not hmac.compare_digest(given, sign(self.secret, body)):
+            raise HTTPError(403, "bad signature")
+        try:
+            batch = json.loads(body)
+            notices = [(str(e["type"]), e["key"], e["id"], e.get("reason"))
+                       for e in batch["events"]]  # fmt: skip
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise HTTPError(400, "not an offline batch") from None
+        for kind, key, event_id, reason in notices:
+            found = message_of(event_id)
+            if kind not in ("needs_push", "cancel") or found is None or not _user_of(key):
+                continue
+            room, number = found
+            ident = key[0]
+            nick = self.store.nick_of(ident) or ident
+            self.offline_counts[kind] += 1
+            entry = {"notice": kind, "room": room, "id": number, "nick": nick, "reason": reason}
+            self.offline_log.append(entry)
+            if kind == "needs_push":
+                self.log.info("📱 would push message {id} of {room} to {nick} ({reason})",
+                              id=number, room=room, nick=nick, reason=reason)  # fmt: skip
+            else:
+                self.log.info("📱 push of message {id} of {room} to {nick} cancelled: read",
+                              id=number, room=room, nick=nick)  # fmt: skip
+            self.push(room, {"type": "offline", **entry}, latest=f"offline:{room}:{number}:{ident}")
+        request.setResponseCode(204)
+        return b""
+
     def _presence_changed(self, users: set[str]) -> None:
         rooms = sorted({room for ident in users for room in self.store.rooms_of(ident)})
         self.push_members(rooms)
@@ -449,3 +587,14 @@ class ChatApp:
         if gone:
             self.log.info("nodes {gone} left HaloD: their users are offline", gone=sorted(gone))
             self._presence_changed(self.store.drop_nodes(gone))
+
+
+def _unhooked(result: dict) -> bool:
+    """A node refused the request because it has no offline hook configured."""
+    return result.get("code") == "bad_request" and "offline" in str(result.get("error"))
+
+
+def _user_of(key: object) -> bool:
+    """An offline notice's key names a user: ``[user, session or "*", location or "*"]``."""
+    return (isinstance(key, list) and len(key) == 3 and all(isinstance(p, str) for p in key)
+            and bool(key[0]) and key[0] != "*")  # fmt: skip

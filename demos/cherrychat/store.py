@@ -7,7 +7,8 @@ died, a push failed) and asks for ``messages(room, after=<last id before the hol
 
 Tabs and presence: every tab of a logged-in user has its own connection key
 ``(nick, session tag, "/cherrychat/<tab>")`` (a second tab must not replace the first), so
-the app pushes to every open tab of each recipient. A tab is registered by its page
+the app's pushes, addressed to users, reach every tab a node has for them. A tab is
+registered by its page
 (``open_tab``), on a node once that node's signed webhook says ``signon``, and gone at the
 ``signoff`` (the node's linger after its connection closed), at the page's goodbye
 (``close_tab``, sent on ``pagehide``) or at logout. A user is **online** while any of
@@ -143,6 +144,11 @@ class Store:
             self.db.execute("INSERT INTO sessions VALUES (?, ?, ?, ?)",
                             (sid, ident, tag, time.time()))  # fmt: skip
             return sid
+
+    def nick_of(self, ident: str) -> str | None:
+        """How user ``ident`` typed their nickname at their latest login, or None."""
+        row = self.db.execute("SELECT nick FROM users WHERE ident = ?", (ident,)).fetchone()
+        return row["nick"] if row else None
 
     def session(self, sid: str | None) -> Session | None:
         """The session whose cookie is ``sid``, or None."""

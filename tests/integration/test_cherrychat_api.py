@@ -76,6 +76,7 @@ def test_the_page_its_files_and_health(cluster):
     health = json.loads(body)
     assert status == 200 and health["ok"] is True and health["rooms"] >= 3
     assert isinstance(health["online"], int) and isinstance(health["pushes"], dict)
+    assert isinstance(health["offline"], dict)
 
 
 def test_unknown_paths_and_methods_get_json_errors(cluster):
@@ -128,7 +129,7 @@ def test_me_token_and_rooms_need_a_session(cluster):
     assert error(forged[0], forged[2]) == (401, "log in first")
 
     user = logged_in(cluster, "ep-me")
-    assert user.call("GET", "/me") == (200, {"nick": "ep-me", "rooms": []})
+    assert user.call("GET", "/me") == (200, {"nick": "ep-me", "rooms": [], "max_tabs": 0})
     status, rooms = user.call("GET", "/rooms")
     names = {r["name"]: r for r in rooms["rooms"]}
     assert status == 200 and {"lobby", "python", "twisted"} <= set(names)
@@ -200,6 +201,37 @@ def test_presence_webhook_answers(cluster):
     assert error(*post(b"x" * (1024 * 1024 + 1))) == (413, "request body too large")
 
 
+def test_offline_webhook_answers(cluster):
+    secret = (cluster.state / "secret").read_bytes().strip()
+
+    def post(body: bytes, signature: str | None = None) -> tuple[int, bytes]:
+        headers = {"x-orbited-signature": sign(secret, body) if signature is None else signature}
+        status, _, answer = raw(cluster, "POST", "/orbited/offline", body, headers)
+        return status, answer
+
+    batch = json.dumps({"node": "ep-node", "events": [
+        {"type": "needs_push", "key": ["ep-off", "*", "*"], "id": "m.lobby.999999",
+         "reason": "no_connection", "keys": [], "serial": 1, "time": 0}]}).encode()  # fmt: skip
+    assert error(*post(batch, "sha256=" + "0" * 64)) == (403, "bad signature")
+    assert post(batch) == (204, b"")
+    for garbage in (b"[]", b"{}", b"not json", b'{"node": "n", "events": [{"type": "x"}]}'):
+        assert error(*post(garbage)) == (400, "not an offline batch"), garbage
+    assert error(*post(b"x" * (1024 * 1024 + 1))) == (413, "request body too large")
+
+
+def test_typing_answers(cluster):
+    user = logged_in(cluster, "ep-typing")
+    assert user.call("POST", "/rooms/ep-type/typing", {"typing": True}) == (
+        403, {"error": "join ep-type first"})  # fmt: skip
+    user.call("POST", "/rooms/ep-type/join", {})
+    assert user.call("POST", "/rooms/ep-type/typing", {"typing": True}) == (204, None)
+    assert user.call("POST", "/rooms/ep-type/typing", {"typing": False}) == (204, None)
+    assert user.call("POST", "/rooms/ep-type/typing", {"typing": 1}) == (
+        400, {"error": "typing must be true or false"})  # fmt: skip
+    assert Browserless(cluster).call("POST", "/rooms/ep-type/typing", {"typing": True}) == (
+        401, {"error": "log in first"})  # fmt: skip
+
+
 def test_tabs_tokens_and_goodbyes(cluster):
     secret = (cluster.state / "secret").read_bytes().strip()
     user = logged_in(cluster, "ep-tabs")
@@ -208,6 +240,7 @@ def test_tabs_tokens_and_goodbyes(cluster):
     key = ConnectionKey(*tab["key"])
     assert key.user == "ep-tabs" and key.location == "/cherrychat/tab-0001" and key.session
     assert tab["route"] == route_of(key, 24) and tab["orbited"].startswith("http://127.0.0.1:")
+    assert tab["hash"] == 2  # the route is the user's: every tab of a user has it
     assert verify_token(secret, tab["token"]) == key
     _, again = user.call("POST", "/tabs", {"tab": "tab-0001", "page": "page-0002"})  # reload
     assert again["key"] == tab["key"]
@@ -255,4 +288,4 @@ def test_nicknames_are_one_user_whatever_their_case(cluster):
     assert alice.call("POST", "/logout", {})[0] == 200
     other = Browserless(cluster)
     status, me = other.call("POST", "/login", {"nick": "CASEALICE"})
-    assert status == 200 and me == {"nick": "CASEALICE", "rooms": ["case-room"]}
+    assert status == 200 and me == {"nick": "CASEALICE", "rooms": ["case-room"], "max_tabs": 0}

@@ -12,7 +12,13 @@
 //
 // Each tab has its own connection key, named by a tab id kept in sessionStorage (so a
 // reload resumes the same key); each load of the page also has a page id, so the app can
-// tell a reloading tab's goodbye from its next hello.
+// tell a reloading tab's goodbye from its next hello. The app addresses its pushes to the
+// user (every tab at once); the nodes may cap the tabs per user, and a refused tab says so.
+//
+// Latest-value events: member lists and "is typing" states come tagged (`info.latest`),
+// so a tab that fell behind gets only the newest of each; `chat.latest` counts them and
+// the events they replaced. The app's offline notices ("would push") show under the
+// message they are about.
 import { OrbitedClient } from "/orbited-client.mjs";
 
 const $ = (id) => document.getElementById(id);
@@ -29,6 +35,9 @@ const chat = {
   connection: { state: "closed", transport: null, detail: null },
   states: [],          // every connection state change, for the curious (and the tests)
   resyncs: 0,
+  typing: new Map(),   // room -> Map(nick -> time it expires)
+  notes: new Map(),    // "room/id" -> Map(nick -> "needs_push" | "cancel"): offline notices
+  latest: { events: 0, replaced: 0, tags: {} }, // tagged events seen, events they replaced
 };
 window.chat = chat;
 
@@ -70,10 +79,22 @@ function renderConnection() {
   $("conn-route").textContent = chat.tab ? `route ${chat.tab.route}` : "";
   $("connection").title = detail ? `last problem: ${detail}` : "connection to Orbited";
   $("conn-banner").hidden = !dead;
-  $("conn-reason").textContent = dead
-    ? `Disconnected for good (${detail || "closed"}): new messages will not arrive.` : "";
+  $("conn-reason").textContent = dead ? deadReason(detail) : "";
   $("text").disabled = dead;
   $("send-form").querySelector("button").disabled = dead;
+}
+
+// Why the connection ended for good, in words: the per-user tab limit has its own.
+function deadReason(detail) {
+  const why = String(detail || "closed");
+  const max = chat.me && chat.me.max_tabs ? ` (at most ${chat.me.max_tabs} per user)` : "";
+  if (why.startsWith("user_limit")) {
+    return `Too many tabs open${max}: close another tab of cherrychat, then reload this one.`;
+  }
+  if (why.startsWith("displaced")) {
+    return `This tab was closed because you opened another${max}.`;
+  }
+  return `Disconnected for good (${why}): new messages will not arrive.`;
 }
 
 function renderRooms() {
@@ -115,7 +136,50 @@ function messageItem(message) {
   text.className = "text";
   text.textContent = message.text;
   li.append(time, nick, text);
+  const notes = noteText(message.room, message.id);
+  if (notes) {
+    const note = document.createElement("span");
+    note.className = "push-note";
+    note.textContent = notes;
+    li.append(note);
+  }
   return li;
+}
+
+// The offline notices about one message, as shown under it.
+function noteText(name, id) {
+  const notes = chat.notes.get(`${name}/${id}`);
+  if (!notes) return "";
+  return [...notes].map(([nick, kind]) => kind === "cancel"
+    ? `📱 push to ${nick} cancelled (read)` : `📱 would push to ${nick}`).join(" · ");
+}
+
+function addNote(note) {
+  const key = `${note.room}/${note.id}`;
+  if (!chat.notes.has(key)) chat.notes.set(key, new Map());
+  const notes = chat.notes.get(key);
+  if (notes.get(note.nick) === "cancel") return; // a cancel is final
+  notes.set(note.nick, note.notice);
+  if (note.room === chat.current) renderMessages();
+}
+
+// "X is typing…": each state expires after a few seconds unless renewed.
+const TYPING_SHOWN = 5000;
+function setTyping(data) {
+  if (!chat.typing.has(data.room)) chat.typing.set(data.room, new Map());
+  const typing = chat.typing.get(data.room);
+  if (data.typing) typing.set(data.nick, Date.now() + TYPING_SHOWN);
+  else typing.delete(data.nick);
+  renderTyping();
+  if (data.typing) setTimeout(renderTyping, TYPING_SHOWN + 50);
+}
+
+function renderTyping() {
+  const typing = chat.current && chat.typing.get(chat.current);
+  const now = Date.now();
+  const who = typing ? [...typing].filter(([, until]) => until > now).map(([nick]) => nick) : [];
+  $("typing").textContent = who.length === 0 ? ""
+    : `${who.join(", ")} ${who.length === 1 ? "is" : "are"} typing…`;
 }
 
 function renderMessages() {
@@ -145,6 +209,7 @@ function renderRoom() {
   $("send-form").hidden = !r;
   renderMessages();
   renderMembers();
+  renderTyping();
   renderRooms();
 }
 
@@ -308,9 +373,16 @@ function resyncAll() {
   refreshRooms().catch(() => {});
 }
 
-function onPush(data) {
+function onPush(data, info) {
+  if (info && info.latest) {
+    chat.latest.events += 1;
+    chat.latest.replaced += info.replaced || 0;
+    chat.latest.tags[info.latest] = (chat.latest.tags[info.latest] || 0) + 1;
+  }
   if (data.type === "message") addMessage(data);
   else if (data.type === "members") setMembers(data.room, data.members);
+  else if (data.type === "typing") setTyping(data);
+  else if (data.type === "offline") addNote(data);
   else if (data.type === "logged_out") endSession("You logged out in another tab.");
 }
 
@@ -440,6 +512,22 @@ $("new-room-form").addEventListener("submit", async (e) => {
   }
 });
 
+// Typing: tell the room at most every 2 s while typing, and once when done.
+const typingState = { room: null, sentAt: 0 };
+function sendTyping(typing) {
+  const name = typing ? chat.current : typingState.room;
+  if (!name) return;
+  typingState.room = typing ? name : null;
+  typingState.sentAt = typing ? Date.now() : 0;
+  api("POST", `/rooms/${encodeURIComponent(name)}/typing`, { typing }).catch(() => {});
+}
+
+$("text").addEventListener("input", () => {
+  if (!chat.current) return;
+  if (!$("text").value.trim()) { if (typingState.room) sendTyping(false); return; }
+  if (typingState.room !== chat.current || Date.now() - typingState.sentAt > 2000) sendTyping(true);
+});
+
 $("send-form").addEventListener("submit", async (e) => {
   e.preventDefault();
   const input = $("text");
@@ -448,6 +536,7 @@ $("send-form").addEventListener("submit", async (e) => {
   try {
     addMessage(await api("POST", `/rooms/${encodeURIComponent(chat.current)}/messages`, { text: input.value }));
     input.value = "";
+    if (typingState.room) sendTyping(false);
   } catch (error) {
     showError("chat-error", error);
   }
