@@ -322,3 +322,19 @@ def test_the_whole_reply_with_one_entry_per_element_of_to():
     doc = json.loads(reply)
     assert [r["status"] for r in doc["results"]] == ["matched", "no_connection", "queued"]
     assert decode_reply(reply).results == tuple(results)
+
+
+def test_plain_requests_stay_on_the_fast_path(monkeypatch):
+    """The 1:1 hot path: id, to and data (and the hash clients send) never reach the
+    general parser; wildcards, latest and offline may."""
+
+    def general(doc, limits):
+        raise AssertionError("the general path parsed a plain request")
+
+    monkeypatch.setattr(events, "_parse_general", general)
+    for doc in ({"id": "e", "to": [["u", "s", "/l"]], "data": 1},
+                {"id": "e", "to": [["u", "s", "/l"], ["v", "", ""]], "data": [1], "hash": 2},
+                {"id": "e", "to": [["u", "*", "*"]], "data": 1, "hash": 2}):  # fmt: skip
+        assert isinstance(parse_request(body(doc), LIMITS), EventRequest)
+    with pytest.raises(AssertionError):
+        parse_request(body({"id": "e", "to": [["u", "", ""]], "data": 1, "latest": "t"}), LIMITS)
