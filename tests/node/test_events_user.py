@@ -338,3 +338,26 @@ def test_plain_requests_stay_on_the_fast_path(monkeypatch):
         assert isinstance(parse_request(body(doc), LIMITS), EventRequest)
     with pytest.raises(AssertionError):
         parse_request(body({"id": "e", "to": [["u", "", ""]], "data": 1, "latest": "t"}), LIMITS)
+
+
+def test_the_reply_examples_of_the_protocol_doc():
+    """Every result object in docs/protocol.md's "Reply" section is what the node encodes
+    for it (the same fields; JSON-equal), and decodes back."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "protocol.md").read_text()
+    section = text.split("### Reply", 1)[1].split("\n### ", 1)[0]
+    examples = []
+    for block in re.findall(r"```json\n(.*?)```", section, re.S):
+        for line in re.sub(r"\n\s+", " ", block).splitlines():
+            line = line.strip().rstrip(",")
+            if line.startswith('{"status"'):
+                examples.append(json.loads(line))
+    assert len(examples) >= 7
+    assert {e["status"] for e in examples} >= {"matched", "no_connection", "moved", "limited",
+                                               "replaced", "delivered"}  # fmt: skip
+    for example in examples:
+        result = events._result(example)
+        assert json.loads(result.encode()) == example
+        assert list(json.loads(result.encode())) == list(example)  # the documented order

@@ -56,3 +56,20 @@ def test_closed():
     assert json.loads(frames.closed(frames.DISPLACED, "displaced")) == {
         "type": "closed", "code": 4003, "reason": "displaced"}  # fmt: skip
     assert frames.USER_LIMIT == 4429
+
+
+def test_the_new_frames_are_spelled_as_the_protocol_doc_shows():
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "protocol.md").read_text()
+    tag = frames.event_id("price:AAPL")
+    shown = [
+        frames.event(10, b'{"px":187.2}', b'"p-10"', tag, 3),
+        frames.reconnect("rehash", 11),
+        frames.closed(4429, "user_limit"),
+        frames.closed(4003, "displaced"),
+    ]
+    for frame in shown:
+        assert frame.decode() in text
+    hello = frames.hello("kQ3v_x9A.1f", 25, False, 40, 0.8, hash=2).decode()
+    assert hello in text
