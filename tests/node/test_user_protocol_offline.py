@@ -260,3 +260,24 @@ def test_a_refused_post_is_retried_with_the_same_signed_batch(tmp_path):
     finally:
         node.stop()
         receiver.close()
+
+
+def test_a_replaced_event_hands_its_push_to_the_newest(hooked):
+    """Latest-value: p-2 replaces p-1 in a mailbox nobody reads. p-1's needs_push is
+    cancelled and p-2 is the one that needs a push; a tab then gets only p-2, and its
+    ack cancels p-2."""
+    node, receiver = hooked
+    key = ["lee", "s", "/t"]
+    request(node, {"id": "p-1", "to": [key], "data": 1, "latest": "px", "offline": 1})
+    wait_for(lambda: len(receiver.events()) == 1)
+    request(node, {"id": "p-2", "to": [key], "data": 2, "latest": "px", "offline": 1})
+    wait_for(lambda: len(receiver.events()) == 3)
+    assert receiver.kinds() == [("needs_push", "p-1"), ("cancel", "p-1"), ("needs_push", "p-2")]
+    assert receiver.events()[2]["seq"] == 2
+    ws = node.ws(node.token("lee"))
+    event = frames_until_event(ws)[-1]
+    assert (event["id"], event["seq"]) == ("p-2", 2)
+    ws.send(json.dumps({"type": "ack", "seq": 2}))
+    wait_for(lambda: len(receiver.events()) == 4)
+    assert receiver.kinds()[3] == ("cancel", "p-2")
+    ws.close()
