@@ -340,27 +340,42 @@ function longpollTransport(base, params, sink) {
   return { close: () => { stopped = true; if (controller) controller.abort(); } };
 }
 
+// How long the page waits, after an iframe document that posted frames has loaded, for its
+// end message (a document of an older node has none).
+const IFRAME_END_WAIT = 500;
+
 function iframeTransport(base, params, sink) {
   const nodeOrigin = new URL(base).origin;
   const frame = document.createElement("iframe");
   frame.style.display = "none";
   frame.src = transportUrl(base, "iframe", { ...params, origin: window.location.origin });
   let up = false;
+  let endTimer = null;
   const onMessage = (e) => {
     if (e.source !== frame.contentWindow || e.origin !== nodeOrigin || typeof e.data !== "string") return;
+    if (e.data === "") { ended(); return; } // the document's end, after its last frame
     up = true;
     const parsed = JSON.parse(e.data);
     sink.frame(parsed);
     acker.frame(parsed);
   };
-  // The document ends (byte cap, node shutdown, error page): reconnect.
-  const onLoad = async () => {
+  // The document ended (byte cap, node shutdown, cut, error page): reconnect, unless a
+  // frame said otherwise (closed, replaced).
+  const ended = async () => {
     cleanup();
     const [fatal, wait] = up ? [null, 0] : await probeFatal(base, params);
     sink.down(fatal === "user_limit" ? fatal : "iframe document ended", fatal, wait);
   };
+  // The element's load event may come before the messages the document posted last (a
+  // `closed` frame just before the end): the node's document posts "" once it has
+  // loaded, after those, so wait for that.
+  const onLoad = () => {
+    if (!up) ended(); // an error page, or nothing came: no frames to wait for
+    else if (endTimer === null) endTimer = setTimeout(ended, IFRAME_END_WAIT);
+  };
   const acker = httpAcker(base, params);
   function cleanup() {
+    clearTimeout(endTimer);
     acker.stop();
     window.removeEventListener("message", onMessage);
     frame.removeEventListener("load", onLoad);

@@ -517,3 +517,133 @@ def test_a_planned_move_reconnects_at_once(cluster: dict, two_nodes: dict, trans
         context.close()
         proxy.close()
         node.stop()
+
+
+# -- the per-user connection limit and latest-value events in Chromium (issue 21) --------
+# docs/client.md, "What it does on trouble" (4429/4003, HTTP 429, the closed frame) and
+# the skip listener; nodes with user_max_connections 1, pages straight to the node.
+
+USER_PAGE = """<!DOCTYPE html><html><head><meta charset="utf-8">
+<script src="{node}/orbited/client.js"></script></head><body><script>
+window.received = []; window.states = []; window.skips = []; window.attempts = [];
+const q = new URLSearchParams(location.search);
+const client = window.client = new Orbited.OrbitedClient("{node}", {{
+  token: q.get("token"), transports: q.get("transports").split(","), base: 100, max: 800,
+  position: q.get("position"),
+  onMessage: (data, info) => window.received.push([info.seq, data, info.latest ?? null,
+                                                   info.replaced]),
+  onState: (state, info) => window.states.push([state, info.transport, info.detail ?? null]),
+}});
+client.on("skip", (seqs, why) => window.skips.push([seqs, why]));
+client.factories = Object.fromEntries(Object.entries(client.factories).map(([name, make]) =>
+  [name, (...a) => {{ window.attempts.push(name); return make(...a); }}]));
+client.connect();
+</script></body></html>"""
+
+
+@pytest.fixture(scope="module")
+def user_nodes(cluster: dict) -> Iterator[dict]:
+    nodes = {}
+    for policy in ("refuse", "close_oldest"):
+        (workdir := cluster["tmp"] / f"users-{policy}").mkdir()
+        flags = ("--user-max-connections", "1", "--user-limit-policy", policy)
+        node = NodeProcess(workdir, "--cors-origin", cluster["page_origin"], "--keepalive", "5",
+                           *flags)  # fmt: skip
+        node.start()
+        (cluster["site"] / f"{policy}.html").write_text(
+            USER_PAGE.format(node=f"http://{node.http}")
+        )
+        nodes[policy] = node
+    yield nodes
+    for node in nodes.values():
+        node.stop()
+
+
+def open_user_page(cluster: dict, node: NodeProcess, page_name: str, user: str, session: str,
+                   transports: str, position: str = "", wait_open: bool = True):  # fmt: skip
+    context = cluster["browser"].new_context()
+    page = context.new_page()
+    token = node.token(user, session)
+    page.goto(f"{cluster['page_origin']}/{page_name}.html?token={token}"
+              f"&transports={transports}&position={position}",
+              wait_until="domcontentloaded")  # fmt: skip
+    if wait_open:
+        page.wait_for_function("window.states.some(s => s[0] === 'open')", timeout=15000)
+    return context, page
+
+
+@pytest.mark.parametrize("transport", ["websocket", "sse", "longpoll", "iframe"])
+def test_a_tab_past_the_users_limit_is_closed_with_user_limit(
+    cluster: dict, user_nodes: dict, transport: str
+):
+    """refuse, 1 per user: the second tab of the user ends in `closed`, detail
+    `user_limit…`, on every transport (WebSocket 4429; SSE and iframe learn the 429 from
+    the one timeout=0 poll; a long-poll's 429), and never tries again or falls back."""
+    node = user_nodes["refuse"]
+    user = f"lim-{transport}"
+    first, first_page = open_user_page(cluster, node, "refuse", user, "s1", "websocket")
+    second, page = open_user_page(cluster, node, "refuse", user, "s2",
+                                  f"{transport},websocket", wait_open=False)  # fmt: skip
+    try:
+        page.wait_for_function("window.states.some(s => s[0] === 'closed')", timeout=15000)
+        time.sleep(1)  # the backoff (100-800 ms) has passed: nothing tried again
+        states = page.evaluate("window.states")
+        assert [s[0] for s in states] == ["connecting", "closed"], states
+        assert states[-1][2].startswith("user_limit"), states
+        assert page.evaluate("window.attempts") == [transport]
+        dispatch_to = [[user, "s1", "/t"]]
+        with node.req() as req:
+            assert send_event(req, f"{user}-1", dispatch_to, 1)["results"][0]["status"] == (
+                "delivered"
+            )
+        first_page.wait_for_function("window.received.length === 1", timeout=5000)
+    finally:
+        second.close()
+        first.close()
+
+
+@pytest.mark.parametrize("transport", ["websocket", "sse", "longpoll", "iframe"])
+def test_close_oldest_closes_the_oldest_tab_with_displaced(
+    cluster: dict, user_nodes: dict, transport: str
+):
+    node = user_nodes["close_oldest"]
+    user = f"old-{transport}"
+    oldest, old_page = open_user_page(cluster, node, "close_oldest", user, "s1", transport)
+    newer, page = open_user_page(cluster, node, "close_oldest", user, "s2", "websocket")
+    try:
+        old_page.wait_for_function("window.states.some(s => s[0] === 'closed')", timeout=15000)
+        time.sleep(1)
+        states = old_page.evaluate("window.states")
+        assert [s[0] for s in states] == ["connecting", "open", "closed"], states
+        assert states[-1][2].startswith("displaced"), states
+        assert old_page.evaluate("window.attempts") == [transport]
+        assert page.evaluate("window.client.state") == "open"
+    finally:
+        newer.close()
+        oldest.close()
+
+
+@pytest.mark.parametrize("transport", ["websocket", "sse", "longpoll", "iframe"])
+def test_a_page_resuming_past_replaced_events_gets_the_newest_and_a_skip(
+    cluster: dict, user_nodes: dict, transport: str
+):
+    """Three events of one tag while the page is away: it gets the newest with
+    info.latest and info.replaced (2), and `skip` ([1, 2], "replaced") first, no gap."""
+    node = user_nodes["refuse"]
+    user = f"skip-{transport}"
+    status, frames = node.poll(f"token={node.token(user, 's1')}&timeout=0")
+    assert status == 200
+    stream = frames[0]["stream"]  # type: ignore[index]
+    with node.req() as req:
+        for i in (1, 2, 3):
+            req.send(json.dumps({"id": f"{user}-{i}", "to": [[user, "s1", "/t"]], "data": i,
+                                 "latest": "price:AAPL"}).encode())  # fmt: skip
+            assert json.loads(req.recv_msg().bytes)["results"][0]["status"] == "queued"
+    context, page = open_user_page(cluster, node, "refuse", user, "s1", transport,
+                                   position=f"{stream}:0")  # fmt: skip
+    try:
+        page.wait_for_function("window.received.length >= 1", timeout=15000)
+        assert page.evaluate("window.received") == [[3, 3, "price:AAPL", 2]]
+        assert page.evaluate("window.skips") == [[[1, 2], "replaced"]]
+    finally:
+        context.close()

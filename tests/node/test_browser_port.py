@@ -10,6 +10,7 @@ import base64
 import http.client
 import json
 import os
+import re
 import shutil
 import socket
 import struct
@@ -674,3 +675,119 @@ def test_a_poll_refused_with_a_reconnect_frame_leaves_no_timer():
     channel.dataReceived(f"GET /orbited/poll?token={token}&timeout=20 HTTP/1.1\r\n\r\n".encode())
     assert b'"reason":"shutdown"' in transport.value()
     assert clock.getDelayedCalls() == []
+
+
+# -- the per-user connection limit on the twisted.web transports -------------------------
+# (docs/protocol.md, "Per-user limits"): what the Site serves itself (the iframe, and any
+# hot request the front hands off), in process on a test clock.
+
+USER_SECRET = b"u" * 32
+
+
+def user_site(users: object) -> tuple[object, object]:
+    from twisted.internet import task
+
+    from orbited.node.hub import Hub, HubConfig
+    from orbited.node.transports.common import BrowserAuth
+    from orbited.node.web import browser_site
+
+    hub = Hub(task.Clock(), HubConfig(users=users), epoch="t")  # type: ignore[arg-type]
+    return hub, browser_site(hub, BrowserAuth(USER_SECRET), [], "t", 1 << 20)
+
+
+def site_get(site: object, session: str, route: str) -> object:
+    """GET /orbited/<route> for ("alice", session, "/t") on a StringTransport."""
+    from twisted.internet.testing import StringTransport
+
+    from orbited.core.keys import ConnectionKey
+    from orbited.core.tokens import issue_token
+
+    token = issue_token(USER_SECRET, ConnectionKey("alice", session, "/t"), 60)
+    query = {"poll": "&timeout=20", "iframe": "&origin=http://h", "sse": ""}[route]
+    channel = site.buildProtocol(None)  # type: ignore[attr-defined]
+    transport = StringTransport()
+    channel.makeConnection(transport)
+    channel.dataReceived(
+        f"GET /orbited/{route}?token={token}{query} HTTP/1.1\r\nHost: h\r\n\r\n".encode()
+    )
+    return transport
+
+
+def dechunk(body: bytes) -> bytes:
+    out = b""
+    while body:
+        size, _, rest = body.partition(b"\r\n")
+        n = int(size, 16)
+        out, body = out + rest[:n], rest[n + 2 :]
+    return out
+
+
+def web_frames(route: str, raw: bytes) -> list[dict]:
+    status, headers, body = parse_response(raw)
+    assert status == 200, raw
+    if headers.get("transfer-encoding") == "chunked":
+        body = dechunk(body)
+    if route == "poll":
+        return json.loads(body)
+    if route == "sse":
+        return [json.loads(line[6:]) for line in body.split(b"\n") if line.startswith(b"data: ")]
+    return [json.loads(json.loads(m)) for m in re.findall(rb"<script>f\((.*?)\)</script>", body)]
+
+
+def is_user_limit_429(raw: bytes) -> bool:
+    status, headers, body = parse_response(raw)
+    if headers.get("transfer-encoding") == "chunked":
+        body = dechunk(body)
+    return (
+        raw.startswith(b"HTTP/1.1 429 Too Many Requests\r\n")
+        and json_error(headers, body) == "user_limit"
+        and json.loads(body)["error"]["message"] == "at most 2 connections per user"
+    )
+
+
+@pytest.mark.parametrize("route", ["poll", "sse", "iframe"])
+def test_the_sites_transports_refuse_past_the_user_limit_with_429(route: str):
+    from orbited.node.users import UserLimits
+
+    hub, site = user_site(UserLimits(max_connections=2))
+    site_get(site, "a", "sse")
+    site_get(site, "b", "iframe")
+    refused = site_get(site, "c", route)
+    assert is_user_limit_429(refused.value()), refused.value()  # type: ignore[attr-defined]
+    assert hub.attached == 2  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("route", ["poll", "sse", "iframe"])
+def test_a_refusal_in_the_attach_itself_is_a_429_or_a_closed_frame(route: str):
+    """Hub.admits is the pre-check; Hub.attach is the authority. One the pre-check let
+    through (a race) gets Sink.closed(4429): a poll, whose answer had not begun, the same
+    429; a stream whose head had left, the ``closed`` frame and the end."""
+    from orbited.node.users import UserLimits
+
+    hub, site = user_site(UserLimits(max_connections=2))
+    hub.admits = lambda key: True  # type: ignore[attr-defined]
+    site_get(site, "a", "sse")
+    site_get(site, "b", "iframe")
+    refused = site_get(site, "c", route)
+    raw = refused.value()  # type: ignore[attr-defined]
+    if route == "poll":
+        assert is_user_limit_429(raw), raw
+    else:
+        assert web_frames(route, raw) == [{"type": "closed", "code": 4429, "reason": "user_limit"}]
+        assert raw.endswith(b"\r\n0\r\n\r\n")  # the response ended
+    assert hub.attached == 2  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("route", ["poll", "sse", "iframe"])
+def test_close_oldest_ends_the_sites_oldest_transport_with_a_closed_frame(route: str):
+    from orbited.node.users import UserLimits
+
+    hub, site = user_site(UserLimits(max_connections=2, policy="close_oldest"))
+    oldest = site_get(site, "a", route)
+    site_get(site, "b", "sse")
+    site_get(site, "c", "iframe")
+    raw = oldest.value()  # type: ignore[attr-defined]
+    frames = web_frames(route, raw)
+    assert [f["type"] for f in frames] == ["hello", "closed"], frames
+    assert frames[-1] == {"type": "closed", "code": 4003, "reason": "displaced"}
+    assert hub.attached == 2  # type: ignore[attr-defined]

@@ -13,6 +13,7 @@ import socket
 import struct
 import time
 from collections.abc import Generator
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -38,6 +39,7 @@ from orbited.node.transports.httpfront import (
 )
 from orbited.node.transports.limits import BrowserLimits, BrowserLimitsConfig
 from orbited.node.transports.wsframe import OP_CLOSE, OP_PING, OP_PONG, close_frame, mask_frame
+from orbited.node.users import UserLimits
 from orbited.node.web import browser_site
 
 SECRET = b"front-test-secret-0123456789-abcdefghijklmnop"
@@ -141,11 +143,12 @@ def test_plan_hands_off_what_the_site_refuses_without_side_effects():
 class Served:
     def __init__(self, **config: Any) -> None:
         keepalive = config.pop("keepalive", 25.0)
+        users = config.pop("users", UserLimits())
         # The node's timers (linger, held polls, the sweep) on a clock of the test's own:
         # none of them fire here, and none is left in the reactor after the test, even
         # for a connection that closes later.
         self.clock = Clock()
-        self.hub = Hub(self.clock, HubConfig(keepalive=keepalive))
+        self.hub = Hub(self.clock, HubConfig(keepalive=keepalive, users=users))
         self.limits = BrowserLimits(BrowserLimitsConfig(**config), self.clock)
         site = browser_site(self.hub, AUTH, [], "t", 1 << 20, self.limits)
         self.front = BrowserFront(site, self.hub, AUTH, [], self.limits, self.clock)
@@ -492,3 +495,176 @@ def test_a_connection_waits_60_s_for_a_request_and_10_s_for_its_head():
     clock.advance(20)
     assert t_idle.aborted  # twisted.web's idle timeout (60 s)
     front.stopFactory()
+
+
+# -- the per-user connection limit (docs/protocol.md, "Per-user limits") -------------------
+
+ALICE2 = ConnectionKey("alice", "s2", "/chat")
+ALICE3 = ConnectionKey("alice", "s3", "/chat")
+
+
+def front_on_clock(users: UserLimits) -> tuple[Clock, Hub, BrowserFront]:
+    clock = Clock()
+    hub = Hub(clock, HubConfig(users=users))
+    limits = BrowserLimits(BrowserLimitsConfig(), clock)
+    site = browser_site(hub, AUTH, [], "t", 1 << 20, limits)
+    front = BrowserFront(site, hub, AUTH, [], limits, clock)
+    return clock, hub, front
+
+
+def ask(
+    front: BrowserFront, key: ConnectionKey, route: str, extra: bytes = b"", timeout: int = 20
+) -> FakeTransport:
+    """One request of ``route`` (ws, sse, poll: held ``timeout`` s) for ``key`` on a fake
+    transport."""
+    token = issue_token(SECRET, key).encode()
+    if route == "ws":
+        data = UPGRADE.replace(b"token=T", b"token=" + token)
+    else:
+        query = b"&timeout=%d" % timeout if route == "poll" else b""
+        data = b"GET /orbited/%s?token=%s%s HTTP/1.1\r\nHost: h\r\n%s\r\n" % (
+            route.encode(), token, query, extra)  # fmt: skip
+    p = front.buildProtocol(None)
+    t = FakeTransport()
+    p.makeConnection(t)
+    p.dataReceived(data)
+    return t
+
+
+def user_limit_429(out: bytes, cors: bool = False) -> None:
+    """``out`` is exactly the JSON 429 user_limit answer (and the connection stays)."""
+    ((head, body),) = responses(out)
+    assert head.startswith(b"HTTP/1.1 429 Too Many Requests\r\n"), head
+    assert (b"Access-Control-Allow-Origin: http://h\r\n" in head) is cors
+    assert json.loads(body) == {
+        "error": {"code": "user_limit", "message": "at most 2 connections per user"}
+    }
+
+
+def sse_frames_of(out: bytes) -> list[dict]:
+    return [json.loads(line[6:]) for line in out.split(b"\n") if line.startswith(b"data: ")]
+
+
+def poll_frames_of(out: bytes) -> list[dict]:
+    ((head, body),) = responses(out)
+    assert head.startswith(b"HTTP/1.1 200 OK")
+    return json.loads(body)
+
+
+@pytest.mark.parametrize("check", ["pre-check", "attach"])
+def test_past_the_user_limit_a_new_connection_is_refused_on_every_transport(check):
+    """refuse policy, 2 per user: a third key of the user gets HTTP 429 ``user_limit``
+    (SSE, poll: nothing of a stream is sent) or close 4429 (WebSocket: after the 101, so
+    the page's script can read it). The pre-check (Hub.admits) answers before the
+    attach; if it let one through (a race), the attach refuses it with Sink.closed and
+    the answer is the same."""
+    clock, hub, front = front_on_clock(UserLimits(max_connections=2))
+    if check == "attach":
+        hub.admits = lambda key: True  # type: ignore[method-assign]
+    ask(front, KEY, "ws")
+    ask(front, ALICE2, "sse")
+    user_limit_429(ask(front, ALICE3, "poll").out)
+    sse = ask(front, ALICE3, "sse", b"Origin: http://h\r\n")
+    user_limit_429(sse.out, cors=True)
+    assert not sse.lost  # keep-alive after the error, as after every error answer
+    ws = ask(front, ALICE3, "ws")
+    assert ws.out.startswith(b"HTTP/1.1 101 ")
+    assert ws.out.endswith(close_frame(4429, "user_limit: at most 2 connections per user"))
+    assert b'"type":"hello"' not in ws.out
+    assert ALICE3 not in hub._slots
+    # Two attached; a WebSocket the attach refused counts until its close handshake ends.
+    assert front.limits.connections == (3 if check == "attach" else 2)
+    # Another user, and a new transport for a key already attached, are not refused.
+    bob = ask(front, ConnectionKey("bob", "s", "/c"), "poll", timeout=0)
+    assert [f["type"] for f in poll_frames_of(bob.out)] == ["hello"]
+    again = ask(front, ALICE2, "sse")
+    assert [f["type"] for f in sse_frames_of(again.out)] == ["hello"]
+
+
+def test_close_oldest_displaces_the_users_longest_attached_connection():
+    """close_oldest policy, 2 per user: each new key of the user closes the connection
+    attached longest: WebSocket close 4003, SSE and a held poll a ``closed`` frame
+    (their response had begun), and the new one attaches."""
+    clock, hub, front = front_on_clock(UserLimits(max_connections=2, policy="close_oldest"))
+    ws = ask(front, KEY, "ws")
+    sse = ask(front, ALICE2, "sse")
+    poll_t = ask(front, ALICE3, "poll")
+    assert ws.out.endswith(
+        close_frame(4003, "displaced: a newer connection of this user took its place")
+    )
+    assert KEY not in hub._slots  # its mailbox is dropped: the page will not come back
+    assert poll_t.out == b""  # held, attached
+    closed = {"type": "closed", "code": 4003, "reason": "displaced"}
+    ask(front, ConnectionKey("alice", "s4", "/chat"), "poll")
+    assert [f["type"] for f in sse_frames_of(sse.out)] == ["hello", "closed"]
+    assert sse_frames_of(sse.out)[-1] == closed
+    assert sse.out.endswith(b"\r\n0\r\n\r\n")  # the response ended
+    ask(front, ConnectionKey("alice", "s5", "/chat"), "sse")
+    assert poll_frames_of(poll_t.out) == [poll_frames_of(poll_t.out)[0], closed]
+    assert poll_frames_of(poll_t.out)[0]["type"] == "hello"
+    assert front.limits.connections == 2 + 1  # s4, s5 and the WebSocket still closing
+
+
+@pytest.mark.parametrize("check", ["pre-check", "attach"])
+@pytest_twisted.inlineCallbacks
+def test_twisted_webs_websocket_closes_4429_past_the_user_limit_and_4003_the_oldest(check):
+    """The Site's WebSocket (autobahn: what the front hands a request to) keeps the same
+    codes: refused 4429 (pre-check in onConnect, or the attach itself), displaced 4003."""
+    served = Served(users=UserLimits(max_connections=1))
+    site_port = reactor.listenTCP(0, served.front.site, interface="127.0.0.1")  # type: ignore[attr-defined]
+    site: Any = SimpleNamespace(address=("127.0.0.1", site_port.getHost().port))
+    try:
+        if check == "attach":
+            served.hub.admits = lambda key: True  # type: ignore[method-assign]
+        first = connect(site, f"token={served.token(KEY)}")
+        yield first.opened
+        refused = connect(site, f"token={served.token(ALICE2)}")
+        yield refused.opened
+        _, code, reason = yield refused.closed
+        assert (code, reason) == (4429, "user_limit: at most 1 connections per user")
+        assert [json.loads(m)["type"] for m in refused.messages] == []
+        assert ALICE2 not in served.hub._slots
+    finally:
+        yield site_port.stopListening()
+        served.port.stopListening()
+        served.front.stopFactory()
+    displacing = Served(users=UserLimits(max_connections=1, policy="close_oldest"))
+    site_port = reactor.listenTCP(0, displacing.front.site, interface="127.0.0.1")  # type: ignore[attr-defined]
+    site.address = ("127.0.0.1", site_port.getHost().port)
+    try:
+        oldest = connect(site, f"token={displacing.token(KEY)}")
+        yield oldest.opened
+        newer = connect(site, f"token={displacing.token(ALICE2)}")
+        yield newer.opened
+        _, code, reason = yield oldest.closed
+        assert code == 4003
+        assert reason == "displaced: a newer connection of this user took its place"
+        yield settle()
+        assert [json.loads(m)["type"] for m in newer.messages] == ["hello"]
+    finally:
+        yield site_port.stopListening()
+        displacing.port.stopListening()
+        displacing.front.stopFactory()
+
+
+def test_a_rehash_tells_each_transport_to_reconnect_with_the_keys_new_route():
+    """Hub.rehash evicts a key whose route under the new version is another node's: its
+    transport gets `reconnect` with reason `rehash` and the `route` (docs/protocol.md,
+    "Frames"), so a client with `locate` finds the new node; the connection then ends."""
+    from orbited.core.hashing import route_of
+
+    clock, hub, front = front_on_clock(UserLimits())
+    routes = {key: route_of(key, hub.routes, 1) for key in (KEY, ALICE2, ALICE3)}
+    assert route_of(KEY, hub.routes, 2) not in routes.values()  # alice's (v2) route is kept
+    hub.owned = frozenset(range(1, hub.routes + 1)) - set(routes.values())  # as HaloD assigned
+    ws, sse, held = ask(front, KEY, "ws"), ask(front, ALICE2, "sse"), ask(front, ALICE3, "poll")
+    owners = [SimpleNamespace(route=r, name="me" if r in hub.owned else "other", sp=None)
+              for r in range(1, hub.routes + 1)]  # fmt: skip
+    hub.rehash(1, owners, me="me")
+    frame = {"type": "reconnect", "reason": "rehash"}
+    text = ws.out[ws.out.index(b'{"type":"reconnect"') :]
+    assert json.loads(text[: text.index(b"}") + 1]) == {**frame, "route": routes[KEY]}
+    assert ws.out.endswith(close_frame(4000, "reconnect: rehash"))
+    assert sse_frames_of(sse.out)[-1] == {**frame, "route": routes[ALICE2]} and sse.lost
+    assert poll_frames_of(held.out)[-1] == {**frame, "route": routes[ALICE3]}
+    assert b"Connection: close\r\n" in held.out and held.lost

@@ -301,3 +301,177 @@ def test_a_reconnect_frame_ends_the_connection_not_only_the_response(tmp_path):
         assert b'"reason":"shutdown"' in read_until_closed(sse)
     finally:
         node.stop()
+
+
+# -- latest-value events and the per-user connection limit on every browser transport ---
+# (docs/protocol.md, "Latest-value events", "Per-user limits"), against a real node.
+
+BROWSER_TRANSPORTS = ["websocket", "sse", "poll", "iframe"]
+
+
+def ws_frames_until_closed(ws) -> tuple[list[dict], int, str]:  # noqa: ANN001
+    """Every frame of a node WebSocket until its close: (frames, close code, reason)."""
+    from websockets.exceptions import ConnectionClosed
+
+    frames = []
+    try:
+        while True:
+            frames.append(json.loads(ws.recv(timeout=5)))
+    except ConnectionClosed as e:
+        assert e.rcvd is not None, "the node dropped the connection without a close frame"
+        return frames, e.rcvd.code, e.rcvd.reason
+
+
+def frames_over(node: NodeProcess, transport: str, query: str, count: int) -> list[dict]:
+    """The first ``count`` frames a browser gets over ``transport`` (``query``: token,
+    last); the connection is closed after."""
+    if transport == "websocket":
+        ws = node.ws(query.split("token=")[1].split("&")[0],
+                     query.split("last=")[1] if "last=" in query else None)  # fmt: skip
+        try:
+            return [json.loads(ws.recv(timeout=5)) for _ in range(count)]
+        finally:
+            ws.close()
+    if transport == "poll":
+        status, frames = node.poll(f"{query}&timeout=0")
+        assert status == 200, frames
+        return frames[:count]  # type: ignore[index]
+    extra = f"&origin=http://{node.http}" if transport == "iframe" else ""
+    conn, response = open_stream(node, f"/orbited/{transport}?{query}{extra}")
+    try:
+        assert response.status == 200
+        if transport == "sse":
+            return [frame for _, frame in sse_frames(response, count)]
+        response.lines.readline()  # the document's head
+        response.lines.readline()
+        return iframe_frames(response, count)
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("transport", BROWSER_TRANSPORTS)
+def test_a_resuming_browser_gets_the_newest_latest_value_event_and_no_gap(
+    shared_node: NodeProcess, transport: str
+):
+    """Three events with one tag while the browser is away: it resumes to the newest,
+    with ``latest`` and ``replaced`` (2), and no ``gap`` for the seqs it skips; an
+    untagged event in between is kept."""
+    user = f"latest-{transport}"
+    token = shared_node.token(user)
+    status, hello = shared_node.poll(f"token={token}&timeout=0")  # the mailbox, then away
+    stream = hello[0]["stream"]  # type: ignore[index]
+    to = [[user, "s", "/t"]]
+    with shared_node.req() as req:
+        for i, tag in enumerate(["price:AAPL", "price:AAPL", None, "price:AAPL"], 1):
+            request = {"id": f"p{i}", "to": to, "data": i}
+            if tag:
+                request["latest"] = tag
+            req.send(json.dumps(request).encode())
+            reply = json.loads(req.recv_msg().bytes)
+            assert reply["results"][0]["status"] == "queued", reply
+    frames = frames_over(shared_node, transport, f"token={token}&last={stream}:0", 3)
+    assert frames[0]["type"] == "hello"
+    assert frames[1:] == [
+        {"type": "event", "seq": 3, "id": "p3", "data": 3},
+        {"type": "event", "seq": 4, "id": "p4", "latest": "price:AAPL", "replaced": 2, "data": 4},
+    ]
+
+
+@pytest.fixture(scope="module")
+def limited_node(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+    proc = NodeProcess(tmp_path_factory.mktemp("limited"), "--linger", "5",
+                       "--user-max-connections", "2")  # fmt: skip
+    proc.start()
+    yield proc
+    proc.stop()
+
+
+@pytest.mark.parametrize("transport", BROWSER_TRANSPORTS)
+def test_a_third_connection_of_a_user_limited_to_2_is_refused(
+    limited_node: NodeProcess, transport: str
+):
+    """refuse policy: HTTP 429 ``user_limit`` (SSE, poll, iframe: before any stream) or
+    WebSocket close 4429; the user's two connections go on, other users are not
+    affected, and a new transport for an attached key is not refused."""
+    node = limited_node
+    user = f"limit-{transport}"
+    first = node.ws(node.token(user, "s1"))
+    second = node.ws(node.token(user, "s2"))
+    try:
+        assert json.loads(first.recv(timeout=5))["type"] == "hello"
+        assert json.loads(second.recv(timeout=5))["type"] == "hello"
+        token = node.token(user, "s3")
+        if transport == "websocket":
+            frames, code, reason = ws_frames_until_closed(node.ws(token))
+            assert (frames, code) == ([], 4429)
+            assert reason == "user_limit: at most 2 connections per user"
+        else:
+            extra = f"&origin=http://{node.http}" if transport == "iframe" else ""
+            path = "poll" if transport == "poll" else transport
+            conn, response = open_stream(node, f"/orbited/{path}?token={token}&timeout=0{extra}")
+            assert response.status == 429
+            assert response.getheader("content-type") == "application/json"
+            assert json.loads(response.read()) == {
+                "error": {"code": "user_limit", "message": "at most 2 connections per user"}
+            }
+            conn.close()
+        status, frames = node.poll(f"token={node.token(user + '-other', 's3')}&timeout=0")
+        assert status == 200
+        again = node.ws(node.token(user, "s2"))  # the same key: replaces, not refused
+        assert json.loads(again.recv(timeout=5))["type"] == "hello"
+        again.close()
+        with node.req() as req:  # the first is still there
+            reply = send_event(req, f"after-{transport}", [[user, "s1", "/t"]], 1)
+        assert reply["results"][0]["status"] == "delivered"
+    finally:
+        first.close()
+        second.close()
+
+
+@pytest.mark.parametrize("transport", BROWSER_TRANSPORTS)
+def test_close_oldest_ends_the_users_oldest_connection_with_4003(tmp_path, transport: str):
+    node = NodeProcess(tmp_path, "--user-max-connections", "1",
+                       "--user-limit-policy", "close_oldest").start()  # fmt: skip
+    try:
+        closed = {"type": "closed", "code": 4003, "reason": "displaced"}
+        token = node.token("old", "s1")
+        if transport == "websocket":
+            ws = node.ws(token)
+            assert json.loads(ws.recv(timeout=5))["type"] == "hello"
+            newer = node.ws(node.token("old", "s2"))
+            frames, code, reason = ws_frames_until_closed(ws)
+            assert (frames, code) == ([], 4003)
+            assert reason == "displaced: a newer connection of this user took its place"
+            newer.close()
+        elif transport == "poll":
+            held = raw_get(node, f"/orbited/poll?token={token}&timeout=20")
+            time.sleep(0.3)  # held
+            newer = node.ws(node.token("old", "s2"))
+            out = b""
+            while b"]" not in out:  # a JSON array, the whole answer
+                out += held.recv(65536)
+            head, _, body = out.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200")
+            frames = json.loads(body)
+            assert frames[0]["type"] == "hello" and frames[1:] == [closed]
+            held.close()
+            newer.close()
+        else:
+            extra = f"&origin=http://{node.http}" if transport == "iframe" else ""
+            conn, response = open_stream(node, f"/orbited/{transport}?token={token}{extra}")
+            if transport == "sse":
+                assert sse_frames(response, 1)[0][1]["type"] == "hello"
+            else:
+                response.lines.readline()
+                response.lines.readline()
+                assert iframe_frames(response, 1)[0]["type"] == "hello"
+            newer = node.ws(node.token("old", "s2"))
+            if transport == "sse":
+                assert sse_frames(response, 1)[0][1] == closed
+            else:
+                assert iframe_frames(response, 1)[0] == closed
+            assert response.lines.rest() == b""  # and the response ended
+            conn.close()
+            newer.close()
+    finally:
+        node.stop()

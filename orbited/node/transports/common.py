@@ -10,11 +10,16 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from orbited.core.keys import ConnectionKey
 from orbited.core.tokens import TokenError, verified_before, verify_token
+from orbited.node.frames import DISPLACED, USER_LIMIT
 from orbited.node.mailbox import Position, PositionError
+
+if TYPE_CHECKING:
+    from orbited.node.hub import Hub
 
 BAD_ACK = 'bad_frame: expected {"type":"ack","seq":n}'  # close reason, with code 4400
 
@@ -49,6 +54,34 @@ class BrowserRequestError(Exception):
     def close_reason(self) -> str:
         # A close reason may be at most 123 bytes of UTF-8.
         return f"{self.code}: {self.message}".encode()[:123].decode("utf-8", "ignore")
+
+
+def user_limit_error(max_connections: int) -> BrowserRequestError:
+    """A new connection the user's connection limit refuses (``user_max_connections``,
+    refuse policy): HTTP 429 ``user_limit``, or WebSocket close 4429 (docs/protocol.md,
+    "Errors (browser side)")."""
+    return BrowserRequestError(429, "user_limit", f"at most {max_connections} connections per user")
+
+
+def closed_reason(code: int, reason: str, max_connections: int) -> str:
+    """The WebSocket close reason of ``Sink.closed(code, reason)``: the hub's reason word,
+    then what happened (at most 123 bytes of UTF-8, as a close reason may be)."""
+    if code == USER_LIMIT:
+        text = f"{reason}: at most {max_connections} connections per user"
+    elif code == DISPLACED:
+        text = f"{reason}: a newer connection of this user took its place"
+    else:
+        text = reason
+    return text.encode()[:123].decode("utf-8", "ignore")
+
+
+def check_admitted(hub: Hub, key: ConnectionKey) -> None:
+    """Before a transport starts its response: BrowserRequestError (429 / 4429) when the
+    hub would refuse ``key`` a new connection now (Hub.admits, after the token check).
+    ``Hub.attach`` stays the authority; this lets SSE, poll and iframe answer a plain
+    HTTP 429 instead of starting a stream."""
+    if not hub.admits(key):
+        raise user_limit_error(hub.config.users.max_connections)
 
 
 @dataclass(frozen=True)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from http import HTTPStatus
 from typing import TYPE_CHECKING
 
 from twisted.web import resource, server
-from twisted.web.http import Request
+from twisted.web.http import RESPONSES, Request
 
 from orbited.core.keys import ConnectionKey
 from orbited.node.transports.common import (
@@ -14,6 +15,7 @@ from orbited.node.transports.common import (
     BrowserRequestError,
     origin_allowed,
     request_scheme,
+    user_limit_error,
 )
 from orbited.node.transports.limits import BrowserLimits, BrowserLimitsConfig, Overloaded
 
@@ -70,8 +72,20 @@ class HTTPSink:
     def replaced(self) -> None:
         raise NotImplementedError
 
-    def reconnect(self, reason: str) -> None:
+    def reconnect(self, reason: str, route: int | None = None) -> None:
         raise NotImplementedError
+
+    def closed(self, code: int, reason: str) -> None:
+        raise NotImplementedError
+
+    def refuse(self) -> None:
+        """Sink.closed(4429) before anything of the response was written: HTTP 429
+        ``user_limit`` (the JSON error answer) instead of a stream or a poll's answer."""
+        if not self._end():
+            return
+        error = user_limit_error(self.hub.config.users.max_connections)
+        self.request.write(send_json_error(self.request, error))
+        self.request.finish()
 
     def close_connection(self) -> None:
         """End the TCP connection with this response, not only the response: after a
@@ -185,7 +199,21 @@ def orbited_site(
     return site
 
 
+def status_phrase(status: int) -> bytes:
+    """The reason phrase of ``status``: twisted.web's, else the standard one (twisted.web
+    knows no 429, which it would call "Unknown Status")."""
+    phrase = RESPONSES.get(status)
+    if phrase is None:
+        try:
+            phrase = HTTPStatus(status).phrase.encode()
+        except ValueError:
+            phrase = b"Error"
+    return phrase
+
+
 def send_json_error(request: Request, error: BrowserRequestError) -> bytes:
     if isinstance(error, Overloaded):
         request.setHeader(b"retry-after", str(error.retry_after).encode())
-    return send_error(request, error.status, error.code, error.message)
+    body = send_error(request, error.status, error.code, error.message)
+    request.setResponseCode(error.status, status_phrase(error.status))
+    return body

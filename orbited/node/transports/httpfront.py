@@ -40,11 +40,11 @@ from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper
 from twisted.python.failure import Failure
-from twisted.web.http import RESPONSES, parse_qs
+from twisted.web.http import parse_qs
 
 from orbited.core.keys import ConnectionKey
 from orbited.node import frames
-from orbited.node.frames import Frame
+from orbited.node.frames import USER_LIMIT, Frame
 from orbited.node.hub import Hub
 from orbited.node.mailbox import Position, PositionError
 from orbited.node.transports import wsframe
@@ -53,11 +53,15 @@ from orbited.node.transports.common import (
     BrowserAuth,
     BrowserRequestError,
     authenticate,
+    check_admitted,
+    closed_reason,
     origin_allowed,
     parse_ack,
     request_scheme,
     resumes_session,
+    user_limit_error,
 )
+from orbited.node.transports.http import status_phrase
 from orbited.node.transports.limits import BrowserLimits, Overloaded, QueueWatch
 from orbited.node.transports.longpoll import DEFAULT_TIMEOUT, MAX_TIMEOUT
 from orbited.runtime.twisted_compat import unsent_bytes, write_through
@@ -287,7 +291,7 @@ def error_response(error: BrowserRequestError, cors: bytes, close: bool = False)
     return (
         b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nCache-Control: no-store\r\n"
         b"%s%sContent-Length: %d\r\n%s\r\n%s"
-        % (error.status, RESPONSES.get(error.status, b"Error"), cors, retry, len(body),
+        % (error.status, status_phrase(error.status), cors, retry, len(body),
            b"Connection: close\r\n" if close else b"", body)
     )  # fmt: skip
 
@@ -548,6 +552,7 @@ class FrontProtocol(Protocol):
         front = self.front
         front.limits.check(poll=poll, new=todo.new)  # before the token: no work if overloaded
         attach = authenticate(front.auth, todo.params)
+        check_admitted(front.hub, attach.key)  # 429 / 4429: the user's connection limit
         return attach.key, todo.after or attach.after
 
     def _start_sse(self, todo: Plan) -> None:
@@ -558,7 +563,7 @@ class FrontProtocol(Protocol):
             return
         self.mode = HELD
         sink = self.sink = SSESink(self, key, SSE_HEAD % todo.cors + b"%x\r\n" % len(SSE_OPEN)
-                                   + SSE_OPEN + b"\r\n")  # fmt: skip
+                                   + SSE_OPEN + b"\r\n", todo.cors)  # fmt: skip
         self.front.hub.attach(key, sink, after)
         sink.send_head()
 
@@ -764,8 +769,19 @@ class _Sink(QueueWatch):
     def replaced(self) -> None:
         raise NotImplementedError
 
-    def reconnect(self, reason: str) -> None:
+    def reconnect(self, reason: str, route: int | None = None) -> None:
         raise NotImplementedError
+
+    def closed(self, code: int, reason: str) -> None:
+        raise NotImplementedError
+
+    def refuse(self, cors: bytes) -> None:
+        """Sink.closed(4429) before anything of the response was written: HTTP 429
+        ``user_limit`` (the JSON error answer) instead of a stream."""
+        self.end()
+        self.pending = None
+        proto = self.proto
+        proto._refuse(user_limit_error(proto.front.hub.config.users.max_connections), cors)
 
 
 class WSSink(_Sink):
@@ -798,18 +814,26 @@ class WSSink(_Sink):
             self.deliver([Frame(frames.REPLACED)])
             self.proto.ws_close(4001, "replaced: a newer connection took this key")
 
-    def reconnect(self, reason: str) -> None:
+    def reconnect(self, reason: str, route: int | None = None) -> None:
         if self.proto.mode == WS_OPEN:
-            self.deliver([Frame(frames.reconnect(reason))])
+            self.deliver([Frame(frames.reconnect(reason, route))])
             self.proto.ws_close(4000, f"reconnect: {reason}"[:123])
+
+    def closed(self, code: int, reason: str) -> None:
+        proto = self.proto
+        if proto.mode == WS_OPEN:
+            self.send_head()  # refused in the attach: the 101 has not left yet
+            users = proto.front.hub.config.users
+            proto.ws_close(code, closed_reason(code, reason, users.max_connections))
 
 
 class SSESink(_Sink):
-    __slots__ = ()
+    __slots__ = ("cors",)
 
-    def __init__(self, proto: FrontProtocol, key: ConnectionKey, head: bytes) -> None:
+    def __init__(self, proto: FrontProtocol, key: ConnectionKey, head: bytes, cors: bytes) -> None:
         super().__init__(proto, key)
         self.pending = head
+        self.cors = cors
 
     @staticmethod
     def encode(frame: Frame) -> bytes:
@@ -850,8 +874,16 @@ class SSESink(_Sink):
     def replaced(self) -> None:
         self.finish(Frame(frames.REPLACED), False)
 
-    def reconnect(self, reason: str) -> None:
-        self.finish(Frame(frames.reconnect(reason)), True)
+    def reconnect(self, reason: str, route: int | None = None) -> None:
+        self.finish(Frame(frames.reconnect(reason, route)), True)
+
+    def closed(self, code: int, reason: str) -> None:
+        if self.finished:
+            return
+        if code == USER_LIMIT and isinstance(self.pending, bytes):  # the head has not left
+            self.refuse(self.cors)
+        else:
+            self.finish(Frame(frames.closed(code, reason)), False)
 
     def interrupt(self) -> None:
         self.finish(None, True)
@@ -915,10 +947,19 @@ class PollSink(_Sink):
         self.frames.append(frames.REPLACED)
         self.answer()
 
-    def reconnect(self, reason: str) -> None:
+    def reconnect(self, reason: str, route: int | None = None) -> None:
         if not self.finished:
-            self.frames.append(frames.reconnect(reason))
+            self.frames.append(frames.reconnect(reason, route))
             self.answer(close=True)
+
+    def closed(self, code: int, reason: str) -> None:
+        if self.finished:
+            return
+        if code == USER_LIMIT and not self.frames:  # nothing to answer yet: a plain 429
+            self.refuse(self.cors)
+        else:
+            self.frames.append(frames.closed(code, reason))
+            self.answer()
 
     def interrupt(self) -> None:
         self.answer(close=True)

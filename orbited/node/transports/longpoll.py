@@ -19,6 +19,7 @@ from orbited.node.hub import Hub
 from orbited.node.transports.common import (
     BrowserRequestError,
     authenticate,
+    check_admitted,
     resumes_session,
     single_param,
 )
@@ -76,12 +77,21 @@ class _PendingPoll(HTTPSink):
         self.frames.append(frames.REPLACED)
         self.flush()
 
-    def reconnect(self, reason: str) -> None:
+    def reconnect(self, reason: str, route: int | None = None) -> None:
         if self.finished:
             return
-        self.frames.append(frames.reconnect(reason))
+        self.frames.append(frames.reconnect(reason, route))
         self.close_connection()
         self.flush()
+
+    def closed(self, code: int, reason: str) -> None:
+        if self.finished:
+            return
+        if code == frames.USER_LIMIT and not self.frames:  # nothing to answer yet: a 429
+            self.refuse()
+        else:
+            self.frames.append(frames.closed(code, reason))
+            self.flush()
 
     def _stop_timers(self) -> None:
         for call in (self._timer, self._flush_call):
@@ -104,6 +114,7 @@ class LongPollResource(BrowserResource):
             params = decoded_args(request)
             attach = authenticate(self.auth, params)
             timeout = self._timeout(params)
+            check_admitted(self.hub, attach.key)  # 429: the user's connection limit
         except BrowserRequestError as e:
             return send_json_error(request, e)
         request.setHeader(b"content-type", b"application/json")

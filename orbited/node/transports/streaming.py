@@ -32,6 +32,7 @@ from orbited.node.transports.common import (
     BrowserAuth,
     BrowserRequestError,
     authenticate,
+    check_admitted,
     single_param,
 )
 from orbited.node.transports.http import (
@@ -99,10 +100,14 @@ class _Stream(HTTPSink):
     def replaced(self) -> None:
         self.finish(Frame(frames.REPLACED))
 
-    def reconnect(self, reason: str) -> None:
+    def reconnect(self, reason: str, route: int | None = None) -> None:
         if not self.finished:
             self.close_connection()
-        self.finish(Frame(frames.reconnect(reason)))
+        self.finish(Frame(frames.reconnect(reason, route)))
+
+    def closed(self, code: int, reason: str) -> None:
+        # The stream's head (and the iframe's document head) left in start(): a frame.
+        self.finish(Frame(frames.closed(code, reason)))
 
     def finish(self, last_frame: Frame | None = None) -> None:
         """End the response, after ``last_frame`` if given (written even past a cap)."""
@@ -162,10 +167,14 @@ class _IframeStream(_Stream):
 
 
 def _iframe_head(origin: str) -> bytes:
+    """The document's head: ``f`` posts a frame to the parent page; once the document has
+    loaded (the response ended), it posts ``""``, after every frame (posted messages keep
+    their order; the parent's load event of the iframe does not wait for them)."""
     target = script_literal(origin.encode())
     return (
         b'<!DOCTYPE html><html><head><meta charset="utf-8"><title>orbited</title></head>'
-        b"<body><script>var t=%s;function f(s){parent.postMessage(s,t);}</script>\n"
+        b"<body><script>var t=%s;function f(s){parent.postMessage(s,t);}"
+        b'addEventListener("load",function(){f("");});</script>\n'
         b"<!--%s-->\n" % (target, b" " * IFRAME_PRELUDE_BYTES)
     )
 
@@ -188,6 +197,7 @@ class _StreamingResource(BrowserResource):
                 params.pop("last", None)  # Last-Event-ID, the newer position, wins
             attach = authenticate(self.auth, params)
             after = after or attach.after
+            check_admitted(self.hub, attach.key)  # 429 before the stream starts
             stream = self.start(request, params, attach.key)
         except BrowserRequestError as e:
             return send_json_error(request, e)

@@ -25,6 +25,8 @@ from orbited.node.transports.common import (
     BrowserAuth,
     BrowserRequestError,
     authenticate,
+    check_admitted,
+    closed_reason,
     parse_ack,
 )
 from orbited.node.transports.http import apply_cors, send_json_error
@@ -78,7 +80,9 @@ class BrowserWebSocket(WebSocketServerProtocol):
         factory = self.factory
         try:
             factory.limits.check()  # before the token: an overloaded node does no more work
-            self._attach = authenticate(factory.auth, request.params)
+            attach = authenticate(factory.auth, request.params)
+            check_admitted(factory.hub, attach.key)  # close 4429: the user's limit
+            self._attach = attach
         except BrowserRequestError as e:
             # Accept, then close with a code the page's script can read (an HTTP refusal
             # of the upgrade is invisible to it).
@@ -153,10 +157,15 @@ class BrowserWebSocket(WebSocketServerProtocol):
             self.sendMessage(frames.REPLACED)
             self.sendClose(CLOSE_REPLACED, "replaced: a newer connection took this key")
 
-    def reconnect(self, reason: str) -> None:
+    def reconnect(self, reason: str, route: int | None = None) -> None:
         if self.state == self.STATE_OPEN:
-            self.sendMessage(frames.reconnect(reason))
+            self.sendMessage(frames.reconnect(reason, route))
             self.sendClose(CLOSE_RECONNECT, f"reconnect: {reason}"[:123])
+
+    def closed(self, code: int, reason: str) -> None:
+        if self.state == self.STATE_OPEN:
+            users = self.factory.hub.config.users
+            self.sendClose(code, closed_reason(code, reason, users.max_connections))
 
 
 class BrowserWebSocketFactory(WebSocketServerFactory):
