@@ -189,6 +189,8 @@ class Hub(RouteOwnership):
         # Routes this node serves (RouteOwnership): None when standalone (every route);
         # with HaloD, what it assigned (nothing until it has).
         self._init_routes(config.routes, config.hash_version)
+        if config.hash_version == 1 and (config.users.max_connections or config.users.rate):
+            self.log.warn("user limits are per node with hash_version 1 (docs/hashing.md)")
         # Called with ("signon" | "signoff", key): a key's mailbox created / expired.
         self.presence: Callable[[PresenceChange, ConnectionKey], None] | None = None
         # The offline hook (orbited.node.offline.OfflineWatcher when offline_url is set):
