@@ -4,6 +4,7 @@
     halod status [--url http://HOST:PORT]                          nodes as a table
     halod plan --routes N --nodes M [--json] [--svg FILE]          the canonical table
     halod drain NAME | halod undrain NAME                          operator actions
+    halod rehash --to 2                                            move the hash version
 
 ``halod --help`` lists the commands; an unknown command is an error (exit 2) with a
 suggestion, as for ``orbited`` (one dispatcher: orbited.runtime.commands.run_commands). Flags of
@@ -24,6 +25,7 @@ from pathlib import Path
 from halod.config import HaloDConfig
 from halod.svg import Row, table_svg
 from orbited import __version__
+from orbited.core.hashing import HASH_VERSIONS
 from orbited.core.routes import DEFAULT_ROUTES, RouteTableError, canonical, format_ranges
 from orbited.runtime.commands import Command, run_commands
 from orbited.runtime.daemon import run_configured
@@ -101,6 +103,8 @@ COMMANDS = (
     Command("undrain", "return a drained node to service",
             lambda argv: operator_command("undrain",
                                           _operator_parser("undrain").parse_args(argv))),
+    Command("rehash", "move the cluster to another hash version (docs/halod.md, Rehash)",
+            lambda argv: rehash_command(_rehash_parser().parse_args(argv))),
 )  # fmt: skip
 SUBCOMMANDS = tuple(c.name for c in COMMANDS)
 DESCRIPTION = (
@@ -133,8 +137,8 @@ def plan_command(args: argparse.Namespace) -> int:
 
 def status_table(status: dict) -> str:
     """Nodes as a fixed-width table, active ones by id, then spares, then failed."""
-    rows = [("ID", "NAME", "STATE", "ROUTES", "CONNS", "MAILBOXES", "HEARTBEAT", "BROWSER",
-             "SP")]  # fmt: skip
+    rows = [("ID", "NAME", "STATE", "ROUTES", "CONNS", "MAILBOXES", "HEARTBEAT", "HASHES",
+             "BROWSER", "SP")]  # fmt: skip
     for node in status["nodes"]:
         if node["connected"]:
             beat = f"{node['last_heartbeat_age']:.1f}s ago"
@@ -142,11 +146,11 @@ def status_table(status: dict) -> str:
             beat = f"lost {node['disconnected_for']:.1f}s"
         rows.append((
             str(node["id"] or "-"), node["name"], node["state"], node["ranges"] or "-",
-            str(node["connections"]), _count(node.get("mailboxes")), beat, node["browser"],
-            node["sp"],
+            str(node["connections"]), _count(node.get("mailboxes")), beat,
+            ",".join(map(str, node.get("hashes") or [])) or "-", node["browser"], node["sp"],
         ))  # fmt: skip
     for failed in status["failed"]:
-        rows.append(("-", failed["name"], "failed", "-", "-", "-", failed["why"], "-", "-"))
+        rows.append(("-", failed["name"], "failed", "-", "-", "-", failed["why"], "-", "-", "-"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
              for row in rows]  # fmt: skip
@@ -155,8 +159,13 @@ def status_table(status: dict) -> str:
         f"{status['routes']} routes, policy {status['policy']}, "
         f"{status['spares_wanted']} spare(s) wanted, "
         + ("" if spares is None else f"{spares} available, ")
-        + f"failovers {status['failovers']}, table version {status['table_version']}"
+        + f"failovers {status['failovers']}, table version {status['table_version']}, "
+        f"hash version {status.get('hash_version', 1)}"
     )
+    rehash = status.get("rehash")
+    if rehash:
+        head += (f"\nrehash to hash version {rehash['hash_version']} running: "
+                 f"{len(rehash['pending'])} hand-offs to go")  # fmt: skip
     role = status.get("role")
     if role not in (None, "solo"):  # HaloD on etcd (docs/halod.md, "High availability")
         leader = status.get("leader") or {}
@@ -182,6 +191,54 @@ def _operator_parser(command: str) -> argparse.ArgumentParser:
     parser.add_argument("name", help="the node's name")
     parser.add_argument("--url", default=STATUS_URL, help="HaloD's status_http")
     return parser
+
+
+def _rehash_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="halod rehash",
+        description="Move the cluster to another hash version (docs/hashing.md): HaloD "
+        "saves it and every node exchanges mailboxes as in a planned move "
+        "(docs/halod.md, Rehash).",
+    )
+    parser.add_argument("--to", type=int, required=True, choices=HASH_VERSIONS,
+                        help="the hash version")  # fmt: skip
+    parser.add_argument("--url", default=STATUS_URL, help="HaloD's status_http")
+    return parser
+
+
+def rehash_command(args: argparse.Namespace) -> int:
+    url = f"{args.url.rstrip('/')}/rehash"
+    body = json.dumps({"hash_version": args.to}).encode()
+    headers = {"content-type": "application/json"}
+    answer = _post("rehash", urllib.request.Request(url, body, headers, method="POST"))
+    if answer is None:
+        return 1
+    if answer["previous"] == answer["hash_version"]:
+        print(f"the cluster already hashes with version {answer['hash_version']}")
+    else:
+        print(f"hash version {answer['previous']} -> {answer['hash_version']}: "
+              f"{len(answer['nodes'])} nodes told to rehash")  # fmt: skip
+    return 0
+
+
+def _post(command: str, request: urllib.request.Request) -> dict | None:
+    """The JSON answer of an operator POST; None after printing why it failed."""
+    try:
+        with urllib.request.urlopen(request, timeout=5) as r:
+            return json.load(r)
+    except urllib.error.HTTPError as e:
+        # The status port's JSON error body: {"error": {"code", "message"}}.
+        try:
+            body = json.load(e)
+        except ValueError:
+            body = None
+        error = body.get("error") if isinstance(body, dict) else None
+        message = error.get("message", e) if isinstance(error, dict) else (error or e)
+        print(f"halod {command}: {message}", file=sys.stderr)
+        return None
+    except (OSError, ValueError) as e:
+        print(f"halod {command}: cannot reach {request.full_url}: {e}", file=sys.stderr)
+        return None
 
 
 def operator_command(command: str, args: argparse.Namespace) -> int:

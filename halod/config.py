@@ -18,6 +18,7 @@ from halod.liveness import ProbeSettings
 from halod.membership import Timing
 from halod.store.etcd import EtcdSettings
 from orbited.core.control import MAX_MESSAGE, MAX_ROUTES
+from orbited.core.hashing import DEFAULT_HASH_VERSION, HASH_VERSIONS
 from orbited.core.routes import DEFAULT_ROUTES, POLICIES
 from orbited.core.settings import (
     ConfigBase,
@@ -46,6 +47,10 @@ class HaloDConfig(ConfigBase):
         [], "host name the status port answers to besides IP literals and localhost (repeat)"
     )
     routes: int = opt(DEFAULT_ROUTES, "N, the number of routes (fixed for the life of a cluster)")
+    hash_version: int = opt(
+        DEFAULT_HASH_VERSION,
+        "hash version of a NEW table (docs/hashing.md); an existing table keeps its own",
+    )
     spares: int = opt(1, "failover nodes kept in commission when possible")
     policy: str = opt("seed", "failover without a spare: seed (2007 note) or minimal")
     heartbeat_interval: float = opt(
@@ -134,6 +139,8 @@ class HaloDConfig(ConfigBase):
         )  # fmt: skip
         if self.routes > MAX_ROUTES:  # nodes refuse a welcome with more (halod-protocol.md)
             raise ConfigError(f"routes must be at most {MAX_ROUTES}")
+        if self.hash_version not in HASH_VERSIONS:
+            raise ConfigError(f"hash_version is one of {', '.join(map(str, HASH_VERSIONS))}")
         if self.spares < 0:
             raise ConfigError("spares must not be negative")
         if self.policy not in POLICIES:

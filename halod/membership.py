@@ -15,12 +15,14 @@ from enum import StrEnum
 from typing import Any, Literal
 
 from halod.liveness import Cause, Finding, Outcome, Prober, ProbeRequest, ProbeSettings, Verdict
+from halod.store.base import hash_version_field, snapshot_hash_version
 from orbited.core.control import (
     Assign,
     ControlError,
     ErrorCode,
     Heartbeat,
     Register,
+    Rehash,
     RouteMove,
     RouteMoved,
     Welcome,
@@ -28,6 +30,9 @@ from orbited.core.control import (
 from orbited.core.routes import Change, ChangeKind, Role, RouteTable, RouteTableError
 
 MAX_FAILED_SHOWN = 256  # failed nodes remembered for status pages
+# Seconds after which a rehash counts as finished though some hand-offs never came (a
+# node holds its routes for at most its handoff_timeout, 5 s by default).
+REHASH_TIMEOUT = 30.0
 
 
 @dataclass(frozen=True)
@@ -49,6 +54,7 @@ class NodeRecord:
     disconnected_at: float | None = None
     connections: int = 0  # browsers connected now (heartbeat `connections`)
     mailboxes: int | None = None  # keys with a mailbox, lingering ones too (None: not sent)
+    hashes: tuple[int, ...] | None = None  # hash versions it speaks (None: not registered yet)
 
     def address(self) -> dict[str, str]:
         return {"name": self.name, "browser": self.browser, "sp": self.sp}
@@ -71,7 +77,7 @@ class Send:
     """Deliver ``message`` to the connected node ``name``."""
 
     name: str
-    message: Welcome | Assign | RouteMoved
+    message: Welcome | Assign | RouteMoved | Rehash
 
 
 @dataclass(frozen=True)
@@ -104,8 +110,10 @@ class Effects:
     probes: list[ProbeRequest] = field(default_factory=list)  # connects to start
     findings: list[Finding] = field(default_factory=list)  # probe verdicts: log
     notices: list[Notice] = field(default_factory=list)  # log lines (the spare situation)
+    persist: bool = False  # save the table though no route changed (a rehash)
 
     def extend(self, other: Effects) -> None:
+        self.persist = self.persist or other.persist
         self.sends += other.sends
         self.drops += other.drops
         self.changes += other.changes
@@ -114,11 +122,32 @@ class Effects:
         self.notices += other.notices
 
 
+@dataclass
+class RehashRun:
+    """A rehash whose hand-offs are not all done: every active node sends each other
+    active node a ``handoff`` whose ``done`` names the receiver's routes."""
+
+    hash_version: int
+    started: float
+    pending: set[tuple[str, str]]  # (sender, receiver) pairs whose `done` is still due
+
+    def view(self) -> dict[str, Any]:
+        return {
+            "hash_version": self.hash_version,
+            "pending": [[a, b] for a, b in sorted(self.pending)],
+        }
+
+
 class Membership:
-    def __init__(self, table: RouteTable, timing: Timing, secret: str | None = None) -> None:
+    def __init__(self, table: RouteTable, timing: Timing, secret: str | None = None,
+                 hash_version: int = 1) -> None:  # fmt: skip
         self.table = table
         self.timing = timing
         self.secret = secret
+        # How keys map to routes (docs/hashing.md): persisted with the table; a table
+        # saved without it is version 1. A new HaloD table takes halod.config's.
+        self.hash_version = hash_version
+        self.rehashing: RehashRun | None = None
         self.nodes: dict[str, NodeRecord] = {}
         self.failed: OrderedDict[str, tuple[float, str]] = OrderedDict()  # name → (when, why)
         self.drained: set[str] = set()  # registered, holding no routes, never promoted
@@ -133,6 +162,13 @@ class Membership:
             (msg.secret or "").encode(), self.secret.encode()
         ):
             raise ControlError(ErrorCode.UNAUTHORIZED, "wrong or missing cluster secret")
+        hashes = msg.hashes if msg.hashes is not None else (1,)  # an older node: 1
+        if self.hash_version not in hashes:
+            raise ControlError(
+                ErrorCode.UNSUPPORTED_HASH,
+                f"this cluster hashes keys with version {self.hash_version} (docs/hashing.md)"
+                f"; the node speaks {', '.join(map(str, hashes)) or 'none'}: upgrade it",
+            )
         name, claim = msg.name, msg.node_id
         record = self.nodes.get(name)
         held = self.table.node_id(name)
@@ -157,6 +193,7 @@ class Membership:
         elif (record.browser, record.sp) != (msg.browser, msg.sp):
             effects.changes.append(Change(name, ChangeKind.READDRESSED, held))
         record.browser, record.sp, record.capacity = msg.browser, msg.sp, msg.capacity
+        record.hashes = tuple(sorted(set(hashes)))
         record.connected, record.disconnected_at, record.last_heartbeat = True, None, now
         self.prober.clear(name)  # probes still in flight are for a connection now gone
         notices: list[Send] = []
@@ -243,6 +280,7 @@ class Membership:
         if record is None:
             return Effects()
         self.prober.clear(name)
+        self._rehash_forget(name)
         self.failed[name] = (now, why)
         while len(self.failed) > MAX_FAILED_SHOWN:
             self.failed.popitem(last=False)
@@ -322,6 +360,65 @@ class Membership:
             effects.extend(self.leave(record.name, now, why))
         return effects
 
+    # -- rehash (docs/halod.md, "Rehash") -------------------------------------------------
+
+    def rehash(self, version: int, now: float) -> Effects:
+        """Move the cluster to hash ``version``: the table (routes unchanged) is saved with
+        it, then every member hears ``rehash`` with the owners of all routes. Raises
+        ControlError: ``rehash_in_progress`` while one runs, ``rehash_unsupported`` if a
+        member does not speak ``version`` or is not connected (it must hear the rehash).
+        The same version: nothing to do."""
+        running = self.rehash_running(now)
+        if running is not None:
+            raise ControlError(
+                ErrorCode.REHASH_IN_PROGRESS,
+                f"a rehash to version {running.hash_version} is running "
+                f"({len(running.pending)} hand-offs to go)",
+            )
+        for name, record in sorted(self.nodes.items()):
+            if not record.connected:
+                why = f"node {name} is not connected; every member must hear the rehash"
+                raise ControlError(ErrorCode.REHASH_UNSUPPORTED, why)
+            speaks = record.hashes or (1,)
+            if version not in speaks:
+                why = (f"node {name} speaks hash versions {', '.join(map(str, speaks))}, "
+                       f"not {version}: upgrade it first")  # fmt: skip
+                raise ControlError(ErrorCode.REHASH_UNSUPPORTED, why)
+        if version == self.hash_version:
+            return Effects()
+        self.hash_version = version
+        records = self.owners()
+        owners = tuple(
+            RouteMove(r, records[r].name, records[r].browser, records[r].sp)
+            if r in records else RouteMove(r, None)
+            for r in range(1, self.table.routes + 1)
+        )  # fmt: skip
+        active = sorted({m.name for m in owners if m.name is not None})
+        pending = {(a, b) for a in active for b in active if a != b}
+        self.rehashing = RehashRun(version, now, pending) if pending else None
+        message = Rehash(version, 0, owners)  # the table version is filled in once saved
+        return Effects(persist=True, sends=[Send(name, message) for name in sorted(self.nodes)])
+
+    def rehash_running(self, now: float) -> RehashRun | None:
+        """The rehash whose hand-offs are still due (None: none runs). One counts as done
+        REHASH_TIMEOUT seconds after it started (a node holds routes at most its
+        handoff_timeout)."""
+        run = self.rehashing
+        if run is not None and (not run.pending or now - run.started > REHASH_TIMEOUT):
+            self.rehashing = run = None
+        return run
+
+    def handoff_relayed(self, sender: str, receiver: str, done: tuple[int, ...]) -> None:
+        """HaloD relayed a ``handoff``: one naming ``done`` routes completes its pair."""
+        if self.rehashing is not None and done:
+            self.rehashing.pending.discard((sender, receiver))
+
+    def _rehash_forget(self, name: str) -> None:
+        """``name`` left: the rehash waits for none of its hand-offs."""
+        run = self.rehashing
+        if run is not None:
+            run.pending = {p for p in run.pending if name not in p}
+
     # -- the spare situation -----------------------------------------------------------
 
     def _next_failure(self) -> str:
@@ -375,13 +472,15 @@ class Membership:
         routes = self.table.routes_of(node_id) if node_id is not None else []
         role = self.state_of(name)
         assert isinstance(role, Role), "only members get an assignment"
-        return Assign(node_id, role, tuple(routes), tuple(sorted(incoming or ())))
+        return Assign(node_id, role, tuple(routes), tuple(sorted(incoming or ())),
+                      hash_version=self.hash_version)  # fmt: skip
 
     def _welcome(self, name: str, incoming: set[int]) -> Welcome:
         a = self._assign(name, incoming)
         timing = self.timing
         return Welcome(a.node_id, a.role, a.routes, self.table.routes,
-                       timing.heartbeat_interval, timing.missed_heartbeats, a.incoming)  # fmt: skip
+                       timing.heartbeat_interval, timing.missed_heartbeats, a.incoming,
+                       hash_version=self.hash_version)  # fmt: skip
 
     def _handoff(self, old: str | None, new: str | None) -> bool:
         """A move between two live nodes: the old owner hands its mailboxes over."""
@@ -454,6 +553,7 @@ class Membership:
             },
             "failovers": self.failovers,
             "drained": sorted(self.drained),
+            **hash_version_field(self.hash_version),
         }
 
     @classmethod
@@ -481,7 +581,11 @@ class Membership:
             raise RouteTableError(f"not a membership snapshot: {e!r}") from None
         if set(nodes) != members:
             raise RouteTableError("snapshot: node records do not match the table")
-        membership = cls(table, timing, secret)
+        try:
+            hash_version = snapshot_hash_version(snapshot)
+        except ValueError as e:
+            raise RouteTableError(f"snapshot: {e}") from None
+        membership = cls(table, timing, secret, hash_version)
         membership.nodes = nodes
         membership.drained = drained
         membership.failovers = int(snapshot.get("failovers", 0))

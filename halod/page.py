@@ -54,6 +54,11 @@ def _count(value: int | None) -> str:
     return "-" if value is None else f"{value:,}"
 
 
+def _hashes(value: list[int] | None) -> str:
+    """A node's hash versions: "1,2"; "-" before it registered (a restored table)."""
+    return "-" if not value else ",".join(map(str, value))
+
+
 def _uptime(seconds: float) -> str:
     minutes, _ = divmod(int(seconds), 60)
     hours, minutes = divmod(minutes, 60)
@@ -84,6 +89,7 @@ def status_html(status: dict[str, Any]) -> str:
         f"{_e(status['spares_wanted'])} wanted",
         f"failovers <b>{_e(status['failovers'])}</b>",
         f"table version {_e(status['table_version'])}",
+        f"hash version <b>{_e(status.get('hash_version', 1))}</b>",
         f"heartbeat {_e(status['heartbeat_interval'])}s × {_e(status['missed_heartbeats'])}, "
         f"grace {_e(status['grace'])}s",
         f"up {_e(_uptime(status['uptime']))}",
@@ -109,13 +115,17 @@ def status_html(status: dict[str, Any]) -> str:
                    f'<b>{_e(status["role"])}</b> · leader <b>{_e(leader.get("name") or "none")}'
                    f'</b> · etcd {health}</p>')  # fmt: skip
     out += [f'<p class="warn">{_e(w)}</p>' for w in status.get("warnings", [])]
+    rehash = status.get("rehash")
+    if rehash:  # docs/halod.md, "Rehash"
+        out.append(f'<p class="warn">rehash to hash version {_e(rehash["hash_version"])} '
+                   f'running: {_e(len(rehash["pending"]))} hand-offs to go</p>')  # fmt: skip
     out += [
         "<h2>Nodes</h2>",
         '<div class="wrap"><table><thead><tr><th class="num">ID</th><th>Name</th>'
         '<th>State</th><th>Routes</th><th class="num" title="browsers connected now">'
         'Connections</th><th class="num" title="keys with a mailbox, lingering ones too">'
         'Mailboxes</th><th class="num">Capacity</th><th>Heartbeat</th><th>Browser</th>'
-        "<th>SP</th></tr></thead><tbody>",
+        '<th>SP</th><th title="hash versions the node speaks">Hashes</th></tr></thead><tbody>',
     ]
     for node in nodes:
         out.append(
@@ -130,10 +140,11 @@ def status_html(status: dict[str, Any]) -> str:
             f"<td>{_heartbeat(node)}</td>"
             f'<td class="addr">{_e(node["browser"])}</td>'
             f'<td class="addr">{_e(node["sp"])}</td>'
+            f"<td>{_e(_hashes(node.get('hashes')))}</td>"
             "</tr>"
         )
     if not nodes:
-        out.append('<tr><td colspan="10">no node has registered</td></tr>')
+        out.append('<tr><td colspan="11">no node has registered</td></tr>')
     out.append("</tbody></table></div>")
     if status["failed"]:
         out += [

@@ -48,11 +48,13 @@ from orbited.core.control import (
     Heartbeat,
     Leave,
     Register,
+    Rehash,
     Welcome,
     decode_from_node,
     encode,
     encode_heartbeat_ack,
 )
+from orbited.core.hashing import check_hash_version
 from orbited.core.routes import (
     Change,
     ChangeKind,
@@ -221,7 +223,8 @@ class HaloD:
 
     def _fresh_membership(self) -> Membership:
         c = self.config
-        return Membership(RouteTable(c.routes, c.spares, c.policy), c.timing(), self.secret)
+        return Membership(RouteTable(c.routes, c.spares, c.policy), c.timing(), self.secret,
+                          c.hash_version)  # fmt: skip
 
     @property
     def table_version(self) -> int:
@@ -255,9 +258,16 @@ class HaloD:
             )
         membership.table.policy = Policy(config.policy)
         self.log.info(
-            "restored the route table of {db} ({nodes} nodes); they have {grace}s to "
-            "reconnect", db=where, nodes=len(membership.nodes), grace=config.grace,
+            "restored the route table of {db} ({nodes} nodes, hash version {hv}); they have "
+            "{grace}s to reconnect", db=where, nodes=len(membership.nodes),
+            hv=membership.hash_version, grace=config.grace,
         )  # fmt: skip
+        if membership.hash_version != config.hash_version:
+            self.log.info(
+                "the table hashes keys with version {table} (hash_version {config} is for a "
+                "new table; `halod rehash --to {config}` moves this one: docs/halod.md, "
+                '"Rehash")', table=membership.hash_version, config=config.hash_version,
+            )  # fmt: skip
         return membership
 
     # -- from control connections --------------------------------------------------------
@@ -318,7 +328,8 @@ class HaloD:
                     )  # fmt: skip
                 else:
                     self.stats["handoffs_relayed"] += 1
-                    target.send_bytes(body)
+                    self.membership.handoff_relayed(conn.name, msg.to, msg.done)
+                    target.send_bytes(with_sender(body, conn.name))
                 return
             elif isinstance(msg, Leave):
                 effects = self.membership.leave(conn.name, now, "left")
@@ -392,6 +403,26 @@ class HaloD:
         self.apply(effects)
         return self.membership.state_of(name)
 
+    def rehash(self, version: int) -> dict[str, Any]:
+        """``POST /rehash``: move the cluster to hash ``version`` (docs/halod.md,
+        "Rehash"). The table is saved with it before any node hears ``rehash``. Raises
+        ControlError (409: ``not_leader``, ``rehash_unsupported``, ``rehash_in_progress``)."""
+        if not self.leading:
+            leader = self.ha.leader() if self.ha is not None else None
+            where = f": {leader.name} leads" if leader is not None else ""
+            raise ControlError(ErrorCode.NOT_LEADER, f"this HaloD does not lead{where}")
+        m = self.membership
+        before = m.hash_version
+        effects = m.rehash(version, self.clock.seconds())
+        members = sorted(s.name for s in effects.sends)
+        if effects.persist:
+            self.log.info(
+                "operator: rehash from hash version {old} to {new}; telling {n} nodes",
+                old=before, new=version, n=len(members),
+            )  # fmt: skip
+        self.apply(effects)
+        return {"hash_version": m.hash_version, "previous": before, "nodes": members}
+
     # -- effects -------------------------------------------------------------------------
 
     def apply(self, effects: Effects) -> None:
@@ -402,7 +433,7 @@ class HaloD:
             self._queue.append(effects)
             self._flush()
             return
-        if effects.changes:
+        if effects.changes or effects.persist:
             self.stats["changes"] += len(effects.changes)
             try:
                 self.store.save(self.membership.snapshot())
@@ -420,7 +451,7 @@ class HaloD:
             return
         batch, self._queue = self._queue, []
         assert self.ha is not None
-        if not self._dirty and not any(e.changes for e in batch):
+        if not self._dirty and not any(e.changes or e.persist for e in batch):
             for effects in batch:
                 self._release(effects, self.ha.store.version)
             return
@@ -481,7 +512,7 @@ class HaloD:
             conn = self.connections.get(send.name)
             if conn is not None:
                 message = send.message
-                if isinstance(message, Welcome | Assign):  # the version rides along
+                if isinstance(message, Welcome | Assign | Rehash):  # the version rides along
                     message = dataclasses.replace(message, version=version)
                 conn.send(message)
         for finding in effects.findings:
@@ -701,6 +732,7 @@ class HaloD:
     def status(self) -> dict[str, Any]:
         now = self.clock.seconds()
         m = self.membership
+        rehash = m.rehash_running(now)
         table = m.table.table()
         ids = {name: node for node, name in m.table.machines().items()}
         nodes = []
@@ -724,6 +756,7 @@ class HaloD:
                 "disconnected_for": round(now - record.disconnected_at, 3)
                 if record.disconnected_at is not None else None,
                 "suspected": _suspected(m.suspicion(name)),
+                "hashes": list(record.hashes) if record.hashes is not None else None,
             })  # fmt: skip
         return {
             "routes": m.table.routes,
@@ -735,6 +768,8 @@ class HaloD:
             "missed_heartbeats": m.timing.missed_heartbeats,
             "grace": m.timing.grace,
             "table_version": self.table_version,
+            "hash_version": m.hash_version,
+            "rehash": rehash.view() if rehash is not None else None,
             **self._ha_status(),
             "failovers": m.failovers,
             "uptime": round(time.time() - self.started, 1),
@@ -771,6 +806,7 @@ class HaloD:
         return {
             "routes": self.membership.table.routes,
             "version": self.table_version,
+            "hash_version": self.membership.hash_version,
             "owners": {
                 str(r): owners[r].address() if r in owners else None
                 for r in range(1, self.membership.table.routes + 1)
@@ -810,6 +846,9 @@ class HaloD:
             "# HELP halod_spares_missing Spares wanted but not there: alert when above 0.",
             "# TYPE halod_spares_missing gauge",
             f"halod_spares_missing {max(0, m.table.spares_wanted - len(m.table.spares))}",
+            "# HELP halod_hash_version How keys map to routes (docs/hashing.md).",
+            "# TYPE halod_hash_version gauge",
+            f"halod_hash_version {m.hash_version}",
             "# HELP halod_routes Routes in the table.",
             "# TYPE halod_routes gauge",
             f"halod_routes {m.table.routes}",
@@ -887,6 +926,16 @@ def _suspected(suspicion: Suspicion | None) -> dict[str, str | None] | None:
         return None
     probe = suspicion.probe
     return {"cause": suspicion.cause.value, "probe": None if probe is None else probe.value}
+
+
+def with_sender(body: bytes, name: str) -> bytes:
+    """A relayed ``handoff`` names its sender: ``"from"`` appended as the object's last
+    member, so it wins over any ``from`` the node wrote itself (the last duplicate wins
+    in JSON parsers; docs/halod.md, "Rehash"). ``body`` decoded as a JSON object, and
+    ``name`` is a registered node name (NAME: no character JSON must escape)."""
+    end = body.rstrip()
+    assert end.endswith(b"}"), "a decoded handoff is a JSON object"
+    return end[:-1] + b',"from":"' + name.encode() + b'"}'
 
 
 class ControlFactory(Factory):
@@ -968,6 +1017,39 @@ class _Operator(Resource):
         return json.dumps({"name": parts[0], "state": state}).encode()
 
 
+MAX_REHASH_BODY = 1024  # bytes: {"hash_version": 2} is 19
+
+
+class _Rehash(JSONResource):
+    """POST /rehash {"hash_version": 1|2} (docs/halod.md, "Rehash"): the operator rules of
+    /nodes (no web page, the Host check); 400 for a bad body, 409 when refused."""
+
+    def __init__(self, halod: HaloD) -> None:
+        super().__init__()
+        self.halod = halod
+
+    def render_POST(self, request: Request) -> bytes:  # noqa: N802
+        if _from_web_page(request):
+            message = "operator requests are refused from web pages (Origin sent)"
+            return send_error(request, 403, "cross_site", message)
+        body = request.content.read(MAX_REHASH_BODY + 1) if request.content else b""
+        try:
+            if len(body) > MAX_REHASH_BODY:
+                raise ValueError(f"the body is over {MAX_REHASH_BODY} bytes")
+            parsed = json.loads(body)
+            if not isinstance(parsed, dict) or set(parsed) != {"hash_version"}:
+                raise ValueError('the body is {"hash_version": 1 or 2}')
+            version = check_hash_version(parsed["hash_version"])
+        except ValueError as e:  # json's errors are ValueErrors too
+            return send_error(request, 400, "bad_request", str(e))
+        try:
+            answer = self.halod.rehash(version)
+        except ControlError as e:
+            return send_error(request, 409, e.code, e.message)
+        request.setHeader(b"content-type", b"application/json")
+        return json.dumps(answer).encode()
+
+
 def _from_web_page(request: Request) -> bool:
     """Browsers send Origin (or Sec-Fetch-Site) with every POST; the halod CLI and scripts
     do not (docs/security.md, "What HaloD trusts from nodes")."""
@@ -1031,6 +1113,7 @@ def status_site(halod: HaloD, hosts: list[str] | tuple[str, ...] = ()) -> Site:
     root.putChild(b"status", _Status(halod))
     root.putChild(b"routes", _View(as_json(halod.routes_view)))
     root.putChild(b"nodes", _Operator(halod))
+    root.putChild(b"rehash", _Rehash(halod))
     root.putChild(b"table.svg", _View(lambda: ("image/svg+xml", halod.table_svg().encode())))
     root.putChild(
         b"metrics",

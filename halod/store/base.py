@@ -5,6 +5,10 @@ registry, the spares, the policy and the table version. It converts exactly to a
 ``Membership.snapshot()`` (``from_snapshot(...).snapshot() == snapshot``). Owners are in
 node-id order, the registry and the drained in name order (so equal tables compare equal);
 the spares keep their order, which decides who is promoted first.
+
+``hash_version`` (docs/hashing.md) is in the snapshot only when it is not 1: a table saved
+before hash versions existed has none and reads as 1, and a version-1 table is saved
+exactly as before (an older HaloD can still read it).
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred
+
+from orbited.core.hashing import check_hash_version
 
 
 class StoreError(Exception):
@@ -55,6 +61,7 @@ class Persisted:
     registry: tuple[NodeEntry, ...]
     failovers: int = 0
     drained: tuple[str, ...] = ()
+    hash_version: int = 1  # how keys map to routes (docs/hashing.md); absent: 1
 
     @classmethod
     def from_snapshot(cls, snapshot: Mapping[str, Any], version: int) -> Persisted:
@@ -75,6 +82,7 @@ class Persisted:
                 owners=owners, spares=tuple(str(s) for s in table["spares"]),
                 registry=registry, failovers=int(snapshot.get("failovers", 0)),
                 drained=tuple(sorted(str(d) for d in snapshot.get("drained", []))),
+                hash_version=snapshot_hash_version(snapshot),
             )  # fmt: skip
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise CorruptTable(f"not a table snapshot: {e!r}") from None
@@ -98,7 +106,19 @@ class Persisted:
             },  # fmt: skip
             "failovers": self.failovers,
             "drained": list(self.drained),
+            **hash_version_field(self.hash_version),
         }
+
+
+def snapshot_hash_version(snapshot: Mapping[str, Any]) -> int:
+    """A snapshot's ``hash_version``: 1 when absent (saved before hash versions);
+    ValueError if it is not 1 or 2."""
+    return check_hash_version(snapshot.get("hash_version", 1))
+
+
+def hash_version_field(version: int) -> dict[str, int]:
+    """What a snapshot holds for ``version``: nothing for 1 (the format before versions)."""
+    return {} if version == 1 else {"hash_version": version}
 
 
 class TableStore(Protocol):

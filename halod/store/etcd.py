@@ -8,7 +8,7 @@ Keys under ``prefix`` (docs/halod.md, "Store: SQLite or etcd"):
     <prefix>/policy            the policy's name
     <prefix>/spares            the spares, in order (JSON list)
     <prefix>/registry/<name>   one node's record: {"browser", "sp", "capacity"}
-    <prefix>/meta              {"failovers", "drained"}
+    <prefix>/meta              {"failovers", "drained"[, "hash_version"]} (none: version 1)
 
 Each write is one txn: it succeeds only if the leader key still carries this HaloD's lease
 and the create revision of its term (fencing), and ``version`` was not written by anyone
@@ -32,7 +32,7 @@ from twisted.logger import Logger
 from halod.etcd import wire
 from halod.etcd.client import Ambiguous, EtcdClient, Watch
 from halod.etcd.election import ElectionSettings, Fence, NotLeader
-from halod.store.base import CorruptTable, Persisted, StoreError
+from halod.store.base import CorruptTable, Persisted, StoreError, hash_version_field
 
 
 class Fenced(NotLeader, StoreError):
@@ -98,7 +98,13 @@ def encode(prefix: bytes, table: Persisted, writer: str = "", term: int = 0) -> 
         ),  # fmt: skip
         prefix + b"/policy": table.policy.name.encode(),
         prefix + b"/spares": dump(t["spares"]),
-        prefix + b"/meta": dump({"failovers": table.failovers, "drained": list(table.drained)}),
+        prefix + b"/meta": dump(
+            {
+                "failovers": table.failovers,
+                "drained": list(table.drained),
+                **hash_version_field(table.hash_version),
+            }
+        ),  # fmt: skip
     }
     for name, record in snap["nodes"].items():
         keys[prefix + b"/registry/" + name.encode()] = dump(record)
@@ -134,6 +140,7 @@ def decode(prefix: bytes, values: Mapping[bytes, bytes]) -> Persisted | None:
             },  # fmt: skip
             "failovers": meta["failovers"],
             "drained": meta["drained"],
+            **({"hash_version": meta["hash_version"]} if "hash_version" in meta else {}),
         }
         return Persisted.from_snapshot(snapshot, int(version["version"]))
     except (KeyError, TypeError, ValueError, UnicodeDecodeError) as e:

@@ -11,6 +11,11 @@ goes to the next address; a follower answers ``error not_leader`` (naming the le
 control address when it knows it), and the next connection goes there. An ``assign`` or
 ``welcome`` older than the table version this node holds is not obeyed
 (docs/halod-protocol.md, "Several HaloD").
+
+Hash versions (docs/hashing.md): ``register`` names the versions this node speaks;
+``welcome`` and ``assign`` carry the cluster's, which the hub applies; ``rehash`` moves the
+cluster to another version, and this node hands every key whose route moved to the
+route's owner (docs/halod.md, "Rehash").
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from zope.interface import implementer
 from orbited.core.control import (
     CONTROL_PROTOCOL,
     MAX_MESSAGE,
+    NAME,
     Assign,
     ControlError,
     Error,
@@ -50,6 +56,7 @@ from orbited.core.control import (
     Leave,
     NodeMessage,
     Register,
+    Rehash,
     RouteMove,
     RouteMoved,
     Welcome,
@@ -58,6 +65,7 @@ from orbited.core.control import (
     halod_addresses,
     handoff_messages,
 )
+from orbited.core.hashing import HASH_VERSIONS
 from orbited.core.routes import Role
 from orbited.core.settings import ConfigError, parse_sp_address
 from orbited.node.hub import Hub
@@ -75,6 +83,22 @@ def _fitting(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if any(len(event[1]) > limit for event in entry["events"]):
             entry["events"] = [e for e in entry["events"] if len(e[1]) <= limit]
     return entries
+
+
+_FROM = b',"from":"'
+
+
+def relayed_from(body: bytes) -> str | None:
+    """The sender's name HaloD appends to a relayed ``handoff`` (its last member:
+    ``…,"from":"name"}``); None when HaloD added none (an older HaloD)."""
+    at = body.rfind(_FROM)
+    if at < 0:
+        return None
+    tail = body[at + len(_FROM) :].rstrip()
+    if not tail.endswith(b'"}'):
+        return None
+    name = tail[:-2].decode("utf-8", "replace")
+    return name if NAME.fullmatch(name) else None
 
 
 class LinkProtocol(Protocol):
@@ -104,7 +128,11 @@ class LinkProtocol(Protocol):
     def dataReceived(self, data: bytes) -> None:  # noqa: N802
         try:
             for body in self._sp.receive(data):
-                self._handle(decode_from_halod(body))
+                msg = decode_from_halod(body)
+                if isinstance(msg, Handoff):
+                    self._handoff(msg, relayed_from(body))
+                else:
+                    self._handle(msg)
         except (SPProtocolError, ControlError) as e:
             self.log.error("HaloD sent something unexpected ({e}); reconnecting", e=e)
             self.transport.abortConnection()
@@ -129,16 +157,26 @@ class LinkProtocol(Protocol):
                 link.assigned(msg)
             case RouteMoved():
                 self._routes_moved(msg.moves)
+            case Rehash():
+                if link.stale(msg):
+                    return
+                self._rehash(msg)
             case Handoff():
-                n = link.hub.handoff_received(list(msg.mailboxes), msg.done)
-                if msg.done:
-                    self.log.info("hand-off of routes {routes} complete", routes=list(msg.done))
-                elif n:
-                    self.log.debug("{n} mailboxes handed over", n=n)
+                self._handoff(msg, None)
             case Error():
                 link.refused(msg.code, msg.message, msg.leader)
             case _:
                 assert_never(msg)
+
+    def _handoff(self, msg: Handoff, sender: str | None) -> None:
+        """Mailboxes from ``sender`` (the name HaloD adds when it relays; None from an
+        older HaloD): a route held for a rehash completes once every peer sent ``done``."""
+        n = self.link.hub.handoff_received(list(msg.mailboxes), msg.done, sender)
+        if msg.done:
+            self.log.info("hand-off of routes {routes} from {sender} done",
+                          routes=list(msg.done), sender=sender or "HaloD")  # fmt: skip
+        elif n:
+            self.log.debug("{n} mailboxes handed over", n=n)
 
     def _routes_moved(self, entries: tuple[RouteMove, ...]) -> None:
         """Evict the moved routes' keys; for moves to a live node, send their mailboxes
@@ -162,6 +200,28 @@ class LinkProtocol(Protocol):
         self.log.info(
             "HaloD moved routes {routes} away; {n} keys told to reconnect",
             routes=sorted(moves), n=evicted,
+        )  # fmt: skip
+
+    def _rehash(self, msg: Rehash) -> None:
+        """The cluster's hash version changed: the hub exports the keys whose new route
+        another node owns; every other owner gets a hand-off (perhaps empty) whose ``done``
+        names its routes, so it knows this node has sent all it had for them."""
+        link = self.link
+        link.table_version = msg.version
+        exports = link.hub.rehash(msg.hash_version, msg.owners, me=link.node_name)
+        peers: dict[str, list[int]] = {}
+        for m in msg.owners:
+            if m.name is not None and m.name != link.node_name:
+                peers.setdefault(m.name, []).append(m.route)
+        sent = 0
+        for peer, routes in peers.items():
+            entries = exports.get(peer, [])
+            sent += len(entries)
+            for message in handoff_messages(peer, routes, _fitting(entries)):
+                self.send(message)
+        self.log.info(
+            "HaloD: rehash to hash version {v}; {n} mailboxes handed to {peers} nodes",
+            v=msg.hash_version, n=sent, peers=len(peers),
         )  # fmt: skip
 
     def _start_heartbeats(self) -> None:
@@ -280,7 +340,8 @@ class HaloDLink(service.MultiService):
 
     def register_message(self) -> Register:
         browser, sp = self.addresses()
-        return Register(self.node_name, browser, sp, self.capacity, self.node_id, self.secret)
+        return Register(self.node_name, browser, sp, self.capacity, self.node_id, self.secret,
+                        HASH_VERSIONS)  # fmt: skip
 
     def _retry_delay(self, backoff: Callable[[int], float]) -> Callable[[int], float]:
         """Several HaloDs: the first round through the addresses goes fast (50–150 ms
@@ -296,7 +357,7 @@ class HaloDLink(service.MultiService):
 
         return delay
 
-    def stale(self, msg: Welcome | Assign) -> bool:
+    def stale(self, msg: Welcome | Assign | Rehash) -> bool:
         """Older than the table this node holds: ignore it (HaloD on etcd: a message of a
         leader already replaced)."""
         held = self.table_version
@@ -329,6 +390,7 @@ class HaloDLink(service.MultiService):
         if msg.version is not None:
             self.table_version = msg.version
         self.node_id, self.role = msg.node_id, msg.role
+        self.hub.set_hash_version(msg.hash_version)  # before the routes: keys map by it
         evicted = self.hub.assign(msg.routes, total, msg.incoming)
         self.log.info(
             "HaloD: {role} node {id}, {n} routes; {evicted} keys told to reconnect",

@@ -1,0 +1,250 @@
+"""HaloD's hash version and ``POST /rehash`` with a real HaloD process (docs/halod.md,
+"Rehash"): a new table is version 2 and says so everywhere; a node that does not speak the
+table's version is refused with ``unsupported_hash``; a rehash is refused (409) while a
+member cannot take it or one runs, is saved before any node hears of it, and reaches every
+member. Nodes here are real nng (pynng) control clients, so each step is seen on the wire."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sqlite3
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+
+import pynng
+import pytest
+
+from tests.conftest import HaloDProcess, wait_for
+
+pytestmark = pytest.mark.slow
+
+# Long heartbeats: the pynng members below do not beat, and must stay members.
+TIMING = ("--heartbeat-interval", "30", "--missed-heartbeats", "3", "--grace", "1")
+
+
+@pytest.fixture
+def procs():
+    started: list[HaloDProcess] = []
+    yield started
+    for proc in started:
+        if proc.alive():
+            proc.stop(signal.SIGKILL)
+
+
+def start_halod(tmp_path, procs, *flags) -> HaloDProcess:
+    halod = HaloDProcess(tmp_path, *TIMING, *flags).start()
+    procs.append(halod)
+    return halod
+
+
+class Member:
+    """A node's control connection, by hand: register, then read what HaloD sends."""
+
+    def __init__(self, halod: HaloDProcess, name: str, hashes: list[int] | None = (1, 2)):
+        self.pair = pynng.Pair0(dial=halod.control, recv_timeout=5000)
+        msg = {"type": "register", "version": 1, "name": name, "browser": "127.0.0.1:1",
+               "sp": "tcp://127.0.0.1:2", "capacity": 1}  # fmt: skip
+        if hashes is not None:
+            msg["hashes"] = list(hashes)
+        self.pair.send(json.dumps(msg).encode())
+        self.first = self.recv()
+
+    def recv(self) -> dict:
+        return json.loads(self.pair.recv())
+
+    def next(self, kind: str) -> dict:
+        while (msg := self.recv())["type"] != kind:
+            pass
+        return msg
+
+    def close(self):
+        self.pair.close()
+
+
+def post(halod: HaloDProcess, path: str, body: object, **headers: str) -> tuple[int, dict]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    request = urllib.request.Request(
+        f"http://{halod.status_http}{path}", data, headers, method="POST"
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=5) as r:
+            return r.status, json.load(r)
+    except urllib.error.HTTPError as e:
+        return e.code, json.load(e)
+
+
+def text(halod: HaloDProcess, page: str, accept: str = "") -> str:
+    request = urllib.request.Request(f"http://{halod.status_http}/{page}",
+                                     headers={"Accept": accept} if accept else {})  # fmt: skip
+    with urllib.request.urlopen(request, timeout=5) as r:
+        return r.read().decode()
+
+
+def saved_hash_version(halod: HaloDProcess) -> int:
+    db = sqlite3.connect(halod.db)
+    try:
+        body = json.loads(db.execute("SELECT body FROM snapshot").fetchone()[0])
+    finally:
+        db.close()
+    return body.get("hash_version", 1)
+
+
+def halod_cli(halod, *args):
+    return subprocess.run(
+        [sys.executable, "-m", "halod.cli", *args, "--url", f"http://{halod.status_http}"],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+
+
+def test_a_new_table_is_version_2_everywhere_and_refuses_nodes_without_it(tmp_path, procs):
+    halod = start_halod(tmp_path, procs)
+    old = Member(halod, "old", hashes=None)  # an older node: no `hashes`, version 1 only
+    assert old.first["type"] == "error" and old.first["code"] == "unsupported_hash"
+    assert "version 2" in old.first["message"]
+    only1 = Member(halod, "only1", hashes=[1])
+    assert only1.first["code"] == "unsupported_hash"
+    a = Member(halod, "a")
+    assert a.first["type"] == "welcome" and a.first["hash_version"] == 2
+    assert set(halod.nodes()) == {"a"}
+    status = halod.get("status")
+    assert status["hash_version"] == 2 and status["rehash"] is None
+    assert status["nodes"][0]["hashes"] == [1, 2]
+    assert halod.get("routes")["hash_version"] == 2
+    assert "\nhalod_hash_version 2\n" in text(halod, "metrics")
+    assert "hash version <b>2</b>" in text(halod, "status", "text/html")
+    table = halod_cli(halod, "status")
+    assert "hash version 2" in table.stdout and "HASHES" in table.stdout
+    assert saved_hash_version(halod) == 2
+    # Already version 2: nothing to do, nobody is told.
+    assert post(halod, "/rehash", {"hash_version": 2})[0] == 200
+    for member in (old, only1, a):
+        member.close()
+
+
+def test_rehash_from_version_1_is_saved_then_sent_to_every_member(tmp_path, procs):
+    halod = start_halod(tmp_path, procs, "--hash-version", "1", "--spares", "0")
+    a, b = Member(halod, "a"), Member(halod, "b")
+    assert "hash_version" not in a.first  # version 1: the wire of an older HaloD
+    old = Member(halod, "old", hashes=None)  # an older node is welcome in a version-1 table
+    assert old.first["type"] == "welcome"
+    assert halod.get("status")["hash_version"] == 1 and saved_hash_version(halod) == 1
+
+    # A member that speaks only version 1 blocks the move.
+    code, body = post(halod, "/rehash", {"hash_version": 2})
+    assert code == 409 and body["error"]["code"] == "rehash_unsupported"
+    assert "old" in body["error"]["message"]
+    refused = halod_cli(halod, "rehash", "--to", "2")
+    assert refused.returncode == 1 and "old" in refused.stderr
+    # Bad requests change nothing.
+    for bad in ({"hash_version": 3}, {"hash_version": "2"}, {"to": 2}, [2], b"{", b"x" * 2000):
+        code, body = post(halod, "/rehash", bad)
+        assert code == 400 and body["error"]["code"] == "bad_request", bad
+    for header in ({"Origin": "https://evil.example"}, {"Sec-Fetch-Site": "cross-site"}):
+        code, body = post(halod, "/rehash", {"hash_version": 2}, **header)
+        assert code == 403 and body["error"]["code"] == "cross_site"
+    assert halod.get("status")["hash_version"] == 1
+
+    old.close()
+    wait_for(lambda: "old" not in halod.nodes(), "old to be failed after it closed")
+    version_before = halod.get("status")["table_version"]
+    done = halod_cli(halod, "rehash", "--to", "2")
+    assert done.returncode == 0, done.stderr
+    assert "hash version 1 -> 2: 2 nodes told to rehash" in done.stdout
+    owners = {int(r): o["name"] for r, o in halod.get("routes")["owners"].items()}
+    for member in (a, b):
+        rehash = member.next("rehash")
+        # Saved before any node heard of it: the database already holds version 2.
+        assert saved_hash_version(halod) == 2
+        assert rehash["hash_version"] == 2 and rehash["version"] > version_before
+        assert {m["route"]: m["name"] for m in rehash["owners"]} == owners
+        assert len(rehash["owners"]) == 24
+    status = halod.get("status")
+    assert status["hash_version"] == 2 and status["table_version"] == rehash["version"]
+    # The hand-offs of a to b and b to a are due: a second rehash waits for them.
+    assert status["rehash"] == {"hash_version": 2, "pending": [["a", "b"], ["b", "a"]]}
+    code, body = post(halod, "/rehash", {"hash_version": 1})
+    assert code == 409 and body["error"]["code"] == "rehash_in_progress"
+    for sender, receiver in ((a, "b"), (b, "a")):
+        routes = [r for r, name in owners.items() if name == receiver]
+        sender.pair.send(json.dumps({"type": "handoff", "to": receiver, "done": routes,
+                                     "mailboxes": []}).encode())  # fmt: skip
+    assert a.next("handoff")["done"] == [r for r, n in owners.items() if n == "a"]
+    wait_for(lambda: halod.get("status")["rehash"] is None, "the rehash to complete")
+    # A node registering now gets version 2, and a restart keeps it.
+    c = Member(halod, "c")
+    assert c.first["hash_version"] == 2
+    halod.stop()
+    halod.start()
+    assert halod.get("status")["hash_version"] == 2
+    for member in (a, b, c):
+        member.close()
+
+
+# -- end to end: real nodes move their queued events to the version-2 owners ---------------
+
+
+def test_rehash_moves_queued_events_to_the_new_owners_losing_nothing(tmp_path, procs):
+    from websockets.sync.client import connect
+
+    from orbited.core.hashing import route_of
+    from orbited.core.keys import ConnectionKey
+    from tests.conftest import send_event
+
+    halod = HaloDProcess(tmp_path, "--hash-version", "1", "--spares", "0", "--grace", "2",
+                         "--heartbeat-interval", "0.2").start()  # fmt: skip
+    procs.append(halod)
+    nodes = {}
+    for name in ("a", "b"):
+        nodes[name] = halod.node(tmp_path, name, "--linger", "60")
+        procs.append(nodes[name])
+    owners = halod.owners()
+
+    def owner(key, version):
+        return owners[route_of(key, 24, version=version)]
+
+    movers, stayers = [], []
+    i = 0
+    while len(movers) < 3 or len(stayers) < 1:
+        key = ConnectionKey(f"user{i}", f"s{i % 2}", "/t")
+        (movers if owner(key, 1) != owner(key, 2) else stayers).append(key)
+        i += 1
+    keys = movers[:3] + stayers[:1]
+
+    def ws(node, key, last=None):
+        url = f"ws://{node.http}/orbited/ws?token={node.token(*key)}"
+        return connect(url + (f"&last={last}" if last else ""), open_timeout=5, legacy=True)
+
+    streams = {}
+    for key in keys:  # each key gets a mailbox on its version-1 owner, then goes offline
+        with ws(nodes[owner(key, 1)], key) as browser:
+            streams[key] = json.loads(browser.recv(timeout=5))["stream"]
+    for n in (1, 2, 3):
+        for key in keys:
+            with nodes[owner(key, 1)].req() as req:
+                reply = send_event(req, f"e{n}-{key.user}", [list(key)], {"n": n})
+            assert reply["results"][0]["status"] == "queued", reply
+
+    code, body = post(halod, "/rehash", {"hash_version": 2})
+    assert code == 200 and body["nodes"] == ["a", "b"]
+    wait_for(lambda: halod.get("status")["rehash"] is None, "every hand-off to be done")
+    for key in keys:
+        new = nodes[owner(key, 2)]
+        with ws(new, key, last=f"{streams[key]}:0") as browser:
+            got = [json.loads(browser.recv(timeout=5)) for _ in range(4)]
+        assert got[0]["type"] == "hello" and got[0]["stream"] == streams[key], key
+        assert got[0]["reset"] is False
+        assert [(f["seq"], f["data"]["n"]) for f in got[1:]] == [(1, 1), (2, 2), (3, 3)], key
+    # The old owner of a moved key answers `moved` and names the new one; the new one
+    # continues the key's sequence.
+    key = movers[0]
+    with nodes[owner(key, 1)].req() as req:
+        moved = send_event(req, "late", [list(key)], {"n": 4})["results"][0]
+    assert moved["status"] == "moved" and moved["route"] == route_of(key, 24, version=2)
+    assert moved["to"] == nodes[owner(key, 2)].sp
+    with nodes[owner(key, 2)].req() as req:
+        assert send_event(req, "late", [list(key)], {"n": 4})["results"][0]["seq"] == 4
+    metrics = text(halod, "metrics")
+    assert 'halod_handoffs_total{outcome="dropped"} 0' in metrics
