@@ -1,9 +1,13 @@
-"""``orbited whereis``: which node serves a connection key (or a route) right now.
+"""``orbited whereis``: which node serves a user, a connection key (or a route) right now.
 
-A key's route is its hash (docs/hashing.md: all three parts, so a user alone does not
-name a route); the route's node is what HaloD's ``/status`` says now; its pid is in
-``orbited cluster``'s cluster.json when one runs here. :func:`locate` is the pure part.
+A key's route is its hash under the cluster's hash version (docs/hashing.md), which
+HaloD's ``/status`` names (``hash_version``; absent from an older HaloD: 1). Version 2
+hashes the user part only, so a user alone names a route; version 1 hashes all three
+parts. The route's node is what ``/status`` says now; its pid is in ``orbited
+cluster``'s cluster.json when one runs here. :func:`locate` and :func:`route_for` are the
+pure part.
 
+    orbited whereis --user alice                  (hash version 2: every key of alice)
     orbited whereis --user alice --session "" --location /cherrychat
     orbited whereis --key '["alice", "", "/cherrychat"]'
     orbited whereis --route 22 [--pid | --json]
@@ -20,7 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from orbited.core.hashing import route_of
+from orbited.core.hashing import check_hash_version, route_of, route_of_user
 from orbited.core.keys import ConnectionKey, KeyError_
 
 DEFAULT_STATUS = "http://127.0.0.1:7601"
@@ -39,11 +43,17 @@ class Placement:
     sp: str | None = None
     pid: int | None = None
     key: tuple[str, str, str] | None = None
+    user: str | None = None  # asked for a user (hash version 2)
+    hash_version: int | None = None  # the cluster's, when a key or user was hashed
 
     def line(self) -> str:
         head = f"route {self.route} of {self.routes}"
+        if self.hash_version is not None:
+            head += f" (hash version {self.hash_version})"
         if self.key is not None:
             head = f"key {json.dumps(list(self.key), ensure_ascii=False)}: {head}"
+        elif self.user is not None:
+            head = f"user {json.dumps(self.user, ensure_ascii=False)}: {head}"
         if self.node is None:
             return f"{head}: no node serves it now (HaloD is between owners; try again)"
         where = f"{self.node} ({self.state}, browsers {self.browser}, web apps {self.sp})"
@@ -51,9 +61,11 @@ class Placement:
 
 
 def locate(status: dict[str, Any], route: int, pids: dict[str, int] | None = None,
-           key: ConnectionKey | None = None) -> Placement:  # fmt: skip
+           key: ConnectionKey | None = None, user: str | None = None,
+           hash_version: int | None = None) -> Placement:  # fmt: skip
     """The placement of ``route`` in HaloD's ``/status`` document; ``pids`` by node name
-    (cluster.json's) adds the serving process's pid."""
+    (cluster.json's) adds the serving process's pid. ``key``/``user``/``hash_version``
+    are shown with it (what was hashed, and how)."""
     routes = int(status["routes"])
     if not 1 <= route <= routes:
         raise ValueError(f"route must be from 1 to {routes}")
@@ -62,8 +74,31 @@ def locate(status: dict[str, Any], route: int, pids: dict[str, int] | None = Non
         if node["state"] == "active" and route in node["routes"]:
             name = node["name"]
             return Placement(route, routes, name, node["state"], node["browser"], node["sp"],
-                             (pids or {}).get(name), k)  # fmt: skip
-    return Placement(route, routes, None, key=k)
+                             (pids or {}).get(name), k, user, hash_version)  # fmt: skip
+    return Placement(route, routes, None, key=k, user=user, hash_version=hash_version)
+
+
+def cluster_hash_version(status: dict[str, Any]) -> int:
+    """The hash version of HaloD's ``/status`` (absent: an older HaloD, version 1)."""
+    try:
+        return check_hash_version(status.get("hash_version", 1))
+    except ValueError as e:
+        raise ValueError(f"HaloD's status: {e}") from None
+
+
+def route_for(status: dict[str, Any], target: ConnectionKey | str) -> int:
+    """The route of a key, or of a user (a ``str``), under the cluster's hash version;
+    ValueError for a user alone on a version-1 cluster."""
+    routes, version = int(status["routes"]), cluster_hash_version(status)
+    if isinstance(target, ConnectionKey):
+        return route_of(target, routes, version)
+    if version != 2:
+        raise ValueError(
+            f"this cluster hashes with version {version}: all three parts of a key make "
+            'its route (docs/hashing.md), so give --session and --location too ("" when '
+            "empty), or --route"
+        )
+    return route_of_user(target, routes)
 
 
 def cluster_pids(state_dir: Path) -> tuple[dict[str, int], str | None]:
@@ -81,11 +116,12 @@ def parser() -> argparse.ArgumentParser:
 
     p = ArgumentParser(
         prog="orbited whereis",
-        description="Which node serves a connection key (or a route) now, from HaloD's "
-        "status; with the pid when an `orbited cluster` runs in --state-dir. A key's route "
-        "hashes all three parts (docs/hashing.md): give the whole key, or the route.",
+        description="Which node serves a user, a connection key (or a route) now, from "
+        "HaloD's status; with the pid when an `orbited cluster` runs in --state-dir. A key's "
+        "route is its hash under the cluster's hash version (docs/hashing.md): version 2 "
+        "hashes the user alone (--user is enough), version 1 the whole key.",
     )
-    p.add_argument("--user", help="the key's user")
+    p.add_argument("--user", help="the user (alone: hash version 2), or the key's user")
     p.add_argument("--session", help='the key\'s session ("" for none)')
     p.add_argument("--location", help='the key\'s location ("" for none)')
     p.add_argument("--key", help='the key as JSON, e.g. \'["alice", "", "/cherrychat"]\'')
@@ -104,12 +140,13 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def _key(args: argparse.Namespace) -> ConnectionKey | None:
-    """The key the flags name, or None for --route; ValueError says what is missing."""
+def _key(args: argparse.Namespace) -> ConnectionKey | str | None:
+    """The key the flags name, a user (``--user`` alone), or None for --route;
+    ValueError says what is missing."""
     parts = (args.user, args.session, args.location)
     given = [x is not None for x in parts]
     if sum(x is not None for x in (args.key, args.route)) + (any(given)) != 1:
-        raise ValueError("give one of: --user/--session/--location, --key or --route")
+        raise ValueError("give one of: --user [--session --location], --key or --route")
     if args.route is not None:
         return None
     if args.key is not None:
@@ -117,10 +154,15 @@ def _key(args: argparse.Namespace) -> ConnectionKey | None:
             return ConnectionKey.from_json(json.loads(args.key))
         except (ValueError, KeyError_) as e:
             raise ValueError(f"--key: {e}") from None
+    if given == [True, False, False]:
+        try:  # a valid key's user part
+            return ConnectionKey.from_json([args.user, "", ""]).user
+        except KeyError_ as e:
+            raise ValueError(f"--user: {e}") from None
     if not all(given):
         raise ValueError(
-            "a key's route hashes user, session and location together (docs/hashing.md), "
-            'so give all three (--session "" / --location "" when empty), or --route'
+            "give --user alone (hash version 2: a user's keys share a route), or all three "
+            '(--session "" / --location "" when empty), or --route'
         )
     try:
         return ConnectionKey.from_json(list(parts))
@@ -143,11 +185,18 @@ def whereis_command(argv: list[str]) -> int:
     except (OSError, ValueError, urllib.error.URLError) as e:
         print(f"orbited whereis: cannot read HaloD's {url}: {e}", file=sys.stderr)
         return 1
-    route = args.route if key is None else route_of(key, int(status["routes"]))
     try:
-        placement = locate(status, route, pids, key)
+        if key is None:
+            placement = locate(status, args.route, pids)
+        else:
+            route = route_for(status, key)
+            placement = locate(
+                status, route, pids, key if isinstance(key, ConnectionKey) else None,
+                key if isinstance(key, str) else None, cluster_hash_version(status),
+            )  # fmt: skip
     except ValueError as e:
         p.error(str(e))
+    route = placement.route
     if args.json:
         print(json.dumps(asdict(placement)))
     elif args.pid:

@@ -1,6 +1,6 @@
-"""``orbited whereis``: the node (and pid) serving a key or route, from HaloD's status and
-cluster.json — checked against a real local cluster, before and after a node is killed
-the way docs/tutorial.md kills one."""
+"""``orbited whereis``: the node (and pid) serving a user, a key or a route, from HaloD's
+status and cluster.json under the cluster's hash version — checked against a real local
+cluster, before and after a node is killed the way docs/tutorial.md kills one."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ import pytest
 
 from orbited.cli import main
 from orbited.cluster import ClusterConfig, LocalCluster
-from orbited.core.hashing import route_of
+from orbited.core.hashing import route_of, route_of_user
 from orbited.core.keys import ConnectionKey
-from orbited.whereis import Placement, locate
+from orbited.whereis import Placement, locate, route_for
 from tests.conftest import wait_for
 
 STATUS = {  # the shape of HaloD's /status (docs/halod.md), two active nodes and a spare
@@ -40,6 +40,15 @@ def test_locate_names_the_active_owner_and_its_pid():
         'key ["alice", "", "/cherrychat"]: route 13 of 24: n3 (active, browsers '
         "127.0.0.4:8001, web apps tcp://127.0.0.4:9001), pid 4242"
     )
+    placement = locate(STATUS, 13, {"n3": 4242}, key, hash_version=2)
+    assert placement.line() == (
+        'key ["alice", "", "/cherrychat"]: route 13 of 24 (hash version 2): n3 (active, '
+        "browsers 127.0.0.4:8001, web apps tcp://127.0.0.4:9001), pid 4242"
+    )
+    user = locate(STATUS, 11, {}, user="alice", hash_version=2)
+    assert user.node == "n1" and user.line().startswith(
+        'user "alice": route 11 of 24 (hash version 2): n1 (active'
+    )
     assert locate(STATUS, 12).node == "n1" and locate(STATUS, 12).pid is None
 
 
@@ -51,11 +60,25 @@ def test_a_route_nobody_holds_and_a_route_out_of_range():
         locate(STATUS, 25)
 
 
+def test_the_route_follows_the_clusters_hash_version():
+    key = ConnectionKey("alice", "s1", "/chat")
+    v2 = {**STATUS, "hash_version": 2}
+    assert route_for(v2, key) == route_for(v2, "alice") == route_of_user("alice", 24) == 11
+    assert route_for(v2, ConnectionKey("alice", "", "")) == 11  # every key of the user
+    v1 = {**STATUS, "hash_version": 1}
+    assert route_for(v1, key) == route_of(key, 24, version=1)
+    assert route_for(STATUS, key) == route_of(key, 24, version=1)  # an older HaloD: 1
+    with pytest.raises(ValueError, match="hashes with version 1"):
+        route_for(v1, "alice")  # a user alone has no route under version 1
+    with pytest.raises(ValueError, match="hash_version"):
+        route_for({**STATUS, "hash_version": 3}, key)
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--user", "alice"], "hashes user, session and location together"),
-        (["--user", "alice", "--location", "/c"], "give all three"),
+        (["--user", "alice", "--location", "/c"], "give --user alone"),
+        (["--user", ""], "--user: key user must not be empty"),
         (["--key", '["alice", ""]'], "--key: a connection key is an array"),
         (["--key", "nonsense"], "--key:"),
         (["--route", "3", "--user", "a"], "give one of"),
@@ -75,6 +98,55 @@ def test_halod_not_answering_is_exit_1(tmp_path, capsys):
     assert "cannot read HaloD's http://127.0.0.1:9/status" in capsys.readouterr().err
 
 
+def serve_status(status: dict):
+    """A stand-in for HaloD's status port serving ``status`` (a real HTTP server)."""
+    import http.server
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            body = json.dumps(status).encode()
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_user_alone_answers_on_version_2_and_explains_on_version_1(tmp_path, capsys, version):
+    server = serve_status({**STATUS, "hash_version": version})
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        argv = ["whereis", "--user", "alice", "--url", url, "--state-dir", str(tmp_path)]
+        if version == 2:
+            assert main([*argv, "--json"]) == 0
+            placement = json.loads(capsys.readouterr().out)
+            assert placement["route"] == 11 and placement["node"] == "n1"
+            assert placement["user"] == "alice" and placement["hash_version"] == 2
+        else:
+            with pytest.raises(SystemExit) as exit_:
+                main(argv)
+            assert exit_.value.code == 2
+            assert "hashes with version 1" in capsys.readouterr().err
+        # A whole key: its route under the cluster's version.
+        key = ["alice", "s1", "/chat"]
+        assert main(["whereis", "--key", json.dumps(key), "--url", url, "--json",
+                     "--state-dir", str(tmp_path)]) == 0  # fmt: skip
+        placement = json.loads(capsys.readouterr().out)
+        assert placement["route"] == route_of(ConnectionKey(*key), 24, version=version)
+        assert placement["hash_version"] == version
+    finally:
+        server.shutdown()
+
+
 def whereis(capsys, *argv: str) -> tuple[int, str]:
     code = main(["whereis", *argv])
     return code, capsys.readouterr().out.strip()
@@ -91,7 +163,13 @@ def test_the_tutorials_kill_step_on_a_real_cluster(tmp_path: Path, capsys):
                             "--location", "/cherrychat", *state)  # fmt: skip
         assert code == 0
         before = json.loads(out)
-        assert before["route"] == route_of(key, 24)
+        assert before["route"] == route_of(key, 24)  # a new cluster hashes with version 2
+        assert before["hash_version"] == 2
+        # Every key of alice lives on that route: --user alone names it.
+        code, out = whereis(capsys, "--json", "--user", "alice", *state)
+        assert code == 0 and json.loads(out)["route"] == before["route"] == route_of_user(
+            "alice", 24
+        )
         owners = {n["name"]: n for n in cluster.halod_nodes().values()}
         assert before["route"] in owners[before["node"]]["routes"]
         assert before["pid"] == cluster.children[before["node"]].pid
