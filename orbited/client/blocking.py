@@ -24,6 +24,7 @@ from typing import Any
 
 from orbited.client.cluster import Cluster, Recipient, RecipientLike, WildcardNeedsV2, recipient
 from orbited.client.retry import RetryPolicy
+from orbited.core.hashing import route_of_user
 from orbited.core.keys import ConnectionKey, Selector
 from orbited.sp import wire
 from orbited.sp.reqrep import RequestIds
@@ -120,6 +121,9 @@ class Request:
     latest: str | None = None
     offline: bool | float | None = None
     hash_version: int | None = None  # the version its routes were computed with
+    # Selectors sent by an auto cluster on version 1 to their version-2 route, to find out
+    # whether the cluster moved to 2 (Event.requests).
+    probe: bool = False
     resends: int = 0
     results: dict[Recipient, dict] = field(default_factory=dict)
     # Answered under another hash version than the routes were computed with, which the
@@ -135,6 +139,14 @@ class Request:
         be resent through the same route port (they stay in ``keys``). Recipients answered
         under a hash version the cluster now follows instead go to ``regroup``."""
         results = results_for(reply, self.keys)
+        if self.probe:
+            if reply.get("ok"):  # a node routes with version 2: so does the cluster now
+                cluster.follow_hash(self.hash_version)
+            else:  # still version 1 (or another error): the selectors cannot be routed
+                results = {k: unroutable(k) for k in self.keys}
+                self.results.update(results)
+                self.keys = []
+                return False
         self.results.update(results)
         if not reply.get("ok"):
             error = reply.get("error") or {}
@@ -186,19 +198,30 @@ class Event:
         self, cluster: Cluster, targets: list[Recipient], started: float
     ) -> tuple[list[tuple[Address, Request]], dict[Recipient, dict]]:
         """One request per route of ``targets`` under the cluster's current hash version,
-        with its address; and the results of recipients that cannot be routed (a selector
-        under version 1)."""
-        refused: dict[Recipient, dict] = {
-            t: unroutable(t) for t in targets
-            if isinstance(t, Selector) and cluster.hash_version < 2
-        }  # fmt: skip
-        routable = [t for t in targets if t not in refused]
+        with its address; and the results of recipients that cannot be routed.
+
+        A selector under version 1 cannot be routed: a fixed cluster refuses it at once;
+        one that follows HaloD sends it to its user's version-2 route with ``"hash": 2``
+        (a probe), so that an app addressing only users notices a rehash to 2 (the node
+        refuses it while the cluster is still on 1)."""
+        version = cluster.hash_version
+        refused: dict[Recipient, dict] = {}
+        groups: dict[tuple[int, int], list[Recipient]] = {}
+        for target in dict.fromkeys(targets):
+            if isinstance(target, Selector) and version < 2:
+                if not cluster.follows_hash:
+                    refused[target] = unroutable(target)
+                    continue
+                group = (route_of_user(target.user, cluster.routes), 2)
+            else:
+                group = (cluster.route_of(target), version)
+            groups.setdefault(group, []).append(target)
         return [
             (cluster.sp_address(route), Request(
                 self.event_id, route_targets, self.data, self.ack, started, latest=self.latest,
-                offline=self.offline, hash_version=cluster.hash_version,
+                offline=self.offline, hash_version=hashed, probe=hashed != version,
             ))
-            for route, route_targets in cluster.group_by_route(routable).items()
+            for (route, hashed), route_targets in groups.items()
         ], refused  # fmt: skip
 
 

@@ -287,3 +287,36 @@ def test_sends_through_a_crash_reach_the_new_owner_in_order(tmp_path, procs):
             received.append(json.loads(browsers[key].recv(timeout=5))["data"])
         assert received == delivered
         browsers[key].close()
+
+
+def test_an_auto_cluster_follows_halods_hash_version_and_a_rehash(tmp_path, procs):
+    # HaloD's table says version 1; the client starts at 2 ("auto"): the node's
+    # hash_version_mismatch switches it and the event is resent at once, same id, to the
+    # key's version-1 route. `halod rehash --to 2` then switches it back the same way.
+    import subprocess
+    import sys
+
+    from tests.client.test_client_users import user_moving_between_versions
+
+    halod, hx = halod_with_proxy(tmp_path, procs, "--hash-version", "1")
+    node = start_node(halod, tmp_path, procs, "n1")  # one node: every route port leads to it
+    key = user_moving_between_versions()
+    ws = node.ws(node.token(*key))
+    ws.recv(timeout=5)
+    with BlockingClient(hx) as app:
+        assert hx.hash_version == 2 and hx.follows_hash
+        assert app.send([key], "first", event_id="auto-1") == {
+            key: {"status": "delivered", "seq": 1}}  # fmt: skip
+        assert hx.hash_version == 1
+        assert [e["data"] for e in events_of(ws)] == ["first"]  # once, not per attempt
+        done = subprocess.run([sys.executable, "-m", "halod.cli", "rehash", "--to", "2",
+                               "--url", f"http://{halod.status_http}"],
+                              capture_output=True, text=True, timeout=30)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        # An app that addresses only users finds out too: its selectors probe version 2.
+        user = Selector(key.user, None)
+        wait_for(lambda: app.send([user], "probe")[user]["status"] == "matched",
+                 "the node to route with 2")  # fmt: skip
+        assert hx.hash_version == 2
+        assert app.send([key], "after", event_id="auto-2")[key]["status"] == "delivered"
+    ws.close()

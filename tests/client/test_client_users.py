@@ -183,8 +183,13 @@ def test_twisted_follows_a_mismatch_regroups_and_resends_at_once(twisted_setup):
     ((request_id, request),) = node.requests()
     refusal = {"code": "hash_version_mismatch", "message": WILDCARDS_NEED_V2, "hash": 1}
     error_reply(node, request_id, refusal)
-    # At once, no clock advance: the key is resent to its version-1 route, same id.
+    # At once, no clock advance: the key is resent to its version-1 route, same id, and
+    # the selector probes its version-2 route again (the connection still open), which
+    # the version-1 node refuses: no more resends.
     assert reactor.tcpClients[-1][1] == 9000 + route_of(key, 24, version=1) - 1
+    ((probe_id, probe),) = node.requests()  # on alice's connection, the latest accepted
+    assert (probe["id"], probe["to"], probe["hash"]) == ("m1", [["alice", "*", "*"]], 2)
+    error_reply(node, probe_id, refusal)
     node.accept()
     ((request_id, request),) = node.requests()
     assert request == {"id": "m1", "to": [list(key)], "data": 1, "hash": 1}
@@ -349,9 +354,45 @@ def test_blocking_sends_wildcards_and_follows_a_rehash(two_route_nodes):
         assert cluster.hash_version == 1
         assert [r["hash"] for r in seen[v2_route]] == [2]
         assert [(r["id"], r["hash"]) for r in seen[v1_route]][-1] == ("b2", 1)
-        # A selector cannot be routed under version 1: refused without a request.
-        before = sum(len(rs) for rs in seen.values())
+        # A selector cannot be routed under version 1: it goes once to its user's
+        # version-2 route with "hash": 2 (a probe for a rehash), which is refused.
+        for rs in seen.values():
+            rs.clear()
         got = client.send([Selector("bob", None)], 3, "b3")
         refused = {"status": "error", "code": "hash_version_mismatch", "error": WILDCARDS_NEED_V2}
         assert got == {Selector("bob", None): refused}
-        assert sum(len(rs) for rs in seen.values()) == before
+        probes = [r for rs in seen.values() for r in rs]
+        assert [(r["id"], r["hash"]) for r in probes] == [("b3", 2)]
+        assert cluster.hash_version == 1
+
+
+def test_an_auto_cluster_on_version_1_probes_version_2_with_a_selector(twisted_setup):
+    # An app that only addresses users must still notice a rehash to 2: under version 1
+    # an auto cluster sends a selector to its user's version-2 route with "hash": 2. A
+    # node on 2 answers it (and the cluster switches); a node on 1 refuses it, and the
+    # selector's result says wildcards need version 2 (nothing is resent).
+    reactor, cluster, client, node = twisted_setup
+    cluster.follow_hash(1)
+    refused = client.send([EVERY_ALICE], 1, "p1")
+    assert reactor.tcpClients[-1][1] == 9000 + route_of_user("alice", 24) - 1
+    node.accept()
+    ((request_id, request),) = node.requests()
+    assert request["hash"] == 2
+    error_reply(node, request_id, {"code": "hash_version_mismatch", "message": "m", "hash": 1})
+    assert results(refused) == {EVERY_ALICE: {"status": "error", "code": "hash_version_mismatch",
+                                              "error": WILDCARDS_NEED_V2}}  # fmt: skip
+    assert cluster.hash_version == 1 and node.requests() == [] and node.dials() == 1
+    accepted = client.send([EVERY_ALICE], 2, "p2")  # HaloD rehashed to 2 meanwhile
+    ((request_id, request),) = node.requests()
+    assert request["hash"] == 2
+    node.reply(request_id, [{"status": "no_connection", "keys": []}])
+    assert results(accepted) == {EVERY_ALICE: {"status": "no_connection", "keys": {}}}
+    assert cluster.hash_version == 2
+
+
+def test_a_fixed_version_1_cluster_never_sends_a_selector(twisted_setup):
+    reactor = MemoryReactorClock()
+    client = TwistedClient(HaloDCluster("127.0.0.1", 9000, 8000, hash_version=1), reactor)
+    sending = client.send([EVERY_ALICE], 1, "f1")
+    assert reactor.tcpClients == []
+    assert results(sending)[EVERY_ALICE]["code"] == "hash_version_mismatch"
