@@ -89,10 +89,11 @@ def token_command(args: argparse.Namespace) -> int:
     try:
         secret = load_secret(args.secret_file)
         key = ConnectionKey.from_json([args.user, args.session, args.location])
+        token = issue_token(secret, key, args.ttl)  # ValueError: "*" is reserved, ...
     except (OSError, ValueError, KeyError_) as e:
         print(f"orbited token: {e}", file=sys.stderr)
         return 2
-    print(issue_token(secret, key, args.ttl))
+    print(token)
     return 0
 
 
