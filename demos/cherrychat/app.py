@@ -414,6 +414,17 @@ class ChatApp:
         if not self.store.is_online(ident):
             self._presence_changed({ident})
 
+    @app.route("/routes/<route>", methods=["GET"])
+    def route(self, request: IRequest, route: str) -> bytes:
+        """Where a route's browsers connect: the page's ``locate`` asks when a node moves
+        its key to another route (a ``reconnect`` frame with ``route``, e.g. after
+        ``halod rehash``)."""
+        self._session(request)
+        if not route.isdigit() or not 1 <= int(route) <= self.cluster.routes:
+            raise HTTPError(400, f"a route is 1 to {self.cluster.routes}")
+        return self._json(request, {"route": int(route),
+                                    "orbited": self.cluster.node(int(route)).browser})  # fmt: skip
+
     @app.route("/token", methods=["GET"])
     def token(self, request: IRequest) -> bytes:
         """A fresh Orbited token for one of the user's tabs (``?tab=<id>``); the JS

@@ -219,6 +219,16 @@ def test_offline_webhook_answers(cluster):
     assert error(*post(b"x" * (1024 * 1024 + 1))) == (413, "request body too large")
 
 
+def test_route_answers(cluster):
+    user = logged_in(cluster, "ep-route")
+    _, tab = user.call("POST", "/tabs", {"tab": "tab-route", "page": "page-route"})
+    assert user.call("GET", f"/routes/{tab['route']}") == (
+        200, {"route": tab["route"], "orbited": tab["orbited"]})  # fmt: skip
+    for bad in ("0", "25", "x", "-1"):
+        assert user.call("GET", f"/routes/{bad}") == (400, {"error": "a route is 1 to 24"}), bad
+    assert Browserless(cluster).call("GET", "/routes/1") == (401, {"error": "log in first"})
+
+
 def test_typing_answers(cluster):
     user = logged_in(cluster, "ep-typing")
     assert user.call("POST", "/rooms/ep-type/typing", {"typing": True}) == (

@@ -424,6 +424,14 @@ function connect() {
       return response.text();
     },
     base: 500, max: 8000,
+    // A node moved this tab's key to another route (e.g. a rehash): ask the app where
+    // that route's browsers connect.
+    locate: async (route) => {
+      const where = await api("GET", `/routes/${route}`);
+      chat.tab.route = where.route;
+      renderConnection();
+      return where.orbited;
+    },
     onMessage: onPush,
     onState: (state, info) => {
       if (chat.client !== client) return; // an earlier connection of this tab
