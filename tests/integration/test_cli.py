@@ -124,10 +124,10 @@ def test_a_mistyped_flag_is_an_error_naming_the_closest_flag(argv, suggestion, c
 
 @pytest.mark.parametrize("part", ["--session", "--location", "--user"])
 def test_a_reserved_wildcard_in_a_token_is_a_clear_error(part, tmp_path, capsys):
-    """"*" is reserved in keys (docs/protocol.md, wildcard addressing): the token command
-    says so and exits 2, with no traceback."""
+    """A "*" part is reserved in keys (docs/protocol.md, wildcard addressing): the token
+    command says so and exits 2, with no traceback."""
     secret = tmp_path / "secret"
-    secret.write_text(SECRET)
+    secret.write_bytes(SECRET)
     argv = ["token", "--secret-file", str(secret), "--user", "alice", part, "*"]
     assert main(argv) == 2
     captured = capsys.readouterr()
