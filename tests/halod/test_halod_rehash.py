@@ -227,10 +227,34 @@ def test_rehash_moves_queued_events_to_the_new_owners_losing_nothing(tmp_path, p
                 reply = send_event(req, f"e{n}-{key.user}", [list(key)], {"n": n})
             assert reply["results"][0]["status"] == "queued", reply
 
+    # One browser of a moving key stays connected through the rehash; it has seen 1..3.
+    live = movers[0]
+    browser = ws(nodes[owner(live, 1)], live, last=f"{streams[live]}:0")
+    got = [json.loads(browser.recv(timeout=5)) for _ in range(4)]
+    assert [f.get("seq") for f in got[1:]] == [1, 2, 3]
+    browser.send(json.dumps({"type": "ack", "seq": 3}))
+
     code, body = post(halod, "/rehash", {"hash_version": 2})
     assert code == 200 and body["nodes"] == ["a", "b"]
+    # Told to reconnect, with the key's route under version 2 (to find its port).
+    assert json.loads(browser.recv(timeout=5)) == {
+        "type": "reconnect",
+        "reason": "rehash",
+        "route": route_of(live, 24, version=2),
+    }
+    browser.close()
     wait_for(lambda: halod.get("status")["rehash"] is None, "every hand-off to be done")
-    for key in keys:
+    # The live browser resumes from what it saw, on the new owner: no reset, no gap.
+    with ws(nodes[owner(live, 2)], live, last=f"{streams[live]}:3") as browser:
+        hello = json.loads(browser.recv(timeout=5))
+        assert (hello["type"], hello["stream"], hello["seq"]) == ("hello", streams[live], 3)
+        assert hello["reset"] is False
+        with nodes[owner(live, 2)].req() as req:
+            reply = send_event(req, "after", [list(live)], {"n": 4})["results"][0]
+        assert reply == {"status": "delivered", "seq": 4}
+        assert json.loads(browser.recv(timeout=5))["data"] == {"n": 4}
+    # The offline ones find their three queued events there.
+    for key in keys[1:]:
         new = nodes[owner(key, 2)]
         with ws(new, key, last=f"{streams[key]}:0") as browser:
             got = [json.loads(browser.recv(timeout=5)) for _ in range(4)]
@@ -239,7 +263,7 @@ def test_rehash_moves_queued_events_to_the_new_owners_losing_nothing(tmp_path, p
         assert [(f["seq"], f["data"]["n"]) for f in got[1:]] == [(1, 1), (2, 2), (3, 3)], key
     # The old owner of a moved key answers `moved` and names the new one; the new one
     # continues the key's sequence.
-    key = movers[0]
+    key = movers[1]
     with nodes[owner(key, 1)].req() as req:
         moved = send_event(req, "late", [list(key)], {"n": 4})["results"][0]
     assert moved["status"] == "moved" and moved["route"] == route_of(key, 24, version=2)
