@@ -185,7 +185,8 @@ def test_chaos_with_the_built_in_proxy(tmp_path: Path) -> None:
 USERS, TABS = 20, 3  # 60 keys: each user has 3 tabs (two sessions), on mixed transports
 
 
-def chaos_users(tmp_path: Path, dataplane: str = "proxy", host: str = "127.0.0.1") -> dict:
+def chaos_users(tmp_path: Path, dataplane: str = "proxy", host: str = "127.0.0.1",
+                *flags: str) -> dict:  # fmt: skip
     """HaloD, 3 nodes and a spare, hash version 2: 20 users × 3 tabs (bench/browsers.py),
     and a web app (bench/sender.py --users) sending every 400 ms one acknowledged-mode
     event (``ack`` 5 s) per user, addressed ``[user, "*", "*"]``, while (a) a node is
@@ -193,7 +194,7 @@ def chaos_users(tmp_path: Path, dataplane: str = "proxy", host: str = "127.0.0.1
     app's client resends to the new owner, same id). Per key, as for single-key events:
     every event the ``matched`` reply gave the key as acked/unacked reaches it (0 lost),
     and none reaches its page twice (0 duplicated)."""
-    halod = HaloDProcess(tmp_path, *TIMING, "--dataplane-host", host,
+    halod = HaloDProcess(tmp_path, *TIMING, "--dataplane-host", host, *flags,
                          dataplane=dataplane).start()  # fmt: skip
     nodes: dict[str, object] = {}
     browsers: BrowserProcesses | None = None
@@ -247,7 +248,13 @@ def chaos_users(tmp_path: Path, dataplane: str = "proxy", host: str = "127.0.0.1
             browsers.kill()
         for proc in nodes.values():
             proc.stop(signal.SIGKILL)  # type: ignore[attr-defined]
-        halod.stop(signal.SIGTERM)
+        halod.stop(signal.SIGTERM)  # with --haproxy-on-exit stop, HAProxy goes too
+        pidfile = tmp_path / "haproxy" / "haproxy.pid"
+        if dataplane == "haproxy" and pidfile.exists():  # HaloD did not get to stop it
+            try:
+                os.kill(int(pidfile.read_text().split()[0]), signal.SIGTERM)
+            except (ProcessLookupError, ValueError):
+                pass
 
     names = list(windows)
     accepted = {k: v["accepted"] for k, v in report["keys"].items()}
@@ -273,7 +280,16 @@ def chaos_users(tmp_path: Path, dataplane: str = "proxy", host: str = "127.0.0.1
 
 
 def test_chaos_user_events_with_the_built_in_proxy(tmp_path: Path) -> None:
-    figures = chaos_users(tmp_path)
+    check_user_chaos(chaos_users(tmp_path))
+
+
+def test_chaos_user_events_with_haproxy(tmp_path: Path) -> None:
+    if not Path("/usr/sbin/haproxy").exists():
+        pytest.skip("HAProxy data plane: /usr/sbin/haproxy is not installed")
+    check_user_chaos(chaos_users(tmp_path, "haproxy", "127.0.0.1", "--haproxy-on-exit", "stop"))
+
+
+def check_user_chaos(figures: dict) -> None:
     assert figures["missing_clients"] == [], figures
     assert figures["rounds"] >= 30, figures
     # Every key a wildcard reached is acknowledged or waits in its mailbox; keys it did
