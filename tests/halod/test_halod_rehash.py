@@ -13,6 +13,7 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
+from typing import Any
 
 import pynng
 import pytest
@@ -27,11 +28,11 @@ TIMING = ("--heartbeat-interval", "30", "--missed-heartbeats", "3", "--grace", "
 
 @pytest.fixture
 def procs():
-    started: list[HaloDProcess] = []
+    started: list[Any] = []
     yield started
-    for proc in started:
+    for proc in reversed(started):  # HaloD (--proxy-on-exit stop) ends its proxy worker
         if proc.alive():
-            proc.stop(signal.SIGKILL)
+            proc.stop(signal.SIGTERM if isinstance(proc, HaloDProcess) else signal.SIGKILL)
 
 
 def start_halod(tmp_path, procs, *flags) -> HaloDProcess:
@@ -272,3 +273,53 @@ def test_rehash_moves_queued_events_to_the_new_owners_losing_nothing(tmp_path, p
         assert send_event(req, "late", [list(key)], {"n": 4})["results"][0]["seq"] == 4
     metrics = text(halod, "metrics")
     assert 'halod_handoffs_total{outcome="dropped"} 0' in metrics
+
+
+def test_a_web_app_sending_through_a_rehash_loses_nothing(tmp_path, procs):
+    """The Python client (HaloDCluster, hash_version "auto") sends to four offline keys
+    before, during and after the rehash; each key then holds every event once, in order."""
+    from websockets.sync.client import connect
+
+    from orbited.client import BlockingClient, HaloDCluster
+    from orbited.core.hashing import route_of
+    from orbited.core.keys import ConnectionKey
+
+    halod = HaloDProcess(tmp_path, "--hash-version", "1", "--spares", "0", "--grace", "2",
+                         "--heartbeat-interval", "0.2", "--move-close-delay", "0.5",
+                         "--proxy-on-exit", "stop", proxy=True).start()  # fmt: skip
+    procs.append(halod)
+    nodes = {}
+    for name in ("a", "b"):
+        nodes[name] = halod.node(tmp_path, name, "--linger", "60")
+        procs.append(nodes[name])
+    owners = halod.owners()
+    keys = [ConnectionKey(f"app{i}", "s", "/t") for i in range(4)]
+
+    def ws(node, key, last=None):
+        url = f"ws://{node.http}/orbited/ws?token={node.token(*key)}"
+        return connect(url + (f"&last={last}" if last else ""), open_timeout=5, legacy=True)
+
+    streams = {}
+    for key in keys:  # a mailbox on the version-1 owner, then offline
+        with ws(nodes[owners[route_of(key, 24, version=1)]], key) as browser:
+            streams[key] = json.loads(browser.recv(timeout=5))["stream"]
+    app = BlockingClient(HaloDCluster("127.0.0.1", halod.sp_base, halod.browser_base),
+                         backoff=0.2)  # fmt: skip
+    try:
+        for n in range(1, 5):
+            results = app.send(keys, {"n": n}, f"e{n}")
+            assert all(results[k]["status"] == "queued" for k in keys), results
+        assert app.cluster.hash_version == 1  # followed the cluster's version
+        assert post(halod, "/rehash", {"hash_version": 2})[0] == 200
+        for n in range(5, 9):  # while mailboxes are on their way
+            results = app.send(keys, {"n": n}, f"e{n}")
+            assert all(results[k]["status"] == "queued" for k in keys), results
+        assert app.cluster.hash_version == 2
+    finally:
+        app.close()
+    for key in keys:
+        new = nodes[owners[route_of(key, 24, version=2)]]
+        with ws(new, key, last=f"{streams[key]}:0") as browser:
+            got = [json.loads(browser.recv(timeout=5)) for _ in range(9)]
+        assert got[0]["stream"] == streams[key] and got[0]["reset"] is False, key
+        assert [(f["seq"], f["data"]["n"]) for f in got[1:]] == [(n, n) for n in range(1, 9)]
