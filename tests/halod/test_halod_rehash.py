@@ -317,9 +317,17 @@ def test_a_web_app_sending_through_a_rehash_loses_nothing(tmp_path, procs):
         assert app.cluster.hash_version == 2
     finally:
         app.close()
-    for key in keys:
-        new = nodes[owners[route_of(key, 24, version=2)]]
-        with ws(new, key, last=f"{streams[key]}:0") as browser:
-            got = [json.loads(browser.recv(timeout=5)) for _ in range(9)]
-        assert got[0]["stream"] == streams[key] and got[0]["reset"] is False, key
-        assert [(f["seq"], f["data"]["n"]) for f in got[1:]] == [(n, n) for n in range(1, 9)]
+    for version in (2, 1):  # and back: `halod rehash --to 1` is the same procedure
+        if version == 1:
+            wait_for(lambda: halod.get("status")["rehash"] is None, "the rehash to end")
+            assert halod_cli(halod, "rehash", "--to", "1").returncode == 0
+            wait_for(lambda: halod.get("status")["rehash"] is None, "the way back to end")
+        for key in keys:  # nothing was acknowledged: all eight are still there
+            new = nodes[owners[route_of(key, 24, version=version)]]
+            with ws(new, key, last=f"{streams[key]}:0") as browser:
+                got = [json.loads(browser.recv(timeout=5)) for _ in range(9)]
+            assert got[0]["stream"] == streams[key] and got[0]["reset"] is False, key
+            assert [(f["seq"], f["data"]["n"]) for f in got[1:]] == [(n, n) for n in range(1, 9)], (
+                key,
+                version,
+            )
