@@ -9,7 +9,7 @@ pure part.
 
     orbited whereis --user alice                  (hash version 2: every key of alice)
     orbited whereis --user alice --session "" --location /cherrychat
-    orbited whereis --key '["alice", "", "/cherrychat"]'
+    orbited whereis --key '["alice", "", "/cherrychat"]'   (or '["alice", "*", "*"]': v2)
     orbited whereis --route 22 [--pid | --json]
 """
 
@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from orbited.core.hashing import check_hash_version, route_of, route_of_user
-from orbited.core.keys import ConnectionKey, KeyError_
+from orbited.core.keys import ConnectionKey, KeyError_, Selector, parse_recipient
 
 DEFAULT_STATUS = "http://127.0.0.1:7601"
 DEFAULT_STATE_DIR = Path(".orbited-cluster")
@@ -124,7 +124,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--user", help="the user (alone: hash version 2), or the key's user")
     p.add_argument("--session", help='the key\'s session ("" for none)')
     p.add_argument("--location", help='the key\'s location ("" for none)')
-    p.add_argument("--key", help='the key as JSON, e.g. \'["alice", "", "/cherrychat"]\'')
+    p.add_argument("--key", help='the key as JSON, e.g. \'["alice", "", "/cherrychat"]\' '
+                   '(or a user\'s keys, \'["alice", "*", "*"]\': hash version 2)')  # fmt: skip
     p.add_argument("--route", type=int, help="a route number instead of a key")
     p.add_argument("--url", help="HaloD's status_http (default: the cluster's in --state-dir, "
                    f"else {DEFAULT_STATUS})")  # fmt: skip
@@ -150,13 +151,14 @@ def _key(args: argparse.Namespace) -> ConnectionKey | str | None:
     if args.route is not None:
         return None
     if args.key is not None:
-        try:
-            return ConnectionKey.from_json(json.loads(args.key))
+        try:  # a key, or a user's or session's selector (their route is the user's)
+            recipient = parse_recipient(json.loads(args.key))
         except (ValueError, KeyError_) as e:
             raise ValueError(f"--key: {e}") from None
+        return recipient.user if isinstance(recipient, Selector) else recipient
     if given == [True, False, False]:
         try:  # a valid key's user part
-            return ConnectionKey.from_json([args.user, "", ""]).user
+            return parse_recipient([args.user, "", ""]).user
         except KeyError_ as e:
             raise ValueError(f"--user: {e}") from None
     if not all(given):

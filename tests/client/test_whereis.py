@@ -79,6 +79,8 @@ def test_the_route_follows_the_clusters_hash_version():
     [
         (["--user", "alice", "--location", "/c"], "give --user alone"),
         (["--user", ""], "--user: key user must not be empty"),
+        (["--user", "*"], "--user: key user cannot be a wildcard"),
+        (["--key", '["alice", "*", "/c"]'], "--key: a wildcard session needs"),
         (["--key", '["alice", ""]'], "--key: a connection key is an array"),
         (["--key", "nonsense"], "--key:"),
         (["--route", "3", "--user", "a"], "give one of"),
@@ -135,6 +137,16 @@ def test_user_alone_answers_on_version_2_and_explains_on_version_1(tmp_path, cap
             with pytest.raises(SystemExit) as exit_:
                 main(argv)
             assert exit_.value.code == 2
+            assert "hashes with version 1" in capsys.readouterr().err
+        # A user's selector names the user's route, as --user does.
+        selector = ["whereis", "--key", '["alice", "*", "*"]', "--url", url, "--json",
+                    "--state-dir", str(tmp_path)]  # fmt: skip
+        if version == 2:
+            assert main(selector) == 0
+            assert json.loads(capsys.readouterr().out)["route"] == 11
+        else:
+            with pytest.raises(SystemExit):
+                main(selector)
             assert "hashes with version 1" in capsys.readouterr().err
         # A whole key: its route under the cluster's version.
         key = ["alice", "s1", "/chat"]
