@@ -181,11 +181,15 @@ async function hashRoute(parts, routes) {
 /**
  * The route (1..routes) of a connection key [user, session, location] (docs/hashing.md).
  * Version 2 (the default, user affinity): the hash of the user part alone, so every key
- * of a user has the same route. Version 1: the hash of all three parts. Async (WebCrypto).
+ * of a user has the same route, and so has a wildcard recipient ["alice", "*", "*"].
+ * Version 1: the hash of all three parts (a wildcard has no route). Async (WebCrypto).
  */
 export async function routeOf(key, routes = DEFAULT_ROUTES, version = HASH_VERSION) {
   if (version === 2) return hashRoute([key[0]], routes);
-  if (version === 1) return hashRoute(key, routes);
+  if (version === 1) {
+    if (key[1] === "*" || key[2] === "*") throw new RangeError("wildcards need hash_version 2");
+    return hashRoute(key, routes);
+  }
   throw new RangeError(`hash version must be 1 or 2, not ${version}`);
 }
 

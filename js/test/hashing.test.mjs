@@ -49,3 +49,10 @@ test("a bad version or route count is an error, not a route", async () => {
   await assert.rejects(routeOf(["a", "b", "c"], 24, 3), RangeError);
   await assert.rejects(routeOfUser("a", 0), RangeError);
 });
+
+test("a wildcard recipient has its user's route under v2 and none under v1", async () => {
+  assert.equal(await routeOf(["alice", "*", "*"], 24), 11);
+  assert.equal(await routeOf(["alice", "s1", "*"], 1024), 219);
+  await assert.rejects(routeOf(["alice", "*", "*"], 24, 1), /wildcards need hash_version 2/);
+  await assert.rejects(routeOf(["alice", "s1", "*"], 24, 1), /wildcards need hash_version 2/);
+});
