@@ -42,6 +42,7 @@ pytestmark = pytest.mark.slow
 
 TRANSPORTS = ("ws", "sse", "poll", "iframe")
 CYCLE_GRACE = 2.0  # s a key counts as attached after its transport left (a poll cycle)
+SETTLE = 0.5  # s for the node to see a page's close or ack (no reply tells when)
 SCRIPT = re.compile(rb"<script>f\((.*?)\)</script>\n")
 # Frames after which a transport is over for good (or until the page reconnects).
 FINAL = ("replaced", "closed", "reconnect")
@@ -465,7 +466,7 @@ def test_a_closed_tab_queues_and_resumes_while_the_others_deliver(unlimited: Nod
             for gone in tabs:
                 position = gone.position()
                 gone.close()
-                time.sleep(0.2)  # the node sees the close
+                time.sleep(SETTLE)  # the node sees the close
                 if gone.transport != "poll":
                     wait_polls_held(node, 1)
                 eid = f"cq-gone-{gone.transport}"
@@ -734,7 +735,7 @@ def test_latest_value_replaces_and_the_browser_sees_which_seqs_were_replaced(
     tab = Tab(node, key, transport).opened()
     stream = tab.hello()["stream"]
     tab.close()
-    time.sleep(0.3)
+    time.sleep(SETTLE)
     with node.req() as req:
         sent = [("e1", "price:X"), ("e2", "price:X"), ("e3", None), ("e4", "price:x"),
                 ("e5", "price:X")]  # fmt: skip
@@ -793,7 +794,7 @@ def test_latest_value_replaces_and_the_browser_sees_which_seqs_were_replaced(
         back.close()
         if transport == "poll":
             return  # its polls acknowledged e6 and e7: nothing left to resume from before
-        time.sleep(0.2)
+        time.sleep(SETTLE)
         resumed = Tab(node, key, transport, last=before).opened()
         try:
             resumed.wait_ids("e7")
@@ -814,7 +815,7 @@ def test_acknowledged_events_are_never_replaced(unlimited: NodeProcess):
             [first] = results(req, "a1", [key], 1, latest="T")
             tab.wait_ids("a1")
             tab.ack()
-            time.sleep(0.3)  # the ack reaches the node
+            time.sleep(SETTLE)  # the ack reaches the node
             [second] = results(req, "a2", [key], 2, latest="T")
         assert second == {"status": "delivered", "seq": 2}, second
     finally:
@@ -826,7 +827,7 @@ def test_an_acknowledged_mode_wait_on_a_replaced_event_answers_replaced(unlimite
     key = ["lv-ackmode", "s", "/t"]
     tab = Tab(node, key, "sse").opened()
     tab.close()
-    time.sleep(0.3)
+    time.sleep(SETTLE)
     with node.req() as waiting, node.req() as req:
         waiting.send(json.dumps({"id": "w1", "to": [key], "data": 1, "ack": 10,
                                  "latest": "T"}).encode())  # fmt: skip
@@ -844,7 +845,7 @@ def test_a_wildcard_with_latest_replaces_within_each_key(unlimited: NodeProcess)
     tabs = four_tabs(node, "lvw")
     positions = {t.transport: t.position() for t in tabs}
     close_all(tabs)
-    time.sleep(0.3)
+    time.sleep(SETTLE)
     with node.req() as req:
         [m1] = results(req, "lw1", [["lvw", "*", "*"]], 1, latest="members:42")
         [m2] = results(req, "lw2", [["lvw", "*", "*"]], 2, latest="members:42")
