@@ -18,7 +18,9 @@ docs/protocol.md promises them ("Addressing a user or a session", "Per-user limi
 4. carol has no tab: an event with `"offline"` answers `no_connection` with `held`, the
    signed `needs_push` (`no_connection`) reaches the web app; carol opens a tab, gets
    the held event, her client acknowledges it and the `cancel` for the same id follows.
-   One of each.
+   One of each;
+5. a page coming back (each transport) gets the newest latest-value event, with
+   `info.latest` and `info.replaced`, and a `skip` of the replaced seqs (no `gap`).
 """
 
 from __future__ import annotations
