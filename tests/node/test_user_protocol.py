@@ -659,6 +659,8 @@ def test_a_limit_of_zero_is_no_limit(unlimited: NodeProcess):
     ("--user-max-connections", "-1"),
     ("--user-rate", "-1"),
     ("--user-rate", "5", "--user-burst", "0"),
+    ("--user-burst", "0"),
+    ("--user-hold", "-1"),
     ("--user-limit-policy", "oldest"),
     ("--hash-version", "3"),
     ("--hash-version", "0"),
@@ -1057,6 +1059,44 @@ def test_good_latest_and_offline_bounds_are_accepted(hooked: NodeProcess):
         for i, fields in enumerate(good):
             got = results(req, f"gb-{i}", [["gb", "*", "*"]], i, **fields)
             assert got[0]["status"] == "no_connection", (fields, got)
+
+
+def test_a_user_hold_of_zero_holds_nothing(tmp_path: Path):
+    """`user_hold = 0`: a wildcard with `offline` for a user with no tab answers plain
+    `no_connection` (no `held`), the needs_push still goes at once, and a tab opened
+    afterwards gets nothing."""
+    notices: list[dict] = []
+
+    class Hook(_Accept):
+        def do_POST(self) -> None:  # noqa: N802
+            notices.extend(
+                json.loads(self.rfile.read(int(self.headers["content-length"])))["events"]
+            )
+            self.send_response(204)
+            self.end_headers()
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Hook)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/offline"
+    node = start_node(tmp_path, "--offline-url", url, "--user-hold", "0")
+    try:
+        with node.req() as req:
+            got = results(req, "uh-1", [["nohold", "*", "*"]], 1, offline=True)
+            assert got == [{"status": "no_connection", "keys": []}], got
+            deadline = time.monotonic() + 10
+            while not notices:
+                assert time.monotonic() < deadline, "no needs_push"
+                time.sleep(0.05)
+            assert [(n["type"], n["id"], n["reason"]) for n in notices] == [
+                ("needs_push", "uh-1", "no_connection")]  # fmt: skip
+            tab = Tab(node, ["nohold", "s", "/t"], "sse").opened()
+            results(req, "uh-2", [["nohold", "*", "*"]], 2)
+            tab.wait_ids("uh-2")
+            assert tab.ids() == ["uh-2"], tab.ids()
+            tab.close()
+    finally:
+        node.stop()
+        server.shutdown()
 
 
 def test_a_lone_surrogate_in_latest_is_bad_json(unlimited: NodeProcess):
