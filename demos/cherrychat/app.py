@@ -151,7 +151,7 @@ class ChatApp:
         if self.halod_status:
             self._sweeper = task.LoopingCall(self.sweep_failed_nodes)
             self._sweeper.clock = self.reactor
-            self._sweeper.start(2.0, now=False)
+            self._sweeper.start(2.0, now=True)
 
     def stop(self) -> None:
         if self._sweeper is not None and self._sweeper.running:
@@ -239,7 +239,13 @@ class ChatApp:
     def send(
         self, targets: list[Selector], data: dict[str, Any], room: str = "", *,
         event_id: str | None = None, latest: str | None = None, offline: bool = False,
+        tabs: list[Tab] | None = None,
     ) -> defer.Deferred:  # fmt: skip
+        """``tabs``: the targets' tabs if the store no longer has them (a logout)."""
+        if self.cluster.hash_version < 2:
+            # A cluster still on hash version 1 has no wildcards (a user's tabs may be on
+            # several nodes): the open tabs the app knows of, each by its key.
+            targets = self._tab_keys(targets, tabs)  # type: ignore[assignment]
         if not targets:
             return defer.succeed({})
         options: dict[str, Any] = {}
@@ -251,6 +257,15 @@ class ChatApp:
         d.addCallback(self._pushed, room, data, event_id, options)
         d.addErrback(lambda f: self.log.failure("push to {room} failed", f, room=room))
         return d
+
+    def _tab_keys(self, targets: list[Selector], tabs: list[Tab] | None) -> list[ConnectionKey]:
+        if tabs is None:
+            tabs = self.store.tabs_of(dict.fromkeys(t.user for t in targets))
+        wanted = set(targets)
+        return [
+            key_of(tab) for tab in tabs
+            if Selector(tab.ident, None) in wanted or Selector(tab.ident, tab.tag) in wanted
+        ]  # fmt: skip
 
     def _pushed(
         self, results: dict[Any, dict], room: str, data: dict[str, Any],
@@ -357,9 +372,9 @@ class ChatApp:
         session = self.store.session(sid.decode("ascii", "replace") if sid else None)
         if session is not None:
             was_online = self.store.is_online(session.ident)
-            self.store.logout(sid.decode("ascii", "replace"))
+            tabs = self.store.logout(sid.decode("ascii", "replace"))
             # Every tab of this session (not another login of the same user).
-            self.send([Selector(session.ident, session.tag)], {"type": "logged_out"})
+            self.send([Selector(session.ident, session.tag)], {"type": "logged_out"}, tabs=tabs)
             if was_online:
                 self._presence_changed({session.ident})
             self.log.info("{nick!r} logged out", nick=session.nick)
@@ -584,7 +599,8 @@ class ChatApp:
     def sweep_failed_nodes(self):  # noqa: ANN201
         """Users of a node that died never get a signoff. Once HaloD has failed the node
         over (it is no longer in HaloD's node list) they count as offline, unless they
-        have already signed on elsewhere (the spare that took their route)."""
+        have already signed on elsewhere (the spare that took their route). Also follows
+        HaloD's hash version (a ``halod rehash``)."""
         try:
             response = yield Agent(self.reactor).request(  # type: ignore[arg-type]
                 b"GET", f"{self.halod_status}/status".encode()
@@ -593,6 +609,10 @@ class ChatApp:
         except Exception as e:  # HaloD down or restarting: try again next time
             self.log.debug("HaloD status unavailable: {e}", e=e)
             return
+        # HaloD's hash version: the routes pages connect to follow it from the start (the
+        # client also follows the nodes' answers, but only once the app sends something).
+        if self.cluster.follow_hash(status.get("hash_version")):
+            self.log.info("HaloD routes with hash version {v}", v=self.cluster.hash_version)
         known = {n["name"] for n in status.get("nodes", [])}
         gone = self.store.nodes() - known
         if gone:

@@ -241,3 +241,50 @@ def test_the_nodes_were_given_the_limit_and_the_hook(cluster):
     assert args and all("--offline-url" in a and "--user-max-connections" in a for a in args)
     status = json.loads(urllib.request.urlopen(f"{cluster.halod_status}/status").read())
     assert status.get("hash_version", 2) == 2
+
+
+class VersionOneCluster(UserFeaturesCluster):
+    """The same, with HaloD's new table on hash version 1 (a cluster from before issue 21)."""
+
+    def _child(self, name, cmd, env=None):  # noqa: ANN001, ANN202
+        if name == "halod":
+            cmd = [*cmd, "--hash-version", "1"]
+        return super()._child(name, cmd, env)
+
+
+def test_a_rehash_to_version_2_keeps_the_chat_going(tmp_path_factory, browser):
+    # Its own cluster (the browser fixture's Chromium is shared): HaloD on version 1, two
+    # users chatting, `halod rehash --to 2`; tabs whose key moved reconnect to their new
+    # route (locate → GET /routes/<r>), the app's client follows the nodes' version, and
+    # every message still arrives once.
+    import subprocess
+    import sys
+
+    config = chat_cluster_config(tmp_path_factory.mktemp("v1cluster"))
+    with VersionOneCluster(config) as v1:
+        a = log_in(browser, v1, "rehash-a")
+        b = log_in(browser, v1, "rehash-b")
+        try:
+            for page in (a, b):
+                join(page, "rehash")
+            say(a, "before the rehash")
+            wait_text(b, "before the rehash")
+            done = subprocess.run([sys.executable, "-m", "halod.cli", "rehash", "--to", "2",
+                                   "--url", v1.halod_status],
+                                  capture_output=True, text=True, timeout=30)  # fmt: skip
+            assert done.returncode == 0, done.stderr + done.stdout
+            status = json.loads(urllib.request.urlopen(f"{v1.halod_status}/status").read())
+            assert status["hash_version"] == 2
+            for i in range(3):
+                say(a, f"after the rehash {i}")
+                say(b, f"from b after the rehash {i}")
+            for page in (a, b):
+                for i in range(3):
+                    wait_text(page, f"after the rehash {i}")
+                    wait_text(page, f"from b after the rehash {i}")
+                shown = texts(page)
+                assert len(shown) == len(set(shown)), shown  # each once
+                page.wait_for_function("window.chat.connection.state === 'open'", timeout=20000)
+        finally:
+            a.context.close()
+            b.context.close()

@@ -172,3 +172,23 @@ def test_message_event_ids_map_back_to_their_message():
     assert message_of(message_event_id("python", 12)) == ("python", 12)
     for junk in ("m.python", "x.python.1", "m.Bad Room.1", "m.python.x", 12, None, "m..1"):
         assert message_of(junk) is None
+
+
+def test_on_hash_version_1_the_app_sends_to_the_tabs_it_knows(app):
+    # No wildcards on a version-1 cluster (a user's tabs may be on several nodes): the
+    # open tabs' keys instead, each session's own for a logout.
+    sid = logged_in(app, "alice")
+    logged_in(app, "bob")
+    alice = app.store.session(sid)
+    app.store.open_tab(alice, "tab-aaaa-1", "page-aaaa-1")
+    app.store.open_tab(alice, "tab-aaaa-2", "page-aaaa-2")
+    app.cluster.follow_hash(1)
+    app.client.answer = lambda target, options: {"status": "delivered", "seq": 1}
+    app.push_message(app.store.add_message("lobby", "bob", "hi"))
+    to, _, _, options = app.client.sent[-1]
+    assert to == [ConnectionKey("alice", alice.tag, f"/cherrychat/tab-aaaa-{i}") for i in (1, 2)]
+    assert options == {"offline": 7.0}  # bob has no tab: nobody else to send to
+    post(app, app.logout, b"{}", sid)
+    to, data, _, _ = app.client.sent[-1]
+    assert data == {"type": "logged_out"} and to == [
+        ConnectionKey("alice", alice.tag, f"/cherrychat/tab-aaaa-{i}") for i in (1, 2)]  # fmt: skip
