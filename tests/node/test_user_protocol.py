@@ -436,6 +436,41 @@ def test_an_acknowledged_mode_wildcard_answers_per_key_on_every_transport(
         close_all(tabs)
 
 
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_an_acknowledged_mode_wildcard_for_a_user_with_no_tab_waits_for_one(
+    unlimited: NodeProcess, transport: str
+):
+    """`ack` and no tab: the event is held (docs/protocol.md, "held"); the user's first
+    tab gets it in its first batch, and once it confirms, the reply names that key
+    `acked`. With no tab in time the reply is `no_connection` with `held`."""
+    node = unlimited
+    user = f"hold-{transport}"
+    with node.req() as req:
+        req.send(json.dumps({"id": f"{user}-1", "to": [[user, "*", "*"]], "data": 1,
+                             "ack": 8}).encode())  # fmt: skip
+        time.sleep(SETTLE)
+        with pytest.raises(pynng.TryAgain):
+            req.recv_msg(block=False)
+        tab = Tab(node, [user, "s", "/t"], transport).opened()
+        try:
+            [event] = tab.wait_ids(f"{user}-1")
+            assert event["seq"] == 1
+            tab.ack()
+            reply = json.loads(req.recv_msg().bytes)
+        finally:
+            tab.close()
+    assert reply["results"] == [{"status": "matched", "keys": [
+        {"key": [user, "s", "/t"], "status": "acked", "seq": 1}]}], reply  # fmt: skip
+
+
+def test_an_acknowledged_mode_wildcard_nobody_takes_answers_held(unlimited: NodeProcess):
+    with unlimited.req() as req:
+        started = time.monotonic()
+        got = results(req, "nobody-ack", [["hold-nobody", "*", "*"]], 1, ack=1)
+    assert got == [{"status": "no_connection", "keys": [], "held": True}], got
+    assert time.monotonic() - started >= 0.9  # it waited for a tab
+
+
 def test_none_reached_says_so_with_an_empty_key_list(unlimited: NodeProcess):
     node = unlimited
     tabs = open_tabs(node, [(("nr", "s1", "/a"), "ws")])
