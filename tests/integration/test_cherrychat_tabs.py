@@ -288,3 +288,35 @@ def test_a_rehash_to_version_2_keeps_the_chat_going(tmp_path_factory, browser):
         finally:
             a.context.close()
             b.context.close()
+
+
+class CloseOldestCluster(UserFeaturesCluster):
+    """The same, with the nodes' policy past the limit: close the user's oldest tab."""
+
+    def _child(self, name, cmd, env=None):  # noqa: ANN001, ANN202
+        if "--presence-url" in cmd:
+            cmd = [*cmd, "--user-limit-policy", "close_oldest"]
+        return super()._child(name, cmd, env)
+
+
+def test_with_close_oldest_the_oldest_tab_says_it_was_displaced(tmp_path_factory, browser):
+    config = chat_cluster_config(tmp_path_factory.mktemp("oldest"))
+    with CloseOldestCluster(config) as closing:
+        first = log_in(browser, closing, "displaced-user")
+        try:
+            tabs = [first] + [new_tab(first) for _ in range(MAX_TABS - 1)]
+            newest = new_tab(first)  # past the limit: let in, the oldest goes
+            first.wait_for_function("window.chat.states.some(s => s[0] === 'closed')",
+                                    timeout=20000)  # fmt: skip
+            detail = str(first.evaluate("window.chat.connection.detail"))
+            assert detail.startswith("displaced"), first.evaluate("window.chat.states")
+            banner = first.locator("#conn-banner")
+            banner.wait_for(state="visible")
+            assert (f"This tab was closed because you opened another (at most {MAX_TABS} per "
+                    "user)") in banner.text_content()  # fmt: skip
+            time.sleep(1)  # fatal: the displaced tab does not reconnect and take a slot back
+            for page in [*tabs[1:], newest]:
+                assert page.evaluate("window.chat.connection.state") == "open"
+            assert first.evaluate("window.chat.connection.state") == "closed"
+        finally:
+            first.context.close()
