@@ -93,6 +93,20 @@ def saved_hash_version(halod: HaloDProcess) -> int:
     return body.get("hash_version", 1)
 
 
+def first_hello(open_ws) -> dict:
+    """The hello of a key's owner, once it serves the key: a node hears its assignment a
+    moment after HaloD's /status shows it (then it answers reconnect: try again)."""
+    frames: list[dict] = []
+
+    def hello() -> bool:
+        with open_ws() as browser:
+            frames.append(json.loads(browser.recv(timeout=5)))
+        return frames[-1]["type"] == "hello"
+
+    wait_for(hello, "the key's owner to serve it")
+    return frames[-1]
+
+
 def halod_cli(halod, *args):
     return subprocess.run(
         [sys.executable, "-m", "halod.cli", *args, "--url", f"http://{halod.status_http}"],
@@ -220,8 +234,7 @@ def test_rehash_moves_queued_events_to_the_new_owners_losing_nothing(tmp_path, p
 
     streams = {}
     for key in keys:  # each key gets a mailbox on its version-1 owner, then goes offline
-        with ws(nodes[owner(key, 1)], key) as browser:
-            streams[key] = json.loads(browser.recv(timeout=5))["stream"]
+        streams[key] = first_hello(lambda key=key: ws(nodes[owner(key, 1)], key))["stream"]
     for n in (1, 2, 3):
         for key in keys:
             with nodes[owner(key, 1)].req() as req:
@@ -301,8 +314,8 @@ def test_a_web_app_sending_through_a_rehash_loses_nothing(tmp_path, procs):
 
     streams = {}
     for key in keys:  # a mailbox on the version-1 owner, then offline
-        with ws(nodes[owners[route_of(key, 24, version=1)]], key) as browser:
-            streams[key] = json.loads(browser.recv(timeout=5))["stream"]
+        node = nodes[owners[route_of(key, 24, version=1)]]
+        streams[key] = first_hello(lambda node=node, key=key: ws(node, key))["stream"]
     app = BlockingClient(HaloDCluster("127.0.0.1", halod.sp_base, halod.browser_base),
                          backoff=0.2)  # fmt: skip
     try:
