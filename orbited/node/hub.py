@@ -300,7 +300,7 @@ class Hub(RouteOwnership):
         out = [Frame(hello)]
         if replay.gap is not None:
             out.append(Frame(frames.gap(*replay.gap)))
-        if mailbox._tag_of is None:
+        if not mailbox.tagged:
             out.extend(
                 Frame(frames.event(seq, payload, eid), seq, stream)
                 for seq, payload, eid in replay.events

@@ -154,6 +154,11 @@ class Mailbox:
             return []
         return sorted((seq, tag, tags[tag][1]) for seq, tag in tag_of.items() if seq > self.acked)
 
+    @property
+    def tagged(self) -> bool:
+        """Does the buffer hold a latest-value event (then frames need ``tag``)?"""
+        return self._tag_of is not None
+
     def tag(self, seq: int) -> tuple[bytes, int] | None:
         """A buffered event's latest-value tag and replaced count; None if untagged."""
         tag_of = self._tag_of

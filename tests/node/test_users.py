@@ -323,3 +323,22 @@ def test_resume_position_keeps_the_index_and_gauges_count_users():
     hub.attach(a, Sink(), Position(stream, 1))
     assert hub.gauges()["users"] == 1
     index_matches_slots(hub)
+
+
+def test_a_transport_that_detaches_inside_closed_is_displaced_cleanly():
+    """Transports may detach synchronously while closing: the displacement must not
+    double-count or leave the slot behind."""
+    hub, _, presence = hub_with(UserLimits(max_connections=1, policy="close_oldest"))
+    a, b = key("alice", "s1"), key("alice", "s2")
+
+    class Detaching(Sink):
+        def closed(self, code, reason):
+            super().closed(code, reason)
+            hub.detach(a, self)
+
+    first = Detaching()
+    hub.attach(a, first, None)
+    assert hub.attach(b, Sink(), None) is not None
+    assert first.closed_with == (4003, "displaced")
+    assert a not in hub._slots and hub.attached == 1 and presence.count(("signoff", a)) == 1
+    index_matches_slots(hub)
