@@ -134,7 +134,14 @@ def test_a_new_table_is_version_2_everywhere_and_refuses_nodes_without_it(tmp_pa
     assert "hash version 2" in table.stdout and "HASHES" in table.stdout
     assert saved_hash_version(halod) == 2
     # Already version 2: nothing to do, nobody is told.
-    assert post(halod, "/rehash", {"hash_version": 2})[0] == 200
+    assert post(halod, "/rehash", {"hash_version": 2}) == (
+        200,
+        {"hash_version": 2, "previous": 2, "nodes": []},
+    )
+    assert "already hashes with version 2" in halod_cli(halod, "rehash", "--to", "2").stdout
+    with pytest.raises(urllib.error.HTTPError) as get:  # an operator action: POST only
+        urllib.request.urlopen(f"http://{halod.status_http}/rehash", timeout=5)
+    assert get.value.code == 405 and get.value.headers["allow"] == "POST"
     for member in (old, only1, a):
         member.close()
 
