@@ -262,6 +262,24 @@ def test_a_refused_post_is_retried_with_the_same_signed_batch(tmp_path):
         receiver.close()
 
 
+def test_offline_true_waits_the_nodes_offline_after(tmp_path):
+    receiver = Receiver()
+    node = NodeProcess(tmp_path, "--offline-url", receiver.url, "--offline-after", "1").start()
+    try:
+        ws = node.ws(node.token("max"))
+        json.loads(ws.recv(timeout=5))
+        sent = time.monotonic()
+        request(node, {"id": "n-1", "to": [["max", "s", "/t"]], "data": 1, "offline": True})
+        json.loads(ws.recv(timeout=5))  # delivered, never acknowledged
+        wait_for(lambda: len(receiver.events()) == 1, timeout=10)
+        assert time.monotonic() - sent >= 1  # not before offline_after (not the 30 s default)
+        assert receiver.events()[0]["reason"] == "unacked"
+        ws.close()
+    finally:
+        node.stop()
+        receiver.close()
+
+
 def test_a_replaced_event_hands_its_push_to_the_newest(hooked):
     """Latest-value: p-2 replaces p-1 in a mailbox nobody reads. p-1's needs_push is
     cancelled and p-2 is the one that needs a push; a tab then gets only p-2, and its
@@ -281,3 +299,64 @@ def test_a_replaced_event_hands_its_push_to_the_newest(hooked):
     wait_for(lambda: len(receiver.events()) == 4)
     assert receiver.kinds()[3] == ("cancel", "p-2")
     ws.close()
+
+
+def test_offline_true_waits_the_nodes_offline_after(tmp_path):
+    receiver = Receiver()
+    node = NodeProcess(tmp_path, "--offline-url", receiver.url, "--offline-after", "1").start()
+    try:
+        ws = node.ws(node.token("max"))
+        json.loads(ws.recv(timeout=5))
+        sent = time.monotonic()
+        request(node, {"id": "n-1", "to": [["max", "s", "/t"]], "data": 1, "offline": True})
+        json.loads(ws.recv(timeout=5))  # delivered, never acknowledged
+        wait_for(lambda: len(receiver.events()) == 1, timeout=10)
+        assert time.monotonic() - sent >= 1  # not before offline_after (not the 30 s default)
+        assert receiver.events()[0]["reason"] == "unacked"
+        ws.close()
+    finally:
+        node.stop()
+        receiver.close()
+
+
+def test_a_replaced_event_hands_its_push_to_the_newest(hooked):
+    """Latest-value: p-2 replaces p-1 in a mailbox nobody reads. p-1's needs_push is
+    cancelled and p-2 is the one that needs a push; a tab then gets only p-2, and its
+    ack cancels p-2."""
+    node, receiver = hooked
+    key = ["lee", "s", "/t"]
+    request(node, {"id": "p-1", "to": [key], "data": 1, "latest": "px", "offline": 1})
+    wait_for(lambda: len(receiver.events()) == 1)
+    request(node, {"id": "p-2", "to": [key], "data": 2, "latest": "px", "offline": 1})
+    wait_for(lambda: len(receiver.events()) == 3)
+    assert receiver.kinds() == [("needs_push", "p-1"), ("cancel", "p-1"), ("needs_push", "p-2")]
+    assert receiver.events()[2]["seq"] == 2
+    ws = node.ws(node.token("lee"))
+    event = frames_until_event(ws)[-1]
+    assert (event["id"], event["seq"]) == ("p-2", 2)
+    ws.send(json.dumps({"type": "ack", "seq": 2}))
+    wait_for(lambda: len(receiver.events()) == 4)
+    assert receiver.kinds()[3] == ("cancel", "p-2")
+    ws.close()
+
+
+def test_a_held_event_whose_tab_left_unacknowledged_leaves_no_watch_behind(tmp_path):
+    """The hold reached a tab, which closed without acknowledging: once its mailbox and
+    the hold are gone, nothing is watched any more (and nothing more is sent)."""
+    receiver = Receiver()
+    node = NodeProcess(
+        tmp_path, "--offline-url", receiver.url, "--linger", "1", "--user-hold", "2"
+    ).start()
+    try:
+        request(node, {"id": "h-1", "to": [["kim", "*", "*"]], "data": 1, "offline": 60})
+        ws = node.ws(node.token("kim"))
+        assert frames_until_event(ws)[-1]["id"] == "h-1"
+        ws.close()  # no ack
+        time.sleep(3.5)  # the mailbox (1 s) and the hold (2 s) are gone
+        with urllib.request.urlopen(f"http://{node.http}/orbited/health", timeout=5) as r:
+            limits = json.loads(r.read())["limits"]
+        assert limits["offline_watches"] == 0
+        assert receiver.kinds() == [("needs_push", "h-1")]
+    finally:
+        node.stop()
+        receiver.close()
