@@ -205,7 +205,9 @@ class LinkProtocol(Protocol):
     def _rehash(self, msg: Rehash) -> None:
         """The cluster's hash version changed: the hub exports the keys whose new route
         another node owns; every other owner gets a hand-off (perhaps empty) whose ``done``
-        names its routes, so it knows this node has sent all it had for them."""
+        names its routes, so it knows this node has sent all it had for them. A node that
+        owns no route (a spare, a drained node) sends only what it has: owners wait for
+        each other's ``done`` only."""
         link = self.link
         link.table_version = msg.version
         exports = link.hub.rehash(msg.hash_version, msg.owners, me=link.node_name)
@@ -213,9 +215,12 @@ class LinkProtocol(Protocol):
         for m in msg.owners:
             if m.name is not None and m.name != link.node_name:
                 peers.setdefault(m.name, []).append(m.route)
+        owner = any(m.name == link.node_name for m in msg.owners)
         sent = 0
         for peer, routes in peers.items():
             entries = exports.get(peer, [])
+            if not owner and not entries:
+                continue  # a spare (or drained node) has nothing to hand; owners wait on owners
             sent += len(entries)
             for message in handoff_messages(peer, routes, _fitting(entries)):
                 self.send(message)

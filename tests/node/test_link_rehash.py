@@ -125,6 +125,18 @@ def test_rehash_hands_every_peer_its_share_with_done():
     assert hub.calls == [] and halod.received() == []
 
 
+def test_a_spare_sends_only_what_it_has():
+    entry = {"key": ["u", "s", "/l"], "route": 3, "events": []}
+    spare_owners = tuple(m for m in OWNERS if m.name != "n1") + (RouteMove(1, "n2"),)
+    for exports, expected in (({}, set()), ({"n3": [entry]}, {"n3"})):
+        hub = RecordingHub(exports)
+        halod = HaloDEnd(hub)
+        halod.received()
+        halod.send(Rehash(2, 4, spare_owners))
+        assert hub.calls == [("rehash", 2, spare_owners, "n1")]
+        assert {m.to for m in halod.received()} == expected
+
+
 def test_a_relayed_handoff_names_its_sender_and_a_node_cannot_forge_it():
     hub = RecordingHub()
     halod = HaloDEnd(hub)
