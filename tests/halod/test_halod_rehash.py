@@ -215,11 +215,11 @@ def test_rehash_moves_queued_events_to_the_new_owners_losing_nothing(tmp_path, p
     from orbited.core.keys import ConnectionKey
     from tests.conftest import send_event
 
-    halod = HaloDProcess(tmp_path, "--hash-version", "1", "--spares", "0", "--grace", "2",
+    halod = HaloDProcess(tmp_path, "--hash-version", "1", "--spares", "1", "--grace", "2",
                          "--heartbeat-interval", "0.2").start()  # fmt: skip
     procs.append(halod)
     nodes = {}
-    for name in ("a", "b"):
+    for name in ("a", "s", "b"):  # s: the spare, told too
         nodes[name] = halod.node(tmp_path, name, "--linger", "60")
         procs.append(nodes[name])
     owners = halod.owners()
@@ -256,7 +256,7 @@ def test_rehash_moves_queued_events_to_the_new_owners_losing_nothing(tmp_path, p
     browser.send(json.dumps({"type": "ack", "seq": 3}))
 
     code, body = post(halod, "/rehash", {"hash_version": 2})
-    assert code == 200 and body["nodes"] == ["a", "b"]
+    assert code == 200 and body["nodes"] == ["a", "b", "s"]
     # Told to reconnect, with the key's route under version 2 (to find its port).
     assert json.loads(browser.recv(timeout=5)) == {
         "type": "reconnect",
