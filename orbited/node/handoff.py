@@ -462,9 +462,13 @@ class RouteOwnership:
         if slot is not None:  # a continuation of a large mailbox, or a late arrival
             have = slot.mailbox
             if route in self._incoming and have.stream == export.stream:
+                evicted = have.evicted
+                if export.evicted is not None:
+                    evicted = max(evicted, export.evicted)
                 slot.mailbox = Mailbox.restored(
                     have.stream, self.config.mailbox, max(have.next_seq, export.next_seq),
                     max(have.acked, export.acked), have.export() + list(export.events),
+                    evicted, have.export_tags() + list(export.tags),
                 )  # fmt: skip
                 self._recount(slot)
             return False

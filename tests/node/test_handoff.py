@@ -309,3 +309,36 @@ def test_a_malformed_user_entry_is_skipped(entry):
     good = {"user": "carol", "holds": [{"selector": ["carol", "*", "*"], "id": "m",
                                         "data": "1", "left": 3}]}  # fmt: skip
     assert hub.import_users([entry, good]) == 1
+
+
+def test_a_mailbox_split_across_messages_keeps_its_tags_and_evicted():
+    from orbited.core.control import handoff_messages
+
+    old = Hub(Clock(), HubConfig(routes=2), epoch="old")
+    tab = _Tab()
+    old.attach(KEY, tab, None)
+    tab.deliver = lambda out: False  # type: ignore[method-assign]  # a slow browser
+    for i in range(1, 7):
+        body = {"id": f"e{i}", "to": [list(KEY)], "data": "x" * 40, "latest": f"t{i % 2}"}
+        old.handle_request(json.dumps(body).encode())
+    route = old._slots[KEY].route
+    before = old._slots[KEY].mailbox
+    assert [e[0] for e in before.export()] == [5, 6] and before.export_tags() == [
+        (5, b'"t1"', 2), (6, b'"t0"', 2),
+    ]  # fmt: skip
+    for i in range(7, 12):  # untagged ones, so the entry needs several messages
+        old.handle_request(json.dumps({"id": f"e{i}", "to": [list(KEY)],
+                                       "data": "y" * 40}).encode())  # fmt: skip
+    exports: list = []
+    old.route_moved({route: None}, handoff=[route], exports=exports)
+    messages = handoff_messages("new", [route], exports, chunk=120)
+    assert len(messages) > 2
+    new = Hub(Clock(), HubConfig(routes=2), epoch="new")
+    new.assign([r for r in (1, 2) if r != route], 2)
+    new.assign([1, 2], 2, incoming=[route])
+    for message in messages:
+        new.handoff_received(json.loads(json.dumps(list(message.mailboxes))), message.done)
+    mailbox = new._slots[KEY].mailbox
+    assert [e[0] for e in mailbox.export()] == [5, 6, 7, 8, 9, 10, 11]
+    assert mailbox.export_tags() == [(5, b'"t1"', 2), (6, b'"t0"', 2)]
+    assert mailbox.evicted == 0
