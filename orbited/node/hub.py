@@ -109,6 +109,7 @@ FULL_RESULT = b'{"status":"full"}'  # the node's mailboxes hold mailbox_total_by
 # long-poll cycle (or a quick reconnect): never refused by user_max_connections, and
 # counted as attached when another key of the user asks.
 CYCLE_GRACE = 2.0
+_NEVER = -math.inf  # one float object shared by every slot that never had a transport leave
 
 
 class _AckWait:
@@ -144,7 +145,7 @@ class _Slot:
         self.route = route
         # Its user's entry in Hub._users (set by Hub._index; _set_sink keeps its count).
         self.entry = entry
-        self.left = -math.inf  # hub clock when its last transport left (CYCLE_GRACE)
+        self.left = _NEVER  # hub clock when its last transport left (CYCLE_GRACE)
         self.sink: Sink | None = None
         self.linger_call: IDelayedCall | None = None
         self.waits: list[_AckWait] | None = None  # oldest first; None when none
