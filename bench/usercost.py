@@ -11,12 +11,16 @@ requests per delivery batch as the SP server opens them:
 - **wildcard**: one request ``to: [["u", "*", "*"]]`` per user event (k deliveries);
 - **per key**: k requests, one per key, each ``to: [key]`` (what a web app without user
   addressing sends);
-- **listed**: one request listing the k keys.
+- **listed**: one request listing the k keys;
+- **latest**: the wildcard with a latest-value tag per user (``"latest": "state:<user>"``):
+  each event replaces the user's previous one, delivered but not acknowledged, in each
+  key's mailbox (docs/protocol.md, "Latest-value events").
 
 Each user event costs: request parsing, dedup memory, k mailbox appends, k frames and the
 reply. Prints, per k, µs of CPU (``time.process_time``) per user event and per delivered
 frame for each way (best of ``--reps``), and the ratios wildcard/per key and listed/per
-key; and wildcard at k = 1 against a single-key event (per key at k = 1). One run: the
+key, latest / wildcard; and wildcard at k = 1 against a single-key event (per key at
+k = 1). One run: the
 machine must be quiet for the figures to mean anything (bench/README.md).
 """
 
@@ -36,7 +40,7 @@ from twisted.internet.task import Clock
 from orbited.core.keys import ConnectionKey
 from orbited.node.hub import Hub, HubConfig
 
-WAYS = ("wildcard", "per_key", "listed")
+WAYS = ("wildcard", "per_key", "listed", "latest")
 
 
 class AcceptingSink:
@@ -74,15 +78,18 @@ def bodies(way: str, keys: dict[str, list[ConnectionKey]], events: int, tag: str
     for n in range(events):
         user = users[n % len(users)]
         data = {"t": n, "ph": "m", "text": "hello"}
-        if way == "wildcard":
+        extra: dict[str, str] = {}
+        if way in ("wildcard", "latest"):
             requests = [[[user, "*", "*"]]]
+            if way == "latest":
+                extra["latest"] = f"state:{user}"
         elif way == "listed":
             requests = [[list(k) for k in keys[user]]]
         else:
             requests = [[list(k)] for k in keys[user]]
         for i, to in enumerate(requests):
-            out.append(json.dumps({"id": f"{tag}-{way}-{n}-{i}", "to": to, "data": data},
-                                  separators=(",", ":")).encode())  # fmt: skip
+            request = {"id": f"{tag}-{way}-{n}-{i}", "to": to, "data": data, **extra}
+            out.append(json.dumps(request, separators=(",", ":")).encode())
     return out
 
 
@@ -129,18 +136,24 @@ def measure(k: int, users: int, events: int, reps: int, batch: int) -> dict[str,
     per_key = figures["per_key"]["us_per_user_event"]
     figures["wildcard_vs_per_key"] = round(figures["wildcard"]["us_per_user_event"] / per_key, 3)
     figures["listed_vs_per_key"] = round(figures["listed"]["us_per_user_event"] / per_key, 3)
+    figures["latest_vs_wildcard"] = round(
+        figures["latest"]["us_per_user_event"] / figures["wildcard"]["us_per_user_event"], 3
+    )
     return figures
 
 
 def table(results: list[dict[str, Any]]) -> Iterator[str]:
-    yield (f"{'k':>3}  {'wildcard µs':>12} {'per key µs':>11} {'listed µs':>10}  "
-           f"{'µs/frame w/p/l':>20}  {'wildcard/per key':>16} {'listed/per key':>14}")  # fmt: skip
+    yield (f"{'k':>3}  {'wildcard µs':>12} {'per key µs':>11} {'listed µs':>10} "
+           f"{'latest µs':>10}  {'µs/frame w/p/l':>20}  {'wildcard/per key':>16} "
+           f"{'listed/per key':>14} {'latest/wildcard':>15}")  # fmt: skip
     for r in results:
-        w, p, li = (r[way] for way in WAYS)
+        w, p, li, la = (r[way] for way in WAYS)
         per_frame = f"{w['us_per_frame']}/{p['us_per_frame']}/{li['us_per_frame']}"
         yield (f"{r['connections']:>3}  {w['us_per_user_event']:>12} "
-               f"{p['us_per_user_event']:>11} {li['us_per_user_event']:>10}  {per_frame:>20}  "
-               f"{r['wildcard_vs_per_key']:>16} {r['listed_vs_per_key']:>14}")  # fmt: skip
+               f"{p['us_per_user_event']:>11} {li['us_per_user_event']:>10} "
+               f"{la['us_per_user_event']:>10}  {per_frame:>20}  "
+               f"{r['wildcard_vs_per_key']:>16} {r['listed_vs_per_key']:>14} "
+               f"{r['latest_vs_wildcard']:>15}")  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,6 +24,9 @@ def test_each_way_sends_what_it_says():
     wildcard = [json.loads(b) for b in usercost.bodies("wildcard", keys, 2, "t")]
     per_key = [json.loads(b) for b in usercost.bodies("per_key", keys, 2, "t")]
     listed = [json.loads(b) for b in usercost.bodies("listed", keys, 2, "t")]
+    latest = [json.loads(b) for b in usercost.bodies("latest", keys, 2, "t")]
+    assert [(r["to"], r["latest"]) for r in latest][0] == ([[alice, "*", "*"]], f"state:{alice}")
+    assert "latest" not in wildcard[0]
     assert [r["to"] for r in wildcard][0] == [[alice, "*", "*"]]
     assert len(wildcard) == 2 and len(listed) == 2 and len(per_key) == 6  # 3 keys per user
     assert [r["to"] for r in per_key[:3]] == [[list(k)] for k in keys[alice]]
@@ -42,7 +45,7 @@ def test_the_quick_run_through_the_harness_writes_its_figures(tmp_path):
     assert [r["connections"] for r in figures["results"]] == [1, 3, 10]
     for result in figures["results"]:
         k = result["connections"]
-        assert [result[w]["requests_per_user_event"] for w in usercost.WAYS] == [1, k, 1]
+        assert [result[w]["requests_per_user_event"] for w in usercost.WAYS] == [1, k, 1, 1]
         for way in usercost.WAYS:
             assert result[way]["us_per_user_event"] > 0
     assert figures["wildcard_k1_vs_single_key"] > 0
