@@ -109,6 +109,9 @@ FULL_RESULT = b'{"status":"full"}'  # the node's mailboxes hold mailbox_total_by
 # long-poll cycle (or a quick reconnect): never refused by user_max_connections, and
 # counted as attached when another key of the user asks.
 CYCLE_GRACE = 2.0
+# Seconds a key displaced between two long-polls (close_oldest) is remembered: its next
+# poll gets the closed frame (4003) instead of a new mailbox, which would displace another.
+DISPLACED_MEMORY = 10.0
 _NEVER = -math.inf  # one float object shared by every slot that never had a transport leave
 
 
@@ -184,6 +187,8 @@ class Hub(RouteOwnership):
         # _slots by _index / _unindex, the only places that change either.
         self._users: dict[str, UserEntry] = {}
         self._rate = config.users.rate  # per-user dispatch rate; 0 = off (one test per request)
+        # Keys displaced (close_oldest) while between two long-polls -> when (DISPLACED_MEMORY).
+        self._displaced: dict[ConnectionKey, float] = {}
         # Replies of recent requests; resends of one whose reply is pending wait for it.
         self.dedup: DedupMemory[defer.Deferred[DispatchResult]] = DedupMemory(config.dedup)
         self.stopped = False
@@ -273,6 +278,9 @@ class Hub(RouteOwnership):
                 return None
             if self._hold_attach(route, key, sink, after):
                 return None  # its mailbox may be on the way: resume from it
+            if self._displaced and self._was_displaced(key):
+                self._close(sink, frames.DISPLACED, "displaced")
+                return None
             if not self._admit(key, None, sink):
                 return None
             slot = self._new_slot(key, route, online=True)
@@ -378,16 +386,38 @@ class Hub(RouteOwnership):
             self._close(sink, frames.USER_LIMIT, "user_limit")
             return False
         while self._in_use(entry) >= cap:
-            oldest = entry.oldest_attached()
-            if oldest is None:  # only long-polls between polls: they count, nothing to close
+            oldest = self._oldest_in_use(entry)
+            if oldest is None:
                 break
             self._displace(*oldest)
         return True
+
+    def _oldest_in_use(self, entry: UserEntry) -> tuple[ConnectionKey, _Slot] | None:
+        """The user's longest-attached connection (attach order), a long-poll between
+        two polls included."""
+        now = self.now()
+        for key, slot in entry.keys.items():
+            if slot.sink is not None or now - slot.left < CYCLE_GRACE:
+                return key, slot
+        return None
+
+    def _was_displaced(self, key: ConnectionKey) -> bool:
+        """Was ``key`` displaced between two long-polls lately? (Forgotten once asked.)"""
+        at = self._displaced.pop(key, None)
+        return at is not None and self.now() - at < DISPLACED_MEMORY
 
     def _displace(self, key: ConnectionKey, slot: _Slot) -> None:
         """close_oldest: end the key's transport for good (4003) and drop its mailbox at
         once (its browser will not come back for it)."""
         self.stats["user_displaced"] += 1
+        if slot.sink is None:  # a long-poll between polls: its next poll gets the 4003
+            now = self.now()
+            displaced = self._displaced
+            for old, at in list(displaced.items()):  # oldest first: forget the stale ones
+                if now - at < DISPLACED_MEMORY:
+                    break
+                del displaced[old]
+            displaced[key] = now
         sink = self._set_sink(slot, None)
         if slot.linger_call is not None:
             slot.linger_call.cancel()
@@ -1123,7 +1153,7 @@ class Hub(RouteOwnership):
             if timer is not None and timer.active():
                 timer.cancel()
         hold.timer = hold.ack_timer = None
-        if hold.watch is not None and not hold.reached:
+        if hold.watch is not None:  # the watcher goes on with the mailboxes it reached
             self.offline.dropped(hold.watch)
         answer = hold.answer
         if answer is not None and not answer.called and not hold.reached:

@@ -108,12 +108,6 @@ class UserEntry:
         self.tat = 0.0  # GCRA theoretical arrival time (rate limit)
         self.holds: list[UserHold] | None = None
 
-    def oldest_attached(self) -> tuple[ConnectionKey, _Slot] | None:
-        for key, slot in self.keys.items():
-            if slot.sink is not None:
-                return key, slot
-        return None
-
 
 def gcra_take(tat: float, now: float, rate: float, burst: int) -> tuple[bool, float, float]:
     """One request against a GCRA budget of ``rate`` per second with ``burst`` at once:

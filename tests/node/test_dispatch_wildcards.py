@@ -331,3 +331,14 @@ def test_offline_hook_call_points_for_wildcards_and_keys():
     watcher.calls.clear()
     clock.advance(hub.config.linger)
     assert ("expired", dave) in watcher.calls
+
+
+def test_a_hold_that_reached_a_tab_hands_its_watch_back_when_it_ends():
+    hub, clock = make_hub(users=UserLimits(hold=5))
+    watcher = Watcher()
+    hub.offline = watcher
+    send(hub, "e1", [ALL], offline=60)
+    hub.attach(A1, Sink(), None)
+    watcher.calls.clear()
+    clock.advance(5)
+    assert watcher.calls == [("dropped", "nc")]  # the watcher goes on with A1's mailbox

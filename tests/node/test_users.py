@@ -342,3 +342,22 @@ def test_a_transport_that_detaches_inside_closed_is_displaced_cleanly():
     assert first.closed_with == (4003, "displaced")
     assert a not in hub._slots and hub.attached == 1 and presence.count(("signoff", a)) == 1
     index_matches_slots(hub)
+
+
+def test_close_oldest_displaces_a_long_poll_between_polls_and_its_next_poll_gets_4003():
+    hub, clock, presence = hub_with(UserLimits(max_connections=1, policy="close_oldest"))
+    poll_key, ws_key = key("alice", "s", "/poll"), key("alice", "s", "/ws")
+    poll = Sink()
+    hub.attach(poll_key, poll, None)
+    hub.detach(poll_key, poll)  # answered; the next poll comes at once
+    ws = Sink()
+    assert hub.attach(ws_key, ws, None) is not None
+    assert poll_key not in hub._slots and ("signoff", poll_key) in presence
+    next_poll = Sink()
+    assert hub.attach(poll_key, next_poll, None) is None
+    assert next_poll.closed_with == (4003, "displaced") and ws.closed_with is None
+    assert hub.user_keys("alice") == [ws_key] and hub.stats["user_displaced"] == 1
+    clock.advance(60)  # long after: the same key is a new connection again
+    assert hub.attach(poll_key, Sink(), None) is not None
+    assert ws.closed_with == (4003, "displaced")
+    index_matches_slots(hub)
