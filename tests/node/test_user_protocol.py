@@ -672,6 +672,32 @@ def test_close_oldest_policy_displaces_the_longest_attached(
         close_all(tabs)
 
 
+def test_close_oldest_displaces_a_long_poll_between_two_polls(tmp_path: Path):
+    """A long-poll between two polls counts as a connection (a poll cycle), so when it is
+    the oldest it is the one displaced: its next poll gets the `closed` frame (4003), and
+    the user never has more than `user_max_connections` connections."""
+    node = start_node(tmp_path, "--user-max-connections", "1",
+                      "--user-limit-policy", "close_oldest")  # fmt: skip
+    newest: Tab | None = None
+    try:
+        token = node.token("cyc", "s", "/poll")
+        status, frames = node.poll(f"token={token}&timeout=0")  # attached, now between polls
+        assert status == 200 and frames[0]["type"] == "hello", frames
+        newest = Tab(node, ("cyc", "s", "/ws"), "ws").opened()
+        status, frames = node.poll(f"token={token}&last={frames[0]['stream']}:0&timeout=1")
+        assert status == 200, frames
+        assert {"type": "closed", "code": 4003, "reason": "displaced"} in frames, frames
+        with node.req() as req:
+            [matched] = results(req, "cyc-1", [["cyc", "*", "*"]])
+        assert list(by_key(matched)) == [("cyc", "s", "/ws")], matched
+        assert health(node)["gauges"]["attached"] == 1
+        assert not newest.ended
+    finally:
+        if newest is not None:
+            newest.close()
+        node.stop()
+
+
 def test_a_limit_of_zero_is_no_limit(unlimited: NodeProcess):
     node = unlimited
     specs = [(("zero", "s", f"/{i}"), TRANSPORTS[i % 4]) for i in range(8)]
