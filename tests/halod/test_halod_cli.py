@@ -77,7 +77,7 @@ def test_restart_with_another_route_count_is_refused(tmp_path):
 
 # -- commands: listed in --help, a typo is an error with a suggestion (as `orbited`) --------
 
-HALOD_COMMANDS = ("run", "status", "plan", "drain", "undrain")
+HALOD_COMMANDS = ("run", "status", "plan", "drain", "undrain", "rehash")
 
 
 def halod(*args, **kwargs):

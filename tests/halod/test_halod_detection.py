@@ -128,7 +128,7 @@ def test_a_control_link_blip_keeps_the_routes_of_a_node_that_answers(tmp_path, p
     listeners = [socket.create_server(("127.0.0.1", 0)) for _ in range(2)]
     browser, sp = (f"127.0.0.1:{s.getsockname()[1]}" for s in listeners)
     register = {"type": "register", "version": 1, "name": "b", "browser": browser,
-                "sp": f"tcp://{sp}", "capacity": 1}  # fmt: skip
+                "sp": f"tcp://{sp}", "capacity": 1, "hashes": [1, 2]}  # fmt: skip
     try:
         with pynng.Pair0(dial=halod.control, recv_timeout=5000) as pair:
             pair.send(json.dumps(register).encode())

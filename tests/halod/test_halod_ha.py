@@ -260,6 +260,9 @@ class HandHub:
     def route_moved(self, moves: Any, handoff: Any, exports: Any) -> int:
         return 0
 
+    def set_hash_version(self, version: int) -> None:
+        self.hash_version = version
+
 
 ADDRESSES = "tcp://127.0.0.1:7600,tcp://127.0.0.1:7700"
 

@@ -67,7 +67,7 @@ def test_join_and_drain_hand_mailboxes_over(tmp_path, procs):
     (hello,) = frames(ws, 1)
     assert isinstance(hello.pop("spread"), int | float)  # the reconnect hint (protocol.md)
     assert hello == {"type": "hello", "stream": stream, "keepalive": 25.0, "seq": 3,
-                     "reset": False}  # fmt: skip
+                     "reset": False, "hash": 2}  # fmt: skip
     # The offline one finds its three queued events on n2.
     gone = open_ws(cluster, away, last=f"{away_hello['stream']}:0")
     got = frames(gone, 4)

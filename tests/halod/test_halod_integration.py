@@ -157,6 +157,7 @@ def test_joining_node_takes_routes_and_browsers_on_them_reconnect(tmp_path, proc
         "status": "moved",
         "route": keys_route(move),
         "to": n2.sp,
+        "hash": 2,  # the cluster's hash version, so a web app on another one switches
     }
     late = n1.ws(n1.token(move.user))
     assert next_frame(late) == {"type": "reconnect", "reason": "route_moved"}
@@ -217,7 +218,7 @@ def test_bad_control_input_is_refused_and_changes_nothing(tmp_path, procs):
 
     def register(name, **extra):
         msg = {"type": "register", "version": 1, "name": name, "browser": "127.0.0.1:1",
-               "sp": "tcp://127.0.0.1:2", "capacity": 1, **extra}  # fmt: skip
+               "sp": "tcp://127.0.0.1:2", "capacity": 1, "hashes": [1, 2], **extra}  # fmt: skip
         with pynng.Pair0(dial=halod.control, recv_timeout=5000) as pair:  # the real nng
             pair.send(json.dumps(msg).encode())
             return json.loads(pair.recv())

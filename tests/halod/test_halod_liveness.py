@@ -126,7 +126,7 @@ def test_disabled_probes_start_nothing():
 
 def reg(name, **extra):
     msg = {"type": "register", "version": 1, "name": name, "browser": f"{name}:80",
-           "sp": f"tcp://{name}:90", "capacity": 10, **extra}  # fmt: skip
+           "sp": f"tcp://{name}:90", "capacity": 10, "hashes": [1, 2], **extra}  # fmt: skip
     return decode(json.dumps(msg).encode(), FROM_NODE)
 
 

@@ -176,7 +176,7 @@ def test_the_status_page_renders_in_chromium(tmp_path, procs):
     procs.append(halod)
     procs.append(halod.node(tmp_path, "n1"))
     register = {"type": "register", "version": 1, "name": "evil", "browser": f"{NASTY}:1",
-                "sp": "tcp://127.0.0.1:1", "capacity": 1}  # fmt: skip
+                "sp": "tcp://127.0.0.1:1", "capacity": 1, "hashes": [1, 2]}  # fmt: skip
     url = f"http://{halod.status_http}/status"
     with pynng.Pair0(dial=halod.control, recv_timeout=5000) as pair:
         pair.send(json.dumps(register).encode())
