@@ -1122,34 +1122,92 @@ def test_good_latest_and_offline_bounds_are_accepted(hooked: NodeProcess):
             assert got[0]["status"] == "no_connection", (fields, got)
 
 
+class Notices:
+    """An offline webhook receiver: the notices it got, in order."""
+
+    def __init__(self) -> None:
+        self.events: list[dict] = []
+        events = self.events
+
+        class Hook(_Accept):
+            def do_POST(self) -> None:  # noqa: N802
+                body = self.rfile.read(int(self.headers["content-length"]))
+                events.extend(json.loads(body)["events"])
+                self.send_response(204)
+                self.end_headers()
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Hook)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/offline"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def of(self, event_id: str) -> list[tuple[str, str | None]]:
+        return [(e["type"], e.get("reason")) for e in self.events if e.get("id") == event_id]
+
+
+@pytest.fixture(scope="module")
+def notified(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[NodeProcess, Notices]]:
+    notices = Notices()
+    proc = start_node(tmp_path_factory.mktemp("notified"), "--offline-url", notices.url)
+    yield proc, notices
+    proc.stop()
+    notices.server.shutdown()
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize("target", ["key", "user"])
+def test_an_offline_push_is_cancelled_by_an_ack_on_every_transport(
+    notified: tuple[NodeProcess, Notices], transport: str, target: str
+):
+    """`offline: 1` to a tab that does not acknowledge in time: one needs_push
+    (`unacked`); its late acknowledgement (WebSocket ack, POST /orbited/ack) brings the
+    cancel. A long-poll acknowledges with its next poll, in time: nothing is sent."""
+    node, notices = notified
+    user = f"off-{target}-{transport}"
+    tab = Tab(node, [user, "s", "/t"], transport).opened()
+    eid = f"{user}-1"
+    try:
+        if transport == "poll":
+            wait_polls_held(node, 1)
+        to = [[user, "*", "*"]] if target == "user" else [[user, "s", "/t"]]
+        with node.req() as req:
+            [result] = results(req, eid, to, {"n": 1}, offline=1)
+        assert result["status"] in ("delivered", "matched"), result
+        tab.wait_ids(eid)
+        if transport == "poll":
+            time.sleep(2.5)
+            assert notices.of(eid) == [], notices.of(eid)
+            return
+        deadline = time.monotonic() + 10
+        while not notices.of(eid):
+            assert time.monotonic() < deadline, "no needs_push"
+            time.sleep(0.05)
+        assert notices.of(eid) == [("needs_push", "unacked")]
+        tab.ack()
+        while len(notices.of(eid)) < 2:
+            assert time.monotonic() < deadline, "no cancel"
+            time.sleep(0.05)
+        time.sleep(SETTLE)
+        assert notices.of(eid) == [("needs_push", "unacked"), ("cancel", None)]
+        assert [e["key"] for e in notices.events if e.get("id") == eid] == [to[0], to[0]]
+    finally:
+        tab.close()
+
+
 def test_a_user_hold_of_zero_holds_nothing(tmp_path: Path):
     """`user_hold = 0`: a wildcard with `offline` for a user with no tab answers plain
     `no_connection` (no `held`), the needs_push still goes at once, and a tab opened
     afterwards gets nothing."""
-    notices: list[dict] = []
-
-    class Hook(_Accept):
-        def do_POST(self) -> None:  # noqa: N802
-            notices.extend(
-                json.loads(self.rfile.read(int(self.headers["content-length"])))["events"]
-            )
-            self.send_response(204)
-            self.end_headers()
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Hook)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{server.server_address[1]}/offline"
-    node = start_node(tmp_path, "--offline-url", url, "--user-hold", "0")
+    notices = Notices()
+    node = start_node(tmp_path, "--offline-url", notices.url, "--user-hold", "0")
     try:
         with node.req() as req:
             got = results(req, "uh-1", [["nohold", "*", "*"]], 1, offline=True)
             assert got == [{"status": "no_connection", "keys": []}], got
             deadline = time.monotonic() + 10
-            while not notices:
+            while not notices.events:
                 assert time.monotonic() < deadline, "no needs_push"
                 time.sleep(0.05)
-            assert [(n["type"], n["id"], n["reason"]) for n in notices] == [
-                ("needs_push", "uh-1", "no_connection")]  # fmt: skip
+            assert notices.of("uh-1") == [("needs_push", "no_connection")], notices.events
             tab = Tab(node, ["nohold", "s", "/t"], "sse").opened()
             results(req, "uh-2", [["nohold", "*", "*"]], 2)
             tab.wait_ids("uh-2")
@@ -1157,7 +1215,7 @@ def test_a_user_hold_of_zero_holds_nothing(tmp_path: Path):
             tab.close()
     finally:
         node.stop()
-        server.shutdown()
+        notices.server.shutdown()
 
 
 def test_a_lone_surrogate_in_latest_is_bad_json(unlimited: NodeProcess):
