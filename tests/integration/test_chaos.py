@@ -183,6 +183,9 @@ def test_chaos_with_the_built_in_proxy(tmp_path: Path) -> None:
 # -- user-addressed events (issue 21: docs/protocol.md, "Addressing a user or a session") --
 
 USERS, TABS = 20, 3  # 60 keys: each user has 3 tabs (two sessions), on mixed transports
+# Each user at its connection limit: a tab coming back after the move or the crash must
+# still be let in (its old connection is gone), or its events would count as lost.
+LIMITS = ("--user-max-connections", str(TABS), "--user-limit-policy", "refuse")
 
 
 def chaos_users(tmp_path: Path, dataplane: str = "proxy", host: str = "127.0.0.1",
@@ -202,7 +205,7 @@ def chaos_users(tmp_path: Path, dataplane: str = "proxy", host: str = "127.0.0.1
     senders: list[SenderProcess] = []
     try:
         for name in ("n1", "s1", "n2", "n3"):
-            nodes[name] = halod.node(tmp_path, name)
+            nodes[name] = halod.node(tmp_path, name, *LIMITS)
         prefix = f"uchaos{os.getpid()}-"
         keys = [[f"{prefix}u{u}", f"s{j % 2}", f"/tab{j}"]
                 for u in range(USERS) for j in range(TABS)]  # fmt: skip
