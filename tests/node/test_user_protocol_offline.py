@@ -299,3 +299,25 @@ def test_a_replaced_event_hands_its_push_to_the_newest(hooked):
     wait_for(lambda: len(receiver.events()) == 4)
     assert receiver.kinds()[3] == ("cancel", "p-2")
     ws.close()
+
+
+def test_a_held_event_whose_tab_left_unacknowledged_leaves_no_watch_behind(tmp_path):
+    """The hold reached a tab, which closed without acknowledging: once its mailbox and
+    the hold are gone, nothing is watched any more (and nothing more is sent)."""
+    receiver = Receiver()
+    node = NodeProcess(
+        tmp_path, "--offline-url", receiver.url, "--linger", "1", "--user-hold", "2"
+    ).start()
+    try:
+        request(node, {"id": "h-1", "to": [["kim", "*", "*"]], "data": 1, "offline": 60})
+        ws = node.ws(node.token("kim"))
+        assert frames_until_event(ws)[-1]["id"] == "h-1"
+        ws.close()  # no ack
+        time.sleep(3.5)  # the mailbox (1 s) and the hold (2 s) are gone
+        with urllib.request.urlopen(f"http://{node.http}/orbited/health", timeout=5) as r:
+            limits = json.loads(r.read())["limits"]
+        assert limits["offline_watches"] == 0
+        assert receiver.kinds() == [("needs_push", "h-1")]
+    finally:
+        node.stop()
+        receiver.close()
