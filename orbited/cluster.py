@@ -67,6 +67,10 @@ class ClusterConfig:
     log_level: str = "info"
     cors_origins: list[str] = field(default_factory=list)  # pages of your own apps
     ha: bool = False  # 3 etcd members and 2 HaloD on them (docs/halod.md, "High availability")
+    # The demo shows issue 21's per-user features (docs/tutorial.md, "Every tab of a
+    # user"): at most this many tabs per user (0: no limit), and the nodes' offline hook
+    # pointed at cherrychat's /orbited/offline.
+    user_max_connections: int = 3
 
 
 class ClusterError(RuntimeError):
@@ -295,6 +299,7 @@ class LocalCluster:
             "--browser-port-base", str(browser_base), "--sp-port-base", str(sp_base),
             "--routes", str(ROUTES), "--halod-status", self.halod_status,
             "--fresh-presence", "--log-level", c.log_level,
+            "--offline-hook", "--user-max-connections", str(c.user_max_connections),
         ], env=env)  # fmt: skip
         chat.spawn()
         app_address = chat.wait_ready(deadline)["http"]
@@ -311,6 +316,8 @@ class LocalCluster:
                 "--halod", halod_control, "--halod-secret-file", str(secret_file),
                 "--secret-file", str(secret_file), "--no-create-secret",
                 "--presence-url", f"http://{host}:{port}/orbited/presence",
+                "--offline-url", f"http://{host}:{port}/orbited/offline",
+                "--user-max-connections", str(c.user_max_connections),
                 "--linger", str(c.linger), "--keepalive", str(c.keepalive),
                 *(arg for origin in origins for arg in ("--cors-origin", origin)),
                 "--log-level", c.log_level,

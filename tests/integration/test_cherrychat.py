@@ -303,7 +303,11 @@ def test_api_issues_tokens_and_refuses_bad_input_with_400(cluster):
         400, {"error": "a nickname has at most 32 characters"})  # fmt: skip
     assert user.call("POST", "/login", {"nick": "api"}, content_type="text/plain")[0] == 415
     status, me = user.call("POST", "/login", {"nick": "api"})
-    assert status == 200 and me == {"nick": "api", "rooms": [], "max_tabs": 0}
+    assert status == 200 and me == {
+        "nick": "api",
+        "rooms": [],
+        "max_tabs": 3,
+    }  # ./dev run: 3 tabs per user
     status, tab = user.call("POST", "/tabs", {"tab": "tab-0001", "page": "page-0001"})
     assert status == 200 and tab["key"][0] == "api" and tab["key"][2] == "/cherrychat/tab-0001"
     assert tab["orbited"] == f"http://127.0.0.1:{cluster_browser_base(cluster) + tab['route'] - 1}"

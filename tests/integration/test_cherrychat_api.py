@@ -129,7 +129,7 @@ def test_me_token_and_rooms_need_a_session(cluster):
     assert error(forged[0], forged[2]) == (401, "log in first")
 
     user = logged_in(cluster, "ep-me")
-    assert user.call("GET", "/me") == (200, {"nick": "ep-me", "rooms": [], "max_tabs": 0})
+    assert user.call("GET", "/me") == (200, {"nick": "ep-me", "rooms": [], "max_tabs": 3})
     status, rooms = user.call("GET", "/rooms")
     names = {r["name"]: r for r in rooms["rooms"]}
     assert status == 200 and {"lobby", "python", "twisted"} <= set(names)
@@ -298,4 +298,4 @@ def test_nicknames_are_one_user_whatever_their_case(cluster):
     assert alice.call("POST", "/logout", {})[0] == 200
     other = Browserless(cluster)
     status, me = other.call("POST", "/login", {"nick": "CASEALICE"})
-    assert status == 200 and me == {"nick": "CASEALICE", "rooms": ["case-room"], "max_tabs": 0}
+    assert status == 200 and me == {"nick": "CASEALICE", "rooms": ["case-room"], "max_tabs": 3}
