@@ -1236,7 +1236,12 @@ def answer(hub: Hub, body: bytes) -> Answer | defer.Deferred[Answer]:
         return False, events.error_reply(e)
     if isinstance(request, events.PingRequest):
         return True, events.ok_reply(request.event_id, [])
-    if request.hash is not None or request.offline is not None or hub.hash_version == 1:
+    # events.check_node only when it can refuse: clients send "hash" on every request.
+    client_hash, version = request.hash, hub.hash_version
+    if (
+        (client_hash is not None and client_hash != version) or request.offline is not None
+        or version == 1
+    ):  # fmt: skip
         try:
             events.check_node(request, hub.hash_version, not isinstance(hub.offline, NullWatcher))
         except events.RequestError as e:
