@@ -572,3 +572,97 @@ test("a failing locate is asked again after the backoff", async () => {
   assert.equal(log.length, 2);
   client.close();
 });
+
+test("iframe: a closed frame posted just before the document's load event still ends the client", async () => {
+  // Chromium may fire the iframe element's load event before the messages the document
+  // posted last; the node's document posts "" once loaded, after its frames.
+  const listeners = {};
+  const made = [];
+  const fakeWindow = {
+    location: { origin: "http://page" },
+    addEventListener: (name, fn) => { listeners[name] = fn; },
+    removeEventListener: (name) => { delete listeners[name]; },
+  };
+  const fakeDocument = {
+    body: { appendChild: () => {} },
+    createElement: () => {
+      const el = { style: {}, contentWindow: {}, on: {}, removed: false,
+                   addEventListener(name, fn) { this.on[name] = fn; },
+                   removeEventListener(name) { delete this.on[name]; },
+                   remove() { this.removed = true; } };
+      made.push(el);
+      return el;
+    },
+  };
+  const probes = [];
+  const fetch = async (url) => { probes.push(url); return new Response("", { status: 204 }); };
+  await withGlobals({ window: fakeWindow, document: fakeDocument, fetch }, async () => {
+    const states = [];
+    const client = new OrbitedClient("http://node", { token: "t", transports: ["iframe"], base: 1, max: 2,
+                                                      onState: (s, info) => states.push([s, info.detail]) });
+    client.connect();
+    await tick();
+    const el = made[0];
+    const post = (frame) => listeners.message({ source: el.contentWindow, origin: "http://node",
+                                                data: typeof frame === "string" ? frame : JSON.stringify(frame) });
+    post({ type: "hello", stream: "e.1", reset: false });
+    assert.equal(client.state, "open");
+    el.on.load(); // the load event first ...
+    await tick();
+    assert.equal(client.state, "open", "waits for the document's end message");
+    post({ type: "closed", code: 4003, reason: "displaced" }); // ... then the last frame
+    await tick();
+    assert.equal(listeners.message, undefined, "the transport is closed: its \"\" is not awaited");
+    assert.deepEqual(states.at(-1), ["closed", "displaced"]);
+    assert.equal(made.length, 1, "no reconnect");
+    assert.ok(el.removed);
+    assert.deepEqual(probes.filter((u) => !u.includes("/orbited/ack")), []);
+  });
+});
+
+test("iframe: a document that ends without frames is probed at once; one without the end message after a wait", async () => {
+  const listeners = {};
+  const made = [];
+  const fakeWindow = {
+    location: { origin: "http://page" },
+    addEventListener: (name, fn) => { listeners[name] = fn; },
+    removeEventListener: (name) => { delete listeners[name]; },
+  };
+  const fakeDocument = {
+    body: { appendChild: () => {} },
+    createElement: () => {
+      const el = { style: {}, contentWindow: {}, on: {}, addEventListener(name, fn) { this.on[name] = fn; },
+                   removeEventListener(name) { delete this.on[name]; }, remove() {} };
+      made.push(el);
+      return el;
+    },
+  };
+  const fetch = async () => new Response("{}", { status: 429 });
+  await withGlobals({ window: fakeWindow, document: fakeDocument, fetch }, async () => {
+    const states = [];
+    const client = new OrbitedClient("http://node", { token: "t", transports: ["iframe"], base: 1, max: 2,
+                                                      firstRetry: 0, spread: 0,
+                                                      onState: (s, info) => states.push([s, info.detail]) });
+    client.connect();
+    await tick();
+    made[0].on.load(); // an error page (429): no frames
+    await tick();
+    assert.deepEqual(states.at(-1), ["closed", "user_limit"]);
+  });
+  await withGlobals({ window: fakeWindow, document: fakeDocument, fetch }, async () => {
+    made.length = 0;
+    const client = new OrbitedClient("http://node", { token: "t", transports: ["iframe"], base: 1, max: 2,
+                                                      firstRetry: 0, spread: 0 });
+    client.connect();
+    await tick();
+    const el = made[0];
+    listeners.message({ source: el.contentWindow, origin: "http://node",
+                        data: JSON.stringify({ type: "hello", stream: "e.1", reset: false }) });
+    el.on.load(); // an older node's document: no end message
+    await tick();
+    assert.equal(made.length, 1);
+    await new Promise((resolve) => setTimeout(resolve, 600));
+    assert.equal(made.length, 2, "reconnected after the wait");
+    client.close();
+  });
+});
