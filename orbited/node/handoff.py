@@ -389,6 +389,9 @@ class RouteOwnership:
         self.hash_version = version
         for key, slot in self._slots.items():
             slot.route = route_of(key, self.routes, version)
+        users = self.config.users
+        if version == 1 and (users.max_connections or users.rate):
+            self.log.warn("user limits are per node with hash_version 1 (docs/hashing.md)")
 
     def rehash(
         self, version: int, owners: Iterable[Any], me: str | None = None,
