@@ -171,7 +171,7 @@ class LinkProtocol(Protocol):
     def _handoff(self, msg: Handoff, sender: str | None) -> None:
         """Mailboxes from ``sender`` (the name HaloD adds when it relays; None from an
         older HaloD): a route held for a rehash completes once every peer sent ``done``."""
-        n = self.link.hub.handoff_received(list(msg.mailboxes), msg.done, sender)
+        n = self.link.hub.handoff_received(list(msg.mailboxes), msg.done, sender, msg.users)
         if msg.done:
             self.log.info("hand-off of routes {routes} from {sender} done",
                           routes=list(msg.done), sender=sender or "HaloD")  # fmt: skip
@@ -188,10 +188,12 @@ class LinkProtocol(Protocol):
             if m.handoff and m.name is not None:
                 targets.setdefault(m.name, []).append(m.route)
         exports: list[dict[str, Any]] = []
-        evicted = hub.route_moved(moves, [r for rs in targets.values() for r in rs], exports)
+        users: list[dict[str, Any]] = []  # held wildcard events, offline watches
+        evicted = hub.route_moved(moves, [r for rs in targets.values() for r in rs], exports, users)
         for to, routes in targets.items():
             mine = [e for e in exports if e["route"] in set(routes)]
-            for message in handoff_messages(to, routes, _fitting(mine)):
+            theirs = [u for u in users if u.get("route") in set(routes)]
+            for message in handoff_messages(to, routes, _fitting(mine), users=theirs):
                 self.send(message)
             self.log.info(
                 "routes {routes} moved to {to}: {n} mailboxes handed over",
@@ -210,7 +212,8 @@ class LinkProtocol(Protocol):
         each other's ``done`` only."""
         link = self.link
         link.table_version = msg.version
-        exports = link.hub.rehash(msg.hash_version, msg.owners, me=link.node_name)
+        users: dict[str, list[dict[str, Any]]] = {}  # per owner: holds, offline watches
+        exports = link.hub.rehash(msg.hash_version, msg.owners, me=link.node_name, users=users)
         peers: dict[str, list[int]] = {}
         for m in msg.owners:
             if m.name is not None and m.name != link.node_name:
@@ -218,11 +221,11 @@ class LinkProtocol(Protocol):
         owner = any(m.name == link.node_name for m in msg.owners)
         sent = 0
         for peer, routes in peers.items():
-            entries = exports.get(peer, [])
-            if not owner and not entries:
+            entries, theirs = exports.get(peer, []), users.get(peer, [])
+            if not owner and not entries and not theirs:
                 continue  # a spare (or drained node) has nothing to hand; owners wait on owners
             sent += len(entries)
-            for message in handoff_messages(peer, routes, _fitting(entries)):
+            for message in handoff_messages(peer, routes, _fitting(entries), users=theirs):
                 self.send(message)
         self.log.info(
             "HaloD: rehash to hash version {v}; {n} mailboxes handed to {peers} nodes",

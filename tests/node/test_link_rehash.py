@@ -39,6 +39,8 @@ class RecordingHub:
         self.mailboxes = 0
         self.calls: list[tuple[Any, ...]] = []
         self.exports = exports or {}
+        self.users: dict[str, list[dict[str, Any]]] = {}  # what rehash hands out per owner
+        self.users_received: list[Any] = []
 
     def set_hash_version(self, version: int) -> None:
         self.calls.append(("set_hash_version", version))
@@ -47,12 +49,19 @@ class RecordingHub:
         self.calls.append(("assign", tuple(routes)))
         return 0
 
-    def rehash(self, version: int, owners: Any, me: str | None = None) -> dict[str, Any]:
+    def rehash(
+        self, version: int, owners: Any, me: str | None = None, users: Any = None
+    ) -> dict[str, Any]:
         self.calls.append(("rehash", version, tuple(owners), me))
+        if users is not None:
+            users.update(self.users)
         return self.exports
 
-    def handoff_received(self, entries: Any, done: Any, sender: str | None = None) -> int:
+    def handoff_received(
+        self, entries: Any, done: Any, sender: str | None = None, users: Any = ()
+    ) -> int:
         self.calls.append(("handoff_received", list(entries), tuple(done), sender))
+        self.users_received.extend(users)
         return len(entries)
 
 
@@ -123,6 +132,22 @@ def test_rehash_hands_every_peer_its_share_with_done():
     hub.calls.clear()
     halod.send(Rehash(1, 2, OWNERS))
     assert hub.calls == [] and halod.received() == []
+
+
+def test_per_user_entries_go_out_and_come_in_with_the_handoff():
+    """Holds and offline watches (the hub's ``users`` entries) travel in the last
+    ``handoff`` message to their new owner, and a received one reaches the hub."""
+    hold = {"user": "u", "route": 2, "held": []}
+    hub = RecordingHub({"n2": []})
+    hub.users = {"n2": [hold]}
+    halod = HaloDEnd(hub)
+    halod.send(Welcome(1, Role.ACTIVE, (1,), 4, 1.0, 3, version=3))
+    halod.received()
+    halod.send(Rehash(2, 4, OWNERS))
+    sent = {m.to: m for m in halod.received()}
+    assert [dict(u) for u in sent["n2"].users] == [hold] and sent["n3"].users == ()
+    halod.send(Handoff("n1", (1,), (), (hold,)))
+    assert hub.users_received == [hold]
 
 
 def test_a_spare_sends_only_what_it_has():
