@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -38,19 +39,22 @@ import subprocess
 import sys
 import time
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode, urlsplit
 
-from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
-
 from bench.chaos_report import ArrivalRanges, spread
+from bench.wire import HTTPConn, HTTPStatusError, WSClosed, WSConn, open_conn, run_loop
 from orbited.core.hashing import DEFAULT_ROUTES, route_of
 from orbited.core.keys import ConnectionKey
 from orbited.core.tokens import issue_token, load_secret
+
+try:  # the node's own fast JSON codec when it is there (a main dependency)
+    from orjson import loads
+except ImportError:  # pragma: no cover
+    from json import loads
 
 TRANSPORTS = ("ws", "poll", "sse", "iframe")
 DEFAULT_LOCATION = "/bench"
@@ -136,110 +140,25 @@ class HTTPError(Exception):
         self.code = code
 
 
-class HTTPConnection:
-    """One keep-alive HTTP/1.1 connection: enough for /orbited/poll, /sse, /iframe, /ack
-    (Content-Length, chunked or until-EOF bodies). No TLS, no redirects."""
-
-    def __init__(self, host: str, port: int, connect_timeout: float) -> None:
-        self.host, self.port = host, port
-        self.connect_timeout = connect_timeout
-        self.reader: asyncio.StreamReader | None = None
-        self.writer: asyncio.StreamWriter | None = None
-        self.reusable = False
-
-    async def request(
-        self, method: str, target: str, headers: dict[str, str] | None = None, timeout: float = 30.0
-    ) -> tuple[int, dict[str, str]]:
-        """Send a request; return (status, lower-cased headers). Reads no body."""
-        if self.writer is not None and self.reusable:
-            try:
-                return await self._request(method, target, headers, timeout)
-            except (ConnectionError, asyncio.IncompleteReadError):
-                # The server closed the idle keep-alive connection: a browser's fetch
-                # retries on a fresh one without telling the page, and so do we.
-                self.close()
-        return await self._request(method, target, headers, timeout)
-
-    async def _request(self, method: str, target: str, headers: dict[str, str] | None,
-                       timeout: float) -> tuple[int, dict[str, str]]:  # fmt: skip
-        if self.writer is None or not self.reusable:
-            self.close()
-            self.reader, self.writer = await asyncio.wait_for(
-                asyncio.open_connection(self.host, self.port, limit=1 << 20),
-                self.connect_timeout,
-            )
-        lines = [f"{method} {target} HTTP/1.1", f"Host: {self.host}:{self.port}"]
-        lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
-        if method == "POST":
-            lines.append("Content-Length: 0")
-        assert self.writer is not None and self.reader is not None
-        self.reusable = False  # until this response has been read to its end
-        self.writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
-        head = await asyncio.wait_for(self.reader.readuntil(b"\r\n\r\n"), timeout)
-        status_line, *header_lines = head.decode("latin-1").split("\r\n")
-        version, status, *_ = status_line.split(" ", 2)
-        response_headers: dict[str, str] = {}
-        for line in header_lines:
-            if line:
-                name, _, value = line.partition(":")
-                response_headers[name.strip().lower()] = value.strip()
-        self._keep = (
-            version == "HTTP/1.1" and response_headers.get("connection", "").lower() != "close"
-        )
-        return int(status), response_headers
-
-    async def body(self, headers: dict[str, str], timeout: float) -> bytes:
-        return b"".join([chunk async for chunk in self.chunks(headers, timeout)])
-
-    async def chunks(
-        self, headers: dict[str, str], timeout: float | Callable[[], float]
-    ) -> AsyncIterator[bytes]:
-        """The response body as it arrives; ``timeout`` bounds each wait (a watchdog; a
-        callable is re-read per wait, so it can grow once hello gave the keepalive)."""
-        assert self.reader is not None
-        reader = self.reader
-        bound = timeout if callable(timeout) else lambda: timeout
-        if headers.get("transfer-encoding", "").lower() == "chunked":
-            while True:
-                size_line = await asyncio.wait_for(reader.readline(), bound())
-                if not size_line.endswith(b"\n"):
-                    raise ConnectionError("EOF inside a chunked body")
-                size = int(size_line.split(b";", 1)[0].strip() or b"0", 16)
-                if size == 0:
-                    while (await asyncio.wait_for(reader.readline(), bound())).strip():
-                        pass  # trailers
-                    break
-                yield await asyncio.wait_for(reader.readexactly(size), bound())
-                await asyncio.wait_for(reader.readexactly(2), bound())
-        elif "content-length" in headers:
-            remaining = int(headers["content-length"])
-            while remaining:
-                data = await asyncio.wait_for(reader.read(min(remaining, 65536)), bound())
-                if not data:
-                    raise ConnectionError("EOF inside a body")
-                remaining -= len(data)
-                yield data
-        else:
-            self._keep = False
-            while data := await asyncio.wait_for(reader.read(65536), bound()):
-                yield data
-        self.reusable = self._keep
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.transport.abort()  # no lingering FIN handshakes for thousands of these
-        self.reader = self.writer = None
-        self.reusable = False
+async def http_conn(host: str, port: int, timeout: float) -> HTTPConn:
+    loop = asyncio.get_running_loop()
+    conn: HTTPConn = await open_conn(lambda: HTTPConn(loop, host, port), host, port, timeout)
+    return conn
 
 
-async def error_code(conn: HTTPConnection, status: int, headers: dict[str, str]) -> HTTPError:
-    """The node's JSON error body as an exception (docs/protocol.md, "Errors")."""
-    code = ""
+def error_code(body: bytes) -> str:
+    """The code of the node's JSON error body (docs/protocol.md, "Errors"), or ""."""
     try:
-        code = json.loads(await conn.body(headers, 5.0))["error"]["code"]
-    except Exception:  # noqa: BLE001 - not JSON, or the body did not come: the status will do
-        pass
-    return HTTPError(status, code)
+        return str(loads(body)["error"]["code"])
+    except Exception:  # noqa: BLE001 - not JSON: the status will do
+        return ""
+
+
+async def http_failure(conn: HTTPConn, status: int) -> Exception:
+    body = b""
+    with contextlib.suppress(Exception):
+        body = await asyncio.wait_for(conn.body(), 5.0)
+    return _http_failure(HTTPError(status, error_code(body)))
 
 
 # -- one simulated browser ---------------------------------------------------------------
@@ -468,7 +387,6 @@ class Browser:
                 OSError,
                 EOFError,
                 TimeoutError,
-                WebSocketException,
                 HTTPError,
                 ValueError,
             ) as e:
@@ -530,62 +448,72 @@ class Browser:
     # -- WebSocket ---------------------------------------------------------------------
 
     async def _ws(self) -> str:
-        url = self.base_url.replace("http", "ws", 1) + "/orbited/ws?" + self._params()
-        try:
-            ws = await connect(
-                url,
-                open_timeout=self.opts.connect_timeout,
-                ping_interval=None,
-                close_timeout=1,
-                max_queue=None,
-                compression=None,
-                user_agent_header=None,
-            )
-        except InvalidStatus as e:
-            status = e.response.status_code
-            if status == 401:
-                raise TokenRefused(str(status)) from None
-            if status in (400, 403):
-                raise Fatal(f"http {status}") from None
-            raise
+        host, port = self._address()
+        loop = asyncio.get_running_loop()
         acked = [0]
-        acker = asyncio.create_task(self._ws_acker(ws, acked))
-        try:
-            while True:
-                message = await asyncio.wait_for(ws.recv(), self._watchdog())
-                frame = json.loads(message)
-                if self.on_frame(frame) == "reconnect":
-                    return "reconnect frame"
-                if frame.get("type") == "event" and self.seq - acked[0] >= self.opts.ack_every:
-                    acked[0] = self.seq
-                    await ws.send(json.dumps({"type": "ack", "seq": self.seq}))
-        except ConnectionClosed as e:
-            code = e.rcvd.code if e.rcvd is not None else None
-            if code == 4001:
-                raise Fatal("replaced") from None
-            if code == 4401:
-                raise TokenRefused(e.rcvd.reason if e.rcvd else "") from None
-            if code == 4400:
-                raise Fatal(f"closed 4400 {e.rcvd.reason if e.rcvd else ''}") from None
-            return f"ws closed {code}"
-        finally:
-            acker.cancel()
-            ws.transport.abort()  # the node is done with us, or we with it: no handshake
+        outcome: list[str] = []
+        ws: WSConn | None = None
 
-    async def _ws_acker(self, ws: ClientConnection, acked: list[int]) -> None:
+        def on_message(message: bytes) -> None:
+            if outcome:
+                return
+            frame = loads(message)
+            if self.on_frame(frame) == "reconnect":
+                outcome.append("reconnect frame")
+                assert ws is not None
+                ws.fail(EOFError("reconnect frame"))
+            elif frame.get("type") == "event" and self.seq - acked[0] >= self.opts.ack_every:
+                acked[0] = self.seq
+                assert ws is not None
+                ws.send_text(b'{"type":"ack","seq":%d}' % self.seq)
+
+        ws = await open_conn(lambda: WSConn(loop, on_message), host, port,
+                             self.opts.connect_timeout)  # fmt: skip
+        acker: asyncio.Task[None] | None = None
+        try:
+            ws.upgrade(host, port, "/orbited/ws?" + self._params())
+            try:
+                await asyncio.wait_for(ws.upgraded(), self.opts.connect_timeout)
+            except HTTPStatusError as e:
+                if e.status == 401:
+                    raise TokenRefused(str(e.status)) from None
+                if e.status in (400, 403):
+                    raise Fatal(f"http {e.status}") from None
+                raise HTTPError(e.status, "") from None
+            ws.watch(self._watchdog)
+            acker = asyncio.create_task(self._ws_acker(ws, acked))
+            try:
+                await ws.closed
+            except WSClosed as e:
+                if e.code == 4001:
+                    raise Fatal("replaced") from None
+                if e.code == 4401:
+                    raise TokenRefused(e.reason) from None
+                if e.code == 4400:
+                    raise Fatal(f"closed 4400 {e.reason}") from None
+                return f"ws closed {e.code}"
+            except EOFError:
+                if outcome:
+                    return outcome[0]
+                return "ws closed None"
+            return "ws closed None"
+        finally:
+            if acker is not None:
+                acker.cancel()
+            ws.abort()  # the node is done with us, or we with it: no handshake
+
+    async def _ws_acker(self, ws: WSConn, acked: list[int]) -> None:
         while True:
             await asyncio.sleep(self.opts.ack_interval)
             if self.seq > acked[0]:
                 acked[0] = self.seq
-                try:
-                    await ws.send(json.dumps({"type": "ack", "seq": self.seq}))
-                except ConnectionClosed:
-                    return
+                ws.send_text(b'{"type":"ack","seq":%d}' % self.seq)
 
     # -- long-poll ---------------------------------------------------------------------
 
     async def _poll(self) -> str:
-        conn = HTTPConnection(*self._address(), self.opts.connect_timeout)
+        host, port = self._address()
+        conn: HTTPConn | None = None
         first = True
         try:
             while True:
@@ -593,21 +521,40 @@ class Browser:
                 timeout = 0 if first else self.opts.poll_timeout
                 target = "/orbited/poll?" + self._params(timeout=f"{timeout:g}")
                 limit = timeout + self.opts.hello_timeout
-                status, headers = await conn.request("GET", target, timeout=limit)
+                for fresh in (False, True):
+                    if conn is None or not conn.reusable or conn.closed.done():
+                        if conn is not None:
+                            conn.abort()
+                        conn = await http_conn(host, port, self.opts.connect_timeout)
+                        fresh = True
+                    conn.send("GET", target)
+                    try:
+                        status, _ = await asyncio.wait_for(conn.head(), limit)
+                        break
+                    except (ConnectionError, EOFError):
+                        # The server closed the idle keep-alive connection: a browser's
+                        # fetch retries on a fresh one without telling the page.
+                        conn.abort()
+                        conn = None
+                        if fresh:
+                            raise
+                assert conn is not None
                 if status != 200:
-                    raise _http_failure(await error_code(conn, status, headers))
-                frames = json.loads(await conn.body(headers, limit))
+                    raise await http_failure(conn, status)
+                frames = loads(await asyncio.wait_for(conn.body(), limit))
                 first = False
                 for frame in frames:
                     if self.on_frame(frame) == "reconnect":
                         return "reconnect frame"
         finally:
-            conn.close()
+            if conn is not None:
+                conn.abort()
 
     # -- SSE and iframe ----------------------------------------------------------------
 
     async def _stream(self) -> str:
-        conn = HTTPConnection(*self._address(), self.opts.connect_timeout)
+        host, port = self._address()
+        conn = await http_conn(host, port, self.opts.connect_timeout)
         acker: asyncio.Task[None] | None = None
         try:
             if self.transport == "sse":
@@ -617,25 +564,42 @@ class Browser:
                 origin = self.base_url.rstrip("/")
                 target = "/orbited/iframe?" + self._params(origin=origin)
                 headers = {}
-            status, response = await conn.request("GET", target, headers, self.opts.hello_timeout)
+            conn.send("GET", target, headers)
+            status, _ = await asyncio.wait_for(conn.head(), self.opts.hello_timeout)
             if status != 200:
-                raise _http_failure(await error_code(conn, status, response))
+                raise await http_failure(conn, status)
             if self.opts.http_ack and self.shared.http_ack:
                 acker = asyncio.create_task(self._http_acker())
             parse = _SSEParser() if self.transport == "sse" else _IframeParser()
-            async for chunk in conn.chunks(response, self._watchdog):
+            outcome: list[str] = []
+
+            def on_chunk(chunk: bytes) -> None:
+                if outcome:
+                    return
                 for frame in parse.feed(chunk):
                     if self.on_frame(frame) == "reconnect":
-                        return "reconnect frame"
+                        outcome.append("reconnect frame")
+                        conn.fail(EOFError("reconnect frame"))
+                        return
+
+            conn.watch(self._watchdog)
+            conn.stream(on_chunk)
+            try:
+                await conn.body()
+            except EOFError:
+                if outcome:
+                    return outcome[0]
+                raise
             return f"{self.transport} stream ended"
         finally:
             if acker is not None:
                 acker.cancel()
-            conn.close()
+            conn.abort()
 
     async def _http_acker(self) -> None:
         """SSE/iframe have no way back: ack over POST /orbited/ack (204) once a second."""
-        conn = HTTPConnection(*self._address(), self.opts.connect_timeout)
+        host, port = self._address()
+        conn: HTTPConn | None = None
         acked = 0
         try:
             while self.shared.http_ack:
@@ -646,12 +610,19 @@ class Browser:
                 if stream is None:
                     continue
                 try:
+                    if conn is None or not conn.reusable or conn.closed.done():
+                        if conn is not None:
+                            conn.abort()
+                        conn = await http_conn(host, port, self.opts.connect_timeout)
                     last = f"{stream}:{seq}"  # the stream, so a stale ack confirms nothing new
-                    target = "/orbited/ack?" + urlencode({"token": self.token, "last": last})
-                    status, headers = await conn.request("POST", target, timeout=5.0)
-                    await conn.body(headers, 5.0)
+                    query = urlencode({"token": self.token, "last": last})
+                    conn.send("POST", "/orbited/ack?" + query)
+                    status, _ = await asyncio.wait_for(conn.head(), 5.0)
+                    await asyncio.wait_for(conn.body(), 5.0)
                 except (OSError, EOFError, TimeoutError, ValueError):
-                    conn.close()
+                    if conn is not None:
+                        conn.abort()
+                    conn = None
                     continue  # the stream's own failure handling will notice a dead node
                 if status == 404:
                     self.shared.http_ack = False  # no endpoint on this node: rely on resume
@@ -660,7 +631,8 @@ class Browser:
                 else:
                     self.errors[f"ack HTTP {status}"] += 1
         finally:
-            conn.close()
+            if conn is not None:
+                conn.abort()
 
     # -- report ------------------------------------------------------------------------
 
@@ -710,7 +682,7 @@ def _describe(e: BaseException) -> str:
         return "connection refused"
     if isinstance(e, ConnectionResetError):
         return "connection reset"
-    if isinstance(e, asyncio.IncompleteReadError):
+    if isinstance(e, asyncio.IncompleteReadError | EOFError):
         return "EOF"
     return f"{type(e).__name__}: {e}"[:80]
 
@@ -730,7 +702,7 @@ class _SSEParser:
             line = line.rstrip(b"\r")
             if not line:
                 if self.data:
-                    frames.append(json.loads(b"\n".join(self.data)))
+                    frames.append(loads(b"\n".join(self.data)))
                     self.data = []
             elif line.startswith(b"data:"):
                 value = line[5:]
@@ -1147,6 +1119,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--backoff-max", type=float, default=2.0)
     p.add_argument("--poll-timeout", type=float, default=25.0)
     p.add_argument("--no-http-ack", action="store_true", help="SSE/iframe: never POST acks")
+    p.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop",
+                   help="event loop: uvloop (half the CPU per event; asyncio if it is not "
+                   "installed) or asyncio")  # fmt: skip
     p.add_argument("--churn", metavar="SPEC", help="churn mode, e.g. life=45,switch=2,away=1,"
                    "new=1,away_min=5,away_max=60 (class Churn); '' = the defaults")  # fmt: skip
     return p.parse_args(argv)
@@ -1184,7 +1159,7 @@ def main(argv: list[str] | None = None) -> int:
             loop.call_later(args.duration, stop.set)
         await fleet.run(stop, args.ready_file, args.ramp, args.progress)
 
-    asyncio.run(run())
+    run_loop(run(), args.loop)
     write_json(args.report, fleet.report())
     return 0
 
