@@ -44,6 +44,7 @@ from zope.interface import implementer
 
 from halod.dataplane import proxy_protocol as pp
 from halod.dataplane.base import Owner, Ports
+from orbited.runtime.twisted_compat import write_through
 
 BROWSER, SP = "browser", "sp"
 STATS_INTERVAL = 0.25  # seconds between pushes of changed counts
@@ -55,6 +56,14 @@ class _Client(portforward.ProxyClient):
     noisy = False
     transport: ITCPTransport
     peer: _Server | None
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        # As the node writes events (orbited.runtime.twisted_compat.write_through): on an
+        # idle peer socket the bytes go out now, not on the next reactor turn after an
+        # EPOLLOUT round trip; a partial write falls back to transport.write, whose
+        # producer wiring still pauses this side while the peer is slow.
+        if self.peer is not None:
+            write_through(self.peer.transport, data)
 
     def connectionMade(self) -> None:  # noqa: N802
         if self.peer is None or self.peer.gone:
@@ -85,6 +94,10 @@ class _Server(portforward.ProxyServer):
     factory: RouteFactory  # type: ignore[assignment]
     peer: _Client | None
     gone = False  # connectionLost ran
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        if self.peer is not None:
+            write_through(self.peer.transport, data)  # as _Client.dataReceived
 
     def connectionMade(self) -> None:  # noqa: N802
         target = self.factory.target()
