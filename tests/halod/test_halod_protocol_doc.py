@@ -7,16 +7,27 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
 
 from halod.config import HaloDConfig
-from halod.server import HaloD, with_sender
-from orbited.core.control import Handoff, decode_from_halod, decode_from_node
+from halod.server import ControlProtocol, HaloD, with_sender
+from orbited.core.control import (
+    CONTROL_PROTOCOL,
+    MAX_MESSAGE,
+    Handoff,
+    Register,
+    decode_from_halod,
+    decode_from_node,
+    encode,
+)
 from orbited.node.handoff import MailboxExport
 from orbited.node.hub import Hub, HubConfig
 from orbited.node.link import relayed_from
 from orbited.node.offline import OfflineWatcher, WatchExport
+from orbited.sp.wire import SPConnection
 from tests.halod.test_halod_hash_version import HashNode
 
 DOC = (Path(__file__).resolve().parents[2] / "docs" / "halod-protocol.md").read_text()
@@ -121,3 +132,77 @@ def test_every_field_of_status_routes_metrics_and_rehash_is_in_the_table(tmp_pat
         assert _named(row, f'"{name}"')
     for code in ("rehash_unsupported", "rehash_in_progress", "not_leader", "bad_request"):
         assert _named(row, code)
+
+
+class DocNode(HashNode):
+    """A node's control connection that registers with a given message and keeps the
+    raw bodies HaloD sends (a relayed handoff's ``from`` is not a decoded field)."""
+
+    def __init__(self, halod: HaloD, register: Register) -> None:
+        self.proto = ControlProtocol(halod)
+        self.transport = StringTransport()
+        self.proto.makeConnection(self.transport)
+        self.sp = SPConnection(CONTROL_PROTOCOL, CONTROL_PROTOCOL, MAX_MESSAGE)
+        self.proto.dataReceived(self.sp.initial_bytes())
+        self.send(register)
+
+    def bodies(self) -> list[Any]:
+        data = self.transport.value()
+        self.transport.clear()
+        return [json.loads(body) for body in self.sp.receive(data)]
+
+
+def example_messages(block: str) -> list[tuple[str, Any]]:
+    """The ``who  {json}`` lines of an example block (continuation lines joined), with
+    the doc's elisions filled in: ``[13,…,24]`` and the like are the whole range, a
+    ``, …]`` list keeps only what is shown, ``[…]`` is empty."""
+    lines: list[list[str]] = []
+    for line in block.strip().splitlines():
+        if line.startswith(" "):
+            lines[-1][1] += line.strip()
+        else:
+            who, _, text = line.partition("{")
+            lines.append([who.strip(), "{" + text.strip()])
+
+    def expand(m: re.Match[str]) -> str:
+        return json.dumps(list(range(int(m[1]), int(m[2]) + 1)))
+
+    out = []
+    for who, text in lines:
+        text = re.sub(r"\[(\d+),…,(\d+)\]", expand, text)
+        text = re.sub(r"\[1,2,…,(\d+)\]", lambda m: json.dumps(list(range(1, int(m[1]) + 1))), text)
+        text = text.replace(", …]", "]").replace("[…]", "[]")
+        out.append((who, json.loads(text)))
+    return out
+
+
+def test_the_join_example_is_what_halod_sends(tmp_path):
+    blocks = re.findall(r"```\n(.*?)```", section("Example"), re.S)
+    join, spare = (example_messages(b) for b in blocks)
+    halod = _halod(tmp_path)
+    n1 = HashNode(halod, "n1")
+    n1.received()
+    (who, register), *rest = join
+    assert who == "node → HaloD"
+    n2 = DocNode(halod, decode_from_node(json.dumps(register).encode()))  # type: ignore[arg-type]
+    sent = {"HaloD → n1": [json.loads(encode(m)) for m in n1.received()], "HaloD → n2": n2.bodies()}
+    for who, shown in rest:
+        if who == "n1 → HaloD":  # n1's (empty) hand-off, relayed with its name
+            n1.send(decode_from_node(json.dumps(shown).encode()))
+            sent["HaloD → n2"] += n2.bodies()
+            continue
+        if who.startswith("n2 →"):
+            continue  # the heartbeat pair: the ack is checked by the liveness tests
+        if who == "HaloD → n2" and shown == {"type": "heartbeat_ack", "seq": 1}:
+            continue
+        got = sent[who].pop(0)
+        if shown["type"] == "route_moved":  # the doc shows the first move of twelve
+            assert len(got["moves"]) == 12
+            got["moves"] = got["moves"][:1]
+        assert got == shown and list(got) == list(shown)
+    assert sent == {"HaloD → n1": [], "HaloD → n2": []}
+    # The spare's welcome, in a version 1 cluster: no hash_version, node_id null.
+    (_, register), (_, welcome) = spare
+    assert welcome["node_id"] is None and "hash_version" not in welcome
+    assert decode_from_halod(json.dumps(welcome).encode()).hash_version == 1  # type: ignore[union-attr]
+    assert decode_from_node(json.dumps(register).encode()).hashes == (1, 2)  # type: ignore[union-attr]
