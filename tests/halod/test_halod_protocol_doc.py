@@ -162,6 +162,10 @@ def example_messages(block: str) -> list[tuple[str, Any]]:
             lines[-1][1] += line.strip()
         else:
             who, _, text = line.partition("{")
+            if not text:  # "HaloD → n2   the same message with …": words, not JSON
+                who, _, text = line.partition("  ")
+                lines.append([who.strip(), text.strip()])
+                continue
             lines.append([who.strip(), "{" + text.strip()])
 
     def expand(m: re.Match[str]) -> str:
@@ -169,6 +173,9 @@ def example_messages(block: str) -> list[tuple[str, Any]]:
 
     out = []
     for who, text in lines:
+        if not text.startswith("{"):
+            out.append((who, text))
+            continue
         text = re.sub(r"\[(\d+),…,(\d+)\]", expand, text)
         text = re.sub(r"\[1,2,…,(\d+)\]", lambda m: json.dumps(list(range(1, int(m[1]) + 1))), text)
         text = text.replace(", …]", "]").replace("[…]", "[]")
@@ -186,10 +193,17 @@ def test_the_join_example_is_what_halod_sends(tmp_path):
     assert who == "node → HaloD"
     n2 = DocNode(halod, decode_from_node(json.dumps(register).encode()))  # type: ignore[arg-type]
     sent = {"HaloD → n1": [json.loads(encode(m)) for m in n1.received()], "HaloD → n2": n2.bodies()}
+    handoff: dict[str, Any] = {}
     for who, shown in rest:
         if who == "n1 → HaloD":  # n1's (empty) hand-off, relayed with its name
+            handoff = shown
             n1.send(decode_from_node(json.dumps(shown).encode()))
             sent["HaloD → n2"] += n2.bodies()
+            continue
+        if isinstance(shown, str):
+            assert shown == 'the same message with "from":"n1" appended as its last member'
+            got = sent[who].pop(0)
+            assert got == {**handoff, "from": "n1"} and list(got) == [*handoff, "from"]
             continue
         if who.startswith("n2 →"):
             continue  # the heartbeat pair: the ack is checked by the liveness tests
