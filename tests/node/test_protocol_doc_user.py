@@ -41,7 +41,7 @@ class Tab:
     def replaced(self) -> None:
         pass
 
-    def reconnect(self, reason: str, route: int | None = None) -> None:
+    def reconnect(self, reason: str, route: int | None = None, spread: float | None = None) -> None:
         pass
 
     def closed(self, code: int, reason: str) -> None:
