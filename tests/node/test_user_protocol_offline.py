@@ -321,3 +321,66 @@ def test_a_held_event_whose_tab_left_unacknowledged_leaves_no_watch_behind(tmp_p
     finally:
         node.stop()
         receiver.close()
+
+
+def test_a_planned_move_hands_the_watch_over_and_the_new_owner_cancels(tmp_path):
+    """n1 sent needs_push for an event of a key nobody reads; n2 joins and takes the
+    key's route (a planned move, mailboxes handed over). The browser resumes on n2 and
+    acknowledges: the cancel comes from n2, and n1 says nothing more."""
+    import pynng
+    from websockets.sync.client import connect
+
+    from orbited.client import HaloDCluster
+    from tests.conftest import HaloDProcess, keys_on_routes
+
+    receiver = Receiver()
+    halod = HaloDProcess(tmp_path, "--spares", "0", "--grace", "2", "--heartbeat-interval",
+                         "0.2", "--move-close-delay", "0.5", "--proxy-on-exit", "stop",
+                         proxy=True).start()  # fmt: skip
+    nodes = []
+    try:
+        nodes.append(halod.node(tmp_path, "n1", "--offline-url", receiver.url))
+        cluster = HaloDCluster("127.0.0.1", halod.sp_base, halod.browser_base)
+        (key,) = keys_on_routes([20])  # route 20 goes to n2 when it joins
+        ws = connect(cluster.browser_url(key, SECRET), open_timeout=5, legacy=True)
+        stream = json.loads(ws.recv(timeout=5))["stream"]
+        ws.close()  # the key's mailbox lingers on n1
+        host, port = cluster.sp_address(20)
+        with pynng.Req0(dial=f"tcp://{host}:{port}", recv_timeout=5000) as req:
+            doc = {"id": "mv-1", "to": [key.to_json()], "data": 1, "offline": 1}
+            req.send(json.dumps(doc).encode())
+            assert json.loads(req.recv_msg().bytes)["results"][0]["status"] == "queued"
+        wait_for(lambda: len(receiver.events()) == 1)
+        assert receiver.batches[0]["node"] == "n1"
+        assert receiver.events()[0]["reason"] == "unacked"
+        nodes.append(halod.node(tmp_path, "n2", "--offline-url", receiver.url))
+        wait_for(lambda: halod.owners().get(20) == "n2")
+        ws = None
+        deadline = time.monotonic() + 10
+        while ws is None:  # until the route port leads to n2 with the mailbox
+            try:
+                url = cluster.browser_url(key, SECRET) + f"&last={stream}:0"
+                ws = connect(url, open_timeout=5, legacy=True)
+                hello = json.loads(ws.recv(timeout=5))
+                if hello.get("type") != "hello" or hello["stream"] != stream:
+                    ws.close()
+                    ws = None
+            except Exception:
+                ws = None
+            if ws is None:
+                assert time.monotonic() < deadline, "no resume on n2"
+                time.sleep(0.2)
+        event = json.loads(ws.recv(timeout=5))
+        assert (event["id"], event["seq"]) == ("mv-1", 1)
+        ws.send(json.dumps({"type": "ack", "seq": 1}))
+        wait_for(lambda: len(receiver.events()) == 2)
+        assert receiver.kinds() == [("needs_push", "mv-1"), ("cancel", "mv-1")]
+        assert receiver.batches[-1]["node"] == "n2"
+        time.sleep(1.5)
+        assert len(receiver.events()) == 2 and receiver.bad == 0
+        ws.close()
+    finally:
+        for proc in reversed(nodes):
+            proc.stop()
+        halod.stop()
+        receiver.close()
