@@ -305,6 +305,9 @@ class Browser:
             self.gaps.append([frame.get("from", 0), frame.get("to", 0)])
         elif kind == "reconnect":
             self.errors[f"reconnect: {frame.get('reason')}"] += 1
+            spread = spread_hint(frame.get("spread"), self.opts.backoff_max)
+            if spread is not None:  # a planned move's own hint (js: the same)
+                self.spread = spread
             return "reconnect"
         elif kind == "replaced":
             raise Fatal("replaced")

@@ -139,6 +139,7 @@ export class Resume {
       case "reconnect": {
         const result = { kind: "reconnect", reason: frame.reason };
         if (Number.isInteger(frame.route)) result.route = frame.route;
+        if (frame.spread !== undefined) result.spread = frame.spread;
         return result;
       }
       case "ping":
@@ -556,6 +557,11 @@ export class OrbitedClient {
             // spread by the hint. Before hello (a node that does not own the key's route
             // any more, or is stopping): this attempt failed, back off on this transport.
             if (r.route !== undefined || r.reason === "rehash") client._relocate = { route: r.route, reason: r.reason };
+            {
+              // A planned move's own hint, counted over the browsers that move.
+              const spread = spreadHint(r.spread, client._max());
+              if (spread !== null) client._spread = spread;
+            }
             client._drop(`reconnect: ${r.reason}`, null, true, 0, gotHello);
             break;
           case "ping": {

@@ -246,3 +246,21 @@ def no_orphaned_proxy_worker(tmp_path_factory: pytest.TempPathFactory) -> Iterat
         if b"proxy_worker" in cmdline:
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
+
+
+def next_frame(ws, timeout: float = 5.0) -> dict:  # noqa: ANN001 - any sync ws client
+    """The next frame of a websockets connection that is not a ``ping`` (keepalives, and
+    the spread hint a planned move sends before its ``reconnect``: docs/protocol.md)."""
+    while True:
+        frame = json.loads(ws.recv(timeout=timeout))
+        if frame.get("type") != "ping":
+            return frame
+
+
+def moved_frame(frame: dict) -> dict:
+    """A planned move's ``reconnect`` frame without its ``spread`` (the hint counted over
+    the browsers that move, docs/protocol.md), after checking the spread is a number."""
+    frame = dict(frame)
+    spread = frame.pop("spread")
+    assert isinstance(spread, int | float) and 0 <= spread <= 30, frame
+    return frame

@@ -160,6 +160,19 @@ test("a silent link (watchdog) that worked also gets the quick retry", async (t)
   }
 });
 
+test("a planned move's reconnect frame brings its own spread, counted over the movers", async (t) => {
+  // The node's hello said 0.4 s (all its browsers); only 60 of them move: 0.06 s.
+  const { client, log } = await openClient(t, {}, { spread: 0.4 });
+  try {
+    const told = Date.now();
+    log[0].sink.frame({ type: "reconnect", reason: "route_moved", spread: 0.06 });
+    const next = await nextAttempt(t, log, 0.5 * 60, told);
+    assert.equal(next.name, "websocket");
+  } finally {
+    client.close();
+  }
+});
+
 test("a reconnect frame after hello (planned move): at once, spread by the hint", async (t) => {
   const { client, log } = await openClient(t, {}, { spread: 0.4 });
   try {

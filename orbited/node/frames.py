@@ -88,12 +88,16 @@ def gap(first: int, last: int) -> bytes:
     return b'{"type":"gap","from":%d,"to":%d}' % (first, last)
 
 
-def reconnect(reason: str, route: int | None = None) -> bytes:
+def reconnect(reason: str, route: int | None = None, spread: float | None = None) -> bytes:
     """``route``: with reason ``rehash`` or ``route_moved``, the key's route now, so the
-    browser can find its port (docs/protocol.md, "Frames")."""
-    if route is None:
-        return _encode({"type": "reconnect", "reason": reason})
-    return _encode({"type": "reconnect", "reason": reason, "route": route})
+    browser can find its port; ``spread``: for a planned move, the reconnect spread hint
+    counted over the browsers that move (docs/protocol.md, "Frames")."""
+    frame: dict[str, object] = {"type": "reconnect", "reason": reason}
+    if route is not None:
+        frame["route"] = route
+    if spread is not None:
+        frame["spread"] = spread
+    return _encode(frame)
 
 
 def closed(code: int, reason: str) -> bytes:

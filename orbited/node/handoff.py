@@ -15,6 +15,7 @@ between nodes when HaloD moves a route from a live node (docs/halod-protocol.md,
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import partial
@@ -181,6 +182,18 @@ def export_entry(
     return MailboxExport.of(key, mailbox, route, online).to_wire()
 
 
+SPREAD_MAX = 30.0  # seconds: the spread hint's bound, however many browsers a node has
+
+
+def spread_for(browsers: int, rate: float) -> float:
+    """The reconnect spread hint (docs/protocol.md, "The reconnect spread hint"): seconds
+    over which ``browsers`` coming back at once should spread their first reconnect so
+    that a node taking ``rate`` new connections/s is not overrun; 0 when rate is 0."""
+    if rate <= 0:
+        return 0.0
+    return min(SPREAD_MAX, math.ceil(browsers * 1000 / rate - 1e-9) / 1000)
+
+
 def _moved_away(
     route: int, to: str | None, hash_version: int, wait: _AckWait
 ) -> events.RecipientResult:
@@ -256,7 +269,9 @@ class RouteOwnership:
     ) -> None:
         raise NotImplementedError
 
-    def _release(self, slot: _Slot, reason: str, route: int | None = None) -> None:
+    def _release(
+        self, slot: _Slot, reason: str, route: int | None = None, spread: float | None = None
+    ) -> None:
         raise NotImplementedError
 
     def _unindex(self, key: ConnectionKey, slot: _Slot) -> None:
@@ -320,11 +335,13 @@ class RouteOwnership:
     ) -> int:  # fmt: skip
         if not routes:
             return 0
+        moving = [(key, slot) for key, slot in self._slots.items() if slot.route in routes]
+        # Only these browsers go to the new owner(s), not all of this node's: their
+        # reconnect frames carry a spread counted over them (docs/protocol.md).
+        spread = spread_for(len(moving), self.config.reconnect_rate)
         evicted = 0
-        for key, slot in list(self._slots.items()):
+        for key, slot in moving:
             route = slot.route
-            if route not in routes:
-                continue
             del self._slots[key]
             self._forget(slot)
             self._unindex(key, slot)
@@ -339,7 +356,7 @@ class RouteOwnership:
                 self._end_waits(
                     slot, partial(_moved_away, route, self.moved_to.get(route), self.hash_version)
                 )
-            self._release(slot, "route_moved")
+            self._release(slot, "route_moved", spread=spread)
             if not handed and slot.online and self.presence is not None:
                 self.presence("signoff", key)  # handed over keys stay online, elsewhere
         if evicted:
@@ -426,10 +443,14 @@ class RouteOwnership:
                 if name is not None and name in out:
                     users.setdefault(name, []).append(user_entry)
         moved = 0
-        for key, slot in list(self._slots.items()):
-            route = slot.route = route_of(key, self.routes, version)
-            if route in owned:
-                continue
+        moving = []
+        for key, slot in self._slots.items():
+            slot.route = route_of(key, self.routes, version)
+            if slot.route not in owned:
+                moving.append((key, slot))
+        spread = spread_for(len(moving), self.config.reconnect_rate)  # as in _evict
+        for key, slot in moving:
+            route = slot.route
             name = owner_of.get(route)
             del self._slots[key]
             self._forget(slot)
@@ -445,7 +466,7 @@ class RouteOwnership:
                 )
                 if slot.online and self.presence is not None:
                     self.presence("signoff", key)
-            self._release(slot, "rehash", route)
+            self._release(slot, "rehash", route, spread)
         if peers:
             for route in owned:
                 if route not in self._incoming:

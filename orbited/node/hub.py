@@ -32,7 +32,14 @@ from orbited.node.dedup import DedupLimits, DedupMemory
 from orbited.node.events import DELIVERED, QUEUED, DispatchResult, RecipientResult, Status
 from orbited.node.flush import DeliveryBatch, Flushable
 from orbited.node.frames import Frame
-from orbited.node.handoff import PresenceChange, RouteOwnership, _moved_away, export_entry
+from orbited.node.handoff import (
+    SPREAD_MAX,
+    PresenceChange,
+    RouteOwnership,
+    _moved_away,
+    export_entry,
+    spread_for,
+)
 from orbited.node.mailbox import Mailbox, MailboxLimits, Position
 from orbited.node.users import NullWatcher, UserEntry, UserHold, UserLimits, gcra_take
 
@@ -54,7 +61,7 @@ class Sink(Protocol):
     def replaced(self) -> None:
         """A newer connection for the same key took over: close without reconnecting."""
 
-    def reconnect(self, reason: str, route: int | None = None) -> None:
+    def reconnect(self, reason: str, route: int | None = None, spread: float | None = None) -> None:
         """Tell the browser to reconnect (node shutting down, route moved, rehash) and
         close; ``route``: the key's route now, after a rehash (frames.reconnect)."""
 
@@ -101,8 +108,6 @@ class HubConfig:
 
 
 _new = tuple.__new__
-SPREAD_MAX = 30.0  # seconds: the spread hint's bound, however many browsers a node has
-
 FULL_RESULT = b'{"status":"full"}'  # the node's mailboxes hold mailbox_total_bytes
 
 # Seconds after a transport left during which an attach of the same key counts as a
@@ -641,11 +646,7 @@ class Hub(RouteOwnership):
         """Seconds over which this node's browsers should spread their first reconnect
         when they lose it: mailboxes (attached and lingering browsers) / reconnect_rate,
         rounded up to the millisecond, at most SPREAD_MAX (docs/protocol.md, "Frames")."""
-        rate = self.config.reconnect_rate
-        if rate <= 0:
-            return 0.0
-        ms = math.ceil(len(self._slots) * 1000 / rate - 1e-9)
-        return min(SPREAD_MAX, ms / 1000)
+        return spread_for(len(self._slots), self.config.reconnect_rate)
 
     def keepalive_tick(self) -> None:
         """Ping every transport that has been silent for the keepalive interval; the ping
@@ -657,19 +658,22 @@ class Hub(RouteOwnership):
             if sink is not None and sink.wants_pings and sink.last_write <= deadline:
                 sink.deliver([ping])
 
-    def _release(self, slot: _Slot, reason: str, route: int | None = None) -> None:
+    def _release(
+        self, slot: _Slot, reason: str, route: int | None = None, spread: float | None = None
+    ) -> None:
         """End a slot's linger and tell its browser, if attached, to reconnect (with the
-        key's ``route`` now, after a rehash)."""
+        key's ``route`` now, after a rehash; with a ``spread`` for the browsers of a
+        planned move, counted over those that move)."""
         if slot.linger_call is not None:
             slot.linger_call.cancel()
             slot.linger_call = None
         sink = self._set_sink(slot, None)
         if sink is not None:
             try:
-                if route is None:
+                if route is None and spread is None:
                     sink.reconnect(reason)
                 else:
-                    sink.reconnect(reason, route)
+                    sink.reconnect(reason, route, spread)
             except Exception:
                 self.log.failure("telling a browser to reconnect failed")
 

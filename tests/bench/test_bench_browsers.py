@@ -152,6 +152,11 @@ def test_reconnect_schedule_mirrors_the_js_client(monkeypatch):
     b.on_frame({"type": "hello", "stream": "x", "keepalive": 25, "seq": 0})
     # lost < STABLE after its hello, right after a short one: the backoff pace
     assert 0.1 <= b._retry_delay(worked=True, planned=False) <= 0.2  # not 0.1 + 0.25
+    b.on_frame({"type": "hello", "stream": "x", "keepalive": 25, "seq": 0, "spread": 0.4})
+    b._hello_at -= 5  # a stable connection again
+    # A planned move's reconnect frame brings its own spread (its movers only).
+    assert b.on_frame({"type": "reconnect", "reason": "route_moved", "spread": 0.03})
+    assert b._retry_delay(worked=True, planned=True) == pytest.approx(0.03)
 
 
 def test_transport_pattern_and_keys():

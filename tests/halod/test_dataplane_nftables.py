@@ -54,7 +54,15 @@ from halod.dataplane.nftables import (
 from orbited.client import HaloDCluster
 from orbited.core.settings import ConfigError
 from orbited.core.tokens import issue_token
-from tests.conftest import SECRET, HaloDProcess, NodeProcess, keys_on_routes, wait_for
+from tests.conftest import (
+    SECRET,
+    HaloDProcess,
+    NodeProcess,
+    keys_on_routes,
+    moved_frame,
+    next_frame,
+    wait_for,
+)
 
 T = TypeVar("T")
 PORTS = Ports("127.0.0.100", 8100, 9100, 4)
@@ -554,7 +562,7 @@ def test_route_ports_follow_the_table_in_the_kernel(tmp_path, ns, procs):
     n2 = halod.node_in_ns(tmp_path, "n2", "127.0.0.3")  # takes routes 13-24
     procs.append(n2)
     wait_for(lambda: halod.kernel_map()[halod.browser_base + 19][0] == "127.0.0.3", "the move")
-    assert json.loads(ws.recv(timeout=5)) == {"type": "reconnect", "reason": "route_moved"}
+    assert moved_frame(next_frame(ws)) == {"type": "reconnect", "reason": "route_moved"}
     # New connections follow at once, on both port ranges.
     fresh = Http(ns, halod.browser_base + 19)
     assert fresh.health() == "n2"
@@ -652,7 +660,7 @@ def test_a_cut_does_not_strand_a_listening_client_of_a_slow_old_owner(tmp_path, 
         n1.proc.send_signal(signal.SIGCONT)
 
     data, end = moving.until_closed(5)
-    assert b'{"type":"reconnect","reason":"route_moved"}' in data, (data, end)
+    assert b'{"type":"reconnect","reason":"route_moved","spread":' in data, (data, end)
     assert end in ("eof", "reset")
     with pytest.raises(ConnectionError):
         poller.health()

@@ -24,7 +24,7 @@ from orbited.client import BlockingClient, HaloDCluster
 from orbited.core.hashing import route_of
 from orbited.core.tokens import issue_token
 from orbited.sp import wire
-from tests.conftest import SECRET, HaloDProcess, keys_on_routes, wait_for
+from tests.conftest import SECRET, HaloDProcess, keys_on_routes, moved_frame, next_frame, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -96,7 +96,7 @@ def test_route_ports_follow_the_table(tmp_path, procs):
 
     n2 = halod.node(tmp_path, "n2")  # takes routes 13-24
     procs.append(n2)
-    assert json.loads(ws.recv(timeout=5)) == {"type": "reconnect", "reason": "route_moved"}
+    assert moved_frame(next_frame(ws)) == {"type": "reconnect", "reason": "route_moved"}
     with pytest.raises(ConnectionClosed):
         ws.recv(timeout=5)
     # The same port now leads to n2, for browsers and web apps.
@@ -258,7 +258,7 @@ def test_connections_survive_kill_9_and_restart_of_halod_and_moves_still_cut(tmp
     # A move after the restart still cuts the moved route's connections and redirects it.
     n2 = halod.node(tmp_path, "n2")
     procs.append(n2)
-    assert json.loads(ws.recv(timeout=5)) == {"type": "reconnect", "reason": "route_moved"}
+    assert moved_frame(next_frame(ws)) == {"type": "reconnect", "reason": "route_moved"}
     with pytest.raises(ConnectionClosed):
         ws.recv(timeout=5)
     with pytest.raises(ConnectionError):  # cut 0.5 s after the move

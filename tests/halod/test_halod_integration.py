@@ -17,7 +17,15 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 
 from orbited.core.routes import canonical
-from tests.conftest import HaloDProcess, NodeProcess, keys_on_routes, send_event, wait_for
+from tests.conftest import (
+    HaloDProcess,
+    NodeProcess,
+    keys_on_routes,
+    moved_frame,
+    next_frame,
+    send_event,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -51,10 +59,6 @@ def start_nodes(halod, tmp_path, procs, names, *flags):
 
 def routes_of(halod, name):
     return halod.nodes()[name]["routes"]
-
-
-def next_frame(ws, timeout=5.0):
-    return json.loads(ws.recv(timeout=timeout))
 
 
 def event_results(node, key, event_id):
@@ -132,7 +136,7 @@ def test_without_spare_the_highest_node_replaces_the_killed_one(tmp_path, procs)
     two = canonical(24, 2)
     assert status == {"n3": (1, two[1]), "n2": (2, two[2])}
     # n3's former routes 21-24 went back to n2: its browsers there are told to reconnect.
-    assert next_frame(ws) == {"type": "reconnect", "reason": "route_moved"}
+    assert moved_frame(next_frame(ws)) == {"type": "reconnect", "reason": "route_moved"}
     with pytest.raises(ConnectionClosed):
         ws.recv(timeout=5)
     assert ws.close_code == 4000
@@ -149,7 +153,7 @@ def test_joining_node_takes_routes_and_browsers_on_them_reconnect(tmp_path, proc
         assert next_frame(sockets[key])["type"] == "hello"
 
     n2 = start_nodes(halod, tmp_path, procs, ["n2"])["n2"]
-    assert next_frame(sockets[move]) == {"type": "reconnect", "reason": "route_moved"}
+    assert moved_frame(next_frame(sockets[move])) == {"type": "reconnect", "reason": "route_moved"}
     assert event_results(n1, stay, "e1")["status"] == "delivered"
     assert next_frame(sockets[stay])["data"] == {"n": "e1"}
     # The old node refuses the moved key and names the new owner to web apps.
@@ -264,7 +268,7 @@ def test_operator_drains_and_undrains_a_node(tmp_path, procs):
 
     done = halod_cli(halod, "drain", "a")
     assert done.returncode == 0 and done.stdout.strip() == "a: drained"
-    assert next_frame(ws) == {"type": "reconnect", "reason": "route_moved"}
+    assert moved_frame(next_frame(ws)) == {"type": "reconnect", "reason": "route_moved"}
     assert routes_of(halod, "s") == routes and halod.nodes()["a"]["state"] == "drained"
     assert event_results(nodes["a"], key, "d1")["status"] == "moved"
     refused = halod_cli(halod, "drain", "a")

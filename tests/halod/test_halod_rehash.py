@@ -18,7 +18,7 @@ from typing import Any
 import pynng
 import pytest
 
-from tests.conftest import HaloDProcess, wait_for
+from tests.conftest import HaloDProcess, moved_frame, next_frame, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -258,7 +258,7 @@ def test_rehash_moves_queued_events_to_the_new_owners_losing_nothing(tmp_path, p
     code, body = post(halod, "/rehash", {"hash_version": 2})
     assert code == 200 and body["nodes"] == ["a", "b", "s"]
     # Told to reconnect, with the key's route under version 2 (to find its port).
-    assert json.loads(browser.recv(timeout=5)) == {
+    assert moved_frame(next_frame(browser)) == {
         "type": "reconnect",
         "reason": "rehash",
         "route": route_of(live, 24, version=2),

@@ -41,7 +41,7 @@ class FrameSink:
     def replaced(self) -> None:
         pass
 
-    def reconnect(self, reason: str) -> None:
+    def reconnect(self, reason: str, route: int | None = None, spread=None) -> None:
         pass
 
 

@@ -104,7 +104,7 @@ class BatchingSink:
     def replaced(self) -> None:
         self.closed = True
 
-    def reconnect(self, reason: str) -> None:
+    def reconnect(self, reason: str, route: int | None = None, spread=None) -> None:
         self.closed = True
 
 

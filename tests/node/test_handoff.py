@@ -119,7 +119,7 @@ class _Tab:
     def replaced(self):
         pass
 
-    def reconnect(self, reason, route=None):
+    def reconnect(self, reason, route=None, spread=None):
         self.told = (reason, route)
 
     def closed(self, code, reason):

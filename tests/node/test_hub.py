@@ -34,7 +34,7 @@ class RecordingSink:
     def replaced(self):
         self.was_replaced = True
 
-    def reconnect(self, reason):
+    def reconnect(self, reason, route=None, spread=None):
         self.reconnect_reason = reason
 
     def events(self):

@@ -34,7 +34,7 @@ class Sink:
     def replaced(self):
         pass
 
-    def reconnect(self, reason, route=None):
+    def reconnect(self, reason, route=None, spread=None):
         pass
 
     def closed(self, code, reason):

@@ -108,7 +108,7 @@ class Sink:
     def replaced(self):
         self.was_replaced = True
 
-    def reconnect(self, reason, route=None):
+    def reconnect(self, reason, route=None, spread=None):
         self.reconnect_reason = reason
 
     def closed(self, code, reason):

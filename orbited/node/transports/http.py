@@ -72,7 +72,7 @@ class HTTPSink:
     def replaced(self) -> None:
         raise NotImplementedError
 
-    def reconnect(self, reason: str, route: int | None = None) -> None:
+    def reconnect(self, reason: str, route: int | None = None, spread: float | None = None) -> None:
         raise NotImplementedError
 
     def closed(self, code: int, reason: str) -> None:

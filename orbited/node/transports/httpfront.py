@@ -769,7 +769,7 @@ class _Sink(QueueWatch):
     def replaced(self) -> None:
         raise NotImplementedError
 
-    def reconnect(self, reason: str, route: int | None = None) -> None:
+    def reconnect(self, reason: str, route: int | None = None, spread: float | None = None) -> None:
         raise NotImplementedError
 
     def closed(self, code: int, reason: str) -> None:
@@ -814,9 +814,9 @@ class WSSink(_Sink):
             self.deliver([Frame(frames.REPLACED)])
             self.proto.ws_close(4001, "replaced: a newer connection took this key")
 
-    def reconnect(self, reason: str, route: int | None = None) -> None:
+    def reconnect(self, reason: str, route: int | None = None, spread: float | None = None) -> None:
         if self.proto.mode == WS_OPEN:
-            self.deliver([Frame(frames.reconnect(reason, route))])
+            self.deliver([Frame(frames.reconnect(reason, route, spread))])
             self.proto.ws_close(4000, f"reconnect: {reason}"[:123])
 
     def closed(self, code: int, reason: str) -> None:
@@ -874,8 +874,8 @@ class SSESink(_Sink):
     def replaced(self) -> None:
         self.finish(Frame(frames.REPLACED), False)
 
-    def reconnect(self, reason: str, route: int | None = None) -> None:
-        self.finish(Frame(frames.reconnect(reason, route)), True)
+    def reconnect(self, reason: str, route: int | None = None, spread: float | None = None) -> None:
+        self.finish(Frame(frames.reconnect(reason, route, spread)), True)
 
     def closed(self, code: int, reason: str) -> None:
         if self.finished:
@@ -947,9 +947,9 @@ class PollSink(_Sink):
         self.frames.append(frames.REPLACED)
         self.answer()
 
-    def reconnect(self, reason: str, route: int | None = None) -> None:
+    def reconnect(self, reason: str, route: int | None = None, spread: float | None = None) -> None:
         if not self.finished:
-            self.frames.append(frames.reconnect(reason, route))
+            self.frames.append(frames.reconnect(reason, route, spread))
             self.answer(close=True)
 
     def closed(self, code: int, reason: str) -> None:

@@ -77,10 +77,10 @@ class _PendingPoll(HTTPSink):
         self.frames.append(frames.REPLACED)
         self.flush()
 
-    def reconnect(self, reason: str, route: int | None = None) -> None:
+    def reconnect(self, reason: str, route: int | None = None, spread: float | None = None) -> None:
         if self.finished:
             return
-        self.frames.append(frames.reconnect(reason, route))
+        self.frames.append(frames.reconnect(reason, route, spread))
         self.close_connection()
         self.flush()
 

@@ -100,10 +100,10 @@ class _Stream(HTTPSink):
     def replaced(self) -> None:
         self.finish(Frame(frames.REPLACED))
 
-    def reconnect(self, reason: str, route: int | None = None) -> None:
+    def reconnect(self, reason: str, route: int | None = None, spread: float | None = None) -> None:
         if not self.finished:
             self.close_connection()
-        self.finish(Frame(frames.reconnect(reason, route)))
+        self.finish(Frame(frames.reconnect(reason, route, spread)))
 
     def closed(self, code: int, reason: str) -> None:
         # The stream's head (and the iframe's document head) left in start(): a frame.

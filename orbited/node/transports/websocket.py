@@ -157,9 +157,9 @@ class BrowserWebSocket(WebSocketServerProtocol):
             self.sendMessage(frames.REPLACED)
             self.sendClose(CLOSE_REPLACED, "replaced: a newer connection took this key")
 
-    def reconnect(self, reason: str, route: int | None = None) -> None:
+    def reconnect(self, reason: str, route: int | None = None, spread: float | None = None) -> None:
         if self.state == self.STATE_OPEN:
-            self.sendMessage(frames.reconnect(reason, route))
+            self.sendMessage(frames.reconnect(reason, route, spread))
             self.sendClose(CLOSE_RECONNECT, f"reconnect: {reason}"[:123])
 
     def closed(self, code: int, reason: str) -> None:
