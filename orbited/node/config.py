@@ -22,6 +22,7 @@ from orbited.core.settings import (
 from orbited.node.events import RequestLimits
 from orbited.node.hub import HubConfig
 from orbited.node.mailbox import MailboxLimits
+from orbited.node.offline import OfflineConfig
 from orbited.node.presence import PresenceConfig
 from orbited.node.rep import RepLimits
 from orbited.node.transports.common import BrowserAuth
@@ -29,8 +30,8 @@ from orbited.node.transports.limits import BrowserLimitsConfig
 from orbited.node.users import UserLimits
 
 # Node key -> (component config class, its field). The key's default is the field's
-# default; hub_config(), rep_limits(), browser_limits() and presence_config() pass the
-# key's value on. tests/node/test_config.py checks both for every row.
+# default; hub_config(), rep_limits(), browser_limits(), presence_config() and
+# offline_config() pass the key's value on. tests/node/test_config.py checks both for every row.
 COMPONENT_KEYS: dict[str, tuple[type[Any], str]] = {
     "linger": (HubConfig, "linger"),
     "keepalive": (HubConfig, "keepalive"),
@@ -71,6 +72,13 @@ COMPONENT_KEYS: dict[str, tuple[type[Any], str]] = {
     "presence_queue": (PresenceConfig, "max_queue"),
     "presence_timeout": (PresenceConfig, "timeout"),
     "presence_retries": (PresenceConfig, "retries"),
+    "offline_url": (OfflineConfig, "url"),
+    "offline_queue": (OfflineConfig, "max_queue"),
+    "offline_batch": (OfflineConfig, "batch"),
+    "offline_timeout": (OfflineConfig, "timeout"),
+    "offline_retries": (OfflineConfig, "retries"),
+    "offline_backoff": (OfflineConfig, "backoff"),
+    "offline_watches": (OfflineConfig, "watches"),
     "token_leeway": (BrowserAuth, "token_leeway"),
 }
 
@@ -202,12 +210,18 @@ class NodeConfig(ConfigBase):
     max_offline_after: float = opt(
         RequestLimits.max_offline_after, "the largest offline wait a request may ask"
     )
-    offline_queue: int = opt(10000, "offline notices queued at most (oldest dropped)")
-    offline_batch: int = opt(100, "offline notices per webhook request at most")
-    offline_retries: int = opt(5, "attempts per offline batch before it is dropped")
-    offline_backoff: float = opt(0.5, "seconds before the first retry of an offline batch")
-    offline_timeout: float = opt(5.0, "seconds per offline webhook request")
-    offline_watches: int = opt(100000, "events watched for the offline hook at most")
+    offline_queue: int = opt(
+        OfflineConfig.max_queue, "offline notices queued at most (oldest dropped)"
+    )
+    offline_batch: int = opt(OfflineConfig.batch, "offline notices per webhook request at most")
+    offline_retries: int = opt(
+        OfflineConfig.retries, "attempts per offline batch before it is dropped"
+    )
+    offline_backoff: float = opt(
+        OfflineConfig.backoff, "seconds before the first retry of an offline batch"
+    )
+    offline_timeout: float = opt(OfflineConfig.timeout, "seconds per offline webhook request")
+    offline_watches: int = opt(OfflineConfig.watches, "events watched for the offline hook at most")
     workers: int = opt(
         1, "node processes, one per core, each its own HaloD member (0 = one per core)"
     )
@@ -222,12 +236,7 @@ class NodeConfig(ConfigBase):
             raise ConfigError("offline_url must be an http:// or https:// URL")
         if self.hash_version not in (1, 2):
             raise ConfigError("hash_version must be 1 or 2 (docs/hashing.md)")
-        self.require_positive(
-            "offline_after", "max_offline_after", "offline_queue", "offline_batch",
-            "offline_retries", "offline_timeout", "offline_watches",
-        )  # fmt: skip
-        if not self.offline_backoff >= 0:
-            raise ConfigError("offline_backoff must not be negative")
+        self.require_positive("offline_after", "max_offline_after")
         if self.offline_after > self.max_offline_after:
             raise ConfigError("offline_after must not exceed max_offline_after")
         if self.orbit_legacy:
@@ -245,6 +254,7 @@ class NodeConfig(ConfigBase):
             self.browser_limits()
             self.rep_limits()
             self.presence_config()
+            OfflineConfig(**self._values(OfflineConfig))  # checked even while it is off
         except FieldError as e:
             raise ConfigError(f"{self._key(e.owner, e.field)} {e.rule}") from None
         if self.max_payload > self.mailbox_bytes:
@@ -304,6 +314,13 @@ class NodeConfig(ConfigBase):
         if not self.presence_url:
             return None
         return PresenceConfig(**self._values(PresenceConfig))
+
+    def offline_config(self) -> OfflineConfig | None:
+        """The offline hook's webhook and watch limit; None when it is off (no
+        offline_url)."""
+        if not self.offline_url:
+            return None
+        return OfflineConfig(**self._values(OfflineConfig))
 
     def browser_auth(self, secret: bytes) -> BrowserAuth:
         return BrowserAuth(secret, **self._values(BrowserAuth))

@@ -149,28 +149,72 @@ def test_a_component_key_defaults_to_the_components_default(key):
     from orbited.node.config import COMPONENT_KEYS
 
     owner, name = COMPONENT_KEYS[key]
-    if owner.__name__ == "PresenceConfig" and name == "url":
-        assert _default(NodeConfig, key) == ""  # required by PresenceConfig; "" = off
+    if owner.__name__ in ("PresenceConfig", "OfflineConfig") and name == "url":
+        assert _default(NodeConfig, key) == ""  # required by the webhook; "" = off
         return
     assert _default(NodeConfig, key) == _default(owner, name), f"{key} vs {owner.__name__}.{name}"
 
 
-def test_a_component_default_change_shows_in_the_node_config(monkeypatch):
+# The issue-21 node keys whose default lives in a component: each must be a
+# COMPONENT_KEYS row (so the tests above and below cover it).
+ISSUE_21_COMPONENT_KEYS = {
+    "hash_version": ("orbited.node.hub:HubConfig", "hash_version"),
+    "user_max_connections": ("orbited.node.users:UserLimits", "max_connections"),
+    "user_limit_policy": ("orbited.node.users:UserLimits", "policy"),
+    "user_rate": ("orbited.node.users:UserLimits", "rate"),
+    "user_burst": ("orbited.node.users:UserLimits", "burst"),
+    "user_hold": ("orbited.node.users:UserLimits", "hold"),
+    "offline_after": ("orbited.node.events:RequestLimits", "offline_after"),
+    "max_offline_after": ("orbited.node.events:RequestLimits", "max_offline_after"),
+    "offline_url": ("orbited.node.offline:OfflineConfig", "url"),
+    "offline_queue": ("orbited.node.offline:OfflineConfig", "max_queue"),
+    "offline_batch": ("orbited.node.offline:OfflineConfig", "batch"),
+    "offline_timeout": ("orbited.node.offline:OfflineConfig", "timeout"),
+    "offline_retries": ("orbited.node.offline:OfflineConfig", "retries"),
+    "offline_backoff": ("orbited.node.offline:OfflineConfig", "backoff"),
+    "offline_watches": ("orbited.node.offline:OfflineConfig", "watches"),
+}
+
+
+@pytest.mark.parametrize("key", sorted(ISSUE_21_COMPONENT_KEYS))
+def test_an_issue_21_key_reads_its_default_from_its_component(key):
+    import importlib
+
+    from orbited.node.config import COMPONENT_KEYS
+
+    where, name = ISSUE_21_COMPONENT_KEYS[key]
+    module, cls_name = where.split(":")
+    owner = getattr(importlib.import_module(module), cls_name)
+    assert COMPONENT_KEYS.get(key) == (owner, name)
+
+
+@pytest.mark.parametrize(
+    "where, name, key, value",
+    [
+        ("orbited.node.hub:HubConfig", "linger", "linger", 7.5),
+        ("orbited.node.offline:OfflineConfig", "max_queue", "offline_queue", 123),
+        ("orbited.node.offline:OfflineConfig", "watches", "offline_watches", 456),
+        ("orbited.node.offline:OfflineConfig", "backoff", "offline_backoff", 0.75),
+        ("orbited.node.users:UserLimits", "hold", "user_hold", 12.5),
+    ],
+)
+def test_a_component_default_change_shows_in_the_node_config(monkeypatch, where, name, key, value):
     """The node's default is read from the component when NodeConfig is defined: a module
     reloaded after the component's default changes gets the new value."""
     import importlib
 
     import orbited.node.config as node_config
-    from orbited.node.hub import HubConfig
 
-    monkeypatch.setattr(HubConfig, "linger", 7.5)
+    module, cls_name = where.split(":")
+    owner = getattr(importlib.import_module(module), cls_name)
+    monkeypatch.setattr(owner, name, value)
     try:
         reloaded = importlib.reload(node_config)
-        assert reloaded.NodeConfig().linger == 7.5
+        assert getattr(reloaded.NodeConfig(), key) == value
     finally:
         monkeypatch.undo()
         importlib.reload(node_config)
-    assert node_config.NodeConfig().linger == HubConfig().linger
+    assert getattr(node_config.NodeConfig(), key) == _default(owner, name)
 
 
 def test_every_component_key_reaches_its_component():
@@ -202,6 +246,7 @@ def test_every_component_key_reaches_its_component():
         "RepLimits": config.rep_limits(),
         "BrowserLimitsConfig": config.browser_limits(),
         "PresenceConfig": config.presence_config(),
+        "OfflineConfig": config.offline_config(),
         "BrowserAuth": config.browser_auth(b"x" * 32),
     }
     for key, (owner, name) in COMPONENT_KEYS.items():
@@ -220,6 +265,20 @@ def test_presence_is_off_without_a_url_and_its_limits_are_checked():
     assert NodeConfig().presence_config() is None
     with pytest.raises(ConfigError, match="presence_retries must be positive"):
         NodeConfig.load(None, {"presence_url": "http://127.0.0.1:9/", "presence_retries": 0})
+
+
+def test_the_offline_hook_is_off_without_a_url_and_its_limits_are_checked():
+    """offline_config() builds the watcher's settings from the offline_* keys; the
+    component checks their ranges, also while the hook is off."""
+    from orbited.node.offline import OfflineConfig
+
+    assert NodeConfig().offline_config() is None
+    config = NodeConfig.load(None, {"offline_url": "http://127.0.0.1:9/hook"})
+    assert config.offline_config() == OfflineConfig("http://127.0.0.1:9/hook")
+    with pytest.raises(ConfigError, match="offline_watches must be positive"):
+        NodeConfig.load(None, {"offline_url": "http://127.0.0.1:9/", "offline_watches": 0})
+    with pytest.raises(ConfigError, match="offline_retries must be positive"):
+        NodeConfig.load(None, {"offline_retries": 0})
 
 
 @pytest.mark.parametrize(
