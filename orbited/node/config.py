@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import twisted.web.client
+
 from orbited.core.control import halod_addresses
 from orbited.core.settings import (
     ConfigBase,
@@ -88,6 +90,21 @@ _POSITIVE = (
     "handoff_timeout", "max_recipients", "max_payload", "max_ack_wait",
     "sp_max_message", "sp_header_timeout", "sp_max_inflight", "sp_max_connections",
 )  # fmt: skip
+
+
+def _check_webhook_url(key: str, url: str) -> None:
+    """A webhook URL ("" = off) is http:// or https://; https:// needs Twisted's TLS
+    support (pyOpenSSL: ``pip install "Twisted[tls]"``, not an Orbited dependency), without
+    which Twisted's Agent cannot make the request at all."""
+    if not url:
+        return
+    if not url.startswith(("http://", "https://")):
+        raise ConfigError(f"{key} must be an http:// or https:// URL")
+    if url.startswith("https://") and getattr(twisted.web.client, "SSL", None) is None:
+        raise ConfigError(
+            f"{key} is https:// but Twisted's TLS support is not installed "
+            '(pip install "Twisted[tls]")'
+        )
 
 
 @dataclass
@@ -230,10 +247,8 @@ class NodeConfig(ConfigBase):
     def validate(self) -> None:
         super().validate()
         parse_host_port(self.http)
-        if self.presence_url and not self.presence_url.startswith(("http://", "https://")):
-            raise ConfigError("presence_url must be an http:// or https:// URL")
-        if self.offline_url and not self.offline_url.startswith(("http://", "https://")):
-            raise ConfigError("offline_url must be an http:// or https:// URL")
+        for key in ("presence_url", "offline_url"):
+            _check_webhook_url(key, getattr(self, key))
         if self.hash_version not in (1, 2):
             raise ConfigError("hash_version must be 1 or 2 (docs/hashing.md)")
         self.require_positive("offline_after", "max_offline_after")

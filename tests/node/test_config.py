@@ -357,3 +357,18 @@ def test_user_limits_reach_the_hub_and_zero_means_no_limit():
     default = NodeConfig.load(None, {}).hub_config()
     assert default.users.max_connections == 0 and default.users.rate == 0
     assert default.hash_version == 2
+
+
+@pytest.mark.parametrize("key", ["presence_url", "offline_url"])
+def test_an_https_webhook_needs_twisteds_tls_support(monkeypatch, key):
+    """Without pyOpenSSL (Twisted[tls], not an Orbited dependency) Twisted's Agent cannot
+    POST to https:// at all: the node refuses such a URL at start instead of losing
+    every notice (docs/security.md, "Webhooks")."""
+    import twisted.web.client
+
+    monkeypatch.setattr(twisted.web.client, "SSL", None)  # as without pyOpenSSL
+    with pytest.raises(ConfigError, match=rf"{key} is https:// but Twisted's TLS support"):
+        NodeConfig.load(None, {key: "https://127.0.0.1:9/hook"})
+    assert getattr(NodeConfig.load(None, {key: "http://127.0.0.1:9/hook"}), key)
+    monkeypatch.setattr(twisted.web.client, "SSL", object())  # as with it
+    assert getattr(NodeConfig.load(None, {key: "https://127.0.0.1:9/hook"}), key)
