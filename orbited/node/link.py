@@ -77,11 +77,18 @@ _ROUTES_GONE = frozenset({ErrorCode.FAILED, ErrorCode.ID_CLAIMED, ErrorCode.ID_M
 
 def _fitting(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Leave out events too large for one control message (only possible when
-    max_payload is raised near MAX_MESSAGE): the browser then sees a gap."""
+    max_payload is raised near MAX_MESSAGE): the browser then sees a gap. A gap is one
+    range ending at the mailbox's ``evicted`` (docs/protocol.md, "Mailboxes and
+    resume"), so ``evicted`` becomes the highest seq left out and the events before it
+    go too, as if the old owner's limits had evicted them: a seq missing without a gap
+    would read as replaced by a latest-value event, not lost."""
     limit = MAX_MESSAGE // 2
     for entry in entries:
-        if any(len(event[1]) > limit for event in entry["events"]):
-            entry["events"] = [e for e in entry["events"] if len(e[1]) <= limit]
+        events = entry["events"]
+        lost = max((e[0] for e in events if len(e[1]) > limit), default=None)
+        if lost is not None:
+            entry["events"] = [e for e in events if e[0] > lost]
+            entry["evicted"] = max(entry.get("evicted") or 0, lost)
     return entries
 
 

@@ -1,0 +1,144 @@
+"""A planned move through the link (orbited/node/link.py; docs/halod-protocol.md,
+"Hand-off"): a real hub hands its mailboxes over through ``route_moved``, the link turns
+them into ``handoff`` messages, and a second real hub installs them. Events too large for
+a control message are left out, and the browser resuming on the new owner must see a
+``gap`` for them (step 3), not a seq jump that reads as a latest-value replacement."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, cast
+
+from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+
+from orbited.core.control import (
+    CONTROL_PROTOCOL,
+    FROM_NODE,
+    MAX_MESSAGE,
+    HaloDMessage,
+    Handoff,
+    RouteMove,
+    RouteMoved,
+    Welcome,
+    decode,
+    encode,
+)
+from orbited.core.keys import ConnectionKey
+from orbited.core.routes import Role
+from orbited.node.events import RequestLimits
+from orbited.node.hub import Hub, HubConfig
+from orbited.node.link import HaloDLink, LinkProtocol
+from orbited.node.mailbox import Position
+from orbited.sp.wire import SPConnection, encode_message
+
+KEY = ConnectionKey("alice", "s1", "/chat")
+BIG = MAX_MESSAGE // 2 + 10  # payload characters: more than half a control message
+
+
+class Tab:
+    wants_pings = True
+    last_write = 0.0
+
+    def __init__(self) -> None:
+        self.frames: list[dict[str, Any]] = []
+
+    def deliver(self, out: Any) -> bool:
+        self.frames += [json.loads(f.data) for f in out]
+        return True
+
+    def replaced(self) -> None:
+        pass
+
+    def reconnect(self, reason: str, route: int | None = None, spread: float | None = None
+                  ) -> None:  # fmt: skip
+        pass
+
+    def closed(self, code: int, reason: str) -> None:
+        pass
+
+
+def config() -> HubConfig:
+    return HubConfig(routes=2, requests=RequestLimits(max_payload=BIG + 100))
+
+
+class Link:
+    """HaloD's end of the old owner's control connection."""
+
+    def __init__(self, hub: Hub) -> None:
+        self.link = HaloDLink(cast(Any, hub), "n1", "tcp://127.0.0.1:7600",
+                              lambda: ("127.0.0.1:8000", "tcp://127.0.0.1:9000"), 10,
+                              MemoryReactorClock())  # fmt: skip
+        self.proto = LinkProtocol(self.link)
+        self.transport = StringTransport()
+        self.proto.makeConnection(self.transport)
+        self.sp = SPConnection(CONTROL_PROTOCOL, CONTROL_PROTOCOL, MAX_MESSAGE)
+        self.proto.dataReceived(self.sp.initial_bytes())
+
+    def send(self, message: HaloDMessage) -> None:
+        self.proto.dataReceived(encode_message(encode(message)))
+
+    def received(self) -> list[Any]:
+        data = self.transport.value()
+        self.transport.clear()
+        return [decode(body, FROM_NODE) for body in self.sp.receive(data)]
+
+
+def send_event(hub: Hub, eid: str, data: str) -> None:
+    body = {"id": eid, "to": [list(KEY)], "data": data}
+    hub.handle_request(json.dumps(body).encode())
+
+
+def test_an_event_left_out_of_a_hand_off_is_a_gap_on_the_new_owner():
+    old = Hub(Clock(), config(), epoch="old")
+    halod = Link(old)
+    halod.send(Welcome(1, Role.ACTIVE, (1, 2), 2, 1.0, 3, hash_version=2))
+    tab = Tab()
+    old.attach(KEY, tab, None)
+    send_event(old, "e1", "a")
+    tab.deliver = lambda out: False  # type: ignore[method-assign]  # the browser is away
+    send_event(old, "e2", "b")
+    send_event(old, "e3", "x" * BIG)  # too large for one control message
+    send_event(old, "e4", "c")
+    old.ack(KEY, 1)
+    stream = old.mailbox(KEY).stream  # type: ignore[union-attr]
+    route = old._slots[KEY].route
+    halod.received()  # register
+    new = Hub(Clock(), config(), epoch="new")
+    new.assign([r for r in (1, 2) if r != route], 2)
+    new.assign([1, 2], 2, incoming=[route])
+    halod.send(RouteMoved((RouteMove(route, "n2", "b2", "tcp://n2:1", handoff=True),)))
+    handoffs = [m for m in halod.received() if isinstance(m, Handoff)]
+    assert handoffs and handoffs[-1].done == (route,)
+    for message in handoffs:
+        new.handoff_received(json.loads(json.dumps(list(message.mailboxes))), message.done)
+    resumed = Tab()
+    new.attach(KEY, resumed, Position(stream, 1))
+    seen = [f for f in resumed.frames if f["type"] in ("gap", "event")]
+    # 3 is left out, so 2 (before it) goes too: a gap is one range, up to the entry's
+    # evicted (docs/halod-protocol.md, "Hand-off", step 3).
+    assert seen == [{"type": "gap", "from": 2, "to": 3},
+                    {"type": "event", "seq": 4, "id": "e4", "data": "c"}]  # fmt: skip
+
+
+def test_a_hand_off_with_nothing_left_out_has_no_gap():
+    old = Hub(Clock(), config(), epoch="old")
+    halod = Link(old)
+    halod.send(Welcome(1, Role.ACTIVE, (1, 2), 2, 1.0, 3, hash_version=2))
+    old.attach(KEY, Tab(), None)
+    old.detach(KEY, old._slots[KEY].sink)  # type: ignore[arg-type]
+    for i in (1, 2, 3):
+        send_event(old, f"e{i}", "x" * 100)
+    stream = old.mailbox(KEY).stream  # type: ignore[union-attr]
+    route = old._slots[KEY].route
+    new = Hub(Clock(), config(), epoch="new")
+    new.assign([r for r in (1, 2) if r != route], 2)
+    new.assign([1, 2], 2, incoming=[route])
+    halod.received()
+    halod.send(RouteMoved((RouteMove(route, "n2", "b2", "tcp://n2:1", handoff=True),)))
+    for message in [m for m in halod.received() if isinstance(m, Handoff)]:
+        new.handoff_received(json.loads(json.dumps(list(message.mailboxes))), message.done)
+    resumed = Tab()
+    new.attach(KEY, resumed, Position(stream, 0))
+    seen = [(f["type"], f.get("seq")) for f in resumed.frames if f["type"] in ("gap", "event")]
+    assert seen == [("event", 1), ("event", 2), ("event", 3)]
