@@ -238,6 +238,7 @@ class RouteOwnership:
     config: HubConfig
     stats: dict[str, int]
     presence: Callable[[PresenceChange, ConnectionKey], None] | None
+    offline: Any  # orbited.node.offline.OfflineWatcher, or users.NullWatcher
     _slots: dict[ConnectionKey, _Slot]
 
     def _init_routes(self, routes: int, hash_version: int = DEFAULT_HASH_VERSION) -> None:
@@ -283,6 +284,9 @@ class RouteOwnership:
     def import_users(self, entries: Iterable[Any]) -> int:
         raise NotImplementedError
 
+    def drop_holds(self, routes: frozenset[int]) -> int:
+        raise NotImplementedError
+
     # -- HaloD's messages ------------------------------------------------------------------
 
     def assign(
@@ -321,20 +325,32 @@ class RouteOwnership:
         The mailboxes of ``handoff`` routes are appended to ``exports`` as wire entries
         (MailboxExport.to_wire; the new owner resumes them) instead of being dropped;
         their per-user state (held wildcard events, offline watches: ``export_users``) to
-        ``users``, each entry with its ``route`` (the ``handoff`` message's ``users``)."""
+        ``users``, each entry with its ``route`` (the ``handoff`` message's ``users``);
+        without ``users`` that state is dropped here, so no watch of a handed-over event
+        stays behind. Routes not handed over lose their state (``_evict``)."""
         self.moved_to.update(moves)
         owned = frozenset(range(1, self.routes + 1)) if self.owned is None else self.owned
         self.owned = owned - moves.keys()
-        if users is not None and exports is not None:
-            users.extend(self.export_users(frozenset(moves) & frozenset(handoff)))
-        return self._evict(frozenset(moves), frozenset(handoff), exports)
+        handed = frozenset(moves) & frozenset(handoff) if exports is not None else frozenset()
+        exported = self.export_users(handed)
+        if users is not None:
+            users.extend(exported)
+        return self._evict(frozenset(moves), handed, exports)
 
     def _evict(
         self, routes: frozenset[int], handoff: frozenset[int] = frozenset(),
         exports: list[dict[str, Any]] | None = None,
     ) -> int:  # fmt: skip
+        """Drop the keys of ``routes`` (exported instead for ``handoff`` routes). A route
+        not handed over loses its per-user state too (docs/protocol.md, "Offline
+        webhooks", "Moves and crashes"): each dropped mailbox counts as expired for the
+        offline hook (a waiting watch whose last mailbox it was says ``expired``, a
+        pushed one ends with no ``cancel``) and its users' holds end."""
         if not routes:
             return 0
+        if exports is None:
+            handoff = frozenset()
+        self.drop_holds(routes - handoff)
         moving = [(key, slot) for key, slot in self._slots.items() if slot.route in routes]
         # Only these browsers go to the new owner(s), not all of this node's: their
         # reconnect frames carry a spread counted over them (docs/protocol.md).
@@ -357,8 +373,10 @@ class RouteOwnership:
                     slot, partial(_moved_away, route, self.moved_to.get(route), self.hash_version)
                 )
             self._release(slot, "route_moved", spread=spread)
-            if not handed and slot.online and self.presence is not None:
-                self.presence("signoff", key)  # handed over keys stay online, elsewhere
+            if not handed:
+                if slot.online and self.presence is not None:
+                    self.presence("signoff", key)  # handed over keys stay online, elsewhere
+                self.offline.expired(key)  # its events are gone with it
         if evicted:
             self.log.info("{n} keys of moved routes told to reconnect", n=evicted)
         return evicted
@@ -437,11 +455,13 @@ class RouteOwnership:
         for route, name in owner_of.items():
             if route not in owned and name != me:
                 self.moved_to[route] = sp_of.get(route)
-        if users is not None:
-            for user_entry in self.export_users(frozenset(owner_of) - owned):
-                name = owner_of.get(user_entry["route"])
-                if name is not None and name in out:
-                    users.setdefault(name, []).append(user_entry)
+        handed = frozenset(r for r, name in owner_of.items() if r not in owned and name in out)
+        for user_entry in self.export_users(handed):
+            name = owner_of[user_entry["route"]]
+            if users is not None and name is not None:
+                users.setdefault(name, []).append(user_entry)
+        # Holds of routes no peer takes are dropped, like their mailboxes below.
+        self.drop_holds(frozenset(range(1, self.routes + 1)) - owned - handed)
         moved = 0
         moving = []
         for key, slot in self._slots.items():
@@ -466,6 +486,7 @@ class RouteOwnership:
                 )
                 if slot.online and self.presence is not None:
                     self.presence("signoff", key)
+                self.offline.expired(key)
             self._release(slot, "rehash", route, spread)
         if peers:
             for route in owned:

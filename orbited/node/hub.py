@@ -1151,6 +1151,27 @@ class Hub(RouteOwnership):
                 taken += 1
         return taken
 
+    def drop_holds(self, routes: frozenset[int]) -> int:
+        """End the held wildcard events of users whose route is in ``routes`` (it left
+        this node without a hand-off): their watches end with them (dropped), and an
+        acknowledged-mode request waiting on one that reached no mailbox is answered
+        ``held`` (docs/protocol.md, "Acknowledged mode"). Returns how many ended."""
+        if not routes:
+            return 0
+        total = self.routes
+        ended = 0
+        for user, entry in list(self._users.items()):
+            holds = entry.holds
+            if not holds or route_of_user(user, total) not in routes:
+                continue
+            entry.holds = None
+            for hold in holds:
+                self._end_hold(hold)
+                ended += 1
+            if not entry.keys:
+                del self._users[user]
+        return ended
+
     def _end_hold(self, hold: UserHold) -> None:
         self.mailbox_bytes -= len(hold.payload)
         for timer in (hold.timer, hold.ack_timer):
