@@ -20,6 +20,7 @@ route's owner (docs/halod.md, "Rehash").
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Callable, Sequence
 from typing import Any, assert_never
@@ -85,11 +86,19 @@ def _fitting(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
     limit = MAX_MESSAGE // 2
     for entry in entries:
         events = entry["events"]
-        lost = max((e[0] for e in events if len(e[1]) > limit), default=None)
+        lost = max((e[0] for e in events if _too_large(e[1], limit)), default=None)
         if lost is not None:
             entry["events"] = [e for e in events if e[0] > lost]
             entry["evicted"] = max(entry.get("evicted") or 0, lost)
     return entries
+
+
+def _too_large(text: str, limit: int) -> bool:
+    """Is a payload (JSON text, kept as UTF-8 with non-ASCII characters as they are)
+    larger than ``limit`` bytes once escaped in a control message, which writes each
+    non-ASCII character as ``\\uXXXX`` (up to 12 bytes a character)? Only a payload
+    that could be is encoded to find out."""
+    return len(text) * 12 + 2 > limit and len(json.dumps(text)) > limit
 
 
 _FROM = b',"from":"'

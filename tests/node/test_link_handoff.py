@@ -142,3 +142,35 @@ def test_a_hand_off_with_nothing_left_out_has_no_gap():
     new.attach(KEY, resumed, Position(stream, 0))
     seen = [(f["type"], f.get("seq")) for f in resumed.frames if f["type"] in ("gap", "event")]
     assert seen == [("event", 1), ("event", 2), ("event", 3)]
+
+
+def test_an_event_too_large_once_escaped_for_the_control_message_is_left_out_too():
+    """Payloads are stored as UTF-8 JSON text, and the control message escapes every
+    non-ASCII character (6 bytes for a 2-byte é): an event of fewer characters than half
+    a message can still be too large for one. It is left out (a gap), not sent in a
+    message HaloD must refuse."""
+    old = Hub(Clock(), config(), epoch="old")
+    halod = Link(old)
+    halod.send(Welcome(1, Role.ACTIVE, (1, 2), 2, 1.0, 3, hash_version=2))
+    old.attach(KEY, Tab(), None)
+    old.detach(KEY, old._slots[KEY].sink)  # type: ignore[arg-type]
+    wide = "é" * 200_000  # 200 002 characters of JSON text, 1.2 MB escaped
+    text = json.dumps(wide, ensure_ascii=False)  # as the mailbox keeps it
+    assert len(text) < MAX_MESSAGE // 2 and len(json.dumps(text)) > MAX_MESSAGE
+    send_event(old, "e1", wide)
+    send_event(old, "e2", "c")
+    stream = old.mailbox(KEY).stream  # type: ignore[union-attr]
+    route = old._slots[KEY].route
+    new = Hub(Clock(), config(), epoch="new")
+    new.assign([r for r in (1, 2) if r != route], 2)
+    new.assign([1, 2], 2, incoming=[route])
+    halod.received()
+    halod.send(RouteMoved((RouteMove(route, "n2", "b2", "tcp://n2:1", handoff=True),)))
+    handoffs = [m for m in halod.received() if isinstance(m, Handoff)]  # each one decodes
+    for message in handoffs:
+        new.handoff_received(json.loads(json.dumps(list(message.mailboxes))), message.done)
+    resumed = Tab()
+    new.attach(KEY, resumed, Position(stream, 0))
+    seen = [f for f in resumed.frames if f["type"] in ("gap", "event")]
+    assert seen == [{"type": "gap", "from": 1, "to": 1},
+                    {"type": "event", "seq": 2, "id": "e2", "data": "c"}]  # fmt: skip
