@@ -529,6 +529,13 @@ def decode_from_halod(body: bytes) -> HaloDMessage:
 # -- the hand-off --------------------------------------------------------------------------
 
 
+def escaped_size(text: str) -> int:
+    """Bytes ``text`` takes as a JSON string in a control message, which escapes each
+    non-ASCII character as ``\\uXXXX`` and each quote and backslash: up to 12 bytes a
+    character, so a payload's length in characters is not its size on the wire."""
+    return len(json.dumps(text))
+
+
 def handoff_messages(
     to: str, done: Iterable[int], entries: Iterable[WireDict], chunk: int = HANDOFF_CHUNK,
     users: Iterable[WireDict] = (),
@@ -550,7 +557,7 @@ def handoff_messages(
     for entry in entries:
         part: list[Any] = []
         for event in entry["events"]:
-            cost = len(event[1]) + 16
+            cost = escaped_size(event[1]) + 16
             if part and size + cost > chunk:
                 batch.append({**entry, "events": part})
                 flush()

@@ -20,7 +20,6 @@ route's owner (docs/halod.md, "Rehash").
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Callable, Sequence
 from typing import Any, assert_never
@@ -63,6 +62,7 @@ from orbited.core.control import (
     Welcome,
     decode_from_halod,
     encode,
+    escaped_size,
     halod_addresses,
     handoff_messages,
 )
@@ -98,7 +98,7 @@ def _too_large(text: str, limit: int) -> bool:
     larger than ``limit`` bytes once escaped in a control message, which writes each
     non-ASCII character as ``\\uXXXX`` (up to 12 bytes a character)? Only a payload
     that could be is encoded to find out."""
-    return len(text) * 12 + 2 > limit and len(json.dumps(text)) > limit
+    return len(text) * 12 + 2 > limit and escaped_size(text) > limit
 
 
 _FROM = b',"from":"'

@@ -10,6 +10,7 @@ import pytest
 from orbited.core.control import (
     FROM_HALOD,
     FROM_NODE,
+    MAX_MESSAGE,
     Assign,
     ControlError,
     Error,
@@ -356,3 +357,32 @@ def test_hand_off_messages_split_large_mailboxes_and_name_the_done_routes():
             for e in b["events"]]  # fmt: skip
     assert seqs == list(range(1, 101))
     assert handoff_messages("n2", [3], []) == [Handoff("n2", (3,), ())]
+
+
+def test_hand_off_chunks_are_sized_as_sent_with_non_ascii_payloads():
+    """A control message writes each non-ASCII character as \\uXXXX (and a quote as \\"):
+    chunks are sized by that, so none passes MAX_MESSAGE (HaloD would close the link and
+    the whole hand-off would be lost)."""
+    big = "é" * 80_000  # 80 000 characters, 480 000 bytes once escaped
+    entries = [
+        {
+            "key": ["u", "", ""],
+            "route": 1,
+            "stream": "a.1",
+            "next_seq": 4,
+            "acked": 0,
+            "events": [[n, big] for n in (1, 2, 3)],
+        },
+        {
+            "key": ["v", "", ""],
+            "route": 1,
+            "stream": "a.2",
+            "next_seq": 2000,
+            "acked": 0,
+            "events": [[n, '{"q":"\\"é\\""}' * 20] for n in range(1, 2000)],
+        },
+    ]
+    messages = handoff_messages("n2", [1], entries)  # fmt: skip
+    assert all(len(encode(m)) < MAX_MESSAGE for m in messages)
+    events = [e for m in messages for b in m.mailboxes for e in b["events"]]
+    assert len(events) == 3 + 1999
