@@ -21,7 +21,7 @@ from orbited.node.config import NodeConfig
 from orbited.node.hub import Hub
 from orbited.node.legacy.orbit import OrbitFactory
 from orbited.node.link import HaloDLink
-from orbited.node.offline import OfflineConfig, OfflineWatcher
+from orbited.node.offline import OfflineWatcher
 from orbited.node.presence import PresenceNotifier
 from orbited.node.publish import publish_site
 from orbited.node.rep import RepFactory
@@ -36,22 +36,6 @@ from orbited.node.transports.limits import BrowserLimits
 from orbited.node.web import browser_site
 from orbited.node.webhook import WebhookQueue
 from orbited.runtime.twisted_compat import listening_port
-
-
-def offline_config(config: NodeConfig) -> OfflineConfig | None:
-    """The offline webhook's settings from the node's offline_* keys; None when
-    offline_url is empty (the hook is off)."""
-    if not config.offline_url:
-        return None
-    return OfflineConfig(
-        url=config.offline_url,
-        max_queue=config.offline_queue,
-        batch=config.offline_batch,
-        timeout=config.offline_timeout,
-        retries=config.offline_retries,
-        backoff=config.offline_backoff,
-        watches=config.offline_watches,
-    )
 
 
 class NodeService(service.MultiService):
@@ -79,7 +63,7 @@ class NodeService(service.MultiService):
         # hub keeps its no-op watcher and refuses requests with "offline".
         self.offline: OfflineWatcher | None = None
         self.offline_queue: WebhookQueue | None = None
-        offline = offline_config(config)
+        offline = config.offline_config()
         if offline is not None:
             self.offline_queue = WebhookQueue(offline, secret, config.name, clock, "offline")
             self.offline = OfflineWatcher(

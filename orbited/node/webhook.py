@@ -197,8 +197,10 @@ class WebhookQueue:
         else:
             headers = Headers({b"content-type": [b"application/json"],
                                SIGNATURE_HEADER: [sign(self.secret, body).encode()]})  # fmt: skip
-            request = self._agent.request(b"POST", self.config.url.encode(), headers,
-                                          FileBodyProducer(BytesIO(body)))  # fmt: skip
+            # maybeDeferred: the agent may raise at once (e.g. https:// without TLS
+            # support), which must count as a failed attempt, not end the send loop.
+            request = defer.maybeDeferred(self._agent.request, b"POST", self.config.url.encode(),
+                                          headers, FileBodyProducer(BytesIO(body)))  # fmt: skip
             posted = request.addCallback(_read_ok)
         posted.addTimeout(self.config.timeout, self.reactor)
         posted.addErrback(self._failed)

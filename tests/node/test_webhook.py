@@ -177,3 +177,26 @@ def test_no_backoff_retries_at_once():
     clock.advance(0)
     clock.advance(0)
     assert receiver.times == [0, 0] and queue.sent == 1
+
+
+def test_an_agent_that_raises_at_once_is_a_failed_attempt_not_a_dead_queue():
+    """twisted.web's Agent raises before any request for an https:// URL without TLS
+    support: each attempt fails, the batch is dropped and counted, and the queue goes on
+    (it used to stop sending for good, losing every later notice uncounted)."""
+    clock = Clock()
+    cfg = WebhookConfig("http://127.0.0.1:9/hook", backoff=0.5, retries=2, batch=1)
+    queue = WebhookQueue(cfg, SECRET, "node-1", clock, name="test")
+    attempts: list[bytes] = []
+
+    class RaisingAgent:
+        def request(self, method, uri, headers=None, body=None):  # noqa: ANN001, ANN201
+            attempts.append(uri)
+            raise NotImplementedError("SSL support unavailable")
+
+    queue._agent = RaisingAgent()  # type: ignore[assignment]
+    queue.push({"type": "first"})
+    queue.push({"type": "second"})
+    clock.advance(0)
+    clock.pump([0.5] * 6)
+    assert len(attempts) == 4  # two attempts for each batch
+    assert queue.dropped == 2 and queue.sent == 0
