@@ -320,6 +320,7 @@ class RouteOwnership:
     def route_moved(
         self, moves: dict[int, str | None], handoff: Iterable[int] = (),
         exports: list[dict[str, Any]] | None = None, users: list[dict[str, Any]] | None = None,
+        exported: Callable[[], None] | None = None,
     ) -> int:  # fmt: skip
         """'route moved': these routes now reach another node (SP address, if known).
         The mailboxes of ``handoff`` routes are appended to ``exports`` as wire entries
@@ -327,19 +328,22 @@ class RouteOwnership:
         their per-user state (held wildcard events, offline watches: ``export_users``) to
         ``users``, each entry with its ``route`` (the ``handoff`` message's ``users``);
         without ``users`` that state is dropped here, so no watch of a handed-over event
-        stays behind. Routes not handed over lose their state (``_evict``)."""
+        stays behind. Routes not handed over lose their state (``_evict``). ``exported``
+        is called once ``exports`` and ``users`` are complete and before any browser is
+        told to reconnect, so the hand-off can leave first (a browser that comes back at
+        once then waits less on its new owner)."""
         self.moved_to.update(moves)
         owned = frozenset(range(1, self.routes + 1)) if self.owned is None else self.owned
         self.owned = owned - moves.keys()
         handed = frozenset(moves) & frozenset(handoff) if exports is not None else frozenset()
-        exported = self.export_users(handed)
+        per_user = self.export_users(handed)
         if users is not None:
-            users.extend(exported)
-        return self._evict(frozenset(moves), handed, exports)
+            users.extend(per_user)
+        return self._evict(frozenset(moves), handed, exports, exported)
 
     def _evict(
         self, routes: frozenset[int], handoff: frozenset[int] = frozenset(),
-        exports: list[dict[str, Any]] | None = None,
+        exports: list[dict[str, Any]] | None = None, exported: Callable[[], None] | None = None,
     ) -> int:  # fmt: skip
         """Drop the keys of ``routes`` (exported instead for ``handoff`` routes). A route
         not handed over loses its per-user state too (docs/protocol.md, "Offline
@@ -355,6 +359,13 @@ class RouteOwnership:
         # Only these browsers go to the new owner(s), not all of this node's: their
         # reconnect frames carry a spread counted over them (docs/protocol.md).
         spread = spread_for(len(moving), self.config.reconnect_rate)
+        if exports is not None:  # first what the new owner needs, then the browsers
+            for key, slot in moving:
+                if slot.route in handoff:
+                    mailbox = MailboxExport.of(key, slot.mailbox, slot.route, slot.online)
+                    exports.append(mailbox.to_wire())
+        if exported is not None:
+            exported()
         evicted = 0
         for key, slot in moving:
             route = slot.route
@@ -364,7 +375,6 @@ class RouteOwnership:
             evicted += 1
             handed = exports is not None and route in handoff
             if exports is not None and handed:
-                exports.append(MailboxExport.of(key, slot.mailbox, route, slot.online).to_wire())
                 self.stats["handoff_out"] += 1
                 # The new owner has the events; what was not confirmed stays unconfirmed.
                 self._end_waits(slot, lambda wait: events.stored(events.Status.UNACKED, wait.seq))

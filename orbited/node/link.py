@@ -205,16 +205,20 @@ class LinkProtocol(Protocol):
                 targets.setdefault(m.name, []).append(m.route)
         exports: list[dict[str, Any]] = []
         users: list[dict[str, Any]] = []  # held wildcard events, offline watches
-        evicted = hub.route_moved(moves, [r for rs in targets.values() for r in rs], exports, users)
-        for to, routes in targets.items():
-            mine = [e for e in exports if e["route"] in set(routes)]
-            theirs = [u for u in users if u.get("route") in set(routes)]
-            for message in handoff_messages(to, routes, _fitting(mine), users=theirs):
-                self.send(message)
-            self.log.info(
-                "routes {routes} moved to {to}: {n} mailboxes handed over",
-                routes=routes, to=to, n=len(mine),
-            )  # fmt: skip
+
+        def send_handoffs() -> None:  # before the browsers are told to reconnect
+            for to, routes in targets.items():
+                mine = [e for e in exports if e["route"] in set(routes)]
+                theirs = [u for u in users if u.get("route") in set(routes)]
+                for message in handoff_messages(to, routes, _fitting(mine), users=theirs):
+                    self.send(message)
+                self.log.info(
+                    "routes {routes} moved to {to}: {n} mailboxes handed over",
+                    routes=routes, to=to, n=len(mine),
+                )  # fmt: skip
+
+        handed = [r for rs in targets.values() for r in rs]
+        evicted = hub.route_moved(moves, handed, exports, users, exported=send_handoffs)
         self.log.info(
             "HaloD moved routes {routes} away; {n} keys told to reconnect",
             routes=sorted(moves), n=evicted,

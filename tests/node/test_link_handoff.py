@@ -174,3 +174,25 @@ def test_an_event_too_large_once_escaped_for_the_control_message_is_left_out_too
     seen = [f for f in resumed.frames if f["type"] in ("gap", "event")]
     assert seen == [{"type": "gap", "from": 1, "to": 1},
                     {"type": "event", "seq": 2, "id": "e2", "data": "c"}]  # fmt: skip
+
+
+def test_the_hand_off_leaves_before_any_browser_is_told_to_reconnect():
+    """The new owner holds a moved key's browser until its mailbox arrives: sending the
+    hand-off first means a browser that comes back at once waits less."""
+    old = Hub(Clock(), config(), epoch="old")
+    halod = Link(old)
+    halod.send(Welcome(1, Role.ACTIVE, (1, 2), 2, 1.0, 3, hash_version=2))
+    halod.received()
+    order: list[str] = []
+
+    class Told(Tab):
+        def reconnect(self, reason: str, route: int | None = None,
+                      spread: float | None = None) -> None:  # fmt: skip
+            sent = [m for m in halod.received() if isinstance(m, Handoff)]
+            order.extend(["handoff"] * len(sent) + ["reconnect"])
+
+    old.attach(KEY, Told(), None)
+    send_event(old, "e1", "a")
+    route = old._slots[KEY].route
+    halod.send(RouteMoved((RouteMove(route, "n2", "b2", "tcp://n2:1", handoff=True),)))
+    assert order == ["handoff", "reconnect"]
