@@ -90,12 +90,13 @@ class HubConfig:
     # New browser connections per second a node is expected to take when a node's
     # browsers all come back at once (a crash, a drain): the browsers spread their first
     # reconnect over mailboxes / reconnect_rate seconds (the `spread` hint in hello and
-    # ping frames, docs/protocol.md). A node accepts ≈ 600 WebSocket and ≈ 1 600 SSE
-    # connects/s (docs/performance.md), a mix ≈ 1 000/s; at 1 000/s the ~500 browsers of
-    # a node spread over 0.5 s, so they all receive again within the failover target
-    # (p99 < 1 s), and 10 000 over 10 s. The node's `reconnect_rate` config key
-    # (docs/operations.md) sets it; this is its default. 0 = no hint spreading (spread 0).
-    reconnect_rate: float = 1000.0
+    # ping frames, docs/protocol.md). On the lean browser front a node keeps up with
+    # 3 200 new WebSocket or SSE connections/s in the connect storm (docs/performance.md;
+    # about 170-240 µs of CPU each); at 3 000/s the ~500 browsers of a node spread over
+    # 0.17 s and 10 000 over 3.4 s. (At the earlier 1 000/s a drain of 500 browsers kept
+    # the last of them waiting half a second for nothing.) The node's `reconnect_rate`
+    # config key (docs/operations.md) sets it; this is its default. 0 = no spreading.
+    reconnect_rate: float = 3000.0
     # Per-user limits and holds (orbited.node.users; docs/operations.md, "Limits").
     users: UserLimits = UserLimits()
     # The route hash version (docs/hashing.md): 2 hashes the user part only, so all of a

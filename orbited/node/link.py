@@ -70,6 +70,7 @@ from orbited.core.hashing import HASH_VERSIONS
 from orbited.core.routes import Role
 from orbited.core.settings import ConfigError, parse_sp_address
 from orbited.node.hub import Hub
+from orbited.runtime.twisted_compat import write_through
 from orbited.sp.wire import SPConnection, SPProtocolError, encode_message
 
 # Errors after which this node holds no routes: HaloD has given them to others.
@@ -139,7 +140,9 @@ class LinkProtocol(Protocol):
         self.send(self.link.register_message())
 
     def send(self, message: NodeMessage) -> None:
-        self.transport.write(encode_message(encode(message)))
+        # Written through when the socket is idle: a planned move's hand-off leaves now,
+        # not after the rest of the reactor turn (every moved browser's reconnect frame).
+        write_through(self.transport, encode_message(encode(message)))
 
     def dataReceived(self, data: bytes) -> None:  # noqa: N802
         try:

@@ -257,7 +257,11 @@ class HandHub:
         self.assigned.append(tuple(routes))
         return 0
 
-    def route_moved(self, moves: Any, handoff: Any, exports: Any) -> int:
+    def route_moved(
+        self, moves: Any, handoff: Any, exports: Any, users: Any = None, exported: Any = None
+    ) -> int:
+        if exported is not None:
+            exported()
         return 0
 
     def set_hash_version(self, version: int) -> None:

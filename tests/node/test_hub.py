@@ -57,7 +57,7 @@ def test_attach_sends_hello_with_stream():
     hub.attach(ALICE, sink, None)
     assert sink.frames == [
         {"type": "hello", "stream": "ep.1", "keepalive": 10, "reset": False, "seq": 0,
-         "spread": 0.001, "hash": 2}  # 1 mailbox at the default reconnect_rate, 1000/s
+         "spread": 0.001, "hash": 2}  # 1 mailbox at the default reconnect_rate, 3000/s
     ]  # fmt: skip
 
 
@@ -194,7 +194,7 @@ def test_keepalive_pings_only_idle_sinks():
     clock.advance(10)
     busy.last_write = clock.seconds()
     hub.keepalive_tick()
-    assert idle.frames[-1] == {"type": "ping", "spread": 0.002}  # 2 mailboxes at 1000/s
+    assert idle.frames[-1] == {"type": "ping", "spread": 0.001}  # 2 mailboxes at 3000/s
     assert busy.frames[-1]["type"] == "hello"
 
 
@@ -427,9 +427,9 @@ def test_hand_off_resumes_the_same_stream_on_the_new_owner_in_order():
     assert got[0]["results"] == [{"status": "delivered", "seq": 4}] or got[0]["results"] == [
         {"status": "queued", "seq": 4}
     ]
-    # spread: 2 mailboxes at 1000/s
+    # spread: 2 mailboxes at 3000/s, rounded up to the millisecond
     assert resumed.frames[0] == {"type": "hello", "stream": old_stream, "keepalive": 25.0, "seq": 2,
-                                 "reset": False, "spread": 0.002, "hash": 2}  # fmt: skip
+                                 "reset": False, "spread": 0.001, "hash": 2}  # fmt: skip
     assert resumed.events() == [(3, 3), (4, 4)]  # nothing lost, nothing twice
     assert new.stats["handoff_in"] == 2 and old.stats["handoff_out"] == 2
 
