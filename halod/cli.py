@@ -244,21 +244,8 @@ def _post(command: str, request: urllib.request.Request) -> dict | None:
 def operator_command(command: str, args: argparse.Namespace) -> int:
     name = urllib.parse.quote(args.name, safe="")
     url = f"{args.url.rstrip('/')}/nodes/{name}/{command}"
-    try:
-        with urllib.request.urlopen(urllib.request.Request(url, method="POST"), timeout=5) as r:
-            answer = json.load(r)
-    except urllib.error.HTTPError as e:
-        # The status port's JSON error body: {"error": {"code", "message"}}.
-        try:
-            body = json.load(e)
-        except ValueError:
-            body = None
-        error = body.get("error") if isinstance(body, dict) else None
-        message = error.get("message", e) if isinstance(error, dict) else (error or e)
-        print(f"halod {command}: {message}", file=sys.stderr)
-        return 1
-    except (OSError, ValueError) as e:
-        print(f"halod {command}: cannot reach {url}: {e}", file=sys.stderr)
+    answer = _post(command, urllib.request.Request(url, method="POST"))
+    if answer is None:
         return 1
     print(f"{answer['name']}: {answer['state']}")
     return 0
