@@ -37,6 +37,9 @@ class RecordingSink:
     def reconnect(self, reason, route=None, spread=None):
         self.reconnect_reason = reason
 
+    def closed(self, code, reason):
+        self.closed_with = (code, reason)
+
     def events(self):
         return [(f["seq"], f["data"]) for f in self.frames if f["type"] == "event"]
 

@@ -12,33 +12,14 @@ from orbited.core.keys import ConnectionKey
 from orbited.node.handoff import MailboxExport
 from orbited.node.hub import Hub, HubConfig
 from orbited.node.mailbox import Position
+from tests.node.test_hub import RecordingSink
 
 A = ConnectionKey("alice", "s1", "/t1")
 A2 = ConnectionKey("alice", "s1", "/t2")
 
 
-class Sink:
-    wants_pings = True
-
-    def __init__(self, accept: bool = True) -> None:
-        self.frames: list[dict] = []
-        self.accept = accept
-        self.last_write = 0.0
-
-    def deliver(self, out):
-        if not self.accept:
-            return False
-        self.frames += [json.loads(f.data) for f in out]
-        return True
-
-    def replaced(self):
-        pass
-
-    def reconnect(self, reason, route=None, spread=None):
-        pass
-
-    def closed(self, code, reason):
-        pass
+class Sink(RecordingSink):
+    """tests/node/test_hub.py's recording sink, with this file's view of the events."""
 
     def events(self):
         return [f for f in self.frames if f["type"] == "event"]
