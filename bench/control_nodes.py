@@ -114,6 +114,7 @@ class Sim:
         body = json.dumps({
             "type": "register", "version": 1, "name": node.name,
             "browser": "127.0.0.1:1", "sp": "tcp://127.0.0.1:1", "capacity": 1,
+            "hashes": [1, 2],  # as a node of this release (a version-2 table refuses others)
         }, separators=(",", ":")).encode()  # fmt: skip
         self.write(node, HEADER + LENGTH.pack(len(body)) + body)
 

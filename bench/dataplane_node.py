@@ -26,7 +26,7 @@ class AddressedSim(Sim):
         if data.startswith(HEADER):  # Sim.connect's register: advertise our server instead
             body = json.dumps({
                 "type": "register", "version": 1, "name": node.name,
-                "browser": self.browser, "sp": self.sp, "capacity": 1,
+                "browser": self.browser, "sp": self.sp, "capacity": 1, "hashes": [1, 2],
             }, separators=(",", ":")).encode()  # fmt: skip
             data = HEADER + LENGTH.pack(len(body)) + body
         super().write(node, data)
