@@ -7,30 +7,23 @@ a control message are left out, and the browser resuming on the new owner must s
 from __future__ import annotations
 
 import json
-from typing import Any, cast
+from typing import Any
 
 from twisted.internet.task import Clock
-from twisted.internet.testing import MemoryReactorClock, StringTransport
 
 from orbited.core.control import (
-    CONTROL_PROTOCOL,
-    FROM_NODE,
     MAX_MESSAGE,
-    HaloDMessage,
     Handoff,
     RouteMove,
     RouteMoved,
     Welcome,
-    decode,
-    encode,
 )
 from orbited.core.keys import ConnectionKey
 from orbited.core.routes import Role
 from orbited.node.events import RequestLimits
 from orbited.node.hub import Hub, HubConfig
-from orbited.node.link import HaloDLink, LinkProtocol
 from orbited.node.mailbox import Position
-from orbited.sp.wire import SPConnection, encode_message
+from tests.node.test_link_rehash import HaloDEnd as Link  # HaloD's end of the link
 
 KEY = ConnectionKey("alice", "s1", "/chat")
 BIG = MAX_MESSAGE // 2 + 10  # payload characters: more than half a control message
@@ -60,28 +53,6 @@ class Tab:
 
 def config() -> HubConfig:
     return HubConfig(routes=2, requests=RequestLimits(max_payload=BIG + 100))
-
-
-class Link:
-    """HaloD's end of the old owner's control connection."""
-
-    def __init__(self, hub: Hub) -> None:
-        self.link = HaloDLink(cast(Any, hub), "n1", "tcp://127.0.0.1:7600",
-                              lambda: ("127.0.0.1:8000", "tcp://127.0.0.1:9000"), 10,
-                              MemoryReactorClock())  # fmt: skip
-        self.proto = LinkProtocol(self.link)
-        self.transport = StringTransport()
-        self.proto.makeConnection(self.transport)
-        self.sp = SPConnection(CONTROL_PROTOCOL, CONTROL_PROTOCOL, MAX_MESSAGE)
-        self.proto.dataReceived(self.sp.initial_bytes())
-
-    def send(self, message: HaloDMessage) -> None:
-        self.proto.dataReceived(encode_message(encode(message)))
-
-    def received(self) -> list[Any]:
-        data = self.transport.value()
-        self.transport.clear()
-        return [decode(body, FROM_NODE) for body in self.sp.receive(data)]
 
 
 def send_event(hub: Hub, eid: str, data: str) -> None:
