@@ -670,3 +670,19 @@ def test_a_rehash_tells_each_transport_to_reconnect_with_the_keys_new_route():
     assert sse.lost
     assert moved_frame(poll_frames_of(held.out)[-1]) == {**frame, "route": routes[ALICE3]}
     assert b"Connection: close\r\n" in held.out and held.lost
+
+
+def test_every_browser_sink_names_its_transport_for_per_key_traces():
+    # The per-key trace records the transport that wrote each event (sink.kind).
+    from orbited.node.transports import httpfront, longpoll, streaming, websocket
+
+    kinds = {
+        httpfront.WSSink: "ws",
+        httpfront.SSESink: "sse",
+        httpfront.PollSink: "poll",
+        websocket.BrowserWebSocket: "ws",
+        longpoll._PendingPoll: "poll",
+        streaming._SSEStream: "sse",
+        streaming._IframeStream: "iframe",
+    }
+    assert {cls: cls.kind for cls in kinds} == kinds

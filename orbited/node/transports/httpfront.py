@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, Final
+from typing import Any, ClassVar, Final
 
 import httptools
 from twisted.internet import task
@@ -689,6 +689,7 @@ class _Sink(QueueWatch):
     for the delivery batch (orbited.node.flush)."""
 
     __slots__ = ("proto", "key", "last_write", "finished", "pending")
+    kind: ClassVar[str]  # the transport's name in per-key traces: "ws", "sse", "poll"
     wants_pings = True
     is_poll = False
 
@@ -786,6 +787,7 @@ class _Sink(QueueWatch):
 
 class WSSink(_Sink):
     __slots__ = ()
+    kind = "ws"
 
     def __init__(self, proto: FrontProtocol, key: ConnectionKey, head: bytes) -> None:
         super().__init__(proto, key)
@@ -829,6 +831,7 @@ class WSSink(_Sink):
 
 class SSESink(_Sink):
     __slots__ = ("cors",)
+    kind = "sse"
 
     def __init__(self, proto: FrontProtocol, key: ConnectionKey, head: bytes, cors: bytes) -> None:
         super().__init__(proto, key)
@@ -895,6 +898,7 @@ class PollSink(_Sink):
     what arrives in the same moment shares the response) or at ``timeout``."""
 
     __slots__ = ("frames", "cors", "timer")
+    kind = "poll"
     wants_pings = False  # a held poll ends by its own timeout
     is_poll = True
 

@@ -39,6 +39,7 @@ MAX_TIMEOUT = 120.0
 class _PendingPoll(HTTPSink):
     """The Sink for one held poll request: frames are batched for one reactor turn."""
 
+    kind = "poll"
     wants_pings = False  # a held poll ends by its own timeout
     is_poll = True
 

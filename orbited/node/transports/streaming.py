@@ -59,7 +59,8 @@ class _Stream(HTTPSink):
     (docs/protocol.md, "Errors")."""
 
     log = Logger()
-    kind: ClassVar[str]  # "SSE", "iframe": for the log
+    kind: ClassVar[str]  # "sse", "iframe": the transport's name in per-key traces
+    label: ClassVar[str]  # "SSE", "iframe": its name in the log
 
     def __init__(
         self, hub: Hub, key: ConnectionKey, request: Request, limits: BrowserLimits
@@ -76,7 +77,7 @@ class _Stream(HTTPSink):
 
     def _slow(self, unsent: int) -> None:
         self.limits.slow()
-        self.log.info("closing a slow {kind} reader: {n} bytes unsent", kind=self.kind, n=unsent)
+        self.log.info("closing a slow {kind} reader: {n} bytes unsent", kind=self.label, n=unsent)
         if self._end():
             transport = self.request.channel.transport if self.request.channel else None
             if transport is not None:  # TCP (or TLS over TCP) under twisted.web
@@ -120,7 +121,8 @@ class _Stream(HTTPSink):
 
 
 class _SSEStream(_Stream):
-    kind = "SSE"
+    kind = "sse"
+    label = "SSE"
 
     def encode(self, frame: Frame) -> bytes:
         """An SSE event; an event frame's carries ``id: <stream>:<seq>`` (the position
@@ -142,6 +144,7 @@ def script_literal(frame: bytes) -> bytes:
 
 class _IframeStream(_Stream):
     kind = "iframe"
+    label = "iframe"
 
     def __init__(
         self,

@@ -61,6 +61,7 @@ def text_frame_header(length: int) -> bytes:
 
 class BrowserWebSocket(WebSocketServerProtocol):
     factory: BrowserWebSocketFactory
+    kind = "ws"  # the transport's name in per-key traces
     wants_pings = True
 
     def __init__(self) -> None:
