@@ -1,7 +1,8 @@
 """The event request protocol carried inside SP REQ bodies (sans-I/O).
 
 Request:  {"id": "<event id>", "to": [[user, session, location], ...], "data": <JSON>}
-          optional: "ack", "latest", "offline", "hash"; a recipient may be a wildcard
+          optional: "ack", "latest", "offline", "hash", "traceparent", "tracestate" (W3C
+          trace context: orbited.core.tracecontext); a recipient may be a wildcard
           [user, "*", "*"] or [user, session, "*"] (orbited.core.keys.Selector)
 Reply:    {"id": ..., "ok": true, "results": [{"status": ..., "seq": n}, ...]}
           {"id": ..., "ok": false, "error": {"code": ..., "message": ...}}
@@ -20,6 +21,7 @@ from typing import Any, NamedTuple
 
 from orbited.core.hashing import WILDCARDS_NEED_V2
 from orbited.core.keys import ConnectionKey, KeyError_, Recipient, Selector, parse_recipient
+from orbited.core.tracecontext import MAX_TRACE_FIELD, trace_field_error
 from orbited.node.frames import event_id as _json_text
 
 MAX_EVENT_ID = 128
@@ -95,6 +97,11 @@ class EventRequest(NamedTuple):
     latest: bytes | None = None  # the latest-value tag, JSON-encoded once (like frames.event_id)
     offline: float | None = None  # offline hook: seconds ("offline": true: offline_after)
     hash: int | None = None  # the hash version the client routed with, if it said
+    # W3C trace context of the web app's span, as sent (type and length checked, content
+    # not: orbited.core.tracecontext.parse_traceparent where it is used; a malformed one
+    # is ignored). Not part of the digest: a resend with another span id is a duplicate.
+    traceparent: str | None = None
+    tracestate: str | None = None
 
 
 @dataclass(frozen=True)
@@ -201,7 +208,10 @@ def _quote(value: object) -> str:
 
 _EVENT_FIELDS = frozenset(("id", "to", "data"))
 _EVENT_FIELDS_H = frozenset(("id", "to", "data", "hash"))
-_REQUEST_FIELDS = frozenset(("id", "op", "to", "data", "ack", "latest", "offline", "hash"))
+_EVENT_FIELDS_T = frozenset(("id", "to", "data", "hash", "traceparent", "tracestate"))
+_REQUEST_FIELDS = frozenset((
+    "id", "op", "to", "data", "ack", "latest", "offline", "hash", "traceparent", "tracestate",
+))  # fmt: skip
 _new = tuple.__new__  # a NamedTuple's own __new__ is a Python call
 _parse_recipient = parse_recipient
 _blake2b = hashlib.blake2b
@@ -210,11 +220,12 @@ _blake2b = hashlib.blake2b
 def parse_request(body: bytes, limits: RequestLimits) -> EventRequest | PingRequest:
     doc = _load(body)
     # The common request, an event with exactly id, to and data (and the hash version
-    # clients send), all valid, on one straight path; anything else (pings, the
-    # acknowledged mode, every error) takes the general path below, so each error keeps
-    # its message and precedence.
+    # clients send, and a trace context), all valid, on one straight path; anything else
+    # (pings, the acknowledged mode, every error) takes the general path below, so each
+    # error keeps its message and precedence.
     if type(doc) is dict:
         n = len(doc)
+        traceparent = tracestate = None
         if n == 3:
             if not doc.keys() <= _EVENT_FIELDS:
                 return _parse_general(doc, limits)
@@ -222,6 +233,18 @@ def parse_request(body: bytes, limits: RequestLimits) -> EventRequest | PingRequ
         elif n == 4 and doc.keys() <= _EVENT_FIELDS_H:
             hash_ = doc["hash"]
             if type(hash_) is not int or hash_ < 1:
+                return _parse_general(doc, limits)
+        elif n <= 6 and _EVENT_FIELDS <= doc.keys() <= _EVENT_FIELDS_T:  # traced
+            hash_ = doc.get("hash")
+            traceparent = doc.get("traceparent")
+            tracestate = doc.get("tracestate")
+            if (
+                ("hash" in doc and (type(hash_) is not int or hash_ < 1))
+                or ("traceparent" in doc
+                    and (type(traceparent) is not str or len(traceparent) > MAX_TRACE_FIELD))
+                or ("tracestate" in doc
+                    and (type(tracestate) is not str or len(tracestate) > MAX_TRACE_FIELD))
+            ):  # fmt: skip
                 return _parse_general(doc, limits)
         else:
             return _parse_general(doc, limits)
@@ -239,10 +262,12 @@ def parse_request(body: bytes, limits: RequestLimits) -> EventRequest | PingRequ
                 if len(payload) <= limits.max_payload:
                     addressed = _encode_fast([event_id, to])
                     digest = _blake2b(addressed + b"\0" + payload, digest_size=16).digest()
+                    # Every field, in order (tuple.__new__ takes no defaults).
                     return _new(
                         EventRequest,
-                        (event_id, recipients, payload, digest, None, None, None, hash_),
-                    )
+                        (event_id, recipients, payload, digest, None, None, None, hash_,
+                         traceparent, tracestate),
+                    )  # fmt: skip
     return _parse_general(doc, limits)
 
 
@@ -317,6 +342,14 @@ def _parse_general(doc: object, limits: RequestLimits) -> EventRequest | PingReq
         raise RequestError(
             "bad_request", "hash is the hash version the client routed with (1 or 2)", event_id
         )
+    traceparent, tracestate = doc.get("traceparent"), doc.get("tracestate")
+    for name in ("traceparent", "tracestate"):
+        if name in doc:
+            problem = trace_field_error(name, doc[name])
+            if problem is not None:
+                raise RequestError("bad_request", problem, event_id)
+    # Not in the digest: the trace context names the sender's span, which a resend may
+    # change; the request it resends is the same.
     if latest is None and offline is None:
         addressed = _encode_fast([event_id, to])
     else:  # a resend with another tag or offline wait is another request
@@ -324,7 +357,7 @@ def _parse_general(doc: object, limits: RequestLimits) -> EventRequest | PingReq
     digest = hashlib.blake2b(addressed + b"\0" + payload, digest_size=16).digest()
     return EventRequest(
         event_id, recipients, payload, digest, None if ack is None else float(ack),
-        latest, offline, hash_,
+        latest, offline, hash_, traceparent, tracestate,
     )  # fmt: skip
 
 
@@ -343,6 +376,22 @@ def _offline(value: object, limits: RequestLimits, event_id: str | None) -> floa
         f"0 < offline <= {limits.max_offline_after:g}",
         event_id,
     )
+
+
+def with_trace_headers(
+    request: EventRequest, traceparent: str | None, tracestate: str | None
+) -> EventRequest:
+    """``request`` with the trace context of the HTTP publish API's ``traceparent`` and
+    ``tracestate`` headers, when its body carried no ``traceparent`` (body fields win).
+    A header longer than MAX_TRACE_FIELD is ignored (headers are not the request: they
+    are never refused)."""
+    if request.traceparent is not None or traceparent is None:
+        return request
+    if len(traceparent) > MAX_TRACE_FIELD:
+        return request
+    if tracestate is not None and len(tracestate) > MAX_TRACE_FIELD:
+        tracestate = None
+    return request._replace(traceparent=traceparent, tracestate=tracestate)
 
 
 def check_node(request: EventRequest, hash_version: int, offline_hook: bool = True) -> None:
