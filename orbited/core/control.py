@@ -17,6 +17,9 @@ from enum import StrEnum
 from typing import Any, ClassVar, TypeAlias, TypeGuard, cast
 
 from orbited.core.hashing import HASH_VERSIONS
+from orbited.core.keys import ConnectionKey, KeyError_
+from orbited.core.latency import BUCKETS
+from orbited.core.latency import MAX_COUNT as MAX_HIST_COUNT
 from orbited.core.routes import Role
 from orbited.core.settings import ConfigError, parse_host_port, parse_sp_address
 from orbited.sp.wire import PAIR_V0
@@ -31,8 +34,22 @@ MIN_HEARTBEAT_INTERVAL = 0.001  # seconds; below this a node's heartbeat would s
 MAX_HEARTBEAT_INTERVAL = 3600.0
 HANDOFF_CHUNK = 256 * 1024  # bytes of events per hand-off message, well under MAX_MESSAGE
 
+# Capabilities a node announces in ``register`` (``features``): HaloD sends a message type
+# only to nodes that announced it (an unknown type closes the connection).
+FEATURES: tuple[str, ...] = ("trace", "load")
+MAX_FEATURES = 32
+MAX_COUNTER = 2**62  # the heartbeat's ``load`` counters
+LOAD_COUNTERS: tuple[str, ...] = (
+    "events", "recipients", "delivered", "queued", "acked", "full", "moved"
+)  # fmt: skip
+MAX_EVENT_ID = 128  # a trace query's event id: the event request's limit (docs/protocol.md)
+MAX_TRACE_LIMIT = 65536  # records per key a trace query asks for at most
+MAX_QID = 2**53  # a trace query's id (exact in every JSON reader)
+
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,63}")
 _ADDRESS = re.compile(r"[\x21-\x7e]{1,256}")  # printable ASCII, no spaces
+_FEATURE = re.compile(r"[a-z][a-z0-9_]{0,31}")
+_ROUTE_KEY = re.compile(r"[1-9][0-9]{0,4}")  # a route id as a JSON object member name
 
 WireDict: TypeAlias = dict[str, Any]  # one JSON object as json.loads returns it
 
@@ -76,8 +93,9 @@ class ControlError(Exception):
 
 
 # -- the messages --------------------------------------------------------------------------
-# Node → HaloD: Register, Heartbeat, Leave, Handoff.
-# HaloD → node: Welcome, Assign, RouteMoved, Rehash, HeartbeatAck, Error, Handoff (relayed).
+# Node → HaloD: Register, Heartbeat, Leave, Handoff, TraceReply.
+# HaloD → node: Welcome, Assign, RouteMoved, Rehash, HeartbeatAck, Error, Handoff (relayed),
+# TraceQuery (only to nodes that announced the "trace" feature).
 
 
 @dataclass(frozen=True)
@@ -92,6 +110,93 @@ class Register:
     node_id: int | None = None  # the id a reconnecting node holds
     secret: str | None = field(default=None, repr=False)  # the cluster secret
     hashes: tuple[int, ...] | None = None  # hash versions the node speaks; None: (1,)
+    features: tuple[str, ...] = ()  # capabilities (FEATURES); absent: none (an older node)
+
+
+@dataclass(frozen=True)
+class HeartbeatLoad:
+    """A heartbeat's optional ``load`` (docs/halod-protocol.md, "Load"): counters since the
+    node's start (None: not sent), the ack-latency samples since the previous beat as
+    sparse ``(bucket, count)`` pairs of orbited.core.latency, and attached connections per
+    route (only the routes whose count changed, or all of them when ``routes_full``)."""
+
+    events: int | None = None  # event requests dispatched
+    recipients: int | None = None  # per-key results of them
+    delivered: int | None = None  # written to an attached browser at once
+    queued: int | None = None  # stored for a browser that was away
+    acked: int | None = None  # events browsers acknowledged
+    full: int | None = None  # refused: the node's mailbox memory was full
+    moved: int | None = None  # refused: the route had moved away
+    ack_hist: tuple[tuple[int, int], ...] = ()
+    routes: Mapping[int, int] = field(default_factory=dict)
+    routes_full: bool = False
+
+    def counters(self) -> dict[str, int]:
+        """The counters sent, by name (LOAD_COUNTERS)."""
+        out: dict[str, int] = {}
+        for name in LOAD_COUNTERS:
+            value = getattr(self, name)
+            if value is not None:
+                out[name] = value
+        return out
+
+    def to_wire(self) -> WireDict:
+        out: WireDict = self.counters()
+        if self.ack_hist:
+            out["ack_hist"] = [[b, n] for b, n in self.ack_hist]
+        out["routes"] = {str(r): n for r, n in self.routes.items()}
+        if self.routes_full:
+            out["routes_full"] = True
+        return out
+
+    @classmethod
+    def from_wire(cls, value: object) -> HeartbeatLoad:
+        """The ``load`` object as sent (or as a node's hub reports it: route ids may be
+        ints there); ControlError ``bad_message`` names what is wrong."""
+        if not isinstance(value, dict):
+            raise _bad("load must be an object")
+        counters: dict[str, int | None] = {}
+        for name in LOAD_COUNTERS:
+            n = value.get(name)
+            if n is not None and (not _is_int(n) or not 0 <= n <= MAX_COUNTER):
+                raise _bad(f"load.{name} must be an integer in 0..{MAX_COUNTER}")
+            counters[name] = n
+        hist = value.get("ack_hist", ())
+        if not isinstance(hist, list | tuple) or len(hist) > BUCKETS:
+            raise _bad(f"load.ack_hist must be a list of at most {BUCKETS} pairs")
+        pairs: list[tuple[int, int]] = []
+        for pair in hist:
+            if (
+                not isinstance(pair, list | tuple) or len(pair) != 2
+                or not _is_int(pair[0]) or not 0 <= pair[0] < BUCKETS
+                or not _is_int(pair[1]) or not 0 <= pair[1] <= MAX_HIST_COUNT
+            ):  # fmt: skip
+                raise _bad(
+                    f"load.ack_hist pairs are [bucket 0..{BUCKETS - 1}, count 0..{MAX_HIST_COUNT}]"
+                )
+            pairs.append((pair[0], pair[1]))
+        if len({b for b, _ in pairs}) != len(pairs):
+            raise _bad("load.ack_hist names a bucket twice")
+        raw = value.get("routes", {})
+        if not isinstance(raw, dict) or len(raw) > MAX_ROUTES:
+            raise _bad(f"load.routes must be an object of at most {MAX_ROUTES} routes")
+        routes: dict[int, int] = {}
+        for key, n in raw.items():
+            if isinstance(key, str) and _ROUTE_KEY.fullmatch(key):
+                route = int(key)
+            elif _is_int(key):
+                route = key
+            else:
+                route = 0
+            if not 1 <= route <= MAX_ROUTES or not _is_int(n) or not 0 <= n <= MAX_HIST_COUNT:
+                raise _bad(
+                    f"load.routes maps route ids 1..{MAX_ROUTES} to counts 0..{MAX_HIST_COUNT}"
+                )
+            routes[route] = n
+        full = value.get("routes_full", False)
+        if not isinstance(full, bool):
+            raise _bad("load.routes_full must be true or false")
+        return cls(**counters, ack_hist=tuple(pairs), routes=routes, routes_full=full)
 
 
 @dataclass(frozen=True)
@@ -100,6 +205,7 @@ class Heartbeat:
     seq: int
     connections: int | None = None  # browsers connected now
     mailboxes: int | None = None  # keys with a mailbox, lingering ones too
+    load: HeartbeatLoad | None = None  # nodes that announce the "load" feature
 
 
 @dataclass(frozen=True)
@@ -199,17 +305,46 @@ class Error:
     leader: str | None = None  # not_leader: the leading HaloD's control address, if known
 
 
-NodeMessage: TypeAlias = Register | Heartbeat | Leave | Handoff
-HaloDMessage: TypeAlias = Welcome | Assign | RouteMoved | Rehash | HeartbeatAck | Error | Handoff
+@dataclass(frozen=True)
+class TraceQuery:
+    """HaloD asks a node (one that announced the "trace" feature) for its trace records
+    of a user's keys (docs/halod-protocol.md, "Tracing"); ``session``/``location`` None:
+    any; ``event`` None: every event; ``limit`` None: every record kept."""
+
+    TYPE: ClassVar[str] = "trace_query"
+    qid: int
+    user: str
+    session: str | None = None
+    location: str | None = None
+    event: str | None = None
+    limit: int | None = None
+
+
+@dataclass(frozen=True)
+class TraceReply:
+    """The node's answer to ``trace_query`` ``qid``: the JSON of its ``/orbited/trace``
+    endpoint (records are data; only the shape is checked: ``keys`` is a list of
+    objects). ``fit_trace_reply`` keeps it within MAX_MESSAGE / 2."""
+
+    TYPE: ClassVar[str] = "trace_reply"
+    qid: int
+    answer: WireDict
+
+
+NodeMessage: TypeAlias = Register | Heartbeat | Leave | Handoff | TraceReply
+HaloDMessage: TypeAlias = (
+    Welcome | Assign | RouteMoved | Rehash | HeartbeatAck | Error | Handoff | TraceQuery
+)  # fmt: skip
 Message: TypeAlias = NodeMessage | HaloDMessage
 MessageClass: TypeAlias = (
     type[Register] | type[Heartbeat] | type[Leave] | type[Handoff] | type[Welcome]
     | type[Assign] | type[RouteMoved] | type[Rehash] | type[HeartbeatAck] | type[Error]
+    | type[TraceQuery] | type[TraceReply]
 )  # fmt: skip
 
-FROM_NODE: tuple[MessageClass, ...] = (Register, Heartbeat, Leave, Handoff)
+FROM_NODE: tuple[MessageClass, ...] = (Register, Heartbeat, Leave, Handoff, TraceReply)
 FROM_HALOD: tuple[MessageClass, ...] = (
-    Welcome, Assign, RouteMoved, Rehash, HeartbeatAck, Error, Handoff
+    Welcome, Assign, RouteMoved, Rehash, HeartbeatAck, Error, Handoff, TraceQuery
 )  # fmt: skip
 
 
@@ -242,12 +377,22 @@ def to_wire(message: Message) -> WireDict:
                 out["secret"] = message.secret
             if message.hashes is not None:
                 out["hashes"] = list(message.hashes)
+            if message.features:
+                out["features"] = list(message.features)
         case Heartbeat():
             out["seq"] = message.seq
             if message.connections is not None:
                 out["connections"] = message.connections
             if message.mailboxes is not None:
                 out["mailboxes"] = message.mailboxes
+            if message.load is not None:
+                out["load"] = message.load.to_wire()
+        case TraceQuery():
+            out.update(qid=message.qid, user=message.user, session=message.session,
+                       location=message.location, event=message.event,
+                       limit=message.limit)  # fmt: skip
+        case TraceReply():
+            out.update(qid=message.qid, answer=message.answer)
         case Leave():
             pass
         case Handoff():
@@ -374,16 +519,77 @@ def _register(msg: WireDict) -> Register:
         or not all(_is_int(v) and 1 <= v <= 2**31 for v in hashes)
     ):  # fmt: skip
         raise _bad("hashes must be a list of hash versions")
+    features = msg.get("features", [])
+    if (
+        not isinstance(features, list) or len(features) > MAX_FEATURES
+        or not all(isinstance(f, str) and _FEATURE.fullmatch(f) for f in features)
+    ):  # fmt: skip
+        raise _bad(f"features must be a list of at most {MAX_FEATURES} names [a-z][a-z0-9_]*")
     return Register(name, browser, sp, capacity, node_id, secret,
-                    None if hashes is None else tuple(hashes))  # fmt: skip
+                    None if hashes is None else tuple(hashes), tuple(features))  # fmt: skip
 
 
 def _heartbeat(msg: WireDict) -> Heartbeat:
+    load = msg.get("load")
     return Heartbeat(
         _int(msg, "seq", 0, 2**62),
         _opt_int(msg, "connections", 0, 2**40),
         _opt_int(msg, "mailboxes", 0, 2**40),
+        None if load is None else HeartbeatLoad.from_wire(load),
     )
+
+
+def _opt_part(msg: WireDict, name: str) -> str | None:
+    value = msg.get(name)
+    if value is not None and not isinstance(value, str):
+        raise _bad(f"{name} must be a string or null")
+    return value
+
+
+def trace_query(
+    qid: int, user: str, session: str | None = None, location: str | None = None,
+    event: str | None = None, limit: int | None = None,
+) -> TraceQuery:  # fmt: skip
+    """A checked TraceQuery: key parts by the connection key's rules (docs/protocol.md,
+    "Connection keys"), ``event`` 1–MAX_EVENT_ID characters, ``limit`` 1–MAX_TRACE_LIMIT.
+    ValueError says what is wrong (HaloD's ``/trace`` answers it as ``bad_request``)."""
+    if not _is_int(qid) or not 0 <= qid <= MAX_QID:
+        raise ValueError(f"qid must be an integer in 0..{MAX_QID}")
+    if not isinstance(user, str) or any(
+        p is not None and not isinstance(p, str) for p in (session, location)
+    ):
+        raise ValueError("user, session and location must be strings")
+    try:
+        ConnectionKey.from_json([user, session or "", location or ""])
+    except KeyError_ as e:
+        raise ValueError(str(e)) from None
+    if event is not None and (not isinstance(event, str) or not 0 < len(event) <= MAX_EVENT_ID):
+        raise ValueError(f"event must be a string of 1-{MAX_EVENT_ID} characters")
+    if limit is not None and (not _is_int(limit) or not 1 <= limit <= MAX_TRACE_LIMIT):
+        raise ValueError(f"limit must be an integer in 1..{MAX_TRACE_LIMIT}")
+    return TraceQuery(qid, user, session, location, event, limit)
+
+
+def _trace_query(msg: WireDict) -> TraceQuery:
+    try:
+        return trace_query(
+            _int(msg, "qid", 0, MAX_QID), cast(str, msg.get("user")),
+            _opt_part(msg, "session"), _opt_part(msg, "location"), _opt_part(msg, "event"),
+            _opt_int(msg, "limit", 1, MAX_TRACE_LIMIT),
+        )  # fmt: skip
+    except ValueError as e:
+        raise _bad(f"trace_query: {e}") from None
+
+
+def _trace_reply(msg: WireDict) -> TraceReply:
+    qid = _int(msg, "qid", 0, MAX_QID)
+    answer = msg.get("answer")
+    if not isinstance(answer, dict):
+        raise _bad("answer must be an object")
+    keys = answer.get("keys")
+    if not isinstance(keys, list) or not all(isinstance(k, dict) for k in keys):
+        raise _bad("answer.keys must be a list of objects")
+    return TraceReply(qid, answer)
 
 
 def _heartbeat_ack(msg: WireDict) -> HeartbeatAck:
@@ -492,6 +698,8 @@ _PARSERS: Mapping[str, Callable[[WireDict], Message]] = {
     Rehash.TYPE: _rehash,
     HeartbeatAck.TYPE: _heartbeat_ack,
     Error.TYPE: _error,
+    TraceQuery.TYPE: _trace_query,
+    TraceReply.TYPE: _trace_reply,
 }
 
 
@@ -579,3 +787,46 @@ def handoff_messages(
         )  # fmt: skip
         for i, mailboxes in enumerate(batches)
     ]
+
+
+# -- tracing -------------------------------------------------------------------------------
+
+
+def fit_trace_reply(qid: int, answer: WireDict, limit: int = MAX_MESSAGE // 2) -> TraceReply:
+    """The ``trace_reply`` for ``answer``, at most ``limit`` bytes encoded: when larger, the
+    oldest records go first (``dispatches`` and ``notes`` of every key, by ``t``), then
+    whole keys from the end, and ``truncated`` is set. ``answer`` is not changed."""
+    size = len(encode(TraceReply(qid, answer)))
+    if size <= limit:
+        return TraceReply(qid, answer)
+    keys = [dict(k) for k in answer.get("keys", [])]
+    items: list[tuple[float, int, str, int, int]] = []  # (t, key index, list, index, bytes)
+    for k, key in enumerate(keys):
+        for member in ("dispatches", "notes"):
+            rows = key.get(member)
+            if not isinstance(rows, list):
+                continue
+            key[member] = list(rows)
+            for i, row in enumerate(rows):
+                t = row.get("t") if isinstance(row, dict) else None
+                when = float(t) if isinstance(t, int | float) and not isinstance(t, bool) else 0.0
+                items.append((when, k, member, i, len(_ENCODER.encode(row)) + 1))
+    items.sort()
+    dropped: set[tuple[int, str, int]] = set()
+    for _when, k, member, i, cost in items:
+        if size <= limit:
+            break
+        dropped.add((k, member, i))
+        size -= cost
+    for k, key in enumerate(keys):
+        for member in ("dispatches", "notes"):
+            rows = key.get(member)
+            if isinstance(rows, list):
+                key[member] = [r for i, r in enumerate(rows) if (k, member, i) not in dropped]
+    reply = TraceReply(qid, {**answer, "keys": keys, "truncated": True})
+    size = len(encode(reply))
+    if size > limit:  # key headers alone are too many: drop keys from the end
+        while keys and size > limit:
+            size -= len(_ENCODER.encode(keys.pop())) + 1
+        reply = TraceReply(qid, {**answer, "keys": keys, "truncated": True})
+    return reply
