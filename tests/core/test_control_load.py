@@ -3,6 +3,7 @@
 the rest of the protocol, and the old wire still decoding."""
 
 import json
+from typing import Any
 
 import pytest
 
@@ -229,7 +230,7 @@ def test_trace_query_checks_what_haloD_is_asked():
     assert trace_query(4, "alice", event="42") == TraceQuery(4, "alice", event="42")
     for bad in (dict(user=""), dict(user="a", event=""), dict(user="a", limit=0)):
         with pytest.raises(ValueError):
-            trace_query(1, **bad)  # type: ignore[arg-type]
+            trace_query(1, **bad)
 
 
 def test_the_event_id_limit_is_the_event_requests():
@@ -267,13 +268,13 @@ def test_a_small_answer_is_sent_as_it_is():
 
 
 def test_a_large_answer_drops_the_oldest_records_first():
-    keys = [
+    keys: list[dict[str, Any]] = [
         {"key": ["a", str(k), ""], "route": 1,
          "dispatches": [_record(1000.0 + 10 * i + k, f"{k}-{i}", 900) for i in range(40)],
          "notes": [{"t": 500.0 + i, "what": "attach", "pad": "y" * 900} for i in range(10)]}
         for k in range(3)
     ]  # fmt: skip
-    answer = {"node": "n1", "keys": keys, "truncated": False}
+    answer: dict[str, Any] = {"node": "n1", "keys": keys, "truncated": False}
     limit = 40_000
     reply = fit_trace_reply(9, answer, limit=limit)
     body = encode(reply)
