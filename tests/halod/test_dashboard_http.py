@@ -1,0 +1,301 @@
+"""The dashboard's HTTP side on the status port's Site: static files, state, the event
+stream's refusals, the Host rule, the operator key, and ``/trace`` (raw HTTP through a
+StringTransport, task.Clock)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from twisted.internet import defer, task
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import StringTransport
+from twisted.web.resource import Resource
+
+from halod.dashboard import CSP, DashboardFeed, DashboardResource, OperatorAuth
+from halod.server import _StatusSite
+from halod.tracefan import Busy, Gathered, TraceFanout, TraceResource, trace_answer
+from orbited.core.control import ControlError, ErrorCode, TraceQuery, TraceReply
+from orbited.runtime.web import JSONDirectory
+from tests.halod.test_dashboard_feed import view
+
+KEY = b"k" * 40
+HOST = b"127.0.0.1:7601"
+
+
+class Response:
+    def __init__(self, raw: bytes) -> None:
+        head, _, self.body = raw.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        self.status = int(lines[0].split()[1])
+        self.headers: dict[str, str] = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            self.headers[name.strip().lower()] = value.strip()
+        if self.headers.get("transfer-encoding") == "chunked":
+            self.body = _unchunk(self.body)
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+def _unchunk(data: bytes) -> bytes:
+    out = b""
+    while data:
+        size, _, rest = data.partition(b"\r\n")
+        n = int(size, 16)
+        if n == 0:
+            break
+        out += rest[:n]
+        data = rest[n + 2 :]
+    return out
+
+
+def site_with(root: Resource) -> Callable[..., Response]:
+    site = _StatusSite(root, frozenset())
+
+    def request(path: str, method: str = "GET", **headers: str | bytes) -> Response:
+        proto = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5555))
+        transport = StringTransport()
+        proto.makeConnection(transport)
+        head = {"host": HOST, **headers}
+        lines = [f"{method} {path} HTTP/1.1".encode()]
+        for name, value in head.items():
+            if value is not None:
+                raw = value if isinstance(value, bytes) else value.encode()
+                lines.append(name.replace("_", "-").encode() + b": " + raw)
+        proto.dataReceived(b"\r\n".join(lines) + b"\r\n\r\n")
+        return Response(transport.value())
+
+    return request
+
+
+@pytest.fixture
+def feed() -> DashboardFeed:
+    return DashboardFeed(task.Clock(), view, max_streams=1)
+
+
+@pytest.fixture
+def get(feed: DashboardFeed) -> Callable[..., Response]:
+    root = JSONDirectory()
+    root.putChild(b"dashboard", DashboardResource(feed))
+    return site_with(root)
+
+
+def test_page_and_static_files(get: Callable[..., Response]) -> None:
+    page = get("/dashboard")
+    assert page.status == 200 and page.headers["content-type"].startswith("text/html")
+    assert b'src="/dashboard/app.js"' in page.body
+    assert page.headers["content-security-policy"] == CSP
+    assert page.headers["x-content-type-options"] == "nosniff"
+    assert page.headers["referrer-policy"] == "no-referrer"
+    assert page.headers["cache-control"] == "no-cache"
+    for path, kind in (("app.js", "text/javascript"), ("app.css", "text/css")):
+        r = get(f"/dashboard/{path}")
+        assert r.status == 200 and r.headers["content-type"].startswith(kind)
+        etag = '"' + hashlib.sha256(r.body).hexdigest() + '"'
+        assert r.headers["etag"] == etag
+        again = get(f"/dashboard/{path}", if_none_match=etag)
+        assert again.status == 304 and again.body == b""
+        assert get(f"/dashboard/{path}", if_none_match='"other"').status == 200
+
+
+def test_state_and_errors(get: Callable[..., Response]) -> None:
+    state = get("/dashboard/state")
+    assert state.status == 200 and state.headers["cache-control"] == "no-store"
+    assert state.json()["table"]["owners"] == ["n1", "n1", "n2", "n2"]
+    assert state.headers["content-security-policy"] == CSP
+    missing = get("/dashboard/nope")
+    assert missing.status == 404 and missing.json()["error"]["code"] == "not_found"
+    post = get("/dashboard/state", "POST")
+    assert post.status == 405 and post.headers["allow"] == "GET, HEAD"
+    assert post.json()["error"]["code"] == "method_not_allowed"
+
+
+def test_event_stream_and_its_cap(get: Callable[..., Response], feed: DashboardFeed) -> None:
+    first = get("/dashboard/events")
+    assert first.status == 200 and first.headers["content-type"] == "text/event-stream"
+    assert first.body.startswith(b"retry: 1000\n\nid: 1\nevent: snapshot\ndata: {")
+    second = get("/dashboard/events")  # max_streams=1
+    assert second.status == 503 and second.json()["error"]["code"] == "too_many_streams"
+    assert len(feed.streams) == 1
+
+
+@pytest.mark.parametrize("path", ["/dashboard", "/dashboard/state", "/dashboard/events",
+                                  "/dashboard/app.js"])  # fmt: skip
+def test_the_host_rule(get: Callable[..., Response], path: str) -> None:
+    r = get(path, host="rebind.example:7601")
+    assert r.status == 403 and r.json()["error"]["code"] == "host_not_allowed"
+
+
+# -- the operator rule -----------------------------------------------------------------------
+
+
+class Probe(Resource):
+    isLeaf = True
+
+    def __init__(self, auth: OperatorAuth) -> None:
+        super().__init__()
+        self.auth = auth
+
+    def render(self, request: Any) -> bytes:
+        return self.auth.refuse(request) or b"ok"
+
+
+def operator(key: bytes | None) -> Callable[..., Response]:
+    root = JSONDirectory()
+    root.putChild(b"op", Probe(OperatorAuth(key)))
+    return site_with(root)
+
+
+def test_without_a_key_only_requests_from_outside_pages() -> None:
+    call = operator(None)
+    assert call("/op", "POST").body == b"ok"
+    assert call("/op", "POST", sec_fetch_site="none").body == b"ok"
+    for headers in ({"origin": "http://127.0.0.1:7601"}, {"sec_fetch_site": "same-origin"},
+                    {"sec_fetch_site": "cross-site"}):  # fmt: skip
+        r = call("/op", "POST", **headers)
+        assert r.status == 403 and r.json()["error"]["code"] == "cross_site"
+
+
+def test_with_a_key() -> None:
+    call = operator(KEY)
+    bearer = "Bearer " + KEY.decode()
+    for auth in (None, "Bearer wrong", "Basic " + KEY.decode(), bearer + "x"):
+        r = call("/op", "POST", authorization=auth)
+        assert r.status == 401 and r.json()["error"]["code"] == "unauthorized"
+        assert r.headers["www-authenticate"] == 'Bearer realm="halod"'
+    assert call("/op", "POST", authorization=bearer).body == b"ok"
+    assert call("/op", "POST", authorization="bearer " + KEY.decode()).body == b"ok"
+    own = {"origin": "http://127.0.0.1:7601", "sec_fetch_site": "same-origin"}
+    assert call("/op", "POST", authorization=bearer, **own).body == b"ok"
+    proxied = {"origin": "https://127.0.0.1:7601", "x_forwarded_proto": "https"}
+    assert call("/op", "POST", authorization=bearer, **proxied).body == b"ok"
+    for headers in (
+        {"origin": "http://evil.example"}, {"origin": "null"},
+        {"origin": "https://127.0.0.1:7601"},  # https without the proxy saying so
+        {"origin": "http://127.0.0.1:7602"}, {"sec_fetch_site": "cross-site"},
+        {"sec_fetch_site": "same-site"},
+    ):  # fmt: skip
+        r = call("/op", "POST", authorization=bearer, **headers)
+        assert r.status == 403 and r.json()["error"]["code"] == "cross_site", headers
+
+
+# -- /trace ------------------------------------------------------------------------------
+
+
+def trace_site(start: Callable[[TraceQuery], defer.Deferred[dict[str, Any]]],
+               key: bytes | None = None) -> Callable[..., Response]:  # fmt: skip
+    root = JSONDirectory()
+    leader = {"name": "h2", "control": "tcp://127.0.0.1:1", "status": "127.0.0.1:7611"}
+    root.putChild(b"trace", TraceResource(OperatorAuth(key), start, lambda: leader))
+    return site_with(root)
+
+
+def test_trace_request_rules() -> None:
+    asked: list[TraceQuery] = []
+
+    def start(query: TraceQuery) -> defer.Deferred[dict[str, Any]]:
+        asked.append(query)
+        return defer.succeed({"keys": []})
+
+    call = trace_site(start)
+    ok = call("/trace?user=alice&event=42&limit=5")
+    assert ok.status == 200 and ok.json() == {"keys": []}
+    assert asked == [TraceQuery(0, "alice", None, None, "42", 5)]
+    for path in ("/trace", "/trace?user=", "/trace?user=a&user=b", "/trace?user=a&x=1",
+                 "/trace?user=a&limit=-1", "/trace?user=a&limit=0", "/trace?user=%ff"):  # fmt: skip
+        r = call(path)
+        assert r.status == 400 and r.json()["error"]["code"] == "bad_request", path
+    assert call("/trace?user=a", "POST").status == 405
+    page = call("/trace?user=a", origin="http://127.0.0.1:7601")
+    assert page.status == 403
+    assert len(asked) == 1
+
+
+def test_trace_needs_the_key_when_one_is_set() -> None:
+    call = trace_site(lambda q: defer.succeed({"keys": []}), KEY)
+    assert call("/trace?user=a").status == 401
+    ok = call("/trace?user=a", authorization="Bearer " + KEY.decode(),
+              origin="http://127.0.0.1:7601")  # fmt: skip
+    assert ok.status == 200
+
+
+def test_trace_on_a_follower_and_when_busy() -> None:
+    def follower(query: TraceQuery) -> defer.Deferred[dict[str, Any]]:
+        raise ControlError(ErrorCode.NOT_LEADER, "this HaloD does not lead: h2 leads")
+
+    r = trace_site(follower)("/trace?user=a")
+    assert r.status == 409
+    assert r.json()["error"] == {
+        "code": "not_leader", "message": "this HaloD does not lead: h2 leads",
+        "leader": {"name": "h2", "status": "127.0.0.1:7611"},
+    }  # fmt: skip
+
+    def busy(query: TraceQuery) -> defer.Deferred[dict[str, Any]]:
+        raise Busy
+
+    r = trace_site(busy)("/trace?user=a")
+    assert r.status == 503 and r.json()["error"]["code"] == "busy"
+
+
+def test_fan_out_waits_for_every_node_or_the_timeout() -> None:
+    clock = task.Clock()
+    fan = TraceFanout(clock, timeout=1.0, max_pending=2)
+    sent: dict[str, list[TraceQuery]] = {"n1": [], "n2": [], "n3": []}
+    targets = {name: sent[name].append for name in sent}
+    results: list[Gathered] = []
+    fan.ask(TraceQuery(0, "alice"), targets).addCallback(results.append)
+    qid = sent["n1"][0].qid
+    assert qid > 0 and all(q[0].qid == qid for q in sent.values())
+    fan.reply("n1", TraceReply(qid, {"keys": [{"key": ["alice", "", ""]}]}))
+    fan.reply("n2", TraceReply(qid + 1, {"keys": []}))  # another query's: ignored
+    fan.lost("n3")
+    assert results == []
+    clock.advance(1.0)
+    [got] = results
+    assert got.asked == ["n1", "n2", "n3"] and list(got.replies) == ["n1"]
+    assert got.missing == [{"name": "n2", "why": "no reply in 1 s"},
+                           {"name": "n3", "why": "its control connection was lost"}]  # fmt: skip
+    assert fan.pending == {} and clock.getDelayedCalls() == []
+    # all answer: done at once; nobody to ask: done at once
+    fan.ask(TraceQuery(0, "bob"), {"n1": sent["n1"].append}).addCallback(results.append)
+    fan.reply("n1", TraceReply(sent["n1"][-1].qid, {"keys": []}))
+    fan.ask(TraceQuery(0, "bob"), {}).addCallback(results.append)
+    assert [r.missing for r in results[1:]] == [[], []]
+    fan.ask(TraceQuery(0, "c"), targets)
+    fan.ask(TraceQuery(0, "d"), targets)
+    with pytest.raises(Busy):
+        fan.ask(TraceQuery(0, "e"), targets)
+
+
+def test_trace_answer_merges_nodes_and_names_lost_records() -> None:
+    rec = {"t": 100.0, "event": "42", "request": "77aa", "route": 2, "status": "delivered",
+           "seq": 42, "written": 100.001, "transport": "ws", "acked": 100.2}  # fmt: skip
+    gathered = Gathered(
+        ["n1", "n2"],
+        {"n1": {"keys": [{"key": ["alice", "s", "/"], "route": 2, "here": False,
+                          "dispatches": [rec], "notes": []}]},
+         "n2": {"keys": []}},
+        [],
+    )  # fmt: skip
+    seen: list[tuple[set[int], float, float]] = []
+
+    def incidents(routes: set[int], start: float, end: float) -> list[dict[str, Any]]:
+        seen.append((routes, start, end))
+        return [{"id": 7}]
+
+    failed = [{"name": "n3", "at": 90.0, "why": "ports refused"}]
+    answer = trace_answer(TraceQuery(1, "alice", event="42"), gathered, failed,
+                          ["n1", "n2", "n2"], incidents)  # fmt: skip
+    assert answer["asked"] == ["n1", "n2"] and answer["answered"] == ["n1", "n2"]
+    [key] = answer["keys"]
+    assert key["owner_now"] == "n2" and key["dispatches"][0]["node"] == "n1"
+    assert answer["incidents"] == [{"id": 7}] and seen[0][0] == {2}
+    assert answer["failed_nodes"] == failed
+    [verdict] = answer["verdicts"]
+    assert verdict["event"] == "42" and "acknowledged" in verdict["text"]
+    assert answer["query"] == {"user": "alice", "session": None, "location": None, "event": "42"}
