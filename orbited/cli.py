@@ -6,6 +6,7 @@ local cluster.
     orbited token --user U [--session S] [--location L] [--ttl SECONDS]
     orbited cluster [--port 8080] [--free-ports] ...   HaloD, nodes and cherrychat locally
     orbited whereis --user U --session S --location L | --key JSON | --route R
+    orbited trace --user U [--event E] [--node URL --key-file FILE]   delivery records
 
 ``orbited --help`` lists the commands, ``orbited COMMAND --help`` a command's flags
 (docs/operations.md). :func:`run_commands` is the dispatcher both ``orbited`` and
@@ -57,6 +58,12 @@ def _whereis(argv: list[str]) -> int:
     return whereis_command(argv)
 
 
+def _trace(argv: list[str]) -> int:
+    from orbited.trace import trace_command
+
+    return trace_command(argv)
+
+
 def _cluster(argv: list[str]) -> int:
     from orbited.cluster import cluster_command
 
@@ -72,6 +79,8 @@ COMMANDS = (
             "(./dev run)", _cluster),
     Command("whereis", "which node (and pid) serves a connection key or route now",
             _whereis),
+    Command("trace", "what became of a user's events: every node's delivery records "
+            "and a verdict per event", _trace),
 )  # fmt: skip
 SUBCOMMANDS = tuple(c.name for c in COMMANDS)
 DESCRIPTION = (

@@ -231,7 +231,7 @@ def test_merge_orders_by_time_and_keeps_each_nodes_header():
 
 
 def test_merge_skips_what_is_not_a_key():
-    answers = {"n1": {"keys": [1, {"key": "alice"}, {"key": [1, 2, 3]}, {"key": KEY,
+    answers: dict[str, Any] = {"n1": {"keys": [1, {"key": "alice"}, {"key": [1, 2, 3]}, {"key": KEY,
                "dispatches": [5, rec()], "notes": "x"}]}, "n2": {"keys": None}}  # fmt: skip
     keys = merge_keys(answers)
     assert len(keys) == 1 and len(keys[0]["dispatches"]) == 1 and keys[0]["notes"] == []

@@ -13,7 +13,7 @@ import pytest
 from orbited.cli import main
 from tests.conftest import SECRET
 
-COMMANDS = ("node", "token", "cluster", "whereis")
+COMMANDS = ("node", "token", "cluster", "whereis", "trace")
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:
@@ -43,7 +43,7 @@ def test_help_of_a_command_is_that_commands_help(capsys):
 @pytest.mark.parametrize(
     "argv, suggestion",
     [
-        (["trace", "--help"], None),
+        (["frobnicate", "--help"], None),
         (["tokn", "--user", "a"], "token"),
         (["nodes"], "node"),
         (["clustre"], "cluster"),
@@ -64,9 +64,9 @@ def test_an_unknown_command_is_an_error_with_a_suggestion(argv, suggestion, caps
 
 
 def test_unknown_command_as_a_real_process_exits_2_without_the_nodes_help():
-    done = run("trace", "--help")
+    done = run("frobnicate", "--help")
     assert done.returncode == 2
-    assert "unknown command 'trace'" in done.stderr
+    assert "unknown command 'frobnicate'" in done.stderr
     assert "--max-payload" not in done.stdout + done.stderr  # not the node's help
 
 
@@ -112,6 +112,7 @@ def test_flags_without_a_command_still_run_a_node(tmp_path: Path):
         (["token", "--user", "a", "--sesion", "s"], "--session"),
         (["cluster", "--fre-ports"], "--free-ports"),
         (["whereis", "--rute", "3"], "--route"),
+        (["trace", "--user", "a", "--evnt", "42"], "--event"),
     ],
 )
 def test_a_mistyped_flag_is_an_error_naming_the_closest_flag(argv, suggestion, capsys):
@@ -133,3 +134,17 @@ def test_a_reserved_wildcard_in_a_token_is_a_clear_error(part, tmp_path, capsys)
     captured = capsys.readouterr()
     assert captured.out == ""
     assert captured.err.startswith("orbited token: ") and "*" in captured.err
+
+
+def test_trace_help_and_usage_as_a_real_process():
+    """``orbited trace --help`` exits 0 with its flags; a usage error exits 2; HaloD not
+    answering exits 1 (docs/operations.md, "Tracing a delivery")."""
+    done = run("trace", "--help")
+    assert done.returncode == 0 and "usage: orbited trace" in done.stdout
+    for flag in ("--user", "--event", "--node", "--key-file", "--operator-key-file", "--json"):
+        assert flag in done.stdout
+    assert run("trace").returncode == 2
+    nobody = run(
+        "trace", "--user", "alice", "--url", "http://127.0.0.1:9", "--state-dir", "/nonexistent"
+    )
+    assert nobody.returncode == 1 and "orbited trace: cannot reach" in nobody.stderr
