@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import urllib.error
 import urllib.parse
@@ -27,10 +28,12 @@ from halod.svg import Row, table_svg
 from orbited import __version__
 from orbited.core.hashing import HASH_VERSIONS
 from orbited.core.routes import DEFAULT_ROUTES, RouteTableError, canonical, format_ranges
+from orbited.core.tokens import load_secret
 from orbited.runtime.commands import Command, run_commands
 from orbited.runtime.daemon import run_configured
 
 STATUS_URL = f"http://{HaloDConfig.status_http}"  # the status and operator commands' --url
+OPERATOR_KEY_ENV = "HALOD_OPERATOR_KEY_FILE"  # --operator-key-file's default
 
 
 def plan_text(routes: int, nodes: int) -> str:
@@ -190,7 +193,30 @@ def _operator_parser(command: str) -> argparse.ArgumentParser:
     )
     parser.add_argument("name", help="the node's name")
     parser.add_argument("--url", default=STATUS_URL, help="HaloD's status_http")
+    _operator_key_flag(parser)
     return parser
+
+
+def _operator_key_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--operator-key-file", type=Path, default=os.environ.get(OPERATOR_KEY_ENV) or None,
+        help="HaloD's operator key (operator_key_file), sent as a bearer token "
+        f"(default: ${OPERATOR_KEY_ENV}, else none)",
+    )  # fmt: skip
+
+
+def _authorized(command: str, args: argparse.Namespace, headers: dict[str, str]
+                ) -> dict[str, str] | None:  # fmt: skip
+    """``headers`` plus ``Authorization: Bearer <key>`` when an operator key file is
+    given; None after printing why the file cannot be used."""
+    if args.operator_key_file is None:
+        return headers
+    try:
+        key = load_secret(Path(args.operator_key_file))
+    except (OSError, ValueError) as e:
+        print(f"halod {command}: {e}", file=sys.stderr)
+        return None
+    return {**headers, "authorization": "Bearer " + key.decode("ascii", "replace")}
 
 
 def _rehash_parser() -> argparse.ArgumentParser:
@@ -203,13 +229,16 @@ def _rehash_parser() -> argparse.ArgumentParser:
     parser.add_argument("--to", type=int, required=True, choices=HASH_VERSIONS,
                         help="the hash version")  # fmt: skip
     parser.add_argument("--url", default=STATUS_URL, help="HaloD's status_http")
+    _operator_key_flag(parser)
     return parser
 
 
 def rehash_command(args: argparse.Namespace) -> int:
     url = f"{args.url.rstrip('/')}/rehash"
     body = json.dumps({"hash_version": args.to}).encode()
-    headers = {"content-type": "application/json"}
+    headers = _authorized("rehash", args, {"content-type": "application/json"})
+    if headers is None:
+        return 2
     answer = _post("rehash", urllib.request.Request(url, body, headers, method="POST"))
     if answer is None:
         return 1
@@ -244,7 +273,10 @@ def _post(command: str, request: urllib.request.Request) -> dict | None:
 def operator_command(command: str, args: argparse.Namespace) -> int:
     name = urllib.parse.quote(args.name, safe="")
     url = f"{args.url.rstrip('/')}/nodes/{name}/{command}"
-    answer = _post(command, urllib.request.Request(url, method="POST"))
+    headers = _authorized(command, args, {})
+    if headers is None:
+        return 2
+    answer = _post(command, urllib.request.Request(url, headers=headers, method="POST"))
     if answer is None:
         return 1
     print(f"{answer['name']}: {answer['state']}")
