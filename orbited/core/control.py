@@ -124,7 +124,7 @@ class HeartbeatLoad:
     recipients: int | None = None  # per-key results of them
     delivered: int | None = None  # written to an attached browser at once
     queued: int | None = None  # stored for a browser that was away
-    acked: int | None = None  # events browsers acknowledged
+    acked: int | None = None  # acknowledged-mode results "acked" (the browser confirmed)
     full: int | None = None  # refused: the node's mailbox memory was full
     moved: int | None = None  # refused: the route had moved away
     ack_hist: tuple[tuple[int, int], ...] = ()
