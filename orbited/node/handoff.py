@@ -31,6 +31,7 @@ from orbited.node.mailbox import _POSITION, Entry, Mailbox, MailboxLimits, Posit
 
 if TYPE_CHECKING:
     from orbited.node.hub import HubConfig, Sink, _AckWait, _Slot
+    from orbited.node.observe import DeliveryObserver
 
 
 # What the hub tells presence (orbited.node.presence) about a key: its mailbox was created
@@ -50,7 +51,9 @@ class MailboxExport:
     as the event frames carry it (frames.event_id), or None for an event handed over by
     a node of a version before event ids. ``evicted``: the highest seq the old owner's
     limits removed (None from a node without it); ``tags``: the latest-value tags of
-    ``events``, ``(seq, tag, replaced)`` with the tag as encoded JSON."""
+    ``events``, ``(seq, tag, replaced)`` with the tag as encoded JSON. ``trace``: the
+    key's per-key trace (orbited.node.trace's records and notes as JSON objects, checked
+    by the receiving tracer), carried when tracing is on; ``()`` from older nodes."""
 
     key: ConnectionKey
     route: int
@@ -61,14 +64,17 @@ class MailboxExport:
     online: bool = True
     evicted: int | None = None
     tags: tuple[TagEntry, ...] = ()
+    trace: tuple[dict[str, Any], ...] = ()
 
     @classmethod
     def of(
-        cls, key: ConnectionKey, mailbox: Mailbox, route: int, online: bool = True
-    ) -> MailboxExport:
+        cls, key: ConnectionKey, mailbox: Mailbox, route: int, online: bool = True,
+        trace: Iterable[dict[str, Any]] = (),
+    ) -> MailboxExport:  # fmt: skip
         return cls(
             key, route, mailbox.stream, mailbox.next_seq, mailbox.acked,
             tuple(mailbox.export()), online, mailbox.evicted, tuple(mailbox.export_tags()),
+            tuple(trace),
         )  # fmt: skip
 
     def mailbox(self, limits: MailboxLimits) -> Mailbox:
@@ -104,6 +110,8 @@ class MailboxExport:
         }
         if self.evicted is not None:
             out["evicted"] = self.evicted
+        if self.trace:
+            out["trace"] = list(self.trace)
         return out
 
     @classmethod
@@ -141,7 +149,15 @@ class MailboxExport:
             raise HandoffError(f"malformed entry: {e!r}") from None
         online = entry.get("online") is not False
         route = route_of(key, routes, hash_version)
-        return cls(key, route, stream, next_seq, acked, imported, online, evicted, tuple(tags))
+        # The trace never costs a mailbox: anything but an array of objects is dropped.
+        raw_trace = entry.get("trace")
+        trace = (
+            tuple(t for t in raw_trace if isinstance(t, dict))
+            if isinstance(raw_trace, list) else ()
+        )  # fmt: skip
+        return cls(
+            key, route, stream, next_seq, acked, imported, online, evicted, tuple(tags), trace
+        )
 
 
 def _import_event(event: object, tags: list[TagEntry]) -> Entry:
@@ -239,7 +255,14 @@ class RouteOwnership:
     stats: dict[str, int]
     presence: Callable[[PresenceChange, ConnectionKey], None] | None
     offline: Any  # orbited.node.offline.OfflineWatcher, or users.NullWatcher
+    observer: DeliveryObserver | None  # per-key tracing / OpenTelemetry (orbited.node.observe)
     _slots: dict[ConnectionKey, _Slot]
+
+    def now(self) -> float:
+        raise NotImplementedError
+
+    def _recount_routes(self) -> None:
+        raise NotImplementedError
 
     def _init_routes(self, routes: int, hash_version: int = DEFAULT_HASH_VERSION) -> None:
         self.routes = routes
@@ -315,7 +338,9 @@ class RouteOwnership:
                     self.config.handoff_timeout, self._complete, route, True
                 )
                 self._incoming[route] = _Incoming(timer)
-        return self._evict(lost)
+        evicted = self._evict(lost)
+        self._recount_routes()  # the load report's per-route counts start afresh
+        return evicted
 
     def route_moved(
         self, moves: dict[int, str | None], handoff: Iterable[int] = (),
@@ -359,10 +384,12 @@ class RouteOwnership:
         # Only these browsers go to the new owner(s), not all of this node's: their
         # reconnect frames carry a spread counted over them (docs/protocol.md).
         spread = spread_for(len(moving), self.config.reconnect_rate)
+        observer = self.observer
         if exports is not None:  # first what the new owner needs, then the browsers
             for key, slot in moving:
                 if slot.route in handoff:
-                    mailbox = MailboxExport.of(key, slot.mailbox, slot.route, slot.online)
+                    trace = () if observer is None else observer.export(key)
+                    mailbox = MailboxExport.of(key, slot.mailbox, slot.route, slot.online, trace)
                     exports.append(mailbox.to_wire())
         if exported is not None:
             exported()
@@ -383,6 +410,11 @@ class RouteOwnership:
                     slot, partial(_moved_away, route, self.moved_to.get(route), self.hash_version)
                 )
             self._release(slot, "route_moved", spread=spread)
+            if observer is not None:
+                observer.noted(
+                    key, "moved", self.now(), route=route, to=self.moved_to.get(route),
+                    handed=handed,
+                )  # fmt: skip
             if not handed:
                 if slot.online and self.presence is not None:
                     self.presence("signoff", key)  # handed over keys stay online, elsewhere
@@ -409,7 +441,7 @@ class RouteOwnership:
             except HandoffError as e:
                 self.log.warn("ignoring a malformed hand-off entry: {e}", e=e)
                 continue
-            if self._import(export):
+            if self._import(export, sender):
                 installed += 1
         if users:
             self.import_users(users)
@@ -434,6 +466,7 @@ class RouteOwnership:
         self.hash_version = version
         for key, slot in self._slots.items():
             slot.route = route_of(key, self.routes, version)
+        self._recount_routes()
         users = self.config.users
         if version == 1 and (users.max_connections or users.rate):
             self.log.warn("user limits are per node with hash_version 1 (docs/hashing.md)")
@@ -486,8 +519,12 @@ class RouteOwnership:
             self._forget(slot)
             self._unindex(key, slot)
             moved += 1
+            observer = self.observer
             if name is not None and name in out:
-                out[name].append(MailboxExport.of(key, slot.mailbox, route, slot.online).to_wire())
+                trace = () if observer is None else observer.export(key)
+                out[name].append(
+                    MailboxExport.of(key, slot.mailbox, route, slot.online, trace).to_wire()
+                )
                 self.stats["handoff_out"] += 1
                 self._end_waits(slot, lambda wait: events.stored(events.Status.UNACKED, wait.seq))
             else:
@@ -498,6 +535,12 @@ class RouteOwnership:
                     self.presence("signoff", key)
                 self.offline.expired(key)
             self._release(slot, "rehash", route, spread)
+            if observer is not None:
+                observer.noted(
+                    key, "moved", self.now(), route=route, to=self.moved_to.get(route),
+                    handed=name is not None and name in out,
+                )  # fmt: skip
+        self._recount_routes()
         if peers:
             for route in owned:
                 if route not in self._incoming:
@@ -511,9 +554,16 @@ class RouteOwnership:
             self.log.info("rehash to version {v}: {n} keys moved", v=version, n=moved)
         return out
 
-    def _import(self, export: MailboxExport) -> bool:
+    def _import(self, export: MailboxExport, sender: str | None = None) -> bool:
         key, route = export.key, export.route
         slot = self._slots.get(key)
+        observer = self.observer
+        if observer is not None and route in self._incoming:
+            now = self.now()
+            if export.trace:
+                observer.import_(key, list(export.trace), sender, now)
+            if slot is None:
+                observer.noted(key, "handed_in", now, origin=sender)
         if slot is not None:  # a continuation of a large mailbox, or a late arrival
             have = slot.mailbox
             if route in self._incoming and have.stream == export.stream:

@@ -19,7 +19,7 @@ import secrets
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -27,6 +27,7 @@ from twisted.logger import Logger
 
 from orbited.core.hashing import DEFAULT_HASH_VERSION, DEFAULT_ROUTES, route_of, route_of_user
 from orbited.core.keys import ConnectionKey, KeyError_, Selector, parse_recipient
+from orbited.core.latency import LatencyHistogram
 from orbited.node import events, frames
 from orbited.node.dedup import DedupLimits, DedupMemory
 from orbited.node.events import DELIVERED, QUEUED, DispatchResult, RecipientResult, Status
@@ -41,7 +42,11 @@ from orbited.node.handoff import (
     spread_for,
 )
 from orbited.node.mailbox import Mailbox, MailboxLimits, Position
+from orbited.node.observe import DeliveryObserver
 from orbited.node.users import NullWatcher, UserEntry, UserHold, UserLimits, gcra_take
+
+if TYPE_CHECKING:
+    from orbited.node.trace import Tracer
 
 __all__ = ["SPREAD_MAX", "Answer", "Hub", "HubConfig", "Sink", "answer", "export_entry"]
 
@@ -51,6 +56,7 @@ class Sink(Protocol):
 
     last_write: float
     wants_pings: bool  # streaming transports do; a held long-poll ends by its own timeout
+    kind: str  # the transport's name in per-key traces: "ws", "sse", "poll", "iframe", "orbit"
 
     def deliver(self, out: list[Frame]) -> bool:
         """Write frames (their ``data``) to the browser, or keep them for the delivery
@@ -145,6 +151,7 @@ class _AckWait:
 class _Slot:
     __slots__ = (
         "mailbox", "sink", "linger_call", "route", "waits", "online", "counted", "entry", "left",
+        "probe", "probe_at",
     )  # fmt: skip
 
     def __init__(
@@ -162,6 +169,10 @@ class _Slot:
         # before any browser came: the browser's first attach signs it on.
         self.online = online
         self.counted = 0  # this mailbox's bytes as last added to Hub.mailbox_bytes
+        # The ack-latency probe (Hub.load_report's ack_hist): the seq of an event written
+        # to the browser while no probe was pending, and when; 0: none pending.
+        self.probe = 0
+        self.probe_at = 0.0
 
 
 class _BatchScope:
@@ -235,6 +246,17 @@ class Hub(RouteOwnership):
             "user_refused": 0,
             "user_displaced": 0,
         }
+        # Per-key tracing and OpenTelemetry (orbited.node.observe): None when both are off,
+        # and then a dispatch costs one test of it (set with ``observe``).
+        self.observer: DeliveryObserver | None = None
+        self.tracer: Tracer | None = None  # the per-key tracer, for queries and gauges
+        self._token: Any = None  # the observer's token of the request being dispatched
+        # The heartbeat's load (``load_report``): ack-latency samples since the last
+        # report, and attached connections per route with the routes changed since.
+        self._ack_hist = LatencyHistogram()
+        self._route_attached: dict[int, int] = {}
+        self._routes_dirty: set[int] = set()
+        self._routes_full_due = True  # the next report sends every route
 
     # -- the delivery batch (orbited.node.flush) ----------------------------------------
 
@@ -303,6 +325,8 @@ class Hub(RouteOwnership):
             previous = self._set_sink(slot, None)
             if previous is not None and previous is not sink:
                 previous.replaced()
+                if self.observer is not None:
+                    self.observer.noted(key, "replaced", self.now())
         mailbox = slot.mailbox
         acked = mailbox.acked
         replay = mailbox.replay(after)
@@ -329,13 +353,45 @@ class Hub(RouteOwnership):
         entry = slot.entry
         if entry is not None:  # attach order: the user's oldest connection comes first
             entry.keys[key] = entry.keys.pop(key)
-        if sink.deliver(out) and replay.events:
-            mailbox.mark_delivered(replay.events[-1][0])
+        written = sink.deliver(out)
+        if written and replay.events:
+            last = replay.events[-1][0]
+            mailbox.mark_delivered(last)
+            if not slot.probe:  # the ack-latency probe (load_report)
+                slot.probe = last
+                slot.probe_at = self.now()
         if mailbox.acked > acked:  # the resume position acknowledged events
             self.offline.acked(key, mailbox.acked)
+            if slot.probe:
+                self._probe_acked(slot)
         if slot.waits is not None and after is not None:
             self._acked(slot)
+        if self.observer is not None:
+            self._observe_attach(self.observer, key, mailbox, sink, after, replay, written, acked)
         return mailbox
+
+    def _observe_attach(
+        self, observer: DeliveryObserver, key: ConnectionKey, mailbox: Mailbox, sink: Sink,
+        after: Position | None, replay: Any, written: bool, acked: int,
+    ) -> None:  # fmt: skip
+        now = self.now()
+        stream = mailbox.stream
+        last = None if after is None else str(after)
+        observer.noted(key, "attach", now, transport=sink.kind, last=last)
+        if replay.reset and after is not None:
+            observer.noted(key, "reset", now, old=after.stream)
+        if replay.gap is not None:
+            observer.noted(key, "gap", now, first=replay.gap[0], last=replay.gap[1])
+        if mailbox.acked > acked:
+            observer.acked(key, stream, mailbox.acked, now)
+        if written and replay.events:
+            observer.written(key, stream, replay.events[0][0], replay.events[-1][0], sink.kind, now)
+
+    def _probe_acked(self, slot: _Slot) -> None:
+        """The browser's ack covers the probe's event: one ack-latency sample."""
+        if slot.mailbox.acked >= slot.probe:
+            self._ack_hist.observe(self.now() - slot.probe_at)
+            slot.probe = 0
 
     # -- per-user limits (orbited.node.users; docs/protocol.md, "Per-user limits") --------
 
@@ -528,14 +584,31 @@ class Hub(RouteOwnership):
             entry = slot.entry
             if entry is not None:
                 entry.attached += change
+            route = slot.route
+            counts = self._route_attached
+            counts[route] = counts.get(route, 0) + change
+            self._routes_dirty.add(route)
         return previous
+
+    def _recount_routes(self) -> None:
+        """Attached connections per route, counted afresh (after the slots' routes were
+        recomputed: a new route count or hash version); the next report sends them all."""
+        counts: dict[int, int] = {}
+        for slot in self._slots.values():
+            if slot.sink is not None:
+                counts[slot.route] = counts.get(slot.route, 0) + 1
+        self._route_attached = counts
+        self._routes_dirty.clear()
+        self._routes_full_due = True
 
     def _forget(self, slot: _Slot) -> None:
         """A slot left ``_slots``: its bytes no longer count."""
         self.mailbox_bytes -= slot.counted
         slot.counted = 0
 
-    def detach(self, key: ConnectionKey, sink: Sink) -> None:
+    def detach(self, key: ConnectionKey, sink: Sink, reason: str | None = None) -> None:
+        """The key's transport ``sink`` closed (``reason``, if the transport knows one:
+        it goes to the key's trace, e.g. "slow")."""
         slot = self._slots.get(key)
         if slot is None or slot.sink is not sink:
             self._held_gone(sink)  # closed while its route was held, perhaps
@@ -543,6 +616,8 @@ class Hub(RouteOwnership):
         self._set_sink(slot, None)
         slot.left = self.now()
         slot.linger_call = self.clock.callLater(self.config.linger, self._expire, key, slot)
+        if self.observer is not None:
+            self.observer.noted(key, "detach", slot.left, reason=reason)
 
     def _expire(self, key: ConnectionKey, slot: _Slot) -> None:
         slot.linger_call = None
@@ -556,6 +631,11 @@ class Hub(RouteOwnership):
             if len(slot.mailbox) > slot.mailbox.acked:
                 self.log.info("mailbox {key} expired", key=key)
             self.offline.expired(key)
+            if self.observer is not None:
+                mailbox = slot.mailbox
+                self.observer.noted(
+                    key, "expired", self.now(), undelivered=mailbox.last_seq - mailbox.delivered
+                )
 
     def ack(self, key: ConnectionKey, seq: int, stream: str | None = None) -> None:
         """The browser has everything up to ``seq`` (of ``stream``, when the ack comes on
@@ -568,6 +648,10 @@ class Hub(RouteOwnership):
             if mailbox.acked > acked:
                 self._recount(slot)
                 self.offline.acked(key, mailbox.acked)
+                if slot.probe:
+                    self._probe_acked(slot)
+                if self.observer is not None:
+                    self.observer.acked(key, mailbox.stream, mailbox.acked, self.now())
             if slot.waits is not None:
                 self._acked(slot)
 
@@ -641,7 +725,86 @@ class Hub(RouteOwnership):
             "incoming_routes": len(self._incoming),
             "users": len(self._users),
             "user_holds": sum(len(e.holds) for e in self._users.values() if e.holds),
+            **({} if self.tracer is None else self.tracer.gauges()),
         }
+
+    def trace_answer(
+        self, user: str, session: str | None = None, location: str | None = None,
+        event: str | None = None, limit: int | None = None,
+    ) -> dict[str, Any]:  # fmt: skip
+        """The per-key trace of ``user``'s keys (those of ``session`` / ``location`` when
+        given): the node's ``GET /orbited/trace`` and ``trace_reply`` answer
+        (docs/operations.md, "Tracing a delivery"). Each key the tracer knows, and each of
+        the user's mailboxes here, with its mailbox state and its records (of ``event``
+        only, the newest ``limit``, when given)."""
+        tracer = self.tracer
+        now = self.now()
+        out: dict[str, Any] = {
+            "node": None if tracer is None else tracer.node, "epoch": self.epoch, "now": now,
+            "mode": "off" if tracer is None else tracer.config.mode, "keys": [],
+            "truncated": False, "gauges": {} if tracer is None else tracer.gauges(),
+        }  # fmt: skip
+        if tracer is None:
+            return out
+        traced = dict(tracer.keys_of(user, session, location, now))
+        entry = self._users.get(user)
+        for key in () if entry is None else entry.keys:
+            if (session is None or key[1] == session) and (location is None or key[2] == location):
+                traced.setdefault(key, None)  # type: ignore[arg-type]
+        for key, kt in traced.items():
+            slot = self._slots.get(key)
+            head: dict[str, Any] = {
+                "key": key.to_json(),
+                "route": route_of(key, self.routes, self.hash_version),
+                "here": slot is not None,
+                "stream": None, "attached": None, "last_seq": None, "acked": None,
+                "lingering_until": None,
+            }  # fmt: skip
+            if slot is not None:
+                mailbox, linger = slot.mailbox, slot.linger_call
+                head["stream"] = mailbox.stream
+                head["attached"] = None if slot.sink is None else slot.sink.kind
+                head["last_seq"], head["acked"] = mailbox.last_seq, mailbox.acked
+                if linger is not None and linger.active():
+                    head["lingering_until"] = linger.getTime()
+            if kt is None:
+                head.update(dispatches=[], notes=[])
+            else:
+                head.update(tracer.key_json(kt, event, limit))
+            out["keys"].append(head)
+        return out
+
+    def load_report(self, full: bool = False) -> dict[str, Any]:
+        """The heartbeat's ``load`` object (docs/halod-protocol.md, "Heartbeat"): counters
+        since the node started, the ack-latency samples since the previous report
+        (sparse ``[bucket, count]`` pairs, orbited.core.latency), and attached connections
+        per route: the routes whose count changed since the previous report, or every
+        route with one (``routes_full``) when ``full`` or after the routes were
+        recomputed. ``recipients`` counts every recipient's result (stored or not)."""
+        stats = self.stats
+        full = full or self._routes_full_due
+        counts = self._route_attached
+        if full:
+            for route in [r for r, n in counts.items() if n <= 0]:
+                del counts[route]
+            routes = {str(r): n for r, n in counts.items()}
+            self._routes_full_due = False
+        else:
+            routes = {str(r): max(0, counts.get(r, 0)) for r in self._routes_dirty}
+        self._routes_dirty.clear()
+        return {
+            "events": stats["events"],
+            "recipients": stats["delivered"] + stats["queued"] + stats["no_connection"]
+            + stats["moved"] + stats["full"] + stats["limited"] + stats["held"],
+            "delivered": stats["delivered"],
+            "queued": stats["queued"],
+            "acked": stats["acked"],
+            "full": stats["full"],
+            "moved": stats["moved"],
+            "ack_hist": [list(pair) for pair in self._ack_hist.take()],
+            "routes": routes,
+            "routes_full": full,
+        }  # fmt: skip
 
     def spread(self) -> float:
         """Seconds over which this node's browsers should spread their first reconnect
@@ -722,16 +885,26 @@ class Hub(RouteOwnership):
             now = self.clock.seconds()
             dedup.forget_old(now)
         digest = request.digest
+        observer = self.observer  # None unless tracing or OpenTelemetry is on
         remembered = dedup.reply(digest, now)
         if remembered is not None:
             self.stats["duplicates"] += 1
-            return events.decode_reply(remembered)._replace(duplicate=True)
+            again = events.decode_reply(remembered)._replace(duplicate=True)
+            if observer is not None:
+                observer.answered(observer.dispatched(request, now), again, now)
+            return again
         if dedup.pending(digest):  # the first one's outcome is not ready yet
             self.stats["duplicates"] += 1
             resend: defer.Deferred[DispatchResult] = defer.Deferred()
             dedup.wait(digest, resend)
+            if observer is not None:
+                resend.addCallback(
+                    self._observe_answer, observer, observer.dispatched(request, now)
+                )
             return resend
         self.stats["events"] += 1
+        if observer is not None:
+            self._token = token = observer.dispatched(request, now)
         eid = frames.event_id(request.event_id)  # once per request, shared by the mailboxes
         recipients = request.recipients
         tag, offline = request.latest, request.offline
@@ -749,6 +922,10 @@ class Hub(RouteOwnership):
                     request.payload, request.ack, eid, tag, offline,
                 )  # fmt: skip
             if isinstance(only, tuple):  # a RecipientResult, not a Deferred (see above)
+                if observer is not None:
+                    return self._observe_answer(
+                        self._answered(request, now, [only]), observer, token
+                    )
                 return self._answered(request, now, [only])
             results: list[RecipientResult | defer.Deferred[RecipientResult]] = [only]
             waits = True
@@ -775,6 +952,11 @@ class Hub(RouteOwnership):
                 waits = waits or isinstance(entry, defer.Deferred)
                 results.append(entry)
         if not waits:
+            if observer is not None:
+                return self._observe_answer(
+                    self._answered(request, now, results),  # type: ignore[arg-type]
+                    observer, token,
+                )  # fmt: skip
             return self._answered(request, now, results)  # type: ignore[arg-type]
         dedup.begin(digest)
         gathered = defer.gatherResults(
@@ -784,6 +966,8 @@ class Hub(RouteOwnership):
 
         def answered(parts: list[RecipientResult]) -> DispatchResult:
             outcome = self._answered(request, self.clock.seconds(), parts)
+            if observer is not None:
+                observer.answered(token, outcome, self.now())
             resent = outcome._replace(duplicate=True)
             for waiter in dedup.finish(digest):
                 waiter.callback(resent)
@@ -795,6 +979,12 @@ class Hub(RouteOwnership):
             return failure
 
         return gathered.addCallbacks(answered, failed)
+
+    def _observe_answer(
+        self, outcome: DispatchResult, observer: DeliveryObserver, token: Any
+    ) -> DispatchResult:
+        observer.answered(token, outcome, self.now())
+        return outcome
 
     def _answered(
         self, request: events.EventRequest, now: float, results: list[RecipientResult]
@@ -851,6 +1041,9 @@ class Hub(RouteOwnership):
             mailbox.mark_delivered(seq)
             self.stats["delivered"] += 1
             status = DELIVERED
+            if not slot.probe:  # the ack-latency probe (load_report)
+                slot.probe = seq
+                slot.probe_at = self.now()
         else:
             self.stats["queued"] += 1
             status = QUEUED
@@ -875,6 +1068,55 @@ class Hub(RouteOwnership):
         slot.waits.append(wait)
         return wait.deferred
 
+    def _deliver_observed(
+        self, key: ConnectionKey, payload: bytes, ack: float | None = None,
+        eid: bytes | None = None, tag: bytes | None = None, offline: float | None = None,
+    ) -> RecipientResult | defer.Deferred[RecipientResult]:  # fmt: skip
+        """``_deliver`` while an observer is on (``observe`` installs it as the instance's
+        ``_deliver``): the same, then the observer's ``recipient`` call for the key."""
+        token = self._token
+        result = Hub._deliver(self, key, payload, ack, eid, tag, offline)
+        observer = self.observer
+        if observer is None:
+            return result
+        slot = self._slots.get(key)
+        now = self.now()
+        stream = transport = None
+        dropped = 0
+        status: str
+        if isinstance(result, tuple):
+            status, seq, dropped = result.status, result.seq, result.dropped
+            if status is Status.MOVED and result.route is not None:
+                route = result.route
+            elif slot is not None:
+                route = slot.route
+            else:
+                route = route_of(key, self.routes, self.hash_version)
+            if slot is not None and seq is not None:
+                stream = slot.mailbox.stream
+                if status is DELIVERED and slot.sink is not None:
+                    transport = slot.sink.kind
+        elif slot is None or not slot.waits:  # held for an incoming hand-off (_later)
+            status, seq, route = "held", None, route_of(key, self.routes, self.hash_version)
+        else:  # acknowledged mode: the wait _deliver just added
+            seq = slot.waits[-1].seq
+            route, stream = slot.route, slot.mailbox.stream
+            if slot.mailbox.delivered >= seq and slot.sink is not None:
+                status, transport = DELIVERED, slot.sink.kind
+            else:
+                status = QUEUED
+        observer.recipient(token, key, route, status, seq, stream, dropped, transport, now)
+        return result
+
+    def observe(self, observer: DeliveryObserver | None, tracer: Tracer | None = None) -> None:
+        """Turn tracing on (orbited.node.observe's ``build_observer``) or off (None)."""
+        self.observer = observer
+        self.tracer = tracer
+        if observer is None:
+            self.__dict__.pop("_deliver", None)
+        else:
+            self._deliver = self._deliver_observed  # type: ignore[method-assign]
+
     def _later(
         self,
         incoming: Any,
@@ -882,8 +1124,10 @@ class Hub(RouteOwnership):
     ) -> defer.Deferred[RecipientResult]:
         """A delivery to a route held for an incoming hand-off: run after it, in order."""
         later: defer.Deferred[RecipientResult] = defer.Deferred()
+        token = self._token  # the observer's token of the request it belongs to
 
         def deliver_later() -> None:
+            self._token = token
             try:
                 out = deliver()
             except Exception:
@@ -1251,10 +1495,13 @@ def _event_frame(mailbox: Mailbox, seq: int, payload: bytes, eid: bytes | None) 
 Answer = tuple[bool, bytes]  # (success, reply body): HTTP publish answers 400 on False
 
 
-def answer(hub: Hub, body: bytes) -> Answer | defer.Deferred[Answer]:
+def answer(
+    hub: Hub, body: bytes, traceparent: str | None = None, tracestate: str | None = None
+) -> Answer | defer.Deferred[Answer]:
     """The bytes edge of the event protocol (docs/protocol.md): parse a request body,
     dispatch it and encode the reply, saying whether it is a success. The SP (REP) and
-    HTTP publish front ends call this; a Deferred when the reply waits."""
+    HTTP publish front ends call this; a Deferred when the reply waits. ``traceparent``
+    and ``tracestate``: the HTTP publish API's headers (the body's fields win)."""
     try:
         request = events.parse_request(body, hub.config.requests)
     except events.RequestError as e:
@@ -1262,6 +1509,8 @@ def answer(hub: Hub, body: bytes) -> Answer | defer.Deferred[Answer]:
         return False, events.error_reply(e)
     if isinstance(request, events.PingRequest):
         return True, events.ok_reply(request.event_id, [])
+    if traceparent is not None:
+        request = events.with_trace_headers(request, traceparent, tracestate)
     # events.check_node only when it can refuse: clients send "hash" on every request.
     client_hash, version = request.hash, hub.hash_version
     if (

@@ -1,0 +1,258 @@
+"""Per-key delivery tracing (orbited.node.trace) through the hub's hooks, with a Clock."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from twisted.internet.task import Clock
+
+from orbited.core.hashing import route_of
+from orbited.core.keys import ConnectionKey
+from orbited.node.hub import Hub, HubConfig
+from orbited.node.mailbox import MailboxLimits, Position
+from orbited.node.observe import build_observer
+from orbited.node.trace import TraceConfig, Tracer
+from tests.node.test_hub import RecordingSink
+
+ALICE = ConnectionKey("alice", "s1", "/chat")
+ALICE2 = ConnectionKey("alice", "s2", "/chat")
+BOB = ConnectionKey("bob", "s2", "/chat")
+
+
+class Sink(RecordingSink):
+    kind = "ws"
+
+
+class PollSink(RecordingSink):
+    kind = "poll"
+
+
+def traced_hub(trace: TraceConfig | None = None, **config: Any) -> tuple[Hub, Clock, Tracer]:
+    clock = Clock()
+    clock.advance(1000)
+    hub = Hub(clock, HubConfig(**config), epoch="ep")
+    tracer = Tracer(trace or TraceConfig(), "n1")
+    hub.observe(build_observer(tracer, None), tracer)
+    return hub, clock, tracer
+
+
+def send(hub: Hub, event_id: str, keys: list[Any], data: object = 1, **extra: Any) -> Any:
+    body = {"id": event_id, "to": [list(k) for k in keys], "data": data, **extra}
+    out = hub.handle_request(json.dumps(body).encode())
+    if isinstance(out, bytes):
+        return json.loads(out)
+    got: list[Any] = []
+    out.addCallback(lambda b: got.append(json.loads(b)))
+    return got
+
+
+def rows(hub: Hub, user: str = "alice", **query: Any) -> list[dict[str, Any]]:
+    answer = hub.trace_answer(user, **query)
+    return [r for k in answer["keys"] for r in k["dispatches"]]
+
+
+def only_key(hub: Hub, user: str = "alice", **query: Any) -> dict[str, Any]:
+    (key,) = hub.trace_answer(user, **query)["keys"]
+    return key
+
+
+def test_tracing_off_by_default_and_the_answer_says_so() -> None:
+    hub = Hub(Clock(), HubConfig(), epoch="ep")
+    assert hub.observer is None and hub.tracer is None
+    hub.attach(ALICE, Sink(), None)
+    send(hub, "1", [ALICE])
+    answer = hub.trace_answer("alice")
+    assert answer["mode"] == "off" and answer["keys"] == []
+
+
+def test_delivered_record_has_write_time_transport_and_ack() -> None:
+    hub, clock, _ = traced_hub()
+    hub.attach(ALICE, Sink(), None)
+    clock.advance(1)
+    send(hub, "42", [ALICE], {"x": 1})
+    (record,) = rows(hub)
+    assert record["event"] == "42" and record["status"] == "delivered"
+    assert record["node"] == "n1" and record["seq"] == 1 and record["transport"] == "ws"
+    assert record["written"] == record["t"] == 1001.0
+    assert record["stream"] == hub.mailbox(ALICE).stream
+    assert record["route"] == route_of(ALICE, hub.routes, hub.hash_version)
+    assert record["acked"] is None and record["outcome"] is None
+    clock.advance(0.25)
+    hub.ack(ALICE, 1)
+    (record,) = rows(hub)
+    assert record["acked"] == 1001.25
+    key = only_key(hub)
+    assert key["here"] and key["attached"] == "ws" and key["last_seq"] == 1 and key["acked"] == 1
+    assert [n["what"] for n in key["notes"]] == ["attach"]
+
+
+def test_queued_then_written_on_reconnect_and_rewritten_on_a_replay() -> None:
+    hub, clock, _ = traced_hub()
+    sink = Sink()
+    hub.attach(ALICE, sink, None)
+    hub.detach(ALICE, sink, reason="slow")
+    send(hub, "7", [ALICE])
+    (record,) = rows(hub)
+    assert record["status"] == "queued" and record["written"] is None
+    clock.advance(2)
+    stream = hub.mailbox(ALICE).stream
+    poll = PollSink()
+    hub.attach(ALICE, poll, Position(stream, 0))
+    (record,) = rows(hub)
+    assert (
+        record["written"] == 1002.0 and record["transport"] == "poll" and record["rewritten"] == 0
+    )
+    hub.detach(ALICE, poll)
+    hub.attach(ALICE, Sink(), Position(stream, 0))  # replayed again: not acked
+    (record,) = rows(hub)
+    assert record["rewritten"] == 1 and record["transport"] == "poll"
+    notes = only_key(hub)["notes"]
+    assert [n["what"] for n in notes] == ["attach", "detach", "attach", "detach", "attach"]
+    assert notes[1]["reason"] == "slow" and notes[2]["last"] == f"{stream}:0"
+
+
+def test_no_connection_full_and_moved() -> None:
+    hub, _, _ = traced_hub(mailbox_total_bytes=10)
+    send(hub, "1", [ALICE])
+    hub.attach(BOB, Sink(), None)
+    send(hub, "2", [BOB], "x" * 20)
+    hub.assign([])  # nothing served here any more
+    send(hub, "3", [ALICE])
+    statuses = [(r["event"], r["status"]) for r in rows(hub)]
+    assert statuses == [("1", "no_connection"), ("3", "moved")]
+    assert [(r["event"], r["status"]) for r in rows(hub, "bob")] == [("2", "full")]
+    assert [n["what"] for n in only_key(hub, "bob")["notes"]][-1] == "moved"
+
+
+def test_a_resend_is_recorded_as_duplicate_with_the_first_seq_and_request() -> None:
+    hub, _, _ = traced_hub()
+    hub.attach(ALICE, Sink(), None)
+    send(hub, "5", [ALICE])
+    reply = send(hub, "5", [ALICE])
+    assert reply["duplicate"] is True
+    first, again = rows(hub)
+    assert (first["status"], again["status"]) == ("delivered", "duplicate")
+    assert again["seq"] == first["seq"] == 1 and again["request"] == first["request"]
+
+
+def test_ack_mode_outcomes_land_on_the_records() -> None:
+    hub, clock, _ = traced_hub()
+    hub.attach(ALICE, Sink(), None)
+    hub.attach(BOB, Sink(), None)
+    got = send(hub, "9", [ALICE, BOB], ack=5)
+    hub.ack(ALICE, 1)
+    clock.advance(5)
+    assert got and got[0]["results"][0]["status"] == "acked"
+    (a,) = rows(hub)
+    (b,) = rows(hub, "bob")
+    assert (a["status"], a["outcome"], a["ack_wait"]) == ("delivered", "acked", 5)
+    assert (b["status"], b["outcome"]) == ("delivered", "unacked")
+
+
+def test_a_wildcard_records_each_key_it_reached() -> None:
+    hub, _, _ = traced_hub()
+    hub.attach(ALICE, Sink(), None)
+    hub.attach(ALICE2, Sink(), None)
+    send(hub, "w", [["alice", "*", "*"]])
+    got = {
+        tuple(k["key"]): [r["status"] for r in k["dispatches"]]
+        for k in hub.trace_answer("alice")["keys"]
+    }
+    assert got == {tuple(ALICE): ["delivered"], tuple(ALICE2): ["delivered"]}
+    only = hub.trace_answer("alice", session="s2")["keys"]
+    assert [k["key"] for k in only] == [list(ALICE2)]
+
+
+def test_reset_gap_replaced_and_expired_notes() -> None:
+    hub, clock, _ = traced_hub(mailbox=MailboxLimits(max_events=2), linger=5)
+    first = Sink()
+    hub.attach(ALICE, first, None)
+    hub.detach(ALICE, first)
+    for i in range(4):
+        send(hub, str(i), [ALICE])
+    stream = hub.mailbox(ALICE).stream
+    hub.attach(ALICE, Sink(), Position(stream, 0))  # 1 and 2 were evicted: a gap
+    hub.attach(ALICE, Sink(), Position("gone.1", 3))  # replaces, and a reset
+    hub.detach(ALICE, hub._slots[ALICE].sink)  # type: ignore[arg-type]
+    clock.advance(5)
+    whats = [n["what"] for n in only_key(hub)["notes"]]
+    assert whats == ["attach", "detach", "attach", "gap", "replaced", "attach", "reset", "gap",
+                     "detach", "expired"]  # fmt: skip
+    notes = only_key(hub)["notes"]
+    assert notes[3]["first"] == 1 and notes[3]["last"] == 2 and notes[6]["old"] == "gone.1"
+    assert not only_key(hub)["here"]
+    dropped = [r["dropped"] for r in rows(hub)]
+    assert dropped == [0, 0, 1, 1]
+
+
+def test_rings_are_bounded_and_the_least_recently_active_key_is_forgotten() -> None:
+    hub, _, tracer = traced_hub(TraceConfig(per_key=3, notes_per_key=2, keys=2))
+    sink = Sink()
+    hub.attach(ALICE, sink, None)
+    for i in range(5):
+        send(hub, str(i), [ALICE])
+        hub.detach(ALICE, sink)
+        hub.attach(ALICE, sink, None)
+    assert [r["event"] for r in rows(hub)] == ["2", "3", "4"]
+    assert len(only_key(hub)["notes"]) == 2
+    assert tracer.gauges()["trace_records"] == 3 and tracer.gauges()["trace_notes"] == 2
+    send(hub, "b", [BOB])
+    send(hub, "c", [ConnectionKey("carol", "s", "/l")])  # a third key: alice goes
+    assert tracer.gauges()["traced_keys"] == 2 and tracer.gauges()["trace_evicted_keys"] == 1
+    assert rows(hub) == []  # her mailbox is still here, her trace is not
+    assert only_key(hub)["here"] and only_key(hub)["dispatches"] == []
+    assert tracer.gauges()["trace_records"] == 2
+
+
+def test_keys_idle_past_keep_are_forgotten() -> None:
+    hub, clock, tracer = traced_hub(TraceConfig(keep=60))
+    send(hub, "1", [ALICE])
+    clock.advance(61)
+    send(hub, "2", [BOB])
+    assert rows(hub) == [] and tracer.gauges()["traced_keys"] == 1
+
+
+def test_users_mode_traces_only_those_users() -> None:
+    hub, _, tracer = traced_hub(TraceConfig(mode="users", users=frozenset({"bob"})))
+    send(hub, "1", [ALICE, BOB])
+    assert rows(hub) == [] and [r["event"] for r in rows(hub, "bob")] == ["1"]
+    assert tracer.gauges()["traced_keys"] == 1
+
+
+def test_event_and_limit_filter_the_records() -> None:
+    hub, _, _ = traced_hub()
+    for i in range(4):
+        send(hub, str(i), [ALICE])
+    assert [r["event"] for r in rows(hub, event="2")] == ["2"]
+    assert [r["event"] for r in rows(hub, limit=2)] == ["2", "3"]
+
+
+def test_traceparent_trace_id_is_recorded() -> None:
+    hub, _, _ = traced_hub()
+    parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    send(hub, "1", [ALICE], traceparent=parent)
+    send(hub, "2", [ALICE], traceparent="nonsense")
+    assert [r["trace_id"] for r in rows(hub)] == ["4bf92f3577b34da6a3ce929d0e0e4736", None]
+
+
+def test_deliveries_held_for_a_hand_off_are_recorded_held_then_updated() -> None:
+    hub, clock, _ = traced_hub(handoff_timeout=1)
+    route = route_of(ALICE, hub.routes, hub.hash_version)
+    hub.assign([r for r in range(1, hub.routes + 1) if r != route])
+    hub.assign(range(1, hub.routes + 1), incoming=[route])
+    send(hub, "1", [ALICE], ack=10)
+    assert [r["status"] for r in rows(hub)] == ["held"]
+    clock.advance(1)  # no hand-off came: the held delivery runs
+    assert [(r["status"], r["event"]) for r in rows(hub)] == [("queued", "1")]
+
+
+@pytest.mark.parametrize("bad", [None, 5, "x", {"t": "x"}, {"t": 1, "what": 5},
+                                 {"t": 1, "request": "r", "event": "e", "node": "n", "status": "s",
+                                  "route": "13"}])  # fmt: skip
+def test_import_drops_malformed_entries(bad: Any) -> None:
+    tracer = Tracer(TraceConfig(), "n2")
+    tracer.import_(ALICE, [bad], "n1", 5.0)
+    assert tracer.import_dropped == 1
+    assert tracer.gauges()["trace_records"] == 0

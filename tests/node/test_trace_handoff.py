@@ -1,0 +1,97 @@
+"""A key's trace moves with its mailbox in a hand-off (orbited.node.handoff, trace.py)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from twisted.internet.task import Clock
+
+from orbited.core.hashing import route_of
+from orbited.core.keys import ConnectionKey
+from orbited.node.handoff import MailboxExport
+from orbited.node.hub import Hub, HubConfig
+from orbited.node.mailbox import Position
+from orbited.node.observe import build_observer
+from orbited.node.trace import TraceConfig, Tracer
+from tests.node.test_trace import Sink, rows, send
+
+ALICE = ConnectionKey("alice", "s1", "/chat")
+
+
+def node(name: str, clock: Clock) -> Hub:
+    hub = Hub(clock, HubConfig(handoff_timeout=5), epoch=f"ep{name}")
+    tracer = Tracer(TraceConfig(), name)
+    hub.observe(build_observer(tracer, None), tracer)
+    return hub
+
+
+def test_records_travel_with_the_mailbox_and_keep_their_node() -> None:
+    clock = Clock()
+    clock.advance(100)
+    old, new = node("n1", clock), node("n2", clock)
+    route = route_of(ALICE, old.routes, old.hash_version)
+    everything = range(1, old.routes + 1)
+    old.assign(everything)
+    new.assign([r for r in everything if r != route])
+    sink = Sink()
+    old.attach(ALICE, sink, None)
+    send(old, "41", [ALICE])
+    old.ack(ALICE, 1)
+    old.detach(ALICE, sink)
+    send(old, "42", [ALICE])  # queued: the browser is away
+    stream = old.mailbox(ALICE).stream
+    clock.advance(1)
+    new.assign(everything, incoming=[route])
+    exports: list[dict[str, Any]] = []
+    old.route_moved({route: "tcp://n2"}, handoff=[route], exports=exports)
+    (entry,) = json.loads(json.dumps(exports))
+    assert [t.get("event") for t in entry["trace"] if "request" in t] == ["41", "42"]
+    assert new.handoff_received([entry], [route], sender="n1") == 1
+    clock.advance(1)
+    new.attach(ALICE, Sink(), Position(stream, 1))
+    got = rows(new)
+    assert [(r["event"], r["node"], r["status"]) for r in got] == [
+        ("41", "n1", "delivered"), ("42", "n1", "queued"),
+    ]  # fmt: skip
+    assert got[1]["handed"] == "out:n2" and got[1]["written"] == 102.0
+    assert got[1]["transport"] == "ws" and got[0]["acked"] == 100.0
+    whats = [n["what"] for n in new.trace_answer("alice")["keys"][0]["notes"]]
+    assert whats == ["attach", "detach", "handed_in", "attach"]  # n1's two, then n2's
+    # the old node still has its own trace, and says the mailbox is gone
+    (key,) = old.trace_answer("alice")["keys"]
+    assert not key["here"] and key["notes"][-1]["what"] == "moved"
+    assert key["notes"][-1]["handed"] is True
+
+
+def test_a_malformed_trace_member_still_installs_the_mailbox() -> None:
+    clock = Clock()
+    old, new = node("n1", clock), node("n2", clock)
+    route = route_of(ALICE, old.routes, old.hash_version)
+    everything = range(1, old.routes + 1)
+    new.assign([r for r in everything if r != route])
+    send(old, "1", [ALICE], ack=5)
+    old.assign(everything)
+    exports: list[dict[str, Any]] = []
+    new.assign(everything, incoming=[route])
+    old.route_moved({route: None}, handoff=[route], exports=exports)
+    (entry,) = exports
+    for bad in ("nope", [1, "x", {"t": "y"}], {"a": 1}):
+        wire = {**entry, "trace": bad}
+        assert MailboxExport.from_wire(wire, old.routes, old.hash_version).key == ALICE
+    entry["trace"] = [1, {"t": "y"}, *entry["trace"]]
+    assert new.handoff_received([entry], [route], sender="n1") == 1
+    assert new.mailbox(ALICE) is not None
+    assert [r["event"] for r in rows(new)] == ["1"]
+    assert (
+        new.tracer is not None and new.tracer.import_dropped == 1
+    )  # {"t": "y"}; 1 is not an object
+
+
+def test_an_export_without_trace_is_the_old_wire_form() -> None:
+    hub = Hub(Clock(), HubConfig(), epoch="ep")
+    send(hub, "1", [ALICE], ack=5)
+    exports: list[dict[str, Any]] = []
+    route = route_of(ALICE, hub.routes, hub.hash_version)
+    hub.route_moved({route: None}, handoff=[route], exports=exports)
+    assert "trace" not in exports[0]
