@@ -16,7 +16,7 @@ first, it ends unsettled. Incidents live in a ring of ``capacity``; nothing is p
 
 from __future__ import annotations
 
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -42,6 +42,7 @@ class Kind(StrEnum):
     LEAD = "lead"  # this HaloD began to lead
     FOLLOW = "follow"  # this HaloD follows
     TABLE = "table"  # a follower saw the table change in its warm copy
+    MOVE = "move"  # a step of a paced move whose start this HaloD did not record
 
 
 @dataclass
@@ -80,6 +81,7 @@ class Incident:
     back_at: float | None = None  # when the browsers counted as back
     grew_at: float | None = None  # the last time the new owners' count grew
     back_total: int = 0  # the new owners' count at grew_at
+    step_at: float | None = None  # the latest paced step joined it (settle_timeout from it)
 
     def browsers_moved(self) -> int | None:
         known = [m.browsers_before for m in self.moves if m.browsers_before is not None]
@@ -110,6 +112,8 @@ class Timeline:
         self._signs: dict[str, tuple[str, float]] = {}  # name → (cause, at): not acted on yet
         self._last_beat: dict[str, float] = {}  # name → time of its last heartbeat
         self._dirty: dict[int, Incident] = {}  # changed since the last tick
+        self.counts: Counter[Kind] = Counter()  # incidents recorded, by kind
+        self._planned: Incident | None = None  # the last planned change: paced steps join it
 
     # -- what the shell reports ----------------------------------------------------------
 
@@ -135,7 +139,11 @@ class Timeline:
         probe: str | None = None,
     ) -> Incident:
         """A table change saved as ``version``; ``handoffs``: the moved routes whose old
-        owner hands its mailboxes over (the ``route_moved`` entries with ``handoff``)."""
+        owner hands its mailboxes over (the ``route_moved`` entries with ``handoff``).
+        A later step of a paced move (ChangeKind.MOVED) joins the drain, undrain or join
+        incident that started it, which opens again until the step settles."""
+        if change.role is ChangeKind.MOVED:
+            return self._step(change, version, now, routes_by_node, set(handoffs))
         sign = self._signs.pop(change.name, None)
         cause = sign[0] if sign is not None else ""
         kind = _kind(change, cause, reason)
@@ -155,11 +163,41 @@ class Timeline:
         incident = Incident(self._next_id, kind, change.name, reason, min(at, now), now,
                             table_version=version, moves=moves, probe=probe)  # fmt: skip
         incident.grew_at = now
+        incident.step_at = now
         self._next_id += 1
+        self.counts[kind] += 1
+        if kind in (Kind.DRAIN, Kind.UNDRAIN, Kind.JOIN):
+            self._planned = incident  # later steps of its paced move join it
         self.incidents.append(incident)
         self._open.append(incident)
         self._settle(incident, now)  # a change without moves ends at once
         return incident
+
+    def _step(
+        self, change: Change, version: int, now: float,
+        routes_by_node: Mapping[str, Mapping[int, int]], handoffs: set[int],
+    ) -> Incident:  # fmt: skip
+        planned = self._planned
+        if planned is None or not self.incidents or planned.id < self.incidents[0].id:
+            planned = Incident(self._next_id, Kind.MOVE, change.name, "paced move", now, now)
+            self._next_id += 1
+            self.counts[Kind.MOVE] += 1
+            self.incidents.append(planned)
+            self._planned = planned
+        for move in change.moves:
+            before = routes_by_node.get(move.old, {}).get(move.route) if move.old else None
+            planned.moves.append(RouteMove(move.route, move.old, move.new, move.route in handoffs,
+                                           browsers_before=before))  # fmt: skip
+        planned.table_version = version
+        planned.back_at = None  # the share is over more moves now
+        planned.grew_at = now
+        planned.step_at = now
+        if not planned.open:
+            planned.open, planned.ended, planned.settled = True, None, None
+            self._open.append(planned)
+        self._dirty[planned.id] = planned
+        self._settle(planned, now)
+        return planned
 
     def handoff_relayed(self, src: str, dst: str, done: tuple[int, ...], mailboxes: int,
                         now: float) -> None:  # fmt: skip
@@ -287,12 +325,13 @@ class Timeline:
         incident = Incident(self._next_id, kind, node, reason, now, now, now, version, moves,
                             open=False, settled=True)  # fmt: skip
         self._next_id += 1
+        self.counts[kind] += 1
         self.incidents.append(incident)
         self._dirty[incident.id] = incident
         return incident
 
     def _settle(self, incident: Incident, now: float) -> None:
-        decided = incident.decided if incident.decided is not None else incident.first_sign
+        decided = incident.step_at or incident.decided or incident.first_sign
         handed = all(m.handoff_done is not None for m in incident.moves if m.handoff)
         moved = incident.browsers_moved()
         back = (

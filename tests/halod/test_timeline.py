@@ -154,3 +154,32 @@ def test_ring_keeps_the_newest_incidents() -> None:
     assert [i.node for i in t.incidents] == ["s2", "s3", "s4"]
     assert [i.node for i in t.since(3)] == ["s3", "s4"]
     assert len(t.touching({1}, 0, 10)) == 0
+
+
+def test_paced_steps_join_the_drain_that_started_them() -> None:
+    t = Timeline()
+    t.first_sign("n1", "drain", 0.0)
+    drain = t.changed(gone("n1", (1, "n1", "n2")), 5, 0.01, {"n1": {1: 10, 2: 10}}, "operator",
+                      handoffs=[1])  # fmt: skip
+    t.handoff_relayed("n1", "n2", (1,), 3, 0.05)
+    t.node_routes("n2", {1: 10}, 0.3)
+    t.tick(0.3)
+    assert not drain.open and drain.settled
+    step = Change("n1", ChangeKind.MOVED, None, [Move(2, "n1", "n2")])
+    again = t.changed(step, 6, 1.0, {"n1": {2: 10}}, "registered", handoffs=[2])
+    assert again is drain and drain.open and drain.table_version == 6
+    assert t.in_flight() == {2: 0.01}
+    t.handoff_relayed("n1", "n2", (2,), 4, 1.05)
+    t.node_routes("n2", {1: 10, 2: 10}, 1.3)
+    t.tick(1.3)
+    j = t.to_json(drain)
+    assert j["settled"] is True and [m["route"] for m in j["moves"]] == [1, 2]
+    assert j["mailboxes_handed"] == 7 and j["browsers_moved"] == 20 and j["browsers_back"] == 20
+    assert j["handoff_s"] == 1.04
+
+
+def test_a_step_without_its_start_is_a_move_incident() -> None:
+    t = Timeline()
+    step = Change("n1", ChangeKind.MOVED, None, [Move(2, "n1", "n2")])
+    incident = t.changed(step, 6, 1.0, {}, "registered", handoffs=[2])
+    assert incident.kind is Kind.MOVE and incident.open and t.counts[Kind.MOVE] == 1
