@@ -32,6 +32,7 @@ SCENARIOS = {
     "soak": "bench.soak",
     "store": "bench.store",
     "user": "bench.usercost",
+    "tracecost": "bench.tracecost",
 }
 # Load-tool pieces (bench/README.md, "Simulated browsers"), runnable the same way.
 TOOLS = {

@@ -10,7 +10,8 @@ individual clients.
 Interface (stable; scenarios build on it)::
 
     server = make_server("nchan", workdir)      # SERVERS: orbited, orbited2, raw, nchan,
-    with server:                                # nchan2, pushpin; start() on enter, stop()
+    with server:                                # nchan2, pushpin, orbited-off/-trace/-otel
+                                                # (tracing variants); start() on enter, stop()
         server.transports                       # subset of ("ws", "sse", "poll")
         server.url("c17", "sse")                # subscribe URL of client "c17"
         server.flavour                          # wire dialect: orbited | raw | nchan | pushpin
@@ -44,6 +45,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import importlib.util
 import json
 import os
 import shutil
@@ -85,6 +87,8 @@ def available(name: str) -> bool:
         return os.path.exists(NGINX) and os.path.exists(NCHAN_MODULE)
     if name == "pushpin":
         return all(shutil.which(b) for b in ("pushpin", "condure", "zurl", "pushpin-handler"))
+    if name == "orbited-otel":  # the otel extra (pip install 'orbited[otel]')
+        return importlib.util.find_spec("opentelemetry.sdk") is not None
     return True
 
 
@@ -334,8 +338,10 @@ class Orbited(Server):
             "--log-level", "warn", "--ready-file", str(ready), *extra,
         ))  # fmt: skip
 
+    node_flags: tuple[str, ...] = ()  # variants (bench tracecost): extra node flags
+
     def _start(self, timeout: float) -> None:
-        node = self._node("node", [])
+        node = self._node("node", list(self.node_flags))
         info = _wait(lambda: _read_json(self.dir / "node.ready"), "the node", [node], timeout)
         self.http, self.sp = info["http"], info["sp"]
 
@@ -349,6 +355,36 @@ class Orbited(Server):
 
     def publish_spec(self, transport: str) -> dict[str, Any]:
         return {"kind": "orbited", "routes": 1, "sp": {"1": self.sp}}
+
+
+class OrbitedTraceOff(Orbited):
+    """``orbited`` with per-key tracing off, said explicitly (bench tracecost's baseline
+    whatever the default mode is)."""
+
+    name = "orbited-off"
+    node_flags = ("--trace", "off")
+    settings = Orbited.settings | {"--trace off": "the baseline of bench tracecost"}
+
+
+class OrbitedTrace(Orbited):
+    """One ``orbited node`` with per-key delivery tracing of every key (bench tracecost)."""
+
+    name = "orbited-trace"
+    node_flags = ("--trace", "all")
+    settings = Orbited.settings | {"--trace all": "every key traced (the variant measured)"}
+
+
+class OrbitedOtel(Orbited):
+    """Tracing and OpenTelemetry spans for every request, sampled 100 %, to an exporter
+    that discards them (bench tracecost; needs the ``otel`` extra)."""
+
+    name = "orbited-otel"
+    node_flags = ("--trace", "all", "--otel", "--otel-sample", "1", "--otel-exporter", "discard")
+    settings = Orbited.settings | {
+        "--trace all --otel --otel-sample 1 --otel-exporter discard": (
+            "every request traced and sampled; spans built and discarded (no collector)"
+        ),
+    }
 
 
 class OrbitedHaloD(Orbited):
@@ -644,9 +680,9 @@ class Pushpin(Server):
                 "transport": transport}  # fmt: skip
 
 
-SERVERS: dict[str, type[Server]] = {
-    cls.name: cls for cls in (Orbited, OrbitedHaloD, Raw, Nchan, Nchan2, Pushpin)
-}
+_CLASSES: tuple[type[Server], ...] = (Orbited, OrbitedHaloD, Raw, Nchan, Nchan2, Pushpin)
+_CLASSES += (OrbitedTraceOff, OrbitedTrace, OrbitedOtel)  # bench tracecost
+SERVERS: dict[str, type[Server]] = {cls.name: cls for cls in _CLASSES}
 
 
 def make_server(name: str, workdir: Path) -> Server:
