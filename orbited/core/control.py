@@ -799,9 +799,13 @@ def fit_trace_reply(qid: int, answer: WireDict, limit: int = MAX_MESSAGE // 2) -
     size = len(encode(TraceReply(qid, answer)))
     if size <= limit:
         return TraceReply(qid, answer)
-    keys = [dict(k) for k in answer.get("keys", [])]
+    given = answer.get("keys")
+    keys: list[Any] = [dict(k) if isinstance(k, dict) else k for k in given or ()
+                       ] if isinstance(given, list) else []  # fmt: skip
     items: list[tuple[float, int, str, int, int]] = []  # (t, key index, list, index, bytes)
     for k, key in enumerate(keys):
+        if not isinstance(key, dict):
+            continue
         for member in ("dispatches", "notes"):
             rows = key.get(member)
             if not isinstance(rows, list):
@@ -820,7 +824,7 @@ def fit_trace_reply(qid: int, answer: WireDict, limit: int = MAX_MESSAGE // 2) -
         size -= cost
     for k, key in enumerate(keys):
         for member in ("dispatches", "notes"):
-            rows = key.get(member)
+            rows = key.get(member) if isinstance(key, dict) else None
             if isinstance(rows, list):
                 key[member] = [r for i, r in enumerate(rows) if (k, member, i) not in dropped]
     reply = TraceReply(qid, {**answer, "keys": keys, "truncated": True})

@@ -302,3 +302,12 @@ def test_the_default_cap_is_half_a_control_message():
     rows = [_record(float(i), str(i), 1000) for i in range(1200)]  # ≈ 1.2 MB
     reply = fit_trace_reply(1, {"keys": [{"key": ["a", "", ""], "dispatches": rows}]})
     assert len(encode(reply)) <= MAX_MESSAGE // 2 and reply.answer["truncated"] is True
+
+
+def test_fitting_reads_odd_answers_without_failing():
+    """The answer is the node's own, but fitting must not be the thing that fails."""
+    rows = [{"t": float(i), "pad": "x" * 500} for i in range(50)] + ["junk", {"t": "x"}]
+    answer = {"keys": [7, {"key": ["a", "", ""], "dispatches": rows, "notes": "n"}]}
+    reply = fit_trace_reply(1, answer, limit=5_000)
+    assert len(encode(reply)) <= 5_000 and reply.answer["keys"][0] == 7
+    assert fit_trace_reply(1, {"keys": "x", "pad": "y" * 10}, limit=10).answer["keys"] == []
