@@ -27,6 +27,13 @@ _ZERO_SPAN = "0" * 16
 
 SAMPLED = 0x01  # the trace-flags bit: the caller may have recorded its span
 
+# tracestate: up to 32 comma-separated list members key=value, optional spaces and tabs
+# around each, empty members allowed (W3C Trace Context, section 3.3).
+MAX_TRACESTATE_MEMBERS = 32
+_KEY = r"(?:[a-z][a-z0-9_\-*/]{0,255}|[a-z0-9][a-z0-9_\-*/]{0,240}@[a-z][a-z0-9_\-*/]{0,13})"
+_VALUE = r"[\x20-\x2b\x2d-\x3c\x3e-\x7e]{0,255}[\x21-\x2b\x2d-\x3c\x3e-\x7e]"
+_MEMBER = re.compile(f"({_KEY})=({_VALUE})")
+
 
 @dataclass(frozen=True, slots=True)
 class TraceParent:
@@ -59,6 +66,24 @@ def parse_traceparent(value: str) -> TraceParent | None:
     if version == "00" and rest is not None:
         return None
     return TraceParent(trace_id, span_id, int(flags, 16), int(version, 16))
+
+
+def parse_tracestate(value: str) -> tuple[tuple[str, str], ...] | None:
+    """``value`` as W3C ``tracestate``: its list members ``(key, value)`` in order, or
+    None if any member is malformed, a key repeats or there are more than 32 (W3C: then
+    the whole tracestate is discarded, the traceparent still used)."""
+    members: list[tuple[str, str]] = []
+    for part in value.split(","):
+        part = part.strip(" \t")
+        if not part:
+            continue
+        m = _MEMBER.fullmatch(part)
+        if m is None:
+            return None
+        members.append((m.group(1), m.group(2)))
+    if len(members) > MAX_TRACESTATE_MEMBERS or len({k for k, _ in members}) != len(members):
+        return None
+    return tuple(members)
 
 
 def format_traceparent(trace_id: str, span_id: str, flags: int = SAMPLED) -> str:

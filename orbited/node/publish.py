@@ -2,7 +2,9 @@
 
 POST /orbited/publish with ``Authorization: Bearer <API key>`` and the event request JSON
 as body; the answer is the same reply JSON (docs/protocol.md, "HTTP publish API"). Off by
-default; when enabled it binds 127.0.0.1 unless configured otherwise.
+default; when enabled it binds 127.0.0.1 unless configured otherwise. The W3C
+``traceparent``/``tracestate`` headers give the request a trace context when its body
+has none (docs/protocol.md, "Trace context").
 """
 
 from __future__ import annotations
@@ -47,7 +49,9 @@ class PublishResource(JSONResource):
         body = b"" if content is None else content.read(self.max_body + 1)
         if len(body) > self.max_body:
             return send_error(request, 413, "body_too_large", f"body over {self.max_body} bytes")
-        reply = answer(self.hub, body)  # parse, dispatch, encode (orbited.node.hub)
+        traceparent, tracestate = trace_headers(request)
+        # parse, dispatch, encode (orbited.node.hub)
+        reply = answer(self.hub, body, traceparent, tracestate)
         request.setHeader(b"content-type", b"application/json")
         if not isinstance(reply, defer.Deferred):
             return self._answer(request, *reply)
@@ -65,6 +69,19 @@ class PublishResource(JSONResource):
         if not ok:
             request.setResponseCode(400)
         return reply
+
+
+def trace_headers(request: Request) -> tuple[str | None, str | None]:
+    """The request's ``traceparent`` (the first, if repeated) and ``tracestate`` (several
+    joined with commas, as W3C says), decoded as Latin-1 (HTTP's header bytes); not
+    checked here (orbited.node.events.with_trace_headers)."""
+    headers = request.requestHeaders
+    parents = headers.getRawHeaders(b"traceparent")
+    if not parents:
+        return None, None
+    states = headers.getRawHeaders(b"tracestate")
+    state = None if not states else b",".join(states).decode("latin-1")
+    return parents[0].decode("latin-1"), state
 
 
 def publish_site(

@@ -9,6 +9,7 @@ from orbited.core.tracecontext import (
     TraceParent,
     format_traceparent,
     parse_traceparent,
+    parse_tracestate,
     trace_field_error,
 )
 
@@ -110,3 +111,40 @@ def test_field_errors():
     for bad in (None, 1, ["x"], {"a": 1}, "x" * (MAX_TRACE_FIELD + 1), True):
         message = trace_field_error("traceparent", bad)
         assert message == f"traceparent must be a string of at most {MAX_TRACE_FIELD} characters"
+
+
+@pytest.mark.parametrize(
+    "value, members",
+    [
+        ("", ()),
+        ("rojo=00f067aa0ba902b7", (("rojo", "00f067aa0ba902b7"),)),
+        (  # the W3C examples: a multi-tenant key, spaces around members, an empty member
+            "rojo=00f067aa0ba902b7, congo=t61rcWkgMzE,,\tfw529a3039@dt=a b",
+            (("rojo", "00f067aa0ba902b7"), ("congo", "t61rcWkgMzE"), ("fw529a3039@dt", "a b")),
+        ),
+        (",".join(f"k{i}=v" for i in range(32)), tuple((f"k{i}", "v") for i in range(32))),
+    ],
+)
+def test_tracestate_members(value, members):
+    assert parse_tracestate(value) == members
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "rojo",  # no value
+        "Rojo=1",  # keys are lowercase
+        "1rojo=1",  # a simple key starts with a letter
+        "rojo=",  # a value has at least one character
+        "rojo=a\x7f",  # printable ASCII only
+        "rojo=a\tb",
+        "rojo=a=b",  # no '=' in a value
+        "rojo=1,rojo=2",  # a key once
+        "a@B=1",
+        "a@=1",
+        "rojo=\u00e9",  # printable ASCII only
+        ",".join(f"k{i}=v" for i in range(33)),  # 32 members at most
+    ],
+)
+def test_malformed_tracestate(value):
+    assert parse_tracestate(value) is None
