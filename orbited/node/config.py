@@ -27,6 +27,7 @@ from orbited.node.mailbox import MailboxLimits
 from orbited.node.offline import OfflineConfig
 from orbited.node.presence import PresenceConfig
 from orbited.node.rep import RepLimits
+from orbited.node.trace import MODES, TraceConfig
 from orbited.node.transports.common import BrowserAuth
 from orbited.node.transports.limits import BrowserLimitsConfig
 from orbited.node.users import UserLimits
@@ -83,6 +84,8 @@ COMPONENT_KEYS: dict[str, tuple[type[Any], str]] = {
     "offline_watches": (OfflineConfig, "watches"),
     "token_leeway": (BrowserAuth, "token_leeway"),
 }
+
+OTEL_EXPORTERS = ("otlp", "discard", "memory")  # otel_exporter: discard/memory for tests and bench
 
 # Keys of components that do not check their own ranges yet (hub, events, rep).
 _POSITIVE = (
@@ -242,6 +245,22 @@ class NodeConfig(ConfigBase):
     workers: int = opt(
         1, "node processes, one per core, each its own HaloD member (0 = one per core)"
     )
+    # Per-key delivery tracing (orbited.node.trace; docs/operations.md, "Tracing a delivery").
+    trace: str = opt(TraceConfig.mode, "per-key delivery tracing: off, all or users")
+    trace_users: list[str] = opt([], "user traced when trace = users (repeat)")
+    trace_keys: int = opt(TraceConfig.keys, "keys traced at most (least recently active forgotten)")
+    trace_per_key: int = opt(TraceConfig.per_key, "dispatches and notes kept per traced key")
+    trace_keep: float = opt(TraceConfig.keep, "seconds a key's trace outlives its last activity")
+    trace_key_file: str = opt(
+        "", "file with the bearer key (≥ 32 bytes) for GET /orbited/trace (empty = off)"
+    )
+    # OpenTelemetry spans (orbited.node.otel; needs pip install 'orbited[otel]').
+    otel: bool = opt(False, "OpenTelemetry spans per dispatch (needs orbited[otel])")
+    otel_sample: float = opt(0.0, "ratio of requests without a traceparent that start a trace")
+    otel_recipient_spans: int = opt(10, "orbited.deliver spans per request at most")
+    otel_pending_acks: int = opt(10000, "open orbited.ack spans at most, node-wide")
+    otel_key_attributes: bool = opt(False, "put key parts on spans (else a key digest)")
+    otel_exporter: str = opt("otlp", "span exporter: otlp; discard or memory (tests, bench)")
     log_level: str = opt("info", "debug, info, warn or error")
 
     def validate(self) -> None:
@@ -290,6 +309,17 @@ class NodeConfig(ConfigBase):
             parse_sp_address(self.advertise_sp)
         if self.workers < 0:
             raise ConfigError("workers must not be negative (0 = one per core)")
+        if self.trace not in MODES:
+            raise ConfigError(f"trace must be one of {', '.join(MODES)}")
+        if self.trace == "users" and not self.trace_users:
+            raise ConfigError("trace = users needs trace_users")
+        self.require_positive("trace_keys", "trace_per_key", "trace_keep")
+        if not 0.0 <= self.otel_sample <= 1.0:
+            raise ConfigError("otel_sample must be between 0 and 1")
+        if self.otel_recipient_spans < 0 or self.otel_pending_acks < 0:
+            raise ConfigError("otel_recipient_spans and otel_pending_acks must not be negative")
+        if self.otel_exporter not in OTEL_EXPORTERS:
+            raise ConfigError(f"otel_exporter must be one of {', '.join(OTEL_EXPORTERS)}")
         if self.workers != 1:  # each worker's ports: the port + i rule, no collisions
             import os
 
@@ -317,6 +347,15 @@ class NodeConfig(ConfigBase):
             users=UserLimits(**self._values(UserLimits)),
             **self._values(HubConfig),
         )
+
+    def trace_config(self) -> TraceConfig | None:
+        """The per-key tracer's settings; None when tracing is off."""
+        if self.trace == "off":
+            return None
+        return TraceConfig(
+            self.trace, self.trace_per_key, self.trace_per_key, self.trace_keys,  # type: ignore[arg-type]
+            frozenset(self.trace_users), self.trace_keep,
+        )  # fmt: skip
 
     def browser_limits(self) -> BrowserLimitsConfig:
         return BrowserLimitsConfig(**self._values(BrowserLimitsConfig))

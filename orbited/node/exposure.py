@@ -42,6 +42,11 @@ def node_warnings(config: NodeConfig) -> list[str]:
                 warnings.append(
                     f"HaloD {address} is not on loopback and no halod_secret_file is set"
                 )
+    if config.trace_key_file and not is_loopback(parse_host_port(config.http)[0]):
+        warnings.append(
+            f"GET /orbited/trace is served on {config.http} (trace_key_file is set): its "
+            "key travels in clear unless a TLS proxy is in front"
+        )
     if "*" in config.cors_origins:
         warnings.append("cors_origins has '*': any web page holding a token may read its events")
     return warnings

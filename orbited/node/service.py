@@ -7,6 +7,7 @@ the listeners close.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from twisted.application import internet, service
 from twisted.internet import defer, task
@@ -21,10 +22,12 @@ from orbited.node.config import NodeConfig
 from orbited.node.hub import Hub
 from orbited.node.legacy.orbit import OrbitFactory
 from orbited.node.link import HaloDLink
+from orbited.node.observe import build_observer
 from orbited.node.offline import OfflineWatcher
 from orbited.node.presence import PresenceNotifier
 from orbited.node.publish import publish_site
 from orbited.node.rep import RepFactory
+from orbited.node.trace import Tracer
 from orbited.node.transports.gate import (
     GatedTCPServer,
     SocketGate,
@@ -54,6 +57,16 @@ class NodeService(service.MultiService):
         self.clock = clock
         secret = load_secret(Path(config.secret_file), create=config.create_secret)
         self.hub = Hub(clock, config.hub_config())
+        # Per-key tracing and OpenTelemetry (orbited.node.observe): the hub's observer is
+        # None when both are off.
+        trace = config.trace_config()
+        self.tracer = None if trace is None else Tracer(trace, config.name)
+        self.otel: Any = None
+        if config.otel:
+            from orbited.node import otel  # imports opentelemetry only in build()
+
+            self.otel = otel.build(config, config.name)
+        self.hub.observe(build_observer(self.tracer, self.otel), self.tracer)
         self.presence: PresenceNotifier | None = None
         presence = config.presence_config()
         if presence is not None:
@@ -86,6 +99,7 @@ class NodeService(service.MultiService):
             config.iframe_max_bytes,
             self.browser_limits,
             self.limit_counters,
+            load_secret(Path(config.trace_key_file)) if config.trace_key_file else None,
         )
         # The browser port: the lean front serves WebSocket, SSE and long-poll itself and
         # hands every other request to the site (orbited/node/transports/httpfront.py).
@@ -193,6 +207,8 @@ class NodeService(service.MultiService):
         if self.halod_link is not None:
             self.halod_link.leave()
         self.hub.shutdown("shutdown")
+        if self.otel is not None:
+            self.otel.shutdown()  # flushes the spans still batched
         # Then no keep-alive connection to this node is left for a browser's next request.
         self.front.close_idle_connections()
         # Give the reconnect frames and close handshakes a moment to leave.

@@ -12,6 +12,7 @@ from twisted.web import server
 
 from orbited import __version__
 from orbited.node.hub import Hub
+from orbited.node.traceapi import TraceResource
 from orbited.node.transports.ack import AckResource
 from orbited.node.transports.common import BrowserAuth
 from orbited.node.transports.http import orbited_site
@@ -86,14 +87,17 @@ class ClientScriptResource(JSONResource):
 def browser_site(
     hub: Hub, auth: BrowserAuth, cors_origins: list[str], name: str, iframe_max_bytes: int,
     limits: BrowserLimits | None = None,
-    counters: Callable[[], dict[str, int]] | None = None,
+    counters: Callable[[], dict[str, int]] | None = None, trace_key: bytes | None = None,
 ) -> OrbitedSite:  # fmt: skip
     """``limits`` is shared by every browser transport; ``counters`` is what /health
-    shows under "limits" (default: ``limits``' own counters)."""
+    shows under "limits" (default: ``limits``' own counters). ``trace_key``: serve
+    ``/orbited/trace`` (orbited.node.traceapi) for that bearer key; None: no such path."""
     source = client_source()
     limits = limits or BrowserLimits(BrowserLimitsConfig(), hub.clock)
+    extra = {} if trace_key is None else {b"trace": TraceResource(hub, trace_key)}
     site = orbited_site(
         {
+            **extra,
             b"ws": websocket_resource(hub, auth, cors_origins, limits),
             b"poll": LongPollResource(hub, auth, cors_origins, limits),
             b"sse": SSEResource(hub, auth, cors_origins, limits),

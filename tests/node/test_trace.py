@@ -256,3 +256,36 @@ def test_import_drops_malformed_entries(bad: Any) -> None:
     tracer.import_(ALICE, [bad], "n1", 5.0)
     assert tracer.import_dropped == 1
     assert tracer.gauges()["trace_records"] == 0
+
+
+def test_config_keys_build_the_tracer_settings() -> None:
+    from orbited.core.settings import ConfigError
+    from orbited.node.config import NodeConfig
+
+    assert NodeConfig.load(None, {"trace": "off"}).trace_config() is None
+    config = NodeConfig.load(
+        None, {"trace": "users", "trace_users": ["alice"], "trace_keys": 5, "trace_per_key": 3,
+               "trace_keep": 9.5},
+    )  # fmt: skip
+    assert config.trace_config() == TraceConfig("users", 3, 3, 5, frozenset({"alice"}), 9.5)
+    assert NodeConfig().trace_config() == TraceConfig()  # the defaults are the tracer's
+    with pytest.raises(ConfigError, match="trace = users needs trace_users"):
+        NodeConfig.load(None, {"trace": "users"})
+    with pytest.raises(ConfigError, match="trace must be one of off, all, users"):
+        NodeConfig.load(None, {"trace": "some"})
+    with pytest.raises(ConfigError, match="trace_per_key must be positive"):
+        NodeConfig.load(None, {"trace_per_key": 0})
+    with pytest.raises(ConfigError, match="otel_sample must be between 0 and 1"):
+        NodeConfig.load(None, {"otel_sample": 1.5})
+    with pytest.raises(ConfigError, match="otel_exporter must be one of"):
+        NodeConfig.load(None, {"otel_exporter": "zipkin"})
+
+
+def test_the_exposure_audit_names_a_trace_endpoint_beyond_loopback() -> None:
+    from orbited.node.config import NodeConfig
+    from orbited.node.exposure import node_warnings
+
+    assert node_warnings(NodeConfig(trace_key_file="k")) == []  # loopback by default
+    (line,) = node_warnings(NodeConfig(http="0.0.0.0:8000", trace_key_file="k"))
+    assert "GET /orbited/trace is served on 0.0.0.0:8000" in line
+    assert node_warnings(NodeConfig(http="0.0.0.0:8000")) == []
