@@ -14,7 +14,9 @@ from the source with ``ast`` — module-level and function-level imports alike:
     without an underscore (``dataBuffer``, ``send_queue``, ...), an underscore member of
     an upstream base class read, written or overridden by our subclass, or an assignment
     to an upstream module or class (a monkeypatch);
-(d) ``import orbited.client.blocking`` loads no twisted, autobahn, txaio or klein module.
+(d) ``import orbited.client.blocking`` loads no twisted, autobahn, txaio, klein or
+    opentelemetry module; nothing on the node's or the clients' paths loads opentelemetry
+    until OpenTelemetry is turned on (the ``otel`` extra is optional).
 
 The checker is plain functions over a source root, so the tests below also run it on
 synthetic trees to show it reports what it should.
@@ -320,19 +322,48 @@ def test_only_twisted_compat_uses_private_upstream_names():
     assert not violations, "\n".join(map(str, violations))
 
 
-def test_the_blocking_client_loads_no_twisted_autobahn_or_klein():
-    # What importing the client loads, not what the interpreter had before it: an old
+def loaded_by(statements: str, tops: tuple[str, ...]) -> list[str]:
+    """The modules under ``tops`` that running ``statements`` loads in a fresh interpreter."""
+    # What the statements load, not what the interpreter had before them: an old
     # zope.interface (6.0, our lower bound) installs a -nspkg.pth that imports the bare
     # `zope` namespace package into every interpreter at start-up.
     code = (
-        "import json, sys; before = set(sys.modules); import orbited.client.blocking; "
+        "import json, sys; before = set(sys.modules)\n"
+        f"{statements}\n"
         "print(json.dumps(sorted(m for m in set(sys.modules) - before "
-        f"if m.split('.')[0] in {list(UPSTREAM)!r})))"
+        f"if m.split('.')[0] in {list(tops)!r})))"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
     ).stdout
-    assert json.loads(out) == []
+    return list(json.loads(out.splitlines()[-1]))
+
+
+def test_the_blocking_client_loads_no_twisted_autobahn_or_klein():
+    assert loaded_by("import orbited.client.blocking", (*UPSTREAM, "opentelemetry")) == []
+
+
+def test_opentelemetry_is_loaded_only_when_turned_on():
+    """The otel extra is optional and its import costs: the node (its service, hub and
+    otel module, a service built with the default config) and the clients (a client
+    made without otel=True) never load it."""
+    pytest.importorskip("opentelemetry.sdk")  # else "not loaded" proves nothing
+    statements = (
+        "import orbited.client, orbited.client.twisted, orbited.client.otel\n"
+        "import orbited.node.service, orbited.node.hub, orbited.node.otel\n"
+        "from orbited.node.config import NodeConfig\n"
+        "from orbited.node.otel import build\n"
+        "assert build(NodeConfig(), 'n1') is None\n"
+        "from orbited.client import BlockingClient, Cluster, Node\n"
+        "BlockingClient(Cluster([Node('tcp://127.0.0.1:9', 'http://127.0.0.1:8')])).close()"
+    )
+    assert loaded_by(statements, ("opentelemetry",)) == []
+    # ...and the check sees it when it is loaded.
+    assert "opentelemetry.sdk.trace" in loaded_by(
+        "from orbited.node.otel import OtelConfig, observer\n"
+        "observer(OtelConfig(exporter='memory'), 'n1')",
+        ("opentelemetry",),
+    )
 
 
 def test_klein_is_only_in_the_demo_extra():
@@ -349,6 +380,25 @@ def test_klein_is_only_in_the_demo_extra():
     assert "klein" in demo
     # The tests exercise the demo: the test extra holds the demo's requirements, equal.
     assert all(test.get(name) == line for name, line in demo.items())
+
+
+def test_opentelemetry_is_only_in_the_otel_extra_and_the_tests_have_it():
+    cfg = configparser.ConfigParser()
+    cfg.read(ROOT / "setup.cfg")
+
+    def names(text: str) -> dict[str, str]:
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        return {re.split(r"[<>=!~;\[ ]", line, maxsplit=1)[0].lower(): line for line in lines}
+
+    extras = cfg["options.extras_require"]
+    required = names(cfg["options"]["install_requires"])
+    assert not [name for name in required if name.startswith("opentelemetry")]
+    otel, test = names(extras["otel"]), names(extras["test"])
+    assert set(otel) == {
+        "opentelemetry-api", "opentelemetry-sdk", "opentelemetry-exporter-otlp-proto-http"
+    }  # fmt: skip
+    # CI installs the test extra: the OTel tests run there, at the same bounds.
+    assert all(test.get(name) == line for name, line in otel.items())
 
 
 def test_the_demo_imports_with_the_demo_extra():

@@ -9,7 +9,9 @@ to another node; the route port now leads there) — the connection is closed an
 unanswered requests (same event id, so a node ignores a duplicate) are resent in their
 order on a new one, as RetryPolicy says (orbited/client/retry.py). A cluster that follows
 the hash version (HaloDCluster's ``"auto"``) switches when a node names another one, and
-the recipients of that answer are grouped again and resent at once.
+the recipients of that answer are grouped again and resent at once. With ``otel=True``
+each send is an OpenTelemetry span whose trace context every request carries
+(orbited/client/otel.py).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from orbited.client.cluster import Cluster, Recipient, RecipientLike, WildcardNeedsV2, recipient
+from orbited.client.otel import ClientTracing, SendSpan, tracing
 from orbited.client.retry import RetryPolicy
 from orbited.core.hashing import route_of_user
 from orbited.core.keys import ConnectionKey, Selector
@@ -42,13 +45,15 @@ def _wire(target: Recipient) -> list[str]:
 def event_body(
     event_id: str, keys: Iterable[Recipient], data: object, ack: float | None = None, *,
     latest: str | None = None, offline: bool | float | None = None,
-    hash_version: int | None = None,
+    hash_version: int | None = None, traceparent: str | None = None,
+    tracestate: str | None = None,
 ) -> bytes:  # fmt: skip
     """The SP event request for one route's recipients (docs/protocol.md). ``ack``:
     seconds the node may wait for the browser's acknowledgement before answering
     (acknowledged mode); ``latest``: the coalescing tag of a latest-value event;
     ``offline``: ``True`` or seconds, the offline hook; ``hash_version``: the version the
-    routes were computed with (the node answers ``hash_version_mismatch`` if it differs).
+    routes were computed with (the node answers ``hash_version_mismatch`` if it differs);
+    ``traceparent``/``tracestate``: the W3C trace context of the sender's span.
     Fields left None are not sent."""
     request: dict[str, Any] = {"id": event_id, "to": [_wire(k) for k in keys], "data": data}
     if ack is not None:
@@ -59,6 +64,10 @@ def event_body(
         request["offline"] = offline
     if hash_version is not None:
         request["hash"] = hash_version
+    if traceparent is not None:
+        request["traceparent"] = traceparent
+        if tracestate is not None:
+            request["tracestate"] = tracestate
     return json.dumps(
         request,
         separators=(",", ":"),
@@ -124,6 +133,8 @@ class Request:
     # Selectors sent by an auto cluster on version 1 to their version-2 route, to find out
     # whether the cluster moved to 2 (Event.requests).
     probe: bool = False
+    # The send's span (otel=True): its trace context goes into every request, resends too.
+    span: SendSpan | None = None
     resends: int = 0
     results: dict[Recipient, dict] = field(default_factory=dict)
     # Answered under another hash version than the routes were computed with, which the
@@ -131,8 +142,20 @@ class Request:
     regroup: list[Recipient] = field(default_factory=list)
 
     def body(self) -> bytes:
-        return event_body(self.event_id, self.keys, self.data, self.ack, latest=self.latest,
-                          offline=self.offline, hash_version=self.hash_version)  # fmt: skip
+        span = self.span
+        return event_body(
+            self.event_id, self.keys, self.data, self.ack, latest=self.latest,
+            offline=self.offline, hash_version=self.hash_version,
+            traceparent=None if span is None else span.traceparent,
+            tracestate=None if span is None else span.tracestate,
+        )  # fmt: skip
+
+    def resent(self, reason: str) -> None:
+        """Count a resend (and note it on the send's span: ``moved``, ``connection_lost``
+        or ``timeout``)."""
+        self.resends += 1
+        if self.span is not None:
+            self.span.resend(reason)
 
     def answer(self, reply: dict, cluster: Cluster) -> bool:
         """Record a node's reply; True if some recipients were answered ``moved`` and must
@@ -193,6 +216,7 @@ class Event:
     ack: float | None = None
     latest: str | None = None
     offline: bool | float | None = None
+    span: SendSpan | None = None  # otel=True: the send's span
 
     def requests(
         self, cluster: Cluster, targets: list[Recipient], started: float
@@ -220,6 +244,7 @@ class Event:
             (cluster.sp_address(route), Request(
                 self.event_id, route_targets, self.data, self.ack, started, latest=self.latest,
                 offline=self.offline, hash_version=hashed, probe=hashed != version,
+                span=self.span,
             ))
             for (route, hashed), route_targets in groups.items()
         ], refused  # fmt: skip
@@ -257,12 +282,16 @@ class BlockingClient:
         *,
         retry_budget: float = RetryPolicy.budget,
         max_backoff: float = RetryPolicy.max_backoff,
+        otel: bool | ClientTracing = False,
     ) -> None:
         """``timeout``: seconds to wait for a reply on one connection; resends follow
-        RetryPolicy(retry_budget, backoff, max_backoff, retries) (docs/client-python.md)."""
+        RetryPolicy(retry_budget, backoff, max_backoff, retries) (docs/client-python.md).
+        ``otel``: an OpenTelemetry span per send (True: the global tracer provider; a
+        ClientTracing: its own), orbited/client/otel.py."""
         self.cluster = cluster
         self.timeout = timeout
         self.policy = RetryPolicy(retry_budget, backoff, max_backoff, retries)
+        self.tracing = tracing(otel)
         self._ids = RequestIds()
         self._connections: dict[tuple[str, int], _Connection] = {}
 
@@ -293,12 +322,27 @@ class BlockingClient:
         after ``ack`` seconds (``unacked``); keep ``timeout`` above it. ``latest``: a
         latest-value tag; ``offline``: the offline hook (``True`` or seconds).
         """
-        event = Event(event_id or uuid.uuid4().hex, data, ack, latest, offline)
+        event_id = event_id or uuid.uuid4().hex
         targets = [recipient(t) for t in to]
+        span = None if self.tracing is None else self.tracing.start(event_id, len(targets))
+        event = Event(event_id, data, ack, latest, offline, span)
+        if span is None:
+            return self._send(event, targets)
+        try:
+            results = self._send(event, targets)
+        except BaseException as e:
+            span.fail(e)
+            raise
+        span.finish(results)
+        return results
+
+    def _send(self, event: Event, targets: list[Recipient]) -> dict[Recipient, dict]:
         results: dict[Recipient, dict] = {}
         todo = list(dict.fromkeys(targets))
         for _ in range(1 + MAX_REGROUPS):
             planned, refused = event.requests(self.cluster, todo, 0.0)
+            if event.span is not None:
+                event.span.requests(len(planned))
             results.update(refused)
             pending: dict[Address, list[Request]] = {}
             for address, request in planned:
@@ -332,15 +376,19 @@ class BlockingClient:
             except _Moved:
                 failures += 1
                 error = None  # given up: the keys keep their `moved` answer
+                reason = "moved"
             except (OSError, wire.SPProtocolError) as e:
                 failures += 1
                 error = f"{address}: {e}"
+                reason = "timeout" if isinstance(e, TimeoutError) else "connection_lost"
             conn.close()
             pause = self.policy.pause(failures)
             resend_at = time.monotonic() + pause
             for request in todo:
+                if not request.keys:  # answered in full before the failure
+                    continue
                 if self.policy.allows(request.started, request.resends, resend_at):
-                    request.resends += 1
+                    request.resent(reason)
                 else:
                     request.give_up(error)
             if pause and any(r.keys for r in requests):

@@ -8,7 +8,8 @@ order it was first sent, on a new connection, as RetryPolicy says (orbited/clien
 docs/client-python.md). Requests made meanwhile queue behind them: a later event to a key
 never overtakes an earlier one being resent. Recipients answered under another hash version
 (a rehash, with HaloDCluster's ``"auto"``) are grouped again and sent once their round is
-answered.
+answered. With ``otel=True`` each send is an OpenTelemetry span whose trace context
+every request carries (orbited/client/otel.py).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from twisted.python.failure import Failure
 
 from orbited.client.blocking import MAX_REGROUPS, Event, Request
 from orbited.client.cluster import Cluster, Recipient, RecipientLike, recipient
+from orbited.client.otel import ClientTracing, tracing
 from orbited.client.retry import RetryPolicy
 from orbited.sp import wire
 from orbited.sp.reqrep import RequestIds
@@ -132,14 +134,16 @@ class _Channel:
     def _connect_failed(self, failure: Failure) -> None:
         self.connecting = False
         self.failures += 1
-        self._resend_or_give_up(f"{self.address}: {failure.getErrorMessage()}")
+        error = f"{self.address}: {failure.getErrorMessage()}"
+        self._resend_or_give_up(error, "connection_lost")
 
     def _write(self, pending: _Pending) -> None:
         assert self.proto is not None
         request_id = self.client.ids.next()
         self.in_flight[request_id] = pending
         pending.timer = self.client.reactor.callLater(
-            self.client.timeout, self.failed, self.proto, f"no reply in {self.client.timeout}s"
+            self.client.timeout, self.failed, self.proto, f"no reply in {self.client.timeout}s",
+            "timeout",
         )  # fmt: skip
         self.proto.request(request_id, pending.request.body())
 
@@ -152,15 +156,18 @@ class _Channel:
         self._stop_timer(pending)
         if pending.request.answer(answer, self.client.cluster):
             # `moved`: this connection leads to the route's old node. Dial again now.
-            self.failed(proto, None)
+            self.failed(proto, None, "moved")
             return
         self.failures = 0
         self.queue.remove(pending)
         pending.done.callback(None)
 
-    def failed(self, proto: _ReqProtocol, error: str | None) -> None:
+    def failed(
+        self, proto: _ReqProtocol, error: str | None, reason: str = "connection_lost"
+    ) -> None:
         """``proto`` lost its connection, timed out or answered ``moved`` (error None):
-        drop it and resend every unanswered request, in order, on a new connection."""
+        drop it and resend every unanswered request, in order, on a new connection.
+        ``reason``: ``connection_lost``, ``timeout`` or ``moved`` (for the send's span)."""
         if proto is not self.proto:
             return
         self.proto = None
@@ -171,9 +178,9 @@ class _Channel:
             self._stop_timer(pending)
         self.in_flight.clear()
         self.failures += 1
-        self._resend_or_give_up(f"{self.address}: {error}" if error else None)
+        self._resend_or_give_up(f"{self.address}: {error}" if error else None, reason)
 
-    def _resend_or_give_up(self, error: str | None) -> None:
+    def _resend_or_give_up(self, error: str | None, reason: str = "connection_lost") -> None:
         policy = self.client.policy
         pause = policy.pause(self.failures)
         at = self.client.reactor.seconds() + pause
@@ -182,7 +189,7 @@ class _Channel:
             if self.client.closed:
                 self._give_up(pending, "client closed")
             elif policy.allows(request.started, request.resends, at):
-                request.resends += 1
+                request.resent(reason)
             else:
                 self._give_up(pending, error)
         if not self.queue:
@@ -224,10 +231,12 @@ class TwistedClient:
         *,
         retry_budget: float = RetryPolicy.budget,
         max_backoff: float = RetryPolicy.max_backoff,
+        otel: bool | ClientTracing = False,
     ) -> None:
         """``reactor``: IReactorTCP and IReactorTime; ``timeout``: seconds to wait for a
         reply on one connection; resends follow RetryPolicy(retry_budget, backoff,
-        max_backoff, retries) (docs/client-python.md)."""
+        max_backoff, retries) (docs/client-python.md); ``otel``: an OpenTelemetry span
+        per send, as BlockingClient's."""
         if reactor is None:
             from twisted.internet import reactor as _reactor
 
@@ -236,6 +245,7 @@ class TwistedClient:
         self.reactor = reactor
         self.timeout = timeout
         self.policy = RetryPolicy(retry_budget, backoff, max_backoff, retries)
+        self.tracing = tracing(otel)
         self.ids = RequestIds()
         self.closed = False
         self._channels: dict[Address, _Channel] = {}
@@ -261,22 +271,34 @@ class TwistedClient:
         """Deferred firing with {recipient: result} (docs/protocol.md; recipients and
         options as BlockingClient.send); never errbacks for an unreachable node: its
         recipients get {"status": "error", "code": "unreachable", ...}."""
-        event = Event(event_id or uuid.uuid4().hex, data, ack, latest, offline)
+        event_id = event_id or uuid.uuid4().hex
         targets = [recipient(t) for t in to]
+        span = None if self.tracing is None else self.tracing.start(event_id, len(targets))
+        event = Event(event_id, data, ack, latest, offline, span)
         results: dict[Recipient, dict] = {}
         todo = list(dict.fromkeys(targets))
-        for _ in range(1 + MAX_REGROUPS):
-            planned, refused = event.requests(self.cluster, todo, self.reactor.seconds())
-            results.update(refused)
-            yield defer.gatherResults([self._channel(address).submit(request)
-                                       for address, request in planned])  # fmt: skip
-            todo = []
-            for _, request in planned:
-                results.update(request.results)
-                todo += request.regroup
-            if not todo:
-                break
-        return {t: results[t] for t in targets}
+        try:
+            for _ in range(1 + MAX_REGROUPS):
+                planned, refused = event.requests(self.cluster, todo, self.reactor.seconds())
+                if span is not None:
+                    span.requests(len(planned))
+                results.update(refused)
+                yield defer.gatherResults([self._channel(address).submit(request)
+                                           for address, request in planned])  # fmt: skip
+                todo = []
+                for _, request in planned:
+                    results.update(request.results)
+                    todo += request.regroup
+                if not todo:
+                    break
+        except BaseException as e:
+            if span is not None:
+                span.fail(e)
+            raise
+        answer = {t: results[t] for t in targets}
+        if span is not None:
+            span.finish(answer)
+        return answer
 
     def _channel(self, address: Address) -> _Channel:
         channel = self._channels.get(address)
