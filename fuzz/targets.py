@@ -39,6 +39,7 @@ from orbited.core.keys import (
     Selector,
     parse_recipient,
 )
+from orbited.core.latency import LatencyHistogram
 from orbited.core.routes import Role
 from orbited.core.tokens import TokenError, issue_token, verify_token
 from orbited.node import events, frames
@@ -732,6 +733,64 @@ def check_control_body(body: bytes) -> None:
         expect(control.decode(control.encode(msg), allowed) == msg, "does not round-trip")
 
 
+def check_heartbeat_load(value: object) -> None:
+    """Any JSON value as a heartbeat's ``load``: ``bad_message`` with a message, or a load
+    within the documented limits that round-trips and feeds a LatencyHistogram."""
+    body = json.dumps({"type": "heartbeat", "seq": 1, "load": value}).encode()
+    try:
+        msg = control.decode_from_node(body)
+    except control.ControlError as e:
+        expect(e.code == control.ErrorCode.BAD_MESSAGE and e.message, "unclear load error")
+        return
+    expect(isinstance(msg, control.Heartbeat), "not a heartbeat")
+    assert isinstance(msg, control.Heartbeat)
+    load = msg.load
+    expect((load is None) == (value is None), "load lost or invented")
+    if load is None:
+        return
+    expect(control.decode_from_node(control.encode(msg)) == msg, "load does not round-trip")
+    expect(all(0 <= n <= control.MAX_COUNTER for n in load.counters().values()), "counter")
+    expect(all(1 <= r <= control.MAX_ROUTES for r in load.routes), "route id out of range")
+    histogram = LatencyHistogram(load.ack_hist)  # every pair a bucket it has
+    expect(histogram.count == sum(n for _, n in load.ack_hist), "histogram count")
+
+
+def check_trace_query(fields: dict[str, object]) -> None:
+    """A ``trace_query`` with any fields: ``bad_message``, or a query the builder HaloD uses
+    (``trace_query``) accepts alike, that round-trips."""
+    body = json.dumps({"type": "trace_query", **fields}).encode()
+    try:
+        msg = control.decode_from_halod(body)
+    except control.ControlError as e:
+        expect(e.code == control.ErrorCode.BAD_MESSAGE and e.message, "unclear query error")
+        return
+    assert isinstance(msg, control.TraceQuery)
+    again = control.trace_query(msg.qid, msg.user, msg.session, msg.location, msg.event,
+                                msg.limit)  # fmt: skip
+    expect(again == msg, "builder and decoder disagree")
+    expect(control.decode_from_halod(control.encode(msg)) == msg, "query does not round-trip")
+
+
+def check_trace_fit(answer: dict[str, Any], limit: int) -> None:
+    """``fit_trace_reply`` on any answer: at most ``limit`` bytes unless not even the
+    answer without keys fits; HaloD accepts what it sends whenever ``keys`` is a list of
+    objects; a cut answer says ``truncated``; the answer it was given is not changed."""
+    before = json.dumps(answer, sort_keys=True)
+    try:
+        reply = control.fit_trace_reply(3, answer, limit)
+        body = control.encode(reply)
+    except ValueError:  # NaN / Infinity in the answer: not JSON, the link answers a failure
+        return
+    expect(json.dumps(answer, sort_keys=True) == before, "the answer was changed")
+    if len(body) > limit:
+        expect(reply.answer.get("keys") == [], "over the limit with keys left")
+    keys = reply.answer.get("keys")
+    if isinstance(keys, list) and all(isinstance(k, dict) for k in keys):
+        expect(control.decode_from_node(body) == reply, "HaloD refuses the reply")
+    if reply.answer is not answer:
+        expect(reply.answer.get("truncated") is True, "cut without saying so")
+
+
 # -- Twisted shells over in-memory transports --------------------------------------------
 
 
@@ -1057,6 +1116,29 @@ def _fuzz_keys(data: bytes) -> None:
     check_position(data.decode("utf-8", "surrogateescape"))
 
 
+def _json_or_text(data: bytes) -> object:
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError):
+        return data.decode("utf-8", "replace")
+
+
+def _fuzz_load(data: bytes) -> None:
+    check_heartbeat_load(_json_or_text(data))
+
+
+def _fuzz_trace_query(data: bytes) -> None:
+    value = _json_or_text(data)
+    check_trace_query(value if isinstance(value, dict) else {"qid": 1, "user": value})
+
+
+def _fuzz_trace_fit(data: bytes) -> None:
+    r = Reader(data)
+    limit = r.int(0, 4096)
+    value = _json_or_text(r.rest())
+    check_trace_fit(value if isinstance(value, dict) else {"keys": value}, limit)
+
+
 def _fuzz_frames(data: bytes) -> None:
     try:
         value = json.loads(data)
@@ -1190,6 +1272,9 @@ DESCRIPTIONS = {
     "orbit_protocol": "OrbitProtocol over StringTransport with a real Hub",
     "rep_protocol": "RepProtocol over StringTransport with task.Clock",
     "control_json": "orbited.core.control.decode: any body, both directions",
+    "control_load": "a heartbeat's load: any JSON value; limits, round trip, histogram",
+    "trace_query": "trace_query: any fields; decoder and builder agree, round trip",
+    "trace_fit": "fit_trace_reply: any answer and limit; size, HaloD accepts it",
     "halod_control": "HaloD's ControlProtocol with a real HaloD (no internal_error)",
     "node_control": "the node's LinkProtocol with a real Hub",
     "http_params": "authenticate/single_param, long-poll timeout, origin_allowed",
@@ -1203,6 +1288,9 @@ _VALID_EVENT = b'{"id":"e1","to":[["alice","s1","/chat"]],"data":{"text":"hi"},"
 _ORBIT = orbit_request("7", [["alice", "0", "/chat"]], b'"hi"', 0)
 _REGISTER = control.Register("n1", "127.0.0.1:8001", "tcp://127.0.0.1:9001", 10)
 _WELCOME = control.Welcome(None, Role.ACTIVE, (1, 2), 4, 1.0, 3)
+_LOAD = control.HeartbeatLoad(events=5, recipients=6, delivered=4, queued=2, acked=1, full=0,
+                              moved=0, ack_hist=((2, 3), (14, 1)), routes={1: 2, 3: 0},
+                              routes_full=True)  # fmt: skip
 
 
 def _control_seed(*messages: control.Message) -> bytes:
@@ -1234,7 +1322,32 @@ SEEDS: dict[str, list[bytes]] = {
     "orbit_parser": [b"\x00\x00\x00\x3f\x00\x00" + _ORBIT],
     "orbit_protocol": [b"\x00\x00\x00\x3f\x00\x00" + _ORBIT],
     "rep_protocol": [b"\x00" * 7 + wire.encode_message(b"\x80\x00\x00\x01hello")],
-    "control_json": [control.encode(_REGISTER), control.encode(_WELCOME)],
+    "control_json": [
+        control.encode(_REGISTER),
+        control.encode(_WELCOME),
+        control.encode(control.Heartbeat(3, 1, 2, _LOAD)),
+        control.encode(control.TraceQuery(7, "alice", None, "/chat", "42", 16)),
+        control.encode(control.TraceReply(7, {"node": "n1", "keys": [{"key": ["a", "", ""]}]})),
+    ],
+    "control_load": [json.dumps(control.Heartbeat(1, load=_LOAD).load.to_wire()).encode()],  # type: ignore[union-attr]
+    "trace_query": [
+        b'{"qid":1,"user":"alice","session":"s","location":null,"event":"e","limit":4}'
+    ],
+    "trace_fit": [
+        b"\x40\x00\x00"
+        + json.dumps(
+            {
+                "node": "n1",
+                "keys": [
+                    {
+                        "key": ["a", "", ""],
+                        "dispatches": [{"t": i, "pad": "x" * 40} for i in range(9)],
+                        "notes": [{"t": 0.5, "what": "attach"}],
+                    }
+                ],
+            }
+        ).encode()
+    ],
     "halod_control": [_control_seed(_REGISTER, control.Heartbeat(1))],
     "node_control": [_control_seed(_WELCOME, control.HeartbeatAck(1))],
     "http_params": [b"\x00\x01\x00\x00\x00"],
@@ -1259,6 +1372,9 @@ TARGETS: dict[str, Callable[[bytes], None]] = {
     "orbit_protocol": _cut(check_orbit_protocol),
     "rep_protocol": _with_header(check_rep_protocol, wire.REQ),
     "control_json": check_control_body,
+    "control_load": _fuzz_load,
+    "trace_query": _fuzz_trace_query,
+    "trace_fit": _fuzz_trace_fit,
     "halod_control": _with_header(check_halod_control, control.CONTROL_PROTOCOL),
     "node_control": _with_header(check_node_control, control.CONTROL_PROTOCOL),
     "http_params": _fuzz_params,

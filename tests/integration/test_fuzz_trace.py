@@ -1,0 +1,77 @@
+"""Property-based fuzzing of issue 22's control parts (docs/fuzzing.md): a heartbeat's
+``load``, ``trace_query`` and the cutting of ``trace_reply`` (fuzz.targets
+``check_heartbeat_load``, ``check_trace_query``, ``check_trace_fit``). Inputs are near
+valid (the right member names, values around each limit) as well as arbitrary JSON."""
+
+from __future__ import annotations
+
+from hypothesis import example, given
+from hypothesis import strategies as st
+
+from fuzz import targets as t
+from tests.integration.test_fuzz import FUZZ, json_values, text
+
+counts = st.one_of(st.integers(-1, 3), st.sampled_from([2**40, 2**40 + 1, 2**62, 2**62 + 1]),
+                   json_values)  # fmt: skip
+route_keys = st.one_of(st.sampled_from(["1", "13", "65536", "65537", "0", "013", "+1", " 1",
+                                        "1e3", "１"]), text)  # fmt: skip
+loads = st.one_of(
+    st.fixed_dictionaries(
+        {},
+        optional={
+            **{name: counts for name in ("events", "recipients", "delivered", "queued",
+                                         "acked", "full", "moved")},
+            "ack_hist": st.one_of(
+                st.lists(st.lists(st.one_of(st.integers(-1, 15), counts), min_size=0,
+                                  max_size=3), max_size=17), json_values),
+            "routes": st.one_of(st.dictionaries(route_keys, counts, max_size=4), json_values),
+            "routes_full": json_values,
+        },
+    ),
+    json_values,
+)  # fmt: skip
+parts = st.one_of(st.none(), text, st.text(min_size=60, max_size=130), json_values)
+queries = st.fixed_dictionaries(
+    {},
+    optional={"qid": st.one_of(st.integers(-1, 2**53 + 1), json_values),
+              "user": st.one_of(st.just("alice"), parts), "session": parts,
+              "location": parts, "event": parts,
+              "limit": st.one_of(st.integers(-1, 65537), json_values)},
+)  # fmt: skip
+records = st.one_of(
+    st.fixed_dictionaries({"t": st.one_of(st.floats(0, 1e10), json_values),
+                           "event": st.one_of(text, json_values), "pad": st.text(max_size=300)}),
+    json_values,
+)  # fmt: skip
+answers = st.fixed_dictionaries(
+    {"keys": st.one_of(
+        st.lists(st.one_of(
+            st.fixed_dictionaries({"key": st.just(["alice", "", ""])},
+                                  optional={"dispatches": st.lists(records, max_size=20),
+                                            "notes": st.one_of(st.lists(records, max_size=5),
+                                                               json_values)}),
+            json_values), max_size=4),
+        json_values)},
+    optional={"node": text, "truncated": json_values},
+)  # fmt: skip
+
+
+@FUZZ
+@given(loads)
+@example({"routes": {"１": 1}})  # a full-width digit: int() reads it, the wire must not
+@example({"ack_hist": [[1, 1], [1, 1]]})
+def test_heartbeat_load(value):
+    t.check_heartbeat_load(value)
+
+
+@FUZZ
+@given(queries)
+@example({"qid": 1, "user": "é" * 129})  # 258 bytes of UTF-8: over a key part's 256
+def test_trace_query(fields):
+    t.check_trace_query(fields)
+
+
+@FUZZ
+@given(answers, st.integers(0, 6000))
+def test_trace_fit(answer, limit):
+    t.check_trace_fit(answer, limit)
