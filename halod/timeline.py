@@ -55,6 +55,12 @@ class RouteMove:
     mailboxes: int = 0  # mailbox entries relayed for it (per message: to its first route)
     browsers_before: int | None = None  # old owner's last reported attached count on it
     browsers_back: int | None = None  # new owner's attached count on it, as it grows
+    abandoned: bool = False  # its hand-off will not come: one end left or failed
+
+    @property
+    def waiting(self) -> bool:
+        """A hand-off is still due for it."""
+        return self.handoff and self.handoff_done is None and not self.abandoned
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -154,6 +160,7 @@ class Timeline:
             at = beat if kind is Kind.FAILOVER and beat is not None else now
         if change.role is ChangeKind.GONE:
             self._last_beat.pop(change.name, None)
+            self._abandon(change.name)
         with_handoff = set(handoffs)
         moves = []
         for move in change.moves:
@@ -172,6 +179,14 @@ class Timeline:
         self._open.append(incident)
         self._settle(incident, now)  # a change without moves ends at once
         return incident
+
+    def _abandon(self, name: str) -> None:
+        """``name`` is gone: hand-offs from or to it will not come."""
+        for incident in self._open:
+            for move in incident.moves:
+                if move.waiting and name in (move.old, move.new):
+                    move.abandoned = True
+                    self._dirty[incident.id] = incident
 
     def _step(
         self, change: Change, version: int, now: float,
@@ -205,10 +220,7 @@ class Timeline:
         the routes in ``done`` are complete."""
         finished = set(done)
         for incident in self._open:
-            pending = [
-                m for m in incident.moves
-                if m.handoff and m.handoff_done is None and m.old == src and m.new == dst
-            ]  # fmt: skip
+            pending = [m for m in incident.moves if m.waiting and m.old == src and m.new == dst]
             if not pending:
                 continue
             target = next((m for m in pending if m.route in finished), pending[0])
@@ -275,7 +287,7 @@ class Timeline:
         flying: dict[int, float] = {}
         for incident in self._open:
             for move in incident.moves:
-                if move.handoff and move.handoff_done is None:
+                if move.waiting:
                     flying[move.route] = incident.decided or incident.first_sign
         return flying
 
@@ -332,7 +344,7 @@ class Timeline:
 
     def _settle(self, incident: Incident, now: float) -> None:
         decided = incident.step_at or incident.decided or incident.first_sign
-        handed = all(m.handoff_done is not None for m in incident.moves if m.handoff)
+        handed = not any(m.waiting for m in incident.moves)
         moved = incident.browsers_moved()
         back = (
             not moved  # nobody to wait for (or no counts reported)

@@ -183,3 +183,14 @@ def test_a_step_without_its_start_is_a_move_incident() -> None:
     step = Change("n1", ChangeKind.MOVED, None, [Move(2, "n1", "n2")])
     incident = t.changed(step, 6, 1.0, {}, "registered", handoffs=[2])
     assert incident.kind is Kind.MOVE and incident.open and t.counts[Kind.MOVE] == 1
+
+
+def test_a_hand_off_from_a_node_that_fails_is_not_waited_for() -> None:
+    t = Timeline()
+    join = t.changed(Change("n2", ChangeKind.ACTIVE, 2, [Move(3, "n1", "n2")]), 2, 0.0, {},
+                     "registered", handoffs=[3])  # fmt: skip
+    assert t.in_flight() == {3: 0.0}
+    t.changed(gone("n1", (1, "n1", "n2")), 3, 5.0, {}, "silent")
+    assert t.in_flight() == {}
+    t.tick(5.0)
+    assert join.settled is True and t.to_json(join)["handoff_s"] is None
