@@ -117,7 +117,9 @@ def _record_row(r: Mapping[str, Any]) -> tuple[str, ...]:
         acked = outcome if acked == "-" else f"{acked} {outcome}"
     note = []
     handed = r.get("handed")
-    if isinstance(handed, str) and handed.startswith("out:"):
+    if handed == "out":
+        note.append("handed out")
+    elif isinstance(handed, str) and handed.startswith("out:"):
         note.append(f"handed out to {_clean(handed[4:])}")
     elif isinstance(handed, str) and handed.startswith("in:"):
         note.append(f"handed in from {_clean(handed[3:])}")

@@ -112,11 +112,21 @@ def merge_keys(answers: Mapping[str, Mapping[str, Any]]) -> list[Json]:
             if at is None:
                 best[ident] = len(unique)
                 unique.append(row)
-            elif _rank(row)[0] > _rank(unique[at])[0]:
+            elif _further(row, unique[at]):
                 unique[at] = row
         into["dispatches"] = unique
         into["notes"] = sorted(into["notes"], key=_t)
     return list(merged.values())
+
+
+def _further(row: Mapping[str, Any], than: Mapping[str, Any]) -> bool:
+    """Did ``row`` get further than ``than`` (another copy of the same record)? On a tie,
+    the copy that names where it was handed (``out:n2``, the new owner's) wins over the
+    old owner's bare ``out``."""
+    a, b = _rank(row)[0], _rank(than)[0]
+    if a != b:
+        return a > b
+    return len(_str(row, "handed") or "") > len(_str(than, "handed") or "")
 
 
 def _rows(value: object) -> list[Json]:
@@ -128,7 +138,9 @@ def _rows(value: object) -> list[Json]:
 
 def _writer(row: Mapping[str, Any]) -> str:
     """The node that wrote a record's event: its node, or the node it was handed to when
-    the write came after a hand-off (a replay on the new owner)."""
+    the write came after a hand-off (a replay on the new owner). ``handed`` is ``out``
+    on the old owner (which does not know the new one's name) and ``out:<new owner>``
+    once the new owner imported it."""
     handed = _str(row, "handed") or ""
     if handed.startswith("out:") and row.get("written") is not None:
         return handed[4:]
@@ -285,6 +297,8 @@ def _fate(row: Mapping[str, Any], notes: Sequence[Mapping[str, Any]], since: flo
             )
     if handed.startswith("out:"):
         return f"; then handed to {handed[4:]}"
+    if handed == "out":
+        return "; then handed to the route's new owner"
     return "; still waiting for the browser"
 
 

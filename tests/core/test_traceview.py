@@ -263,3 +263,18 @@ def test_key_text_is_compact_json():
     assert key_text(KEY) == '["alice","3f9a","/chat"]'
     assert key_text(['a"b', "", ""]) == '["a\\"b","",""]'
     assert key_text(None) == "None"
+
+
+def test_the_old_owners_bare_out_and_the_new_owners_named_copy():
+    """H2's tracer: the old owner marks its copy ``out`` (it does not know the new owner's
+    name), the new owner's import says ``out:n2``; the named copy wins the merge."""
+    old = rec(node="n1", handed="out")
+    new = rec(node="n1", handed="out:n2")
+    keys = merge_keys({
+        "n1": {"keys": [{"key": KEY, "here": False, "dispatches": [old]}]},
+        "n2": {"keys": [{"key": KEY, "here": True, "dispatches": [new]}]},
+    })  # fmt: skip
+    (only,) = keys[0]["dispatches"]
+    assert only["handed"] == "out:n2"
+    assert verdict("42", [only], []).endswith("; then handed to n2")
+    assert verdict("42", [old], []).endswith("; then handed to the route's new owner")
