@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -55,6 +56,7 @@ __all__ = ["INSTALL", "OtelConfig", "OtelObserver", "build", "observer"]
 INSTALL = "otel: install orbited[otel] (pip install 'orbited[otel]')"
 Exporter = Literal["otlp", "discard", "memory"]
 EXPORTERS: tuple[str, ...] = ("otlp", "discard", "memory")
+SHUTDOWN_TIMEOUT = 5.0  # seconds a stopping node waits for its last spans' export
 
 
 @dataclass(frozen=True)
@@ -214,10 +216,13 @@ class OtelObserver:
         self._acks: dict[ConnectionKey, list[_Ack]] = {}
         self._open = 0  # entries in _acks
 
-    def shutdown(self) -> None:
-        """Export what is buffered and stop (blocking: at most the exporter's timeout)."""
+    def shutdown(self, timeout: float = SHUTDOWN_TIMEOUT) -> None:
+        """Export what is buffered and stop, waiting at most ``timeout`` seconds (an
+        unreachable collector must not hold the node's stop)."""
         if self.provider is not None:
-            self.provider.shutdown()
+            done = threading.Thread(target=self.provider.shutdown, daemon=True)
+            done.start()
+            done.join(timeout)
 
     @property
     def pending_acks(self) -> int:

@@ -215,3 +215,17 @@ def test_a_twisted_send_is_a_span_the_node_continues_through_a_resend(app_tracin
     finally:
         client.close()
         yield threads.deferToThread(node.close)
+
+
+def test_otel_without_the_packages_says_what_to_install(monkeypatch):
+    import sys
+
+    for name in list(sys.modules):
+        if name == "opentelemetry" or name.startswith("opentelemetry."):
+            monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "opentelemetry", None)  # import fails
+    cluster = Cluster([Node("tcp://127.0.0.1:9", "http://127.0.0.1:1")])
+    with pytest.raises(ImportError) as e:
+        BlockingClient(cluster, otel=True)
+    assert str(e.value) == "otel=True needs OpenTelemetry: pip install 'orbited[otel]'"
+    BlockingClient(cluster).close()  # without otel: no import
