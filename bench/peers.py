@@ -379,12 +379,18 @@ class OrbitedOtel(Orbited):
     that discards them (bench tracecost; needs the ``otel`` extra)."""
 
     name = "orbited-otel"
-    node_flags = ("--trace", "all", "--otel", "--otel-sample", "1", "--otel-exporter", "discard")
+    config = 'otel = true\notel_sample = 1.0\notel_exporter = "discard"\n'
     settings = Orbited.settings | {
-        "--trace all --otel --otel-sample 1 --otel-exporter discard": (
+        "--trace all, otel = true, otel_sample = 1.0, otel_exporter = discard": (
             "every request traced and sampled; spans built and discarded (no collector)"
         ),
     }
+
+    def _start(self, timeout: float) -> None:
+        path = self.dir / "node.toml"
+        path.write_text("[node]\n" + self.config)
+        self.node_flags = ("--trace", "all", "--config", str(path))
+        super()._start(timeout)
 
 
 class OrbitedHaloD(Orbited):
