@@ -1349,7 +1349,10 @@ SEEDS: dict[str, list[bytes]] = {
         ).encode()
     ],
     "halod_control": [_control_seed(_REGISTER, control.Heartbeat(1))],
-    "node_control": [_control_seed(_WELCOME, control.HeartbeatAck(1))],
+    "node_control": [
+        _control_seed(_WELCOME, control.HeartbeatAck(1)),
+        _control_seed(_WELCOME, control.TraceQuery(1, "alice", None, None, "42", 4)),
+    ],
     "http_params": [b"\x00\x01\x00\x00\x00"],
     "http_resources": [b"\x00\x00\x01\x00\x00\x00\x00"],
     "frame_encodings": [b'{"text":"</script><script>alert(1)</script>\\u2028"}'],

@@ -12,6 +12,11 @@ control address when it knows it), and the next connection goes there. An ``assi
 ``welcome`` older than the table version this node holds is not obeyed
 (docs/halod-protocol.md, "Several HaloD").
 
+Load and tracing (docs/halod-protocol.md): ``register`` announces the features
+``trace`` and ``load``; each heartbeat carries the hub's ``load_report`` (counters, the
+ack-latency samples since the previous beat, attached connections per route), and a
+``trace_query`` is answered with the hub's ``trace_answer``.
+
 Hash versions (docs/hashing.md): ``register`` names the versions this node speaks;
 ``welcome`` and ``assign`` carry the cluster's, which the hub applies; ``rehash`` moves the
 cluster to another version, and this node hands every key whose route moved to the
@@ -43,6 +48,7 @@ from zope.interface import implementer
 
 from orbited.core.control import (
     CONTROL_PROTOCOL,
+    FEATURES,
     MAX_MESSAGE,
     NAME,
     Assign,
@@ -53,16 +59,19 @@ from orbited.core.control import (
     Handoff,
     Heartbeat,
     HeartbeatAck,
+    HeartbeatLoad,
     Leave,
     NodeMessage,
     Register,
     Rehash,
     RouteMove,
     RouteMoved,
+    TraceQuery,
     Welcome,
     decode_from_halod,
     encode,
     escaped_size,
+    fit_trace_reply,
     halod_addresses,
     handoff_messages,
 )
@@ -75,6 +84,10 @@ from orbited.sp.wire import SPConnection, SPProtocolError, encode_message
 
 # Errors after which this node holds no routes: HaloD has given them to others.
 _ROUTES_GONE = frozenset({ErrorCode.FAILED, ErrorCode.ID_CLAIMED, ErrorCode.ID_MISMATCH})
+# A heartbeat's ``load`` names every route's attached count (``routes_full``) on the first
+# beat of a connection, after each assignment, and every FULL_LOAD_EVERY-th beat (HaloD
+# merges the deltas in between, and a lost count heals within this many beats).
+FULL_LOAD_EVERY = 30
 
 
 def _fitting(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -131,6 +144,7 @@ class LinkProtocol(Protocol):
         self._last_beat = 0.0
         self._missed_allowed = 3
         self.interval = 1.0
+        self._full_load = True  # the next heartbeat's load names every route
 
     def connectionMade(self) -> None:  # noqa: N802
         setnodelay = getattr(self.transport, "setTcpNoDelay", None)
@@ -169,11 +183,13 @@ class LinkProtocol(Protocol):
                 self.interval = msg.heartbeat_interval
                 self._missed_allowed = msg.missed_heartbeats
                 link.assigned(msg, total=msg.total_routes)
+                self._full_load = True
                 self._start_heartbeats()
             case Assign():
                 if link.stale(msg):
                     return
                 link.assigned(msg)
+                self._full_load = True
             case RouteMoved():
                 self._routes_moved(msg.moves)
             case Rehash():
@@ -184,8 +200,26 @@ class LinkProtocol(Protocol):
                 self._handoff(msg, None)
             case Error():
                 link.refused(msg.code, msg.message, msg.leader)
+            case TraceQuery():
+                self._trace(msg)
             case _:
                 assert_never(msg)
+
+    def _trace(self, msg: TraceQuery) -> None:
+        """Answer HaloD's trace query with this node's records (the JSON of its
+        ``/orbited/trace``), cut to half a control message, oldest records first."""
+        try:
+            answer = self.link.hub.trace_answer(
+                user=msg.user, session=msg.session, location=msg.location, event=msg.event,
+                limit=msg.limit,
+            )  # fmt: skip
+            reply = fit_trace_reply(msg.qid, answer)
+        except Exception:
+            # A fault in the trace must not cost the control connection (and the routes).
+            self.log.failure("trace query {qid} failed", qid=msg.qid)
+            failed = {"node": self.link.node_name, "keys": [], "error": "internal_error"}
+            reply = fit_trace_reply(msg.qid, failed)
+        self.send(reply)
 
     def _handoff(self, msg: Handoff, sender: str | None) -> None:
         """Mailboxes from ``sender`` (the name HaloD adds when it relays; None from an
@@ -279,7 +313,15 @@ class LinkProtocol(Protocol):
         # are gone, though their mailboxes linger (docs/halod.md, "Draining").
         # Both are counters (gauges() scans every key: ≈ 22 ms at 100 000 keys, per beat).
         hub = self.link.hub
-        self.send(Heartbeat(self._seq, hub.attached, hub.mailboxes))
+        full = self._full_load or self._seq % FULL_LOAD_EVERY == 0
+        self._full_load = False
+        try:
+            load: HeartbeatLoad | None = HeartbeatLoad.from_wire(hub.load_report(full))
+        except ControlError as e:  # a hub bug: the beat still goes, without its load
+            self.log.error("heartbeat load not sent: {e}", e=e.message)
+            load = None
+            self._full_load = True
+        self.send(Heartbeat(self._seq, hub.attached, hub.mailboxes, load))
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:  # noqa: N802
         if self._heartbeat is not None and self._heartbeat.running:
@@ -372,7 +414,7 @@ class HaloDLink(service.MultiService):
     def register_message(self) -> Register:
         browser, sp = self.addresses()
         return Register(self.node_name, browser, sp, self.capacity, self.node_id, self.secret,
-                        HASH_VERSIONS)  # fmt: skip
+                        HASH_VERSIONS, FEATURES)  # fmt: skip
 
     def _retry_delay(self, backoff: Callable[[int], float]) -> Callable[[int], float]:
         """Several HaloDs: the first round through the addresses goes fast (50–150 ms

@@ -147,11 +147,12 @@ def test_the_docs_examples_decode():
     examples = _doc_examples()
     assert {e["type"] for e in examples} >= {
         "register", "route_moved", "assign", "welcome", "heartbeat", "heartbeat_ack", "handoff",
-        "rehash",
+        "rehash", "trace_query", "trace_reply",
     }  # fmt: skip
     for example in examples:
         body = json.dumps(example).encode()
-        allowed = FROM_NODE if example["type"] in ("register", "heartbeat") else FROM_HALOD
+        from_node = ("register", "heartbeat", "trace_reply")
+        allowed = FROM_NODE if example["type"] in from_node else FROM_HALOD
         message = decode(body, allowed)
         assert message.TYPE == example["type"]
         # Re-encoded, it says the same (JSON-equal: field order is the encoder's).
