@@ -112,8 +112,8 @@ function buildMap() {
     size = Math.min(44, Math.floor(width / n));
     labels = true;
   } else {
-    cols = Math.ceil(Math.sqrt(n));
-    size = Math.max(4, Math.min(22, Math.floor(width / cols)));
+    cols = Math.ceil(Math.sqrt(4 * n)); // about 4:1, so the map stays a band on a laptop screen
+    size = Math.max(4, Math.min(40, Math.floor(width / cols)));
     labels = false;
   }
   const rows = Math.ceil(n / cols);
@@ -397,16 +397,16 @@ function paintOperator() {
     box.append("operator key entered (this tab only)", forget);
   } else {
     const input = el("input", { type: "password", name: "operator_key", placeholder: "operator key", autocomplete: "off" });
-    const use = el("button", { text: "Use key", "data-action": "key" });
-    const apply = () => {
+    const use = el("button", { type: "submit", text: "Use key", "data-action": "key" });
+    const form = el("form", { class: "operator" }, input, use);
+    form.addEventListener("submit", (e) => {
+      e.preventDefault();
       if (input.value) {
         sessionStorage.setItem(KEY_STORE, input.value.trim());
         paintNodes();
       }
-    };
-    use.addEventListener("click", apply);
-    input.addEventListener("keydown", (e) => e.key === "Enter" && apply());
-    box.append(input, use);
+    });
+    box.append(form);
   }
 }
 
@@ -475,7 +475,8 @@ function sentence(inc) {
 
 function phases(inc) {
   const out = [];
-  if (inc.detect_s !== null && ["failover", "drain", "undrain", "leave"].includes(inc.kind)) out.push(`detected ${fmtDur(inc.detect_s)}`);
+  if (inc.detect_s !== null && ["failover", "leave"].includes(inc.kind)) out.push(`detected ${fmtDur(inc.detect_s)}`);
+  if (inc.detect_s !== null && ["drain", "undrain"].includes(inc.kind)) out.push(`decided ${fmtDur(inc.detect_s)}`);
   if ((inc.moves || []).some((m) => m.handoff)) out.push(`hand-off ${fmtDur(inc.handoff_s)}${inc.mailboxes_handed ? " · " + fmtInt(inc.mailboxes_handed) + " mailboxes" : ""}`);
   if (inc.browsers_moved) out.push(`${fmtInt(inc.browsers_back ?? 0)} of ${fmtInt(inc.browsers_moved)} browsers back${inc.back_s !== null ? " in " + fmtDur(inc.back_s) : ""}`);
   if (!inc.open && inc.settled === false) out.push("not settled in time");
@@ -536,7 +537,10 @@ function renderTrace(answer) {
   out.append(el("p", { class: "note", text: `asked ${asked.length} node${asked.length === 1 ? "" : "s"} (${asked.join(", ")}); answered ${(answer.answered || []).length}` }));
   for (const m of answer.missing || []) out.append(el("p", { class: "missing", text: `${m.name}: ${m.why}` }));
   for (const f of answer.failed_nodes || []) out.append(el("p", { class: "missing", text: `records of ${f.name} (failed ${fmtTime(f.at)} UTC, ${f.why}) are lost with its process` }));
-  for (const v of answer.verdicts || []) out.append(el("div", { class: "verdict", "data-event": v.event, text: `event ${v.event} → ${JSON.stringify(v.key)}: ${v.text}` }));
+  for (const v of answer.verdicts || []) {
+    const who = v.key ? ` → ${JSON.stringify(v.key)}` : "";
+    out.append(el("div", { class: "verdict", "data-event": v.event ?? "", text: `event ${v.event ?? "(any)"}${who}: ${v.text}` }));
+  }
   for (const k of answer.keys || []) {
     const head = el("h3", { text: `${JSON.stringify(k.key)} · route ${k.route ?? "?"} · now on ${k.owner_now ?? "no node"}` });
     const table = el("table", {}, el("thead", {}, el("tr", {}, ...["time", "node", "event", "request", "status", "seq", "written", "acked", "note"].map((h) => el("th", { text: h })))));
@@ -609,6 +613,17 @@ function applyIncident(inc) {
   }
 }
 
+function paintTracePanel() {
+  const form = $("trace-form");
+  const note = $("trace-note");
+  const open = state.operatorRequired && state.nodes.live;
+  form.hidden = !open;
+  note.hidden = open;
+  note.textContent = !state.nodes.live
+    ? "this HaloD follows: trace on the leader's dashboard"
+    : "tracing from this page needs an operator key (operator_key_file); use orbited trace --user … --event …";
+}
+
 function applySnapshot(snap) {
   state.snapshot = snap;
   state.palette = snap.palette || [];
@@ -624,6 +639,7 @@ function applySnapshot(snap) {
   paintNodes();
   applyTable(snap.table);
   paintTimeline();
+  paintTracePanel();
 }
 
 function onMessage(kind, handler) {
