@@ -7,8 +7,7 @@ the token proves, or raises TokenError with a stable code.
 
 from __future__ import annotations
 
-import base64
-import hashlib
+import binascii
 import hmac
 import json
 import os
@@ -134,23 +133,38 @@ _NOT_BASE64URL = bytes(range(256)).translate(
 )  # the bytes a base64url segment must not hold
 
 
+_TO_STANDARD = bytes.maketrans(b"-_", b"+/")
+# Each base64url character's 6-bit value. A canonical encoding leaves the bits of the
+# last character that carry no data zero: the low 4 bits when a group ends after 2
+# characters, the low 2 after 3.
+_B64_VALUE = {c: i for i, c in enumerate(
+    b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")}  # fmt: skip
+_STRAY_BITS = (0, 0, 0x0F, 0x03)  # by length % 4
+
+
 def _segment(segment: bytes) -> bytes:
     """One base64url segment, as PyJWS._decode_base64url_segment reads it: up to two
     '=' of padding (then a length multiple of 4), only the base64url alphabet, and the
     canonical encoding of what it decodes to (no stray bits in the last character)."""
     stripped = segment.rstrip(b"=")
-    padding = len(segment) - len(stripped)
+    size = len(stripped)
+    padding = len(segment) - size
     if (
         padding > 2
         or (padding and len(segment) % 4)
-        or len(stripped) % 4 == 1
-        or len(stripped.translate(None, _NOT_BASE64URL)) != len(stripped)
+        or size % 4 == 1
+        or len(stripped.translate(None, _NOT_BASE64URL)) != size
+        or (size and _B64_VALUE[stripped[-1]] & _STRAY_BITS[size % 4])
     ):
         raise TokenError("token_malformed", _MALFORMED)
-    decoded = base64.urlsafe_b64decode(stripped + b"=" * (-len(stripped) % 4))
-    if base64.urlsafe_b64encode(decoded).rstrip(b"=") != stripped:
-        raise TokenError("token_malformed", _MALFORMED)
-    return decoded
+    return binascii.a2b_base64(stripped.translate(_TO_STANDARD) + b"=" * (-size % 4))
+
+
+# Header segments that passed every header check in a token whose signature verified: a
+# web app signs every token with the same header, so its JSON is read once. At most
+# MAX_KNOWN_HEADERS (the first ones seen; only a holder of the secret can add one).
+MAX_KNOWN_HEADERS = 16
+_known_headers: set[bytes] = set()
 
 
 def _hs256_payload(secret: bytes, token: bytes) -> bytes:
@@ -159,6 +173,23 @@ def _hs256_payload(secret: bytes, token: bytes) -> bytes:
     header_segment, dot, payload_segment = signing_input.partition(b".")
     if not dot:
         raise TokenError("token_malformed", _MALFORMED)  # fewer than three segments
+    if header_segment in _known_headers:  # every check below on the header passes
+        payload = _segment(payload_segment)
+        signature = _segment(crypto_segment)
+    else:
+        payload, signature = _checked_header(header_segment, payload_segment, crypto_segment)
+    if not hmac.compare_digest(hmac.digest(secret, signing_input, "sha256"), signature):
+        raise TokenError("token_invalid", "token signature does not verify")
+    if header_segment not in _known_headers and len(_known_headers) < MAX_KNOWN_HEADERS:
+        _known_headers.add(header_segment)
+    return payload
+
+
+def _checked_header(
+    header_segment: bytes, payload_segment: bytes, crypto_segment: bytes
+) -> tuple[bytes, bytes]:
+    """The header's checks, in PyJWS's order (the segments are decoded in between):
+    the decoded payload and signature if it is an HS256 header we accept."""
     try:
         header = json.loads(_segment(header_segment))
     except (ValueError, RecursionError):
@@ -188,10 +219,7 @@ def _hs256_payload(secret: bytes, token: bytes) -> bytes:
     alg = header.get("alg")
     if "alg" not in header or not alg or alg != ALGORITHM:
         raise TokenError("token_invalid", f"token rejected: only {ALGORITHM} is accepted")
-    expected = hmac.new(secret, signing_input, hashlib.sha256).digest()
-    if not hmac.compare_digest(expected, signature):
-        raise TokenError("token_invalid", "token signature does not verify")
-    return payload
+    return payload, signature
 
 
 def _no_constants(name: str) -> object:
@@ -214,7 +242,8 @@ def _parse_claims(payload: bytes) -> dict[str, object]:
     surrogates (they cannot be written back as UTF-8), an object."""
     try:
         claims = _CLAIMS_DECODER.decode(payload.decode("utf-8"))
-        _STRICT_ENCODER.encode(claims).encode("utf-8")
+        if b"\\u" in payload:  # only a \u escape can make a lone surrogate (strict UTF-8)
+            _STRICT_ENCODER.encode(claims).encode("utf-8")
     except (ValueError, RecursionError):  # (UnicodeError is a ValueError)
         raise TokenError("token_malformed", "token claims are not strict UTF-8 JSON") from None
     if not isinstance(claims, dict):

@@ -120,3 +120,58 @@ def test_verify_token_uses_the_hand_check():
     with pytest.raises(TokenError) as refused:
         tokens._verified_claims(OTHER, VALID)
     assert refused.value.code == "token_invalid"
+
+
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_a_known_header_decides_the_rest_of_the_token_as_pyjwt_does(data):
+    # Once a header verified, later tokens with it skip its JSON: what follows (payload,
+    # signature, their segments) must still be decided exactly as PyJWT decides it.
+    tokens._known_headers.clear()
+    assert isinstance(hand(SECRET, VALID), bytes)
+    head, body, sig = VALID.split(".")
+    assert head.encode() in tokens._known_headers
+    body = data.draw(st.sampled_from([body, b64(b"{}"), b64(b'{"sub":1}'), ""]))
+    sig = data.draw(st.sampled_from([sig, b64(b"x" * 32), ""]))
+    token = f"{head}.{body}.{sig}"
+    for _ in range(data.draw(st.integers(0, 2))):
+        at = data.draw(st.integers(len(head) + 1, len(token)))
+        token = token[:at] + data.draw(st.text(ALPHABET, max_size=2)) + token[at + 1 :]
+    assert hand(SECRET, token) == oracle(SECRET, token)
+    if data.draw(st.booleans()):  # signed right: accepted with the known header too
+        signing_input = token.rpartition(".")[0].encode()
+        good = hmac.new(SECRET, signing_input, hashlib.sha256).digest()
+        token = f"{signing_input.decode()}.{b64(good)}"
+        assert hand(SECRET, token) == oracle(SECRET, token)
+
+
+def test_only_headers_of_verified_tokens_are_remembered_and_at_most_16():
+    tokens._known_headers.clear()
+    forged = signed({"alg": "HS256", "typ": "JWT", "x": 1}, b"{}", OTHER)
+    assert hand(SECRET, forged) == ("token_invalid", "token signature does not verify")
+    assert tokens._known_headers == set()
+    for n in range(tokens.MAX_KNOWN_HEADERS + 5):
+        assert hand(SECRET, signed({"alg": "HS256", "n": n}, b"{}")) == b"{}"
+    assert len(tokens._known_headers) == tokens.MAX_KNOWN_HEADERS
+    late = signed({"alg": "HS256", "n": 99}, b"{}")
+    assert hand(SECRET, late) == oracle(SECRET, late)  # decided in full, as before
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=8), st.sampled_from(["sub", "x", "sid"]))
+@example("\ud800", "sub")
+@example("\udfff\ud800", "x")
+def test_claims_with_escapes_are_refused_exactly_when_not_strict_utf8(text, name):
+    # A lone surrogate can only come from a \u escape; without one the re-encode is skipped.
+    payload = json.dumps({name: text}).encode()  # ensure_ascii: every non-ASCII is \u
+    strict = True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        strict = False
+    if strict:
+        assert tokens._parse_claims(payload) == {name: text}
+    else:
+        with pytest.raises(TokenError) as refused:
+            tokens._parse_claims(payload)
+        assert refused.value.code == "token_malformed"
