@@ -479,6 +479,7 @@ class DashboardResource(Resource):
         self.files = _load_static()
 
     def render(self, request: Request) -> bytes | int:
+        secure(request)  # errors too
         parts = [p.decode("utf-8", "replace") for p in request.postpath or ()]
         path = "/".join(parts)
         if path not in STATIC and path not in ("state", "events"):
@@ -488,7 +489,6 @@ class DashboardResource(Resource):
             method = request.method.decode("ascii", "replace")[:32]
             return send_error(request, 405, "method_not_allowed", f"{method} is not supported here")
         if path == "state":
-            secure(request)
             request.setHeader(b"content-type", b"application/json")
             view = self.feed.view()
             return json.dumps(snapshot(view, self.feed.clock.seconds())).encode()
@@ -505,7 +505,6 @@ class DashboardResource(Resource):
         return file.body
 
     def _events(self, request: Request) -> bytes | int:
-        secure(request)
         if request.method == b"HEAD":
             request.setHeader(b"content-type", b"text/event-stream")
             return b""

@@ -212,8 +212,11 @@ class TraceResource(JSONResource):
         self.start = start
         self.leader = leader
 
+    def render(self, request: Request) -> bytes | int:
+        secure(request)  # errors too
+        return super().render(request)
+
     def render_GET(self, request: Request) -> bytes | int:  # noqa: N802
-        secure(request)
         refused = self.auth.refuse(request)
         if refused is not None:
             return refused

@@ -110,6 +110,7 @@ def test_state_and_errors(get: Callable[..., Response]) -> None:
     assert state.headers["content-security-policy"] == CSP
     missing = get("/dashboard/nope")
     assert missing.status == 404 and missing.json()["error"]["code"] == "not_found"
+    assert missing.headers["content-security-policy"] == CSP  # errors too
     post = get("/dashboard/state", "POST")
     assert post.status == 405 and post.headers["allow"] == "GET, HEAD"
     assert post.json()["error"]["code"] == "method_not_allowed"
@@ -210,6 +211,8 @@ def test_trace_request_rules() -> None:
                  "/trace?user=a&limit=-1", "/trace?user=a&limit=0", "/trace?user=%ff"):  # fmt: skip
         r = call(path)
         assert r.status == 400 and r.json()["error"]["code"] == "bad_request", path
+        assert r.headers["x-content-type-options"] == "nosniff"
+        assert r.headers["cache-control"] == "no-store"
     assert call("/trace?user=a", "POST").status == 405
     page = call("/trace?user=a", origin="http://127.0.0.1:7601")
     assert page.status == 403
