@@ -26,6 +26,7 @@ from twisted.internet.task import Clock
 
 from orbited.core.keys import ConnectionKey
 from orbited.core.tokens import issue_token
+from orbited.node.frames import Frame
 from orbited.node.hub import Hub, HubConfig
 from orbited.node.transports.common import BrowserAuth
 from orbited.node.transports.httpfront import (
@@ -36,6 +37,7 @@ from orbited.node.transports.httpfront import (
     Route,
     plan,
     query_args,
+    query_params,
 )
 from orbited.node.transports.limits import BrowserLimits, BrowserLimitsConfig
 from orbited.node.transports.wsframe import OP_CLOSE, OP_PING, OP_PONG, close_frame, mask_frame
@@ -116,6 +118,44 @@ def test_query_args_equal_twisted_webs():
     for q in [b"token=a&last=b", b"a=1&&a=2&b", b"=x&y=", b"t=%41+b", b"t=%c3%a9;u=1",
               b"x=\xc3\xa9&y", b""]:  # fmt: skip
         assert query_args(q) == parse_qs(q, 1)
+
+
+def decoded(args: dict[bytes, list[bytes]]) -> dict[str, list[str]] | None:
+    try:
+        return {k.decode(): [v.decode() for v in vs] for k, vs in args.items()}
+    except UnicodeDecodeError:
+        return None
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.sampled_from([b"token", b"last", b"=", b"&", b";", b"%41", b"%ff", b"+",
+                                 b"\xc3\xa9", b"\xc3", b"\xff", b"a", b"1", b":"]),
+                max_size=12).map(b"".join))  # fmt: skip
+def test_query_params_are_the_query_args_decoded(query):
+    # plan() decides on these: the same pieces as twisted.web's args, or not UTF-8 (None).
+    try:
+        params = query_params(query)
+    except UnicodeDecodeError:
+        params = None
+    assert params == decoded(query_args(query))
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.sampled_from([b"a.1:5", b"a.1:x", b"\xc3\xa9", b"", b"s_-.zz:0"]), max_size=2),
+    st.lists(st.sampled_from([b"known", b"unknown", b"\xc3\xa9"]), max_size=2),
+)
+def test_resuming_a_session_is_decided_the_same_on_decoded_params(last, token):
+    from orbited.core import tokens
+    from orbited.node.transports.common import resumes_session, resumes_session_params
+
+    known = issue_token(SECRET, KEY)
+    tokens.verify_token(SECRET, known)
+    args = {b"last": last, b"token": [known.encode() if t == b"known" else t for t in token]}
+    args = {k: v for k, v in args.items() if v}
+    params = decoded(args)
+    assert params is not None
+    assert resumes_session_params(AUTH, params) == resumes_session(AUTH, args)
 
 
 def head(route: Route, query: bytes, **headers: bytes) -> Head:
@@ -452,6 +492,77 @@ def test_the_browsers_close_ends_the_handshake_at_once():
     p.dataReceived(mask_frame(OP_CLOSE, struct.pack(">H", 1001)))
     assert t.out.endswith(close_frame(1001)) and t.lost
     front.stopFactory()
+
+
+def clocked_front(clock: Clock) -> tuple[Hub, BrowserFront]:
+    hub = Hub(clock, HubConfig())
+    limits = BrowserLimits(BrowserLimitsConfig(), clock)
+    site = browser_site(hub, AUTH, [], "t", 1 << 20, limits)
+    return hub, BrowserFront(site, hub, AUTH, [], limits, clock)
+
+
+def held_poll(front: BrowserFront, key: ConnectionKey, timeout: bytes) -> FakeTransport:
+    p = front.buildProtocol(None)
+    t = FakeTransport()
+    p.makeConnection(t)
+    p.dataReceived(b"GET /orbited/poll?token=%s&timeout=%s HTTP/1.1\r\nHost: h\r\n\r\n"
+                   % (issue_token(SECRET, key).encode(), timeout))  # fmt: skip
+    return t
+
+
+def poll_frames(t: FakeTransport) -> list[dict[str, Any]] | None:
+    if not t.out:
+        return None
+    ((head, body),) = responses(t.out)
+    assert head.startswith(b"HTTP/1.1 200 OK")
+    frames: list[dict[str, Any]] = json.loads(body)
+    return frames
+
+
+def test_held_polls_are_answered_after_their_timeout_within_a_tenth_of_a_second():
+    """docs/protocol.md, "Long-poll": a held poll is answered when ``timeout`` seconds have
+    passed (at most 0.1 s later: the polls whose timeout ends in the same tenth of a second
+    share one timer), or at once when an event comes."""
+    clock = Clock()
+    clock.advance(1000.0)
+    hub, front = clocked_front(clock)
+    keys = [ConnectionKey(u, "s", "/c") for u in ("a", "b", "c", "d")]
+    a = held_poll(front, keys[0], b"2")  # until 1002.0
+    clock.advance(0.03)
+    b = held_poll(front, keys[1], b"2")  # until 1002.03
+    c = held_poll(front, keys[2], b"2")
+    d = held_poll(front, keys[3], b"1.5")  # until 1001.53
+    ticks = [call for call in clock.getDelayedCalls() if call.func == front._poll_tick]
+    assert len(ticks) == 3  # b and c share one
+    clock.advance(1.49)  # 1001.52
+    assert not d.out
+    clock.advance(0.01)
+    clock.advance(0.1)  # 1001.63
+    assert [f["type"] for f in poll_frames(d)] == ["hello"]
+    clock.advance(0.36)  # 1001.99
+    assert not (a.out or b.out or c.out)
+    hub._slots[keys[2]].sink.deliver([Frame(b'{"type":"event","seq":1,"data":1}')])
+    clock.advance(0)  # an event: c is answered at once, b still waits for its timeout
+    assert [f["type"] for f in poll_frames(c)] == ["hello", "event"]
+    clock.advance(0.01)  # 1002.0
+    assert [f["type"] for f in poll_frames(a)] == ["hello"] and not b.out
+    clock.advance(0.029)  # 1002.029
+    assert not b.out
+    clock.advance(0.1)
+    assert [f["type"] for f in poll_frames(b)] == ["hello"]
+    assert front.poll_ticks == {}
+
+
+def test_a_poll_answered_early_takes_its_tick_timer_along_if_it_was_the_last():
+    clock = Clock()
+    hub, front = clocked_front(clock)
+    t = held_poll(front, KEY, b"20")
+    (tick,) = [call for call in clock.getDelayedCalls() if call.func == front._poll_tick]
+    hub._slots[KEY].sink.deliver([Frame(b'{"type":"event","seq":1,"data":1}')])
+    clock.advance(0)
+    assert [f["type"] for f in poll_frames(t)] == ["hello", "event"]
+    assert front.poll_ticks == {} and not tick.active()
+    assert [call for call in clock.getDelayedCalls() if call.func == front._poll_tick] == []
 
 
 # -- the node's browser port is the front ------------------------------------------------

@@ -137,6 +137,19 @@ def resumes_session(auth: BrowserAuth, args: Mapping[bytes, Sequence[bytes]]) ->
         return False
 
 
+def resumes_session_params(auth: BrowserAuth, params: Mapping[str, Sequence[str]]) -> bool:
+    """``resumes_session`` of the decoded query (str names and values): the same answer,
+    as a position and a verified token are ASCII."""
+    last, token = params.get("last"), params.get("token")
+    if not last or not token or len(last) != 1 or len(token) != 1:
+        return False
+    try:
+        Position.parse(last[0])
+    except PositionError:
+        return False
+    return verified_before(auth.secret, token[0])
+
+
 DEFAULT_PORTS = {"http": 80, "https": 443}
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from http import HTTPStatus
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING
 
 from twisted.web import resource, server
 from twisted.web.http import RESPONSES, Request
@@ -37,7 +37,7 @@ class HTTPSink:
     when the response ends or the browser goes away (docs/architecture.md). It counts
     as one of the node's browser connections (``limits``) while it lasts."""
 
-    kind: ClassVar[str]  # the transport's name in per-key traces: "sse", "iframe", "poll"
+    kind: str  # the transport's name in per-key traces: "sse", "iframe", "poll"
     wants_pings = True
     is_poll = False  # counts against max_pending_polls too
 

@@ -18,7 +18,8 @@ with twisted.web. The front itself answers only what needs the node's state: 503
 - ``FrontProtocol``: the thin shell; ``WSSink``, ``SSESink``, ``PollSink``: the hub's
   sinks, slotted, written through (orbited.runtime.twisted_compat) and batched
   (orbited.node.flush); ``BrowserFront``: the factory, with one sweep timer (1 s) for
-  WebSocket pings and pong/close timeouts and for request heads that do not come.
+  WebSocket pings and pong/close timeouts and for request heads that do not come, and
+  one timer per tenth of a second for the held polls whose timeout ends in it.
 
 Keep-alive: after a complete response the connection reads the next request. Pipelining
 (a request sent before the previous response is complete; browsers never do it) is not
@@ -29,9 +30,9 @@ while a response is held, so a browser that goes away is detached at once.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
 from enum import Enum
-from typing import Any, ClassVar, Final
+from typing import Any, Final, NamedTuple
 
 import httptools
 from twisted.internet import task
@@ -58,7 +59,7 @@ from orbited.node.transports.common import (
     origin_allowed,
     parse_ack,
     request_scheme,
-    resumes_session,
+    resumes_session_params,
     user_limit_error,
 )
 from orbited.node.transports.http import status_phrase
@@ -86,6 +87,7 @@ HEAD_TIMEOUT = 10.0  # seconds from a request's first byte to its whole head (au
 # openHandshakeTimeout); a connection between requests waits the Site's timeOut (60 s)
 CLOSE_TIMEOUT = 5.0  # seconds the node waits for the browser's close frame
 SWEEP = 1.0  # the sweep timer's period
+POLL_TICKS = 10  # per second: a held poll's timeout ends at the next tenth of a second
 
 
 class _Handoff:
@@ -95,8 +97,7 @@ class _Handoff:
 HANDOFF: Final = _Handoff()
 
 
-@dataclass(frozen=True, slots=True)
-class Head:
+class Head(NamedTuple):
     """One complete request head the front may serve (GET of a hot URL, HTTP/1.1)."""
 
     route: Route
@@ -212,8 +213,31 @@ def query_args(query: bytes) -> dict[bytes, list[bytes]]:
     return args
 
 
-@dataclass(frozen=True, slots=True)
-class Plan:
+def query_params(query: bytes) -> dict[str, list[str]]:
+    """``query_args`` decoded as UTF-8 (UnicodeDecodeError if a name or value is not),
+    the common query (no escapes, all UTF-8) decoded once and split as text: ``&`` and
+    ``=`` are ASCII, never part of a UTF-8 sequence, so the pieces are the same."""
+    if b"%" not in query and b"+" not in query and b";" not in query:
+        try:
+            text = query.decode("utf-8")
+        except UnicodeDecodeError:
+            pass  # maybe only in a piece without "=", which does not count
+        else:
+            params: dict[str, list[str]] = {}
+            for pair in text.split("&"):
+                name, eq, value = pair.partition("=")
+                if eq:
+                    values = params.get(name)
+                    if values is None:
+                        params[name] = [value]
+                    else:
+                        values.append(value)
+            return params
+    return {k.decode("utf-8"): [v.decode("utf-8") for v in vs]
+            for k, vs in query_args(query).items()}  # fmt: skip
+
+
+class Plan(NamedTuple):
     """What the front does with a ``Head``: its decoded query, the CORS headers of its
     answers, and per route: ``after`` (SSE: Last-Event-ID, which wins over ``last``),
     ``timeout`` and ``new`` (poll: not resuming a session, so charged to connect_rate),
@@ -250,12 +274,13 @@ def plan(head: Head, cors_origins: list[str], auth: BrowserAuth) -> Plan | None:
             if head.route is not Route.WS:  # autobahn's 101 never carried them
                 cors = (b"Access-Control-Allow-Origin: %s\r\nVary: Origin\r\n"
                         b"Access-Control-Expose-Headers: Retry-After\r\n" % origin_raw)  # fmt: skip
-        args = query_args(head.query)
-        params = {k.decode("utf-8"): [v.decode("utf-8") for v in vs] for k, vs in args.items()}
+        params = query_params(head.query)
     except (UnicodeDecodeError, ValueError):
         return None
-    if any(len(params.get(name, ())) > 1 for name in _SINGLE):
-        return None
+    for name in _SINGLE:
+        values = params.get(name)
+        if values is not None and len(values) > 1:
+            return None
     route = head.route
     if route is Route.WS:
         try:
@@ -281,7 +306,7 @@ def plan(head: Head, cors_origins: list[str], auth: BrowserAuth) -> Plan | None:
             return None
         if not 0 <= timeout <= MAX_TIMEOUT:  # also refuses nan
             return None
-    return Plan(head, params, cors, timeout=timeout, new=not resumes_session(auth, args))
+    return Plan(head, params, cors, timeout=timeout, new=not resumes_session_params(auth, params))
 
 
 def error_response(error: BrowserRequestError, cors: bytes, close: bool = False) -> bytes:
@@ -338,6 +363,8 @@ class BrowserFront(Factory):
         self.keepalive = hub.config.keepalive
         self.idle_timeout = float(site.timeOut or 60)  # twisted.web's, for kept-alive connections
         self.waiting: set[FrontProtocol] = set()  # no request head yet (or between requests)
+        # Held polls by the tick (1/POLL_TICKS s) their timeout ends in: one timer each.
+        self.poll_ticks: dict[int, tuple[Any, set[PollSink]]] = {}
         self.websockets: set[FrontProtocol] = set()
         self.sweeper = task.LoopingCall(self.sweep)
         self.sweeper.clock = self.clock
@@ -363,6 +390,35 @@ class BrowserFront(Factory):
             p.abort()
         for p in list(self.websockets):
             p.ws_tick(now)
+
+    def hold_poll(self, sink: PollSink, timeout: float) -> int:
+        """Answer ``sink`` when ``timeout`` has passed, at the end of that tick (at most
+        1/POLL_TICKS s later): the polls of one tick share one timer. Its tick."""
+        now = self.clock.seconds()
+        tick = math.ceil((now + timeout) * POLL_TICKS)
+        entry = self.poll_ticks.get(tick)
+        if entry is None:
+            call = self.clock.callLater(max(0.0, tick / POLL_TICKS - now), self._poll_tick, tick)
+            self.poll_ticks[tick] = (call, {sink})
+        else:
+            entry[1].add(sink)
+        return tick
+
+    def release_poll(self, sink: PollSink, tick: int) -> None:
+        """``sink`` was answered before its tick (the tick's timer goes with its last)."""
+        entry = self.poll_ticks.get(tick)
+        if entry is not None:
+            held = entry[1]
+            held.discard(sink)
+            if not held:
+                del self.poll_ticks[tick]
+                entry[0].cancel()
+
+    def _poll_tick(self, tick: int) -> None:
+        entry = self.poll_ticks.pop(tick, None)
+        if entry is not None:
+            for sink in list(entry[1]):
+                sink.answer()
 
     def close_idle_connections(self) -> None:
         """Close every connection with no request in progress (node shutdown), here and
@@ -689,7 +745,7 @@ class _Sink(QueueWatch):
     for the delivery batch (orbited.node.flush)."""
 
     __slots__ = ("proto", "key", "last_write", "finished", "pending")
-    kind: ClassVar[str]  # the transport's name in per-key traces: "ws", "sse", "poll"
+    kind: str  # the transport's name in per-key traces: "ws", "sse", "poll"
     wants_pings = True
     is_poll = False
 
@@ -894,10 +950,11 @@ class SSESink(_Sink):
 
 class PollSink(_Sink):
     """One held poll: frames collect until the answer (``answer``): at once if the
-    attach brought more than hello, else at the first delivery (a reactor turn later, so
-    what arrives in the same moment shares the response) or at ``timeout``."""
+    attach brought more than hello, else at the first delivery (when the delivery batch
+    ends, or a reactor turn later, so what arrives in the same moment shares the
+    response) or when ``timeout`` has passed (BrowserFront.hold_poll)."""
 
-    __slots__ = ("frames", "cors", "timer")
+    __slots__ = ("frames", "cors", "tick", "later")
     kind = "poll"
     wants_pings = False  # a held poll ends by its own timeout
     is_poll = True
@@ -906,21 +963,22 @@ class PollSink(_Sink):
         super().__init__(proto, key)
         self.frames: list[bytes] = []
         self.cors = cors
-        self.timer: Any = None
+        self.tick: int | None = None  # held: the tick of its timeout
+        self.later: Any = None  # the answer a reactor turn later (outside a batch)
 
     def hold(self, timeout: float) -> None:
         if not self.finished:
-            self.timer = self.proto.front.clock.callLater(timeout, self.answer)
+            self.tick = self.proto.front.hold_poll(self, timeout)
 
     def deliver(self, out: list[Frame]) -> bool:
         if self.finished:
             return False
         self.frames.extend([f.data for f in out])
-        if self.timer is not None and self.pending is None:
+        if self.tick is not None and self.pending is None:
             # Answer when this batch ends (orbited.node.flush), or a reactor turn later.
-            if not self.proto.front.hub.enlist(self):
-                self.timer.cancel()
-                self.timer = self.proto.front.clock.callLater(0, self.answer)
+            front = self.proto.front
+            if not front.hub.enlist(self):
+                self.later = front.clock.callLater(0, self.answer)
             self.pending = b""  # answer scheduled
         return True
 
@@ -939,11 +997,15 @@ class PollSink(_Sink):
             proto.next_request(close)
 
     def end(self) -> bool:
-        timer = self.timer
-        if timer is not None:
-            self.timer = None
-            if timer.active():
-                timer.cancel()
+        tick = self.tick
+        if tick is not None:
+            self.tick = None
+            self.proto.front.release_poll(self, tick)
+        later = self.later
+        if later is not None:
+            self.later = None
+            if later.active():
+                later.cancel()
         return super().end()
 
     def replaced(self) -> None:

@@ -59,7 +59,7 @@ class _Stream(HTTPSink):
     (docs/protocol.md, "Errors")."""
 
     log = Logger()
-    kind: ClassVar[str]  # "sse", "iframe": the transport's name in per-key traces
+    kind: str  # "sse", "iframe": the transport's name in per-key traces
     label: ClassVar[str]  # "SSE", "iframe": its name in the log
 
     def __init__(

@@ -45,14 +45,18 @@ class HandshakeError(Exception):
         self.status, self.code, self.message = status, code, message
 
 
-def _tokens(value: bytes | None) -> list[bytes]:
-    return [t.strip().lower() for t in (value or b"").split(b",")]
+def _has_token(value: bytes | None, token: bytes) -> bool:
+    """Whether the comma-separated header ``value`` lists ``token`` (case-insensitive)."""
+    if value is None:
+        return False
+    value = value.lower()
+    return value == token or token in [t.strip() for t in value.split(b",")]
 
 
 def check_handshake(headers: Mapping[bytes, bytes]) -> bytes:
     """The ``Sec-WebSocket-Key`` of a valid upgrade request (``headers``: lower-case names,
     the last value of each); raises HandshakeError otherwise."""
-    upgrade = b"websocket" in _tokens(headers.get(b"upgrade"))
+    upgrade = _has_token(headers.get(b"upgrade"), b"websocket")
     if not upgrade or headers.get(b"sec-websocket-version") != VERSION:
         message = "this URL is a WebSocket" if not upgrade else "WebSocket version must be 13"
         raise HandshakeError(426, "upgrade_required", message)
@@ -63,7 +67,7 @@ def check_handshake(headers: Mapping[bytes, bytes]) -> bytes:
         key_ok = False
     if (
         not key_ok
-        or b"upgrade" not in _tokens(headers.get(b"connection"))
+        or not _has_token(headers.get(b"connection"), b"upgrade")
         or not headers.get(b"host")
     ):
         message = "not a WebSocket handshake (RFC 6455, section 4.1)"
