@@ -58,6 +58,9 @@ class HaloDConfig(ConfigBase):
     )
     missed_heartbeats: int = opt(Timing.missed_heartbeats, "k: silent for k intervals = failed")
     grace: float = opt(Timing.grace, "seconds a disconnected node has to reconnect and keep routes")
+    move_rate: float = opt(
+        Timing.move_rate, "browsers/s a planned move (drain, join) sends on (0 = all at once)"
+    )
     probe: bool = opt(
         ProbeSettings.enabled, "probe a lost node's ports (so a dead one fails over at once)"
     )
@@ -137,6 +140,8 @@ class HaloDConfig(ConfigBase):
             "routes", "heartbeat_interval", "missed_heartbeats", "grace",
             "probe_timeout", "probe_interval", "control_max_message", "control_header_timeout",
         )  # fmt: skip
+        if self.move_rate < 0:
+            raise ConfigError("move_rate must be 0 (no pacing) or more")
         if self.routes > MAX_ROUTES:  # nodes refuse a welcome with more (halod-protocol.md)
             raise ConfigError(f"routes must be at most {MAX_ROUTES}")
         if self.hash_version not in HASH_VERSIONS:
@@ -233,4 +238,6 @@ class HaloDConfig(ConfigBase):
 
     def timing(self) -> Timing:
         probe = ProbeSettings(self.probe, self.probe_timeout, self.probe_interval)
-        return Timing(self.heartbeat_interval, self.missed_heartbeats, self.grace, probe)
+        return Timing(
+            self.heartbeat_interval, self.missed_heartbeats, self.grace, probe, self.move_rate
+        )

@@ -9,7 +9,7 @@ docs/halod-protocol.md.
 from __future__ import annotations
 
 import hmac
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Literal
@@ -27,12 +27,17 @@ from orbited.core.control import (
     RouteMoved,
     Welcome,
 )
-from orbited.core.routes import Change, ChangeKind, Role, RouteTable, RouteTableError
+from orbited.core.routes import Change, ChangeKind, Move, Role, RouteTable, RouteTableError
 
 MAX_FAILED_SHOWN = 256  # failed nodes remembered for status pages
 # Seconds after which a rehash counts as finished though some hand-offs never came (a
 # node holds its routes for at most its handoff_timeout, 5 s by default).
 REHASH_TIMEOUT = 30.0
+# Paced planned moves (docs/halod.md, "Paced moves"): one step moves about MOVE_STEP
+# seconds' worth of browsers at ``move_rate``; the next waits for the step's hand-offs,
+# or MOVE_STEP_TIMEOUT if one never comes.
+MOVE_STEP = 0.05
+MOVE_STEP_TIMEOUT = 2.0
 
 
 @dataclass(frozen=True)
@@ -41,6 +46,9 @@ class Timing:
     missed_heartbeats: int = 3  # k: a connected node silent for k intervals has failed
     grace: float = 5.0  # seconds a disconnected node has to come back and keep its routes
     probe: ProbeSettings = ProbeSettings()  # telling a dead node from a control-link blip
+    # Browsers per second a planned move (drain, undrain, join) sends to their new
+    # owners; 0: every route at once. A crash is never paced.
+    move_rate: float = 2000.0
 
 
 @dataclass
@@ -123,6 +131,23 @@ class Effects:
 
 
 @dataclass
+class PacedStep:
+    """The step of a paced move that runs: its routes, when the next may start (its
+    browsers' share of ``move_rate``), and the hand-offs it still waits for."""
+
+    routes: tuple[int, ...]
+    started: float
+    due: float
+    pending: set[int]
+
+    def ready(self, now: float) -> bool:
+        return now >= self.due and (not self.pending or now - self.started >= MOVE_STEP_TIMEOUT)
+
+    def next_at(self) -> float:
+        return self.due if not self.pending else max(self.due, self.started + MOVE_STEP_TIMEOUT)
+
+
+@dataclass
 class RehashRun:
     """A rehash whose hand-offs are not all done: every active node sends each other
     active node a ``handoff`` whose ``done`` names the receiver's routes."""
@@ -153,6 +178,11 @@ class Membership:
         self.drained: set[str] = set()  # registered, holding no routes, never promoted
         self.failovers = 0
         self.prober = Prober(timing.probe)
+        # Paced moves: route → the machine still serving it though the table names
+        # another (its planned move waits for a later step). Persisted with the table.
+        self.holdover: dict[int, str] = {}
+        self.step: PacedStep | None = None
+        self._share: dict[int, float] = {}  # route → its browsers when its move was planned
 
     # -- node messages ------------------------------------------------------------------
 
@@ -185,9 +215,11 @@ class Membership:
         effects = Effects()
         if record is None:
             record = self.nodes[name] = NodeRecord(name, msg.browser, msg.sp, 0)
+            record.connected = True  # for the pacing below: it can take a hand-off
             self.failed.pop(name, None)
             spares = len(self.table.spares)
-            change = self.table.join(name)
+            before = self.effective_owners()
+            change = self._effective(self.table.join(name), before, now, planned=True)
             effects.changes.append(change)
             effects.notices += self._spare_notices(spares, change)
         elif (record.browser, record.sp) != (msg.browser, msg.sp):
@@ -284,12 +316,14 @@ class Membership:
         self.failed[name] = (now, why)
         while len(self.failed) > MAX_FAILED_SHOWN:
             self.failed.popitem(last=False)
-        if name in self.drained:  # it holds nothing: no table change
+        before = self.effective_owners()
+        if name in self.drained:  # in the table no more; perhaps still serving held routes
             self.drained.discard(name)
-            effects = Effects(changes=[Change(name, ChangeKind.GONE, None)])
+            change = self._effective(Change(name, ChangeKind.GONE, None), before, now)
+            effects = Effects(changes=[change], sends=self._notices(change, skip=name))
         else:
             spares = len(self.table.spares)
-            change = self.table.leave(name)
+            change = self._effective(self.table.leave(name), before, now)
             if change.moves:
                 self.failovers += 1
             effects = Effects(changes=[change], sends=self._notices(change, skip=name))
@@ -298,29 +332,33 @@ class Membership:
             effects.drops.append(Drop(name, ErrorCode.FAILED, f"declared failed: {why}"))
         return effects
 
-    def drain(self, name: str) -> Effects:
-        """An operator takes ``name`` out of service: its routes move now (to a spare, or
-        per the policy) while it stays connected, so it can hand over and be stopped."""
+    def drain(self, name: str, now: float) -> Effects:
+        """An operator takes ``name`` out of service: its routes move (to a spare, or per
+        the policy; paced, see ``pace_tick``) while it stays connected, so it can hand
+        over and be stopped."""
         if name not in self.nodes or name in self.drained:
             raise ControlError(ErrorCode.NOT_REGISTERED, f"{name!r} is not an active or spare node")
         if self.table.node_id(name) is not None and len(self.table.table()) == 1:
             if not self.table.spares:
                 raise ControlError(ErrorCode.BAD_MESSAGE, "cannot drain the last active node")
         spares = len(self.table.spares)
+        before = self.effective_owners()
         change = self.table.leave(name)
         self.drained.add(name)
+        change = self._effective(change, before, now, planned=True)
         effects = Effects(changes=[change], sends=self._notices(change, skip=""))
         effects.notices += self._spare_notices(spares, change, drained=True)
         if not any(s.name == name and isinstance(s.message, Assign) for s in effects.sends):
             effects.sends.append(Send(name, self._assign(name)))  # it was a spare
         return effects
 
-    def undrain(self, name: str) -> Effects:
+    def undrain(self, name: str, now: float) -> Effects:
         if name not in self.drained:
             raise ControlError(ErrorCode.NOT_REGISTERED, f"{name!r} is not drained")
         self.drained.discard(name)
         spares = len(self.table.spares)
-        change = self.table.join(name)
+        before = self.effective_owners()
+        change = self._effective(self.table.join(name), before, now, planned=True)
         effects = Effects(changes=[change], sends=self._notices(change, skip=""))
         effects.notices += self._spare_notices(spares, change)
         return effects
@@ -358,7 +396,105 @@ class Membership:
             if self.prober.last_verdict(record.name) is Verdict.ALIVE:
                 why += " (its ports still answered)"
             effects.extend(self.leave(record.name, now, why))
+        effects.extend(self.pace_tick(now))  # a step whose node was away may go now
         return effects
+
+    # -- paced planned moves (docs/halod.md, "Paced moves") --------------------------------
+
+    def effective_owners(self) -> dict[int, str]:
+        """route → the machine serving it now: the table's owner, unless a paced move
+        still holds the route with its old owner."""
+        owners = self.table.owners()
+        owners.update(self.holdover)
+        return owners
+
+    def held_by(self, name: str) -> list[int]:
+        """The routes ``name`` serves now (ascending)."""
+        return sorted(r for r, owner in self.effective_owners().items() if owner == name)
+
+    def pace_due(self) -> float | None:
+        """When ``pace_tick`` should next run (None: no paced move waits)."""
+        if not self.holdover:
+            return None
+        return self.step.next_at() if self.step is not None else 0.0
+
+    def pace_tick(self, now: float) -> Effects:
+        """Start the next step of a paced move when the last one is done: its routes
+        (about MOVE_STEP seconds of browsers at ``move_rate``) reach their new owner,
+        the old owner hands their mailboxes over."""
+        if not self.holdover:
+            self.step = None
+            return Effects()
+        if self.step is not None and not self.step.ready(now):
+            return Effects()
+        before = self.effective_owners()
+        self.step = None
+        self._take_step(now)
+        after = self.effective_owners()
+        moves = _diff(before, after, self.table.routes)
+        if not moves:
+            return Effects()
+        change = Change(moves[0].old or "", ChangeKind.MOVED, None, moves)
+        return Effects(changes=[change], sends=self._notices(change, skip=""))
+
+    def _effective(self, change: Change, before: dict[int, str], now: float,
+                   planned: bool = False) -> Change:  # fmt: skip
+        """``change`` as the nodes see it: its moves from who served each route
+        ``before`` to who serves it now. A planned change between two live nodes keeps
+        the routes beyond its first step with their old owners (``holdover``)."""
+        table = self.table.owners()
+        for route, holder in list(self.holdover.items()):
+            if table.get(route) == holder or holder not in self.nodes:
+                del self.holdover[route]  # home again, or its holder is gone: moves now
+                self._share.pop(route, None)
+        if planned and self.timing.move_rate > 0:
+            held = Counter(before.values())
+            for route, new in table.items():
+                old = before.get(route)
+                if old is not None and old != new and self._handoff(old, new):
+                    self.holdover.setdefault(route, old)
+                    # Browsers a route has: its owner's over its routes (a heartbeat's
+                    # count), taken now, before the owner's count starts to fall.
+                    self._share[route] = self.nodes[old].connections / max(1, held[old])
+            if self.step is None or self.step.ready(now):
+                self.step = None
+                self._take_step(now)
+        moves = _diff(before, self.effective_owners(), self.table.routes)
+        return Change(change.name, change.role, change.node_id, moves)
+
+    def _take_step(self, now: float) -> None:
+        """Release the next routes of ``holdover``: whole routes, oldest route number
+        first, up to MOVE_STEP seconds of browsers (each route counts its old owner's
+        connections over its routes; at least one route)."""
+        rate = self.timing.move_rate
+        table = self.table.owners()
+        held = Counter(self.effective_owners().values())
+        budget = rate * MOVE_STEP if rate > 0 else float("inf")
+        taken: list[int] = []
+        browsers = 0.0
+        for route in sorted(self.holdover):
+            holder, new = self.holdover[route], table.get(route)
+            old_record = self.nodes.get(holder)
+            new_record = self.nodes.get(new) if new is not None else None
+            if old_record is None or new_record is None:
+                continue
+            if not (old_record.connected and new_record.connected):
+                continue  # waits: the hand-off needs both ends (a failure moves it now)
+            share = self._share.get(route)
+            if share is None:  # planned by an earlier leader (restored): estimate now
+                share = old_record.connections / max(1, held[holder])
+            if taken and browsers + share > budget:
+                break
+            taken.append(route)
+            browsers += share
+        for route in taken:
+            del self.holdover[route]
+            self._share.pop(route, None)
+        if taken:
+            due = now + (browsers / rate if rate > 0 else 0.0)
+            # A step that moved browsers waits for its hand-offs before the next starts.
+            pending = set(taken) if browsers > 0 else set()
+            self.step = PacedStep(tuple(taken), now, due, pending)
 
     # -- rehash (docs/halod.md, "Rehash") -------------------------------------------------
 
@@ -374,6 +510,12 @@ class Membership:
                 ErrorCode.REHASH_IN_PROGRESS,
                 f"a rehash to version {running.hash_version} is running "
                 f"({len(running.pending)} hand-offs to go)",
+            )
+        if self.holdover:
+            raise ControlError(
+                ErrorCode.REHASH_IN_PROGRESS,
+                f"a paced move is running ({len(self.holdover)} routes to go); "
+                "try again when it is done",
             )
         for name, record in sorted(self.nodes.items()):
             if not record.connected:
@@ -409,9 +551,12 @@ class Membership:
         return run
 
     def handoff_relayed(self, sender: str, receiver: str, done: tuple[int, ...]) -> None:
-        """HaloD relayed a ``handoff``: one naming ``done`` routes completes its pair."""
+        """HaloD relayed a ``handoff``: one naming ``done`` routes completes its pair (a
+        rehash) or those routes of a paced step."""
         if self.rehashing is not None and done:
             self.rehashing.pending.discard((sender, receiver))
+        if self.step is not None and done:
+            self.step.pending.difference_update(done)
 
     def _rehash_forget(self, name: str) -> None:
         """``name`` left: the rehash waits for none of its hand-offs."""
@@ -469,7 +614,7 @@ class Membership:
     def _assign(self, name: str, incoming: set[int] | None = None) -> Assign:
         """``name``'s complete assignment (a registered node)."""
         node_id = self.table.node_id(name)
-        routes = self.table.routes_of(node_id) if node_id is not None else []
+        routes = self.held_by(name)  # a draining node keeps the routes not yet moved
         role = self.state_of(name)
         assert isinstance(role, Role), "only members get an assignment"
         return Assign(node_id, role, tuple(routes), tuple(sorted(incoming or ())),
@@ -542,7 +687,7 @@ class Membership:
         return Suspicion(cause, self.prober.last_verdict(name))
 
     def owners(self) -> dict[int, NodeRecord]:
-        return {route: self.nodes[name] for route, name in self.table.owners().items()}
+        return {route: self.nodes[name] for route, name in self.effective_owners().items()}
 
     def snapshot(self) -> dict[str, Any]:
         return {
@@ -554,7 +699,9 @@ class Membership:
             "failovers": self.failovers,
             "drained": sorted(self.drained),
             **hash_version_field(self.hash_version),
-        }
+            **({"holdover": {str(r): n for r, n in sorted(self.holdover.items())}}
+               if self.holdover else {}),
+        }  # fmt: skip
 
     @classmethod
     def restore(
@@ -589,7 +736,22 @@ class Membership:
         membership.nodes = nodes
         membership.drained = drained
         membership.failovers = int(snapshot.get("failovers", 0))
+        try:
+            holdover = {int(r): str(n) for r, n in dict(snapshot.get("holdover", {})).items()}
+        except (TypeError, ValueError) as e:
+            raise RouteTableError(f"snapshot: holdover: {e!r}") from None
+        if any(not 1 <= r <= table.routes or n not in nodes for r, n in holdover.items()):
+            raise RouteTableError("snapshot: holdover names an unknown route or node")
+        membership.holdover = holdover
         return membership
+
+
+def _diff(before: dict[int, str], after: dict[int, str], routes: int) -> list[Move]:
+    return [
+        Move(r, before.get(r), after.get(r))
+        for r in range(1, routes + 1)
+        if before.get(r) != after.get(r)
+    ]
 
 
 def _ports(record: NodeRecord) -> dict[str, str]:

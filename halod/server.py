@@ -216,6 +216,7 @@ class HaloD:
         self.tick_period = max(0.02, min(timing.heartbeat_interval, timing.grace) / 4)
         self._last_tick: float | None = None
         self._probe_timer: IDelayedCall | None = None  # probes run on their own times
+        self._pace_timer: IDelayedCall | None = None  # a paced move's next step
         if ha is not None:
             ha.on_lead = self._lead
             ha.on_follow = self._follow
@@ -330,6 +331,8 @@ class HaloD:
                     self.stats["handoffs_relayed"] += 1
                     self.membership.handoff_relayed(conn.name, msg.to, msg.done)
                     target.send_bytes(with_sender(body, conn.name))
+                    if msg.done and self.membership.step is not None:
+                        self._schedule_pace()  # the paced move's next step may go now
                 return
             elif isinstance(msg, Leave):
                 effects = self.membership.leave(conn.name, now, "left")
@@ -398,7 +401,8 @@ class HaloD:
             where = f": {leader.name} leads" if leader is not None else ""
             raise ControlError(ErrorCode.NOT_LEADER, f"this HaloD does not lead{where}")
         m = self.membership
-        effects = m.drain(name) if action == "drain" else m.undrain(name)
+        now = self.clock.seconds()
+        effects = m.drain(name, now) if action == "drain" else m.undrain(name, now)
         self.log.info("operator: {action} {name}", action=action, name=name)
         self.apply(effects)
         return self.membership.state_of(name)
@@ -524,6 +528,30 @@ class HaloD:
             self.stats["probes"] += 1
             self._probe(request)
         self._schedule_probes()
+        self._schedule_pace()
+
+    def _schedule_pace(self) -> None:
+        """Wake up when the next step of a paced move may start (docs/halod.md, "Paced
+        moves"): its last step's browsers had their share of ``move_rate`` and its
+        hand-offs came (the deadline tick also checks)."""
+        due = self.membership.pace_due() if self.leading else None
+        timer = self._pace_timer
+        if timer is not None and timer.active():
+            if due is not None and timer.getTime() == max(due, self.clock.seconds()):
+                return
+            timer.cancel()
+        self._pace_timer = None
+        if due is not None:
+            now = self.clock.seconds()
+            self._pace_timer = self.clock.callLater(max(due, now) - now, self._pace_tick)
+
+    def _pace_tick(self) -> None:
+        self._pace_timer = None
+        try:
+            self.apply(self.membership.pace_tick(self.clock.seconds()))
+        except Exception:
+            self.log.failure("a paced move's step failed")
+        self._schedule_pace()
 
     def _schedule_probes(self) -> None:
         """Wake up when the next probe times out or is due: the second probe of a node
@@ -575,7 +603,14 @@ class HaloD:
             )  # fmt: skip
 
     def _log_change(self, change: Change) -> None:
-        if change.role is ChangeKind.GONE and change.name in self.membership.drained:
+        if change.role is ChangeKind.MOVED:
+            self.log.info(
+                "paced move: routes {routes} now reach {to}; {left} routes to go",
+                routes=[m.route for m in change.moves],
+                to=", ".join(sorted({m.new or "nobody" for m in change.moves})),
+                left=len(self.membership.holdover),
+            )  # fmt: skip
+        elif change.role is ChangeKind.GONE and change.name in self.membership.drained:
             self.log.info(
                 "node {name} drained; {n} routes moved", name=change.name, n=len(change.moves)
             )
@@ -599,6 +634,9 @@ class HaloD:
         if self._probe_timer is not None and self._probe_timer.active():
             self._probe_timer.cancel()
         self._probe_timer = None
+        if self._pace_timer is not None and self._pace_timer.active():
+            self._pace_timer.cancel()
+        self._pace_timer = None
         if self.store is not None:
             self.store.close()
             return defer.succeed(None)
@@ -733,12 +771,11 @@ class HaloD:
         now = self.clock.seconds()
         m = self.membership
         rehash = m.rehash_running(now)
-        table = m.table.table()
         ids = {name: node for node, name in m.table.machines().items()}
         nodes = []
         for name, record in sorted(m.nodes.items(), key=lambda i: (ids.get(i[0], 1 << 40), i[0])):
             node_id = ids.get(name)
-            routes = table.get(node_id, []) if node_id is not None else []
+            routes = m.held_by(name)  # what it serves now: a paced move's old owner too
             nodes.append({
                 "name": name,
                 "id": node_id,
@@ -770,6 +807,7 @@ class HaloD:
             "table_version": self.table_version,
             "hash_version": m.hash_version,
             "rehash": rehash.view() if rehash is not None else None,
+            "moving": self._moving(),
             **self._ha_status(),
             "failovers": m.failovers,
             "uptime": round(time.time() - self.started, 1),
@@ -777,6 +815,13 @@ class HaloD:
             "failed": [{"name": n, "at": at, "why": why} for n, (at, why) in m.failed.items()],
             "dataplane": self.dataplane.stats() if self.dataplane is not None else None,
         }
+
+    def _moving(self) -> list[dict[str, Any]]:
+        """/status's ``moving``: the routes a paced move has still to move."""
+        m = self.membership
+        table = m.table.owners()
+        return [{"route": r, "from": holder, "to": table.get(r)}
+                for r, holder in sorted(m.holdover.items())]  # fmt: skip
 
     def _ha_status(self) -> dict[str, Any]:
         """/status's ``role``, ``leader`` and ``etcd`` (docs/halod-protocol.md)."""

@@ -62,6 +62,8 @@ class Persisted:
     failovers: int = 0
     drained: tuple[str, ...] = ()
     hash_version: int = 1  # how keys map to routes (docs/hashing.md); absent: 1
+    # Routes a paced planned move still leaves with their old owner: (route, name).
+    holdover: tuple[tuple[int, str], ...] = ()
 
     @classmethod
     def from_snapshot(cls, snapshot: Mapping[str, Any], version: int) -> Persisted:
@@ -83,6 +85,9 @@ class Persisted:
                 registry=registry, failovers=int(snapshot.get("failovers", 0)),
                 drained=tuple(sorted(str(d) for d in snapshot.get("drained", []))),
                 hash_version=snapshot_hash_version(snapshot),
+                holdover=tuple(sorted(
+                    (int(r), str(n)) for r, n in dict(snapshot.get("holdover", {})).items()
+                )),
             )  # fmt: skip
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise CorruptTable(f"not a table snapshot: {e!r}") from None
@@ -107,6 +112,7 @@ class Persisted:
             "failovers": self.failovers,
             "drained": list(self.drained),
             **hash_version_field(self.hash_version),
+            **({"holdover": {str(r): n for r, n in self.holdover}} if self.holdover else {}),
         }
 
 

@@ -8,7 +8,9 @@ Keys under ``prefix`` (docs/halod.md, "Store: SQLite or etcd"):
     <prefix>/policy            the policy's name
     <prefix>/spares            the spares, in order (JSON list)
     <prefix>/registry/<name>   one node's record: {"browser", "sp", "capacity"}
-    <prefix>/meta              {"failovers", "drained"[, "hash_version"]} (none: version 1)
+    <prefix>/meta              {"failovers", "drained"[, "hash_version"][, "holdover"]}
+                               (no hash_version: version 1; holdover: a paced move's
+                               routes still with their old owner, {"route": name})
 
 Each write is one txn: it succeeds only if the leader key still carries this HaloD's lease
 and the create revision of its term (fencing), and ``version`` was not written by anyone
@@ -103,6 +105,7 @@ def encode(prefix: bytes, table: Persisted, writer: str = "", term: int = 0) -> 
                 "failovers": table.failovers,
                 "drained": list(table.drained),
                 **hash_version_field(table.hash_version),
+                **({"holdover": snap["holdover"]} if table.holdover else {}),
             }
         ),  # fmt: skip
     }
@@ -141,6 +144,7 @@ def decode(prefix: bytes, values: Mapping[bytes, bytes]) -> Persisted | None:
             "failovers": meta["failovers"],
             "drained": meta["drained"],
             **({"hash_version": meta["hash_version"]} if "hash_version" in meta else {}),
+            **({"holdover": meta["holdover"]} if "holdover" in meta else {}),
         }
         return Persisted.from_snapshot(snapshot, int(version["version"]))
     except (KeyError, TypeError, ValueError, UnicodeDecodeError) as e:

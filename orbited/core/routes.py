@@ -48,6 +48,7 @@ class ChangeKind(StrEnum):
     SPARE = "spare"  # joined as a spare
     GONE = "gone"  # left, failed or was drained: its routes moved
     READDRESSED = "readdressed"  # came back with other addresses: the data plane follows
+    MOVED = "moved"  # a later step of a paced planned move (HaloD): more routes reach their owner
 
 
 class Move(NamedTuple):

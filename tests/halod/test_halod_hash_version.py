@@ -149,7 +149,7 @@ def test_welcome_and_assign_carry_the_tables_version():
     m = table(2, names=("a",))
     (welcome,) = sent(m.register(reg("b", hashes=BOTH), 0.0), "b", Welcome)
     assert welcome.hash_version == 2
-    (assign,) = sent(m.drain("a"), "b", Assign)
+    (assign,) = sent(m.drain("a", 0.0), "b", Assign)
     assert assign.hash_version == 2
     m1 = table(1, names=("a",))
     (welcome,) = sent(m1.register(reg("b", hashes=BOTH), 0.0), "b", Welcome)
@@ -194,7 +194,7 @@ def test_rehash_tells_every_member_the_owners_of_all_routes():
         RouteMove(r, owners[r].name, owners[r].browser, owners[r].sp) for r in range(1, 13)
     )
     # Welcomes and assigns from now on carry 2.
-    (assign,) = sent(m.drain("a"), "b", Assign)
+    (assign,) = sent(m.drain("a", 0.0), "b", Assign)
     assert assign.hash_version == 2
 
 

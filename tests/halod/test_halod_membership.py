@@ -75,7 +75,7 @@ def test_join_sends_route_moved_with_the_new_owners_addresses_then_assign():
 
 def test_hand_off_only_between_live_nodes():
     m = cluster(3, spares=1)  # n1 active, n2 spare, n3 active
-    drained = m.drain("n1")
+    drained = m.drain("n1", 0.0)
     (moved,) = sent(drained, "n1", RouteMoved)
     assert all(e.handoff for e in moved.moves)
     (assign,) = sent(drained, "n2", Assign)
@@ -204,7 +204,7 @@ def test_changed_addresses_are_saved_on_reregistration():
 def test_drain_moves_routes_keeps_the_node_and_undrain_returns_it():
     m = cluster(3, spares=1)  # n1, n3 active; n2 spare
     routes_n3 = m.table.table()[2]
-    effects = m.drain("n3")
+    effects = m.drain("n3", 0.0)
     assert m.state_of("n3") == "drained" and m.state_of("n2") == "active"
     assert list(sent(effects, "n2", Assign)[0].routes) == routes_n3
     assert [e.route for e in sent(effects, "n3", RouteMoved)[0].moves] == routes_n3
@@ -213,8 +213,8 @@ def test_drain_moves_routes_keeps_the_node_and_undrain_returns_it():
     again = Membership.restore(snap, TIMING, now=0.0, spares_wanted=1)
     assert again.state_of("n3") == "drained"
     with pytest.raises(ControlError):
-        m.drain("n3")
-    m.undrain("n3")
+        m.drain("n3", 0.0)
+    m.undrain("n3", 0.0)
     assert m.state_of("n3") == "spare"  # the spare slot was free again
     m.leave("n2", 1.0, "test")
     assert m.state_of("n3") == "active"
@@ -223,7 +223,7 @@ def test_drain_moves_routes_keeps_the_node_and_undrain_returns_it():
 def test_the_last_active_node_cannot_be_drained_without_a_spare():
     m = cluster(1)
     with pytest.raises(ControlError):
-        m.drain("n1")
+        m.drain("n1", 0.0)
     assert m.state_of("n1") == "active"
 
 

@@ -72,7 +72,7 @@ def test_a_real_membership_round_trips_through_etcds_keys():
     m = Membership(RouteTable(24, 1), Timing())
     for name in ("a", "b", "c", "d"):
         m.register(reg(name), 0.0)
-    m.drain("d")
+    m.drain("d", 0.0)
     keys = se.encode(b"/p", Persisted.from_snapshot(m.snapshot(), 3), "h1", 5)
     restored = Membership.restore(se.decode(b"/p", keys).snapshot(), Timing(), 0.0, 1)
     assert restored.snapshot() == m.snapshot()
