@@ -148,3 +148,43 @@ def test_trace_help_and_usage_as_a_real_process():
         "trace", "--user", "alice", "--url", "http://127.0.0.1:9", "--state-dir", "/nonexistent"
     )
     assert nobody.returncode == 1 and "orbited trace: cannot reach" in nobody.stderr
+
+
+def test_trace_asks_a_standalone_node_with_its_key(tmp_path: Path):
+    """``orbited trace --node URL --key-file F`` against a real node with ``trace_key_file``:
+    an event sent to a connected browser shows as written, with the verdict; a wrong key
+    is refused (exit 1, the node's 401); nothing traced for another user exits 1."""
+    from tests.conftest import NodeProcess
+
+    key_file = tmp_path / "trace.key"
+    key_file.write_bytes(b"t" * 40)
+    node = NodeProcess(tmp_path, "--trace", "all", "--trace-key-file", str(key_file)).start()
+    try:
+        with node.ws(node.token("alice", "s1", "/chat")) as ws:
+            json.loads(ws.recv(timeout=5))  # hello
+            with node.req() as req:
+                req.send(json.dumps({"id": "42", "to": [["alice", "s1", "/chat"]],
+                                     "data": "hi"}).encode())  # fmt: skip
+                assert json.loads(req.recv())["results"][0]["status"] == "delivered"
+            assert json.loads(ws.recv(timeout=5))["id"] == "42"
+            url = f"http://{node.http}"
+            done = run("trace", "--user", "alice", "--event", "42", "--node", url,
+                       "--key-file", str(key_file))  # fmt: skip
+            assert done.returncode == 0, done.stderr
+            assert 'key ["alice","s1","/chat"]' in done.stdout
+            verdict = [line for line in done.stdout.splitlines() if line.startswith("event 42")]
+            assert len(verdict) == 1 and "written to ws on " in verdict[0]
+            as_json = json.loads(run("trace", "--user", "alice", "--node", url, "--key-file",
+                                     str(key_file), "--json").stdout)  # fmt: skip
+            (entry,) = as_json["keys"]
+            (record,) = [r for r in entry["dispatches"] if r["event"] == "42"]
+            assert record["status"] == "delivered" and record["transport"] == "ws"
+            wrong = tmp_path / "wrong.key"
+            wrong.write_bytes(b"w" * 40)
+            refused = run("trace", "--user", "alice", "--node", url, "--key-file", str(wrong))
+            assert refused.returncode == 1 and "401 unauthorized" in refused.stderr
+            nobody = run("trace", "--user", "bob", "--node", url, "--key-file", str(key_file))
+            assert nobody.returncode == 1
+            assert "no node has a record of any event for this user" in nobody.stdout
+    finally:
+        node.stop()
