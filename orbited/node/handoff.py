@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any, Literal
@@ -269,6 +269,7 @@ class RouteOwnership:
         self.hash_version = hash_version  # docs/hashing.md; HaloD's table's wins
         self.owned: frozenset[int] | None = None
         self.moved_to: dict[int, str | None] = {}
+        self.moved_owner: dict[int, str] = {}  # new owners' names, when known (for traces)
         self._incoming: dict[int, _Incoming] = {}
 
     def _serves(self, route: int) -> bool:
@@ -329,6 +330,7 @@ class RouteOwnership:
         self.owned = new
         for route in new:
             self.moved_to.pop(route, None)
+            self.moved_owner.pop(route, None)
         lost = previous - new
         for route in lost:
             self._complete(route, timed_out=False)
@@ -345,9 +347,10 @@ class RouteOwnership:
     def route_moved(
         self, moves: dict[int, str | None], handoff: Iterable[int] = (),
         exports: list[dict[str, Any]] | None = None, users: list[dict[str, Any]] | None = None,
-        exported: Callable[[], None] | None = None,
+        exported: Callable[[], None] | None = None, owners: Mapping[int, str] | None = None,
     ) -> int:  # fmt: skip
-        """'route moved': these routes now reach another node (SP address, if known).
+        """'route moved': these routes now reach another node (SP address, if known;
+        ``owners``: its name, when known, for the key traces' "handed out to").
         The mailboxes of ``handoff`` routes are appended to ``exports`` as wire entries
         (MailboxExport.to_wire; the new owner resumes them) instead of being dropped;
         their per-user state (held wildcard events, offline watches: ``export_users``) to
@@ -358,6 +361,8 @@ class RouteOwnership:
         told to reconnect, so the hand-off can leave first (a browser that comes back at
         once then waits less on its new owner)."""
         self.moved_to.update(moves)
+        if owners:
+            self.moved_owner.update(owners)
         owned = frozenset(range(1, self.routes + 1)) if self.owned is None else self.owned
         self.owned = owned - moves.keys()
         handed = frozenset(moves) & frozenset(handoff) if exports is not None else frozenset()
@@ -413,7 +418,7 @@ class RouteOwnership:
             if observer is not None:
                 observer.noted(
                     key, "moved", self.now(), route=route, to=self.moved_to.get(route),
-                    handed=handed,
+                    owner=self.moved_owner.get(route), handed=handed,
                 )  # fmt: skip
             if not handed:
                 if slot.online and self.presence is not None:
@@ -538,7 +543,7 @@ class RouteOwnership:
             if observer is not None:
                 observer.noted(
                     key, "moved", self.now(), route=route, to=self.moved_to.get(route),
-                    handed=name is not None and name in out,
+                    owner=name, handed=name is not None and name in out,
                 )  # fmt: skip
         self._recount_routes()
         if peers:

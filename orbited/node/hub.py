@@ -251,6 +251,7 @@ class Hub(RouteOwnership):
         self.observer: DeliveryObserver | None = None
         self.tracer: Tracer | None = None  # the per-key tracer, for queries and gauges
         self._token: Any = None  # the observer's token of the request being dispatched
+        self._token_now = 0.0  # and its time (the hub's clock, read once per request)
         # The heartbeat's load (``load_report``): ack-latency samples since the last
         # report, and attached connections per route with the routes changed since.
         self._ack_hist = LatencyHistogram()
@@ -905,6 +906,7 @@ class Hub(RouteOwnership):
         self.stats["events"] += 1
         if observer is not None:
             self._token = token = observer.dispatched(request, now)
+            self._token_now = now
         eid = frames.event_id(request.event_id)  # once per request, shared by the mailboxes
         recipients = request.recipients
         tag, offline = request.latest, request.offline
@@ -923,9 +925,9 @@ class Hub(RouteOwnership):
                 )  # fmt: skip
             if isinstance(only, tuple):  # a RecipientResult, not a Deferred (see above)
                 if observer is not None:
-                    return self._observe_answer(
-                        self._answered(request, now, [only]), observer, token
-                    )
+                    outcome = self._answered(request, now, [only])
+                    observer.answered(token, outcome, now)
+                    return outcome
                 return self._answered(request, now, [only])
             results: list[RecipientResult | defer.Deferred[RecipientResult]] = [only]
             waits = True
@@ -938,6 +940,11 @@ class Hub(RouteOwnership):
             for recipient in recipients:
                 if over and recipient[0] in over:
                     results.append(over[recipient[0]])
+                    if observer is not None and type(recipient) is not Selector:
+                        observer.recipient(
+                            token, recipient, route_of(recipient, self.routes, self.hash_version),  # type: ignore[arg-type]
+                            over[recipient[0]].status, None, None, 0, None, now,
+                        )  # fmt: skip
                     continue
                 entry: RecipientResult | defer.Deferred[RecipientResult] | None
                 if type(recipient) is Selector:
@@ -953,10 +960,9 @@ class Hub(RouteOwnership):
                 results.append(entry)
         if not waits:
             if observer is not None:
-                return self._observe_answer(
-                    self._answered(request, now, results),  # type: ignore[arg-type]
-                    observer, token,
-                )  # fmt: skip
+                outcome = self._answered(request, now, results)  # type: ignore[arg-type]
+                observer.answered(token, outcome, now)
+                return outcome
             return self._answered(request, now, results)  # type: ignore[arg-type]
         dedup.begin(digest)
         gathered = defer.gatherResults(
@@ -1074,38 +1080,40 @@ class Hub(RouteOwnership):
     ) -> RecipientResult | defer.Deferred[RecipientResult]:  # fmt: skip
         """``_deliver`` while an observer is on (``observe`` installs it as the instance's
         ``_deliver``): the same, then the observer's ``recipient`` call for the key."""
-        token = self._token
         result = Hub._deliver(self, key, payload, ack, eid, tag, offline)
         observer = self.observer
         if observer is None:
             return result
         slot = self._slots.get(key)
-        now = self.now()
-        stream = transport = None
-        dropped = 0
-        status: str
-        if isinstance(result, tuple):
-            status, seq, dropped = result.status, result.seq, result.dropped
+        if type(result) is RecipientResult:
+            status, seq = result[0], result[1]
+            if seq is not None and slot is not None:  # stored: delivered or queued
+                sink = slot.sink
+                observer.recipient(
+                    self._token, key, slot.route, status, seq, slot.mailbox.stream, result[2],
+                    sink.kind if status is DELIVERED and sink is not None else None,
+                    self._token_now,
+                )  # fmt: skip
+                return result
             if status is Status.MOVED and result.route is not None:
                 route = result.route
-            elif slot is not None:
-                route = slot.route
             else:
                 route = route_of(key, self.routes, self.hash_version)
-            if slot is not None and seq is not None:
-                stream = slot.mailbox.stream
-                if status is DELIVERED and slot.sink is not None:
-                    transport = slot.sink.kind
+            observer.recipient(
+                self._token, key, route, status, None, None, 0, None, self._token_now
+            )
         elif slot is None or not slot.waits:  # held for an incoming hand-off (_later)
-            status, seq, route = "held", None, route_of(key, self.routes, self.hash_version)
+            route = route_of(key, self.routes, self.hash_version)
+            observer.recipient(self._token, key, route, "held", None, None, 0, None, self.now())
         else:  # acknowledged mode: the wait _deliver just added
             seq = slot.waits[-1].seq
-            route, stream = slot.route, slot.mailbox.stream
-            if slot.mailbox.delivered >= seq and slot.sink is not None:
-                status, transport = DELIVERED, slot.sink.kind
-            else:
-                status = QUEUED
-        observer.recipient(token, key, route, status, seq, stream, dropped, transport, now)
+            sink = slot.sink
+            delivered = slot.mailbox.delivered >= seq and sink is not None
+            observer.recipient(
+                self._token, key, slot.route, DELIVERED if delivered else QUEUED, seq,
+                slot.mailbox.stream, 0, sink.kind if delivered and sink is not None else None,
+                self._token_now,
+            )  # fmt: skip
         return result
 
     def observe(self, observer: DeliveryObserver | None, tracer: Tracer | None = None) -> None:
@@ -1128,6 +1136,7 @@ class Hub(RouteOwnership):
 
         def deliver_later() -> None:
             self._token = token
+            self._token_now = self.now()
             try:
                 out = deliver()
             except Exception:

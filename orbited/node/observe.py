@@ -16,8 +16,8 @@ Calls, in the order the hub makes them for one event request:
    ``RECIPIENT_STATUSES``. ``transport`` is the attached sink's ``kind`` ("ws", "sse",
    "poll", "iframe", "orbit") when ``status`` is "delivered" (the write happened at
    ``now``: the hub writes inside its delivery batch), else None. A key held for an
-   incoming hand-off is reported "held" first and again, with the same token, when the
-   held delivery runs (the later call supersedes the first).
+   incoming hand-off is reported "held" first and again, with the same token and its
+   outcome then, when the held delivery runs.
 3. ``answered(token, outcome, now)`` once, when the reply is ready: at once, or when the
    acknowledged-mode or hand-off wait ends. ``outcome.results`` are in request order
    (``token`` must remember the recipients if it needs them). ``outcome.duplicate``:
@@ -63,7 +63,8 @@ RECIPIENT_STATUSES = frozenset({
 #   attach (transport, last: the resume position or None), detach (reason), replaced (a
 #   newer transport took over), reset (old: the stream the browser asked for, gone),
 #   gap (first, last: seqs it will not get), expired (undelivered: events never
-#   written), moved (route, to: new owner's SP address or None, handed: bool),
+#   written), moved (route, to: new owner's SP address or None, owner: its name or
+#   None, handed: bool),
 #   handed_in (origin), evicted (first, last: seqs the limits dropped).
 NOTES = frozenset({
     "attach", "detach", "replaced", "reset", "gap", "expired", "moved", "handed_in",

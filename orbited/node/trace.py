@@ -25,7 +25,16 @@ from orbited.core.tracecontext import parse_traceparent
 if TYPE_CHECKING:
     from orbited.node.events import DispatchResult, EventRequest, RecipientResult
 
-__all__ = ["MODES", "Dispatch", "KeyTrace", "Note", "Record", "TraceConfig", "Tracer"]
+__all__ = [
+    "MODES",
+    "Dispatch",
+    "KeyTrace",
+    "Note",
+    "Record",
+    "TraceConfig",
+    "Tracer",
+    "record_json",
+]
 
 Mode = Literal["off", "all", "users"]
 MODES: tuple[Mode, ...] = ("off", "all", "users")
@@ -47,59 +56,69 @@ class TraceConfig:
         check_fields(self, positive=("per_key", "notes_per_key", "keys", "keep"))
 
 
-class Dispatch:
-    """One event request, shared by the records of its recipients."""
+class Dispatch(NamedTuple):
+    """One event request, shared by the records of its recipients (compared by identity:
+    each request's is its own object). A tuple: one is built per request."""
 
-    __slots__ = ("t", "event", "request", "ack_wait", "trace_id", "recipients", "targets")
+    t: float
+    event: str
+    digest: bytes | str  # the request digest (bytes), or its wire form (str, imported)
+    ack_wait: float | None
+    trace_id: str | None
+    targets: tuple[Any, ...] = ()  # the request's recipients (keys and wildcards)
 
-    def __init__(
-        self, t: float, event: str, request: str, ack_wait: float | None,
-        trace_id: str | None, recipients: int, targets: tuple[Any, ...] = (),
-    ) -> None:  # fmt: skip
-        self.t = t
-        self.event = event
-        self.request = request  # the request digest's first 8 bytes in hex: same for a resend
-        self.ack_wait = ack_wait
-        self.trace_id = trace_id
-        self.recipients = recipients
-        self.targets = targets  # the request's recipients (keys and wildcards), for answered
+    @property
+    def request(self) -> str:
+        """The digest's first 8 bytes in hex: the same for a resend of the request."""
+        digest = self.digest
+        return digest if isinstance(digest, str) else digest[:8].hex()
 
 
-class Record:
-    """What one request did for one key."""
+_new = tuple.__new__
 
-    __slots__ = (
-        "dispatch", "node", "route", "status", "seq", "stream", "dropped", "written",
-        "transport", "rewritten", "acked", "outcome", "handed",
-    )  # fmt: skip
 
-    def __init__(
-        self, dispatch: Dispatch, node: str, route: int | None, status: str, seq: int | None,
-        stream: str | None, dropped: int,
-    ) -> None:  # fmt: skip
-        self.dispatch = dispatch
-        self.node = node
-        self.route = route
-        self.status = status
-        self.seq = seq
-        self.stream = stream
-        self.dropped = dropped
-        self.written: float | None = None
-        self.transport: str | None = None
-        self.rewritten = 0  # written again after a reconnect (replays)
-        self.acked: float | None = None
-        self.outcome: str | None = None  # acknowledged mode: the reply's status for the key
-        self.handed: str | None = None  # "out:<node>" once carried to another node
+# A record (what one request did for one key) is a tuple, built in one step per recipient
+# (a class's __init__ costs several times as much, and this is per recipient), and
+# replaced (``_set``) when a later happening (a replay, an ack, an acknowledged-mode
+# outcome, a hand-off) changes a field: the fields by index. ``handed`` is "out:<node>"
+# once it was carried to another node.
+DISPATCH, NODE, ROUTE, STATUS, SEQ, STREAM, DROPPED = 0, 1, 2, 3, 4, 5, 6
+WRITTEN, TRANSPORT, REWRITTEN, ACKED, OUTCOME, HANDED = 7, 8, 9, 10, 11, 12
+Record = tuple[Any, ...]
 
-    def to_json(self) -> dict[str, Any]:
-        d = self.dispatch
-        return {
-            "t": d.t, "event": d.event, "request": d.request, "node": self.node,
-            "route": self.route, "status": self.status, "seq": self.seq, "stream": self.stream,
-            "dropped": self.dropped, "ack_wait": d.ack_wait, "written": self.written,
-            "transport": self.transport, "rewritten": self.rewritten, "acked": self.acked,
-            "outcome": self.outcome, "handed": self.handed, "trace_id": d.trace_id,
-        }  # fmt: skip
+
+def _set(record: Record, **fields: Any) -> Record:
+    """``record`` with some fields changed (by the names of the index constants)."""
+    out = list(record)
+    for name, value in fields.items():
+        out[_FIELDS[name]] = value
+    return tuple(out)
+
+
+_FIELDS = {
+    "written": WRITTEN, "transport": TRANSPORT, "rewritten": REWRITTEN, "acked": ACKED,
+    "outcome": OUTCOME, "handed": HANDED,
+}  # fmt: skip
+
+
+def record_json(record: Record) -> dict[str, Any]:
+    """A record's JSON form (the trace answer's ``dispatches``, a hand-off's ``trace``)."""
+    d: Dispatch = record[DISPATCH]
+    return {
+        "t": d.t, "event": d.event, "request": d.request, "node": record[NODE],
+        "route": record[ROUTE], "status": str(record[STATUS]), "seq": record[SEQ],
+        "stream": record[STREAM], "dropped": record[DROPPED], "ack_wait": d.ack_wait,
+        "written": record[WRITTEN], "transport": record[TRANSPORT],
+        "rewritten": record[REWRITTEN], "acked": record[ACKED], "outcome": record[OUTCOME],
+        "handed": record[HANDED], "trace_id": d.trace_id,
+    }  # fmt: skip
+
+
+def _record(
+    d: Dispatch, node: str, route: int | None, status: str, seq: int | None,
+    stream: str | None = None, dropped: int = 0,
+) -> Record:  # fmt: skip
+    return (d, node, route, status, seq, stream, dropped, None, None, 0, None, None, None)
 
 
 class Note(NamedTuple):
@@ -132,43 +151,47 @@ def _opt_str(v: Any, n: int = 256) -> bool:
     return v is None or (isinstance(v, str) and len(v) <= n)
 
 
+# Seconds between two moves of a busy key to the LRU's young end: ``keys`` and ``keep``
+# forget by last activity to within this (one dict operation per key per second, not per
+# event; Tracer.recipient spells it as a literal).
+REFRESH = 1.0
+
+
 class Tracer:
     """Per-key traces (see the module doc); the hub's DeliveryObserver when tracing is on."""
 
     def __init__(self, config: TraceConfig, node: str) -> None:
         self.config = config
         self.node = node
+        self._per_key = config.per_key
         self._keys: OrderedDict[ConnectionKey, KeyTrace] = OrderedDict()
         self._users = config.users if config.mode == "users" else None
-        self._records = 0
-        self._notes = 0
         self.evicted_keys = 0  # forgotten to stay within ``keys`` (not by ``keep``)
         self.import_dropped = 0  # malformed hand-off trace entries ignored
 
     # -- bookkeeping ----------------------------------------------------------------------
 
     def _trace(self, key: ConnectionKey, now: float) -> KeyTrace | None:
-        """The key's trace, made the most recently active (None: not traced)."""
-        keys = self._keys
-        kt = keys.get(key)
-        if kt is not None:
-            keys.move_to_end(key)
+        """The key's trace, marked active (None: not traced)."""
+        kt = self._keys.get(key)
+        if kt is None:
+            return self._new(key, now)
+        if now - kt.last_active > REFRESH:
+            self._keys.move_to_end(key)
             kt.last_active = now
-            return kt
+        return kt
+
+    def _new(self, key: ConnectionKey, now: float) -> KeyTrace | None:
         users = self._users
         if users is not None and key[0] not in users:
             return None
+        keys = self._keys
         self._forget_idle(now)
         if len(keys) >= self.config.keys:
-            _, old = keys.popitem(last=False)
-            self._drop(old)
+            keys.popitem(last=False)
             self.evicted_keys += 1
         kt = keys[key] = KeyTrace(now)
         return kt
-
-    def _drop(self, kt: KeyTrace) -> None:
-        self._records -= len(kt.records)
-        self._notes -= len(kt.notes)
 
     def _forget_idle(self, now: float) -> None:
         keys, horizon = self._keys, now - self.config.keep
@@ -177,72 +200,72 @@ class Tracer:
             if kt.last_active >= horizon:
                 break
             del keys[key]
-            self._drop(kt)
 
     def _add(self, kt: KeyTrace, record: Record) -> None:
         records = kt.records
         records.append(record)
-        if len(records) > self.config.per_key:
+        if len(records) > self._per_key:
             del records[0]
-        else:
-            self._records += 1
 
-    def _find(self, kt: KeyTrace, d: Dispatch) -> Record | None:
-        for record in reversed(kt.records):
-            if record.dispatch is d:
-                return record
+    @staticmethod
+    def _find(kt: KeyTrace, d: Dispatch) -> int | None:
+        """The index of the newest record of ``d`` in the key's ring."""
+        records = kt.records
+        for i in range(len(records) - 1, -1, -1):
+            if records[i][DISPATCH] is d:
+                return i
         return None
 
     # -- the observer (orbited.node.observe) ---------------------------------------------
 
     def dispatched(self, request: EventRequest, now: float) -> Dispatch:
         parent = request.traceparent
-        context = None if parent is None else parse_traceparent(parent)
+        if parent is None:
+            return _new(Dispatch, (now, request[0], request[3], request[4], None, request[1]))
+        context = parse_traceparent(parent)
         return Dispatch(
-            now, request.event_id, request.digest[:8].hex(), request.ack,
-            None if context is None else context.trace_id, len(request.recipients),
-            request.recipients,
+            now, request.event_id, request.digest, request.ack,
+            None if context is None else context.trace_id, request.recipients,
         )  # fmt: skip
 
     def recipient(
-        self, token: Any, key: ConnectionKey, route: int, status: str, seq: int | None,
+        self, token: Any, key: ConnectionKey, route: int | None, status: str, seq: int | None,
         stream: str | None, dropped: int, transport: str | None, now: float,
     ) -> None:  # fmt: skip
-        kt = self._trace(key, now)
+        # Per recipient: _trace and _add written out (a call each costs what the rest does).
+        kt = self._keys.get(key)
         if kt is None:
-            return
-        if status != "held" and kt.records:  # a held delivery that ran: update its record
-            last = kt.records[-1]
-            if last.dispatch is token and last.status == "held":
-                kt.records.pop()
-                self._records -= 1
-        record = Record(token, self.node, route, status, seq, stream, dropped)
-        if transport is not None:
-            record.written = now
-            record.transport = transport
-        self._add(kt, record)
+            kt = self._new(key, now)
+            if kt is None:
+                return
+        elif now - kt.last_active > 1.0:  # REFRESH (a literal: no global lookup)
+            self._keys.move_to_end(key)
+            kt.last_active = now
+        records = kt.records
+        records.append((
+            token, self.node, route, status, seq, stream, dropped,
+            None if transport is None else now, transport, 0, None, None, None,
+        ))  # fmt: skip
+        if len(records) > self._per_key:
+            del records[0]
 
     def answered(self, token: Any, outcome: DispatchResult, now: float) -> None:
         d: Dispatch = token
+        if d[3] is None and not outcome[2]:  # neither acknowledged mode nor a resend
+            return
         if outcome.duplicate:
             for key, result in self._pairs(d.targets, outcome.results):
                 kt = self._trace(key, now)
                 if kt is not None:
-                    self._add(kt, Record(d, self.node, None, "duplicate", result.seq, None, 0))
+                    self._add(kt, _record(d, self.node, None, "duplicate", result.seq))
             return
-        if d.ack_wait is None and not any(r.status == "limited" for r in outcome.results):
+        if d.ack_wait is None:
             return
         for key, result in self._pairs(d.targets, outcome.results):
-            status = str(result.status)
-            if status == "limited":
-                kt = self._trace(key, now)
-                if kt is not None:
-                    self._add(kt, Record(d, self.node, None, "limited", None, None, 0))
-                continue
             found = self._keys.get(key)
-            record = None if found is None else self._find(found, d)
-            if record is not None:
-                record.outcome = status
+            at = None if found is None else self._find(found, d)
+            if found is not None and at is not None:
+                found.records[at] = _set(found.records[at], outcome=str(result.status))
 
     @staticmethod
     def _pairs(
@@ -263,26 +286,28 @@ class Tracer:
         kt = self._keys.get(key)
         if kt is None:
             return
-        for record in kt.records:
-            seq = record.seq
-            if record.stream == stream and seq is not None and first <= seq <= last:
-                if record.written is None:
-                    record.written = now
-                    record.transport = transport
+        records = kt.records
+        for i, record in enumerate(records):
+            seq = record[SEQ]
+            if record[STREAM] == stream and seq is not None and first <= seq <= last:
+                if record[WRITTEN] is None:
+                    records[i] = _set(record, written=now, transport=transport)
                 else:
-                    record.rewritten += 1
+                    records[i] = _set(record, rewritten=record[REWRITTEN] + 1)
 
     def acked(self, key: ConnectionKey, stream: str, upto: int, now: float) -> None:
         kt = self._keys.get(key)
         if kt is None:
             return
-        for record in reversed(kt.records):
-            seq = record.seq
-            if record.stream != stream or seq is None or seq > upto:
+        records = kt.records
+        for i in range(len(records) - 1, -1, -1):
+            record = records[i]
+            seq = record[SEQ]
+            if record[STREAM] != stream or seq is None or seq > upto:
                 continue
-            if record.acked is not None:
+            if record[ACKED] is not None:
                 break  # the ones before it were acknowledged by then
-            record.acked = now
+            records[i] = _set(record, acked=now)
 
     def noted(self, key: ConnectionKey, what: str, now: float, **detail: Any) -> None:
         kt = self._trace(key, now)
@@ -292,25 +317,27 @@ class Tracer:
         notes.append(Note(now, what, detail))
         if len(notes) > self.config.notes_per_key:
             del notes[0]
-        else:
-            self._notes += 1
         if what == "moved" and detail.get("handed"):
-            for record in kt.records:
-                if record.node == self.node and record.handed is None:
-                    record.handed = "out"
+            to = detail.get("owner")
+            handed = "out" if to is None else f"out:{to}"
+            kt.records = [
+                _set(r, handed=handed) if r[NODE] == self.node and r[HANDED] is None else r
+                for r in kt.records
+            ]
 
     # -- hand-off ---------------------------------------------------------------------------
 
     def export(self, key: ConnectionKey) -> list[dict[str, Any]]:
-        """The key's records and notes as JSON objects for a hand-off entry's ``trace``."""
+        """The key's records and notes as JSON objects for a hand-off entry's ``trace``
+        (this node's records marked handed ``out``: the new owner names itself)."""
         kt = self._keys.get(key)
         if kt is None:
             return []
-        out = [r.to_json() for r in kt.records]
+        out = [record_json(r) for r in kt.records]
         for entry in out:
             if entry["node"] == self.node and entry["handed"] is None:
                 entry["handed"] = "out"
-        out.extend(n.to_json() for n in kt.notes)
+        out.extend({**n.to_json(), "node": n.detail.get("node", self.node)} for n in kt.notes)
         return out
 
     def import_(self, key: ConnectionKey, wire: list[Any], origin: str | None, now: float) -> None:
@@ -325,21 +352,16 @@ class Tracer:
             parsed = _parse_entry(entry, self.node)
             if parsed is None:
                 self.import_dropped += 1
-            elif isinstance(parsed, Record):
-                records.append(parsed)
-            else:
+            elif type(parsed) is Note:
                 notes.append(parsed)
+            else:
+                records.append(parsed)
         if records:
-            merged = sorted(records + kt.records, key=lambda r: r.dispatch.t)
-            kt.records = merged[-self.config.per_key :]
+            merged = sorted(records + kt.records, key=lambda r: r[DISPATCH].t)
+            kt.records = merged[-self._per_key :]
         if notes:
             merged_notes = sorted(notes + kt.notes, key=lambda n: n.t)
             kt.notes = merged_notes[-self.config.notes_per_key :]
-        self._recount()
-
-    def _recount(self) -> None:
-        self._records = sum(len(kt.records) for kt in self._keys.values())
-        self._notes = sum(len(kt.notes) for kt in self._keys.values())
 
     # -- queries ----------------------------------------------------------------------------
 
@@ -360,19 +382,21 @@ class Tracer:
     def key_json(kt: KeyTrace, event: str | None, limit: int | None) -> dict[str, Any]:
         """``dispatches`` (oldest first) and ``notes`` of a key's trace, for ``event``
         only when given, the newest ``limit`` when given."""
-        records = [r for r in kt.records if event is None or r.dispatch.event == event]
+        records = [r for r in kt.records if event is None or r[DISPATCH].event == event]
         if limit is not None:
             records = records[-limit:] if limit else []
         return {
-            "dispatches": [r.to_json() for r in records],
+            "dispatches": [record_json(r) for r in records],
             "notes": [n.to_json() for n in kt.notes],
         }
 
     def gauges(self) -> dict[str, int]:
+        """Sizes (/orbited/health): counted here, not kept per event."""
+        traces = self._keys.values()
         return {
             "traced_keys": len(self._keys),
-            "trace_records": self._records,
-            "trace_notes": self._notes,
+            "trace_records": sum(len(kt.records) for kt in traces),
+            "trace_notes": sum(len(kt.notes) for kt in traces),
             "trace_evicted_keys": self.evicted_keys,
         }
 
@@ -411,10 +435,12 @@ def _parse_entry(entry: Any, me: str) -> Record | Note | None:
             return None
     except KeyError:
         return None
-    d = Dispatch(float(entry["t"]), entry["event"], entry["request"], floats[0], strs[3], 0)
-    record = Record(d, entry["node"], route, entry["status"], seq, strs[0], dropped)
-    record.written, record.acked = floats[1], floats[2]
-    record.transport, record.outcome, record.rewritten = strs[1], strs[2], rewritten
+    d = Dispatch(float(entry["t"]), entry["event"], entry["request"], floats[0], strs[3])
+    node = entry["node"]
     handed = strs[4]
-    record.handed = f"out:{me}" if handed in (None, "out") and record.node != me else handed
-    return record
+    if handed in (None, "out") and node != me:
+        handed = f"out:{me}"
+    return (
+        d, node, route, entry["status"], seq, strs[0], dropped, floats[1], strs[1], rewritten,
+        floats[2], strs[2], handed,
+    )  # fmt: skip

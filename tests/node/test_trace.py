@@ -14,6 +14,7 @@ from orbited.node.hub import Hub, HubConfig
 from orbited.node.mailbox import MailboxLimits, Position
 from orbited.node.observe import build_observer
 from orbited.node.trace import TraceConfig, Tracer
+from orbited.node.users import UserLimits
 from tests.node.test_hub import RecordingSink
 
 ALICE = ConnectionKey("alice", "s1", "/chat")
@@ -237,7 +238,7 @@ def test_traceparent_trace_id_is_recorded() -> None:
     assert [r["trace_id"] for r in rows(hub)] == ["4bf92f3577b34da6a3ce929d0e0e4736", None]
 
 
-def test_deliveries_held_for_a_hand_off_are_recorded_held_then_updated() -> None:
+def test_deliveries_held_for_a_hand_off_are_recorded_held_then_as_they_ran() -> None:
     hub, clock, _ = traced_hub(handoff_timeout=1)
     route = route_of(ALICE, hub.routes, hub.hash_version)
     hub.assign([r for r in range(1, hub.routes + 1) if r != route])
@@ -245,7 +246,9 @@ def test_deliveries_held_for_a_hand_off_are_recorded_held_then_updated() -> None
     send(hub, "1", [ALICE], ack=10)
     assert [r["status"] for r in rows(hub)] == ["held"]
     clock.advance(1)  # no hand-off came: the held delivery runs
-    assert [(r["status"], r["event"]) for r in rows(hub)] == [("queued", "1")]
+    held, ran = rows(hub)
+    assert (held["status"], ran["status"]) == ("held", "queued")
+    assert held["request"] == ran["request"] and (held["seq"], ran["seq"]) == (None, 1)
 
 
 @pytest.mark.parametrize("bad", [None, 5, "x", {"t": "x"}, {"t": 1, "what": 5},
@@ -289,3 +292,11 @@ def test_the_exposure_audit_names_a_trace_endpoint_beyond_loopback() -> None:
     (line,) = node_warnings(NodeConfig(http="0.0.0.0:8000", trace_key_file="k"))
     assert "GET /orbited/trace is served on 0.0.0.0:8000" in line
     assert node_warnings(NodeConfig(http="0.0.0.0:8000")) == []
+
+
+def test_rate_limited_recipients_are_recorded() -> None:
+    hub, _, _ = traced_hub(users=UserLimits(rate=1.0, burst=1))
+    hub.attach(ALICE, Sink(), None)
+    send(hub, "1", [ALICE, BOB])
+    send(hub, "2", [ALICE, BOB])  # over alice's rate
+    assert [(r["event"], r["status"]) for r in rows(hub)] == [("1", "delivered"), ("2", "limited")]

@@ -44,7 +44,7 @@ def test_records_travel_with_the_mailbox_and_keep_their_node() -> None:
     clock.advance(1)
     new.assign(everything, incoming=[route])
     exports: list[dict[str, Any]] = []
-    old.route_moved({route: "tcp://n2"}, handoff=[route], exports=exports)
+    old.route_moved({route: "tcp://n2"}, handoff=[route], exports=exports, owners={route: "n2"})
     (entry,) = json.loads(json.dumps(exports))
     assert [t.get("event") for t in entry["trace"] if "request" in t] == ["41", "42"]
     assert new.handoff_received([entry], [route], sender="n1") == 1
@@ -61,7 +61,8 @@ def test_records_travel_with_the_mailbox_and_keep_their_node() -> None:
     # the old node still has its own trace, and says the mailbox is gone
     (key,) = old.trace_answer("alice")["keys"]
     assert not key["here"] and key["notes"][-1]["what"] == "moved"
-    assert key["notes"][-1]["handed"] is True
+    assert key["notes"][-1]["handed"] is True and key["notes"][-1]["owner"] == "n2"
+    assert [r["handed"] for r in key["dispatches"]] == ["out:n2", "out:n2"]
 
 
 def test_a_malformed_trace_member_still_installs_the_mailbox() -> None:
