@@ -57,6 +57,8 @@ INSTALL = "otel: install orbited[otel] (pip install 'orbited[otel]')"
 Exporter = Literal["otlp", "discard", "memory"]
 EXPORTERS: tuple[str, ...] = ("otlp", "discard", "memory")
 SHUTDOWN_TIMEOUT = 5.0  # seconds a stopping node waits for its last spans' export
+# Transports whose browsers never acknowledge (Orbit 1.0, docs/legacy.md): no ack span.
+NO_ACKS = frozenset({"orbit"})
 
 
 @dataclass(frozen=True)
@@ -312,6 +314,8 @@ class OtelObserver:
         span.end(end_time=at)
         if seq is None or stream is None or status not in ("delivered", "queued"):
             return
+        if transport in NO_ACKS:
+            return
         if self._open >= self.config.pending_acks:
             self.untracked_acks += 1
             return
@@ -402,9 +406,12 @@ class OtelObserver:
         acks = self._acks.get(key)
         if acks is None:
             return
-        for ack in acks:
+        for ack in list(acks):
             if ack.stream == stream and first <= ack.seq <= last:
-                if ack.span is None:
+                if transport in NO_ACKS:  # this browser will not acknowledge it
+                    if ack.span is None:
+                        self._drop(ack, "", now)
+                elif ack.span is None:
                     self._start_ack(ack, transport, now, replay=True)
                 else:  # written before, to a transport that went away: again
                     ack.span.add_event(
@@ -418,8 +425,8 @@ class OtelObserver:
         keep: list[_Ack] = []
         for ack in acks:
             if ack.stream == stream and ack.seq <= upto:
-                if ack.span is None:  # confirmed without a write seen here: a zero span
-                    self._start_ack(ack, None, now, replay=False)
+                # Never seen written (evicted before it was, or written where this node
+                # did not see it): forgotten without a span.
                 self._end_ack(ack, "acked", now)
             else:
                 keep.append(ack)
