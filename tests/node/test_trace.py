@@ -300,3 +300,16 @@ def test_rate_limited_recipients_are_recorded() -> None:
     send(hub, "1", [ALICE, BOB])
     send(hub, "2", [ALICE, BOB])  # over alice's rate
     assert [(r["event"], r["status"]) for r in rows(hub)] == [("1", "delivered"), ("2", "limited")]
+
+
+def test_otel_switches_have_flags_that_turn_them_on() -> None:
+    from orbited.cli import _node_parser
+    from orbited.node.config import NodeConfig
+
+    args = vars(_node_parser().parse_args(["--otel", "--otel-key-attributes", "--trace-user", "a",
+                                           "--trace-user", "b", "--trace", "users"]))  # fmt: skip
+    config = NodeConfig.load(None, {k: v for k, v in args.items() if k in ("otel",
+                             "otel_key_attributes", "trace_users", "trace")})  # fmt: skip
+    assert config.otel is True and config.otel_key_attributes is True
+    assert config.trace_users == ["a", "b"]
+    assert vars(_node_parser().parse_args([]))["otel"] is None  # unset: the file or default
