@@ -57,8 +57,6 @@ INSTALL = "otel: install orbited[otel] (pip install 'orbited[otel]')"
 Exporter = Literal["otlp", "discard", "memory"]
 EXPORTERS: tuple[str, ...] = ("otlp", "discard", "memory")
 SHUTDOWN_TIMEOUT = 5.0  # seconds a stopping node waits for its last spans' export
-# Transports whose browsers never acknowledge (Orbit 1.0, docs/legacy.md): no ack span.
-NO_ACKS = frozenset({"orbit"})
 
 
 @dataclass(frozen=True)
@@ -314,8 +312,6 @@ class OtelObserver:
         span.end(end_time=at)
         if seq is None or stream is None or status not in ("delivered", "queued"):
             return
-        if transport in NO_ACKS:
-            return
         if self._open >= self.config.pending_acks:
             self.untracked_acks += 1
             return
@@ -406,12 +402,9 @@ class OtelObserver:
         acks = self._acks.get(key)
         if acks is None:
             return
-        for ack in list(acks):
+        for ack in acks:
             if ack.stream == stream and first <= ack.seq <= last:
-                if transport in NO_ACKS:  # this browser will not acknowledge it
-                    if ack.span is None:
-                        self._drop(ack, "", now)
-                elif ack.span is None:
+                if ack.span is None:
                     self._start_ack(ack, transport, now, replay=True)
                 else:  # written before, to a transport that went away: again
                     ack.span.add_event(

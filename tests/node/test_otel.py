@@ -157,22 +157,6 @@ def test_a_queued_event_is_timed_from_its_replay():
     ]
 
 
-def test_orbit_browsers_never_acknowledge_so_no_ack_is_awaited():
-    """Orbit 1.0 (docs/legacy.md) has no acknowledgements: an ack span would stay open
-    until the mailbox expired, and fill otel_pending_acks."""
-    obs, exporter = make()
-    token = obs.dispatched(request((ALICE, BOB)), T0)
-    obs.recipient(token, ALICE, 13, "delivered", 7, "ep.1", 0, "orbit", T0)
-    obs.recipient(token, BOB, 14, "queued", 3, "ep.2", 0, None, T0)
-    obs.answered(token, ok(Status.DELIVERED, Status.QUEUED), T0)
-    assert obs.pending_acks == 1  # bob's, until his browser comes back
-    obs.written(BOB, "ep.2", 3, 3, "orbit", T0 + 1)  # ...on Orbit 1.0
-    assert obs.pending_acks == 0
-    assert spans(exporter, "orbited.ack") == []
-    transports = [s.attributes.get("orbited.transport") for s in spans(exporter, "orbited.deliver")]
-    assert transports == ["orbit", None]
-
-
 def test_an_ack_of_an_event_never_seen_written_leaves_no_span():
     obs, exporter = make()
     token = obs.dispatched(request(), T0)
