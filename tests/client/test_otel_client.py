@@ -25,16 +25,20 @@ from opentelemetry.trace import SpanKind, StatusCode  # noqa: E402
 from twisted.internet import reactor, threads  # noqa: E402
 from twisted.internet.task import Clock  # noqa: E402
 
-from orbited.client import BlockingClient, Cluster, Node  # noqa: E402
+from orbited.client import BlockingClient, Cluster, HaloDCluster, Node  # noqa: E402
 from orbited.client.otel import ClientTracing  # noqa: E402
 from orbited.client.twisted import TwistedClient  # noqa: E402
+from orbited.core.hashing import route_of  # noqa: E402
 from orbited.core.keys import ConnectionKey  # noqa: E402
 from orbited.core.tracecontext import parse_traceparent  # noqa: E402
+from orbited.node import events  # noqa: E402
 from orbited.node.hub import Hub, HubConfig  # noqa: E402
 from orbited.node.otel import OtelConfig, observer  # noqa: E402
 from tests.node.test_hub import RecordingSink  # noqa: E402
 
 ALICE = ConnectionKey("alice", "s1", "/chat")
+ROUTES = 24
+ROUTE = route_of(ALICE, ROUTES, 2)
 
 
 class Sink(RecordingSink):
@@ -44,9 +48,10 @@ class Sink(RecordingSink):
 class NodeCore:
     """nng's REP on a loopback port in a thread, answering with a node core (Hub) that
     has an OTel observer. ``drop``: requests to answer by closing their connection
-    instead; ``ignore``: requests to leave unanswered (the client times out)."""
+    instead; ``ignore``: requests to leave unanswered (the client times out); ``moved``:
+    requests to answer ``moved`` for every recipient (the route went to another node)."""
 
-    def __init__(self, drop: int = 0, ignore: int = 0) -> None:
+    def __init__(self, drop: int = 0, ignore: int = 0, moved: int = 0) -> None:
         clock = Clock()
         clock.advance(1_796_540_400)
         self.hub = Hub(clock, HubConfig(), epoch="ep")
@@ -56,7 +61,7 @@ class NodeCore:
         self.sink = Sink()
         self.hub.attach(ALICE, self.sink, None)
         self.bodies: list[bytes] = []
-        self.drop, self.ignore = drop, ignore
+        self.drop, self.ignore, self.moved = drop, ignore, moved
         self.rep = pynng.Rep0(listen="tcp://127.0.0.1:0", recv_timeout=100)
         host, _, port = str(self.rep.listeners[0].local_address).rpartition(":")
         self.address = f"tcp://{host}:{port}"
@@ -80,6 +85,12 @@ class NodeCore:
             if self.ignore:
                 self.ignore -= 1
                 continue
+            if self.moved:
+                self.moved -= 1
+                request = json.loads(msg.bytes)
+                moved = events.moved_result(ROUTE, None, 2)
+                self.rep.send(events.ok_reply(request["id"], [moved] * len(request["to"])))
+                continue
             reply = self.hub.handle_request(msg.bytes)
             assert isinstance(reply, bytes)
             self.rep.send(reply)
@@ -92,6 +103,11 @@ class NodeCore:
 
     def cluster(self) -> Cluster:
         return Cluster([Node(self.address, "http://127.0.0.1:1")])
+
+    def halod_cluster(self) -> HaloDCluster:
+        """HaloD's route ports, ALICE's route leading here."""
+        port = int(self.address.rpartition(":")[2])
+        return HaloDCluster("127.0.0.1", port - ROUTE + 1, 1000, routes=ROUTES)
 
     def dispatches(self) -> list[Any]:
         return [s for s in self.exporter.get_finished_spans() if s.name == "orbited.dispatch"]
@@ -195,11 +211,12 @@ def test_without_otel_no_trace_context_is_sent(app_tracing):
         node.close()
 
 
+@pytest.mark.parametrize("failure, reason", [("drop", "connection_lost"), ("ignore", "timeout")])
 @pytest_twisted.inlineCallbacks
-def test_a_twisted_send_is_a_span_the_node_continues_through_a_resend(app_tracing):
+def test_a_twisted_send_is_a_span_the_node_continues_through_a_resend(app_tracing, failure, reason):
     tracing, exporter, webapp = app_tracing
-    node = NodeCore(drop=1)
-    client = TwistedClient(node.cluster(), reactor, timeout=2, backoff=0.01, otel=tracing)
+    node = NodeCore(**{failure: 1})
+    client = TwistedClient(node.cluster(), reactor, timeout=0.5, backoff=0.01, otel=tracing)
     try:
         with webapp.start_as_current_span("GET /chat") as request_span:
             results = yield client.send([ALICE], {"via": "twisted"}, event_id="45")
@@ -208,9 +225,7 @@ def test_a_twisted_send_is_a_span_the_node_continues_through_a_resend(app_tracin
         assert first == resent
         (span,) = send_spans(exporter)
         check_linked(node, span, request_span.get_span_context().span_id)
-        assert [(e.name, e.attributes["reason"]) for e in span.events] == [
-            ("resend", "connection_lost")
-        ]
+        assert [(e.name, e.attributes["reason"]) for e in span.events] == [("resend", reason)]
         assert span.attributes["orbited.status.delivered"] == 1
     finally:
         client.close()
@@ -229,3 +244,35 @@ def test_otel_without_the_packages_says_what_to_install(monkeypatch):
         BlockingClient(cluster, otel=True)
     assert str(e.value) == "otel=True needs OpenTelemetry: pip install 'orbited[otel]'"
     BlockingClient(cluster).close()  # without otel: no import
+
+
+def test_a_moved_answer_is_resent_with_the_same_bytes_and_said_why(app_tracing):
+    tracing, exporter, _ = app_tracing
+    node = NodeCore(moved=1)
+    try:
+        with BlockingClient(node.halod_cluster(), backoff=0.01, otel=tracing) as client:
+            results = client.send([ALICE], {"text": "moved"}, event_id="46")
+        assert results == {ALICE: {"status": "delivered", "seq": 1}}
+        first, resent = node.bodies
+        assert first == resent and "traceparent" in json.loads(first)
+        (span,) = send_spans(exporter)
+        assert [(e.name, e.attributes["reason"]) for e in span.events] == [("resend", "moved")]
+    finally:
+        node.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_twisted_moved_answer_is_resent_and_said_why(app_tracing):
+    tracing, exporter, _ = app_tracing
+    node = NodeCore(moved=1)
+    client = TwistedClient(node.halod_cluster(), reactor, backoff=0.01, otel=tracing)
+    try:
+        results = yield client.send([ALICE], {"text": "moved"}, event_id="47")
+        assert results == {ALICE: {"status": "delivered", "seq": 1}}
+        first, resent = node.bodies
+        assert first == resent
+        (span,) = send_spans(exporter)
+        assert [(e.name, e.attributes["reason"]) for e in span.events] == [("resend", "moved")]
+    finally:
+        client.close()
+        yield threads.deferToThread(node.close)
