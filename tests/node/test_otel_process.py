@@ -7,6 +7,9 @@ send span (the blocking client), the node's dispatch, deliver and ack spans, one
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -153,3 +156,24 @@ def test_a_node_without_otel_exports_nothing(tmp_path, collector):
     finally:
         node.stop()  # a node with otel on exports what it has when it stops
     assert collector.spans == []
+
+
+def test_otel_without_the_packages_is_a_config_error(tmp_path):
+    """Exit 2 with what to install, before any port is bound."""
+    hidden = tmp_path / "hidden" / "opentelemetry"
+    hidden.mkdir(parents=True)
+    (hidden / "__init__.py").write_text("raise ImportError('not installed here')\n")
+    config = tmp_path / "node.toml"
+    config.write_text("[node]\notel = true\n")
+    (tmp_path / "secret").write_bytes(b"s" * 32)
+    done = subprocess.run(
+        [sys.executable, "-m", "orbited.cli", "node", "--config", str(config),
+         "--http", "127.0.0.1:0", "--sp", "tcp://127.0.0.1:0",
+         "--secret-file", str(tmp_path / "secret")],
+        capture_output=True, text=True, timeout=60,
+        env={**os.environ, "PYTHONPATH": str(tmp_path / "hidden")},
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert done.stderr.strip().endswith(
+        "orbited: otel: install orbited[otel] (pip install 'orbited[otel]')"
+    )
