@@ -15,6 +15,7 @@ it decodes the bytes into the structured arguments with ``Reader``.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import hmac
 import json
@@ -30,7 +31,7 @@ from twisted.logger import ILogObserver, globalLogPublisher
 from twisted.python.failure import Failure
 from zope.interface import provider
 
-from orbited.core import control
+from orbited.core import control, tracecontext
 from orbited.core.keys import (
     MAX_PART_BYTES,
     WILDCARD,
@@ -791,6 +792,53 @@ def check_trace_fit(answer: dict[str, Any], limit: int) -> None:
         expect(reply.answer.get("truncated") is True, "cut without saying so")
 
 
+def check_trace_context(traceparent: str, tracestate: str) -> None:
+    """W3C trace context text (orbited.core.tracecontext) never raises: a traceparent is
+    None or ids of the right form that format back (a version 00 one to the same text);
+    a tracestate is None or at most 32 members with distinct keys."""
+    parent = tracecontext.parse_traceparent(traceparent)
+    if parent is not None:
+        expect(len(parent.trace_id) == 32 and len(parent.span_id) == 16, "id lengths")
+        expect(0 <= parent.flags <= 0xFF and 0 <= parent.version < 0xFF, "flags or version")
+        again = tracecontext.parse_traceparent(str(parent))
+        expect(again == dataclasses.replace(parent, version=0), "does not format back")
+        if parent.version == 0:
+            expect(str(parent) == traceparent, "version 00 text changed")
+    members = tracecontext.parse_tracestate(tracestate)
+    if members is not None:
+        keys = [k for k, _ in members]
+        expect(len(keys) <= tracecontext.MAX_TRACESTATE_MEMBERS, "too many members")
+        expect(len(set(keys)) == len(keys), "a key twice")
+
+
+def check_event_trace_fields(traceparent: object, tracestate: object) -> None:
+    """An event request with ``traceparent``/``tracestate`` (None: absent): ``bad_request``
+    exactly when a field is not a string of at most 512 characters; otherwise the fields
+    as sent and the same digest as without them, through both the fast and the general
+    parser (a resend with another span id stays a duplicate)."""
+    base: dict[str, Any] = {"id": "e1", "to": [["alice", "s", "/l"]], "data": {"x": 1}}
+    fields = {k: v for k, v in (("traceparent", traceparent), ("tracestate", tracestate))
+              if v is not None}  # fmt: skip
+    plain = events.parse_request(json.dumps(base).encode(), events.RequestLimits())
+    assert isinstance(plain, events.EventRequest)
+    wrong = [k for k, v in fields.items() if tracecontext.trace_field_error(k, v) is not None]
+    for extra in ({}, {"ack": 5}):  # the fast path, and the general one
+        body = json.dumps({**base, **fields, **extra}).encode()
+        try:
+            request = events.parse_request(body, events.RequestLimits())
+        except events.RequestError as e:
+            if e.code == "bad_json":  # a lone surrogate, NaN: not strict JSON, refused so
+                expect(not strict_json(list(fields.values())), "bad_json for JSON")
+                continue
+            expect(e.code == "bad_request" and wrong, f"refused: {e.code} {e.message}")
+            continue
+        assert isinstance(request, events.EventRequest)
+        expect(not wrong, f"accepted a bad {wrong}")
+        expect(request.traceparent == traceparent, "traceparent changed")
+        expect(request.tracestate == tracestate, "tracestate changed")
+        expect(request.digest == plain.digest, "the trace context changed the digest")
+
+
 # -- Twisted shells over in-memory transports --------------------------------------------
 
 
@@ -1139,6 +1187,18 @@ def _fuzz_trace_fit(data: bytes) -> None:
     check_trace_fit(value if isinstance(value, dict) else {"keys": value}, limit)
 
 
+def _fuzz_trace_context(data: bytes) -> None:
+    text = data.decode("utf-8", "surrogateescape")
+    check_trace_context(text, text)
+    half = len(text) // 2
+    check_trace_context(text[:half], text[half:])
+    value = _json_or_text(data)
+    if isinstance(value, list) and len(value) == 2:
+        check_event_trace_fields(value[0], value[1])
+    else:
+        check_event_trace_fields(value, None)
+
+
 def _fuzz_frames(data: bytes) -> None:
     try:
         value = json.loads(data)
@@ -1275,6 +1335,7 @@ DESCRIPTIONS = {
     "control_load": "a heartbeat's load: any JSON value; limits, round trip, histogram",
     "trace_query": "trace_query: any fields; decoder and builder agree, round trip",
     "trace_fit": "fit_trace_reply: any answer and limit; size, HaloD accepts it",
+    "trace_context": "traceparent/tracestate parsing; event trace fields and the digest",
     "halod_control": "HaloD's ControlProtocol with a real HaloD (no internal_error)",
     "node_control": "the node's LinkProtocol with a real Hub",
     "http_params": "authenticate/single_param, long-poll timeout, origin_allowed",
@@ -1333,6 +1394,10 @@ SEEDS: dict[str, list[bytes]] = {
     "trace_query": [
         b'{"qid":1,"user":"alice","session":"s","location":null,"event":"e","limit":4}'
     ],
+    "trace_context": [
+        b'["00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01","congo=t61rcWkgMzE"]',
+        b"01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00-future",
+    ],
     "trace_fit": [
         b"\x40\x00\x00"
         + json.dumps(
@@ -1378,6 +1443,7 @@ TARGETS: dict[str, Callable[[bytes], None]] = {
     "control_load": _fuzz_load,
     "trace_query": _fuzz_trace_query,
     "trace_fit": _fuzz_trace_fit,
+    "trace_context": _fuzz_trace_context,
     "halod_control": _with_header(check_halod_control, control.CONTROL_PROTOCOL),
     "node_control": _with_header(check_node_control, control.CONTROL_PROTOCOL),
     "http_params": _fuzz_params,

@@ -75,3 +75,43 @@ def test_trace_query(fields):
 @given(answers, st.integers(0, 6000))
 def test_trace_fit(answer, limit):
     t.check_trace_fit(answer, limit)
+
+
+# -- W3C trace context (orbited.core.tracecontext; the event request's fields) -------------
+
+hexes = st.text(alphabet="0123456789abcdefABCDEF-", min_size=0, max_size=40)
+traceparents = st.one_of(
+    st.tuples(st.sampled_from(["00", "01", "fe", "ff", "0g", "0"]), hexes, hexes,
+              st.sampled_from(["00", "01", "ff", "1"]),
+              st.sampled_from(["", "-", "-x", "-future"])).map(lambda p: "-".join(p[:4]) + p[4]),
+    st.builds(lambda t, s, f: f"00-{t}-{s}-{f:02x}",
+              st.text(alphabet="0123456789abcdef", min_size=32, max_size=32),
+              st.text(alphabet="0123456789abcdef", min_size=16, max_size=16),
+              st.integers(0, 255)),
+    text,
+)  # fmt: skip
+tracestates = st.one_of(
+    st.lists(st.tuples(st.sampled_from(["congo", "rojo", "a@b", "A", "1x", "x" * 257]),
+                       st.sampled_from(["t61rcWkgMzE", "00f067aa0ba902b7", "", "a=b", " "]))
+             .map("=".join), max_size=34).map(",".join),
+    text,
+)  # fmt: skip
+fields = st.one_of(st.none(), traceparents, tracestates, st.text(min_size=500, max_size=520),
+                   json_values)  # fmt: skip
+
+
+@FUZZ
+@given(traceparents, tracestates)
+@example("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01", "congo=t61rcWkgMzE")
+@example("00-4BF92F3577B34DA6A3CE929D0E0E4736-00F067AA0BA902B7-01", "")  # upper case
+@example("cc-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-x", ",,")
+def test_trace_context_text(traceparent, tracestate):
+    t.check_trace_context(traceparent, tracestate)
+
+
+@FUZZ
+@given(fields, fields)
+@example("x" * 513, None)
+@example("\ud800", None)
+def test_event_trace_fields(traceparent, tracestate):
+    t.check_event_trace_fields(traceparent, tracestate)
