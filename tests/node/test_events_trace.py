@@ -179,3 +179,18 @@ def test_a_traced_request_takes_the_fast_path(monkeypatch):
     monkeypatch.setattr(events, "_parse_general", general_path)
     for extra in ({"traceparent": PARENT}, {"traceparent": PARENT, "tracestate": "a=b", "hash": 2}):
         assert parse({**BASE, **extra}).traceparent == PARENT
+
+
+@given(
+    st.text(max_size=40),
+    st.one_of(st.none(), st.text(max_size=20)),
+    st.sampled_from([{}, {"ack": 1}, {"latest": "t"}, {"hash": 2}]),
+)
+def test_any_trace_context_leaves_the_digest_alone(traceparent, tracestate, options):
+    plain = parse({**BASE, **options})
+    doc = {**BASE, **options, "traceparent": traceparent}
+    if tracestate is not None:
+        doc["tracestate"] = tracestate
+    traced = parse(doc)
+    assert traced.digest == plain.digest
+    assert traced._replace(traceparent=None, tracestate=None) == plain
