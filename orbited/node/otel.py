@@ -278,7 +278,8 @@ class OtelObserver:
             attributes["orbited.key.session"] = key.session
             attributes["orbited.key.location"] = key.location
         else:
-            digest = hashlib.blake2b("\0".join(key).encode(), digest_size=8).hexdigest()
+            text = "\0".join(key).encode("utf-8", "surrogatepass")  # never raises
+            digest = hashlib.blake2b(text, digest_size=8).hexdigest()
             attributes["orbited.key.digest"] = digest
 
     def recipient(

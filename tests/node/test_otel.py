@@ -515,3 +515,13 @@ def test_the_publish_body_wins_over_the_headers():
     body = {"id": "p2", "to": [list(ALICE)], "data": 1, "traceparent": other}
     publish(hub, body, {b"traceparent": [PARENT.encode()]})
     assert one(exporter, "orbited.dispatch").parent.span_id == 0xB7AD6B7169203331
+
+
+def test_a_key_with_a_lone_surrogate_does_not_break_the_observer():
+    """Observers must not raise (the hub does not guard them); key parts are any text."""
+    obs, exporter = make()
+    odd = ConnectionKey("al\ud800ice", "s", "/")
+    token = obs.dispatched(request(), T0)
+    obs.recipient(token, odd, 1, "queued", 1, "ep.1", 0, None, T0)
+    obs.answered(token, ok(Status.QUEUED), T0)
+    assert len(one(exporter, "orbited.deliver").attributes["orbited.key.digest"]) == 16
