@@ -11,12 +11,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
+from halod.dashboard import DEFAULT_STREAMS
 from halod.dataplane.base import MOVE_CLOSE_DELAY, Ports
 from halod.dataplane.haproxy import HAProxyDataPlane
 from halod.dataplane.haproxy import Settings as HAProxySettings
 from halod.liveness import ProbeSettings
 from halod.membership import Timing
 from halod.store.etcd import EtcdSettings
+from halod.timeline import DEFAULT_CAPACITY as TIMELINE_SIZE
+from halod.tracefan import TRACE_TIMEOUT
 from orbited.core.control import MAX_MESSAGE, MAX_ROUTES
 from orbited.core.hashing import DEFAULT_HASH_VERSION, HASH_VERSIONS
 from orbited.core.routes import DEFAULT_ROUTES, POLICIES
@@ -92,6 +95,12 @@ class HaloDConfig(ConfigBase):
     vip_router_id: int = opt(VIP_ROUTER_ID, "vip: VRRP virtual router id, the same on every host")
     vip_priority: int = opt(VIP_PRIORITY, "vip: this host's VRRP priority while nobody leads")
     secret_file: str = opt("", "cluster secret nodes must present (empty = none)")
+    operator_key_file: str = opt(
+        "", "bearer key (≥ 32 bytes) for drain/undrain/rehash and /trace (empty: CLI only)"
+    )
+    dashboard_streams: int = opt(DEFAULT_STREAMS, "open /dashboard/events streams at most")
+    timeline_size: int = opt(TIMELINE_SIZE, "dashboard timeline: incidents kept in memory")
+    trace_timeout: float = opt(TRACE_TIMEOUT, "seconds /trace waits for the nodes' answers")
     control_max_message: int = opt(MAX_MESSAGE, "largest control message; larger closes")
     control_header_timeout: float = opt(10.0, "seconds a node has to send SP header+register")
     dataplane: str = opt("proxy", "route ports: proxy (built-in), haproxy, nftables, or none")
@@ -139,6 +148,7 @@ class HaloDConfig(ConfigBase):
         self.require_positive(
             "routes", "heartbeat_interval", "missed_heartbeats", "grace",
             "probe_timeout", "probe_interval", "control_max_message", "control_header_timeout",
+            "dashboard_streams", "timeline_size", "trace_timeout",
         )  # fmt: skip
         if self.move_rate < 0:
             raise ConfigError("move_rate must be 0 (no pacing) or more")

@@ -102,6 +102,8 @@ def status_html(status: dict[str, Any]) -> str:
         f"<title>HaloD: {len(nodes)} nodes, {_e(status['routes'])} routes</title>",
         f"<style>{_STYLE}</style></head><body>",
         "<h1>HaloD</h1>",
+        '<p class="summary"><a href="/dashboard">Live dashboard</a>: the route map, '
+        "load, the timeline of failovers and moves, and delivery traces.</p>",
         f'<p class="summary">{" · ".join(summary)}</p>',
     ]
     if status.get("role") not in (None, "solo"):  # HaloD on etcd (docs/halod.md)

@@ -30,6 +30,7 @@ from halod.config import HaloDConfig
 from halod.dataplane.base import DataPlane, Owner
 from halod.etcd.election import NotLeader
 from halod.ha import Leadership, Role
+from halod.insight import Insight
 from halod.liveness import Cause, Finding, Outcome, ProbeRequest, Verdict
 from halod.membership import Effects, Level, Membership, NodeState, Suspicion
 from halod.page import CSP, status_html, wants_html
@@ -37,6 +38,7 @@ from halod.probe import probe
 from halod.store import Persisted, Store, StoreError
 from halod.store.etcd import Conflict
 from halod.svg import table_svg
+from halod.tracefan import not_leader
 from orbited.core.control import (
     CONTROL_PROTOCOL,
     Assign,
@@ -49,6 +51,7 @@ from orbited.core.control import (
     Leave,
     Register,
     Rehash,
+    TraceReply,
     Welcome,
     decode_from_node,
     encode,
@@ -217,6 +220,8 @@ class HaloD:
         self._last_tick: float | None = None
         self._probe_timer: IDelayedCall | None = None  # probes run on their own times
         self._pace_timer: IDelayedCall | None = None  # a paced move's next step
+        # The dashboard's load figures, timeline, live feed and trace queries.
+        self.insight = Insight(self, config, clock)
         if ha is not None:
             ha.on_lead = self._lead
             ha.on_follow = self._follow
@@ -311,6 +316,7 @@ class HaloD:
                 effects = self.membership.register(msg, now)
                 conn.registered(msg.name)
                 self.connections[msg.name] = conn
+                self.insight.registered(msg.name, msg.features, now)
                 self.log.info(
                     "node {name} registered (browser {browser}, sp {sp})",
                     name=msg.name, browser=msg.browser, sp=msg.sp,
@@ -318,6 +324,7 @@ class HaloD:
             elif isinstance(msg, Heartbeat):  # the hot path: no Effects, a preformatted ack
                 if self.membership.heartbeat(conn.name, msg, now):
                     conn.send_bytes(encode_heartbeat_ack(msg.seq))
+                    self.insight.heartbeat(conn.name, msg, now)
                 return
             elif isinstance(msg, Handoff):  # relayed as is: nodes never talk to each other
                 target = self.connections.get(msg.to)
@@ -330,9 +337,13 @@ class HaloD:
                 else:
                     self.stats["handoffs_relayed"] += 1
                     self.membership.handoff_relayed(conn.name, msg.to, msg.done)
+                    self.insight.handoff(conn.name, msg.to, msg.done, len(msg.mailboxes), now)
                     target.send_bytes(with_sender(body, conn.name))
                     if msg.done and self.membership.step is not None:
                         self._schedule_pace()  # the paced move's next step may go now
+                return
+            elif isinstance(msg, TraceReply):  # an answer to GET /trace's query
+                self.insight.trace_reply(conn.name, msg)
                 return
             elif isinstance(msg, Leave):
                 effects = self.membership.leave(conn.name, now, "left")
@@ -353,6 +364,7 @@ class HaloD:
             return
         if name is not None and self.connections.get(name) is conn:
             del self.connections[name]
+            self.insight.lost(name, self.clock.seconds())
             effects = self.membership.disconnected(name, self.clock.seconds())
             grace = self.config.grace
             what = (
@@ -379,6 +391,7 @@ class HaloD:
         d.addErrback(lambda f: self.log.failure("probe of {name} failed", f, name=request.name))
 
     def tick(self) -> None:
+        self.insight.tick(self.clock.seconds())  # the timeline settles on a follower too
         if not self.leading:
             return
         now = self.clock.seconds()
@@ -404,6 +417,7 @@ class HaloD:
         now = self.clock.seconds()
         effects = m.drain(name, now) if action == "drain" else m.undrain(name, now)
         self.log.info("operator: {action} {name}", action=action, name=name)
+        self.insight.operator(action, name, now)
         self.apply(effects)
         return self.membership.state_of(name)
 
@@ -508,6 +522,7 @@ class HaloD:
                         listener(change, self.membership)
                     except Exception:
                         self.log.failure("route change listener failed")
+            self.insight.released(effects, version, self.membership, self.clock.seconds())
         for drop in effects.drops:
             conn = self.connections.pop(drop.name, None)
             if conn is not None:
@@ -631,6 +646,7 @@ class HaloD:
         stop change nothing) and close the store (etcd: step down first, revoking the
         lease, so a follower leads at once)."""
         self.stopping = True
+        self.insight.stop()
         if self._probe_timer is not None and self._probe_timer.active():
             self._probe_timer.cancel()
         self._probe_timer = None
@@ -686,6 +702,7 @@ class HaloD:
             self.membership = membership
             self.leading = True
             self.stats["terms"] += 1
+            self.insight.leadership(True, self._name(), self.stats["terms"], now)
             self._drive_plane()
             if self.vip is not None:
                 self._vip_call(self.vip.lead, "take the virtual address")
@@ -725,6 +742,7 @@ class HaloD:
         self.connections.clear()
         if not was_leading:
             return
+        self.insight.leadership(False, self._name(), self.stats["terms"], self.clock.seconds())
         self.log.warn("{name} stopped leading; nodes go to the next leader", name=self._name())
         if self.vip is not None and not self.stopping:
             self._vip_call(self.vip.follow, "give the virtual address up")
@@ -746,8 +764,10 @@ class HaloD:
         except Exception:
             self.log.failure("the table in etcd cannot be shown")
             return
+        before = self.membership if self.warm is not None else None
         self.warm = table
         self.membership = membership
+        self.insight.warm(before, membership, table.version, self.clock.seconds())
         self._drive_plane()
 
     def _drive_plane(self) -> None:
@@ -962,6 +982,7 @@ class HaloD:
                     "# TYPE halod_dataplane_worker_restarts_total counter",
                     f"halod_dataplane_worker_restarts_total {stats['worker']['restarts']}",
                 ]
+        lines += self.insight.metrics()
         return "\n".join(lines) + "\n"
 
 
@@ -1049,14 +1070,16 @@ class _Operator(Resource):
             request.setHeader(b"allow", b"POST")
             method = request.method.decode("ascii", "replace")[:32]
             return send_error(request, 405, "method_not_allowed", f"{method} is not supported here")
-        if _from_web_page(request):
-            # A page the operator visits could otherwise drain nodes: a body-less POST
-            # needs no CORS preflight, and DNS rebinding reaches a loopback port too.
-            message = "operator requests are refused from web pages (Origin sent)"
-            return send_error(request, 403, "cross_site", message)
+        # A page the operator visits could otherwise drain nodes: a body-less POST needs
+        # no CORS preflight, and DNS rebinding reaches a loopback port too.
+        refused = self.halod.insight.auth.refuse(request)
+        if refused is not None:
+            return refused
         try:
             state = self.halod.operator(parts[1], parts[0])
         except ControlError as e:
+            if e.code == ErrorCode.NOT_LEADER:
+                return not_leader(request, e.message, self.halod.status().get("leader"))
             return send_error(request, 409, e.code, e.message)
         request.setHeader(b"content-type", b"application/json")
         return json.dumps({"name": parts[0], "state": state}).encode()
@@ -1074,9 +1097,9 @@ class _Rehash(JSONResource):
         self.halod = halod
 
     def render_POST(self, request: Request) -> bytes:  # noqa: N802
-        if _from_web_page(request):
-            message = "operator requests are refused from web pages (Origin sent)"
-            return send_error(request, 403, "cross_site", message)
+        refused = self.halod.insight.auth.refuse(request)
+        if refused is not None:
+            return refused
         body = request.content.read(MAX_REHASH_BODY + 1) if request.content else b""
         try:
             if len(body) > MAX_REHASH_BODY:
@@ -1090,18 +1113,11 @@ class _Rehash(JSONResource):
         try:
             answer = self.halod.rehash(version)
         except ControlError as e:
+            if e.code == ErrorCode.NOT_LEADER:
+                return not_leader(request, e.message, self.halod.status().get("leader"))
             return send_error(request, 409, e.code, e.message)
         request.setHeader(b"content-type", b"application/json")
         return json.dumps(answer).encode()
-
-
-def _from_web_page(request: Request) -> bool:
-    """Browsers send Origin (or Sec-Fetch-Site) with every POST; the halod CLI and scripts
-    do not (docs/security.md, "What HaloD trusts from nodes")."""
-    if request.getHeader(b"origin") is not None:
-        return True
-    site = request.getHeader(b"sec-fetch-site")
-    return site is not None and site != b"none"
 
 
 def host_allowed(host: bytes | None, names: frozenset[str]) -> bool:
@@ -1159,6 +1175,8 @@ def status_site(halod: HaloD, hosts: list[str] | tuple[str, ...] = ()) -> Site:
     root.putChild(b"routes", _View(as_json(halod.routes_view)))
     root.putChild(b"nodes", _Operator(halod))
     root.putChild(b"rehash", _Rehash(halod))
+    for name, child in halod.insight.resources().items():  # /dashboard, /trace
+        root.putChild(name, child)
     root.putChild(b"table.svg", _View(lambda: ("image/svg+xml", halod.table_svg().encode())))
     root.putChild(
         b"metrics",

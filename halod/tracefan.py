@@ -232,15 +232,18 @@ class TraceResource(JSONResource):
             request.setHeader(b"retry-after", b"1")
             return send_error(request, 503, "busy", f"{MAX_PENDING} trace queries are running")
 
+        gone: list[Failure] = []  # the client went away while the nodes answered
+        request.notifyFinish().addErrback(gone.append)
+
         def answer(body: dict[str, Any]) -> None:
-            if request.finished or getattr(request, "_disconnected", False):
+            if request.finished or gone:
                 return
             request.setHeader(b"content-type", b"application/json")
             request.write(json.dumps(body, indent=1).encode())
             request.finish()
 
         def failed(failure: Failure) -> None:
-            if request.finished or getattr(request, "_disconnected", False):
+            if request.finished or gone:
                 return
             request.write(send_error(request, 500, "internal_error", "the trace failed"))
             request.finish()

@@ -7,20 +7,37 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
-from twisted.internet import defer, task
+from twisted.internet import defer, error, task
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 
+from halod.config import HaloDConfig
 from halod.dashboard import CSP, DashboardFeed, DashboardResource, OperatorAuth
-from halod.server import _StatusSite
+from halod.server import ControlProtocol, HaloD, _StatusSite, status_site
 from halod.tracefan import Busy, Gathered, TraceFanout, TraceResource, trace_answer
-from orbited.core.control import ControlError, ErrorCode, TraceQuery, TraceReply
+from orbited.core.control import (
+    CONTROL_PROTOCOL,
+    MAX_MESSAGE,
+    ControlError,
+    ErrorCode,
+    Handoff,
+    Heartbeat,
+    HeartbeatLoad,
+    TraceQuery,
+    TraceReply,
+)
 from orbited.runtime.web import JSONDirectory
+from orbited.sp.wire import SPConnection
 from tests.halod.test_dashboard_feed import view
+from tests.halod.test_halod_ha import halod_on_hand_etcd
+from tests.halod.test_halod_liveness import Node
+from tests.halod.test_halod_membership import reg
 
 KEY = b"k" * 40
 HOST = b"127.0.0.1:7601"
@@ -302,3 +319,146 @@ def test_trace_answer_merges_nodes_and_names_lost_records() -> None:
     [verdict] = answer["verdicts"]
     assert verdict["event"] == "42" and "acknowledged" in verdict["text"]
     assert answer["query"] == {"user": "alice", "session": None, "location": None, "event": "42"}
+
+
+# -- wired into HaloD (task.Clock, nodes over StringTransports) -------------------------------
+
+
+def test_status_page_links_to_the_dashboard() -> None:
+    from halod.page import status_html
+    from tests.halod.test_halod_status import parsed, status_of
+
+    tags, _ = parsed(status_html(status_of()))
+    assert ("a", {"href": "/dashboard"}) in tags
+
+
+class TracingNode(Node):
+    """A node that announces the trace and load features (by default)."""
+
+    def __init__(self, halod: HaloD, name: str, features: tuple[str, ...] = ("trace", "load")
+                 ) -> None:  # fmt: skip
+        self.proto = ControlProtocol(halod)
+        self.transport = StringTransport()
+        self.proto.makeConnection(self.transport)
+        self.sp = SPConnection(CONTROL_PROTOCOL, CONTROL_PROTOCOL, MAX_MESSAGE)
+        self.proto.dataReceived(self.sp.initial_bytes())
+        self.send(reg(name, features=list(features), hashes=[1, 2]))
+
+    def beat(self, seq: int, events: int, routes: dict[int, int], **load: Any) -> None:
+        self.send(Heartbeat(seq, sum(routes.values()), sum(routes.values()),
+                            HeartbeatLoad(events=events, delivered=events, routes=routes,
+                                          **load)))  # fmt: skip
+
+
+def halod_with(tmp_path: Path, **config: Any) -> tuple[HaloD, task.Clock, Callable[..., Response]]:
+    clock = task.Clock()
+    halod = HaloD(HaloDConfig(db=str(tmp_path / "h.db"), dataplane="none", probe=False, **config),
+                  clock)  # fmt: skip
+    return halod, clock, site_with(status_site(halod).resource)
+
+
+def test_the_dashboard_follows_load_failover_and_drain(tmp_path: Path) -> None:
+    halod, clock, call = halod_with(tmp_path)
+    n1, spare, n2 = (TracingNode(halod, name) for name in ("n1", "s", "n2"))
+    routes1 = halod.membership.table.routes_of(1)
+    for i, t in enumerate((0.5, 1.5)):
+        clock.advance(t - clock.seconds())
+        n1.beat(i, 100 * i, dict.fromkeys(routes1, 5), ack_hist=((3, 10),))
+        n2.beat(i, 0, {})
+    state = call("/dashboard/state").json()
+    row = next(n for n in state["nodes"]["nodes"] if n["name"] == "n1")
+    assert row["events_per_s"] == 100.0 and row["ack_p99_ms"] == 10.0
+    assert state["nodes"]["totals"]["events_per_s"] == 100.0
+    assert [i["kind"] for i in state["timeline"]] == ["join", "spare", "join"]
+    events = call("/dashboard/events")  # a stream, open from here on
+    assert events.status == 200 and len(halod.insight.feed.streams) == 1
+    # n1 is lost: a failover to the spare, its browsers counted from its last beat
+    clock.advance(0.1)
+    lost_at = clock.seconds()
+    n1.proto.connectionLost(Failure(error.ConnectionLost()))
+    for seq in range(2, 2 + int(halod.config.grace) * 2 + 2):  # the others stay alive
+        clock.advance(0.5)
+        n2.beat(seq, 0, {})
+        spare.beat(seq, 0, {})
+        halod.tick()  # HaloDService's timer
+    failover = halod.insight.timeline.last(1)[0]
+    assert failover.kind.value == "failover" and failover.first_sign == lost_at
+    assert failover.browsers_moved() == 5 * len(routes1)
+    spare.beat(100, 0, dict.fromkeys(routes1, 5))
+    clock.advance(halod.tick_period)
+    halod.tick()
+    j = halod.insight.timeline.to_json(failover)
+    assert j["settled"] is True and j["browsers_back"] == 5 * len(routes1)
+    assert j["detect_s"] == pytest.approx(halod.config.grace, abs=0.5)
+    # drain n2 (no key configured: the CLI's request) with a hand-off to relay
+    r = call("/nodes/n2/drain", "POST")
+    assert r.status == 200
+    drain = halod.insight.timeline.last(1)[0]
+    assert drain.kind.value == "drain" and drain.open
+    moved = [m.route for m in drain.moves]
+    assert moved and set(halod.insight.timeline.in_flight()) == set(moved)
+    table = halod.insight.view().owners
+    assert all(table[r - 1] == "s" for r in moved)
+    n2.send(Handoff("s", tuple(moved), ({"key": ["a", "", ""]},) * 3))
+    clock.advance(halod.tick_period)
+    halod.tick()
+    j = halod.insight.timeline.to_json(drain)
+    assert j["mailboxes_handed"] == 3 and j["handoff_s"] is not None
+    assert j["settled"] is True and not halod.insight.timeline.in_flight()
+    metrics = halod.metrics()
+    assert 'halod_incidents_total{kind="failover"} 1' in metrics
+    assert 'halod_incidents_total{kind="drain"} 1' in metrics
+    assert "halod_dashboard_streams 1" in metrics
+
+
+def test_trace_asks_every_tracing_node(tmp_path: Path) -> None:
+    key_file = tmp_path / "operator.key"
+    key_file.write_bytes(KEY)
+    halod, clock, call = halod_with(tmp_path, operator_key_file=str(key_file))
+    n1, n2 = TracingNode(halod, "n1"), TracingNode(halod, "n2")
+    old = TracingNode(halod, "n3", features=())  # an older node: never asked
+    for node in (n1, n2, old):
+        node.received()
+    site = status_site(halod)
+    proto = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5555))
+    transport = StringTransport()
+    proto.makeConnection(transport)
+    proto.dataReceived(b"GET /trace?user=alice&event=42 HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                       b"Authorization: Bearer " + KEY + b"\r\n\r\n")  # fmt: skip
+    (q1,), (q2,) = n1.received(), n2.received()
+    assert isinstance(q1, TraceQuery) and q1.user == "alice" and q1.event == "42"
+    assert isinstance(q2, TraceQuery) and q2.qid == q1.qid
+    assert old.received() == [] and transport.value() == b""
+    record = {"t": 5.0, "event": "42", "request": "ab", "route": 1, "status": "queued"}
+    n1.send(TraceReply(q1.qid, {"node": "n1", "keys": [{"key": ["alice", "", ""], "route": 1,
+                                                        "here": True, "dispatches": [record],
+                                                        "notes": []}]}))  # fmt: skip
+    assert transport.value() == b""
+    n2.send(TraceReply(q2.qid, {"node": "n2", "keys": []}))
+    answer = Response(transport.value()).json()
+    assert answer["asked"] == ["n1", "n2"] and answer["missing"] == []
+    assert answer["keys"][0]["dispatches"][0]["node"] == "n1"
+    assert answer["verdicts"][0]["event"] == "42"
+    assert call("/trace?user=alice").status == 401  # the key is set
+    r = call("/nodes/n1/drain", "POST", origin="http://127.0.0.1:7601",
+             authorization="Bearer " + KEY.decode())  # fmt: skip
+    assert r.status == 200 and r.json() == {"name": "n1", "state": "drained"}
+    state = call("/dashboard/state").json()
+    assert state["operator"] == {"required": True}
+
+
+def test_a_follower_serves_the_dashboard_and_points_at_the_leader(tmp_path: Path) -> None:
+    halod, ha = halod_on_hand_etcd(tmp_path)
+    call = site_with(status_site(halod).resource)
+    state = call("/dashboard/state").json()
+    assert state["summary"]["role"] == "follower"
+    assert state["summary"]["leader"]["name"] == "h2" and state["nodes"]["live"] is False
+    hint = {"name": "h2", "status": "127.0.0.1:7701"}
+    for method, path in (("GET", "/trace?user=a"), ("POST", "/nodes/n1/drain"),
+                         ("POST", "/nodes/n1/undrain")):  # fmt: skip
+        r = call(path, method)
+        assert r.status == 409 and r.json()["error"]["leader"] == hint, path
+        assert r.json()["error"]["code"] == "not_leader"
+    ha.lead()
+    ha.store.complete()
+    assert [i["kind"] for i in call("/dashboard/state").json()["timeline"]] == ["lead"]
