@@ -319,8 +319,8 @@ class DashboardFeed:
             self._broadcast(self._event("table", table))
         fresh = view.timeline[:TIMELINE_SHOWN]
         for incident in reversed(fresh):  # oldest first
-            key = int(incident["id"])
-            if self._sent_incidents.get(key) != incident:
+            sent = self._sent_incidents.get(int(incident["id"]))
+            if sent is not incident and sent != incident:
                 self._broadcast(self._event("incident", dict(incident)))
         self._sent_incidents = {int(i["id"]): i for i in fresh}
         if _states(view) != self._sent_states:

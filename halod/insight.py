@@ -17,9 +17,15 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.web.resource import Resource
 
-from halod.dashboard import DashboardFeed, DashboardResource, DashboardView, OperatorAuth
+from halod.dashboard import (
+    TIMELINE_SHOWN,
+    DashboardFeed,
+    DashboardResource,
+    DashboardView,
+    OperatorAuth,
+)
 from halod.loadstats import ClusterLoad
-from halod.timeline import Kind, Timeline
+from halod.timeline import Incident, Kind, Timeline
 from halod.tracefan import TraceFanout, TraceResource, trace_answer
 from orbited.core.control import (
     ControlError,
@@ -52,6 +58,7 @@ class Insight:
         self.feed = DashboardFeed(clock, self.view, config.dashboard_streams)
         self.traces = TraceFanout(clock, config.trace_timeout)
         self._in_flight: dict[int, float] = {}
+        self._cache: dict[int, tuple[int, dict[str, Any]]] = {}  # id → (rev, JSON)
 
     # -- hooks (halod.server) --------------------------------------------------------------
 
@@ -155,10 +162,22 @@ class Insight:
             in_flight=self.timeline.in_flight() if halod.leading else {},
             loads={name: node.to_json(now) for name, node in self.load.nodes.items()},
             totals=self.load.totals(now),
-            timeline=tuple(self.timeline.to_json(i) for i in self.timeline.last(100)),
+            timeline=tuple(self._json(i) for i in self.timeline.last(TIMELINE_SHOWN)),
             live=halod.leading,
             operator_required=self.auth.required,
         )
+
+    def _json(self, incident: Incident) -> dict[str, Any]:
+        """An incident's JSON, rebuilt only when it changed (a move list can be long)."""
+        cached = self._cache.get(incident.id)
+        if cached is not None and cached[0] == incident.rev:
+            return cached[1]
+        body = self.timeline.to_json(incident)
+        self._cache[incident.id] = (incident.rev, body)
+        if len(self._cache) > 2 * TIMELINE_SHOWN:
+            keep = {i.id for i in self.timeline.last(TIMELINE_SHOWN)}
+            self._cache = {k: v for k, v in self._cache.items() if k in keep}
+        return body
 
     def start_trace(self, query: TraceQuery) -> defer.Deferred[dict[str, Any]]:
         """``GET /trace``: ask every connected node that traces (raises ControlError

@@ -88,6 +88,7 @@ class Incident:
     grew_at: float | None = None  # the last time the new owners' count grew
     back_total: int = 0  # the new owners' count at grew_at
     step_at: float | None = None  # the latest paced step joined it (settle_timeout from it)
+    rev: int = 0  # bumped on every change (a cache of its JSON can tell)
 
     def browsers_moved(self) -> int | None:
         known = [m.browsers_before for m in self.moves if m.browsers_before is not None]
@@ -180,13 +181,17 @@ class Timeline:
         self._settle(incident, now)  # a change without moves ends at once
         return incident
 
+    def _touch(self, incident: Incident) -> None:
+        incident.rev += 1
+        self._dirty[incident.id] = incident
+
     def _abandon(self, name: str) -> None:
         """``name`` is gone: hand-offs from or to it will not come."""
         for incident in self._open:
             for move in incident.moves:
                 if move.waiting and name in (move.old, move.new):
                     move.abandoned = True
-                    self._dirty[incident.id] = incident
+                    self._touch(incident)
 
     def _step(
         self, change: Change, version: int, now: float,
@@ -210,7 +215,7 @@ class Timeline:
         if not planned.open:
             planned.open, planned.ended, planned.settled = True, None, None
             self._open.append(planned)
-        self._dirty[planned.id] = planned
+        self._touch(planned)
         self._settle(planned, now)
         return planned
 
@@ -229,7 +234,7 @@ class Timeline:
             for move in pending:
                 if move.route in finished:
                     move.handoff_done = now
-            self._dirty[incident.id] = incident
+            self._touch(incident)
             if not finished:
                 break  # the entries belong to the oldest incident still waiting
 
@@ -251,7 +256,7 @@ class Timeline:
                 moved = incident.browsers_moved()
                 if incident.back_at is None and moved and total >= BACK_SHARE * moved:
                     incident.back_at = now
-                self._dirty[incident.id] = incident
+                self._touch(incident)
 
     def leadership(self, kind: Kind, name: str, term: int, now: float) -> Incident:
         """This HaloD (``name``) began to lead (Kind.LEAD) or to follow (Kind.FOLLOW)."""
@@ -339,7 +344,7 @@ class Timeline:
         self._next_id += 1
         self.counts[kind] += 1
         self.incidents.append(incident)
-        self._dirty[incident.id] = incident
+        self._touch(incident)
         return incident
 
     def _settle(self, incident: Incident, now: float) -> None:
@@ -361,7 +366,7 @@ class Timeline:
         incident.open = False
         incident.ended = now
         self._open.remove(incident)
-        self._dirty[incident.id] = incident
+        self._touch(incident)
 
 
 def _kind(change: Change, cause: str, reason: str) -> Kind:

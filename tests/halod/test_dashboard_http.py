@@ -369,6 +369,12 @@ def test_the_dashboard_follows_load_failover_and_drain(tmp_path: Path) -> None:
     row = next(n for n in state["nodes"]["nodes"] if n["name"] == "n1")
     assert row["events_per_s"] == 100.0 and row["ack_p99_ms"] == 10.0
     assert state["nodes"]["totals"]["events_per_s"] == 100.0
+    metrics = halod.metrics()
+    assert 'halod_node_events_per_second{node="n1"} 100.000' in metrics
+    assert 'halod_node_ack_seconds{node="n1",quantile="0.99"} 0.01' in metrics
+    assert 'halod_cluster_ack_seconds_bucket{le="0.005"} 0' in metrics
+    assert 'halod_cluster_ack_seconds_bucket{le="0.01"} 20' in metrics
+    assert "halod_cluster_ack_seconds_count 20" in metrics
     assert [i["kind"] for i in state["timeline"]] == ["join", "spare", "join"]
     events = call("/dashboard/events")  # a stream, open from here on
     assert events.status == 200 and len(halod.insight.feed.streams) == 1
@@ -395,6 +401,7 @@ def test_the_dashboard_follows_load_failover_and_drain(tmp_path: Path) -> None:
     assert r.status == 200
     drain = halod.insight.timeline.last(1)[0]
     assert drain.kind.value == "drain" and drain.open
+    assert call("/dashboard/state").json()["timeline"][0]["open"] is True
     moved = [m.route for m in drain.moves]
     assert moved and set(halod.insight.timeline.in_flight()) == set(moved)
     table = halod.insight.view().owners
@@ -405,7 +412,10 @@ def test_the_dashboard_follows_load_failover_and_drain(tmp_path: Path) -> None:
     j = halod.insight.timeline.to_json(drain)
     assert j["mailboxes_handed"] == 3 and j["handoff_s"] is not None
     assert j["settled"] is True and not halod.insight.timeline.in_flight()
+    shown = call("/dashboard/state").json()["timeline"][0]  # not a stale copy
+    assert shown["id"] == drain.id and shown["open"] is False and shown["mailboxes_handed"] == 3
     metrics = halod.metrics()
+    assert 'halod_node_events_per_second{node="n2"} 0.000' in metrics
     assert 'halod_incidents_total{kind="failover"} 1' in metrics
     assert 'halod_incidents_total{kind="drain"} 1' in metrics
     assert "halod_dashboard_streams 1" in metrics
