@@ -472,3 +472,26 @@ def test_a_follower_serves_the_dashboard_and_points_at_the_leader(tmp_path: Path
     ha.lead()
     ha.store.complete()
     assert [i["kind"] for i in call("/dashboard/state").json()["timeline"]] == ["lead"]
+
+
+def test_a_follower_keeps_its_own_timeline_from_warm_copies(tmp_path: Path) -> None:
+    from halod.store.base import Persisted
+    from tests.halod.test_halod_membership import cluster
+
+    halod, ha = halod_on_hand_etcd(tmp_path)
+    call = site_with(status_site(halod).resource)
+    m = cluster(2)
+    ha.on_table(Persisted.from_snapshot(m.snapshot(), 7))  # the first copy: nothing to compare
+    assert call("/dashboard/state").json()["timeline"] == []
+    m.leave("n2", 1.0, "silent")
+    ha.on_table(Persisted.from_snapshot(m.snapshot(), 8))
+    state = call("/dashboard/state").json()
+    (table,) = state["timeline"]
+    assert table["kind"] == "table" and table["node"] == "n2" and table["table_version"] == 8
+    assert {(mv["old"], mv["new"]) for mv in table["moves"]} == {("n2", "n1")}
+    assert state["table"]["version"] == 8 and set(state["table"]["owners"]) == {"n1"}
+    ha.lead()  # promoted: it keeps what it saw
+    ha.store.complete()
+    ha.lose()
+    kinds = [i["kind"] for i in call("/dashboard/state").json()["timeline"]]
+    assert kinds == ["follow", "lead", "table"]
