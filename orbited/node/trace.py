@@ -58,14 +58,15 @@ class TraceConfig:
 
 class Dispatch(NamedTuple):
     """One event request, shared by the records of its recipients (compared by identity:
-    each request's is its own object). A tuple: one is built per request."""
+    each request's is its own object). A tuple: one is built per request. The observer
+    token is ``(dispatch, recipients)``: records keep only the first (not the request's
+    parsed keys)."""
 
     t: float
     event: str
     digest: bytes | str  # the request digest (bytes), or its wire form (str, imported)
     ack_wait: float | None
     trace_id: str | None
-    targets: tuple[Any, ...] = ()  # the request's recipients (keys and wildcards)
 
     @property
     def request(self) -> str:
@@ -121,13 +122,19 @@ def _record(
     return (d, node, route, status, seq, stream, dropped, None, None, 0, None, None, None)
 
 
-class Note(NamedTuple):
-    t: float
-    what: str
-    detail: dict[str, Any]
+# A note (a happening to a key that is not a dispatch) is a flat tuple (t, what, name1,
+# value1, name2, value2, ...): no dict per note (they are kept by the ten thousand).
+Note = tuple[Any, ...]
 
-    def to_json(self) -> dict[str, Any]:
-        return {"t": self.t, "what": self.what, **self.detail}
+
+def _note(t: float, what: str, detail: dict[str, Any]) -> Note:
+    return (t, what, *[x for item in detail.items() for x in item])
+
+
+def note_json(note: Note) -> dict[str, Any]:
+    out = {"t": note[0], "what": note[1]}
+    out.update(zip(note[2::2], note[3::2], strict=True))
+    return out
 
 
 class KeyTrace:
@@ -218,15 +225,13 @@ class Tracer:
 
     # -- the observer (orbited.node.observe) ---------------------------------------------
 
-    def dispatched(self, request: EventRequest, now: float) -> Dispatch:
+    def dispatched(self, request: EventRequest, now: float) -> tuple[Dispatch, tuple[Any, ...]]:
         parent = request.traceparent
-        if parent is None:
-            return _new(Dispatch, (now, request[0], request[3], request[4], None, request[1]))
-        context = parse_traceparent(parent)
-        return Dispatch(
-            now, request.event_id, request.digest, request.ack,
-            None if context is None else context.trace_id, request.recipients,
-        )  # fmt: skip
+        trace_id = None
+        if parent is not None:
+            context = parse_traceparent(parent)
+            trace_id = None if context is None else context.trace_id
+        return _new(Dispatch, (now, request[0], request[3], request[4], trace_id)), request[1]
 
     def recipient(
         self, token: Any, key: ConnectionKey, route: int | None, status: str, seq: int | None,
@@ -243,25 +248,24 @@ class Tracer:
             kt.last_active = now
         records = kt.records
         records.append((
-            token, self.node, route, status, seq, stream, dropped,
+            token[0], self.node, route, status, seq, stream, dropped,
             None if transport is None else now, transport, 0, None, None, None,
         ))  # fmt: skip
         if len(records) > self._per_key:
             del records[0]
 
     def answered(self, token: Any, outcome: DispatchResult, now: float) -> None:
-        d: Dispatch = token
+        d: Dispatch = token[0]
         if d[3] is None and not outcome[2]:  # neither acknowledged mode nor a resend
             return
+        pairs = self._pairs(token[1], outcome.results)
         if outcome.duplicate:
-            for key, result in self._pairs(d.targets, outcome.results):
+            for key, result in pairs:
                 kt = self._trace(key, now)
                 if kt is not None:
                     self._add(kt, _record(d, self.node, None, "duplicate", result.seq))
             return
-        if d.ack_wait is None:
-            return
-        for key, result in self._pairs(d.targets, outcome.results):
+        for key, result in pairs:
             found = self._keys.get(key)
             at = None if found is None else self._find(found, d)
             if found is not None and at is not None:
@@ -314,7 +318,7 @@ class Tracer:
         if kt is None:
             return
         notes = kt.notes
-        notes.append(Note(now, what, detail))
+        notes.append(_note(now, what, detail))
         if len(notes) > self.config.notes_per_key:
             del notes[0]
         if what == "moved" and detail.get("handed"):
@@ -337,7 +341,7 @@ class Tracer:
         for entry in out:
             if entry["node"] == self.node and entry["handed"] is None:
                 entry["handed"] = "out"
-        out.extend({**n.to_json(), "node": n.detail.get("node", self.node)} for n in kt.notes)
+        out.extend({"node": self.node, **note_json(n)} for n in kt.notes)
         return out
 
     def import_(self, key: ConnectionKey, wire: list[Any], origin: str | None, now: float) -> None:
@@ -352,15 +356,15 @@ class Tracer:
             parsed = _parse_entry(entry, self.node)
             if parsed is None:
                 self.import_dropped += 1
-            elif type(parsed) is Note:
-                notes.append(parsed)
-            else:
+            elif type(parsed[0]) is Dispatch:
                 records.append(parsed)
+            else:  # (t, what, ...): a note
+                notes.append(parsed)
         if records:
             merged = sorted(records + kt.records, key=lambda r: r[DISPATCH].t)
             kt.records = merged[-self._per_key :]
         if notes:
-            merged_notes = sorted(notes + kt.notes, key=lambda n: n.t)
+            merged_notes = sorted(notes + kt.notes, key=lambda n: n[0])
             kt.notes = merged_notes[-self.config.notes_per_key :]
 
     # -- queries ----------------------------------------------------------------------------
@@ -387,7 +391,7 @@ class Tracer:
             records = records[-limit:] if limit else []
         return {
             "dispatches": [record_json(r) for r in records],
-            "notes": [n.to_json() for n in kt.notes],
+            "notes": [note_json(n) for n in kt.notes],
         }
 
     def gauges(self) -> dict[str, int]:
@@ -417,7 +421,7 @@ def _parse_entry(entry: Any, me: str) -> Record | Note | None:
             if k not in ("t", "what") and isinstance(k, str)
             and (v is None or isinstance(v, str | int | float | bool))
         }  # fmt: skip
-        return Note(float(entry["t"]), what, detail)
+        return _note(float(entry["t"]), what, detail)
     try:
         if not all(isinstance(entry[k], str) and 0 < len(entry[k]) <= 256 for k in _RECORD_STR):
             return None
