@@ -450,6 +450,9 @@ def test_trace_asks_every_tracing_node(tmp_path: Path) -> None:
     assert answer["keys"][0]["dispatches"][0]["node"] == "n1"
     assert answer["verdicts"][0]["event"] == "42"
     assert call("/trace?user=alice").status == 401  # the key is set
+    for path in ("/trace?user=alice", "/dashboard", "/dashboard/events"):  # the Host rule
+        r = call(path, host="rebind.example", authorization="Bearer " + KEY.decode())
+        assert r.status == 403 and r.json()["error"]["code"] == "host_not_allowed", path
     r = call("/nodes/n1/drain", "POST", origin="http://127.0.0.1:7601",
              authorization="Bearer " + KEY.decode())  # fmt: skip
     assert r.status == 200 and r.json() == {"name": "n1", "state": "drained"}
