@@ -82,18 +82,19 @@ def verify_token(
     if now is None:
         now = time.time()
     used = _monotonic()
-    hit = _verified.get((secret, token))
+    entry = (secret, token)
+    hit = _verified.get(entry)
     if hit is not None:
         key, exp, _ = hit
         if exp + leeway < now:
             raise TokenError("token_expired", "token has expired")
-        _verified[(secret, token)] = (key, exp, used)
-        _verified.move_to_end((secret, token))
+        _verified[entry] = (key, exp, used)
+        _verified.move_to_end(entry)
         return key
     claims = _verified_claims(secret, token)
     key, exp = _check_claims(claims, leeway, now)
     # Only a token that passed every check is kept: exp is a finite float here.
-    _verified[(secret, token)] = (key, exp, used)
+    _verified[entry] = (key, exp, used)
     # Oldest use first: drop the idle ones, then any beyond the size.
     while _verified and (
         len(_verified) > VERIFIED_CACHE_SIZE

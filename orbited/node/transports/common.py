@@ -10,7 +10,7 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 from urllib.parse import urlsplit
 
 from orbited.core.keys import ConnectionKey
@@ -90,8 +90,7 @@ class BrowserAuth:
     token_leeway: float = 30.0
 
 
-@dataclass(frozen=True)
-class Attach:
+class Attach(NamedTuple):  # (built per request: a tuple is cheaper than a dataclass)
     key: ConnectionKey
     after: Position | None
 
