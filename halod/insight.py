@@ -71,7 +71,8 @@ class Insight:
     def heartbeat(self, name: str, msg: Heartbeat, now: float) -> None:
         self.load.heartbeat(name, msg.load, now)
         node = self.load.nodes.get(name)
-        self.timeline.node_routes(name, node.routes if node is not None else {}, now)
+        if self.timeline.node_routes(name, node.routes if node is not None else {}, now):
+            self.feed.changed()  # browsers coming back to moved routes
 
     def lost(self, name: str, now: float) -> None:
         self.features.pop(name, None)

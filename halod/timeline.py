@@ -238,9 +238,11 @@ class Timeline:
             if not finished:
                 break  # the entries belong to the oldest incident still waiting
 
-    def node_routes(self, name: str, routes: Mapping[int, int], now: float) -> None:
-        """A heartbeat from ``name`` with its attached count per route (merged)."""
+    def node_routes(self, name: str, routes: Mapping[int, int], now: float) -> bool:
+        """A heartbeat from ``name`` with its attached count per route (merged); True when
+        an open incident's counts changed."""
         self._last_beat[name] = now
+        changed = False
         for incident in self._open:
             touched = False
             for move in incident.moves:
@@ -257,6 +259,8 @@ class Timeline:
                 if incident.back_at is None and moved and total >= BACK_SHARE * moved:
                     incident.back_at = now
                 self._touch(incident)
+                changed = True
+        return changed
 
     def leadership(self, kind: Kind, name: str, term: int, now: float) -> Incident:
         """This HaloD (``name``) began to lead (Kind.LEAD) or to follow (Kind.FOLLOW)."""

@@ -194,3 +194,11 @@ def test_a_hand_off_from_a_node_that_fails_is_not_waited_for() -> None:
     assert t.in_flight() == {}
     t.tick(5.0)
     assert join.settled is True and t.to_json(join)["handoff_s"] is None
+
+
+def test_node_routes_says_when_an_open_incident_changed() -> None:
+    t = Timeline()
+    t.changed(gone("n1", (1, "n1", "n2")), 1, 0.0, {"n1": {1: 4}}, "silent")
+    assert t.node_routes("n3", {1: 9}, 0.1) is False  # not a new owner
+    assert t.node_routes("n2", {1: 2}, 0.2) is True
+    assert t.node_routes("n2", {1: 2}, 0.3) is False  # no change
