@@ -382,7 +382,7 @@ class BlockingClient:
                 error = f"{address}: {e}"
                 reason = "timeout" if isinstance(e, TimeoutError) else "connection_lost"
             conn.close()
-            pause = self.policy.pause(failures)
+            pause = self.policy.pause(failures, moved=reason == "moved")
             resend_at = time.monotonic() + pause
             for request in todo:
                 if not request.keys:  # answered in full before the failure

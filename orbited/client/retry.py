@@ -4,11 +4,12 @@ A request is resent after a connection loss, a time-out or (through HaloD's rout
 a ``moved`` answer, on a fresh connection, with the same event id (the node deduplicates).
 The first resend after a failure goes at once: a ``moved`` answer or a cut connection
 means the route port now leads elsewhere, and dialling it again is what reaches the new
-owner. Only a failure that follows another (the route port still leads to a dead or old
-node: HaloD has not moved the route yet) waits, ``backoff`` doubling up to
-``max_backoff``. A request is resent while less than ``budget`` seconds have passed since
-it was first sent (and, if ``retries`` is set, at most that many times); then its keys get
-``{"status": "error", ...}``.
+owner. Only a failure that follows another waits: after a ``moved`` answer (HaloD has
+moved the route; its port follows within milliseconds) ``moved_pause``, never growing;
+otherwise (the route port still leads to a dead node: HaloD has not moved the route
+yet) ``backoff``, doubling up to ``max_backoff``. A request is resent while less than
+``budget`` seconds have passed since it was first sent (and, if ``retries`` is set, at
+most that many times); then its keys get ``{"status": "error", ...}``.
 """
 
 from __future__ import annotations
@@ -25,18 +26,24 @@ class RetryPolicy:
     backoff: float = 0.05  # the pause before the second resend in a row, doubling
     max_backoff: float = 0.5
     retries: int | None = None  # at most this many resends of a request (None: the budget)
+    moved_pause: float = 0.01  # between re-dials while the old owner answers `moved`
 
     def __post_init__(self) -> None:
-        if self.budget < 0 or self.backoff < 0 or self.max_backoff < 0:
-            raise ValueError("retry_budget, backoff and max_backoff must not be negative")
+        if min(self.budget, self.backoff, self.max_backoff, self.moved_pause) < 0:
+            raise ValueError(
+                "retry_budget, backoff, max_backoff and moved_pause must not be negative"
+            )
         if self.retries is not None and self.retries < 0:
             raise ValueError("retries must not be negative")
 
-    def pause(self, failures: int) -> float:
+    def pause(self, failures: int, moved: bool = False) -> float:
         """Seconds to wait before resending after ``failures`` failures in a row (1: the
-        first): none after the first, then ``backoff``, doubling, at most ``max_backoff``."""
+        first): none after the first; then, if the last was a ``moved`` answer,
+        ``moved_pause``; else ``backoff``, doubling, at most ``max_backoff``."""
         if failures <= 1:
             return 0.0
+        if moved:
+            return self.moved_pause
         return min(self.max_backoff, self.backoff * 2 ** (failures - 2))
 
     def allows(self, started: float, resends: int, at: float) -> bool:

@@ -182,7 +182,7 @@ class _Channel:
 
     def _resend_or_give_up(self, error: str | None, reason: str = "connection_lost") -> None:
         policy = self.client.policy
-        pause = policy.pause(self.failures)
+        pause = policy.pause(self.failures, moved=reason == "moved")
         at = self.client.reactor.seconds() + pause
         for pending in list(self.queue):
             request = pending.request

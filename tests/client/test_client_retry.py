@@ -20,6 +20,11 @@ from orbited.sp.reqrep import RequestIds
 from tests.conftest import keys_on_routes
 
 
+def test_moved_answers_in_a_row_pause_briefly_and_never_longer():
+    policy = RetryPolicy(budget=5.0, backoff=0.05, max_backoff=0.3)
+    assert [policy.pause(n, moved=True) for n in range(1, 6)] == [0.0] + [0.01] * 4
+
+
 def test_the_first_resend_goes_at_once_then_backoff_doubles_to_its_cap():
     policy = RetryPolicy(budget=5.0, backoff=0.05, max_backoff=0.3)
     assert [policy.pause(n) for n in range(1, 7)] == [0.0, 0.05, 0.1, 0.2, 0.3, 0.3]
@@ -35,7 +40,7 @@ def test_resends_stop_at_the_budget_or_the_retries_cap():
 
 
 def test_negative_settings_are_refused():
-    for bad in ({"budget": -1}, {"backoff": -0.1}, {"retries": -1}):
+    for bad in ({"budget": -1}, {"backoff": -0.1}, {"retries": -1}, {"moved_pause": -0.01}):
         with pytest.raises(ValueError):
             RetryPolicy(**bad)
 
@@ -115,7 +120,7 @@ def test_a_lost_connection_resends_in_order_with_later_sends_behind(setup):
     assert [results(d)[key]["status"] for d in (first, second, third)] == ["delivered"] * 3
 
 
-def test_moved_redials_at_once_and_failures_in_a_row_back_off(setup):
+def test_moved_redials_at_once_then_every_moved_pause_never_longer(setup):
     reactor, client, node, key = setup
     sending = client.send([key], 1, "e1")
     node.accept()
@@ -127,9 +132,14 @@ def test_moved_redials_at_once_and_failures_in_a_row_back_off(setup):
     ((request_id, request),) = node.requests()
     assert request["id"] == "e1"
     node.reply(request_id, [{"status": "moved"}])  # the route port still leads to the old node
-    assert node.dials() == 2  # a second failure in a row waits `backoff`
-    reactor.advance(0.05)
+    assert node.dials() == 2  # a second failure in a row waits, `moved_pause` (0.01 s)
+    reactor.advance(0.01)
     assert node.dials() == 3
+    node.accept()
+    ((request_id, _),) = node.requests()
+    node.reply(request_id, [{"status": "moved"}])  # the data plane lags: never longer
+    reactor.advance(0.01)
+    assert node.dials() == 4
     node.accept()
     ((request_id, _),) = node.requests()
     node.reply(request_id, [{"status": "delivered", "seq": 4}])
