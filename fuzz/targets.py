@@ -943,9 +943,13 @@ def check_halod_control(stream: bytes, cuts: Sequence[int]) -> None:
 
 def _node_link() -> Any:
     from orbited.node.link import HaloDLink
+    from orbited.node.observe import build_observer
+    from orbited.node.trace import TraceConfig, Tracer
 
     clock = task.Clock()
     hub = Hub(clock, HubConfig(routes=4), epoch="fz")
+    tracer = Tracer(TraceConfig(mode="all"), "n1")  # hand-offs carry traces; queries read them
+    hub.observe(build_observer(tracer, None), tracer)
     link = HaloDLink(hub, "n1", "tcp://127.0.0.1:1", lambda: ("127.0.0.1:1", "tcp://127.0.0.1:2"),
                      1, clock)  # type: ignore[arg-type]  # fmt: skip
     return link
@@ -975,6 +979,48 @@ def check_node_messages(messages: Sequence[object], cuts: Sequence[int]) -> None
         wire.encode_message(json.dumps(m).encode()) for m in messages
     )
     check_node_control(stream, cuts)
+
+
+HANDOFF_KEY = ConnectionKey("alice", "s", "/l")
+
+
+def check_handoff_trace(trace: object) -> dict[str, Any]:
+    """A hand-off entry whose ``trace`` member is anything: the mailbox is installed all
+    the same (a trace never costs a mailbox), and a trace query after it is answered
+    with a ``trace_reply`` HaloD accepts; the key's entry in it is returned."""
+    from orbited.node.link import LinkProtocol
+
+    if not strict_json(trace):  # not JSON (NaN, a lone surrogate): no HaloD relays that
+        trace = None
+    link = _node_link()
+    proto = LinkProtocol(link)
+    transport = _TCPStringTransport()
+    welcome = {"type": "welcome", "role": "active", "routes": [1, 2, 3, 4],
+               "total_routes": 4, "incoming": [1, 2, 3, 4], "heartbeat_interval": 1,
+               "missed_heartbeats": 3}  # fmt: skip
+    entry = {"key": list(HANDOFF_KEY), "route": 1, "stream": "fz0.1", "next_seq": 2,
+             "acked": 0, "events": [[1, '"hi"']], "trace": trace}  # fmt: skip
+    handoff = {"type": "handoff", "to": "n1", "done": [1, 2, 3, 4], "mailboxes": [entry]}
+    query = {"type": "trace_query", "qid": 5, "user": "alice", "session": None,
+             "location": None, "event": None, "limit": None}  # fmt: skip
+    stream = wire.encode_header(control.CONTROL_PROTOCOL) + b"".join(
+        wire.encode_message(json.dumps(m).encode()) for m in (welcome, handoff, query)
+    )
+    with no_logged_failures():
+        proto.makeConnection(transport)
+        proto.dataReceived(stream)
+        expect(not transport.disconnecting, "the link closed over a hand-off's trace")
+        mailbox = link.hub.mailbox(HANDOFF_KEY)
+        expect(mailbox is not None and mailbox.stream == "fz0.1", "the mailbox was lost")
+        proto.connectionLost(CLOSED)
+    sent = wire.SPConnection(control.CONTROL_PROTOCOL, control.CONTROL_PROTOCOL).receive(
+        transport.value()
+    )
+    replies = [m for m in map(control.decode_from_node, sent) if isinstance(m, control.TraceReply)]
+    expect(len(replies) == 1 and replies[0].qid == 5, "the trace query was not answered")
+    keys = replies[0].answer["keys"]
+    expect([k["key"] for k in keys] == [list(HANDOFF_KEY)], "the handed key is not traced")
+    return keys[0]
 
 
 def check_halod_messages(messages: Sequence[object], cuts: Sequence[int]) -> None:
@@ -1199,6 +1245,10 @@ def _fuzz_trace_context(data: bytes) -> None:
         check_event_trace_fields(value, None)
 
 
+def _fuzz_handoff_trace(data: bytes) -> None:
+    check_handoff_trace(_json_or_text(data))
+
+
 def _fuzz_frames(data: bytes) -> None:
     try:
         value = json.loads(data)
@@ -1336,8 +1386,9 @@ DESCRIPTIONS = {
     "trace_query": "trace_query: any fields; decoder and builder agree, round trip",
     "trace_fit": "fit_trace_reply: any answer and limit; size, HaloD accepts it",
     "trace_context": "traceparent/tracestate parsing; event trace fields and the digest",
+    "handoff_trace": "a hand-off entry's trace member: any JSON; the mailbox still installs",
     "halod_control": "HaloD's ControlProtocol with a real HaloD (no internal_error)",
-    "node_control": "the node's LinkProtocol with a real Hub",
+    "node_control": "the node's LinkProtocol with a real Hub (tracing on)",
     "http_params": "authenticate/single_param, long-poll timeout, origin_allowed",
     "http_resources": "the node's browser Site: one HTTP request, never a 500",
     "frame_encodings": "any event data through SSE and iframe framing: no escape, intact",
@@ -1394,6 +1445,12 @@ SEEDS: dict[str, list[bytes]] = {
     "trace_query": [
         b'{"qid":1,"user":"alice","session":"s","location":null,"event":"e","limit":4}'
     ],
+    "handoff_trace": [
+        b'[{"t":1796540400.5,"event":"e1","request":"77aa0c13d2e4f0a1","node":"n2",'
+        b'"route":1,"status":"queued","seq":1,"stream":"fz0.1","dropped":0,"ack_wait":null,'
+        b'"written":null,"transport":null,"rewritten":0,"acked":null,"outcome":null,'
+        b'"handed":"out","trace_id":null},{"t":1796540400.6,"what":"moved","route":1}]',
+    ],
     "trace_context": [
         b'["00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01","congo=t61rcWkgMzE"]',
         b"01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00-future",
@@ -1444,6 +1501,7 @@ TARGETS: dict[str, Callable[[bytes], None]] = {
     "trace_query": _fuzz_trace_query,
     "trace_fit": _fuzz_trace_fit,
     "trace_context": _fuzz_trace_context,
+    "handoff_trace": _fuzz_handoff_trace,
     "halod_control": _with_header(check_halod_control, control.CONTROL_PROTOCOL),
     "node_control": _with_header(check_node_control, control.CONTROL_PROTOCOL),
     "http_params": _fuzz_params,

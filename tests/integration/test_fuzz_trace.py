@@ -5,6 +5,8 @@ valid (the right member names, values around each limit) as well as arbitrary JS
 
 from __future__ import annotations
 
+import json
+
 from hypothesis import example, given
 from hypothesis import strategies as st
 
@@ -115,3 +117,63 @@ def test_trace_context_text(traceparent, tracestate):
 @example("\ud800", None)
 def test_event_trace_fields(traceparent, tracestate):
     t.check_event_trace_fields(traceparent, tracestate)
+
+
+# -- a hand-off's trace member and trace queries, through a real node link ------------------
+
+trace_rows = st.one_of(
+    st.fixed_dictionaries(
+        {"t": st.one_of(st.floats(0, 2e9), json_values),
+         "event": st.one_of(st.just("e1"), json_values),
+         "request": st.one_of(st.just("77aa0c13d2e4f0a1"), json_values),
+         "node": st.one_of(st.sampled_from(["n1", "n2"]), json_values),
+         "status": st.one_of(st.sampled_from(["delivered", "queued", "moved"]), json_values)},
+        optional={"route": st.one_of(st.integers(-1, 5), json_values),
+                  "seq": st.one_of(st.integers(-1, 3), json_values),
+                  "written": json_values, "acked": json_values, "handed": json_values,
+                  "what": st.one_of(st.sampled_from(["attach", "moved"]), json_values),
+                  "stream": json_values, "dropped": json_values, "rewritten": json_values}),
+    json_values,
+)  # fmt: skip
+handoffs = st.builds(
+    lambda trace, done: {"type": "handoff", "to": "n1", "done": done, "mailboxes": [{
+        "key": ["alice", "s", "/l"], "route": 1, "stream": "fz0.1", "next_seq": 2,
+        "acked": 0, "events": [[1, '"hi"']], "trace": trace}]},
+    st.one_of(st.lists(trace_rows, max_size=6), json_values),
+    st.sampled_from([[], [1, 2, 3, 4]]),
+)  # fmt: skip
+trace_queries = st.fixed_dictionaries(
+    {"type": st.just("trace_query"), "qid": st.integers(0, 3),
+     "user": st.sampled_from(["alice", "bob", ""])},
+    optional={"event": st.sampled_from(["e1", None, ""]), "limit": st.integers(0, 3),
+              "session": st.sampled_from(["s", None]), "location": st.sampled_from(["/l", None])},
+)  # fmt: skip
+WELCOME_ALL = {
+    "type": "welcome", "role": "active", "routes": [1, 2, 3, 4], "total_routes": 4,
+    "incoming": [1, 2, 3, 4], "heartbeat_interval": 1, "missed_heartbeats": 3,
+}  # fmt: skip
+
+
+@FUZZ
+@given(
+    st.lists(st.one_of(handoffs, trace_queries), min_size=1, max_size=5),
+    t_cuts := st.lists(st.integers(1, 70), min_size=1, max_size=8),
+)
+def test_node_link_hand_off_traces_and_queries(messages, cuts):
+    """A hand-off whose ``trace`` member is anything never costs the mailbox or the link,
+    and trace queries after it are answered (no logged failure, no exception)."""
+    t.check_node_messages([WELCOME_ALL, *messages], cuts)
+
+
+def test_a_handed_over_trace_reaches_the_new_owners_answer():
+    """The seed: the old owner's record arrives with the mailbox, is kept with its node,
+    and shows in the new owner's trace answer, marked handed out to it."""
+    entry = t.check_handoff_trace(json.loads(t.SEEDS["handoff_trace"][0]))
+    (record,) = [r for r in entry["dispatches"] if r["event"] == "e1"]
+    assert record["node"] == "n2" and record["handed"] == "out:n1" and entry["here"] is True
+
+
+@FUZZ
+@given(st.one_of(st.lists(trace_rows, max_size=8), json_values))
+def test_any_trace_member_keeps_the_mailbox(trace):
+    t.check_handoff_trace(trace)
