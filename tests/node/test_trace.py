@@ -313,3 +313,12 @@ def test_otel_switches_have_flags_that_turn_them_on() -> None:
     assert config.otel is True and config.otel_key_attributes is True
     assert config.trace_users == ["a", "b"]
     assert vars(_node_parser().parse_args([]))["otel"] is None  # unset: the file or default
+
+
+def test_health_gauges_carry_the_tracers() -> None:
+    hub, _, _ = traced_hub()
+    send(hub, "1", [ALICE])
+    gauges = hub.gauges()
+    assert (gauges["traced_keys"], gauges["trace_records"], gauges["trace_notes"]) == (1, 1, 0)
+    assert gauges["trace_evicted_keys"] == 0
+    assert "traced_keys" not in Hub(Clock(), HubConfig()).gauges()
