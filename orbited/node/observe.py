@@ -65,10 +65,10 @@ RECIPIENT_STATUSES = frozenset({
 #   gap (first, last: seqs it will not get), expired (undelivered: events never
 #   written), moved (route, to: new owner's SP address or None, owner: its name or
 #   None, handed: bool),
-#   handed_in (origin), evicted (first, last: seqs the limits dropped).
+#   handed_in (origin). Events the mailbox limits evicted show as the record's
+#   ``dropped`` and, when the browser comes back, as a ``gap``.
 NOTES = frozenset({
     "attach", "detach", "replaced", "reset", "gap", "expired", "moved", "handed_in",
-    "evicted",
 })  # fmt: skip
 
 
