@@ -3,11 +3,12 @@ its live feed (server-sent events), served on the status port.
 
 ``snapshot`` and the event bodies are pure functions of a ``DashboardView`` (plain
 values the shell collects). ``DashboardFeed`` keeps the open event streams: after a
-change it pushes ``table``, ``incident`` and (on a change of node state) ``nodes`` within
-``COALESCE`` seconds, ``nodes`` and ``summary`` every ``NODES_EVERY`` seconds, a comment
-every ``KEEPALIVE`` seconds, and closes a stream whose connection has more than
-``MAX_UNSENT`` bytes it could not send (a reader that does not read). ``OperatorAuth`` is
-the rule for the operator requests (POSTs and ``/trace``).
+change it pushes ``table``, ``incident`` and (on a change of node state) ``nodes`` in the
+next reactor turn, at most once per ``COALESCE`` seconds; ``nodes`` and ``summary``
+every ``NODES_EVERY`` seconds, a comment every ``KEEPALIVE`` seconds; and it closes a
+stream whose connection has more than ``MAX_UNSENT`` bytes it could not send (a reader
+that does not read). ``OperatorAuth`` is the rule for the operator requests (POSTs and
+``/trace``).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from halod.svg import PALETTE
 from orbited import __version__
 from orbited.runtime.web import send_error
 
-COALESCE = 0.1  # seconds: table/incident pushes after a change wait at most this long
+COALESCE = 0.1  # seconds: at most one table/incident push per this long
 NODES_EVERY = 1.0  # seconds between `nodes` events
 KEEPALIVE = 15.0  # seconds between `:keepalive` comments
 MAX_UNSENT = 1 << 20  # bytes a stream may have waiting to be sent; then it is closed
@@ -231,6 +232,7 @@ class DashboardFeed:
         self.stats = {"opened": 0, "refused": 0, "slow_closed": 0}
         self._id = 0
         self._push_call: IDelayedCall | None = None
+        self._pushed_at: float | None = None  # the last push after a change
         self._nodes_call: IDelayedCall | None = None
         self._keepalive_call: IDelayedCall | None = None
         self._sent_role: tuple[Any, ...] | None = None
@@ -258,9 +260,13 @@ class DashboardFeed:
         return True
 
     def changed(self) -> None:
-        """Something shown may have changed: push what did within COALESCE seconds."""
+        """Something shown may have changed: push what did in the next reactor turn, or,
+        within COALESCE seconds of the last push, COALESCE after it (one push for all)."""
         if self.streams and self._push_call is None:
-            self._push_call = self.clock.callLater(COALESCE, self._push)
+            wait = 0.0
+            if self._pushed_at is not None:
+                wait = max(0.0, self._pushed_at + COALESCE - self.clock.seconds())
+            self._push_call = self.clock.callLater(wait, self._push)
 
     def drop(self, stream: _Stream) -> None:
         if stream in self.streams:
@@ -305,6 +311,7 @@ class DashboardFeed:
         self._push_call = None
         if not self.streams:
             return
+        self._pushed_at = self.clock.seconds()
         view = self.view()
         now = self.clock.seconds()
         s = view.status
