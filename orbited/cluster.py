@@ -255,6 +255,9 @@ class LocalCluster:
         self.state.mkdir(parents=True, exist_ok=True)
         secret_file = self.state / "secret"
         load_secret(secret_file, create=True)
+        # HaloD's operator key (drain/undrain/rehash and /trace): `orbited trace`, `halod
+        # drain` and the dashboard's operator find it through cluster.json.
+        load_secret(self.operator_key_file, create=True)
         # Every node starts empty, so a table from an earlier run would only make HaloD wait
         # out the grace period for nodes that are not coming back: start from scratch.
         for name in ("halod.sqlite3", "halod.sqlite3-wal", "halod.sqlite3-shm"):
@@ -277,6 +280,7 @@ class LocalCluster:
             "--heartbeat-interval", str(c.heartbeat_interval),
             "--missed-heartbeats", str(c.missed_heartbeats), "--grace", str(c.grace),
             "--secret-file", str(secret_file), "--log-level", c.log_level,
+            "--operator-key-file", str(self.operator_key_file),
         ]  # fmt: skip
         if c.ha:
             halod_control, ready = self._start_ha(common, control, status, deadline)
@@ -319,6 +323,7 @@ class LocalCluster:
                 "--offline-url", f"http://{host}:{port}/orbited/offline",
                 "--user-max-connections", str(c.user_max_connections),
                 "--linger", str(c.linger), "--keepalive", str(c.keepalive),
+                "--trace", "all",  # per-key tracing for `orbited trace` and the dashboard
                 *(arg for origin in origins for arg in ("--cors-origin", origin)),
                 "--log-level", c.log_level,
             ])  # fmt: skip
@@ -421,6 +426,11 @@ class LocalCluster:
     def state_file(self) -> Path:
         return self.state / "cluster.json"
 
+    @property
+    def operator_key_file(self) -> Path:
+        """HaloD's operator key (mode 0600), made on the first start."""
+        return self.state / "operator.key"
+
     def state_info(self) -> dict[str, Any]:
         """What cluster.json says: the processes running now (``pids``), those that
         exited and their exit status (``exited``), and each one's ready file."""
@@ -429,6 +439,7 @@ class LocalCluster:
             "url": self.url,
             "halod_status": self.halod_status,
             "halod_statuses": self.halod_statuses,
+            "operator_key_file": str(self.operator_key_file),
             "etcd": self.etcd.endpoints if self.etcd is not None else [],
             "pids": {name: child.pid for name, child in running.items()},
             "exited": {
@@ -650,7 +661,9 @@ def cluster_command(argv: list[str]) -> int:
         cluster.start()
         print(f"\ncherrychat is ready: open {cluster.url}\n"
               f"HaloD status: {cluster.halod_status}/status  (picture: "
-              f"{cluster.halod_status}/table.svg)", flush=True)  # fmt: skip
+              f"{cluster.halod_status}/table.svg)\n"
+              f"dashboard: {cluster.halod_status}/dashboard  (operator key in "
+              f"{cluster.operator_key_file})", flush=True)  # fmt: skip
         if config.ha:
             print(cluster.ha_summary(), flush=True)
         print("Ctrl-C stops everything.\n", flush=True)
