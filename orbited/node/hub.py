@@ -258,6 +258,7 @@ class Hub(RouteOwnership):
         self._route_attached: dict[int, int] = {}
         self._routes_dirty: set[int] = set()
         self._routes_full_due = True  # the next report sends every route
+        self._attach_moved = 0  # stats["moved"] of attaches, not of recipients
 
     # -- the delivery batch (orbited.node.flush) ----------------------------------------
 
@@ -303,6 +304,7 @@ class Hub(RouteOwnership):
                 # Not ours (any more): the browser retries and HaloD's port for the route
                 # now leads to the owner.
                 self.stats["moved"] += 1
+                self._attach_moved += 1  # not a recipient's result (load_report)
                 sink.reconnect("route_moved")
                 return None
             if self._hold_attach(route, key, sink, after):
@@ -616,6 +618,7 @@ class Hub(RouteOwnership):
             return
         self._set_sink(slot, None)
         slot.left = self.now()
+        slot.probe = 0  # an ack after a reconnect is no latency sample
         slot.linger_call = self.clock.callLater(self.config.linger, self._expire, key, slot)
         if self.observer is not None:
             self.observer.noted(key, "detach", slot.left, reason=reason)
@@ -796,12 +799,13 @@ class Hub(RouteOwnership):
         return {
             "events": stats["events"],
             "recipients": stats["delivered"] + stats["queued"] + stats["no_connection"]
-            + stats["moved"] + stats["full"] + stats["limited"] + stats["held"],
+            + stats["moved"] - self._attach_moved + stats["full"] + stats["limited"]
+            + stats["held"],
             "delivered": stats["delivered"],
             "queued": stats["queued"],
             "acked": stats["acked"],
             "full": stats["full"],
-            "moved": stats["moved"],
+            "moved": stats["moved"] - self._attach_moved,
             "ack_hist": [list(pair) for pair in self._ack_hist.take()],
             "routes": routes,
             "routes_full": full,

@@ -97,3 +97,26 @@ def test_an_assign_recounts_and_sends_every_route() -> None:
     report = h.load_report()
     assert report["routes_full"] and report["routes"] == {"3": 1}
     assert route_of(a, h.routes, h.hash_version) == 3
+
+
+def test_attaches_refused_for_a_moved_route_are_not_recipients() -> None:
+    h, _ = hub()
+    (a,) = keys_on_routes([3], total=h.routes)
+    (b,) = keys_on_routes([5], total=h.routes)
+    h.assign([3])
+    h.attach(b, Sink(), None)  # route 5 is not served: told to reconnect
+    send(h, "1", [a, b])
+    report = h.load_report()
+    assert h.stats["moved"] == 2
+    assert report["moved"] == 1 and report["recipients"] == 2
+
+
+def test_a_reconnect_ends_the_probe_without_a_sample() -> None:
+    h, clock = hub()
+    sink = Sink()
+    h.attach(ALICE, sink, None)
+    send(h, "1", [ALICE])  # the probe
+    h.detach(ALICE, sink)
+    clock.advance(20)
+    h.attach(ALICE, Sink(), Position(h.mailbox(ALICE).stream, 1))  # acks seq 1 on resume
+    assert h.load_report()["ack_hist"] == []
