@@ -82,7 +82,7 @@ _new = tuple.__new__
 # (a class's __init__ costs several times as much, and this is per recipient), and
 # replaced (``_set``) when a later happening (a replay, an ack, an acknowledged-mode
 # outcome, a hand-off) changes a field: the fields by index. ``handed`` is "out:<node>"
-# once it was carried to another node.
+# when the event went unwritten to another node with its mailbox (that node writes it).
 DISPATCH, NODE, ROUTE, STATUS, SEQ, STREAM, DROPPED = 0, 1, 2, 3, 4, 5, 6
 WRITTEN, TRANSPORT, REWRITTEN, ACKED, OUTCOME, HANDED = 7, 8, 9, 10, 11, 12
 Record = tuple[Any, ...]
@@ -324,10 +324,15 @@ class Tracer:
         if what == "moved" and detail.get("handed"):
             to = detail.get("owner")
             handed = "out" if to is None else f"out:{to}"
-            kt.records = [
-                _set(r, handed=handed) if r[NODE] == self.node and r[HANDED] is None else r
-                for r in kt.records
-            ]
+            kt.records = [_set(r, handed=handed) if self._handed_with(r) else r for r in kt.records]
+
+    def _handed_with(self, record: Record) -> bool:
+        """Does this node's record stand for an event that travels unwritten with the
+        mailbox (stored here, not yet written): the new owner writes it, if anyone does."""
+        return (
+            record[NODE] == self.node and record[HANDED] is None and record[SEQ] is not None
+            and record[STREAM] is not None and record[WRITTEN] is None
+        )  # fmt: skip
 
     # -- hand-off ---------------------------------------------------------------------------
 
@@ -337,10 +342,12 @@ class Tracer:
         kt = self._keys.get(key)
         if kt is None:
             return []
-        out = [record_json(r) for r in kt.records]
-        for entry in out:
-            if entry["node"] == self.node and entry["handed"] is None:
+        out = []
+        for record in kt.records:
+            entry = record_json(record)
+            if self._handed_with(record):
                 entry["handed"] = "out"
+            out.append(entry)
         out.extend({"node": self.node, **note_json(n)} for n in kt.notes)
         return out
 
@@ -442,7 +449,7 @@ def _parse_entry(entry: Any, me: str) -> Record | Note | None:
     d = Dispatch(float(entry["t"]), entry["event"], entry["request"], floats[0], strs[3])
     node = entry["node"]
     handed = strs[4]
-    if handed in (None, "out") and node != me:
+    if handed == "out":  # the sender's unwritten event: this node writes it, if anyone
         handed = f"out:{me}"
     return (
         d, node, route, entry["status"], seq, strs[0], dropped, floats[1], strs[1], rewritten,

@@ -55,6 +55,7 @@ def test_records_travel_with_the_mailbox_and_keep_their_node() -> None:
         ("41", "n1", "delivered"), ("42", "n1", "queued"),
     ]  # fmt: skip
     assert got[1]["handed"] == "out:n2" and got[1]["written"] == 102.0
+    assert got[0]["handed"] is None and got[0]["written"] == 100.0  # written on n1
     assert got[1]["transport"] == "ws" and got[0]["acked"] == 100.0
     whats = [n["what"] for n in new.trace_answer("alice")["keys"][0]["notes"]]
     assert whats == ["attach", "detach", "handed_in", "attach"]  # n1's two, then n2's
@@ -62,7 +63,8 @@ def test_records_travel_with_the_mailbox_and_keep_their_node() -> None:
     (key,) = old.trace_answer("alice")["keys"]
     assert not key["here"] and key["notes"][-1]["what"] == "moved"
     assert key["notes"][-1]["handed"] is True and key["notes"][-1]["owner"] == "n2"
-    assert [r["handed"] for r in key["dispatches"]] == ["out:n2", "out:n2"]
+    # 41 was written here before the move: its story is this node's; 42 went unwritten
+    assert [r["handed"] for r in key["dispatches"]] == [None, "out:n2"]
 
 
 def test_a_malformed_trace_member_still_installs_the_mailbox() -> None:
