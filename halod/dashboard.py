@@ -85,7 +85,7 @@ def summary_json(view: DashboardView) -> dict[str, Any]:
         "spares": s.get("spares"), "spares_wanted": s.get("spares_wanted"),
         "failovers": s.get("failovers"), "table_version": s.get("table_version"),
         "routes": s.get("routes"), "hash_version": s.get("hash_version"),
-        "failed": list(s.get("failed", ())),
+        "failed": list(s.get("failed", ())), "moving": list(s.get("moving", ())),
     }  # fmt: skip
 
 

@@ -194,6 +194,8 @@ function paintLegend(ids) {
     legend.append(el("span", { "data-legend": name }, sw, `${name} · ${counts.get(name)}`));
   }
   if (unowned) legend.append(el("span", {}, el("span", { class: "swatch" }), `no owner · ${unowned}`));
+  const moving = (state.summary.moving || []).length;
+  if (moving) legend.append(el("span", { class: "note", text: `${moving} route${moving > 1 ? "s" : ""} waiting to move (paced)` }));
   const flying = Object.keys(state.table.in_flight || {}).length;
   if (flying) legend.append(el("span", { class: "note" }, `${flying} hand-off${flying > 1 ? "s" : ""} in flight`));
 }
@@ -211,6 +213,8 @@ function onMapHover(event) {
   if (node && node.routes && node.routes[String(route)] !== undefined) {
     lines.push(`${fmtInt(node.routes[String(route)])} connections (node-reported)`);
   }
+  const waiting = (state.summary.moving || []).find((m) => m.route === route);
+  if (waiting) lines.push(`moves to ${waiting.to ?? "no node"} in a later step (paced)`);
   const since = (state.table.in_flight || {})[String(route)];
   if (since !== undefined) lines.push(`hand-off in flight since ${fmtTime(since)}`);
   const moved = state.movedAt.get(route);
@@ -352,7 +356,7 @@ function paintNodes() {
       { "data-node": n.name, "data-state": n.state },
       el("td", {}, badge),
       el("td", {}, sw, " ", el("b", { text: n.name }), el("span", { class: "idtag", text: n.id !== null && n.id !== undefined ? `#${n.id}` : "" })),
-      el("td", { class: "mono", "data-field": "routes", text: n.ranges || "–", title: `${n.routes_count} routes` }),
+      el("td", { class: "mono", "data-field": "routes", text: n.ranges || "–", title: `${n.routes_count} routes: ${n.ranges || "none"}` }),
       conns,
       el("td", { class: "num", "data-field": "lingering", text: fmtInt(n.lingering) }),
       el("td", { class: "num", "data-field": "events_per_s", text: fmtRate(n.events_per_s) }),

@@ -61,6 +61,9 @@ def test_snapshot_carries_every_part_of_the_page() -> None:
     assert n1["routes_count"] == 2 and nodes["nodes"][2]["events_per_s"] is None
     assert nodes["totals"]["connections"] == 15 and nodes["totals"]["lingering"] == 4
     assert snap["summary"]["spares"] == 1 and snap["summary"]["table_version"] == 3
+    assert snap["summary"]["moving"] == []
+    moving = [{"route": 4, "from": "n2", "to": "n1"}]
+    assert snapshot(view(status={"moving": moving}), 1.0)["summary"]["moving"] == moving
 
 
 def test_a_follower_shows_no_live_figures() -> None:
