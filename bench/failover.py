@@ -92,6 +92,7 @@ class Cluster:
             "--spares", str(case.spares), "--grace", str(args.grace),
             "--heartbeat-interval", str(args.heartbeat),
             "--missed-heartbeats", str(args.missed),
+            *(() if args.move_rate is None else ("--move-rate", str(args.move_rate))),
             "--control", f"tcp://127.0.0.1:{control}", "--status-http", f"127.0.0.1:{status}",
         )  # fmt: skip
         self.nodes: dict[str, Any] = {}
@@ -477,6 +478,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--grace", type=float, default=5.0, help="HaloD --grace (its default)")
     p.add_argument("--heartbeat", type=float, default=1.0, help="HaloD --heartbeat-interval")
     p.add_argument("--missed", type=int, default=3, help="HaloD --missed-heartbeats")
+    p.add_argument("--move-rate", type=float, default=None,
+                   help="HaloD --move-rate (default: HaloD's; 0: unpaced)")  # fmt: skip
     p.add_argument("--steady", type=float, default=3.0, help="s of events before the incident")
     p.add_argument("--settle", type=float, default=20.0,
                    help="at most s after the incident until every browser receives")  # fmt: skip
