@@ -102,8 +102,9 @@ def merge_keys(answers: Mapping[str, Mapping[str, Any]]) -> list[Json]:
             for row in _rows(entry.get("notes")):
                 into["notes"].append(row if "node" in row else {**row, "node": node})
     for into in merged.values():
-        # The same record from two nodes (handed over): keep the copy that got furthest
-        # (the new owner's, once it wrote or saw the ack).
+        # The same record from two nodes (handed over): one row, the copy that got furthest
+        # (the new owner's, once it wrote or saw the ack), with what only the other copy
+        # knows filled in (the old owner's ``outcome``: what the web app was told).
         best: dict[tuple[Any, ...], int] = {}
         unique: list[Json] = []
         for row in sorted(into["dispatches"], key=_t):
@@ -112,10 +113,24 @@ def merge_keys(answers: Mapping[str, Mapping[str, Any]]) -> list[Json]:
             if at is None:
                 best[ident] = len(unique)
                 unique.append(row)
-            elif _further(row, unique[at]):
-                unique[at] = row
+            else:
+                ahead, behind = (
+                    (row, unique[at]) if _further(row, unique[at]) else (unique[at], row)
+                )
+                unique[at] = {**behind, **{k: v for k, v in ahead.items() if v is not None}}
         into["dispatches"] = unique
-        into["notes"] = sorted(into["notes"], key=_t)
+        # A note carried in a hand-off comes back from both nodes, the new owner's copy
+        # perhaps without the node it happened on: once is enough (the same time, kind
+        # and details; the first copy kept).
+        seen: set[str] = set()
+        notes: list[Json] = []
+        for note in sorted(into["notes"], key=_t):
+            mark = json.dumps({k: v for k, v in note.items() if k != "node"}, sort_keys=True,
+                              default=repr)  # fmt: skip
+            if mark not in seen:
+                seen.add(mark)
+                notes.append(note)
+        into["notes"] = notes
     return list(merged.values())
 
 
@@ -208,9 +223,13 @@ def verdict(
         handed = " (after the hand-off)" if writer != node else ""
         acked = best.get("acked")
         when = f" at {clock(written)}" if written is not None else ""
-        return f"written to {how} on {writer}{when}{handed}, acknowledged" + (
-            f" {clock(acked)}" if acked is not None else ""
-        )
+        told = _str(best, "outcome")
+        late = (
+            f"; the web app was told {told} (its wait ended before the ack)"
+            if told in ("unacked", "moved") else ""
+        )  # fmt: skip
+        at = f" {clock(acked)}" if acked is not None else ""
+        return f"written to {how} on {writer}{when}{handed}, acknowledged{at}{late}"
     if level == 4:
         writer = _writer(best)
         written = best.get("written") if best.get("written") is not None else best.get("t")

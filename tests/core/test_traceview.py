@@ -278,3 +278,35 @@ def test_the_old_owners_bare_out_and_the_new_owners_named_copy():
     assert only["handed"] == "out:n2"
     assert verdict("42", [only], []).endswith("; then handed to n2")
     assert verdict("42", [old], []).endswith("; then handed to the route's new owner")
+
+
+def test_the_kept_copy_gets_what_only_the_other_knows():
+    """An acknowledged-mode event: n1 answered the web app ``unacked`` (its route was
+    handed to n2 first); the browser acked it on n2. One row: n2's (acked) with n1's
+    outcome, and a verdict that says both."""
+    on_n1 = rec(node="n1", handed="out", ack_wait=5.0, outcome="unacked")
+    on_n2 = rec(node="n1", handed="out:n2", ack_wait=5.0, written=T + 1.3, transport="ws",
+                rewritten=1, acked=T + 1.5)  # fmt: skip
+    keys = merge_keys({
+        "n1": {"keys": [{"key": KEY, "dispatches": [on_n1]}]},
+        "n2": {"keys": [{"key": KEY, "dispatches": [on_n2]}]},
+    })  # fmt: skip
+    (row,) = keys[0]["dispatches"]
+    assert (row["outcome"], row["acked"], row["handed"]) == ("unacked", T + 1.5, "out:n2")
+    assert verdict("42", [row], []) == (
+        "written to ws on n2 at 07:00:01.300 (after the hand-off), acknowledged 07:00:01.500; "
+        "the web app was told unacked (its wait ended before the ack)"
+    )
+
+
+def test_a_note_carried_in_a_hand_off_is_shown_once():
+    """n2's imported copy of n1's note has no ``node`` (n2 would be named): one row."""
+    attach = note("attach", T, transport="ws", node="n1")
+    keys = merge_keys({
+        "n1": {"keys": [{"key": KEY, "notes": [attach]}]},
+        "n2": {"keys": [{"key": KEY, "notes": [note("attach", T, transport="ws"),
+                                               note("handed_in", T + 1)]}]},
+    })  # fmt: skip
+    assert [(n["what"], n["node"]) for n in keys[0]["notes"]] == [
+        ("attach", "n1"), ("handed_in", "n2")
+    ]  # fmt: skip
