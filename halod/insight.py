@@ -50,8 +50,7 @@ class Insight:
     def __init__(self, halod: HaloD, config: HaloDConfig, clock: IReactorTime) -> None:
         self.halod = halod
         self.clock = clock
-        key = load_secret(Path(config.operator_key_file)) if config.operator_key_file else None
-        self.auth = OperatorAuth(key)
+        self.auth = OperatorAuth(operator_key(config.operator_key_file))
         self.timeline = Timeline(config.timeline_size)
         self.load = ClusterLoad()
         self.features: dict[str, frozenset[str]] = {}  # connected node → what it announced
@@ -271,6 +270,18 @@ class Insight:
             f"halod_dashboard_streams {len(self.feed.streams)}",
         ]
         return lines
+
+
+def operator_key(path: str) -> bytes | None:
+    """The operator key in ``path`` (None: no path); ValueError names the file."""
+    if not path:
+        return None
+    try:
+        return load_secret(Path(path))
+    except (OSError, ValueError) as e:
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise ValueError(f"operator_key_file {path}: {why.replace('shared secret', 'key')}"
+                         ) from None  # fmt: skip
 
 
 def _owners(membership: Membership) -> dict[int, str | None]:

@@ -189,6 +189,9 @@ class HaloD:
         if config.secret_file:
             secret = load_secret(Path(config.secret_file)).decode("latin-1")
         self.secret = secret
+        # The dashboard's load figures, timeline, live feed and trace queries (and the
+        # operator key: a bad one stops HaloD before it opens its store).
+        self.insight = Insight(self, config, clock)
         self.leading = ha is None  # acts on nodes (etcd: leads, table restored)
         self.warm: Persisted | None = None  # etcd, not leading: the follower's copy
         self._term = 0  # bumped on every change of leadership: stale callbacks see it
@@ -220,8 +223,6 @@ class HaloD:
         self._last_tick: float | None = None
         self._probe_timer: IDelayedCall | None = None  # probes run on their own times
         self._pace_timer: IDelayedCall | None = None  # a paced move's next step
-        # The dashboard's load figures, timeline, live feed and trace queries.
-        self.insight = Insight(self, config, clock)
         if ha is not None:
             ha.on_lead = self._lead
             ha.on_follow = self._follow

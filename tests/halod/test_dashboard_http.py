@@ -498,3 +498,16 @@ def test_a_follower_keeps_its_own_timeline_from_warm_copies(tmp_path: Path) -> N
     ha.lose()
     kinds = [i["kind"] for i in call("/dashboard/state").json()["timeline"]]
     assert kinds == ["follow", "lead", "table"]
+
+
+@pytest.mark.parametrize(("content", "why"), [(b"short\n", "at least 32 bytes"),
+                                              (None, "No such file")])  # fmt: skip
+def test_a_bad_operator_key_stops_halod(tmp_path: Path, content: bytes | None, why: str) -> None:
+    key_file = tmp_path / "operator.key"
+    if content is not None:
+        key_file.write_bytes(content)
+    config = HaloDConfig(db=str(tmp_path / "h.db"), dataplane="none",
+                         operator_key_file=str(key_file))  # fmt: skip
+    with pytest.raises(ValueError, match=f"operator_key_file {key_file}: .*{why}"):
+        HaloD(config, task.Clock())
+    assert not (tmp_path / "h.db").exists()  # before the store is opened
