@@ -31,6 +31,7 @@ from typing import Any
 
 from orbited.core.control import trace_query
 from orbited.core.keys import ConnectionKey, KeyError_
+from orbited.core.routes import format_ranges
 from orbited.core.tokens import load_secret
 from orbited.core.traceview import clock, key_text, merge_keys, verdicts
 from orbited.whereis import DEFAULT_STATE_DIR, DEFAULT_STATUS
@@ -152,7 +153,7 @@ def _incident_line(i: Mapping[str, Any]) -> str:
     if i.get("reason"):
         parts[0] += f" ({_clean(i['reason'])})"
     if routes:
-        parts.append(f"routes {','.join(map(str, routes))}" + (f" → {_clean(','.join(to))}"
+        parts.append(f"routes {format_ranges(routes)}" + (f" → {_clean(','.join(to))}"
                                                              if to else ""))  # fmt: skip
     if _num(i.get("handoff_s")):
         parts.append(f"hand-off {i['handoff_s'] * 1000:.0f} ms")

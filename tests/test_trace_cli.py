@@ -59,7 +59,8 @@ def halod_answer(event: str | None = "42") -> dict[str, Any]:
         "incidents": [{"id": 88, "kind": "drain", "node": "n1", "reason": "operator",
                        "first_sign": T + 2.0, "handoff_s": 0.041, "browsers_moved": 150,
                        "browsers_back": 150, "back_s": 0.29,
-                       "moves": [{"route": 13, "old": "n1", "new": "n2"}]},
+                       "moves": [{"route": r, "old": "n1", "new": "n2"}
+                                 for r in (13, 14, 15, 20)]},
                       {"id": 89, "kind": "join", "node": "n5", "first_sign": T,
                        "moves": [{"route": 7, "old": None, "new": "n5"}]}],
     }  # fmt: skip
@@ -81,8 +82,8 @@ def test_the_merged_answer_as_text():
     assert lines[4].split()[:3] == ["07:00:02.010", "n1", "moved"]
     assert lines[5].split() == ["07:00:02.100", "n2", "handed_in", "origin=n1"]
     assert lines[6] == (
-        "07:00:02.000  --   incident 88: drain n1 (operator) · routes 13 → n2 · hand-off 41 ms"
-        " · 150/150 browsers back 0.29 s"
+        "07:00:02.000  --   incident 88: drain n1 (operator) · routes 13-15,20 → n2 · "
+        "hand-off 41 ms · 150/150 browsers back 0.29 s"
     )  # the join of route 7 is not this key's
     assert lines[8:] == [
         'event 42 → ["alice","3f9a","/chat"]: written to ws on n2 at 07:00:02.210 (after the '
