@@ -305,7 +305,7 @@ def _fate(row: Mapping[str, Any], notes: Sequence[Mapping[str, Any]], since: flo
                 "back within linger)"
             )
         elif what == "moved":
-            to = _str(note, "to")
+            to = _str(note, "owner") or _str(note, "to")  # the name, else the SP address
             if note.get("handed") is True:
                 return f"; then route {note.get('route')} moved and the mailbox was handed over" + (
                     f" to {to}" if to else ""

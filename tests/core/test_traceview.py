@@ -310,3 +310,10 @@ def test_a_note_carried_in_a_hand_off_is_shown_once():
     assert [(n["what"], n["node"]) for n in keys[0]["notes"]] == [
         ("attach", "n1"), ("handed_in", "n2")
     ]  # fmt: skip
+
+
+def test_a_moved_note_names_the_new_owner_when_it_knows_it():
+    moved = note("moved", T + 2, route=13, to="tcp://127.0.0.3:9001", owner="n2", handed=True)
+    assert verdict("42", [rec()], [moved]).endswith(
+        "; then route 13 moved and the mailbox was handed over to n2"
+    )
