@@ -414,9 +414,10 @@ class Membership:
 
     def pace_due(self) -> float | None:
         """When ``pace_tick`` should next run (None: no paced move waits)."""
-        if not self.holdover:
-            return None
-        return self.step.next_at() if self.step is not None else 0.0
+        if self.step is not None:
+            return self.step.next_at() if self.holdover else None
+        # None while every held route waits for a node to come back (the tick retries)
+        return 0.0 if self._movable() else None
 
     def pace_tick(self, now: float) -> Effects:
         """Start the next step of a paced move when the last one is done: its routes
@@ -462,24 +463,29 @@ class Membership:
         moves = _diff(before, self.effective_owners(), self.table.routes)
         return Change(change.name, change.role, change.node_id, moves)
 
+    def _movable(self) -> list[int]:
+        """Held routes whose step may come: both ends connected (a hand-off needs them;
+        the others wait, and a failure moves them at once)."""
+        table = self.table.owners()
+        movable = []
+        for route in sorted(self.holdover):
+            old, new = self.nodes.get(self.holdover[route]), self.nodes.get(table.get(route, ""))
+            if old is not None and new is not None and old.connected and new.connected:
+                movable.append(route)
+        return movable
+
     def _take_step(self, now: float) -> None:
         """Release the next routes of ``holdover``: whole routes, oldest route number
         first, up to MOVE_STEP seconds of browsers (each route counts its old owner's
         connections over its routes; at least one route)."""
         rate = self.timing.move_rate
-        table = self.table.owners()
         held = Counter(self.effective_owners().values())
         budget = rate * MOVE_STEP if rate > 0 else float("inf")
         taken: list[int] = []
         browsers = 0.0
-        for route in sorted(self.holdover):
-            holder, new = self.holdover[route], table.get(route)
-            old_record = self.nodes.get(holder)
-            new_record = self.nodes.get(new) if new is not None else None
-            if old_record is None or new_record is None:
-                continue
-            if not (old_record.connected and new_record.connected):
-                continue  # waits: the hand-off needs both ends (a failure moves it now)
+        for route in self._movable():
+            holder = self.holdover[route]
+            old_record = self.nodes[holder]
             share = self._share.get(route)
             if share is None:  # planned by an earlier leader (restored): estimate now
                 share = old_record.connections / max(1, held[holder])

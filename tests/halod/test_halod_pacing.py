@@ -145,6 +145,18 @@ def test_the_new_owner_failing_leaves_held_routes_with_the_old_owner():
     assert all(m.table.owners()[r] == "n3" for r in range(5, 13))
 
 
+def test_a_step_waits_while_an_end_is_away_without_spinning():
+    m = cluster()
+    m.drain("n1", 1.0)
+    m.handoff_relayed("n1", "n2", (1, 2, 3, 4))
+    m.disconnected("n1", 1.01)  # a control-link blip: it has `grace` to come back
+    assert not m.pace_tick(1.5).changes
+    assert m.pace_due() is None  # nothing to wake up for: the tick looks again
+    m.register(reg("n1"), 2.0)  # back within grace, still serving 5-12
+    assert m.held_by("n1") == list(range(5, 13))
+    assert moved_routes(m.tick(2.1), "n1") == [5, 6, 7, 8]
+
+
 def test_rehash_waits_for_a_paced_move():
     m = cluster()
     for name in m.nodes:
