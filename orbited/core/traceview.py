@@ -278,47 +278,70 @@ def verdict(
 
 
 def _fate(row: Mapping[str, Any], notes: Sequence[Mapping[str, Any]], since: float) -> str:
-    """What happened to a stored, unwritten event later: evicted, its stream reset, handed
-    to another node, its mailbox expired; or still waiting."""
+    """What happened to a stored, unwritten event later, from the notes of the nodes that
+    held its mailbox (the record's node, then the one it was handed to): handed over,
+    then evicted (a ``gap``), its stream reset, its mailbox expired or dropped; or still
+    waiting."""
     seq = _int(row, "seq")
     node = _str(row, "node")
     handed = _str(row, "handed") or ""
+    holders = {node, handed[4:] if handed.startswith("out:") else None}
+    anyone = handed == "out"  # handed to a node it does not name: read every node's notes
+    said: list[str] = []
     for note in sorted(notes, key=_t):
-        if _t(note) < since or (node is not None and _str(note, "node") not in (None, node)):
+        if _t(note) < since:
+            continue
+        where = _str(note, "node")
+        if not anyone and where is not None and node is not None and where not in holders:
             continue
         what = _str(note, "what")
+        when = clock(note.get("t"))
         first, last = _int(note, "first"), _int(note, "last")
-        if what == "evicted" and seq is not None and first is not None and last is not None:
-            if first <= seq <= last:
-                return (
-                    f"; evicted by the mailbox limits at {clock(note.get('t'))}: the browser "
-                    f"gets gap {first}-{last}"
-                )
-        elif what == "reset":
-            return (
-                f"; its stream was reset at {clock(note.get('t'))}: events before the reset "
-                "are lost to the browser"
-            )
-        elif what == "expired":
-            return (
-                f"; the mailbox expired at {clock(note.get('t'))} (the browser did not come "
-                "back within linger)"
-            )
-        elif what == "moved":
+        covered = (
+            seq is not None and first is not None and last is not None and first <= seq <= last
+        )
+        if what == "moved":
+            route = note.get("route")
+            if note.get("handed") is not True:
+                said.append(f"then route {route} moved at {when} without a hand-off: the "
+                            "mailbox was dropped")  # fmt: skip
+                break
             to = _str(note, "owner") or _str(note, "to")  # the name, else the SP address
-            if note.get("handed") is True:
-                return f"; then route {note.get('route')} moved and the mailbox was handed over" + (
-                    f" to {to}" if to else ""
-                )
-            return (
-                f"; then route {note.get('route')} moved at {clock(note.get('t'))} without a "
-                "hand-off: the mailbox was dropped"
-            )
-    if handed.startswith("out:"):
-        return f"; then handed to {handed[4:]}"
-    if handed == "out":
-        return "; then handed to the route's new owner"
-    return "; still waiting for the browser"
+            said.append(f"then route {route} moved and the mailbox was handed over"
+                        + (f" to {to}" if to else ""))  # fmt: skip
+            owner = _str(note, "owner")
+            if owner is not None:
+                holders.add(owner)
+            else:
+                anyone = True
+            continue
+        if what == "gap" and covered:  # the browser resumed past it
+            said.append("gone before it was written (evicted by the mailbox limits, or left "
+                        f"out of a hand-off): the browser got gap {first}-{last} at "
+                        f"{when}")  # fmt: skip
+            break
+        if what == "evicted" and covered:
+            said.append(f"evicted by the mailbox limits at {when}: the browser gets gap "
+                        f"{first}-{last}")  # fmt: skip
+            break
+        if what == "reset":
+            said.append(f"its stream was reset at {when}: events before the reset are lost "
+                        "to the browser")  # fmt: skip
+            break
+        if what == "expired":
+            said.append(f"the mailbox expired at {when} (the browser did not come back "
+                        "within linger)")  # fmt: skip
+            break
+    if not said:
+        if handed.startswith("out:"):
+            said.append(f"then handed to {handed[4:]}")
+        elif handed == "out":
+            said.append("then handed to the route's new owner")
+        else:
+            said.append("still waiting for the browser")
+    elif said[-1].startswith("then route") and "handed over" in said[-1]:
+        said.append("still waiting for the browser there")
+    return "; " + "; ".join(said)
 
 
 def verdicts(

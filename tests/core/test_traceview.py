@@ -96,7 +96,10 @@ def test_queued_then_the_mailbox_expired():
 def test_queued_then_handed_over_in_a_planned_move():
     text = verdict("42", [rec()], [note("moved", T + 2, route=13, to="tcp://n2:9001",
                                         handed=True)])  # fmt: skip
-    assert text.endswith("; then route 13 moved and the mailbox was handed over to tcp://n2:9001")
+    assert text.endswith(
+        "; then route 13 moved and the mailbox was handed over to tcp://n2:9001; "
+        "still waiting for the browser there"
+    )
 
 
 def test_queued_then_moved_without_a_hand_off():
@@ -315,5 +318,23 @@ def test_a_note_carried_in_a_hand_off_is_shown_once():
 def test_a_moved_note_names_the_new_owner_when_it_knows_it():
     moved = note("moved", T + 2, route=13, to="tcp://127.0.0.3:9001", owner="n2", handed=True)
     assert verdict("42", [rec()], [moved]).endswith(
-        "; then route 13 moved and the mailbox was handed over to n2"
+        "; then route 13 moved and the mailbox was handed over to n2; still waiting for the "
+        "browser there"
     )
+
+
+def test_what_happened_on_the_new_owner_after_the_hand_off():
+    """Notes of the node the mailbox went to follow the hand-off; another node's do not."""
+    moved = note("moved", T + 2, route=13, owner="n2", handed=True, node="n1")
+    gap = note("gap", T + 3, first=40, last=45, node="n2")
+    elsewhere = note("expired", T + 2.5, node="n3")
+    assert verdict("42", [rec()], [moved, elsewhere, gap]).endswith(
+        "; then route 13 moved and the mailbox was handed over to n2; gone before it was "
+        "written (evicted by the mailbox limits, or left out of a hand-off): the browser got "
+        "gap 40-45 at 07:00:03.000"
+    )
+    expired = note("expired", T + 70, node="n2")
+    assert verdict("42", [rec(handed="out:n2")], [expired]).endswith(
+        "; the mailbox expired at 07:01:10.000 (the browser did not come back within linger)"
+    )
+    assert verdict("42", [rec()], [gap]).endswith("; still waiting for the browser")
