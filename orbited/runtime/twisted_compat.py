@@ -10,10 +10,8 @@ production. Nothing else in orbited/ or halod/ may use a private upstream name
 from __future__ import annotations
 
 from pprint import pformat
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import autobahn.websocket.protocol as _autobahn_protocol
-from autobahn.websocket.protocol import WebSocketProtocol
 from twisted.application import internet
 from twisted.internet import tcp
 from twisted.internet.interfaces import IListeningPort
@@ -21,6 +19,9 @@ from twisted.internet.protocol import AbstractDatagramProtocol, Factory
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper
 from twisted.web import http
+
+if TYPE_CHECKING:  # autobahn is imported by the node's WebSocket code, not by HaloD's
+    from autobahn.websocket.protocol import WebSocketProtocol
 
 
 def unsent_bytes(transport: object) -> int | None:
@@ -189,6 +190,8 @@ def lazy_autobahn_pformat() -> None:
     ``Timings.__str__`` also uses that global; the node never enables trackTimings.)"""
     # The global is typed as pprint.pformat, which returns str: autobahn only passes the
     # result to a log call, where the lazy object formats itself.
+    import autobahn.websocket.protocol as _autobahn_protocol  # only where WebSockets are
+
     _autobahn_protocol.pformat = _LazyPformat  # type: ignore[assignment]
 
 
