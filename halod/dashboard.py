@@ -279,6 +279,7 @@ class DashboardFeed:
         for stream in list(self.streams):
             stream.closed = True
             try:
+                stream.request.unregisterProducer()
                 stream.request.finish()
             except Exception:  # noqa: S110 - already gone
                 pass

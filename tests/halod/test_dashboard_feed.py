@@ -93,8 +93,11 @@ class FakeRequest:
     def notifyFinish(self) -> defer.Deferred[None]:  # noqa: N802
         return self.finished
 
+    def unregisterProducer(self) -> None:  # noqa: N802
+        self.producer = None
+
     def finish(self) -> None:
-        pass
+        assert self.producer is None, "twisted.web logs a producer left registered"
 
     def abortConnection(self) -> None:  # noqa: N802
         self.aborted = True

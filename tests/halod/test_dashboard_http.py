@@ -511,3 +511,29 @@ def test_a_bad_operator_key_stops_halod(tmp_path: Path, content: bytes | None, w
     with pytest.raises(ValueError, match=f"operator_key_file {key_file}: .*{why}"):
         HaloD(config, task.Clock())
     assert not (tmp_path / "h.db").exists()  # before the store is opened
+
+
+def test_stopping_halod_ends_open_streams_cleanly(tmp_path: Path) -> None:
+    from twisted.logger import ILogObserver, globalLogPublisher
+    from zope.interface import provider
+
+    halod, _, _ = halod_with(tmp_path)
+    proto = status_site(halod).buildProtocol(IPv4Address("TCP", "127.0.0.1", 5555))
+    transport = StringTransport()
+    proto.makeConnection(transport)
+    proto.dataReceived(b"GET /dashboard/events HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    assert len(halod.insight.feed.streams) == 1
+    failures: list[dict[str, Any]] = []
+
+    @provider(ILogObserver)
+    def observe(event: dict[str, Any]) -> None:
+        if "log_failure" in event:
+            failures.append(event)
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        halod.shutdown()
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    assert failures == [] and halod.insight.feed.streams == []
+    assert transport.value().endswith(b"\r\n0\r\n\r\n")  # the chunked response ended
