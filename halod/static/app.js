@@ -336,7 +336,8 @@ function paintNodes() {
   body.textContent = "";
   for (const n of state.nodes.nodes) {
     const suspect = n.suspected ? `${n.suspected.cause}${n.suspected.probe ? " · probe " + n.suspected.probe : ""}` : "";
-    const badge = el("span", { class: `badge ${n.suspected ? "suspect" : n.state}`, text: n.connected ? n.state : `${n.state} · away` });
+    const live = state.nodes.live; // a follower knows the table, not the connections
+    const badge = el("span", { class: `badge ${n.suspected ? "suspect" : n.state}`, text: n.connected || !live ? n.state : `${n.state} · away` });
     const sw = el("span", { class: "swatch" });
     const colour = colourOf(n.name, ids);
     if (n.id !== null && n.id !== undefined) sw.style.background = colour;
@@ -350,7 +351,9 @@ function paintNodes() {
       conns.append(bar);
     }
     const ack = n.ack_p50_ms === null || n.ack_p50_ms === undefined ? "–" : `${fmtMs(n.ack_p50_ms)} / ${fmtMs(n.ack_p99_ms)}`;
-    const beat = n.connected ? (n.heartbeat_age === null || n.heartbeat_age === undefined ? "–" : `${n.heartbeat_age.toFixed(1)} s`) : `away ${n.disconnected_for ?? "?"} s`;
+    let beat = "–";
+    if (live && n.connected && n.heartbeat_age !== null && n.heartbeat_age !== undefined) beat = `${n.heartbeat_age.toFixed(1)} s`;
+    else if (live && !n.connected) beat = `away ${n.disconnected_for ?? "?"} s`;
     const tr = el(
       "tr",
       { "data-node": n.name, "data-state": n.state },
