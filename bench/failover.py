@@ -274,9 +274,13 @@ def run_case(env: Env, backend: str, name: str, args: argparse.Namespace) -> dic
     route = {k: v["route"] for k, v in sent["keys"].items()}
     moved_ids = {k for k, r in route.items() if r in moved}
 
-    # silences: the longest gap between two arrivals overlapping the incident, per browser
+    # silences: per moved browser, the longest gap between two arrivals from the incident
+    # until that browser receives again after its reconnect (a gap that starts later, once
+    # its move is over, is not the move's); a browser with no outage: the whole window
     def silence(client: dict[str, Any]) -> float:
-        gaps = [b - a for a, b in client.get("long_gaps", []) if b >= t0 and a <= window[1]]
+        ends = [o[1] for o in client["outages"] if o[0] is not None and o[0] >= t0 and o[1]]
+        until = max(ends) if ends else window[1]
+        gaps = [b - a for a, b in client.get("long_gaps", []) if b >= t0 and a <= until]
         return max(gaps, default=0.0)
 
     silences = sorted(silence(cl) for cl in clients if cl["id"] in moved_ids)
