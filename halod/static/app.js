@@ -320,10 +320,16 @@ function operatorKey() {
   }
 }
 
-function nodeActions(n) {
-  const td = el("td", { class: "actions-col" });
-  if (!state.operatorRequired || !operatorKey() || !state.nodes.live) return td;
+function nodeActions(n, previous) {
+  const allowed = state.operatorRequired && operatorKey() && state.nodes.live;
   const action = n.state === "drained" ? "undrain" : "drain";
+  const key = allowed ? action : "";
+  // The same cell as before when nothing changed: a click in progress is not lost to the
+  // repaint of the row every second.
+  const old = previous.get(n.name);
+  if (old && old.getAttribute("data-key") === key) return old;
+  const td = el("td", { class: "actions-col", "data-key": key });
+  if (!allowed) return td;
   const button = el("button", { class: action === "drain" ? "danger" : "", "data-action": action, "data-node": n.name, text: action === "drain" ? "Drain" : "Undrain" });
   button.addEventListener("click", () => operate(action, n.name));
   td.append(button);
@@ -333,6 +339,8 @@ function nodeActions(n) {
 function paintNodes() {
   const ids = nodeIds();
   const body = $("nodes-body");
+  const previous = new Map();
+  for (const tr of body.querySelectorAll("tr[data-node]")) previous.set(tr.getAttribute("data-node"), tr.querySelector("td.actions-col"));
   body.textContent = "";
   for (const n of state.nodes.nodes) {
     const suspect = n.suspected ? `${n.suspected.cause}${n.suspected.probe ? " · probe " + n.suspected.probe : ""}` : "";
@@ -367,7 +375,7 @@ function paintNodes() {
       el("td", { class: "num", "data-field": "ack", text: ack }),
       el("td", { class: "num", text: beat }),
       el("td", { text: suspect }),
-      nodeActions(n),
+      nodeActions(n, previous),
     );
     body.append(tr);
   }
@@ -388,7 +396,13 @@ function paintNodes() {
   paintOperator();
 }
 
+let operatorMode = null;
+
 function paintOperator() {
+  // Rebuilt only when what it shows changes: a key being typed survives the pushes.
+  const mode = !state.nodes.live ? "follower" : !state.operatorRequired ? "cli" : operatorKey() ? "entered" : "ask";
+  if (mode === operatorMode) return;
+  operatorMode = mode;
   const box = $("operator");
   box.textContent = "";
   if (!state.nodes.live) {
