@@ -322,3 +322,97 @@ def test_health_gauges_carry_the_tracers() -> None:
     assert (gauges["traced_keys"], gauges["trace_records"], gauges["trace_notes"]) == (1, 1, 0)
     assert gauges["trace_evicted_keys"] == 0
     assert "traced_keys" not in Hub(Clock(), HubConfig()).gauges()
+
+
+def test_off_leaves_the_hub_untouched_and_on_installs_the_hook() -> None:
+    """Tracing off: no observer and the class's own _deliver (the per-recipient path has
+    no hook); on: the instance's _deliver is the observed one; off again removes it."""
+    hub = Hub(Clock(), HubConfig(), epoch="ep")
+    assert hub.observer is None and "_deliver" not in vars(hub)
+    tracer = Tracer(TraceConfig(), "n1")
+    hub.observe(tracer, tracer)
+    assert vars(hub)["_deliver"] == hub._deliver_observed
+    hub.observe(None)
+    assert hub.observer is None and hub.tracer is None and "_deliver" not in vars(hub)
+
+
+def test_the_service_builds_the_tracer_from_its_config(tmp_path: Any) -> None:
+    from twisted.internet import reactor
+
+    from orbited.node.config import NodeConfig
+    from orbited.node.service import NodeService
+
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"s" * 40)
+    base = {"http": "127.0.0.1:0", "sp": "tcp://127.0.0.1:0", "secret_file": str(secret),
+            "create_secret": False, "name": "n7"}  # fmt: skip
+    off = NodeService(NodeConfig(**base, trace="off"), reactor)
+    assert off.hub.observer is None and off.tracer is None
+    on = NodeService(NodeConfig(**base, trace="users", trace_users=["a"], trace_per_key=3), reactor)
+    assert on.hub.observer is on.tracer is on.hub.tracer
+    assert on.tracer is not None and on.tracer.node == "n7"
+    assert on.tracer.config == TraceConfig("users", 3, 3, 10_000, frozenset({"a"}))
+
+
+class _Recorder:
+    def __init__(self) -> None:
+        self.calls: list[tuple[Any, ...]] = []
+
+    def dispatched(self, request: Any, now: float) -> str:
+        return "mine"
+
+    def recipient(self, token: Any, key: Any, route: Any, status: Any, *rest: Any) -> None:
+        self.calls.append(("recipient", token, key, str(status)))
+
+    def answered(self, token: Any, outcome: Any, now: float) -> None:
+        self.calls.append(("answered", token, outcome.event_id))
+
+    def written(self, *args: Any) -> None: ...
+
+    def acked(self, *args: Any) -> None: ...
+
+    def noted(self, key: Any, what: str, now: float, **detail: Any) -> None: ...
+
+    def export(self, key: Any) -> list[dict[str, Any]]:
+        return []
+
+    def import_(self, *args: Any) -> None: ...
+
+
+def test_tracer_and_another_observer_both_see_each_dispatch() -> None:
+    clock = Clock()
+    hub = Hub(clock, HubConfig(), epoch="ep")
+    tracer, other = Tracer(TraceConfig(), "n1"), _Recorder()
+    hub.observe(build_observer(tracer, other), tracer)  # type: ignore[arg-type]
+    hub.attach(ALICE, Sink(), None)
+    send(hub, "1", [ALICE, BOB])
+    assert other.calls == [
+        ("recipient", "mine", ALICE, "delivered"),
+        ("recipient", "mine", BOB, "no_connection"),
+        ("answered", "mine", "1"),
+    ]
+    assert [r["status"] for r in rows(hub)] == ["delivered"]
+
+
+def test_the_service_adds_opentelemetry_when_configured(tmp_path: Any) -> None:
+    pytest.importorskip("opentelemetry.sdk")
+    from twisted.internet import reactor
+
+    from orbited.node.config import NodeConfig
+    from orbited.node.observe import Observers
+    from orbited.node.service import NodeService
+
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"s" * 40)
+    config = NodeConfig(
+        http="127.0.0.1:0", sp="tcp://127.0.0.1:0", secret_file=str(secret),
+        create_secret=False, otel=True, otel_exporter="memory",
+    )  # fmt: skip
+    node = NodeService(config, reactor)
+    assert node.otel is not None
+    observer = node.hub.observer
+    assert isinstance(observer, Observers) and observer.parts == (node.tracer, node.otel)
+    node.otel.shutdown()
+    alone = NodeService(NodeConfig(**{**vars(config), "trace": "off"}), reactor)
+    assert alone.hub.observer is alone.otel and alone.tracer is None
+    alone.otel.shutdown()
