@@ -258,8 +258,9 @@ class HandHub:
         return 0
 
     def route_moved(
-        self, moves: Any, handoff: Any, exports: Any, users: Any = None, exported: Any = None
-    ) -> int:
+        self, moves: Any, handoff: Any, exports: Any, users: Any = None, exported: Any = None,
+        owners: Any = None,
+    ) -> int:  # fmt: skip
         if exported is not None:
             exported()
         return 0
