@@ -523,7 +523,7 @@ class HaloD:
                         listener(change, self.membership)
                     except Exception:
                         self.log.failure("route change listener failed")
-            self.insight.released(effects, version, self.membership, self.clock.seconds())
+        self.insight.released(effects, version, self.membership, self.clock.seconds())
         for drop in effects.drops:
             conn = self.connections.pop(drop.name, None)
             if conn is not None:

@@ -537,3 +537,31 @@ def test_stopping_halod_ends_open_streams_cleanly(tmp_path: Path) -> None:
         globalLogPublisher.removeObserver(observe)
     assert failures == [] and halod.insight.feed.streams == []
     assert transport.value().endswith(b"\r\n0\r\n\r\n")  # the chunked response ended
+
+
+def test_a_probe_verdict_reaches_the_stream_at_once(tmp_path: Path) -> None:
+    from halod.liveness import Outcome, ProbeRequest
+
+    asked: dict[str, defer.Deferred[Outcome]] = {}
+
+    def fake_probe(request: ProbeRequest) -> defer.Deferred[Outcome]:
+        asked[request.port] = defer.Deferred()
+        return asked[request.port]
+
+    clock = task.Clock()
+    config = HaloDConfig(db=str(tmp_path / "h.db"), dataplane="none")
+    halod = HaloD(config, clock, prober=fake_probe)
+    n1, _ = TracingNode(halod, "n1"), TracingNode(halod, "n2")
+    proto = status_site(halod).buildProtocol(IPv4Address("TCP", "127.0.0.1", 5555))
+    transport = StringTransport()
+    proto.makeConnection(transport)
+    proto.dataReceived(b"GET /dashboard/events HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    n1.proto.connectionLost(Failure(error.ConnectionLost()))
+    clock.advance(0.01)  # the disconnect's push is out; the next `nodes` tick is ~1 s away
+    assert b'"probe":null' in transport.value()
+    transport.clear()
+    for d in asked.values():
+        d.callback(Outcome.ANSWERED)  # alive: its connection blipped
+    clock.advance(0.1)
+    sent = _unchunk(transport.value()).decode()
+    assert "event: nodes" in sent and '"probe":"alive"' in sent
