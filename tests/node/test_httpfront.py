@@ -553,6 +553,23 @@ def test_held_polls_are_answered_after_their_timeout_within_a_tenth_of_a_second(
     assert front.poll_ticks == {}
 
 
+def test_a_poll_failing_at_its_timeout_does_not_keep_the_others_of_its_tick():
+    clock = Clock()
+    hub, front = clocked_front(clock)
+    broken, fine = (
+        held_poll(front, KEY, b"5"),
+        held_poll(front, ConnectionKey("b", "s", "/c"), b"5"),
+    )
+
+    def fail(data: bytes) -> None:
+        raise OSError("gone")
+
+    broken.write = fail  # type: ignore[method-assign]
+    clock.advance(5)
+    assert [f["type"] for f in poll_frames(fine)] == ["hello"]
+    assert front.poll_ticks == {}
+
+
 def test_a_poll_answered_early_takes_its_tick_timer_along_if_it_was_the_last():
     clock = Clock()
     hub, front = clocked_front(clock)

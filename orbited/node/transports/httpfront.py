@@ -418,7 +418,10 @@ class BrowserFront(Factory):
         entry = self.poll_ticks.pop(tick, None)
         if entry is not None:
             for sink in list(entry[1]):
-                sink.answer()
+                try:
+                    sink.answer()
+                except Exception:  # one poll's failure must not leave the others held
+                    log.failure("answering a timed-out poll failed")
 
     def close_idle_connections(self) -> None:
         """Close every connection with no request in progress (node shutdown), here and
