@@ -945,10 +945,10 @@ class Hub(RouteOwnership):
                 if over and recipient[0] in over:
                     results.append(over[recipient[0]])
                     if observer is not None and type(recipient) is not Selector:
-                        observer.recipient(
-                            token, recipient, route_of(recipient, self.routes, self.hash_version),  # type: ignore[arg-type]
-                            over[recipient[0]].status, None, None, 0, None, now,
-                        )  # fmt: skip
+                        limited: ConnectionKey = recipient  # type: ignore[assignment]
+                        route = route_of(limited, self.routes, self.hash_version)
+                        status = over[limited[0]].status
+                        observer.recipient(token, limited, route, status, None, None, 0, None, now)
                     continue
                 entry: RecipientResult | defer.Deferred[RecipientResult] | None
                 if type(recipient) is Selector:
