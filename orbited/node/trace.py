@@ -353,19 +353,25 @@ class Tracer:
 
     def import_(self, key: ConnectionKey, wire: list[Any], origin: str | None, now: float) -> None:
         """A hand-off's ``trace`` for ``key``: records (marked handed out from their node
-        to this one) go before this node's own; malformed entries are dropped (counted)."""
+        to this one) go before this node's own; malformed entries are dropped (counted).
+        Idempotent: a large mailbox comes in several entries, each with the whole trace."""
         kt = self._trace(key, now)
         if kt is None:
             return
         records: list[Record] = []
         notes: list[Note] = []
+        have = {_identity(r) for r in kt.records}
+        have_notes = set(kt.notes)
         for entry in wire:
             parsed = _parse_entry(entry, self.node)
             if parsed is None:
                 self.import_dropped += 1
             elif type(parsed[0]) is Dispatch:
-                records.append(parsed)
-            else:  # (t, what, ...): a note
+                if _identity(parsed) not in have:
+                    have.add(_identity(parsed))
+                    records.append(parsed)
+            elif parsed not in have_notes:  # (t, what, ...): a note
+                have_notes.add(parsed)
                 notes.append(parsed)
         if records:
             merged = sorted(records + kt.records, key=lambda r: r[DISPATCH].t)
@@ -410,6 +416,11 @@ class Tracer:
             "trace_notes": sum(len(kt.notes) for kt in traces),
             "trace_evicted_keys": self.evicted_keys,
         }
+
+
+def _identity(record: Record) -> tuple[Any, ...]:
+    """What makes a record the same one when it arrives twice: request, node, status, seq."""
+    return record[DISPATCH].request, record[NODE], str(record[STATUS]), record[SEQ]
 
 
 _RECORD_STR = ("event", "request", "node", "status")

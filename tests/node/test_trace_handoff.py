@@ -98,3 +98,29 @@ def test_an_export_without_trace_is_the_old_wire_form() -> None:
     route = route_of(ALICE, hub.routes, hub.hash_version)
     hub.route_moved({route: None}, handoff=[route], exports=exports)
     assert "trace" not in exports[0]
+
+
+def test_a_mailbox_in_several_entries_imports_its_trace_once() -> None:
+    """handoff_messages splits a large mailbox into entries that each carry the trace."""
+    clock = Clock()
+    old, new = node("n1", clock), node("n2", clock)
+    route = route_of(ALICE, old.routes, old.hash_version)
+    everything = range(1, old.routes + 1)
+    old.assign(everything)
+    new.assign([r for r in everything if r != route])
+    sink = Sink()
+    old.attach(ALICE, sink, None)
+    old.detach(ALICE, sink)
+    for i in range(3):
+        send(old, str(i), [ALICE])
+    new.assign(everything, incoming=[route])
+    exports: list[dict[str, Any]] = []
+    old.route_moved({route: None}, handoff=[route], exports=exports, owners={route: "n2"})
+    (entry,) = exports
+    first = {**entry, "events": entry["events"][:2]}
+    rest = {**entry, "events": entry["events"][2:]}
+    assert new.handoff_received([first], [], sender="n1") == 1
+    new.handoff_received([rest], [route], sender="n1")
+    assert [r["event"] for r in rows(new)] == ["0", "1", "2"]
+    (key,) = new.trace_answer("alice")["keys"]
+    assert [n["what"] for n in key["notes"]] == ["attach", "detach", "handed_in"]
