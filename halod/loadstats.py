@@ -14,10 +14,11 @@ from __future__ import annotations
 import math
 from collections import deque
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import Any
 
 from orbited.core.control import HeartbeatLoad
-from orbited.core.latency import LatencyHistogram
+from orbited.core.latency import LatencyHistogram, Pairs
 
 RATE_WINDOW = 5.0  # seconds: the EWMA's time constant
 ACK_WINDOW = 30.0  # seconds of ack-latency histograms behind p50/p99
@@ -34,14 +35,21 @@ class NodeLoad:
     last_at: float | None = None
     rates: dict[str, float] = field(default_factory=dict)  # per second, smoothed
     history: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=HISTORY))
-    ack_window: deque[tuple[float, LatencyHistogram]] = field(default_factory=deque)
+    ack_window: deque[tuple[float, Pairs]] = field(default_factory=deque)  # per beat
     routes: dict[int, int] = field(default_factory=dict)  # attached per route
+    # The ack_window's samples added up (kept as beats come and go: reading it is O(1)).
+    ack: LatencyHistogram = field(default_factory=LatencyHistogram)
 
     def observe(self, load: HeartbeatLoad, now: float) -> None:
         counters = load.counters()
         last, last_at = self.last, self.last_at
         if last is not None and last_at is not None and now > last_at:
-            if any(counters.get(k, v) < v for k, v in last.items()):
+            went_down = False
+            for name, value in last.items():
+                if counters.get(name, value) < value:
+                    went_down = True
+                    break
+            if went_down:
                 self.rates = {}  # the node started again: a new baseline
             else:
                 dt = now - last_at
@@ -51,11 +59,12 @@ class NodeLoad:
                         rate = (counters[name] - last[name]) / dt
                         old = self.rates.get(name)
                         self.rates[name] = rate if old is None else old + alpha * (rate - old)
-                if "events" in self.rates:
-                    self.history.append((now, self.rates["events"]))
+                if "events" in self.rates:  # rounded once here, drawn every second
+                    self.history.append((now, round(self.rates["events"], 1)))
         self.last, self.last_at = counters, now
         if load.ack_hist:
-            self.ack_window.append((now, LatencyHistogram(load.ack_hist)))
+            self.ack_window.append((now, load.ack_hist))
+            self.ack.add(load.ack_hist)
         self._trim(now)
         if load.routes_full:
             self.routes = {r: n for r, n in load.routes.items() if n}
@@ -67,21 +76,22 @@ class NodeLoad:
                     self.routes.pop(route, None)
 
     def _trim(self, now: float) -> None:
-        while self.ack_window and now - self.ack_window[0][0] > ACK_WINDOW:
-            self.ack_window.popleft()
+        window, counts = self.ack_window, self.ack.counts
+        while window and now - window[0][0] > ACK_WINDOW:
+            for bucket, n in window.popleft()[1]:
+                counts[bucket] -= n
+                self.ack.count -= n
 
     def ack_histogram(self, now: float) -> LatencyHistogram:
+        """The samples of the last ACK_WINDOW seconds (HaloD's own: read, do not change)."""
         self._trim(now)
-        merged = LatencyHistogram()
-        for _, hist in self.ack_window:
-            merged.merge(hist)
-        return merged
+        return self.ack
 
     def ack_quantiles(self, now: float) -> dict[str, float | None]:
         """``{"p50": ms, "p99": ms, "n": samples}`` over the last ACK_WINDOW seconds (the
         quantiles are bucket upper bounds; None without samples)."""
-        merged = self.ack_histogram(now)
-        return {"p50": merged.quantile(0.5), "p99": merged.quantile(0.99), "n": merged.count}
+        hist = self.ack_histogram(now)
+        return {"p50": hist.quantile(0.5), "p99": hist.quantile(0.99), "n": hist.count}
 
     def rate(self, name: str) -> float | None:
         value = self.rates.get(name)
@@ -89,8 +99,8 @@ class NodeLoad:
 
     def spark(self) -> list[float]:
         """The last SPARK events/s points, oldest first."""
-        points = list(self.history)[-SPARK:]
-        return [round(v, 1) for _, v in points]
+        start = max(0, len(self.history) - SPARK)
+        return [v for _, v in islice(self.history, start, None)]
 
     def to_json(self, now: float) -> dict[str, Any]:
         ack = self.ack_quantiles(now)
