@@ -56,7 +56,7 @@ class Sink(Protocol):
 
     last_write: float
     wants_pings: bool  # streaming transports do; a held long-poll ends by its own timeout
-    kind: str  # the transport's name in per-key traces: "ws", "sse", "poll", "iframe", "orbit"
+    kind: str  # the transport's name in per-key traces: "ws", "sse", "poll" or "iframe"
 
     def deliver(self, out: list[Frame]) -> bool:
         """Write frames (their ``data``) to the browser, or keep them for the delivery
