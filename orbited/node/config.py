@@ -28,7 +28,7 @@ from orbited.node.mailbox import MailboxLimits
 from orbited.node.offline import OfflineConfig
 from orbited.node.presence import PresenceConfig
 from orbited.node.rep import RepLimits
-from orbited.node.trace import MODES, TraceConfig
+from orbited.node.trace import DEFAULT_MODE, MODES, TraceConfig
 from orbited.node.transports.common import BrowserAuth
 from orbited.node.transports.limits import BrowserLimitsConfig
 from orbited.node.users import UserLimits
@@ -248,7 +248,7 @@ class NodeConfig(ConfigBase):
         1, "node processes, one per core, each its own HaloD member (0 = one per core)"
     )
     # Per-key delivery tracing (orbited.node.trace; docs/operations.md, "Tracing a delivery").
-    trace: str = opt(TraceConfig.mode, "per-key delivery tracing: off, all or users")
+    trace: str = opt(DEFAULT_MODE, "per-key delivery tracing: off, all or users")
     trace_users: list[str] = opt([], "user traced when trace = users (repeat)")
     trace_keys: int = opt(TraceConfig.keys, "keys traced at most (least recently active forgotten)")
     trace_per_key: int = opt(TraceConfig.per_key, "dispatches and notes kept per traced key")

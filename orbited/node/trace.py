@@ -38,12 +38,15 @@ __all__ = [
 
 Mode = Literal["off", "all", "users"]
 MODES: tuple[Mode, ...] = ("off", "all", "users")
-DEFAULT_MODE: Mode = "all"
+# The node's ``trace`` default (orbited.node.config): "off", by the rule of
+# docs/performance.md, "Tracing cost" (in process tracing costs more than 1 µs per
+# recipient). A Tracer that exists traces every key unless its mode is "users".
+DEFAULT_MODE: Mode = "off"
 
 
 @dataclass(frozen=True)
 class TraceConfig:
-    mode: Mode = DEFAULT_MODE
+    mode: Mode = "all"
     per_key: int = 16  # dispatch records kept per key (a ring)
     notes_per_key: int = 16  # other happenings kept per key (a ring)
     keys: int = 10_000  # keys traced at most; the least recently active one is forgotten

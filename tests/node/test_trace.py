@@ -271,7 +271,9 @@ def test_config_keys_build_the_tracer_settings() -> None:
                "trace_keep": 9.5},
     )  # fmt: skip
     assert config.trace_config() == TraceConfig("users", 3, 3, 5, frozenset({"alice"}), 9.5)
-    assert NodeConfig().trace_config() == TraceConfig()  # the defaults are the tracer's
+    assert NodeConfig().trace == "off" and NodeConfig().trace_config() is None
+    on = NodeConfig.load(None, {"trace": "all"}).trace_config()
+    assert on == TraceConfig()  # the other defaults are the tracer's
     with pytest.raises(ConfigError, match="trace = users needs trace_users"):
         NodeConfig.load(None, {"trace": "users"})
     with pytest.raises(ConfigError, match="trace must be one of off, all, users"):
@@ -406,7 +408,7 @@ def test_the_service_adds_opentelemetry_when_configured(tmp_path: Any) -> None:
     secret.write_bytes(b"s" * 40)
     config = NodeConfig(
         http="127.0.0.1:0", sp="tcp://127.0.0.1:0", secret_file=str(secret),
-        create_secret=False, otel=True, otel_exporter="memory",
+        create_secret=False, otel=True, otel_exporter="memory", trace="all",
     )  # fmt: skip
     node = NodeService(config, reactor)
     assert node.otel is not None
