@@ -255,7 +255,9 @@ class LinkProtocol(Protocol):
                 )  # fmt: skip
 
         handed = [r for rs in targets.values() for r in rs]
-        evicted = hub.route_moved(moves, handed, exports, users, exported=send_handoffs)
+        owners = {m.route: m.name for m in entries if m.name is not None}  # for key traces
+        evicted = hub.route_moved(moves, handed, exports, users, exported=send_handoffs,
+                                  owners=owners)  # fmt: skip
         self.log.info(
             "HaloD moved routes {routes} away; {n} keys told to reconnect",
             routes=sorted(moves), n=evicted,

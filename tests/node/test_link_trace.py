@@ -290,3 +290,33 @@ def test_a_real_hubs_trace_answers_haloDs_query():
     halod.send(TraceQuery(10, "bob"))
     (none,) = halod.received()
     assert none == TraceReply(10, {**none.answer, "keys": []})
+
+
+def test_a_planned_move_names_the_new_owner_in_the_old_owners_trace():
+    """route_moved's names reach the hub: the old owner's record of an event that left
+    with the mailbox says ``out:n2``, and its ``moved`` note names n2."""
+    from orbited.core.control import RouteMove, RouteMoved
+    from orbited.node.observe import build_observer
+    from orbited.node.trace import TraceConfig, Tracer
+
+    clock = Clock()
+    clock.advance(1796540400.0)
+    hub = Hub(clock, HubConfig(routes=2), epoch="e1")
+    tracer = Tracer(TraceConfig(mode="all"), "n1")
+    hub.observe(build_observer(tracer, None), tracer)
+    halod = welcomed(cast(Any, hub))
+    key = ConnectionKey("alice", "s1", "/chat")
+    tab = Tab()
+    hub.attach(key, tab, None)
+    hub.detach(key, tab)  # the browser is away: the event waits in the mailbox
+    hub.handle_request(json.dumps({"id": "42", "to": [list(key)], "data": "hi"}).encode())
+    route = hub._slots[key].route
+    halod.send(RouteMoved((RouteMove(route, "n2", "127.0.0.2:1", "tcp://127.0.0.2:2", True),)))
+    halod.received()  # the hand-off
+    halod.send(TraceQuery(3, "alice", event="42"))
+    (reply,) = halod.received()
+    (entry,) = reply.answer["keys"]
+    (record,) = entry["dispatches"]
+    assert record["status"] == "queued" and record["handed"] == "out:n2"
+    (moved,) = [n for n in entry["notes"] if n["what"] == "moved"]
+    assert moved["owner"] == "n2" and moved["handed"] is True
