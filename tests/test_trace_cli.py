@@ -106,7 +106,8 @@ def test_nothing_traced():
     answer = {"keys": [], "verdicts": verdicts([], "42")}
     assert trace_lines(answer) == [
         "event 42 → this user: no node has a record of event 42 for this user: it never "
-        "reached the cluster, tracing was off, or the keys fell out of the trace"
+        "reached the cluster, tracing was off (the nodes' default: trace = off), or the keys "
+        "fell out of the trace"
     ]
     assert not traced(answer)
     assert not traced({"keys": [{"key": KEY, "dispatches": [], "notes": []}]})

@@ -209,8 +209,8 @@ def verdict(
         )
         return (
             f"no node has a record of event {event} for this key: it never reached the "
-            "cluster, tracing was off, or the key fell out of the trace (trace_keys, "
-            f"trace_keep){tail}"
+            "cluster, tracing was off (the nodes' default: trace = off), or the key fell out "
+            f"of the trace (trace_keys, trace_keep){tail}"
         )
     best = max(rows, key=_rank)
     level, _ = _rank(best)
@@ -371,6 +371,6 @@ def verdicts(
         what = f"event {event}" if event is not None else "any event"
         out.append({"event": event, "key": None,
                     "text": f"no node has a record of {what} for this user: it never reached "
-                            "the cluster, tracing was off, or the keys fell out of the trace"
-                            f"{gone}"})  # fmt: skip
+                            "the cluster, tracing was off (the nodes' default: trace = off), or "
+                            f"the keys fell out of the trace{gone}"})  # fmt: skip
     return out

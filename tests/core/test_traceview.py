@@ -189,8 +189,8 @@ def test_not_seen_names_the_failed_nodes():
     failed = [{"name": "n3", "at": T + 12, "why": "ports refused"}]
     assert verdict("42", [rec(event="41")], [], failed) == (
         "no node has a record of event 42 for this key: it never reached the cluster, "
-        "tracing was off, or the key fell out of the trace (trace_keys, trace_keep), or it "
-        "was on n3, which failed at 07:00:12.000"
+        "tracing was off (the nodes' default: trace = off), or the key fell out of the trace "
+        "(trace_keys, trace_keep), or it was on n3, which failed at 07:00:12.000"
     )
 
 
@@ -257,8 +257,8 @@ def test_verdicts_when_nothing_is_traced():
     assert only["key"] is None and only["event"] == "42"
     assert only["text"] == (
         "no node has a record of event 42 for this user: it never reached the cluster, "
-        "tracing was off, or the keys fell out of the trace; n3 failed at 07:00:00.000 and "
-        "its records are lost"
+        "tracing was off (the nodes' default: trace = off), or the keys fell out of the trace; "
+        "n3 failed at 07:00:00.000 and its records are lost"
     )
 
 
