@@ -43,7 +43,7 @@ TICK = os.sysconf("SC_CLK_TCK")
 
 
 def _tree(pid: int) -> list[int]:
-    return [pid, *descendants([pid])]
+    return descendants([pid])  # the pid and every process below it (each once)
 
 
 def cpu(pid: int) -> float:
