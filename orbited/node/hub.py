@@ -947,7 +947,7 @@ class Hub(RouteOwnership):
                     if observer is not None and type(recipient) is not Selector:
                         limited: ConnectionKey = recipient  # type: ignore[assignment]
                         route = route_of(limited, self.routes, self.hash_version)
-                        status = over[limited[0]].status
+                        status = over[limited[0]].status._value_
                         observer.recipient(token, limited, route, status, None, None, 0, None, now)
                     continue
                 entry: RecipientResult | defer.Deferred[RecipientResult] | None
@@ -1088,15 +1088,20 @@ class Hub(RouteOwnership):
         observer = self.observer
         if observer is None:
             return result
+        # Statuses go out as plain strings (an Enum member in a kept record would keep the
+        # record in the garbage collector's sight: orbited.node.trace, "Dispatch").
         slot = self._slots.get(key)
         if type(result) is RecipientResult:
             status, seq = result[0], result[1]
             if seq is not None and slot is not None:  # stored: delivered or queued
                 sink = slot.sink
+                if status is DELIVERED and sink is not None:
+                    plain, transport = "delivered", sink.kind
+                else:
+                    plain, transport = status._value_, None
                 observer.recipient(
-                    self._token, key, slot.route, status, seq, slot.mailbox.stream, result[2],
-                    sink.kind if status is DELIVERED and sink is not None else None,
-                    self._token_now,
+                    self._token, key, slot.route, plain, seq, slot.mailbox.stream, result[2],
+                    transport, self._token_now,
                 )  # fmt: skip
                 return result
             if status is Status.MOVED and result.route is not None:
@@ -1104,7 +1109,7 @@ class Hub(RouteOwnership):
             else:
                 route = route_of(key, self.routes, self.hash_version)
             observer.recipient(
-                self._token, key, route, status, None, None, 0, None, self._token_now
+                self._token, key, route, status._value_, None, None, 0, None, self._token_now
             )
         elif slot is None or not slot.waits:  # held for an incoming hand-off (_later)
             route = route_of(key, self.routes, self.hash_version)
@@ -1114,7 +1119,7 @@ class Hub(RouteOwnership):
             sink = slot.sink
             delivered = slot.mailbox.delivered >= seq and sink is not None
             observer.recipient(
-                self._token, key, slot.route, DELIVERED if delivered else QUEUED, seq,
+                self._token, key, slot.route, "delivered" if delivered else "queued", seq,
                 slot.mailbox.stream, 0, sink.kind if delivered and sink is not None else None,
                 self._token_now,
             )  # fmt: skip

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, NamedTuple
+from typing import TYPE_CHECKING, Any, Literal
 
 from orbited.core.keys import ConnectionKey, Selector
 from orbited.core.settings import check_fields
@@ -59,26 +59,21 @@ class TraceConfig:
         check_fields(self, positive=("per_key", "notes_per_key", "keys", "keep"))
 
 
-class Dispatch(NamedTuple):
-    """One event request, shared by the records of its recipients (compared by identity:
-    each request's is its own object). A tuple: one is built per request. The observer
-    token is ``(dispatch, recipients)``: records keep only the first (not the request's
-    parsed keys)."""
-
-    t: float
-    event: str
-    digest: bytes | str  # the request digest (bytes), or its wire form (str, imported)
-    ack_wait: float | None
-    trace_id: str | None
-
-    @property
-    def request(self) -> str:
-        """The digest's first 8 bytes in hex: the same for a resend of the request."""
-        digest = self.digest
-        return digest if isinstance(digest, str) else digest[:8].hex()
+# One event request, shared by the records of its recipients (compared by identity: each
+# request's is its own object): a plain tuple (t, event, digest, ack_wait, trace_id), with
+# ``digest`` the request digest (bytes) or its wire form (str, imported). Plain tuples
+# (and records holding only them, strings and numbers) are left alone by the cyclic
+# garbage collector once it has seen them; a NamedTuple, or an Enum inside, would keep a
+# full trace (160 000 records) in every full collection. The observer token is
+# ``(dispatch, recipients)``: records keep only the first (not the request's parsed keys).
+Dispatch = tuple[Any, ...]
+D_T, D_EVENT, D_DIGEST, D_ACK, D_TRACE = 0, 1, 2, 3, 4
 
 
-_new = tuple.__new__
+def request_id(d: Dispatch) -> str:
+    """The digest's first 8 bytes in hex: the same for a resend of the request."""
+    digest = d[D_DIGEST]
+    return digest if isinstance(digest, str) else digest[:8].hex()
 
 
 # A record (what one request did for one key) is a tuple, built in one step per recipient
@@ -109,12 +104,12 @@ def record_json(record: Record) -> dict[str, Any]:
     """A record's JSON form (the trace answer's ``dispatches``, a hand-off's ``trace``)."""
     d: Dispatch = record[DISPATCH]
     return {
-        "t": d.t, "event": d.event, "request": d.request, "node": record[NODE],
+        "t": d[D_T], "event": d[D_EVENT], "request": request_id(d), "node": record[NODE],
         "route": record[ROUTE], "status": str(record[STATUS]), "seq": record[SEQ],
-        "stream": record[STREAM], "dropped": record[DROPPED], "ack_wait": d.ack_wait,
+        "stream": record[STREAM], "dropped": record[DROPPED], "ack_wait": d[D_ACK],
         "written": record[WRITTEN], "transport": record[TRANSPORT],
         "rewritten": record[REWRITTEN], "acked": record[ACKED], "outcome": record[OUTCOME],
-        "handed": record[HANDED], "trace_id": d.trace_id,
+        "handed": record[HANDED], "trace_id": d[D_TRACE],
     }  # fmt: skip
 
 
@@ -234,7 +229,7 @@ class Tracer:
         if parent is not None:
             context = parse_traceparent(parent)
             trace_id = None if context is None else context.trace_id
-        return _new(Dispatch, (now, request[0], request[3], request[4], trace_id)), request[1]
+        return (now, request[0], request[3], request[4], trace_id), request[1]
 
     def recipient(
         self, token: Any, key: ConnectionKey, route: int | None, status: str, seq: int | None,
@@ -369,7 +364,7 @@ class Tracer:
             parsed = _parse_entry(entry, self.node)
             if parsed is None:
                 self.import_dropped += 1
-            elif type(parsed[0]) is Dispatch:
+            elif type(parsed[0]) is tuple:  # a record (its dispatch); a note starts with t
                 if _identity(parsed) not in have:
                     have.add(_identity(parsed))
                     records.append(parsed)
@@ -377,7 +372,7 @@ class Tracer:
                 have_notes.add(parsed)
                 notes.append(parsed)
         if records:
-            merged = sorted(records + kt.records, key=lambda r: r[DISPATCH].t)
+            merged = sorted(records + kt.records, key=lambda r: r[DISPATCH][D_T])
             kt.records = merged[-self._per_key :]
         if notes:
             merged_notes = sorted(notes + kt.notes, key=lambda n: n[0])
@@ -402,7 +397,7 @@ class Tracer:
     def key_json(kt: KeyTrace, event: str | None, limit: int | None) -> dict[str, Any]:
         """``dispatches`` (oldest first) and ``notes`` of a key's trace, for ``event``
         only when given, the newest ``limit`` when given."""
-        records = [r for r in kt.records if event is None or r[DISPATCH].event == event]
+        records = [r for r in kt.records if event is None or r[DISPATCH][D_EVENT] == event]
         if limit is not None:
             records = records[-limit:] if limit else []
         return {
@@ -423,7 +418,7 @@ class Tracer:
 
 def _identity(record: Record) -> tuple[Any, ...]:
     """What makes a record the same one when it arrives twice: request, node, status, seq."""
-    return record[DISPATCH].request, record[NODE], str(record[STATUS]), record[SEQ]
+    return request_id(record[DISPATCH]), record[NODE], str(record[STATUS]), record[SEQ]
 
 
 _RECORD_STR = ("event", "request", "node", "status")
@@ -460,7 +455,7 @@ def _parse_entry(entry: Any, me: str) -> Record | Note | None:
             return None
     except KeyError:
         return None
-    d = Dispatch(float(entry["t"]), entry["event"], entry["request"], floats[0], strs[3])
+    d = (float(entry["t"]), entry["event"], entry["request"], floats[0], strs[3])
     node = entry["node"]
     handed = strs[4]
     if handed == "out":  # the sender's unwritten event: this node writes it, if anyone
