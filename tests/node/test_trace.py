@@ -418,3 +418,20 @@ def test_the_service_adds_opentelemetry_when_configured(tmp_path: Any) -> None:
     alone = NodeService(NodeConfig(**{**vars(config), "trace": "off"}), reactor)
     assert alone.hub.observer is alone.otel and alone.tracer is None
     alone.otel.shutdown()
+
+
+def test_kept_records_and_notes_are_left_to_the_garbage_collector() -> None:
+    """A full trace is 160 000 records: they must hold nothing the cyclic GC keeps
+    tracking (an Enum status, a NamedTuple), or every full collection walks them all."""
+    import gc
+
+    hub, _, tracer = traced_hub()
+    hub.attach(ALICE, Sink(), None)
+    send(hub, "1", [ALICE, BOB])
+    send(hub, "2", [ALICE], ack=5)
+    hub.ack(ALICE, 2)
+    send(hub, "2", [ALICE], ack=5)  # a duplicate
+    gc.collect()
+    gc.collect()
+    kept = [r for kt in tracer._keys.values() for r in (*kt.records, *kt.notes)]
+    assert len(kept) >= 5 and not any(gc.is_tracked(x) for x in kept)
