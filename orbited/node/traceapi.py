@@ -18,6 +18,7 @@ from twisted.web.http import Request
 
 from orbited.core.keys import ConnectionKey, KeyError_
 from orbited.node.hub import Hub
+from orbited.node.trace import TraceConfig
 from orbited.runtime.web import JSONResource, send_error
 
 MAX_EVENT_ID = 128  # as an event request's id (docs/protocol.md)
@@ -74,7 +75,8 @@ class TraceResource(JSONResource):
         if event is not None and not 0 < len(event) <= MAX_EVENT_ID:
             raise ValueError(f"event must be 1-{MAX_EVENT_ID} characters")
         limit = None
-        per_key = self.hub.tracer.config.per_key if self.hub.tracer is not None else 1
+        tracer = self.hub.tracer
+        per_key = (tracer.config if tracer is not None else TraceConfig()).per_key
         if values["limit"] is not None:
             raw = values["limit"]
             if not raw.isascii() or not raw.isdigit() or not 1 <= int(raw) <= per_key:
