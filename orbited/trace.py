@@ -211,9 +211,11 @@ def trace_lines(answer: Mapping[str, Any]) -> list[str]:
             why = f" {_clean(f['why'])}" if f.get("why") else ""
             lines.append(f"records of {_clean(f.get('name'))} (failed {clock(f.get('at'))},{why}) "
                          "are lost with its process")  # fmt: skip
-    if answer.get("truncated"):
-        lines.append("(truncated: a node's answer was cut to fit a control message; ask "
-                     "with --event or --limit)")  # fmt: skip
+    cut = answer.get("truncated")
+    if cut:  # true (one node's answer), or the names of the nodes whose answer was cut
+        who = f" on {_clean(', '.join(map(str, cut)))}" if isinstance(cut, list) else ""
+        lines.append(f"(truncated{who}: the oldest records were left out to fit a control "
+                     "message; ask with --event or --limit)")  # fmt: skip
     return lines
 
 

@@ -122,7 +122,14 @@ def test_control_characters_from_nodes_are_escaped():
 
 
 def test_a_truncated_answer_says_so():
-    assert trace_lines({"keys": [], "truncated": True})[-1].startswith("(truncated:")
+    assert trace_lines({"keys": [], "truncated": True})[-1] == (
+        "(truncated: the oldest records were left out to fit a control message; ask with "
+        "--event or --limit)"
+    )
+    assert trace_lines({"keys": [], "truncated": ["n1", "n3"]})[-1].startswith(
+        "(truncated on n1, n3: "
+    )
+    assert trace_lines({"keys": [], "truncated": []}) == []
 
 
 # -- asking, over HTTP -----------------------------------------------------------------------
