@@ -156,6 +156,12 @@ def _opt_str(v: Any, n: int = 256) -> bool:
     return v is None or (isinstance(v, str) and len(v) <= n)
 
 
+# A key's trace as a hand-off carries it, at most: its newest records and notes. A record
+# is about 350 bytes of JSON (at most ~1.3 KB with a 128-character id that escapes), a
+# note about 100: a few KB per key, however large trace_per_key is.
+EXPORT_RECORDS = 16
+EXPORT_NOTES = 8
+
 # Seconds between two moves of a busy key to the LRU's young end: ``keys`` and ``keep``
 # forget by last activity to within this (one dict operation per key per second, not per
 # event; Tracer.recipient spells it as a literal).
@@ -335,18 +341,21 @@ class Tracer:
     # -- hand-off ---------------------------------------------------------------------------
 
     def export(self, key: ConnectionKey) -> list[dict[str, Any]]:
-        """The key's records and notes as JSON objects for a hand-off entry's ``trace``
-        (this node's records marked handed ``out``: the new owner names itself)."""
+        """The key's newest records and notes (at most EXPORT_RECORDS and EXPORT_NOTES,
+        whatever ``per_key``: a hand-off message must stay small, and this node keeps
+        its own copy to answer queries) as JSON objects for a hand-off entry's ``trace``;
+        this node's records of events that travel unwritten are marked handed ``out``
+        (the new owner names itself)."""
         kt = self._keys.get(key)
         if kt is None:
             return []
         out = []
-        for record in kt.records:
+        for record in kt.records[-EXPORT_RECORDS:]:
             entry = record_json(record)
             if self._handed_with(record):
                 entry["handed"] = "out"
             out.append(entry)
-        out.extend({"node": self.node, **note_json(n)} for n in kt.notes)
+        out.extend({"node": self.node, **note_json(n)} for n in kt.notes[-EXPORT_NOTES:])
         return out
 
     def import_(self, key: ConnectionKey, wire: list[Any], origin: str | None, now: float) -> None:

@@ -124,3 +124,30 @@ def test_a_mailbox_in_several_entries_imports_its_trace_once() -> None:
     assert [r["event"] for r in rows(new)] == ["0", "1", "2"]
     (key,) = new.trace_answer("alice")["keys"]
     assert [n["what"] for n in key["notes"]] == ["attach", "detach", "handed_in"]
+
+
+def test_a_hand_off_carries_a_bounded_trace_per_key() -> None:
+    """However large trace_per_key is, a key's exported trace stays small (a hand-off
+    message must fit the control protocol's limit); the old node keeps the rest."""
+    from orbited.node.trace import EXPORT_NOTES, EXPORT_RECORDS
+
+    clock = Clock()
+    old = Hub(clock, HubConfig(), epoch="ep1")
+    tracer = Tracer(TraceConfig(per_key=256, notes_per_key=256), "n1")
+    old.observe(build_observer(tracer, None), tracer)
+    sink = Sink()
+    old.attach(ALICE, sink, None)
+    for i in range(100):
+        send(old, "e" * 125 + str(i), [ALICE])
+        old.detach(ALICE, sink)
+        old.attach(ALICE, sink, None)
+    route = route_of(ALICE, old.routes, old.hash_version)
+    exports: list[dict[str, Any]] = []
+    old.route_moved({route: None}, handoff=[route], exports=exports, owners={route: "n2"})
+    (entry,) = exports
+    records = [t for t in entry["trace"] if "request" in t]
+    notes = [t for t in entry["trace"] if "what" in t]
+    assert len(records) == EXPORT_RECORDS and len(notes) == EXPORT_NOTES
+    assert records[-1]["event"].endswith("99")  # the newest
+    assert len(json.dumps(entry["trace"])) < 16 * 1024
+    assert len(rows(old)) == 100  # the old node still answers with all it kept
