@@ -250,6 +250,7 @@ class Hub(RouteOwnership):
         # and then a dispatch costs one test of it (set with ``observe``).
         self.observer: DeliveryObserver | None = None
         self.tracer: Tracer | None = None  # the per-key tracer, for queries and gauges
+        self.name: str | None = None  # the node's name (the service sets it), for answers
         self._token: Any = None  # the observer's token of the request being dispatched
         self._token_now = 0.0  # and its time (the hub's clock, read once per request)
         # The heartbeat's load (``load_report``): ack-latency samples since the last
@@ -744,7 +745,7 @@ class Hub(RouteOwnership):
         tracer = self.tracer
         now = self.now()
         out: dict[str, Any] = {
-            "node": None if tracer is None else tracer.node, "epoch": self.epoch, "now": now,
+            "node": self.name if tracer is None else tracer.node, "epoch": self.epoch, "now": now,
             "mode": "off" if tracer is None else tracer.config.mode, "keys": [],
             "truncated": False, "gauges": {} if tracer is None else tracer.gauges(),
         }  # fmt: skip

@@ -41,6 +41,18 @@ from orbited.node.webhook import WebhookQueue
 from orbited.runtime.twisted_compat import listening_port
 
 
+def trace_key(path: str) -> bytes | None:
+    """The bearer key of ``GET /orbited/trace`` in ``path`` (None: no path, endpoint off);
+    ValueError names the file (the node exits 2 with it)."""
+    if not path:
+        return None
+    try:
+        return load_secret(Path(path))
+    except (OSError, ValueError) as e:
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise ValueError(f"trace_key_file {path}: {why.replace('shared secret', 'key')}") from None
+
+
 class NodeService(service.MultiService):
     log = Logger()
 
@@ -57,6 +69,7 @@ class NodeService(service.MultiService):
         self.clock = clock
         secret = load_secret(Path(config.secret_file), create=config.create_secret)
         self.hub = Hub(clock, config.hub_config())
+        self.hub.name = config.name
         # Per-key tracing and OpenTelemetry (orbited.node.observe): the hub's observer is
         # None when both are off.
         trace = config.trace_config()
@@ -99,7 +112,7 @@ class NodeService(service.MultiService):
             config.iframe_max_bytes,
             self.browser_limits,
             self.limit_counters,
-            load_secret(Path(config.trace_key_file)) if config.trace_key_file else None,
+            trace_key(config.trace_key_file),
         )
         # The browser port: the lean front serves WebSocket, SSE and long-poll itself and
         # hands every other request to the site (orbited/node/transports/httpfront.py).

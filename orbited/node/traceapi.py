@@ -16,9 +16,9 @@ from typing import Any
 
 from twisted.web.http import Request
 
+from orbited.core.control import MAX_TRACE_LIMIT
 from orbited.core.keys import ConnectionKey, KeyError_
 from orbited.node.hub import Hub
-from orbited.node.trace import TraceConfig
 from orbited.runtime.web import JSONResource, send_error
 
 MAX_EVENT_ID = 128  # as an event request's id (docs/protocol.md)
@@ -64,7 +64,9 @@ class TraceResource(JSONResource):
                 values[name] = None if given is None else given[0].decode("utf-8")
             except UnicodeDecodeError:
                 raise ValueError(f"{name} is not UTF-8") from None
-        user, session, location = values["user"], values["session"], values["location"]
+        # An empty session or location is "any", as on HaloD's /trace.
+        user = values["user"]
+        session, location = values["session"] or None, values["location"] or None
         if user is None:
             raise ValueError("user is required")
         try:  # the key parts' rules (docs/protocol.md, "Connection keys")
@@ -75,12 +77,10 @@ class TraceResource(JSONResource):
         if event is not None and not 0 < len(event) <= MAX_EVENT_ID:
             raise ValueError(f"event must be 1-{MAX_EVENT_ID} characters")
         limit = None
-        tracer = self.hub.tracer
-        per_key = (tracer.config if tracer is not None else TraceConfig()).per_key
-        if values["limit"] is not None:
+        if values["limit"] is not None:  # as a trace_query's (more than kept: all kept)
             raw = values["limit"]
-            if not raw.isascii() or not raw.isdigit() or not 1 <= int(raw) <= per_key:
-                raise ValueError(f"limit must be 1-{per_key}")
+            if not raw.isascii() or not raw.isdigit() or not 1 <= int(raw) <= MAX_TRACE_LIMIT:
+                raise ValueError(f"limit must be 1-{MAX_TRACE_LIMIT}")
             limit = int(raw)
         return {"user": user, "session": session, "location": location, "event": event,
                 "limit": limit}  # fmt: skip

@@ -435,3 +435,29 @@ def test_kept_records_and_notes_are_left_to_the_garbage_collector() -> None:
     gc.collect()
     kept = [r for kt in tracer._keys.values() for r in (*kt.records, *kt.notes)]
     assert len(kept) >= 5 and not any(gc.is_tracked(x) for x in kept)
+
+
+@pytest.mark.parametrize(("content", "why"), [(b"short\n", "at least 32 bytes"),
+                                              (None, "No such file")])  # fmt: skip
+def test_a_bad_trace_key_file_is_named(tmp_path: Any, content: bytes | None, why: str) -> None:
+    from orbited.node.service import trace_key
+
+    path = tmp_path / "trace.key"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(ValueError, match=rf"^trace_key_file {path}: .*{why}") as e:
+        trace_key(str(path))
+    assert "secret" not in str(e.value)
+    assert trace_key("") is None
+
+
+def test_the_answer_names_the_node_with_tracing_off() -> None:
+    hub = Hub(Clock(), HubConfig(), epoch="ep")
+    hub.name = "n9"
+    answer = hub.trace_answer("alice")
+    assert (answer["node"], answer["mode"], answer["keys"], answer["gauges"]) == (
+        "n9",
+        "off",
+        [],
+        {},
+    )
