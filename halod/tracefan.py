@@ -153,6 +153,8 @@ def trace_answer(
         "asked": gathered.asked,
         "answered": sorted(gathered.replies),
         "missing": gathered.missing,
+        # nodes whose answer was cut to fit a control message (the oldest records left out)
+        "truncated": sorted(n for n, a in gathered.replies.items() if a.get("truncated") is True),
         "failed_nodes": failed,
         "keys": keys,
         "incidents": incidents(routes, min(times), max(times) + INCIDENT_MARGIN)

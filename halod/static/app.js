@@ -557,6 +557,8 @@ function renderTrace(answer) {
   const asked = answer.asked || [];
   out.append(el("p", { class: "note", text: `asked ${asked.length} node${asked.length === 1 ? "" : "s"} (${asked.join(", ")}); answered ${(answer.answered || []).length}` }));
   for (const m of answer.missing || []) out.append(el("p", { class: "missing", text: `${m.name}: ${m.why}` }));
+  const cut = answer.truncated || [];
+  if (cut.length) out.append(el("p", { class: "missing", text: `answers of ${cut.join(", ")} were cut to fit: their oldest records are left out` }));
   for (const f of answer.failed_nodes || []) out.append(el("p", { class: "missing", text: `records of ${f.name} (failed ${fmtTime(f.at)} UTC, ${f.why}) are lost with its process` }));
   for (const v of answer.verdicts || []) {
     const who = v.key ? ` → ${JSON.stringify(v.key)}` : "";

@@ -319,6 +319,10 @@ def test_trace_answer_merges_nodes_and_names_lost_records() -> None:
     [verdict] = answer["verdicts"]
     assert verdict["event"] == "42" and "acknowledged" in verdict["text"]
     assert answer["query"] == {"user": "alice", "session": None, "location": None, "event": "42"}
+    assert answer["truncated"] == []
+    cut = Gathered(["n1", "n2"], {"n1": {"keys": [], "truncated": True},
+                                  "n2": {"keys": [], "truncated": False}}, [])  # fmt: skip
+    assert trace_answer(TraceQuery(1, "alice"), cut, [], [], incidents)["truncated"] == ["n1"]
 
 
 # -- wired into HaloD (task.Clock, nodes over StringTransports) -------------------------------
