@@ -39,6 +39,35 @@ if TYPE_CHECKING:
 PresenceChange = Literal["signon", "signoff"]
 
 
+# Bytes of key traces (JSON) one hand-off carries at most, over all its mailboxes: with
+# the hand-off's events chunked at 256 KiB (control.HANDOFF_CHUNK) a message stays within
+# half of MAX_MESSAGE even if all the traces land in it. The keys past it go without
+# their trace (the old owner keeps its own copy for queries).
+TRACE_HANDOFF_BYTES = 192 * 1024
+
+
+class _TraceBudget:
+    """The key traces one hand-off exports, within TRACE_HANDOFF_BYTES."""
+
+    __slots__ = ("observer", "left")
+
+    def __init__(self, observer: DeliveryObserver | None) -> None:
+        self.observer = observer
+        self.left = TRACE_HANDOFF_BYTES if observer is not None else 0
+
+    def export(self, key: ConnectionKey) -> list[dict[str, Any]]:
+        if self.observer is None or self.left < 1024:  # spent: stop encoding to measure
+            return []
+        trace = self.observer.export(key)
+        if not trace:
+            return []
+        cost = len(json.dumps(trace, separators=(",", ":")))  # ASCII, as the wire escapes
+        if cost > self.left:
+            return []
+        self.left -= cost
+        return trace
+
+
 class HandoffError(ValueError):
     """A hand-off entry that is not a mailbox export (it is ignored and logged)."""
 
@@ -391,9 +420,10 @@ class RouteOwnership:
         spread = spread_for(len(moving), self.config.reconnect_rate)
         observer = self.observer
         if exports is not None:  # first what the new owner needs, then the browsers
+            budget = _TraceBudget(observer)
             for key, slot in moving:
                 if slot.route in handoff:
-                    trace = () if observer is None else observer.export(key)
+                    trace = budget.export(key)
                     mailbox = MailboxExport.of(key, slot.mailbox, slot.route, slot.online, trace)
                     exports.append(mailbox.to_wire())
         if exported is not None:
@@ -517,6 +547,7 @@ class RouteOwnership:
             if slot.route not in owned:
                 moving.append((key, slot))
         spread = spread_for(len(moving), self.config.reconnect_rate)  # as in _evict
+        budgets = {name: _TraceBudget(self.observer) for name in out}
         for key, slot in moving:
             route = slot.route
             name = owner_of.get(route)
@@ -526,7 +557,7 @@ class RouteOwnership:
             moved += 1
             observer = self.observer
             if name is not None and name in out:
-                trace = () if observer is None else observer.export(key)
+                trace = budgets[name].export(key)
                 out[name].append(
                     MailboxExport.of(key, slot.mailbox, route, slot.online, trace).to_wire()
                 )

@@ -151,3 +151,49 @@ def test_a_hand_off_carries_a_bounded_trace_per_key() -> None:
     assert records[-1]["event"].endswith("99")  # the newest
     assert len(json.dumps(entry["trace"])) < 16 * 1024
     assert len(rows(old)) == 100  # the old node still answers with all it kept
+
+
+def test_a_drain_of_many_traced_mailboxes_fits_the_control_messages() -> None:
+    """Reviewer item A: 400 lingering mailboxes × 16 queued events, traced, handed over:
+    every handoff message stays within half the control protocol's message limit."""
+    from orbited.core.control import MAX_MESSAGE, encode, handoff_messages
+    from tests.conftest import keys_on_routes
+
+    clock = Clock()
+    old = node("n1", clock)
+    routes = old.routes
+    keys = keys_on_routes([3], count=400, total=routes)
+    for key in keys:
+        sink = Sink()
+        old.attach(key, sink, None)
+        old.detach(key, sink)
+    for i in range(16):
+        for key in keys:
+            send(old, f"event-{i}", [key], {"text": "x" * 40})
+    exports: list[dict[str, Any]] = []
+    old.route_moved({3: "tcp://n2"}, handoff=[3], exports=exports, owners={3: "n2"})
+    assert len(exports) == 400 and any("trace" in e for e in exports)
+    messages = handoff_messages("n2", [3], exports)
+    sizes = [len(encode(m)) for m in messages]
+    assert max(sizes) <= MAX_MESSAGE // 2, sizes
+    carried = sum(len(e["events"]) for m in messages for e in m.mailboxes)
+    assert carried == 400 * 16
+
+
+def test_traces_past_the_hand_off_budget_stay_behind() -> None:
+    from orbited.node.handoff import TRACE_HANDOFF_BYTES
+    from tests.conftest import keys_on_routes
+
+    clock = Clock()
+    old = node("n1", clock)
+    keys = keys_on_routes([3], count=100, total=old.routes)
+    for key in keys:
+        for i in range(16):
+            send(old, "e" * 100 + str(i), [key], ack=5)  # big records: ~10 KB per key
+    exports: list[dict[str, Any]] = []
+    old.route_moved({3: None}, handoff=[3], exports=exports, owners={3: "n2"})
+    sizes = [len(json.dumps(e["trace"], separators=(",", ":"))) if "trace" in e else 0
+             for e in exports]  # fmt: skip
+    assert 0 < sum(sizes) <= TRACE_HANDOFF_BYTES
+    assert sizes[0] > 0 and sizes[-1] == 0  # the first keys carry theirs, the last do not
+    assert len(exports) == 100  # every mailbox goes
