@@ -749,38 +749,64 @@ def handoff_messages(
     users: Iterable[WireDict] = (),
 ) -> list[Handoff]:  # fmt: skip
     """An old owner's exported mailboxes (orbited.node.hub.export_entry) as ``handoff``
-    messages of about ``chunk`` bytes of events each; a large mailbox is split across
-    messages (same key and stream, later events). The last message names the ``done``
-    routes and carries the per-user entries ``users`` (docs/halod-protocol.md,
-    "Hand-off")."""
+    messages of about ``chunk`` bytes each; a large mailbox is split across messages
+    (same key and stream, later events). The last message names the ``done`` routes and
+    carries the per-user entries ``users`` (docs/halod-protocol.md, "Hand-off").
+
+    A message's size counts what it sends: each event (its payload as escaped in the
+    message), each entry's other members, an entry's ``trace`` (sent with the first part
+    of a split mailbox only; a trace of more than half a chunk is left out, as a trace
+    must never cost a mailbox) and the last message's ``users``."""
     batches: list[list[WireDict]] = []
+    sizes: list[int] = []
     batch: list[WireDict] = []
     size = 0
 
     def flush() -> None:
         nonlocal batch, size
         batches.append(batch)
+        sizes.append(size)
         batch, size = [], 0
 
+    def piece(head: WireDict, part: list[Any], trace: object) -> WireDict:
+        out = {**head, "events": part}
+        if trace:
+            out["trace"] = trace
+        return out
+
     for entry in entries:
+        trace = entry.get("trace")
+        head = {k: v for k, v in entry.items() if k not in ("events", "trace")}
+        overhead = len(_ENCODER.encode(head)) + 16  # its members, "events":[] and commas
+        trace_cost = len(_ENCODER.encode(trace)) + 10 if trace else 0
+        if trace_cost > chunk // 2:
+            trace, trace_cost = None, 0
+        if batch and size + overhead + trace_cost > chunk:
+            flush()
+        size += overhead + trace_cost
         part: list[Any] = []
         for event in entry["events"]:
             cost = escaped_size(event[1]) + 16
-            if part and size + cost > chunk:
-                batch.append({**entry, "events": part})
+            if size + cost > chunk and (part or batch):
+                if part:
+                    batch.append(piece(head, part, trace))
+                    trace = None  # the first part carried it
                 flush()
+                size += overhead + (trace_cost if trace else 0)
                 part = []
             part.append(event)
             size += cost
-        batch.append({**entry, "events": part})
-        size += 128
+        batch.append(piece(head, part, trace))
         if size > chunk:
             flush()
-    if batch or not batches:
+    per_user = tuple(users)
+    users_cost = len(_ENCODER.encode(list(per_user))) if per_user else 0
+    if batch and size + users_cost > chunk:
         flush()
+    if batch or not batches or (users_cost and sizes[-1] + users_cost > chunk):
+        flush()  # the users go in a message of their own when the last one is full
     last = len(batches) - 1
     finished = tuple(sorted(done))
-    per_user = tuple(users)
     return [
         Handoff(
             to, finished if i == last else (), tuple(mailboxes), per_user if i == last else ()

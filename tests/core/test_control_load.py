@@ -24,6 +24,7 @@ from orbited.core.control import (
     decode_from_node,
     encode,
     fit_trace_reply,
+    handoff_messages,
     trace_query,
 )
 from orbited.core.latency import LatencyHistogram
@@ -311,3 +312,69 @@ def test_fitting_reads_odd_answers_without_failing():
     reply = fit_trace_reply(1, answer, limit=5_000)
     assert len(encode(reply)) <= 5_000 and reply.answer["keys"][0] == 7
     assert fit_trace_reply(1, {"keys": "x", "pad": "y" * 10}, limit=10).answer["keys"] == []
+
+
+# -- hand-off messages with key traces (reviewer item A) -----------------------------------
+
+
+def _trace(n_records: int = 16, n_notes: int = 8) -> list[dict[str, Any]]:
+    record = {"t": 1796540401.12, "event": "é" * 40, "request": "77aa0c13d2e4f0a1", "node": "n1",
+              "route": 13, "status": "queued", "seq": 42, "stream": "kQ3v_x9A.1f", "dropped": 0,
+              "ack_wait": 10.0, "written": None, "transport": None, "rewritten": 0,
+              "acked": None, "outcome": None, "handed": "out", "trace_id": "4b" * 16}  # fmt: skip
+    note = {"t": 1796540402.0, "what": "attach", "transport": "ws", "last": "kQ3v_x9A.1f:40",
+            "node": "n1"}  # fmt: skip
+    return [dict(record, seq=i) for i in range(n_records)] + [dict(note) for _ in range(n_notes)]
+
+
+def _entry(i: int, events: int, payload: str, trace: list[dict[str, Any]] | None) -> dict:
+    entry: dict[str, Any] = {"key": ["bulk", f"s{i}", "/l"], "route": 2, "stream": "a.1",
+                             "next_seq": events + 1, "acked": 0,
+                             "events": [[n, payload] for n in range(1, events + 1)]}  # fmt: skip
+    if trace is not None:
+        entry["trace"] = trace
+    return entry
+
+
+def test_traces_count_toward_the_hand_off_message_size():
+    """400 lingering mailboxes × 16 queued events, each key with a 24-entry trace: every
+    message stays within half a control message (HaloD cuts a link over the limit, and
+    the whole hand-off is lost), every event arrives once, every trace once."""
+    entries = [_entry(i, 16, '{"text":"' + "x" * 100 + '"}', _trace()) for i in range(400)]
+    messages = handoff_messages("n2", [2], entries)
+    assert len(messages) > 1 and messages[-1].done == (2,)
+    for m in messages:
+        assert len(encode(m)) <= MAX_MESSAGE // 2
+    arrived = [(b["key"][1], e[0]) for m in messages for b in m.mailboxes for e in b["events"]]
+    assert sorted(arrived) == sorted((f"s{i}", n) for i in range(400) for n in range(1, 17))
+    traces = [b["key"][1] for m in messages for b in m.mailboxes if "trace" in b]
+    assert sorted(traces) == sorted(f"s{i}" for i in range(400))
+    for m in messages:
+        for b in m.mailboxes:
+            assert b.get("trace", _trace()) == _trace()
+
+
+def test_a_split_mailbox_sends_its_trace_with_the_first_part_only():
+    entry = _entry(0, 100, "y" * 1000, _trace())
+    messages = handoff_messages("n2", [2], [entry], chunk=40_000)
+    parts = [b for m in messages for b in m.mailboxes]
+    assert len(parts) > 2
+    assert parts[0]["trace"] == _trace() and all("trace" not in b for b in parts[1:])
+    assert [e[0] for b in parts for e in b["events"]] == list(range(1, 101))
+    assert all(len(encode(m)) < 40_000 + 2_000 for m in messages)
+
+
+def test_a_trace_larger_than_half_a_chunk_is_left_out_not_the_mailbox():
+    entry = _entry(0, 3, "z", _trace(200, 0))
+    (message,) = handoff_messages("n2", [2], [entry], chunk=20_000)
+    (sent,) = message.mailboxes
+    assert "trace" not in sent and [e[0] for e in sent["events"]] == [1, 2, 3]
+
+
+def test_users_that_do_not_fit_the_last_message_get_their_own():
+    entries = [_entry(i, 1, "p" * 9_000, None) for i in range(2)]
+    users = [{"user": "u", "holds": [["h" * 8_000]], "watches": []}]
+    messages = handoff_messages("n2", [2], entries, chunk=10_000, users=users)
+    assert messages[-1].users == tuple(users) and messages[-1].done == (2,)
+    assert all(len(encode(m)) < 10_000 + 2_000 for m in messages)
+    assert all(not m.users and not m.done for m in messages[:-1])
