@@ -152,6 +152,11 @@ class HaloDConfig(ConfigBase):
         )  # fmt: skip
         if self.move_rate < 0:
             raise ConfigError("move_rate must be 0 (no pacing) or more")
+        if self.control_max_message < MAX_MESSAGE:  # what nodes send (hand-offs, trace replies)
+            raise ConfigError(
+                f"control_max_message must be at least {MAX_MESSAGE}: nodes send messages "
+                "up to that size"
+            )
         if self.routes > MAX_ROUTES:  # nodes refuse a welcome with more (halod-protocol.md)
             raise ConfigError(f"routes must be at most {MAX_ROUTES}")
         if self.hash_version not in HASH_VERSIONS:
