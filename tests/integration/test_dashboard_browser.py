@@ -16,7 +16,9 @@ browsers (bench/browsers.py, mixed transports) through the route ports and a web
    outlined while the hand-off is in flight, and the incident's hand-off figures;
 5. has no operator buttons without the key, works with it, and a forged cross-origin
    request is refused;
-6. renders a hostile failure reason as text.
+6. renders a hostile failure reason as text;
+7. on a follower HaloD (store etcd, when etcd-server is installed), shows the leader's
+   table from its warm copy and links to the leader's dashboard.
 
 Screenshots (``docs/images/dashboard*.png``) are written only when
 ``ORBITED_SCREENSHOTS`` names a directory (``ORBITED_SCREENSHOTS=docs/images``).
@@ -38,7 +40,10 @@ import pytest
 
 from bench.browsers import BrowserProcesses
 from bench.sender import SenderProcess
+from halod.etcd.local import EtcdCluster
 from tests.conftest import HaloDProcess, NodeProcess, wait_for
+from tests.etcd_cluster import etcd_cluster  # noqa: F401 - a fixture
+from tests.integration.test_halod_ha import EtcdHaloD, start_nodes
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -377,3 +382,44 @@ def test_6_hostile_strings_render_as_text(cluster: dict):
         assert text.count(HOSTILE) >= 3, text  # warning, failure reason, incident reason
     finally:
         context.close()
+
+
+def test_7_a_follower_shows_the_leaders_table_and_links_to_it(
+    tmp_path: Path,
+    etcd_cluster: EtcdCluster,  # noqa: F811 - the fixture imported above
+    cluster: dict,
+) -> None:
+    """Several HaloD on etcd (docs/halod.md, "High availability"): a follower serves the
+    dashboard from its warm copy of the table, says it follows and links to the leader's
+    dashboard; its /trace answers 409 not_leader naming the leader."""
+    endpoints = etcd_cluster.endpoints
+    started: list[HaloDProcess | NodeProcess] = []
+    context = cluster["chromium"].new_context(viewport={"width": 1440, "height": 900},
+                                              bypass_csp=True)  # fmt: skip
+    try:
+        h1 = EtcdHaloD(tmp_path, "h1", endpoints)
+        started.append(h1.start())
+        wait_for(h1.leads, "h1 leads")
+        h2 = EtcdHaloD(tmp_path, "h2", endpoints)
+        started.append(h2.start())
+        wait_for(lambda: h2.role() == "follower", "h2 follows")
+        started.extend(start_nodes(tmp_path, [h1, h2], ["a", "s", "b"]).values())
+        wait_for(lambda: h2.get("routes")["version"] == h1.get("routes")["version"], "h2 warm")
+        page = context.new_page()
+        page.goto(f"http://{h2.status_http}/dashboard")
+        page.wait_for_function("document.body.dataset.tableVersion", timeout=15000)
+        wait_for(lambda: owners_on_page(page) == expected_owners(h1), "h1's table on h2's page")
+        banner = page.locator("#banners").inner_text()
+        assert "follows" in banner, banner
+        links = page.evaluate("[...document.querySelectorAll('#banners a')].map(a => a.href)")
+        assert f"http://{h1.status_http}/dashboard" in links, links
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(f"http://{h2.status_http}/trace?user=x", timeout=5)
+        assert refused.value.code == 409
+        error = json.loads(refused.value.read())["error"]
+        assert error["code"] == "not_leader" and error["leader"]["name"] == "h1", error
+    finally:
+        context.close()
+        for proc in started:
+            if proc.alive():
+                proc.stop(signal.SIGKILL)
