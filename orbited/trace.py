@@ -279,8 +279,15 @@ def ask_halod(base: str, query: Mapping[str, Any], key: bytes | None) -> Json:
 
 
 def ask_node(base: str, query: Mapping[str, Any], key: bytes) -> Json:
+    """One node's answer; its 404 means the trace endpoint is off there."""
     params = urllib.parse.urlencode({k: v for k, v in query.items() if v is not None})
-    return _get(f"{base.rstrip('/')}/orbited/trace?{params}", key)
+    try:
+        return _get(f"{base.rstrip('/')}/orbited/trace?{params}", key)
+    except _HTTPError as e:
+        if e.status == 404:
+            raise TraceError(f"{e} (the node's trace endpoint is off: set its "
+                             "trace_key_file)") from None  # fmt: skip
+        raise
 
 
 # -- the command ---------------------------------------------------------------------------

@@ -320,3 +320,10 @@ def test_a_short_or_missing_key_file_exits_2(server, tmp_path, capsys):
                               "--operator-key-file", str(path)]) == 2  # fmt: skip
         assert capsys.readouterr().err.startswith("orbited trace: ")
     assert server.requests == []
+
+
+def test_a_node_without_the_endpoint_says_how_to_turn_it_on(server, keys, capsys):
+    server.routes["/orbited/trace"] = (404, {"error": {"code": "not_found", "message": "no"}})
+    argv = ["--user", "alice", "--node", server.url, "--key-file", str(keys["trace"])]
+    assert trace_command(argv) == 1
+    assert "trace endpoint is off: set its trace_key_file" in capsys.readouterr().err
