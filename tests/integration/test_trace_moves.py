@@ -343,7 +343,8 @@ def test_a_planned_move_shows_every_dispatch_the_hand_off_and_the_acks(cluster: 
         mine = [s for s in app.sent if s.key == key and s.sent_at >= t0 - 2]
         unacked = [s.event for s in mine if s.n in got[key_id(key)]
                    and not any(r.get("acked") for r in by_event[s.event])]  # fmt: skip
-        assert unacked == [], (key, unacked[:5], entry["dispatches"][-5:])
+        assert unacked == [], (key, [r for r in entry["dispatches"] if r["event"] in unacked],
+                               entry["notes"])  # fmt: skip
     # The tabs that went away: their events waited in the mailbox and travelled with it,
     # unwritten, and the verdict follows them to the new owner.
     assert away_moved
