@@ -47,8 +47,10 @@ class Timing:
     grace: float = 5.0  # seconds a disconnected node has to come back and keep its routes
     probe: ProbeSettings = ProbeSettings()  # telling a dead node from a control-link blip
     # Browsers per second a planned move (drain, undrain, join) sends to their new
-    # owners; 0: every route at once. A crash is never paced.
-    move_rate: float = 2000.0
+    # owners; 0: every route at once. A crash is never paced. 500/s kept the longest
+    # silence of a drained node's browsers at 0.26 s (nftables) where 2000/s gave 0.39 s
+    # on the 2-core bench box (docs/performance.md, "Failover as users see it").
+    move_rate: float = 500.0
 
 
 @dataclass
