@@ -948,7 +948,7 @@ class Hub(RouteOwnership):
                     if observer is not None and type(recipient) is not Selector:
                         limited: ConnectionKey = recipient  # type: ignore[assignment]
                         route = route_of(limited, self.routes, self.hash_version)
-                        status = over[limited[0]].status._value_
+                        status = over[limited[0]].status.value
                         observer.recipient(token, limited, route, status, None, None, 0, None, now)
                     continue
                 entry: RecipientResult | defer.Deferred[RecipientResult] | None
@@ -1099,7 +1099,7 @@ class Hub(RouteOwnership):
                 if status is DELIVERED and sink is not None:
                     plain, transport = "delivered", sink.kind
                 else:
-                    plain, transport = status._value_, None
+                    plain, transport = status.value, None
                 observer.recipient(
                     self._token, key, slot.route, plain, seq, slot.mailbox.stream, result[2],
                     transport, self._token_now,
@@ -1110,7 +1110,7 @@ class Hub(RouteOwnership):
             else:
                 route = route_of(key, self.routes, self.hash_version)
             observer.recipient(
-                self._token, key, route, status._value_, None, None, 0, None, self._token_now
+                self._token, key, route, status.value, None, None, 0, None, self._token_now
             )
         elif slot is None or not slot.waits:  # held for an incoming hand-off (_later)
             route = route_of(key, self.routes, self.hash_version)
