@@ -17,8 +17,6 @@ import time
 from collections import OrderedDict
 from pathlib import Path
 
-import jwt
-
 from orbited.core.keys import MAX_PART_BYTES, WILDCARD, ConnectionKey
 
 AUDIENCE = "orbited"
@@ -52,6 +50,10 @@ def issue_token(
         "iat": issued,
         "exp": issued + int(ttl),
     }
+    # PyJWT (with cryptography, ~0.1 s of CPU to import) only where tokens are issued:
+    # HaloD and the node import this module for load_secret and the hand-written check.
+    import jwt
+
     return jwt.encode(claims, secret, algorithm=ALGORITHM)
 
 
