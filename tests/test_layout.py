@@ -343,6 +343,12 @@ def test_the_blocking_client_loads_no_twisted_autobahn_or_klein():
     assert loaded_by("import orbited.client.blocking", (*UPSTREAM, "opentelemetry")) == []
 
 
+def test_halod_starts_without_websocket_or_token_libraries():
+    # A restarting HaloD competes for the CPU with traffic it must not delay (issue 16):
+    # autobahn, PyJWT and cryptography are the node's and the web app's, not HaloD's.
+    assert loaded_by("import halod.cli", ("autobahn", "jwt", "cryptography")) == []
+
+
 def test_opentelemetry_is_loaded_only_when_turned_on():
     """The otel extra is optional and its import costs: the node (its service, hub and
     otel module, a service built with the default config) and the clients (a client
