@@ -247,16 +247,16 @@ class Insight:
                 if value is not None:
                     lines.append(f'halod_node_ack_seconds{{node="{n}",quantile="{q}"}} '
                                  f"{value / 1000:g}")  # fmt: skip
-        merged = self.load.histogram(now)
         lines += [
-            "# HELP halod_cluster_ack_seconds Ack latency of every node, the last 30 s.",
+            "# HELP halod_cluster_ack_seconds Ack latency of every node since HaloD started.",
             "# TYPE halod_cluster_ack_seconds histogram",
         ]
         total = 0
-        for le, count in merged.cumulative():
+        for le, count in self.load.ack_total.cumulative():
             bound = "+Inf" if le == float("inf") else f"{le:g}"
             lines.append(f'halod_cluster_ack_seconds_bucket{{le="{bound}"}} {count}')
             total = count
+        lines.append(f"halod_cluster_ack_seconds_sum {self.load.ack_sum_s:g}")
         lines.append(f"halod_cluster_ack_seconds_count {total}")
         kinds: dict[str, int] = dict.fromkeys((k.value for k in Kind), 0)
         for count_kind, count in self.timeline.counts.items():

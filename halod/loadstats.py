@@ -18,7 +18,7 @@ from itertools import islice
 from typing import Any
 
 from orbited.core.control import HeartbeatLoad
-from orbited.core.latency import LatencyHistogram, Pairs
+from orbited.core.latency import LatencyHistogram, Pairs, upper_ms
 
 RATE_WINDOW = 5.0  # seconds: the EWMA's time constant
 ACK_WINDOW = 30.0  # seconds of ack-latency histograms behind p50/p99
@@ -120,6 +120,10 @@ class NodeLoad:
 class ClusterLoad:
     def __init__(self) -> None:
         self.nodes: dict[str, NodeLoad] = {}
+        # Every ack-latency sample since this HaloD started (Prometheus counters: never
+        # down), and their sum with each sample at its bucket's upper bound.
+        self.ack_total = LatencyHistogram()
+        self.ack_sum_s = 0.0
 
     def registered(self, name: str, now: float) -> None:
         """``name`` (re)registered: its counters start again."""
@@ -132,6 +136,9 @@ class ClusterLoad:
         if node is None:
             node = self.nodes[name] = NodeLoad(name, now)
         node.observe(load, now)
+        if load.ack_hist:
+            self.ack_total.add(load.ack_hist)
+            self.ack_sum_s += sum(n * upper_ms(b) for b, n in load.ack_hist) / 1000.0
 
     def gone(self, name: str) -> None:
         self.nodes.pop(name, None)

@@ -379,6 +379,7 @@ def test_the_dashboard_follows_load_failover_and_drain(tmp_path: Path) -> None:
     assert 'halod_cluster_ack_seconds_bucket{le="0.005"} 0' in metrics
     assert 'halod_cluster_ack_seconds_bucket{le="0.01"} 20' in metrics
     assert "halod_cluster_ack_seconds_count 20" in metrics
+    assert "halod_cluster_ack_seconds_sum 0.2" in metrics  # at the buckets' upper bounds
     assert [i["kind"] for i in state["timeline"]] == ["join", "spare", "join"]
     events = call("/dashboard/events")  # a stream, open from here on
     assert events.status == 200 and len(halod.insight.feed.streams) == 1
@@ -420,6 +421,8 @@ def test_the_dashboard_follows_load_failover_and_drain(tmp_path: Path) -> None:
     assert shown["id"] == drain.id and shown["open"] is False and shown["mailboxes_handed"] == 3
     metrics = halod.metrics()
     assert 'halod_node_events_per_second{node="n2"} 0.000' in metrics
+    # n1 is gone and its samples are out of the window: the histogram's counters stay
+    assert "halod_cluster_ack_seconds_count 20" in metrics
     assert 'halod_incidents_total{kind="failover"} 1' in metrics
     assert 'halod_incidents_total{kind="drain"} 1' in metrics
     assert "halod_dashboard_streams 1" in metrics

@@ -76,3 +76,14 @@ def test_cluster_totals_and_lifecycle() -> None:
     assert cluster.nodes["n1"].rates == {} and cluster.nodes["n1"].routes == {}
     cluster.gone("n2")
     assert list(cluster.nodes) == ["n1"]
+
+
+def test_cluster_ack_counters_since_start_never_go_down() -> None:
+    cluster = ClusterLoad()
+    cluster.registered("n1", 0.0)
+    cluster.heartbeat("n1", beat(0, ack_hist=((bucket_of(0.004), 3), (bucket_of(0.1), 1))), 1.0)
+    assert cluster.ack_total.count == 4
+    assert cluster.ack_sum_s == pytest.approx(3 * 0.005 + 0.1)  # at the buckets' upper bounds
+    cluster.gone("n1")
+    assert cluster.histogram(100.0).count == 0  # the 30 s window: empty
+    assert cluster.ack_total.count == 4  # the counters: unchanged
