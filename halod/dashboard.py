@@ -496,8 +496,11 @@ class DashboardResource(Resource):
             request.setHeader(b"allow", b"GET, HEAD")
             method = request.method.decode("ascii", "replace")[:32]
             return send_error(request, 405, "method_not_allowed", f"{method} is not supported here")
+        head = request.method == b"HEAD"  # the headers only (twisted.web warns of a body)
         if path == "state":
             request.setHeader(b"content-type", b"application/json")
+            if head:
+                return b""
             view = self.feed.view()
             return json.dumps(snapshot(view, self.feed.clock.seconds())).encode()
         if path == "events":
@@ -510,7 +513,7 @@ class DashboardResource(Resource):
         if match is not None and file.etag in [m.strip() for m in match.split(b",")]:
             request.setResponseCode(304)
             return b""
-        return file.body
+        return b"" if head else file.body
 
     def _events(self, request: Request) -> bytes | int:
         if request.method == b"HEAD":

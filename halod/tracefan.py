@@ -185,8 +185,9 @@ def query_from(request: Request) -> TraceQuery:
     limit = values["limit"]
     if limit is not None and not (limit.isascii() and limit.isdigit()):
         raise ValueError("limit must be a positive integer")
+    # session and location: empty means any; an empty event is refused (1-128 characters)
     return trace_query(0, values["user"], values["session"] or None,
-                       values["location"] or None, values["event"] or None,
+                       values["location"] or None, values["event"],
                        int(limit) if limit is not None else None)  # fmt: skip
 
 
@@ -217,6 +218,16 @@ class TraceResource(JSONResource):
     def render(self, request: Request) -> bytes | int:
         secure(request)  # errors too
         return super().render(request)
+
+    def render_HEAD(self, request: Request) -> bytes:  # noqa: N802
+        """The GET's checks and status, without asking the nodes (and without a body)."""
+        if self.auth.refuse(request) is None:
+            try:
+                query_from(request)
+                request.setHeader(b"content-type", b"application/json")
+            except ValueError as e:
+                send_error(request, 400, "bad_request", str(e))
+        return b""
 
     def render_GET(self, request: Request) -> bytes | int:  # noqa: N802
         refused = self.auth.refuse(request)

@@ -120,6 +120,26 @@ def test_page_and_static_files(get: Callable[..., Response]) -> None:
         assert get(f"/dashboard/{path}", if_none_match='"other"').status == 200
 
 
+def test_head_answers_without_a_body(get: Callable[..., Response]) -> None:
+    from twisted.logger import ILogObserver, globalLogPublisher
+    from zope.interface import provider
+
+    logged: list[dict[str, Any]] = []
+
+    @provider(ILogObserver)
+    def observe(event: dict[str, Any]) -> None:
+        logged.append(event)
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        for path in ("/dashboard", "/dashboard/app.js", "/dashboard/state"):
+            r = get(path, "HEAD")
+            assert r.status == 200 and r.body == b"" and r.headers["content-type"], path
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    assert not [e for e in logged if "eat it" in str(e.get("log_format", ""))]
+
+
 def test_state_and_errors(get: Callable[..., Response]) -> None:
     state = get("/dashboard/state")
     assert state.status == 200 and state.headers["cache-control"] == "no-store"
@@ -225,12 +245,16 @@ def test_trace_request_rules() -> None:
     assert ok.status == 200 and ok.json() == {"keys": []}
     assert asked == [TraceQuery(0, "alice", None, None, "42", 5)]
     for path in ("/trace", "/trace?user=", "/trace?user=a&user=b", "/trace?user=a&x=1",
-                 "/trace?user=a&limit=-1", "/trace?user=a&limit=0", "/trace?user=%ff"):  # fmt: skip
+                 "/trace?user=a&limit=-1", "/trace?user=a&limit=0", "/trace?user=%ff",
+                 "/trace?user=a&event="):  # fmt: skip
         r = call(path)
         assert r.status == 400 and r.json()["error"]["code"] == "bad_request", path
         assert r.headers["x-content-type-options"] == "nosniff"
         assert r.headers["cache-control"] == "no-store"
     assert call("/trace?user=a", "POST").status == 405
+    head = call("/trace?user=a", "HEAD")
+    assert head.status == 200 and head.body == b""  # checked, but no node is asked
+    assert call("/trace", "HEAD").status == 400  # the same checks
     page = call("/trace?user=a", origin="http://127.0.0.1:7601")
     assert page.status == 403
     assert len(asked) == 1
