@@ -240,6 +240,7 @@ class DashboardFeed:
         self._sent_incidents: dict[int, Mapping[str, Any]] = {}
         self._sent_states: list[tuple[Any, ...]] | None = None
         self._sent_summary: dict[str, Any] | None = None
+        self._sent_routes: dict[str, dict[str, int]] = {}  # node → its routes last sent
 
     def subscribe(self, request: Request) -> bool:
         """Start streaming to ``request`` (headers already set); False: too many open."""
@@ -307,6 +308,9 @@ class DashboardFeed:
         self._sent_incidents = {int(i["id"]): i for i in view.timeline[:TIMELINE_SHOWN]}
         self._sent_states = _states(view)
         self._sent_summary = summary_json(view)
+        self._sent_routes = {
+            row["name"]: row["routes"] for row in nodes_json(view, 0.0)["nodes"]
+        }  # fmt: skip
 
     def _push(self) -> None:
         self._push_call = None
@@ -336,7 +340,13 @@ class DashboardFeed:
 
     def _nodes(self, view: DashboardView, now: float) -> None:
         self._sent_states = _states(view)
-        self._broadcast(self._event("nodes", nodes_json(view, now)))
+        body = nodes_json(view, now)
+        for row in body["nodes"]:  # a node's routes only when they changed (they can be many)
+            if self._sent_routes.get(row["name"]) == row["routes"]:
+                del row["routes"]
+            else:
+                self._sent_routes[row["name"]] = row["routes"]
+        self._broadcast(self._event("nodes", body))
         summary = summary_json(view)
         if summary != self._sent_summary:
             self._sent_summary = summary

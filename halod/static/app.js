@@ -622,6 +622,9 @@ function applyTable(table) {
 }
 
 function applyNodes(nodes) {
+  // A node's `routes` come only when they changed: keep the ones the page has.
+  const before = new Map(state.nodes.nodes.map((n) => [n.name, n.routes]));
+  for (const n of nodes.nodes) if (n.routes === undefined) n.routes = before.get(n.name) || {};
   state.nodes = nodes;
   hd.nodes = nodes.nodes;
   paintTotals();

@@ -238,3 +238,17 @@ def test_a_closed_stream_is_forgotten() -> None:
     clock, _, feed, request = subscribed()
     request.finished.callback(None)
     assert feed.streams == [] and clock.getDelayedCalls() == []
+
+
+def test_a_nodes_routes_are_sent_when_they_change() -> None:
+    clock, holder, feed, request = subscribed()  # the snapshot had them all
+    clock.advance(NODES_EVERY)
+    [(_, nodes)] = request.events()
+    assert all("routes" not in row for row in nodes["nodes"])  # as in the snapshot
+    loads = dict(holder.view.loads)
+    loads["n1"] = {**loads["n1"], "routes": {"1": 7, "2": 4}}
+    holder.view = replace(holder.view, loads=loads)
+    clock.advance(NODES_EVERY)
+    [(_, nodes)] = request.events()
+    assert {row["name"]: row.get("routes") for row in nodes["nodes"]} == {
+        "n1": {"1": 7, "2": 4}, "n2": None, "n3": None}  # fmt: skip
