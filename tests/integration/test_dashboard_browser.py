@@ -110,13 +110,12 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
             "--transports", "ws=2,poll=1,sse=1,iframe=1"])  # fmt: skip
         with playwright.sync_playwright() as p:
             chromium = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-            # bypass_csp: Playwright's wait_for_function evaluates strings, which the
-            # page's CSP (no 'unsafe-eval') forbids; the XSS test keeps the CSP.
-            context = chromium.new_context(viewport={"width": 1440, "height": 900},
-                                           bypass_csp=True)  # fmt: skip
+            # The page runs under its own CSP (no 'unsafe-eval'), as in a real browser:
+            # the tests wait by evaluating from here (poll), not with wait_for_function.
+            context = chromium.new_context(viewport={"width": 1440, "height": 900})
             page = context.new_page()
             page.goto(f"http://{halod.status_http}/dashboard")
-            page.wait_for_function("document.body.dataset.tableVersion", timeout=15000)
+            poll(page, "document.body.dataset.tableVersion", "the page's first table", 15)
             yield {"halod": halod, "nodes": nodes, "browsers": browsers, "prefix": prefix,
                    "key_file": key_file, "chromium": chromium, "page": page, "tmp": tmp,
                    "senders": senders}  # fmt: skip
@@ -133,8 +132,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
 
 def poll(page, expression: str, what: str, timeout: float = 5.0) -> object:  # noqa: ANN001
     """Wait for a truthy ``expression`` by evaluating it from here (not
-    ``wait_for_function``, whose polling the page's CSP, without 'unsafe-eval', may
-    refuse; the other tests' context bypasses the CSP, this one keeps it)."""
+    ``wait_for_function``, whose polling the page's CSP, without 'unsafe-eval', refuses:
+    every test keeps the page's CSP)."""
     result: list[object] = [None]
 
     def done() -> object:
@@ -178,8 +177,8 @@ def table_version(page) -> int:  # noqa: ANN001
 
 def applied_at(page, after: int, timeout: float = 5.0) -> tuple[int, float]:  # noqa: ANN001
     """The first table version above ``after`` the page applied, and when (ms, its clock)."""
-    page.wait_for_function(f"Number(document.body.dataset.tableVersion) > {after}",
-                           timeout=timeout * 1000)  # fmt: skip
+    poll(page, f"Number(document.body.dataset.tableVersion) > {after}",
+         f"a table version above {after}", timeout)  # fmt: skip
     applied = page.evaluate("window.haloDashboard.appliedAt")
     version = min(int(v) for v in applied if int(v) > after)
     return version, float(applied[str(version)])
@@ -314,12 +313,11 @@ def test_4_a_planned_move_shows_within_a_second(cluster: dict):
 
 def test_5_operator_actions_need_the_key_and_refuse_cross_site(cluster: dict):
     halod = cluster["halod"]
-    context = cluster["chromium"].new_context(viewport={"width": 1440, "height": 900},
-                                              bypass_csp=True)  # fmt: skip
+    context = cluster["chromium"].new_context(viewport={"width": 1440, "height": 900})
     page = context.new_page()
     try:
         page.goto(f"http://{halod.status_http}/dashboard")
-        page.wait_for_function("document.body.dataset.tableVersion", timeout=15000)
+        poll(page, "document.body.dataset.tableVersion", "the page's first table", 15)
         actions = 'button[data-action="drain"], button[data-action="undrain"]'
         assert page.locator("tr[data-node]").count() > 0
         assert page.locator(actions).count() == 0  # no key entered: no buttons
@@ -338,8 +336,8 @@ def test_5_operator_actions_need_the_key_and_refuse_cross_site(cluster: dict):
         page.click("#trace-details summary")
         page.fill('form[data-panel="trace"] input[name="user"]', f"{cluster['prefix']}0")
         page.press('form[data-panel="trace"] input[name="user"]', "Enter")
-        page.wait_for_function("(document.querySelector('[data-trace-answer]') || {})"
-                               ".textContent", timeout=10000)  # fmt: skip
+        poll(page, "(document.querySelector('[data-trace-answer]') || {}).textContent",
+             "the trace answer", 10)  # fmt: skip
         screenshot(page, "dashboard-trace.png")
     finally:
         context.close()
@@ -396,8 +394,7 @@ def test_7_a_follower_shows_the_leaders_table_and_links_to_it(
     dashboard; its /trace answers 409 not_leader naming the leader."""
     endpoints = etcd_cluster.endpoints
     started: list[HaloDProcess | NodeProcess] = []
-    context = cluster["chromium"].new_context(viewport={"width": 1440, "height": 900},
-                                              bypass_csp=True)  # fmt: skip
+    context = cluster["chromium"].new_context(viewport={"width": 1440, "height": 900})
     try:
         h1 = EtcdHaloD(tmp_path, "h1", endpoints)
         started.append(h1.start())
@@ -409,7 +406,7 @@ def test_7_a_follower_shows_the_leaders_table_and_links_to_it(
         wait_for(lambda: h2.get("routes")["version"] == h1.get("routes")["version"], "h2 warm")
         page = context.new_page()
         page.goto(f"http://{h2.status_http}/dashboard")
-        page.wait_for_function("document.body.dataset.tableVersion", timeout=15000)
+        poll(page, "document.body.dataset.tableVersion", "the page's first table", 15)
         wait_for(lambda: owners_on_page(page) == expected_owners(h1), "h1's table on h2's page")
         banner = page.locator("#banners").inner_text()
         assert "follows" in banner, banner
