@@ -551,15 +551,7 @@ class HaloD:
         moves"): its last step's browsers had their share of ``move_rate`` and its
         hand-offs came (the deadline tick also checks)."""
         due = self.membership.pace_due() if self.leading else None
-        timer = self._pace_timer
-        if timer is not None and timer.active():
-            if due is not None and timer.getTime() == max(due, self.clock.seconds()):
-                return
-            timer.cancel()
-        self._pace_timer = None
-        if due is not None:
-            now = self.clock.seconds()
-            self._pace_timer = self.clock.callLater(max(due, now) - now, self._pace_tick)
+        self._pace_timer = self._rearm(self._pace_timer, due, lambda at: self._pace_tick())
 
     def _pace_tick(self) -> None:
         self._pace_timer = None
@@ -572,17 +564,23 @@ class HaloD:
     def _schedule_probes(self) -> None:
         """Wake up when the next probe times out or is due: the second probe of a node
         comes FIRST_GAP (50 ms) after the first, sooner than the deadline tick."""
-        due = self.membership.probe_due()
-        timer = self._probe_timer
+        self._probe_timer = self._rearm(self._probe_timer, self.membership.probe_due(),
+                                        self._probe_tick)  # fmt: skip
+
+    def _rearm(
+        self, timer: IDelayedCall | None, due: float | None, call: Callable[[float], None]
+    ) -> IDelayedCall | None:
+        """``timer`` made to run ``call(at)`` at ``due`` (at once if past; never: None),
+        kept as it is if it already does."""
+        now = self.clock.seconds()
         if timer is not None and timer.active():
-            if due is not None and timer.getTime() == max(due, self.clock.seconds()):
-                return
+            if due is not None and timer.getTime() == max(due, now):
+                return timer
             timer.cancel()
-        self._probe_timer = None
-        if due is not None:
-            now = self.clock.seconds()
-            at = max(due, now)
-            self._probe_timer = self.clock.callLater(at - now, self._probe_tick, at)
+        if due is None:
+            return None
+        at = max(due, now)
+        return self.clock.callLater(at - now, call, at)
 
     def _probe_tick(self, at: float) -> None:
         self._probe_timer = None
