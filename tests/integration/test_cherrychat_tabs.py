@@ -269,8 +269,11 @@ def test_a_rehash_to_version_2_keeps_the_chat_going(tmp_path_factory, browser):
                 join(page, "rehash")
             say(a, "before the rehash")
             wait_text(b, "before the rehash")
+            # `orbited cluster` starts HaloD with an operator key (docs/operations.md,
+            # "The CLI with a key"): the operator's command sends it.
             done = subprocess.run([sys.executable, "-m", "halod.cli", "rehash", "--to", "2",
-                                   "--url", v1.halod_status],
+                                   "--url", v1.halod_status,
+                                   "--operator-key-file", str(v1.operator_key_file)],
                                   capture_output=True, text=True, timeout=30)  # fmt: skip
             assert done.returncode == 0, done.stderr + done.stdout
             status = json.loads(urllib.request.urlopen(f"{v1.halod_status}/status").read())
