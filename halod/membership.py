@@ -428,10 +428,7 @@ class Membership:
         if not self.holdover:
             self.step = None
             return Effects()
-        if self.step is not None and not self.step.ready(now):
-            return Effects()
         before = self.effective_owners()
-        self.step = None
         self._take_step(now)
         after = self.effective_owners()
         moves = _diff(before, after, self.table.routes)
@@ -459,9 +456,7 @@ class Membership:
                     # Browsers a route has: its owner's over its routes (a heartbeat's
                     # count), taken now, before the owner's count starts to fall.
                     self._share[route] = self.nodes[old].connections / max(1, held[old])
-            if self.step is None or self.step.ready(now):
-                self.step = None
-                self._take_step(now)
+            self._take_step(now)
         moves = _diff(before, self.effective_owners(), self.table.routes)
         return Change(change.name, change.role, change.node_id, moves)
 
@@ -479,7 +474,11 @@ class Membership:
     def _take_step(self, now: float) -> None:
         """Release the next routes of ``holdover``: whole routes, oldest route number
         first, up to MOVE_STEP seconds of browsers (each route counts its old owner's
-        connections over its routes; at least one route)."""
+        connections over its routes; at least one route), unless the step that runs is
+        not done."""
+        if self.step is not None and not self.step.ready(now):
+            return
+        self.step = None
         rate = self.timing.move_rate
         held = Counter(self.effective_owners().values())
         budget = rate * MOVE_STEP if rate > 0 else float("inf")
