@@ -30,6 +30,9 @@ BIG = MAX_MESSAGE // 2 + 10  # payload characters: more than half a control mess
 
 
 class Tab:
+    """A browser's transport as the hub sees it."""
+
+    kind = "ws"
     wants_pings = True
     last_write = 0.0
 

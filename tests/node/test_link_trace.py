@@ -33,6 +33,7 @@ from orbited.core.routes import Role
 from orbited.node.hub import Hub, HubConfig
 from orbited.node.link import FULL_LOAD_EVERY, HaloDLink, LinkProtocol
 from orbited.sp.wire import SPConnection, encode_message
+from tests.node.test_link_handoff import Tab
 
 
 class LoadHub:
@@ -198,31 +199,6 @@ def test_a_failing_trace_answer_does_not_cost_the_connection():
     assert not halod.transport.disconnecting
     (beat,) = halod.beats(1)  # still beating
     assert beat.seq == 1
-
-
-class Tab:
-    """A browser's transport as the hub sees it."""
-
-    kind = "ws"
-    wants_pings = True
-    last_write = 0.0
-
-    def __init__(self) -> None:
-        self.frames: list[dict[str, Any]] = []
-
-    def deliver(self, out: Any) -> bool:
-        self.frames += [json.loads(f.data) for f in out]
-        return True
-
-    def replaced(self) -> None:
-        pass
-
-    def reconnect(self, reason: str, route: int | None = None, spread: float | None = None
-                  ) -> None:  # fmt: skip
-        pass
-
-    def closed(self, code: int, reason: str) -> None:
-        pass
 
 
 def test_a_real_hubs_deliveries_and_acks_reach_the_heartbeat():
