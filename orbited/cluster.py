@@ -177,24 +177,44 @@ def listen_port_range() -> tuple[int, int]:
     return 20000, 60000
 
 
+HANDED_OUT_MEMORY = 120.0  # s: long enough for a bench or test to start what it picked
+_HANDED_OUT: list[tuple[float, range]] = []  # (when, block) free_port_block returned
+
+
+def _recent() -> list[range]:
+    cutoff = time.monotonic() - HANDED_OUT_MEMORY
+    while _HANDED_OUT and _HANDED_OUT[0][0] < cutoff:
+        _HANDED_OUT.pop(0)
+    return [block for _, block in _HANDED_OUT]
+
+
+def _overlap(a: range, b: range) -> bool:
+    return a.start < b.stop and b.start < a.stop
+
+
 def free_port_block(count: int, avoid: range = range(0)) -> int:
     """A base port b such that b..b+count-1 can all be bound on 127.0.0.1 right now and do
     not overlap ``avoid`` (a block picked but not bound yet). Tests and bench use it too.
 
     The block lies outside the kernel's ephemeral port range when it can: a port of that
     range is free one moment and the local end of some outgoing connection the next, and
-    then the block cannot be listened on ("Address already in use")."""
+    then the block cannot be listened on ("Address already in use").
+
+    A block this process handed out in the last HANDED_OUT_MEMORY seconds is not handed out
+    again: it may be free now only because whoever asked for it has not bound it yet."""
     low, high = listen_port_range()
     for _ in range(200):
         base = random.randrange(low, high - count)
-        if base < avoid.stop and avoid.start < base + count:
+        block = range(base, base + count)
+        if _overlap(block, avoid) or any(_overlap(block, taken) for taken in _recent()):
             continue
         held: list[socket.socket] = []
         try:
-            for port in range(base, base + count):
+            for port in block:
                 s = socket.socket()
                 held.append(s)
                 s.bind(("127.0.0.1", port))
+            _HANDED_OUT.append((time.monotonic(), block))
             return base
         except OSError:
             continue

@@ -114,3 +114,17 @@ def test_free_port_blocks_avoid_the_ephemeral_range():
     for _ in range(50):
         base = free_port_block(48)
         assert base + 48 <= first or base > last
+
+
+def test_a_picked_block_is_not_picked_again_before_it_is_bound(monkeypatch):
+    # The failover bench picked HaloD's control port, then a block for the proxy's routes
+    # that overlapped it (neither was bound yet): "Address already in use" in CI.
+    import orbited.cluster as cluster
+
+    low = free_port_block(7)  # free now; then forget it was handed out
+    monkeypatch.setattr(cluster, "_HANDED_OUT", [], raising=False)
+    monkeypatch.setattr(cluster, "listen_port_range", lambda: (low, low + 7))
+    first = free_port_block(4)  # every other block of 4 in 7 ports overlaps it
+    with pytest.raises(cluster.ClusterError, match="no free block of ports"):
+        free_port_block(4)
+    assert low <= first <= low + 3
