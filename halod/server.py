@@ -68,7 +68,7 @@ from orbited.core.routes import (
 )
 from orbited.core.settings import parse_host_port, parse_sp_address
 from orbited.core.tokens import load_secret
-from orbited.runtime.twisted_compat import listening_port
+from orbited.runtime.twisted_compat import Ticker, listening_port
 from orbited.runtime.web import JSONDirectory, JSONResource, OrbitedSite, send_error
 from orbited.sp.wire import SPConnection, SPProtocolError, encode_message
 
@@ -1240,7 +1240,7 @@ class HaloDService(service.MultiService):
             self.halod.dataplane = plane
         # Deadlines are checked a few times per heartbeat interval: detection takes at
         # most grace (or k intervals) plus one tick.
-        ticker = internet.TimerService(self.halod.tick_period, self.halod.tick)
+        ticker = Ticker(self.halod.tick_period, self.halod.tick)
         ticker.clock = clock
         ticker.setServiceParent(self)
 

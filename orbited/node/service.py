@@ -38,7 +38,7 @@ from orbited.node.transports.httpfront import BrowserFront
 from orbited.node.transports.limits import BrowserLimits
 from orbited.node.web import browser_site
 from orbited.node.webhook import WebhookQueue
-from orbited.runtime.twisted_compat import listening_port
+from orbited.runtime.twisted_compat import Ticker, listening_port
 
 
 def trace_key(path: str) -> bytes | None:
@@ -148,7 +148,7 @@ class NodeService(service.MultiService):
                 orbit_port, OrbitFactory(self.hub), interface=orbit_host, reactor=reactor
             )
             self.orbit_server.setServiceParent(self)
-        keepalive = internet.TimerService(config.keepalive / 2, self.hub.keepalive_tick)
+        keepalive = Ticker(config.keepalive / 2, self.hub.keepalive_tick)
         keepalive.clock = clock
         keepalive.setServiceParent(self)
         self.halod_link: HaloDLink | None = None

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pprint import pformat
 from typing import TYPE_CHECKING, Any
 
-from twisted.application import internet
+from twisted.application import internet, service
 from twisted.internet import tcp
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import AbstractDatagramProtocol, Factory
@@ -123,6 +123,20 @@ def writev_through(transport: Any, parts: list[bytes]) -> None:
     if sent < total:
         rest = b"".join(parts)
         tcp.write(rest[sent:] if sent else rest)
+
+
+class Ticker(internet.TimerService):
+    """A ``TimerService`` that may be stopped without having been started.
+
+    A ``MultiService`` stops every child when an earlier one fails to start (a port in
+    use), and ``TimerService.stopService`` then raises AttributeError: its ``_loop`` is
+    made in ``startService`` (Twisted 26.10). The process would print that traceback
+    after its clear "cannot start" line."""
+
+    def stopService(self):  # noqa: ANN201, N802
+        if "_loop" not in self.__dict__:
+            return service.Service.stopService(self)
+        return super().stopService()
 
 
 def listening_port(server: internet.TCPServer) -> IListeningPort:

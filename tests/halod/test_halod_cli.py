@@ -188,3 +188,19 @@ def test_halod_control_and_move_defaults_are_defined_once():
     config = HaloDConfig()
     assert config.control_max_message == MAX_MESSAGE  # what the node's link accepts
     assert config.move_close_delay == MOVE_CLOSE_DELAY  # the data planes' own default
+
+
+def test_a_control_port_in_use_is_one_clear_line_and_no_traceback(tmp_path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = halod(
+            "run", "--db", str(tmp_path / "h.db"), "--control", f"tcp://127.0.0.1:{port}",
+            "--status-http", "", "--dataplane", "none",
+        )  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    assert f"halod: cannot start: Couldn't listen on 127.0.0.1:{port}" in done.stderr
+    assert "Traceback" not in done.stdout + done.stderr, done.stdout + done.stderr

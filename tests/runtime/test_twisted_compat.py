@@ -495,3 +495,21 @@ def test_transports_of_another_kind_get_write_and_write_sequence():
     assert not twisted_compat.can_write_through(wrapper)
     twisted_compat.write_through(wrapper, b"x")
     assert wrapper.transport.value() == b"X"
+
+
+def test_a_ticker_that_never_started_stops_cleanly():
+    # A MultiService stops every child when an earlier child fails to start (a port in use).
+    from twisted.internet.task import Clock
+
+    from orbited.runtime.twisted_compat import Ticker
+
+    calls: list[int] = []
+    never = Ticker(1.0, lambda: calls.append(1))
+    assert never.stopService() is None and not never.running
+    ran = Ticker(1.0, lambda: calls.append(1))
+    ran.clock = Clock()
+    ran.startService()
+    ran.clock.advance(1.0)
+    stopped = ran.stopService()
+    ran.clock.advance(5.0)
+    assert calls == [1, 1] and stopped.called and not ran.running
