@@ -590,10 +590,11 @@ class Browser:
             try:
                 await conn.body()
             except EOFError:
-                if outcome:
-                    return outcome[0]
-                raise
-            return f"{self.transport} stream ended"
+                if not outcome:
+                    raise
+            # A reconnect frame in the response's last chunk: the body ends cleanly, and
+            # this is still a planned move (js drops the connection on the frame itself).
+            return outcome[0] if outcome else f"{self.transport} stream ended"
         finally:
             if acker is not None:
                 acker.cancel()

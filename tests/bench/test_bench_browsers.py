@@ -273,6 +273,11 @@ def test_node_shutdown_and_restart(tmp_path):
     assert summary["duplicated"] == 0
     assert all(c["resets"] >= 1 and c["reconnects"] >= 1 for c in clients)
     assert all(c["errors"].get("reconnect: shutdown") for c in clients)
+    # Every transport takes the frame as a planned move (the quick reconnect), as js does,
+    # also when it came in a response's last chunk (SSE and iframe).
+    assert all(c["errors"].get("reconnect frame") for c in clients), [
+        (c["transport"], c["errors"]) for c in clients if not c["errors"].get("reconnect frame")
+    ]
     assert "unreachable" in sent["status_counts"] or "no_connection" in sent["status_counts"]
     # After the restart every transport got events again.
     assert all(expand(c["received"]) & set(range(len(sent["round_times"]) - 10,
