@@ -3,8 +3,9 @@
     .venv/bin/python -m bench.ab --variants before=HEAD~3,after=.,nchan \\
         --transport ws --clients 1000 --rate 5000 --seconds 4 --reps 3 [--gc-stats] [--profile]
 
-Each variant ``NAME=REF`` runs the ``orbited`` package of REF: ``.`` is this work tree, any
-other REF a commit checked out in a temporary git worktree (removed at the end); ``nchan``
+Each variant ``NAME=REF`` runs the ``orbited`` package of REF: ``.`` is this work tree, a
+path with a ``/`` a directory holding one (used as it is), any other REF a commit checked
+out in a temporary git worktree (removed at the end); ``nchan``
 is nginx + Nchan with one worker (bench/peers.py's settings). Per variant and repetition:
 a fresh server, ``--clients`` subscribers in this process (bench/subscribers.py), one
 publisher (SP REQ batches every 10 ms, as ``bench dispatch``; Nchan: pipelined POSTs) at
@@ -17,7 +18,10 @@ Every run must deliver every event (sent = received, printed per run as JSON).
 clients connected it is sent SIGUSR2 and the pause of one full collection is printed
 (``full gc ms``). ``--profile``: SIGUSR1 around the connect phase and the event phase;
 profiles in ``--out``/prof-<variant>-<transport>.<pid>.<n> (``python -m bench.nodeprof
-show FILE``). Small and bounded: loopback only, a few thousand clients at most.
+show FILE``). ``--pyspy PHASE`` (``accept`` or ``event``): py-spy samples the node over that
+phase (no instrumentation, so the proportions are the real ones), collapsed stacks in
+``--out``/spy-<variant>-<transport>-<rep>.txt (``python -m bench.ab --fold FILE`` sums them
+per function). Small and bounded: loopback only, a few thousand clients at most.
 """
 
 from __future__ import annotations
@@ -55,6 +59,17 @@ def cpu(pid: int) -> float:
     return total
 
 
+def cpu_exact(pid: int) -> float:
+    """``cpu`` in nanoseconds' resolution: the scheduler's run time of every thread of the
+    tree (/proc/PID/task/TID/schedstat), not the 10 ms clock ticks of /proc/PID/stat."""
+    total = 0
+    for p in _tree(pid):
+        for tid in os.listdir(f"/proc/{p}/task"):
+            with open(f"/proc/{p}/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[0])
+    return total / 1e9
+
+
 def rss_kb(pid: int) -> int:
     total = 0
     for p in _tree(pid):
@@ -66,11 +81,11 @@ def rss_kb(pid: int) -> int:
 
 
 async def connect_all(server: Any, transport: str, n: int, stats: Stats, rate: int,
-                      flavour: str) -> list[Subscriber]:  # fmt: skip
+                      flavour: str, prefix: str = "c") -> list[Subscriber]:  # fmt: skip
     loop = asyncio.get_running_loop()
 
     async def one(i: int) -> Subscriber | None:
-        sub = Subscriber(server.url(f"c{i}", transport), flavour, transport, stats)
+        sub = Subscriber(server.url(f"{prefix}{i}", transport), flavour, transport, stats)
         await loop.create_connection(lambda: sub, sub.host, sub.port)
         ok = await asyncio.wait_for(sub.opened, 30)
         return sub if ok else None
@@ -123,11 +138,13 @@ async def run_one(name: str, tree: Path | None, args: argparse.Namespace, work: 
         toggle = args.profile and not nchan
         if toggle:
             os.kill(pid, signal.SIGUSR1)
+        spy = _spy(pid, args, name, "accept")
         r0, c0 = rss_kb(pid), cpu(pid)
         subs = await connect_all(server, args.transport, args.clients, stats,
                                  args.connect_rate, flavour)  # fmt: skip
         await asyncio.sleep(0.5)
         c1, r1 = cpu(pid), rss_kb(pid)
+        _unspy(spy)
         if toggle:
             os.kill(pid, signal.SIGUSR1)
         n = len(subs)
@@ -144,6 +161,7 @@ async def run_one(name: str, tree: Path | None, args: argparse.Namespace, work: 
         sent = i = 0
         if toggle:
             os.kill(pid, signal.SIGUSR1)
+        spy = _spy(pid, args, name, "event")
         c2 = cpu(pid)
         t0 = time.monotonic()
         inflight: list[asyncio.Task[Any]] = []
@@ -165,6 +183,7 @@ async def run_one(name: str, tree: Path | None, args: argparse.Namespace, work: 
         while stats.counts.get("m", 0) < sent and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
         c3 = cpu(pid)
+        _unspy(spy)
         if toggle:
             os.kill(pid, signal.SIGUSR1)
         got = stats.counts.get("m", 0)
@@ -178,9 +197,113 @@ async def run_one(name: str, tree: Path | None, args: argparse.Namespace, work: 
         server.stop()
 
 
+def _start(name: str, tree: Path | None, work: Path, node_flags: tuple[str, ...] = ()) -> Any:
+    """A fresh server for variant ``name`` (Nchan when ``tree`` is None)."""
+    env = {"BENCH_PY_ARGS": str(NODEPROF)}
+    if tree is not None:
+        env["PYTHONPATH"] = str(tree)
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    d = work / f"{name}-{time.monotonic_ns()}"
+    d.mkdir()
+    server: Nchan | Orbited
+    if tree is None:
+        server = Nchan(d)
+    else:
+        server = Orbited(d)
+        server.node_flags = node_flags
+    try:
+        server.start()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return server
+
+
+async def accept_rounds(trees: dict[str, Path | None], args: argparse.Namespace,
+                        work: Path) -> dict[str, list[float]]:  # fmt: skip
+    """``--accept-rounds K``: every variant's server up at once; K rounds, each connecting
+    ``--clients`` new clients (new keys, new tokens) to each server in turn (order rotated)
+    at ``--connect-rate``, the server's CPU per connection (``cpu_exact``) measured over
+    the connect and 0.5 s after, then the clients closed (their close is not measured).
+    Variants measured seconds apart share the box's load, so rounds compare better than
+    whole runs. The
+    nodes run with ``--linger 1``: a closed round's mailboxes expire before that node's
+    next round, not during it."""
+    servers = {name: _start(name, tree, work, ("--linger", "1")) for name, tree in trees.items()}
+    out: dict[str, list[float]] = {name: [] for name in trees}
+    try:
+        names = list(trees)
+        for k in range(args.accept_rounds):
+            for name in names[k % len(names) :] + names[: k % len(names)]:
+                server = servers[name]
+                flavour = "nchan" if trees[name] is None else "orbited"
+                pid = server.pids()[0]
+                stats = Stats()
+                c0 = cpu_exact(pid)
+                subs = await connect_all(server, args.transport, args.clients, stats,
+                                         args.connect_rate, flavour, f"r{k}c")  # fmt: skip
+                await asyncio.sleep(0.5)
+                us = (cpu_exact(pid) - c0) / max(1, len(subs)) * 1e6
+                out[name].append(us)
+                print(json.dumps({"variant": name, "round": k, "connected": len(subs),
+                                  "accept_us": us, "errors": dict(stats.errors)}),
+                      flush=True)  # fmt: skip
+                for sub in subs:
+                    sub._close()
+                await asyncio.sleep(1.5)
+    finally:
+        for server in servers.values():
+            server.stop()
+    return out
+
+
+def _spy(pid: int, args: argparse.Namespace, name: str, phase: str) -> Any:
+    """py-spy recording the node over ``phase`` if asked (``--pyspy``), else None."""
+    if args.pyspy != phase or name == "nchan":
+        return None
+    out = args.out / f"spy-{name}-{args.transport}-{time.monotonic_ns()}.txt"
+    spy = subprocess.Popen([str(ROOT / ".venv" / "bin" / "py-spy"), "record", "--pid", str(pid),
+                            "--rate", "1000", "--nonblocking", "--format", "raw", "-o", str(out)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    time.sleep(0.5)  # py-spy attaches
+    return spy
+
+
+def _unspy(spy: Any) -> None:
+    if spy is not None:
+        spy.send_signal(signal.SIGINT)
+        spy.wait(timeout=30)
+
+
+def fold(path: Path, top: int = 40) -> None:
+    """Samples per function (self and total) from py-spy's collapsed stacks."""
+    own: dict[str, int] = {}
+    total: dict[str, int] = {}
+    n = 0
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        k = int(count)
+        n += k
+        frames = stack.split(";")
+        for f in set(frames):
+            total[f] = total.get(f, 0) + k
+        own[frames[-1]] = own.get(frames[-1], 0) + k
+    print(f"{n} samples")
+    for title, table in (("self", own), ("total", total)):
+        print(f"-- {title}")
+        for f, k in sorted(table.items(), key=lambda kv: -kv[1])[:top]:
+            print(f"{100 * k / n:5.1f}%  {f}")
+
+
 def _worktree(ref: str, work: Path, name: str) -> Path:
     if ref == ".":
         return ROOT
+    if "/" in ref and Path(ref).is_dir():  # a directory holding an orbited/ package
+        return Path(ref).resolve()
     path = work / f"tree-{name}"
     subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "-q", "--detach", str(path), ref],
                    check=True)  # fmt: skip
@@ -202,9 +325,16 @@ async def main() -> None:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--profile", action="store_true")
     p.add_argument("--gc-stats", action="store_true")
+    p.add_argument("--pyspy", choices=["accept", "event"])
+    p.add_argument("--accept-rounds", type=int, default=0,
+                   help="only accepts: K interleaved rounds, all servers up at once")  # fmt: skip
+    p.add_argument("--fold", type=Path, help="print a --pyspy file per function and exit")
     p.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "orbited-ab")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
+    if args.fold:
+        fold(args.fold)
+        return
     args.out.mkdir(parents=True, exist_ok=True)
     results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="orbited-ab-") as tmp:
@@ -215,6 +345,22 @@ async def main() -> None:
                 name, _, ref = spec.partition("=")
                 trees[name] = None if name == "nchan" else _worktree(ref or ".", work, name)
             names = list(trees)
+            if args.accept_rounds:
+                per = await accept_rounds(trees, args, work)
+                load = os.getloadavg()[0]
+                print(
+                    f"\n# accept {args.transport} clients={args.clients} "
+                    f"rate={args.connect_rate}/s rounds={args.accept_rounds} load={load:.2f}"
+                )
+                first = None
+                for name, values in per.items():
+                    med = statistics.median(values)
+                    first = first or med
+                    print(f"{name:12} accept µs {med:7.1f} [{min(values):.1f}-{max(values):.1f}]"
+                          f"   ×{med / first:.2f}")  # fmt: skip
+                if args.json:
+                    args.json.write_text(json.dumps(per, indent=1))
+                return
             for rep in range(args.reps):
                 for name in names[rep % len(names) :] + names[: rep % len(names)]:
                     r = await run_one(name, trees[name], args, work)
@@ -223,7 +369,7 @@ async def main() -> None:
                     results.append(r)
         finally:
             for tree in trees.values():
-                if tree is not None and tree != ROOT:
+                if tree is not None and tree != ROOT and tree.is_relative_to(work):
                     subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force",
                                     str(tree)], check=False)  # fmt: skip
     load = os.getloadavg()[0]

@@ -9,6 +9,7 @@ production. Nothing else in orbited/ or halod/ may use a private upstream name
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pprint import pformat
 from typing import TYPE_CHECKING, Any
 
@@ -137,6 +138,72 @@ class Ticker(internet.TimerService):
         if "_loop" not in self.__dict__:
             return service.Service.stopService(self)
         return super().stopService()
+
+
+# -- a listener that counts its sockets ---------------------------------------------------
+
+
+class CountedServer(tcp.Server):
+    """The accepted side of a ``CountedPort``'s connection: it tells the port when it
+    was made and when it is lost, whatever protocol it feeds by then (a protocol may take
+    the connection over: ``transport.protocol = other``)."""
+
+    server: CountedPort
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.server.on_open()
+
+    def connectionLost(self, reason: Any) -> None:  # noqa: N802
+        try:
+            super().connectionLost(reason)
+        finally:
+            self.server.on_close()
+
+
+class CountedPort(tcp.Port):
+    """A TCP listening port whose accepted connections call ``on_open`` once made and
+    ``on_close`` once lost, with no wrapper protocol between the socket and the
+    factory's protocol (a ``ProtocolWrapper`` costs, per connection, an object, zope's
+    ``directlyProvides`` and one more call on every read and write).
+
+    Twisted's ``Port`` builds each connection's transport from its ``transport`` class
+    attribute (``tcp.Server``), which has no public hook for either moment; this relies
+    on that attribute, on ``Server.server`` (the port) and on ``Server.connectionLost``
+    being called once per accepted connection."""
+
+    transport = CountedServer
+
+    def __init__(self, port: int, factory: Factory[Any], backlog: int, interface: str,
+                 reactor: Any, on_open: Callable[[], None],
+                 on_close: Callable[[], None]) -> None:  # fmt: skip
+        super().__init__(port, factory, backlog, interface, reactor)
+        self.on_open = on_open
+        self.on_close = on_close
+
+
+class CountedTCPServer(internet.TCPServer):
+    """``internet.TCPServer`` listening through a ``CountedPort`` (same arguments: port,
+    factory, backlog, interface, reactor; plus ``on_open`` and ``on_close``).
+    ``_AbstractServer._getPort`` (private) is where the service makes its port."""
+
+    def __init__(self, port: int, factory: Factory[Any], *, on_open: Callable[[], None],
+                 on_close: Callable[[], None], backlog: int = 50, interface: str = "",
+                 reactor: Any = None) -> None:  # fmt: skip
+        super().__init__(port, factory, backlog=backlog, interface=interface, reactor=reactor)
+        self.on_open = on_open
+        self.on_close = on_close
+
+    def _getPort(self) -> CountedPort:  # noqa: N802
+        from twisted.internet import reactor as global_reactor
+
+        port, factory = self.args
+        clock = self.reactor if self.reactor is not None else global_reactor
+        listening = CountedPort(port, factory, self.kwargs["backlog"],
+                                self.kwargs["interface"], clock, self.on_open,
+                                self.on_close)  # fmt: skip
+        listening.startListening()
+        return listening
 
 
 def listening_port(server: internet.TCPServer) -> IListeningPort:

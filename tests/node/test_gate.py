@@ -8,7 +8,7 @@ from collections.abc import Callable, Generator
 from typing import Any
 
 import pytest_twisted
-from twisted.internet import defer, reactor
+from twisted.internet import defer, reactor, tcp
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
@@ -63,8 +63,9 @@ def test_the_gate_caps_counts_and_follows_the_socket():
         for _ in range(2):
             clients.append((yield connectProtocol(endpoint, Client())))
         yield _wait(lambda: len(accepted) == 2 and gate.open == 2, "two sockets counted")
-        # The server protocol sees the gate's wrapper as its transport; it writes through
-        # it and unsent_bytes looks through it to the TCP transport.
+        # No wrapper between the socket and the protocol: its transport is the TCP
+        # connection itself.
+        assert isinstance(accepted[0].transport, tcp.Server)
         assert unsent_bytes(accepted[0].transport) is not None
         yield _wait(lambda: all(c.data == b"hi" for c in clients), "both greetings")
 
@@ -74,13 +75,13 @@ def test_the_gate_caps_counts_and_follows_the_socket():
         assert third.data == b"" and len(accepted) == 2
         assert (gate.open, gate.refused) == (2, 1)
 
-        # A protocol taking the connection over (as autobahn does from the HTTP channel:
-        # the wrapper's wrappedProtocol is replaced) leaves the socket counted until it
-        # closes.
-        wrapper = accepted[0].transport
+        # A protocol taking the connection over (as twisted.web's channel does from the
+        # browser front: the transport's protocol is replaced) leaves the socket counted
+        # until it closes.
+        transport = accepted[0].transport
         taken_over = Protocol()
-        wrapper.wrappedProtocol = taken_over
-        taken_over.makeConnection(wrapper)
+        transport.protocol = taken_over
+        taken_over.makeConnection(transport)
         assert gate.open == 2
         clients[0].transport.loseConnection()
         yield clients[0].lost

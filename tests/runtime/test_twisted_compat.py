@@ -9,6 +9,9 @@ What is pinned, and by which test:
   ``ProtocolWrapper.write`` (write_through, writev_through): a real loopback connection,
   a partial write through a small send buffer, closing and TLS-flagged connections;
 - ``internet.TCPServer._port`` (listening_port): a started TCPServer;
+- ``tcp.Port.transport``, ``tcp.Server.server`` / ``connectionLost`` and
+  ``_AbstractServer._getPort`` (CountedPort, CountedTCPServer): real loopback sockets
+  accepted, refused, taken over by another protocol and closed;
 - ``HTTPChannel._respondToBadRequestAndDisconnect`` / ``_receivedHeaderSize`` /
   ``_receivedHeaderCount`` (HookedHTTPChannel): malformed heads fed to a channel;
 - autobahn's ``send_queue`` / ``_perMessageCompress`` (autobahn_send_idle), its logging
@@ -142,6 +145,74 @@ def test_listening_port_is_the_port_a_started_tcpserver_listens_on():
             pass
     finally:
         service.stopService()
+
+
+# -- CountedPort / CountedTCPServer: Port.transport, Server.server, _getPort -------------
+
+
+class _Refusing(Factory):
+    """Builds a protocol for the first ``n`` connections, then refuses (None)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.built: list[Protocol] = []
+
+    def buildProtocol(self, addr: Any) -> Protocol | None:  # type: ignore[override]  # noqa: N802
+        if len(self.built) >= self.n:
+            return None
+        p = Protocol()
+        p.factory = self
+        self.built.append(p)
+        return p
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_counted_tcpserver_counts_each_socket_from_accept_to_close():
+    events: list[str] = []
+    factory = _Refusing(2)
+    service = twisted_compat.CountedTCPServer(
+        0, factory, on_open=lambda: events.append("open"),
+        on_close=lambda: events.append("close"), interface="127.0.0.1",
+    )  # fmt: skip
+    service.startService()
+    peers = []
+    try:
+        port = listening_port(service)
+        assert isinstance(port, twisted_compat.CountedPort)
+        address = port.getHost()
+        for _ in range(3):
+            peers.append(socket.create_connection(("127.0.0.1", address.port), timeout=5))
+        for _ in range(100):
+            if len(factory.built) == 2 and events == ["open", "open"]:
+                break
+            yield _sleep(0.01)
+        # The factory's own protocol on the TCP transport (no wrapper); the refused
+        # third socket was never counted.
+        assert events == ["open", "open"]
+        transport = factory.built[0].transport
+        assert isinstance(transport, twisted_compat.CountedServer)
+        assert transport.protocol is factory.built[0]
+        # A protocol taking the connection over: the close is still counted, once.
+        other = Protocol()
+        transport.protocol = other
+        other.makeConnection(transport)
+        peers[0].close()
+        for _ in range(100):
+            if events.count("close") == 1:
+                break
+            yield _sleep(0.01)
+        assert events == ["open", "open", "close"]
+        factory.built[1].transport.loseConnection()
+        for _ in range(100):
+            if events.count("close") == 2:
+                break
+            yield _sleep(0.01)
+        assert events == ["open", "open", "close", "close"]
+    finally:
+        for peer in peers:
+            peer.close()
+        yield service.stopService()
+    assert service._port is None or not service._port.connected
 
 
 # -- HookedHTTPChannel: HTTPChannel's private bad-request hook and head counters --------

@@ -14,11 +14,11 @@ from __future__ import annotations
 import resource
 from typing import Any
 
-from twisted.application import internet
 from twisted.internet.interfaces import IAddress
-from twisted.internet.protocol import Factory
+from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
-from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+
+from orbited.runtime.twisted_compat import CountedTCPServer
 
 FD_RESERVE = 1024  # fds left for SP connections, HaloD, presence, logs, ...
 
@@ -57,56 +57,61 @@ class SocketGate:
             return False
         return True
 
+    def opened(self) -> None:
+        self.open += 1
 
-class GatedFactory(WrappingFactory):
-    """The listener's factory: wraps the real one (twisted.protocols.policies), refuses a
-    connection past the cap (buildProtocol returns None, so the port closes the socket at
-    once, before reading a byte) and counts the open ones in the gate. The count follows
-    the socket, not the protocol: a WebSocket taking the connection over from the HTTP
-    channel (autobahn swaps the wrapper's wrappedProtocol), or twisted.web's channel one
-    from the browser front (httpfront's hand-off does the same), stays counted until it
-    closes."""
+    def closed(self) -> None:
+        self.open -= 1
+
+
+class GatedFactory(Factory):
+    """The listener's factory: refuses a connection past the cap (buildProtocol returns
+    None, so the port closes the socket at once, before reading a byte), else hands it to
+    the real factory's protocol with nothing in between. The port counts the sockets
+    (``GatedTCPServer``): the count follows the socket, not the protocol, so a protocol
+    taking the connection over (twisted.web's channel from the browser front, httpfront's
+    hand-off) leaves it counted until it closes."""
 
     log = Logger()
 
     def __init__(self, factory: Factory[Any], gate: SocketGate) -> None:
-        super().__init__(factory)
+        self.wrappedFactory = factory
         self.gate = gate
         self._warned_at = -1
 
+    def doStart(self) -> None:  # noqa: N802
+        self.wrappedFactory.doStart()
+        super().doStart()
+
+    def doStop(self) -> None:  # noqa: N802
+        self.wrappedFactory.doStop()
+        super().doStop()
+
     # IProtocolFactory.buildProtocol may return None (the port then closes the socket);
-    # WrappingFactory's annotation says it never does.
-    def buildProtocol(  # type: ignore[override]  # noqa: N802
-        self, addr: IAddress | None
-    ) -> ProtocolWrapper | None:
-        if not self.gate.admit():
-            # One line per thousand refusals: a flood must not also flood the log.
-            if self.gate.refused // 1000 != self._warned_at:
-                self._warned_at = self.gate.refused // 1000
-                self.log.warn(
-                    "browser listener at max_sockets ({n}): closing new connections "
-                    "({refused} so far)",
-                    n=self.gate.max_sockets,
-                    refused=self.gate.refused,
-                )
-            return None
-        inner = self.wrappedFactory.buildProtocol(addr)
-        return None if inner is None else self.protocol(self, inner)
-
-    def registerProtocol(self, p: ProtocolWrapper) -> None:  # noqa: N802
-        super().registerProtocol(p)
-        self.gate.open += 1
-
-    def unregisterProtocol(self, p: ProtocolWrapper) -> None:  # noqa: N802
-        super().unregisterProtocol(p)
-        self.gate.open -= 1
+    # Factory's annotation says it never does.
+    def buildProtocol(self, addr: IAddress | None) -> Protocol | None:  # noqa: N802
+        gate = self.gate
+        if gate.admit():
+            return self.wrappedFactory.buildProtocol(addr)
+        # One line per thousand refusals: a flood must not also flood the log.
+        if gate.refused // 1000 != self._warned_at:
+            self._warned_at = gate.refused // 1000
+            self.log.warn(
+                "browser listener at max_sockets ({n}): closing new connections ({refused} so far)",
+                n=gate.max_sockets,
+                refused=gate.refused,
+            )
+        return None
 
 
-class GatedTCPServer(internet.TCPServer):
+class GatedTCPServer(CountedTCPServer):
     """internet.TCPServer serving ``factory`` through a GatedFactory (same arguments, plus
-    the gate first)."""
+    the gate first); its port (orbited.runtime.twisted_compat.CountedPort) counts every
+    accepted socket in the gate from accept to close."""
 
-    def __init__(self, gate: SocketGate, port: int, factory: Factory[Any], *args: Any,
-                 **kwargs: Any) -> None:  # fmt: skip
-        super().__init__(port, GatedFactory(factory, gate), *args, **kwargs)
+    def __init__(self, gate: SocketGate, port: int, factory: Factory[Any], backlog: int = 50,
+                 interface: str = "", reactor: Any = None) -> None:  # fmt: skip
+        super().__init__(port, GatedFactory(factory, gate), on_open=gate.opened,
+                         on_close=gate.closed, backlog=backlog, interface=interface,
+                         reactor=reactor)  # fmt: skip
         self.gate = gate

@@ -334,7 +334,7 @@ CLOSE_HEADER = b"Connection: close\r\n"
 
 
 class BrowserFront(Factory):
-    """The browser listener's factory (wrapped by the socket gate, gate.py). ``site``: the
+    """The browser listener's factory (behind the socket gate, gate.py). ``site``: the
     twisted.web Site every other request is handed to."""
 
     noisy = False
