@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import binascii
 import hmac
+import importlib
 import json
 import os
 import secrets
@@ -16,6 +17,7 @@ import stat
 import time
 from collections import OrderedDict
 from pathlib import Path
+from typing import Any
 
 from orbited.core.keys import MAX_PART_BYTES, WILDCARD, ConnectionKey
 
@@ -240,9 +242,41 @@ _CLAIMS_DECODER = json.JSONDecoder(parse_constant=_no_constants, object_pairs_ho
 _STRICT_ENCODER = json.JSONEncoder(ensure_ascii=False, check_circular=False)
 
 
+# orjson (a dependency of the node; optional here: without it only speed is lost) reads
+# a web app's compact claims 5x faster than the strict decoder below. Its result is taken
+# only where it is the strict decoder's: orjson itself refuses what is not strict UTF-8
+# JSON (a BOM, NaN/Infinity, a number past the double range, a lone surrogate: then the
+# strict decoder gives the documented error), and without a backslash or whitespace every
+# member of every object is one ``":`` in the text, so a result with as many top-level
+# names as the text has ``":`` had no duplicate name (nor any nested object with members).
+# orjson reads an integer past 64 bits as a float, silently: a text holding a run of 19
+# digits or more goes to the strict decoder (as orbited.node.events does).
+_orjson: Any
+try:
+    _orjson = importlib.import_module("orjson")
+except ImportError:  # pragma: no cover - the strict path is tested by setting it to None
+    _orjson = None
+_NOT_PLAIN = b" \t\n\r\\"  # JSON whitespace and the backslash
+_DIGITS_TO_ZERO = bytes.maketrans(b"123456789", b"000000000")
+_LONG_RUN = b"0" * 19
+
+
 def _parse_claims(payload: bytes) -> dict[str, object]:
     """Strict JSON: UTF-8 (no BOM), no NaN/Infinity, no duplicate names, no lone
     surrogates (they cannot be written back as UTF-8), an object."""
+    oj = _orjson
+    if (
+        oj is not None
+        and len(payload.translate(None, _NOT_PLAIN)) == len(payload)
+        and payload.translate(_DIGITS_TO_ZERO).find(_LONG_RUN) < 0
+    ):
+        try:
+            doc = oj.loads(payload)
+        except oj.JSONDecodeError:
+            pass  # the strict path decides, with its message
+        else:
+            if type(doc) is dict and payload.count(b'":') == len(doc):
+                return doc
     try:
         claims = _CLAIMS_DECODER.decode(payload.decode("utf-8"))
         if b"\\u" in payload:  # only a \u escape can make a lone surrogate (strict UTF-8)
@@ -282,12 +316,32 @@ def _string(claims: dict[str, object], name: str, min_bytes: int, max_bytes: int
     return value
 
 
+_COMMON_CLAIMS = frozenset(("sub", "sid", "loc", "aud", "exp", "iat"))
+
+
 def _check_claims(
     claims: dict[str, object], leeway: float, now: float
 ) -> tuple[ConnectionKey, float]:
     """The one claim check, for every caller: types, sizes and encodings first
     (token_malformed), then presence, audience, nbf and iat (token_invalid), then
-    expiry (token_expired)."""
+    expiry (token_expired).
+
+    First the token every web app issues (issue_token's claims: ASCII strings, integer
+    dates, the one audience, nothing else), which passes every check below: accepted
+    at once. Anything else, or any doubt, goes through the checks in order."""
+    sub, sid, loc = claims.get("sub"), claims.get("sid", ""), claims.get("loc", "")
+    exp, iat = claims.get("exp"), claims.get("iat", 0)
+    if (
+        type(sub) is str and type(sid) is str and type(loc) is str
+        and type(exp) is int and type(iat) is int and claims.get("aud") == AUDIENCE
+        and claims.keys() <= _COMMON_CLAIMS
+        and 0 < len(sub) <= MAX_PART_BYTES and len(sid) <= MAX_PART_BYTES
+        and len(loc) <= MAX_PART_BYTES and sub.isascii() and sid.isascii() and loc.isascii()
+        and 0 <= iat <= now + leeway and 0 <= exp <= MAX_NUMERIC_DATE
+        and exp + leeway >= now
+        and sub != WILDCARD and sid != WILDCARD and loc != WILDCARD
+    ):  # fmt: skip
+        return ConnectionKey(sub, sid, loc), float(exp)
     exp = _numeric_date(claims, "exp")
     iat = _numeric_date(claims, "iat")
     nbf = _numeric_date(claims, "nbf")

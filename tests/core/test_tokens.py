@@ -357,3 +357,42 @@ def test_only_the_whole_string_star_is_reserved(fresh_cache, part):
     key = ConnectionKey("alice", part, part)
     assert verify_token(SECRET, issue_token(SECRET, key)) == key
     assert verify_token(SECRET, signed(claims(sid=part, loc=part))) == key
+
+
+COMMON_SHAPE = {
+    "accepted": claims(),
+    "no sid or loc": claims(sid=..., loc=...),
+    "iat at the leeway's edge": claims(iat=2030),
+    "exp at the leeway's edge": claims(exp=1970),
+    "exp past the leeway": claims(exp=1969),
+    "iat past the leeway": claims(iat=2031),
+    "negative exp": claims(exp=-5),
+    "negative iat": claims(iat=-1),
+    "float exp": claims(exp=FUTURE + 0.5),
+    "a wildcard sid": claims(sid="*"),
+    "aud in an array": claims(aud=["orbited"]),
+    "another aud": claims(aud="orbitedx"),
+    "an extra claim": claims(nbf=1000),
+    "non-ASCII sub": claims(sub="é"),
+    "empty sub": claims(sub=""),
+    "sub of 256 and 257 bytes": claims(sub="x" * 256, loc="y" * 257),
+    "exp at the largest date": claims(exp=2**53 - 1),
+    "exp past it": claims(exp=2**53),
+}
+
+
+@pytest.mark.parametrize("doc", COMMON_SHAPE.values(), ids=COMMON_SHAPE.keys())
+def test_the_common_claims_are_decided_as_the_full_check_decides(monkeypatch, doc):
+    """_check_claims accepts issue_token's shape at once: exactly when, and with what,
+    the ordered checks would (they run when the shape is not the common one)."""
+    from orbited.core import tokens
+
+    def decide() -> object:
+        try:
+            return tokens._check_claims(doc, 30.0, 2000.0)
+        except TokenError as e:
+            return (e.code, e.message)
+
+    fast = decide()
+    monkeypatch.setattr(tokens, "_COMMON_CLAIMS", frozenset())  # never the common shape
+    assert decide() == fast

@@ -175,3 +175,65 @@ def test_claims_with_escapes_are_refused_exactly_when_not_strict_utf8(text, name
         with pytest.raises(TokenError) as refused:
             tokens._parse_claims(payload)
         assert refused.value.code == "token_malformed"
+
+
+# -- the claims: orjson's fast path decides as the strict decoder does -------------------
+
+_PIECES = [b'{', b'}', b'[', b']', b',', b':', b'"', b'"sub"', b'"aud"', b'"exp"', b'"a"',
+           b'"orbited"', b'1', b'-0', b'0.5', b'1e400', b'1e-400', b'12345678901234567890123',
+           b'9007199254740993', b'true', b'null', b'NaN', b'Infinity', b' ', b'\t', b'\\',
+           b'\\u00e9', b'\\ud800', b'\xc3\xa9', b'\xff', b'\xef\xbb\xbf', b'":', b'{}',
+           b'"x":{"y":1,"y":2}', b'"sub":"b"']  # fmt: skip
+
+
+def _strict_parse(payload: bytes) -> object:
+    saved = tokens._orjson
+    tokens._orjson = None
+    try:
+        return repr(tokens._parse_claims(payload))
+    except TokenError as e:
+        return (e.code, e.message)
+    finally:
+        tokens._orjson = saved
+
+
+def _fast_parse(payload: bytes) -> object:
+    try:
+        return repr(tokens._parse_claims(payload))
+    except TokenError as e:
+        return (e.code, e.message)
+
+
+claim_docs = st.dictionaries(
+    st.sampled_from(["sub", "sid", "loc", "aud", "exp", "iat", "x"]),
+    json_scalars | st.floats(allow_nan=False) | st.integers()
+    | st.lists(json_scalars, max_size=3) | st.dictionaries(st.text(max_size=2), json_scalars),
+    max_size=6,
+)  # fmt: skip
+
+
+@settings(max_examples=1500, deadline=None)
+@given(claim_docs, st.data())
+@example({"sub": "a", "aud": "orbited", "exp": 1}, None)
+def test_claims_read_by_orjson_are_read_as_the_strict_decoder_reads_them(doc, data):
+    text = json.dumps(doc, separators=(",", ":"), ensure_ascii=False)
+    payload = text.encode("utf-8", "surrogatepass")
+    if data is not None:  # mutate: duplicate names, nesting, whitespace, escapes, junk
+        for _ in range(data.draw(st.integers(0, 3))):
+            at = data.draw(st.integers(0, len(payload)))
+            piece = data.draw(st.sampled_from(_PIECES))
+            payload = payload[:at] + piece + payload[at:]
+    assert _fast_parse(payload) == _strict_parse(payload)
+
+
+@pytest.mark.parametrize("payload", [
+    b'{"sub":"a","sub":"b","aud":"orbited","exp":1}',  # a duplicate name
+    b'{"sub":"a","aud":"orbited","exp":1,"x":{"y":1,"y":2}}',  # one in a nested object
+    b'{"sub":"a","aud":"orbited","exp":1,"x":[{"y":1,"y":2}]}',  # in an array
+    b'{"sub":"a" ,"sub":"b","aud":"orbited","exp":1}',  # whitespace before a colon
+    b'{"sub":"a","aud":"orbited","exp":1e400}',  # infinite: orjson refuses, json reads inf
+    b'{"sub":"a","aud":"orbited","exp":123456789012345678901234567890}',  # past 64 bits
+    b'\xef\xbb\xbf{"sub":"a","aud":"orbited","exp":1}',  # a BOM
+])  # fmt: skip
+def test_what_orjson_reads_otherwise_is_decided_by_the_strict_decoder(payload):
+    assert _fast_parse(payload) == _strict_parse(payload)
