@@ -69,7 +69,23 @@ def hello(
     connection starts after what was acknowledged, not at 0: no false gap). ``spread``:
     seconds over which the browser should spread its first reconnect if it loses this
     node. ``hash``: the node's hash version (docs/hashing.md), which a node of this
-    release always gives; None leaves it out (docs/protocol.md, "Frames")."""
+    release always gives; None leaves it out (docs/protocol.md, "Frames").
+
+    Built by formatting bytes for the node's own values (every attach sends one: each
+    long-poll, each accept), byte-identical to the ``json.dumps`` below, which takes
+    anything else (tests/node/test_frames.py compares the two over many values)."""
+    if (
+        type(keepalive) is float and type(spread) is float and type(seq) is int
+        and type(reset) is bool and (hash is None or type(hash) is int)
+        and _FINITE_MIN <= keepalive <= _FINITE_MAX and _FINITE_MIN <= spread <= _FINITE_MAX
+        and stream.isascii() and stream.isprintable() and '"' not in stream
+        and "\\" not in stream
+    ):  # fmt: skip
+        # float's repr is what json writes for a finite float; bool and int likewise.
+        out = b'{"type":"hello","stream":"%s","keepalive":%r,"reset":%s,"seq":%d,"spread":%r' % (
+            stream.encode(), keepalive, b"true" if reset else b"false", seq, spread,
+        )  # fmt: skip
+        return out + b"}" if hash is None else out + b',"hash":%d}' % hash
     frame: dict[str, object] = {
         "type": "hello", "stream": stream, "keepalive": keepalive, "reset": reset, "seq": seq,
         "spread": spread,
@@ -77,6 +93,10 @@ def hello(
     if hash is not None:
         frame["hash"] = hash
     return _encode(frame)
+
+
+_FINITE_MAX = 1.7976931348623157e308  # the largest float: NaN and the infinities fail
+_FINITE_MIN = -_FINITE_MAX
 
 
 def ping(spread: float) -> bytes:

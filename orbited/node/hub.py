@@ -226,6 +226,8 @@ class Hub(RouteOwnership):
         # Frames for one connection coalesced per SP read (orbited.node.flush).
         self._batch = DeliveryBatch()
         self._scope = _BatchScope(self)
+        # ``enlist`` is the batch's own (sinks call it once per delivery batch each).
+        self.enlist = self._batch.enlist  # type: ignore[method-assign]
         self.stats = {
             "events": 0,
             "delivered": 0,
@@ -285,7 +287,7 @@ class Hub(RouteOwnership):
     def now(self) -> float:
         """The clock, read once per batch."""
         batch = self._batch
-        return batch.now if batch.open else self.clock.seconds()
+        return batch.now if batch._depth else self.clock.seconds()  # (a sink's, per frame)
 
     # -- browser side -------------------------------------------------------------------
 
@@ -933,9 +935,17 @@ class Hub(RouteOwnership):
                     outcome = self._answered(request, now, [only])
                     observer.answered(token, outcome, now)
                     return outcome
-                return self._answered(request, now, [only])
+                return self._answered(request, now, [only], None, eid)
             results: list[RecipientResult | defer.Deferred[RecipientResult]] = [only]
             waits = True
+        elif (
+            observer is None and not self._rate and tag is None and offline is None
+            and request.ack is None
+        ):  # fmt: skip
+            # Several recipients, nothing but the event: the fan-out loop.
+            results, encoded, waits = self._fan_out(request, eid, now)
+            if not waits:
+                return self._answered(request, now, results, encoded, eid)  # type: ignore[arg-type]
         else:
             results = []
             seen: dict[ConnectionKey, RecipientResult | defer.Deferred[RecipientResult]] = {}
@@ -997,11 +1007,101 @@ class Hub(RouteOwnership):
         observer.answered(token, outcome, self.now())
         return outcome
 
+    def _fan_out(
+        self, request: events.EventRequest, eid: bytes, now: float
+    ) -> tuple[list[RecipientResult | defer.Deferred[RecipientResult]], list[bytes], bool]:
+        """``dispatch`` of an event to several recipients with no acknowledged mode, no
+        latest-value tag, no offline hook, no rate limit and no observer: each recipient's
+        result, its encoding (when no result waits) and whether one waits (a Deferred).
+
+        The same outcome as ``_deliver`` per key (which it calls for anything but a
+        key with a mailbox that takes the event without evicting one), with the work
+        per recipient cut down (issue 20, "Fan-out"): the frame, the result and its
+        bytes built once per seq and shared by the recipients at that seq (a broadcast's
+        keys are mostly at the same one), no result tuple from the mailbox, the stats
+        counted once."""
+        payload = request.payload
+        size = len(payload)
+        cap = self.config.mailbox_total_bytes - size
+        slots_get = self._slots.get
+        deliver = self._deliver
+        stats = self.stats
+        results: list[RecipientResult | defer.Deferred[RecipientResult]] = []
+        encoded: list[bytes] = []
+        seen: dict[ConnectionKey, RecipientResult | defer.Deferred[RecipientResult]] = {}
+        frame_of: dict[int, bytes] = {}
+        delivered_of: dict[int, tuple[RecipientResult, bytes]] = {}
+        queued_of: dict[int, tuple[RecipientResult, bytes]] = {}
+        waits = False
+        delivered = queued = 0
+        try:
+            for recipient in request.recipients:
+                entry: RecipientResult | defer.Deferred[RecipientResult] | None
+                if type(recipient) is not ConnectionKey:  # a wildcard
+                    entry = self._deliver_selector(
+                        recipient,  # type: ignore[arg-type]
+                        payload, None, eid, None, None, seen, request.event_id,
+                    )  # fmt: skip
+                else:
+                    entry = seen.get(recipient)
+                    if entry is None:
+                        slot = slots_get(recipient)
+                        seq = 0
+                        if slot is not None and self.mailbox_bytes <= cap:
+                            mailbox = slot.mailbox
+                            seq = mailbox.push(payload, eid)
+                        if not seq:  # no mailbox, full, an eviction: the general path
+                            entry = seen[recipient] = deliver(
+                                recipient,
+                                payload, None, eid, None, None,
+                            )  # fmt: skip
+                        else:
+                            self.mailbox_bytes += size
+                            slot.counted += size  # type: ignore[union-attr]
+                            frame = frame_of.get(seq)
+                            if frame is None:
+                                frame = frame_of[seq] = frames.event(seq, payload, eid)
+                            sink = slot.sink  # type: ignore[union-attr]
+                            if sink is not None and sink.deliver(
+                                [_new(Frame, (frame, seq, mailbox.stream))]
+                            ):
+                                mailbox.delivered = seq  # (a new seq: past what was)
+                                delivered += 1
+                                if not slot.probe:  # type: ignore[union-attr]
+                                    slot.probe = seq  # type: ignore[union-attr]
+                                    slot.probe_at = now  # type: ignore[union-attr]
+                                done = delivered_of.get(seq)
+                                if done is None:
+                                    done = delivered_of[seq] = _stored(DELIVERED, seq)
+                            else:
+                                queued += 1
+                                done = queued_of.get(seq)
+                                if done is None:
+                                    done = queued_of[seq] = _stored(QUEUED, seq)
+                            entry = seen[recipient] = done[0]
+                            results.append(entry)
+                            encoded.append(done[1])
+                            continue
+                if isinstance(entry, tuple):  # a RecipientResult (not an ABC's isinstance)
+                    encoded.append(entry.encode())
+                else:
+                    waits = True
+                results.append(entry)
+        finally:
+            stats["delivered"] += delivered
+            stats["queued"] += queued
+        return results, encoded, waits
+
     def _answered(
-        self, request: events.EventRequest, now: float, results: list[RecipientResult]
-    ) -> DispatchResult:
-        """The outcome of a request, encoded once: the dedup memory keeps its bytes."""
-        reply = events.ok_reply(request.event_id, [r.encode() for r in results])
+        self, request: events.EventRequest, now: float, results: list[RecipientResult],
+        encoded: list[bytes] | None = None, eid: bytes | None = None,
+    ) -> DispatchResult:  # fmt: skip
+        """The outcome of a request, encoded once: the dedup memory keeps its bytes.
+        ``encoded``: the results' encodings when the caller has them; ``eid``: the
+        request's id as frames.event_id encoded it (the reply's id when it is ASCII)."""
+        if encoded is None:
+            encoded = [r.encode() for r in results]
+        reply = events.ok_reply(request.event_id, encoded, eid)
         self.dedup.remember(request.digest, reply, now)
         return _new(DispatchResult, (request.event_id, tuple(results), False, reply))
 
@@ -1038,18 +1138,26 @@ class Hub(RouteOwnership):
             return events.FULL_RECIPIENT
         mailbox = slot.mailbox
         if tag is None:
-            seq, dropped, replaced, _ = mailbox.append(payload, eid)
+            seq = mailbox.push(payload, eid)  # nothing evicted: its bytes are the payload's
+            if seq:
+                dropped = replaced = 0
+                size = len(payload)
+                self.mailbox_bytes += size
+                slot.counted += size
+            else:
+                seq, dropped, replaced, _ = mailbox.append(payload, eid)
+                self._recount(slot)
             frame = frames.event(seq, payload, eid)
         else:
             seq, dropped, replaced, superseded = mailbox.append(payload, eid, tag)
             frame = frames.event(seq, payload, eid, tag, replaced)
             if superseded is not None:
                 self._superseded(key, slot, superseded, seq, eid)
-        self._recount(slot)
+            self._recount(slot)
         sink = slot.sink
         # tuple.__new__: a NamedTuple's own __new__ is a Python call (per recipient).
         if sink is not None and sink.deliver([_new(Frame, (frame, seq, mailbox.stream))]):
-            mailbox.mark_delivered(seq)
+            mailbox.delivered = seq  # a new seq: past what was delivered
             self.stats["delivered"] += 1
             status = DELIVERED
             if not slot.probe:  # the ack-latency probe (load_report)
@@ -1501,6 +1609,15 @@ def _answer_hold(
     if not answer.called:
         answer.callback(events.matched(((key, result),)))
     return result
+
+
+def _stored(status: Status, seq: int) -> tuple[RecipientResult, bytes]:
+    """A stored event's result with nothing else to say, and its encoding (what
+    ``RecipientResult.encode`` writes for it)."""
+    result = _new(
+        RecipientResult, (status, seq, 0, None, None, None, None, 0, None, False, None)
+    )  # fmt: skip
+    return result, b'{"status":"%s","seq":%d}' % (status.value.encode(), seq)
 
 
 def _event_frame(mailbox: Mailbox, seq: int, payload: bytes, eid: bytes | None) -> bytes:

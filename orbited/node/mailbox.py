@@ -240,6 +240,25 @@ class Mailbox:
         # (tuple.__new__: a NamedTuple's own __new__ is a Python call)
         return _new(Appended, (seq, dropped, replaced, superseded))
 
+    def push(self, payload: bytes, event_id: bytes | None) -> int:
+        """``append`` of an untagged event that evicts nothing: its seq, or 0 (and nothing
+        changed) when the limits would evict an event for it, then ``append`` decides.
+        The hub's per-recipient fast path: no result tuple to build."""
+        events = self._events
+        size = self._bytes + len(payload)
+        limits = self.limits
+        if size > limits.max_bytes:
+            return 0
+        if type(events) is not deque:  # (): no buffer yet
+            events = self._events = deque()
+        elif len(events) >= limits.max_events:
+            return 0
+        seq = self.next_seq
+        self.next_seq = seq + 1
+        events.append((seq, payload, event_id))
+        self._bytes = size
+        return seq
+
     def mark_delivered(self, seq: int) -> None:
         if seq > self.delivered:
             self.delivered = seq

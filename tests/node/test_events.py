@@ -218,3 +218,18 @@ def test_a_number_beyond_the_double_range_is_bad_json_with_a_null_id(number):
         parse_request(b'{"id":"e","to":[["u","",""]],"data":[%s]}' % number, LIMITS)
     assert info.value.code == "bad_json" and info.value.event_id is None
     assert parse_request(b'{"id":"e","to":[["u","",""]],"data":[1e308]}', LIMITS).payload
+
+
+def test_a_reply_built_from_the_frames_id_is_the_reply_built_from_the_text():
+    """The hub hands ok_reply the id as frames.event_id encoded it (once per request);
+    the reply must be what reply_id writes (ASCII JSON) for every id."""
+    from orbited.node import events, frames
+
+    ids = ["e-1", "a b", 'q"uote', "back\\slash", "tab\t", "nl\n", "\x00", "\x7f", "é", "日本",
+           "\u2028", "😀", "x" * 128, "mixed-é-\"-\\-\x01"]  # fmt: skip
+    for event_id in ids:
+        results = [b'{"status":"queued","seq":1}']
+        expected = events.ok_reply(event_id, results)
+        assert events.ok_reply(event_id, results, frames.event_id(event_id)) == expected, event_id
+        assert json.loads(expected)["id"] == event_id
+        assert expected.isascii()

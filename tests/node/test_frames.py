@@ -73,3 +73,52 @@ def test_the_new_frames_are_spelled_as_the_protocol_doc_shows():
         assert frame.decode() in text
     hello = frames.hello("kQ3v_x9A.1f", 25, False, 40, 0.8, hash=2).decode()
     assert hello in text
+
+
+def _hello_by_json(stream, keepalive, reset, seq=0, spread=0.0, hash=None) -> bytes:
+    """hello as json.dumps writes it (the frame's definition before issue 20's cut)."""
+    frame = {"type": "hello", "stream": stream, "keepalive": keepalive, "reset": reset,
+             "seq": seq, "spread": spread}  # fmt: skip
+    if hash is not None:
+        frame["hash"] = hash
+    return json.dumps(frame, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def test_hello_is_byte_identical_to_json_dumps_over_many_values():
+    import math
+    import random
+    import struct
+
+    rng = random.Random(20)
+    floats = [0.0, -0.0, 25.0, 600.0, 0.001, 0.017, 1e-7, 1e-5, 1e16, 1e22, 123456789.125,
+              5e-324, 1.7976931348623157e308, -1.5, 0.1 + 0.2, 3.4, math.inf, -math.inf,
+              math.nan, 30, True]  # fmt: skip
+    # random doubles, from every part of the range (random bit patterns)
+    floats += [struct.unpack("<d", rng.getrandbits(64).to_bytes(8, "little"))[0]
+               for _ in range(3000)]  # fmt: skip
+    floats += [rng.uniform(0, 60) for _ in range(1000)] + [rng.random() / 1e4 for _ in range(500)]
+    streams = ["aZ3x_Q.1f", "ep.0", "a-b_c.ffff", "", "é.1", 'q"uote.1', "back\\slash.2",
+               "tab\t.3", "nl\n.4", "\u2028.5", "\x7f.6", "\ud800.7"]  # fmt: skip
+    seqs = [0, 1, 42, 2**53, 2**63 + 5, -1, True]
+    hashes = [None, 1, 2, 10**20, False]
+    checked = 0
+    for i, keepalive in enumerate(floats):
+        spread = floats[(i * 7 + 3) % len(floats)]
+        stream = streams[i % len(streams)]
+        seq = seqs[i % len(seqs)]
+        hash_ = hashes[i % len(hashes)]
+        reset = bool(i % 2)
+        args = (stream, keepalive, reset, seq, spread, hash_)
+        try:
+            expected = _hello_by_json(*args)
+        except UnicodeEncodeError:  # a lone surrogate: no frame either way
+            with pytest.raises(UnicodeEncodeError):
+                frames.hello(*args)
+            continue
+        assert frames.hello(*args) == expected, args
+        checked += 1
+    assert checked > 4000
+    # the node's own values take the byte path and give json's bytes
+    assert frames.hello("aZ3x_Q.1f", 25.0, False, 7, 0.004, 2) == _hello_by_json(
+        "aZ3x_Q.1f", 25.0, False, 7, 0.004, 2
+    )
