@@ -82,12 +82,14 @@ def _idle(tcp: Any) -> bool:
     )
 
 
-def write_through(transport: Any, data: bytes) -> None:
+def write_through(transport: Any, data: bytes) -> bool:
     """Write ``data`` to ``transport``, sending it on the socket at once when the
     transport has nothing queued (no reactor turn, no EPOLLOUT arming); whatever the
     kernel does not take (a partial write, EAGAIN) goes to ``transport.write`` and
     leaves as usual. Any other transport (TLS, tests, after ``loseConnection``), or a
     queued one, gets ``transport.write(data)``: the order of bytes is always kept.
+    True when the kernel took all of ``data`` now (nothing of this transport is queued
+    in user space: ``unsent_bytes`` is 0), False otherwise.
 
     Twisted's ``write`` only buffers (``_tempDataBuffer``) and sends on the next reactor
     turn (``doWrite``); its send path is ``FileDescriptor.dataBuffer`` / ``offset`` /
@@ -97,7 +99,7 @@ def write_through(transport: Any, data: bytes) -> None:
     tcp = _socket_transport(transport)
     if tcp is None or not _idle(tcp):
         transport.write(data)
-        return
+        return False
     try:
         sent = tcp.socket.send(data)
     except _WOULD_BLOCK:
@@ -106,6 +108,8 @@ def write_through(transport: Any, data: bytes) -> None:
         sent = 0
     if sent < len(data):
         tcp.write(data[sent:] if sent else data)
+        return False
+    return True
 
 
 def writev_through(transport: Any, parts: list[bytes]) -> None:

@@ -814,3 +814,70 @@ def test_every_browser_sink_names_its_transport_for_per_key_traces():
         streaming._IframeStream: "iframe",
     }
     assert {cls: cls.kind for cls in kinds} == kinds
+
+
+# -- POST /orbited/ack, answered by the front --------------------------------------------
+
+
+def ack(token: str, last: bytes | None, extra: bytes = b"") -> bytes:
+    query = b"token=%s" % token.encode() + (b"" if last is None else b"&last=" + last)
+    return b"POST /orbited/ack?%s HTTP/1.1\r\nHost: h\r\nContent-Length: 0\r\n%s\r\n" % (
+        query, extra)  # fmt: skip
+
+
+def test_only_a_bodiless_http11_post_of_the_ack_url_is_read():
+    got = read_head(b"POST /orbited/ack?token=a&last=s.1:2 HTTP/1.1\r\nHost: h\r\n"
+                    b"Content-Length: 0\r\n\r\n")  # fmt: skip
+    assert isinstance(got, Head) and got.route is Route.ACK and got.query == b"token=a&last=s.1:2"
+    assert isinstance(read_head(b"POST /orbited/ack HTTP/1.1\r\nHost: h\r\n\r\n"), Head)
+    for data in [
+        b"GET /orbited/ack HTTP/1.1\r\nHost: h\r\n\r\n",  # 405, by twisted.web
+        b"OPTIONS /orbited/ack HTTP/1.1\r\nHost: h\r\n\r\n",  # the preflight
+        b"HEAD /orbited/ack HTTP/1.1\r\nHost: h\r\n\r\n",
+        b"POST /orbited/ack HTTP/1.0\r\nHost: h\r\n\r\n",
+        b"POST /orbited/ack HTTP/1.1\r\nHost: h\r\nContent-Length: 2\r\n\r\nab",  # a body
+        b"POST /orbited/poll HTTP/1.1\r\nHost: h\r\n\r\n",  # the other URLs: GET only
+        b"POST /orbited/sse HTTP/1.1\r\nHost: h\r\n\r\n",
+    ]:
+        assert read_head(data) is HANDOFF, data
+    expecting = head(Route.ACK, b"token=a", expect=b"100-continue")
+    assert plan(expecting, [], AUTH) is None  # twisted.web's 100 Continue, then its answer
+    assert plan(head(Route.ACK, b"token=a&last=1&last=2"), [], AUTH) is None  # repeated
+
+
+@pytest_twisted.inlineCallbacks
+def test_the_front_answers_an_ack_and_keeps_the_connection(served):
+    f = connect(served)
+    yield f.opened
+    yield settle()
+    stream = json.loads(f.messages[0])["stream"]
+    for n in (1, 2):
+        served.hub.handle_request(json.dumps(
+            {"id": f"e{n}", "to": [list(KEY)], "data": n}).encode())  # fmt: skip
+    yield settle()
+    token = served.token()
+    got = yield threads.deferToThread(
+        _one_by_one, served.address, token,
+        (ack(token, b"%s:1" % stream.encode(), b"Origin: http://h\r\n"),
+         ack(token, b"other.1:2"),  # another stream: ignored
+         ack(token, None), ack("x", b"%s:2" % stream.encode()), HEALTH),
+    )  # fmt: skip
+    (done, _), (ignored, _), (no_last, no_last_body), (bad_token, bad_body), health = got
+    assert done.startswith(b"HTTP/1.1 204 No Content\r\n")
+    assert b"Server:" not in done  # the front's answer, on a kept-alive connection
+    assert b"Access-Control-Allow-Origin: http://h\r\nVary: Origin\r\n" in done
+    assert b"Cache-Control: no-store" in done and b"Connection: close" not in done
+    assert ignored.startswith(b"HTTP/1.1 204 ")
+    assert served.hub._slots[KEY].mailbox.acked == 1
+    assert no_last.startswith(b"HTTP/1.1 400 ")
+    assert json.loads(no_last_body)["error"] == {
+        "code": "bad_position", "message": "last=<stream>:<seq> is required"}  # fmt: skip
+    assert bad_token.startswith(b"HTTP/1.1 401 ")
+    assert json.loads(bad_body)["error"]["code"] == "token_malformed"
+    assert json.loads(health[1])["ok"] is True
+    closing = yield threads.deferToThread(
+        exchange, served.address, ack(token, b"%s:2" % stream.encode(), b"Connection: close\r\n")
+    )
+    ((closed_head, _),) = responses(closing)
+    assert not closing.endswith(b"<open>") and b"Connection: close" in closed_head
+    assert served.hub._slots[KEY].mailbox.acked == 2

@@ -503,7 +503,7 @@ def test_tcp_connection_keeps_its_send_buffer_in_the_private_attributes_write_th
 def test_write_through_sends_at_once_when_nothing_is_queued(wrap):
     transport, port, peer, tcp = yield _pair(wrap)
     try:
-        twisted_compat.write_through(transport, b"hello ")
+        assert twisted_compat.write_through(transport, b"hello ") is True
         twisted_compat.writev_through(transport, [b"wor", b"ld"])
         # No reactor turn in between: the bytes are already on the wire.
         assert unsent_bytes(transport) == 0 and tcp.dataBuffer == b""
@@ -523,11 +523,11 @@ def test_a_partial_write_leaves_the_rest_to_twisted_in_order(vector):
         if vector:
             twisted_compat.writev_through(transport, [big[:1000], big[1000:]])
         else:
-            twisted_compat.write_through(transport, big)
+            assert twisted_compat.write_through(transport, big) is False  # not all sent
         held = unsent_bytes(transport)
         assert held is not None and 0 < held < len(big)  # partly sent, the rest queued
         assert not twisted_compat.can_write_through(transport)
-        twisted_compat.write_through(transport, b"TAIL")  # must not jump the queue
+        assert twisted_compat.write_through(transport, b"TAIL") is False  # queued behind
         assert unsent_bytes(transport) == held + 4
         got = bytearray()
         reading = threads.deferToThread(lambda: got.extend(_recv(peer, len(big) + 4)))
@@ -553,7 +553,7 @@ def test_no_write_through_once_the_connection_is_closing_or_tls():
 def test_transports_of_another_kind_get_write_and_write_sequence():
     plain = StringTransport()
     assert not twisted_compat.can_write_through(plain)
-    twisted_compat.write_through(plain, b"a")
+    assert twisted_compat.write_through(plain, b"a") is False  # not known to be sent
     twisted_compat.writev_through(plain, [b"b", b"c"])
     assert plain.value() == b"abc"
 

@@ -1,17 +1,18 @@
 """The browser port's lean front (issue 20): one plain Twisted protocol per browser
 connection, HTTP/1.1 request heads parsed by httptools (llhttp, in C).
 
-The front serves the three hot requests itself — ``GET /orbited/ws`` (the upgrade, then
-RFC 6455 framed by orbited.node.transports.wsframe), ``GET /orbited/sse`` and
-``GET /orbited/poll`` — and keeps no twisted.web ``Request`` for them. **Every other
-request is handed, with all bytes read so far, to the twisted.web Site** (``web.py``):
-health, client.js, ack, iframe, OPTIONS, HEAD, 404/405, and also every hot request whose
+The front serves the hot requests itself — ``GET /orbited/ws`` (the upgrade, then
+RFC 6455 framed by orbited.node.transports.wsframe), ``GET /orbited/sse``,
+``GET /orbited/poll`` and ``POST /orbited/ack`` without a body (as ack.py answers it) —
+and keeps no twisted.web ``Request`` for them. **Every other request is handed, with all
+bytes read so far, to the twisted.web Site** (``web.py``): health, client.js, iframe,
+OPTIONS, HEAD, 404/405, an ack with a body or ``Expect``, and also every hot request whose
 answer is an error the Site decides without side effects (a refused origin, a bad
 upgrade, a query not UTF-8 or with a repeated parameter, a bad ``timeout`` or
 ``Last-Event-ID``, a request head near a limit or one llhttp refuses: 400/403/414/426/431).
 So those answers stay twisted.web's, byte for byte. Once handed off, a connection stays
 with twisted.web. The front itself answers only what needs the node's state: 503
-``overloaded`` (limits), 401 ``token_*`` and 400 ``bad_position`` (``last``).
+``overloaded`` (limits), 401 ``token_*``, 400 ``bad_position`` (``last``) and an ack's 204.
 
 - ``HeadReader`` (sans-I/O): bytes in; ``None`` (need more), ``HANDOFF``, or a ``Head``.
 - ``plan`` (pure): a ``Head`` → a ``Plan`` (what to serve) or None (hand off).
@@ -75,14 +76,18 @@ class Route(Enum):
     WS = "ws"
     SSE = "sse"
     POLL = "poll"
+    ACK = "ack"
 
 
-HOT: Final = {b"/orbited/ws": Route.WS, b"/orbited/sse": Route.SSE, b"/orbited/poll": Route.POLL}
+HOT: Final = {b"/orbited/ws": Route.WS, b"/orbited/sse": Route.SSE, b"/orbited/poll": Route.POLL,
+              b"/orbited/ack": Route.ACK}  # fmt: skip
+# The method each hot URL is served for (any other goes to twisted.web: 405, preflight).
+METHOD: Final = {Route.WS: b"GET", Route.SSE: b"GET", Route.POLL: b"GET", Route.ACK: b"POST"}
 # Headers the front reads (lower case); the last value of a repeated one wins, as in
 # twisted.web's getHeader.
 WANTED: Final = frozenset((b"host", b"origin", b"x-forwarded-proto", b"upgrade",
                            b"connection", b"sec-websocket-key", b"sec-websocket-version",
-                           b"last-event-id"))  # fmt: skip
+                           b"last-event-id", b"expect"))  # fmt: skip
 HEAD_TIMEOUT = 10.0  # seconds from a request's first byte to its whole head (autobahn's
 # openHandshakeTimeout); a connection between requests waits the Site's timeOut (60 s)
 CLOSE_TIMEOUT = 5.0  # seconds the node waits for the browser's close frame
@@ -98,7 +103,8 @@ HANDOFF: Final = _Handoff()
 
 
 class Head(NamedTuple):
-    """One complete request head the front may serve (GET of a hot URL, HTTP/1.1)."""
+    """One complete request head the front may serve (HTTP/1.1: GET of a hot URL, or
+    POST of /orbited/ack with no body)."""
 
     route: Route
     query: bytes
@@ -110,13 +116,14 @@ class Head(NamedTuple):
 
 class HeadReader:
     """Reads one request head with httptools. Hands off (``HANDOFF``) whatever the front
-    does not serve or whose answer twisted.web must give: another method or path, a body,
-    HTTP/1.0, a head httptools refuses, and a head larger than ``small`` bytes or with
-    more than ``max_headers`` lines (twisted.web then applies the 414/431 limits exactly).
+    does not serve or whose answer twisted.web must give: another method or path (each hot
+    URL has its method, ``METHOD``), a body, HTTP/1.0, a head httptools refuses, and a
+    head larger than ``small`` bytes or with more than ``max_headers`` lines (twisted.web
+    then applies the 414/431 limits exactly).
     ``raw``: every byte read, for the hand-off."""
 
     __slots__ = ("parser", "small", "max_headers", "raw", "url", "headers", "count", "state",
-                 "upgrade_at", "refuse", "keep_alive", "get11")  # fmt: skip
+                 "upgrade_at", "refuse", "keep_alive", "method")  # fmt: skip
 
     def __init__(self, small: int, max_headers: int) -> None:
         self.parser = httptools.HttpRequestParser(self)
@@ -130,7 +137,7 @@ class HeadReader:
         self.upgrade_at = -1
         self.refuse = False  # something twisted.web must answer
         self.keep_alive = True
-        self.get11 = False  # GET, HTTP/1.1
+        self.method = b""  # of an HTTP/1.1 request (b"" for another version)
 
     # httptools callbacks
     def on_message_begin(self) -> None:
@@ -153,7 +160,8 @@ class HeadReader:
         if self.state == 0:  # llhttp forgets these when the next message begins
             parser = self.parser
             self.keep_alive = parser.should_keep_alive()
-            self.get11 = parser.get_method() == b"GET" and parser.get_http_version() == "1.1"
+            if parser.get_http_version() == "1.1":
+                self.method = parser.get_method()
 
     def on_body(self, body: bytes) -> None:
         if self.state == 0:
@@ -184,11 +192,9 @@ class HeadReader:
             or (self.state == 1 and head_size > self.small)
         ):
             return HANDOFF
-        if not self.get11:
-            return HANDOFF
         path, _, query = self.url.partition(b"?")
         route = HOT.get(path)
-        if route is None or b"#" in query:
+        if route is None or b"#" in query or METHOD[route] != self.method:
             return HANDOFF
         rest = b""
         if self.upgrade_at >= 0:
@@ -282,6 +288,9 @@ def plan(head: Head, cors_origins: list[str], auth: BrowserAuth) -> Plan | None:
         if values is not None and len(values) > 1:
             return None
     route = head.route
+    if route is Route.ACK:
+        # twisted.web answers "Expect: 100-continue" with a 100 first: its answer then.
+        return None if b"expect" in headers else Plan(head, params, cors)
     if route is Route.WS:
         try:
             key = wsframe.check_handshake(headers)
@@ -330,6 +339,7 @@ POLL_HEAD = (
     b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nCache-Control: no-store\r\n"
     b"%sContent-Length: %d\r\n%s\r\n"
 )
+ACK_DONE = b"HTTP/1.1 204 No Content\r\nCache-Control: no-store\r\n%sContent-Length: 0\r\n%s\r\n"
 CLOSE_HEADER = b"Connection: close\r\n"
 
 
@@ -510,12 +520,15 @@ class FrontProtocol(Protocol):
         self.deadline = 0.0
         front.waiting.discard(self)
         self.pipelined = head.pipelined or not head.keep_alive  # then close after it
-        if head.route is Route.WS:
+        route = head.route
+        if route is Route.WS:
             self._start_ws(todo)
-        elif head.route is Route.SSE:
+        elif route is Route.SSE:
             self._start_sse(todo)
-        else:
+        elif route is Route.POLL:
             self._start_poll(todo)
+        else:
+            self._ack(todo)
 
     def _handoff(self, raw: bytes, once: bool) -> None:
         """twisted.web's Site takes this connection over, from the request's first byte.
@@ -595,8 +608,9 @@ class FrontProtocol(Protocol):
             self.sink = None
             sink.end()
 
-    def write(self, data: bytes) -> None:
-        write_through(self.transport, data)
+    def write(self, data: bytes) -> bool:
+        """True when the kernel took all of ``data`` at once (nothing queued here)."""
+        return write_through(self.transport, data)
 
     # -- answers --------------------------------------------------------------------
 
@@ -613,6 +627,22 @@ class FrontProtocol(Protocol):
         attach = authenticate(front.auth, todo.params)
         check_admitted(front.hub, attach.key)  # 429 / 4429: the user's connection limit
         return attach.key, todo.after or attach.after
+
+    def _ack(self, todo: Plan) -> None:
+        """``POST /orbited/ack`` (SSE and iframe have no way back): as AckResource (ack.py)
+        answers it, 204, or 400 ``bad_position`` / 401 ``token_*``."""
+        front = self.front
+        try:
+            attach = authenticate(front.auth, todo.params)  # parses last=<stream>:<seq> too
+            if attach.after is None:
+                raise BrowserRequestError(400, "bad_position", "last=<stream>:<seq> is required")
+        except BrowserRequestError as e:
+            self._refuse(e, todo.cors)
+            return
+        front.hub.ack(attach.key, attach.after.seq, attach.after.stream)
+        close = self.pipelined
+        self.write(ACK_DONE % (todo.cors, CLOSE_HEADER if close else b""))
+        self.next_request(close)
 
     def _start_sse(self, todo: Plan) -> None:
         try:
@@ -798,7 +828,9 @@ class _Sink(QueueWatch):
         if pending is not None:  # the response head, not sent yet
             self.pending = None
             data = pending + data
-        self.proto.write(data)
+        if self.proto.write(data):  # all sent: nothing queued, so not over max_bytes
+            self.first = False  # (what wrote() would find)
+            return not self.fired
         return not self.wrote()
 
     def send_head(self) -> None:
@@ -813,10 +845,13 @@ class _Sink(QueueWatch):
         if not isinstance(pending, list):
             return
         self.pending = None
-        if self.proto.transport is None or self.proto.mode == CLOSED:
+        proto = self.proto
+        if proto.transport is None or proto.mode == CLOSED:
             return
-        self.proto.write(b"".join(pending))
-        self.wrote()
+        if proto.write(pending[0] if len(pending) == 1 else b"".join(pending)):
+            self.first = False  # all sent: what wrote() would find
+        else:
+            self.wrote()
 
     def interrupt(self) -> None:
         """Bytes came from the browser while this response is held."""
