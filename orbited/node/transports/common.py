@@ -104,15 +104,19 @@ def single_param(params: Mapping[str, Sequence[str]], name: str) -> str | None:
     return values[0]
 
 
-def authenticate(auth: BrowserAuth, params: Mapping[str, Sequence[str]]) -> Attach:
-    """Check ``token`` and ``last`` query parameters (already decoded to str)."""
+def authenticate(
+    auth: BrowserAuth, params: Mapping[str, Sequence[str]], after: Position | None = None
+) -> Attach:
+    """Check ``token`` and ``last`` query parameters (already decoded to str). ``after``:
+    ``last`` already parsed (the front's plan did), so not parsed again."""
     token = single_param(params, "token")
     try:
         key = verify_token(auth.secret, token or "", auth.token_leeway)
     except TokenError as e:
         raise BrowserRequestError(401, e.code, e.message) from None
+    if after is not None:
+        return Attach(key, after)
     last = single_param(params, "last")
-    after = None
     if last:
         try:
             after = Position.parse(last)
@@ -139,14 +143,24 @@ def resumes_session(auth: BrowserAuth, args: Mapping[bytes, Sequence[bytes]]) ->
 def resumes_session_params(auth: BrowserAuth, params: Mapping[str, Sequence[str]]) -> bool:
     """``resumes_session`` of the decoded query (str names and values): the same answer,
     as a position and a verified token are ASCII."""
+    return resume_position(auth, params)[0]
+
+
+def resume_position(
+    auth: BrowserAuth, params: Mapping[str, Sequence[str]]
+) -> tuple[bool, Position | None]:
+    """``resumes_session_params``, and the position ``last`` gives when there is one and
+    it parses (for ``authenticate``: parsed once)."""
     last, token = params.get("last"), params.get("token")
-    if not last or not token or len(last) != 1 or len(token) != 1:
-        return False
+    if not last or len(last) != 1:
+        return False, None
     try:
-        Position.parse(last[0])
+        after = Position.parse(last[0])
     except PositionError:
-        return False
-    return verified_before(auth.secret, token[0])
+        return False, None
+    if not token or len(token) != 1:
+        return False, after
+    return verified_before(auth.secret, token[0]), after
 
 
 DEFAULT_PORTS = {"http": 80, "https": 443}

@@ -60,7 +60,7 @@ from orbited.node.transports.common import (
     origin_allowed,
     parse_ack,
     request_scheme,
-    resumes_session_params,
+    resume_position,
     user_limit_error,
 )
 from orbited.node.transports.http import status_phrase
@@ -245,7 +245,8 @@ def query_params(query: bytes) -> dict[str, list[str]]:
 
 class Plan(NamedTuple):
     """What the front does with a ``Head``: its decoded query, the CORS headers of its
-    answers, and per route: ``after`` (SSE: Last-Event-ID, which wins over ``last``),
+    answers, and per route: ``after`` (SSE: Last-Event-ID, which wins over ``last``;
+    poll: ``last``, when it parses),
     ``timeout`` and ``new`` (poll: not resuming a session, so charged to connect_rate),
     ``key`` (WebSocket: Sec-WebSocket-Key)."""
 
@@ -315,7 +316,8 @@ def plan(head: Head, cors_origins: list[str], auth: BrowserAuth) -> Plan | None:
             return None
         if not 0 <= timeout <= MAX_TIMEOUT:  # also refuses nan
             return None
-    return Plan(head, params, cors, timeout=timeout, new=not resumes_session_params(auth, params))
+    resumes, after = resume_position(auth, params)
+    return Plan(head, params, cors, after=after, timeout=timeout, new=not resumes)
 
 
 def error_response(error: BrowserRequestError, cors: bytes, close: bool = False) -> bytes:
@@ -624,9 +626,9 @@ class FrontProtocol(Protocol):
     ) -> tuple[ConnectionKey, Position | None]:
         front = self.front
         front.limits.check(poll=poll, new=todo.new)  # before the token: no work if overloaded
-        attach = authenticate(front.auth, todo.params)
+        attach = authenticate(front.auth, todo.params, todo.after)
         check_admitted(front.hub, attach.key)  # 429 / 4429: the user's connection limit
-        return attach.key, todo.after or attach.after
+        return attach.key, attach.after
 
     def _ack(self, todo: Plan) -> None:
         """``POST /orbited/ack`` (SSE and iframe have no way back): as AckResource (ack.py)
