@@ -75,13 +75,14 @@ def hello(
     long-poll, each accept), byte-identical to the ``json.dumps`` below, which takes
     anything else (tests/node/test_frames.py compares the two over many values)."""
     if (
-        type(keepalive) is float and type(spread) is float and type(seq) is int
+        (type(keepalive) is float or type(keepalive) is int)  # (a config's 30 is an int)
+        and (type(spread) is float or type(spread) is int) and type(seq) is int
         and type(reset) is bool and (hash is None or type(hash) is int)
         and _FINITE_MIN <= keepalive <= _FINITE_MAX and _FINITE_MIN <= spread <= _FINITE_MAX
         and stream.isascii() and stream.isprintable() and '"' not in stream
         and "\\" not in stream
     ):  # fmt: skip
-        # float's repr is what json writes for a finite float; bool and int likewise.
+        # repr is what json writes for a finite float and for an int (bool: true/false).
         out = b'{"type":"hello","stream":"%s","keepalive":%r,"reset":%s,"seq":%d,"spread":%r' % (
             stream.encode(), keepalive, b"true" if reset else b"false", seq, spread,
         )  # fmt: skip

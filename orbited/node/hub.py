@@ -124,6 +124,7 @@ CYCLE_GRACE = 2.0
 # Seconds a key displaced between two long-polls (close_oldest) is remembered: its next
 # poll gets the closed frame (4003) instead of a new mailbox, which would displace another.
 DISPLACED_MEMORY = 10.0
+LINGER_TICKS = 10  # buckets per second of the linger wheel: expiry at most 0.1 s late
 _NEVER = -math.inf  # one float object shared by every slot that never had a transport leave
 
 
@@ -150,7 +151,7 @@ class _AckWait:
 
 class _Slot:
     __slots__ = (
-        "mailbox", "sink", "linger_call", "route", "waits", "online", "counted", "entry", "left",
+        "mailbox", "sink", "linger_at", "route", "waits", "online", "counted", "entry", "left",
         "probe", "probe_at",
     )  # fmt: skip
 
@@ -163,7 +164,8 @@ class _Slot:
         self.entry = entry
         self.left = _NEVER  # hub clock when its last transport left (CYCLE_GRACE)
         self.sink: Sink | None = None
-        self.linger_call: IDelayedCall | None = None
+        # Lingering (no transport): when its mailbox expires (Hub._linger); 0.0 otherwise.
+        self.linger_at = 0.0
         self.waits: list[_AckWait] | None = None  # oldest first; None when none
         # Presence said signon. False for a mailbox an acknowledged-mode event created
         # before any browser came: the browser's first attach signs it on.
@@ -262,6 +264,10 @@ class Hub(RouteOwnership):
         self._routes_dirty: set[int] = set()
         self._routes_full_due = True  # the next report sends every route
         self._attach_moved = 0  # stats["moved"] of attaches, not of recipients
+        # The linger wheel (``_linger``): slots by the tenth of a second their linger ends
+        # in, and the one timer of each such bucket.
+        self._wheel: dict[int, list[tuple[ConnectionKey, _Slot]]] = {}
+        self._wheel_calls: dict[int, IDelayedCall] = {}
 
     # -- the delivery batch (orbited.node.flush) ----------------------------------------
 
@@ -321,9 +327,7 @@ class Hub(RouteOwnership):
         else:
             if slot.sink is None and not self._admit(key, slot, sink):
                 return None
-            if slot.linger_call is not None:
-                slot.linger_call.cancel()
-                slot.linger_call = None
+            slot.linger_at = 0.0  # (its entry in the linger wheel is skipped when due)
             if not slot.online:
                 slot.online = True
                 if self.presence is not None:
@@ -487,9 +491,7 @@ class Hub(RouteOwnership):
                 del displaced[old]
             displaced[key] = now
         sink = self._set_sink(slot, None)
-        if slot.linger_call is not None:
-            slot.linger_call.cancel()
-            slot.linger_call = None
+        slot.linger_at = 0.0
         if sink is not None:
             self._close(sink, frames.DISPLACED, "displaced")
         self._expire(key, slot)
@@ -573,7 +575,7 @@ class Hub(RouteOwnership):
         slot = self._slots[key] = _Slot(mailbox, route, online)
         self._index(key, slot)
         self._recount(slot)  # counted even past the cap: refusing it would lose events
-        slot.linger_call = self.clock.callLater(self.config.linger, self._expire, key, slot)
+        self._linger(key, slot, self.now())
 
     def _recount(self, slot: _Slot) -> None:
         size = slot.mailbox.buffered_bytes
@@ -622,12 +624,38 @@ class Hub(RouteOwnership):
         self._set_sink(slot, None)
         slot.left = self.now()
         slot.probe = 0  # an ack after a reconnect is no latency sample
-        slot.linger_call = self.clock.callLater(self.config.linger, self._expire, key, slot)
+        self._linger(key, slot, slot.left)
         if self.observer is not None:
             self.observer.noted(key, "detach", slot.left, reason=reason)
 
+    def _linger(self, key: ConnectionKey, slot: _Slot, now: float) -> None:
+        """The slot has no transport from ``now``: its mailbox expires ``linger`` seconds
+        later unless one comes. No timer per slot (a long-poll leaves and comes back for
+        every poll): the slot goes in the linger wheel's bucket of its deadline, a tenth
+        of a second; one timer per bucket expires the slots in it still lingering then
+        (``_sweep``). So a mailbox expires at most 0.1 s after its linger ends."""
+        due = now + self.config.linger
+        slot.linger_at = due
+        bucket = math.ceil(due * LINGER_TICKS)
+        entries = self._wheel.get(bucket)
+        if entries is None:
+            entries = self._wheel[bucket] = []
+            delay = max(0.0, bucket / LINGER_TICKS - self.clock.seconds())
+            self._wheel_calls[bucket] = self.clock.callLater(delay, self._sweep, bucket)
+        entries.append((key, slot))
+
+    def _sweep(self, bucket: int) -> None:
+        """A linger bucket is due: expire its slots whose linger ended (not those that
+        got a transport since, or lingered again later: their ``linger_at`` says)."""
+        self._wheel_calls.pop(bucket, None)
+        end = bucket / LINGER_TICKS
+        for key, slot in self._wheel.pop(bucket, ()):
+            due = slot.linger_at
+            if due and due <= end:
+                self._expire(key, slot)
+
     def _expire(self, key: ConnectionKey, slot: _Slot) -> None:
-        slot.linger_call = None
+        slot.linger_at = 0.0
         if self._slots.get(key) is slot and slot.sink is None:
             del self._slots[key]
             self._forget(slot)
@@ -722,7 +750,7 @@ class Hub(RouteOwnership):
         return {
             "mailboxes": len(self._slots),
             "attached": sum(1 for s in self._slots.values() if s.sink is not None),
-            "lingering": sum(1 for s in self._slots.values() if s.linger_call is not None),
+            "lingering": sum(1 for s in self._slots.values() if s.linger_at),
             "queued_events": sum(len(s.mailbox) for s in self._slots.values()),
             "ack_waits": waits,
             "dedup_entries": len(self.dedup),
@@ -768,12 +796,12 @@ class Hub(RouteOwnership):
                 "lingering_until": None,
             }  # fmt: skip
             if slot is not None:
-                mailbox, linger = slot.mailbox, slot.linger_call
+                mailbox = slot.mailbox
                 head["stream"] = mailbox.stream
                 head["attached"] = None if slot.sink is None else slot.sink.kind
                 head["last_seq"], head["acked"] = mailbox.last_seq, mailbox.acked
-                if linger is not None and linger.active():
-                    head["lingering_until"] = linger.getTime()
+                if slot.linger_at:
+                    head["lingering_until"] = slot.linger_at
             if kt is None:
                 head.update(dispatches=[], notes=[])
             else:
@@ -836,9 +864,7 @@ class Hub(RouteOwnership):
         """End a slot's linger and tell its browser, if attached, to reconnect (with the
         key's ``route`` now, after a rehash; with a ``spread`` for the browsers of a
         planned move, counted over those that move)."""
-        if slot.linger_call is not None:
-            slot.linger_call.cancel()
-            slot.linger_call = None
+        slot.linger_at = 0.0
         sink = self._set_sink(slot, None)
         if sink is not None:
             try:
@@ -860,6 +886,11 @@ class Hub(RouteOwnership):
                 self._end_waits(slot, lambda wait: events.stored(Status.UNACKED, wait.seq))
             self._release(slot, reason)
         self._slots.clear()
+        for call in self._wheel_calls.values():
+            if call.active():
+                call.cancel()
+        self._wheel_calls.clear()
+        self._wheel.clear()
         for entry in self._users.values():
             for hold in entry.holds or ():
                 self._end_hold(hold)
@@ -1131,7 +1162,7 @@ class Hub(RouteOwnership):
             # reconnecting after its node crashed and this one took the route over);
             # `unacked` if none comes.
             slot = self._new_slot(key, route_of(key, self.routes, self.hash_version), False)
-            slot.linger_call = self.clock.callLater(self.config.linger, self._expire, key, slot)
+            self._linger(key, slot, self.now())
             created = True
         if self.mailbox_bytes + len(payload) > self.config.mailbox_total_bytes:
             self.stats["full"] += 1

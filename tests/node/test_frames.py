@@ -118,7 +118,21 @@ def test_hello_is_byte_identical_to_json_dumps_over_many_values():
         assert frames.hello(*args) == expected, args
         checked += 1
     assert checked > 4000
-    # the node's own values take the byte path and give json's bytes
-    assert frames.hello("aZ3x_Q.1f", 25.0, False, 7, 0.004, 2) == _hello_by_json(
-        "aZ3x_Q.1f", 25.0, False, 7, 0.004, 2
-    )
+
+
+def test_the_nodes_own_hello_values_never_take_json_dumps(monkeypatch):
+    """Every attach sends a hello: the node's values (a keepalive from the config, float or
+    an int such as TOML's 30; the spread; a stream of the hub's) take the byte path."""
+    expected = [
+        _hello_by_json("aZ3x_Q.1f", 25.0, False, 7, 0.004, 2),
+        _hello_by_json("aZ3x_Q.1f", 30, True, 0, 0.0, 2),
+        _hello_by_json("ep.ff", 600, False, 3, 10, None),
+    ]
+
+    def no_json(obj: object) -> bytes:
+        raise AssertionError("json.dumps for the node's own values")
+
+    monkeypatch.setattr(frames, "_encode", no_json)
+    assert frames.hello("aZ3x_Q.1f", 25.0, False, 7, 0.004, 2) == expected[0]
+    assert frames.hello("aZ3x_Q.1f", 30, True, 0, 0.0, 2) == expected[1]
+    assert frames.hello("ep.ff", 600, False, 3, 10) == expected[2]

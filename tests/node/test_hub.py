@@ -627,3 +627,51 @@ def test_hand_off_entries_with_a_bad_event_id_are_skipped():
                  "events": [[1, "1", bad_id]]}  # fmt: skip
         assert new.handoff_received([entry], done=[]) == 0
     assert new.mailbox(key) is None
+
+
+def test_long_poll_cycles_arm_no_timer_each_and_the_mailbox_expires_once_idle():
+    """The linger wheel (issue 20): a key that detaches and attaches again (a long-poll
+    between polls) costs no timer each time; the slots whose linger ends in the same tenth
+    of a second share one. A key that stays away expires at most 0.1 s after its linger."""
+    hub, clock = make_hub(linger=5)
+    key = ConnectionKey("poller", "s", "/p")
+    others = [ConnectionKey(f"o{i}", "s", "/p") for i in range(50)]
+    for k in others:
+        hub.attach(k, RecordingSink(), None)
+    clock.advance(0.01)
+    for k in others:  # fifty keys leaving in the same tenth: one timer
+        hub.detach(k, hub._slots[k].sink)
+    assert len(clock.getDelayedCalls()) == 1
+    for _ in range(200):  # polls: answered, the next one comes at once
+        sink = RecordingSink()
+        hub.attach(key, sink, None)
+        hub.detach(key, sink)
+    assert len(clock.getDelayedCalls()) == 1
+    assert hub.gauges()["lingering"] == 51
+    clock.advance(4.98)  # 4.99: nothing's linger has ended
+    assert hub.mailbox(key) is not None and hub.mailbox(others[0]) is not None
+    clock.advance(0.12)  # 5.11: every linger ended at 5.01, and 0.1 s has passed since
+    assert hub.mailbox(key) is None and all(hub.mailbox(k) is None for k in others)
+    assert hub.gauges()["mailboxes"] == 0 and clock.getDelayedCalls() == []
+
+
+def test_a_key_that_came_back_or_left_again_is_not_expired_by_its_old_linger():
+    hub, clock = make_hub(linger=5)
+    back, again = ConnectionKey("back", "s", "/p"), ConnectionKey("again", "s", "/p")
+    sinks = {k: RecordingSink() for k in (back, again)}
+    for k in (back, again):
+        hub.attach(k, sinks[k], None)
+        hub.detach(k, sinks[k])
+    clock.advance(3)
+    hub.attach(back, RecordingSink(), None)  # attached when its first linger ends
+    hub.attach(again, sinks[again], None)
+    hub.detach(again, sinks[again])  # lingers again: until 8
+    clock.advance(2.5)  # 5.5: the first lingers' bucket is past
+    assert hub.mailbox(back) is not None and hub.mailbox(again) is not None
+    assert hub.trace_answer("again")["keys"] == []  # (tracing off: nothing to show)
+    clock.advance(2.45)  # 7.95
+    assert hub.mailbox(again) is not None
+    clock.advance(0.1)  # 8.05
+    assert hub.mailbox(again) is None and hub.mailbox(back) is not None
+    hub.shutdown("shutdown")
+    assert clock.getDelayedCalls() == []
