@@ -299,6 +299,10 @@ class RouteOwnership:
         self.owned: frozenset[int] | None = None
         self.moved_to: dict[int, str | None] = {}
         self.moved_owner: dict[int, str] = {}  # new owners' names, when known (for traces)
+        # The reconnect spread its browsers were told when a route left (``_evict``): a
+        # browser that comes back here after it (a long-poll between two polls) gets the
+        # same hint, not the whole node's from its hello.
+        self.moved_spread: dict[int, float] = {}
         self._incoming: dict[int, _Incoming] = {}
 
     def _serves(self, route: int) -> bool:
@@ -360,6 +364,7 @@ class RouteOwnership:
         for route in new:
             self.moved_to.pop(route, None)
             self.moved_owner.pop(route, None)
+            self.moved_spread.pop(route, None)
         lost = previous - new
         for route in lost:
             self._complete(route, timed_out=False)
@@ -418,6 +423,7 @@ class RouteOwnership:
         # Only these browsers go to the new owner(s), not all of this node's: their
         # reconnect frames carry a spread counted over them (docs/protocol.md).
         spread = spread_for(len(moving), self.config.reconnect_rate)
+        self.moved_spread.update(dict.fromkeys(routes, spread))
         observer = self.observer
         if exports is not None:  # first what the new owner needs, then the browsers
             budget = _TraceBudget(observer)
@@ -525,6 +531,7 @@ class RouteOwnership:
             owner_of[move.route] = move.name
             sp_of[move.route] = move.sp
         self.hash_version = version
+        self.moved_spread.clear()  # counted over the old version's routes
         owned = frozenset(range(1, self.routes + 1)) if self.owned is None else self.owned
         if me is None:  # this node's name: the owner of its routes
             me = next((owner_of[r] for r in owned if owner_of.get(r) is not None), None)
