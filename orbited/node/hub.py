@@ -129,24 +129,97 @@ _NEVER = -math.inf  # one float object shared by every slot that never had a tra
 
 
 class _AckWait:
-    """A request in the acknowledged mode waiting for the browser to confirm ``seq``."""
+    """A request in the acknowledged mode waiting for the browser to confirm ``seq``.
 
-    __slots__ = ("seq", "deferred", "timer", "replaced")
+    Resolved once (``resolve``; later calls are ignored): it tells the request's gather
+    (``gather``, ``index``: the dispatch of plain keys, no Deferred per recipient) and its
+    Deferred, if one was asked for (``as_deferred``: wildcards, holds, a hand-off). Its
+    timeout is its group's timer (one per request: ``_AckGroup``) or its own ``timer``."""
 
-    def __init__(
-        self, seq: int, deferred: defer.Deferred[RecipientResult], replaced: int = 0
-    ) -> None:
+    __slots__ = ("seq", "replaced", "timer", "group", "result", "gather", "index", "_deferred")
+
+    def __init__(self, seq: int, replaced: int = 0) -> None:
         self.seq = seq
-        self.deferred = deferred
-        self.timer: IDelayedCall | None = None
         self.replaced = replaced  # latest-value: events its event superseded (the reply says)
+        self.timer: IDelayedCall | None = None
+        self.group: _AckGroup | None = None
+        self.result: RecipientResult | None = None
+        self.gather: _Gather | None = None
+        self.index = 0
+        self._deferred: defer.Deferred[RecipientResult] | None = None
+
+    def as_deferred(self) -> defer.Deferred[RecipientResult]:
+        deferred = self._deferred
+        if deferred is None:
+            deferred = self._deferred = defer.Deferred()
+            if self.result is not None:
+                deferred.callback(self.result)
+        return deferred
 
     def resolve(self, result: RecipientResult) -> None:
-        if self.timer is not None and self.timer.active():
-            self.timer.cancel()
-        self.timer = None
+        if self.result is not None:
+            return
+        self.result = result
+        timer = self.timer
+        if timer is not None:
+            self.timer = None
+            if timer.active():
+                timer.cancel()
+        group = self.group
+        if group is not None:
+            group.pending -= 1
+            if not group.pending and group.timer is not None:
+                if group.timer.active():
+                    group.timer.cancel()
+                group.timer = None
+        gather = self.gather
+        if gather is not None:
+            gather.settle(self.index, result)
+        deferred = self._deferred
+        if deferred is not None and not deferred.called:
+            deferred.callback(result)
+
+
+class _AckGroup:
+    """The acknowledged-mode waits of one request: they share its ``ack`` timeout from
+    the same moment, so one timer ends them all (``Hub._group_timeout``), cancelled when
+    the last is resolved (issue 20: a timer per recipient was most of a node's CPU
+    in the failover bench)."""
+
+    __slots__ = ("waits", "timer", "pending")
+
+    def __init__(self) -> None:
+        self.waits: list[tuple[_Slot, _AckWait]] = []
+        self.timer: IDelayedCall | None = None
+        self.pending = 0  # waits not resolved yet
+
+
+class _Gather:
+    """A waiting request's results, filled in place; ``deferred`` fires with the list
+    once the last is in, or fails with the first failure (``defer.gatherResults``'s
+    work without a DeferredList and a Deferred per recipient)."""
+
+    __slots__ = ("results", "left", "deferred")
+
+    def __init__(self, results: list[Any]) -> None:
+        self.results = results
+        self.left = 0
+        self.deferred: defer.Deferred[list[RecipientResult]] = defer.Deferred()
+
+    def settle(self, index: int, result: RecipientResult) -> None:
+        self.results[index] = result
+        self.left -= 1
+        if not self.left and not self.deferred.called:
+            self.deferred.callback(self.results)
+
+    def settled(self, result: RecipientResult, index: int) -> RecipientResult:
+        self.settle(index, result)
+        return result
+
+    def fail(self, failure: Any) -> None:
         if not self.deferred.called:
-            self.deferred.callback(result)
+            self.deferred.errback(failure)
+        return None  # consumed, as gatherResults(consumeErrors=True) does
 
 
 class _Slot:
@@ -268,6 +341,7 @@ class Hub(RouteOwnership):
         # in, and the one timer of each such bucket.
         self._wheel: dict[int, list[tuple[ConnectionKey, _Slot]]] = {}
         self._wheel_calls: dict[int, IDelayedCall] = {}
+        self._ack_group: _AckGroup | None = None  # the acknowledged-mode request in dispatch
 
     # -- the delivery batch (orbited.node.flush) ----------------------------------------
 
@@ -714,6 +788,13 @@ class Hub(RouteOwnership):
         self.stats["unacked"] += 1
         wait.resolve(events.stored(Status.UNACKED, wait.seq, 0, wait.replaced))
 
+    def _group_timeout(self, group: _AckGroup) -> None:
+        """A request's ``ack`` wait ended: its waits not resolved yet are ``unacked``."""
+        group.timer = None
+        for slot, wait in group.waits:
+            if wait.result is None:
+                self._ack_timeout(slot, wait)
+
     def _end_waits(self, slot: _Slot, outcome: Callable[[_AckWait], RecipientResult]) -> None:
         waits, slot.waits = slot.waits, None
         for wait in waits or ():
@@ -942,13 +1023,14 @@ class Hub(RouteOwnership):
                 )
             return resend
         self.stats["events"] += 1
+        token: Any = None
         if observer is not None:
             self._token = token = observer.dispatched(request, now)
             self._token_now = now
         eid = frames.event_id(request.event_id)  # once per request, shared by the mailboxes
         recipients = request.recipients
         tag, offline = request.latest, request.offline
-        if len(recipients) == 1 and not self._rate:  # the common case: no duplicates
+        if len(recipients) == 1 and not self._rate and request.ack is None:  # the common case
             recipient = recipients[0]
             only: RecipientResult | defer.Deferred[RecipientResult]
             if type(recipient) is Selector:
@@ -981,29 +1063,17 @@ class Hub(RouteOwnership):
             results = []
             seen: dict[ConnectionKey, RecipientResult | defer.Deferred[RecipientResult]] = {}
             over = self._rate_limited(recipients) if self._rate else None
-            waits = False
-            payload, ack = request.payload, request.ack
-            for recipient in recipients:
-                if over and recipient[0] in over:
-                    results.append(over[recipient[0]])
-                    if observer is not None and type(recipient) is not Selector:
-                        limited: ConnectionKey = recipient  # type: ignore[assignment]
-                        route = route_of(limited, self.routes, self.hash_version)
-                        status = over[limited[0]].status.value
-                        observer.recipient(token, limited, route, status, None, None, 0, None, now)
-                    continue
-                entry: RecipientResult | defer.Deferred[RecipientResult] | None
-                if type(recipient) is Selector:
-                    entry = self._deliver_selector(
-                        recipient, payload, ack, eid, tag, offline, seen, request.event_id
-                    )
-                else:
-                    key: ConnectionKey = recipient  # type: ignore[assignment]
-                    entry = seen.get(key)
-                    if entry is None:
-                        entry = seen[key] = self._deliver(key, payload, ack, eid, tag, offline)
-                waits = waits or isinstance(entry, defer.Deferred)
-                results.append(entry)
+            ack = request.ack
+            outer = self._ack_group
+            group = self._ack_group = None if ack is None else _AckGroup()
+            try:
+                waits = self._deliver_all(
+                    request, eid, now, results, seen, over, observer, token
+                )  # fmt: skip
+            finally:
+                self._ack_group = outer
+            if group is not None and group.pending:
+                group.timer = self.clock.callLater(ack, self._group_timeout, group)  # type: ignore[arg-type]
         if not waits:
             if observer is not None:
                 outcome = self._answered(request, now, results)  # type: ignore[arg-type]
@@ -1011,10 +1081,21 @@ class Hub(RouteOwnership):
                 return outcome
             return self._answered(request, now, results)  # type: ignore[arg-type]
         dedup.begin(digest)
-        gathered = defer.gatherResults(
-            [r if isinstance(r, defer.Deferred) else defer.succeed(r) for r in results],
-            consumeErrors=True,
-        )
+        gather = _Gather(results)
+        gathered = gather.deferred
+        gather.left = sum(1 for r in results if not isinstance(r, tuple))
+        for i, entry in enumerate(results):
+            if isinstance(entry, tuple):  # a RecipientResult
+                continue
+            if type(entry) is _AckWait:  # a plain key's wait in this request's group
+                if entry.result is not None:
+                    gather.settle(i, entry.result)
+                elif entry.gather is None:
+                    entry.gather, entry.index = gather, i
+                else:  # the same key twice in the request
+                    entry.as_deferred().addCallback(gather.settled, i)
+            else:
+                entry.addCallbacks(gather.settled, gather.fail, callbackArgs=(i,))
 
         def answered(parts: list[RecipientResult]) -> DispatchResult:
             outcome = self._answered(request, self.clock.seconds(), parts)
@@ -1031,6 +1112,38 @@ class Hub(RouteOwnership):
             return failure
 
         return gathered.addCallbacks(answered, failed)
+
+    def _deliver_all(
+        self, request: events.EventRequest, eid: bytes, now: float, results: list[Any],
+        seen: dict[ConnectionKey, Any], over: dict[str, RecipientResult] | None,
+        observer: DeliveryObserver | None, token: Any,
+    ) -> bool:  # fmt: skip
+        """``dispatch``'s general loop: each recipient's result, a Deferred or (in the
+        acknowledged mode) an _AckWait into ``results``; whether one waits."""
+        payload, ack, tag, offline = request.payload, request.ack, request.latest, request.offline
+        waits = False
+        for recipient in request.recipients:
+            if over and recipient[0] in over:
+                results.append(over[recipient[0]])
+                if observer is not None and type(recipient) is not Selector:
+                    limited: ConnectionKey = recipient  # type: ignore[assignment]
+                    route = route_of(limited, self.routes, self.hash_version)
+                    status = over[limited[0]].status.value
+                    observer.recipient(token, limited, route, status, None, None, 0, None, now)
+                continue
+            entry: RecipientResult | defer.Deferred[RecipientResult] | None
+            if type(recipient) is Selector:
+                entry = self._deliver_selector(
+                    recipient, payload, ack, eid, tag, offline, seen, request.event_id
+                )
+            else:
+                key: ConnectionKey = recipient  # type: ignore[assignment]
+                entry = seen.get(key)
+                if entry is None:
+                    entry = seen[key] = self._deliver(key, payload, ack, eid, tag, offline)
+            waits = waits or not isinstance(entry, tuple)  # (an ABC's isinstance costs)
+            results.append(entry)
+        return waits
 
     def _observe_answer(
         self, outcome: DispatchResult, observer: DeliveryObserver, token: Any
@@ -1211,12 +1324,18 @@ class Hub(RouteOwnership):
                 RecipientResult,
                 (status, seq, dropped, None, None, None, None, 0, None, False, None),
             )
-        wait = _AckWait(seq, defer.Deferred(), replaced)
-        wait.timer = self.clock.callLater(ack, self._ack_timeout, slot, wait)
+        wait = _AckWait(seq, replaced)
         if slot.waits is None:
             slot.waits = []
         slot.waits.append(wait)
-        return wait.deferred
+        group = self._ack_group
+        if group is not None:  # dispatch's loop: its request's timer and gather
+            wait.group = group
+            group.pending += 1
+            group.waits.append((slot, wait))
+            return wait  # type: ignore[return-value]
+        wait.timer = self.clock.callLater(ack, self._ack_timeout, slot, wait)
+        return wait.as_deferred()
 
     def _deliver_observed(
         self, key: ConnectionKey, payload: bytes, ack: float | None = None,
@@ -1286,11 +1405,14 @@ class Hub(RouteOwnership):
         def deliver_later() -> None:
             self._token = token
             self._token_now = self.now()
+            outer, self._ack_group = self._ack_group, None  # its own timer, not a request's
             try:
                 out = deliver()
             except Exception:
                 later.errback()
                 return
+            finally:
+                self._ack_group = outer
             if isinstance(out, defer.Deferred):
                 out.chainDeferred(later)
             else:
@@ -1351,6 +1473,8 @@ class Hub(RouteOwnership):
             if part is None:
                 part = seen[key] = self._deliver(key, payload, ack, eid, tag, None)
             assert part is not None
+            if type(part) is _AckWait:  # (in the request's group: its timer)
+                part = part.as_deferred()
             if isinstance(part, defer.Deferred):
                 waits = True
                 slot = self._slots.get(key)
@@ -1429,14 +1553,14 @@ class Hub(RouteOwnership):
                 self.offline.add_key(hold.watch, key, seq)
             answer = hold.answer
             if answer is not None and not answer.called:
-                wait = _AckWait(seq, defer.Deferred())
+                wait = _AckWait(seq)
                 wait.timer = self.clock.callLater(
                     max(0.0, hold.ack_until - now), self._ack_timeout, slot, wait
                 )
                 if slot.waits is None:
                     slot.waits = []
                 slot.waits.append(wait)
-                wait.deferred.addCallback(partial(_answer_hold, answer, key))
+                wait.as_deferred().addCallback(partial(_answer_hold, answer, key))
 
     def _hold_unanswered(self, hold: UserHold) -> None:
         """An acknowledged-mode hold's wait ended with no key reached: ``held``."""
