@@ -9,6 +9,7 @@ production. Nothing else in orbited/ or halod/ may use a private upstream name
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable
 from pprint import pformat
 from typing import TYPE_CHECKING, Any
@@ -19,6 +20,7 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import AbstractDatagramProtocol, Factory
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper
+from twisted.python import log
 from twisted.web import http
 
 if TYPE_CHECKING:  # autobahn is imported by the node's WebSocket code, not by HaloD's
@@ -164,6 +166,14 @@ class CountedServer(tcp.Server):
         finally:
             self.server.on_close()
 
+    nodelay_off = False  # turned off on this connection since (setTcpNoDelay(False))
+
+    def setTcpNoDelay(self, enabled: bool) -> None:  # noqa: N802
+        if enabled and not self.nodelay_off and self.server.nodelay_inherited:
+            return  # on since accept: no setsockopt per connection
+        self.nodelay_off = not enabled
+        super().setTcpNoDelay(enabled)
+
 
 class CountedPort(tcp.Port):
     """A TCP listening port whose accepted connections call ``on_open`` once made and
@@ -174,16 +184,68 @@ class CountedPort(tcp.Port):
     Twisted's ``Port`` builds each connection's transport from its ``transport`` class
     attribute (``tcp.Server``), which has no public hook for either moment; this relies
     on that attribute, on ``Server.server`` (the port) and on ``Server.connectionLost``
-    being called once per accepted connection."""
+    being called once per accepted connection.
+
+    ``nodelay``: TCP_NODELAY is set on the listening socket, which accepted sockets
+    inherit (Linux, the BSDs); checked on the first one accepted (``nodelay_inherited``),
+    after which ``setTcpNoDelay(True)`` costs no system call. ``doRead`` accepts as
+    ``Port.doRead`` does, without its per-call log buffer and generator; any accept
+    error other than "no more" is left to ``Port.doRead`` (EMFILE recovery, logging)."""
 
     transport = CountedServer
 
     def __init__(self, port: int, factory: Factory[Any], backlog: int, interface: str,
-                 reactor: Any, on_open: Callable[[], None],
-                 on_close: Callable[[], None]) -> None:  # fmt: skip
+                 reactor: Any, on_open: Callable[[], None], on_close: Callable[[], None],
+                 nodelay: bool = False) -> None:  # fmt: skip
         super().__init__(port, factory, backlog, interface, reactor)
         self.on_open = on_open
         self.on_close = on_close
+        self.nodelay = nodelay
+        self.nodelay_inherited: bool | None = False if not nodelay else None
+
+    def startListening(self) -> None:  # noqa: N802
+        super().startListening()
+        if self.nodelay:
+            self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def doRead(self) -> None:  # noqa: N802
+        try:
+            accept = self.socket.accept
+            factory: Any = self.factory
+            limit = self.numberAccepts
+            accepted = 0
+            while accepted < limit:
+                try:
+                    skt, addr = accept()
+                except BlockingIOError:
+                    break
+                except OSError:
+                    tcp.Port.doRead(self)  # Twisted's handling of this error
+                    return
+                accepted += 1
+                if self.nodelay_inherited is None:
+                    self.nodelay_inherited = bool(
+                        skt.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+                    )
+                if len(addr) == 4:  # IPv6: as Port.doRead, the scope ID by name
+                    host = socket.getnameinfo(addr, socket.NI_NUMERICHOST | socket.NI_NUMERICSERV)
+                    addr = (host[0], *addr[1:])
+                protocol = factory.buildProtocol(self._buildAddr(addr))
+                if protocol is None:
+                    skt.close()
+                    continue
+                session = self.sessionno
+                self.sessionno = session + 1
+                protocol.makeConnection(
+                    self.transport(skt, protocol, addr, self, session, self.reactor)
+                )
+            # Port.doRead's scaling of the accepts per call
+            if accepted == limit:
+                self.numberAccepts = limit + 20
+            else:
+                self.numberAccepts = max(1, accepted)
+        except BaseException:
+            log.deferr()
 
 
 class CountedTCPServer(internet.TCPServer):
@@ -193,10 +255,11 @@ class CountedTCPServer(internet.TCPServer):
 
     def __init__(self, port: int, factory: Factory[Any], *, on_open: Callable[[], None],
                  on_close: Callable[[], None], backlog: int = 50, interface: str = "",
-                 reactor: Any = None) -> None:  # fmt: skip
+                 reactor: Any = None, nodelay: bool = False) -> None:  # fmt: skip
         super().__init__(port, factory, backlog=backlog, interface=interface, reactor=reactor)
         self.on_open = on_open
         self.on_close = on_close
+        self.nodelay = nodelay
 
     def _getPort(self) -> CountedPort:  # noqa: N802
         from twisted.internet import reactor as global_reactor
@@ -205,7 +268,7 @@ class CountedTCPServer(internet.TCPServer):
         clock = self.reactor if self.reactor is not None else global_reactor
         listening = CountedPort(port, factory, self.kwargs["backlog"],
                                 self.kwargs["interface"], clock, self.on_open,
-                                self.on_close)  # fmt: skip
+                                self.on_close, self.nodelay)  # fmt: skip
         listening.startListening()
         return listening
 

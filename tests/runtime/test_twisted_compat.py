@@ -9,9 +9,11 @@ What is pinned, and by which test:
   ``ProtocolWrapper.write`` (write_through, writev_through): a real loopback connection,
   a partial write through a small send buffer, closing and TLS-flagged connections;
 - ``internet.TCPServer._port`` (listening_port): a started TCPServer;
-- ``tcp.Port.transport``, ``tcp.Server.server`` / ``connectionLost`` and
-  ``_AbstractServer._getPort`` (CountedPort, CountedTCPServer): real loopback sockets
-  accepted, refused, taken over by another protocol and closed;
+- ``tcp.Port.transport`` / ``numberAccepts`` / ``sessionno`` / ``_buildAddr`` /
+  ``doRead``, ``tcp.Server.server`` / ``connectionLost`` and ``_AbstractServer._getPort``
+  (CountedPort, CountedTCPServer): real loopback sockets (IPv4 and IPv6) accepted in a
+  burst, refused, taken over by another protocol and closed, TCP_NODELAY inherited, an
+  accept error left to Twisted;
 - ``HTTPChannel._respondToBadRequestAndDisconnect`` / ``_receivedHeaderSize`` /
   ``_receivedHeaderCount`` (HookedHTTPChannel): malformed heads fed to a channel;
 - autobahn's ``send_queue`` / ``_perMessageCompress`` (autobahn_send_idle), its logging
@@ -213,6 +215,77 @@ def test_a_counted_tcpserver_counts_each_socket_from_accept_to_close():
             peer.close()
         yield service.stopService()
     assert service._port is None or not service._port.connected
+
+
+class _Flaky:
+    """A listening socket whose next accept() fails once with ``errno``."""
+
+    def __init__(self, real: socket.socket, errno: int) -> None:
+        self.real, self.errno = real, errno
+
+    def accept(self) -> Any:
+        if self.errno:
+            errno, self.errno = self.errno, 0
+            raise OSError(errno, "injected")
+        return self.real.accept()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+@pytest_twisted.inlineCallbacks
+def test_a_counted_port_accepts_bursts_with_nodelay_and_leaves_errors_to_twisted(host):
+    import errno
+
+    if host == "::1" and not socket.has_ipv6:
+        pytest.skip("no IPv6")
+    opened: list[int] = []
+    factory = _Refusing(1000)
+    service = twisted_compat.CountedTCPServer(
+        0, factory, on_open=lambda: opened.append(1), on_close=lambda: None,
+        interface=host, nodelay=True,
+    )  # fmt: skip
+    try:
+        service.startService()
+    except Exception:  # noqa: BLE001 - no loopback IPv6 here
+        pytest.skip(f"cannot listen on {host}")
+    peers = []
+    try:
+        port = listening_port(service)
+        address = (host, port.getHost().port)
+        # A burst queued before the reactor looks: one doRead takes them all.
+        peers += [socket.create_connection(address, timeout=5) for _ in range(30)]
+        for _ in range(200):
+            if len(factory.built) == 30:
+                break
+            yield _sleep(0.01)
+        assert len(factory.built) == len(opened) == 30
+        transport = factory.built[0].transport
+        assert port.nodelay_inherited is True
+        assert transport.getTcpNoDelay()  # inherited from the listening socket
+        peer_host = transport.getPeer().host
+        assert peer_host == host  # the peer's address, as Port.doRead gives it
+        transport.setTcpNoDelay(False)
+        assert not transport.getTcpNoDelay()
+        transport.setTcpNoDelay(True)
+        assert transport.getTcpNoDelay()
+        # An accept error other than "no more" is Twisted's to handle (ECONNABORTED:
+        # logged, skipped); the port goes on accepting.
+        port.socket = _Flaky(port.socket, errno.ECONNABORTED)
+        peers.append(socket.create_connection(address, timeout=5))
+        for _ in range(200):
+            if len(factory.built) == 31:
+                break
+            if not port.socket.errno:  # the error was taken: connect once more
+                peers.append(socket.create_connection(address, timeout=5))
+            yield _sleep(0.02)
+        assert len(factory.built) >= 31 and port.socket.errno == 0
+        port.socket = port.socket.real
+    finally:
+        for peer in peers:
+            peer.close()
+        yield service.stopService()
 
 
 # -- HookedHTTPChannel: HTTPChannel's private bad-request hook and head counters --------
