@@ -160,6 +160,17 @@ def _encode_fast(obj: object) -> bytes:
     return _ENCODER.encode(obj).encode()
 
 
+def _encode_payload(obj: object) -> bytes:
+    """``_encode_fast`` for an event's data, which mailboxes keep until the browser
+    acknowledges it: orjson's bytes object is copied into one of its exact size. orjson
+    allocates its output with room to spare and shrinks it: a node keeping those paid
+    ≈ 1.5 µs more per event than one keeping a copy (issue 20; in one process, 20 000
+    payloads of 40 bytes kept: 1.8 µs per encode, 0.25 with the copy; 700 bytes: 3.7
+    and 0.36). A copy of a small bytes object costs ≈ 0.1 µs."""
+    out = _encode_fast(obj)
+    return memoryview(out).tobytes()
+
+
 def _load(body: bytes) -> object:
     """A request body as JSON (strict: loads_strict's rules), or RequestError bad_json."""
     oj = _orjson
@@ -263,7 +274,7 @@ def parse_request(body: bytes, limits: RequestLimits) -> EventRequest | PingRequ
             except KeyError_:
                 pass
             else:
-                payload = _encode_fast(doc["data"])
+                payload = _encode_payload(doc["data"])
                 if len(payload) <= limits.max_payload:
                     addressed = _encode_fast([event_id, to])
                     digest = _blake2b(addressed + b"\0" + payload, digest_size=16).digest()
@@ -315,7 +326,7 @@ def _parse_general(doc: object, limits: RequestLimits) -> EventRequest | PingReq
     except KeyError_ as e:
         raise RequestError("bad_key", str(e), event_id) from None
     # No lone surrogate, no infinity: refused with the JSON, so this encodes.
-    payload = _encode_fast(doc["data"])
+    payload = _encode_payload(doc["data"])
     if len(payload) > limits.max_payload:
         raise RequestError(
             "payload_too_large",
