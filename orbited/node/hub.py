@@ -225,7 +225,7 @@ class _Gather:
 class _Slot:
     __slots__ = (
         "mailbox", "sink", "linger_at", "route", "waits", "online", "counted", "entry", "left",
-        "probe", "probe_at",
+        "probe", "probe_at", "linger_bucket",
     )  # fmt: skip
 
     def __init__(
@@ -239,6 +239,7 @@ class _Slot:
         self.sink: Sink | None = None
         # Lingering (no transport): when its mailbox expires (Hub._linger); 0.0 otherwise.
         self.linger_at = 0.0
+        self.linger_bucket = 0  # the linger wheel's bucket it is filed in; 0: none
         self.waits: list[_AckWait] | None = None  # oldest first; None when none
         # Presence said signon. False for a mailbox an acknowledged-mode event created
         # before any browser came: the browser's first attach signs it on.
@@ -388,7 +389,7 @@ class Hub(RouteOwnership):
                 # now leads to the owner.
                 self.stats["moved"] += 1
                 self._attach_moved += 1  # not a recipient's result (load_report)
-                sink.reconnect("route_moved")
+                sink.reconnect("route_moved", None, self.moved_spread.get(route))
                 return None
             if self._hold_attach(route, key, sink, after):
                 return None  # its mailbox may be on the way: resume from it
@@ -705,12 +706,21 @@ class Hub(RouteOwnership):
     def _linger(self, key: ConnectionKey, slot: _Slot, now: float) -> None:
         """The slot has no transport from ``now``: its mailbox expires ``linger`` seconds
         later unless one comes. No timer per slot (a long-poll leaves and comes back for
-        every poll): the slot goes in the linger wheel's bucket of its deadline, a tenth
-        of a second; one timer per bucket expires the slots in it still lingering then
-        (``_sweep``). So a mailbox expires at most 0.1 s after its linger ends."""
+        every poll): the slot is filed in the linger wheel's bucket of its deadline, a
+        tenth of a second; one timer per bucket expires the slots in it still lingering
+        then (``_sweep``). So a mailbox expires at most 0.1 s after its linger ends. A
+        slot is filed in one bucket at most: one filed in an earlier bucket (a poll that
+        came and left again) only moves its deadline, and that bucket files it again."""
         due = now + self.config.linger
         slot.linger_at = due
         bucket = math.ceil(due * LINGER_TICKS)
+        filed = slot.linger_bucket
+        if filed and filed <= bucket:  # its bucket's sweep files it in its own bucket
+            return
+        self._file(key, slot, bucket)
+
+    def _file(self, key: ConnectionKey, slot: _Slot, bucket: int) -> None:
+        slot.linger_bucket = bucket
         entries = self._wheel.get(bucket)
         if entries is None:
             entries = self._wheel[bucket] = []
@@ -719,14 +729,24 @@ class Hub(RouteOwnership):
         entries.append((key, slot))
 
     def _sweep(self, bucket: int) -> None:
-        """A linger bucket is due: expire its slots whose linger ended (not those that
-        got a transport since, or lingered again later: their ``linger_at`` says)."""
+        """A linger bucket is due: expire its slots whose linger ends in it; a slot that
+        lingers until later (it came back and left again) goes in that bucket; one with a
+        transport now, or filed elsewhere since, is left alone. Buckets are compared as
+        the integers they are filed by: never a float bound (a deadline one ulp past a
+        tenth would otherwise never be due)."""
         self._wheel_calls.pop(bucket, None)
-        end = bucket / LINGER_TICKS
         for key, slot in self._wheel.pop(bucket, ()):
+            if slot.linger_bucket != bucket:
+                continue
+            slot.linger_bucket = 0
             due = slot.linger_at
-            if due and due <= end:
+            if not due:
+                continue
+            own = math.ceil(due * LINGER_TICKS)
+            if own <= bucket:
                 self._expire(key, slot)
+            else:
+                self._file(key, slot, own)
 
     def _expire(self, key: ConnectionKey, slot: _Slot) -> None:
         slot.linger_at = 0.0
@@ -1070,10 +1090,10 @@ class Hub(RouteOwnership):
                 waits = self._deliver_all(
                     request, eid, now, results, seen, over, observer, token
                 )  # fmt: skip
-            finally:
+            finally:  # (the waits made before an exception time out too)
                 self._ack_group = outer
-            if group is not None and group.pending:
-                group.timer = self.clock.callLater(ack, self._group_timeout, group)  # type: ignore[arg-type]
+                if group is not None and group.pending:
+                    group.timer = self.clock.callLater(ack, self._group_timeout, group)  # type: ignore[arg-type]
         if not waits:
             if observer is not None:
                 outcome = self._answered(request, now, results)  # type: ignore[arg-type]

@@ -125,3 +125,24 @@ def test_an_expiring_mailbox_and_a_resend_while_waiting():
     assert [r.status.value for r in got[0].results] == ["acked", "unacked"]
     assert resent[0].duplicate and resent[0].results == got[0].results
     assert clock.getDelayedCalls() == []
+
+
+def test_waits_made_before_a_failing_delivery_still_time_out():
+    """(Review of 38d5eb7) a sink raising part-way through an acknowledged-mode request:
+    the waits already made keep their timeout (none is left behind)."""
+
+    class Broken(FrameSink):
+        def deliver(self, out: list[Frame]) -> bool:
+            if any(f.seq for f in out):  # events, not the hello
+                raise RuntimeError("a transport bug")
+            return super().deliver(out)
+
+    hub, clock = hub_with(KEYS[:3])
+    hub.attach(KEYS[1], Broken(), None)
+    reply = hub.handle_request(
+        json.dumps({"id": "e1", "to": [list(k) for k in KEYS[:3]], "data": 1, "ack": 5}).encode()
+    )
+    assert isinstance(reply, bytes) and json.loads(reply)["error"]["code"] == "internal_error"
+    assert hub.gauges()["ack_waits"] == 1  # KEYS[0]'s, made before the failure
+    clock.advance(5)
+    assert hub.gauges()["ack_waits"] == 0 and hub.stats["unacked"] == 1

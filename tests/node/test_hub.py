@@ -675,3 +675,35 @@ def test_a_key_that_came_back_or_left_again_is_not_expired_by_its_old_linger():
     assert hub.mailbox(again) is None and hub.mailbox(back) is not None
     hub.shutdown("shutdown")
     assert clock.getDelayedCalls() == []
+
+
+def test_a_linger_ending_one_ulp_past_a_tenth_still_expires():
+    """(Review of ce429cd) with an epoch clock, now + linger can land one ulp above the
+    tenth its bucket was computed from; the sweep must still expire it."""
+    hub, clock = make_hub(linger=30)
+    clock.advance(1796567202.8000002)
+    key = ConnectionKey("late", "s", "/p")
+    sink = RecordingSink()
+    hub.attach(key, sink, None)
+    hub.detach(key, sink)
+    clock.advance(31)
+    assert hub.mailbox(key) is None and hub.gauges()["lingering"] == 0
+    assert clock.getDelayedCalls() == []
+
+
+def test_a_polling_key_is_in_the_linger_wheel_once():
+    """(Review of ce429cd) one wheel entry per slot however often it polls, and it still
+    expires once it stops."""
+    hub, clock = make_hub(linger=5)
+    key = ConnectionKey("poller", "s", "/p")
+    for _ in range(200):
+        sink = RecordingSink()
+        hub.attach(key, sink, None)
+        hub.detach(key, sink)
+        clock.advance(0.05)  # ten seconds of polls: buckets pass while it polls
+    assert sum(len(v) for v in hub._wheel.values()) == 1
+    assert hub.mailbox(key) is not None
+    clock.advance(4.9)
+    assert hub.mailbox(key) is not None
+    clock.advance(0.25)
+    assert hub.mailbox(key) is None and clock.getDelayedCalls() == []
