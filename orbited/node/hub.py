@@ -225,7 +225,7 @@ class _Gather:
 class _Slot:
     __slots__ = (
         "mailbox", "sink", "linger_at", "route", "waits", "online", "counted", "entry", "left",
-        "probe", "probe_at", "linger_bucket",
+        "probe", "probe_at", "fanned", "fanned_result", "linger_bucket",
     )  # fmt: skip
 
     def __init__(
@@ -249,6 +249,10 @@ class _Slot:
         # to the browser while no probe was pending, and when; 0: none pending.
         self.probe = 0
         self.probe_at = 0.0
+        # Hub._fan_out: the mark of the last request that reached it, and its result there
+        # (a key named twice in a request gets the event once and the same result).
+        self.fanned = 0
+        self.fanned_result: Any = None
 
 
 class _BatchScope:
@@ -343,6 +347,7 @@ class Hub(RouteOwnership):
         self._wheel: dict[int, list[tuple[ConnectionKey, _Slot]]] = {}
         self._wheel_calls: dict[int, IDelayedCall] = {}
         self._ack_group: _AckGroup | None = None  # the acknowledged-mode request in dispatch
+        self._fan_mark = 0  # _fan_out's requests so far (each marks the slots it reached)
 
     # -- the delivery batch (orbited.node.flush) ----------------------------------------
 
@@ -1183,78 +1188,126 @@ class Hub(RouteOwnership):
         per recipient cut down (issue 20, "Fan-out"): the frame, the result and its
         bytes built once per seq and shared by the recipients at that seq (a broadcast's
         keys are mostly at the same one), no result tuple from the mailbox, the stats
-        counted once."""
+        counted once, a key seen twice told by its slot's mark (no dictionary of the
+        request's keys until a wildcard needs one: ``_fan_out_rest``)."""
         payload = request.payload
         size = len(payload)
         cap = self.config.mailbox_total_bytes - size
         slots_get = self._slots.get
         deliver = self._deliver
         stats = self.stats
+        self._fan_mark = mark = self._fan_mark + 1
         results: list[RecipientResult | defer.Deferred[RecipientResult]] = []
         encoded: list[bytes] = []
-        seen: dict[ConnectionKey, RecipientResult | defer.Deferred[RecipientResult]] = {}
-        frame_of: dict[int, bytes] = {}
-        delivered_of: dict[int, tuple[RecipientResult, bytes]] = {}
-        queued_of: dict[int, tuple[RecipientResult, bytes]] = {}
+        missing: dict[ConnectionKey, RecipientResult | defer.Deferred[RecipientResult]] = {}
+        last_seq = 0  # the frame, results and their bytes of the last seq (most keys')
+        frame = b""
+        done_ok = done_queued = None
         waits = False
         delivered = queued = 0
+        recipients = request.recipients
+        total = self.mailbox_bytes
         try:
-            for recipient in request.recipients:
-                entry: RecipientResult | defer.Deferred[RecipientResult] | None
-                if type(recipient) is not ConnectionKey:  # a wildcard
-                    entry = self._deliver_selector(
-                        recipient,  # type: ignore[arg-type]
-                        payload, None, eid, None, None, seen, request.event_id,
+            for recipient in recipients:
+                if type(recipient) is not ConnectionKey:  # a wildcard: the rest by dictionary
+                    self.mailbox_bytes = total
+                    waits = self._fan_out_rest(
+                        request, eid, results, encoded, missing, mark, waits
                     )  # fmt: skip
-                else:
-                    entry = seen.get(recipient)
+                    total = self.mailbox_bytes
+                    break
+                entry: RecipientResult | defer.Deferred[RecipientResult] | None
+                slot = slots_get(recipient)
+                if slot is None:  # no mailbox here (or a route held for a hand-off)
+                    entry = missing.get(recipient)
                     if entry is None:
-                        slot = slots_get(recipient)
-                        seq = 0
-                        if slot is not None and self.mailbox_bytes <= cap:
-                            mailbox = slot.mailbox
-                            seq = mailbox.push(payload, eid)
-                        if not seq:  # no mailbox, full, an eviction: the general path
-                            entry = seen[recipient] = deliver(
-                                recipient,
-                                payload, None, eid, None, None,
-                            )  # fmt: skip
+                        self.mailbox_bytes = total
+                        entry = deliver(recipient, payload, None, eid, None, None)
+                        total = self.mailbox_bytes
+                        missing[recipient] = entry
+                elif slot.fanned == mark:  # the key again in this request
+                    entry = slot.fanned_result
+                else:
+                    seq = 0
+                    if total <= cap:
+                        mailbox = slot.mailbox
+                        seq = mailbox.push(payload, eid)
+                    if not seq:  # the node's cap, an eviction: the general path
+                        self.mailbox_bytes = total
+                        entry = deliver(recipient, payload, None, eid, None, None)
+                        total = self.mailbox_bytes
+                    else:
+                        total += size
+                        slot.counted += size
+                        if seq != last_seq:
+                            last_seq = seq
+                            frame = frames.event(seq, payload, eid)
+                            done_ok = done_queued = None
+                        sink = slot.sink
+                        if sink is not None and sink.deliver(
+                            [_new(Frame, (frame, seq, mailbox.stream))]
+                        ):
+                            mailbox.delivered = seq  # (a new seq: past what was)
+                            delivered += 1
+                            if not slot.probe:
+                                slot.probe = seq
+                                slot.probe_at = now
+                            if done_ok is None:
+                                done_ok = _stored(DELIVERED, seq)
+                            done = done_ok
                         else:
-                            self.mailbox_bytes += size
-                            slot.counted += size  # type: ignore[union-attr]
-                            frame = frame_of.get(seq)
-                            if frame is None:
-                                frame = frame_of[seq] = frames.event(seq, payload, eid)
-                            sink = slot.sink  # type: ignore[union-attr]
-                            if sink is not None and sink.deliver(
-                                [_new(Frame, (frame, seq, mailbox.stream))]
-                            ):
-                                mailbox.delivered = seq  # (a new seq: past what was)
-                                delivered += 1
-                                if not slot.probe:  # type: ignore[union-attr]
-                                    slot.probe = seq  # type: ignore[union-attr]
-                                    slot.probe_at = now  # type: ignore[union-attr]
-                                done = delivered_of.get(seq)
-                                if done is None:
-                                    done = delivered_of[seq] = _stored(DELIVERED, seq)
-                            else:
-                                queued += 1
-                                done = queued_of.get(seq)
-                                if done is None:
-                                    done = queued_of[seq] = _stored(QUEUED, seq)
-                            entry = seen[recipient] = done[0]
-                            results.append(entry)
-                            encoded.append(done[1])
-                            continue
+                            queued += 1
+                            if done_queued is None:
+                                done_queued = _stored(QUEUED, seq)
+                            done = done_queued
+                        slot.fanned = mark
+                        slot.fanned_result = entry = done[0]
+                        results.append(entry)
+                        encoded.append(done[1])
+                        continue
+                    slot.fanned = mark
+                    slot.fanned_result = entry
                 if isinstance(entry, tuple):  # a RecipientResult (not an ABC's isinstance)
                     encoded.append(entry.encode())
                 else:
                     waits = True
                 results.append(entry)
         finally:
+            self.mailbox_bytes = total
             stats["delivered"] += delivered
             stats["queued"] += queued
         return results, encoded, waits
+
+    def _fan_out_rest(
+        self, request: events.EventRequest, eid: bytes, results: list[Any], encoded: list[bytes],
+        missing: dict[ConnectionKey, Any], mark: int, waits: bool,
+    ) -> bool:  # fmt: skip
+        """``_fan_out`` from its first wildcard on: the keys so far go in a dictionary
+        (a wildcard's keys are delivered once whether named before or after it), then the
+        rest as ``_deliver_all`` does it."""
+        recipients = request.recipients
+        done = len(results)
+        seen: dict[ConnectionKey, Any] = dict(missing)
+        for i in range(done):
+            seen.setdefault(recipients[i], results[i])  # type: ignore[arg-type]
+        payload = request.payload
+        for recipient in recipients[done:]:
+            entry: RecipientResult | defer.Deferred[RecipientResult] | None
+            if type(recipient) is Selector:
+                entry = self._deliver_selector(
+                    recipient, payload, None, eid, None, None, seen, request.event_id
+                )
+            else:
+                key: ConnectionKey = recipient  # type: ignore[assignment]
+                entry = seen.get(key)
+                if entry is None:
+                    entry = seen[key] = self._deliver(key, payload, None, eid, None, None)
+            if isinstance(entry, tuple):
+                encoded.append(entry.encode())
+            else:
+                waits = True
+            results.append(entry)
+        return waits
 
     def _answered(
         self, request: events.EventRequest, now: float, results: list[RecipientResult],

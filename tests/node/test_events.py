@@ -233,3 +233,21 @@ def test_a_reply_built_from_the_frames_id_is_the_reply_built_from_the_text():
         assert events.ok_reply(event_id, results, frames.event_id(event_id)) == expected, event_id
         assert json.loads(expected)["id"] == event_id
         assert expected.isascii()
+
+
+def test_the_recipients_of_a_long_to_list_are_parse_recipients():
+    """parse_request reads a list of keys with parse_recipient's fast path inline: the
+    same keys and selectors, and the same error for a bad one, wherever it is."""
+    from orbited.core.keys import KeyError_, parse_recipient
+    from orbited.node import events
+
+    good = [["u", "s", "/l"], ["u", "*", "*"], ["u", "s", "*"], ["é" * 64, "", ""],
+            ["u" * 65, "s", "l"], ["u", "s" * 80, "l"], ("u", "s", "l")]  # fmt: skip
+    assert events._recipients(good) == tuple(parse_recipient(k) for k in good)
+    for bad in (["*", "s", "l"], ["u", "*", "l"], ["", "s", "l"], ["u", 1, "l"], ["u", "s"],
+                "u", ["u", "s", "x" * 300]):  # fmt: skip
+        with pytest.raises(KeyError_) as expected:
+            parse_recipient(bad)
+        with pytest.raises(KeyError_) as got:
+            events._recipients([["a", "b", "c"], bad, ["d", "e", "f"]])
+        assert str(got.value) == str(expected.value)

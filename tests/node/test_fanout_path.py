@@ -136,6 +136,21 @@ def requests() -> list[bytes]:
         body("e4", list(reversed(many))),
         body("e2", many + [list(key(3)), list(key(0))]),  # a resend: the first reply again
         body("e5", many, data=["x" * 300]),
+        # keys named before a wildcard that matches them, and again after it; a key with
+        # no mailbox twice
+        body(
+            "e6",
+            [
+                list(key(10, "alice")),
+                list(key(0)),
+                list(key(99)),
+                ["alice", "*", "*"],
+                list(key(10, "alice")),
+                list(key(0)),
+                list(key(99)),
+            ],
+        ),  # fmt: skip
+        body("e7", [list(key(1)), list(key(1)), list(key(6)), list(key(6))]),
     ]
 
 
@@ -148,6 +163,11 @@ def test_a_fan_out_gives_what_the_general_path_gives():
     first = json.loads(replies[0])["results"]
     assert [r["status"] for r in first] == ["delivered"] * 6 + ["queued"] * 2 + ["no_connection"]
     assert json.loads(replies[4]).get("duplicate") is True
+    e6 = json.loads(replies[6])["results"]
+    assert e6[4] == e6[0] and e6[5] == e6[1] and e6[6] == e6[2] == {"status": "no_connection"}
+    assert [r["status"] for r in e6[3]["keys"]] == ["delivered"] * 3
+    e7 = json.loads(replies[7])["results"]
+    assert e7[0] == e7[1] and e7[2] == e7[3] and e7[2]["status"] == "queued"
     assert after["stats"]["delivered"] > 0 and after["stats"]["queued"] > 0
 
 
