@@ -1,6 +1,7 @@
 """The hub's own CPU per event, in one process, without sockets.
 
     .venv/bin/python -m bench.hubcost [--keys 1000] [--events 10000] [--reps 5] [--batch 20]
+    .venv/bin/python -m bench.hubcost --fanout 10000 [--reps 5]
 
 One-recipient event requests (the SP request bodies ``bench dispatch`` sends) go through
 ``Hub.handle_request`` to keys whose attached sink accepts every frame at once (no I/O),
@@ -10,6 +11,11 @@ dedup memory, mailbox, frames, reply. Prints the best of ``--reps`` runs in µs 
 script with that work tree first on the path:
 ``PYTHONPATH=<work tree> .venv/bin/python bench/hubcost.py`` (docs/performance.md,
 "Per-event path").
+
+``--fanout N``: instead, requests to N keys each (``bench dispatch fanout``'s request),
+one per delivery batch, to sinks that keep their frame's bytes, WebSocket-framed, and
+join them at the batch's end as the lean front's do (no socket); prints µs of CPU per
+recipient, the best of ``--reps`` requests, the real reactor as the clock.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from orbited.node.hub import Hub, HubConfig
 class AcceptingSink:
     wants_pings = True
     last_write = 0.0
+    kind = "ws"
 
     def deliver(self, out: list[Any]) -> bool:
         return True
@@ -36,8 +43,76 @@ class AcceptingSink:
     def replaced(self) -> None:
         pass
 
-    def reconnect(self, reason: str) -> None:
+    def reconnect(self, reason: str, route: int | None = None, spread: float | None = None) -> None:
         pass
+
+    def closed(self, code: int, reason: str) -> None:
+        pass
+
+
+class BatchingSink:
+    """A sink as the lean front's: frames its bytes, enlists once per batch, joins at
+    the flush (orbited.node.flush's contract), writes nothing."""
+
+    wants_pings = True
+    kind = "ws"
+
+    def __init__(self, hub: Hub) -> None:
+        self.hub = hub
+        self.pending: list[bytes] | None = None
+        self.last_write = 0.0
+        self.written = 0
+
+    def deliver(self, out: list[Any]) -> bool:
+        data = b"".join(b"\x81%c%s" % (len(f.data), f.data) if len(f.data) < 126
+                        else b"\x81\x7e%s%s" % (len(f.data).to_bytes(2, "big"), f.data)
+                        for f in out)  # fmt: skip
+        self.last_write = self.hub.now()
+        if self.pending is None:
+            if not self.hub.enlist(self):
+                self.written += len(data)
+                return True
+            self.pending = [data]
+        else:
+            self.pending.append(data)
+        return True
+
+    def flush(self) -> None:
+        pending, self.pending = self.pending, None
+        if pending:
+            self.written += len(pending[0] if len(pending) == 1 else b"".join(pending))
+
+    def replaced(self) -> None:
+        pass
+
+    def reconnect(self, reason: str, route: int | None = None, spread: float | None = None) -> None:
+        pass
+
+    def closed(self, code: int, reason: str) -> None:
+        pass
+
+
+def fanout(keys: int, reps: int) -> None:
+    from twisted.internet import reactor
+
+    hub = Hub(reactor, HubConfig(), epoch="ep")
+    targets = [ConnectionKey(f"c{i}", "b", "/bench") for i in range(keys)]
+    for key in targets:
+        hub.attach(key, BatchingSink(hub), None)
+    to = [list(k) for k in targets]
+    bodies = [
+        json.dumps({"id": f"fan-{i}", "to": to, "data": {"t": time.time(), "ph": "f", "n": i}},
+                   separators=(",", ":")).encode()
+        for i in range(reps + 1)
+    ]  # fmt: skip
+    best = float("inf")
+    for i, body in enumerate(bodies):
+        started = time.process_time()
+        with hub.batch():
+            hub.handle_request(body)
+        if i:  # the first is a warm-up
+            best = min(best, (time.process_time() - started) / keys * 1e6)
+    print(f"{best:.2f} µs of CPU per recipient (best of {reps} requests to {keys} keys)")
 
 
 def main() -> None:
@@ -46,7 +121,11 @@ def main() -> None:
     p.add_argument("--events", type=int, default=10_000, help="events per repetition")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--batch", type=int, default=20, help="requests per delivery batch")
+    p.add_argument("--fanout", type=int, default=0, help="recipients per request (fan-out)")
     args = p.parse_args()
+    if args.fanout:
+        fanout(args.fanout, args.reps)
+        return
     hub = Hub(Clock(), HubConfig(), epoch="ep")
     keys = [ConnectionKey(f"c{i}", "s", "/x") for i in range(args.keys)]
     for key in keys:
