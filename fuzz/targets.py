@@ -1323,8 +1323,8 @@ def _read_head(data: bytes, cuts: Sequence[int]) -> Any:
 
 def check_httpfront(data: bytes, cuts: Sequence[int]) -> None:
     """Any bytes on the browser port: the head reader needs more, hands off, or gives a
-    GET of a hot URL; whole and chunked agree on the outcome; the plan never raises
-    and hands off what it cannot serve."""
+    GET of a hot URL or a bodiless POST of /orbited/ack; whole and chunked agree on the
+    outcome; the plan never raises and hands off what it cannot serve."""
     result = _read_head(data, cuts)
     whole = _read_head(data, [max(1, len(data))])
     if isinstance(whole, httpfront.Head) and isinstance(result, httpfront.Head):
