@@ -53,6 +53,11 @@ class DedupMemory(Generic[W]):
         """Requests whose reply is being gathered."""
         return len(self._inflight)
 
+    def knows(self, digest: bytes) -> bool:
+        """Is this request remembered (maybe past its window) or pending? False for a new
+        one: then neither ``reply`` nor ``pending`` need asking."""
+        return digest in self._recent or digest in self._inflight
+
     def reply(self, digest: bytes, now: float) -> bytes | None:
         """The remembered reply of this request, if it was answered within the window."""
         remembered = self._recent.get(digest)

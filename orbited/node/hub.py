@@ -1024,29 +1024,30 @@ class Hub(RouteOwnership):
         delivers nothing."""
         dedup = self.dedup
         batch = self._batch
-        if batch.open:  # forget_old ran when it began
+        if batch._depth:  # forget_old ran when it began (the property costs a call)
             now = batch.now
         else:
             now = self.clock.seconds()
             dedup.forget_old(now)
         digest = request.digest
         observer = self.observer  # None unless tracing or OpenTelemetry is on
-        remembered = dedup.reply(digest, now)
-        if remembered is not None:
-            self.stats["duplicates"] += 1
-            again = events.decode_reply(remembered)._replace(duplicate=True)
-            if observer is not None:
-                observer.answered(observer.dispatched(request, now), again, now)
-            return again
-        if dedup.pending(digest):  # the first one's outcome is not ready yet
-            self.stats["duplicates"] += 1
-            resend: defer.Deferred[DispatchResult] = defer.Deferred()
-            dedup.wait(digest, resend)
-            if observer is not None:
-                resend.addCallback(
-                    self._observe_answer, observer, observer.dispatched(request, now)
-                )
-            return resend
+        if dedup.knows(digest):  # (one test for a new request, the common case)
+            remembered = dedup.reply(digest, now)
+            if remembered is not None:
+                self.stats["duplicates"] += 1
+                again = events.decode_reply(remembered)._replace(duplicate=True)
+                if observer is not None:
+                    observer.answered(observer.dispatched(request, now), again, now)
+                return again
+            if dedup.pending(digest):  # the first one's outcome is not ready yet
+                self.stats["duplicates"] += 1
+                resend: defer.Deferred[DispatchResult] = defer.Deferred()
+                dedup.wait(digest, resend)
+                if observer is not None:
+                    resend.addCallback(
+                        self._observe_answer, observer, observer.dispatched(request, now)
+                    )
+                return resend
         self.stats["events"] += 1
         token: Any = None
         if observer is not None:
@@ -1073,7 +1074,7 @@ class Hub(RouteOwnership):
                     outcome = self._answered(request, now, [only])
                     observer.answered(token, outcome, now)
                     return outcome
-                return self._answered(request, now, [only], None, eid)
+                return self._answered(request, now, [only], [only.encode()], eid)
             results: list[RecipientResult | defer.Deferred[RecipientResult]] = [only]
             waits = True
         elif (

@@ -53,3 +53,15 @@ def test_resends_of_a_pending_request_wait_and_are_handed_back_in_order():
     assert dedup.finish(b"d") == ["first resend", "second resend"]
     assert not dedup.pending(b"d") and dedup.inflight == 0
     assert dedup.finish(b"d") == []  # finished twice (e.g. failed, then cleaned up)
+
+
+def test_knows_a_remembered_or_pending_request_and_nothing_else():
+    dedup = memory(window=10.0)
+    assert not dedup.knows(b"a")
+    dedup.remember(b"a", b"reply", now=0.0)
+    dedup.begin(b"b")
+    assert dedup.knows(b"a") and dedup.knows(b"b") and not dedup.knows(b"c")
+    dedup.forget_old(10.0)  # a's window ended
+    assert not dedup.knows(b"a")
+    dedup.finish(b"b")
+    assert not dedup.knows(b"b")
