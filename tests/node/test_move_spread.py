@@ -57,3 +57,27 @@ def test_a_shutdown_reconnect_carries_no_move_spread():
     hub.attach(keys_on_routes([1])[0], sink, None)
     hub.shutdown("shutdown")
     assert sink.told == ("shutdown", None, None)
+
+
+def test_a_browser_that_comes_back_after_its_route_left_gets_the_moves_spread():
+    """A long-poll between two polls misses the move's reconnect frame: its next poll
+    reaches the old node, which tells it the spread the move's browsers had, not the
+    node-wide one of its hello (which would delay it by up to that whole spread)."""
+    hub, _ = make_hub(reconnect_rate=100.0)
+    hub.assign(range(1, 25))
+    leaving = keys_on_routes([3], count=3)
+    staying = keys_on_routes([7, 8], count=10, prefix="stay")
+    for key in [*leaving, *staying]:
+        hub.attach(key, MoveSink(), None)
+    hub.route_moved({3: "tcp://127.0.0.9:9000"}, handoff=[3], exports=[])
+    between_polls = MoveSink()
+    assert hub.attach(keys_on_routes([3], count=4)[3], between_polls, None) is None
+    assert between_polls.told == ("route_moved", None, 0.03)  # its 3 movers at 100/s
+
+    # A route that comes back forgets the hint; leaving again with no browser, it has none
+    # to spread: come at once.
+    hub.assign(range(1, 25))
+    hub.assign([r for r in range(1, 25) if r != 3])
+    again = MoveSink()
+    hub.attach(keys_on_routes([3], count=5)[4], again, None)
+    assert again.told == ("route_moved", None, 0.0)
