@@ -748,10 +748,13 @@ class Hub(RouteOwnership):
             if not due:
                 continue
             own = math.ceil(due * LINGER_TICKS)
-            if own <= bucket:
-                self._expire(key, slot)
-            else:
+            if own > bucket:
                 self._file(key, slot, own)
+                continue
+            try:
+                self._expire(key, slot)
+            except Exception:  # presence, offline hooks, observers: one slot's error only
+                self.log.failure("expiring the mailbox of {key} failed", key=key)
 
     def _expire(self, key: ConnectionKey, slot: _Slot) -> None:
         slot.linger_at = 0.0
@@ -1207,38 +1210,34 @@ class Hub(RouteOwnership):
         waits = False
         delivered = queued = 0
         recipients = request.recipients
-        total = self.mailbox_bytes
+        # self.mailbox_bytes is updated in place, never cached in a local: a sink's deliver
+        # may call back into the hub (an ack recounts a mailbox), and an exception must
+        # not leave the node-wide count behind the mailboxes.
         try:
             for recipient in recipients:
                 if type(recipient) is not ConnectionKey:  # a wildcard: the rest by dictionary
-                    self.mailbox_bytes = total
                     waits = self._fan_out_rest(
                         request, eid, results, encoded, missing, mark, waits
                     )  # fmt: skip
-                    total = self.mailbox_bytes
                     break
                 entry: RecipientResult | defer.Deferred[RecipientResult] | None
                 slot = slots_get(recipient)
                 if slot is None:  # no mailbox here (or a route held for a hand-off)
                     entry = missing.get(recipient)
                     if entry is None:
-                        self.mailbox_bytes = total
                         entry = deliver(recipient, payload, None, eid, None, None)
-                        total = self.mailbox_bytes
                         missing[recipient] = entry
                 elif slot.fanned == mark:  # the key again in this request
                     entry = slot.fanned_result
                 else:
                     seq = 0
-                    if total <= cap:
+                    if self.mailbox_bytes <= cap:
                         mailbox = slot.mailbox
                         seq = mailbox.push(payload, eid)
                     if not seq:  # the node's cap, an eviction: the general path
-                        self.mailbox_bytes = total
                         entry = deliver(recipient, payload, None, eid, None, None)
-                        total = self.mailbox_bytes
                     else:
-                        total += size
+                        self.mailbox_bytes += size
                         slot.counted += size
                         if seq != last_seq:
                             last_seq = seq
@@ -1274,7 +1273,6 @@ class Hub(RouteOwnership):
                     waits = True
                 results.append(entry)
         finally:
-            self.mailbox_bytes = total
             stats["delivered"] += delivered
             stats["queued"] += queued
         return results, encoded, waits

@@ -217,3 +217,57 @@ def test_push_is_append_when_nothing_is_evicted_and_refuses_otherwise():
     assert a.push(b"12345678901", None) == 0  # over max_bytes alone: append raises
     assert a.push(b"1234567890", None) == 3 and a.buffered_bytes == 10
     assert a.push(b"1", None) == 0  # max_bytes: append would evict
+
+
+class _CallbackSink:
+    """A sink whose deliver calls back into the hub, or raises (a transport bug)."""
+
+    wants_pings = True
+    last_write = 0.0
+    kind = "ws"
+
+    def __init__(self, on_deliver: Any = None, boom: bool = False) -> None:
+        self.on_deliver, self.boom = on_deliver, boom
+
+    def deliver(self, out: list[Frame]) -> bool:
+        if self.boom and any(f.seq for f in out):
+            raise RuntimeError("transport bug")
+        if self.on_deliver is not None:
+            self.on_deliver()
+        return True
+
+    def replaced(self) -> None: ...
+    def reconnect(self, *args: Any) -> None: ...
+    def closed(self, *args: Any) -> None: ...
+
+
+def _buffered(hub: Hub) -> int:
+    return sum(slot.mailbox.buffered_bytes for slot in hub._slots.values())
+
+
+def test_the_node_wide_byte_count_survives_a_sink_that_calls_back_into_the_hub():
+    """A delivery that acknowledges another key's events (hub.ack recounts that mailbox)
+    while a fan-out runs: the node-wide count the mailbox_total_bytes cap reads stays the
+    sum of the mailboxes (review of c8e5e9c: the fan-out kept it in a local)."""
+    hub = Hub(Clock(), HubConfig(), epoch="ep")
+    a, b, c = key(1), key(2), key(3)
+    hub.attach(a, _CallbackSink(), None)
+    hub.attach(c, _CallbackSink(), None)
+    mailbox_a = hub.mailbox(a)
+    assert mailbox_a is not None
+    hub.attach(b, _CallbackSink(lambda: hub.ack(a, mailbox_a.last_seq)), None)
+    with hub.batch():
+        hub.handle_request(body("e0", [list(a)], "x" * 1000))
+        hub.handle_request(body("e1", [list(c), list(b)], "x" * 1000))
+    assert hub.mailbox_bytes == _buffered(hub) == 2004
+
+
+def test_the_node_wide_byte_count_survives_a_sink_that_raises_in_a_fan_out():
+    hub = Hub(Clock(), HubConfig(), epoch="ep")
+    a, bob = key(1), ConnectionKey("bob", "s", "/p")
+    hub.attach(a, _CallbackSink(), None)
+    hub.attach(bob, _CallbackSink(boom=True), None)
+    with hub.batch():
+        answer = hub.handle_request(body("e1", [list(a), ["bob", "*", "*"]], "x" * 1000))
+    assert b"internal_error" in answer  # type: ignore[operator]
+    assert hub.mailbox_bytes == _buffered(hub) == sum(s.counted for s in hub._slots.values())

@@ -707,3 +707,24 @@ def test_a_polling_key_is_in_the_linger_wheel_once():
     assert hub.mailbox(key) is not None
     clock.advance(0.25)
     assert hub.mailbox(key) is None and clock.getDelayedCalls() == []
+
+
+def test_one_mailbox_whose_expiry_fails_does_not_strand_the_others_of_its_tenth():
+    """The linger wheel expires a tenth's slots in one sweep: an exception from one
+    (presence, offline hooks) is logged and the others still expire (review of 6a6509f:
+    they kept a popped bucket and never expired, even after coming back and leaving)."""
+    hub, clock = make_hub(linger=5)
+
+    def presence(change: str, key: ConnectionKey) -> None:
+        if key.user == "bad" and change == "signoff":
+            raise RuntimeError("presence queue bug")
+
+    hub.presence = presence
+    bad, good = ConnectionKey("bad", "s", "/p"), ConnectionKey("good", "s", "/p")
+    for k in (bad, good):
+        sink = RecordingSink()
+        hub.attach(k, sink, None)
+        hub.detach(k, sink)
+    clock.advance(5.1)
+    assert hub.mailbox(good) is None and hub.mailbox(bad) is None
+    assert hub.gauges()["lingering"] == 0 and not clock.getDelayedCalls()
