@@ -37,6 +37,7 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 from bench.peers import Nchan, NchanPublisher, Orbited, OrbitedPublisher, descendants
 from bench.subscribers import Stats, Subscriber
@@ -99,30 +100,16 @@ async def connect_all(server: Any, transport: str, n: int, stats: Stats, rate: i
 
 
 async def run_one(name: str, tree: Path | None, args: argparse.Namespace, work: Path) -> dict:
-    env = {"BENCH_PY_ARGS": str(NODEPROF)}
+    env: dict[str, str] = {}
     prefix = args.out / f"prof-{name}-{args.transport}"
     gc_prefix = args.out / f"gc-{name}-{args.transport}"
-    if tree is not None:
-        env["PYTHONPATH"] = str(tree)
     if args.profile:
         env["ORBITED_PROFILE"] = str(prefix)
     if args.gc_stats:
         env["ORBITED_GC_STATS"] = str(gc_prefix)
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    d = work / f"{name}-{time.monotonic_ns()}"
-    d.mkdir()
     nchan = tree is None
     flavour = "nchan" if nchan else "orbited"
-    server = Nchan(d) if nchan else Orbited(d)
-    try:
-        server.start()
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    server = start_server(name, tree, work, env=env)
     pid = server.pids()[0]
     try:
         stats = Stats()
@@ -197,13 +184,16 @@ async def run_one(name: str, tree: Path | None, args: argparse.Namespace, work: 
         server.stop()
 
 
-def _start(name: str, tree: Path | None, work: Path, node_flags: tuple[str, ...] = ()) -> Any:
-    """A fresh server for variant ``name`` (Nchan when ``tree`` is None)."""
-    env = {"BENCH_PY_ARGS": str(NODEPROF)}
+def start_server(
+    name: str, tree: Path | None, work: Path, node_flags: tuple[str, ...] = (),
+    env: dict[str, str] | None = None,
+) -> Any:  # fmt: skip
+    """A fresh server for variant ``name`` (Nchan when ``tree`` is None; else the node of
+    ``tree`` with ``node_flags``), started under bench/nodeprof.py with ``env`` added to
+    this process's environment for the start only."""
+    added = {"BENCH_PY_ARGS": str(NODEPROF), **(env or {})}
     if tree is not None:
-        env["PYTHONPATH"] = str(tree)
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
+        added["PYTHONPATH"] = str(tree)
     d = work / f"{name}-{time.monotonic_ns()}"
     d.mkdir()
     server: Nchan | Orbited
@@ -212,14 +202,8 @@ def _start(name: str, tree: Path | None, work: Path, node_flags: tuple[str, ...]
     else:
         server = Orbited(d)
         server.node_flags = node_flags
-    try:
+    with mock.patch.dict(os.environ, added):
         server.start()
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
     return server
 
 
@@ -233,7 +217,9 @@ async def accept_rounds(trees: dict[str, Path | None], args: argparse.Namespace,
     whole runs. The
     nodes run with ``--linger 1``: a closed round's mailboxes expire before that node's
     next round, not during it."""
-    servers = {name: _start(name, tree, work, ("--linger", "1")) for name, tree in trees.items()}
+    servers = {
+        name: start_server(name, tree, work, ("--linger", "1")) for name, tree in trees.items()
+    }
     out: dict[str, list[float]] = {name: [] for name in trees}
     try:
         names = list(trees)

@@ -31,9 +31,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.ab import NODEPROF, ROOT, TICK, _tree, _worktree, connect_all
+from bench.ab import ROOT, TICK, _tree, _worktree, connect_all, start_server
 from bench.fanout import CHANNEL, publish_nchan, publish_orbited
-from bench.peers import Nchan, Orbited
 from bench.subscribers import Stats
 
 
@@ -62,26 +61,10 @@ def cpu(pid: int) -> tuple[float, float]:
 
 
 async def run_one(name: str, tree: Path | None, args: argparse.Namespace, work: Path) -> dict:
-    env = {"BENCH_PY_ARGS": str(NODEPROF)}
-    if tree is not None:
-        env["PYTHONPATH"] = str(tree)
-    if args.profile:
-        env["ORBITED_PROFILE"] = str(args.out / f"prof-fan-{name}")
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    d = work / f"{name}-{time.monotonic_ns()}"
-    d.mkdir()
+    env = {"ORBITED_PROFILE": str(args.out / f"prof-fan-{name}")} if args.profile else {}
     nchan = tree is None
     flavour = "nchan" if nchan else "orbited"
-    server: Any = Nchan(d) if nchan else Orbited(d)
-    try:
-        server.start()
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    server = start_server(name, tree, work, env=env)
     pid = server.pids()[0]
     try:
         stats = Stats()

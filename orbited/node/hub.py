@@ -1160,16 +1160,9 @@ class Hub(RouteOwnership):
                     status = over[limited[0]].status.value
                     observer.recipient(token, limited, route, status, None, None, 0, None, now)
                 continue
-            entry: RecipientResult | defer.Deferred[RecipientResult] | None
-            if type(recipient) is Selector:
-                entry = self._deliver_selector(
-                    recipient, payload, ack, eid, tag, offline, seen, request.event_id
-                )
-            else:
-                key: ConnectionKey = recipient  # type: ignore[assignment]
-                entry = seen.get(key)
-                if entry is None:
-                    entry = seen[key] = self._deliver(key, payload, ack, eid, tag, offline)
+            entry = self._deliver_to(
+                recipient, payload, ack, eid, tag, offline, seen, request.event_id
+            )  # fmt: skip
             waits = waits or not isinstance(entry, tuple)  # (an ABC's isinstance costs)
             results.append(entry)
         return waits
@@ -1179,6 +1172,24 @@ class Hub(RouteOwnership):
     ) -> DispatchResult:
         observer.answered(token, outcome, self.now())
         return outcome
+
+    def _deliver_to(
+        self, recipient: ConnectionKey | Selector, payload: bytes, ack: float | None,
+        eid: bytes, tag: bytes | None, offline: float | None,
+        seen: dict[ConnectionKey, RecipientResult | defer.Deferred[RecipientResult]],
+        event_id: str,
+    ) -> RecipientResult | defer.Deferred[RecipientResult]:  # fmt: skip
+        """One recipient of a request on the general path: a wildcard's keys, or a key
+        (its first result again if the request named it before: ``seen``)."""
+        if type(recipient) is Selector:
+            return self._deliver_selector(
+                recipient, payload, ack, eid, tag, offline, seen, event_id
+            )  # fmt: skip
+        key: ConnectionKey = recipient  # type: ignore[assignment]
+        entry = seen.get(key)
+        if entry is None:
+            entry = seen[key] = self._deliver(key, payload, ack, eid, tag, offline)
+        return entry
 
     def _fan_out(
         self, request: events.EventRequest, eid: bytes, now: float
@@ -1291,16 +1302,9 @@ class Hub(RouteOwnership):
             seen.setdefault(recipients[i], results[i])  # type: ignore[arg-type]
         payload = request.payload
         for recipient in recipients[done:]:
-            entry: RecipientResult | defer.Deferred[RecipientResult] | None
-            if type(recipient) is Selector:
-                entry = self._deliver_selector(
-                    recipient, payload, None, eid, None, None, seen, request.event_id
-                )
-            else:
-                key: ConnectionKey = recipient  # type: ignore[assignment]
-                entry = seen.get(key)
-                if entry is None:
-                    entry = seen[key] = self._deliver(key, payload, None, eid, None, None)
+            entry = self._deliver_to(
+                recipient, payload, None, eid, None, None, seen, request.event_id
+            )  # fmt: skip
             if isinstance(entry, tuple):
                 encoded.append(entry.encode())
             else:

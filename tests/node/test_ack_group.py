@@ -14,28 +14,7 @@ from orbited.node import events
 from orbited.node.events import RequestLimits
 from orbited.node.frames import Frame
 from orbited.node.hub import Hub, HubConfig
-
-
-class FrameSink:
-    wants_pings = True
-    last_write = 0.0
-    kind = "ws"
-
-    def __init__(self) -> None:
-        self.frames: list[Frame] = []
-
-    def deliver(self, out: list[Frame]) -> bool:
-        self.frames += out
-        return True
-
-    def replaced(self) -> None:
-        pass
-
-    def reconnect(self, reason: str, route: int | None = None, spread: Any = None) -> None:
-        pass
-
-    def closed(self, code: int, reason: str) -> None:
-        pass
+from tests.node.test_fanout_path import FrameSink
 
 
 def request(event_id: str, to: list[Any], ack: float) -> events.EventRequest:
