@@ -31,21 +31,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.ab import ROOT, TICK, _tree, _worktree, connect_all, start_server
+from bench.ab import ROOT, TICK, _tree, _worktree, connect_all, cpu_exact, start_server
 from bench.fanout import CHANNEL, publish_nchan, publish_orbited
 from bench.subscribers import Stats
-
-
-def cpu_exact(pid: int) -> float:
-    """CPU seconds of ``pid``'s process tree in nanoseconds' resolution: the scheduler's
-    run time of every thread (/proc/PID/task/TID/schedstat). /proc/PID/stat counts 10 ms
-    ticks: 3.3 µs per recipient per round at 3 000 subscribers, more than a step's gain."""
-    total = 0
-    for p in _tree(pid):
-        for tid in os.listdir(f"/proc/{p}/task"):
-            with open(f"/proc/{p}/task/{tid}/schedstat") as f:
-                total += int(f.read().split()[0])
-    return total / 1e9
 
 
 def cpu(pid: int) -> tuple[float, float]:
