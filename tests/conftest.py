@@ -120,6 +120,7 @@ class HaloDProcess(DaemonProcess):
         self.routes = routes
         self.browser_base = self.sp_base = 0
         dataplane = dataplane or ("proxy" if proxy else "none")
+        self.dataplane = dataplane
         if dataplane != "none":  # a data plane on 2×N free ports
             self.browser_base = free_port_block(routes)
             self.sp_base = free_port_block(
@@ -165,6 +166,9 @@ class HaloDProcess(DaemonProcess):
         host = f"127.0.0.{len(list(tmp.iterdir())) + 1}"
         proc.start(http=f"{host}:0", sp=f"tcp://{host}:0")
         wait_for(lambda: self.nodes().get(name, {}).get("connected"), f"{name} registered")
+        if self.dataplane == "proxy":  # until then the worker closes its new routes' browsers
+            wait_for(lambda: self.get("status")["dataplane"]["worker"]["synced"],
+                     "the proxy worker has the table with the node's routes")  # fmt: skip
         return proc
 
 
