@@ -58,6 +58,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.peers import SERVERS, available, descendants, exit_on_signals, make_server, usage
+from bench.report import previous_run, previous_table
 
 RESULTS = Path(__file__).resolve().parent / "results" / "dispatch.json"
 IMAGES = Path(__file__).resolve().parent.parent / "docs" / "images"
@@ -413,6 +414,24 @@ Reading these figures:
 """
 
 
+def _beside(now: dict, before: dict) -> list[list[str]]:
+    """Per transport and server of this run: the main figures, then the previous run's."""
+
+    def fig(s: dict | None, name: str, digits: int) -> str:
+        m = ((s or {}).get(name) or {}).get("median")
+        return "—" if m is None else f"{m:,.{digits}f}".replace(",", " ")
+
+    rows = []
+    for transport, servers in now.items():
+        for server, s in servers.items():
+            b = before.get(transport, {}).get(server)
+            rows.append([transport, server,
+                         fig(s, "cpu_us_per_event", 1), fig(b, "cpu_us_per_event", 1),
+                         fig(s, "saturation_per_s", 0), fig(b, "saturation_per_s", 0),
+                         fig(s, "rss_per_conn_kb", 1), fig(b, "rss_per_conn_kb", 1)])  # fmt: skip
+    return rows
+
+
 def report(results: dict, images: Path) -> str:
     """The "1:1 dispatch" markdown section of docs/performance.md; draws the PNGs it
     links into ``images`` (docs/images/perf-dispatch-*.png)."""
@@ -476,6 +495,12 @@ def report(results: dict, images: Path) -> str:
                 "measured on a 2-vCPU Debian 12 machine like this one)"
                 + (f" and {o / ws['raw']['cpu_us_per_event']['median']:.2f}× raw in this run."
                    if "raw" in ws else ".")]  # fmt: skip
+    out += previous_table(
+        results,
+        ["transport", "server", "server CPU µs / event", "before", "delivered/s at saturation",
+         "before", "RSS KB / connection", "before"],
+        _beside,
+    )  # fmt: skip
     out += ["", NOTES.strip()]
     transports = list(results["summary"])
 
@@ -589,6 +614,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nload average before {meta['loadavg_before']}, after {meta['loadavg_after']}; "
           f"wall {meta['wall_s']} s")  # fmt: skip
     if args.json:
+        previous = previous_run(args.json)
+        if previous:
+            results["previous"] = previous
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=1) + "\n")
     if args.images:

@@ -35,7 +35,17 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from bench.report import interleaved, med_range, num, pyplot, ratio, spread, write_results
+from bench.report import (
+    interleaved,
+    med_range,
+    num,
+    previous_run,
+    previous_table,
+    pyplot,
+    ratio,
+    spread,
+    write_results,
+)
 
 RESULTS = Path(__file__).parent / "results" / "idle.json"
 MARK = "idlemark"
@@ -339,9 +349,14 @@ def main(argv: list[str] | None = None) -> int:
 
     result = interleaved(args, available, args.transports.split(","), one, "sizes")
     servers = result.pop("servers")
+    previous = previous_run(args.json)
     if args.merge and args.json and args.json.exists():
-        result = merge(json.loads(args.json.read_text()), result, servers)
+        old = json.loads(args.json.read_text())
+        previous = old.get("previous")  # a merge completes that run: what it replaced stays
+        result = merge(old, result, servers)
     result["summary"] = summarize(result["runs"], args.fd_limit)
+    if previous:
+        result["previous"] = previous
     print(text_table(result))
     write_results(result, args.json)
     return 0
@@ -462,6 +477,18 @@ def report(results: dict[str, Any], images: Path) -> str:
             "negative; TCP buffer pages (/proc/net/sockstat) stayed ≈ 0 for idle "
             f"connections. ³ memory of the server holding {fd} connections (the fd limit "
             "of one process here), extrapolated linearly from the median."]  # fmt: skip
+    out += previous_table(
+        results,
+        ["server", "transport", "connections", "server memory per connection (PSS)", "before"],
+        lambda now, before: [
+            [server, transport, f"{int(size):,}".replace(",", " "),
+             med_range(row["per_conn_kb"], unit=" KB"),
+             med_range(((before.get(server) or {}).get(transport) or {}).get(size, {})
+                       .get("per_conn_kb"), unit=" KB")]
+            for server in now for transport, by_size in now[server].items()
+            for size, row in by_size.items()
+        ],
+    )  # fmt: skip
     img = plot(results, images)
     if img:
         out += ["", f"![idle memory per connection](images/{img})"]

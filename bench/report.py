@@ -112,6 +112,40 @@ def interleaved(
     return result
 
 
+def previous_run(path: Path | None) -> dict[str, Any] | None:
+    """What ``path`` holds before a new run replaces it: its date and summary, kept in the
+    new file as ``previous`` so the page shows the figures beside the new ones (issue 20:
+    "regenerated, with the previous figures kept beside the new ones")."""
+    if path is None or not path.exists():
+        return None
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    date = (old.get("meta") or {}).get("date") or old.get("started")
+    if not date or not old.get("summary"):
+        return None
+    return {"date": date, "summary": old["summary"]}
+
+
+Beside = Callable[[dict[str, Any], dict[str, Any]], list[list[str]]]
+
+
+def previous_table(results: dict[str, Any], head: list[str], rows: Beside) -> list[str]:
+    """Markdown lines comparing this run with the one it replaced (``previous``): ``rows``
+    gets (this summary, the previous summary) and returns the table's cells."""
+    prev = results.get("previous")
+    if not prev:
+        return []
+    body = rows(results["summary"], prev["summary"])
+    if not body:
+        return []
+    out = ["", f"This run beside the run it replaced ({prev['date']}):", "",
+           "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]  # fmt: skip
+    out += ["| " + " | ".join(cells) + " |" for cells in body]
+    return out
+
+
 def write_results(result: dict[str, Any], path: Path | None) -> None:
     if path:
         path.parent.mkdir(parents=True, exist_ok=True)

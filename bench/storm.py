@@ -34,7 +34,15 @@ from pathlib import Path
 from typing import Any
 
 from bench.idle import Loaders, Server, available
-from bench.report import interleaved, med_range, pyplot, spread, write_results
+from bench.report import (
+    interleaved,
+    med_range,
+    previous_run,
+    previous_table,
+    pyplot,
+    spread,
+    write_results,
+)
 
 RESULTS = Path(__file__).parent / "results" / "storm.json"
 SERVERS = ("orbited", "nchan", "pushpin")
@@ -174,6 +182,9 @@ def main(argv: list[str] | None = None) -> int:
     result = interleaved(args, available, args.transports.split(","), one, "steps")
     del result["servers"]
     result["summary"] = summarize(result["runs"])
+    previous = previous_run(args.json)
+    if previous:
+        result["previous"] = previous
     print(text_table(result))
     write_results(result, args.json)
     return 0
@@ -262,10 +273,35 @@ def report(results: dict[str, Any], images: Path) -> str:
               for r in results["runs"] if r.get("error")]  # fmt: skip
     if errors:
         out += ["", "Failed passes:", *errors]
+    out += previous_table(
+        results,
+        ["server", "transport", "highest rate kept up with", "before",
+         "server CPU µs/conn at that rate", "before"],
+        _beside,
+    )  # fmt: skip
     img = plot(results, images)
     if img:
         out += ["", f"![connect storm](images/{img})"]
     return "\n".join(out)
+
+
+def _beside(now: dict[str, Any], before: dict[str, Any]) -> list[list[str]]:
+    """Per server and transport: the rate kept up with and its CPU per connection, now and
+    in the previous run."""
+
+    def cells(row: dict[str, Any] | None) -> list[str]:
+        kept = ((row or {}).get("kept_up_rate") or {}).get("median")
+        if kept is None:
+            return ["—", "—"]
+        step = (row or {})["steps"].get(str(int(kept))) or {}
+        return [f"{kept:,.0f}/s".replace(",", " "), med_range(step.get("server_cpu_us_per_conn"))]
+
+    rows = []
+    for server in now:
+        for transport, row in now[server].items():
+            (a, ca), (b, cb) = cells(row), cells((before.get(server) or {}).get(transport))
+            rows.append([server, transport, a, b, ca, cb])
+    return rows
 
 
 def plot(results: dict[str, Any], images: Path) -> str | None:

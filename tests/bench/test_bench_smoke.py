@@ -138,3 +138,35 @@ def test_storm_kept_up_needs_no_error_and_the_offered_rate() -> None:
     summary = storm.summarize(runs)["s"]["ws"]
     assert summary["kept_up_rate"] == {"median": 100, "min": 100, "max": 200, "n": 3}
     assert summary["steps"]["200"]["error_kinds"] == {"timeout": 1}
+
+
+def test_a_new_run_shows_the_run_it_replaced_beside_it(tmp_path: Path) -> None:
+    from bench import dispatch, storm
+
+    (tmp_path / "images").mkdir()
+    assert report.previous_run(tmp_path / "none.json") is None
+    old = json.loads((ROOT / "bench" / "results" / "storm.json").read_text())
+    old["summary"]["orbited"]["ws"]["kept_up_rate"] = {"median": 800.0, "min": 800, "max": 800}
+    path = tmp_path / "storm.json"
+    path.write_text(json.dumps(old))
+    new = json.loads((ROOT / "bench" / "results" / "storm.json").read_text())
+    new["previous"] = report.previous_run(path)
+    assert new["previous"]["date"] == old["started"]
+    text = storm.report(new, tmp_path / "images")
+    kept = new["summary"]["orbited"]["ws"]["kept_up_rate"]["median"]
+    beside = text.split("the run it replaced")[1].splitlines()
+    row = next(line for line in beside if line.startswith("| orbited | ws | "))
+    assert row.split(" | ")[2:4] == [f"{kept:,.0f}/s".replace(",", " "), "800/s"]
+    assert f"the run it replaced ({old['started']})" in text
+
+    # dispatch files carry their date in meta; a server the old run lacked shows "—"
+    old = json.loads((ROOT / "bench" / "results" / "dispatch.json").read_text())
+    gone = old["summary"]["ws"].pop("orbited")
+    path = tmp_path / "dispatch.json"
+    path.write_text(json.dumps(old))
+    new = json.loads((ROOT / "bench" / "results" / "dispatch.json").read_text())
+    new["previous"] = report.previous_run(path)
+    text = dispatch.report(new, tmp_path / "images")
+    beside = text.split("the run it replaced")[1].splitlines()
+    row = next(line for line in beside if line.startswith("| ws | orbited | "))
+    assert row.split(" | ")[2:4] == [f"{gone['cpu_us_per_event']['median']:.1f}", "—"]
