@@ -307,15 +307,14 @@ class Tracer:
         kt = self._keys.get(key)
         if kt is None:
             return
+        # Every record, not back to the first one acknowledged: records a hand-off imports
+        # go before this node's own, which an earlier ack may already have marked.
         records = kt.records
-        for i in range(len(records) - 1, -1, -1):
-            record = records[i]
+        for i, record in enumerate(records):
             seq = record[SEQ]
-            if record[STREAM] != stream or seq is None or seq > upto:
-                continue
-            if record[ACKED] is not None:
-                break  # the ones before it were acknowledged by then
-            records[i] = _set(record, acked=now)
+            if record[STREAM] == stream and seq is not None and seq <= upto:
+                if record[ACKED] is None:
+                    records[i] = _set(record, acked=now)
 
     def noted(self, key: ConnectionKey, what: str, now: float, **detail: Any) -> None:
         kt = self._trace(key, now)

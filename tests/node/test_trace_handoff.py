@@ -197,3 +197,23 @@ def test_traces_past_the_hand_off_budget_stay_behind() -> None:
     assert 0 < sum(sizes) <= TRACE_HANDOFF_BYTES
     assert sizes[0] > 0 and sizes[-1] == 0  # the first keys carry theirs, the last do not
     assert len(exports) == 100  # every mailbox goes
+
+
+def test_an_ack_reaches_records_imported_after_an_earlier_ack() -> None:
+    """The browser acknowledged on the new owner before the hand-off's trace arrived (its
+    ack comes every second, cumulative): the next ack still marks the imported records."""
+    old, new = Tracer(TraceConfig(), "n1"), Tracer(TraceConfig(), "n2")
+
+    def record(tracer: Tracer, event: str, seq: int, t: float) -> None:
+        token = ((t, event, event.encode() * 8, None, None), (ALICE,))
+        tracer.recipient(token, ALICE, 3, "delivered", seq, "st", 0, "ws", t)
+
+    record(old, "e1", 1, 10.0)
+    record(old, "e2", 2, 11.0)  # written by n1; the browser had it, then moved
+    record(new, "e3", 3, 12.0)
+    new.acked(ALICE, "st", 3, 13.0)  # before the import: only n2's own record
+    new.import_(ALICE, old.export(ALICE), "n1", 13.5)
+    new.acked(ALICE, "st", 3, 14.0)  # the next cumulative ack
+    ((_, kt),) = new.keys_of("alice", None, None, 14.0)
+    acked = {r["event"]: r["acked"] for r in new.key_json(kt, None, None)["dispatches"]}
+    assert acked == {"e1": 14.0, "e2": 14.0, "e3": 13.0}
