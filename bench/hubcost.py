@@ -2,6 +2,7 @@
 
     .venv/bin/python -m bench.hubcost [--keys 1000] [--events 10000] [--reps 5] [--batch 20]
     .venv/bin/python -m bench.hubcost --fanout 10000 [--reps 5]
+    .venv/bin/python -m bench.hubcost --attach 5000 [--reps 5]
 
 One-recipient event requests (the SP request bodies ``bench dispatch`` sends) go through
 ``Hub.handle_request`` to keys whose attached sink accepts every frame at once (no I/O),
@@ -16,6 +17,14 @@ script with that work tree first on the path:
 one per delivery batch, to sinks that keep their frame's bytes, WebSocket-framed, and
 join them at the batch's end as the lean front's do (no socket); prints µs of CPU per
 recipient, the best of ``--reps`` requests, the real reactor as the clock.
+
+``--attach N``: the hub's part of an accept and of a long-poll delivery, the real reactor
+as the clock, µs of CPU each (the best of ``--reps`` rounds of N keys): ``cold``, an
+attach of a key with no mailbox (a new WebSocket); ``poll``, one long-poll delivery's
+hub work for a key whose poll is held: an event request to it (the held poll takes the
+event), the poll's detach and the next poll's attach resuming from the event (``last``);
+``event`` alone, the same request to a key attached by a WebSocket-like sink (as the
+default run, with the real reactor).
 """
 
 from __future__ import annotations
@@ -115,6 +124,65 @@ def fanout(keys: int, reps: int) -> None:
     print(f"{best:.2f} µs of CPU per recipient (best of {reps} requests to {keys} keys)")
 
 
+class PollSink(AcceptingSink):
+    """A held long-poll: takes the frames of one delivery (the hello, then an event)."""
+
+    kind = "poll"
+    wants_pings = False
+
+    def __init__(self) -> None:
+        self.frames: list[Any] = []
+
+    def deliver(self, out: list[Any]) -> bool:
+        self.frames.extend(out)
+        return True
+
+
+def attach(n: int, reps: int) -> None:
+    from twisted.internet import reactor
+
+    from orbited.node.mailbox import Position
+
+    def body(i: int, key: ConnectionKey) -> bytes:
+        return json.dumps({"id": f"{i:x}-{time.time()}", "to": [list(key)],
+                           "data": {"t": time.time(), "ph": "m", "n": i}}).encode()  # fmt: skip
+
+    cold = poll = event = float("inf")
+    for rep in range(reps + 1):
+        hub = Hub(reactor, HubConfig(), epoch="ep")
+        keys = [ConnectionKey(f"u{rep}-{i}", "s", "/x") for i in range(n)]
+        sinks = [PollSink() for _ in keys]
+        started = time.process_time()
+        for key, sink in zip(keys, sinks, strict=True):
+            hub.attach(key, sink, None)
+        took = (time.process_time() - started) / n * 1e6
+        # One long-poll delivery per key: the event, the poll's detach, the next attach.
+        bodies = [body(i, key) for i, key in enumerate(keys)]
+        nexts = [PollSink() for _ in keys]
+        handle, detach, attach_ = hub.handle_request, hub.detach, hub.attach
+        started = time.process_time()
+        for key, sink, nxt, b in zip(keys, sinks, nexts, bodies, strict=True):
+            with hub.batch():
+                handle(b)
+            detach(key, sink)
+            frame = sink.frames[-1]
+            attach_(key, nxt, Position(frame.stream, frame.seq))
+        cycle = (time.process_time() - started) / n * 1e6
+        bodies = [body(n + i, key) for i, key in enumerate(keys)]
+        for key in keys:
+            hub.attach(key, AcceptingSink(), None)
+        started = time.process_time()
+        for b in bodies:
+            with hub.batch():
+                handle(b)
+        one = (time.process_time() - started) / n * 1e6
+        hub.shutdown("bench")
+        if rep:  # the first is a warm-up
+            cold, poll, event = min(cold, took), min(poll, cycle), min(event, one)
+    print(f"cold attach {cold:.2f} µs, long-poll delivery {poll:.2f} µs, "
+          f"1:1 event {event:.2f} µs of CPU (best of {reps} × {n})")  # fmt: skip
+
+
 def main() -> None:
     p = argparse.ArgumentParser(prog="python -m bench.hubcost", description=__doc__.split("\n")[0])
     p.add_argument("--keys", type=int, default=1000)
@@ -122,7 +190,11 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--batch", type=int, default=20, help="requests per delivery batch")
     p.add_argument("--fanout", type=int, default=0, help="recipients per request (fan-out)")
+    p.add_argument("--attach", type=int, default=0, help="keys: attach and long-poll costs")
     args = p.parse_args()
+    if args.attach:
+        attach(args.attach, args.reps)
+        return
     if args.fanout:
         fanout(args.fanout, args.reps)
         return

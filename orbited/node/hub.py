@@ -125,6 +125,7 @@ CYCLE_GRACE = 2.0
 # poll gets the closed frame (4003) instead of a new mailbox, which would displace another.
 DISPLACED_MEMORY = 10.0
 LINGER_TICKS = 10  # buckets per second of the linger wheel: expiry at most 0.1 s late
+_FLOAT_MAX = 1.7976931348623157e308  # the largest float: NaN and the infinities fail
 _NEVER = -math.inf  # one float object shared by every slot that never had a transport leave
 
 
@@ -284,6 +285,7 @@ class Hub(RouteOwnership):
         # _slots by _index / _unindex, the only places that change either.
         self._users: dict[str, UserEntry] = {}
         self._rate = config.users.rate  # per-user dispatch rate; 0 = off (one test per request)
+        self._cap = config.users.max_connections  # per-user connections; 0 = off (per attach)
         # Keys displaced (close_oldest) while between two long-polls -> when (DISPLACED_MEMORY).
         self._displaced: dict[ConnectionKey, float] = {}
         # Replies of recent requests; resends of one whose reply is pending wait for it.
@@ -347,6 +349,13 @@ class Hub(RouteOwnership):
         self._wheel: dict[int, list[tuple[ConnectionKey, _Slot]]] = {}
         self._wheel_calls: dict[int, IDelayedCall] = {}
         self._ack_group: _AckGroup | None = None  # the acknowledged-mode request in dispatch
+        # ``_hello``'s template (for this config and hash version) and the spread's text
+        # (for this many mailboxes; -1: none yet).
+        self._hello_for: HubConfig | None = None
+        self._hello_hash = 0
+        self._hello_template = b""
+        self._spread_for = -1
+        self._spread_text = b""
         self._fan_mark = 0  # _fan_out's requests so far (each marks the slots it reached)
 
     # -- the delivery batch (orbited.node.flush) ----------------------------------------
@@ -396,23 +405,26 @@ class Hub(RouteOwnership):
                 self._attach_moved += 1  # not a recipient's result (load_report)
                 sink.reconnect("route_moved", None, self.moved_spread.get(route))
                 return None
-            if self._hold_attach(route, key, sink, after):
+            if self._incoming and self._hold_attach(route, key, sink, after):
                 return None  # its mailbox may be on the way: resume from it
             if self._displaced and self._was_displaced(key):
                 self._close(sink, frames.DISPLACED, "displaced")
                 return None
-            if not self._admit(key, None, sink):
+            if self._cap and not self._admit(key, None, sink):
                 return None
             slot = self._new_slot(key, route, online=True)
         else:
-            if slot.sink is None and not self._admit(key, slot, sink):
-                return None
+            previous = slot.sink
+            if previous is None:
+                if self._cap and not self._admit(key, slot, sink):
+                    return None
+            else:
+                self._set_sink(slot, None)
             slot.linger_at = 0.0  # (its entry in the linger wheel is skipped when due)
             if not slot.online:
                 slot.online = True
                 if self.presence is not None:
                     self.presence("signon", key)
-            previous = self._set_sink(slot, None)
             if previous is not None and previous is not sink:
                 previous.replaced()
                 if self.observer is not None:
@@ -420,32 +432,35 @@ class Hub(RouteOwnership):
         mailbox = slot.mailbox
         acked = mailbox.acked
         replay = mailbox.replay(after)
-        self._recount(slot)
+        if slot.counted != mailbox._bytes:
+            self._recount(slot)
         stream = mailbox.stream
-        hello = frames.hello(
-            stream, self.config.keepalive, replay.reset, replay.since, self.spread(),
-            self.hash_version,
-        )  # fmt: skip
-        out = [Frame(hello)]
-        if replay.gap is not None:
-            out.append(Frame(frames.gap(*replay.gap)))
-        if not mailbox.tagged:
-            out.extend(
-                Frame(frames.event(seq, payload, eid), seq, stream)
-                for seq, payload, eid in replay.events
-            )
+        hello = _new(Frame, (self._hello(stream, replay.reset, replay.since), None, None))
+        replayed = replay.events
+        if replay.gap is None and not replayed:  # nothing but the hello (most attaches)
+            out = [hello]
         else:
-            out.extend(
-                Frame(_event_frame(mailbox, seq, payload, eid), seq, stream)
-                for seq, payload, eid in replay.events
-            )
+            out = [hello]
+            if replay.gap is not None:
+                out.append(Frame(frames.gap(*replay.gap)))
+            if not mailbox.tagged:
+                out.extend(
+                    _new(Frame, (frames.event(seq, payload, eid), seq, stream))
+                    for seq, payload, eid in replayed
+                )
+            else:
+                out.extend(
+                    _new(Frame, (_event_frame(mailbox, seq, payload, eid), seq, stream))
+                    for seq, payload, eid in replayed
+                )
         self._set_sink(slot, sink)
         entry = slot.entry
-        if entry is not None:  # attach order: the user's oldest connection comes first
-            entry.keys[key] = entry.keys.pop(key)
+        if entry is not None and len(entry.keys) > 1:  # attach order: oldest first
+            keys = entry.keys
+            keys[key] = keys.pop(key)
         written = sink.deliver(out)
-        if written and replay.events:
-            last = replay.events[-1][0]
+        if written and replayed:
+            last = replayed[-1][0]
             mailbox.mark_delivered(last)
             if not slot.probe:  # the ack-latency probe (load_report)
                 slot.probe = last
@@ -459,6 +474,36 @@ class Hub(RouteOwnership):
         if self.observer is not None:
             self._observe_attach(self.observer, key, mailbox, sink, after, replay, written, acked)
         return mailbox
+
+    def _hello(self, stream: str, reset: bool, seq: int) -> bytes:
+        """frames.hello for this node (its keepalive, spread and hash version), from a
+        template built once per keepalive and hash version, and the spread's text kept
+        while the number of mailboxes stays the same (every attach sends a hello: each
+        accept, each long-poll). Byte-identical to frames.hello (tests/node/test_hub.py
+        compares them)."""
+        config, version = self.config, self.hash_version
+        if self._hello_for is not config or self._hello_hash != version:
+            keepalive = config.keepalive
+            if not (type(keepalive) is float or type(keepalive) is int) or not (
+                -_FLOAT_MAX <= keepalive <= _FLOAT_MAX
+            ):  # a keepalive json would not write as repr does: frames.hello decides
+                return frames.hello(stream, keepalive, reset, seq, self.spread(), version)
+            self._hello_template = (
+                b'{"type":"hello","stream":"%%s","keepalive":%s,"reset":%%s,"seq":%%d,'
+                b'"spread":%%s,"hash":%d}' % (repr(keepalive).encode(), version)
+            )  # fmt: skip
+            self._hello_for, self._hello_hash, self._spread_for = config, version, -1
+        mailboxes = len(self._slots)
+        if mailboxes != self._spread_for:
+            spread = self.spread()
+            if not -_FLOAT_MAX <= spread <= _FLOAT_MAX:  # (a float: 0 <= spread <= 30)
+                return frames.hello(stream, config.keepalive, reset, seq, spread, version)
+            self._spread_text, self._spread_for = repr(spread).encode(), mailboxes
+        if stream.isascii() and stream.isprintable() and '"' not in stream and "\\" not in stream:
+            return self._hello_template % (
+                stream.encode(), b"true" if reset else b"false", seq, self._spread_text
+            )  # fmt: skip
+        return frames.hello(stream, config.keepalive, reset, seq, self.spread(), version)
 
     def _observe_attach(
         self, observer: DeliveryObserver, key: ConnectionKey, mailbox: Mailbox, sink: Sink,

@@ -291,16 +291,21 @@ class Mailbox:
         reset = False
         if after is None:
             since = self.acked
-        elif after.stream != self.stream or after.seq > self.last_seq:
+        elif after.stream != self.stream or after.seq >= self.next_seq:
             reset = True
             since = 0
         else:
             since = after.seq
-            self.ack(since)
+            if since > self.acked:
+                self.ack(since)
         # Seqs the limits evicted, or acknowledged ones a reset browser never saw, are a
         # gap; seqs replaced by a later latest-value event are not (the event that
         # replaced them follows, with its tag).
-        gap_end = max(self.evicted, self.acked)
+        evicted, acked = self.evicted, self.acked
+        gap_end = evicted if evicted > acked else acked
         gap = (since + 1, gap_end) if since < gap_end else None
-        events = [e for e in self._events if e[0] > since]
-        return Replay(events, gap, reset, since)
+        # (Every attach replays: no comprehension for an empty buffer, and
+        # tuple.__new__, not the NamedTuple's own __new__, a Python call.)
+        buffered = self._events
+        events = [e for e in buffered if e[0] > since] if buffered else []
+        return _new(Replay, (events, gap, reset, since))

@@ -6,6 +6,7 @@ from twisted.internet.task import Clock
 
 from orbited.core.hashing import route_of
 from orbited.core.keys import ConnectionKey
+from orbited.node import frames
 from orbited.node.events import RequestLimits
 from orbited.node.hub import SPREAD_MAX, Hub, HubConfig
 from orbited.node.mailbox import MailboxLimits, Position
@@ -728,3 +729,42 @@ def test_one_mailbox_whose_expiry_fails_does_not_strand_the_others_of_its_tenth(
     clock.advance(5.1)
     assert hub.mailbox(good) is None and hub.mailbox(bad) is None
     assert hub.gauges()["lingering"] == 0 and not clock.getDelayedCalls()
+
+
+def test_every_attach_s_hello_is_byte_identical_to_frames_hello():
+    """The hub builds hello from a template per keepalive and hash version and keeps the
+    spread's text while the number of mailboxes stays the same: the bytes stay exactly
+    frames.hello's as mailboxes come and go, the hash version changes, and positions
+    resume, reset or start fresh."""
+
+    class RawSink(RecordingSink):
+        def deliver(self, out):
+            self.raw = [f.data for f in out]
+            return True
+
+    for keepalive, rate in ((25.0, 3000.0), (10, 400.0), (0.5, 0.0), (600, 7.0)):
+        hub, clock = make_hub(keepalive=keepalive, reconnect_rate=rate)
+        for i in range(40):
+            key = ConnectionKey(f"u{i}", "s", "/x")
+            if i == 20:
+                hub.set_hash_version(1)
+            sink = RawSink()
+            after = None
+            if i % 3 == 1:  # a position from a lost stream: reset
+                after = Position("gone.1", 5)
+            mailbox = hub.attach(key, sink, after)
+            assert mailbox is not None
+            expected = frames.hello(
+                mailbox.stream, keepalive, after is not None, 0, hub.spread(), hub.hash_version
+            )
+            assert sink.raw[0] == expected, (keepalive, rate, i)
+            if i % 4 == 0:  # a long-poll cycle: detach, an event, resume after it
+                hub.detach(key, sink)
+                send(hub, f"e{i}", [key], {"n": i})
+                again = RawSink()
+                hub.attach(key, again, Position(mailbox.stream, 0))
+                assert again.raw[0] == frames.hello(
+                    mailbox.stream, keepalive, False, 0, hub.spread(), hub.hash_version
+                )
+                hub.detach(key, again)
+                clock.advance(hub.config.linger + 1)  # expires: fewer mailboxes
