@@ -15,6 +15,7 @@ requests; likewise while too many requests are unanswered.
 
 from __future__ import annotations
 
+import struct
 from collections import deque
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
@@ -36,9 +37,11 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from orbited.runtime.twisted_compat import unsent_bytes, writev_through
-from orbited.sp.reqrep import MAX_HOPS, TooManyHops, split_backtrace
-from orbited.sp.wire import REP, REQ, SPConnection, SPProtocolError, encode_message_parts
+from orbited.runtime.twisted_compat import unsent_bytes, write_through
+from orbited.sp.reqrep import MAX_HOPS, RepConnection, encode_reply
+from orbited.sp.wire import SPProtocolError
+
+_LENGTH = struct.Struct(">Q")  # a reply's length prefix (orbited.sp.wire)
 
 RequestHandler = Callable[[bytes], "bytes | defer.Deferred[bytes]"]
 # Opens a delivery batch around one read's requests (Hub.batch, orbited.node.flush).
@@ -99,15 +102,21 @@ class RepProtocol(Protocol):
         self._batch: BatchScope = batch or nullcontext
         self._limits = limits
         self._clock = clock
-        self._sp = SPConnection(REP, REQ, limits.max_message)
+        self._sp = RepConnection(max_message=limits.max_message, max_hops=limits.max_hops)
         self._header_timer: IDelayedCall | None = None
         self._inflight = 0
-        self._held: deque[bytes] = deque()  # received, waiting for an in-flight slot
+        # Received (backtrace, payload), waiting to be handled: one read's requests, and
+        # those waiting for an in-flight slot (reading is paused meanwhile).
+        self._held: deque[tuple[bytes, bytes]] = deque()
         self._running = False  # inside _run_held (a reply there must not re-enter it)
         self._writes_blocked = False  # the transport's send buffer is full
         self._reading_paused = False
         self.state = RepState.OPEN
-        self.dropped_requests = 0
+
+    @property
+    def dropped_requests(self) -> int:
+        """Requests dropped for too many backtrace words (docs/sp.md, "Errors")."""
+        return self._sp.dropped
 
     @property
     def closed(self) -> bool:
@@ -158,18 +167,23 @@ class RepProtocol(Protocol):
             return "?"
 
     def dataReceived(self, data: bytes) -> None:
-        if self.closed:
+        if self.state is RepState.CLOSED:
             return
+        sp = self._sp
+        dropped = sp.dropped
         try:
-            bodies = self._sp.receive(data)
+            requests = sp.receive_requests(data)
         except SPProtocolError as e:
             self._close(str(e))
             return
-        if self._header_timer is not None and self._sp.header_received:
+        if self._header_timer is not None and sp.header_received:
             self._header_timer.cancel()
             self._header_timer = None
-        self._held.extend(bodies)
-        self._run_held()
+        if sp.dropped != dropped:
+            self.log.debug("dropped {n} request(s) with too many hops", n=sp.dropped - dropped)
+        if requests:
+            self._held.extend(requests)
+            self._run_held()
 
     def _run_held(self) -> None:
         """Handle received requests while fewer than max_inflight are unanswered; the rest
@@ -213,31 +227,30 @@ class RepProtocol(Protocol):
 
     def _handle_held_batch(self) -> None:
         held = self._held
-        replies: list[bytes] = []
-        while held and not self.closed and self._inflight < self._limits.max_inflight:
-            body = held.popleft()
+        handler = self._handler
+        max_inflight = self._limits.max_inflight
+        closed = RepState.CLOSED
+        pack = _LENGTH.pack
+        replies: list[bytes] = []  # length, backtrace, payload, length, ...
+        add = replies.append
+        while held and self._inflight < max_inflight and self.state is not closed:
+            backtrace, payload = held.popleft()
             try:
-                backtrace, payload = split_backtrace(body, self._limits.max_hops)
-            except TooManyHops:
-                self.dropped_requests += 1
-                self.log.debug("dropped request with too many hops")
-                continue
-            except SPProtocolError as e:
-                self._close(str(e))
-                break
-            try:
-                result = self._handler(payload)
+                result = handler(payload)
             except Exception:
                 self.log.failure("request handler raised; dropping request")
                 continue
             if isinstance(result, bytes):  # (isinstance of Deferred, an ABC, costs more)
-                replies += encode_message_parts([backtrace, result])
+                add(pack(len(backtrace) + len(result)))
+                add(backtrace)
+                add(result)
             else:
                 self._track(backtrace, result)
-        if replies and not self.closed:
+        if replies and self.state is not closed:
             # One write per read: replies to pipelined requests leave together, at once
-            # when the connection has nothing queued (write-through).
-            writev_through(self.transport, replies)
+            # when the connection has nothing queued (write-through). Joined, not a
+            # writev: small pieces cost the kernel more per byte than one copy here.
+            write_through(self.transport, b"".join(replies))
 
     def _track(self, backtrace: bytes, d: defer.Deferred[bytes]) -> None:
         self._inflight += 1
@@ -247,7 +260,7 @@ class RepProtocol(Protocol):
     def _reply_later(self, reply: bytes, backtrace: bytes) -> None:
         self._inflight -= 1
         if not self.closed:
-            writev_through(self.transport, encode_message_parts([backtrace, reply]))
+            write_through(self.transport, encode_reply(backtrace, reply))
             self._after_reply()
 
     def _after_reply(self) -> None:

@@ -110,30 +110,60 @@ class SPConnection:
             raise
 
     def _receive(self, data: bytes) -> list[bytes]:
-        buf = self._buffer
-        buf += data
+        view = self._feed(data)
+        if view is None:
+            return []
+        messages: list[bytes] = []
+        end = len(view)
         pos = 0
+        max_message = self.max_message
+        unpack = _LENGTH.unpack_from
+        while end - pos >= LENGTH_SIZE:
+            (length,) = unpack(view, pos)
+            if length > max_message:
+                raise SPProtocolError(f"message of {length} bytes exceeds limit {max_message}")
+            start = pos + LENGTH_SIZE
+            if end - start < length:
+                break
+            pos = start + length
+            messages.append(view[start:pos])
+        self._keep(view, pos)
+        return messages
+
+    # The two halves of a receive, for the loops that cut messages out of ``view``
+    # (this class's, and the REP side's in orbited.sp.reqrep).
+
+    def _feed(self, data: bytes) -> bytes | None:
+        """Take ``data``; return the bytes to cut messages from (complete messages first,
+        then at most one partial one), or None while no complete message is there. With
+        nothing buffered these are ``data`` itself (no copy); a buffered partial message
+        is copied out once, when it is complete, never per read (a large message read in
+        many pieces costs no more than its length)."""
+        buf = self._buffer
+        if not buf and self.header_received:
+            return data if type(data) is bytes else bytes(data)
+        buf += data
         if not self.header_received:
             if len(buf) < HEADER_SIZE:
                 # Fail fast on a wrong first byte rather than waiting for the rest.
                 if not _HEADER_PREFIX.startswith(bytes(buf[:4])):
                     raise SPProtocolError(f"not an SP header: {bytes(buf).hex(' ')}")
-                return []
+                return None
             parse_header(bytes(buf[:HEADER_SIZE]), self.peer_protocol)
             self.header_received = True
-            pos = HEADER_SIZE
-        messages: list[bytes] = []
-        end = len(buf)
-        max_message = self.max_message
-        while end - pos >= LENGTH_SIZE:
-            (length,) = _LENGTH.unpack_from(buf, pos)
-            if length > max_message:
-                raise SPProtocolError(f"message of {length} bytes exceeds limit {max_message}")
-            if end - pos - LENGTH_SIZE < length:
-                break
-            start = pos + LENGTH_SIZE
-            messages.append(bytes(buf[start : start + length]))
-            pos = start + length
-        if pos:
-            del buf[:pos]
-        return messages
+            del buf[:HEADER_SIZE]
+        if len(buf) < LENGTH_SIZE:
+            return None
+        (length,) = _LENGTH.unpack_from(buf, 0)
+        if length > self.max_message:
+            raise SPProtocolError(f"message of {length} bytes exceeds limit {self.max_message}")
+        if len(buf) - LENGTH_SIZE < length:
+            return None
+        view = bytes(buf)
+        buf.clear()
+        return view
+
+    def _keep(self, view: bytes, pos: int) -> None:
+        """Buffer what is left of ``view`` after ``pos`` (a partial message)."""
+        if pos < len(view):
+            self._buffer += memoryview(view)[pos:]
