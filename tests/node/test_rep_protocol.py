@@ -1,5 +1,7 @@
 """The Twisted REP shell on an in-memory transport with a fake clock."""
 
+from contextlib import contextmanager
+
 from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -62,6 +64,25 @@ def test_pipelined_requests_are_answered_with_their_backtraces():
         bytes.fromhex("80000001") + b"ok:a",
         hops + bytes.fromhex("80000042") + b"ok:b",
     ]
+
+
+def test_replies_leave_after_the_deliveries_of_their_read():
+    """docs/protocol.md: ``delivered`` means written to the browser's transport. The
+    deliveries of one read leave when its batch ends; the replies only after that."""
+    written_at_batch_end = []
+
+    @contextmanager
+    def batch():
+        yield
+        written_at_batch_end.append(transport.value())
+
+    factory = RepFactory(lambda p: b"ok:" + p, RepLimits(), Clock(), batch=batch)
+    proto = factory.buildProtocol(None)
+    transport = TCPStringTransport()
+    proto.makeConnection(transport)
+    proto.dataReceived(REQ_HEADER + request(0x80000001, b"a") + request(0x80000002, b"b"))
+    assert written_at_batch_end == [wire.encode_header(wire.REP)]
+    assert replies(transport.value()) == [b"\x80\x00\x00\x01ok:a", b"\x80\x00\x00\x02ok:b"]
 
 
 def test_deferred_replies_leave_in_completion_order():
