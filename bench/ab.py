@@ -10,8 +10,9 @@ is nginx + Nchan with one worker (bench/peers.py's settings). Per variant and re
 a fresh server, ``--clients`` subscribers in this process (bench/subscribers.py), one
 publisher (SP REQ batches every 10 ms, as ``bench dispatch``; Nchan: pipelined POSTs) at
 ``--rate`` events/s for ``--seconds``, each event to the next client. Printed: server CPU
-(utime+stime of its process tree) per accepted connection and per delivered event, RSS
-per connection; variants interleaved, order rotated per repetition; median [min-max].
+(utime+stime of its process tree) per accepted connection and per delivered event (and
+the system time alone: ``accept_sys_us``, ``event_sys_us`` in ``--json``), RSS per
+connection; variants interleaved, order rotated per repetition; median [min-max].
 Every run must deliver every event (sent = received, printed per run as JSON).
 
 ``--gc-stats``: each node runs under bench/nodeprof.py with ``ORBITED_GC_STATS``; with the
@@ -52,12 +53,18 @@ def _tree(pid: int) -> list[int]:
 
 
 def cpu(pid: int) -> float:
-    total = 0.0
+    return sum(cpu_split(pid))
+
+
+def cpu_split(pid: int) -> tuple[float, float]:
+    """(user, system) seconds of CPU of ``pid``'s process tree (/proc/PID/stat)."""
+    user = system = 0.0
     for p in _tree(pid):
         with open(f"/proc/{p}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
-        total += (int(fields[11]) + int(fields[12])) / TICK
-    return total
+        user += int(fields[11]) / TICK
+        system += int(fields[12]) / TICK
+    return user, system
 
 
 def cpu_exact(pid: int) -> float:
@@ -126,17 +133,18 @@ async def run_one(name: str, tree: Path | None, args: argparse.Namespace, work: 
         if toggle:
             os.kill(pid, signal.SIGUSR1)
         spy = _spy(pid, args, name, "accept")
-        r0, c0 = rss_kb(pid), cpu(pid)
+        r0, (u0, s0) = rss_kb(pid), cpu_split(pid)
         subs = await connect_all(server, args.transport, args.clients, stats,
                                  args.connect_rate, flavour)  # fmt: skip
         await asyncio.sleep(0.5)
-        c1, r1 = cpu(pid), rss_kb(pid)
+        (u1, s1), r1 = cpu_split(pid), rss_kb(pid)
         _unspy(spy)
         if toggle:
             os.kill(pid, signal.SIGUSR1)
         n = len(subs)
         out: dict[str, Any] = {"variant": name, "connected": n,
-                               "accept_us": (c1 - c0) / n * 1e6,
+                               "accept_us": (u1 + s1 - u0 - s0) / n * 1e6,
+                               "accept_sys_us": (s1 - s0) / n * 1e6,
                                "rss_kb_per_conn": (r1 - r0) / n}  # fmt: skip
         if args.gc_stats and not nchan:
             os.kill(pid, signal.SIGUSR2)
@@ -149,7 +157,7 @@ async def run_one(name: str, tree: Path | None, args: argparse.Namespace, work: 
         if toggle:
             os.kill(pid, signal.SIGUSR1)
         spy = _spy(pid, args, name, "event")
-        c2 = cpu(pid)
+        u2, s2 = cpu_split(pid)
         t0 = time.monotonic()
         inflight: list[asyncio.Task[Any]] = []
         while sent < total:
@@ -169,12 +177,13 @@ async def run_one(name: str, tree: Path | None, args: argparse.Namespace, work: 
         deadline = time.monotonic() + 10
         while stats.counts.get("m", 0) < sent and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
-        c3 = cpu(pid)
+        u3, s3 = cpu_split(pid)
         _unspy(spy)
         if toggle:
             os.kill(pid, signal.SIGUSR1)
         got = stats.counts.get("m", 0)
-        out.update(sent=sent, received=got, event_us=(c3 - c2) / max(1, got) * 1e6,
+        out.update(sent=sent, received=got, event_us=(u3 + s3 - u2 - s2) / max(1, got) * 1e6,
+                   event_sys_us=(s3 - s2) / max(1, got) * 1e6,
                    errors=dict(stats.errors))  # fmt: skip
         for s in subs:
             s._close()
