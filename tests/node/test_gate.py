@@ -14,7 +14,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
 
 from orbited.node.transports.gate import GatedTCPServer, SocketGate
-from orbited.runtime.twisted_compat import listening_port, unsent_bytes
+from orbited.runtime.twisted_compat import LeanConnection, listening_port, unsent_bytes
 
 
 class Client(Protocol):
@@ -97,3 +97,48 @@ def test_the_gate_caps_counts_and_follows_the_socket():
                 yield client.lost
         yield service.stopService()
     yield _wait(lambda: gate.open == 0, "every socket to count out")
+
+
+@pytest_twisted.inlineCallbacks
+def test_the_gate_caps_and_counts_lean_connections_and_their_hand_over():
+    """A factory asking for lean transports (the browser front): the same cap and count,
+    the sockets as LeanConnections, and a hand-over to a tcp.Server (the front's
+    hand-off to twisted.web) still counted once."""
+    accepted: list[Server] = []
+    factory = Factory.forProtocol(type("S", (Server,), {"instances": accepted}))
+    factory.lean_transport = True  # type: ignore[attr-defined]
+    gate = SocketGate(2)
+    service = GatedTCPServer(gate, 0, factory, interface="127.0.0.1")
+    service.startService()
+    clients: list[Client] = []
+    try:
+        port = listening_port(service).getHost().port
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port)
+        for _ in range(2):
+            clients.append((yield connectProtocol(endpoint, Client())))
+        yield _wait(lambda: len(accepted) == 2 and gate.open == 2, "two sockets counted")
+        assert all(type(s.transport) is LeanConnection for s in accepted)
+        assert unsent_bytes(accepted[0].transport) == 0
+        yield _wait(lambda: all(c.data == b"hi" for c in clients), "both greetings")
+
+        third = yield connectProtocol(endpoint, Client())
+        yield third.lost
+        assert third.data == b"" and len(accepted) == 2
+        assert (gate.open, gate.refused) == (2, 1)
+
+        server = accepted[0].transport.to_twisted()
+        accepted[0].transport = server
+        assert isinstance(server, tcp.Server) and gate.open == 2
+        clients[0].transport.loseConnection()
+        yield clients[0].lost
+        yield _wait(lambda: gate.open == 1, "the handed-over socket to count out")
+        clients[1].transport.loseConnection()
+        yield clients[1].lost
+        yield _wait(lambda: gate.open == 0, "the lean socket to count out")
+    finally:
+        for client in clients:
+            if client.transport is not None and client.transport.connected:
+                client.transport.loseConnection()
+                yield client.lost
+        yield service.stopService()
+    assert gate.open == 0

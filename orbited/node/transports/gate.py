@@ -108,11 +108,14 @@ class GatedTCPServer(CountedTCPServer):
     """internet.TCPServer serving ``factory`` through a GatedFactory (same arguments, plus
     the gate first); its port (orbited.runtime.twisted_compat.CountedPort) counts every
     accepted socket in the gate from accept to close, and gives every one TCP_NODELAY
-    (a browser's frames leave at once, not after its ACK)."""
+    (a browser's frames leave at once, not after its ACK). A factory with a true
+    ``lean_transport`` attribute (the browser front) gets ``LeanConnection`` transports
+    (orbited.runtime.twisted_compat) and None for the address in ``buildProtocol``."""
 
     def __init__(self, gate: SocketGate, port: int, factory: Factory[Any], backlog: int = 50,
                  interface: str = "", reactor: Any = None) -> None:  # fmt: skip
         super().__init__(port, GatedFactory(factory, gate), on_open=gate.opened,
                          on_close=gate.closed, backlog=backlog, interface=interface,
-                         reactor=reactor, nodelay=True)  # fmt: skip
+                         reactor=reactor, nodelay=True,
+                         lean=bool(getattr(factory, "lean_transport", False)))  # fmt: skip
         self.gate = gate

@@ -66,7 +66,7 @@ from orbited.node.transports.common import (
 from orbited.node.transports.http import status_phrase
 from orbited.node.transports.limits import BrowserLimits, Overloaded, QueueWatch
 from orbited.node.transports.longpoll import DEFAULT_TIMEOUT, MAX_TIMEOUT
-from orbited.runtime.twisted_compat import unsent_bytes, write_through
+from orbited.runtime.twisted_compat import LeanConnection, unsent_bytes, write_through
 from orbited.runtime.web import OrbitedSite, error_json
 
 log = Logger()
@@ -350,6 +350,9 @@ class BrowserFront(Factory):
     twisted.web Site every other request is handed to."""
 
     noisy = False
+    # Its protocols run on a LeanConnection (orbited.runtime.twisted_compat) when the
+    # listener offers one (gate.GatedTCPServer), and build no peer address.
+    lean_transport = True
 
     def __init__(
         self,
@@ -542,6 +545,8 @@ class FrontProtocol(Protocol):
         self.mode = CLOSED
         self.reader = None
         transport: Any = self.transport
+        if type(transport) is LeanConnection:  # twisted.web needs a whole tcp.Server
+            transport = self.transport = transport.to_twisted()
         channel = front.site.buildProtocol(transport.getPeer())
         _set_protocol(transport, channel)
         channel.makeConnection(transport)

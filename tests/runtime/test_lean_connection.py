@@ -1,0 +1,308 @@
+"""orbited.runtime.twisted_compat.LeanConnection (the browser front's transport) on real
+loopback sockets in this process's reactor (pytest-twisted), against what ``tcp.Server``
+does and the front relies on: write-through and queueing in order, writes after
+``loseConnection`` sent before the FIN, ``abortConnection`` resetting a turn later, the
+peer's end of stream, an error in the protocol logged and the connection lost, the
+socket counted once from accept to close, the hand-over to a ``tcp.Server``
+(``to_twisted``) and every connection lost when the reactor stops (in a child process)."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable, Generator
+from typing import Any
+
+import pytest_twisted
+from twisted.internet import defer, reactor, tcp, threads
+from twisted.internet.error import ConnectionAborted, ConnectionDone, ConnectionLost
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import deferLater
+from twisted.logger import globalLogPublisher
+from twisted.python.failure import Failure
+
+from orbited.runtime import twisted_compat
+from orbited.runtime.twisted_compat import (
+    LeanConnection,
+    listening_port,
+    unsent_bytes,
+    write_through,
+)
+
+
+class Recorder(Protocol):
+    """Keeps what it reads; ``fail`` makes dataReceived raise."""
+
+    fail = False
+
+    def __init__(self, factory: LeanFactory) -> None:
+        self.factory = factory
+        self.data = b""
+        self.lost: list[Failure] = []
+
+    def connectionMade(self) -> None:  # noqa: N802
+        self.factory.built.append(self)
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        self.data += data
+        if self.fail:
+            raise RuntimeError("boom in dataReceived")
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:  # noqa: N802, B008
+        self.lost.append(reason)
+
+
+class LeanFactory(Factory):
+    def __init__(self) -> None:
+        self.built: list[Recorder] = []
+        self.addrs: list[Any] = []
+
+    def buildProtocol(self, addr: Any) -> Recorder:  # type: ignore[override]  # noqa: N802
+        self.addrs.append(addr)
+        return Recorder(self)
+
+
+def _wait(predicate: Callable[[], bool], what: str) -> defer.Deferred[None]:
+    @defer.inlineCallbacks
+    def poll() -> Generator[defer.Deferred[None], None, None]:
+        for _ in range(500):
+            if predicate():
+                return
+            yield deferLater(reactor, 0.01, lambda: None)
+        raise AssertionError(f"timed out waiting for {what}")
+
+    return poll()
+
+
+class Listener:
+    def __init__(self) -> None:
+        self.events: list[str] = []
+        self.factory = LeanFactory()
+        self.service = twisted_compat.CountedTCPServer(
+            0, self.factory, on_open=lambda: self.events.append("open"),
+            on_close=lambda: self.events.append("close"), interface="127.0.0.1",
+            nodelay=True, lean=True,
+        )  # fmt: skip
+        self.service.startService()
+        self.port = listening_port(self.service).getHost().port
+        self.peers: list[socket.socket] = []
+
+    @defer.inlineCallbacks
+    def connect(self) -> Generator[Any, Any, tuple[socket.socket, Recorder]]:
+        n = len(self.factory.built)
+        peer = socket.create_connection(("127.0.0.1", self.port), timeout=5)
+        self.peers.append(peer)
+        yield _wait(lambda: len(self.factory.built) > n, "the accept")
+        return peer, self.factory.built[n]
+
+    def stop(self) -> Any:
+        for peer in self.peers:
+            peer.close()
+        return self.service.stopService()
+
+
+def _recv_n(peer: socket.socket, n: int) -> bytes:
+    """Run in a thread (the reactor must go on sending): ``n`` bytes from ``peer``."""
+    peer.settimeout(10)
+    out = b""
+    while len(out) < n:
+        chunk = peer.recv(n - len(out))
+        assert chunk, "closed early"
+        out += chunk
+    return out
+
+
+def _recv_until_eof(peer: socket.socket) -> bytes:
+    out = b""
+    while True:
+        chunk = peer.recv(65536)
+        if not chunk:
+            return out
+        out += chunk
+
+
+@pytest_twisted.inlineCallbacks
+def test_accepts_reads_writes_through_and_counts_a_peer_close_once():
+    listener = Listener()
+    try:
+        peer, proto = yield listener.connect()
+        conn = proto.transport
+        assert type(conn) is LeanConnection
+        assert listener.factory.addrs == [None]  # no address object built per accept
+        assert listener.events == ["open"]
+        peer_host, peer_port = peer.getsockname()
+        assert (conn.getPeer().host, conn.getPeer().port) == (peer_host, peer_port)
+        assert conn.getHost().port == listener.port
+        assert conn.getTcpNoDelay()  # inherited from the listening socket
+        peer.sendall(b"GET / HTTP/1.1\r\n\r\n")
+        yield _wait(lambda: proto.data == b"GET / HTTP/1.1\r\n\r\n", "the bytes read")
+        # Nothing queued: the kernel takes it at once, nothing left in user space.
+        assert write_through(conn, b"hello ") is True
+        conn.writeSequence([b"wor", b"ld"])  # queued, sent when writable
+        assert unsent_bytes(conn) == 5
+        assert write_through(conn, b"!") is False  # behind the queue: order kept
+        got = yield threads.deferToThread(_recv_n, peer, 12)
+        assert got == b"hello world!"
+        yield _wait(lambda: unsent_bytes(conn) == 0, "the queue drained")
+        peer.close()  # the peer's end of stream (no half-close): the connection is lost
+        yield _wait(lambda: bool(proto.lost), "connectionLost")
+        assert proto.lost[0].check(ConnectionDone)
+        assert listener.events == ["open", "close"]
+        assert conn.fileno() == -1 and not conn.connected
+        conn.write(b"late")  # after the close: ignored, as tcp.Server does
+        assert unsent_bytes(conn) == 0
+    finally:
+        yield listener.stop()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_partial_write_queues_the_rest_and_lose_connection_flushes_it_first():
+    listener = Listener()
+    try:
+        peer, proto = yield listener.connect()
+        conn = proto.transport
+        conn.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        big = bytes(range(256)) * 4096  # 1 MB: more than the kernel takes at once
+        assert write_through(conn, big) is False
+        held = unsent_bytes(conn)
+        assert 0 < held <= len(big)
+        assert write_through(conn, b"TAIL") is False
+        assert unsent_bytes(conn) == held + 4
+        conn.loseConnection()
+        assert conn.disconnecting and not proto.lost  # never lost inside the call
+        conn.write(b"AFTER")  # as tcp.Server: still sent before the FIN
+        peer.settimeout(10)
+        got = yield threads.deferToThread(_recv_until_eof, peer)
+        assert got == big + b"TAIL" + b"AFTER"
+        yield _wait(lambda: bool(proto.lost), "connectionLost")
+        assert proto.lost[0].check(ConnectionDone)
+        assert listener.events == ["open", "close"]
+    finally:
+        yield listener.stop()
+
+
+@pytest_twisted.inlineCallbacks
+def test_abort_drops_the_queue_resets_and_is_lost_a_turn_later():
+    listener = Listener()
+    try:
+        peer, proto = yield listener.connect()
+        conn = proto.transport
+        conn.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        conn.write(b"x" * 1_000_000)
+        conn.abortConnection()
+        conn.abortConnection()  # twice: once
+        assert not proto.lost  # a reactor turn later, as tcp.Connection.abortConnection
+        yield _wait(lambda: bool(proto.lost), "connectionLost")
+        assert len(proto.lost) == 1 and proto.lost[0].check(ConnectionAborted)
+        assert listener.events == ["open", "close"]
+        peer.settimeout(5)
+        reset = False
+        try:
+            while peer.recv(65536):
+                pass
+        except ConnectionResetError:
+            reset = True
+        assert reset  # SO_LINGER 0: a reset, not a FIN after the queue
+    finally:
+        yield listener.stop()
+
+
+@pytest_twisted.inlineCallbacks
+def test_an_error_in_the_protocol_is_logged_and_loses_only_that_connection():
+    listener = Listener()
+    logged: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(logged.append)
+    try:
+        peer, proto = yield listener.connect()
+        other_peer, other = yield listener.connect()
+        proto.fail = True
+        peer.sendall(b"x")
+        yield _wait(lambda: bool(proto.lost), "connectionLost")
+        assert proto.lost[0].check(RuntimeError)
+        failures = [e.get("log_failure") or e.get("failure") for e in logged]
+        assert any(f is not None and f.check(RuntimeError) for f in failures)
+        other_peer.sendall(b"still here")
+        yield _wait(lambda: other.data == b"still here", "the other connection reads on")
+        assert listener.events == ["open", "open", "close"]
+    finally:
+        globalLogPublisher.removeObserver(logged.append)
+        yield listener.stop()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_send_error_loses_the_connection_later_never_inside_write():
+    listener = Listener()
+    try:
+        peer, proto = yield listener.connect()
+        conn = proto.transport
+        peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        peer.close()  # a reset
+        for _ in range(3):
+            write_through(conn, b"y" * 1000)  # EPIPE/ECONNRESET: no exception here
+        assert not proto.lost or proto.lost[0].check(ConnectionDone, ConnectionLost)
+        yield _wait(lambda: bool(proto.lost), "connectionLost")
+        assert len(proto.lost) == 1 and proto.lost[0].check(ConnectionDone, ConnectionLost)
+        assert listener.events == ["open", "close"]
+    finally:
+        yield listener.stop()
+
+
+@pytest_twisted.inlineCallbacks
+def test_to_twisted_hands_the_socket_and_its_queue_to_a_tcp_server_counted_once():
+    listener = Listener()
+    try:
+        peer, proto = yield listener.connect()
+        conn = proto.transport
+        conn.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        first = b"a" * 500_000
+        write_through(conn, first)
+        assert unsent_bytes(conn) > 0
+        server = conn.to_twisted()
+        proto.transport = server
+        assert isinstance(server, tcp.Server) and server.protocol is proto
+        assert not conn.connected and unsent_bytes(conn) == 0
+        server.write(b"then")
+        peer.sendall(b"read by the tcp.Server")
+        yield _wait(lambda: proto.data == b"read by the tcp.Server", "a read after the move")
+        server.loseConnection()
+        got = yield threads.deferToThread(_recv_until_eof, peer)
+        assert got == first + b"then"
+        yield _wait(lambda: bool(proto.lost), "connectionLost")
+        assert listener.events == ["open", "close"]  # counted in once, out once
+    finally:
+        yield listener.stop()
+
+
+def test_every_lean_connection_is_lost_and_uncounted_when_the_reactor_stops(tmp_path):
+    script = textwrap.dedent(
+        """
+        import socket, sys
+        from twisted.internet import reactor
+        from twisted.internet.protocol import Factory, Protocol
+        from orbited.runtime import twisted_compat
+
+        events = []
+        class P(Protocol):
+            def connectionLost(self, reason):
+                events.append("lost:" + type(reason.value).__name__)
+        class F(Factory):
+            def buildProtocol(self, addr):
+                return P()
+        service = twisted_compat.CountedTCPServer(
+            0, F(), on_open=lambda: events.append("open"),
+            on_close=lambda: events.append("close"), interface="127.0.0.1", lean=True)
+        service.startService()
+        port = twisted_compat.listening_port(service).getHost().port
+        peers = [socket.create_connection(("127.0.0.1", port)) for _ in range(2)]
+        reactor.callLater(0.3, reactor.stop)
+        reactor.run()
+        print(sorted(events))
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=60, check=True)  # fmt: skip
+    assert out.stdout.strip() == str(
+        sorted(["open", "open", "lost:ConnectionLost", "lost:ConnectionLost", "close", "close"])
+    ), out.stderr
