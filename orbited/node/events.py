@@ -167,6 +167,23 @@ def _encode_fast(obj: object) -> bytes:
     return _ENCODER.encode(obj).encode()
 
 
+def _encode_strings(obj: list[Any]) -> bytes:
+    """``_encode`` of strings in lists (a request's id and checked keys, for its digest):
+    orjson writes a string exactly as json does with ensure_ascii=False (no number whose
+    form differs can be in it), so no check of its output is needed; a string orjson
+    refuses (a lone surrogate) goes through ``_encode_fast``. (FAST_ENCODE: the probe
+    holds the strings whose escapes could differ.)"""
+    oj = _orjson
+    if oj is not None and FAST_ENCODE:
+        try:
+            out: bytes = oj.dumps(obj)
+        except TypeError:
+            pass
+        else:
+            return out
+    return _encode_fast(obj)
+
+
 def _encode_payload(obj: object) -> bytes:
     """``_encode_fast`` for an event's data, which mailboxes keep until the browser
     acknowledges it: orjson's bytes object is copied into one of its exact size. orjson
@@ -283,7 +300,7 @@ def parse_request(body: bytes, limits: RequestLimits) -> EventRequest | PingRequ
             else:
                 payload = _encode_payload(doc["data"])
                 if len(payload) <= limits.max_payload:
-                    addressed = _encode_fast([event_id, to])
+                    addressed = _encode_strings([event_id, to])
                     digest = _blake2b(addressed + b"\0" + payload, digest_size=16).digest()
                     # Every field, in order (tuple.__new__ takes no defaults).
                     return _new(

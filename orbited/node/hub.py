@@ -1055,13 +1055,32 @@ class Hub(RouteOwnership):
 
     def handle_request(self, body: bytes) -> bytes | defer.Deferred[bytes]:
         """The SP front end's handler: one request body in, one reply body out
-        (``answer`` without the success flag)."""
-        out = answer(self, body)
+        (``answer`` without the success flag, and without its tuple: the same steps)."""
+        try:
+            request = _parse_request(body, self.config.requests)
+        except events.RequestError as e:
+            self.stats["bad_requests"] += 1
+            return events.error_reply(e)
+        if type(request) is not events.EventRequest:
+            return events.ok_reply(request.event_id, [])  # a ping
+        client_hash, version = request.hash, self.hash_version
+        if (
+            (client_hash is not None and client_hash != version) or request.offline is not None
+            or version == 1
+        ):  # fmt: skip
+            refused = _refused(self, request)
+            if refused is not None:
+                return refused
+        try:
+            outcome = self.dispatch(request)
+        except Exception:
+            return _failed(self, request)
         # isinstance(x, tuple), not isinstance(x, Deferred): Deferred is an ABC (Awaitable),
         # whose isinstance is a Python call; a builtin type's is not (per request).
-        if isinstance(out, tuple):
-            return out[1]
-        return out.addCallback(lambda a: a[1])
+        if isinstance(outcome, tuple):
+            reply = outcome[3]  # encoded: what encode_reply returns unless a duplicate
+            return reply if reply is not None and not outcome[2] else events.encode_reply(outcome)
+        return outcome.addCallbacks(events.encode_reply, partial(_failed, self, request))
 
     def dispatch(
         self, request: events.EventRequest
@@ -1079,7 +1098,8 @@ class Hub(RouteOwnership):
             dedup.forget_old(now)
         digest = request.digest
         observer = self.observer  # None unless tracing or OpenTelemetry is on
-        if dedup.knows(digest):  # (one test for a new request, the common case)
+        # dedup.knows, inline (one test per table for a new request, the common case)
+        if digest in dedup._recent or digest in dedup._inflight:
             remembered = dedup.reply(digest, now)
             if remembered is not None:
                 self.stats["duplicates"] += 1
@@ -1122,7 +1142,15 @@ class Hub(RouteOwnership):
                     outcome = self._answered(request, now, [only])
                     observer.answered(token, outcome, now)
                     return outcome
-                return self._answered(request, now, [only], [only.encode()], eid)
+                # One result: the reply formatted at once (events.ok_reply's, for one).
+                one = only.encode()
+                reply = (
+                    b'{"id":%s,"ok":true,"results":[%s]}' % (eid, one)
+                    if eid.isascii() and eid.find(b"\x7f") < 0
+                    else events.ok_reply(request.event_id, [one])
+                )  # fmt: skip
+                dedup.remember(digest, reply, now)
+                return _new(DispatchResult, (request.event_id, (only,), False, reply))
             results: list[RecipientResult | defer.Deferred[RecipientResult]] = [only]
             waits = True
         elif (
@@ -1412,7 +1440,11 @@ class Hub(RouteOwnership):
             else:
                 seq, dropped, replaced, _ = mailbox.append(payload, eid)
                 self._recount(slot)
-            frame = frames.event(seq, payload, eid)
+            frame = (
+                b'{"type":"event","seq":%d,"id":%s,"data":%s}' % (seq, eid, payload)
+                if eid is not None
+                else frames.event(seq, payload, eid)
+            )  # (frames.event's bytes, without the call: per recipient)
         else:
             seq, dropped, replaced, superseded = mailbox.append(payload, eid, tag)
             frame = frames.event(seq, payload, eid, tag, replaced)
@@ -1929,11 +1961,9 @@ def answer(
         (client_hash is not None and client_hash != version) or request.offline is not None
         or version == 1
     ):  # fmt: skip
-        try:
-            events.check_node(request, hub.hash_version, not isinstance(hub.offline, NullWatcher))
-        except events.RequestError as e:
-            hub.stats["bad_requests"] += 1
-            return False, events.error_reply(e)
+        refused = _refused(hub, request)
+        if refused is not None:
+            return False, refused
     try:
         outcome = hub.dispatch(request)
     except Exception:
@@ -1944,6 +1974,19 @@ def answer(
         lambda done: (True, events.encode_reply(done)),
         lambda failure: (False, _failed(hub, request, failure)),
     )
+
+
+def _refused(hub: Hub, request: events.EventRequest) -> bytes | None:
+    """events.check_node's error reply for ``request`` on this node, or None."""
+    try:
+        events.check_node(request, hub.hash_version, not isinstance(hub.offline, NullWatcher))
+    except events.RequestError as e:
+        hub.stats["bad_requests"] += 1
+        return events.error_reply(e)
+    return None
+
+
+_parse_request = events.parse_request
 
 
 def _failed(hub: Hub, request: events.EventRequest, failure: Any = None) -> bytes:

@@ -131,3 +131,19 @@ def test_integers_past_64_bits_keep_every_digit(monkeypatch):
 @given(st.text(max_size=12).filter(lambda t: not any(0xD800 <= ord(c) <= 0xDFFF for c in t)))
 def test_event_ids_are_encoded_as_json_dumps_does(text):
     assert frames.event_id(text) == std(text)
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@given(st.text(max_size=20), st.lists(st.lists(st.text(max_size=10), min_size=3, max_size=3)))
+@example("a\ud800", [["x", "", ""]])  # a lone surrogate: orjson refuses it, json decides
+@example('q"\\\x7f\u2028\x1f', [["é", "1e-5", "0.00001"]])  # escapes, digits in strings
+def test_a_request_s_addressing_is_encoded_as_json_does(event_id, to):
+    """The digest's input for the fast path's id and keys (strings only): orjson's
+    bytes, unchecked, are json's; what orjson refuses still encodes (or fails) as json."""
+    try:
+        expected = std([event_id, to])
+    except UnicodeEncodeError:
+        with pytest.raises(UnicodeEncodeError):
+            events._encode_strings([event_id, to])
+        return
+    assert events._encode_strings([event_id, to]) == expected
