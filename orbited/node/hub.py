@@ -1072,15 +1072,18 @@ class Hub(RouteOwnership):
             if refused is not None:
                 return refused
         try:
-            outcome = self.dispatch(request)
+            outcome = self._dispatch(request, True)
         except Exception:
             return _failed(self, request)
+        if type(outcome) is bytes:  # the common case's reply, without a DispatchResult
+            return outcome
         # isinstance(x, tuple), not isinstance(x, Deferred): Deferred is an ABC (Awaitable),
         # whose isinstance is a Python call; a builtin type's is not (per request).
         if isinstance(outcome, tuple):
             reply = outcome[3]  # encoded: what encode_reply returns unless a duplicate
             return reply if reply is not None and not outcome[2] else events.encode_reply(outcome)
-        return outcome.addCallbacks(events.encode_reply, partial(_failed, self, request))
+        waiting: defer.Deferred[DispatchResult] = outcome  # type: ignore[assignment]
+        return waiting.addCallbacks(events.encode_reply, partial(_failed, self, request))
 
     def dispatch(
         self, request: events.EventRequest
@@ -1089,6 +1092,13 @@ class Hub(RouteOwnership):
         when the outcome waits (acknowledged mode, or a route being handed over). A resend
         of a remembered request gets the first outcome again, marked as a duplicate, and
         delivers nothing."""
+        return self._dispatch(request, False)  # type: ignore[return-value]
+
+    def _dispatch(
+        self, request: events.EventRequest, raw: bool
+    ) -> DispatchResult | defer.Deferred[DispatchResult] | bytes:
+        """``dispatch``; ``raw`` (handle_request's): a one-recipient request answered at
+        once returns its reply's bytes only (no DispatchResult to build and drop)."""
         dedup = self.dedup
         batch = self._batch
         if batch._depth:  # forget_old ran when it began (the property costs a call)
@@ -1143,13 +1153,25 @@ class Hub(RouteOwnership):
                     observer.answered(token, outcome, now)
                     return outcome
                 # One result: the reply formatted at once (events.ok_reply's, for one).
-                one = only.encode()
+                # Delivered without a tag: _deliver's plain result (RecipientResult.encode's
+                # bytes for it, formatted here).
+                if only[0] is DELIVERED and tag is None:
+                    seq, dropped = only[1], only[2]
+                    one = (
+                        b'{"status":"delivered","seq":%d}' % seq  # type: ignore[str-format]
+                        if not dropped
+                        else b'{"status":"delivered","seq":%d,"dropped":%d}' % (seq, dropped)  # type: ignore[str-format]
+                    )  # fmt: skip
+                else:
+                    one = only.encode()
                 reply = (
                     b'{"id":%s,"ok":true,"results":[%s]}' % (eid, one)
                     if eid.isascii() and eid.find(b"\x7f") < 0
                     else events.ok_reply(request.event_id, [one])
                 )  # fmt: skip
                 dedup.remember(digest, reply, now)
+                if raw:
+                    return reply
                 return _new(DispatchResult, (request.event_id, (only,), False, reply))
             results: list[RecipientResult | defer.Deferred[RecipientResult]] = [only]
             waits = True

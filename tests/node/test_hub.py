@@ -768,3 +768,43 @@ def test_every_attach_s_hello_is_byte_identical_to_frames_hello():
                 )
                 hub.detach(key, again)
                 clock.advance(hub.config.linger + 1)  # expires: fewer mailboxes
+
+
+def test_the_sp_handler_answers_as_dispatch_does():
+    """handle_request formats a one-recipient reply itself (no DispatchResult): the same
+    bytes as answer()'s path through dispatch and encode_reply, over delivered, dropped,
+    queued, latest-value, no_connection, full, duplicate and a non-ASCII id."""
+    from orbited.node.events import encode_reply, parse_request
+    from orbited.node.hub import answer
+
+    def run(reply_of):
+        hub, _ = make_hub(mailbox=MailboxLimits(max_events=3), mailbox_total_bytes=300)
+        sink = RecordingSink()
+        hub.attach(ALICE, sink, None)
+        hub.attach(BOB, RecordingSink(accept=False), None)
+        replies = []
+        bodies = [{"id": f"e{i}", "to": [list(ALICE)], "data": {"n": i}} for i in range(5)] + [
+            *({"id": f"q{i}", "to": [list(BOB)], "data": i} for i in range(4)),  # dropped
+            {"id": "t1", "to": [list(ALICE)], "data": 2, "latest": "x"},
+            {"id": "t2", "to": [list(ALICE)], "data": 3, "latest": "x"},
+            {"id": "none", "to": [["carol", "s", "/"]], "data": 4},
+            {"id": "ünï\x7f", "to": [list(ALICE)], "data": 5},
+            {"id": "big", "to": [list(BOB)], "data": "x" * 300},
+            {"id": "e1", "to": [list(ALICE)], "data": {"n": 1}},  # a resend
+        ]
+        for body in bodies:
+            replies.append(reply_of(hub, json.dumps(body).encode()))
+        return replies, sink.frames
+
+    def reencoded(hub, body):  # dispatch's results, encoded by events (not the hub)
+        outcome = hub.dispatch(parse_request(body, hub.config.requests))
+        return encode_reply(outcome._replace(encoded=None))
+
+    fast = run(lambda hub, body: hub.handle_request(body))
+    assert fast == run(lambda hub, body: answer(hub, body)[1])
+    assert fast == run(reencoded)
+    statuses = [json.loads(r)["results"][0]["status"] for r in fast[0]]
+    assert statuses[:9] == ["delivered"] * 5 + ["queued"] * 4
+    assert json.loads(fast[0][8])["results"][0]["dropped"] == 1
+    assert "full" in statuses and "no_connection" in statuses
+    assert json.loads(fast[0][-1])["duplicate"] is True
