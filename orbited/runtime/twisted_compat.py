@@ -227,6 +227,22 @@ class LeanConnection:
         self.protocol.dataReceived(data)
         return None
 
+    def first_read(self) -> None:
+        """Read at once after the accept, not a reactor turn later: a browser sends its
+        request with the handshake's last packet, so it is usually there already (then
+        no wake-up and no dispatch of its own). As the reactor reads: an exception is
+        logged and loses the connection, as does the end of the stream."""
+        try:
+            why = self.doRead()
+        except BaseException:
+            failure = Failure()
+            log.err(failure, "reading a new connection")
+        else:
+            if why is None:
+                return
+            failure = Failure(why)
+        self.connectionLost(failure)
+
     def doWrite(self) -> Any:  # noqa: N802
         out = self.out
         if self.aborting:
@@ -459,24 +475,34 @@ class CountedPort(tcp.Port):
     ``tcp.Server``, and the factory's ``buildProtocol`` is called with None instead of
     the peer's address (``transport.getPeer()`` builds it when asked): for a factory
     whose protocols need nothing of a transport beyond what ``LeanConnection`` offers
-    (or call ``to_twisted`` first)."""
+    (or call ``to_twisted`` first); each is read at once after its accept
+    (``LeanConnection.first_read``).
+
+    ``defer_accept`` (seconds, Linux): TCP_DEFER_ACCEPT on the listening socket, so a
+    connection is accepted once its first bytes have arrived (or, without any, once
+    that long has passed): with ``lean``, the accept and the first read are one wake-up
+    of the reactor instead of two. For protocols whose client speaks first (HTTP)."""
 
     transport = CountedServer
 
     def __init__(self, port: int, factory: Factory[Any], backlog: int, interface: str,
                  reactor: Any, on_open: Callable[[], None], on_close: Callable[[], None],
-                 nodelay: bool = False, lean: bool = False) -> None:  # fmt: skip
+                 nodelay: bool = False, lean: bool = False,
+                 defer_accept: int = 0) -> None:  # fmt: skip
         super().__init__(port, factory, backlog, interface, reactor)
         self.on_open = on_open
         self.on_close = on_close
         self.nodelay = nodelay
         self.lean = lean
+        self.defer_accept = defer_accept
         self.nodelay_inherited: bool | None = False if not nodelay else None
 
     def startListening(self) -> None:  # noqa: N802
         super().startListening()
         if self.nodelay:
             self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.defer_accept and hasattr(socket, "TCP_DEFER_ACCEPT"):  # Linux
+            self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, self.defer_accept)
 
     def doRead(self) -> None:  # noqa: N802
         try:
@@ -509,6 +535,7 @@ class CountedPort(tcp.Port):
                     self.on_open()
                     reactor.addReader(conn)
                     protocol.makeConnection(conn)
+                    conn.first_read()
                     continue
                 addr = _peer_address(addr)
                 protocol = factory.buildProtocol(self._buildAddr(addr))
@@ -533,17 +560,18 @@ class CountedTCPServer(internet.TCPServer):
     """``internet.TCPServer`` listening through a ``CountedPort`` (same arguments: port,
     factory, backlog, interface, reactor; plus ``on_open`` and ``on_close``).
     ``_AbstractServer._getPort`` (private) is where the service makes its port.
-    ``nodelay`` and ``lean``: as ``CountedPort``'s."""
+    ``nodelay``, ``lean`` and ``defer_accept``: as ``CountedPort``'s."""
 
     def __init__(self, port: int, factory: Factory[Any], *, on_open: Callable[[], None],
                  on_close: Callable[[], None], backlog: int = 50, interface: str = "",
-                 reactor: Any = None, nodelay: bool = False,
-                 lean: bool = False) -> None:  # fmt: skip
+                 reactor: Any = None, nodelay: bool = False, lean: bool = False,
+                 defer_accept: int = 0) -> None:  # fmt: skip
         super().__init__(port, factory, backlog=backlog, interface=interface, reactor=reactor)
         self.on_open = on_open
         self.on_close = on_close
         self.nodelay = nodelay
         self.lean = lean
+        self.defer_accept = defer_accept
 
     def _getPort(self) -> CountedPort:  # noqa: N802
         from twisted.internet import reactor as global_reactor
@@ -552,7 +580,8 @@ class CountedTCPServer(internet.TCPServer):
         clock = self.reactor if self.reactor is not None else global_reactor
         listening = CountedPort(port, factory, self.kwargs["backlog"],
                                 self.kwargs["interface"], clock, self.on_open,
-                                self.on_close, self.nodelay, self.lean)  # fmt: skip
+                                self.on_close, self.nodelay, self.lean,
+                                self.defer_accept)  # fmt: skip
         listening.startListening()
         return listening
 

@@ -4,6 +4,7 @@ socket across a protocol take-over, and nothing left counted after the sockets c
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable, Generator
 from typing import Any
 
@@ -99,6 +100,11 @@ def test_the_gate_caps_counts_and_follows_the_socket():
     yield _wait(lambda: gate.open == 0, "every socket to count out")
 
 
+class Speaking(Client):
+    def connectionMade(self) -> None:  # noqa: N802
+        self.transport.write(b"GET")
+
+
 @pytest_twisted.inlineCallbacks
 def test_the_gate_caps_and_counts_lean_connections_and_their_hand_over():
     """A factory asking for lean transports (the browser front): the same cap and count,
@@ -112,16 +118,19 @@ def test_the_gate_caps_and_counts_lean_connections_and_their_hand_over():
     service.startService()
     clients: list[Client] = []
     try:
-        port = listening_port(service).getHost().port
+        listening = listening_port(service)
+        # Accepted once the client's first bytes are in (a browser speaks first).
+        assert listening.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT) > 0
+        port = listening.getHost().port
         endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port)
         for _ in range(2):
-            clients.append((yield connectProtocol(endpoint, Client())))
+            clients.append((yield connectProtocol(endpoint, Speaking())))
         yield _wait(lambda: len(accepted) == 2 and gate.open == 2, "two sockets counted")
         assert all(type(s.transport) is LeanConnection for s in accepted)
         assert unsent_bytes(accepted[0].transport) == 0
         yield _wait(lambda: all(c.data == b"hi" for c in clients), "both greetings")
 
-        third = yield connectProtocol(endpoint, Client())
+        third = yield connectProtocol(endpoint, Speaking())
         yield third.lost
         assert third.data == b"" and len(accepted) == 2
         assert (gate.open, gate.refused) == (2, 1)

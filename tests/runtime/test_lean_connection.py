@@ -8,6 +8,7 @@ socket counted once from accept to close, the hand-over to a ``tcp.Server``
 
 from __future__ import annotations
 
+import inspect
 import socket
 import subprocess
 import sys
@@ -40,6 +41,7 @@ class Recorder(Protocol):
     def __init__(self, factory: LeanFactory) -> None:
         self.factory = factory
         self.data = b""
+        self.reads: list[str] = []
         self.lost: list[Failure] = []
 
     def connectionMade(self) -> None:  # noqa: N802
@@ -47,6 +49,10 @@ class Recorder(Protocol):
 
     def dataReceived(self, data: bytes) -> None:  # noqa: N802
         self.data += data
+        # Read in the accept itself (first_read), or on a reactor wake-up of its own?
+        self.reads.append(
+            "accept" if any(f.function == "first_read" for f in inspect.stack()) else "reactor"
+        )
         if self.fail:
             raise RuntimeError("boom in dataReceived")
 
@@ -55,13 +61,19 @@ class Recorder(Protocol):
 
 
 class LeanFactory(Factory):
+    fail_next = False  # the next protocol raises in dataReceived
+
     def __init__(self) -> None:
         self.built: list[Recorder] = []
         self.addrs: list[Any] = []
 
     def buildProtocol(self, addr: Any) -> Recorder:  # type: ignore[override]  # noqa: N802
         self.addrs.append(addr)
-        return Recorder(self)
+        p = Recorder(self)
+        if LeanFactory.fail_next:
+            LeanFactory.fail_next = False
+            p.fail = True
+        return p
 
 
 def _wait(predicate: Callable[[], bool], what: str) -> defer.Deferred[None]:
@@ -77,13 +89,13 @@ def _wait(predicate: Callable[[], bool], what: str) -> defer.Deferred[None]:
 
 
 class Listener:
-    def __init__(self) -> None:
+    def __init__(self, defer_accept: int = 0) -> None:
         self.events: list[str] = []
         self.factory = LeanFactory()
         self.service = twisted_compat.CountedTCPServer(
             0, self.factory, on_open=lambda: self.events.append("open"),
             on_close=lambda: self.events.append("close"), interface="127.0.0.1",
-            nodelay=True, lean=True,
+            nodelay=True, lean=True, defer_accept=defer_accept,
         )  # fmt: skip
         self.service.startService()
         self.port = listening_port(self.service).getHost().port
@@ -272,6 +284,48 @@ def test_to_twisted_hands_the_socket_and_its_queue_to_a_tcp_server_counted_once(
         yield _wait(lambda: bool(proto.lost), "connectionLost")
         assert listener.events == ["open", "close"]  # counted in once, out once
     finally:
+        yield listener.stop()
+
+
+@pytest_twisted.inlineCallbacks
+def test_with_defer_accept_a_request_is_read_in_its_accept_and_a_silent_socket_still_comes():
+    listener = Listener(defer_accept=1)
+    try:
+        port = listening_port(listener.service)
+        assert port.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT) > 0
+        # A request sent with the handshake: accepted with its bytes, read in the accept.
+        peer = socket.create_connection(("127.0.0.1", listener.port), timeout=5)
+        listener.peers.append(peer)
+        peer.sendall(b"GET / HTTP/1.1\r\n\r\n")
+        yield _wait(lambda: len(listener.factory.built) == 1, "the accept")
+        proto = listener.factory.built[0]
+        assert proto.data == b"GET / HTTP/1.1\r\n\r\n" and proto.reads == ["accept"]
+        peer.sendall(b"more")
+        yield _wait(lambda: proto.data.endswith(b"more"), "the next read")
+        assert proto.reads == ["accept", "reactor"]
+        # An error in that first read: logged, that connection lost, the listener fine.
+        logged: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(logged.append)
+        try:
+            LeanFactory.fail_next = True
+            bad = socket.create_connection(("127.0.0.1", listener.port), timeout=5)
+            listener.peers.append(bad)
+            bad.sendall(b"x")
+            yield _wait(lambda: len(listener.factory.built) == 2, "the accept")
+            failing = listener.factory.built[1]
+            yield _wait(lambda: bool(failing.lost), "connectionLost")
+            assert failing.lost[0].check(RuntimeError) and failing.reads == ["accept"]
+            assert any((e.get("log_failure") or e.get("failure")) is not None for e in logged)
+        finally:
+            globalLogPublisher.removeObserver(logged.append)
+        # A socket that sends nothing is still accepted (after the defer, ~1-3 s).
+        silent = socket.create_connection(("127.0.0.1", listener.port), timeout=5)
+        listener.peers.append(silent)
+        yield _wait(lambda: len(listener.factory.built) == 3, "the silent socket's accept")
+        assert listener.factory.built[2].data == b""
+        assert listener.events.count("open") == 3
+    finally:
+        LeanFactory.fail_next = False
         yield listener.stop()
 
 

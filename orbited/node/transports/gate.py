@@ -21,6 +21,11 @@ from twisted.logger import Logger
 from orbited.runtime.twisted_compat import CountedTCPServer
 
 FD_RESERVE = 1024  # fds left for SP connections, HaloD, presence, logs, ...
+# The browser listener's TCP_DEFER_ACCEPT (Linux), seconds: a connection is accepted when
+# its request's first bytes arrive, so accept and read are one wake-up (a browser speaks
+# first); one that sends nothing is accepted after about this long (the kernel's SYN-ACK
+# retransmission decides) and then waits for its request as any other.
+DEFER_ACCEPT = 1
 
 
 def raise_fd_limit() -> int:
@@ -109,13 +114,15 @@ class GatedTCPServer(CountedTCPServer):
     the gate first); its port (orbited.runtime.twisted_compat.CountedPort) counts every
     accepted socket in the gate from accept to close, and gives every one TCP_NODELAY
     (a browser's frames leave at once, not after its ACK). A factory with a true
-    ``lean_transport`` attribute (the browser front) gets ``LeanConnection`` transports
-    (orbited.runtime.twisted_compat) and None for the address in ``buildProtocol``."""
+    ``lean_transport`` attribute (the browser front, whose clients speak first) gets
+    ``LeanConnection`` transports (orbited.runtime.twisted_compat), None for the address
+    in ``buildProtocol`` and TCP_DEFER_ACCEPT (``DEFER_ACCEPT``)."""
 
     def __init__(self, gate: SocketGate, port: int, factory: Factory[Any], backlog: int = 50,
                  interface: str = "", reactor: Any = None) -> None:  # fmt: skip
+        lean = bool(getattr(factory, "lean_transport", False))
         super().__init__(port, GatedFactory(factory, gate), on_open=gate.opened,
                          on_close=gate.closed, backlog=backlog, interface=interface,
-                         reactor=reactor, nodelay=True,
-                         lean=bool(getattr(factory, "lean_transport", False)))  # fmt: skip
+                         reactor=reactor, nodelay=True, lean=lean,
+                         defer_accept=DEFER_ACCEPT if lean else 0)  # fmt: skip
         self.gate = gate
