@@ -223,22 +223,24 @@ class RepProtocol(Protocol):
         browser connection leaves in one write when the batch ends; then their replies,
         in one write, before this returns (a reply leaves after the deliveries it
         reports, and the web app is woken once the browsers have been)."""
-        with self._batch():
-            replies = self._handle_held_batch()
-        if replies and self.state is not RepState.CLOSED:
-            # Joined, not a writev: small pieces cost the kernel more per byte than one
-            # copy here; at once when the connection has nothing queued (write-through).
-            write_through(self.transport, b"".join(replies))
+        replies: list[bytes] = []  # length, backtrace, payload, length, ...
+        try:
+            with self._batch():
+                self._handle_held_batch(replies)
+        finally:  # (a batch end that raises keeps the replies of what was handled)
+            if replies and self.state is not RepState.CLOSED:
+                # Joined, not a writev: small pieces cost the kernel more per byte than
+                # one copy here; at once when nothing is queued (write-through).
+                write_through(self.transport, b"".join(replies))
 
-    def _handle_held_batch(self) -> list[bytes]:
-        """Handle held requests while in-flight slots last; return the replies ready now
-        (length, backtrace, payload, length, ...); the others leave as they complete."""
+    def _handle_held_batch(self, replies: list[bytes]) -> None:
+        """Handle held requests while in-flight slots last; the replies ready now go to
+        ``replies``, the others leave as they complete."""
         held = self._held
         handler = self._handler
         max_inflight = self._limits.max_inflight
         closed = RepState.CLOSED
         pack = _LENGTH.pack
-        replies: list[bytes] = []
         add = replies.append
         while held and self._inflight < max_inflight and self.state is not closed:
             backtrace, payload = held.popleft()
@@ -253,7 +255,6 @@ class RepProtocol(Protocol):
                 add(result)
             else:
                 self._track(backtrace, result)
-        return replies
 
     def _track(self, backtrace: bytes, d: defer.Deferred[bytes]) -> None:
         self._inflight += 1

@@ -2,6 +2,7 @@
 
 from contextlib import contextmanager
 
+import pytest
 from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -83,6 +84,25 @@ def test_replies_leave_after_the_deliveries_of_their_read():
     proto.dataReceived(REQ_HEADER + request(0x80000001, b"a") + request(0x80000002, b"b"))
     assert written_at_batch_end == [wire.encode_header(wire.REP)]
     assert replies(transport.value()) == [b"\x80\x00\x00\x01ok:a", b"\x80\x00\x00\x02ok:b"]
+
+
+def test_replies_still_leave_when_the_batch_end_fails():
+    """A delivery batch whose end raises (a bug in a sink's flush) must not swallow the
+    read's replies: they are written, then the error goes on to Twisted (which logs it
+    and drops the connection)."""
+
+    @contextmanager
+    def batch():
+        yield
+        raise RuntimeError("flush failed")
+
+    factory = RepFactory(lambda p: b"ok:" + p, RepLimits(), Clock(), batch=batch)
+    proto = factory.buildProtocol(None)
+    transport = TCPStringTransport()
+    proto.makeConnection(transport)
+    with pytest.raises(RuntimeError, match="flush failed"):
+        proto.dataReceived(REQ_HEADER + request(0x80000001, b"a"))
+    assert replies(transport.value()) == [b"\x80\x00\x00\x01ok:a"]
 
 
 def test_deferred_replies_leave_in_completion_order():
