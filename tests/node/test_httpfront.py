@@ -881,3 +881,38 @@ def test_the_front_answers_an_ack_and_keeps_the_connection(served):
     ((closed_head, _),) = responses(closing)
     assert not closing.endswith(b"<open>") and b"Connection: close" in closed_head
     assert served.hub._slots[KEY].mailbox.acked == 2
+
+
+def test_a_request_head_leaves_no_reference_cycle_for_the_collector():
+    """httptools' parser holds its reader's bound methods: the reader drops the parser
+    once a head is read (or the connection is lost in the middle of one), so no cycle is
+    left per request for the garbage collector to find."""
+    import gc
+
+    from twisted.internet.error import ConnectionDone
+    from twisted.python.failure import Failure
+
+    clock = Clock()
+    hub, front = clocked_front(clock)
+    token = issue_token(SECRET, KEY).encode()
+    gc.collect()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        p = front.buildProtocol(None)
+        p.makeConnection(FakeTransport())
+        p.dataReceived(UPGRADE.replace(b"token=T", b"token=" + token))
+        q = front.buildProtocol(None)
+        q.makeConnection(FakeTransport())
+        q.dataReceived(
+            b"GET /orbited/poll?token=" + token + b"&timeout=0 HTTP/1.1\r\nHost: h\r\n\r\n"
+        )
+        half = front.buildProtocol(None)
+        half.makeConnection(FakeTransport())
+        half.dataReceived(b"GET /orbited/sse?token=" + token + b" HTTP/1.1\r\nHost:")
+        half.connectionLost(Failure(ConnectionDone()))
+        gc.collect()
+        left = [type(o).__name__ for o in gc.garbage]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+    assert "HeadReader" not in left and "HttpRequestParser" not in left, left

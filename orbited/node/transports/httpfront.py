@@ -172,6 +172,19 @@ class HeadReader:
             self.state = 1
 
     def feed(self, data: bytes) -> Head | _Handoff | None:
+        """``None`` (more bytes needed), or the outcome (then the reader is done)."""
+        result = self._feed(data)
+        if result is not None:
+            self.release()
+        return result
+
+    def release(self) -> None:
+        """Drop the parser: it holds this reader's bound methods (a reference cycle, left
+        to the garbage collector otherwise: ≈ 4 µs of its time per request). The reader
+        is not fed again."""
+        self.parser = None  # type: ignore[assignment]
+
+    def _feed(self, data: bytes) -> Head | _Handoff | None:
         self.raw += data
         try:
             self.parser.feed_data(data)
@@ -609,7 +622,10 @@ class FrontProtocol(Protocol):
         front = self.front
         front.waiting.discard(self)
         front.websockets.discard(self)
-        self.reader = None
+        reader = self.reader
+        if reader is not None:  # lost in the middle of a request head
+            self.reader = None
+            reader.release()
         sink = self.sink
         if sink is not None:
             self.sink = None
