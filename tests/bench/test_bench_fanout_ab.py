@@ -37,3 +37,14 @@ def test_hubcost_fanout_prints_a_figure() -> None:
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     assert "µs of CPU per recipient (best of 2 requests to 300 keys)" in done.stdout
+
+
+def test_hubcost_attach_runs_every_long_poll_cycle() -> None:
+    """``--attach``: it runs, and each held poll took its event (the script exits with an
+    error naming the key otherwise)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.hubcost", "--attach", "200", "--reps", "2"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "cold attach" in done.stdout and "long-poll delivery" in done.stdout
