@@ -33,6 +33,7 @@ SCENARIOS = {
     "store": "bench.store",
     "user": "bench.usercost",
     "tracecost": "bench.tracecost",
+    "stages": "bench.stages",
 }
 # Load-tool pieces (bench/README.md, "Simulated browsers"), runnable the same way.
 TOOLS = {
@@ -41,7 +42,7 @@ TOOLS = {
     "chaos_report": "bench.chaos_report",
 }
 # `all`, in this order: the page's order; the soak (an hour) only when asked for.
-ORDER = ("dispatch", "idle", "storm", "dataplane", "failover", "control")
+ORDER = ("dispatch", "stages", "idle", "storm", "dataplane", "failover", "control")
 QUICK_RESULTS = Path("/tmp/orbited-bench-quick")
 
 

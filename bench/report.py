@@ -35,7 +35,7 @@ RESULTS = ROOT / "bench" / "results"
 DOC = ROOT / "docs" / "performance.md"
 IMAGES = ROOT / "docs" / "images"
 # Section order in the page and in `python -m bench all`.
-SECTIONS = ("dispatch", "idle", "storm", "dataplane", "failover", "control")
+SECTIONS = ("dispatch", "stages", "idle", "storm", "dataplane", "failover", "control")
 # Sections `report` also renders, whose scenario `all` runs only when asked (an hour).
 REPORT_ONLY = ("soak",)
 
