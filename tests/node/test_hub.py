@@ -771,9 +771,11 @@ def test_every_attach_s_hello_is_byte_identical_to_frames_hello():
 
 
 def test_the_sp_handler_answers_as_dispatch_does():
-    """handle_request formats a one-recipient reply itself (no DispatchResult): the same
-    bytes as answer()'s path through dispatch and encode_reply, over delivered, dropped,
-    queued, latest-value, no_connection, full, duplicate and a non-ASCII id."""
+    """handle_request does and answers its most common request in one place (Hub._one)
+    and formats a one-recipient reply itself (no DispatchResult): the same bytes, browser
+    frames, mailboxes, counts and stats as answer()'s path through dispatch and _deliver
+    and encode_reply, over delivered, dropped, queued, latest-value, no_connection, full,
+    duplicate and a non-ASCII id."""
     from orbited.node.events import encode_reply, parse_request
     from orbited.node.hub import answer
 
@@ -794,7 +796,13 @@ def test_the_sp_handler_answers_as_dispatch_does():
         ]
         for body in bodies:
             replies.append(reply_of(hub, json.dumps(body).encode()))
-        return replies, sink.frames
+        state = [
+            (m.last_seq, m.delivered, m.acked, m.evicted, m.buffered_bytes, m.export())
+            for m in (hub.mailbox(ALICE), hub.mailbox(BOB))
+            if m is not None
+        ]  # fmt: skip
+        slots = [(s.counted, s.probe) for s in hub._slots.values()]
+        return replies, sink.frames, state, slots, dict(hub.stats), hub.mailbox_bytes
 
     def reencoded(hub, body):  # dispatch's results, encoded by events (not the hub)
         outcome = hub.dispatch(parse_request(body, hub.config.requests))
