@@ -8,6 +8,7 @@ the token proves, or raises TokenError with a stable code.
 from __future__ import annotations
 
 import binascii
+import hashlib
 import hmac
 import importlib
 import json
@@ -172,6 +173,26 @@ MAX_KNOWN_HEADERS = 16
 _known_headers: set[bytes] = set()
 
 
+# HMAC-SHA256 keyed once per secret: a copy of the keyed state per token instead of
+# hmac.digest's key set-up and digest lookup by name (1.4 against 2.2 us in one process).
+# At most MAX_KEYED secrets are kept (a node has one, two while it rotates).
+MAX_KEYED = 8
+_keyed: dict[bytes, Any] = {}
+
+
+def _hs256(secret: bytes, data: bytes) -> bytes:
+    """HMAC-SHA256 of ``data`` under ``secret`` (what ``hmac.digest(secret, data,
+    "sha256")`` gives)."""
+    base = _keyed.get(secret)
+    if base is None:
+        base = hmac.new(secret, digestmod=hashlib.sha256)
+        if len(_keyed) < MAX_KEYED:
+            _keyed[secret] = base
+    h = base.copy()
+    h.update(data)
+    return h.digest()
+
+
 def _hs256_payload(secret: bytes, token: bytes) -> bytes:
     """The payload bytes of a JWS in compact form signed with HS256 under ``secret``."""
     signing_input, _, crypto_segment = token.rpartition(b".")
@@ -183,7 +204,7 @@ def _hs256_payload(secret: bytes, token: bytes) -> bytes:
         signature = _segment(crypto_segment)
     else:
         payload, signature = _checked_header(header_segment, payload_segment, crypto_segment)
-    if not hmac.compare_digest(hmac.digest(secret, signing_input, "sha256"), signature):
+    if not hmac.compare_digest(_hs256(secret, signing_input), signature):
         raise TokenError("token_invalid", "token signature does not verify")
     if header_segment not in _known_headers and len(_known_headers) < MAX_KNOWN_HEADERS:
         _known_headers.add(header_segment)

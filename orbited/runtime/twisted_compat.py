@@ -9,6 +9,7 @@ production. Nothing else in orbited/ or halod/ may use a private upstream name
 
 from __future__ import annotations
 
+import _socket
 import socket
 import struct
 from collections.abc import Callable
@@ -191,7 +192,7 @@ class LeanConnection:
     __slots__ = ("socket", "fd", "protocol", "port", "reactor", "addr", "out", "connected",
                  "disconnecting", "disconnected", "writing", "aborting", "__weakref__")  # fmt: skip
 
-    def __init__(self, skt: socket.socket, protocol: Any, addr: Any, port: CountedPort,
+    def __init__(self, skt: _socket.socket, protocol: Any, addr: Any, port: CountedPort,
                  reactor: Any) -> None:  # fmt: skip
         self.socket = skt
         self.fd = skt.fileno()
@@ -392,7 +393,9 @@ class LeanConnection:
         port = self.port
         session = port.sessionno
         port.sessionno = session + 1
-        server = AdoptedServer(self.socket, self.protocol, self.addr, port, session, reactor)
+        raw = self.socket
+        skt = socket.socket(raw.family, raw.type, raw.proto, fileno=raw.detach())
+        server = AdoptedServer(skt, self.protocol, self.addr, port, session, reactor)
         out = self.out
         if out:
             server.write(bytes(out))
@@ -406,6 +409,8 @@ class LeanConnection:
 
 
 _LINGER_RESET = struct.pack("ii", 1, 0)
+_RawSocket = _socket.socket  # what socket.socket wraps (LeanConnection needs no more)
+_STREAM = int(socket.SOCK_STREAM)
 
 
 def _peer_address(addr: Any) -> Any:
@@ -506,7 +511,13 @@ class CountedPort(tcp.Port):
 
     def doRead(self) -> None:  # noqa: N802
         try:
-            accept = self.socket.accept
+            listening = self.socket
+            accept = listening.accept
+            # Lean: the C-level accept (``socket._accept``: the fd and address) and a
+            # plain ``_socket.socket``, without socket.socket's Python-level set-up and
+            # its enum conversions of family and type (≈ 2 µs per socket).
+            raw_accept = listening._accept  # type: ignore[union-attr]
+            family = int(listening.family)
             factory: Any = self.factory
             lean = self.lean
             reactor = self.reactor
@@ -514,7 +525,11 @@ class CountedPort(tcp.Port):
             accepted = 0
             while accepted < limit:
                 try:
-                    skt, addr = accept()
+                    if lean:
+                        fd, addr = raw_accept()
+                        skt = _RawSocket(family, _STREAM, 0, fd)
+                    else:
+                        skt, addr = accept()
                 except BlockingIOError:
                     break
                 except OSError:

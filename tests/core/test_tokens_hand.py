@@ -237,3 +237,14 @@ def test_claims_read_by_orjson_are_read_as_the_strict_decoder_reads_them(doc, da
 ])  # fmt: skip
 def test_what_orjson_reads_otherwise_is_decided_by_the_strict_decoder(payload):
     assert _fast_parse(payload) == _strict_parse(payload)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.binary(min_size=1, max_size=80), min_size=1, max_size=12), st.binary())
+def test_the_keyed_hmac_is_hmac_sha256_for_every_secret_and_keeps_a_few(secrets, data):
+    """_hs256 (the keyed state copied per token) gives hmac.digest's HMAC-SHA256, for
+    more secrets than it keeps keyed (MAX_KEYED), and keeps no more than that."""
+    for secret in secrets:
+        assert tokens._hs256(secret, data) == hmac.digest(secret, data, "sha256")
+        assert tokens._hs256(secret, data) == hmac.digest(secret, data, "sha256")  # kept one
+    assert len(tokens._keyed) <= tokens.MAX_KEYED

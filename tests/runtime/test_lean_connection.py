@@ -4,10 +4,13 @@ does and the front relies on: write-through and queueing in order, writes after
 ``loseConnection`` sent before the FIN, ``abortConnection`` resetting a turn later, the
 peer's end of stream, an error in the protocol logged and the connection lost, the
 socket counted once from accept to close, the hand-over to a ``tcp.Server``
-(``to_twisted``) and every connection lost when the reactor stops (in a child process)."""
+(``to_twisted``) and every connection lost when the reactor stops (in a child process).
+Pins CPython's ``socket._accept`` (the lean accept loop's) and ``tcp.Server``'s
+constructor (``to_twisted``)."""
 
 from __future__ import annotations
 
+import _socket
 import inspect
 import socket
 import subprocess
@@ -16,8 +19,10 @@ import textwrap
 from collections.abc import Callable, Generator
 from typing import Any
 
+import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor, tcp, threads
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.error import ConnectionAborted, ConnectionDone, ConnectionLost
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
@@ -89,12 +94,13 @@ def _wait(predicate: Callable[[], bool], what: str) -> defer.Deferred[None]:
 
 
 class Listener:
-    def __init__(self, defer_accept: int = 0) -> None:
+    def __init__(self, defer_accept: int = 0, host: str = "127.0.0.1") -> None:
         self.events: list[str] = []
         self.factory = LeanFactory()
+        self.host = host
         self.service = twisted_compat.CountedTCPServer(
             0, self.factory, on_open=lambda: self.events.append("open"),
-            on_close=lambda: self.events.append("close"), interface="127.0.0.1",
+            on_close=lambda: self.events.append("close"), interface=host,
             nodelay=True, lean=True, defer_accept=defer_accept,
         )  # fmt: skip
         self.service.startService()
@@ -104,7 +110,7 @@ class Listener:
     @defer.inlineCallbacks
     def connect(self) -> Generator[Any, Any, tuple[socket.socket, Recorder]]:
         n = len(self.factory.built)
-        peer = socket.create_connection(("127.0.0.1", self.port), timeout=5)
+        peer = socket.create_connection((self.host, self.port), timeout=5)
         self.peers.append(peer)
         yield _wait(lambda: len(self.factory.built) > n, "the accept")
         return peer, self.factory.built[n]
@@ -135,17 +141,24 @@ def _recv_until_eof(peer: socket.socket) -> bytes:
         out += chunk
 
 
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
 @pytest_twisted.inlineCallbacks
-def test_accepts_reads_writes_through_and_counts_a_peer_close_once():
-    listener = Listener()
+def test_accepts_reads_writes_through_and_counts_a_peer_close_once(host):
+    try:
+        listener = Listener(host=host)
+    except Exception:  # noqa: BLE001 - no loopback IPv6 here
+        pytest.skip(f"cannot listen on {host}")
     try:
         peer, proto = yield listener.connect()
         conn = proto.transport
         assert type(conn) is LeanConnection
+        # Accepted by the C-level socket._accept into a plain _socket.socket.
+        assert type(conn.socket) is _socket.socket
         assert listener.factory.addrs == [None]  # no address object built per accept
         assert listener.events == ["open"]
-        peer_host, peer_port = peer.getsockname()
+        peer_host, peer_port = peer.getsockname()[:2]
         assert (conn.getPeer().host, conn.getPeer().port) == (peer_host, peer_port)
+        assert type(conn.getPeer()) is (IPv6Address if ":" in host else IPv4Address)
         assert conn.getHost().port == listener.port
         assert conn.getTcpNoDelay()  # inherited from the listening socket
         peer.sendall(b"GET / HTTP/1.1\r\n\r\n")
