@@ -89,6 +89,7 @@ def _idle(tcp: Any) -> bool:
         and tcp.offset == len(tcp.dataBuffer)
         and tcp.connected
         and not tcp.disconnecting
+        and not tcp._aborting  # abortConnection: nothing more is sent
     )
 
 
@@ -190,7 +191,8 @@ class LeanConnection:
     ``tcp.Server`` (``to_twisted``)."""
 
     __slots__ = ("socket", "fd", "protocol", "port", "reactor", "addr", "out", "connected",
-                 "disconnecting", "disconnected", "writing", "aborting", "__weakref__")  # fmt: skip
+                 "disconnecting", "disconnected", "writing", "aborting", "adopted",
+                 "__weakref__")  # fmt: skip
 
     def __init__(self, skt: _socket.socket, protocol: Any, addr: Any, port: CountedPort,
                  reactor: Any) -> None:  # fmt: skip
@@ -206,6 +208,7 @@ class LeanConnection:
         self.disconnected = 0
         self.writing = False
         self.aborting = False
+        self.adopted: tcp.Server | None = None  # after to_twisted
 
     # IFileDescriptor
     def fileno(self) -> int:
@@ -268,7 +271,14 @@ class LeanConnection:
 
     def connectionLost(self, reason: Failure) -> None:  # noqa: N802
         """The reactor's (or abortConnection's) call, once: close the socket, tell the
-        protocol, uncount the socket."""
+        protocol, uncount the socket. After ``to_twisted`` (an exception in the read that
+        handed the socket over): the ``tcp.Server`` is lost instead, as it would have been
+        had it read those bytes itself."""
+        adopted = self.adopted
+        if adopted is not None:
+            self.adopted = None
+            adopted.connectionLost(reason)  # (once: tcp.Connection checks)
+            return
         if self.disconnected:
             return
         self.disconnected = 1
@@ -303,7 +313,7 @@ class LeanConnection:
     def send_now(self, data: bytes) -> bool:
         """Write ``data``, on the socket at once when nothing is queued (write-through);
         True when the kernel took all of it (nothing queued in user space)."""
-        if self.out is not None or self.disconnecting or not self.connected:
+        if self.out is not None or self.disconnecting or not self.connected or self.aborting:
             self.write(data)
             return False
         try:
@@ -318,8 +328,8 @@ class LeanConnection:
         return False
 
     def write(self, data: bytes) -> None:
-        if not self.connected or not data:
-            return
+        if not self.connected or not data or self.aborting:
+            return  # (after abortConnection: never sent, as tcp.Connection)
         out = self.out
         if out is None:
             self.out = bytearray(data)
@@ -405,6 +415,10 @@ class LeanConnection:
         self.protocol = None
         self.connected = 0
         self.disconnected = 1  # inert: the reactor no longer knows it
+        # The fd is the tcp.Server's now: the reactor, should the read that called this
+        # raise, must not find it through this object (it would unregister the server).
+        self.fd = -1
+        self.adopted = server
         return server
 
 

@@ -71,10 +71,11 @@ class LeanFactory(Factory):
     def __init__(self) -> None:
         self.built: list[Recorder] = []
         self.addrs: list[Any] = []
+        self.kind: type[Recorder] = Recorder
 
     def buildProtocol(self, addr: Any) -> Recorder:  # type: ignore[override]  # noqa: N802
         self.addrs.append(addr)
-        p = Recorder(self)
+        p = self.kind(self)
         if LeanFactory.fail_next:
             LeanFactory.fail_next = False
             p.fail = True
@@ -219,6 +220,7 @@ def test_abort_drops_the_queue_resets_and_is_lost_a_turn_later():
         conn.abortConnection()
         conn.abortConnection()  # twice: once
         assert not proto.lost  # a reactor turn later, as tcp.Connection.abortConnection
+        assert write_through(conn, b"AFTER-ABORT") is False  # never sent
         yield _wait(lambda: bool(proto.lost), "connectionLost")
         assert len(proto.lost) == 1 and proto.lost[0].check(ConnectionAborted)
         assert listener.events == ["open", "close"]
@@ -230,6 +232,17 @@ def test_abort_drops_the_queue_resets_and_is_lost_a_turn_later():
         except ConnectionResetError:
             reset = True
         assert reset  # SO_LINGER 0: a reset, not a FIN after the queue
+        # Nothing queued: a write-through after the abort is not sent either.
+        peer2, proto2 = yield listener.connect()
+        proto2.transport.abortConnection()
+        assert write_through(proto2.transport, b"AFTER-ABORT") is False
+        yield _wait(lambda: bool(proto2.lost), "connectionLost")
+        peer2.settimeout(5)
+        try:
+            got = peer2.recv(100)
+        except ConnectionResetError:
+            got = b""
+        assert got == b""
     finally:
         yield listener.stop()
 
@@ -339,6 +352,51 @@ def test_with_defer_accept_a_request_is_read_in_its_accept_and_a_silent_socket_s
         assert listener.events.count("open") == 3
     finally:
         LeanFactory.fail_next = False
+        yield listener.stop()
+
+
+class _Echo(Protocol):
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        self.transport.write(b"echo:" + data)
+
+
+class _HandOver(Recorder):
+    """Hands its socket to an echoing protocol on a tcp.Server, then raises."""
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        server = self.transport.to_twisted()
+        echo = _Echo()
+        server.protocol = echo
+        echo.makeConnection(server)
+        echo.dataReceived(data)
+        raise RuntimeError("boom after the hand-over")
+
+
+@pytest.mark.parametrize("defer_accept", [0, 1])
+@pytest_twisted.inlineCallbacks
+def test_an_error_after_a_hand_over_loses_the_tcp_server_and_counts_it_out(defer_accept):
+    """The read that hands the socket to a tcp.Server (the front's hand-off to
+    twisted.web) raises afterwards: logged, and the connection is lost as a tcp.Server's
+    would be (closed, counted out), not left registered to nobody. ``defer_accept``:
+    on the accept's own read (first_read) or on the reactor's."""
+    listener = Listener(defer_accept=defer_accept)
+    logged: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(logged.append)
+
+    listener.factory.kind = _HandOver
+    try:
+        peer = socket.create_connection(("127.0.0.1", listener.port), timeout=5)
+        listener.peers.append(peer)
+        if not defer_accept:
+            yield _wait(lambda: len(listener.factory.built) == 1, "the accept")
+        peer.sendall(b"x")
+        got = yield threads.deferToThread(_recv_until_eof, peer)
+        assert got in (b"", b"echo:x")  # queued before the loss: sent, or dropped; then EOF
+        yield _wait(lambda: listener.events == ["open", "close"], "the socket counted out")
+        failures = [e.get("log_failure") or e.get("failure") for e in logged]
+        assert any(f is not None and f.check(RuntimeError) for f in failures)
+    finally:
+        globalLogPublisher.removeObserver(logged.append)
         yield listener.stop()
 
 

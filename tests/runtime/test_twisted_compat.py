@@ -621,6 +621,14 @@ def test_no_write_through_once_the_connection_is_closing_or_tls():
         assert tcp.disconnecting and not twisted_compat.can_write_through(transport)
     finally:
         yield _close(transport, port, peer)
+    # After abortConnection nothing more is sent (tcp.Connection._aborting).
+    transport, port, peer, tcp = yield _pair()
+    try:
+        transport.abortConnection()
+        assert tcp._aborting and not twisted_compat.can_write_through(transport)
+        assert twisted_compat.write_through(transport, b"AFTER") is False
+    finally:
+        yield _close(transport, port, peer)
 
 
 def test_transports_of_another_kind_get_write_and_write_sequence():
