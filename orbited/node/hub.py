@@ -6,8 +6,10 @@ recipient's mailbox, writes it to the attached sink if there is one, and answers
 DispatchResult. Requests in the acknowledged mode are answered once the browser
 acknowledged (the ack waits, here). Resends are recognised by orbited.node.dedup; route
 ownership and the hand-off of mailboxes between nodes are orbited.node.handoff's
-(RouteOwnership, which Hub extends). Bytes stay at the edge: ``answer`` turns a request
-body into a reply body for the SP and HTTP front ends. Time comes from an injected
+(RouteOwnership, which Hub extends). Bytes stay at the edge: ``Hub.handle_request`` (the
+SP front end's) and ``answer`` (the HTTP publish API's) turn a request body into a reply
+body; the most common request is delivered and answered in one place (``Hub._one``).
+Time comes from an injected
 IReactorTime so tests drive it with twisted.internet.task.Clock; no sockets here.
 """
 
@@ -2016,9 +2018,10 @@ def answer(
     hub: Hub, body: bytes, traceparent: str | None = None, tracestate: str | None = None
 ) -> Answer | defer.Deferred[Answer]:
     """The bytes edge of the event protocol (docs/protocol.md): parse a request body,
-    dispatch it and encode the reply, saying whether it is a success. The SP (REP) and
-    HTTP publish front ends call this; a Deferred when the reply waits. ``traceparent``
-    and ``tracestate``: the HTTP publish API's headers (the body's fields win)."""
+    dispatch it and encode the reply, saying whether it is a success. The HTTP publish
+    front end calls this (the SP's, ``Hub.handle_request``, runs the same steps without
+    the flag); a Deferred when the reply waits. ``traceparent`` and ``tracestate``: the
+    HTTP publish API's headers (the body's fields win)."""
     try:
         request = events.parse_request(body, hub.config.requests)
     except events.RequestError as e:
