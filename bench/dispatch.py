@@ -394,16 +394,19 @@ Reading these figures:
   on that share and is the figure to compare; it is also given at the first rate, which
   is the same for every server. The subscribers' and publisher's own CPU and event-loop
   lag are in the JSON per step.
-- **Orbited vs raw** is Orbited's own work per event (validation, mailbox, sequence
-  number, dedup memory, a per-recipient reply) over the same SP and WebSocket code; one
-  recipient per request makes the per-request part count fully. Removed for this run:
-  a JSON encoder and decoder built per `json.dumps`/`loads` call (three per request), a
-  slow path for every connection key, and, for long-poll, JWT verification on every poll
-  (verified tokens are remembered; expiry is still checked each time).
-- **Long-poll** answers each event with a whole HTTP response and the client asks again
-  (twisted.web parses a request per event); it is the fallback transport, 5–10× the CPU
-  of streaming (a reference measurement of CPython + twisted.web: 128 µs per delivery,
-  5–6× streaming). Nchan's long-poll is C.
+- **Orbited vs raw** (when `raw` runs: our SP REP server and autobahn, none of Orbited's
+  work) is Orbited's own work per event (validation, mailbox, sequence number, dedup
+  memory, a per-recipient reply); one recipient per request makes the per-request part
+  count fully. Since the lean browser front, Orbited's node no longer uses autobahn on
+  this path, so raw is no longer a floor for it.
+- **The top of the ladder is not a ceiling.** A server that delivers ≥ 90 % of the highest
+  offered rate is not saturated: its "delivered/s at saturation" is then that step's
+  rate, and its real ceiling is above it (the publisher and the subscribers share the
+  box with it).
+- **Long-poll** answers each event with a whole HTTP response and the client asks again:
+  per delivery a request is read, its token checked (verified tokens are remembered;
+  expiry is checked each time), the mailbox attached and detached. It is the fallback
+  transport. Nchan's long-poll is C.
 - **Pushpin** delivers in bursts: one subscriber receiving 100 events/s sees them 30–250
   ms late in batches, and 10 000 subscribers saw p50 in seconds at the lowest rate, so
   its ladder stops at the first step; zurl answered some connects with 502 even at
@@ -459,7 +462,7 @@ def report(results: dict, images: Path) -> str:
         f"then {a['latency_seconds']} s at 50 % of the best delivered rate for latency. "
         f"Medians [min–max] of {a['reps']} interleaved repetitions, {meta['date']}, "
         f"{meta['host_cpus']} cores shared by server, clients and publisher, load average "
-        f"before {meta['loadavg_before']}. Method and every non-default peer setting: "
+        f"before {meta['loadavg_before']:.2f}. Method and every non-default peer setting: "
         'bench/README.md, "dispatch".',
     ]
     for transport, servers in results["summary"].items():
