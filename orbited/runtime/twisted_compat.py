@@ -1,8 +1,9 @@
 """The one module that touches private Twisted and autobahn names.
 
 Each use here is a measured win or the only hook upstream offers, and each has a test in
-tests/runtime/test_twisted_compat.py that fails when the installed Twisted or autobahn
-changes what it relies on, so an upgrade breaks a fast unit test, not a node in
+tests/runtime/test_twisted_compat.py (``LeanConnection`` and the lean accept loop: in
+tests/runtime/test_lean_connection.py) that fails when the installed Twisted, autobahn or
+CPython changes what it relies on, so an upgrade breaks a fast unit test, not a node in
 production. Nothing else in orbited/ or halod/ may use a private upstream name
 (tests/test_layout.py checks it).
 """

@@ -342,6 +342,13 @@ def test_max_sockets_closes_at_once_past_the_cap(limited_node):
     node = limited_node("--max-connections", "2", "--max-sockets", "4")
     host, port = node.http.rsplit(":", 1)
     idle = [socket.create_connection((host, int(port)), timeout=5) for _ in range(4)]
+    # Each sends the first byte of a request (a handshake in progress): the browser
+    # port accepts a connection once bytes arrive (TCP_DEFER_ACCEPT); one that sends
+    # nothing is accepted only after the kernel's defer timeout (tested in
+    # tests/runtime/test_lean_connection.py), which would make this test's timing the
+    # kernel's.
+    for s in idle:
+        s.sendall(b"G")
     try:
         wait_for(lambda: _closed_at_once(host, int(port)), "a socket past the cap to be closed")
         idle.pop().close()
