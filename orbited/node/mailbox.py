@@ -37,7 +37,10 @@ class Position(NamedTuple):
         match = _POSITION.match(text)
         if match is None:
             raise PositionError("position must look like <stream>:<seq>, e.g. aZ3x_Q.1f:42")
-        return cls(match.group(1), int(match.group(2)))
+        stream, seq = match.groups()
+        # (tuple.__new__: the NamedTuple's own __new__ is a Python call; every long-poll
+        # and every resuming accept parses one)
+        return tuple.__new__(cls, (stream, int(seq)))
 
     def __str__(self) -> str:
         return f"{self.stream}:{self.seq}"
