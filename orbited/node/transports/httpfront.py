@@ -354,6 +354,8 @@ POLL_HEAD = (
     b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nCache-Control: no-store\r\n"
     b"%sContent-Length: %d\r\n%s\r\n"
 )
+# A poll's whole answer, head and ``[frames]`` body, formatted in one step.
+POLL_ANSWER = POLL_HEAD + b"[%s]"
 ACK_DONE = b"HTTP/1.1 204 No Content\r\nCache-Control: no-store\r\n%sContent-Length: 0\r\n%s\r\n"
 CLOSE_HEADER = b"Connection: close\r\n"
 
@@ -520,11 +522,13 @@ class FrontProtocol(Protocol):
     def _head_data(self, data: bytes) -> None:
         front = self.front
         reader = self.reader
+        fresh = reader is None
         if reader is None:
             reader = self.reader = HeadReader(front.small, front.max_headers)
-            self.deadline = front.clock.seconds() + HEAD_TIMEOUT
         head = reader.feed(data)
         if head is None:
+            if fresh:  # (a head that came whole in one read needs no deadline)
+                self.deadline = front.clock.seconds() + HEAD_TIMEOUT
             return
         if isinstance(head, _Handoff):
             # One whole request (no more bytes, no upgrade): lend the connection for it.
@@ -1034,7 +1038,10 @@ class PollSink(_Sink):
     def deliver(self, out: list[Frame]) -> bool:
         if self.finished:
             return False
-        self.frames.extend([f.data for f in out])
+        if len(out) == 1:
+            self.frames.append(out[0].data)
+        else:
+            self.frames.extend([f.data for f in out])
         if self.tick is not None and self.pending is None:
             # Answer when this batch ends (orbited.node.flush), or a reactor turn later.
             front = self.proto.front
@@ -1050,11 +1057,13 @@ class PollSink(_Sink):
         if self.finished:
             return
         self.end()
-        body = b"[" + b",".join(self.frames) + b"]"
-        close = close or self.proto.pipelined
         proto = self.proto
         if proto.transport is not None and proto.mode != CLOSED:
-            proto.write(POLL_HEAD % (self.cors, len(body), CLOSE_HEADER if close else b"") + body)
+            close = close or proto.pipelined
+            frames_ = self.frames
+            inner = frames_[0] if len(frames_) == 1 else b",".join(frames_)
+            proto.write(POLL_ANSWER % (self.cors, len(inner) + 2,
+                                       CLOSE_HEADER if close else b"", inner))  # fmt: skip
             proto.next_request(close)
 
     def end(self) -> bool:
