@@ -916,3 +916,47 @@ def test_a_request_head_leaves_no_reference_cycle_for_the_collector():
         gc.set_debug(0)
         gc.garbage.clear()
     assert "HeadReader" not in left and "HttpRequestParser" not in left, left
+
+
+def test_a_kept_alive_connection_reads_its_requests_with_one_parser():
+    """One parser per connection, not per request: a poll's connection reads its next
+    request with the same HeadReader; the next head has its own 10 s from its first byte;
+    the connection's end drops the parser (no cycle left for the collector)."""
+    import gc
+
+    from twisted.internet.error import ConnectionDone
+    from twisted.python.failure import Failure
+
+    clock = Clock()
+    hub, front = clocked_front(clock)
+    front.startFactory()
+    token = issue_token(SECRET, KEY).encode()
+    request = b"GET /orbited/poll?token=" + token + b"&timeout=0 HTTP/1.1\r\nHost: h\r\n\r\n"
+    p = front.buildProtocol(None)
+    transport = FakeTransport()
+    p.makeConnection(transport)
+    p.dataReceived(request)
+    reader = p.reader
+    assert reader is not None and reader.parser is not None
+    p.dataReceived(request)
+    assert p.reader is reader
+    bodies = [json.loads(body) for _, body in responses(transport.out)]
+    assert [b[0]["type"] for b in bodies] == ["hello", "hello"]
+    clock.advance(30)
+    p.dataReceived(b"GET /orbited/poll?tok")  # the third head begins: 10 s for the rest
+    clock.advance(9)
+    assert not transport.aborted
+    clock.advance(1)
+    assert transport.aborted
+    gc.collect()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        p.connectionLost(Failure(ConnectionDone()))
+        del p, reader
+        gc.collect()
+        left = [type(o).__name__ for o in gc.garbage]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+    front.stopFactory()
+    assert "HeadReader" not in left and "HttpRequestParser" not in left, left

@@ -14,7 +14,8 @@ So those answers stay twisted.web's, byte for byte. Once handed off, a connectio
 with twisted.web. The front itself answers only what needs the node's state: 503
 ``overloaded`` (limits), 401 ``token_*``, 400 ``bad_position`` (``last``) and an ack's 204.
 
-- ``HeadReader`` (sans-I/O): bytes in; ``None`` (need more), ``HANDOFF``, or a ``Head``.
+- ``HeadReader`` (sans-I/O): bytes in; ``None`` (need more), ``HANDOFF``, or a ``Head``;
+  one per connection, its parser reused for each kept-alive request (``next``).
 - ``plan`` (pure): a ``Head`` → a ``Plan`` (what to serve) or None (hand off).
 - ``FrontProtocol``: the thin shell; ``WSSink``, ``SSESink``, ``PollSink``: the hub's
   sinks, slotted, written through (orbited.runtime.twisted_compat) and batched
@@ -172,11 +173,32 @@ class HeadReader:
             self.state = 1
 
     def feed(self, data: bytes) -> Head | _Handoff | None:
-        """``None`` (more bytes needed), or the outcome (then the reader is done)."""
+        """``None`` (more bytes needed), or the outcome. After ``HANDOFF``, or a head
+        that ends the connection's HTTP (an upgrade, a pipelined request, no keep-alive),
+        the reader is done (released); after another ``Head`` its parser stays, for the
+        connection's next request (``next``) unless the caller ``release``s it."""
         result = self._feed(data)
-        if result is not None:
+        if result is not None and (
+            isinstance(result, _Handoff) or result.pipelined or not result.keep_alive
+            or self.upgrade_at >= 0
+        ):  # fmt: skip
             self.release()
         return result
+
+    def next(self) -> bool:
+        """Ready the reader for the connection's next request head, with the same
+        parser (llhttp reads a keep-alive connection's requests one after another):
+        no parser and no reader per request. False if released (make a new one)."""
+        if self.parser is None:
+            return False
+        self.raw = self.url = b""
+        self.headers = {}
+        self.count = self.state = 0
+        self.upgrade_at = -1
+        self.refuse = False
+        self.keep_alive = True
+        self.method = b""
+        return True
 
     def release(self) -> None:
         """Drop the parser: it holds this reader's bound methods (a reference cycle, left
@@ -522,9 +544,9 @@ class FrontProtocol(Protocol):
     def _head_data(self, data: bytes) -> None:
         front = self.front
         reader = self.reader
-        fresh = reader is None
         if reader is None:
             reader = self.reader = HeadReader(front.small, front.max_headers)
+        fresh = not reader.raw  # this request's first bytes
         head = reader.feed(data)
         if head is None:
             if fresh:  # (a head that came whole in one read needs no deadline)
@@ -536,9 +558,11 @@ class FrontProtocol(Protocol):
             return
         todo = plan(head, front.cors_origins, front.auth)
         if todo is None:
+            reader.release()
             self._handoff(reader.raw, not head.pipelined and head.route is not Route.WS)
             return
-        self.reader = None
+        if not reader.next():  # kept, with its parser, for the next request (released
+            self.reader = None  # in connectionLost)
         self.deadline = 0.0
         front.waiting.discard(self)
         self.pipelined = head.pipelined or not head.keep_alive  # then close after it
