@@ -15,7 +15,7 @@ with twisted.web. The front itself answers only what needs the node's state: 503
 ``overloaded`` (limits), 401 ``token_*``, 400 ``bad_position`` (``last``) and an ack's 204.
 
 - ``HeadReader`` (sans-I/O): bytes in; ``None`` (need more), ``HANDOFF``, or a ``Head``;
-  one per connection, its parser reused for each kept-alive request (``next``).
+  one per connection, its parser reused for each kept-alive poll or ack (``next``).
 - ``plan`` (pure): a ``Head`` → a ``Plan`` (what to serve) or None (hand off).
 - ``FrontProtocol``: the thin shell; ``WSSink``, ``SSESink``, ``PollSink``: the hub's
   sinks, slotted, written through (orbited.runtime.twisted_compat) and batched
@@ -561,8 +561,12 @@ class FrontProtocol(Protocol):
             reader.release()
             self._handoff(reader.raw, not head.pipelined and head.route is not Route.WS)
             return
-        if not reader.next():  # kept, with its parser, for the next request (released
-            self.reader = None  # in connectionLost)
+        # A poll's or ack's connection comes back at once: its reader is kept, with its
+        # parser, for the next request (released in connectionLost; ≈ 1 KB). An SSE
+        # stream's (a hand-off's, an upgrade's) is dropped.
+        if head.route is Route.SSE or not reader.next():
+            reader.release()
+            self.reader = None
         self.deadline = 0.0
         front.waiting.discard(self)
         self.pipelined = head.pipelined or not head.keep_alive  # then close after it
