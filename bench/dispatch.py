@@ -58,7 +58,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.peers import SERVERS, available, descendants, exit_on_signals, make_server, usage
-from bench.report import previous_run, previous_table
+from bench.report import previous_table, write_results
 
 RESULTS = Path(__file__).resolve().parent / "results" / "dispatch.json"
 IMAGES = Path(__file__).resolve().parent.parent / "docs" / "images"
@@ -616,12 +616,7 @@ def main(argv: list[str] | None = None) -> int:
     print(table(results))
     print(f"\nload average before {meta['loadavg_before']}, after {meta['loadavg_after']}; "
           f"wall {meta['wall_s']} s")  # fmt: skip
-    if args.json:
-        previous = previous_run(args.json)
-        if previous:
-            results["previous"] = previous
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=1) + "\n")
+    write_results(results, args.json)
     if args.images:
         report(results, args.images)
     return 0

@@ -39,7 +39,6 @@ from bench.report import (
     interleaved,
     med_range,
     num,
-    previous_run,
     previous_table,
     pyplot,
     ratio,
@@ -349,14 +348,12 @@ def main(argv: list[str] | None = None) -> int:
 
     result = interleaved(args, available, args.transports.split(","), one, "sizes")
     servers = result.pop("servers")
-    previous = previous_run(args.json)
     if args.merge and args.json and args.json.exists():
         old = json.loads(args.json.read_text())
-        previous = old.get("previous")  # a merge completes that run: what it replaced stays
         result = merge(old, result, servers)
+        # a merge completes that run: what it replaced stays (write_results keeps it)
+        result["previous"] = old.get("previous")
     result["summary"] = summarize(result["runs"], args.fd_limit)
-    if previous:
-        result["previous"] = previous
     print(text_table(result))
     write_results(result, args.json)
     return 0

@@ -147,6 +147,12 @@ def previous_table(results: dict[str, Any], head: list[str], rows: Beside) -> li
 
 
 def write_results(result: dict[str, Any], path: Path | None) -> None:
+    """Write ``result`` to ``path`` (none: nothing), keeping what it replaces as
+    ``previous`` unless the caller set that key itself."""
+    if path and "previous" not in result:
+        previous = previous_run(path)
+        if previous:
+            result["previous"] = previous
     if path:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(result, indent=1) + "\n")

@@ -42,7 +42,6 @@ from bench.report import (
     LoadSampler,
     med_range,
     num,
-    previous_run,
     previous_table,
     results_header,
     spread,
@@ -337,9 +336,6 @@ def main(argv: list[str] | None = None) -> int:
     result["loadavg"] = load.summary()
     result["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
     result["summary"] = summarize(result["phases"])
-    previous = previous_run(args.json)
-    if previous:
-        result["previous"] = previous
     print(text_table(result))
     write_results(result, args.json)
     return 0

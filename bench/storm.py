@@ -37,7 +37,6 @@ from bench.idle import Loaders, Server, available
 from bench.report import (
     interleaved,
     med_range,
-    previous_run,
     previous_table,
     pyplot,
     spread,
@@ -182,9 +181,6 @@ def main(argv: list[str] | None = None) -> int:
     result = interleaved(args, available, args.transports.split(","), one, "steps")
     del result["servers"]
     result["summary"] = summarize(result["runs"])
-    previous = previous_run(args.json)
-    if previous:
-        result["previous"] = previous
     print(text_table(result))
     write_results(result, args.json)
     return 0

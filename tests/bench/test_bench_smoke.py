@@ -170,3 +170,13 @@ def test_a_new_run_shows_the_run_it_replaced_beside_it(tmp_path: Path) -> None:
     beside = text.split("the run it replaced")[1].splitlines()
     row = next(line for line in beside if line.startswith("| ws | orbited | "))
     assert row.split(" | ")[2:4] == [f"{gone['cpu_us_per_event']['median']:.1f}", "—"]
+
+
+def test_write_results_keeps_the_file_it_replaces_unless_told(tmp_path: Path) -> None:
+    path = tmp_path / "storm.json"
+    report.write_results({"started": "t0", "summary": {"a": 1}}, path)
+    assert "previous" not in json.loads(path.read_text())  # nothing was there
+    report.write_results({"started": "t1", "summary": {"a": 2}}, path)
+    assert json.loads(path.read_text())["previous"] == {"date": "t0", "summary": {"a": 1}}
+    report.write_results({"started": "t2", "summary": {"a": 3}, "previous": None}, path)
+    assert json.loads(path.read_text())["previous"] is None  # an idle --merge's choice
