@@ -17,7 +17,10 @@ and the create revision of its term (fencing), and ``version`` was not written b
 since this HaloD read it. Only keys whose value changed are put; registry entries of nodes
 that left are deleted. A refused write raises :class:`Fenced` and writes nothing. A txn
 whose reply was lost (a member died mid-request) is settled by reading ``version`` back:
-its value names the writer and term, so a write that did apply is not sent twice.
+its value names the writer and term, so a write that did apply is not sent twice. If no
+member answers that read yet (the one that died led etcd, and the others are electing),
+the txn is sent again: its compare on ``version``'s revision fails if the first send
+applied, and the ``version`` it reads back then says so.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from halod.etcd import wire
-from halod.etcd.client import Ambiguous, EtcdClient, Watch
+from halod.etcd.client import Ambiguous, EtcdClient, Unavailable, Watch
 from halod.etcd.election import ElectionSettings, Fence, NotLeader
 from halod.store.base import CorruptTable, Persisted, StoreError, hash_version_field
 
@@ -244,6 +247,7 @@ class EtcdStore:
             wire.Compare(leader, wire.Target.CREATE, fence.revision),
             wire.Compare(version_key, wire.Target.MOD, self._version_mod),
         ]
+        ours = values[version_key]  # names this writer, term and version
         for attempt in range(len(self.client.endpoints)):
             try:
                 result = await self.client.txn(
@@ -251,13 +255,23 @@ class EtcdStore:
                 )
                 break
             except Ambiguous:
-                # Sent, no reply: did it apply? Our version value names this writer/term.
-                now = await self.client.range(version_key)
-                if now.kvs and now.kvs[0].value == values[version_key]:
+                # Sent, no reply: did it apply? Ask until a member answers; the member that
+                # died may have been etcd's own leader, and the others answer only once they
+                # have elected one (a read then takes up to an election, not a refusal).
+                try:
+                    now = await self.client.range(version_key)
+                except Unavailable:
+                    if attempt == len(self.client.endpoints) - 1:
+                        raise
+                    continue  # send again: the compare on the version's revision fences it
+                if now.kvs and now.kvs[0].value == ours:
                     return self._written(table, values, now.kvs[0].mod_revision)
                 if attempt == len(self.client.endpoints) - 1:
                     raise
         if not result.succeeded:
+            mine = result.ranges[1].kvs if len(result.ranges) > 1 else ()
+            if mine and mine[0].value == ours:  # an earlier, ambiguous send of this write
+                return self._written(table, values, mine[0].mod_revision)
             held = result.ranges[0].kvs if result.ranges else ()
             term = (fence.lease, fence.revision)
             if not held or (held[0].lease, held[0].create_revision) != term:

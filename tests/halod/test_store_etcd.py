@@ -314,3 +314,50 @@ def test_killing_an_etcd_member_changes_nothing_and_followers_stay_warm(etcd_clu
         follower.stop()
         yield watcher.close()
         yield leader.close()
+
+
+class _LostMemberClient:
+    """An EtcdClient whose member dies with a write in flight: the txn applies but its
+    reply is lost (Ambiguous), the next read finds no member answering yet (the others
+    are electing etcd's leader: Unavailable), and a resent txn fails its compare because
+    the first one applied."""
+
+    endpoints = ("http://127.0.0.1:1", "http://127.0.0.1:2", "http://127.0.0.1:3")
+
+    def __init__(self) -> None:
+        self.kvs: dict[bytes, wire.KeyValue] = {}
+        self.txns = self.ranges = 0
+
+    def txn(self, compare, success, failure=()):
+        from twisted.internet import defer
+
+        from halod.etcd.client import Ambiguous
+
+        self.txns += 1
+        if self.txns == 1:  # applied, reply lost
+            for op in success:
+                if isinstance(op, wire.Put):
+                    self.kvs[op.key] = wire.KeyValue(op.key, op.value, 5, 5)
+            return defer.fail(Ambiguous("m0 died"))
+        got = tuple(wire.RangeResult(6, tuple(kv for kv in [self.kvs.get(op.key)] if kv))
+                    for op in failure)  # fmt: skip
+        return defer.succeed(wire.TxnResult(False, 6, got))
+
+    def range(self, key, range_end=None, revision=0):
+        from twisted.internet import defer
+
+        self.ranges += 1
+        if self.ranges == 1:
+            return defer.fail(Unavailable("no member answered within 1.0 s"))
+        kv = self.kvs.get(key)
+        return defer.succeed(wire.RangeResult(6, (kv,) if kv else ()))
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_write_whose_member_died_is_found_applied_not_failed():
+    client = _LostMemberClient()
+    settings = se.EtcdSettings(client.endpoints, PREFIX, TTL)
+    store = se.EtcdStore(client, settings, lambda: el.Fence(7, 3, "a"))  # type: ignore[arg-type]
+    written = yield store.write(snapshot())
+    assert written.version == 1 and store.version == 1
+    assert client.txns == 2 and client.ranges == 1  # read failed, the resend told it
