@@ -2,22 +2,34 @@
 
 from __future__ import annotations
 
-import os
-import time
+import subprocess
+import sys
 
 from bench import ab
 
+# A process of its own, with no children, that spends user time, then system time, then
+# sleeps: its figures no longer move while they are read. (The test process itself is a
+# poor subject: processes it starts and reaps come and go from its tree between reads.)
+WORK = """
+import os, sys, time
+end = time.process_time() + 0.3
+while time.process_time() < end:  # Python work: user time
+    pass
+for _ in range(20_000):  # system calls: system time
+    os.stat("/")
+print("done", flush=True)
+sys.stdin.read()
+"""
+
 
 def test_cpu_split_reads_user_and_system_time_of_the_process_tree():
-    pid = os.getpid()
-    user0, system0 = ab.cpu_split(pid)
-    end = time.process_time() + 0.3
-    while time.process_time() < end:  # Python work: user time
-        pass
-    for _ in range(20_000):  # system calls: system time
-        os.stat("/")
-    user1, system1 = ab.cpu_split(pid)
-    assert user1 - user0 >= 0.1
-    assert system1 >= system0 and user0 >= 0 and system0 >= 0
-    total = ab.cpu(pid)
-    assert user1 + system1 <= total <= user1 + system1 + 0.1
+    proc = subprocess.Popen([sys.executable, "-c", WORK], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == "done\n"
+        user, system = ab.cpu_split(proc.pid)
+        assert user >= 0.1 and system >= 0
+        assert ab.cpu(proc.pid) == user + system  # the same ticks, summed
+    finally:
+        proc.kill()
+        proc.wait()
