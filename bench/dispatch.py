@@ -561,7 +561,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--procs", type=int, default=4, help="subscriber processes")
     p.add_argument("--pub-procs", type=int, default=1, help="publisher processes")
     p.add_argument("--connect-rate", type=int, default=1000, help="per subscriber process")
-    p.add_argument("--rates", default="2500,5000,10000,15000,20000,30000,40000")
+    p.add_argument("--rates", default="2500,5000,10000,15000,20000,30000,40000,50000,60000,70000")
     p.add_argument("--step-seconds", type=float, default=4.0)
     p.add_argument("--latency-seconds", type=float, default=5.0)
     p.add_argument("--drain", type=float, default=1.0, help="wait after each step")
