@@ -166,10 +166,18 @@ class HaloDProcess(DaemonProcess):
         host = f"127.0.0.{len(list(tmp.iterdir())) + 1}"
         proc.start(http=f"{host}:0", sp=f"tcp://{host}:0")
         wait_for(lambda: self.nodes().get(name, {}).get("connected"), f"{name} registered")
-        if self.dataplane == "proxy":  # until then the worker closes its new routes' browsers
-            wait_for(lambda: self.get("status")["dataplane"]["worker"]["synced"],
-                     "the proxy worker has the table with the node's routes")  # fmt: skip
+        wait_for(self.synced, "the proxy worker has the table with the node's routes")
         return proc
+
+    def synced(self) -> bool:
+        """Whether the data plane forwards by HaloD's latest table. The proxy worker is
+        another process that applies a new table one socket round trip after HaloD's own
+        (until then it closes browsers on routes it has no owner for, or leads them to the
+        old one): a test that connects through route ports after ``owners()`` changed
+        waits for this too."""
+        if self.dataplane != "proxy":
+            return True
+        return bool(self.get("status")["dataplane"]["worker"]["synced"])
 
 
 def wait_for(predicate: Callable[[], object], what: str, timeout: float = 10.0) -> float:

@@ -242,7 +242,7 @@ def test_a_moved_reply_redials_the_route_at_once(tmp_path, procs):
     with BlockingClient(hx, backoff=3.0) as app:
         assert app.send([key], 0)[key] == {"status": "no_connection"}  # pooled, to n1
         n2 = start_node(halod, tmp_path, procs, "n2")
-        wait_for(lambda: halod.owners()[20] == "n2", "route 20 moved to n2")
+        wait_for(lambda: halod.owners()[20] == "n2" and halod.synced(), "route 20 moved to n2")
         ws, epoch = browser(hx, key)
         assert epoch == n2.epoch
         began = time.monotonic()
@@ -268,7 +268,7 @@ def test_sends_through_a_crash_reach_the_new_owner_in_order(tmp_path, procs):
         for i in range(400):
             if i == 20:
                 n1.stop(signal.SIGKILL)
-            if i > 20 and not browsers and halod.owners()[owned[0]] == "n2":
+            if i > 20 and not browsers and halod.owners()[owned[0]] == "n2" and halod.synced():
                 for key in keys:  # the pages reconnect, through the same route ports
                     browsers[key], epoch = browser(hx, key)
                     assert epoch == n2.epoch

@@ -31,7 +31,9 @@ def test_a_user_hold_moves_with_its_route_when_a_node_joins(tmp_path):
         (result,) = results.values()
         assert result["status"] == "no_connection" and result.get("held") is True
         procs.append(halod.node(tmp_path, "n2"))  # takes route 20, with a hand-off
-        wait_for(lambda: halod.owners().get(20) == "n2", "route 20 on n2", timeout=15)
+        wait_for(
+            lambda: halod.owners().get(20) == "n2" and halod.synced(), "route 20 on n2", timeout=15
+        )
         with connect(cluster.browser_url(key, SECRET), open_timeout=5) as ws:
             frames = [json.loads(ws.recv(timeout=5)) for _ in range(2)]
         assert frames[0]["type"] == "hello"

@@ -70,7 +70,9 @@ def test_a_drain_moves_its_routes_in_steps_and_loses_nothing(tmp_path, procs):
                 "reason": "route_moved",
             }
             ws.close()
-        wait_for(lambda: not halod.get("status")["moving"], "the paced move ends")
+        wait_for(
+            lambda: not halod.get("status")["moving"] and halod.synced(), "the paced move ends"
+        )
     finally:
         done.set()
         watcher.join()

@@ -58,7 +58,9 @@ def test_a_resend_after_a_node_crash_reaches_the_page_once(tmp_path, procs):
     assert page.report()["count"] == 5
     n1.stop(signal.SIGKILL)
     ws.close()
-    wait_for(lambda: halod.owners()[route] == "n2", "the route failed over to n2")
+    wait_for(
+        lambda: halod.owners()[route] == "n2" and halod.synced(), "the route failed over to n2"
+    )
     # The page reconnects with its old position: the new owner's stream is a reset, and
     # the resent events come again, with their ids.
     ws = connect(cluster.browser_url(key, SECRET) + f"&last={page.position()}", open_timeout=5,

@@ -201,6 +201,7 @@ def both_own_routes(halod: HaloDProcess) -> bool:
         bool(routes_of(halod, "w-0"))
         and bool(routes_of(halod, "w-1"))
         and all(halod.owners().values())
+        and halod.synced()
     )
 
 
