@@ -268,12 +268,14 @@ class Mailbox:
 
     def ack(self, seq: int) -> None:
         """The browser has everything up to ``seq``: those events need not be kept."""
-        seq = min(seq, self.last_seq)
+        last = self.next_seq - 1  # (last_seq and min(): two calls per long-poll)
+        if seq > last:
+            seq = last
         if seq <= self.acked:
             return
         self.acked = seq
         events = self._events
-        if not isinstance(events, deque):  # (): nothing buffered
+        if type(events) is not deque:  # (): nothing buffered
             return
         tagged = self._tag_of is not None
         while events and events[0][0] <= seq:
@@ -294,12 +296,12 @@ class Mailbox:
         reset = False
         if after is None:
             since = self.acked
-        elif after.stream != self.stream or after.seq >= self.next_seq:
-            reset = True
-            since = 0
         else:
-            since = after.seq
-            if since > self.acked:
+            stream, since = after
+            if stream != self.stream or since >= self.next_seq:
+                reset = True
+                since = 0
+            elif since > self.acked:
                 self.ack(since)
         # Seqs the limits evicted, or acknowledged ones a reset browser never saw, are a
         # gap; seqs replaced by a later latest-value event are not (the event that

@@ -816,3 +816,120 @@ def test_the_sp_handler_answers_as_dispatch_does():
     assert json.loads(fast[0][8])["results"][0]["dropped"] == 1
     assert "full" in statuses and "no_connection" in statuses
     assert json.loads(fast[0][-1])["duplicate"] is True
+
+
+def _counts_are_exact(hub: Hub) -> None:
+    """The attached counts the hub keeps in step (hub, per user, per route) are what a
+    scan of the slots finds."""
+    slots = hub._slots.values()
+    assert hub.attached == sum(1 for s in slots if s.sink is not None)
+    by_route: dict[int, int] = {}
+    for s in slots:
+        if s.sink is not None:
+            by_route[s.route] = by_route.get(s.route, 0) + 1
+    assert {r: n for r, n in hub._route_attached.items() if n} == by_route
+    for entry in hub._users.values():
+        assert entry.attached == sum(1 for s in entry.keys.values() if s.sink is not None)
+
+
+def test_a_poll_sink_object_reused_across_polls_is_attached_like_a_new_one():
+    """A kept-alive poll connection may keep one sink object for its polls (the front's
+    choice): detached when a poll is answered, attached again for the next. The hub holds
+    no reference to a detached sink, so each attach is a plain attach: hello, what the
+    position has not seen, the counts, the linger when it stops polling."""
+    hub, clock = make_hub(linger=5, keepalive=10)
+    key, other = ConnectionKey("poller", "s", "/p"), ConnectionKey("poller", "t", "/p")
+    sink = RecordingSink()
+    hub.attach(other, RecordingSink(), None)  # a second key of the user: attach order
+    after = None
+    for i in range(5):
+        sink.frames = []
+        mailbox = hub.attach(key, sink, after)
+        assert mailbox is not None and hub.is_attached(key, sink)
+        assert sink.frames[0]["type"] == "hello" and sink.frames[0]["reset"] is False
+        assert sink.frames[0]["seq"] == (0 if after is None else after.seq)
+        assert hub.user_keys("poller") == [other, key]  # attached last: newest
+        _counts_are_exact(hub)
+        assert hub.load_report(full=True)["routes"] == {
+            str(route_of(key, hub.routes, hub.hash_version)): 2
+        }
+        assert send(hub, f"e{i}", [key], {"n": i})["results"] == [
+            {"status": "delivered", "seq": i + 1}
+        ]
+        assert sink.events()[-1] == (i + 1, {"n": i})
+        hub.detach(key, sink)
+        assert not hub.is_attached(key, sink)
+        _counts_are_exact(hub)
+        assert mailbox.acked == i  # the position of the poll before it acknowledged
+        after = Position(mailbox.stream, i + 1)
+        clock.advance(1)
+    assert send(hub, "between", [key], {"n": "q"})["results"] == [{"status": "queued", "seq": 6}]
+    sink.frames = []
+    hub.attach(key, sink, after)  # the event queued between two polls comes with hello
+    assert [f["type"] for f in sink.frames] == ["hello", "event"]
+    hub.detach(key, sink)
+    hub.detach(key, sink)  # a second detach of the same object is ignored
+    _counts_are_exact(hub)
+    clock.advance(5.2)
+    assert hub.mailbox(key) is None and hub.mailbox(other) is not None
+    _counts_are_exact(hub)
+
+
+def test_counts_stay_exact_through_attaches_detaches_and_replacements():
+    """Attach (new keys, resumes, replacing a transport, the same object again after its
+    detach), detach (current and stale sinks), expiry: after every step the hub's,
+    users' and routes' attached counts match a scan (attach and detach keep them inline)."""
+    import random
+
+    rng = random.Random(20)
+    hub, clock = make_hub(linger=3)
+    keys = [ConnectionKey(f"u{i % 4}", f"s{i}", "/p") for i in range(12)]
+    sinks = [RecordingSink() for _ in range(6)]
+    for _ in range(2000):
+        key = rng.choice(keys)
+        sink = rng.choice(sinks)
+        op = rng.random()
+        if op < 0.45:
+            mailbox = hub.mailbox(key)
+            after = None
+            if mailbox is not None and rng.random() < 0.7:
+                after = Position(mailbox.stream, rng.randint(0, mailbox.last_seq))
+            hub.attach(key, sink, after)
+        elif op < 0.85:
+            hub.detach(key, sink)
+        elif op < 0.95:
+            send(hub, f"e{rng.random()}", [key], {"x": 1})
+        else:
+            clock.advance(rng.random() * 2)
+        _counts_are_exact(hub)
+
+
+def test_a_resuming_attach_s_hello_is_byte_identical_to_frames_hello():
+    """A long-poll's attach resumes its own mailbox (the number of mailboxes unchanged:
+    the hello's template is used inline): the same bytes as frames.hello, for a stream
+    that needs no escape and for one that does (an epoch with a quote)."""
+
+    class RawSink(RecordingSink):
+        def deliver(self, out):
+            self.raw = [f.data for f in out]
+            return True
+
+    for epoch in ("ep", 'e"p'):
+        clock = Clock()
+        hub = Hub(clock, HubConfig(keepalive=7.5, reconnect_rate=3.0), epoch=epoch)
+        keys = [ConnectionKey(f"u{i}", "s", "/x") for i in range(5)]
+        for key in keys:
+            hub.attach(key, RawSink(), None)
+        for i in range(10):
+            key = keys[i % 5]
+            sink = RawSink()
+            mailbox = hub.mailbox(key)
+            assert mailbox is not None
+            send(hub, f"e{i}", [key], {"i": i})
+            after = Position(mailbox.stream, mailbox.last_seq - (i % 2))
+            hub.attach(key, sink, after)
+            expected = frames.hello(
+                mailbox.stream, 7.5, False, after.seq, hub.spread(), hub.hash_version
+            )
+            assert sink.raw[0] == expected, (epoch, i)
+            assert len(sink.raw) == 1 + i % 2  # the event the position had not seen
