@@ -284,7 +284,8 @@ class Hub(RouteOwnership):
         self._slots: dict[ConnectionKey, _Slot] = {}
         self._attached = 0  # slots with a sink, kept by _set_sink (see ``attached``)
         # Users with a mailbox or a hold here (orbited.node.users), kept in step with
-        # _slots by _index / _unindex, the only places that change either.
+        # _slots by _index / _unindex (and attach's inline copy of _index for a new key),
+        # the only places that change either.
         self._users: dict[str, UserEntry] = {}
         self._rate = config.users.rate  # per-user dispatch rate; 0 = off (one test per request)
         self._cap = config.users.max_connections  # per-user connections; 0 = off (per attach)
@@ -358,6 +359,7 @@ class Hub(RouteOwnership):
         self._hello_template = b""
         self._spread_for = -1
         self._spread_text = b""
+        self._spread_value: float | None = None  # the spread _spread_text writes
         self._fan_mark = 0  # _fan_out's requests so far (each marks the slots it reached)
 
     # -- the delivery batch (orbited.node.flush) ----------------------------------------
@@ -414,7 +416,20 @@ class Hub(RouteOwnership):
                 return None
             if self._cap and not self._admit(key, None, sink):
                 return None
-            slot = self._new_slot(key, route, online=True)
+            # _new_slot(key, route, online=True) and its _index, inline (every accept)
+            self._streams = streams = self._streams + 1
+            mailbox = Mailbox(f"{self.epoch}.{streams:x}", self.config.mailbox)
+            slot = self._slots[key] = _Slot(mailbox, route, True)
+            user = key[0]
+            entry = self._users.get(user)
+            if entry is None:
+                entry = self._users[user] = UserEntry()
+            entry.keys[key] = slot
+            slot.entry = entry
+            if entry.holds:
+                self._take_holds(key, slot, entry)
+            if self.presence is not None:
+                self.presence("signon", key)
         else:
             previous = slot.sink
             if previous is None:
@@ -516,11 +531,13 @@ class Hub(RouteOwnership):
             )  # fmt: skip
             self._hello_for, self._hello_hash, self._spread_for = config, version, -1
         mailboxes = len(self._slots)
-        if mailboxes != self._spread_for:
-            spread = self.spread()
-            if not -_FLOAT_MAX <= spread <= _FLOAT_MAX:  # (a float: 0 <= spread <= 30)
-                return frames.hello(stream, config.keepalive, reset, seq, spread, version)
-            self._spread_text, self._spread_for = repr(spread).encode(), mailboxes
+        if mailboxes != self._spread_for:  # (each new WebSocket's attach)
+            spread = spread_for(mailboxes, config.reconnect_rate)  # self.spread()
+            if spread != self._spread_value:  # its text only when it changed
+                if not -_FLOAT_MAX <= spread <= _FLOAT_MAX:  # (a float: 0 <= spread <= 30)
+                    return frames.hello(stream, config.keepalive, reset, seq, spread, version)
+                self._spread_text, self._spread_value = repr(spread).encode(), spread
+            self._spread_for = mailboxes
         if stream.isascii() and stream.isprintable() and '"' not in stream and "\\" not in stream:
             return self._hello_template % (
                 stream.encode(), b"true" if reset else b"false", seq, self._spread_text
