@@ -147,3 +147,54 @@ def test_a_request_s_addressing_is_encoded_as_json_does(event_id, to):
             events._encode_strings([event_id, to])
         return
     assert events._encode_strings([event_id, to]) == expected
+
+
+BIG = ["18446744073709551616", "-9500000000000000000", "9999999999999999999", "1" * 40]
+
+
+@pytest.mark.parametrize("big", BIG)
+@pytest.mark.parametrize(
+    "template",
+    [
+        '{"id":"a","to":[["u","s","/l"]],"data":%s}',
+        '{"id":"a","to":[["u","s","/l"]],"data":{"text":"hello","n":[%s]}}',
+        '{"id":"a","to":[["u","s","/l"]],"data":["e1e2e+3",%s]}',
+        '{"id":"a","to":[["u","s","/l"]],"data":1,"hash":%s}',
+        '{"id":"a","to":[["u","s","/l"]],"data":1,"hash":2,"traceparent":%s}',
+        '{"id":"a","to":[["u","s",%s]],"data":1}',
+        '{"id":"a","to":[["u","s","/l"],["v","s",%s]],"data":1}',
+        '{"id":%s,"to":[["u","s","/l"]],"data":1}',
+        '{"id":"a","to":[["u","s","/l"]],"data":1,"ack":%s}',
+        '{"id":"a","to":[["u","s","/l"]],"data":1,"latest":"x","offline":%s}',
+        '{"id":"a","to":[["u","s","/l"]],"data":1,"extra":%s}',
+        '{"id":"a","to":[["u","s","/l"]],"data":"%s"}',  # digits in a string: no float
+        '{"id":"a%s","to":[["u","s","/l"]],"data":"1e19"}',
+    ],
+)
+def test_integers_past_64_bits_anywhere_decide_as_the_strict_path(template, big, monkeypatch):
+    """orjson reads an integer past 64 bits as a float; the fast path looks for one only
+    where a float reaches the request (its payload), every other path reads the body
+    again strictly: each field, valid or not, gives the strict path's request or error."""
+    body = (template % big).encode()
+    fast, slow = _both(body, monkeypatch)
+    assert fast == slow
+    if template.endswith('"data":%s}'):
+        assert isinstance(fast, events.EventRequest) and fast.payload == big.encode()
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    field=st.sampled_from(["data", "hash", "id", "key"]),
+    number=st.integers(min_value=-(10**30), max_value=10**30) | st.floats(allow_nan=False),
+    text=st.text(alphabet="e+123 .-", max_size=6),
+)
+def test_numbers_of_any_size_decide_as_the_strict_path(field, number, text, monkeypatch):
+    req: dict[str, object] = {"id": "a", "to": [["u", "s", "/l"]], "data": [text, number]}
+    if field == "hash":
+        req["hash"] = number
+    elif field == "id":
+        req["id"] = number
+    elif field == "key":
+        req["to"] = [["u", "s", number]]
+    fast, slow = _both(json.dumps(req).encode(), monkeypatch)
+    assert fast == slow
