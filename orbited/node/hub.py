@@ -8,7 +8,7 @@ acknowledged (the ack waits, here). Resends are recognised by orbited.node.dedup
 ownership and the hand-off of mailboxes between nodes are orbited.node.handoff's
 (RouteOwnership, which Hub extends). Bytes stay at the edge: ``Hub.handle_request`` (the
 SP front end's) and ``answer`` (the HTTP publish API's) turn a request body into a reply
-body; the most common request is delivered and answered in one place (``Hub._one``).
+body; the most common request is delivered and answered in one place (in ``Hub._dispatch``).
 Time comes from an injected
 IReactorTime so tests drive it with twisted.internet.task.Clock; no sockets here.
 """
@@ -1187,16 +1187,53 @@ class Hub(RouteOwnership):
         if observer is not None:
             self._token = token = observer.dispatched(request, now)
             self._token_now = now
-        eid = frames.event_id(request.event_id)  # once per request, shared by the mailboxes
+        # The id's JSON text, once per request and shared by the mailboxes (frames.event_id;
+        # its common case here: an id with nothing to escape, then also the reply's).
+        text = request.event_id
+        plain = text.isascii() and text.isprintable() and '"' not in text and "\\" not in text
+        eid = b'"%s"' % text.encode() if plain else frames.event_id(text)
         recipients = request.recipients
         tag, offline = request.latest, request.offline
         if (
             raw and len(recipients) == 1 and tag is None and offline is None and observer is None
             and request.ack is None and not self._rate
         ):  # fmt: skip
-            reply = self._one(request, recipients[0], eid, now)  # type: ignore[arg-type]
-            if reply is not None:
-                return reply
+            # The SP handler's most common request, done and answered here ("the one"):
+            # one key, attached here, nothing but the event, that its mailbox takes
+            # without evicting. Anything else (full, evictions, no transport, no mailbox)
+            # changes nothing here and goes on to _deliver, which decides. _deliver's
+            # steps for that case, in its order (tests/node/test_hub.py runs the same
+            # requests both ways).
+            slot = self._slots.get(recipients[0])  # type: ignore[arg-type]
+            if slot is not None and (sink := slot.sink) is not None:
+                payload = request.payload
+                size = len(payload)
+                mailbox = slot.mailbox
+                if self.mailbox_bytes + size <= self.config.mailbox_total_bytes:
+                    pushed = mailbox.push(payload, eid)
+                    if pushed:
+                        self.mailbox_bytes += size
+                        slot.counted += size
+                        frame = b'{"type":"event","seq":%d,"id":%s,"data":%s}' % (
+                            pushed, eid, payload,
+                        )  # fmt: skip
+                        if sink.deliver([_new(Frame, (frame, pushed, mailbox.stream))]):
+                            mailbox.delivered = pushed
+                            self.stats["delivered"] += 1
+                            if not slot.probe:  # the ack-latency probe (load_report)
+                                slot.probe = pushed
+                                slot.probe_at = now  # (self.now(): the SP read's batch)
+                            one = b'{"status":"delivered","seq":%d}' % pushed
+                        else:
+                            self.stats["queued"] += 1
+                            one = b'{"status":"queued","seq":%d}' % pushed
+                        reply = (
+                            b'{"id":%s,"ok":true,"results":[%s]}' % (eid, one)
+                            if plain or (eid.isascii() and eid.find(b"\x7f") < 0)
+                            else events.ok_reply(text, [one])
+                        )  # fmt: skip
+                        dedup.remember(digest, reply, now)
+                        return reply
         if len(recipients) == 1 and not self._rate and request.ack is None:  # the common case
             recipient = recipients[0]
             only: RecipientResult | defer.Deferred[RecipientResult]
@@ -1299,50 +1336,6 @@ class Hub(RouteOwnership):
             return failure
 
         return gathered.addCallbacks(answered, failed)
-
-    def _one(
-        self, request: events.EventRequest, key: ConnectionKey, eid: bytes, now: float
-    ) -> bytes | None:
-        """The SP handler's most common request, done and answered in one place: one key,
-        attached here, nothing but the event (no tag, offline hook, acknowledged mode,
-        rate limit or observer), that its mailbox takes without evicting. Its reply's
-        bytes, or None with nothing changed (then ``_deliver`` decides: full, evictions,
-        no transport, no mailbox). ``_deliver``'s steps for that case, in its order
-        (tests/node/test_hub.py runs the same requests both ways)."""
-        slot = self._slots.get(key)
-        if slot is None:
-            return None
-        sink = slot.sink
-        if sink is None:
-            return None
-        payload = request.payload
-        size = len(payload)
-        if self.mailbox_bytes + size > self.config.mailbox_total_bytes:
-            return None
-        mailbox = slot.mailbox
-        seq = mailbox.push(payload, eid)
-        if not seq:
-            return None
-        self.mailbox_bytes += size
-        slot.counted += size
-        frame = b'{"type":"event","seq":%d,"id":%s,"data":%s}' % (seq, eid, payload)
-        if sink.deliver([_new(Frame, (frame, seq, mailbox.stream))]):
-            mailbox.delivered = seq
-            self.stats["delivered"] += 1
-            if not slot.probe:  # the ack-latency probe (load_report)
-                slot.probe = seq
-                slot.probe_at = self.now()
-            one = b'{"status":"delivered","seq":%d}' % seq
-        else:
-            self.stats["queued"] += 1
-            one = b'{"status":"queued","seq":%d}' % seq
-        reply = (
-            b'{"id":%s,"ok":true,"results":[%s]}' % (eid, one)
-            if eid.isascii() and eid.find(b"\x7f") < 0
-            else events.ok_reply(request.event_id, [one])
-        )  # fmt: skip
-        self.dedup.remember(request.digest, reply, now)
-        return reply
 
     def _deliver_all(
         self, request: events.EventRequest, eid: bytes, now: float, results: list[Any],

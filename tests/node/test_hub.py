@@ -771,7 +771,7 @@ def test_every_attach_s_hello_is_byte_identical_to_frames_hello():
 
 
 def test_the_sp_handler_answers_as_dispatch_does():
-    """handle_request does and answers its most common request in one place (Hub._one)
+    """handle_request does and answers its most common request in one place (in Hub._dispatch)
     and formats a one-recipient reply itself (no DispatchResult): the same bytes, browser
     frames, mailboxes, counts and stats as answer()'s path through dispatch and _deliver
     and encode_reply, over delivered, dropped, queued, latest-value, no_connection, full,
@@ -816,6 +816,42 @@ def test_the_sp_handler_answers_as_dispatch_does():
     assert json.loads(fast[0][8])["results"][0]["dropped"] == 1
     assert "full" in statuses and "no_connection" in statuses
     assert json.loads(fast[0][-1])["duplicate"] is True
+
+
+def test_the_sp_handler_s_one_key_path_writes_every_kind_of_id_as_dispatch_does():
+    """The one-key request is answered inside _dispatch with the id's JSON text made in
+    place when it has nothing to escape: the frames' and replies' bytes are answer()'s
+    for ids that are plain, need escaping, hold DEL, a line separator, a tab or
+    non-ASCII letters, to an attached key (delivered) and one that does not take frames
+    (queued)."""
+    from orbited.node.hub import answer
+
+    class RawSink(RecordingSink):
+        def deliver(self, out):
+            if not self.accept:
+                return False
+            self.frames += [f.data for f in out]
+            return True
+
+    ids = ["plain-1", 'q"uote', "back\\slash", "del\x7f", "tab\t", "ünï", "ls\u2028", "~ok~"]
+
+    def run(reply_of):
+        hub, _ = make_hub()
+        sinks = {ALICE: RawSink(), BOB: RawSink(accept=False)}
+        for key, sink in sinks.items():
+            hub.attach(key, sink, None)
+        replies = [
+            reply_of(hub, json.dumps({"id": i + k.user, "to": [list(k)], "data": [i]}).encode())
+            for i in ids
+            for k in sinks
+        ]
+        return replies, [s.frames for s in sinks.values()], dict(hub.stats)
+
+    fast = run(lambda hub, body: hub.handle_request(body))
+    assert fast == run(lambda hub, body: answer(hub, body)[1])
+    statuses = [json.loads(r)["results"][0]["status"] for r in fast[0]]
+    assert statuses == ["delivered", "queued"] * len(ids)
+    assert [json.loads(f)["id"] for f in fast[1][0][1:]] == [i + "alice" for i in ids]
 
 
 def _counts_are_exact(hub: Hub) -> None:
