@@ -173,24 +173,37 @@ MAX_KNOWN_HEADERS = 16
 _known_headers: set[bytes] = set()
 
 
-# HMAC-SHA256 keyed once per secret: a copy of the keyed state per token instead of
-# hmac.digest's key set-up and digest lookup by name (1.4 against 2.2 us in one process).
-# At most MAX_KEYED secrets are kept (a node has one, two while it rotates).
+# HMAC-SHA256 keyed once per secret (RFC 2104: SHA-256 of the key xor opad, then of
+# the digest of the key xor ipad and the message): the two SHA-256 states after the key
+# blocks are kept, and each token copies them (hashlib's public copy) instead of
+# hmac.digest's key set-up (0.7 against 2.2 us in one process; hmac.HMAC's own copy,
+# through its Python-level methods, 1.2). At most MAX_KEYED secrets are kept (a node
+# has one, two while it rotates).
 MAX_KEYED = 8
-_keyed: dict[bytes, Any] = {}
+_keyed: dict[bytes, tuple[Any, Any]] = {}
+_BLOCK = 64  # SHA-256's block size
+_IPAD = bytes(b ^ 0x36 for b in range(256))
+_OPAD = bytes(b ^ 0x5C for b in range(256))
 
 
 def _hs256(secret: bytes, data: bytes) -> bytes:
     """HMAC-SHA256 of ``data`` under ``secret`` (what ``hmac.digest(secret, data,
     "sha256")`` gives)."""
-    base = _keyed.get(secret)
-    if base is None:
-        base = hmac.new(secret, digestmod=hashlib.sha256)
+    keyed = _keyed.get(secret)
+    if keyed is None:
+        key = hashlib.sha256(secret).digest() if len(secret) > _BLOCK else secret
+        key = key.ljust(_BLOCK, b"\0")
+        keyed = (hashlib.sha256(key.translate(_IPAD)), hashlib.sha256(key.translate(_OPAD)))
         if len(_keyed) < MAX_KEYED:
-            _keyed[secret] = base
-    h = base.copy()
-    h.update(data)
-    return h.digest()
+            _keyed[secret] = keyed
+    inner = keyed[0].copy()
+    inner.update(data)
+    outer = keyed[1].copy()
+    outer.update(inner.digest())
+    return outer.digest()
+
+
+_TO_URLSAFE = bytes.maketrans(b"+/", b"-_")
 
 
 def _hs256_payload(secret: bytes, token: bytes) -> bytes:
@@ -199,12 +212,20 @@ def _hs256_payload(secret: bytes, token: bytes) -> bytes:
     header_segment, dot, payload_segment = signing_input.partition(b".")
     if not dot:
         raise TokenError("token_malformed", _MALFORMED)  # fewer than three segments
+    mac = _hs256(secret, signing_input)
     if header_segment in _known_headers:  # every check below on the header passes
+        # The common token: its signature is the MAC's canonical encoding (then the
+        # signature segment decodes, as PyJWS requires, to exactly the MAC), compared
+        # in constant time; the payload segment is still checked as PyJWS reads it.
+        # Anything else is decided below, step for step.
+        encoded = binascii.b2a_base64(mac, newline=False).translate(_TO_URLSAFE).rstrip(b"=")
+        if hmac.compare_digest(encoded, crypto_segment):
+            return _segment(payload_segment)
         payload = _segment(payload_segment)
         signature = _segment(crypto_segment)
     else:
         payload, signature = _checked_header(header_segment, payload_segment, crypto_segment)
-    if not hmac.compare_digest(_hs256(secret, signing_input), signature):
+    if not hmac.compare_digest(mac, signature):
         raise TokenError("token_invalid", "token signature does not verify")
     if header_segment not in _known_headers and len(_known_headers) < MAX_KNOWN_HEADERS:
         _known_headers.add(header_segment)

@@ -248,3 +248,29 @@ def test_the_keyed_hmac_is_hmac_sha256_for_every_secret_and_keeps_a_few(secrets,
         assert tokens._hs256(secret, data) == hmac.digest(secret, data, "sha256")
         assert tokens._hs256(secret, data) == hmac.digest(secret, data, "sha256")  # kept one
     assert len(tokens._keyed) <= tokens.MAX_KEYED
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda sig: sig,  # the canonical signature: accepted by its encoded form
+        lambda sig: sig + "=",  # padded: PyJWS decides (a length not a multiple of 4)
+        lambda sig: sig[:-1] + ("B" if sig[-1] == "A" else "A"),  # stray bits or wrong
+        lambda sig: sig.replace("-", "+").replace("_", "/"),  # the standard alphabet
+        lambda sig: sig + "A",
+        lambda sig: sig[:-1],
+        lambda sig: "",
+    ],
+)
+@pytest.mark.parametrize("body", [None, "e30", "e30=", "e3", "!!!"])
+def test_a_known_headers_signature_compared_encoded_is_decided_as_pyjwt_does(change, body):
+    """With a known header the signature is compared in its encoded form first (the
+    MAC's canonical base64url); every other spelling of it, and a payload segment
+    PyJWS refuses, are still decided as PyJWS decides them."""
+    tokens._known_headers.clear()
+    assert isinstance(hand(SECRET, VALID), bytes)  # its header is known now
+    head, payload, _ = VALID.split(".")
+    payload = payload if body is None else body
+    good = hmac.new(SECRET, f"{head}.{payload}".encode(), hashlib.sha256).digest()
+    token = f"{head}.{payload}.{change(b64(good))}"
+    assert hand(SECRET, token) == oracle(SECRET, token)

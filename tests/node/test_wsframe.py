@@ -6,6 +6,7 @@ tests/node/test_httpfront.py; the fuzz target ``wsframe`` feeds random bytes and
 from __future__ import annotations
 
 import base64
+import binascii
 import struct
 
 import pytest
@@ -72,6 +73,36 @@ def test_handshake_rule(changes, status):
         with pytest.raises(HandshakeError) as e:
             check_handshake(headers)
         assert e.value.status == status
+
+
+def _b64decodes_to_16(key: bytes) -> bool:
+    """The key rule as first written: base64 with the strict alphabet, 16 bytes."""
+    try:
+        return len(base64.b64decode(key, validate=True)) == 16
+    except binascii.Error:
+        return False
+
+
+@given(
+    st.one_of(
+        st.binary(min_size=20, max_size=28),
+        st.text("AZaz09+/=-_ \n\x80", min_size=20, max_size=28).map(str.encode),
+        st.binary(min_size=15, max_size=17).map(base64.b64encode),
+        st.tuples(st.binary(min_size=16, max_size=16).map(base64.b64encode),
+                  st.integers(0, 23), st.sampled_from(b"A+/=-_ \x80")).map(
+            lambda t: t[0][: t[1]] + bytes([t[2]]) + t[0][t[1] + 1 :]),
+    )
+)  # fmt: skip
+def test_the_key_is_accepted_exactly_when_it_decodes_to_16_bytes(key):
+    """check_handshake's key rule (without base64's regular expression) is the one
+    ``len(base64.b64decode(key, validate=True)) == 16`` states."""
+    headers = good_headers(sec_websocket_key=key)
+    if _b64decodes_to_16(key):
+        assert check_handshake(headers) == key
+    else:
+        with pytest.raises(HandshakeError) as e:
+            check_handshake(headers)
+        assert e.value.status == 400
 
 
 def test_server_frames():

@@ -90,6 +90,9 @@ class BrowserAuth:
     token_leeway: float = 30.0
 
 
+_new = tuple.__new__  # (without the NamedTuple's Python-level __new__)
+
+
 class Attach(NamedTuple):  # (built per request: a tuple is cheaper than a dataclass)
     key: ConnectionKey
     after: Position | None
@@ -114,15 +117,15 @@ def authenticate(
         key = verify_token(auth.secret, token or "", auth.token_leeway)
     except TokenError as e:
         raise BrowserRequestError(401, e.code, e.message) from None
-    if after is not None:
-        return Attach(key, after)
-    last = single_param(params, "last")
-    if last:
-        try:
-            after = Position.parse(last)
-        except PositionError as e:
-            raise BrowserRequestError(400, "bad_position", str(e)) from None
-    return Attach(key, after)
+    if after is None:
+        last = single_param(params, "last")
+        if last:
+            try:
+                after = Position.parse(last)
+            except PositionError as e:
+                raise BrowserRequestError(400, "bad_position", str(e)) from None
+    attach: Attach = _new(Attach, (key, after))
+    return attach
 
 
 def resumes_session(auth: BrowserAuth, args: Mapping[bytes, Sequence[bytes]]) -> bool:

@@ -84,6 +84,7 @@ HOT: Final = {b"/orbited/ws": Route.WS, b"/orbited/sse": Route.SSE, b"/orbited/p
               b"/orbited/ack": Route.ACK}  # fmt: skip
 # The method each hot URL is served for (any other goes to twisted.web: 405, preflight).
 METHOD: Final = {Route.WS: b"GET", Route.SSE: b"GET", Route.POLL: b"GET", Route.ACK: b"POST"}
+_PATH_METHOD: Final = {path: METHOD[route] for path, route in HOT.items()}  # (bytes keys)
 # Headers the front reads (lower case); the last value of a repeated one wins, as in
 # twisted.web's getHeader.
 WANTED: Final = frozenset((b"host", b"origin", b"x-forwarded-proto", b"upgrade",
@@ -101,6 +102,7 @@ class _Handoff:
 
 
 HANDOFF: Final = _Handoff()
+_new = tuple.__new__  # a NamedTuple built without its Python-level __new__ (per request)
 
 
 class Head(NamedTuple):
@@ -229,14 +231,16 @@ class HeadReader:
             return HANDOFF
         path, _, query = self.url.partition(b"?")
         route = HOT.get(path)
-        if route is None or b"#" in query or METHOD[route] != self.method:
+        if route is None or b"#" in query or _PATH_METHOD[path] != self.method:
             return HANDOFF
         rest = b""
         if self.upgrade_at >= 0:
             if route is not Route.WS:
                 return HANDOFF
             rest = self.raw[self.upgrade_at :]
-        return Head(route, query, self.headers, rest, self.keep_alive, self.state == 2)
+        head: Head = _new(Head, (route, query, self.headers, rest, self.keep_alive,
+                                 self.state == 2))  # fmt: skip
+        return head
 
 
 def query_args(query: bytes) -> dict[bytes, list[bytes]]:
@@ -326,13 +330,17 @@ def plan(head: Head, cors_origins: list[str], auth: BrowserAuth) -> Plan | None:
     route = head.route
     if route is Route.ACK:
         # twisted.web answers "Expect: 100-continue" with a 100 first: its answer then.
-        return None if b"expect" in headers else Plan(head, params, cors)
+        if b"expect" in headers:
+            return None
+        done: Plan = _new(Plan, (head, params, cors, None, DEFAULT_TIMEOUT, True, b""))
+        return done
     if route is Route.WS:
         try:
             key = wsframe.check_handshake(headers)
         except wsframe.HandshakeError:
             return None
-        return Plan(head, params, cors, ws_key=key)
+        upgrade: Plan = _new(Plan, (head, params, cors, None, DEFAULT_TIMEOUT, True, key))
+        return upgrade
     if route is Route.SSE:
         lei = headers.get(b"last-event-id")
         after = None
@@ -342,7 +350,8 @@ def plan(head: Head, cors_origins: list[str], auth: BrowserAuth) -> Plan | None:
             except (UnicodeDecodeError, PositionError):
                 return None
             params.pop("last", None)  # Last-Event-ID, the newer position, wins
-        return Plan(head, params, cors, after=after)
+        stream: Plan = _new(Plan, (head, params, cors, after, DEFAULT_TIMEOUT, True, b""))
+        return stream
     timeout = DEFAULT_TIMEOUT
     if "timeout" in params:
         try:
@@ -352,7 +361,8 @@ def plan(head: Head, cors_origins: list[str], auth: BrowserAuth) -> Plan | None:
         if not 0 <= timeout <= MAX_TIMEOUT:  # also refuses nan
             return None
     resumes, after = resume_position(auth, params)
-    return Plan(head, params, cors, after=after, timeout=timeout, new=not resumes)
+    poll: Plan = _new(Plan, (head, params, cors, after, timeout, not resumes, b""))
+    return poll
 
 
 def error_response(error: BrowserRequestError, cors: bytes, close: bool = False) -> bytes:
