@@ -79,6 +79,20 @@ def verified_before(secret: bytes, token: str) -> bool:
     return (secret, token) in _verified
 
 
+def verified_expiry(secret: bytes, token: str) -> float | None:
+    """The expiry (``exp``, seconds since the epoch) of ``token`` if it verified under
+    ``secret`` recently (a lookup, no crypto), else None."""
+    hit = _verified.get((secret, token))
+    return None if hit is None else hit[1]
+
+
+def check_expiry(exp: float, leeway: float = 30.0, now: float | None = None) -> None:
+    """TokenError ``token_expired`` when a token expiring at ``exp`` has expired (the
+    check ``verify_token`` makes of a token it verified before)."""
+    if exp + leeway < (time.time() if now is None else now):
+        raise TokenError("token_expired", "token has expired")
+
+
 def verify_token(
     secret: bytes, token: str, leeway: float = 30.0, now: float | None = None
 ) -> ConnectionKey:

@@ -960,3 +960,80 @@ def test_a_kept_alive_connection_reads_its_requests_with_one_parser():
         gc.garbage.clear()
     front.stopFactory()
     assert "HeadReader" not in left and "HttpRequestParser" not in left, left
+
+
+_POLL_HEADS = [
+    b"GET /orbited/poll?token=t&last=s:1 HTTP/1.1\r\nHost: h\r\n\r\n",
+    b"GET /orbited/poll?token=t HTTP/1.1\r\nHost: h:1\r\nOrigin: http://h:1\r\n"
+    b"User-Agent: Mozilla/5.0 (X11)\r\nCookie: a=b; c=d\r\nConnection: keep-alive\r\n\r\n",
+    b"GET /orbited/poll?a HTTP/1.1\r\nhost:   h \t\r\nX-Forwarded-Proto: https\r\n\r\n\r\n",
+    b"GET /orbited/poll? HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\n\r\n",
+]
+
+
+@given(
+    st.sampled_from(_POLL_HEADS),
+    st.binary(max_size=40) | st.text("ab=&:%+;#?/\"<>{}|\\^`~ \r\n\t\x7f\x80é", max_size=40)
+    .map(lambda t: t.encode("utf-8")),
+    st.sampled_from([b"", b" ", b"x", b"\r\n", b"GET / HTTP/1.1\r\n\r\n"]),
+    st.sampled_from([16384, 120]),
+)  # fmt: skip
+@settings(max_examples=600)
+def test_a_polls_head_again_with_a_new_query_is_read_as_in_full(first, query, extra, small):
+    """PollMemo: a kept-alive poll connection's next head that is its last head with
+    another query is taken without reading it; whenever it takes one, it is the Head
+    HeadReader reads from those bytes."""
+    from orbited.node.transports.httpfront import PollMemo
+
+    head = HeadReader(16384, 100).feed(first)
+    tail = PollMemo.tail_of(first, head)
+    assert tail is not None and first.endswith(tail)
+    memo = PollMemo(tail, head.headers, b"", None)  # type: ignore[arg-type]
+    data = b"GET /orbited/poll?" + query + tail + extra
+    again = memo.head(data, small)
+    if again is not None:
+        assert again == HeadReader(small, 100).feed(data)
+    if not extra and (query.isascii() and b" " not in query and b"#" not in query
+                      and query.isalnum() and len(data) <= small):  # fmt: skip
+        assert again is not None  # (the common query is taken)
+
+
+def test_a_kept_alive_polls_next_poll_checks_only_the_expiry_of_the_same_token(monkeypatch):
+    """The next poll on a connection with the same head and token: no signature check
+    again (PollMemo), the expiry still checked (401 token_expired past exp + leeway); a
+    new token on it is verified in full (a bad one refused)."""
+    from orbited.core import tokens as token_module
+    from orbited.node.transports import common
+
+    clock = Clock()
+    hub, front = clocked_front(clock)
+    front.startFactory()
+    now = time.time()
+    token = issue_token(SECRET, KEY, ttl=60, now=now).encode()
+    p = front.buildProtocol(None)
+    transport = FakeTransport()
+    p.makeConnection(transport)
+
+    def poll(tok: bytes, last: bytes = b"") -> dict[str, Any]:
+        transport.out = b""
+        p.dataReceived(b"GET /orbited/poll?token=%s%s&timeout=0 HTTP/1.1\r\nHost: h\r\n\r\n"
+                       % (tok, last))  # fmt: skip
+        ((status, body),) = responses(transport.out)
+        return {"status": status, "body": json.loads(body)}
+
+    verified: list[str] = []
+    real = common.verify_token
+    monkeypatch.setattr(common, "verify_token", lambda *a: verified.append(a[1]) or real(*a))
+    assert poll(token)["body"][0]["type"] == "hello"
+    assert verified == [token.decode()] and p.memo is not None
+    stream = hub.mailbox(KEY).stream.encode()
+    assert poll(token, b"&last=" + stream + b":0")["body"][0]["type"] == "hello"
+    assert verified == [token.decode()]  # not verified again
+    monkeypatch.setattr(token_module, "time", SimpleNamespace(time=lambda: now + 60 + 31))
+    expired = poll(token, b"&last=" + stream + b":0")
+    assert expired["body"]["error"]["code"] == "token_expired"
+    assert expired["status"].startswith(b"HTTP/1.1 401 ")
+    monkeypatch.undo()
+    forged = token[:-2] + (b"AA" if token[-2:] != b"AA" else b"EA")  # (no stray bits)
+    assert poll(forged, b"&last=" + stream + b":0")["body"]["error"]["code"] == "token_invalid"
+    front.stopFactory()

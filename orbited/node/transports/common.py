@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, NamedTuple
 from urllib.parse import urlsplit
 
 from orbited.core.keys import ConnectionKey
-from orbited.core.tokens import TokenError, verified_before, verify_token
+from orbited.core.tokens import TokenError, check_expiry, verified_before, verify_token
 from orbited.node.frames import DISPLACED, USER_LIMIT
 from orbited.node.mailbox import Position, PositionError
 
@@ -107,14 +107,30 @@ def single_param(params: Mapping[str, Sequence[str]], name: str) -> str | None:
     return values[0]
 
 
+class KnownToken(NamedTuple):
+    """A token this connection presented and that verified (``token``, the ``key`` it
+    proves, its ``exp``): its connection's next request with the same token needs only
+    the expiry checked again, as ``verify_token`` does for a token it verified before."""
+
+    token: str
+    key: ConnectionKey
+    exp: float
+
+
 def authenticate(
-    auth: BrowserAuth, params: Mapping[str, Sequence[str]], after: Position | None = None
-) -> Attach:
+    auth: BrowserAuth, params: Mapping[str, Sequence[str]], after: Position | None = None,
+    known: KnownToken | None = None,
+) -> Attach:  # fmt: skip
     """Check ``token`` and ``last`` query parameters (already decoded to str). ``after``:
-    ``last`` already parsed (the front's plan did), so not parsed again."""
+    ``last`` already parsed (the front's plan did), so not parsed again. ``known``: the
+    token the connection presented last time (KnownToken)."""
     token = single_param(params, "token")
     try:
-        key = verify_token(auth.secret, token or "", auth.token_leeway)
+        if known is not None and token == known.token:
+            check_expiry(known.exp, auth.token_leeway)
+            key = known.key
+        else:
+            key = verify_token(auth.secret, token or "", auth.token_leeway)
     except TokenError as e:
         raise BrowserRequestError(401, e.code, e.message) from None
     if after is None:
@@ -150,10 +166,11 @@ def resumes_session_params(auth: BrowserAuth, params: Mapping[str, Sequence[str]
 
 
 def resume_position(
-    auth: BrowserAuth, params: Mapping[str, Sequence[str]]
+    auth: BrowserAuth, params: Mapping[str, Sequence[str]], known: str | None = None
 ) -> tuple[bool, Position | None]:
     """``resumes_session_params``, and the position ``last`` gives when there is one and
-    it parses (for ``authenticate``: parsed once)."""
+    it parses (for ``authenticate``: parsed once). ``known``: a token that verified on
+    this connection (KnownToken.token), so verified before."""
     last, token = params.get("last"), params.get("token")
     if not last or len(last) != 1:
         return False, None
@@ -163,7 +180,7 @@ def resume_position(
         return False, None
     if not token or len(token) != 1:
         return False, after
-    return verified_before(auth.secret, token[0]), after
+    return token[0] == known or verified_before(auth.secret, token[0]), after
 
 
 DEFAULT_PORTS = {"http": 80, "https": 443}

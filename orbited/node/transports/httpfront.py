@@ -46,6 +46,7 @@ from twisted.python.failure import Failure
 from twisted.web.http import parse_qs
 
 from orbited.core.keys import ConnectionKey
+from orbited.core.tokens import verified_expiry
 from orbited.node import frames
 from orbited.node.frames import USER_LIMIT, Frame
 from orbited.node.hub import Hub
@@ -55,6 +56,7 @@ from orbited.node.transports.common import (
     BAD_ACK,
     BrowserAuth,
     BrowserRequestError,
+    KnownToken,
     authenticate,
     check_admitted,
     closed_reason,
@@ -323,6 +325,16 @@ def plan(head: Head, cors_origins: list[str], auth: BrowserAuth) -> Plan | None:
         params = query_params(head.query)
     except (UnicodeDecodeError, ValueError):
         return None
+    return _plan_route(head, params, cors, auth)
+
+
+def _plan_route(
+    head: Head, params: dict[str, list[str]], cors: bytes, auth: BrowserAuth,
+    known: str | None = None,
+) -> Plan | None:  # fmt: skip
+    """``plan`` after the origin's check and the query's decoding. ``known``: a token
+    that verified on this connection (resume_position)."""
+    headers = head.headers
     for name in _SINGLE:
         values = params.get(name)
         if values is not None and len(values) > 1:
@@ -360,9 +372,63 @@ def plan(head: Head, cors_origins: list[str], auth: BrowserAuth) -> Plan | None:
             return None
         if not 0 <= timeout <= MAX_TIMEOUT:  # also refuses nan
             return None
-    resumes, after = resume_position(auth, params)
+    resumes, after = resume_position(auth, params, known)
     poll: Plan = _new(Plan, (head, params, cors, after, timeout, not resumes, b""))
     return poll
+
+
+POLL_PREFIX: Final = b"GET /orbited/poll?"
+# Query bytes a PollMemo reads itself: printable ASCII but space and "#" (llhttp takes
+# them all in a URL; the front hands off a fragment).
+_QUERY_BYTES: Final = bytes(range(0x21, 0x7F)).replace(b"#", b"")
+
+
+class PollMemo:
+    """What a kept-alive poll connection's last poll left to its next one: a browser
+    polls with the same head every time but for the query (its ``last``), so a head that
+    is ``POLL_PREFIX``, a query of ``_QUERY_BYTES`` and this ``tail`` (from the request
+    line's `` HTTP/1.1`` to the end: the headers llhttp read last time, byte for byte) is
+    that head again with a new query: not read again (no parser, no header callback, no
+    origin check: they depend on the headers only), and its token, if the same, checked
+    for expiry only (``known``). tests/node/test_httpfront.py checks it against reading
+    the head in full."""
+
+    __slots__ = ("tail", "headers", "cors", "known")
+
+    def __init__(self, tail: bytes, headers: dict[bytes, bytes], cors: bytes,
+                 known: KnownToken) -> None:  # fmt: skip
+        self.tail = tail
+        self.headers = headers
+        self.cors = cors
+        self.known = known
+
+    @staticmethod
+    def tail_of(data: bytes, head: Head) -> bytes | None:
+        """The tail of ``data`` (the whole of one poll's head, kept alive, nothing after
+        it) when its request line is ``POLL_PREFIX``, its query and `` HTTP/1.1``."""
+        if head.pipelined or not head.keep_alive or not data.startswith(POLL_PREFIX):
+            return None
+        end = data.find(b" HTTP/1.1\r\n")
+        if data[len(POLL_PREFIX) : end] != head.query:
+            return None
+        return data[end:]
+
+    def head(self, data: bytes, small: int) -> Head | None:
+        """``data``'s head if it is the last one with a new query, else None."""
+        tail = self.tail
+        end = len(data) - len(tail)
+        if (
+            end < len(POLL_PREFIX)
+            or len(data) > small
+            or not data.endswith(tail)
+            or not data.startswith(POLL_PREFIX)
+        ):  # fmt: skip
+            return None
+        query = data[len(POLL_PREFIX) : end]
+        if query.translate(None, _QUERY_BYTES):
+            return None
+        head: Head = _new(Head, (Route.POLL, query, self.headers, b"", True, False))
+        return head
 
 
 def error_response(error: BrowserRequestError, cors: bytes, close: bool = False) -> bytes:
@@ -514,7 +580,8 @@ def _protocol_of(transport: Any) -> Any:
 
 class FrontProtocol(Protocol):
     __slots__ = ("front", "transport", "connected", "mode", "reader", "sink", "deadline",
-                 "frames", "ping_due", "pong_by", "close_by", "pipelined")  # fmt: skip
+                 "frames", "ping_due", "pong_by", "close_by", "pipelined",
+                 "memo")  # fmt: skip
 
     def __init__(self) -> None:
         self.mode = IDLE
@@ -524,6 +591,7 @@ class FrontProtocol(Protocol):
         self.frames: wsframe.ClientFrames | None = None
         self.ping_due = self.pong_by = self.close_by = 0.0
         self.pipelined = False
+        self.memo: PollMemo | None = None  # a poll connection's last poll (PollMemo)
 
     front: BrowserFront
 
@@ -554,6 +622,11 @@ class FrontProtocol(Protocol):
     def _head_data(self, data: bytes) -> None:
         front = self.front
         reader = self.reader
+        memo = self.memo
+        if memo is not None and (reader is None or not reader.raw):
+            again = memo.head(data, front.small)
+            if again is not None and self._poll_again(memo, again):
+                return
         if reader is None:
             reader = self.reader = HeadReader(front.small, front.max_headers)
         fresh = not reader.raw  # this request's first bytes
@@ -586,9 +659,26 @@ class FrontProtocol(Protocol):
         elif route is Route.SSE:
             self._start_sse(todo)
         elif route is Route.POLL:
-            self._start_poll(todo)
+            self._start_poll(todo, data)
         else:
             self._ack(todo)
+
+    def _poll_again(self, memo: PollMemo, head: Head) -> bool:
+        """Serve ``head``, the connection's last poll head with a new query (PollMemo);
+        False if its plan hands it off (then it is read again in full, and handed off)."""
+        try:
+            params = query_params(head.query)
+        except (UnicodeDecodeError, ValueError):
+            return False
+        front = self.front
+        todo = _plan_route(head, params, memo.cors, front.auth, memo.known.token)
+        if todo is None:
+            return False
+        self.deadline = 0.0
+        front.waiting.discard(self)
+        self.pipelined = False
+        self._start_poll(todo, None)
+        return True
 
     def _handoff(self, raw: bytes, once: bool) -> None:
         """twisted.web's Site takes this connection over, from the request's first byte.
@@ -685,11 +775,11 @@ class FrontProtocol(Protocol):
         self.next_request(close)
 
     def _authenticate(
-        self, todo: Plan, poll: bool = False
+        self, todo: Plan, poll: bool = False, known: KnownToken | None = None
     ) -> tuple[ConnectionKey, Position | None]:
         front = self.front
         front.limits.check(poll=poll, new=todo.new)  # before the token: no work if overloaded
-        attach = authenticate(front.auth, todo.params, todo.after)
+        attach = authenticate(front.auth, todo.params, todo.after, known)
         check_admitted(front.hub, attach.key)  # 429 / 4429: the user's connection limit
         return attach.key, attach.after
 
@@ -721,12 +811,17 @@ class FrontProtocol(Protocol):
         self.front.hub.attach(key, sink, after)
         sink.send_head()
 
-    def _start_poll(self, todo: Plan) -> None:
+    def _start_poll(self, todo: Plan, data: bytes | None) -> None:
+        """``data``: the whole head, read in full (None: PollMemo's)."""
+        memo = self.memo
         try:
-            key, after = self._authenticate(todo, poll=True)
+            key, after = self._authenticate(todo, True, None if memo is None else memo.known)
         except BrowserRequestError as e:
             self._refuse(e, todo.cors)
             return
+        token = todo.params["token"][0]  # (authenticate refuses a request without one)
+        if memo is None or memo.known.token != token or data is not None:
+            self._remember(todo, data, key, token)
         self.mode = HELD
         sink = self.sink = PollSink(self, key, todo.cors)
         self.front.hub.attach(key, sink, after)
@@ -734,6 +829,22 @@ class FrontProtocol(Protocol):
             sink.answer()  # more than the hello frame: answer at once
         else:
             sink.hold(todo.timeout)
+
+    def _remember(self, todo: Plan, data: bytes | None, key: ConnectionKey, token: str) -> None:
+        """Keep what the next poll on this connection may reuse (PollMemo)."""
+        exp = verified_expiry(self.front.auth.secret, token)
+        memo = self.memo
+        if exp is None:
+            self.memo = None
+        elif data is None:  # the same head as the last: a new token
+            if memo is not None:
+                memo.known = KnownToken(token, key, exp)
+        else:
+            tail = PollMemo.tail_of(data, todo.head)
+            self.memo = (
+                None if tail is None
+                else PollMemo(tail, todo.head.headers, todo.cors, KnownToken(token, key, exp))
+            )  # fmt: skip
 
     # -- WebSocket ------------------------------------------------------------------
 
