@@ -969,3 +969,21 @@ def test_a_resuming_attach_s_hello_is_byte_identical_to_frames_hello():
             )
             assert sink.raw[0] == expected, (epoch, i)
             assert len(sink.raw) == 1 + i % 2  # the event the position had not seen
+
+
+def test_a_resend_past_its_window_still_remembered_replaces_its_reply():
+    """A remembered reply past its window that the oldest-first forgetting has not
+    reached (the clock went back between two requests) is not a duplicate: the resend is
+    delivered again and its new reply replaces the old one, counted once."""
+    hub, clock = make_hub(dedup_window=10)
+    sink = RecordingSink()
+    hub.attach(ALICE, sink, None)
+    clock.advance(1000)
+    assert send(hub, "first", [ALICE], 1)["results"][0]["seq"] == 1  # expires at 1010
+    clock.rightNow = 0.0  # the wall clock stepped back
+    assert send(hub, "again", [ALICE], 2)["results"][0]["seq"] == 2  # expires at 10
+    clock.rightNow = 20.0  # "again" is past its window, behind "first" in the memory
+    reply = send(hub, "again", [ALICE], 2)
+    assert reply["results"][0]["seq"] == 3 and "duplicate" not in reply
+    assert len(hub.dedup) == 2
+    assert hub.dedup.size == sum(len(r) for _, r in hub.dedup._recent.values())
