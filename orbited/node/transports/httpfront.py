@@ -16,6 +16,8 @@ with twisted.web. The front itself answers only what needs the node's state: 503
 
 - ``HeadReader`` (sans-I/O): bytes in; ``None`` (need more), ``HANDOFF``, or a ``Head``;
   one per connection, its parser reused for each kept-alive poll or ack (``next``).
+  ``PollMemo``: a kept-alive poll connection's next head that is its last one but for
+  the query, taken without reading it again (and the same token's expiry checked only).
 - ``plan`` (pure): a ``Head`` → a ``Plan`` (what to serve) or None (hand off).
 - ``FrontProtocol``: the thin shell; ``WSSink``, ``SSESink``, ``PollSink``: the hub's
   sinks, slotted, written through (orbited.runtime.twisted_compat) and batched
