@@ -94,10 +94,13 @@ def check_expiry(exp: float, leeway: float = 30.0, now: float | None = None) -> 
 
 
 def verify_token(
-    secret: bytes, token: str, leeway: float = 30.0, now: float | None = None
-) -> ConnectionKey:
+    secret: bytes, token: str, leeway: float = 30.0, now: float | None = None,
+    remember: bool = True,
+) -> ConnectionKey:  # fmt: skip
     """The key ``token`` proves, or TokenError. ``now`` (seconds since the epoch) is the
-    wall clock unless given; either way the same checks run (docs/protocol.md, "Tokens")."""
+    wall clock unless given; either way the same checks run (docs/protocol.md, "Tokens").
+    ``remember`` False: a token not verified before is not kept (a WebSocket presents
+    its token once; only tokens presented again, by polls and acks, are worth an entry)."""
     if now is None:
         now = time.time()
     used = _monotonic()
@@ -112,6 +115,8 @@ def verify_token(
         return key
     claims = _verified_claims(secret, token)
     key, exp = _check_claims(claims, leeway, now)
+    if not remember:
+        return key
     # Only a token that passed every check is kept: exp is a finite float here.
     _verified[entry] = (key, exp, used)
     # Oldest use first: drop the idle ones, then any beyond the size.

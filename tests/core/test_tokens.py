@@ -91,6 +91,24 @@ def test_verified_token_cache_still_checks_expiry_secret_and_signature():
     assert code_of(f"{header}.{claims}.{flipped}", now=5010) == "token_invalid"
 
 
+def test_a_token_verified_without_remember_is_not_kept_but_a_kept_one_is_used(monkeypatch):
+    """``remember=False`` (a WebSocket's one use of its token): the same checks and key,
+    no cache entry; a token already kept is still answered from the cache."""
+    from orbited.core import tokens
+
+    monkeypatch.setattr(tokens, "_verified", type(tokens._verified)())
+    once = issue_token(SECRET, KEY, ttl=60, now=5000)
+    assert verify_token(SECRET, once, now=5010, remember=False) == KEY
+    assert (SECRET, once) not in tokens._verified
+    with pytest.raises(TokenError) as info:
+        verify_token(SECRET, once, now=5100, remember=False)
+    assert info.value.code == "token_expired"
+    assert verify_token(SECRET, once, now=5010) == KEY  # (a poll's use keeps it)
+    assert (SECRET, once) in tokens._verified
+    monkeypatch.setattr(tokens, "_verified_claims", None)  # a hit does no crypto
+    assert verify_token(SECRET, once, now=5020, remember=False) == KEY
+
+
 def test_verified_token_cache_is_bounded(monkeypatch):
     from orbited.core import tokens
 

@@ -475,6 +475,29 @@ def test_websocket_pings_and_the_pong_timeout_in_one_sweep():
     front.stopFactory()
 
 
+def test_a_websocket_accept_keeps_no_verified_token_entry_and_a_poll_does():
+    """A WebSocket presents its token once: it is verified but not kept in the
+    verified-token cache (docs/security.md); a poll's token is kept for its next poll."""
+    from orbited.core import tokens
+
+    clock = Clock()
+    hub, front = clocked_front(clock)
+    ws_token = issue_token(SECRET, KEY).encode()
+    p = front.buildProtocol(None)
+    t = FakeTransport()
+    p.makeConnection(t)
+    p.dataReceived(UPGRADE.replace(b"token=T", b"token=" + ws_token))
+    assert t.out.startswith(b"HTTP/1.1 101 ") and b'"type":"hello"' in t.out
+    assert not tokens.verified_before(SECRET, ws_token.decode())
+    poll_token = issue_token(SECRET, ConnectionKey("bob", "s", "/l")).encode()
+    poller = front.buildProtocol(None)
+    poller.makeConnection(FakeTransport())
+    poller.dataReceived(b"GET /orbited/poll?token=%s&timeout=5 HTTP/1.1\r\nHost: h\r\n\r\n"
+                        % poll_token)  # fmt: skip
+    assert poller.sink is not None  # held
+    assert tokens.verified_before(SECRET, poll_token.decode())
+
+
 def test_the_close_handshake_waits_at_most_5_seconds():
     clock, hub, front, p, t = clocked_websocket()
     hub._slots[KEY].sink.replaced()

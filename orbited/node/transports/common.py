@@ -119,18 +119,18 @@ class KnownToken(NamedTuple):
 
 def authenticate(
     auth: BrowserAuth, params: Mapping[str, Sequence[str]], after: Position | None = None,
-    known: KnownToken | None = None,
+    known: KnownToken | None = None, remember: bool = True,
 ) -> Attach:  # fmt: skip
     """Check ``token`` and ``last`` query parameters (already decoded to str). ``after``:
     ``last`` already parsed (the front's plan did), so not parsed again. ``known``: the
-    token the connection presented last time (KnownToken)."""
+    token the connection presented last time (KnownToken). ``remember``: verify_token's."""
     token = single_param(params, "token")
     try:
         if known is not None and token == known.token:
             check_expiry(known.exp, auth.token_leeway)
             key = known.key
         else:
-            key = verify_token(auth.secret, token or "", auth.token_leeway)
+            key = verify_token(auth.secret, token or "", auth.token_leeway, None, remember)
     except TokenError as e:
         raise BrowserRequestError(401, e.code, e.message) from None
     if after is None:

@@ -777,11 +777,12 @@ class FrontProtocol(Protocol):
         self.next_request(close)
 
     def _authenticate(
-        self, todo: Plan, poll: bool = False, known: KnownToken | None = None
-    ) -> tuple[ConnectionKey, Position | None]:
+        self, todo: Plan, poll: bool = False, known: KnownToken | None = None,
+        remember: bool = True,
+    ) -> tuple[ConnectionKey, Position | None]:  # fmt: skip
         front = self.front
         front.limits.check(poll=poll, new=todo.new)  # before the token: no work if overloaded
-        attach = authenticate(front.auth, todo.params, todo.after, known)
+        attach = authenticate(front.auth, todo.params, todo.after, known, remember)
         check_admitted(front.hub, attach.key)  # 429 / 4429: the user's connection limit
         return attach.key, attach.after
 
@@ -853,7 +854,8 @@ class FrontProtocol(Protocol):
     def _start_ws(self, todo: Plan) -> None:
         front = self.front
         try:
-            key, after = self._authenticate(todo)
+            # A WebSocket presents its token once: not kept in the verified-token cache.
+            key, after = self._authenticate(todo, remember=False)
             error = None
         except BrowserRequestError as e:
             # Accept, then close with a code the page's script can read (an HTTP refusal
