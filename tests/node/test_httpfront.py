@@ -1060,3 +1060,30 @@ def test_a_kept_alive_polls_next_poll_checks_only_the_expiry_of_the_same_token(m
     forged = token[:-2] + (b"AA" if token[-2:] != b"AA" else b"EA")  # (no stray bits)
     assert poll(forged, b"&last=" + stream + b":0")["body"]["error"]["code"] == "token_invalid"
     front.stopFactory()
+
+
+def test_a_poll_head_split_over_reads_is_not_remembered_for_the_next_poll():
+    """PollMemo keeps only a head that came whole in one read: a head whose last read
+    starts like a poll's request line (an earlier read ended inside a header value) must
+    not lend the earlier reads' headers (here an Origin, hence CORS headers) to the next
+    poll on the connection, which carries none."""
+    clock = Clock()
+    hub, front = clocked_front(clock)
+    front.startFactory()
+    token = issue_token(SECRET, KEY, ttl=60).encode()
+    p = front.buildProtocol(None)
+    transport = FakeTransport()
+    p.makeConnection(transport)
+    line = b"GET /orbited/poll?token=%s&timeout=0 HTTP/1.1\r\n" % token
+    p.dataReceived(line + b"Origin: http://h\r\nX-A: ")
+    p.dataReceived(line + b"Host: h\r\n\r\n")  # the rest of X-A's value, then the end
+    ((status, _),) = responses(transport.out)
+    assert status.startswith(b"HTTP/1.1 200 ") and b"Access-Control-Allow-Origin" in status
+    stream = hub.mailbox(KEY).stream.encode()
+    transport.out = b""
+    p.dataReceived(b"GET /orbited/poll?token=%s&timeout=0&last=%s:0 HTTP/1.1\r\nHost: h\r\n\r\n"
+                   % (token, stream))  # fmt: skip
+    ((status, body),) = responses(transport.out)
+    assert status.startswith(b"HTTP/1.1 200 ") and json.loads(body)[0]["type"] == "hello"
+    assert b"Access-Control-Allow-Origin" not in status and b"Vary: Origin" not in status
+    front.stopFactory()

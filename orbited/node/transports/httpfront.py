@@ -660,8 +660,8 @@ class FrontProtocol(Protocol):
             self._start_ws(todo)
         elif route is Route.SSE:
             self._start_sse(todo)
-        elif route is Route.POLL:
-            self._start_poll(todo, data)
+        elif route is Route.POLL:  # only a head whole in one read is remembered (PollMemo)
+            self._start_poll(todo, data if fresh else b"")
         else:
             self._ack(todo)
 
@@ -815,7 +815,8 @@ class FrontProtocol(Protocol):
         sink.send_head()
 
     def _start_poll(self, todo: Plan, data: bytes | None) -> None:
-        """``data``: the whole head, read in full (None: PollMemo's)."""
+        """``data``: the whole head, read in full in one read (b"": in several, so not
+        remembered; None: PollMemo's)."""
         memo = self.memo
         try:
             key, after = self._authenticate(todo, True, None if memo is None else memo.known)
