@@ -772,27 +772,37 @@ class _SPReq:
 
 
 class OrbitedPublisher(Publisher):
-    """SP REQ to each route's node; one connection per node, a batch's requests for a
-    node written together (batching per route), one event per request (1:1)."""
+    """SP REQ to each route's node, ``connections`` connections in all (8, as many as
+    Nchan's publisher pipelines over; at least one per node), each batch on the next
+    connection of each node in turn, a batch's requests for a node written together
+    (batching per route), one event per request (1:1). One connection was the bench's
+    limit, not the node's: a connection holds ≤ ``window`` unanswered requests (the
+    node's own ``sp_max_inflight`` is 1024), so a single one stalled the publisher."""
 
-    def __init__(self, spec: dict[str, Any], window: int = 1000) -> None:
+    def __init__(self, spec: dict[str, Any], window: int = 1000, connections: int = 8) -> None:
         self.routes = spec["routes"]
-        self.conns = {addr: _SPReq(addr, window) for addr in set(spec["sp"].values())}
-        self.by_route = {int(r): self.conns[a] for r, a in spec["sp"].items()}
+        nodes = sorted(set(spec["sp"].values()))
+        each = max(1, connections // len(nodes))
+        self.pools = {addr: [_SPReq(addr, window) for _ in range(each)] for addr in nodes}
+        self.by_route = {int(r): self.pools[a] for r, a in spec["sp"].items()}
+        self.turn = 0
         self.n = 0
         self.prefix = f"p{os.getpid()}-"
 
-    def _conn(self, client: str) -> _SPReq:
+    def _pool(self, client: str) -> list[_SPReq]:
         if self.routes == 1:
             return self.by_route[1]
         return self.by_route[route_of(ConnectionKey(client, SESSION, LOCATION), self.routes)]
 
     async def publish(self, events: list[tuple[str, str]]) -> Published:
         groups: dict[_SPReq, list[bytes]] = {}
+        turn = self.turn
+        self.turn += 1
         for client, data in events:
             self.n += 1
             body = f'{{"id":"{self.prefix}{self.n}","to":[["{client}","{SESSION}","{LOCATION}"]],"data":{data}}}'  # noqa: E501
-            groups.setdefault(self._conn(client), []).append(body.encode())
+            pool = self._pool(client)
+            groups.setdefault(pool[turn % len(pool)], []).append(body.encode())
         out = Published()
         replies = await asyncio.gather(*(c.send_all(b) for c, b in groups.items()))
         for group in replies:
@@ -804,8 +814,9 @@ class OrbitedPublisher(Publisher):
         return out
 
     async def close(self) -> None:
-        for conn in self.conns.values():
-            await conn.close()
+        for pool in self.pools.values():
+            for conn in pool:
+                await conn.close()
 
 
 class _HTTPPipe:
