@@ -108,8 +108,7 @@ def verify_token(
     hit = _verified.get(entry)
     if hit is not None:
         key, exp, _ = hit
-        if exp + leeway < now:
-            raise TokenError("token_expired", "token has expired")
+        check_expiry(exp, leeway, now)
         _verified[entry] = (key, exp, used)
         _verified.move_to_end(entry)
         return key
