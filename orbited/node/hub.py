@@ -1187,11 +1187,7 @@ class Hub(RouteOwnership):
         if observer is not None:
             self._token = token = observer.dispatched(request, now)
             self._token_now = now
-        # The id's JSON text, once per request and shared by the mailboxes (frames.event_id;
-        # its common case here: an id with nothing to escape, then also the reply's).
-        text = request.event_id
-        plain = text.isascii() and text.isprintable() and '"' not in text and "\\" not in text
-        eid = b'"%s"' % text.encode() if plain else frames.event_id(text)
+        eid = frames.event_id(request.event_id)  # once per request, shared by the mailboxes
         recipients = request.recipients
         tag, offline = request.latest, request.offline
         if (
@@ -1229,8 +1225,8 @@ class Hub(RouteOwnership):
                             one = b'{"status":"queued","seq":%d}' % pushed
                         reply = (
                             b'{"id":%s,"ok":true,"results":[%s]}' % (eid, one)
-                            if plain or (eid.isascii() and eid.find(b"\x7f") < 0)
-                            else events.ok_reply(text, [one])
+                            if eid.isascii() and eid.find(b"\x7f") < 0
+                            else events.ok_reply(request.event_id, [one])
                         )  # fmt: skip
                         dedup.remember(digest, reply, now)
                         return reply
