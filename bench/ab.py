@@ -106,7 +106,9 @@ async def connect_all(server: Any, transport: str, n: int, stats: Stats, rate: i
     return [s for s in await asyncio.gather(*tasks) if s is not None]
 
 
-async def run_one(name: str, tree: Path | None, args: argparse.Namespace, work: Path) -> dict:
+async def run_one(
+    name: str, tree: Path | None, args: argparse.Namespace, work: Path, rep: int = 0
+) -> dict:
     env: dict[str, str] = {}
     prefix = args.out / f"prof-{name}-{args.transport}"
     gc_prefix = args.out / f"gc-{name}-{args.transport}"
@@ -132,7 +134,7 @@ async def run_one(name: str, tree: Path | None, args: argparse.Namespace, work: 
         toggle = args.profile and not nchan
         if toggle:
             os.kill(pid, signal.SIGUSR1)
-        spy = _spy(pid, args, name, "accept")
+        spy = _spy(pid, args, name, "accept", rep)
         r0, (u0, s0) = rss_kb(pid), cpu_split(pid)
         subs = await connect_all(server, args.transport, args.clients, stats,
                                  args.connect_rate, flavour)  # fmt: skip
@@ -156,7 +158,7 @@ async def run_one(name: str, tree: Path | None, args: argparse.Namespace, work: 
         sent = i = 0
         if toggle:
             os.kill(pid, signal.SIGUSR1)
-        spy = _spy(pid, args, name, "event")
+        spy = _spy(pid, args, name, "event", rep)
         u2, s2 = cpu_split(pid)
         t0 = time.monotonic()
         inflight: list[asyncio.Task[Any]] = []
@@ -256,11 +258,11 @@ async def accept_rounds(trees: dict[str, Path | None], args: argparse.Namespace,
     return out
 
 
-def _spy(pid: int, args: argparse.Namespace, name: str, phase: str) -> Any:
+def _spy(pid: int, args: argparse.Namespace, name: str, phase: str, rep: int) -> Any:
     """py-spy recording the node over ``phase`` if asked (``--pyspy``), else None."""
     if args.pyspy != phase or name == "nchan":
         return None
-    out = args.out / f"spy-{name}-{args.transport}-{time.monotonic_ns()}.txt"
+    out = args.out / f"spy-{name}-{args.transport}-{rep}.txt"
     spy = subprocess.Popen([str(ROOT / ".venv" / "bin" / "py-spy"), "record", "--pid", str(pid),
                             "--rate", "1000", "--nonblocking", "--format", "raw", "-o", str(out)],
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
@@ -358,7 +360,7 @@ async def main() -> None:
                 return
             for rep in range(args.reps):
                 for name in names[rep % len(names) :] + names[: rep % len(names)]:
-                    r = await run_one(name, trees[name], args, work)
+                    r = await run_one(name, trees[name], args, work, rep)
                     r["rep"] = rep
                     print(json.dumps(r), flush=True)
                     results.append(r)
