@@ -467,10 +467,16 @@ class HaloDLink(service.MultiService):
         self.node_id, self.role = msg.node_id, msg.role
         self.hub.set_hash_version(msg.hash_version)  # before the routes: keys map by it
         evicted = self.hub.assign(msg.routes, total, msg.incoming)
-        self.log.info(
-            "HaloD: {role} node {id}, {n} routes; {evicted} keys told to reconnect",
-            role=self.role.value, id=self.node_id, n=len(msg.routes), evicted=evicted,
-        )  # fmt: skip
+        if self.node_id is None:  # a spare has no node id until it takes routes
+            self.log.info(
+                "HaloD: {role} node (no id yet), {n} routes; {evicted} keys told to reconnect",
+                role=self.role.value, n=len(msg.routes), evicted=evicted,
+            )  # fmt: skip
+        else:
+            self.log.info(
+                "HaloD: {role} node {id}, {n} routes; {evicted} keys told to reconnect",
+                role=self.role.value, id=self.node_id, n=len(msg.routes), evicted=evicted,
+            )  # fmt: skip
 
     def refused(self, code: str, message: str, leader: str | None = None) -> None:
         if code == ErrorCode.NOT_LEADER:  # a following HaloD: try the leader (or the next)

@@ -182,3 +182,27 @@ def test_relayed_from_reads_only_a_trailing_well_formed_name():
     assert relayed_from(body) is None  # in a payload, not HaloD's member
     assert relayed_from(with_sender(body, "node-2.example:1")) == "node-2.example:1"
     assert relayed_from(b'{"type":"handoff","from":"bad name"}') is None
+
+
+def test_the_assignment_log_line_names_a_spare_without_a_node_id():
+    from twisted.logger import formatEvent, globalLogPublisher
+
+    lines: list[str] = []
+
+    def observe(event: dict[str, Any]) -> None:
+        lines.append(formatEvent(event))
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        for welcome in (
+            Welcome(None, Role.SPARE, (), 4, 1.0, 3),
+            Welcome(2, Role.ACTIVE, (1, 2), 4, 1.0, 3),
+        ):
+            HaloDEnd(RecordingHub()).link.assigned(welcome, 4)
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    said = [line for line in lines if "keys told to reconnect" in line]
+    assert said == [
+        "HaloD: spare node (no id yet), 0 routes; 0 keys told to reconnect",
+        "HaloD: active node 2, 2 routes; 0 keys told to reconnect",
+    ]
