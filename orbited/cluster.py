@@ -492,32 +492,34 @@ class LocalCluster:
         return {n["name"]: n for n in http_json(f"{self.leader_status()}/status")["nodes"]}
 
     def status_line(self) -> str:
-        """One line: each node's state, routes and connections; users online; deaths."""
-        parts = [f"up {time.monotonic() - self.started:.0f}s"]
+        """One line: users online, failovers and deaths first (a terminal cuts the line at
+        its width), then each node's state, routes and connections."""
+        head = [f"up {time.monotonic() - self.started:.0f}s"]
+        try:
+            health = http_json(f"{self.url}healthz", timeout=0.5)
+            head.append(f"{health['online']} online")
+        except (OSError, ValueError, KeyError):
+            head.append("cherrychat not answering")
+        nodes = []
         try:
             status = http_json(f"{self.leader_status()}/status", timeout=0.5)
             if status.get("role") not in (None, "solo"):
-                parts.append(f"HaloD leader {(status.get('leader') or {}).get('name')}")
+                head.append(f"HaloD leader {(status.get('leader') or {}).get('name')}")
+            if status["failovers"]:
+                head.append(f"failovers {status['failovers']}")
             for n in status["nodes"]:
                 if n["state"] == "active":
                     where = f"routes {n['ranges']}, {n['connections']} conn"
                     if not n["connected"]:
                         where += f", lost {n['disconnected_for'] or 0:.0f}s"
-                    parts.append(f"{n['name']} active ({where})")
+                    nodes.append(f"{n['name']} active ({where})")
                 else:
-                    parts.append(f"{n['name']} {n['state']}")
-            if status["failovers"]:
-                parts.append(f"failovers {status['failovers']}")
+                    nodes.append(f"{n['name']} {n['state']}")
         except (OSError, ValueError, KeyError):
-            parts.append("HaloD not answering")
-        try:
-            health = http_json(f"{self.url}healthz", timeout=0.5)
-            parts.append(f"{health['online']} online")
-        except (OSError, ValueError, KeyError):
-            parts.append("cherrychat not answering")
+            head.append("HaloD not answering")
         dead = [f"{c.name} exited ({c.proc.returncode})" for c in self.children.values()
                 if c.proc is not None and c.proc.poll() is not None]  # fmt: skip
-        return " · ".join(parts + dead)
+        return " · ".join(head + dead + nodes)
 
     # -- stopping ----------------------------------------------------------------------
 
@@ -710,6 +712,10 @@ def cluster_command(argv: list[str]) -> int:
     except ClusterError as e:
         print(f"orbited cluster: {e}", file=sys.stderr, flush=True)
         if "already in use" in str(e):
-            print("orbited cluster: is another one running? Or try --port N or --free-ports",
-                  file=sys.stderr)  # fmt: skip
+            print(
+                "orbited cluster: is another one running, or a HaloD's proxy worker still "
+                "forwarding (kill $(cat proxy/worker.pid) where that HaloD ran)? Or try "
+                "--free-ports (--port N moves the chat's port only)",
+                file=sys.stderr,
+            )
         return 1

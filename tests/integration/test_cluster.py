@@ -128,3 +128,38 @@ def test_a_picked_block_is_not_picked_again_before_it_is_bound(monkeypatch):
     with pytest.raises(cluster.ClusterError, match="no free block of ports"):
         free_port_block(4)
     assert low <= first <= low + 3
+
+
+def test_the_status_line_puts_users_failovers_and_deaths_before_the_nodes(tmp_path, monkeypatch):
+    # A terminal cuts the line at its width: what changes after a kill must come first.
+    from orbited import cluster as cluster_module
+
+    answers = {
+        "http://chat/healthz": {"online": 2},
+        "http://halod/status": {
+            "failovers": 1,
+            "nodes": [
+                {"name": "n2", "state": "active", "ranges": "1-12", "connections": 3,
+                 "connected": True, "disconnected_for": None},
+                {"name": "n3", "state": "active", "ranges": "13-24", "connections": 1,
+                 "connected": True, "disconnected_for": None},
+                {"name": "n1", "state": "failed"},
+            ],
+        },
+    }  # fmt: skip
+    monkeypatch.setattr(cluster_module, "http_json", lambda url, timeout: answers[url])
+    cluster = cluster_module.LocalCluster(cluster_module.ClusterConfig(state_dir=tmp_path))
+    cluster.url, cluster.halod_status, cluster.halod_statuses = (
+        "http://chat/",
+        "http://halod",
+        ["http://halod"],
+    )
+    dead = cluster_module.Child("n1", ["false"], tmp_path)
+    dead.proc = subprocess.Popen(["sh", "-c", "kill -9 $$"])
+    dead.proc.wait()
+    cluster.children = {"n1": dead}
+    line = cluster.status_line()
+    assert line.split(" · ")[1:] == [
+        "2 online", "failovers 1", "n1 exited (-9)",
+        "n2 active (routes 1-12, 3 conn)", "n3 active (routes 13-24, 1 conn)", "n1 failed",
+    ]  # fmt: skip
