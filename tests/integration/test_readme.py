@@ -22,11 +22,15 @@ from pathlib import Path
 
 import pytest
 from packaging.requirements import Requirement
+from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
+from websockets.typing import Origin
 
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
+
+PAGE = "http://127.0.0.1:8091"  # the page's origin, as the README serves it
 
 
 def _name(dist: str) -> str:
@@ -81,7 +85,7 @@ def node(tmp_path: Path) -> Iterator[dict]:
     log = (tmp_path / "node.log").open("wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "orbited.cli", "node", "--http", "127.0.0.1:0",
-         "--sp", "tcp://127.0.0.1:0", "--ready-file", str(ready_file)],
+         "--sp", "tcp://127.0.0.1:0", "--ready-file", str(ready_file), "--cors-origin", PAGE],
         cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip
     deadline = time.monotonic() + 15
@@ -96,8 +100,9 @@ def node(tmp_path: Path) -> Iterator[dict]:
 
 def test_the_first_event_runs_as_written(node, tmp_path):
     section = first_event_section()
-    assert "`.venv/bin/orbited node`" in section
-    assert "browsers on\n127.0.0.1:8000, web apps on tcp://127.0.0.1:9000" in section
+    assert f"`.venv/bin/orbited node --cors-origin {PAGE}`" in section
+    assert "browsers on 127.0.0.1:8000,\nweb apps on tcp://127.0.0.1:9000" in section
+    assert "python3 -m http.server 8091 --bind 127.0.0.1" in section  # the page's origin
     blocks = code_blocks(section)
     shells = [code for lang, code in blocks if lang == ""]
     pythons = [code for lang, code in blocks if lang == "python"]
@@ -111,8 +116,15 @@ def test_the_first_event_runs_as_written(node, tmp_path):
     key = (command[command.index("--user") + 1], command[command.index("--session") + 1],
            command[command.index("--location") + 1])  # fmt: skip
 
-    # A browser connected with that token (any WebSocket client, as the README says).
-    with connect(f"ws://{node['http']}/orbited/ws?token={token}", open_timeout=5) as ws:
+    # A page of another origin is refused, as the section says.
+    url = f"ws://{node['http']}/orbited/ws?token={token}"
+    with pytest.raises(InvalidStatus) as refused:
+        connect(url, origin=Origin("http://127.0.0.1:8092"), open_timeout=5)
+    assert refused.value.response.status_code == 403
+    assert b"origin_not_allowed" in refused.value.response.body
+
+    # A browser connected with that token from the page's origin.
+    with connect(url, origin=Origin(PAGE), open_timeout=5) as ws:
         assert json.loads(ws.recv(timeout=5))["type"] == "hello"
 
         code = pythons[0]
