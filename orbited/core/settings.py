@@ -107,27 +107,31 @@ class ConfigBase:
 
     @classmethod
     def add_flags(cls, parser: argparse.ArgumentParser) -> None:
-        """One flag per field: --no-x for booleans, repeated --x for lists."""
+        """One flag per field: for a boolean the flag that changes its default (--no-x
+        for one that is on, --x for one that is off), repeated --x for lists."""
         for f in fields(cls):  # type: ignore[arg-type]
-            flag = "--" + f.name.replace("_", "-")
-            default = f.default if f.default is not MISSING else []
-            helptext = f"{f.metadata['help']} (default: {default!r})"
-            if isinstance(default, bool):
+            name = f.name.replace("_", "-")
+            text = f.metadata["help"]
+            if f.default is MISSING:  # a list (default_factory)
                 parser.add_argument(
-                    f"--no-{f.name.replace('_', '-')}",
-                    dest=f.name,
-                    action="store_const",
-                    const=False,
-                    help=f"do not {helptext}",
-                )
-            elif isinstance(default, list):
+                    f"--{name}".removesuffix("s"), dest=f.name, action="append",
+                    help=f"{text} (default: {f.default_factory()!r})",  # type: ignore[operator]
+                )  # fmt: skip
+            elif isinstance(f.default, bool):
+                on = f.default
                 parser.add_argument(
-                    flag.removesuffix("s"), dest=f.name, action="append", help=helptext
-                )
+                    f"--no-{name}" if on else f"--{name}", dest=f.name,
+                    action="store_const", const=not on,
+                    help=f"turn {'off' if on else 'on'}: {text} (default: {'on' if on else 'off'})",
+                )  # fmt: skip
             elif f.name == "log_level":
-                parser.add_argument(flag, choices=LOG_LEVELS, help=helptext)
+                parser.add_argument(
+                    f"--{name}", choices=LOG_LEVELS, help=f"{text} (default: {f.default!r})"
+                )
             else:
-                parser.add_argument(flag, type=type(default), help=helptext)
+                parser.add_argument(
+                    f"--{name}", type=type(f.default), help=f"{text} (default: {f.default!r})"
+                )
 
 
 def parse_host_port(text: str) -> tuple[str, int]:

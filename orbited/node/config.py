@@ -7,7 +7,6 @@ config class, which also checks its own ranges: each default is defined once.
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -86,7 +85,6 @@ COMPONENT_KEYS: dict[str, tuple[type[Any], str]] = {
     "token_leeway": (BrowserAuth, "token_leeway"),
 }
 
-_SWITCHES = ("otel", "otel_key_attributes")  # false-by-default booleans with an --x flag
 OTEL_EXPORTERS = ("otlp", "discard", "memory")  # otel_exporter: discard/memory for tests and bench
 
 # Keys of components that do not check their own ranges yet (hub, events, rep).
@@ -328,17 +326,6 @@ class NodeConfig(ConfigBase):
             from orbited.node.workers import plan_workers, worker_count
 
             plan_workers(self, worker_count(self.workers, os.cpu_count()))
-
-    @classmethod
-    def add_flags(cls, parser: argparse.ArgumentParser) -> None:
-        """ConfigBase's flags, plus ``--otel`` and ``--otel-key-attributes`` that turn
-        those false-by-default keys on (ConfigBase gives booleans only ``--no-x``)."""
-        super().add_flags(parser)
-        for name in _SWITCHES:
-            parser.add_argument(
-                "--" + name.replace("_", "-"), dest=name, action="store_const", const=True,
-                help=f"{cls.__dataclass_fields__[name].metadata['help']} (default: off)",
-            )  # fmt: skip
 
     @staticmethod
     def _key(owner: type[Any], name: str) -> str:
