@@ -1124,7 +1124,7 @@ def host_allowed(host: bytes | None, names: frozenset[str]) -> bool:
     literal, ``localhost`` or a name in ``status_hosts``: a DNS-rebinding page reaches
     the port under its own host name, which is none of these (docs/security.md)."""
     if host is None:
-        return True  # HTTP/1.0 tools; every browser sends Host
+        return True  # HTTP/1.0 tools (HTTP/1.1 requires Host); every browser sends it
     try:
         text = host.decode("ascii").strip().lower()
     except UnicodeDecodeError:
@@ -1149,6 +1149,14 @@ class _WrongHost(Resource):
                           "address or localhost, or add the name to status_hosts")  # fmt: skip
 
 
+class _NoHost(Resource):
+    isLeaf = True
+
+    def render(self, request: Request) -> bytes:
+        # RFC 9112, 3.2: a server MUST answer an HTTP/1.1 request without Host with 400.
+        return send_error(request, 400, "bad_request", "an HTTP/1.1 request needs a Host header")
+
+
 class _StatusSite(OrbitedSite):
     """The status port's Site: requests under a foreign Host name are refused; every error
     (unknown path or method, a malformed or oversized request head, a bug) is answered
@@ -1160,7 +1168,10 @@ class _StatusSite(OrbitedSite):
         self.names = names
 
     def getResourceFor(self, request: Request) -> Resource:  # noqa: N802
-        if not host_allowed(request.getHeader(b"host"), self.names):
+        host = request.getHeader(b"host")
+        if host is None and request.clientproto != b"HTTP/1.0":
+            return _NoHost()
+        if not host_allowed(host, self.names):
             return _WrongHost()
         return super().getResourceFor(request)
 

@@ -169,6 +169,21 @@ def test_the_host_rule(get: Callable[..., Response], path: str) -> None:
     assert r.status == 403 and r.json()["error"]["code"] == "host_not_allowed"
 
 
+def test_an_http_1_1_request_without_host_is_400_and_http_1_0_is_served(
+    get: Callable[..., Response],
+) -> None:
+    # RFC 9112, 3.2 (a missing Host is no DNS-rebinding risk: browsers always send one).
+    missing = get("/dashboard/state", host=None)
+    assert missing.status == 400 and missing.json()["error"]["code"] == "bad_request"
+    root = JSONDirectory()
+    root.putChild(b"dashboard", DashboardResource(DashboardFeed(task.Clock(), view)))
+    proto = _StatusSite(root, frozenset()).buildProtocol(IPv4Address("TCP", "127.0.0.1", 5555))
+    transport = StringTransport()
+    proto.makeConnection(transport)
+    proto.dataReceived(b"GET /dashboard/state HTTP/1.0\r\n\r\n")
+    assert Response(transport.value()).status == 200
+
+
 # -- the operator rule -----------------------------------------------------------------------
 
 
