@@ -15,6 +15,7 @@ import hashlib
 import importlib
 import json
 import re
+import sys
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, NamedTuple
@@ -195,7 +196,12 @@ def _encode_payload(obj: object) -> bytes:
     ≈ 1.5 µs more per event than one keeping a copy (issue 20; in one process, 20 000
     payloads of 40 bytes kept: 1.8 µs per encode, 0.25 with the copy; 700 bytes: 3.7
     and 0.36). A copy of a small bytes object costs ≈ 0.1 µs."""
-    out = _encode_fast(obj)
+    try:
+        out = _encode_fast(obj)
+    except RecursionError:
+        # The strict decoder reads a few levels deeper than the encoder writes: a payload
+        # it read (not orjson: it refuses it) can still be too deep to encode.
+        raise RequestError("bad_json", "request JSON is nested too deeply") from None
     return memoryview(out).tobytes()
 
 
@@ -211,6 +217,11 @@ def _load(body: bytes) -> object:
         # Decode first: json.loads on bytes would also accept UTF-16/32 and a BOM.
         return loads_strict(body.decode("utf-8"))
     except ValueError as e:
+        if "integer string conversion" in str(e):  # Python's own words name its setting
+            raise RequestError(
+                "bad_json",
+                f"request JSON has an integer of more than {sys.get_int_max_str_digits()} digits",
+            ) from None
         raise RequestError("bad_json", f"request is not UTF-8 JSON: {e}") from None
     except RecursionError:
         raise RequestError("bad_json", "request JSON is nested too deeply") from None
@@ -535,7 +546,7 @@ def check_node(request: EventRequest, hash_version: int, offline_hook: bool = Tr
     if client is not None and client != hash_version:
         raise RequestError(
             "hash_version_mismatch",
-            f"this node routes with hash_version {hash_version}; the request used {client}",
+            f"this node routes with hash_version {hash_version}; the request used {_quote(client)}",
             request.event_id,
             hash_version,
         )

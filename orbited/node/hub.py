@@ -1117,6 +1117,11 @@ class Hub(RouteOwnership):
         except events.RequestError as e:
             self.stats["bad_requests"] += 1
             return events.error_reply(e)
+        except Exception:  # a bug: the web app still gets an answer (docs/protocol.md)
+            self.log.failure("parsing a request failed")
+            return events.error_reply(
+                events.RequestError("internal_error", "the node failed to read the request")
+            )
         if type(request) is not events.EventRequest:
             return events.ok_reply(request.event_id, [])  # a ping
         client_hash, version = request.hash, self.hash_version

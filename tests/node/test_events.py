@@ -251,3 +251,55 @@ def test_the_recipients_of_a_long_to_list_are_parse_recipients():
         with pytest.raises(KeyError_) as got:
             events._recipients([["a", "b", "c"], bad, ["d", "e", "f"]])
         assert str(got.value) == str(expected.value)
+
+
+DEEP = RequestLimits(max_payload=1_000_000)
+
+
+def _nested(depth: int) -> bytes:
+    return b'{"id":"d","to":[["a","s","/l"]],"data":' + b"[" * depth + b"]" * depth + b"}"
+
+
+def test_any_nesting_is_read_or_refused_as_bad_json_never_raised():
+    # The strict decoder reads deeper than the encoder writes: between the two a request
+    # was read and then its payload raised RecursionError (no reply over SP, a 500 over
+    # HTTP). Every depth now has an answer.
+    import sys
+
+    from orbited.node.events import parse_request
+
+    for depth in [*range(1, 1200, 7), 5000, 100_000]:
+        try:
+            request = parse_request(_nested(depth), DEEP)
+        except RequestError as e:
+            assert (e.code, e.message) == ("bad_json", "request JSON is nested too deeply")
+            assert depth > 500
+        else:
+            assert request.payload == b"[" * depth + b"]" * depth
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(300)  # the encoder fails where the decoder (orjson) did not
+    try:
+        with pytest.raises(RequestError, match="nested too deeply"):
+            parse_request(_nested(280), DEEP)
+    finally:
+        sys.setrecursionlimit(limit)
+
+
+def test_a_huge_integer_is_refused_in_the_documents_words():
+    from orbited.node.events import parse_request
+
+    body = b'{"id":"d","to":[["a","s","/l"]],"data":' + b"9" * 5000 + b"}"
+    with pytest.raises(RequestError) as refused:
+        parse_request(body, DEEP)
+    assert refused.value.code == "bad_json"
+    assert refused.value.message == "request JSON has an integer of more than 4300 digits"
+
+
+def test_a_hash_mismatch_quotes_at_most_40_characters_of_the_request():
+    from orbited.node.events import check_node, parse_request
+
+    body = b'{"id":"a","to":[["alice","s1","/x"]],"data":1,"hash":' + b"9" * 4000 + b"}"
+    with pytest.raises(RequestError) as refused:
+        check_node(parse_request(body, DEEP), 2)
+    quoted = refused.value.message.rsplit("the request used ", 1)[1]
+    assert refused.value.code == "hash_version_mismatch" and len(quoted) <= 40

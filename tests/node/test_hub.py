@@ -987,3 +987,20 @@ def test_a_resend_past_its_window_still_remembered_replaces_its_reply():
     assert reply["results"][0]["seq"] == 3 and "duplicate" not in reply
     assert len(hub.dedup) == 2
     assert hub.dedup.size == sum(len(r) for _, r in hub.dedup._recent.values())
+
+
+def test_a_request_whose_parse_fails_unexpectedly_still_gets_an_answer(monkeypatch):
+    # A bug in the parse (as RecursionError was) must not leave the web app without a
+    # reply: over SP no reply means resends and a hang.
+    from orbited.node import hub as hub_module
+
+    def broken(body, limits):
+        raise RuntimeError("a bug")
+
+    hub, _ = make_hub()
+    monkeypatch.setattr(hub_module, "_parse_request", broken)
+    reply = json.loads(hub.handle_request(b'{"id":"e1","to":[["u","s","/l"]],"data":1}'))
+    assert reply == {
+        "id": None, "ok": False,
+        "error": {"code": "internal_error", "message": "the node failed to read the request"},
+    }  # fmt: skip
