@@ -69,7 +69,7 @@ from orbited.core.routes import (
 from orbited.core.settings import parse_host_port, parse_sp_address
 from orbited.core.tokens import load_secret
 from orbited.runtime.twisted_compat import Ticker, listening_port
-from orbited.runtime.web import JSONDirectory, JSONResource, OrbitedSite, send_error
+from orbited.runtime.web import HeadLimits, JSONDirectory, JSONResource, OrbitedSite, send_error
 from orbited.sp.wire import SPConnection, SPProtocolError, encode_message
 
 if TYPE_CHECKING:
@@ -1194,6 +1194,7 @@ def status_site(halod: HaloD, hosts: list[str] | tuple[str, ...] = ()) -> Site:
     )
     # Quiet: monitoring polls these pages every few seconds.
     site = _StatusSite(root, frozenset(h.strip().lower().rstrip(".") for h in hosts))
+    site.head_limits = HeadLimits(max_body=MAX_REHASH_BODY)  # the largest body it takes
     site.displayTracebacks = False
     site.noisy = False
     return site

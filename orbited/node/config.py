@@ -71,6 +71,7 @@ COMPONENT_KEYS: dict[str, tuple[type[Any], str]] = {
     "max_request_line": (BrowserLimitsConfig, "max_request_line"),
     "max_header_bytes": (BrowserLimitsConfig, "max_header_bytes"),
     "max_headers": (BrowserLimitsConfig, "max_headers"),
+    "max_request_body": (BrowserLimitsConfig, "max_request_body"),
     "presence_url": (PresenceConfig, "url"),
     "presence_queue": (PresenceConfig, "max_queue"),
     "presence_timeout": (PresenceConfig, "timeout"),
@@ -179,6 +180,9 @@ class NodeConfig(ConfigBase):
         BrowserLimitsConfig.max_header_bytes, "bytes of a request's header lines (then 431)"
     )
     max_headers: int = opt(BrowserLimitsConfig.max_headers, "header lines per request (431)")
+    max_request_body: int = opt(
+        BrowserLimitsConfig.max_request_body, "bytes of a request body on the browser port (413)"
+    )
     publish_http: str = opt("", "HTTP publish API host:port (empty = off)")
     publish_key_file: str = opt("", "file holding the publish API key (needed with publish_http)")
     presence_url: str = opt("", "webhook URL for signon/signoff notices (empty = off)")

@@ -92,5 +92,6 @@ def publish_site(
 ) -> server.Site:
     """``head_limits``: the browser port's request-head limits apply here too."""
     return orbited_site(
-        {b"publish": PublishResource(hub, api_key, max_body)}, error_reply, head_limits
-    )
+        {b"publish": PublishResource(hub, api_key, max_body)}, error_reply, head_limits,
+        max_body,
+    )  # fmt: skip

@@ -721,6 +721,12 @@ class HookedHTTPChannel(http.HTTPChannel):
         reset to 0 after each request; HTTPChannel's docstring documents it.)"""
         return self._receivedHeaderSize == 0
 
+    def handling_request(self) -> bool:
+        """True from a request's whole head and body until its response is complete:
+        bytes read meanwhile belong to the next request (``_handlingRequest``, which
+        ``allContentReceived`` sets and ``requestDone`` clears)."""
+        return bool(self._handlingRequest)
+
     def header_count(self) -> int:
         """Header lines of the current request head parsed so far
         (``_receivedHeaderCount``, compared with ``maxHeaders``)."""

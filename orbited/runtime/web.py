@@ -23,12 +23,20 @@ from orbited.runtime.twisted_compat import HookedHTTPChannel
 
 @dataclass(frozen=True)
 class HeadLimits:
-    """Request-head limits of an HTTP listener (docs/operations.md: the node's keys of the
-    same names; HaloD's status port uses these defaults)."""
+    """Request limits of an HTTP listener (docs/operations.md: the node's keys of the
+    same names; HaloD's status port uses these defaults but ``max_body``)."""
 
     max_request_line: int = 16 * 1024  # bytes of "GET /orbited/...?... HTTP/1.1"; then 414
     max_header_bytes: int = 16 * 1024  # bytes of all header lines together; then 431
     max_headers: int = 100  # header lines; then 431
+    # Bytes of a request body (Content-Length, or read so far of a chunked one); then 413.
+    # twisted.web spools a large body to a temporary file: without a bound, any client
+    # could fill the disk through a port that needs no credential to be read.
+    max_body: int = 64 * 1024
+    # Seconds from a request's first byte to its whole head and body; then the connection
+    # is closed without an answer (a request sent a byte at a time must not hold a socket:
+    # twisted.web's own timeout is an idle one, reset by every byte).
+    request_timeout: float = 10.0
 
 
 def error_json(code: str, message: str) -> bytes:
@@ -110,16 +118,21 @@ class OrbitedChannel(HookedHTTPChannel):
     status and the site's JSON error body instead of closing without a word (a request
     line over MAX_LENGTH) or a bare "400 Bad Request" (anything else): 414 for a request
     line over ``max_request_line``, 431 for headers over ``max_header_bytes`` or
-    ``max_headers``, 400 ``bad_request`` for a head it cannot parse. The connection is
-    then closed: its write side at once, the rest after DRAIN_SECONDS in which what the
-    client still sends is read and dropped (closing with unread data would reset the
-    connection, and the client might lose the answer)."""
+    ``max_headers``, 413 for a body over ``max_body`` (its Content-Length, or the bytes of
+    a chunked one as they come), 400 ``bad_request`` for a head it cannot parse. The
+    connection is then closed: its write side at once, the rest after DRAIN_SECONDS in
+    which what the client still sends is read and dropped (closing with unread data would
+    reset the connection, and the client might lose the answer). A request whose head and
+    body have not all come ``request_timeout`` seconds after its first byte is closed
+    without an answer."""
 
     DRAIN_SECONDS = 2.0
     site: Any = None
     _refused = False
     _drain: IDelayedCall | None = None
+    _deadline: IDelayedCall | None = None
     _header_bytes = 0
+    _body_bytes = 0
 
     def connectionMade(self) -> None:  # noqa: N802
         channels = getattr(self.site, "channels", None)
@@ -135,8 +148,49 @@ class OrbitedChannel(HookedHTTPChannel):
         super().connectionMade()
 
     def dataReceived(self, data: bytes) -> None:  # noqa: N802
-        if not self._refused:
-            super().dataReceived(data)
+        if self._refused:
+            return
+        if self._deadline is None and not self.handling_request() and self.at_request_line():
+            # A request's first byte (between requests, only what starts the next one).
+            self._deadline = self.callLater(self.limits.request_timeout, self._too_slow)
+        super().dataReceived(data)
+
+    def _too_slow(self) -> None:
+        self._deadline = None
+        transport = self.transport
+        if transport is not None:
+            self._refused = True
+            getattr(transport, "abortConnection", transport.loseConnection)()
+
+    def allHeadersReceived(self) -> None:  # noqa: N802
+        length = self.length  # Content-Length (None: chunked; 0: no body)
+        if length is not None and length > self.limits.max_body:
+            self._refuse_body()
+            return
+        self._body_bytes = 0
+        super().allHeadersReceived()
+
+    def rawDataReceived(self, data: bytes) -> None:  # noqa: N802
+        if self._refused:
+            return
+        if self.length is None and not self.handling_request():  # a chunked body, as it comes
+            self._body_bytes += len(data)
+            if self._body_bytes > self.limits.max_body:
+                self._refuse_body()
+                return
+        super().rawDataReceived(data)
+
+    def allContentReceived(self) -> None:  # noqa: N802
+        deadline = self._deadline
+        if deadline is not None:
+            self._deadline = None
+            if deadline.active():
+                deadline.cancel()
+        super().allContentReceived()
+
+    def _refuse_body(self) -> None:
+        max_body = self.limits.max_body
+        self._refuse(413, "Content Too Large", "body_too_large", f"body over {max_body} bytes")
 
     def lineReceived(self, line: bytes) -> None:  # noqa: N802
         if self._refused:
@@ -182,6 +236,9 @@ class OrbitedChannel(HookedHTTPChannel):
             return
         self._refused = True
         self.setTimeout(None)
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
         body = getattr(self.site, "error_body", error_json)(code, message)
         self.transport.write(
             b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
@@ -196,9 +253,10 @@ class OrbitedChannel(HookedHTTPChannel):
         self._drain = self.callLater(self.DRAIN_SECONDS, abort)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:  # noqa: N802
-        if self._drain is not None and self._drain.active():
-            self._drain.cancel()
-        self._drain = None
+        for call in (self._drain, self._deadline):
+            if call is not None and call.active():
+                call.cancel()
+        self._drain = self._deadline = None
         super().connectionLost(reason)
 
 

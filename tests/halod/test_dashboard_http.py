@@ -611,3 +611,19 @@ def test_a_probe_verdict_reaches_the_stream_at_once(tmp_path: Path) -> None:
     clock.advance(0.1)
     sent = _unchunk(transport.value()).decode()
     assert "event: nodes" in sent and '"probe":"alive"' in sent
+
+
+def test_the_status_port_refuses_a_body_over_its_largest_request_at_the_head(
+    tmp_path: Path,
+) -> None:
+    # Before: any body (50 MB to a drain) was spooled to a temporary file first.
+    halod = HaloD(HaloDConfig(db=str(tmp_path / "h.db"), dataplane="none"), task.Clock())
+    site = status_site(halod)
+    proto = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5555))
+    transport = StringTransport()
+    proto.makeConnection(transport)
+    proto.dataReceived(
+        b"POST /rehash HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 50000000\r\n\r\n"
+    )
+    r = Response(transport.value())
+    assert r.status == 413 and r.json()["error"]["code"] == "body_too_large"

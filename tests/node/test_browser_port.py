@@ -791,3 +791,114 @@ def test_close_oldest_ends_the_sites_oldest_transport_with_a_closed_frame(route:
     assert [f["type"] for f in frames] == ["hello", "closed"], frames
     assert frames[-1] == {"type": "closed", "code": 4003, "reason": "displaced"}
     assert hub.attached == 2  # type: ignore[attr-defined]
+
+
+# -- request bodies and slow requests (docs/protocol.md, "Errors (browser side)") --------
+
+
+def _site_channel(config_kwargs: dict | None = None) -> tuple:
+    from twisted.internet import task
+    from twisted.internet.testing import StringTransport
+
+    from orbited.node.hub import Hub, HubConfig
+    from orbited.node.transports.common import BrowserAuth
+    from orbited.node.transports.limits import BrowserLimits, BrowserLimitsConfig
+    from orbited.node.web import browser_site
+
+    clock = task.Clock()
+    hub = Hub(clock, HubConfig(), epoch="t")
+    limits = BrowserLimits(BrowserLimitsConfig(**(config_kwargs or {})), clock)
+    channel = browser_site(hub, BrowserAuth(b"x" * 32), [], "t", 1 << 20, limits).buildProtocol(
+        None
+    )
+    channel.callLater = clock.callLater
+    transport = StringTransport()
+    channel.makeConnection(transport)
+    return channel, transport, clock
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"POST /orbited/ack HTTP/1.1\r\nHost: h\r\nContent-Length: 2000000000\r\n\r\n",
+        b"POST /nowhere HTTP/1.1\r\nHost: h\r\nContent-Length: 4097\r\n\r\n",
+    ],
+    ids=["huge", "one-over"],
+)
+def test_a_body_over_max_request_body_is_413_at_the_head(head: bytes):
+    # Before: twisted.web spooled any body to a temporary file (no token needed).
+    channel, transport, _ = _site_channel()
+    channel.dataReceived(head + b"x" * 1000)
+    status, headers, body = parse_response(transport.value())
+    assert status == 413 and json_error(headers, body) == "body_too_large"
+    assert headers["connection"] == "close"
+
+
+def test_a_chunked_body_is_cut_once_it_passes_the_limit():
+    channel, transport, _ = _site_channel({"max_request_body": 100})
+    channel.dataReceived(
+        b"POST /orbited/ack HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n"
+    )
+    channel.dataReceived(b"20\r\n" + b"a" * 32 + b"\r\n")
+    assert transport.value() == b""  # within the limit: still reading
+    for _ in range(4):
+        channel.dataReceived(b"20\r\n" + b"a" * 32 + b"\r\n")
+    status, headers, body = parse_response(transport.value())
+    assert status == 413 and json_error(headers, body) == "body_too_large"
+
+
+def test_a_body_within_the_limit_is_read():
+    channel, transport, _ = _site_channel()
+    form = b"token=x&last=s:1"
+    channel.dataReceived(
+        b"POST /orbited/ack HTTP/1.1\r\nHost: h\r\nContent-Type: application/x-www-form-"
+        b"urlencoded\r\nContent-Length: %d\r\n\r\n%s" % (len(form), form)
+    )
+    status, headers, body = parse_response(transport.value())
+    assert status == 401 and json_error(headers, body) == "token_malformed"  # read: its token
+
+
+def test_a_request_trickled_a_byte_at_a_time_is_closed_after_10_s():
+    # Before: every byte reset twisted.web's 60 s idle timeout, so a request sent slowly
+    # enough (a body byte every 20 s) held its socket for ever.
+    channel, transport, clock = _site_channel()
+    channel.dataReceived(b"POST /orbited/ack HTTP/1.1\r\nHost: h\r\nContent-Length: 3000\r\n\r\n")
+    for _ in range(9):
+        clock.advance(1.0)
+        channel.dataReceived(b"x")
+        assert not transport.disconnecting
+    clock.advance(1.0)
+    assert transport.disconnecting and transport.value() == b""  # closed, no answer
+
+
+def test_the_request_deadline_starts_anew_with_each_request():
+    channel, transport, clock = _site_channel()
+    for _ in range(3):  # three whole requests, 9 s apart: none is late
+        clock.advance(9.0)
+        channel.dataReceived(b"GET /orbited/nowhere HTTP/1.1\r\nHost: h\r\n\r\n")
+    assert not transport.disconnecting
+    assert transport.value().count(b"HTTP/1.1 404 ") == 3
+    assert not [call for call in clock.getDelayedCalls() if call.func == channel._too_slow]
+
+
+def test_the_request_limits_on_a_real_node(tmp_path: Path):
+    """The browser port and publish_http: a body over the limit gets 413 before it is
+    read, without a token or a publish key."""
+    key_file = tmp_path / "publish.key"
+    key_file.write_bytes(b"k" * 40)
+    node = NodeProcess(
+        tmp_path, "--max-request-body", "64", "--sp-max-message", "70000",
+        "--publish-http", "127.0.0.1:0", "--publish-key-file", str(key_file),
+    ).start()  # fmt: skip
+    try:
+        head = b"POST /orbited/ack HTTP/1.1\r\nHost: h\r\nContent-Length: %d\r\n\r\n"
+        status, headers, body = parse_response(raw_exchange(node, head % 65))
+        assert status == 413 and json_error(headers, body) == "body_too_large"
+        raw = raw_exchange(node, head % 64 + b"x" * 64)
+        assert parse_response(raw)[0] == 401  # read: the ack's missing token
+        publish = SimpleNamespace(http=node.publish)
+        big = b"POST /orbited/publish HTTP/1.1\r\nHost: h\r\nContent-Length: 70001\r\n\r\n"
+        status, headers, body = parse_response(raw_exchange(publish, big))
+        assert status == 413 and json.loads(body)["error"]["code"] == "body_too_large"
+    finally:
+        node.stop()

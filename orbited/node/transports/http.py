@@ -183,17 +183,20 @@ def orbited_site(
     children: dict[bytes, resource.Resource],
     error_body: Callable[[str, str], bytes] = error_json,
     head_limits: BrowserLimitsConfig = BrowserLimitsConfig(),  # noqa: B008 - frozen
+    max_body: int | None = None,
 ) -> server.Site:
     """A Site serving ``children`` under /orbited/; every other path is 404 JSON.
-    ``head_limits``: its max_request_line, max_header_bytes and max_headers apply."""
+    ``head_limits``: its max_request_line, max_header_bytes and max_headers apply, and
+    its max_request_body unless ``max_body`` is given."""
     orbited = JSONDirectory()
     for name, child in children.items():
         orbited.putChild(name, child)
     root = JSONDirectory()
     root.putChild(b"orbited", orbited)
     head = HeadLimits(
-        head_limits.max_request_line, head_limits.max_header_bytes, head_limits.max_headers
-    )
+        head_limits.max_request_line, head_limits.max_header_bytes, head_limits.max_headers,
+        head_limits.max_request_body if max_body is None else max_body,
+    )  # fmt: skip
     site = OrbitedSite(root, error_body, head)
     site.displayTracebacks = False
     site.noisy = False

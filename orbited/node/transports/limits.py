@@ -43,12 +43,16 @@ class BrowserLimitsConfig:
     max_request_line: int = HeadLimits.max_request_line  # then 414
     max_header_bytes: int = HeadLimits.max_header_bytes  # then 431
     max_headers: int = HeadLimits.max_headers  # then 431
+    # A request body on the browser port (only an ack may carry one: a form of its query's
+    # fields); then 413. The publish_http port reads up to sp_max_message instead.
+    max_request_body: int = 4096
 
     def __post_init__(self) -> None:
         check_fields(
             self,
             positive=("max_connections", "connect_burst", "max_pending_polls", "max_write_queue",
-                      "max_client_message", "max_request_line", "max_header_bytes", "max_headers"),
+                      "max_client_message", "max_request_line", "max_header_bytes", "max_headers",
+                      "max_request_body"),
             nonnegative=("connect_rate",),
         )  # fmt: skip
         if self.max_write_queue < MIN_WRITE_QUEUE:
