@@ -335,6 +335,9 @@ class RouteOwnership:
     def _unindex(self, key: ConnectionKey, slot: _Slot) -> None:
         raise NotImplementedError
 
+    def detach(self, key: ConnectionKey, sink: Sink, reason: str | None = None) -> None:
+        raise NotImplementedError
+
     def export_users(self, routes: frozenset[int]) -> list[dict[str, Any]]:
         raise NotImplementedError
 
@@ -450,7 +453,7 @@ class RouteOwnership:
                 self._end_waits(
                     slot, partial(_moved_away, route, self.moved_to.get(route), self.hash_version)
                 )
-            self._release(slot, "route_moved", spread=spread)
+            self._release(slot, "route_moved", route, spread)
             if observer is not None:
                 observer.noted(
                     key, "moved", self.now(), route=route, to=self.moved_to.get(route),
@@ -549,11 +552,24 @@ class RouteOwnership:
         self.drop_holds(frozenset(range(1, self.routes + 1)) - owned - handed)
         moved = 0
         moving = []
+        relocated = []  # a new route this node serves too: the browser moves to its port
         for key, slot in self._slots.items():
-            slot.route = route_of(key, self.routes, version)
+            old, slot.route = slot.route, route_of(key, self.routes, version)
             if slot.route not in owned:
                 moving.append((key, slot))
-        spread = spread_for(len(moving), self.config.reconnect_rate)  # as in _evict
+            elif slot.route != old and slot.sink is not None:
+                relocated.append((key, slot, slot.sink))
+        spread = spread_for(len(moving) + len(relocated), self.config.reconnect_rate)
+        for key, slot, sink in relocated:
+            # Its mailbox stays, lingering: the browser comes back through the new route's
+            # port (the old route's next owner would not know the key) and resumes from it
+            # here. A long-poll between two polls learns the route at the old route's next
+            # move instead (route_moved carries it).
+            self.detach(key, sink, "rehash")
+            try:
+                sink.reconnect("rehash", slot.route, spread)
+            except Exception:
+                self.log.failure("telling a browser to reconnect failed")
         budgets = {name: _TraceBudget(self.observer) for name in out}
         for key, slot in moving:
             route = slot.route

@@ -407,7 +407,7 @@ class Hub(RouteOwnership):
                 # now leads to the owner.
                 self.stats["moved"] += 1
                 self._attach_moved += 1  # not a recipient's result (load_report)
-                sink.reconnect("route_moved", None, self.moved_spread.get(route))
+                sink.reconnect("route_moved", route, self.moved_spread.get(route))
                 return None
             if self._incoming and self._hold_attach(route, key, sink, after):
                 return None  # its mailbox may be on the way: resume from it

@@ -159,8 +159,18 @@ def test_rehash_exports_the_keys_whose_new_route_is_a_peers_and_holds_its_own_ro
         assert sent[tuple(k)] == {3: "n2", 4: "n3"}[route_of(k, 4, 2)]
         assert tabs[k].told == ("rehash", route_of(k, 4, 2))
         assert k not in hub._slots and hub.user_keys(k.user) == []
+    # Staying on this node: a key whose route changed is told to come back through the new
+    # route's port (its mailbox stays, lingering), the others hear nothing.
+    relocated = {k for k in staying if route_of(k, 4, 1) != route_of(k, 4, 2)}
+    assert relocated and staying - relocated  # the fixture covers both
     for k in staying:
-        assert tabs[k].told is None and hub._slots[k].route == route_of(k, 4, 2)
+        slot = hub._slots[k]
+        assert slot.route == route_of(k, 4, 2) and slot.mailbox.next_seq == 2  # its event
+        if k in relocated:
+            assert tabs[k].told == ("rehash", route_of(k, 4, 2)) and slot.sink is None
+            assert slot.linger_at > 0
+        else:
+            assert tabs[k].told is None and slot.sink is tabs[k]
     # Its own routes wait for every peer's ``done`` (mailboxes may come from both).
     waiting = []
     newcomer = next(

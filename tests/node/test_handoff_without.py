@@ -86,7 +86,7 @@ def test_a_waiting_watch_says_expired_when_its_route_moves_without_hand_off():
     route = route_of(ALICE, 2)
     clock.advance(1)
     hub.route_moved({route: "tcp://n2:1"})  # the new owner is not connected: no hand-off
-    assert tab.told == ("route_moved", None)
+    assert tab.told == ("route_moved", route)  # the key's route: the browser finds its port
     assert queue.pushed == [{"type": "needs_push", "key": list(ALICE), "id": "m-1",
                              "reason": "expired", "seq": 1, "stream": stream}]  # fmt: skip
     assert len(watcher) == 0

@@ -4,6 +4,7 @@ whole node's, because only they come to the new owner."""
 
 from __future__ import annotations
 
+from orbited.core.hashing import route_of
 from orbited.node.handoff import SPREAD_MAX, spread_for
 from tests.conftest import keys_on_routes
 from tests.node.test_hub import RecordingSink, make_hub
@@ -38,15 +39,16 @@ def test_a_route_move_spreads_the_browsers_it_moves_over_their_number():
 
     assert hub.route_moved({3: "tcp://127.0.0.9:9000"}, handoff=[3], exports=[]) == 3
     for key in leaving:  # 3 browsers at 100/s: 0.03 s, not the node's 0.13 s
-        assert sinks[key].told == ("route_moved", None, 0.03)
+        assert sinks[key].told == ("route_moved", 3, 0.03)  # with the key's route
     for key in staying:
         assert sinks[key].told is None
 
     # Routes HaloD takes away in an assignment are moves too.
     assert hub.assign([r for r in range(1, 25) if r not in (3, 7)]) > 0
     moved = [k for k in staying if sinks[k].told is not None]
-    assert moved and all(sinks[k].told == ("route_moved", None, spread_for(len(moved), 100.0))
-                         for k in moved)  # fmt: skip
+    assert moved and all(
+        sinks[k].told == ("route_moved", route_of(k), spread_for(len(moved), 100.0)) for k in moved
+    )
 
 
 def test_a_shutdown_reconnect_carries_no_move_spread():
@@ -72,7 +74,7 @@ def test_a_browser_that_comes_back_after_its_route_left_gets_the_moves_spread():
     hub.route_moved({3: "tcp://127.0.0.9:9000"}, handoff=[3], exports=[])
     between_polls = MoveSink()
     assert hub.attach(keys_on_routes([3], count=4)[3], between_polls, None) is None
-    assert between_polls.told == ("route_moved", None, 0.03)  # its 3 movers at 100/s
+    assert between_polls.told == ("route_moved", 3, 0.03)  # its 3 movers at 100/s
 
     # A route that comes back forgets the hint; leaving again with no browser, it has none
     # to spread: come at once.
@@ -80,4 +82,4 @@ def test_a_browser_that_comes_back_after_its_route_left_gets_the_moves_spread():
     hub.assign([r for r in range(1, 25) if r != 3])
     again = MoveSink()
     hub.attach(keys_on_routes([3], count=5)[4], again, None)
-    assert again.told == ("route_moved", None, 0.0)
+    assert again.told == ("route_moved", 3, 0.0)
