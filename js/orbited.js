@@ -253,9 +253,23 @@ async function probeFatal(base, params) {
   return [null, 0];
 }
 
+/** The `exp` claim of a JWT (seconds since the epoch), or null. */
+function tokenExpiry(token) {
+  try {
+    const part = String(token).split(".")[1];
+    const b64 = part.replace(/-/g, "+").replace(/_/g, "/");
+    const exp = JSON.parse(atob(b64.padEnd(Math.ceil(b64.length / 4) * 4, "="))).exp;
+    return typeof exp === "number" ? exp : null;
+  } catch (_) {
+    return null;
+  }
+}
+
 // SSE and iframe streams have no way back: acknowledge by POST /orbited/ack, every
 // second or every 50 events, so the node frees memory and acknowledged-mode sends finish.
-function httpAcker(base, params) {
+// The stream outlives its token: `ackToken()` gives the token to ack with (a fresh one
+// from the page's token function once the stream's is about to expire).
+function httpAcker(base, params, ackToken = () => params.token) {
   let acked = 0;
   let pending = 0;
   let stream = null;
@@ -263,10 +277,12 @@ function httpAcker(base, params) {
     if (pending <= acked) return;
     const seq = pending;
     acked = seq;
+    const last = `${stream}:${seq}`;
     // the stream too: an ack that arrives after a reconnect must not confirm a new stream
     // no-cors: a simple POST whose answer is never read, so it needs no CORS set-up
-    fetch(transportUrl(base, "ack", { token: params.token, last: `${stream}:${seq}` }),
-          { method: "POST", mode: "no-cors", cache: "no-store", keepalive: true })
+    Promise.resolve(ackToken())
+      .then((token) => fetch(transportUrl(base, "ack", { token, last }),
+                             { method: "POST", mode: "no-cors", cache: "no-store", keepalive: true }))
       .catch(() => { /* the next resume acknowledges too */ });
   };
   const timer = setInterval(flush, 1000);
@@ -285,7 +301,7 @@ function httpAcker(base, params) {
 
 function sseTransport(base, params, sink) {
   const source = new EventSource(transportUrl(base, "sse", params));
-  const acker = httpAcker(base, params);
+  const acker = httpAcker(base, params, sink.ackToken);
   let framed = false;
   source.onmessage = (e) => {
     framed = true;
@@ -308,12 +324,15 @@ function longpollTransport(base, params, sink) {
   let controller = null;
   let last = params.last;
   let first = true;
+  // Seconds the node may hold a poll: 25, or its keepalive if shorter. A held poll gets no
+  // ping, and the client's watchdog ends a link silent for 2x keepalive.
+  let hold = 25;
   (async () => {
     while (!stopped) {
       controller = new AbortController();
       let response;
       try {
-        response = await fetch(transportUrl(base, "poll", { ...params, last, timeout: first ? 0 : 25 }),
+        response = await fetch(transportUrl(base, "poll", { ...params, last, timeout: first ? 0 : hold }),
                                { signal: controller.signal, cache: "no-store" });
       } catch (err) {
         if (!stopped) sink.down(`poll failed: ${err}`, null);
@@ -337,6 +356,7 @@ function longpollTransport(base, params, sink) {
       first = false;
       for (const frame of frames) {
         if (stopped) return;
+        if (frame.type === "hello" && frame.keepalive > 0) hold = Math.min(25, frame.keepalive);
         sink.frame(frame);
       }
       last = sink.position();
@@ -378,7 +398,7 @@ function iframeTransport(base, params, sink) {
     if (!up) ended(); // an error page, or nothing came: no frames to wait for
     else if (endTimer === null) endTimer = setTimeout(ended, IFRAME_END_WAIT);
   };
-  const acker = httpAcker(base, params);
+  const acker = httpAcker(base, params, sink.ackToken);
   function cleanup() {
     clearTimeout(endTimer);
     acker.stop();
@@ -423,6 +443,7 @@ export class OrbitedClient {
     this._watchdog = null;
     this._keepalive = 25;
     this._token = null;
+    this._ackRefresh = null; // a token refresh for acks under way
     this._spread = null; // the node's spread hint in ms (hello, ping), null: none
     this._helloAt = null; // when the current connection got its first hello
     this._shortQuick = false; // the last quick reconnect followed a connection < STABLE
@@ -460,6 +481,22 @@ export class OrbitedClient {
     if (this._current) this._current.close();
     this._current = null;
     this._setState("closed");
+  }
+
+  /** The token to acknowledge with over HTTP (SSE, iframe): the stream's own, or, with a
+   *  token function, a fresh one once it expires within a minute (the node refuses an
+   *  expired token, also for an ack, and a no-cors POST cannot see the refusal). */
+  async _ackToken(token) {
+    if (typeof this.options.token !== "function") return token;
+    const current = this._token ?? token;
+    const exp = tokenExpiry(current);
+    if (exp === null || exp - Date.now() / 1000 > 60) return current;
+    if (!this._ackRefresh) {
+      this._ackRefresh = Promise.resolve(this.options.token())
+        .then((fresh) => { this._token = fresh; return fresh; }, () => current)
+        .finally(() => { this._ackRefresh = null; });
+    }
+    return this._ackRefresh;
   }
 
   async _getToken(refresh) {
@@ -583,6 +620,7 @@ export class OrbitedClient {
         if (client._generation !== generation) return;
         client._drop(reason, fatal, gotHello, retryAfterSeconds);
       },
+      ackToken: () => client._ackToken(token),
     };
     const params = { token, last: this.resume.position() };
     try {

@@ -466,6 +466,29 @@ test("a long-poll answered HTTP 429 user_limit ends the client with detail user_
   });
 });
 
+test("a long-poll is held at most the node's keepalive, inside the watchdog's 2x", async () => {
+  // With keepalive 10 a poll held 25 s tripped the watchdog (20 s) on every idle poll.
+  const urls = [];
+  const fetch = async (url) => {
+    urls.push(url);
+    if (urls.length > 3) return new Promise(() => {}); // held
+    return new Response(JSON.stringify([{ type: "hello", stream: "e.1", reset: false, seq: 0, keepalive: 10 }]),
+                        { status: 200 });
+  };
+  await withGlobals({ fetch }, async () => {
+    const client = new OrbitedClient("http://n", { token: "t", transports: ["longpoll"], base: 1, max: 2 });
+    try {
+      client.connect();
+      for (let i = 0; i < 6; i++) await tick();
+      assert.match(urls[0], /timeout=0/);
+      assert.match(urls[1], /timeout=10(&|$)/);
+      assert.match(urls[2], /timeout=10(&|$)/);
+    } finally {
+      client.close();
+    }
+  });
+});
+
 test("a long-poll answered with a closed frame stops polling", async () => {
   let polls = 0;
   const fetch = async () => {
@@ -504,6 +527,78 @@ test("SSE refused before any frame asks the poll URL; 429 there ends the client 
     assert.match(probes[0], /\/orbited\/poll\?.*timeout=0/);
     assert.deepEqual(states.at(-1), ["closed", "user_limit"]);
   });
+});
+
+function jwtWithExp(exp, tag) {
+  const b64 = (o) => Buffer.from(JSON.stringify(o)).toString("base64url");
+  return `${b64({ alg: "HS256", typ: "JWT" })}.${b64({ sub: tag, exp })}.sig`;
+}
+
+test("SSE acks with a fresh token once the stream's own is about to expire", async () => {
+  // The stream outlives its token; an ack with the expired one got 401, unseen (no-cors),
+  // and acknowledged-mode sends came back unacked for ever.
+  class FakeEventSource {
+    static made = [];
+    constructor(url) { this.url = url; FakeEventSource.made.push(this); }
+    close() {}
+  }
+  const acks = [];
+  const fetch = async (url) => { acks.push(url); return new Response("", { status: 204 }); };
+  const now = Date.now() / 1000;
+  const tokens = [jwtWithExp(now + 30, "old"), jwtWithExp(now + 3600, "new")];
+  let calls = 0;
+  await withGlobals({ EventSource: FakeEventSource, fetch }, async () => {
+    const client = new OrbitedClient("http://n", { token: async () => tokens[calls++], transports: ["sse"],
+                                                    base: 1, max: 2 });
+    try {
+      client.connect();
+      await tick();
+      const source = FakeEventSource.made[0];
+      assert.match(source.url, new RegExp(`token=${tokens[0]}`));
+      source.onmessage({ data: JSON.stringify({ type: "hello", stream: "e.1", reset: false, seq: 0 }) });
+      for (let seq = 1; seq <= 50; seq++) {
+        source.onmessage({ data: JSON.stringify({ type: "event", seq, id: `m${seq}`, data: seq }) });
+      }
+      for (let i = 0; i < 5; i++) await tick();
+      assert.equal(calls, 2, "the token function was asked again");
+      assert.equal(acks.length, 1);
+      assert.match(acks[0], new RegExp(`/orbited/ack\\?token=${tokens[1]}&last=e.1%3A50`));
+    } finally {
+      client.close();
+    }
+  });
+});
+
+test("a token far from expiry, or a string token, acks as it is", async () => {
+  class FakeEventSource {
+    static made = [];
+    constructor(url) { this.url = url; FakeEventSource.made.push(this); }
+    close() {}
+  }
+  const acks = [];
+  const fetch = async (url) => { acks.push(url); return new Response("", { status: 204 }); };
+  const fresh = jwtWithExp(Date.now() / 1000 + 3600, "a");
+  for (const token of [async () => fresh, fresh]) {
+    FakeEventSource.made = [];
+    acks.length = 0;
+    await withGlobals({ EventSource: FakeEventSource, fetch }, async () => {
+      const client = new OrbitedClient("http://n", { token, transports: ["sse"], base: 1, max: 2 });
+      try {
+        client.connect();
+        await tick();
+        const source = FakeEventSource.made[0];
+        source.onmessage({ data: JSON.stringify({ type: "hello", stream: "e.1", reset: false, seq: 0 }) });
+        for (let seq = 1; seq <= 50; seq++) {
+          source.onmessage({ data: JSON.stringify({ type: "event", seq, id: `m${seq}`, data: seq }) });
+        }
+        for (let i = 0; i < 5; i++) await tick();
+        assert.equal(acks.length, 1);
+        assert.match(acks[0], new RegExp(`token=${fresh}&`));
+      } finally {
+        client.close();
+      }
+    });
+  }
 });
 
 test("a reconnect frame with a route asks options.locate for the next base", async () => {
