@@ -1087,3 +1087,27 @@ def test_a_poll_head_split_over_reads_is_not_remembered_for_the_next_poll():
     assert status.startswith(b"HTTP/1.1 200 ") and json.loads(body)[0]["type"] == "hello"
     assert b"Access-Control-Allow-Origin" not in status and b"Vary: Origin" not in status
     front.stopFactory()
+
+
+@pytest.mark.parametrize("path", [b"poll", b"sse"])
+def test_a_request_behind_a_held_one_in_the_same_bytes_ends_it_at_once(path: bytes):
+    # docs/protocol.md, "Errors (browser side)": a poll was held its whole timeout and an
+    # SSE stream went on when the request behind it came in the same read.
+    clock = Clock()
+    hub, front = clocked_front(clock)
+    front.startFactory()
+    p = front.buildProtocol(None)
+    t = FakeTransport()
+    p.makeConnection(t)
+    p.dataReceived(
+        b"GET /orbited/%s?token=%s&timeout=20 HTTP/1.1\r\nHost: h\r\n\r\n"
+        b"GET /orbited/health HTTP/1.1\r\nHost: h\r\n\r\n"
+        % (path, issue_token(SECRET, KEY).encode())
+    )
+    assert t.out.count(b"HTTP/1.1 ") == 1  # the held one only, answered at once
+    if path == b"sse":
+        assert t.out.endswith(b"0\r\n\r\n")  # the stream's last chunk (then the close)
+    else:
+        assert b"connection: close" in t.out.lower()
+        assert [f["type"] for f in poll_frames(t)] == ["hello"]
+    assert t.lost or t.aborted

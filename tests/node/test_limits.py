@@ -273,6 +273,27 @@ def test_max_connections_503_and_4503_while_the_others_keep_working(limited_node
 
 
 @pytest.mark.slow
+def test_a_long_poll_session_goes_on_at_max_connections(limited_node):
+    """Between two polls a session holds no connection: a node filled by WebSockets in
+    that moment refused its next poll (503) and locked the session out."""
+    node = limited_node("--max-connections", "2")
+    token = node.token("poller")
+    status, _, body = get(node, f"/orbited/poll?token={token}&timeout=0")
+    assert status == 200
+    position = f"{json.loads(body)[0]['stream']}:0"
+    sockets = [node.ws(node.token("a")), node.ws(node.token("b"))]  # the node is full
+    for ws in sockets:
+        assert json.loads(ws.recv(timeout=5))["type"] == "hello"
+    resumed = get(node, f"/orbited/poll?token={token}&timeout=0&last={position}")
+    assert resumed[0] == 200 and json.loads(resumed[2])[0]["type"] == "hello"
+    # A new poll (no position) is a new connection: refused.
+    assert_overloaded(*get(node, f"/orbited/poll?token={node.token('new')}&timeout=0"),
+                      "max_connections")  # fmt: skip
+    for ws in sockets:
+        ws.close()
+
+
+@pytest.mark.slow
 def test_connect_rate_refuses_then_admits_again(limited_node):
     node = limited_node("--connect-rate", "1", "--connect-burst", "3")
     token = node.token("rate")

@@ -820,6 +820,8 @@ class FrontProtocol(Protocol):
                                    + SSE_OPEN + b"\r\n", todo.cors)  # fmt: skip
         self.front.hub.attach(key, sink, after)
         sink.send_head()
+        if todo.head.pipelined:  # a request came behind it: the stream ends at once
+            sink.interrupt()
 
     def _start_poll(self, todo: Plan, data: bytes | None) -> None:
         """``data``: the whole head, read in full in one read (b"": in several, so not
@@ -836,8 +838,8 @@ class FrontProtocol(Protocol):
         self.mode = HELD
         sink = self.sink = PollSink(self, key, todo.cors)
         self.front.hub.attach(key, sink, after)
-        if len(sink.frames) > 1 or todo.timeout == 0:
-            sink.answer()  # more than the hello frame: answer at once
+        if len(sink.frames) > 1 or todo.timeout == 0 or todo.head.pipelined:
+            sink.answer()  # more than the hello frame, or a request behind it: at once
         else:
             sink.hold(todo.timeout)
 

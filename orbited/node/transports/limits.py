@@ -108,10 +108,12 @@ class BrowserLimits:
 
     def check(self, poll: bool = False, new: bool = True) -> None:
         """May a new browser request go on? Raises Overloaded if not. A poll that goes on
-        from a position (``new`` False) takes no connect_rate token: a session's polls
-        follow each other as fast as events come, and are not a connect storm."""
+        from a position (``new`` False) takes no connect_rate token and is not refused by
+        max_connections: a session's polls follow each other as fast as events come, are
+        not a connect storm, and between two of them the session holds no connection, so
+        a node full of WebSockets would lock it out (max_pending_polls bounds them)."""
         config = self.config
-        if self.connections >= config.max_connections:
+        if new and self.connections >= config.max_connections:
             self.stats["refused_connections"] += 1
             raise Overloaded(f"node at max_connections ({config.max_connections})", 5)
         if poll and self.pending_polls >= config.max_pending_polls:
