@@ -417,8 +417,9 @@ class OperatorAuth:
         if self.key is None:
             if from_web_page(request):
                 return Refusal(403, "cross_site",
-                               "operator requests are refused from web pages (Origin sent); "
-                               "set operator_key_file to use the dashboard")  # fmt: skip
+                               "operator requests are refused from web pages (Origin or "
+                               "Sec-Fetch-Site sent); set operator_key_file to use the "
+                               "dashboard")  # fmt: skip
             return None
         if not same_origin(request):
             return Refusal(403, "cross_site", "operator requests from another site are refused")

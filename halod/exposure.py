@@ -33,8 +33,14 @@ def halod_warnings(config: HaloDConfig) -> list[str]:
             "send events to any browser (firewall them to the web apps)"
         )
     if config.status_http and not is_loopback(parse_host_port(config.status_http)[0]):
-        warnings.append(
-            f"status port {config.status_http} is not on loopback and has no "
-            "authentication: whoever reaches it can read the table and drain nodes"
-        )
+        if config.operator_key_file:
+            warnings.append(
+                f"status port {config.status_http} is not on loopback: whoever reaches it "
+                "can read the table (operator requests need the operator key)"
+            )
+        else:
+            warnings.append(
+                f"status port {config.status_http} is not on loopback and has no "
+                "authentication: whoever reaches it can read the table and drain nodes"
+            )
     return warnings

@@ -233,7 +233,8 @@ class ProxyDataPlane:
         if self._retry is not None and self._retry.active():
             self._retry.cancel()
         if not self.stop_on_exit:
-            self.log.info("HaloD stops; the proxy worker {pid} forwards on", pid=self.pid)
+            if self.pid is not None:  # (none if it never started: ports taken, say)
+                self.log.info("HaloD stops; the proxy worker {pid} forwards on", pid=self.pid)
             if self._control is not None:
                 self._control.transport.loseConnection()
             self.state = "stopped"

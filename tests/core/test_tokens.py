@@ -414,3 +414,15 @@ def test_the_common_claims_are_decided_as_the_full_check_decides(monkeypatch, do
     fast = decide()
     monkeypatch.setattr(tokens, "_COMMON_CLAIMS", frozenset())  # never the common shape
     assert decide() == fast
+
+
+def test_a_short_key_file_is_refused_with_its_name(tmp_path):
+    # Before, every key file's refusal named "the shared secret", also a publish key's.
+    from orbited.core.tokens import load_secret
+
+    path = tmp_path / "publish.key"
+    path.write_bytes(b"k" * 31 + b"\n")
+    with pytest.raises(ValueError, match=f"{path}: a key must be at least 32 bytes .*not 31"):
+        load_secret(path)
+    path.write_bytes(b"  " + b"k" * 32 + b"\n")
+    assert load_secret(path) == b"k" * 32

@@ -161,9 +161,11 @@ def test_rehash_from_version_1_is_saved_then_sent_to_every_member(tmp_path, proc
     refused = halod_cli(halod, "rehash", "--to", "2")
     assert refused.returncode == 1 and "old" in refused.stderr
     # Bad requests change nothing.
-    for bad in ({"hash_version": 3}, {"hash_version": "2"}, {"to": 2}, [2], b"{", b"x" * 2000):
+    for bad in ({"hash_version": 3}, {"hash_version": "2"}, {"to": 2}, [2], b"{", b"x" * 1024):
         code, body = post(halod, "/rehash", bad)
         assert code == 400 and body["error"]["code"] == "bad_request", bad
+    code, body = post(halod, "/rehash", b"x" * 1025)  # over the port's body limit
+    assert code == 413 and body["error"]["code"] == "body_too_large"
     for header in ({"Origin": "https://evil.example"}, {"Sec-Fetch-Site": "cross-site"}):
         code, body = post(halod, "/rehash", {"hash_version": 2}, **header)
         assert code == 403 and body["error"]["code"] == "cross_site"
