@@ -26,6 +26,7 @@ from pathlib import Path
 from halod.config import HaloDConfig
 from halod.svg import Row, table_svg
 from orbited import __version__
+from orbited.core.control import MAX_ROUTES
 from orbited.core.hashing import HASH_VERSIONS
 from orbited.core.routes import DEFAULT_ROUTES, RouteTableError, canonical, format_ranges
 from orbited.core.tokens import load_secret
@@ -122,6 +123,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def plan_command(args: argparse.Namespace) -> int:
+    if not 1 <= args.routes <= MAX_ROUTES:  # as HaloD's own routes (nodes refuse more)
+        print(f"halod plan: --routes must be from 1 to {MAX_ROUTES}", file=sys.stderr)
+        return 2
     if not 1 <= args.nodes <= args.routes:
         print(f"halod plan: --nodes must be from 1 to --routes ({args.routes})", file=sys.stderr)
         return 2

@@ -19,6 +19,7 @@ cheaper than handing it to a thread.
 
 from __future__ import annotations
 
+import os
 import secrets
 import sqlite3
 import time
@@ -108,6 +109,10 @@ class NickTaken(Exception):
 
 class Store:
     def __init__(self, path: Path | str) -> None:
+        if str(path) != ":memory:" and not Path(path).exists():
+            # It holds the session ids (the login cookies): readable by the owner only (the
+            # WAL and shared-memory files take the database file's mode).
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
         self.db = sqlite3.connect(str(path), isolation_level=None)  # autocommit; explicit txns
         self.db.row_factory = sqlite3.Row
         self.db.execute("PRAGMA journal_mode=WAL")

@@ -178,6 +178,7 @@ class ProxyDataPlane:
         self.pid: int | None = None  # the worker we talk to
         self.attached = False  # it was running before this HaloD started it
         self.restarts = 0
+        self._primed_pid: int | None = None  # attached at start-up, logged there
         self.counts: pp.Counts = {r: (0, 0) for r in range(1, ports.routes + 1)}
         self.refused = 0
         self.cut = 0
@@ -324,6 +325,7 @@ class ProxyDataPlane:
                             "attached to a running proxy worker (pid {pid}, table {seq})",
                             pid=hello.pid, seq=hello.seq,
                         )  # fmt: skip
+                        self._primed_pid = hello.pid  # said once: not again when it connects
                     seq = hello.seq + 1
                     _send_message(sock, pp.Table(seq, self.owners, self.close_delay))
                     while True:
@@ -577,9 +579,10 @@ class ProxyDataPlane:
         self._hello = True
         self.pid = hello.pid
         self.attached = self._process is None or self._process.pid != hello.pid
-        if self.attached:
+        if self.attached and self._primed_pid != hello.pid:
             self.log.info("attached to a running proxy worker (pid {pid}, table {seq})",
                           pid=hello.pid, seq=hello.seq)  # fmt: skip
+        self._primed_pid = None
         self.seq = max(self.seq, hello.seq)
         self.state = "running"
         self.error = None

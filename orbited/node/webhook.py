@@ -183,8 +183,12 @@ class WebhookQueue:
                     self.sent += len(batch)
                 else:
                     self.dropped += len(batch)
-                    self.log.warn("{name} webhook {url} unreachable; dropped {n} notices",
-                                  name=self.name, url=self.config.url, n=len(batch))  # fmt: skip
+                    self.log.warn(
+                        "{name} webhook {url}: no 2xx answer in {tries} attempts (unreachable, "
+                        "an error or a redirect, which is not followed); dropped {n} notices",
+                        name=self.name, url=self.config.url, tries=self.config.retries,
+                        n=len(batch),
+                    )  # fmt: skip
         finally:
             self._sending = False
 

@@ -39,6 +39,9 @@ def test_svg_draws_every_route_of_every_row(tmp_path, capsys):
 def test_bad_arguments(capsys):
     assert main(["plan", "--routes", "4", "--nodes", "5"]) == 2
     assert "--nodes must be from 1 to --routes" in capsys.readouterr().err
+    for routes in ("65537", "0"):  # HaloD itself refuses more than 65536 routes
+        assert main(["plan", "--routes", routes, "--nodes", "1"]) == 2
+        assert "--routes must be from 1 to 65536" in capsys.readouterr().err
 
 
 def test_run_refuses_bad_configuration(tmp_path):

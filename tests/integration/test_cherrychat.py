@@ -71,6 +71,19 @@ def test_room_names_and_messages():
             rules.message(bad)
 
 
+def test_the_store_holding_session_ids_is_readable_by_its_owner_only(tmp_path):
+    # The sessions table holds the login cookies' values: it was created 0644.
+    old = os.umask(0o022)
+    try:
+        store = Store(tmp_path / "chat.sqlite3")
+        store.rooms()
+    finally:
+        os.umask(old)
+    for name in ("chat.sqlite3", "chat.sqlite3-wal", "chat.sqlite3-shm"):
+        if (tmp_path / name).exists():
+            assert (tmp_path / name).stat().st_mode & 0o077 == 0, name
+
+
 def test_store_rooms_members_messages_survive_a_restart(tmp_path):
     store = Store(tmp_path / "chat.sqlite3")
     assert [r["name"] for r in store.rooms()] == ["lobby", "python", "twisted"]
