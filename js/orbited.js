@@ -241,16 +241,29 @@ function websocketTransport(base, params, sink) {
 
 // EventSource and iframes cannot show an HTTP status: after a failure before any frame,
 // ask the long-poll URL (timeout=0) whether the token is the problem, or the node is
-// overloaded. Answers [fatal, retryAfter seconds].
+// overloaded. Answers [fatal, retryAfter seconds, what the poll said (or "")].
 async function probeFatal(base, params) {
   try {
     const response = await fetch(transportUrl(base, "poll", { ...params, timeout: 0 }), { cache: "no-store" });
-    if (response.status === 401) return ["token", 0];
-    if (response.status === 429) return ["user_limit", 0];
-    if (response.status === 400 || response.status === 403) return [`http ${response.status}`, 0];
-    if (response.status === 503) return ["overloaded", retryAfter(response)];
+    const status = response.status;
+    let said = "";
+    if (!response.ok) {
+      let code = "";
+      try { code = (await response.json()).error.code; } catch (_) { /* not JSON */ }
+      said = `poll HTTP ${status} ${code}`.trim();
+    }
+    if (status === 401) return ["token", 0, said];
+    if (status === 429) return ["user_limit", 0, said];
+    if (status === 400 || status === 403) return [`http ${status}`, 0, said];
+    if (status === 503) return ["overloaded", retryAfter(response), said];
   } catch (_) { /* unreachable: not fatal */ }
-  return [null, 0];
+  return [null, 0, ""];
+}
+
+/** The `detail` of a failed SSE or iframe transport: what its probe poll said, if any. */
+function probeDetail(what, fatal, said) {
+  if (fatal === "user_limit") return fatal;
+  return said ? `${what} (${said})` : what;
 }
 
 /** The `exp` claim of a JWT (seconds since the epoch), or null. */
@@ -313,8 +326,8 @@ function sseTransport(base, params, sink) {
   source.onerror = async () => {
     source.close();
     acker.stop();
-    const [fatal, wait] = framed ? [null, 0] : await probeFatal(base, params);
-    sink.down(fatal === "user_limit" ? fatal : "sse error", fatal, wait);
+    const [fatal, wait, said] = framed ? [null, 0, ""] : await probeFatal(base, params);
+    sink.down(probeDetail("sse error", fatal, said), fatal, wait);
   };
   return { close: () => { acker.stop(); source.close(); } };
 }
@@ -388,8 +401,8 @@ function iframeTransport(base, params, sink) {
   // frame said otherwise (closed, replaced).
   const ended = async () => {
     cleanup();
-    const [fatal, wait] = up ? [null, 0] : await probeFatal(base, params);
-    sink.down(fatal === "user_limit" ? fatal : "iframe document ended", fatal, wait);
+    const [fatal, wait, said] = up ? [null, 0, ""] : await probeFatal(base, params);
+    sink.down(probeDetail("iframe document ended", fatal, said), fatal, wait);
   };
   // The element's load event may come before the messages the document posted last (a
   // `closed` frame just before the end): the node's document posts "" once it has

@@ -601,6 +601,28 @@ test("a token far from expiry, or a string token, acks as it is", async () => {
   }
 });
 
+test("SSE refused for its token ends with the poll's words in its detail", async () => {
+  // The detail was only "sse error": a page could not tell "log in again" from the rest.
+  class FakeEventSource {
+    static made = [];
+    constructor(url) { this.url = url; FakeEventSource.made.push(this); }
+    close() {}
+  }
+  const fetch = async () => new Response(JSON.stringify({ error: { code: "token_expired", message: "m" } }),
+                                         { status: 401, headers: { "content-type": "application/json" } });
+  const states = [];
+  await withGlobals({ EventSource: FakeEventSource, fetch }, async () => {
+    const client = new OrbitedClient("http://n", { token: "t", transports: ["sse"], base: 1, max: 2,
+                                                    onState: (s, info) => states.push([s, info.detail]) });
+    client.connect();
+    await tick();
+    await FakeEventSource.made[0].onerror();
+    await tick();
+    assert.equal(client.state, "closed");
+    assert.deepEqual(states.at(-1), ["closed", "sse error (poll HTTP 401 token_expired)"]);
+  });
+});
+
 test("a reconnect frame with a route asks options.locate for the next base", async () => {
   const log = [];
   const asked = [];
