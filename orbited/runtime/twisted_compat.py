@@ -698,6 +698,22 @@ def autobahn_send_idle(protocol: WebSocketProtocol) -> bool:
 # -- twisted.web ----------------------------------------------------------------------
 
 
+def close_delimited(request: Any) -> None:
+    """Answer ``request`` (not yet written) without chunked framing: its body ends where
+    the connection closes, and the connection closes after it. For a response that must
+    end when the connection does: a browser fires an iframe's ``load`` when a
+    close-delimited document's connection ends (a killed node, a proxy that closes), not
+    when a chunked one is cut in the middle (Chromium 156).
+
+    twisted.web chunks every HTTP/1.1 response without ``Content-Length``, deciding at the
+    first write by ``Request.clientproto``, with no option: an HTTP/1.0 status line (a
+    server may answer with a lower minor version, RFC 9110 2.5) and a channel that is
+    not persistent give this response framing (tests/runtime/test_twisted_compat.py)."""
+    request.clientproto = b"HTTP/1.0"
+    request.setHeader(b"connection", b"close")
+    request.channel.persistent = False
+
+
 class HookedHTTPChannel(http.HTTPChannel):
     """twisted.web's HTTPChannel with public names for the private hook and state an HTTP
     listener enforcing its own request-head limits needs (orbited.runtime.web)."""

@@ -53,6 +53,7 @@ from orbited.runtime.twisted_compat import (
     HookedHTTPChannel,
     NoDebugLogger,
     autobahn_send_idle,
+    close_delimited,
     lazy_autobahn_pformat,
     listening_port,
     unsent_bytes,
@@ -665,3 +666,31 @@ def test_a_ticker_that_never_started_stops_cleanly():
     stopped = ran.stopService()
     ran.clock.advance(5.0)
     assert calls == [1, 1] and stopped.called and not ran.running
+
+
+def test_close_delimited_answers_without_chunks_and_closes_after_the_response():
+    """twisted.web chunks every HTTP/1.1 response without Content-Length, deciding by
+    ``Request.clientproto`` at the first write; close_delimited relies on that and on
+    ``HTTPChannel.persistent`` (the iframe transport's document, streaming.py)."""
+    from twisted.internet.testing import StringTransport
+    from twisted.web import resource, server
+
+    class Streamed(resource.Resource):
+        isLeaf = True
+
+        def render_GET(self, request):  # noqa: N802
+            close_delimited(request)
+            request.write(b"first ")
+            request.write(b"second")
+            request.finish()
+            return server.NOT_DONE_YET
+
+    channel = server.Site(Streamed()).buildProtocol(None)
+    transport = StringTransport()
+    channel.makeConnection(transport)
+    channel.dataReceived(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+    head, _, body = transport.value().partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 200 ")
+    assert b"transfer-encoding" not in head.lower() and b"connection: close" in head.lower()
+    assert body == b"first second"  # no chunk framing: the body ends with the connection
+    assert transport.disconnecting

@@ -44,7 +44,7 @@ from orbited.node.transports.http import (
     send_json_error,
 )
 from orbited.node.transports.limits import BrowserLimits, WriteQueueWatch
-from orbited.runtime.twisted_compat import unsent_bytes
+from orbited.runtime.twisted_compat import close_delimited, unsent_bytes
 
 _ORIGIN = re.compile(
     r"^https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?\Z|^https?://\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?\Z"
@@ -247,6 +247,7 @@ class IframeResource(_StreamingResource):
             raise BrowserRequestError(
                 403, "origin_not_allowed", "origin must name an allowed parent page origin"
             )
+        close_delimited(request)  # a cut ends the document: its load tells the page
         request.setHeader(b"content-type", b"text/html; charset=utf-8")
         request.setHeader(b"x-content-type-options", b"nosniff")
         request.setHeader(b"content-security-policy", f"frame-ancestors {origin}".encode())
