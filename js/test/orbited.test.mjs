@@ -534,80 +534,63 @@ function jwtWithExp(exp, tag) {
   return `${b64({ alg: "HS256", typ: "JWT" })}.${b64({ sub: tag, exp })}.sig`;
 }
 
-test("SSE acks with a fresh token once the stream's own is about to expire", async () => {
-  // The stream outlives its token; an ack with the expired one got 401, unseen (no-cors),
-  // and acknowledged-mode sends came back unacked for ever.
-  class FakeEventSource {
-    static made = [];
-    constructor(url) { this.url = url; FakeEventSource.made.push(this); }
-    close() {}
-  }
+class FakeEventSource {
+  static made = [];
+  constructor(url) { this.url = url; FakeEventSource.made.push(this); }
+  close() {}
+}
+
+/** An SSE client with `token` that gets hello and 50 events (an ack at once): the URL it
+ *  opened the stream with and the ack URLs it sent. */
+async function sseAcks(token) {
+  FakeEventSource.made = [];
   const acks = [];
   const fetch = async (url) => { acks.push(url); return new Response("", { status: 204 }); };
-  const now = Date.now() / 1000;
-  const tokens = [jwtWithExp(now + 30, "old"), jwtWithExp(now + 3600, "new")];
-  let calls = 0;
+  let opened = null;
   await withGlobals({ EventSource: FakeEventSource, fetch }, async () => {
-    const client = new OrbitedClient("http://n", { token: async () => tokens[calls++], transports: ["sse"],
-                                                    base: 1, max: 2 });
+    const client = new OrbitedClient("http://n", { token, transports: ["sse"], base: 1, max: 2 });
     try {
       client.connect();
       await tick();
       const source = FakeEventSource.made[0];
-      assert.match(source.url, new RegExp(`token=${tokens[0]}`));
+      opened = source.url;
       source.onmessage({ data: JSON.stringify({ type: "hello", stream: "e.1", reset: false, seq: 0 }) });
       for (let seq = 1; seq <= 50; seq++) {
         source.onmessage({ data: JSON.stringify({ type: "event", seq, id: `m${seq}`, data: seq }) });
       }
       for (let i = 0; i < 5; i++) await tick();
-      assert.equal(calls, 2, "the token function was asked again");
-      assert.equal(acks.length, 1);
-      assert.match(acks[0], new RegExp(`/orbited/ack\\?token=${tokens[1]}&last=e.1%3A50`));
     } finally {
       client.close();
     }
   });
+  return { opened, acks };
+}
+
+test("SSE acks with a fresh token once the stream's own is about to expire", async () => {
+  // The stream outlives its token; an ack with the expired one got 401, unseen (no-cors),
+  // and acknowledged-mode sends came back unacked for ever.
+  const now = Date.now() / 1000;
+  const tokens = [jwtWithExp(now + 30, "old"), jwtWithExp(now + 3600, "new")];
+  let calls = 0;
+  const { opened, acks } = await sseAcks(async () => tokens[calls++]);
+  assert.match(opened, new RegExp(`token=${tokens[0]}`));
+  assert.equal(calls, 2, "the token function was asked again");
+  assert.equal(acks.length, 1);
+  assert.match(acks[0], new RegExp(`/orbited/ack\\?token=${tokens[1]}&last=e.1%3A50`));
 });
 
 test("a token far from expiry, or a string token, acks as it is", async () => {
-  class FakeEventSource {
-    static made = [];
-    constructor(url) { this.url = url; FakeEventSource.made.push(this); }
-    close() {}
-  }
-  const acks = [];
-  const fetch = async (url) => { acks.push(url); return new Response("", { status: 204 }); };
   const fresh = jwtWithExp(Date.now() / 1000 + 3600, "a");
   for (const token of [async () => fresh, fresh]) {
-    FakeEventSource.made = [];
-    acks.length = 0;
-    await withGlobals({ EventSource: FakeEventSource, fetch }, async () => {
-      const client = new OrbitedClient("http://n", { token, transports: ["sse"], base: 1, max: 2 });
-      try {
-        client.connect();
-        await tick();
-        const source = FakeEventSource.made[0];
-        source.onmessage({ data: JSON.stringify({ type: "hello", stream: "e.1", reset: false, seq: 0 }) });
-        for (let seq = 1; seq <= 50; seq++) {
-          source.onmessage({ data: JSON.stringify({ type: "event", seq, id: `m${seq}`, data: seq }) });
-        }
-        for (let i = 0; i < 5; i++) await tick();
-        assert.equal(acks.length, 1);
-        assert.match(acks[0], new RegExp(`token=${fresh}&`));
-      } finally {
-        client.close();
-      }
-    });
+    const { acks } = await sseAcks(token);
+    assert.equal(acks.length, 1);
+    assert.match(acks[0], new RegExp(`token=${fresh}&`));
   }
 });
 
 test("SSE refused for its token ends with the poll's words in its detail", async () => {
   // The detail was only "sse error": a page could not tell "log in again" from the rest.
-  class FakeEventSource {
-    static made = [];
-    constructor(url) { this.url = url; FakeEventSource.made.push(this); }
-    close() {}
-  }
+  FakeEventSource.made = [];
   const fetch = async () => new Response(JSON.stringify({ error: { code: "token_expired", message: "m" } }),
                                          { status: 401, headers: { "content-type": "application/json" } });
   const states = [];
