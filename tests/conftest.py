@@ -271,8 +271,13 @@ def next_frame(ws, timeout: float = 5.0) -> dict:  # noqa: ANN001 - any sync ws 
 
 def moved_frame(frame: dict) -> dict:
     """A planned move's ``reconnect`` frame without its ``spread`` (the hint counted over
-    the browsers that move, docs/protocol.md), after checking the spread is a number."""
+    the browsers that move, docs/protocol.md), after checking the spread is a number; a
+    ``route_moved`` one also without its ``route`` (the key's route), after checking it
+    is one (a rehash's ``route`` stays: tests compare it)."""
     frame = dict(frame)
     spread = frame.pop("spread")
     assert isinstance(spread, int | float) and 0 <= spread <= 30, frame
+    if frame.get("reason") == "route_moved":
+        route = frame.pop("route")
+        assert type(route) is int and route >= 1, frame
     return frame

@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
 from orbited.client import BlockingClient, Cluster, HaloDCluster, Node, Selector
@@ -302,7 +303,7 @@ def test_an_auto_cluster_follows_halods_hash_version_and_a_rehash(tmp_path, proc
     node = start_node(halod, tmp_path, procs, "n1")  # one node: every route port leads to it
     key = user_moving_between_versions()
     ws = node.ws(node.token(*key))
-    ws.recv(timeout=5)
+    stream = json.loads(ws.recv(timeout=5))["stream"]
     with BlockingClient(hx) as app:
         assert hx.hash_version == 2 and hx.follows_hash
         assert app.send([key], "first", event_id="auto-1") == {
@@ -313,10 +314,24 @@ def test_an_auto_cluster_follows_halods_hash_version_and_a_rehash(tmp_path, proc
                                "--url", f"http://{halod.status_http}"],
                               capture_output=True, text=True, timeout=30)  # fmt: skip
         assert done.returncode == 0, done.stderr
+        # The key's route changed but stays on this node: its browser is told to come back
+        # through the new route's port (docs/hashing.md, "Rehash"), its mailbox kept.
+        seen = []
+        with pytest.raises(ConnectionClosed):  # closed (4000) after the frame
+            while True:
+                seen.append(json.loads(ws.recv(timeout=5)))
+        (told,) = [f for f in seen if f["type"] == "reconnect"]
+        assert told["reason"] == "rehash" and told["route"] == route_of(key, 24, 2)
         # An app that addresses only users finds out too: its selectors probe version 2.
         user = Selector(key.user, None)
         wait_for(lambda: app.send([user], "probe")[user]["status"] == "matched",
                  "the node to route with 2")  # fmt: skip
         assert hx.hash_version == 2
-        assert app.send([key], "after", event_id="auto-2")[key]["status"] == "delivered"
+        assert app.send([key], "after", event_id="auto-2")[key]["status"] == "queued"
+        back = node.ws(node.token(*key), last=f"{stream}:1")
+        hello = json.loads(back.recv(timeout=5))
+        assert hello["stream"] == stream and not hello["reset"]  # the same mailbox
+        *probes, last = [e["data"] for e in events_of(back)]  # the probes waited there too
+        assert last == "after" and set(probes) <= {"probe"}
+        back.close()
     ws.close()

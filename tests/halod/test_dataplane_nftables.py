@@ -660,7 +660,7 @@ def test_a_cut_does_not_strand_a_listening_client_of_a_slow_old_owner(tmp_path, 
         n1.proc.send_signal(signal.SIGCONT)
 
     data, end = moving.until_closed(5)
-    assert b'{"type":"reconnect","reason":"route_moved","spread":' in data, (data, end)
+    assert b'{"type":"reconnect","reason":"route_moved","route":' in data, (data, end)
     assert end in ("eof", "reset")
     with pytest.raises(ConnectionError):
         poller.health()

@@ -165,7 +165,8 @@ def test_joining_node_takes_routes_and_browsers_on_them_reconnect(tmp_path, proc
     }
     # A browser that comes to the old node after the move gets that move's spread: one
     # browser moved, at the default reconnect_rate of 3 000/s (docs/protocol.md).
-    moved_one = {"type": "reconnect", "reason": "route_moved", "spread": 0.001}
+    moved_one = {"type": "reconnect", "reason": "route_moved", "route": keys_route(move),
+                 "spread": 0.001}  # fmt: skip
     late = n1.ws(n1.token(move.user))
     assert next_frame(late) == moved_one
     status, body = n1.poll(f"token={n1.token(move.user)}")
