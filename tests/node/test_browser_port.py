@@ -774,7 +774,10 @@ def test_a_refusal_in_the_attach_itself_is_a_429_or_a_closed_frame(route: str):
         assert is_user_limit_429(raw), raw
     else:
         assert web_frames(route, raw) == [{"type": "closed", "code": 4429, "reason": "user_limit"}]
-        assert raw.endswith(b"\r\n0\r\n\r\n")  # the response ended
+        if route == "sse":
+            assert raw.endswith(b"\r\n0\r\n\r\n")  # the response ended
+        else:  # close-delimited (docs/protocol.md, "iframe streaming"): ended by the close
+            assert refused.disconnecting  # type: ignore[attr-defined]
     assert hub.attached == 2  # type: ignore[attr-defined]
 
 

@@ -80,6 +80,7 @@ class Tab:
         self._stop = False
         self._ws: Any = None
         self._conn: http.client.HTTPConnection | None = None
+        self._sock: socket.socket | None = None
         self._first = True
         self._last = last
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -146,6 +147,9 @@ class Tab:
             conn = http.client.HTTPConnection(host, int(port), timeout=30)
             conn.connect()
             self._conn = conn
+            # http.client hands a close-delimited response (the iframe's) its socket and
+            # forgets it (conn.sock None): close() shuts this one down.
+            self._sock = conn.sock
         conn.request("GET", path)
         response = conn.getresponse()
         if response.status != 200:
@@ -261,12 +265,12 @@ class Tab:
         """The page goes away: the connection closes (a held poll is aborted)."""
         with self._lock:
             self._stop = True
-            conn = self._conn
+            sock = self._sock
         if self._ws is not None:
             self._ws.close()
-        if conn is not None and conn.sock is not None:
+        if sock is not None:
             try:
-                conn.sock.shutdown(socket.SHUT_RDWR)
+                sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
         self._thread.join(10)
