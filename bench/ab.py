@@ -6,7 +6,10 @@
 Each variant ``NAME=REF`` runs the ``orbited`` package of REF: ``.`` is this work tree, a
 path with a ``/`` a directory holding one (used as it is), any other REF a commit checked
 out in a temporary git worktree (removed at the end); ``nchan``
-is nginx + Nchan with one worker (bench/peers.py's settings). Per variant and repetition:
+is nginx + Nchan with one worker (bench/peers.py's settings); ``raw`` is the floor,
+bench/raw_server.py: this work tree's socket path (the node's accept loop, llhttp, 101,
+write-through and SP server) with none of Orbited's work, WebSocket only, so a node's
+figure minus raw's is Orbited's own work. Per variant and repetition:
 a fresh server, ``--clients`` subscribers in this process (bench/subscribers.py), one
 publisher (SP REQ batches every 10 ms, as ``bench dispatch``; Nchan: pipelined POSTs) at
 ``--rate`` events/s for ``--seconds``, each event to the next client. Printed: server CPU
@@ -40,11 +43,12 @@ from pathlib import Path
 from typing import Any
 from unittest import mock
 
-from bench.peers import Nchan, NchanPublisher, Orbited, OrbitedPublisher, descendants
+from bench.peers import Nchan, NchanPublisher, Orbited, OrbitedPublisher, Raw, descendants
 from bench.subscribers import Stats, Subscriber
 
 ROOT = Path(__file__).resolve().parent.parent
 NODEPROF = Path(__file__).resolve().parent / "nodeprof.py"
+PEERS = ("nchan", "raw")  # variants that are a server of their own, not an orbited tree
 TICK = os.sysconf("SC_CLK_TCK")
 
 
@@ -116,14 +120,14 @@ async def run_one(
         env["ORBITED_PROFILE"] = str(prefix)
     if args.gc_stats:
         env["ORBITED_GC_STATS"] = str(gc_prefix)
-    nchan = tree is None
-    flavour = "nchan" if nchan else "orbited"
+    flavour = "orbited" if tree is not None else name  # nchan | raw
+    nchan = flavour == "nchan"
     server = start_server(name, tree, work, env=env)
     pid = server.pids()[0]
     try:
         stats = Stats()
         spec = server.publish_spec(args.transport)
-        pub = (NchanPublisher if nchan else OrbitedPublisher)(spec)
+        pub = (NchanPublisher if nchan else OrbitedPublisher)(spec)  # raw: SP, as a node
         warm = await connect_all(server, args.transport, 20, stats, 1000, flavour)
         await pub.publish([(f"c{i}", json.dumps({"t": time.time(), "ph": "w"}))
                            for i in range(20)])  # fmt: skip
@@ -131,7 +135,7 @@ async def run_one(
         for s in warm:
             s._close()
         await asyncio.sleep(0.3)
-        toggle = args.profile and not nchan
+        toggle = args.profile and flavour == "orbited"
         if toggle:
             os.kill(pid, signal.SIGUSR1)
         spy = _spy(pid, args, name, "accept", rep)
@@ -148,7 +152,7 @@ async def run_one(
                                "accept_us": (u1 + s1 - u0 - s0) / n * 1e6,
                                "accept_sys_us": (s1 - s0) / n * 1e6,
                                "rss_kb_per_conn": (r1 - r0) / n}  # fmt: skip
-        if args.gc_stats and not nchan:
+        if args.gc_stats and flavour == "orbited":
             os.kill(pid, signal.SIGUSR2)
             await asyncio.sleep(1.0)
             with open(f"{gc_prefix}.{pid}.json") as f:
@@ -199,17 +203,18 @@ def start_server(
     name: str, tree: Path | None, work: Path, node_flags: tuple[str, ...] = (),
     env: dict[str, str] | None = None,
 ) -> Any:  # fmt: skip
-    """A fresh server for variant ``name`` (Nchan when ``tree`` is None; else the node of
-    ``tree`` with ``node_flags``), started under bench/nodeprof.py with ``env`` added to
-    this process's environment for the start only."""
+    """A fresh server for variant ``name`` (when ``tree`` is None, the peer of that name:
+    Nchan or the raw floor; else the node of ``tree`` with ``node_flags``), started under
+    bench/nodeprof.py with ``env`` added to this process's environment for the start
+    only."""
     added = {"BENCH_PY_ARGS": str(NODEPROF), **(env or {})}
     if tree is not None:
         added["PYTHONPATH"] = str(tree)
     d = work / f"{name}-{time.monotonic_ns()}"
     d.mkdir()
-    server: Nchan | Orbited
+    server: Nchan | Orbited | Raw
     if tree is None:
-        server = Nchan(d)
+        server = Raw(d) if name == "raw" else Nchan(d)
     else:
         server = Orbited(d)
         server.node_flags = node_flags
@@ -237,7 +242,7 @@ async def accept_rounds(trees: dict[str, Path | None], args: argparse.Namespace,
         for k in range(args.accept_rounds):
             for name in names[k % len(names) :] + names[: k % len(names)]:
                 server = servers[name]
-                flavour = "nchan" if trees[name] is None else "orbited"
+                flavour = "orbited" if trees[name] is not None else name
                 pid = server.pids()[0]
                 stats = Stats()
                 c0 = cpu_exact(pid)
@@ -260,7 +265,7 @@ async def accept_rounds(trees: dict[str, Path | None], args: argparse.Namespace,
 
 def _spy(pid: int, args: argparse.Namespace, name: str, phase: str, rep: int) -> Any:
     """py-spy recording the node over ``phase`` if asked (``--pyspy``), else None."""
-    if args.pyspy != phase or name == "nchan":
+    if args.pyspy != phase or name == "nchan":  # (the raw floor is sampled like a node)
         return None
     out = args.out / f"spy-{name}-{args.transport}-{rep}.txt"
     spy = subprocess.Popen([str(ROOT / ".venv" / "bin" / "py-spy"), "record", "--pid", str(pid),
@@ -312,7 +317,7 @@ async def main() -> None:
     p.add_argument(
         "--variants",
         default="head=.,nchan",
-        help="NAME=REF (REF: . or a commit), or nchan; comma-separated",
+        help="NAME=REF (REF: . or a commit), nchan, or raw; comma-separated",
     )
     p.add_argument("--transport", default="ws", choices=["ws", "sse", "poll"])
     p.add_argument("--clients", type=int, default=1000)
@@ -340,7 +345,8 @@ async def main() -> None:
         try:
             for spec in args.variants.split(","):
                 name, _, ref = spec.partition("=")
-                trees[name] = None if name == "nchan" else _worktree(ref or ".", work, name)
+                peer = name in PEERS and not ref
+                trees[name] = None if peer else _worktree(ref or ".", work, name)
             names = list(trees)
             if args.accept_rounds:
                 per = await accept_rounds(trees, args, work)

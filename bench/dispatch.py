@@ -394,11 +394,11 @@ Reading these figures:
   on that share and is the figure to compare; it is also given at the first rate, which
   is the same for every server. The subscribers' and publisher's own CPU and event-loop
   lag are in the JSON per step.
-- **Orbited vs raw** (when `raw` runs: our SP REP server and autobahn, none of Orbited's
-  work) is Orbited's own work per event (validation, mailbox, sequence number, dedup
-  memory, a per-recipient reply); one recipient per request makes the per-request part
-  count fully. Since the lean browser front, Orbited's node no longer uses autobahn on
-  this path, so raw is no longer a floor for it.
+- **Orbited vs raw** (when `raw` runs: bench/raw_server.py, the node's own socket path,
+  its accept loop, 101, write-through and SP REP server, with none of Orbited's work) is
+  Orbited's own work per event (validation, mailbox, sequence number, dedup memory, a
+  per-recipient reply); one recipient per request makes the per-request part count
+  fully.
 - **The top of the ladder is not a ceiling.** A server that delivers ≥ 90 % of the highest
   offered rate is not saturated: its "delivered/s at saturation" is then that step's
   rate, and its real ceiling is above it (the publisher and the subscribers share the

@@ -1,11 +1,11 @@
 """Every server of the side-by-side benchmarks: start, stop, sample, subscribe, publish.
 
 Owns launching Orbited (one node; or ``orbited node --workers 2`` behind HaloD), the raw
-Twisted/autobahn baseline (bench/raw_server.py), Nchan (nginx + libnginx-mod-nchan) and
-Pushpin (condure, zurl, pushpin-proxy, pushpin-handler and the GRIP backend
-bench/grip_backend.py) on loopback, each in a temporary directory of its own, and the
-publish side of each: how a publisher process sends a batch of distinct events to
-individual clients.
+floor (bench/raw_server.py: the node's socket path without Orbited's work), Nchan (nginx
++ libnginx-mod-nchan) and Pushpin (condure, zurl, pushpin-proxy, pushpin-handler and the
+GRIP backend bench/grip_backend.py) on loopback, each in a temporary directory of its
+own, and the publish side of each: how a publisher process sends a batch of distinct
+events to individual clients.
 
 Interface (stable; scenarios build on it)::
 
@@ -453,7 +453,8 @@ class OrbitedHaloD(Orbited):
 
 
 class Raw(Server):
-    """bench/raw_server.py: the same SP REP code and autobahn, none of Orbited's work."""
+    """bench/raw_server.py, the floor: the node's socket path (accept loop, llhttp, 101,
+    write-through, SP REP server), none of Orbited's work."""
 
     name, flavour, transports = "raw", "raw", ("ws",)
 

@@ -1,8 +1,21 @@
-"""Baseline server for bench/dispatch.py: the same stack with none of Orbited's work.
+"""The floor: what serving WebSocket subscribers costs a Python process on this reactor
+before any of Orbited's work.
 
-Our SP REP server and autobahn, but no tokens, mailboxes, sequence numbers, dedup or
-validation: each request's ``data`` is wrapped and sent to the WebSocket of each named
-user. What Orbited costs beyond this is its own overhead.
+The node's own socket path, nothing of its work. Browser sockets are accepted exactly as
+the node's browser port accepts them (``GatedTCPServer``'s port: ``CountedPort`` with
+``LeanConnection`` transports, TCP_NODELAY from the listening socket and
+TCP_DEFER_ACCEPT, orbited.node.transports.gate); each request head is read by llhttp
+(httptools, the node's parser) with a callback for the one header needed; the 101 is the
+node's (``wsframe.handshake_response``); events leave by the node's write-through
+(``LeanConnection.send_now``) with the node's frame header; requests arrive on the
+node's SP REP server (orbited.node.rep) and are decoded by orjson, as the node's are.
+
+Not done, because it is Orbited's own work: no token check, no connection key, no
+mailbox, sequence number, hello frame, dedup, limit, keepalive or per-recipient status;
+a client frame is ignored (the bench's subscribers send none but a close). Each request's
+``data`` goes to the WebSocket of each named user as ``{"type":"event","data":…}`` and
+the reply is ``{"ok":true}``. What a node costs beyond this server, in the same run, is
+Orbited's own work per accept and per event (bench/README.md, "ab").
 
     python -m bench.raw_server READY_FILE
 """
@@ -12,43 +25,99 @@ from __future__ import annotations
 import json
 import os
 import sys
+from typing import Any
 
-from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+import httptools
+import orjson
 from twisted.internet import reactor
+from twisted.internet.protocol import Factory, Protocol
+from twisted.python.failure import Failure
 
 from orbited.node.rep import RepFactory
+from orbited.node.transports import wsframe
+from orbited.node.transports.gate import DEFER_ACCEPT
+from orbited.runtime.twisted_compat import CountedTCPServer
 
-connections: dict[str, WebSocketServerProtocol] = {}
+OK = b'{"ok":true}'
+EVENT = b'{"type":"event","data":%s}'
+connections: dict[bytes, RawProtocol] = {}
 
 
-class RawProtocol(WebSocketServerProtocol):
-    user: str | None = None  # set once the handshake request is read
+class RawProtocol(Protocol):
+    __slots__ = ("parser", "url", "key", "user", "done")
+    transport: Any  # a LeanConnection
 
-    def onConnect(self, request):  # noqa: ANN001, ANN201, N802
-        self.user = request.params["u"][0]
+    def __init__(self) -> None:
+        self.parser: Any = httptools.HttpRequestParser(self)
+        self.url = b""
+        self.key = b""
+        self.user: bytes | None = None
+        self.done = False
 
-    def onOpen(self):  # noqa: ANN201, N802
-        connections[self.user] = self
+    # llhttp's callbacks
+    def on_url(self, url: bytes) -> None:
+        self.url += url
 
-    def onClose(self, wasClean, code, reason):  # noqa: ANN001, ANN201, N802, N803
-        connections.pop(self.user, None)
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if name.lower() == b"sec-websocket-key":
+            self.key = value
+
+    def on_headers_complete(self) -> None:
+        self.done = True
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        if self.user is not None:
+            return  # an open WebSocket: client frames are not read (module docstring)
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            pass  # the upgrade's head is whole
+        except httptools.HttpParserError:
+            self.transport.loseConnection()
+            return
+        if not self.done:
+            return
+        self.parser = None
+        user = self.url.partition(b"?u=")[2]
+        if not user or not self.key:
+            self.transport.loseConnection()
+            return
+        self.user = user
+        connections[user] = self
+        self.transport.send_now(wsframe.handshake_response(self.key))
+
+    def connectionLost(self, reason: Failure | None = None) -> None:  # noqa: N802
+        if self.user is not None and connections.get(self.user) is self:
+            del connections[self.user]
+
+
+class RawFactory(Factory):
+    protocol = RawProtocol
+    lean_transport = True  # what GatedTCPServer reads: LeanConnection transports
+
+    def buildProtocol(self, addr: Any) -> RawProtocol:  # noqa: N802
+        return RawProtocol()
 
 
 def handle(payload: bytes) -> bytes:
-    doc = json.loads(payload)
-    frame = json.dumps({"type": "event", "data": doc["data"]}).encode()
+    doc = orjson.loads(payload)
+    data = EVENT % orjson.dumps(doc["data"])
+    frame = wsframe.text_header(len(data)) + data
     for user, _, _ in doc["to"]:
-        conn = connections.get(user)
+        conn = connections.get(user.encode())
         if conn is not None:
-            conn.sendMessage(frame)
-    return b'{"ok":true}'
+            conn.transport.send_now(frame)
+    return OK
 
 
 def main(ready_file: str) -> None:
-    ws = WebSocketServerFactory()
-    ws.protocol = RawProtocol
-    ws_port = reactor.listenTCP(0, ws, backlog=1024, interface="127.0.0.1")  # as Orbited
-    sp_port = reactor.listenTCP(0, RepFactory(handle), interface="127.0.0.1")
+    browsers = CountedTCPServer(0, RawFactory(), on_open=lambda: None, on_close=lambda: None,
+                                backlog=1024, interface="127.0.0.1", nodelay=True, lean=True,
+                                defer_accept=DEFER_ACCEPT)  # fmt: skip
+    browsers.startService()
+    ws_port: Any = browsers._port
+    tcp: Any = reactor
+    sp_port = tcp.listenTCP(0, RepFactory(handle), interface="127.0.0.1")
     with open(ready_file, "w") as f:
         json.dump(
             {
@@ -58,7 +127,7 @@ def main(ready_file: str) -> None:
             },
             f,
         )
-    reactor.run()
+    tcp.run()
 
 
 if __name__ == "__main__":
