@@ -475,6 +475,53 @@ def test_websocket_pings_and_the_pong_timeout_in_one_sweep():
     front.stopFactory()
 
 
+def open_websocket(front: BrowserFront, user: str) -> tuple[Any, FakeTransport]:
+    p = front.buildProtocol(None)
+    t = FakeTransport()
+    p.makeConnection(t)
+    token = issue_token(SECRET, ConnectionKey(user, "s1", "/chat")).encode()
+    p.dataReceived(UPGRADE.replace(b"token=T", b"token=" + token))
+    assert t.out.startswith(b"HTTP/1.1 101 ")
+    return p, t
+
+
+def test_a_sweep_visits_only_websockets_whose_deadline_has_come(monkeypatch):
+    """An idle node's once-a-second sweep costs nothing per open WebSocket: it looks at
+    the connections whose ping, pong or close deadline fell in the seconds gone by."""
+    clock, hub, front, first, _ = clocked_websocket()  # opened at 0: its ping is due at 10
+    clock.advance(0.5)
+    others = [open_websocket(front, f"u{i}") for i in range(50)]  # pings due at 10.5
+    visited: list[Any] = []
+    tick = type(first).ws_tick
+    monkeypatch.setattr(type(first), "ws_tick",
+                        lambda self, now: (visited.append(self), tick(self, now))[1])  # fmt: skip
+    for _ in range(9):
+        clock.advance(1)  # sweeps at 1.5 … 9.5 s: nothing due
+    assert visited == []
+    clock.advance(1)  # 10.5: the first one's ping (10) and the others' (10.5)
+    assert visited.count(first) == 1 and len(visited) == 51
+    assert all(t.out.endswith(b"\x89\x00") for _, t in others)
+    front.stopFactory()
+
+
+def test_a_deadline_within_a_second_waits_for_the_sweep_after_it():
+    """Opened at 0.5 s with keepalive 10: its ping is due at 10.5, so the sweep at 10 s
+    (the front's, started at 0) leaves it and the one at 11 s sends it; the pong is then
+    awaited until 21 s."""
+    clock, hub, front, _, _ = clocked_websocket()
+    clock.advance(0.5)
+    p, t = open_websocket(front, "bob")
+    clock.advance(9.5)  # 10.0
+    assert not t.out.endswith(b"\x89\x00")
+    clock.advance(1)  # 11.0
+    assert t.out.endswith(b"\x89\x00")
+    clock.advance(9)  # 20.0: the pong may still come
+    assert not t.aborted
+    clock.advance(1)  # 21.0
+    assert t.aborted
+    front.stopFactory()
+
+
 def test_a_websocket_accept_keeps_no_verified_token_entry_and_a_poll_does():
     """A WebSocket presents its token once: it is verified but not kept in the
     verified-token cache (docs/security.md); a poll's token is kept for its next poll."""

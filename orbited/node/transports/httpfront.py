@@ -502,7 +502,11 @@ class BrowserFront(Factory):
         self.waiting: set[FrontProtocol] = set()  # no request head yet (or between requests)
         # Held polls by the tick (1/POLL_TICKS s) their timeout ends in: one timer each.
         self.poll_ticks: dict[int, tuple[Any, set[PollSink]]] = {}
-        self.websockets: set[FrontProtocol] = set()
+        # Open WebSockets by the whole second of their one deadline (a ping due, a pong
+        # awaited, a close handshake's end; FrontProtocol.due_at): a sweep visits the
+        # seconds gone by, not every connection (an idle node costs no CPU per socket).
+        self.ws_due: dict[int, set[FrontProtocol]] = {}
+        self.ws_swept = int(self.clock.seconds()) - 1  # every second before it is visited
         self.sweeper = task.LoopingCall(self.sweep)
         self.sweeper.clock = self.clock
 
@@ -525,8 +529,52 @@ class BrowserFront(Factory):
         now = self.clock.seconds()
         for p in [p for p in self.waiting if p.deadline <= now]:
             p.abort()
-        for p in list(self.websockets):
-            p.ws_tick(now)
+        wheel = self.ws_due
+        last = int(now)
+        first = self.ws_swept + 1
+        # (the clock moved far, as a test's may: the seconds that hold WebSockets only)
+        seconds = range(first, last + 1) if last - first < 64 else sorted(
+            k for k in wheel if k <= last
+        )  # fmt: skip
+        # Seconds before ``last`` are over; ``last`` itself is visited again next time,
+        # for its deadlines later in that second (ws_tick files them back).
+        self.ws_swept = last - 1
+        for second in seconds:
+            due = wheel.pop(second, None)
+            if due is not None:
+                for p in due:
+                    p.due_at = -1
+                    p.ws_tick(now)
+
+    def ws_deadline(self, p: FrontProtocol, when: float) -> None:
+        """File open WebSocket ``p`` under its one deadline, ``when`` (its last, if any,
+        is replaced)."""
+        wheel = self.ws_due
+        old = p.due_at
+        if old >= 0:
+            bucket = wheel.get(old)
+            if bucket is not None:
+                bucket.discard(p)
+                if not bucket:
+                    del wheel[old]
+        second = max(int(when), self.ws_swept + 1)
+        bucket = wheel.get(second)
+        if bucket is None:
+            wheel[second] = {p}
+        else:
+            bucket.add(p)
+        p.due_at = second
+
+    def ws_forget(self, p: FrontProtocol) -> None:
+        """``p`` has no deadline any more (its connection is gone)."""
+        old = p.due_at
+        if old >= 0:
+            p.due_at = -1
+            bucket = self.ws_due.get(old)
+            if bucket is not None:
+                bucket.discard(p)
+                if not bucket:
+                    del self.ws_due[old]
 
     def hold_poll(self, sink: PollSink, timeout: float) -> int:
         """Answer ``sink`` when ``timeout`` has passed, at the end of that tick (at most
@@ -589,7 +637,7 @@ def _protocol_of(transport: Any) -> Any:
 
 class FrontProtocol(Protocol):
     __slots__ = ("front", "transport", "connected", "mode", "reader", "sink", "deadline",
-                 "frames", "ping_due", "pong_by", "close_by", "pipelined",
+                 "frames", "ping_due", "pong_by", "close_by", "due_at", "pipelined",
                  "memo")  # fmt: skip
 
     def __init__(self) -> None:
@@ -599,6 +647,7 @@ class FrontProtocol(Protocol):
         self.deadline = 0.0  # IDLE: when the next request head must have come
         self.frames: wsframe.ClientFrames | None = None
         self.ping_due = self.pong_by = self.close_by = 0.0
+        self.due_at = -1  # the second the front files this WebSocket under (ws_deadline)
         self.pipelined = False
         self.memo: PollMemo | None = None  # a poll connection's last poll (PollMemo)
 
@@ -762,7 +811,7 @@ class FrontProtocol(Protocol):
         self.mode = CLOSED
         front = self.front
         front.waiting.discard(self)
-        front.websockets.discard(self)
+        front.ws_forget(self)
         reader = self.reader
         if reader is not None:  # lost in the middle of a request head
             self.reader = None
@@ -872,9 +921,9 @@ class FrontProtocol(Protocol):
             # of the upgrade is invisible to it).
             error = e
         self.mode = WS_OPEN
-        front.websockets.add(self)
         now = front.clock.seconds()
         self.ping_due = now + front.keepalive
+        front.ws_deadline(self, self.ping_due)
         response = wsframe.handshake_response(todo.ws_key)
         if error is not None:
             self.write(response)
@@ -908,8 +957,11 @@ class FrontProtocol(Protocol):
                     self.write(wsframe.frame(wsframe.OP_PONG, m.payload))
             elif op == wsframe.OP_PONG:
                 if self.pong_by:
+                    front = self.front
                     self.pong_by = 0.0
-                    self.ping_due = self.front.clock.seconds() + self.front.keepalive
+                    self.ping_due = front.clock.seconds() + front.keepalive
+                    if self.mode == WS_OPEN:
+                        front.ws_deadline(self, self.ping_due)
             elif op == wsframe.OP_CLOSE:
                 if self.mode == WS_OPEN:  # the browser's close: echo its code, then drop
                     code = wsframe.close_code(m.payload)
@@ -947,19 +999,30 @@ class FrontProtocol(Protocol):
         self.write(wsframe.close_frame(code, reason))
         # The sweep runs every SWEEP seconds: the drop comes at most CLOSE_TIMEOUT after.
         self.close_by = self.front.clock.seconds() + CLOSE_TIMEOUT - SWEEP
+        self.front.ws_deadline(self, self.close_by)
 
     def ws_tick(self, now: float) -> None:
+        """The sweep found this WebSocket's second gone by: act on its deadline if due,
+        else file it again (its deadline is later in that second)."""
         mode = self.mode
+        front = self.front
         if mode == WS_CLOSING:
             if now >= self.close_by:
                 self.abort()
+            else:
+                front.ws_deadline(self, self.close_by)
         elif mode == WS_OPEN:
             if self.pong_by:
                 if now >= self.pong_by:
                     self.abort()  # not listening: no close frame (docs/protocol.md)
+                else:
+                    front.ws_deadline(self, self.pong_by)
             elif now >= self.ping_due:
                 self.write(wsframe.frame(wsframe.OP_PING, b""))
-                self.pong_by = now + self.front.keepalive
+                self.pong_by = now + front.keepalive
+                front.ws_deadline(self, self.pong_by)
+            else:
+                front.ws_deadline(self, self.ping_due)
 
 
 class _Sink(QueueWatch):
