@@ -73,7 +73,11 @@ def hello(
 
     Built by formatting bytes for the node's own values (every attach sends one: each
     long-poll, each accept), byte-identical to the ``json.dumps`` below, which takes
-    anything else (tests/node/test_frames.py compares the two over many values)."""
+    anything else (tests/node/test_frames.py compares the two over many values).
+    A whole number of seconds is written as an integer (``"keepalive":25``, as
+    docs/protocol.md shows it), whichever type the config gave it."""
+    if type(keepalive) is float and keepalive.is_integer() and abs(keepalive) < 2**53:
+        keepalive = int(keepalive)
     if (
         (type(keepalive) is float or type(keepalive) is int)  # (a config's 30 is an int)
         and (type(spread) is float or type(spread) is int) and type(seq) is int

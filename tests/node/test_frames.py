@@ -5,6 +5,7 @@ import json
 import pytest
 
 from orbited.node import frames
+from orbited.node.hub import HubConfig
 
 
 def test_an_untagged_event_is_the_previous_releases_frame():
@@ -71,12 +72,16 @@ def test_the_new_frames_are_spelled_as_the_protocol_doc_shows():
     ]
     for frame in shown:
         assert frame.decode() in text
-    hello = frames.hello("kQ3v_x9A.1f", 25, False, 40, 0.8, hash=2).decode()
+    # the node's default keepalive (a float) is written as the docs show it: 25
+    hello = frames.hello("kQ3v_x9A.1f", HubConfig().keepalive, False, 40, 0.8, hash=2).decode()
     assert hello in text
 
 
 def _hello_by_json(stream, keepalive, reset, seq=0, spread=0.0, hash=None) -> bytes:
-    """hello as json.dumps writes it (the frame's definition before issue 20's cut)."""
+    """hello as json.dumps writes it (the frame's definition before issue 20's cut), a
+    whole number of keepalive seconds as an integer."""
+    if isinstance(keepalive, float) and keepalive.is_integer() and abs(keepalive) < 2**53:
+        keepalive = int(keepalive)
     frame = {"type": "hello", "stream": stream, "keepalive": keepalive, "reset": reset,
              "seq": seq, "spread": spread}  # fmt: skip
     if hash is not None:
