@@ -291,8 +291,8 @@ class NodeConfig(ConfigBase):
             self.hub_config()
             self.browser_limits()
             self.rep_limits()
-            self.presence_config()
-            OfflineConfig(**self._values(OfflineConfig))  # checked even while it is off
+            PresenceConfig(**self._values(PresenceConfig))  # checked even while it is off
+            OfflineConfig(**self._values(OfflineConfig))  # likewise
         except FieldError as e:
             raise ConfigError(f"{self._key(e.owner, e.field)} {e.rule}") from None
         if self.max_payload > self.mailbox_bytes:

@@ -57,6 +57,10 @@ def test_defaults_bind_loopback():
         ({"offline_timeout": 0.0}, "offline_timeout must be positive"),
         ({"offline_watches": 0}, "offline_watches must be positive"),
         ({"offline_backoff": -0.5}, "offline_backoff must not be negative"),
+        # checked while presence is off too (no presence_url), like the offline_* keys
+        ({"presence_queue": 0}, "presence_queue must be positive"),
+        ({"presence_timeout": 0.0}, "presence_timeout must be positive"),
+        ({"presence_retries": 0}, "presence_retries must be positive"),
     ],
 )
 def test_invalid_config_is_refused(overrides, message):
