@@ -183,6 +183,7 @@ class HaloD:
         )
         self.started = time.time()
         self.ha = ha
+        self.solo_name = ""  # without etcd: the control host:port, once bound (_name)
         self.vip: VirtualAddress | None = None
         self.stopping = False  # shutdown() ran: control messages are ignored
         secret = None
@@ -662,7 +663,9 @@ class HaloD:
     # -- leadership (store etcd) -----------------------------------------------------------
 
     def _name(self) -> str:
-        return self.ha.election.candidate.name if self.ha is not None else ""
+        """This HaloD's name: its etcd name, or alone its control host:port (as etcd_name
+        defaults to), once the control port is bound."""
+        return self.ha.election.candidate.name if self.ha is not None else self.solo_name
 
     def _cancel_writes(self) -> None:
         self._term += 1
@@ -1278,6 +1281,9 @@ class HaloDService(service.MultiService):
             self.halod._plane_started = True
             self.dataplane.start(owners_of(self.halod.membership))
         super().startService()
+        self.halod.solo_name = (
+            self.config.control_advertise or self.control_address
+        ).removeprefix("tcp://")  # fmt: skip
         if self.halod.vip is not None:  # keepalived runs from the start, as a follower
             self.halod._vip_call(self.halod.vip.follow, "start keepalived")
         if ha is not None:  # the control port is bound: the leader key can name it

@@ -90,6 +90,10 @@ def test_dashboard_follows_real_nodes_through_a_drain(tmp_path: Path) -> None:
         for ws in sockets:
             assert json.loads(ws.recv(timeout=5))["type"] == "hello"
 
+        # Without etcd a HaloD is named by its control host:port, as etcd_name defaults to.
+        me = call(halod, "/dashboard/state", key=None)[1]["halod"]
+        assert me["name"] == halod.control.removeprefix("tcp://") and me["role"]
+
         def row(name: str) -> dict[str, Any]:
             state = call(halod, "/dashboard/state", key=None)[1]
             return next(n for n in state["nodes"]["nodes"] if n["name"] == name)
