@@ -2,7 +2,10 @@
 
 For WSGI apps and scripts. Recipients of one event — keys, and selectors of a user's or a
 session's every connection — are grouped by route (docs/hashing.md) and one SP REQ request
-goes per route, all of an address's pipelined before any reply is read. Our REQ follows
+goes per route, all of an address's pipelined before any reply is read, every address at
+the same time (a thread each from the client's pool, so a call waits for its slowest
+address, not for their sum). A request larger than a node reads (``max_message``) is
+given up, never sent: the node would close the connection on it. Our REQ follows
 nng's semantics (random start id with the MSB set, replies matched by id). On a connection
 loss or time-out — and, with a HaloDCluster, on a ``moved`` answer (HaloD gave the route
 to another node; the route port now leads there) — the connection is closed and the
@@ -17,10 +20,12 @@ each send is an OpenTelemetry span whose trace context every request carries
 from __future__ import annotations
 
 import json
+import os
 import socket
 import time
 import uuid
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,11 +35,14 @@ from orbited.client.retry import RetryPolicy
 from orbited.core.hashing import route_of_user
 from orbited.core.keys import ConnectionKey, Selector
 from orbited.sp import wire
-from orbited.sp.reqrep import RequestIds
+from orbited.sp.reqrep import MAX_REQUEST, RequestIds
 
 # Rounds of grouping again after the hash version changed during one call: a rehash needs
 # one; a second covers a rehash and its roll-back crossing one call.
 MAX_REGROUPS = 2
+# Addresses a BlockingClient talks to at once (its pool's threads): a HaloD's route ports
+# are one address each.
+MAX_PARALLEL = 64
 Address = tuple[str, int]
 
 
@@ -140,15 +148,32 @@ class Request:
     # Answered under another hash version than the routes were computed with, which the
     # cluster now follows: to be grouped again and sent to their new routes.
     regroup: list[Recipient] = field(default_factory=list)
+    _body: bytes | None = field(default=None, repr=False)  # for ``keys`` as they are
 
     def body(self) -> bytes:
-        span = self.span
-        return event_body(
-            self.event_id, self.keys, self.data, self.ack, latest=self.latest,
-            offline=self.offline, hash_version=self.hash_version,
-            traceparent=None if span is None else span.traceparent,
-            tracestate=None if span is None else span.tracestate,
+        body = self._body
+        if body is None:
+            span = self.span
+            body = self._body = event_body(
+                self.event_id, self.keys, self.data, self.ack, latest=self.latest,
+                offline=self.offline, hash_version=self.hash_version,
+                traceparent=None if span is None else span.traceparent,
+                tracestate=None if span is None else span.tracestate,
+            )  # fmt: skip
+        return body
+
+    def oversized(self, max_message: int) -> bool:
+        """Is this request's SP message (request id and body) over ``max_message``, the
+        most a node reads (its ``sp_max_message``; past it the node closes the connection,
+        docs/sp.md)? Then it is given up with ``payload_too_large``, never sent."""
+        size = 4 + len(self.body())
+        if size <= max_message:
+            return False
+        self.give_up(
+            f"request of {size} bytes is over max_message ({max_message} bytes, the node's "
+            "sp_max_message): a node closes the connection on it", "payload_too_large",
         )  # fmt: skip
+        return True
 
     def resent(self, reason: str) -> None:
         """Count a resend (and note it on the send's span: ``moved``, ``connection_lost``
@@ -170,6 +195,7 @@ class Request:
                 self.results.update(results)
                 self.keys = []
                 return False
+        self._body = None  # the keys change below
         self.results.update(results)
         if not reply.get("ok"):
             error = reply.get("error") or {}
@@ -256,6 +282,7 @@ class _Connection:
     timeout: float
     sock: socket.socket | None = None
     sp: wire.SPConnection = field(default_factory=lambda: wire.SPConnection(wire.REQ, wire.REP))
+    ids: RequestIds = field(default_factory=RequestIds)  # nng: a REQ socket's own ids
 
     def open(self) -> socket.socket:
         if self.sock is None:
@@ -283,19 +310,26 @@ class BlockingClient:
         retry_budget: float = RetryPolicy.budget,
         max_backoff: float = RetryPolicy.max_backoff,
         otel: bool | ClientTracing = False,
+        max_message: int = MAX_REQUEST,
     ) -> None:
         """``timeout``: seconds to wait for a reply on one connection; resends follow
         RetryPolicy(retry_budget, backoff, max_backoff, retries) (docs/client-python.md).
         ``otel``: an OpenTelemetry span per send (True: the global tracer provider; a
-        ClientTracing: its own), orbited/client/otel.py."""
+        ClientTracing: its own), orbited/client/otel.py. ``max_message``: the nodes'
+        ``sp_max_message``; a larger request is given up, not sent."""
         self.cluster = cluster
         self.timeout = timeout
         self.policy = RetryPolicy(retry_budget, backoff, max_backoff, retries)
         self.tracing = tracing(otel)
-        self._ids = RequestIds()
+        self.max_message = max_message
         self._connections: dict[tuple[str, int], _Connection] = {}
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_pid = 0  # the process that made the pool (a forked one makes its own)
 
     def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+            self._pool = None
         for conn in self._connections.values():
             conn.close()
         self._connections.clear()
@@ -322,14 +356,15 @@ class BlockingClient:
         after ``ack`` seconds (``unacked``); keep ``timeout`` above it. ``latest``: a
         latest-value tag; ``offline``: the offline hook (``True`` or seconds).
         """
-        event_id = event_id or uuid.uuid4().hex
-        targets = [recipient(t) for t in to]
-        span = None if self.tracing is None else self.tracing.start(event_id, len(targets))
-        event = Event(event_id, data, ack, latest, offline, span)
-        if span is None:
-            return self._send(event, targets)
+        if event_id is None:  # ("" is sent as it is: the node refuses it, bad_request)
+            event_id = uuid.uuid4().hex
+        if self.tracing is None:
+            return self._send(Event(event_id, data, ack, latest, offline), _recipients(to))
+        to = list(to)
+        span = self.tracing.start(event_id, len(to))
         try:
-            results = self._send(event, targets)
+            targets = _recipients(to)  # (a bad one raises: recorded on the span)
+            results = self._send(Event(event_id, data, ack, latest, offline, span), targets)
         except BaseException as e:
             span.fail(e)
             raise
@@ -347,8 +382,7 @@ class BlockingClient:
             pending: dict[Address, list[Request]] = {}
             for address, request in planned:
                 pending.setdefault(address, []).append(request)
-            for address, requests in pending.items():
-                self._exchange(address, requests)
+            self._exchange_all(pending)
             todo = []
             for _, request in planned:
                 results.update(request.results)
@@ -357,9 +391,29 @@ class BlockingClient:
                 break
         return {t: results[t] for t in targets}
 
+    def _exchange_all(self, pending: dict[Address, list[Request]]) -> None:
+        """Each address's requests on its own connection (``_exchange``), the addresses
+        at the same time, a thread each from the client's pool: a call waits for its
+        slowest address (a dead node's retry budget, an acknowledged-mode wait) once, not
+        once per address."""
+        if len(pending) == 1:
+            ((address, requests),) = pending.items()
+            self._exchange(address, requests)
+            return
+        pool = self._pool
+        if pool is None or self._pool_pid != os.getpid():
+            pool = self._pool = ThreadPoolExecutor(MAX_PARALLEL, "orbited-client")
+            self._pool_pid = os.getpid()
+        futures = [pool.submit(self._exchange, a, requests) for a, requests in pending.items()]
+        wait(futures)  # every one, before a failure of one is raised
+        for future in futures:
+            future.result()
+
     def _exchange(self, address: tuple[str, int], requests: list[Request]) -> None:
         """Send ``requests`` over the connection to ``address`` until each is answered or
         given up; in order, so a key's events reach its node in the order sent."""
+        for request in requests:
+            request.oversized(self.max_message)  # (then given up: no keys left to send)
         conn = self._connections.setdefault(address, _Connection(address, self.timeout))
         started = time.monotonic()
         for request in requests:
@@ -399,7 +453,7 @@ class BlockingClient:
         _Moved (after reading what was already there) when a reply said ``moved``: the
         connection leads to a node that no longer owns the route."""
         sock = conn.open()
-        waiting: dict[int, Request] = {self._ids.next(): r for r in todo}
+        waiting: dict[int, Request] = {conn.ids.next(): r for r in todo}
         sock.sendall(b"".join(
             wire.encode_message(RequestIds.encode(rid) + r.body()) for rid, r in waiting.items()
         ))  # fmt: skip
@@ -423,6 +477,12 @@ class BlockingClient:
                 moved |= request.answer(answer, self.cluster)
         if moved:
             raise _Moved
+
+
+def _recipients(to: Iterable[RecipientLike]) -> list[Recipient]:
+    """Every recipient of a send, parsed (a bad one raises ValueError before anything is
+    sent)."""
+    return [recipient(t) for t in to]
 
 
 class _Moved(Exception):

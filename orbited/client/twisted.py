@@ -9,7 +9,9 @@ docs/client-python.md). Requests made meanwhile queue behind them: a later event
 never overtakes an earlier one being resent. Recipients answered under another hash version
 (a rehash, with HaloDCluster's ``"auto"``) are grouped again and sent once their round is
 answered. With ``otel=True`` each send is an OpenTelemetry span whose trace context
-every request carries (orbited/client/otel.py).
+every request carries (orbited/client/otel.py). A request larger than a node reads
+(``max_message``) is given up, never sent: the node would close the connection on it,
+and with it every other request in flight there.
 """
 
 from __future__ import annotations
@@ -26,12 +28,12 @@ from twisted.internet.interfaces import IDelayedCall, ITCPTransport
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
 
-from orbited.client.blocking import MAX_REGROUPS, Event, Request
-from orbited.client.cluster import Cluster, Recipient, RecipientLike, recipient
+from orbited.client.blocking import MAX_REGROUPS, Event, Request, _recipients
+from orbited.client.cluster import Cluster, Recipient, RecipientLike
 from orbited.client.otel import ClientTracing, tracing
 from orbited.client.retry import RetryPolicy
 from orbited.sp import wire
-from orbited.sp.reqrep import RequestIds
+from orbited.sp.reqrep import MAX_REQUEST, RequestIds
 
 Address = tuple[str, int]
 
@@ -104,6 +106,9 @@ class _Channel:
         pending = _Pending(request)
         if self.client.closed:
             self._give_up(pending, "client closed")
+            return pending.done
+        if request.oversized(self.client.max_message):  # given up (payload_too_large)
+            pending.done.callback(None)
             return pending.done
         self.queue.append(pending)
         if self.proto is not None:
@@ -232,11 +237,12 @@ class TwistedClient:
         retry_budget: float = RetryPolicy.budget,
         max_backoff: float = RetryPolicy.max_backoff,
         otel: bool | ClientTracing = False,
+        max_message: int = MAX_REQUEST,
     ) -> None:
         """``reactor``: IReactorTCP and IReactorTime; ``timeout``: seconds to wait for a
         reply on one connection; resends follow RetryPolicy(retry_budget, backoff,
         max_backoff, retries) (docs/client-python.md); ``otel``: an OpenTelemetry span
-        per send, as BlockingClient's."""
+        per send, and ``max_message``, as BlockingClient's."""
         if reactor is None:
             from twisted.internet import reactor as _reactor
 
@@ -246,6 +252,7 @@ class TwistedClient:
         self.timeout = timeout
         self.policy = RetryPolicy(retry_budget, backoff, max_backoff, retries)
         self.tracing = tracing(otel)
+        self.max_message = max_message
         self.ids = RequestIds()
         self.closed = False
         self._channels: dict[Address, _Channel] = {}
@@ -271,13 +278,15 @@ class TwistedClient:
         """Deferred firing with {recipient: result} (docs/protocol.md; recipients and
         options as BlockingClient.send); never errbacks for an unreachable node: its
         recipients get {"status": "error", "code": "unreachable", ...}."""
-        event_id = event_id or uuid.uuid4().hex
-        targets = [recipient(t) for t in to]
-        span = None if self.tracing is None else self.tracing.start(event_id, len(targets))
+        if event_id is None:  # ("" is sent as it is: the node refuses it, bad_request)
+            event_id = uuid.uuid4().hex
+        to = list(to)
+        span = None if self.tracing is None else self.tracing.start(event_id, len(to))
         event = Event(event_id, data, ack, latest, offline, span)
         results: dict[Recipient, dict] = {}
-        todo = list(dict.fromkeys(targets))
         try:
+            targets = _recipients(to)  # (a bad one raises: recorded on the span)
+            todo = list(dict.fromkeys(targets))
             for _ in range(1 + MAX_REGROUPS):
                 planned, refused = event.requests(self.cluster, todo, self.reactor.seconds())
                 if span is not None:

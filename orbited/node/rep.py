@@ -38,7 +38,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from orbited.runtime.twisted_compat import unsent_bytes, write_through
-from orbited.sp.reqrep import MAX_HOPS, RepConnection, encode_reply
+from orbited.sp.reqrep import MAX_HOPS, MAX_REQUEST, RepConnection, encode_reply
 from orbited.sp.wire import SPProtocolError
 
 _LENGTH = struct.Struct(">Q")  # a reply's length prefix (orbited.sp.wire)
@@ -68,7 +68,7 @@ class RepLimits:
     """The REP server's limits; these defaults are the node's (NodeConfig's sp_* keys,
     docs/operations.md, read them from here)."""
 
-    max_message: int = 4 * 1024 * 1024  # bytes per request; larger closes the connection
+    max_message: int = MAX_REQUEST  # bytes per request; larger closes the connection
     header_timeout: float = 10.0  # seconds a peer has to send its SP header (nng: 10 s)
     max_hops: int = MAX_HOPS
     max_inflight: int = 1024  # unanswered requests per connection before we stop reading

@@ -14,6 +14,9 @@ from dataclasses import dataclass
 from orbited.sp.wire import LENGTH_SIZE, REP, REQ, SPConnection, SPProtocolError
 
 MAX_HOPS = 8  # nng's default ttl-max, in words: longer backtraces are dropped, not answered
+# The largest request a node reads (its sp_max_message default, RepLimits): past it, it
+# closes the connection. Our clients give up a larger request rather than send it.
+MAX_REQUEST = 4 * 1024 * 1024
 _WORD = struct.Struct(">I")
 _LENGTH = struct.Struct(">Q")
 _END_OF_BACKTRACE = 0x80

@@ -118,6 +118,53 @@ def test_acknowledged_mode_answers_when_the_browser_confirms(node: NodeProcess):
     ws.close()
 
 
+def test_a_request_over_the_nodes_limit_is_given_up_unsent(node: NodeProcess):
+    """A request larger than a node reads (sp_max_message, 4 MiB by default) would make
+    the node close the connection, again on every resend: the client gives it up at once
+    with payload_too_large and the node never sees it."""
+    cluster = Cluster([Node(node.sp, f"http://{node.http}")])
+    key = ConnectionKey("big", "s", "/t")
+    ws = node.ws(node.token(key.user, key.session, key.location))
+    ws.recv(timeout=5)
+    with BlockingClient(cluster, timeout=2) as client:
+        result = client.send([key], "x" * (5 << 20), event_id="huge")[key]
+        assert result["status"] == "error" and result["code"] == "payload_too_large", result
+        assert "max_message" in result["error"]
+        assert client.send([key], "small", event_id="next")[key]["status"] == "delivered"
+    assert json.loads(ws.recv(timeout=5))["data"] == "small"
+    assert "exceeds limit" not in node.log_file.read_text()
+    ws.close()
+
+
+def test_an_empty_event_id_is_sent_as_it_is_and_refused(node: NodeProcess):
+    """event_id="" is not replaced by a random id (a web app retrying with its own id
+    must not get a fresh one each time): the node refuses it."""
+    key = ConnectionKey("noid", "s", "/t")
+    with BlockingClient(Cluster([Node(node.sp, f"http://{node.http}")])) as client:
+        result = client.send([key], 1, event_id="")[key]
+    assert result["status"] == "error" and result["code"] == "bad_request", result
+
+
+def test_addresses_are_talked_to_at_the_same_time(tmp_path):
+    """A call's routes on several addresses: the acknowledged-mode wait (and a dead
+    address's retry budget) is paid once, not once per address."""
+    nodes = []
+    try:
+        for i in range(3):
+            (tmp_path / str(i)).mkdir()
+            nodes.append(NodeProcess(tmp_path / str(i)).start())
+        keys = keys_on_every_node()  # no browser: each node waits out the ack time
+        with BlockingClient(cluster_of(nodes), timeout=5) as client:
+            started = time.monotonic()
+            results = client.send(keys, 1, ack=1.0)
+            took = time.monotonic() - started
+        assert {r["status"] for r in results.values()} == {"unacked"}
+        assert took < 2.0, took  # one wait of 1 s; one after another it was 3 s
+    finally:
+        for n in nodes:
+            n.stop()
+
+
 # -- users and sessions (hash version 2) -----------------------------------------------------
 
 TABS = [ConnectionKey("alice", "s1", "/t1"), ConnectionKey("alice", "s1", "/t2"),

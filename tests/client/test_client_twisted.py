@@ -79,6 +79,28 @@ def test_a_user_event_reaches_each_tab_once(node):
 
 
 @pytest_twisted.inlineCallbacks
+def test_a_request_over_the_nodes_limit_does_not_take_the_others_down(node):
+    """A request over the node's sp_max_message would make it close the connection the
+    other requests share, again on each resend: it is given up unsent, and the sends made
+    beside it are delivered."""
+    key = ConnectionKey("big", "s", "/t")
+    ws = node.ws(node.token(key.user, key.session, key.location))
+    ws.recv(timeout=5)
+    client = TwistedClient(Cluster([Node(node.sp, f"http://{node.http}")]), reactor, timeout=2)
+    try:
+        huge = client.send([key], "x" * (5 << 20), event_id="huge")
+        beside = [client.send([key], i, event_id=f"n{i}") for i in range(3)]
+        result = (yield huge)[key]
+        assert result["status"] == "error" and result["code"] == "payload_too_large", result
+        for d in beside:
+            assert (yield d)[key]["status"] == "delivered"
+        assert [json.loads(ws.recv(timeout=5))["data"] for _ in range(3)] == [0, 1, 2]
+    finally:
+        client.close()
+        ws.close()
+
+
+@pytest_twisted.inlineCallbacks
 def test_dead_node_is_reported_then_reached_again(three_nodes):  # noqa: F811
     key = keys_on_every_node()[0]
     node = three_nodes[static_node(route_of(key), 3)]

@@ -199,6 +199,26 @@ def test_an_error_reply_is_an_error_status(app_tracing):
         node.close()
 
 
+@pytest.mark.parametrize("client_class", [BlockingClient, TwistedClient])
+def test_a_send_that_raises_on_a_recipient_ends_its_span_with_the_error(app_tracing, client_class):
+    """docs/client-python.md: a send that raises ends its span with the exception
+    recorded; a bad recipient raises before anything is sent."""
+    tracing, exporter, _ = app_tracing
+    client = client_class(Cluster([Node("tcp://127.0.0.1:1", "http://127.0.0.1:1")]),
+                          otel=tracing)  # fmt: skip
+    if client_class is BlockingClient:
+        with pytest.raises(ValueError):
+            client.send([["*", "*", "*"]], 1, event_id="bad")
+    else:  # the Deferred has failed already
+        failed: list[Any] = []
+        client.send([["*", "*", "*"]], 1, event_id="bad").addErrback(failed.append)
+        assert len(failed) == 1 and failed[0].check(ValueError)
+    (span,) = send_spans(exporter)
+    assert span.status.status_code == StatusCode.ERROR
+    assert [e.name for e in span.events] == ["exception"]
+    client.close()
+
+
 def test_without_otel_no_trace_context_is_sent(app_tracing):
     _, exporter, webapp = app_tracing
     node = NodeCore()
