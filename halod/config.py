@@ -189,6 +189,8 @@ class HaloDConfig(ConfigBase):
     def _validate_store(self) -> None:
         if self.store not in STORES:
             raise ConfigError(f"store is one of {', '.join(STORES)}")
+        if self.store == "sqlite" and not self.db:
+            raise ConfigError("db must name the SQLite file")
         if self.store == "etcd":
             try:
                 self.etcd_settings()

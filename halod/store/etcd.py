@@ -70,9 +70,9 @@ class EtcdSettings:
                 raise ValueError(f"etcd_endpoints: {e!r} has a path")
         if not self.prefix.startswith("/") or self.prefix.endswith("/") or "\0" in self.prefix:
             raise ValueError(f"etcd_prefix: {self.prefix!r} must start with / and not end with /")
+        self.election()  # validates lease_ttl and step_down_margin (first: timeout needs it)
         if not 0 < self.timeout < self.lease_ttl:
             raise ValueError(f"etcd_timeout: must be > 0 and < etcd_lease_ttl, not {self.timeout}")
-        self.election()  # validates lease_ttl and step_down_margin
 
     def election(self) -> ElectionSettings:
         try:

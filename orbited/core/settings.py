@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import copy
 import ipaddress
+import math
 import tomllib
 from dataclasses import MISSING, field, fields
 from pathlib import Path
@@ -59,6 +60,8 @@ C = TypeVar("C", bound="ConfigBase")
 
 
 LOG_LEVELS = ["debug", "info", "warn", "error"]
+# The tables a config file may hold: one file may serve both daemons.
+SECTIONS = ("node", "halod")
 
 
 class ConfigBase:
@@ -77,7 +80,17 @@ class ConfigBase:
                 doc = tomllib.loads(path.read_text())
             except (OSError, tomllib.TOMLDecodeError) as e:
                 raise ConfigError(f"cannot read config {path}: {e}") from None
-            values.update(doc.get(cls.section, {}))
+            # A misspelt table, or keys outside any, would otherwise drop the whole file
+            # silently and run on the defaults (other ports, a fresh secret).
+            stray = sorted(k for k, v in doc.items() if k not in SECTIONS or type(v) is not dict)
+            if stray:
+                raise ConfigError(
+                    f"config {path}: {', '.join(stray)} is not a [node] or [halod] table "
+                    "(every key goes under one)"
+                )  # fmt: skip
+            if cls.section not in doc:
+                raise ConfigError(f"config {path} has no [{cls.section}] table")
+            values.update(doc[cls.section])
         values.update({k: v for k, v in overrides.items() if v is not None})
         known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
         unknown = values.keys() - known
@@ -97,6 +110,8 @@ class ConfigBase:
                 raise ConfigError(f"{f.name} must be of type {expected.__name__}")
             if expected is list and not all(isinstance(v, str) for v in value):
                 raise ConfigError(f"{f.name} must be a list of strings")
+            if expected is float and not math.isfinite(value):  # nan passes every x <= 0
+                raise ConfigError(f"{f.name} must be a finite number, not {value}")
         if getattr(self, "log_level", LOG_LEVELS[1]) not in LOG_LEVELS:
             raise ConfigError("log_level is one of debug, info, warn, error")
 

@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 
 import twisted.web.client
 
-from orbited.core.control import halod_addresses
+from orbited.core.control import MAX_ROUTES, halod_addresses
 from orbited.core.settings import (
     ConfigBase,
     ConfigError,
@@ -93,6 +93,7 @@ _POSITIVE = (
     "linger", "keepalive", "dedup_window", "dedup_max", "dedup_max_bytes", "routes",
     "handoff_timeout", "max_recipients", "max_payload", "max_ack_wait",
     "sp_max_message", "sp_header_timeout", "sp_max_inflight", "sp_max_connections",
+    "iframe_max_bytes", "backlog",
 )  # fmt: skip
 
 
@@ -285,6 +286,12 @@ class NodeConfig(ConfigBase):
                 raise ConfigError("publish_http needs publish_key_file")
         parse_sp_address(self.sp)
         self.require_positive(*_POSITIVE, "capacity")
+        if not self.name:
+            raise ConfigError("name must not be empty")
+        if self.routes > MAX_ROUTES:  # as HaloD's (a node refuses a larger welcome)
+            raise ConfigError(f"routes must be at most {MAX_ROUTES}")
+        if self.token_leeway < 0:
+            raise ConfigError("token_leeway must not be negative")
         if self.reconnect_rate < 0:
             raise ConfigError("reconnect_rate must not be negative")
         try:  # each component checks its own fields' ranges

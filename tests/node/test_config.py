@@ -61,11 +61,50 @@ def test_defaults_bind_loopback():
         ({"presence_queue": 0}, "presence_queue must be positive"),
         ({"presence_timeout": 0.0}, "presence_timeout must be positive"),
         ({"presence_retries": 0}, "presence_retries must be positive"),
+        # nan passes every "x <= 0" check; inf every "positive" one
+        ({"keepalive": float("nan")}, "keepalive must be a finite number, not nan"),
+        ({"linger": float("inf")}, "linger must be a finite number, not inf"),
+        ({"token_leeway": -1.0}, "token_leeway must not be negative"),
+        ({"iframe_max_bytes": 0}, "iframe_max_bytes must be positive"),
+        ({"backlog": 0}, "backlog must be positive"),
+        ({"name": ""}, "name must not be empty"),
+        ({"routes": 65537}, "routes must be at most 65536"),
     ],
 )
 def test_invalid_config_is_refused(overrides, message):
     with pytest.raises(ConfigError, match=message):
         NodeConfig.load(None, overrides)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("[nodes]\nmax_connections = 5\n", "nodes is not a \\[node\\] or \\[halod\\] table"),
+        ("max_connections = 5\n", "max_connections is not a \\[node\\] or \\[halod\\] table"),
+        ("[halod]\nroutes = 8\n", "has no \\[node\\] table"),
+        ("keepalive = nan\n[node]\n", "keepalive is not a"),
+    ],
+)
+def test_a_file_whose_keys_are_not_under_node_is_refused(tmp_path, text, message):
+    """A misspelt table or keys outside one would drop the whole file: the node would run
+    on its defaults (other ports, a fresh secret)."""
+    path = tmp_path / "node.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        NodeConfig.load(path, {})
+
+
+def test_one_file_may_hold_both_tables(tmp_path):
+    path = tmp_path / "both.toml"
+    path.write_text('[node]\nname = "n1"\n[halod]\nroutes = 8\n')
+    assert NodeConfig.load(path, {}).name == "n1"
+
+
+def test_nan_from_a_file_is_refused(tmp_path):
+    path = tmp_path / "node.toml"
+    path.write_text("[node]\nkeepalive = nan\n")
+    with pytest.raises(ConfigError, match="keepalive must be a finite number"):
+        NodeConfig.load(path, {})
 
 
 def test_bad_toml_is_a_clear_error(tmp_path):
