@@ -12,7 +12,8 @@ asks one node directly (a standalone node, or one node of a cluster). Either way
 output is one table per key, the incidents that moved its route, and a verdict per event
 (orbited.core.traceview: the same words as HaloD and the dashboard). docs/operations.md,
 "Tracing a delivery", explains how to read it. Exit status: 0 when something was traced,
-1 when nothing was (the verdict says why) or HaloD / the node did not answer, 2 for usage.
+1 when nothing was (with ``--event``: no record of that event; the verdict says why) or
+HaloD / the node did not answer, 2 for usage.
 :func:`trace_lines` and :func:`node_view` are the pure part.
 """
 
@@ -219,10 +220,12 @@ def trace_lines(answer: Mapping[str, Any]) -> list[str]:
     return lines
 
 
-def traced(answer: Mapping[str, Any]) -> bool:
-    """Does the answer hold any record or note?"""
+def traced(answer: Mapping[str, Any], event: str | None = None) -> bool:
+    """Does the answer hold any record or note? With ``event`` (``--event``): a record of
+    that event (a key's attach and detach notes say nothing of it)."""
     return any(
-        isinstance(k, dict) and (k.get("dispatches") or k.get("notes"))
+        isinstance(k, dict)
+        and (k.get("dispatches") if event is not None else k.get("dispatches") or k.get("notes"))
         for k in answer.get("keys") or []
     )
 
@@ -386,4 +389,4 @@ def trace_command(argv: list[str]) -> int:
         print(json.dumps(answer, indent=1, ensure_ascii=False))
     else:
         print("\n".join(trace_lines(answer)))
-    return 0 if traced(answer) else 1
+    return 0 if traced(answer, args.event) else 1

@@ -113,6 +113,14 @@ def test_nothing_traced():
     assert not traced({"keys": [{"key": KEY, "dispatches": [], "notes": []}]})
 
 
+def test_an_asked_event_with_no_record_is_not_traced_though_the_key_has_notes():
+    """``--event X``: a key's attach and detach notes say nothing of X (exit 1)."""
+    key = {"key": KEY, "dispatches": [], "notes": [{"t": 1.0, "kind": "attach"}]}
+    assert traced({"keys": [key]})  # without --event: something was traced
+    assert not traced({"keys": [key]}, "x")
+    assert traced({"keys": [dict(key, dispatches=[{"event": "x", "t": 1.0}])]}, "x")
+
+
 def test_control_characters_from_nodes_are_escaped():
     bad = {"keys": [{"key": ["al\x1b[31mice", "", ""], "route": 1,
                      "dispatches": [{**rec("1", T), "event": "\x1b]0;x\x07"}]}]}  # fmt: skip

@@ -17,7 +17,7 @@ from enum import StrEnum
 from typing import Any, ClassVar, TypeAlias, TypeGuard, cast
 
 from orbited.core.hashing import HASH_VERSIONS
-from orbited.core.keys import ConnectionKey, KeyError_
+from orbited.core.keys import WILDCARD, ConnectionKey, KeyError_
 from orbited.core.latency import BUCKETS
 from orbited.core.latency import MAX_COUNT as MAX_HIST_COUNT
 from orbited.core.routes import Role
@@ -563,6 +563,9 @@ def trace_query(
         ConnectionKey.from_json([user, session or "", location or ""])
     except KeyError_ as e:
         raise ValueError(str(e)) from None
+    if WILDCARD in (user, session, location):  # no key holds it: leave a part out for "any"
+        raise ValueError(f'"{WILDCARD}" is reserved in a key part (leave session or location '
+                         'out to ask for any)')  # fmt: skip
     if event is not None and (not isinstance(event, str) or not 0 < len(event) <= MAX_EVENT_ID):
         raise ValueError(f"event must be a string of 1-{MAX_EVENT_ID} characters")
     if limit is not None and (not _is_int(limit) or not 1 <= limit <= MAX_TRACE_LIMIT):

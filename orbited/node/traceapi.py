@@ -16,8 +16,7 @@ from typing import Any
 
 from twisted.web.http import Request
 
-from orbited.core.control import MAX_TRACE_LIMIT
-from orbited.core.keys import ConnectionKey, KeyError_
+from orbited.core.control import MAX_TRACE_LIMIT, trace_query
 from orbited.node.hub import Hub
 from orbited.runtime.web import JSONResource, send_error
 
@@ -69,10 +68,7 @@ class TraceResource(JSONResource):
         session, location = values["session"] or None, values["location"] or None
         if user is None:
             raise ValueError("user is required")
-        try:  # the key parts' rules (docs/protocol.md, "Connection keys")
-            ConnectionKey.from_json([user, session or "s", location or "/"])
-        except KeyError_ as e:
-            raise ValueError(str(e)) from None
+        trace_query(0, user, session, location)  # the key parts' rules, as HaloD's /trace
         event = values["event"]
         if event is not None and not 0 < len(event) <= MAX_EVENT_ID:
             raise ValueError(f"event must be 1-{MAX_EVENT_ID} characters")

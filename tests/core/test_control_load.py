@@ -215,6 +215,8 @@ def _query(**fields: object) -> bytes:
         {"limit": 0},
         {"limit": 65537},
         {"limit": True},
+        {"user": "*"},  # reserved: no key holds it
+        {"session": "*"},
     ],
 )
 def test_a_malformed_trace_query_is_bad_message(fields):

@@ -75,7 +75,8 @@ def test_pages_are_refused_even_with_the_key(traced_node, headers):
     [("", "user is required"), ("user=", "user"), ("user=a&limit=0", "limit must be 1-65536"),
      ("user=a&limit=65537", "limit must be 1-65536"), ("user=a&limit=x", "limit"),
      ("user=a&user=b", "more than once"), ("user=a&color=red", "unknown parameter"),
-     ("user=a&event=" + "e" * 129, "event must be")],
+     ("user=a&event=" + "e" * 129, "event must be"), ("user=*", "reserved"),
+     ("user=a&session=*", "reserved"), ("user=a&location=*", "reserved")],
 )  # fmt: skip
 def test_bad_queries_are_400(traced_node, query, message):
     status, body, _ = get(traced_node, query)
