@@ -709,7 +709,8 @@ def orbit_request(
 
 def check_orbit_roundtrip(requests: Sequence[tuple[str, list[list[str]], bytes, int]],
                           cuts: Sequence[int]) -> None:  # fmt: skip
-    """Well-formed requests (ids and key parts without separators) parse back."""
+    """Well-formed requests (ids and key parts without separators, no part the reserved
+    ``"*"``) parse back."""
     stream = b"".join(orbit_request(*r) for r in requests)
     out, error = _orbit_feed(stream, cuts)
     expect(error is None, f"valid request refused: {error}")

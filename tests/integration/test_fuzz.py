@@ -320,9 +320,10 @@ orbit_ids = st.text(st.characters(codec="utf-8", exclude_characters="\r\n"), max
 orbit_parts = st.text(st.characters(codec="utf-8", exclude_characters=",\r\n()"), max_size=10).map(
     str.strip
 )
+orbit_key_parts = orbit_parts.filter(lambda p: p != "*")  # "*" is reserved: refused
 orbit_requests = st.tuples(
     orbit_ids.map(str.strip).filter(bool),
-    st.lists(st.tuples(orbit_parts.filter(bool), orbit_parts, orbit_parts).map(list),
+    st.lists(st.tuples(orbit_key_parts.filter(bool), orbit_key_parts, orbit_key_parts).map(list),
              min_size=1, max_size=4),
     st.binary(max_size=80),
     st.integers(0, 1),

@@ -57,6 +57,42 @@ def test_malformed_requests_are_clear_errors(head, message):
         OrbitParser(RequestLimits()).feed(head)
 
 
+def test_bare_lf_line_ends_are_read_as_crlf_ones():
+    """A request typed into netcat or a here-document ends its lines with LF alone: it is
+    read, not left waiting for a CRLF blank line that never comes."""
+    parser = OrbitParser(RequestLimits())
+    (request,) = parser.feed(b"Orbit 1.0\nEvent\nid: 8\nrecipient: g, s, /a\nlength: 5\n\nhello")
+    assert (request.event_id, request.recipients, request.body) == (
+        "8", (("g", "s", "/a"),), b"hello",
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "head, event_id, message",
+    [
+        (b"Orbit 1.0\r\nEvent\r\nid: 4\r\nrecipient: a, 0\r\nlength: 2\r\n\r\n", "4",
+         "recipient must be"),
+        (b"Orbit 1.0\r\nEvent\r\nrecipient: a, 0\r\nid: 5\r\nlength: 2\r\n\r\n", "5",
+         "recipient must be"),  # the id after the bad line
+        (b"Orbit 1.0\r\nEvent\r\nid: 6\r\nrecipient: \xff, 0, /x\r\nlength: 2\r\n\r\n", "6",
+         "not UTF-8"),
+        (b"Orbit 1.0\r\nEvent\r\nid: 7\r\nrecipient: alice, *, *\r\nlength: 2\r\n\r\n", "7",
+         "reserved"),  # "*" addresses no key over this port: refused, not "not reached"
+        (b"Orbit 1.0\r\nEvent\r\nid: 8\r\nrecipient: *, 0, /x\r\nlength: 2\r\n\r\n", "8",
+         "reserved"),
+        (b"Orbit 1.0\r\nEvent\r\nid: 9\r\nrecipient: a, 0, /x\r\nlength: 2\r\nlength: 3\r\n"
+         b"\r\n", "9", "length given twice"),  # the last one would misframe the next request
+        (b"Orbit 1.0\r\nEvent\r\nid: 10\r\nid: 11\r\nrecipient: a, 0, /x\r\nlength: 2\r\n\r\n",
+         "10", "id given twice"),
+    ],
+)  # fmt: skip
+def test_a_refused_request_echoes_its_id(head, event_id, message):
+    """docs/legacy.md: the id is echoed back; a 2007 client reads it from every reply."""
+    with pytest.raises(OrbitError, match=message) as e:
+        OrbitParser(RequestLimits()).feed(head)
+    assert e.value.event_id == event_id
+
+
 @pytest.mark.parametrize("ending", [b"", b"\r\n\r\n"])
 def test_endless_header_is_refused(ending):
     with pytest.raises(OrbitError, match="too long"):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import re
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,13 +30,16 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from orbited.core.keys import ConnectionKey, KeyError_
+from orbited.core.keys import WILDCARD, ConnectionKey, KeyError_
 from orbited.node import events
 from orbited.node.events import MAX_EVENT_ID, DispatchResult, RequestLimits, Status, loads_strict
 from orbited.node.hub import Hub
 from orbited.node.rep import TCPTransport
 
 MAX_HEADER_BYTES = 64 * 1024
+# A header ends at its first blank line: CRLF line ends as the 2007 clients send, or bare
+# LF ones (netcat, a here-document), which would otherwise wait for bytes never coming.
+_HEAD_END = re.compile(rb"\r?\n\r?\n")
 
 
 class OrbitError(Exception):
@@ -52,17 +56,19 @@ class OrbitRequest:
     body: bytes
 
 
-def parse_recipient(value: str) -> ConnectionKey:
+def parse_recipient(value: str, event_id: str | None = None) -> ConnectionKey:
     value = value.strip()
     if value.startswith("(") and value.endswith(")"):
         value = value[1:-1]
     parts = [p.strip() for p in value.split(",", 2)]
     if len(parts) != 3:
-        raise OrbitError(f"recipient must be 'user, session, location': {value[:40]!r}")
+        raise OrbitError(f"recipient must be 'user, session, location': {value[:40]!r}", event_id)
+    if WILDCARD in parts:  # no browser's key holds it; Orbit 1.0 addresses keys, not users
+        raise OrbitError(f'bad recipient: "{WILDCARD}" is reserved in a key part', event_id)
     try:
         return ConnectionKey.from_json(parts)
     except KeyError_ as e:
-        raise OrbitError(f"bad recipient: {e}") from None
+        raise OrbitError(f"bad recipient: {e}", event_id) from None
 
 
 class OrbitParser:
@@ -95,13 +101,13 @@ class OrbitParser:
         out = self.complete = []
         while True:
             if self._pending is None:
-                end = self._buffer.find(b"\r\n\r\n", 0, MAX_HEADER_BYTES + 4)
-                if end < 0:
+                found = _HEAD_END.search(self._buffer, 0, MAX_HEADER_BYTES + 4)
+                if found is None:
                     if len(self._buffer) > MAX_HEADER_BYTES:
                         raise OrbitError("request header too long")
                     return out
-                head = bytes(self._buffer[:end])
-                del self._buffer[: end + 4]
+                head = bytes(self._buffer[: found.start()])
+                del self._buffer[: found.end()]
                 self._pending = self._parse_head(head)
             event_id, recipients, length = self._pending
             if len(self._buffer) < length:
@@ -113,31 +119,39 @@ class OrbitParser:
 
     def _parse_head(self, head: bytes) -> tuple[str, tuple[ConnectionKey, ...], int]:
         try:
-            lines = head.decode("utf-8").split("\r\n")
-        except UnicodeDecodeError:
-            raise OrbitError("request header is not UTF-8") from None
+            text = head.decode("utf-8")
+        except UnicodeDecodeError:  # (the id, if it is readable, is still echoed)
+            raise OrbitError("request header is not UTF-8", _id_of(head)) from None
+        lines = [line.removesuffix("\r") for line in text.split("\n")]
         if lines[0].strip() not in ("Orbit 1.0", "Orbit/1.0"):
             raise OrbitError(f"expected 'Orbit 1.0', got {lines[0][:40]!r}")
+        # Every line is read before any is judged, so a refusal echoes the id wherever
+        # it stands; a field given twice is refused (a second length would misframe the
+        # connection's next request).
         action = None
-        event_id = None
-        length = None
-        recipients: list[ConnectionKey] = []
+        fields: dict[str, str] = {}
+        raw_recipients: list[str] = []
         for line in lines[1:]:
             if ":" not in line:
                 action = line.strip()
                 continue
             name, _, value = line.partition(":")
             name, value = name.strip().lower(), value.strip()
-            if name == "action":
-                action = value
-            elif name == "id":
-                event_id = value
-            elif name == "recipient":
-                recipients.append(parse_recipient(value))
-            elif name == "length":
-                if not (value.isascii() and value.isdigit() and len(value) <= 9):
-                    raise OrbitError(f"length must be a number: {value[:20]!r}", event_id)
-                length = int(value)
+            if name == "recipient":
+                raw_recipients.append(value)
+            elif name in ("action", "id", "length"):
+                if name in fields:
+                    raise OrbitError(f"{name} given twice", fields.get("id"))
+                fields[name] = value
+        event_id = fields.get("id")
+        action = fields.get("action", action)
+        raw_length = fields.get("length")
+        length = None
+        if raw_length is not None:
+            if not (raw_length.isascii() and raw_length.isdigit() and len(raw_length) <= 9):
+                raise OrbitError(f"length must be a number: {raw_length[:20]!r}", event_id)
+            length = int(raw_length)
+        recipients = [parse_recipient(value, event_id) for value in raw_recipients]
         if action is None:
             raise OrbitError("missing action (Event)", event_id)
         if action.lower() != "event":
@@ -153,6 +167,18 @@ class OrbitParser:
         if len(recipients) > self.limits.max_recipients:
             raise OrbitError(f"more than {self.limits.max_recipients} recipients", event_id)
         return event_id, tuple(recipients), length
+
+
+def _id_of(head: bytes) -> str | None:
+    """The id line of a header that is not UTF-8 as a whole, if that line is."""
+    for line in head.split(b"\n"):
+        name, colon, value = line.partition(b":")
+        if colon and name.strip().lower() == b"id":
+            try:
+                return value.strip().decode("utf-8")
+            except UnicodeDecodeError:
+                return None
+    return None
 
 
 def _clean(text: str) -> str:
