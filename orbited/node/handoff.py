@@ -560,6 +560,11 @@ class RouteOwnership:
             elif slot.route != old and slot.sink is not None:
                 relocated.append((key, slot, slot.sink))
         spread = spread_for(len(moving) + len(relocated), self.config.reconnect_rate)
+        # A browser that was not attached (a long-poll between two polls) and comes back
+        # here on a route of the new version that is not ours gets this move's spread too.
+        self.moved_spread.update(
+            (route, spread) for route in range(1, self.routes + 1) if route not in owned
+        )  # fmt: skip
         for key, slot, sink in relocated:
             # Its mailbox stays, lingering: the browser comes back through the new route's
             # port (the old route's next owner would not know the key) and resumes from it

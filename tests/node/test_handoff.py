@@ -194,6 +194,30 @@ def test_rehash_exports_the_keys_whose_new_route_is_a_peers_and_holds_its_own_ro
     assert json.loads(waiting[0])["results"][0]["status"] == "acked"
 
 
+def test_a_browser_that_comes_back_after_a_rehash_gets_its_spread():
+    """docs/protocol.md: a route_moved frame carries spread, counted over the browsers
+    the move sent away; a long-poll between two polls that reaches the old node after a
+    rehash gets the rehash's."""
+    hub = Hub(Clock(), HubConfig(routes=4, hash_version=1, handoff_timeout=5), epoch="ep")
+    hub.assign([1, 2], 4)
+    keys = [ConnectionKey(f"u{i}", "s", "/t") for i in range(80)]
+    attached = [k for k in keys if route_of(k, 4, 1) in (1, 2)][:12]
+    for k in attached:
+        hub.attach(k, _Tab(), None)
+    hub.rehash(2, _owners({1: "n1", 2: "n1", 3: "n2", 4: "n3"}), me="n1")
+    away = next(k for k in keys if k not in attached and route_of(k, 4, 2) in (3, 4))
+    said: list[tuple] = []
+
+    class Poll(_Tab):
+        def reconnect(self, reason, route=None, spread=None):
+            said.append((reason, route, spread))
+
+    assert hub.attach(away, Poll(), None) is None
+    ((reason, route, spread),) = said
+    assert (reason, route) == ("route_moved", route_of(away, 4, 2))
+    assert spread is not None and spread > 0  # 12 browsers' worth, counted by the rehash
+
+
 def test_rehash_routes_held_are_served_afresh_after_the_timeout():
     clock = Clock()
     hub = Hub(clock, HubConfig(routes=2, hash_version=1, handoff_timeout=5), epoch="ep")
