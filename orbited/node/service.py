@@ -41,16 +41,21 @@ from orbited.node.webhook import WebhookQueue
 from orbited.runtime.twisted_compat import Ticker, listening_port
 
 
+def key_file(key: str, path: str, create: bool = False) -> bytes:
+    """The key in ``path``, the file the node key ``key`` names (``secret_file``,
+    ``publish_key_file``...); ValueError names both (the node exits 2 with it)."""
+    try:
+        return load_secret(Path(path), create=create)
+    except OSError as e:
+        raise ValueError(f"{key} {path}: {e.strerror or e}") from None
+    except ValueError as e:  # (load_secret's message starts with the path)
+        raise ValueError(f"{key} {e}") from None
+
+
 def trace_key(path: str) -> bytes | None:
     """The bearer key of ``GET /orbited/trace`` in ``path`` (None: no path, endpoint off);
     ValueError names the file (the node exits 2 with it)."""
-    if not path:
-        return None
-    try:
-        return load_secret(Path(path))
-    except (OSError, ValueError) as e:
-        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-        raise ValueError(f"trace_key_file {path}: {why.replace('shared secret', 'key')}") from None
+    return key_file("trace_key_file", path) if path else None
 
 
 class NodeService(service.MultiService):
@@ -67,7 +72,7 @@ class NodeService(service.MultiService):
         # The reactor provides both; its interfaces are typed one at a time.
         clock: IReactorTime = reactor  # type: ignore[assignment]
         self.clock = clock
-        secret = load_secret(Path(config.secret_file), create=config.create_secret)
+        secret = key_file("secret_file", config.secret_file, create=config.create_secret)
         self.hub = Hub(clock, config.hub_config())
         self.hub.name = config.name
         # Per-key tracing and OpenTelemetry (orbited.node.observe): the hub's observer is
@@ -132,7 +137,7 @@ class NodeService(service.MultiService):
         self.http_server.setServiceParent(self)
         self.publish_server: internet.TCPServer | None = None
         if config.publish_http:
-            api_key = load_secret(Path(config.publish_key_file))
+            api_key = key_file("publish_key_file", config.publish_key_file)
             publish_host, publish_port = parse_host_port(config.publish_http)
             self.publish_server = internet.TCPServer(
                 publish_port,
@@ -155,7 +160,9 @@ class NodeService(service.MultiService):
         if config.halod:
             halod_secret = None
             if config.halod_secret_file:
-                halod_secret = load_secret(Path(config.halod_secret_file)).decode("latin-1")
+                halod_secret = key_file("halod_secret_file", config.halod_secret_file).decode(
+                    "latin-1"
+                )  # fmt: skip
             self.halod_link = HaloDLink(
                 self.hub, config.name, config.halod, self._advertised, config.capacity,
                 reactor, halod_secret,

@@ -158,7 +158,7 @@ class Restart:
 
 @dataclass(frozen=True)
 class GiveUp:
-    failures: int
+    failures: int  # the restarts that died too (the deaths in a row are one more)
 
 
 def on_exit(policy: RestartPolicy, history: WorkerHistory, now: float) -> Restart | GiveUp:
@@ -291,8 +291,9 @@ class Supervisor:
                     worker.proc = None
                     decision = on_exit(self.policy, worker.history, now)
                     if isinstance(decision, GiveUp):
-                        _log(f"{worker.plan.name} exited ({rc}) {decision.failures} times "
-                             "in a row: giving up, stopping every worker")  # fmt: skip
+                        _log(f"{worker.plan.name} exited ({rc}): {decision.failures + 1} deaths "
+                             f"in a row ({decision.failures} restarts): giving up, stopping "
+                             "every worker")  # fmt: skip
                         return 1
                     worker.history, worker.restart_at = decision.history, decision.at
                     _log(f"{worker.plan.name} exited ({rc}); restarting in "

@@ -63,3 +63,21 @@ def _ours(func: object, node: NodeService) -> bool:
     if site is not None:
         return site is node.site
     return "orbited" in repr(func)
+
+
+def test_a_missing_key_file_names_its_config_key(tmp_path):
+    """The node exits 2 with the message: it must say which key names the file."""
+    import pytest
+
+    missing = tmp_path / "nowhere.key"
+    for key in ("secret_file", "publish_key_file", "halod_secret_file"):
+        overrides: dict = {"secret_file": str(tmp_path / "secret"), key: str(missing)}
+        if key == "secret_file":
+            overrides["create_secret"] = False
+        if key == "publish_key_file":
+            overrides["publish_http"] = "127.0.0.1:0"
+        if key == "halod_secret_file":
+            overrides["halod"] = "tcp://127.0.0.1:1"
+        config = NodeConfig.load(None, overrides)
+        with pytest.raises(ValueError, match=rf"^{key} {missing}: No such file"):
+            NodeService(config, reactor)
