@@ -33,6 +33,7 @@ calls are the fork/exec of a new worker and reading a few bytes of /proc.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
 import socket
@@ -73,6 +74,24 @@ def worker_command(socket_path: Path, ports: Ports) -> list[str]:
         "--host", ports.host, "--browser-base", str(ports.browser_base),
         "--sp-base", str(ports.sp_base), "--routes", str(ports.routes),
     ]  # fmt: skip
+
+
+def _lock(directory: Path) -> int:
+    """Hold ``directory``'s ``halod.lock`` for this HaloD's life (the kernel lets it go
+    when the process ends, however it ends); ValueError if another live HaloD holds it.
+    Two HaloDs whose ``db`` share a directory would each take the other's worker for a
+    stale one and replace it, cutting every route connection through it."""
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(directory / "halod.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ValueError(
+            f"another HaloD uses {directory} (its db is in the same directory, "
+            f"{directory.parent}): give each HaloD a directory of its own for db"
+        ) from None
+    return fd
 
 
 def is_worker(pid: int, socket_path: Path) -> bool:
@@ -198,6 +217,7 @@ class ProxyDataPlane:
         self._stopping = False
         self._watch = task.LoopingCall(self._watchdog)
         self._watch.clock = reactor
+        self._lock: int | None = None  # fd holding halod.lock (from_config), until stop
 
     @classmethod
     def from_config(cls, config: HaloDConfig, reactor: Any) -> ProxyDataPlane:
@@ -207,8 +227,10 @@ class ProxyDataPlane:
         if len(str(directory / "worker.sock").encode()) > SUN_PATH_MAX:
             raise ValueError(f"{directory}/worker.sock is too long for a UNIX socket path "
                              f"({SUN_PATH_MAX} bytes): put db in a shorter directory")  # fmt: skip
-        return cls(config.ports(), reactor, config.move_close_delay, directory=directory,
-                   stop_on_exit=config.proxy_on_exit == "stop")  # fmt: skip
+        plane = cls(config.ports(), reactor, config.move_close_delay, directory=directory,
+                    stop_on_exit=config.proxy_on_exit == "stop")  # fmt: skip
+        plane._lock = _lock(directory)
+        return plane
 
     # -- DataPlane ----------------------------------------------------------------------------
 
@@ -229,6 +251,9 @@ class ProxyDataPlane:
 
     def stop(self) -> defer.Deferred[Any]:
         self._stopping = True
+        if self._lock is not None:  # the next HaloD of this directory may start now
+            os.close(self._lock)
+            self._lock = None
         if self._watch.running:
             self._watch.stop()
         if self._retry is not None and self._retry.active():

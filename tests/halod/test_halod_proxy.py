@@ -279,7 +279,9 @@ def test_proxy_on_exit_is_a_checked_key_that_keeps_the_worker_by_default(tmp_pat
     db = str(tmp_path / "h.db")
     config = HaloDConfig.load(None, {"db": db})
     assert config.proxy_on_exit == "keep"  # a HaloD restart cuts nothing (docs/halod.md)
-    assert not ProxyDataPlane.from_config(config, MemoryReactorClock()).stop_on_exit
+    keep = ProxyDataPlane.from_config(config, MemoryReactorClock())
+    assert not keep.stop_on_exit
+    keep.stop()  # (it holds proxy/'s lock until it stops)
     stop = HaloDConfig.load(None, {"db": db, "proxy_on_exit": "stop"})
     assert ProxyDataPlane.from_config(stop, MemoryReactorClock()).stop_on_exit
     with pytest.raises(ConfigError, match="proxy_on_exit is keep or stop"):
@@ -301,3 +303,22 @@ def test_metrics_export_the_workers_replaced(tmp_path: Path) -> None:
     assert "# TYPE halod_dataplane_worker_restarts_total counter" in lines
     assert any(line.startswith("# HELP halod_dataplane_worker_restarts_total ") for line in lines)
     assert "halod_dataplane_worker_restarts_total 3" in lines
+
+
+def test_two_halods_whose_db_share_a_directory_do_not_share_a_worker(tmp_path: Path) -> None:
+    """The worker's files are in proxy/ beside db: a second HaloD there would take the
+    first's worker for a stale one and replace it, cutting every route connection. It is
+    refused before it binds anything, until the first stops (or dies: the kernel drops
+    the lock with the process)."""
+    from halod.config import HaloDConfig
+
+    first = ProxyDataPlane.from_config(HaloDConfig(db=str(tmp_path / "a.sqlite3")),
+                                       MemoryReactorClock())  # fmt: skip
+    other = HaloDConfig(db=str(tmp_path / "b.sqlite3"))
+    with pytest.raises(ValueError, match="another HaloD uses .*give each HaloD a directory"):
+        ProxyDataPlane.from_config(other, MemoryReactorClock())
+    (tmp_path / "elsewhere").mkdir()
+    ProxyDataPlane.from_config(HaloDConfig(db=str(tmp_path / "elsewhere" / "c.sqlite3")),
+                               MemoryReactorClock()).stop()  # fmt: skip
+    first.stop()
+    ProxyDataPlane.from_config(other, MemoryReactorClock()).stop()
