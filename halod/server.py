@@ -861,7 +861,8 @@ class HaloD:
             "etcd": {
                 "name": self._name(),
                 "prefix": self.ha.settings.prefix,
-                "lease_ttl": self.ha.settings.lease_ttl,
+                # what etcd granted (it raises a TTL under its minimum), else the config's
+                "lease_ttl": self.ha.election.candidate.lease_ttl or self.ha.settings.lease_ttl,
                 "endpoints": [{"url": url, "healthy": healthy}
                               for url, healthy in self.ha.health.items()],
                 "terms": self.stats["terms"],

@@ -50,7 +50,7 @@ class ElectionSettings:
         if not 0 < self.margin < self.ttl * 2 / 3:
             raise ValueError(
                 f"step-down margin must be > 0 and < 2/3 of the TTL ({self.ttl} s), "
-                f"not {self.margin}: keepalives go every TTL/3"
+                f"not {self.margin}: a keepalive may come as late as TTL/3"
             )
         if self.retry <= 0:
             raise ValueError(f"retry must be > 0, not {self.retry}")
@@ -101,6 +101,7 @@ class Lost:
     holder: str  # the leader key's value
     revision: int  # the store revision the campaign saw: watch from the next one
     now: float
+    lease: int = 0  # the leader key's lease (0: not known)
 
 
 @dataclass(frozen=True)
@@ -243,6 +244,13 @@ class Candidate:
         if isinstance(event, Lost):
             if self.state is not State.CAMPAIGNING:
                 return []
+            if event.holder == self.name and event.lease and event.lease != self.lease:
+                # Our own key of an earlier lease, which nothing renews any more (etcd
+                # came back after we stepped down and regranted; this HaloD's previous
+                # process): end it and campaign again, rather than follow ourselves
+                # until its TTL runs out. (Candidate names are unique per cluster.)
+                self.retry_at = event.now + self.settings.retry
+                return [Revoke(event.lease)]
             self.state, self.holder = State.FOLLOWER, event.holder
             return [Following(event.holder), WatchLeader(event.revision + 1)]
         if isinstance(event, LeaderGone):
@@ -340,6 +348,7 @@ class Election:
         self.on_change = on_change
         self._timer: Any = None  # an IDelayedCall
         self._watch: Watch | None = None
+        self._raised = 0  # a lease TTL etcd granted other than the one asked, once logged
         self.elected: Deferred[Fence] = Deferred()  # fires the first time we lead
         self.terms: list[Fence] = []
 
@@ -367,8 +376,7 @@ class Election:
         self._notify()
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
-        if self._watch is not None:
-            self._watch.cancel()
+        self._drop_watch()
         if not revoke:
             return Deferred.fromCoroutine(_nothing())
         d = self.client.revoke(revoke[0].lease)
@@ -385,8 +393,7 @@ class Election:
         self.candidate.state = State.STOPPED
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
-        if self._watch is not None:
-            self._watch.cancel()
+        self._drop_watch()
 
     # -- machinery -------------------------------------------------------------------------
 
@@ -426,7 +433,7 @@ class Election:
         if isinstance(out, GrantLease):
             d = self.client.grant(out.ttl)
             d.addCallbacks(
-                lambda lease: self._feed(Granted(lease.id, lease.ttl, now)),
+                lambda lease: self._granted(lease.id, lease.ttl, out.ttl, now),
                 lambda f: self._feed(Failed(self.reactor.seconds(), str(f.value))),
             )
         elif isinstance(out, Campaign):
@@ -469,13 +476,31 @@ class Election:
             if kvs[0].lease == lease:  # ours: an earlier attempt won, its reply was lost
                 self._feed(Won(kvs[0].create_revision, now))
                 return
-            self._feed(Lost(_holder(kvs[0].value), result.revision, now))
+            self._feed(Lost(_holder(kvs[0].value), result.revision, now, kvs[0].lease))
 
         d.addCallbacks(done, lambda f: self._feed(Failed(self.reactor.seconds(), str(f.value))))
 
+    def _granted(self, lease: int, ttl: int, asked: int, sent_at: float) -> None:
+        if ttl != asked and ttl != self._raised:  # once per value: every regrant says it
+            self._raised = ttl
+            self.log.warn(
+                "etcd granted a lease of {ttl} s, not the {asked} s of etcd_lease_ttl (its "
+                "minimum is 1.5 x its --election-timeout): a take-over takes that long",
+                ttl=ttl, asked=asked,
+            )  # fmt: skip
+        self._feed(Granted(lease, ttl, sent_at))
+
+    def _drop_watch(self) -> None:
+        """Cancel the leader watch, if any, as no longer ours first: a cancelled watch
+        ends at once (EtcdClient fails its ``done`` synchronously), and its ``ended``
+        must not take that for the current watch being lost (which would campaign
+        again, and so on for ever: a follower of a new leader stuck as a candidate)."""
+        watch, self._watch = self._watch, None
+        if watch is not None:
+            watch.cancel()
+
     def _watch_leader(self, from_revision: int) -> None:
-        if self._watch is not None:
-            self._watch.cancel()
+        self._drop_watch()
 
         def changed(message: wire.WatchMessage) -> None:
             if any(e.type is wire.EventType.DELETE for e in message.events):

@@ -64,8 +64,13 @@ class EtcdSettings:
             raise ValueError("etcd_endpoints: at least one endpoint")
         for e in self.endpoints:
             url = urlsplit(e)
-            if url.scheme not in ("http", "https") or not url.hostname or not url.port:
-                raise ValueError(f"etcd_endpoints: {e!r} is not http(s)://host:port")
+            try:
+                port = url.port
+            except ValueError:  # (not a number: "2379,http://b:2379", say)
+                port = None
+            if url.scheme not in ("http", "https") or not url.hostname or not port:
+                one = " (one endpoint each: repeat --etcd-endpoint)" if "," in e else ""
+                raise ValueError(f"etcd_endpoints: {e!r} is not http(s)://host:port{one}")
             if url.path not in ("", "/"):
                 raise ValueError(f"etcd_endpoints: {e!r} has a path")
         if not self.prefix.startswith("/") or self.prefix.endswith("/") or "\0" in self.prefix:

@@ -97,6 +97,24 @@ def test_loser_follows_then_campaigns_when_the_key_goes():
     assert c.handle(el.Won(25, 1.3)) == [el.Elected(el.Fence(9, 25, "b"))]
 
 
+def test_a_key_of_our_own_earlier_lease_is_revoked_not_followed():
+    """After etcd comes back, the leader key of this HaloD's earlier lease (which it
+    could not revoke while etcd was away) is still there: the candidate ends that lease
+    and campaigns again, instead of following itself until the lease's TTL runs out."""
+    c = el.Candidate("b", S)
+    c.handle(el.Start(0.0))
+    c.handle(el.Granted(9, 3, 0.0))
+    assert c.handle(el.Lost("b", 20, 0.1, lease=7)) == [el.Revoke(7)]
+    assert c.state is el.State.CAMPAIGNING and c.holder is None
+    assert el.Campaign(9) in c.handle(el.Tick(0.1 + S.retry))
+    assert c.handle(el.Won(25, 0.8)) == [el.Elected(el.Fence(9, 25, "b"))]
+    # Another's key, or one of our current lease (a lost reply), is not touched.
+    d = el.Candidate("b", S)
+    d.handle(el.Start(0.0))
+    d.handle(el.Granted(9, 3, 0.0))
+    assert d.handle(el.Lost("a", 20, 0.1, lease=7)) == [el.Following("a"), el.WatchLeader(21)]
+
+
 def test_a_win_with_a_lease_about_to_end_is_not_taken():
     c = el.Candidate("a", S)
     c.handle(el.Start(0.0))
@@ -199,6 +217,30 @@ def test_one_leader_of_two_and_take_over_within_the_ttl(etcd_cluster):  # noqa: 
         assert took < TTL + 1.0, took
     finally:
         yield shutdown([a, b])
+
+
+@pytest_twisted.inlineCallbacks
+def test_the_loser_of_a_later_election_follows_the_winner(etcd_cluster):  # noqa: F811
+    """Three candidates: when the leader goes, one follower wins and the other, which
+    saw the key go on its watch and then lost, follows the winner and stays a follower
+    (it used to cancel its own new watch and campaign again twice a second for ever)."""
+    a, b, c = candidates(etcd_cluster, ["a", "b", "c"])
+    try:
+        a.start()
+        yield a.elected
+        b.start()
+        c.start()
+        yield until(lambda: b.state is c.state is el.State.FOLLOWER, 5)
+        yield a.stop()
+        yield until(lambda: el.State.LEADER in (b.state, c.state), TTL)
+        winner, loser = (b, c) if b.state is el.State.LEADER else (c, b)
+        seen = set()
+        for _ in range(30):  # 1.5 s: three of the old loop's campaigns
+            yield sleep(0.05)
+            seen.add((loser.state, loser.candidate.holder))
+        assert seen == {(el.State.FOLLOWER, winner.candidate.name)}
+    finally:
+        yield shutdown([a, b, c])
 
 
 @pytest_twisted.inlineCallbacks

@@ -26,6 +26,8 @@ def test_control_max_message_below_what_nodes_send_is_refused() -> None:
         ({"db": ""}, "db must name the SQLite file"),
         ({"store": "etcd", "etcd_endpoints": ["http://127.0.0.1:2379"], "etcd_lease_ttl": 0},
          "etcd_lease_ttl"),
+        ({"store": "etcd", "etcd_endpoints": ["http://127.0.0.1:2379,http://127.0.0.1:2380"]},
+         "etcd_endpoints: .* repeat --etcd-endpoint"),  # (was a bare "Port could not be cast")
     ],
 )  # fmt: skip
 def test_meaningless_values_are_refused(overrides: dict, message: str) -> None:

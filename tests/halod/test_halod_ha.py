@@ -76,6 +76,7 @@ class HandStore:
 @dataclass
 class Candidate:
     name: str = "h1"
+    lease_ttl: int = 0  # the TTL etcd granted (0: none granted yet)
 
 
 @dataclass
@@ -149,6 +150,9 @@ def test_a_follower_sends_nodes_to_the_leader(tmp_path: Path) -> None:
     status = halod.status()
     assert status["role"] == "follower" and status["leader"]["name"] == "h2"
     assert status["etcd"]["endpoints"] == [{"url": "http://127.0.0.1:2379", "healthy": True}]
+    assert status["etcd"]["lease_ttl"] == ha.settings.lease_ttl  # none granted yet
+    ha.election.candidate.lease_ttl = 5  # etcd raised the TTL asked for to its minimum
+    assert halod.status()["etcd"]["lease_ttl"] == 5
     assert "\nhalod_leader 0\n" in halod.metrics()
     page = status_html(status)
     assert "is <b>follower</b> · leader <b>h2</b>" in page and "2379 up" in page
