@@ -59,6 +59,9 @@ class Node:
     sp: str  # tcp://host:port
     browser: str  # http(s)://host:port as pages reach it
 
+    def __post_init__(self) -> None:
+        parse_sp_address(self.sp)  # a bad one is refused here, not at the first send
+
 
 class Cluster:
     follows_moves = False  # a node's address is fixed: a `moved` answer is final
@@ -149,6 +152,9 @@ class HaloDCluster(Cluster):
         self.hash_version = (
             DEFAULT_HASH_VERSION if hash_version == "auto" else check_hash_version(hash_version)
         )
+        # every route's SP port is a port (the browser base only makes browser URLs)
+        if not (type(sp_port_base) is int and 1 <= sp_port_base <= 65536 - routes):
+            raise ValueError(f"sp_port_base + {routes} routes must stay within 1..65535")
         parse_host_port(f"{host}:{sp_port_base}")
 
     def node(self, route: int) -> Node:

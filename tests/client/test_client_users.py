@@ -73,6 +73,18 @@ def test_a_bad_hash_version_is_refused(version):
         HaloDCluster("127.0.0.1", 9000, 8000, hash_version=version)
 
 
+@pytest.mark.parametrize("make", [
+    lambda: Node("127.0.0.1:9000", "http://x"),  # no tcp://
+    lambda: Node("http://127.0.0.1:9000", "http://x"),
+    lambda: HaloDCluster("127.0.0.1", 65530, 8000),  # route 24's port past 65535
+    lambda: HaloDCluster("127.0.0.1", 0, 8000),
+])  # fmt: skip
+def test_a_bad_address_is_refused_when_the_cluster_is_built(make):
+    """Not at the first send, where it would read as an unreachable node."""
+    with pytest.raises(ValueError):
+        make()
+
+
 def test_recipients_in_json_form_are_checked_like_the_node_does():
     assert recipient(["alice", "*", "*"]) == Selector("alice", None)
     assert recipient(["alice", "s1", "*"]) == Selector("alice", "s1")
