@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import os
 import re
 import sys
 import textwrap
@@ -85,7 +86,25 @@ def run_commands(
     - no arguments, or a flag first: the ``default`` command with all of ``argv``
       (so ``PROG --flag`` keeps working as ``PROG DEFAULT --flag``);
     - any other first word is an unknown command: a message on stderr, with the
-      closest command when one is close, and exit 2 — never the default's help."""
+      closest command when one is close, and exit 2 — never the default's help.
+
+    A reader that goes away (``halod status | head -1``) ends the command quietly, exit
+    1, without a BrokenPipeError traceback."""
+    try:
+        code = _dispatch(prog, description, commands, default, argv, version)
+        sys.stdout.flush()  # (a reader gone shows here, not as a message at exit)
+        return code
+    except BrokenPipeError:
+        # What is still buffered can go nowhere: point stdout at /dev/null so that the
+        # interpreter's last flush does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+def _dispatch(
+    prog: str, description: str, commands: Sequence[Command], default: str,
+    argv: list[str], version: str | None,
+) -> int:  # fmt: skip
     by_name = {c.name: c for c in commands}
     first = argv[0] if argv else None
     if first in ("--help", "-h", "help") and not (first == "help" and argv[1:]):

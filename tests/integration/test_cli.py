@@ -188,3 +188,18 @@ def test_trace_asks_a_standalone_node_with_its_key(tmp_path: Path):
             assert "no node has a record of any event for this user" in nobody.stdout
     finally:
         node.stop()
+
+
+@pytest.mark.parametrize("code", [
+    "from halod.cli import main; sys.exit(main(['plan', '--routes', '4096', '--nodes', '4096']))",
+    # a long output of orbited's own: its help, many times
+    "from orbited.cli import main; sys.exit(max(main(['--help']) for _ in range(2000)))",
+])  # fmt: skip
+def test_a_reader_that_goes_away_ends_a_command_without_a_traceback(code):
+    """``halod plan … | head -1``: the pipe closes under a long output."""
+    proc = subprocess.Popen([sys.executable, "-c", "import sys; " + code],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    assert proc.stdout is not None and proc.stdout.readline()
+    proc.stdout.close()  # the reader goes away
+    _, err = proc.communicate(timeout=60)
+    assert b"Traceback" not in err and b"BrokenPipeError" not in err, err[-2000:]
