@@ -23,15 +23,19 @@ from typing import Any
 
 from twisted.internet import defer, task
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, FileBodyProducer, readBody
+from twisted.web.client import Agent, FileBodyProducer
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 
 from orbited.core.settings import check_fields
 
 SIGNATURE_HEADER = b"x-orbited-signature"
+# Bytes of a receiver's answer body read (and dropped) at most: past it the connection is
+# closed, the answer's status still counting. A receiver has nothing to say in a body.
+MAX_ANSWER = 64 * 1024
 
 # POST one body; fires True when the receiver took it (a 2xx answer), False otherwise.
 Poster = Callable[[bytes], "defer.Deferred[bool]"]
@@ -75,9 +79,32 @@ class Notice:
         return f"Notice({self.fields!r}, cancelled={self.cancelled})"
 
 
-def _read_ok(response: IResponse) -> defer.Deferred[bool]:
-    """Read the whole answer (so the connection can be reused), then: was it a 2xx?"""
-    return readBody(response).addCallback(lambda _: 200 <= response.code < 300)
+class _Answer(Protocol):
+    """A receiver's answer body: read and dropped, at most MAX_ANSWER bytes (then, or when
+    ``stop`` is called, the connection is closed: nothing more is read). ``done`` fires
+    (None) once the body ended or was cut."""
+
+    def __init__(self) -> None:
+        self.done: defer.Deferred[None] = defer.Deferred()
+        self.size = 0
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        self.size += len(data)
+        if self.size > MAX_ANSWER:
+            self.stop()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:  # noqa: N802
+        if not self.done.called:
+            self.done.callback(None)
+
+    def stop(self) -> None:
+        """Close the connection (the transport a response hands its body protocol stops
+        the HTTP connection's transport: no more bytes are read)."""
+        transport: Any = self.transport  # (a TransportProxyProducer: an IPushProducer)
+        if transport is not None:
+            transport.stopProducing()
+        if not self.done.called:
+            self.done.callback(None)
 
 
 class WebhookQueue:
@@ -194,21 +221,51 @@ class WebhookQueue:
 
     def _post(self, body: bytes) -> defer.Deferred[bool]:
         """POST one batch; fires True on a 2xx answer, False on anything else (never an
-        error). The time-out covers the whole exchange, body included, so a stalled
-        receiver cannot wedge the queue."""
+        error). The time-out covers the whole exchange, body included, and ends it: the
+        request is cancelled, or the answer's connection closed, so a stalled or endless
+        answer neither wedges the queue nor holds a socket or memory past it."""
         if self._poster is not None:
             posted = self._poster(body)
-        else:
-            headers = Headers({b"content-type": [b"application/json"],
-                               SIGNATURE_HEADER: [sign(self.secret, body).encode()]})  # fmt: skip
-            # maybeDeferred: the agent may raise at once (e.g. https:// without TLS
-            # support), which must count as a failed attempt, not end the send loop.
-            request = defer.maybeDeferred(self._agent.request, b"POST", self.config.url.encode(),
-                                          headers, FileBodyProducer(BytesIO(body)))  # fmt: skip
-            posted = request.addCallback(_read_ok)
-        posted.addTimeout(self.config.timeout, self.reactor)
-        posted.addErrback(self._failed)
-        return posted
+            posted.addTimeout(self.config.timeout, self.reactor)
+            posted.addErrback(self._failed)
+            return posted
+        result: defer.Deferred[bool] = defer.Deferred()
+        answer: list[_Answer] = []  # the body reader, once the answer's head came
+
+        def finish(ok: bool) -> None:
+            if not result.called:
+                if timer.active():
+                    timer.cancel()
+                result.callback(ok)
+
+        def timed_out() -> None:
+            finish(False)
+            if answer:
+                answer[0].stop()
+            else:
+                request.cancel()  # no head yet: Agent aborts the connection
+
+        def got(response: IResponse) -> None:
+            reader = _Answer()
+            answer.append(reader)
+            response.deliverBody(reader)
+            if result.called:  # (the head came as the attempt timed out)
+                reader.stop()
+            reader.done.addCallback(lambda _: finish(200 <= response.code < 300))
+
+        def failed(failure: Failure) -> None:
+            self._failed(failure)
+            finish(False)
+
+        timer = self.reactor.callLater(self.config.timeout, timed_out)
+        headers = Headers({b"content-type": [b"application/json"],
+                           SIGNATURE_HEADER: [sign(self.secret, body).encode()]})  # fmt: skip
+        # maybeDeferred: the agent may raise at once (e.g. https:// without TLS support),
+        # which must count as a failed attempt, not end the send loop.
+        request = defer.maybeDeferred(self._agent.request, b"POST", self.config.url.encode(),
+                                      headers, FileBodyProducer(BytesIO(body)))  # fmt: skip
+        request.addCallbacks(got, failed)
+        return result
 
     def _failed(self, failure: Failure) -> bool:
         self.log.debug("{name} POST failed: {f}", name=self.name, f=failure)
