@@ -181,7 +181,16 @@ class NodeService(service.MultiService):
             "mailbox_bytes": self.hub.mailbox_bytes,
             "full": self.hub.stats["full"],
             **self._offline_counters(),
+            **self._presence_counters(),
         }
+
+    def _presence_counters(self) -> dict[str, int]:
+        """The presence webhook's queue and losses (none when it is off)."""
+        if self.presence is None:
+            return {}
+        queue = self.presence
+        return {"presence_queue": queue.waiting, "presence_sent": queue.sent,
+                "presence_dropped": queue.dropped}  # fmt: skip
 
     def _offline_counters(self) -> dict[str, int]:
         """The offline hook's gauges and losses (none when it is off)."""

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import itertools
 import json
 from collections import deque
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from io import BytesIO
 from typing import Any
@@ -36,6 +37,9 @@ SIGNATURE_HEADER = b"x-orbited-signature"
 # Bytes of a receiver's answer body read (and dropped) at most: past it the connection is
 # closed, the answer's status still counting. A receiver has nothing to say in a body.
 MAX_ANSWER = 64 * 1024
+# ``serial``s for every webhook of this process (presence and offline notices to one
+# receiver never share one): docs/protocol.md, "Presence webhooks".
+SERIALS = itertools.count(1)
 
 # POST one body; fires True when the receiver took it (a 2xx answer), False otherwise.
 Poster = Callable[[bytes], "defer.Deferred[bool]"]
@@ -122,6 +126,7 @@ class WebhookQueue:
         reactor: IReactorTime,
         name: str = "webhook",
         post: Poster | None = None,
+        serials: Iterator[int] | None = None,
     ) -> None:
         self.config = config
         self.secret = secret
@@ -132,7 +137,7 @@ class WebhookQueue:
         self.sent = 0  # notices a receiver took
         self.dropped = 0  # notices lost: queue overflow, or a batch out of retries
         self._cancelled = 0  # cancelled notices still in ``queue`` (skipped when sent)
-        self._serial = 0
+        self._serials = serials if serials is not None else SERIALS
         self._sending = False
         self._poster = post
         self._agent = Agent(reactor, connectTimeout=config.timeout)
@@ -144,8 +149,7 @@ class WebhookQueue:
 
     def push(self, fields: dict[str, object]) -> Notice:
         """Queue a notice (``serial`` and ``time`` are added); returns at once."""
-        self._serial += 1
-        fields["serial"] = self._serial
+        fields["serial"] = next(self._serials)
         fields["time"] = self.reactor.seconds()
         notice = Notice(fields)
         queue = self.queue

@@ -7,6 +7,7 @@ import hmac
 import json
 import threading
 import time
+import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -76,6 +77,11 @@ def test_signon_and_signoff_once_per_key_without_flapping(tmp_path):
         assert receiver.bad_signatures == 0
         serials = [e["serial"] for b in receiver.batches for e in b["events"]]
         assert serials == sorted(serials) and receiver.batches[0]["node"] == "orbited"
+        with urllib.request.urlopen(f"http://{node.http}/orbited/health", timeout=5) as r:
+            limits = json.loads(r.read())["limits"]
+        assert (limits["presence_sent"], limits["presence_dropped"], limits["presence_queue"]) == (
+            2, 0, 0,
+        )  # fmt: skip
     finally:
         node.stop()
         receiver.close()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import itertools
 import json
 
 import pytest
@@ -49,7 +50,26 @@ def make(receiver: Receiver, **config: object) -> tuple[WebhookQueue, Clock]:
     clock = Clock()
     receiver.clock = clock
     cfg = WebhookConfig("http://127.0.0.1:9/hook", **config)  # type: ignore[arg-type]
-    return WebhookQueue(cfg, SECRET, "node-1", clock, name="test", post=receiver), clock
+    queue = WebhookQueue(cfg, SECRET, "node-1", clock, name="test", post=receiver,
+                         serials=itertools.count(1))  # (this test's own, from 1)  # fmt: skip
+    return queue, clock
+
+
+def test_the_webhooks_of_one_process_never_share_a_serial():
+    """docs/protocol.md: serial increases per node process. Presence and offline notices
+    may go to one receiver, which drops a (node, serial) it has seen."""
+    presence, offline = Receiver(), Receiver()
+    clock = Clock()
+    presence.clock = offline.clock = clock
+    cfg = WebhookConfig("http://127.0.0.1:9/hook")
+    queues = [WebhookQueue(cfg, SECRET, "node-1", clock, name=n, post=r)
+              for n, r in (("presence", presence), ("offline", offline))]  # fmt: skip
+    for i in range(6):
+        queues[i % 2].push({"type": "t"})
+        clock.advance(0)
+    got = [s for r in (presence, offline) for b in r.serials() for s in b]
+    assert len(set(got)) == 6
+    assert sorted(presence.serials()) == presence.serials()  # each in order
 
 
 def test_notices_leave_in_order_in_batches():

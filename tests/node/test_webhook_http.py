@@ -5,6 +5,7 @@ closed, nothing more is read or kept), and a body past MAX_ANSWER is not read on
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import pytest_twisted
@@ -64,7 +65,7 @@ def post_one(port: Any, timeout: float) -> Any:
     that attempt is over (taken or dropped), within 5 s."""
     url = f"http://127.0.0.1:{port.getHost().port}/hook"
     queue = WebhookQueue(WebhookConfig(url, timeout=timeout, retries=1), b"k" * 32, "n1",
-                         reactor)  # fmt: skip
+                         reactor, serials=itertools.count(1))  # fmt: skip
     queue.push({"type": "signon"})
     started = reactor.seconds()
     while queue.sent == queue.dropped == 0 and reactor.seconds() - started < 5:
