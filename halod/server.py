@@ -1282,17 +1282,15 @@ class HaloDService(service.MultiService):
             self.halod._plane_started = True
             self.dataplane.start(owners_of(self.halod.membership))
         super().startService()
-        self.halod.solo_name = (
-            self.config.control_advertise or self.control_address
-        ).removeprefix("tcp://")  # fmt: skip
+        control = self.config.control_advertise or self.control_address  # (bound now)
+        self.halod.solo_name = control.removeprefix("tcp://")
         if self.halod.vip is not None:  # keepalived runs from the start, as a follower
             self.halod._vip_call(self.halod.vip.follow, "start keepalived")
         if ha is not None:  # the control port is bound: the leader key can name it
-            control = self.config.control_advertise or self.control_address
             info = {"control": control}
             if self.status_address:
                 info["status"] = self.status_address
-            ha.start(self.config.etcd_name or control.removeprefix("tcp://"), info)
+            ha.start(self.config.etcd_name or self.halod.solo_name, info)
 
     def stopService(self):  # noqa: ANN201, N802
         result = defer.maybeDeferred(super().stopService)

@@ -359,11 +359,12 @@ class BlockingClient:
         if event_id is None:  # ("" is sent as it is: the node refuses it, bad_request)
             event_id = uuid.uuid4().hex
         if self.tracing is None:
-            return self._send(Event(event_id, data, ack, latest, offline), _recipients(to))
+            return self._send(Event(event_id, data, ack, latest, offline),
+                              [recipient(t) for t in to])  # fmt: skip
         to = list(to)
         span = self.tracing.start(event_id, len(to))
         try:
-            targets = _recipients(to)  # (a bad one raises: recorded on the span)
+            targets = [recipient(t) for t in to]  # (a bad one raises: recorded on the span)
             results = self._send(Event(event_id, data, ack, latest, offline, span), targets)
         except BaseException as e:
             span.fail(e)
@@ -477,12 +478,6 @@ class BlockingClient:
                 moved |= request.answer(answer, self.cluster)
         if moved:
             raise _Moved
-
-
-def _recipients(to: Iterable[RecipientLike]) -> list[Recipient]:
-    """Every recipient of a send, parsed (a bad one raises ValueError before anything is
-    sent)."""
-    return [recipient(t) for t in to]
 
 
 class _Moved(Exception):

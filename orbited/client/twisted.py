@@ -28,8 +28,8 @@ from twisted.internet.interfaces import IDelayedCall, ITCPTransport
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
 
-from orbited.client.blocking import MAX_REGROUPS, Event, Request, _recipients
-from orbited.client.cluster import Cluster, Recipient, RecipientLike
+from orbited.client.blocking import MAX_REGROUPS, Event, Request
+from orbited.client.cluster import Cluster, Recipient, RecipientLike, recipient
 from orbited.client.otel import ClientTracing, tracing
 from orbited.client.retry import RetryPolicy
 from orbited.sp import wire
@@ -285,7 +285,7 @@ class TwistedClient:
         event = Event(event_id, data, ack, latest, offline, span)
         results: dict[Recipient, dict] = {}
         try:
-            targets = _recipients(to)  # (a bad one raises: recorded on the span)
+            targets = [recipient(t) for t in to]  # (a bad one raises: recorded on the span)
             todo = list(dict.fromkeys(targets))
             for _ in range(1 + MAX_REGROUPS):
                 planned, refused = event.requests(self.cluster, todo, self.reactor.seconds())

@@ -61,6 +61,13 @@ def event(
     return head + b',"data":%s}' % payload
 
 
+def whole_seconds(seconds: float) -> float:
+    """``seconds`` as an int when it is a whole number (``25.0`` is written ``25``)."""
+    if type(seconds) is float and seconds.is_integer() and abs(seconds) < 2**53:
+        return int(seconds)
+    return seconds
+
+
 def hello(
     stream: str, keepalive: float, reset: bool, seq: int = 0, spread: float = 0.0,
     hash: int | None = None,
@@ -76,8 +83,7 @@ def hello(
     anything else (tests/node/test_frames.py compares the two over many values).
     A whole number of seconds is written as an integer (``"keepalive":25``, as
     docs/protocol.md shows it), whichever type the config gave it."""
-    if type(keepalive) is float and keepalive.is_integer() and abs(keepalive) < 2**53:
-        keepalive = int(keepalive)
+    keepalive = whole_seconds(keepalive)
     if (
         (type(keepalive) is float or type(keepalive) is int)  # (a config's 30 is an int)
         and (type(spread) is float or type(spread) is int) and type(seq) is int

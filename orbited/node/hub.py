@@ -520,9 +520,7 @@ class Hub(RouteOwnership):
         compares them)."""
         config, version = self.config, self.hash_version
         if self._hello_for is not config or self._hello_hash != version:
-            keepalive = config.keepalive
-            if type(keepalive) is float and keepalive.is_integer() and abs(keepalive) < 2**53:
-                keepalive = int(keepalive)  # written as frames.hello writes it
+            keepalive = frames.whole_seconds(config.keepalive)  # as frames.hello writes it
             if not (type(keepalive) is float or type(keepalive) is int) or not (
                 -_FLOAT_MAX <= keepalive <= _FLOAT_MAX
             ):  # a keepalive json would not write as repr does: frames.hello decides

@@ -58,6 +58,12 @@ def trace_key(path: str) -> bytes | None:
     return key_file("trace_key_file", path) if path else None
 
 
+def _webhook_counters(name: str, queue: WebhookQueue) -> dict[str, int]:
+    """A webhook's notices waiting, sent and lost (/orbited/health's ``limits``)."""
+    return {f"{name}_queue": queue.waiting, f"{name}_sent": queue.sent,
+            f"{name}_dropped": queue.dropped}  # fmt: skip
+
+
 class NodeService(service.MultiService):
     log = Logger()
 
@@ -186,22 +192,14 @@ class NodeService(service.MultiService):
 
     def _presence_counters(self) -> dict[str, int]:
         """The presence webhook's queue and losses (none when it is off)."""
-        if self.presence is None:
-            return {}
-        queue = self.presence
-        return {"presence_queue": queue.waiting, "presence_sent": queue.sent,
-                "presence_dropped": queue.dropped}  # fmt: skip
+        return {} if self.presence is None else _webhook_counters("presence", self.presence)
 
     def _offline_counters(self) -> dict[str, int]:
         """The offline hook's gauges and losses (none when it is off)."""
         if self.offline is None or self.offline_queue is None:
             return {}
-        return {
-            "offline_watches": len(self.offline),
-            "offline_queue": self.offline_queue.waiting,
-            "offline_sent": self.offline_queue.sent,
-            "offline_dropped": self.offline_queue.dropped,
-        }
+        return {"offline_watches": len(self.offline),
+                **_webhook_counters("offline", self.offline_queue)}  # fmt: skip
 
     def _advertised(self) -> tuple[str, str]:
         """The addresses HaloD forwards browsers and web apps to."""

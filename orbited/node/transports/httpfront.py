@@ -549,14 +549,8 @@ class BrowserFront(Factory):
     def ws_deadline(self, p: FrontProtocol, when: float) -> None:
         """File open WebSocket ``p`` under its one deadline, ``when`` (its last, if any,
         is replaced)."""
+        self.ws_forget(p)
         wheel = self.ws_due
-        old = p.due_at
-        if old >= 0:
-            bucket = wheel.get(old)
-            if bucket is not None:
-                bucket.discard(p)
-                if not bucket:
-                    del wheel[old]
         second = max(int(when), self.ws_swept + 1)
         bucket = wheel.get(second)
         if bucket is None:
@@ -566,7 +560,7 @@ class BrowserFront(Factory):
         p.due_at = second
 
     def ws_forget(self, p: FrontProtocol) -> None:
-        """``p`` has no deadline any more (its connection is gone)."""
+        """``p`` has no deadline any more (its connection is gone, or a new one comes)."""
         old = p.due_at
         if old >= 0:
             p.due_at = -1
