@@ -328,15 +328,35 @@ def test_leader_cut_off_from_etcd_stops_before_the_other_leads(
         }
     finally:
         os.kill(member.pid, signal.SIGCONT)
+
     # The resumed member first catches up with the cluster and h1's client retries its
     # requests (etcd_timeout) before h1's election and watch resume: seconds on a loaded
-    # box (a CI run once needed more than 10 s).
-    wait_for(lambda: h1.role() == "follower", "h1 follows h2 once etcd is back", timeout=30)
-    assert h1.status()["leader"]["name"] == "h2"
-    # etcd's history: every write made under the leader key of its time, h1's all before h2's
+    # box (a CI run once needed more than 10 s). Then one HaloD leads and the other
+    # follows. Mostly h2 goes on leading. But when the frozen member was etcd's own raft
+    # leader, etcd before 3.4.31 / 3.5.13 (Debian 12 ships 3.4.23) lets it, on waking,
+    # revoke the leases the new raft leader kept renewing (etcd-io/etcd#15247): h2's
+    # lease ends, h2 steps down, and h1 may win the next election. Either is a clean
+    # change of leader; which one it was is checked from h2's log.
+    def settled() -> bool:
+        return sorted(str(h.role()) for h in halods) == ["follower", "leader"]
+
+    wait_for(settled, "one HaloD leads and the other follows once etcd is back", timeout=30)
+    leader, follower = (h2, h1) if h2.leads() else (h1, h2)
+    if leader is h1:
+        log = (tmp_path / "h2" / "halod.log").read_text()
+        assert "h2 steps down: the lease expired in etcd" in log, "h2 stopped leading: why?"
+    print(f"once etcd is back: {leader.name} leads, {follower.name} follows")
+    assert follower.status()["leader"]["name"] == leader.name
+    wait_for(lambda: set(connected(leader)) == set(ids), f"nodes registered at {leader.name}",
+             timeout=10)  # fmt: skip
+    assert connected(leader)["a"] == ids["a"]
+    assert leader.owners() == {r: ("s" if r in gone else o) for r, o in before.items()}
+    # etcd's history: every write made under the leader key of its time (writers), the
+    # cut-off h1's all before h2's; h1 writes again only if it leads again
     found = writers(etcd_cluster)
-    names = [w for _, w in found]
-    assert names == sorted(names, key=lambda w: w != "h1") and names[-1] == "h2", found
+    terms = [w for i, (_, w) in enumerate(found) if i == 0 or found[i - 1][1] != w]
+    allowed = [["h1", "h2"]] + ([["h1", "h2", "h1"]] if leader is h1 else [])
+    assert terms in allowed, found
     assert [v for v, _ in found] == list(range(1, len(found) + 1))
 
 
