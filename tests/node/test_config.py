@@ -415,3 +415,31 @@ def test_an_https_webhook_needs_twisteds_tls_support(monkeypatch, key):
     assert getattr(NodeConfig.load(None, {key: "http://127.0.0.1:9/hook"}), key)
     monkeypatch.setattr(twisted.web.client, "SSL", object())  # as with it
     assert getattr(NodeConfig.load(None, {key: "https://127.0.0.1:9/hook"}), key)
+
+
+def _toml_examples():
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    for doc in sorted((root / "docs").glob("*.md")) + [root / "README.md"]:
+        for n, block in enumerate(re.findall(r"```toml\n(.*?)```", doc.read_text(), re.S)):
+            yield pytest.param(block, id=f"{doc.name}#{n}")
+
+
+@pytest.mark.parametrize("block", list(_toml_examples()))
+def test_every_toml_example_in_the_docs_loads(block, tmp_path):
+    """An operator copies these: each table of each example loads as it stands (paths it
+    names need not exist; every value is checked)."""
+    import tomllib
+
+    from halod.config import HaloDConfig
+
+    tables = tomllib.loads(block)
+    assert tables.keys() & {"node", "halod"}, "an example with neither [node] nor [halod]"
+    path = tmp_path / "example.toml"
+    path.write_text(block)
+    if "node" in tables:
+        NodeConfig.load(path, {})
+    if "halod" in tables:
+        HaloDConfig.load(path, {})
