@@ -114,7 +114,11 @@ class EtcdCluster:
             "--logger", "zap", "--log-outputs", "stderr",
         ]  # fmt: skip
         log = m.log_file.open("ab")
+        # A session of its own: a Ctrl-C at the terminal (SIGINT to the foreground process
+        # group) must not reach the members; whoever started them stops them, last
+        # (orbited cluster --ha: after the HaloDs, which revoke their leases first).
         m.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                  start_new_session=True,
                                   preexec_fn=_die_with_parent)  # fmt: skip
         log.close()
 

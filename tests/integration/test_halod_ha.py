@@ -51,6 +51,16 @@ def etcd_cluster(tmp_path: Path) -> Iterator[EtcdCluster]:
         cluster.stop()
 
 
+def test_etcd_members_are_out_of_the_starters_process_group(etcd_cluster: EtcdCluster) -> None:
+    """A Ctrl-C at the terminal of ``orbited cluster --ha`` (SIGINT to its foreground
+    process group) reaches the launcher, which stops the HaloDs and then etcd; the members
+    must not get it directly and die before the HaloDs revoke their leases."""
+    ours = os.getpgid(0)
+    for m in etcd_cluster.members:
+        assert m.proc is not None
+        assert os.getpgid(m.proc.pid) != ours, m.name
+
+
 class EtcdHaloD(HaloDProcess):
     """A ``halod run --store etcd`` process (no data plane unless asked)."""
 
