@@ -207,6 +207,13 @@ class Candidate:
     retry_at: float | None = None
     fence: Fence | None = None
     holder: str | None = None
+    # A follower whose watch ended (its etcd member died, the stream broke) asks again who
+    # leads, by campaigning, while it stays a follower of the leader it knew: /status
+    # shows no "candidate" for a leader that is most likely still there.
+    recheck: bool = False
+
+    def _campaigning(self) -> bool:
+        return self.state is State.CAMPAIGNING or (self.state is State.FOLLOWER and self.recheck)
 
     def handle(self, event: Input) -> list[Output]:
         if self.state is State.STOPPED:
@@ -222,19 +229,20 @@ class Candidate:
                 return []
             return self._regrant()
         if isinstance(event, Granted):
-            if self.state is not State.CAMPAIGNING or self.lease:
+            if not self._campaigning() or self.lease:
                 return [Revoke(event.lease)]  # a late grant we no longer need
             self.lease, self.lease_ttl = event.lease, event.ttl
             self.expires_at = event.sent_at + event.ttl
             self.keepalive_at = event.sent_at + event.ttl / self.settings.renewals
             return [Campaign(self.lease)]
         if isinstance(event, Failed):
-            if self.state is State.CAMPAIGNING:
+            if self._campaigning():
                 self.retry_at = event.now + self.settings.retry
             return []
         if isinstance(event, Won):
-            if self.state is not State.CAMPAIGNING or not self.lease:
+            if not self._campaigning() or not self.lease:
                 return []
+            self.recheck = False
             if event.now >= self.expires_at - self.settings.margin:
                 # Won with a lease about to end: acting now could overlap a successor.
                 return self._lease_lost("won too late in the lease")
@@ -242,7 +250,7 @@ class Candidate:
             self.fence = Fence(self.lease, event.revision, self.name)
             return [Elected(self.fence)]
         if isinstance(event, Lost):
-            if self.state is not State.CAMPAIGNING:
+            if not self._campaigning():
                 return []
             if event.holder == self.name and event.lease and event.lease != self.lease:
                 # Our own key of an earlier lease, which nothing renews any more (etcd
@@ -251,19 +259,20 @@ class Candidate:
                 # until its TTL runs out. (Candidate names are unique per cluster.)
                 self.retry_at = event.now + self.settings.retry
                 return [Revoke(event.lease)]
-            self.state, self.holder = State.FOLLOWER, event.holder
+            self.state, self.holder, self.recheck = State.FOLLOWER, event.holder, False
             return [Following(event.holder), WatchLeader(event.revision + 1)]
         if isinstance(event, LeaderGone):
             if self.state is not State.FOLLOWER:
                 return []
-            self.state, self.holder = State.CAMPAIGNING, None
+            self.state, self.holder, self.recheck = State.CAMPAIGNING, None, False
             return [Campaign(self.lease)] if self.lease else self._regrant()
         if isinstance(event, WatchLost):
             if self.state is not State.FOLLOWER:
                 return []
-            # Whether the leader is still there is unknown: campaign again shortly; the
-            # txn either wins or tells who leads (and a new watch starts).
-            self.state, self.holder = State.CAMPAIGNING, None
+            # Whether the leader is still there is unknown: campaign again shortly, still
+            # following it meanwhile (``recheck``); the txn either wins or tells who
+            # leads (and a new watch starts).
+            self.recheck = True
             self.retry_at = event.now + self.settings.retry
             return []
         if isinstance(event, Deposed):
@@ -308,7 +317,7 @@ class Candidate:
 
     def _regrant(self) -> list[Output]:
         self.state, self.lease, self.fence, self.holder = State.CAMPAIGNING, 0, None, None
-        self.retry_at = None
+        self.retry_at, self.recheck = None, False
         return [GrantLease(self.settings.ttl)]
 
     def wake_at(self) -> float | None:

@@ -123,15 +123,33 @@ def test_a_win_with_a_lease_about_to_end_is_not_taken():
     assert c.state is el.State.CAMPAIGNING and c.fence is None
 
 
-def test_a_follower_that_loses_its_watch_campaigns_again():
+def test_a_follower_that_loses_its_watch_asks_again_as_a_follower():
+    """Its watch ended with its etcd member: it campaigns again shortly to learn who leads,
+    and stays the follower of the leader it knew meanwhile (no "candidate" in /status for
+    a leader that is most likely still there; docs/halod.md, one etcd member of 3 dies)."""
     c = el.Candidate("b", S)
     c.handle(el.Start(0.0))
     c.handle(el.Granted(9, 3, 0.0))
     c.handle(el.Lost("a", 20, 0.1))
     assert c.handle(el.WatchLost(0.5)) == []
-    assert c.state is el.State.CAMPAIGNING and c.wake_at() == 0.75
+    assert c.state is el.State.FOLLOWER and c.holder == "a" and c.wake_at() == 0.75
+    assert c.handle(el.Failed(0.7, "refused")) == []  # its next try, later
+    assert c.state is el.State.FOLLOWER and c.wake_at() == 0.95
+    assert c.handle(el.Tick(0.95)) == [el.Campaign(9)]
+    assert c.handle(el.Lost("a", 30, 1.0)) == [el.Following("a"), el.WatchLeader(31)]
+    assert c.state is el.State.FOLLOWER and not c.recheck
+    assert el.Campaign(9) not in c.handle(el.Tick(1.0 + S.retry))  # it watches again
+
+
+def test_a_follower_asking_again_leads_if_the_leader_is_gone():
+    c = el.Candidate("b", S)
+    c.handle(el.Start(0.0))
+    c.handle(el.Granted(9, 3, 0.0))
+    c.handle(el.Lost("a", 20, 0.1))
+    c.handle(el.WatchLost(0.5))
     assert c.handle(el.Tick(0.75)) == [el.Campaign(9)]
-    assert c.handle(el.Lost("a", 30, 0.8)) == [el.Following("a"), el.WatchLeader(31)]
+    assert c.handle(el.Won(33, 0.8)) == [el.Elected(el.Fence(9, 33, "b"))]
+    assert c.state is el.State.LEADER and not c.recheck
 
 
 def test_failures_retry_later():
