@@ -84,7 +84,7 @@ class VipSettings:
     address: str  # the virtual address with its prefix, e.g. "10.77.0.100/24"
     interface: str  # the interface it goes on, e.g. "eth0"
     router_id: int  # VRRP virtual router id, 1-255: the same on every HaloD host
-    priority: int  # this host's base priority, 1-254: host order while nobody leads
+    priority: int  # this host's base priority, 1-154: host order while nobody leads
     lead_boost: int = 100  # added to the priority while this host's HaloD leads
     advert_int: float = 0.2  # seconds between VRRP advertisements (0.01-40)
     state_dir: str = "vip"  # keepalived's config, track, pid and log files
@@ -116,15 +116,13 @@ class VipSettings:
                               f"_ . -), not {self.interface!r}")  # fmt: skip
         if not _int_in(self.router_id, 1, 255):
             raise ConfigError(f"vip_router_id must be an integer 1-255, not {self.router_id!r}")
-        if not _int_in(self.priority, 1, MAX_PRIORITY):
-            raise ConfigError(f"vip_priority must be an integer 1-254, not {self.priority!r}")
-        if not _int_in(self.lead_boost, 1, MAX_PRIORITY - 1):
-            raise ConfigError(f"vip_lead_boost must be an integer 1-253, not "
-                              f"{self.lead_boost!r}")  # fmt: skip
-        if self.priority + self.lead_boost > MAX_PRIORITY:
+        if not _int_in(self.lead_boost, 1, MAX_PRIORITY - 1):  # (not a config key)
+            raise ConfigError(f"the lead boost must be an integer 1-253, not {self.lead_boost!r}")
+        top = MAX_PRIORITY - self.lead_boost  # the leader's host runs at priority + boost
+        if not _int_in(self.priority, 1, top):
             raise ConfigError(
-                f"vip_priority + vip_lead_boost must be <= 254 (the leader's priority), not "
-                f"{self.priority} + {self.lead_boost}"
+                f"vip_priority must be an integer 1-{top} (the leading HaloD's host runs at "
+                f"it + {self.lead_boost}, at most {MAX_PRIORITY}), not {self.priority!r}"
             )
         if not (isinstance(self.advert_int, (int, float)) and 0.01 <= self.advert_int <= 40):
             raise ConfigError(f"vip_advert_int must be 0.01-40 seconds, not {self.advert_int!r}")
