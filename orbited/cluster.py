@@ -40,7 +40,7 @@ from halod.config import HaloDConfig
 from orbited.core.routes import DEFAULT_ROUTES
 from orbited.core.tokens import load_secret
 from orbited.node.config import NodeConfig
-from orbited.whereis import DEFAULT_STATE_DIR
+from orbited.whereis import DEFAULT_STATE_DIR, leading_status
 
 DEMOS = Path(__file__).resolve().parent.parent / "demos"
 ROUTES = DEFAULT_ROUTES  # the cluster HaloD runs uses the default route count
@@ -415,13 +415,9 @@ class LocalCluster:
 
     def leader_status(self) -> str:
         """The status URL of the HaloD that leads now (the only one without --ha)."""
-        for url in self.halod_statuses[1:]:
-            try:
-                if http_json(f"{url}/status", timeout=0.5).get("role") == "leader":
-                    return url
-            except (OSError, ValueError):
-                pass
-        return self.halod_status
+        if len(self.halod_statuses) < 2:
+            return self.halod_status
+        return leading_status(self.halod_statuses, None) or self.halod_status
 
     def _child(self, name: str, cmd: list[str], env: dict[str, str] | None = None) -> Child:
         child = Child(name, cmd, self.state, env)

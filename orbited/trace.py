@@ -35,7 +35,7 @@ from orbited.core.keys import ConnectionKey, KeyError_
 from orbited.core.routes import format_ranges
 from orbited.core.tokens import load_secret
 from orbited.core.traceview import clock, key_text, merge_keys, verdicts
-from orbited.whereis import DEFAULT_STATE_DIR, DEFAULT_STATUS
+from orbited.whereis import DEFAULT_STATE_DIR, DEFAULT_STATUS, cluster_status
 
 OPERATOR_KEY_ENV = "HALOD_OPERATOR_KEY_FILE"  # the operator key file's default
 TIMEOUT = 5.0  # seconds for HaloD's or the node's answer (HaloD waits trace_timeout for nodes)
@@ -377,7 +377,7 @@ def trace_command(argv: list[str]) -> int:
                                query)  # fmt: skip
         else:
             info = _cluster_info(args.state_dir)
-            url = args.url or info.get("halod_status") or DEFAULT_STATUS
+            url = args.url or cluster_status(info) or DEFAULT_STATUS
             answer = ask_halod(url, query, _operator_key(args, info))
     except TraceError as e:
         print(f"orbited trace: {e}", file=sys.stderr)

@@ -103,12 +103,41 @@ def route_for(status: dict[str, Any], target: ConnectionKey | str) -> int:
 
 def cluster_pids(state_dir: Path) -> tuple[dict[str, int], str | None]:
     """The live pids and HaloD status URL of the ``orbited cluster`` in ``state_dir``
-    (empty when none runs there)."""
+    (empty when none runs there); with ``--ha``, the status URL of the HaloD that leads
+    now (``leading_status``)."""
     try:
         info = json.loads((state_dir / "cluster.json").read_text())
     except (OSError, ValueError):
         return {}, None
-    return dict(info.get("pids") or {}), info.get("halod_status")
+    if not isinstance(info, dict):
+        return {}, None
+    return dict(info.get("pids") or {}), cluster_status(info)
+
+
+def cluster_status(info: dict[str, Any]) -> str | None:
+    """The HaloD status URL to ask, from cluster.json's ``info``: the leading one of its
+    ``halod_statuses`` (two with ``--ha``), else its ``halod_status``."""
+    urls = [u for u in info.get("halod_statuses") or [] if isinstance(u, str)]
+    first = info.get("halod_status")
+    first = first if isinstance(first, str) else None
+    return leading_status(urls, first) if len(urls) > 1 else first
+
+
+def leading_status(urls: list[str], fallback: str | None, timeout: float = 0.5) -> str | None:
+    """The first of ``urls`` whose ``/status`` says ``role: leader``; else the first that
+    answers at all (a follower answers with the leader's name), else ``fallback``. Every
+    HaloD of a cluster on etcd serves ``/status``; only the leader has the nodes."""
+    answering = None
+    for url in urls:
+        try:
+            with urllib.request.urlopen(url.rstrip("/") + "/status", timeout=timeout) as r:
+                role = json.loads(r.read()).get("role")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if role in ("leader", "solo"):
+            return url
+        answering = answering or url
+    return answering or fallback
 
 
 def parser() -> argparse.ArgumentParser:

@@ -225,6 +225,21 @@ def test_the_key_file_comes_from_the_environment_or_the_clusters_state(
     assert server.requests[-1][2] is None  # no key configured: none sent
 
 
+def test_with_ha_the_leading_halod_is_asked(server, keys, tmp_path):
+    """cluster.json of ``orbited cluster --ha`` names both HaloDs; the first one is dead,
+    the other leads: the trace goes to the leader."""
+    server.routes["/status"] = (200, {"role": "leader"})
+    state = tmp_path / "cluster"
+    state.mkdir()
+    dead = "http://127.0.0.1:9"
+    (state / "cluster.json").write_text(json.dumps({
+        "halod_status": dead, "halod_statuses": [dead, server.url],
+        "operator_key_file": str(keys["operator"]),
+    }))  # fmt: skip
+    assert trace_command(["--user", "alice", "--state-dir", str(state)]) == 0
+    assert [path for path, _, _ in server.requests] == ["/status", "/trace"]
+
+
 def test_json_output_is_the_answer(server, capsys):
     assert trace_command(["--user", "alice", "--url", server.url, "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == server.reply[1]

@@ -122,6 +122,21 @@ def serve_status(status: dict):
     return server
 
 
+def test_with_ha_it_asks_the_halod_that_leads(tmp_path, capsys):
+    """``orbited cluster --ha``: cluster.json names both HaloDs' status URLs; once the
+    first one is dead (the kill the HA mode is there to try), whereis asks the other."""
+    leader = serve_status({**STATUS, "role": "leader"})
+    try:
+        live = f"http://127.0.0.1:{leader.server_address[1]}"
+        dead = "http://127.0.0.1:9"  # discard: refused
+        info = {"halod_status": dead, "halod_statuses": [dead, live], "pids": {"n1": 77}}
+        (tmp_path / "cluster.json").write_text(json.dumps(info))
+        assert main(["whereis", "--route", "5", "--state-dir", str(tmp_path)]) == 0
+        assert "route 5 of 24: n1 (active" in capsys.readouterr().out
+    finally:
+        leader.shutdown()
+
+
 @pytest.mark.parametrize("version", [1, 2])
 def test_user_alone_answers_on_version_2_and_explains_on_version_1(tmp_path, capsys, version):
     server = serve_status({**STATUS, "hash_version": version})
