@@ -142,9 +142,9 @@ class HaloDConfig(ConfigBase):
 
     def validate(self) -> None:
         super().validate()
-        parse_sp_address(self.control)
+        parse_sp_address(self.control, "control")
         if self.status_http:
-            parse_host_port(self.status_http)
+            parse_host_port(self.status_http, "status_http")
         self.require_positive(
             "routes", "heartbeat_interval", "missed_heartbeats", "grace",
             "probe_timeout", "probe_interval", "control_max_message", "control_header_timeout",
@@ -197,7 +197,7 @@ class HaloDConfig(ConfigBase):
             except ValueError as e:
                 raise ConfigError(str(e)) from None
             if self.control_advertise:
-                parse_sp_address(self.control_advertise)
+                parse_sp_address(self.control_advertise, "control_advertise")
         if self.vip_address:
             if self.store != "etcd":
                 raise ConfigError('vip_address needs store = "etcd" (the leader holds it)')

@@ -54,12 +54,12 @@ _ROUTE_KEY = re.compile(r"[1-9][0-9]{0,4}")  # a route id as a JSON object membe
 WireDict: TypeAlias = dict[str, Any]  # one JSON object as json.loads returns it
 
 
-def halod_addresses(text: str) -> list[str]:
+def halod_addresses(text: str, key: str = "") -> list[str]:
     """A node's ``halod`` setting: one control address ``tcp://host:port`` or several
-    separated by commas (HaloD on etcd); ConfigError names a malformed one."""
+    separated by commas (HaloD on etcd); ConfigError names a malformed one (and ``key``)."""
     addresses = [part.strip() for part in text.split(",")]
     for address in addresses:
-        parse_sp_address(address)
+        parse_sp_address(address, key)
     return addresses
 
 

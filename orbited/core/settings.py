@@ -149,17 +149,22 @@ class ConfigBase:
                 )
 
 
-def parse_host_port(text: str) -> tuple[str, int]:
+def parse_host_port(text: str, key: str = "") -> tuple[str, int]:
+    """``host:port`` (an empty host is 127.0.0.1); ConfigError, naming ``key`` when given
+    (the config key the address came from), if it is not one."""
     host, sep, port = text.rpartition(":")
     if not sep or not (port.isascii() and port.isdigit()) or not 0 <= int(port) < 65536:
-        raise ConfigError(f"address {text!r} is not host:port")
+        raise ConfigError(f"{key}{': ' if key else ''}address {text!r} is not host:port")
     return (host.strip("[]") or "127.0.0.1"), int(port)
 
 
-def parse_sp_address(text: str) -> tuple[str, int]:
+def parse_sp_address(text: str, key: str = "") -> tuple[str, int]:
+    """``tcp://host:port``, as ``parse_host_port``."""
     if not text.startswith("tcp://"):
-        raise ConfigError(f"SP address {text!r} must look like tcp://host:port")
-    return parse_host_port(text.removeprefix("tcp://"))
+        raise ConfigError(
+            f"{key}{': ' if key else ''}SP address {text!r} must look like tcp://host:port"
+        )
+    return parse_host_port(text.removeprefix("tcp://"), key)
 
 
 def is_loopback(host: str) -> bool:

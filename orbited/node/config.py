@@ -270,7 +270,7 @@ class NodeConfig(ConfigBase):
 
     def validate(self) -> None:
         super().validate()
-        parse_host_port(self.http)
+        parse_host_port(self.http, "http")
         for key in ("presence_url", "offline_url"):
             _check_webhook_url(key, getattr(self, key))
         if self.hash_version not in (1, 2):
@@ -279,12 +279,12 @@ class NodeConfig(ConfigBase):
         if self.offline_after > self.max_offline_after:
             raise ConfigError("offline_after must not exceed max_offline_after")
         if self.orbit_legacy:
-            parse_host_port(self.orbit_legacy)
+            parse_host_port(self.orbit_legacy, "orbit_legacy")
         if self.publish_http:
-            parse_host_port(self.publish_http)
+            parse_host_port(self.publish_http, "publish_http")
             if not self.publish_key_file:
                 raise ConfigError("publish_http needs publish_key_file")
-        parse_sp_address(self.sp)
+        parse_sp_address(self.sp, "sp")
         self.require_positive(*_POSITIVE, "capacity")
         if not self.name:
             raise ConfigError("name must not be empty")
@@ -313,11 +313,11 @@ class NodeConfig(ConfigBase):
         if self.mailbox_total_bytes < self.mailbox_bytes:
             raise ConfigError("mailbox_total_bytes must be at least mailbox_bytes")
         if self.halod:
-            halod_addresses(self.halod)  # one tcp://host:port, or several (HaloD on etcd)
+            halod_addresses(self.halod, "halod")  # one tcp://host:port, or several (HaloD on etcd)
         if self.advertise_http:
-            parse_host_port(self.advertise_http)
+            parse_host_port(self.advertise_http, "advertise_http")
         if self.advertise_sp:
-            parse_sp_address(self.advertise_sp)
+            parse_sp_address(self.advertise_sp, "advertise_sp")
         if self.workers < 0:
             raise ConfigError("workers must not be negative (0 = one per core)")
         if self.trace not in MODES:

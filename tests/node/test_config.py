@@ -443,3 +443,26 @@ def test_every_toml_example_in_the_docs_loads(block, tmp_path):
         NodeConfig.load(path, {})
     if "halod" in tables:
         HaloDConfig.load(path, {})
+
+
+@pytest.mark.parametrize(
+    "cls, values, key",
+    [
+        ("node", {"http": "nope"}, "http"),
+        ("node", {"sp": "garbage"}, "sp"),
+        ("node", {"orbit_legacy": "x"}, "orbit_legacy"),
+        ("node", {"publish_http": "127.0.0.1:port"}, "publish_http"),
+        ("node", {"halod": "tcp://127.0.0.1:7600,127.0.0.1:7610"}, "halod"),
+        ("node", {"advertise_http": "x"}, "advertise_http"),
+        ("node", {"advertise_sp": "127.0.0.1:9001"}, "advertise_sp"),
+        ("halod", {"control": "127.0.0.1:7600"}, "control"),
+        ("halod", {"status_http": "x"}, "status_http"),
+        ("halod", {"store": "etcd", "control_advertise": "garbage"}, "control_advertise"),
+    ],
+)
+def test_a_bad_address_is_refused_with_its_key_named(cls, values, key):
+    from halod.config import HaloDConfig
+
+    config = NodeConfig if cls == "node" else HaloDConfig
+    with pytest.raises(ConfigError, match=f"^{key}: "):
+        config.load(None, values)
