@@ -77,6 +77,18 @@ class VrrpState(enum.Enum):
     FAULT = "FAULT"  # the interface is down: not holding it, not competing
 
 
+ARPHRD_LOOPBACK = 772  # /sys/class/net/<name>/type of a loopback interface (linux/if_arp.h)
+
+
+def _is_loopback(interface: str) -> bool:
+    """``lo``, or an interface of this host whose link type is loopback."""
+    try:
+        kind = int(Path("/sys/class/net", interface, "type").read_text())
+    except (OSError, ValueError):
+        return interface == "lo"  # not on this host (yet): judged by its name only
+    return kind == ARPHRD_LOOPBACK
+
+
 @dataclass(frozen=True)
 class VipSettings:
     """One host's side of the route address; see docs/halod.md for each field."""
@@ -114,6 +126,10 @@ class VipSettings:
         if not IFNAME.fullmatch(self.interface):
             raise ConfigError(f"vip_interface must be an interface name (1-15 of A-Z a-z 0-9 "
                               f"_ . -), not {self.interface!r}")  # fmt: skip
+        if _is_loopback(self.interface):
+            # keepalived refuses it, and only after HaloD set the host up for the address
+            raise ConfigError(f"vip_interface must not be a loopback interface: VRRP runs on "
+                              f"the network the hosts share, not {self.interface!r}")  # fmt: skip
         if not _int_in(self.router_id, 1, 255):
             raise ConfigError(f"vip_router_id must be an integer 1-255, not {self.router_id!r}")
         if not _int_in(self.lead_boost, 1, MAX_PRIORITY - 1):  # (not a config key)

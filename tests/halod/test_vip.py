@@ -63,6 +63,7 @@ def test_defaults_validate() -> None:
         ({"interface": "eth0 dev lo"}, "vip_interface"),
         ({"interface": "a" * 16}, "vip_interface"),
         ({"interface": "eth0\n}"}, "vip_interface"),
+        ({"interface": "lo"}, "vip_interface must not be a loopback interface"),
         ({"router_id": 0}, "vip_router_id"),
         ({"router_id": 256}, "vip_router_id"),
         ({"router_id": True}, "vip_router_id"),
