@@ -146,9 +146,14 @@ def status_table(status: dict) -> str:
     """Nodes as a fixed-width table, active ones by id, then spares, then failed."""
     rows = [("ID", "NAME", "STATE", "ROUTES", "CONNS", "MAILBOXES", "HEARTBEAT", "HASHES",
              "BROWSER", "SP")]  # fmt: skip
+    # A follower (or a candidate) has the leader's table but no node connects to it: how
+    # long since it last saw one would read as an outage.
+    standby = status.get("role") in ("follower", "candidate")
     for node in status["nodes"]:
         if node["connected"]:
             beat = f"{node['last_heartbeat_age']:.1f}s ago"
+        elif standby:
+            beat = "at the leader"
         else:
             beat = f"lost {node['disconnected_for']:.1f}s"
         rows.append((

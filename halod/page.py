@@ -66,9 +66,12 @@ def _uptime(seconds: float) -> str:
     return f"{days}d {hours}h" if days else f"{hours}h {minutes}m" if hours else f"{minutes}m"
 
 
-def _heartbeat(node: dict[str, Any]) -> str:
+def _heartbeat(node: dict[str, Any], standby: bool = False) -> str:
+    """``standby``: this HaloD follows (nodes heartbeat to the leader, not to it)."""
     if node["connected"]:
         text = f"{_age(node['last_heartbeat_age'])} ago"
+    elif standby:
+        text = "at the leader"
     else:
         text = f"lost {_age(node['disconnected_for'])}"
     suspected = node.get("suspected")
@@ -129,6 +132,7 @@ def status_html(status: dict[str, Any]) -> str:
         'Mailboxes</th><th class="num">Capacity</th><th>Heartbeat</th><th>Browser</th>'
         '<th>SP</th><th title="hash versions the node speaks">Hashes</th></tr></thead><tbody>',
     ]
+    standby = status.get("role") in ("follower", "candidate")
     for node in nodes:
         out.append(
             "<tr>"
@@ -139,7 +143,7 @@ def status_html(status: dict[str, Any]) -> str:
             f'<td class="num">{_e(_count(node["connections"]))}</td>'
             f'<td class="num">{_e(_count(node.get("mailboxes")))}</td>'
             f'<td class="num">{_e(_count(node["capacity"]))}</td>'
-            f"<td>{_heartbeat(node)}</td>"
+            f"<td>{_heartbeat(node, standby)}</td>"
             f'<td class="addr">{_e(node["browser"])}</td>'
             f'<td class="addr">{_e(node["sp"])}</td>'
             f"<td>{_e(_hashes(node.get('hashes')))}</td>"

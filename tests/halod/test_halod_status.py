@@ -113,6 +113,23 @@ def test_the_html_view_escapes_everything_nodes_send():
     assert "1,234" in text and "2,000" in text  # connections, mailboxes
 
 
+def test_a_follower_shows_its_nodes_at_the_leader_not_lost():
+    """On etcd a follower holds the leader's table but no node connects to it: the time
+    since it last saw one (its whole uptime) must not read as an outage."""
+    from halod.cli import status_table
+    from halod.page import status_html
+
+    away = {**status_of()["nodes"][0], "connected": False, "disconnected_for": 270.6,
+            "suspected": None}  # fmt: skip
+    etcd = {"name": "h2", "endpoints": []}
+    for role in ("follower", "candidate"):
+        status = status_of(nodes=[away], role=role, leader={"name": "h1"}, etcd=etcd)
+        assert "at the leader" in status_table(status) and "lost" not in status_table(status)
+        assert "at the leader" in parsed(status_html(status))[1]
+    leading = status_of(nodes=[away], role="leader", leader={"name": "h2"}, etcd=etcd)
+    assert "lost 270.6s" in status_table(leading)
+
+
 @pytest.mark.parametrize(
     ("accept", "fmt", "html"),
     [
