@@ -18,6 +18,7 @@ simulator (bench/control_nodes.py: many nodes per process, real TCP connections)
   same one: the spare takes over.
 
 Figures and ratios only (HaloD / baseline, latency / bound): nothing here asserts a timing.
+Results JSON: ``--json``, by default bench/results/control.json (``--quick`` writes none).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+RESULTS = Path(__file__).parent / "results" / "control.json"
 
 
 def cpu_seconds(pid: int) -> float:
@@ -429,12 +431,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--victims", type=int, default=5, help="crashes, then as many hangs")
     p.add_argument("--detect-timeout", type=float, default=5.0, help="seconds past the bound")
     p.add_argument("--servers", default="halod,raw", help="which servers to run")
-    p.add_argument("--json", type=Path, help="write all results here")
+    p.add_argument("--json", type=Path, help=f"results (default {RESULTS}; --quick: none)")
     p.add_argument("--keep", type=Path, help="keep server logs and databases in this directory")
     p.add_argument("--quick", action="store_true", help="smoke: 64 nodes, 1 s window, 1 victim")
     args = p.parse_args(argv)
     if args.quick:
         args.nodes, args.window, args.victims, args.settle = "64", 1.0, 1, 0.5
+    if args.json is None and not args.quick:
+        args.json = RESULTS
     args.nodes = [int(n) for n in args.nodes.split(",") if n]
     servers = [s for s in args.servers.split(",") if s]
 
@@ -456,10 +460,12 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps(brief), file=sys.stderr)
     print_report(results, args)
     if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(
             json.dumps({"args": vars(args), "machine": facts, "started": started,
                         "loadavg": load.summary(), "runs": results}, indent=1, default=str)
         )  # fmt: skip
+        print(f"wrote {args.json}", file=sys.stderr)
     return 0
 
 
