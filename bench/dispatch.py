@@ -24,7 +24,9 @@ tree's RSS after connecting − before.
 
 Results JSON (``--json``; default bench/results/dispatch.json, quick mode writes none):
 
-    {"meta": {"date", "host_cpus", "loadavg_before", "loadavg_after", "args", "wall_s"},
+    {"meta": {"date", "host_cpus", "python", "loadavg_before", "loadavg_after", "argv", "args",
+              "wall_s"},
+     "machine": {"cpus", "cpu_model", "kernel", "python", "mem_gb", "loadavg_at_start"},
      "runs": [{"server", "transport", "rep", "connected", "connect_failed",
                "rss_per_conn_kb", "steps": [{"phase", "offered_per_s", "sent", "ok",
                    "failed", "received", "lost", "delivered_per_s", "p50_ms", "p99_ms",
@@ -58,7 +60,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.peers import SERVERS, available, descendants, exit_on_signals, make_server, usage
-from bench.report import previous_table, write_results
+from bench.report import machine, previous_table, write_results
 
 RESULTS = Path(__file__).resolve().parent / "results" / "dispatch.json"
 IMAGES = Path(__file__).resolve().parent.parent / "docs" / "images"
@@ -598,6 +600,7 @@ def main(argv: list[str] | None = None) -> int:
         "argv": list(argv if argv is not None else sys.argv[1:]),
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
     }
+    facts = machine()
     runs: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="bench-dispatch-", dir=args.workdir) as tmp:
         for rep in range(args.reps):
@@ -612,7 +615,7 @@ def main(argv: list[str] | None = None) -> int:
     meta["loadavg_after"] = os.getloadavg()[0]
     meta["wall_s"] = round(time.monotonic() - started, 1)
     summary, ratios = summarise(runs)
-    results = {"meta": meta, "runs": runs, "summary": summary, "ratios": ratios}
+    results = {"meta": meta, "machine": facts, "runs": runs, "summary": summary, "ratios": ratios}
     print(table(results))
     print(f"\nload average before {meta['loadavg_before']}, after {meta['loadavg_after']}; "
           f"wall {meta['wall_s']} s")  # fmt: skip

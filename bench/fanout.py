@@ -16,10 +16,11 @@ just before the publish to the last delivery) and the time until the last subscr
 had the event (receive − send, ``time.time()`` on this box). The figures: server CPU
 per recipient (all rounds' CPU / all deliveries) and the ratio orbited / nchan.
 
-Results JSON: ``{"meta": {...}, "runs": [{"server", "connected", "rounds": [{"received",
-"cpu_s", "last_ms", "p50_ms"}], "received", "expected", "cpu_us_per_recipient",
-"cpu_us_per_recipient_median_round", "last_ms_median"}], "ratio": orbited / nchan CPU
-per recipient (or null), "ratio_median_round"}``.
+Results JSON: ``{"meta": {...}, "machine": {...} (bench/report.py's machine()), "runs":
+[{"server", "connected", "rounds": [{"received", "cpu_s", "last_ms", "p50_ms"}],
+"received", "expected", "cpu_us_per_recipient", "cpu_us_per_recipient_median_round",
+"last_ms_median"}], "ratio": orbited / nchan CPU per recipient (or null),
+"ratio_median_round"}``.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from typing import Any
 
 from bench.dispatch import Subscribers, percentile
 from bench.peers import LOCATION, SESSION, available, exit_on_signals, make_server, usage
+from bench.report import machine
 
 RESULTS = Path(__file__).resolve().parent / "results" / "fanout.json"
 CHANNEL = "fan"  # the Nchan channel every subscriber joins
@@ -178,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         "loadavg_before": os.getloadavg()[0],
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
     }
+    facts = machine()
     with tempfile.TemporaryDirectory(prefix="bench-fanout-", dir=args.workdir) as tmp:
         runs = [run_one(s, args, Path(tmp)) for s in servers if s not in missing]
     meta["loadavg_after"] = os.getloadavg()[0]
@@ -185,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     ratio = cost["orbited"] / cost["nchan"] if cost.get("nchan") and "orbited" in cost else None
     median = {r["server"]: r["cpu_us_per_recipient_median_round"] for r in runs}
     ratio_median = median["orbited"] / median["nchan"] if ratio and median["nchan"] else None
-    results = {"meta": meta, "runs": runs, "ratio": ratio, "ratio_median_round": ratio_median}
+    results = {"meta": meta, "machine": facts, "runs": runs, "ratio": ratio,
+               "ratio_median_round": ratio_median}  # fmt: skip
     print(table(results))
     print(f"load average before {meta['loadavg_before']}, after {meta['loadavg_after']}")
     if args.json:

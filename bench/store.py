@@ -30,6 +30,7 @@ from typing import Any
 
 from twisted.internet import defer, task
 
+from bench.report import machine
 from halod.etcd import election as el
 from halod.etcd.client import EtcdClient
 from halod.etcd.local import ETCD, EtcdCluster
@@ -187,9 +188,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{ETCD} missing: apt-get install etcd-server", file=sys.stderr)
         return 2
 
+    facts = machine()
+
     async def go(reactor: Any) -> None:
         with tempfile.TemporaryDirectory(prefix="bench-store-") as tmp:
-            out = await run(reactor, args, Path(tmp))
+            out = await run(reactor, args, Path(tmp)) | {"machine": facts}
         print(text(out))
         if args.json:
             args.json.write_text(json.dumps(out, indent=1) + "\n")

@@ -37,6 +37,7 @@ from typing import Any
 
 from twisted.internet.task import Clock
 
+from bench.report import machine
 from orbited.core.keys import ConnectionKey
 from orbited.node.hub import Hub, HubConfig
 
@@ -174,13 +175,14 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--connections is a comma-separated list of integers")
     if min(ks) < 1 or args.users < 1 or args.events < 1 or args.reps < 1 or args.batch < 1:
         p.error("--connections, --users, --events, --reps and --batch must be at least 1")
+    facts = machine()
     results = [measure(k, args.users, args.events, args.reps, args.batch) for k in ks]
     for line in table(results):
         print(line)
     single = next((r for r in results if r["connections"] == 1), None)
     summary: dict[str, Any] = {
         "results": results, "users": args.users, "events": args.events, "reps": args.reps,
-        "batch": args.batch,
+        "batch": args.batch, "machine": facts,
     }  # fmt: skip
     if single is not None:
         ratio = round(single["wildcard"]["us_per_user_event"]
