@@ -6,6 +6,7 @@ the bench's business, never asserted here."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import signal
@@ -101,3 +102,66 @@ def test_interrupted_launcher_stops_its_process_tree(
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+class FakeStep:
+    """A step of ``measure_step`` on a fake clock: the publisher sends ``rate``/s for
+    ``seconds`` from ``start``; the server delivers each event 2 ms after it is sent, or,
+    with ``serve`` below ``rate``, at ``serve``/s (a backlog that drains after the step).
+    The subscribers' ¼ s receive-time histogram is built from those arrival times."""
+
+    def __init__(self, start: float, rate: float, seconds: float, serve: float) -> None:
+        self.now, self.rate, self.seconds, self.serve = start, rate, seconds, serve
+        self.arrivals: list[float] = []
+
+    # the module's clock (time.time, time.sleep)
+    def time(self) -> float:
+        return self.now
+
+    def sleep(self, s: float) -> None:
+        self.now += s
+
+    # the server, subscribers and publishers measure_step talks to
+    def pids(self) -> list[int]:
+        return []
+
+    def run(self, phase: str, rate: float, seconds: float) -> dict:
+        t0, n = self.now, int(rate * seconds)
+        sends = [t0 + i / rate for i in range(n)]
+        self.arrivals = [max(s, t0 + i / self.serve) + 0.002 for i, s in enumerate(sends)]
+        self.now += seconds + 0.01  # the publisher's last batch and its replies
+        return {"sent": n, "ok": n, "failed": 0, "cpu_s": 0.1, "seconds": seconds,
+                "behind_s": 0.0}  # fmt: skip
+
+    def stats(self) -> dict:
+        buckets: dict[str, int] = {}
+        for t in self.arrivals:
+            if t <= self.now:
+                buckets[str(int(t * 4))] = buckets.get(str(int(t * 4)), 0) + 1
+        got = sum(buckets.values())
+        return {"buckets": buckets, "counts": {"s0": got}, "latencies": {"s0": [0.002] * got},
+                "lag": []}  # fmt: skip
+
+
+@pytest.mark.parametrize("seconds", [1.5, 4.0])  # --quick's step and the default
+@pytest.mark.parametrize("start", [1000.0, 1000.07, 1000.13, 1000.21])  # ¼ s bucket phases
+@pytest.mark.parametrize(("rate", "serve"), [(300.0, 300.0), (300.0, 200.0), (2500.0, 2500.0)])
+def test_delivered_rate_is_taken_over_the_time_the_deliveries_covered(
+    monkeypatch: pytest.MonkeyPatch, seconds: float, start: float, rate: float, serve: float
+) -> None:
+    # A server that delivers every event 2 ms after it is sent was rated 241-265/s at
+    # 300/s in --quick (the last, partly filled ¼ s bucket counted as a whole one), so the
+    # step was SATURATED and the ladder stopped; one that keeps up must rate ≈ the offered
+    # rate, one that falls behind at its own pace.
+    from bench import dispatch
+    from bench.peers import Usage
+
+    fake = FakeStep(start, rate, seconds, serve)
+    monkeypatch.setattr(dispatch, "time", fake)
+    monkeypatch.setattr(dispatch, "usage", lambda pids: Usage(0.0, 0, 0))
+    args = argparse.Namespace(step_seconds=seconds, drain=1.0)
+    step = dispatch.measure_step(fake, fake, fake, "s0", rate, args)
+    assert step["delivered_per_s"] == pytest.approx(serve, rel=0.02)
+    assert step["saturated"] is (serve < 0.9 * rate)
+    if serve == rate:
+        assert step["lost"] == 0
