@@ -412,7 +412,8 @@ def print_report(results: list[dict[str, Any]], args: argparse.Namespace) -> Non
                 print(f"note: {server['server']} run: {late} heartbeats sent > 1 interval late")
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
+    """``python -m bench control``'s options (also what ``report`` reproduces a run from)."""
     p = argparse.ArgumentParser(prog="python -m bench control", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--nodes", default="256,1024,2048", help="sizes, comma-separated")
@@ -434,7 +435,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, help=f"results (default {RESULTS}; --quick: none)")
     p.add_argument("--keep", type=Path, help="keep server logs and databases in this directory")
     p.add_argument("--quick", action="store_true", help="smoke: 64 nodes, 1 s window, 1 victim")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     if args.quick:
         args.nodes, args.window, args.victims, args.settle = "64", 1.0, 1, 0.5
     if args.json is None and not args.quick:
@@ -487,15 +492,14 @@ STEADY_ROWS = (
 
 def report(results: dict[str, Any], images: Path) -> str:
     """Markdown section from ``--json`` results: HaloD vs raw per size, detection, a plot."""
-    from bench.report import machine_line, pyplot
+    from bench.report import command_line, machine_line, pyplot
 
     a, runs = results["args"], results["runs"]
     by = {(r["server"], r["nodes"]): r for r in runs}
     sizes = sorted({r["nodes"] for r in runs})
     out = [
         "```",
-        f"python -m bench run control    # --nodes {','.join(map(str, sizes))} "
-        f"--procs {a['procs']} --window {a['window']} --victims {a['victims']}",
+        command_line("control", parser(), a, always=("nodes", "procs", "window", "victims")),
         "```",
         "",
         machine_line(results),

@@ -485,7 +485,8 @@ def print_forwarding(fwd: dict[str, Any]) -> None:
                   f"{fmt(cpu, '.2f' if load == 'bulk' else '.1f'):>16}")  # fmt: skip
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
+    """``python -m bench dataplane``'s options (also what ``report`` reproduces a run from)."""
     p = argparse.ArgumentParser(prog="python -m bench dataplane", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument(
@@ -528,7 +529,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--json", type=Path, help=f"results (default {RESULTS}; --quick: none)")
     p.add_argument("--keep", type=Path, help="keep logs in this directory")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     if args.quick:
         args.rounds, args.seconds = 1, 0.5
         if args.clients == 1000:
@@ -628,13 +633,12 @@ REPORT_UNITS = {"bulk": ("bulk MB/s", "halod_cpu_per_gb_s", "s/GB"),
 def report(results: dict[str, Any], images: Path) -> str:
     """Markdown section from bench/results/dataplane.json: forwarding ratios, failover per
     back-end, and their plots."""
-    from bench.report import machine_line, med_range, num, pyplot
+    from bench.report import command_line, machine_line, med_range, num, pyplot
 
     a = results["args"]
     out = [
         "```",
-        f"python -m bench run dataplane    # --paths {a['paths']} --rounds {a['rounds']} "
-        f"--seconds {a['seconds']} --clients {a['clients']}",
+        command_line("dataplane", parser(), a, always=("paths", "rounds", "seconds", "clients")),
         "```",
         "",
         machine_line(results),

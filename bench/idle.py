@@ -317,7 +317,8 @@ def summarize(runs: list[dict[str, Any]], fd_limit: int) -> dict[str, Any]:
     return summary
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
+    """``python -m bench idle``'s options (also what ``report`` reproduces a run from)."""
     p = argparse.ArgumentParser(prog="python -m bench idle", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--servers", default=",".join(SERVERS))
@@ -336,7 +337,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, help=f"results (default {RESULTS}; --quick: none)")
     p.add_argument("--merge", action="store_true",
                    help="replace only these servers' passes in an existing --json")  # fmt: skip
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     if args.quick:
         args.sizes, args.reps, args.procs = "200,400", 1, 2
     if args.json is None and not args.quick:
@@ -395,7 +400,7 @@ def text_table(result: dict[str, Any]) -> str:
 
 
 def report(results: dict[str, Any], images: Path) -> str:
-    from bench.report import machine_line
+    from bench.report import command_line, machine_line
 
     summary = results["summary"] = summarize(results["runs"], results["args"]["fd_limit"])
     sizes = [int(s) for s in results["args"]["sizes"].split(",")]
@@ -403,8 +408,7 @@ def report(results: dict[str, Any], images: Path) -> str:
     servers = [s for s in SERVERS if s in summary]
     out = [
         "```",
-        "python -m bench run idle    # --sizes "
-        f"{results['args']['sizes']} --reps {reps} --procs {results['args']['procs']}",
+        command_line("idle", parser(), results["args"], always=("sizes", "reps", "procs")),
         "```",
         "",
         machine_line(results),

@@ -9,8 +9,8 @@ its PNGs (matplotlib, Agg) as ``images/perf-<scenario>-*.png``; this module load
 and ``<!-- END bench:NAME -->`` in the page, leaving the hand-written text around the
 markers alone. A scenario without results (or without ``report``) keeps its old section.
 
-Shared helpers: machine facts and load-average sampling recorded into every result, and
-median/[min–max] formatting.
+Shared helpers: machine facts and load-average sampling recorded into every result,
+median/[min–max] formatting, and the command line that reproduces a recorded run.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import importlib
 import json
 import os
 import re
+import shlex
 import statistics
 import sys
 import tempfile
@@ -245,6 +246,42 @@ def machine_line(results: dict[str, Any]) -> str:
     if when:
         text += f"; run {when}"
     return text + "."
+
+
+# Where a run wrote (not how it ran), and idle's --merge: left out of a reproduced command.
+NOT_SETTINGS = ("json", "keep", "merge", "images", "workdir")
+
+
+def _arg_text(value: Any) -> str:
+    if isinstance(value, list | tuple):
+        return ",".join(_arg_text(v) for v in value)
+    return str(value)
+
+
+def _same(value: Any, default: Any) -> bool:
+    numbers = (int, float)
+    if isinstance(value, numbers) and isinstance(default, numbers):
+        return float(value) == float(default)
+    return _arg_text(value) == _arg_text(default)
+
+
+def command_line(name: str, parser: argparse.ArgumentParser, recorded: dict[str, Any],
+                 always: tuple[str, ...] = ()) -> str:  # fmt: skip
+    """``python -m bench run NAME`` with the flags that reproduce a run whose arguments were
+    ``recorded`` (a results file's ``args``): every setting the run had that is not
+    ``parser``'s default, and those named in ``always`` even when they are, in the
+    parser's order, as real arguments (``--quick`` too). Where the run wrote its results
+    and logs is left out: the command writes to the default places."""
+    words = ["python", "-m", "bench", "run", name]
+    for dest, default in vars(parser.parse_args([])).items():
+        if dest in NOT_SETTINGS or dest not in recorded:
+            continue
+        value, flag = recorded[dest], "--" + dest.replace("_", "-")
+        if isinstance(default, bool):  # a store_true flag
+            words += [flag] if value else []
+        elif value is not None and (dest in always or not _same(value, default)):
+            words += [flag, shlex.quote(_arg_text(value))]
+    return " ".join(words)
 
 
 def pyplot():  # type: ignore[no-untyped-def]

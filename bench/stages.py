@@ -208,16 +208,18 @@ def text_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# The settings the section's command line shows even when they are the defaults.
+SHOWN = ("transports", "accept", "clients", "rate", "poll_rate", "seconds", "reps")
+
+
 def report(results: dict[str, Any], images: Path) -> str:
     """The "Where the CPU goes" section of docs/performance.md."""
-    from bench.report import machine_line
+    from bench.report import command_line, machine_line
 
     a = results["args"]
     out = [
         "```",
-        f"python -m bench run stages    # --transports {a['transports']} --accept "
-        f"{a['accept']} --clients {a['clients']} --rate {a['rate']} --poll-rate "
-        f"{a['poll_rate']} --seconds {a['seconds']} --reps {a['reps']}",
+        command_line("stages", parser(), a, always=SHOWN),
         "```",
         "",
         machine_line(results),
@@ -304,7 +306,8 @@ def available() -> str | None:
     return None
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
+    """``python -m bench stages``'s options (also what ``report`` reproduces a run from)."""
     p = argparse.ArgumentParser(prog="python -m bench stages", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--transports", default="ws,sse,poll", help="event phases")
@@ -317,7 +320,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="smoke: 200 clients, 2 s, 1 rep, ws")
     p.add_argument("--json", type=Path, help=f"results (default {RESULTS}; --quick: none)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     if args.quick:
         args.transports, args.accept, args.clients, args.connect_rate = "ws", "ws", 200, 400
         args.rate, args.poll_rate, args.seconds, args.reps = 2000, 500, 2.0, 1

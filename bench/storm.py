@@ -155,7 +155,8 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return summary
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
+    """``python -m bench storm``'s options (also what ``report`` reproduces a run from)."""
     p = argparse.ArgumentParser(prog="python -m bench storm", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--servers", default=",".join(SERVERS))
@@ -168,7 +169,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--procs", type=int, default=4, help="load processes")
     p.add_argument("--quick", action="store_true", help="smoke: 50 and 100/s for 1 s, 1 rep")
     p.add_argument("--json", type=Path, help=f"results (default {RESULTS}; --quick: none)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     if args.quick:
         args.rates, args.seconds, args.pause, args.reps, args.procs = "50,100", 1.0, 0.2, 1, 2
     if args.json is None and not args.quick:
@@ -201,15 +206,14 @@ def text_table(result: dict[str, Any]) -> str:
 
 
 def report(results: dict[str, Any], images: Path) -> str:
-    from bench.report import machine_line
+    from bench.report import command_line, machine_line
 
     a = results["args"]
     summary = results["summary"] = summarize(results["runs"])  # today's definitions
     servers = [s for s in SERVERS if s in summary]
     out = [
         "```",
-        f"python -m bench run storm    # --rates {a['rates']} --seconds {a['seconds']} "
-        f"--reps {a['reps']} --procs {a['procs']}",
+        command_line("storm", parser(), a, always=("rates", "seconds", "reps", "procs")),
         "```",
         "",
         machine_line(results),

@@ -11,7 +11,9 @@ its report is rendered from the committed bench/results/dataplane.json.
 
 from __future__ import annotations
 
+import importlib
 import json
+import shlex
 import shutil
 import subprocess
 import sys
@@ -180,3 +182,49 @@ def test_write_results_keeps_the_file_it_replaces_unless_told(tmp_path: Path) ->
     assert json.loads(path.read_text())["previous"] == {"date": "t0", "summary": {"a": 1}}
     report.write_results({"started": "t2", "summary": {"a": 3}, "previous": None}, path)
     assert json.loads(path.read_text())["previous"] is None  # an idle --merge's choice
+
+
+def _setting(value: object) -> object:
+    """A setting as the run saw it: a list as its comma-separated flag, numbers as float."""
+    if isinstance(value, list | tuple):
+        return ",".join(str(v) for v in value)
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+def _reproduces(module: object, line: str, name: str, recorded: dict) -> None:
+    assert "#" not in line, line  # a copied line must not run the defaults
+    words = shlex.split(line)
+    assert words[:5] == ["python", "-m", "bench", "run", name]
+    parsed = vars(module.parser().parse_args(words[5:]))  # type: ignore[attr-defined]
+    for dest, value in parsed.items():
+        if dest not in report.NOT_SETTINGS and dest in recorded:
+            assert _setting(value) == _setting(recorded[dest]), (dest, line)
+
+
+@pytest.mark.parametrize("name", ["stages", "idle", "storm", "dataplane", "control"])
+def test_a_section_s_command_line_reproduces_its_recorded_run(name: str, tmp_path: Path) -> None:
+    module = importlib.import_module(f"bench.{name}")
+    results = json.loads((ROOT / "bench" / "results" / f"{name}.json").read_text())
+    text = module.report(results, tmp_path)
+    line = next(x for x in text.splitlines() if x.startswith(f"python -m bench run {name}"))
+    _reproduces(module, line, name, results["args"])
+    # and the page shows what the generator prints for the recorded run
+    assert f"\n{line}\n" in (ROOT / "docs" / "performance.md").read_text()
+
+
+def test_a_quick_run_s_command_line_keeps_every_setting_it_had() -> None:
+    from bench import stages, storm
+
+    recorded = vars(storm.parser().parse_args([])) | {
+        "servers": "orbited", "transports": "ws", "rates": "50,100", "seconds": 1.0,
+        "pause": 0.2, "reps": 1, "procs": 2, "quick": True, "json": "/tmp/x/storm.json",
+    }  # fmt: skip
+    line = report.command_line("storm", storm.parser(), recorded, always=("rates",))
+    assert "--quick" in line.split() and "--servers orbited" in line and "--json" not in line
+    _reproduces(storm, line, "storm", recorded)
+    recorded = vars(stages.parser().parse_args([])) | {"transports": "poll", "accept": ""}
+    line = report.command_line("stages", stages.parser(), recorded)
+    assert line == "python -m bench run stages --transports poll --accept ''"
+    _reproduces(stages, line, "stages", recorded)
