@@ -3,8 +3,9 @@
     .venv/bin/python -m bench.ab --variants before=HEAD~3,after=.,nchan \\
         --transport ws --clients 1000 --rate 5000 --seconds 4 --reps 3 [--gc-stats] [--profile]
 
-Each variant ``NAME=REF`` runs the ``orbited`` package of REF: ``.`` is this work tree, a
-path with a ``/`` a directory holding one (used as it is), any other REF a commit checked
+Each variant ``NAME=REF`` runs the ``orbited`` package of REF: ``.`` is this work tree, an
+existing directory (with or without a ``/``; it must hold an ``orbited/`` package, and it
+wins over a commit of the same name) is used as it is, any other REF is a commit checked
 out in a temporary git worktree (removed at the end); ``nchan``
 is nginx + Nchan with one worker (bench/peers.py's settings); ``raw`` is the floor,
 bench/raw_server.py: this work tree's socket path (the node's accept loop, llhttp, 101,
@@ -302,9 +303,14 @@ def fold(path: Path, top: int = 40) -> None:
 
 
 def _worktree(ref: str, work: Path, name: str) -> Path:
+    """The tree whose ``orbited`` package variant ``name`` runs: ``.`` this work tree, an
+    existing directory as it is (``cy=cydir`` as well as ``cy=./cydir``), anything else a
+    commit checked out under ``work``."""
     if ref == ".":
         return ROOT
-    if "/" in ref and Path(ref).is_dir():  # a directory holding an orbited/ package
+    if Path(ref).is_dir():  # a directory holding an orbited/ package
+        if not (Path(ref) / "orbited").is_dir():
+            raise SystemExit(f"bench.ab: variant {name}: {ref} holds no orbited/ package")
         return Path(ref).resolve()
     path = work / f"tree-{name}"
     subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "-q", "--detach", str(path), ref],
@@ -317,7 +323,8 @@ async def main() -> None:
     p.add_argument(
         "--variants",
         default="head=.,nchan",
-        help="NAME=REF (REF: . or a commit), nchan, or raw; comma-separated",
+        help="NAME=REF (REF: ., a directory holding an orbited/ package, or a commit), "
+        "nchan, or raw; comma-separated",
     )
     p.add_argument("--transport", default="ws", choices=["ws", "sse", "poll"])
     p.add_argument("--clients", type=int, default=1000)

@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from bench import ab
 
 # A process of its own, with no children, that spends user time, then system time, then
@@ -52,3 +54,22 @@ def test_a_node_and_the_raw_floor_deliver_every_event_side_by_side(tmp_path):
     for run in runs.values():
         assert run["connected"] == 100 and run["sent"] == run["received"] > 0, run
         assert {"accept_us", "event_us", "rss_kb_per_conn"} <= set(run)  # (10 ms ticks: may be 0)
+
+
+def test_a_variant_names_a_directory_with_or_without_a_slash(tmp_path, monkeypatch):
+    # docs/performance.md: "`bench.ab` runs a directory as a variant (`cy=DIR`)"; `cy=cydir`
+    # went to `git worktree add ... cydir` and died with a CalledProcessError traceback.
+    (tmp_path / "cydir" / "orbited").mkdir(parents=True)
+    (tmp_path / "empty").mkdir()
+    monkeypatch.chdir(tmp_path)
+    work = tmp_path / "work"
+    assert ab._worktree("cydir", work, "cy") == tmp_path / "cydir"
+    assert ab._worktree("./cydir", work, "cy") == tmp_path / "cydir"
+    assert ab._worktree(".", work, "head") == ab.ROOT
+    with pytest.raises(SystemExit, match="empty holds no orbited/ package"):
+        ab._worktree("empty", work, "e")
+    # anything else is a commit, checked out in a worktree under `work`
+    calls = []
+    monkeypatch.setattr(ab.subprocess, "run", lambda cmd, check: calls.append(cmd))
+    assert ab._worktree("HEAD~1", work, "before") == work / "tree-before"
+    assert calls[0][3:5] == ["worktree", "add"] and calls[0][-1] == "HEAD~1"
