@@ -176,6 +176,8 @@ class HaloDConfig(ConfigBase):
                 ranges.append(range(base, base + self.routes))
             if set(ranges[0]) & set(ranges[1]):
                 raise ConfigError("browser and SP route port ranges overlap")
+            if self.dataplane != "nftables":  # nftables: stricter, _validate_nftables
+                self._validate_dataplane_host()
         if self.move_close_delay < 0:
             raise ConfigError("move_close_delay must not be negative")
         if self.proxy_on_exit not in ("keep", "stop"):
@@ -212,6 +214,18 @@ class HaloDConfig(ConfigBase):
             tuple(self.etcd_endpoints), self.etcd_prefix, self.etcd_lease_ttl,
             self.etcd_step_down_margin, self.etcd_timeout,
         )  # fmt: skip
+
+    def _validate_dataplane_host(self) -> None:
+        # An IP literal, never resolved: "" would bind every interface without saying so,
+        # and a name or typo would fail only when the ports are opened (HAProxy: retried
+        # forever). 0.0.0.0 / :: stay allowed, with halod.exposure's warning.
+        try:
+            ipaddress.ip_address(self.dataplane_host)
+        except ValueError:
+            raise ConfigError(
+                f"dataplane_host must be an IP address (IPv4 or IPv6, not a name), "
+                f"not {self.dataplane_host!r}"
+            ) from None
 
     def _validate_nftables(self) -> None:
         try:  # the kernel matches `ip daddr`: a literal address, not a name or 0.0.0.0

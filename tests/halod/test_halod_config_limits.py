@@ -40,3 +40,43 @@ def test_a_file_without_a_halod_table_is_refused(tmp_path) -> None:
     path.write_text('control = "tcp://127.0.0.1:7600"\n')
     with pytest.raises(ConfigError, match="control is not a \\[node\\] or \\[halod\\] table"):
         HaloDConfig.load(path, {})
+
+
+@pytest.mark.parametrize("dataplane", ["proxy", "haproxy"])
+@pytest.mark.parametrize("host", ["", "not an address", "127.0.1.99999", "localhost", " 127.0.0.1"])
+def test_dataplane_host_must_be_an_ip_literal(dataplane: str, host: str, tmp_path) -> None:
+    """An empty dataplane_host used to bind every interface silently, and a name or typo
+    was accepted (HAProxy then failed to start forever; the proxy exited 1 without naming
+    the key): docs/operations.md, "HaloD configuration"."""
+    overrides = {"dataplane": dataplane, "dataplane_host": host, "haproxy_dir": str(tmp_path)}
+    with pytest.raises(ConfigError, match="dataplane_host must be an IP address"):
+        HaloDConfig.load(None, overrides)
+
+
+@pytest.mark.parametrize("dataplane", ["proxy", "haproxy"])
+@pytest.mark.parametrize("host", ["127.0.1.50", "0.0.0.0", "::1", "::"])
+def test_dataplane_host_ip_literals_are_accepted(dataplane: str, host: str, tmp_path) -> None:
+    overrides = {"dataplane": dataplane, "dataplane_host": host, "haproxy_dir": str(tmp_path)}
+    assert HaloDConfig.load(None, overrides).dataplane_host == host
+
+
+def test_dataplane_none_ignores_dataplane_host() -> None:
+    HaloDConfig.load(None, {"dataplane": "none", "dataplane_host": ""})
+
+
+@pytest.mark.parametrize("dataplane", ["proxy", "haproxy"])
+def test_halod_run_refuses_a_bad_dataplane_host_with_exit_2(dataplane: str, tmp_path) -> None:
+    import subprocess
+    import sys
+
+    # (Only a value that cannot bind: before the check an empty one bound 0.0.0.0.)
+    done = subprocess.run(
+        [sys.executable, "-m", "halod.cli", "run", "--db", str(tmp_path / "x.db"),
+         "--control", "tcp://127.0.1.50:0", "--status-http", "", "--proxy-on-exit", "stop",
+         "--haproxy-dir", str(tmp_path / "hap"), "--haproxy-on-exit", "stop",
+         "--dataplane", dataplane, "--dataplane-host", "not an address",
+         "--browser-port-base", "31650", "--sp-port-base", "31750", "--routes", "2"],
+        capture_output=True, text=True, timeout=20,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert "dataplane_host must be an IP address (IPv4 or IPv6, not a name)" in done.stderr
