@@ -662,6 +662,8 @@ class NftablesDataPlane:
             d = self._run(argv)
         except OSError as e:  # cannot fork (EMFILE, ENOMEM): try again next interval
             self._polling = False
+            self.polled = False
+            self.errors += 1
             self.log.warn("conntrack poll failed: {error}", error=e)
             return None
 
@@ -680,6 +682,7 @@ class NftablesDataPlane:
 
         def failed(f: Failure) -> None:
             self.polled = False
+            self.errors += 1  # "errors: failed nft or conntrack runs" (operations.md)
             self.log.warn("conntrack poll failed: {error}", error=f.getErrorMessage())
 
         def done(_: object) -> None:
@@ -701,6 +704,7 @@ class NftablesDataPlane:
         try:
             self.nft.run(text)
         except NftError as e:
+            self.errors += 1
             self.log.warn("cannot prune the nftables cut set: {error}", error=e)
             return
         for key in stale:

@@ -361,6 +361,32 @@ def test_shell_logs_instead_of_raising_when_nft_keeps_failing():
     assert plane.elements == {8100: N1.browser, 9100: N1.sp}  # unchanged: not applied
 
 
+def test_shell_counts_failed_conntrack_and_prune_runs_as_errors(monkeypatch):
+    """docs/operations.md: `errors` counts "failed nft or conntrack runs"; a failed
+    `conntrack -L` used to turn only counts_fresh false."""
+    plane, nft, reactor = shell()
+    plane.start({1: N1})
+    plane._poll()
+    proto, argv, _ = reactor.spawned[-1]
+    assert argv[:2] == ["/bin/true", "-L"]
+    finish(proto, "conntrack v1.4.7: Operation failed", code=1)
+    assert plane.stats()["errors"] == 1 and plane.stats()["counts_fresh"] is False
+
+    def no_fork(*args: Any, **kw: Any) -> None:
+        raise OSError(24, "Too many open files")
+
+    monkeypatch.setattr(reactor, "spawnProcess", no_fork)
+    plane._poll()  # cannot even start the tool
+    assert plane.stats()["errors"] == 2 and plane.stats()["counts_fresh"] is False
+    monkeypatch.undo()
+
+    plane.apply({1: N2})
+    reactor.advance(1.5)
+    nft.fail = "delete element ip halod cut"
+    plane._prune(reactor.seconds() + 1, set())  # a failed nft run pruning the cut set
+    assert plane.stats()["errors"] == 3 and plane.stats()["cut_pairs"] == 2
+
+
 # -- the kernel, inside a network namespace of our own ---------------------------------------
 
 VIP = "127.0.0.100"
