@@ -725,16 +725,23 @@ def _kill(process: Any) -> None:
         pass
 
 
-def check_privileges(status_path: str = "/proc/self/status") -> None:
-    """nftables and conntrack need CAP_NET_ADMIN in HaloD's network namespace."""
-    if os.geteuid() == 0:
-        return
+def check_privileges(status_path: str = "/proc/self/status", euid: int | None = None) -> None:
+    """nftables and conntrack need CAP_NET_ADMIN in HaloD's network namespace. Root is
+    not enough: a root process can lack it (a default Docker container drops it)."""
     try:
         with open(status_path) as f:
             status = f.read()
     except OSError:
         status = ""
+    root = (os.geteuid() if euid is None else euid) == 0
+    if root and "CapEff:" not in status:
+        return  # cannot tell (no /proc): let nft say
     if not has_cap_net_admin(status):
+        if root:
+            raise ConfigError(
+                "dataplane nftables needs CAP_NET_ADMIN: HaloD runs as root but without "
+                "it (e.g. a container started without --cap-add NET_ADMIN)"
+            )
         raise ConfigError(
             "dataplane nftables needs root or CAP_NET_ADMIN (e.g. systemd "
             "AmbientCapabilities=CAP_NET_ADMIN); HaloD has neither"

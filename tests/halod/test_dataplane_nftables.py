@@ -38,6 +38,7 @@ from halod.dataplane.nftables import (
     NftablesDataPlane,
     NftError,
     Settings,
+    check_privileges,
     connection_counts,
     counter_from_json,
     cut_from_json,
@@ -178,6 +179,22 @@ def test_cap_net_admin_from_proc_status():
     assert has_cap_net_admin("Name:\tx\nCapEff:\t0000000000001000\n")
     assert not has_cap_net_admin("CapEff:\t0000000000000400\n")
     assert has_cap_net_admin("CapEff:\t000001ffffffffff\n")
+
+
+@pytest.mark.parametrize("euid", [0, 1000])
+def test_privileges_need_cap_net_admin_even_as_root(tmp_path, euid):
+    """docs/operations.md, "Privileges": a missing CAP_NET_ADMIN stops halod run with a
+    message saying so (exit 2); root without it (a default Docker container) used to pass
+    the check and fail later in libnftables (exit 1)."""
+    status = tmp_path / "status"
+    status.write_text("Name:\thalod\nCapEff:\t000001fffeffefff\n")  # all but NET_ADMIN
+    with pytest.raises(ConfigError, match="needs (root or )?CAP_NET_ADMIN"):
+        check_privileges(str(status), euid=euid)
+    status.write_text("Name:\thalod\nCapEff:\t0000000000001000\n")
+    check_privileges(str(status), euid=euid)
+    check_privileges(str(tmp_path / "missing"), euid=0)  # no /proc: nft will say
+    with pytest.raises(ConfigError, match="HaloD has neither"):
+        check_privileges(str(tmp_path / "missing"), euid=1000)
 
 
 def test_config_checks_the_nftables_keys():
@@ -750,6 +767,19 @@ def test_nft_errors_carry_nfts_own_message(ns):
     message = ns.call(bad_syntax)
     assert message.startswith("Error: syntax error") and "expecting priority" in message
     # The failed batch left nothing behind (one transaction).
+    assert ns.run("nft", "list", "table", "ip", "halodtest").returncode != 0
+
+
+def test_root_without_cap_net_admin_is_refused_with_exit_2(tmp_path, ns):
+    capsh = shutil.which("capsh", path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
+    if capsh is None:
+        pytest.skip("capsh is not installed (Debian package libcap2-bin)")
+    argv = [sys.executable, "-m", "halod.cli", "run", "--db", str(tmp_path / "h.db"),
+            "--control", "tcp://127.0.0.1:0", "--status-http", "", "--dataplane", "nftables",
+            "--dataplane-host", VIP, "--nft-table", "halodtest"]  # fmt: skip
+    done = ns.run(capsh, "--drop=cap_net_admin", "--", "-c", 'exec "$@"', "halod", *argv)
+    assert done.returncode == 2, done.stderr
+    assert "needs CAP_NET_ADMIN: HaloD runs as root but without it" in done.stderr
     assert ns.run("nft", "list", "table", "ip", "halodtest").returncode != 0
 
 
