@@ -50,7 +50,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from halod.dataplane.base import MOVE_CLOSE_DELAY, Owner, Ports
-from orbited.core.settings import check_fields
+from orbited.core.settings import FieldError, check_fields
 
 if TYPE_CHECKING:
     from halod.config import HaloDConfig
@@ -94,6 +94,12 @@ def format_addr(host: str, port: int) -> str:
     return f"{host}:{port}"  # HAProxy takes the last colon as the port's: IPv6 works bare
 
 
+# HAProxy's most threads: `haproxy -vv` of Debian 12's 2.6.12 says "Built with
+# multi-threading support (MAX_THREADS=64, default=2)", and `nbthread 65` fails with
+# "'nbthread' value must be between 1 and 64".
+MAX_THREADS = 64
+
+
 @dataclass(frozen=True)
 class Settings:
     """What shapes haproxy.cfg apart from the owners (its "layout")."""
@@ -114,6 +120,8 @@ class Settings:
     def __post_init__(self) -> None:
         check_fields(self, positive=("maxconn", "timeout", "connect_timeout"),
                      nonnegative=("nbthread", "retries"), key_prefix="haproxy_")  # fmt: skip
+        if self.nbthread > MAX_THREADS:  # HAProxy refuses to start, and would be retried
+            raise FieldError(type(self), "haproxy_nbthread", f"must be at most {MAX_THREADS}")
 
     @property
     def config_file(self) -> Path:

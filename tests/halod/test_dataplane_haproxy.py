@@ -191,12 +191,15 @@ def test_haproxy_config_keys_are_checked(tmp_path):
     base = {"dataplane": "haproxy", "haproxy_dir": str(tmp_path)}
     config = HaloDConfig.load(None, base)
     assert (config.haproxy_maxconn, config.haproxy_on_exit) == (8000, "keep")
+    assert HaloDConfig.load(None, {**base, "haproxy_nbthread": 64}).haproxy_nbthread == 64
     beside_db = HaloDConfig.load(None, {"dataplane": "haproxy", "db": str(tmp_path / "h.db")})
     assert beside_db.haproxy_directory() == tmp_path / "haproxy"
     for bad, message in [
         ({"haproxy_on_exit": "later"}, "keep or stop"),
         ({"haproxy_maxconn": 0}, "haproxy_maxconn must be positive"),
         ({"haproxy_nbthread": -1}, "haproxy_nbthread"),
+        ({"haproxy_nbthread": 65}, "haproxy_nbthread must be at most 64"),
+        ({"haproxy_nbthread": 100000}, "haproxy_nbthread must be at most 64"),
         ({"haproxy_dir": "/" + "d" * 120}, "too long"),
     ]:
         with pytest.raises(ConfigError, match=message):
