@@ -972,7 +972,8 @@ class HaloD:
                 "# TYPE halod_route_connections gauge",
                 *(f'halod_route_connections{{route="{r}",side="{side}"}} {n}'
                   for r, sides in stats["routes"].items() for side, n in sides.items()),
-                "# HELP halod_dataplane_cut_total Connections closed because their route moved.",
+                "# HELP halod_dataplane_cut_total Cut because their route moved: connections "
+                "(proxy, HAProxy) or (route port, old owner) pairs (nftables).",
                 "# TYPE halod_dataplane_cut_total counter",
                 f"halod_dataplane_cut_total {stats['cut']}",
                 "# HELP halod_dataplane_refused_total Connections to a route without an owner.",

@@ -303,6 +303,11 @@ def test_metrics_export_the_workers_replaced(tmp_path: Path) -> None:
     assert "# TYPE halod_dataplane_worker_restarts_total counter" in lines
     assert any(line.startswith("# HELP halod_dataplane_worker_restarts_total ") for line in lines)
     assert "halod_dataplane_worker_restarts_total 3" in lines
+    # nftables counts (port, old owner) pairs, not connections (docs/operations.md)
+    assert (
+        "# HELP halod_dataplane_cut_total Cut because their route moved: connections "
+        "(proxy, HAProxy) or (route port, old owner) pairs (nftables)."
+    ) in lines
 
 
 def test_two_halods_whose_db_share_a_directory_do_not_share_a_worker(tmp_path: Path) -> None:
