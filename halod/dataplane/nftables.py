@@ -38,8 +38,10 @@ map change) or once conntrack shows no open flow pinned to it (the counts poll).
 
 Because the forwarding state lives in the kernel, HaloD being down (or SIGKILLed) does not
 cut anything: on start the table is replaced in one transaction with the restored owners
-and the cut pairs it held (conntrack keeps existing flows' NAT bindings) and ``stop``
-leaves it in place unless ``nft_keep_on_stop`` is off.
+and the cut pairs it held (conntrack keeps existing flows' NAT bindings), one conntrack
+listing finds flows pinned to owners the map no longer holds (a cut pending when HaloD was
+killed) and cuts them move_close_delay later, and ``stop`` leaves the table in place
+unless ``nft_keep_on_stop`` is off.
 
 The sans-I/O part (owners → elements → nft text, conntrack text → counts) is plain
 functions; :class:`NftablesDataPlane` is the Twisted shell around libnftables (ctypes) and
@@ -56,9 +58,9 @@ import os
 import re
 import shutil
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from twisted.internet import defer, protocol, task, threads
 from twisted.internet.error import ProcessDone
@@ -72,6 +74,7 @@ from orbited.core.settings import ConfigError
 if TYPE_CHECKING:
     from halod.config import HaloDConfig
 
+T = TypeVar("T")
 BROWSER, SP = "browser", "sp"
 MAP = "routes"
 CUT = "cut"
@@ -519,7 +522,9 @@ class NftablesDataPlane:
         )  # fmt: skip
         # Flows pinned to owners the restored table no longer has (the table changed
         # while this HaloD was away, e.g. another HaloD ran) are cut as after a move.
-        self._schedule_cut(moved(previous, new))
+        doomed = moved(previous, new)
+        self._schedule_cut(doomed)
+        self._cut_strays({(p, t[0], t[1]) for p, t in doomed.items()} | kept)
         if self.stats_interval > 0:
             self._poller = task.LoopingCall(self._poll)
             self._poller.clock = self.reactor
@@ -603,6 +608,9 @@ class NftablesDataPlane:
         return new
 
     def _schedule_cut(self, doomed: dict[int, Target]) -> None:
+        self._schedule_pairs([(p, t[0], t[1]) for p, t in doomed.items()])
+
+    def _schedule_pairs(self, doomed: list[Pinned]) -> None:
         if not doomed:
             return
         done: defer.Deferred[None] = defer.Deferred()
@@ -610,12 +618,59 @@ class NftablesDataPlane:
         self._pending[call] = done
         done.addBoth(lambda result: (self._pending.pop(call, None), result)[1])
 
-    def _cut(self, doomed: dict[int, Target], done: defer.Deferred[None]) -> None:
+    def _cut_strays(self, handled: set[Pinned]) -> None:
+        """On start, cut the open flows pinned to a target the map no longer has for their
+        route port (other than the ``handled`` pairs): a cut that was still pending when
+        the previous HaloD was killed, after the map had changed. Like any cut, it comes
+        move_close_delay later (after the listing: one ``conntrack -L``)."""
+        argv = [self.conntrack, "-L", "-p", "tcp", "--orig-dst", self.ports.host]
+        ports = self.ports
+        route_ports = {*range(ports.browser_base, ports.browser_base + ports.routes),
+                       *range(ports.sp_base, ports.sp_base + ports.routes)}  # fmt: skip
+        try:
+            d = self._run(argv)
+        except OSError as e:
+            self.errors += 1
+            self.log.warn("conntrack listing at start failed ({error}): flows a killed "
+                          "HaloD left uncut stay until they end", error=e)  # fmt: skip
+            return
+
+        def parse(result: tuple[str, str, int]) -> defer.Deferred[set[Pinned]]:
+            out, err, code = result
+            if code != 0:
+                raise RuntimeError(f"conntrack -L exited {code}: {err.strip()}")
+            return self._off_thread(pinned_flows, out)
+
+        def schedule(pinned: set[Pinned]) -> None:
+            strays = sorted(k for k in pinned - handled - set(self.cut_pairs)
+                            if k[0] in route_ports and self.elements.get(k[0]) != (k[1], k[2])
+                            and k[1] != ports.host)  # fmt: skip
+            if not strays or self._stopped:
+                return
+            self.log.info(
+                "{n} (route port, old owner) pairs still have open flows (a cut pending when "
+                "HaloD stopped): cut in {delay} s", n=len(strays), delay=self.close_delay,
+            )  # fmt: skip
+            self._schedule_pairs(strays)
+
+        def failed(f: Failure) -> None:
+            self.errors += 1
+            self.log.warn("conntrack listing at start failed ({error}): flows a killed "
+                          "HaloD left uncut stay until they end",
+                          error=f.getErrorMessage())  # fmt: skip
+
+        d.addCallback(parse).addCallbacks(schedule, failed)
+
+    def _off_thread(self, fn: Callable[[str], T], text: str) -> defer.Deferred[T]:
+        """Parse a (possibly megabytes long) conntrack listing in a thread."""
+        return threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), fn, text)
+
+    def _cut(self, doomed: list[Pinned], done: defer.Deferred[None]) -> None:
         """Add the moved routes' (port, old owner) pairs to the cut set: from now on the
         clients of flows still pinned to the old owner get a reset on their next packet."""
         # A route that moved back to the same target since is left alone: its flows go
         # to the current owner.
-        pairs = [(p, t[0], t[1]) for p, t in sorted(doomed.items()) if self.elements.get(p) != t]
+        pairs = [k for k in sorted(set(doomed)) if self.elements.get(k[0]) != (k[1], k[2])]
         text = cut_text(self.settings.table, pairs)
         if text:
             try:
@@ -671,9 +726,7 @@ class NftablesDataPlane:
             out, err, code = result
             if code != 0:
                 raise RuntimeError(f"conntrack -L exited {code}: {err.strip()}")
-            return threads.deferToThreadPool(
-                self.reactor, self.reactor.getThreadPool(), _parse_listing, out
-            )
+            return self._off_thread(_parse_listing, out)
 
         def store(listing: Listing) -> None:
             self.counts, pinned = listing

@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 from urllib.parse import urlencode
 
 import pytest
+from twisted.internet import defer
 from twisted.internet.error import ProcessDone
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
@@ -291,7 +292,7 @@ def test_shell_applies_changes_and_cuts_moved_routes_after_the_delay():
     # The cut is one nft transaction (the cut set), no conntrack run: the flows' entries
     # and NAT bindings stay, only the client's packets on them are answered with a reset.
     assert nft.commands[-1] == cut_text("halod", [(8101, *N1.browser), (9101, *N1.sp)])
-    assert reactor.spawned == []
+    assert [argv[1] for _, argv, _ in reactor.spawned] == ["-L"]  # only start's listing
     assert plane.stats()["cut"] == 2 and plane.stats()["cut_pairs"] == 2
     assert plane.stats()["routes"]["2"] == {"browser": 0, "sp": 0}
 
@@ -367,6 +368,56 @@ def test_shell_start_keeps_cuts_and_cuts_what_changed_while_halod_was_away():
     reactor.advance(1.5)
     assert nft.commands[-1] == cut_text("halod", [(8101, *N1.browser), (8102, *N1.browser)])
     assert plane.stats()["cut_pairs"] == 3
+
+
+def ct_line(port: int, owner: tuple[str, int], state: str = "ESTABLISHED") -> str:
+    return (
+        f"tcp      6 431999 {state} src=127.0.0.1 dst=127.0.0.100 sport=5 dport={port} "
+        f"src={owner[0]} dst=127.0.0.1 sport={owner[1]} dport=5 [ASSURED] mark=0 use=1\n"
+    )
+
+
+def test_shell_start_cuts_flows_a_killed_halod_left_pinned_to_an_old_owner(monkeypatch):
+    """A route moved, the map changed, and HaloD was SIGKILLed before the cut: the next
+    HaloD finds the map as it left it (nothing "changed while away"), so only conntrack
+    shows the flows still pinned to the old owner. They are cut move_close_delay after
+    the start, as HAProxy's disabled slots with sessions are."""
+    plane, nft, reactor = shell()
+    monkeypatch.setattr(plane, "_off_thread", lambda fn, text: defer.succeed(fn(text)))
+    nft.listed = json.dumps({"nftables": [{"map": {"name": "routes", "elem": [
+        [8100, {"concat": ["127.0.0.3", 8000]}], [9100, {"concat": ["127.0.0.3", 9000]}],
+        [8101, {"concat": ["127.0.0.2", 8000]}], [9101, {"concat": ["127.0.0.2", 9000]}],
+    ]}}]})  # fmt: skip
+    plane.start({1: N2, 2: N1})  # as the kernel holds it
+    proto, argv, _ = reactor.spawned[-1]
+    assert argv == ["/bin/true", "-L", "-p", "tcp", "--orig-dst", "127.0.0.100"]
+    finish(proto, ct_line(8100, N1.browser)  # route 1 moved n1 → n2, not yet cut: stray
+           + ct_line(8100, N2.browser)  # the new owner's flow: kept
+           + ct_line(8101, N1.browser)  # an unmoved route: kept
+           + ct_line(9100, N1.sp, "TIME_WAIT")  # over: nothing to cut
+           + ct_line(7000, ("127.0.0.9", 80)))  # not a route port  # fmt: skip
+    assert len(nft.commands) == 1
+    reactor.advance(1.4)
+    assert len(nft.commands) == 1
+    reactor.advance(0.2)
+    assert nft.commands[-1] == cut_text("halod", [(8100, *N1.browser)])
+    assert plane.stats()["cut"] == 1 and plane.stats()["cut_pairs"] == 1
+
+
+def test_shell_start_listing_failure_is_an_error_and_moves_back_skip_the_cut(monkeypatch):
+    plane, nft, reactor = shell()
+    plane.start({1: N2})
+    finish(reactor.spawned[-1][0], "conntrack: Operation failed", code=1)
+    assert plane.stats()["errors"] == 1
+    plane, nft, reactor = shell()
+    monkeypatch.setattr(plane, "_off_thread", lambda fn, text: defer.succeed(fn(text)))
+    plane.start({1: N2})
+    finish(reactor.spawned[-1][0], ct_line(8100, N1.browser))
+    plane.apply({1: N1})  # back with n1 before the cut: its flows are the owner's again
+    reactor.advance(2)
+    cuts = [c for c in nft.commands if c.startswith("add element ip halod cut")]
+    assert cuts == [cut_text("halod", [(8100, *N2.browser), (9100, *N2.sp)])]  # n2's: moved
+    assert plane.stats()["errors"] == 0
 
 
 def test_shell_logs_instead_of_raising_when_nft_keeps_failing():
@@ -749,6 +800,53 @@ def test_restart_keeps_the_table_and_established_connections(tmp_path, ns, procs
     halod.start()
     assert halod.stop() == 0
     assert ns.run("nft", "list", "table", "ip", "halodtest").returncode != 0  # removed
+
+
+def test_a_cut_pending_when_halod_is_sigkilled_is_made_after_the_restart(tmp_path, ns, procs):
+    """n2 joins, routes move in the kernel map, and HaloD is SIGKILLed before their cut
+    (move_close_delay 2 s). The restarted HaloD finds the map unchanged from what it
+    restores, so only conntrack shows the flows still pinned to n1 on the moved routes:
+    they are cut move_close_delay after the start; flows on n1's own routes live."""
+    halod = NsHaloD(ns, tmp_path, "--spares", "0", "--grace", "5", "--move-rate", "0",
+                    "--move-close-delay", "2").start()  # fmt: skip
+    procs.append(halod)
+    n1 = halod.node_in_ns(tmp_path, "n1", "127.0.0.2")
+    procs.append(n1)
+    wait_for(lambda: len(halod.kernel_map()) == 48, "48 map elements")
+    n1_http = halod.kernel_map()[halod.browser_base]
+    conns = {port: Http(ns, port) for port in range(halod.browser_base, halod.browser_base + 24)}
+    assert {c.health() for c in conns.values()} == {"n1"}
+
+    n2 = halod.node_in_ns(tmp_path, "n2", "127.0.0.3")
+    procs.append(n2)
+    wait_for(lambda: any(t[0] == "127.0.0.3" for t in halod.kernel_map().values()),
+             "routes moved to n2 in the kernel map", timeout=1.5)  # fmt: skip
+    halod.stop(signal.SIGKILL)  # before the cut
+    assert "elements" not in ns.run("nft", "list", "set", "ip", "halodtest", "cut").stdout
+    table = halod.kernel_map()
+    moved_ports = [p for p in conns if table[p] != n1_http]
+    kept_ports = [p for p in conns if table[p] == n1_http]
+    assert moved_ports and kept_ports
+    # Pinned to n1 by conntrack, the moved routes' old flows still reach n1.
+    assert conns[moved_ports[0]].health() == "n1"
+
+    halod.start()
+    assert halod.kernel_map() == table  # nothing changed while HaloD was away
+
+    def cut(port: int) -> bool:
+        try:
+            conns[port].health()
+        except OSError:  # the kernel's reset
+            return True
+        return False
+
+    took = wait_for(lambda: all(cut(p) for p in moved_ports), "old flows cut", timeout=8)
+    assert took > 1.0  # move_close_delay after the start, not at once
+    assert [conns[p].health() for p in kept_ports] == ["n1"] * len(kept_ports)
+    assert Http(ns, moved_ports[0]).health() == "n2"
+    assert halod.get("status")["dataplane"]["cut"] == len(moved_ports)
+    for conn in conns.values():
+        conn.close()
 
 
 def test_nft_errors_carry_nfts_own_message(ns):
