@@ -37,6 +37,7 @@ import resource
 import shutil
 import signal
 import socket
+import subprocess
 from collections.abc import Generator, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -67,6 +68,8 @@ LAYOUT_ENV = "HALOD_LAYOUT"
 # Commands per admin-socket line: HAProxy reads a CLI line into one buffer (16 kB).
 LINE_LIMIT = 8000
 CLI_TIMEOUT = 10.0
+# The longest start() waits for ``haproxy -D`` (it returns once HAProxy listens).
+PRIME_TIMEOUT = 10.0
 
 
 # -- sans-I/O core --------------------------------------------------------------------------
@@ -564,6 +567,7 @@ class HAProxyDataPlane:
         self._polling = False
         self._stopping = False
         self._poller: task.LoopingCall | None = None
+        self._primed = False  # start() started the HAProxy the first pass will find
 
     @classmethod
     def from_config(cls, config: HaloDConfig, reactor: Any) -> HAProxyDataPlane:
@@ -592,7 +596,10 @@ class HAProxyDataPlane:
         self._poller = task.LoopingCall(self._poll)
         self._poller.clock = self.reactor
         self._poller.start(self.stats_interval, now=False)
-        self._kick()
+        if self._prime():
+            self._kick()
+        else:
+            self._schedule_retry()
 
     def apply(self, owners: dict[int, Owner | None]) -> None:
         self.owners = dict(owners)
@@ -636,6 +643,42 @@ class HAProxyDataPlane:
                 "config": str(self.settings.config_file),
             },
         }
+
+    def _prime(self) -> bool:
+        """Once, before HaloD says it is ready (``--ready-file``): when HaloD manages
+        HAProxy and none answers on the admin socket, start it now, blocking (``haproxy
+        -D`` returns once HAProxy listens, in tens of ms), so that the route ports accept
+        from the moment HaloD is ready, as with the built-in proxy. A start that fails
+        returns False at once: HaloD starts anyway, and the asynchronous path retries
+        (1 s, doubling). A HAProxy to attach to, or haproxy_manage off, is left to that
+        path; HaloD is then ready before it has attached."""
+        s = self.settings
+        if not self.manage or _answers(s.admin_socket):
+            return True
+        binary = find_binary(self.binary)
+        if binary is None:
+            return True  # the asynchronous path reports it
+        targets = targets_of(self.owners, self.ports.routes)
+        names = {a[0] for a in targets.values() if a is not None and not is_ip(a[0])}
+        resolved = _resolve_names(names) if names else {}
+        for proxy, addr in targets.items():
+            if addr is not None and addr[0] in resolved:
+                ip = resolved[addr[0]]  # unresolvable: unowned until a pass resolves it
+                targets[proxy] = None if ip is None else (ip, addr[1])
+        self._write_config(SlotTable.of(targets))
+        try:
+            done = subprocess.run(
+                s.command(binary), cwd=s.directory, env=dict(os.environ),
+                stdin=subprocess.DEVNULL, capture_output=True, timeout=PRIME_TIMEOUT,
+            )  # fmt: skip
+        except (OSError, subprocess.TimeoutExpired) as e:
+            return self._fail(f"cannot run {binary}: {e}")
+        if done.returncode != 0:
+            output = (done.stdout + done.stderr).decode("utf-8", "replace").strip()
+            return self._fail(f"HAProxy failed to start (exit {done.returncode}): "
+                              f"{output[-2000:]}")  # fmt: skip
+        self._primed = True
+        return True
 
     # -- reconciling HAProxy with the table ---------------------------------------------------
 
@@ -723,7 +766,7 @@ class HAProxyDataPlane:
         """Attach to the HAProxy answering on our admin socket, reloading it if its layout
         is not ours, or start one; then read its slots into ``self.table``."""
         s = self.settings
-        fresh = False
+        fresh, self._primed = self._primed, False
         layout = yield self._running_layout()
         if layout is None:
             if not self.manage:
@@ -966,6 +1009,17 @@ class HAProxyDataPlane:
             else:
                 os.kill(pid, signal.SIGKILL)
         self.state = "stopped"
+
+
+def _answers(path: Path) -> bool:
+    """Whether something accepts connections on the UNIX socket ``path``."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(1)
+        try:
+            sock.connect(str(path))
+        except OSError:
+            return False
+        return True
 
 
 def _resolve_names(names: set[str]) -> dict[str, str | None]:

@@ -12,6 +12,8 @@ import json
 import os
 import signal
 import socket
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -455,6 +457,61 @@ def test_haproxy_failing_to_start_is_reported_and_retried(cluster, tmp_path):
     assert cluster.plane()["haproxy"]["state"] == "failed" and halod.alive()
     hog.close()
     cluster.wait_synced()  # a retry (backoff 1, 2, 4 s) starts it
+
+
+def first_answer(host: str, port: int, ready_file: Path, proc) -> str:
+    """Wait (1 ms polls) for the ready file, then connect to ``port`` at once."""
+    deadline = time.monotonic() + 15
+    while not ready_file.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "HaloD did not start"
+        time.sleep(0.001)
+    try:
+        with socket.create_connection((host, port), timeout=5) as s:
+            return "eof" if s.recv(10) == b"" else "data"
+    except ConnectionRefusedError:
+        return "refused"
+
+
+@needs_haproxy
+def test_haproxy_listens_when_halod_says_it_is_ready(cluster, tmp_path):
+    """The ready file waits for HAProxy's first start, as for the built-in proxy's worker:
+    an unowned route is answered with an EOF (operations.md), never refused. Before, the
+    ready file came 20-50 ms before HAProxy listened; a HAProxy that cannot start still
+    gets the ready file written (then retried)."""
+    host = "127.0.1.51"
+    halod = HaloDProcess(tmp_path, "--haproxy-dir", str(cluster.hx), "--haproxy-nbthread",
+                         "1", "--haproxy-stats-interval", "0.2", "--dataplane-host", host,
+                         dataplane="haproxy")  # fmt: skip
+    halod.control, halod.status_http = "tcp://127.0.1.50:0", "127.0.1.50:0"
+    cmd = [sys.executable, "-m", "halod.cli", "run", "--db", str(halod.db), "--control",
+           halod.control, "--status-http", halod.status_http, "--ready-file",
+           str(halod.ready_file), *halod.flags]  # fmt: skip
+    with halod.log_file.open("ab") as log:
+        halod.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    cluster.procs.append(halod)
+    assert first_answer(host, halod.browser_base, halod.ready_file, halod.proc) == "eof"
+    cluster.halod = halod
+    halod.status_http = json.loads(halod.ready_file.read_text())["status"]
+    cluster.wait_synced()
+    assert "HAProxy data plane started" in halod.log_file.read_text()
+    wait_for(lambda: cluster.plane()["refused"] == 1, "the EOF counted as refused")
+    halod.stop()
+    cluster.close()
+
+    # HAProxy cannot start (its port taken): the ready file is written all the same.
+    hog = socket.create_server((host, halod.browser_base + 1))
+    halod.ready_file.unlink()
+    with halod.log_file.open("ab") as log:
+        halod.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        assert first_answer(host, halod.browser_base, halod.ready_file, halod.proc) == "refused"
+        halod.status_http = json.loads(halod.ready_file.read_text())["status"]
+        assert halod.get("status")["dataplane"]["haproxy"]["state"] == "failed"
+        hog.close()
+        cluster.wait_synced()  # the retry (1 s) starts it
+        assert first_answer(host, halod.browser_base, halod.ready_file, halod.proc) == "eof"
+    finally:
+        hog.close()
 
 
 @slow
