@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 
 import twisted.web.client
 
-from orbited.core.control import MAX_ROUTES, halod_addresses
+from orbited.core.control import MAX_ROUTES, NAME, halod_addresses
 from orbited.core.settings import (
     ConfigBase,
     ConfigError,
@@ -286,8 +286,11 @@ class NodeConfig(ConfigBase):
                 raise ConfigError("publish_http needs publish_key_file")
         parse_sp_address(self.sp, "sp")
         self.require_positive(*_POSITIVE, "capacity")
-        if not self.name:
-            raise ConfigError("name must not be empty")
+        if not NAME.fullmatch(self.name):  # what HaloD accepts in register
+            raise ConfigError(
+                "name must be 1-64 characters A-Z a-z 0-9 . _ : @ -, starting with a letter "
+                f"or digit (HaloD refuses any other), not {self.name!r}"
+            )
         if self.routes > MAX_ROUTES:  # as HaloD's (a node refuses a larger welcome)
             raise ConfigError(f"routes must be at most {MAX_ROUTES}")
         if self.token_leeway < 0:

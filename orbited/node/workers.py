@@ -32,6 +32,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TextIO
 
+from orbited.core.control import NAME
 from orbited.core.settings import ConfigError, parse_host_port
 from orbited.node.config import NodeConfig
 
@@ -90,6 +91,10 @@ def plan_workers(config: NodeConfig, count: int) -> list[WorkerPlan]:
     """Each worker's name and ports by the port + i rule. Raises ConfigError when two
     listeners of the workers would share a port (e.g. ``http`` 8000 and ``sp`` 8001 with
     2 workers: worker 1's browser port is worker 0's SP port)."""
+    last = f"{config.name}-{count - 1}"
+    if not NAME.fullmatch(last):
+        raise ConfigError(f"name: the workers' names (up to {last!r}) must be at most 64 "
+                          "characters: shorten name")  # fmt: skip
     plans = []
     for i in range(count):
         plans.append(WorkerPlan(

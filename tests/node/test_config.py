@@ -67,7 +67,7 @@ def test_defaults_bind_loopback():
         ({"token_leeway": -1.0}, "token_leeway must not be negative"),
         ({"iframe_max_bytes": 0}, "iframe_max_bytes must be positive"),
         ({"backlog": 0}, "backlog must be positive"),
-        ({"name": ""}, "name must not be empty"),
+        ({"name": ""}, "name must be 1-64 characters"),
         ({"routes": 65537}, "routes must be at most 65536"),
     ],
 )
@@ -466,3 +466,17 @@ def test_a_bad_address_is_refused_with_its_key_named(cls, values, key):
     config = NodeConfig if cls == "node" else HaloDConfig
     with pytest.raises(ConfigError, match=f"^{key}: "):
         config.load(None, values)
+
+
+@pytest.mark.parametrize("name", ["", "<b>x</b>", "-n1", "n 1", "é", "a" * 65])
+def test_a_name_halod_would_refuse_is_refused_at_start(name):
+    """HaloD's register refuses a name outside 1-64 of [A-Za-z0-9._:@-] starting with a
+    letter or digit (docs/halod-protocol.md): a node with one must not start and then be
+    refused once a second for ever."""
+    with pytest.raises(ConfigError, match="^name must be 1-64 characters"):
+        NodeConfig.load(None, {"name": name})
+
+
+def test_names_halod_accepts_are_taken():
+    for name in ("n1", "a" * 64, "node-1.eu:west@2", "7"):
+        assert NodeConfig.load(None, {"name": name}).name == name

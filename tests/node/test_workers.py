@@ -51,6 +51,13 @@ def test_each_worker_gets_its_name_and_every_port_plus_its_index():
     assert plans[2].orbit_legacy == ""  # off stays off
 
 
+def test_a_name_too_long_for_the_workers_names_is_refused():
+    # each worker registers as <name>-<i>, which HaloD takes up to 64 characters
+    assert plan_workers(NodeConfig(name="a" * 62), 10)[-1].name == "a" * 62 + "-9"
+    with pytest.raises(ConfigError, match="at most 64 characters: shorten name"):
+        plan_workers(NodeConfig(name="a" * 62), 11)
+
+
 def test_port_zero_stays_zero_a_free_port_per_worker():
     config = NodeConfig(http="127.0.0.1:0", sp="tcp://127.0.0.1:0")
     assert {(p.http, p.sp) for p in plan_workers(config, 4)} == {
