@@ -58,6 +58,9 @@ class Insight:
         self.traces = TraceFanout(clock, config.trace_timeout)
         self._in_flight: dict[int, float] = {}
         self._cache: dict[int, tuple[int, dict[str, Any]]] = {}  # id → (rev, JSON)
+        # Each suspected node's latest probe finding: a node that still answers fails
+        # after grace with no finding of its own in that change (silent, ports alive).
+        self._probed: dict[str, str] = {}
 
     # -- hooks (halod.server) --------------------------------------------------------------
 
@@ -65,6 +68,7 @@ class Insight:
         self.features[name] = frozenset(features)
         self.load.registered(name, now)
         self.timeline.recovered(name)
+        self._probed.pop(name, None)
         self.feed.changed()
 
     def heartbeat(self, name: str, msg: Heartbeat, now: float) -> None:
@@ -93,6 +97,8 @@ class Insight:
         """A change saved as ``version`` is being acted on (``HaloD._release``)."""
         if effects.findings or effects.drops or effects.probes:
             self.feed.changed()  # a suspicion or probe verdict the page shows
+        for finding in effects.findings:
+            self._probed[finding.name] = finding.describe()
         if not effects.changes:
             return
         handoffs = {
@@ -111,6 +117,8 @@ class Insight:
                     reason = "operator"
                 else:
                     reason = membership.failed.get(change.name, (0.0, "left"))[1]
+                    probe = probe or self._probed.get(change.name)
+                self._probed.pop(change.name, None)
             else:
                 reason = "registered"
             self.timeline.changed(change, version, now, by_node, reason, handoffs, probe)

@@ -119,6 +119,11 @@ def test_a_stopped_node_answers_from_its_kernel_so_grace_applies(tmp_path, procs
     assert time.monotonic() - stopped >= MISSED * HEARTBEAT + grace - 0.3
     after = halod.owners()
     assert {after[r] for r, owner in before.items() if owner == "n3"} == {"s"}
+    # the failover incident carries the probe's finding (docs/halod.md, "The timeline"):
+    # its ports still answered
+    timeline = halod.get("dashboard/state")["timeline"]
+    (incident,) = [i for i in timeline if i["kind"] == "failover" and i["node"] == "n3"]
+    assert incident["probe"] is not None and "refused" not in incident["probe"], incident
 
 
 def test_a_control_link_blip_keeps_the_routes_of_a_node_that_answers(tmp_path, procs):
