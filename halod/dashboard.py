@@ -3,7 +3,8 @@ its live feed (server-sent events), served on the status port.
 
 ``snapshot`` and the event bodies are pure functions of a ``DashboardView`` (plain
 values the shell collects). ``DashboardFeed`` keeps the open event streams: after a
-change it pushes ``table``, ``incident`` and (on a change of node state) ``nodes`` in the
+change it pushes ``table`` (with ``summary`` if it changed), ``incident`` and (on a
+change of node state) ``nodes`` in the
 next reactor turn, at most once per ``COALESCE`` seconds; ``nodes`` and ``summary``
 every ``NODES_EVERY`` seconds, a comment every ``KEEPALIVE`` seconds; and it closes a
 stream whose connection has more than ``MAX_UNSENT`` bytes it could not send (a reader
@@ -329,6 +330,7 @@ class DashboardFeed:
         if table != self._sent_table:
             self._sent_table = table
             self._broadcast(self._event("table", table))
+            self._summary(view)  # its ``moving``: what the legend and a cell's hover say
         fresh = view.timeline[:TIMELINE_SHOWN]
         for incident in reversed(fresh):  # oldest first
             sent = self._sent_incidents.get(int(incident["id"]))
@@ -347,6 +349,9 @@ class DashboardFeed:
             else:
                 self._sent_routes[row["name"]] = row["routes"]
         self._broadcast(self._event("nodes", body))
+        self._summary(view)
+
+    def _summary(self, view: DashboardView) -> None:
         summary = summary_json(view)
         if summary != self._sent_summary:
             self._sent_summary = summary

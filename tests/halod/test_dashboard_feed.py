@@ -15,6 +15,7 @@ from halod.dashboard import (
     DashboardFeed,
     DashboardView,
     snapshot,
+    summary_json,
 )
 from halod.svg import PALETTE
 
@@ -143,8 +144,10 @@ def test_a_change_goes_out_at_once_and_later_ones_are_coalesced() -> None:
     for _ in range(5):
         feed.changed()
     clock.advance(0)
-    assert request.events() == [("table", {"version": 4, "owners": ["n1", "n2", "n2", "n2"],
-                                           "in_flight": {"2": 5.0}})]  # fmt: skip
+    assert request.events() == [
+        ("table", {"version": 4, "owners": ["n1", "n2", "n2", "n2"], "in_flight": {"2": 5.0}}),
+        ("summary", summary_json(holder.view)),  # its table_version changed
+    ]
     clock.advance(0.01)
     holder.view = replace(holder.view, in_flight={})  # the hand-off came
     feed.changed()
@@ -153,13 +156,33 @@ def test_a_change_goes_out_at_once_and_later_ones_are_coalesced() -> None:
     clock.advance(COALESCE - 0.02)
     assert request.events() == []
     clock.advance(0.02)
-    assert request.events() == [("table", {"version": 5, "owners": ["n1", "n2", "n2", "n2"],
-                                           "in_flight": {}})]  # fmt: skip
+    assert request.events() == [
+        ("table", {"version": 5, "owners": ["n1", "n2", "n2", "n2"], "in_flight": {}}),
+        ("summary", summary_json(holder.view)),
+    ]
     clock.advance(1.0)
     request.events()
     feed.changed()
     clock.advance(0)
     assert request.events() == []  # nothing new: nothing sent
+
+
+def test_a_paced_step_sends_the_summary_with_the_table() -> None:
+    """The legend and a cell's hover read ``summary.moving``: a step of a paced move must
+    not leave them saying "waiting to move" for up to a second after the map moved."""
+    clock, holder, feed, request = subscribed()
+    status = holder.view.status
+    waiting = [{"route": 3, "from": "n2", "to": "n1"}, {"route": 4, "from": "n2", "to": "n1"}]
+    holder.view = replace(holder.view, status={**status, "moving": waiting})
+    clock.advance(NODES_EVERY)
+    assert dict(request.events())["summary"]["moving"] == waiting
+    holder.view = replace(holder.view, owners=("n1", "n2", "n1", "n2"),
+                          status={**status, "table_version": 4, "moving": waiting[1:]})  # fmt: skip
+    feed.changed()
+    clock.advance(0)
+    events = dict(request.events())
+    assert events["table"]["owners"] == ["n1", "n2", "n1", "n2"]
+    assert events["summary"]["moving"] == waiting[1:]
 
 
 def test_incidents_are_pushed_when_new_or_changed() -> None:
