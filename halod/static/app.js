@@ -408,7 +408,7 @@ function paintOperator() {
   if (!state.nodes.live) {
     box.append("read-only: operator actions go to the leader");
   } else if (!state.operatorRequired) {
-    box.append("operator actions: use the CLI (no operator key configured)");
+    box.append("operator actions: use the CLI, halod drain NAME / halod undrain NAME and orbited trace (no operator key configured)");
   } else if (operatorKey()) {
     const forget = el("button", { text: "Forget key" });
     forget.addEventListener("click", () => {
