@@ -238,6 +238,9 @@ class Browser:
         self.dup_dropped = 0
         self.foreign = 0  # events whose "k" names another key
         self.resets = 0
+        # Churn: away, or living a fresh key's life meanwhile; what it misses waits in its
+        # mailbox (or expires), so a run that ends now cannot count it as received.
+        self.absent = False
         self.gaps: list[list[int]] = []
         self.reconnects = 0
         self.connects = 0
@@ -656,6 +659,7 @@ class Browser:
             "replayed": self.replayed,
             "foreign": self.foreign,
             "resets": self.resets,
+            "absent_at_end": self.absent,
             "gaps": self.gaps,
             "reconnects": self.reconnects,
             "connects": self.connects,
@@ -817,6 +821,7 @@ async def churn_slot(
             current = browser
             current.transport = rng.choice(transports)
             current.churn["back"] += 1
+            browser.absent = False
             continue
         if browser.fatal is not None:  # replaced or refused: a new page load, same key
             browser.churn["fatal"] += 1
@@ -828,9 +833,12 @@ async def churn_slot(
         if action == "switch":
             browser.transport = rng.choice(others)
         elif action == "away":
+            browser.absent = True
             await asyncio.sleep(rng.uniform(churn.away_min, churn.away_max))
+            browser.absent = False
             browser.transport = rng.choice(transports)
         else:
+            browser.absent = True
             fresh_serial += 1
             user, _, location = browser.key
             key = ConnectionKey(user, f"x{os.getpid()}.{fresh_serial}", location)

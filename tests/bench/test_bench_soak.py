@@ -64,6 +64,8 @@ def test_quick_soak_end_to_end(tmp_path: Path) -> None:
     statuses = events["sender_statuses"]
     assert statuses.get("delivered", 0) > 0 and statuses.get("acked", 0) > 0
     assert events["resets"] > 0  # some pages stayed away past the 3 s linger
+    # the pages there at the end, never reset, got every event (bench/README.md, "soak")
+    assert events["lost_by_clients_without_reset"] == 0, events
     # everything the harness started has stopped
     assert [n for n, pid in result["pids"].items() if alive(pid)] == []
     assert "soak:" in done.stdout and "churn:" in done.stdout
