@@ -118,6 +118,10 @@ class HubConfig:
 
 _new = tuple.__new__
 FULL_RESULT = b'{"status":"full"}'  # the node's mailboxes hold mailbox_total_bytes
+# Results that stored nothing and tell the web app to resend (docs/protocol.md): a reply
+# made only of these is not remembered, so the resend is dispatched again (a spare that
+# answered moved may own the route by then) instead of getting the same reply back.
+RESEND = frozenset((Status.MOVED, Status.FULL, Status.LIMITED))
 
 # Seconds after a transport left during which an attach of the same key counts as a
 # long-poll cycle (or a quick reconnect): never refused by user_max_connections, and
@@ -1270,7 +1274,8 @@ class Hub(RouteOwnership):
                     if eid.isascii() and eid.find(b"\x7f") < 0
                     else events.ok_reply(request.event_id, [one])
                 )  # fmt: skip
-                dedup.remember(digest, reply, now)
+                if only[0] not in RESEND:  # (a resend of "stored nothing" is sent again)
+                    dedup.remember(digest, reply, now)
                 if raw:
                     return reply
                 return _new(DispatchResult, (request.event_id, (only,), False, reply))
@@ -1518,7 +1523,8 @@ class Hub(RouteOwnership):
         if encoded is None:
             encoded = [r.encode() for r in results]
         reply = events.ok_reply(request.event_id, encoded, eid)
-        self.dedup.remember(request.digest, reply, now)
+        if not all(r[0] in RESEND for r in results):
+            self.dedup.remember(request.digest, reply, now)
         return _new(DispatchResult, (request.event_id, tuple(results), False, reply))
 
     def _deliver(

@@ -310,6 +310,33 @@ def test_keys_of_routes_not_served_are_refused_and_reported_moved():
     assert send(hub, "e3", [moved], "x")["results"] == [{"status": "no_connection"}]
 
 
+def test_a_reply_that_stored_nothing_is_not_remembered():
+    """``moved``, ``full`` and ``limited`` store nothing and tell the web app to resend
+    (docs/protocol.md): the same request sent again is dispatched again, not answered
+    from the dedup memory. A spare answers ``moved``, then takes the route over (its
+    owner died): the client's resend of that request must reach the browser, not get the
+    remembered ``moved`` for dedup_window seconds."""
+    hub, _ = make_hub()
+    hub.assign([2, 3])
+    key = keys_on_routes([1])[0]
+    assert send(hub, "e1", [key], "x")["results"][0]["status"] == "moved"
+    acked = json.loads(send_acked(hub, "e2", [key], "y"))  # acknowledged mode: likewise
+    assert acked["results"][0]["status"] == "moved"
+    hub.assign([1, 2, 3])  # the route is this node's now
+    sink = RecordingSink()
+    hub.attach(key, sink, None)
+    again = send(hub, "e1", [key], "x")
+    assert again["results"][0]["status"] == "delivered" and "duplicate" not in again
+    d = hub.handle_request(json.dumps({"id": "e2", "to": [list(key)], "data": "y",
+                                       "ack": 5}).encode())  # fmt: skip
+    assert [f["type"] for f in sink.frames] == ["hello", "event", "event"]
+    hub.ack(key, 2, hub.mailbox(key).stream)
+    assert answer(d)[0]["results"][0]["status"] == "acked"
+    # a reply that stored something is remembered as before
+    assert send(hub, "e1", [key], "x")["duplicate"] is True
+    assert [f["type"] for f in sink.frames] == ["hello", "event", "event"]
+
+
 def test_standalone_hub_serves_every_route():
     hub, _ = make_hub()
     key = keys_on_routes([24])[0]
