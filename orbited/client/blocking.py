@@ -223,13 +223,18 @@ class Request:
         return cluster.hash_version != self.hash_version
 
     def give_up(self, error: str | None, code: str | None = None) -> None:
-        """No more resends: the recipients still unanswered get ``error`` (None: they keep
-        the last answer, ``moved``)."""
-        if error is not None:
-            result = {"status": "error", "error": error}
+        """No more resends: the recipients still unanswered get ``error``. None: those
+        answered ``moved`` keep that answer; those never answered (a request queued on
+        the same connection as another one's ``moved``) get an error all the same, so
+        every recipient of a send has a result."""
+        for k in self.keys:
+            if error is None and k in self.results:
+                continue
+            result = {"status": "error",
+                      "error": error or "no reply within the retry budget"}  # fmt: skip
             if code is not None:
                 result["code"] = code
-            self.results.update((k, dict(result)) for k in self.keys)
+            self.results[k] = result
         self.keys = []
 
 

@@ -166,3 +166,19 @@ def test_the_budget_ends_in_an_error_and_the_client_keeps_working(setup):
     ((request_id, _),) = node.requests()
     node.reply(request_id, [{"status": "no_connection"}])
     assert results(later)[key] == {"status": "no_connection"}
+
+
+def test_a_send_behind_another_ones_moved_still_gets_a_result(setup):
+    """Two sends on one connection; the budget has run out when the first is answered
+    `moved`: the connection is dropped and both requests are given up. The first keeps its
+    `moved`; the second, never answered, must get an error result, not errback with a
+    bare KeyError (docs/client-python.md: the Deferred never errbacks for that)."""
+    reactor, client, node, key = setup  # retry_budget 1 s
+    first, second = client.send([key], 1, "e1"), client.send([key], 2, "e2")
+    node.accept()
+    (first_id, _), _ = node.requests()
+    reactor.advance(1.5)  # past the budget, before the timeout (5 s)
+    node.reply(first_id, [{"status": "moved", "route": 3}])
+    assert results(first)[key] == {"status": "moved", "route": 3}
+    result = results(second)[key]
+    assert result["status"] == "error" and result["code"] == "unreachable", result
