@@ -63,6 +63,9 @@ class NodeRecord:
     last_heartbeat: float = 0.0
     disconnected_at: float | None = None
     connections: int = 0  # browsers connected now (heartbeat `connections`)
+    # A heartbeat (with ``connections``) came since this HaloD started: a paced move
+    # planned by an earlier HaloD (restored) sizes its steps by it, so it waits for one.
+    counted: bool = False
     mailboxes: int | None = None  # keys with a mailbox, lingering ones too (None: not sent)
     hashes: tuple[int, ...] | None = None  # hash versions it speaks (None: not registered yet)
 
@@ -245,6 +248,7 @@ class Membership:
         if record is None:
             return False
         record.last_heartbeat = now
+        record.counted = True  # (a node that sends no count never will: 0 it stays)
         if msg.connections is not None:
             record.connections = msg.connections
         if msg.mailboxes is not None:
@@ -462,14 +466,27 @@ class Membership:
 
     def _movable(self) -> list[int]:
         """Held routes whose step may come: both ends connected (a hand-off needs them;
-        the others wait, and a failure moves them at once)."""
+        the others wait, and a failure moves them at once), and, for a move an earlier
+        HaloD planned (restored: no share taken), the old owner's browsers counted by a
+        heartbeat to this one (else every route would count 0 and go in one step)."""
         table = self.table.owners()
         movable = []
         for route in sorted(self.holdover):
             old, new = self.nodes.get(self.holdover[route]), self.nodes.get(table.get(route, ""))
-            if old is not None and new is not None and old.connected and new.connected:
+            if (
+                old is not None
+                and new is not None
+                and old.connected
+                and new.connected
+                and (route in self._share or old.counted)
+            ):
                 movable.append(route)
         return movable
+
+    def counted(self, name: str) -> bool:
+        """Whether ``name``'s browsers have been counted (a heartbeat's ``connections``)."""
+        record = self.nodes.get(name)
+        return record is not None and record.counted
 
     def _take_step(self, now: float) -> None:
         """Release the next routes of ``holdover``: whole routes, oldest route number

@@ -181,6 +181,24 @@ def test_the_holdover_is_saved_with_the_table_and_restored():
     assert restored.held_by("n1") == list(range(5, 13))
 
 
+def test_a_restored_paced_move_waits_for_the_browser_count_then_paces():
+    """A HaloD restarted mid-drain restores the rest of the move (holdover) but no count
+    of the old owner's browsers: it must not move every held route in one step (each
+    counting 0 browsers) but wait for the old owner's first heartbeat, then step as
+    before (4 routes of n1's 12 a step)."""
+    m = cluster()
+    m.drain("n1", 1.0)
+    restored = Membership.restore(m.snapshot(), TIMING, 2.0, 1)
+    for name in ("n1", "n2", "n3"):
+        restored.register(reg(name), 2.0)
+    assert not restored.pace_tick(2.1).changes  # nobody counted yet: no step
+    assert restored.pace_due() is None  # (and no spinning: the heartbeat wakes it)
+    restored.heartbeat("n2", Heartbeat(1, connections=0), 2.2)
+    restored.heartbeat("n1", Heartbeat(1, connections=FOUR_A_STEP * 8 // 12), 2.2)
+    assert moved_routes(restored.pace_tick(2.3), "n1") == [5, 6, 7, 8]
+    assert restored.held_by("n1") == [9, 10, 11, 12]
+
+
 def test_a_restored_holdover_naming_a_stranger_is_refused():
     m = cluster()
     m.drain("n1", 1.0)
