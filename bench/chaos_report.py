@@ -15,6 +15,8 @@ Definitions (per client, i.e. per connection key):
   send time falls in (``round_times``), or to "outside" — losses outside every incident
   are the interesting bug;
 - **duplicated**: n values the browser's app layer saw more than once;
+- **out_of_order**: events the browser's app layer saw after a later one of its stream
+  (bench/browsers.py counts them; 0 is the promise, as for lost and duplicated);
 - **user-addressed events** (``bench/sender.py --users``: one ``[user, "*", "*"]`` per
   user): each key's accepted n are those the wildcard's ``matched`` reply gave that key
   an accepted status (``selector_statuses``), so lost and duplicated are per key, as for
@@ -249,6 +251,7 @@ def analyse_client(
         "lost_count": len(lost),
         "lost_by_window": {k: compress(v) for k, v in lost_by_window.items()},
         "duplicated": int(client.get("dups", 0)),
+        "out_of_order": int(client.get("out_of_order", 0)),
         "unexpected": len(received - accepted),  # e.g. a reply lost though the event arrived
         "recoveries": [None if not hit else ("never" if t is None else t) for hit, t in recoveries],
     }
@@ -323,6 +326,7 @@ def summarize(
         "lost": sum(c["lost_count"] for c in per_client.values()),
         "lost_outside_windows": lost_outside,
         "duplicated": sum(c["duplicated"] for c in per_client.values()),
+        "out_of_order": sum(c["out_of_order"] for c in per_client.values()),
         "clients_with_loss": sum(1 for c in per_client.values() if c["lost_count"]),
         "reconnects": sum(int(r.get("reconnects", 0)) for r in reports.values()),
         "resets": sum(int(r.get("resets", 0)) for r in reports.values()),

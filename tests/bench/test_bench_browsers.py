@@ -100,9 +100,10 @@ def test_analyse_lost_duplicated_and_incidents():
         {"id": "b", "transport": "poll", "received": [[1, 3], [6, 8], [10, 10]], "dups": 1,
          "outages": [[103.2, 106.0, 105.9]], "reconnects": 2, "resets": 1},
         {"id": "c", "transport": "sse", "received": [[1, 10], [11, 11]], "dups": 0,
-         "outages": [[103.0, None, None]]},
+         "outages": [[103.0, None, None]], "out_of_order": 2},
     ]  # fmt: skip
     result = analyse(accepted, clients, round_times, [(103.0, 105.0)])
+    assert result["clients"]["c"]["out_of_order"] == 2 and result["summary"]["out_of_order"] == 2
     b = result["clients"]["b"]
     assert b["lost"] == [[4, 5], [9, 9]]
     assert b["lost_by_window"] == {"0": [[4, 5]], "outside": [[9, 9]]}
