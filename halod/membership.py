@@ -422,7 +422,8 @@ class Membership:
         """When ``pace_tick`` should next run (None: no paced move waits)."""
         if self.step is not None:
             return self.step.next_at() if self.holdover else None
-        # None while every held route waits for a node to come back (the tick retries)
+        # None while every held route waits for a node to come back or, restored, for
+        # its old owner's first heartbeat (the deadline tick retries)
         return 0.0 if self._movable() else None
 
     def pace_tick(self, now: float) -> Effects:
@@ -482,11 +483,6 @@ class Membership:
             ):
                 movable.append(route)
         return movable
-
-    def counted(self, name: str) -> bool:
-        """Whether ``name``'s browsers have been counted (a heartbeat's ``connections``)."""
-        record = self.nodes.get(name)
-        return record is not None and record.counted
 
     def _take_step(self, now: float) -> None:
         """Release the next routes of ``holdover``: whole routes, oldest route number

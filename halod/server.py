@@ -324,12 +324,9 @@ class HaloD:
                     name=msg.name, browser=msg.browser, sp=msg.sp,
                 )  # fmt: skip
             elif isinstance(msg, Heartbeat):  # the hot path: no Effects, a preformatted ack
-                first = self.membership.holdover and not self.membership.counted(conn.name)
                 if self.membership.heartbeat(conn.name, msg, now):
                     conn.send_bytes(encode_heartbeat_ack(msg.seq))
                     self.insight.heartbeat(conn.name, msg, now)
-                    if first:  # a restored paced move may have waited for this count
-                        self._schedule_pace()
                 return
             elif isinstance(msg, Handoff):  # relayed as is: nodes never talk to each other
                 target = self.connections.get(msg.to)
