@@ -38,7 +38,7 @@ import shutil
 import signal
 import socket
 import subprocess
-from collections.abc import Generator, Iterable
+from collections.abc import Generator, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -659,12 +659,9 @@ class HAProxyDataPlane:
         if binary is None:
             return True  # the asynchronous path reports it
         targets = targets_of(self.owners, self.ports.routes)
-        names = {a[0] for a in targets.values() if a is not None and not is_ip(a[0])}
-        resolved = _resolve_names(names) if names else {}
-        for proxy, addr in targets.items():
-            if addr is not None and addr[0] in resolved:
-                ip = resolved[addr[0]]  # unresolvable: unowned until a pass resolves it
-                targets[proxy] = None if ip is None else (ip, addr[1])
+        names = _names(targets)
+        if names:  # unresolvable: unowned until a pass resolves it
+            _with_ips(targets, _resolve_names(names), {})
         self._write_config(SlotTable.of(targets))
         try:
             done = subprocess.run(
@@ -859,20 +856,13 @@ class HAProxyDataPlane:
         """Targets with IP addresses (runtime ``set server addr`` takes no names). Names
         are resolved in a thread; one that fails keeps its routes where they are."""
         targets = targets_of(owners, self.ports.routes)
-        names = {a[0] for a in targets.values() if a is not None and not is_ip(a[0])}
+        names = _names(targets)
         if not names:
             return targets
         resolved = yield threads.deferToThread(_resolve_names, names)
         current = self.table.targets() if self.table is not None else {}
-        for proxy, addr in targets.items():
-            if addr is not None and addr[0] in resolved:
-                ip = resolved[addr[0]]
-                if ip is None:
-                    self.log.warn("cannot resolve {host}: {proxy} unchanged",
-                                  host=addr[0], proxy=proxy)  # fmt: skip
-                    targets[proxy] = current.get(proxy)
-                else:
-                    targets[proxy] = (ip, addr[1])
+        for host, proxy in _with_ips(targets, resolved, current):
+            self.log.warn("cannot resolve {host}: {proxy} unchanged", host=host, proxy=proxy)
         return targets
 
     def _write_config(self, table: SlotTable) -> None:
@@ -1020,6 +1010,28 @@ def _answers(path: Path) -> bool:
         except OSError:
             return False
         return True
+
+
+def _names(targets: Mapping[str, Addr | None]) -> set[str]:
+    """The host names (not IP addresses) among ``targets``."""
+    return {a[0] for a in targets.values() if a is not None and not is_ip(a[0])}
+
+
+def _with_ips(targets: dict[str, Addr | None], resolved: Mapping[str, str | None],
+              current: Mapping[str, Addr | None]) -> list[tuple[str, str]]:  # fmt: skip
+    """Put the IP address ``resolved`` gave each name into ``targets``; a name that did
+    not resolve leaves its proxy at ``current``'s target (none: unowned). Returns those
+    (host, proxy)."""
+    failed = []
+    for proxy, addr in targets.items():
+        if addr is not None and addr[0] in resolved:
+            ip = resolved[addr[0]]
+            if ip is None:
+                failed.append((addr[0], proxy))
+                targets[proxy] = current.get(proxy)
+            else:
+                targets[proxy] = (ip, addr[1])
+    return failed
 
 
 def _resolve_names(names: set[str]) -> dict[str, str | None]:
