@@ -627,13 +627,6 @@ class NftablesDataPlane:
         ports = self.ports
         route_ports = {*range(ports.browser_base, ports.browser_base + ports.routes),
                        *range(ports.sp_base, ports.sp_base + ports.routes)}  # fmt: skip
-        try:
-            d = self._run(argv)
-        except OSError as e:
-            self.errors += 1
-            self.log.warn("conntrack listing at start failed ({error}): flows a killed "
-                          "HaloD left uncut stay until they end", error=e)  # fmt: skip
-            return
 
         def parse(result: tuple[str, str, int]) -> defer.Deferred[set[Pinned]]:
             out, err, code = result
@@ -659,7 +652,8 @@ class NftablesDataPlane:
                           "HaloD left uncut stay until they end",
                           error=f.getErrorMessage())  # fmt: skip
 
-        d.addCallback(parse).addCallbacks(schedule, failed)
+        # (maybeDeferred: a tool that cannot be started, OSError, fails the same way)
+        defer.maybeDeferred(self._run, argv).addCallback(parse).addCallbacks(schedule, failed)
 
     def _off_thread(self, fn: Callable[[str], T], text: str) -> defer.Deferred[T]:
         """Parse a (possibly megabytes long) conntrack listing in a thread."""
