@@ -1311,6 +1311,8 @@ def virtual_address(config: HaloDConfig, reactor: Any) -> VirtualAddress:
     settings = VipSettings(
         address=config.vip_address, interface=config.vip_interface,
         router_id=config.vip_router_id, priority=config.vip_priority,
+        # a hung HaloD's file is stale once its lease has ended (halod.vip)
+        stale_after=config.etcd_lease_ttl,
         state_dir=str(Path(config.db).absolute().parent / "vip"),  # HaloD's state together
     )  # fmt: skip
     return VirtualAddress(settings, reactor)

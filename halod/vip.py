@@ -9,6 +9,13 @@ follower at its own ``priority``: the leader's host wins the address (VRRP preem
 lower-priority master), and a follower's keepalived gives it up as soon as it hears the
 leader's advertisement.
 
+A HaloD that hangs (frozen, a blocked reactor) cannot write ``0`` when another HaloD
+takes its lease, so the track file also has to be *fresh*: HaloD rewrites its time every
+``refresh_interval`` seconds, and keepalived runs a check (``alive.sh``, every second)
+that takes ``lead_boost`` away again while the file is older than ``stale_after`` (the
+lease's TTL: by then a hung leader has lost its lease). A hung leader's host then drops
+back to its base priority and the new leader's host takes the address.
+
 keepalived runs under ``setpriv --pdeathsig TERM``: when HaloD dies (even by SIGKILL)
 keepalived gets SIGTERM, removes the address and sends a priority-0 advertisement, so a
 standby takes the address within its skew time (≈ ``advert_int`` × (256 − priority)/256)
@@ -28,8 +35,8 @@ The sans-I/O part (:func:`keepalived_conf`, :func:`track_value`, :func:`vrrp_sta
 track file, starts keepalived on the first ``lead()`` or ``follow()`` (or once the
 reactor runs), restarts it if it dies, and stops it at ``stop()``. Its files live in
 ``state_dir`` (mode 700): ``keepalived.conf``, ``leader`` (the track file),
-``keepalived.pid``, ``vrrp.pid`` and ``keepalived.log`` (its output, emptied when HaloD
-starts).
+``alive.sh`` (the freshness check), ``keepalived.pid``, ``vrrp.pid`` and
+``keepalived.log`` (its output, emptied when HaloD starts).
 docs/halod.md, "Route address across HaloD hosts".
 """
 
@@ -44,7 +51,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from twisted.internet import defer, utils
+from twisted.internet import defer, task, utils
 from twisted.internet.error import ProcessDone, ProcessExitedAlready
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import ProcessProtocol
@@ -98,6 +105,9 @@ class VipSettings:
     router_id: int  # VRRP virtual router id, 1-255: the same on every HaloD host
     priority: int  # this host's base priority, 1-154: host order while nobody leads
     lead_boost: int = 100  # added to the priority while this host's HaloD leads
+    # Seconds the track file may go unrefreshed before keepalived takes the lead boost
+    # away (a hung HaloD); HaloD passes its etcd lease's TTL.
+    stale_after: float = 2.0
     advert_int: float = 0.2  # seconds between VRRP advertisements (0.01-40)
     state_dir: str = "vip"  # keepalived's config, track, pid and log files
     keepalived: str = KEEPALIVED
@@ -150,6 +160,9 @@ class VipSettings:
             if not value or any(c in value for c in '"\n\r\0'):
                 raise ConfigError(f"vip {name} must be a path without quotes or newlines, "
                                   f"not {value!r}")  # fmt: skip
+        if not (isinstance(self.stale_after, (int, float)) and 1 <= self.stale_after <= 3600):
+            raise ConfigError(f"the track file's staleness must be 1-3600 seconds (the lease "
+                              f"TTL), not {self.stale_after!r}")  # fmt: skip
         for name in ("start_timeout", "stop_timeout"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"vip {name} must be positive")
@@ -163,6 +176,10 @@ class VipSettings:
         """VRRP's master-down interval for this host as a standby: how long after the
         last advertisement of a dead master (whole host gone) it takes the address."""
         return 3 * self.advert_int + self.skew()
+
+    def refresh_interval(self) -> float:
+        """How often HaloD rewrites the track file's time: well inside ``stale_after``."""
+        return min(0.5, self.stale_after / 4)
 
     def skew(self) -> float:
         """VRRP v3 skew time: how long a standby waits after a priority-0 advertisement
@@ -193,6 +210,10 @@ class VipFiles:
         return self.directory / "leader"
 
     @property
+    def alive(self) -> Path:
+        return self.directory / "alive.sh"
+
+    @property
     def pid(self) -> Path:
         return self.directory / "keepalived.pid"
 
@@ -219,9 +240,22 @@ def effective_priority(settings: VipSettings, role: Role) -> int:
     return settings.priority + int(track_value(role)) * settings.lead_boost
 
 
+def alive_script(settings: VipSettings, files: VipFiles) -> str:
+    """The check keepalived runs every second: exit 0 while HaloD rewrote the track file
+    within ``stale_after`` seconds (times in milliseconds: GNU stat and date)."""
+    return f"""\
+#!/bin/sh
+# Written by HaloD (halod/vip.py) at each start: is HaloD alive (its track file fresh)?
+m=$(/usr/bin/stat -c %.3Y "{files.track}" 2>/dev/null) || exit 1
+now=$(/usr/bin/date +%s%3N)
+[ $((now - ${{m%.*}}${{m#*.}})) -le {round(settings.stale_after * 1000)} ]
+"""
+
+
 def keepalived_conf(settings: VipSettings, files: VipFiles) -> str:
     """keepalived.conf for one host: one VRRP v3 instance, state BACKUP with preemption
-    (the higher priority takes the address), the track file weighted by lead_boost."""
+    (the higher priority takes the address), the track file weighted by lead_boost, and
+    the same weight taken away while the file is stale (``alive_script``: HaloD hung)."""
     iface = ipaddress.ip_interface(settings.address)
     advert = f"{settings.advert_int:.2f}".rstrip("0").rstrip(".")
     return f"""\
@@ -231,11 +265,20 @@ global_defs {{
   vrrp_version 3
   vrrp_garp_master_delay 1
   vrrp_garp_master_repeat 3
+  script_user root
 }}
 
 track_file halod_leader {{
   file "{files.track}"
   weight 1
+}}
+
+vrrp_script halod_alive {{
+  script "{files.alive}"
+  interval 1
+  timeout 1
+  rise 1
+  fall 1
 }}
 
 vrrp_instance {settings.instance} {{
@@ -246,6 +289,9 @@ vrrp_instance {settings.instance} {{
   advert_int {advert}
   track_file {{
     halod_leader weight {settings.lead_boost}
+  }}
+  track_script {{
+    halod_alive weight -{settings.lead_boost}
   }}
   virtual_ipaddress {{
     {iface.with_prefixlen} dev {settings.interface}
@@ -369,6 +415,10 @@ class VirtualAddress:
         self._backoff = self.RESTART_MIN
         self._stopped = False
         self._preparing = False  # HostSetup under way (keepalived not spawned yet)
+        # Rewrites the track file's time (alive_script), from the first lead()/follow().
+        self._refresher = task.LoopingCall(self._refresh)
+        self._refresher.clock = reactor
+        self._refresh_failed = False
         # From the moment the reactor runs this host takes part as a follower, so a
         # standby is ready to take the address before its HaloD is ever told anything.
         when_running = getattr(reactor, "callWhenRunning", None)
@@ -400,6 +450,8 @@ class VirtualAddress:
             self._write_track(role)
         except OSError as e:
             return defer.fail(VipError(f"cannot write {self.files.track}: {e}"))
+        if not self._refresher.running:
+            self._refresher.start(self.settings.refresh_interval(), now=False)
         if role is not self.role:
             self.log.info("virtual address {address}: this host {role}s (priority {prio})",
                           address=self.settings.address, role=role.value.removesuffix("er"),
@@ -418,6 +470,18 @@ class VirtualAddress:
         tmp = self.files.track.with_suffix(".tmp")
         tmp.write_text(track_value(role))
         os.replace(tmp, self.files.track)  # keepalived reads it on the rename (inotify)
+
+    def _refresh(self) -> None:
+        """The track file's time, now: HaloD is alive (alive_script)."""
+        try:
+            os.utime(self.files.track)
+        except OSError as e:
+            if not self._refresh_failed:  # once, not every half second
+                self.log.error("virtual address: cannot refresh {file}: {e}",
+                               file=self.files.track, e=e)  # fmt: skip
+            self._refresh_failed = True
+        else:
+            self._refresh_failed = False
 
     def _start(self) -> None:
         """Prepare the host (HostSetup), then spawn keepalived."""
@@ -464,6 +528,8 @@ class VirtualAddress:
         try:
             files.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
             files.conf.write_text(keepalived_conf(self.settings, files))
+            files.alive.write_text(alive_script(self.settings, files))
+            files.alive.chmod(0o700)
             # emptied when this HaloD first starts it; a restart's output follows the crash
             log_file = files.log.open("ab" if self._ever_started else "wb")
         except OSError as e:
@@ -561,6 +627,8 @@ class VirtualAddress:
         """Stop keepalived (SIGTERM: it releases the address and tells the others at
         once; SIGKILL after ``stop_timeout``). Fires when it has exited."""
         self._stopped = True
+        if self._refresher.running:
+            self._refresher.stop()
         if self._retry is not None and self._retry.active():
             self._retry.cancel()
         self._retry = None

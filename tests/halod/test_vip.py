@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import signal
 import subprocess
 import sys
 import threading
@@ -28,7 +29,9 @@ from halod.vip import (
     Role,
     VipFiles,
     VipSettings,
+    VirtualAddress,
     VrrpState,
+    alive_script,
     effective_priority,
     host_setup,
     keepalived_argv,
@@ -78,6 +81,7 @@ def test_defaults_validate() -> None:
         ({"state_dir": 'a"b'}, "state_dir"),
         ({"state_dir": ""}, "state_dir"),
         ({"stop_timeout": 0}, "stop_timeout"),
+        ({"stale_after": 0.5}, "staleness must be 1-3600"),
     ],
 )
 def test_bad_settings_are_refused_by_name(change: dict[str, Any], words: str) -> None:
@@ -120,6 +124,45 @@ def test_conf_carries_each_setting(tmp_path: Path) -> None:
     assert "    10.77.0.100/24 dev vb\n" in conf
     assert "vrrp_instance orbited_halod_5 {" in conf
     assert "  advert_int 1\n" in keepalived_conf(replace(S, advert_int=1.0), VipFiles(tmp_path))
+
+
+def test_conf_takes_the_boost_away_while_the_track_file_is_stale(tmp_path: Path) -> None:
+    files = VipFiles(tmp_path)
+    conf = keepalived_conf(replace(S, lead_boost=30), files)
+    assert f'  script "{tmp_path}/alive.sh"\n' in conf
+    assert "  interval 1\n" in conf
+    assert "    halod_alive weight -30\n" in conf  # the leader's boost, taken back
+
+
+@pytest.mark.parametrize(("age", "fresh"), [(0.0, True), (1.5, True), (2.6, False)])
+def test_alive_script_judges_the_track_files_age(tmp_path: Path, age: float,
+                                                  fresh: bool) -> None:  # fmt: skip
+    files = VipFiles(tmp_path)
+    files.alive.write_text(alive_script(S, files))  # S.stale_after: 2 s
+    files.track.write_text("1\n")
+    then = time.time() - age
+    os.utime(files.track, (then, then))
+    done = subprocess.run(["/bin/sh", str(files.alive)], capture_output=True, timeout=10)
+    assert (done.returncode == 0) is fresh, done
+    files.track.unlink()  # no file (HaloD never wrote it): not alive
+    assert subprocess.run(["/bin/sh", str(files.alive)], timeout=10).returncode != 0
+
+
+def test_halod_refreshes_the_track_file_until_stopped(tmp_path: Path) -> None:
+    from twisted.internet.task import Clock
+
+    clock = Clock()
+    vip = VirtualAddress(replace(S, state_dir=str(tmp_path)), clock)
+    vip._start = lambda: None  # type: ignore[method-assign]  # (no keepalived here)
+    vip.follow()
+    track = VipFiles.of(vip.settings).track
+    os.utime(track, (1000.0, 1000.0))
+    clock.advance(S.refresh_interval())
+    assert time.time() - track.stat().st_mtime < 5  # rewritten: HaloD is alive
+    vip.stop()
+    os.utime(track, (1000.0, 1000.0))
+    clock.advance(S.refresh_interval() * 4)
+    assert track.stat().st_mtime == 1000.0  # a stopped HaloD does not
 
 
 def test_leader_writes_one_follower_zero() -> None:
@@ -355,6 +398,30 @@ def test_halod_killed_address_moves_before_a_new_leader(net: vip_net.Lan, tmp_pa
     b.command("lead")  # its election, a lease TTL later
     a2 = start_host(net, "a", 100, tmp_path)  # a restarted HaloD follows: b keeps the address
     a2.command("follow")
+    time.sleep(1.5)
+    assert vip_on(net, "b") and not vip_on(net, "a")
+
+
+@needs_netns
+def test_frozen_halod_gives_the_address_to_the_new_leader(net: vip_net.Lan, tmp_path: Path) -> None:
+    # A hung leader (SIGSTOP: its keepalived runs on) cannot write 0 to its track file
+    # when another HaloD takes the lease. Before, both hosts then advertised priority 200
+    # and VRRP left the address on the hung host for as long as it hung. Its file goes
+    # stale instead: keepalived takes the lead boost away and the new leader's host wins.
+    a, b, client = leader_a_follower_b(net, tmp_path)
+    stale = S.stale_after  # the stand-in runs with the default
+    t0 = time.monotonic()
+    a.popen.send_signal(signal.SIGSTOP)
+    try:
+        b.command("lead")  # its election, once a's lease has ended
+        moved = wait_for(lambda: vip_on(net, "b") and not vip_on(net, "a"), stale + 4,
+                         "the hung leader's host gives the address to b")  # fmt: skip
+        e = client.wait_connected("b", 3)
+        report("leader HaloD frozen, address on b after", moved)
+        report("leader HaloD frozen, client reconnected through b after", e["t"] - t0)
+    finally:
+        a.popen.send_signal(signal.SIGCONT)
+    a.command("follow")  # it wakes, finds its lease gone and follows: b keeps the address
     time.sleep(1.5)
     assert vip_on(net, "b") and not vip_on(net, "a")
 
