@@ -153,9 +153,14 @@ def _maybe_workers(args: argparse.Namespace, argv: list[str]) -> int | None:
         return 2
     if config.workers == 1:
         return None
-    try:  # once, before the workers race to create it
-        load_secret(Path(config.secret_file), create=config.create_secret)
-    except (OSError, ValueError) as e:
+    from orbited.node.service import key_file
+    from orbited.runtime.daemon import check_ready_file
+
+    try:
+        check_ready_file(args.ready_file)
+        # once, before the workers race to create it (named as a node names it)
+        key_file("secret_file", config.secret_file, create=config.create_secret)
+    except (ConfigError, ValueError) as e:
         print(f"orbited: {e}", file=sys.stderr)
         return 2
     count = worker_count(config.workers, os.cpu_count())

@@ -32,6 +32,8 @@ from orbited.node.transports.common import BrowserAuth
 from orbited.node.transports.limits import BrowserLimitsConfig
 from orbited.node.users import UserLimits
 
+MAX_WORKERS = 256  # node processes one `orbited node --workers` runs at most
+
 # Node key -> (component config class, its field). The key's default is the field's
 # default; hub_config(), rep_limits(), browser_limits(), presence_config() and
 # offline_config() pass the key's value on. tests/node/test_config.py checks both for every row.
@@ -321,8 +323,9 @@ class NodeConfig(ConfigBase):
             parse_host_port(self.advertise_http, "advertise_http")
         if self.advertise_sp:
             parse_sp_address(self.advertise_sp, "advertise_sp")
-        if self.workers < 0:
-            raise ConfigError("workers must not be negative (0 = one per core)")
+        if not 0 <= self.workers <= MAX_WORKERS:
+            raise ConfigError(f"workers must be 0-{MAX_WORKERS} (0 = one per core), "
+                              f"not {self.workers}")  # fmt: skip
         if self.trace not in MODES:
             raise ConfigError(f"trace must be one of {', '.join(MODES)}")
         if self.trace == "users" and not self.trace_users:

@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import contextlib
 import io
+import ipaddress
 import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -38,6 +40,7 @@ from orbited.node.config import NodeConfig
 
 WORKER_ENV = "ORBITED_WORKER_PARENT"  # the parent's pid, set in each worker's environment
 WILDCARD_HOSTS = ("0.0.0.0", "::", "")
+CONFIG_ERROR = 2  # a node's exit status for a configuration it refuses
 
 # -- names and ports (pure) -----------------------------------------------------------------
 
@@ -87,6 +90,27 @@ def _shift(address: str, i: int, key: str) -> str:
 LISTENERS = ("http", "sp", "publish_http", "orbit_legacy")  # what each worker binds
 
 
+def host_addresses(host: str) -> frozenset[str]:
+    """The addresses a listener on ``host`` binds, to compare two hosts however they
+    are written (``localhost`` and ``127.0.0.1``, ``127.0.2051`` and ``127.0.8.3``):
+    ``{"*"}`` for a wildcard, the addresses ``host`` resolves to, or ``{host}`` itself
+    when it does not resolve (its worker then fails to bind, as a node would)."""
+    if host in WILDCARD_HOSTS:
+        return frozenset({"*"})
+    try:
+        return frozenset({str(ipaddress.ip_address(host))})
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except (OSError, UnicodeError):
+        return frozenset({host})
+    found = frozenset(
+        str(ipaddress.ip_address(str(info[4][0]).partition("%")[0])) for info in infos
+    )
+    return found or frozenset({host})
+
+
 def plan_workers(config: NodeConfig, count: int) -> list[WorkerPlan]:
     """Each worker's name and ports by the port + i rule. Raises ConfigError when two
     listeners of the workers would share a port (e.g. ``http`` 8000 and ``sp`` 8001 with
@@ -102,7 +126,8 @@ def plan_workers(config: NodeConfig, count: int) -> list[WorkerPlan]:
             **{key: _shift(getattr(config, key), i, key)
                for key in (*LISTENERS, "advertise_http", "advertise_sp")},
         ))  # fmt: skip
-    taken: dict[tuple[str, int], str] = {}
+    taken: dict[tuple[frozenset[str], int], str] = {}
+    resolved: dict[str, frozenset[str]] = {}  # each host looked up once
     for plan in plans:
         for key in LISTENERS:
             address = getattr(plan, key)
@@ -111,17 +136,18 @@ def plan_workers(config: NodeConfig, count: int) -> list[WorkerPlan]:
             host, port = parse_host_port(address.removeprefix("tcp://"))
             if port == 0:
                 continue
-            for (other_host, other_port), owner in taken.items():
-                same_host = (
-                    host == other_host or host in WILDCARD_HOSTS or (other_host in WILDCARD_HOSTS)
-                )
+            if host not in resolved:
+                resolved[host] = host_addresses(host)
+            here = resolved[host]
+            for (other, other_port), owner in taken.items():
+                same_host = "*" in here or "*" in other or not here.isdisjoint(other)
                 if other_port == port and same_host:
                     raise ConfigError(
                         f"workers: port {port} would be both {owner} and {plan.name}'s "
                         f"{key} (worker i listens on each configured port + i: leave at "
                         f"least {count} ports between {', '.join(LISTENERS)})"
                     )
-            taken[(host, port)] = f"{plan.name}'s {key}"
+            taken[(here, port)] = f"{plan.name}'s {key}"
     return plans
 
 
@@ -224,11 +250,19 @@ class Worker:
     proc: subprocess.Popen[bytes] | None = None
     restart_at: float | None = None
     ready: dict[str, object] = field(default_factory=dict)
+    was_ready = False  # some process of this slot became ready
 
 
-def _log(text: str) -> None:
+_LEVELS = ("debug", "info", "warn", "error")
+
+
+def _log(text: str, level: str = "info", threshold: str = "info") -> None:
+    """One line of the parent's, in the nodes' log format, when ``level`` is at least
+    ``threshold`` (the configured ``log_level``)."""
+    if _LEVELS.index(level) < _LEVELS.index(threshold):
+        return
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    print(f"{stamp} [orbited.node.workers#info] {text}", file=sys.stderr, flush=True)
+    print(f"{stamp} [orbited.node.workers#{level}] {text}", file=sys.stderr, flush=True)
 
 
 class Supervisor:
@@ -239,6 +273,7 @@ class Supervisor:
         policy: RestartPolicy | None = None, stop_timeout: float = 30.0,
     ) -> None:  # fmt: skip
         self.plans = plan_workers(config, count)
+        self.log_level = config.log_level
         self.argv = argv
         self.ready_file = ready_file
         self.policy = policy or RestartPolicy()
@@ -266,7 +301,10 @@ class Supervisor:
             env=env,
             start_new_session=True,  # a terminal's Ctrl-C reaches only the parent, which forwards
         )
-        _log(f"started {worker.plan.name} (pid {worker.proc.pid})")
+        self._log(f"started {worker.plan.name} (pid {worker.proc.pid})")
+
+    def _log(self, text: str, level: str = "info") -> None:
+        _log(text, level, self.log_level)
 
     def _on_signal(self, signum: int, frame: object) -> None:
         if self.stopping is None:
@@ -278,11 +316,10 @@ class Supervisor:
         try:
             for worker in self.workers:
                 self.spawn(worker)
-            code = self._loop()
-            self._stop_all()
-            return code
+            return self._loop()
         finally:
-            for worker in self.workers:  # even on an exception: no orphan keeps running
+            self._stop_all()  # even on an exception: every worker drains and leaves HaloD
+            for worker in self.workers:  # and no orphan keeps running
                 if worker.proc is not None and worker.proc.poll() is None:
                     worker.proc.kill()
                     worker.proc.wait()
@@ -294,15 +331,22 @@ class Supervisor:
             for worker in self.workers:
                 if worker.proc is not None and (rc := worker.proc.poll()) is not None:
                     worker.proc = None
+                    if rc == CONFIG_ERROR and not worker.was_ready:
+                        # It refused the configuration (its message is above): every
+                        # restart would too. Exit 2 at once, as one node would.
+                        self._log(f"{worker.plan.name} exited ({rc}) before it was ready: "
+                                  "the configuration is refused; stopping every worker",
+                                  "error")  # fmt: skip
+                        return CONFIG_ERROR
                     decision = on_exit(self.policy, worker.history, now)
                     if isinstance(decision, GiveUp):
-                        _log(f"{worker.plan.name} exited ({rc}): {decision.failures + 1} deaths "
-                             f"in a row ({decision.failures} restarts): giving up, stopping "
-                             "every worker")  # fmt: skip
+                        self._log(f"{worker.plan.name} exited ({rc}): {decision.failures + 1} "
+                                  f"deaths in a row ({decision.failures} restarts): giving up, "
+                                  "stopping every worker", "error")  # fmt: skip
                         return 1
                     worker.history, worker.restart_at = decision.history, decision.at
-                    _log(f"{worker.plan.name} exited ({rc}); restarting in "
-                         f"{decision.at - now:.1f} s")  # fmt: skip
+                    self._log(f"{worker.plan.name} exited ({rc}); restarting in "
+                              f"{decision.at - now:.1f} s", "warn")  # fmt: skip
                 if (
                     worker.proc is None
                     and worker.restart_at is not None
@@ -312,9 +356,15 @@ class Supervisor:
                 if worker.proc is not None and not worker.ready and worker.ready_file.exists():
                     with contextlib.suppress(OSError, ValueError):
                         worker.ready = json.loads(worker.ready_file.read_text())
-            self._write_ready()
+                        worker.was_ready = True
+            try:
+                self._write_ready()
+            except OSError as e:
+                self._log(f"cannot write the ready file {self.ready_file}: {e.strerror or e}; "
+                          "stopping every worker", "error")  # fmt: skip
+                return 1
             time.sleep(0.05)
-        _log(f"signal {signal.Signals(self.stopping).name}: stopping every worker")
+        self._log(f"signal {signal.Signals(self.stopping).name}: stopping every worker")
         return 0
 
     def _write_ready(self) -> None:
@@ -343,6 +393,8 @@ class Supervisor:
             try:
                 proc.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                _log(f"pid {proc.pid} did not stop in {self.stop_timeout:g} s: SIGKILL")
+                self._log(
+                    f"pid {proc.pid} did not stop in {self.stop_timeout:g} s: SIGKILL", "warn"
+                )
                 proc.kill()
                 proc.wait()

@@ -41,6 +41,13 @@ def log_audit(prog: str, lines: list[str]) -> None:
         Logger(namespace=prog).warn("exposed: {warning}", warning=warning)
 
 
+def check_ready_file(path: Path | None) -> None:
+    """ConfigError unless ``--ready-file``'s folder exists: found at start (exit 2), not
+    once everything listens (a supervisor waiting for the file would wait for ever)."""
+    if path is not None and not path.parent.is_dir():
+        raise ConfigError(f"--ready-file {path}: the folder {path.parent} does not exist")
+
+
 def write_ready_file(path: Path, info: dict[str, object]) -> None:
     """The bound addresses and our pid as JSON, written atomically."""
     tmp = path.with_suffix(".tmp")
@@ -72,6 +79,7 @@ def run_configured(
     halod.exposure)."""
     try:
         config = load_config(config_class, args)
+        check_ready_file(args.ready_file)
     except ConfigError as e:
         print(f"{prog}: {e}", file=sys.stderr)
         return 2
@@ -106,7 +114,11 @@ def run_service(
             reactor.stop()
             return
         if ready_file is not None:
-            write_ready_file(ready_file, ready())
+            try:
+                write_ready_file(ready_file, ready())
+            except OSError as e:  # (its folder was checked at start: removed since?)
+                failed.append(OSError(f"cannot write the ready file {ready_file}: {e}"))
+                reactor.stop()
 
     reactor.callWhenRunning(start)
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)

@@ -28,6 +28,7 @@ from orbited.node.workers import (
     Restart,
     RestartPolicy,
     WorkerHistory,
+    host_addresses,
     on_exit,
     plan_workers,
     worker_count,
@@ -80,6 +81,21 @@ def test_colliding_ports_are_refused_with_the_rule_named():
         plan_workers(wildcard, 2)
 
 
+def test_collisions_are_found_however_the_host_is_written():
+    # Before, hosts were compared as text: each pair passed and its worker 0 could not
+    # bind, restarted five times and the parent exited 1 some 20 s later.
+    for http, sp in [
+        ("localhost:8000", "tcp://127.0.0.1:8001"),
+        ("127.0.0.1:8000", "tcp://localhost:8001"),
+        ("127.0.8.3:8000", "tcp://127.0.2051:8001"),
+    ]:  # (inet_aton's spelling)
+        with pytest.raises(ConfigError, match="port 8001 would be both"):
+            plan_workers(NodeConfig(http=http, sp=sp), 2)
+    assert host_addresses("127.0.2051") == {"127.0.8.3"}
+    assert host_addresses("::") == {"*"} == host_addresses("0.0.0.0")
+    assert host_addresses("no-such-host.invalid") == {"no-such-host.invalid"}
+
+
 def test_a_port_past_65535_is_refused():
     with pytest.raises(ConfigError, match="http port 65535 \\+ 1 is past 65535"):
         plan_workers(NodeConfig(http="127.0.0.1:65535"), 2)
@@ -89,8 +105,13 @@ def test_the_node_config_refuses_collisions_and_negative_workers():
     with pytest.raises(ConfigError, match="would be both"):
         NodeConfig.load(None, {"workers": 2, "http": "127.0.0.1:8000",
                                "sp": "tcp://127.0.0.1:8001"})  # fmt: skip
-    with pytest.raises(ConfigError, match="workers must not be negative"):
+    with pytest.raises(ConfigError, match="workers must be 0-256 .*not -1"):
         NodeConfig.load(None, {"workers": -1})
+    # a mistyped count: before, 10**8 was accepted and planning it ran out of memory
+    with pytest.raises(ConfigError, match="workers must be 0-256 .*not 100000000"):
+        NodeConfig.load(None, {"workers": 10**8, "http": "127.0.0.1:0", "sp": "tcp://127.0.0.1:0"})
+    assert NodeConfig.load(None, {"workers": 256, "http": "127.0.0.1:0",
+                                  "sp": "tcp://127.0.0.1:0"}).workers == 256  # fmt: skip
     assert NodeConfig.load(None, {}).workers == 1
 
 
@@ -282,6 +303,56 @@ def test_colliding_ports_are_refused_before_anything_starts(tmp_path):
     )  # fmt: skip
     assert done.returncode == 2
     assert "port 18001 would be both orbited-0's sp and orbited-1's http" in done.stderr
+
+
+def _run_parent(
+    tmp_path: Path, *flags: str, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    secret = tmp_path / "secret"
+    secret.write_bytes(SECRET)
+    return subprocess.run(
+        [sys.executable, "-m", "orbited.cli", "node", "--workers", "2", "--http",
+         "127.0.0.1:0", "--sp", "tcp://127.0.0.1:0", "--secret-file", str(secret), *flags],
+        capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+
+
+@pytest.mark.slow
+def test_a_configuration_every_worker_refuses_ends_the_parent_with_exit_2(tmp_path):
+    # A node refuses a trace_key_file it cannot read with exit 2 at once. Before, the
+    # parent restarted its workers five times and exited 1 after ≈ 20 s.
+    done = _run_parent(tmp_path, "--trace", "all", "--trace-key-file", str(tmp_path / "no"),
+                       "--log-level", "warn")  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert "trace_key_file" in done.stderr
+    assert "before it was ready: the configuration is refused" in done.stderr
+    assert "restarting in" not in done.stderr
+    # log_level warn: the parent's own info lines ("started orbited-0 ...") are not shown
+    assert "#info] started" not in done.stderr
+
+
+def test_a_ready_file_in_a_missing_folder_is_refused_at_start(tmp_path):
+    # Before: the parent crashed with a traceback once every worker was up (SIGKILLing
+    # them), and a single node logged a traceback and ran on without the file.
+    missing = tmp_path / "nodir" / "ready.json"
+    for workers in ("2", "1"):
+        done = _run_parent(tmp_path, "--workers", workers, "--ready-file", str(missing))
+        assert done.returncode == 2, done.stderr
+        assert f"--ready-file {missing}: the folder {missing.parent} does not exist" in (
+            done.stderr
+        )
+        assert "Traceback" not in done.stderr
+
+
+def test_a_missing_secret_is_named_by_the_workers_parent_as_by_a_node(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "orbited.cli", "node", "--workers", "2", "--http",
+         "127.0.0.1:0", "--sp", "tcp://127.0.0.1:0", "--secret-file",
+         str(tmp_path / "none.secret"), "--no-create-secret"],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert f"secret_file {tmp_path / 'none.secret'}: No such file or directory" in done.stderr
 
 
 @pytest.mark.slow
