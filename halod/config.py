@@ -206,7 +206,28 @@ class HaloDConfig(ConfigBase):
             from halod.vip import VipSettings  # only when the route address is used
 
             VipSettings(self.vip_address, self.vip_interface, self.vip_router_id,
-                        self.vip_priority).validate()  # fmt: skip
+                        self.vip_priority, stale_after=self.etcd_lease_ttl).validate()  # fmt: skip
+            self._validate_vip_dataplane()
+
+    def _validate_vip_dataplane(self) -> None:
+        """Every host's data plane listens on the route address (docs/halod.md): a
+        ``dataplane_host`` that is not it (or, for the proxy and HAProxy, a wildcard)
+        would leave the address served by nothing once this host holds it."""
+        if self.dataplane == "none":
+            return
+        vip = ipaddress.ip_interface(self.vip_address).ip
+        try:
+            host = ipaddress.ip_address(self.dataplane_host)
+        except ValueError:
+            return  # refused by the data plane's own check, with its message
+        wildcard = self.dataplane != "nftables" and host.is_unspecified
+        if host != vip and not wildcard:
+            also = "" if self.dataplane == "nftables" else " (or 0.0.0.0, every interface)"
+            raise ConfigError(
+                f"dataplane_host {self.dataplane_host} is not the route address {vip} "
+                f"(vip_address): every HaloD host's data plane must listen on it; set "
+                f'dataplane_host = "{vip}"{also}'
+            )
 
     def etcd_settings(self) -> EtcdSettings:
         """The etcd store's settings (ValueError names a bad key)."""

@@ -60,6 +60,7 @@ import shutil
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from twisted.internet import defer, protocol, task, threads
@@ -135,6 +136,36 @@ def elements(owners: Mapping[int, Owner | None], ports: Ports) -> tuple[Elements
             else:
                 result[port] = (address, target_port)
     return result, problems
+
+
+def local_owners(owners: Mapping[int, Owner | None], ports: Ports) -> set[tuple[str, str]]:
+    """(node name, address) of owners on a loopback address while the data-plane address
+    is not: the kernel drops a packet from another host that DNAT sends to 127/8 unless
+    ``route_localnet`` is on for the interface it came in on (only clients on this host
+    get through)."""
+    vip = ipv4(ports.host)
+    if vip is None or ipaddress.IPv4Address(vip).is_loopback:
+        return set()
+    found = set()
+    for owner in owners.values():
+        if owner is None:
+            continue
+        for host, _ in (owner.browser, owner.sp):
+            address = ipv4(host)
+            if address is not None and ipaddress.IPv4Address(address).is_loopback:
+                found.add((owner.name, address))
+    return found
+
+
+ROUTE_LOCALNET = "/proc/sys/net/ipv4/conf/all/route_localnet"
+
+
+def _route_localnet() -> bool:
+    """``route_localnet`` is on for every interface (``all``)."""
+    try:
+        return Path(ROUTE_LOCALNET).read_text().strip() == "1"
+    except OSError:
+        return False
 
 
 def _element(port: int, target: Target) -> str:
@@ -464,6 +495,7 @@ class NftablesDataPlane:
 
     def __init__(self, config: HaloDConfig, reactor: Any, nft: Nft | None = None) -> None:
         self.ports = config.ports()
+        self._warned_local: set[tuple[str, str]] = set()  # (local_owners): warned once each
         self.settings = Settings(
             config.nft_table, self.ports, config.nft_source_nat == "masquerade"
         )
@@ -605,6 +637,17 @@ class NftablesDataPlane:
         new, problems = elements(owners, self.ports)
         for problem in problems:
             self.log.error("nftables data plane: {problem}", problem=problem)
+        local = local_owners(owners, self.ports) - self._warned_local
+        if local and not _route_localnet():
+            for name, address in sorted(local):
+                self.log.warn(
+                    "nftables data plane: {name} advertises the loopback address {address} "
+                    "and dataplane_host {host} is not on loopback: clients on other hosts "
+                    "cannot reach it (the kernel drops their packets) unless "
+                    "net.ipv4.conf.<interface>.route_localnet is 1; give nodes an address "
+                    "of a real interface", name=name, address=address, host=self.ports.host,
+                )  # fmt: skip
+            self._warned_local |= local
         return new
 
     def _schedule_cut(self, doomed: dict[int, Target]) -> None:

@@ -47,6 +47,7 @@ from halod.dataplane.nftables import (
     elements,
     elements_from_json,
     has_cap_net_admin,
+    local_owners,
     moved,
     pinned_flows,
     ruleset_text,
@@ -90,6 +91,38 @@ def test_elements_leave_out_names_and_the_vip_itself():
     assert elems == {9100: ("127.0.0.4", 9000)}
     assert len(problems) == 3
     assert "not an IPv4 address" in problems[0] and "data-plane address" in problems[1]
+
+
+def test_local_owners_are_loopback_nodes_behind_a_non_loopback_address():
+    real = Ports("192.0.2.10", 8100, 9100, 4)
+    remote = Owner("n5", ("192.0.2.20", 8000), ("192.0.2.20", 9000))
+    assert local_owners({1: N1, 2: remote, 3: None}, real) == {("n1", "127.0.0.2")}
+    assert local_owners({1: N1, 2: remote}, PORTS) == set()  # a loopback VIP: all local
+
+
+def test_shell_warns_once_of_loopback_nodes_remote_clients_cannot_reach(tmp_path, monkeypatch):
+    # An audit: nodes on 127/8 behind a real dataplane_host were mapped without a word,
+    # and clients on other hosts hung until their connect timeout (the kernel drops a
+    # packet DNATed to 127/8 unless route_localnet is on).
+    from twisted.logger import capturedLogs
+
+    import halod.dataplane.nftables as nftables
+
+    localnet = tmp_path / "route_localnet"
+    localnet.write_text("0\n")
+    monkeypatch.setattr(nftables, "ROUTE_LOCALNET", str(localnet))
+    plane, nft, reactor = shell(dataplane_host="192.0.2.10")
+    with capturedLogs() as events:
+        plane.start({1: N1, 2: N1, 3: N2, 4: None})
+        plane.apply({1: N1, 2: N2, 3: N2, 4: N1})
+    warned = [e for e in events if "route_localnet" in e.get("log_format", "")]
+    assert sorted(e["name"] for e in warned) == ["n1", "n2"]  # once each, still mapped
+    assert plane.elements[8100] == N1.browser
+    localnet.write_text("1\n")
+    plane2, _, _ = shell(dataplane_host="192.0.2.10")
+    with capturedLogs() as events:
+        plane2.start({1: N1})
+    assert not [e for e in events if "route_localnet" in e.get("log_format", "")]
 
 
 def test_ruleset_text_replaces_the_table_in_one_script():
@@ -270,7 +303,8 @@ def finish(proto: Any, out: str = "", code: int = 0) -> None:
 
 
 def shell(**values: Any) -> tuple[NftablesDataPlane, FakeNft, FakeProcessReactor]:
-    config = HaloDConfig(dataplane="nftables", dataplane_host="127.0.0.100", routes=4,
+    values = {"dataplane_host": "127.0.0.100", **values}
+    config = HaloDConfig(dataplane="nftables", routes=4,
                          browser_port_base=8100, sp_port_base=9100, move_close_delay=1.5,
                          nft_stats_interval=0.0, nft_conntrack="/bin/true", **values)  # fmt: skip
     config.validate()

@@ -89,6 +89,34 @@ def test_bad_settings_are_refused_by_name(change: dict[str, Any], words: str) ->
         replace(S, **change).validate()
 
 
+@pytest.mark.parametrize(
+    ("dataplane", "host", "refused"),
+    [
+        ("proxy", "127.0.0.1", True),  # the default: the address would serve nothing
+        ("proxy", "10.77.0.100", False),
+        ("proxy", "0.0.0.0", False),
+        ("haproxy", "10.77.0.101", True),
+        ("nftables", "10.77.0.100", False),
+        ("nftables", "127.0.0.1", True),
+        ("none", "127.0.0.1", False),
+    ],
+)
+def test_halod_refuses_a_data_plane_that_is_not_on_the_route_address(
+    tmp_path: Path, dataplane: str, host: str, refused: bool
+) -> None:
+    from halod.config import HaloDConfig
+
+    config = HaloDConfig(store="etcd", vip_address="10.77.0.100/24", vip_interface="eth0",
+                         dataplane=dataplane, dataplane_host=host,
+                         db=str(tmp_path / "h.db"))  # fmt: skip
+    if not refused:
+        config.validate()
+        return
+    with pytest.raises(ConfigError, match=rf"dataplane_host {host} is not the route address "
+                                          r"10\.77\.0\.100 \(vip_address\)"):  # fmt: skip
+        config.validate()
+
+
 def test_timings_follow_vrrp() -> None:
     # RFC 5798: skew = (256 - priority) * interval / 256; master down = 3 * interval + skew
     assert S.skew() == pytest.approx(156 * 0.2 / 256)
