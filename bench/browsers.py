@@ -102,11 +102,21 @@ def single_node_urls(base: str) -> Callable[[ConnectionKey], str]:
     return lambda key: base
 
 
-def halod_urls(browser_base: str, routes: int = DEFAULT_ROUTES) -> Callable[[ConnectionKey], str]:
-    """Each key to its HaloD route port: browser_port_base + route − 1 (docs/halod.md)."""
+def halod_urls(
+    browser_base: str, routes: int = DEFAULT_ROUTES, version: int = 2
+) -> Callable[[ConnectionKey], str]:
+    """Each key to its HaloD route port under hash ``version``: browser_port_base + route
+    − 1 (docs/halod.md)."""
+    at = route_urls(browser_base)
+    return lambda key: at(route_of(key, routes, version))
+
+
+def route_urls(browser_base: str) -> Callable[[int], str]:
+    """A route's HaloD browser port as a base URL: what a ``reconnect`` frame's ``route``
+    leads to (js/orbited.js's ``locate``)."""
     host, _, port = browser_base.rpartition(":")
     base_port = int(port)
-    return lambda key: f"http://{host}:{base_port + route_of(key, routes) - 1}"
+    return lambda route: f"http://{host}:{base_port + route - 1}"
 
 
 # js/orbited.js FIRST_RETRY, DEFAULT_SPREAD and STABLE (docs/client.md), in seconds.
@@ -196,6 +206,9 @@ class Shared:
     secret: bytes
     options: Options
     http_ack: bool = True  # turned off by the first 404 from /orbited/ack
+    # A ``reconnect`` frame's ``route`` → the base URL to connect to next (js ``locate``);
+    # None: one node, the same URL again.
+    locate: Callable[[int], str] | None = None
     latencies: dict[str, list[float]] = field(default_factory=dict)
     latency_seen: dict[str, int] = field(default_factory=dict)
     events: int = 0
@@ -308,6 +321,9 @@ class Browser:
             self.gaps.append([frame.get("from", 0), frame.get("to", 0)])
         elif kind == "reconnect":
             self.errors[f"reconnect: {frame.get('reason')}"] += 1
+            route, locate = frame.get("route"), self.shared.locate
+            if locate is not None and isinstance(route, int) and not isinstance(route, bool):
+                self.base_url = locate(route)  # the key's route now (a rehash, a move)
             spread = spread_hint(frame.get("spread"), self.opts.backoff_max)
             if spread is not None:  # a planned move's own hint (js: the same)
                 self.spread = spread
@@ -1116,6 +1132,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="HaloD's browser port for route 1 (route r at +r-1)",
     )
     p.add_argument("--routes", type=int, default=DEFAULT_ROUTES, help="HaloD's route count")
+    p.add_argument("--hash-version", type=int, choices=(1, 2), default=2,
+                   help="the cluster's hash version: each key's first route (a reconnect "
+                   "frame's route is followed, as js/orbited.js's locate)")  # fmt: skip
     p.add_argument("--secret-file", type=Path, required=True)
     p.add_argument("--prefix", default="b", help="keys are (PREFIX<i>, 's', '/bench')")
     p.add_argument("--count", type=int, default=250, help="browsers in this process")
@@ -1147,7 +1166,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         keys = make_keys(args.prefix, args.count, args.offset)
     url_for = (
-        single_node_urls(args.url) if args.url else halod_urls(args.halod_browser_base, args.routes)
+        single_node_urls(args.url)
+        if args.url
+        else halod_urls(args.halod_browser_base, args.routes, args.hash_version)
     )
     options = Options(
         backoff_base=args.backoff_base,
@@ -1161,6 +1182,8 @@ def main(argv: list[str] | None = None) -> int:
     fleet = Fleet.build(
         keys, indices, pattern, url_for, load_secret(args.secret_file), options, churn
     )
+    if args.halod_browser_base:  # a reconnect frame's route leads to that route's port
+        fleet.shared.locate = route_urls(args.halod_browser_base)
 
     async def run() -> None:
         stop = asyncio.Event()

@@ -210,7 +210,8 @@ class HTTPConn(_Conn):
         self.reusable = self._parser.should_keep_alive()
         if not self._done.done():
             self._done.set_result(b"".join(self._chunks))
-        self._chunks = []
+        # The chunks stay for ``stream`` (a response whole in one read: an SSE answer
+        # that is a reconnect frame and the stream's end); ``send`` drops them.
 
     def _lost(self, exc: Exception | None) -> None:
         self.reusable = False

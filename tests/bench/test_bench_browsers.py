@@ -160,6 +160,26 @@ def test_reconnect_schedule_mirrors_the_js_client(monkeypatch):
     assert b._retry_delay(worked=True, planned=True) == pytest.approx(0.03)
 
 
+def test_a_reconnect_frames_route_leads_to_that_routes_port():
+    # js/orbited.js's locate: after a rehash or a move the key's route is another port.
+    # Before, the simulated browsers dialled the same port again for ever.
+    from bench.browsers import Browser, Options, Shared, halod_urls, route_urls
+    from orbited.core.keys import ConnectionKey
+
+    key = ConnectionKey("b7", "s", "/bench")
+    url_for = halod_urls("127.0.0.1:30000", 24, version=1)
+    assert url_for(key) == f"http://127.0.0.1:{30000 + route_of(key, 24, 1) - 1}"
+    shared = Shared(b"k" * 32, Options())
+    browser = Browser(key, "ws", url_for(key), shared)
+    browser.on_frame({"type": "reconnect", "reason": "rehash", "route": 5})
+    assert browser.base_url == url_for(key)  # one node (no locate): the same URL again
+    shared.locate = route_urls("127.0.0.1:30000")
+    assert browser.on_frame({"type": "reconnect", "reason": "rehash", "route": 5}) == "reconnect"
+    assert browser.base_url == "http://127.0.0.1:30004"
+    browser.on_frame({"type": "reconnect", "reason": "shutdown"})  # no route: stays
+    assert browser.base_url == "http://127.0.0.1:30004"
+
+
 def test_transport_pattern_and_keys():
     assert transport_pattern("ws=2,poll=1,sse") == ["ws", "ws", "poll", "sse"]
     assert transport_pattern("ws=1,iframe=0") == ["ws"]

@@ -100,6 +100,30 @@ def test_a_refused_upgrade_is_an_http_status_error():
         loop.close()
 
 
+def test_a_stream_whole_in_one_read_is_still_handed_to_its_consumer():
+    # The node's answer to an SSE request that is a reconnect frame and the stream's end
+    # comes in one read, before the browser starts reading the stream. Before, the
+    # message's end dropped the chunks: the frame was lost, the browser saw a stream that
+    # ended for no reason and came back to the same port (an audit: SSE browsers never
+    # followed a rehash).
+    loop = asyncio.new_event_loop()
+    try:
+        conn, transport = HTTPConn(loop, "127.0.0.1", 8000), FakeTransport()
+        conn.connection_made(transport)
+        conn.send("GET", "/orbited/sse")
+        frame = b'data: {"type":"reconnect","reason":"route_moved","route":7}\n\n'
+        conn.data_received(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                           + b"%x\r\n%s\r\n0\r\n\r\n" % (len(frame), frame))  # fmt: skip
+        chunks: list[bytes] = []
+        conn.stream(chunks.append)
+        assert b"".join(chunks) == frame and conn._done.done()
+        conn.send("GET", "/orbited/poll")  # the next request starts with none
+        conn.stream(chunks.append)
+        assert b"".join(chunks) == frame
+    finally:
+        loop.close()
+
+
 @pytest.mark.parametrize("split", [1, 7, 1000])
 def test_http_responses_chunked_with_length_and_until_eof(split):
     loop = asyncio.new_event_loop()
