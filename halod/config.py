@@ -38,6 +38,13 @@ STORES = ("sqlite", "etcd")
 VIP_INTERFACE, VIP_ROUTER_ID, VIP_PRIORITY = "", 51, 100
 
 
+def _refuse_group_address(host: ipaddress.IPv4Address | ipaddress.IPv6Address) -> None:
+    """A multicast or the broadcast address is no address clients connect to."""
+    if host.is_multicast or host == ipaddress.IPv4Address("255.255.255.255"):
+        raise ConfigError(f"dataplane_host must be a unicast address, not {host} "
+                          "(multicast or broadcast)")  # fmt: skip
+
+
 @dataclass
 class HaloDConfig(ConfigBase):
     """The [halod] table."""
@@ -241,12 +248,13 @@ class HaloDConfig(ConfigBase):
         # and a name or typo would fail only when the ports are opened (HAProxy: retried
         # forever). 0.0.0.0 / :: stay allowed, with halod.exposure's warning.
         try:
-            ipaddress.ip_address(self.dataplane_host)
+            host = ipaddress.ip_address(self.dataplane_host)
         except ValueError:
             raise ConfigError(
                 f"dataplane_host must be an IP address (IPv4 or IPv6, not a name), "
                 f"not {self.dataplane_host!r}"
             ) from None
+        _refuse_group_address(host)
 
     def _validate_nftables(self) -> None:
         try:  # the kernel matches `ip daddr`: a literal address, not a name or 0.0.0.0
@@ -255,6 +263,7 @@ class HaloDConfig(ConfigBase):
             raise ConfigError("dataplane nftables needs an IPv4 dataplane_host") from None
         if vip.is_unspecified:
             raise ConfigError("dataplane nftables needs a specific dataplane_host, not 0.0.0.0")
+        _refuse_group_address(vip)
         if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]{0,31}", self.nft_table):
             raise ConfigError("nft_table is a letter then letters, digits or _ (≤ 32)")
         if self.nft_source_nat not in ("none", "masquerade"):

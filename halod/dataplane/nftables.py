@@ -684,8 +684,9 @@ class NftablesDataPlane:
             if not strays or self._stopped:
                 return
             self.log.info(
-                "{n} (route port, old owner) pairs still have open flows (a cut pending when "
-                "HaloD stopped): cut in {delay} s", n=len(strays), delay=self.close_delay,
+                "{n} (route port, old owner) pairs still have open flows to an owner the map "
+                "no longer has (a cut pending when HaloD stopped, or flows left when the route "
+                "address moved away): cut in {delay} s", n=len(strays), delay=self.close_delay,
             )  # fmt: skip
             self._schedule_pairs(strays)
 

@@ -53,6 +53,17 @@ def test_dataplane_host_must_be_an_ip_literal(dataplane: str, host: str, tmp_pat
         HaloDConfig.load(None, overrides)
 
 
+@pytest.mark.parametrize("dataplane", ["proxy", "haproxy", "nftables"])
+@pytest.mark.parametrize("host", ["224.0.0.18", "255.255.255.255", "ff02::1"])
+def test_dataplane_host_must_be_unicast(dataplane: str, host: str, tmp_path) -> None:
+    # An audit: 224.0.0.18 and 255.255.255.255 were accepted and HaloD ran, serving no one.
+    if dataplane == "nftables" and ":" in host:
+        return  # (nftables refuses IPv6 first)
+    overrides = {"dataplane": dataplane, "dataplane_host": host, "haproxy_dir": str(tmp_path)}
+    with pytest.raises(ConfigError, match=f"dataplane_host must be a unicast address, not {host}"):
+        HaloDConfig.load(None, overrides)
+
+
 @pytest.mark.parametrize("dataplane", ["proxy", "haproxy"])
 @pytest.mark.parametrize("host", ["127.0.1.50", "0.0.0.0", "::1", "::"])
 def test_dataplane_host_ip_literals_are_accepted(dataplane: str, host: str, tmp_path) -> None:
