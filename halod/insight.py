@@ -99,6 +99,7 @@ class Insight:
             self.feed.changed()  # a suspicion or probe verdict the page shows
         for finding in effects.findings:
             self._probed[finding.name] = finding.describe()
+        self.timeline.paced(bool(membership.holdover))
         if not effects.changes:
             return
         handoffs = {
@@ -147,6 +148,10 @@ class Insight:
         nothing to compare) to ``after``."""
         if before is not None:
             self.timeline.warm_diff(_owners(before), _owners(after), version, now)
+        self.feed.changed()
+
+    def rehashed(self, old: int, new: int, version: int | None, now: float) -> None:
+        self.timeline.rehashed(old, new, version, now)
         self.feed.changed()
 
     def trace_reply(self, name: str, msg: TraceReply) -> None:

@@ -440,7 +440,11 @@ class HaloD:
                 "operator: rehash from hash version {old} to {new}; telling {n} nodes",
                 old=before, new=version, n=len(members),
             )  # fmt: skip
+            self.stats["changes"] += 1  # a table change saved (halod_table_changes_total)
         self.apply(effects)
+        if effects.persist:
+            saved = self.store.version if self.store is not None else None  # (etcd: later)
+            self.insight.rehashed(before, version, saved, self.clock.seconds())
         return {"hash_version": m.hash_version, "previous": before, "nodes": members}
 
     # -- effects -------------------------------------------------------------------------

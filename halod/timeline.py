@@ -43,6 +43,7 @@ class Kind(StrEnum):
     FOLLOW = "follow"  # this HaloD follows
     TABLE = "table"  # a follower saw the table change in its warm copy
     MOVE = "move"  # a step of a paced move whose start this HaloD did not record
+    REHASH = "rehash"  # an operator moved the cluster to another hash version
 
 
 @dataclass
@@ -121,6 +122,9 @@ class Timeline:
         self._dirty: dict[int, Incident] = {}  # changed since the last tick
         self.counts: Counter[Kind] = Counter()  # incidents recorded, by kind
         self._planned: Incident | None = None  # the last planned change: paced steps join it
+        # Steps of a paced move are still to come (the shell says, ``paced``): the planned
+        # incident stays open between them instead of ending after each.
+        self._steps_pending = False
 
     # -- what the shell reports ----------------------------------------------------------
 
@@ -218,6 +222,15 @@ class Timeline:
         self._touch(planned)
         self._settle(planned, now)
         return planned
+
+    def paced(self, pending: bool) -> None:
+        """Whether routes of a paced move are still to move (HaloD's ``moving``)."""
+        self._steps_pending = pending
+
+    def rehashed(self, old: int, new: int, version: int | None, now: float) -> Incident:
+        """An operator moved the cluster from hash version ``old`` to ``new``, saved as
+        table ``version`` (None: not known yet, etcd's write in flight)."""
+        return self._instant(Kind.REHASH, "", f"hash version {old} -> {new}", now, version, [])
 
     def handoff_relayed(self, src: str, dst: str, done: tuple[int, ...], mailboxes: int,
                         now: float) -> None:  # fmt: skip
@@ -362,6 +375,8 @@ class Timeline:
             or (incident.back_total > 0 and now - (incident.grew_at or decided) >= QUIET)
         )
         if handed and back:
+            if incident is self._planned and self._steps_pending:
+                return  # this step is over, not the move: open until its last step settles
             incident.settled = True
         elif now - decided >= self.settle_timeout:
             incident.settled = False

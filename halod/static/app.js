@@ -463,7 +463,7 @@ async function operate(action, name) {
 
 // -- timeline -------------------------------------------------------------------------------
 
-const ICON = { failover: "!", drain: "D", undrain: "U", join: "+", spare: "S", leave: "−", lead: "L", follow: "F", table: "T", readdress: "A" };
+const ICON = { failover: "!", drain: "D", undrain: "U", join: "+", spare: "S", leave: "−", lead: "L", follow: "F", table: "T", readdress: "A", rehash: "H" };
 
 function routesText(routes) {
   const sorted = [...new Set(routes)].sort((a, b) => a - b);
@@ -490,6 +490,7 @@ function sentence(inc) {
     join: `${inc.node} joined`, spare: `${inc.node} joined as a spare`, leave: `${inc.node} left`,
     lead: `${inc.node || "this HaloD"} leads (${inc.reason})`, follow: `${inc.node || "this HaloD"} follows (${inc.reason})`,
     table: `table changed${inc.node ? " (" + inc.node + ")" : ""}`, readdress: `${inc.node} has new addresses`,
+    rehash: `rehash: ${inc.reason}`,
   }[inc.kind] || `${inc.kind} ${inc.node}`;
   return moves ? `${verb} → ${moves}` : verb;
 }

@@ -114,6 +114,13 @@ def halod_cli(halod, *args):
     )  # fmt: skip
 
 
+def table_changes(halod) -> int:
+    with urllib.request.urlopen(f"http://{halod.status_http}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    return int(next(line.split()[1] for line in text.splitlines()
+                    if line.startswith("halod_table_changes_total ")))  # fmt: skip
+
+
 def test_a_new_table_is_version_2_everywhere_and_refuses_nodes_without_it(tmp_path, procs):
     halod = start_halod(tmp_path, procs)
     old = Member(halod, "old", hashes=None)  # an older node: no `hashes`, version 1 only
@@ -174,9 +181,16 @@ def test_rehash_from_version_1_is_saved_then_sent_to_every_member(tmp_path, proc
     old.close()
     wait_for(lambda: "old" not in halod.nodes(), "old to be failed after it closed")
     version_before = halod.get("status")["table_version"]
+    changes_before = table_changes(halod)
     done = halod_cli(halod, "rehash", "--to", "2")
     assert done.returncode == 0, done.stderr
     assert "hash version 1 -> 2: 2 nodes told to rehash" in done.stdout
+    # A saved table change like any other (before, counted nowhere: an audit): the
+    # counter and the dashboard's timeline have it.
+    assert table_changes(halod) == changes_before + 1
+    newest = halod.get("dashboard/state")["timeline"][0]
+    assert (newest["kind"], newest["reason"]) == ("rehash", "hash version 1 -> 2")
+    assert newest["table_version"] == halod.get("status")["table_version"] > version_before
     owners = {int(r): o["name"] for r, o in halod.get("routes")["owners"].items()}
     for member in (a, b):
         rehash = member.next("rehash")

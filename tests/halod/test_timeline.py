@@ -178,6 +178,36 @@ def test_paced_steps_join_the_drain_that_started_them() -> None:
     assert j["handoff_s"] == 1.04
 
 
+def test_a_paced_move_stays_one_open_incident_until_its_last_step() -> None:
+    # An audit: between steps the drain's incident went out as ended and settled while
+    # HaloD's /status still listed routes moving, then opened again at the next step.
+    t = Timeline()
+    t.first_sign("n1", "drain", 0.0)
+    drain = t.changed(gone("n1", (1, "n1", "n2")), 5, 0.01, {"n1": {1: 10, 2: 10}}, "operator",
+                      handoffs=[1])  # fmt: skip
+    t.paced(True)  # route 2 is still to move
+    t.handoff_relayed("n1", "n2", (1,), 3, 0.05)
+    t.node_routes("n2", {1: 10}, 0.3)
+    t.tick(0.3)
+    t.tick(40.0)  # longer than settle_timeout: a finished step waits for the next
+    assert drain.open and drain.settled is None and drain.ended is None
+    step = Change("n1", ChangeKind.MOVED, None, [Move(2, "n1", "n2")])
+    assert t.changed(step, 6, 41.0, {"n1": {2: 10}}, "registered", handoffs=[2]) is drain
+    t.paced(False)  # that was the last
+    t.handoff_relayed("n1", "n2", (2,), 4, 41.05)
+    t.node_routes("n2", {1: 10, 2: 10}, 41.3)
+    t.tick(41.3)
+    assert not drain.open and drain.settled is True and drain.ended == 41.3
+
+
+def test_a_rehash_is_an_incident_that_ends_at_once() -> None:
+    t = Timeline()
+    incident = t.rehashed(2, 1, 10, 5.0)
+    j = t.to_json(incident)
+    assert (j["kind"], j["reason"], j["table_version"]) == ("rehash", "hash version 2 -> 1", 10)
+    assert j["open"] is False and j["settled"] is True and t.counts[Kind.REHASH] == 1
+
+
 def test_a_step_without_its_start_is_a_move_incident() -> None:
     t = Timeline()
     step = Change("n1", ChangeKind.MOVED, None, [Move(2, "n1", "n2")])
