@@ -34,7 +34,7 @@ from orbited.core.control import trace_query
 from orbited.core.keys import ConnectionKey, KeyError_
 from orbited.core.routes import format_ranges
 from orbited.core.tokens import load_secret
-from orbited.core.traceview import clock, key_text, merge_keys, verdicts
+from orbited.core.traceview import clock, gone_verb, key_text, merge_keys, verdicts
 from orbited.whereis import DEFAULT_STATE_DIR, DEFAULT_STATUS, cluster_status
 
 OPERATOR_KEY_ENV = "HALOD_OPERATOR_KEY_FILE"  # the operator key file's default
@@ -209,9 +209,9 @@ def trace_lines(answer: Mapping[str, Any]) -> list[str]:
             lines.append(f"{_clean(m.get('name'))} did not answer: {_clean(m.get('why'))}")
     for f in answer.get("failed_nodes") or []:
         if isinstance(f, dict):
-            why = f" {_clean(f['why'])}" if f.get("why") else ""
-            lines.append(f"records of {_clean(f.get('name'))} (failed {clock(f.get('at'))},{why}) "
-                         "are lost with its process")  # fmt: skip
+            why = f", {_clean(f['why'])}" if f.get("why") and f["why"] != "left" else ""
+            lines.append(f"records of {_clean(f.get('name'))} ({gone_verb(f)} "
+                         f"{clock(f.get('at'))}{why}) are lost with its process")  # fmt: skip
     cut = answer.get("truncated")
     if cut:  # true (one node's answer), or the names of the nodes whose answer was cut
         who = f" on {_clean(', '.join(map(str, cut)))}" if isinstance(cut, list) else ""

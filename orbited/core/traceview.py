@@ -162,6 +162,12 @@ def _writer(row: Mapping[str, Any]) -> str:
     return _str(row, "node") or "?"
 
 
+def gone_verb(failed: Mapping[str, Any]) -> str:
+    """How a node of HaloD's ``failed_nodes`` went: "left" (it said so, SIGTERM) or
+    "failed"; either way its records went with its process."""
+    return "left" if failed.get("why") == "left" else "failed"
+
+
 def _failed_note(nodes: Iterable[str], failed: Sequence[Mapping[str, Any]]) -> str:
     """ "; n3 failed at T (why): records it held after that are lost with its process"."""
     names = set(nodes)
@@ -171,7 +177,8 @@ def _failed_note(nodes: Iterable[str], failed: Sequence[Mapping[str, Any]]) -> s
         if name in names:
             why = _str(f, "why")
             parts.append(
-                f"; {name} failed at {clock(f.get('at'))}" + (f" ({why})" if why else "")
+                f"; {name} {gone_verb(f)} at {clock(f.get('at'))}"
+                + (f" ({why})" if why and why != "left" else "")
                 + ": what it held after that is lost with its process"
             )  # fmt: skip
     return "".join(parts)
@@ -205,7 +212,8 @@ def verdict(
     if not rows:
         gone = [f for f in failed if _str(f, "name")]
         tail = "".join(
-            f", or it was on {f['name']}, which failed at {clock(f.get('at'))}" for f in gone
+            f", or it was on {f['name']}, which {gone_verb(f)} at {clock(f.get('at'))}"
+            for f in gone
         )
         return (
             f"no node has a record of event {event} for this key: it never reached the "
@@ -365,7 +373,7 @@ def verdicts(
                     "text": verdict(which, records, notes, failed)})  # fmt: skip
     if not keys:
         gone = "".join(
-            f"; {f['name']} failed at {clock(f.get('at'))} and its records are lost"
+            f"; {f['name']} {gone_verb(f)} at {clock(f.get('at'))} and its records are lost"
             for f in failed if _str(f, "name")
         )  # fmt: skip
         what = f"event {event}" if event is not None else "any event"

@@ -202,6 +202,16 @@ def test_queued_on_a_node_that_failed_says_its_records_are_lost():
     )
 
 
+def test_a_node_that_left_is_said_to_have_left_not_failed():
+    # An audit: a node stopped with SIGTERM (HaloD's failed_nodes, why "left") was
+    # "n2 failed at ..." in every verdict.
+    left = [{"name": "n2", "at": T + 5, "why": "left"}]
+    assert verdict("42", [rec(node="n2")], [], left).endswith(
+        "; n2 left at 07:00:05.000: what it held after that is lost with its process"
+    )
+    assert verdict("42", [rec(event="41")], [], left).endswith(", which left at 07:00:05.000")
+
+
 @pytest.mark.parametrize(
     "junk",
     [
