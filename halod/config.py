@@ -214,7 +214,18 @@ class HaloDConfig(ConfigBase):
 
             VipSettings(self.vip_address, self.vip_interface, self.vip_router_id,
                         self.vip_priority, stale_after=self.etcd_lease_ttl).validate()  # fmt: skip
+            folder = self.vip_state_dir()
+            if any(c.isspace() or c in "\"'" for c in folder):
+                raise ConfigError(
+                    f"db {self.db}: with vip_address its folder holds keepalived's files "
+                    f"({folder}), and keepalived cannot run a script from a path with white "
+                    "space or quotes: move db"
+                )
             self._validate_vip_dataplane()
+
+    def vip_state_dir(self) -> str:
+        """keepalived's files (halod.vip): ``vip/`` beside ``db``, HaloD's state together."""
+        return str(Path(self.db).absolute().parent / "vip")
 
     def _validate_vip_dataplane(self) -> None:
         """Every host's data plane listens on the route address (docs/halod.md): a

@@ -1317,6 +1317,6 @@ def virtual_address(config: HaloDConfig, reactor: Any) -> VirtualAddress:
         router_id=config.vip_router_id, priority=config.vip_priority,
         # a hung HaloD's file is stale once its lease has ended (halod.vip)
         stale_after=config.etcd_lease_ttl,
-        state_dir=str(Path(config.db).absolute().parent / "vip"),  # HaloD's state together
+        state_dir=config.vip_state_dir(),
     )  # fmt: skip
     return VirtualAddress(settings, reactor)

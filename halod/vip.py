@@ -46,6 +46,7 @@ import enum
 import ipaddress
 import os
 import re
+import shutil
 import signal
 from dataclasses import dataclass
 from pathlib import Path
@@ -157,12 +158,13 @@ class VipSettings:
                               f"{self.advert_int!r}")  # fmt: skip
         for name in ("state_dir", "keepalived"):
             value = getattr(self, name)
-            if not value or any(c in value for c in '"\n\r\0'):
-                raise ConfigError(f"vip {name} must be a path without quotes or newlines, "
+            # (keepalived splits a script's path at white space: alive.sh would not run)
+            if not value or any(c in value for c in "\"'\0") or any(c.isspace() for c in value):
+                raise ConfigError(f"vip {name} must be a path without quotes or white space, "
                                   f"not {value!r}")  # fmt: skip
         if not (isinstance(self.stale_after, (int, float)) and 1 <= self.stale_after <= 3600):
-            raise ConfigError(f"the track file's staleness must be 1-3600 seconds (the lease "
-                              f"TTL), not {self.stale_after!r}")  # fmt: skip
+            raise ConfigError(f"etcd_lease_ttl must be 1-3600 seconds with vip_address (the "
+                              f"leader file's staleness), not {self.stale_after!r}")  # fmt: skip
         for name in ("start_timeout", "stop_timeout"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"vip {name} must be positive")
@@ -240,14 +242,16 @@ def effective_priority(settings: VipSettings, role: Role) -> int:
     return settings.priority + int(track_value(role)) * settings.lead_boost
 
 
-def alive_script(settings: VipSettings, files: VipFiles) -> str:
+def alive_script(settings: VipSettings, files: VipFiles, stat: str = "/usr/bin/stat",
+                 date: str = "/usr/bin/date") -> str:  # fmt: skip
     """The check keepalived runs every second: exit 0 while HaloD rewrote the track file
-    within ``stale_after`` seconds (times in milliseconds: GNU stat and date)."""
+    within ``stale_after`` seconds (times in milliseconds: GNU ``stat`` and ``date``, at
+    the paths given: HaloD finds them on its PATH)."""
     return f"""\
 #!/bin/sh
 # Written by HaloD (halod/vip.py) at each start: is HaloD alive (its track file fresh)?
-m=$(/usr/bin/stat -c %.3Y "{files.track}" 2>/dev/null) || exit 1
-now=$(/usr/bin/date +%s%3N)
+m=$({stat} -c %.3Y "{files.track}" 2>/dev/null) || exit 1
+now=$({date} +%s%3N)
 [ $((now - ${{m%.*}}${{m#*.}})) -le {round(settings.stale_after * 1000)} ]
 """
 
@@ -528,7 +532,10 @@ class VirtualAddress:
         try:
             files.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
             files.conf.write_text(keepalived_conf(self.settings, files))
-            files.alive.write_text(alive_script(self.settings, files))
+            files.alive.write_text(alive_script(
+                self.settings, files, shutil.which("stat") or "/usr/bin/stat",
+                shutil.which("date") or "/usr/bin/date",
+            ))  # fmt: skip
             files.alive.chmod(0o700)
             # emptied when this HaloD first starts it; a restart's output follows the crash
             log_file = files.log.open("ab" if self._ever_started else "wb")
@@ -573,6 +580,11 @@ class VirtualAddress:
             d.errback(VipError(message))
 
     def _line(self, proc: _Keepalived, line: str) -> None:
+        if "halod_alive" in line and ("Disabling" in line or "cannot be accessed" in line):
+            # keepalived turned the freshness check off: a hung HaloD would keep the address
+            self.log.error("virtual address: keepalived disabled its check of HaloD "
+                           "(alive.sh), so a hung leader's host would keep the address: "
+                           "{line}", line=line)  # fmt: skip
         state = vrrp_state(line, self.settings.instance)
         if state is None or proc is not self._proc:
             return

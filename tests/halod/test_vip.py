@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import shutil
 import signal
 import subprocess
 import sys
@@ -81,7 +82,14 @@ def test_defaults_validate() -> None:
         ({"state_dir": 'a"b'}, "state_dir"),
         ({"state_dir": ""}, "state_dir"),
         ({"stop_timeout": 0}, "stop_timeout"),
-        ({"stale_after": 0.5}, "staleness must be 1-3600"),
+        ({"stale_after": 0.5}, "etcd_lease_ttl must be 1-3600 seconds with vip_address"),
+        ({"stale_after": 3601}, "etcd_lease_ttl must be 1-3600 seconds with vip_address"),
+        # keepalived splits alive.sh's path at white space and turns the check off
+        (
+            {"state_dir": "/var/lib/halo d/vip"},
+            "state_dir must be a path without quotes or white space",
+        ),
+        ({"state_dir": "/var/lib/it's/vip"}, "state_dir"),
     ],
 )
 def test_bad_settings_are_refused_by_name(change: dict[str, Any], words: str) -> None:
@@ -115,6 +123,19 @@ def test_halod_refuses_a_data_plane_that_is_not_on_the_route_address(
     with pytest.raises(ConfigError, match=rf"dataplane_host {host} is not the route address "
                                           r"10\.77\.0\.100 \(vip_address\)"):  # fmt: skip
         config.validate()
+
+
+def test_halod_refuses_a_db_folder_keepalived_cannot_run_its_check_from(tmp_path: Path) -> None:
+    # An audit: with a space in db's path keepalived split alive.sh's path, disabled the
+    # check, and a hung leader's host kept the address (nothing in HaloD's log).
+    from halod.config import HaloDConfig
+
+    spaced = tmp_path / "halo d" / "h.db"
+    config = HaloDConfig(store="etcd", vip_address="10.77.0.100/24", vip_interface="eth0",
+                         dataplane_host="10.77.0.100", db=str(spaced))  # fmt: skip
+    with pytest.raises(ConfigError, match=r"db .*halo d/h\.db: with vip_address its folder"):
+        config.validate()
+    HaloDConfig(store="etcd", dataplane_host="10.77.0.100", db=str(spaced)).validate()  # no VIP
 
 
 def test_timings_follow_vrrp() -> None:
@@ -166,7 +187,9 @@ def test_conf_takes_the_boost_away_while_the_track_file_is_stale(tmp_path: Path)
 def test_alive_script_judges_the_track_files_age(tmp_path: Path, age: float,
                                                   fresh: bool) -> None:  # fmt: skip
     files = VipFiles(tmp_path)
-    files.alive.write_text(alive_script(S, files))  # S.stale_after: 2 s
+    files.alive.write_text(
+        alive_script(S, files, shutil.which("stat") or "", shutil.which("date") or "")
+    )  # S.stale_after: 2 s; tools as HaloD finds them
     files.track.write_text("1\n")
     then = time.time() - age
     os.utime(files.track, (then, then))
@@ -174,6 +197,17 @@ def test_alive_script_judges_the_track_files_age(tmp_path: Path, age: float,
     assert (done.returncode == 0) is fresh, done
     files.track.unlink()  # no file (HaloD never wrote it): not alive
     assert subprocess.run(["/bin/sh", str(files.alive)], timeout=10).returncode != 0
+
+
+def test_a_disabled_check_is_logged_as_an_error(tmp_path: Path) -> None:
+    from twisted.internet.task import Clock
+    from twisted.logger import capturedLogs
+
+    vip = VirtualAddress(replace(S, state_dir=str(tmp_path)), Clock())
+    with capturedLogs() as events:
+        vip._line(None, "Script `/x y/alive.sh` cannot be accessed")  # type: ignore[arg-type]
+        vip._line(None, "Disabling track script halod_alive since not found/accessible")  # type: ignore[arg-type]
+    assert sum("disabled its check" in e["log_format"] for e in events) == 1
 
 
 def test_halod_refreshes_the_track_file_until_stopped(tmp_path: Path) -> None:
