@@ -127,6 +127,10 @@ class _Channel:
 
     def _connected(self, proto: _ReqProtocol) -> None:
         self.connecting = False
+        if self.proto is not None:  # (never two connections to one address)
+            proto.channel = None
+            proto.transport.loseConnection()
+            return
         if self.client.closed:
             proto.channel = None
             proto.transport.loseConnection()
@@ -197,7 +201,11 @@ class _Channel:
                 request.resent(reason)
             else:
                 self._give_up(pending, error)
-        if not self.queue:
+        # A given-up send's callback may have sent again (an app's next call in an
+        # inlineCallbacks loop): its submit has dialled already, and that connection
+        # carries every request queued (before, a second one was dialled and the first
+        # left open: one socket leaked per call given up).
+        if not self.queue or self.proto is not None or self.connecting or self.retry is not None:
             return
         if pause:
             self.retry = self.client.reactor.callLater(pause, self._connect)
@@ -287,8 +295,9 @@ class TwistedClient:
         try:
             targets = [recipient(t) for t in to]  # (a bad one raises: recorded on the span)
             todo = list(dict.fromkeys(targets))
+            started = self.reactor.seconds()  # one retry budget for the call, every round
             for _ in range(1 + MAX_REGROUPS):
-                planned, refused = event.requests(self.cluster, todo, self.reactor.seconds())
+                planned, refused = event.requests(self.cluster, todo, started)
                 if span is not None:
                     span.requests(len(planned))
                 results.update(refused)

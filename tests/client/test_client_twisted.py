@@ -124,6 +124,37 @@ def test_dead_node_is_reported_then_reached_again(three_nodes):  # noqa: F811
 
 
 @pytest_twisted.inlineCallbacks
+def test_calls_given_up_on_a_hung_node_leave_one_connection_open():
+    # A node that accepts and never answers (frozen). An app's next send made from the
+    # last one's callback used to get a connection of its own while the given-up
+    # call's retry dialled another: one socket left open per call, even after close().
+    from twisted.internet.protocol import Factory, Protocol
+
+    opened: list[Protocol] = []
+
+    class Silent(Protocol):
+        def connectionMade(self) -> None:  # noqa: N802
+            opened.append(self)
+
+    port = reactor.listenTCP(0, Factory.forProtocol(Silent), interface="127.0.0.1")
+    node = Node(f"tcp://127.0.0.1:{port.getHost().port}", "http://127.0.0.1:1")
+    client = TwistedClient(Cluster([node]), reactor, timeout=0.2, retry_budget=0.3)
+    key = ConnectionKey("alice", "s1", "/chat")
+    try:
+        for n in range(6):
+            result = (yield client.send([key], n))[key]
+            assert result["status"] == "error" and result["code"] == "unreachable"
+        live = [p for p in opened if p.transport.connected]
+        assert len(live) <= 1, f"{len(live)} connections open to one address"
+        client.close()
+        yield task.deferLater(reactor, 0.2, lambda: None)
+        assert not [p for p in opened if p.transport.connected]
+    finally:
+        client.close()
+        yield port.stopListening()
+
+
+@pytest_twisted.inlineCallbacks
 def test_pipelined_sends_follow_a_move_in_order(tmp_path, procs):  # noqa: F811
     # Many events to one key in flight at once over the pooled connection, which still
     # leads to the route's old node (move_close_delay 30 s): it answers `moved`; the
