@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Iterable
@@ -288,6 +289,9 @@ class _Connection:
     sock: socket.socket | None = None
     sp: wire.SPConnection = field(default_factory=lambda: wire.SPConnection(wire.REQ, wire.REP))
     ids: RequestIds = field(default_factory=RequestIds)  # nng: a REQ socket's own ids
+    # One exchange at a time on it: calls from several threads share the client (before,
+    # they read each other's replies and split each other's frames).
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
     def open(self) -> socket.socket:
         if self.sock is None:
@@ -330,6 +334,7 @@ class BlockingClient:
         self._connections: dict[tuple[str, int], _Connection] = {}
         self._pool: ThreadPoolExecutor | None = None
         self._pool_pid = 0  # the process that made the pool (a forked one makes its own)
+        self._connections_pid = os.getpid()  # and the connections (likewise)
 
     def close(self) -> None:
         if self._pool is not None:
@@ -380,8 +385,11 @@ class BlockingClient:
     def _send(self, event: Event, targets: list[Recipient]) -> dict[Recipient, dict]:
         results: dict[Recipient, dict] = {}
         todo = list(dict.fromkeys(targets))
+        # One retry budget for the call: a hash-version switch's next round does not
+        # start it again (before, each round had a budget of its own).
+        started = time.monotonic()
         for _ in range(1 + MAX_REGROUPS):
-            planned, refused = event.requests(self.cluster, todo, 0.0)
+            planned, refused = event.requests(self.cluster, todo, started)
             if event.span is not None:
                 event.span.requests(len(planned))
             results.update(refused)
@@ -420,10 +428,17 @@ class BlockingClient:
         given up; in order, so a key's events reach its node in the order sent."""
         for request in requests:
             request.oversized(self.max_message)  # (then given up: no keys left to send)
+        if self._connections_pid != os.getpid():  # a forked child: its own connections
+            self._connections_pid = os.getpid()
+            for old in list(self._connections.values()):
+                old.close()  # (this process's copy of the socket; the parent's stays)
+            self._connections.clear()
         conn = self._connections.setdefault(address, _Connection(address, self.timeout))
-        started = time.monotonic()
-        for request in requests:
-            request.started = started
+        with conn.lock:
+            self._exchange_on(conn, address, requests)
+
+    def _exchange_on(self, conn: _Connection, address: tuple[str, int],
+                     requests: list[Request]) -> None:  # fmt: skip
         failures = 0
         while True:
             todo = [r for r in requests if r.keys]

@@ -145,6 +145,61 @@ def test_an_empty_event_id_is_sent_as_it_is_and_refused(node: NodeProcess):
     assert result["status"] == "error" and result["code"] == "bad_request", result
 
 
+def test_one_client_serves_calls_from_several_threads(node: NodeProcess):
+    # A threaded web app shares one client. Before, the threads shared each connection
+    # unlocked: they read each other's replies and split each other's frames, and calls
+    # on a healthy node took 5-10 s and ended in "timed out" or "Bad file descriptor".
+    import threading
+
+    cluster = Cluster([Node(node.sp, f"http://{node.http}")])
+    results: list[dict] = []
+    took: list[float] = []
+    with BlockingClient(cluster, timeout=2, retry_budget=2) as client:
+
+        def work(t: int) -> None:
+            for n in range(10):
+                keys = [ConnectionKey(f"t{t}-{k}", "s", "/t") for k in range(6)]
+                started = time.monotonic()
+                answer = client.send(keys, n)
+                took.append(time.monotonic() - started)
+                results.extend(answer.values())
+
+        threads = [threading.Thread(target=work, args=(t,)) for t in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+    assert len(results) == 8 * 10 * 6
+    assert {r["status"] for r in results} == {"no_connection"}, [
+        r for r in results if r["status"] != "no_connection"
+    ][:3]
+    assert max(took) < 2  # no call waited for a reply another thread took
+
+
+def test_a_hash_switch_does_not_start_the_retry_budget_again(node: NodeProcess, monkeypatch):
+    # The second round of a call (its keys regrouped under the cluster's new hash
+    # version) used to get a retry budget of its own: ≈ 2 x (budget + timeout) in all.
+    from orbited.client import blocking
+
+    cluster = Cluster([Node(node.sp, f"http://{node.http}")])
+    starts: list[float] = []  # each round's requests' start, as the budget reads it
+    real = blocking.BlockingClient._exchange_all
+
+    def exchange_all(self, pending):  # noqa: ANN001, ANN202
+        real(self, pending)
+        requests = [r for rs in pending.values() for r in rs]
+        starts.append(requests[0].started)
+        if len(starts) == 1:  # the first round: as if the node said "another version"
+            time.sleep(0.05)
+            for request in requests:
+                request.regroup.append(ConnectionKey("sw", "s", "/t"))
+
+    monkeypatch.setattr(blocking.BlockingClient, "_exchange_all", exchange_all)
+    with BlockingClient(cluster, timeout=1) as client:
+        client.send([ConnectionKey("sw", "s", "/t")], 1)
+    assert len(starts) == 2 and starts[0] == starts[1]
+
+
 def test_addresses_are_talked_to_at_the_same_time(tmp_path):
     """A call's routes on several addresses: the acknowledged-mode wait (and a dead
     address's retry budget) is paid once, not once per address."""
