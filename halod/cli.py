@@ -185,7 +185,8 @@ def status_table(status: dict) -> str:
         etcd = status.get("etcd") or {}
         down = [e["url"] for e in etcd.get("endpoints", []) if e.get("healthy") is False]
         if down:
-            head += f"; etcd endpoints down: {', '.join(down)}"
+            # (healthy is etcd's /health: a running member without quorum is unhealthy too)
+            head += f"; etcd endpoints unhealthy: {', '.join(down)}"
     warnings = [f"WARNING: {w}" for w in status.get("warnings", [])]
     return "\n".join([head, *lines, *warnings])
 
