@@ -289,9 +289,6 @@ class _Connection:
     sock: socket.socket | None = None
     sp: wire.SPConnection = field(default_factory=lambda: wire.SPConnection(wire.REQ, wire.REP))
     ids: RequestIds = field(default_factory=RequestIds)  # nng: a REQ socket's own ids
-    # One exchange at a time on it: calls from several threads share the client (before,
-    # they read each other's replies and split each other's frames).
-    lock: threading.Lock = field(default_factory=threading.Lock)
 
     def open(self) -> socket.socket:
         if self.sock is None:
@@ -306,6 +303,41 @@ class _Connection:
         if self.sock is not None:
             self.sock.close()
             self.sock = None
+
+
+MAX_IDLE = 8  # connections kept per address for the next calls (more are closed)
+
+
+class _Pool:
+    """The connections to one address. An exchange takes one for itself (a new one if
+    none is free) and gives it back: calls from several threads never share a connection
+    (they would read each other's replies) and never wait for each other (a hung node
+    costs each call its own timeout, within its own budget)."""
+
+    def __init__(self, address: tuple[str, int], timeout: float) -> None:
+        self.address = address
+        self.timeout = timeout
+        self.free: list[_Connection] = []
+        self.lock = threading.Lock()  # held for the list only, never across I/O
+
+    def take(self) -> _Connection:
+        with self.lock:
+            if self.free:
+                return self.free.pop()
+        return _Connection(self.address, self.timeout)
+
+    def give(self, conn: _Connection) -> None:
+        with self.lock:
+            if conn.sock is not None and len(self.free) < MAX_IDLE:
+                self.free.append(conn)
+                return
+        conn.close()
+
+    def close(self) -> None:
+        with self.lock:
+            free, self.free = self.free, []
+        for conn in free:
+            conn.close()
 
 
 class BlockingClient:
@@ -331,18 +363,18 @@ class BlockingClient:
         self.policy = RetryPolicy(retry_budget, backoff, max_backoff, retries)
         self.tracing = tracing(otel)
         self.max_message = max_message
-        self._connections: dict[tuple[str, int], _Connection] = {}
+        self._pools: dict[tuple[str, int], _Pool] = {}
         self._pool: ThreadPoolExecutor | None = None
         self._pool_pid = 0  # the process that made the pool (a forked one makes its own)
-        self._connections_pid = os.getpid()  # and the connections (likewise)
+        self._pools_pid = os.getpid()  # and the connections (likewise)
 
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=False)
             self._pool = None
-        for conn in self._connections.values():
-            conn.close()
-        self._connections.clear()
+        pools, self._pools = self._pools, {}
+        for pool in pools.values():
+            pool.close()
 
     def __enter__(self) -> BlockingClient:
         return self
@@ -428,14 +460,25 @@ class BlockingClient:
         given up; in order, so a key's events reach its node in the order sent."""
         for request in requests:
             request.oversized(self.max_message)  # (then given up: no keys left to send)
-        if self._connections_pid != os.getpid():  # a forked child: its own connections
-            self._connections_pid = os.getpid()
-            for old in list(self._connections.values()):
-                old.close()  # (this process's copy of the socket; the parent's stays)
-            self._connections.clear()
-        conn = self._connections.setdefault(address, _Connection(address, self.timeout))
-        with conn.lock:
+        pool = self._pool_for(address)
+        conn = pool.take()
+        try:
             self._exchange_on(conn, address, requests)
+        finally:
+            pool.give(conn)
+
+    def _pool_for(self, address: tuple[str, int]) -> _Pool:
+        if self._pools_pid != os.getpid():
+            # A forked child: connections (and locks) of its own; the parent's are left to
+            # the parent. The new table goes in before the pid, so a thread that sees this
+            # pid never sees the parent's table.
+            self._pools = {}
+            self._pools_pid = os.getpid()
+        pools = self._pools
+        pool = pools.get(address)
+        if pool is None:
+            pool = pools.setdefault(address, _Pool(address, self.timeout))
+        return pool
 
     def _exchange_on(self, conn: _Connection, address: tuple[str, int],
                      requests: list[Request]) -> None:  # fmt: skip

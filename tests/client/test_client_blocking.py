@@ -4,6 +4,7 @@ route ports while routes move and nodes die."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import time
 from collections.abc import Iterator
@@ -174,6 +175,53 @@ def test_one_client_serves_calls_from_several_threads(node: NodeProcess):
         r for r in results if r["status"] != "no_connection"
     ][:3]
     assert max(took) < 2  # no call waited for a reply another thread took
+
+
+def test_threads_do_not_wait_for_each_other_on_a_hung_node():
+    # A node that accepts and never answers. With one lock per connection, threads
+    # sharing the client queued behind it: the k-th call took k timeouts (an audit: 5,
+    # 10, ... 30 s with 6 threads). Each call now has its own connection and budget.
+    import socket
+    import threading
+
+    hung = socket.socket()
+    hung.bind(("127.0.0.1", 0))
+    hung.listen(64)
+    node = Node(f"tcp://127.0.0.1:{hung.getsockname()[1]}", "http://127.0.0.1:1")
+    took: list[float] = []
+    try:
+        with BlockingClient(Cluster([node]), timeout=0.5, retry_budget=0.5) as client:
+
+            def call() -> None:
+                started = time.monotonic()
+                result = client.send([ConnectionKey("h", "s", "/t")], 1)
+                took.append(time.monotonic() - started)
+                assert next(iter(result.values()))["status"] == "error"
+
+            threads = [threading.Thread(target=call) for _ in range(6)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(30)
+    finally:
+        hung.close()
+    assert len(took) == 6
+    assert max(took) < 2.0, took  # about budget + timeout each (+ backoff), not 6 of them
+
+
+def test_a_forked_child_sends_on_connections_of_its_own(node: NodeProcess):
+    # (gunicorn --preload: the client connected in the parent before the fork)
+    cluster = Cluster([Node(node.sp, f"http://{node.http}")])
+    key = ConnectionKey("fork", "s", "/t")
+    with BlockingClient(cluster, timeout=2) as client:
+        assert client.send([key], 0)[key]["status"] == "no_connection"
+        child = os.fork()
+        if child == 0:  # the child: one call, then out without pytest's teardown
+            status = client.send([key], 1)[key]["status"]
+            os._exit(0 if status == "no_connection" else 1)
+        _, code = os.waitpid(child, 0)
+        assert os.waitstatus_to_exitcode(code) == 0
+        assert client.send([key], 2)[key]["status"] == "no_connection"  # the parent's still
 
 
 def test_a_hash_switch_does_not_start_the_retry_budget_again(node: NodeProcess, monkeypatch):
