@@ -446,14 +446,26 @@ class BlockingClient:
             ((address, requests),) = pending.items()
             self._exchange(address, requests)
             return
-        pool = self._pool
-        if pool is None or self._pool_pid != os.getpid():
-            pool = self._pool = ThreadPoolExecutor(MAX_PARALLEL, "orbited-client")
-            self._pool_pid = os.getpid()
-        futures = [pool.submit(self._exchange, a, requests) for a, requests in pending.items()]
+        futures = []
+        for address, requests in pending.items():
+            try:
+                futures.append(self._executor().submit(self._exchange, address, requests))
+            except RuntimeError:  # close() shut that pool down meanwhile: on a new one
+                futures.append(self._executor(renew=True).submit(self._exchange, address,
+                                                                 requests))  # fmt: skip
         wait(futures)  # every one, before a failure of one is raised
         for future in futures:
             future.result()
+
+    def _executor(self, renew: bool = False) -> ThreadPoolExecutor:
+        """The client's pool of threads, made at its first use in this process (again after
+        ``close``, or when ``renew``: a call running while another thread closed the client
+        goes on rather than fail)."""
+        pool = self._pool
+        if renew or pool is None or self._pool_pid != os.getpid():
+            pool = self._pool = ThreadPoolExecutor(MAX_PARALLEL, "orbited-client")
+            self._pool_pid = os.getpid()
+        return pool
 
     def _exchange(self, address: tuple[str, int], requests: list[Request]) -> None:
         """Send ``requests`` over the connection to ``address`` until each is answered or

@@ -209,6 +209,42 @@ def test_threads_do_not_wait_for_each_other_on_a_hung_node():
     assert max(took) < 2.0, took  # about budget + timeout each (+ backoff), not 6 of them
 
 
+def test_close_while_other_threads_send_lets_their_calls_finish(three_nodes):
+    # An audit: close() shut the thread pool a running call was about to use, and its
+    # send() raised RuntimeError("cannot schedule new futures after shutdown").
+    import threading
+
+    keys = keys_on_every_node(6)  # several addresses: the pool is used
+    client = BlockingClient(cluster_of(three_nodes), timeout=2)
+    raised: list[BaseException] = []
+    answered: list[int] = []
+    stop = threading.Event()
+
+    def work() -> None:
+        while not stop.is_set():
+            try:
+                answer = client.send(keys, 1)
+            except BaseException as e:  # noqa: BLE001 (what the test looks for)
+                raised.append(e)
+                return
+            answered.append(len(answer))
+
+    threads = [threading.Thread(target=work) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    try:
+        for _ in range(100):
+            client.close()
+            time.sleep(0.005)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(30)
+        client.close()
+    assert not raised, raised[:3]
+    assert answered and set(answered) == {len(keys)}
+
+
 def test_a_forked_child_sends_on_connections_of_its_own(node: NodeProcess):
     # (gunicorn --preload: the client connected in the parent before the fork)
     cluster = Cluster([Node(node.sp, f"http://{node.http}")])
