@@ -9,7 +9,7 @@ import ipaddress
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from halod.dashboard import DEFAULT_STREAMS
 from halod.dataplane.base import MOVE_CLOSE_DELAY, Ports
@@ -31,6 +31,9 @@ from orbited.core.settings import (
     parse_host_port,
     parse_sp_address,
 )
+
+if TYPE_CHECKING:  # (halod.vip is imported only when the route address is used)
+    from halod.vip import VipSettings
 
 DATAPLANES = ("proxy", "haproxy", "nftables", "none")
 STORES = ("sqlite", "etcd")
@@ -210,22 +213,30 @@ class HaloDConfig(ConfigBase):
         if self.vip_address:
             if self.store != "etcd":
                 raise ConfigError('vip_address needs store = "etcd" (the leader holds it)')
-            from halod.vip import VipSettings  # only when the route address is used
+            from halod.vip import unsafe_path  # only when the route address is used
 
-            VipSettings(self.vip_address, self.vip_interface, self.vip_router_id,
-                        self.vip_priority, stale_after=self.etcd_lease_ttl).validate()  # fmt: skip
-            folder = self.vip_state_dir()
-            if any(c.isspace() or c in "\"'" for c in folder):
+            settings = self.vip_settings()
+            if unsafe_path(settings.state_dir):  # (named here: the folder comes from db)
                 raise ConfigError(
                     f"db {self.db}: with vip_address its folder holds keepalived's files "
-                    f"({folder}), and keepalived cannot run a script from a path with white "
-                    "space or quotes: move db"
+                    f"({settings.state_dir}), and keepalived cannot run a script from a path "
+                    "with white space or quotes: move db"
                 )
+            settings.validate()
             self._validate_vip_dataplane()
 
-    def vip_state_dir(self) -> str:
-        """keepalived's files (halod.vip): ``vip/`` beside ``db``, HaloD's state together."""
-        return str(Path(self.db).absolute().parent / "vip")
+    def vip_settings(self) -> VipSettings:
+        """The route address's settings (halod.vip): keepalived's files in ``vip/``
+        beside ``db`` (HaloD's state together), and a hung HaloD's file stale once its
+        lease has ended."""
+        from halod.vip import VipSettings
+
+        return VipSettings(
+            address=self.vip_address, interface=self.vip_interface,
+            router_id=self.vip_router_id, priority=self.vip_priority,
+            stale_after=self.etcd_lease_ttl,
+            state_dir=str(Path(self.db).absolute().parent / "vip"),
+        )  # fmt: skip
 
     def _validate_vip_dataplane(self) -> None:
         """Every host's data plane listens on the route address (docs/halod.md): a

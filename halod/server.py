@@ -1310,13 +1310,6 @@ class HaloDService(service.MultiService):
 
 def virtual_address(config: HaloDConfig, reactor: Any) -> VirtualAddress:
     """The route address that follows the leader (halod.vip, imported only when used)."""
-    from halod.vip import VipSettings, VirtualAddress
+    from halod.vip import VirtualAddress
 
-    settings = VipSettings(
-        address=config.vip_address, interface=config.vip_interface,
-        router_id=config.vip_router_id, priority=config.vip_priority,
-        # a hung HaloD's file is stale once its lease has ended (halod.vip)
-        stale_after=config.etcd_lease_ttl,
-        state_dir=config.vip_state_dir(),
-    )  # fmt: skip
-    return VirtualAddress(settings, reactor)
+    return VirtualAddress(config.vip_settings(), reactor)

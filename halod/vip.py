@@ -64,6 +64,7 @@ from orbited.core.settings import ConfigError
 KEEPALIVED = "/usr/sbin/keepalived"
 SETPRIV = "/usr/bin/setpriv"
 IP = "/usr/sbin/ip"  # iproute2
+STAT, DATE = "/usr/bin/stat", "/usr/bin/date"  # coreutils, where PATH has none (alive.sh)
 IFNAME = re.compile(r"[A-Za-z0-9_.-]{1,15}")
 MAX_PRIORITY = 254  # 255 is VRRP's "address owner", which never gives the address up
 
@@ -158,8 +159,7 @@ class VipSettings:
                               f"{self.advert_int!r}")  # fmt: skip
         for name in ("state_dir", "keepalived"):
             value = getattr(self, name)
-            # (keepalived splits a script's path at white space: alive.sh would not run)
-            if not value or any(c in value for c in "\"'\0") or any(c.isspace() for c in value):
+            if not value or unsafe_path(value):
                 raise ConfigError(f"vip {name} must be a path without quotes or white space, "
                                   f"not {value!r}")  # fmt: skip
         if not (isinstance(self.stale_after, (int, float)) and 1 <= self.stale_after <= 3600):
@@ -187,6 +187,12 @@ class VipSettings:
         """VRRP v3 skew time: how long a standby waits after a priority-0 advertisement
         (the master's keepalived stopped)."""
         return (256 - self.priority) * self.advert_int / 256
+
+
+def unsafe_path(path: str) -> bool:
+    """A path keepalived cannot take: it splits a script's path at white space (alive.sh
+    would not run), and its config quotes paths."""
+    return any(c in path for c in "\"'\0") or any(c.isspace() for c in path)
 
 
 def _int_in(value: object, low: int, high: int) -> bool:
@@ -242,8 +248,8 @@ def effective_priority(settings: VipSettings, role: Role) -> int:
     return settings.priority + int(track_value(role)) * settings.lead_boost
 
 
-def alive_script(settings: VipSettings, files: VipFiles, stat: str = "/usr/bin/stat",
-                 date: str = "/usr/bin/date") -> str:  # fmt: skip
+def alive_script(settings: VipSettings, files: VipFiles, stat: str = STAT,
+                 date: str = DATE) -> str:  # fmt: skip
     """The check keepalived runs every second: exit 0 while HaloD rewrote the track file
     within ``stale_after`` seconds (times in milliseconds: GNU ``stat`` and ``date``, at
     the paths given: HaloD finds them on its PATH)."""
@@ -533,8 +539,7 @@ class VirtualAddress:
             files.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
             files.conf.write_text(keepalived_conf(self.settings, files))
             files.alive.write_text(alive_script(
-                self.settings, files, shutil.which("stat") or "/usr/bin/stat",
-                shutil.which("date") or "/usr/bin/date",
+                self.settings, files, shutil.which("stat") or STAT, shutil.which("date") or DATE,
             ))  # fmt: skip
             files.alive.chmod(0o700)
             # emptied when this HaloD first starts it; a restart's output follows the crash

@@ -647,7 +647,7 @@ class NftablesDataPlane:
                     "net.ipv4.conf.<interface>.route_localnet is 1; give nodes an address "
                     "of a real interface", name=name, address=address, host=self.ports.host,
                 )  # fmt: skip
-            self._warned_local |= local
+                self._warned_local.add((name, address))
         return new
 
     def _schedule_cut(self, doomed: dict[int, Target]) -> None:
