@@ -363,16 +363,16 @@ class BlockingClient:
         self.policy = RetryPolicy(retry_budget, backoff, max_backoff, retries)
         self.tracing = tracing(otel)
         self.max_message = max_message
-        self._pools: dict[tuple[str, int], _Pool] = {}
+        self._connections: dict[tuple[str, int], _Pool] = {}  # by address
         self._pool: ThreadPoolExecutor | None = None
         self._pool_pid = 0  # the process that made the pool (a forked one makes its own)
-        self._pools_pid = os.getpid()  # and the connections (likewise)
+        self._connections_pid = os.getpid()  # and the connections (likewise)
 
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=False)
             self._pool = None
-        pools, self._pools = self._pools, {}
+        pools, self._connections = self._connections, {}
         for pool in pools.values():
             pool.close()
 
@@ -480,13 +480,13 @@ class BlockingClient:
             pool.give(conn)
 
     def _pool_for(self, address: tuple[str, int]) -> _Pool:
-        if self._pools_pid != os.getpid():
+        if self._connections_pid != os.getpid():
             # A forked child: connections (and locks) of its own; the parent's are left to
             # the parent. The new table goes in before the pid, so a thread that sees this
             # pid never sees the parent's table.
-            self._pools = {}
-            self._pools_pid = os.getpid()
-        pools = self._pools
+            self._connections = {}
+            self._connections_pid = os.getpid()
+        pools = self._connections
         pool = pools.get(address)
         if pool is None:
             pool = pools.setdefault(address, _Pool(address, self.timeout))

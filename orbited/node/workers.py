@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import TextIO
 
 from orbited.core.control import NAME
-from orbited.core.settings import ConfigError, parse_host_port
+from orbited.core.settings import LOG_LEVELS, ConfigError, parse_host_port
 from orbited.node.config import NodeConfig
 
 WORKER_ENV = "ORBITED_WORKER_PARENT"  # the parent's pid, set in each worker's environment
@@ -253,13 +253,10 @@ class Worker:
     was_ready = False  # some process of this slot became ready
 
 
-_LEVELS = ("debug", "info", "warn", "error")
-
-
 def _log(text: str, level: str = "info", threshold: str = "info") -> None:
     """One line of the parent's, in the nodes' log format, when ``level`` is at least
     ``threshold`` (the configured ``log_level``)."""
-    if _LEVELS.index(level) < _LEVELS.index(threshold):
+    if LOG_LEVELS.index(level) < LOG_LEVELS.index(threshold):
         return
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     print(f"{stamp} [orbited.node.workers#{level}] {text}", file=sys.stderr, flush=True)
