@@ -15,6 +15,7 @@ from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import IReactorTCP, IReactorTime
 from twisted.logger import Logger
 
+from orbited.core import speedups
 from orbited.core.settings import parse_host_port, parse_sp_address
 from orbited.core.tokens import load_secret
 from orbited.node import collector
@@ -222,6 +223,8 @@ class NodeService(service.MultiService):
                 s=self.socket_gate.max_sockets,
                 fd=self.fd_limit,
             )
+        if speedups.native is None:
+            self.log.warn(speedups.NOT_BUILT)
         self.log.info(
             "node {name} epoch {epoch}: browsers on http://{http}/orbited/, web apps on {sp}",
             name=self.config.name,

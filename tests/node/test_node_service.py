@@ -81,3 +81,34 @@ def test_a_missing_key_file_names_its_config_key(tmp_path):
         config = NodeConfig.load(None, overrides)
         with pytest.raises(ValueError, match=rf"^{key} {missing}: No such file"):
             NodeService(config, reactor)
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_node_without_its_speedups_says_so_at_start(tmp_path, monkeypatch):
+    """Where orbited.core._speedups was not built (an install without a compiler or
+    OpenSSL's headers), the operator is told at start: the node works, at more CPU."""
+    from twisted.logger import formatEvent, globalLogPublisher
+
+    from orbited.core import speedups
+
+    secret = tmp_path / "secret"
+    secret.write_bytes(SECRET)
+    config = NodeConfig(
+        http="127.0.0.1:0", sp="tcp://127.0.0.1:0", secret_file=str(secret), create_secret=False
+    )
+    for native, warned in ((None, True), (object(), False)):
+        monkeypatch.setattr(speedups, "native", native)
+        said: list[str] = []
+
+        def observe(event: dict, said: list[str] = said) -> None:
+            said.append(formatEvent(event))
+
+        globalLogPublisher.addObserver(observe)
+        node = NodeService(config, reactor)
+        try:
+            node.startService()
+        finally:
+            globalLogPublisher.removeObserver(observe)
+            yield node.stopService()
+        assert any("_speedups is not built" in line for line in said) is warned, said
+        assert any("browsers on http://" in line for line in said)

@@ -1,0 +1,470 @@
+/* orbited.core._speedups: C twins of the pure functions a WebSocket accept spends most on.
+ *
+ * Each has a Python twin that stays the reference and runs wherever this module is not
+ * built (setup.py builds it where a C compiler and OpenSSL's headers are found); tests/core/
+ * test_speedups.py checks each against its twin. Why C: after every Python-level cut, these
+ * were half of what an accept costs beyond the bare socket work (docs/performance.md,
+ * "Accepts, seventh pass", has the figures). SHA-1 and SHA-256 are OpenSSL's (libcrypto,
+ * as hashlib's), through its low-level API: a state is a plain struct, so a key's HMAC
+ * state is set up once and copied per token.
+ *
+ * - Key(secret).claims(token: str, known: set[bytes], now: float, leeway: float)
+ *       -> (sub, sid, loc, exp) | None
+ *   The check of the token every web app issues (orbited.core.tokens.issue_token's): a
+ *   header segment in ``known`` (headers of tokens that verified before), the signature the
+ *   canonical base64url of the HMAC-SHA256, a payload segment without padding holding
+ *   compact JSON (no whitespace, no escapes) of the claims sub, sid, loc, aud (strings of
+ *   printable ASCII) and exp, iat (integers), each at most once and nothing else, passing
+ *   every check of orbited.core.tokens._check_claims. Then the answer is the Python check's.
+ *   Anything else, or any doubt, is None: the Python check decides, and words every
+ *   refusal, so this refuses nothing.
+ * - route_of_user(user: str, routes: int) -> int | None
+ *   orbited.core.hashing's version 2 route (SHA-256 of the u32 big-endian length and the
+ *   bytes of the user, the first 8 bytes of the digest modulo routes, plus 1) of an ASCII
+ *   user and 1 <= routes < 2**63; None otherwise (the Python twin decides).
+ * - accept_key(key: bytes) -> bytes
+ *   RFC 6455's Sec-WebSocket-Accept: base64 of the SHA-1 of the key and the GUID
+ *   (orbited.node.transports.wsframe.accept_key's twin).
+ */
+#define PY_SSIZE_T_CLEAN
+#define OPENSSL_API_COMPAT 0x10101000L /* SHA256_Init and friends: deprecated in 3.0, kept */
+#include <Python.h>
+#include <openssl/crypto.h>
+#include <openssl/sha.h>
+#include <string.h>
+
+/* orbited.core.tokens and orbited.core.keys: the same limits (tests compare them). */
+#define MAX_TOKEN_CHARS 4096
+#define MAX_PART_BYTES 256
+#define MAX_NUMERIC_DATE 9007199254740991LL /* 2**53 - 1 */
+#define BLOCK 64                            /* SHA-256's block size */
+#define MAC 32                              /* SHA-256's digest size */
+#define ENCODED_MAC 43                      /* its base64url, unpadded */
+
+static const char URLSAFE[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+static signed char VALUE[256]; /* each base64url character's 6-bit value, -1 if none */
+
+typedef struct {
+    PyObject_HEAD
+    SHA256_CTX inner; /* after the block of key xor ipad */
+    SHA256_CTX outer; /* after the block of key xor opad */
+} KeyObject;
+
+static int
+Key_init(KeyObject *self, PyObject *args, PyObject *kwds)
+{
+    static char *names[] = {"secret", NULL};
+    Py_buffer secret;
+    unsigned char key[BLOCK], pad[BLOCK];
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "y*:Key", names, &secret)) {
+        return -1;
+    }
+    memset(key, 0, BLOCK);
+    if (secret.len > BLOCK) {
+        SHA256(secret.buf, (size_t)secret.len, key);
+    }
+    else {
+        memcpy(key, secret.buf, (size_t)secret.len);
+    }
+    PyBuffer_Release(&secret);
+    for (int i = 0; i < BLOCK; i++) {
+        pad[i] = key[i] ^ 0x36;
+    }
+    SHA256_Init(&self->inner);
+    SHA256_Update(&self->inner, pad, BLOCK);
+    for (int i = 0; i < BLOCK; i++) {
+        pad[i] = key[i] ^ 0x5C;
+    }
+    SHA256_Init(&self->outer);
+    SHA256_Update(&self->outer, pad, BLOCK);
+    OPENSSL_cleanse(key, BLOCK);
+    OPENSSL_cleanse(pad, BLOCK);
+    return 0;
+}
+
+static void
+Key_dealloc(KeyObject *self)
+{
+    OPENSSL_cleanse(&self->inner, sizeof self->inner);
+    OPENSSL_cleanse(&self->outer, sizeof self->outer);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* HMAC-SHA256 of data under the key. */
+static void
+mac_of(const KeyObject *self, const unsigned char *data, size_t size, unsigned char *out)
+{
+    SHA256_CTX ctx = self->inner;
+    unsigned char digest[MAC];
+    SHA256_Update(&ctx, data, size);
+    SHA256_Final(digest, &ctx);
+    ctx = self->outer;
+    SHA256_Update(&ctx, digest, MAC);
+    SHA256_Final(out, &ctx);
+}
+
+/* The 32-byte MAC's base64url without padding: 43 characters. */
+static void
+encode_mac(const unsigned char *mac, unsigned char *out)
+{
+    int o = 0, i = 0;
+    for (; i + 3 <= MAC; i += 3) {
+        unsigned v = (unsigned)mac[i] << 16 | (unsigned)mac[i + 1] << 8 | mac[i + 2];
+        out[o++] = URLSAFE[v >> 18 & 63];
+        out[o++] = URLSAFE[v >> 12 & 63];
+        out[o++] = URLSAFE[v >> 6 & 63];
+        out[o++] = URLSAFE[v & 63];
+    }
+    /* 32 = 30 + 2: the last two bytes are three characters */
+    unsigned v = (unsigned)mac[i] << 16 | (unsigned)mac[i + 1] << 8;
+    out[o++] = URLSAFE[v >> 18 & 63];
+    out[o++] = URLSAFE[v >> 12 & 63];
+    out[o++] = URLSAFE[v >> 6 & 63];
+}
+
+/* A base64url segment without padding, decoded into out; its size, or -1 where
+ * orbited.core.tokens._segment would not give the same bytes without doubt: a character
+ * outside the alphabet (padding included), a length of 1 mod 4, stray bits in the last
+ * character (a non-canonical encoding). */
+static Py_ssize_t
+decode_segment(const unsigned char *s, Py_ssize_t n, unsigned char *out)
+{
+    Py_ssize_t o = 0, i = 0;
+    if (n % 4 == 1) {
+        return -1;
+    }
+    for (; i + 4 <= n; i += 4) {
+        int a = VALUE[s[i]], b = VALUE[s[i + 1]], c = VALUE[s[i + 2]], d = VALUE[s[i + 3]];
+        if ((a | b | c | d) < 0) {
+            return -1;
+        }
+        out[o++] = (unsigned char)(a << 2 | b >> 4);
+        out[o++] = (unsigned char)((b & 15) << 4 | c >> 2);
+        out[o++] = (unsigned char)((c & 3) << 6 | d);
+    }
+    if (n - i == 2) {
+        int a = VALUE[s[i]], b = VALUE[s[i + 1]];
+        if ((a | b) < 0 || b & 15) {
+            return -1;
+        }
+        out[o++] = (unsigned char)(a << 2 | b >> 4);
+    }
+    else if (n - i == 3) {
+        int a = VALUE[s[i]], b = VALUE[s[i + 1]], c = VALUE[s[i + 2]];
+        if ((a | b | c) < 0 || c & 3) {
+            return -1;
+        }
+        out[o++] = (unsigned char)(a << 2 | b >> 4);
+        out[o++] = (unsigned char)((b & 15) << 4 | c >> 2);
+    }
+    return o;
+}
+
+enum { SUB, SID, LOC, AUD, EXP, IAT, CLAIMS };
+
+/* Which claim a member's name (between its quotes) is, or -1. */
+static int
+claim_of(const unsigned char *name, Py_ssize_t n)
+{
+    if (n != 3) {
+        return -1;
+    }
+    static const char *names[CLAIMS] = {"sub", "sid", "loc", "aud", "exp", "iat"};
+    for (int c = 0; c < CLAIMS; c++) {
+        if (memcmp(name, names[c], 3) == 0) {
+            return c;
+        }
+    }
+    return -1;
+}
+
+typedef struct {
+    const unsigned char *text[CLAIMS]; /* a string claim's characters (between its quotes) */
+    Py_ssize_t size[CLAIMS];
+    long long number[CLAIMS];          /* an integer claim's value */
+    int seen[CLAIMS];
+} Claims;
+
+/* Compact JSON of the common claims, read into c: 0, or -1 for anything else. */
+static int
+read_claims(const unsigned char *p, Py_ssize_t n, Claims *c)
+{
+    const unsigned char *end = p + n;
+    memset(c, 0, sizeof *c);
+    if (n < 2 || *p++ != '{' || end[-1] != '}') {
+        return -1;
+    }
+    end--; /* the closing brace */
+    while (p < end) {
+        if (*p++ != '"' || end - p < 5) { /* name":x at least */
+            return -1;
+        }
+        const unsigned char *name = p;
+        while (p < end && *p != '"') {
+            p++;
+        }
+        int claim = claim_of(name, p - name);
+        if (claim < 0 || c->seen[claim] || end - p < 3 || p[1] != ':') {
+            return -1;
+        }
+        c->seen[claim] = 1;
+        p += 2;
+        if (claim <= AUD) { /* a string of printable ASCII: no escape, no quote inside */
+            if (*p++ != '"') {
+                return -1;
+            }
+            const unsigned char *text = p;
+            while (p < end && *p != '"') {
+                if (*p < 0x20 || *p > 0x7E || *p == '\\') {
+                    return -1;
+                }
+                p++;
+            }
+            if (p == end) {
+                return -1;
+            }
+            c->text[claim] = text;
+            c->size[claim] = p - text;
+            p++; /* the closing quote */
+        }
+        else { /* an integer: 0, or up to 16 digits not starting with 0 */
+            const unsigned char *digits = p;
+            long long value = 0;
+            while (p < end && *p >= '0' && *p <= '9') {
+                value = value * 10 + (*p - '0');
+                p++;
+            }
+            Py_ssize_t count = p - digits;
+            if (count == 0 || count > 16 || (count > 1 && *digits == '0')) {
+                return -1;
+            }
+            c->number[claim] = value;
+        }
+        if (p < end && *p++ != ',') {
+            return -1;
+        }
+        if (p == end && p[-1] == ',') { /* a trailing comma */
+            return -1;
+        }
+    }
+    return 0;
+}
+
+static int
+is_wildcard(const Claims *c, int claim)
+{
+    return c->seen[claim] && c->size[claim] == 1 && c->text[claim][0] == '*';
+}
+
+static PyObject *
+text_of(const Claims *c, int claim)
+{
+    if (!c->seen[claim]) {
+        return PyUnicode_FromStringAndSize("", 0);
+    }
+    return PyUnicode_FromStringAndSize((const char *)c->text[claim], c->size[claim]);
+}
+
+static PyObject *
+Key_claims(KeyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4 || !PyUnicode_Check(args[0]) || !PyAnySet_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "claims(token: str, known: set, now, leeway)");
+        return NULL;
+    }
+    double now = PyFloat_AsDouble(args[2]);
+    if (now == -1.0 && PyErr_Occurred()) {
+        return NULL;
+    }
+    double leeway = PyFloat_AsDouble(args[3]);
+    if (leeway == -1.0 && PyErr_Occurred()) {
+        return NULL;
+    }
+    PyObject *token = args[0];
+    if (PyUnicode_READY(token) < 0) {
+        return NULL;
+    }
+    Py_ssize_t n = PyUnicode_GET_LENGTH(token);
+    if (!PyUnicode_IS_ASCII(token) || n == 0 || n > MAX_TOKEN_CHARS) {
+        Py_RETURN_NONE;
+    }
+    const unsigned char *t = PyUnicode_1BYTE_DATA(token);
+    const unsigned char *first = memchr(t, '.', (size_t)n);
+    const unsigned char *last = t + n - 1;
+    while (last > t && *last != '.') {
+        last--;
+    }
+    if (first == NULL || first == last) {
+        Py_RETURN_NONE;
+    }
+    /* header segment t..first, payload first+1..last, signature last+1..end */
+    if (t + n - (last + 1) != ENCODED_MAC) {
+        Py_RETURN_NONE;
+    }
+    PyObject *header = PyBytes_FromStringAndSize((const char *)t, first - t);
+    if (header == NULL) {
+        return NULL;
+    }
+    int known = PySet_Contains(args[1], header);
+    Py_DECREF(header);
+    if (known <= 0) {
+        return known < 0 ? NULL : Py_NewRef(Py_None);
+    }
+    unsigned char mac[MAC], encoded[ENCODED_MAC];
+    mac_of(self, t, (size_t)(last - t), mac);
+    encode_mac(mac, encoded);
+    if (CRYPTO_memcmp(encoded, last + 1, ENCODED_MAC) != 0) {
+        Py_RETURN_NONE;
+    }
+    unsigned char payload[MAX_TOKEN_CHARS];
+    Py_ssize_t size = decode_segment(first + 1, last - first - 1, payload);
+    Claims c;
+    if (size < 0 || read_claims(payload, size, &c) < 0) {
+        Py_RETURN_NONE;
+    }
+    long long exp = c.number[EXP], iat = c.seen[IAT] ? c.number[IAT] : 0;
+    if (!c.seen[SUB] || !c.seen[EXP] || !c.seen[AUD] || c.size[AUD] != 7 ||
+        memcmp(c.text[AUD], "orbited", 7) != 0 || c.size[SUB] == 0 ||
+        c.size[SUB] > MAX_PART_BYTES || c.size[SID] > MAX_PART_BYTES ||
+        c.size[LOC] > MAX_PART_BYTES || iat > MAX_NUMERIC_DATE || exp > MAX_NUMERIC_DATE ||
+        !((double)iat <= now + leeway) || !((double)exp + leeway >= now) ||
+        is_wildcard(&c, SUB) || is_wildcard(&c, SID) || is_wildcard(&c, LOC)) {
+        Py_RETURN_NONE;
+    }
+    PyObject *sub = text_of(&c, SUB), *sid = text_of(&c, SID), *loc = text_of(&c, LOC);
+    PyObject *result = NULL;
+    if (sub != NULL && sid != NULL && loc != NULL) {
+        result = Py_BuildValue("(OOOd)", sub, sid, loc, (double)exp);
+    }
+    Py_XDECREF(sub);
+    Py_XDECREF(sid);
+    Py_XDECREF(loc);
+    return result;
+}
+
+/* hashing.route_of_user's twin: an ASCII user (UTF-8 is then the same bytes) only. */
+static PyObject *
+route_of_user(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)module;
+    if (nargs != 2 || !PyUnicode_Check(args[0]) || !PyLong_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "route_of_user(user: str, routes: int)");
+        return NULL;
+    }
+    int overflow = 0;
+    long long routes = PyLong_AsLongLongAndOverflow(args[1], &overflow);
+    if (routes == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    PyObject *user = args[0];
+    if (overflow || routes < 1 || PyUnicode_READY(user) < 0 || !PyUnicode_IS_ASCII(user) ||
+        PyUnicode_GET_LENGTH(user) > 0xFFFFFFFFLL) {
+        if (PyErr_Occurred()) {
+            return NULL;
+        }
+        Py_RETURN_NONE;
+    }
+    Py_ssize_t n = PyUnicode_GET_LENGTH(user);
+    unsigned char size[4] = {(unsigned char)(n >> 24), (unsigned char)(n >> 16),
+                             (unsigned char)(n >> 8), (unsigned char)n};
+    unsigned char digest[SHA256_DIGEST_LENGTH];
+    SHA256_CTX ctx;
+    SHA256_Init(&ctx);
+    SHA256_Update(&ctx, size, 4);
+    SHA256_Update(&ctx, PyUnicode_1BYTE_DATA(user), (size_t)n);
+    SHA256_Final(digest, &ctx);
+    unsigned long long head = 0;
+    for (int i = 0; i < 8; i++) {
+        head = head << 8 | digest[i];
+    }
+    return PyLong_FromUnsignedLongLong(head % (unsigned long long)routes + 1);
+}
+
+static const unsigned char GUID[] = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
+static const char BASE64[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
+/* wsframe.accept_key's twin: base64 (padded) of SHA-1(key + GUID). */
+static PyObject *
+accept_key(PyObject *module, PyObject *arg)
+{
+    (void)module;
+    if (!PyBytes_Check(arg)) {
+        PyErr_SetString(PyExc_TypeError, "accept_key(key: bytes)");
+        return NULL;
+    }
+    unsigned char digest[SHA_DIGEST_LENGTH]; /* 20 bytes: 28 characters with one '=' */
+    char out[28];
+    SHA_CTX ctx;
+    SHA1_Init(&ctx);
+    SHA1_Update(&ctx, PyBytes_AS_STRING(arg), (size_t)PyBytes_GET_SIZE(arg));
+    SHA1_Update(&ctx, GUID, sizeof GUID - 1);
+    SHA1_Final(digest, &ctx);
+    int o = 0, i = 0;
+    for (; i + 3 <= SHA_DIGEST_LENGTH; i += 3) {
+        unsigned v = (unsigned)digest[i] << 16 | (unsigned)digest[i + 1] << 8 | digest[i + 2];
+        out[o++] = BASE64[v >> 18 & 63];
+        out[o++] = BASE64[v >> 12 & 63];
+        out[o++] = BASE64[v >> 6 & 63];
+        out[o++] = BASE64[v & 63];
+    }
+    unsigned v = (unsigned)digest[i] << 16 | (unsigned)digest[i + 1] << 8; /* 20 = 18 + 2 */
+    out[o++] = BASE64[v >> 18 & 63];
+    out[o++] = BASE64[v >> 12 & 63];
+    out[o++] = BASE64[v >> 6 & 63];
+    out[o++] = '=';
+    return PyBytes_FromStringAndSize(out, o);
+}
+
+static PyMethodDef module_functions[] = {
+    {"route_of_user", (PyCFunction)(void (*)(void))route_of_user, METH_FASTCALL,
+     "route_of_user(user, routes): the version 2 route of an ASCII user, else None."},
+    {"accept_key", (PyCFunction)accept_key, METH_O,
+     "accept_key(key): the Sec-WebSocket-Accept value of a Sec-WebSocket-Key."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyMethodDef Key_methods[] = {
+    {"claims", (PyCFunction)(void (*)(void))Key_claims, METH_FASTCALL,
+     "claims(token, known, now, leeway): (sub, sid, loc, exp) of the common token that "
+     "passes every check, else None (the Python check decides)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject KeyType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "orbited.core._speedups.Key",
+    .tp_doc = "Key(secret): HMAC-SHA256 keyed once for the common token's check.",
+    .tp_basicsize = sizeof(KeyObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Key_init,
+    .tp_dealloc = (destructor)Key_dealloc,
+    .tp_methods = Key_methods,
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "orbited.core._speedups",
+    "C twins of the pure functions a WebSocket accept spends most on.", -1,
+    module_functions,
+};
+
+PyMODINIT_FUNC
+PyInit__speedups(void)
+{
+    memset(VALUE, -1, sizeof VALUE);
+    for (int i = 0; i < 64; i++) {
+        VALUE[(unsigned char)URLSAFE[i]] = (signed char)i;
+    }
+    if (PyType_Ready(&KeyType) < 0) {
+        return NULL;
+    }
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL) {
+        return NULL;
+    }
+    if (PyModule_AddObjectRef(m, "Key", (PyObject *)&KeyType) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

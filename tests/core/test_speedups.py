@@ -1,0 +1,276 @@
+"""orbited/core/_speedups.c against its Python twins.
+
+The common token's check in C answers only where the Python check (orbited.core.tokens,
+itself checked against PyJWT in test_tokens_hand.py) accepts, and then with the Python
+check's answer; it answers for every token issue_token makes. Differential: signed
+claims documents of every shape, then mutations of the token's text and of the claims'
+JSON, with the clock on either side of each limit. The version 2 route and the WebSocket
+accept key give their twins' values (and the published vectors)."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+from orbited.core import hashing, tokens
+from orbited.core.keys import MAX_PART_BYTES, ConnectionKey
+from orbited.core.tokens import TokenError, issue_token, verify_token
+from orbited.node.transports import wsframe
+
+native = tokens._native
+ROOT = Path(__file__).resolve().parents[2]
+SECRET = b"s" * 32
+OTHER = b"t" * 80  # longer than SHA-256's block: hashed first (RFC 2104)
+HEADER = b"eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9"  # issue_token's: {"alg":"HS256","typ":"JWT"}
+NOW = 1_800_000_000.0
+
+
+def test_the_speedups_are_built_where_ci_runs():
+    """CI installs libssl-dev (./dev): a build that silently fell back to Python there
+    would lose the accept path's speed unnoticed."""
+    if not os.environ.get("CI") and native is None:
+        pytest.skip("orbited.core._speedups not built here (no compiler or OpenSSL headers)")
+    assert native is not None
+
+
+needs_native = pytest.mark.skipif(native is None, reason="orbited.core._speedups not built")
+
+
+def b64(data: bytes) -> bytes:
+    return base64.urlsafe_b64encode(data).rstrip(b"=")
+
+
+def signed(payload: bytes, secret: bytes = SECRET, header: bytes = HEADER) -> str:
+    signing = header + b"." + b64(payload)
+    return (signing + b"." + b64(hmac.digest(secret, signing, "sha256"))).decode()
+
+
+def python_check(secret: bytes, token: str, now: float, leeway: float) -> object:
+    """The Python check's answer: (sub, sid, loc, exp) or its refusal."""
+    try:
+        key, exp = tokens._check_claims(tokens._verified_claims(secret, token), leeway, now)
+    except TokenError as e:
+        return (e.code, e.message)
+    return (*key, exp)
+
+
+def agree(secret: bytes, token: str, now: float, leeway: float = 30.0) -> object:
+    """The C check's answer, after asserting it is None or the Python check's."""
+    known = {HEADER}
+    answer = native.Key(secret).claims(token, known, now, leeway)
+    if answer is not None:
+        assert answer == python_check(secret, token, now, leeway), token
+        assert type(answer[3]) is float
+    return answer
+
+
+@needs_native
+def test_issued_tokens_are_answered_as_the_python_check_answers():
+    longest = ConnectionKey("x" * MAX_PART_BYTES, "y" * MAX_PART_BYTES, "/" * MAX_PART_BYTES)
+    for key in [ConnectionKey("u", "", ""), ConnectionKey("alice", "s1", "/chat"), longest]:
+        for secret in (SECRET, OTHER):
+            token = issue_token(secret, key, ttl=60, now=NOW)
+            assert agree(secret, token, NOW) == (*key, NOW + 60)
+            assert agree(secret, token, NOW + 89.9) is not None  # within the leeway
+            assert agree(secret, token, NOW + 91) is None  # expired: Python words it
+            assert agree(OTHER if secret == SECRET else SECRET, token, NOW) is None
+
+
+@needs_native
+def test_only_known_headers_are_answered():
+    token = issue_token(SECRET, ConnectionKey("u", "s", "l"), now=NOW)
+    key = native.Key(SECRET)
+    assert key.claims(token, set(), NOW, 30.0) is None
+    assert key.claims(token, {b"other"}, NOW, 30.0) is None
+    assert key.claims(token, frozenset({HEADER}), NOW, 30.0) is not None
+
+
+CLAIM_NAMES = ["sub", "sid", "loc", "aud", "exp", "iat", "nbf", "x"]
+values = (
+    st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=4)
+    | st.sampled_from(["orbited", "*", "", "é", "a\\b", 'a"b', "x" * 257])
+    | st.integers(-2, 2**54) | st.sampled_from([NOW, NOW - 100, NOW + 100, 2**53 - 1, 2**53])
+    | st.floats(allow_nan=False, allow_infinity=False) | st.booleans() | st.none()
+    | st.lists(st.just("orbited"), max_size=2)
+)  # fmt: skip
+claim_docs = st.dictionaries(st.sampled_from(CLAIM_NAMES), values, max_size=7)
+_PIECES = [b"{", b"}", b",", b":", b'"', b" ", b"\\", b"0", b"01", b"-", b".5", b"e3",
+           b'"sub":"b"', b'"exp":1', b"\xc3\xa9", b"\x7f", b"\x00",
+           b"1234567890123456789"]  # fmt: skip
+
+
+@needs_native
+@settings(max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(claim_docs, st.data())
+def test_claims_of_any_shape_are_answered_as_the_python_check_answers(doc, data):
+    payload = json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
+    for _ in range(data.draw(st.integers(0, 2))):  # junk, duplicates, numbers, escapes
+        at = data.draw(st.integers(0, len(payload)))
+        payload = payload[:at] + data.draw(st.sampled_from(_PIECES)) + payload[at:]
+    agree(SECRET, signed(payload), data.draw(st.sampled_from([NOW, NOW - 31, NOW + 31, 0.0])))
+
+
+EXP = int(NOW)
+
+
+@needs_native
+@pytest.mark.parametrize(("payload", "answered"), [
+    (b'{"sub":"a","aud":"orbited","exp":%d}' % EXP, True),
+    (b'{"exp":%d,"aud":"orbited","loc":"/","sid":"s","iat":0,"sub":"a"}' % EXP, True),
+    (b'{"sub":"a","aud":"orbited","exp":9007199254740991,"iat":%d}' % (EXP + 30), True),
+    (b'{"sub":"a","aud":"orbited","exp":9007199254740992}', False),  # past 2**53 - 1
+    (b'{"sub":"a","aud":"orbited","exp":%d,"iat":%d}' % (EXP, EXP + 31), False),  # future
+    (b'{"sub":"a","aud":"orbited","exp":%d}' % (EXP - 31), False),  # expired
+    (b'{"sub":"*","aud":"orbited","exp":%d}' % EXP, False),  # the wildcard
+    (b'{"sub":"a","loc":"*","aud":"orbited","exp":%d}' % EXP, False),
+    (b'{"sub":"","aud":"orbited","exp":%d}' % EXP, False),  # an empty user
+    (b'{"sub":"a","aud":["orbited"],"exp":%d}' % EXP, False),  # accepted, in Python
+    (b'{"sub":"a","aud":"orbited","exp":%d.0}' % EXP, False),  # accepted, in Python
+    (b'{"sub":"a","aud":"orbited","exp":%d,"nbf":0}' % EXP, False),  # accepted, in Python
+    (b'{"sub":"\\u0061","aud":"orbited","exp":%d}' % EXP, False),  # an escape
+    (b'{"sub":"a", "aud":"orbited","exp":%d}' % EXP, False),  # whitespace
+    (b'{"sub":"a","sub":"a","aud":"orbited","exp":%d}' % EXP, False),  # a duplicate
+    (b'{"sub":"a","aud":"orbited","exp":%d,}' % EXP, False),  # a trailing comma
+    (b'{"sub":"a","aud":"orbited","exp":0%d}' % EXP, False),  # a leading zero
+])  # fmt: skip
+def test_the_common_claims_are_answered_and_the_rest_left_to_python(payload, answered):
+    assert (agree(SECRET, signed(payload), NOW) is not None) is answered
+
+
+_TOKEN_PIECES = ["", ".", "=", "==", "A", "-", "_", "+", "/", "é", " ", "\x00", "eyJ9"]
+
+
+@needs_native
+@settings(max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_mutated_tokens_are_answered_as_the_python_check_answers(data):
+    key = ConnectionKey(data.draw(st.sampled_from(["u", "alice"])), "s", "/l")
+    token = issue_token(SECRET, key, ttl=60, now=NOW)
+    for _ in range(data.draw(st.integers(1, 3))):
+        at = data.draw(st.integers(0, len(token)))
+        cut = data.draw(st.integers(0, 2))
+        token = token[:at] + data.draw(st.sampled_from(_TOKEN_PIECES)) + token[at + cut :]
+    agree(SECRET, token, NOW)
+
+
+@needs_native
+@pytest.mark.parametrize("token", [
+    "", ".", "..", "a.b", "a.b.c", HEADER.decode() + ".e30." + "A" * 43,
+    "x" * (tokens.MAX_TOKEN_CHARS + 1), "é.é.é",
+])  # fmt: skip
+def test_odd_tokens_are_left_to_the_python_check(token):
+    assert native.Key(SECRET).claims(token, {HEADER}, NOW, 30.0) is None
+
+
+@needs_native
+def test_a_long_token_is_answered_up_to_the_limit():
+    """MAX_TOKEN_CHARS holds for both checks: a longest-allowed token is answered."""
+    base = f'{{"sub":"a","aud":"orbited","exp":{int(NOW)},"sid":"'
+    sid = ""
+    while len(signed((base + sid + 'x"}').encode())) <= tokens.MAX_TOKEN_CHARS:
+        sid += "x"
+    payload = (base + sid[:-1] + '"}').encode()
+    # sid over MAX_PART_BYTES: the Python check refuses it, so the C check leaves it
+    assert agree(SECRET, signed(payload), NOW) is None
+    short = f'{{"sub":"a","aud":"orbited","exp":{int(NOW)}}}'.encode()
+    assert agree(SECRET, signed(short), NOW) == ("a", "", "", NOW)
+
+
+@needs_native
+def test_verify_token_takes_the_native_answer(monkeypatch):
+    """After a secret's first token verified in Python, its common tokens are checked in C
+    (the Python claim checks are not called), with the same key and the same cache."""
+    secret = b"n" * 33
+    first = issue_token(secret, ConnectionKey("u0", "s", "l"))
+    assert verify_token(secret, first, remember=False) == ConnectionKey("u0", "s", "l")
+    assert secret in tokens._native_keyed
+
+    def python_path(*args: object) -> None:
+        raise AssertionError("the Python check ran")
+
+    monkeypatch.setattr(tokens, "_check_claims", python_path)
+    token = issue_token(secret, ConnectionKey("u1", "s", "l"))
+    assert verify_token(secret, token) == ConnectionKey("u1", "s", "l")
+    assert tokens.verified_expiry(secret, token) is not None  # remembered as before
+    expired = issue_token(secret, ConnectionKey("u2", "s", "l"), now=time.time() - 7200)
+    with pytest.raises(AssertionError):  # left to Python, which words the refusal
+        verify_token(secret, expired)
+
+
+def test_without_the_native_check_every_token_is_checked_in_python(monkeypatch):
+    monkeypatch.setattr(tokens, "_native", None)
+    secret = b"p" * 34
+    for user in ("a", "b"):
+        token = issue_token(secret, ConnectionKey(user, "", ""))
+        assert verify_token(secret, token, remember=False) == ConnectionKey(user, "", "")
+    assert secret not in tokens._native_keyed
+    expired = issue_token(secret, ConnectionKey("c", "", ""), now=time.time() - 7200)
+    with pytest.raises(TokenError) as refused:
+        verify_token(secret, expired)
+    assert refused.value.code == "token_expired"
+
+
+# -- the version 2 route and the WebSocket accept key: the same as their Python twins ----
+
+users = st.text(max_size=12) | st.text(st.characters(max_codepoint=0x7F), max_size=300)
+route_counts = st.integers(1, 5000) | st.sampled_from([1, 2**31, 2**63 - 1])
+
+
+@needs_native
+@settings(max_examples=1000, deadline=None)
+@given(users, route_counts)
+@example("", 1)
+@example("a" * 300, 2**63 - 1)
+def test_the_native_route_is_the_python_route(user, routes):
+    native_route = native.route_of_user(user, routes)
+    python_route = hashing._route(hashing.user_bytes(user), routes)
+    if user.isascii():
+        assert native_route == python_route
+    else:
+        assert native_route is None  # the Python twin decides
+    assert hashing.route_of_user(user, routes) == python_route
+    assert hashing.route_of(ConnectionKey(user, "s", "l"), routes, 2) == python_route
+
+
+@needs_native
+@pytest.mark.parametrize("routes", [0, -1, 2**63, 2**70])
+def test_routes_out_of_the_native_range_are_left_to_python(routes):
+    assert native.route_of_user("alice", routes) is None
+    if routes < 1:
+        with pytest.raises(ValueError, match="routes must be at least 1"):
+            hashing.route_of_user("alice", routes)
+    else:
+        assert hashing.route_of_user("alice", routes) == hashing._route(b"\0\0\0\x05alice", routes)
+
+
+def test_route_vectors_hold_with_and_without_the_native_route(monkeypatch):
+    """docs/hashing-vectors.json's version 2 vectors (any implementation must give them)."""
+    vectors = json.loads((ROOT / "docs" / "hashing-vectors.json").read_text("utf-8"))
+    for native_route in (hashing._native_user_route, None):
+        monkeypatch.setattr(hashing, "_native_user_route", native_route)
+        for case in vectors["v2"]["vectors"]:
+            for routes, route in case["routes"].items():
+                assert hashing.route_of_user(case["user"], int(routes)) == route, case
+                for key in case["keys"]:
+                    assert hashing.route_of(ConnectionKey(*key), int(routes), 2) == route
+
+
+@needs_native
+@settings(max_examples=500, deadline=None)
+@given(st.binary(max_size=64))
+@example(b"dGhlIHNhbXBsZSBub25jZQ==")
+def test_the_native_accept_key_is_rfc_6455s(key):
+    expected = base64.b64encode(hashlib.sha1(key + wsframe.GUID).digest())
+    assert native.accept_key(key) == expected
+    assert wsframe.accept_key(key) == expected
+    if key == b"dGhlIHNhbXBsZSBub25jZQ==":  # RFC 6455, section 1.3
+        assert expected == b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
