@@ -4,8 +4,9 @@ before any of Orbited's work.
 The node's own socket path, nothing of its work. Browser sockets are accepted exactly as
 the node's browser port accepts them (``GatedTCPServer``'s port: ``CountedPort`` with
 ``LeanConnection`` transports, TCP_NODELAY from the listening socket and
-TCP_DEFER_ACCEPT, orbited.node.transports.gate); each request head is read by llhttp
-(httptools, the node's parser) with a callback for the one header needed; the 101 is the
+TCP_DEFER_ACCEPT, orbited.node.transports.gate); each request head is read as the
+node reads it: the common head by the C reader (orbited.core._speedups, where built),
+any other by llhttp (httptools) with a callback for the one header needed; the 101 is the
 node's (``wsframe.handshake_response``); events leave by the node's write-through
 (``LeanConnection.send_now``) with the node's frame header; requests arrive on the
 node's SP REP server (orbited.node.rep) and are decoded by orjson, as the node's are.
@@ -33,6 +34,7 @@ from twisted.internet import reactor
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 
+from orbited.core import speedups
 from orbited.node.rep import RepFactory
 from orbited.node.transports import wsframe
 from orbited.node.transports.gate import DEFER_ACCEPT
@@ -41,6 +43,9 @@ from orbited.runtime.twisted_compat import CountedTCPServer
 OK = b'{"ok":true}'
 EVENT = b'{"type":"event","data":%s}'
 connections: dict[bytes, RawProtocol] = {}
+# The node's C head reader where built (orbited.node.transports.httpfront.HeadReader)
+READ_GET_HEAD: Any = None if speedups.native is None else speedups.native.read_get_head
+KEY_HEADER = frozenset((b"sec-websocket-key",))
 
 
 class RawProtocol(Protocol):
@@ -48,7 +53,7 @@ class RawProtocol(Protocol):
     transport: Any  # a LeanConnection
 
     def __init__(self) -> None:
-        self.parser: Any = httptools.HttpRequestParser(self)
+        self.parser: Any = None  # llhttp's, for a head the C reader leaves (as the node)
         self.url = b""
         self.key = b""
         self.user: bytes | None = None
@@ -68,13 +73,15 @@ class RawProtocol(Protocol):
     def dataReceived(self, data: bytes) -> None:  # noqa: N802
         if self.user is not None:
             return  # an open WebSocket: client frames are not read (module docstring)
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            pass  # the upgrade's head is whole
-        except httptools.HttpParserError:
-            self.transport.loseConnection()
-            return
+        head = None
+        if self.parser is None and not self.done and READ_GET_HEAD is not None:
+            head = READ_GET_HEAD(data, KEY_HEADER, 100, 16384)
+        if head is not None:
+            self.url, headers = head[0], head[1]
+            self.key = headers.get(b"sec-websocket-key", b"")
+            self.done = True
+        else:
+            self._parse(data)
         if not self.done:
             return
         self.parser = None
@@ -85,6 +92,16 @@ class RawProtocol(Protocol):
         self.user = user
         connections[user] = self
         self.transport.send_now(wsframe.handshake_response(self.key))
+
+    def _parse(self, data: bytes) -> None:
+        if self.parser is None:
+            self.parser = httptools.HttpRequestParser(self)
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            pass  # the upgrade's head is whole
+        except httptools.HttpParserError:
+            self.transport.loseConnection()
 
     def connectionLost(self, reason: Failure | None = None) -> None:  # noqa: N802
         if self.user is not None and connections.get(self.user) is self:

@@ -25,6 +25,19 @@
  * - accept_key(key: bytes) -> bytes
  *   RFC 6455's Sec-WebSocket-Accept: base64 of the SHA-1 of the key and the GUID
  *   (orbited.node.transports.wsframe.accept_key's twin).
+ * - read_get_head(data: bytes, wanted: frozenset[bytes], max_headers: int, small: int)
+ *       -> (url, headers, end, upgrade) | None
+ *   The common browser request head, whole in ``data``, as the node's head reader
+ *   (orbited.node.transports.httpfront.HeadReader, llhttp by httptools) reads it: a GET on
+ *   HTTP/1.1 of an origin-form URL of printable ASCII without '#', header lines of a token,
+ *   a colon, optional blanks and a value of printable ASCII (blanks inside only), at most
+ *   ``max_headers`` of them and at most ``small`` bytes in all; no Content-Length,
+ *   Transfer-Encoding or Proxy-Connection; Connection and Upgrade at most once each,
+ *   Connection a list of "keep-alive" and "upgrade" only. ``headers``: the lower-case names
+ *   in ``wanted``, the last value of each; ``end``: the head's size; ``upgrade``: the
+ *   request upgrades (an Upgrade header and the "upgrade" token), the bytes after the
+ *   head are then the WebSocket's. A head that does not upgrade must end ``data``.
+ *   Anything else is None: HeadReader reads it with llhttp.
  */
 #define PY_SSIZE_T_CLEAN
 #define OPENSSL_API_COMPAT 0x10101000L /* SHA256_Init and friends: deprecated in 3.0, kept */
@@ -415,7 +428,177 @@ accept_key(PyObject *module, PyObject *arg)
     return PyBytes_FromStringAndSize(out, o);
 }
 
+/* RFC 9110's tchar: the bytes of a header name. */
+static int
+is_tchar(unsigned char c)
+{
+    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+           (c != 0 && strchr("!#$%&'*+-.^_`|~", c) != NULL);
+}
+
+static int
+same_lower(const unsigned char *p, Py_ssize_t n, const char *lower)
+{
+    Py_ssize_t i = 0;
+    for (; i < n && lower[i]; i++) {
+        unsigned char c = p[i];
+        if ((c >= 'A' && c <= 'Z' ? c + 32 : c) != (unsigned char)lower[i]) {
+            return 0;
+        }
+    }
+    return i == n && lower[i] == 0;
+}
+
+/* A Connection value: 1 if it lists "upgrade", 0 if not, -1 if it lists anything but
+ * "keep-alive" and "upgrade" (llhttp reads "close" and others: HeadReader decides). */
+static int
+connection_upgrades(const unsigned char *v, Py_ssize_t n)
+{
+    int upgrade = 0;
+    Py_ssize_t i = 0;
+    while (i <= n) {
+        Py_ssize_t start = i;
+        while (i < n && v[i] != ',') {
+            i++;
+        }
+        Py_ssize_t a = start, b = i;
+        while (a < b && (v[a] == ' ' || v[a] == '\t')) {
+            a++;
+        }
+        while (b > a && (v[b - 1] == ' ' || v[b - 1] == '\t')) {
+            b--;
+        }
+        if (same_lower(v + a, b - a, "upgrade")) {
+            upgrade = 1;
+        }
+        else if (!same_lower(v + a, b - a, "keep-alive")) {
+            return -1;
+        }
+        i++; /* past the comma (or the end) */
+    }
+    return upgrade;
+}
+
+#define MAX_NAME 64 /* a longer header name is not one the front reads: not looked up */
+
+static PyObject *
+read_get_head(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)module;
+    if (nargs != 4 || !PyBytes_Check(args[0]) || !PyAnySet_Check(args[1]) ||
+        !PyLong_Check(args[2]) || !PyLong_Check(args[3])) {
+        PyErr_SetString(PyExc_TypeError,
+                        "read_get_head(data: bytes, wanted: frozenset, max_headers, small)");
+        return NULL;
+    }
+    Py_ssize_t max_headers = PyLong_AsSsize_t(args[2]), small = PyLong_AsSsize_t(args[3]);
+    if ((max_headers == -1 || small == -1) && PyErr_Occurred()) {
+        return NULL;
+    }
+    const unsigned char *d = (const unsigned char *)PyBytes_AS_STRING(args[0]);
+    Py_ssize_t n = PyBytes_GET_SIZE(args[0]), i = 4;
+    if (n < 16 || memcmp(d, "GET /", 5) != 0) {
+        Py_RETURN_NONE;
+    }
+    while (i < n && d[i] > 0x20 && d[i] < 0x7F && d[i] != '#') {
+        i++;
+    }
+    Py_ssize_t url_end = i;
+    if (n - i < 11 || memcmp(d + i, " HTTP/1.1\r\n", 11) != 0) {
+        Py_RETURN_NONE;
+    }
+    i += 11;
+    PyObject *headers = PyDict_New();
+    if (headers == NULL) {
+        return NULL;
+    }
+    Py_ssize_t count = 0;
+    int connection = -2, upgrade_header = 0; /* -2: no Connection header */
+    for (;;) {
+        if (i + 1 < n && d[i] == '\r' && d[i + 1] == '\n') {
+            i += 2;
+            break; /* the blank line: the head is whole */
+        }
+        Py_ssize_t name = i;
+        while (i < n && is_tchar(d[i])) {
+            i++;
+        }
+        Py_ssize_t name_size = i - name;
+        if (name_size == 0 || i >= n || d[i] != ':') {
+            goto other;
+        }
+        i++;
+        while (i < n && (d[i] == ' ' || d[i] == '\t')) {
+            i++;
+        }
+        Py_ssize_t value = i;
+        while (i < n && ((d[i] > 0x20 && d[i] < 0x7F) || d[i] == ' ' || d[i] == '\t')) {
+            i++;
+        }
+        Py_ssize_t value_size = i - value;
+        if (value_size == 0 || d[i - 1] == ' ' || d[i - 1] == '\t' || i + 1 >= n ||
+            d[i] != '\r' || d[i + 1] != '\n' || ++count > max_headers) {
+            goto other;
+        }
+        i += 2;
+        const unsigned char *nm = d + name, *v = d + value;
+        if (same_lower(nm, name_size, "content-length") ||
+            same_lower(nm, name_size, "transfer-encoding") ||
+            same_lower(nm, name_size, "proxy-connection")) {
+            goto other;
+        }
+        if (same_lower(nm, name_size, "connection")) {
+            if (connection != -2 || (connection = connection_upgrades(v, value_size)) < 0) {
+                goto other;
+            }
+        }
+        else if (same_lower(nm, name_size, "upgrade")) {
+            if (upgrade_header++) {
+                goto other;
+            }
+        }
+        if (name_size > MAX_NAME) {
+            continue;
+        }
+        char lower[MAX_NAME];
+        for (Py_ssize_t k = 0; k < name_size; k++) {
+            lower[k] = (char)(nm[k] >= 'A' && nm[k] <= 'Z' ? nm[k] + 32 : nm[k]);
+        }
+        PyObject *key = PyBytes_FromStringAndSize(lower, name_size);
+        if (key == NULL) {
+            goto error;
+        }
+        int wanted = PySet_Contains(args[1], key);
+        if (wanted > 0) {
+            PyObject *text = PyBytes_FromStringAndSize((const char *)v, value_size);
+            wanted = text == NULL ? -1 : PyDict_SetItem(headers, key, text);
+            Py_XDECREF(text);
+        }
+        Py_DECREF(key);
+        if (wanted < 0) {
+            goto error;
+        }
+    }
+    int upgrade = upgrade_header && connection == 1;
+    if (i > small || (!upgrade && i != n)) {
+        goto other;
+    }
+    PyObject *url = PyBytes_FromStringAndSize((const char *)d + 4, url_end - 4);
+    if (url == NULL) {
+        goto error;
+    }
+    return Py_BuildValue("(NNnO)", url, headers, i, upgrade ? Py_True : Py_False);
+other:
+    Py_DECREF(headers);
+    Py_RETURN_NONE;
+error:
+    Py_DECREF(headers);
+    return NULL;
+}
+
 static PyMethodDef module_functions[] = {
+    {"read_get_head", (PyCFunction)(void (*)(void))read_get_head, METH_FASTCALL,
+     "read_get_head(data, wanted, max_headers, small): the common GET head, else None."},
     {"route_of_user", (PyCFunction)(void (*)(void))route_of_user, METH_FASTCALL,
      "route_of_user(user, routes): the version 2 route of an ASCII user, else None."},
     {"accept_key", (PyCFunction)accept_key, METH_O,

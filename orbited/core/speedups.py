@@ -18,7 +18,7 @@ except ImportError:  # not built
 
 NOT_BUILT = (
     "orbited.core._speedups is not built (no C compiler, Python headers or OpenSSL headers "
-    "when Orbited was installed): browser tokens, routes and WebSocket accept keys are "
-    "handled in Python, about 20 % more CPU per WebSocket accept; reinstall with "
+    "when Orbited was installed): browser tokens, request heads, routes and WebSocket accept "
+    "keys are handled in Python, about 40 % more CPU per WebSocket accept; reinstall with "
     "them (Debian: gcc python3-dev libssl-dev) to build it"
 )

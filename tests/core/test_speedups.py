@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from orbited.core import hashing, tokens
 from orbited.core.keys import MAX_PART_BYTES, ConnectionKey
 from orbited.core.tokens import TokenError, issue_token, verify_token
-from orbited.node.transports import wsframe
+from orbited.node.transports import httpfront, wsframe
 
 native = tokens._native
 ROOT = Path(__file__).resolve().parents[2]
@@ -274,3 +274,87 @@ def test_the_native_accept_key_is_rfc_6455s(key):
     assert wsframe.accept_key(key) == expected
     if key == b"dGhlIHNhbXBsZSBub25jZQ==":  # RFC 6455, section 1.3
         assert expected == b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+
+
+# -- the common GET head: read as llhttp (through HeadReader) reads it -------------------
+
+_NAMES = [b"Host", b"host", b"Origin", b"Upgrade", b"Connection", b"connection",
+          b"Sec-WebSocket-Key", b"Sec-WebSocket-Version", b"Last-Event-ID", b"Expect",
+          b"X-Forwarded-Proto", b"Content-Length", b"Transfer-Encoding", b"Proxy-Connection",
+          b"User-Agent", b"X-" + b"a" * 70, b"Bad Name", b"B\xe4d", b"",
+          b"!#$%&'*+-.^_`|~"]  # fmt: skip
+_VALUES = [b"h", b"127.0.0.1:8000", b"websocket", b"Upgrade", b"keep-alive, Upgrade",
+           b"upgrade,keep-alive", b"close", b"Upgrade, close", b"keep-alive", b" spaced ",
+           b"a\tb", b"13", b"0", b"chunked", b"", b"\xc3\xa9", b"a\x00b", b"a\rb", b"x" * 90,
+           b"dGhlIHNhbXBsZSBub25jZQ==", b"http://h:1", b",", b"Upgrade,,"]  # fmt: skip
+_TARGETS = [b"/orbited/ws?token=T", b"/orbited/poll?token=t&last=s:1", b"/orbited/sse",
+            b"/orbited/ack", b"/orbited/ws", b"/orbited/health", b"/orbited/ws?a#b",
+            b"http://h/orbited/ws", b"*", b"/orbited/ws?" + bytes(range(0x21, 0x7F)),
+            b"/orbited/ws?" + bytes(range(0x21, 0x7F)).replace(b"#", b"")]  # fmt: skip
+_JUNK = [b"\r\n", b"\n", b"\r", b" ", b"\t", b":", b"\x00", b"\x7f", b"\xff", b"GET ", b"#",
+         b"HTTP/1.0", b"\r\n\r\n", b"\x81\x80abcd",
+         b"GET /orbited/poll HTTP/1.1\r\n\r\n"]  # fmt: skip
+
+
+def _read(data: bytes, fast: bool, small: int, max_headers: int) -> object:
+    """HeadReader's outcome of ``data`` in one read, and what it left behind."""
+    saved = httpfront._read_get_head
+    httpfront._read_get_head = saved if fast else None
+    try:
+        reader = httpfront.HeadReader(small, max_headers)
+        outcome = reader.feed(data)
+    finally:
+        httpfront._read_get_head = saved
+    if isinstance(outcome, httpfront.Head):
+        outcome = tuple(outcome)
+    return outcome, reader.raw, reader.url, reader.state, reader.upgrade_at, reader.released
+
+
+@needs_native
+@settings(max_examples=3000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_heads_are_read_as_llhttp_reads_them(data):
+    method = data.draw(st.sampled_from([b"GET", b"GET", b"GET", b"POST", b"get", b"HEAD"]))
+    version = data.draw(st.sampled_from([b"HTTP/1.1", b"HTTP/1.1", b"HTTP/1.0", b"HTTP/2.0"]))
+    head = method + b" " + data.draw(st.sampled_from(_TARGETS)) + b" " + version + b"\r\n"
+    for _ in range(data.draw(st.integers(0, 8))):
+        name, value = data.draw(st.sampled_from(_NAMES)), data.draw(st.sampled_from(_VALUES))
+        blank = data.draw(st.sampled_from([b" ", b"", b"  ", b"\t"]))
+        head += name + b":" + blank + value + b"\r\n"
+    head += b"\r\n" + data.draw(st.sampled_from([b"", b"", b"\x81\x80abcd", b"GET / HTTP/1.1"]))
+    for _ in range(data.draw(st.integers(0, 2))):  # a few bytes anywhere
+        at = data.draw(st.integers(0, len(head)))
+        head = head[:at] + data.draw(st.sampled_from(_JUNK)) + head[at:]
+    small = data.draw(st.sampled_from([16384, 120]))
+    max_headers = data.draw(st.sampled_from([100, 3]))
+    assert _read(head, True, small, max_headers) == _read(head, False, small, max_headers)
+
+
+@needs_native
+@pytest.mark.parametrize("head", [
+    b"GET /orbited/ws?token=T HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\n"
+    b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+    b"Sec-WebSocket-Version: 13\r\n\r\n\x81\x80abcd",
+    b"GET /orbited/poll?token=t HTTP/1.1\r\nHost: h:1\r\nOrigin: http://h:1\r\n"
+    b"User-Agent: Mozilla/5.0 (X11)\r\nConnection: keep-alive\r\n\r\n",
+    b"GET /orbited/sse?token=t HTTP/1.1\r\nHost: h\r\nLast-Event-ID: s:1\r\n\r\n",
+    # Chromium's and Firefox's upgrades, as they send them
+    b"GET /orbited/ws?token=eyJ.eyJ.sig&last=n1.1f:3 HTTP/1.1\r\nHost: 127.0.0.1:8000\r\n"
+    b"Connection: Upgrade\r\nPragma: no-cache\r\nCache-Control: no-cache\r\n"
+    b"User-Agent: Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) "
+    b"Chrome/156.0.0.0 Safari/537.36\r\nUpgrade: websocket\r\n"
+    b"Origin: http://127.0.0.1:8080\r\nSec-WebSocket-Version: 13\r\n"
+    b"Accept-Encoding: gzip, deflate, br, zstd\r\nAccept-Language: en-US,en;q=0.9\r\n"
+    b"Cookie: session=abc; theme=dark\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+    b"Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n\r\n",
+    b"GET /orbited/ws?token=t HTTP/1.1\r\nHost: h:8000\r\nUser-Agent: Mozilla/5.0 (X11; "
+    b"Linux x86_64; rv:140.0) Gecko/20100101 Firefox/140.0\r\nAccept: */*\r\n"
+    b"Sec-WebSocket-Version: 13\r\nOrigin: http://h:8000\r\nSec-WebSocket-Extensions: "
+    b"permessage-deflate\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+    b"Connection: keep-alive, Upgrade\r\nSec-Fetch-Dest: empty\r\nSec-Fetch-Mode: "
+    b"websocket\r\nPragma: no-cache\r\nUpgrade: websocket\r\n\r\n",
+])  # fmt: skip
+def test_browsers_heads_are_read_in_c(head):
+    """The heads browsers send are the C reader's (else it would save nothing)."""
+    assert native.read_get_head(head, httpfront.WANTED, 100, 16384) is not None
+    assert _read(head, True, 16384, 100) == _read(head, False, 16384, 100)

@@ -989,9 +989,10 @@ def test_a_request_head_leaves_no_reference_cycle_for_the_collector():
 
 
 def test_a_kept_alive_connection_reads_its_requests_with_one_parser():
-    """One parser per connection, not per request: a poll's connection reads its next
-    request with the same HeadReader; the next head has its own 10 s from its first byte;
-    the connection's end drops the parser (no cycle left for the collector)."""
+    """One reader per connection, not per request: a poll's connection reads its next
+    request with the same HeadReader (and its llhttp parser, once a head needed one); the
+    next head has its own 10 s from its first byte; the connection's end drops the parser
+    (no cycle left for the collector)."""
     import gc
 
     from twisted.internet.error import ConnectionDone
@@ -1007,7 +1008,7 @@ def test_a_kept_alive_connection_reads_its_requests_with_one_parser():
     p.makeConnection(transport)
     p.dataReceived(request)
     reader = p.reader
-    assert reader is not None and reader.parser is not None
+    assert reader is not None and not reader.released
     p.dataReceived(request)
     assert p.reader is reader
     bodies = [json.loads(body) for _, body in responses(transport.out)]

@@ -47,6 +47,7 @@ from twisted.protocols.policies import ProtocolWrapper
 from twisted.python.failure import Failure
 from twisted.web.http import parse_qs
 
+from orbited.core import speedups
 from orbited.core.keys import ConnectionKey
 from orbited.core.tokens import verified_expiry
 from orbited.node import frames
@@ -108,6 +109,11 @@ class _Handoff:
 
 
 HANDOFF: Final = _Handoff()
+# The common GET head read in C where orbited.core._speedups is built (HeadReader.feed;
+# 0.7 against ≈ 8 µs through llhttp's callbacks in an accept): the same Head or hand-off,
+# and None for any other head, which llhttp reads (tests/node/test_httpfront.py compares
+# the two on generated heads).
+_read_get_head: Any = None if speedups.native is None else speedups.native.read_get_head
 _new = tuple.__new__  # a NamedTuple built without its Python-level __new__ (per request)
 
 
@@ -131,11 +137,14 @@ class HeadReader:
     then applies the 414/431 limits exactly).
     ``raw``: every byte read, for the hand-off."""
 
-    __slots__ = ("parser", "small", "max_headers", "raw", "url", "headers", "count", "state",
-                 "upgrade_at", "refuse", "keep_alive", "method", "headed")  # fmt: skip
+    __slots__ = ("parser", "released", "small", "max_headers", "raw", "url", "headers",
+                 "count", "state", "upgrade_at", "refuse", "keep_alive", "method",
+                 "headed")  # fmt: skip
 
     def __init__(self, small: int, max_headers: int) -> None:
-        self.parser = httptools.HttpRequestParser(self)
+        # llhttp's parser, made at the first head the C reader leaves to it (_feed)
+        self.parser: Any = None
+        self.released = False
         self.small = small
         self.max_headers = max_headers
         self.raw = b""
@@ -187,7 +196,10 @@ class HeadReader:
         that ends the connection's HTTP (an upgrade, a pipelined request, no keep-alive),
         the reader is done (released); after another ``Head`` its parser stays, for the
         connection's next request (``next``) unless the caller ``release``s it."""
-        result = self._feed(data)
+        fast = None
+        if not self.raw and _read_get_head is not None:  # a request's first bytes
+            fast = _read_get_head(data, WANTED, self.max_headers, self.small)
+        result = self._feed(data) if fast is None else self._read(data, *fast)
         if result is not None and (
             isinstance(result, _Handoff) or result.pipelined or not result.keep_alive
             or self.upgrade_at >= 0
@@ -199,7 +211,7 @@ class HeadReader:
         """Ready the reader for the connection's next request head, with the same
         parser (llhttp reads a keep-alive connection's requests one after another):
         no parser and no reader per request. False if released (make a new one)."""
-        if self.parser is None:
+        if self.released:
             return False
         self.raw = self.url = b""
         self.headers = {}
@@ -215,10 +227,27 @@ class HeadReader:
         """Drop the parser: it holds this reader's bound methods (a reference cycle, left
         to the garbage collector otherwise: ≈ 4 µs of its time per request). The reader
         is not fed again."""
-        self.parser = None  # type: ignore[assignment]
+        self.parser = None
+        self.released = True
+
+    def _read(self, data: bytes, url: bytes, headers: dict[bytes, bytes], end: int,
+              upgrade: bool) -> Head | _Handoff:  # fmt: skip
+        """A whole GET head the C reader read (``_read_get_head``): the state llhttp's
+        callbacks would have left, then the outcome ``_feed`` gives for it."""
+        self.raw = data
+        self.url = url
+        self.headers = headers
+        self.state = 1
+        self.headed = True
+        self.method = b"GET"
+        if upgrade:
+            self.upgrade_at = end
+        return self._outcome()
 
     def _feed(self, data: bytes) -> Head | _Handoff | None:
         self.raw += data
+        if self.parser is None:
+            self.parser = httptools.HttpRequestParser(self)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as e:
@@ -240,6 +269,10 @@ class HeadReader:
             or (self.state == 1 and head_size > self.small)
         ):
             return HANDOFF
+        return self._outcome()
+
+    def _outcome(self) -> Head | _Handoff:
+        """A whole head's: a ``Head`` of a hot URL with its method, else HANDOFF."""
         path, _, query = self.url.partition(b"?")
         route = HOT.get(path)
         if route is None or b"#" in query or _PATH_METHOD[path] != self.method:
