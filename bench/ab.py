@@ -6,7 +6,8 @@
 Each variant ``NAME=REF`` runs the ``orbited`` package of REF: ``.`` is this work tree, an
 existing directory (with or without a ``/``; it must hold an ``orbited/`` package, and it
 wins over a commit of the same name) is used as it is, any other REF is a commit checked
-out in a temporary git worktree (removed at the end); ``nchan``
+out in a temporary git worktree (removed at the end; its C extension built there, as an
+install builds it, where the commit has one); ``nchan``
 is nginx + Nchan with one worker (bench/peers.py's settings); ``raw`` is the floor,
 bench/raw_server.py: this work tree's socket path (the node's accept loop, llhttp, 101,
 write-through and SP server) with none of Orbited's work, WebSocket only, so a node's
@@ -38,6 +39,7 @@ import os
 import signal
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -315,6 +317,10 @@ def _worktree(ref: str, work: Path, name: str) -> Path:
     path = work / f"tree-{name}"
     subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "-q", "--detach", str(path), ref],
                    check=True)  # fmt: skip
+    if (path / "setup.py").is_file():  # its C extension, as an install builds it
+        build = [sys.executable, "setup.py", "-q", "build_ext", "--inplace"]
+        subprocess.run(build, cwd=path, check=False, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL)  # fmt: skip
     return path
 
 

@@ -31,7 +31,7 @@ from twisted.logger import ILogObserver, globalLogPublisher
 from twisted.python.failure import Failure
 from zope.interface import provider
 
-from orbited.core import control, tracecontext
+from orbited.core import control, tokens, tracecontext
 from orbited.core.keys import (
     MAX_PART_BYTES,
     WILDCARD,
@@ -1348,6 +1348,57 @@ def check_httpfront(data: bytes, cuts: Sequence[int]) -> None:
             expect(len(base64.b64decode(todo.ws_key)) == 16, "a bad key was accepted")
 
 
+# -- orbited/core/_speedups.c against its Python twins ------------------------------------
+
+
+def _head_outcome(data: bytes, fast: bool) -> object:
+    saved = httpfront._read_get_head
+    httpfront._read_get_head = saved if fast else None
+    try:
+        reader = httpfront.HeadReader(256, 8)
+        outcome = reader.feed(data)
+    finally:
+        httpfront._read_get_head = saved
+    return (tuple(outcome) if isinstance(outcome, httpfront.Head) else outcome, reader.raw,
+            reader.url, reader.state, reader.upgrade_at, reader.released)  # fmt: skip
+
+
+def check_head_twins(data: bytes) -> None:
+    """Any bytes as a request's first read: the C head reader (where built) leaves the
+    HeadReader with the outcome and state llhttp's reading gives."""
+    if httpfront._read_get_head is None:
+        return
+    expect(_head_outcome(data, True) == _head_outcome(data, False),
+           "the C head reader and llhttp disagree")  # fmt: skip
+
+
+_HS256_JSON = b'{"alg":"HS256","typ":"JWT"}'  # issue_token's header
+
+
+def check_token_twins(token: str, now: float) -> None:
+    """Any token: the C check (where built) answers None or the Python check's answer."""
+    native = tokens._native
+    if native is None:
+        return
+    known = {_b64(_HS256_JSON).encode()}
+    answer = native.Key(SECRET).claims(token, known, now, TOKEN_LEEWAY)
+    if answer is None:
+        return
+    try:
+        key, exp = tokens._check_claims(tokens._verified_claims(SECRET, token), TOKEN_LEEWAY, now)
+    except TokenError as e:
+        raise PropertyViolation(f"the C check accepted what Python refuses: {e.code}") from None
+    expect(answer == (*key, exp), "the C check's answer is not the Python check's")
+
+
+def _fuzz_token_twins(data: bytes) -> None:
+    r = Reader(data)
+    now = NOW + r.int(-100, 100)
+    claims = r.rest()
+    check_token_twins(claims.decode("latin-1"), now)
+    check_token_twins(signed_token(_HS256_JSON, claims), now)
+
+
 def _cut(check: Callable[[bytes, Sequence[int]], None]) -> Callable[[bytes], None]:
     def target(data: bytes) -> None:
         r = Reader(data)
@@ -1395,6 +1446,8 @@ DESCRIPTIONS = {
     "frame_encodings": "any event data through SSE and iframe framing: no escape, intact",
     "wsframe": "ClientFrames: any browser bytes, any chunking, 1002/1007/1009, bounded",
     "httpfront": "HeadReader and plan: any bytes on the browser port, any chunking",
+    "speedups_head": "HeadReader: the same outcome with the C head reader and with llhttp",
+    "speedups_token": "the token check in C: no answer, or the Python check's answer",
 }
 
 _VALID_EVENT = b'{"id":"e1","to":[["alice","s1","/chat"]],"data":{"text":"hi"},"ack":5}'
@@ -1483,6 +1536,12 @@ SEEDS: dict[str, list[bytes]] = {
         b"\x00\x00\x00\x3f\x00\x00" + wsframe.mask_frame(wsframe.OP_TEXT, b'{"type":"ack"}')
     ],
     "httpfront": [b"\x00\x00\x00\x3f\x00\x00GET /orbited/poll?token=t HTTP/1.1\r\nHost: h\r\n\r\n"],
+    "speedups_head": [
+        b"GET /orbited/ws?token=t HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\n"
+        b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        b"Sec-WebSocket-Version: 13\r\n\r\n"
+    ],
+    "speedups_token": [b"\x64\x00\x00" + b'{"sub":"a","aud":"orbited","exp":1700000000}'],
 }
 
 TARGETS: dict[str, Callable[[bytes], None]] = {
@@ -1510,4 +1569,6 @@ TARGETS: dict[str, Callable[[bytes], None]] = {
     "frame_encodings": _fuzz_frames,
     "wsframe": _cut(check_wsframe),
     "httpfront": _cut(check_httpfront),
+    "speedups_head": check_head_twins,
+    "speedups_token": _fuzz_token_twins,
 }
