@@ -1391,6 +1391,31 @@ def check_token_twins(token: str, now: float) -> None:
     expect(answer == (*key, exp), "the C check's answer is not the Python check's")
 
 
+def check_event_twins(body: bytes) -> None:
+    """Any SP request body: the C reader of the common event request (where built)
+    answers None or parse_request's strict reading of it, and parse_request gives the
+    same outcome with it and without it."""
+    if events._parse_event is None:
+        return
+    limits = events.RequestLimits()
+    answer = events._parse_event(body, limits.max_payload, limits.max_recipients)
+
+    def parsed(fast: bool) -> object:
+        saved = events._parse_event
+        events._parse_event = saved if fast else None
+        try:
+            return events.parse_request(body, limits, _strict=not fast)
+        except events.RequestError as e:
+            return (e.code, str(e))
+        finally:
+            events._parse_event = saved
+
+    strict = parsed(False)
+    if answer is not None:
+        expect(type(strict) is events.EventRequest, "the C reader took a request Python refuses")
+    expect(parsed(True) == strict, "the C reader and parse_request disagree")
+
+
 def _fuzz_token_twins(data: bytes) -> None:
     r = Reader(data)
     now = NOW + r.int(-100, 100)
@@ -1448,6 +1473,7 @@ DESCRIPTIONS = {
     "httpfront": "HeadReader and plan: any bytes on the browser port, any chunking",
     "speedups_head": "HeadReader: the same outcome with the C head reader and with llhttp",
     "speedups_token": "the token check in C: no answer, or the Python check's answer",
+    "speedups_event": "parse_request: the same outcome with the C event reader and without",
 }
 
 _VALID_EVENT = b'{"id":"e1","to":[["alice","s1","/chat"]],"data":{"text":"hi"},"ack":5}'
@@ -1542,6 +1568,10 @@ SEEDS: dict[str, list[bytes]] = {
         b"Sec-WebSocket-Version: 13\r\n\r\n"
     ],
     "speedups_token": [b"\x64\x00\x00" + b'{"sub":"a","aud":"orbited","exp":1700000000}'],
+    "speedups_event": [
+        b'{"id": "p1-5", "to": [["c17", "b", "/bench"]], "data": {"t": 1796648159.6544864}}',
+        b'{"id":"e","to":[["u","s","l"]],"data":[1,-2.5e-07,"\xc3\xa9",{"a":null}],"hash":2}',
+    ],
 }
 
 TARGETS: dict[str, Callable[[bytes], None]] = {
@@ -1571,4 +1601,5 @@ TARGETS: dict[str, Callable[[bytes], None]] = {
     "httpfront": _cut(check_httpfront),
     "speedups_head": check_head_twins,
     "speedups_token": _fuzz_token_twins,
+    "speedups_event": check_event_twins,
 }

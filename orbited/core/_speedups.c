@@ -38,12 +38,27 @@
  *   request upgrades (an Upgrade header and the "upgrade" token), the bytes after the
  *   head are then the WebSocket's. A head that does not upgrade must end ``data``.
  *   Anything else is None: HeadReader reads it with llhttp.
+ * - parse_event(body: bytes, max_payload: int, max_recipients: int)
+ *       -> (event_id, user, session, location, payload, digested, hash) | None
+ *   The common SP event request, as orbited.node.events.parse_request reads it: a JSON
+ *   object of exactly "id", "to" and "data" (and "hash"), each once; the id and the one
+ *   recipient's three parts strings of printable ASCII without escapes (the id 1 to
+ *   MAX_EVENT_ID long, the user 1 to 64, session and location up to 64, no part "*");
+ *   "hash" a positive integer. ``payload``: the data as the node keeps it (compact JSON,
+ *   as json.dumps writes it with separators (",", ":") and ensure_ascii=False), read
+ *   from the body with its blanks dropped, where the data is already written that way
+ *   otherwise: strings without escapes or control characters (valid UTF-8), integers of
+ *   at most 18 digits (no "-0"), floats as Python's repr writes them, no name twice in an
+ *   object, at most 64 levels deep; at most ``max_payload`` bytes. ``digested``: what the
+ *   request's digest hashes (the id and recipients as JSON, a NUL, the payload). Anything
+ *   else is None: parse_request reads it, and words every refusal.
  */
 #define PY_SSIZE_T_CLEAN
 #define OPENSSL_API_COMPAT 0x10101000L /* SHA256_Init and friends: deprecated in 3.0, kept */
 #include <Python.h>
 #include <openssl/crypto.h>
 #include <openssl/sha.h>
+#include <math.h>
 #include <string.h>
 
 /* orbited.core.tokens and orbited.core.keys: the same limits (tests compare them). */
@@ -596,7 +611,514 @@ error:
     return NULL;
 }
 
+/* -- the common event request ------------------------------------------------------ */
+
+#define MAX_EVENT_ID 128 /* orbited.node.events.MAX_EVENT_ID */
+#define MAX_KEY_PART 64  /* parse_recipient's fast path */
+#define MAX_DEPTH 64
+#define MAX_NAMES 64     /* names per object checked for repeats */
+
+typedef struct {
+    const unsigned char *p, *end;
+    unsigned char *out; /* the payload written so far */
+    Py_ssize_t size;
+} Reader;
+
+static void
+skip_blanks(Reader *r)
+{
+    while (r->p < r->end && (*r->p == ' ' || *r->p == '\t' || *r->p == '\n' || *r->p == '\r')) {
+        r->p++;
+    }
+}
+
+/* The length of one valid UTF-8 sequence at p (a non-ASCII lead byte), else 0. */
+static int
+utf8_length(const unsigned char *p, const unsigned char *end)
+{
+    unsigned char c = p[0];
+    int n;
+    unsigned min;
+    unsigned cp;
+    if (c >= 0xC2 && c <= 0xDF) {
+        n = 2, min = 0x80, cp = c & 0x1F;
+    }
+    else if (c >= 0xE0 && c <= 0xEF) {
+        n = 3, min = 0x800, cp = c & 0x0F;
+    }
+    else if (c >= 0xF0 && c <= 0xF4) {
+        n = 4, min = 0x10000, cp = c & 0x07;
+    }
+    else {
+        return 0;
+    }
+    if (end - p < n) {
+        return 0;
+    }
+    for (int i = 1; i < n; i++) {
+        if ((p[i] & 0xC0) != 0x80) {
+            return 0;
+        }
+        cp = cp << 6 | (p[i] & 0x3F);
+    }
+    if (cp < min || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF)) {
+        return 0;
+    }
+    return n;
+}
+
+/* A string at r->p (its opening quote) written as json.dumps writes it: copied when it
+ * has no escape and no control character; its characters' start and size in *text. */
+static int
+copy_string(Reader *r, const unsigned char **text, Py_ssize_t *size)
+{
+    const unsigned char *start = ++r->p;
+    while (r->p < r->end && *r->p != '"') {
+        unsigned char c = *r->p;
+        if (c < 0x20 || c == '\\') {
+            return -1;
+        }
+        if (c >= 0x80) {
+            int n = utf8_length(r->p, r->end);
+            if (n == 0) {
+                return -1;
+            }
+            r->p += n;
+        }
+        else {
+            r->p++;
+        }
+    }
+    if (r->p == r->end) {
+        return -1;
+    }
+    *text = start;
+    *size = r->p - start;
+    r->out[r->size++] = '"';
+    memcpy(r->out + r->size, start, (size_t)*size);
+    r->size += *size;
+    r->out[r->size++] = '"';
+    r->p++; /* the closing quote */
+    return 0;
+}
+
+/* A number written as json.dumps writes what json.loads reads from it. */
+static int
+copy_number(Reader *r)
+{
+    const unsigned char *start = r->p, *p = r->p, *end = r->end;
+    int fraction = 0;
+    if (p < end && *p == '-') {
+        p++;
+    }
+    if (p < end && *p == '0') {
+        p++;
+    }
+    else if (p < end && *p >= '1' && *p <= '9') {
+        while (p < end && *p >= '0' && *p <= '9') {
+            p++;
+        }
+    }
+    else {
+        return -1;
+    }
+    if (p < end && *p == '.') {
+        fraction = 1;
+        const unsigned char *digits = ++p;
+        while (p < end && *p >= '0' && *p <= '9') {
+            p++;
+        }
+        if (p == digits) {
+            return -1;
+        }
+    }
+    if (p < end && (*p == 'e' || *p == 'E')) {
+        fraction = 1;
+        p++;
+        if (p < end && (*p == '+' || *p == '-')) {
+            p++;
+        }
+        const unsigned char *digits = p;
+        while (p < end && *p >= '0' && *p <= '9') {
+            p++;
+        }
+        if (p == digits) {
+            return -1;
+        }
+    }
+    Py_ssize_t n = p - start;
+    if (!fraction) { /* an integer: its own text, unless "-0" or past 18 digits */
+        if (n > 18 + (*start == '-') || (n == 2 && start[0] == '-' && start[1] == '0')) {
+            return -1;
+        }
+    }
+    else { /* a float: its text must be its repr */
+        char text[64];
+        if (n >= (Py_ssize_t)sizeof text) {
+            return -1;
+        }
+        memcpy(text, start, (size_t)n);
+        text[n] = 0;
+        char *stop = NULL;
+        double value = PyOS_string_to_double(text, &stop, NULL);
+        if (value == -1.0 && PyErr_Occurred()) {
+            PyErr_Clear();
+            return -1;
+        }
+        if (stop != text + n || !isfinite(value)) {
+            return -1;
+        }
+        char *repr = PyOS_double_to_string(value, 'r', 0, Py_DTSF_ADD_DOT_0, NULL);
+        if (repr == NULL) {
+            PyErr_Clear();
+            return -1;
+        }
+        int same = strcmp(repr, text) == 0;
+        PyMem_Free(repr);
+        if (!same) {
+            return -1;
+        }
+    }
+    memcpy(r->out + r->size, start, (size_t)n);
+    r->size += n;
+    r->p = p;
+    return 0;
+}
+
+static int copy_value(Reader *r, int depth);
+
+static int
+copy_object(Reader *r, int depth)
+{
+    const unsigned char *names[MAX_NAMES];
+    Py_ssize_t sizes[MAX_NAMES];
+    int count = 0;
+    r->out[r->size++] = '{';
+    r->p++;
+    skip_blanks(r);
+    if (r->p < r->end && *r->p == '}') {
+        r->out[r->size++] = '}';
+        r->p++;
+        return 0;
+    }
+    for (;;) {
+        const unsigned char *name;
+        Py_ssize_t size;
+        if (r->p == r->end || *r->p != '"' || count == MAX_NAMES ||
+            copy_string(r, &name, &size) < 0) {
+            return -1;
+        }
+        for (int i = 0; i < count; i++) {
+            if (sizes[i] == size && memcmp(names[i], name, (size_t)size) == 0) {
+                return -1; /* a name twice: json keeps the last, so its text differs */
+            }
+        }
+        names[count] = name;
+        sizes[count++] = size;
+        skip_blanks(r);
+        if (r->p == r->end || *r->p++ != ':') {
+            return -1;
+        }
+        r->out[r->size++] = ':';
+        skip_blanks(r);
+        if (copy_value(r, depth + 1) < 0) {
+            return -1;
+        }
+        skip_blanks(r);
+        if (r->p == r->end) {
+            return -1;
+        }
+        if (*r->p == '}') {
+            r->out[r->size++] = '}';
+            r->p++;
+            return 0;
+        }
+        if (*r->p++ != ',') {
+            return -1;
+        }
+        r->out[r->size++] = ',';
+        skip_blanks(r);
+    }
+}
+
+static int
+copy_array(Reader *r, int depth)
+{
+    r->out[r->size++] = '[';
+    r->p++;
+    skip_blanks(r);
+    if (r->p < r->end && *r->p == ']') {
+        r->out[r->size++] = ']';
+        r->p++;
+        return 0;
+    }
+    for (;;) {
+        if (copy_value(r, depth + 1) < 0) {
+            return -1;
+        }
+        skip_blanks(r);
+        if (r->p == r->end) {
+            return -1;
+        }
+        if (*r->p == ']') {
+            r->out[r->size++] = ']';
+            r->p++;
+            return 0;
+        }
+        if (*r->p++ != ',') {
+            return -1;
+        }
+        r->out[r->size++] = ',';
+        skip_blanks(r);
+    }
+}
+
+static int
+copy_literal(Reader *r, const char *word, Py_ssize_t n)
+{
+    if (r->end - r->p < n || memcmp(r->p, word, (size_t)n) != 0) {
+        return -1;
+    }
+    memcpy(r->out + r->size, word, (size_t)n);
+    r->size += n;
+    r->p += n;
+    return 0;
+}
+
+static int
+copy_value(Reader *r, int depth)
+{
+    if (depth > MAX_DEPTH || r->p == r->end) {
+        return -1;
+    }
+    const unsigned char *text;
+    Py_ssize_t size;
+    switch (*r->p) {
+    case '{':
+        return copy_object(r, depth);
+    case '[':
+        return copy_array(r, depth);
+    case '"':
+        return copy_string(r, &text, &size);
+    case 't':
+        return copy_literal(r, "true", 4);
+    case 'f':
+        return copy_literal(r, "false", 5);
+    case 'n':
+        return copy_literal(r, "null", 4);
+    default:
+        return copy_number(r);
+    }
+}
+
+/* A string of printable ASCII, no quote or backslash, of min..max characters. */
+static int
+read_plain(Reader *r, Py_ssize_t min, Py_ssize_t max, const unsigned char **text,
+           Py_ssize_t *size)
+{
+    if (r->p == r->end || *r->p != '"') {
+        return -1;
+    }
+    const unsigned char *start = ++r->p;
+    while (r->p < r->end && *r->p != '"') {
+        if (*r->p < 0x20 || *r->p > 0x7E || *r->p == '\\') {
+            return -1;
+        }
+        r->p++;
+    }
+    if (r->p == r->end || r->p - start < min || r->p - start > max) {
+        return -1;
+    }
+    *text = start;
+    *size = r->p - start;
+    r->p++;
+    return 0;
+}
+
+static int
+expect(Reader *r, unsigned char c)
+{
+    skip_blanks(r);
+    if (r->p == r->end || *r->p != c) {
+        return -1;
+    }
+    r->p++;
+    skip_blanks(r);
+    return 0;
+}
+
+enum { FIELD_ID, FIELD_TO, FIELD_DATA, FIELD_HASH, FIELDS };
+
+static PyObject *
+parse_event(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)module;
+    if (nargs != 3 || !PyBytes_Check(args[0]) || !PyLong_Check(args[1]) ||
+        !PyLong_Check(args[2])) {
+        PyErr_SetString(PyExc_TypeError,
+                        "parse_event(body: bytes, max_payload: int, max_recipients: int)");
+        return NULL;
+    }
+    Py_ssize_t max_payload = PyLong_AsSsize_t(args[1]);
+    Py_ssize_t max_recipients = PyLong_AsSsize_t(args[2]);
+    if ((max_payload == -1 || max_recipients == -1) && PyErr_Occurred()) {
+        return NULL;
+    }
+    const unsigned char *body = (const unsigned char *)PyBytes_AS_STRING(args[0]);
+    Py_ssize_t n = PyBytes_GET_SIZE(args[0]);
+    if (max_recipients < 1 || n < 2) {
+        Py_RETURN_NONE;
+    }
+    unsigned char *out = PyMem_Malloc((size_t)n);
+    if (out == NULL) {
+        return PyErr_NoMemory();
+    }
+    Reader r = {body, body + n, out, 0};
+    const unsigned char *id = NULL, *parts[3] = {NULL, NULL, NULL};
+    Py_ssize_t id_size = 0, part_sizes[3] = {0, 0, 0};
+    Py_ssize_t data_start = -1, data_end = -1;
+    long long hash = 0;
+    int seen[FIELDS] = {0, 0, 0, 0};
+    PyObject *result = NULL;
+    if (expect(&r, '{') < 0) {
+        goto done;
+    }
+    for (;;) {
+        const unsigned char *name;
+        Py_ssize_t size;
+        if (read_plain(&r, 1, 4, &name, &size) < 0 || expect(&r, ':') < 0) {
+            goto done;
+        }
+        int field = size == 2 && memcmp(name, "id", 2) == 0     ? FIELD_ID
+                    : size == 2 && memcmp(name, "to", 2) == 0   ? FIELD_TO
+                    : size == 4 && memcmp(name, "data", 4) == 0 ? FIELD_DATA
+                    : size == 4 && memcmp(name, "hash", 4) == 0 ? FIELD_HASH
+                                                                : -1;
+        if (field < 0 || seen[field]++) {
+            goto done;
+        }
+        if (field == FIELD_ID) {
+            if (read_plain(&r, 1, MAX_EVENT_ID, &id, &id_size) < 0) {
+                goto done;
+            }
+        }
+        else if (field == FIELD_TO) { /* [[user, session, location]] */
+            if (expect(&r, '[') < 0 || r.p == r.end || *r.p != '[') {
+                goto done;
+            }
+            r.p++;
+            for (int i = 0; i < 3; i++) {
+                skip_blanks(&r);
+                if (read_plain(&r, i == 0 ? 1 : 0, MAX_KEY_PART, &parts[i], &part_sizes[i]) < 0 ||
+                    (part_sizes[i] == 1 && parts[i][0] == '*') ||
+                    expect(&r, i < 2 ? ',' : ']') < 0) {
+                    goto done;
+                }
+            }
+            if (r.p == r.end || *r.p != ']') {
+                goto done;
+            }
+            r.p++;
+        }
+        else if (field == FIELD_DATA) {
+            data_start = r.size;
+            if (copy_value(&r, 0) < 0) {
+                goto done;
+            }
+            data_end = r.size;
+        }
+        else { /* hash: a positive integer of at most 18 digits */
+            const unsigned char *digits = r.p;
+            while (r.p < r.end && *r.p >= '0' && *r.p <= '9') {
+                if (r.p - digits < 18) { /* (more digits: refused below) */
+                    hash = hash * 10 + (*r.p - '0');
+                }
+                r.p++;
+            }
+            if (r.p == digits || r.p - digits > 18 || *digits == '0') {
+                goto done;
+            }
+            if (r.p < r.end && (*r.p == '.' || *r.p == 'e' || *r.p == 'E')) {
+                goto done;
+            }
+        }
+        skip_blanks(&r);
+        if (r.p == r.end) {
+            goto done;
+        }
+        if (*r.p == '}') {
+            r.p++;
+            break;
+        }
+        if (*r.p++ != ',') {
+            goto done;
+        }
+        skip_blanks(&r);
+    }
+    skip_blanks(&r);
+    if (r.p != r.end || !seen[FIELD_ID] || !seen[FIELD_TO] || !seen[FIELD_DATA] ||
+        data_end - data_start > max_payload) {
+        goto done;
+    }
+    {
+        /* ["id",[["user","session","location"]]] NUL payload */
+        Py_ssize_t payload_size = data_end - data_start;
+        Py_ssize_t addressed = 2 + id_size + 1 + 3 + part_sizes[0] + part_sizes[1] +
+                               part_sizes[2] + 6 + 2 + 3;
+        PyObject *digested = PyBytes_FromStringAndSize(NULL, addressed + 1 + payload_size);
+        if (digested == NULL) {
+            goto done;
+        }
+        char *d = PyBytes_AS_STRING(digested);
+        Py_ssize_t k = 0;
+        d[k++] = '[';
+        d[k++] = '"';
+        memcpy(d + k, id, (size_t)id_size);
+        k += id_size;
+        memcpy(d + k, "\",[[", 4);
+        k += 4;
+        for (int i = 0; i < 3; i++) {
+            d[k++] = '"';
+            memcpy(d + k, parts[i], (size_t)part_sizes[i]);
+            k += part_sizes[i];
+            d[k++] = '"';
+            if (i < 2) {
+                d[k++] = ',';
+            }
+        }
+        memcpy(d + k, "]]]", 3);
+        k += 3;
+        d[k++] = 0;
+        memcpy(d + k, out + data_start, (size_t)payload_size);
+        k += payload_size;
+        if (k != PyBytes_GET_SIZE(digested)) { /* the sizes above are the layout's */
+            Py_DECREF(digested);
+            PyErr_SetString(PyExc_SystemError, "parse_event: digest input size");
+            goto done;
+        }
+        PyObject *hash_value = seen[FIELD_HASH] ? PyLong_FromLongLong(hash) : Py_NewRef(Py_None);
+        if (hash_value == NULL) {
+            Py_DECREF(digested);
+            goto done;
+        }
+        /* (N: the tuple takes both references, and drops them if it cannot be built) */
+        result = Py_BuildValue("(s#s#s#s#y#NN)", (const char *)id, id_size,
+                               (const char *)parts[0], part_sizes[0], (const char *)parts[1],
+                               part_sizes[1], (const char *)parts[2], part_sizes[2],
+                               (const char *)(out + data_start), payload_size, digested,
+                               hash_value);
+    }
+done:
+    PyMem_Free(out);
+    if (result == NULL && !PyErr_Occurred()) {
+        Py_RETURN_NONE;
+    }
+    return result;
+}
+
 static PyMethodDef module_functions[] = {
+    {"parse_event", (PyCFunction)(void (*)(void))parse_event, METH_FASTCALL,
+     "parse_event(body, max_payload, max_recipients): the common event request, else None."},
     {"read_get_head", (PyCFunction)(void (*)(void))read_get_head, METH_FASTCALL,
      "read_get_head(data, wanted, max_headers, small): the common GET head, else None."},
     {"route_of_user", (PyCFunction)(void (*)(void))route_of_user, METH_FASTCALL,

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, NamedTuple
 
+from orbited.core import speedups
 from orbited.core.hashing import WILDCARDS_NEED_V2
 from orbited.core.keys import (
     WILDCARD,
@@ -148,6 +149,9 @@ except ImportError:  # pragma: no cover - the fallback is tested by setting it t
 _DIGITS_TO_ZERO = bytes.maketrans(b"123456789", b"000000000")
 _LONG_RUN = b"0" * 19
 _ORJSON_DIFFERS = re.compile(rb"\de-\d(?!\d)|0\.0000")
+# The common event request in C where orbited.core._speedups is built (parse_request):
+# a one-recipient event whose data is written as the node keeps it, blanks aside.
+_parse_event: Any = None if speedups.native is None else speedups.native.parse_event
 _PROBE = [1e16, 1e22, 1.5e300, 1e-4, 1e-11, 0.1, -0.0, 1.0, '\x7f\u2028\x1f"\\é']
 FAST_ENCODE = _orjson is not None and _orjson.dumps(_PROBE) == _encode(_PROBE)
 
@@ -275,6 +279,18 @@ def parse_request(
 ) -> EventRequest | PingRequest:
     """One SP request body, parsed and checked (docs/protocol.md); RequestError if it is
     refused. (``_strict``: decode with the strict path, as when orjson is not there.)"""
+    if _parse_event is not None and not _strict:
+        # The common request read in C (orbited.core._speedups.parse_event): the same
+        # EventRequest as below, or None for anything else (tests/core/test_speedups.py).
+        common = _parse_event(body, limits.max_payload, limits.max_recipients)
+        if common is not None:
+            event_id, user, session, location, payload, digested, hash_ = common
+            return _new(
+                EventRequest,
+                (event_id, (_new(ConnectionKey, (user, session, location)),), payload,
+                 _blake2b(digested, digest_size=16).digest(), None, None, None, hash_, None,
+                 None),
+            )  # fmt: skip
     # _load, _encode_payload and parse_recipient's fast paths are written out in this
     # function's common path (one call each fewer per request; every request comes here).
     oj = _orjson if not _strict else None

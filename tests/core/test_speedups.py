@@ -16,6 +16,7 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, example, given, settings
@@ -24,6 +25,7 @@ from hypothesis import strategies as st
 from orbited.core import hashing, tokens
 from orbited.core.keys import MAX_PART_BYTES, ConnectionKey
 from orbited.core.tokens import TokenError, issue_token, verify_token
+from orbited.node import events
 from orbited.node.transports import httpfront, wsframe
 
 native = tokens._native
@@ -358,3 +360,108 @@ def test_browsers_heads_are_read_in_c(head):
     """The heads browsers send are the C reader's (else it would save nothing)."""
     assert native.read_get_head(head, httpfront.WANTED, 100, 16384) is not None
     assert _read(head, True, 16384, 100) == _read(head, False, 16384, 100)
+
+
+# -- the common event request: read as parse_request reads it -----------------------------
+
+LIMITS = events.RequestLimits()
+plain = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=6)
+json_data = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.sampled_from([0.0, -0.0, 1e16, 1e22, 1e-7, 1e-5, 0.1, 1.5e300, 5e-324, 2**53 + 1.0])
+    | plain | st.text(max_size=6)
+    | st.sampled_from(["\x7f", "\u2028", "é", "\U0001f600", "a\"b", "\x1f"]),
+    lambda inner: st.lists(inner, max_size=4)
+    | st.dictionaries(plain | st.text(max_size=3), inner, max_size=4),
+    max_leaves=12,
+)  # fmt: skip
+parts = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=4) | (
+    st.sampled_from(["*", "", "é", "x" * 64, "x" * 65, "a\\b", 'a"b', "\x1f"])
+)
+_EVENT_PIECES = [b" ", b"\n", b"\t", b"\r", b",", b":", b"{", b"}", b"[", b"]", b'"', b"\\",
+                 b"0", b"-", b".", b"e", b"1", b'"id":"x"', b'"hash":2', b"\xc3", b"\xed\xa0\x80",
+                 b"\x00", b"NaN", b"1e400", b"12345678901234567890"]  # fmt: skip
+
+
+def _parsed(body: bytes, fast: bool) -> object:
+    saved = events._parse_event
+    events._parse_event = saved if fast else None
+    try:
+        return events.parse_request(body, LIMITS, _strict=not fast)
+    except events.RequestError as e:
+        return (e.code, str(e))
+    finally:
+        events._parse_event = saved
+
+
+@needs_native
+@settings(max_examples=3000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_event_requests_are_read_as_the_strict_parser_reads_them(data):
+    def often(common: Any, rare: Any) -> Any:  # the common request most of the time
+        return data.draw(common if data.draw(st.integers(0, 3)) else rare)
+
+    doc: dict[str, object] = {
+        "id": often(plain.filter(bool), st.text(max_size=5) | st.sampled_from(["x" * 129])),
+        "to": often(st.tuples(plain.filter(bool), plain, plain).map(lambda key: [list(key)]),
+                    st.lists(st.lists(parts, min_size=2, max_size=4), max_size=2)),
+        "data": data.draw(json_data),
+    }  # fmt: skip
+    if not data.draw(st.integers(0, 2)):
+        doc["hash"] = data.draw(st.sampled_from([1, 2, 0, -1, True, 2.0, 10**20, "2"]))
+    if not data.draw(st.integers(0, 5)):
+        doc[data.draw(st.sampled_from(["ack", "latest", "offline", "traceparent", "x"]))] = 1
+    if data.draw(st.booleans()):
+        doc = dict(reversed(list(doc.items())))
+    style = data.draw(st.sampled_from([{}, {"separators": (",", ":")}, {"indent": 1},
+                                       {"ensure_ascii": False}]))  # fmt: skip
+    body = json.dumps(doc, **style).encode("utf-8", "surrogatepass")
+    for _ in range(data.draw(st.sampled_from([0, 0, 0, 1, 2]))):
+        at = data.draw(st.integers(0, len(body)))
+        body = body[:at] + data.draw(st.sampled_from(_EVENT_PIECES)) + body[at:]
+    answer = native.parse_event(body, LIMITS.max_payload, LIMITS.max_recipients)
+    strict = _parsed(body, False)
+    if answer is not None:
+        assert type(strict) is events.EventRequest, (body, strict)
+        assert _parsed(body, True) == strict
+    else:
+        assert _parsed(body, True) == strict
+
+
+@needs_native
+@pytest.mark.parametrize("body", [
+    b'{"id": "p1-5", "to": [["c17", "b", "/bench"]], "data": {"t": 1796648159.6544864, '
+    b'"ph": "m", "n": 5}}',  # json.dumps's default blanks: the bench's publisher
+    b'{"id":"chat-42","to":[["alice","s1","/chat"]],"data":{"text":"h\xc3\xa9","n":[1,2.5,null]},'
+    b'"hash":2}',  # orbited.client's form
+    b'{"hash":2,"data":"x","to":[["u","",""]],"id":"e"}',
+])  # fmt: skip
+def test_common_event_requests_are_read_in_c(body):
+    assert native.parse_event(body, LIMITS.max_payload, LIMITS.max_recipients) is not None
+    assert _parsed(body, True) == _parsed(body, False)
+
+
+@needs_native
+def test_the_limits_of_an_event_request_hold_in_c():
+    body = b'{"id":"e","to":[["u","s","l"]],"data":"%s"}' % (b"x" * 100)
+    assert native.parse_event(body, 102, 1) is not None  # the payload: 102 bytes
+    assert native.parse_event(body, 101, 1) is None  # over max_payload: Python refuses it
+    assert native.parse_event(body, 102, 0) is None
+    small = events.RequestLimits(max_payload=101)
+    with pytest.raises(events.RequestError, match="payload_too_large|101"):
+        events.parse_request(body, small)
+
+
+@needs_native
+@pytest.mark.parametrize("data", [
+    b"1.50", b"1e5", b"1E5", b"0.10", b"1e-7", b"100000000000000000.0", b"-0", b"1e400",
+    b"1234567890123456789", b'{"a":1,"a":2}', b'[{"b":{"c":0,"c":0}}]', b'"\\u00e9"',
+    b'"a\\nb"', b'"\x1f"', b'"\xed\xa0\x80"', b"[" * 70 + b"]" * 70, b"NaN", b"tru",
+])  # fmt: skip
+def test_data_the_node_would_write_otherwise_is_left_to_python(data):
+    """Data whose JSON the node keeps in another form (a number's other spelling, a name
+    twice, an escape) or refuses: read in Python, which writes or refuses it."""
+    body = b'{"id":"e","to":[["u","s","l"]],"data":%s}' % data
+    assert native.parse_event(body, LIMITS.max_payload, LIMITS.max_recipients) is None
+    assert _parsed(body, True) == _parsed(body, False)
