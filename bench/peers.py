@@ -93,9 +93,18 @@ def available(name: str) -> bool:
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    return free_ports(1, host)[0]
+
+
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """``count`` distinct free ports: held open together while they are picked (ports
+    picked one after another, each closed at once, can repeat: Pushpin's handler once
+    got condure's port and exited, "unable to bind")."""
+    with contextlib.ExitStack() as stack:
+        held = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for s in held:
+            s.bind((host, 0))
+        return [s.getsockname()[1] for s in held]
 
 
 # -- CPU and memory of a process tree ------------------------------------------------------
@@ -630,12 +639,11 @@ class Pushpin(Server):
         self.rundir: Path | None = Path(tempfile.mkdtemp(prefix="pp-", dir="/tmp"))
         (self.dir / "log").mkdir(exist_ok=True)
         (self.dir / "routes").write_text(f"* 127.0.0.1:{info['port']},over_http\n")
-        self.http_port, self.push_http = free_port(), free_port()
+        self.http_port, self.push_http, push_in, push_sub, command = free_ports(5)
         conf = self.dir / "pushpin.conf"
         conf.write_text(PUSHPIN_CONF.format(
             dir=self.dir, rundir=self.rundir, http_port=self.http_port, maxconn=50_000,
-            push_in=free_port(),
-            push_sub=free_port(), push_http=self.push_http, command=free_port(),
+            push_in=push_in, push_sub=push_sub, push_http=self.push_http, command=command,
             max_body=self.max_body, message_rate=self.message_rate,
             message_hwm=self.message_hwm,
         ))  # fmt: skip
