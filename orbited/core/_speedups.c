@@ -1,12 +1,13 @@
-/* orbited.core._speedups: C twins of the pure functions a WebSocket accept spends most on.
+/* orbited.core._speedups: C twins of the pure functions the node's hot paths spend most on.
  *
  * Each has a Python twin that stays the reference and runs wherever this module is not
  * built (setup.py builds it where a C compiler and OpenSSL's headers are found); tests/core/
- * test_speedups.py checks each against its twin. Why C: after every Python-level cut, these
- * were half of what an accept costs beyond the bare socket work (docs/performance.md,
- * "Accepts, seventh pass", has the figures). SHA-1 and SHA-256 are OpenSSL's (libcrypto,
- * as hashlib's), through its low-level API: a state is a plain struct, so a key's HMAC
- * state is set up once and copied per token.
+ * test_speedups.py checks each against its twin. Why C: after every Python-level cut, the
+ * request head, the token, the route and the accept key were half of what a WebSocket
+ * accept costs beyond the bare socket work, and reading the SP request a fifth of an
+ * event's CPU (docs/performance.md, "Accepts, seventh pass"; "The per-event path, sixth pass").
+ * SHA-1 and SHA-256 are OpenSSL's (libcrypto, as hashlib's), through its low-level API: a
+ * state is a plain struct, so a key's HMAC state is set up once and copied per token.
  *
  * - Key(secret).claims(token: str, known: set[bytes], now: float, leeway: float)
  *       -> (sub, sid, loc, exp) | None
@@ -1149,7 +1150,7 @@ static PyTypeObject KeyType = {
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "orbited.core._speedups",
-    "C twins of the pure functions a WebSocket accept spends most on.", -1,
+    "C twins of the pure functions the node's hot paths spend most on.", -1,
     module_functions,
 };
 

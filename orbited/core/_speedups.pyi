@@ -1,4 +1,4 @@
-# orbited/core/_speedups.c: C twins of the pure functions a WebSocket accept spends most on.
+# orbited/core/_speedups.c: C twins of the hot paths' pure functions.
 
 class Key:
     def __init__(self, secret: bytes) -> None: ...

@@ -1,9 +1,10 @@
-"""The C twins of the accept path's pure functions (orbited/core/_speedups.c), if built.
+"""The C twins of the node's hot pure functions (orbited/core/_speedups.c), if built.
 
 setup.py builds them where a C compiler, the Python headers and OpenSSL's headers are
 found at install; where not, the install goes on without them and every caller uses its
-Python twin: the same results, more CPU per WebSocket accept (docs/performance.md,
-"Accepts, seventh pass"). The node says so in its log at start (``NOT_BUILT``).
+Python twin: the same results, more CPU per WebSocket accept and per event
+(docs/performance.md, "Accepts, seventh pass" and "The per-event path, sixth pass"). The
+node says so in its log at start (``NOT_BUILT``).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ except ImportError:  # not built
 
 NOT_BUILT = (
     "orbited.core._speedups is not built (no C compiler, Python headers or OpenSSL headers "
-    "when Orbited was installed): browser tokens, request heads, routes and WebSocket accept "
-    "keys are handled in Python, about 40 % more CPU per WebSocket accept; reinstall with "
-    "them (Debian: gcc python3-dev libssl-dev) to build it"
+    "when Orbited was installed): browser tokens, request heads, event requests, routes and "
+    "WebSocket accept keys are handled in Python, about 50 % more CPU per WebSocket accept "
+    "and 10 % per event; reinstall with them (Debian: gcc python3-dev libssl-dev) to build it"
 )
