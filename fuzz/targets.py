@@ -1399,21 +1399,25 @@ def check_event_twins(body: bytes) -> None:
         return
     limits = events.RequestLimits()
     answer = events._parse_event(body, limits.max_payload, limits.max_recipients)
-
-    def parsed(fast: bool) -> object:
-        saved = events._parse_event
-        events._parse_event = saved if fast else None
-        try:
-            return events.parse_request(body, limits, _strict=not fast)
-        except events.RequestError as e:
-            return (e.code, str(e))
-        finally:
-            events._parse_event = saved
-
-    strict = parsed(False)
+    strict = parsed_request(body, False)
     if answer is not None:
         expect(type(strict) is events.EventRequest, "the C reader took a request Python refuses")
-    expect(parsed(True) == strict, "the C reader and parse_request disagree")
+    expect(parsed_request(body, True) == strict, "the C reader and parse_request disagree")
+
+
+def parsed_request(
+    body: bytes, fast: bool, limits: events.RequestLimits | None = None
+) -> object:  # fmt: skip
+    """parse_request's outcome: with the C reader and orjson (``fast``), or the strict
+    path alone; an error as (code, message)."""
+    saved = events._parse_event
+    events._parse_event = saved if fast else None
+    try:
+        return events.parse_request(body, limits or events.RequestLimits(), _strict=not fast)
+    except events.RequestError as e:
+        return (e.code, str(e))
+    finally:
+        events._parse_event = saved
 
 
 def _fuzz_token_twins(data: bytes) -> None:

@@ -788,18 +788,48 @@ copy_number(Reader *r)
 
 static int copy_value(Reader *r, int depth);
 
+/* A container's opening character written and passed: 1 if it closes at once (then
+ * written and passed too), else 0. */
+static int
+open_container(Reader *r, unsigned char close)
+{
+    r->out[r->size++] = *r->p++;
+    skip_blanks(r);
+    if (r->p < r->end && *r->p == close) {
+        r->out[r->size++] = close;
+        r->p++;
+        return 1;
+    }
+    return 0;
+}
+
+/* After a member: 1 at the container's close (written and passed), 0 after a comma
+ * (written; the blanks after it passed), -1 for anything else. */
+static int
+after_member(Reader *r, unsigned char close)
+{
+    skip_blanks(r);
+    if (r->p == r->end) {
+        return -1;
+    }
+    unsigned char c = *r->p++;
+    if (c != close && c != ',') {
+        return -1;
+    }
+    r->out[r->size++] = c;
+    if (c == ',') {
+        skip_blanks(r);
+    }
+    return c == close;
+}
+
 static int
 copy_object(Reader *r, int depth)
 {
     const unsigned char *names[MAX_NAMES];
     Py_ssize_t sizes[MAX_NAMES];
     int count = 0;
-    r->out[r->size++] = '{';
-    r->p++;
-    skip_blanks(r);
-    if (r->p < r->end && *r->p == '}') {
-        r->out[r->size++] = '}';
-        r->p++;
+    if (open_container(r, '}')) {
         return 0;
     }
     for (;;) {
@@ -822,55 +852,24 @@ copy_object(Reader *r, int depth)
         }
         r->out[r->size++] = ':';
         skip_blanks(r);
-        if (copy_value(r, depth + 1) < 0) {
-            return -1;
+        int closed = copy_value(r, depth + 1) < 0 ? -1 : after_member(r, '}');
+        if (closed != 0) {
+            return closed < 0 ? -1 : 0;
         }
-        skip_blanks(r);
-        if (r->p == r->end) {
-            return -1;
-        }
-        if (*r->p == '}') {
-            r->out[r->size++] = '}';
-            r->p++;
-            return 0;
-        }
-        if (*r->p++ != ',') {
-            return -1;
-        }
-        r->out[r->size++] = ',';
-        skip_blanks(r);
     }
 }
 
 static int
 copy_array(Reader *r, int depth)
 {
-    r->out[r->size++] = '[';
-    r->p++;
-    skip_blanks(r);
-    if (r->p < r->end && *r->p == ']') {
-        r->out[r->size++] = ']';
-        r->p++;
+    if (open_container(r, ']')) {
         return 0;
     }
     for (;;) {
-        if (copy_value(r, depth + 1) < 0) {
-            return -1;
+        int closed = copy_value(r, depth + 1) < 0 ? -1 : after_member(r, ']');
+        if (closed != 0) {
+            return closed < 0 ? -1 : 0;
         }
-        skip_blanks(r);
-        if (r->p == r->end) {
-            return -1;
-        }
-        if (*r->p == ']') {
-            r->out[r->size++] = ']';
-            r->p++;
-            return 0;
-        }
-        if (*r->p++ != ',') {
-            return -1;
-        }
-        r->out[r->size++] = ',';
-        skip_blanks(r);
     }
 }
 

@@ -22,6 +22,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from fuzz.targets import parsed_request
 from orbited.core import hashing, tokens
 from orbited.core.keys import MAX_PART_BYTES, ConnectionKey
 from orbited.core.tokens import TokenError, issue_token, verify_token
@@ -385,14 +386,7 @@ _EVENT_PIECES = [b" ", b"\n", b"\t", b"\r", b",", b":", b"{", b"}", b"[", b"]", 
 
 
 def _parsed(body: bytes, fast: bool) -> object:
-    saved = events._parse_event
-    events._parse_event = saved if fast else None
-    try:
-        return events.parse_request(body, LIMITS, _strict=not fast)
-    except events.RequestError as e:
-        return (e.code, str(e))
-    finally:
-        events._parse_event = saved
+    return parsed_request(body, fast, LIMITS)
 
 
 @needs_native
