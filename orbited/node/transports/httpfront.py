@@ -111,7 +111,7 @@ class _Handoff:
 HANDOFF: Final = _Handoff()
 # The common GET head read in C where orbited.core._speedups is built (HeadReader.feed;
 # 0.7 against ≈ 8 µs through llhttp's callbacks in an accept): the same Head or hand-off,
-# and None for any other head, which llhttp reads (tests/node/test_httpfront.py compares
+# and None for any other head, which llhttp reads (tests/core/test_speedups.py compares
 # the two on generated heads).
 _read_get_head: Any = None if speedups.native is None else speedups.native.read_get_head
 _new = tuple.__new__  # a NamedTuple built without its Python-level __new__ (per request)
