@@ -100,7 +100,11 @@ def test_quick_run_samples_the_node_and_renders_its_section(tmp_path: Path) -> N
     text = stages.report(result, tmp_path)
     assert "| hub: dispatch, mailbox, dedup, attach |" in text
     assert "**ws, event**" in text and "**ws, accept**" in text
-    assert result["phases"][0]["orbited_sys_us"]["median"] > 0  # bench.ab's system time
+    # bench.ab's system time, which /proc counts in 10 ms ticks sampled where the tick
+    # falls: the quick run's ≈ 4 000 events take ≈ 10 ms of the node's kernel time, so it
+    # may be counted as 0 or 2 ticks (CI once saw 0). Present and within the whole.
+    event = result["phases"][0]
+    assert 0 <= event["orbited_sys_us"]["median"] <= event["orbited_us"]["median"]
 
 
 def test_the_kernel_stages_are_scaled_to_the_measured_system_time() -> None:
