@@ -59,7 +59,9 @@
 #include <Python.h>
 #include <openssl/crypto.h>
 #include <openssl/sha.h>
+#include <float.h>
 #include <math.h>
+#include <stdint.h>
 #include <string.h>
 
 /* orbited.core.tokens and orbited.core.keys: the same limits (tests compare them). */
@@ -703,6 +705,93 @@ copy_string(Reader *r, const unsigned char **text, Py_ssize_t *size)
     return 0;
 }
 
+/* Powers of ten a double holds exactly (10**22 is the last one). */
+static const double EXACT_TEN[] = {
+    1e0,  1e1,  1e2,  1e3,  1e4,  1e5,  1e6,  1e7,  1e8,  1e9,  1e10, 1e11,
+    1e12, 1e13, 1e14, 1e15, 1e16, 1e17, 1e18, 1e19, 1e20, 1e21, 1e22,
+};
+
+/* Is ``text`` (a JSON number with a fraction) written as Python's repr writes its float?
+ * 1 yes, 0 no, -1 undecided (then copy_number formats the float back, ~0.5 µs; this
+ * answers the common shape, a plain decimal such as a time.time() stamp, in ~20 ns).
+ *
+ * Decided here: "[-]I.F" without an exponent, F ending in a nonzero digit, where repr
+ * writes positional notation (an integer part of at most 16 digits, or "0." and at most
+ * 3 zeros before the first significant digit) and the significant digits M (at most
+ * 2**53 - 1) over 10**len(F) (at most 10**20) are two doubles held exactly, so their
+ * quotient d is the correctly rounded value float() reads. repr writes the shortest
+ * digits that read back as d, and of those the nearest to d. So the text is d's repr
+ * when:
+ * - no decimal of fewer digits reads as d: those lie on the grid one digit coarser, whose
+ *   points either side of the text are the text cut by its last digit and that plus one
+ *   unit; any other lies beyond one of them, and the decimals that read as d are an
+ *   interval. If one does, the repr is shorter and the answer is no;
+ * - no other decimal of as many digits reads as d (the neighbours M - 1 and M + 1, by
+ *   the same interval argument): then the text is the only candidate of its length. If
+ *   a neighbour does, repr chooses by distance, which is left undecided.
+ * With at most 15 significant digits the first condition always holds and the second
+ * too: two decimals of 15 digits never read as one double in the normal range (DBL_DIG),
+ * so those are yes at once. The quotients are IEEE divisions, each correctly rounded as
+ * float() is (where FLT_EVAL_METHOD is 0: SSE2 on x86-64, AArch64; otherwise undecided).
+ * tests/core/test_speedups.py compares this with repr on 200 000 generated numbers. */
+static int
+decimal_is_repr(const unsigned char *text, Py_ssize_t n)
+{
+#if FLT_EVAL_METHOD != 0 /* x87's wider registers: a quotient is not rounded to a double */
+    return -1;
+#endif
+    const unsigned char *p = text, *end = text + n;
+    if (*p == '-') {
+        p++;
+    }
+    uint64_t m = 0;
+    int digits = 0, fraction = 0, zeros = 0;
+    for (; p < end && *p != '.'; p++) { /* the integer part */
+        if (*p < '0' || *p > '9') {
+            return -1;
+        }
+        m = m * 10 + (uint64_t)(*p - '0');
+        if (m) {
+            digits++;
+        }
+    }
+    if (p == end) {
+        return -1;
+    }
+    for (p++; p < end; p++) { /* the fraction */
+        if (*p < '0' || *p > '9' || digits >= 17) {
+            return -1;
+        }
+        fraction++;
+        m = m * 10 + (uint64_t)(*p - '0');
+        if (m) {
+            digits++;
+        }
+        else {
+            zeros++; /* after "0.": zeros before the first significant digit */
+        }
+    }
+    /* At most 17 significant digits, and a fraction: an integer part of at most 16 digits
+     * and a fraction of at most 3 + 17 (its leading zeros, then its digits), so the
+     * positional notation and 10**len(F) are within reach once these hold. */
+    if (m == 0 || end[-1] == '0' || zeros > 3 || m > 9007199254740991ULL) {
+        return -1; /* zero, an integer-valued float, exponent notation, not exact */
+    }
+    if (digits <= 15) {
+        return 1;
+    }
+    double d = (double)m / EXACT_TEN[fraction];
+    uint64_t cut = m / 10;
+    double shorter = EXACT_TEN[fraction - 1];
+    if ((double)cut / shorter == d || (double)(cut + 1) / shorter == d) {
+        return 0;
+    }
+    if ((double)(m - 1) / EXACT_TEN[fraction] == d || (double)(m + 1) / EXACT_TEN[fraction] == d) {
+        return -1;
+    }
+    return 1;
+}
+
 /* A number written as json.dumps writes what json.loads reads from it. */
 static int
 copy_number(Reader *r)
@@ -748,12 +837,16 @@ copy_number(Reader *r)
         }
     }
     Py_ssize_t n = p - start;
+    int repr;
     if (!fraction) { /* an integer: its own text, unless "-0" or past 18 digits */
         if (n > 18 + (*start == '-') || (n == 2 && start[0] == '-' && start[1] == '0')) {
             return -1;
         }
     }
-    else { /* a float: its text must be its repr */
+    else if ((repr = decimal_is_repr(start, n)) == 0) { /* a float: its text must be its repr */
+        return -1;
+    }
+    else if (repr < 0) { /* undecided: format it back */
         char text[64];
         if (n >= (Py_ssize_t)sizeof text) {
             return -1;
@@ -769,13 +862,13 @@ copy_number(Reader *r)
         if (stop != text + n || !isfinite(value)) {
             return -1;
         }
-        char *repr = PyOS_double_to_string(value, 'r', 0, Py_DTSF_ADD_DOT_0, NULL);
-        if (repr == NULL) {
+        char *written = PyOS_double_to_string(value, 'r', 0, Py_DTSF_ADD_DOT_0, NULL);
+        if (written == NULL) {
             PyErr_Clear();
             return -1;
         }
-        int same = strcmp(repr, text) == 0;
-        PyMem_Free(repr);
+        int same = strcmp(written, text) == 0;
+        PyMem_Free(written);
         if (!same) {
             return -1;
         }

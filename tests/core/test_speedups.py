@@ -14,7 +14,10 @@ import hashlib
 import hmac
 import json
 import os
+import random
+import struct
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -445,6 +448,82 @@ def test_the_limits_of_an_event_request_hold_in_c():
     small = events.RequestLimits(max_payload=101)
     with pytest.raises(events.RequestError, match="payload_too_large|101"):
         events.parse_request(body, small)
+
+
+def _float_texts(rng: random.Random, n: int) -> Iterator[str]:
+    """Numbers with a fraction in the shapes web apps write them: time stamps with 6
+    decimals, fixed decimals of any magnitude, repr and %.14g to %.17g of random doubles,
+    random digit strings, and a repr's neighbours one unit either side in its last digit
+    (where the shortest digits and the nearest ones part)."""
+    digits = "0123456789"
+    for _ in range(n):
+        k = rng.randrange(7)
+        scale = 10.0 ** rng.randrange(-6, 18)
+        if k == 0:
+            yield "%.6f" % (1.7e9 + rng.random() * 1e8)
+        elif k == 1:
+            yield f"{rng.uniform(-1, 1) * scale:.{rng.randrange(1, 20)}f}"
+        elif k == 2:
+            yield repr(struct.unpack("d", struct.pack("Q", rng.getrandbits(64)))[0])
+        elif k == 3:
+            yield f"{rng.uniform(-1, 1) * scale:.{rng.randrange(14, 18)}g}"
+        elif k == 4:
+            whole = "".join(rng.choice(digits) for _ in range(rng.randrange(1, 18)))
+            fraction = "".join(rng.choice(digits) for _ in range(rng.randrange(1, 24)))
+            yield rng.choice(["", "-"]) + (whole.lstrip("0") or "0") + "." + fraction
+        elif k == 5:
+            yield repr(rng.random() * scale)
+        else:
+            text = repr(rng.random() * 10.0 ** rng.randrange(0, 16))
+            if "e" in text:
+                continue
+            dot = text.index(".")
+            moved = str(int(text.replace(".", "")) + rng.choice((-1, 1)))
+            moved = moved.rjust(len(text) - 1, "0")
+            yield moved[:dot] + "." + moved[dot:]
+
+
+def _float_answered(text: str) -> bool:
+    body = b'{"id":"e","to":[["u","s","l"]],"data":%s}' % text.encode()
+    return native.parse_event(body, LIMITS.max_payload, LIMITS.max_recipients) is not None
+
+
+@needs_native
+@pytest.mark.parametrize("seed", range(4))
+def test_floats_are_read_in_c_exactly_where_repr_writes_them_so(seed):
+    """A float's text is kept as it is written only where Python's repr writes that float
+    so (what the node writes otherwise); most are decided without formatting it back
+    (_speedups.c, decimal_is_repr), and each decision is compared with repr here."""
+    rng = random.Random(seed)
+    checked = kept = 0
+    for text in _float_texts(rng, 50_000):
+        if "." not in text and "e" not in text:
+            continue  # an integer
+        want = repr(float(text)) == text
+        assert _float_answered(text) == want, (text, repr(float(text)))
+        checked += 1
+        kept += want
+    assert kept > checked // 2 and checked - kept > checked // 10  # both answers, often
+
+
+@needs_native
+@pytest.mark.parametrize(("text", "kept"), [
+    ("1796657864.569144", True),  # a time stamp: 16 digits, decided without formatting
+    ("1796657864.56914", True), ("0.1234567890123456", True), ("999999999999999.9", True),
+    ("0.1", True), ("0.0001", True), ("0.00012", True), ("-0.5", True), ("2.675", True),
+    ("0.0", True), ("9999999999999998.0", True),  # integer-valued: formatted back
+    ("4503599627370495.5", True), ("4503599627370496.5", False),  # 2**52: repr ...496.0
+    ("1234567890123456.5", True),  # 17 digits, past 2**53: formatted back
+    ("0.30000000000000004", True), ("0.30000000000000001", False),  # repr: 0.3
+    ("1.0000000000000002", True), ("1.0000000000000001", False),  # repr: 1.0
+    ("0.1000000000000000055511151231257827", False),  # repr: 0.1
+    ("9007199254740.993", False),  # a neighbour reads as the same double: repr ...992
+    ("0.00001", False), ("1e-05", True), ("1e16", False), ("1e+16", True),
+    ("123456789012345678.5", False), ("5e-324", True), ("1.7976931348623157e+308", True),
+])  # fmt: skip
+def test_the_edges_of_the_float_check(text, kept):
+    assert (repr(float(text)) == text) is kept
+    assert _float_answered(text) is kept
 
 
 @needs_native
