@@ -44,6 +44,10 @@ from orbited.sp.wire import SPProtocolError
 _LENGTH = struct.Struct(">Q")  # a reply's length prefix (orbited.sp.wire)
 
 RequestHandler = Callable[[bytes], "bytes | defer.Deferred[bytes]"]
+# A handler of several requests at once (one read's, in order): each one's reply, in
+# order, as RequestHandler gives it; it answers every request itself (an exception
+# escaping it drops the requests it was given, logged, as a RequestHandler's does one).
+ManyHandler = Callable[[list[bytes]], "list[bytes | defer.Deferred[bytes]]"]
 # Opens a delivery batch around one read's requests (Hub.batch, orbited.node.flush).
 BatchScope = Callable[[], AbstractContextManager[None]]
 
@@ -97,8 +101,10 @@ class RepProtocol(Protocol):
         limits: RepLimits,
         clock: IReactorTime,
         batch: BatchScope | None = None,
+        many: ManyHandler | None = None,
     ) -> None:
         self._handler = handler
+        self._many = many
         self._batch: BatchScope = batch or nullcontext
         self._limits = limits
         self._clock = clock
@@ -235,14 +241,33 @@ class RepProtocol(Protocol):
 
     def _handle_held_batch(self, replies: list[bytes]) -> None:
         """Handle held requests while in-flight slots last; the replies ready now go to
-        ``replies``, the others leave as they complete."""
+        ``replies``, the others leave as they complete. With a ManyHandler, as many at
+        once as there are free slots (each request takes one at most)."""
         held = self._held
         handler = self._handler
+        many = self._many
         max_inflight = self._limits.max_inflight
         closed = RepState.CLOSED
         pack = _LENGTH.pack
         add = replies.append
         while held and self._inflight < max_inflight and self.state is not closed:
+            if many is not None:
+                taken = [held.popleft() for _ in range(min(max_inflight - self._inflight,
+                                                           len(held)))]  # fmt: skip
+                try:
+                    results = many([payload for _, payload in taken])
+                except Exception:
+                    self.log.failure("request handler raised; dropping {n} requests",
+                                     n=len(taken))  # fmt: skip
+                    continue
+                for (backtrace, _), result in zip(taken, results, strict=True):
+                    if isinstance(result, bytes):
+                        add(pack(len(backtrace) + len(result)))
+                        add(backtrace)
+                        add(result)
+                    else:
+                        self._track(backtrace, result)
+                continue
             backtrace, payload = held.popleft()
             try:
                 result = handler(payload)
@@ -331,6 +356,7 @@ class RepFactory(_RepFactoryBase):
         limits: RepLimits | None = None,
         clock: IReactorTime | None = None,
         batch: BatchScope | None = None,
+        many: ManyHandler | None = None,
     ) -> None:
         if clock is None:
             from twisted.internet import reactor
@@ -338,6 +364,7 @@ class RepFactory(_RepFactoryBase):
             clock = cast(IReactorTime, reactor)
         self.handler = handler
         self.batch = batch  # Hub.batch: deliveries of one read coalesced per connection
+        self.many = many  # Hub.handle_requests: one read's requests handled together
         self.limits = limits or RepLimits()
         self.clock: IReactorTime = clock
         self.connections: set[RepProtocol] = set()
@@ -354,7 +381,7 @@ class RepFactory(_RepFactoryBase):
                 n=self.limits.max_connections,
             )
             return None
-        proto = RepProtocol(self.handler, self.limits, self.clock, self.batch)
+        proto = RepProtocol(self.handler, self.limits, self.clock, self.batch, self.many)
         proto.factory = proto.server = self
         return proto
 

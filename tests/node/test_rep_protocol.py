@@ -20,9 +20,22 @@ class TCPStringTransport(StringTransport):
         self.nodelay = enabled
 
 
+@pytest.fixture(autouse=True, params=["one", "many"])
+def handed(request, monkeypatch):
+    """Each test twice: requests handed to the handler one by one, and one read's at once
+    (RepFactory's ``many``, as the node's hub takes them)."""
+    monkeypatch.setattr(_HANDED, "many", request.param == "many")
+    return request.param
+
+
+class _HANDED:
+    many = False
+
+
 def connect(handler, **limits):
     clock = Clock()
-    factory = RepFactory(handler, RepLimits(**limits), clock)
+    many = (lambda bodies: [handler(b) for b in bodies]) if _HANDED.many else None
+    factory = RepFactory(handler, RepLimits(**limits), clock, many=many)
     proto = factory.buildProtocol(None)
     transport = TCPStringTransport()
     proto.makeConnection(transport)
@@ -171,7 +184,10 @@ def test_header_cancels_timeout():
     assert clock.getDelayedCalls() == []
 
 
-def test_handler_exception_drops_request_but_keeps_connection():
+def test_handler_exception_drops_request_but_keeps_connection(handed):
+    if handed == "many":
+        pytest.skip("a ManyHandler answers each request itself (next test)")
+
     def handler(payload):
         if payload == b"boom":
             raise RuntimeError("bug")
@@ -181,6 +197,55 @@ def test_handler_exception_drops_request_but_keeps_connection():
     proto.dataReceived(REQ_HEADER + request(0x80000001, b"boom") + request(0x80000002, b"ok"))
     assert replies(transport.value()) == [bytes.fromhex("80000002") + b"ok"]
     assert not transport.disconnecting
+
+
+def test_a_many_handler_s_exception_drops_its_requests_but_keeps_connection():
+    calls = []
+
+    def many(bodies):
+        calls.append(bodies)
+        if b"boom" in bodies:
+            raise RuntimeError("bug")
+        return [b"ok:" + b for b in bodies]
+
+    factory = RepFactory(lambda p: b"never", RepLimits(), Clock(), many=many)
+    proto = factory.buildProtocol(None)
+    transport = TCPStringTransport()
+    proto.makeConnection(transport)
+    proto.dataReceived(REQ_HEADER + request(0x80000001, b"boom") + request(0x80000002, b"a"))
+    proto.dataReceived(request(0x80000003, b"b"))
+    assert calls == [[b"boom", b"a"], [b"b"]]
+    assert replies(transport.value()) == [bytes.fromhex("80000003") + b"ok:b"]
+    assert not transport.disconnecting
+
+
+def test_a_many_handler_is_given_no_more_requests_than_free_inflight_slots():
+    """Each request may take an in-flight slot (a Deferred reply): a read's requests go to
+    the ManyHandler in groups no larger than the slots free, the rest held (reading
+    paused) until replies free some, as one by one."""
+    handler, pending = deferred_handler()
+    sizes = []
+
+    def many(bodies):
+        sizes.append(len(bodies))
+        return [handler(b) for b in bodies]
+
+    factory = RepFactory(handler, RepLimits(max_inflight=2), Clock(), many=many)
+    proto = factory.buildProtocol(None)
+    transport = TCPStringTransport()
+    proto.makeConnection(transport)
+    proto.dataReceived(REQ_HEADER + b"".join(request(0x80000001 + i, b"%d" % i)
+                                             for i in range(5)))  # fmt: skip
+    assert sizes == [2] and transport.producerState == "paused"
+    pending[0].callback(b"r0")
+    assert sizes == [2, 1] and proto.inflight == 2
+    pending[1].callback(b"r1")
+    pending[2].callback(b"r2")
+    assert sizes == [2, 1, 1, 1] and proto.inflight == 2
+    pending[3].callback(b"r3")
+    pending[4].callback(b"r4")
+    assert [r[4:] for r in replies(transport.value())] == [b"r%d" % i for i in range(5)]
+    assert transport.producerState == "producing"
 
 
 def test_full_send_buffer_stops_reading_requests():
