@@ -5,8 +5,9 @@
     .venv/bin/python -m bench.hubcost --attach 5000 [--reps 5]
 
 One-recipient event requests (the SP request bodies ``bench dispatch`` sends) go through
-``Hub.handle_request`` to keys whose attached sink accepts every frame at once (no I/O),
-``--batch`` requests per delivery batch as the SP server opens them: request parsing,
+``Hub.handle_requests`` (``handle_request`` one by one in a tree without it) to keys whose
+attached sink accepts every frame at once (no I/O), ``--batch`` requests per delivery
+batch as the SP server hands one read's over: request parsing,
 dedup memory, mailbox, frames, reply. Prints the best of ``--reps`` runs in µs of CPU
 (``time.process_time``) per event. To measure another commit's hub, run this file as a
 script with that work tree first on the path:
@@ -218,10 +219,14 @@ def main() -> None:
     ]  # fmt: skip
     scope = getattr(hub, "batch", None)  # (a tree before the delivery batch has none)
     handle = hub.handle_request
+    many = getattr(hub, "handle_requests", None)  # (nor one before handle_requests)
 
     def run(part: list[bytes]) -> None:
         for start in range(0, len(part), args.batch):
             with scope() if scope is not None else nullcontext():
+                if many is not None:
+                    many(part[start : start + args.batch])
+                    continue
                 for body in part[start : start + args.batch]:
                     handle(body)
 

@@ -1395,10 +1395,10 @@ def check_event_twins(body: bytes) -> None:
     """Any SP request body: the C reader of the common event request (where built)
     answers None or parse_request's strict reading of it, and parse_request gives the
     same outcome with it and without it."""
-    if events._parse_event is None:
+    if events.parse_common is None:
         return
     limits = events.RequestLimits()
-    answer = events._parse_event(body, limits.max_payload, limits.max_recipients)
+    answer = events.parse_common(body, limits.max_payload, limits.max_recipients)
     strict = parsed_request(body, False)
     if answer is not None:
         expect(type(strict) is events.EventRequest, "the C reader took a request Python refuses")
@@ -1410,14 +1410,14 @@ def parsed_request(
 ) -> object:  # fmt: skip
     """parse_request's outcome: with the C reader and orjson (``fast``), or the strict
     path alone; an error as (code, message)."""
-    saved = events._parse_event
-    events._parse_event = saved if fast else None
+    saved = events.parse_common
+    events.parse_common = saved if fast else None
     try:
         return events.parse_request(body, limits or events.RequestLimits(), _strict=not fast)
     except events.RequestError as e:
         return (e.code, str(e))
     finally:
-        events._parse_event = saved
+        events.parse_common = saved
 
 
 def _fuzz_token_twins(data: bytes) -> None:

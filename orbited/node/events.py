@@ -151,7 +151,10 @@ _LONG_RUN = b"0" * 19
 _ORJSON_DIFFERS = re.compile(rb"\de-\d(?!\d)|0\.0000")
 # The common event request in C where orbited.core._speedups is built (parse_request):
 # a one-recipient event whose data is written as the node keeps it, blanks aside.
-_parse_event: Any = None if speedups.native is None else speedups.native.parse_event
+# The common event request's reader in C (orbited.core._speedups.parse_event), or None
+# where the extension is not built: an answer is read as ``request_of`` makes it, None
+# leaves the body to parse_request's Python (which tests/core/test_speedups.py checks).
+parse_common: Any = None if speedups.native is None else speedups.native.parse_event
 _PROBE = [1e16, 1e22, 1.5e300, 1e-4, 1e-11, 0.1, -0.0, 1.0, '\x7f\u2028\x1f"\\é']
 FAST_ENCODE = _orjson is not None and _orjson.dumps(_PROBE) == _encode(_PROBE)
 
@@ -274,23 +277,30 @@ _parse_recipient = parse_recipient
 _blake2b = hashlib.blake2b
 
 
+def request_of(
+    common: tuple[str, str, str, str, bytes, bytes, int | None], digest: bytes
+) -> EventRequest:
+    """The EventRequest of ``parse_common``'s answer (event_id, user, session, location,
+    payload, what the digest hashes, hash) and its digest (blake2b, 16 bytes)."""
+    event_id, user, session, location, payload, _, hash_ = common
+    return _new(
+        EventRequest,
+        (event_id, (_new(ConnectionKey, (user, session, location)),), payload, digest, None,
+         None, None, hash_, None, None),
+    )  # fmt: skip
+
+
 def parse_request(
     body: bytes, limits: RequestLimits, _strict: bool = False
 ) -> EventRequest | PingRequest:
     """One SP request body, parsed and checked (docs/protocol.md); RequestError if it is
     refused. (``_strict``: decode with the strict path, as when orjson is not there.)"""
-    if _parse_event is not None and not _strict:
-        # The common request read in C (orbited.core._speedups.parse_event): the same
-        # EventRequest as below, or None for anything else (tests/core/test_speedups.py).
-        common = _parse_event(body, limits.max_payload, limits.max_recipients)
+    if parse_common is not None and not _strict:
+        # The common request read in C: the same EventRequest as below, or None for
+        # anything else (tests/core/test_speedups.py).
+        common = parse_common(body, limits.max_payload, limits.max_recipients)
         if common is not None:
-            event_id, user, session, location, payload, digested, hash_ = common
-            return _new(
-                EventRequest,
-                (event_id, (_new(ConnectionKey, (user, session, location)),), payload,
-                 _blake2b(digested, digest_size=16).digest(), None, None, None, hash_, None,
-                 None),
-            )  # fmt: skip
+            return request_of(common, _blake2b(common[5], digest_size=16).digest())
     # _load, _encode_payload and parse_recipient's fast paths are written out in this
     # function's common path (one call each fewer per request; every request comes here).
     oj = _orjson if not _strict else None

@@ -110,8 +110,9 @@ class NodeService(service.MultiService):
             self.hub.offline = self.offline
         # The requests of one SP read form one delivery batch (orbited.node.flush).
         self.rep_factory = RepFactory(
-            self.hub.handle_request, config.rep_limits(), clock, batch=self.hub.batch
-        )
+            self.hub.handle_request, config.rep_limits(), clock, batch=self.hub.batch,
+            many=self.hub.handle_requests,
+        )  # fmt: skip
         self.browser_limits = BrowserLimits(config.browser_limits(), clock)
         self.fd_limit = raise_fd_limit()
         self.socket_gate = SocketGate(config.max_sockets or default_max_sockets(self.fd_limit))

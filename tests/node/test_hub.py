@@ -2,10 +2,12 @@
 
 import json
 
+import pytest
 from twisted.internet.task import Clock
 
 from orbited.core.hashing import route_of
 from orbited.core.keys import ConnectionKey
+from orbited.core.speedups import native
 from orbited.node import frames
 from orbited.node.events import RequestLimits
 from orbited.node.hub import SPREAD_MAX, Hub, HubConfig
@@ -797,11 +799,65 @@ def test_every_attach_s_hello_is_byte_identical_to_frames_hello():
                 clock.advance(hub.config.linger + 1)  # expires: fewer mailboxes
 
 
+def each(reply_of):
+    """Bodies handled one request at a time by ``reply_of(hub, body)``."""
+    return lambda hub, bodies: [reply_of(hub, body) for body in bodies]
+
+
+def in_one_read(hub, bodies):
+    """Bodies handled as the SP server hands one read's requests over: together, in one
+    delivery batch."""
+    with hub.batch():
+        return hub.handle_requests(bodies)
+
+
+@pytest.mark.skipif(native is None, reason="the C reader of the common request is not built")
+def test_one_read_s_common_requests_are_answered_without_handle_request(monkeypatch):
+    """handle_requests answers the requests the C reader reads and Hub._one takes itself,
+    and hands exactly the others to handle_request: another transport's key, no key
+    attached, a latest-value event, a full mailbox, an eviction, a resend, an id with
+    something to escape, another hash version; outside a delivery batch, every one."""
+    hub, _ = make_hub(mailbox=MailboxLimits(max_events=2), mailbox_total_bytes=400)
+    dave = ConnectionKey("dave", "s", "/")
+    for key, sink in ((ALICE, RecordingSink()), (BOB, RecordingSink(accept=False)),
+                      (dave, RecordingSink())):  # fmt: skip
+        hub.attach(key, sink, None)
+    handled = []
+    real = hub.handle_request
+    monkeypatch.setattr(hub, "handle_request", lambda body: handled.append(body) or real(body))
+    bodies = {
+        "a1": {"to": [list(ALICE)], "data": 1},
+        "b1": {"to": [list(BOB)], "data": 1},  # queued behind unsent bytes
+        "b2": {"to": [list(BOB)], "data": 2},
+        "b3": {"to": [list(BOB)], "data": 3},  # evicts b1: _deliver decides
+        "c1": {"to": [["carol", "s", "/"]], "data": 1},  # no mailbox
+        "t1": {"to": [list(ALICE)], "data": 1, "latest": "x"},
+        "a2": {"to": [list(ALICE)], "data": "x" * 400},  # over mailbox_total_bytes
+        "a\\3": {"to": [list(ALICE)], "data": 3},  # an id with a backslash
+        "a4": {"to": [list(ALICE)], "data": 4, "hash": 1},  # routed with version 1
+        "d1": {"to": [list(dave)], "data": 1},
+    }
+    wire = [json.dumps({"id": i, **b}).encode() for i, b in bodies.items()]
+    wire.append(wire[0])  # a resend of a1
+    replies = [json.loads(r) for r in in_one_read(hub, wire)]
+    assert [json.loads(b)["id"] for b in handled] == ["b3", "c1", "t1", "a2", "a\\3", "a4", "a1"]
+    outcomes = [r["results"][0]["status"] if r["ok"] else r["error"]["code"] for r in replies]
+    assert outcomes == [
+        "delivered", "queued", "queued", "queued", "no_connection", "delivered", "full",
+        "delivered", "hash_version_mismatch", "delivered", "delivered",
+    ]  # fmt: skip
+    assert replies[-1]["duplicate"] is True
+    handled.clear()
+    hub.handle_requests([json.dumps({"id": "a5", "to": [list(ALICE)], "data": 5}).encode()])
+    assert len(handled) == 1  # outside a batch: handle_request
+
+
 def test_the_sp_handler_answers_as_dispatch_does():
-    """handle_request does and answers its most common request in one place (in Hub._dispatch)
-    and formats a one-recipient reply itself (no DispatchResult): the same bytes, browser
-    frames, mailboxes, counts and stats as answer()'s path through dispatch and _deliver
-    and encode_reply, over delivered, dropped, queued, latest-value, no_connection, full,
+    """handle_request does and answers its most common request in one place (Hub._one)
+    and formats a one-recipient reply itself (no DispatchResult), and handle_requests
+    does so for one SP read's requests together: the same bytes, browser frames,
+    mailboxes, counts and stats as answer()'s path through dispatch and _deliver and
+    encode_reply, over delivered, dropped, queued, latest-value, no_connection, full,
     duplicate and a non-ASCII id."""
     from orbited.node.events import encode_reply, parse_request
     from orbited.node.hub import answer
@@ -811,7 +867,6 @@ def test_the_sp_handler_answers_as_dispatch_does():
         sink = RecordingSink()
         hub.attach(ALICE, sink, None)
         hub.attach(BOB, RecordingSink(accept=False), None)
-        replies = []
         bodies = [{"id": f"e{i}", "to": [list(ALICE)], "data": {"n": i}} for i in range(5)] + [
             *({"id": f"q{i}", "to": [list(BOB)], "data": i} for i in range(4)),  # dropped
             {"id": "t1", "to": [list(ALICE)], "data": 2, "latest": "x"},
@@ -821,8 +876,7 @@ def test_the_sp_handler_answers_as_dispatch_does():
             {"id": "big", "to": [list(BOB)], "data": "x" * 300},
             {"id": "e1", "to": [list(ALICE)], "data": {"n": 1}},  # a resend
         ]
-        for body in bodies:
-            replies.append(reply_of(hub, json.dumps(body).encode()))
+        replies = reply_of(hub, [json.dumps(body).encode() for body in bodies])
         state = [
             (m.last_seq, m.delivered, m.acked, m.evicted, m.buffered_bytes, m.export())
             for m in (hub.mailbox(ALICE), hub.mailbox(BOB))
@@ -835,9 +889,10 @@ def test_the_sp_handler_answers_as_dispatch_does():
         outcome = hub.dispatch(parse_request(body, hub.config.requests))
         return encode_reply(outcome._replace(encoded=None))
 
-    fast = run(lambda hub, body: hub.handle_request(body))
-    assert fast == run(lambda hub, body: answer(hub, body)[1])
-    assert fast == run(reencoded)
+    fast = run(each(lambda hub, body: hub.handle_request(body)))
+    assert fast == run(in_one_read)
+    assert fast == run(each(lambda hub, body: answer(hub, body)[1]))
+    assert fast == run(each(reencoded))
     statuses = [json.loads(r)["results"][0]["status"] for r in fast[0]]
     assert statuses[:9] == ["delivered"] * 5 + ["queued"] * 4
     assert json.loads(fast[0][8])["results"][0]["dropped"] == 1
@@ -846,11 +901,11 @@ def test_the_sp_handler_answers_as_dispatch_does():
 
 
 def test_the_sp_handler_s_one_key_path_writes_every_kind_of_id_as_dispatch_does():
-    """The one-key request is answered inside _dispatch with the id's JSON text made in
-    place when it has nothing to escape: the frames' and replies' bytes are answer()'s
-    for ids that are plain, need escaping, hold DEL, a line separator, a tab or
-    non-ASCII letters, to an attached key (delivered) and one that does not take frames
-    (queued)."""
+    """The one-key request is answered in Hub._one with the id's JSON text made in place
+    when it has nothing to escape (and by handle_requests, one read's together): the
+    frames' and replies' bytes are answer()'s for ids that are plain, need escaping, hold
+    DEL, a line separator, a tab or non-ASCII letters, to an attached key (delivered) and
+    one that does not take frames (queued)."""
     from orbited.node.hub import answer
 
     class RawSink(RecordingSink):
@@ -867,15 +922,16 @@ def test_the_sp_handler_s_one_key_path_writes_every_kind_of_id_as_dispatch_does(
         sinks = {ALICE: RawSink(), BOB: RawSink(accept=False)}
         for key, sink in sinks.items():
             hub.attach(key, sink, None)
-        replies = [
-            reply_of(hub, json.dumps({"id": i + k.user, "to": [list(k)], "data": [i]}).encode())
-            for i in ids
-            for k in sinks
-        ]
+        replies = reply_of(
+            hub,
+            [json.dumps({"id": i + k.user, "to": [list(k)], "data": [i]}).encode()
+             for i in ids for k in sinks],
+        )  # fmt: skip
         return replies, [s.frames for s in sinks.values()], dict(hub.stats)
 
-    fast = run(lambda hub, body: hub.handle_request(body))
-    assert fast == run(lambda hub, body: answer(hub, body)[1])
+    fast = run(each(lambda hub, body: hub.handle_request(body)))
+    assert fast == run(in_one_read)
+    assert fast == run(each(lambda hub, body: answer(hub, body)[1]))
     statuses = [json.loads(r)["results"][0]["status"] for r in fast[0]]
     assert statuses == ["delivered", "queued"] * len(ids)
     assert [json.loads(f)["id"] for f in fast[1][0][1:]] == [i + "alice" for i in ids]
