@@ -72,11 +72,11 @@ s.close()
 """
 
 
-def build_handler(kind: str) -> tuple[Any, Any]:
-    """(handler, batch scope) for ``RepFactory``."""
+def build_handler(kind: str) -> tuple[Any, Any, Any]:
+    """(handler, batch scope, many) for ``RepFactory``, as the node's."""
     if kind == "stub":
         reply = b'{"id":"p-1","results":[{"to":["c1","b","/bench"],"status":"delivered"}]}'
-        return (lambda body: reply), None
+        return (lambda body: reply), None, None
     from twisted.internet import reactor
 
     from bench.hubcost import BatchingSink
@@ -86,7 +86,7 @@ def build_handler(kind: str) -> tuple[Any, Any]:
     hub = Hub(reactor, HubConfig(), epoch="ep")
     for i in range(1000):
         hub.attach(ConnectionKey(f"c{i}", "b", "/bench"), BatchingSink(hub), None)
-    return hub.handle_request, hub.batch
+    return hub.handle_request, hub.batch, getattr(hub, "handle_requests", None)
 
 
 def main() -> None:
@@ -103,7 +103,7 @@ def main() -> None:
 
     reactor: Any = _reactor
 
-    handler, scope = build_handler(args.handler)
+    handler, scope, many = build_handler(args.handler)
     results: list[float] = []
     codes: list[int] = []  # the clients' exit codes: 0 when every reply came back
     waiting: list[defer.Deferred[float]] = []
@@ -120,7 +120,9 @@ def main() -> None:
             waiting.pop(0).callback(time.process_time() - self.started)
 
     rep.RepProtocol = TimedRep  # type: ignore[misc]  # what RepFactory builds
-    factory = rep.RepFactory(handler, clock=reactor, batch=scope)
+    # (many only where the hub has handle_requests: an older tree's RepFactory has no many)
+    extra = {"many": many} if many is not None else {}
+    factory = rep.RepFactory(handler, clock=reactor, batch=scope, **extra)
     port = reactor.listenTCP(0, factory, interface="127.0.0.1")
     number = port.getHost().port
 
