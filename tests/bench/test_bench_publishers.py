@@ -1,0 +1,87 @@
+"""The bench's publisher connections (bench/peers.py). ``_SPReq`` against a REP peer on
+loopback that answers out of order: every reply reaches its request, in the order sent,
+and no more than the window is ever in flight."""
+
+from __future__ import annotations
+
+import asyncio
+
+from bench.peers import _HTTPPipe, _parse_response, _SPReq
+from orbited.sp import wire
+
+
+async def _exchange(window: int, batches: list[list[bytes]]) -> tuple[list[list[bytes]], int]:
+    most = 0
+    held: list[bytes] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal most
+        sp = wire.SPConnection(wire.REP, wire.REQ)
+        writer.write(wire.encode_header(wire.REP))
+        while data := await reader.read(1 << 16):
+            held.extend(sp.receive(data))
+            most = max(most, len(held))
+            await asyncio.sleep(0.01)  # let more arrive: answered in groups, last first
+            while held:
+                request = held.pop()
+                writer.write(wire.encode_message(request[:4] + b"re:" + request[4:]))
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    conn = _SPReq(f"tcp://127.0.0.1:{port}", window)
+    try:
+        got = await asyncio.gather(*(conn.send_all(b) for b in batches))
+    finally:
+        await conn.close()
+        server.close()
+    return got, most
+
+
+def test_replies_reach_their_requests_within_the_window() -> None:
+    batches = [[b"%d-%d" % (b, i) for i in range(n)] for b, n in enumerate((1, 7, 25, 3))]
+    got, most = asyncio.run(_exchange(5, batches))
+    assert got == [[b"re:" + body for body in batch] for batch in batches]
+    assert 1 < most <= 5
+
+
+_PARTS = [
+    b"HTTP/1.1 201 Created\r\nServer: nginx\r\nContent-Length: 5\r\n\r\nhello",
+    b"HTTP/1.1 202 Accepted\r\nTransfer-Encoding: chunked\r\n\r\n3;x=1\r\nabc\r\n0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok",
+]
+_RESPONSES = b"".join(_PARTS)
+
+
+def test_pipelined_http_responses_are_cut_wherever_a_read_ends() -> None:
+    """The HTTP publishers' responses (Content-Length, chunked, a close), cut from
+    whatever a read brought: none before it is whole, each where it ends."""
+    ends = [sum(len(p) for p in _PARTS[: i + 1]) for i in range(3)]
+    whole = list(zip([201, 202, 200], ends, [False, False, True], strict=True))
+    for cut in range(len(_RESPONSES) + 1):
+        got, pos = [], 0
+        while (parsed := _parse_response(_RESPONSES[:cut], pos)) is not None:
+            got.append(parsed)
+            pos = parsed[1]
+        assert got == [w for w in whole if w[1] <= cut]
+
+
+def test_an_http_pipe_reads_every_pipelined_response() -> None:
+    async def run() -> list[int]:
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            seen = b""
+            while seen.count(b"\r\n\r\n") < 3:
+                seen += await reader.read(1 << 16)
+            for i in range(0, len(_RESPONSES), 7):  # in small pieces
+                writer.write(_RESPONSES[i : i + 7])
+                await writer.drain()
+                await asyncio.sleep(0)
+
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        pipe = _HTTPPipe(server.sockets[0].getsockname()[:2])
+        try:
+            return await pipe.exchange([b"GET / HTTP/1.1\r\nHost: h\r\n\r\n"] * 3)
+        finally:
+            await pipe.close()
+            server.close()
+
+    assert asyncio.run(run()) == [201, 202, 200]
