@@ -392,10 +392,12 @@ def reproduce(argv: list[str]) -> list[str]:
 NOTES = """
 Reading these figures:
 - **The box, not a core.** Server, 4 subscriber processes and the publisher share 2 cores
-  with whatever else runs (the load average is given above); the "server cores" column
-  shows that at their best step the servers mostly got well under one core, so
-  *delivered/s at saturation* is the machine's throughput under that load, not a server's
-  per-core ceiling, and the ladder often stopped on a latency spike. **Server CPU per
+  with whatever else runs (the load average is given above). The "server cores" column
+  shows what each server got at its best step: a server under one core there was held
+  by the box, so *delivered/s at saturation* is the machine's throughput under that
+  load, not a server's per-core ceiling, and it counts what the subscribers and the
+  publisher spend per event too (the SP publisher sends one event per request in
+  batches; Nchan's, one `POST` per event and one response to read). **Server CPU per
   delivered event** (its process tree's utime+stime / events received) does not depend
   on that share and is the figure to compare; it is also given at the first rate, which
   is the same for every server. The subscribers' and publisher's own CPU and event-loop
@@ -567,7 +569,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--procs", type=int, default=4, help="subscriber processes")
     p.add_argument("--pub-procs", type=int, default=1, help="publisher processes")
     p.add_argument("--connect-rate", type=int, default=1000, help="per subscriber process")
-    p.add_argument("--rates", default="2500,5000,10000,15000,20000,30000,40000,50000,60000,70000")
+    p.add_argument(
+        "--rates",
+        default="2500,5000,10000,15000,20000,30000,40000,50000,60000,70000,80000,90000,100000",
+    )
     p.add_argument("--step-seconds", type=float, default=4.0)
     p.add_argument("--latency-seconds", type=float, default=5.0)
     p.add_argument("--drain", type=float, default=1.0, help="wait after each step")
