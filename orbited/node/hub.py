@@ -1208,26 +1208,32 @@ class Hub(RouteOwnership):
         out: list[bytes | defer.Deferred[bytes]] = []
         add = out.append
         for body in bodies:
-            common = parse(body, max_payload, max_recipients) if plain else None
-            if common is not None:
-                event_id, user, session, location, payload, digested, hash_ = common
-                slot = slots.get((user, session, location))  # type: ignore[call-overload]
-                if (
-                    (hash_ is None or hash_ == version) and slot is not None
-                    and (sink := slot.sink) is not None
-                ):  # fmt: skip
-                    digest = _blake2b(digested, digest_size=16).digest()
-                    if digest not in recent and digest not in inflight:  # not a resend
-                        # (parse_common's id: printable ASCII, no quote or backslash)
-                        eid = b'"%s"' % event_id.encode()
-                        try:
-                            reply = self._one(slot, sink, payload, eid, event_id, digest, now)
-                        except Exception:
-                            reply = _failed(self, events.request_of(common, digest))
-                        if reply is not None:
-                            stats["events"] += 1
-                            add(reply)
-                            continue
+            reply = None
+            try:
+                common = parse(body, max_payload, max_recipients) if plain else None
+                if common is not None:
+                    event_id, user, session, location, payload, digested, hash_ = common
+                    slot = slots.get((user, session, location))  # type: ignore[call-overload]
+                    if (
+                        (hash_ is None or hash_ == version) and slot is not None
+                        and (sink := slot.sink) is not None
+                    ):  # fmt: skip
+                        digest = _blake2b(digested, digest_size=16).digest()
+                        if digest not in recent and digest not in inflight:  # not a resend
+                            # (parse_common's id: printable ASCII, no quote or backslash)
+                            eid = b'"%s"' % event_id.encode()
+                            try:
+                                reply = self._one(
+                                    slot, sink, payload, eid, event_id, digest, now
+                                )  # fmt: skip
+                            except Exception:  # (as handle_request answers a failed dispatch)
+                                reply = _failed(self, events.request_of(common, digest))
+            except Exception:  # a bug before anything changed: handle_request's path decides
+                self.log.failure("reading a common request failed")
+            if reply is not None:
+                stats["events"] += 1
+                add(reply)
+                continue
             add(self.handle_request(body))
             plain = self.observer is None and not self._rate and self.hash_version != 1
             version = self.hash_version

@@ -852,6 +852,32 @@ def test_one_read_s_common_requests_are_answered_without_handle_request(monkeypa
     assert len(handled) == 1  # outside a batch: handle_request
 
 
+@pytest.mark.skipif(native is None, reason="the C reader of the common request is not built")
+def test_a_bug_in_one_read_s_common_path_costs_that_request_only(monkeypatch):
+    """A common request whose fast path raises before anything changed goes on to
+    handle_request (here the same bug: its internal_error answer); the rest of the read
+    is answered and delivered as usual, nothing dropped."""
+    from orbited.node import events
+
+    hub, _ = make_hub()
+    sink = RecordingSink()
+    hub.attach(ALICE, sink, None)
+    real = events.parse_common
+
+    def buggy(body, *limits):
+        if b'"e2"' in body:
+            raise RuntimeError("bug")
+        return real(body, *limits)
+
+    monkeypatch.setattr(events, "parse_common", buggy)
+    wire = [json.dumps({"id": f"e{i}", "to": [list(ALICE)], "data": i}).encode() for i in (1, 2, 3)]
+    replies = [json.loads(r) for r in in_one_read(hub, wire)]
+    assert [r["results"][0]["status"] if r["ok"] else r["error"]["code"] for r in replies] == [
+        "delivered", "internal_error", "delivered",
+    ]  # fmt: skip
+    assert [data for _, data in sink.events()] == [1, 3]
+
+
 def test_the_sp_handler_answers_as_dispatch_does():
     """handle_request does and answers its most common request in one place (Hub._one)
     and formats a one-recipient reply itself (no DispatchResult), and handle_requests
