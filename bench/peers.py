@@ -754,7 +754,10 @@ class _SPReq:
         self.opening: asyncio.Task[None] | None = None  # one connect for concurrent sends
 
     async def open(self) -> None:
-        reader, writer = await asyncio.open_connection(*self.address)
+        try:
+            reader, writer = await asyncio.open_connection(*self.address)
+        finally:
+            self.opening = None  # a failed connect is tried again by the next send
         writer.write(wire.encode_header(wire.REQ))
         self.reader_task = asyncio.create_task(self._read(reader))
         self.writer = writer
@@ -776,26 +779,41 @@ class _SPReq:
                         batch.done.set_result(batch.replies)
                 self.room.set()
         finally:
+            # Lost: the replies that came are kept, the others are the error; the next
+            # send connects again, and sends waiting for room go on (to that connection).
             lost = ConnectionError("SP connection lost")
             for batch, _ in waiting.values():
                 if not batch.done.done():
-                    batch.done.set_exception(lost)
+                    batch.done.set_result([lost if r is None else r for r in batch.replies])
+            waiting.clear()
+            self.writer, self.inflight = None, 0
+            self.room.set()
 
     async def send_all(self, bodies: list[bytes]) -> list[bytes]:
         """Write the bodies (in pieces that fit the window), then await their replies."""
-        if self.writer is None:
-            if self.opening is None:
-                self.opening = asyncio.ensure_future(self.open())
-            await asyncio.shield(self.opening)
-        assert self.writer is not None
         loop = asyncio.get_running_loop()
-        replies: list[Any] = []
         pending: list[asyncio.Future[list[Any]]] = []
         for start in range(0, len(bodies), self.window):
             piece = bodies[start : start + self.window]
-            while self.inflight + len(piece) > self.window:  # wait for room
-                self.room.clear()
-                await self.room.wait()
+            error: OSError | None = None
+            while self.writer is None or self.inflight + len(piece) > self.window:
+                if self.writer is not None:  # wait for room
+                    self.room.clear()
+                    await self.room.wait()
+                    continue
+                if self.opening is None:
+                    self.opening = asyncio.ensure_future(self.open())
+                try:
+                    await asyncio.shield(self.opening)
+                except OSError as e:  # not connected: these bodies fail, the next try again
+                    error = e
+                    break
+            if error is not None:
+                failed: asyncio.Future[list[Any]] = loop.create_future()
+                failed.set_result([error] * len(piece))
+                pending.append(failed)
+                continue
+            assert self.writer is not None
             batch = _SPBatch(len(piece), loop.create_future())
             chunk = []
             for i, body in enumerate(piece):
@@ -805,12 +823,9 @@ class _SPReq:
             self.inflight += len(piece)
             self.writer.write(b"".join(chunk))
             pending.append(batch.done)
+        replies: list[Any] = []
         for done in pending:
-            try:
-                replies += await done
-            except ConnectionError as e:
-                replies += [e] * (len(bodies) - len(replies))
-                break
+            replies += await done
         return replies
 
     async def close(self) -> None:

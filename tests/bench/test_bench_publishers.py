@@ -85,3 +85,59 @@ def test_an_http_pipe_reads_every_pipelined_response() -> None:
             server.close()
 
     assert asyncio.run(run()) == [201, 202, 200]
+
+
+async def _answering(first: int, port: int = 0) -> asyncio.Server:
+    """A REP peer that answers ``first`` requests of each connection, then resets it."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        sp = wire.SPConnection(wire.REP, wire.REQ)
+        writer.write(wire.encode_header(wire.REP))
+        answered = 0
+        while data := await reader.read(1 << 16):
+            for request in sp.receive(data):
+                if answered == first:
+                    writer.transport.abort()
+                    return
+                writer.write(wire.encode_message(request[:4] + b"ok"))
+                answered += 1
+
+    return await asyncio.start_server(serve, "127.0.0.1", port)
+
+
+def test_a_lost_connection_keeps_the_replies_that_came_and_the_next_send_reconnects() -> None:
+    async def run() -> list[list[str]]:
+        server = await _answering(1)
+        conn = _SPReq(f"tcp://127.0.0.1:{server.sockets[0].getsockname()[1]}", 10)
+        try:
+            got = [await asyncio.wait_for(conn.send_all([b"a"] * 3), 5)]
+            got.append(await asyncio.wait_for(conn.send_all([b"b"]), 5))
+        finally:
+            await conn.close()
+            server.close()
+        return [[r.decode() if isinstance(r, bytes) else type(r).__name__ for r in g] for g in got]
+
+    first, again = asyncio.run(run())
+    assert first == ["ok", "ConnectionError", "ConnectionError"]
+    assert again == ["ok"]  # a new connection
+
+
+def test_a_failed_connect_is_tried_again_by_the_next_send() -> None:
+    async def run() -> tuple[list[object], list[object]]:
+        probe = await _answering(0)  # a port nothing listens on once it is closed
+        port = probe.sockets[0].getsockname()[1]
+        probe.close()
+        await probe.wait_closed()
+        conn = _SPReq(f"tcp://127.0.0.1:{port}", 10)
+        refused = await asyncio.wait_for(conn.send_all([b"a"]), 5)
+        server = await _answering(100, port)
+        try:
+            answered = await asyncio.wait_for(conn.send_all([b"a"]), 5)
+        finally:
+            await conn.close()
+            server.close()
+        return refused, answered
+
+    refused, answered = asyncio.run(run())
+    assert [type(r).__name__ for r in refused] == ["ConnectionRefusedError"]
+    assert answered == [b"ok"]
