@@ -149,9 +149,8 @@ except ImportError:  # pragma: no cover - the fallback is tested by setting it t
 _DIGITS_TO_ZERO = bytes.maketrans(b"123456789", b"000000000")
 _LONG_RUN = b"0" * 19
 _ORJSON_DIFFERS = re.compile(rb"\de-\d(?!\d)|0\.0000")
-# The common event request in C where orbited.core._speedups is built (parse_request):
-# a one-recipient event whose data is written as the node keeps it, blanks aside.
-# The common event request's reader in C (orbited.core._speedups.parse_event), or None
+# The common event request's reader in C (orbited.core._speedups.parse_event: a
+# one-recipient event whose data is written as the node keeps it, blanks aside), or None
 # where the extension is not built: an answer is read as ``request_of`` makes it, None
 # leaves the body to parse_request's Python (which tests/core/test_speedups.py checks).
 parse_common: Any = None if speedups.native is None else speedups.native.parse_event
@@ -275,6 +274,7 @@ _REQUEST_FIELDS = frozenset((
 _new = tuple.__new__  # a NamedTuple's own __new__ is a Python call
 _parse_recipient = parse_recipient
 _blake2b = hashlib.blake2b
+DIGEST_SIZE = 16  # bytes of a request's digest (blake2b): the dedup memory's key
 
 
 def request_of(
@@ -300,7 +300,7 @@ def parse_request(
         # anything else (tests/core/test_speedups.py).
         common = parse_common(body, limits.max_payload, limits.max_recipients)
         if common is not None:
-            return request_of(common, _blake2b(common[5], digest_size=16).digest())
+            return request_of(common, _blake2b(common[5], digest_size=DIGEST_SIZE).digest())
     # _load, _encode_payload and parse_recipient's fast paths are written out in this
     # function's common path (one call each fewer per request; every request comes here).
     oj = _orjson if not _strict else None
@@ -401,7 +401,7 @@ def parse_request(
                 if len(payload) <= limits.max_payload:
                     if addressed is None:
                         addressed = _encode_strings([event_id, to])
-                    digest = _blake2b(addressed + b"\0" + payload, digest_size=16).digest()
+                    digest = _blake2b(addressed + b"\0" + payload, digest_size=DIGEST_SIZE).digest()
                     # Every field, in order (tuple.__new__ takes no defaults).
                     return _new(
                         EventRequest,
@@ -521,7 +521,7 @@ def _parse_general(doc: object, limits: RequestLimits) -> EventRequest | PingReq
         addressed = _encode_fast([event_id, to])
     else:  # a resend with another tag or offline wait is another request
         addressed = _encode_fast([event_id, to, tag, raw_offline])
-    digest = hashlib.blake2b(addressed + b"\0" + payload, digest_size=16).digest()
+    digest = hashlib.blake2b(addressed + b"\0" + payload, digest_size=DIGEST_SIZE).digest()
     return EventRequest(
         event_id, recipients, payload, digest, None if ack is None else float(ack),
         latest, offline, hash_, traceparent, tracestate,
@@ -620,7 +620,7 @@ def event_request(
             event_id,
         )
     addressed = _encode([event_id, [list(k) for k in recipients]])
-    digest = hashlib.blake2b(addressed + b"\0" + payload, digest_size=16).digest()
+    digest = hashlib.blake2b(addressed + b"\0" + payload, digest_size=DIGEST_SIZE).digest()
     return EventRequest(event_id, recipients, payload, digest, ack)
 
 

@@ -1152,12 +1152,12 @@ class Hub(RouteOwnership):
         return waiting.addCallbacks(events.encode_reply, partial(_failed, self, request))
 
     def _one(
-        self, slot: _Slot, sink: Sink, payload: bytes, eid: bytes, event_id: str,
-        digest: bytes, now: float,
-    ) -> bytes | None:  # fmt: skip
+        self, slot: _Slot, sink: Sink, payload: bytes, eid: bytes, digest: bytes, now: float
+    ) -> bytes | None:
         """ "The one": an event for one key attached here, nothing but the event, that its
         mailbox takes without evicting; delivered (or queued behind unsent bytes),
-        remembered, and its reply returned. None, with nothing changed, for anything else
+        remembered, and its reply returned. ``eid``: the id's JSON text, printable ASCII
+        (written into the reply as it is). None, with nothing changed, for anything else
         (full, evictions): _deliver decides those. _deliver's steps for that case, in its
         order (tests/node/test_hub.py runs the same requests both ways)."""
         size = len(payload)
@@ -1180,11 +1180,7 @@ class Hub(RouteOwnership):
         else:
             self.stats["queued"] += 1
             one = b'{"status":"queued","seq":%d}' % pushed
-        reply = (
-            b'{"id":%s,"ok":true,"results":[%s]}' % (eid, one)
-            if eid.isascii() and eid.find(b"\x7f") < 0
-            else events.ok_reply(event_id, [one])
-        )  # fmt: skip
+        reply = b'{"id":%s,"ok":true,"results":[%s]}' % (eid, one)
         self.dedup.remember(digest, reply, now)
         return reply
 
@@ -1218,14 +1214,12 @@ class Hub(RouteOwnership):
                         (hash_ is None or hash_ == version) and slot is not None
                         and (sink := slot.sink) is not None
                     ):  # fmt: skip
-                        digest = _blake2b(digested, digest_size=16).digest()
+                        digest = _blake2b(digested, digest_size=DIGEST_SIZE).digest()
                         if digest not in recent and digest not in inflight:  # not a resend
                             # (parse_common's id: printable ASCII, no quote or backslash)
                             eid = b'"%s"' % event_id.encode()
                             try:
-                                reply = self._one(
-                                    slot, sink, payload, eid, event_id, digest, now
-                                )  # fmt: skip
+                                reply = self._one(slot, sink, payload, eid, digest, now)
                             except Exception:  # (as handle_request answers a failed dispatch)
                                 reply = _failed(self, events.request_of(common, digest))
             except Exception:  # a bug before anything changed: handle_request's path decides
@@ -1297,10 +1291,14 @@ class Hub(RouteOwnership):
             # without evicting. Anything else (full, evictions, no transport, no mailbox)
             # changes nothing here and goes on to _deliver, which decides. _deliver's
             # steps for that case, in its order (tests/node/test_hub.py runs the same
-            # requests both ways).
+            # requests both ways). An id whose JSON text is not printable ASCII (the
+            # reply then needs events.ok_reply) goes on to _deliver too.
             slot = self._slots.get(recipients[0])  # type: ignore[arg-type]
-            if slot is not None and (sink := slot.sink) is not None:
-                reply = self._one(slot, sink, request.payload, eid, request.event_id, digest, now)
+            if (
+                slot is not None and (sink := slot.sink) is not None and eid.isascii()
+                and eid.find(b"\x7f") < 0
+            ):  # fmt: skip
+                reply = self._one(slot, sink, request.payload, eid, digest, now)
                 if reply is not None:
                     return reply
         if len(recipients) == 1 and not self._rate and request.ack is None:  # the common case
@@ -2182,6 +2180,7 @@ def _refused(hub: Hub, request: events.EventRequest) -> bytes | None:
 
 _parse_request = events.parse_request
 _blake2b = hashlib.blake2b
+DIGEST_SIZE = events.DIGEST_SIZE
 
 
 def _failed(hub: Hub, request: events.EventRequest, failure: Any = None) -> bytes:
