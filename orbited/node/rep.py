@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import struct
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from enum import Enum
@@ -45,9 +45,10 @@ _LENGTH = struct.Struct(">Q")  # a reply's length prefix (orbited.sp.wire)
 
 RequestHandler = Callable[[bytes], "bytes | defer.Deferred[bytes]"]
 # A handler of several requests at once (one read's, in order): each one's reply, in
-# order, as RequestHandler gives it; it answers every request itself (an exception
-# escaping it drops the requests it was given, logged, as a RequestHandler's does one).
-ManyHandler = Callable[[list[bytes]], "list[bytes | defer.Deferred[bytes]]"]
+# order, as RequestHandler gives it, or None for a request it drops; it answers every
+# request itself (an exception escaping it drops the requests it was given, logged).
+# Without one, RepProtocol hands the requests to its RequestHandler one by one.
+ManyHandler = Callable[[list[bytes]], "Sequence[bytes | defer.Deferred[bytes] | None]"]
 # Opens a delivery batch around one read's requests (Hub.batch, orbited.node.flush).
 BatchScope = Callable[[], AbstractContextManager[None]]
 
@@ -104,7 +105,7 @@ class RepProtocol(Protocol):
         many: ManyHandler | None = None,
     ) -> None:
         self._handler = handler
-        self._many = many
+        self._many: ManyHandler = many or self._each
         self._batch: BatchScope = batch or nullcontext
         self._limits = limits
         self._clock = clock
@@ -240,46 +241,43 @@ class RepProtocol(Protocol):
                 write_through(self.transport, b"".join(replies))
 
     def _handle_held_batch(self, replies: list[bytes]) -> None:
-        """Handle held requests while in-flight slots last; the replies ready now go to
-        ``replies``, the others leave as they complete. With a ManyHandler, as many at
-        once as there are free slots (each request takes one at most)."""
+        """Handle held requests while in-flight slots last, as many at once as there are
+        free slots (each request takes one at most); the replies ready now go to
+        ``replies``, the others leave as they complete."""
         held = self._held
-        handler = self._handler
         many = self._many
         max_inflight = self._limits.max_inflight
         closed = RepState.CLOSED
         pack = _LENGTH.pack
         add = replies.append
         while held and self._inflight < max_inflight and self.state is not closed:
-            if many is not None:
-                taken = [held.popleft() for _ in range(min(max_inflight - self._inflight,
-                                                           len(held)))]  # fmt: skip
-                try:
-                    results = many([payload for _, payload in taken])
-                except Exception:
-                    self.log.failure("request handler raised; dropping {n} requests",
-                                     n=len(taken))  # fmt: skip
-                    continue
-                for (backtrace, _), result in zip(taken, results, strict=True):
-                    if isinstance(result, bytes):
-                        add(pack(len(backtrace) + len(result)))
-                        add(backtrace)
-                        add(result)
-                    else:
-                        self._track(backtrace, result)
-                continue
-            backtrace, payload = held.popleft()
+            taken = [held.popleft() for _ in range(min(max_inflight - self._inflight,
+                                                       len(held)))]  # fmt: skip
             try:
-                result = handler(payload)
+                results = many([payload for _, payload in taken])
+            except Exception:
+                self.log.failure("request handler raised; dropping {n} requests", n=len(taken))
+                continue
+            for (backtrace, _), result in zip(taken, results, strict=True):
+                if isinstance(result, bytes):  # (isinstance of Deferred, an ABC, costs more)
+                    add(pack(len(backtrace) + len(result)))
+                    add(backtrace)
+                    add(result)
+                elif result is not None:  # (None: dropped, _each)
+                    self._track(backtrace, result)
+
+    def _each(self, bodies: list[bytes]) -> list[bytes | defer.Deferred[bytes] | None]:
+        """The ManyHandler of a RequestHandler: each body to it in turn; one that raises
+        is dropped (None), logged, and the others are still handled."""
+        handler = self._handler
+        out: list[bytes | defer.Deferred[bytes] | None] = []
+        for body in bodies:
+            try:
+                out.append(handler(body))
             except Exception:
                 self.log.failure("request handler raised; dropping request")
-                continue
-            if isinstance(result, bytes):  # (isinstance of Deferred, an ABC, costs more)
-                add(pack(len(backtrace) + len(result)))
-                add(backtrace)
-                add(result)
-            else:
-                self._track(backtrace, result)
+                out.append(None)
+        return out
 
     def _track(self, backtrace: bytes, d: defer.Deferred[bytes]) -> None:
         self._inflight += 1
