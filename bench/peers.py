@@ -48,7 +48,6 @@ import contextlib
 import importlib.util
 import json
 import os
-import re
 import shutil
 import signal
 import socket
@@ -60,6 +59,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import httptools
 
 from orbited.core.hashing import route_of
 from orbited.core.keys import ConnectionKey
@@ -882,44 +883,26 @@ class OrbitedPublisher(Publisher):
                 await conn.close()
 
 
-_CONTENT_LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*(\d+)")
-_CHUNKED = re.compile(rb"\r\ntransfer-encoding:[ \t]*chunked")
-_CLOSE = re.compile(rb"\r\nconnection:[ \t]*close")
+class _Statuses:
+    """httptools callbacks for pipelined responses: each complete one's status code goes
+    to ``out``; ``closed`` once one says the server closes the connection after it."""
 
+    def __init__(self, out: list[int]) -> None:
+        self.out = out
+        self.closed = False
+        self.parser = httptools.HttpResponseParser(self)
 
-def _parse_response(buf: bytes, pos: int) -> tuple[int, int, bool] | None:
-    """One HTTP/1.1 response at ``buf[pos:]``: (status, where the next one starts, whether
-    the server closes the connection after it), or None if it is not all there yet."""
-    end = buf.find(b"\r\n\r\n", pos)
-    if end < 0:
-        return None
-    head = buf[pos : end + 2].lower()
-    status = int(buf[pos + 9 : pos + 12])
-    at = end + 4
-    if _CHUNKED.search(head):
-        while True:
-            line = buf.find(b"\r\n", at)
-            if line < 0:
-                return None
-            size = int(buf[at:line].split(b";")[0].strip() or b"0", 16)
-            at = line + 2 + size + 2  # the chunk and its CRLF (the last: no trailers)
-            if at > len(buf):
-                return None
-            if not size:
-                break
-    else:
-        length = _CONTENT_LENGTH.search(head)
-        at += int(length.group(1)) if length else 0
-        if at > len(buf):
-            return None
-    return status, at, _CLOSE.search(head) is not None
+    def on_message_complete(self) -> None:
+        self.out.append(self.parser.get_status_code())
+        if not self.parser.should_keep_alive():
+            self.closed = True
 
 
 class _HTTPPipe:
     """One keep-alive HTTP/1.1 connection with pipelined requests (Content-Length or
-    chunked responses); reconnects when the server closes it. The responses are cut from
-    what each read brings, without a wait per response (as ``_SPReq`` takes its replies:
-    the publishers share the box with the server they measure)."""
+    chunked responses); reconnects when the server closes it. The responses are read by
+    httptools from what each read brings, without a wait per response (as ``_SPReq``
+    takes its replies: the publishers share the box with the server they measure)."""
 
     def __init__(self, address: tuple[str, int], pipeline: bool = True) -> None:
         self.address = address
@@ -943,7 +926,7 @@ class _HTTPPipe:
                         reader, writer = await self._connection()
                         writer.write(request)
                         await self._responses(reader, 1, statuses)
-            except (ConnectionError, asyncio.IncompleteReadError, ValueError):
+            except (ConnectionError, asyncio.IncompleteReadError, httptools.HttpParserError):
                 self._drop()
             return statuses + [0] * (len(requests) - len(statuses))
 
@@ -960,20 +943,14 @@ class _HTTPPipe:
     async def _responses(self, reader: asyncio.StreamReader, n: int, out: list[int]) -> None:
         """Read ``n`` responses' statuses into ``out`` (ConnectionError if the server
         closes first)."""
-        buf, pos, want = b"", 0, len(out) + n
-        while len(out) < want:
-            parsed = _parse_response(buf, pos)
-            if parsed is None:
-                more = await reader.read(1 << 18)
-                if not more:
-                    raise ConnectionError("closed before the responses came")
-                buf, pos = buf[pos:] + more, 0
-                continue
-            status, pos, close = parsed
-            out.append(status)
-            if close:
-                self._drop()  # Pushpin's publish endpoint closes after every answer
-                return
+        statuses, want = _Statuses(out), len(out) + n
+        while len(out) < want and not statuses.closed:
+            more = await reader.read(1 << 18)
+            if not more:
+                raise ConnectionError("closed before the responses came")
+            statuses.parser.feed_data(more)
+        if statuses.closed:
+            self._drop()  # Pushpin's publish endpoint closes after every answer
 
     async def close(self) -> None:
         self._drop()

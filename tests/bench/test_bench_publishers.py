@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 
-from bench.peers import _HTTPPipe, _parse_response, _SPReq
+from bench.peers import _HTTPPipe, _SPReq, _Statuses
 from orbited.sp import wire
 
 
@@ -53,16 +53,17 @@ _RESPONSES = b"".join(_PARTS)
 
 
 def test_pipelined_http_responses_are_cut_wherever_a_read_ends() -> None:
-    """The HTTP publishers' responses (Content-Length, chunked, a close), cut from
-    whatever a read brought: none before it is whole, each where it ends."""
+    """The HTTP publishers' responses (Content-Length, chunked, a close), in two reads cut
+    anywhere: none counted before it is whole, each once it is, the close with the last."""
     ends = [sum(len(p) for p in _PARTS[: i + 1]) for i in range(3)]
-    whole = list(zip([201, 202, 200], ends, [False, False, True], strict=True))
     for cut in range(len(_RESPONSES) + 1):
-        got, pos = [], 0
-        while (parsed := _parse_response(_RESPONSES[:cut], pos)) is not None:
-            got.append(parsed)
-            pos = parsed[1]
-        assert got == [w for w in whole if w[1] <= cut]
+        out: list[int] = []
+        statuses = _Statuses(out)
+        statuses.parser.feed_data(_RESPONSES[:cut])
+        assert out == [s for s, end in zip([201, 202, 200], ends, strict=True) if end <= cut]
+        assert statuses.closed is (cut == len(_RESPONSES))
+        statuses.parser.feed_data(_RESPONSES[cut:])
+        assert out == [201, 202, 200] and statuses.closed
 
 
 def test_an_http_pipe_reads_every_pipelined_response() -> None:
